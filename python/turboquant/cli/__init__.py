@@ -1,0 +1,9 @@
+"""Subcommands of ``python -m turboquant``: name -> (help, add_arguments, run)."""
+
+from __future__ import annotations
+
+from turboquant.cli import demo
+
+COMMANDS = {
+    "demo": (demo.HELP, demo.add_arguments, demo.run),
+}

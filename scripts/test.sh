@@ -1,0 +1,62 @@
+#!/usr/bin/env bash
+# The project's whole test suite, from a fresh machine:
+#   1. installs missing system packages (apt) and the Python package with its test extras,
+#   2. builds the GoogleTest suite with warnings as errors and runs it through ctest,
+#   3. builds it again under AddressSanitizer + UndefinedBehaviorSanitizer and runs it,
+#   4. runs pytest (the slow real-model tests included, they are marked `slow`).
+# Environment: TQ_SKIP_SANITIZERS=1 skips step 3, TQ_PYTEST_ARGS adds pytest arguments.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ROOT=$(pwd)
+JOBS=${TQ_JOBS:-$(nproc)}
+PY=${PYTHON:-python3}
+
+log() { printf '\n==> %s\n' "$*"; }
+
+# --- 1. dependencies -------------------------------------------------------------------
+APT_PACKAGES=(g++ clang libclang-rt-14-dev libgtest-dev libgmock-dev libbenchmark-dev libeigen3-dev ninja-build)
+missing=()
+for p in "${APT_PACKAGES[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if ((${#missing[@]})); then
+  log "installing system packages: ${missing[*]}"
+  SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${missing[@]}" >/dev/null
+fi
+# cmake >= 3.21 (the Debian one may be older): take PyPI's when needed.
+if ! cmake --version 2>/dev/null | awk 'NR==1{split($3,v,"."); exit !(v[1]>3 || (v[1]==3 && v[2]>=21))}'; then
+  $PY -m pip install -q "cmake>=3.21"
+fi
+
+log "installing turboquant with its test and mlx extras"
+EXTRAS="test"
+case "$(uname -s)" in Linux|Darwin) EXTRAS="test,mlx" ;; esac
+$PY -m pip install -q ".[${EXTRAS}]" 2>&1 | grep -v -E "^WARNING: (Running pip as|Location)" || true
+$PY -c "import turboquant" || { echo "turboquant failed to install" >&2; exit 1; }
+
+# --- 2. GoogleTest ---------------------------------------------------------------------
+log "building the C++ test suite (warnings as errors)"
+cmake -S . -B build/test -G Ninja -DCMAKE_BUILD_TYPE=Release -DTURBOQUANT_PYTHON=OFF \
+  -DTURBOQUANT_TESTS=ON -DTURBOQUANT_BENCH=ON -DTURBOQUANT_WERROR=ON >/dev/null
+cmake --build build/test -j "$JOBS"
+log "ctest"
+ctest --test-dir build/test --output-on-failure -j "$JOBS"
+
+# --- 3. sanitizers ---------------------------------------------------------------------
+if [ "${TQ_SKIP_SANITIZERS:-0}" != "1" ]; then
+  log "building the C++ test suite with ASan + UBSan"
+  cmake -S . -B build/asan -G Ninja -DCMAKE_BUILD_TYPE=RelWithDebInfo -DTURBOQUANT_PYTHON=OFF \
+    -DTURBOQUANT_TESTS=ON -DTURBOQUANT_WERROR=ON -DTURBOQUANT_SANITIZE=address,undefined >/dev/null
+  cmake --build build/asan -j "$JOBS"
+  log "ctest under ASan + UBSan"
+  ASAN_OPTIONS=detect_leaks=1:abort_on_error=1 UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 \
+    ctest --test-dir build/asan --output-on-failure -j "$JOBS"
+fi
+
+# --- 4. pytest -------------------------------------------------------------------------
+log "pytest"
+cd "$ROOT"
+# shellcheck disable=SC2086
+$PY -m pytest -q -ra ${TQ_PYTEST_ARGS:-} tests/python
