@@ -92,6 +92,10 @@ void Quantizer::store_norm(void* norms, size_t i, float value) const {
   }
 }
 
+void Quantizer::load_norms(const void* norms, size_t n, float* out) const {
+  for (size_t i = 0; i < n; ++i) out[i] = load_norm(norms, i);
+}
+
 void Quantizer::encode(const float* x, size_t n, uint8_t* codes, void* norms) const {
   const auto d = static_cast<size_t>(dim());
   for (size_t i = 0; i < n * d; ++i) {
@@ -100,19 +104,47 @@ void Quantizer::encode(const float* x, size_t n, uint8_t* codes, void* norms) co
                                            ", coordinate ", i % d, ")"));
     }
   }
-  if (config_.norm_dtype == NormDtype::kFloat16) {
-    for (size_t r = 0; r < n; ++r) {
-      double s = 0.0;
-      for (size_t j = 0; j < d; ++j) s += static_cast<double>(x[r * d + j]) * x[r * d + j];
-      TQ_CHECK(std::sqrt(s) <= 65504.0, InvalidArgument, "vector ", r, " has norm ", std::sqrt(s),
-               ", above the fp16 norm range (65504); use norm_dtype='float32'");
-    }
+  std::vector<float> norm(n);
+  for (size_t r = 0; r < n; ++r) {
+    double s = 0.0;
+    for (size_t j = 0; j < d; ++j) s += static_cast<double>(x[r * d + j]) * x[r * d + j];
+    norm[r] = static_cast<float>(std::sqrt(s));
+    TQ_CHECK(config_.norm_dtype != NormDtype::kFloat16 || norm[r] <= 65504.0f, InvalidArgument,
+             "vector ", r, " has norm ", norm[r],
+             ", above the fp16 norm range (65504); use norm_dtype='float32'");
   }
-  encode_impl(x, n, codes, norms);
+  const size_t block = 256;
+  std::vector<float> y(block * d);
+  for (size_t r0 = 0; r0 < n; r0 += block) {
+    const size_t nb = std::min(block, n - r0);
+    for (size_t r = 0; r < nb; ++r) {
+      const float inv = norm[r0 + r] > 0.0f ? 1.0f / norm[r0 + r] : 0.0f;
+      for (size_t j = 0; j < d; ++j) y[r * d + j] = x[(r0 + r) * d + j] * inv;
+    }
+    rotation_->forward(y.data(), y.data(), nb);
+    uint8_t* c = codes + r0 * code_bytes();
+    quantize_rotated(y.data(), nb, c);
+    if (config_.norm_correction) {
+      // Store ‖x‖/‖ỹ‖ so that the decoded vector has exactly the norm of x.
+      dequantize_rotated(c, nb, y.data());
+      for (size_t r = 0; r < nb; ++r) {
+        double s = 0.0;
+        for (size_t j = 0; j < d; ++j) s += static_cast<double>(y[r * d + j]) * y[r * d + j];
+        if (s > 0.0) norm[r0 + r] = static_cast<float>(norm[r0 + r] / std::sqrt(s));
+      }
+    }
+    for (size_t r = 0; r < nb; ++r) store_norm(norms, r0 + r, norm[r0 + r]);
+  }
 }
 
 void Quantizer::decode(const uint8_t* codes, const void* norms, size_t n, float* out) const {
-  decode_impl(codes, norms, n, out);
+  const auto d = static_cast<size_t>(dim());
+  dequantize_rotated(codes, n, out);
+  rotation_->inverse(out, out, n);
+  for (size_t r = 0; r < n; ++r) {
+    const float s = load_norm(norms, r);
+    for (size_t j = 0; j < d; ++j) out[r * d + j] *= s;
+  }
 }
 
 void Quantizer::inner_products(const float* q, size_t m, const uint8_t* codes, const void* norms,
@@ -122,25 +154,56 @@ void Quantizer::inner_products(const float* q, size_t m, const uint8_t* codes, c
     TQ_CHECK(std::isfinite(q[i]), InvalidArgument, "query contains NaN or Inf (query ", i / d,
              ", coordinate ", i % d, ")");
   }
-  inner_products_impl(q, m, codes, norms, n, out);
-}
-
-// Generic fallback: decode then take dot products, in blocks.
-void Quantizer::inner_products_impl(const float* q, size_t m, const uint8_t* codes,
-                                    const void* norms, size_t n, float* out) const {
-  const auto d = static_cast<size_t>(dim());
-  const size_t block = 256;
-  std::vector<float> x(block * d);
+  std::vector<float> state(m * query_state_floats());
+  prepare_queries(q, m, state.data());
+  const size_t block = 1024;
+  std::vector<float> nf(block);
   for (size_t t0 = 0; t0 < n; t0 += block) {
     const size_t nb = std::min(block, n - t0);
-    // Norms are addressed by byte offset so the fallback works for both norm dtypes.
     const auto* nbase = static_cast<const uint8_t*>(norms) + t0 * norm_bytes();
-    decode_impl(codes + t0 * code_bytes(), nbase, nb, x.data());
+    load_norms(nbase, nb, nf.data());
+    scores(state.data(), m, codes + t0 * code_bytes(), nf.data(), nb, out + t0, n);
+  }
+}
+
+void Quantizer::prepare_queries(const float* q, size_t m, float* state) const {
+  rotation_->forward(q, state, m);
+}
+
+// Generic hooks: dequantize a block into a small rotated-domain tile, then dot / axpy.
+void Quantizer::scores(const float* state, size_t m, const uint8_t* codes, const float* norms,
+                       size_t n, float* out, size_t out_stride) const {
+  const auto d = static_cast<size_t>(dim());
+  const size_t sf = query_state_floats();
+  const size_t block = 64;
+  std::vector<float> y(block * d);
+  for (size_t t0 = 0; t0 < n; t0 += block) {
+    const size_t nb = std::min(block, n - t0);
+    dequantize_rotated(codes + t0 * code_bytes(), nb, y.data());
     for (size_t i = 0; i < m; ++i) {
+      const float* qi = state + i * sf;
       for (size_t t = 0; t < nb; ++t) {
         float s = 0.0f;
-        for (size_t j = 0; j < d; ++j) s += q[i * d + j] * x[t * d + j];
-        out[i * n + t0 + t] = s;
+        for (size_t j = 0; j < d; ++j) s += qi[j] * y[t * d + j];
+        out[i * out_stride + t0 + t] = norms[t0 + t] * s;
+      }
+    }
+  }
+}
+
+void Quantizer::accumulate(const float* w, size_t w_stride, size_t m, const uint8_t* codes,
+                           const float* norms, size_t n, float* acc) const {
+  const auto d = static_cast<size_t>(dim());
+  const size_t block = 64;
+  std::vector<float> y(block * d);
+  for (size_t t0 = 0; t0 < n; t0 += block) {
+    const size_t nb = std::min(block, n - t0);
+    dequantize_rotated(codes + t0 * code_bytes(), nb, y.data());
+    for (size_t i = 0; i < m; ++i) {
+      for (size_t t = 0; t < nb; ++t) {
+        const float s = w[i * w_stride + t0 + t] * norms[t0 + t];
+        if (s == 0.0f) continue;
+        for (size_t j = 0; j < d; ++j) acc[i * d + j] += s * y[t * d + j];
       }
     }
   }

@@ -55,7 +55,15 @@ class Quantizer {
   // Stored bits per coordinate, norm included: 8 * bytes_per_vector() / dim.
   double effective_bits() const { return 8.0 * static_cast<double>(bytes_per_vector()) / dim(); }
 
-  // Validates the input (finite values) before writing anything, then encodes.
+  // --- What a method implements: the rotated domain (DESIGN §1). -----------------------
+  // y: n unit vectors already rotated (y = Π x/‖x‖), n×dim -> n code rows.
+  virtual void quantize_rotated(const float* y, size_t n, uint8_t* codes) const = 0;
+  // The reconstruction ỹ of each code row in the rotated domain (n×dim); the decoded
+  // vector is x̃ = ‖x‖·Πᵀ ỹ, and <q, x> is estimated by ‖x‖·<Πq, ỹ>.
+  virtual void dequantize_rotated(const uint8_t* codes, size_t n, float* y) const = 0;
+
+  // --- Whole vectors: normalise, rotate, quantize, store the norm. ----------------------
+  // Validates the input (finite values, fp16 norm range) before writing anything.
   // x: n×dim fp32 row-major. codes: n×code_bytes(). norms: n × norm_bytes() raw bytes.
   void encode(const float* x, size_t n, uint8_t* codes, void* norms) const;
   // out: n×dim fp32.
@@ -64,16 +72,24 @@ class Quantizer {
   void inner_products(const float* q, size_t m, const uint8_t* codes, const void* norms,
                       size_t n, float* out) const;
 
+  // --- Attention hooks (DESIGN §2): work on codes, never on rebuilt vectors. ------------
+  // A query's state is Πq (dim floats) unless a method needs more (e.g. S·Πq for QJL).
+  virtual size_t query_state_floats() const { return static_cast<size_t>(dim()); }
+  virtual void prepare_queries(const float* q, size_t m, float* state) const;
+  // out[i*out_stride + t] = ‖x_t‖·<state_i, ỹ_t>, with norms given as fp32 (one per row).
+  virtual void scores(const float* state, size_t m, const uint8_t* codes, const float* norms,
+                      size_t n, float* out, size_t out_stride) const;
+  // acc[i*dim + j] += Σ_t w[i*w_stride + t]·‖x_t‖·ỹ_t[j]: value sums in the rotated domain.
+  virtual void accumulate(const float* w, size_t w_stride, size_t m, const uint8_t* codes,
+                          const float* norms, size_t n, float* acc) const;
+  // acc (m×dim, rotated domain) <- Πᵀ acc: once per attention call.
+  void finish_rotated(float* acc, size_t m) const { rotation_->inverse(acc, acc, m); }
+
   float load_norm(const void* norms, size_t i) const;
   void store_norm(void* norms, size_t i, float value) const;
+  void load_norms(const void* norms, size_t n, float* out) const;
 
  protected:
-  virtual void encode_impl(const float* x, size_t n, uint8_t* codes, void* norms) const = 0;
-  virtual void decode_impl(const uint8_t* codes, const void* norms, size_t n,
-                           float* out) const = 0;
-  virtual void inner_products_impl(const float* q, size_t m, const uint8_t* codes,
-                                   const void* norms, size_t n, float* out) const;
-
   QuantizerConfig config_;
   std::unique_ptr<Rotation> rotation_;
 };
@@ -96,16 +112,12 @@ class MseQuantizer : public Quantizer {
   size_t code_bytes() const override;
   const Codebook& codebook() const { return *codebook_; }
 
-  // Rotated-domain helpers shared with the other methods and the attention kernels:
-  // y (n×dim, already rotated, unit norm) -> packed indices; and back to centroids.
-  void quantize_rotated(const float* y, size_t n, uint8_t* codes) const;
-  void dequantize_rotated(const uint8_t* codes, size_t n, float* y) const;
-
- protected:
-  void encode_impl(const float* x, size_t n, uint8_t* codes, void* norms) const override;
-  void decode_impl(const uint8_t* codes, const void* norms, size_t n, float* out) const override;
-  void inner_products_impl(const float* q, size_t m, const uint8_t* codes, const void* norms,
-                           size_t n, float* out) const override;
+  void quantize_rotated(const float* y, size_t n, uint8_t* codes) const override;
+  void dequantize_rotated(const uint8_t* codes, size_t n, float* y) const override;
+  void scores(const float* state, size_t m, const uint8_t* codes, const float* norms, size_t n,
+              float* out, size_t out_stride) const override;
+  void accumulate(const float* w, size_t w_stride, size_t m, const uint8_t* codes,
+                  const float* norms, size_t n, float* acc) const override;
 
  private:
   const Codebook* codebook_;

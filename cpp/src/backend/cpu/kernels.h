@@ -1,0 +1,41 @@
+// The CPU hot loops behind one table of function pointers (Highway/FAISS style): the
+// scalar reference is always compiled; SIMD variants (kernels_avx2.cpp, kernels_neon.cpp,
+// ...) have the same signatures and are selected at run time from CPU features. Every
+// variant is tested against the scalar one (tests/cpp/test_kernels.cpp).
+//
+// Conventions: codes are packed per packing.h (layout v1), row-major, `code_bytes` bytes a
+// row; norms are fp32 (callers convert a block of stored fp16 norms first); `centroids`
+// has 2^bits entries and `boundaries` 2^bits - 1 (codebook.h).
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <string>
+#include <vector>
+
+namespace turboquant::cpu {
+
+struct Kernels {
+  const char* name;
+  // In-place unnormalised fast Walsh-Hadamard transform of n = 2^k floats.
+  void (*fwht)(float* x, size_t n);
+  // n rotated unit vectors (n×d) -> nearest-centroid indices, packed (n rows of code_bytes).
+  void (*quantize_pack)(const float* y, size_t n, size_t d, const float* boundaries, int bits,
+                        uint8_t* codes, size_t code_bytes);
+  // out[i*out_stride + t] = norms[t] * Σ_j q[i*d + j] * centroids[idx_tj], i < m, t < n.
+  void (*mse_scores)(const float* q, size_t m, const uint8_t* codes, size_t code_bytes,
+                     const float* norms, size_t n, size_t d, int bits, const float* centroids,
+                     float* out, size_t out_stride);
+  // acc[i*d + j] += Σ_t w[i*w_stride + t] * norms[t] * centroids[idx_tj].
+  void (*mse_accumulate)(const float* w, size_t w_stride, size_t m, const uint8_t* codes,
+                         size_t code_bytes, const float* norms, size_t n, size_t d, int bits,
+                         const float* centroids, float* acc);
+};
+
+const Kernels& scalar_kernels();
+// The best kernel set for this CPU, or the one named by TURBOQUANT_SIMD ("scalar", ...).
+const Kernels& active_kernels();
+// Every kernel set compiled in and usable on this CPU (for tests and benchmarks).
+std::vector<const Kernels*> usable_kernels();
+
+}  // namespace turboquant::cpu

@@ -1,0 +1,78 @@
+// Scalar reference kernels: the definition of correct for every SIMD variant.
+#include <vector>
+
+#include "backend/cpu/kernels.h"
+#include "turboquant/packing.h"
+
+namespace turboquant::cpu {
+namespace {
+
+void fwht_scalar(float* x, size_t n) {
+  for (size_t h = 1; h < n; h <<= 1) {
+    for (size_t i = 0; i < n; i += 2 * h) {
+      for (size_t j = i; j < i + h; ++j) {
+        const float a = x[j], b = x[j + h];
+        x[j] = a + b;
+        x[j + h] = a - b;
+      }
+    }
+  }
+}
+
+void quantize_pack_scalar(const float* y, size_t n, size_t d, const float* boundaries, int bits,
+                          uint8_t* codes, size_t code_bytes) {
+  std::vector<uint8_t> idx(d);
+  const int levels = 1 << bits;
+  for (size_t r = 0; r < n; ++r) {
+    for (size_t j = 0; j < d; ++j) {
+      const float v = y[r * d + j];
+      int lo = 0, hi = levels - 1;  // index = number of boundaries <= v
+      while (lo < hi) {
+        const int mid = (lo + hi) / 2;
+        if (v < boundaries[mid]) hi = mid; else lo = mid + 1;
+      }
+      idx[j] = static_cast<uint8_t>(lo);
+    }
+    pack_indices(idx.data(), d, bits, codes + r * code_bytes);
+  }
+}
+
+void mse_scores_scalar(const float* q, size_t m, const uint8_t* codes, size_t code_bytes,
+                       const float* norms, size_t n, size_t d, int bits, const float* centroids,
+                       float* out, size_t out_stride) {
+  std::vector<uint8_t> idx(d);
+  for (size_t t = 0; t < n; ++t) {
+    unpack_indices(codes + t * code_bytes, d, bits, idx.data());
+    for (size_t i = 0; i < m; ++i) {
+      const float* qi = q + i * d;
+      float acc = 0.0f;
+      for (size_t j = 0; j < d; ++j) acc += qi[j] * centroids[idx[j]];
+      out[i * out_stride + t] = norms[t] * acc;
+    }
+  }
+}
+
+void mse_accumulate_scalar(const float* w, size_t w_stride, size_t m, const uint8_t* codes,
+                           size_t code_bytes, const float* norms, size_t n, size_t d, int bits,
+                           const float* centroids, float* acc) {
+  std::vector<uint8_t> idx(d);
+  for (size_t t = 0; t < n; ++t) {
+    unpack_indices(codes + t * code_bytes, d, bits, idx.data());
+    for (size_t i = 0; i < m; ++i) {
+      const float s = w[i * w_stride + t] * norms[t];
+      if (s == 0.0f) continue;
+      float* a = acc + i * d;
+      for (size_t j = 0; j < d; ++j) a[j] += s * centroids[idx[j]];
+    }
+  }
+}
+
+}  // namespace
+
+const Kernels& scalar_kernels() {
+  static const Kernels k{"scalar", fwht_scalar, quantize_pack_scalar, mse_scores_scalar,
+                         mse_accumulate_scalar};
+  return k;
+}
+
+}  // namespace turboquant::cpu
