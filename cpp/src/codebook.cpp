@@ -54,6 +54,13 @@ struct Moments {
 Moments integrate(const ScalarDensity& d, double a, double b) {
   Moments m;
   if (!(b > a)) return m;
+  if (d.moments) {
+    const auto e = d.moments(a, b);
+    m.m0 = e[0];
+    m.m1 = e[1];
+    m.m2 = e[2];
+    return m;
+  }
   const auto& gl = gauss_legendre();
   const double panel = d.scale / 4.0;
   const int panels = std::max(1, static_cast<int>(std::ceil((b - a) / panel)));
@@ -88,6 +95,7 @@ Codebook solve_lloyd_max(const ScalarDensity& density, int bits, const LloydMaxO
   std::vector<double> grid(table + 1), cdf(table + 1, 0.0);
   ScalarDensity compander = density;
   compander.pdf = [&density](double x) { return std::cbrt(density.pdf(x)); };
+  compander.moments = nullptr;  // exact moments belong to pdf, not to its cube root
   double total = 0.0;
   for (int i = 0; i <= table; ++i) grid[static_cast<size_t>(i)] = density.lo + (density.hi - density.lo) * i / table;
   for (int i = 0; i < table; ++i) {
@@ -194,6 +202,24 @@ ScalarDensity coordinate_density(int dim, CoordinateLaw law) {
     d.hi = 16.0 * sigma;
     const double norm = 1.0 / (sigma * std::sqrt(2.0 * std::numbers::pi));
     d.pdf = [sigma, norm](double x) { return norm * std::exp(-0.5 * (x / sigma) * (x / sigma)); };
+  } else if (dim == 2) {
+    // Arcsine law 1/(π√(1 - x²)): singular at ±1, so its moments are given in closed form.
+    d.lo = -1.0;
+    d.hi = 1.0;
+    d.pdf = [](double x) {
+      const double s = 1.0 - x * x;
+      return s > 0.0 ? 1.0 / (std::numbers::pi * std::sqrt(s)) : 0.0;
+    };
+    d.moments = [](double a, double b) {
+      a = std::clamp(a, -1.0, 1.0);
+      b = std::clamp(b, -1.0, 1.0);
+      const double pi = std::numbers::pi;
+      const double sa = std::sqrt(std::max(0.0, 1.0 - a * a)), sb = std::sqrt(std::max(0.0, 1.0 - b * b));
+      const double m0 = (std::asin(b) - std::asin(a)) / pi;
+      const double m1 = (sa - sb) / pi;
+      const double m2 = 0.5 * ((std::asin(b) - b * sb) - (std::asin(a) - a * sa)) / pi;
+      return std::array<double, 3>{m0, m1, m2};
+    };
   } else {
     // (1 - x²)^((d-3)/2) / B((d-1)/2, 1/2) on [-1, 1]; beyond 16σ the mass is < 1e-50.
     const double half = std::min(1.0, 16.0 * sigma);
@@ -214,6 +240,25 @@ ScalarDensity coordinate_density(int dim, CoordinateLaw law) {
 const Codebook& lloyd_max_codebook(int dim, int bits, CoordinateLaw law) {
   TQ_CHECK(dim >= kMinDim && dim <= kMaxDim, InvalidArgument, "head_dim must be in [", kMinDim,
            ", ", kMaxDim, "], got ", dim);
+  return coordinate_codebook(dim, bits, law);
+}
+
+namespace {
+// dim = 1: a unit "vector" is ±1. Centroids spread over [-1, 1] with both ends included.
+Codebook one_dim_codebook(int bits) {
+  Codebook cb;
+  cb.bits = bits;
+  const int levels = 1 << bits;
+  for (int i = 0; i < levels; ++i) cb.centroids.push_back(static_cast<float>(-1.0 + 2.0 * i / (levels - 1)));
+  for (int i = 1; i < levels; ++i)
+    cb.boundaries.push_back(0.5f * (cb.centroids[static_cast<size_t>(i - 1)] + cb.centroids[static_cast<size_t>(i)]));
+  cb.distortion = 0.0;
+  return cb;
+}
+}  // namespace
+
+const Codebook& coordinate_codebook(int dim, int bits, CoordinateLaw law) {
+  TQ_CHECK(dim >= 1 && dim <= kMaxDim, InvalidArgument, "dim must be in [1, ", kMaxDim, "], got ", dim);
   TQ_CHECK(bits >= kMinBits && bits <= kMaxBits, InvalidArgument, "bits must be in [", kMinBits,
            ", ", kMaxBits, "], got ", bits);
   static std::mutex mutex;
@@ -221,7 +266,8 @@ const Codebook& lloyd_max_codebook(int dim, int bits, CoordinateLaw law) {
   std::lock_guard<std::mutex> lock(mutex);
   auto& slot = cache[{dim, bits, static_cast<int>(law)}];
   if (!slot) {
-    auto cb = std::make_unique<Codebook>(solve_lloyd_max(coordinate_density(dim, law), bits));
+    auto cb = std::make_unique<Codebook>(dim == 1 ? one_dim_codebook(bits)
+                                                  : solve_lloyd_max(coordinate_density(dim, law), bits));
     cb->dim = dim;
     cb->law = law;
     slot = std::move(cb);

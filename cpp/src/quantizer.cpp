@@ -7,6 +7,7 @@
 
 #include "turboquant/error.h"
 #include "turboquant/half.h"
+#include "turboquant/quantizer_outlier.h"
 
 namespace turboquant {
 namespace {
@@ -23,7 +24,8 @@ Registry& registry() {
 }  // namespace
 
 void QuantizerConfig::validate() const {
-  TQ_CHECK(dim >= kMinDim && dim <= kMaxDim, InvalidArgument, "head_dim must be in [", kMinDim, ", ",
+  const int min_dim = split_part ? 1 : kMinDim;
+  TQ_CHECK(dim >= min_dim && dim <= kMaxDim, InvalidArgument, "head_dim must be in [", min_dim, ", ",
            kMaxDim, "], got ", dim);
   TQ_CHECK(bits >= kMinBits && bits <= kMaxBits, InvalidArgument, "bits must be in [", kMinBits, ", ",
            kMaxBits, "], got ", bits);
@@ -32,6 +34,26 @@ void QuantizerConfig::validate() const {
   TQ_CHECK(rotation != RotationKind::kHadamard || is_power_of_two(dim), InvalidArgument,
            "hadamard rotation needs a power-of-two head_dim, got ", dim,
            " (use rotation='dense' or 'auto')");
+  TQ_CHECK(n_outlier_channels >= 0 && n_outlier_channels < dim, InvalidArgument,
+           "n_outlier_channels must be in [0, head_dim - 1] = [0, ", dim - 1, "], got ", n_outlier_channels);
+  TQ_CHECK(outlier_bits == 0 || (outlier_bits >= kMinBits && outlier_bits <= kMaxBits), InvalidArgument,
+           "outlier_bits must be 0 (bits + 1) or in [", kMinBits, ", ", kMaxBits, "], got ", outlier_bits);
+  TQ_CHECK(outlier_bits == 0 || has_outliers(), InvalidArgument,
+           "outlier_bits given without outlier channels (set n_outlier_channels or outlier_channels)");
+  if (!outlier_channels.empty()) {
+    TQ_CHECK(n_outlier_channels == 0 || n_outlier_channels == static_cast<int>(outlier_channels.size()),
+             InvalidArgument, "n_outlier_channels (", n_outlier_channels, ") disagrees with the ",
+             outlier_channels.size(), " outlier_channels given");
+    TQ_CHECK(static_cast<int>(outlier_channels.size()) < dim, InvalidArgument,
+             "outlier_channels must leave at least one inlier channel (", outlier_channels.size(),
+             " channels for head_dim ", dim, ")");
+    std::vector<bool> seen(static_cast<size_t>(dim), false);
+    for (int c : outlier_channels) {
+      TQ_CHECK(c >= 0 && c < dim, InvalidArgument, "outlier channel ", c, " is outside [0, ", dim - 1, "]");
+      TQ_CHECK(!seen[static_cast<size_t>(c)], InvalidArgument, "outlier channel ", c, " is listed twice");
+      seen[static_cast<size_t>(c)] = true;
+    }
+  }
 }
 
 bool register_quantizer(const std::string& method, QuantizerFactory factory) {
@@ -51,6 +73,7 @@ std::vector<std::string> registered_methods() {
 
 std::unique_ptr<Quantizer> make_quantizer(const QuantizerConfig& config) {
   config.validate();
+  if (config.has_outliers()) return make_outlier_split_quantizer(config);
   QuantizerFactory factory;
   {
     auto& r = registry();
@@ -75,6 +98,14 @@ Quantizer::Quantizer(const QuantizerConfig& config) : config_(config) {
   if (config_.jl_dim == 0) config_.jl_dim = config_.dim;
   rotation_ = Rotation::create(config_.rotation, config_.dim, config_.seed, config_.stream);
   config_.rotation = rotation_->kind();
+}
+
+Quantizer::Quantizer(const QuantizerConfig& config, std::unique_ptr<Rotation> rotation)
+    : config_(config), rotation_(std::move(rotation)) {
+  config_.validate();
+  TQ_CHECK(rotation_ && rotation_->dim() == config_.dim, InvalidArgument,
+           "rotation dim does not match head_dim ", config_.dim);
+  if (config_.jl_dim == 0) config_.jl_dim = config_.dim;
 }
 
 float Quantizer::load_norm(const void* norms, size_t i) const {

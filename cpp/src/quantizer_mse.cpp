@@ -8,7 +8,7 @@
 namespace turboquant {
 
 MseQuantizer::MseQuantizer(const QuantizerConfig& config)
-    : Quantizer(config), codebook_(&lloyd_max_codebook(config.dim, config.bits, config.law)) {}
+    : Quantizer(config), codebook_(&coordinate_codebook(config.dim, config.bits, config.law)) {}
 
 size_t MseQuantizer::code_bytes() const { return packed_bytes(static_cast<size_t>(dim()), bits()); }
 

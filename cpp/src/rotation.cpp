@@ -122,7 +122,8 @@ class HadamardRotation final : public Rotation {
 };
 
 void check_dim(int dim) {
-  TQ_CHECK(dim >= 2 && dim <= 4096, InvalidArgument, "rotation dim must be in [2, 4096], got ", dim);
+  // dim 1 (Π = ±1) serves the one-channel parts of an outlier split.
+  TQ_CHECK(dim >= 1 && dim <= 4096, InvalidArgument, "rotation dim must be in [1, 4096], got ", dim);
 }
 
 }  // namespace

@@ -4,6 +4,7 @@
 // for that law is solved numerically by Lloyd iteration with Gauss-Legendre quadrature.
 #pragma once
 
+#include <array>
 #include <cstdint>
 #include <functional>
 #include <vector>
@@ -43,12 +44,14 @@ struct Codebook {
 };
 
 // A density on [lo, hi] for the generic solver. `scale` is its typical width (standard
-// deviation), used to size quadrature panels; `mean_moment(a, b)`, when given, returns the
-// exact ∫_a^b x·pdf(x) dx (otherwise it is integrated numerically too).
+// deviation), used to size quadrature panels. `moments(a, b)`, when given, returns the exact
+// {∫pdf, ∫x·pdf, ∫x²·pdf} over [a, b] and replaces quadrature (for densities with
+// integrable endpoint singularities, e.g. the arcsine law of a coordinate in R^2).
 struct ScalarDensity {
   std::function<double(double)> pdf;
   double lo = 0.0, hi = 0.0;
   double scale = 1.0;
+  std::function<std::array<double, 3>(double, double)> moments;
 };
 
 struct LloydMaxOptions {
@@ -60,11 +63,19 @@ struct LloydMaxOptions {
 // boundaries and the distortion (dim and law are left for the caller to fill).
 Codebook solve_lloyd_max(const ScalarDensity& density, int bits, const LloydMaxOptions& = {});
 
-// Density of one coordinate of a random unit vector in R^dim under `law`.
+// Density of one coordinate of a random unit vector in R^dim under `law` (dim >= 2; the
+// Beta law at dim = 2 is the arcsine law, given with exact moments).
 ScalarDensity coordinate_density(int dim, CoordinateLaw law);
 
 // The codebook for (dim, bits, law), solved once per process and cached (thread-safe).
 // Throws InvalidArgument for dim outside [16, 512] or bits outside [1, 8].
 const Codebook& lloyd_max_codebook(int dim, int bits, CoordinateLaw law = CoordinateLaw::kBeta);
+
+// The same for any dim in [1, 512]: the parts of an outlier split (quantizer_outlier.h) can
+// be a few channels wide. The Beta law is exact at every dim >= 2 (arcsine at 2, uniform at
+// 3); at dim = 1 a unit vector is ±1, and the codebook spreads its 2^bits centroids
+// uniformly over [-1, 1] with both ends included, so ±1 is reproduced exactly
+// (distortion 0). Same cache as lloyd_max_codebook.
+const Codebook& coordinate_codebook(int dim, int bits, CoordinateLaw law = CoordinateLaw::kBeta);
 
 }  // namespace turboquant

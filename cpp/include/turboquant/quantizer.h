@@ -33,6 +33,19 @@ struct QuantizerConfig {
   int jl_dim = 0;  // QJL sketch size m for turboquant_prod / qjl; 0 means m = dim
   CoordinateLaw law = CoordinateLaw::kBeta;
 
+  // Outlier split / fractional bits (quantizer_outlier.h): when n_outlier_channels > 0 or
+  // outlier_channels is non-empty, make_quantizer() builds an OutlierSplitQuantizer: the
+  // outlier channels at outlier_bits (0 means bits + 1), the rest at bits, both by `method`.
+  // outlier_channels empty: the first n_outlier_channels channels (select_outlier_channels()
+  // picks them from calibration data instead).
+  std::vector<int> outlier_channels;
+  int n_outlier_channels = 0;
+  int outlier_bits = 0;
+  // Set by the outlier split on its two parts only: allows dim in [1, kMaxDim].
+  bool split_part = false;
+
+  bool has_outliers() const { return n_outlier_channels > 0 || !outlier_channels.empty(); }
+
   // Throws InvalidArgument naming the first bad field.
   void validate() const;
 };
@@ -54,6 +67,10 @@ class Quantizer {
   size_t bytes_per_vector() const { return code_bytes() + norm_bytes(); }
   // Stored bits per coordinate, norm included: 8 * bytes_per_vector() / dim.
   double effective_bits() const { return 8.0 * static_cast<double>(bytes_per_vector()) / dim(); }
+  // Bits per coordinate of the quantized payload alone (indices, angles, sign bits), without
+  // per-vector scalars (norm, residual norm, split angle) and byte padding: `bits` for
+  // turboquant_mse, the exact weighted mean for an outlier split (e.g. 2.25, 2.5).
+  virtual double nominal_bits() const { return static_cast<double>(bits()); }
 
   // --- What a method implements: the rotated domain (DESIGN §1). -----------------------
   // y: n unit vectors already rotated (y = Π x/‖x‖), n×dim -> n code rows.
@@ -73,7 +90,8 @@ class Quantizer {
                       size_t n, float* out) const;
 
   // --- Attention hooks (DESIGN §2): work on codes, never on rebuilt vectors. ------------
-  // A query's state is Πq (dim floats) unless a method needs more (e.g. S·Πq for QJL).
+  // A query's state is Πq (dim floats) unless a method needs more (e.g. S·Πq for QJL);
+  // every method keeps Πq as the first dim floats of its state, extra floats after.
   virtual size_t query_state_floats() const { return static_cast<size_t>(dim()); }
   virtual void prepare_queries(const float* q, size_t m, float* state) const;
   // out[i*out_stride + t] = ‖x_t‖·<state_i, ỹ_t>, with norms given as fp32 (one per row).
@@ -90,6 +108,9 @@ class Quantizer {
   void load_norms(const void* norms, size_t n, float* out) const;
 
  protected:
+  // For a method that builds its own rotation (the outlier split's block-diagonal one).
+  Quantizer(const QuantizerConfig& config, std::unique_ptr<Rotation> rotation);
+
   QuantizerConfig config_;
   std::unique_ptr<Rotation> rotation_;
 };

@@ -33,6 +33,13 @@ constexpr uint64_t make_stream_id(StreamPurpose purpose, uint32_t layer = 0, uin
          static_cast<uint64_t>(head & 0xFFFFFFu);
 }
 
+// The parts of an outlier split (quantizer_outlier.h) draw from their own streams: part p
+// (0 = outliers, 1 = inliers) sets bits 56..63 of the stream id to p + 1. Purposes stay
+// below 2^8, so part streams never collide with each other or with the whole quantizer's.
+constexpr uint64_t make_part_stream(uint64_t stream, uint32_t part) {
+  return (stream & 0x00FFFFFFFFFFFFFFull) | (static_cast<uint64_t>((part + 1) & 0xFFu) << 56);
+}
+
 std::array<uint32_t, 4> philox4x32_10(uint64_t key, uint64_t stream, uint64_t index);
 
 class RandomStream {
