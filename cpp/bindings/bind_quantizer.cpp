@@ -5,6 +5,9 @@
 #include "turboquant/codebook.h"
 #include "turboquant/packing.h"
 #include "turboquant/quantizer.h"
+#include "turboquant/quantizer_outlier.h"
+#include "turboquant/quantizer_polar.h"
+#include "turboquant/quantizer_prod.h"
 #include "turboquant/rotation.h"
 
 namespace turboquant::bindings {
@@ -42,6 +45,36 @@ size_t check_codes(const Quantizer& q, const py::array& codes, const py::array& 
     throw InvalidArgument("norms has " + std::to_string(norms.size()) + " entries but codes has " +
                           std::to_string(n) + " vectors");
   return n;
+}
+
+// Outlier options shared by Quantizer(...), bytes_per_vector() and effective_bits().
+void set_outliers(QuantizerConfig& c, const py::object& outlier_channels, int n_outlier_channels,
+                  int outlier_bits, const py::object& calibration) {
+  c.n_outlier_channels = n_outlier_channels;
+  c.outlier_bits = outlier_bits;
+  if (!outlier_channels.is_none()) {
+    TQ_CHECK(calibration.is_none(), InvalidArgument, "give outlier_channels or calibration, not both");
+    c.outlier_channels = outlier_channels.cast<std::vector<int>>();
+  } else if (!calibration.is_none()) {
+    TQ_CHECK(n_outlier_channels > 0, InvalidArgument,
+             "calibration data needs n_outlier_channels > 0 (how many channels to pick)");
+    const FloatRows rows = float_rows(calibration, static_cast<size_t>(c.dim), "calibration");
+    const std::vector<float> data = rows.to_float();
+    c.outlier_channels = select_outlier_channels(data.data(), rows.rows, c.dim, n_outlier_channels);
+  }
+}
+
+QuantizerConfig simple_config(const std::string& method, int dim, int bits, int jl_dim,
+                              const py::object& norm_dtype, const py::object& outlier_channels,
+                              int n_outlier_channels, int outlier_bits) {
+  QuantizerConfig c;
+  c.method = method;
+  c.dim = dim;
+  c.bits = bits;
+  c.jl_dim = jl_dim;
+  c.norm_dtype = norm_dtype_from(norm_dtype);
+  set_outliers(c, outlier_channels, n_outlier_channels, outlier_bits, py::none());
+  return c;
 }
 
 }  // namespace
@@ -87,6 +120,44 @@ void bind_quantizer(py::module_& m) {
 
   m.def("methods", &registered_methods, "Names of the registered quantization methods.");
 
+  m.def("bytes_per_vector", [](const std::string& method, int dim, int bits, int jl_dim,
+                               const py::object& norm_dtype, const py::object& outlier_channels,
+                               int n_outlier_channels, int outlier_bits) {
+        const QuantizerConfig c = simple_config(method, dim, bits, jl_dim, norm_dtype, outlier_channels,
+                                                n_outlier_channels, outlier_bits);
+        py::gil_scoped_release release;
+        return bytes_per_vector(c);
+      }, py::arg("method"), py::arg("dim"), py::arg("bits"), py::kw_only(), py::arg("jl_dim") = 0,
+      py::arg("norm_dtype") = "float16", py::arg("outlier_channels") = py::none(),
+      py::arg("n_outlier_channels") = 0, py::arg("outlier_bits") = 0,
+      "Exact stored bytes per vector (codes + norm). At dim=128, fp16 norm: turboquant_mse 2/3/4 bits "
+      "-> 34/50/66, turboquant_prod -> 36/52/68, polar -> 34/50/66, qjl 1 bit -> 18.");
+  m.def("effective_bits", [](const std::string& method, int dim, int bits, int jl_dim,
+                             const py::object& norm_dtype, const py::object& outlier_channels,
+                             int n_outlier_channels, int outlier_bits, bool nominal) {
+        const QuantizerConfig c = simple_config(method, dim, bits, jl_dim, norm_dtype, outlier_channels,
+                                                n_outlier_channels, outlier_bits);
+        py::gil_scoped_release release;
+        const auto q = make_quantizer(c);
+        return nominal ? q->nominal_bits() : q->effective_bits();
+      }, py::arg("method"), py::arg("dim"), py::arg("bits"), py::kw_only(), py::arg("jl_dim") = 0,
+      py::arg("norm_dtype") = "float16", py::arg("outlier_channels") = py::none(),
+      py::arg("n_outlier_channels") = 0, py::arg("outlier_bits") = 0, py::arg("nominal") = false,
+      "Bits per coordinate, exactly: stored = 8 * bytes_per_vector / dim (norm and per-vector "
+      "scalars included), or with nominal=True the payload's mean bits (e.g. 2.5 for 64 outlier "
+      "channels at 3 bits + 64 at 2).");
+  m.def("select_outlier_channels", [](const py::handle& x, int count) {
+        py::array a;
+        try { a = py::array::ensure(x); } catch (...) {}
+        TQ_CHECK(a && a.ndim() >= 2, InvalidArgument, "calibration data must be an (n, head_dim) array");
+        const auto dim = static_cast<size_t>(a.shape(a.ndim() - 1));
+        const FloatRows rows = float_rows(x, dim, "calibration data");
+        const std::vector<float> data = rows.to_float();
+        py::gil_scoped_release release;
+        return select_outlier_channels(data.data(), rows.rows, static_cast<int>(dim), count);
+      }, py::arg("x"), py::arg("count"),
+      "The `count` channels of largest mean |x| over calibration vectors x (..., head_dim), ascending.");
+
   py::class_<Quantizer>(m, "Quantizer", R"doc(
 A vector quantizer: encode (n, d) vectors into packed codes plus norms, decode them, and
 estimate inner products directly from the codes.
@@ -97,7 +168,9 @@ estimate inner products directly from the codes.
     ip = q.inner_products(queries, codes, norms)   # (m, n)
 )doc")
       .def(py::init([](const std::string& method, int dim, int bits, uint64_t seed, const std::string& rotation,
-                       bool norm_correction, const py::object& norm_dtype, int jl_dim, uint64_t stream) {
+                       bool norm_correction, const py::object& norm_dtype, int jl_dim, uint64_t stream,
+                       const py::object& outlier_channels, int n_outlier_channels, int outlier_bits,
+                       const py::object& calibration) {
              QuantizerConfig c;
              c.method = method;
              c.dim = dim;
@@ -108,12 +181,14 @@ estimate inner products directly from the codes.
              c.norm_correction = norm_correction;
              c.norm_dtype = norm_dtype_from(norm_dtype);
              c.jl_dim = jl_dim;
+             set_outliers(c, outlier_channels, n_outlier_channels, outlier_bits, calibration);
              py::gil_scoped_release release;
              return make_quantizer(c);
            }),
            py::arg("method") = "turboquant_mse", py::arg("dim") = 128, py::arg("bits") = 3, py::arg("seed") = 0,
            py::arg("rotation") = "auto", py::arg("norm_correction") = false, py::arg("norm_dtype") = "float16",
-           py::arg("jl_dim") = 0, py::arg("stream") = 0)
+           py::arg("jl_dim") = 0, py::arg("stream") = 0, py::arg("outlier_channels") = py::none(),
+           py::arg("n_outlier_channels") = 0, py::arg("outlier_bits") = 0, py::arg("calibration") = py::none())
       .def_property_readonly("method", &Quantizer::method)
       .def_property_readonly("dim", &Quantizer::dim)
       .def_property_readonly("bits", &Quantizer::bits)
@@ -126,6 +201,16 @@ estimate inner products directly from the codes.
       .def_property_readonly("norm_bytes", &Quantizer::norm_bytes)
       .def_property_readonly("bytes_per_vector", &Quantizer::bytes_per_vector)
       .def_property_readonly("effective_bits", &Quantizer::effective_bits, "stored bits per coordinate, norm included")
+      .def_property_readonly("nominal_bits", &Quantizer::nominal_bits,
+                             "payload bits per coordinate (exact weighted mean for an outlier split)")
+      .def_property_readonly("outlier_channels", [](const Quantizer& q) {
+        if (auto* s = dynamic_cast<const OutlierSplitQuantizer*>(&q)) return s->outlier_channels();
+        return std::vector<int>{};
+      }, "channels quantized at outlier_bits (ascending); empty without an outlier split")
+      .def_property_readonly("outlier_bits", [](const Quantizer& q) {
+        auto* s = dynamic_cast<const OutlierSplitQuantizer*>(&q);
+        return s ? s->outlier_bits() : 0;
+      })
       .def("rotation_matrix", [](const Quantizer& q) {
         const auto mat = q.rotation().matrix();
         py::array_t<float> out({q.dim(), q.dim()});
@@ -138,6 +223,13 @@ estimate inner products directly from the codes.
       })
       .def_property_readonly("codebook", [](const Quantizer& q) -> py::object {
         if (auto* mse = dynamic_cast<const MseQuantizer*>(&q)) return py::cast(mse->codebook(), py::return_value_policy::reference);
+        if (auto* prod = dynamic_cast<const ProdQuantizer*>(&q); prod && prod->codebook())
+          return py::cast(*prod->codebook(), py::return_value_policy::reference);
+        return py::none();
+      }, "the Lloyd-Max codebook (turboquant_mse; the (bits-1)-bit stage of turboquant_prod), else None")
+      .def_property_readonly("predicted_distortion", [](const Quantizer& q) -> py::object {
+        if (auto* mse = dynamic_cast<const MseQuantizer*>(&q)) return py::float_(mse->codebook().vector_distortion());
+        if (auto* polar = dynamic_cast<const PolarQuantizer*>(&q)) return py::float_(polar->predicted_distortion());
         return py::none();
       })
       .def("encode", [](const Quantizer& q, const py::handle& x, bool copy) {
@@ -182,8 +274,12 @@ estimate inner products directly from the codes.
       }, py::arg("queries"), py::arg("codes"), py::arg("norms"),
       "Estimated <q_i, x_t> from the codes: (m, d) queries x n codes -> (m, n).")
       .def("__repr__", [](const Quantizer& q) {
+        std::string extra;
+        if (auto* s = dynamic_cast<const OutlierSplitQuantizer*>(&q))
+          extra = ", n_outlier_channels=" + std::to_string(s->outlier_channels().size()) +
+                  ", outlier_bits=" + std::to_string(s->outlier_bits());
         return "Quantizer(method='" + q.method() + "', dim=" + std::to_string(q.dim()) + ", bits=" +
-               std::to_string(q.bits()) + ", seed=" + std::to_string(q.config().seed) + ", rotation='" +
+               std::to_string(q.bits()) + extra + ", seed=" + std::to_string(q.config().seed) + ", rotation='" +
                to_string(q.rotation().kind()) + "')";
       });
 }

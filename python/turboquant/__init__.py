@@ -11,9 +11,12 @@ from turboquant._core import (  # noqa: F401
     __version__,
     backends,
     build_info,
+    bytes_per_vector,
     codebook,
+    effective_bits,
     methods,
     pack_indices,
+    select_outlier_channels,
     unpack_indices,
 )
 
@@ -24,8 +27,11 @@ __all__ = [
     "__version__",
     "backends",
     "build_info",
+    "bytes_per_vector",
     "codebook",
+    "effective_bits",
     "methods",
     "pack_indices",
+    "select_outlier_channels",
     "unpack_indices",
 ]
