@@ -126,3 +126,22 @@ def mse_encode(x: np.ndarray, rotation: np.ndarray, centroids: np.ndarray, bits:
 
 def mse_decode(idx: np.ndarray, norms: np.ndarray, rotation: np.ndarray, centroids: np.ndarray):
     return (centroids[idx] @ rotation) * norms[:, None]
+
+
+def qjl_matrix(m: int, d: int, seed: int, stream: int = 0) -> np.ndarray:
+    """The QJL sketch S (m x d), row-major Gaussians of the kQjlMatrix stream (quantizer_qjl.h)."""
+    rs = RandomStream(seed, stream ^ stream_id(3))
+    return np.array([rs.gaussian() for _ in range(m * d)]).reshape(m, d)
+
+
+def prod_encode(x: np.ndarray, rotation: np.ndarray, centroids: np.ndarray, s: np.ndarray, bits: int):
+    """turboquant_prod code rows (quantizer_prod.h): (bits-1)-bit indices, sign(S r), fp16 ||r||."""
+    norms = np.linalg.norm(x, axis=1)
+    y = (x / norms[:, None]) @ rotation.T
+    t = (centroids[1:] + centroids[:-1]) / 2
+    idx = np.searchsorted(t, y, side="right").astype(np.uint8)
+    r = y - centroids[idx]
+    signs = (r @ s.T >= 0).astype(np.uint8)
+    gamma = np.linalg.norm(r, axis=1).astype(np.float16).view(np.uint8).reshape(-1, 2)
+    rows = [np.concatenate([pack(i, bits - 1), pack(sg, 1), g]) for i, sg, g in zip(idx, signs, gamma)]
+    return np.stack(rows), np.abs(r @ s.T)
