@@ -54,7 +54,7 @@ class ArtifactStore:
 
     def put(self, key: ArtifactKey, arrays: dict[str, np.ndarray]) -> None:
         self.puts += 1
-        self._save(key, {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in arrays.items()})
+        self._save(key, {k: np.array(v, dtype=np.float32, order="C") for k, v in arrays.items()})
 
     def update(self, key: ArtifactKey, arrays: dict[str, np.ndarray]) -> None:
         """Adds arrays to an entry (e.g. the rotations of more layers)."""
@@ -164,7 +164,7 @@ def install_artifacts(core, role: str, arrays: dict[str, np.ndarray]) -> int:
         if name in arrays and name in ref and not np.array_equal(arrays[name], ref[name]):
             raise ValueError(f"artifact store entry has a different {name} than this library computes "
                              "(stale or foreign artifacts); delete the entry and rebuild")
-    kind = _CODE_KIND.get(int(arrays["rotation_kind"])) if "rotation_kind" in arrays else None
+    kind = _CODE_KIND.get(int(np.asarray(arrays["rotation_kind"]).reshape(-1)[0])) if "rotation_kind" in arrays else None
     if kind != core.rotation_parameters(0, 0, role)[0]:
         return 0  # stored for another rotation kind: this build computes its own
     loaded = 0
