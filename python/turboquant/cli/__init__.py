@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
-from turboquant.cli import demo
+from turboquant.cli import benchmark, demo, info, precompute
 
 COMMANDS = {
     "demo": (demo.HELP, demo.add_arguments, demo.run),
+    "precompute": (precompute.HELP, precompute.add_arguments, precompute.run),
+    "benchmark": (benchmark.HELP, benchmark.add_arguments, benchmark.run),
+    "info": (info.HELP, info.add_arguments, info.run),
 }
