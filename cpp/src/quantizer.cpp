@@ -108,6 +108,14 @@ Quantizer::Quantizer(const QuantizerConfig& config, std::unique_ptr<Rotation> ro
   if (config_.jl_dim == 0) config_.jl_dim = config_.dim;
 }
 
+size_t Quantizer::state_bytes() const { return rotation_->parameters().size() * sizeof(float); }
+
+void Quantizer::set_rotation(std::unique_ptr<Rotation> rotation) {
+  TQ_CHECK(rotation && rotation->dim() == dim(), InvalidArgument, "rotation must have dim ", dim());
+  rotation_ = std::move(rotation);
+  config_.rotation = rotation_->kind();
+}
+
 float Quantizer::load_norm(const void* norms, size_t i) const {
   if (config_.norm_dtype == NormDtype::kFloat16) {
     return half_to_float(static_cast<const half_bits*>(norms)[i]);

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
-from turboquant.cli import demo, distortion
+from turboquant.cli import benchmark, demo, distortion, info, precompute
 
 COMMANDS = {
     "demo": (demo.HELP, demo.add_arguments, demo.run),
     "distortion": (distortion.HELP, distortion.add_arguments, distortion.run),
+    "precompute": (precompute.HELP, precompute.add_arguments, precompute.run),
+    "benchmark": (benchmark.HELP, benchmark.add_arguments, benchmark.run),
+    "info": (info.HELP, info.add_arguments, info.run),
 }
