@@ -42,6 +42,11 @@ class OutlierSplitQuantizer : public Quantizer {
 
   size_t code_bytes() const override { return kAngleBytes + part_bytes_[0] + part_bytes_[1]; }
   double nominal_bits() const override;
+  // The two parts' state (rotations, QJL matrices) plus the channel permutation.
+  size_t state_bytes() const override {
+    return parts_[0]->state_bytes() + parts_[1]->state_bytes() +
+           (outliers_.size() + static_cast<size_t>(dim())) * sizeof(int);
+  }
   const Quantizer& part(size_t p) const { return *parts_[p]; }  // 0: outliers, 1: inliers
   const std::vector<int>& outlier_channels() const { return outliers_; }
   int outlier_bits() const { return parts_[0]->bits(); }

@@ -24,6 +24,10 @@ class ProdQuantizer : public Quantizer {
   explicit ProdQuantizer(const QuantizerConfig& config);
   size_t code_bytes() const override { return sign_offset_ + sketch_.sign_bytes() + (mse_bits_ ? 2 : 0); }
   double nominal_bits() const override;
+  // Rotation plus the m×d QJL matrix S.
+  size_t state_bytes() const override {
+    return Quantizer::state_bytes() + sketch_.matrix().size() * sizeof(float);
+  }
   int mse_bits() const { return mse_bits_; }
   const Codebook* codebook() const { return codebook_; }  // null when bits = 1
   const QjlSketch& sketch() const { return sketch_; }

@@ -60,6 +60,10 @@ class QjlQuantizer : public Quantizer {
   explicit QjlQuantizer(const QuantizerConfig& config);
   size_t code_bytes() const override { return sketch_.sign_bytes(); }
   double nominal_bits() const override;
+  // Rotation plus the m×d QJL matrix S.
+  size_t state_bytes() const override {
+    return Quantizer::state_bytes() + sketch_.matrix().size() * sizeof(float);
+  }
   const QjlSketch& sketch() const { return sketch_; }
 
   void quantize_rotated(const float* y, size_t n, uint8_t* codes) const override;
