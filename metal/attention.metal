@@ -24,10 +24,10 @@ inline uint tq_attention_scratch_floats(uint dim, uint group, uint block_tokens,
 //   part_m/part_l[(h·num_blocks + b)·G + g], part_acc[((h·num_blocks + b)·G + g)·dim + j].
 inline void tq_attention_block_body(device const float* q, device const uchar* k_codes,
                                     device const uchar* k_norms, device const uchar* v_codes,
-                                    device const uchar* v_norms, constant float* k_centroids,
-                                    constant float* v_centroids, device float* part_m,
+                                    device const uchar* v_norms, TQ_TABLE float* k_centroids,
+                                    TQ_TABLE float* v_centroids, device float* part_m,
                                     device float* part_l, device float* part_acc,
-                                    constant TqAttnParams& p, threadgroup float* tg, uint block,
+                                    TQ_PARAMS TqAttnParams& p, threadgroup float* tg, uint block,
                                     uint head, uint tid, uint nthreads) {
   const uint d = p.dim, G = p.group, BT = p.block_tokens;
   const uint t0 = block * BT;
@@ -100,8 +100,8 @@ inline void tq_attention_block_body(device const float* q, device const uchar* k
 // out[(h·G + g)·dim + j]: the attention output of query head h·G + g. Scratch: v[dim].
 // nthreads: a power of two dividing dim.
 inline void tq_attention_reduce_body(device const float* part_m, device const float* part_l,
-                                     device const float* part_acc, constant float* v_signs,
-                                     device float* out, constant TqReduceParams& p,
+                                     device const float* part_acc, TQ_TABLE float* v_signs,
+                                     device float* out, TQ_PARAMS TqReduceParams& p,
                                      threadgroup float* v, uint g, uint head, uint tid,
                                      uint nthreads) {
   const uint d = p.dim, G = p.group, nb = p.num_blocks;

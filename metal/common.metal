@@ -17,6 +17,17 @@
 #endif
 using namespace metal;
 
+// Address spaces of the parameter block and of the small tables (rotation signs,
+// centroids, boundaries): constant buffers for the native kernels; the mlx kernels
+// (python/turboquant/metal.py) receive them as device arrays and define both as
+// "const device".
+#ifndef TQ_PARAMS
+#define TQ_PARAMS constant
+#endif
+#ifndef TQ_TABLE
+#define TQ_TABLE constant
+#endif
+
 #define TQ_SIMD_WIDTH 32u
 // Query heads of one KV head handled in one pass of the decode-attention kernel.
 #define TQ_MAX_GROUP 16u
@@ -91,7 +102,7 @@ inline uchar tq_pack_byte(threadgroup const uchar* idx, uint k, uint count, uint
 }
 
 // Nearest centroid: the number of boundaries <= y, by the same binary search as the CPU.
-inline uint tq_quantize(float y, constant float* boundaries, uint bits) {
+inline uint tq_quantize(float y, TQ_TABLE float* boundaries, uint bits) {
   int lo = 0, hi = int(1u << bits) - 1;
   while (lo < hi) {
     const int mid = (lo + hi) / 2;
@@ -194,7 +205,7 @@ inline void tq_fwht(threadgroup float* v, uint d, uint tid, uint nthreads) {
 
 // y = Π v for Π = H·D₂·H·D₁ with orthonormal H (rotation.h, "hadamard"); signs = D₁ then
 // D₂ (Rotation::parameters()). In place in v; same operation order as the CPU.
-inline void tq_hadamard_forward(threadgroup float* v, constant float* signs, uint d,
+inline void tq_hadamard_forward(threadgroup float* v, TQ_TABLE float* signs, uint d,
                                 uint tid, uint nthreads) {
   for (uint j = tid; j < d; j += nthreads) v[j] = v[j] * signs[j];
   tq_fwht(v, d, tid, nthreads);
@@ -206,7 +217,7 @@ inline void tq_hadamard_forward(threadgroup float* v, constant float* signs, uin
 }
 
 // x = Πᵀ y, in place in v.
-inline void tq_hadamard_inverse(threadgroup float* v, constant float* signs, uint d,
+inline void tq_hadamard_inverse(threadgroup float* v, TQ_TABLE float* signs, uint d,
                                 uint tid, uint nthreads) {
   tq_fwht(v, d, tid, nthreads);
   for (uint j = tid; j < d; j += nthreads) v[j] *= signs[d + j];

@@ -7,8 +7,8 @@
 
 // Scratch: v[dim] floats. nthreads: a power of two dividing dim.
 inline void tq_dequantize_body(device const uchar* codes, device const uchar* norms,
-                               constant float* centroids, constant float* signs,
-                               device uchar* out, constant TqDequantParams& p,
+                               TQ_TABLE float* centroids, TQ_TABLE float* signs,
+                               device uchar* out, TQ_PARAMS TqDequantParams& p,
                                threadgroup float* v, uint row, uint tid, uint nthreads) {
   if (row >= p.rows) return;  // uniform over the threadgroup
   const uint d = p.dim;

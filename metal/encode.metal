@@ -10,8 +10,8 @@
 // Threadgroup scratch: v[dim] floats, idx[dim] bytes, red[64] floats. nthreads: a power of
 // two dividing dim (the host uses min(dim, 256)).
 inline void tq_encode_body(device const float* x, device uchar* codes, device uchar* norms,
-                           constant float* signs, constant float* boundaries,
-                           constant TqEncodeParams& p, threadgroup float* v,
+                           TQ_TABLE float* signs, TQ_TABLE float* boundaries,
+                           TQ_PARAMS TqEncodeParams& p, threadgroup float* v,
                            threadgroup uchar* idx, threadgroup float* red, uint row, uint tid,
                            uint nthreads) {
   if (row >= p.rows) return;  // uniform over the threadgroup
@@ -31,8 +31,8 @@ inline void tq_encode_body(device const float* x, device uchar* codes, device uc
 }
 
 // y = Π x for rows of x (queries before decode attention). Scratch: v[dim].
-inline void tq_rotate_body(device const float* x, device float* y, constant float* signs,
-                           constant TqRotateParams& p, threadgroup float* v, uint row, uint tid,
+inline void tq_rotate_body(device const float* x, device float* y, TQ_TABLE float* signs,
+                           TQ_PARAMS TqRotateParams& p, threadgroup float* v, uint row, uint tid,
                            uint nthreads) {
   if (row >= p.rows) return;
   const uint d = p.dim;
