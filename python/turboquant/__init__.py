@@ -10,12 +10,24 @@ from turboquant._core import (  # noqa: F401
     Quantizer,
     __version__,
     backends,
-    build_info,
     codebook,
     methods,
     pack_indices,
     unpack_indices,
 )
+
+from turboquant._core import build_info as _core_build_info
+
+
+def build_info() -> dict:
+    """Compiler, SIMD targets and backends of this build; "mlx_kernels" says whether mlx
+    arrays are processed by the Metal kernels on the GPU ("metal") or by the C++ CPU core."""
+    from turboquant import metal
+
+    info = _core_build_info()
+    info["mlx_kernels"] = metal.active_path()
+    return info
+
 
 __all__ = [
     "Codebook",
