@@ -5,7 +5,8 @@
 // What is emulated, and how faithfully:
 //   - address spaces (device / constant / threadgroup) are plain pointers and references;
 //   - a threadgroup is run as cooperative fibers (ucontext), one per thread, sharing the
-//     threadgroup memory the launcher hands them; threadgroup_barrier() suspends a thread
+//     threadgroup memory the launcher hands them, in ascending or (every other group)
+//     descending thread order; threadgroup_barrier() suspends a thread
 //     until every thread of its group has arrived. A barrier that some threads never reach
 //     (they returned early) or a barrier that waits on a thread stuck in a simd-group op is
 //     reported as an error instead of hanging or silently passing;
@@ -132,7 +133,7 @@ inline Group& group() {
   return *g_group;
 }
 
-inline void switch_to_scheduler(Group& g, Fiber& f, bool dying) {
+[[gnu::noinline]] inline void switch_to_scheduler(Group& g, Fiber& f, bool dying) {
 #ifdef TQ_EMU_ASAN
   __sanitizer_start_switch_fiber(dying ? nullptr : &f.fake_stack, g.sched_stack_bottom,
                                  g.sched_stack_size);
@@ -171,8 +172,34 @@ inline void block(State state) {
 inline Fiber& self() { return *group().current; }
 inline uint lane_of(uint tid) { return tid % kSimdWidth; }
 
+// getcontext/swapcontext return twice: they live in functions of their own, so that no
+// local of the scheduler is live across them (-Wclobbered).
+[[gnu::noinline]] inline void prepare_fiber(Fiber& f, char* stack) {
+  getcontext(&f.ctx);
+  f.ctx.uc_stack.ss_sp = stack;
+  f.ctx.uc_stack.ss_size = kStackBytes;
+  f.ctx.uc_link = nullptr;
+  makecontext(&f.ctx, fiber_entry, 0);
+}
+
+[[gnu::noinline]] inline void resume_fiber(Group& g, Fiber& f, char* stack) {
+#ifdef TQ_EMU_ASAN
+  void* fake = nullptr;
+  __sanitizer_start_switch_fiber(&fake, stack, kStackBytes);
+#else
+  (void)stack;
+#endif
+  swapcontext(&g.sched, &f.ctx);
+#ifdef TQ_EMU_ASAN
+  __sanitizer_finish_switch_fiber(fake, nullptr, nullptr);
+#endif
+}
+
 // Runs one threadgroup of `size` threads to completion; rethrows a kernel's exception.
-inline void run_threadgroup(uint size, const std::function<void(uint)>& body) {
+// Between synchronisation points threads run one after the other, in ascending order or,
+// with `reverse`, descending: a read of another thread's write that lacks its barrier sees
+// stale memory in one of the two orders (dispatch() alternates them).
+inline void run_threadgroup(uint size, const std::function<void(uint)>& body, bool reverse = false) {
   if (size == 0 || size > 1024) throw EmulationError("threadgroup size must be in [1, 1024]");
   static thread_local std::vector<std::unique_ptr<char[]>> stacks;
   while (stacks.size() < size) stacks.push_back(std::make_unique<char[]>(kStackBytes));
@@ -182,13 +209,8 @@ inline void run_threadgroup(uint size, const std::function<void(uint)>& body) {
   g.fibers.resize(size);
   g.simd_active.assign((size + kSimdWidth - 1) / kSimdWidth, 0);
   for (uint t = 0; t < size; ++t) {
-    Fiber& f = g.fibers[t];
-    f.tid = t;
-    getcontext(&f.ctx);
-    f.ctx.uc_stack.ss_sp = stacks[t].get();
-    f.ctx.uc_stack.ss_size = kStackBytes;
-    f.ctx.uc_link = nullptr;
-    makecontext(&f.ctx, fiber_entry, 0);
+    g.fibers[t].tid = t;
+    prepare_fiber(g.fibers[t], stacks[t].get());
   }
   Group* const outer = g_group;
   g_group = &g;
@@ -197,17 +219,11 @@ inline void run_threadgroup(uint size, const std::function<void(uint)>& body) {
     throw EmulationError(what);
   };
   for (;;) {
-    for (auto& f : g.fibers) {
+    for (uint i = 0; i < size; ++i) {
+      Fiber& f = g.fibers[reverse ? size - 1 - i : i];
       if (f.state != State::kReady) continue;
       g.current = &f;
-#ifdef TQ_EMU_ASAN
-      void* fake = nullptr;
-      __sanitizer_start_switch_fiber(&fake, stacks[f.tid].get(), kStackBytes);
-#endif
-      swapcontext(&g.sched, &f.ctx);
-#ifdef TQ_EMU_ASAN
-      __sanitizer_finish_switch_fiber(fake, nullptr, nullptr);
-#endif
+      resume_fiber(g, f, stacks[f.tid].get());
       g.current = nullptr;
       if (g.error) {
         g_group = outer;
@@ -264,7 +280,7 @@ inline void dispatch(uint3 groups, uint threads_per_group,
     for (uint y = 0; y < groups.y; ++y)
       for (uint x = 0; x < groups.x; ++x) {
         const uint3 pos{x, y, z};
-        run_threadgroup(threads_per_group, [&](uint tid) { body(pos, tid); });
+        run_threadgroup(threads_per_group, [&](uint tid) { body(pos, tid); }, ((x + y + z) & 1u) != 0u);
       }
 }
 

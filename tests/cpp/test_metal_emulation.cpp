@@ -16,6 +16,7 @@
 #include <random>
 #include <stdexcept>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "backend/cpu/kernels.h"
@@ -112,6 +113,21 @@ TEST(MetalEmulator, BarrierOrdersThreadgroupMemory) {
     for (unsigned t = 0; t < 64; ++t) EXPECT_EQ(out[g * 64 + t], static_cast<int>(g * 1000 + 63 - t));
 }
 
+TEST(MetalEmulator, MissingBarrierShowsStaleMemory) {
+  // Thread t reads what thread t - 1 wrote, with no barrier in between: ascending order
+  // hides the race, descending order (every other group) exposes it.
+  std::vector<int> out(2 * 64);
+  emu::run_grid(2, 64, [&](unsigned g, unsigned tid) {
+    static thread_local int shared[64];
+    shared[tid] = static_cast<int>(g * 1000 + tid + 1);
+    out[g * 64 + tid] = tid > 0 ? shared[tid - 1] : -1;
+  });
+  int stale = 0;
+  for (unsigned g = 0; g < 2; ++g)
+    for (unsigned t = 1; t < 64; ++t) stale += out[g * 64 + t] != static_cast<int>(g * 1000 + t);
+  EXPECT_GT(stale, 0);
+}
+
 TEST(MetalEmulator, DivergentBarrierIsAnError) {
   EXPECT_THROW(emu::run_grid(1, 64, [&](unsigned, unsigned tid) {
                  if (tid < 40) emu::emu_threadgroup_barrier();
@@ -191,8 +207,9 @@ TEST(MetalRotate, QueryRotationBitExact) {
 }
 
 TEST(MetalDequantize, DecodeAndTilesBitExact) {
-  for (int d : {64, 128}) {
-    for (int bits : {2, 3, 4}) {
+  const std::pair<int, int> cases[] = {{64, 2}, {64, 3}, {64, 4}, {128, 2}, {128, 3}, {128, 4}, {16, 1}, {256, 8}};
+  for (const auto& [d, bits] : cases) {
+    {
       auto q = make_quantizer(hadamard_config(d, bits, 9));
       const size_t n = 33;
       const auto x = test_rows(n, d, 21);
@@ -206,12 +223,12 @@ TEST(MetalDequantize, DecodeAndTilesBitExact) {
       std::vector<float> ref(n * ud), out(n * ud);
       q->decode(codes.data(), norms.data(), n, ref.data());
       emu::dequantize(codes.data(), norms.data(), n, d, bits, cents.data(), signs.data(), true, true,
-                      false, out.data(), 64);
+                      false, out.data(), static_cast<unsigned>(std::min(d, 64)));
       EXPECT_EQ(std::memcmp(out.data(), ref.data(), out.size() * sizeof(float)), 0) << d << " " << bits;
 
       std::vector<half_bits> out16(n * ud);
       emu::dequantize(codes.data(), norms.data(), n, d, bits, cents.data(), signs.data(), true, true,
-                      true, out16.data(), 32);
+                      true, out16.data(), static_cast<unsigned>(std::min(d, 32)));
       for (size_t i = 0; i < out16.size(); ++i) ASSERT_EQ(out16[i], float_to_half(ref[i])) << i;
 
       // Rotated-domain tile: ‖x‖·c[idx].
