@@ -28,6 +28,15 @@ using namespace metal;
 #define TQ_TABLE constant
 #endif
 
+// An array in threadgroup memory declared inside a kernel's body (the mlx kernels'
+// sources declare their scratch this way). In the C++ emulation it must be one object
+// shared by the threads of the group, which run as fibers of one OS thread: a static.
+#ifdef __METAL_VERSION__
+#define TQ_THREADGROUP_ARRAY(type, name, count) threadgroup type name[count]
+#else
+#define TQ_THREADGROUP_ARRAY(type, name, count) static thread_local type name[count]
+#endif
+
 #define TQ_SIMD_WIDTH 32u
 // Query heads of one KV head handled in one pass of the decode-attention kernel.
 #define TQ_MAX_GROUP 16u

@@ -75,9 +75,9 @@ KERNELS: dict[str, KernelSpec] = {
         "tq_mlx_encode",
         ("x", "signs", "boundaries", "params"),
         ("codes", "norms"),
-        "threadgroup float tg_v[512];\n"
-        "threadgroup uchar tg_idx[512];\n"
-        "threadgroup float tg_red[64];\n"
+        "TQ_THREADGROUP_ARRAY(float, tg_v, 512);\n"
+        "TQ_THREADGROUP_ARRAY(uchar, tg_idx, 512);\n"
+        "TQ_THREADGROUP_ARRAY(float, tg_red, 64);\n"
         "tq_encode_body(x, codes, (device uchar*)norms, signs, boundaries,\n"
         "               *(const device TqEncodeParams*)params, tg_v, tg_idx, tg_red,\n"
         f"               {_IDS});\n",
@@ -86,7 +86,7 @@ KERNELS: dict[str, KernelSpec] = {
         "tq_mlx_rotate",
         ("x", "signs", "params"),
         ("y",),
-        "threadgroup float tg_v[512];\n"
+        "TQ_THREADGROUP_ARRAY(float, tg_v, 512);\n"
         "tq_rotate_body(x, y, signs, *(const device TqRotateParams*)params, tg_v,\n"
         f"               {_IDS});\n",
     ),
@@ -94,7 +94,7 @@ KERNELS: dict[str, KernelSpec] = {
         "tq_mlx_dequantize",
         ("codes", "norms", "centroids", "signs", "params"),
         ("out",),
-        "threadgroup float tg_v[512];\n"
+        "TQ_THREADGROUP_ARRAY(float, tg_v, 512);\n"
         "tq_dequantize_body(codes, (const device uchar*)norms, centroids, signs, (device uchar*)out,\n"
         "                   *(const device TqDequantParams*)params, tg_v,\n"
         f"                   {_IDS});\n",
@@ -103,7 +103,7 @@ KERNELS: dict[str, KernelSpec] = {
         "tq_mlx_attention_block",
         ("q", "k_codes", "k_norms", "v_codes", "v_norms", "k_centroids", "v_centroids", "params"),
         ("part_m", "part_l", "part_acc"),
-        "threadgroup float tg[SCRATCH];\n"
+        "TQ_THREADGROUP_ARRAY(float, tg, SCRATCH);\n"
         "tq_attention_block_body(q, k_codes, (const device uchar*)k_norms, v_codes,\n"
         "                        (const device uchar*)v_norms, k_centroids, v_centroids,\n"
         "                        part_m, part_l, part_acc, *(const device TqAttnParams*)params, tg,\n"
@@ -114,7 +114,7 @@ KERNELS: dict[str, KernelSpec] = {
         "tq_mlx_attention_reduce",
         ("part_m", "part_l", "part_acc", "v_signs", "params"),
         ("out",),
-        "threadgroup float tg_v[512];\n"
+        "TQ_THREADGROUP_ARRAY(float, tg_v, 512);\n"
         "tq_attention_reduce_body(part_m, part_l, part_acc, v_signs, out,\n"
         "                         *(const device TqReduceParams*)params, tg_v,\n"
         "                         threadgroup_position_in_grid.x, threadgroup_position_in_grid.y,\n"

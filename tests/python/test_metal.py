@@ -144,3 +144,131 @@ def test_mlx_kernel_sources_compile_against_the_bodies(tmp_path):
     src.write_text(broken)
     r = subprocess.run([cxx, *flags, str(src)], capture_output=True, text=True)
     assert r.returncode != 0
+
+
+# --- The mlx kernels, run on the emulated GPU -----------------------------------------------
+# Each mlx kernel is wrapped as mx.fast.metal_kernel wraps it and launched with mlx's grid
+# semantics (grid = threads, not threadgroups) on the emulator of metal_compat.h, with the
+# very parameter arrays metal.py builds: this checks the wiring of the mlx path (argument
+# order, parameter blocks, thread ids) end to end against the CPU core.
+
+_NP_TYPES = {np.float32: "float", np.uint8: "uint8_t", np.uint16: "uint16_t", np.uint32: "uint32_t"}
+
+
+def _emulated_program(kernels):
+    """C++ program: `prog NAME in0 .. inK out0 .. outM` runs kernel NAME on files."""
+    lines = ['#include "metal_compat.h"', "#include <cstdio>", "#include <fstream>",
+             "#include <iterator>", "#include <string>", "#include <vector>", metal.kernel_header()]
+    lines.append("static std::vector<char> load(const char* p) { std::ifstream f(p, std::ios::binary);"
+                 " return {std::istreambuf_iterator<char>(f), {}}; }")
+    lines.append("static void save(const char* p, const std::vector<char>& v) { std::ofstream f(p, std::ios::binary);"
+                 " f.write(v.data(), static_cast<std::streamsize>(v.size())); }")
+    body_lines = ["int main(int argc, char** argv) { (void)argc; const std::string name = argv[1];"]
+    for k in kernels:
+        spec = metal.KERNELS[k["kernel"]]
+        n_in, n_out = len(spec.input_names), len(spec.output_names)
+        params = [f"const device {k['types'][n]}* {n}" for n in spec.input_names]
+        params += [f"device {k['types'][n]}* {n}" for n in spec.output_names]
+        params += ["uint3 threadgroup_position_in_grid", "uint thread_index_in_threadgroup",
+                   "uint3 threads_per_threadgroup"]
+        fn = f"{spec.name}_{k['id']}"
+        templ = k.get("template", {})
+        body = spec.source
+        for t, v in templ.items():
+            body = body.replace(t, str(v))
+        lines.append(f"static void {fn}({', '.join(params)}) {{\n{body}}}")
+        grid, tg = k["grid"], k["threadgroup"]
+        groups = [grid[i] // tg[i] for i in range(3)]
+        args = [f"({'const ' if i < n_in else ''}{k['types'][n]}*)buf[{i}].data()"
+                for i, n in enumerate(spec.input_names + spec.output_names)]
+        sizes = ", ".join(str(s) for s in k["out_bytes"])
+        body_lines.append(
+            f"  if (name == \"{k['id']}\") {{ std::vector<std::vector<char>> buf;"
+            f" for (int i = 0; i < {n_in}; ++i) buf.push_back(load(argv[2 + i]));"
+            f" for (size_t s : {{{sizes}}}) buf.emplace_back(s, char(0));"
+            f" metal::emu::dispatch({{{groups[0]}, {groups[1]}, {groups[2]}}}, {tg[0]},"
+            f" [&](uint3 g, uint tid) {{ {fn}({', '.join(args)}, g, tid, uint3{{{tg[0]}, 1, 1}}); }});"
+            f" for (int i = 0; i < {n_out}; ++i) save(argv[2 + {n_in} + i], buf[{n_in} + i]); }}")
+    body_lines.append("  return 0; }")
+    return "\n".join(lines + body_lines) + "\n"
+
+
+def _run(exe, tmp_path, kid, inputs, n_out):
+    paths = []
+    for i, a in enumerate(inputs):
+        p = tmp_path / f"{kid}_in{i}.bin"
+        p.write_bytes(np.ascontiguousarray(a).tobytes())
+        paths.append(str(p))
+    outs = [str(tmp_path / f"{kid}_out{i}.bin") for i in range(n_out)]
+    r = subprocess.run([str(exe), kid, *paths, *outs], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    return [Path(p).read_bytes() for p in outs]
+
+
+def test_mlx_kernels_on_the_emulated_gpu(tmp_path):
+    cxx = shutil.which("c++") or shutil.which("g++") or shutil.which("clang++")
+    assert cxx, "a C++ compiler is needed to run the kernel sources"
+    rng = np.random.default_rng(0)
+    dim, kv_heads, group, tokens, stride, bt = 64, 2, 4, 75, 80, 32
+    kq = turboquant.Quantizer("turboquant_mse", dim, 3, 1, rotation="hadamard")
+    vq = turboquant.Quantizer("turboquant_mse", dim, 4, 2, rotation="hadamard")
+    keys = rng.standard_normal((kv_heads * stride, dim)).astype(np.float32)
+    values = rng.standard_normal((kv_heads * stride, dim)).astype(np.float32)
+    queries = rng.standard_normal((kv_heads * group, dim)).astype(np.float32)
+    kc, kn = kq.encode(keys)
+    vc, vn = vq.encode(values)
+    f32 = lambda a: np.asarray(a, np.float32).ravel()  # noqa: E731
+    k_signs, v_signs = f32(kq.rotation_parameters()), f32(vq.rotation_parameters())
+    k_cents, v_cents = f32(kq.codebook.centroids), f32(vq.codebook.centroids)
+    t = metal.threads_for(dim)
+    blocks = -(-tokens // bt)
+    scratch = metal.attention_scratch_floats(dim, group, bt, 3, 4)
+    rows = kv_heads * stride
+    common = {"x": "float", "signs": "float", "boundaries": "float", "params": "uint32_t",
+              "codes": "uint8_t", "norms": "uint16_t", "y": "float", "q": "float",
+              "k_codes": "uint8_t", "k_norms": "uint16_t", "v_codes": "uint8_t",
+              "v_norms": "uint16_t", "k_centroids": "float", "v_centroids": "float",
+              "part_m": "float", "part_l": "float", "part_acc": "float", "v_signs": "float",
+              "out": "float"}
+    kernels = [
+        {"id": "encode", "kernel": "encode", "types": common, "grid": (rows * t, 1, 1),
+         "threadgroup": (t, 1, 1), "out_bytes": [rows * kq.code_bytes, rows * 2]},
+        {"id": "rotate", "kernel": "rotate", "types": common, "grid": (kv_heads * group * t, 1, 1),
+         "threadgroup": (t, 1, 1), "out_bytes": [kv_heads * group * dim * 4]},
+        {"id": "block", "kernel": "attention_block", "types": common, "template": {"SCRATCH": scratch},
+         "grid": (blocks * metal.ATTENTION_THREADS, kv_heads, 1),
+         "threadgroup": (metal.ATTENTION_THREADS, 1, 1),
+         "out_bytes": [kv_heads * blocks * group * 4] * 2 + [kv_heads * blocks * group * dim * 4]},
+        {"id": "reduce", "kernel": "attention_reduce", "types": common, "grid": (group * t, kv_heads, 1),
+         "threadgroup": (t, 1, 1), "out_bytes": [kv_heads * group * dim * 4]},
+    ]
+    src = tmp_path / "mlx_emulated.cpp"
+    src.write_text(_emulated_program(kernels))
+    exe = tmp_path / "mlx_emulated"
+    r = subprocess.run([cxx, "-std=c++20", "-O1", "-w", f"-I{ROOT / 'metal'}", str(src), "-o", str(exe)],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-4000:]
+
+    # encode: bit-exact codes and fp16 norms
+    codes, norms = _run(exe, tmp_path, "encode",
+                        [keys, k_signs, f32(kq.codebook.boundaries), metal.encode_params(rows, dim, 3, True)], 2)
+    assert np.array_equal(np.frombuffer(codes, np.uint8).reshape(kc.shape), kc)
+    assert np.array_equal(np.frombuffer(norms, np.uint16), kn.view(np.uint16))
+
+    # decode attention: rotate, blocks, reduce, against attention on the decoded cache
+    (q_rot,) = _run(exe, tmp_path, "rotate", [queries, k_signs, metal.rotate_params(kv_heads * group, dim)], 1)
+    scale = 1.0 / np.sqrt(dim)
+    parts = _run(exe, tmp_path, "block",
+                 [np.frombuffer(q_rot, np.float32), kc, kn.view(np.uint16), vc, vn.view(np.uint16), k_cents,
+                  v_cents, metal.attention_params(dim, tokens, stride, bt, group, 3, 4, True, scale)], 3)
+    (out,) = _run(exe, tmp_path, "reduce",
+                  [np.frombuffer(parts[0], np.float32), np.frombuffer(parts[1], np.float32),
+                   np.frombuffer(parts[2], np.float32), v_signs, metal.reduce_params(dim, blocks, group, True)], 1)
+    out = np.frombuffer(out, np.float32).reshape(kv_heads, group, dim)
+    k_dec = kq.decode(kc, kn).astype(np.float64).reshape(kv_heads, stride, dim)[:, :tokens]
+    v_dec = vq.decode(vc, vn).astype(np.float64).reshape(kv_heads, stride, dim)[:, :tokens]
+    qs = queries.astype(np.float64).reshape(kv_heads, group, dim)
+    s = np.einsum("hgd,htd->hgt", qs, k_dec) * scale
+    p = np.exp(s - s.max(-1, keepdims=True))
+    ref = np.einsum("hgt,htd->hgd", p / p.sum(-1, keepdims=True), v_dec)
+    assert np.abs(out - ref).max() <= 1e-4 * np.abs(ref).max()
