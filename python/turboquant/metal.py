@@ -95,7 +95,8 @@ KERNELS: dict[str, KernelSpec] = {
         ("codes", "norms", "centroids", "signs", "params"),
         ("out",),
         "TQ_THREADGROUP_ARRAY(float, tg_v, 512);\n"
-        "tq_dequantize_body(codes, (const device uchar*)norms, centroids, signs, (device uchar*)out,\n"
+        "tq_dequantize_body(codes, (const device uchar*)norms, centroids, signs,\n"
+        "                   (device uchar*)out,\n"
         "                   *(const device TqDequantParams*)params, tg_v,\n"
         f"                   {_IDS});\n",
     ),
@@ -106,7 +107,8 @@ KERNELS: dict[str, KernelSpec] = {
         "TQ_THREADGROUP_ARRAY(float, tg, SCRATCH);\n"
         "tq_attention_block_body(q, k_codes, (const device uchar*)k_norms, v_codes,\n"
         "                        (const device uchar*)v_norms, k_centroids, v_centroids,\n"
-        "                        part_m, part_l, part_acc, *(const device TqAttnParams*)params, tg,\n"
+        "                        part_m, part_l, part_acc,\n"
+        "                        *(const device TqAttnParams*)params, tg,\n"
         "                        threadgroup_position_in_grid.x, threadgroup_position_in_grid.y,\n"
         "                        thread_index_in_threadgroup, threads_per_threadgroup.x);\n",
     ),
@@ -188,7 +190,8 @@ def reduce_params(dim: int, blocks: int, group: int, inverse_rotate: bool) -> np
     return np.array([dim, blocks, group, int(inverse_rotate)], dtype=np.uint32)
 
 
-def attention_scratch_floats(dim: int, group: int, block_tokens: int, k_bits: int, v_bits: int) -> int:
+def attention_scratch_floats(dim: int, group: int, block_tokens: int, k_bits: int,
+                             v_bits: int) -> int:
     """tq_attention_scratch_floats() of attention.metal."""
     return group * dim + (1 << k_bits) + (1 << v_bits) + group * block_tokens
 
@@ -226,8 +229,8 @@ def _quantizer_tables(quantizer):
     import mlx.core as mx
 
     if quantizer.method != "turboquant_mse" or quantizer.rotation != "hadamard":
-        raise ValueError("the mlx Metal kernels support turboquant_mse with the hadamard rotation, got "
-                         f"{quantizer.method!r} / {quantizer.rotation!r}")
+        raise ValueError("the mlx Metal kernels support turboquant_mse with the hadamard "
+                         f"rotation, got {quantizer.method!r} / {quantizer.rotation!r}")
     cb = quantizer.codebook
     return (mx.array(np.asarray(quantizer.rotation_parameters(), dtype=np.float32).ravel()),
             mx.array(np.asarray(cb.centroids, dtype=np.float32)),
@@ -243,7 +246,8 @@ def encode(quantizer, x):
     n, dim = x.shape
     fp16 = np.dtype(quantizer.norm_dtype) == np.float16
     codes, norms = _kernel("encode")(
-        inputs=[x.astype(mx.float32), signs, bounds, mx.array(encode_params(n, dim, quantizer.bits, fp16))],
+        inputs=[x.astype(mx.float32), signs, bounds,
+                mx.array(encode_params(n, dim, quantizer.bits, fp16))],
         output_shapes=[(n, quantizer.code_bytes), (n,)],
         output_dtypes=[mx.uint8, mx.uint16 if fp16 else mx.float32],
         grid=(n * threads_for(dim), 1, 1), threadgroup=(threads_for(dim), 1, 1))
@@ -275,7 +279,8 @@ def dequantize(quantizer, codes, norms, inverse_rotate=True, out_dtype=None):
     fp16_norm = norms.dtype == mx.float16
     (out,) = _kernel("dequantize")(
         inputs=[codes, norms.view(mx.uint16) if fp16_norm else norms, cents, signs,
-                mx.array(dequant_params(n, dim, quantizer.bits, fp16_norm, inverse_rotate, fp16_out))],
+                mx.array(dequant_params(n, dim, quantizer.bits, fp16_norm, inverse_rotate,
+                                        fp16_out))],
         output_shapes=[(n, dim)], output_dtypes=[mx.uint16 if fp16_out else mx.float32],
         grid=(n * threads_for(dim), 1, 1), threadgroup=(threads_for(dim), 1, 1))
     return out.view(mx.float16) if fp16_out else out
@@ -312,7 +317,8 @@ def decode_attention(keys, values, queries, k_codes, k_norms, v_codes, v_norms, 
         output_dtypes=[mx.float32, mx.float32, mx.float32],
         grid=(blocks * ATTENTION_THREADS, kv_heads, 1), threadgroup=(ATTENTION_THREADS, 1, 1))
     (out,) = _kernel("attention_reduce")(
-        inputs=[part_m, part_l, part_acc, v_signs, mx.array(reduce_params(dim, blocks, group, True))],
+        inputs=[part_m, part_l, part_acc, v_signs,
+                mx.array(reduce_params(dim, blocks, group, True))],
         output_shapes=[(kv_heads, group, dim)], output_dtypes=[mx.float32],
         grid=(group * threads_for(dim), kv_heads, 1), threadgroup=(threads_for(dim), 1, 1))
     return out

@@ -140,7 +140,8 @@ def test_mlx_kernel_sources_compile_against_the_bodies(tmp_path):
     r = subprocess.run([cxx, *flags, str(src)], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-4000:]
     # The check can fail: a source calling a body with a wrong argument does not compile.
-    broken = mlx_style_translation_unit().replace("tq_rotate_body(x, y, signs,", "tq_rotate_body(x, signs,")
+    broken = mlx_style_translation_unit().replace("tq_rotate_body(x, y, signs,",
+                                                  "tq_rotate_body(x, signs,")
     src.write_text(broken)
     r = subprocess.run([cxx, *flags, str(src)], capture_output=True, text=True)
     assert r.returncode != 0
@@ -159,9 +160,11 @@ def _emulated_program(kernels):
     """C++ program: `prog NAME in0 .. inK out0 .. outM` runs kernel NAME on files."""
     lines = ['#include "metal_compat.h"', "#include <cstdio>", "#include <fstream>",
              "#include <iterator>", "#include <string>", "#include <vector>", metal.kernel_header()]
-    lines.append("static std::vector<char> load(const char* p) { std::ifstream f(p, std::ios::binary);"
+    lines.append("static std::vector<char> load(const char* p) {"
+                 " std::ifstream f(p, std::ios::binary);"
                  " return {std::istreambuf_iterator<char>(f), {}}; }")
-    lines.append("static void save(const char* p, const std::vector<char>& v) { std::ofstream f(p, std::ios::binary);"
+    lines.append("static void save(const char* p, const std::vector<char>& v) {"
+                 " std::ofstream f(p, std::ios::binary);"
                  " f.write(v.data(), static_cast<std::streamsize>(v.size())); }")
     body_lines = ["int main(int argc, char** argv) { (void)argc; const std::string name = argv[1];"]
     for k in kernels:
@@ -187,7 +190,8 @@ def _emulated_program(kernels):
             f" for (int i = 0; i < {n_in}; ++i) buf.push_back(load(argv[2 + i]));"
             f" for (size_t s : {{{sizes}}}) buf.emplace_back(s, char(0));"
             f" metal::emu::dispatch({{{groups[0]}, {groups[1]}, {groups[2]}}}, {tg[0]},"
-            f" [&](uint3 g, uint tid) {{ {fn}({', '.join(args)}, g, tid, uint3{{{tg[0]}, 1, 1}}); }});"
+            f" [&](uint3 g, uint tid) {{ {fn}({', '.join(args)}, g, tid,"
+            f" uint3{{{tg[0]}, 1, 1}}); }});"
             f" for (int i = 0; i < {n_out}; ++i) save(argv[2 + {n_in} + i], buf[{n_in} + i]); }}")
     body_lines.append("  return 0; }")
     return "\n".join(lines + body_lines) + "\n"
@@ -235,35 +239,41 @@ def test_mlx_kernels_on_the_emulated_gpu(tmp_path):
          "threadgroup": (t, 1, 1), "out_bytes": [rows * kq.code_bytes, rows * 2]},
         {"id": "rotate", "kernel": "rotate", "types": common, "grid": (kv_heads * group * t, 1, 1),
          "threadgroup": (t, 1, 1), "out_bytes": [kv_heads * group * dim * 4]},
-        {"id": "block", "kernel": "attention_block", "types": common, "template": {"SCRATCH": scratch},
+        {"id": "block", "kernel": "attention_block", "types": common,
+         "template": {"SCRATCH": scratch},
          "grid": (blocks * metal.ATTENTION_THREADS, kv_heads, 1),
          "threadgroup": (metal.ATTENTION_THREADS, 1, 1),
          "out_bytes": [kv_heads * blocks * group * 4] * 2 + [kv_heads * blocks * group * dim * 4]},
-        {"id": "reduce", "kernel": "attention_reduce", "types": common, "grid": (group * t, kv_heads, 1),
+        {"id": "reduce", "kernel": "attention_reduce", "types": common,
+         "grid": (group * t, kv_heads, 1),
          "threadgroup": (t, 1, 1), "out_bytes": [kv_heads * group * dim * 4]},
     ]
     src = tmp_path / "mlx_emulated.cpp"
     src.write_text(_emulated_program(kernels))
     exe = tmp_path / "mlx_emulated"
-    r = subprocess.run([cxx, "-std=c++20", "-O1", "-w", f"-I{ROOT / 'metal'}", str(src), "-o", str(exe)],
-                       capture_output=True, text=True)
+    r = subprocess.run([cxx, "-std=c++20", "-O1", "-w", f"-I{ROOT / 'metal'}", str(src),
+                        "-o", str(exe)], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-4000:]
 
     # encode: bit-exact codes and fp16 norms
     codes, norms = _run(exe, tmp_path, "encode",
-                        [keys, k_signs, f32(kq.codebook.boundaries), metal.encode_params(rows, dim, 3, True)], 2)
+                        [keys, k_signs, f32(kq.codebook.boundaries),
+                         metal.encode_params(rows, dim, 3, True)], 2)
     assert np.array_equal(np.frombuffer(codes, np.uint8).reshape(kc.shape), kc)
     assert np.array_equal(np.frombuffer(norms, np.uint16), kn.view(np.uint16))
 
     # decode attention: rotate, blocks, reduce, against attention on the decoded cache
-    (q_rot,) = _run(exe, tmp_path, "rotate", [queries, k_signs, metal.rotate_params(kv_heads * group, dim)], 1)
+    (q_rot,) = _run(exe, tmp_path, "rotate",
+                    [queries, k_signs, metal.rotate_params(kv_heads * group, dim)], 1)
     scale = 1.0 / np.sqrt(dim)
     parts = _run(exe, tmp_path, "block",
-                 [np.frombuffer(q_rot, np.float32), kc, kn.view(np.uint16), vc, vn.view(np.uint16), k_cents,
-                  v_cents, metal.attention_params(dim, tokens, stride, bt, group, 3, 4, True, scale)], 3)
+                 [np.frombuffer(q_rot, np.float32), kc, kn.view(np.uint16), vc,
+                  vn.view(np.uint16), k_cents, v_cents,
+                  metal.attention_params(dim, tokens, stride, bt, group, 3, 4, True, scale)], 3)
     (out,) = _run(exe, tmp_path, "reduce",
                   [np.frombuffer(parts[0], np.float32), np.frombuffer(parts[1], np.float32),
-                   np.frombuffer(parts[2], np.float32), v_signs, metal.reduce_params(dim, blocks, group, True)], 1)
+                   np.frombuffer(parts[2], np.float32), v_signs,
+                   metal.reduce_params(dim, blocks, group, True)], 1)
     out = np.frombuffer(out, np.float32).reshape(kv_heads, group, dim)
     k_dec = kq.decode(kc, kn).astype(np.float64).reshape(kv_heads, stride, dim)[:, :tokens]
     v_dec = vq.decode(vc, vn).astype(np.float64).reshape(kv_heads, stride, dim)[:, :tokens]
