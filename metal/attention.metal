@@ -131,20 +131,20 @@ inline void tq_attention_reduce_body(device const float* part_m, device const fl
     constant float* v_centroids [[buffer(6)]], device float* part_m [[buffer(7)]],
     device float* part_l [[buffer(8)]], device float* part_acc [[buffer(9)]],
     constant TqAttnParams& p [[buffer(10)]], threadgroup float* tg [[threadgroup(0)]],
-    uint3 group [[threadgroup_position_in_grid]], uint tid [[thread_index_in_threadgroup]],
+    uint3 tg_pos [[threadgroup_position_in_grid]], uint tid [[thread_index_in_threadgroup]],
     uint nthreads [[threads_per_threadgroup]]) {
   tq_attention_block_body(q, k_codes, k_norms, v_codes, v_norms, k_centroids, v_centroids, part_m,
-                          part_l, part_acc, p, tg, group.x, group.y, tid, nthreads);
+                          part_l, part_acc, p, tg, tg_pos.x, tg_pos.y, tid, nthreads);
 }
 
 [[kernel]] void tq_attention_reduce(
     device const float* part_m [[buffer(0)]], device const float* part_l [[buffer(1)]],
     device const float* part_acc [[buffer(2)]], constant float* v_signs [[buffer(3)]],
     device float* out [[buffer(4)]], constant TqReduceParams& p [[buffer(5)]],
-    uint3 group [[threadgroup_position_in_grid]], uint tid [[thread_index_in_threadgroup]],
+    uint3 tg_pos [[threadgroup_position_in_grid]], uint tid [[thread_index_in_threadgroup]],
     uint nthreads [[threads_per_threadgroup]]) {
   threadgroup float v[512];
-  tq_attention_reduce_body(part_m, part_l, part_acc, v_signs, out, p, v, group.x, group.y, tid,
+  tq_attention_reduce_body(part_m, part_l, part_acc, v_signs, out, p, v, tg_pos.x, tg_pos.y, tid,
                            nthreads);
 }
 #endif

@@ -32,10 +32,10 @@ inline void tq_dequantize_body(device const uchar* codes, device const uchar* no
                               constant float* centroids [[buffer(2)]],
                               constant float* signs [[buffer(3)]], device uchar* out [[buffer(4)]],
                               constant TqDequantParams& p [[buffer(5)]],
-                              uint3 group [[threadgroup_position_in_grid]],
+                              uint3 tg_pos [[threadgroup_position_in_grid]],
                               uint tid [[thread_index_in_threadgroup]],
                               uint nthreads [[threads_per_threadgroup]]) {
   threadgroup float v[512];
-  tq_dequantize_body(codes, norms, centroids, signs, out, p, v, group.x, tid, nthreads);
+  tq_dequantize_body(codes, norms, centroids, signs, out, p, v, tg_pos.x, tid, nthreads);
 }
 #endif

@@ -46,22 +46,22 @@ inline void tq_rotate_body(device const float* x, device float* y, TQ_TABLE floa
                           device uchar* norms [[buffer(2)]], constant float* signs [[buffer(3)]],
                           constant float* boundaries [[buffer(4)]],
                           constant TqEncodeParams& p [[buffer(5)]],
-                          uint3 group [[threadgroup_position_in_grid]],
+                          uint3 tg_pos [[threadgroup_position_in_grid]],
                           uint tid [[thread_index_in_threadgroup]],
                           uint nthreads [[threads_per_threadgroup]]) {
   threadgroup float v[512];
   threadgroup uchar idx[512];
   threadgroup float red[64];
-  tq_encode_body(x, codes, norms, signs, boundaries, p, v, idx, red, group.x, tid, nthreads);
+  tq_encode_body(x, codes, norms, signs, boundaries, p, v, idx, red, tg_pos.x, tid, nthreads);
 }
 
 [[kernel]] void tq_rotate(device const float* x [[buffer(0)]], device float* y [[buffer(1)]],
                           constant float* signs [[buffer(2)]],
                           constant TqRotateParams& p [[buffer(3)]],
-                          uint3 group [[threadgroup_position_in_grid]],
+                          uint3 tg_pos [[threadgroup_position_in_grid]],
                           uint tid [[thread_index_in_threadgroup]],
                           uint nthreads [[threads_per_threadgroup]]) {
   threadgroup float v[512];
-  tq_rotate_body(x, y, signs, p, v, group.x, tid, nthreads);
+  tq_rotate_body(x, y, signs, p, v, tg_pos.x, tid, nthreads);
 }
 #endif
