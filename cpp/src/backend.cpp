@@ -4,6 +4,10 @@
 
 #include "turboquant/error.h"
 
+#ifdef TURBOQUANT_HAS_METAL
+#include "backend/metal/metal_backend.h"
+#endif
+
 namespace turboquant {
 
 const CpuFeatures& cpu_features() {
@@ -47,14 +51,24 @@ std::vector<std::string> available_simd_targets() {
   return t;
 }
 
-std::vector<std::string> available_backends() { return {"cpu"}; }
+std::vector<std::string> available_backends() {
+  std::vector<std::string> names{"cpu"};
+#ifdef TURBOQUANT_HAS_METAL
+  if (metal::available()) names.push_back("metal");  // Apple build with a Metal device
+#endif
+  return names;
+}
 
 std::string resolve_backend(const std::string& requested) {
   std::string name = requested;
   if (name == "auto") {
     const char* env = std::getenv("TURBOQUANT_BACKEND");
     name = (env && *env) ? std::string(env) : std::string("auto");
-    if (name == "auto") return available_backends().front() == "metal" ? "metal" : "cpu";
+    if (name == "auto") {
+      for (const auto& b : available_backends())
+        if (b == "metal") return b;
+      return "cpu";
+    }
   }
   if (name == "cpu") return name;
   if (name == "metal") {

@@ -10,7 +10,6 @@ from turboquant._core import (  # noqa: F401
     Quantizer,
     __version__,
     backends,
-    build_info,
     bytes_per_vector,
     codebook,
     effective_bits,
@@ -24,6 +23,19 @@ from turboquant.artifacts import InMemoryArtifactStore, MemoryArtifactStore, Npy
 from turboquant.builder import KVCacheBuilder  # noqa: F401
 from turboquant.kv_cache import TurboQuantKVCache  # noqa: F401
 from turboquant.observers import DistortionObserver, LatencyObserver, MemoryObserver  # noqa: F401
+
+from turboquant._core import build_info as _core_build_info
+
+
+def build_info() -> dict:
+    """Compiler, SIMD targets and backends of this build; "mlx_kernels" says whether mlx
+    arrays are processed by the Metal kernels on the GPU ("metal") or by the C++ CPU core."""
+    from turboquant import metal
+
+    info = _core_build_info()
+    info["mlx_kernels"] = metal.active_path()
+    return info
+
 
 __all__ = [
     "Codebook",

@@ -1,0 +1,296 @@
+// Shared helpers of the turboquant Metal kernels: the packed-code accessor (packing.h,
+// layout v1), fp16 conversion bit-identical to half.h, the threadgroup fast Walsh-Hadamard
+// transform of rotation.cpp, and an exact-enough sum of squares for the norm.
+//
+// Every kernel body is an inline function taking its thread ids as arguments; the
+// [[kernel]] entry points (Metal only) just forward to them. The same bodies compile as
+// C++ through metal_compat.h (tests/cpp/test_metal_emulation.cpp) and are the mlx
+// kernels' bodies (python/turboquant/metal.py). Host code must compile with math mode
+// "safe" (no fast-math): the norm's compensated sums rely on IEEE rounding.
+#ifndef TQ_METAL_COMMON
+#define TQ_METAL_COMMON
+
+#ifdef __METAL_VERSION__
+#include <metal_stdlib>
+#else
+#include "metal_compat.h"
+#endif
+using namespace metal;
+
+// Address spaces of the parameter block and of the small tables (rotation signs,
+// centroids, boundaries): constant buffers for the native kernels; the mlx kernels
+// (python/turboquant/metal.py) receive them as device arrays and define both as
+// "const device".
+#ifndef TQ_PARAMS
+#define TQ_PARAMS constant
+#endif
+#ifndef TQ_TABLE
+#define TQ_TABLE constant
+#endif
+
+// An array in threadgroup memory declared inside a kernel's body (the mlx kernels'
+// sources declare their scratch this way). In the C++ emulation it must be one object
+// shared by the threads of the group, which run as fibers of one OS thread: a static.
+#ifdef __METAL_VERSION__
+#define TQ_THREADGROUP_ARRAY(type, name, count) threadgroup type name[count]
+#else
+#define TQ_THREADGROUP_ARRAY(type, name, count) static thread_local type name[count]
+#endif
+
+#define TQ_SIMD_WIDTH 32u
+// Query heads of one KV head handled in one pass of the decode-attention kernel.
+#define TQ_MAX_GROUP 16u
+
+// --- Parameters (one struct per kernel, bound as a constant buffer) ----------------------
+struct TqEncodeParams {
+  uint rows;        // vectors to encode (one threadgroup each)
+  uint dim;         // head_dim, a power of two in [16, 512]
+  uint bits;        // 1..8
+  uint code_bytes;  // packed_bytes(dim, bits)
+  uint norm_fp16;   // 1: norms are fp16 bits, 0: fp32
+};
+
+struct TqRotateParams {
+  uint rows;
+  uint dim;
+};
+
+struct TqDequantParams {
+  uint rows;
+  uint dim;
+  uint bits;
+  uint code_bytes;
+  uint norm_fp16;
+  uint inverse_rotate;  // 1: decode to the original domain (Πᵀ), 0: rotated-domain tile
+  uint out_fp16;        // 1: tile written as fp16 bits, 0: fp32
+};
+
+struct TqAttnParams {
+  uint dim;
+  uint tokens;        // cached tokens attended (T)
+  uint head_stride;   // tokens between consecutive KV heads in the code/norm buffers (>= T)
+  uint block_tokens;  // tokens per threadgroup (BT)
+  uint num_blocks;    // ceil(T / BT)
+  uint group;         // query heads per KV head (GQA ratio), <= TQ_MAX_GROUP
+  uint k_bits;
+  uint v_bits;
+  uint k_code_bytes;
+  uint v_code_bytes;
+  uint norm_fp16;
+  float scale;  // softmax scale applied to <q, k>
+};
+
+struct TqReduceParams {
+  uint dim;
+  uint num_blocks;
+  uint group;
+  uint inverse_rotate;  // 1: apply Π_Vᵀ (hadamard) to the output
+};
+
+// --- Packed codes (packing.h, layout v1) --------------------------------------------------
+// Index j of a row: stream bits [j*bits, (j+1)*bits), LSB first, bit k in byte k/8.
+inline uint tq_read_index(device const uchar* row, uint j, uint bits) {
+  const uint bit = j * bits;
+  const uint byte = bit >> 3u;
+  const uint shift = bit & 7u;
+  uint v = uint(row[byte]) >> shift;
+  if (shift + bits > 8u) v |= uint(row[byte + 1u]) << (8u - shift);
+  return v & ((1u << bits) - 1u);
+}
+
+// Byte k of the packed stream of `count` indices (each < 2^bits) held in `idx`.
+inline uchar tq_pack_byte(threadgroup const uchar* idx, uint k, uint count, uint bits) {
+  const uint first = (8u * k) / bits;
+  uint out = 0u;
+  for (uint j = first; j < count && j * bits < 8u * k + 8u; ++j) {
+    const uint pos = j * bits;  // stream bit of index j's LSB
+    const uint v = uint(idx[j]);
+    out |= pos >= 8u * k ? (v << (pos - 8u * k)) : (v >> (8u * k - pos));
+  }
+  return uchar(out & 0xFFu);
+}
+
+// Nearest centroid: the number of boundaries <= y, by the same binary search as the CPU.
+inline uint tq_quantize(float y, TQ_TABLE float* boundaries, uint bits) {
+  int lo = 0, hi = int(1u << bits) - 1;
+  while (lo < hi) {
+    const int mid = (lo + hi) / 2;
+    if (y < boundaries[mid]) hi = mid; else lo = mid + 1;
+  }
+  return uint(lo);
+}
+
+// --- fp16 bits, round to nearest even (half.h) --------------------------------------------
+inline ushort tq_float_to_half_bits(float f) {
+  const uint x = as_type<uint>(f);
+  const uint sign = (x >> 16u) & 0x8000u;
+  const uint absx = x & 0x7FFFFFFFu;
+  if (absx >= 0x7F800000u) return ushort(sign | 0x7C00u | (absx > 0x7F800000u ? 0x200u : 0u));
+  if (absx >= 0x477FF000u) return ushort(sign | 0x7C00u);
+  if (absx < 0x38800000u) {
+    if (absx < 0x33000000u) return ushort(sign);
+    const uint mant = (absx & 0x7FFFFFu) | 0x800000u;
+    const uint shift = 126u - (absx >> 23u);
+    const uint halfway = 1u << (shift - 1u);
+    uint r = mant >> shift;
+    const uint rem = mant & ((1u << shift) - 1u);
+    if (rem > halfway || (rem == halfway && (r & 1u) != 0u)) ++r;
+    return ushort(sign | r);
+  }
+  uint r = (absx >> 13u) - ((127u - 15u) << 10u);
+  const uint rem = absx & 0x1FFFu;
+  if (rem > 0x1000u || (rem == 0x1000u && (r & 1u) != 0u)) ++r;
+  return ushort(sign | r);
+}
+
+inline float tq_half_bits_to_float(ushort h) {
+  const uint sign = uint(h & 0x8000u) << 16u;
+  uint e = (uint(h) >> 10u) & 0x1Fu;
+  uint mant = uint(h) & 0x3FFu;
+  uint bits;
+  if (e == 0u) {
+    if (mant == 0u) {
+      bits = sign;
+    } else {
+      e = 127u - 15u + 1u;
+      while ((mant & 0x400u) == 0u) {
+        mant <<= 1u;
+        --e;
+      }
+      mant &= 0x3FFu;
+      bits = sign | (e << 23u) | (mant << 13u);
+    }
+  } else if (e == 0x1Fu) {
+    bits = sign | 0x7F800000u | (mant << 13u);
+  } else {
+    bits = sign | ((e + 127u - 15u) << 23u) | (mant << 13u);
+  }
+  return as_type<float>(bits);
+}
+
+// Norm i of a norm buffer holding fp16 bits or fp32 values.
+inline float tq_load_norm(device const uchar* norms, ulong i, uint fp16) {
+  return fp16 != 0u ? tq_half_bits_to_float(((device const ushort*)norms)[i])
+                    : ((device const float*)norms)[i];
+}
+
+inline void tq_store_norm(device uchar* norms, uint i, float value, uint fp16) {
+  if (fp16 != 0u) {
+    ((device ushort*)norms)[i] = tq_float_to_half_bits(value);
+  } else {
+    ((device float*)norms)[i] = value;
+  }
+}
+
+// --- Fast Walsh-Hadamard transform in threadgroup memory -----------------------------------
+// v holds d = 2^k floats; thread tid of nthreads (a power of two dividing d) owns the
+// elements j = tid + e*nthreads. Unnormalised, stages h = 1, 2, 4, ... in the order of
+// rotation.cpp fwht(), so the result is bit-identical to the CPU's: stages h < 32 run in
+// registers across the simd-group (partner j ^ h is lane ^ h), the rest in threadgroup
+// memory. Called by every thread of the group (it contains barriers).
+inline void tq_fwht(threadgroup float* v, uint d, uint tid, uint nthreads) {
+  threadgroup_barrier(mem_flags::mem_threadgroup);
+  const uint lane = tid % TQ_SIMD_WIDTH;
+  const uint hreg = min(min(TQ_SIMD_WIDTH, nthreads), d);
+  for (uint j = tid; j < d; j += nthreads) {
+    float x = v[j];
+    for (uint h = 1u; h < hreg; h <<= 1u) {
+      const float other = simd_shuffle_xor(x, ushort(h));
+      x = (lane & h) != 0u ? other - x : x + other;
+    }
+    v[j] = x;
+  }
+  threadgroup_barrier(mem_flags::mem_threadgroup);
+  for (uint h = hreg; h < d; h <<= 1u) {
+    for (uint b = tid; b < d / 2u; b += nthreads) {
+      const uint i = ((b & ~(h - 1u)) << 1u) | (b & (h - 1u));
+      const float a = v[i], c = v[i + h];
+      v[i] = a + c;
+      v[i + h] = a - c;
+    }
+    threadgroup_barrier(mem_flags::mem_threadgroup);
+  }
+}
+
+// y = Π v for Π = H·D₂·H·D₁ with orthonormal H (rotation.h, "hadamard"); signs = D₁ then
+// D₂ (Rotation::parameters()). In place in v; same operation order as the CPU.
+inline void tq_hadamard_forward(threadgroup float* v, TQ_TABLE float* signs, uint d,
+                                uint tid, uint nthreads) {
+  for (uint j = tid; j < d; j += nthreads) v[j] = v[j] * signs[j];
+  tq_fwht(v, d, tid, nthreads);
+  for (uint j = tid; j < d; j += nthreads) v[j] *= signs[d + j];
+  tq_fwht(v, d, tid, nthreads);
+  const float scale = 1.0f / float(d);
+  for (uint j = tid; j < d; j += nthreads) v[j] *= scale;
+  threadgroup_barrier(mem_flags::mem_threadgroup);
+}
+
+// x = Πᵀ y, in place in v.
+inline void tq_hadamard_inverse(threadgroup float* v, TQ_TABLE float* signs, uint d,
+                                uint tid, uint nthreads) {
+  tq_fwht(v, d, tid, nthreads);
+  for (uint j = tid; j < d; j += nthreads) v[j] *= signs[d + j];
+  tq_fwht(v, d, tid, nthreads);
+  const float scale = 1.0f / float(d);
+  for (uint j = tid; j < d; j += nthreads) v[j] *= signs[j] * scale;
+  threadgroup_barrier(mem_flags::mem_threadgroup);
+}
+
+// --- Compensated ("double-float") sums --------------------------------------------------
+// The CPU sums squares in double; the GPU has no double, so the sum is carried as an
+// unevaluated pair hi + lo (Knuth two-sum, exact products by fma) and the square root is
+// corrected once: the norm then rounds like the CPU's except within ~2^-40 of a tie.
+inline void tq_two_sum(thread float& hi, thread float& lo, float b_hi, float b_lo) {
+  const float s = hi + b_hi;
+  const float bb = s - hi;
+  const float err = (hi - (s - bb)) + (b_hi - bb);
+  const float l = lo + b_lo + err;
+  hi = s + l;
+  lo = l - (hi - s);
+}
+
+inline float tq_norm_from_sum(float hi, float lo) {
+  if (hi == 0.0f || !isfinite(hi)) return hi;  // zero vector; NaN/Inf inputs stay visible
+  float r = sqrt(hi);
+  const float resid = fma(-r, r, hi) + lo;
+  r = r + resid / (2.0f * r);
+  return r;
+}
+
+// Sum of squares of v[0..d) over the threadgroup, returned to every thread. red: scratch
+// of 2 * ceil(nthreads / 32) floats.
+inline float tq_group_norm(threadgroup const float* v, uint d, uint tid, uint nthreads,
+                           threadgroup float* red) {
+  float hi = 0.0f, lo = 0.0f;
+  for (uint j = tid; j < d; j += nthreads) {
+    const float x = v[j];
+    const float p = x * x;
+    tq_two_sum(hi, lo, p, fma(x, x, -p));
+  }
+  // Only lanes that exist take part (a group of 16 threads is a 16-lane simd-group).
+  for (uint off = min(TQ_SIMD_WIDTH, nthreads) / 2u; off >= 1u; off >>= 1u) {
+    const float oh = simd_shuffle_xor(hi, ushort(off));
+    const float ol = simd_shuffle_xor(lo, ushort(off));
+    // Lanes pair up symmetrically; combine in lane order so both get the same pair.
+    if ((tid % TQ_SIMD_WIDTH) & off) {
+      float h2 = oh, l2 = ol;
+      tq_two_sum(h2, l2, hi, lo);
+      hi = h2;
+      lo = l2;
+    } else {
+      tq_two_sum(hi, lo, oh, ol);
+    }
+  }
+  const uint nsimd = (nthreads + TQ_SIMD_WIDTH - 1u) / TQ_SIMD_WIDTH;
+  if (tid % TQ_SIMD_WIDTH == 0u) {
+    red[2u * (tid / TQ_SIMD_WIDTH)] = hi;
+    red[2u * (tid / TQ_SIMD_WIDTH) + 1u] = lo;
+  }
+  threadgroup_barrier(mem_flags::mem_threadgroup);
+  float th = red[0], tl = red[1];
+  for (uint s = 1u; s < nsimd; ++s) tq_two_sum(th, tl, red[2u * s], red[2u * s + 1u]);
+  threadgroup_barrier(mem_flags::mem_threadgroup);
+  return tq_norm_from_sum(th, tl);
+}
+
+#endif  // TQ_METAL_COMMON

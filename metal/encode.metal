@@ -1,0 +1,67 @@
+// Encode (turboquant_mse, hadamard rotation): x -> (pack(nearest_centroid(Π x/‖x‖)), ‖x‖).
+// One threadgroup per vector. Bit-identical to the CPU path (Quantizer::encode with
+// MseQuantizer): same norm (compensated sum, see common.metal), the same FWHT stage order,
+// the same boundary search and packing.h layout v1; norms stored as fp16 bits or fp32.
+// Also: tq_rotate, Π applied to query rows (the decode-attention query state).
+#ifndef TQ_SINGLE_SOURCE
+#include "common.metal"
+#endif
+
+// Threadgroup scratch: v[dim] floats, idx[dim] bytes, red[64] floats. nthreads: a power of
+// two dividing dim (the host uses min(dim, 256)).
+inline void tq_encode_body(device const float* x, device uchar* codes, device uchar* norms,
+                           TQ_TABLE float* signs, TQ_TABLE float* boundaries,
+                           TQ_PARAMS TqEncodeParams& p, threadgroup float* v,
+                           threadgroup uchar* idx, threadgroup float* red, uint row, uint tid,
+                           uint nthreads) {
+  if (row >= p.rows) return;  // uniform over the threadgroup
+  const uint d = p.dim;
+  device const float* xr = x + ulong(row) * d;
+  for (uint j = tid; j < d; j += nthreads) v[j] = xr[j];
+  threadgroup_barrier(mem_flags::mem_threadgroup);
+  const float norm = tq_group_norm(v, d, tid, nthreads, red);
+  const float inv = norm > 0.0f ? 1.0f / norm : 0.0f;
+  for (uint j = tid; j < d; j += nthreads) v[j] = v[j] * inv;
+  tq_hadamard_forward(v, signs, d, tid, nthreads);
+  for (uint j = tid; j < d; j += nthreads) idx[j] = uchar(tq_quantize(v[j], boundaries, p.bits));
+  threadgroup_barrier(mem_flags::mem_threadgroup);
+  device uchar* out = codes + ulong(row) * p.code_bytes;
+  for (uint k = tid; k < p.code_bytes; k += nthreads) out[k] = tq_pack_byte(idx, k, d, p.bits);
+  if (tid == 0u) tq_store_norm(norms, row, norm, p.norm_fp16);
+}
+
+// y = Π x for rows of x (queries before decode attention). Scratch: v[dim].
+inline void tq_rotate_body(device const float* x, device float* y, TQ_TABLE float* signs,
+                           TQ_PARAMS TqRotateParams& p, threadgroup float* v, uint row, uint tid,
+                           uint nthreads) {
+  if (row >= p.rows) return;
+  const uint d = p.dim;
+  for (uint j = tid; j < d; j += nthreads) v[j] = x[ulong(row) * d + j];
+  tq_hadamard_forward(v, signs, d, tid, nthreads);
+  for (uint j = tid; j < d; j += nthreads) y[ulong(row) * d + j] = v[j];
+}
+
+#if defined(__METAL_VERSION__) && !defined(TQ_NO_ENTRY_POINTS)
+[[kernel]] void tq_encode(device const float* x [[buffer(0)]], device uchar* codes [[buffer(1)]],
+                          device uchar* norms [[buffer(2)]], constant float* signs [[buffer(3)]],
+                          constant float* boundaries [[buffer(4)]],
+                          constant TqEncodeParams& p [[buffer(5)]],
+                          uint3 tg_pos [[threadgroup_position_in_grid]],
+                          uint tid [[thread_index_in_threadgroup]],
+                          uint nthreads [[threads_per_threadgroup]]) {
+  threadgroup float v[512];
+  threadgroup uchar idx[512];
+  threadgroup float red[64];
+  tq_encode_body(x, codes, norms, signs, boundaries, p, v, idx, red, tg_pos.x, tid, nthreads);
+}
+
+[[kernel]] void tq_rotate(device const float* x [[buffer(0)]], device float* y [[buffer(1)]],
+                          constant float* signs [[buffer(2)]],
+                          constant TqRotateParams& p [[buffer(3)]],
+                          uint3 tg_pos [[threadgroup_position_in_grid]],
+                          uint tid [[thread_index_in_threadgroup]],
+                          uint nthreads [[threads_per_threadgroup]]) {
+  threadgroup float v[512];
+  tq_rotate_body(x, y, signs, p, v, tg_pos.x, tid, nthreads);
+}
+#endif

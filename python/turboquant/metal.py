@@ -1,0 +1,324 @@
+"""The Metal kernels for mlx arrays (Apple silicon).
+
+The kernel bodies of ``metal/*.metal`` (the same ones the C++ Metal backend compiles, and
+that the emulation tests check against the CPU reference on any machine) run through
+``mx.fast.metal_kernel``, so mlx arrays never leave the GPU. Each mlx kernel's source is a
+single call of a ``tq_*_body`` function; the header is the concatenated kernel files with
+``TQ_NO_ENTRY_POINTS`` (no ``[[kernel]]`` wrappers) and ``TQ_PARAMS`` / ``TQ_TABLE`` set to
+``const device`` (mlx passes every input as a device array). Runtime sizes travel in a
+small uint32 ``params`` array laid out like the structs of ``common.metal``, so a kernel
+is compiled once per (kernel, scratch size), not per call.
+
+Selection (:func:`active_path`): ``"metal"`` on macOS when mlx has a Metal device and the
+kernel sources are found; ``"cpu"`` everywhere else (the C++ CPU core). The environment
+variable ``TURBOQUANT_MLX_KERNELS=cpu`` forces the CPU path. ``turboquant.build_info()``
+reports the choice under ``"mlx_kernels"``.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+KERNEL_FILES = ("common.metal", "encode.metal", "dequantize.metal", "attention.metal")
+MAX_GROUP = 16  # TQ_MAX_GROUP: query heads per KV head in one attention pass
+ATTENTION_THREADS = 128
+DEFAULT_BLOCK_TOKENS = 64
+
+
+def source_dir() -> Path | None:
+    """The folder holding the .metal files: installed package data, or the source tree."""
+    here = Path(__file__).resolve().parent
+    for candidate in (here / "metal", here.parents[1] / "metal"):
+        if all((candidate / f).is_file() for f in KERNEL_FILES):
+            return candidate
+    return None
+
+
+def kernel_header() -> str:
+    """The mlx header: every kernel file in order, without the [[kernel]] entry points."""
+    folder = source_dir()
+    if folder is None:
+        raise FileNotFoundError("turboquant Metal kernel sources (*.metal) not found")
+    parts = [
+        "#define TQ_SINGLE_SOURCE 1\n",
+        "#define TQ_NO_ENTRY_POINTS 1\n",
+        "#define TQ_PARAMS const device\n",
+        "#define TQ_TABLE const device\n",
+    ]
+    for name in KERNEL_FILES:
+        parts.append(f"// ---- {name} ----\n")
+        parts.append((folder / name).read_text(encoding="utf-8"))
+    return "".join(parts)
+
+
+@dataclass(frozen=True)
+class KernelSpec:
+    """One mx.fast.metal_kernel: argument names (in order) and the body source."""
+
+    name: str
+    input_names: tuple[str, ...]
+    output_names: tuple[str, ...]
+    source: str
+
+
+_IDS = "threadgroup_position_in_grid.x, thread_index_in_threadgroup, threads_per_threadgroup.x"
+
+KERNELS: dict[str, KernelSpec] = {
+    "encode": KernelSpec(
+        "tq_mlx_encode",
+        ("x", "signs", "boundaries", "params"),
+        ("codes", "norms"),
+        "TQ_THREADGROUP_ARRAY(float, tg_v, 512);\n"
+        "TQ_THREADGROUP_ARRAY(uchar, tg_idx, 512);\n"
+        "TQ_THREADGROUP_ARRAY(float, tg_red, 64);\n"
+        "tq_encode_body(x, codes, (device uchar*)norms, signs, boundaries,\n"
+        "               *(const device TqEncodeParams*)params, tg_v, tg_idx, tg_red,\n"
+        f"               {_IDS});\n",
+    ),
+    "rotate": KernelSpec(
+        "tq_mlx_rotate",
+        ("x", "signs", "params"),
+        ("y",),
+        "TQ_THREADGROUP_ARRAY(float, tg_v, 512);\n"
+        "tq_rotate_body(x, y, signs, *(const device TqRotateParams*)params, tg_v,\n"
+        f"               {_IDS});\n",
+    ),
+    "dequantize": KernelSpec(
+        "tq_mlx_dequantize",
+        ("codes", "norms", "centroids", "signs", "params"),
+        ("out",),
+        "TQ_THREADGROUP_ARRAY(float, tg_v, 512);\n"
+        "tq_dequantize_body(codes, (const device uchar*)norms, centroids, signs,\n"
+        "                   (device uchar*)out,\n"
+        "                   *(const device TqDequantParams*)params, tg_v,\n"
+        f"                   {_IDS});\n",
+    ),
+    "attention_block": KernelSpec(
+        "tq_mlx_attention_block",
+        ("q", "k_codes", "k_norms", "v_codes", "v_norms", "k_centroids", "v_centroids", "params"),
+        ("part_m", "part_l", "part_acc"),
+        "TQ_THREADGROUP_ARRAY(float, tg, SCRATCH);\n"
+        "tq_attention_block_body(q, k_codes, (const device uchar*)k_norms, v_codes,\n"
+        "                        (const device uchar*)v_norms, k_centroids, v_centroids,\n"
+        "                        part_m, part_l, part_acc,\n"
+        "                        *(const device TqAttnParams*)params, tg,\n"
+        "                        threadgroup_position_in_grid.x, threadgroup_position_in_grid.y,\n"
+        "                        thread_index_in_threadgroup, threads_per_threadgroup.x);\n",
+    ),
+    "attention_reduce": KernelSpec(
+        "tq_mlx_attention_reduce",
+        ("part_m", "part_l", "part_acc", "v_signs", "params"),
+        ("out",),
+        "TQ_THREADGROUP_ARRAY(float, tg_v, 512);\n"
+        "tq_attention_reduce_body(part_m, part_l, part_acc, v_signs, out,\n"
+        "                         *(const device TqReduceParams*)params, tg_v,\n"
+        "                         threadgroup_position_in_grid.x, threadgroup_position_in_grid.y,\n"
+        "                         thread_index_in_threadgroup, threads_per_threadgroup.x);\n",
+    ),
+}
+
+
+def select_path(platform: str, mlx_metal: bool, sources: bool, env: str | None = None) -> str:
+    """The selection rule: "metal" only on macOS with an mlx Metal device and the sources."""
+    if env is not None and env.strip().lower() == "cpu":
+        return "cpu"
+    if env is not None and env.strip().lower() not in ("", "auto", "metal"):
+        raise ValueError(f"TURBOQUANT_MLX_KERNELS must be 'auto', 'metal' or 'cpu', got {env!r}")
+    return "metal" if platform == "darwin" and mlx_metal and sources else "cpu"
+
+
+def _mlx_metal_available() -> bool:
+    if importlib.util.find_spec("mlx") is None:
+        return False
+    try:
+        import mlx.core as mx
+
+        return bool(mx.metal.is_available())
+    except Exception:  # an mlx build without the metal module
+        return False
+
+
+@functools.lru_cache(maxsize=None)
+def active_path() -> str:
+    """"metal" when mlx arrays are processed by these kernels on the GPU, else "cpu"."""
+    return select_path(
+        sys.platform,
+        sys.platform == "darwin" and _mlx_metal_available(),
+        source_dir() is not None,
+        os.environ.get("TURBOQUANT_MLX_KERNELS"),
+    )
+
+
+# --- Parameter blocks (uint32 words, layout of the structs in common.metal) ------------------
+
+
+def code_bytes(dim: int, bits: int) -> int:
+    return (dim * bits + 7) // 8
+
+
+def encode_params(rows: int, dim: int, bits: int, norm_fp16: bool) -> np.ndarray:
+    return np.array([rows, dim, bits, code_bytes(dim, bits), int(norm_fp16)], dtype=np.uint32)
+
+
+def rotate_params(rows: int, dim: int) -> np.ndarray:
+    return np.array([rows, dim], dtype=np.uint32)
+
+
+def dequant_params(rows: int, dim: int, bits: int, norm_fp16: bool, inverse_rotate: bool,
+                   out_fp16: bool) -> np.ndarray:
+    return np.array([rows, dim, bits, code_bytes(dim, bits), int(norm_fp16), int(inverse_rotate),
+                     int(out_fp16)], dtype=np.uint32)
+
+
+def attention_params(dim: int, tokens: int, head_stride: int, block_tokens: int, group: int,
+                     k_bits: int, v_bits: int, norm_fp16: bool, scale: float) -> np.ndarray:
+    blocks = -(-tokens // block_tokens)
+    words = [dim, tokens, head_stride, block_tokens, blocks, group, k_bits, v_bits,
+             code_bytes(dim, k_bits), code_bytes(dim, v_bits), int(norm_fp16)]
+    return np.concatenate([np.array(words, dtype=np.uint32),
+                           np.array([scale], dtype=np.float32).view(np.uint32)])
+
+
+def reduce_params(dim: int, blocks: int, group: int, inverse_rotate: bool) -> np.ndarray:
+    return np.array([dim, blocks, group, int(inverse_rotate)], dtype=np.uint32)
+
+
+def attention_scratch_floats(dim: int, group: int, block_tokens: int, k_bits: int,
+                             v_bits: int) -> int:
+    """tq_attention_scratch_floats() of attention.metal."""
+    return group * dim + (1 << k_bits) + (1 << v_bits) + group * block_tokens
+
+
+def threads_for(dim: int) -> int:
+    """Threads per group of the row kernels: a power of two dividing dim, at most 256."""
+    return min(dim, 256)
+
+
+# --- The mlx kernels (Apple only) -----------------------------------------------------------
+
+
+@functools.lru_cache(maxsize=None)
+def _kernel(which: str):
+    import inspect
+
+    import mlx.core as mx
+
+    spec = KERNELS[which]
+    kwargs = {}
+    if "compile_options" in inspect.signature(mx.fast.metal_kernel).parameters:
+        kwargs["compile_options"] = {"math_mode": "safe"}  # IEEE: bit-exact codes
+    return mx.fast.metal_kernel(name=spec.name, input_names=list(spec.input_names),
+                                output_names=list(spec.output_names), source=spec.source,
+                                header=kernel_header(), **kwargs)
+
+
+def _require_metal() -> None:
+    if active_path() != "metal":
+        raise RuntimeError("Metal is not available on this platform (the mlx kernels need "
+                           "macOS with an mlx Metal device)")
+
+
+def _quantizer_tables(quantizer):
+    import mlx.core as mx
+
+    if quantizer.method != "turboquant_mse" or quantizer.rotation != "hadamard":
+        raise ValueError("the mlx Metal kernels support turboquant_mse with the hadamard "
+                         f"rotation, got {quantizer.method!r} / {quantizer.rotation!r}")
+    cb = quantizer.codebook
+    return (mx.array(np.asarray(quantizer.rotation_parameters(), dtype=np.float32).ravel()),
+            mx.array(np.asarray(cb.centroids, dtype=np.float32)),
+            mx.array(np.asarray(cb.boundaries, dtype=np.float32)))
+
+
+def encode(quantizer, x):
+    """(codes uint8 (n, code_bytes), norms (n,) float16 or float32) of mlx rows x (n, dim)."""
+    import mlx.core as mx
+
+    _require_metal()
+    signs, _, bounds = _quantizer_tables(quantizer)
+    n, dim = x.shape
+    fp16 = np.dtype(quantizer.norm_dtype) == np.float16
+    codes, norms = _kernel("encode")(
+        inputs=[x.astype(mx.float32), signs, bounds,
+                mx.array(encode_params(n, dim, quantizer.bits, fp16))],
+        output_shapes=[(n, quantizer.code_bytes), (n,)],
+        output_dtypes=[mx.uint8, mx.uint16 if fp16 else mx.float32],
+        grid=(n * threads_for(dim), 1, 1), threadgroup=(threads_for(dim), 1, 1))
+    return codes, (norms.view(mx.float16) if fp16 else norms)
+
+
+def rotate(quantizer, x):
+    """Π x for mlx rows x (n, dim): the query state of decode attention."""
+    import mlx.core as mx
+
+    _require_metal()
+    signs, _, _ = _quantizer_tables(quantizer)
+    n, dim = x.shape
+    (y,) = _kernel("rotate")(
+        inputs=[x.astype(mx.float32), signs, mx.array(rotate_params(n, dim))],
+        output_shapes=[(n, dim)], output_dtypes=[mx.float32],
+        grid=(n * threads_for(dim), 1, 1), threadgroup=(threads_for(dim), 1, 1))
+    return y
+
+
+def dequantize(quantizer, codes, norms, inverse_rotate=True, out_dtype=None):
+    """Decoded rows (inverse_rotate) or the rotated-domain tile ‖x‖·c[idx], (n, dim)."""
+    import mlx.core as mx
+
+    _require_metal()
+    signs, cents, _ = _quantizer_tables(quantizer)
+    n, dim = codes.shape[0], quantizer.dim
+    fp16_out = out_dtype == mx.float16
+    fp16_norm = norms.dtype == mx.float16
+    (out,) = _kernel("dequantize")(
+        inputs=[codes, norms.view(mx.uint16) if fp16_norm else norms, cents, signs,
+                mx.array(dequant_params(n, dim, quantizer.bits, fp16_norm, inverse_rotate,
+                                        fp16_out))],
+        output_shapes=[(n, dim)], output_dtypes=[mx.uint16 if fp16_out else mx.float32],
+        grid=(n * threads_for(dim), 1, 1), threadgroup=(threads_for(dim), 1, 1))
+    return out.view(mx.float16) if fp16_out else out
+
+
+def decode_attention(keys, values, queries, k_codes, k_norms, v_codes, v_norms, tokens, scale,
+                     block_tokens=DEFAULT_BLOCK_TOKENS):
+    """Attention of queries (kv_heads, group, dim) over the first `tokens` cached rows of
+    k_codes/v_codes (kv_heads, head_stride, code_bytes) and norms (kv_heads, head_stride).
+    Returns (kv_heads, group, dim) float32, in the original domain."""
+    import mlx.core as mx
+
+    _require_metal()
+    kv_heads, group, dim = queries.shape
+    if not 1 <= group <= MAX_GROUP:
+        raise ValueError(f"GQA group must be in [1, {MAX_GROUP}], got {group}")
+    head_stride = k_codes.shape[1]
+    if not 1 <= tokens <= head_stride:
+        raise ValueError(f"need 1 <= tokens <= head_stride ({head_stride}), got {tokens}")
+    k_signs, k_cents, _ = _quantizer_tables(keys)
+    v_signs, v_cents, _ = _quantizer_tables(values)
+    q_rot = rotate(keys, queries.reshape(kv_heads * group, dim))
+    fp16 = k_norms.dtype == mx.float16
+    blocks = -(-tokens // block_tokens)
+    scratch = attention_scratch_floats(dim, group, block_tokens, keys.bits, values.bits)
+    as_bits = (lambda a: a.view(mx.uint16)) if fp16 else (lambda a: a)
+    part_m, part_l, part_acc = _kernel("attention_block")(
+        inputs=[q_rot, k_codes, as_bits(k_norms), v_codes, as_bits(v_norms), k_cents, v_cents,
+                mx.array(attention_params(dim, tokens, head_stride, block_tokens, group, keys.bits,
+                                          values.bits, fp16, scale))],
+        template=[("SCRATCH", scratch)],
+        output_shapes=[(kv_heads, blocks, group), (kv_heads, blocks, group),
+                       (kv_heads, blocks, group, dim)],
+        output_dtypes=[mx.float32, mx.float32, mx.float32],
+        grid=(blocks * ATTENTION_THREADS, kv_heads, 1), threadgroup=(ATTENTION_THREADS, 1, 1))
+    (out,) = _kernel("attention_reduce")(
+        inputs=[part_m, part_l, part_acc, v_signs,
+                mx.array(reduce_params(dim, blocks, group, True))],
+        output_shapes=[(kv_heads, group, dim)], output_dtypes=[mx.float32],
+        grid=(group * threads_for(dim), kv_heads, 1), threadgroup=(threads_for(dim), 1, 1))
+    return out

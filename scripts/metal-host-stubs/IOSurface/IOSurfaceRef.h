@@ -1,0 +1,4 @@
+// Stand-in for the Apple SDK header of the same name: only what metal-cpp needs to be
+// parsed on Linux by scripts/check-metal-host.sh. Never used in a real build.
+#pragma once
+typedef struct __IOSurface* IOSurfaceRef;

@@ -1,0 +1,118 @@
+// Runs the Metal kernel bodies (metal/*.metal, compiled here as C++ through
+// metal/metal_compat.h) on the emulated grid: each launcher does what the Metal host code
+// (cpp/src/backend/metal/) does with dispatchThreadgroups, threadgroup memory included.
+#include "metal_emulation.h"
+
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#include "metal_compat.h"
+// The kernels, exactly as the Metal compiler sees them (minus the [[kernel]] wrappers).
+#include "attention.metal"
+#include "dequantize.metal"
+#include "encode.metal"
+
+namespace turboquant::metal_emu {
+namespace {
+
+void check_threads(unsigned threads, int dim, const char* kernel) {
+  const auto d = static_cast<unsigned>(dim);
+  if (threads == 0 || (threads & (threads - 1)) != 0 || d % threads != 0) {
+    throw std::invalid_argument(std::string(kernel) + ": threads per group must be a power of two dividing dim");
+  }
+}
+
+}  // namespace
+
+void encode(const float* x, size_t rows, int dim, int bits, const float* signs,
+            const float* boundaries, bool norm_fp16, uint8_t* codes, void* norms,
+            unsigned threads) {
+  check_threads(threads, dim, "tq_encode");
+  const TqEncodeParams p{static_cast<uint>(rows), static_cast<uint>(dim), static_cast<uint>(bits),
+                         static_cast<uint>((static_cast<unsigned>(dim) * static_cast<unsigned>(bits) + 7u) / 8u),
+                         norm_fp16 ? 1u : 0u};
+  std::vector<float> v(static_cast<size_t>(dim)), red(64);
+  std::vector<uchar> idx(static_cast<size_t>(dim));
+  metal::emu::dispatch({p.rows, 1, 1}, threads, [&](uint3 group, uint tid) {
+    tq_encode_body(x, codes, static_cast<uchar*>(norms), signs, boundaries, p, v.data(), idx.data(),
+                   red.data(), group.x, tid, threads);
+  });
+}
+
+void rotate(const float* x, size_t rows, int dim, const float* signs, float* y, unsigned threads) {
+  check_threads(threads, dim, "tq_rotate");
+  const TqRotateParams p{static_cast<uint>(rows), static_cast<uint>(dim)};
+  std::vector<float> v(static_cast<size_t>(dim));
+  metal::emu::dispatch({p.rows, 1, 1}, threads, [&](uint3 group, uint tid) {
+    tq_rotate_body(x, y, signs, p, v.data(), group.x, tid, threads);
+  });
+}
+
+void dequantize(const uint8_t* codes, const void* norms, size_t rows, int dim, int bits,
+                const float* centroids, const float* signs, bool norm_fp16, bool inverse_rotate,
+                bool out_fp16, void* out, unsigned threads) {
+  check_threads(threads, dim, "tq_dequantize");
+  const TqDequantParams p{static_cast<uint>(rows), static_cast<uint>(dim), static_cast<uint>(bits),
+                          static_cast<uint>((static_cast<unsigned>(dim) * static_cast<unsigned>(bits) + 7u) / 8u),
+                          norm_fp16 ? 1u : 0u, inverse_rotate ? 1u : 0u, out_fp16 ? 1u : 0u};
+  std::vector<float> v(static_cast<size_t>(dim));
+  metal::emu::dispatch({p.rows, 1, 1}, threads, [&](uint3 group, uint tid) {
+    tq_dequantize_body(codes, static_cast<const uchar*>(norms), centroids, signs,
+                       static_cast<uchar*>(out), p, v.data(), group.x, tid, threads);
+  });
+}
+
+void decode_attention(const AttentionProblem& a, float* out, unsigned block_threads,
+                      unsigned reduce_threads) {
+  if (block_threads == 0 || block_threads % 32 != 0) {
+    throw std::invalid_argument("tq_attention_block: threads per group must be a multiple of 32");
+  }
+  check_threads(reduce_threads, a.dim, "tq_attention_reduce");
+  if (a.group < 1 || a.group > static_cast<int>(TQ_MAX_GROUP)) {
+    throw std::invalid_argument("decode attention: group must be in [1, 16]");
+  }
+  if (a.tokens < 1 || a.head_stride < a.tokens || a.block_tokens < 1) {
+    throw std::invalid_argument("decode attention: need 1 <= tokens <= head_stride, block_tokens >= 1");
+  }
+  const auto u = [](int v) { return static_cast<uint>(v); };
+  const uint nb = (u(a.tokens) + u(a.block_tokens) - 1u) / u(a.block_tokens);
+  const TqAttnParams p{u(a.dim), u(a.tokens), u(a.head_stride), u(a.block_tokens), nb, u(a.group),
+                       u(a.k_bits), u(a.v_bits), (u(a.dim) * u(a.k_bits) + 7u) / 8u,
+                       (u(a.dim) * u(a.v_bits) + 7u) / 8u, a.norm_fp16 ? 1u : 0u, a.scale};
+  const size_t parts = static_cast<size_t>(a.kv_heads) * nb * u(a.group);
+  std::vector<float> part_m(parts), part_l(parts), part_acc(parts * u(a.dim));
+  std::vector<float> scratch(tq_attention_scratch_floats(p.dim, p.group, p.block_tokens, p.k_bits, p.v_bits));
+  metal::emu::dispatch({nb, u(a.kv_heads), 1}, block_threads, [&](uint3 group, uint tid) {
+    tq_attention_block_body(a.q_rotated, a.k_codes, static_cast<const uchar*>(a.k_norms), a.v_codes,
+                            static_cast<const uchar*>(a.v_norms), a.k_centroids, a.v_centroids,
+                            part_m.data(), part_l.data(), part_acc.data(), p, scratch.data(),
+                            group.x, group.y, tid, block_threads);
+  });
+  const TqReduceParams r{p.dim, nb, p.group, a.v_signs ? 1u : 0u};
+  std::vector<float> v(static_cast<size_t>(a.dim));
+  const float no_signs[1] = {0.0f};
+  metal::emu::dispatch({p.group, u(a.kv_heads), 1}, reduce_threads, [&](uint3 group, uint tid) {
+    tq_attention_reduce_body(part_m.data(), part_l.data(), part_acc.data(),
+                             a.v_signs ? a.v_signs : no_signs, out, r, v.data(), group.x, group.y,
+                             tid, reduce_threads);
+  });
+}
+
+void run_grid(unsigned groups_x, unsigned threads,
+              const std::function<void(unsigned group, unsigned tid)>& body) {
+  metal::emu::dispatch({groups_x, 1, 1}, threads, [&](uint3 g, uint tid) { body(g.x, tid); });
+}
+
+float emu_simd_sum(float v) { return metal::simd_sum(v); }
+float emu_simd_max(float v) { return metal::simd_max(v); }
+float emu_simd_shuffle_xor(float v, unsigned mask) {
+  return metal::simd_shuffle_xor(v, static_cast<ushort>(mask));
+}
+float emu_simd_broadcast(float v, unsigned lane) {
+  return metal::simd_broadcast(v, static_cast<ushort>(lane));
+}
+float emu_simd_prefix_exclusive_sum(float v) { return metal::simd_prefix_exclusive_sum(v); }
+void emu_threadgroup_barrier() { metal::threadgroup_barrier(metal::mem_flags::mem_threadgroup); }
+
+}  // namespace turboquant::metal_emu
