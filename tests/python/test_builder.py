@@ -178,3 +178,15 @@ def test_npy_artifact_store_persists(tmp_path):
     np.save(cb, np.load(cb) * 1.01)
     with pytest.raises(ValueError, match="stale or foreign"):
         b.with_artifact_store(tq.NpyArtifactStore(tmp_path)).build()
+
+
+def test_mlx_transposed_views_are_accepted():
+    # mlx-lm keeps (B, T, H, d) projections and transposes them to (B, H, T, d).
+    rng = np.random.default_rng(3)
+    cache = tq.KVCacheBuilder().with_head_dim(32).with_heads(2, 2).build()
+    k = mx.array(rng.standard_normal((1, 5, 2, 32)).astype(np.float16)).transpose(0, 2, 1, 3)
+    cache.append(k, k)
+    ref = tq.KVCacheBuilder().with_head_dim(32).with_heads(2, 2).build()
+    kn = np.ascontiguousarray(np.array(k))
+    ref.append(kn, kn)
+    np.testing.assert_array_equal(cache.core.decode(0, 1, "key"), ref.core.decode(0, 1, "key"))
