@@ -6,6 +6,7 @@
 
 #include <vector>
 
+#include "turboquant/attention.h"
 #include "turboquant/kv_cache.h"
 #include "turboquant/rng.h"
 
@@ -105,3 +106,29 @@ BENCHMARK(BM_KVCacheAppend)->Arg(2)->Arg(3)->Arg(4)->Unit(benchmark::kMicrosecon
 BENCHMARK(BM_KVCacheAttendDecode)->ArgsProduct({{2, 3, 4}, {1024, 4096}})->Unit(benchmark::kMicrosecond);
 BENCHMARK(BM_KVCacheAttendGqa)->Arg(1024)->Arg(4096)->Unit(benchmark::kMicrosecond);
 BENCHMARK(BM_KVCacheAttendPrefill)->Arg(1024)->Unit(benchmark::kMicrosecond);
+
+namespace {
+// The two attention paths of attend_head on one decode query: table-lookup hooks vs
+// dequantize-to-tile + Eigen GEMV (arg 0 = hooks, 1 = GEMM).
+void BM_AttendHeadPath(benchmark::State& state) {
+  const bool gemm = state.range(0) == 1;
+  const size_t n = 1024;
+  KVCache c(config(3));
+  const auto k = gaussian(n * 128, 12), v = gaussian(n * 128, 13), q = gaussian(128, 14);
+  c.append(0, k.data(), v.data(), n);
+  RowMask mask;
+  mask.lo = {0};
+  mask.hi = {n - 1};
+  AttentionScratch scratch;
+  std::vector<float> out(128);
+  const auto K = c.head_codes(0, 0, KVRole::kKey), V = c.head_codes(0, 0, KVRole::kValue);
+  for (auto _ : state) {
+    attend_head(K, V, n, q.data(), 1, mask, 0.088f, out.data(), scratch, gemm, !gemm);
+    benchmark::DoNotOptimize(out.data());
+  }
+  state.SetItemsProcessed(static_cast<int64_t>(state.iterations() * n));
+  state.SetBytesProcessed(static_cast<int64_t>(state.iterations() * n * code_bytes_per_token(c)));
+}
+}  // namespace
+
+BENCHMARK(BM_AttendHeadPath)->Arg(0)->Arg(1)->Unit(benchmark::kMicrosecond);
