@@ -7,6 +7,7 @@
 
 #include "common.h"
 #include "turboquant/kv_cache.h"
+#include "turboquant/quantizer_outlier.h"
 #include "turboquant/serialize.h"
 
 namespace turboquant::bindings {
@@ -69,7 +70,8 @@ The T_q queries are the last T_q positions of the layer: query i sees keys
 )doc")
       .def(py::init([](int head_dim, int n_layers, int n_q_heads, int n_kv_heads, const std::string& key_method,
                        int key_bits, const std::string& value_method, int value_bits, uint64_t seed,
-                       const std::string& rotation, int jl_dim, size_t block_tokens, size_t max_tokens) {
+                       const std::string& rotation, int jl_dim, size_t block_tokens, size_t max_tokens,
+                       int n_outlier_channels, int outlier_bits, const std::vector<int>& outlier_channels) {
              KVCacheConfig c;
              c.head_dim = head_dim;
              c.n_layers = n_layers;
@@ -84,6 +86,9 @@ The T_q queries are the last T_q positions of the layer: query i sees keys
              c.jl_dim = jl_dim;
              c.block_tokens = block_tokens;
              c.max_tokens = max_tokens;
+             c.n_outlier_channels = n_outlier_channels;
+             c.outlier_bits = outlier_bits;
+             c.outlier_channels = outlier_channels;
              py::gil_scoped_release release;
              return std::make_unique<KVCache>(c);
            }),
@@ -91,7 +96,8 @@ The T_q queries are the last T_q positions of the layer: query i sees keys
            py::arg("key_method") = "turboquant_mse", py::arg("key_bits") = 3,
            py::arg("value_method") = "turboquant_mse", py::arg("value_bits") = 3, py::arg("seed") = 0,
            py::arg("rotation") = "auto", py::arg("jl_dim") = 0, py::arg("block_tokens") = 256,
-           py::arg("max_tokens") = 0)
+           py::arg("max_tokens") = 0, py::arg("n_outlier_channels") = 0, py::arg("outlier_bits") = 0,
+           py::arg("outlier_channels") = std::vector<int>{})
       .def("append", [](KVCache& kv, const py::handle& keys, const py::handle& values, int layer) {
         const auto d = static_cast<size_t>(kv.head_dim());
         const FloatRows k = float_rows(keys, d, "keys", false, 2);
@@ -219,6 +225,13 @@ The T_q queries are the last T_q positions of the layer: query i sees keys
       .def_property_readonly("seed", [](const KVCache& kv) { return kv.config().seed; })
       .def_property_readonly("rotation", [](const KVCache& kv) { return to_string(kv.key_quantizer(0, 0).rotation().kind()); })
       .def_property_readonly("jl_dim", [](const KVCache& kv) { return kv.config().jl_dim; })
+      .def_property_readonly("n_outlier_channels", [](const KVCache& kv) { return kv.config().n_outlier_channels; })
+      .def_property_readonly("outlier_bits", [](const KVCache& kv) { return kv.config().outlier_bits; })
+      .def_property_readonly("outlier_channels", [](const KVCache& kv) {
+        // The channels in use (explicit, or the default first n).
+        const auto* split = dynamic_cast<const OutlierSplitQuantizer*>(&kv.key_quantizer(0, 0));
+        return split ? split->outlier_channels() : std::vector<int>{};
+      })
       .def_property_readonly("block_tokens", [](const KVCache& kv) { return kv.config().block_tokens; })
       .def_property_readonly("max_tokens", [](const KVCache& kv) { return kv.config().max_tokens; })
       .def("__repr__", [](const KVCache& kv) {

@@ -31,6 +31,10 @@ void KVCacheConfig::validate() const {
            "block_tokens must be in [1, 1048576], got ", block_tokens);
   TQ_CHECK(jl_dim >= 0 && jl_dim <= 8 * kMaxDim, InvalidArgument, "jl_dim must be in [0, ",
            8 * kMaxDim, "] (0 means head_dim), got ", jl_dim);
+  TQ_CHECK(n_outlier_channels >= 0 && n_outlier_channels < head_dim, InvalidArgument,
+           "n_outlier_channels must be in [0, ", head_dim - 1, "], got ", n_outlier_channels);
+  TQ_CHECK(outlier_bits >= 0 && outlier_bits <= kMaxBits, InvalidArgument,
+           "outlier_bits must be in [0, ", kMaxBits, "] (0 means bits + 1), got ", outlier_bits);
 }
 
 uint64_t kv_stream_id(uint32_t layer, uint32_t kv_head, KVRole role) {
@@ -54,6 +58,9 @@ KVCache::KVCache(const KVCacheConfig& config) : config_(config) {
         q.rotation = config_.rotation;
         q.jl_dim = config_.jl_dim;
         q.norm_dtype = NormDtype::kFloat16;
+        q.outlier_channels = config_.outlier_channels;
+        q.n_outlier_channels = config_.n_outlier_channels;
+        q.outlier_bits = config_.outlier_bits;
         quantizers_.push_back(make_quantizer(q));
       }
     }

@@ -153,6 +153,10 @@ std::vector<uint8_t> serialize_cache(const KVCache& cache) {
   w.put(static_cast<int32_t>(c.jl_dim));
   w.put(static_cast<uint64_t>(c.block_tokens));
   w.put(static_cast<uint64_t>(c.max_tokens));
+  w.put(static_cast<int32_t>(c.n_outlier_channels));
+  w.put(static_cast<int32_t>(c.outlier_bits));
+  w.put(static_cast<uint32_t>(c.outlier_channels.size()));
+  for (int ch : c.outlier_channels) w.put(static_cast<int32_t>(ch));
   w.end(at);
 
   at = w.begin(kTagRots);
@@ -226,6 +230,12 @@ std::unique_ptr<KVCache> deserialize_cache(const uint8_t* data, size_t size) {
     c.jl_dim = conf.get<int32_t>("jl_dim");
     c.block_tokens = static_cast<size_t>(conf.get<uint64_t>("block_tokens"));
     c.max_tokens = static_cast<size_t>(conf.get<uint64_t>("max_tokens"));
+    c.n_outlier_channels = conf.get<int32_t>("n_outlier_channels");
+    c.outlier_bits = conf.get<int32_t>("outlier_bits");
+    const auto n_channels = conf.get<uint32_t>("outlier channel count");
+    TQ_CHECK(n_channels <= static_cast<uint32_t>(kMaxDim), FormatError,
+             "corrupted file: outlier channel count ", n_channels);
+    for (uint32_t i = 0; i < n_channels; ++i) c.outlier_channels.push_back(conf.get<int32_t>("outlier channel"));
     conf.expect_end("CONF");
     c.validate();
     auto cache = std::make_unique<KVCache>(c);

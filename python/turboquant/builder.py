@@ -12,9 +12,9 @@ Mapping of the mlx-kv-quant arguments onto the C++ cache:
 - ``with_bit_width(b)`` sets key and value bits; ``with_key_bits`` / ``with_value_bits``
   set one side. ``with_bit_width(inlier=i, outlier=o)`` with i != o asks for the outlier
   split (``n_outlier_channels`` channels at ``o`` bits, the rest at ``i``): this maps to the
-  composite quantizer named by ``OUTLIER_SPLIT_METHOD`` with those three parameters; until
-  that quantizer and its cache configuration exist, build() raises NotImplementedError
-  naming them. ``inlier=i`` alone (or i == o) is plain ``i``-bit quantization.
+  outlier split of quantizer_outlier.h for keys and values (the first ``n`` channels unless
+  the cache is given explicit ``outlier_channels``); ``inlier=i`` alone (or i == o) is plain
+  ``i``-bit quantization.
 - ``with_precision(dtype)``: the dtype of ``attend()`` output (float16/float32, NumPy or
   mlx; mlx bfloat16 too); storage is always codes + fp16 norms.
 """
@@ -30,7 +30,6 @@ from turboquant import _core
 from turboquant.artifacts import ArtifactKey, ArtifactStore, export_artifacts, install_artifacts
 from turboquant.kv_cache import TurboQuantKVCache
 
-OUTLIER_SPLIT_METHOD = "outlier_split"
 _RECONSTRUCTING = ("turboquant_mse", "polar")
 _ROTATIONS = ("auto", "hadamard", "dense")
 _DESIGN_METHODS = ("turboquant_mse", "turboquant_prod", "polar", "qjl")
@@ -201,16 +200,13 @@ class KVCacheBuilder:
             raise ValueError("bfloat16 precision needs mlx (mlx.core.bfloat16)")
         if self._store is not None and not isinstance(self._store, ArtifactStore):
             raise TypeError("with_artifact_store needs an ArtifactStore (NpyArtifactStore, MemoryArtifactStore)")
-        split = self._outlier is not None and self._outlier != self._inlier
-        if split:
+        if self._split():
             if self._n_outlier < 1:
                 raise ValueError("with_bit_width(inlier=, outlier=) needs with_n_outlier_channels(n) with n >= 1")
-            raise NotImplementedError(
-                f"outlier bit widths (inlier={self._inlier}, outlier={self._outlier}, "
-                f"n_outlier_channels={self._n_outlier}) need the '{OUTLIER_SPLIT_METHOD}' composite quantizer "
-                "and its KVCache configuration (base method, inlier/outlier bits, outlier channels), which this "
-                f"build does not have (methods: {', '.join(methods)}); use with_bit_width(bits) meanwhile")
         return self._method, value_method
+
+    def _split(self) -> bool:
+        return self._outlier is not None and self._outlier != self._inlier
 
     def build(self) -> TurboQuantKVCache:
         key_method, value_method = self._validate()
@@ -229,11 +225,15 @@ class KVCacheBuilder:
             self._head_dim, n_layers=self._layers, n_q_heads=self._q_heads, n_kv_heads=self._kv_heads,
             key_method=key_method, key_bits=int(self._key_bits), value_method=value_method,
             value_bits=int(self._value_bits), seed=int(self._seed), rotation=self._rotation,
-            jl_dim=int(self._jl_dim), block_tokens=int(self._block_tokens), max_tokens=int(self._max_tokens))
+            jl_dim=int(self._jl_dim), block_tokens=int(self._block_tokens), max_tokens=int(self._max_tokens),
+            n_outlier_channels=int(self._n_outlier) if self._split() else 0,
+            outlier_bits=int(self._outlier) if self._split() else 0)
         loaded = {}
         if self._store is not None:
             for role, method, bits in (("key", key_method, self._key_bits), ("value", value_method, self._value_bits)):
-                key = ArtifactKey(method, self._head_dim, int(bits), int(self._seed))
+                # An outlier split has its own (block-diagonal) rotations: key it separately.
+                name = f"{method}+outliers{self._n_outlier}@{self._outlier}" if self._split() else method
+                key = ArtifactKey(name, self._head_dim, int(bits), int(self._seed))
                 arrays = self._store.get(key)
                 n = install_artifacts(core, role, arrays) if arrays is not None else 0
                 loaded[role] = n

@@ -39,7 +39,6 @@ output = cache.attend(q)   # shape (128,)
 print(f"Memory: {cache.memory_bytes() / 1024:.1f} KB for {len(cache)} tokens")
 '''
 
-_MISSING = [m for m in ("turboquant_prod",) if m not in _core.methods()]
 
 
 def _run_quickstart(src):
@@ -51,12 +50,15 @@ def _run_quickstart(src):
     return cache, output
 
 
-# Needs turboquant_prod and the outlier-split composite quantizer (separate work stream):
-# until both are in the core, build() must fail with NotImplementedError naming them.
-@pytest.mark.xfail(condition=True, raises=NotImplementedError, strict=True,
-                   reason=f"needs {_MISSING or ['outlier_split']} in the C++ core")
-def test_seed_quickstart_runs_unchanged():
-    _run_quickstart(QUICKSTART)
+def test_seed_quickstart_runs_unchanged(capsys):
+    cache, output = _run_quickstart(QUICKSTART)
+    assert "KB for 100 tokens" in capsys.readouterr().out
+    core = cache.core
+    assert core.key_method == "turboquant_prod" and core.n_outlier_channels == 4 and core.outlier_bits == 3
+    assert core.outlier_channels == [0, 1, 2, 3]
+    # 2.x bits per coordinate: far below the 256 B/token of fp16 K, and above a plain 2-bit cache.
+    plain = tq.KVCacheBuilder().with_method("turboquant_prod").with_bit_width(2).with_jl_dim(128).build()
+    assert plain.core.bytes_per_token() < core.bytes_per_token() < 2 * 256
 
 
 def test_seed_quickstart_flow_with_available_method(capsys):
@@ -76,13 +78,22 @@ def test_seed_quickstart_flow_with_available_method(capsys):
     assert cache.memory_bytes() == 256 * 100 + 2 * 2 * 128 * 4  # one page per stream + rotations
 
 
-def test_quickstart_missing_pieces_are_named():
-    b = tq.KVCacheBuilder().with_method("turboquant_mse").with_bit_width(inlier=2, outlier=3).with_n_outlier_channels(4)
-    with pytest.raises(NotImplementedError, match="outlier_split"):
-        b.build()
-    if _MISSING:
-        with pytest.raises(NotImplementedError, match="turboquant_prod"):
-            tq.KVCacheBuilder().with_method("turboquant_prod").build()
+def test_outlier_split_cache_attends_like_its_decoded_kv():
+    cache = (tq.KVCacheBuilder().with_method("turboquant_mse").with_head_dim(64)
+             .with_bit_width(inlier=2, outlier=4).with_n_outlier_channels(8).build())
+    rng = np.random.default_rng(3)
+    k = rng.standard_normal((50, 64)).astype(np.float32)
+    k[:, :8] *= 5.0  # outlier channels
+    v = rng.standard_normal((50, 64)).astype(np.float32)
+    cache.append(k, v)
+    q = rng.standard_normal(64).astype(np.float32)
+    kd = cache.core.decode(0, 0, "key")
+    vd = cache.core.decode(0, 0, "value")
+    s = kd @ q / 8.0
+    p = np.exp(s - s.max())
+    np.testing.assert_allclose(cache.attend(q), (p / p.sum()) @ vd, atol=1e-4)
+    with pytest.raises(ValueError, match="n_outlier_channels"):
+        tq.KVCacheBuilder().with_bit_width(inlier=2, outlier=3).build()
 
 
 def test_mlx_precision_and_shapes():

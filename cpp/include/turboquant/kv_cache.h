@@ -35,6 +35,12 @@ struct KVCacheConfig {
   int jl_dim = 0;               // QJL sketch size for prod/qjl; 0 means head_dim
   size_t block_tokens = 256;    // tokens per page
   size_t max_tokens = 0;        // per layer; 0 means unbounded
+  // Outlier split / fractional bits for keys and values (quantizer_outlier.h): the outlier
+  // channels at outlier_bits (0 means bits + 1), the rest at key_bits / value_bits.
+  // outlier_channels empty: the first n_outlier_channels channels.
+  std::vector<int> outlier_channels;
+  int n_outlier_channels = 0;
+  int outlier_bits = 0;
 
   // Throws InvalidArgument naming the first bad field.
   void validate() const;
