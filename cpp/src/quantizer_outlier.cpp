@@ -261,4 +261,15 @@ std::vector<int> select_outlier_channels(const float* x, size_t n, int dim, int 
   return order;
 }
 
+void OutlierSplitQuantizer::set_rotation(std::unique_ptr<Rotation> rotation) {
+  TQ_CHECK(rotation && rotation->dim() == dim(), InvalidArgument, "rotation must have dim ", dim());
+  const auto mine = rotation_->matrix();
+  const auto theirs = rotation->matrix();
+  float worst = 0.0f;
+  for (size_t i = 0; i < mine.size(); ++i) worst = std::max(worst, std::abs(mine[i] - theirs[i]));
+  TQ_CHECK(worst <= 1e-5f, InvalidArgument,
+           "an outlier split derives its rotation from its seed and channels; the given rotation "
+           "differs from it (max |difference| = ", worst, ")");
+}
+
 }  // namespace turboquant

@@ -204,3 +204,26 @@ def test_mlx_transposed_views_are_accepted():
     kn = np.ascontiguousarray(np.array(k))
     ref.append(kn, kn)
     np.testing.assert_array_equal(cache.core.decode(0, 1, "key"), ref.core.decode(0, 1, "key"))
+
+
+def test_outlier_split_cache_save_load_round_trip(tmp_path):
+    core = tq.KVCache(64, key_bits=2, value_bits=2, n_outlier_channels=4, outlier_bits=4,
+                      outlier_channels=[5, 9, 33, 60], seed=7)
+    rng = np.random.default_rng(0)
+    core.append(rng.standard_normal((40, 64)).astype(np.float32), rng.standard_normal((40, 64)).astype(np.float32))
+    q = rng.standard_normal((3, 64)).astype(np.float32)
+    core.save(str(tmp_path / "c.tqkv"))
+    back = tq.KVCache.load(str(tmp_path / "c.tqkv"))
+    assert back.outlier_channels == [5, 9, 33, 60] and back.outlier_bits == 4
+    assert back.memory_bytes() == core.memory_bytes()
+    np.testing.assert_allclose(back.attend(q), core.attend(q), atol=1e-6)
+
+
+def test_outlier_split_refuses_a_foreign_rotation():
+    core = tq.KVCache(64, n_outlier_channels=4, outlier_bits=4, seed=1)
+    other = tq.KVCache(64, seed=2)
+    kind, params = other.rotation_parameters(0, 0, "key")
+    with pytest.raises(ValueError, match="outlier split derives its rotation"):
+        core.set_rotation_parameters(0, 0, "key", kind, params)
+    own_kind, own = core.rotation_parameters(0, 0, "key")
+    core.set_rotation_parameters(0, 0, "key", own_kind, own)  # its own rotation: accepted

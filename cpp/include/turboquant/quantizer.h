@@ -107,7 +107,7 @@ class Quantizer {
   // as a QJL matrix, override and add theirs): what a cache pays per quantizer it owns.
   virtual size_t state_bytes() const;
   // Replaces Π, e.g. by one loaded from an artifact store; must have this dim.
-  void set_rotation(std::unique_ptr<Rotation> rotation);
+  virtual void set_rotation(std::unique_ptr<Rotation> rotation);
 
   float load_norm(const void* norms, size_t i) const;
   void store_norm(void* norms, size_t i, float value) const;

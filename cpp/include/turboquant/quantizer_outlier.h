@@ -47,6 +47,9 @@ class OutlierSplitQuantizer : public Quantizer {
     return parts_[0]->state_bytes() + parts_[1]->state_bytes() +
            (outliers_.size() + static_cast<size_t>(dim())) * sizeof(int);
   }
+  // The split's rotation is derived from its parts (seeded): an installed rotation (a loaded
+  // file, an artifact store) must equal it, and the parts' own rotations stay in use.
+  void set_rotation(std::unique_ptr<Rotation> rotation) override;
   const Quantizer& part(size_t p) const { return *parts_[p]; }  // 0: outliers, 1: inliers
   const std::vector<int>& outlier_channels() const { return outliers_; }
   int outlier_bits() const { return parts_[0]->bits(); }
