@@ -12,8 +12,10 @@ from turboquant._core import (  # noqa: F401
     backends,
     build_info,
     codebook,
+    get_num_threads,
     methods,
     pack_indices,
+    set_num_threads,
     unpack_indices,
 )
 
@@ -25,7 +27,9 @@ __all__ = [
     "backends",
     "build_info",
     "codebook",
+    "get_num_threads",
     "methods",
     "pack_indices",
+    "set_num_threads",
     "unpack_indices",
 ]

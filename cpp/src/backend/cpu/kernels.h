@@ -30,9 +30,19 @@ struct Kernels {
   void (*mse_accumulate)(const float* w, size_t w_stride, size_t m, const uint8_t* codes,
                          size_t code_bytes, const float* norms, size_t n, size_t d, int bits,
                          const float* centroids, float* acc);
+  // out[r] = sqrt(Σ_j x[r*d + j]²) for n rows, accumulated in double in a fixed order
+  // (8 partial sums, lane j % 8, combined pairwise) so every variant gives the same bits;
+  // NaN/Inf anywhere in a row gives a non-finite norm.
+  void (*row_norms)(const float* x, size_t n, size_t d, float* out);
 };
 
 const Kernels& scalar_kernels();
+#if defined(__x86_64__) || defined(__i386__)
+const Kernels& avx2_kernels();  // needs avx2 + fma + f16c (kernels_avx2.cpp)
+#endif
+#if defined(__aarch64__)
+const Kernels& neon_kernels();  // kernels_neon.cpp
+#endif
 // The best kernel set for this CPU, or the one named by TURBOQUANT_SIMD ("scalar", ...).
 const Kernels& active_kernels();
 // Every kernel set compiled in and usable on this CPU (for tests and benchmarks).

@@ -1,4 +1,5 @@
 // Scalar reference kernels: the definition of correct for every SIMD variant.
+#include <cmath>
 #include <vector>
 
 #include "backend/cpu/kernels.h"
@@ -67,11 +68,23 @@ void mse_accumulate_scalar(const float* w, size_t w_stride, size_t m, const uint
   }
 }
 
+void row_norms_scalar(const float* x, size_t n, size_t d, float* out) {
+  for (size_t r = 0; r < n; ++r) {
+    double s[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+    for (size_t j = 0; j < d; ++j) {
+      const double v = x[r * d + j];
+      s[j % 8] += v * v;  // exact product: float squares fit a double
+    }
+    const double t = ((s[0] + s[1]) + (s[2] + s[3])) + ((s[4] + s[5]) + (s[6] + s[7]));
+    out[r] = static_cast<float>(std::sqrt(t));
+  }
+}
+
 }  // namespace
 
 const Kernels& scalar_kernels() {
   static const Kernels k{"scalar", fwht_scalar, quantize_pack_scalar, mse_scores_scalar,
-                         mse_accumulate_scalar};
+                         mse_accumulate_scalar, row_norms_scalar};
   return k;
 }
 
