@@ -235,10 +235,13 @@ inline __m256 hsum8(const __m256* v) {
   return _mm256_add_ps(_mm256_permute2f128_ps(a, b, 0x20), _mm256_permute2f128_ps(a, b, 0x31));
 }
 
-// mse_scores for MQ (1..4) queries sharing each decoded group of centroids.
+// mse_scores for MQ (1..4) queries sharing each decoded group of centroids. TT tokens are
+// decoded side by side so that MQ×TT independent FMA chains hide the FMA latency; the
+// per-token partial sums are reduced 8 tokens at a time (hsum8).
 template <int B, int MQ>
 void scores_pass(const float* q, size_t d, const SafeRows& rows, const float* norms, size_t n,
                  const Lut<B>& lut, float* out, size_t out_stride) {
+  constexpr size_t TT = MQ == 1 ? 4 : 2;
   const size_t G = d / 8;
   alignas(32) __m256 part[MQ][8];
   for (size_t t0 = 0; t0 < n; t0 += 8) {
@@ -246,7 +249,31 @@ void scores_pass(const float* q, size_t d, const SafeRows& rows, const float* no
     if (nt < 8)
       for (auto& pq : part)
         for (auto& p : pq) p = _mm256_setzero_ps();
-    for (size_t tt = 0; tt < nt; ++tt) {
+    size_t tt = 0;
+    for (; tt + TT <= nt; tt += TT) {
+      const uint8_t* row[TT];
+      for (size_t u = 0; u < TT; ++u) row[u] = rows.row(t0 + tt + u);
+      __m256 acc[MQ][TT];
+      for (int i = 0; i < MQ; ++i)
+        for (size_t u = 0; u < TT; ++u) acc[i][u] = _mm256_setzero_ps();
+      for (size_t g = 0; g < G; ++g) {
+        __m256 qv[MQ];
+        for (int i = 0; i < MQ; ++i) qv[i] = _mm256_loadu_ps(q + i * d + 8 * g);
+        for (size_t u = 0; u < TT; ++u) {
+          const __m256 c = lut.load(row[u], g);
+          for (int i = 0; i < MQ; ++i) acc[i][u] = _mm256_fmadd_ps(qv[i], c, acc[i][u]);
+        }
+      }
+      for (size_t j = 8 * G; j < d; ++j)
+        for (size_t u = 0; u < TT; ++u) {
+          const float c = lut.centroids[packed_index(row[u], j, B)];
+          for (int i = 0; i < MQ; ++i)
+            acc[i][u] = _mm256_add_ps(acc[i][u], _mm256_setr_ps(q[i * d + j] * c, 0, 0, 0, 0, 0, 0, 0));
+        }
+      for (int i = 0; i < MQ; ++i)
+        for (size_t u = 0; u < TT; ++u) part[i][tt + u] = acc[i][u];
+    }
+    for (; tt < nt; ++tt) {
       const uint8_t* row = rows.row(t0 + tt);
       __m256 acc[MQ];
       for (int i = 0; i < MQ; ++i) acc[i] = _mm256_setzero_ps();
