@@ -10,6 +10,7 @@
 namespace turboquant::bindings {
 void bind_quantizer(py::module_& m);
 void bind_threads(py::module_& m);
+void bind_cache(py::module_& m);
 }  // namespace turboquant::bindings
 
 namespace py = pybind11;
@@ -56,4 +57,5 @@ PYBIND11_MODULE(_core, m) {
 
   bindings::bind_quantizer(m);
   bindings::bind_threads(m);
+  bindings::bind_cache(m);
 }

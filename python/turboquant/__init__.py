@@ -18,6 +18,11 @@ from turboquant._core import (  # noqa: F401
     set_num_threads,
     unpack_indices,
 )
+from turboquant._core import KVCache  # noqa: F401
+from turboquant.artifacts import InMemoryArtifactStore, MemoryArtifactStore, NpyArtifactStore  # noqa: F401
+from turboquant.builder import KVCacheBuilder  # noqa: F401
+from turboquant.kv_cache import TurboQuantKVCache  # noqa: F401
+from turboquant.observers import DistortionObserver, LatencyObserver, MemoryObserver  # noqa: F401
 
 __all__ = [
     "Codebook",
@@ -32,4 +37,13 @@ __all__ = [
     "pack_indices",
     "set_num_threads",
     "unpack_indices",
+    "KVCache",
+    "KVCacheBuilder",
+    "TurboQuantKVCache",
+    "NpyArtifactStore",
+    "MemoryArtifactStore",
+    "InMemoryArtifactStore",
+    "LatencyObserver",
+    "MemoryObserver",
+    "DistortionObserver",
 ]
