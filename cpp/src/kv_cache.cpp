@@ -7,6 +7,7 @@
 #include "turboquant/attention.h"
 #include "turboquant/error.h"
 #include "turboquant/rng.h"
+#include "turboquant/thread_pool.h"
 
 namespace turboquant {
 
@@ -132,8 +133,13 @@ void KVCache::append(int layer, const float* keys, const float* values, size_t T
   const auto d = static_cast<size_t>(config_.head_dim);
   const size_t bt = config_.block_tokens;
   try {
-    for (int h = 0; h < config_.n_kv_heads; ++h) {
-      for (KVRole role : {KVRole::kKey, KVRole::kValue}) {
+    // Streams (KV head × role) are independent: split them across the thread pool when the
+    // batch is large enough to pay for it (a single decode token stays on this thread).
+    const size_t streams = static_cast<size_t>(config_.n_kv_heads) * 2;
+    parallel_for(streams, T >= 16 ? 1 : streams, [&](size_t s0, size_t s1) {
+      for (size_t si = s0; si < s1; ++si) {
+        const int h = static_cast<int>(si / 2);
+        const KVRole role = si % 2 ? KVRole::kValue : KVRole::kKey;
         const size_t i = index(layer, h, role);
         const Quantizer& q = *quantizers_[i];
         PagedCodes& p = pages_[i];
@@ -148,7 +154,7 @@ void KVCache::append(int layer, const float* keys, const float* values, size_t T
           t += n;
         }
       }
-    }
+    });
   } catch (...) {
     // Codes past the old size are never read; give back the pages they took.
     for (int h = 0; h < config_.n_kv_heads; ++h)
@@ -279,22 +285,26 @@ void KVCache::attend(int layer, const float* queries, size_t T_q, float* out,
       mask.hi[t * G + g] = hi;
     }
   }
-  AttentionScratch scratch;
-  std::vector<float> q(m * d), o(m * d);
-  for (int h = 0; h < config_.n_kv_heads; ++h) {
-    for (size_t g = 0; g < G; ++g) {
-      const size_t qh = static_cast<size_t>(h) * G + g;
-      for (size_t t = 0; t < T_q; ++t)
-        std::memcpy(&q[(t * G + g) * d], queries + (qh * T_q + t) * d, d * sizeof(float));
+  // KV heads are independent: split them across the thread pool, one scratch per chunk.
+  parallel_for(static_cast<size_t>(config_.n_kv_heads), 1, [&](size_t h0, size_t h1) {
+    AttentionScratch scratch;
+    std::vector<float> q(m * d), o(m * d);
+    for (size_t h = h0; h < h1; ++h) {
+      for (size_t g = 0; g < G; ++g) {
+        const size_t qh = h * G + g;
+        for (size_t t = 0; t < T_q; ++t)
+          std::memcpy(&q[(t * G + g) * d], queries + (qh * T_q + t) * d, d * sizeof(float));
+      }
+      attend_head(head_codes(layer, static_cast<int>(h), KVRole::kKey),
+                  head_codes(layer, static_cast<int>(h), KVRole::kValue), n, q.data(), m, mask, scale,
+                  o.data(), scratch);
+      for (size_t g = 0; g < G; ++g) {
+        const size_t qh = h * G + g;
+        for (size_t t = 0; t < T_q; ++t)
+          std::memcpy(out + (qh * T_q + t) * d, &o[(t * G + g) * d], d * sizeof(float));
+      }
     }
-    attend_head(head_codes(layer, h, KVRole::kKey), head_codes(layer, h, KVRole::kValue), n,
-                q.data(), m, mask, scale, o.data(), scratch);
-    for (size_t g = 0; g < G; ++g) {
-      const size_t qh = static_cast<size_t>(h) * G + g;
-      for (size_t t = 0; t < T_q; ++t)
-        std::memcpy(out + (qh * T_q + t) * d, &o[(t * G + g) * d], d * sizeof(float));
-    }
-  }
+  });
 }
 
 }  // namespace turboquant
