@@ -104,7 +104,11 @@ void Quantizer::store_norm(void* norms, size_t i, float value) const {
 }
 
 void Quantizer::load_norms(const void* norms, size_t n, float* out) const {
-  for (size_t i = 0; i < n; ++i) out[i] = load_norm(norms, i);
+  if (config_.norm_dtype == NormDtype::kFloat16) {
+    cpu::active_kernels().half_to_float(static_cast<const uint16_t*>(norms), n, out);
+  } else {
+    std::memcpy(out, norms, n * sizeof(float));
+  }
 }
 
 void Quantizer::encode(const float* x, size_t n, uint8_t* codes, void* norms) const {

@@ -34,6 +34,11 @@ struct Kernels {
   // (8 partial sums, lane j % 8, combined pairwise) so every variant gives the same bits;
   // NaN/Inf anywhere in a row gives a non-finite norm.
   void (*row_norms)(const float* x, size_t n, size_t d, float* out);
+  // out[i] = the fp16 value h[i] as fp32 (exact; stored norms are fp16).
+  void (*half_to_float)(const uint16_t* h, size_t n, float* out);
+  // s[t] = exp(s[t] - shift) for t < n (arguments <= 0 in softmax); returns Σ s[t].
+  // SIMD variants use a polynomial exp within 2 ulp of std::exp.
+  float (*exp_sum)(float* s, size_t n, float shift);
 };
 
 const Kernels& scalar_kernels();

@@ -448,11 +448,62 @@ void row_norms_avx2(const float* x, size_t n, size_t d, float* out) {
   }
 }
 
+// ---------------------------------------------------------------------------------------
+void half_to_float_avx2(const uint16_t* h, size_t n, float* out) {
+  size_t i = 0;
+  for (; i + 8 <= n; i += 8)
+    _mm256_storeu_ps(out + i, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(h + i))));
+  if (i < n) scalar_kernels().half_to_float(h + i, n - i, out + i);
+}
+
+// exp(x) for x in about [-87, 88]: range reduction x = k ln2 + r, degree-6 polynomial
+// for e^r (Cephes expf coefficients), 2^k built in the exponent bits.
+inline __m256 exp256(__m256 x) {
+  x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.3f)), _mm256_set1_ps(88.3f));
+  const __m256 k = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m256 r = _mm256_fnmadd_ps(k, _mm256_set1_ps(0.693359375f), x);
+  r = _mm256_fnmadd_ps(k, _mm256_set1_ps(-2.12194440e-4f), r);
+  __m256 p = _mm256_set1_ps(1.9875691500e-4f);
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
+  p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
+  const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(k), _mm256_set1_epi32(127)), 23);
+  return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
+}
+
+float exp_sum_avx2(float* s, size_t n, float shift) {
+  const __m256 sh = _mm256_set1_ps(shift);
+  __m256 acc = _mm256_setzero_ps();
+  size_t t = 0;
+  for (; t + 8 <= n; t += 8) {
+    const __m256 e = exp256(_mm256_sub_ps(_mm256_loadu_ps(s + t), sh));
+    _mm256_storeu_ps(s + t, e);
+    acc = _mm256_add_ps(acc, e);
+  }
+  if (t < n) {
+    alignas(32) float tmp[8];
+    for (size_t k = 0; k < 8; ++k) tmp[k] = t + k < n ? s[t + k] - shift : -100.0f;
+    const __m256 e = exp256(_mm256_load_ps(tmp));
+    _mm256_store_ps(tmp, e);
+    for (size_t k = 0; t + k < n; ++k) {
+      s[t + k] = tmp[k];
+      acc = _mm256_add_ps(acc, _mm256_setr_ps(tmp[k], 0, 0, 0, 0, 0, 0, 0));
+    }
+  }
+  const __m128 h = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
+  const __m128 h2 = _mm_add_ps(h, _mm_movehl_ps(h, h));
+  return _mm_cvtss_f32(_mm_add_ss(h2, _mm_shuffle_ps(h2, h2, 1)));
+}
+
 }  // namespace
 
 const Kernels& avx2_kernels() {
   static const Kernels k{"avx2", fwht_avx2, quantize_pack_avx2, mse_scores_avx2,
-                         mse_accumulate_avx2, row_norms_avx2};
+                         mse_accumulate_avx2, row_norms_avx2, half_to_float_avx2, exp_sum_avx2};
   return k;
 }
 

@@ -3,6 +3,7 @@
 #include <vector>
 
 #include "backend/cpu/kernels.h"
+#include "turboquant/half.h"
 #include "turboquant/packing.h"
 
 namespace turboquant::cpu {
@@ -80,11 +81,25 @@ void row_norms_scalar(const float* x, size_t n, size_t d, float* out) {
   }
 }
 
+void half_to_float_scalar(const uint16_t* h, size_t n, float* out) {
+  for (size_t i = 0; i < n; ++i) out[i] = half_to_float(h[i]);
+}
+
+float exp_sum_scalar(float* s, size_t n, float shift) {
+  float sum = 0.0f;
+  for (size_t t = 0; t < n; ++t) {
+    s[t] = std::exp(s[t] - shift);
+    sum += s[t];
+  }
+  return sum;
+}
+
 }  // namespace
 
 const Kernels& scalar_kernels() {
   static const Kernels k{"scalar", fwht_scalar, quantize_pack_scalar, mse_scores_scalar,
-                         mse_accumulate_scalar, row_norms_scalar};
+                         mse_accumulate_scalar, row_norms_scalar, half_to_float_scalar,
+                         exp_sum_scalar};
   return k;
 }
 
