@@ -36,8 +36,6 @@ std::vector<std::string> compiled_simd_targets() {
   // SIMD kernel sets register here as they are added (cpp/src/backend/cpu/*_avx2.cpp ...).
 #if defined(__x86_64__) || defined(__i386__)
   return {"scalar", "avx2"};
-#elif defined(__aarch64__)
-  return {"scalar", "neon"};
 #else
   return {"scalar"};
 #endif

@@ -15,9 +15,6 @@ std::vector<const Kernels*> usable_kernels() {
 #if defined(__x86_64__) || defined(__i386__)
   if (f.avx2 && f.fma && f.f16c) k.push_back(&avx2_kernels());
 #endif
-#if defined(__aarch64__)
-  if (f.neon) k.push_back(&neon_kernels());
-#endif
   (void)f;
   return k;
 }

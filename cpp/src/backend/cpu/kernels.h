@@ -45,9 +45,6 @@ const Kernels& scalar_kernels();
 #if defined(__x86_64__) || defined(__i386__)
 const Kernels& avx2_kernels();  // needs avx2 + fma + f16c (kernels_avx2.cpp)
 #endif
-#if defined(__aarch64__)
-const Kernels& neon_kernels();  // kernels_neon.cpp
-#endif
 // The best kernel set for this CPU, or the one named by TURBOQUANT_SIMD ("scalar", ...).
 const Kernels& active_kernels();
 // Every kernel set compiled in and usable on this CPU (for tests and benchmarks).

@@ -30,6 +30,27 @@ namespace {
 // ---------------------------------------------------------------------------------------
 // fwht: the first three butterfly stages inside each 8-float register (permute + FMA with a
 // ±1 vector, which rounds exactly like the scalar a+b / a-b), the rest across registers.
+inline __m256 fwht8(__m256 v, __m256 s1, __m256 s2, __m256 s4) {
+  v = _mm256_fmadd_ps(v, s1, _mm256_permute_ps(v, 0xB1));
+  v = _mm256_fmadd_ps(v, s2, _mm256_permute_ps(v, 0x4E));
+  return _mm256_fmadd_ps(v, s4, _mm256_permute2f128_ps(v, v, 1));
+}
+
+// n = 8·NV <= 128 held entirely in registers: all log2(n) stages without memory traffic.
+template <int NV>
+inline void fwht_regs(float* x, __m256 s1, __m256 s2, __m256 s4) {
+  __m256 r[NV];
+  for (int i = 0; i < NV; ++i) r[i] = fwht8(_mm256_loadu_ps(x + 8 * i), s1, s2, s4);
+  for (int h = 1; h < NV; h <<= 1)
+    for (int i = 0; i < NV; i += 2 * h)
+      for (int j = i; j < i + h; ++j) {
+        const __m256 a = r[j], b = r[j + h];
+        r[j] = _mm256_add_ps(a, b);
+        r[j + h] = _mm256_sub_ps(a, b);
+      }
+  for (int i = 0; i < NV; ++i) _mm256_storeu_ps(x + 8 * i, r[i]);
+}
+
 void fwht_avx2(float* x, size_t n) {
   if (n < 8) {
     scalar_kernels().fwht(x, n);
@@ -38,14 +59,16 @@ void fwht_avx2(float* x, size_t n) {
   const __m256 s1 = _mm256_setr_ps(1, -1, 1, -1, 1, -1, 1, -1);
   const __m256 s2 = _mm256_setr_ps(1, 1, -1, -1, 1, 1, -1, -1);
   const __m256 s4 = _mm256_setr_ps(1, 1, 1, 1, -1, -1, -1, -1);
-  for (size_t i = 0; i < n; i += 8) {
-    __m256 v = _mm256_loadu_ps(x + i);
-    v = _mm256_fmadd_ps(v, s1, _mm256_permute_ps(v, 0xB1));
-    v = _mm256_fmadd_ps(v, s2, _mm256_permute_ps(v, 0x4E));
-    v = _mm256_fmadd_ps(v, s4, _mm256_permute2f128_ps(v, v, 1));
-    _mm256_storeu_ps(x + i, v);
+  switch (n) {
+    case 8: return fwht_regs<1>(x, s1, s2, s4);
+    case 16: return fwht_regs<2>(x, s1, s2, s4);
+    case 32: return fwht_regs<4>(x, s1, s2, s4);
+    case 64: return fwht_regs<8>(x, s1, s2, s4);
+    default: break;
   }
-  for (size_t h = 8; h < n; h <<= 1) {
+  // n >= 128: blocks of 128 in registers, the remaining stages across blocks in memory.
+  for (size_t i = 0; i < n; i += 128) fwht_regs<16>(x + i, s1, s2, s4);
+  for (size_t h = 128; h < n; h <<= 1) {
     for (size_t i = 0; i < n; i += 2 * h) {
       for (size_t j = i; j < i + h; j += 8) {
         const __m256 a = _mm256_loadu_ps(x + j), b = _mm256_loadu_ps(x + j + h);
