@@ -31,7 +31,7 @@ struct Kernels {
                          size_t code_bytes, const float* norms, size_t n, size_t d, int bits,
                          const float* centroids, float* acc);
   // out[r] = sqrt(Σ_j x[r*d + j]²) for n rows, accumulated in double in a fixed order
-  // (8 partial sums, lane j % 8, combined pairwise) so every variant gives the same bits;
+  // (16 partial sums, lane j % 16, folded to 8 and combined pairwise) so every variant gives the same bits;
   // NaN/Inf anywhere in a row gives a non-finite norm.
   void (*row_norms)(const float* x, size_t n, size_t d, float* out);
   // out[i] = the fp16 value h[i] as fp32 (exact; stored norms are fp16).

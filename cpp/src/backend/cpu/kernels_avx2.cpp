@@ -36,18 +36,31 @@ inline __m256 fwht8(__m256 v, __m256 s1, __m256 s2, __m256 s4) {
   return _mm256_fmadd_ps(v, s4, _mm256_permute2f128_ps(v, v, 1));
 }
 
+// Butterfly stages h = H, 2H, ... < NV across registers, with compile-time bounds so that
+// everything unrolls and r[] stays in registers.
+template <int NV, int H>
+inline void fwht_stages(__m256* r) {
+  if constexpr (H < NV) {
+#pragma GCC unroll 16
+    for (int i = 0; i < NV; i += 2 * H)
+#pragma GCC unroll 16
+      for (int j = 0; j < H; ++j) {
+        const __m256 a = r[i + j], b = r[i + j + H];
+        r[i + j] = _mm256_add_ps(a, b);
+        r[i + j + H] = _mm256_sub_ps(a, b);
+      }
+    fwht_stages<NV, 2 * H>(r);
+  }
+}
+
 // n = 8·NV <= 128 held entirely in registers: all log2(n) stages without memory traffic.
 template <int NV>
 inline void fwht_regs(float* x, __m256 s1, __m256 s2, __m256 s4) {
   __m256 r[NV];
+#pragma GCC unroll 16
   for (int i = 0; i < NV; ++i) r[i] = fwht8(_mm256_loadu_ps(x + 8 * i), s1, s2, s4);
-  for (int h = 1; h < NV; h <<= 1)
-    for (int i = 0; i < NV; i += 2 * h)
-      for (int j = i; j < i + h; ++j) {
-        const __m256 a = r[j], b = r[j + h];
-        r[j] = _mm256_add_ps(a, b);
-        r[j + h] = _mm256_sub_ps(a, b);
-      }
+  fwht_stages<NV, 1>(r);
+#pragma GCC unroll 16
   for (int i = 0; i < NV; ++i) _mm256_storeu_ps(x + 8 * i, r[i]);
 }
 
@@ -447,25 +460,32 @@ void mse_accumulate_avx2(const float* w, size_t w_stride, size_t m, const uint8_
 }
 
 // ---------------------------------------------------------------------------------------
-// row_norms: the scalar reference's 8 double partial sums are lanes 0-3 / 4-7 of two
-// registers, added in the same order, so the result is bit-identical.
+// row_norms: the scalar reference's 16 double partial sums are the lanes of four
+// registers (four independent add chains), added and folded in the same order, so the
+// result is bit-identical.
 void row_norms_avx2(const float* x, size_t n, size_t d, float* out) {
   for (size_t r = 0; r < n; ++r) {
     const float* v = x + r * d;
-    __m256d lo = _mm256_setzero_pd(), hi = _mm256_setzero_pd();
+    __m256d a0 = _mm256_setzero_pd(), a1 = _mm256_setzero_pd(), a2 = _mm256_setzero_pd(), a3 = _mm256_setzero_pd();
     size_t j = 0;
-    for (; j + 8 <= d; j += 8) {
-      const __m256d a = _mm256_cvtps_pd(_mm_loadu_ps(v + j)), b = _mm256_cvtps_pd(_mm_loadu_ps(v + j + 4));
-      lo = _mm256_add_pd(lo, _mm256_mul_pd(a, a));
-      hi = _mm256_add_pd(hi, _mm256_mul_pd(b, b));
+    for (; j + 16 <= d; j += 16) {
+      const __m256d b0 = _mm256_cvtps_pd(_mm_loadu_ps(v + j)), b1 = _mm256_cvtps_pd(_mm_loadu_ps(v + j + 4));
+      const __m256d b2 = _mm256_cvtps_pd(_mm_loadu_ps(v + j + 8)), b3 = _mm256_cvtps_pd(_mm_loadu_ps(v + j + 12));
+      a0 = _mm256_add_pd(a0, _mm256_mul_pd(b0, b0));
+      a1 = _mm256_add_pd(a1, _mm256_mul_pd(b1, b1));
+      a2 = _mm256_add_pd(a2, _mm256_mul_pd(b2, b2));
+      a3 = _mm256_add_pd(a3, _mm256_mul_pd(b3, b3));
     }
-    alignas(32) double s[8];
-    _mm256_store_pd(s, lo);
-    _mm256_store_pd(s + 4, hi);
+    alignas(32) double s[16];
+    _mm256_store_pd(s, a0);
+    _mm256_store_pd(s + 4, a1);
+    _mm256_store_pd(s + 8, a2);
+    _mm256_store_pd(s + 12, a3);
     for (; j < d; ++j) {
       const double t = v[j];
-      s[j % 8] += t * t;
+      s[j % 16] += t * t;
     }
+    for (size_t k = 0; k < 8; ++k) s[k] += s[k + 8];
     const double t = ((s[0] + s[1]) + (s[2] + s[3])) + ((s[4] + s[5]) + (s[6] + s[7]));
     out[r] = static_cast<float>(std::sqrt(t));
   }

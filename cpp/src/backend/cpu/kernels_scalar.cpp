@@ -71,11 +71,12 @@ void mse_accumulate_scalar(const float* w, size_t w_stride, size_t m, const uint
 
 void row_norms_scalar(const float* x, size_t n, size_t d, float* out) {
   for (size_t r = 0; r < n; ++r) {
-    double s[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+    double s[16] = {};
     for (size_t j = 0; j < d; ++j) {
       const double v = x[r * d + j];
-      s[j % 8] += v * v;  // exact product: float squares fit a double
+      s[j % 16] += v * v;  // exact product: float squares fit a double
     }
+    for (size_t k = 0; k < 8; ++k) s[k] += s[k + 8];
     const double t = ((s[0] + s[1]) + (s[2] + s[3])) + ((s[4] + s[5]) + (s[6] + s[7]));
     out[r] = static_cast<float>(std::sqrt(t));
   }
