@@ -20,6 +20,7 @@
 #include "backend/cpu/kernels.h"
 #include "turboquant/backend.h"
 #include "turboquant/codebook.h"
+#include "turboquant/kv_cache.h"
 #include "turboquant/packing.h"
 #include "turboquant/quantizer.h"
 #include "turboquant/thread_pool.h"
@@ -134,6 +135,28 @@ void bm_encode(benchmark::State& st) {
   st.SetBytesProcessed(static_cast<int64_t>(st.iterations() * n * 128 * sizeof(float)));
 }
 
+// Decode attention through the cache: one layer, range(0) tokens, range(1) KV heads,
+// GQA range(2), 3-bit keys and values, one query per query head, range(3) threads.
+void bm_attend(benchmark::State& st) {
+  const auto T = static_cast<size_t>(st.range(0));
+  turboquant::KVCacheConfig c;
+  c.n_kv_heads = static_cast<int>(st.range(1));
+  c.n_q_heads = c.n_kv_heads * static_cast<int>(st.range(2));
+  turboquant::set_num_threads(static_cast<int>(st.range(3)));
+  turboquant::KVCache kv(c);
+  const auto k = gaussian(static_cast<size_t>(c.n_kv_heads) * T * 128, 8);
+  kv.append(0, k.data(), k.data(), T);
+  const auto q = gaussian(static_cast<size_t>(c.n_q_heads) * 128, 9);
+  std::vector<float> out(q.size());
+  for (auto _ : st) {
+    kv.attend(0, q.data(), 1, out.data());
+    benchmark::DoNotOptimize(out.data());
+  }
+  turboquant::set_num_threads(0);
+  st.SetItemsProcessed(static_cast<int64_t>(st.iterations() * T * static_cast<size_t>(c.n_kv_heads)));
+  st.SetBytesProcessed(static_cast<int64_t>(st.iterations() * T * static_cast<size_t>(c.n_kv_heads) * 2 * 50));
+}
+
 #if defined(__x86_64__) || defined(__i386__)
 // Fast-scan layout for 3-bit codes: blocks of 16 tokens; for each coordinate j, two 24-bit
 // words (tokens 0-7, 8-15), so one broadcast + shift gives 8 tokens' indices of coordinate
@@ -232,6 +255,8 @@ const bool kRegistered = [] {
           benchmark::RegisterBenchmark(("accumulate/" + t).c_str(), bm_accumulate, k)->Args({bits, m, n});
         }
   }
+  benchmark::RegisterBenchmark("attend_b3/active", bm_attend)
+      ->Args({1024, 1, 1, 1})->Args({1024, 1, 4, 1})->Args({16384, 8, 4, 1})->Args({16384, 8, 4, 2})->UseRealTime();
   benchmark::RegisterBenchmark("encode_d128_hadamard/active", bm_encode)->Args({3, 1})->Args({3, 2})->Args({2, 1})->Args({4, 1})->UseRealTime();
 #if defined(__x86_64__) || defined(__i386__)
   const auto& f = turboquant::cpu_features();
