@@ -248,19 +248,22 @@ struct Lut {
   }
 };
 
-// Rows are read with loads that may run up to 8 bytes past a row's packed bytes; that is
-// inside the buffer except for the last row, which is copied into padded scratch.
+// Rows are read with loads that may run up to 8 bytes past a row's packed bytes. That stays
+// inside the buffer except for the last ceil(8 / code_bytes) rows (short rows: b = 1,
+// d = 16 is 2 bytes), which are copied into zero-padded scratch.
 struct SafeRows {
   const uint8_t* codes;
-  size_t code_bytes, n;
-  alignas(32) uint8_t last[kMaxDim + 16];
-  SafeRows(const uint8_t* c, size_t cb, size_t nrows) : codes(c), code_bytes(cb), n(nrows) {
-    if (n) {
-      std::memset(last, 0, sizeof(last));
-      std::memcpy(last, codes + (n - 1) * code_bytes, std::min(code_bytes, sizeof(last) - 16));
-    }
+  size_t code_bytes, first_tail;
+  alignas(32) uint8_t tail[kMaxDim + 32];  // callers guarantee code_bytes <= kMaxDim
+  SafeRows(const uint8_t* c, size_t cb, size_t n) : codes(c), code_bytes(cb) {
+    const size_t k = std::min(n, (8 + code_bytes - 1) / code_bytes);
+    first_tail = n - k;
+    std::memset(tail, 0, k * code_bytes + 16);
+    if (k) std::memcpy(tail, codes + first_tail * code_bytes, k * code_bytes);
   }
-  inline const uint8_t* row(size_t t) const { return t + 1 == n ? last : codes + t * code_bytes; }
+  inline const uint8_t* row(size_t t) const {
+    return t >= first_tail ? tail + (t - first_tail) * code_bytes : codes + t * code_bytes;
+  }
 };
 
 // Sum of each of 8 registers, as one register (lane k = sum of v[k]).
@@ -363,6 +366,8 @@ void mse_scores_t(const float* q, size_t m, const uint8_t* codes, size_t code_by
 void mse_scores_avx2(const float* q, size_t m, const uint8_t* codes, size_t code_bytes,
                      const float* norms, size_t n, size_t d, int bits, const float* centroids,
                      float* out, size_t out_stride) {
+  if (code_bytes > kMaxDim)  // wider rows than any MSE code (SafeRows scratch): reference
+    return scalar_kernels().mse_scores(q, m, codes, code_bytes, norms, n, d, bits, centroids, out, out_stride);
   switch (bits) {
     case 1: return mse_scores_t<1>(q, m, codes, code_bytes, norms, n, d, centroids, out, out_stride);
     case 2: return mse_scores_t<2>(q, m, codes, code_bytes, norms, n, d, centroids, out, out_stride);
@@ -447,6 +452,8 @@ void mse_accumulate_t(const float* w, size_t w_stride, size_t m, const uint8_t* 
 void mse_accumulate_avx2(const float* w, size_t w_stride, size_t m, const uint8_t* codes,
                          size_t code_bytes, const float* norms, size_t n, size_t d, int bits,
                          const float* centroids, float* acc) {
+  if (code_bytes > kMaxDim)
+    return scalar_kernels().mse_accumulate(w, w_stride, m, codes, code_bytes, norms, n, d, bits, centroids, acc);
   switch (bits) {
     case 1: return mse_accumulate_t<1>(w, w_stride, m, codes, code_bytes, norms, n, d, centroids, acc);
     case 2: return mse_accumulate_t<2>(w, w_stride, m, codes, code_bytes, norms, n, d, centroids, acc);
