@@ -285,25 +285,28 @@ void KVCache::attend(int layer, const float* queries, size_t T_q, float* out,
       mask.hi[t * G + g] = hi;
     }
   }
-  // KV heads are independent: split them across the thread pool, one scratch per chunk.
+  // One KV head per iteration, independent of the others (own buffers), so the loop can be
+  // spread over threads with one AttentionScratch each.
+  const auto attend_kv_head = [&](size_t h, AttentionScratch& scratch) {
+    std::vector<float> q(m * d), o(m * d);
+    for (size_t g = 0; g < G; ++g) {
+      const size_t qh = h * G + g;
+      for (size_t t = 0; t < T_q; ++t)
+        std::memcpy(&q[(t * G + g) * d], queries + (qh * T_q + t) * d, d * sizeof(float));
+    }
+    attend_head(head_codes(layer, static_cast<int>(h), KVRole::kKey),
+                head_codes(layer, static_cast<int>(h), KVRole::kValue), n, q.data(), m, mask, scale,
+                o.data(), scratch);
+    for (size_t g = 0; g < G; ++g) {
+      const size_t qh = h * G + g;
+      for (size_t t = 0; t < T_q; ++t)
+        std::memcpy(out + (qh * T_q + t) * d, &o[(t * G + g) * d], d * sizeof(float));
+    }
+  };
+  // KV heads split across the thread pool, one scratch per chunk of heads.
   parallel_for(static_cast<size_t>(config_.n_kv_heads), 1, [&](size_t h0, size_t h1) {
     AttentionScratch scratch;
-    std::vector<float> q(m * d), o(m * d);
-    for (size_t h = h0; h < h1; ++h) {
-      for (size_t g = 0; g < G; ++g) {
-        const size_t qh = h * G + g;
-        for (size_t t = 0; t < T_q; ++t)
-          std::memcpy(&q[(t * G + g) * d], queries + (qh * T_q + t) * d, d * sizeof(float));
-      }
-      attend_head(head_codes(layer, static_cast<int>(h), KVRole::kKey),
-                  head_codes(layer, static_cast<int>(h), KVRole::kValue), n, q.data(), m, mask, scale,
-                  o.data(), scratch);
-      for (size_t g = 0; g < G; ++g) {
-        const size_t qh = h * G + g;
-        for (size_t t = 0; t < T_q; ++t)
-          std::memcpy(out + (qh * T_q + t) * d, &o[(t * G + g) * d], d * sizeof(float));
-      }
-    }
+    for (size_t h = h0; h < h1; ++h) attend_kv_head(h, scratch);
   });
 }
 

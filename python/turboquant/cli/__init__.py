@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
-from turboquant.cli import bench, demo
+from turboquant.cli import bench, benchmark, demo, info, precompute
 
 COMMANDS = {
     "demo": (demo.HELP, demo.add_arguments, demo.run),
+    "precompute": (precompute.HELP, precompute.add_arguments, precompute.run),
+    "benchmark": (benchmark.HELP, benchmark.add_arguments, benchmark.run),
+    "info": (info.HELP, info.add_arguments, info.run),
     "bench": (bench.HELP, bench.add_arguments, bench.run),
 }
