@@ -4,6 +4,7 @@
 #include <gtest/gtest.h>
 
 #include <cmath>
+#include <algorithm>
 #include <cstdlib>
 #include <random>
 #include <stdexcept>
@@ -172,6 +173,30 @@ TEST(Kernels, AccumulateMatchesScalar) {
         }
       }
     }
+  }
+}
+
+TEST(Kernels, RowsWiderThanAnyCodeStillMatch) {
+  // A row stride above kMaxDim bytes (codes embedded in wider records) takes the reference
+  // path in SIMD sets; results must not change.
+  const size_t d = 128, n = 9, m = 2, stride = 700;
+  const int bits = 3;
+  const Codebook& cb = lloyd_max_codebook(static_cast<int>(d), bits, CoordinateLaw::kBeta);
+  const auto packed = random_codes(n, d, bits, 77u);
+  std::vector<uint8_t> codes(n * stride, 0x5A);
+  for (size_t t = 0; t < n; ++t)
+    std::copy_n(packed.begin() + static_cast<std::ptrdiff_t>(t * packed_bytes(d, bits)), packed_bytes(d, bits),
+                codes.begin() + static_cast<std::ptrdiff_t>(t * stride));
+  const auto q = gaussian(m * d, 6u);
+  const std::vector<float> norms(n, 1.5f);
+  for (const auto* k : usable_kernels()) {
+    std::vector<float> a(m * n), b(m * n), acc_a(m * d, 0.0f), acc_b(m * d, 0.0f);
+    scalar_kernels().mse_scores(q.data(), m, codes.data(), stride, norms.data(), n, d, bits, cb.centroids.data(), a.data(), n);
+    k->mse_scores(q.data(), m, codes.data(), stride, norms.data(), n, d, bits, cb.centroids.data(), b.data(), n);
+    for (size_t i = 0; i < a.size(); ++i) ASSERT_NEAR(a[i], b[i], 1e-5f * (1.0f + std::fabs(a[i]))) << k->name;
+    scalar_kernels().mse_accumulate(a.data(), n, m, codes.data(), stride, norms.data(), n, d, bits, cb.centroids.data(), acc_a.data());
+    k->mse_accumulate(a.data(), n, m, codes.data(), stride, norms.data(), n, d, bits, cb.centroids.data(), acc_b.data());
+    for (size_t i = 0; i < acc_a.size(); ++i) ASSERT_NEAR(acc_a[i], acc_b[i], 1e-4f * (1.0f + std::fabs(acc_a[i]))) << k->name;
   }
 }
 
