@@ -9,6 +9,7 @@
 
 namespace turboquant::bindings {
 void bind_quantizer(py::module_& m);
+void bind_threads(py::module_& m);
 void bind_cache(py::module_& m);
 }  // namespace turboquant::bindings
 
@@ -55,5 +56,6 @@ PYBIND11_MODULE(_core, m) {
   }, "Compiler, SIMD targets and backends of this build.");
 
   bindings::bind_quantizer(m);
+  bindings::bind_threads(m);
   bindings::bind_cache(m);
 }

@@ -5,6 +5,7 @@
 #include <cmath>
 #include <limits>
 
+#include "backend/cpu/kernels.h"
 #include "turboquant/error.h"
 
 namespace turboquant {
@@ -40,12 +41,8 @@ void softmax_page(float* scores, size_t nb, size_t tb0, size_t r0, size_t r1, co
       row_max[r] = mx;
     }
     const float m = row_max[r];
-    float sum = 0.0f;
     for (size_t t = 0; t < a; ++t) s[t] = 0.0f;
-    for (size_t t = a; t < b; ++t) {
-      s[t] = std::exp(s[t] - m);
-      sum += s[t];
-    }
+    const float sum = cpu::active_kernels().exp_sum(s + a, b - a, m);  // SIMD exp
     for (size_t t = b; t < nb; ++t) s[t] = 0.0f;
     row_sum[r] += sum;
   }

@@ -38,7 +38,11 @@ const CpuFeatures& cpu_features() {
 
 std::vector<std::string> compiled_simd_targets() {
   // SIMD kernel sets register here as they are added (cpp/src/backend/cpu/*_avx2.cpp ...).
+#if defined(__x86_64__) || defined(__i386__)
+  return {"scalar", "avx2"};
+#else
   return {"scalar"};
+#endif
 }
 
 std::vector<std::string> available_simd_targets() {

@@ -7,6 +7,7 @@
 #include "turboquant/attention.h"
 #include "turboquant/error.h"
 #include "turboquant/rng.h"
+#include "turboquant/thread_pool.h"
 
 namespace turboquant {
 
@@ -139,8 +140,13 @@ void KVCache::append(int layer, const float* keys, const float* values, size_t T
   const auto d = static_cast<size_t>(config_.head_dim);
   const size_t bt = config_.block_tokens;
   try {
-    for (int h = 0; h < config_.n_kv_heads; ++h) {
-      for (KVRole role : {KVRole::kKey, KVRole::kValue}) {
+    // Streams (KV head × role) are independent: split them across the thread pool when the
+    // batch is large enough to pay for it (a single decode token stays on this thread).
+    const size_t streams = static_cast<size_t>(config_.n_kv_heads) * 2;
+    parallel_for(streams, T >= 16 ? 1 : streams, [&](size_t s0, size_t s1) {
+      for (size_t si = s0; si < s1; ++si) {
+        const int h = static_cast<int>(si / 2);
+        const KVRole role = si % 2 ? KVRole::kValue : KVRole::kKey;
         const size_t i = index(layer, h, role);
         const Quantizer& q = *quantizers_[i];
         PagedCodes& p = pages_[i];
@@ -155,7 +161,7 @@ void KVCache::append(int layer, const float* keys, const float* values, size_t T
           t += n;
         }
       }
-    }
+    });
   } catch (...) {
     // Codes past the old size are never read; give back the pages they took.
     for (int h = 0; h < config_.n_kv_heads; ++h)
@@ -304,8 +310,11 @@ void KVCache::attend(int layer, const float* queries, size_t T_q, float* out,
         std::memcpy(out + (qh * T_q + t) * d, &o[(t * G + g) * d], d * sizeof(float));
     }
   };
-  AttentionScratch scratch;
-  for (size_t h = 0; h < static_cast<size_t>(config_.n_kv_heads); ++h) attend_kv_head(h, scratch);
+  // KV heads split across the thread pool, one scratch per chunk of heads.
+  parallel_for(static_cast<size_t>(config_.n_kv_heads), 1, [&](size_t h0, size_t h1) {
+    AttentionScratch scratch;
+    for (size_t h = h0; h < h1; ++h) attend_kv_head(h, scratch);
+  });
 }
 
 }  // namespace turboquant

@@ -1,11 +1,14 @@
 #include "turboquant/quantizer.h"
 
+#include <algorithm>
 #include <cmath>
 #include <cstring>
 #include <map>
 #include <mutex>
 
+#include "backend/cpu/kernels.h"
 #include "turboquant/error.h"
+#include "turboquant/thread_pool.h"
 #include "turboquant/half.h"
 #include "turboquant/quantizer_outlier.h"
 
@@ -132,48 +135,59 @@ void Quantizer::store_norm(void* norms, size_t i, float value) const {
 }
 
 void Quantizer::load_norms(const void* norms, size_t n, float* out) const {
-  for (size_t i = 0; i < n; ++i) out[i] = load_norm(norms, i);
+  if (config_.norm_dtype == NormDtype::kFloat16) {
+    cpu::active_kernels().half_to_float(static_cast<const uint16_t*>(norms), n, out);
+  } else {
+    std::memcpy(out, norms, n * sizeof(float));
+  }
 }
 
 void Quantizer::encode(const float* x, size_t n, uint8_t* codes, void* norms) const {
   const auto d = static_cast<size_t>(dim());
-  for (size_t i = 0; i < n * d; ++i) {
-    if (!std::isfinite(x[i])) {
-      throw InvalidArgument(detail::concat("input contains NaN or Inf (vector ", i / d,
-                                           ", coordinate ", i % d, ")"));
+  const auto& k = cpu::active_kernels();
+  // Norms first (a non-finite input gives a non-finite norm), so that nothing is written
+  // unless the whole input is valid.
+  std::vector<float> norm(n);
+  parallel_for(n, 4096, [&](size_t b, size_t e) { k.row_norms(x + b * d, e - b, d, norm.data() + b); });
+  for (size_t r = 0; r < n; ++r) {
+    if (!std::isfinite(norm[r])) {
+      for (size_t j = 0; j < d; ++j)
+        TQ_CHECK(std::isfinite(x[r * d + j]), InvalidArgument, "input contains NaN or Inf (vector ", r,
+                 ", coordinate ", j, ")");
     }
   }
-  std::vector<float> norm(n);
   for (size_t r = 0; r < n; ++r) {
-    double s = 0.0;
-    for (size_t j = 0; j < d; ++j) s += static_cast<double>(x[r * d + j]) * x[r * d + j];
-    norm[r] = static_cast<float>(std::sqrt(s));
     TQ_CHECK(config_.norm_dtype != NormDtype::kFloat16 || norm[r] <= 65504.0f, InvalidArgument,
              "vector ", r, " has norm ", norm[r],
              ", above the fp16 norm range (65504); use norm_dtype='float32'");
   }
+  // Blocks of rows are independent: split them across the thread pool.
   const size_t block = 256;
-  std::vector<float> y(block * d);
-  for (size_t r0 = 0; r0 < n; r0 += block) {
-    const size_t nb = std::min(block, n - r0);
-    for (size_t r = 0; r < nb; ++r) {
-      const float inv = norm[r0 + r] > 0.0f ? 1.0f / norm[r0 + r] : 0.0f;
-      for (size_t j = 0; j < d; ++j) y[r * d + j] = x[(r0 + r) * d + j] * inv;
-    }
-    rotation_->forward(y.data(), y.data(), nb);
-    uint8_t* c = codes + r0 * code_bytes();
-    quantize_rotated(y.data(), nb, c);
-    if (config_.norm_correction) {
-      // Store ‖x‖/‖ỹ‖ so that the decoded vector has exactly the norm of x.
-      dequantize_rotated(c, nb, y.data());
+  const size_t nblocks = (n + block - 1) / block;
+  parallel_for(nblocks, 1, [&](size_t b0, size_t b1) {
+    std::vector<float> y(block * d);
+    for (size_t bi = b0; bi < b1; ++bi) {
+      const size_t r0 = bi * block;
+      const size_t nb = std::min(block, n - r0);
       for (size_t r = 0; r < nb; ++r) {
-        double s = 0.0;
-        for (size_t j = 0; j < d; ++j) s += static_cast<double>(y[r * d + j]) * y[r * d + j];
-        if (s > 0.0) norm[r0 + r] = static_cast<float>(norm[r0 + r] / std::sqrt(s));
+        const float inv = norm[r0 + r] > 0.0f ? 1.0f / norm[r0 + r] : 0.0f;
+        for (size_t j = 0; j < d; ++j) y[r * d + j] = x[(r0 + r) * d + j] * inv;
       }
+      rotation_->forward(y.data(), y.data(), nb);
+      uint8_t* c = codes + r0 * code_bytes();
+      quantize_rotated(y.data(), nb, c);
+      if (config_.norm_correction) {
+        // Store ‖x‖/‖ỹ‖ so that the decoded vector has exactly the norm of x.
+        dequantize_rotated(c, nb, y.data());
+        for (size_t r = 0; r < nb; ++r) {
+          double s = 0.0;
+          for (size_t j = 0; j < d; ++j) s += static_cast<double>(y[r * d + j]) * y[r * d + j];
+          if (s > 0.0) norm[r0 + r] = static_cast<float>(norm[r0 + r] / std::sqrt(s));
+        }
+      }
+      for (size_t r = 0; r < nb; ++r) store_norm(norms, r0 + r, norm[r0 + r]);
     }
-    for (size_t r = 0; r < nb; ++r) store_norm(norms, r0 + r, norm[r0 + r]);
-  }
+  });
 }
 
 void Quantizer::decode(const uint8_t* codes, const void* norms, size_t n, float* out) const {

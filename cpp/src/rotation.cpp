@@ -4,6 +4,7 @@
 #include <cmath>
 #include <cstring>
 
+#include "backend/cpu/kernels.h"
 #include "turboquant/error.h"
 #include "turboquant/rng.h"
 
@@ -25,17 +26,8 @@ RotationKind rotation_kind_from_string(const std::string& name) {
   throw InvalidArgument("rotation must be 'auto', 'dense' or 'hadamard', got '" + name + "'");
 }
 
-void fwht(float* x, size_t n) {
-  for (size_t h = 1; h < n; h <<= 1) {
-    for (size_t i = 0; i < n; i += 2 * h) {
-      for (size_t j = i; j < i + h; ++j) {
-        const float a = x[j], b = x[j + h];
-        x[j] = a + b;
-        x[j + h] = a - b;
-      }
-    }
-  }
-}
+// The active CPU kernel set's transform (SIMD where available; bit-identical to scalar).
+void fwht(float* x, size_t n) { cpu::active_kernels().fwht(x, n); }
 
 std::vector<float> Rotation::matrix() const {
   const auto d = static_cast<size_t>(dim_);
@@ -88,6 +80,7 @@ class HadamardRotation final : public Rotation {
   // Π = H D₂ H D₁ with H orthonormal; the two 1/√d factors are folded into one 1/d.
   void forward(const float* x, float* y, size_t n) const override {
     const auto d = static_cast<size_t>(dim_);
+    const auto fwht = cpu::active_kernels().fwht;
     for (size_t r = 0; r < n; ++r) {
       float* v = y + r * d;
       const float* u = x + r * d;
@@ -100,6 +93,7 @@ class HadamardRotation final : public Rotation {
   }
   void inverse(const float* y, float* x, size_t n) const override {
     const auto d = static_cast<size_t>(dim_);
+    const auto fwht = cpu::active_kernels().fwht;
     for (size_t r = 0; r < n; ++r) {
       float* v = x + r * d;
       const float* u = y + r * d;

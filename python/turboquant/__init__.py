@@ -13,9 +13,11 @@ from turboquant._core import (  # noqa: F401
     bytes_per_vector,
     codebook,
     effective_bits,
+    get_num_threads,
     methods,
     pack_indices,
     select_outlier_channels,
+    set_num_threads,
     unpack_indices,
 )
 from turboquant._core import KVCache  # noqa: F401
@@ -47,9 +49,11 @@ __all__ = [
     "bytes_per_vector",
     "codebook",
     "effective_bits",
+    "get_num_threads",
     "methods",
     "pack_indices",
     "select_outlier_channels",
+    "set_num_threads",
     "unpack_indices",
     "KVCache",
     "KVCacheBuilder",

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from turboquant.cli import benchmark, demo, distortion, info, precompute
+from turboquant.cli import bench, benchmark, demo, distortion, info, precompute
 
 COMMANDS = {
     "demo": (demo.HELP, demo.add_arguments, demo.run),
@@ -10,4 +10,5 @@ COMMANDS = {
     "precompute": (precompute.HELP, precompute.add_arguments, precompute.run),
     "benchmark": (benchmark.HELP, benchmark.add_arguments, benchmark.run),
     "info": (info.HELP, info.add_arguments, info.run),
+    "bench": (bench.HELP, bench.add_arguments, bench.run),
 }

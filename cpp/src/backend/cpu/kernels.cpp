@@ -3,6 +3,7 @@
 #include <string>
 
 #include "backend/cpu/kernels.h"
+#include "turboquant/backend.h"
 #include "turboquant/error.h"
 
 namespace turboquant::cpu {
@@ -10,6 +11,11 @@ namespace turboquant::cpu {
 std::vector<const Kernels*> usable_kernels() {
   std::vector<const Kernels*> k{&scalar_kernels()};
   // SIMD variants are appended here, best last, when the CPU supports them.
+  const auto& f = cpu_features();
+#if defined(__x86_64__) || defined(__i386__)
+  if (f.avx2 && f.fma && f.f16c) k.push_back(&avx2_kernels());
+#endif
+  (void)f;
   return k;
 }
 

@@ -30,9 +30,21 @@ struct Kernels {
   void (*mse_accumulate)(const float* w, size_t w_stride, size_t m, const uint8_t* codes,
                          size_t code_bytes, const float* norms, size_t n, size_t d, int bits,
                          const float* centroids, float* acc);
+  // out[r] = sqrt(Σ_j x[r*d + j]²) for n rows, accumulated in double in a fixed order
+  // (16 partial sums, lane j % 16, folded to 8 and combined pairwise) so every variant gives the same bits;
+  // NaN/Inf anywhere in a row gives a non-finite norm.
+  void (*row_norms)(const float* x, size_t n, size_t d, float* out);
+  // out[i] = the fp16 value h[i] as fp32 (exact; stored norms are fp16).
+  void (*half_to_float)(const uint16_t* h, size_t n, float* out);
+  // s[t] = exp(s[t] - shift) for t < n (arguments <= 0 in softmax); returns Σ s[t].
+  // SIMD variants use a polynomial exp within 2 ulp of std::exp.
+  float (*exp_sum)(float* s, size_t n, float shift);
 };
 
 const Kernels& scalar_kernels();
+#if defined(__x86_64__) || defined(__i386__)
+const Kernels& avx2_kernels();  // needs avx2 + fma + f16c (kernels_avx2.cpp)
+#endif
 // The best kernel set for this CPU, or the one named by TURBOQUANT_SIMD ("scalar", ...).
 const Kernels& active_kernels();
 // Every kernel set compiled in and usable on this CPU (for tests and benchmarks).

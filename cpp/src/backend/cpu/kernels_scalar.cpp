@@ -1,7 +1,9 @@
 // Scalar reference kernels: the definition of correct for every SIMD variant.
+#include <cmath>
 #include <vector>
 
 #include "backend/cpu/kernels.h"
+#include "turboquant/half.h"
 #include "turboquant/packing.h"
 
 namespace turboquant::cpu {
@@ -67,11 +69,38 @@ void mse_accumulate_scalar(const float* w, size_t w_stride, size_t m, const uint
   }
 }
 
+void row_norms_scalar(const float* x, size_t n, size_t d, float* out) {
+  for (size_t r = 0; r < n; ++r) {
+    double s[16] = {};
+    for (size_t j = 0; j < d; ++j) {
+      const double v = x[r * d + j];
+      s[j % 16] += v * v;  // exact product: float squares fit a double
+    }
+    for (size_t k = 0; k < 8; ++k) s[k] += s[k + 8];
+    const double t = ((s[0] + s[1]) + (s[2] + s[3])) + ((s[4] + s[5]) + (s[6] + s[7]));
+    out[r] = static_cast<float>(std::sqrt(t));
+  }
+}
+
+void half_to_float_scalar(const uint16_t* h, size_t n, float* out) {
+  for (size_t i = 0; i < n; ++i) out[i] = half_to_float(h[i]);
+}
+
+float exp_sum_scalar(float* s, size_t n, float shift) {
+  float sum = 0.0f;
+  for (size_t t = 0; t < n; ++t) {
+    s[t] = std::exp(s[t] - shift);
+    sum += s[t];
+  }
+  return sum;
+}
+
 }  // namespace
 
 const Kernels& scalar_kernels() {
   static const Kernels k{"scalar", fwht_scalar, quantize_pack_scalar, mse_scores_scalar,
-                         mse_accumulate_scalar};
+                         mse_accumulate_scalar, row_norms_scalar, half_to_float_scalar,
+                         exp_sum_scalar};
   return k;
 }
 

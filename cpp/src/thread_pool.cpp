@@ -1,0 +1,186 @@
+#include "turboquant/thread_pool.h"
+
+#include <algorithm>
+#include <atomic>
+#include <condition_variable>
+#include <cstdlib>
+#include <exception>
+#include <mutex>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "turboquant/error.h"
+
+#if defined(__unix__) || defined(__APPLE__)
+#include <unistd.h>
+#define TQ_HAVE_GETPID 1
+#endif
+
+namespace turboquant {
+namespace {
+
+int default_threads() {
+  if (const char* env = std::getenv("TURBOQUANT_NUM_THREADS"); env && *env) {
+    const int n = std::atoi(env);
+    if (n >= 1 && n <= 1024) return n;
+  }
+  return std::max(1, static_cast<int>(std::thread::hardware_concurrency()));
+}
+
+thread_local bool tls_in_parallel = false;
+
+class Pool {
+ public:
+  ~Pool() { stop(); }
+
+  int threads() {
+    std::lock_guard<std::mutex> lock(run_mutex_);
+    return threads_;
+  }
+
+  void resize(int n) {
+    std::lock_guard<std::mutex> lock(run_mutex_);  // waits for a running job
+    stop();
+    threads_ = n;
+    start();
+  }
+
+  void run(size_t n, size_t grain, const std::function<void(size_t, size_t)>& fn) {
+    if (n == 0) return;
+    grain = std::max<size_t>(grain, 1);
+    std::unique_lock<std::mutex> run_lock(run_mutex_, std::defer_lock);
+    if (!tls_in_parallel && run_lock.try_lock()) {
+      after_fork();
+    } else {
+      fn(0, n);
+      return;
+    }
+    if (n <= grain || threads_ <= 1) {
+      fn(0, n);
+      return;
+    }
+    const size_t chunks = std::min((n + grain - 1) / grain, static_cast<size_t>(threads_) * 4);
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      fn_ = &fn;
+      n_ = n;
+      chunk_ = (n + chunks - 1) / chunks;
+      next_.store(0);
+      pending_ = workers_.size();
+      error_ = nullptr;
+      ++generation_;
+    }
+    wake_.notify_all();
+    work();
+    std::unique_lock<std::mutex> lock(mutex_);
+    done_.wait(lock, [&] { return pending_ == 0; });
+    fn_ = nullptr;
+    if (error_) std::rethrow_exception(error_);
+  }
+
+ private:
+  // Workers do not survive fork(): a child process starts its own (the parent's thread
+  // objects are left alone, as they name threads of another process).
+  void after_fork() {
+#ifdef TQ_HAVE_GETPID
+    if (getpid() == pid_) return;
+    new std::vector<std::thread>(std::move(workers_));  // intentionally leaked
+    workers_.clear();
+    start();
+#endif
+  }
+  void start() {
+#ifdef TQ_HAVE_GETPID
+    pid_ = getpid();
+#endif
+    stopping_ = false;
+    // A worker starts from the generation current now, so a job posted before it first
+    // locks the mutex is not missed.
+    uint64_t g;
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      g = generation_;
+    }
+    for (int i = 1; i < threads_; ++i) workers_.emplace_back([this, g] { loop(g); });
+  }
+  void stop() {
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      stopping_ = true;
+    }
+    wake_.notify_all();
+    for (auto& t : workers_) t.join();
+    workers_.clear();
+  }
+
+  // Takes chunks until none is left.
+  void work() {
+    tls_in_parallel = true;
+    for (;;) {
+      const size_t b = next_.fetch_add(chunk_);
+      if (b >= n_) break;
+      try {
+        (*fn_)(b, std::min(n_, b + chunk_));
+      } catch (...) {
+        std::lock_guard<std::mutex> lock(mutex_);
+        if (!error_) error_ = std::current_exception();
+      }
+    }
+    tls_in_parallel = false;
+  }
+
+  void loop(uint64_t seen) {
+    for (;;) {
+      {
+        std::unique_lock<std::mutex> lock(mutex_);
+        wake_.wait(lock, [&] { return stopping_ || generation_ != seen; });
+        if (stopping_) return;
+        seen = generation_;
+      }
+      work();
+      {
+        std::lock_guard<std::mutex> lock(mutex_);
+        if (--pending_ == 0) done_.notify_one();
+      }
+    }
+  }
+
+  std::mutex run_mutex_;  // one parallel_for (or resize) at a time
+  std::mutex mutex_;
+  std::condition_variable wake_, done_;
+  std::vector<std::thread> workers_;
+  int threads_ = 1;
+  bool stopping_ = false;
+  uint64_t generation_ = 0;
+  const std::function<void(size_t, size_t)>* fn_ = nullptr;
+  size_t n_ = 0, chunk_ = 1, pending_ = 0;
+  std::atomic<size_t> next_{0};
+  std::exception_ptr error_;
+#ifdef TQ_HAVE_GETPID
+  pid_t pid_ = 0;
+#endif
+
+ public:
+  Pool() : threads_(default_threads()) { start(); }
+};
+
+Pool& pool() {
+  static Pool p;
+  return p;
+}
+
+}  // namespace
+
+int get_num_threads() { return pool().threads(); }
+
+void set_num_threads(int n) {
+  TQ_CHECK(n >= 0 && n <= 1024, InvalidArgument, "num_threads must be in [0, 1024] (0 = default), got ", n);
+  pool().resize(n == 0 ? default_threads() : n);
+}
+
+void parallel_for(size_t n, size_t grain, const std::function<void(size_t, size_t)>& fn) {
+  pool().run(n, grain, fn);
+}
+
+}  // namespace turboquant

@@ -1,0 +1,34 @@
+"""``python -m turboquant bench`` (and bench/compare.py) runs end to end on a tiny problem."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import turboquant as tq
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_bench_cli_prints_every_method_and_ratios():
+    r = subprocess.run([sys.executable, "-m", "turboquant", "bench", "--contexts", "256", "--kv-heads", "2",
+                        "--repeat", "1", "--min-time", "0", "--bits", "2,3"],
+                       capture_output=True, text=True, timeout=240)
+    assert r.returncode == 0, r.stderr
+    out = r.stdout
+    assert "memory bandwidth" in out
+    for name in ("numpy-fp32", "turboquant-2b", "turboquant-3b"):
+        line = next(ln for ln in out.splitlines() if ln.strip().startswith(name))
+        assert "x" in line and "%" in line
+    try:
+        import mlx.core  # noqa: F401
+        assert "mlx-fp16-sdpa" in out and "mlx-q4" in out and "mlx-q8" in out
+    except ImportError:
+        pass
+    assert "M vectors/s" in out and "single query" in out
+
+
+def test_compare_script_is_the_same_command():
+    env = {"PYTHONPATH": str(Path(tq.__file__).resolve().parent.parent)}
+    r = subprocess.run([sys.executable, str(ROOT / "bench" / "compare.py"), "--help"],
+                       capture_output=True, text=True, timeout=60, env=env)
+    assert r.returncode == 0 and "--contexts" in r.stdout
