@@ -9,6 +9,7 @@
 
 namespace turboquant::bindings {
 void bind_quantizer(py::module_& m);
+void bind_cache(py::module_& m);
 }  // namespace turboquant::bindings
 
 namespace py = pybind11;
@@ -54,4 +55,5 @@ PYBIND11_MODULE(_core, m) {
   }, "Compiler, SIMD targets and backends of this build.");
 
   bindings::bind_quantizer(m);
+  bindings::bind_cache(m);
 }

@@ -77,6 +77,14 @@ Quantizer::Quantizer(const QuantizerConfig& config) : config_(config) {
   config_.rotation = rotation_->kind();
 }
 
+size_t Quantizer::state_bytes() const { return rotation_->parameters().size() * sizeof(float); }
+
+void Quantizer::set_rotation(std::unique_ptr<Rotation> rotation) {
+  TQ_CHECK(rotation && rotation->dim() == dim(), InvalidArgument, "rotation must have dim ", dim());
+  rotation_ = std::move(rotation);
+  config_.rotation = rotation_->kind();
+}
+
 float Quantizer::load_norm(const void* norms, size_t i) const {
   if (config_.norm_dtype == NormDtype::kFloat16) {
     return half_to_float(static_cast<const half_bits*>(norms)[i]);

@@ -85,6 +85,12 @@ class Quantizer {
   // acc (m×dim, rotated domain) <- Πᵀ acc: once per attention call.
   void finish_rotated(float* acc, size_t m) const { rotation_->inverse(acc, acc, m); }
 
+  // Bytes of the quantizer's own state (rotation parameters; methods with more state, such
+  // as a QJL matrix, override and add theirs): what a cache pays per quantizer it owns.
+  virtual size_t state_bytes() const;
+  // Replaces Π, e.g. by one loaded from an artifact store; must have this dim.
+  void set_rotation(std::unique_ptr<Rotation> rotation);
+
   float load_norm(const void* norms, size_t i) const;
   void store_norm(void* norms, size_t i, float value) const;
   void load_norms(const void* norms, size_t n, float* out) const;

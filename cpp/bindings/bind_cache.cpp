@@ -1,0 +1,212 @@
+// Python bindings of the cache layer: turboquant._core.KVCache (kv_cache.h, attention.h).
+// Shapes: keys/values (T, d) | (H_kv, T, d) | (1, H_kv, T, d); queries (d,) | (T, d) |
+// (H_q, T, d) | (1, H_q, T, d). float32 input is read in place, float16 converted once.
+#include <pybind11/stl.h>
+
+#include <optional>
+
+#include "common.h"
+#include "turboquant/kv_cache.h"
+
+namespace turboquant::bindings {
+
+namespace {
+
+std::string shape_str(const std::vector<py::ssize_t>& lead, size_t d) {
+  std::string s = "(";
+  for (auto v : lead) s += std::to_string(v) + ", ";
+  return s + std::to_string(d) + ")";
+}
+
+// Number of heads and tokens of a (T, d) | (H, T, d) | (1, H, T, d) array.
+std::pair<size_t, size_t> heads_tokens(const FloatRows& r, size_t expected_heads, const char* what,
+                                       const char* heads_name) {
+  const auto& s = r.lead_shape;
+  size_t H = 1, T = 0;
+  if (s.size() == 1) {
+    T = static_cast<size_t>(s[0]);
+  } else if (s.size() == 2) {
+    H = static_cast<size_t>(s[0]);
+    T = static_cast<size_t>(s[1]);
+  } else if (s.size() == 3) {
+    TQ_CHECK(s[0] == 1, InvalidArgument, what, " batch size must be 1 (one cache per sequence), got shape ",
+             shape_str(s, r.dim));
+    H = static_cast<size_t>(s[1]);
+    T = static_cast<size_t>(s[2]);
+  } else {
+    throw InvalidArgument(std::string(what) + " must be (T, d), (H, T, d) or (1, H, T, d), got shape " +
+                          shape_str(s, r.dim));
+  }
+  TQ_CHECK(H == expected_heads, InvalidArgument, what, " has ", H, " heads (shape ", shape_str(s, r.dim),
+           ") but the cache has ", heads_name, "=", expected_heads,
+           s.size() == 1 ? " (pass (H, T, d))" : "");
+  return {H, T};
+}
+
+RotationKind role_kind_check(const std::string& role) {
+  TQ_CHECK(role == "key" || role == "value", InvalidArgument, "role must be 'key' or 'value', got '", role, "'");
+  return RotationKind::kAuto;
+}
+KVRole role_from(const std::string& role) {
+  role_kind_check(role);
+  return role == "key" ? KVRole::kKey : KVRole::kValue;
+}
+
+}  // namespace
+
+void bind_cache(py::module_& m) {
+  py::class_<KVCache>(m, "KVCache", R"doc(
+Compressed KV cache: n_layers x n_kv_heads streams of key and value codes (paged), with
+attention computed from the codes.
+
+    kv = turboquant._core.KVCache(128, n_layers=2, n_q_heads=8, n_kv_heads=2, key_bits=4)
+    kv.append(keys, values, layer=0)       # (T, d) | (H_kv, T, d) | (1, H_kv, T, d)
+    out = kv.attend(queries, layer=0)      # (d,) | (T_q, d) | (H_q, T_q, d) | (1, H_q, T_q, d)
+
+The T_q queries are the last T_q positions of the layer: query i sees keys
+[0, len - T_q + i] when causal, and with window=w only the last w of those.
+)doc")
+      .def(py::init([](int head_dim, int n_layers, int n_q_heads, int n_kv_heads, const std::string& key_method,
+                       int key_bits, const std::string& value_method, int value_bits, uint64_t seed,
+                       const std::string& rotation, int jl_dim, size_t block_tokens, size_t max_tokens) {
+             KVCacheConfig c;
+             c.head_dim = head_dim;
+             c.n_layers = n_layers;
+             c.n_q_heads = n_q_heads;
+             c.n_kv_heads = n_kv_heads;
+             c.key_method = key_method;
+             c.key_bits = key_bits;
+             c.value_method = value_method;
+             c.value_bits = value_bits;
+             c.seed = seed;
+             c.rotation = rotation_kind_from_string(rotation);
+             c.jl_dim = jl_dim;
+             c.block_tokens = block_tokens;
+             c.max_tokens = max_tokens;
+             py::gil_scoped_release release;
+             return std::make_unique<KVCache>(c);
+           }),
+           py::arg("head_dim"), py::arg("n_layers") = 1, py::arg("n_q_heads") = 1, py::arg("n_kv_heads") = 1,
+           py::arg("key_method") = "turboquant_mse", py::arg("key_bits") = 3,
+           py::arg("value_method") = "turboquant_mse", py::arg("value_bits") = 3, py::arg("seed") = 0,
+           py::arg("rotation") = "auto", py::arg("jl_dim") = 0, py::arg("block_tokens") = 256,
+           py::arg("max_tokens") = 0)
+      .def("append", [](KVCache& kv, const py::handle& keys, const py::handle& values, int layer) {
+        const auto d = static_cast<size_t>(kv.head_dim());
+        const FloatRows k = float_rows(keys, d, "keys", false, 2);
+        const FloatRows v = float_rows(values, d, "values", false, 2);
+        TQ_CHECK(k.lead_shape == v.lead_shape, InvalidArgument, "keys shape ", shape_str(k.lead_shape, d),
+                 " differs from values shape ", shape_str(v.lead_shape, d));
+        const size_t H = static_cast<size_t>(kv.config().n_kv_heads);
+        const size_t T = heads_tokens(k, H, "keys", "n_kv_heads").second;
+        std::vector<float> kf, vf;
+        if (k.is_half) kf = k.to_float();
+        if (v.is_half) vf = v.to_float();
+        const float* kp = k.is_half ? kf.data() : static_cast<const float*>(k.data);
+        const float* vp = v.is_half ? vf.data() : static_cast<const float*>(v.data);
+        py::gil_scoped_release release;
+        kv.append(layer, kp, vp, T);
+      }, py::arg("keys"), py::arg("values"), py::arg("layer") = 0,
+      "Append T tokens of every KV head to one layer (float32 read in place; float16 converted).")
+      .def("attend", [](const KVCache& kv, const py::handle& queries, int layer, bool causal,
+                        std::optional<float> scale, std::optional<size_t> window) {
+        const auto d = static_cast<size_t>(kv.head_dim());
+        const FloatRows q = float_rows(queries, d, "queries", false, 1);
+        const size_t H = static_cast<size_t>(kv.config().n_q_heads);
+        size_t T = 1;
+        if (!q.lead_shape.empty()) {
+          T = heads_tokens(q, H, "queries", "n_q_heads").second;
+        } else {
+          TQ_CHECK(H == 1, InvalidArgument, "a single (d,) query needs n_q_heads=1; the cache has n_q_heads=",
+                   H, " (pass (H_q, T_q, d))");
+        }
+        std::vector<float> qf;
+        if (q.is_half) qf = q.to_float();
+        const float* qp = q.is_half ? qf.data() : static_cast<const float*>(q.data);
+        std::vector<py::ssize_t> shape(q.lead_shape);
+        shape.push_back(static_cast<py::ssize_t>(d));
+        py::array_t<float> out(shape);
+        float* op = out.mutable_data();
+        AttentionOptions opt;
+        opt.causal = causal;
+        opt.scale = scale;
+        opt.window = window;
+        {
+          py::gil_scoped_release release;
+          kv.attend(layer, qp, T, op, opt);
+        }
+        return out;
+      }, py::arg("queries"), py::arg("layer") = 0, py::arg("causal") = true, py::arg("scale") = py::none(),
+      py::arg("window") = py::none(),
+      "Attention from the codes; float32 output of the queries' shape. scale defaults to 1/sqrt(d).")
+      .def("size", &KVCache::size, py::arg("layer") = 0, "tokens held by a layer")
+      .def("__len__", [](const KVCache& kv) { return kv.size(0); })
+      .def("trim", &KVCache::trim, py::arg("n"),
+           "Remove the last n tokens of every layer; returns how many were removed from layer 0.")
+      .def("memory_bytes", &KVCache::memory_bytes,
+           "Exact bytes allocated: code and norm pages plus rotation/QJL state.")
+      .def("fp16_bytes", &KVCache::fp16_bytes, "bytes the same tokens take as fp16 K and V")
+      .def("decode", [](const KVCache& kv, int layer, int kv_head, const std::string& role, size_t start,
+                        std::optional<size_t> count) {
+        const KVRole r = role_from(role);
+        const Quantizer& q = r == KVRole::kKey ? kv.key_quantizer(layer, kv_head) : kv.value_quantizer(layer, kv_head);
+        const size_t n = kv.size(layer);
+        TQ_CHECK(start <= n, InvalidArgument, "start ", start, " beyond the layer's ", n, " tokens");
+        const size_t c = count ? *count : n - start;
+        TQ_CHECK(start + c <= n, InvalidArgument, "tokens [", start, ", ", start + c, ") beyond the layer's ", n, " tokens");
+        py::array_t<float> out({static_cast<py::ssize_t>(c), static_cast<py::ssize_t>(q.dim())});
+        float* op = out.mutable_data();
+        {
+          py::gil_scoped_release release;
+          std::vector<uint8_t> codes(c * q.code_bytes()), norms(c * q.norm_bytes());
+          kv.copy_out(layer, kv_head, r, start, c, codes.data(), norms.data());
+          q.decode(codes.data(), norms.data(), c, op);
+        }
+        return out;
+      }, py::arg("layer") = 0, py::arg("kv_head") = 0, py::arg("role") = "key", py::arg("start") = 0,
+      py::arg("count") = py::none(), "The decoded (dequantized) keys or values of one head, (count, d) float32.")
+      .def("rotation_parameters", [](const KVCache& kv, int layer, int kv_head, const std::string& role) {
+        const KVRole r = role_from(role);
+        const Quantizer& q = r == KVRole::kKey ? kv.key_quantizer(layer, kv_head) : kv.value_quantizer(layer, kv_head);
+        const auto p = q.rotation().parameters();
+        return py::make_tuple(to_string(q.rotation().kind()),
+                              py::array_t<float>(static_cast<py::ssize_t>(p.size()), p.data()));
+      }, py::arg("layer"), py::arg("kv_head"), py::arg("role"), "(kind, parameters) of a stream's rotation")
+      .def("set_rotation_parameters", [](KVCache& kv, int layer, int kv_head, const std::string& role,
+                                         const std::string& kind, py::array_t<float, py::array::c_style | py::array::forcecast> params) {
+        const KVRole r = role_from(role);
+        auto rot = Rotation::from_parameters(rotation_kind_from_string(kind), kv.head_dim(),
+                                             std::span<const float>(params.data(), static_cast<size_t>(params.size())));
+        kv.set_rotation(layer, kv_head, r, std::move(rot));
+      }, py::arg("layer"), py::arg("kv_head"), py::arg("role"), py::arg("kind"), py::arg("parameters"),
+      "Replace a stream's rotation (artifact stores); only while the layer is empty.")
+      .def("bytes_per_token", [](const KVCache& kv) {
+        const auto& c = kv.config();
+        size_t b = 0;
+        for (int h = 0; h < c.n_kv_heads; ++h)
+          b += kv.key_quantizer(0, h).bytes_per_vector() + kv.value_quantizer(0, h).bytes_per_vector();
+        return b * static_cast<size_t>(c.n_layers);
+      }, "stored bytes per token over all layers and heads (codes + norms)")
+      .def_property_readonly("head_dim", [](const KVCache& kv) { return kv.config().head_dim; })
+      .def_property_readonly("n_layers", [](const KVCache& kv) { return kv.config().n_layers; })
+      .def_property_readonly("n_q_heads", [](const KVCache& kv) { return kv.config().n_q_heads; })
+      .def_property_readonly("n_kv_heads", [](const KVCache& kv) { return kv.config().n_kv_heads; })
+      .def_property_readonly("key_method", [](const KVCache& kv) { return kv.config().key_method; })
+      .def_property_readonly("key_bits", [](const KVCache& kv) { return kv.config().key_bits; })
+      .def_property_readonly("value_method", [](const KVCache& kv) { return kv.config().value_method; })
+      .def_property_readonly("value_bits", [](const KVCache& kv) { return kv.config().value_bits; })
+      .def_property_readonly("seed", [](const KVCache& kv) { return kv.config().seed; })
+      .def_property_readonly("rotation", [](const KVCache& kv) { return to_string(kv.key_quantizer(0, 0).rotation().kind()); })
+      .def_property_readonly("jl_dim", [](const KVCache& kv) { return kv.config().jl_dim; })
+      .def_property_readonly("block_tokens", [](const KVCache& kv) { return kv.config().block_tokens; })
+      .def_property_readonly("max_tokens", [](const KVCache& kv) { return kv.config().max_tokens; })
+      .def("__repr__", [](const KVCache& kv) {
+        const auto& c = kv.config();
+        return "KVCache(head_dim=" + std::to_string(c.head_dim) + ", n_layers=" + std::to_string(c.n_layers) +
+               ", n_q_heads=" + std::to_string(c.n_q_heads) + ", n_kv_heads=" + std::to_string(c.n_kv_heads) +
+               ", key='" + c.key_method + "'/" + std::to_string(c.key_bits) + "b, value='" + c.value_method + "'/" +
+               std::to_string(c.value_bits) + "b, tokens=" + std::to_string(kv.size(0)) + ")";
+      });
+}
+
+}  // namespace turboquant::bindings

@@ -1,0 +1,130 @@
+// The compressed KV cache (DESIGN §2-§3): for every layer and KV head, keys and values are
+// stored only as quantizer codes plus fp16 norms, in paged blocks of `block_tokens` tokens
+// (codes and norms in separate arrays; growing the cache allocates new blocks and never
+// moves old ones). Keys and values have independent methods and bit widths. Attention is
+// answered from the codes by attention.h; fp16 K/V are never rebuilt.
+//
+// Random streams: the quantizer of (layer, kv_head, role) uses
+//   stream = make_stream_id(StreamPurpose{0}, layer, 2*kv_head + role), role 0 = key, 1 = value,
+// which each quantizer further xors with its own purpose (rotation, QJL), see rng.h.
+// Not thread-safe for concurrent mutation; attend() on different layers may run concurrently.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <memory>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "turboquant/quantizer.h"
+
+namespace turboquant {
+
+struct KVCacheConfig {
+  int head_dim = 128;
+  int n_layers = 1;
+  int n_q_heads = 1;
+  int n_kv_heads = 1;
+  std::string key_method = "turboquant_mse";
+  int key_bits = 3;
+  std::string value_method = "turboquant_mse";
+  int value_bits = 3;
+  uint64_t seed = 0;
+  RotationKind rotation = RotationKind::kAuto;
+  int jl_dim = 0;               // QJL sketch size for prod/qjl; 0 means head_dim
+  size_t block_tokens = 256;    // tokens per page
+  size_t max_tokens = 0;        // per layer; 0 means unbounded
+
+  // Throws InvalidArgument naming the first bad field.
+  void validate() const;
+  int group_size() const { return n_q_heads / n_kv_heads; }
+};
+
+enum class KVRole : uint32_t { kKey = 0, kValue = 1 };
+uint64_t kv_stream_id(uint32_t layer, uint32_t kv_head, KVRole role);
+
+// The pages of one (layer, kv_head, role): block b holds tokens [b*bt, (b+1)*bt).
+struct PagedCodes {
+  std::vector<std::unique_ptr<uint8_t[]>> code_blocks;  // bt × code_bytes each
+  std::vector<std::unique_ptr<uint8_t[]>> norm_blocks;  // bt × norm_bytes each (fp16)
+};
+
+// A read-only view of one head's codes for the attention kernels.
+struct HeadCodes {
+  const Quantizer* quantizer = nullptr;
+  const PagedCodes* pages = nullptr;
+  size_t block_tokens = 0;
+};
+
+struct AttentionOptions {
+  bool causal = true;
+  std::optional<float> scale;     // default 1/sqrt(head_dim)
+  std::optional<size_t> window;   // sliding window: a query sees at most the last w keys
+};
+
+class KVCache {
+ public:
+  explicit KVCache(const KVCacheConfig& config);
+
+  const KVCacheConfig& config() const { return config_; }
+  int head_dim() const { return config_.head_dim; }
+
+  // Appends T tokens to one layer: keys and values are n_kv_heads × T × head_dim fp32
+  // (head-major). Validates everything first; on error the cache is unchanged.
+  void append(int layer, const float* keys, const float* values, size_t T);
+
+  // Attention of T_q queries per query head over the layer's tokens. queries and out are
+  // n_q_heads × T_q × head_dim. The queries are the LAST T_q positions of the layer:
+  // query t (0-based) sits at position size - T_q + t and, when causal, sees keys
+  // [0, size - T_q + t]; with a window w only the last w of those. Non-causal queries see
+  // every key (the last w with a window). Query heads of one KV head are processed
+  // together (GQA), so its codes are read once per call.
+  void attend(int layer, const float* queries, size_t T_q, float* out,
+              const AttentionOptions& options = {}) const;
+
+  size_t size(int layer = 0) const;
+  // Removes the last n tokens of every layer (fewer when a layer is shorter); frees pages
+  // no longer needed. Returns the number removed from layer 0.
+  size_t trim(size_t n);
+  // Truncates every layer to at most `length` tokens.
+  void truncate(size_t length);
+
+  // Every byte this cache allocated for data: code and norm pages, and the quantizers'
+  // own state (rotations, QJL matrices). Bookkeeping (vectors of pointers) is not counted.
+  size_t memory_bytes() const;
+  // Bytes the same tokens would take as fp16 K and V.
+  size_t fp16_bytes() const;
+
+  const Quantizer& key_quantizer(int layer, int kv_head) const;
+  const Quantizer& value_quantizer(int layer, int kv_head) const;
+  // Replaces a quantizer's rotation (artifact stores); only while the cache is empty.
+  void set_rotation(int layer, int kv_head, KVRole role, std::unique_ptr<Rotation> rotation);
+
+  HeadCodes head_codes(int layer, int kv_head, KVRole role) const;
+  const PagedCodes& pages(int layer, int kv_head, KVRole role) const;
+
+  // Serialization (serialize.h defines the file format).
+  void save(const std::string& path) const;
+  static std::unique_ptr<KVCache> load(const std::string& path);
+  // Raw page access used by serialization: copies tokens [t0, t0+n) of one stream.
+  void copy_out(int layer, int kv_head, KVRole role, size_t t0, size_t n, uint8_t* codes,
+                uint8_t* norms) const;
+  // Appends n already-encoded tokens to one layer (load, copies between caches): codes[i]
+  // and norms[i] for stream i = 2*kv_head + role, each n rows of that stream's row size.
+  void append_encoded(int layer, size_t n, const std::vector<const uint8_t*>& codes,
+                      const std::vector<const uint8_t*>& norms);
+
+ private:
+  size_t index(int layer, int kv_head, KVRole role) const;
+  void check_layer(int layer) const;
+  void ensure_blocks(PagedCodes& p, const Quantizer& q, size_t tokens);
+  void release_blocks(PagedCodes& p, size_t tokens);
+
+  KVCacheConfig config_;
+  std::vector<std::unique_ptr<Quantizer>> quantizers_;  // [layer][kv_head][role]
+  std::vector<PagedCodes> pages_;                       // same indexing
+  std::vector<size_t> sizes_;                           // tokens per layer
+};
+
+}  // namespace turboquant

@@ -1,0 +1,136 @@
+#include "turboquant/attention.h"
+
+#include <Eigen/Core>
+#include <algorithm>
+#include <cmath>
+#include <limits>
+
+#include "turboquant/error.h"
+
+namespace turboquant {
+namespace {
+
+using RowMatrix = Eigen::Matrix<float, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
+
+// Online softmax over one page: turns the raw scores of rows [r0, r1) (stride nb) into
+// weights exp(scale·s - new_max), zero outside each row's mask, and rescales the rows'
+// running sums and accumulators when their maximum grows.
+void softmax_page(float* scores, size_t nb, size_t tb0, size_t r0, size_t r1, const RowMask& mask,
+                  float scale, size_t d, float* row_max, float* row_sum, float* acc) {
+  constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+  for (size_t r = r0; r < r1; ++r) {
+    float* s = scores + (r - r0) * nb;
+    // Visible part of this page for row r: [a, b) in page coordinates.
+    const size_t a = mask.lo[r] > tb0 ? mask.lo[r] - tb0 : 0;
+    const size_t b = mask.hi[r] + 1 > tb0 ? std::min(nb, mask.hi[r] + 1 - tb0) : 0;
+    float mx = kNegInf;
+    for (size_t t = a; t < b; ++t) {
+      s[t] *= scale;
+      mx = std::max(mx, s[t]);
+    }
+    if (a >= b || mx == kNegInf) {
+      std::fill(s, s + nb, 0.0f);
+      continue;
+    }
+    if (mx > row_max[r]) {
+      const float f = std::exp(row_max[r] - mx);  // 0 when row_max was -inf
+      row_sum[r] *= f;
+      float* ar = acc + r * d;
+      for (size_t j = 0; j < d; ++j) ar[j] *= f;
+      row_max[r] = mx;
+    }
+    const float m = row_max[r];
+    float sum = 0.0f;
+    for (size_t t = 0; t < a; ++t) s[t] = 0.0f;
+    for (size_t t = a; t < b; ++t) {
+      s[t] = std::exp(s[t] - m);
+      sum += s[t];
+    }
+    for (size_t t = b; t < nb; ++t) s[t] = 0.0f;
+    row_sum[r] += sum;
+  }
+}
+
+}  // namespace
+
+void attend_head(const HeadCodes& keys, const HeadCodes& values, size_t n_tokens,
+                 const float* queries, size_t m, const RowMask& mask, float scale, float* out,
+                 AttentionScratch& sc, bool force_gemm, bool force_hooks) {
+  const Quantizer& kq = *keys.quantizer;
+  const Quantizer& vq = *values.quantizer;
+  const auto d = static_cast<size_t>(kq.dim());
+  TQ_CHECK(vq.dim() == kq.dim(), InvalidArgument, "key and value head_dim differ");
+  TQ_CHECK(keys.block_tokens == values.block_tokens, InvalidArgument, "page sizes differ");
+  TQ_CHECK(mask.lo.size() == m && mask.hi.size() == m, InvalidArgument, "mask has wrong size");
+  if (m == 0) return;
+  for (size_t r = 0; r < m; ++r) {
+    TQ_CHECK(mask.hi[r] < n_tokens && mask.lo[r] <= mask.hi[r], InvalidArgument, "row ", r,
+             " sees keys [", mask.lo[r], ", ", mask.hi[r], "] outside [0, ", n_tokens, ")");
+    TQ_CHECK(r == 0 || (mask.hi[r] >= mask.hi[r - 1] && mask.lo[r] >= mask.lo[r - 1]),
+             InvalidArgument, "mask rows must be sorted by position");
+  }
+  const bool gemm = !force_hooks && (force_gemm || m >= kGemmMinRows);
+  const size_t bt = keys.block_tokens;
+  const size_t sf = kq.query_state_floats();
+
+  if (gemm) {
+    sc.qrot.resize(m * d);
+    kq.rotation().forward(queries, sc.qrot.data(), m);
+  } else {
+    sc.state.resize(m * sf);
+    kq.prepare_queries(queries, m, sc.state.data());
+  }
+  sc.acc.assign(m * d, 0.0f);
+  sc.row_max.assign(m, -std::numeric_limits<float>::infinity());
+  sc.row_sum.assign(m, 0.0f);
+  sc.norms.resize(bt);
+
+  const size_t t_begin = mask.lo[0], t_end = mask.hi[m - 1] + 1;
+  size_t r0 = 0, r1 = 0;  // rows active on the current page
+  for (size_t b = t_begin / bt; b * bt < t_end; ++b) {
+    const size_t tb0 = b * bt;
+    const size_t nb = std::min(bt, n_tokens - tb0);
+    while (r0 < m && mask.hi[r0] < tb0) ++r0;          // rows that end before this page
+    while (r1 < m && mask.lo[r1] < tb0 + nb) ++r1;     // rows that start before its end
+    if (r0 >= r1) continue;
+    const size_t mr = r1 - r0;
+    sc.scores.resize(mr * nb);
+    const uint8_t* kcodes = keys.pages->code_blocks[b].get();
+    const uint8_t* vcodes = values.pages->code_blocks[b].get();
+    kq.load_norms(keys.pages->norm_blocks[b].get(), nb, sc.norms.data());
+    if (gemm) {
+      sc.tile.resize(nb * d);
+      kq.dequantize_rotated(kcodes, nb, sc.tile.data());
+      Eigen::Map<RowMatrix> K(sc.tile.data(), static_cast<Eigen::Index>(nb), static_cast<Eigen::Index>(d));
+      Eigen::Map<const Eigen::VectorXf> kn(sc.norms.data(), static_cast<Eigen::Index>(nb));
+      K = kn.asDiagonal() * K;
+      Eigen::Map<const RowMatrix> Q(sc.qrot.data() + r0 * d, static_cast<Eigen::Index>(mr),
+                                    static_cast<Eigen::Index>(d));
+      Eigen::Map<RowMatrix> S(sc.scores.data(), static_cast<Eigen::Index>(mr), static_cast<Eigen::Index>(nb));
+      S.noalias() = Q * K.transpose();
+    } else {
+      kq.scores(sc.state.data() + r0 * sf, mr, kcodes, sc.norms.data(), nb, sc.scores.data(), nb);
+    }
+    softmax_page(sc.scores.data(), nb, tb0, r0, r1, mask, scale, d, sc.row_max.data(),
+                 sc.row_sum.data(), sc.acc.data());
+    vq.load_norms(values.pages->norm_blocks[b].get(), nb, sc.norms.data());
+    if (gemm) {
+      vq.dequantize_rotated(vcodes, nb, sc.tile.data());
+      Eigen::Map<RowMatrix> V(sc.tile.data(), static_cast<Eigen::Index>(nb), static_cast<Eigen::Index>(d));
+      Eigen::Map<const Eigen::VectorXf> vn(sc.norms.data(), static_cast<Eigen::Index>(nb));
+      V = vn.asDiagonal() * V;
+      Eigen::Map<const RowMatrix> W(sc.scores.data(), static_cast<Eigen::Index>(mr), static_cast<Eigen::Index>(nb));
+      Eigen::Map<RowMatrix> A(sc.acc.data() + r0 * d, static_cast<Eigen::Index>(mr), static_cast<Eigen::Index>(d));
+      A.noalias() += W * V;
+    } else {
+      vq.accumulate(sc.scores.data(), nb, mr, vcodes, sc.norms.data(), nb, sc.acc.data() + r0 * d);
+    }
+  }
+  for (size_t r = 0; r < m; ++r) {
+    const float inv = sc.row_sum[r] > 0.0f ? 1.0f / sc.row_sum[r] : 0.0f;
+    for (size_t j = 0; j < d; ++j) out[r * d + j] = sc.acc[r * d + j] * inv;
+  }
+  vq.finish_rotated(out, m);
+}
+
+}  // namespace turboquant

@@ -1,0 +1,298 @@
+#include "turboquant/kv_cache.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+
+#include "turboquant/attention.h"
+#include "turboquant/error.h"
+#include "turboquant/rng.h"
+
+namespace turboquant {
+
+void KVCacheConfig::validate() const {
+  TQ_CHECK(head_dim >= kMinDim && head_dim <= kMaxDim, InvalidArgument, "head_dim must be in [",
+           kMinDim, ", ", kMaxDim, "], got ", head_dim);
+  TQ_CHECK(n_layers >= 1 && n_layers <= (1 << 16), InvalidArgument,
+           "n_layers must be in [1, 65536], got ", n_layers);
+  TQ_CHECK(n_kv_heads >= 1 && n_kv_heads <= (1 << 16), InvalidArgument,
+           "n_kv_heads must be in [1, 65536], got ", n_kv_heads);
+  TQ_CHECK(n_q_heads >= 1 && n_q_heads <= (1 << 20), InvalidArgument,
+           "n_q_heads must be in [1, 1048576], got ", n_q_heads);
+  TQ_CHECK(n_q_heads % n_kv_heads == 0, InvalidArgument, "n_q_heads (", n_q_heads,
+           ") must be a multiple of n_kv_heads (", n_kv_heads, ")");
+  TQ_CHECK(key_bits >= kMinBits && key_bits <= kMaxBits, InvalidArgument, "key_bits must be in [",
+           kMinBits, ", ", kMaxBits, "], got ", key_bits);
+  TQ_CHECK(value_bits >= kMinBits && value_bits <= kMaxBits, InvalidArgument,
+           "value_bits must be in [", kMinBits, ", ", kMaxBits, "], got ", value_bits);
+  TQ_CHECK(block_tokens >= 1 && block_tokens <= (size_t{1} << 20), InvalidArgument,
+           "block_tokens must be in [1, 1048576], got ", block_tokens);
+  TQ_CHECK(jl_dim >= 0 && jl_dim <= 8 * kMaxDim, InvalidArgument, "jl_dim must be in [0, ",
+           8 * kMaxDim, "] (0 means head_dim), got ", jl_dim);
+}
+
+uint64_t kv_stream_id(uint32_t layer, uint32_t kv_head, KVRole role) {
+  return make_stream_id(static_cast<StreamPurpose>(0), layer,
+                        2 * kv_head + static_cast<uint32_t>(role));
+}
+
+KVCache::KVCache(const KVCacheConfig& config) : config_(config) {
+  config_.validate();
+  const size_t streams = static_cast<size_t>(config_.n_layers) * config_.n_kv_heads * 2;
+  quantizers_.reserve(streams);
+  for (int l = 0; l < config_.n_layers; ++l) {
+    for (int h = 0; h < config_.n_kv_heads; ++h) {
+      for (KVRole role : {KVRole::kKey, KVRole::kValue}) {
+        QuantizerConfig q;
+        q.method = role == KVRole::kKey ? config_.key_method : config_.value_method;
+        q.bits = role == KVRole::kKey ? config_.key_bits : config_.value_bits;
+        q.dim = config_.head_dim;
+        q.seed = config_.seed;
+        q.stream = kv_stream_id(static_cast<uint32_t>(l), static_cast<uint32_t>(h), role);
+        q.rotation = config_.rotation;
+        q.jl_dim = config_.jl_dim;
+        q.norm_dtype = NormDtype::kFloat16;
+        quantizers_.push_back(make_quantizer(q));
+      }
+    }
+  }
+  pages_.resize(streams);
+  sizes_.assign(static_cast<size_t>(config_.n_layers), 0);
+}
+
+size_t KVCache::index(int layer, int kv_head, KVRole role) const {
+  return (static_cast<size_t>(layer) * config_.n_kv_heads + static_cast<size_t>(kv_head)) * 2 +
+         static_cast<size_t>(role);
+}
+
+void KVCache::check_layer(int layer) const {
+  TQ_CHECK(layer >= 0 && layer < config_.n_layers, InvalidArgument, "layer must be in [0, ",
+           config_.n_layers, "), got ", layer);
+}
+
+const Quantizer& KVCache::key_quantizer(int layer, int kv_head) const {
+  check_layer(layer);
+  TQ_CHECK(kv_head >= 0 && kv_head < config_.n_kv_heads, InvalidArgument,
+           "kv_head must be in [0, ", config_.n_kv_heads, "), got ", kv_head);
+  return *quantizers_[index(layer, kv_head, KVRole::kKey)];
+}
+
+const Quantizer& KVCache::value_quantizer(int layer, int kv_head) const {
+  check_layer(layer);
+  TQ_CHECK(kv_head >= 0 && kv_head < config_.n_kv_heads, InvalidArgument,
+           "kv_head must be in [0, ", config_.n_kv_heads, "), got ", kv_head);
+  return *quantizers_[index(layer, kv_head, KVRole::kValue)];
+}
+
+void KVCache::set_rotation(int layer, int kv_head, KVRole role, std::unique_ptr<Rotation> rotation) {
+  (void)key_quantizer(layer, kv_head);  // range checks
+  TQ_CHECK(sizes_[static_cast<size_t>(layer)] == 0, InvalidArgument,
+           "set_rotation needs an empty layer (layer ", layer, " holds ",
+           sizes_[static_cast<size_t>(layer)], " tokens)");
+  quantizers_[index(layer, kv_head, role)]->set_rotation(std::move(rotation));
+}
+
+HeadCodes KVCache::head_codes(int layer, int kv_head, KVRole role) const {
+  const size_t i = index(layer, kv_head, role);
+  return HeadCodes{quantizers_[i].get(), &pages_[i], config_.block_tokens};
+}
+
+const PagedCodes& KVCache::pages(int layer, int kv_head, KVRole role) const {
+  return pages_[index(layer, kv_head, role)];
+}
+
+void KVCache::ensure_blocks(PagedCodes& p, const Quantizer& q, size_t tokens) {
+  const size_t bt = config_.block_tokens;
+  const size_t need = (tokens + bt - 1) / bt;
+  while (p.code_blocks.size() < need) {
+    p.code_blocks.emplace_back(new uint8_t[bt * q.code_bytes()]);
+    p.norm_blocks.emplace_back(new uint8_t[bt * q.norm_bytes()]);
+  }
+}
+
+void KVCache::release_blocks(PagedCodes& p, size_t tokens) {
+  const size_t bt = config_.block_tokens;
+  const size_t keep = (tokens + bt - 1) / bt;
+  if (p.code_blocks.size() > keep) {
+    p.code_blocks.resize(keep);
+    p.norm_blocks.resize(keep);
+  }
+}
+
+void KVCache::append(int layer, const float* keys, const float* values, size_t T) {
+  check_layer(layer);
+  const auto l = static_cast<size_t>(layer);
+  const size_t old = sizes_[l];
+  TQ_CHECK(config_.max_tokens == 0 || old + T <= config_.max_tokens, InvalidArgument,
+           "appending ", T, " tokens to layer ", layer, " (holding ", old,
+           ") exceeds max_tokens=", config_.max_tokens);
+  if (T == 0) return;
+  const auto d = static_cast<size_t>(config_.head_dim);
+  const size_t bt = config_.block_tokens;
+  try {
+    for (int h = 0; h < config_.n_kv_heads; ++h) {
+      for (KVRole role : {KVRole::kKey, KVRole::kValue}) {
+        const size_t i = index(layer, h, role);
+        const Quantizer& q = *quantizers_[i];
+        PagedCodes& p = pages_[i];
+        ensure_blocks(p, q, old + T);
+        const float* x = (role == KVRole::kKey ? keys : values) + static_cast<size_t>(h) * T * d;
+        for (size_t t = 0; t < T;) {
+          const size_t pos = old + t;
+          const size_t b = pos / bt, off = pos % bt;
+          const size_t n = std::min(T - t, bt - off);
+          q.encode(x + t * d, n, p.code_blocks[b].get() + off * q.code_bytes(),
+                   p.norm_blocks[b].get() + off * q.norm_bytes());
+          t += n;
+        }
+      }
+    }
+  } catch (...) {
+    // Codes past the old size are never read; give back the pages they took.
+    for (int h = 0; h < config_.n_kv_heads; ++h)
+      for (KVRole role : {KVRole::kKey, KVRole::kValue}) release_blocks(pages_[index(layer, h, role)], old);
+    throw;
+  }
+  sizes_[l] = old + T;
+}
+
+void KVCache::append_encoded(int layer, size_t n, const std::vector<const uint8_t*>& codes,
+                             const std::vector<const uint8_t*>& norms) {
+  check_layer(layer);
+  const size_t streams = static_cast<size_t>(config_.n_kv_heads) * 2;
+  TQ_CHECK(codes.size() == streams && norms.size() == streams, InvalidArgument,
+           "append_encoded needs ", streams, " code and norm streams");
+  const auto l = static_cast<size_t>(layer);
+  const size_t old = sizes_[l];
+  TQ_CHECK(config_.max_tokens == 0 || old + n <= config_.max_tokens, InvalidArgument,
+           "appending ", n, " tokens to layer ", layer, " exceeds max_tokens=", config_.max_tokens);
+  const size_t bt = config_.block_tokens;
+  for (size_t s = 0; s < streams; ++s) {
+    const size_t i = l * streams + s;
+    const Quantizer& q = *quantizers_[i];
+    PagedCodes& p = pages_[i];
+    ensure_blocks(p, q, old + n);
+    for (size_t t = 0; t < n;) {
+      const size_t pos = old + t;
+      const size_t b = pos / bt, off = pos % bt;
+      const size_t c = std::min(n - t, bt - off);
+      std::memcpy(p.code_blocks[b].get() + off * q.code_bytes(), codes[s] + t * q.code_bytes(),
+                  c * q.code_bytes());
+      std::memcpy(p.norm_blocks[b].get() + off * q.norm_bytes(), norms[s] + t * q.norm_bytes(),
+                  c * q.norm_bytes());
+      t += c;
+    }
+  }
+  sizes_[l] = old + n;
+}
+
+void KVCache::copy_out(int layer, int kv_head, KVRole role, size_t t0, size_t n, uint8_t* codes,
+                       uint8_t* norms) const {
+  check_layer(layer);
+  TQ_CHECK(t0 + n <= sizes_[static_cast<size_t>(layer)], InvalidArgument, "tokens [", t0, ", ",
+           t0 + n, ") out of range for layer ", layer);
+  const size_t i = index(layer, kv_head, role);
+  const Quantizer& q = *quantizers_[i];
+  const PagedCodes& p = pages_[i];
+  const size_t bt = config_.block_tokens;
+  for (size_t t = 0; t < n;) {
+    const size_t pos = t0 + t;
+    const size_t b = pos / bt, off = pos % bt;
+    const size_t c = std::min(n - t, bt - off);
+    std::memcpy(codes + t * q.code_bytes(), p.code_blocks[b].get() + off * q.code_bytes(),
+                c * q.code_bytes());
+    std::memcpy(norms + t * q.norm_bytes(), p.norm_blocks[b].get() + off * q.norm_bytes(),
+                c * q.norm_bytes());
+    t += c;
+  }
+}
+
+size_t KVCache::size(int layer) const {
+  check_layer(layer);
+  return sizes_[static_cast<size_t>(layer)];
+}
+
+size_t KVCache::trim(size_t n) {
+  const size_t removed = std::min(n, sizes_[0]);
+  for (int l = 0; l < config_.n_layers; ++l) {
+    const auto li = static_cast<size_t>(l);
+    sizes_[li] -= std::min(n, sizes_[li]);
+    for (int h = 0; h < config_.n_kv_heads; ++h)
+      for (KVRole role : {KVRole::kKey, KVRole::kValue}) release_blocks(pages_[index(l, h, role)], sizes_[li]);
+  }
+  return removed;
+}
+
+void KVCache::truncate(size_t length) {
+  for (int l = 0; l < config_.n_layers; ++l) {
+    const auto li = static_cast<size_t>(l);
+    sizes_[li] = std::min(length, sizes_[li]);
+    for (int h = 0; h < config_.n_kv_heads; ++h)
+      for (KVRole role : {KVRole::kKey, KVRole::kValue}) release_blocks(pages_[index(l, h, role)], sizes_[li]);
+  }
+}
+
+size_t KVCache::memory_bytes() const {
+  size_t total = 0;
+  for (size_t i = 0; i < quantizers_.size(); ++i) {
+    const Quantizer& q = *quantizers_[i];
+    total += q.state_bytes();
+    total += pages_[i].code_blocks.size() * config_.block_tokens * q.code_bytes();
+    total += pages_[i].norm_blocks.size() * config_.block_tokens * q.norm_bytes();
+  }
+  return total;
+}
+
+size_t KVCache::fp16_bytes() const {
+  size_t tokens = 0;
+  for (size_t s : sizes_) tokens += s;
+  return tokens * static_cast<size_t>(config_.n_kv_heads) * 2 * static_cast<size_t>(config_.head_dim) * 2;
+}
+
+void KVCache::attend(int layer, const float* queries, size_t T_q, float* out,
+                     const AttentionOptions& options) const {
+  check_layer(layer);
+  const size_t n = sizes_[static_cast<size_t>(layer)];
+  TQ_CHECK(T_q >= 1, InvalidArgument, "attend needs at least one query");
+  TQ_CHECK(T_q <= n, InvalidArgument, "attend got ", T_q, " queries per head but layer ", layer,
+           " holds only ", n, " tokens (queries are the last positions of the cache)");
+  TQ_CHECK(!options.window || *options.window >= 1, InvalidArgument, "window must be >= 1");
+  const auto d = static_cast<size_t>(config_.head_dim);
+  const float scale = options.scale ? *options.scale : 1.0f / std::sqrt(static_cast<float>(d));
+  TQ_CHECK(std::isfinite(scale), InvalidArgument, "scale must be finite, got ", scale);
+  for (size_t i = 0; i < static_cast<size_t>(config_.n_q_heads) * T_q * d; ++i) {
+    TQ_CHECK(std::isfinite(queries[i]), InvalidArgument, "queries contain NaN or Inf (element ", i, ")");
+  }
+  const auto G = static_cast<size_t>(config_.group_size());
+  const size_t m = G * T_q;
+  // Rows in position-major order (row = t*G + g) so that the visible key ranges are sorted.
+  RowMask mask;
+  mask.lo.resize(m);
+  mask.hi.resize(m);
+  for (size_t t = 0; t < T_q; ++t) {
+    const size_t hi = options.causal ? n - T_q + t : n - 1;
+    const size_t lo = options.window && hi + 1 > *options.window ? hi + 1 - *options.window : 0;
+    for (size_t g = 0; g < G; ++g) {
+      mask.lo[t * G + g] = lo;
+      mask.hi[t * G + g] = hi;
+    }
+  }
+  AttentionScratch scratch;
+  std::vector<float> q(m * d), o(m * d);
+  for (int h = 0; h < config_.n_kv_heads; ++h) {
+    for (size_t g = 0; g < G; ++g) {
+      const size_t qh = static_cast<size_t>(h) * G + g;
+      for (size_t t = 0; t < T_q; ++t)
+        std::memcpy(&q[(t * G + g) * d], queries + (qh * T_q + t) * d, d * sizeof(float));
+    }
+    attend_head(head_codes(layer, h, KVRole::kKey), head_codes(layer, h, KVRole::kValue), n,
+                q.data(), m, mask, scale, o.data(), scratch);
+    for (size_t g = 0; g < G; ++g) {
+      const size_t qh = static_cast<size_t>(h) * G + g;
+      for (size_t t = 0; t < T_q; ++t)
+        std::memcpy(out + (qh * T_q + t) * d, &o[(t * G + g) * d], d * sizeof(float));
+    }
+  }
+}
+
+}  // namespace turboquant
