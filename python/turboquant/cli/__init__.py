@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
-from turboquant.cli import demo
+from turboquant.cli import convert_gguf, demo, eval, generate
 
 COMMANDS = {
     "demo": (demo.HELP, demo.add_arguments, demo.run),
+    "convert-gguf": (convert_gguf.HELP, convert_gguf.add_arguments, convert_gguf.run),
+    "generate": (generate.HELP, generate.add_arguments, generate.run),
+    "eval": (eval.HELP, eval.add_arguments, eval.run),
 }
