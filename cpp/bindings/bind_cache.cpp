@@ -7,6 +7,7 @@
 
 #include "common.h"
 #include "turboquant/kv_cache.h"
+#include "turboquant/serialize.h"
 
 namespace turboquant::bindings {
 
@@ -187,6 +188,26 @@ The T_q queries are the last T_q positions of the layer: query i sees keys
           b += kv.key_quantizer(0, h).bytes_per_vector() + kv.value_quantizer(0, h).bytes_per_vector();
         return b * static_cast<size_t>(c.n_layers);
       }, "stored bytes per token over all layers and heads (codes + norms)")
+      .def("save", [](const KVCache& kv, const std::string& path) {
+        py::gil_scoped_release release;
+        kv.save(path);
+      }, py::arg("path"), "Write the cache to a file (format: serialize.h).")
+      .def_static("load", [](const std::string& path) {
+        if (!py::module_::import("os").attr("path").attr("exists")(path).cast<bool>()) {
+          PyErr_SetString(PyExc_FileNotFoundError, ("no such cache file: '" + path + "'").c_str());
+          throw py::error_already_set();
+        }
+        py::gil_scoped_release release;
+        return KVCache::load(path);
+      }, py::arg("path"), "Read a saved cache; raises turboquant.FormatError on a damaged file.")
+      .def("to_bytes", [](const KVCache& kv) {
+        const auto b = serialize_cache(kv);
+        return py::bytes(reinterpret_cast<const char*>(b.data()), b.size());
+      }, "The saved-file bytes of this cache.")
+      .def_static("from_bytes", [](const py::bytes& data) {
+        const std::string_view v(data);
+        return deserialize_cache(reinterpret_cast<const uint8_t*>(v.data()), v.size());
+      }, py::arg("data"))
       .def_property_readonly("head_dim", [](const KVCache& kv) { return kv.config().head_dim; })
       .def_property_readonly("n_layers", [](const KVCache& kv) { return kv.config().n_layers; })
       .def_property_readonly("n_q_heads", [](const KVCache& kv) { return kv.config().n_q_heads; })

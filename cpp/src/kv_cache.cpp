@@ -21,6 +21,8 @@ void KVCacheConfig::validate() const {
            "n_q_heads must be in [1, 1048576], got ", n_q_heads);
   TQ_CHECK(n_q_heads % n_kv_heads == 0, InvalidArgument, "n_q_heads (", n_q_heads,
            ") must be a multiple of n_kv_heads (", n_kv_heads, ")");
+  TQ_CHECK(static_cast<int64_t>(n_layers) * n_kv_heads <= (int64_t{1} << 20), InvalidArgument,
+           "n_layers * n_kv_heads must be at most 1048576, got ", n_layers, " * ", n_kv_heads);
   TQ_CHECK(key_bits >= kMinBits && key_bits <= kMaxBits, InvalidArgument, "key_bits must be in [",
            kMinBits, ", ", kMaxBits, "], got ", key_bits);
   TQ_CHECK(value_bits >= kMinBits && value_bits <= kMaxBits, InvalidArgument,

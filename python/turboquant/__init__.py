@@ -16,6 +16,11 @@ from turboquant._core import (  # noqa: F401
     pack_indices,
     unpack_indices,
 )
+from turboquant._core import KVCache  # noqa: F401
+from turboquant.artifacts import InMemoryArtifactStore, MemoryArtifactStore, NpyArtifactStore  # noqa: F401
+from turboquant.builder import KVCacheBuilder  # noqa: F401
+from turboquant.kv_cache import TurboQuantKVCache  # noqa: F401
+from turboquant.observers import DistortionObserver, LatencyObserver, MemoryObserver  # noqa: F401
 
 __all__ = [
     "Codebook",
@@ -28,4 +33,13 @@ __all__ = [
     "methods",
     "pack_indices",
     "unpack_indices",
+    "KVCache",
+    "KVCacheBuilder",
+    "TurboQuantKVCache",
+    "NpyArtifactStore",
+    "MemoryArtifactStore",
+    "InMemoryArtifactStore",
+    "LatencyObserver",
+    "MemoryObserver",
+    "DistortionObserver",
 ]

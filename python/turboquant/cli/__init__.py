@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
-from turboquant.cli import convert_gguf, demo, eval, generate
+from turboquant.cli import benchmark, demo, info, precompute
+from turboquant.cli import convert_gguf, eval, generate
 
 COMMANDS = {
     "demo": (demo.HELP, demo.add_arguments, demo.run),
+    "precompute": (precompute.HELP, precompute.add_arguments, precompute.run),
+    "benchmark": (benchmark.HELP, benchmark.add_arguments, benchmark.run),
+    "info": (info.HELP, info.add_arguments, info.run),
     "convert-gguf": (convert_gguf.HELP, convert_gguf.add_arguments, convert_gguf.run),
     "generate": (generate.HELP, generate.add_arguments, generate.run),
     "eval": (eval.HELP, eval.add_arguments, eval.run),

@@ -1,0 +1,42 @@
+// The saved-cache file format (DESIGN §3 "Serialization"): the one definition. All integers
+// little-endian; floats IEEE 754 binary32; norms as stored (fp16 bits).
+//
+//   magic    8 bytes  "TQKVCACH"
+//   version  u32      kCacheFormatVersion (a newer version is refused, never guessed at)
+//   flags    u32      0 (reserved)
+//   then sections, each:  tag u32 | length u64 | payload (length bytes) | crc u32
+//     crc = CRC32C over tag, length and payload, so a damaged length is caught too.
+//   "CONF" (once, first): packing version u32, rng scheme version u32, head_dim i32,
+//          n_layers i32, n_q_heads i32, n_kv_heads i32, key_method str, key_bits i32,
+//          value_method str, value_bits i32, seed u64, rotation u32 (resolved kind),
+//          jl_dim i32, block_tokens u64, max_tokens u64    (str = u32 length + bytes)
+//   "ROTS" (once): for each stream s = (layer*n_kv_heads + head)*2 + role (0 key, 1 value):
+//          kind u32, count u64, count floats (Rotation::parameters())
+//   "LAYR" (n_layers times, in order): layer u32, tokens u64, then for each stream of the
+//          layer (head*2 + role): codes (tokens × code_bytes), norms (tokens × norm_bytes)
+//   "END " (last): empty payload; nothing may follow it.
+// Loading reads the file into memory and checks every length against the bytes left before
+// using it: a truncated, corrupted, wrong-magic or future-version file raises FormatError.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <vector>
+
+namespace turboquant {
+
+class KVCache;
+
+inline constexpr char kCacheMagic[8] = {'T', 'Q', 'K', 'V', 'C', 'A', 'C', 'H'};
+inline constexpr uint32_t kCacheFormatVersion = 1;
+
+// CRC32C (Castagnoli, reflected polynomial 0x82F63B78), as in iSCSI / ext4 / SSE4.2 crc32.
+// crc32c("123456789") == 0xE3069283. Pass a previous result as `crc` to continue a stream.
+uint32_t crc32c(const void* data, size_t n, uint32_t crc = 0);
+
+std::vector<uint8_t> serialize_cache(const KVCache& cache);
+std::unique_ptr<KVCache> deserialize_cache(const uint8_t* data, size_t size);
+
+}  // namespace turboquant

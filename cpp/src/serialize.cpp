@@ -1,0 +1,306 @@
+#include "turboquant/serialize.h"
+
+#include <array>
+#include <bit>
+#include <cstring>
+#include <fstream>
+
+#include "turboquant/error.h"
+#include "turboquant/kv_cache.h"
+#include "turboquant/packing.h"
+#include "turboquant/rng.h"
+
+namespace turboquant {
+
+static_assert(std::endian::native == std::endian::little,
+              "the cache file format is little-endian; add byte swapping for this platform");
+
+namespace {
+
+constexpr std::array<uint32_t, 256> make_crc_table() {
+  std::array<uint32_t, 256> t{};
+  for (uint32_t i = 0; i < 256; ++i) {
+    uint32_t c = i;
+    for (int k = 0; k < 8; ++k) c = (c & 1u) ? (c >> 1) ^ 0x82F63B78u : c >> 1;
+    t[i] = c;
+  }
+  return t;
+}
+constexpr auto kCrcTable = make_crc_table();
+
+constexpr uint32_t tag(const char (&s)[5]) {
+  return static_cast<uint32_t>(static_cast<uint8_t>(s[0])) |
+         static_cast<uint32_t>(static_cast<uint8_t>(s[1])) << 8 |
+         static_cast<uint32_t>(static_cast<uint8_t>(s[2])) << 16 |
+         static_cast<uint32_t>(static_cast<uint8_t>(s[3])) << 24;
+}
+constexpr uint32_t kTagConf = tag("CONF"), kTagRots = tag("ROTS"), kTagLayer = tag("LAYR"),
+                   kTagEnd = tag("END ");
+constexpr size_t kMaxString = 256;
+
+class Writer {
+ public:
+  std::vector<uint8_t> buf;
+  template <typename T>
+  void put(T v) {
+    const auto* p = reinterpret_cast<const uint8_t*>(&v);
+    buf.insert(buf.end(), p, p + sizeof(T));
+  }
+  void bytes(const void* p, size_t n) {
+    const auto* b = static_cast<const uint8_t*>(p);
+    buf.insert(buf.end(), b, b + n);
+  }
+  void str(const std::string& s) {
+    put(static_cast<uint32_t>(s.size()));
+    bytes(s.data(), s.size());
+  }
+  // Sections: begin() reserves tag + length, end() fills the length and appends the CRC.
+  size_t begin(uint32_t t) {
+    const size_t at = buf.size();
+    put(t);
+    put(uint64_t{0});
+    return at;
+  }
+  void end(size_t at) {
+    const uint64_t len = buf.size() - at - 12;
+    std::memcpy(buf.data() + at + 4, &len, 8);
+    put(crc32c(buf.data() + at, buf.size() - at));
+  }
+};
+
+class Reader {
+ public:
+  Reader(const uint8_t* p, size_t n, size_t base = 0) : p_(p), n_(n), base_(base) {}
+  size_t left() const { return n_ - pos_; }
+  size_t offset() const { return base_ + pos_; }
+  const uint8_t* take(size_t k, const char* what) {
+    TQ_CHECK(k <= left(), FormatError, "truncated or corrupted file: ", what, " needs ", k,
+             " bytes at offset ", offset(), " but only ", left(), " remain");
+    const uint8_t* q = p_ + pos_;
+    pos_ += k;
+    return q;
+  }
+  template <typename T>
+  T get(const char* what) {
+    T v;
+    std::memcpy(&v, take(sizeof(T), what), sizeof(T));
+    return v;
+  }
+  std::string str(const char* what) {
+    const auto len = get<uint32_t>(what);
+    TQ_CHECK(len <= kMaxString, FormatError, "corrupted file: ", what, " length ", len, " at offset ",
+             offset(), " exceeds ", kMaxString);
+    const auto* s = take(len, what);
+    return std::string(reinterpret_cast<const char*>(s), len);
+  }
+  // Reads one section header and verifies its CRC; returns a reader over its payload.
+  Reader section(uint32_t expected_tag, const char* name) {
+    const size_t start = pos_;
+    const auto t = get<uint32_t>(name);
+    TQ_CHECK(t == expected_tag, FormatError, "corrupted file: expected section ", name, " at offset ",
+             base_ + start);
+    const auto len = get<uint64_t>(name);
+    TQ_CHECK(len <= left() && left() - len >= 4, FormatError, "truncated or corrupted file: section ",
+             name, " claims ", len, " bytes at offset ", offset(), " but only ", left(), " remain");
+    const uint8_t* payload = take(static_cast<size_t>(len), name);
+    const auto stored = get<uint32_t>(name);
+    const uint32_t actual = crc32c(p_ + start, 12 + static_cast<size_t>(len));
+    TQ_CHECK(stored == actual, FormatError, "corrupted file: CRC32C mismatch in section ", name,
+             " at offset ", base_ + start);
+    return Reader(payload, static_cast<size_t>(len), base_ + start + 12);
+  }
+  void expect_end(const char* what) {
+    TQ_CHECK(left() == 0, FormatError, "corrupted file: ", left(), " unexpected bytes after ", what,
+             " at offset ", offset());
+  }
+
+ private:
+  const uint8_t* p_;
+  size_t n_, pos_ = 0, base_;
+};
+
+uint32_t rotation_code(RotationKind k) { return static_cast<uint32_t>(k); }
+
+}  // namespace
+
+uint32_t crc32c(const void* data, size_t n, uint32_t crc) {
+  const auto* p = static_cast<const uint8_t*>(data);
+  crc = ~crc;
+  for (size_t i = 0; i < n; ++i) crc = kCrcTable[(crc ^ p[i]) & 0xFFu] ^ (crc >> 8);
+  return ~crc;
+}
+
+std::vector<uint8_t> serialize_cache(const KVCache& cache) {
+  const KVCacheConfig& c = cache.config();
+  Writer w;
+  w.bytes(kCacheMagic, sizeof(kCacheMagic));
+  w.put(kCacheFormatVersion);
+  w.put(uint32_t{0});
+
+  size_t at = w.begin(kTagConf);
+  w.put(static_cast<uint32_t>(kPackingVersion));
+  w.put(static_cast<uint32_t>(kRngSchemeVersion));
+  w.put(static_cast<int32_t>(c.head_dim));
+  w.put(static_cast<int32_t>(c.n_layers));
+  w.put(static_cast<int32_t>(c.n_q_heads));
+  w.put(static_cast<int32_t>(c.n_kv_heads));
+  w.str(c.key_method);
+  w.put(static_cast<int32_t>(c.key_bits));
+  w.str(c.value_method);
+  w.put(static_cast<int32_t>(c.value_bits));
+  w.put(static_cast<uint64_t>(c.seed));
+  w.put(rotation_code(cache.key_quantizer(0, 0).rotation().kind()));
+  w.put(static_cast<int32_t>(c.jl_dim));
+  w.put(static_cast<uint64_t>(c.block_tokens));
+  w.put(static_cast<uint64_t>(c.max_tokens));
+  w.end(at);
+
+  at = w.begin(kTagRots);
+  for (int l = 0; l < c.n_layers; ++l) {
+    for (int h = 0; h < c.n_kv_heads; ++h) {
+      for (const Quantizer* q : {&cache.key_quantizer(l, h), &cache.value_quantizer(l, h)}) {
+        const auto p = q->rotation().parameters();
+        w.put(rotation_code(q->rotation().kind()));
+        w.put(static_cast<uint64_t>(p.size()));
+        w.bytes(p.data(), p.size() * sizeof(float));
+      }
+    }
+  }
+  w.end(at);
+
+  std::vector<uint8_t> codes, norms;
+  for (int l = 0; l < c.n_layers; ++l) {
+    at = w.begin(kTagLayer);
+    const size_t n = cache.size(l);
+    w.put(static_cast<uint32_t>(l));
+    w.put(static_cast<uint64_t>(n));
+    for (int h = 0; h < c.n_kv_heads; ++h) {
+      for (KVRole role : {KVRole::kKey, KVRole::kValue}) {
+        const Quantizer& q = role == KVRole::kKey ? cache.key_quantizer(l, h) : cache.value_quantizer(l, h);
+        codes.resize(n * q.code_bytes());
+        norms.resize(n * q.norm_bytes());
+        cache.copy_out(l, h, role, 0, n, codes.data(), norms.data());
+        w.bytes(codes.data(), codes.size());
+        w.bytes(norms.data(), norms.size());
+      }
+    }
+    w.end(at);
+  }
+  w.end(w.begin(kTagEnd));
+  return std::move(w.buf);
+}
+
+std::unique_ptr<KVCache> deserialize_cache(const uint8_t* data, size_t size) {
+  Reader r(data, size);
+  const uint8_t* magic = r.take(sizeof(kCacheMagic), "magic");
+  TQ_CHECK(std::memcmp(magic, kCacheMagic, sizeof(kCacheMagic)) == 0, FormatError,
+           "not a turboquant cache file (bad magic)");
+  const auto version = r.get<uint32_t>("format version");
+  TQ_CHECK(version != 0, FormatError, "corrupted file: format version 0");
+  TQ_CHECK(version <= kCacheFormatVersion, FormatError, "cache file format version ", version,
+           " is newer than this library supports (", kCacheFormatVersion, "); upgrade turboquant");
+  const auto flags = r.get<uint32_t>("flags");
+  TQ_CHECK(flags == 0, FormatError, "corrupted file: unknown flags ", flags);
+  try {
+    Reader conf = r.section(kTagConf, "CONF");
+    const auto packing = conf.get<uint32_t>("packing version");
+    const auto scheme = conf.get<uint32_t>("rng scheme version");
+    TQ_CHECK(packing == static_cast<uint32_t>(kPackingVersion), FormatError, "file uses packing layout v",
+             packing, ", this library has v", kPackingVersion);
+    TQ_CHECK(scheme == static_cast<uint32_t>(kRngSchemeVersion), FormatError, "file uses rng scheme v",
+             scheme, ", this library has v", kRngSchemeVersion);
+    KVCacheConfig c;
+    c.head_dim = conf.get<int32_t>("head_dim");
+    c.n_layers = conf.get<int32_t>("n_layers");
+    c.n_q_heads = conf.get<int32_t>("n_q_heads");
+    c.n_kv_heads = conf.get<int32_t>("n_kv_heads");
+    c.key_method = conf.str("key_method");
+    c.key_bits = conf.get<int32_t>("key_bits");
+    c.value_method = conf.str("value_method");
+    c.value_bits = conf.get<int32_t>("value_bits");
+    c.seed = conf.get<uint64_t>("seed");
+    const auto rot = conf.get<uint32_t>("rotation");
+    TQ_CHECK(rot == rotation_code(RotationKind::kDense) || rot == rotation_code(RotationKind::kHadamard),
+             FormatError, "corrupted file: rotation kind ", rot);
+    c.rotation = static_cast<RotationKind>(rot);
+    c.jl_dim = conf.get<int32_t>("jl_dim");
+    c.block_tokens = static_cast<size_t>(conf.get<uint64_t>("block_tokens"));
+    c.max_tokens = static_cast<size_t>(conf.get<uint64_t>("max_tokens"));
+    conf.expect_end("CONF");
+    c.validate();
+    auto cache = std::make_unique<KVCache>(c);
+
+    Reader rots = r.section(kTagRots, "ROTS");
+    for (int l = 0; l < c.n_layers; ++l) {
+      for (int h = 0; h < c.n_kv_heads; ++h) {
+        for (KVRole role : {KVRole::kKey, KVRole::kValue}) {
+          const auto kind = rots.get<uint32_t>("rotation kind");
+          TQ_CHECK(kind == rotation_code(RotationKind::kDense) || kind == rotation_code(RotationKind::kHadamard),
+                   FormatError, "corrupted file: rotation kind ", kind);
+          const auto count = rots.get<uint64_t>("rotation size");
+          TQ_CHECK(count <= rots.left() / sizeof(float), FormatError, "corrupted file: rotation of ", count,
+                   " floats exceeds its section");
+          const uint8_t* p = rots.take(static_cast<size_t>(count) * sizeof(float), "rotation");
+          std::vector<float> params(static_cast<size_t>(count));
+          std::memcpy(params.data(), p, params.size() * sizeof(float));
+          cache->set_rotation(l, h, role,
+                              Rotation::from_parameters(static_cast<RotationKind>(kind), c.head_dim, params));
+        }
+      }
+    }
+    rots.expect_end("ROTS");
+
+    const size_t streams = static_cast<size_t>(c.n_kv_heads) * 2;
+    for (int l = 0; l < c.n_layers; ++l) {
+      Reader lay = r.section(kTagLayer, "LAYR");
+      const auto li = lay.get<uint32_t>("layer index");
+      TQ_CHECK(li == static_cast<uint32_t>(l), FormatError, "corrupted file: layer ", li, " where ", l,
+               " was expected");
+      const auto n = lay.get<uint64_t>("token count");
+      size_t row = 0;
+      for (int h = 0; h < c.n_kv_heads; ++h)
+        row += cache->key_quantizer(l, h).bytes_per_vector() + cache->value_quantizer(l, h).bytes_per_vector();
+      TQ_CHECK(n <= lay.left() && n * row == lay.left(), FormatError, "corrupted file: layer ", l, " claims ",
+               n, " tokens but holds ", lay.left(), " bytes (", row, " per token)");
+      std::vector<const uint8_t*> codes(streams), norms(streams);
+      for (int h = 0; h < c.n_kv_heads; ++h) {
+        for (KVRole role : {KVRole::kKey, KVRole::kValue}) {
+          const Quantizer& q = role == KVRole::kKey ? cache->key_quantizer(l, h) : cache->value_quantizer(l, h);
+          const size_t s = static_cast<size_t>(h) * 2 + static_cast<size_t>(role);
+          codes[s] = lay.take(static_cast<size_t>(n) * q.code_bytes(), "codes");
+          norms[s] = lay.take(static_cast<size_t>(n) * q.norm_bytes(), "norms");
+        }
+      }
+      lay.expect_end("LAYR");
+      cache->append_encoded(l, static_cast<size_t>(n), codes, norms);
+    }
+    r.section(kTagEnd, "END").expect_end("END");
+    r.expect_end("the END section");
+    return cache;
+  } catch (const InvalidArgument& e) {
+    throw FormatError(std::string("invalid cache file: ") + e.what());
+  }
+}
+
+void KVCache::save(const std::string& path) const {
+  const auto bytes = serialize_cache(*this);
+  std::ofstream f(path, std::ios::binary | std::ios::trunc);
+  TQ_CHECK(f.good(), InvalidArgument, "cannot open '", path, "' for writing");
+  f.write(reinterpret_cast<const char*>(bytes.data()), static_cast<std::streamsize>(bytes.size()));
+  f.close();
+  TQ_CHECK(!f.fail(), InvalidArgument, "writing '", path, "' failed");
+}
+
+std::unique_ptr<KVCache> KVCache::load(const std::string& path) {
+  std::ifstream f(path, std::ios::binary | std::ios::ate);
+  TQ_CHECK(f.good(), InvalidArgument, "cannot open '", path, "' for reading");
+  const std::streamsize size = f.tellg();
+  TQ_CHECK(size >= 0, InvalidArgument, "cannot read '", path, "'");
+  std::vector<uint8_t> bytes(static_cast<size_t>(size));
+  f.seekg(0);
+  f.read(reinterpret_cast<char*>(bytes.data()), size);
+  TQ_CHECK(f.good() || f.eof(), InvalidArgument, "reading '", path, "' failed");
+  return deserialize_cache(bytes.data(), bytes.size());
+}
+
+}  // namespace turboquant

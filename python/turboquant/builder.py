@@ -1,0 +1,241 @@
+"""``KVCacheBuilder``: the fluent builder of mlx-kv-quant, extended (DESIGN §4).
+
+    cache = (KVCacheBuilder().with_method("turboquant_mse").with_head_dim(128)
+             .with_bit_width(3).with_seed(42).build())
+
+Everything is validated in ``build()``, with a message naming the bad value and the range.
+
+Mapping of the mlx-kv-quant arguments onto the C++ cache:
+- ``with_method(m)`` sets the key method. Values need a reconstruction, not an inner-product
+  estimate, so they use ``m`` when it reconstructs (``turboquant_mse``, ``polar``) and
+  ``turboquant_mse`` for ``turboquant_prod`` / ``qjl``; ``with_value_method`` overrides.
+- ``with_bit_width(b)`` sets key and value bits; ``with_key_bits`` / ``with_value_bits``
+  set one side. ``with_bit_width(inlier=i, outlier=o)`` with i != o asks for the outlier
+  split (``n_outlier_channels`` channels at ``o`` bits, the rest at ``i``): this maps to the
+  composite quantizer named by ``OUTLIER_SPLIT_METHOD`` with those three parameters; until
+  that quantizer and its cache configuration exist, build() raises NotImplementedError
+  naming them. ``inlier=i`` alone (or i == o) is plain ``i``-bit quantization.
+- ``with_precision(dtype)``: the dtype of ``attend()`` output (float16/float32, NumPy or
+  mlx; mlx bfloat16 too); storage is always codes + fp16 norms.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import numpy as np
+
+from turboquant import _core
+from turboquant.artifacts import ArtifactKey, ArtifactStore, export_artifacts, install_artifacts
+from turboquant.kv_cache import TurboQuantKVCache
+
+OUTLIER_SPLIT_METHOD = "outlier_split"
+_RECONSTRUCTING = ("turboquant_mse", "polar")
+_ROTATIONS = ("auto", "hadamard", "dense")
+_DESIGN_METHODS = ("turboquant_mse", "turboquant_prod", "polar", "qjl")
+
+
+def _precision_name(p: Any) -> str:
+    if type(p).__module__.startswith("mlx"):
+        return str(p).rsplit(".", 1)[-1]
+    try:
+        return np.dtype(p).name
+    except TypeError:
+        return repr(p)
+
+
+class KVCacheBuilder:
+    def __init__(self) -> None:
+        self._method = "turboquant_mse"
+        self._value_method: str | None = None
+        self._head_dim = 128
+        self._key_bits: Any = 3
+        self._value_bits: Any = 3
+        self._inlier: Any = None
+        self._outlier: Any = None
+        self._n_outlier = 0
+        self._jl_dim = 0
+        self._seed: Any = 0
+        self._precision: Any = np.float32
+        self._store: ArtifactStore | None = None
+        self._layers = 1
+        self._q_heads = 1
+        self._kv_heads = 1
+        self._rotation = "auto"
+        self._backend = "auto"
+        self._observers: list[Any] = []
+        self._block_tokens = 256
+        self._max_tokens = 0
+
+    # --- mlx-kv-quant ----------------------------------------------------------------------
+    def with_method(self, method: str) -> KVCacheBuilder:
+        self._method = method
+        return self
+
+    def with_head_dim(self, head_dim: int) -> KVCacheBuilder:
+        self._head_dim = head_dim
+        return self
+
+    def with_bit_width(self, bits: int | None = None, *, inlier: int | None = None,
+                       outlier: int | None = None) -> KVCacheBuilder:
+        if bits is not None and (inlier is not None or outlier is not None):
+            raise ValueError("with_bit_width takes either bits or inlier=/outlier=, not both")
+        if bits is None and inlier is None:
+            raise ValueError("with_bit_width needs bits or inlier=")
+        if bits is not None:
+            self._key_bits = self._value_bits = bits
+            self._inlier = self._outlier = None
+        else:
+            self._inlier, self._outlier = inlier, outlier
+            self._key_bits = self._value_bits = inlier
+        return self
+
+    def with_jl_dim(self, jl_dim: int) -> KVCacheBuilder:
+        self._jl_dim = jl_dim
+        return self
+
+    def with_n_outlier_channels(self, n: int) -> KVCacheBuilder:
+        self._n_outlier = n
+        return self
+
+    def with_seed(self, seed: int) -> KVCacheBuilder:
+        self._seed = seed
+        return self
+
+    def with_precision(self, dtype: Any) -> KVCacheBuilder:
+        self._precision = dtype
+        return self
+
+    def with_artifact_store(self, store: ArtifactStore) -> KVCacheBuilder:
+        self._store = store
+        return self
+
+    # --- extensions --------------------------------------------------------------------
+    def with_key_bits(self, bits: int) -> KVCacheBuilder:
+        self._key_bits = bits
+        return self
+
+    def with_value_bits(self, bits: int) -> KVCacheBuilder:
+        self._value_bits = bits
+        return self
+
+    def with_value_method(self, method: str) -> KVCacheBuilder:
+        self._value_method = method
+        return self
+
+    def with_layers(self, n_layers: int) -> KVCacheBuilder:
+        self._layers = n_layers
+        return self
+
+    def with_heads(self, n_q_heads: int, n_kv_heads: int | None = None) -> KVCacheBuilder:
+        self._q_heads = n_q_heads
+        self._kv_heads = n_q_heads if n_kv_heads is None else n_kv_heads
+        return self
+
+    def with_rotation(self, rotation: str) -> KVCacheBuilder:
+        self._rotation = rotation
+        return self
+
+    def with_backend(self, backend: str) -> KVCacheBuilder:
+        self._backend = backend
+        return self
+
+    def with_observer(self, observer: Any) -> KVCacheBuilder:
+        self._observers.append(observer)
+        return self
+
+    def with_block_tokens(self, block_tokens: int) -> KVCacheBuilder:
+        self._block_tokens = block_tokens
+        return self
+
+    def with_max_tokens(self, max_tokens: int) -> KVCacheBuilder:
+        self._max_tokens = max_tokens
+        return self
+
+    # --- build -------------------------------------------------------------------------
+    def _validate(self) -> tuple[str, str]:
+        def is_int(x: Any) -> bool:
+            return isinstance(x, (int, np.integer)) and not isinstance(x, bool)
+
+        def check_int(name: str, x: Any, lo: int, hi: int) -> None:
+            if not is_int(x) or not lo <= x <= hi:
+                raise ValueError(f"{name} must be an integer in [{lo}, {hi}], got {x!r}"
+                                 if not is_int(x) else f"{name} must be in [{lo}, {hi}], got {x}")
+
+        methods = _core.methods()
+        if self._method not in methods:
+            if self._method in _DESIGN_METHODS:
+                raise NotImplementedError(
+                    f"method {self._method!r} is not registered in this build of the C++ core "
+                    f"(registered: {', '.join(methods)})")
+            raise ValueError(f"unknown method {self._method!r}; available: {', '.join(methods)}")
+        value_method = self._value_method or (self._method if self._method in _RECONSTRUCTING
+                                              else "turboquant_mse")
+        if value_method not in methods:
+            raise ValueError(f"unknown value method {value_method!r}; available: {', '.join(methods)}")
+        check_int("head_dim", self._head_dim, 16, 512)
+        check_int("key bits", self._key_bits, 1, 8)
+        check_int("value bits", self._value_bits, 1, 8)
+        if self._outlier is not None:
+            check_int("outlier bits", self._outlier, 1, 8)
+        check_int("jl_dim", self._jl_dim, 0, 4096)
+        check_int("n_outlier_channels", self._n_outlier, 0, self._head_dim - 1)
+        check_int("seed", self._seed, 0, 2**64 - 1)
+        check_int("n_layers", self._layers, 1, 65536)
+        check_int("n_q_heads", self._q_heads, 1, 1 << 20)
+        check_int("n_kv_heads", self._kv_heads, 1, 65536)
+        if self._q_heads % self._kv_heads:
+            raise ValueError(f"n_q_heads ({self._q_heads}) must be a multiple of n_kv_heads ({self._kv_heads})")
+        check_int("block_tokens", self._block_tokens, 1, 1 << 20)
+        check_int("max_tokens", self._max_tokens, 0, 2**62)
+        if self._rotation not in _ROTATIONS:
+            raise ValueError(f"rotation must be one of {_ROTATIONS}, got {self._rotation!r}")
+        if self._rotation == "hadamard" and self._head_dim & (self._head_dim - 1):
+            raise ValueError(f"hadamard rotation needs a power-of-two head_dim, got {self._head_dim} "
+                             "(use 'dense' or 'auto')")
+        name = _precision_name(self._precision)
+        if name not in ("float16", "float32", "bfloat16"):
+            raise ValueError(f"precision must be float16, float32 (NumPy or mlx) or mlx bfloat16, got {name}")
+        if name == "bfloat16" and not type(self._precision).__module__.startswith("mlx"):
+            raise ValueError("bfloat16 precision needs mlx (mlx.core.bfloat16)")
+        if self._store is not None and not isinstance(self._store, ArtifactStore):
+            raise TypeError("with_artifact_store needs an ArtifactStore (NpyArtifactStore, MemoryArtifactStore)")
+        split = self._outlier is not None and self._outlier != self._inlier
+        if split:
+            if self._n_outlier < 1:
+                raise ValueError("with_bit_width(inlier=, outlier=) needs with_n_outlier_channels(n) with n >= 1")
+            raise NotImplementedError(
+                f"outlier bit widths (inlier={self._inlier}, outlier={self._outlier}, "
+                f"n_outlier_channels={self._n_outlier}) need the '{OUTLIER_SPLIT_METHOD}' composite quantizer "
+                "and its KVCache configuration (base method, inlier/outlier bits, outlier channels), which this "
+                f"build does not have (methods: {', '.join(methods)}); use with_bit_width(bits) meanwhile")
+        return self._method, value_method
+
+    def build(self) -> TurboQuantKVCache:
+        key_method, value_method = self._validate()
+        requested = self._backend
+        if requested not in ("auto", "cpu", "metal"):
+            raise ValueError(f"backend must be 'auto', 'cpu' or 'metal', got {requested!r}")
+        backend = _core.resolve_backend(requested)  # honours TURBOQUANT_BACKEND for "auto"
+        if backend != "cpu":
+            raise RuntimeError(f"the KV cache runs on the cpu backend only in this build, got {backend!r}")
+        core = _core.KVCache(
+            self._head_dim, n_layers=self._layers, n_q_heads=self._q_heads, n_kv_heads=self._kv_heads,
+            key_method=key_method, key_bits=int(self._key_bits), value_method=value_method,
+            value_bits=int(self._value_bits), seed=int(self._seed), rotation=self._rotation,
+            jl_dim=int(self._jl_dim), block_tokens=int(self._block_tokens), max_tokens=int(self._max_tokens))
+        loaded = {}
+        if self._store is not None:
+            for role, method, bits in (("key", key_method, self._key_bits), ("value", value_method, self._value_bits)):
+                key = ArtifactKey(method, self._head_dim, int(bits), int(self._seed))
+                arrays = self._store.get(key)
+                n = install_artifacts(core, role, arrays) if arrays is not None else 0
+                loaded[role] = n
+                if n < self._layers * self._kv_heads:
+                    self._store.update(key, export_artifacts(core, role))
+        desc = {"key_method": key_method, "value_method": value_method, "backend": backend,
+                "precision": _precision_name(self._precision), "artifacts_loaded": loaded,
+                "env_backend": os.environ.get("TURBOQUANT_BACKEND")}
+        return TurboQuantKVCache(core, precision=self._precision, observers=self._observers,
+                                 backend=backend, description=desc)

@@ -1,0 +1,42 @@
+"""``python -m turboquant info FILE``: describe a saved cache."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import struct
+
+HELP = "describe a saved KV cache file"
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("file", help="a file written by cache.save(path)")
+
+
+def run(args: argparse.Namespace) -> int:
+    import turboquant as tq
+
+    try:
+        core = tq.KVCache.load(args.file)
+    except (FileNotFoundError, tq.FormatError) as e:
+        print(f"error: {e}")
+        return 1
+    with open(args.file, "rb") as f:
+        version = struct.unpack("<I", f.read(12)[8:12])[0]
+    mem = core.memory_bytes()
+    print(f"file:            {args.file} ({os.path.getsize(args.file)} bytes, format version {version})")
+    print(f"head_dim:        {core.head_dim}")
+    print(f"layers:          {core.n_layers}")
+    print(f"heads:           {core.n_q_heads} query / {core.n_kv_heads} kv")
+    print(f"keys:            {core.key_method}, {core.key_bits} bits")
+    print(f"values:          {core.value_method}, {core.value_bits} bits")
+    print(f"rotation:        {core.rotation}, seed {core.seed}, jl_dim {core.jl_dim or core.head_dim}")
+    print(f"pages:           {core.block_tokens} tokens" + (f", max {core.max_tokens}" if core.max_tokens else ""))
+    sizes = [core.size(layer) for layer in range(core.n_layers)]
+    shown = ", ".join(str(s) for s in sizes[:8]) + (" ..." if len(sizes) > 8 else "")
+    print(f"tokens/layer:    {shown}")
+    print(f"memory:          {mem} bytes in memory, fp16 K+V would be {core.fp16_bytes()} bytes"
+          + (f" ({core.fp16_bytes() / mem:.2f}x)" if sizes[0] else ""))
+    bits = 8 * core.bytes_per_token() / (2 * core.n_layers * core.n_kv_heads * core.head_dim)
+    print(f"effective bits:  {bits:.3f} per coordinate (codes + fp16 norms)")
+    return 0
