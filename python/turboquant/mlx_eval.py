@@ -37,11 +37,15 @@ class Setting:
     value_bits: int = 0
     method: str = "turboquant_mse"
     fp16_layers: tuple[int, ...] = ()
+    center: bool = True
 
     @staticmethod
     def parse(spec: str) -> "Setting":
-        """``fp16`` | ``mlx4`` | ``mlx8`` | ``3`` | ``k4v3`` | ``3+fp16:0,-1``."""
+        """``fp16`` | ``mlx4`` | ``mlx8`` | ``3`` | ``k4v3`` | ``3+fp16:0,-1`` | ``3/raw``
+        (``/raw``: no mean centring)."""
         spec = spec.strip()
+        raw = spec.endswith("/raw")
+        spec = spec[:-4] if raw else spec
         if spec == "fp16":
             return Setting("fp16", "fp16")
         if spec.startswith("mlx"):
@@ -57,7 +61,9 @@ class Setting:
         name = f"tq-k{kb}v{vb}" if kb != vb else f"tq-{kb}bit"
         if fp16:
             name += "+fp16[" + ",".join(map(str, fp16)) + "]"
-        return Setting(name, "turboquant", kb, vb, fp16_layers=fp16)
+        if raw:
+            name += "/raw"
+        return Setting(name, "turboquant", kb, vb, fp16_layers=fp16, center=not raw)
 
 
 @dataclass
@@ -88,7 +94,8 @@ def make_cache(model, s: Setting, seed: int = 0):
     if s.kind == "mlx":
         return [mlx_cache.QuantizedKVCache(group_size=64, bits=s.key_bits) for _ in range(n)]
     return tq_mlx.make_prompt_cache(model, key_bits=s.key_bits, value_bits=s.value_bits,
-                                    method=s.method, fp16_layers=s.fp16_layers, seed=seed)
+                                    method=s.method, fp16_layers=s.fp16_layers, seed=seed,
+                                    center=s.center)
 
 
 def kv_bytes(cache) -> int:
@@ -155,7 +162,7 @@ def decode_speed(model, base: list, s: Setting, first_token: int, steps: int,
             else:
                 cache.append(tq_mlx.to_turbo_quantized(
                     c, key_bits=s.key_bits, value_bits=s.value_bits, method=s.method,
-                    seed=seed, layer=i, n_q_heads=n_q))
+                    seed=seed, layer=i, n_q_heads=n_q, center=s.center))
     mx.eval([c.state for c in cache if not isinstance(c, tq_mlx.TurboQuantKVCache)])
     y = mx.array([[first_token]])
     # one warm-up step, then the timed ones

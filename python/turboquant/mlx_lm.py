@@ -25,9 +25,7 @@ released, and the output is wrapped back into an ``mx.array``.
 from __future__ import annotations
 
 import json
-import os
 import sys
-import tempfile
 from typing import Any, Iterable, Sequence
 
 import mlx.core as mx
@@ -75,7 +73,7 @@ class TurboQuantKVCache(_mlx_cache._BaseCache):
 
     def __init__(self, key_bits: int = 3, value_bits: int = 3, method: str = "turboquant_mse",
                  key_method: str | None = None, value_method: str | None = None,
-                 seed: int = 0, layer: int = 0, rotation: str = "auto"):
+                 seed: int = 0, layer: int = 0, rotation: str = "auto", center: bool = True):
         for name, b in (("key_bits", key_bits), ("value_bits", value_bits)):
             if not isinstance(b, (int, np.integer)) or not 1 <= int(b) <= 8:
                 raise ValueError(f"{name} must be an integer in [1, 8], got {b!r}")
@@ -87,7 +85,11 @@ class TurboQuantKVCache(_mlx_cache._BaseCache):
                 raise ValueError(f"unknown {name} {m!r}; available: {', '.join(methods)}")
         self.key_bits, self.value_bits = int(key_bits), int(value_bits)
         self.seed, self.layer, self.rotation = int(seed), int(layer), rotation
+        self.center = bool(center)
         self.offset = 0
+        # Per-KV-head mean key / value of the first block (see _centre).
+        self._k_mean: np.ndarray | None = None
+        self._v_mean: np.ndarray | None = None
         self._core = None
         self._pending: list[tuple[np.ndarray, np.ndarray]] = []
         self._n_q_heads: int | None = None
@@ -112,8 +114,7 @@ class TurboQuantKVCache(_mlx_cache._BaseCache):
                                  f"cache's (B*H_kv={cfg[0]}, head_dim={cfg[1]})")
         k, v = _to_numpy(keys), _to_numpy(values)
         self._batch = B
-        k = k.reshape(B * H, T, d)
-        v = v.reshape(B * H, T, d)
+        k, v = self._centre(k.reshape(B * H, T, d), v.reshape(B * H, T, d))
         if self._core is None:
             self._pending.append((k, v))
         else:
@@ -139,7 +140,26 @@ class TurboQuantKVCache(_mlx_cache._BaseCache):
                              f"{self._n_q_heads}")
         q = _to_numpy(queries).reshape(B * Hq, Tq, d)
         out = self._core.attend(q, causal=causal, scale=float(scale), window=window)
+        if self._v_mean is not None:  # sum_t p_t (v_t - m) + m = sum_t p_t v_t
+            out = out.reshape(-1, Hq // (self._core_kv_heads // B), Tq, d)
+            out += self._v_mean[:, None]
         return mx.array(out.reshape(B, Hq, Tq, d)).astype(queries.dtype)
+
+    def _centre(self, k: np.ndarray, v: np.ndarray):
+        """Subtract a fixed per-head mean from keys and values before encoding.
+
+        Exact for attention: q.(k_t - m) shifts every score of a query by the same q.m, which
+        softmax ignores, and sum_t p_t (v_t - m_v) + m_v = sum_t p_t v_t. It removes the
+        large common offset that RoPE'd keys of Llama-family models carry, so the codes spend
+        their bits on what differs between tokens (SmolLM2: mean key norm 16 -> 9.5). The
+        means come from the first block appended (the prefill) and then stay fixed."""
+        if not self.center:
+            return k, v
+        if self._k_mean is None:
+            self._k_mean = k.mean(axis=1, keepdims=True, dtype=np.float32)
+            self._v_mean = v.mean(axis=1, keepdims=True, dtype=np.float32)
+        return (np.ascontiguousarray(k - self._k_mean, dtype=np.float32),
+                np.ascontiguousarray(v - self._v_mean, dtype=np.float32))
 
     def size(self):
         return self.offset
@@ -211,12 +231,17 @@ class TurboQuantKVCache(_mlx_cache._BaseCache):
             blob = np.zeros((0,), np.uint8)
         else:
             blob = _save_core(self._core)
-        return mx.array(blob), json.dumps(self._config())
+        means = [mx.array(m) if m is not None else mx.zeros((0,)) for m in
+                 (self._k_mean, self._v_mean)]
+        return mx.array(blob), json.dumps(self._config()), means[0], means[1]
 
     @state.setter
     def state(self, v):
-        blob, meta = v
+        blob, meta, k_mean, v_mean = v
         self._set_config(json.loads(meta))
+        if k_mean.size:
+            self._k_mean = np.array(k_mean, dtype=np.float32)
+            self._v_mean = np.array(v_mean, dtype=np.float32)
         blob = np.array(blob, dtype=np.uint8, copy=False)
         if blob.size:
             self._core = _load_core(blob)
@@ -230,7 +255,7 @@ class TurboQuantKVCache(_mlx_cache._BaseCache):
         cfg = {"key_bits": self.key_bits, "value_bits": self.value_bits,
                "key_method": self.key_method, "value_method": self.value_method,
                "seed": self.seed, "layer": self.layer, "rotation": self.rotation,
-               "offset": self.offset, "batch": self._batch}
+               "offset": self.offset, "batch": self._batch, "center": self.center}
         if self._core is not None:
             cfg.update(n_q_heads=self._n_q_heads, n_kv_heads=self._core_kv_heads,
                        head_dim=self._head_dim)
@@ -242,6 +267,8 @@ class TurboQuantKVCache(_mlx_cache._BaseCache):
         self.seed, self.layer, self.rotation = int(cfg["seed"]), int(cfg["layer"]), cfg["rotation"]
         self.offset, self._batch = int(cfg["offset"]), int(cfg.get("batch", 1))
         self._pending, self._fetched = [], None
+        self.center = bool(cfg.get("center", True))
+        self._k_mean = self._v_mean = None
         self._core = None
         self._n_q_heads = cfg.get("n_q_heads")
         self._core_kv_heads = cfg.get("n_kv_heads")
@@ -281,23 +308,11 @@ def _to_numpy(x: mx.array) -> np.ndarray:
 
 
 def _save_core(core) -> np.ndarray:
-    fd, path = tempfile.mkstemp(suffix=".tqkv")
-    os.close(fd)
-    try:
-        core.save(path)
-        return np.fromfile(path, dtype=np.uint8)
-    finally:
-        os.unlink(path)
+    return np.frombuffer(core.to_bytes(), dtype=np.uint8)
 
 
 def _load_core(blob: np.ndarray):
-    fd, path = tempfile.mkstemp(suffix=".tqkv")
-    os.close(fd)
-    try:
-        blob.tofile(path)
-        return _core.KVCache.load(path)
-    finally:
-        os.unlink(path)
+    return _core.KVCache.from_bytes(blob.tobytes())
 
 
 # ---------------------------------------------------------------------------------------
@@ -325,7 +340,7 @@ def _window_from_mask(mask: mx.array, n_q: int, n_k: int) -> int | None:
                                   f"{n_q} queries x {n_k} keys")
     offset = n_k - n_q
     window = int(m[-1].sum())
-    for w in (None, window):
+    for w in (None, window) if window >= 1 else ():
         expect = np.asarray(_mlx_base.create_causal_mask(n_q, offset, window_size=w))
         if np.array_equal(expect, m):
             return w
@@ -452,10 +467,12 @@ def _normalise_layers(layers: Iterable[int], n: int) -> set[int]:
 def make_prompt_cache(model, key_bits: int = 3, value_bits: int = 3,
                       method: str = "turboquant_mse", fp16_layers: Iterable[int] = (),
                       seed: int = 0, key_method: str | None = None,
-                      value_method: str | None = None, rotation: str = "auto") -> list:
+                      value_method: str | None = None, rotation: str = "auto",
+                      center: bool = True) -> list:
     """mlx-lm prompt cache with TurboQuant caches on every full-attention layer.
 
-    ``fp16_layers`` (indices, negative from the end) keep mlx-lm's fp16 ``KVCache``;
+    ``center`` subtracts a per-head mean from K and V first (exact for attention, see
+    :meth:`TurboQuantKVCache._centre`). ``fp16_layers`` (indices, negative from the end) keep mlx-lm's fp16 ``KVCache``;
     sliding-window layers keep mlx-lm's ``RotatingKVCache``. Raises
     :class:`UnsupportedArchitectureError` for MLA and SSM/hybrid models."""
     install_attention_route()
@@ -467,7 +484,7 @@ def make_prompt_cache(model, key_bits: int = 3, value_bits: int = 3,
         if i not in keep:
             cache[i] = TurboQuantKVCache(key_bits=key_bits, value_bits=value_bits, method=method,
                                          key_method=key_method, value_method=value_method,
-                                         seed=seed, layer=i, rotation=rotation)
+                                         seed=seed, layer=i, rotation=rotation, center=center)
     return cache
 
 
