@@ -146,7 +146,7 @@ def build_tokenizer(reader):
         raise GGUFConversionError(
             f"tokenizer model {kind!r} is not supported (only byte-level BPE, 'gpt2')")
     tokens = list(_field(reader, "tokenizer.ggml.tokens"))
-    merges = [tuple(m.split(" ", 1)) for m in _field(reader, "tokenizer.ggml.merges")]
+    merges = [tuple(m.split(" ", 1)) for m in _field(reader, "tokenizer.ggml.merges", [])]
     types = list(_field(reader, "tokenizer.ggml.token_type", [1] * len(tokens)))
     pre = _field(reader, "tokenizer.ggml.pre", "default")
     tok = Tokenizer(models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=merges,

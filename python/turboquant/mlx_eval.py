@@ -77,6 +77,10 @@ class Result:
     kv_bytes: int = 0
     kv_ratio_fp16: float = 1.0
     decode_tok_s: float = 0.0
+    # decode-step breakdown (TurboQuant settings): ms per token in the C++ attention kernel
+    # and in the mx -> NumPy -> mx crossings (copies only; graph evaluation excluded)
+    attend_ms: float = 0.0
+    crossing_ms: float = 0.0
     speed_vs_fp16: float = 1.0
     speed_vs_mlx: dict = field(default_factory=dict)
 
@@ -87,12 +91,21 @@ class Result:
         return d
 
 
+def mlx_group_size(model) -> int:
+    """mlx-lm's default group of 64, or the 32 for head_dim 32, 96, ...."""
+    d = int(model.layers[0].self_attn.head_dim)
+    if d % 32:
+        raise ValueError(f"mlx QuantizedKVCache needs head_dim divisible by 32, got {d}")
+    return 64 if d % 64 == 0 else 32
+
+
 def make_cache(model, s: Setting, seed: int = 0):
     n = len(model.layers)
     if s.kind == "fp16":
         return mlx_cache.make_prompt_cache(model)
     if s.kind == "mlx":
-        return [mlx_cache.QuantizedKVCache(group_size=64, bits=s.key_bits) for _ in range(n)]
+        g = mlx_group_size(model)
+        return [mlx_cache.QuantizedKVCache(group_size=g, bits=s.key_bits) for _ in range(n)]
     return tq_mlx.make_prompt_cache(model, key_bits=s.key_bits, value_bits=s.value_bits,
                                     method=s.method, fp16_layers=s.fp16_layers, seed=seed,
                                     center=s.center)
@@ -141,15 +154,68 @@ def quality(ref: np.ndarray, got: np.ndarray, targets: np.ndarray) -> dict:
             "kl": float(kl.mean()), "top1": float(np.mean(ref.argmax(-1) == got.argmax(-1)))}
 
 
+class _Timers:
+    """Wraps the core's attend and the mx<->NumPy conversions of turboquant.mlx_lm with
+    wall-clock timers; graph evaluation is forced before each conversion is timed."""
+
+    def __init__(self):
+        self.attend = self.crossing = 0.0
+
+    def __enter__(self):
+        self._to_numpy, self._attend = tq_mlx._to_numpy, tq_mlx.TurboQuantKVCache.attend
+        timers, to_numpy = self, self._to_numpy
+
+        def timed_to_numpy(x):
+            mx.eval(x)
+            t0 = time.perf_counter()
+            out = to_numpy(x)
+            timers.crossing += time.perf_counter() - t0
+            return out
+
+        def timed_attend(cache, queries, scale, causal=True, window=None):
+            core = cache._core
+            if core is not None and not hasattr(core, "_tq_timed"):
+                cache._core = _TimedCore(core, timers)
+            out = timers_attend(cache, queries, scale, causal, window)
+            t0 = time.perf_counter()
+            mx.eval(out)
+            timers.crossing += time.perf_counter() - t0
+            return out
+
+        timers_attend = self._attend
+        tq_mlx._to_numpy = timed_to_numpy
+        tq_mlx.TurboQuantKVCache.attend = timed_attend
+        return self
+
+    def __exit__(self, *exc):
+        tq_mlx._to_numpy, tq_mlx.TurboQuantKVCache.attend = self._to_numpy, self._attend
+
+
+class _TimedCore:
+    _tq_timed = True
+
+    def __init__(self, core, timers):
+        self._core, self._timers = core, timers
+
+    def attend(self, *a, **k):
+        t0 = time.perf_counter()
+        out = self._core.attend(*a, **k)
+        self._timers.attend += time.perf_counter() - t0
+        return out
+
+    def __getattr__(self, name):
+        return getattr(self._core, name)
+
+
 def decode_speed(model, base: list, s: Setting, first_token: int, steps: int,
-                 seed: int = 0) -> tuple[float, int]:
+                 seed: int = 0, breakdown: bool = False):
     """tok/s of ``steps`` greedy decode steps from a copy of the prefilled fp16 ``base``."""
     if s.kind == "fp16":
         cache = [copy.copy(c) for c in base]
         for c, b in zip(cache, base):
             c.keys, c.values = mx.array(b.keys), mx.array(b.values)
     elif s.kind == "mlx":
-        cache = [c.to_quantized(group_size=64, bits=s.key_bits) for c in base]
+        cache = [c.to_quantized(group_size=mlx_group_size(model), bits=s.key_bits) for c in base]
     else:
         n_q = model.layers[0].self_attn.n_heads
         keep = {i % len(base) for i in s.fp16_layers}
@@ -175,7 +241,19 @@ def decode_speed(model, base: list, s: Setting, first_token: int, steps: int,
         y = mx.argmax(logits[:, -1:], axis=-1)
         mx.eval(y)
     dt = time.perf_counter() - t0
-    return steps / dt, kv_bytes(cache)
+    if not breakdown or s.kind != "turboquant":
+        return steps / dt, kv_bytes(cache)
+    # a second, instrumented run of the same steps for the time breakdown
+    with _Timers() as timers:
+        for _ in range(steps):
+            logits = model(y, cache=cache)
+            y = mx.argmax(logits[:, -1:], axis=-1)
+            mx.eval(y)
+    for c in cache:
+        if isinstance(getattr(c, "_core", None), _TimedCore):
+            c._core = c._core._core
+    return steps / dt, kv_bytes(cache), 1e3 * timers.attend / steps, \
+        1e3 * timers.crossing / steps
 
 
 def evaluate(model, tokens: list[int], settings: list[Setting], prefix: int, score: int,
@@ -215,14 +293,20 @@ def evaluate(model, tokens: list[int], settings: list[Setting], prefix: int, sco
         log(f"  prefilled {context} tokens ({time.perf_counter() - t0:.1f}s)")
         speed = {}
         for r in results:
-            r.decode_tok_s, _ = decode_speed(model, base, r.setting, ctx[-1], decode_tokens, seed)
+            out = decode_speed(model, base, r.setting, ctx[-1], decode_tokens, seed,
+                               breakdown=True)
+            r.decode_tok_s = out[0]
+            if len(out) == 4:
+                r.attend_ms, r.crossing_ms = out[2], out[3]
             speed[r.setting.name] = r.decode_tok_s
-            log(f"  decode {r.setting.name}: {r.decode_tok_s:.2f} tok/s")
+            log(f"  decode {r.setting.name}: {r.decode_tok_s:.2f} tok/s "
+                f"({1e3 / r.decode_tok_s:.1f} ms/token; C++ attention {r.attend_ms:.1f} ms, "
+                f"mx<->NumPy copies {r.crossing_ms:.1f} ms)")
         mlx_extra = {}
         for b in (4, 8):
             name = f"mlx-q{b}"
             if name not in speed:
-                mlx_extra[name], _ = decode_speed(model, base, Setting.parse(f"mlx{b}"),
+                mlx_extra[name], *_ = decode_speed(model, base, Setting.parse(f"mlx{b}"),
                                                   ctx[-1], decode_tokens, seed)
                 log(f"  decode {name}: {mlx_extra[name]:.2f} tok/s")
         speed.update(mlx_extra)
