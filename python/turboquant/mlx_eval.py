@@ -42,7 +42,7 @@ class Setting:
     @staticmethod
     def parse(spec: str) -> "Setting":
         """``fp16`` | ``mlx4`` | ``mlx8`` | ``3`` | ``k4v3`` | ``3+fp16:0,-1`` | ``3/raw``
-        (``/raw``: no mean centring)."""
+        (``/raw``: plain codes, no mean centring or debiasing)."""
         spec = spec.strip()
         raw = spec.endswith("/raw")
         spec = spec[:-4] if raw else spec
@@ -108,7 +108,7 @@ def make_cache(model, s: Setting, seed: int = 0):
         return [mlx_cache.QuantizedKVCache(group_size=g, bits=s.key_bits) for _ in range(n)]
     return tq_mlx.make_prompt_cache(model, key_bits=s.key_bits, value_bits=s.value_bits,
                                     method=s.method, fp16_layers=s.fp16_layers, seed=seed,
-                                    center=s.center)
+                                    center=s.center, debias=s.center)
 
 
 def kv_bytes(cache) -> int:
@@ -228,7 +228,8 @@ def decode_speed(model, base: list, s: Setting, first_token: int, steps: int,
             else:
                 cache.append(tq_mlx.to_turbo_quantized(
                     c, key_bits=s.key_bits, value_bits=s.value_bits, method=s.method,
-                    seed=seed, layer=i, n_q_heads=n_q, center=s.center))
+                    seed=seed, layer=i, n_q_heads=n_q, center=s.center,
+                    debias=s.center))
     mx.eval([c.state for c in cache if not isinstance(c, tq_mlx.TurboQuantKVCache)])
     y = mx.array([[first_token]])
     # one warm-up step, then the timed ones

@@ -73,7 +73,8 @@ class TurboQuantKVCache(_mlx_cache._BaseCache):
 
     def __init__(self, key_bits: int = 3, value_bits: int = 3, method: str = "turboquant_mse",
                  key_method: str | None = None, value_method: str | None = None,
-                 seed: int = 0, layer: int = 0, rotation: str = "auto", center: bool = True):
+                 seed: int = 0, layer: int = 0, rotation: str = "auto", center: bool = True,
+                 debias: bool = True):
         for name, b in (("key_bits", key_bits), ("value_bits", value_bits)):
             if not isinstance(b, (int, np.integer)) or not 1 <= int(b) <= 8:
                 raise ValueError(f"{name} must be an integer in [1, 8], got {b!r}")
@@ -86,6 +87,8 @@ class TurboQuantKVCache(_mlx_cache._BaseCache):
         self.key_bits, self.value_bits = int(key_bits), int(value_bits)
         self.seed, self.layer, self.rotation = int(seed), int(layer), rotation
         self.center = bool(center)
+        self.debias = bool(debias)
+        self._k_gain = self._v_gain = 1.0
         self.offset = 0
         # Per-KV-head mean key / value of the first block (see _centre).
         self._k_mean: np.ndarray | None = None
@@ -139,7 +142,10 @@ class TurboQuantKVCache(_mlx_cache._BaseCache):
             raise ValueError(f"layer {self.layer}: {Hq} query heads, cache built for "
                              f"{self._n_q_heads}")
         q = _to_numpy(queries).reshape(B * Hq, Tq, d)
-        out = self._core.attend(q, causal=causal, scale=float(scale), window=window)
+        out = self._core.attend(q, causal=causal, scale=float(scale) * self._k_gain,
+                                window=window)
+        if self._v_gain != 1.0:
+            out *= self._v_gain
         if self._v_mean is not None:  # sum_t p_t (v_t - m) + m = sum_t p_t v_t
             out = out.reshape(-1, Hq // (self._core_kv_heads // B), Tq, d)
             out += self._v_mean[:, None]
@@ -246,6 +252,7 @@ class TurboQuantKVCache(_mlx_cache._BaseCache):
         if blob.size:
             self._core = _load_core(blob)
             self._shape = (self._core_kv_heads, self._head_dim)
+            self._set_gains()
             if self._core.size(0) != self.offset:
                 raise _core.FormatError(
                     f"prompt cache layer {self.layer}: header says {self.offset} tokens, the "
@@ -255,7 +262,8 @@ class TurboQuantKVCache(_mlx_cache._BaseCache):
         cfg = {"key_bits": self.key_bits, "value_bits": self.value_bits,
                "key_method": self.key_method, "value_method": self.value_method,
                "seed": self.seed, "layer": self.layer, "rotation": self.rotation,
-               "offset": self.offset, "batch": self._batch, "center": self.center}
+               "offset": self.offset, "batch": self._batch, "center": self.center,
+               "debias": self.debias}
         if self._core is not None:
             cfg.update(n_q_heads=self._n_q_heads, n_kv_heads=self._core_kv_heads,
                        head_dim=self._head_dim)
@@ -268,6 +276,8 @@ class TurboQuantKVCache(_mlx_cache._BaseCache):
         self.offset, self._batch = int(cfg["offset"]), int(cfg.get("batch", 1))
         self._pending, self._fetched = [], None
         self.center = bool(cfg.get("center", True))
+        self.debias = bool(cfg.get("debias", True))
+        self._k_gain = self._v_gain = 1.0
         self._k_mean = self._v_mean = None
         self._core = None
         self._n_q_heads = cfg.get("n_q_heads")
@@ -275,6 +285,20 @@ class TurboQuantKVCache(_mlx_cache._BaseCache):
         self._head_dim = cfg.get("head_dim")
 
     # -- internals ----------------------------------------------------------------------
+
+    def _set_gains(self) -> None:
+        """Undo the MSE quantizer's shrinkage. A Lloyd-Max code satisfies E<u, u~> =
+        E|u~|^2 = 1 - D_b (D_b: the codebook's vector distortion), so scores from the codes are
+        on average (1 - D_k) times the true scores -- a softmax at a higher temperature -- and
+        attention outputs (1 - D_v) times too short. Scaling by 1/(1 - D) removes that bias
+        (3 bits, d=64: 3.4%); off with debias=False."""
+        self._k_gain = self._v_gain = 1.0
+        if self.debias and self.key_method == "turboquant_mse":
+            self._k_gain = 1.0 / (1.0 - _core.codebook(self._head_dim, self.key_bits)
+                                  .vector_distortion)
+        if self.debias and self.value_method == "turboquant_mse":
+            self._v_gain = 1.0 / (1.0 - _core.codebook(self._head_dim, self.value_bits)
+                                  .vector_distortion)
 
     def _pending_heads(self) -> int:
         if not self._pending:
@@ -296,6 +320,7 @@ class TurboQuantKVCache(_mlx_cache._BaseCache):
             seed=layer_seed(self.seed, self.layer), rotation=self.rotation)
         self._n_q_heads, self._core_kv_heads, self._head_dim = n_q_heads, total_kv, head_dim
         self._shape = (total_kv, head_dim)
+        self._set_gains()
         pending, self._pending = self._pending, []
         for k, v in pending:
             self._core.append(k, v)
@@ -468,11 +493,12 @@ def make_prompt_cache(model, key_bits: int = 3, value_bits: int = 3,
                       method: str = "turboquant_mse", fp16_layers: Iterable[int] = (),
                       seed: int = 0, key_method: str | None = None,
                       value_method: str | None = None, rotation: str = "auto",
-                      center: bool = True) -> list:
+                      center: bool = True, debias: bool = True) -> list:
     """mlx-lm prompt cache with TurboQuant caches on every full-attention layer.
 
     ``center`` subtracts a per-head mean from K and V first (exact for attention, see
-    :meth:`TurboQuantKVCache._centre`). ``fp16_layers`` (indices, negative from the end) keep mlx-lm's fp16 ``KVCache``;
+    :meth:`TurboQuantKVCache._centre`); ``debias`` undoes the quantizer's shrinkage of scores
+    and outputs (:meth:`TurboQuantKVCache._set_gains`). ``fp16_layers`` (indices, negative from the end) keep mlx-lm's fp16 ``KVCache``;
     sliding-window layers keep mlx-lm's ``RotatingKVCache``. Raises
     :class:`UnsupportedArchitectureError` for MLA and SSM/hybrid models."""
     install_attention_route()
@@ -484,7 +510,8 @@ def make_prompt_cache(model, key_bits: int = 3, value_bits: int = 3,
         if i not in keep:
             cache[i] = TurboQuantKVCache(key_bits=key_bits, value_bits=value_bits, method=method,
                                          key_method=key_method, value_method=value_method,
-                                         seed=seed, layer=i, rotation=rotation, center=center)
+                                         seed=seed, layer=i, rotation=rotation, center=center,
+                                         debias=debias)
     return cache
 
 
