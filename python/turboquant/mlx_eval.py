@@ -79,6 +79,7 @@ class Result:
     decode_tok_s: float = 0.0
     # decode-step breakdown (TurboQuant settings): ms per token in the C++ attention kernel
     # and in the mx -> NumPy -> mx crossings (copies only; graph evaluation excluded)
+    kv_bytes_context: int = 0  # cache bytes at the decode benchmark's context
     attend_ms: float = 0.0
     crossing_ms: float = 0.0
     speed_vs_fp16: float = 1.0
@@ -296,7 +297,7 @@ def evaluate(model, tokens: list[int], settings: list[Setting], prefix: int, sco
         for r in results:
             out = decode_speed(model, base, r.setting, ctx[-1], decode_tokens, seed,
                                breakdown=True)
-            r.decode_tok_s = out[0]
+            r.decode_tok_s, r.kv_bytes_context = out[0], out[1]
             if len(out) == 4:
                 r.attend_ms, r.crossing_ms = out[2], out[3]
             speed[r.setting.name] = r.decode_tok_s

@@ -107,3 +107,46 @@ def test_refuses_other_architectures_and_bad_files(tmp_path):
         convert_gguf(tmp_path / "junk.gguf", tmp_path / "out2")
     with pytest.raises(FileNotFoundError):
         convert_gguf(tmp_path / "missing.gguf", tmp_path / "out3")
+
+
+def test_cli_convert_generate_eval(tmp_path):
+    """The three mlx commands end to end on a tiny Llama (head_dim 32) written as GGUF."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    import mlx_tiny
+
+    import mlx_lm.models.llama as llama
+
+    mx.random.seed(0)
+    cfg = dict(mlx_tiny._COMMON, model_type="llama", hidden_size=128)
+    model = llama.Model(llama.ModelArgs.from_dict(cfg))
+    mx.eval(model.parameters())
+    write_llama_gguf(model, tmp_path / "m.gguf")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
+
+    def cli(*args):
+        r = subprocess.run([sys.executable, "-m", "turboquant", *args], capture_output=True,
+                           text=True, env=env, timeout=300)
+        assert r.returncode == 0, r.stderr[-2000:]
+        return r.stdout
+
+    cli("convert-gguf", str(tmp_path / "m.gguf"), str(tmp_path / "model"), "--dtype", "float32")
+    out = cli("generate", "--model", str(tmp_path / "model"), "--prompt", "!#$%", "--kv-bits",
+              "3", "--key-bits", "4", "--fp16-layers", "-1", "--max-tokens", "5")
+    assert "[turboquant] KV cache:" in out
+    text = tmp_path / "t.txt"
+    text.write_text("".join(chr(33 + (i * 7) % 90) for i in range(400)))
+    res = json.loads(cli("eval", "--model", str(tmp_path / "model"), "--text", str(text),
+                         "--bits", "3,4,k4v3,mlx4", "--prefix", "64", "--max-tokens", "64",
+                         "--chunk", "8", "--context", "128", "--decode-tokens", "2", "--json"))
+    names = [r["name"] for r in res["results"]]
+    assert names == ["fp16", "tq-3bit", "tq-4bit", "tq-k4v3", "mlx-q4"]
+    for r in res["results"]:
+        assert r["ppl"] > 1 and 0 < r["logit_cosine"] <= 1.0001 and r["decode_tok_s"] > 0
+        assert set(r["speed_vs_mlx"]) == {"mlx-q4", "mlx-q8"}
+    tq3, tq4 = res["results"][1], res["results"][2]
+    assert tq3["kv_bytes"] < tq4["kv_bytes"] < res["results"][0]["kv_bytes"]
+    assert tq3["logit_cosine"] < tq4["logit_cosine"]
