@@ -331,3 +331,18 @@ def format_table(results: list[Result], context: int) -> str:
             f"{r.decode_tok_s:>11.2f}{r.speed_vs_fp16:>7.2f}"
             f"{q.get('mlx-q4', 0):>6.2f}{q.get('mlx-q8', 0):>6.2f}")
     return "\n".join(lines)
+
+
+def markdown_table(results: list[dict], context: int) -> str:
+    """The ``eval --json`` results as a Markdown table (README)."""
+    lines = [f"| setting | ppl | ratio | logit cos | KL | top-1 | KV bytes | fp16/KV | "
+             f"tok/s @{context} | /fp16 | /q4 | /q8 | C++ attn ms/tok |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in results:
+        q = r["speed_vs_mlx"]
+        lines.append(
+            f"| {r['name']} | {r['ppl']:.2f} | {r['ppl_ratio']:.3f} | {r['logit_cosine']:.4f} | "
+            f"{r['kl']:.4f} | {r['top1']:.3f} | {r['kv_bytes']:,} | {r['kv_ratio_fp16']:.2f} | "
+            f"{r['decode_tok_s']:.2f} | {r['speed_vs_fp16']:.2f} | {q.get('mlx-q4', 0):.2f} | "
+            f"{q.get('mlx-q8', 0):.2f} | {r.get('attend_ms', 0):.1f} |")
+    return "\n".join(lines)

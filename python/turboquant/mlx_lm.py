@@ -209,8 +209,7 @@ class TurboQuantKVCache(_mlx_cache._BaseCache):
     def fp16_nbytes(self):
         """Bytes the same tokens take in mlx-lm's fp16 ``KVCache`` (without its step slack)."""
         if self._core is not None:
-            return int(self._core.fp16_bytes()) if hasattr(self._core, "fp16_bytes") else \
-                2 * 2 * self._shape[0] * self._shape[1] * self.offset
+            return int(self._core.fp16_bytes())
         return sum(2 * 2 * k.shape[0] * k.shape[2] * k.shape[1] for k, _ in self._pending)
 
     def compression_ratio(self) -> float:
@@ -498,8 +497,8 @@ def make_prompt_cache(model, key_bits: int = 3, value_bits: int = 3,
 
     ``center`` subtracts a per-head mean from K and V first (exact for attention, see
     :meth:`TurboQuantKVCache._centre`); ``debias`` undoes the quantizer's shrinkage of scores
-    and outputs (:meth:`TurboQuantKVCache._set_gains`). ``fp16_layers`` (indices, negative from the end) keep mlx-lm's fp16 ``KVCache``;
-    sliding-window layers keep mlx-lm's ``RotatingKVCache``. Raises
+    and outputs (:meth:`TurboQuantKVCache._set_gains`). ``fp16_layers`` (indices, negative
+    from the end) keep mlx-lm's fp16 ``KVCache``; sliding-window layers keep mlx-lm's ``RotatingKVCache``. Raises
     :class:`UnsupportedArchitectureError` for MLA and SSM/hybrid models."""
     install_attention_route()
     base_cache = _mlx_cache.make_prompt_cache(model)

@@ -16,7 +16,8 @@ SUPPORTED = {
     "llama": dict(),
     "qwen2": dict(),
     "qwen3": dict(head_dim=16),
-    "mistral": dict(hidden_size=128, num_attention_heads=8, num_key_value_heads=2),  # llama module, GQA 4
+    # mistral uses the llama module; GQA group 4
+    "mistral": dict(hidden_size=128, num_attention_heads=8, num_key_value_heads=2),
     "gemma": dict(head_dim=16),
     "phi3": dict(num_key_value_heads=4),
     "starcoder2": dict(norm_epsilon=1e-5),

@@ -25,6 +25,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--decode-tokens", type=int, default=None, help="decode steps timed (0: skip)")
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.add_argument("--markdown-from", metavar="JSON",
+                   help="only print the Markdown table of a saved --json output")
 
 
 DEFAULTS = {"text": "/usr/share/common-licenses/GPL-3", "bits": "2,3,4", "prefix": 512,
@@ -38,6 +40,12 @@ def run(args: argparse.Namespace) -> int:
     from turboquant import models
     from turboquant.mlx_eval import Setting, evaluate, format_table
 
+    if args.markdown_from:
+        from turboquant.mlx_eval import markdown_table
+
+        saved = json.loads(Path(args.markdown_from).read_text())
+        print(markdown_table(saved["results"], saved["options"]["context"]))
+        return 0
     opts = dict(DEFAULTS)
     if args.config:
         opts.update(json.loads(Path(args.config).read_text()))
