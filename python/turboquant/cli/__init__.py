@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from turboquant.cli import bench, benchmark, demo, distortion, info, precompute
+from turboquant.cli import convert_gguf, eval, generate
 
 COMMANDS = {
     "demo": (demo.HELP, demo.add_arguments, demo.run),
@@ -11,4 +12,7 @@ COMMANDS = {
     "benchmark": (benchmark.HELP, benchmark.add_arguments, benchmark.run),
     "info": (info.HELP, info.add_arguments, info.run),
     "bench": (bench.HELP, bench.add_arguments, bench.run),
+    "convert-gguf": (convert_gguf.HELP, convert_gguf.add_arguments, convert_gguf.run),
+    "generate": (generate.HELP, generate.add_arguments, generate.run),
+    "eval": (eval.HELP, eval.add_arguments, eval.run),
 }

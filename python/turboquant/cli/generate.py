@@ -1,0 +1,52 @@
+"""``python -m turboquant generate``: mlx-lm generation with a TurboQuant KV cache."""
+
+from __future__ import annotations
+
+import argparse
+
+HELP = "generate text with mlx-lm, the KV cache compressed by TurboQuant"
+
+
+def add_fp16_layers(s: str) -> tuple[int, ...]:
+    return tuple(int(x) for x in s.split(",") if x.strip())
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help="mlx-lm model directory")
+    p.add_argument("--prompt", "-p", default="Hello", help="prompt text")
+    p.add_argument("--max-tokens", "-m", type=int, default=100)
+    p.add_argument("--kv-bits", type=int, default=3, help="bits for keys and values")
+    p.add_argument("--key-bits", type=int, default=None, help="override bits for keys")
+    p.add_argument("--value-bits", type=int, default=None, help="override bits for values")
+    p.add_argument("--kv-method", default="turboquant_mse", help="quantizer method")
+    p.add_argument("--fp16-layers", type=add_fp16_layers, default=(),
+                   help="comma-separated layer indices kept in fp16 (negative from the end)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--ignore-chat-template", action="store_true")
+    p.add_argument("--verbose", action="store_true", help="print mlx-lm's speed report")
+
+
+def run(args: argparse.Namespace) -> int:
+    from mlx_lm import generate, load
+
+    from turboquant.mlx_lm import UnsupportedArchitectureError, make_prompt_cache
+
+    model, tokenizer = load(args.model)
+    try:
+        cache = make_prompt_cache(
+            model, key_bits=args.key_bits or args.kv_bits,
+            value_bits=args.value_bits or args.kv_bits, method=args.kv_method,
+            fp16_layers=args.fp16_layers, seed=args.seed)
+    except UnsupportedArchitectureError as e:
+        raise SystemExit(f"generate: {e}") from None
+    prompt = args.prompt
+    if not args.ignore_chat_template and getattr(tokenizer, "chat_template", None):
+        prompt = tokenizer.apply_chat_template([{"role": "user", "content": prompt}],
+                                               add_generation_prompt=True)
+    text = generate(model, tokenizer, prompt, max_tokens=args.max_tokens, prompt_cache=cache,
+                    verbose=args.verbose)
+    if not args.verbose:
+        print(text)
+    kv = sum(c.nbytes for c in cache)
+    print(f"[turboquant] KV cache: {kv:,} bytes for {cache[0].offset} tokens")
+    return 0

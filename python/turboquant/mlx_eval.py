@@ -1,0 +1,348 @@
+"""Quality and speed of KV-cache settings on a real mlx-lm model, against mlx-lm's fp16 cache.
+
+Protocol (the way a cache is really used): the first ``prefix`` tokens of the text are
+prefilled through the cache, then the next ``score`` tokens are fed through the same cache
+in chunks of ``chunk`` tokens, so every scored token attends to K/V that went through the
+cache's quantizer (its own chunk included). Each setting runs the same tokens; the
+reference is mlx-lm's ``KVCache`` (the model's own dtype). Per setting: perplexity of the
+scored tokens and its ratio to the reference, mean cosine of the logit vectors and mean
+KL(ref || setting) of the next-token distributions, top-1 agreement, KV bytes after the run.
+
+Decode speed: the reference cache is prefilled with ``context`` tokens once; every setting
+starts from a copy of it (``KVCache.to_quantized`` for mlx-lm's quantized cache,
+:func:`turboquant.mlx_lm.to_turbo_quantized` for ours), then decodes ``decode_tokens`` tokens
+one at a time; tok/s is measured over those steps (model + cache + attention, evaluated).
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from dataclasses import asdict, dataclass, field
+
+import mlx.core as mx
+import numpy as np
+from mlx_lm.models import cache as mlx_cache
+
+from turboquant import mlx_lm as tq_mlx
+
+
+@dataclass
+class Setting:
+    """One KV-cache configuration: ``kind`` is fp16 (mlx-lm KVCache), mlx (mlx-lm
+    QuantizedKVCache, ``bits``, group 64) or turboquant."""
+    name: str
+    kind: str
+    key_bits: int = 0
+    value_bits: int = 0
+    method: str = "turboquant_mse"
+    fp16_layers: tuple[int, ...] = ()
+    center: bool = True
+
+    @staticmethod
+    def parse(spec: str) -> "Setting":
+        """``fp16`` | ``mlx4`` | ``mlx8`` | ``3`` | ``k4v3`` | ``3+fp16:0,-1`` | ``3/raw``
+        (``/raw``: plain codes, no mean centring or debiasing)."""
+        spec = spec.strip()
+        raw = spec.endswith("/raw")
+        spec = spec[:-4] if raw else spec
+        if spec == "fp16":
+            return Setting("fp16", "fp16")
+        if spec.startswith("mlx"):
+            b = int(spec[3:])
+            return Setting(f"mlx-q{b}", "mlx", b, b)
+        body, _, layers = spec.partition("+fp16:")
+        fp16 = tuple(int(x) for x in layers.split(",") if x) if layers else ()
+        if body.startswith("k"):
+            kb, vb = body[1:].split("v")
+            kb, vb = int(kb), int(vb)
+        else:
+            kb = vb = int(body)
+        name = f"tq-k{kb}v{vb}" if kb != vb else f"tq-{kb}bit"
+        if fp16:
+            name += "+fp16[" + ",".join(map(str, fp16)) + "]"
+        if raw:
+            name += "/raw"
+        return Setting(name, "turboquant", kb, vb, fp16_layers=fp16, center=not raw)
+
+
+@dataclass
+class Result:
+    setting: Setting
+    ppl: float = 0.0
+    ppl_ratio: float = 1.0
+    logit_cosine: float = 1.0
+    kl: float = 0.0
+    top1: float = 1.0
+    kv_bytes: int = 0
+    kv_ratio_fp16: float = 1.0
+    decode_tok_s: float = 0.0
+    # decode-step breakdown (TurboQuant settings): ms per token in the C++ attention kernel
+    # and in the mx -> NumPy -> mx crossings (copies only; graph evaluation excluded)
+    kv_bytes_context: int = 0  # cache bytes at the decode benchmark's context
+    attend_ms: float = 0.0
+    crossing_ms: float = 0.0
+    speed_vs_fp16: float = 1.0
+    speed_vs_mlx: dict = field(default_factory=dict)
+
+    def as_dict(self):
+        d = asdict(self)
+        d["setting"] = asdict(self.setting)
+        d["name"] = self.setting.name
+        return d
+
+
+def mlx_group_size(model) -> int:
+    """mlx-lm's default group of 64, or the 32 for head_dim 32, 96, ...."""
+    d = int(model.layers[0].self_attn.head_dim)
+    if d % 32:
+        raise ValueError(f"mlx QuantizedKVCache needs head_dim divisible by 32, got {d}")
+    return 64 if d % 64 == 0 else 32
+
+
+def make_cache(model, s: Setting, seed: int = 0):
+    n = len(model.layers)
+    if s.kind == "fp16":
+        return mlx_cache.make_prompt_cache(model)
+    if s.kind == "mlx":
+        g = mlx_group_size(model)
+        return [mlx_cache.QuantizedKVCache(group_size=g, bits=s.key_bits) for _ in range(n)]
+    return tq_mlx.make_prompt_cache(model, key_bits=s.key_bits, value_bits=s.value_bits,
+                                    method=s.method, fp16_layers=s.fp16_layers, seed=seed,
+                                    center=s.center, debias=s.center)
+
+
+def kv_bytes(cache) -> int:
+    return int(sum(c.nbytes for c in cache))
+
+
+def fp16_kv_bytes(model, tokens: int) -> int:
+    """Exact bytes of K and V in fp16 for ``tokens`` tokens (no allocation slack)."""
+    total = 0
+    for layer in model.layers:
+        attn = getattr(layer, "self_attn", None)
+        h = getattr(attn, "n_kv_heads", None) or getattr(attn, "num_key_value_heads", None)
+        d = getattr(attn, "head_dim", None)
+        if h is None or d is None:
+            raise ValueError("cannot read n_kv_heads/head_dim from the model's attention")
+        total += 2 * 2 * int(h) * int(d) * tokens
+    return total
+
+
+def score_logits(model, cache, tokens: list[int], prefix: int, chunk: int) -> np.ndarray:
+    """Float32 logits predicting tokens[prefix:], computed through ``cache`` chunk by chunk."""
+    out = []
+    logits = model(mx.array(tokens[:prefix])[None], cache=cache)
+    out.append(np.array(logits[0, -1:].astype(mx.float32)))
+    for i in range(prefix, len(tokens) - 1, chunk):
+        ids = tokens[i: min(i + chunk, len(tokens) - 1)]
+        logits = model(mx.array(ids)[None], cache=cache)
+        out.append(np.array(logits[0].astype(mx.float32)))
+    return np.concatenate(out)
+
+
+def _log_softmax(x: np.ndarray) -> np.ndarray:
+    x = x - x.max(-1, keepdims=True)
+    return x - np.log(np.exp(x).sum(-1, keepdims=True))
+
+
+def quality(ref: np.ndarray, got: np.ndarray, targets: np.ndarray) -> dict:
+    lp_ref, lp = _log_softmax(ref.astype(np.float64)), _log_softmax(got.astype(np.float64))
+    nll = -lp[np.arange(len(targets)), targets]
+    cos = np.sum(ref * got, -1) / (np.linalg.norm(ref, axis=-1) * np.linalg.norm(got, axis=-1))
+    kl = np.sum(np.exp(lp_ref) * (lp_ref - lp), -1)
+    return {"ppl": float(np.exp(nll.mean())), "logit_cosine": float(cos.mean()),
+            "kl": float(kl.mean()), "top1": float(np.mean(ref.argmax(-1) == got.argmax(-1)))}
+
+
+class _Timers:
+    """Wraps the core's attend and the mx<->NumPy conversions of turboquant.mlx_lm with
+    wall-clock timers; graph evaluation is forced before each conversion is timed."""
+
+    def __init__(self):
+        self.attend = self.crossing = 0.0
+
+    def __enter__(self):
+        self._to_numpy, self._attend = tq_mlx._to_numpy, tq_mlx.TurboQuantKVCache.attend
+        timers, to_numpy = self, self._to_numpy
+
+        def timed_to_numpy(x):
+            mx.eval(x)
+            t0 = time.perf_counter()
+            out = to_numpy(x)
+            timers.crossing += time.perf_counter() - t0
+            return out
+
+        def timed_attend(cache, queries, scale, causal=True, window=None):
+            core = cache._core
+            if core is not None and not hasattr(core, "_tq_timed"):
+                cache._core = _TimedCore(core, timers)
+            out = timers_attend(cache, queries, scale, causal, window)
+            t0 = time.perf_counter()
+            mx.eval(out)
+            timers.crossing += time.perf_counter() - t0
+            return out
+
+        timers_attend = self._attend
+        tq_mlx._to_numpy = timed_to_numpy
+        tq_mlx.TurboQuantKVCache.attend = timed_attend
+        return self
+
+    def __exit__(self, *exc):
+        tq_mlx._to_numpy, tq_mlx.TurboQuantKVCache.attend = self._to_numpy, self._attend
+
+
+class _TimedCore:
+    _tq_timed = True
+
+    def __init__(self, core, timers):
+        self._core, self._timers = core, timers
+
+    def attend(self, *a, **k):
+        t0 = time.perf_counter()
+        out = self._core.attend(*a, **k)
+        self._timers.attend += time.perf_counter() - t0
+        return out
+
+    def __getattr__(self, name):
+        return getattr(self._core, name)
+
+
+def decode_speed(model, base: list, s: Setting, first_token: int, steps: int,
+                 seed: int = 0, breakdown: bool = False):
+    """tok/s of ``steps`` greedy decode steps from a copy of the prefilled fp16 ``base``."""
+    if s.kind == "fp16":
+        cache = [copy.copy(c) for c in base]
+        for c, b in zip(cache, base):
+            c.keys, c.values = mx.array(b.keys), mx.array(b.values)
+    elif s.kind == "mlx":
+        cache = [c.to_quantized(group_size=mlx_group_size(model), bits=s.key_bits) for c in base]
+    else:
+        n_q = model.layers[0].self_attn.n_heads
+        keep = {i % len(base) for i in s.fp16_layers}
+        cache = []
+        for i, c in enumerate(base):
+            if i in keep:
+                cc = copy.copy(c)
+                cc.keys, cc.values = mx.array(c.keys), mx.array(c.values)
+                cache.append(cc)
+            else:
+                cache.append(tq_mlx.to_turbo_quantized(
+                    c, key_bits=s.key_bits, value_bits=s.value_bits, method=s.method,
+                    seed=seed, layer=i, n_q_heads=n_q, center=s.center,
+                    debias=s.center))
+    mx.eval([c.state for c in cache if not isinstance(c, tq_mlx.TurboQuantKVCache)])
+    y = mx.array([[first_token]])
+    # one warm-up step, then the timed ones
+    logits = model(y, cache=cache)
+    y = mx.argmax(logits[:, -1:], axis=-1)
+    mx.eval(y)
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        logits = model(y, cache=cache)
+        y = mx.argmax(logits[:, -1:], axis=-1)
+        mx.eval(y)
+    dt = time.perf_counter() - t0
+    if not breakdown or s.kind != "turboquant":
+        return steps / dt, kv_bytes(cache)
+    # a second, instrumented run of the same steps for the time breakdown
+    with _Timers() as timers:
+        for _ in range(steps):
+            logits = model(y, cache=cache)
+            y = mx.argmax(logits[:, -1:], axis=-1)
+            mx.eval(y)
+    for c in cache:
+        if isinstance(getattr(c, "_core", None), _TimedCore):
+            c._core = c._core._core
+    return steps / dt, kv_bytes(cache), 1e3 * timers.attend / steps, \
+        1e3 * timers.crossing / steps
+
+
+def evaluate(model, tokens: list[int], settings: list[Setting], prefix: int, score: int,
+             chunk: int, context: int, decode_tokens: int, seed: int = 0,
+             log=print) -> list[Result]:
+    if prefix + score > len(tokens):
+        raise ValueError(f"text has {len(tokens)} tokens, prefix+score needs {prefix + score}")
+    toks = tokens[: prefix + score]
+    targets = np.array(toks[prefix:])
+    ref_setting = Setting.parse("fp16")
+    all_settings = [ref_setting] + [s for s in settings if s.kind != "fp16"]
+    results = []
+    ref = None
+    for s in all_settings:
+        t0 = time.perf_counter()
+        cache = make_cache(model, s, seed)
+        logits = score_logits(model, cache, toks, prefix, chunk)
+        if ref is None:
+            ref = logits
+        r = Result(s, **quality(ref, logits, targets))
+        r.kv_bytes = kv_bytes(cache)
+        r.kv_ratio_fp16 = fp16_kv_bytes(model, len(toks) - 1) / r.kv_bytes
+        results.append(r)
+        log(f"  quality {s.name}: ppl {r.ppl:.3f} cos {r.logit_cosine:.4f} "
+            f"({time.perf_counter() - t0:.1f}s)")
+    base_ppl = results[0].ppl
+    for r in results:
+        r.ppl_ratio = r.ppl / base_ppl
+    if context > 0 and decode_tokens > 0:
+        ctx = tokens[:context] if len(tokens) >= context else \
+            (tokens * (context // len(tokens) + 1))[:context]
+        base = mlx_cache.make_prompt_cache(model)
+        t0 = time.perf_counter()
+        for i in range(0, context, 512):
+            model(mx.array(ctx[i:i + 512])[None], cache=base)
+            mx.eval([c.state for c in base])
+        log(f"  prefilled {context} tokens ({time.perf_counter() - t0:.1f}s)")
+        speed = {}
+        for r in results:
+            out = decode_speed(model, base, r.setting, ctx[-1], decode_tokens, seed,
+                               breakdown=True)
+            r.decode_tok_s, r.kv_bytes_context = out[0], out[1]
+            if len(out) == 4:
+                r.attend_ms, r.crossing_ms = out[2], out[3]
+            speed[r.setting.name] = r.decode_tok_s
+            log(f"  decode {r.setting.name}: {r.decode_tok_s:.2f} tok/s "
+                f"({1e3 / r.decode_tok_s:.1f} ms/token; C++ attention {r.attend_ms:.1f} ms, "
+                f"mx<->NumPy copies {r.crossing_ms:.1f} ms)")
+        mlx_extra = {}
+        for b in (4, 8):
+            name = f"mlx-q{b}"
+            if name not in speed:
+                mlx_extra[name], *_ = decode_speed(model, base, Setting.parse(f"mlx{b}"),
+                                                  ctx[-1], decode_tokens, seed)
+                log(f"  decode {name}: {mlx_extra[name]:.2f} tok/s")
+        speed.update(mlx_extra)
+        for r in results:
+            r.speed_vs_fp16 = r.decode_tok_s / speed["fp16"]
+            r.speed_vs_mlx = {k: r.decode_tok_s / speed[k] for k in ("mlx-q4", "mlx-q8")}
+    return results
+
+
+def format_table(results: list[Result], context: int) -> str:
+    head = (f"{'setting':<22}{'ppl':>8}{'ratio':>8}{'cos':>8}{'KL':>8}{'top1':>7}"
+            f"{'KV bytes':>11}{'x fp16':>7}{'tok/s@' + str(context):>11}{'/fp16':>7}"
+            f"{'/q4':>6}{'/q8':>6}")
+    lines = [head, "-" * len(head)]
+    for r in results:
+        q = r.speed_vs_mlx
+        lines.append(
+            f"{r.setting.name:<22}{r.ppl:>8.3f}{r.ppl_ratio:>8.4f}{r.logit_cosine:>8.4f}"
+            f"{r.kl:>8.4f}{r.top1:>7.3f}{r.kv_bytes:>11,}{r.kv_ratio_fp16:>7.2f}"
+            f"{r.decode_tok_s:>11.2f}{r.speed_vs_fp16:>7.2f}"
+            f"{q.get('mlx-q4', 0):>6.2f}{q.get('mlx-q8', 0):>6.2f}")
+    return "\n".join(lines)
+
+
+def markdown_table(results: list[dict], context: int) -> str:
+    """The ``eval --json`` results as a Markdown table (README)."""
+    lines = [f"| setting | ppl | ratio | logit cos | KL | top-1 | KV bytes | fp16/KV | "
+             f"tok/s @{context} | /fp16 | /q4 | /q8 | C++ attn ms/tok |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in results:
+        q = r["speed_vs_mlx"]
+        lines.append(
+            f"| {r['name']} | {r['ppl']:.2f} | {r['ppl_ratio']:.3f} | {r['logit_cosine']:.4f} | "
+            f"{r['kl']:.4f} | {r['top1']:.3f} | {r['kv_bytes']:,} | {r['kv_ratio_fp16']:.2f} | "
+            f"{r['decode_tok_s']:.2f} | {r['speed_vs_fp16']:.2f} | {q.get('mlx-q4', 0):.2f} | "
+            f"{q.get('mlx-q8', 0):.2f} | {r.get('attend_ms', 0):.1f} |")
+    return "\n".join(lines)

@@ -1,0 +1,546 @@
+"""mlx-lm integration: a TurboQuant prompt cache that runs attention on the compressed codes.
+
+    from mlx_lm import load, generate
+    from turboquant.mlx_lm import make_prompt_cache
+    model, tokenizer = load("path/to/model")
+    cache = make_prompt_cache(model, key_bits=3, value_bits=3)
+    generate(model, tokenizer, prompt, prompt_cache=cache)
+
+How it plugs in. mlx-lm attention layers do ``k, v = cache.update_and_fetch(k, v)`` and then
+call ``scaled_dot_product_attention(q, k, v, cache=cache, ...)`` from
+``mlx_lm.models.base`` (bound into each model module by ``from .base import ...``). This
+module wraps that function in every loaded mlx-lm model module: calls whose ``cache`` is a
+:class:`TurboQuantKVCache` go to the C++ core (``turboquant._core.KVCache.attend``); every
+other cache takes mlx-lm's own path, untouched. ``update_and_fetch`` encodes the new tokens
+into codes and returns zero-memory NaN placeholders of the full K/V shape, so the cache never
+holds an fp16 copy of K/V, and a model that bypassed the route would produce NaN, not
+plausible garbage. The placeholders are checked by identity in the route, so a model that
+transforms K/V after the cache (MLA, custom kernels) is refused with a clear error.
+
+Each mlx-lm call crosses to NumPy once per layer (queries and the new K/V in, attention
+output back): the graph is evaluated at that layer, the C++ kernel runs with the GIL
+released, and the output is wrapped back into an ``mx.array``.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import Any, Iterable, Sequence
+
+import mlx.core as mx
+import numpy as np
+from mlx_lm.models import base as _mlx_base
+from mlx_lm.models import cache as _mlx_cache
+
+from turboquant import _core
+
+__all__ = [
+    "TurboQuantKVCache",
+    "UnsupportedArchitectureError",
+    "check_architecture",
+    "make_prompt_cache",
+    "to_turbo_quantized",
+    "install_attention_route",
+]
+
+_SEED_LAYER_STRIDE = 0x9E3779B97F4A7C15  # golden-ratio stride: distinct streams per layer
+_MASK64 = (1 << 64) - 1
+
+
+class UnsupportedArchitectureError(ValueError):
+    """The model's attention cannot be served from a TurboQuant KV cache."""
+
+
+def layer_seed(seed: int, layer: int) -> int:
+    """Seed of layer ``layer``'s core: each layer gets its own rotations and codebook streams."""
+    return (int(seed) + (int(layer) + 1) * _SEED_LAYER_STRIDE) & _MASK64
+
+
+# ---------------------------------------------------------------------------------------
+# The cache
+
+
+class TurboQuantKVCache(_mlx_cache._BaseCache):
+    """One layer's KV cache, stored only as TurboQuant codes + fp16 norms in C++.
+
+    Follows mlx-lm's cache protocol: ``offset``, ``update_and_fetch``, ``state`` /
+    ``meta_state`` / ``from_state``, ``is_trimmable`` / ``trim``, ``size``, ``nbytes``,
+    ``empty``, ``make_mask``. The C++ core is created at the first attention call, when the
+    query head count is known; the first block of K/V waits for it (it is the caller's
+    transient array, never a copy kept across steps).
+    """
+
+    def __init__(self, key_bits: int = 3, value_bits: int = 3, method: str = "turboquant_mse",
+                 key_method: str | None = None, value_method: str | None = None,
+                 seed: int = 0, layer: int = 0, rotation: str = "auto", center: bool = True,
+                 debias: bool = True):
+        for name, b in (("key_bits", key_bits), ("value_bits", value_bits)):
+            if not isinstance(b, (int, np.integer)) or not 1 <= int(b) <= 8:
+                raise ValueError(f"{name} must be an integer in [1, 8], got {b!r}")
+        methods = _core.methods()
+        self.key_method = key_method or method
+        self.value_method = value_method or method
+        for name, m in (("key method", self.key_method), ("value method", self.value_method)):
+            if m not in methods:
+                raise ValueError(f"unknown {name} {m!r}; available: {', '.join(methods)}")
+        self.key_bits, self.value_bits = int(key_bits), int(value_bits)
+        self.seed, self.layer, self.rotation = int(seed), int(layer), rotation
+        self.center = bool(center)
+        self.debias = bool(debias)
+        self._k_gain = self._v_gain = 1.0
+        self.offset = 0
+        # Per-KV-head mean key / value of the first block (see _centre).
+        self._k_mean: np.ndarray | None = None
+        self._v_mean: np.ndarray | None = None
+        self._core = None
+        self._pending: list[tuple[np.ndarray, np.ndarray]] = []
+        self._n_q_heads: int | None = None
+        self._batch = 1
+        self._fetched: tuple[mx.array, mx.array] | None = None
+
+    # -- mlx-lm protocol ----------------------------------------------------------------
+
+    def update_and_fetch(self, keys: mx.array, values: mx.array):
+        if keys.ndim != 4 or values.ndim != 4:
+            raise ValueError(f"TurboQuantKVCache expects (B, H_kv, T, d) keys/values, got "
+                             f"{keys.shape} / {values.shape}")
+        if keys.shape[:3] != values.shape[:3] or keys.shape[-1] != values.shape[-1]:
+            raise ValueError(
+                f"TurboQuantKVCache needs keys and values of one shape (B, H_kv, T, d), got "
+                f"{keys.shape} and {values.shape} (different K/V head dims are not supported)")
+        B, H, T, d = keys.shape
+        if self._core is not None:
+            cfg = self._shape
+            if (B * H, d) != (cfg[0], cfg[1]):
+                raise ValueError(f"layer {self.layer}: keys of shape {keys.shape} do not match the "
+                                 f"cache's (B*H_kv={cfg[0]}, head_dim={cfg[1]})")
+        k, v = _to_numpy(keys), _to_numpy(values)
+        self._batch = B
+        k, v = self._centre(k.reshape(B * H, T, d), v.reshape(B * H, T, d))
+        if self._core is None:
+            self._pending.append((k, v))
+        else:
+            self._core.append(k, v)
+        self.offset += T
+        # Zero-memory placeholders of the shape mlx-lm expects (broadcast of one NaN).
+        nan = mx.array(float("nan"), dtype=keys.dtype)
+        ph_k = mx.broadcast_to(nan, (B, H, self.offset, d))
+        ph_v = mx.broadcast_to(nan, (B, H, self.offset, d))
+        self._fetched = (ph_k, ph_v)
+        return ph_k, ph_v
+
+    def attend(self, queries: mx.array, scale: float, causal: bool = True,
+               window: int | None = None) -> mx.array:
+        """Attention of ``queries`` (B, H_q, T_q, d), the last T_q positions, on the codes."""
+        B, Hq, Tq, d = queries.shape
+        if B != self._batch:
+            raise ValueError(f"queries batch {B} != cache batch {self._batch}")
+        if self._core is None:
+            self._create_core(n_q_heads=Hq, n_kv_heads=self._pending_heads(), head_dim=d)
+        elif Hq != self._n_q_heads:
+            raise ValueError(f"layer {self.layer}: {Hq} query heads, cache built for "
+                             f"{self._n_q_heads}")
+        q = _to_numpy(queries).reshape(B * Hq, Tq, d)
+        out = self._core.attend(q, causal=causal, scale=float(scale) * self._k_gain,
+                                window=window)
+        if self._v_gain != 1.0:
+            out *= self._v_gain
+        if self._v_mean is not None:  # sum_t p_t (v_t - m) + m = sum_t p_t v_t
+            out = out.reshape(-1, Hq // (self._core_kv_heads // B), Tq, d)
+            out += self._v_mean[:, None]
+        return mx.array(out.reshape(B, Hq, Tq, d)).astype(queries.dtype)
+
+    def _centre(self, k: np.ndarray, v: np.ndarray):
+        """Subtract a fixed per-head mean from keys and values before encoding.
+
+        Exact for attention: q.(k_t - m) shifts every score of a query by the same q.m, which
+        softmax ignores, and sum_t p_t (v_t - m_v) + m_v = sum_t p_t v_t. It removes the
+        large common offset that RoPE'd keys of Llama-family models carry, so the codes spend
+        their bits on what differs between tokens (SmolLM2: mean key norm 16 -> 9.5). The
+        means come from the first block appended (the prefill) and then stay fixed."""
+        if not self.center:
+            return k, v
+        if self._k_mean is None:
+            self._k_mean = k.mean(axis=1, keepdims=True, dtype=np.float32)
+            self._v_mean = v.mean(axis=1, keepdims=True, dtype=np.float32)
+        return (np.ascontiguousarray(k - self._k_mean, dtype=np.float32),
+                np.ascontiguousarray(v - self._v_mean, dtype=np.float32))
+
+    def size(self):
+        return self.offset
+
+    def empty(self):
+        return self._core is None and not self._pending
+
+    def is_trimmable(self):
+        return True
+
+    def trim(self, n):
+        n = min(self.offset, int(n))
+        if n <= 0:
+            return 0
+        if self._core is not None:
+            self._core.trim(n)
+        else:
+            keep = self.offset - n
+            pend, total = [], 0
+            for k, v in self._pending:
+                take = min(k.shape[1], keep - total)
+                if take > 0:
+                    pend.append((k[:, :take], v[:, :take]))
+                total += take
+            self._pending = pend
+        self.offset -= n
+        return n
+
+    def make_mask(self, N: int, window_size: int | None = None, return_array: bool = False):
+        # The route handles causality itself; an explicit window is passed as an array and
+        # decoded back into a window length in the route.
+        return _mlx_cache.create_attention_mask(N, offset=self.offset, return_array=return_array,
+                                                window_size=window_size)
+
+    @property
+    def nbytes(self):
+        pending = sum(k.nbytes + v.nbytes for k, v in self._pending)
+        return (self._core.memory_bytes() if self._core is not None else 0) + pending
+
+    @property
+    def fp16_nbytes(self):
+        """Bytes the same tokens take in mlx-lm's fp16 ``KVCache`` (without its step slack)."""
+        if self._core is not None:
+            return int(self._core.fp16_bytes())
+        return sum(2 * 2 * k.shape[0] * k.shape[2] * k.shape[1] for k, _ in self._pending)
+
+    def compression_ratio(self) -> float:
+        return self.fp16_nbytes / max(1, self.nbytes)
+
+    # -- state (prompt-cache files) -------------------------------------------------------
+
+    @property
+    def meta_state(self):
+        return (json.dumps(self._config()),)
+
+    @meta_state.setter
+    def meta_state(self, v):
+        self._set_config(json.loads(v[0]))
+
+    @property
+    def state(self):
+        if self._core is None:
+            if self._pending:
+                raise ValueError(
+                    "this TurboQuantKVCache has not run attention yet, so its query head count "
+                    "(needed to build the compressed cache) is unknown; run the model once or "
+                    "pass n_q_heads to to_turbo_quantized before saving")
+            blob = np.zeros((0,), np.uint8)
+        else:
+            blob = _save_core(self._core)
+        means = [mx.array(m) if m is not None else mx.zeros((0,)) for m in
+                 (self._k_mean, self._v_mean)]
+        return mx.array(blob), json.dumps(self._config()), means[0], means[1]
+
+    @state.setter
+    def state(self, v):
+        blob, meta, k_mean, v_mean = v
+        self._set_config(json.loads(meta))
+        if k_mean.size:
+            self._k_mean = np.array(k_mean, dtype=np.float32)
+            self._v_mean = np.array(v_mean, dtype=np.float32)
+        blob = np.array(blob, dtype=np.uint8, copy=False)
+        if blob.size:
+            self._core = _load_core(blob)
+            self._shape = (self._core_kv_heads, self._head_dim)
+            self._set_gains()
+            if self._core.size(0) != self.offset:
+                raise _core.FormatError(
+                    f"prompt cache layer {self.layer}: header says {self.offset} tokens, the "
+                    f"compressed cache holds {self._core.size(0)}")
+
+    def _config(self) -> dict:
+        cfg = {"key_bits": self.key_bits, "value_bits": self.value_bits,
+               "key_method": self.key_method, "value_method": self.value_method,
+               "seed": self.seed, "layer": self.layer, "rotation": self.rotation,
+               "offset": self.offset, "batch": self._batch, "center": self.center,
+               "debias": self.debias}
+        if self._core is not None:
+            cfg.update(n_q_heads=self._n_q_heads, n_kv_heads=self._core_kv_heads,
+                       head_dim=self._head_dim)
+        return cfg
+
+    def _set_config(self, cfg: dict) -> None:
+        self.key_bits, self.value_bits = int(cfg["key_bits"]), int(cfg["value_bits"])
+        self.key_method, self.value_method = cfg["key_method"], cfg["value_method"]
+        self.seed, self.layer, self.rotation = int(cfg["seed"]), int(cfg["layer"]), cfg["rotation"]
+        self.offset, self._batch = int(cfg["offset"]), int(cfg.get("batch", 1))
+        self._pending, self._fetched = [], None
+        self.center = bool(cfg.get("center", True))
+        self.debias = bool(cfg.get("debias", True))
+        self._k_gain = self._v_gain = 1.0
+        self._k_mean = self._v_mean = None
+        self._core = None
+        self._n_q_heads = cfg.get("n_q_heads")
+        self._core_kv_heads = cfg.get("n_kv_heads")
+        self._head_dim = cfg.get("head_dim")
+
+    # -- internals ----------------------------------------------------------------------
+
+    def _set_gains(self) -> None:
+        """Undo the MSE quantizer's shrinkage. A Lloyd-Max code satisfies E<u, u~> =
+        E|u~|^2 = 1 - D_b (D_b: the codebook's vector distortion), so scores from the codes are
+        on average (1 - D_k) times the true scores -- a softmax at a higher temperature -- and
+        attention outputs (1 - D_v) times too short. Scaling by 1/(1 - D) removes that bias
+        (3 bits, d=64: 3.4%); off with debias=False."""
+        self._k_gain = self._v_gain = 1.0
+        if self.debias and self.key_method == "turboquant_mse":
+            self._k_gain = 1.0 / (1.0 - _core.codebook(self._head_dim, self.key_bits)
+                                  .vector_distortion)
+        if self.debias and self.value_method == "turboquant_mse":
+            self._v_gain = 1.0 / (1.0 - _core.codebook(self._head_dim, self.value_bits)
+                                  .vector_distortion)
+
+    def _pending_heads(self) -> int:
+        if not self._pending:
+            raise RuntimeError(f"layer {self.layer}: attention called on an empty cache")
+        return self._pending[0][0].shape[0]
+
+    def _create_core(self, n_q_heads: int, n_kv_heads: int, head_dim: int) -> None:
+        # Batch is folded into heads: (B, H, T, d) -> (B*H, T, d); query head b*Hq+h maps to
+        # KV head (b*Hq+h)//g = b*Hkv + h//g, which is the same GQA grouping.
+        B = self._batch
+        total_q, total_kv = n_q_heads * B, n_kv_heads
+        if total_q % total_kv:
+            raise ValueError(f"layer {self.layer}: {n_q_heads} query heads are not a multiple "
+                             f"of {n_kv_heads // B} KV heads")
+        self._core = _core.KVCache(
+            head_dim, n_layers=1, n_q_heads=total_q, n_kv_heads=total_kv,
+            key_method=self.key_method, key_bits=self.key_bits,
+            value_method=self.value_method, value_bits=self.value_bits,
+            seed=layer_seed(self.seed, self.layer), rotation=self.rotation)
+        self._n_q_heads, self._core_kv_heads, self._head_dim = n_q_heads, total_kv, head_dim
+        self._shape = (total_kv, head_dim)
+        self._set_gains()
+        pending, self._pending = self._pending, []
+        for k, v in pending:
+            self._core.append(k, v)
+
+
+def _to_numpy(x: mx.array) -> np.ndarray:
+    if x.dtype == mx.bfloat16:  # NumPy has no bfloat16
+        x = x.astype(mx.float32)
+    return np.ascontiguousarray(np.array(x, copy=False))
+
+
+def _save_core(core) -> np.ndarray:
+    return np.frombuffer(core.to_bytes(), dtype=np.uint8)
+
+
+def _load_core(blob: np.ndarray):
+    return _core.KVCache.from_bytes(blob.tobytes())
+
+
+# ---------------------------------------------------------------------------------------
+# The attention route
+
+
+def _window_from_mask(mask: mx.array, n_q: int, n_k: int) -> int | None:
+    """Decode a boolean mlx-lm causal(-window) mask back into a window length.
+
+    Returns None for the plain causal mask; raises for anything else (e.g. the padding
+    masks of batched generation), which the compressed kernel cannot apply.
+    """
+    m = mask
+    if m.dtype != mx.bool_:
+        m = m >= 0  # additive masks: 0 where allowed, -inf where masked
+    while m.ndim > 2:
+        if m.shape[0] != 1:
+            raise NotImplementedError(
+                "TurboQuantKVCache supports only causal and sliding-window masks, not "
+                "per-batch/per-head masks (e.g. left padding in batched generation)")
+        m = m[0]
+    m = np.array(m)
+    if m.shape != (n_q, n_k):
+        raise NotImplementedError(f"attention mask of shape {m.shape} does not match "
+                                  f"{n_q} queries x {n_k} keys")
+    offset = n_k - n_q
+    window = int(m[-1].sum())
+    for w in (None, window) if window >= 1 else ():
+        expect = np.asarray(_mlx_base.create_causal_mask(n_q, offset, window_size=w))
+        if np.array_equal(expect, m):
+            return w
+    raise NotImplementedError(
+        "TurboQuantKVCache supports only causal and sliding-window attention masks")
+
+
+def _turboquant_attention(queries, keys, values, cache, scale, mask, sinks=None):
+    if sinks is not None:
+        raise UnsupportedArchitectureError(
+            "attention sinks (e.g. gpt-oss) are not supported by TurboQuantKVCache")
+    fetched = cache._fetched
+    if fetched is None or keys is not fetched[0] or values is not fetched[1]:
+        raise UnsupportedArchitectureError(
+            "this model transforms keys/values after the cache (e.g. multi-head latent "
+            "attention); TurboQuantKVCache can only serve attention over the K/V it stored")
+    Tq = queries.shape[2]
+    window = None
+    if isinstance(mask, mx.array):
+        window = _window_from_mask(mask, Tq, cache.offset)
+    elif mask is not None and mask != "causal":
+        raise NotImplementedError(f"unsupported attention mask {mask!r}")
+    return cache.attend(queries, scale=scale, causal=True, window=window)
+
+
+_original_sdpa = _mlx_base.scaled_dot_product_attention
+
+
+def _routed_sdpa(queries, keys, values, cache, scale, mask, sinks=None):
+    if isinstance(cache, TurboQuantKVCache):
+        return _turboquant_attention(queries, keys, values, cache, scale, mask, sinks)
+    return _original_sdpa(queries, keys, values, cache=cache, scale=scale, mask=mask,
+                          sinks=sinks)
+
+
+_routed_sdpa.__wrapped__ = _original_sdpa  # type: ignore[attr-defined]
+
+
+def install_attention_route() -> int:
+    """Route ``scaled_dot_product_attention`` of every loaded mlx-lm model module (and of
+    modules imported later, through ``mlx_lm.models.base``) via TurboQuant for our caches.
+    Idempotent; returns the number of modules patched by this call."""
+    patched = 0
+    if _mlx_base.scaled_dot_product_attention is _original_sdpa:
+        _mlx_base.scaled_dot_product_attention = _routed_sdpa
+        patched += 1
+    for name, mod in list(sys.modules.items()):
+        if name.startswith("mlx_lm.models.") and mod is not None and \
+                getattr(mod, "scaled_dot_product_attention", None) is _original_sdpa:
+            mod.scaled_dot_product_attention = _routed_sdpa
+            patched += 1
+    # load_prompt_cache() looks cache classes up by name in mlx_lm.models.cache.
+    _mlx_cache.TurboQuantKVCache = TurboQuantKVCache
+    return patched
+
+
+# ---------------------------------------------------------------------------------------
+# Architectures
+
+
+_MLA_FIELDS = ("kv_lora_rank", "q_lora_rank", "qk_rope_head_dim")
+
+
+def _model_type(model) -> str:
+    args = getattr(model, "args", None)
+    return str(getattr(args, "model_type", None) or type(model).__module__.rsplit(".", 1)[-1])
+
+
+def check_architecture(model, base_cache: Sequence[Any] | None = None) -> list[int]:
+    """Raise :class:`UnsupportedArchitectureError` unless every attention layer of ``model``
+    can run on a TurboQuant cache; return the indices of layers that get one (plain
+    full-attention ``KVCache`` layers). Sliding-window layers (``RotatingKVCache``) keep
+    mlx-lm's bounded fp16 cache."""
+    name = _model_type(model)
+    for _, m in model.named_modules():
+        a = getattr(m, "args", None) or m
+        for f in _MLA_FIELDS:
+            if getattr(a, f, None):
+                raise UnsupportedArchitectureError(
+                    f"{name}: multi-head latent attention (MLA, {f}={getattr(a, f)}) caches a "
+                    "compressed latent and rebuilds K/V from it per head; TurboQuant compresses "
+                    "per-head keys/values and cannot serve it")
+    if base_cache is None:
+        base_cache = _mlx_cache.make_prompt_cache(model)
+    compressible = []
+    for i, c in enumerate(base_cache):
+        kind = type(c).__name__
+        if type(c) is _mlx_cache.KVCache:
+            compressible.append(i)
+        elif isinstance(c, _mlx_cache.RotatingKVCache):
+            continue
+        elif isinstance(c, (_mlx_cache.ArraysCache, _mlx_cache.CacheList)) or \
+                "Mamba" in kind or "Arrays" in kind:
+            raise UnsupportedArchitectureError(
+                f"{name}: layer {i} keeps a recurrent state ({kind}): SSM / hybrid models "
+                "(Mamba, Jamba, Qwen3-Next, Nemotron-H, ...) have no per-token key/value "
+                "cache there for TurboQuant to compress")
+        else:
+            raise UnsupportedArchitectureError(
+                f"{name}: layer {i} uses cache type {kind}, which TurboQuant cannot replace")
+    if not compressible:
+        raise UnsupportedArchitectureError(f"{name}: no layer uses a plain KVCache")
+    modules = {sys.modules.get(type(m).__module__) for _, m in model.named_modules()}
+    routed = [mod for mod in modules if mod is not None and
+              getattr(mod, "scaled_dot_product_attention", None) in (_original_sdpa, _routed_sdpa)]
+    if not routed:
+        raise UnsupportedArchitectureError(
+            f"{name}: its attention does not go through mlx_lm.models.base."
+            "scaled_dot_product_attention (custom attention, e.g. logit soft-capping), so it "
+            "cannot be routed to the compressed-code kernel")
+    return compressible
+
+
+def _normalise_layers(layers: Iterable[int], n: int) -> set[int]:
+    out = set()
+    for i in layers:
+        j = int(i) + n if int(i) < 0 else int(i)
+        if not 0 <= j < n:
+            raise ValueError(f"fp16 layer index {i} out of range for a {n}-layer model")
+        out.add(j)
+    return out
+
+
+def make_prompt_cache(model, key_bits: int = 3, value_bits: int = 3,
+                      method: str = "turboquant_mse", fp16_layers: Iterable[int] = (),
+                      seed: int = 0, key_method: str | None = None,
+                      value_method: str | None = None, rotation: str = "auto",
+                      center: bool = True, debias: bool = True) -> list:
+    """mlx-lm prompt cache with TurboQuant caches on every full-attention layer.
+
+    ``center`` subtracts a per-head mean from K and V first (exact for attention, see
+    :meth:`TurboQuantKVCache._centre`); ``debias`` undoes the quantizer's shrinkage of scores
+    and outputs (:meth:`TurboQuantKVCache._set_gains`). ``fp16_layers`` (indices, negative
+    from the end) keep mlx-lm's fp16 ``KVCache``; sliding-window layers keep mlx-lm's ``RotatingKVCache``. Raises
+    :class:`UnsupportedArchitectureError` for MLA and SSM/hybrid models."""
+    install_attention_route()
+    base_cache = _mlx_cache.make_prompt_cache(model)
+    compressible = check_architecture(model, base_cache)
+    keep = _normalise_layers(fp16_layers, len(base_cache))
+    cache = list(base_cache)
+    for i in compressible:
+        if i not in keep:
+            cache[i] = TurboQuantKVCache(key_bits=key_bits, value_bits=value_bits, method=method,
+                                         key_method=key_method, value_method=value_method,
+                                         seed=seed, layer=i, rotation=rotation, center=center,
+                                         debias=debias)
+    return cache
+
+
+def to_turbo_quantized(cache, key_bits: int = 3, value_bits: int = 3,
+                       method: str = "turboquant_mse", seed: int = 0, layer: int = 0,
+                       n_q_heads: int | None = None, **kwargs):
+    """Convert an mlx-lm ``KVCache`` (or a list of caches) into TurboQuant caches.
+
+    A list converts its ``KVCache`` entries (layer index = list position) and keeps the rest.
+    With ``n_q_heads`` the tokens are encoded at once; otherwise at the first attention call
+    (the head count of the queries is needed to build the compressed cache)."""
+    install_attention_route()
+    if isinstance(cache, (list, tuple)):
+        return [to_turbo_quantized(c, key_bits, value_bits, method, seed, i, n_q_heads, **kwargs)
+                if type(c) is _mlx_cache.KVCache else c for i, c in enumerate(cache)]
+    if isinstance(cache, TurboQuantKVCache):
+        return cache
+    if type(cache) is not _mlx_cache.KVCache:
+        raise TypeError(f"to_turbo_quantized converts mlx_lm KVCache, got {type(cache).__name__}")
+    out = TurboQuantKVCache(key_bits=key_bits, value_bits=value_bits, method=method, seed=seed,
+                            layer=layer, **kwargs)
+    if cache.keys is not None and cache.offset > 0:
+        k = cache.keys[..., : cache.offset, :]
+        v = cache.values[..., : cache.offset, :]
+        out.update_and_fetch(k, v)
+        out._fetched = None
+        if n_q_heads is not None:
+            out._create_core(n_q_heads=int(n_q_heads), n_kv_heads=out._pending_heads(),
+                             head_dim=k.shape[-1])
+    return out
+
+
+install_attention_route()
