@@ -74,7 +74,7 @@ size_t sparse_v_gather(AttentionScratch& sc, const Quantizer& vq, size_t nb, siz
     std::memcpy(sc.sparse_norms.data() + kept * nbytes, norms + t * nbytes, nbytes);
     sc.sparse_index[kept++] = t;
   }
-  if (kept == 0 || kept == nb) return kept;
+  if (kept == 0 || kept * 4 > nb * 3) return kept;
   // Weights of the kept columns, mr × kept.
   for (size_t r = 0; r < mr; ++r)
     for (size_t k = 0; k < kept; ++k) sc.sparse_weights[r * kept + k] = w[r * nb + sc.sparse_index[k]];
@@ -146,10 +146,10 @@ void attend_head(const HeadCodes& keys, const HeadCodes& values, size_t n_tokens
     const uint8_t* vnorms = values.pages->norm_blocks[b].get();
     const float* weights = sc.scores.data();
     size_t nv = nb;
-    if (sparse_v_threshold > 0.0f) {
+    if (sparse_v_threshold > 0.0f && !gemm) {  // prefill pages serve many rows: kept dense
       const size_t kept = sparse_v_gather(sc, vq, nb, mr, sparse_v_threshold, vcodes, vnorms);
       if (kept == 0) continue;
-      if (kept < nb) {
+      if (kept * 4 <= nb * 3) {  // gathering pays when it drops at least a quarter of the page
         vcodes = sc.sparse_codes.data();
         vnorms = sc.sparse_norms.data();
         weights = sc.sparse_weights.data();

@@ -80,7 +80,10 @@ struct AttentionOptions {
   // sparse_v_threshold are skipped in the value sum, where m is the query's running maximum
   // score so far (online softmax). m never exceeds the final maximum, so every skipped row has
   // weight < threshold × (the query's maximum weight); the normalisation still sums all
-  // weights. Error: |o - o_dense| <= Σ_skipped p_i |v_i| (p normalised).
+  // weights. Error: |o - o_dense| <= Σ_skipped p_i |v_i| (p normalised). Applies to the
+  // decode path (fewer than kGemmMinRows query rows per KV head) and to the fp16 window; the
+  // prefill GEMM path stays dense (its pages serve many rows, so almost no row is skippable).
+  // A page's value rows are read only if some query row of the KV head keeps them.
   float sparse_v_threshold = 0.0f;
 };
 
