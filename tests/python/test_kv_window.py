@@ -189,3 +189,15 @@ def test_sparse_v_prefill_stays_dense(rng):
     fill(kv, rng, [100])
     q = 3.0 * rng.standard_normal((NQ, 20, D)).astype(np.float32)  # 40 rows per KV head: GEMM path
     np.testing.assert_array_equal(kv.attend(q, layer=0, sparse_v=0.05), kv.attend(q, layer=0))
+
+
+def test_info_cli_shows_window(rng, tmp_path, capsys):
+    from turboquant.__main__ import main
+    kv = make(fp16_window=W, fp16_layers=[1])
+    fill(kv, rng, [30])
+    path = str(tmp_path / "w.tqkv")
+    kv.save(path)
+    assert main(["info", path]) == 0
+    out = capsys.readouterr().out
+    assert "format version 2" in out and f"fp16 window:     {W} tokens, fp16 layers [1]" in out
+    assert f"window tokens/layer: {kv.window_tokens(0)}, 30" in out
