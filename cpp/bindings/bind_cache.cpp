@@ -3,9 +3,11 @@
 // (H_q, T, d) | (1, H_q, T, d). float32 input is read in place, float16 converted once.
 #include <pybind11/stl.h>
 
+#include <algorithm>
 #include <optional>
 
 #include "common.h"
+#include "turboquant/half.h"
 #include "turboquant/kv_cache.h"
 #include "turboquant/quantizer_outlier.h"
 #include "turboquant/serialize.h"
@@ -71,7 +73,8 @@ The T_q queries are the last T_q positions of the layer: query i sees keys
       .def(py::init([](int head_dim, int n_layers, int n_q_heads, int n_kv_heads, const std::string& key_method,
                        int key_bits, const std::string& value_method, int value_bits, uint64_t seed,
                        const std::string& rotation, int jl_dim, size_t block_tokens, size_t max_tokens,
-                       int n_outlier_channels, int outlier_bits, const std::vector<int>& outlier_channels) {
+                       int n_outlier_channels, int outlier_bits, const std::vector<int>& outlier_channels,
+                       size_t fp16_window, const std::vector<int>& fp16_layers) {
              KVCacheConfig c;
              c.head_dim = head_dim;
              c.n_layers = n_layers;
@@ -89,6 +92,8 @@ The T_q queries are the last T_q positions of the layer: query i sees keys
              c.n_outlier_channels = n_outlier_channels;
              c.outlier_bits = outlier_bits;
              c.outlier_channels = outlier_channels;
+             c.fp16_window = fp16_window;
+             c.fp16_layers = fp16_layers;
              py::gil_scoped_release release;
              return std::make_unique<KVCache>(c);
            }),
@@ -97,7 +102,8 @@ The T_q queries are the last T_q positions of the layer: query i sees keys
            py::arg("value_method") = "turboquant_mse", py::arg("value_bits") = 3, py::arg("seed") = 0,
            py::arg("rotation") = "auto", py::arg("jl_dim") = 0, py::arg("block_tokens") = 256,
            py::arg("max_tokens") = 0, py::arg("n_outlier_channels") = 0, py::arg("outlier_bits") = 0,
-           py::arg("outlier_channels") = std::vector<int>{})
+           py::arg("outlier_channels") = std::vector<int>{}, py::arg("fp16_window") = 0,
+           py::arg("fp16_layers") = std::vector<int>{})
       .def("append", [](KVCache& kv, const py::handle& keys, const py::handle& values, int layer) {
         const auto d = static_cast<size_t>(kv.head_dim());
         const FloatRows k = float_rows(keys, d, "keys", false, 2);
@@ -116,7 +122,7 @@ The T_q queries are the last T_q positions of the layer: query i sees keys
       }, py::arg("keys"), py::arg("values"), py::arg("layer") = 0,
       "Append T tokens of every KV head to one layer (float32 read in place; float16 converted).")
       .def("attend", [](const KVCache& kv, const py::handle& queries, int layer, bool causal,
-                        std::optional<float> scale, std::optional<size_t> window) {
+                        std::optional<float> scale, std::optional<size_t> window, float sparse_v) {
         const auto d = static_cast<size_t>(kv.head_dim());
         const FloatRows q = float_rows(queries, d, "queries", false, 1);
         const size_t H = static_cast<size_t>(kv.config().n_q_heads);
@@ -138,14 +144,17 @@ The T_q queries are the last T_q positions of the layer: query i sees keys
         opt.causal = causal;
         opt.scale = scale;
         opt.window = window;
+        opt.sparse_v_threshold = sparse_v;
         {
           py::gil_scoped_release release;
           kv.attend(layer, qp, T, op, opt);
         }
         return out;
       }, py::arg("queries"), py::arg("layer") = 0, py::arg("causal") = true, py::arg("scale") = py::none(),
-      py::arg("window") = py::none(),
-      "Attention from the codes; float32 output of the queries' shape. scale defaults to 1/sqrt(d).")
+      py::arg("window") = py::none(), py::arg("sparse_v") = 0.0f,
+      "Attention from the codes; float32 output of the queries' shape. scale defaults to 1/sqrt(d).\n"
+      "sparse_v=t skips value rows whose weight is below t times the query's running maximum weight\n"
+      "(the softmax normalisation still uses every weight).")
       .def("size", &KVCache::size, py::arg("layer") = 0, "tokens held by a layer")
       .def("__len__", [](const KVCache& kv) { return kv.size(0); })
       .def("trim", &KVCache::trim, py::arg("n"),
@@ -165,9 +174,18 @@ The T_q queries are the last T_q positions of the layer: query i sees keys
         float* op = out.mutable_data();
         {
           py::gil_scoped_release release;
-          std::vector<uint8_t> codes(c * q.code_bytes()), norms(c * q.norm_bytes());
-          kv.copy_out(layer, kv_head, r, start, c, codes.data(), norms.data());
-          q.decode(codes.data(), norms.data(), c, op);
+          // Coded tokens are decoded; fp16 window tokens are returned as stored.
+          const size_t coded = kv.coded_tokens(layer);
+          const size_t cc = start < coded ? std::min(c, coded - start) : 0;
+          std::vector<uint8_t> codes(cc * q.code_bytes()), norms(cc * q.norm_bytes());
+          kv.copy_out(layer, kv_head, r, start, cc, codes.data(), norms.data());
+          q.decode(codes.data(), norms.data(), cc, op);
+          const size_t d = static_cast<size_t>(q.dim());
+          if (cc < c) {
+            const auto& w = kv.window(layer, kv_head, r);
+            const size_t w0 = start + cc - coded;
+            for (size_t j = 0; j < (c - cc) * d; ++j) op[cc * d + j] = half_to_float(w[w0 * d + j]);
+          }
         }
         return out;
       }, py::arg("layer") = 0, py::arg("kv_head") = 0, py::arg("role") = "key", py::arg("start") = 0,
@@ -233,6 +251,12 @@ The T_q queries are the last T_q positions of the layer: query i sees keys
         return split ? split->outlier_channels() : std::vector<int>{};
       })
       .def_property_readonly("block_tokens", [](const KVCache& kv) { return kv.config().block_tokens; })
+      .def_property_readonly("fp16_window", [](const KVCache& kv) { return kv.config().fp16_window; })
+      .def_property_readonly("fp16_layers", [](const KVCache& kv) { return kv.config().fp16_layers; })
+      .def("coded_tokens", &KVCache::coded_tokens, py::arg("layer") = 0,
+           "tokens of a layer held as codes (the rest are in the fp16 window)")
+      .def("window_tokens", &KVCache::window_tokens, py::arg("layer") = 0,
+           "tokens of a layer held in the fp16 window")
       .def_property_readonly("max_tokens", [](const KVCache& kv) { return kv.config().max_tokens; })
       .def("__repr__", [](const KVCache& kv) {
         const auto& c = kv.config();

@@ -3,6 +3,7 @@
 #include <Eigen/Core>
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <limits>
 
 #include "backend/cpu/kernels.h"
@@ -48,11 +49,40 @@ void softmax_page(float* scores, size_t nb, size_t tb0, size_t r0, size_t r1, co
   }
 }
 
+// Sparse V on one page: zeroes the weights below `threshold` (weights are exp(s - running
+// max), so relative to the row's maximum so far) and gathers the value rows that some row
+// still uses into sc.sparse_* (codes, raw norms, mr × kept weights). Returns kept.
+size_t sparse_v_gather(AttentionScratch& sc, const Quantizer& vq, size_t nb, size_t mr, float threshold,
+                       const uint8_t* codes, const uint8_t* norms) {
+  float* w = sc.scores.data();
+  for (size_t i = 0; i < mr * nb; ++i)
+    if (w[i] < threshold) w[i] = 0.0f;
+  const size_t cb = vq.code_bytes(), nbytes = vq.norm_bytes();
+  sc.sparse_codes.resize(nb * cb);
+  sc.sparse_norms.resize(nb * nbytes);
+  sc.sparse_weights.resize(mr * nb);
+  sc.sparse_index.resize(nb);
+  size_t kept = 0;
+  for (size_t t = 0; t < nb; ++t) {
+    bool used = false;
+    for (size_t r = 0; r < mr && !used; ++r) used = w[r * nb + t] != 0.0f;
+    if (!used) continue;
+    std::memcpy(sc.sparse_codes.data() + kept * cb, codes + t * cb, cb);
+    std::memcpy(sc.sparse_norms.data() + kept * nbytes, norms + t * nbytes, nbytes);
+    sc.sparse_index[kept++] = t;
+  }
+  if (kept == 0 || kept * 4 > nb * 3) return kept;
+  // Weights of the kept columns, mr × kept.
+  for (size_t r = 0; r < mr; ++r)
+    for (size_t k = 0; k < kept; ++k) sc.sparse_weights[r * kept + k] = w[r * nb + sc.sparse_index[k]];
+  return kept;
+}
+
 }  // namespace
 
 void attend_head(const HeadCodes& keys, const HeadCodes& values, size_t n_tokens,
                  const float* queries, size_t m, const RowMask& mask, float scale, float* out,
-                 AttentionScratch& sc, bool force_gemm, bool force_hooks) {
+                 AttentionScratch& sc, bool force_gemm, bool force_hooks, float sparse_v_threshold) {
   const Quantizer& kq = *keys.quantizer;
   const Quantizer& vq = *values.quantizer;
   const auto d = static_cast<size_t>(kq.dim());
@@ -93,7 +123,7 @@ void attend_head(const HeadCodes& keys, const HeadCodes& values, size_t n_tokens
     const size_t mr = r1 - r0;
     sc.scores.resize(mr * nb);
     const uint8_t* kcodes = keys.pages->code_blocks[b].get();
-    const uint8_t* vcodes = values.pages->code_blocks[b].get();
+    const uint8_t* vcodes = values.pages->code_blocks[b].get();  // replaced when sparse V gathers
     kq.load_norms(keys.pages->norm_blocks[b].get(), nb, sc.norms.data());
     if (gemm) {
       sc.tile.resize(nb * d);
@@ -110,17 +140,30 @@ void attend_head(const HeadCodes& keys, const HeadCodes& values, size_t n_tokens
     }
     softmax_page(sc.scores.data(), nb, tb0, r0, r1, mask, scale, d, sc.row_max.data(),
                  sc.row_sum.data(), sc.acc.data());
-    vq.load_norms(values.pages->norm_blocks[b].get(), nb, sc.norms.data());
+    const uint8_t* vnorms = values.pages->norm_blocks[b].get();
+    const float* weights = sc.scores.data();
+    size_t nv = nb;
+    if (sparse_v_threshold > 0.0f && !gemm) {  // prefill pages serve many rows: kept dense
+      const size_t kept = sparse_v_gather(sc, vq, nb, mr, sparse_v_threshold, vcodes, vnorms);
+      if (kept == 0) continue;
+      if (kept * 4 <= nb * 3) {  // gathering pays when it drops at least a quarter of the page
+        vcodes = sc.sparse_codes.data();
+        vnorms = sc.sparse_norms.data();
+        weights = sc.sparse_weights.data();
+        nv = kept;
+      }
+    }
+    vq.load_norms(vnorms, nv, sc.norms.data());
     if (gemm) {
-      vq.dequantize_rotated(vcodes, nb, sc.tile.data());
-      Eigen::Map<RowMatrix> V(sc.tile.data(), static_cast<Eigen::Index>(nb), static_cast<Eigen::Index>(d));
-      Eigen::Map<const Eigen::VectorXf> vn(sc.norms.data(), static_cast<Eigen::Index>(nb));
+      vq.dequantize_rotated(vcodes, nv, sc.tile.data());
+      Eigen::Map<RowMatrix> V(sc.tile.data(), static_cast<Eigen::Index>(nv), static_cast<Eigen::Index>(d));
+      Eigen::Map<const Eigen::VectorXf> vn(sc.norms.data(), static_cast<Eigen::Index>(nv));
       V = vn.asDiagonal() * V;
-      Eigen::Map<const RowMatrix> W(sc.scores.data(), static_cast<Eigen::Index>(mr), static_cast<Eigen::Index>(nb));
+      Eigen::Map<const RowMatrix> W(weights, static_cast<Eigen::Index>(mr), static_cast<Eigen::Index>(nv));
       Eigen::Map<RowMatrix> A(sc.acc.data() + r0 * d, static_cast<Eigen::Index>(mr), static_cast<Eigen::Index>(d));
       A.noalias() += W * V;
     } else {
-      vq.accumulate(sc.scores.data(), nb, mr, vcodes, sc.norms.data(), nb, sc.acc.data() + r0 * d);
+      vq.accumulate(weights, nv, mr, vcodes, sc.norms.data(), nv, sc.acc.data() + r0 * d);
     }
   }
   for (size_t r = 0; r < m; ++r) {

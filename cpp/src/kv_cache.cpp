@@ -36,6 +36,11 @@ void KVCacheConfig::validate() const {
            "n_outlier_channels must be in [0, ", head_dim - 1, "], got ", n_outlier_channels);
   TQ_CHECK(outlier_bits >= 0 && outlier_bits <= kMaxBits, InvalidArgument,
            "outlier_bits must be in [0, ", kMaxBits, "] (0 means bits + 1), got ", outlier_bits);
+  TQ_CHECK(fp16_window <= (size_t{1} << 24), InvalidArgument, "fp16_window must be in [0, 16777216], got ",
+           fp16_window);
+  for (int l : fp16_layers)
+    TQ_CHECK(l >= 0 && l < n_layers, InvalidArgument, "fp16_layers entry ", l, " is not a layer in [0, ",
+             n_layers, ")");
 }
 
 uint64_t kv_stream_id(uint32_t layer, uint32_t kv_head, KVRole role) {
@@ -68,6 +73,10 @@ KVCache::KVCache(const KVCacheConfig& config) : config_(config) {
   }
   pages_.resize(streams);
   sizes_.assign(static_cast<size_t>(config_.n_layers), 0);
+  if (config_.windowed()) {
+    coded_.assign(static_cast<size_t>(config_.n_layers), 0);
+    windows_.resize(streams);
+  }
 }
 
 size_t KVCache::index(int layer, int kv_head, KVRole role) const {
@@ -137,6 +146,7 @@ void KVCache::append(int layer, const float* keys, const float* values, size_t T
            "appending ", T, " tokens to layer ", layer, " (holding ", old,
            ") exceeds max_tokens=", config_.max_tokens);
   if (T == 0) return;
+  if (config_.windowed()) return append_windowed(layer, keys, values, T);
   const auto d = static_cast<size_t>(config_.head_dim);
   const size_t bt = config_.block_tokens;
   try {
@@ -181,6 +191,8 @@ void KVCache::append_encoded(int layer, size_t n, const std::vector<const uint8_
   const size_t old = sizes_[l];
   TQ_CHECK(config_.max_tokens == 0 || old + n <= config_.max_tokens, InvalidArgument,
            "appending ", n, " tokens to layer ", layer, " exceeds max_tokens=", config_.max_tokens);
+  TQ_CHECK(!config_.windowed() || coded_[l] == old, InvalidArgument,
+           "append_encoded on layer ", layer, " which holds fp16 window tokens");
   const size_t bt = config_.block_tokens;
   for (size_t s = 0; s < streams; ++s) {
     const size_t i = l * streams + s;
@@ -199,12 +211,13 @@ void KVCache::append_encoded(int layer, size_t n, const std::vector<const uint8_
     }
   }
   sizes_[l] = old + n;
+  if (config_.windowed()) coded_[l] = old + n;
 }
 
 void KVCache::copy_out(int layer, int kv_head, KVRole role, size_t t0, size_t n, uint8_t* codes,
                        uint8_t* norms) const {
   check_layer(layer);
-  TQ_CHECK(t0 + n <= sizes_[static_cast<size_t>(layer)], InvalidArgument, "tokens [", t0, ", ",
+  TQ_CHECK(t0 + n <= coded_tokens(layer), InvalidArgument, "coded tokens [", t0, ", ",
            t0 + n, ") out of range for layer ", layer);
   const size_t i = index(layer, kv_head, role);
   const Quantizer& q = *quantizers_[i];
@@ -229,6 +242,10 @@ size_t KVCache::size(int layer) const {
 
 size_t KVCache::trim(size_t n) {
   const size_t removed = std::min(n, sizes_[0]);
+  if (config_.windowed()) {
+    for (size_t l = 0; l < sizes_.size(); ++l) shrink_layer(l, sizes_[l] - std::min(n, sizes_[l]));
+    return removed;
+  }
   for (int l = 0; l < config_.n_layers; ++l) {
     const auto li = static_cast<size_t>(l);
     sizes_[li] -= std::min(n, sizes_[li]);
@@ -239,6 +256,10 @@ size_t KVCache::trim(size_t n) {
 }
 
 void KVCache::truncate(size_t length) {
+  if (config_.windowed()) {
+    for (size_t l = 0; l < sizes_.size(); ++l) shrink_layer(l, length);
+    return;
+  }
   for (int l = 0; l < config_.n_layers; ++l) {
     const auto li = static_cast<size_t>(l);
     sizes_[li] = std::min(length, sizes_[li]);
@@ -254,6 +275,7 @@ size_t KVCache::memory_bytes() const {
     total += q.state_bytes();
     total += pages_[i].code_blocks.size() * config_.block_tokens * q.code_bytes();
     total += pages_[i].norm_blocks.size() * config_.block_tokens * q.norm_bytes();
+    if (config_.windowed()) total += windows_[i].capacity() * sizeof(uint16_t);
   }
   return total;
 }
@@ -278,6 +300,9 @@ void KVCache::attend(int layer, const float* queries, size_t T_q, float* out,
   for (size_t i = 0; i < static_cast<size_t>(config_.n_q_heads) * T_q * d; ++i) {
     TQ_CHECK(std::isfinite(queries[i]), InvalidArgument, "queries contain NaN or Inf (element ", i, ")");
   }
+  TQ_CHECK(options.sparse_v_threshold >= 0.0f && options.sparse_v_threshold < 1.0f, InvalidArgument,
+           "sparse_v_threshold must be in [0, 1), got ", options.sparse_v_threshold);
+  if (config_.windowed()) return attend_windowed(layer, queries, T_q, out, options);
   const auto G = static_cast<size_t>(config_.group_size());
   const size_t m = G * T_q;
   // Rows in position-major order (row = t*G + g) so that the visible key ranges are sorted.
@@ -303,7 +328,7 @@ void KVCache::attend(int layer, const float* queries, size_t T_q, float* out,
     }
     attend_head(head_codes(layer, static_cast<int>(h), KVRole::kKey),
                 head_codes(layer, static_cast<int>(h), KVRole::kValue), n, q.data(), m, mask, scale,
-                o.data(), scratch);
+                o.data(), scratch, false, false, options.sparse_v_threshold);
     for (size_t g = 0; g < G; ++g) {
       const size_t qh = h * G + g;
       for (size_t t = 0; t < T_q; ++t)

@@ -34,7 +34,7 @@ constexpr uint32_t tag(const char (&s)[5]) {
          static_cast<uint32_t>(static_cast<uint8_t>(s[2])) << 16 |
          static_cast<uint32_t>(static_cast<uint8_t>(s[3])) << 24;
 }
-constexpr uint32_t kTagConf = tag("CONF"), kTagRots = tag("ROTS"), kTagLayer = tag("LAYR"),
+constexpr uint32_t kTagConf = tag("CONF"), kTagRots = tag("ROTS"), kTagLayer = tag("LAYR"), kTagWindow = tag("WNDW"),
                    kTagEnd = tag("END ");
 constexpr size_t kMaxString = 256;
 
@@ -134,7 +134,8 @@ std::vector<uint8_t> serialize_cache(const KVCache& cache) {
   const KVCacheConfig& c = cache.config();
   Writer w;
   w.bytes(kCacheMagic, sizeof(kCacheMagic));
-  w.put(kCacheFormatVersion);
+  const bool windowed = c.windowed();
+  w.put(windowed ? uint32_t{2} : uint32_t{1});
   w.put(uint32_t{0});
 
   size_t at = w.begin(kTagConf);
@@ -157,6 +158,11 @@ std::vector<uint8_t> serialize_cache(const KVCache& cache) {
   w.put(static_cast<int32_t>(c.outlier_bits));
   w.put(static_cast<uint32_t>(c.outlier_channels.size()));
   for (int ch : c.outlier_channels) w.put(static_cast<int32_t>(ch));
+  if (windowed) {
+    w.put(static_cast<uint64_t>(c.fp16_window));
+    w.put(static_cast<uint32_t>(c.fp16_layers.size()));
+    for (int l : c.fp16_layers) w.put(static_cast<int32_t>(l));
+  }
   w.end(at);
 
   at = w.begin(kTagRots);
@@ -175,7 +181,7 @@ std::vector<uint8_t> serialize_cache(const KVCache& cache) {
   std::vector<uint8_t> codes, norms;
   for (int l = 0; l < c.n_layers; ++l) {
     at = w.begin(kTagLayer);
-    const size_t n = cache.size(l);
+    const size_t n = cache.coded_tokens(l);
     w.put(static_cast<uint32_t>(l));
     w.put(static_cast<uint64_t>(n));
     for (int h = 0; h < c.n_kv_heads; ++h) {
@@ -189,6 +195,17 @@ std::vector<uint8_t> serialize_cache(const KVCache& cache) {
       }
     }
     w.end(at);
+    if (windowed) {
+      at = w.begin(kTagWindow);
+      w.put(static_cast<uint32_t>(l));
+      w.put(static_cast<uint64_t>(cache.window_tokens(l)));
+      for (int h = 0; h < c.n_kv_heads; ++h)
+        for (KVRole role : {KVRole::kKey, KVRole::kValue}) {
+          const auto& rows = cache.window(l, h, role);
+          w.bytes(rows.data(), rows.size() * sizeof(uint16_t));
+        }
+      w.end(at);
+    }
   }
   w.end(w.begin(kTagEnd));
   return std::move(w.buf);
@@ -236,6 +253,13 @@ std::unique_ptr<KVCache> deserialize_cache(const uint8_t* data, size_t size) {
     TQ_CHECK(n_channels <= static_cast<uint32_t>(kMaxDim), FormatError,
              "corrupted file: outlier channel count ", n_channels);
     for (uint32_t i = 0; i < n_channels; ++i) c.outlier_channels.push_back(conf.get<int32_t>("outlier channel"));
+    if (version >= 2) {
+      c.fp16_window = static_cast<size_t>(conf.get<uint64_t>("fp16_window"));
+      const auto n_fp16 = conf.get<uint32_t>("fp16 layer count");
+      TQ_CHECK(n_fp16 <= conf.left() / sizeof(int32_t), FormatError, "corrupted file: fp16 layer count ", n_fp16);
+      for (uint32_t i = 0; i < n_fp16; ++i) c.fp16_layers.push_back(conf.get<int32_t>("fp16 layer"));
+      TQ_CHECK(c.windowed(), FormatError, "corrupted file: version 2 without an fp16 window");
+    }
     conf.expect_end("CONF");
     c.validate();
     auto cache = std::make_unique<KVCache>(c);
@@ -283,6 +307,26 @@ std::unique_ptr<KVCache> deserialize_cache(const uint8_t* data, size_t size) {
       }
       lay.expect_end("LAYR");
       cache->append_encoded(l, static_cast<size_t>(n), codes, norms);
+      if (version >= 2) {
+        Reader win = r.section(kTagWindow, "WNDW");
+        const auto wl = win.get<uint32_t>("window layer index");
+        TQ_CHECK(wl == static_cast<uint32_t>(l), FormatError, "corrupted file: window of layer ", wl, " where ",
+                 l, " was expected");
+        const auto wn = win.get<uint64_t>("window token count");
+        const size_t wrow = streams * static_cast<size_t>(c.head_dim) * sizeof(uint16_t);
+        TQ_CHECK(wn <= win.left() && wn * wrow == win.left(), FormatError, "corrupted file: window of layer ", l,
+                 " claims ", wn, " tokens but holds ", win.left(), " bytes (", wrow, " per token)");
+        std::vector<std::vector<uint16_t>> rows(streams);
+        std::vector<const uint16_t*> ptrs(streams);
+        for (size_t s = 0; s < streams; ++s) {
+          rows[s].resize(static_cast<size_t>(wn) * static_cast<size_t>(c.head_dim));
+          std::memcpy(rows[s].data(), win.take(rows[s].size() * sizeof(uint16_t), "window rows"),
+                      rows[s].size() * sizeof(uint16_t));
+          ptrs[s] = rows[s].data();
+        }
+        win.expect_end("WNDW");
+        cache->append_window(l, static_cast<size_t>(wn), ptrs);
+      }
     }
     r.section(kTagEnd, "END").expect_end("END");
     r.expect_end("the END section");

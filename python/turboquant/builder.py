@@ -65,6 +65,9 @@ class KVCacheBuilder:
         self._backend = "auto"
         self._observers: list[Any] = []
         self._block_tokens = 256
+        self._fp16_window = 0
+        self._fp16_layers: list[int] = []
+        self._sparse_v = 0.0
         self._max_tokens = 0
 
     # --- mlx-kv-quant ----------------------------------------------------------------------
@@ -148,6 +151,17 @@ class KVCacheBuilder:
         self._block_tokens = block_tokens
         return self
 
+    def with_fp16_window(self, n: int, layers: Any = ()) -> KVCacheBuilder:
+        """Keep the most recent n tokens of every layer (and all tokens of `layers`) in fp16."""
+        self._fp16_window = n
+        self._fp16_layers = list(layers)
+        return self
+
+    def with_sparse_v(self, threshold: float) -> KVCacheBuilder:
+        """Skip value rows whose attention weight is below threshold x the query's max weight."""
+        self._sparse_v = threshold
+        return self
+
     def with_max_tokens(self, max_tokens: int) -> KVCacheBuilder:
         self._max_tokens = max_tokens
         return self
@@ -187,6 +201,12 @@ class KVCacheBuilder:
         if self._q_heads % self._kv_heads:
             raise ValueError(f"n_q_heads ({self._q_heads}) must be a multiple of n_kv_heads ({self._kv_heads})")
         check_int("block_tokens", self._block_tokens, 1, 1 << 20)
+        check_int("fp16_window", self._fp16_window, 0, 1 << 24)
+        for layer in self._fp16_layers:
+            check_int("fp16_layers entry", layer, 0, self._layers - 1)
+        if not isinstance(self._sparse_v, (int, float)) or isinstance(self._sparse_v, bool) \
+                or not 0.0 <= float(self._sparse_v) < 1.0:
+            raise ValueError(f"sparse_v threshold must be a number in [0, 1), got {self._sparse_v!r}")
         check_int("max_tokens", self._max_tokens, 0, 2**62)
         if self._rotation not in _ROTATIONS:
             raise ValueError(f"rotation must be one of {_ROTATIONS}, got {self._rotation!r}")
@@ -227,7 +247,8 @@ class KVCacheBuilder:
             value_bits=int(self._value_bits), seed=int(self._seed), rotation=self._rotation,
             jl_dim=int(self._jl_dim), block_tokens=int(self._block_tokens), max_tokens=int(self._max_tokens),
             n_outlier_channels=int(self._n_outlier) if self._split() else 0,
-            outlier_bits=int(self._outlier) if self._split() else 0)
+            outlier_bits=int(self._outlier) if self._split() else 0,
+            fp16_window=int(self._fp16_window), fp16_layers=[int(x) for x in self._fp16_layers])
         loaded = {}
         if self._store is not None:
             for role, method, bits in (("key", key_method, self._key_bits), ("value", value_method, self._value_bits)):
@@ -243,4 +264,4 @@ class KVCacheBuilder:
                 "precision": _precision_name(self._precision), "artifacts_loaded": loaded,
                 "env_backend": os.environ.get("TURBOQUANT_BACKEND")}
         return TurboQuantKVCache(core, precision=self._precision, observers=self._observers,
-                                 backend=backend, description=desc)
+                                 backend=backend, description=desc, sparse_v=float(self._sparse_v))

@@ -68,8 +68,9 @@ class TurboQuantKVCache:
     """A compressed KV cache. Build it with :class:`turboquant.KVCacheBuilder`."""
 
     def __init__(self, core: _core.KVCache, precision: Any = np.float32, observers: list | None = None,
-                 backend: str = "cpu", description: dict | None = None) -> None:
+                 backend: str = "cpu", description: dict | None = None, sparse_v: float = 0.0) -> None:
         self.core = core
+        self.sparse_v = float(sparse_v)  # default sparse-V threshold of attend()
         self.precision = precision
         self.observers = list(observers or [])
         self.backend = backend
@@ -92,10 +93,10 @@ class TurboQuantKVCache:
                 o.on_append(ev)
 
     def attend(self, queries: Any, layer: int = 0, causal: bool = True, scale: float | None = None,
-               window: int | None = None) -> Any:
+               window: int | None = None, sparse_v: float | None = None) -> Any:
         q = to_numpy(queries, "queries")
         t0 = time.perf_counter()
-        out = self.core.attend(q, layer, causal, scale, window)
+        out = self.core.attend(q, layer, causal, scale, window, self.sparse_v if sparse_v is None else sparse_v)
         dt = time.perf_counter() - t0
         if self.observers:
             ev = Event("attend", self, layer, dt, 1 if q.ndim == 1 else q.shape[-2])

@@ -25,6 +25,10 @@ struct RowMask {
 // Reusable buffers for attend_head; one per thread.
 struct AttentionScratch {
   std::vector<float> state, scores, norms, acc, row_max, row_sum, tile, qrot;
+  // Sparse V: the kept value rows of a page, gathered.
+  std::vector<uint8_t> sparse_codes, sparse_norms;
+  std::vector<float> sparse_weights;
+  std::vector<size_t> sparse_index;
 };
 
 // At or above this many query rows, attend_head uses the dequantize + GEMM path.
@@ -35,6 +39,9 @@ inline constexpr size_t kGemmMinRows = 16;
 // several heads in parallel with one scratch each.
 void attend_head(const HeadCodes& keys, const HeadCodes& values, size_t n_tokens,
                  const float* queries, size_t m, const RowMask& mask, float scale, float* out,
-                 AttentionScratch& scratch, bool force_gemm = false, bool force_hooks = false);
+                 AttentionScratch& scratch, bool force_gemm = false, bool force_hooks = false,
+                 float sparse_v_threshold = 0.0f);
+// After attend_head, scratch.row_max[r] (max of scale·score) and scratch.row_sum[r]
+// (Σ exp(scale·score - row_max)) describe row r's softmax; windowed attention merges them.
 
 }  // namespace turboquant

@@ -41,10 +41,19 @@ struct KVCacheConfig {
   std::vector<int> outlier_channels;
   int n_outlier_channels = 0;
   int outlier_bits = 0;
+  // fp16 recent window (KIVI-style): the most recent tokens of every layer / KV head are kept
+  // as fp16 (0 = off). Once a layer's window holds more than fp16_window + block_tokens
+  // tokens, its oldest block_tokens tokens are quantized into codes, so at least fp16_window
+  // recent tokens stay exact. Codes are those of the fp16-rounded tokens, so the content is
+  // the same however the tokens were split into append() calls.
+  size_t fp16_window = 0;
+  // Layers stored entirely in fp16 (an unbounded window: never flushed into codes).
+  std::vector<int> fp16_layers;
 
   // Throws InvalidArgument naming the first bad field.
   void validate() const;
   int group_size() const { return n_q_heads / n_kv_heads; }
+  bool windowed() const { return fp16_window > 0 || !fp16_layers.empty(); }
 };
 
 enum class KVRole : uint32_t { kKey = 0, kValue = 1 };
@@ -67,6 +76,15 @@ struct AttentionOptions {
   bool causal = true;
   std::optional<float> scale;     // default 1/sqrt(head_dim)
   std::optional<size_t> window;   // sliding window: a query sees at most the last w keys
+  // Sparse V (0 = dense): on each page, value rows whose softmax weight exp(s - m) is below
+  // sparse_v_threshold are skipped in the value sum, where m is the query's running maximum
+  // score so far (online softmax). m never exceeds the final maximum, so every skipped row has
+  // weight < threshold × (the query's maximum weight); the normalisation still sums all
+  // weights. Error: |o - o_dense| <= Σ_skipped p_i |v_i| (p normalised). Applies to the
+  // decode path (fewer than kGemmMinRows query rows per KV head) and to the fp16 window; the
+  // prefill GEMM path stays dense (its pages serve many rows, so almost no row is skippable).
+  // A page's value rows are read only if some query row of the KV head keeps them.
+  float sparse_v_threshold = 0.0f;
 };
 
 class KVCache {
@@ -108,6 +126,15 @@ class KVCache {
   void set_rotation(int layer, int kv_head, KVRole role, std::unique_ptr<Rotation> rotation);
 
   HeadCodes head_codes(int layer, int kv_head, KVRole role) const;
+  // fp16 window (config.fp16_window / fp16_layers): tokens [coded_tokens, size) of a layer
+  // are held as fp16 rows (window_tokens × head_dim) per stream; [0, coded_tokens) as codes.
+  size_t coded_tokens(int layer) const;
+  size_t window_tokens(int layer) const { return size(layer) - coded_tokens(layer); }
+  const std::vector<uint16_t>& window(int layer, int kv_head, KVRole role) const;
+  bool is_fp16_layer(int layer) const;
+  // Restores a layer's window (load): n fp16 rows per stream i = 2*kv_head + role; the layer
+  // must hold no window tokens. Validates the count against the window limits.
+  void append_window(int layer, size_t n, const std::vector<const uint16_t*>& rows);
   const PagedCodes& pages(int layer, int kv_head, KVRole role) const;
 
   // Serialization (serialize.h defines the file format).
@@ -126,11 +153,20 @@ class KVCache {
   void check_layer(int layer) const;
   void ensure_blocks(PagedCodes& p, const Quantizer& q, size_t tokens);
   void release_blocks(PagedCodes& p, size_t tokens);
+  void encode_at(size_t stream, size_t pos, const float* x, size_t n);
+  void flush_window(int layer);
+  void reserve_window(std::vector<uint16_t>& w) const;
+  void append_windowed(int layer, const float* keys, const float* values, size_t T);
+  void shrink_layer(size_t layer, size_t new_size);
+  void attend_windowed(int layer, const float* queries, size_t T_q, float* out,
+                       const AttentionOptions& options) const;
 
   KVCacheConfig config_;
   std::vector<std::unique_ptr<Quantizer>> quantizers_;  // [layer][kv_head][role]
   std::vector<PagedCodes> pages_;                       // same indexing
   std::vector<size_t> sizes_;                           // tokens per layer
+  std::vector<size_t> coded_;                           // of which held as codes
+  std::vector<std::vector<uint16_t>> windows_;          // fp16 rows, same indexing as pages_
 };
 
 }  // namespace turboquant

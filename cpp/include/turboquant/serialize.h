@@ -14,6 +14,11 @@
 //          kind u32, count u64, count floats (Rotation::parameters())
 //   "LAYR" (n_layers times, in order): layer u32, tokens u64, then for each stream of the
 //          layer (head*2 + role): codes (tokens × code_bytes), norms (tokens × norm_bytes)
+//   Version 2 (written only by caches with an fp16 window, KVCacheConfig::windowed()):
+//   CONF continues with fp16_window u64, fp16_layers count u32 + count i32; LAYR holds the
+//   coded tokens only, and each LAYR is followed by "WNDW": layer u32, tokens u64, then for
+//   each stream of the layer (head*2 + role) tokens × head_dim fp16 rows. Version 1 files
+//   (no window) are written as before.
 //   "END " (last): empty payload; nothing may follow it.
 // Loading reads the file into memory and checks every length against the bytes left before
 // using it: a truncated, corrupted, wrong-magic or future-version file raises FormatError.
@@ -30,7 +35,7 @@ namespace turboquant {
 class KVCache;
 
 inline constexpr char kCacheMagic[8] = {'T', 'Q', 'K', 'V', 'C', 'A', 'C', 'H'};
-inline constexpr uint32_t kCacheFormatVersion = 1;
+inline constexpr uint32_t kCacheFormatVersion = 2;
 
 // CRC32C (Castagnoli, reflected polynomial 0x82F63B78), as in iSCSI / ext4 / SSE4.2 crc32.
 // crc32c("123456789") == 0xE3069283. Pass a previous result as `crc` to continue a stream.

@@ -35,6 +35,10 @@ def run(args: argparse.Namespace) -> int:
     sizes = [core.size(layer) for layer in range(core.n_layers)]
     shown = ", ".join(str(s) for s in sizes[:8]) + (" ..." if len(sizes) > 8 else "")
     print(f"tokens/layer:    {shown}")
+    if core.fp16_window or core.fp16_layers:
+        win = ", ".join(str(core.window_tokens(layer)) for layer in range(min(8, core.n_layers)))
+        print(f"fp16 window:     {core.fp16_window} tokens, fp16 layers {core.fp16_layers or 'none'}; "
+              f"window tokens/layer: {win}" + (" ..." if core.n_layers > 8 else ""))
     print(f"memory:          {mem} bytes in memory, fp16 K+V would be {core.fp16_bytes()} bytes"
           + (f" ({core.fp16_bytes() / mem:.2f}x)" if sizes[0] else ""))
     bits = 8 * core.bytes_per_token() / (2 * core.n_layers * core.n_kv_heads * core.head_dim)

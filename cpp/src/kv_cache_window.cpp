@@ -1,0 +1,254 @@
+// The fp16 recent window of the KV cache (KVCacheConfig::fp16_window / fp16_layers): tokens
+// [coded, size) of a layer are kept as fp16 rows next to the codes of [0, coded), flushed
+// into codes block by block, and attention merges both parts under one softmax.
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <limits>
+
+#include "turboquant/attention.h"
+#include "turboquant/error.h"
+#include "turboquant/half.h"
+#include "turboquant/kv_cache.h"
+
+namespace turboquant {
+
+bool KVCache::is_fp16_layer(int layer) const {
+  return std::find(config_.fp16_layers.begin(), config_.fp16_layers.end(), layer) !=
+         config_.fp16_layers.end();
+}
+
+size_t KVCache::coded_tokens(int layer) const {
+  check_layer(layer);
+  const auto l = static_cast<size_t>(layer);
+  return config_.windowed() ? coded_[l] : sizes_[l];
+}
+
+const std::vector<uint16_t>& KVCache::window(int layer, int kv_head, KVRole role) const {
+  (void)key_quantizer(layer, kv_head);  // range checks
+  static const std::vector<uint16_t> kEmpty;
+  return config_.windowed() ? windows_[index(layer, kv_head, role)] : kEmpty;
+}
+
+// Encodes n fp32 rows into stream i at token positions [pos, pos + n) (pages must exist).
+void KVCache::encode_at(size_t i, size_t pos, const float* x, size_t n) {
+  const Quantizer& q = *quantizers_[i];
+  PagedCodes& p = pages_[i];
+  const size_t bt = config_.block_tokens;
+  const auto d = static_cast<size_t>(config_.head_dim);
+  for (size_t t = 0; t < n;) {
+    const size_t b = (pos + t) / bt, off = (pos + t) % bt;
+    const size_t c = std::min(n - t, bt - off);
+    q.encode(x + t * d, c, p.code_blocks[b].get() + off * q.code_bytes(),
+             p.norm_blocks[b].get() + off * q.norm_bytes());
+    t += c;
+  }
+}
+
+// While the window holds more than fp16_window + block_tokens tokens, quantizes its oldest
+// block_tokens tokens into codes. All streams are encoded before any window row is dropped.
+void KVCache::flush_window(int layer) {
+  if (is_fp16_layer(layer)) return;
+  const auto l = static_cast<size_t>(layer);
+  const size_t bt = config_.block_tokens, N = config_.fp16_window;
+  const auto d = static_cast<size_t>(config_.head_dim);
+  const size_t streams = static_cast<size_t>(config_.n_kv_heads) * 2;
+  std::vector<float> x(bt * d);
+  while (sizes_[l] - coded_[l] > N + bt) {
+    const size_t c = coded_[l];
+    try {
+      for (size_t s = 0; s < streams; ++s) {
+        const size_t i = l * streams + s;
+        ensure_blocks(pages_[i], *quantizers_[i], c + bt);
+        const uint16_t* w = windows_[i].data();
+        for (size_t j = 0; j < bt * d; ++j) x[j] = half_to_float(w[j]);
+        encode_at(i, c, x.data(), bt);
+      }
+    } catch (...) {
+      for (size_t s = 0; s < streams; ++s) release_blocks(pages_[l * streams + s], c);
+      throw;
+    }
+    for (size_t s = 0; s < streams; ++s) {
+      auto& w = windows_[l * streams + s];
+      w.erase(w.begin(), w.begin() + static_cast<std::ptrdiff_t>(bt * d));
+    }
+    coded_[l] = c + bt;
+  }
+  // A long prefill passes through the window once: give back what it took beyond the
+  // window's fixed capacity of (fp16_window + block_tokens) rows.
+  for (size_t s = 0; s < streams; ++s) reserve_window(windows_[l * streams + s]);
+}
+
+// Windows of flushed layers have a capacity of exactly (fp16_window + block_tokens) rows once
+// used (more only transiently inside append), so memory_bytes() is predictable.
+void KVCache::reserve_window(std::vector<uint16_t>& w) const {
+  const size_t cap = (config_.fp16_window + config_.block_tokens) * static_cast<size_t>(config_.head_dim);
+  if (w.capacity() == cap || w.size() > cap) return;
+  std::vector<uint16_t> v;
+  v.reserve(cap);
+  v.assign(w.begin(), w.end());
+  w.swap(v);
+}
+
+void KVCache::append_windowed(int layer, const float* keys, const float* values, size_t T) {
+  const auto l = static_cast<size_t>(layer);
+  const auto d = static_cast<size_t>(config_.head_dim);
+  const size_t streams = static_cast<size_t>(config_.n_kv_heads) * 2;
+  // Convert and validate everything before touching the cache.
+  std::vector<uint16_t> rows(streams * T * d);
+  for (size_t s = 0; s < streams; ++s) {
+    const size_t h = s / 2;
+    const float* x = (s % 2 == 0 ? keys : values) + h * T * d;
+    for (size_t j = 0; j < T * d; ++j) {
+      const uint16_t v = float_to_half(x[j]);
+      TQ_CHECK(std::isfinite(half_to_float(v)), InvalidArgument, s % 2 == 0 ? "keys" : "values",
+               " of kv head ", h, " contain a value that is not finite in fp16 (", x[j],
+               ") at element ", j);
+      rows[s * T * d + j] = v;
+    }
+  }
+  std::vector<size_t> old_len(streams);
+  for (size_t s = 0; s < streams; ++s) {
+    auto& w = windows_[l * streams + s];
+    old_len[s] = w.size();
+    w.insert(w.end(), rows.begin() + static_cast<std::ptrdiff_t>(s * T * d),
+             rows.begin() + static_cast<std::ptrdiff_t>((s + 1) * T * d));
+  }
+  const size_t old = sizes_[l];
+  sizes_[l] = old + T;
+  try {
+    flush_window(layer);
+  } catch (...) {
+    // flush_window only commits whole blocks; drop the rows of this call that are left.
+    const size_t keep = old > coded_[l] ? old - coded_[l] : 0;
+    for (size_t s = 0; s < streams; ++s) windows_[l * streams + s].resize(keep * d);
+    sizes_[l] = std::max(old, coded_[l]);
+    throw;
+  }
+}
+
+void KVCache::append_window(int layer, size_t n, const std::vector<const uint16_t*>& rows) {
+  check_layer(layer);
+  TQ_CHECK(config_.windowed(), InvalidArgument, "this cache has no fp16 window");
+  const auto l = static_cast<size_t>(layer);
+  const auto d = static_cast<size_t>(config_.head_dim);
+  const size_t streams = static_cast<size_t>(config_.n_kv_heads) * 2;
+  TQ_CHECK(rows.size() == streams, InvalidArgument, "append_window needs ", streams, " streams");
+  TQ_CHECK(sizes_[l] == coded_[l], InvalidArgument, "layer ", layer, " already holds window tokens");
+  TQ_CHECK(is_fp16_layer(layer) || n <= config_.fp16_window + config_.block_tokens, InvalidArgument,
+           "window of ", n, " tokens exceeds fp16_window + block_tokens = ",
+           config_.fp16_window + config_.block_tokens);
+  TQ_CHECK(config_.max_tokens == 0 || sizes_[l] + n <= config_.max_tokens, InvalidArgument,
+           "window of ", n, " tokens exceeds max_tokens=", config_.max_tokens);
+  for (size_t s = 0; s < streams; ++s)
+    for (size_t j = 0; j < n * d; ++j)
+      TQ_CHECK(std::isfinite(half_to_float(rows[s][j])), InvalidArgument, "window row value ", j,
+               " of stream ", s, " is not finite");
+  for (size_t s = 0; s < streams; ++s) {
+    auto& w = windows_[l * streams + s];
+    w.assign(rows[s], rows[s] + n * d);
+    if (!is_fp16_layer(layer) && n > 0) reserve_window(w);
+  }
+  sizes_[l] += n;
+}
+
+void KVCache::shrink_layer(size_t l, size_t new_size) {
+  if (new_size >= sizes_[l]) return;
+  const auto d = static_cast<size_t>(config_.head_dim);
+  const size_t streams = static_cast<size_t>(config_.n_kv_heads) * 2;
+  if (new_size >= coded_[l]) {
+    for (size_t s = 0; s < streams; ++s) windows_[l * streams + s].resize((new_size - coded_[l]) * d);
+  } else {
+    for (size_t s = 0; s < streams; ++s) {
+      windows_[l * streams + s].clear();
+      release_blocks(pages_[l * streams + s], new_size);
+    }
+    coded_[l] = new_size;
+  }
+  sizes_[l] = new_size;
+}
+
+void KVCache::attend_windowed(int layer, const float* queries, size_t T_q, float* out,
+                              const AttentionOptions& options) const {
+  const auto l = static_cast<size_t>(layer);
+  const size_t n = sizes_[l], c = coded_[l];
+  const auto d = static_cast<size_t>(config_.head_dim);
+  const float scale = options.scale ? *options.scale : 1.0f / std::sqrt(static_cast<float>(d));
+  const auto G = static_cast<size_t>(config_.group_size());
+  const size_t m = G * T_q;
+  const float thr = options.sparse_v_threshold;
+  RowMask mask;  // over all n tokens, rows position-major (row = t*G + g)
+  mask.lo.resize(m);
+  mask.hi.resize(m);
+  for (size_t t = 0; t < T_q; ++t) {
+    const size_t hi = options.causal ? n - T_q + t : n - 1;
+    const size_t lo = options.window && hi + 1 > *options.window ? hi + 1 - *options.window : 0;
+    for (size_t g = 0; g < G; ++g) {
+      mask.lo[t * G + g] = lo;
+      mask.hi[t * G + g] = hi;
+    }
+  }
+  // Rows that see at least one coded token form a prefix (lo is non-decreasing).
+  size_t mc = 0;
+  while (mc < m && mask.lo[mc] < c) ++mc;
+  RowMask cmask;
+  cmask.lo.assign(mask.lo.begin(), mask.lo.begin() + static_cast<std::ptrdiff_t>(mc));
+  cmask.hi.resize(mc);
+  for (size_t r = 0; r < mc; ++r) cmask.hi[r] = std::min(mask.hi[r], c - 1);
+
+  const size_t nw = n - c;
+  AttentionScratch scratch;
+  std::vector<float> q(m * d), oc(m * d), kw(nw * d), vw(nw * d), s(nw), acc(d);
+  for (size_t h = 0; h < static_cast<size_t>(config_.n_kv_heads); ++h) {
+    for (size_t g = 0; g < G; ++g)
+      for (size_t t = 0; t < T_q; ++t)
+        std::memcpy(&q[(t * G + g) * d], queries + ((h * G + g) * T_q + t) * d, d * sizeof(float));
+    if (mc > 0) {
+      attend_head(head_codes(layer, static_cast<int>(h), KVRole::kKey),
+                  head_codes(layer, static_cast<int>(h), KVRole::kValue), c, q.data(), mc, cmask,
+                  scale, oc.data(), scratch, false, false, thr);
+    }
+    const auto& wk = windows_[index(layer, static_cast<int>(h), KVRole::kKey)];
+    const auto& wv = windows_[index(layer, static_cast<int>(h), KVRole::kValue)];
+    for (size_t j = 0; j < nw * d; ++j) {
+      kw[j] = half_to_float(wk[j]);
+      vw[j] = half_to_float(wv[j]);
+    }
+    for (size_t r = 0; r < m; ++r) {
+      const float* qr = &q[r * d];
+      // Window part: tokens [max(lo, c), hi] at window offsets [a, b).
+      const size_t a = std::max(mask.lo[r], c) - c;
+      const size_t b = mask.hi[r] + 1 > c ? mask.hi[r] + 1 - c : 0;
+      float mw = -std::numeric_limits<float>::infinity();
+      for (size_t t = a; t < b; ++t) {
+        const float* kr = &kw[t * d];
+        float dot = 0.0f;
+        for (size_t j = 0; j < d; ++j) dot += qr[j] * kr[j];
+        s[t] = scale * dot;
+        mw = std::max(mw, s[t]);
+      }
+      const bool has_c = r < mc;
+      const float mcx = has_c ? scratch.row_max[r] : -std::numeric_limits<float>::infinity();
+      const float M = std::max(mw, mcx);
+      float z = 0.0f;
+      std::fill(acc.begin(), acc.end(), 0.0f);
+      if (has_c) {
+        const float f = scratch.row_sum[r] * std::exp(mcx - M);
+        z += f;
+        for (size_t j = 0; j < d; ++j) acc[j] = f * oc[r * d + j];
+      }
+      for (size_t t = a; t < b; ++t) {
+        const float e = std::exp(s[t] - M);
+        z += e;
+        if (thr > 0.0f && e < thr) continue;
+        const float* vr = &vw[t * d];
+        for (size_t j = 0; j < d; ++j) acc[j] += e * vr[j];
+      }
+      const float inv = z > 0.0f ? 1.0f / z : 0.0f;
+      const size_t t = r / G, qh = h * G + r % G;
+      for (size_t j = 0; j < d; ++j) out[(qh * T_q + t) * d + j] = acc[j] * inv;
+    }
+  }
+}
+
+}  // namespace turboquant

@@ -1,0 +1,172 @@
+// fp16 recent window / fp16 layers (KVCacheConfig::fp16_window, fp16_layers) and sparse V.
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <cstring>
+
+#include "kv_test_util.h"
+#include "turboquant/attention.h"
+#include "turboquant/error.h"
+#include "turboquant/half.h"
+#include "turboquant/serialize.h"
+
+using namespace turboquant;
+using namespace turboquant::testing;
+
+namespace {
+
+KVCacheConfig window_config() {
+  KVCacheConfig c;
+  c.head_dim = 64;
+  c.n_q_heads = 4;
+  c.n_kv_heads = 2;
+  c.block_tokens = 16;
+  c.fp16_window = 10;
+  return c;
+}
+
+// All tokens of one head as attention sees them: decoded codes, then the fp16 window.
+std::vector<float> full_rows(const KVCache& c, int layer, int head, KVRole role) {
+  const Quantizer& q = role == KVRole::kKey ? c.key_quantizer(layer, head) : c.value_quantizer(layer, head);
+  const size_t n = c.coded_tokens(layer), d = static_cast<size_t>(q.dim());
+  std::vector<uint8_t> codes(n * q.code_bytes()), norms(n * q.norm_bytes());
+  c.copy_out(layer, head, role, 0, n, codes.data(), norms.data());
+  std::vector<float> out(n * d);
+  q.decode(codes.data(), norms.data(), n, out.data());
+  for (uint16_t h : c.window(layer, head, role)) out.push_back(half_to_float(h));
+  return out;
+}
+
+}  // namespace
+
+TEST(KVWindow, ContentIndependentOfChunking) {
+  const auto cfg = window_config();
+  KVCache a(cfg), b(cfg);
+  const size_t n = 75, d = 64;
+  const auto k = gaussian(2 * n * d, 1), v = gaussian(2 * n * d, 2);
+  a.append(0, k.data(), v.data(), n);
+  for (size_t t = 0; t < n; ++t) {  // one token at a time, head-major per call
+    std::vector<float> kt(2 * d), vt(2 * d);
+    for (size_t h = 0; h < 2; ++h) {
+      std::memcpy(&kt[h * d], &k[(h * n + t) * d], d * sizeof(float));
+      std::memcpy(&vt[h * d], &v[(h * n + t) * d], d * sizeof(float));
+    }
+    b.append(0, kt.data(), vt.data(), 1);
+  }
+  EXPECT_EQ(a.coded_tokens(0), 64u);  // window 11 tokens: 10 < 11 <= 10 + 16
+  EXPECT_EQ(b.coded_tokens(0), 64u);
+  for (int h = 0; h < 2; ++h)
+    for (KVRole r : {KVRole::kKey, KVRole::kValue}) EXPECT_EQ(full_rows(a, 0, h, r), full_rows(b, 0, h, r));
+  EXPECT_EQ(a.memory_bytes(), b.memory_bytes());
+}
+
+TEST(KVWindow, AttentionMatchesExactOnDecodedPlusWindow) {
+  const auto cfg = window_config();
+  KVCache c(cfg);
+  const size_t n = 61, d = 64, tq = 18;  // prefill rows span the code / window boundary
+  const auto k = gaussian(2 * n * d, 3), v = gaussian(2 * n * d, 4), q = gaussian(4 * tq * d, 5);
+  c.append(0, k.data(), v.data(), n);
+  ASSERT_EQ(c.coded_tokens(0), 48u);
+  for (size_t w : {size_t{0}, size_t{7}, size_t{30}}) {
+    AttentionOptions opt;
+    if (w) opt.window = w;
+    std::vector<float> out(4 * tq * d);
+    c.attend(0, q.data(), tq, out.data(), opt);
+    for (int qh = 0; qh < 4; ++qh) {
+      const auto K = full_rows(c, 0, qh / 2, KVRole::kKey), V = full_rows(c, 0, qh / 2, KVRole::kValue);
+      for (size_t t = 0; t < tq; ++t) {
+        const size_t hi = n - tq + t, lo = w && hi + 1 > w ? hi + 1 - w : 0;
+        const auto e = exact_attention(&q[(static_cast<size_t>(qh) * tq + t) * d], K.data(), V.data(), d, lo,
+                                       hi, 1.0 / 8.0);
+        for (size_t j = 0; j < d; ++j)
+          EXPECT_NEAR(out[(static_cast<size_t>(qh) * tq + t) * d + j], e[j], 1e-4) << "w=" << w;
+      }
+    }
+  }
+}
+
+TEST(KVWindow, Fp16LayersNeverFlushAndRoundTrip) {
+  auto cfg = window_config();
+  cfg.n_layers = 2;
+  cfg.fp16_layers = {1};
+  KVCache c(cfg);
+  const size_t n = 40, d = 64;
+  const auto k = gaussian(2 * n * d, 6), v = gaussian(2 * n * d, 7);
+  c.append(0, k.data(), v.data(), n);
+  c.append(1, k.data(), v.data(), n);
+  EXPECT_EQ(c.coded_tokens(1), 0u);
+  EXPECT_EQ(c.window_tokens(1), n);
+  EXPECT_EQ(c.coded_tokens(0), 16u);
+  const auto bytes = serialize_cache(c);
+  auto back = deserialize_cache(bytes.data(), bytes.size());
+  for (int l = 0; l < 2; ++l)
+    for (int h = 0; h < 2; ++h)
+      for (KVRole r : {KVRole::kKey, KVRole::kValue}) EXPECT_EQ(full_rows(c, l, h, r), full_rows(*back, l, h, r));
+  EXPECT_LE(back->memory_bytes(), c.memory_bytes());
+  for (size_t cut : {bytes.size() - 20, bytes.size() / 2 + 7}) {
+    std::vector<uint8_t> bad(bytes.begin(), bytes.begin() + static_cast<std::ptrdiff_t>(cut));
+    EXPECT_THROW(deserialize_cache(bad.data(), bad.size()), FormatError);
+  }
+}
+
+TEST(KVWindow, BadInputLeavesCacheUnchanged) {
+  KVCache c(window_config());
+  const size_t d = 64;
+  const auto k = gaussian(2 * 5 * d, 8);
+  c.append(0, k.data(), k.data(), 5);
+  const size_t mem = c.memory_bytes();
+  auto bad = k;
+  bad[17] = 1e9f;  // overflows fp16
+  EXPECT_THROW(c.append(0, bad.data(), k.data(), 5), InvalidArgument);
+  EXPECT_EQ(c.size(0), 5u);
+  EXPECT_EQ(c.memory_bytes(), mem);
+  auto cfg = window_config();
+  cfg.fp16_layers = {1};
+  EXPECT_THROW(KVCache{cfg}, InvalidArgument);
+}
+
+TEST(SparseV, ZeroIsDenseAndSkipsOnlySmallWeights) {
+  KVCacheConfig cfg;
+  cfg.head_dim = 64;
+  cfg.n_q_heads = 2;
+  cfg.block_tokens = 32;
+  KVCache c(cfg);
+  const size_t n = 300, d = 64;
+  const auto k = gaussian(n * d, 9), v = gaussian(n * d, 10);
+  auto q = gaussian(2 * d, 11);
+  for (auto& x : q) x *= 3.0f;
+  c.append(0, k.data(), v.data(), n);
+  std::vector<float> dense(2 * d), zero(2 * d), sparse(2 * d);
+  c.attend(0, q.data(), 1, dense.data());
+  AttentionOptions opt;
+  opt.sparse_v_threshold = 0.0f;
+  c.attend(0, q.data(), 1, zero.data(), opt);
+  EXPECT_EQ(dense, zero);
+  opt.sparse_v_threshold = 0.02f;
+  c.attend(0, q.data(), 1, sparse.data(), opt);
+  EXPECT_NE(dense, sparse);
+  const auto K = decoded(c, 0, 0, KVRole::kKey), V = decoded(c, 0, 0, KVRole::kValue);
+  for (size_t h = 0; h < 2; ++h) {
+    std::vector<double> p(n);
+    double mx = -1e300, sum = 0, bound = 0, err = 0;
+    for (size_t t = 0; t < n; ++t) {
+      double s = 0;
+      for (size_t j = 0; j < d; ++j) s += static_cast<double>(q[h * d + j]) * K[t * d + j];
+      mx = std::max(mx, p[t] = s / 8.0);
+    }
+    for (auto& x : p) sum += (x = std::exp(x - mx));
+    for (size_t t = 0; t < n; ++t) {
+      if (p[t] >= 0.02) continue;  // p[t] is relative to the max weight here
+      double vn = 0;
+      for (size_t j = 0; j < d; ++j) vn += static_cast<double>(V[t * d + j]) * V[t * d + j];
+      bound += p[t] / sum * std::sqrt(vn);
+    }
+    for (size_t j = 0; j < d; ++j) err += std::pow(static_cast<double>(sparse[h * d + j]) - dense[h * d + j], 2);
+    EXPECT_LE(std::sqrt(err), bound + 1e-5);
+    EXPECT_GT(bound, 0.0);
+  }
+  opt.sparse_v_threshold = 1.0f;
+  EXPECT_THROW(c.attend(0, q.data(), 1, sparse.data(), opt), InvalidArgument);
+  opt.sparse_v_threshold = std::nanf("");
+  EXPECT_THROW(c.attend(0, q.data(), 1, sparse.data(), opt), InvalidArgument);
+}
