@@ -379,22 +379,26 @@ void KVCache::attend(int layer, const float* queries, size_t T_q, float* out,
       mask.hi[t * G + g] = hi;
     }
   }
-  AttentionScratch scratch;
-  std::vector<float> q(m * d), o(m * d);
-  for (int h = 0; h < config_.n_kv_heads; ++h) {
+  // One KV head per iteration, independent of the others (own buffers), so the loop can be
+  // spread over threads with one AttentionScratch each.
+  const auto attend_kv_head = [&](size_t h, AttentionScratch& scratch) {
+    std::vector<float> q(m * d), o(m * d);
     for (size_t g = 0; g < G; ++g) {
-      const size_t qh = static_cast<size_t>(h) * G + g;
+      const size_t qh = h * G + g;
       for (size_t t = 0; t < T_q; ++t)
         std::memcpy(&q[(t * G + g) * d], queries + (qh * T_q + t) * d, d * sizeof(float));
     }
-    attend_head(head_codes(layer, h, KVRole::kKey), head_codes(layer, h, KVRole::kValue), n,
-                q.data(), m, mask, scale, o.data(), scratch);
+    attend_head(head_codes(layer, static_cast<int>(h), KVRole::kKey),
+                head_codes(layer, static_cast<int>(h), KVRole::kValue), n, q.data(), m, mask, scale,
+                o.data(), scratch);
     for (size_t g = 0; g < G; ++g) {
-      const size_t qh = static_cast<size_t>(h) * G + g;
+      const size_t qh = h * G + g;
       for (size_t t = 0; t < T_q; ++t)
         std::memcpy(out + (qh * T_q + t) * d, &o[(t * G + g) * d], d * sizeof(float));
     }
-  }
+  };
+  AttentionScratch scratch;
+  for (size_t h = 0; h < static_cast<size_t>(config_.n_kv_heads); ++h) attend_kv_head(h, scratch);
 }
 
 }  // namespace turboquant

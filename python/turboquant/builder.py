@@ -219,7 +219,12 @@ class KVCacheBuilder:
             raise ValueError(f"backend must be 'auto', 'cpu' or 'metal', got {requested!r}")
         backend = _core.resolve_backend(requested)  # honours TURBOQUANT_BACKEND for "auto"
         if backend != "cpu":
-            raise RuntimeError(f"the KV cache runs on the cpu backend only in this build, got {backend!r}")
+            # The cache's attention has CPU kernels only so far: "auto" falls back to them,
+            # an explicit request for another backend is refused.
+            explicit = requested != "auto" or os.environ.get("TURBOQUANT_BACKEND", "auto") != "auto"
+            if explicit:
+                raise RuntimeError(f"the KV cache has no {backend!r} kernels yet; use with_backend('cpu')")
+            backend = "cpu"
         core = _core.KVCache(
             self._head_dim, n_layers=self._layers, n_q_heads=self._q_heads, n_kv_heads=self._kv_heads,
             key_method=key_method, key_bits=int(self._key_bits), value_method=value_method,

@@ -28,7 +28,9 @@ def to_numpy(x: Any, what: str) -> np.ndarray:
 
         if x.dtype not in (mx.float32, mx.float16):
             x = x.astype(mx.float32)
-        return np.asarray(x)  # buffer protocol: shares mlx's memory
+        # Buffer protocol: shares mlx's memory; a transposed mlx view (common in mlx-lm) is
+        # made contiguous here, since mlx has no in-place contiguous layout to offer.
+        return np.ascontiguousarray(np.asarray(x))
     if isinstance(x, np.ndarray):
         return x
     a = np.asarray(x)

@@ -149,3 +149,33 @@ TEST(Attention, SingleTokenReturnsItsValue) {
   const auto V = decoded(c, 0, 0, KVRole::kValue);
   for (size_t j = 0; j < 128; ++j) EXPECT_NEAR(out[j], V[j], 1e-5);
 }
+
+TEST(Attention, EveryRegisteredMethodMatchesItsDequantizedAttention) {
+  // The compressed-domain hooks of every method (and the GEMM path on its dequantized
+  // tiles) must equal exact attention on what the method reconstructs.
+  for (const auto& method : registered_methods()) {
+    int bits = 0;
+    for (int b : {3, 2, 1}) {
+      QuantizerConfig qc;
+      qc.method = method;
+      qc.dim = 64;
+      qc.bits = b;
+      try {
+        make_quantizer(qc);
+        bits = b;
+        break;
+      } catch (const InvalidArgument&) {
+      }
+    }
+    ASSERT_GT(bits, 0) << method << " builds at no bit width in {1, 2, 3}";
+    KVCacheConfig cfg;
+    cfg.head_dim = 64;
+    cfg.n_q_heads = 2;
+    cfg.key_method = cfg.value_method = method;
+    cfg.key_bits = cfg.value_bits = bits;
+    cfg.block_tokens = 32;
+    SCOPED_TRACE(method);
+    check_against_dequantized(cfg, 150, 1, true, std::nullopt, 80);   // hooks
+    check_against_dequantized(cfg, 150, 20, true, size_t{64}, 81);    // GEMM, windowed
+  }
+}

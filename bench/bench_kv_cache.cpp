@@ -1,0 +1,134 @@
+// Benchmarks of the compressed KV cache (kv_cache.h, attention.h): append (encode) and
+// decode / prefill attention over the codes, with items/s and bytes/s counters. The bytes
+// counter of attend is the code + norm bytes read, to compare with memory bandwidth.
+//   build/bench/turboquant_bench --benchmark_filter=KVCache
+#include <benchmark/benchmark.h>
+
+#include <vector>
+
+#include "turboquant/attention.h"
+#include "turboquant/kv_cache.h"
+#include "turboquant/rng.h"
+
+using namespace turboquant;
+
+namespace {
+
+std::vector<float> gaussian(size_t n, uint64_t seed) {
+  RandomStream rs(seed, make_stream_id(StreamPurpose::kTest, 9));
+  std::vector<float> x(n);
+  for (auto& v : x) v = static_cast<float>(rs.next_gaussian());
+  return x;
+}
+
+KVCacheConfig config(int bits) {
+  KVCacheConfig c;
+  c.head_dim = 128;
+  c.key_bits = bits;
+  c.value_bits = bits;
+  return c;
+}
+
+size_t code_bytes_per_token(const KVCache& c) {
+  return c.key_quantizer(0, 0).bytes_per_vector() + c.value_quantizer(0, 0).bytes_per_vector();
+}
+
+// Append 1024 tokens (keys and values: 2048 vectors) to a fresh cache.
+void BM_KVCacheAppend(benchmark::State& state) {
+  const int bits = static_cast<int>(state.range(0));
+  const size_t n = 1024;
+  const auto k = gaussian(n * 128, 1), v = gaussian(n * 128, 2);
+  size_t stored = 0;
+  for (auto _ : state) {
+    KVCache c(config(bits));
+    c.append(0, k.data(), v.data(), n);
+    stored = code_bytes_per_token(c) * n;
+    benchmark::DoNotOptimize(c.size(0));
+  }
+  state.SetItemsProcessed(static_cast<int64_t>(state.iterations() * 2 * n));  // vectors encoded
+  state.SetBytesProcessed(static_cast<int64_t>(state.iterations() * 2 * n * 128 * sizeof(float)));
+  state.counters["stored_B"] = static_cast<double>(stored);
+}
+
+// One query over n cached tokens (decode).
+void BM_KVCacheAttendDecode(benchmark::State& state) {
+  const int bits = static_cast<int>(state.range(0));
+  const auto n = static_cast<size_t>(state.range(1));
+  KVCache c(config(bits));
+  const auto k = gaussian(n * 128, 3), v = gaussian(n * 128, 4), q = gaussian(128, 5);
+  c.append(0, k.data(), v.data(), n);
+  std::vector<float> out(128);
+  for (auto _ : state) {
+    c.attend(0, q.data(), 1, out.data());
+    benchmark::DoNotOptimize(out.data());
+  }
+  state.SetItemsProcessed(static_cast<int64_t>(state.iterations() * n));  // tokens attended
+  state.SetBytesProcessed(static_cast<int64_t>(state.iterations() * n * code_bytes_per_token(c)));
+}
+
+// GQA decode: 8 query heads over 2 KV heads, n tokens.
+void BM_KVCacheAttendGqa(benchmark::State& state) {
+  const auto n = static_cast<size_t>(state.range(0));
+  KVCacheConfig cfg = config(3);
+  cfg.n_q_heads = 8;
+  cfg.n_kv_heads = 2;
+  KVCache c(cfg);
+  const auto k = gaussian(2 * n * 128, 6), v = gaussian(2 * n * 128, 7), q = gaussian(8 * 128, 8);
+  c.append(0, k.data(), v.data(), n);
+  std::vector<float> out(8 * 128);
+  for (auto _ : state) {
+    c.attend(0, q.data(), 1, out.data());
+    benchmark::DoNotOptimize(out.data());
+  }
+  state.SetItemsProcessed(static_cast<int64_t>(state.iterations() * 2 * n));
+  state.SetBytesProcessed(static_cast<int64_t>(state.iterations() * 2 * n * code_bytes_per_token(c)));
+}
+
+// Prefill: the last 128 positions of n tokens attend causally (GEMM path).
+void BM_KVCacheAttendPrefill(benchmark::State& state) {
+  const auto n = static_cast<size_t>(state.range(0));
+  const size_t tq = 128;
+  KVCache c(config(3));
+  const auto k = gaussian(n * 128, 9), v = gaussian(n * 128, 10), q = gaussian(tq * 128, 11);
+  c.append(0, k.data(), v.data(), n);
+  std::vector<float> out(tq * 128);
+  for (auto _ : state) {
+    c.attend(0, q.data(), tq, out.data());
+    benchmark::DoNotOptimize(out.data());
+  }
+  state.SetItemsProcessed(static_cast<int64_t>(state.iterations() * tq));  // queries
+  state.SetBytesProcessed(static_cast<int64_t>(state.iterations() * n * code_bytes_per_token(c)));
+}
+
+}  // namespace
+
+BENCHMARK(BM_KVCacheAppend)->Arg(2)->Arg(3)->Arg(4)->Unit(benchmark::kMicrosecond);
+BENCHMARK(BM_KVCacheAttendDecode)->ArgsProduct({{2, 3, 4}, {1024, 4096}})->Unit(benchmark::kMicrosecond);
+BENCHMARK(BM_KVCacheAttendGqa)->Arg(1024)->Arg(4096)->Unit(benchmark::kMicrosecond);
+BENCHMARK(BM_KVCacheAttendPrefill)->Arg(1024)->Unit(benchmark::kMicrosecond);
+
+namespace {
+// The two attention paths of attend_head on one decode query: table-lookup hooks vs
+// dequantize-to-tile + Eigen GEMV (arg 0 = hooks, 1 = GEMM).
+void BM_AttendHeadPath(benchmark::State& state) {
+  const bool gemm = state.range(0) == 1;
+  const size_t n = 1024;
+  KVCache c(config(3));
+  const auto k = gaussian(n * 128, 12), v = gaussian(n * 128, 13), q = gaussian(128, 14);
+  c.append(0, k.data(), v.data(), n);
+  RowMask mask;
+  mask.lo = {0};
+  mask.hi = {n - 1};
+  AttentionScratch scratch;
+  std::vector<float> out(128);
+  const auto K = c.head_codes(0, 0, KVRole::kKey), V = c.head_codes(0, 0, KVRole::kValue);
+  for (auto _ : state) {
+    attend_head(K, V, n, q.data(), 1, mask, 0.088f, out.data(), scratch, gemm, !gemm);
+    benchmark::DoNotOptimize(out.data());
+  }
+  state.SetItemsProcessed(static_cast<int64_t>(state.iterations() * n));
+  state.SetBytesProcessed(static_cast<int64_t>(state.iterations() * n * code_bytes_per_token(c)));
+}
+}  // namespace
+
+BENCHMARK(BM_AttendHeadPath)->Arg(0)->Arg(1)->Unit(benchmark::kMicrosecond);
