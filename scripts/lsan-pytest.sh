@@ -14,13 +14,16 @@ rm -rf "$pkg"; mkdir -p "$pkg"
 cp -r python/turboquant "$pkg/"
 rm -f "$pkg"/turboquant/_core*.so
 cp "$so" "$pkg/turboquant/"
-libasan=$(${CXX:-c++} -print-file-name=libasan.so)
-export LD_PRELOAD="$libasan"
-export ASAN_OPTIONS=detect_leaks=1:abort_on_error=0:exitcode=86:verify_asan_link_order=0
+# libstdc++ too: the interpreter does not link it, and ASan's __cxa_throw interceptor must
+# find the real one when our extension throws.
+libasan="$(${CXX:-c++} -print-file-name=libasan.so) $(${CXX:-c++} -print-file-name=libstdc++.so)"
+PYBIN=$($PY -c 'import sys; print(sys.executable)')  # the interpreter itself, not a shell shim
+# Reports go to files too: pytest redirects fd 2, and an exit-time leak report would be lost.
+export ASAN_OPTIONS=detect_leaks=1:abort_on_error=0:exitcode=86:verify_asan_link_order=0:log_path=$PWD/build/asan-py/asan-report
 export LSAN_OPTIONS=suppressions=$PWD/tests/sanitizers/lsan_python.supp:print_suppressions=0
-export PYTHONMALLOC=malloc   # let ASan see every Python allocation too
+
 # shellcheck disable=SC2086
-PYTHONPATH="$pkg" $PY -m pytest -q -p no:cacheprovider ${TQ_LSAN_PYTEST_ARGS:-} \
+PYTHONPATH="$pkg" LD_PRELOAD="$libasan" "$PYBIN" -m pytest -q -p no:cacheprovider ${TQ_LSAN_PYTEST_ARGS:-} \
   tests/python/test_reliability.py tests/python/test_kv_cache.py tests/python/test_quantizer.py \
   -k "not allocation_failure"
-echo "pytest under ASan + LeakSanitizer: no leak, no memory error"
+echo "pytest under ASan + LeakSanitizer: no leak, no memory error (reports would be in build/asan-py/asan-report.*)"

@@ -49,12 +49,14 @@ if [ "${TQ_SKIP_SANITIZERS:-0}" != "1" ]; then
   TSAN_OPTIONS=halt_on_error=1:second_deadlock_stack=1 build/tsan/turboquant_tests \
     --gtest_filter='ReliabilityCpp.Concurrent*:ReliabilityCpp.Mutation*:ReliabilityCpp.WriterAndReaders*'
 
+  # (No -Werror here: GCC 12 reports a false -Wmaybe-uninitialized inside pybind11's
+  # argument loader when instrumenting with ASan; the other builds keep warnings as errors.)
   # The extension built with ASan, loaded into the ordinary interpreter by preloading the
   # ASan runtime; LeakSanitizer reports leaks at exit (CPython's own intentional
   # allocations are suppressed in tests/sanitizers/lsan_python.supp, ours are not).
   log "pytest's C++ paths under ASan + LeakSanitizer"
   cmake -S . -B build/asan-py -G Ninja -DCMAKE_BUILD_TYPE=RelWithDebInfo -DTURBOQUANT_PYTHON=ON \
-    -DTURBOQUANT_TESTS=OFF -DTURBOQUANT_WERROR=ON -DTURBOQUANT_SANITIZE=address \
+    -DTURBOQUANT_TESTS=OFF -DTURBOQUANT_WERROR=OFF -DTURBOQUANT_SANITIZE=address \
     -DPython_EXECUTABLE="$(command -v "$PY")" -Dpybind11_DIR="$($PY -m pybind11 --cmakedir)" >/dev/null
   cmake --build build/asan-py -j "$JOBS"
   scripts/lsan-pytest.sh
