@@ -4,7 +4,12 @@
 #   2. builds the GoogleTest suite with warnings as errors and runs it through ctest,
 #   3. builds it again under AddressSanitizer + UndefinedBehaviorSanitizer and runs it,
 #   4. runs pytest (the slow real-model tests included, they are marked `slow`).
-# Environment: TQ_SKIP_SANITIZERS=1 skips step 3, TQ_PYTEST_ARGS adds pytest arguments.
+#   5. fuzzing (tests/fuzz): every libFuzzer target (clang, ASan+UBSan) for TQ_FUZZ_SECONDS
+#      (30) from its committed seed corpus, then atheris on the Python entry points,
+#   6. sanitizers beyond step 3: the concurrency tests under ThreadSanitizer, and the
+#      pytest suite's C++ paths under AddressSanitizer + LeakSanitizer.
+# Environment: TQ_SKIP_SANITIZERS=1 skips steps 3 and 6, TQ_SKIP_FUZZ=1 skips step 5,
+# TQ_PYTEST_ARGS adds pytest arguments.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$(pwd)
@@ -60,3 +65,6 @@ log "pytest"
 cd "$ROOT"
 # shellcheck disable=SC2086
 $PY -m pytest -q -ra ${TQ_PYTEST_ARGS:-} tests/python
+
+# --- 5-6. fuzzing, TSan, LSan (scripts/reliability.sh) -------------------------------
+PYTHON="$PY" JOBS="$JOBS" scripts/reliability.sh

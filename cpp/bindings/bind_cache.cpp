@@ -71,7 +71,7 @@ The T_q queries are the last T_q positions of the layer: query i sees keys
 [0, len - T_q + i] when causal, and with window=w only the last w of those.
 )doc")
       .def(py::init([](int head_dim, int n_layers, int n_q_heads, int n_kv_heads, const std::string& key_method,
-                       int key_bits, const std::string& value_method, int value_bits, uint64_t seed,
+                       int key_bits, const std::string& value_method, int value_bits, const py::object& seed,
                        const std::string& rotation, int jl_dim, size_t block_tokens, size_t max_tokens,
                        int n_outlier_channels, int outlier_bits, const std::vector<int>& outlier_channels,
                        size_t fp16_window, const std::vector<int>& fp16_layers) {
@@ -84,7 +84,7 @@ The T_q queries are the last T_q positions of the layer: query i sees keys
              c.key_bits = key_bits;
              c.value_method = value_method;
              c.value_bits = value_bits;
-             c.seed = seed;
+             c.seed = seed_from(seed);
              c.rotation = rotation_kind_from_string(rotation);
              c.jl_dim = jl_dim;
              c.block_tokens = block_tokens;
@@ -169,7 +169,7 @@ The T_q queries are the last T_q positions of the layer: query i sees keys
         const size_t n = kv.size(layer);
         TQ_CHECK(start <= n, InvalidArgument, "start ", start, " beyond the layer's ", n, " tokens");
         const size_t c = count ? *count : n - start;
-        TQ_CHECK(start + c <= n, InvalidArgument, "tokens [", start, ", ", start + c, ") beyond the layer's ", n, " tokens");
+        TQ_CHECK(c <= n - start, InvalidArgument, "tokens [", start, ", ", start + c, ") beyond the layer's ", n, " tokens");
         py::array_t<float> out({static_cast<py::ssize_t>(c), static_cast<py::ssize_t>(q.dim())});
         float* op = out.mutable_data();
         {

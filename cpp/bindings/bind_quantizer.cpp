@@ -167,7 +167,7 @@ estimate inner products directly from the codes.
     x_hat = q.decode(codes, norms)      # (..., 128) float32
     ip = q.inner_products(queries, codes, norms)   # (m, n)
 )doc")
-      .def(py::init([](const std::string& method, int dim, int bits, uint64_t seed, const std::string& rotation,
+      .def(py::init([](const std::string& method, int dim, int bits, const py::object& seed, const std::string& rotation,
                        bool norm_correction, const py::object& norm_dtype, int jl_dim, uint64_t stream,
                        const py::object& outlier_channels, int n_outlier_channels, int outlier_bits,
                        const py::object& calibration) {
@@ -175,7 +175,7 @@ estimate inner products directly from the codes.
              c.method = method;
              c.dim = dim;
              c.bits = bits;
-             c.seed = seed;
+             c.seed = seed_from(seed);
              c.stream = stream;
              c.rotation = rotation_kind_from_string(rotation);
              c.norm_correction = norm_correction;

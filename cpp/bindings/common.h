@@ -97,6 +97,19 @@ inline FloatRows float_rows(const py::handle& obj, size_t dim, const char* what,
   return r;
 }
 
+// A seed from Python: any integer in [0, 2^64 - 1]; anything else raises a clear error
+// (a bare uint64_t parameter would give pybind11's generic "incompatible arguments").
+inline uint64_t seed_from(const py::handle& obj) {
+  if (!py::isinstance<py::int_>(obj) || py::isinstance<py::bool_>(obj)) {
+    throw TypeMismatch("seed must be an int in [0, 2**64 - 1], got " +
+                       py::str(py::type::of(obj).attr("__name__")).cast<std::string>());
+  }
+  const py::int_ v = py::reinterpret_borrow<py::int_>(obj);
+  const bool ok = py::int_(0) <= v && v <= py::int_(static_cast<unsigned long long>(~0ULL));
+  if (!ok) throw InvalidArgument("seed must be in [0, 2**64 - 1], got " + py::str(v).cast<std::string>());
+  return v.cast<uint64_t>();
+}
+
 inline std::vector<py::ssize_t> with_last(std::vector<py::ssize_t> shape, py::ssize_t last) {
   shape.push_back(last);
   return shape;

@@ -32,6 +32,10 @@ PYBIND11_MODULE(_core, m) {
       py::set_error(PyExc_ValueError, e.what());
     } catch (const NotSupported& e) {
       py::set_error(PyExc_RuntimeError, e.what());
+    } catch (const ConcurrentAccess& e) {
+      py::set_error(PyExc_RuntimeError, e.what());
+    } catch (const OutOfMemory& e) {
+      py::set_error(PyExc_MemoryError, e.what());
     }
   });
 

@@ -3,6 +3,8 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <limits>
+#include <new>
 
 #include "turboquant/attention.h"
 #include "turboquant/error.h"
@@ -42,6 +44,58 @@ void KVCacheConfig::validate() const {
     TQ_CHECK(l >= 0 && l < n_layers, InvalidArgument, "fp16_layers entry ", l, " is not a layer in [0, ",
              n_layers, ")");
 }
+
+// --- thread-safety guards (kv_cache.h, "Thread safety") ---------------------------------
+// A reader announces itself (readers_ += 1) and then checks for a mutator; a mutator
+// announces itself (writer_ = true) and then checks for readers. Both are seq_cst, so two
+// overlapping calls cannot both miss each other; the loser throws before touching state.
+namespace {
+constexpr const char* kThreadRule =
+    "concurrent attend/size/save calls are safe, but append/trim/truncate/set_rotation need "
+    "exclusive access to the cache (serialize them with a lock)";
+}  // namespace
+
+class KVCache::ReadScope {
+ public:
+  ReadScope(const KVCache& c, const char* op) : c_(c) {
+    c_.readers_.fetch_add(1, std::memory_order_seq_cst);
+    if (c_.writer_.load(std::memory_order_seq_cst)) {
+      c_.readers_.fetch_sub(1, std::memory_order_seq_cst);
+      throw ConcurrentAccess(detail::concat("KVCache.", op,
+                                            " called while another thread is modifying the cache; ",
+                                            kThreadRule));
+    }
+  }
+  ~ReadScope() { c_.readers_.fetch_sub(1, std::memory_order_seq_cst); }
+  ReadScope(const ReadScope&) = delete;
+  ReadScope& operator=(const ReadScope&) = delete;
+
+ private:
+  const KVCache& c_;
+};
+
+class KVCache::WriteScope {
+ public:
+  WriteScope(const KVCache& c, const char* op) : c_(c) {
+    if (c_.writer_.exchange(true, std::memory_order_seq_cst)) {
+      throw ConcurrentAccess(detail::concat("KVCache.", op,
+                                            " called while another thread is modifying the cache; ",
+                                            kThreadRule));
+    }
+    if (c_.readers_.load(std::memory_order_seq_cst) != 0) {
+      c_.writer_.store(false, std::memory_order_seq_cst);
+      throw ConcurrentAccess(detail::concat("KVCache.", op,
+                                            " called while another thread is reading the cache; ",
+                                            kThreadRule));
+    }
+  }
+  ~WriteScope() { c_.writer_.store(false, std::memory_order_seq_cst); }
+  WriteScope(const WriteScope&) = delete;
+  WriteScope& operator=(const WriteScope&) = delete;
+
+ private:
+  const KVCache& c_;
+};
 
 uint64_t kv_stream_id(uint32_t layer, uint32_t kv_head, KVRole role) {
   return make_stream_id(static_cast<StreamPurpose>(0), layer,
@@ -104,6 +158,7 @@ const Quantizer& KVCache::value_quantizer(int layer, int kv_head) const {
 }
 
 void KVCache::set_rotation(int layer, int kv_head, KVRole role, std::unique_ptr<Rotation> rotation) {
+  const WriteScope guard(*this, "set_rotation");
   (void)key_quantizer(layer, kv_head);  // range checks
   TQ_CHECK(sizes_[static_cast<size_t>(layer)] == 0, InvalidArgument,
            "set_rotation needs an empty layer (layer ", layer, " holds ",
@@ -139,12 +194,14 @@ void KVCache::release_blocks(PagedCodes& p, size_t tokens) {
 }
 
 void KVCache::append(int layer, const float* keys, const float* values, size_t T) {
+  const WriteScope guard(*this, "append");
   check_layer(layer);
   const auto l = static_cast<size_t>(layer);
   const size_t old = sizes_[l];
-  TQ_CHECK(config_.max_tokens == 0 || old + T <= config_.max_tokens, InvalidArgument,
-           "appending ", T, " tokens to layer ", layer, " (holding ", old,
+  TQ_CHECK(config_.max_tokens == 0 || (T <= config_.max_tokens && old <= config_.max_tokens - T),
+           InvalidArgument, "appending ", T, " tokens to layer ", layer, " (holding ", old,
            ") exceeds max_tokens=", config_.max_tokens);
+  check_alloc(old, T);
   if (T == 0) return;
   if (config_.windowed()) return append_windowed(layer, keys, values, T);
   const auto d = static_cast<size_t>(config_.head_dim);
@@ -176,24 +233,33 @@ void KVCache::append(int layer, const float* keys, const float* values, size_t T
     // Codes past the old size are never read; give back the pages they took.
     for (int h = 0; h < config_.n_kv_heads; ++h)
       for (KVRole role : {KVRole::kKey, KVRole::kValue}) release_blocks(pages_[index(layer, h, role)], old);
-    throw;
+    try {
+      throw;
+    } catch (const std::bad_alloc&) {
+      throw OutOfMemory(detail::concat("out of memory appending ", T, " tokens to layer ", layer, " (holding ",
+                                       old, "); the cache is unchanged"));
+    }
   }
   sizes_[l] = old + T;
 }
 
 void KVCache::append_encoded(int layer, size_t n, const std::vector<const uint8_t*>& codes,
                              const std::vector<const uint8_t*>& norms) {
+  const WriteScope guard(*this, "append_encoded");
   check_layer(layer);
   const size_t streams = static_cast<size_t>(config_.n_kv_heads) * 2;
   TQ_CHECK(codes.size() == streams && norms.size() == streams, InvalidArgument,
            "append_encoded needs ", streams, " code and norm streams");
   const auto l = static_cast<size_t>(layer);
   const size_t old = sizes_[l];
-  TQ_CHECK(config_.max_tokens == 0 || old + n <= config_.max_tokens, InvalidArgument,
-           "appending ", n, " tokens to layer ", layer, " exceeds max_tokens=", config_.max_tokens);
+  TQ_CHECK(config_.max_tokens == 0 || (n <= config_.max_tokens && old <= config_.max_tokens - n),
+           InvalidArgument, "appending ", n, " tokens to layer ", layer,
+           " exceeds max_tokens=", config_.max_tokens);
+  check_alloc(old, n);
   TQ_CHECK(!config_.windowed() || coded_[l] == old, InvalidArgument,
            "append_encoded on layer ", layer, " which holds fp16 window tokens");
   const size_t bt = config_.block_tokens;
+  try {
   for (size_t s = 0; s < streams; ++s) {
     const size_t i = l * streams + s;
     const Quantizer& q = *quantizers_[i];
@@ -210,14 +276,40 @@ void KVCache::append_encoded(int layer, size_t n, const std::vector<const uint8_
       t += c;
     }
   }
+  } catch (...) {
+    for (size_t s = 0; s < streams; ++s) release_blocks(pages_[l * streams + s], old);
+    throw;
+  }
   sizes_[l] = old + n;
   if (config_.windowed()) coded_[l] = old + n;
 }
 
+void KVCache::check_alloc(size_t old, size_t T) const {
+  // Every size below is computed without wrapping: a request whose page bytes (or fp32
+  // input, n_kv_heads × T × head_dim × 4) do not fit size_t fails before any allocation.
+  constexpr size_t kMax = std::numeric_limits<size_t>::max();
+  const auto d = static_cast<size_t>(config_.head_dim);
+  const auto H = static_cast<size_t>(config_.n_kv_heads);
+  const size_t bt = config_.block_tokens;
+  TQ_CHECK(T <= kMax / 2 - old && T <= kMax / (H * d * sizeof(float)), OutOfMemory, "appending ", T,
+           " tokens to a layer holding ", old, " overflows size_t (", H, " heads × ", d,
+           " dims); the request cannot be allocated");
+  const size_t blocks = (old + T + bt - 1) / bt;
+  for (const auto& q : quantizers_) {
+    const size_t row = q->code_bytes() + q->norm_bytes();
+    TQ_CHECK(blocks <= kMax / bt / row, OutOfMemory, "appending ", T, " tokens needs ", blocks,
+             " pages of ", bt, " tokens × ", row, " bytes, which overflows size_t");
+  }
+}
+
 void KVCache::copy_out(int layer, int kv_head, KVRole role, size_t t0, size_t n, uint8_t* codes,
                        uint8_t* norms) const {
+  const ReadScope guard(*this, "copy_out");
   check_layer(layer);
-  TQ_CHECK(t0 + n <= coded_tokens(layer), InvalidArgument, "coded tokens [", t0, ", ",
+  TQ_CHECK(kv_head >= 0 && kv_head < config_.n_kv_heads, InvalidArgument,
+           "kv_head must be in [0, ", config_.n_kv_heads, "), got ", kv_head);
+  const size_t held = coded_tokens(layer);
+  TQ_CHECK(t0 <= held && n <= held - t0, InvalidArgument, "coded tokens [", t0, ", ",
            t0 + n, ") out of range for layer ", layer);
   const size_t i = index(layer, kv_head, role);
   const Quantizer& q = *quantizers_[i];
@@ -236,11 +328,13 @@ void KVCache::copy_out(int layer, int kv_head, KVRole role, size_t t0, size_t n,
 }
 
 size_t KVCache::size(int layer) const {
+  const ReadScope guard(*this, "size");
   check_layer(layer);
   return sizes_[static_cast<size_t>(layer)];
 }
 
 size_t KVCache::trim(size_t n) {
+  const WriteScope guard(*this, "trim");
   const size_t removed = std::min(n, sizes_[0]);
   if (config_.windowed()) {
     for (size_t l = 0; l < sizes_.size(); ++l) shrink_layer(l, sizes_[l] - std::min(n, sizes_[l]));
@@ -256,6 +350,7 @@ size_t KVCache::trim(size_t n) {
 }
 
 void KVCache::truncate(size_t length) {
+  const WriteScope guard(*this, "truncate");
   if (config_.windowed()) {
     for (size_t l = 0; l < sizes_.size(); ++l) shrink_layer(l, length);
     return;
@@ -269,6 +364,7 @@ void KVCache::truncate(size_t length) {
 }
 
 size_t KVCache::memory_bytes() const {
+  const ReadScope guard(*this, "memory_bytes");
   size_t total = 0;
   for (size_t i = 0; i < quantizers_.size(); ++i) {
     const Quantizer& q = *quantizers_[i];
@@ -281,6 +377,7 @@ size_t KVCache::memory_bytes() const {
 }
 
 size_t KVCache::fp16_bytes() const {
+  const ReadScope guard(*this, "fp16_bytes");
   size_t tokens = 0;
   for (size_t s : sizes_) tokens += s;
   return tokens * static_cast<size_t>(config_.n_kv_heads) * 2 * static_cast<size_t>(config_.head_dim) * 2;
@@ -288,9 +385,12 @@ size_t KVCache::fp16_bytes() const {
 
 void KVCache::attend(int layer, const float* queries, size_t T_q, float* out,
                      const AttentionOptions& options) const {
+  const ReadScope guard(*this, "attend");
   check_layer(layer);
   const size_t n = sizes_[static_cast<size_t>(layer)];
   TQ_CHECK(T_q >= 1, InvalidArgument, "attend needs at least one query");
+  TQ_CHECK(n > 0, InvalidArgument, "attend on an empty cache: layer ", layer,
+           " holds no tokens (append keys and values first)");
   TQ_CHECK(T_q <= n, InvalidArgument, "attend got ", T_q, " queries per head but layer ", layer,
            " holds only ", n, " tokens (queries are the last positions of the cache)");
   TQ_CHECK(!options.window || *options.window >= 1, InvalidArgument, "window must be >= 1");

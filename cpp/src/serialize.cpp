@@ -1,5 +1,6 @@
 #include "turboquant/serialize.h"
 
+#include <algorithm>
 #include <array>
 #include <bit>
 #include <cstring>
@@ -262,9 +263,18 @@ std::unique_ptr<KVCache> deserialize_cache(const uint8_t* data, size_t size) {
     }
     conf.expect_end("CONF");
     c.validate();
+    // Before building anything sized by the header: the ROTS section must hold at least the
+    // smallest possible rotation of every stream, so a few corrupted header bytes cannot make
+    // the loader construct (and seed rotations for) a million streams.
+    Reader rots = r.section(kTagRots, "ROTS");
+    const size_t streams_total = static_cast<size_t>(c.n_layers) * static_cast<size_t>(c.n_kv_heads) * 2;
+    const auto d = static_cast<size_t>(c.head_dim);
+    const size_t min_stream_bytes = 4 + 8 + sizeof(float) * std::min(2 * d, d * d);
+    TQ_CHECK(rots.left() / min_stream_bytes >= streams_total, FormatError, "corrupted file: ROTS section of ",
+             rots.left(), " bytes cannot hold the rotations of ", streams_total, " streams (",
+             c.n_layers, " layers × ", c.n_kv_heads, " KV heads × key/value)");
     auto cache = std::make_unique<KVCache>(c);
 
-    Reader rots = r.section(kTagRots, "ROTS");
     for (int l = 0; l < c.n_layers; ++l) {
       for (int h = 0; h < c.n_kv_heads; ++h) {
         for (KVRole role : {KVRole::kKey, KVRole::kValue}) {
@@ -276,7 +286,7 @@ std::unique_ptr<KVCache> deserialize_cache(const uint8_t* data, size_t size) {
                    " floats exceeds its section");
           const uint8_t* p = rots.take(static_cast<size_t>(count) * sizeof(float), "rotation");
           std::vector<float> params(static_cast<size_t>(count));
-          std::memcpy(params.data(), p, params.size() * sizeof(float));
+          if (!params.empty()) std::memcpy(params.data(), p, params.size() * sizeof(float));
           cache->set_rotation(l, h, role,
                               Rotation::from_parameters(static_cast<RotationKind>(kind), c.head_dim, params));
         }

@@ -18,6 +18,9 @@ directory per key; ``MemoryArtifactStore()`` keeps them in a dict.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import io
+import json
 import os
 import re
 from pathlib import Path
@@ -117,15 +120,79 @@ class NpyArtifactStore(ArtifactStore):
         d = self.root / key.dirname()
         if not d.is_dir():
             return None
-        return {p.stem.replace("__", "/"): np.load(p, allow_pickle=False) for p in sorted(d.glob("*.npy"))}
+        manifest = _read_manifest(d)
+        out = {}
+        for name, meta in manifest["arrays"].items():
+            p = d / (name.replace("/", "__") + ".npy")
+            try:
+                data = p.read_bytes()
+            except OSError as e:
+                raise _format_error(f"artifact {p}: cannot read ({e})") from e
+            if hashlib.sha256(data).hexdigest() != meta.get("sha256"):
+                raise _format_error(f"artifact {p}: checksum mismatch (truncated or corrupted file); "
+                                    "delete the entry and rebuild")
+            try:
+                a = np.load(io.BytesIO(data), allow_pickle=False)
+            except Exception as e:  # numpy raises ValueError, EOFError, OSError, ... on bad files
+                raise _format_error(f"artifact {p}: not a readable .npy file ({e})") from e
+            if a.dtype != np.float32 or list(a.shape) != list(meta.get("shape", [])):
+                raise _format_error(f"artifact {p}: expected float32 {tuple(meta.get('shape', []))}, "
+                                    f"got {a.dtype} {a.shape}")
+            out[name] = a
+        return out
 
     def _save(self, key: ArtifactKey, arrays: dict[str, np.ndarray]) -> None:
         d = self.root / key.dirname()
         d.mkdir(parents=True, exist_ok=True)
+        manifest = {"format": _MANIFEST_FORMAT, "version": ARTIFACT_FORMAT_VERSION, "arrays": {}}
         for name, a in arrays.items():
+            buf = io.BytesIO()
+            np.save(buf, a, allow_pickle=False)
+            data = buf.getvalue()
             tmp = d / (name.replace("/", "__") + ".tmp.npy")
-            np.save(tmp, a, allow_pickle=False)
+            tmp.write_bytes(data)
             os.replace(tmp, d / (name.replace("/", "__") + ".npy"))
+            manifest["arrays"][name] = {"sha256": hashlib.sha256(data).hexdigest(), "shape": list(a.shape)}
+        tmp = d / (_MANIFEST + ".tmp")
+        tmp.write_text(json.dumps(manifest, indent=1, sort_keys=True))
+        os.replace(tmp, d / _MANIFEST)
+
+
+# Each entry directory has a MANIFEST.json naming its arrays with their SHA-256 and shape, so
+# a truncated, bit-flipped or foreign file is refused instead of silently changing codes.
+_MANIFEST = "MANIFEST.json"
+_MANIFEST_FORMAT = "turboquant-artifacts"
+ARTIFACT_FORMAT_VERSION = 1
+_NAME_RE = re.compile(r"^[A-Za-z0-9_]+(/[A-Za-z0-9_]+)?$")
+
+
+def _format_error(msg: str) -> Exception:
+    from turboquant import _core
+
+    return _core.FormatError(msg)
+
+
+def _read_manifest(d: Path) -> dict:
+    p = d / _MANIFEST
+    try:
+        m = json.loads(p.read_text())
+    except FileNotFoundError as e:
+        raise _format_error(f"artifact entry {d} has no {_MANIFEST} (not written by this turboquant, "
+                            "or damaged); delete the entry and rebuild") from e
+    except (OSError, ValueError) as e:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+        raise _format_error(f"artifact manifest {p} is corrupted ({e})") from e
+    if not isinstance(m, dict) or m.get("format") != _MANIFEST_FORMAT or not isinstance(m.get("arrays"), dict):
+        raise _format_error(f"artifact manifest {p} is not a turboquant artifact manifest (bad magic)")
+    v = m.get("version")
+    if not isinstance(v, int) or v < 1:
+        raise _format_error(f"artifact manifest {p} is corrupted (version {v!r})")
+    if v > ARTIFACT_FORMAT_VERSION:
+        raise _format_error(f"artifact manifest {p} has format version {v}, newer than this library "
+                            f"supports ({ARTIFACT_FORMAT_VERSION}); upgrade turboquant")
+    for name, meta in m["arrays"].items():
+        if not isinstance(name, str) or not _NAME_RE.match(name) or not isinstance(meta, dict):
+            raise _format_error(f"artifact manifest {p} has a bad entry {name!r}")
+    return m
 
 
 _KIND_CODE = {"dense": 1, "hadamard": 2}
@@ -164,14 +231,40 @@ def install_artifacts(core, role: str, arrays: dict[str, np.ndarray]) -> int:
         if name in arrays and name in ref and not np.array_equal(arrays[name], ref[name]):
             raise ValueError(f"artifact store entry has a different {name} than this library computes "
                              "(stale or foreign artifacts); delete the entry and rebuild")
-    kind = _CODE_KIND.get(int(np.asarray(arrays["rotation_kind"]).reshape(-1)[0])) if "rotation_kind" in arrays else None
+    kind = None
+    if "rotation_kind" in arrays:
+        code = np.asarray(arrays["rotation_kind"]).reshape(-1)
+        if code.size != 1 or not np.isfinite(code[0]) or int(code[0]) not in _CODE_KIND:
+            raise _format_error(f"artifact entry has an unknown rotation_kind {code.tolist()} "
+                                "(corrupted, or written by a newer turboquant)")
+        kind = _CODE_KIND[int(code[0])]
     if kind != core.rotation_parameters(0, 0, role)[0]:
         return 0  # stored for another rotation kind: this build computes its own
-    loaded = 0
+    d = core.head_dim
+    want = d * d if kind == "dense" else 2 * d
+    todo = []
     for layer in range(core.n_layers):
         for head in range(core.n_kv_heads):
-            params = arrays.get(stream_name(layer, head, role))
-            if params is not None and kind is not None:
-                core.set_rotation_parameters(layer, head, role, kind, params)
-                loaded += 1
-    return loaded
+            name = stream_name(layer, head, role)
+            params = arrays.get(name)
+            if params is None:
+                continue
+            params = np.asarray(params)
+            if params.dtype != np.float32 or params.size != want:
+                raise _format_error(f"artifact {name}: expected {want} float32 values for a {kind} rotation "
+                                    f"of head_dim={d}, got {params.size} {params.dtype} (another config?)")
+            todo.append((layer, head, params))
+    # All or nothing: a stream the C++ check refuses (e.g. a non-orthogonal matrix) puts the
+    # already installed streams back to their previous rotation.
+    before = {(layer, head): core.rotation_parameters(layer, head, role) for layer, head, _ in todo}
+    done = []
+    try:
+        for layer, head, params in todo:
+            core.set_rotation_parameters(layer, head, role, kind, params)
+            done.append((layer, head))
+    except Exception:
+        for layer, head in done:
+            old_kind, old_params = before[(layer, head)]
+            core.set_rotation_parameters(layer, head, role, old_kind, old_params)
+        raise
+    return len(done)

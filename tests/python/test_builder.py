@@ -190,7 +190,7 @@ def test_npy_artifact_store_persists(tmp_path):
     # A stale codebook is refused, not silently used.
     cb = tmp_path / "turboquant_mse-d96-b2-s11" / "codebook__centroids.npy"
     np.save(cb, np.load(cb) * 1.01)
-    with pytest.raises(ValueError, match="stale or foreign"):
+    with pytest.raises(ValueError, match="stale or foreign|checksum mismatch"):
         b.with_artifact_store(tq.NpyArtifactStore(tmp_path)).build()
 
 

@@ -32,6 +32,20 @@ class FormatError : public Error {
   using Error::Error;
 };
 
+// A call that overlaps another thread's use of the same object in a way the object's
+// thread-safety rules forbid (e.g. KVCache::append while another thread attends).
+class ConcurrentAccess : public Error {
+ public:
+  using Error::Error;
+};
+
+// A request whose size cannot be represented or allocated (size_t overflow); the bindings
+// map it, like std::bad_alloc, to MemoryError.
+class OutOfMemory : public Error {
+ public:
+  using Error::Error;
+};
+
 // A feature that exists but not on this platform/configuration (e.g. Metal on Linux).
 class NotSupported : public Error {
  public:

@@ -7,9 +7,16 @@
 // Random streams: the quantizer of (layer, kv_head, role) uses
 //   stream = make_stream_id(StreamPurpose{0}, layer, 2*kv_head + role), role 0 = key, 1 = value,
 // which each quantizer further xors with its own purpose (rotation, QJL), see rng.h.
-// Not thread-safe for concurrent mutation; attend() on different layers may run concurrently.
+//
+// Thread safety: readers (attend, size, memory_bytes, fp16_bytes, copy_out, save) may run
+// concurrently from any number of threads. Mutators (append, append_encoded, trim, truncate,
+// set_rotation) need exclusive access: a mutator that overlaps any other guarded call on the
+// same cache, or a reader that overlaps a mutator, throws ConcurrentAccess before touching
+// anything (a checked flag, never a silent data race). Callers that share a cache between
+// threads serialize mutation themselves (e.g. one writer thread, or a lock around append).
 #pragma once
 
+#include <atomic>
 #include <cstddef>
 #include <cstdint>
 #include <memory>
@@ -160,6 +167,9 @@ class KVCache {
   void shrink_layer(size_t layer, size_t new_size);
   void attend_windowed(int layer, const float* queries, size_t T_q, float* out,
                        const AttentionOptions& options) const;
+  void check_alloc(size_t old, size_t tokens) const;  // throws OutOfMemory on overflow
+  class ReadScope;   // RAII guards of the thread-safety rule above (kv_cache.cpp)
+  class WriteScope;
 
   KVCacheConfig config_;
   std::vector<std::unique_ptr<Quantizer>> quantizers_;  // [layer][kv_head][role]
@@ -167,6 +177,8 @@ class KVCache {
   std::vector<size_t> sizes_;                           // tokens per layer
   std::vector<size_t> coded_;                           // of which held as codes
   std::vector<std::vector<uint16_t>> windows_;          // fp16 rows, same indexing as pages_
+  mutable std::atomic<size_t> readers_{0};              // guarded readers in progress
+  mutable std::atomic<bool> writer_{false};             // a mutator in progress
 };
 
 }  // namespace turboquant

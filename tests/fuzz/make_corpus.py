@@ -1,0 +1,71 @@
+"""Writes the seed corpora of the libFuzzer targets under tests/fuzz/corpus/<target>/.
+
+    PYTHONPATH=python python tests/fuzz/make_corpus.py
+
+Small valid inputs (a few hundred bytes to a few KB) so that mutations start from real
+structure: saved caches of several shapes, and rotation parameter blobs.
+"""
+
+from __future__ import annotations
+
+import struct
+from pathlib import Path
+
+import numpy as np
+
+from turboquant import _core
+
+ROOT = Path(__file__).resolve().parent / "corpus"
+
+
+def caches():
+    rng = np.random.default_rng(0)
+    out = {}
+    configs = {
+        "empty_d16": dict(head_dim=16),
+        "hadamard_d16_t3": dict(head_dim=16, key_bits=2, value_bits=1, rotation="hadamard", _tokens=3),
+        "dense_d16_t2": dict(head_dim=16, key_bits=3, value_bits=2, rotation="dense", _tokens=2),
+        "gqa_2layers": dict(head_dim=16, n_layers=2, n_q_heads=4, n_kv_heads=2, block_tokens=2, _tokens=3),
+        "bits8_max_tokens": dict(head_dim=16, key_bits=8, value_bits=8, max_tokens=10, seed=2**64 - 1, _tokens=1),
+        "bits1_block1": dict(head_dim=32, key_bits=1, value_bits=1, block_tokens=1, _tokens=4),
+    }
+    for name, cfg in configs.items():
+        cfg = dict(cfg)
+        tokens = cfg.pop("_tokens", 0)
+        c = _core.KVCache(**cfg)
+        if tokens:
+            for layer in range(c.n_layers):
+                x = rng.standard_normal((c.n_kv_heads, tokens, c.head_dim)).astype(np.float32)
+                c.append(x, x[::-1].copy(), layer)
+        out[name] = c.to_bytes()
+    return out
+
+
+def rotations():
+    out = {}
+    for dim_index, dim in ((2, 4), (4, 16)):
+        c = _core.KVCache(max(dim, 16), rotation="hadamard")
+        _, hp = c.rotation_parameters(0, 0, "key")
+        q = _core.Quantizer("turboquant_mse", dim=16, bits=2, rotation="dense")
+        dp = np.asarray(q.rotation_parameters(), np.float32)
+        if dim == 16:
+            out["hadamard_d16"] = bytes([2, dim_index]) + np.asarray(hp, np.float32).tobytes()
+            out["dense_d16"] = bytes([1, dim_index]) + dp.tobytes()
+        else:
+            out["hadamard_d4"] = bytes([2, dim_index]) + np.array([1, -1, 1, 1, -1, 1, 1, -1], np.float32).tobytes()
+            out["dense_d4_identity"] = bytes([1, dim_index]) + np.eye(4, dtype=np.float32).tobytes()
+    out["dense_d2_rot90"] = bytes([1, 0]) + struct.pack("<4f", 0, -1, 1, 0)
+    return out
+
+
+def main() -> None:
+    for target, files in (("fuzz_cache_load", caches()), ("fuzz_rotation_params", rotations())):
+        d = ROOT / target
+        d.mkdir(parents=True, exist_ok=True)
+        for name, data in files.items():
+            (d / name).write_bytes(data)
+        print(f"{d}: {len(files)} files, {sum(len(v) for v in files.values())} bytes")
+
+
+if __name__ == "__main__":
+    main()
