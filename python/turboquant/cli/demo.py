@@ -14,7 +14,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--head-dim", type=int, default=128)
     p.add_argument("--tokens", type=int, default=4096, help="vectors to compress")
     p.add_argument("--bits", default="1,2,3,4", help="comma-separated bit widths")
-    p.add_argument("--methods", default="turboquant_mse",
+    p.add_argument("--methods", default="turboquant_mse,turboquant_prod,polar,qjl",
                    help="comma-separated methods (see turboquant.methods())")
     p.add_argument("--seed", type=int, default=0)
 
