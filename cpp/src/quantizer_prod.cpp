@@ -79,13 +79,7 @@ size_t ProdQuantizer::query_state_floats() const {
 }
 
 void ProdQuantizer::prepare_queries(const float* q, size_t m, float* state) const {
-  const auto d = static_cast<size_t>(dim());
-  const size_t sf = query_state_floats();
-  for (size_t i = 0; i < m; ++i) {
-    float* st = state + i * sf;
-    rotation_->forward(q + i * d, st, 1);
-    sketch_.project(st, st + d);
-  }
+  sketch_.prepare_queries(*rotation_, q, m, state);
 }
 
 void ProdQuantizer::scores(const float* state, size_t m, const uint8_t* codes, const float* norms,

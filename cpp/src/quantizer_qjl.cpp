@@ -168,12 +168,17 @@ size_t QjlQuantizer::query_state_floats() const {
 }
 
 void QjlQuantizer::prepare_queries(const float* q, size_t m, float* state) const {
-  const auto d = static_cast<size_t>(dim());
-  const size_t sf = query_state_floats();
-  for (size_t i = 0; i < m; ++i) {
+  sketch_.prepare_queries(*rotation_, q, m, state);
+}
+
+void QjlSketch::prepare_queries(const Rotation& rotation, const float* q, size_t count,
+                                float* state) const {
+  const auto d = static_cast<size_t>(dim_);
+  const size_t sf = d + static_cast<size_t>(m_);
+  for (size_t i = 0; i < count; ++i) {
     float* st = state + i * sf;
-    rotation_->forward(q + i * d, st, 1);
-    sketch_.project(st, st + d);
+    rotation.forward(q + i * d, st, 1);
+    project(st, st + d);
   }
 }
 

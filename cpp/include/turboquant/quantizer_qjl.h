@@ -33,6 +33,9 @@ class QjlSketch {
   void signs(const float* r, uint8_t* out) const;
   // sq = S q for one vector q (dim floats -> m floats).
   void project(const float* q, float* sq) const;
+  // Query states [Πq_i, S·Πq_i] (dim + m floats each) for m queries: the layout shared by
+  // qjl and turboquant_prod.
+  void prepare_queries(const Rotation& rotation, const float* q, size_t count, float* state) const;
   // out += Sᵀ z for one sketch-domain vector z (m floats -> dim floats).
   void add_transpose(const float* z, float* out) const;
   // Σ_k s_k v_k for packed signs and a sketch-domain vector v.
