@@ -173,4 +173,19 @@ void attend_head(const HeadCodes& keys, const HeadCodes& values, size_t n_tokens
   vq.finish_rotated(out, m);
 }
 
+RowMask make_row_mask(size_t n, size_t T_q, size_t G, const AttentionOptions& options) {
+  RowMask mask;
+  mask.lo.resize(G * T_q);
+  mask.hi.resize(G * T_q);
+  for (size_t t = 0; t < T_q; ++t) {
+    const size_t hi = options.causal ? n - T_q + t : n - 1;
+    const size_t lo = options.window && hi + 1 > *options.window ? hi + 1 - *options.window : 0;
+    for (size_t g = 0; g < G; ++g) {
+      mask.lo[t * G + g] = lo;
+      mask.hi[t * G + g] = hi;
+    }
+  }
+  return mask;
+}
+
 }  // namespace turboquant

@@ -405,18 +405,7 @@ void KVCache::attend(int layer, const float* queries, size_t T_q, float* out,
   if (config_.windowed()) return attend_windowed(layer, queries, T_q, out, options);
   const auto G = static_cast<size_t>(config_.group_size());
   const size_t m = G * T_q;
-  // Rows in position-major order (row = t*G + g) so that the visible key ranges are sorted.
-  RowMask mask;
-  mask.lo.resize(m);
-  mask.hi.resize(m);
-  for (size_t t = 0; t < T_q; ++t) {
-    const size_t hi = options.causal ? n - T_q + t : n - 1;
-    const size_t lo = options.window && hi + 1 > *options.window ? hi + 1 - *options.window : 0;
-    for (size_t g = 0; g < G; ++g) {
-      mask.lo[t * G + g] = lo;
-      mask.hi[t * G + g] = hi;
-    }
-  }
+  const RowMask mask = make_row_mask(n, T_q, G, options);
   // One KV head per iteration, independent of the others (own buffers), so the loop can be
   // spread over threads with one AttentionScratch each.
   const auto attend_kv_head = [&](size_t h, AttentionScratch& scratch) {

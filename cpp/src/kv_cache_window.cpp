@@ -177,17 +177,7 @@ void KVCache::attend_windowed(int layer, const float* queries, size_t T_q, float
   const auto G = static_cast<size_t>(config_.group_size());
   const size_t m = G * T_q;
   const float thr = options.sparse_v_threshold;
-  RowMask mask;  // over all n tokens, rows position-major (row = t*G + g)
-  mask.lo.resize(m);
-  mask.hi.resize(m);
-  for (size_t t = 0; t < T_q; ++t) {
-    const size_t hi = options.causal ? n - T_q + t : n - 1;
-    const size_t lo = options.window && hi + 1 > *options.window ? hi + 1 - *options.window : 0;
-    for (size_t g = 0; g < G; ++g) {
-      mask.lo[t * G + g] = lo;
-      mask.hi[t * G + g] = hi;
-    }
-  }
+  const RowMask mask = make_row_mask(n, T_q, G, options);  // over all n tokens
   // Rows that see at least one coded token form a prefix (lo is non-decreasing).
   size_t mc = 0;
   while (mc < m && mask.lo[mc] < c) ++mc;

@@ -22,6 +22,11 @@ struct RowMask {
   std::vector<size_t> lo, hi;
 };
 
+// The visible key range of each of the G*T_q rows of a KV head (row = t*G + g, so lo is
+// non-decreasing) over n tokens: the T_q queries are the last T_q positions; causal
+// queries see keys [0, n - T_q + t], non-causal all n; a window keeps only the last w.
+RowMask make_row_mask(size_t n, size_t T_q, size_t G, const AttentionOptions& options);
+
 // Reusable buffers for attend_head; one per thread.
 struct AttentionScratch {
   std::vector<float> state, scores, norms, acc, row_max, row_sum, tile, qrot;
