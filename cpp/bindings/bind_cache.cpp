@@ -16,6 +16,18 @@ namespace turboquant::bindings {
 
 namespace {
 
+OutlierRoles outlier_roles_from_string(const std::string& s) {
+  if (s == "both") return OutlierRoles::kBoth;
+  if (s == "keys") return OutlierRoles::kKeys;
+  if (s == "values") return OutlierRoles::kValues;
+  throw InvalidArgument(detail::concat("outlier_roles must be 'both', 'keys' or 'values', got '", s, "'"));
+}
+
+std::string outlier_roles_to_string(OutlierRoles r) {
+  return r == OutlierRoles::kKeys ? "keys" : r == OutlierRoles::kValues ? "values" : "both";
+}
+
+
 std::string shape_str(const std::vector<py::ssize_t>& lead, size_t d) {
   std::string s = "(";
   for (auto v : lead) s += std::to_string(v) + ", ";
@@ -74,7 +86,8 @@ The T_q queries are the last T_q positions of the layer: query i sees keys
                        int key_bits, const std::string& value_method, int value_bits, const py::object& seed,
                        const std::string& rotation, int jl_dim, size_t block_tokens, size_t max_tokens,
                        int n_outlier_channels, int outlier_bits, const std::vector<int>& outlier_channels,
-                       size_t fp16_window, const std::vector<int>& fp16_layers) {
+                       size_t fp16_window, const std::vector<int>& fp16_layers, const std::string& outlier_roles,
+                       bool norm_correction) {
              KVCacheConfig c;
              c.head_dim = head_dim;
              c.n_layers = n_layers;
@@ -94,6 +107,8 @@ The T_q queries are the last T_q positions of the layer: query i sees keys
              c.outlier_channels = outlier_channels;
              c.fp16_window = fp16_window;
              c.fp16_layers = fp16_layers;
+             c.outlier_roles = outlier_roles_from_string(outlier_roles);
+             c.norm_correction = norm_correction;
              py::gil_scoped_release release;
              return std::make_unique<KVCache>(c);
            }),
@@ -103,7 +118,8 @@ The T_q queries are the last T_q positions of the layer: query i sees keys
            py::arg("rotation") = "auto", py::arg("jl_dim") = 0, py::arg("block_tokens") = 256,
            py::arg("max_tokens") = 0, py::arg("n_outlier_channels") = 0, py::arg("outlier_bits") = 0,
            py::arg("outlier_channels") = std::vector<int>{}, py::arg("fp16_window") = 0,
-           py::arg("fp16_layers") = std::vector<int>{})
+           py::arg("fp16_layers") = std::vector<int>{}, py::arg("outlier_roles") = "both",
+           py::arg("norm_correction") = false)
       .def("append", [](KVCache& kv, const py::handle& keys, const py::handle& values, int layer) {
         const auto d = static_cast<size_t>(kv.head_dim());
         const FloatRows k = float_rows(keys, d, "keys", false, 2);
@@ -248,8 +264,13 @@ The T_q queries are the last T_q positions of the layer: query i sees keys
       .def_property_readonly("outlier_channels", [](const KVCache& kv) {
         // The channels in use (explicit, or the default first n).
         const auto* split = dynamic_cast<const OutlierSplitQuantizer*>(&kv.key_quantizer(0, 0));
+        if (split == nullptr) split = dynamic_cast<const OutlierSplitQuantizer*>(&kv.value_quantizer(0, 0));
         return split ? split->outlier_channels() : std::vector<int>{};
       })
+      .def_property_readonly("outlier_roles", [](const KVCache& kv) {
+        return outlier_roles_to_string(kv.config().outlier_roles);
+      })
+      .def_property_readonly("norm_correction", [](const KVCache& kv) { return kv.config().norm_correction; })
       .def_property_readonly("block_tokens", [](const KVCache& kv) { return kv.config().block_tokens; })
       .def_property_readonly("fp16_window", [](const KVCache& kv) { return kv.config().fp16_window; })
       .def_property_readonly("fp16_layers", [](const KVCache& kv) { return kv.config().fp16_layers; })

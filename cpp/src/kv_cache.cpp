@@ -38,6 +38,11 @@ void KVCacheConfig::validate() const {
            "n_outlier_channels must be in [0, ", head_dim - 1, "], got ", n_outlier_channels);
   TQ_CHECK(outlier_bits >= 0 && outlier_bits <= kMaxBits, InvalidArgument,
            "outlier_bits must be in [0, ", kMaxBits, "] (0 means bits + 1), got ", outlier_bits);
+  TQ_CHECK(static_cast<uint32_t>(outlier_roles) <= 2, InvalidArgument,
+           "outlier_roles must be both, keys or values");
+  TQ_CHECK(!norm_correction || (key_method == "turboquant_mse" && value_method == "turboquant_mse"),
+           InvalidArgument, "norm_correction needs turboquant_mse keys and values, got ", key_method,
+           " / ", value_method);
   TQ_CHECK(fp16_window <= (size_t{1} << 24), InvalidArgument, "fp16_window must be in [0, 16777216], got ",
            fp16_window);
   for (int l : fp16_layers)
@@ -118,9 +123,14 @@ KVCache::KVCache(const KVCacheConfig& config) : config_(config) {
         q.rotation = config_.rotation;
         q.jl_dim = config_.jl_dim;
         q.norm_dtype = NormDtype::kFloat16;
-        q.outlier_channels = config_.outlier_channels;
-        q.n_outlier_channels = config_.n_outlier_channels;
-        q.outlier_bits = config_.outlier_bits;
+        const bool split = config_.outlier_roles == OutlierRoles::kBoth ||
+                           (config_.outlier_roles == OutlierRoles::kKeys) == (role == KVRole::kKey);
+        if (split) {
+          q.outlier_channels = config_.outlier_channels;
+          q.n_outlier_channels = config_.n_outlier_channels;
+          q.outlier_bits = config_.outlier_bits;
+        }
+        q.norm_correction = config_.norm_correction;
         quantizers_.push_back(make_quantizer(q));
       }
     }

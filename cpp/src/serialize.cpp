@@ -136,7 +136,11 @@ std::vector<uint8_t> serialize_cache(const KVCache& cache) {
   Writer w;
   w.bytes(kCacheMagic, sizeof(kCacheMagic));
   const bool windowed = c.windowed();
-  w.put(windowed ? uint32_t{2} : uint32_t{1});
+  // Version 3 adds the quantizer options (norm correction, outlier roles); 2 the fp16 window;
+  // files that need neither are written as version 1, so older readers still load them.
+  const bool v3 = c.norm_correction || c.outlier_roles != OutlierRoles::kBoth;
+  const uint32_t version = v3 ? 3u : windowed ? 2u : 1u;
+  w.put(version);
   w.put(uint32_t{0});
 
   size_t at = w.begin(kTagConf);
@@ -151,7 +155,12 @@ std::vector<uint8_t> serialize_cache(const KVCache& cache) {
   w.str(c.value_method);
   w.put(static_cast<int32_t>(c.value_bits));
   w.put(static_cast<uint64_t>(c.seed));
-  w.put(rotation_code(cache.key_quantizer(0, 0).rotation().kind()));
+  // The configured rotation kind: resolved ("auto" -> what the quantizers use) for plain
+  // quantizers; as configured when there is an outlier split, whose blocks each resolve it
+  // (its own kind() is the dense export of the whole block-diagonal map).
+  w.put(rotation_code(c.n_outlier_channels > 0 || !c.outlier_channels.empty()
+                          ? c.rotation
+                          : cache.key_quantizer(0, 0).rotation().kind()));
   w.put(static_cast<int32_t>(c.jl_dim));
   w.put(static_cast<uint64_t>(c.block_tokens));
   w.put(static_cast<uint64_t>(c.max_tokens));
@@ -159,10 +168,14 @@ std::vector<uint8_t> serialize_cache(const KVCache& cache) {
   w.put(static_cast<int32_t>(c.outlier_bits));
   w.put(static_cast<uint32_t>(c.outlier_channels.size()));
   for (int ch : c.outlier_channels) w.put(static_cast<int32_t>(ch));
-  if (windowed) {
+  if (version >= 2) {
     w.put(static_cast<uint64_t>(c.fp16_window));
     w.put(static_cast<uint32_t>(c.fp16_layers.size()));
     for (int l : c.fp16_layers) w.put(static_cast<int32_t>(l));
+  }
+  if (version >= 3) {
+    w.put(static_cast<uint32_t>(c.norm_correction ? 1 : 0));
+    w.put(static_cast<uint32_t>(c.outlier_roles));
   }
   w.end(at);
 
@@ -242,7 +255,8 @@ std::unique_ptr<KVCache> deserialize_cache(const uint8_t* data, size_t size) {
     c.value_bits = conf.get<int32_t>("value_bits");
     c.seed = conf.get<uint64_t>("seed");
     const auto rot = conf.get<uint32_t>("rotation");
-    TQ_CHECK(rot == rotation_code(RotationKind::kDense) || rot == rotation_code(RotationKind::kHadamard),
+    TQ_CHECK(rot == rotation_code(RotationKind::kDense) || rot == rotation_code(RotationKind::kHadamard) ||
+                 rot == rotation_code(RotationKind::kAuto),
              FormatError, "corrupted file: rotation kind ", rot);
     c.rotation = static_cast<RotationKind>(rot);
     c.jl_dim = conf.get<int32_t>("jl_dim");
@@ -259,7 +273,17 @@ std::unique_ptr<KVCache> deserialize_cache(const uint8_t* data, size_t size) {
       const auto n_fp16 = conf.get<uint32_t>("fp16 layer count");
       TQ_CHECK(n_fp16 <= conf.left() / sizeof(int32_t), FormatError, "corrupted file: fp16 layer count ", n_fp16);
       for (uint32_t i = 0; i < n_fp16; ++i) c.fp16_layers.push_back(conf.get<int32_t>("fp16 layer"));
-      TQ_CHECK(c.windowed(), FormatError, "corrupted file: version 2 without an fp16 window");
+      TQ_CHECK(version != 2 || c.windowed(), FormatError, "corrupted file: version 2 without an fp16 window");
+    }
+    if (version >= 3) {
+      const auto nc = conf.get<uint32_t>("norm_correction");
+      TQ_CHECK(nc <= 1, FormatError, "corrupted file: norm_correction flag ", nc);
+      c.norm_correction = nc == 1;
+      const auto roles = conf.get<uint32_t>("outlier_roles");
+      TQ_CHECK(roles <= 2, FormatError, "corrupted file: outlier_roles ", roles);
+      c.outlier_roles = static_cast<OutlierRoles>(roles);
+      TQ_CHECK(c.norm_correction || c.outlier_roles != OutlierRoles::kBoth, FormatError,
+               "corrupted file: version 3 without a version-3 option");
     }
     conf.expect_end("CONF");
     c.validate();
@@ -317,7 +341,7 @@ std::unique_ptr<KVCache> deserialize_cache(const uint8_t* data, size_t size) {
       }
       lay.expect_end("LAYR");
       cache->append_encoded(l, static_cast<size_t>(n), codes, norms);
-      if (version >= 2) {
+      if (c.windowed()) {
         Reader win = r.section(kTagWindow, "WNDW");
         const auto wl = win.get<uint32_t>("window layer index");
         TQ_CHECK(wl == static_cast<uint32_t>(l), FormatError, "corrupted file: window of layer ", wl, " where ",

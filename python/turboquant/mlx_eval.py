@@ -38,32 +38,63 @@ class Setting:
     method: str = "turboquant_mse"
     fp16_layers: tuple[int, ...] = ()
     center: bool = True
+    key_split: bool = True
+    fp16_window: int = 0
+    profile: str | None = None
 
     @staticmethod
     def parse(spec: str) -> "Setting":
-        """``fp16`` | ``mlx4`` | ``mlx8`` | ``3`` | ``k4v3`` | ``3+fp16:0,-1`` | ``3/raw``
-        (``/raw``: plain codes, no mean centring or debiasing)."""
+        """``fp16`` | ``mlx4`` | ``mlx8`` | BITS[+OPTION...][/FLAG...] where BITS is ``3`` or
+        ``k4v3`` (or ``p`` with a profile option), OPTION is ``fp16:0,-1`` (fp16 layers),
+        ``w64`` (fp16 recent window of 64 tokens) or ``profile:PATH`` (per-layer bits from
+        ``turboquant calibrate``), FLAG is ``raw`` (plain codes: no centring, no norm
+        correction, no key split) or ``nosplit`` (no key split)."""
         spec = spec.strip()
-        raw = spec.endswith("/raw")
-        spec = spec[:-4] if raw else spec
-        if spec == "fp16":
+        body, *flags = spec.split("/")
+        if body == "fp16" and not flags:
             return Setting("fp16", "fp16")
-        if spec.startswith("mlx"):
-            b = int(spec[3:])
+        if body.startswith("mlx") and not flags:
+            b = int(body[3:])
             return Setting(f"mlx-q{b}", "mlx", b, b)
-        body, _, layers = spec.partition("+fp16:")
-        fp16 = tuple(int(x) for x in layers.split(",") if x) if layers else ()
-        if body.startswith("k"):
-            kb, vb = body[1:].split("v")
-            kb, vb = int(kb), int(vb)
+        bits, *opts = body.split("+")
+        fp16, window, profile = (), 0, None
+        for o in opts:
+            if o.startswith("fp16:"):
+                fp16 = tuple(int(x) for x in o[5:].split(",") if x)
+            elif o.startswith("w") and o[1:].isdigit():
+                window = int(o[1:])
+            elif o.startswith("profile:"):
+                profile = o[8:]
+            else:
+                raise ValueError(f"unknown option {o!r} in setting {spec!r}")
+        unknown = set(flags) - {"raw", "nosplit"}
+        if unknown:
+            raise ValueError(f"unknown flag(s) {sorted(unknown)} in setting {spec!r}")
+        raw = "raw" in flags
+        if bits == "p":
+            if profile is None:
+                raise ValueError(f"setting {spec!r}: 'p' needs a +profile:PATH option")
+            kb = vb = 0
+            name = "tq-profile"
+        elif bits.startswith("k"):
+            kb_s, vb_s = bits[1:].split("v")
+            kb, vb = int(kb_s), int(vb_s)
+            name = f"tq-k{kb}v{vb}"
         else:
-            kb = vb = int(body)
-        name = f"tq-k{kb}v{vb}" if kb != vb else f"tq-{kb}bit"
+            kb = vb = int(bits)
+            name = f"tq-{kb}bit"
         if fp16:
             name += "+fp16[" + ",".join(map(str, fp16)) + "]"
-        if raw:
-            name += "/raw"
-        return Setting(name, "turboquant", kb, vb, fp16_layers=fp16, center=not raw)
+        if window:
+            name += f"+w{window}"
+        if profile:
+            import os
+            name += f"[{os.path.basename(profile)}]"
+        for f in flags:
+            name += "/" + f
+        return Setting(name, "turboquant", kb, vb, fp16_layers=fp16, center=not raw,
+                       key_split=not raw and "nosplit" not in flags, fp16_window=window,
+                       profile=profile)
 
 
 @dataclass
@@ -107,9 +138,11 @@ def make_cache(model, s: Setting, seed: int = 0):
     if s.kind == "mlx":
         g = mlx_group_size(model)
         return [mlx_cache.QuantizedKVCache(group_size=g, bits=s.key_bits) for _ in range(n)]
-    return tq_mlx.make_prompt_cache(model, key_bits=s.key_bits, value_bits=s.value_bits,
-                                    method=s.method, fp16_layers=s.fp16_layers, seed=seed,
-                                    center=s.center, debias=s.center)
+    return tq_mlx.make_prompt_cache(model, key_bits=s.key_bits or 3,
+                                    value_bits=s.value_bits or 3, method=s.method,
+                                    fp16_layers=s.fp16_layers, seed=seed, center=s.center,
+                                    debias=s.center, key_split=s.key_split,
+                                    fp16_window=s.fp16_window, profile=s.profile)
 
 
 def kv_bytes(cache) -> int:
@@ -218,19 +251,19 @@ def decode_speed(model, base: list, s: Setting, first_token: int, steps: int,
     elif s.kind == "mlx":
         cache = [c.to_quantized(group_size=mlx_group_size(model), bits=s.key_bits) for c in base]
     else:
+        # the setting's own cache layout (fp16 layers, profile bits), filled from the base
         n_q = model.layers[0].self_attn.n_heads
-        keep = {i % len(base) for i in s.fp16_layers}
-        cache = []
-        for i, c in enumerate(base):
-            if i in keep:
-                cc = copy.copy(c)
-                cc.keys, cc.values = mx.array(c.keys), mx.array(c.values)
-                cache.append(cc)
+        cache = make_cache(model, s, seed)
+        for i, (c, b) in enumerate(zip(cache, base)):
+            if isinstance(c, tq_mlx.TurboQuantKVCache):
+                k, v = b.keys[..., : b.offset, :], b.values[..., : b.offset, :]
+                c.update_and_fetch(k, v)
+                c._fetched = None
+                c._create_core(n_q_heads=n_q, n_kv_heads=c._pending_heads(), head_dim=k.shape[-1])
             else:
-                cache.append(tq_mlx.to_turbo_quantized(
-                    c, key_bits=s.key_bits, value_bits=s.value_bits, method=s.method,
-                    seed=seed, layer=i, n_q_heads=n_q, center=s.center,
-                    debias=s.center))
+                cc = copy.copy(b)
+                cc.keys, cc.values = mx.array(b.keys), mx.array(b.values)
+                cache[i] = cc
     mx.eval([c.state for c in cache if not isinstance(c, tq_mlx.TurboQuantKVCache)])
     y = mx.array([[first_token]])
     # one warm-up step, then the timed ones

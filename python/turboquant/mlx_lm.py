@@ -74,7 +74,8 @@ class TurboQuantKVCache(_mlx_cache._BaseCache):
     def __init__(self, key_bits: int = 3, value_bits: int = 3, method: str = "turboquant_mse",
                  key_method: str | None = None, value_method: str | None = None,
                  seed: int = 0, layer: int = 0, rotation: str = "auto", center: bool = True,
-                 debias: bool = True):
+                 debias: bool = True, key_split: bool = True, rope_pairs: str | None = "half",
+                 fp16_window: int = 0, block_tokens: int | None = None):
         for name, b in (("key_bits", key_bits), ("value_bits", value_bits)):
             if not isinstance(b, (int, np.integer)) or not 1 <= int(b) <= 8:
                 raise ValueError(f"{name} must be an integer in [1, 8], got {b!r}")
@@ -88,7 +89,21 @@ class TurboQuantKVCache(_mlx_cache._BaseCache):
         self.seed, self.layer, self.rotation = int(seed), int(layer), rotation
         self.center = bool(center)
         self.debias = bool(debias)
-        self._k_gain = self._v_gain = 1.0
+        self.key_split = bool(key_split)
+        if rope_pairs not in ("half", "adjacent", None):
+            raise ValueError(f"rope_pairs must be 'half', 'adjacent' or None, got {rope_pairs!r}")
+        self.rope_pairs = rope_pairs
+        if not isinstance(fp16_window, (int, np.integer)) or fp16_window < 0:
+            raise ValueError(f"fp16_window must be an integer >= 0, got {fp16_window!r}")
+        self.fp16_window = int(fp16_window)
+        if block_tokens is None:
+            block_tokens = 32 if self.fp16_window else 256
+        if not isinstance(block_tokens, (int, np.integer)) or block_tokens < 1:
+            raise ValueError(f"block_tokens must be an integer >= 1, got {block_tokens!r}")
+        self.block_tokens = int(block_tokens)
+        # Per-KV-head channel order of the keys (key_split): the chosen high-energy channels
+        # first. Applied to keys before encoding and to queries before attention (exact).
+        self._perm: np.ndarray | None = None
         self.offset = 0
         # Per-KV-head mean key / value of the first block (see _centre).
         self._k_mean: np.ndarray | None = None
@@ -118,6 +133,8 @@ class TurboQuantKVCache(_mlx_cache._BaseCache):
         k, v = _to_numpy(keys), _to_numpy(values)
         self._batch = B
         k, v = self._centre(k.reshape(B * H, T, d), v.reshape(B * H, T, d))
+        if self._perm is not None:
+            k = _permute(k, self._perm)
         if self._core is None:
             self._pending.append((k, v))
         else:
@@ -136,16 +153,17 @@ class TurboQuantKVCache(_mlx_cache._BaseCache):
         B, Hq, Tq, d = queries.shape
         if B != self._batch:
             raise ValueError(f"queries batch {B} != cache batch {self._batch}")
+        q = _to_numpy(queries).reshape(B * Hq, Tq, d)
         if self._core is None:
-            self._create_core(n_q_heads=Hq, n_kv_heads=self._pending_heads(), head_dim=d)
+            self._create_core(n_q_heads=Hq, n_kv_heads=self._pending_heads(), head_dim=d,
+                              queries=q)
         elif Hq != self._n_q_heads:
             raise ValueError(f"layer {self.layer}: {Hq} query heads, cache built for "
                              f"{self._n_q_heads}")
-        q = _to_numpy(queries).reshape(B * Hq, Tq, d)
-        out = self._core.attend(q, causal=causal, scale=float(scale) * self._k_gain,
-                                window=window)
-        if self._v_gain != 1.0:
-            out *= self._v_gain
+        if self._perm is not None:
+            g = (B * Hq) // self._core_kv_heads
+            q = _permute(q, np.repeat(self._perm, g, axis=0))
+        out = self._core.attend(q, causal=causal, scale=float(scale), window=window)
         if self._v_mean is not None:  # sum_t p_t (v_t - m) + m = sum_t p_t v_t
             out = out.reshape(-1, Hq // (self._core_kv_heads // B), Tq, d)
             out += self._v_mean[:, None]
@@ -236,22 +254,32 @@ class TurboQuantKVCache(_mlx_cache._BaseCache):
             blob = np.zeros((0,), np.uint8)
         else:
             blob = _save_core(self._core)
-        means = [mx.array(m) if m is not None else mx.zeros((0,)) for m in
-                 (self._k_mean, self._v_mean)]
-        return mx.array(blob), json.dumps(self._config()), means[0], means[1]
+        arrays = [mx.array(m) if m is not None else mx.zeros((0,)) for m in
+                  (self._k_mean, self._v_mean, self._perm)]
+        return (mx.array(blob), json.dumps(self._config()), *arrays)
 
     @state.setter
     def state(self, v):
-        blob, meta, k_mean, v_mean = v
+        if len(v) not in (4, 5):
+            raise _core.FormatError(f"prompt cache layer {self.layer}: expected 4 or 5 state "
+                                    f"arrays, got {len(v)}")
+        blob, meta, k_mean, v_mean = v[:4]
+        perm = v[4] if len(v) == 5 else mx.zeros((0,))
         self._set_config(json.loads(meta))
         if k_mean.size:
             self._k_mean = np.array(k_mean, dtype=np.float32)
             self._v_mean = np.array(v_mean, dtype=np.float32)
+        if perm.size:
+            p = np.array(perm).astype(np.int64)
+            if p.ndim != 2 or not all(np.array_equal(np.sort(r), np.arange(p.shape[1]))
+                                      for r in p):
+                raise _core.FormatError(f"prompt cache layer {self.layer}: the key channel "
+                                        "order is not a permutation per head")
+            self._perm = p
         blob = np.array(blob, dtype=np.uint8, copy=False)
         if blob.size:
             self._core = _load_core(blob)
             self._shape = (self._core_kv_heads, self._head_dim)
-            self._set_gains()
             if self._core.size(0) != self.offset:
                 raise _core.FormatError(
                     f"prompt cache layer {self.layer}: header says {self.offset} tokens, the "
@@ -262,7 +290,8 @@ class TurboQuantKVCache(_mlx_cache._BaseCache):
                "key_method": self.key_method, "value_method": self.value_method,
                "seed": self.seed, "layer": self.layer, "rotation": self.rotation,
                "offset": self.offset, "batch": self._batch, "center": self.center,
-               "debias": self.debias}
+               "debias": self.debias, "key_split": self.key_split, "rope_pairs": self.rope_pairs,
+               "fp16_window": self.fp16_window, "block_tokens": self.block_tokens}
         if self._core is not None:
             cfg.update(n_q_heads=self._n_q_heads, n_kv_heads=self._core_kv_heads,
                        head_dim=self._head_dim)
@@ -276,8 +305,12 @@ class TurboQuantKVCache(_mlx_cache._BaseCache):
         self._pending, self._fetched = [], None
         self.center = bool(cfg.get("center", True))
         self.debias = bool(cfg.get("debias", True))
-        self._k_gain = self._v_gain = 1.0
+        self.key_split = bool(cfg.get("key_split", False))
+        self.rope_pairs = cfg.get("rope_pairs", "half")
+        self.fp16_window = int(cfg.get("fp16_window", 0))
+        self.block_tokens = int(cfg.get("block_tokens", 256))
         self._k_mean = self._v_mean = None
+        self._perm = None
         self._core = None
         self._n_q_heads = cfg.get("n_q_heads")
         self._core_kv_heads = cfg.get("n_kv_heads")
@@ -285,26 +318,50 @@ class TurboQuantKVCache(_mlx_cache._BaseCache):
 
     # -- internals ----------------------------------------------------------------------
 
-    def _set_gains(self) -> None:
-        """Undo the MSE quantizer's shrinkage. A Lloyd-Max code satisfies E<u, u~> =
-        E|u~|^2 = 1 - D_b (D_b: the codebook's vector distortion), so scores from the codes are
-        on average (1 - D_k) times the true scores -- a softmax at a higher temperature -- and
-        attention outputs (1 - D_v) times too short. Scaling by 1/(1 - D) removes that bias
-        (3 bits, d=64: 3.4%); off with debias=False."""
-        self._k_gain = self._v_gain = 1.0
-        if self.debias and self.key_method == "turboquant_mse":
-            self._k_gain = 1.0 / (1.0 - _core.codebook(self._head_dim, self.key_bits)
-                                  .vector_distortion)
-        if self.debias and self.value_method == "turboquant_mse":
-            self._v_gain = 1.0 / (1.0 - _core.codebook(self._head_dim, self.value_bits)
-                                  .vector_distortion)
-
     def _pending_heads(self) -> int:
         if not self._pending:
             raise RuntimeError(f"layer {self.layer}: attention called on an empty cache")
         return self._pending[0][0].shape[0]
 
-    def _create_core(self, n_q_heads: int, n_kv_heads: int, head_dim: int) -> None:
+    def split_plan(self, head_dim: int) -> tuple[int, int, int] | None:
+        """(channels, their bits, the other channels' bits) of the key split, or None.
+
+        A quarter of the channels (whole RoPE pairs) get key_bits + 3 bits, the rest
+        key_bits - 1: the same key_bits on average, spent where the keys' energy is."""
+        m = head_dim // 4
+        if not (self.key_split and self.key_method == "turboquant_mse"
+                and 2 <= self.key_bits <= 5 and head_dim % 8 == 0):
+            return None
+        return m, self.key_bits + 3, self.key_bits - 1
+
+    def _choose_channels(self, keys: np.ndarray, queries: np.ndarray | None, m: int):
+        """Per KV head, the order that puts the m channels with the most query-weighted key
+        energy first, whole RoPE pairs at a time. keys (H, T, d) centred; queries (Hq, T, d)."""
+        H, _, d = keys.shape
+        ek = np.einsum("htd,htd->hd", keys, keys, dtype=np.float64) / max(1, keys.shape[1])
+        if queries is not None and queries.shape[0] % H == 0 and queries.size:
+            g = queries.shape[0] // H
+            qq = queries.reshape(H, -1, d).astype(np.float64)
+            energy = ek * (np.einsum("htd,htd->hd", qq, qq) / qq.shape[1])
+        else:
+            energy = ek
+        if self.rope_pairs == "half":
+            pair = np.arange(d) % (d // 2)
+        elif self.rope_pairs == "adjacent":
+            pair = np.arange(d) // 2
+        else:
+            pair = np.arange(d)
+        perm = np.empty((H, d), dtype=np.int64)
+        for h in range(H):
+            per_pair = np.bincount(pair, weights=energy[h])
+            order = np.argsort(-per_pair, kind="stable")
+            chosen = [c for p in order for c in np.flatnonzero(pair == p)][:m]
+            rest = [c for c in range(d) if c not in set(chosen)]
+            perm[h] = chosen + rest
+        return perm
+
+    def _create_core(self, n_q_heads: int, n_kv_heads: int, head_dim: int,
+                     queries: np.ndarray | None = None) -> None:
         # Batch is folded into heads: (B, H, T, d) -> (B*H, T, d); query head b*Hq+h maps to
         # KV head (b*Hq+h)//g = b*Hkv + h//g, which is the same GQA grouping.
         B = self._batch
@@ -312,17 +369,35 @@ class TurboQuantKVCache(_mlx_cache._BaseCache):
         if total_q % total_kv:
             raise ValueError(f"layer {self.layer}: {n_q_heads} query heads are not a multiple "
                              f"of {n_kv_heads // B} KV heads")
+        plan = self.split_plan(head_dim)
+        key_bits, split = self.key_bits, {}
+        if plan is not None:
+            m, hi, lo = plan
+            if self._perm is None:
+                keys = np.concatenate([k for k, _ in self._pending], axis=1)
+                self._perm = self._choose_channels(keys, queries, m)
+                self._pending = [(_permute(k, self._perm), v) for k, v in self._pending]
+            key_bits = lo
+            split = dict(n_outlier_channels=m, outlier_bits=hi,
+                         outlier_channels=list(range(m)), outlier_roles="keys")
+        mse = self.key_method == self.value_method == "turboquant_mse"
         self._core = _core.KVCache(
             head_dim, n_layers=1, n_q_heads=total_q, n_kv_heads=total_kv,
-            key_method=self.key_method, key_bits=self.key_bits,
+            key_method=self.key_method, key_bits=key_bits,
             value_method=self.value_method, value_bits=self.value_bits,
-            seed=layer_seed(self.seed, self.layer), rotation=self.rotation)
+            seed=layer_seed(self.seed, self.layer), rotation=self.rotation,
+            fp16_window=self.fp16_window, block_tokens=self.block_tokens,
+            norm_correction=self.debias and mse, **split)
         self._n_q_heads, self._core_kv_heads, self._head_dim = n_q_heads, total_kv, head_dim
         self._shape = (total_kv, head_dim)
-        self._set_gains()
         pending, self._pending = self._pending, []
         for k, v in pending:
             self._core.append(k, v)
+
+
+def _permute(x: np.ndarray, perm: np.ndarray) -> np.ndarray:
+    """x (H, T, d) with the channels of head h in the order perm[h]."""
+    return np.ascontiguousarray(np.take_along_axis(x, perm[:, None, :], axis=2))
 
 
 def _to_numpy(x: mx.array) -> np.ndarray:
@@ -394,6 +469,9 @@ _original_sdpa = _mlx_base.scaled_dot_product_attention
 
 
 def _routed_sdpa(queries, keys, values, cache, scale, mask, sinks=None):
+    hook = getattr(cache, "tq_capture", None)
+    if hook is not None:  # calibration (turboquant.calibrate): record, then run as usual
+        hook(queries, keys, values, scale)
     if isinstance(cache, TurboQuantKVCache):
         return _turboquant_attention(queries, keys, values, cache, scale, mask, sinks)
     return _original_sdpa(queries, keys, values, cache=cache, scale=scale, mask=mask,
@@ -488,29 +566,100 @@ def _normalise_layers(layers: Iterable[int], n: int) -> set[int]:
     return out
 
 
+def rope_pairs_of(model) -> str | None:
+    """The channel pairs that RoPE rotates together in ``model``'s attention: "half" for
+    (i, i + d/2) (mlx ``RoPE(traditional=False)``, Llama/Qwen/Mistral...), "adjacent" for
+    (2i, 2i + 1), None when unknown or partial (then channels are chosen one by one)."""
+    for layer in getattr(model, "layers", []):
+        attn = getattr(layer, "self_attn", None)
+        rope = getattr(attn, "rope", None)
+        if rope is None:
+            continue
+        d = getattr(attn, "head_dim", None)
+        dims = getattr(rope, "dims", None) or getattr(rope, "_dims", None)
+        if d is not None and dims is not None and int(dims) != int(d):
+            return None
+        trad = getattr(rope, "traditional", None)
+        if trad is None:
+            return None
+        return "adjacent" if trad else "half"
+    return None
+
+
+PROFILE_FORMAT = "turboquant-profile"
+
+
+def load_profile(profile) -> dict:
+    """A calibration profile (``python -m turboquant calibrate``): a path or a dict."""
+    if isinstance(profile, (str, bytes)) or hasattr(profile, "__fspath__"):
+        with open(profile, encoding="utf-8") as f:
+            try:
+                profile = json.load(f)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"profile {profile!r} is not valid JSON: {e}") from None
+    if not isinstance(profile, dict) or profile.get("format") != PROFILE_FORMAT:
+        raise ValueError(f"not a turboquant profile (expected \"format\": \"{PROFILE_FORMAT}\")")
+    layers = profile.get("layers")
+    if not isinstance(layers, list) or not layers:
+        raise ValueError("profile has no \"layers\" list")
+    for i, e in enumerate(layers):
+        if not isinstance(e, dict):
+            raise ValueError(f"profile layer {i}: expected an object, got {e!r}")
+        if e.get("fp16"):
+            continue
+        for k in ("key_bits", "value_bits"):
+            b = e.get(k)
+            if not isinstance(b, int) or not 1 <= b <= 8:
+                raise ValueError(f"profile layer {i}: {k} must be an integer in [1, 8], got {b!r}")
+    return profile
+
+
 def make_prompt_cache(model, key_bits: int = 3, value_bits: int = 3,
                       method: str = "turboquant_mse", fp16_layers: Iterable[int] = (),
                       seed: int = 0, key_method: str | None = None,
                       value_method: str | None = None, rotation: str = "auto",
-                      center: bool = True, debias: bool = True) -> list:
+                      center: bool = True, debias: bool = True, key_split: bool = True,
+                      fp16_window: int = 0, block_tokens: int | None = None,
+                      profile=None) -> list:
     """mlx-lm prompt cache with TurboQuant caches on every full-attention layer.
 
     ``center`` subtracts a per-head mean from K and V first (exact for attention, see
-    :meth:`TurboQuantKVCache._centre`); ``debias`` undoes the quantizer's shrinkage of scores
-    and outputs (:meth:`TurboQuantKVCache._set_gains`). ``fp16_layers`` (indices, negative
-    from the end) keep mlx-lm's fp16 ``KVCache``; sliding-window layers keep mlx-lm's ``RotatingKVCache``. Raises
+    :meth:`TurboQuantKVCache._centre`). ``debias`` stores each vector's norm corrected for
+    the quantizer's shrinkage (the core's ``norm_correction``), so decoded keys and values
+    keep their norms. ``key_split`` spends the key bits unevenly: a quarter of the channels
+    (the RoPE pairs with the most query-weighted key energy, chosen per head from the
+    prefill) get ``key_bits + 3`` bits, the rest ``key_bits - 1`` (same bytes).
+    ``fp16_window`` keeps the most recent tokens of every layer in fp16 (flushed into codes
+    ``block_tokens`` at a time). ``fp16_layers`` (indices, negative from the end) keep
+    mlx-lm's fp16 ``KVCache``; sliding-window layers keep mlx-lm's ``RotatingKVCache``.
+    ``profile`` (a path or dict from ``python -m turboquant calibrate``) sets per-layer
+    key/value bits and fp16 layers, overriding ``key_bits`` / ``value_bits``. Raises
     :class:`UnsupportedArchitectureError` for MLA and SSM/hybrid models."""
     install_attention_route()
     base_cache = _mlx_cache.make_prompt_cache(model)
     compressible = check_architecture(model, base_cache)
     keep = _normalise_layers(fp16_layers, len(base_cache))
+    per_layer = {}
+    if profile is not None:
+        profile = load_profile(profile)
+        if len(profile["layers"]) != len(base_cache):
+            raise ValueError(f"profile has {len(profile['layers'])} layers, the model "
+                             f"{len(base_cache)}")
+        for i, e in enumerate(profile["layers"]):
+            if e.get("fp16"):
+                keep.add(i)
+            else:
+                per_layer[i] = (int(e["key_bits"]), int(e["value_bits"]))
+    pairs = rope_pairs_of(model)
     cache = list(base_cache)
     for i in compressible:
         if i not in keep:
-            cache[i] = TurboQuantKVCache(key_bits=key_bits, value_bits=value_bits, method=method,
+            kb, vb = per_layer.get(i, (key_bits, value_bits))
+            cache[i] = TurboQuantKVCache(key_bits=kb, value_bits=vb, method=method,
                                          key_method=key_method, value_method=value_method,
                                          seed=seed, layer=i, rotation=rotation, center=center,
-                                         debias=debias)
+                                         debias=debias, key_split=key_split, rope_pairs=pairs,
+                                         fp16_window=fp16_window, block_tokens=block_tokens)
     return cache
 
 

@@ -28,6 +28,8 @@
 
 namespace turboquant {
 
+enum class OutlierRoles : uint32_t { kBoth = 0, kKeys = 1, kValues = 2 };
+
 struct KVCacheConfig {
   int head_dim = 128;
   int n_layers = 1;
@@ -48,6 +50,14 @@ struct KVCacheConfig {
   std::vector<int> outlier_channels;
   int n_outlier_channels = 0;
   int outlier_bits = 0;
+  // Which streams get the outlier split: both (default), keys only or values only. Keys often
+  // carry their energy in a few channels (RoPE pairs) while values do not.
+  OutlierRoles outlier_roles = OutlierRoles::kBoth;
+  // turboquant_mse only: store ‖x‖/‖x̃‖ instead of ‖x‖ (QuantizerConfig::norm_correction), so
+  // every decoded key/value has exactly its original norm. This removes the Lloyd-Max
+  // shrinkage (E‖x̃‖² = 1 − D_b) per vector: scores are not systematically too small (a
+  // hotter softmax) and outputs not too short, at no cost in bytes.
+  bool norm_correction = false;
   // fp16 recent window (KIVI-style): the most recent tokens of every layer / KV head are kept
   // as fp16 (0 = off). Once a layer's window holds more than fp16_window + block_tokens
   // tokens, its oldest block_tokens tokens are quantized into codes, so at least fp16_window

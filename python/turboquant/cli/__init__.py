@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from turboquant.cli import bench, benchmark, demo, distortion, info, precompute
-from turboquant.cli import convert_gguf, eval, generate
+from turboquant.cli import calibrate, convert_gguf, eval, generate
 
 COMMANDS = {
     "demo": (demo.HELP, demo.add_arguments, demo.run),
@@ -15,4 +15,5 @@ COMMANDS = {
     "convert-gguf": (convert_gguf.HELP, convert_gguf.add_arguments, convert_gguf.run),
     "generate": (generate.HELP, generate.add_arguments, generate.run),
     "eval": (eval.HELP, eval.add_arguments, eval.run),
+    "calibrate": (calibrate.HELP, calibrate.add_arguments, calibrate.run),
 }
