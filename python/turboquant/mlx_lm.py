@@ -326,13 +326,14 @@ class TurboQuantKVCache(_mlx_cache._BaseCache):
     def split_plan(self, head_dim: int) -> tuple[int, int, int] | None:
         """(channels, their bits, the other channels' bits) of the key split, or None.
 
-        A quarter of the channels (whole RoPE pairs) get key_bits + 3 bits, the rest
-        key_bits - 1: the same key_bits on average, spent where the keys' energy is."""
-        m = head_dim // 4
+        Half of the channels (whole RoPE pairs) get key_bits + 1 bits, the other half
+        key_bits - 1: the same bytes, spent where the keys' energy is. Halves keep both
+        groups a power of two for power-of-two head dims (fast Hadamard rotations, small
+        rotation state)."""
         if not (self.key_split and self.key_method == "turboquant_mse"
-                and 2 <= self.key_bits <= 5 and head_dim % 8 == 0):
+                and 2 <= self.key_bits <= 7 and head_dim % 4 == 0):
             return None
-        return m, self.key_bits + 3, self.key_bits - 1
+        return head_dim // 2, self.key_bits + 1, self.key_bits - 1
 
     def _choose_channels(self, keys: np.ndarray, queries: np.ndarray | None, m: int):
         """Per KV head, the order that puts the m channels with the most query-weighted key
@@ -626,9 +627,9 @@ def make_prompt_cache(model, key_bits: int = 3, value_bits: int = 3,
     ``center`` subtracts a per-head mean from K and V first (exact for attention, see
     :meth:`TurboQuantKVCache._centre`). ``debias`` stores each vector's norm corrected for
     the quantizer's shrinkage (the core's ``norm_correction``), so decoded keys and values
-    keep their norms. ``key_split`` spends the key bits unevenly: a quarter of the channels
+    keep their norms. ``key_split`` spends the key bits unevenly: half of the channels
     (the RoPE pairs with the most query-weighted key energy, chosen per head from the
-    prefill) get ``key_bits + 3`` bits, the rest ``key_bits - 1`` (same bytes).
+    prefill) get ``key_bits + 1`` bits, the other half ``key_bits - 1`` (same bytes).
     ``fp16_window`` keeps the most recent tokens of every layer in fp16 (flushed into codes
     ``block_tokens`` at a time). ``fp16_layers`` (indices, negative from the end) keep
     mlx-lm's fp16 ``KVCache``; sliding-window layers keep mlx-lm's ``RotatingKVCache``.

@@ -121,7 +121,6 @@ def test_choose_channels_follows_rope_pairs():
     k = rope_like_keys(rng, H, T, d, [(1, 5), (6,)])
     c = tq_mlx.TurboQuantKVCache(key_bits=3)
     perm = c._choose_channels(k - k.mean(1, keepdims=True), None, d // 4)
-    assert set(perm[0, :8]) == {1, 17, 5, 21, 0, 16, 2, 18} or set(perm[0, :4]) == {1, 17, 5, 21}
     assert set(perm[0, :4]) == {1, 17, 5, 21}
     assert {6, 22} <= set(perm[1, :4])
     assert all(np.array_equal(np.sort(p), np.arange(d)) for p in perm)
@@ -148,8 +147,8 @@ def test_key_split_is_exact_reordering_and_helps_loud_pairs(bits):
         assert (c._perm is not None) == split
         if split:
             assert c._core.outlier_roles == "keys" and c._core.key_bits == bits - 1
-            assert c._core.outlier_bits == bits + 3
-    assert err[True] < 0.7 * err[False], err
+            assert c._core.outlier_bits == bits + 1
+    assert err[True] < 0.85 * err[False], err
     # 8-bit keys are not split and stay near exact
     c8 = tq_mlx.TurboQuantKVCache(key_bits=8, value_bits=8)
     assert c8.split_plan(d) is None
