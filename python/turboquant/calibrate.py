@@ -1,12 +1,19 @@
 """Per-layer bit allocation for the mlx-lm cache under an average-bit budget.
 
-A calibration pass runs the model once over a text with mlx-lm's fp16 cache and records
-every layer's queries, keys and values. For each layer and each candidate bit width it then
-measures, with the very cache the model will use (:class:`turboquant.mlx_lm.TurboQuantKVCache`:
-centring, norm correction, key split), the relative error of that layer's attention output
-when only the keys, or only the values, are quantized:
+For each layer and each candidate bit width, calibration measures the damage done by
+quantizing only that layer's keys, or only its values, with the very cache the model will
+use (:class:`turboquant.mlx_lm.TurboQuantKVCache`: centring, norm correction, key split).
+Two metrics:
 
-    e_l^K(b) = ||attn(Q, K~_b, V) - attn(Q, K, V)||^2 / ||attn(Q, K, V)||^2   (likewise V)
+* ``kl`` (default): the model runs over the text with every other layer in fp16, and the
+  error is the mean KL divergence of its next-token distributions from the fp16 run's. It
+  sees what the layer's error does downstream (on small models keys matter several times
+  more than values at the same attention-output error). One forward pass per (layer, role,
+  bit width).
+* ``attention``: from one recorded fp16 pass (every layer's queries, keys, values), the
+  relative error of the layer's attention output alone,
+  ``||attn(Q, K~_b, V) - attn(Q, K, V)||^2 / ||attn(Q, K, V)||^2`` (likewise V). Much
+  faster; blind to how the error propagates.
 
 Bits are then allocated greedily: every layer starts at the smallest candidate; the step
 that buys the largest error reduction per added bit (a key or value of one layer going up to
@@ -90,6 +97,40 @@ def layer_errors(model, captured: dict[int, tuple], seed: int = 0, progress=None
     return out
 
 
+def _mean_kl(ref_logp: np.ndarray, logits) -> float:
+    lp = np.array(logits[0].astype(mx.float32), dtype=np.float64)
+    lp = lp - lp.max(-1, keepdims=True)
+    lp = lp - np.log(np.exp(lp).sum(-1, keepdims=True))
+    return float(np.mean(np.sum(np.exp(ref_logp) * (ref_logp - lp), -1)))
+
+
+def layer_errors_kl(model, tokens: list[int], seed: int = 0, progress=None
+                    ) -> list[LayerErrors]:
+    """Mean next-token KL vs fp16 with one layer's keys (or values) quantized at a time."""
+    tq_mlx.install_attention_route()
+    pairs = tq_mlx.rope_pairs_of(model)
+    x = mx.array(tokens)[None]
+    base = mlx_cache.make_prompt_cache(model)
+    compressible = tq_mlx.check_architecture(model, base)
+    ref = np.array(model(x, cache=base)[0].astype(mx.float32), dtype=np.float64)
+    ref = ref - ref.max(-1, keepdims=True)
+    ref_logp = ref - np.log(np.exp(ref).sum(-1, keepdims=True))
+    out = []
+    it = progress(compressible) if progress else compressible
+    for i in it:
+        errs = {}
+        for role, cands in (("key", KEY_CANDIDATES), ("value", VALUE_CANDIDATES)):
+            errs[role] = {}
+            for b in cands:
+                cache = mlx_cache.make_prompt_cache(model)
+                kb, vb = (b, 8) if role == "key" else (8, b)
+                cache[i] = tq_mlx.TurboQuantKVCache(key_bits=kb, value_bits=vb, seed=seed,
+                                                    layer=i, rope_pairs=pairs)
+                errs[role][b] = _mean_kl(ref_logp, model(x, cache=cache))
+        out.append(LayerErrors(i, errs["key"], errs["value"]))
+    return out
+
+
 def allocate(errors: list[LayerErrors], budget: float) -> list[tuple[int, int]]:
     """(key_bits, value_bits) per entry of ``errors``: average (kb + vb) / 2 <= budget."""
     lo = (min(KEY_CANDIDATES) + min(VALUE_CANDIDATES)) / 2
@@ -126,13 +167,22 @@ def allocate(errors: list[LayerErrors], budget: float) -> list[tuple[int, int]]:
 
 
 def calibrate(model, tokens: list[int], budget: float, seed: int = 0, progress=None,
-              log=print) -> dict:
+              log=print, metric: str = "kl") -> dict:
     """The profile dict for ``model`` calibrated on ``tokens``."""
+    if metric not in ("kl", "attention"):
+        raise ValueError(f"metric must be 'kl' or 'attention', got {metric!r}")
+    lo = (min(KEY_CANDIDATES) + min(VALUE_CANDIDATES)) / 2
+    hi = (max(KEY_CANDIDATES) + max(VALUE_CANDIDATES)) / 2
+    if not lo <= budget <= hi:
+        raise ValueError(f"budget must be in [{lo}, {hi}] average bits, got {budget}")
     t0 = time.perf_counter()
-    captured = capture(model, tokens)
-    log(f"captured {len(captured)} layers over {len(tokens)} tokens "
-        f"({time.perf_counter() - t0:.1f}s)")
-    errors = layer_errors(model, captured, seed, progress)
+    if metric == "kl":
+        errors = layer_errors_kl(model, tokens, seed, progress)
+    else:
+        captured = capture(model, tokens)
+        log(f"captured {len(captured)} layers over {len(tokens)} tokens "
+            f"({time.perf_counter() - t0:.1f}s)")
+        errors = layer_errors(model, captured, seed, progress)
     bits = allocate(errors, budget)
     n_layers = len(model.layers)
     by_layer = {e.layer: (e, b) for e, b in zip(errors, bits)}
@@ -145,7 +195,7 @@ def calibrate(model, tokens: list[int], budget: float, seed: int = 0, progress=N
         layers.append({"key_bits": kb, "value_bits": vb,
                        "key_error": e.key[kb], "value_error": e.value[vb]})
     avg = float(np.mean([(kb + vb) / 2 for kb, vb in bits]))
-    return {"format": tq_mlx.PROFILE_FORMAT, "version": 1, "budget": budget,
+    return {"format": tq_mlx.PROFILE_FORMAT, "version": 1, "budget": budget, "metric": metric,
             "average_bits": avg, "tokens": len(tokens), "seed": seed,
             "errors": {str(e.layer): {"key": e.key, "value": e.value} for e in errors},
             "layers": layers}

@@ -238,12 +238,14 @@ def test_allocate_spends_bits_where_errors_are():
         allocate(errs, 1.5)
 
 
-def test_calibrate_tiny_model_profile_roundtrip(tmp_path):
+@pytest.mark.parametrize("metric", ["kl", "attention"])
+def test_calibrate_tiny_model_profile_roundtrip(tmp_path, metric):
     from turboquant import calibrate
 
     model = tiny_model("llama")
     tokens = np.random.default_rng(6).integers(0, 128, 48).tolist()
-    prof = calibrate.calibrate(model, tokens, 3.0, log=lambda *a: None)
+    prof = calibrate.calibrate(model, tokens, 3.0, log=lambda *a: None, metric=metric)
+    assert prof["metric"] == metric
     bits = [(e["key_bits"], e["value_bits"]) for e in prof["layers"]]
     assert len(bits) == 2 and abs(np.mean([(k + v) / 2 for k, v in bits]) - 3.0) <= 0.25
     for e in prof["errors"].values():  # more bits, less error (measured, not assumed)

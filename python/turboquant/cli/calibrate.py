@@ -15,7 +15,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--text", required=True, help="calibration text file")
     p.add_argument("--budget", type=float, default=3.0,
                    help="average bits per coordinate over keys and values (default 3.0)")
-    p.add_argument("--tokens", type=int, default=1024, help="tokens of the text used")
+    p.add_argument("--tokens", type=int, default=512, help="tokens of the text used")
+    p.add_argument("--metric", choices=("kl", "attention"), default="kl",
+                   help="kl: next-token KL vs fp16 with one layer quantized (default); "
+                        "attention: that layer's attention-output error (faster)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="profile.json", help="profile file to write")
 
@@ -38,7 +41,7 @@ def run(args: argparse.Namespace) -> int:
         return 2
     try:
         profile = calibrate.calibrate(
-            model, tokens, args.budget, args.seed,
+            model, tokens, args.budget, args.seed, metric=args.metric,
             progress=lambda xs: tqdm(xs, desc="layers", unit="layer", file=sys.stderr))
     except ValueError as e:
         print(f"calibrate: {e}", file=sys.stderr)
