@@ -50,7 +50,11 @@ class Setting:
         ``turboquant calibrate``), FLAG is ``raw`` (plain codes: no centring, no norm
         correction, no key split) or ``nosplit`` (no key split)."""
         spec = spec.strip()
-        body, *flags = spec.split("/")
+        body, flags = spec, []
+        for _ in range(2):  # trailing /FLAG suffixes (a profile path may contain "/")
+            head, sep, tail = body.rpartition("/")
+            if sep and tail in ("raw", "nosplit"):
+                body, flags = head, [tail] + flags
         if body == "fp16" and not flags:
             return Setting("fp16", "fp16")
         if body.startswith("mlx") and not flags:
@@ -67,22 +71,24 @@ class Setting:
                 profile = o[8:]
             else:
                 raise ValueError(f"unknown option {o!r} in setting {spec!r}")
-        unknown = set(flags) - {"raw", "nosplit"}
-        if unknown:
-            raise ValueError(f"unknown flag(s) {sorted(unknown)} in setting {spec!r}")
         raw = "raw" in flags
         if bits == "p":
             if profile is None:
                 raise ValueError(f"setting {spec!r}: 'p' needs a +profile:PATH option")
             kb = vb = 0
             name = "tq-profile"
-        elif bits.startswith("k"):
-            kb_s, vb_s = bits[1:].split("v")
-            kb, vb = int(kb_s), int(vb_s)
-            name = f"tq-k{kb}v{vb}"
         else:
-            kb = vb = int(bits)
-            name = f"tq-{kb}bit"
+            try:
+                if bits.startswith("k"):
+                    kb_s, vb_s = bits[1:].split("v")
+                    kb, vb = int(kb_s), int(vb_s)
+                    name = f"tq-k{kb}v{vb}"
+                else:
+                    kb = vb = int(bits)
+                    name = f"tq-{kb}bit"
+            except ValueError:
+                raise ValueError(f"bad setting {spec!r}: expected BITS (e.g. 3, k4v3, p) "
+                                 "[+fp16:L,..][+wN][+profile:PATH][/raw][/nosplit]") from None
         if fp16:
             name += "+fp16[" + ",".join(map(str, fp16)) + "]"
         if window:

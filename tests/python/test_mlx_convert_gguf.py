@@ -139,11 +139,22 @@ def test_cli_convert_generate_eval(tmp_path):
     assert "[turboquant] KV cache:" in out
     text = tmp_path / "t.txt"
     text.write_text("".join(chr(33 + (i * 7) % 90) for i in range(400)))
+    prof = tmp_path / "prof.json"
+    out = cli("calibrate", "--model", str(tmp_path / "model"), "--text", str(text), "--budget",
+              "2.5", "--tokens", "64", "--out", str(prof))
+    assert "average 2.500 bits" in out
+    layers = json.loads(prof.read_text())["layers"]
+    assert len(layers) == 2 and all(2 <= e["key_bits"] <= 6 for e in layers)
+    out = cli("generate", "--model", str(tmp_path / "model"), "--prompt", "!#$%",
+              "--profile", str(prof), "--fp16-window", "8", "--max-tokens", "5")
+    assert "[turboquant] KV cache:" in out
     res = json.loads(cli("eval", "--model", str(tmp_path / "model"), "--text", str(text),
-                         "--bits", "3,4,k4v3,mlx4", "--prefix", "64", "--max-tokens", "64",
-                         "--chunk", "8", "--context", "128", "--decode-tokens", "2", "--json"))
+                         "--bits", f"3,4,k4v3,mlx4,3+w16,p+profile:{prof}", "--prefix", "64",
+                         "--max-tokens", "64", "--chunk", "8", "--context", "128",
+                         "--decode-tokens", "2", "--json"))
     names = [r["name"] for r in res["results"]]
-    assert names == ["fp16", "tq-3bit", "tq-4bit", "tq-k4v3", "mlx-q4"]
+    assert names == ["fp16", "tq-3bit", "tq-4bit", "tq-k4v3", "mlx-q4", "tq-3bit+w16",
+                     "tq-profile[prof.json]"]
     for r in res["results"]:
         assert r["ppl"] > 1 and 0 < r["logit_cosine"] <= 1.0001 and r["decode_tok_s"] > 0
         assert set(r["speed_vs_mlx"]) == {"mlx-q4", "mlx-q8"}

@@ -21,6 +21,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kv-method", default="turboquant_mse", help="quantizer method")
     p.add_argument("--fp16-layers", type=add_fp16_layers, default=(),
                    help="comma-separated layer indices kept in fp16 (negative from the end)")
+    p.add_argument("--fp16-window", type=int, default=0,
+                   help="most recent tokens of every layer kept in fp16 (default 0)")
+    p.add_argument("--no-key-split", action="store_true",
+                   help="same bits on every key channel (default: a split over RoPE pairs)")
+    p.add_argument("--profile", help="per-layer bits from `python -m turboquant calibrate`")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--ignore-chat-template", action="store_true")
     p.add_argument("--verbose", action="store_true", help="print mlx-lm's speed report")
@@ -36,8 +41,9 @@ def run(args: argparse.Namespace) -> int:
         cache = make_prompt_cache(
             model, key_bits=args.key_bits or args.kv_bits,
             value_bits=args.value_bits or args.kv_bits, method=args.kv_method,
-            fp16_layers=args.fp16_layers, seed=args.seed)
-    except UnsupportedArchitectureError as e:
+            fp16_layers=args.fp16_layers, seed=args.seed, fp16_window=args.fp16_window,
+            key_split=not args.no_key_split, profile=args.profile)
+    except (UnsupportedArchitectureError, ValueError, OSError) as e:
         raise SystemExit(f"generate: {e}") from None
     prompt = args.prompt
     if not args.ignore_chat_template and getattr(tokenizer, "chat_template", None):
