@@ -31,15 +31,18 @@ emulation tests of tests/python/test_metal.py and test_mlx_metal.py).
 from __future__ import annotations
 
 import math
+import time
 from typing import Any, Sequence
 
 import numpy as np
 
 from turboquant import _core, metal
+from turboquant.kv_cache import TurboQuantKVCache, _is_mlx, _is_mlx_dtype, _mlx_dtype, _numpy_dtype
 from turboquant.metal import HeadTables
+from turboquant.observers import Event
 
-__all__ = ["MetalCodeStore", "MetalKVCache", "ReferenceKernels", "kv_stream_id",
-           "store_supports", "METAL_KERNELS"]
+__all__ = ["MetalCodeStore", "MetalKVCache", "MetalTurboQuantKVCache", "ReferenceKernels",
+           "kv_stream_id", "store_supports", "METAL_KERNELS"]
 
 METAL_KERNELS = metal  # the real kernel set (macOS + mlx Metal device only)
 
@@ -595,3 +598,53 @@ class MetalKVCache:
     def __repr__(self) -> str:
         return (f"MetalKVCache(head_dim={self.head_dim}, n_layers={self.n_layers}, "
                 f"n_q_heads={self.n_q_heads}, n_kv_heads={self.n_kv_heads}, tokens={len(self)})")
+
+
+def _numpy_view(x: Any) -> np.ndarray:
+    if _is_mlx(x) and x.dtype == _mx().bfloat16:  # NumPy has no bfloat16
+        x = x.astype(_mx().float32)
+    return np.asarray(x)
+
+
+class MetalTurboQuantKVCache(TurboQuantKVCache):
+    """``TurboQuantKVCache`` on a :class:`MetalKVCache`: mlx inputs go to the store as
+    they are (no NumPy round trip), outputs are mlx arrays for mlx queries (NumPy for
+    NumPy queries), in the cache's precision. Built by
+    ``KVCacheBuilder.with_backend("metal")`` on a Mac."""
+
+    def append(self, keys: Any, values: Any, layer: int = 0) -> None:
+        if len(getattr(keys, "shape", ())) == 1:  # one token of a single-head cache
+            keys = keys.reshape(1, -1)
+            values = values.reshape(1, -1) if len(values.shape) == 1 else values
+        first = self.core.size(layer)
+        t0 = time.perf_counter()
+        self.core.append(keys, values, layer)
+        dt = time.perf_counter() - t0
+        if self.observers:
+            h, d = self.core.n_kv_heads, self.core.head_dim
+            k, v = _numpy_view(keys), _numpy_view(values)
+            ev = Event("append", self, layer, dt, k.shape[-2], keys=k.reshape(h, -1, d),
+                       values=v.reshape(h, -1, d), first_token=first)
+            for o in self.observers:
+                o.on_append(ev)
+
+    def attend(self, queries: Any, layer: int = 0, causal: bool = True,
+               scale: float | None = None, window: int | None = None,
+               sparse_v: float | None = None) -> Any:
+        t0 = time.perf_counter()
+        out = self.core.attend(queries, layer, causal, scale, window,
+                               self.sparse_v if sparse_v is None else sparse_v)
+        dt = time.perf_counter() - t0
+        if self.observers:
+            ev = Event("attend", self, layer, dt,
+                       1 if len(queries.shape) == 1 else queries.shape[-2])
+            for o in self.observers:
+                o.on_attend(ev)
+        p = self.precision
+        if _is_mlx(queries):
+            return out.astype(p if _is_mlx_dtype(p) else _mlx_dtype(p))
+        return np.asarray(out).astype(_numpy_dtype(p), copy=False)
+
+    @classmethod
+    def load(cls, path: str, precision: Any = np.float32, kernels: Any = None):
+        return cls(MetalKVCache.load(str(path), kernels), precision=precision, backend="metal")

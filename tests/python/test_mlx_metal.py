@@ -338,3 +338,108 @@ def test_per_head_kernels_on_the_emulated_gpu(tmp_path):
 
 def test_build_info_still_reports_the_mlx_path():
     assert turboquant.build_info()["mlx_kernels"] == metal.active_path()
+
+
+# --- KVCacheBuilder.with_backend("metal") ---------------------------------------------------
+
+
+def builder(**kw):
+    b = (turboquant.KVCacheBuilder().with_head_dim(64).with_layers(2).with_heads(4, 2)
+         .with_key_bits(3).with_value_bits(4).with_seed(3).with_block_tokens(16))
+    for name, args in kw.items():
+        b = getattr(b, name)(*args)
+    return b
+
+
+@pytest.mark.skipif(sys.platform == "darwin", reason="the Linux behaviour")
+def test_builder_metal_is_refused_clearly_without_a_mac(monkeypatch):
+    monkeypatch.delenv("TURBOQUANT_BACKEND", raising=False)
+    with pytest.raises(RuntimeError, match="Metal is not available on this platform"):
+        builder().with_backend("metal").build()
+    assert builder().build().backend == "cpu"
+
+
+def test_builder_metal_cache_matches_the_cpu_cache(tmp_path):
+    b = builder()
+    cpu = b.build()
+    gpu = b._metal_cache("turboquant_mse", "turboquant_mse", kernels=REF)
+    assert gpu.backend == "metal" and type(gpu.core) is MetalKVCache
+    rng = np.random.default_rng(8)
+    for layer in range(2):
+        k, v = rand(rng, 2, 19, 64), rand(rng, 2, 19, 64)
+        cpu.append(k, v, layer)
+        gpu.append(mx.array(k), mx.array(v), layer)
+    assert gpu.memory_bytes() == cpu.memory_bytes()
+    assert gpu.effective_bits() == cpu.effective_bits()
+    for tq in (1, 5):
+        q = rand(rng, 4, tq, 64)
+        out = gpu.attend(mx.array(q), 1)
+        assert isinstance(out, mx.array)
+        close(out, cpu.attend(q, 1))
+        close(gpu.attend(q, 0), cpu.attend(q, 0))  # NumPy in, NumPy out
+    gpu.save(str(tmp_path / "g.tqkv"))
+    back = turboquant.TurboQuantKVCache.load(str(tmp_path / "g.tqkv"))  # the CPU cache
+    q = rand(rng, 4, 1, 64)
+    close(back.attend(q, 1), cpu.attend(q, 1), 0)
+    assert gpu.trim(4) == 4 and len(gpu) == 15
+
+
+def test_builder_selects_the_metal_store_where_metal_resolves(monkeypatch):
+    # Simulates a Mac: the core resolves "metal", mlx has a Metal device, and the store's
+    # default kernel set is the reference one.
+    import turboquant.mlx_metal as mm
+
+    monkeypatch.delenv("TURBOQUANT_BACKEND", raising=False)
+    monkeypatch.setattr(_core, "resolve_backend", lambda requested: "metal" if requested != "cpu" else "cpu")
+    monkeypatch.setattr(metal, "active_path", lambda: "metal")
+    monkeypatch.setattr(mm, "METAL_KERNELS", REF)
+    cache = builder().with_backend("metal").build()
+    assert cache.backend == "metal" and isinstance(cache, mm.MetalTurboQuantKVCache)
+    assert builder().build().backend == "metal"  # auto picks it too
+    assert builder().with_backend("cpu").build().backend == "cpu"
+    # configurations the store cannot hold: explicit requests are refused with the reason,
+    # "auto" falls back to the CPU cache
+    for kw, why in (({"with_method": ("polar",)}, "turboquant_mse"),
+                    ({"with_fp16_window": (8,)}, "fp16 window"),
+                    ({"with_rotation": ("dense",)}, "hadamard"),
+                    ({"with_sparse_v": (0.01,)}, "sparse V")):
+        with pytest.raises(RuntimeError, match=why):
+            builder(**kw).with_backend("metal").build()
+        assert builder(**kw).build().backend == "cpu"
+    monkeypatch.setattr(metal, "active_path", lambda: "cpu")
+    with pytest.raises(RuntimeError, match="mlx with a Metal device"):
+        builder().with_backend("metal").build()
+    assert builder().build().backend == "cpu"
+
+
+def test_core_encoded_and_append_encoded():
+    rng = np.random.default_rng(9)
+    a = _core.KVCache(64, n_q_heads=2, n_kv_heads=2, key_bits=2, value_bits=5, block_tokens=8)
+    k, v = rand(rng, 2, 13, 64), rand(rng, 2, 13, 64)
+    a.append(k, v)
+    b = _core.KVCache(64, n_q_heads=2, n_kv_heads=2, key_bits=2, value_bits=5, block_tokens=8)
+    parts = []
+    for role in ("key", "value"):
+        pairs = [a.encoded(0, h, role) for h in range(2)]
+        parts += [np.stack([c for c, _ in pairs]), np.stack([n for _, n in pairs])]
+    assert parts[0].shape == (2, 13, 16) and parts[1].dtype == np.float16
+    c, n = a.encoded(0, 1, "value", 4, 3)
+    assert np.array_equal(c, parts[2][1, 4:7]) and np.array_equal(n, parts[3][1, 4:7])
+    bad = [
+        ((parts[0].astype(np.int8), *parts[1:]), TypeError, "uint8"),
+        ((parts[0][:1], *parts[1:]), ValueError, "n_kv_heads=2"),
+        ((parts[0], parts[1].astype(np.float32), *parts[2:]), TypeError, "float16"),
+        ((*parts[:2], parts[2][:, :5].copy(), parts[3][:, :5].copy()), ValueError, "13 tokens"),
+        ((*parts[:2], parts[2][:, ::2], parts[3][:, ::2]), ValueError, "C-contiguous"),
+        ((parts[0][:, :, :-1].copy(), *parts[1:]), ValueError, "code_bytes=16"),
+    ]
+    for args, exc, msg in bad:
+        with pytest.raises(exc, match=msg):
+            b.append_encoded(*args)
+        assert b.size(0) == 0
+    b.append_encoded(*parts)
+    assert b.to_bytes() == a.to_bytes()
+    with pytest.raises(ValueError, match="beyond"):
+        a.encoded(0, 0, "key", 10, 5)
+    with pytest.raises(ValueError, match="role"):
+        a.encoded(0, 0, "both")
