@@ -249,7 +249,7 @@ class MetalCodeStore:
         vc, vn = self.kernels.encode_heads(self.value_tables, v)
         if self.check_inputs:
             mx = _mx()
-            if not bool(mx.all(mx.isfinite(kn)).item() and mx.all(mx.isfinite(vn)).item()):
+            if not (mx.all(mx.isfinite(kn)) & mx.all(mx.isfinite(vn))).item():
                 raise ValueError("keys or values contain NaN or Inf, or a vector whose norm is "
                                  "above the fp16 norm range (65504); the cache is unchanged")
         self._write(kc, kn, vc, vn)
@@ -277,6 +277,9 @@ class MetalCodeStore:
         self._v_codes[:, old:old + T] = vc
         self._v_norms[:, old:old + T] = vn
         self._n = old + T
+        # Start computing the codes now without waiting for them: keeps the graph of
+        # successive appends short when nothing reads the cache in between.
+        mx.async_eval(self._k_codes, self._k_norms, self._v_codes, self._v_norms)
 
     # --- trim ------------------------------------------------------------------------------
     def trim(self, n: int) -> int:
