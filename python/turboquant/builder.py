@@ -287,21 +287,24 @@ class KVCacheBuilder:
             return why
         extras = [name for name, on in (
             ("an outlier split", self._split()), ("an fp16 window", self._fp16_window > 0),
-            ("fp16 layers", bool(self._fp16_layers)), ("an artifact store", self._store is not None),
+            ("fp16 layers", bool(self._fp16_layers)),
+            ("an artifact store", self._store is not None),
             ("sparse V", self._sparse_v > 0), ("max_tokens", self._max_tokens > 0),
             ("jl_dim", self._jl_dim > 0)) if on]
         if extras:
             return "the Metal store does not support " + ", ".join(extras)
         return None
 
-    def _metal_cache(self, key_method: str, value_method: str, kernels: Any = None) -> TurboQuantKVCache:
+    def _metal_cache(self, key_method: str, value_method: str,
+                     kernels: Any = None) -> TurboQuantKVCache:
         """The cache on the mlx-resident store (turboquant.mlx_metal.MetalKVCache) with the
         given kernel set (default turboquant.metal: Apple only; the tests pass the reference
         kernels). build() returns this for backend "metal"."""
         from turboquant.mlx_metal import MetalKVCache, MetalTurboQuantKVCache
 
         core = MetalKVCache(self._head_dim, n_layers=self._layers, n_q_heads=self._q_heads,
-                            n_kv_heads=self._kv_heads, key_method=key_method, key_bits=int(self._key_bits),
+                            n_kv_heads=self._kv_heads, key_method=key_method,
+                            key_bits=int(self._key_bits),
                             value_method=value_method, value_bits=int(self._value_bits),
                             seed=int(self._seed), rotation=self._rotation,
                             block_tokens=int(self._block_tokens), kernels=kernels)

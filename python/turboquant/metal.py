@@ -162,7 +162,8 @@ KERNELS.update({
         "const device TqDequantParams& tq_p = *(const device TqDequantParams*)params;\n"
         f"const uint tq_head = {_HEAD.format(word=7)};\n"
         "tq_dequantize_body(codes, (const device uchar*)norms, centroids,\n"
-        "                   signs + ulong(tq_head) * 2u * tq_p.dim, (device uchar*)out, tq_p, tg_v,\n"
+        "                   signs + ulong(tq_head) * 2u * tq_p.dim, (device uchar*)out,\n"
+        "                   tq_p, tg_v,\n"
         f"                   {_IDS});\n",
     ),
     "attention_reduce_heads": KernelSpec(
@@ -172,7 +173,8 @@ KERNELS.update({
         "TQ_THREADGROUP_ARRAY(float, tg_v, 512);\n"
         "const device TqReduceParams& tq_p = *(const device TqReduceParams*)params;\n"
         "tq_attention_reduce_body(part_m, part_l, part_acc,\n"
-        "                         v_signs + ulong(threadgroup_position_in_grid.y) * 2u * tq_p.dim,\n"
+        "                         v_signs\n"
+        "                           + ulong(threadgroup_position_in_grid.y) * 2u * tq_p.dim,\n"
         "                         out, tq_p, tg_v,\n"
         "                         threadgroup_position_in_grid.x, threadgroup_position_in_grid.y,\n"
         "                         thread_index_in_threadgroup, threads_per_threadgroup.x);\n",

@@ -95,7 +95,8 @@ def _heads_tokens(x, heads: int, dim: int, what: str, heads_name: str):
         x = x.reshape(1, shape[0], dim)
     elif len(shape) == 4:
         if shape[0] != 1:
-            raise ValueError(f"{what} batch size must be 1 (one cache per sequence), got shape {shape}")
+            raise ValueError(f"{what} batch size must be 1 (one cache per sequence), got "
+                             f"shape {shape}")
         x = x.reshape(shape[1:])
     elif len(shape) != 3:
         raise ValueError(f"{what} must be (T, d), (H, T, d) or (1, H, T, d), got shape {shape}")
@@ -152,7 +153,8 @@ class ReferenceKernels:
         if not 1 <= tokens <= k_codes.shape[1]:
             raise ValueError(f"need 1 <= tokens <= head_stride ({k_codes.shape[1]}), got {tokens}")
         q = np.asarray(queries.astype(mx.float32))
-        k = np.asarray(ReferenceKernels.dequantize_heads(keys, k_codes[:, :tokens], k_norms[:, :tokens]))
+        k = np.asarray(ReferenceKernels.dequantize_heads(keys, k_codes[:, :tokens],
+                                                         k_norms[:, :tokens]))
         v = np.asarray(ReferenceKernels.dequantize_heads(values, v_codes[:, :tokens],
                                                          v_norms[:, :tokens]))
         s = np.einsum("hgd,htd->hgt", q, k) * np.float32(scale)
@@ -203,7 +205,8 @@ class MetalCodeStore:
                                               stream=kv_stream_id(self.layer, h, role))
                               for h in range(self.n_kv_heads))
 
-        self.key_tables, self.value_tables = quantizers(0, self.key_bits), quantizers(1, self.value_bits)
+        self.key_tables = quantizers(0, self.key_bits)
+        self.value_tables = quantizers(1, self.value_bits)
         self._n = 0
         self._cap = 0
         # (H, cap, code_bytes) uint8 and (H, cap) float16 per role; None while empty.
@@ -236,7 +239,8 @@ class MetalCodeStore:
         """Append T tokens of every KV head: keys/values (H_kv, T, d) | (1, H_kv, T, d) |
         (T, d) for one head; mlx arrays (or NumPy, converted). Validated before any change."""
         self._check_layer(layer)
-        k = _heads_tokens(_as_mx(keys, "keys"), self.n_kv_heads, self.head_dim, "keys", "n_kv_heads")
+        k = _heads_tokens(_as_mx(keys, "keys"), self.n_kv_heads, self.head_dim, "keys",
+                          "n_kv_heads")
         v = _heads_tokens(_as_mx(values, "values"), self.n_kv_heads, self.head_dim, "values",
                           "n_kv_heads")
         if tuple(k.shape) != tuple(v.shape):
@@ -496,9 +500,10 @@ class MetalCodeStore:
             raise ValueError(f"layer must be in [0, 1), got {layer}")
 
     def __repr__(self) -> str:
+        kernels = getattr(self.kernels, "name", None) or getattr(self.kernels, "__name__", "?")
         return (f"MetalCodeStore(head_dim={self.head_dim}, n_q_heads={self.n_q_heads}, "
                 f"n_kv_heads={self.n_kv_heads}, key={self.key_bits}b, value={self.value_bits}b, "
-                f"tokens={self._n}, kernels={getattr(self.kernels, 'name', None) or getattr(self.kernels, '__name__', '?')})")
+                f"tokens={self._n}, kernels={kernels})")
 
 
 def stores_to_core(stores: Sequence[MetalCodeStore]):

@@ -324,7 +324,8 @@ def test_per_head_kernels_on_the_emulated_gpu(tmp_path):
     scale = 0.125
     parts = _run(exe, tmp_path, "block",
                  [np.frombuffer(q_rot, np.float32), kc, kn, vc, vn,
-                  f32(kt.quantizers[0].codebook.centroids), f32(vt.quantizers[0].codebook.centroids),
+                  f32(kt.quantizers[0].codebook.centroids),
+                  f32(vt.quantizers[0].codebook.centroids),
                   metal.attention_params(dim, T, stride, bt, group, 3, 4, True, scale)], 3)
     (out,) = _run(exe, tmp_path, "red",
                   [np.frombuffer(p, np.float32) for p in parts] + [
@@ -390,7 +391,8 @@ def test_builder_selects_the_metal_store_where_metal_resolves(monkeypatch):
     import turboquant.mlx_metal as mm
 
     monkeypatch.delenv("TURBOQUANT_BACKEND", raising=False)
-    monkeypatch.setattr(_core, "resolve_backend", lambda requested: "metal" if requested != "cpu" else "cpu")
+    monkeypatch.setattr(_core, "resolve_backend",
+                        lambda requested: "cpu" if requested == "cpu" else "metal")
     monkeypatch.setattr(metal, "active_path", lambda: "metal")
     monkeypatch.setattr(mm, "METAL_KERNELS", REF)
     cache = builder().with_backend("metal").build()
