@@ -332,7 +332,7 @@ def dequantize(quantizer, codes, norms, inverse_rotate=True, out_dtype=None):
     _require_metal()
     signs, cents, _ = _quantizer_tables(quantizer)
     n, dim = codes.shape[0], quantizer.dim
-    fp16_out = out_dtype == mx.float16
+    fp16_out = out_dtype is not None and out_dtype == mx.float16
     fp16_norm = norms.dtype == mx.float16
     (out,) = _kernel("dequantize")(
         inputs=[codes, norms.view(mx.uint16) if fp16_norm else norms, cents, signs,
@@ -486,7 +486,7 @@ def dequantize_heads(tables: HeadTables, codes, norms, inverse_rotate=True, out_
     H, n, _ = codes.shape
     dim = tables.dim
     signs, cents, _ = tables.mx_tables()
-    fp16_out = out_dtype == mx.float16
+    fp16_out = out_dtype is not None and out_dtype == mx.float16
     fp16_norm = norms.dtype == mx.float16
     rows = H * n
     (out,) = _kernel("dequantize_heads")(

@@ -445,3 +445,65 @@ def test_core_encoded_and_append_encoded():
         a.encoded(0, 0, "key", 10, 5)
     with pytest.raises(ValueError, match="role"):
         a.encoded(0, 0, "both")
+
+
+# --- The store on the real turboquant.metal functions, kernels on the emulated GPU ----------
+
+
+@pytest.fixture(scope="module")
+def emulated(tmp_path_factory):
+    from mlx_kernel_emulator import EmulatedKernels
+
+    return EmulatedKernels(tmp_path_factory.mktemp("emu"))
+
+
+@pytest.mark.parametrize("hq,hkv,kb,vb", [(4, 2, 3, 4), (3, 1, 2, 2)])
+def test_store_on_the_metal_functions_with_emulated_kernels(emulated, monkeypatch, hq, hkv, kb, vb):
+    # MetalCodeStore with its default kernel set (turboquant.metal), whose host functions run
+    # as on a Mac; only the mx.fast.metal_kernel launch is replaced by the emulator.
+    emulated.install(monkeypatch)
+    rng = np.random.default_rng(hq)
+    d = 32
+    kw = dict(n_layers=1, n_q_heads=hq, n_kv_heads=hkv, key_bits=kb, value_bits=vb, seed=4,
+              block_tokens=8)
+    store, core = MetalCodeStore(d, **kw), _core.KVCache(d, **kw)
+    assert store.kernels is metal
+    start = len(emulated.launches)
+    for T in (6, 1, 5):  # 12 tokens over two pages
+        k, v = rand(rng, hkv, T, d), rand(rng, hkv, T, d)
+        store.append(mx.array(k), mx.array(v))
+        core.append(k, v)
+    assert_same_codes(store, core)
+    for window in (None, 5):
+        q = rand(rng, hq, 1, d)
+        close(store.attend(mx.array(q), scale=0.3, window=window),
+              core.attend(q, scale=0.3, window=window))
+    q = rand(rng, hq, 4, d)
+    close(store.attend(mx.array(q), window=6), core.attend(q, window=6))
+    used = set(emulated.launches[start:])
+    assert used == {"encode_heads", "rotate_heads", "attention_block",
+                    "attention_reduce_heads", "dequantize_heads"}, used
+
+
+def test_single_quantizer_metal_functions_with_emulated_kernels(emulated, monkeypatch):
+    emulated.install(monkeypatch)
+    rng = np.random.default_rng(12)
+    kq = _core.Quantizer("turboquant_mse", 32, 3, 5, rotation="hadamard")
+    vq = _core.Quantizer("turboquant_mse", 32, 2, 6, rotation="hadamard")
+    k, v = rand(rng, 10, 32), rand(rng, 10, 32)
+    kc, kn = metal.encode(kq, mx.array(k))
+    vc, vn = metal.encode(vq, mx.array(v))
+    rc, rn = kq.encode(k)
+    assert np.array_equal(np.array(kc), rc) and np.array_equal(np.array(kn), rn)
+    dec = np.array(metal.dequantize(kq, kc, kn))  # default out_dtype: fp32, decoded
+    assert np.array_equal(dec, kq.decode(rc, rn))
+    half = metal.dequantize(kq, kc, kn, out_dtype=mx.float16)
+    assert half.dtype == mx.float16 and np.array_equal(np.array(half), dec.astype(np.float16))
+    q = rand(rng, 2, 2, 32)
+    out = metal.decode_attention(kq, vq, mx.array(q), kc.reshape(2, 5, -1), kn.reshape(2, 5),
+                                 vc.reshape(2, 5, -1), vn.reshape(2, 5), 4, 0.25)
+    kd = kq.decode(rc, rn).reshape(2, 5, 32)[:, :4]
+    vd = vq.decode(np.array(vc), np.array(vn)).reshape(2, 5, 32)[:, :4]
+    s = np.einsum("hgd,htd->hgt", q, kd) * 0.25
+    p = np.exp(s - s.max(-1, keepdims=True))
+    close(out, np.einsum("hgt,htd->hgd", p / p.sum(-1, keepdims=True), vd), 1e-5)
