@@ -11,6 +11,7 @@ namespace turboquant::bindings {
 void bind_quantizer(py::module_& m);
 void bind_threads(py::module_& m);
 void bind_cache(py::module_& m);
+void bind_cache_codes(py::module_& m);
 }  // namespace turboquant::bindings
 
 namespace py = pybind11;
@@ -62,4 +63,5 @@ PYBIND11_MODULE(_core, m) {
   bindings::bind_quantizer(m);
   bindings::bind_threads(m);
   bindings::bind_cache(m);
+  bindings::bind_cache_codes(m);
 }

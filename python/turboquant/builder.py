@@ -235,11 +235,22 @@ class KVCacheBuilder:
             raise ValueError(f"backend must be 'auto', 'cpu' or 'metal', got {requested!r}")
         backend = _core.resolve_backend(requested)  # honours TURBOQUANT_BACKEND for "auto"
         if backend != "cpu":
-            # The cache's attention has CPU kernels only so far: "auto" falls back to them,
-            # an explicit request for another backend is refused.
+            # "metal" (only ever resolved on a Mac with a Metal device): the cache is the
+            # mlx-resident store of mlx_metal.py on the turboquant.metal kernels, when it can
+            # hold this configuration and mlx has a Metal device; otherwise "auto" falls back
+            # to the CPU cache and an explicit request is refused, saying why.
+            from turboquant import metal
+
             explicit = requested != "auto" or os.environ.get("TURBOQUANT_BACKEND", "auto") != "auto"
+            why = self._metal_unsupported(key_method, value_method)
+            if why is None and metal.active_path() != "metal":
+                why = ("the Metal KV cache runs on mlx: it needs mlx with a Metal device "
+                       "(pip install mlx; TURBOQUANT_MLX_KERNELS not 'cpu')")
+            if why is None:
+                return self._metal_cache(key_method, value_method)
             if explicit:
-                raise RuntimeError(f"the KV cache has no {backend!r} kernels yet; use with_backend('cpu')")
+                raise RuntimeError(f"backend {backend!r} cannot serve this cache: {why}; "
+                                   "use with_backend('cpu')")
             backend = "cpu"
         core = _core.KVCache(
             self._head_dim, n_layers=self._layers, n_q_heads=self._q_heads, n_kv_heads=self._kv_heads,
@@ -265,3 +276,41 @@ class KVCacheBuilder:
                 "env_backend": os.environ.get("TURBOQUANT_BACKEND")}
         return TurboQuantKVCache(core, precision=self._precision, observers=self._observers,
                                  backend=backend, description=desc, sparse_v=float(self._sparse_v))
+
+    # --- the Metal cache (Apple) ---------------------------------------------------------
+    def _metal_unsupported(self, key_method: str, value_method: str) -> str | None:
+        """None when the mlx-resident Metal store can hold the configured cache, else why not."""
+        from turboquant.mlx_metal import store_supports
+
+        why = store_supports(self._head_dim, key_method, value_method, self._rotation)
+        if why:
+            return why
+        extras = [name for name, on in (
+            ("an outlier split", self._split()), ("an fp16 window", self._fp16_window > 0),
+            ("fp16 layers", bool(self._fp16_layers)),
+            ("an artifact store", self._store is not None),
+            ("sparse V", self._sparse_v > 0), ("max_tokens", self._max_tokens > 0),
+            ("jl_dim", self._jl_dim > 0)) if on]
+        if extras:
+            return "the Metal store does not support " + ", ".join(extras)
+        return None
+
+    def _metal_cache(self, key_method: str, value_method: str,
+                     kernels: Any = None) -> TurboQuantKVCache:
+        """The cache on the mlx-resident store (turboquant.mlx_metal.MetalKVCache) with the
+        given kernel set (default turboquant.metal: Apple only; the tests pass the reference
+        kernels). build() returns this for backend "metal"."""
+        from turboquant.mlx_metal import MetalKVCache, MetalTurboQuantKVCache
+
+        core = MetalKVCache(self._head_dim, n_layers=self._layers, n_q_heads=self._q_heads,
+                            n_kv_heads=self._kv_heads, key_method=key_method,
+                            key_bits=int(self._key_bits),
+                            value_method=value_method, value_bits=int(self._value_bits),
+                            seed=int(self._seed), rotation=self._rotation,
+                            block_tokens=int(self._block_tokens), kernels=kernels)
+        desc = {"key_method": key_method, "value_method": value_method, "backend": "metal",
+                "precision": _precision_name(self._precision), "artifacts_loaded": {},
+                "env_backend": os.environ.get("TURBOQUANT_BACKEND"),
+                "store": "mlx (turboquant.mlx_metal.MetalKVCache)"}
+        return MetalTurboQuantKVCache(core, precision=self._precision, observers=self._observers,
+                                      backend="metal", description=desc)

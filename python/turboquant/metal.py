@@ -124,6 +124,63 @@ KERNELS: dict[str, KernelSpec] = {
     ),
 }
 
+# Per-head variants for caches whose KV heads have their own rotations (the C++ KVCache and
+# the mlx-resident store of mlx_metal.py): `signs` holds one 2*dim row per head, and the
+# parameter array carries one extra word after its struct, the rows per head, from which
+# each threadgroup finds its head. The codebooks (centroids, boundaries) depend only on
+# (dim, bits), so they stay shared. The attention block kernel needs no per-head table.
+_HEAD = "threadgroup_position_in_grid.x / params[{word}]"
+KERNELS.update({
+    "encode_heads": KernelSpec(
+        "tq_mlx_encode_heads",
+        ("x", "signs", "boundaries", "params"),
+        ("codes", "norms"),
+        "TQ_THREADGROUP_ARRAY(float, tg_v, 512);\n"
+        "TQ_THREADGROUP_ARRAY(uchar, tg_idx, 512);\n"
+        "TQ_THREADGROUP_ARRAY(float, tg_red, 64);\n"
+        "const device TqEncodeParams& tq_p = *(const device TqEncodeParams*)params;\n"
+        f"const uint tq_head = {_HEAD.format(word=5)};\n"
+        "tq_encode_body(x, codes, (device uchar*)norms, signs + ulong(tq_head) * 2u * tq_p.dim,\n"
+        "               boundaries, tq_p, tg_v, tg_idx, tg_red,\n"
+        f"               {_IDS});\n",
+    ),
+    "rotate_heads": KernelSpec(
+        "tq_mlx_rotate_heads",
+        ("x", "signs", "params"),
+        ("y",),
+        "TQ_THREADGROUP_ARRAY(float, tg_v, 512);\n"
+        "const device TqRotateParams& tq_p = *(const device TqRotateParams*)params;\n"
+        f"const uint tq_head = {_HEAD.format(word=2)};\n"
+        "tq_rotate_body(x, y, signs + ulong(tq_head) * 2u * tq_p.dim, tq_p, tg_v,\n"
+        f"               {_IDS});\n",
+    ),
+    "dequantize_heads": KernelSpec(
+        "tq_mlx_dequantize_heads",
+        ("codes", "norms", "centroids", "signs", "params"),
+        ("out",),
+        "TQ_THREADGROUP_ARRAY(float, tg_v, 512);\n"
+        "const device TqDequantParams& tq_p = *(const device TqDequantParams*)params;\n"
+        f"const uint tq_head = {_HEAD.format(word=7)};\n"
+        "tq_dequantize_body(codes, (const device uchar*)norms, centroids,\n"
+        "                   signs + ulong(tq_head) * 2u * tq_p.dim, (device uchar*)out,\n"
+        "                   tq_p, tg_v,\n"
+        f"                   {_IDS});\n",
+    ),
+    "attention_reduce_heads": KernelSpec(
+        "tq_mlx_attention_reduce_heads",
+        ("part_m", "part_l", "part_acc", "v_signs", "params"),
+        ("out",),
+        "TQ_THREADGROUP_ARRAY(float, tg_v, 512);\n"
+        "const device TqReduceParams& tq_p = *(const device TqReduceParams*)params;\n"
+        "tq_attention_reduce_body(part_m, part_l, part_acc,\n"
+        "                         v_signs\n"
+        "                           + ulong(threadgroup_position_in_grid.y) * 2u * tq_p.dim,\n"
+        "                         out, tq_p, tg_v,\n"
+        "                         threadgroup_position_in_grid.x, threadgroup_position_in_grid.y,\n"
+        "                         thread_index_in_threadgroup, threads_per_threadgroup.x);\n",
+    ),
+})
+
 
 def select_path(platform: str, mlx_metal: bool, sources: bool, env: str | None = None) -> str:
     """The selection rule: "metal" only on macOS with an mlx Metal device and the sources."""
@@ -275,7 +332,7 @@ def dequantize(quantizer, codes, norms, inverse_rotate=True, out_dtype=None):
     _require_metal()
     signs, cents, _ = _quantizer_tables(quantizer)
     n, dim = codes.shape[0], quantizer.dim
-    fp16_out = out_dtype == mx.float16
+    fp16_out = out_dtype is not None and out_dtype == mx.float16
     fp16_norm = norms.dtype == mx.float16
     (out,) = _kernel("dequantize")(
         inputs=[codes, norms.view(mx.uint16) if fp16_norm else norms, cents, signs,
@@ -317,6 +374,165 @@ def decode_attention(keys, values, queries, k_codes, k_norms, v_codes, v_norms, 
         output_dtypes=[mx.float32, mx.float32, mx.float32],
         grid=(blocks * ATTENTION_THREADS, kv_heads, 1), threadgroup=(ATTENTION_THREADS, 1, 1))
     (out,) = _kernel("attention_reduce")(
+        inputs=[part_m, part_l, part_acc, v_signs,
+                mx.array(reduce_params(dim, blocks, group, True))],
+        output_shapes=[(kv_heads, group, dim)], output_dtypes=[mx.float32],
+        grid=(group * threads_for(dim), kv_heads, 1), threadgroup=(threads_for(dim), 1, 1))
+    return out
+
+
+# --- Per-head tables and kernels (caches whose KV heads have their own rotations) ------------
+
+
+class HeadTables:
+    """The kernel tables of one role (keys or values) of a cache: one ``turboquant_mse``
+    quantizer with the hadamard rotation per KV head (same dim, bits and norm dtype), their
+    rotation signs stacked as (n_heads, 2*dim), and the shared codebook. The mlx arrays are
+    built at first use, so the tables also serve the NumPy reference kernels
+    (``turboquant.mlx_metal.ReferenceKernels``), which use only ``quantizers``."""
+
+    def __init__(self, quantizers):
+        quantizers = tuple(quantizers)
+        if not quantizers:
+            raise ValueError("HeadTables needs one quantizer per KV head, got none")
+        first = quantizers[0]
+        for q in quantizers:
+            if q.method != "turboquant_mse" or q.rotation != "hadamard":
+                raise ValueError("the Metal kernels support turboquant_mse with the hadamard "
+                                 f"rotation, got {q.method!r} / {q.rotation!r}")
+            if (q.dim, q.bits, np.dtype(q.norm_dtype)) != (first.dim, first.bits,
+                                                           np.dtype(first.norm_dtype)):
+                raise ValueError("all heads of one role need the same dim, bits and norm dtype")
+        self.quantizers = quantizers
+        self.dim, self.bits = first.dim, first.bits
+        self.code_bytes = first.code_bytes
+        self.norm_fp16 = np.dtype(first.norm_dtype) == np.float16
+        self._mx = None
+
+    @property
+    def n_heads(self) -> int:
+        return len(self.quantizers)
+
+    def signs_numpy(self) -> np.ndarray:
+        """(n_heads, 2*dim) float32: D₁ then D₂ of each head's rotation."""
+        return np.stack([np.asarray(q.rotation_parameters(), np.float32).ravel()
+                         for q in self.quantizers])
+
+    def state_bytes(self) -> int:
+        """Bytes of the per-head rotation state (what the C++ cache counts as quantizer state)."""
+        return self.n_heads * 2 * self.dim * 4
+
+    def mx_tables(self):
+        """(signs (n_heads*2*dim,), centroids, boundaries) as mlx float32 arrays, cached."""
+        if self._mx is None:
+            import mlx.core as mx
+
+            cb = self.quantizers[0].codebook
+            self._mx = (mx.array(self.signs_numpy().ravel()),
+                        mx.array(np.asarray(cb.centroids, np.float32)),
+                        mx.array(np.asarray(cb.boundaries, np.float32)))
+        return self._mx
+
+
+def _with_rows_per_head(words: np.ndarray, rows_per_head: int) -> np.ndarray:
+    return np.concatenate([words, np.array([rows_per_head], np.uint32)])
+
+
+def encode_heads(tables: HeadTables, x):
+    """Encode mlx rows x (n_heads, T, dim), head h with its own rotation: (codes uint8
+    (n_heads, T, code_bytes), norms (n_heads, T) float16 or float32)."""
+    import mlx.core as mx
+
+    _require_metal()
+    H, T, dim = x.shape
+    if H != tables.n_heads or dim != tables.dim:
+        raise ValueError(f"x of shape {tuple(x.shape)} does not match {tables.n_heads} heads of "
+                         f"dim {tables.dim}")
+    signs, _, bounds = tables.mx_tables()
+    n = H * T
+    fp16 = tables.norm_fp16
+    codes, norms = _kernel("encode_heads")(
+        inputs=[x.reshape(n, dim).astype(mx.float32), signs, bounds,
+                mx.array(_with_rows_per_head(encode_params(n, dim, tables.bits, fp16), T))],
+        output_shapes=[(n, tables.code_bytes), (n,)],
+        output_dtypes=[mx.uint8, mx.uint16 if fp16 else mx.float32],
+        grid=(n * threads_for(dim), 1, 1), threadgroup=(threads_for(dim), 1, 1))
+    norms = norms.view(mx.float16) if fp16 else norms
+    return codes.reshape(H, T, tables.code_bytes), norms.reshape(H, T)
+
+
+def rotate_heads(tables: HeadTables, x):
+    """Π_h x for mlx rows x (n_heads, R, dim) (the query state of decode attention)."""
+    import mlx.core as mx
+
+    _require_metal()
+    H, R, dim = x.shape
+    signs, _, _ = tables.mx_tables()
+    n = H * R
+    (y,) = _kernel("rotate_heads")(
+        inputs=[x.reshape(n, dim).astype(mx.float32), signs,
+                mx.array(_with_rows_per_head(rotate_params(n, dim), R))],
+        output_shapes=[(n, dim)], output_dtypes=[mx.float32],
+        grid=(n * threads_for(dim), 1, 1), threadgroup=(threads_for(dim), 1, 1))
+    return y.reshape(H, R, dim)
+
+
+def dequantize_heads(tables: HeadTables, codes, norms, inverse_rotate=True, out_dtype=None):
+    """Decoded rows (n_heads, n, dim) of codes (n_heads, n, code_bytes) and norms (n_heads, n)
+    (inverse_rotate), or the rotated-domain tile; float32, or float16 with out_dtype."""
+    import mlx.core as mx
+
+    _require_metal()
+    H, n, _ = codes.shape
+    dim = tables.dim
+    signs, cents, _ = tables.mx_tables()
+    fp16_out = out_dtype is not None and out_dtype == mx.float16
+    fp16_norm = norms.dtype == mx.float16
+    rows = H * n
+    (out,) = _kernel("dequantize_heads")(
+        inputs=[codes.reshape(rows, tables.code_bytes),
+                (norms.view(mx.uint16) if fp16_norm else norms).reshape(rows), cents, signs,
+                mx.array(_with_rows_per_head(
+                    dequant_params(rows, dim, tables.bits, fp16_norm, inverse_rotate, fp16_out),
+                    n))],
+        output_shapes=[(rows, dim)], output_dtypes=[mx.uint16 if fp16_out else mx.float32],
+        grid=(rows * threads_for(dim), 1, 1), threadgroup=(threads_for(dim), 1, 1))
+    out = out.view(mx.float16) if fp16_out else out
+    return out.reshape(H, n, dim)
+
+
+def decode_attention_heads(keys: HeadTables, values: HeadTables, queries, k_codes, k_norms,
+                           v_codes, v_norms, tokens, scale, block_tokens=DEFAULT_BLOCK_TOKENS):
+    """decode_attention() for per-head rotations: queries (kv_heads, group, dim), codes
+    (kv_heads, head_stride, code_bytes), norms (kv_heads, head_stride), the first `tokens`
+    rows attended. Returns (kv_heads, group, dim) float32 in the original domain."""
+    import mlx.core as mx
+
+    _require_metal()
+    kv_heads, group, dim = queries.shape
+    if not 1 <= group <= MAX_GROUP:
+        raise ValueError(f"GQA group must be in [1, {MAX_GROUP}], got {group}")
+    head_stride = k_codes.shape[1]
+    if not 1 <= tokens <= head_stride:
+        raise ValueError(f"need 1 <= tokens <= head_stride ({head_stride}), got {tokens}")
+    _, k_cents, _ = keys.mx_tables()
+    v_signs, v_cents, _ = values.mx_tables()
+    q_rot = rotate_heads(keys, queries)
+    fp16 = k_norms.dtype == mx.float16
+    blocks = -(-tokens // block_tokens)
+    scratch = attention_scratch_floats(dim, group, block_tokens, keys.bits, values.bits)
+    as_bits = (lambda a: a.view(mx.uint16)) if fp16 else (lambda a: a)
+    part_m, part_l, part_acc = _kernel("attention_block")(
+        inputs=[q_rot.reshape(kv_heads * group, dim), k_codes, as_bits(k_norms), v_codes,
+                as_bits(v_norms), k_cents, v_cents,
+                mx.array(attention_params(dim, tokens, head_stride, block_tokens, group, keys.bits,
+                                          values.bits, fp16, scale))],
+        template=[("SCRATCH", scratch)],
+        output_shapes=[(kv_heads, blocks, group), (kv_heads, blocks, group),
+                       (kv_heads, blocks, group, dim)],
+        output_dtypes=[mx.float32, mx.float32, mx.float32],
+        grid=(blocks * ATTENTION_THREADS, kv_heads, 1), threadgroup=(ATTENTION_THREADS, 1, 1))
+    (out,) = _kernel("attention_reduce_heads")(
         inputs=[part_m, part_l, part_acc, v_signs,
                 mx.array(reduce_params(dim, blocks, group, True))],
         output_shapes=[(kv_heads, group, dim)], output_dtypes=[mx.float32],

@@ -1,0 +1,658 @@
+"""The mlx-resident code store: a KV cache whose codes and norms are mlx arrays.
+
+:class:`MetalCodeStore` keeps one layer's K/V as TurboQuant codes + fp16 norms in mlx arrays
+of shape (n_kv_heads, capacity, code_bytes) / (n_kv_heads, capacity), growing by pages of
+``block_tokens`` tokens (no fp16 copy of K/V is ever kept). New tokens are encoded by the
+``encode_heads`` kernel, decode steps (one query position) run split-K attention on the codes
+(``decode_attention_heads``), and prefill (several query positions) dequantizes the visible
+tokens to an fp32 tile (``dequantize_heads``) and runs ``mx.fast.scaled_dot_product_attention``
+with a causal / sliding-window mask. On a Mac with mlx's Metal device the kernels are the
+``turboquant.metal`` functions (``mx.fast.metal_kernel`` over metal/*.metal), so mlx arrays
+never leave the GPU.
+
+It has the methods and semantics that ``turboquant.mlx_lm`` uses on ``_core.KVCache``
+(``append``, ``attend``, ``size``, ``trim``, ``memory_bytes``, ``fp16_bytes``, ``to_bytes`` /
+``from_bytes``), taking and returning mlx arrays of shape (heads, T, d). The quantizers are
+those of the C++ cache (``turboquant_mse``, hadamard rotation, the same seed and per-(layer,
+KV head, role) streams), so the codes are bit-identical to ``_core.KVCache``'s, and
+``to_bytes`` writes the C++ cache file format (through ``_core.KVCache.append_encoded``):
+a file saved by either loads in the other.
+
+The kernels are injected (``kernels=``): any object with ``encode_heads``,
+``dequantize_heads`` and ``decode_attention_heads`` of the signatures in
+``turboquant.metal``. The default is the ``turboquant.metal`` module itself, which runs only
+on macOS with an mlx Metal device (elsewhere it raises "Metal is not available on this
+platform"). :class:`ReferenceKernels` implements the same three functions with the C++
+quantizers and NumPy/mlx ops; the tests run the store on it on Linux. What runs only on a
+Mac: the ``turboquant.metal`` kernels themselves (their sources are checked on Linux by the
+emulation tests of tests/python/test_metal.py and test_mlx_metal.py).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Any, Sequence
+
+import numpy as np
+
+from turboquant import _core, metal
+from turboquant.kv_cache import TurboQuantKVCache, _is_mlx, _is_mlx_dtype, _mlx_dtype, _numpy_dtype
+from turboquant.metal import HeadTables
+from turboquant.observers import Event
+
+__all__ = ["MetalCodeStore", "MetalKVCache", "MetalTurboQuantKVCache", "ReferenceKernels",
+           "kv_stream_id", "store_supports", "METAL_KERNELS"]
+
+METAL_KERNELS = metal  # the real kernel set (macOS + mlx Metal device only)
+
+
+def kv_stream_id(layer: int, kv_head: int, role: int) -> int:
+    """kv_cache.h kv_stream_id(): make_stream_id(0, layer, 2*kv_head + role), role 0 = key."""
+    return ((int(layer) & 0xFFFFFF) << 24) | ((2 * int(kv_head) + int(role)) & 0xFFFFFF)
+
+
+def store_supports(head_dim: int, key_method: str = "turboquant_mse",
+                   value_method: str = "turboquant_mse", rotation: str = "auto") -> str | None:
+    """None when a MetalCodeStore can hold this configuration, else the reason it cannot."""
+    if key_method != "turboquant_mse" or value_method != "turboquant_mse":
+        return (f"the Metal kernels support turboquant_mse keys and values, got {key_method!r} / "
+                f"{value_method!r}")
+    if rotation not in ("auto", "hadamard"):
+        return f"the Metal kernels need the hadamard rotation, got {rotation!r}"
+    d = int(head_dim)
+    if not 16 <= d <= 512 or d & (d - 1):
+        return f"the Metal kernels need a power-of-two head_dim in [16, 512], got {d}"
+    return None
+
+
+def _mx():
+    import mlx.core as mx
+
+    return mx
+
+
+def _as_mx(x: Any, what: str):
+    mx = _mx()
+    if not isinstance(x, mx.array):
+        a = np.asarray(x)
+        if a.dtype not in (np.float32, np.float16):
+            if a.dtype.kind != "f":
+                raise TypeError(f"{what} must be float32 or float16, got {a.dtype}")
+            a = a.astype(np.float32)
+        x = mx.array(a)
+    elif x.dtype not in (mx.float32, mx.float16, mx.bfloat16):
+        raise TypeError(f"{what} must be float32, float16 or bfloat16, got {x.dtype}")
+    return x
+
+
+def _heads_tokens(x, heads: int, dim: int, what: str, heads_name: str):
+    """(heads, T, dim) view of a (T, d) | (H, T, d) | (1, H, T, d) array (and (d,) if allowed)."""
+    shape = tuple(x.shape)
+    if not shape or shape[-1] != dim:
+        raise ValueError(f"{what} must end in head_dim={dim}, got shape {shape}")
+    if len(shape) == 2:
+        x = x.reshape(1, shape[0], dim)
+    elif len(shape) == 4:
+        if shape[0] != 1:
+            raise ValueError(f"{what} batch size must be 1 (one cache per sequence), got "
+                             f"shape {shape}")
+        x = x.reshape(shape[1:])
+    elif len(shape) != 3:
+        raise ValueError(f"{what} must be (T, d), (H, T, d) or (1, H, T, d), got shape {shape}")
+    if x.shape[0] != heads:
+        raise ValueError(f"{what} has {x.shape[0]} heads (shape {shape}) but the cache has "
+                         f"{heads_name}={heads}" + (" (pass (H, T, d))" if len(shape) == 2 else ""))
+    return x
+
+
+class ReferenceKernels:
+    """The kernel set of turboquant.metal (``encode_heads``, ``dequantize_heads``,
+    ``decode_attention_heads``), same signatures and outputs, computed on the CPU with the
+    C++ quantizers (``_core.Quantizer.encode`` / ``decode``) and NumPy. Codes and norms are
+    bit-identical to the Metal kernels' (the emulation tests check those against the same
+    quantizers); attention agrees within fp32 rounding. Runs anywhere; used by the tests and
+    usable as a CPU fallback of the store."""
+
+    name = "reference"
+
+    @staticmethod
+    def encode_heads(tables: HeadTables, x):
+        mx = _mx()
+        xs = np.asarray(x.astype(mx.float32))
+        H, T, _ = xs.shape
+        if H != tables.n_heads or xs.shape[2] != tables.dim:
+            raise ValueError(f"x of shape {xs.shape} does not match {tables.n_heads} heads of "
+                             f"dim {tables.dim}")
+        codes = np.empty((H, T, tables.code_bytes), np.uint8)
+        norms = np.empty((H, T), np.float16 if tables.norm_fp16 else np.float32)
+        for h, q in enumerate(tables.quantizers):
+            codes[h], norms[h] = q.encode(np.ascontiguousarray(xs[h]))
+        return mx.array(codes), mx.array(norms)
+
+    @staticmethod
+    def dequantize_heads(tables: HeadTables, codes, norms, inverse_rotate=True, out_dtype=None):
+        mx = _mx()
+        c, n = np.asarray(codes), np.asarray(norms)
+        out = np.empty(c.shape[:2] + (tables.dim,), np.float32)
+        for h, q in enumerate(tables.quantizers):
+            out[h] = q.decode(np.ascontiguousarray(c[h]), np.ascontiguousarray(n[h]))
+            if not inverse_rotate:  # the rotated-domain tile ‖x‖·c[idx] = Π x̂
+                out[h] = out[h] @ np.asarray(q.rotation_matrix(), np.float32).T
+        res = mx.array(out)
+        return res.astype(out_dtype) if out_dtype is not None else res
+
+    @staticmethod
+    def decode_attention_heads(keys: HeadTables, values: HeadTables, queries, k_codes, k_norms,
+                               v_codes, v_norms, tokens, scale,
+                               block_tokens=metal.DEFAULT_BLOCK_TOKENS):
+        mx = _mx()
+        kv_heads, group, dim = queries.shape
+        if not 1 <= group <= metal.MAX_GROUP:
+            raise ValueError(f"GQA group must be in [1, {metal.MAX_GROUP}], got {group}")
+        if not 1 <= tokens <= k_codes.shape[1]:
+            raise ValueError(f"need 1 <= tokens <= head_stride ({k_codes.shape[1]}), got {tokens}")
+        q = np.asarray(queries.astype(mx.float32))
+        k = np.asarray(ReferenceKernels.dequantize_heads(keys, k_codes[:, :tokens],
+                                                         k_norms[:, :tokens]))
+        v = np.asarray(ReferenceKernels.dequantize_heads(values, v_codes[:, :tokens],
+                                                         v_norms[:, :tokens]))
+        s = np.einsum("hgd,htd->hgt", q, k) * np.float32(scale)
+        p = np.exp(s - s.max(-1, keepdims=True))
+        out = np.einsum("hgt,htd->hgd", p / p.sum(-1, keepdims=True), v)
+        return mx.array(out.astype(np.float32))
+
+
+class MetalCodeStore:
+    """One layer's compressed K/V as mlx arrays (see the module docstring).
+
+    Constructor arguments mirror ``_core.KVCache`` (``n_layers`` must be 1); ``layer`` is the
+    layer index of the random streams (0 for a one-layer cache, as mlx_lm uses), ``kernels``
+    the kernel set (default: ``turboquant.metal``, Apple only), ``check_inputs`` whether
+    append/attend refuse NaN/Inf (one GPU→CPU sync of a few bytes per call)."""
+
+    def __init__(self, head_dim: int, n_layers: int = 1, n_q_heads: int = 1, n_kv_heads: int = 1,
+                 key_method: str = "turboquant_mse", key_bits: int = 3,
+                 value_method: str = "turboquant_mse", value_bits: int = 3, seed: int = 0,
+                 rotation: str = "auto", block_tokens: int = 256, *, layer: int = 0,
+                 kernels: Any = None, check_inputs: bool = True):
+        if n_layers != 1:
+            raise ValueError(f"a MetalCodeStore holds one layer (n_layers=1), got {n_layers}; "
+                             "use MetalKVCache for several")
+        why = store_supports(head_dim, key_method, value_method, rotation)
+        if why:
+            raise ValueError(why)
+        for name, b in (("key_bits", key_bits), ("value_bits", value_bits)):
+            if not isinstance(b, (int, np.integer)) or not 1 <= int(b) <= 8:
+                raise ValueError(f"{name} must be an integer in [1, 8], got {b!r}")
+        if not 1 <= int(n_kv_heads) or int(n_q_heads) % int(n_kv_heads):
+            raise ValueError(f"n_q_heads ({n_q_heads}) must be a multiple of n_kv_heads "
+                             f"({n_kv_heads})")
+        if int(block_tokens) < 1:
+            raise ValueError(f"block_tokens must be >= 1, got {block_tokens}")
+        self.head_dim, self.n_layers = int(head_dim), 1
+        self.n_q_heads, self.n_kv_heads = int(n_q_heads), int(n_kv_heads)
+        self.key_method = self.value_method = "turboquant_mse"
+        self.key_bits, self.value_bits = int(key_bits), int(value_bits)
+        self.seed, self.rotation = int(seed), "hadamard"
+        self.block_tokens, self.layer = int(block_tokens), int(layer)
+        self.kernels = METAL_KERNELS if kernels is None else kernels
+        self.check_inputs = bool(check_inputs)
+
+        def quantizers(role: int, bits: int):
+            return HeadTables(_core.Quantizer("turboquant_mse", self.head_dim, bits, self.seed,
+                                              rotation="hadamard", norm_dtype="float16",
+                                              stream=kv_stream_id(self.layer, h, role))
+                              for h in range(self.n_kv_heads))
+
+        self.key_tables = quantizers(0, self.key_bits)
+        self.value_tables = quantizers(1, self.value_bits)
+        self._n = 0
+        self._cap = 0
+        # (H, cap, code_bytes) uint8 and (H, cap) float16 per role; None while empty.
+        self._k_codes = self._k_norms = self._v_codes = self._v_norms = None
+
+    # --- sizes ------------------------------------------------------------------------------
+    def size(self, layer: int = 0) -> int:
+        self._check_layer(layer)
+        return self._n
+
+    def __len__(self) -> int:
+        return self._n
+
+    def memory_bytes(self) -> int:
+        """Bytes held: the code and norm pages and the per-head rotation signs (the same
+        count as ``_core.KVCache.memory_bytes``)."""
+        H = self.n_kv_heads
+        row = (self.key_tables.code_bytes + 2) + (self.value_tables.code_bytes + 2)
+        return (self.key_tables.state_bytes() + self.value_tables.state_bytes()
+                + self._cap * H * row)
+
+    def fp16_bytes(self) -> int:
+        return self._n * self.n_kv_heads * 2 * self.head_dim * 2
+
+    def bytes_per_token(self) -> int:
+        return self.n_kv_heads * (self.key_tables.code_bytes + self.value_tables.code_bytes + 4)
+
+    # --- append ----------------------------------------------------------------------------
+    def append(self, keys, values, layer: int = 0) -> None:
+        """Append T tokens of every KV head: keys/values (H_kv, T, d) | (1, H_kv, T, d) |
+        (T, d) for one head; mlx arrays (or NumPy, converted). Validated before any change."""
+        self._check_layer(layer)
+        k = _heads_tokens(_as_mx(keys, "keys"), self.n_kv_heads, self.head_dim, "keys",
+                          "n_kv_heads")
+        v = _heads_tokens(_as_mx(values, "values"), self.n_kv_heads, self.head_dim, "values",
+                          "n_kv_heads")
+        if tuple(k.shape) != tuple(v.shape):
+            raise ValueError(f"keys shape {tuple(keys.shape)} differs from values shape "
+                             f"{tuple(values.shape)}")
+        T = int(k.shape[1])
+        if T == 0:
+            return
+        kc, kn = self.kernels.encode_heads(self.key_tables, k)
+        vc, vn = self.kernels.encode_heads(self.value_tables, v)
+        if self.check_inputs:
+            mx = _mx()
+            if not (mx.all(mx.isfinite(kn)) & mx.all(mx.isfinite(vn))).item():
+                raise ValueError("keys or values contain NaN or Inf, or a vector whose norm is "
+                                 "above the fp16 norm range (65504); the cache is unchanged")
+        self._write(kc, kn, vc, vn)
+
+    def _write(self, kc, kn, vc, vn) -> None:
+        mx = _mx()
+        T = int(kc.shape[1])
+        old = self._n
+        bt = self.block_tokens
+        cap = -(-(old + T) // bt) * bt
+        if cap > self._cap:
+            H = self.n_kv_heads
+
+            def grow(a, tail, dtype):
+                pad = mx.zeros((H, cap - self._cap) + tail, dtype=dtype)
+                return pad if a is None else mx.concatenate([a, pad], axis=1)
+
+            self._k_codes = grow(self._k_codes, (self.key_tables.code_bytes,), mx.uint8)
+            self._v_codes = grow(self._v_codes, (self.value_tables.code_bytes,), mx.uint8)
+            self._k_norms = grow(self._k_norms, (), mx.float16)
+            self._v_norms = grow(self._v_norms, (), mx.float16)
+            self._cap = cap
+        self._k_codes[:, old:old + T] = kc
+        self._k_norms[:, old:old + T] = kn
+        self._v_codes[:, old:old + T] = vc
+        self._v_norms[:, old:old + T] = vn
+        self._n = old + T
+        # Start computing the codes now without waiting for them: keeps the graph of
+        # successive appends short when nothing reads the cache in between.
+        mx.async_eval(self._k_codes, self._k_norms, self._v_codes, self._v_norms)
+
+    # --- trim ------------------------------------------------------------------------------
+    def trim(self, n: int) -> int:
+        """Remove the last n tokens (fewer if shorter); frees pages no longer needed."""
+        if int(n) < 0:
+            raise ValueError(f"trim needs n >= 0, got {n}")
+        removed = min(int(n), self._n)
+        self._n -= removed
+        cap = -(-self._n // self.block_tokens) * self.block_tokens
+        if cap < self._cap:
+            if cap == 0:
+                self._k_codes = self._k_norms = self._v_codes = self._v_norms = None
+            else:
+                mx = _mx()
+                self._k_codes = mx.contiguous(self._k_codes[:, :cap])
+                self._k_norms = mx.contiguous(self._k_norms[:, :cap])
+                self._v_codes = mx.contiguous(self._v_codes[:, :cap])
+                self._v_norms = mx.contiguous(self._v_norms[:, :cap])
+                mx.eval(self._k_codes, self._k_norms, self._v_codes, self._v_norms)
+            self._cap = cap
+        return removed
+
+    # --- attention -------------------------------------------------------------------------
+    def attend(self, queries, layer: int = 0, causal: bool = True, scale: float | None = None,
+               window: int | None = None, sparse_v: float = 0.0):
+        """Attention of queries (H_q, T_q, d) | (1, H_q, T_q, d) | (T_q, d) | (d,) (one query
+        head) over the layer, the queries being its LAST T_q positions (``_core.KVCache``
+        semantics: causal query t sees keys [0, n - T_q + t], the last ``window`` of them with
+        a window). Returns float32 mlx of the queries' shape. T_q == 1 runs the decode kernel
+        on the codes; T_q > 1 dequantizes the visible tokens to a tile for mx attention."""
+        self._check_layer(layer)
+        mx = _mx()
+        q_in = _as_mx(queries, "queries")
+        shape = tuple(q_in.shape)
+        if len(shape) == 1:
+            if self.n_q_heads != 1:
+                raise ValueError(f"a single (d,) query needs n_q_heads=1; the cache has "
+                                 f"n_q_heads={self.n_q_heads} (pass (H_q, T_q, d))")
+            q_in = q_in.reshape(1, shape[0])
+        q = _heads_tokens(q_in, self.n_q_heads, self.head_dim, "queries", "n_q_heads")
+        q = q.astype(mx.float32)
+        n, Tq = self._n, int(q.shape[1])
+        if Tq < 1:
+            raise ValueError("attend needs at least one query")
+        if n == 0:
+            raise ValueError(f"attend on an empty cache: layer {self.layer} holds no tokens "
+                             "(append keys and values first)")
+        if Tq > n:
+            raise ValueError(f"attend got {Tq} queries per head but layer {self.layer} holds "
+                             f"only {n} tokens (queries are the last positions of the cache)")
+        if window is not None and int(window) < 1:
+            raise ValueError("window must be >= 1")
+        if sparse_v:
+            raise ValueError("sparse_v is not supported by the mlx-resident store (the Metal "
+                             "decode kernel is dense); use sparse_v=0")
+        scale = 1.0 / math.sqrt(self.head_dim) if scale is None else float(scale)
+        if not math.isfinite(scale):
+            raise ValueError(f"scale must be finite, got {scale}")
+        if self.check_inputs and not mx.all(mx.isfinite(q)).item():
+            raise ValueError("queries contain NaN or Inf")
+        if Tq == 1:
+            out = self._decode(q, scale, window)
+        else:
+            out = self._prefill(q, scale, causal, window)
+        return out.reshape(shape)
+
+    def _decode(self, q, scale: float, window: int | None):
+        mx = _mx()
+        n, H = self._n, self.n_kv_heads
+        G = self.n_q_heads // H
+        start = max(0, n - int(window)) if window is not None else 0
+        if start == 0:  # the stored arrays as they are: head_stride = capacity, no copy
+            kc, kn, vc, vn = self._k_codes, self._k_norms, self._v_codes, self._v_norms
+        else:
+            kc, kn = self._k_codes[:, start:n], self._k_norms[:, start:n]
+            vc, vn = self._v_codes[:, start:n], self._v_norms[:, start:n]
+        qg = q.reshape(H, G, self.head_dim)
+        parts = []
+        for g0 in range(0, G, metal.MAX_GROUP):  # GQA groups above 16: several passes
+            parts.append(self.kernels.decode_attention_heads(
+                self.key_tables, self.value_tables, qg[:, g0:g0 + metal.MAX_GROUP], kc, kn, vc,
+                vn, n - start, scale))
+        out = parts[0] if len(parts) == 1 else mx.concatenate(parts, axis=1)
+        return out.reshape(self.n_q_heads, 1, self.head_dim)
+
+    def _prefill(self, q, scale: float, causal: bool, window: int | None):
+        mx = _mx()
+        n, Tq = self._n, int(q.shape[1])
+        first_q = n - Tq  # position of query 0
+        if window is None:
+            lo = 0
+        elif causal:
+            lo = max(0, first_q - int(window) + 1)
+        else:
+            lo = max(0, n - int(window))
+        k = self.kernels.dequantize_heads(self.key_tables, self._k_codes[:, lo:n],
+                                          self._k_norms[:, lo:n])
+        v = self.kernels.dequantize_heads(self.value_tables, self._v_codes[:, lo:n],
+                                          self._v_norms[:, lo:n])
+        qpos = mx.arange(first_q, n)[:, None]
+        kpos = mx.arange(lo, n)[None, :]
+        mask = None
+        if causal:
+            mask = kpos <= qpos
+            if window is not None:
+                mask = mask & (kpos > qpos - int(window))
+        out = mx.fast.scaled_dot_product_attention(q[None], k[None], v[None], scale=scale,
+                                                   mask=mask)
+        return out[0].astype(mx.float32)
+
+    # --- codes out / in, files -------------------------------------------------------------
+    def encoded(self, layer: int = 0, kv_head: int = 0, role: str = "key", start: int = 0,
+                count: int | None = None):
+        """(codes (n, code_bytes) uint8, norms (n,) float16) of one stream, as NumPy."""
+        self._check_layer(layer)
+        if role not in ("key", "value"):
+            raise ValueError(f"role must be 'key' or 'value', got {role!r}")
+        if not 0 <= kv_head < self.n_kv_heads:
+            raise ValueError(f"kv_head must be in [0, {self.n_kv_heads}), got {kv_head}")
+        count = self._n - start if count is None else int(count)
+        if not 0 <= start <= self._n or not 0 <= count <= self._n - start:
+            raise ValueError(f"tokens [{start}, {start + count}) beyond the layer's {self._n}")
+        codes, norms = ((self._k_codes, self._k_norms) if role == "key"
+                        else (self._v_codes, self._v_norms))
+        if codes is None or count == 0:
+            cb = (self.key_tables if role == "key" else self.value_tables).code_bytes
+            return np.zeros((0, cb), np.uint8), np.zeros((0,), np.float16)
+        return (np.array(codes[kv_head, start:start + count]),
+                np.array(norms[kv_head, start:start + count]))
+
+    def decode(self, layer: int = 0, kv_head: int = 0, role: str = "key", start: int = 0,
+               count: int | None = None):
+        """The dequantized keys or values of one head, (count, d) float32 NumPy."""
+        codes, norms = self.encoded(layer, kv_head, role, start, count)
+        tables = self.key_tables if role == "key" else self.value_tables
+        return tables.quantizers[kv_head].decode(codes, norms)
+
+    def _all_encoded(self):
+        """NumPy (H, n, cb) codes and (H, n) norms of both roles."""
+        n = self._n
+        if n == 0:
+            H = self.n_kv_heads
+            return (np.zeros((H, 0, self.key_tables.code_bytes), np.uint8),
+                    np.zeros((H, 0), np.float16),
+                    np.zeros((H, 0, self.value_tables.code_bytes), np.uint8),
+                    np.zeros((H, 0), np.float16))
+        return tuple(np.ascontiguousarray(np.array(a[:, :n])) for a in
+                     (self._k_codes, self._k_norms, self._v_codes, self._v_norms))
+
+    def _core_config(self, n_layers: int = 1) -> dict:
+        return dict(n_layers=n_layers, n_q_heads=self.n_q_heads, n_kv_heads=self.n_kv_heads,
+                    key_method="turboquant_mse", key_bits=self.key_bits,
+                    value_method="turboquant_mse", value_bits=self.value_bits, seed=self.seed,
+                    rotation="hadamard", block_tokens=self.block_tokens)
+
+    def to_core(self):
+        """A ``_core.KVCache`` holding the same codes (a CPU copy)."""
+        return stores_to_core([self])
+
+    def to_bytes(self) -> bytes:
+        """The C++ cache file format (serialize.h) of this layer; loads in _core.KVCache."""
+        return self.to_core().to_bytes()
+
+    def save(self, path: str) -> None:
+        self.to_core().save(str(path))
+
+    @classmethod
+    def from_core(cls, core, layer: int = 0, kernels: Any = None,
+                  check_inputs: bool = True) -> MetalCodeStore:
+        """A store holding layer ``layer`` of a ``_core.KVCache`` (codes copied to mlx)."""
+        why = store_supports(core.head_dim, core.key_method, core.value_method, core.rotation)
+        if why:
+            raise ValueError(f"this cache cannot be held by a MetalCodeStore: {why}")
+        if core.fp16_window or core.fp16_layers or core.n_outlier_channels or core.jl_dim:
+            raise ValueError("this cache cannot be held by a MetalCodeStore: it uses an fp16 "
+                             "window, fp16 layers, an outlier split or a QJL dimension")
+        store = cls(core.head_dim, 1, core.n_q_heads, core.n_kv_heads, core.key_method,
+                    core.key_bits, core.value_method, core.value_bits, core.seed, core.rotation,
+                    core.block_tokens, layer=layer, kernels=kernels, check_inputs=check_inputs)
+        for role, tables in (("key", store.key_tables), ("value", store.value_tables)):
+            for h, q in enumerate(tables.quantizers):
+                _, params = core.rotation_parameters(layer, h, role)
+                if not np.array_equal(np.asarray(params, np.float32),
+                                      np.asarray(q.rotation_parameters(), np.float32)):
+                    raise ValueError(
+                        f"layer {layer} {role} head {h} has a custom rotation (artifact store); "
+                        "the MetalCodeStore uses the seeded rotations only")
+        n = core.size(layer)
+        if n:
+            parts = {}
+            for role in ("key", "value"):
+                pairs = [core.encoded(layer, h, role) for h in range(core.n_kv_heads)]
+                parts[role] = (np.stack([c for c, _ in pairs]), np.stack([x for _, x in pairs]))
+            mx = _mx()
+            store._write(*(mx.array(a) for a in (*parts["key"], *parts["value"])))
+        return store
+
+    @classmethod
+    def from_bytes(cls, data: bytes, kernels: Any = None, check_inputs: bool = True
+                   ) -> MetalCodeStore:
+        """Load the bytes of a one-layer cache file (``to_bytes`` or ``_core.KVCache``'s)."""
+        core = _core.KVCache.from_bytes(data)
+        if core.n_layers != 1:
+            raise ValueError(f"the file holds {core.n_layers} layers; MetalCodeStore.from_bytes "
+                             "loads one (use MetalKVCache.from_bytes)")
+        return cls.from_core(core, 0, kernels, check_inputs)
+
+    @classmethod
+    def load(cls, path: str, kernels: Any = None) -> MetalCodeStore:
+        return cls.from_core(_core.KVCache.load(str(path)), 0, kernels)
+
+    def _check_layer(self, layer: int) -> None:
+        if layer != 0:
+            raise ValueError(f"layer must be in [0, 1), got {layer}")
+
+    def __repr__(self) -> str:
+        kernels = getattr(self.kernels, "name", None) or getattr(self.kernels, "__name__", "?")
+        return (f"MetalCodeStore(head_dim={self.head_dim}, n_q_heads={self.n_q_heads}, "
+                f"n_kv_heads={self.n_kv_heads}, key={self.key_bits}b, value={self.value_bits}b, "
+                f"tokens={self._n}, kernels={kernels})")
+
+
+def stores_to_core(stores: Sequence[MetalCodeStore]):
+    """One ``_core.KVCache`` holding the layers of ``stores`` (store i must be layer i)."""
+    first = stores[0]
+    core = _core.KVCache(first.head_dim, **first._core_config(len(stores)))
+    for i, s in enumerate(stores):
+        if s.layer != i or s._core_config() != first._core_config():
+            raise ValueError(f"store {i} (layer {s.layer}) does not belong to this cache")
+        kc, kn, vc, vn = s._all_encoded()
+        core.append_encoded(kc, kn, vc, vn, i)
+    return core
+
+
+class MetalKVCache:
+    """Several layers of :class:`MetalCodeStore` behind the interface of ``_core.KVCache``
+    (``append(keys, values, layer)``, ``attend(queries, layer, causal, scale, window,
+    sparse_v)``, ``size``, ``trim``, ``memory_bytes``, ``fp16_bytes``, ``bytes_per_token``,
+    ``save`` / ``to_bytes`` / ``from_bytes`` in the C++ file format). What
+    ``KVCacheBuilder.with_backend("metal")`` builds on a Mac."""
+
+    def __init__(self, head_dim: int, n_layers: int = 1, n_q_heads: int = 1, n_kv_heads: int = 1,
+                 key_method: str = "turboquant_mse", key_bits: int = 3,
+                 value_method: str = "turboquant_mse", value_bits: int = 3, seed: int = 0,
+                 rotation: str = "auto", block_tokens: int = 256, *, kernels: Any = None,
+                 check_inputs: bool = True, stores: Sequence[MetalCodeStore] | None = None):
+        if stores is None:
+            if int(n_layers) < 1:
+                raise ValueError(f"n_layers must be >= 1, got {n_layers}")
+            stores = [MetalCodeStore(head_dim, 1, n_q_heads, n_kv_heads, key_method, key_bits,
+                                     value_method, value_bits, seed, rotation, block_tokens,
+                                     layer=i, kernels=kernels, check_inputs=check_inputs)
+                      for i in range(int(n_layers))]
+        self.layers = list(stores)
+        s = self.layers[0]
+        self.head_dim, self.n_layers = s.head_dim, len(self.layers)
+        self.n_q_heads, self.n_kv_heads = s.n_q_heads, s.n_kv_heads
+        self.key_method, self.value_method = s.key_method, s.value_method
+        self.key_bits, self.value_bits, self.seed = s.key_bits, s.value_bits, s.seed
+        self.rotation, self.block_tokens = s.rotation, s.block_tokens
+        self.fp16_window, self.fp16_layers = 0, []
+
+    def _layer(self, layer: int) -> MetalCodeStore:
+        if not 0 <= int(layer) < self.n_layers:
+            raise ValueError(f"layer must be in [0, {self.n_layers}), got {layer}")
+        return self.layers[int(layer)]
+
+    def append(self, keys, values, layer: int = 0) -> None:
+        self._layer(layer).append(keys, values)
+
+    def attend(self, queries, layer: int = 0, causal: bool = True, scale: float | None = None,
+               window: int | None = None, sparse_v: float = 0.0):
+        return self._layer(layer).attend(queries, 0, causal, scale, window, sparse_v)
+
+    def size(self, layer: int = 0) -> int:
+        return self._layer(layer).size()
+
+    def __len__(self) -> int:
+        return self.layers[0].size()
+
+    def trim(self, n: int) -> int:
+        removed = [s.trim(n) for s in self.layers]
+        return removed[0]
+
+    def memory_bytes(self) -> int:
+        return sum(s.memory_bytes() for s in self.layers)
+
+    def fp16_bytes(self) -> int:
+        return sum(s.fp16_bytes() for s in self.layers)
+
+    def bytes_per_token(self) -> int:
+        return sum(s.bytes_per_token() for s in self.layers)
+
+    def decode(self, layer: int = 0, kv_head: int = 0, role: str = "key", start: int = 0,
+               count: int | None = None):
+        return self._layer(layer).decode(0, kv_head, role, start, count)
+
+    def to_core(self):
+        return stores_to_core(self.layers)
+
+    def to_bytes(self) -> bytes:
+        return self.to_core().to_bytes()
+
+    def save(self, path: str) -> None:
+        self.to_core().save(str(path))
+
+    @classmethod
+    def from_core(cls, core, kernels: Any = None, check_inputs: bool = True) -> MetalKVCache:
+        return cls(core.head_dim, stores=[MetalCodeStore.from_core(core, i, kernels, check_inputs)
+                                          for i in range(core.n_layers)])
+
+    @classmethod
+    def from_bytes(cls, data: bytes, kernels: Any = None) -> MetalKVCache:
+        return cls.from_core(_core.KVCache.from_bytes(data), kernels)
+
+    @classmethod
+    def load(cls, path: str, kernels: Any = None) -> MetalKVCache:
+        return cls.from_core(_core.KVCache.load(str(path)), kernels)
+
+    def __repr__(self) -> str:
+        return (f"MetalKVCache(head_dim={self.head_dim}, n_layers={self.n_layers}, "
+                f"n_q_heads={self.n_q_heads}, n_kv_heads={self.n_kv_heads}, tokens={len(self)})")
+
+
+def _numpy_view(x: Any) -> np.ndarray:
+    if _is_mlx(x) and x.dtype == _mx().bfloat16:  # NumPy has no bfloat16
+        x = x.astype(_mx().float32)
+    return np.asarray(x)
+
+
+class MetalTurboQuantKVCache(TurboQuantKVCache):
+    """``TurboQuantKVCache`` on a :class:`MetalKVCache`: mlx inputs go to the store as
+    they are (no NumPy round trip), outputs are mlx arrays for mlx queries (NumPy for
+    NumPy queries), in the cache's precision. Built by
+    ``KVCacheBuilder.with_backend("metal")`` on a Mac."""
+
+    def append(self, keys: Any, values: Any, layer: int = 0) -> None:
+        if len(getattr(keys, "shape", ())) == 1:  # one token of a single-head cache
+            keys = keys.reshape(1, -1)
+            values = values.reshape(1, -1) if len(values.shape) == 1 else values
+        first = self.core.size(layer)
+        t0 = time.perf_counter()
+        self.core.append(keys, values, layer)
+        dt = time.perf_counter() - t0
+        if self.observers:
+            h, d = self.core.n_kv_heads, self.core.head_dim
+            k, v = _numpy_view(keys), _numpy_view(values)
+            ev = Event("append", self, layer, dt, k.shape[-2], keys=k.reshape(h, -1, d),
+                       values=v.reshape(h, -1, d), first_token=first)
+            for o in self.observers:
+                o.on_append(ev)
+
+    def attend(self, queries: Any, layer: int = 0, causal: bool = True,
+               scale: float | None = None, window: int | None = None,
+               sparse_v: float | None = None) -> Any:
+        t0 = time.perf_counter()
+        out = self.core.attend(queries, layer, causal, scale, window,
+                               self.sparse_v if sparse_v is None else sparse_v)
+        dt = time.perf_counter() - t0
+        if self.observers:
+            ev = Event("attend", self, layer, dt,
+                       1 if len(queries.shape) == 1 else queries.shape[-2])
+            for o in self.observers:
+                o.on_attend(ev)
+        p = self.precision
+        if _is_mlx(queries):
+            return out.astype(p if _is_mlx_dtype(p) else _mlx_dtype(p))
+        return np.asarray(out).astype(_numpy_dtype(p), copy=False)
+
+    @classmethod
+    def load(cls, path: str, precision: Any = np.float32, kernels: Any = None):
+        return cls(MetalKVCache.load(str(path), kernels), precision=precision, backend="metal")

@@ -1,0 +1,509 @@
+"""The mlx-resident code store (turboquant.mlx_metal) against the C++ KVCache.
+
+On Linux the store runs on ReferenceKernels (the turboquant.metal kernel signatures computed
+with the C++ quantizers): this checks the store's own logic -- paging, head/GQA layout,
+decode vs prefill routing, masks, trim, files -- against _core.KVCache on identical inputs.
+The per-head Metal kernel sources the store calls on a Mac (metal.KERNELS["*_heads"]) are
+run here on the emulated GPU (metal/metal_compat.h) and checked bit-exact against the same
+quantizers. What needs a Mac: the kernels on real Metal through mx.fast.metal_kernel.
+"""
+
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+mx = pytest.importorskip("mlx.core")
+
+import turboquant  # noqa: E402
+from turboquant import _core, metal  # noqa: E402
+from turboquant.mlx_metal import (MetalCodeStore, MetalKVCache, ReferenceKernels,  # noqa: E402
+                                  kv_stream_id, store_supports)
+
+REF = ReferenceKernels()
+
+
+def pair(d=64, hq=4, hkv=2, kb=3, vb=4, seed=7, bt=16, layer_seed=None):
+    kw = dict(n_layers=1, n_q_heads=hq, n_kv_heads=hkv, key_method="turboquant_mse", key_bits=kb,
+              value_method="turboquant_mse", value_bits=vb, seed=seed, rotation="auto",
+              block_tokens=bt)
+    return MetalCodeStore(d, kernels=REF, **kw), _core.KVCache(d, **kw)
+
+
+def rand(rng, *shape):
+    return rng.standard_normal(shape).astype(np.float32)
+
+
+def assert_same_codes(store, core):
+    assert store.size() == core.size(0)
+    for h in range(core.n_kv_heads):
+        for role in ("key", "value"):
+            sc, sn = store.encoded(0, h, role)
+            cc, cn = core.encoded(0, h, role)
+            assert np.array_equal(sc, cc), (h, role)
+            assert np.array_equal(sn.view(np.uint16), cn.view(np.uint16)), (h, role)
+
+
+def close(a, b, tol=2e-5):
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    assert a.shape == b.shape
+    err = np.abs(a - b).max() / max(1.0, np.abs(b).max())
+    assert err <= tol, err
+
+
+@pytest.mark.parametrize("d,hq,hkv,kb,vb", [(64, 4, 2, 3, 4), (128, 8, 1, 2, 3), (32, 3, 3, 4, 2),
+                                            (64, 20, 1, 3, 3)])
+def test_codes_and_attention_match_the_core(d, hq, hkv, kb, vb):
+    rng = np.random.default_rng(d + hq)
+    store, core = pair(d, hq, hkv, kb, vb)
+    # appends in uneven chunks, crossing page boundaries (block_tokens=16): 37 tokens
+    for T in (5, 1, 19, 1, 11):
+        k, v = rand(rng, hkv, T, d), rand(rng, hkv, T, d)
+        store.append(mx.array(k), mx.array(v))
+        core.append(k, v)
+    assert_same_codes(store, core)
+    assert store.memory_bytes() == core.memory_bytes()
+    assert store.fp16_bytes() == core.fp16_bytes()
+    assert store.bytes_per_token() == core.bytes_per_token()
+    scale = 0.2
+    # decode (one query position: the split-K kernel path), with and without a window
+    for window in (None, 9, 100):
+        q = rand(rng, hq, 1, d)
+        out = store.attend(mx.array(q), causal=True, scale=scale, window=window)
+        assert isinstance(out, mx.array) and out.dtype == mx.float32 and out.shape == q.shape
+        close(out, core.attend(q, causal=True, scale=scale, window=window))
+    # prefill (several positions: dequantized tile + mx attention), causal / window / full
+    for causal, window in ((True, None), (True, 6), (False, None), (False, 10)):
+        q = rand(rng, hq, 13, d)
+        out = store.attend(mx.array(q), causal=causal, scale=scale, window=window)
+        close(out, core.attend(q, causal=causal, scale=scale, window=window))
+    q = rand(rng, 1, hq, 3, d)  # (1, H, T, d) input, default scale
+    close(store.attend(mx.array(q)), core.attend(q))
+
+
+def test_single_head_shapes_and_numpy_inputs():
+    rng = np.random.default_rng(1)
+    store, core = pair(64, 1, 1)
+    k, v = rand(rng, 9, 64), rand(rng, 9, 64)
+    store.append(k, v)  # NumPy (T, d) accepted and converted
+    core.append(k, v)
+    assert_same_codes(store, core)
+    q = rand(rng, 64)
+    out = store.attend(mx.array(q))
+    assert out.shape == (64,)
+    close(out, core.attend(q))
+
+
+def test_float16_and_bfloat16_inputs_match_float32_codes():
+    rng = np.random.default_rng(2)
+    store, core = pair()
+    k = rand(rng, 2, 6, 64).astype(np.float16)
+    v = rand(rng, 2, 6, 64).astype(np.float16)
+    store.append(mx.array(k), mx.array(v))
+    core.append(k, v)
+    assert_same_codes(store, core)
+    b = mx.array(rand(rng, 2, 3, 64)).astype(mx.bfloat16)
+    store.append(b, b)
+    f = np.array(b.astype(mx.float32))
+    core.append(f, f)
+    assert_same_codes(store, core)
+
+
+def test_trim_frees_pages_and_matches_the_core():
+    rng = np.random.default_rng(3)
+    store, core = pair(bt=8)
+    k, v = rand(rng, 2, 30, 64), rand(rng, 2, 30, 64)
+    store.append(mx.array(k), mx.array(v))
+    core.append(k, v)
+    for n in (3, 9, 0):
+        assert store.trim(n) == core.trim(n)
+        assert store.memory_bytes() == core.memory_bytes()
+        assert_same_codes(store, core)
+    k2, v2 = rand(rng, 2, 4, 64), rand(rng, 2, 4, 64)
+    store.append(mx.array(k2), mx.array(v2))
+    core.append(k2, v2)
+    assert_same_codes(store, core)
+    q = rand(rng, 4, 1, 64)
+    close(store.attend(mx.array(q)), core.attend(q))
+    assert store.trim(100) == core.trim(100) == 22
+    assert store.size() == 0 and store.memory_bytes() == core.memory_bytes()
+    with pytest.raises(ValueError, match="empty cache"):
+        store.attend(mx.array(q))
+
+
+def test_save_load_round_trip_and_cross_loading(tmp_path):
+    rng = np.random.default_rng(4)
+    store, core = pair(seed=123)
+    k, v = rand(rng, 2, 21, 64), rand(rng, 2, 21, 64)
+    store.append(mx.array(k), mx.array(v))
+    core.append(k, v)
+    blob = store.to_bytes()
+    assert blob == core.to_bytes()  # one byte format
+    back = MetalCodeStore.from_bytes(blob, kernels=REF)
+    assert_same_codes(back, core)
+    assert back.memory_bytes() == store.memory_bytes()
+    q = rand(rng, 4, 1, 64)
+    close(back.attend(mx.array(q)), core.attend(q))
+    # a file written by the C++ cache loads into the store, and the store's into the core
+    core.save(str(tmp_path / "c.tqkv"))
+    assert_same_codes(MetalCodeStore.load(str(tmp_path / "c.tqkv"), kernels=REF), core)
+    store.save(str(tmp_path / "s.tqkv"))
+    loaded = _core.KVCache.load(str(tmp_path / "s.tqkv"))
+    assert_same_codes(store, loaded)
+    # empty stores too
+    empty, ecore = pair()
+    assert empty.to_bytes() == ecore.to_bytes()
+    assert MetalCodeStore.from_bytes(ecore.to_bytes(), kernels=REF).size() == 0
+
+
+def test_refuses_what_it_cannot_hold():
+    blob = _core.KVCache(64, key_method="turboquant_prod").to_bytes()
+    with pytest.raises(ValueError, match="turboquant_mse"):
+        MetalCodeStore.from_bytes(blob, kernels=REF)
+    with pytest.raises(ValueError, match="one"):
+        MetalCodeStore.from_bytes(_core.KVCache(64, n_layers=2).to_bytes(), kernels=REF)
+    core = _core.KVCache(64)
+    kind, params = core.rotation_parameters(0, 0, "key")
+    core.set_rotation_parameters(0, 0, "key", kind, -np.asarray(params))
+    with pytest.raises(ValueError, match="custom rotation"):
+        MetalCodeStore.from_bytes(core.to_bytes(), kernels=REF)
+    assert store_supports(96) and store_supports(64, rotation="dense")
+    assert store_supports(64, "polar") and store_supports(64) is None
+    with pytest.raises(ValueError, match="power-of-two head_dim"):
+        MetalCodeStore(96, kernels=REF)
+
+
+def test_bad_input_is_refused_and_leaves_the_store_unchanged():
+    rng = np.random.default_rng(5)
+    store, core = pair()
+    k, v = rand(rng, 2, 4, 64), rand(rng, 2, 4, 64)
+    store.append(mx.array(k), mx.array(v))
+    core.append(k, v)
+    bad = k.copy()
+    bad[1, 2, 3] = np.nan
+    with pytest.raises(ValueError, match="NaN"):
+        store.append(mx.array(bad), mx.array(v))
+    with pytest.raises(ValueError, match="heads"):
+        store.append(mx.array(rand(rng, 3, 4, 64)), mx.array(rand(rng, 3, 4, 64)))
+    with pytest.raises(ValueError, match="differs"):
+        store.append(mx.array(k), mx.array(v[:, :2]))
+    with pytest.raises(TypeError, match="float"):
+        store.append(mx.array(k).astype(mx.int32), mx.array(v))
+    assert_same_codes(store, core)
+    q = rand(rng, 4, 1, 64)
+    with pytest.raises(ValueError, match="query heads|heads"):
+        store.attend(mx.array(rand(rng, 3, 1, 64)))
+    with pytest.raises(ValueError, match="only 4 tokens"):
+        store.attend(mx.array(rand(rng, 4, 5, 64)))
+    with pytest.raises(ValueError, match="window"):
+        store.attend(mx.array(q), window=0)
+    with pytest.raises(ValueError, match="sparse_v"):
+        store.attend(mx.array(q), sparse_v=0.1)
+    qn = q.copy()
+    qn[0, 0, 0] = np.inf
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        store.attend(mx.array(qn))
+
+
+def test_multi_layer_cache_matches_the_core():
+    rng = np.random.default_rng(6)
+    kw = dict(n_layers=3, n_q_heads=4, n_kv_heads=2, key_bits=3, value_bits=3, seed=9,
+              block_tokens=16)
+    cache, core = MetalKVCache(64, kernels=REF, **kw), _core.KVCache(64, **kw)
+    for layer in range(3):
+        k, v = rand(rng, 2, 10 + layer, 64), rand(rng, 2, 10 + layer, 64)
+        cache.append(mx.array(k), mx.array(v), layer)
+        core.append(k, v, layer)
+    for layer in range(3):  # streams of layer l use layer l's rotations
+        close(cache.decode(layer, 1, "value"), core.decode(layer, 1, "value"), 0)
+        q = rand(rng, 4, 2, 64)
+        close(cache.attend(mx.array(q), layer), core.attend(q, layer))
+    assert cache.memory_bytes() == core.memory_bytes()
+    assert cache.to_bytes() == core.to_bytes()
+    back = MetalKVCache.from_bytes(core.to_bytes(), kernels=REF)
+    assert [back.size(i) for i in range(3)] == [10, 11, 12]
+    assert cache.trim(5) == core.trim(5) and cache.memory_bytes() == core.memory_bytes()
+
+
+def test_stream_ids_are_those_of_the_core():
+    core = _core.KVCache(64, n_layers=3, n_q_heads=2, n_kv_heads=2, seed=5)
+    for layer in range(3):
+        for h in range(2):
+            for r, role in enumerate(("key", "value")):
+                q = _core.Quantizer("turboquant_mse", 64, 3, 5, rotation="hadamard",
+                                    stream=kv_stream_id(layer, h, r))
+                assert np.array_equal(q.rotation_parameters(),
+                                      core.rotation_parameters(layer, h, role)[1])
+
+
+@pytest.mark.skipif(sys.platform == "darwin", reason="the Linux behaviour")
+def test_default_kernels_need_a_mac():
+    store = MetalCodeStore(64)  # the turboquant.metal kernel set
+    with pytest.raises(RuntimeError, match="Metal is not available on this platform"):
+        store.append(mx.zeros((1, 1, 64)), mx.zeros((1, 1, 64)))
+    assert store.size() == 0
+
+
+# --- The per-head Metal kernel sources on the emulated GPU ---------------------------------
+
+
+def test_per_head_kernels_on_the_emulated_gpu(tmp_path):
+    from test_metal import EMU_FLAGS, ROOT, _emulated_program, _run
+
+    cxx = shutil.which("c++") or shutil.which("g++") or shutil.which("clang++")
+    assert cxx, "a C++ compiler is needed to run the kernel sources"
+    rng = np.random.default_rng(0)
+    dim, H, group, T, stride, bt = 64, 3, 2, 37, 40, 16
+    kt = metal.HeadTables(_core.Quantizer("turboquant_mse", dim, 3, 11, rotation="hadamard",
+                                          stream=kv_stream_id(0, h, 0)) for h in range(H))
+    vt = metal.HeadTables(_core.Quantizer("turboquant_mse", dim, 4, 11, rotation="hadamard",
+                                          stream=kv_stream_id(0, h, 1)) for h in range(H))
+    keys, values = rand(rng, H, stride, dim), rand(rng, H, stride, dim)
+    queries = rand(rng, H, group, dim)
+    t = metal.threads_for(dim)
+    rows = H * stride
+    blocks = -(-T // bt)
+    types = {"x": "float", "signs": "float", "boundaries": "float", "params": "uint32_t",
+             "codes": "uint8_t", "norms": "uint16_t", "y": "float", "q": "float",
+             "k_codes": "uint8_t", "k_norms": "uint16_t", "v_codes": "uint8_t",
+             "v_norms": "uint16_t", "k_centroids": "float", "v_centroids": "float",
+             "part_m": "float", "part_l": "float", "part_acc": "float", "v_signs": "float",
+             "out": "float", "centroids": "float"}
+    kernels = [
+        *({"id": f"enc{tb.bits}", "kernel": "encode_heads", "types": types,
+           "grid": (rows * t, 1, 1), "threadgroup": (t, 1, 1),
+           "out_bytes": [rows * tb.code_bytes, rows * 2]} for tb in (kt, vt)),
+        {"id": "deq", "kernel": "dequantize_heads", "types": types, "grid": (rows * t, 1, 1),
+         "threadgroup": (t, 1, 1), "out_bytes": [rows * dim * 4]},
+        {"id": "rot", "kernel": "rotate_heads", "types": types, "grid": (H * group * t, 1, 1),
+         "threadgroup": (t, 1, 1), "out_bytes": [H * group * dim * 4]},
+        {"id": "block", "kernel": "attention_block", "types": types,
+         "template": {"SCRATCH": metal.attention_scratch_floats(dim, group, bt, 3, 4)},
+         "grid": (blocks * metal.ATTENTION_THREADS, H, 1),
+         "threadgroup": (metal.ATTENTION_THREADS, 1, 1),
+         "out_bytes": [H * blocks * group * 4] * 2 + [H * blocks * group * dim * 4]},
+        {"id": "red", "kernel": "attention_reduce_heads", "types": types,
+         "grid": (group * t, H, 1), "threadgroup": (t, 1, 1), "out_bytes": [H * group * dim * 4]},
+    ]
+    src = tmp_path / "heads.cpp"
+    src.write_text(_emulated_program(kernels))
+    exe = tmp_path / "heads"
+    r = subprocess.run([cxx, "-std=c++20", "-O1", "-w", *EMU_FLAGS, f"-I{ROOT / 'metal'}",
+                        str(src), "-o", str(exe)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-4000:]
+    f32 = lambda a: np.asarray(a, np.float32).ravel()  # noqa: E731
+    wp = lambda words, per: np.concatenate([words, np.array([per], np.uint32)])  # noqa: E731
+
+    def encode(tables, x):
+        c, n = _run(exe, tmp_path, f"enc{tables.bits}", [x, tables.signs_numpy(),
+                                           f32(tables.quantizers[0].codebook.boundaries),
+                                           wp(metal.encode_params(rows, dim, tables.bits, True),
+                                              stride)], 2)
+        return (np.frombuffer(c, np.uint8).reshape(H, stride, tables.code_bytes),
+                np.frombuffer(n, np.uint16).reshape(H, stride))
+
+    kc, kn = encode(kt, keys)
+    vc, vn = encode(vt, values)
+    for h in range(H):  # each head with its own rotation, bit-exact with the C++ quantizer
+        rc, rn = kt.quantizers[h].encode(keys[h])
+        assert np.array_equal(kc[h], rc) and np.array_equal(kn[h], rn.view(np.uint16))
+        rc, rn = vt.quantizers[h].encode(values[h])
+        assert np.array_equal(vc[h], rc) and np.array_equal(vn[h], rn.view(np.uint16))
+    (deq,) = _run(exe, tmp_path, "deq", [vc, vn, f32(vt.quantizers[0].codebook.centroids),
+                                         vt.signs_numpy(),
+                                         wp(metal.dequant_params(rows, dim, 4, True, True, False),
+                                            stride)], 1)
+    deq = np.frombuffer(deq, np.float32).reshape(H, stride, dim)
+    for h in range(H):
+        assert np.array_equal(deq[h], vt.quantizers[h].decode(vc[h], vn[h].view(np.float16)))
+
+    (q_rot,) = _run(exe, tmp_path, "rot", [queries, kt.signs_numpy(),
+                                           wp(metal.rotate_params(H * group, dim), group)], 1)
+    scale = 0.125
+    parts = _run(exe, tmp_path, "block",
+                 [np.frombuffer(q_rot, np.float32), kc, kn, vc, vn,
+                  f32(kt.quantizers[0].codebook.centroids),
+                  f32(vt.quantizers[0].codebook.centroids),
+                  metal.attention_params(dim, T, stride, bt, group, 3, 4, True, scale)], 3)
+    (out,) = _run(exe, tmp_path, "red",
+                  [np.frombuffer(p, np.float32) for p in parts] + [
+                      vt.signs_numpy(), metal.reduce_params(dim, blocks, group, True)], 1)
+    out = np.frombuffer(out, np.float32).reshape(H, group, dim)
+    ref = REF.decode_attention_heads(kt, vt, mx.array(queries), mx.array(kc),
+                                     mx.array(kn).view(mx.float16), mx.array(vc),
+                                     mx.array(vn).view(mx.float16), T, scale)
+    close(out, ref, 1e-5)
+
+
+def test_build_info_still_reports_the_mlx_path():
+    assert turboquant.build_info()["mlx_kernels"] == metal.active_path()
+
+
+# --- KVCacheBuilder.with_backend("metal") ---------------------------------------------------
+
+
+def builder(**kw):
+    b = (turboquant.KVCacheBuilder().with_head_dim(64).with_layers(2).with_heads(4, 2)
+         .with_key_bits(3).with_value_bits(4).with_seed(3).with_block_tokens(16))
+    for name, args in kw.items():
+        b = getattr(b, name)(*args)
+    return b
+
+
+@pytest.mark.skipif(sys.platform == "darwin", reason="the Linux behaviour")
+def test_builder_metal_is_refused_clearly_without_a_mac(monkeypatch):
+    monkeypatch.delenv("TURBOQUANT_BACKEND", raising=False)
+    with pytest.raises(RuntimeError, match="Metal is not available on this platform"):
+        builder().with_backend("metal").build()
+    assert builder().build().backend == "cpu"
+
+
+def test_builder_metal_cache_matches_the_cpu_cache(tmp_path):
+    b = builder()
+    cpu = b.build()
+    gpu = b._metal_cache("turboquant_mse", "turboquant_mse", kernels=REF)
+    assert gpu.backend == "metal" and type(gpu.core) is MetalKVCache
+    rng = np.random.default_rng(8)
+    for layer in range(2):
+        k, v = rand(rng, 2, 19, 64), rand(rng, 2, 19, 64)
+        cpu.append(k, v, layer)
+        gpu.append(mx.array(k), mx.array(v), layer)
+    assert gpu.memory_bytes() == cpu.memory_bytes()
+    assert gpu.effective_bits() == cpu.effective_bits()
+    for tq in (1, 5):
+        q = rand(rng, 4, tq, 64)
+        out = gpu.attend(mx.array(q), 1)
+        assert isinstance(out, mx.array)
+        close(out, cpu.attend(q, 1))
+        close(gpu.attend(q, 0), cpu.attend(q, 0))  # NumPy in, NumPy out
+    gpu.save(str(tmp_path / "g.tqkv"))
+    back = turboquant.TurboQuantKVCache.load(str(tmp_path / "g.tqkv"))  # the CPU cache
+    q = rand(rng, 4, 1, 64)
+    close(back.attend(q, 1), cpu.attend(q, 1), 0)
+    assert gpu.trim(4) == 4 and len(gpu) == 15
+
+
+def test_builder_selects_the_metal_store_where_metal_resolves(monkeypatch):
+    # Simulates a Mac: the core resolves "metal", mlx has a Metal device, and the store's
+    # default kernel set is the reference one.
+    import turboquant.mlx_metal as mm
+
+    monkeypatch.delenv("TURBOQUANT_BACKEND", raising=False)
+    monkeypatch.setattr(_core, "resolve_backend",
+                        lambda requested: "cpu" if requested == "cpu" else "metal")
+    monkeypatch.setattr(metal, "active_path", lambda: "metal")
+    monkeypatch.setattr(mm, "METAL_KERNELS", REF)
+    cache = builder().with_backend("metal").build()
+    assert cache.backend == "metal" and isinstance(cache, mm.MetalTurboQuantKVCache)
+    assert builder().build().backend == "metal"  # auto picks it too
+    assert builder().with_backend("cpu").build().backend == "cpu"
+    # configurations the store cannot hold: explicit requests are refused with the reason,
+    # "auto" falls back to the CPU cache
+    for kw, why in (({"with_method": ("polar",)}, "turboquant_mse"),
+                    ({"with_fp16_window": (8,)}, "fp16 window"),
+                    ({"with_rotation": ("dense",)}, "hadamard"),
+                    ({"with_sparse_v": (0.01,)}, "sparse V")):
+        with pytest.raises(RuntimeError, match=why):
+            builder(**kw).with_backend("metal").build()
+        assert builder(**kw).build().backend == "cpu"
+    monkeypatch.setattr(metal, "active_path", lambda: "cpu")
+    with pytest.raises(RuntimeError, match="mlx with a Metal device"):
+        builder().with_backend("metal").build()
+    assert builder().build().backend == "cpu"
+
+
+def test_core_encoded_and_append_encoded():
+    rng = np.random.default_rng(9)
+    a = _core.KVCache(64, n_q_heads=2, n_kv_heads=2, key_bits=2, value_bits=5, block_tokens=8)
+    k, v = rand(rng, 2, 13, 64), rand(rng, 2, 13, 64)
+    a.append(k, v)
+    b = _core.KVCache(64, n_q_heads=2, n_kv_heads=2, key_bits=2, value_bits=5, block_tokens=8)
+    parts = []
+    for role in ("key", "value"):
+        pairs = [a.encoded(0, h, role) for h in range(2)]
+        parts += [np.stack([c for c, _ in pairs]), np.stack([n for _, n in pairs])]
+    assert parts[0].shape == (2, 13, 16) and parts[1].dtype == np.float16
+    c, n = a.encoded(0, 1, "value", 4, 3)
+    assert np.array_equal(c, parts[2][1, 4:7]) and np.array_equal(n, parts[3][1, 4:7])
+    bad = [
+        ((parts[0].astype(np.int8), *parts[1:]), TypeError, "uint8"),
+        ((parts[0][:1], *parts[1:]), ValueError, "n_kv_heads=2"),
+        ((parts[0], parts[1].astype(np.float32), *parts[2:]), TypeError, "float16"),
+        ((*parts[:2], parts[2][:, :5].copy(), parts[3][:, :5].copy()), ValueError, "13 tokens"),
+        ((*parts[:2], parts[2][:, ::2], parts[3][:, ::2]), ValueError, "C-contiguous"),
+        ((parts[0][:, :, :-1].copy(), *parts[1:]), ValueError, "code_bytes=16"),
+    ]
+    for args, exc, msg in bad:
+        with pytest.raises(exc, match=msg):
+            b.append_encoded(*args)
+        assert b.size(0) == 0
+    b.append_encoded(*parts)
+    assert b.to_bytes() == a.to_bytes()
+    with pytest.raises(ValueError, match="beyond"):
+        a.encoded(0, 0, "key", 10, 5)
+    with pytest.raises(ValueError, match="role"):
+        a.encoded(0, 0, "both")
+
+
+# --- The store on the real turboquant.metal functions, kernels on the emulated GPU ----------
+
+
+@pytest.fixture(scope="module")
+def emulated(tmp_path_factory):
+    from mlx_kernel_emulator import EmulatedKernels
+
+    return EmulatedKernels(tmp_path_factory.mktemp("emu"))
+
+
+@pytest.mark.parametrize("hq,hkv,kb,vb", [(4, 2, 3, 4), (3, 1, 2, 2)])
+def test_store_on_the_metal_functions_with_emulated_kernels(emulated, monkeypatch, hq, hkv, kb, vb):
+    # MetalCodeStore with its default kernel set (turboquant.metal), whose host functions run
+    # as on a Mac; only the mx.fast.metal_kernel launch is replaced by the emulator.
+    emulated.install(monkeypatch)
+    rng = np.random.default_rng(hq)
+    d = 32
+    kw = dict(n_layers=1, n_q_heads=hq, n_kv_heads=hkv, key_bits=kb, value_bits=vb, seed=4,
+              block_tokens=8)
+    store, core = MetalCodeStore(d, **kw), _core.KVCache(d, **kw)
+    assert store.kernels is metal
+    start = len(emulated.launches)
+    for T in (6, 1, 5):  # 12 tokens over two pages
+        k, v = rand(rng, hkv, T, d), rand(rng, hkv, T, d)
+        store.append(mx.array(k), mx.array(v))
+        core.append(k, v)
+    assert_same_codes(store, core)
+    for window in (None, 5):
+        q = rand(rng, hq, 1, d)
+        close(store.attend(mx.array(q), scale=0.3, window=window),
+              core.attend(q, scale=0.3, window=window))
+    q = rand(rng, hq, 4, d)
+    close(store.attend(mx.array(q), window=6), core.attend(q, window=6))
+    used = set(emulated.launches[start:])
+    assert used == {"encode_heads", "rotate_heads", "attention_block",
+                    "attention_reduce_heads", "dequantize_heads"}, used
+
+
+def test_single_quantizer_metal_functions_with_emulated_kernels(emulated, monkeypatch):
+    emulated.install(monkeypatch)
+    rng = np.random.default_rng(12)
+    kq = _core.Quantizer("turboquant_mse", 32, 3, 5, rotation="hadamard")
+    vq = _core.Quantizer("turboquant_mse", 32, 2, 6, rotation="hadamard")
+    k, v = rand(rng, 10, 32), rand(rng, 10, 32)
+    kc, kn = metal.encode(kq, mx.array(k))
+    vc, vn = metal.encode(vq, mx.array(v))
+    rc, rn = kq.encode(k)
+    assert np.array_equal(np.array(kc), rc) and np.array_equal(np.array(kn), rn)
+    dec = np.array(metal.dequantize(kq, kc, kn))  # default out_dtype: fp32, decoded
+    assert np.array_equal(dec, kq.decode(rc, rn))
+    half = metal.dequantize(kq, kc, kn, out_dtype=mx.float16)
+    assert half.dtype == mx.float16 and np.array_equal(np.array(half), dec.astype(np.float16))
+    q = rand(rng, 2, 2, 32)
+    out = metal.decode_attention(kq, vq, mx.array(q), kc.reshape(2, 5, -1), kn.reshape(2, 5),
+                                 vc.reshape(2, 5, -1), vn.reshape(2, 5), 4, 0.25)
+    kd = kq.decode(rc, rn).reshape(2, 5, 32)[:, :4]
+    vd = vq.decode(np.array(vc), np.array(vn)).reshape(2, 5, 32)[:, :4]
+    s = np.einsum("hgd,htd->hgt", q, kd) * 0.25
+    p = np.exp(s - s.max(-1, keepdims=True))
+    close(out, np.einsum("hgt,htd->hgd", p / p.sum(-1, keepdims=True), vd), 1e-5)
