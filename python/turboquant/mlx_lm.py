@@ -33,7 +33,8 @@ import numpy as np
 from mlx_lm.models import base as _mlx_base
 from mlx_lm.models import cache as _mlx_cache
 
-from turboquant import _core
+from turboquant import _core, metal
+from turboquant import mlx_metal as _mlx_metal
 
 __all__ = [
     "TurboQuantKVCache",
@@ -104,6 +105,9 @@ class TurboQuantKVCache(_mlx_cache._BaseCache):
         # Per-KV-head channel order of the keys (key_split): the chosen high-energy channels
         # first. Applied to keys before encoding and to queries before attention (exact).
         self._perm: np.ndarray | None = None
+        # Codes held as mlx arrays by a MetalCodeStore (Apple GPU) instead of the C++ core?
+        # Decided at the first append (needs head_dim); see _use_gpu.
+        self._gpu: bool | None = None
         self.offset = 0
         # Per-KV-head mean key / value of the first block (see _centre).
         self._k_mean: np.ndarray | None = None
@@ -130,7 +134,9 @@ class TurboQuantKVCache(_mlx_cache._BaseCache):
             if (B * H, d) != (cfg[0], cfg[1]):
                 raise ValueError(f"layer {self.layer}: keys of shape {keys.shape} do not match the "
                                  f"cache's (B*H_kv={cfg[0]}, head_dim={cfg[1]})")
-        k, v = _to_numpy(keys), _to_numpy(values)
+        if self._gpu is None:
+            self._gpu = self._use_gpu(d)
+        k, v = (keys, values) if self._gpu else (_to_numpy(keys), _to_numpy(values))
         self._batch = B
         k, v = self._centre(k.reshape(B * H, T, d), v.reshape(B * H, T, d))
         if self._perm is not None:
@@ -153,7 +159,7 @@ class TurboQuantKVCache(_mlx_cache._BaseCache):
         B, Hq, Tq, d = queries.shape
         if B != self._batch:
             raise ValueError(f"queries batch {B} != cache batch {self._batch}")
-        q = _to_numpy(queries).reshape(B * Hq, Tq, d)
+        q = (queries if self._gpu else _to_numpy(queries)).reshape(B * Hq, Tq, d)
         if self._core is None:
             self._create_core(n_q_heads=Hq, n_kv_heads=self._pending_heads(), head_dim=d,
                               queries=q)
@@ -166,8 +172,21 @@ class TurboQuantKVCache(_mlx_cache._BaseCache):
         out = self._core.attend(q, causal=causal, scale=float(scale), window=window)
         if self._v_mean is not None:  # sum_t p_t (v_t - m) + m = sum_t p_t v_t
             out = out.reshape(-1, Hq // (self._core_kv_heads // B), Tq, d)
-            out += self._v_mean[:, None]
+            out = out + self._v_mean[:, None]
         return mx.array(out.reshape(B, Hq, Tq, d)).astype(queries.dtype)
+
+    def _use_gpu(self, head_dim: int) -> bool:
+        """The Metal path (codes as mlx arrays, turboquant.metal kernels) is taken on Apple
+        GPUs for configurations its kernels implement: turboquant_mse with the Hadamard
+        rotation, no key split, no fp16 window, no norm correction. Anything else runs on the
+        C++ core (the quality features are CPU-only for now)."""
+        if metal.active_path() != "metal":
+            return False
+        mse = self.key_method == self.value_method == "turboquant_mse"
+        return (_mlx_metal.store_supports(head_dim, self.key_method, self.value_method,
+                                          self.rotation) is None
+                and self.split_plan(head_dim) is None and self.fp16_window == 0
+                and not (self.debias and mse))
 
     def _centre(self, k: np.ndarray, v: np.ndarray):
         """Subtract a fixed per-head mean from keys and values before encoding.
@@ -179,6 +198,12 @@ class TurboQuantKVCache(_mlx_cache._BaseCache):
         means come from the first block appended (the prefill) and then stay fixed."""
         if not self.center:
             return k, v
+        if self._gpu:  # the same on mlx arrays, on the GPU
+            k, v = k.astype(mx.float32), v.astype(mx.float32)
+            if self._k_mean is None:
+                self._k_mean = k.mean(axis=1, keepdims=True)
+                self._v_mean = v.mean(axis=1, keepdims=True)
+            return k - self._k_mean, v - self._v_mean
         if self._k_mean is None:
             self._k_mean = k.mean(axis=1, keepdims=True, dtype=np.float32)
             self._v_mean = v.mean(axis=1, keepdims=True, dtype=np.float32)
@@ -266,9 +291,13 @@ class TurboQuantKVCache(_mlx_cache._BaseCache):
         blob, meta, k_mean, v_mean = v[:4]
         perm = v[4] if len(v) == 5 else mx.zeros((0,))
         self._set_config(json.loads(meta))
+        self._gpu = None if self._head_dim is None else self._use_gpu(int(self._head_dim))
         if k_mean.size:
-            self._k_mean = np.array(k_mean, dtype=np.float32)
-            self._v_mean = np.array(v_mean, dtype=np.float32)
+            if self._gpu:
+                self._k_mean, self._v_mean = k_mean.astype(mx.float32), v_mean.astype(mx.float32)
+            else:
+                self._k_mean = np.array(k_mean, dtype=np.float32)
+                self._v_mean = np.array(v_mean, dtype=np.float32)
         if perm.size:
             p = np.array(perm).astype(np.int64)
             if p.ndim != 2 or not all(np.array_equal(np.sort(r), np.arange(p.shape[1]))
@@ -278,7 +307,8 @@ class TurboQuantKVCache(_mlx_cache._BaseCache):
             self._perm = p
         blob = np.array(blob, dtype=np.uint8, copy=False)
         if blob.size:
-            self._core = _load_core(blob)
+            self._core = (_mlx_metal.MetalCodeStore.from_bytes(blob.tobytes()) if self._gpu
+                          else _load_core(blob))
             self._shape = (self._core_kv_heads, self._head_dim)
             if self._core.size(0) != self.offset:
                 raise _core.FormatError(
@@ -382,13 +412,16 @@ class TurboQuantKVCache(_mlx_cache._BaseCache):
             split = dict(n_outlier_channels=m, outlier_bits=hi,
                          outlier_channels=list(range(m)), outlier_roles="keys")
         mse = self.key_method == self.value_method == "turboquant_mse"
-        self._core = _core.KVCache(
-            head_dim, n_layers=1, n_q_heads=total_q, n_kv_heads=total_kv,
-            key_method=self.key_method, key_bits=key_bits,
-            value_method=self.value_method, value_bits=self.value_bits,
-            seed=layer_seed(self.seed, self.layer), rotation=self.rotation,
-            fp16_window=self.fp16_window, block_tokens=self.block_tokens,
-            norm_correction=self.debias and mse, **split)
+        common = dict(n_layers=1, n_q_heads=total_q, n_kv_heads=total_kv,
+                      key_method=self.key_method, key_bits=key_bits,
+                      value_method=self.value_method, value_bits=self.value_bits,
+                      seed=layer_seed(self.seed, self.layer), rotation=self.rotation,
+                      block_tokens=self.block_tokens)
+        if self._gpu:
+            self._core = _mlx_metal.MetalCodeStore(head_dim, **common)
+        else:
+            self._core = _core.KVCache(head_dim, fp16_window=self.fp16_window,
+                                       norm_correction=self.debias and mse, **common, **split)
         self._n_q_heads, self._core_kv_heads, self._head_dim = n_q_heads, total_kv, head_dim
         self._shape = (total_kv, head_dim)
         pending, self._pending = self._pending, []

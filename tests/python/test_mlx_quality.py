@@ -256,3 +256,37 @@ def test_calibrate_tiny_model_profile_roundtrip(tmp_path, metric):
     assert [(c.key_bits, c.value_bits) for c in cache] == bits
     out = model(mx.array(tokens[:10])[None], cache=cache)
     assert np.isfinite(np.array(out)).all()
+
+
+# --- the Metal path of the mlx-lm cache (simulated Mac, reference kernels) ----------------
+
+
+def test_mlx_cache_takes_the_metal_path_where_it_fits(monkeypatch, tmp_path):
+    import turboquant.mlx_metal as mm
+    from turboquant import metal
+
+    monkeypatch.setattr(metal, "active_path", lambda: "metal")
+    monkeypatch.setattr(mm, "METAL_KERNELS", mm.ReferenceKernels())
+    model = tiny_model("llama")
+    tokens = np.random.default_rng(7).integers(0, 128, 30).tolist()
+    plain = dict(key_bits=3, value_bits=3, key_split=False, debias=False, seed=2)
+    gpu = tq_mlx.make_prompt_cache(model, **plain)
+    a = np.array(model(mx.array(tokens[:24])[None], cache=gpu))
+    assert all(c._gpu and isinstance(c._core, mm.MetalCodeStore) for c in gpu)
+    # the quality features are CPU-only: the default configuration stays on the C++ core
+    default = tq_mlx.make_prompt_cache(model)
+    model(mx.array(tokens[:24])[None], cache=default)
+    assert not any(c._gpu for c in default)
+    # same codes and seeds as the CPU core: same logits
+    monkeypatch.setattr(metal, "active_path", lambda: "cpu")
+    cpu = tq_mlx.make_prompt_cache(model, **plain)
+    b = np.array(model(mx.array(tokens[:24])[None], cache=cpu))
+    assert not any(c._gpu for c in cpu)
+    np.testing.assert_allclose(a, b, atol=2e-4)
+    # a prompt cache saved on the Metal path loads on the CPU path
+    path = str(tmp_path / "g.safetensors")
+    mlx_cache.save_prompt_cache(path, gpu)
+    loaded = mlx_cache.load_prompt_cache(path)
+    x = np.array(model(mx.array(tokens[24:27])[None], cache=loaded))
+    y = np.array(model(mx.array(tokens[24:27])[None], cache=cpu))
+    np.testing.assert_allclose(x, y, atol=2e-4)
