@@ -35,7 +35,7 @@ namespace turboquant {
 class KVCache;
 
 inline constexpr char kCacheMagic[8] = {'T', 'Q', 'K', 'V', 'C', 'A', 'C', 'H'};
-inline constexpr uint32_t kCacheFormatVersion = 2;
+inline constexpr uint32_t kCacheFormatVersion = 3;
 
 // CRC32C (Castagnoli, reflected polynomial 0x82F63B78), as in iSCSI / ext4 / SSE4.2 crc32.
 // crc32c("123456789") == 0xE3069283. Pass a previous result as `crc` to continue a stream.
