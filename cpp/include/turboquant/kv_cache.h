@@ -144,8 +144,10 @@ class KVCache {
   // Truncates every layer to at most `length` tokens.
   void truncate(size_t length);
 
-  // Every byte this cache allocated for data: code and norm pages, and the quantizers'
-  // own state (rotations, QJL matrices). Bookkeeping (vectors of pointers) is not counted.
+  // Every byte this cache allocated for data: code and norm pages (each block at its own
+  // bits with decay), fp16 sink and window rows (capacity), and the quantizers' own state
+  // (rotations, QJL matrices, the decayed quantizers' rotations). Bookkeeping (vectors of
+  // pointers, decay flags) is not counted.
   size_t memory_bytes() const;
   // Bytes the same tokens would take as fp16 K and V.
   size_t fp16_bytes() const;
