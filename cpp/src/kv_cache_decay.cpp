@@ -18,6 +18,7 @@
 #include "turboquant/half.h"
 #include "turboquant/kv_cache.h"
 #include "turboquant/packing.h"
+#include "kv_cache_guard.h"
 
 namespace turboquant {
 
@@ -111,6 +112,7 @@ const std::vector<uint16_t>& KVCache::sinks(int layer, int kv_head, KVRole role)
 }
 
 void KVCache::append_sinks(int layer, size_t n, const std::vector<const uint16_t*>& rows) {
+  const WriteScope guard(*this, "append_sinks");
   check_layer(layer);
   const auto l = static_cast<size_t>(layer);
   const auto d = static_cast<size_t>(config_.head_dim);
@@ -149,8 +151,9 @@ size_t KVCache::decayed_blocks(int layer, int kv_head, KVRole role) const {
 }
 
 void KVCache::decode_tokens(int layer, int kv_head, KVRole role, size_t start, size_t n, float* out) const {
+  const ReadScope guard(*this, "decode");
   (void)key_quantizer(layer, kv_head);  // range checks
-  const size_t size = this->size(layer);
+  const size_t size = sizes_[static_cast<size_t>(layer)];
   TQ_CHECK(start <= size && n <= size - start, InvalidArgument, "tokens [", start, ", ", start + n,
            ") beyond the layer's ", size, " tokens");
   const auto d = static_cast<size_t>(config_.head_dim);

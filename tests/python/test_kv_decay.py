@@ -249,3 +249,52 @@ def test_builder(rng):
         tq.KVCacheBuilder().with_head_dim(D).with_bit_width(3).with_decay(10, 3).build()
     with pytest.raises(ValueError, match="fp16_sinks"):
         tq.KVCacheBuilder().with_head_dim(D).with_fp16_sinks(-2).build()
+
+
+def test_thread_safety_rules_unchanged(rng):
+    import threading
+
+    kv = make(fp16_sinks=4, fp16_window=16, decay_after=24, decay_bits=2)
+    kv.append(*chunk(rng, 200))
+    qs = [rng.standard_normal((NQ, 2, D)).astype(np.float32) for _ in range(4)]
+    expected = [kv.attend(q) for q in qs]
+    dec = kv.decode(0, 1, "value")
+    errors = []
+
+    def reader(t):
+        try:
+            for rep in range(30):
+                np.testing.assert_array_equal(kv.attend(qs[(t + rep) % 4]), expected[(t + rep) % 4])
+                np.testing.assert_array_equal(kv.decode(0, 1, "value"), dec)
+        except Exception as e:  # pragma: no cover - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=reader, args=(t,)) for t in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    # A mutator overlapping readers is refused (ConcurrentAccess -> RuntimeError), never a race.
+    big = chunk(rng, 20000)
+    conflicts = []
+    done = threading.Event()
+
+    def writer():
+        try:
+            kv.append(*big)
+        except RuntimeError as e:
+            conflicts.append(str(e))
+        finally:
+            done.set()
+
+    t = threading.Thread(target=writer)
+    t.start()
+    while not done.is_set():
+        try:
+            kv.decode(0, 0, "key", 0, 4)
+        except RuntimeError as e:
+            conflicts.append(str(e))
+    t.join()
+    assert all("called while another thread is" in m for m in conflicts)
+    assert _core.KVCache.from_bytes(kv.to_bytes()).to_bytes() == kv.to_bytes()
