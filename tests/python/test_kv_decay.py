@@ -298,3 +298,24 @@ def test_thread_safety_rules_unchanged(rng):
     t.join()
     assert all("called while another thread is" in m for m in conflicts)
     assert _core.KVCache.from_bytes(kv.to_bytes()).to_bytes() == kv.to_bytes()
+
+
+def test_decay_without_window_trim_into_a_decayed_block_then_append(rng):
+    kv = make(decay_after=8, decay_bits=2)
+    empty = make(decay_after=8, decay_bits=2).memory_bytes()
+    k, v = chunk(rng, 60)
+    kv.append(k, v)
+    assert kv.decayed_blocks(0, 0, "key") == 6  # blocks b with 59 - (8b + 7) >= 8
+    prefix = kv.decode(0, 1, "key")[:37]
+    kv.trim(23)  # 37 tokens: block 4 = tokens [32, 37) is a partial decayed block
+    assert kv.decayed_blocks(0, 0, "key") == 5 and kv.memory_bytes() == expected_memory(kv, empty)
+    k2, v2 = chunk(rng, 10)
+    kv.append(k2, v2)  # tokens 37..39 land in the decayed block: encoded at 2 bits directly
+    np.testing.assert_array_equal(kv.decode(0, 1, "key")[:37], prefix)
+    got = kv.decode(0, 1, "key", 37, 3)
+    err = np.sum((got - k2[1, :3]) ** 2) / np.sum(k2[1, :3] ** 2)
+    assert 0.05 < err < 0.25  # 2-bit error (3-bit would be ~0.03)
+    assert kv.memory_bytes() == expected_memory(kv, empty)
+    for T_q in (1, 20):
+        q = rng.standard_normal((NQ, T_q, D)).astype(np.float32)
+        np.testing.assert_allclose(kv.attend(q), reference(kv, q), atol=2e-4)
