@@ -319,3 +319,17 @@ def test_decay_without_window_trim_into_a_decayed_block_then_append(rng):
     for T_q in (1, 20):
         q = rng.standard_normal((NQ, T_q, D)).astype(np.float32)
         np.testing.assert_allclose(kv.attend(q), reference(kv, q), atol=2e-4)
+
+
+def test_info_cli_shows_sinks_and_decay(rng, tmp_path, capsys):
+    from turboquant.__main__ import main
+
+    kv = make(fp16_sinks=4, decay_after=8, decay_bits=2)
+    kv.append(*chunk(rng, 40))
+    path = str(tmp_path / "i.tqkv")
+    kv.save(path)
+    assert main(["info", path]) == 0
+    out = capsys.readouterr().out
+    assert "format version 3" in out and "fp16 sinks:      4 tokens" in out
+    want = sum(kv.decayed_blocks(0, h, r) for h in range(NKV) for r in ("key", "value"))
+    assert f"to 2 bits after 8 tokens; {want} blocks decayed" in out and want > 0
