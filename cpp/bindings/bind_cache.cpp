@@ -87,7 +87,7 @@ The T_q queries are the last T_q positions of the layer: query i sees keys
                        const std::string& rotation, int jl_dim, size_t block_tokens, size_t max_tokens,
                        int n_outlier_channels, int outlier_bits, const std::vector<int>& outlier_channels,
                        size_t fp16_window, const std::vector<int>& fp16_layers, const std::string& outlier_roles,
-                       bool norm_correction) {
+                       bool norm_correction, size_t fp16_sinks, size_t decay_after, int decay_bits) {
              KVCacheConfig c;
              c.head_dim = head_dim;
              c.n_layers = n_layers;
@@ -109,6 +109,9 @@ The T_q queries are the last T_q positions of the layer: query i sees keys
              c.fp16_layers = fp16_layers;
              c.outlier_roles = outlier_roles_from_string(outlier_roles);
              c.norm_correction = norm_correction;
+             c.fp16_sinks = fp16_sinks;
+             c.decay_after = decay_after;
+             c.decay_bits = decay_bits;
              py::gil_scoped_release release;
              return std::make_unique<KVCache>(c);
            }),
@@ -119,7 +122,8 @@ The T_q queries are the last T_q positions of the layer: query i sees keys
            py::arg("max_tokens") = 0, py::arg("n_outlier_channels") = 0, py::arg("outlier_bits") = 0,
            py::arg("outlier_channels") = std::vector<int>{}, py::arg("fp16_window") = 0,
            py::arg("fp16_layers") = std::vector<int>{}, py::arg("outlier_roles") = "both",
-           py::arg("norm_correction") = false)
+           py::arg("norm_correction") = false, py::arg("fp16_sinks") = 0,
+           py::arg("decay_after") = 0, py::arg("decay_bits") = 0)
       .def("append", [](KVCache& kv, const py::handle& keys, const py::handle& values, int layer) {
         const auto d = static_cast<size_t>(kv.head_dim());
         const FloatRows k = float_rows(keys, d, "keys", false, 2);
@@ -190,18 +194,9 @@ The T_q queries are the last T_q positions of the layer: query i sees keys
         float* op = out.mutable_data();
         {
           py::gil_scoped_release release;
-          // Coded tokens are decoded; fp16 window tokens are returned as stored.
-          const size_t coded = kv.coded_tokens(layer);
-          const size_t cc = start < coded ? std::min(c, coded - start) : 0;
-          std::vector<uint8_t> codes(cc * q.code_bytes()), norms(cc * q.norm_bytes());
-          kv.copy_out(layer, kv_head, r, start, cc, codes.data(), norms.data());
-          q.decode(codes.data(), norms.data(), cc, op);
-          const size_t d = static_cast<size_t>(q.dim());
-          if (cc < c) {
-            const auto& w = kv.window(layer, kv_head, r);
-            const size_t w0 = start + cc - coded;
-            for (size_t j = 0; j < (c - cc) * d; ++j) op[cc * d + j] = half_to_float(w[w0 * d + j]);
-          }
+          // Coded tokens are decoded (decayed blocks at decay_bits); fp16 sink and window
+          // tokens are returned as stored.
+          kv.decode_tokens(layer, kv_head, r, start, c, op);
         }
         return out;
       }, py::arg("layer") = 0, py::arg("kv_head") = 0, py::arg("role") = "key", py::arg("start") = 0,
@@ -274,6 +269,17 @@ The T_q queries are the last T_q positions of the layer: query i sees keys
       .def_property_readonly("block_tokens", [](const KVCache& kv) { return kv.config().block_tokens; })
       .def_property_readonly("fp16_window", [](const KVCache& kv) { return kv.config().fp16_window; })
       .def_property_readonly("fp16_layers", [](const KVCache& kv) { return kv.config().fp16_layers; })
+      .def_property_readonly("fp16_sinks", [](const KVCache& kv) { return kv.config().fp16_sinks; })
+      .def_property_readonly("decay_after", [](const KVCache& kv) { return kv.config().decay_after; })
+      .def_property_readonly("decay_bits", [](const KVCache& kv) { return kv.config().decay_bits; })
+      .def("sink_tokens", &KVCache::sink_tokens, py::arg("layer") = 0,
+           "fp16 attention-sink tokens of a layer (the first min(size, fp16_sinks) tokens)")
+      .def("code_tokens", &KVCache::code_tokens, py::arg("layer") = 0,
+           "tokens held as codes (coded_tokens - sink_tokens)")
+      .def("decayed_blocks", [](const KVCache& kv, int layer, int kv_head, const std::string& role) {
+        return kv.decayed_blocks(layer, kv_head, role_from(role));
+      }, py::arg("layer") = 0, py::arg("kv_head") = 0, py::arg("role") = "key",
+      "number of code blocks of one stream re-quantized to decay_bits")
       .def("coded_tokens", &KVCache::coded_tokens, py::arg("layer") = 0,
            "tokens of a layer held as codes (the rest are in the fp16 window)")
       .def("window_tokens", &KVCache::window_tokens, py::arg("layer") = 0,

@@ -124,10 +124,14 @@ void attend_head(const HeadCodes& keys, const HeadCodes& values, size_t n_tokens
     sc.scores.resize(mr * nb);
     const uint8_t* kcodes = keys.pages->code_blocks[b].get();
     const uint8_t* vcodes = values.pages->code_blocks[b].get();  // replaced when sparse V gathers
+    // Temporal decay: a decayed block has its own (fewer-bit) quantizer with the same
+    // rotation, so the prepared query state and the rotated-domain accumulator are shared.
+    const Quantizer& kb = keys.decayed ? keys.block_quantizer(b) : kq;
+    const Quantizer& vb = values.decayed ? values.block_quantizer(b) : vq;
     kq.load_norms(keys.pages->norm_blocks[b].get(), nb, sc.norms.data());
     if (gemm) {
       sc.tile.resize(nb * d);
-      kq.dequantize_rotated(kcodes, nb, sc.tile.data());
+      kb.dequantize_rotated(kcodes, nb, sc.tile.data());
       Eigen::Map<RowMatrix> K(sc.tile.data(), static_cast<Eigen::Index>(nb), static_cast<Eigen::Index>(d));
       Eigen::Map<const Eigen::VectorXf> kn(sc.norms.data(), static_cast<Eigen::Index>(nb));
       K = kn.asDiagonal() * K;
@@ -136,7 +140,7 @@ void attend_head(const HeadCodes& keys, const HeadCodes& values, size_t n_tokens
       Eigen::Map<RowMatrix> S(sc.scores.data(), static_cast<Eigen::Index>(mr), static_cast<Eigen::Index>(nb));
       S.noalias() = Q * K.transpose();
     } else {
-      kq.scores(sc.state.data() + r0 * sf, mr, kcodes, sc.norms.data(), nb, sc.scores.data(), nb);
+      kb.scores(sc.state.data() + r0 * sf, mr, kcodes, sc.norms.data(), nb, sc.scores.data(), nb);
     }
     softmax_page(sc.scores.data(), nb, tb0, r0, r1, mask, scale, d, sc.row_max.data(),
                  sc.row_sum.data(), sc.acc.data());
@@ -144,7 +148,7 @@ void attend_head(const HeadCodes& keys, const HeadCodes& values, size_t n_tokens
     const float* weights = sc.scores.data();
     size_t nv = nb;
     if (sparse_v_threshold > 0.0f && !gemm) {  // prefill pages serve many rows: kept dense
-      const size_t kept = sparse_v_gather(sc, vq, nb, mr, sparse_v_threshold, vcodes, vnorms);
+      const size_t kept = sparse_v_gather(sc, vb, nb, mr, sparse_v_threshold, vcodes, vnorms);
       if (kept == 0) continue;
       if (kept * 4 <= nb * 3) {  // gathering pays when it drops at least a quarter of the page
         vcodes = sc.sparse_codes.data();
@@ -155,7 +159,7 @@ void attend_head(const HeadCodes& keys, const HeadCodes& values, size_t n_tokens
     }
     vq.load_norms(vnorms, nv, sc.norms.data());
     if (gemm) {
-      vq.dequantize_rotated(vcodes, nv, sc.tile.data());
+      vb.dequantize_rotated(vcodes, nv, sc.tile.data());
       Eigen::Map<RowMatrix> V(sc.tile.data(), static_cast<Eigen::Index>(nv), static_cast<Eigen::Index>(d));
       Eigen::Map<const Eigen::VectorXf> vn(sc.norms.data(), static_cast<Eigen::Index>(nv));
       V = vn.asDiagonal() * V;
@@ -163,7 +167,7 @@ void attend_head(const HeadCodes& keys, const HeadCodes& values, size_t n_tokens
       Eigen::Map<RowMatrix> A(sc.acc.data() + r0 * d, static_cast<Eigen::Index>(mr), static_cast<Eigen::Index>(d));
       A.noalias() += W * V;
     } else {
-      vq.accumulate(weights, nv, mr, vcodes, sc.norms.data(), nv, sc.acc.data() + r0 * d);
+      vb.accumulate(weights, nv, mr, vcodes, sc.norms.data(), nv, sc.acc.data() + r0 * d);
     }
   }
   for (size_t r = 0; r < m; ++r) {

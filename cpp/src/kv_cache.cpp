@@ -10,6 +10,7 @@
 #include "turboquant/error.h"
 #include "turboquant/rng.h"
 #include "turboquant/thread_pool.h"
+#include "kv_cache_guard.h"
 
 namespace turboquant {
 
@@ -48,59 +49,27 @@ void KVCacheConfig::validate() const {
   for (int l : fp16_layers)
     TQ_CHECK(l >= 0 && l < n_layers, InvalidArgument, "fp16_layers entry ", l, " is not a layer in [0, ",
              n_layers, ")");
+  TQ_CHECK(fp16_sinks <= (size_t{1} << 24), InvalidArgument, "fp16_sinks must be in [0, 16777216], got ",
+           fp16_sinks);
+  TQ_CHECK(max_tokens == 0 || fp16_sinks <= max_tokens, InvalidArgument, "fp16_sinks (", fp16_sinks,
+           ") exceeds max_tokens (", max_tokens, ")");
+  TQ_CHECK(decay_after <= (size_t{1} << 40), InvalidArgument, "decay_after must be in [0, 2^40], got ",
+           decay_after);
+  if (decay_after == 0) {
+    TQ_CHECK(decay_bits == 0, InvalidArgument, "decay_bits (", decay_bits,
+             ") is set but decay_after is 0 (temporal decay off); set decay_after > 0 or decay_bits = 0");
+  } else {
+    const int lo = std::min(key_bits, value_bits);
+    TQ_CHECK(decay_bits >= kMinBits && decay_bits < lo, InvalidArgument, "decay_bits must be in [", kMinBits,
+             ", ", lo - 1, "] (fewer than min(key_bits, value_bits) = ", lo, "), got ", decay_bits);
+    for (const std::string* m : {&key_method, &value_method})
+      TQ_CHECK(*m == "turboquant_mse", NotSupported, "temporal decay (decay_after) needs turboquant_mse keys ",
+               "and values (re-quantization by a code->code table); got method '", *m, "'");
+    TQ_CHECK(n_outlier_channels == 0 && outlier_channels.empty() && outlier_bits == 0, NotSupported,
+             "temporal decay (decay_after) does not support the outlier split (n_outlier_channels / "
+             "outlier_channels / outlier_bits)");
+  }
 }
-
-// --- thread-safety guards (kv_cache.h, "Thread safety") ---------------------------------
-// A reader announces itself (readers_ += 1) and then checks for a mutator; a mutator
-// announces itself (writer_ = true) and then checks for readers. Both are seq_cst, so two
-// overlapping calls cannot both miss each other; the loser throws before touching state.
-namespace {
-constexpr const char* kThreadRule =
-    "concurrent attend/size/save calls are safe, but append/trim/truncate/set_rotation need "
-    "exclusive access to the cache (serialize them with a lock)";
-}  // namespace
-
-class KVCache::ReadScope {
- public:
-  ReadScope(const KVCache& c, const char* op) : c_(c) {
-    c_.readers_.fetch_add(1, std::memory_order_seq_cst);
-    if (c_.writer_.load(std::memory_order_seq_cst)) {
-      c_.readers_.fetch_sub(1, std::memory_order_seq_cst);
-      throw ConcurrentAccess(detail::concat("KVCache.", op,
-                                            " called while another thread is modifying the cache; ",
-                                            kThreadRule));
-    }
-  }
-  ~ReadScope() { c_.readers_.fetch_sub(1, std::memory_order_seq_cst); }
-  ReadScope(const ReadScope&) = delete;
-  ReadScope& operator=(const ReadScope&) = delete;
-
- private:
-  const KVCache& c_;
-};
-
-class KVCache::WriteScope {
- public:
-  WriteScope(const KVCache& c, const char* op) : c_(c) {
-    if (c_.writer_.exchange(true, std::memory_order_seq_cst)) {
-      throw ConcurrentAccess(detail::concat("KVCache.", op,
-                                            " called while another thread is modifying the cache; ",
-                                            kThreadRule));
-    }
-    if (c_.readers_.load(std::memory_order_seq_cst) != 0) {
-      c_.writer_.store(false, std::memory_order_seq_cst);
-      throw ConcurrentAccess(detail::concat("KVCache.", op,
-                                            " called while another thread is reading the cache; ",
-                                            kThreadRule));
-    }
-  }
-  ~WriteScope() { c_.writer_.store(false, std::memory_order_seq_cst); }
-  WriteScope(const WriteScope&) = delete;
-  WriteScope& operator=(const WriteScope&) = delete;
-
- private:
-  const KVCache& c_;
-};
 
 uint64_t kv_stream_id(uint32_t layer, uint32_t kv_head, KVRole role) {
   return make_stream_id(static_cast<StreamPurpose>(0), layer,
@@ -141,6 +110,8 @@ KVCache::KVCache(const KVCacheConfig& config) : config_(config) {
     coded_.assign(static_cast<size_t>(config_.n_layers), 0);
     windows_.resize(streams);
   }
+  if (config_.fp16_sinks > 0) sinks_.resize(streams);
+  if (config_.decays()) init_decay();
 }
 
 size_t KVCache::index(int layer, int kv_head, KVRole role) const {
@@ -173,12 +144,17 @@ void KVCache::set_rotation(int layer, int kv_head, KVRole role, std::unique_ptr<
   TQ_CHECK(sizes_[static_cast<size_t>(layer)] == 0, InvalidArgument,
            "set_rotation needs an empty layer (layer ", layer, " holds ",
            sizes_[static_cast<size_t>(layer)], " tokens)");
+  if (config_.decays() && rotation) {
+    decay_quantizers_[index(layer, kv_head, role)]->set_rotation(
+        Rotation::from_parameters(rotation->kind(), rotation->dim(), rotation->parameters()));
+  }
   quantizers_[index(layer, kv_head, role)]->set_rotation(std::move(rotation));
 }
 
 HeadCodes KVCache::head_codes(int layer, int kv_head, KVRole role) const {
   const size_t i = index(layer, kv_head, role);
-  return HeadCodes{quantizers_[i].get(), &pages_[i], config_.block_tokens};
+  return HeadCodes{quantizers_[i].get(), &pages_[i], config_.block_tokens,
+                   config_.decays() ? decay_quantizers_[i].get() : nullptr};
 }
 
 const PagedCodes& KVCache::pages(int layer, int kv_head, KVRole role) const {
@@ -191,6 +167,7 @@ void KVCache::ensure_blocks(PagedCodes& p, const Quantizer& q, size_t tokens) {
   while (p.code_blocks.size() < need) {
     p.code_blocks.emplace_back(new uint8_t[bt * q.code_bytes()]);
     p.norm_blocks.emplace_back(new uint8_t[bt * q.norm_bytes()]);
+    if (config_.decays()) p.decayed.push_back(0);
   }
 }
 
@@ -200,6 +177,7 @@ void KVCache::release_blocks(PagedCodes& p, size_t tokens) {
   if (p.code_blocks.size() > keep) {
     p.code_blocks.resize(keep);
     p.norm_blocks.resize(keep);
+    if (p.decayed.size() > keep) p.decayed.resize(keep);
   }
 }
 
@@ -225,14 +203,14 @@ void KVCache::append(int layer, const float* keys, const float* values, size_t T
         const int h = static_cast<int>(si / 2);
         const KVRole role = si % 2 ? KVRole::kValue : KVRole::kKey;
         const size_t i = index(layer, h, role);
-        const Quantizer& q = *quantizers_[i];
         PagedCodes& p = pages_[i];
-        ensure_blocks(p, q, old + T);
+        ensure_blocks(p, *quantizers_[i], old + T);
         const float* x = (role == KVRole::kKey ? keys : values) + static_cast<size_t>(h) * T * d;
         for (size_t t = 0; t < T;) {
           const size_t pos = old + t;
           const size_t b = pos / bt, off = pos % bt;
           const size_t n = std::min(T - t, bt - off);
+          const Quantizer& q = stream_block_quantizer(i, b);  // decayed only after a trim
           q.encode(x + t * d, n, p.code_blocks[b].get() + off * q.code_bytes(),
                    p.norm_blocks[b].get() + off * q.norm_bytes());
           t += n;
@@ -251,10 +229,12 @@ void KVCache::append(int layer, const float* keys, const float* values, size_t T
     }
   }
   sizes_[l] = old + T;
+  if (config_.decays()) decay_layer(l);
 }
 
 void KVCache::append_encoded(int layer, size_t n, const std::vector<const uint8_t*>& codes,
-                             const std::vector<const uint8_t*>& norms) {
+                             const std::vector<const uint8_t*>& norms,
+                             const std::vector<const uint8_t*>* decayed) {
   const WriteScope guard(*this, "append_encoded");
   check_layer(layer);
   const size_t streams = static_cast<size_t>(config_.n_kv_heads) * 2;
@@ -268,26 +248,47 @@ void KVCache::append_encoded(int layer, size_t n, const std::vector<const uint8_
   check_alloc(old, n);
   TQ_CHECK(!config_.windowed() || coded_[l] == old, InvalidArgument,
            "append_encoded on layer ", layer, " which holds fp16 window tokens");
+  TQ_CHECK(n == 0 || sink_base(l) == 0 || old >= config_.fp16_sinks, InvalidArgument, "append_encoded on layer ",
+           layer, " whose ", config_.fp16_sinks, " fp16 sinks are not filled yet (", old, " tokens)");
   const size_t bt = config_.block_tokens;
+  const size_t c0 = old - std::min(old, sink_base(l));  // first code index written
+  const size_t blocks = (c0 + n + bt - 1) / bt;
+  if (decayed) {
+    TQ_CHECK(config_.decays(), InvalidArgument, "block decay flags given but this cache has no decay");
+    TQ_CHECK(decayed->size() == streams, InvalidArgument, "append_encoded needs ", streams, " decay flag streams");
+    TQ_CHECK(c0 % bt == 0, InvalidArgument, "append_encoded with decay flags needs a block-aligned layer");
+    for (size_t s = 0; s < streams; ++s)
+      for (size_t b = c0 / bt; b < blocks; ++b)
+        TQ_CHECK((*decayed)[s][b - c0 / bt] <= 1, InvalidArgument, "decay flag of block ", b, " is ",
+                 static_cast<int>((*decayed)[s][b - c0 / bt]), " (must be 0 or 1)");
+  }
   try {
   for (size_t s = 0; s < streams; ++s) {
     const size_t i = l * streams + s;
-    const Quantizer& q = *quantizers_[i];
     PagedCodes& p = pages_[i];
-    ensure_blocks(p, q, old + n);
+    ensure_blocks(p, *quantizers_[i], c0 + n);
+    if (decayed) {
+      for (size_t b = c0 / bt; b < blocks; ++b) {
+        if ((*decayed)[s][b - c0 / bt] == 0 || p.is_decayed(b)) continue;
+        p.code_blocks[b].reset(new uint8_t[bt * decay_quantizers_[i]->code_bytes()]);
+        p.decayed[b] = 1;
+      }
+    }
+    size_t cat = 0, nat = 0;  // byte offsets into codes[s] / norms[s]
     for (size_t t = 0; t < n;) {
-      const size_t pos = old + t;
+      const size_t pos = c0 + t;
       const size_t b = pos / bt, off = pos % bt;
       const size_t c = std::min(n - t, bt - off);
-      std::memcpy(p.code_blocks[b].get() + off * q.code_bytes(), codes[s] + t * q.code_bytes(),
-                  c * q.code_bytes());
-      std::memcpy(p.norm_blocks[b].get() + off * q.norm_bytes(), norms[s] + t * q.norm_bytes(),
-                  c * q.norm_bytes());
+      const Quantizer& q = stream_block_quantizer(i, b);
+      std::memcpy(p.code_blocks[b].get() + off * q.code_bytes(), codes[s] + cat, c * q.code_bytes());
+      std::memcpy(p.norm_blocks[b].get() + off * q.norm_bytes(), norms[s] + nat, c * q.norm_bytes());
+      cat += c * q.code_bytes();
+      nat += c * q.norm_bytes();
       t += c;
     }
   }
   } catch (...) {
-    for (size_t s = 0; s < streams; ++s) release_blocks(pages_[l * streams + s], old);
+    for (size_t s = 0; s < streams; ++s) release_blocks(pages_[l * streams + s], c0);
     throw;
   }
   sizes_[l] = old + n;
@@ -318,21 +319,22 @@ void KVCache::copy_out(int layer, int kv_head, KVRole role, size_t t0, size_t n,
   check_layer(layer);
   TQ_CHECK(kv_head >= 0 && kv_head < config_.n_kv_heads, InvalidArgument,
            "kv_head must be in [0, ", config_.n_kv_heads, "), got ", kv_head);
-  const size_t held = coded_tokens(layer);
+  const size_t held = code_tokens(layer);
   TQ_CHECK(t0 <= held && n <= held - t0, InvalidArgument, "coded tokens [", t0, ", ",
            t0 + n, ") out of range for layer ", layer);
   const size_t i = index(layer, kv_head, role);
-  const Quantizer& q = *quantizers_[i];
   const PagedCodes& p = pages_[i];
   const size_t bt = config_.block_tokens;
+  size_t cat = 0, nat = 0;
   for (size_t t = 0; t < n;) {
     const size_t pos = t0 + t;
     const size_t b = pos / bt, off = pos % bt;
     const size_t c = std::min(n - t, bt - off);
-    std::memcpy(codes + t * q.code_bytes(), p.code_blocks[b].get() + off * q.code_bytes(),
-                c * q.code_bytes());
-    std::memcpy(norms + t * q.norm_bytes(), p.norm_blocks[b].get() + off * q.norm_bytes(),
-                c * q.norm_bytes());
+    const Quantizer& q = stream_block_quantizer(i, b);
+    std::memcpy(codes + cat, p.code_blocks[b].get() + off * q.code_bytes(), c * q.code_bytes());
+    std::memcpy(norms + nat, p.norm_blocks[b].get() + off * q.norm_bytes(), c * q.norm_bytes());
+    cat += c * q.code_bytes();
+    nat += c * q.norm_bytes();
     t += c;
   }
 }
@@ -355,6 +357,7 @@ size_t KVCache::trim(size_t n) {
     sizes_[li] -= std::min(n, sizes_[li]);
     for (int h = 0; h < config_.n_kv_heads; ++h)
       for (KVRole role : {KVRole::kKey, KVRole::kValue}) release_blocks(pages_[index(l, h, role)], sizes_[li]);
+    if (config_.decays()) decay_done_[li] = std::min(decay_done_[li], sizes_[li] / config_.block_tokens);
   }
   return removed;
 }
@@ -370,6 +373,7 @@ void KVCache::truncate(size_t length) {
     sizes_[li] = std::min(length, sizes_[li]);
     for (int h = 0; h < config_.n_kv_heads; ++h)
       for (KVRole role : {KVRole::kKey, KVRole::kValue}) release_blocks(pages_[index(l, h, role)], sizes_[li]);
+    if (config_.decays()) decay_done_[li] = std::min(decay_done_[li], sizes_[li] / config_.block_tokens);
   }
 }
 
@@ -379,9 +383,18 @@ size_t KVCache::memory_bytes() const {
   for (size_t i = 0; i < quantizers_.size(); ++i) {
     const Quantizer& q = *quantizers_[i];
     total += q.state_bytes();
-    total += pages_[i].code_blocks.size() * config_.block_tokens * q.code_bytes();
-    total += pages_[i].norm_blocks.size() * config_.block_tokens * q.norm_bytes();
+    const PagedCodes& p = pages_[i];
+    if (config_.decays()) {
+      const Quantizer& dq = *decay_quantizers_[i];
+      total += dq.state_bytes();
+      for (size_t b = 0; b < p.code_blocks.size(); ++b)
+        total += config_.block_tokens * (p.is_decayed(b) ? dq.code_bytes() : q.code_bytes());
+    } else {
+      total += p.code_blocks.size() * config_.block_tokens * q.code_bytes();
+    }
+    total += p.norm_blocks.size() * config_.block_tokens * q.norm_bytes();
     if (config_.windowed()) total += windows_[i].capacity() * sizeof(uint16_t);
+    if (!sinks_.empty()) total += sinks_[i].capacity() * sizeof(uint16_t);
   }
   return total;
 }

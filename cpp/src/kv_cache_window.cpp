@@ -32,13 +32,13 @@ const std::vector<uint16_t>& KVCache::window(int layer, int kv_head, KVRole role
 
 // Encodes n fp32 rows into stream i at token positions [pos, pos + n) (pages must exist).
 void KVCache::encode_at(size_t i, size_t pos, const float* x, size_t n) {
-  const Quantizer& q = *quantizers_[i];
   PagedCodes& p = pages_[i];
   const size_t bt = config_.block_tokens;
   const auto d = static_cast<size_t>(config_.head_dim);
   for (size_t t = 0; t < n;) {
     const size_t b = (pos + t) / bt, off = (pos + t) % bt;
     const size_t c = std::min(n - t, bt - off);
+    const Quantizer& q = config_.decays() ? stream_block_quantizer(i, b) : *quantizers_[i];
     q.encode(x + t * d, c, p.code_blocks[b].get() + off * q.code_bytes(),
              p.norm_blocks[b].get() + off * q.norm_bytes());
     t += c;
@@ -55,7 +55,8 @@ void KVCache::flush_window(int layer) {
   const size_t streams = static_cast<size_t>(config_.n_kv_heads) * 2;
   std::vector<float> x(bt * d);
   while (sizes_[l] - coded_[l] > N + bt) {
-    const size_t c = coded_[l];
+    // The window is non-empty only once the sinks are full: code index = token - sinks.
+    const size_t c = coded_[l] - sink_base(l);
     try {
       for (size_t s = 0; s < streams; ++s) {
         const size_t i = l * streams + s;
@@ -72,11 +73,13 @@ void KVCache::flush_window(int layer) {
       auto& w = windows_[l * streams + s];
       w.erase(w.begin(), w.begin() + static_cast<std::ptrdiff_t>(bt * d));
     }
-    coded_[l] = c + bt;
+    coded_[l] += bt;
   }
   // A long prefill passes through the window once: give back what it took beyond the
   // window's fixed capacity of (fp16_window + block_tokens) rows.
-  for (size_t s = 0; s < streams; ++s) reserve_window(windows_[l * streams + s]);
+  // (Only a window that holds tokens: with fp16 sinks, a layer still filling its sinks has none.)
+  for (size_t s = 0; s < streams; ++s)
+    if (!windows_[l * streams + s].empty()) reserve_window(windows_[l * streams + s]);
 }
 
 // Windows of flushed layers have a capacity of exactly (fp16_window + block_tokens) rows once
@@ -107,24 +110,39 @@ void KVCache::append_windowed(int layer, const float* keys, const float* values,
       rows[s * T * d + j] = v;
     }
   }
-  std::vector<size_t> old_len(streams);
+  const size_t old = sizes_[l], old_coded = coded_[l];
+  // fp16 sinks take the first tokens of the layer (the window is empty until they are full).
+  const size_t S = sink_base(l);
+  const size_t ks = old < S ? std::min(T, S - old) : 0;
+  if (ks > 0) {
+    for (size_t s = 0; s < streams; ++s) {
+      auto& v = sinks_[l * streams + s];
+      v.reserve(S * d);
+      v.insert(v.end(), rows.begin() + static_cast<std::ptrdiff_t>(s * T * d),
+               rows.begin() + static_cast<std::ptrdiff_t>(s * T * d + ks * d));
+    }
+    coded_[l] = old + ks;
+  }
   for (size_t s = 0; s < streams; ++s) {
     auto& w = windows_[l * streams + s];
-    old_len[s] = w.size();
-    w.insert(w.end(), rows.begin() + static_cast<std::ptrdiff_t>(s * T * d),
+    w.insert(w.end(), rows.begin() + static_cast<std::ptrdiff_t>(s * T * d + ks * d),
              rows.begin() + static_cast<std::ptrdiff_t>((s + 1) * T * d));
   }
-  const size_t old = sizes_[l];
   sizes_[l] = old + T;
   try {
     flush_window(layer);
   } catch (...) {
     // flush_window only commits whole blocks; drop the rows of this call that are left.
+    if (coded_[l] == old + ks && ks > 0) {  // nothing flushed: the sinks of this call go too
+      for (size_t s = 0; s < streams; ++s) sinks_[l * streams + s].resize(old * d);
+      coded_[l] = old_coded;
+    }
     const size_t keep = old > coded_[l] ? old - coded_[l] : 0;
     for (size_t s = 0; s < streams; ++s) windows_[l * streams + s].resize(keep * d);
     sizes_[l] = std::max(old, coded_[l]);
     throw;
   }
+  if (config_.decays()) decay_layer(l);
 }
 
 void KVCache::append_window(int layer, size_t n, const std::vector<const uint16_t*>& rows) {
@@ -135,6 +153,8 @@ void KVCache::append_window(int layer, size_t n, const std::vector<const uint16_
   const size_t streams = static_cast<size_t>(config_.n_kv_heads) * 2;
   TQ_CHECK(rows.size() == streams, InvalidArgument, "append_window needs ", streams, " streams");
   TQ_CHECK(sizes_[l] == coded_[l], InvalidArgument, "layer ", layer, " already holds window tokens");
+  TQ_CHECK(n == 0 || sizes_[l] >= sink_base(l), InvalidArgument, "window of layer ", layer,
+           " restored before its ", sink_base(l), " fp16 sinks are full");
   TQ_CHECK(is_fp16_layer(layer) || n <= config_.fp16_window + config_.block_tokens, InvalidArgument,
            "window of ", n, " tokens exceeds fp16_window + block_tokens = ",
            config_.fp16_window + config_.block_tokens);
@@ -159,11 +179,20 @@ void KVCache::shrink_layer(size_t l, size_t new_size) {
   if (new_size >= coded_[l]) {
     for (size_t s = 0; s < streams; ++s) windows_[l * streams + s].resize((new_size - coded_[l]) * d);
   } else {
+    const size_t ns = std::min(new_size, sink_base(l));  // sinks kept
     for (size_t s = 0; s < streams; ++s) {
       windows_[l * streams + s].clear();
-      release_blocks(pages_[l * streams + s], new_size);
+      // With sinks, a layer cut back into its sinks gives its window's capacity back too.
+      if (sink_base(l) > 0 && new_size <= sink_base(l)) std::vector<uint16_t>().swap(windows_[l * streams + s]);
+      release_blocks(pages_[l * streams + s], new_size - ns);
+      if (!sinks_.empty() && sinks_[l * streams + s].size() > ns * d) {
+        auto& v = sinks_[l * streams + s];
+        v.resize(ns * d);
+        if (ns == 0) std::vector<uint16_t>().swap(v);  // an empty layer holds no sink rows
+      }
     }
     coded_[l] = new_size;
+    if (config_.decays()) decay_done_[l] = std::min(decay_done_[l], (new_size - ns) / config_.block_tokens);
   }
   sizes_[l] = new_size;
 }
@@ -172,68 +201,94 @@ void KVCache::attend_windowed(int layer, const float* queries, size_t T_q, float
                               const AttentionOptions& options) const {
   const auto l = static_cast<size_t>(layer);
   const size_t n = sizes_[l], c = coded_[l];
+  const size_t ns = sinks_.empty() ? 0 : sinks_[l * static_cast<size_t>(config_.n_kv_heads) * 2].size() /
+                                             static_cast<size_t>(config_.head_dim);
   const auto d = static_cast<size_t>(config_.head_dim);
   const float scale = options.scale ? *options.scale : 1.0f / std::sqrt(static_cast<float>(d));
   const auto G = static_cast<size_t>(config_.group_size());
   const size_t m = G * T_q;
   const float thr = options.sparse_v_threshold;
   const RowMask mask = make_row_mask(n, T_q, G, options);  // over all n tokens
-  // Rows that see at least one coded token form a prefix (lo is non-decreasing).
-  size_t mc = 0;
-  while (mc < m && mask.lo[mc] < c) ++mc;
+  // Codes hold tokens [ns, c) at code indices [0, c - ns). Rows that see at least one of them
+  // form a contiguous range [ra, rb) (lo and hi are non-decreasing).
+  size_t ra = 0, rb = 0;
+  if (c > ns) {
+    while (ra < m && mask.hi[ra] < ns) ++ra;
+    rb = ra;
+    while (rb < m && mask.lo[rb] < c) ++rb;
+  }
+  const size_t mc = rb - ra;
   RowMask cmask;
-  cmask.lo.assign(mask.lo.begin(), mask.lo.begin() + static_cast<std::ptrdiff_t>(mc));
+  cmask.lo.resize(mc);
   cmask.hi.resize(mc);
-  for (size_t r = 0; r < mc; ++r) cmask.hi[r] = std::min(mask.hi[r], c - 1);
+  for (size_t r = 0; r < mc; ++r) {
+    cmask.lo[r] = std::max(mask.lo[ra + r], ns) - ns;
+    cmask.hi[r] = std::min(mask.hi[ra + r], c - 1) - ns;
+  }
 
-  const size_t nw = n - c;
+  // fp16 tokens: the sinks [0, ns) then the window [c, n), as one array of nf rows.
+  const size_t nw = n - c, nf = ns + nw;
   AttentionScratch scratch;
-  std::vector<float> q(m * d), oc(m * d), kw(nw * d), vw(nw * d), s(nw), acc(d);
+  std::vector<float> q(m * d), oc(m * d), kf(nf * d), vf(nf * d), s(nf), acc(d);
   for (size_t h = 0; h < static_cast<size_t>(config_.n_kv_heads); ++h) {
     for (size_t g = 0; g < G; ++g)
       for (size_t t = 0; t < T_q; ++t)
         std::memcpy(&q[(t * G + g) * d], queries + ((h * G + g) * T_q + t) * d, d * sizeof(float));
     if (mc > 0) {
       attend_head(head_codes(layer, static_cast<int>(h), KVRole::kKey),
-                  head_codes(layer, static_cast<int>(h), KVRole::kValue), c, q.data(), mc, cmask,
-                  scale, oc.data(), scratch, false, false, thr);
+                  head_codes(layer, static_cast<int>(h), KVRole::kValue), c - ns, q.data() + ra * d, mc,
+                  cmask, scale, oc.data(), scratch, false, false, thr);
     }
-    const auto& wk = windows_[index(layer, static_cast<int>(h), KVRole::kKey)];
-    const auto& wv = windows_[index(layer, static_cast<int>(h), KVRole::kValue)];
+    const size_t ik = index(layer, static_cast<int>(h), KVRole::kKey);
+    const size_t iv = index(layer, static_cast<int>(h), KVRole::kValue);
+    for (size_t j = 0; j < ns * d; ++j) {
+      kf[j] = half_to_float(sinks_[ik][j]);
+      vf[j] = half_to_float(sinks_[iv][j]);
+    }
     for (size_t j = 0; j < nw * d; ++j) {
-      kw[j] = half_to_float(wk[j]);
-      vw[j] = half_to_float(wv[j]);
+      kf[ns * d + j] = half_to_float(windows_[ik][j]);
+      vf[ns * d + j] = half_to_float(windows_[iv][j]);
     }
     for (size_t r = 0; r < m; ++r) {
       const float* qr = &q[r * d];
-      // Window part: tokens [max(lo, c), hi] at window offsets [a, b).
-      const size_t a = std::max(mask.lo[r], c) - c;
-      const size_t b = mask.hi[r] + 1 > c ? mask.hi[r] + 1 - c : 0;
-      float mw = -std::numeric_limits<float>::infinity();
-      for (size_t t = a; t < b; ++t) {
-        const float* kr = &kw[t * d];
-        float dot = 0.0f;
-        for (size_t j = 0; j < d; ++j) dot += qr[j] * kr[j];
-        s[t] = scale * dot;
-        mw = std::max(mw, s[t]);
-      }
-      const bool has_c = r < mc;
-      const float mcx = has_c ? scratch.row_max[r] : -std::numeric_limits<float>::infinity();
-      const float M = std::max(mw, mcx);
+      // fp16 rows visible to row r: sinks [lo, min(hi + 1, ns)) and window tokens
+      // [max(lo, c), hi] at fp16 rows ns + (token - c).
+      const size_t sa = std::min(mask.lo[r], ns), sb = std::min(mask.hi[r] + 1, ns);
+      const size_t wa = ns + std::max(mask.lo[r], c) - c;
+      const size_t wb = mask.hi[r] + 1 > c ? ns + mask.hi[r] + 1 - c : ns;
+      float mf = -std::numeric_limits<float>::infinity();
+      const auto score_range = [&](size_t a, size_t b) {
+        for (size_t t = a; t < b; ++t) {
+          const float* kr = &kf[t * d];
+          float dot = 0.0f;
+          for (size_t j = 0; j < d; ++j) dot += qr[j] * kr[j];
+          s[t] = scale * dot;
+          mf = std::max(mf, s[t]);
+        }
+      };
+      score_range(sa, sb);
+      score_range(wa, wb);
+      const bool has_c = r >= ra && r < rb;
+      const float mcx = has_c ? scratch.row_max[r - ra] : -std::numeric_limits<float>::infinity();
+      const float M = std::max(mf, mcx);
       float z = 0.0f;
       std::fill(acc.begin(), acc.end(), 0.0f);
       if (has_c) {
-        const float f = scratch.row_sum[r] * std::exp(mcx - M);
+        const float f = scratch.row_sum[r - ra] * std::exp(mcx - M);
         z += f;
-        for (size_t j = 0; j < d; ++j) acc[j] = f * oc[r * d + j];
+        for (size_t j = 0; j < d; ++j) acc[j] = f * oc[(r - ra) * d + j];
       }
-      for (size_t t = a; t < b; ++t) {
-        const float e = std::exp(s[t] - M);
-        z += e;
-        if (thr > 0.0f && e < thr) continue;
-        const float* vr = &vw[t * d];
-        for (size_t j = 0; j < d; ++j) acc[j] += e * vr[j];
-      }
+      const auto value_range = [&](size_t a, size_t b) {
+        for (size_t t = a; t < b; ++t) {
+          const float e = std::exp(s[t] - M);
+          z += e;
+          if (thr > 0.0f && e < thr) continue;
+          const float* vr = &vf[t * d];
+          for (size_t j = 0; j < d; ++j) acc[j] += e * vr[j];
+        }
+      };
+      value_range(sa, sb);
+      value_range(wa, wb);
       const float inv = z > 0.0f ? 1.0f / z : 0.0f;
       const size_t t = r / G, qh = h * G + r % G;
       for (size_t j = 0; j < d; ++j) out[(qh * T_q + t) * d + j] = acc[j] * inv;

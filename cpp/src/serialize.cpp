@@ -35,7 +35,7 @@ constexpr uint32_t tag(const char (&s)[5]) {
          static_cast<uint32_t>(static_cast<uint8_t>(s[2])) << 16 |
          static_cast<uint32_t>(static_cast<uint8_t>(s[3])) << 24;
 }
-constexpr uint32_t kTagConf = tag("CONF"), kTagRots = tag("ROTS"), kTagLayer = tag("LAYR"), kTagWindow = tag("WNDW"),
+constexpr uint32_t kTagConf = tag("CONF"), kTagRots = tag("ROTS"), kTagLayer = tag("LAYR"), kTagWindow = tag("WNDW"), kTagSink = tag("SINK"),
                    kTagEnd = tag("END ");
 constexpr size_t kMaxString = 256;
 
@@ -136,9 +136,11 @@ std::vector<uint8_t> serialize_cache(const KVCache& cache) {
   Writer w;
   w.bytes(kCacheMagic, sizeof(kCacheMagic));
   const bool windowed = c.windowed();
-  // Version 3 adds the quantizer options (norm correction, outlier roles); 2 the fp16 window;
-  // files that need neither are written as version 1, so older readers still load them.
-  const bool v3 = c.norm_correction || c.outlier_roles != OutlierRoles::kBoth;
+  // Version 3 adds fp16 sinks, temporal decay and the quantizer options (norm correction,
+  // outlier roles); 2 the fp16 window; files that need neither are written as version 1,
+  // so older readers still load them.
+  const bool v3 = c.fp16_sinks > 0 || c.decays() || c.norm_correction ||
+                  c.outlier_roles != OutlierRoles::kBoth;
   const uint32_t version = v3 ? 3u : windowed ? 2u : 1u;
   w.put(version);
   w.put(uint32_t{0});
@@ -174,6 +176,9 @@ std::vector<uint8_t> serialize_cache(const KVCache& cache) {
     for (int l : c.fp16_layers) w.put(static_cast<int32_t>(l));
   }
   if (version >= 3) {
+    w.put(static_cast<uint64_t>(c.fp16_sinks));
+    w.put(static_cast<uint64_t>(c.decay_after));
+    w.put(static_cast<int32_t>(c.decay_bits));
     w.put(static_cast<uint32_t>(c.norm_correction ? 1 : 0));
     w.put(static_cast<uint32_t>(c.outlier_roles));
   }
@@ -194,14 +199,37 @@ std::vector<uint8_t> serialize_cache(const KVCache& cache) {
 
   std::vector<uint8_t> codes, norms;
   for (int l = 0; l < c.n_layers; ++l) {
+    if (c.fp16_sinks > 0) {
+      at = w.begin(kTagSink);
+      w.put(static_cast<uint32_t>(l));
+      w.put(static_cast<uint64_t>(cache.sink_tokens(l)));
+      for (int h = 0; h < c.n_kv_heads; ++h)
+        for (KVRole role : {KVRole::kKey, KVRole::kValue}) {
+          const auto& rows = cache.sinks(l, h, role);
+          w.bytes(rows.data(), rows.size() * sizeof(uint16_t));
+        }
+      w.end(at);
+    }
     at = w.begin(kTagLayer);
-    const size_t n = cache.coded_tokens(l);
+    const size_t n = cache.code_tokens(l);
     w.put(static_cast<uint32_t>(l));
     w.put(static_cast<uint64_t>(n));
+    const size_t nblocks = (n + c.block_tokens - 1) / c.block_tokens;
+    if (c.decays()) {
+      for (int h = 0; h < c.n_kv_heads; ++h)
+        for (KVRole role : {KVRole::kKey, KVRole::kValue}) {
+          const PagedCodes& p = cache.pages(l, h, role);
+          for (size_t b = 0; b < nblocks; ++b) w.put(static_cast<uint8_t>(p.is_decayed(b) ? 1 : 0));
+        }
+    }
     for (int h = 0; h < c.n_kv_heads; ++h) {
       for (KVRole role : {KVRole::kKey, KVRole::kValue}) {
         const Quantizer& q = role == KVRole::kKey ? cache.key_quantizer(l, h) : cache.value_quantizer(l, h);
-        codes.resize(n * q.code_bytes());
+        size_t cbytes = 0;
+        for (size_t b = 0; b < nblocks; ++b)
+          cbytes += std::min(c.block_tokens, n - b * c.block_tokens) *
+                    cache.block_quantizer(l, h, role, b * c.block_tokens).code_bytes();
+        codes.resize(cbytes);
         norms.resize(n * q.norm_bytes());
         cache.copy_out(l, h, role, 0, n, codes.data(), norms.data());
         w.bytes(codes.data(), codes.size());
@@ -273,18 +301,23 @@ std::unique_ptr<KVCache> deserialize_cache(const uint8_t* data, size_t size) {
       const auto n_fp16 = conf.get<uint32_t>("fp16 layer count");
       TQ_CHECK(n_fp16 <= conf.left() / sizeof(int32_t), FormatError, "corrupted file: fp16 layer count ", n_fp16);
       for (uint32_t i = 0; i < n_fp16; ++i) c.fp16_layers.push_back(conf.get<int32_t>("fp16 layer"));
-      TQ_CHECK(version != 2 || c.windowed(), FormatError, "corrupted file: version 2 without an fp16 window");
+      TQ_CHECK(version >= 3 || c.windowed(), FormatError, "corrupted file: version 2 without an fp16 window");
     }
     if (version >= 3) {
+      c.fp16_sinks = static_cast<size_t>(conf.get<uint64_t>("fp16_sinks"));
+      c.decay_after = static_cast<size_t>(conf.get<uint64_t>("decay_after"));
+      c.decay_bits = conf.get<int32_t>("decay_bits");
       const auto nc = conf.get<uint32_t>("norm_correction");
       TQ_CHECK(nc <= 1, FormatError, "corrupted file: norm_correction flag ", nc);
       c.norm_correction = nc == 1;
       const auto roles = conf.get<uint32_t>("outlier_roles");
       TQ_CHECK(roles <= 2, FormatError, "corrupted file: outlier_roles ", roles);
       c.outlier_roles = static_cast<OutlierRoles>(roles);
-      TQ_CHECK(c.norm_correction || c.outlier_roles != OutlierRoles::kBoth, FormatError,
-               "corrupted file: version 3 without a version-3 option");
+      TQ_CHECK(c.fp16_sinks > 0 || c.decays() || c.norm_correction ||
+                   c.outlier_roles != OutlierRoles::kBoth,
+               FormatError, "corrupted file: version 3 without a version-3 option");
     }
+    const bool windowed = version == 2 || (version >= 3 && c.windowed());
     conf.expect_end("CONF");
     c.validate();
     // Before building anything sized by the header: the ROTS section must hold at least the
@@ -319,7 +352,31 @@ std::unique_ptr<KVCache> deserialize_cache(const uint8_t* data, size_t size) {
     rots.expect_end("ROTS");
 
     const size_t streams = static_cast<size_t>(c.n_kv_heads) * 2;
+    const auto d16 = [&](Reader& sec, const char* what, size_t tokens) {
+      std::vector<std::vector<uint16_t>> rows(streams);
+      for (size_t s = 0; s < streams; ++s) {
+        rows[s].resize(tokens * static_cast<size_t>(c.head_dim));
+        std::memcpy(rows[s].data(), sec.take(rows[s].size() * sizeof(uint16_t), what),
+                    rows[s].size() * sizeof(uint16_t));
+      }
+      return rows;
+    };
     for (int l = 0; l < c.n_layers; ++l) {
+      if (version >= 3 && c.fp16_sinks > 0) {
+        Reader sk = r.section(kTagSink, "SINK");
+        const auto sl = sk.get<uint32_t>("sink layer index");
+        TQ_CHECK(sl == static_cast<uint32_t>(l), FormatError, "corrupted file: sinks of layer ", sl, " where ", l,
+                 " was expected");
+        const auto sn = sk.get<uint64_t>("sink token count");
+        const size_t srow = streams * static_cast<size_t>(c.head_dim) * sizeof(uint16_t);
+        TQ_CHECK(sn <= sk.left() && sn * srow == sk.left(), FormatError, "corrupted file: sinks of layer ", l,
+                 " claim ", sn, " tokens but hold ", sk.left(), " bytes (", srow, " per token)");
+        const auto rows = d16(sk, "sink rows", static_cast<size_t>(sn));
+        sk.expect_end("SINK");
+        std::vector<const uint16_t*> ptrs(streams);
+        for (size_t s = 0; s < streams; ++s) ptrs[s] = rows[s].data();
+        cache->append_sinks(l, static_cast<size_t>(sn), ptrs);
+      }
       Reader lay = r.section(kTagLayer, "LAYR");
       const auto li = lay.get<uint32_t>("layer index");
       TQ_CHECK(li == static_cast<uint32_t>(l), FormatError, "corrupted file: layer ", li, " where ", l,
@@ -328,20 +385,38 @@ std::unique_ptr<KVCache> deserialize_cache(const uint8_t* data, size_t size) {
       size_t row = 0;
       for (int h = 0; h < c.n_kv_heads; ++h)
         row += cache->key_quantizer(l, h).bytes_per_vector() + cache->value_quantizer(l, h).bytes_per_vector();
-      TQ_CHECK(n <= lay.left() && n * row == lay.left(), FormatError, "corrupted file: layer ", l, " claims ",
-               n, " tokens but holds ", lay.left(), " bytes (", row, " per token)");
-      std::vector<const uint8_t*> codes(streams), norms(streams);
+      TQ_CHECK(n <= lay.left() && (c.decays() || n * row == lay.left()), FormatError, "corrupted file: layer ", l,
+               " claims ", n, " tokens but holds ", lay.left(), " bytes (", row, " per token)");
+      const size_t bt = c.block_tokens;
+      const size_t nblocks = (static_cast<size_t>(n) + bt - 1) / bt;
+      std::vector<const uint8_t*> codes(streams), norms(streams), bflags(streams);
+      if (c.decays()) {
+        TQ_CHECK(nblocks <= lay.left() / streams, FormatError, "corrupted file: layer ", l, " claims ", n,
+                 " tokens but holds only ", lay.left(), " bytes");
+        for (size_t s = 0; s < streams; ++s) bflags[s] = lay.take(nblocks, "decay bflags");
+        for (size_t s = 0; s < streams; ++s)
+          for (size_t b = 0; b < nblocks; ++b)
+            TQ_CHECK(bflags[s][b] <= 1, FormatError, "corrupted file: decay flag ", static_cast<int>(bflags[s][b]),
+                     " of layer ", l, " stream ", s, " block ", b, " (must be 0 or 1)");
+      }
       for (int h = 0; h < c.n_kv_heads; ++h) {
         for (KVRole role : {KVRole::kKey, KVRole::kValue}) {
           const Quantizer& q = role == KVRole::kKey ? cache->key_quantizer(l, h) : cache->value_quantizer(l, h);
           const size_t s = static_cast<size_t>(h) * 2 + static_cast<size_t>(role);
-          codes[s] = lay.take(static_cast<size_t>(n) * q.code_bytes(), "codes");
+          size_t cbytes = static_cast<size_t>(n) * q.code_bytes();
+          if (c.decays()) {
+            const size_t dcb = packed_bytes(static_cast<size_t>(c.head_dim), c.decay_bits);
+            cbytes = 0;
+            for (size_t b = 0; b < nblocks; ++b)
+              cbytes += std::min(bt, static_cast<size_t>(n) - b * bt) * (bflags[s][b] ? dcb : q.code_bytes());
+          }
+          codes[s] = lay.take(cbytes, "codes");
           norms[s] = lay.take(static_cast<size_t>(n) * q.norm_bytes(), "norms");
         }
       }
       lay.expect_end("LAYR");
-      cache->append_encoded(l, static_cast<size_t>(n), codes, norms);
-      if (c.windowed()) {
+      cache->append_encoded(l, static_cast<size_t>(n), codes, norms, c.decays() ? &bflags : nullptr);
+      if (windowed) {
         Reader win = r.section(kTagWindow, "WNDW");
         const auto wl = win.get<uint32_t>("window layer index");
         TQ_CHECK(wl == static_cast<uint32_t>(l), FormatError, "corrupted file: window of layer ", wl, " where ",
@@ -350,14 +425,9 @@ std::unique_ptr<KVCache> deserialize_cache(const uint8_t* data, size_t size) {
         const size_t wrow = streams * static_cast<size_t>(c.head_dim) * sizeof(uint16_t);
         TQ_CHECK(wn <= win.left() && wn * wrow == win.left(), FormatError, "corrupted file: window of layer ", l,
                  " claims ", wn, " tokens but holds ", win.left(), " bytes (", wrow, " per token)");
-        std::vector<std::vector<uint16_t>> rows(streams);
+        const auto rows = d16(win, "window rows", static_cast<size_t>(wn));
         std::vector<const uint16_t*> ptrs(streams);
-        for (size_t s = 0; s < streams; ++s) {
-          rows[s].resize(static_cast<size_t>(wn) * static_cast<size_t>(c.head_dim));
-          std::memcpy(rows[s].data(), win.take(rows[s].size() * sizeof(uint16_t), "window rows"),
-                      rows[s].size() * sizeof(uint16_t));
-          ptrs[s] = rows[s].data();
-        }
+        for (size_t s = 0; s < streams; ++s) ptrs[s] = rows[s].data();
         win.expect_end("WNDW");
         cache->append_window(l, static_cast<size_t>(wn), ptrs);
       }

@@ -67,6 +67,9 @@ class KVCacheBuilder:
         self._block_tokens = 256
         self._fp16_window = 0
         self._fp16_layers: list[int] = []
+        self._fp16_sinks = 0
+        self._decay_after = 0
+        self._decay_bits = 0
         self._sparse_v = 0.0
         self._max_tokens = 0
 
@@ -157,6 +160,17 @@ class KVCacheBuilder:
         self._fp16_layers = list(layers)
         return self
 
+    def with_fp16_sinks(self, n: int) -> KVCacheBuilder:
+        """Keep the first n tokens of every (non-fp16) layer in fp16 forever (attention sinks)."""
+        self._fp16_sinks = n
+        return self
+
+    def with_decay(self, after: int, bits: int) -> KVCacheBuilder:
+        """Re-quantize code blocks to `bits` once `after` newer tokens follow them (turboquant_mse)."""
+        self._decay_after = after
+        self._decay_bits = bits
+        return self
+
     def with_sparse_v(self, threshold: float) -> KVCacheBuilder:
         """Skip value rows whose attention weight is below threshold x the query's max weight."""
         self._sparse_v = threshold
@@ -204,6 +218,12 @@ class KVCacheBuilder:
         check_int("fp16_window", self._fp16_window, 0, 1 << 24)
         for layer in self._fp16_layers:
             check_int("fp16_layers entry", layer, 0, self._layers - 1)
+        check_int("fp16_sinks", self._fp16_sinks, 0, 1 << 24)
+        check_int("decay_after", self._decay_after, 0, 1 << 40)
+        if self._decay_after:
+            check_int("decay_bits", self._decay_bits, 1, min(self._key_bits, self._value_bits) - 1)
+        elif self._decay_bits:
+            raise ValueError(f"decay_bits ({self._decay_bits}) needs decay_after > 0")
         if not isinstance(self._sparse_v, (int, float)) or isinstance(self._sparse_v, bool) \
                 or not 0.0 <= float(self._sparse_v) < 1.0:
             raise ValueError(f"sparse_v threshold must be a number in [0, 1), got {self._sparse_v!r}")
@@ -259,7 +279,8 @@ class KVCacheBuilder:
             jl_dim=int(self._jl_dim), block_tokens=int(self._block_tokens), max_tokens=int(self._max_tokens),
             n_outlier_channels=int(self._n_outlier) if self._split() else 0,
             outlier_bits=int(self._outlier) if self._split() else 0,
-            fp16_window=int(self._fp16_window), fp16_layers=[int(x) for x in self._fp16_layers])
+            fp16_window=int(self._fp16_window), fp16_layers=[int(x) for x in self._fp16_layers],
+            fp16_sinks=int(self._fp16_sinks), decay_after=int(self._decay_after), decay_bits=int(self._decay_bits))
         loaded = {}
         if self._store is not None:
             for role, method, bits in (("key", key_method, self._key_bits), ("value", value_method, self._value_bits)):

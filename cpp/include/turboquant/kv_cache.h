@@ -66,11 +66,25 @@ struct KVCacheConfig {
   size_t fp16_window = 0;
   // Layers stored entirely in fp16 (an unbounded window: never flushed into codes).
   std::vector<int> fp16_layers;
+  // fp16 attention sinks (StreamingLLM / KVQuant): the first fp16_sinks tokens of every
+  // (non-fp16) layer stay fp16 forever; codes then hold [fp16_sinks, coded) and the recent
+  // window [coded, size). 0 = off. Implies the windowed layout (a window of at most
+  // fp16_window + block_tokens tokens, 0 + block_tokens when fp16_window is 0).
+  size_t fp16_sinks = 0;
+  // Temporal decay (0 = off): once at least decay_after tokens follow a full coded block's
+  // newest token, the block is re-quantized in place from key_bits / value_bits to decay_bits
+  // (turboquant_mse only: a code->code table maps every centroid index to the nearest
+  // decay_bits centroid; rotation and norms unchanged, so no fp16 round trip). Other methods
+  // are refused with NotSupported. decay_bits must be in [1, min(key_bits, value_bits)).
+  size_t decay_after = 0;
+  int decay_bits = 0;
 
-  // Throws InvalidArgument naming the first bad field.
+  // Throws InvalidArgument naming the first bad field (NotSupported for decay of a method
+  // that has no code->code table).
   void validate() const;
   int group_size() const { return n_q_heads / n_kv_heads; }
-  bool windowed() const { return fp16_window > 0 || !fp16_layers.empty(); }
+  bool windowed() const { return fp16_window > 0 || !fp16_layers.empty() || fp16_sinks > 0; }
+  bool decays() const { return decay_after > 0; }
 };
 
 enum class KVRole : uint32_t { kKey = 0, kValue = 1 };
@@ -80,6 +94,10 @@ uint64_t kv_stream_id(uint32_t layer, uint32_t kv_head, KVRole role);
 struct PagedCodes {
   std::vector<std::unique_ptr<uint8_t[]>> code_blocks;  // bt × code_bytes each
   std::vector<std::unique_ptr<uint8_t[]>> norm_blocks;  // bt × norm_bytes each (fp16)
+  // Temporal decay only (empty otherwise): 1 where the block holds decay_bits codes
+  // (bt × the decayed quantizer's code_bytes), 0 where it holds the stream's own bits.
+  std::vector<uint8_t> decayed;
+  bool is_decayed(size_t b) const { return b < decayed.size() && decayed[b] != 0; }
 };
 
 // A read-only view of one head's codes for the attention kernels.
@@ -87,6 +105,11 @@ struct HeadCodes {
   const Quantizer* quantizer = nullptr;
   const PagedCodes* pages = nullptr;
   size_t block_tokens = 0;
+  // Quantizer of decayed blocks (pages->decayed): same method and rotation, fewer bits.
+  const Quantizer* decayed = nullptr;
+  const Quantizer& block_quantizer(size_t b) const {
+    return pages->is_decayed(b) ? *decayed : *quantizer;
+  }
 };
 
 struct AttentionOptions {
@@ -131,8 +154,10 @@ class KVCache {
   // Truncates every layer to at most `length` tokens.
   void truncate(size_t length);
 
-  // Every byte this cache allocated for data: code and norm pages, and the quantizers'
-  // own state (rotations, QJL matrices). Bookkeeping (vectors of pointers) is not counted.
+  // Every byte this cache allocated for data: code and norm pages (each block at its own
+  // bits with decay), fp16 sink and window rows (capacity), and the quantizers' own state
+  // (rotations, QJL matrices, the decayed quantizers' rotations). Bookkeeping (vectors of
+  // pointers, decay flags) is not counted.
   size_t memory_bytes() const;
   // Bytes the same tokens would take as fp16 K and V.
   size_t fp16_bytes() const;
@@ -153,17 +178,38 @@ class KVCache {
   // must hold no window tokens. Validates the count against the window limits.
   void append_window(int layer, size_t n, const std::vector<const uint16_t*>& rows);
   const PagedCodes& pages(int layer, int kv_head, KVRole role) const;
+  // fp16 attention sinks: tokens [0, sink_tokens) of a layer are fp16 rows (sink_tokens ×
+  // head_dim per stream); the codes hold tokens [sink_tokens, coded_tokens), i.e.
+  // code_tokens = coded_tokens - sink_tokens of them, code index j being token
+  // sink_tokens + j (code indices are those of copy_out / append_encoded / pages).
+  size_t sink_tokens(int layer) const;
+  size_t code_tokens(int layer) const { return coded_tokens(layer) - sink_tokens(layer); }
+  const std::vector<uint16_t>& sinks(int layer, int kv_head, KVRole role) const;
+  // Restores a layer's sinks (load): n <= fp16_sinks rows per stream into an empty layer.
+  void append_sinks(int layer, size_t n, const std::vector<const uint16_t*>& rows);
+  // The decoded tokens [start, start + n) of one stream (sinks and window as stored, codes
+  // dequantized at their block's bits), n × head_dim fp32.
+  void decode_tokens(int layer, int kv_head, KVRole role, size_t start, size_t n, float* out) const;
+  // Bytes per token of code index t's block in one stream (codes only).
+  const Quantizer& block_quantizer(int layer, int kv_head, KVRole role, size_t code_index) const;
+  // Number of decayed blocks of one stream.
+  size_t decayed_blocks(int layer, int kv_head, KVRole role) const;
 
   // Serialization (serialize.h defines the file format).
   void save(const std::string& path) const;
   static std::unique_ptr<KVCache> load(const std::string& path);
-  // Raw page access used by serialization: copies tokens [t0, t0+n) of one stream.
+  // Raw page access used by serialization: copies code indices [t0, t0+n) of one stream;
+  // with temporal decay, each token's row has its block's code_bytes (rows are packed).
   void copy_out(int layer, int kv_head, KVRole role, size_t t0, size_t n, uint8_t* codes,
                 uint8_t* norms) const;
   // Appends n already-encoded tokens to one layer (load, copies between caches): codes[i]
   // and norms[i] for stream i = 2*kv_head + role, each n rows of that stream's row size.
+  // decayed (temporal decay only): per stream, one 0/1 flag per block of the layer's codes
+  // after this append (the layer must then end on a block boundary or hold no codes);
+  // rows of flagged blocks have the decayed quantizer's code_bytes.
   void append_encoded(int layer, size_t n, const std::vector<const uint8_t*>& codes,
-                      const std::vector<const uint8_t*>& norms);
+                      const std::vector<const uint8_t*>& norms,
+                      const std::vector<const uint8_t*>* decayed = nullptr);
 
  private:
   size_t index(int layer, int kv_head, KVRole role) const;
@@ -178,6 +224,11 @@ class KVCache {
   void attend_windowed(int layer, const float* queries, size_t T_q, float* out,
                        const AttentionOptions& options) const;
   void check_alloc(size_t old, size_t tokens) const;  // throws OutOfMemory on overflow
+  size_t sink_base(size_t layer) const;   // fp16_sinks, or 0 for fp16 layers
+  const Quantizer& stream_block_quantizer(size_t stream, size_t block) const;
+  void decay_layer(size_t layer);         // re-quantizes the blocks old enough (decay)
+  void decay_block(size_t stream, size_t block);
+  void init_decay();
   class ReadScope;   // RAII guards of the thread-safety rule above (kv_cache.cpp)
   class WriteScope;
 
@@ -187,6 +238,10 @@ class KVCache {
   std::vector<size_t> sizes_;                           // tokens per layer
   std::vector<size_t> coded_;                           // of which held as codes
   std::vector<std::vector<uint16_t>> windows_;          // fp16 rows, same indexing as pages_
+  std::vector<std::vector<uint16_t>> sinks_;            // fp16 sink rows (fp16_sinks > 0)
+  std::vector<std::unique_ptr<Quantizer>> decay_quantizers_;  // decay_bits, same indexing
+  std::vector<std::vector<uint8_t>> decay_lut_;         // per role: bits index -> decay index
+  std::vector<size_t> decay_done_;                      // per layer: leading blocks decayed
   mutable std::atomic<size_t> readers_{0};              // guarded readers in progress
   mutable std::atomic<bool> writer_{false};             // a mutator in progress
 };

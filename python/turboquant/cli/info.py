@@ -39,6 +39,12 @@ def run(args: argparse.Namespace) -> int:
         win = ", ".join(str(core.window_tokens(layer)) for layer in range(min(8, core.n_layers)))
         print(f"fp16 window:     {core.fp16_window} tokens, fp16 layers {core.fp16_layers or 'none'}; "
               f"window tokens/layer: {win}" + (" ..." if core.n_layers > 8 else ""))
+    if core.fp16_sinks:
+        print(f"fp16 sinks:      {core.fp16_sinks} tokens per layer")
+    if core.decay_after:
+        dec = sum(core.decayed_blocks(layer, h, r) for layer in range(core.n_layers)
+                  for h in range(core.n_kv_heads) for r in ("key", "value"))
+        print(f"decay:           to {core.decay_bits} bits after {core.decay_after} tokens; {dec} blocks decayed")
     print(f"memory:          {mem} bytes in memory, fp16 K+V would be {core.fp16_bytes()} bytes"
           + (f" ({core.fp16_bytes() / mem:.2f}x)" if sizes[0] else ""))
     bits = 8 * core.bytes_per_token() / (2 * core.n_layers * core.n_kv_heads * core.head_dim)

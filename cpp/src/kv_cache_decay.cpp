@@ -1,0 +1,187 @@
+// fp16 attention sinks and temporal decay of the KV cache (KVCacheConfig::fp16_sinks,
+// decay_after / decay_bits).
+//
+// Sinks: the first fp16_sinks tokens of every non-fp16 layer are kept as fp16 rows
+// (sinks_), the codes then hold tokens [fp16_sinks, coded) at code indices from 0.
+//
+// Decay: a full code block whose newest token has at least decay_after newer tokens behind
+// it is re-quantized in place to decay_bits. turboquant_mse codes are (‖x‖, indices of the
+// nearest Lloyd-Max centroids of the rotated unit vector); the decayed block keeps the norm
+// and the rotation and maps every b-bit index to the nearest decay_bits centroid of the same
+// dimension's codebook (a 2^b-entry table), then repacks. No fp16/fp32 round trip happens.
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <new>
+
+#include "turboquant/error.h"
+#include "turboquant/half.h"
+#include "turboquant/kv_cache.h"
+#include "turboquant/packing.h"
+#include "kv_cache_guard.h"
+
+namespace turboquant {
+
+namespace {
+// Index i of `from` -> index of the centroid of `to` nearest to from.centroids[i].
+std::vector<uint8_t> nearest_centroid_table(const Codebook& from, const Codebook& to) {
+  std::vector<uint8_t> lut(from.centroids.size());
+  for (size_t i = 0; i < lut.size(); ++i) {
+    const float c = from.centroids[i];
+    size_t best = 0;
+    for (size_t j = 1; j < to.centroids.size(); ++j)
+      if (std::fabs(to.centroids[j] - c) < std::fabs(to.centroids[best] - c)) best = j;
+    lut[i] = static_cast<uint8_t>(best);
+  }
+  return lut;
+}
+}  // namespace
+
+void KVCache::init_decay() {
+  decay_quantizers_.reserve(quantizers_.size());
+  for (const auto& q : quantizers_) {
+    QuantizerConfig c = q->config();
+    c.bits = config_.decay_bits;
+    decay_quantizers_.push_back(make_quantizer(c));
+  }
+  for (size_t role = 0; role < 2; ++role) {
+    const auto* from = dynamic_cast<const MseQuantizer*>(quantizers_[role].get());
+    const auto* to = dynamic_cast<const MseQuantizer*>(decay_quantizers_[role].get());
+    TQ_CHECK(from != nullptr && to != nullptr, NotSupported, "temporal decay needs turboquant_mse quantizers");
+    decay_lut_.push_back(nearest_centroid_table(from->codebook(), to->codebook()));
+  }
+  decay_done_.assign(static_cast<size_t>(config_.n_layers), 0);
+}
+
+size_t KVCache::sink_base(size_t layer) const {
+  if (config_.fp16_sinks == 0 || is_fp16_layer(static_cast<int>(layer))) return 0;
+  return config_.fp16_sinks;
+}
+
+const Quantizer& KVCache::stream_block_quantizer(size_t stream, size_t block) const {
+  return pages_[stream].is_decayed(block) ? *decay_quantizers_[stream] : *quantizers_[stream];
+}
+
+void KVCache::decay_block(size_t i, size_t b) {
+  const Quantizer& q = *quantizers_[i];
+  const Quantizer& dq = *decay_quantizers_[i];
+  const auto d = static_cast<size_t>(config_.head_dim);
+  const size_t bt = config_.block_tokens;
+  const std::vector<uint8_t>& lut = decay_lut_[i % 2];
+  std::unique_ptr<uint8_t[]> fresh(new uint8_t[bt * dq.code_bytes()]);
+  std::vector<uint8_t> idx(d);
+  PagedCodes& p = pages_[i];
+  const uint8_t* src = p.code_blocks[b].get();
+  for (size_t t = 0; t < bt; ++t) {
+    unpack_indices(src + t * q.code_bytes(), d, q.bits(), idx.data());
+    for (size_t j = 0; j < d; ++j) idx[j] = lut[idx[j]];
+    pack_indices(idx.data(), d, dq.bits(), fresh.get() + t * dq.code_bytes());
+  }
+  p.code_blocks[b] = std::move(fresh);
+  p.decayed[b] = 1;
+}
+
+void KVCache::decay_layer(size_t l) {
+  const size_t bt = config_.block_tokens, n = sizes_[l];
+  const size_t base = config_.windowed() ? std::min(coded_[l], sink_base(l)) : 0;
+  const size_t nc = (config_.windowed() ? coded_[l] : n) - base;
+  const size_t streams = static_cast<size_t>(config_.n_kv_heads) * 2;
+  try {
+    for (size_t b = decay_done_[l]; b < nc / bt; ++b) {
+      const size_t newest = base + (b + 1) * bt - 1;
+      if (n - 1 - newest < config_.decay_after) break;  // later blocks are younger still
+      for (size_t s = 0; s < streams; ++s)
+        if (!pages_[l * streams + s].is_decayed(b)) decay_block(l * streams + s, b);
+      decay_done_[l] = b + 1;
+    }
+  } catch (const std::bad_alloc&) {
+    // Every block is either fully decayed or untouched: retried on the next append.
+  }
+}
+
+size_t KVCache::sink_tokens(int layer) const {
+  check_layer(layer);
+  if (sinks_.empty()) return 0;
+  return sinks_[index(layer, 0, KVRole::kKey)].size() / static_cast<size_t>(config_.head_dim);
+}
+
+const std::vector<uint16_t>& KVCache::sinks(int layer, int kv_head, KVRole role) const {
+  (void)key_quantizer(layer, kv_head);  // range checks
+  static const std::vector<uint16_t> kEmpty;
+  return sinks_.empty() ? kEmpty : sinks_[index(layer, kv_head, role)];
+}
+
+void KVCache::append_sinks(int layer, size_t n, const std::vector<const uint16_t*>& rows) {
+  const WriteScope guard(*this, "append_sinks");
+  check_layer(layer);
+  const auto l = static_cast<size_t>(layer);
+  const auto d = static_cast<size_t>(config_.head_dim);
+  const size_t streams = static_cast<size_t>(config_.n_kv_heads) * 2;
+  TQ_CHECK(rows.size() == streams, InvalidArgument, "append_sinks needs ", streams, " streams");
+  TQ_CHECK(sizes_[l] == 0, InvalidArgument, "append_sinks needs an empty layer (layer ", layer, " holds ",
+           sizes_[l], " tokens)");
+  TQ_CHECK(n <= sink_base(l), InvalidArgument, "sinks of ", n, " tokens exceed the ", sink_base(l),
+           " fp16 sinks of layer ", layer);
+  TQ_CHECK(config_.max_tokens == 0 || n <= config_.max_tokens, InvalidArgument, "sinks of ", n,
+           " tokens exceed max_tokens=", config_.max_tokens);
+  for (size_t s = 0; s < streams; ++s)
+    for (size_t j = 0; j < n * d; ++j)
+      TQ_CHECK(std::isfinite(half_to_float(rows[s][j])), InvalidArgument, "sink row value ", j, " of stream ", s,
+               " is not finite");
+  if (n == 0) return;
+  for (size_t s = 0; s < streams; ++s) {
+    auto& v = sinks_[l * streams + s];
+    v.reserve(config_.fp16_sinks * d);
+    v.assign(rows[s], rows[s] + n * d);
+  }
+  sizes_[l] = n;
+  coded_[l] = n;
+}
+
+const Quantizer& KVCache::block_quantizer(int layer, int kv_head, KVRole role, size_t code_index) const {
+  (void)key_quantizer(layer, kv_head);
+  const size_t i = index(layer, kv_head, role);
+  return stream_block_quantizer(i, code_index / config_.block_tokens);
+}
+
+size_t KVCache::decayed_blocks(int layer, int kv_head, KVRole role) const {
+  (void)key_quantizer(layer, kv_head);
+  const PagedCodes& p = pages_[index(layer, kv_head, role)];
+  return static_cast<size_t>(std::count(p.decayed.begin(), p.decayed.end(), uint8_t{1}));
+}
+
+void KVCache::decode_tokens(int layer, int kv_head, KVRole role, size_t start, size_t n, float* out) const {
+  const ReadScope guard(*this, "decode");
+  (void)key_quantizer(layer, kv_head);  // range checks
+  const size_t size = sizes_[static_cast<size_t>(layer)];
+  TQ_CHECK(start <= size && n <= size - start, InvalidArgument, "tokens [", start, ", ", start + n,
+           ") beyond the layer's ", size, " tokens");
+  const auto d = static_cast<size_t>(config_.head_dim);
+  const size_t ns = sink_tokens(layer), coded = coded_tokens(layer);
+  const size_t i = index(layer, kv_head, role);
+  const size_t bt = config_.block_tokens;
+  std::vector<uint8_t> codes, norms;
+  for (size_t t = start; t < start + n;) {
+    float* o = out + (t - start) * d;
+    if (t < ns) {
+      const size_t c = std::min(start + n, ns) - t;
+      const auto& s = sinks_[i];
+      for (size_t j = 0; j < c * d; ++j) o[j] = half_to_float(s[t * d + j]);
+      t += c;
+    } else if (t < coded) {
+      const size_t j0 = t - ns, b = j0 / bt, off = j0 % bt;
+      const size_t c = std::min({start + n, coded, ns + (b + 1) * bt}) - t;
+      const Quantizer& q = stream_block_quantizer(i, b);
+      q.decode(pages_[i].code_blocks[b].get() + off * q.code_bytes(),
+               pages_[i].norm_blocks[b].get() + off * q.norm_bytes(), c, o);
+      t += c;
+    } else {
+      const size_t c = start + n - t;
+      const auto& w = windows_[i];
+      for (size_t j = 0; j < c * d; ++j) o[j] = half_to_float(w[(t - coded) * d + j]);
+      t += c;
+    }
+  }
+}
+
+}  // namespace turboquant
