@@ -8,8 +8,8 @@ Two metrics:
 * ``kl`` (default): the model runs over the text with every other layer in fp16, and the
   error is the mean KL divergence of its next-token distributions from the fp16 run's. It
   sees what the layer's error does downstream (on small models keys matter several times
-  more than values at the same attention-output error). One forward pass per (layer, role,
-  bit width).
+  more than values at the same attention-output error). Measured at 3 bits (two forward
+  passes per layer); other bit widths scale it by the layer's attention-output error curve.
 * ``attention``: from one recorded fp16 pass (every layer's queries, keys, values), the
   relative error of the layer's attention output alone,
   ``||attn(Q, K~_b, V) - attn(Q, K, V)||^2 / ||attn(Q, K, V)||^2`` (likewise V). Much
@@ -104,30 +104,36 @@ def _mean_kl(ref_logp: np.ndarray, logits) -> float:
     return float(np.mean(np.sum(np.exp(ref_logp) * (ref_logp - lp), -1)))
 
 
-def layer_errors_kl(model, tokens: list[int], seed: int = 0, progress=None
-                    ) -> list[LayerErrors]:
-    """Mean next-token KL vs fp16 with one layer's keys (or values) quantized at a time."""
+def layer_errors_kl(model, tokens: list[int], seed: int = 0, progress=None,
+                    reference_bits: int = 3) -> list[LayerErrors]:
+    """Next-token KL vs fp16 with one layer's keys (or values) quantized at a time.
+
+    The KL is measured at ``reference_bits`` (two forward passes per layer); its dependence
+    on the bit width is taken from the attention-output errors of the same layer
+    (:func:`layer_errors`), i.e. KL_l(b) ~= KL_l(ref) * e_l(b) / e_l(ref)."""
     tq_mlx.install_attention_route()
     pairs = tq_mlx.rope_pairs_of(model)
     x = mx.array(tokens)[None]
-    base = mlx_cache.make_prompt_cache(model)
-    compressible = tq_mlx.check_architecture(model, base)
-    ref = np.array(model(x, cache=base)[0].astype(mx.float32), dtype=np.float64)
+    captured = capture(model, tokens)
+    ref = np.array(model(x, cache=mlx_cache.make_prompt_cache(model))[0].astype(mx.float32),
+                   dtype=np.float64)
     ref = ref - ref.max(-1, keepdims=True)
     ref_logp = ref - np.log(np.exp(ref).sum(-1, keepdims=True))
     out = []
-    it = progress(compressible) if progress else compressible
+    layers = sorted(captured)
+    it = progress(layers) if progress else layers
     for i in it:
-        errs = {}
-        for role, cands in (("key", KEY_CANDIDATES), ("value", VALUE_CANDIDATES)):
-            errs[role] = {}
-            for b in cands:
-                cache = mlx_cache.make_prompt_cache(model)
-                kb, vb = (b, 8) if role == "key" else (8, b)
-                cache[i] = tq_mlx.TurboQuantKVCache(key_bits=kb, value_bits=vb, seed=seed,
-                                                    layer=i, rope_pairs=pairs)
-                errs[role][b] = _mean_kl(ref_logp, model(x, cache=cache))
-        out.append(LayerErrors(i, errs["key"], errs["value"]))
+        shape = layer_errors(model, {i: captured[i]}, seed)[0]
+        scaled = {}
+        for role, table in (("key", shape.key), ("value", shape.value)):
+            cache = mlx_cache.make_prompt_cache(model)
+            kb, vb = (reference_bits, 8) if role == "key" else (8, reference_bits)
+            cache[i] = tq_mlx.TurboQuantKVCache(key_bits=kb, value_bits=vb, seed=seed,
+                                                layer=i, rope_pairs=pairs)
+            kl = _mean_kl(ref_logp, model(x, cache=cache))
+            at_ref = max(table[reference_bits], 1e-30)
+            scaled[role] = {b: kl * e / at_ref for b, e in table.items()}
+        out.append(LayerErrors(i, scaled["key"], scaled["value"]))
     return out
 
 

@@ -40,13 +40,14 @@ class Setting:
     center: bool = True
     key_split: bool = True
     fp16_window: int = 0
+    fp16_sinks: int = 0
     profile: str | None = None
 
     @staticmethod
     def parse(spec: str) -> "Setting":
         """``fp16`` | ``mlx4`` | ``mlx8`` | BITS[+OPTION...][/FLAG...] where BITS is ``3`` or
         ``k4v3`` (or ``p`` with a profile option), OPTION is ``fp16:0,-1`` (fp16 layers),
-        ``w64`` (fp16 recent window of 64 tokens) or ``profile:PATH`` (per-layer bits from
+        ``w64`` (fp16 recent window of 64 tokens), ``s4`` (4 fp16 sink tokens) or ``profile:PATH`` (per-layer bits from
         ``turboquant calibrate``), FLAG is ``raw`` (plain codes: no centring, no norm
         correction, no key split) or ``nosplit`` (no key split)."""
         spec = spec.strip()
@@ -61,12 +62,14 @@ class Setting:
             b = int(body[3:])
             return Setting(f"mlx-q{b}", "mlx", b, b)
         bits, *opts = body.split("+")
-        fp16, window, profile = (), 0, None
+        fp16, window, sinks, profile = (), 0, 0, None
         for o in opts:
             if o.startswith("fp16:"):
                 fp16 = tuple(int(x) for x in o[5:].split(",") if x)
             elif o.startswith("w") and o[1:].isdigit():
                 window = int(o[1:])
+            elif o.startswith("s") and o[1:].isdigit():
+                sinks = int(o[1:])
             elif o.startswith("profile:"):
                 profile = o[8:]
             else:
@@ -91,6 +94,8 @@ class Setting:
                                  "[+fp16:L,..][+wN][+profile:PATH][/raw][/nosplit]") from None
         if fp16:
             name += "+fp16[" + ",".join(map(str, fp16)) + "]"
+        if sinks:
+            name += f"+s{sinks}"
         if window:
             name += f"+w{window}"
         if profile:
@@ -100,7 +105,7 @@ class Setting:
             name += "/" + f
         return Setting(name, "turboquant", kb, vb, fp16_layers=fp16, center=not raw,
                        key_split=not raw and "nosplit" not in flags, fp16_window=window,
-                       profile=profile)
+                       fp16_sinks=sinks, profile=profile)
 
 
 @dataclass
@@ -148,7 +153,8 @@ def make_cache(model, s: Setting, seed: int = 0):
                                     value_bits=s.value_bits or 3, method=s.method,
                                     fp16_layers=s.fp16_layers, seed=seed, center=s.center,
                                     debias=s.center, key_split=s.key_split,
-                                    fp16_window=s.fp16_window, profile=s.profile)
+                                    fp16_window=s.fp16_window, fp16_sinks=s.fp16_sinks,
+                                    profile=s.profile)
 
 
 def kv_bytes(cache) -> int:

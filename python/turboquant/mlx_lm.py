@@ -76,7 +76,7 @@ class TurboQuantKVCache(_mlx_cache._BaseCache):
                  key_method: str | None = None, value_method: str | None = None,
                  seed: int = 0, layer: int = 0, rotation: str = "auto", center: bool = True,
                  debias: bool = True, key_split: bool = True, rope_pairs: str | None = "half",
-                 fp16_window: int = 0, block_tokens: int | None = None):
+                 fp16_window: int = 0, block_tokens: int | None = None, fp16_sinks: int = 0):
         for name, b in (("key_bits", key_bits), ("value_bits", value_bits)):
             if not isinstance(b, (int, np.integer)) or not 1 <= int(b) <= 8:
                 raise ValueError(f"{name} must be an integer in [1, 8], got {b!r}")
@@ -97,6 +97,9 @@ class TurboQuantKVCache(_mlx_cache._BaseCache):
         if not isinstance(fp16_window, (int, np.integer)) or fp16_window < 0:
             raise ValueError(f"fp16_window must be an integer >= 0, got {fp16_window!r}")
         self.fp16_window = int(fp16_window)
+        if not isinstance(fp16_sinks, (int, np.integer)) or fp16_sinks < 0:
+            raise ValueError(f"fp16_sinks must be an integer >= 0, got {fp16_sinks!r}")
+        self.fp16_sinks = int(fp16_sinks)
         if block_tokens is None:
             block_tokens = 32 if self.fp16_window else 256
         if not isinstance(block_tokens, (int, np.integer)) or block_tokens < 1:
@@ -186,6 +189,7 @@ class TurboQuantKVCache(_mlx_cache._BaseCache):
         return (_mlx_metal.store_supports(head_dim, self.key_method, self.value_method,
                                           self.rotation) is None
                 and self.split_plan(head_dim) is None and self.fp16_window == 0
+                and self.fp16_sinks == 0
                 and not (self.debias and mse))
 
     def _centre(self, k: np.ndarray, v: np.ndarray):
@@ -321,7 +325,8 @@ class TurboQuantKVCache(_mlx_cache._BaseCache):
                "seed": self.seed, "layer": self.layer, "rotation": self.rotation,
                "offset": self.offset, "batch": self._batch, "center": self.center,
                "debias": self.debias, "key_split": self.key_split, "rope_pairs": self.rope_pairs,
-               "fp16_window": self.fp16_window, "block_tokens": self.block_tokens}
+               "fp16_window": self.fp16_window, "block_tokens": self.block_tokens,
+               "fp16_sinks": self.fp16_sinks}
         if self._core is not None:
             cfg.update(n_q_heads=self._n_q_heads, n_kv_heads=self._core_kv_heads,
                        head_dim=self._head_dim)
@@ -338,6 +343,7 @@ class TurboQuantKVCache(_mlx_cache._BaseCache):
         self.key_split = bool(cfg.get("key_split", False))
         self.rope_pairs = cfg.get("rope_pairs", "half")
         self.fp16_window = int(cfg.get("fp16_window", 0))
+        self.fp16_sinks = int(cfg.get("fp16_sinks", 0))
         self.block_tokens = int(cfg.get("block_tokens", 256))
         self._k_mean = self._v_mean = None
         self._perm = None
@@ -421,6 +427,7 @@ class TurboQuantKVCache(_mlx_cache._BaseCache):
             self._core = _mlx_metal.MetalCodeStore(head_dim, **common)
         else:
             self._core = _core.KVCache(head_dim, fp16_window=self.fp16_window,
+                                       fp16_sinks=self.fp16_sinks,
                                        norm_correction=self.debias and mse, **common, **split)
         self._n_q_heads, self._core_kv_heads, self._head_dim = n_q_heads, total_kv, head_dim
         self._shape = (total_kv, head_dim)
@@ -654,7 +661,7 @@ def make_prompt_cache(model, key_bits: int = 3, value_bits: int = 3,
                       value_method: str | None = None, rotation: str = "auto",
                       center: bool = True, debias: bool = True, key_split: bool = True,
                       fp16_window: int = 0, block_tokens: int | None = None,
-                      profile=None) -> list:
+                      fp16_sinks: int = 0, profile=None) -> list:
     """mlx-lm prompt cache with TurboQuant caches on every full-attention layer.
 
     ``center`` subtracts a per-head mean from K and V first (exact for attention, see
@@ -664,7 +671,7 @@ def make_prompt_cache(model, key_bits: int = 3, value_bits: int = 3,
     (the RoPE pairs with the most query-weighted key energy, chosen per head from the
     prefill) get ``key_bits + 1`` bits, the other half ``key_bits - 1`` (same bytes).
     ``fp16_window`` keeps the most recent tokens of every layer in fp16 (flushed into codes
-    ``block_tokens`` at a time). ``fp16_layers`` (indices, negative from the end) keep
+    ``block_tokens`` at a time); ``fp16_sinks`` the first tokens (attention sinks). ``fp16_layers`` (indices, negative from the end) keep
     mlx-lm's fp16 ``KVCache``; sliding-window layers keep mlx-lm's ``RotatingKVCache``.
     ``profile`` (a path or dict from ``python -m turboquant calibrate``) sets per-layer
     key/value bits and fp16 layers, overriding ``key_bits`` / ``value_bits``. Raises
@@ -693,7 +700,8 @@ def make_prompt_cache(model, key_bits: int = 3, value_bits: int = 3,
                                          key_method=key_method, value_method=value_method,
                                          seed=seed, layer=i, rotation=rotation, center=center,
                                          debias=debias, key_split=key_split, rope_pairs=pairs,
-                                         fp16_window=fp16_window, block_tokens=block_tokens)
+                                         fp16_window=fp16_window, block_tokens=block_tokens,
+                                         fp16_sinks=fp16_sinks)
     return cache
 
 

@@ -290,3 +290,31 @@ def test_mlx_cache_takes_the_metal_path_where_it_fits(monkeypatch, tmp_path):
     x = np.array(model(mx.array(tokens[24:27])[None], cache=loaded))
     y = np.array(model(mx.array(tokens[24:27])[None], cache=cpu))
     np.testing.assert_allclose(x, y, atol=2e-4)
+
+
+def test_fp16_sinks_in_the_mlx_cache(tmp_path):
+    rng = np.random.default_rng(8)
+    H, Hq, d = 1, 2, 32
+    k = rng.standard_normal((H, 40, d)).astype(np.float32)
+    v = rng.standard_normal((H, 40, d)).astype(np.float32)
+    k[:, 0] *= 6.0  # a loud first token, as attention sinks are
+    q = np.ascontiguousarray(k[:, :1].repeat(Hq, 0) * 0.5)
+    ref = softmax_attention(q, k, v, 0.25)
+    errs = {}
+    for sinks in (0, 4):
+        c = tq_mlx.TurboQuantKVCache(key_bits=2, value_bits=2, fp16_sinks=sinks, seed=1)
+        out = run_cache(c, k, v, q, 0.25)
+        errs[sinks] = np.linalg.norm(out - ref) / np.linalg.norm(ref)
+        assert c._core.fp16_sinks == sinks
+    assert errs[4] < 0.5 * errs[0], errs
+    model = tiny_model("llama")
+    tokens = np.random.default_rng(9).integers(0, 128, 30).tolist()
+    cache = tq_mlx.make_prompt_cache(model, fp16_sinks=2, fp16_window=4, block_tokens=4)
+    model(mx.array(tokens[:25])[None], cache=cache)
+    path = str(tmp_path / "s.safetensors")
+    mlx_cache.save_prompt_cache(path, cache)
+    loaded = mlx_cache.load_prompt_cache(path)
+    assert all(c.fp16_sinks == 2 and c._core.fp16_sinks == 2 for c in loaded)
+    a = np.array(model(mx.array(tokens[25:28])[None], cache=cache))
+    b = np.array(model(mx.array(tokens[25:28])[None], cache=loaded))
+    np.testing.assert_array_equal(a, b)

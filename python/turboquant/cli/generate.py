@@ -23,6 +23,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="comma-separated layer indices kept in fp16 (negative from the end)")
     p.add_argument("--fp16-window", type=int, default=0,
                    help="most recent tokens of every layer kept in fp16 (default 0)")
+    p.add_argument("--fp16-sinks", type=int, default=0,
+                   help="first tokens of every layer kept in fp16 (attention sinks; default 0)")
     p.add_argument("--no-key-split", action="store_true",
                    help="same bits on every key channel (default: a split over RoPE pairs)")
     p.add_argument("--profile", help="per-layer bits from `python -m turboquant calibrate`")
@@ -42,6 +44,7 @@ def run(args: argparse.Namespace) -> int:
             model, key_bits=args.key_bits or args.kv_bits,
             value_bits=args.value_bits or args.kv_bits, method=args.kv_method,
             fp16_layers=args.fp16_layers, seed=args.seed, fp16_window=args.fp16_window,
+            fp16_sinks=args.fp16_sinks,
             key_split=not args.no_key_split, profile=args.profile)
     except (UnsupportedArchitectureError, ValueError, OSError) as e:
         raise SystemExit(f"generate: {e}") from None
