@@ -6,10 +6,12 @@
 #include <cstring>
 #include <limits>
 
+#include "backend/cpu/kernels.h"
 #include "turboquant/attention.h"
 #include "turboquant/error.h"
 #include "turboquant/half.h"
 #include "turboquant/kv_cache.h"
+#include "turboquant/thread_pool.h"
 
 namespace turboquant {
 
@@ -187,58 +189,60 @@ void KVCache::attend_windowed(int layer, const float* queries, size_t T_q, float
   for (size_t r = 0; r < mc; ++r) cmask.hi[r] = std::min(mask.hi[r], c - 1);
 
   const size_t nw = n - c;
-  AttentionScratch scratch;
-  std::vector<float> q(m * d), oc(m * d), kw(nw * d), vw(nw * d), s(nw), acc(d);
-  for (size_t h = 0; h < static_cast<size_t>(config_.n_kv_heads); ++h) {
-    for (size_t g = 0; g < G; ++g)
-      for (size_t t = 0; t < T_q; ++t)
-        std::memcpy(&q[(t * G + g) * d], queries + ((h * G + g) * T_q + t) * d, d * sizeof(float));
-    if (mc > 0) {
-      attend_head(head_codes(layer, static_cast<int>(h), KVRole::kKey),
-                  head_codes(layer, static_cast<int>(h), KVRole::kValue), c, q.data(), mc, cmask,
-                  scale, oc.data(), scratch, false, false, thr);
-    }
-    const auto& wk = windows_[index(layer, static_cast<int>(h), KVRole::kKey)];
-    const auto& wv = windows_[index(layer, static_cast<int>(h), KVRole::kValue)];
-    for (size_t j = 0; j < nw * d; ++j) {
-      kw[j] = half_to_float(wk[j]);
-      vw[j] = half_to_float(wv[j]);
-    }
-    for (size_t r = 0; r < m; ++r) {
-      const float* qr = &q[r * d];
-      // Window part: tokens [max(lo, c), hi] at window offsets [a, b).
-      const size_t a = std::max(mask.lo[r], c) - c;
-      const size_t b = mask.hi[r] + 1 > c ? mask.hi[r] + 1 - c : 0;
-      float mw = -std::numeric_limits<float>::infinity();
-      for (size_t t = a; t < b; ++t) {
-        const float* kr = &kw[t * d];
-        float dot = 0.0f;
-        for (size_t j = 0; j < d; ++j) dot += qr[j] * kr[j];
-        s[t] = scale * dot;
-        mw = std::max(mw, s[t]);
+  const auto& kernels = cpu::active_kernels();
+  // KV heads are independent (own buffers): split across the thread pool like attend().
+  parallel_for(static_cast<size_t>(config_.n_kv_heads), 1, [&](size_t h0, size_t h1) {
+    AttentionScratch scratch;
+    std::vector<float> q(m * d), oc(m * d), kw(nw * d), vw(nw * d), s(nw), acc(d);
+    for (size_t h = h0; h < h1; ++h) {
+      for (size_t g = 0; g < G; ++g)
+        for (size_t t = 0; t < T_q; ++t)
+          std::memcpy(&q[(t * G + g) * d], queries + ((h * G + g) * T_q + t) * d, d * sizeof(float));
+      if (mc > 0) {
+        attend_head(head_codes(layer, static_cast<int>(h), KVRole::kKey),
+                    head_codes(layer, static_cast<int>(h), KVRole::kValue), c, q.data(), mc, cmask,
+                    scale, oc.data(), scratch, false, false, thr);
       }
-      const bool has_c = r < mc;
-      const float mcx = has_c ? scratch.row_max[r] : -std::numeric_limits<float>::infinity();
-      const float M = std::max(mw, mcx);
-      float z = 0.0f;
-      std::fill(acc.begin(), acc.end(), 0.0f);
-      if (has_c) {
-        const float f = scratch.row_sum[r] * std::exp(mcx - M);
-        z += f;
-        for (size_t j = 0; j < d; ++j) acc[j] = f * oc[r * d + j];
+      const auto& wk = windows_[index(layer, static_cast<int>(h), KVRole::kKey)];
+      const auto& wv = windows_[index(layer, static_cast<int>(h), KVRole::kValue)];
+      kernels.half_to_float(wk.data(), nw * d, kw.data());
+      kernels.half_to_float(wv.data(), nw * d, vw.data());
+      for (size_t r = 0; r < m; ++r) {
+        const float* qr = &q[r * d];
+        // Window part: tokens [max(lo, c), hi] at window offsets [a, b).
+        const size_t a = std::max(mask.lo[r], c) - c;
+        const size_t b = mask.hi[r] + 1 > c ? mask.hi[r] + 1 - c : 0;
+        float mw = -std::numeric_limits<float>::infinity();
+        for (size_t t = a; t < b; ++t) {
+          const float* kr = &kw[t * d];
+          float dot = 0.0f;
+          for (size_t j = 0; j < d; ++j) dot += qr[j] * kr[j];
+          s[t] = scale * dot;
+          mw = std::max(mw, s[t]);
+        }
+        const bool has_c = r < mc;
+        const float mcx = has_c ? scratch.row_max[r] : -std::numeric_limits<float>::infinity();
+        const float M = std::max(mw, mcx);
+        float z = 0.0f;
+        std::fill(acc.begin(), acc.end(), 0.0f);
+        if (has_c) {
+          const float f = scratch.row_sum[r] * std::exp(mcx - M);
+          z += f;
+          for (size_t j = 0; j < d; ++j) acc[j] = f * oc[r * d + j];
+        }
+        for (size_t t = a; t < b; ++t) {
+          const float e = std::exp(s[t] - M);
+          z += e;
+          if (thr > 0.0f && e < thr) continue;
+          const float* vr = &vw[t * d];
+          for (size_t j = 0; j < d; ++j) acc[j] += e * vr[j];
+        }
+        const float inv = z > 0.0f ? 1.0f / z : 0.0f;
+        const size_t t = r / G, qh = h * G + r % G;
+        for (size_t j = 0; j < d; ++j) out[(qh * T_q + t) * d + j] = acc[j] * inv;
       }
-      for (size_t t = a; t < b; ++t) {
-        const float e = std::exp(s[t] - M);
-        z += e;
-        if (thr > 0.0f && e < thr) continue;
-        const float* vr = &vw[t * d];
-        for (size_t j = 0; j < d; ++j) acc[j] += e * vr[j];
-      }
-      const float inv = z > 0.0f ? 1.0f / z : 0.0f;
-      const size_t t = r / G, qh = h * G + r % G;
-      for (size_t j = 0; j < d; ++j) out[(qh * T_q + t) * d + j] = acc[j] * inv;
     }
-  }
+  });
 }
 
 }  // namespace turboquant

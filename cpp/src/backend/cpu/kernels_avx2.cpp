@@ -92,6 +92,63 @@ void fwht_avx2(float* x, size_t n) {
   }
 }
 
+// hadamard_rotate: n = 8·NV <= 128 coordinates of a row stay in registers through both
+// transforms and the three elementwise products (same order of roundings as the scalar).
+template <int NV>
+inline void hadamard_regs(const float* u, float* v, const float* rs, const float* pre,
+                          const float* mid, const float* post, __m256 s1, __m256 s2, __m256 s4) {
+  __m256 r[NV];
+#pragma GCC unroll 16
+  for (int i = 0; i < NV; ++i) {
+    r[i] = _mm256_loadu_ps(u + 8 * i);
+    if (rs) r[i] = _mm256_mul_ps(r[i], _mm256_broadcast_ss(rs));
+    if (pre) r[i] = _mm256_mul_ps(r[i], _mm256_loadu_ps(pre + 8 * i));
+    r[i] = fwht8(r[i], s1, s2, s4);
+  }
+  fwht_stages<NV, 1>(r);
+#pragma GCC unroll 16
+  for (int i = 0; i < NV; ++i) r[i] = fwht8(_mm256_mul_ps(r[i], _mm256_loadu_ps(mid + 8 * i)), s1, s2, s4);
+  fwht_stages<NV, 1>(r);
+#pragma GCC unroll 16
+  for (int i = 0; i < NV; ++i) _mm256_storeu_ps(v + 8 * i, _mm256_mul_ps(r[i], _mm256_loadu_ps(post + 8 * i)));
+}
+
+template <int NV>
+void hadamard_rows(const float* x, size_t n, const float* row_scale, const float* pre,
+                   const float* mid, const float* post, float* y) {
+  const __m256 s1 = _mm256_setr_ps(1, -1, 1, -1, 1, -1, 1, -1);
+  const __m256 s2 = _mm256_setr_ps(1, 1, -1, -1, 1, 1, -1, -1);
+  const __m256 s4 = _mm256_setr_ps(1, 1, 1, 1, -1, -1, -1, -1);
+  constexpr size_t d = 8 * NV;
+  for (size_t r = 0; r < n; ++r)
+    hadamard_regs<NV>(x + r * d, y + r * d, row_scale ? row_scale + r : nullptr, pre, mid, post, s1, s2, s4);
+}
+
+void hadamard_rotate_avx2(const float* x, size_t n, size_t d, const float* row_scale,
+                          const float* pre, const float* mid, const float* post, float* y) {
+  switch (d) {
+    case 8: return hadamard_rows<1>(x, n, row_scale, pre, mid, post, y);
+    case 16: return hadamard_rows<2>(x, n, row_scale, pre, mid, post, y);
+    case 32: return hadamard_rows<4>(x, n, row_scale, pre, mid, post, y);
+    case 64: return hadamard_rows<8>(x, n, row_scale, pre, mid, post, y);
+    case 128: return hadamard_rows<16>(x, n, row_scale, pre, mid, post, y);
+    default: break;
+  }
+  for (size_t r = 0; r < n; ++r) {  // other sizes: the scalar order with the SIMD transform
+    const float* u = x + r * d;
+    float* v = y + r * d;
+    for (size_t j = 0; j < d; ++j) {
+      float t = row_scale ? u[j] * row_scale[r] : u[j];
+      if (pre) t *= pre[j];
+      v[j] = t;
+    }
+    fwht_avx2(v, d);
+    for (size_t j = 0; j < d; ++j) v[j] *= mid[j];
+    fwht_avx2(v, d);
+    for (size_t j = 0; j < d; ++j) v[j] *= post[j];
+  }
+}
+
 // ---------------------------------------------------------------------------------------
 // quantize_pack: index = number of boundaries <= v. _CMP_NLT_UQ is "not v < b", exactly the
 // scalar binary search's test, so NaN lands on the last index there and here alike.
@@ -553,7 +610,8 @@ float exp_sum_avx2(float* s, size_t n, float shift) {
 
 const Kernels& avx2_kernels() {
   static const Kernels k{"avx2", fwht_avx2, quantize_pack_avx2, mse_scores_avx2,
-                         mse_accumulate_avx2, row_norms_avx2, half_to_float_avx2, exp_sum_avx2};
+                         mse_accumulate_avx2, row_norms_avx2, half_to_float_avx2, exp_sum_avx2,
+                         hadamard_rotate_avx2};
   return k;
 }
 
