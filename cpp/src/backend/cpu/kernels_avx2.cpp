@@ -152,15 +152,47 @@ void hadamard_rotate_avx2(const float* x, size_t n, size_t d, const float* row_s
 // ---------------------------------------------------------------------------------------
 // quantize_pack: index = number of boundaries <= v. _CMP_NLT_UQ is "not v < b", exactly the
 // scalar binary search's test, so NaN lands on the last index there and here alike.
+// B <= 4: a branchless binary search, one compare per bit; the boundary to compare with
+// comes from a register table indexed by the bits decided so far (one vpermd per level).
+// For b distinct, increasing boundaries this is exactly the count of boundaries <= v.
 template <int B>
-inline __m256i quantize8(__m256 v, const __m256* bv, const float* boundaries) {
+struct BoundaryTables {
+  __m256 t[B > 4 ? 1 : B];
+  explicit BoundaryTables(const float* boundaries) {
+    if constexpr (B <= 4) {
+      for (int level = 0; level < B; ++level) {
+        // Level L decides bit B-1-L; the decided bits form idx (a multiple of 2^(B-L)), the
+        // boundary to test is idx + 2^(B-1-L) - 1. Tables are indexed by idx >> (B - 3) for
+        // B = 4 (idx even there at every level), by idx itself for B <= 3.
+        alignas(32) float a[8];
+        const int half = 1 << (B - 1 - level);
+        for (int i = 0; i < 8; ++i) {
+          const int idx = level == 0 ? 0 : (B == 4 ? 2 * i : i);  // level 0: no bits yet
+          const int k = std::min(idx + half - 1, (1 << B) - 2);
+          a[i] = boundaries[k];
+        }
+        t[level] = _mm256_load_ps(a);
+      }
+    } else {
+      t[0] = _mm256_setzero_ps();
+    }
+  }
+};
+
+template <int B>
+inline __m256i quantize8(__m256 v, const BoundaryTables<B>& bt, const float* boundaries) {
   if constexpr (B <= 4) {
-    __m256i cnt = _mm256_setzero_si256();
-    for (int k = 0; k < (1 << B) - 1; ++k)
-      cnt = _mm256_sub_epi32(cnt, _mm256_castps_si256(_mm256_cmp_ps(v, bv[k], _CMP_NLT_UQ)));
-    return cnt;
+    (void)boundaries;
+    __m256i idx = _mm256_setzero_si256();
+    for (int level = 0; level < B; ++level) {
+      const __m256i sel = B == 4 ? _mm256_srli_epi32(idx, 1) : idx;
+      const __m256 b = level == 0 ? bt.t[0] : _mm256_permutevar8x32_ps(bt.t[level], sel);
+      const __m256i ge = _mm256_castps_si256(_mm256_cmp_ps(v, b, _CMP_NLT_UQ));
+      idx = _mm256_or_si256(idx, _mm256_and_si256(ge, _mm256_set1_epi32(1 << (B - 1 - level))));
+    }
+    return idx;
   } else {
-    (void)bv;
+    (void)bt;
     __m256i pos = _mm256_setzero_si256();  // branchless binary search, one gather a step
     for (int step = 1 << (B - 1); step; step >>= 1) {
       const __m256i stepv = _mm256_set1_epi32(step);
@@ -189,9 +221,7 @@ inline __m256i compact32(__m256i x) {
 template <int B>
 void quantize_pack_avx2_t(const float* y, size_t n, size_t d, const float* boundaries,
                           uint8_t* codes, size_t code_bytes) {
-  constexpr int kB = B <= 4 ? (1 << B) - 1 : 1;
-  __m256 bv[kB];
-  for (int k = 0; k < kB; ++k) bv[k] = _mm256_set1_ps(B <= 4 ? boundaries[k] : 0.0f);
+  const BoundaryTables<B> bv(boundaries);
   const size_t nbytes = packed_bytes(d, B);
   alignas(32) uint8_t idx[kMaxDim + 32];
   alignas(32) uint8_t row[kMaxDim + 16];
@@ -535,10 +565,12 @@ void row_norms_avx2(const float* x, size_t n, size_t d, float* out) {
     for (; j + 16 <= d; j += 16) {
       const __m256d b0 = _mm256_cvtps_pd(_mm_loadu_ps(v + j)), b1 = _mm256_cvtps_pd(_mm_loadu_ps(v + j + 4));
       const __m256d b2 = _mm256_cvtps_pd(_mm_loadu_ps(v + j + 8)), b3 = _mm256_cvtps_pd(_mm_loadu_ps(v + j + 12));
-      a0 = _mm256_add_pd(a0, _mm256_mul_pd(b0, b0));
-      a1 = _mm256_add_pd(a1, _mm256_mul_pd(b1, b1));
-      a2 = _mm256_add_pd(a2, _mm256_mul_pd(b2, b2));
-      a3 = _mm256_add_pd(a3, _mm256_mul_pd(b3, b3));
+      // b·b is exact in double (24-bit mantissas), so the fused multiply-add rounds once,
+      // exactly like the scalar add of the exact square.
+      a0 = _mm256_fmadd_pd(b0, b0, a0);
+      a1 = _mm256_fmadd_pd(b1, b1, a1);
+      a2 = _mm256_fmadd_pd(b2, b2, a2);
+      a3 = _mm256_fmadd_pd(b3, b3, a3);
     }
     alignas(32) double s[16];
     _mm256_store_pd(s, a0);
