@@ -4,7 +4,7 @@
 // called when cpu_features() reports them.
 //
 // Decoding b <= 4 bit codes: 16 coordinates occupy 2b <= 8 bytes of a row (layout v1), so
-// one 64-bit load, two 32-bit broadcasts (coordinates 0-7 and 8-15) and one per-lane
+// two 32-bit broadcast loads (coordinates 0-7 and 8-15) and one per-lane
 // variable shift put index k in the low bits of lane k; one vpermps on a register holding
 // the 16-entry centroid table (replicated for b < 4, so index bits above b need no mask)
 // gives the centroids. b >= 5, or d not a multiple of 16: the AVX2 kernels.
@@ -39,15 +39,15 @@ struct Lut16 {
     shifts = _mm512_setr_epi32(0, B, 2 * B, 3 * B, 4 * B, 5 * B, 6 * B, 7 * B, 0, B, 2 * B, 3 * B,
                                4 * B, 5 * B, 6 * B, 7 * B);
   }
-  // Coordinates 16g..16g+15 of `row`; reads 8 bytes from row + 2gB (the caller guarantees
-  // they are readable).
+  // Coordinates 16g..16g+15 of `row`; reads 4 bytes at row + 2gB and at row + 2gB + B
+  // (the caller guarantees 8 bytes past row + 2gB are readable).
+  // Coordinates 8..15 start exactly B bytes after 0..7, so both halves are 32-bit memory
+  // broadcasts (load ports, no shuffle-port uop), the second one merged under a mask.
   inline __m512 load(const uint8_t* row, size_t g) const {
-    uint64_t w;
-    std::memcpy(&w, row + 2 * g * B, 8);
-    const auto lo = static_cast<int>(static_cast<uint32_t>(w));
-    const auto hi = static_cast<int>(static_cast<uint32_t>(w >> (8 * B)));
-    const __m512i idx = _mm512_srlv_epi32(_mm512_mask_set1_epi32(_mm512_set1_epi32(lo), 0xFF00, hi), shifts);
-    return _mm512_permutexvar_ps(idx, table);
+    const uint8_t* p = row + 2 * g * B;
+    const __m512i lo = _mm512_broadcastd_epi32(_mm_loadu_si32(p));
+    const __m512i both = _mm512_mask_broadcastd_epi32(lo, 0xFF00, _mm_loadu_si32(p + B));
+    return _mm512_permutexvar_ps(_mm512_srlv_epi32(both, shifts), table);
   }
 };
 
