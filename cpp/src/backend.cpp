@@ -21,6 +21,7 @@ const CpuFeatures& cpu_features() {
     f.avx512f = __builtin_cpu_supports("avx512f");
     f.avx512bw = __builtin_cpu_supports("avx512bw");
     f.avx512vl = __builtin_cpu_supports("avx512vl");
+    f.avx512dq = __builtin_cpu_supports("avx512dq");
 #if defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 11
     f.f16c = __builtin_cpu_supports("f16c");
     f.bmi2 = __builtin_cpu_supports("bmi2");
@@ -39,7 +40,7 @@ const CpuFeatures& cpu_features() {
 std::vector<std::string> compiled_simd_targets() {
   // SIMD kernel sets register here as they are added (cpp/src/backend/cpu/*_avx2.cpp ...).
 #if defined(__x86_64__) || defined(__i386__)
-  return {"scalar", "avx2"};
+  return {"scalar", "avx2", "avx512"};
 #else
   return {"scalar"};
 #endif
@@ -50,6 +51,8 @@ std::vector<std::string> available_simd_targets() {
   const auto& f = cpu_features();
   for (const auto& name : compiled_simd_targets()) {
     if (name == "avx2" && f.avx2 && f.fma && f.f16c) t.push_back(name);
+    if (name == "avx512" && f.avx2 && f.fma && f.f16c && f.avx512f && f.avx512bw && f.avx512vl && f.avx512dq)
+      t.push_back(name);
     if (name == "neon" && f.neon) t.push_back(name);
   }
   return t;

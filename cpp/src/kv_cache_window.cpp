@@ -6,10 +6,12 @@
 #include <cstring>
 #include <limits>
 
+#include "backend/cpu/kernels.h"
 #include "turboquant/attention.h"
 #include "turboquant/error.h"
 #include "turboquant/half.h"
 #include "turboquant/kv_cache.h"
+#include "turboquant/thread_pool.h"
 
 namespace turboquant {
 
@@ -228,72 +230,76 @@ void KVCache::attend_windowed(int layer, const float* queries, size_t T_q, float
 
   // fp16 tokens: the sinks [0, ns) then the window [c, n), as one array of nf rows.
   const size_t nw = n - c, nf = ns + nw;
-  AttentionScratch scratch;
-  std::vector<float> q(m * d), oc(m * d), kf(nf * d), vf(nf * d), s(nf), acc(d);
-  for (size_t h = 0; h < static_cast<size_t>(config_.n_kv_heads); ++h) {
-    for (size_t g = 0; g < G; ++g)
-      for (size_t t = 0; t < T_q; ++t)
-        std::memcpy(&q[(t * G + g) * d], queries + ((h * G + g) * T_q + t) * d, d * sizeof(float));
-    if (mc > 0) {
-      attend_head(head_codes(layer, static_cast<int>(h), KVRole::kKey),
-                  head_codes(layer, static_cast<int>(h), KVRole::kValue), c - ns, q.data() + ra * d, mc,
-                  cmask, scale, oc.data(), scratch, false, false, thr);
-    }
-    const size_t ik = index(layer, static_cast<int>(h), KVRole::kKey);
-    const size_t iv = index(layer, static_cast<int>(h), KVRole::kValue);
-    for (size_t j = 0; j < ns * d; ++j) {
-      kf[j] = half_to_float(sinks_[ik][j]);
-      vf[j] = half_to_float(sinks_[iv][j]);
-    }
-    for (size_t j = 0; j < nw * d; ++j) {
-      kf[ns * d + j] = half_to_float(windows_[ik][j]);
-      vf[ns * d + j] = half_to_float(windows_[iv][j]);
-    }
-    for (size_t r = 0; r < m; ++r) {
-      const float* qr = &q[r * d];
-      // fp16 rows visible to row r: sinks [lo, min(hi + 1, ns)) and window tokens
-      // [max(lo, c), hi] at fp16 rows ns + (token - c).
-      const size_t sa = std::min(mask.lo[r], ns), sb = std::min(mask.hi[r] + 1, ns);
-      const size_t wa = ns + std::max(mask.lo[r], c) - c;
-      const size_t wb = mask.hi[r] + 1 > c ? ns + mask.hi[r] + 1 - c : ns;
-      float mf = -std::numeric_limits<float>::infinity();
-      const auto score_range = [&](size_t a, size_t b) {
-        for (size_t t = a; t < b; ++t) {
-          const float* kr = &kf[t * d];
-          float dot = 0.0f;
-          for (size_t j = 0; j < d; ++j) dot += qr[j] * kr[j];
-          s[t] = scale * dot;
-          mf = std::max(mf, s[t]);
-        }
-      };
-      score_range(sa, sb);
-      score_range(wa, wb);
-      const bool has_c = r >= ra && r < rb;
-      const float mcx = has_c ? scratch.row_max[r - ra] : -std::numeric_limits<float>::infinity();
-      const float M = std::max(mf, mcx);
-      float z = 0.0f;
-      std::fill(acc.begin(), acc.end(), 0.0f);
-      if (has_c) {
-        const float f = scratch.row_sum[r - ra] * std::exp(mcx - M);
-        z += f;
-        for (size_t j = 0; j < d; ++j) acc[j] = f * oc[(r - ra) * d + j];
+  const auto& kernels = cpu::active_kernels();
+  // KV heads are independent (own buffers): split across the thread pool like attend().
+  parallel_for(static_cast<size_t>(config_.n_kv_heads), 1, [&](size_t h0, size_t h1) {
+    AttentionScratch scratch;
+    std::vector<float> q(m * d), oc(m * d), kf(nf * d), vf(nf * d), s(nf), acc(d);
+    for (size_t h = h0; h < h1; ++h) {
+      for (size_t g = 0; g < G; ++g)
+        for (size_t t = 0; t < T_q; ++t)
+          std::memcpy(&q[(t * G + g) * d], queries + ((h * G + g) * T_q + t) * d, d * sizeof(float));
+      if (mc > 0) {
+        attend_head(head_codes(layer, static_cast<int>(h), KVRole::kKey),
+                    head_codes(layer, static_cast<int>(h), KVRole::kValue), c - ns, q.data() + ra * d, mc,
+                    cmask, scale, oc.data(), scratch, false, false, thr);
       }
-      const auto value_range = [&](size_t a, size_t b) {
-        for (size_t t = a; t < b; ++t) {
-          const float e = std::exp(s[t] - M);
-          z += e;
-          if (thr > 0.0f && e < thr) continue;
-          const float* vr = &vf[t * d];
-          for (size_t j = 0; j < d; ++j) acc[j] += e * vr[j];
+      const size_t ik = index(layer, static_cast<int>(h), KVRole::kKey);
+      const size_t iv = index(layer, static_cast<int>(h), KVRole::kValue);
+      if (ns > 0) {
+        kernels.half_to_float(sinks_[ik].data(), ns * d, kf.data());
+        kernels.half_to_float(sinks_[iv].data(), ns * d, vf.data());
+      }
+      if (nw > 0) {
+        kernels.half_to_float(windows_[ik].data(), nw * d, kf.data() + ns * d);
+        kernels.half_to_float(windows_[iv].data(), nw * d, vf.data() + ns * d);
+      }
+      for (size_t r = 0; r < m; ++r) {
+        const float* qr = &q[r * d];
+        // fp16 rows visible to row r: sinks [lo, min(hi + 1, ns)) and window tokens
+        // [max(lo, c), hi] at fp16 rows ns + (token - c).
+        const size_t sa = std::min(mask.lo[r], ns), sb = std::min(mask.hi[r] + 1, ns);
+        const size_t wa = ns + std::max(mask.lo[r], c) - c;
+        const size_t wb = mask.hi[r] + 1 > c ? ns + mask.hi[r] + 1 - c : ns;
+        float mf = -std::numeric_limits<float>::infinity();
+        const auto score_range = [&](size_t a, size_t b) {
+          for (size_t t = a; t < b; ++t) {
+            const float* kr = &kf[t * d];
+            float dot = 0.0f;
+            for (size_t j = 0; j < d; ++j) dot += qr[j] * kr[j];
+            s[t] = scale * dot;
+            mf = std::max(mf, s[t]);
+          }
+        };
+        score_range(sa, sb);
+        score_range(wa, wb);
+        const bool has_c = r >= ra && r < rb;
+        const float mcx = has_c ? scratch.row_max[r - ra] : -std::numeric_limits<float>::infinity();
+        const float M = std::max(mf, mcx);
+        float z = 0.0f;
+        std::fill(acc.begin(), acc.end(), 0.0f);
+        if (has_c) {
+          const float f = scratch.row_sum[r - ra] * std::exp(mcx - M);
+          z += f;
+          for (size_t j = 0; j < d; ++j) acc[j] = f * oc[(r - ra) * d + j];
         }
-      };
-      value_range(sa, sb);
-      value_range(wa, wb);
-      const float inv = z > 0.0f ? 1.0f / z : 0.0f;
-      const size_t t = r / G, qh = h * G + r % G;
-      for (size_t j = 0; j < d; ++j) out[(qh * T_q + t) * d + j] = acc[j] * inv;
+        const auto value_range = [&](size_t a, size_t b) {
+          for (size_t t = a; t < b; ++t) {
+            const float e = std::exp(s[t] - M);
+            z += e;
+            if (thr > 0.0f && e < thr) continue;
+            const float* vr = &vf[t * d];
+            for (size_t j = 0; j < d; ++j) acc[j] += e * vr[j];
+          }
+        };
+        value_range(sa, sb);
+        value_range(wa, wb);
+        const float inv = z > 0.0f ? 1.0f / z : 0.0f;
+        const size_t t = r / G, qh = h * G + r % G;
+        for (size_t j = 0; j < d; ++j) out[(qh * T_q + t) * d + j] = acc[j] * inv;
+      }
     }
-  }
+  });
 }
 
 }  // namespace turboquant

@@ -165,15 +165,12 @@ void Quantizer::encode(const float* x, size_t n, uint8_t* codes, void* norms) co
   const size_t block = 256;
   const size_t nblocks = (n + block - 1) / block;
   parallel_for(nblocks, 1, [&](size_t b0, size_t b1) {
-    std::vector<float> y(block * d);
+    std::vector<float> y(block * d), inv(block);
     for (size_t bi = b0; bi < b1; ++bi) {
       const size_t r0 = bi * block;
       const size_t nb = std::min(block, n - r0);
-      for (size_t r = 0; r < nb; ++r) {
-        const float inv = norm[r0 + r] > 0.0f ? 1.0f / norm[r0 + r] : 0.0f;
-        for (size_t j = 0; j < d; ++j) y[r * d + j] = x[(r0 + r) * d + j] * inv;
-      }
-      rotation_->forward(y.data(), y.data(), nb);
+      for (size_t r = 0; r < nb; ++r) inv[r] = norm[r0 + r] > 0.0f ? 1.0f / norm[r0 + r] : 0.0f;
+      rotation_->forward_scaled(x + r0 * d, inv.data(), y.data(), nb);
       uint8_t* c = codes + r0 * code_bytes();
       quantize_rotated(y.data(), nb, c);
       if (config_.norm_correction) {

@@ -29,6 +29,13 @@ RotationKind rotation_kind_from_string(const std::string& name) {
 // The active CPU kernel set's transform (SIMD where available; bit-identical to scalar).
 void fwht(float* x, size_t n) { cpu::active_kernels().fwht(x, n); }
 
+void Rotation::forward_scaled(const float* x, const float* row_scale, float* y, size_t n) const {
+  const auto d = static_cast<size_t>(dim_);
+  for (size_t r = 0; r < n; ++r)
+    for (size_t j = 0; j < d; ++j) y[r * d + j] = x[r * d + j] * row_scale[r];
+  forward(y, y, n);
+}
+
 std::vector<float> Rotation::matrix() const {
   const auto d = static_cast<size_t>(dim_);
   // Column j of Π is Π e_j; compute Πᵀ rows = (Π e_j) then transpose.
@@ -74,35 +81,23 @@ class HadamardRotation final : public Rotation {
  public:
   HadamardRotation(int dim, std::vector<float> d1, std::vector<float> d2)
       : Rotation(dim), d1_(std::move(d1)), d2_(std::move(d2)),
-        scale_(1.0f / static_cast<float>(dim)) {}
+        scale_(1.0f / static_cast<float>(dim)), post_fwd_(d1_.size(), scale_), post_inv_(d1_.size()) {
+    for (size_t j = 0; j < d1_.size(); ++j) post_inv_[j] = d1_[j] * scale_;
+  }
   RotationKind kind() const override { return RotationKind::kHadamard; }
 
   // Π = H D₂ H D₁ with H orthonormal; the two 1/√d factors are folded into one 1/d.
   void forward(const float* x, float* y, size_t n) const override {
-    const auto d = static_cast<size_t>(dim_);
-    const auto fwht = cpu::active_kernels().fwht;
-    for (size_t r = 0; r < n; ++r) {
-      float* v = y + r * d;
-      const float* u = x + r * d;
-      for (size_t j = 0; j < d; ++j) v[j] = u[j] * d1_[j];
-      fwht(v, d);
-      for (size_t j = 0; j < d; ++j) v[j] *= d2_[j];
-      fwht(v, d);
-      for (size_t j = 0; j < d; ++j) v[j] *= scale_;
-    }
+    cpu::active_kernels().hadamard_rotate(x, n, d1_.size(), nullptr, d1_.data(), d2_.data(),
+                                          post_fwd_.data(), y);
+  }
+  void forward_scaled(const float* x, const float* row_scale, float* y, size_t n) const override {
+    cpu::active_kernels().hadamard_rotate(x, n, d1_.size(), row_scale, d1_.data(), d2_.data(),
+                                          post_fwd_.data(), y);
   }
   void inverse(const float* y, float* x, size_t n) const override {
-    const auto d = static_cast<size_t>(dim_);
-    const auto fwht = cpu::active_kernels().fwht;
-    for (size_t r = 0; r < n; ++r) {
-      float* v = x + r * d;
-      const float* u = y + r * d;
-      if (v != u) std::memcpy(v, u, sizeof(float) * d);
-      fwht(v, d);
-      for (size_t j = 0; j < d; ++j) v[j] *= d2_[j];
-      fwht(v, d);
-      for (size_t j = 0; j < d; ++j) v[j] *= d1_[j] * scale_;
-    }
+    cpu::active_kernels().hadamard_rotate(y, n, d1_.size(), nullptr, nullptr, d2_.data(),
+                                          post_inv_.data(), x);
   }
   std::vector<float> parameters() const override {
     std::vector<float> p(d1_);
@@ -113,6 +108,7 @@ class HadamardRotation final : public Rotation {
  private:
   std::vector<float> d1_, d2_;
   float scale_;
+  std::vector<float> post_fwd_, post_inv_;  // scale_ (forward) and d1_·scale_ (inverse)
 };
 
 void check_dim(int dim) {

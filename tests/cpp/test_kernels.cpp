@@ -65,6 +65,39 @@ TEST(Kernels, FwhtBitExact) {
   }
 }
 
+TEST(Kernels, HadamardRotateBitExact) {
+  // The fused rotation against the scalar one, with and without the per-row scale and the
+  // first diagonal, out of place and in place.
+  for (const auto* k : usable_kernels()) {
+    for (size_t d : {1, 2, 8, 16, 32, 64, 128, 256, 512}) {
+      const size_t n = 5;
+      const auto x = gaussian(n * d, 11u + static_cast<uint32_t>(d));
+      const auto rs = gaussian(n, 12u), pre = gaussian(d, 13u), mid = gaussian(d, 14u), post = gaussian(d, 15u);
+      for (int variant = 0; variant < 4; ++variant) {
+        const float* r = variant & 1 ? rs.data() : nullptr;
+        const float* p = variant & 2 ? pre.data() : nullptr;
+        std::vector<float> a(n * d), b(n * d), c = x;
+        scalar_kernels().hadamard_rotate(x.data(), n, d, r, p, mid.data(), post.data(), a.data());
+        k->hadamard_rotate(x.data(), n, d, r, p, mid.data(), post.data(), b.data());
+        k->hadamard_rotate(c.data(), n, d, r, p, mid.data(), post.data(), c.data());
+        for (size_t j = 0; j < n * d; ++j) {
+          ASSERT_EQ(a[j], b[j]) << k->name << " d=" << d << " variant=" << variant << " j=" << j;
+          ASSERT_EQ(a[j], c[j]) << k->name << " in place, d=" << d << " variant=" << variant;
+        }
+      }
+      // The reference itself: post ⊙ H(mid ⊙ H(pre ⊙ (x·s))) spelled out with fwht.
+      std::vector<float> ref(x.begin(), x.begin() + static_cast<std::ptrdiff_t>(d)), got(d);
+      for (size_t j = 0; j < d; ++j) ref[j] = ref[j] * rs[0] * pre[j];
+      scalar_kernels().fwht(ref.data(), d);
+      for (size_t j = 0; j < d; ++j) ref[j] *= mid[j];
+      scalar_kernels().fwht(ref.data(), d);
+      for (size_t j = 0; j < d; ++j) ref[j] *= post[j];
+      k->hadamard_rotate(x.data(), 1, d, rs.data(), pre.data(), mid.data(), post.data(), got.data());
+      for (size_t j = 0; j < d; ++j) ASSERT_EQ(ref[j], got[j]) << k->name << " d=" << d;
+    }
+  }
+}
+
 TEST(Kernels, RowNormsBitExact) {
   for (const auto* k : usable_kernels()) {
     for (size_t d : kDims) {

@@ -9,6 +9,7 @@
 #include "turboquant/error.h"
 #include "turboquant/half.h"
 #include "turboquant/serialize.h"
+#include "turboquant/thread_pool.h"
 
 using namespace turboquant;
 using namespace turboquant::testing;
@@ -169,4 +170,32 @@ TEST(SparseV, ZeroIsDenseAndSkipsOnlySmallWeights) {
   EXPECT_THROW(c.attend(0, q.data(), 1, sparse.data(), opt), InvalidArgument);
   opt.sparse_v_threshold = std::nanf("");
   EXPECT_THROW(c.attend(0, q.data(), 1, sparse.data(), opt), InvalidArgument);
+}
+
+// The windowed path splits KV heads across the thread pool: every head's output is its own,
+// so 1, 2 and 3 threads give the same bits (4 KV heads, GQA 2, decode and a causal prefill).
+TEST(KVWindow, AttendIndependentOfThreadCount) {
+  KVCacheConfig cfg = window_config();
+  cfg.n_q_heads = 8;
+  cfg.n_kv_heads = 4;
+  KVCache c(cfg);
+  const size_t n = 70, d = 64;
+  const auto k = gaussian(4 * n * d, 21), v = gaussian(4 * n * d, 22);
+  c.append(0, k.data(), v.data(), n);
+  ASSERT_GT(c.coded_tokens(0), 0u);
+  ASSERT_LT(c.coded_tokens(0), n);
+  for (size_t tq : {size_t{1}, size_t{5}}) {
+    const auto q = gaussian(8 * tq * d, 23 + static_cast<uint64_t>(tq));
+    std::vector<std::vector<float>> outs;
+    for (int threads : {1, 2, 3}) {
+      set_num_threads(threads);
+      std::vector<float> out(8 * tq * d, -1.0f);
+      c.attend(0, q.data(), tq, out.data());
+      outs.push_back(out);
+    }
+    set_num_threads(0);
+    for (float x : outs[0]) ASSERT_TRUE(std::isfinite(x));
+    EXPECT_EQ(outs[0], outs[1]) << "T_q=" << tq;
+    EXPECT_EQ(outs[0], outs[2]) << "T_q=" << tq;
+  }
 }

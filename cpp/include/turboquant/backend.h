@@ -11,7 +11,7 @@ namespace turboquant {
 
 struct CpuFeatures {
   bool sse42 = false, avx2 = false, fma = false, f16c = false, bmi2 = false;
-  bool avx512f = false, avx512bw = false, avx512vl = false;
+  bool avx512f = false, avx512bw = false, avx512vl = false, avx512dq = false;
   bool neon = false;
 };
 

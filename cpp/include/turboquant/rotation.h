@@ -35,6 +35,9 @@ class Rotation {
   virtual void forward(const float* x, float* y, size_t n) const = 0;
   // x_i = Πᵀ y_i (the inverse, Π being orthogonal).
   virtual void inverse(const float* y, float* x, size_t n) const = 0;
+  // y_i = Π (x_i · row_scale[i]) (the product rounded first, as a separate multiply before
+  // forward() would); Hadamard fuses it into its transform. x and y may alias.
+  virtual void forward_scaled(const float* x, const float* row_scale, float* y, size_t n) const;
   // Π as a dense row-major d×d matrix (for export, tests, and reference implementations).
   std::vector<float> matrix() const;
   // The parameters that define Π: the d×d matrix (dense) or D₁ then D₂ signs (hadamard).

@@ -14,6 +14,8 @@ std::vector<const Kernels*> usable_kernels() {
   const auto& f = cpu_features();
 #if defined(__x86_64__) || defined(__i386__)
   if (f.avx2 && f.fma && f.f16c) k.push_back(&avx2_kernels());
+  if (f.avx2 && f.fma && f.f16c && f.avx512f && f.avx512bw && f.avx512vl && f.avx512dq)
+    k.push_back(&avx512_kernels());
 #endif
   (void)f;
   return k;

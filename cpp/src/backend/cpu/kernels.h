@@ -39,11 +39,20 @@ struct Kernels {
   // s[t] = exp(s[t] - shift) for t < n (arguments <= 0 in softmax); returns Σ s[t].
   // SIMD variants use a polynomial exp within 2 ulp of std::exp.
   float (*exp_sum)(float* s, size_t n, float shift);
+  // The Hadamard rotation's two transforms fused, for n rows of d = 2^k:
+  //   y[r] = post ⊙ H(mid ⊙ H(pre ⊙ (x[r] · row_scale[r])))
+  // with each product rounded on its own in that order (row_scale / pre may be null:
+  // skipped), so every variant gives the same bits. x and y may alias.
+  void (*hadamard_rotate)(const float* x, size_t n, size_t d, const float* row_scale,
+                          const float* pre, const float* mid, const float* post, float* y);
 };
 
 const Kernels& scalar_kernels();
 #if defined(__x86_64__) || defined(__i386__)
 const Kernels& avx2_kernels();  // needs avx2 + fma + f16c (kernels_avx2.cpp)
+// needs the above + avx512f/bw/vl/dq (kernels_avx512.cpp; kernels it does not widen are
+// the AVX2 ones)
+const Kernels& avx512_kernels();
 #endif
 // The best kernel set for this CPU, or the one named by TURBOQUANT_SIMD ("scalar", ...).
 const Kernels& active_kernels();

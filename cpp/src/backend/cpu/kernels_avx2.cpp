@@ -92,18 +92,107 @@ void fwht_avx2(float* x, size_t n) {
   }
 }
 
+// hadamard_rotate: n = 8·NV <= 128 coordinates of a row stay in registers through both
+// transforms and the three elementwise products (same order of roundings as the scalar).
+template <int NV>
+inline void hadamard_regs(const float* u, float* v, const float* rs, const float* pre,
+                          const float* mid, const float* post, __m256 s1, __m256 s2, __m256 s4) {
+  __m256 r[NV];
+#pragma GCC unroll 16
+  for (int i = 0; i < NV; ++i) {
+    r[i] = _mm256_loadu_ps(u + 8 * i);
+    if (rs) r[i] = _mm256_mul_ps(r[i], _mm256_broadcast_ss(rs));
+    if (pre) r[i] = _mm256_mul_ps(r[i], _mm256_loadu_ps(pre + 8 * i));
+    r[i] = fwht8(r[i], s1, s2, s4);
+  }
+  fwht_stages<NV, 1>(r);
+#pragma GCC unroll 16
+  for (int i = 0; i < NV; ++i) r[i] = fwht8(_mm256_mul_ps(r[i], _mm256_loadu_ps(mid + 8 * i)), s1, s2, s4);
+  fwht_stages<NV, 1>(r);
+#pragma GCC unroll 16
+  for (int i = 0; i < NV; ++i) _mm256_storeu_ps(v + 8 * i, _mm256_mul_ps(r[i], _mm256_loadu_ps(post + 8 * i)));
+}
+
+template <int NV>
+void hadamard_rows(const float* x, size_t n, const float* row_scale, const float* pre,
+                   const float* mid, const float* post, float* y) {
+  const __m256 s1 = _mm256_setr_ps(1, -1, 1, -1, 1, -1, 1, -1);
+  const __m256 s2 = _mm256_setr_ps(1, 1, -1, -1, 1, 1, -1, -1);
+  const __m256 s4 = _mm256_setr_ps(1, 1, 1, 1, -1, -1, -1, -1);
+  constexpr size_t d = 8 * NV;
+  for (size_t r = 0; r < n; ++r)
+    hadamard_regs<NV>(x + r * d, y + r * d, row_scale ? row_scale + r : nullptr, pre, mid, post, s1, s2, s4);
+}
+
+void hadamard_rotate_avx2(const float* x, size_t n, size_t d, const float* row_scale,
+                          const float* pre, const float* mid, const float* post, float* y) {
+  switch (d) {
+    case 8: return hadamard_rows<1>(x, n, row_scale, pre, mid, post, y);
+    case 16: return hadamard_rows<2>(x, n, row_scale, pre, mid, post, y);
+    case 32: return hadamard_rows<4>(x, n, row_scale, pre, mid, post, y);
+    case 64: return hadamard_rows<8>(x, n, row_scale, pre, mid, post, y);
+    case 128: return hadamard_rows<16>(x, n, row_scale, pre, mid, post, y);
+    default: break;
+  }
+  for (size_t r = 0; r < n; ++r) {  // other sizes: the scalar order with the SIMD transform
+    const float* u = x + r * d;
+    float* v = y + r * d;
+    for (size_t j = 0; j < d; ++j) {
+      float t = row_scale ? u[j] * row_scale[r] : u[j];
+      if (pre) t *= pre[j];
+      v[j] = t;
+    }
+    fwht_avx2(v, d);
+    for (size_t j = 0; j < d; ++j) v[j] *= mid[j];
+    fwht_avx2(v, d);
+    for (size_t j = 0; j < d; ++j) v[j] *= post[j];
+  }
+}
+
 // ---------------------------------------------------------------------------------------
 // quantize_pack: index = number of boundaries <= v. _CMP_NLT_UQ is "not v < b", exactly the
 // scalar binary search's test, so NaN lands on the last index there and here alike.
+// B <= 4: a branchless binary search, one compare per bit; the boundary to compare with
+// comes from a register table indexed by the bits decided so far (one vpermd per level).
+// For b distinct, increasing boundaries this is exactly the count of boundaries <= v.
 template <int B>
-inline __m256i quantize8(__m256 v, const __m256* bv, const float* boundaries) {
+struct BoundaryTables {
+  __m256 t[B > 4 ? 1 : B];
+  explicit BoundaryTables(const float* boundaries) {
+    if constexpr (B <= 4) {
+      for (int level = 0; level < B; ++level) {
+        // Level L decides bit B-1-L; the decided bits form idx (a multiple of 2^(B-L)), the
+        // boundary to test is idx + 2^(B-1-L) - 1. Tables are indexed by idx >> (B - 3) for
+        // B = 4 (idx even there at every level), by idx itself for B <= 3.
+        alignas(32) float a[8];
+        const int half = 1 << (B - 1 - level);
+        for (int i = 0; i < 8; ++i) {
+          const int idx = level == 0 ? 0 : (B == 4 ? 2 * i : i);  // level 0: no bits yet
+          const int k = std::min(idx + half - 1, (1 << B) - 2);
+          a[i] = boundaries[k];
+        }
+        t[level] = _mm256_load_ps(a);
+      }
+    } else {
+      t[0] = _mm256_setzero_ps();
+    }
+  }
+};
+
+template <int B>
+inline __m256i quantize8(__m256 v, const BoundaryTables<B>& bt, const float* boundaries) {
   if constexpr (B <= 4) {
-    __m256i cnt = _mm256_setzero_si256();
-    for (int k = 0; k < (1 << B) - 1; ++k)
-      cnt = _mm256_sub_epi32(cnt, _mm256_castps_si256(_mm256_cmp_ps(v, bv[k], _CMP_NLT_UQ)));
-    return cnt;
+    (void)boundaries;
+    __m256i idx = _mm256_setzero_si256();
+    for (int level = 0; level < B; ++level) {
+      const __m256i sel = B == 4 ? _mm256_srli_epi32(idx, 1) : idx;
+      const __m256 b = level == 0 ? bt.t[0] : _mm256_permutevar8x32_ps(bt.t[level], sel);
+      const __m256i ge = _mm256_castps_si256(_mm256_cmp_ps(v, b, _CMP_NLT_UQ));
+      idx = _mm256_or_si256(idx, _mm256_and_si256(ge, _mm256_set1_epi32(1 << (B - 1 - level))));
+    }
+    return idx;
   } else {
-    (void)bv;
+    (void)bt;
     __m256i pos = _mm256_setzero_si256();  // branchless binary search, one gather a step
     for (int step = 1 << (B - 1); step; step >>= 1) {
       const __m256i stepv = _mm256_set1_epi32(step);
@@ -132,9 +221,7 @@ inline __m256i compact32(__m256i x) {
 template <int B>
 void quantize_pack_avx2_t(const float* y, size_t n, size_t d, const float* boundaries,
                           uint8_t* codes, size_t code_bytes) {
-  constexpr int kB = B <= 4 ? (1 << B) - 1 : 1;
-  __m256 bv[kB];
-  for (int k = 0; k < kB; ++k) bv[k] = _mm256_set1_ps(B <= 4 ? boundaries[k] : 0.0f);
+  const BoundaryTables<B> bv(boundaries);
   const size_t nbytes = packed_bytes(d, B);
   alignas(32) uint8_t idx[kMaxDim + 32];
   alignas(32) uint8_t row[kMaxDim + 16];
@@ -478,10 +565,12 @@ void row_norms_avx2(const float* x, size_t n, size_t d, float* out) {
     for (; j + 16 <= d; j += 16) {
       const __m256d b0 = _mm256_cvtps_pd(_mm_loadu_ps(v + j)), b1 = _mm256_cvtps_pd(_mm_loadu_ps(v + j + 4));
       const __m256d b2 = _mm256_cvtps_pd(_mm_loadu_ps(v + j + 8)), b3 = _mm256_cvtps_pd(_mm_loadu_ps(v + j + 12));
-      a0 = _mm256_add_pd(a0, _mm256_mul_pd(b0, b0));
-      a1 = _mm256_add_pd(a1, _mm256_mul_pd(b1, b1));
-      a2 = _mm256_add_pd(a2, _mm256_mul_pd(b2, b2));
-      a3 = _mm256_add_pd(a3, _mm256_mul_pd(b3, b3));
+      // b·b is exact in double (24-bit mantissas), so the fused multiply-add rounds once,
+      // exactly like the scalar add of the exact square.
+      a0 = _mm256_fmadd_pd(b0, b0, a0);
+      a1 = _mm256_fmadd_pd(b1, b1, a1);
+      a2 = _mm256_fmadd_pd(b2, b2, a2);
+      a3 = _mm256_fmadd_pd(b3, b3, a3);
     }
     alignas(32) double s[16];
     _mm256_store_pd(s, a0);
@@ -553,7 +642,8 @@ float exp_sum_avx2(float* s, size_t n, float shift) {
 
 const Kernels& avx2_kernels() {
   static const Kernels k{"avx2", fwht_avx2, quantize_pack_avx2, mse_scores_avx2,
-                         mse_accumulate_avx2, row_norms_avx2, half_to_float_avx2, exp_sum_avx2};
+                         mse_accumulate_avx2, row_norms_avx2, half_to_float_avx2, exp_sum_avx2,
+                         hadamard_rotate_avx2};
   return k;
 }
 

@@ -95,12 +95,34 @@ float exp_sum_scalar(float* s, size_t n, float shift) {
   return sum;
 }
 
+void hadamard_rotate_scalar(const float* x, size_t n, size_t d, const float* row_scale,
+                            const float* pre, const float* mid, const float* post, float* y) {
+  for (size_t r = 0; r < n; ++r) {
+    const float* u = x + r * d;
+    float* v = y + r * d;
+    if (row_scale) {
+      const float s = row_scale[r];
+      for (size_t j = 0; j < d; ++j) v[j] = u[j] * s;
+      if (pre)
+        for (size_t j = 0; j < d; ++j) v[j] *= pre[j];
+    } else if (pre) {
+      for (size_t j = 0; j < d; ++j) v[j] = u[j] * pre[j];
+    } else {
+      for (size_t j = 0; j < d; ++j) v[j] = u[j];
+    }
+    fwht_scalar(v, d);
+    for (size_t j = 0; j < d; ++j) v[j] *= mid[j];
+    fwht_scalar(v, d);
+    for (size_t j = 0; j < d; ++j) v[j] *= post[j];
+  }
+}
+
 }  // namespace
 
 const Kernels& scalar_kernels() {
   static const Kernels k{"scalar", fwht_scalar, quantize_pack_scalar, mse_scores_scalar,
                          mse_accumulate_scalar, row_norms_scalar, half_to_float_scalar,
-                         exp_sum_scalar};
+                         exp_sum_scalar, hadamard_rotate_scalar};
   return k;
 }
 
