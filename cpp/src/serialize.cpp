@@ -136,7 +136,7 @@ std::vector<uint8_t> serialize_cache(const KVCache& cache) {
   Writer w;
   w.bytes(kCacheMagic, sizeof(kCacheMagic));
   const bool windowed = c.windowed();
-  const bool v3 = c.fp16_sinks > 0 || c.decays();
+  const bool v3 = c.v3();
   w.put(v3 ? uint32_t{3} : windowed ? uint32_t{2} : uint32_t{1});
   w.put(uint32_t{0});
 
@@ -169,6 +169,7 @@ std::vector<uint8_t> serialize_cache(const KVCache& cache) {
     w.put(static_cast<uint64_t>(c.fp16_sinks));
     w.put(static_cast<uint64_t>(c.decay_after));
     w.put(static_cast<int32_t>(c.decay_bits));
+    w.put(static_cast<uint64_t>(c.max_coded_tokens));
   }
   w.end(at);
 
@@ -202,6 +203,7 @@ std::vector<uint8_t> serialize_cache(const KVCache& cache) {
     const size_t n = cache.code_tokens(l);
     w.put(static_cast<uint32_t>(l));
     w.put(static_cast<uint64_t>(n));
+    if (v3) w.put(static_cast<uint64_t>(cache.evicted_tokens(l)));
     const size_t nblocks = (n + c.block_tokens - 1) / c.block_tokens;
     if (c.decays()) {
       for (int h = 0; h < c.n_kv_heads; ++h)
@@ -294,8 +296,8 @@ std::unique_ptr<KVCache> deserialize_cache(const uint8_t* data, size_t size) {
       c.fp16_sinks = static_cast<size_t>(conf.get<uint64_t>("fp16_sinks"));
       c.decay_after = static_cast<size_t>(conf.get<uint64_t>("decay_after"));
       c.decay_bits = conf.get<int32_t>("decay_bits");
-      TQ_CHECK(c.fp16_sinks > 0 || c.decays(), FormatError,
-               "corrupted file: version 3 without fp16 sinks or temporal decay");
+      c.max_coded_tokens = static_cast<size_t>(conf.get<uint64_t>("max_coded_tokens"));
+      TQ_CHECK(c.v3(), FormatError, "corrupted file: version 3 without fp16 sinks, temporal decay or eviction");
     }
     const bool windowed = version == 2 || (version >= 3 && c.windowed());
     conf.expect_end("CONF");
@@ -362,6 +364,7 @@ std::unique_ptr<KVCache> deserialize_cache(const uint8_t* data, size_t size) {
       TQ_CHECK(li == static_cast<uint32_t>(l), FormatError, "corrupted file: layer ", li, " where ", l,
                " was expected");
       const auto n = lay.get<uint64_t>("token count");
+      if (version >= 3) cache->set_evicted_tokens(l, static_cast<size_t>(lay.get<uint64_t>("evicted token count")));
       size_t row = 0;
       for (int h = 0; h < c.n_kv_heads; ++h)
         row += cache->key_quantizer(l, h).bytes_per_vector() + cache->value_quantizer(l, h).bytes_per_vector();
