@@ -87,7 +87,8 @@ The T_q queries are the last T_q positions of the layer: query i sees keys
                        const std::string& rotation, int jl_dim, size_t block_tokens, size_t max_tokens,
                        int n_outlier_channels, int outlier_bits, const std::vector<int>& outlier_channels,
                        size_t fp16_window, const std::vector<int>& fp16_layers, const std::string& outlier_roles,
-                       bool norm_correction, size_t fp16_sinks, size_t decay_after, int decay_bits) {
+                       bool norm_correction, size_t fp16_sinks, size_t decay_after, int decay_bits,
+                       size_t max_coded_tokens) {
              KVCacheConfig c;
              c.head_dim = head_dim;
              c.n_layers = n_layers;
@@ -112,6 +113,7 @@ The T_q queries are the last T_q positions of the layer: query i sees keys
              c.fp16_sinks = fp16_sinks;
              c.decay_after = decay_after;
              c.decay_bits = decay_bits;
+             c.max_coded_tokens = max_coded_tokens;
              py::gil_scoped_release release;
              return std::make_unique<KVCache>(c);
            }),
@@ -123,7 +125,7 @@ The T_q queries are the last T_q positions of the layer: query i sees keys
            py::arg("outlier_channels") = std::vector<int>{}, py::arg("fp16_window") = 0,
            py::arg("fp16_layers") = std::vector<int>{}, py::arg("outlier_roles") = "both",
            py::arg("norm_correction") = false, py::arg("fp16_sinks") = 0,
-           py::arg("decay_after") = 0, py::arg("decay_bits") = 0)
+           py::arg("decay_after") = 0, py::arg("decay_bits") = 0, py::arg("max_coded_tokens") = 0)
       .def("append", [](KVCache& kv, const py::handle& keys, const py::handle& values, int layer) {
         const auto d = static_cast<size_t>(kv.head_dim());
         const FloatRows k = float_rows(keys, d, "keys", false, 2);
@@ -272,6 +274,9 @@ The T_q queries are the last T_q positions of the layer: query i sees keys
       .def_property_readonly("fp16_sinks", [](const KVCache& kv) { return kv.config().fp16_sinks; })
       .def_property_readonly("decay_after", [](const KVCache& kv) { return kv.config().decay_after; })
       .def_property_readonly("decay_bits", [](const KVCache& kv) { return kv.config().decay_bits; })
+      .def_property_readonly("max_coded_tokens", [](const KVCache& kv) { return kv.config().max_coded_tokens; })
+      .def("evicted_tokens", &KVCache::evicted_tokens, py::arg("layer") = 0,
+           "tokens of a layer dropped by eviction (max_coded_tokens) since it was empty")
       .def("sink_tokens", &KVCache::sink_tokens, py::arg("layer") = 0,
            "fp16 attention-sink tokens of a layer (the first min(size, fp16_sinks) tokens)")
       .def("code_tokens", &KVCache::code_tokens, py::arg("layer") = 0,

@@ -55,6 +55,9 @@ void KVCacheConfig::validate() const {
            ") exceeds max_tokens (", max_tokens, ")");
   TQ_CHECK(decay_after <= (size_t{1} << 40), InvalidArgument, "decay_after must be in [0, 2^40], got ",
            decay_after);
+  TQ_CHECK(max_coded_tokens == 0 || (max_coded_tokens >= block_tokens && max_coded_tokens <= (size_t{1} << 40)),
+           InvalidArgument, "max_coded_tokens must be 0 (off) or in [block_tokens = ", block_tokens,
+           ", 2^40], got ", max_coded_tokens);
   if (decay_after == 0) {
     TQ_CHECK(decay_bits == 0, InvalidArgument, "decay_bits (", decay_bits,
              ") is set but decay_after is 0 (temporal decay off); set decay_after > 0 or decay_bits = 0");
@@ -112,6 +115,7 @@ KVCache::KVCache(const KVCacheConfig& config) : config_(config) {
   }
   if (config_.fp16_sinks > 0) sinks_.resize(streams);
   if (config_.decays()) init_decay();
+  evicted_.assign(static_cast<size_t>(config_.n_layers), 0);
 }
 
 size_t KVCache::index(int layer, int kv_head, KVRole role) const {
@@ -229,6 +233,7 @@ void KVCache::append(int layer, const float* keys, const float* values, size_t T
     }
   }
   sizes_[l] = old + T;
+  if (config_.max_coded_tokens) evict_layer(l);
   if (config_.decays()) decay_layer(l);
 }
 
@@ -358,6 +363,7 @@ size_t KVCache::trim(size_t n) {
     for (int h = 0; h < config_.n_kv_heads; ++h)
       for (KVRole role : {KVRole::kKey, KVRole::kValue}) release_blocks(pages_[index(l, h, role)], sizes_[li]);
     if (config_.decays()) decay_done_[li] = std::min(decay_done_[li], sizes_[li] / config_.block_tokens);
+    if (sizes_[li] == 0) evicted_[li] = 0;
   }
   return removed;
 }
@@ -374,6 +380,7 @@ void KVCache::truncate(size_t length) {
     for (int h = 0; h < config_.n_kv_heads; ++h)
       for (KVRole role : {KVRole::kKey, KVRole::kValue}) release_blocks(pages_[index(l, h, role)], sizes_[li]);
     if (config_.decays()) decay_done_[li] = std::min(decay_done_[li], sizes_[li] / config_.block_tokens);
+    if (sizes_[li] == 0) evicted_[li] = 0;
   }
 }
 

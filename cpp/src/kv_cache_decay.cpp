@@ -99,6 +99,43 @@ void KVCache::decay_layer(size_t l) {
   }
 }
 
+void KVCache::evict_layer(size_t l) {
+  const size_t bt = config_.block_tokens, M = config_.max_coded_tokens;
+  const size_t streams = static_cast<size_t>(config_.n_kv_heads) * 2;
+  const size_t base = config_.windowed() ? std::min(coded_[l], sink_base(l)) : 0;
+  size_t nc = (config_.windowed() ? coded_[l] : sizes_[l]) - base;
+  size_t drop = 0;  // whole blocks from the front of the codes
+  while (nc > M) {
+    nc -= bt;
+    ++drop;
+  }
+  if (drop == 0) return;
+  for (size_t s = 0; s < streams; ++s) {
+    PagedCodes& p = pages_[l * streams + s];
+    const auto k = static_cast<std::ptrdiff_t>(drop);
+    p.code_blocks.erase(p.code_blocks.begin(), p.code_blocks.begin() + k);
+    p.norm_blocks.erase(p.norm_blocks.begin(), p.norm_blocks.begin() + k);
+    if (!p.decayed.empty()) p.decayed.erase(p.decayed.begin(), p.decayed.begin() + k);
+  }
+  sizes_[l] -= drop * bt;
+  if (config_.windowed()) coded_[l] -= drop * bt;
+  if (config_.decays()) decay_done_[l] -= std::min(decay_done_[l], drop);
+  evicted_[l] += drop * bt;
+}
+
+size_t KVCache::evicted_tokens(int layer) const {
+  check_layer(layer);
+  return evicted_[static_cast<size_t>(layer)];
+}
+
+void KVCache::set_evicted_tokens(int layer, size_t n) {
+  const WriteScope guard(*this, "set_evicted_tokens");
+  check_layer(layer);
+  TQ_CHECK(n == 0 || config_.max_coded_tokens > 0, InvalidArgument, "evicted tokens ", n,
+           " on a cache without eviction (max_coded_tokens = 0)");
+  evicted_[static_cast<size_t>(layer)] = n;
+}
+
 size_t KVCache::sink_tokens(int layer) const {
   check_layer(layer);
   if (sinks_.empty()) return 0;

@@ -144,6 +144,7 @@ void KVCache::append_windowed(int layer, const float* keys, const float* values,
     sizes_[l] = std::max(old, coded_[l]);
     throw;
   }
+  if (config_.max_coded_tokens) evict_layer(l);
   if (config_.decays()) decay_layer(l);
 }
 
@@ -197,6 +198,7 @@ void KVCache::shrink_layer(size_t l, size_t new_size) {
     if (config_.decays()) decay_done_[l] = std::min(decay_done_[l], (new_size - ns) / config_.block_tokens);
   }
   sizes_[l] = new_size;
+  if (new_size == 0) evicted_[l] = 0;
 }
 
 void KVCache::attend_windowed(int layer, const float* queries, size_t T_q, float* out,

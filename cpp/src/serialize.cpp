@@ -136,12 +136,10 @@ std::vector<uint8_t> serialize_cache(const KVCache& cache) {
   Writer w;
   w.bytes(kCacheMagic, sizeof(kCacheMagic));
   const bool windowed = c.windowed();
-  // Version 3 adds fp16 sinks, temporal decay and the quantizer options (norm correction,
-  // outlier roles); 2 the fp16 window; files that need neither are written as version 1,
-  // so older readers still load them.
-  const bool v3 = c.fp16_sinks > 0 || c.decays() || c.norm_correction ||
-                  c.outlier_roles != OutlierRoles::kBoth;
-  const uint32_t version = v3 ? 3u : windowed ? 2u : 1u;
+  // Version 3 adds fp16 sinks, temporal decay, eviction and the quantizer options (norm
+  // correction, outlier roles); 2 the fp16 window; files that need neither are written as
+  // version 1, so older readers still load them.
+  const uint32_t version = c.v3() ? 3u : windowed ? 2u : 1u;
   w.put(version);
   w.put(uint32_t{0});
 
@@ -179,6 +177,7 @@ std::vector<uint8_t> serialize_cache(const KVCache& cache) {
     w.put(static_cast<uint64_t>(c.fp16_sinks));
     w.put(static_cast<uint64_t>(c.decay_after));
     w.put(static_cast<int32_t>(c.decay_bits));
+    w.put(static_cast<uint64_t>(c.max_coded_tokens));
     w.put(static_cast<uint32_t>(c.norm_correction ? 1 : 0));
     w.put(static_cast<uint32_t>(c.outlier_roles));
   }
@@ -214,6 +213,7 @@ std::vector<uint8_t> serialize_cache(const KVCache& cache) {
     const size_t n = cache.code_tokens(l);
     w.put(static_cast<uint32_t>(l));
     w.put(static_cast<uint64_t>(n));
+    if (version >= 3) w.put(static_cast<uint64_t>(cache.evicted_tokens(l)));
     const size_t nblocks = (n + c.block_tokens - 1) / c.block_tokens;
     if (c.decays()) {
       for (int h = 0; h < c.n_kv_heads; ++h)
@@ -307,15 +307,14 @@ std::unique_ptr<KVCache> deserialize_cache(const uint8_t* data, size_t size) {
       c.fp16_sinks = static_cast<size_t>(conf.get<uint64_t>("fp16_sinks"));
       c.decay_after = static_cast<size_t>(conf.get<uint64_t>("decay_after"));
       c.decay_bits = conf.get<int32_t>("decay_bits");
+      c.max_coded_tokens = static_cast<size_t>(conf.get<uint64_t>("max_coded_tokens"));
       const auto nc = conf.get<uint32_t>("norm_correction");
       TQ_CHECK(nc <= 1, FormatError, "corrupted file: norm_correction flag ", nc);
       c.norm_correction = nc == 1;
       const auto roles = conf.get<uint32_t>("outlier_roles");
       TQ_CHECK(roles <= 2, FormatError, "corrupted file: outlier_roles ", roles);
       c.outlier_roles = static_cast<OutlierRoles>(roles);
-      TQ_CHECK(c.fp16_sinks > 0 || c.decays() || c.norm_correction ||
-                   c.outlier_roles != OutlierRoles::kBoth,
-               FormatError, "corrupted file: version 3 without a version-3 option");
+      TQ_CHECK(c.v3(), FormatError, "corrupted file: version 3 without a version-3 option");
     }
     const bool windowed = version == 2 || (version >= 3 && c.windowed());
     conf.expect_end("CONF");
@@ -382,6 +381,7 @@ std::unique_ptr<KVCache> deserialize_cache(const uint8_t* data, size_t size) {
       TQ_CHECK(li == static_cast<uint32_t>(l), FormatError, "corrupted file: layer ", li, " where ", l,
                " was expected");
       const auto n = lay.get<uint64_t>("token count");
+      if (version >= 3) cache->set_evicted_tokens(l, static_cast<size_t>(lay.get<uint64_t>("evicted token count")));
       size_t row = 0;
       for (int h = 0; h < c.n_kv_heads; ++h)
         row += cache->key_quantizer(l, h).bytes_per_vector() + cache->value_quantizer(l, h).bytes_per_vector();

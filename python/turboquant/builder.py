@@ -70,6 +70,7 @@ class KVCacheBuilder:
         self._fp16_sinks = 0
         self._decay_after = 0
         self._decay_bits = 0
+        self._max_coded_tokens = 0
         self._sparse_v = 0.0
         self._max_tokens = 0
 
@@ -171,6 +172,11 @@ class KVCacheBuilder:
         self._decay_bits = bits
         return self
 
+    def with_eviction(self, max_coded_tokens: int) -> KVCacheBuilder:
+        """Drop the oldest code blocks (after the sinks) beyond max_coded_tokens (StreamingLLM)."""
+        self._max_coded_tokens = max_coded_tokens
+        return self
+
     def with_sparse_v(self, threshold: float) -> KVCacheBuilder:
         """Skip value rows whose attention weight is below threshold x the query's max weight."""
         self._sparse_v = threshold
@@ -220,6 +226,8 @@ class KVCacheBuilder:
             check_int("fp16_layers entry", layer, 0, self._layers - 1)
         check_int("fp16_sinks", self._fp16_sinks, 0, 1 << 24)
         check_int("decay_after", self._decay_after, 0, 1 << 40)
+        if self._max_coded_tokens:
+            check_int("max_coded_tokens", self._max_coded_tokens, self._block_tokens, 1 << 40)
         if self._decay_after:
             check_int("decay_bits", self._decay_bits, 1, min(self._key_bits, self._value_bits) - 1)
         elif self._decay_bits:
@@ -280,7 +288,8 @@ class KVCacheBuilder:
             n_outlier_channels=int(self._n_outlier) if self._split() else 0,
             outlier_bits=int(self._outlier) if self._split() else 0,
             fp16_window=int(self._fp16_window), fp16_layers=[int(x) for x in self._fp16_layers],
-            fp16_sinks=int(self._fp16_sinks), decay_after=int(self._decay_after), decay_bits=int(self._decay_bits))
+            fp16_sinks=int(self._fp16_sinks), decay_after=int(self._decay_after), decay_bits=int(self._decay_bits),
+            max_coded_tokens=int(self._max_coded_tokens))
         loaded = {}
         if self._store is not None:
             for role, method, bits in (("key", key_method, self._key_bits), ("value", value_method, self._value_bits)):

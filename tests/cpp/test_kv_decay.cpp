@@ -166,16 +166,19 @@ TEST(KVDecay, FileRoundTripAndEveryCorruptionIsAFormatError) {
   cfg.n_kv_heads = 1;
   cfg.n_q_heads = 1;
   cfg.block_tokens = 2;
+  cfg.max_coded_tokens = 6;  // eviction too: every v3 field is covered
   KVCache c(cfg);
-  const auto x = gaussian(11 * 16, 3);
-  c.append(0, x.data(), x.data(), 11);
+  const auto x = gaussian(13 * 16, 3);
+  c.append(0, x.data(), x.data(), 13);
   ASSERT_GT(c.decayed_blocks(0, 0, KVRole::kKey), 0u);
+  ASSERT_GT(c.evicted_tokens(0), 0u);
   const auto bytes = serialize_cache(c);
   ASSERT_EQ(bytes[8], 3u);
   auto r = deserialize_cache(bytes.data(), bytes.size());
   EXPECT_EQ(serialize_cache(*r), bytes);
   EXPECT_EQ(r->memory_bytes(), c.memory_bytes());
   EXPECT_EQ(r->sink_tokens(0), 1u);
+  EXPECT_EQ(r->evicted_tokens(0), c.evicted_tokens(0));
   EXPECT_EQ(r->decayed_blocks(0, 0, KVRole::kValue), c.decayed_blocks(0, 0, KVRole::kValue));
   for (size_t n = 0; n < bytes.size(); ++n) {
     std::vector<uint8_t> cut(bytes.begin(), bytes.begin() + static_cast<std::ptrdiff_t>(n));
@@ -213,6 +216,9 @@ TEST(KVDecay, BadArgumentsAreRefused) {
   EXPECT_THROW(KVCache{cfg}, NotSupported);
   cfg = decay_config(5, 0, 0);
   cfg.max_tokens = 4;
+  EXPECT_THROW(KVCache{cfg}, InvalidArgument);
+  cfg = decay_config(2, 0, 0);
+  cfg.max_coded_tokens = 7;  // below block_tokens
   EXPECT_THROW(KVCache{cfg}, InvalidArgument);
 }
 

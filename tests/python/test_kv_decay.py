@@ -333,3 +333,45 @@ def test_info_cli_shows_sinks_and_decay(rng, tmp_path, capsys):
     assert "format version 3" in out and "fp16 sinks:      4 tokens" in out
     want = sum(kv.decayed_blocks(0, h, r) for h in range(NKV) for r in ("key", "value"))
     assert f"to 2 bits after 8 tokens; {want} blocks decayed" in out and want > 0
+
+
+@pytest.mark.parametrize("cfg", [
+    dict(fp16_sinks=4, fp16_window=16, max_coded_tokens=32),
+    dict(fp16_sinks=4, fp16_window=16, max_coded_tokens=40, decay_after=12, decay_bits=2),
+    dict(max_coded_tokens=16, decay_after=8, decay_bits=1),  # no window, no sinks
+])
+def test_eviction_keeps_sinks_and_recent_tokens(rng, cfg):
+    kv, full = make(**cfg), make(**{k: v for k, v in cfg.items() if k != "max_coded_tokens"})
+    empty = make(**cfg).memory_bytes()
+    S, total = cfg.get("fp16_sinks", 0), 0
+    for T in (3, 1, 1, 30, 1, 1, 1, 50, 7, 1, 60, 1):
+        k, v = chunk(rng, T)
+        kv.append(k, v)
+        full.append(k, v)
+        total += T
+        e = kv.evicted_tokens(0)
+        assert e % 8 == 0 and kv.size(0) == total - e and kv.code_tokens(0) <= cfg["max_coded_tokens"]
+        for h in range(NKV):
+            for role in ("key", "value"):
+                ref = full.decode(0, h, role)
+                np.testing.assert_array_equal(kv.decode(0, h, role), np.concatenate([ref[:S], ref[S + e:]]))
+        assert kv.memory_bytes() == expected_memory(kv, empty)
+    assert kv.evicted_tokens(0) > 0
+    for T_q in (1, 12):
+        q = rng.standard_normal((NQ, T_q, D)).astype(np.float32)
+        np.testing.assert_allclose(kv.attend(q), reference(kv, q), atol=2e-4)
+    back = _core.KVCache.from_bytes(kv.to_bytes())
+    assert back.evicted_tokens(0) == kv.evicted_tokens(0) and back.max_coded_tokens == cfg["max_coded_tokens"]
+    assert back.to_bytes() == kv.to_bytes()
+    kv.trim(kv.size(0))
+    assert kv.evicted_tokens(0) == 0 and kv.memory_bytes() == empty
+
+
+def test_eviction_arguments(rng):
+    with pytest.raises(ValueError, match="max_coded_tokens"):
+        make(max_coded_tokens=4)  # below block_tokens = 8
+    cache = (tq.KVCacheBuilder().with_head_dim(D).with_block_tokens(8).with_fp16_sinks(4)
+             .with_eviction(64).build())
+    assert cache.core.max_coded_tokens == 64
+    with pytest.raises(ValueError, match="max_coded_tokens"):
+        tq.KVCacheBuilder().with_head_dim(D).with_block_tokens(8).with_eviction(3).build()

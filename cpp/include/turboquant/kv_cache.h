@@ -78,6 +78,12 @@ struct KVCacheConfig {
   // are refused with NotSupported. decay_bits must be in [1, min(key_bits, value_bits)).
   size_t decay_after = 0;
   int decay_bits = 0;
+  // Eviction (StreamingLLM-like, 0 = off): while a layer holds more than max_coded_tokens
+  // code tokens, its oldest code block (right after the sinks) is dropped. The layer's
+  // size() then counts the stored tokens only (sinks + codes + window, in order) and
+  // evicted_tokens(layer) how many were dropped; positions (RoPE) are the caller's. Must be
+  // 0 or at least block_tokens.
+  size_t max_coded_tokens = 0;
 
   // Throws InvalidArgument naming the first bad field (NotSupported for decay of a method
   // that has no code->code table).
@@ -85,6 +91,12 @@ struct KVCacheConfig {
   int group_size() const { return n_q_heads / n_kv_heads; }
   bool windowed() const { return fp16_window > 0 || !fp16_layers.empty() || fp16_sinks > 0; }
   bool decays() const { return decay_after > 0; }
+  // Whether the file format version 3 is needed (sinks, decay, eviction, norm correction or
+  // outlier roles other than both).
+  bool v3() const {
+    return fp16_sinks > 0 || decay_after > 0 || max_coded_tokens > 0 || norm_correction ||
+           outlier_roles != OutlierRoles::kBoth;
+  }
 };
 
 enum class KVRole : uint32_t { kKey = 0, kValue = 1 };
@@ -192,6 +204,10 @@ class KVCache {
   void decode_tokens(int layer, int kv_head, KVRole role, size_t start, size_t n, float* out) const;
   // Bytes per token of code index t's block in one stream (codes only).
   const Quantizer& block_quantizer(int layer, int kv_head, KVRole role, size_t code_index) const;
+  // Tokens of a layer dropped by eviction (max_coded_tokens) since it was empty.
+  size_t evicted_tokens(int layer) const;
+  // Restores a layer's eviction count (load).
+  void set_evicted_tokens(int layer, size_t n);
   // Number of decayed blocks of one stream.
   size_t decayed_blocks(int layer, int kv_head, KVRole role) const;
 
@@ -229,6 +245,7 @@ class KVCache {
   void decay_layer(size_t layer);         // re-quantizes the blocks old enough (decay)
   void decay_block(size_t stream, size_t block);
   void init_decay();
+  void evict_layer(size_t layer);         // drops the oldest code blocks (max_coded_tokens)
   class ReadScope;   // RAII guards of the thread-safety rule above (kv_cache.cpp)
   class WriteScope;
 
@@ -242,6 +259,7 @@ class KVCache {
   std::vector<std::unique_ptr<Quantizer>> decay_quantizers_;  // decay_bits, same indexing
   std::vector<std::vector<uint8_t>> decay_lut_;         // per role: bits index -> decay index
   std::vector<size_t> decay_done_;                      // per layer: leading blocks decayed
+  std::vector<size_t> evicted_;                         // per layer: tokens evicted
   mutable std::atomic<size_t> readers_{0};              // guarded readers in progress
   mutable std::atomic<bool> writer_{false};             // a mutator in progress
 };

@@ -19,6 +19,14 @@
 //   coded tokens only, and each LAYR is followed by "WNDW": layer u32, tokens u64, then for
 //   each stream of the layer (head*2 + role) tokens × head_dim fp16 rows. Version 1 files
 //   (no window) are written as before.
+//   Version 3 (written only with fp16 sinks, temporal decay or eviction, KVCacheConfig::v3()):
+//   CONF always continues with the version 2 fields, then fp16_sinks u64, decay_after u64,
+//   decay_bits i32, max_coded_tokens u64. With fp16_sinks > 0 each layer starts with "SINK":
+//   layer u32, tokens u64, then per stream (head*2 + role) tokens × head_dim fp16 rows.
+//   LAYR: layer u32, tokens u64 (the code tokens, after the sinks), evicted u64; with decay
+//   then one u8 flag (0/1) per block for every stream (stream-major); then codes and norms
+//   per stream as before, a flagged block's rows having the decay_bits code_bytes. WNDW
+//   follows LAYR only when windowed().
 //   "END " (last): empty payload; nothing may follow it.
 // Loading reads the file into memory and checks every length against the bytes left before
 // using it: a truncated, corrupted, wrong-magic or future-version file raises FormatError.
