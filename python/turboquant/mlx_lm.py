@@ -100,8 +100,8 @@ class TurboQuantKVCache(_mlx_cache._BaseCache):
         if not isinstance(fp16_sinks, (int, np.integer)) or fp16_sinks < 0:
             raise ValueError(f"fp16_sinks must be an integer >= 0, got {fp16_sinks!r}")
         self.fp16_sinks = int(fp16_sinks)
-        if block_tokens is None:
-            block_tokens = 32 if self.fp16_window else 256
+        if block_tokens is None:  # small flush blocks keep the fp16 part near its nominal size
+            block_tokens = 32 if self.fp16_window or self.fp16_sinks else 256
         if not isinstance(block_tokens, (int, np.integer)) or block_tokens < 1:
             raise ValueError(f"block_tokens must be an integer >= 1, got {block_tokens!r}")
         self.block_tokens = int(block_tokens)
