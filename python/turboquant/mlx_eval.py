@@ -122,6 +122,9 @@ class Result:
     # decode-step breakdown (TurboQuant settings): ms per token in the C++ attention kernel
     # and in the mx -> NumPy -> mx crossings (copies only; graph evaluation excluded)
     kv_bytes_context: int = 0  # cache bytes at the decode benchmark's context
+    context_tokens: int = 0  # tokens in the cache when kv_bytes_context was measured
+    bits_per_coord: float = 0.0  # 16 / kv_ratio_fp16: cache bits per K/V coordinate
+    bits_per_coord_context: float = 0.0  # the same at the decode benchmark's context
     attend_ms: float = 0.0
     crossing_ms: float = 0.0
     speed_vs_fp16: float = 1.0
@@ -323,6 +326,7 @@ def evaluate(model, tokens: list[int], settings: list[Setting], prefix: int, sco
         r = Result(s, **quality(ref, logits, targets))
         r.kv_bytes = kv_bytes(cache)
         r.kv_ratio_fp16 = fp16_kv_bytes(model, len(toks) - 1) / r.kv_bytes
+        r.bits_per_coord = 16.0 / r.kv_ratio_fp16
         results.append(r)
         log(f"  quality {s.name}: ppl {r.ppl:.3f} cos {r.logit_cosine:.4f} "
             f"({time.perf_counter() - t0:.1f}s)")
@@ -343,6 +347,9 @@ def evaluate(model, tokens: list[int], settings: list[Setting], prefix: int, sco
             out = decode_speed(model, base, r.setting, ctx[-1], decode_tokens, seed,
                                breakdown=True)
             r.decode_tok_s, r.kv_bytes_context = out[0], out[1]
+            r.context_tokens = context + 1 + decode_tokens * (2 if len(out) == 4 else 1)
+            r.bits_per_coord_context = 16.0 * r.kv_bytes_context / fp16_kv_bytes(
+                model, r.context_tokens)
             if len(out) == 4:
                 r.attend_ms, r.crossing_ms = out[2], out[3]
             speed[r.setting.name] = r.decode_tok_s
@@ -380,14 +387,17 @@ def format_table(results: list[Result], context: int) -> str:
 
 def markdown_table(results: list[dict], context: int) -> str:
     """The ``eval --json`` results as a Markdown table (README)."""
-    lines = [f"| setting | ppl | ratio | logit cos | KL | top-1 | KV bytes | fp16/KV | "
-             f"tok/s @{context} | /fp16 | /q4 | /q8 | C++ attn ms/tok |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = [f"| setting | ppl | ratio | logit cos | KL | top-1 | KV bytes | bits/coord | "
+             f"bits/coord @{context} | tok/s @{context} | /fp16 | /q4 | /q8 | "
+             f"C++ attn ms/tok |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in results:
         q = r["speed_vs_mlx"]
+        bits = r.get("bits_per_coord") or 16.0 / r["kv_ratio_fp16"]
+        bctx = r.get("bits_per_coord_context", 0.0)
         lines.append(
             f"| {r['name']} | {r['ppl']:.2f} | {r['ppl_ratio']:.3f} | {r['logit_cosine']:.4f} | "
-            f"{r['kl']:.4f} | {r['top1']:.3f} | {r['kv_bytes']:,} | {r['kv_ratio_fp16']:.2f} | "
-            f"{r['decode_tok_s']:.2f} | {r['speed_vs_fp16']:.2f} | {q.get('mlx-q4', 0):.2f} | "
-            f"{q.get('mlx-q8', 0):.2f} | {r.get('attend_ms', 0):.1f} |")
+            f"{r['kl']:.4f} | {r['top1']:.3f} | {r['kv_bytes']:,} | {bits:.2f} | "
+            f"{bctx:.2f} | {r['decode_tok_s']:.2f} | {r['speed_vs_fp16']:.2f} | "
+            f"{q.get('mlx-q4', 0):.2f} | {q.get('mlx-q8', 0):.2f} | {r.get('attend_ms', 0):.1f} |")
     return "\n".join(lines)

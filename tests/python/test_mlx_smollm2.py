@@ -21,9 +21,12 @@ def test_smollm2_fp16_sanity_and_turboquant_quality():
     model, tokenizer = load(str(model_dir))
     assert len(model.layers) == 30 and model.layers[0].self_attn.head_dim == 64
     tokens = tokenizer.encode(open(TEXT).read())
-    results = evaluate(model, tokens, [Setting.parse("4"), Setting.parse("3")], prefix=64,
-                       score=96, chunk=32, context=0, decode_tokens=0, log=lambda *a: None)
-    fp16, tq4, tq3 = results
+    results = evaluate(model, tokens, [Setting.parse(s) for s in ("4", "3", "3+s4+w64")],
+                       prefix=64, score=96, chunk=32, context=0, decode_tokens=0,
+                       log=lambda *a: None)
+    fp16, tq4, tq3, tq3w = results
+    # the fp16 sinks + window path on the real model: closer to fp16 than codes alone
+    assert tq3w.logit_cosine > tq3.logit_cosine and tq3w.kl < tq3.kl, tq3w
     assert 5 < fp16.ppl < 60, fp16.ppl  # a 135M model on English prose: tens, not thousands
     # bounds with margin over the measured values (README table): 4 bits close to fp16 KV,
     # 3 bits measurably worse but far from broken
