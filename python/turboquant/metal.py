@@ -348,8 +348,17 @@ def decode_attention(keys, values, queries, k_codes, k_norms, v_codes, v_norms, 
     """Attention of queries (kv_heads, group, dim) over the first `tokens` cached rows of
     k_codes/v_codes (kv_heads, head_stride, code_bytes) and norms (kv_heads, head_stride).
     Returns (kv_heads, group, dim) float32, in the original domain."""
-    import mlx.core as mx
+    kv_heads, group, dim = _attention_shape(queries, k_codes, tokens)
+    _, k_cents, _ = _quantizer_tables(keys)
+    v_signs, v_cents, _ = _quantizer_tables(values)
+    q_rot = rotate(keys, queries.reshape(kv_heads * group, dim))
+    return _split_k_attention(q_rot, k_codes, k_norms, v_codes, v_norms, k_cents, v_cents,
+                              v_signs, keys.bits, values.bits, group, tokens, scale,
+                              block_tokens, "attention_reduce")
 
+
+def _attention_shape(queries, k_codes, tokens):
+    """(kv_heads, group, dim) of a decode-attention call, after checking it can run."""
     _require_metal()
     kv_heads, group, dim = queries.shape
     if not 1 <= group <= MAX_GROUP:
@@ -357,23 +366,32 @@ def decode_attention(keys, values, queries, k_codes, k_norms, v_codes, v_norms, 
     head_stride = k_codes.shape[1]
     if not 1 <= tokens <= head_stride:
         raise ValueError(f"need 1 <= tokens <= head_stride ({head_stride}), got {tokens}")
-    k_signs, k_cents, _ = _quantizer_tables(keys)
-    v_signs, v_cents, _ = _quantizer_tables(values)
-    q_rot = rotate(keys, queries.reshape(kv_heads * group, dim))
+    return kv_heads, group, dim
+
+
+def _split_k_attention(q_rot, k_codes, k_norms, v_codes, v_norms, k_cents, v_cents, v_signs,
+                       k_bits, v_bits, group, tokens, scale, block_tokens, reduce_kernel):
+    """The two launches of split-K decode attention: per-(block, KV head) partial softmax
+    and value sums (attention_block), then their merge and Π_Vᵀ (``reduce_kernel``).
+    q_rot (kv_heads * group, dim) rotated queries; returns (kv_heads, group, dim)."""
+    import mlx.core as mx
+
+    kv_heads, head_stride = k_codes.shape[0], k_codes.shape[1]
+    dim = q_rot.shape[-1]
     fp16 = k_norms.dtype == mx.float16
     blocks = -(-tokens // block_tokens)
-    scratch = attention_scratch_floats(dim, group, block_tokens, keys.bits, values.bits)
+    scratch = attention_scratch_floats(dim, group, block_tokens, k_bits, v_bits)
     as_bits = (lambda a: a.view(mx.uint16)) if fp16 else (lambda a: a)
     part_m, part_l, part_acc = _kernel("attention_block")(
         inputs=[q_rot, k_codes, as_bits(k_norms), v_codes, as_bits(v_norms), k_cents, v_cents,
-                mx.array(attention_params(dim, tokens, head_stride, block_tokens, group, keys.bits,
-                                          values.bits, fp16, scale))],
+                mx.array(attention_params(dim, tokens, head_stride, block_tokens, group, k_bits,
+                                          v_bits, fp16, scale))],
         template=[("SCRATCH", scratch)],
         output_shapes=[(kv_heads, blocks, group), (kv_heads, blocks, group),
                        (kv_heads, blocks, group, dim)],
         output_dtypes=[mx.float32, mx.float32, mx.float32],
         grid=(blocks * ATTENTION_THREADS, kv_heads, 1), threadgroup=(ATTENTION_THREADS, 1, 1))
-    (out,) = _kernel("attention_reduce")(
+    (out,) = _kernel(reduce_kernel)(
         inputs=[part_m, part_l, part_acc, v_signs,
                 mx.array(reduce_params(dim, blocks, group, True))],
         output_shapes=[(kv_heads, group, dim)], output_dtypes=[mx.float32],
@@ -506,35 +524,10 @@ def decode_attention_heads(keys: HeadTables, values: HeadTables, queries, k_code
     """decode_attention() for per-head rotations: queries (kv_heads, group, dim), codes
     (kv_heads, head_stride, code_bytes), norms (kv_heads, head_stride), the first `tokens`
     rows attended. Returns (kv_heads, group, dim) float32 in the original domain."""
-    import mlx.core as mx
-
-    _require_metal()
-    kv_heads, group, dim = queries.shape
-    if not 1 <= group <= MAX_GROUP:
-        raise ValueError(f"GQA group must be in [1, {MAX_GROUP}], got {group}")
-    head_stride = k_codes.shape[1]
-    if not 1 <= tokens <= head_stride:
-        raise ValueError(f"need 1 <= tokens <= head_stride ({head_stride}), got {tokens}")
+    kv_heads, group, dim = _attention_shape(queries, k_codes, tokens)
     _, k_cents, _ = keys.mx_tables()
     v_signs, v_cents, _ = values.mx_tables()
     q_rot = rotate_heads(keys, queries)
-    fp16 = k_norms.dtype == mx.float16
-    blocks = -(-tokens // block_tokens)
-    scratch = attention_scratch_floats(dim, group, block_tokens, keys.bits, values.bits)
-    as_bits = (lambda a: a.view(mx.uint16)) if fp16 else (lambda a: a)
-    part_m, part_l, part_acc = _kernel("attention_block")(
-        inputs=[q_rot.reshape(kv_heads * group, dim), k_codes, as_bits(k_norms), v_codes,
-                as_bits(v_norms), k_cents, v_cents,
-                mx.array(attention_params(dim, tokens, head_stride, block_tokens, group, keys.bits,
-                                          values.bits, fp16, scale))],
-        template=[("SCRATCH", scratch)],
-        output_shapes=[(kv_heads, blocks, group), (kv_heads, blocks, group),
-                       (kv_heads, blocks, group, dim)],
-        output_dtypes=[mx.float32, mx.float32, mx.float32],
-        grid=(blocks * ATTENTION_THREADS, kv_heads, 1), threadgroup=(ATTENTION_THREADS, 1, 1))
-    (out,) = _kernel("attention_reduce_heads")(
-        inputs=[part_m, part_l, part_acc, v_signs,
-                mx.array(reduce_params(dim, blocks, group, True))],
-        output_shapes=[(kv_heads, group, dim)], output_dtypes=[mx.float32],
-        grid=(group * threads_for(dim), kv_heads, 1), threadgroup=(threads_for(dim), 1, 1))
-    return out
+    return _split_k_attention(q_rot.reshape(kv_heads * group, dim), k_codes, k_norms, v_codes,
+                              v_norms, k_cents, v_cents, v_signs, keys.bits, values.bits, group,
+                              tokens, scale, block_tokens, "attention_reduce_heads")
