@@ -155,12 +155,10 @@ void OutlierSplitQuantizer::gather(size_t p, const uint8_t* codes, const float* 
   const size_t cb = code_bytes();
   pc.resize(n * part_bytes_[p]);
   pn.resize(n);
-  const auto& table = angle_table();
   for (size_t t = 0; t < n; ++t) {
     const uint8_t* code = codes + t * cb;
     std::memcpy(pc.data() + t * part_bytes_[p], code + offsets_[p], part_bytes_[p]);
-    const unsigned k = static_cast<unsigned>(code[0]) | (static_cast<unsigned>(code[1]) << 8);
-    pn[t] = (norms ? norms[t] : 1.0f) * table[k][p];
+    pn[t] = (norms ? norms[t] : 1.0f) * part_ratios(code)[p];
   }
 }
 

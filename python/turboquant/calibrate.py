@@ -33,6 +33,7 @@ import numpy as np
 from mlx_lm.models import cache as mlx_cache
 
 from turboquant import mlx_lm as tq_mlx
+from turboquant.mlx_eval import _log_softmax
 
 KEY_CANDIDATES = (2, 3, 4, 5, 6)
 VALUE_CANDIDATES = (2, 3, 4, 5)
@@ -97,10 +98,12 @@ def layer_errors(model, captured: dict[int, tuple], seed: int = 0, progress=None
     return out
 
 
+def _log_probs(logits) -> np.ndarray:
+    return _log_softmax(np.array(logits[0].astype(mx.float32), dtype=np.float64))
+
+
 def _mean_kl(ref_logp: np.ndarray, logits) -> float:
-    lp = np.array(logits[0].astype(mx.float32), dtype=np.float64)
-    lp = lp - lp.max(-1, keepdims=True)
-    lp = lp - np.log(np.exp(lp).sum(-1, keepdims=True))
+    lp = _log_probs(logits)
     return float(np.mean(np.sum(np.exp(ref_logp) * (ref_logp - lp), -1)))
 
 
@@ -115,10 +118,7 @@ def layer_errors_kl(model, tokens: list[int], seed: int = 0, progress=None,
     pairs = tq_mlx.rope_pairs_of(model)
     x = mx.array(tokens)[None]
     captured = capture(model, tokens)
-    ref = np.array(model(x, cache=mlx_cache.make_prompt_cache(model))[0].astype(mx.float32),
-                   dtype=np.float64)
-    ref = ref - ref.max(-1, keepdims=True)
-    ref_logp = ref - np.log(np.exp(ref).sum(-1, keepdims=True))
+    ref_logp = _log_probs(model(x, cache=mlx_cache.make_prompt_cache(model)))
     out = []
     layers = sorted(captured)
     it = progress(layers) if progress else layers
@@ -137,12 +137,16 @@ def layer_errors_kl(model, tokens: list[int], seed: int = 0, progress=None,
     return out
 
 
-def allocate(errors: list[LayerErrors], budget: float) -> list[tuple[int, int]]:
-    """(key_bits, value_bits) per entry of ``errors``: average (kb + vb) / 2 <= budget."""
+def _check_budget(budget: float) -> None:
     lo = (min(KEY_CANDIDATES) + min(VALUE_CANDIDATES)) / 2
     hi = (max(KEY_CANDIDATES) + max(VALUE_CANDIDATES)) / 2
     if not lo <= budget <= hi:
         raise ValueError(f"budget must be in [{lo}, {hi}] average bits, got {budget}")
+
+
+def allocate(errors: list[LayerErrors], budget: float) -> list[tuple[int, int]]:
+    """(key_bits, value_bits) per entry of ``errors``: average (kb + vb) / 2 <= budget."""
+    _check_budget(budget)
     kb = [min(KEY_CANDIDATES)] * len(errors)
     vb = [min(VALUE_CANDIDATES)] * len(errors)
     spent = sum(kb) + sum(vb)
@@ -177,10 +181,7 @@ def calibrate(model, tokens: list[int], budget: float, seed: int = 0, progress=N
     """The profile dict for ``model`` calibrated on ``tokens``."""
     if metric not in ("kl", "attention"):
         raise ValueError(f"metric must be 'kl' or 'attention', got {metric!r}")
-    lo = (min(KEY_CANDIDATES) + min(VALUE_CANDIDATES)) / 2
-    hi = (max(KEY_CANDIDATES) + max(VALUE_CANDIDATES)) / 2
-    if not lo <= budget <= hi:
-        raise ValueError(f"budget must be in [{lo}, {hi}] average bits, got {budget}")
+    _check_budget(budget)
     t0 = time.perf_counter()
     if metric == "kl":
         errors = layer_errors_kl(model, tokens, seed, progress)

@@ -393,7 +393,8 @@ class TurboQuantKVCache(_mlx_cache._BaseCache):
             per_pair = np.bincount(pair, weights=energy[h])
             order = np.argsort(-per_pair, kind="stable")
             chosen = [c for p in order for c in np.flatnonzero(pair == p)][:m]
-            rest = [c for c in range(d) if c not in set(chosen)]
+            taken = set(chosen)
+            rest = [c for c in range(d) if c not in taken]
             perm[h] = chosen + rest
         return perm
 
