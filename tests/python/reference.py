@@ -145,3 +145,25 @@ def prod_encode(x: np.ndarray, rotation: np.ndarray, centroids: np.ndarray, s: n
     gamma = np.linalg.norm(r, axis=1).astype(np.float16).view(np.uint8).reshape(-1, 2)
     rows = [np.concatenate([pack(i, bits - 1), pack(sg, 1), g]) for i, sg, g in zip(idx, signs, gamma)]
     return np.stack(rows), np.abs(r @ s.T)
+
+
+def attention_over_decoded(kv, q: np.ndarray, layer: int = 0, causal: bool = True,
+                           window: int | None = None, scale: float | None = None) -> np.ndarray:
+    """float64 attention of q (H_q, T_q, d), the last T_q positions, over everything
+    ``kv.decode`` returns for the layer (codes decoded at their bits; fp16 sinks and window
+    rows as stored), GQA by head // group, causal / sliding window as the cache defines."""
+    n = kv.size(layer)
+    hq, tq_, d = q.shape
+    g = hq // kv.n_kv_heads
+    scale = 1.0 / np.sqrt(d) if scale is None else scale
+    out = np.zeros(q.shape)
+    for h in range(hq):
+        K = kv.decode(layer, h // g, "key").astype(np.float64)
+        V = kv.decode(layer, h // g, "value").astype(np.float64)
+        for t in range(tq_):
+            hi = n - tq_ + t if causal else n - 1
+            lo = hi + 1 - window if window and hi + 1 > window else 0
+            s = scale * (K[lo:hi + 1] @ q[h, t])
+            p = np.exp(s - s.max())
+            out[h, t] = p @ V[lo:hi + 1] / p.sum()
+    return out

@@ -4,26 +4,11 @@ import pytest
 
 import turboquant as tq
 from turboquant import _core
+from reference import attention_over_decoded
 
 D, NQ, NKV = 32, 4, 2
 
 
-def reference(kv, q, layer=0, causal=True, window=None):
-    """Attention over kv.decode (sinks and window as stored, decayed blocks at decay_bits), float64."""
-    n = kv.size(layer)
-    hq, tq_, d = q.shape
-    g = hq // kv.n_kv_heads
-    out = np.zeros(q.shape)
-    for h in range(hq):
-        K = kv.decode(layer, h // g, "key").astype(np.float64)
-        V = kv.decode(layer, h // g, "value").astype(np.float64)
-        for t in range(tq_):
-            hi = n - tq_ + t if causal else n - 1
-            lo = hi + 1 - window if window and hi + 1 > window else 0
-            s = (K[lo:hi + 1] @ q[h, t]) / np.sqrt(d)
-            p = np.exp(s - s.max())
-            out[h, t] = p @ V[lo:hi + 1] / p.sum()
-    return out
 
 
 def make(d=D, **kw):
@@ -82,7 +67,7 @@ def test_mlx_lm_configuration_one_token_at_a_time_and_prefill(rng):
     np.testing.assert_array_equal(step.decode(0, 1, "key", 0, 4), k[1, :4].astype(np.float16).astype(np.float32))
     for T_q in (1, 3, 40):
         q = rng.standard_normal((NQ, T_q, 64)).astype(np.float32)
-        np.testing.assert_allclose(step.attend(q), reference(step, q), atol=2e-4)
+        np.testing.assert_allclose(step.attend(q), attention_over_decoded(step, q), atol=2e-4)
 
 
 def test_decayed_block_count_follows_the_rule(rng):
@@ -112,7 +97,7 @@ def test_attention_matches_reference(rng, cfg, T_q, causal, window):
         kv.append(*chunk(rng, T))
     q = rng.standard_normal((NQ, T_q, D)).astype(np.float32)
     got = kv.attend(q, causal=causal, window=window)
-    np.testing.assert_allclose(got, reference(kv, q, causal=causal, window=window), atol=2e-4)
+    np.testing.assert_allclose(got, attention_over_decoded(kv, q, causal=causal, window=window), atol=2e-4)
 
 
 def test_sparse_v_with_sinks_and_decay_is_exact_at_zero_and_bounded(rng):
@@ -160,11 +145,11 @@ def test_trim_across_every_boundary(rng):
         assert kv.memory_bytes() == expected_memory(kv, empty)
         if n:
             q = rng.standard_normal((NQ, min(n, 2), D)).astype(np.float32)
-            np.testing.assert_allclose(kv.attend(q), reference(kv, q), atol=2e-4)
+            np.testing.assert_allclose(kv.attend(q), attention_over_decoded(kv, q), atol=2e-4)
     assert kv.size(0) == 0 and kv.memory_bytes() == empty
     kv.append(*chunk(rng, 50))
     q = rng.standard_normal((NQ, 1, D)).astype(np.float32)
-    np.testing.assert_allclose(kv.attend(q), reference(kv, q), atol=2e-4)
+    np.testing.assert_allclose(kv.attend(q), attention_over_decoded(kv, q), atol=2e-4)
     assert kv.memory_bytes() == expected_memory(kv, empty)
 
 
@@ -175,7 +160,7 @@ def test_fp16_layers_hold_no_sinks(rng):
     assert kv.sink_tokens(0) == 4 and kv.sink_tokens(1) == 0 and kv.window_tokens(1) == 30
     q = rng.standard_normal((NQ, 1, D)).astype(np.float32)
     for layer in (0, 1):
-        np.testing.assert_allclose(kv.attend(q, layer=layer), reference(kv, q, layer), atol=2e-4)
+        np.testing.assert_allclose(kv.attend(q, layer=layer), attention_over_decoded(kv, q, layer), atol=2e-4)
 
 
 def test_save_load_roundtrip_and_corruption(rng, tmp_path):
@@ -318,7 +303,7 @@ def test_decay_without_window_trim_into_a_decayed_block_then_append(rng):
     assert kv.memory_bytes() == expected_memory(kv, empty)
     for T_q in (1, 20):
         q = rng.standard_normal((NQ, T_q, D)).astype(np.float32)
-        np.testing.assert_allclose(kv.attend(q), reference(kv, q), atol=2e-4)
+        np.testing.assert_allclose(kv.attend(q), attention_over_decoded(kv, q), atol=2e-4)
 
 
 def test_info_cli_shows_sinks_and_decay(rng, tmp_path, capsys):
@@ -359,7 +344,7 @@ def test_eviction_keeps_sinks_and_recent_tokens(rng, cfg):
     assert kv.evicted_tokens(0) > 0
     for T_q in (1, 12):
         q = rng.standard_normal((NQ, T_q, D)).astype(np.float32)
-        np.testing.assert_allclose(kv.attend(q), reference(kv, q), atol=2e-4)
+        np.testing.assert_allclose(kv.attend(q), attention_over_decoded(kv, q), atol=2e-4)
     back = _core.KVCache.from_bytes(kv.to_bytes())
     assert back.evicted_tokens(0) == kv.evicted_tokens(0) and back.max_coded_tokens == cfg["max_coded_tokens"]
     assert back.to_bytes() == kv.to_bytes()

@@ -4,27 +4,11 @@ import pytest
 
 import turboquant as tq
 from turboquant import _core
+from reference import attention_over_decoded
 
 D, NQ, NKV, BT, W = 32, 4, 2, 8, 12
 
 
-def reference(kv, q, layer, causal=True, window=None, scale=None):
-    """Attention over [decoded codes ; fp16 window] (kv.decode returns both), float64."""
-    n = kv.size(layer)
-    hq, tq_, d = q.shape
-    g = hq // kv.n_kv_heads
-    scale = 1.0 / np.sqrt(d) if scale is None else scale
-    out = np.zeros(q.shape)
-    for h in range(hq):
-        K = kv.decode(layer, h // g, "key").astype(np.float64)
-        V = kv.decode(layer, h // g, "value").astype(np.float64)
-        for t in range(tq_):
-            hi = n - tq_ + t if causal else n - 1
-            lo = hi + 1 - window if window and hi + 1 > window else 0
-            s = scale * (K[lo:hi + 1] @ q[h, t])
-            p = np.exp(s - s.max())
-            out[h, t] = p @ V[lo:hi + 1] / p.sum()
-    return out
 
 
 def make(**kw):
@@ -79,7 +63,7 @@ def test_attention_matches_reference(rng, T_q, causal, window):
     assert kv.coded_tokens(0) == 32
     q = rng.standard_normal((NQ, T_q, D)).astype(np.float32)
     got = kv.attend(q, layer=1, causal=causal, window=window)
-    np.testing.assert_allclose(got, reference(kv, q, 1, causal, window), atol=1e-4, rtol=0)
+    np.testing.assert_allclose(got, attention_over_decoded(kv, q, 1, causal, window), atol=1e-4, rtol=0)
 
 
 def test_trim_window_then_codes_and_fp16_layers(rng):
@@ -94,15 +78,15 @@ def test_trim_window_then_codes_and_fp16_layers(rng):
     assert kv.coded_tokens(0) == c and kv.window_tokens(0) == 2
     q = rng.standard_normal((NQ, 4, D)).astype(np.float32)
     for layer in (0, 1):
-        np.testing.assert_allclose(kv.attend(q, layer=layer), reference(kv, q, layer), atol=1e-4, rtol=0)
+        np.testing.assert_allclose(kv.attend(q, layer=layer), attention_over_decoded(kv, q, layer), atol=1e-4, rtol=0)
     kv.trim(5)  # the rest of the window and 3 coded tokens
     assert kv.size(0) == c - 3 and kv.coded_tokens(0) == c - 3 and kv.window_tokens(0) == 0
-    np.testing.assert_allclose(kv.attend(q, layer=0), reference(kv, q, 0), atol=1e-4, rtol=0)
+    np.testing.assert_allclose(kv.attend(q, layer=0), attention_over_decoded(kv, q, 0), atol=1e-4, rtol=0)
     # Growing again from an unaligned code count: the flush starts mid-page.
     fill(kv, rng, [25])
     assert kv.coded_tokens(0) == c - 3 + BT
-    np.testing.assert_allclose(kv.attend(q, layer=0), reference(kv, q, 0), atol=1e-4, rtol=0)
-    np.testing.assert_allclose(kv.attend(q, layer=1), reference(kv, q, 1), atol=1e-4, rtol=0)
+    np.testing.assert_allclose(kv.attend(q, layer=0), attention_over_decoded(kv, q, 0), atol=1e-4, rtol=0)
+    np.testing.assert_allclose(kv.attend(q, layer=1), attention_over_decoded(kv, q, 1), atol=1e-4, rtol=0)
 
 
 def test_save_load_roundtrip_and_corruption(rng, tmp_path):
