@@ -271,10 +271,7 @@ def decode_speed(model, base: list, s: Setting, first_token: int, steps: int,
         cache = make_cache(model, s, seed)
         for i, (c, b) in enumerate(zip(cache, base)):
             if isinstance(c, tq_mlx.TurboQuantKVCache):
-                k, v = b.keys[..., : b.offset, :], b.values[..., : b.offset, :]
-                c.update_and_fetch(k, v)
-                c._fetched = None
-                c._create_core(n_q_heads=n_q, n_kv_heads=c._pending_heads(), head_dim=k.shape[-1])
+                c.fill_from(b, n_q_heads=n_q)
             else:
                 cc = copy.copy(b)
                 cc.keys, cc.values = mx.array(b.keys), mx.array(b.values)

@@ -178,6 +178,19 @@ class TurboQuantKVCache(_mlx_cache._BaseCache):
             out = out + self._v_mean[:, None]
         return mx.array(out.reshape(B, Hq, Tq, d)).astype(queries.dtype)
 
+    def fill_from(self, cache, n_q_heads: int | None = None) -> None:
+        """Encode the tokens of an mlx-lm ``KVCache`` into this (empty) cache; with
+        ``n_q_heads`` at once, otherwise at the first attention call."""
+        if cache.keys is None or cache.offset == 0:
+            return
+        k = cache.keys[..., : cache.offset, :]
+        v = cache.values[..., : cache.offset, :]
+        self.update_and_fetch(k, v)
+        self._fetched = None
+        if n_q_heads is not None:
+            self._create_core(n_q_heads=int(n_q_heads), n_kv_heads=self._pending_heads(),
+                              head_dim=k.shape[-1])
+
     def _use_gpu(self, head_dim: int) -> bool:
         """The Metal path (codes as mlx arrays, turboquant.metal kernels) is taken on Apple
         GPUs for configurations its kernels implement: turboquant_mse with the Hadamard
@@ -724,14 +737,7 @@ def to_turbo_quantized(cache, key_bits: int = 3, value_bits: int = 3,
         raise TypeError(f"to_turbo_quantized converts mlx_lm KVCache, got {type(cache).__name__}")
     out = TurboQuantKVCache(key_bits=key_bits, value_bits=value_bits, method=method, seed=seed,
                             layer=layer, **kwargs)
-    if cache.keys is not None and cache.offset > 0:
-        k = cache.keys[..., : cache.offset, :]
-        v = cache.values[..., : cache.offset, :]
-        out.update_and_fetch(k, v)
-        out._fetched = None
-        if n_q_heads is not None:
-            out._create_core(n_q_heads=int(n_q_heads), n_kv_heads=out._pending_heads(),
-                             head_dim=k.shape[-1])
+    out.fill_from(cache, n_q_heads)
     return out
 
 
