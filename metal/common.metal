@@ -48,6 +48,7 @@ struct TqEncodeParams {
   uint bits;        // 1..8
   uint code_bytes;  // packed_bytes(dim, bits)
   uint norm_fp16;   // 1: norms are fp16 bits, 0: fp32
+  uint norm_correction;  // 1: store ‖x‖/‖ỹ‖, ỹ the dequantized unit vector (needs centroids)
 };
 
 struct TqRotateParams {
@@ -257,10 +258,24 @@ inline float tq_norm_from_sum(float hi, float lo) {
   return r;
 }
 
-// Sum of squares of v[0..d) over the threadgroup, returned to every thread. red: scratch
-// of 2 * ceil(nthreads / 32) floats.
-inline float tq_group_norm(threadgroup const float* v, uint d, uint tid, uint nthreads,
-                           threadgroup float* red) {
+// n / sqrt(hi + lo) rounded once to float, like the CPU's float(n / sqrt(double s)): the
+// square root and the quotient are each corrected by one residual step (fma), so the
+// result differs from the CPU's only within ~2^-40 of a rounding tie. hi == 0 (the CPU's
+// s == 0) leaves n as it is.
+inline float tq_div_sqrt(float n, float hi, float lo) {
+  if (!(hi > 0.0f)) return n;
+  const float r = sqrt(hi);
+  const float rl = (fma(-r, r, hi) + lo) / (2.0f * r);  // sqrt(hi + lo) ≈ r + rl
+  const float q = n / r;
+  const float e = fma(-q, r, n) - q * rl;  // n - q·(r + rl)
+  return q + e / r;
+}
+
+// Sum of squares of v[0..d) over the threadgroup as a pair hi + lo, returned to every
+// thread. red: scratch of 2 * ceil(nthreads / 32) floats.
+inline void tq_group_sum_squares(threadgroup const float* v, uint d, uint tid, uint nthreads,
+                                 threadgroup float* red, thread float& out_hi,
+                                 thread float& out_lo) {
   float hi = 0.0f, lo = 0.0f;
   for (uint j = tid; j < d; j += nthreads) {
     const float x = v[j];
@@ -290,7 +305,16 @@ inline float tq_group_norm(threadgroup const float* v, uint d, uint tid, uint nt
   float th = red[0], tl = red[1];
   for (uint s = 1u; s < nsimd; ++s) tq_two_sum(th, tl, red[2u * s], red[2u * s + 1u]);
   threadgroup_barrier(mem_flags::mem_threadgroup);
-  return tq_norm_from_sum(th, tl);
+  out_hi = th;
+  out_lo = tl;
+}
+
+// ‖v[0..d)‖ over the threadgroup (rounded like the CPU's row_norms), to every thread.
+inline float tq_group_norm(threadgroup const float* v, uint d, uint tid, uint nthreads,
+                           threadgroup float* red) {
+  float hi = 0.0f, lo = 0.0f;
+  tq_group_sum_squares(v, d, tid, nthreads, red, hi, lo);
+  return tq_norm_from_sum(hi, lo);
 }
 
 #endif  // TQ_METAL_COMMON

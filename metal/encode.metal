@@ -1,5 +1,6 @@
-// Encode (turboquant_mse, hadamard rotation): x -> (pack(nearest_centroid(Π x/‖x‖)), ‖x‖).
-// One threadgroup per vector. Bit-identical to the CPU path (Quantizer::encode with
+// Encode (turboquant_mse, hadamard rotation): x -> (pack(nearest_centroid(Π x/‖x‖)), ‖x‖),
+// or with norm_correction ‖x‖/‖ỹ‖ (ỹ = c[idx], the dequantized unit vector, as
+// Quantizer::encode with QuantizerConfig::norm_correction). One threadgroup per vector. Bit-identical to the CPU path (Quantizer::encode with
 // MseQuantizer): same norm (compensated sum, see common.metal), the same FWHT stage order,
 // the same boundary search and packing.h layout v1; norms stored as fp16 bits or fp32.
 // Also: tq_rotate, Π applied to query rows (the decode-attention query state).
@@ -11,7 +12,8 @@
 // two dividing dim (the host uses min(dim, 256)).
 inline void tq_encode_body(device const float* x, device uchar* codes, device uchar* norms,
                            TQ_TABLE float* signs, TQ_TABLE float* boundaries,
-                           TQ_PARAMS TqEncodeParams& p, threadgroup float* v,
+                           TQ_TABLE float* centroids, TQ_PARAMS TqEncodeParams& p,
+                           threadgroup float* v,
                            threadgroup uchar* idx, threadgroup float* red, uint row, uint tid,
                            uint nthreads) {
   if (row >= p.rows) return;  // uniform over the threadgroup
@@ -27,7 +29,15 @@ inline void tq_encode_body(device const float* x, device uchar* codes, device uc
   threadgroup_barrier(mem_flags::mem_threadgroup);
   device uchar* out = codes + ulong(row) * p.code_bytes;
   for (uint k = tid; k < p.code_bytes; k += nthreads) out[k] = tq_pack_byte(idx, k, d, p.bits);
-  if (tid == 0u) tq_store_norm(norms, row, norm, p.norm_fp16);
+  float stored = norm;
+  if (p.norm_correction != 0u) {  // uniform over the threadgroup
+    // Each thread overwrites only its own coordinates of v (the ones it quantized).
+    for (uint j = tid; j < d; j += nthreads) v[j] = centroids[idx[j]];
+    float hi = 0.0f, lo = 0.0f;
+    tq_group_sum_squares(v, d, tid, nthreads, red, hi, lo);
+    stored = tq_div_sqrt(norm, hi, lo);
+  }
+  if (tid == 0u) tq_store_norm(norms, row, stored, p.norm_fp16);
 }
 
 // y = Π x for rows of x (queries before decode attention). Scratch: v[dim].
@@ -46,13 +56,15 @@ inline void tq_rotate_body(device const float* x, device float* y, TQ_TABLE floa
                           device uchar* norms [[buffer(2)]], constant float* signs [[buffer(3)]],
                           constant float* boundaries [[buffer(4)]],
                           constant TqEncodeParams& p [[buffer(5)]],
+                          constant float* centroids [[buffer(6)]],
                           uint3 tg_pos [[threadgroup_position_in_grid]],
                           uint tid [[thread_index_in_threadgroup]],
                           uint nthreads [[threads_per_threadgroup]]) {
   threadgroup float v[512];
   threadgroup uchar idx[512];
   threadgroup float red[64];
-  tq_encode_body(x, codes, norms, signs, boundaries, p, v, idx, red, tg_pos.x, tid, nthreads);
+  tq_encode_body(x, codes, norms, signs, boundaries, centroids, p, v, idx, red, tg_pos.x, tid,
+                 nthreads);
 }
 
 [[kernel]] void tq_rotate(device const float* x [[buffer(0)]], device float* y [[buffer(1)]],

@@ -316,8 +316,8 @@ class KVCacheBuilder:
         if why:
             return why
         extras = [name for name, on in (
-            ("an outlier split", self._split()), ("an fp16 window", self._fp16_window > 0),
-            ("fp16 layers", bool(self._fp16_layers)),
+            ("an outlier split", self._split()), ("fp16 layers", bool(self._fp16_layers)),
+            ("decay", self._decay_after > 0), ("eviction", self._max_coded_tokens > 0),
             ("an artifact store", self._store is not None),
             ("sparse V", self._sparse_v > 0), ("max_tokens", self._max_tokens > 0),
             ("jl_dim", self._jl_dim > 0)) if on]
@@ -337,7 +337,9 @@ class KVCacheBuilder:
                             key_bits=int(self._key_bits),
                             value_method=value_method, value_bits=int(self._value_bits),
                             seed=int(self._seed), rotation=self._rotation,
-                            block_tokens=int(self._block_tokens), kernels=kernels)
+                            block_tokens=int(self._block_tokens),
+                            fp16_window=int(self._fp16_window), fp16_sinks=int(self._fp16_sinks),
+                            kernels=kernels)
         desc = {"key_method": key_method, "value_method": value_method, "backend": "metal",
                 "precision": _precision_name(self._precision), "artifacts_loaded": {},
                 "env_backend": os.environ.get("TURBOQUANT_BACKEND"),

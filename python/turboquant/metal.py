@@ -73,12 +73,12 @@ _IDS = "threadgroup_position_in_grid.x, thread_index_in_threadgroup, threads_per
 KERNELS: dict[str, KernelSpec] = {
     "encode": KernelSpec(
         "tq_mlx_encode",
-        ("x", "signs", "boundaries", "params"),
+        ("x", "signs", "boundaries", "centroids", "params"),
         ("codes", "norms"),
         "TQ_THREADGROUP_ARRAY(float, tg_v, 512);\n"
         "TQ_THREADGROUP_ARRAY(uchar, tg_idx, 512);\n"
         "TQ_THREADGROUP_ARRAY(float, tg_red, 64);\n"
-        "tq_encode_body(x, codes, (device uchar*)norms, signs, boundaries,\n"
+        "tq_encode_body(x, codes, (device uchar*)norms, signs, boundaries, centroids,\n"
         "               *(const device TqEncodeParams*)params, tg_v, tg_idx, tg_red,\n"
         f"               {_IDS});\n",
     ),
@@ -133,15 +133,15 @@ _HEAD = "threadgroup_position_in_grid.x / params[{word}]"
 KERNELS.update({
     "encode_heads": KernelSpec(
         "tq_mlx_encode_heads",
-        ("x", "signs", "boundaries", "params"),
+        ("x", "signs", "boundaries", "centroids", "params"),
         ("codes", "norms"),
         "TQ_THREADGROUP_ARRAY(float, tg_v, 512);\n"
         "TQ_THREADGROUP_ARRAY(uchar, tg_idx, 512);\n"
         "TQ_THREADGROUP_ARRAY(float, tg_red, 64);\n"
         "const device TqEncodeParams& tq_p = *(const device TqEncodeParams*)params;\n"
-        f"const uint tq_head = {_HEAD.format(word=5)};\n"
+        f"const uint tq_head = {_HEAD.format(word=6)};\n"
         "tq_encode_body(x, codes, (device uchar*)norms, signs + ulong(tq_head) * 2u * tq_p.dim,\n"
-        "               boundaries, tq_p, tg_v, tg_idx, tg_red,\n"
+        "               boundaries, centroids, tq_p, tg_v, tg_idx, tg_red,\n"
         f"               {_IDS});\n",
     ),
     "rotate_heads": KernelSpec(
@@ -220,8 +220,10 @@ def code_bytes(dim: int, bits: int) -> int:
     return (dim * bits + 7) // 8
 
 
-def encode_params(rows: int, dim: int, bits: int, norm_fp16: bool) -> np.ndarray:
-    return np.array([rows, dim, bits, code_bytes(dim, bits), int(norm_fp16)], dtype=np.uint32)
+def encode_params(rows: int, dim: int, bits: int, norm_fp16: bool,
+                  norm_correction: bool = False) -> np.ndarray:
+    return np.array([rows, dim, bits, code_bytes(dim, bits), int(norm_fp16),
+                     int(norm_correction)], dtype=np.uint32)
 
 
 def rotate_params(rows: int, dim: int) -> np.ndarray:
@@ -299,12 +301,13 @@ def encode(quantizer, x):
     import mlx.core as mx
 
     _require_metal()
-    signs, _, bounds = _quantizer_tables(quantizer)
+    signs, cents, bounds = _quantizer_tables(quantizer)
     n, dim = x.shape
     fp16 = np.dtype(quantizer.norm_dtype) == np.float16
     codes, norms = _kernel("encode")(
-        inputs=[x.astype(mx.float32), signs, bounds,
-                mx.array(encode_params(n, dim, quantizer.bits, fp16))],
+        inputs=[x.astype(mx.float32), signs, bounds, cents,
+                mx.array(encode_params(n, dim, quantizer.bits, fp16,
+                                       bool(quantizer.norm_correction)))],
         output_shapes=[(n, quantizer.code_bytes), (n,)],
         output_dtypes=[mx.uint8, mx.uint16 if fp16 else mx.float32],
         grid=(n * threads_for(dim), 1, 1), threadgroup=(threads_for(dim), 1, 1))
@@ -370,7 +373,8 @@ def _attention_shape(queries, k_codes, tokens):
 
 
 def _split_k_attention(q_rot, k_codes, k_norms, v_codes, v_norms, k_cents, v_cents, v_signs,
-                       k_bits, v_bits, group, tokens, scale, block_tokens, reduce_kernel):
+                       k_bits, v_bits, group, tokens, scale, block_tokens, reduce_kernel,
+                       with_lse=False):
     """The two launches of split-K decode attention: per-(block, KV head) partial softmax
     and value sums (attention_block), then their merge and Π_Vᵀ (``reduce_kernel``).
     q_rot (kv_heads * group, dim) rotated queries; returns (kv_heads, group, dim)."""
@@ -396,6 +400,10 @@ def _split_k_attention(q_rot, k_codes, k_norms, v_codes, v_norms, k_cents, v_cen
                 mx.array(reduce_params(dim, blocks, group, True))],
         output_shapes=[(kv_heads, group, dim)], output_dtypes=[mx.float32],
         grid=(group * threads_for(dim), kv_heads, 1), threadgroup=(threads_for(dim), 1, 1))
+    if with_lse:  # log Σ_b l_b e^(m_b): the blocks merged as the reduce kernel merges them
+        top = part_m.max(axis=1)
+        lse = top + mx.log((part_l * mx.exp(part_m - top[:, None])).sum(axis=1))
+        return out, lse
     return out
 
 
@@ -418,13 +426,17 @@ class HeadTables:
             if q.method != "turboquant_mse" or q.rotation != "hadamard":
                 raise ValueError("the Metal kernels support turboquant_mse with the hadamard "
                                  f"rotation, got {q.method!r} / {q.rotation!r}")
-            if (q.dim, q.bits, np.dtype(q.norm_dtype)) != (first.dim, first.bits,
-                                                           np.dtype(first.norm_dtype)):
-                raise ValueError("all heads of one role need the same dim, bits and norm dtype")
+            if ((q.dim, q.bits, np.dtype(q.norm_dtype), bool(q.norm_correction))
+                    != (first.dim, first.bits, np.dtype(first.norm_dtype),
+                        bool(first.norm_correction))):
+                raise ValueError("all heads of one role need the same dim, bits, norm dtype "
+                                 "and norm correction")
         self.quantizers = quantizers
         self.dim, self.bits = first.dim, first.bits
         self.code_bytes = first.code_bytes
         self.norm_fp16 = np.dtype(first.norm_dtype) == np.float16
+        # Encode stores ‖x‖/‖ỹ‖ (QuantizerConfig::norm_correction), computed in the kernel.
+        self.norm_correction = bool(first.norm_correction)
         self._mx = None
 
     @property
@@ -466,12 +478,13 @@ def encode_heads(tables: HeadTables, x):
     if H != tables.n_heads or dim != tables.dim:
         raise ValueError(f"x of shape {tuple(x.shape)} does not match {tables.n_heads} heads of "
                          f"dim {tables.dim}")
-    signs, _, bounds = tables.mx_tables()
+    signs, cents, bounds = tables.mx_tables()
     n = H * T
     fp16 = tables.norm_fp16
     codes, norms = _kernel("encode_heads")(
-        inputs=[x.reshape(n, dim).astype(mx.float32), signs, bounds,
-                mx.array(_with_rows_per_head(encode_params(n, dim, tables.bits, fp16), T))],
+        inputs=[x.reshape(n, dim).astype(mx.float32), signs, bounds, cents,
+                mx.array(_with_rows_per_head(encode_params(n, dim, tables.bits, fp16,
+                                                           tables.norm_correction), T))],
         output_shapes=[(n, tables.code_bytes), (n,)],
         output_dtypes=[mx.uint8, mx.uint16 if fp16 else mx.float32],
         grid=(n * threads_for(dim), 1, 1), threadgroup=(threads_for(dim), 1, 1))
@@ -520,14 +533,17 @@ def dequantize_heads(tables: HeadTables, codes, norms, inverse_rotate=True, out_
 
 
 def decode_attention_heads(keys: HeadTables, values: HeadTables, queries, k_codes, k_norms,
-                           v_codes, v_norms, tokens, scale, block_tokens=DEFAULT_BLOCK_TOKENS):
+                           v_codes, v_norms, tokens, scale, block_tokens=DEFAULT_BLOCK_TOKENS,
+                           with_lse=False):
     """decode_attention() for per-head rotations: queries (kv_heads, group, dim), codes
     (kv_heads, head_stride, code_bytes), norms (kv_heads, head_stride), the first `tokens`
-    rows attended. Returns (kv_heads, group, dim) float32 in the original domain."""
+    rows attended. Returns (kv_heads, group, dim) float32 in the original domain; with_lse,
+    also the log-sum-exp of the scaled scores, (kv_heads, group) float32 (from the blocks'
+    softmax statistics), to merge this softmax with attention over other tokens."""
     kv_heads, group, dim = _attention_shape(queries, k_codes, tokens)
     _, k_cents, _ = keys.mx_tables()
     v_signs, v_cents, _ = values.mx_tables()
     q_rot = rotate_heads(keys, queries)
     return _split_k_attention(q_rot.reshape(kv_heads * group, dim), k_codes, k_norms, v_codes,
                               v_norms, k_cents, v_cents, v_signs, keys.bits, values.bits, group,
-                              tokens, scale, block_tokens, "attention_reduce_heads")
+                              tokens, scale, block_tokens, "attention_reduce_heads", with_lse)

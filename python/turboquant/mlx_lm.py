@@ -193,17 +193,21 @@ class TurboQuantKVCache(_mlx_cache._BaseCache):
 
     def _use_gpu(self, head_dim: int) -> bool:
         """The Metal path (codes as mlx arrays, turboquant.metal kernels) is taken on Apple
-        GPUs for configurations its kernels implement: turboquant_mse with the Hadamard
-        rotation, no key split, no fp16 window, no norm correction. Anything else runs on the
-        C++ core (the quality features are CPU-only for now)."""
-        if metal.active_path() != "metal":
-            return False
-        mse = self.key_method == self.value_method == "turboquant_mse"
-        return (_mlx_metal.store_supports(head_dim, self.key_method, self.value_method,
-                                          self.rotation) is None
-                and self.split_plan(head_dim) is None and self.fp16_window == 0
-                and self.fp16_sinks == 0
-                and not (self.debias and mse))
+        GPUs when :meth:`gpu_refusal` finds nothing the store cannot do."""
+        return metal.active_path() == "metal" and self.gpu_refusal(head_dim) is None
+
+    def gpu_refusal(self, head_dim: int) -> str | None:
+        """None when the mlx-resident store (turboquant.mlx_metal.MetalCodeStore) can hold
+        this layer, else why it cannot (then the C++ core holds it). The store does
+        turboquant_mse with the Hadamard rotation on power-of-two head dims, norm correction
+        (debias), fp16 sinks and the fp16 recent window; not the key split."""
+        why = _mlx_metal.store_supports(head_dim, self.key_method, self.value_method,
+                                        self.rotation)
+        if why:
+            return why
+        if self.split_plan(head_dim) is not None:
+            return "the Metal store does not implement the key split (key_split=False runs there)"
+        return None
 
     def _centre(self, k: np.ndarray, v: np.ndarray):
         """Subtract a fixed per-head mean from keys and values before encoding.
@@ -438,7 +442,9 @@ class TurboQuantKVCache(_mlx_cache._BaseCache):
                       seed=layer_seed(self.seed, self.layer), rotation=self.rotation,
                       block_tokens=self.block_tokens)
         if self._gpu:
-            self._core = _mlx_metal.MetalCodeStore(head_dim, **common)
+            self._core = _mlx_metal.MetalCodeStore(head_dim, norm_correction=self.debias and mse,
+                                                   fp16_window=self.fp16_window,
+                                                   fp16_sinks=self.fp16_sinks, **common)
         else:
             self._core = _core.KVCache(head_dim, fp16_window=self.fp16_window,
                                        fp16_sinks=self.fp16_sinks,

@@ -2,11 +2,14 @@
 
 :class:`MetalCodeStore` keeps one layer's K/V as TurboQuant codes + fp16 norms in mlx arrays
 of shape (n_kv_heads, capacity, code_bytes) / (n_kv_heads, capacity), growing by pages of
-``block_tokens`` tokens (no fp16 copy of K/V is ever kept). New tokens are encoded by the
-``encode_heads`` kernel, decode steps (one query position) run split-K attention on the codes
-(``decode_attention_heads``), and prefill (several query positions) dequantizes the visible
-tokens to an fp32 tile (``dequantize_heads``) and runs ``mx.fast.scaled_dot_product_attention``
-with a causal / sliding-window mask. On a Mac with mlx's Metal device the kernels are the
+``block_tokens`` tokens (no fp16 copy of the coded tokens is kept). New tokens are encoded by
+the ``encode_heads`` kernel (with norm correction when configured), decode steps (one query
+position) run split-K attention on the codes (``decode_attention_heads``), and prefill
+(several query positions) dequantizes the visible tokens to an fp32 tile
+(``dequantize_heads``) and runs ``mx.fast.scaled_dot_product_attention`` with a causal /
+sliding-window mask. With ``fp16_sinks`` / ``fp16_window`` (the C++ cache's semantics) the
+first and the most recent tokens are fp16 mlx arrays; a decode step merges the codes' split-K
+softmax (its log-sum-exp, from the blocks' statistics) with the fp16 tokens' exactly. On a Mac with mlx's Metal device the kernels are the
 ``turboquant.metal`` functions (``mx.fast.metal_kernel`` over metal/*.metal), so mlx arrays
 never leave the GPU.
 
@@ -19,8 +22,8 @@ KV head, role) streams), so the codes are bit-identical to ``_core.KVCache``'s, 
 a file saved by either loads in the other.
 
 The kernels are injected (``kernels=``): any object with ``encode_heads``,
-``dequantize_heads`` and ``decode_attention_heads`` of the signatures in
-``turboquant.metal``. The default is the ``turboquant.metal`` module itself, which runs only
+``dequantize_heads`` and ``decode_attention_heads`` (including its ``with_lse`` keyword) of
+the signatures in ``turboquant.metal``. The default is the ``turboquant.metal`` module itself, which runs only
 on macOS with an mlx Metal device (elsewhere it raises "Metal is not available on this
 platform"). :class:`ReferenceKernels` implements the same three functions with the C++
 quantizers and NumPy/mlx ops; the tests run the store on it on Linux. What runs only on a
@@ -145,7 +148,7 @@ class ReferenceKernels:
     @staticmethod
     def decode_attention_heads(keys: HeadTables, values: HeadTables, queries, k_codes, k_norms,
                                v_codes, v_norms, tokens, scale,
-                               block_tokens=metal.DEFAULT_BLOCK_TOKENS):
+                               block_tokens=metal.DEFAULT_BLOCK_TOKENS, with_lse=False):
         mx = _mx()
         kv_heads, group, dim = queries.shape
         if not 1 <= group <= metal.MAX_GROUP:
@@ -158,9 +161,13 @@ class ReferenceKernels:
         v = np.asarray(ReferenceKernels.dequantize_heads(values, v_codes[:, :tokens],
                                                          v_norms[:, :tokens]))
         s = np.einsum("hgd,htd->hgt", q, k) * np.float32(scale)
-        p = np.exp(s - s.max(-1, keepdims=True))
-        out = np.einsum("hgt,htd->hgd", p / p.sum(-1, keepdims=True), v)
-        return mx.array(out.astype(np.float32))
+        m = s.max(-1, keepdims=True)
+        p = np.exp(s - m)
+        out = mx.array(np.einsum("hgt,htd->hgd", p / p.sum(-1, keepdims=True), v)
+                       .astype(np.float32))
+        if with_lse:
+            return out, mx.array((m[..., 0] + np.log(p.sum(-1))).astype(np.float32))
+        return out
 
 
 class MetalCodeStore:
@@ -169,12 +176,20 @@ class MetalCodeStore:
     Constructor arguments mirror ``_core.KVCache`` (``n_layers`` must be 1); ``layer`` is the
     layer index of the random streams (0 for a one-layer cache, as mlx_lm uses), ``kernels``
     the kernel set (default: ``turboquant.metal``, Apple only), ``check_inputs`` whether
-    append/attend refuse NaN/Inf (one GPU→CPU sync of a few bytes per call)."""
+    append/attend refuse NaN/Inf (one GPU→CPU sync of a few bytes per call).
+
+    ``norm_correction``, ``fp16_sinks`` and ``fp16_window`` have the semantics of
+    ``_core.KVCache``'s: the stored norm is ‖x‖/‖ỹ‖ (computed by the encode kernel); the
+    first ``fp16_sinks`` tokens and the most recent ones are kept as fp16 mlx arrays, the
+    window holding between ``fp16_window`` and ``fp16_window + block_tokens`` tokens once
+    flushed (its oldest ``block_tokens`` tokens are encoded, from their fp16 values, whenever
+    it holds more). Attention merges the fp16 part and the codes under one softmax."""
 
     def __init__(self, head_dim: int, n_layers: int = 1, n_q_heads: int = 1, n_kv_heads: int = 1,
                  key_method: str = "turboquant_mse", key_bits: int = 3,
                  value_method: str = "turboquant_mse", value_bits: int = 3, seed: int = 0,
                  rotation: str = "auto", block_tokens: int = 256, *, layer: int = 0,
+                 norm_correction: bool = False, fp16_window: int = 0, fp16_sinks: int = 0,
                  kernels: Any = None, check_inputs: bool = True):
         if n_layers != 1:
             raise ValueError(f"a MetalCodeStore holds one layer (n_layers=1), got {n_layers}; "
@@ -190,27 +205,48 @@ class MetalCodeStore:
                              f"({n_kv_heads})")
         if int(block_tokens) < 1:
             raise ValueError(f"block_tokens must be >= 1, got {block_tokens}")
+        for name, v in (("fp16_window", fp16_window), ("fp16_sinks", fp16_sinks)):
+            if not isinstance(v, (int, np.integer)) or int(v) < 0:
+                raise ValueError(f"{name} must be an integer >= 0, got {v!r}")
         self.head_dim, self.n_layers = int(head_dim), 1
         self.n_q_heads, self.n_kv_heads = int(n_q_heads), int(n_kv_heads)
         self.key_method = self.value_method = "turboquant_mse"
         self.key_bits, self.value_bits = int(key_bits), int(value_bits)
         self.seed, self.rotation = int(seed), "hadamard"
         self.block_tokens, self.layer = int(block_tokens), int(layer)
+        self.norm_correction = bool(norm_correction)
+        self.fp16_window, self.fp16_sinks = int(fp16_window), int(fp16_sinks)
         self.kernels = METAL_KERNELS if kernels is None else kernels
         self.check_inputs = bool(check_inputs)
 
         def quantizers(role: int, bits: int):
             return HeadTables(_core.Quantizer("turboquant_mse", self.head_dim, bits, self.seed,
                                               rotation="hadamard", norm_dtype="float16",
+                                              norm_correction=self.norm_correction,
                                               stream=kv_stream_id(self.layer, h, role))
                               for h in range(self.n_kv_heads))
 
         self.key_tables = quantizers(0, self.key_bits)
         self.value_tables = quantizers(1, self.value_bits)
-        self._n = 0
-        self._cap = 0
+        self._n = 0       # tokens held
+        self._coded = 0   # tokens not in the fp16 window: the sinks, then the codes
+        self._nc = 0      # tokens held as codes (code index 0 = token _ns)
+        self._cap = 0     # code capacity (whole pages of block_tokens)
         # (H, cap, code_bytes) uint8 and (H, cap) float16 per role; None while empty.
         self._k_codes = self._k_norms = self._v_codes = self._v_norms = None
+        # fp16 sinks and window: (H, rows, d) float16 mlx arrays per role; None while empty.
+        self._k_sink = self._v_sink = self._k_win = self._v_win = None
+        # Rows of fp16 storage held per stream (the C++ cache's vector capacities).
+        self._sink_cap = self._win_cap = 0
+
+    @property
+    def windowed(self) -> bool:
+        """True when tokens can be held in fp16 (sinks or a recent window)."""
+        return self.fp16_window > 0 or self.fp16_sinks > 0
+
+    @property
+    def _ns(self) -> int:
+        return 0 if self._k_sink is None else int(self._k_sink.shape[1])
 
     # --- sizes ------------------------------------------------------------------------------
     def size(self, layer: int = 0) -> int:
@@ -220,13 +256,31 @@ class MetalCodeStore:
     def __len__(self) -> int:
         return self._n
 
+    def sink_tokens(self, layer: int = 0) -> int:
+        self._check_layer(layer)
+        return self._ns
+
+    def coded_tokens(self, layer: int = 0) -> int:
+        """Tokens not in the fp16 window (sinks + codes), as ``_core.KVCache.coded_tokens``."""
+        self._check_layer(layer)
+        return self._coded
+
+    def code_tokens(self, layer: int = 0) -> int:
+        self._check_layer(layer)
+        return self._nc
+
+    def window_tokens(self, layer: int = 0) -> int:
+        self._check_layer(layer)
+        return self._n - self._coded
+
     def memory_bytes(self) -> int:
-        """Bytes held: the code and norm pages and the per-head rotation signs (the same
-        count as ``_core.KVCache.memory_bytes``)."""
+        """Bytes held: the code and norm pages, the fp16 sink and window rows and the
+        per-head rotation signs (the same count as ``_core.KVCache.memory_bytes``)."""
         H = self.n_kv_heads
         row = (self.key_tables.code_bytes + 2) + (self.value_tables.code_bytes + 2)
+        fp16_rows = 2 * H * (self._sink_cap + self._win_cap) * self.head_dim * 2
         return (self.key_tables.state_bytes() + self.value_tables.state_bytes()
-                + self._cap * H * row)
+                + self._cap * H * row + fp16_rows)
 
     def fp16_bytes(self) -> int:
         return self._n * self.n_kv_heads * 2 * self.head_dim * 2
@@ -249,19 +303,67 @@ class MetalCodeStore:
         T = int(k.shape[1])
         if T == 0:
             return
+        if self.windowed:
+            self._append_windowed(k, v, T)
+            return
         kc, kn = self.kernels.encode_heads(self.key_tables, k)
         vc, vn = self.kernels.encode_heads(self.value_tables, v)
+        self._check_norms(kn, vn)
+        self._write(kc, kn, vc, vn)
+        self._n += T
+        self._coded = self._n
+
+    def _check_norms(self, kn, vn) -> None:
         if self.check_inputs:
             mx = _mx()
             if not (mx.all(mx.isfinite(kn)) & mx.all(mx.isfinite(vn))).item():
                 raise ValueError("keys or values contain NaN or Inf, or a vector whose norm is "
                                  "above the fp16 norm range (65504); the cache is unchanged")
-        self._write(kc, kn, vc, vn)
+
+    def _append_windowed(self, k, v, T: int) -> None:
+        """kv_cache_window.cpp append_windowed(): fp16 rows to the sinks (until fp16_sinks
+        are held), then to the window, then flush whole blocks of the window into codes."""
+        mx = _mx()
+        k16, v16 = k.astype(mx.float16), v.astype(mx.float16)
+        if self.check_inputs and not (mx.all(mx.isfinite(k16)) & mx.all(mx.isfinite(v16))).item():
+            raise ValueError("keys or values contain a value that is not finite in fp16 (NaN, "
+                             "Inf or beyond 65504); the cache is unchanged")
+        S, N, bt = self.fp16_sinks, self.fp16_window, self.block_tokens
+        old = self._n
+        ks = min(T, S - old) if old < S else 0
+        cat = (lambda a, b: b if a is None else mx.concatenate([a, b], axis=1))  # noqa: E731
+        k_sink, v_sink = self._k_sink, self._v_sink
+        if ks > 0:
+            k_sink, v_sink = cat(k_sink, k16[:, :ks]), cat(v_sink, v16[:, :ks])
+        k_win, v_win = self._k_win, self._v_win
+        if T > ks:
+            k_win, v_win = cat(k_win, k16[:, ks:]), cat(v_win, v16[:, ks:])
+        coded = self._coded + ks
+        w = old + T - coded
+        flush = -(-(w - N - bt) // bt) * bt if w > N + bt else 0  # whole blocks, oldest first
+        if flush:
+            kc, kn = self.kernels.encode_heads(self.key_tables, k_win[:, :flush].astype(mx.float32))
+            vc, vn = self.kernels.encode_heads(self.value_tables,
+                                               v_win[:, :flush].astype(mx.float32))
+            self._check_norms(kn, vn)
+            self._write(kc, kn, vc, vn)
+            k_win, v_win = k_win[:, flush:], v_win[:, flush:]
+            coded += flush
+        if ks > 0:
+            self._sink_cap = S
+        if old + T > coded:
+            self._win_cap = N + bt
+        else:
+            k_win = v_win = None
+        self._k_sink, self._v_sink, self._k_win, self._v_win = k_sink, v_sink, k_win, v_win
+        self._n, self._coded = old + T, coded
+        mx.async_eval(*[a for a in (k_sink, v_sink, k_win, v_win) if a is not None])
 
     def _write(self, kc, kn, vc, vn) -> None:
+        """Append codes (H, T, ·) at code index _nc, growing the pages."""
         mx = _mx()
         T = int(kc.shape[1])
-        old = self._n
+        old = self._nc
         bt = self.block_tokens
         cap = -(-(old + T) // bt) * bt
         if cap > self._cap:
@@ -280,19 +382,45 @@ class MetalCodeStore:
         self._k_norms[:, old:old + T] = kn
         self._v_codes[:, old:old + T] = vc
         self._v_norms[:, old:old + T] = vn
-        self._n = old + T
+        self._nc = old + T
         # Start computing the codes now without waiting for them: keeps the graph of
         # successive appends short when nothing reads the cache in between.
         mx.async_eval(self._k_codes, self._k_norms, self._v_codes, self._v_norms)
 
     # --- trim ------------------------------------------------------------------------------
     def trim(self, n: int) -> int:
-        """Remove the last n tokens (fewer if shorter); frees pages no longer needed."""
+        """Remove the last n tokens (fewer if shorter); frees pages no longer needed. As the
+        C++ cache: a cut inside the window shortens it; a cut below it empties the window
+        and keeps the codes (and sinks) of the tokens left, later tokens going to the window."""
         if int(n) < 0:
             raise ValueError(f"trim needs n >= 0, got {n}")
         removed = min(int(n), self._n)
-        self._n -= removed
-        cap = -(-self._n // self.block_tokens) * self.block_tokens
+        new = self._n - removed
+        if new >= self._coded:
+            keep = new - self._coded
+            if keep == 0:
+                self._k_win = self._v_win = None
+            elif self._k_win is not None:
+                self._k_win, self._v_win = self._k_win[:, :keep], self._v_win[:, :keep]
+        else:
+            ns = min(new, self._ns)
+            self._k_win = self._v_win = None
+            if self.fp16_sinks > 0 and new <= self.fp16_sinks:
+                self._win_cap = 0
+            if self._k_sink is not None and self._ns > ns:
+                if ns == 0:
+                    self._k_sink = self._v_sink = None
+                    self._sink_cap = 0
+                else:
+                    self._k_sink, self._v_sink = self._k_sink[:, :ns], self._v_sink[:, :ns]
+            self._release_codes(new - ns)
+            self._coded = new
+        self._n = new
+        return removed
+
+    def _release_codes(self, nc: int) -> None:
+        self._nc = nc
+        cap = -(-nc // self.block_tokens) * self.block_tokens
         if cap < self._cap:
             if cap == 0:
                 self._k_codes = self._k_norms = self._v_codes = self._v_norms = None
@@ -304,7 +432,6 @@ class MetalCodeStore:
                 self._v_norms = mx.contiguous(self._v_norms[:, :cap])
                 mx.eval(self._k_codes, self._k_norms, self._v_codes, self._v_norms)
             self._cap = cap
-        return removed
 
     # --- attention -------------------------------------------------------------------------
     def attend(self, queries, layer: int = 0, causal: bool = True, scale: float | None = None,
@@ -313,7 +440,8 @@ class MetalCodeStore:
         head) over the layer, the queries being its LAST T_q positions (``_core.KVCache``
         semantics: causal query t sees keys [0, n - T_q + t], the last ``window`` of them with
         a window). Returns float32 mlx of the queries' shape. T_q == 1 runs the decode kernel
-        on the codes; T_q > 1 dequantizes the visible tokens to a tile for mx attention."""
+        on the codes (merged with the fp16 sinks / window by their log-sum-exp); T_q > 1
+        dequantizes the visible codes to a tile, joins the fp16 rows, for mx attention."""
         self._check_layer(layer)
         mx = _mx()
         q_in = _as_mx(queries, "queries")
@@ -350,23 +478,65 @@ class MetalCodeStore:
             out = self._prefill(q, scale, causal, window)
         return out.reshape(shape)
 
+    def _pieces(self, lo: int):
+        """The tokens [lo, n) by storage: (fp16 sink rows [lo, ns) as (k, v) or None, code
+        indices [a, b), fp16 window rows from max(lo, coded) as (k, v) or None)."""
+        ns, c = self._ns, self._coded
+        sinks = ((self._k_sink[:, lo:ns], self._v_sink[:, lo:ns]) if lo < ns else None)
+        a, b = max(lo, ns) - ns, self._nc
+        w0 = max(lo, c) - c
+        win = ((self._k_win[:, w0:], self._v_win[:, w0:])
+               if self._k_win is not None and w0 < int(self._k_win.shape[1]) else None)
+        return sinks, (a, b), win
+
+    def _code_attention(self, qg, a: int, b: int, scale: float, with_lse: bool):
+        """Split-K decode attention of qg (H, G, d) over code indices [a, b): (H, G, d)
+        and, with_lse, the log-sum-exp of the scaled scores (H, G)."""
+        mx = _mx()
+        if a == 0:  # the stored arrays as they are: head_stride = capacity, no copy
+            kc, kn, vc, vn = self._k_codes, self._k_norms, self._v_codes, self._v_norms
+        else:
+            kc, kn = self._k_codes[:, a:b], self._k_norms[:, a:b]
+            vc, vn = self._v_codes[:, a:b], self._v_norms[:, a:b]
+        outs, lses = [], []
+        G = int(qg.shape[1])
+        for g0 in range(0, G, metal.MAX_GROUP):  # GQA groups above 16: several passes
+            args = (self.key_tables, self.value_tables, qg[:, g0:g0 + metal.MAX_GROUP], kc, kn,
+                    vc, vn, b - a, scale)
+            if with_lse:
+                o, lse = self.kernels.decode_attention_heads(*args, with_lse=True)
+                lses.append(lse)
+            else:
+                o = self.kernels.decode_attention_heads(*args)
+            outs.append(o)
+        cat = (lambda xs: xs[0] if len(xs) == 1 else mx.concatenate(xs, axis=1))  # noqa: E731
+        return cat(outs), (cat(lses) if with_lse else None)
+
     def _decode(self, q, scale: float, window: int | None):
         mx = _mx()
         n, H = self._n, self.n_kv_heads
         G = self.n_q_heads // H
-        start = max(0, n - int(window)) if window is not None else 0
-        if start == 0:  # the stored arrays as they are: head_stride = capacity, no copy
-            kc, kn, vc, vn = self._k_codes, self._k_norms, self._v_codes, self._v_norms
-        else:
-            kc, kn = self._k_codes[:, start:n], self._k_norms[:, start:n]
-            vc, vn = self._v_codes[:, start:n], self._v_norms[:, start:n]
+        lo = max(0, n - int(window)) if window is not None else 0
         qg = q.reshape(H, G, self.head_dim)
-        parts = []
-        for g0 in range(0, G, metal.MAX_GROUP):  # GQA groups above 16: several passes
-            parts.append(self.kernels.decode_attention_heads(
-                self.key_tables, self.value_tables, qg[:, g0:g0 + metal.MAX_GROUP], kc, kn, vc,
-                vn, n - start, scale))
-        out = parts[0] if len(parts) == 1 else mx.concatenate(parts, axis=1)
+        sinks, (a, b), win = self._pieces(lo)
+        fp16 = [p for p in (sinks, win) if p is not None]
+        if not fp16:
+            out, _ = self._code_attention(qg, a, b, scale, False)
+            return out.reshape(self.n_q_heads, 1, self.head_dim)
+        kf = mx.concatenate([k for k, _ in fp16], axis=1).astype(mx.float32)
+        vf = mx.concatenate([v for _, v in fp16], axis=1).astype(mx.float32)
+        s = (qg @ kf.transpose(0, 2, 1)) * scale  # (H, G, nf)
+        m = s.max(axis=-1, keepdims=True)
+        e = mx.exp(s - m)
+        l_f = e.sum(axis=-1, keepdims=True)
+        out = (e @ vf) / l_f
+        if b > a:  # merge with the codes' softmax: weights e^(lse_part - lse_max)
+            oc, lse_c = self._code_attention(qg, a, b, scale, True)
+            lse_c = lse_c[..., None]
+            lse_f = m + mx.log(l_f)
+            top = mx.maximum(lse_c, lse_f)
+            wc, wf = mx.exp(lse_c - top), mx.exp(lse_f - top)
+            out = (wc * oc + wf * out) / (wc + wf)
         return out.reshape(self.n_q_heads, 1, self.head_dim)
 
     def _prefill(self, q, scale: float, causal: bool, window: int | None):
@@ -379,10 +549,21 @@ class MetalCodeStore:
             lo = max(0, first_q - int(window) + 1)
         else:
             lo = max(0, n - int(window))
-        k = self.kernels.dequantize_heads(self.key_tables, self._k_codes[:, lo:n],
-                                          self._k_norms[:, lo:n])
-        v = self.kernels.dequantize_heads(self.value_tables, self._v_codes[:, lo:n],
-                                          self._v_norms[:, lo:n])
+        sinks, (a, b), win = self._pieces(lo)
+        ks, vs = [], []  # the visible tokens [lo, n) in position order
+        if sinks is not None:
+            ks.append(sinks[0].astype(mx.float32))
+            vs.append(sinks[1].astype(mx.float32))
+        if b > a:
+            ks.append(self.kernels.dequantize_heads(self.key_tables, self._k_codes[:, a:b],
+                                                    self._k_norms[:, a:b]))
+            vs.append(self.kernels.dequantize_heads(self.value_tables, self._v_codes[:, a:b],
+                                                    self._v_norms[:, a:b]))
+        if win is not None:
+            ks.append(win[0].astype(mx.float32))
+            vs.append(win[1].astype(mx.float32))
+        k = ks[0] if len(ks) == 1 else mx.concatenate(ks, axis=1)
+        v = vs[0] if len(vs) == 1 else mx.concatenate(vs, axis=1)
         qpos = mx.arange(first_q, n)[:, None]
         kpos = mx.arange(lo, n)[None, :]
         mask = None
@@ -397,15 +578,17 @@ class MetalCodeStore:
     # --- codes out / in, files -------------------------------------------------------------
     def encoded(self, layer: int = 0, kv_head: int = 0, role: str = "key", start: int = 0,
                 count: int | None = None):
-        """(codes (n, code_bytes) uint8, norms (n,) float16) of one stream, as NumPy."""
+        """(codes (n, code_bytes) uint8, norms (n,) float16) of one stream, as NumPy: code
+        indices [start, start + count) (the coded tokens; fp16 sinks and window excluded)."""
         self._check_layer(layer)
         if role not in ("key", "value"):
             raise ValueError(f"role must be 'key' or 'value', got {role!r}")
         if not 0 <= kv_head < self.n_kv_heads:
             raise ValueError(f"kv_head must be in [0, {self.n_kv_heads}), got {kv_head}")
-        count = self._n - start if count is None else int(count)
-        if not 0 <= start <= self._n or not 0 <= count <= self._n - start:
-            raise ValueError(f"tokens [{start}, {start + count}) beyond the layer's {self._n}")
+        count = self._nc - start if count is None else int(count)
+        if not 0 <= start <= self._nc or not 0 <= count <= self._nc - start:
+            raise ValueError(f"tokens [{start}, {start + count}) beyond the layer's {self._nc} "
+                             "coded tokens")
         codes, norms = ((self._k_codes, self._k_norms) if role == "key"
                         else (self._v_codes, self._v_norms))
         if codes is None or count == 0:
@@ -414,16 +597,35 @@ class MetalCodeStore:
         return (np.array(codes[kv_head, start:start + count]),
                 np.array(norms[kv_head, start:start + count]))
 
+    def fp16_rows(self, role: str = "key", part: str = "window"):
+        """The fp16 sink or window rows of one role, (n_kv_heads, rows, d) float16 NumPy."""
+        if role not in ("key", "value") or part not in ("sinks", "window"):
+            raise ValueError(f"role must be 'key' or 'value' and part 'sinks' or 'window', got "
+                             f"{role!r} / {part!r}")
+        a = {("key", "sinks"): self._k_sink, ("value", "sinks"): self._v_sink,
+             ("key", "window"): self._k_win, ("value", "window"): self._v_win}[(role, part)]
+        if a is None:
+            return np.zeros((self.n_kv_heads, 0, self.head_dim), np.float16)
+        return np.array(a)
+
     def decode(self, layer: int = 0, kv_head: int = 0, role: str = "key", start: int = 0,
                count: int | None = None):
-        """The dequantized keys or values of one head, (count, d) float32 NumPy."""
-        codes, norms = self.encoded(layer, kv_head, role, start, count)
+        """The keys or values of one head at token positions [start, start + count),
+        (count, d) float32 NumPy: codes decoded, fp16 sinks and window as stored."""
+        self._check_layer(layer)
+        count = self._n - start if count is None else int(count)
+        if not 0 <= start <= self._n or not 0 <= count <= self._n - start:
+            raise ValueError(f"tokens [{start}, {start + count}) beyond the layer's {self._n}")
+        codes, norms = self.encoded(layer, kv_head, role)
         tables = self.key_tables if role == "key" else self.value_tables
-        return tables.quantizers[kv_head].decode(codes, norms)
+        rows = np.concatenate([self.fp16_rows(role, "sinks")[kv_head].astype(np.float32),
+                               tables.quantizers[kv_head].decode(codes, norms),
+                               self.fp16_rows(role, "window")[kv_head].astype(np.float32)])
+        return rows[start:start + count]
 
     def _all_encoded(self):
-        """NumPy (H, n, cb) codes and (H, n) norms of both roles."""
-        n = self._n
+        """NumPy (H, nc, cb) codes and (H, nc) norms of both roles."""
+        n = self._nc
         if n == 0:
             H = self.n_kv_heads
             return (np.zeros((H, 0, self.key_tables.code_bytes), np.uint8),
@@ -437,10 +639,12 @@ class MetalCodeStore:
         return dict(n_layers=n_layers, n_q_heads=self.n_q_heads, n_kv_heads=self.n_kv_heads,
                     key_method="turboquant_mse", key_bits=self.key_bits,
                     value_method="turboquant_mse", value_bits=self.value_bits, seed=self.seed,
-                    rotation="hadamard", block_tokens=self.block_tokens)
+                    rotation="hadamard", block_tokens=self.block_tokens,
+                    norm_correction=self.norm_correction, fp16_window=self.fp16_window,
+                    fp16_sinks=self.fp16_sinks)
 
     def to_core(self):
-        """A ``_core.KVCache`` holding the same codes (a CPU copy)."""
+        """A ``_core.KVCache`` holding the same codes and fp16 rows (a CPU copy)."""
         return stores_to_core([self])
 
     def to_bytes(self) -> bytes:
@@ -457,12 +661,15 @@ class MetalCodeStore:
         why = store_supports(core.head_dim, core.key_method, core.value_method, core.rotation)
         if why:
             raise ValueError(f"this cache cannot be held by a MetalCodeStore: {why}")
-        if core.fp16_window or core.fp16_layers or core.n_outlier_channels or core.jl_dim:
-            raise ValueError("this cache cannot be held by a MetalCodeStore: it uses an fp16 "
-                             "window, fp16 layers, an outlier split or a QJL dimension")
+        if (core.fp16_layers or core.n_outlier_channels or core.jl_dim or core.decay_after
+                or core.max_coded_tokens):
+            raise ValueError("this cache cannot be held by a MetalCodeStore: it uses fp16 "
+                             "layers, an outlier split, a QJL dimension, decay or eviction")
         store = cls(core.head_dim, 1, core.n_q_heads, core.n_kv_heads, core.key_method,
                     core.key_bits, core.value_method, core.value_bits, core.seed, core.rotation,
-                    core.block_tokens, layer=layer, kernels=kernels, check_inputs=check_inputs)
+                    core.block_tokens, layer=layer, norm_correction=core.norm_correction,
+                    fp16_window=core.fp16_window, fp16_sinks=core.fp16_sinks, kernels=kernels,
+                    check_inputs=check_inputs)
         for role, tables in (("key", store.key_tables), ("value", store.value_tables)):
             for h, q in enumerate(tables.quantizers):
                 _, params = core.rotation_parameters(layer, h, role)
@@ -471,14 +678,29 @@ class MetalCodeStore:
                     raise ValueError(
                         f"layer {layer} {role} head {h} has a custom rotation (artifact store); "
                         "the MetalCodeStore uses the seeded rotations only")
-        n = core.size(layer)
-        if n:
+        mx = _mx()
+        H = core.n_kv_heads
+        n, coded = core.size(layer), core.coded_tokens(layer)
+        ns, nc = core.sink_tokens(layer), core.code_tokens(layer)
+
+        def rows(role, start, count):
+            return mx.array(np.stack([core.decode(layer, h, role, start, count)
+                                      for h in range(H)]).astype(np.float16))
+
+        if ns:
+            store._k_sink, store._v_sink = rows("key", 0, ns), rows("value", 0, ns)
+            store._sink_cap = store.fp16_sinks
+        if nc:
             parts = {}
             for role in ("key", "value"):
-                pairs = [core.encoded(layer, h, role) for h in range(core.n_kv_heads)]
+                pairs = [core.encoded(layer, h, role, 0, nc) for h in range(H)]
                 parts[role] = (np.stack([c for c, _ in pairs]), np.stack([x for _, x in pairs]))
-            mx = _mx()
             store._write(*(mx.array(a) for a in (*parts["key"], *parts["value"])))
+        if n > coded:
+            store._k_win = rows("key", coded, n - coded)
+            store._v_win = rows("value", coded, n - coded)
+            store._win_cap = store.fp16_window + store.block_tokens
+        store._n, store._coded = n, coded
         return store
 
     @classmethod
@@ -501,20 +723,32 @@ class MetalCodeStore:
 
     def __repr__(self) -> str:
         kernels = getattr(self.kernels, "name", None) or getattr(self.kernels, "__name__", "?")
+        extra = "".join(f", {k}={v}" for k, v in (("norm_correction", self.norm_correction),
+                                                   ("fp16_sinks", self.fp16_sinks),
+                                                   ("fp16_window", self.fp16_window)) if v)
         return (f"MetalCodeStore(head_dim={self.head_dim}, n_q_heads={self.n_q_heads}, "
                 f"n_kv_heads={self.n_kv_heads}, key={self.key_bits}b, value={self.value_bits}b, "
-                f"tokens={self._n}, kernels={kernels})")
+                f"tokens={self._n}{extra}, kernels={kernels})")
 
 
 def stores_to_core(stores: Sequence[MetalCodeStore]):
-    """One ``_core.KVCache`` holding the layers of ``stores`` (store i must be layer i)."""
+    """One ``_core.KVCache`` holding the layers of ``stores`` (store i must be layer i): the
+    fp16 sinks appended first (they fill the core's sinks), then the codes, then the fp16
+    window rows (which the core keeps as its window: it holds at most fp16_window +
+    block_tokens of them, so nothing is re-encoded)."""
     first = stores[0]
     core = _core.KVCache(first.head_dim, **first._core_config(len(stores)))
     for i, s in enumerate(stores):
         if s.layer != i or s._core_config() != first._core_config():
             raise ValueError(f"store {i} (layer {s.layer}) does not belong to this cache")
+        if s._ns:
+            core.append(s.fp16_rows("key", "sinks").astype(np.float32),
+                        s.fp16_rows("value", "sinks").astype(np.float32), i)
         kc, kn, vc, vn = s._all_encoded()
         core.append_encoded(kc, kn, vc, vn, i)
+        if s._n > s._coded:
+            core.append(s.fp16_rows("key", "window").astype(np.float32),
+                        s.fp16_rows("value", "window").astype(np.float32), i)
     return core
 
 
@@ -528,14 +762,18 @@ class MetalKVCache:
     def __init__(self, head_dim: int, n_layers: int = 1, n_q_heads: int = 1, n_kv_heads: int = 1,
                  key_method: str = "turboquant_mse", key_bits: int = 3,
                  value_method: str = "turboquant_mse", value_bits: int = 3, seed: int = 0,
-                 rotation: str = "auto", block_tokens: int = 256, *, kernels: Any = None,
-                 check_inputs: bool = True, stores: Sequence[MetalCodeStore] | None = None):
+                 rotation: str = "auto", block_tokens: int = 256, *,
+                 norm_correction: bool = False, fp16_window: int = 0, fp16_sinks: int = 0,
+                 kernels: Any = None, check_inputs: bool = True,
+                 stores: Sequence[MetalCodeStore] | None = None):
         if stores is None:
             if int(n_layers) < 1:
                 raise ValueError(f"n_layers must be >= 1, got {n_layers}")
             stores = [MetalCodeStore(head_dim, 1, n_q_heads, n_kv_heads, key_method, key_bits,
                                      value_method, value_bits, seed, rotation, block_tokens,
-                                     layer=i, kernels=kernels, check_inputs=check_inputs)
+                                     layer=i, norm_correction=norm_correction,
+                                     fp16_window=fp16_window, fp16_sinks=fp16_sinks,
+                                     kernels=kernels, check_inputs=check_inputs)
                       for i in range(int(n_layers))]
         self.layers = list(stores)
         s = self.layers[0]
@@ -544,7 +782,8 @@ class MetalKVCache:
         self.key_method, self.value_method = s.key_method, s.value_method
         self.key_bits, self.value_bits, self.seed = s.key_bits, s.value_bits, s.seed
         self.rotation, self.block_tokens = s.rotation, s.block_tokens
-        self.fp16_window, self.fp16_layers = 0, []
+        self.norm_correction, self.fp16_sinks = s.norm_correction, s.fp16_sinks
+        self.fp16_window, self.fp16_layers = s.fp16_window, []
 
     def _layer(self, layer: int) -> MetalCodeStore:
         if not 0 <= int(layer) < self.n_layers:

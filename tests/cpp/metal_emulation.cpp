@@ -27,15 +27,16 @@ void check_threads(unsigned threads, int dim, const char* kernel) {
 
 void encode(const float* x, size_t rows, int dim, int bits, const float* signs,
             const float* boundaries, bool norm_fp16, uint8_t* codes, void* norms,
-            unsigned threads) {
+            unsigned threads, const float* centroids, bool norm_correction) {
   check_threads(threads, dim, "tq_encode");
+  if (norm_correction && centroids == nullptr) throw std::invalid_argument("tq_encode: norm_correction needs centroids");
   const TqEncodeParams p{static_cast<uint>(rows), static_cast<uint>(dim), static_cast<uint>(bits),
                          static_cast<uint>((static_cast<unsigned>(dim) * static_cast<unsigned>(bits) + 7u) / 8u),
-                         norm_fp16 ? 1u : 0u};
+                         norm_fp16 ? 1u : 0u, norm_correction ? 1u : 0u};
   std::vector<float> v(static_cast<size_t>(dim)), red(64);
   std::vector<uchar> idx(static_cast<size_t>(dim));
   metal::emu::dispatch({p.rows, 1, 1}, threads, [&](uint3 group, uint tid) {
-    tq_encode_body(x, codes, static_cast<uchar*>(norms), signs, boundaries, p, v.data(), idx.data(),
+    tq_encode_body(x, codes, static_cast<uchar*>(norms), signs, boundaries, centroids, p, v.data(), idx.data(),
                    red.data(), group.x, tid, threads);
   });
 }

@@ -10,10 +10,11 @@
 namespace turboquant::metal_emu {
 
 // tq_encode: rows × dim floats -> rows × code_bytes codes, rows norms (fp16 bits or fp32).
-// signs: D₁ then D₂ (Rotation::parameters()); boundaries: 2^bits - 1 floats.
+// signs: D₁ then D₂ (Rotation::parameters()); boundaries: 2^bits - 1 floats. With
+// norm_correction the stored norm is ‖x‖/‖ỹ‖ (centroids: 2^bits floats, else unused).
 void encode(const float* x, size_t rows, int dim, int bits, const float* signs,
             const float* boundaries, bool norm_fp16, uint8_t* codes, void* norms,
-            unsigned threads);
+            unsigned threads, const float* centroids = nullptr, bool norm_correction = false);
 
 // tq_rotate: y = Π x, rows × dim.
 void rotate(const float* x, size_t rows, int dim, const float* signs, float* y,

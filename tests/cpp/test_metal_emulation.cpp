@@ -194,6 +194,37 @@ INSTANTIATE_TEST_SUITE_P(
              std::to_string(param_info.param.threads) + (param_info.param.norms == NormDtype::kFloat16 ? "_f16" : "_f32");
     });
 
+// Norm correction (stored norm ‖x‖/‖ỹ‖): codes unchanged, norms bit-exact with the CPU's
+// double-precision correction, over dims, bit widths, thread counts and both norm dtypes.
+TEST(MetalEncode, NormCorrectionBitExact) {
+  const EncodeCase cases[] = {{64, 2, 64, NormDtype::kFloat16},   {64, 3, 32, NormDtype::kFloat16},
+                              {128, 4, 128, NormDtype::kFloat32}, {16, 1, 16, NormDtype::kFloat16},
+                              {256, 3, 256, NormDtype::kFloat16}, {512, 5, 256, NormDtype::kFloat32}};
+  for (const auto& c : cases) {
+    const size_t n = 48;
+    auto cfg = hadamard_config(c.dim, c.bits, 3, c.norms);
+    cfg.norm_correction = true;
+    auto q = make_quantizer(cfg);
+    auto plain = make_quantizer(hadamard_config(c.dim, c.bits, 3, c.norms));
+    const auto& mse = as_mse(*q);
+    auto x = test_rows(n, c.dim, 5u + static_cast<uint32_t>(c.dim + c.bits));
+    for (int j = 0; j < c.dim; ++j) x[static_cast<size_t>(j)] = 0.0f;  // a zero vector stays 0
+    std::vector<uint8_t> ref_codes(n * q->code_bytes()), codes(ref_codes.size(), 0xAB);
+    std::vector<uint8_t> ref_norms(n * q->norm_bytes()), norms(ref_norms.size(), 0xCD);
+    std::vector<uint8_t> plain_codes(ref_codes.size()), plain_norms(ref_norms.size());
+    q->encode(x.data(), n, ref_codes.data(), ref_norms.data());
+    plain->encode(x.data(), n, plain_codes.data(), plain_norms.data());
+    ASSERT_EQ(ref_codes, plain_codes);
+    ASSERT_NE(ref_norms, plain_norms);  // the correction changes the norms
+    const auto signs = q->rotation().parameters();
+    emu::encode(x.data(), n, c.dim, c.bits, signs.data(), mse.codebook().boundaries.data(),
+                c.norms == NormDtype::kFloat16, codes.data(), norms.data(), c.threads,
+                mse.codebook().centroids.data(), true);
+    EXPECT_EQ(codes, ref_codes) << "d" << c.dim << " b" << c.bits;
+    EXPECT_EQ(norms, ref_norms) << "d" << c.dim << " b" << c.bits;
+  }
+}
+
 TEST(MetalRotate, QueryRotationBitExact) {
   for (int d : {64, 128, 512}) {
     auto q = make_quantizer(hadamard_config(d, 3, 5));

@@ -237,7 +237,7 @@ def test_mlx_kernels_on_the_emulated_gpu(tmp_path):
               "k_codes": "uint8_t", "k_norms": "uint16_t", "v_codes": "uint8_t",
               "v_norms": "uint16_t", "k_centroids": "float", "v_centroids": "float",
               "part_m": "float", "part_l": "float", "part_acc": "float", "v_signs": "float",
-              "out": "float"}
+              "out": "float", "centroids": "float"}
     kernels = [
         {"id": "encode", "kernel": "encode", "types": common, "grid": (rows * t, 1, 1),
          "threadgroup": (t, 1, 1), "out_bytes": [rows * kq.code_bytes, rows * 2]},
@@ -261,7 +261,7 @@ def test_mlx_kernels_on_the_emulated_gpu(tmp_path):
 
     # encode: bit-exact codes and fp16 norms
     codes, norms = _run(exe, tmp_path, "encode",
-                        [keys, k_signs, f32(kq.codebook.boundaries),
+                        [keys, k_signs, f32(kq.codebook.boundaries), k_cents,
                          metal.encode_params(rows, dim, 3, True)], 2)
     assert np.array_equal(np.frombuffer(codes, np.uint8).reshape(kc.shape), kc)
     assert np.array_equal(np.frombuffer(norms, np.uint16), kn.view(np.uint16))

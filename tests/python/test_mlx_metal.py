@@ -299,6 +299,7 @@ def test_per_head_kernels_on_the_emulated_gpu(tmp_path):
     def encode(tables, x):
         c, n = _run(exe, tmp_path, f"enc{tables.bits}", [x, tables.signs_numpy(),
                                            f32(tables.quantizers[0].codebook.boundaries),
+                                           f32(tables.quantizers[0].codebook.centroids),
                                            wp(metal.encode_params(rows, dim, tables.bits, True),
                                               stride)], 2)
         return (np.frombuffer(c, np.uint8).reshape(H, stride, tables.code_bytes),
@@ -402,7 +403,8 @@ def test_builder_selects_the_metal_store_where_metal_resolves(monkeypatch):
     # configurations the store cannot hold: explicit requests are refused with the reason,
     # "auto" falls back to the CPU cache
     for kw, why in (({"with_method": ("polar",)}, "turboquant_mse"),
-                    ({"with_fp16_window": (8,)}, "fp16 window"),
+                    ({"with_fp16_window": (8, [1])}, "fp16 layers"),
+                    ({"with_decay": (32, 2)}, "decay"),
                     ({"with_rotation": ("dense",)}, "hadamard"),
                     ({"with_sparse_v": (0.01,)}, "sparse V")):
         with pytest.raises(RuntimeError, match=why):
@@ -507,3 +509,270 @@ def test_single_quantizer_metal_functions_with_emulated_kernels(emulated, monkey
     s = np.einsum("hgd,htd->hgt", q, kd) * 0.25
     p = np.exp(s - s.max(-1, keepdims=True))
     close(out, np.einsum("hgt,htd->hgd", p / p.sum(-1, keepdims=True), vd), 1e-5)
+
+
+# --- Norm correction, fp16 sinks and the fp16 recent window in the store -------------------
+
+
+def quality_pair(d=64, hq=4, hkv=2, kb=3, vb=3, bt=8, nc=True, sinks=0, window=0, seed=5,
+                 kernels=REF):
+    kw = dict(n_layers=1, n_q_heads=hq, n_kv_heads=hkv, key_bits=kb, value_bits=vb, seed=seed,
+              block_tokens=bt, norm_correction=nc, fp16_sinks=sinks, fp16_window=window)
+    return MetalCodeStore(d, kernels=kernels, **kw), _core.KVCache(d, **kw)
+
+
+def assert_same_state(store, core):
+    """Same sizes, codes (bit-exact), fp16 rows and memory as the C++ cache."""
+    assert_same_codes_and_rows(store, core)
+    assert store.memory_bytes() == core.memory_bytes()
+    assert store.fp16_bytes() == core.fp16_bytes()
+
+
+def assert_same_codes_and_rows(store, core):
+    assert store.size() == core.size(0)
+    assert store.sink_tokens() == core.sink_tokens(0)
+    assert store.coded_tokens() == core.coded_tokens(0)
+    assert store.code_tokens() == core.code_tokens(0)
+    assert store.window_tokens() == core.window_tokens(0)
+    nc = core.code_tokens(0)
+    for h in range(core.n_kv_heads):
+        for role in ("key", "value"):
+            sc, sn = store.encoded(0, h, role)
+            cc, cn = core.encoded(0, h, role, 0, nc)
+            assert np.array_equal(sc, cc), (h, role)
+            assert np.array_equal(sn.view(np.uint16), cn.view(np.uint16)), (h, role)
+            # every token: sinks and window as stored, codes decoded
+            assert np.array_equal(store.decode(0, h, role), core.decode(0, h, role)), (h, role)
+
+
+def attention_matches(store, core, rng, hq, d, tol=5e-5):
+    for window in (None, 3, 11, 1000):  # decode: split-K on the codes + fp16 part, merged
+        q = rand(rng, hq, 1, d)
+        close(store.attend(mx.array(q), scale=0.3, window=window),
+              core.attend(q, scale=0.3, window=window), tol)
+    n = store.size()
+    for causal, window in ((True, None), (True, 7), (False, None), (False, 9)):
+        q = rand(rng, hq, min(n, 6), d)
+        close(store.attend(mx.array(q), causal=causal, scale=0.3, window=window),
+              core.attend(q, causal=causal, scale=0.3, window=window), tol)
+
+
+@pytest.mark.parametrize("d,hq,hkv,kb,vb", [(64, 4, 2, 3, 3), (128, 8, 1, 2, 4), (32, 3, 3, 4, 2),
+                                            (16, 2, 1, 1, 3), (256, 2, 2, 3, 3)])
+def test_norm_correction_codes_and_norms_equal_the_cores(d, hq, hkv, kb, vb):
+    rng = np.random.default_rng(d + kb)
+    store, core = quality_pair(d, hq, hkv, kb, vb, bt=16)
+    plain, _ = quality_pair(d, hq, hkv, kb, vb, bt=16, nc=False)
+    for T in (7, 1, 30, 2):
+        k, v = rand(rng, hkv, T, d) * 3, rand(rng, hkv, T, d)
+        store.append(mx.array(k), mx.array(v))
+        plain.append(mx.array(k), mx.array(v))
+        core.append(k, v)
+    assert_same_state(store, core)
+    # the correction changed the norms (and only them): the decoded vectors keep ‖x‖
+    assert np.array_equal(store.encoded(0, 0, "key")[0], plain.encoded(0, 0, "key")[0])
+    assert not np.array_equal(store.encoded(0, 0, "key")[1], plain.encoded(0, 0, "key")[1])
+    attention_matches(store, core, rng, hq, d)
+    blob = store.to_bytes()
+    assert blob == core.to_bytes()
+    back = _core.KVCache.from_bytes(blob)
+    assert back.norm_correction and np.array_equal(back.decode(0, 0, "value"),
+                                                   core.decode(0, 0, "value"))
+    again = MetalCodeStore.from_bytes(blob, kernels=REF)
+    assert again.norm_correction
+    assert_same_state(again, core)
+
+
+@pytest.mark.parametrize("d,hq,hkv,sinks,window,bt", [
+    (64, 4, 2, 4, 8, 8),     # the mlx-lm layout: sinks + window, GQA 2
+    (32, 6, 1, 0, 5, 4),     # window only, GQA 6, window not a multiple of the block
+    (128, 2, 2, 3, 0, 8),    # sinks only (the window holds up to one block)
+    (64, 20, 1, 2, 6, 16),   # GQA above 16 (two decode passes)
+])
+def test_fp16_sinks_and_window_match_the_core(d, hq, hkv, sinks, window, bt):
+    rng = np.random.default_rng(d + hq + sinks)
+    store, core = quality_pair(d, hq, hkv, bt=bt, sinks=sinks, window=window)
+    # uneven appends: one token (filling sinks one by one), a prefill, decode steps
+    for T in (1, 2, 13, 1, 1, 1, 29, 1, 3):
+        k, v = rand(rng, hkv, T, d), rand(rng, hkv, T, d)
+        store.append(mx.array(k), mx.array(v))
+        core.append(k, v)
+        assert_same_state(store, core)
+    assert store.code_tokens() > 0 and store.window_tokens() > 0
+    attention_matches(store, core, rng, hq, d)
+    assert store.to_bytes() == core.to_bytes()
+    # trims: inside the window, below it (into the codes), into the sinks; then append again
+    for cut, more in ((2, 1), (store.window_tokens() + 3, 2), (0, 5), (1000, 3),
+                      (0, sinks + window + 2 * bt + 1)):
+        assert store.trim(cut) == core.trim(cut)
+        assert_same_state(store, core)
+        k, v = rand(rng, hkv, more, d), rand(rng, hkv, more, d)
+        store.append(mx.array(k), mx.array(v))
+        core.append(k, v)
+        assert_same_state(store, core)
+        attention_matches(store, core, rng, hq, d)
+    blob = store.to_bytes()
+    assert blob == core.to_bytes()
+    back = MetalCodeStore.from_bytes(blob, kernels=REF)
+    assert_same_codes_and_rows(back, core)
+    attention_matches(back, core, rng, hq, d)
+    k, v = rand(rng, hkv, bt + 1, d), rand(rng, hkv, bt + 1, d)  # the loaded store flushes
+    back.append(mx.array(k), mx.array(v))
+    core.append(k, v)
+    assert_same_codes_and_rows(back, core)
+
+
+def test_windowed_store_refuses_bad_input_unchanged():
+    rng = np.random.default_rng(11)
+    store, core = quality_pair(sinks=2, window=4, bt=4)
+    k, v = rand(rng, 2, 9, 64), rand(rng, 2, 9, 64)
+    store.append(mx.array(k), mx.array(v))
+    core.append(k, v)
+    big = rand(rng, 2, 3, 64)
+    big[0, 1, 5] = 1e6  # finite in fp32, not in fp16: refused by both
+    with pytest.raises(ValueError, match="not finite in fp16"):
+        store.append(mx.array(big), mx.array(big))
+    with pytest.raises(ValueError):
+        core.append(big, big)
+    assert_same_state(store, core)
+    with pytest.raises(ValueError, match="integer >= 0"):
+        MetalCodeStore(64, fp16_window=-1, kernels=REF)
+
+
+def test_quality_store_on_the_metal_functions_with_emulated_kernels(emulated, monkeypatch):
+    # Norm correction computed by the encode kernel, the split-K decode's log-sum-exp merged
+    # with the fp16 sinks/window: the real turboquant.metal host functions, emulated GPU.
+    emulated.install(monkeypatch)
+    rng = np.random.default_rng(13)
+    d, hq, hkv = 32, 4, 2
+    store, core = quality_pair(d, hq, hkv, kb=3, vb=2, bt=4, sinks=2, window=3, kernels=None)
+    assert store.kernels is metal
+    start = len(emulated.launches)
+    for T in (1, 12, 1, 2):  # 16 tokens: 2 sinks, 8 coded, a window of 6
+        k, v = rand(rng, hkv, T, d) * 2, rand(rng, hkv, T, d)
+        store.append(mx.array(k), mx.array(v))
+        core.append(k, v)
+    assert_same_state(store, core)  # codes and corrected norms bit-exact
+    for window in (None, 5, 9):
+        q = rand(rng, hq, 1, d)
+        close(store.attend(mx.array(q), scale=0.3, window=window),
+              core.attend(q, scale=0.3, window=window), 1e-4)
+    q = rand(rng, hq, 5, d)
+    close(store.attend(mx.array(q), window=6), core.attend(q, window=6), 1e-4)
+    used = set(emulated.launches[start:])
+    assert used == {"encode_heads", "rotate_heads", "attention_block",
+                    "attention_reduce_heads", "dequantize_heads"}, used
+
+
+def test_norm_corrected_encode_kernel_on_the_emulated_gpu(emulated, monkeypatch):
+    # metal.encode / encode_heads with quantizers built with norm_correction=True
+    emulated.install(monkeypatch)
+    rng = np.random.default_rng(14)
+    for d, bits in ((64, 3), (16, 1), (128, 4)):
+        q = _core.Quantizer("turboquant_mse", d, bits, 3, rotation="hadamard",
+                            norm_correction=True)
+        x = rand(rng, 40, d) * 5
+        x[3] = 0.0
+        codes, norms = metal.encode(q, mx.array(x))
+        rc, rn = q.encode(x)
+        assert np.array_equal(np.array(codes), rc)
+        assert np.array_equal(np.array(norms).view(np.uint16), rn.view(np.uint16))
+        tables = metal.HeadTables([q, _core.Quantizer("turboquant_mse", d, bits, 3,
+                                                      rotation="hadamard", norm_correction=True,
+                                                      stream=9)])
+        hc, hn = metal.encode_heads(tables, mx.array(x.reshape(2, 20, d)))
+        for h in range(2):
+            rc, rn = tables.quantizers[h].encode(x.reshape(2, 20, d)[h])
+            assert np.array_equal(np.array(hc[h]), rc)
+            assert np.array_equal(np.array(hn[h]).view(np.uint16), rn.view(np.uint16))
+    with pytest.raises(ValueError, match="norm correction"):
+        metal.HeadTables([q, _core.Quantizer("turboquant_mse", 128, 4, 3, rotation="hadamard")])
+
+
+def test_mlx_lm_quality_features_take_the_metal_path(monkeypatch, tmp_path):
+    # A simulated Mac (reference kernels): debias (norm correction), fp16 sinks and window
+    # run on the store, with the C++ core's logits; only the key split stays on the core.
+    import turboquant.mlx_metal as mm
+    from mlx_lm.models import cache as mlx_cache
+    from mlx_tiny import tiny_model
+
+    from turboquant import mlx_lm as tq_mlx
+
+    model = tiny_model("llama")
+    tokens = np.random.default_rng(15).integers(0, 128, 40).tolist()
+    cfg = dict(key_bits=3, value_bits=3, key_split=False, fp16_sinks=2, fp16_window=6,
+               block_tokens=4, seed=3)
+    monkeypatch.setattr(metal, "active_path", lambda: "metal")
+    monkeypatch.setattr(mm, "METAL_KERNELS", REF)
+    gpu = tq_mlx.make_prompt_cache(model, **cfg)
+    logits = [np.array(model(mx.array(tokens[:21])[None], cache=gpu))]
+    for t in tokens[21:26]:  # decode steps: the merged split-K path
+        logits.append(np.array(model(mx.array([[t]]), cache=gpu)))
+    assert all(c._gpu and isinstance(c._core, mm.MetalCodeStore) for c in gpu)
+    assert all(c._core.norm_correction and c._core.fp16_sinks == 2 for c in gpu)
+    assert gpu[0]._core.window_tokens() > 0 and gpu[0]._core.code_tokens() > 0
+    default = tq_mlx.make_prompt_cache(model)  # key_split=True: refused, with the reason
+    model(mx.array(tokens[:8])[None], cache=default)
+    assert not any(c._gpu for c in default)
+    assert "key split" in default[0].gpu_refusal(64)
+    monkeypatch.setattr(metal, "active_path", lambda: "cpu")
+    cpu = tq_mlx.make_prompt_cache(model, **cfg)
+    ref = [np.array(model(mx.array(tokens[:21])[None], cache=cpu))]
+    for t in tokens[21:26]:
+        ref.append(np.array(model(mx.array([[t]]), cache=cpu)))
+    assert not any(c._gpu for c in cpu)
+    for a, b in zip(logits, ref):
+        np.testing.assert_allclose(a, b, atol=3e-4)
+    # prompt-cache files cross between the two paths
+    path = str(tmp_path / "q.safetensors")
+    mlx_cache.save_prompt_cache(path, gpu)
+    loaded = mlx_cache.load_prompt_cache(path)  # on the CPU path now
+    x = np.array(model(mx.array(tokens[26:29])[None], cache=loaded))
+    y = np.array(model(mx.array(tokens[26:29])[None], cache=cpu))
+    np.testing.assert_allclose(x, y, atol=3e-4)
+
+
+def test_builder_metal_cache_with_sinks_and_window_matches_the_cpu_cache():
+    b = builder(with_fp16_window=(6,), with_fp16_sinks=(2,), with_block_tokens=(4,))
+    cpu = b.build()
+    gpu = b._metal_cache("turboquant_mse", "turboquant_mse", kernels=REF)
+    assert gpu.core.layers[0].fp16_window == 6 and gpu.core.layers[0].fp16_sinks == 2
+    rng = np.random.default_rng(16)
+    for T in (3, 14, 1):
+        for layer in range(2):
+            k, v = rand(rng, 2, T, 64), rand(rng, 2, T, 64)
+            cpu.append(k, v, layer)
+            gpu.append(mx.array(k), mx.array(v), layer)
+    assert gpu.memory_bytes() == cpu.memory_bytes()
+    for tq in (1, 4):
+        q = rand(rng, 4, tq, 64)
+        close(gpu.attend(mx.array(q), 1), cpu.attend(q, 1), 5e-5)
+
+
+def test_mlx_lm_quality_path_end_to_end_on_the_emulated_gpu(emulated, monkeypatch):
+    # The mlx-lm cache as on a Mac with mlx_lm's defaults except the key split (debias on,
+    # fp16 sinks + window): every kernel launch on the emulated GPU; logits as the C++ core's.
+    from mlx_tiny import tiny_model
+
+    from turboquant import mlx_lm as tq_mlx
+
+    model = tiny_model("llama")
+    tokens = np.random.default_rng(17).integers(0, 128, 16).tolist()
+    cfg = dict(key_bits=3, value_bits=3, key_split=False, fp16_sinks=2, fp16_window=3,
+               block_tokens=4, seed=1)
+    emulated.install(monkeypatch)
+    monkeypatch.setattr(metal, "active_path", lambda: "metal")
+    start = len(emulated.launches)
+    gpu = tq_mlx.make_prompt_cache(model, **cfg)
+    out = [np.array(model(mx.array(tokens[:12])[None], cache=gpu))]
+    for t in tokens[12:14]:
+        out.append(np.array(model(mx.array([[t]]), cache=gpu)))
+    assert all(c._gpu and c._core.kernels is metal and c._core.norm_correction for c in gpu)
+    assert {"encode_heads", "attention_block", "dequantize_heads"} <= set(emulated.launches[start:])
+    monkeypatch.setattr(metal, "active_path", lambda: "cpu")
+    cpu = tq_mlx.make_prompt_cache(model, **cfg)
+    ref = [np.array(model(mx.array(tokens[:12])[None], cache=cpu))]
+    for t in tokens[12:14]:
+        ref.append(np.array(model(mx.array([[t]]), cache=cpu)))
+    for a, b in zip(out, ref):
+        np.testing.assert_allclose(a, b, atol=3e-4)

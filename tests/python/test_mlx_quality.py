@@ -273,7 +273,7 @@ def test_mlx_cache_takes_the_metal_path_where_it_fits(monkeypatch, tmp_path):
     gpu = tq_mlx.make_prompt_cache(model, **plain)
     a = np.array(model(mx.array(tokens[:24])[None], cache=gpu))
     assert all(c._gpu and isinstance(c._core, mm.MetalCodeStore) for c in gpu)
-    # the quality features are CPU-only: the default configuration stays on the C++ core
+    # the key split (on by default) is CPU-only: the default configuration stays on the core
     default = tq_mlx.make_prompt_cache(model)
     model(mx.array(tokens[:24])[None], cache=default)
     assert not any(c._gpu for c in default)

@@ -28,7 +28,7 @@ namespace {
 
 // Parameter blocks: the same layout as the structs of metal/common.metal (all 32-bit).
 struct EncodeParams {
-  uint32_t rows, dim, bits, code_bytes, norm_fp16;
+  uint32_t rows, dim, bits, code_bytes, norm_fp16, norm_correction;
 };
 struct DequantParams {
   uint32_t rows, dim, bits, code_bytes, norm_fp16, inverse_rotate, out_fp16;
@@ -236,7 +236,7 @@ void MetalBackend::free_shared(void* ptr) {
 void MetalBackend::encode(const Quantizer& q, const float* x, size_t n, uint8_t* codes, void* norms) {
   const MseQuantizer* mse = as_mse(q);
   const auto& cfg = q.config();
-  if (!mse || q.rotation().kind() != RotationKind::kHadamard || cfg.norm_correction) {
+  if (!mse || q.rotation().kind() != RotationKind::kHadamard) {
     q.encode(x, n, codes, norms);  // not covered by the kernels: the CPU reference
     return;
   }
@@ -258,7 +258,7 @@ void MetalBackend::encode(const Quantizer& q, const float* x, size_t n, uint8_t*
   auto* pso = m.pipeline("tq_encode");
   const uint32_t threads = pow2_at_most(u32(d, "dim"), std::min<uint32_t>(256, static_cast<uint32_t>(pso->maxTotalThreadsPerThreadgroup())));
   const EncodeParams p{u32(n, "rows"), u32(d, "dim"), static_cast<uint32_t>(q.bits()), u32(q.code_bytes(), "code_bytes"),
-                       cfg.norm_dtype == NormDtype::kFloat16 ? 1u : 0u};
+                       cfg.norm_dtype == NormDtype::kFloat16 ? 1u : 0u, cfg.norm_correction ? 1u : 0u};
   const auto signs = q.rotation().parameters();
   Pool pool;
   std::vector<MTL::Buffer*> temps;
@@ -275,6 +275,8 @@ void MetalBackend::encode(const Quantizer& q, const float* x, size_t n, uint8_t*
   const auto& bounds = mse->codebook().boundaries;
   m.set_constant(enc, bounds.data(), bounds.size() * sizeof(float), 4, &temps);
   enc->setBytes(&p, sizeof(p), 5);
+  const auto& cents = mse->codebook().centroids;  // read only with norm_correction
+  m.set_constant(enc, cents.data(), cents.size() * sizeof(float), 6, &temps);
   enc->dispatchThreadgroups(MTL::Size(n, 1, 1), MTL::Size(threads, 1, 1));
   enc->endEncoding();
   m.run(cb, {bc, bn}, &temps);

@@ -12,7 +12,7 @@
 // Numerics: codes, norms, decoded vectors and rotated queries are bit-identical to the
 // CPU reference; decode attention agrees within fp32 rounding (other summation order).
 // What the kernels do not cover runs on the CPU reference instead (methods other than
-// turboquant_mse, dense rotations for encode/decode, norm_correction).
+// turboquant_mse, dense rotations for encode/decode).
 #pragma once
 
 #include <cstddef>
