@@ -723,13 +723,20 @@ def test_mlx_lm_quality_features_take_the_metal_path(monkeypatch, tmp_path):
     assert not any(c._gpu for c in cpu)
     for a, b in zip(logits, ref):
         np.testing.assert_allclose(a, b, atol=3e-4)
-    # prompt-cache files cross between the two paths
+    # prompt-cache files cross between the two paths, and load back on the Metal path
     path = str(tmp_path / "q.safetensors")
     mlx_cache.save_prompt_cache(path, gpu)
     loaded = mlx_cache.load_prompt_cache(path)  # on the CPU path now
     x = np.array(model(mx.array(tokens[26:29])[None], cache=loaded))
     y = np.array(model(mx.array(tokens[26:29])[None], cache=cpu))
     np.testing.assert_allclose(x, y, atol=3e-4)
+    monkeypatch.setattr(metal, "active_path", lambda: "metal")
+    again = mlx_cache.load_prompt_cache(path)
+    assert all(isinstance(c._core, mm.MetalCodeStore) and c._core.norm_correction
+               and c._core.window_tokens() == g._core.window_tokens() > 0
+               for c, g in zip(again, gpu))
+    z = np.array(model(mx.array(tokens[26:29])[None], cache=again))
+    np.testing.assert_allclose(z, y, atol=3e-4)
 
 
 def test_builder_metal_cache_with_sinks_and_window_matches_the_cpu_cache():
