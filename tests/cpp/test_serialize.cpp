@@ -5,6 +5,7 @@
 #include <cstdio>
 #include <cstring>
 
+#include "fixture_v3_split.h"
 #include "kv_test_util.h"
 #include "turboquant/error.h"
 
@@ -247,4 +248,25 @@ TEST(Serialize, BadSplitAngleWidthInAFileIsAFormatError) {
   refresh_conf_crc(same);
   EXPECT_EQ(same, bytes);
   EXPECT_NO_THROW(deserialize_cache(same.data(), same.size()));
+}
+
+// A file written before version 4 existed loads with 16-bit angles, bit-identically, and this
+// library writes the same bytes for the same cache configured with split_angle_bits = 16.
+TEST(Serialize, FileFromBeforeVersion4LoadsWithSixteenBitAngles) {
+  const std::vector<uint8_t> fixture(std::begin(kFixtureV3Split), std::end(kFixtureV3Split));
+  ASSERT_EQ(fixture[8], 3u);
+  auto r = deserialize_cache(fixture.data(), fixture.size());
+  EXPECT_EQ(r->config().split_angle_bits, 16);
+  EXPECT_EQ(r->config().outlier_roles, OutlierRoles::kKeys);
+  EXPECT_EQ(r->size(0), 5u);
+  EXPECT_EQ(serialize_cache(*r), fixture);
+  auto same = split_cache(16);
+  EXPECT_EQ(serialize_cache(*same), fixture);
+  expect_same_cache(*r, *same);
+  // Every corruption of it is still detected.
+  for (size_t i = 0; i < fixture.size(); ++i) {
+    auto bad = fixture;
+    bad[i] ^= 0x01;
+    EXPECT_THROW(deserialize_cache(bad.data(), bad.size()), FormatError) << "byte " << i;
+  }
 }
