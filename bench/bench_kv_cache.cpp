@@ -101,9 +101,11 @@ void BM_KVCacheAttendPrefill(benchmark::State& state) {
 }
 
 // Decode at a SmolLM2-like shape (head_dim 64, 9 query / 3 KV heads, 3 bits, 32-token
-// pages as in the mlx-lm cache) over n tokens: arg 0 = plain codes, 1 = 4 fp16 sinks + a
-// 64-token fp16 window, 2 = the same plus the key split (32 channels at 4 bits, 32 at 2,
-// keys only), 3 = an fp16 layer (every token fp16: the f16 kernels alone).
+// pages as the mlx-lm cache uses with sinks or a window) over n tokens: arg 0 = plain codes,
+// 1 = 4 fp16 sinks + a 64-token fp16 window, 2 = the same plus the key split (32 channels at
+// 4 bits, 32 at 2, keys only), 3 = an fp16 layer (every token fp16: the f16 kernels alone),
+// 4 = plain codes on 256-token pages (the mlx-lm cache without sinks / window), 5 = the key
+// split on 256-token pages.
 void BM_KVCacheAttendWindow(benchmark::State& state) {
   const auto mode = state.range(0);
   const auto n = static_cast<size_t>(state.range(1));
@@ -113,12 +115,12 @@ void BM_KVCacheAttendWindow(benchmark::State& state) {
   cfg.n_kv_heads = 3;
   cfg.key_bits = 3;
   cfg.value_bits = 3;
-  cfg.block_tokens = 32;
-  if (mode >= 1) {
+  cfg.block_tokens = mode >= 4 ? 256 : 32;
+  if (mode == 1 || mode == 2) {
     cfg.fp16_sinks = 4;
     cfg.fp16_window = 64;
   }
-  if (mode == 2) {
+  if (mode == 2 || mode == 5) {
     cfg.key_bits = 2;
     cfg.n_outlier_channels = 32;
     cfg.outlier_bits = 4;
@@ -139,7 +141,7 @@ void BM_KVCacheAttendWindow(benchmark::State& state) {
 
 }  // namespace
 
-BENCHMARK(BM_KVCacheAttendWindow)->ArgsProduct({{0, 1, 2, 3}, {4096}})->Unit(benchmark::kMicrosecond);
+BENCHMARK(BM_KVCacheAttendWindow)->ArgsProduct({{0, 1, 2, 3, 4, 5}, {4096}})->Unit(benchmark::kMicrosecond);
 
 BENCHMARK(BM_KVCacheAppend)->Arg(2)->Arg(3)->Arg(4)->Unit(benchmark::kMicrosecond);
 BENCHMARK(BM_KVCacheAttendDecode)->ArgsProduct({{2, 3, 4}, {1024, 4096}})->Unit(benchmark::kMicrosecond);

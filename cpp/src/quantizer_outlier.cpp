@@ -239,10 +239,25 @@ void OutlierSplitQuantizer::part_state(size_t p, const float* state, size_t m, s
   }
 }
 
+namespace {
+// Per-thread buffers of the attention hooks, which run once per page and KV head: reused
+// instead of allocated on every call (the parts never call back into a split).
+struct SplitScratch {
+  std::vector<uint8_t> pc;
+  std::vector<float> pn, ps, tmp, pacc;
+};
+SplitScratch& split_scratch() {
+  thread_local SplitScratch s;
+  return s;
+}
+}  // namespace
+
 void OutlierSplitQuantizer::scores(const float* state, size_t m, const uint8_t* codes, const float* norms,
                                    size_t n, float* out, size_t out_stride) const {
-  std::vector<uint8_t> pc;
-  std::vector<float> pn, ps, tmp(m * n);
+  SplitScratch& sc = split_scratch();
+  auto &pc = sc.pc;
+  auto &pn = sc.pn, &ps = sc.ps, &tmp = sc.tmp;
+  tmp.resize(m * n);
   for (size_t p = 0; p < 2; ++p) {
     gather(p, codes, norms, n, pc, pn);
     part_state(p, state, m, ps);
@@ -259,8 +274,9 @@ void OutlierSplitQuantizer::scores(const float* state, size_t m, const uint8_t* 
 void OutlierSplitQuantizer::accumulate(const float* w, size_t w_stride, size_t m, const uint8_t* codes,
                                        const float* norms, size_t n, float* acc) const {
   const auto d = static_cast<size_t>(dim());
-  std::vector<uint8_t> pc;
-  std::vector<float> pn, pacc;
+  SplitScratch& sc = split_scratch();
+  auto &pc = sc.pc;
+  auto &pn = sc.pn, &pacc = sc.pacc;
   size_t off = 0;
   for (size_t p = 0; p < 2; ++p) {
     gather(p, codes, norms, n, pc, pn);
