@@ -87,3 +87,25 @@ def test_builder_and_info(tmp_path, capsys):
     assert tq.KVCacheBuilder().with_head_dim(64).build().core.split_angle_bits == 8
     with pytest.raises(ValueError, match="split_angle_bits must be 8 or 16"):
         tq.KVCacheBuilder().with_head_dim(64).with_split_angle_bits(4).build()
+
+
+def test_mlx_lm_cache_uses_the_8_bit_angle_and_its_prompt_cache_roundtrips(tmp_path):
+    mx = pytest.importorskip("mlx.core")
+    pytest.importorskip("mlx_lm")
+    from mlx_lm.models import cache as mlx_cache
+    from mlx_tiny import tiny_model
+
+    import turboquant.mlx_lm as tq_mlx
+
+    model = tiny_model("llama")
+    tokens = np.random.default_rng(6).integers(0, 128, 40).tolist()
+    cache = tq_mlx.make_prompt_cache(model, key_bits=3, value_bits=3, seed=2)
+    model(mx.array(tokens[:35])[None], cache=cache)
+    assert all(c._core.n_outlier_channels > 0 and c._core.split_angle_bits == 8 for c in cache)
+    path = str(tmp_path / "p.safetensors")
+    mlx_cache.save_prompt_cache(path, cache)
+    loaded = mlx_cache.load_prompt_cache(path)
+    assert all(c._core.split_angle_bits == 8 for c in loaded)
+    a = np.array(model(mx.array(tokens[35:])[None], cache=cache))
+    b = np.array(model(mx.array(tokens[35:])[None], cache=loaded))
+    np.testing.assert_array_equal(a, b)
