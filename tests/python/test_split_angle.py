@@ -109,3 +109,43 @@ def test_mlx_lm_cache_uses_the_8_bit_angle_and_its_prompt_cache_roundtrips(tmp_p
     a = np.array(model(mx.array(tokens[35:])[None], cache=cache))
     b = np.array(model(mx.array(tokens[35:])[None], cache=loaded))
     np.testing.assert_array_equal(a, b)
+
+
+def test_mlx_lm_cache_option_and_eval_flag():
+    pytest.importorskip("mlx.core")
+    pytest.importorskip("mlx_lm")
+    import turboquant.mlx_lm as tq_mlx
+    from turboquant.mlx_eval import Setting
+
+    assert Setting.parse("3+s4+w64").split_angle_bits == 8
+    s = Setting.parse("3+s4+w64/a16")
+    assert s.split_angle_bits == 16 and s.name == "tq-3bit+s4+w64/a16" and s.fp16_window == 64
+    assert Setting.parse("3/nosplit/a16").key_split is False
+    with pytest.raises(ValueError, match="split_angle_bits must be 8 or 16"):
+        tq_mlx.TurboQuantKVCache(split_angle_bits=12)
+    c = tq_mlx.TurboQuantKVCache(split_angle_bits=16)
+    back = tq_mlx.TurboQuantKVCache()
+    back.meta_state = c.meta_state
+    assert back.split_angle_bits == 16
+
+
+def test_mlx_lm_cache_sixteen_bit_prompt_cache_keeps_its_angle(tmp_path):
+    mx = pytest.importorskip("mlx.core")
+    pytest.importorskip("mlx_lm")
+    from mlx_lm.models import cache as mlx_cache
+    from mlx_tiny import tiny_model
+
+    import turboquant.mlx_lm as tq_mlx
+
+    model = tiny_model("llama")
+    tokens = np.random.default_rng(7).integers(0, 128, 30).tolist()
+    cache = tq_mlx.make_prompt_cache(model, key_bits=3, value_bits=3, seed=2, split_angle_bits=16)
+    model(mx.array(tokens)[None], cache=cache)
+    assert all(c._core.split_angle_bits == 16 for c in cache)
+    eight = tq_mlx.make_prompt_cache(model, key_bits=3, value_bits=3, seed=2)
+    model(mx.array(tokens)[None], cache=eight)
+    assert sum(c.nbytes for c in cache) > sum(c.nbytes for c in eight)
+    path = str(tmp_path / "p16.safetensors")
+    mlx_cache.save_prompt_cache(path, cache)
+    loaded = mlx_cache.load_prompt_cache(path)
+    assert all(c.split_angle_bits == 16 and c._core.split_angle_bits == 16 for c in loaded)
