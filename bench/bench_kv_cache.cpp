@@ -100,7 +100,48 @@ void BM_KVCacheAttendPrefill(benchmark::State& state) {
   state.SetBytesProcessed(static_cast<int64_t>(state.iterations() * n * code_bytes_per_token(c)));
 }
 
+// Decode at a SmolLM2-like shape (head_dim 64, 9 query / 3 KV heads, 3 bits, 32-token
+// pages as the mlx-lm cache uses with sinks or a window) over n tokens: arg 0 = plain codes,
+// 1 = 4 fp16 sinks + a 64-token fp16 window, 2 = the same plus the key split (32 channels at
+// 4 bits, 32 at 2, keys only), 3 = an fp16 layer (every token fp16: the f16 kernels alone),
+// 4 = plain codes on 256-token pages (the mlx-lm cache without sinks / window), 5 = the key
+// split on 256-token pages.
+void BM_KVCacheAttendWindow(benchmark::State& state) {
+  const auto mode = state.range(0);
+  const auto n = static_cast<size_t>(state.range(1));
+  KVCacheConfig cfg;
+  cfg.head_dim = 64;
+  cfg.n_q_heads = 9;
+  cfg.n_kv_heads = 3;
+  cfg.key_bits = 3;
+  cfg.value_bits = 3;
+  cfg.block_tokens = mode >= 4 ? 256 : 32;
+  if (mode == 1 || mode == 2) {
+    cfg.fp16_sinks = 4;
+    cfg.fp16_window = 64;
+  }
+  if (mode == 2 || mode == 5) {
+    cfg.key_bits = 2;
+    cfg.n_outlier_channels = 32;
+    cfg.outlier_bits = 4;
+    cfg.outlier_roles = OutlierRoles::kKeys;
+  }
+  if (mode == 3) cfg.fp16_layers = {0};
+  KVCache c(cfg);
+  const auto k = gaussian(3 * n * 64, 12), v = gaussian(3 * n * 64, 13), q = gaussian(9 * 64, 14);
+  c.append(0, k.data(), v.data(), n);
+  std::vector<float> out(9 * 64);
+  for (auto _ : state) {
+    c.attend(0, q.data(), 1, out.data());
+    benchmark::DoNotOptimize(out.data());
+  }
+  state.SetItemsProcessed(static_cast<int64_t>(state.iterations() * 3 * n));  // (KV head, token) pairs
+  state.counters["fp16_tokens"] = static_cast<double>(c.sink_tokens(0) + c.window_tokens(0));
+}
+
 }  // namespace
+
+BENCHMARK(BM_KVCacheAttendWindow)->ArgsProduct({{0, 1, 2, 3, 4, 5}, {4096}})->Unit(benchmark::kMicrosecond);
 
 BENCHMARK(BM_KVCacheAppend)->Arg(2)->Arg(3)->Arg(4)->Unit(benchmark::kMicrosecond);
 BENCHMARK(BM_KVCacheAttendDecode)->ArgsProduct({{2, 3, 4}, {1024, 4096}})->Unit(benchmark::kMicrosecond);

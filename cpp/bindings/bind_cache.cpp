@@ -88,7 +88,7 @@ The T_q queries are the last T_q positions of the layer: query i sees keys
                        int n_outlier_channels, int outlier_bits, const std::vector<int>& outlier_channels,
                        size_t fp16_window, const std::vector<int>& fp16_layers, const std::string& outlier_roles,
                        bool norm_correction, size_t fp16_sinks, size_t decay_after, int decay_bits,
-                       size_t max_coded_tokens) {
+                       size_t max_coded_tokens, int split_angle_bits) {
              KVCacheConfig c;
              c.head_dim = head_dim;
              c.n_layers = n_layers;
@@ -114,6 +114,7 @@ The T_q queries are the last T_q positions of the layer: query i sees keys
              c.decay_after = decay_after;
              c.decay_bits = decay_bits;
              c.max_coded_tokens = max_coded_tokens;
+             c.split_angle_bits = split_angle_bits;
              py::gil_scoped_release release;
              return std::make_unique<KVCache>(c);
            }),
@@ -125,7 +126,8 @@ The T_q queries are the last T_q positions of the layer: query i sees keys
            py::arg("outlier_channels") = std::vector<int>{}, py::arg("fp16_window") = 0,
            py::arg("fp16_layers") = std::vector<int>{}, py::arg("outlier_roles") = "both",
            py::arg("norm_correction") = false, py::arg("fp16_sinks") = 0,
-           py::arg("decay_after") = 0, py::arg("decay_bits") = 0, py::arg("max_coded_tokens") = 0)
+           py::arg("decay_after") = 0, py::arg("decay_bits") = 0, py::arg("max_coded_tokens") = 0,
+           py::arg("split_angle_bits") = 8)
       .def("append", [](KVCache& kv, const py::handle& keys, const py::handle& values, int layer) {
         const auto d = static_cast<size_t>(kv.head_dim());
         const FloatRows k = float_rows(keys, d, "keys", false, 2);
@@ -268,6 +270,9 @@ The T_q queries are the last T_q positions of the layer: query i sees keys
         return outlier_roles_to_string(kv.config().outlier_roles);
       })
       .def_property_readonly("norm_correction", [](const KVCache& kv) { return kv.config().norm_correction; })
+      .def_property_readonly("split_angle_bits", [](const KVCache& kv) { return kv.config().split_angle_bits; },
+                             "bits of the outlier split's per-vector part angle (8 or 16; 16 in files "
+                             "before format version 4)")
       .def_property_readonly("block_tokens", [](const KVCache& kv) { return kv.config().block_tokens; })
       .def_property_readonly("fp16_window", [](const KVCache& kv) { return kv.config().fp16_window; })
       .def_property_readonly("fp16_layers", [](const KVCache& kv) { return kv.config().fp16_layers; })

@@ -49,9 +49,10 @@ size_t check_codes(const Quantizer& q, const py::array& codes, const py::array& 
 
 // Outlier options shared by Quantizer(...), bytes_per_vector() and effective_bits().
 void set_outliers(QuantizerConfig& c, const py::object& outlier_channels, int n_outlier_channels,
-                  int outlier_bits, const py::object& calibration) {
+                  int outlier_bits, const py::object& calibration, int split_angle_bits) {
   c.n_outlier_channels = n_outlier_channels;
   c.outlier_bits = outlier_bits;
+  c.split_angle_bits = split_angle_bits;
   if (!outlier_channels.is_none()) {
     TQ_CHECK(calibration.is_none(), InvalidArgument, "give outlier_channels or calibration, not both");
     c.outlier_channels = outlier_channels.cast<std::vector<int>>();
@@ -66,14 +67,14 @@ void set_outliers(QuantizerConfig& c, const py::object& outlier_channels, int n_
 
 QuantizerConfig simple_config(const std::string& method, int dim, int bits, int jl_dim,
                               const py::object& norm_dtype, const py::object& outlier_channels,
-                              int n_outlier_channels, int outlier_bits) {
+                              int n_outlier_channels, int outlier_bits, int split_angle_bits) {
   QuantizerConfig c;
   c.method = method;
   c.dim = dim;
   c.bits = bits;
   c.jl_dim = jl_dim;
   c.norm_dtype = norm_dtype_from(norm_dtype);
-  set_outliers(c, outlier_channels, n_outlier_channels, outlier_bits, py::none());
+  set_outliers(c, outlier_channels, n_outlier_channels, outlier_bits, py::none(), split_angle_bits);
   return c;
 }
 
@@ -122,27 +123,28 @@ void bind_quantizer(py::module_& m) {
 
   m.def("bytes_per_vector", [](const std::string& method, int dim, int bits, int jl_dim,
                                const py::object& norm_dtype, const py::object& outlier_channels,
-                               int n_outlier_channels, int outlier_bits) {
+                               int n_outlier_channels, int outlier_bits, int split_angle_bits) {
         const QuantizerConfig c = simple_config(method, dim, bits, jl_dim, norm_dtype, outlier_channels,
-                                                n_outlier_channels, outlier_bits);
+                                                n_outlier_channels, outlier_bits, split_angle_bits);
         py::gil_scoped_release release;
         return bytes_per_vector(c);
       }, py::arg("method"), py::arg("dim"), py::arg("bits"), py::kw_only(), py::arg("jl_dim") = 0,
       py::arg("norm_dtype") = "float16", py::arg("outlier_channels") = py::none(),
-      py::arg("n_outlier_channels") = 0, py::arg("outlier_bits") = 0,
+      py::arg("n_outlier_channels") = 0, py::arg("outlier_bits") = 0, py::arg("split_angle_bits") = 8,
       "Exact stored bytes per vector (codes + norm). At dim=128, fp16 norm: turboquant_mse 2/3/4 bits "
       "-> 34/50/66, turboquant_prod -> 36/52/68, polar -> 34/50/66, qjl 1 bit -> 18.");
   m.def("effective_bits", [](const std::string& method, int dim, int bits, int jl_dim,
                              const py::object& norm_dtype, const py::object& outlier_channels,
-                             int n_outlier_channels, int outlier_bits, bool nominal) {
+                             int n_outlier_channels, int outlier_bits, int split_angle_bits, bool nominal) {
         const QuantizerConfig c = simple_config(method, dim, bits, jl_dim, norm_dtype, outlier_channels,
-                                                n_outlier_channels, outlier_bits);
+                                                n_outlier_channels, outlier_bits, split_angle_bits);
         py::gil_scoped_release release;
         const auto q = make_quantizer(c);
         return nominal ? q->nominal_bits() : q->effective_bits();
       }, py::arg("method"), py::arg("dim"), py::arg("bits"), py::kw_only(), py::arg("jl_dim") = 0,
       py::arg("norm_dtype") = "float16", py::arg("outlier_channels") = py::none(),
-      py::arg("n_outlier_channels") = 0, py::arg("outlier_bits") = 0, py::arg("nominal") = false,
+      py::arg("n_outlier_channels") = 0, py::arg("outlier_bits") = 0, py::arg("split_angle_bits") = 8,
+      py::arg("nominal") = false,
       "Bits per coordinate, exactly: stored = 8 * bytes_per_vector / dim (norm and per-vector "
       "scalars included), or with nominal=True the payload's mean bits (e.g. 2.5 for 64 outlier "
       "channels at 3 bits + 64 at 2).");
@@ -170,7 +172,7 @@ estimate inner products directly from the codes.
       .def(py::init([](const std::string& method, int dim, int bits, const py::object& seed, const std::string& rotation,
                        bool norm_correction, const py::object& norm_dtype, int jl_dim, uint64_t stream,
                        const py::object& outlier_channels, int n_outlier_channels, int outlier_bits,
-                       const py::object& calibration) {
+                       const py::object& calibration, int split_angle_bits) {
              QuantizerConfig c;
              c.method = method;
              c.dim = dim;
@@ -181,14 +183,15 @@ estimate inner products directly from the codes.
              c.norm_correction = norm_correction;
              c.norm_dtype = norm_dtype_from(norm_dtype);
              c.jl_dim = jl_dim;
-             set_outliers(c, outlier_channels, n_outlier_channels, outlier_bits, calibration);
+             set_outliers(c, outlier_channels, n_outlier_channels, outlier_bits, calibration, split_angle_bits);
              py::gil_scoped_release release;
              return make_quantizer(c);
            }),
            py::arg("method") = "turboquant_mse", py::arg("dim") = 128, py::arg("bits") = 3, py::arg("seed") = 0,
            py::arg("rotation") = "auto", py::arg("norm_correction") = false, py::arg("norm_dtype") = "float16",
            py::arg("jl_dim") = 0, py::arg("stream") = 0, py::arg("outlier_channels") = py::none(),
-           py::arg("n_outlier_channels") = 0, py::arg("outlier_bits") = 0, py::arg("calibration") = py::none())
+           py::arg("n_outlier_channels") = 0, py::arg("outlier_bits") = 0, py::arg("calibration") = py::none(),
+           py::arg("split_angle_bits") = 8)
       .def_property_readonly("method", &Quantizer::method)
       .def_property_readonly("dim", &Quantizer::dim)
       .def_property_readonly("bits", &Quantizer::bits)
@@ -211,6 +214,8 @@ estimate inner products directly from the codes.
         auto* s = dynamic_cast<const OutlierSplitQuantizer*>(&q);
         return s ? s->outlier_bits() : 0;
       })
+      .def_property_readonly("split_angle_bits", [](const Quantizer& q) { return q.config().split_angle_bits; },
+                             "bits of the outlier split's per-vector part angle (8 or 16)")
       .def("rotation_matrix", [](const Quantizer& q) {
         const auto mat = q.rotation().matrix();
         py::array_t<float> out({q.dim(), q.dim()});
@@ -277,7 +282,8 @@ estimate inner products directly from the codes.
         std::string extra;
         if (auto* s = dynamic_cast<const OutlierSplitQuantizer*>(&q))
           extra = ", n_outlier_channels=" + std::to_string(s->outlier_channels().size()) +
-                  ", outlier_bits=" + std::to_string(s->outlier_bits());
+                  ", outlier_bits=" + std::to_string(s->outlier_bits()) +
+                  ", split_angle_bits=" + std::to_string(q.config().split_angle_bits);
         return "Quantizer(method='" + q.method() + "', dim=" + std::to_string(q.dim()) + ", bits=" +
                std::to_string(q.bits()) + extra + ", seed=" + std::to_string(q.config().seed) + ", rotation='" +
                to_string(q.rotation().kind()) + "')";

@@ -41,6 +41,8 @@ void KVCacheConfig::validate() const {
            "outlier_bits must be in [0, ", kMaxBits, "] (0 means bits + 1), got ", outlier_bits);
   TQ_CHECK(static_cast<uint32_t>(outlier_roles) <= 2, InvalidArgument,
            "outlier_roles must be both, keys or values");
+  TQ_CHECK(split_angle_bits == 8 || split_angle_bits == 16, InvalidArgument,
+           "split_angle_bits must be 8 or 16, got ", split_angle_bits);
   TQ_CHECK(!norm_correction || (key_method == "turboquant_mse" && value_method == "turboquant_mse"),
            InvalidArgument, "norm_correction needs turboquant_mse keys and values, got ", key_method,
            " / ", value_method);
@@ -101,6 +103,7 @@ KVCache::KVCache(const KVCacheConfig& config) : config_(config) {
           q.outlier_channels = config_.outlier_channels;
           q.n_outlier_channels = config_.n_outlier_channels;
           q.outlier_bits = config_.outlier_bits;
+          q.split_angle_bits = config_.split_angle_bits;
         }
         q.norm_correction = config_.norm_correction;
         quantizers_.push_back(make_quantizer(q));

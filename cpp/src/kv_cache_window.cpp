@@ -230,13 +230,27 @@ void KVCache::attend_windowed(int layer, const float* queries, size_t T_q, float
     cmask.hi[r] = std::min(mask.hi[ra + r], c - 1) - ns;
   }
 
-  // fp16 tokens: the sinks [0, ns) then the window [c, n), as one array of nf rows.
+  // fp16 tokens: the sinks [0, ns) then the window [c, n), indexed as one array of nf rows
+  // (read in place as fp16 by the f16 kernels). Query rows go in chunks of kRowChunk: the
+  // chunk's scores cover the union of its rows' visible fp16 rows, each row masked after.
   const size_t nw = n - c, nf = ns + nw;
   const auto& kernels = cpu::active_kernels();
+  constexpr size_t kRowChunk = 16;
+  constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+  // Visible fp16 rows of query row r: sinks [sa, sb) and window [wa, wb) (fp16-array
+  // indices; the window part is empty when wa >= wb).
+  const auto sink_range = [&](size_t r) {
+    return std::pair<size_t, size_t>{std::min(mask.lo[r], ns), std::min(mask.hi[r] + 1, ns)};
+  };
+  const auto window_range = [&](size_t r) {
+    const size_t wa = ns + std::max(mask.lo[r], c) - c;
+    const size_t wb = mask.hi[r] + 1 > c ? ns + mask.hi[r] + 1 - c : ns;
+    return std::pair<size_t, size_t>{wa, std::max(wa, wb)};
+  };
   // KV heads are independent (own buffers): split across the thread pool like attend().
   parallel_for(static_cast<size_t>(config_.n_kv_heads), 1, [&](size_t h0, size_t h1) {
     AttentionScratch scratch;
-    std::vector<float> q(m * d), oc(m * d), kf(nf * d), vf(nf * d), s(nf), acc(d);
+    std::vector<float> q(m * d), oc(m * d), s(kRowChunk * nf), acc(kRowChunk * d), z(kRowChunk);
     for (size_t h = h0; h < h1; ++h) {
       for (size_t g = 0; g < G; ++g)
         for (size_t t = 0; t < T_q; ++t)
@@ -248,57 +262,63 @@ void KVCache::attend_windowed(int layer, const float* queries, size_t T_q, float
       }
       const size_t ik = index(layer, static_cast<int>(h), KVRole::kKey);
       const size_t iv = index(layer, static_cast<int>(h), KVRole::kValue);
-      if (ns > 0) {
-        kernels.half_to_float(sinks_[ik].data(), ns * d, kf.data());
-        kernels.half_to_float(sinks_[iv].data(), ns * d, vf.data());
-      }
-      if (nw > 0) {
-        kernels.half_to_float(windows_[ik].data(), nw * d, kf.data() + ns * d);
-        kernels.half_to_float(windows_[iv].data(), nw * d, vf.data() + ns * d);
-      }
-      for (size_t r = 0; r < m; ++r) {
-        const float* qr = &q[r * d];
-        // fp16 rows visible to row r: sinks [lo, min(hi + 1, ns)) and window tokens
-        // [max(lo, c), hi] at fp16 rows ns + (token - c).
-        const size_t sa = std::min(mask.lo[r], ns), sb = std::min(mask.hi[r] + 1, ns);
-        const size_t wa = ns + std::max(mask.lo[r], c) - c;
-        const size_t wb = mask.hi[r] + 1 > c ? ns + mask.hi[r] + 1 - c : ns;
-        float mf = -std::numeric_limits<float>::infinity();
-        const auto score_range = [&](size_t a, size_t b) {
-          for (size_t t = a; t < b; ++t) {
-            const float* kr = &kf[t * d];
-            float dot = 0.0f;
-            for (size_t j = 0; j < d; ++j) dot += qr[j] * kr[j];
-            s[t] = scale * dot;
-            mf = std::max(mf, s[t]);
+      const uint16_t* ksink = ns > 0 ? sinks_[ik].data() : nullptr;
+      const uint16_t* vsink = ns > 0 ? sinks_[iv].data() : nullptr;
+      // Window row ns + i is windows_[..] row i.
+      const uint16_t* kwin = nw > 0 ? windows_[ik].data() : nullptr;
+      const uint16_t* vwin = nw > 0 ? windows_[iv].data() : nullptr;
+      for (size_t r0 = 0; r0 < m; r0 += kRowChunk) {
+        const size_t r1 = std::min(m, r0 + kRowChunk), mr = r1 - r0;
+        // Rows are sorted by position: the union of their ranges runs from the first row's
+        // start to the last row's end.
+        const size_t usa = sink_range(r0).first, usb = sink_range(r1 - 1).second;
+        const size_t uwa = window_range(r0).first, uwb = window_range(r1 - 1).second;
+        if (usb > usa) kernels.f16_scores(&q[r0 * d], mr, ksink + usa * d, usb - usa, d, s.data() + usa, nf);
+        if (uwb > uwa)
+          kernels.f16_scores(&q[r0 * d], mr, kwin + (uwa - ns) * d, uwb - uwa, d, s.data() + uwa, nf);
+        std::fill(acc.begin(), acc.begin() + static_cast<std::ptrdiff_t>(mr * d), 0.0f);
+        for (size_t r = r0; r < r1; ++r) {
+          float* sr = s.data() + (r - r0) * nf;
+          const auto [sa, sb] = sink_range(r);
+          const auto [wa, wb] = window_range(r);
+          float mf = kNegInf;
+          for (const auto& [a, b] : {std::pair{sa, sb}, std::pair{wa, wb}})
+            for (size_t t = a; t < b; ++t) {
+              sr[t] *= scale;
+              mf = std::max(mf, sr[t]);
+            }
+          const bool has_c = r >= ra && r < rb;
+          const float mcx = has_c ? scratch.row_max[r - ra] : kNegInf;
+          const float M = std::max(mf, mcx);
+          float zr = 0.0f;
+          float* ar = acc.data() + (r - r0) * d;
+          if (has_c) {
+            const float f = scratch.row_sum[r - ra] * std::exp(mcx - M);
+            zr += f;
+            for (size_t j = 0; j < d; ++j) ar[j] = f * oc[(r - ra) * d + j];
           }
-        };
-        score_range(sa, sb);
-        score_range(wa, wb);
-        const bool has_c = r >= ra && r < rb;
-        const float mcx = has_c ? scratch.row_max[r - ra] : -std::numeric_limits<float>::infinity();
-        const float M = std::max(mf, mcx);
-        float z = 0.0f;
-        std::fill(acc.begin(), acc.end(), 0.0f);
-        if (has_c) {
-          const float f = scratch.row_sum[r - ra] * std::exp(mcx - M);
-          z += f;
-          for (size_t j = 0; j < d; ++j) acc[j] = f * oc[(r - ra) * d + j];
+          // Weights exp(s - M) on the visible rows, 0 on the rest of the chunk's union.
+          for (size_t t = usa; t < sa; ++t) sr[t] = 0.0f;
+          for (size_t t = sb; t < usb; ++t) sr[t] = 0.0f;
+          for (size_t t = uwa; t < wa; ++t) sr[t] = 0.0f;
+          for (size_t t = wb; t < uwb; ++t) sr[t] = 0.0f;
+          for (const auto& [a, b] : {std::pair{sa, sb}, std::pair{wa, wb}}) {
+            if (b <= a) continue;
+            zr += kernels.exp_sum(sr + a, b - a, M);
+            if (thr > 0.0f)  // sparse V: the weight still counts in the normalisation
+              for (size_t t = a; t < b; ++t)
+                if (sr[t] < thr) sr[t] = 0.0f;
+          }
+          z[r - r0] = zr;
         }
-        const auto value_range = [&](size_t a, size_t b) {
-          for (size_t t = a; t < b; ++t) {
-            const float e = std::exp(s[t] - M);
-            z += e;
-            if (thr > 0.0f && e < thr) continue;
-            const float* vr = &vf[t * d];
-            for (size_t j = 0; j < d; ++j) acc[j] += e * vr[j];
-          }
-        };
-        value_range(sa, sb);
-        value_range(wa, wb);
-        const float inv = z > 0.0f ? 1.0f / z : 0.0f;
-        const size_t t = r / G, qh = h * G + r % G;
-        for (size_t j = 0; j < d; ++j) out[(qh * T_q + t) * d + j] = acc[j] * inv;
+        if (usb > usa) kernels.f16_accumulate(s.data() + usa, nf, mr, vsink + usa * d, usb - usa, d, acc.data());
+        if (uwb > uwa)
+          kernels.f16_accumulate(s.data() + uwa, nf, mr, vwin + (uwa - ns) * d, uwb - uwa, d, acc.data());
+        for (size_t r = r0; r < r1; ++r) {
+          const float inv = z[r - r0] > 0.0f ? 1.0f / z[r - r0] : 0.0f;
+          const size_t t = r / G, qh = h * G + r % G;
+          for (size_t j = 0; j < d; ++j) out[(qh * T_q + t) * d + j] = acc[(r - r0) * d + j] * inv;
+        }
       }
     }
   });

@@ -41,6 +41,8 @@ void QuantizerConfig::validate() const {
            "n_outlier_channels must be in [0, head_dim - 1] = [0, ", dim - 1, "], got ", n_outlier_channels);
   TQ_CHECK(outlier_bits == 0 || (outlier_bits >= kMinBits && outlier_bits <= kMaxBits), InvalidArgument,
            "outlier_bits must be 0 (bits + 1) or in [", kMinBits, ", ", kMaxBits, "], got ", outlier_bits);
+  TQ_CHECK(split_angle_bits == 8 || split_angle_bits == 16, InvalidArgument,
+           "split_angle_bits must be 8 or 16, got ", split_angle_bits);
   TQ_CHECK(outlier_bits == 0 || has_outliers(), InvalidArgument,
            "outlier_bits given without outlier channels (set n_outlier_channels or outlier_channels)");
   if (!outlier_channels.empty()) {

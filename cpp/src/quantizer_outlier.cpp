@@ -15,7 +15,33 @@ namespace turboquant {
 
 namespace {
 constexpr double kHalfPi = std::numbers::pi / 2.0;
-constexpr double kAngleSteps = 65535.0;
+
+// (cos φ, sin φ) of every angle code of `bits` bits, as floats: the attention paths read a
+// part ratio per token, and a table lookup is several times cheaper than a double sincos.
+template <int Bits>
+const std::array<float, 2>* angle_table() {
+  static const std::vector<std::array<float, 2>> table = [] {
+    constexpr unsigned top = (1u << Bits) - 1;
+    std::vector<std::array<float, 2>> t(top + 1);
+    for (unsigned k = 1; k < top; ++k) {
+      const double phi = k * (kHalfPi / top);
+      t[k] = {static_cast<float>(std::cos(phi)), static_cast<float>(std::sin(phi))};
+    }
+    t[0] = {1.0f, 0.0f};
+    t[top] = {0.0f, 1.0f};
+    return t;
+  }();
+  return table.data();
+}
+
+template <size_t AngleBytes>
+inline unsigned read_angle(const uint8_t* code) {
+  if constexpr (AngleBytes == 1) {
+    return code[0];
+  } else {
+    return static_cast<unsigned>(code[0]) | (static_cast<unsigned>(code[1]) << 8);
+  }
+}
 
 RotationKind part_rotation(RotationKind requested, int dim) {
   if (dim < kMinDim) return RotationKind::kDense;  // Hadamard of a few coordinates is far from Haar
@@ -91,7 +117,9 @@ OutlierSplitQuantizer::OutlierSplitQuantizer(Built built)
     dims_[p] = static_cast<size_t>(parts_[p]->dim());
     part_bytes_[p] = parts_[p]->code_bytes();
   }
-  offsets_ = {kAngleBytes, kAngleBytes + part_bytes_[0]};
+  angle_bytes_ = static_cast<size_t>(config_.split_angle_bits / 8);
+  angle_table_ = config_.split_angle_bits == 8 ? angle_table<8>() : angle_table<16>();
+  offsets_ = {angle_bytes_, angle_bytes_ + part_bytes_[0]};
 }
 
 double OutlierSplitQuantizer::nominal_bits() const {
@@ -99,27 +127,8 @@ double OutlierSplitQuantizer::nominal_bits() const {
           parts_[1]->nominal_bits() * static_cast<double>(dims_[1])) / dim();
 }
 
-namespace {
-// (cos φ, sin φ) of every 16-bit angle code, as floats: the attention paths read a part
-// ratio per token, and a table lookup is several times cheaper than a double sincos.
-const std::vector<std::array<float, 2>>& angle_table() {
-  static const std::vector<std::array<float, 2>> table = [] {
-    std::vector<std::array<float, 2>> t(65536);
-    for (unsigned k = 1; k < 65535; ++k) {
-      const double phi = k * (kHalfPi / kAngleSteps);
-      t[k] = {static_cast<float>(std::cos(phi)), static_cast<float>(std::sin(phi))};
-    }
-    t[0] = {1.0f, 0.0f};
-    t[65535] = {0.0f, 1.0f};
-    return t;
-  }();
-  return table;
-}
-}  // namespace
-
 std::array<float, 2> OutlierSplitQuantizer::part_ratios(const uint8_t* code) const {
-  const unsigned k = static_cast<unsigned>(code[0]) | (static_cast<unsigned>(code[1]) << 8);
-  return angle_table()[k];
+  return angle_table_[angle_bytes_ == 1 ? read_angle<1>(code) : read_angle<2>(code)];
 }
 
 void OutlierSplitQuantizer::quantize_rotated(const float* y, size_t n, uint8_t* codes) const {
@@ -139,9 +148,10 @@ void OutlierSplitQuantizer::quantize_rotated(const float* y, size_t n, uint8_t* 
       off += dims_[p];
     }
     const double phi = std::atan2(norm[1], norm[0]);  // [0, π/2]
-    const auto k = static_cast<unsigned>(std::clamp(std::lround(phi / kHalfPi * kAngleSteps), 0L, 65535L));
+    const long top = angle_bytes_ == 1 ? 255L : 65535L;
+    const auto k = static_cast<unsigned>(std::clamp(std::lround(phi / kHalfPi * static_cast<double>(top)), 0L, top));
     codes[r * cb] = static_cast<uint8_t>(k & 0xFFu);
-    codes[r * cb + 1] = static_cast<uint8_t>(k >> 8);
+    if (angle_bytes_ == 2) codes[r * cb + 1] = static_cast<uint8_t>(k >> 8);
   }
   for (size_t p = 0; p < 2; ++p) {
     parts_[p]->quantize_rotated(u[p].data(), n, pc[p].data());
@@ -150,15 +160,27 @@ void OutlierSplitQuantizer::quantize_rotated(const float* y, size_t n, uint8_t* 
   }
 }
 
-void OutlierSplitQuantizer::gather(size_t p, const uint8_t* codes, const float* norms, size_t n,
-                                   std::vector<uint8_t>& pc, std::vector<float>& pn) const {
-  const size_t cb = code_bytes();
-  pc.resize(n * part_bytes_[p]);
-  pn.resize(n);
+template <size_t AngleBytes>
+void OutlierSplitQuantizer::gather_rows(size_t p, const uint8_t* codes, const float* norms, size_t n, uint8_t* pc,
+                                        float* pn) const {
+  const size_t cb = code_bytes(), pb = part_bytes_[p], off = offsets_[p];
+  const std::array<float, 2>* table = angle_table_;
   for (size_t t = 0; t < n; ++t) {
     const uint8_t* code = codes + t * cb;
-    std::memcpy(pc.data() + t * part_bytes_[p], code + offsets_[p], part_bytes_[p]);
-    pn[t] = (norms ? norms[t] : 1.0f) * part_ratios(code)[p];
+    std::memcpy(pc + t * pb, code + off, pb);
+    pn[t] = (norms ? norms[t] : 1.0f) * table[read_angle<AngleBytes>(code)][p];
+  }
+}
+
+void OutlierSplitQuantizer::gather(size_t p, const uint8_t* codes, const float* norms, size_t n,
+                                   std::vector<uint8_t>& pc, std::vector<float>& pn) const {
+  pc.resize(n * part_bytes_[p]);
+  pn.resize(n);
+  // One branch per call on the angle width; the per-token loop is specialised.
+  if (angle_bytes_ == 1) {
+    gather_rows<1>(p, codes, norms, n, pc.data(), pn.data());
+  } else {
+    gather_rows<2>(p, codes, norms, n, pc.data(), pn.data());
   }
 }
 
@@ -217,10 +239,25 @@ void OutlierSplitQuantizer::part_state(size_t p, const float* state, size_t m, s
   }
 }
 
+namespace {
+// Per-thread buffers of the attention hooks, which run once per page and KV head: reused
+// instead of allocated on every call (the parts never call back into a split).
+struct SplitScratch {
+  std::vector<uint8_t> pc;
+  std::vector<float> pn, ps, tmp, pacc;
+};
+SplitScratch& split_scratch() {
+  thread_local SplitScratch s;
+  return s;
+}
+}  // namespace
+
 void OutlierSplitQuantizer::scores(const float* state, size_t m, const uint8_t* codes, const float* norms,
                                    size_t n, float* out, size_t out_stride) const {
-  std::vector<uint8_t> pc;
-  std::vector<float> pn, ps, tmp(m * n);
+  SplitScratch& sc = split_scratch();
+  auto &pc = sc.pc;
+  auto &pn = sc.pn, &ps = sc.ps, &tmp = sc.tmp;
+  tmp.resize(m * n);
   for (size_t p = 0; p < 2; ++p) {
     gather(p, codes, norms, n, pc, pn);
     part_state(p, state, m, ps);
@@ -237,8 +274,9 @@ void OutlierSplitQuantizer::scores(const float* state, size_t m, const uint8_t* 
 void OutlierSplitQuantizer::accumulate(const float* w, size_t w_stride, size_t m, const uint8_t* codes,
                                        const float* norms, size_t n, float* acc) const {
   const auto d = static_cast<size_t>(dim());
-  std::vector<uint8_t> pc;
-  std::vector<float> pn, pacc;
+  SplitScratch& sc = split_scratch();
+  auto &pc = sc.pc;
+  auto &pn = sc.pn, &pacc = sc.pacc;
   size_t off = 0;
   for (size_t p = 0; p < 2; ++p) {
     gather(p, codes, norms, n, pc, pn);

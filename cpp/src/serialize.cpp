@@ -136,10 +136,11 @@ std::vector<uint8_t> serialize_cache(const KVCache& cache) {
   Writer w;
   w.bytes(kCacheMagic, sizeof(kCacheMagic));
   const bool windowed = c.windowed();
-  // Version 3 adds fp16 sinks, temporal decay, eviction and the quantizer options (norm
-  // correction, outlier roles); 2 the fp16 window; files that need neither are written as
-  // version 1, so older readers still load them.
-  const uint32_t version = c.v3() ? 3u : windowed ? 2u : 1u;
+  // Version 4 adds the outlier split's angle width (8 bits; 1-3 imply 16); 3 fp16 sinks,
+  // temporal decay, eviction and the quantizer options (norm correction, outlier roles); 2
+  // the fp16 window; a file is written as the oldest version that expresses the cache, so
+  // older readers still load what they can.
+  const uint32_t version = c.format_version();
   w.put(version);
   w.put(uint32_t{0});
 
@@ -181,6 +182,7 @@ std::vector<uint8_t> serialize_cache(const KVCache& cache) {
     w.put(static_cast<uint32_t>(c.norm_correction ? 1 : 0));
     w.put(static_cast<uint32_t>(c.outlier_roles));
   }
+  if (version >= 4) w.put(static_cast<uint32_t>(c.split_angle_bits));
   w.end(at);
 
   at = w.begin(kTagRots);
@@ -314,7 +316,16 @@ std::unique_ptr<KVCache> deserialize_cache(const uint8_t* data, size_t size) {
       const auto roles = conf.get<uint32_t>("outlier_roles");
       TQ_CHECK(roles <= 2, FormatError, "corrupted file: outlier_roles ", roles);
       c.outlier_roles = static_cast<OutlierRoles>(roles);
-      TQ_CHECK(c.v3(), FormatError, "corrupted file: version 3 without a version-3 option");
+      TQ_CHECK(version > 3 || c.v3(), FormatError, "corrupted file: version 3 without a version-3 option");
+    }
+    if (version >= 4) {
+      const auto angle = conf.get<uint32_t>("split_angle_bits");
+      TQ_CHECK(angle == 8 || angle == 16, FormatError, "corrupted file: split_angle_bits ", angle,
+               " (must be 8 or 16)");
+      c.split_angle_bits = static_cast<int>(angle);
+      TQ_CHECK(c.v4(), FormatError, "corrupted file: version 4 without a version-4 option");
+    } else if (c.has_outliers()) {
+      c.split_angle_bits = 16;  // the only width before version 4
     }
     const bool windowed = version == 2 || (version >= 3 && c.windowed());
     conf.expect_end("CONF");

@@ -14,7 +14,8 @@ Mapping of the mlx-kv-quant arguments onto the C++ cache:
   split (``n_outlier_channels`` channels at ``o`` bits, the rest at ``i``): this maps to the
   outlier split of quantizer_outlier.h for keys and values (the first ``n`` channels unless
   the cache is given explicit ``outlier_channels``); ``inlier=i`` alone (or i == o) is plain
-  ``i``-bit quantization.
+  ``i``-bit quantization. ``with_split_angle_bits(8 | 16)`` sets the width of the split's
+  per-vector part angle (8 by default; 16 is the layout of cache files before version 4).
 - ``with_precision(dtype)``: the dtype of ``attend()`` output (float16/float32, NumPy or
   mlx; mlx bfloat16 too); storage is always codes + fp16 norms.
 """
@@ -54,6 +55,7 @@ class KVCacheBuilder:
         self._inlier: Any = None
         self._outlier: Any = None
         self._n_outlier = 0
+        self._split_angle_bits = 8
         self._jl_dim = 0
         self._seed: Any = 0
         self._precision: Any = np.float32
@@ -103,6 +105,11 @@ class KVCacheBuilder:
 
     def with_n_outlier_channels(self, n: int) -> KVCacheBuilder:
         self._n_outlier = n
+        return self
+
+    def with_split_angle_bits(self, bits: int) -> KVCacheBuilder:
+        """Width of the outlier split's per-vector part angle: 8 (default) or 16."""
+        self._split_angle_bits = bits
         return self
 
     def with_seed(self, seed: int) -> KVCacheBuilder:
@@ -214,6 +221,8 @@ class KVCacheBuilder:
             check_int("outlier bits", self._outlier, 1, 8)
         check_int("jl_dim", self._jl_dim, 0, 4096)
         check_int("n_outlier_channels", self._n_outlier, 0, self._head_dim - 1)
+        if self._split_angle_bits not in (8, 16) or isinstance(self._split_angle_bits, bool):
+            raise ValueError(f"split_angle_bits must be 8 or 16, got {self._split_angle_bits!r}")
         check_int("seed", self._seed, 0, 2**64 - 1)
         check_int("n_layers", self._layers, 1, 65536)
         check_int("n_q_heads", self._q_heads, 1, 1 << 20)
@@ -287,6 +296,7 @@ class KVCacheBuilder:
             jl_dim=int(self._jl_dim), block_tokens=int(self._block_tokens), max_tokens=int(self._max_tokens),
             n_outlier_channels=int(self._n_outlier) if self._split() else 0,
             outlier_bits=int(self._outlier) if self._split() else 0,
+            split_angle_bits=int(self._split_angle_bits),
             fp16_window=int(self._fp16_window), fp16_layers=[int(x) for x in self._fp16_layers],
             fp16_sinks=int(self._fp16_sinks), decay_after=int(self._decay_after), decay_bits=int(self._decay_bits),
             max_coded_tokens=int(self._max_coded_tokens))

@@ -42,6 +42,7 @@ class Setting:
     fp16_window: int = 0
     fp16_sinks: int = 0
     profile: str | None = None
+    split_angle_bits: int = 8
 
     @staticmethod
     def parse(spec: str) -> "Setting":
@@ -49,12 +50,13 @@ class Setting:
         ``k4v3`` (or ``p`` with a profile option), OPTION is ``fp16:0,-1`` (fp16 layers),
         ``w64`` (fp16 recent window of 64 tokens), ``s4`` (4 fp16 sink tokens) or ``profile:PATH`` (per-layer bits from
         ``turboquant calibrate``), FLAG is ``raw`` (plain codes: no centring, no norm
-        correction, no key split) or ``nosplit`` (no key split)."""
+        correction, no key split), ``nosplit`` (no key split) or ``a16`` (the key split's
+        part angle in 16 bits instead of 8)."""
         spec = spec.strip()
         body, flags = spec, []
-        for _ in range(2):  # trailing /FLAG suffixes (a profile path may contain "/")
+        for _ in range(3):  # trailing /FLAG suffixes (a profile path may contain "/")
             head, sep, tail = body.rpartition("/")
-            if sep and tail in ("raw", "nosplit"):
+            if sep and tail in ("raw", "nosplit", "a16"):
                 body, flags = head, [tail] + flags
         if body == "fp16" and not flags:
             return Setting("fp16", "fp16")
@@ -91,7 +93,7 @@ class Setting:
                     name = f"tq-{kb}bit"
             except ValueError:
                 raise ValueError(f"bad setting {spec!r}: expected BITS (e.g. 3, k4v3, p) "
-                                 "[+fp16:L,..][+wN][+profile:PATH][/raw][/nosplit]") from None
+                                 "[+fp16:L,..][+wN][+profile:PATH][/raw][/nosplit][/a16]") from None
         if fp16:
             name += "+fp16[" + ",".join(map(str, fp16)) + "]"
         if sinks:
@@ -105,7 +107,7 @@ class Setting:
             name += "/" + f
         return Setting(name, "turboquant", kb, vb, fp16_layers=fp16, center=not raw,
                        key_split=not raw and "nosplit" not in flags, fp16_window=window,
-                       fp16_sinks=sinks, profile=profile)
+                       fp16_sinks=sinks, profile=profile, split_angle_bits=16 if "a16" in flags else 8)
 
 
 @dataclass
@@ -157,7 +159,7 @@ def make_cache(model, s: Setting, seed: int = 0):
                                     fp16_layers=s.fp16_layers, seed=seed, center=s.center,
                                     debias=s.center, key_split=s.key_split,
                                     fp16_window=s.fp16_window, fp16_sinks=s.fp16_sinks,
-                                    profile=s.profile)
+                                    profile=s.profile, split_angle_bits=s.split_angle_bits)
 
 
 def kv_bytes(cache) -> int:

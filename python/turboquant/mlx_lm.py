@@ -76,7 +76,8 @@ class TurboQuantKVCache(_mlx_cache._BaseCache):
                  key_method: str | None = None, value_method: str | None = None,
                  seed: int = 0, layer: int = 0, rotation: str = "auto", center: bool = True,
                  debias: bool = True, key_split: bool = True, rope_pairs: str | None = "half",
-                 fp16_window: int = 0, block_tokens: int | None = None, fp16_sinks: int = 0):
+                 fp16_window: int = 0, block_tokens: int | None = None, fp16_sinks: int = 0,
+                 split_angle_bits: int = 8):
         for name, b in (("key_bits", key_bits), ("value_bits", value_bits)):
             if not isinstance(b, (int, np.integer)) or not 1 <= int(b) <= 8:
                 raise ValueError(f"{name} must be an integer in [1, 8], got {b!r}")
@@ -100,6 +101,9 @@ class TurboQuantKVCache(_mlx_cache._BaseCache):
         if not isinstance(fp16_sinks, (int, np.integer)) or fp16_sinks < 0:
             raise ValueError(f"fp16_sinks must be an integer >= 0, got {fp16_sinks!r}")
         self.fp16_sinks = int(fp16_sinks)
+        if split_angle_bits not in (8, 16) or isinstance(split_angle_bits, bool):
+            raise ValueError(f"split_angle_bits must be 8 or 16, got {split_angle_bits!r}")
+        self.split_angle_bits = int(split_angle_bits)  # the key split's part angle (core option)
         if block_tokens is None:  # small flush blocks keep the fp16 part near its nominal size
             block_tokens = 32 if self.fp16_window or self.fp16_sinks else 256
         if not isinstance(block_tokens, (int, np.integer)) or block_tokens < 1:
@@ -330,6 +334,7 @@ class TurboQuantKVCache(_mlx_cache._BaseCache):
         if blob.size:
             self._core = (_mlx_metal.MetalCodeStore.from_bytes(blob.tobytes()) if self._gpu
                           else _load_core(blob))
+            self.split_angle_bits = int(getattr(self._core, "split_angle_bits", self.split_angle_bits))
             self._shape = (self._core_kv_heads, self._head_dim)
             if self._core.size(0) != self.offset:
                 raise _core.FormatError(
@@ -343,7 +348,7 @@ class TurboQuantKVCache(_mlx_cache._BaseCache):
                "offset": self.offset, "batch": self._batch, "center": self.center,
                "debias": self.debias, "key_split": self.key_split, "rope_pairs": self.rope_pairs,
                "fp16_window": self.fp16_window, "block_tokens": self.block_tokens,
-               "fp16_sinks": self.fp16_sinks}
+               "fp16_sinks": self.fp16_sinks, "split_angle_bits": self.split_angle_bits}
         if self._core is not None:
             cfg.update(n_q_heads=self._n_q_heads, n_kv_heads=self._core_kv_heads,
                        head_dim=self._head_dim)
@@ -362,6 +367,9 @@ class TurboQuantKVCache(_mlx_cache._BaseCache):
         self.fp16_window = int(cfg.get("fp16_window", 0))
         self.fp16_sinks = int(cfg.get("fp16_sinks", 0))
         self.block_tokens = int(cfg.get("block_tokens", 256))
+        # Files from before the option: their cores hold 16-bit angles (read from the core
+        # itself when it is loaded); a layer rebuilt later uses the default.
+        self.split_angle_bits = int(cfg.get("split_angle_bits", 8))
         self._k_mean = self._v_mean = None
         self._perm = None
         self._core = None
@@ -434,7 +442,8 @@ class TurboQuantKVCache(_mlx_cache._BaseCache):
                 self._pending = [(_permute(k, self._perm), v) for k, v in self._pending]
             key_bits = lo
             split = dict(n_outlier_channels=m, outlier_bits=hi,
-                         outlier_channels=list(range(m)), outlier_roles="keys")
+                         outlier_channels=list(range(m)), outlier_roles="keys",
+                         split_angle_bits=self.split_angle_bits)
         mse = self.key_method == self.value_method == "turboquant_mse"
         common = dict(n_layers=1, n_q_heads=total_q, n_kv_heads=total_kv,
                       key_method=self.key_method, key_bits=key_bits,
@@ -681,7 +690,7 @@ def make_prompt_cache(model, key_bits: int = 3, value_bits: int = 3,
                       value_method: str | None = None, rotation: str = "auto",
                       center: bool = True, debias: bool = True, key_split: bool = True,
                       fp16_window: int = 0, block_tokens: int | None = None,
-                      fp16_sinks: int = 0, profile=None) -> list:
+                      fp16_sinks: int = 0, profile=None, split_angle_bits: int = 8) -> list:
     """mlx-lm prompt cache with TurboQuant caches on every full-attention layer.
 
     ``center`` subtracts a per-head mean from K and V first (exact for attention, see
@@ -693,6 +702,7 @@ def make_prompt_cache(model, key_bits: int = 3, value_bits: int = 3,
     ``fp16_window`` keeps the most recent tokens of every layer in fp16 (flushed into codes
     ``block_tokens`` at a time); ``fp16_sinks`` the first tokens (attention sinks). ``fp16_layers`` (indices, negative from the end) keep
     mlx-lm's fp16 ``KVCache``; sliding-window layers keep mlx-lm's ``RotatingKVCache``.
+    ``split_angle_bits`` (8 or 16) is the width of the key split's per-key part angle.
     ``profile`` (a path or dict from ``python -m turboquant calibrate``) sets per-layer
     key/value bits and fp16 layers, overriding ``key_bits`` / ``value_bits``. Raises
     :class:`UnsupportedArchitectureError` for MLA and SSM/hybrid models."""
@@ -721,7 +731,7 @@ def make_prompt_cache(model, key_bits: int = 3, value_bits: int = 3,
                                          seed=seed, layer=i, rotation=rotation, center=center,
                                          debias=debias, key_split=key_split, rope_pairs=pairs,
                                          fp16_window=fp16_window, block_tokens=block_tokens,
-                                         fp16_sinks=fp16_sinks)
+                                         fp16_sinks=fp16_sinks, split_angle_bits=split_angle_bits)
     return cache
 
 

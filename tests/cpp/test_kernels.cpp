@@ -15,6 +15,7 @@
 #include "turboquant/backend.h"
 #include "turboquant/codebook.h"
 #include "turboquant/error.h"
+#include "turboquant/half.h"
 #include "turboquant/packing.h"
 #include "turboquant/thread_pool.h"
 
@@ -262,6 +263,77 @@ TEST(Kernels, ExpSumMatchesStdExp) {
       EXPECT_NEAR(sb, sa, 1e-5f * (1.0f + sa)) << k->name << " n=" << n;
       for (size_t t = 0; t < n; ++t)
         ASSERT_NEAR(b[t], a[t], 1e-6f * a[t] + 1e-30f) << k->name << " n=" << n << " t=" << t << " x=" << s[t] - mx;
+    }
+  }
+}
+
+std::vector<uint16_t> half_rows(size_t count, uint32_t seed) {
+  const auto x = gaussian(count, seed, 2.0f);
+  std::vector<uint16_t> h(count);
+  for (size_t i = 0; i < count; ++i) h[i] = float_to_half(x[i]);
+  return h;
+}
+
+// fp16 rows (sinks / window): every head dim of kDims plus 100 (a 4-column tail after the
+// 8-wide blocks), row counts and query counts off the SIMD block sizes.
+const size_t kF16Dims[] = {64, 128, 96, 100, 40, 20, 16, 256};
+const size_t kF16Queries[] = {1, 2, 3, 4, 5, 7, 16};
+
+TEST(Kernels, F16ScoresMatchScalar) {
+  for (const auto* k : usable_kernels()) {
+    for (size_t d : kF16Dims) {
+      for (size_t n : {size_t{1}, size_t{7}, size_t{37}, size_t{133}}) {
+        for (size_t m : kF16Queries) {
+          const auto rows = half_rows(n * d, static_cast<uint32_t>(n * 31 + d));
+          const auto q = gaussian(m * d, static_cast<uint32_t>(m + d));
+          const size_t stride = n + 5;
+          std::vector<float> a(m * stride, -7.0f), b(m * stride, -7.0f);
+          scalar_kernels().f16_scores(q.data(), m, rows.data(), n, d, a.data(), stride);
+          k->f16_scores(q.data(), m, rows.data(), n, d, b.data(), stride);
+          for (size_t i = 0; i < m; ++i) {
+            for (size_t t = 0; t < n; ++t) {
+              double exact = 0, mag = 0;
+              for (size_t j = 0; j < d; ++j) {
+                const double p = static_cast<double>(q[i * d + j]) * half_to_float(rows[t * d + j]);
+                exact += p;
+                mag += std::fabs(p);
+              }
+              const double tol = 1e-6 * mag * static_cast<double>(d) + 1e-6;
+              ASSERT_NEAR(a[i * stride + t], exact, tol) << "scalar d=" << d;
+              ASSERT_NEAR(b[i * stride + t], exact, tol)
+                  << k->name << " d=" << d << " n=" << n << " m=" << m << " i=" << i << " t=" << t;
+            }
+            for (size_t t = n; t < stride; ++t) ASSERT_EQ(b[i * stride + t], -7.0f) << k->name << " wrote past n";
+          }
+        }
+      }
+    }
+  }
+}
+
+TEST(Kernels, F16AccumulateMatchesScalar) {
+  for (const auto* k : usable_kernels()) {
+    for (size_t d : kF16Dims) {
+      for (size_t n : {size_t{1}, size_t{7}, size_t{37}, size_t{133}}) {
+        for (size_t m : kF16Queries) {
+          const auto rows = half_rows(n * d, static_cast<uint32_t>(n * 13 + d));
+          const size_t ws = n + 3;
+          auto w = gaussian(m * ws, static_cast<uint32_t>(m * 7 + n));
+          for (auto& x : w) x = std::fabs(x);
+          for (size_t t = 0; t < n; t += 3) w[t] = 0.0f;  // skipped rows of query 0 (sparse V)
+          const auto init = gaussian(m * d, 4u);
+          auto a = init, b = init;
+          scalar_kernels().f16_accumulate(w.data(), ws, m, rows.data(), n, d, a.data());
+          k->f16_accumulate(w.data(), ws, m, rows.data(), n, d, b.data());
+          for (size_t i = 0; i < m; ++i)
+            for (size_t j = 0; j < d; ++j) {
+              double mag = std::fabs(init[i * d + j]);
+              for (size_t t = 0; t < n; ++t) mag += std::fabs(w[i * ws + t] * half_to_float(rows[t * d + j]));
+              ASSERT_NEAR(b[i * d + j], a[i * d + j], 1e-6 * mag * static_cast<double>(n) + 1e-6)
+                  << k->name << " d=" << d << " n=" << n << " m=" << m << " i=" << i << " j=" << j;
+            }
+        }
+      }
     }
   }
 }

@@ -5,6 +5,7 @@
 #include <cstdio>
 #include <cstring>
 
+#include "fixture_v3_split.h"
 #include "kv_test_util.h"
 #include "turboquant/error.h"
 
@@ -115,5 +116,157 @@ TEST(Serialize, MagicAndVersionErrorsAreClear) {
     FAIL();
   } catch (const FormatError& e) {
     EXPECT_NE(std::string(e.what()).find("newer than this library supports"), std::string::npos);
+  }
+}
+
+namespace {
+// A cache with an outlier split on its keys; angle_bits 8 needs format version 4, 16 is
+// written as the oldest version that holds the rest (3 here: outlier_roles = keys).
+std::unique_ptr<KVCache> split_cache(int angle_bits, size_t tokens = 5) {
+  KVCacheConfig cfg;
+  cfg.head_dim = 16;
+  cfg.n_layers = 1;
+  cfg.n_q_heads = 2;
+  cfg.n_kv_heads = 1;
+  cfg.key_bits = 2;
+  cfg.value_bits = 3;
+  cfg.block_tokens = 2;
+  cfg.seed = 5;
+  cfg.n_outlier_channels = 4;
+  cfg.outlier_roles = OutlierRoles::kKeys;
+  cfg.split_angle_bits = angle_bits;
+  auto c = std::make_unique<KVCache>(cfg);
+  const auto x = gaussian(tokens * 16, 80);
+  c->append(0, x.data(), x.data(), tokens);
+  return c;
+}
+
+// Offset of the split_angle_bits field of a version-4 file: the last 4 bytes of CONF's payload.
+size_t angle_field_offset(const std::vector<uint8_t>& bytes) {
+  uint64_t len = 0;
+  std::memcpy(&len, bytes.data() + 16 + 4, 8);  // magic 8, version 4, flags 4, tag 4
+  return 16 + 12 + static_cast<size_t>(len) - 4;
+}
+
+void refresh_conf_crc(std::vector<uint8_t>& bytes) {
+  uint64_t len = 0;
+  std::memcpy(&len, bytes.data() + 20, 8);
+  const uint32_t crc = crc32c(bytes.data() + 16, 12 + static_cast<size_t>(len));
+  std::memcpy(bytes.data() + 16 + 12 + len, &crc, 4);
+}
+
+void expect_same_cache(const KVCache& a, const KVCache& b) {
+  EXPECT_EQ(a.memory_bytes(), b.memory_bytes());
+  for (KVRole role : {KVRole::kKey, KVRole::kValue}) EXPECT_EQ(decoded(a, 0, 0, role), decoded(b, 0, 0, role));
+  const auto q = gaussian(2 * 16, 81);
+  std::vector<float> oa(32), ob(32);
+  a.attend(0, q.data(), 1, oa.data());
+  b.attend(0, q.data(), 1, ob.data());
+  EXPECT_EQ(oa, ob);
+}
+}  // namespace
+
+TEST(Serialize, EightBitSplitAngleIsVersion4AndRoundTrips) {
+  auto c = split_cache(8);
+  EXPECT_EQ(c->key_quantizer(0, 0).code_bytes() + 1, split_cache(16)->key_quantizer(0, 0).code_bytes());
+  const auto bytes = serialize_cache(*c);
+  ASSERT_EQ(bytes[8], 4u);
+  EXPECT_EQ(bytes[angle_field_offset(bytes)], 8u);
+  auto r = deserialize_cache(bytes.data(), bytes.size());
+  EXPECT_EQ(r->config().split_angle_bits, 8);
+  EXPECT_EQ(serialize_cache(*r), bytes);
+  expect_same_cache(*c, *r);
+  // Both keep growing identically.
+  const auto x = gaussian(3 * 16, 82);
+  c->append(0, x.data(), x.data(), 3);
+  r->append(0, x.data(), x.data(), 3);
+  EXPECT_EQ(serialize_cache(*r), serialize_cache(*c));
+}
+
+TEST(Serialize, SixteenBitSplitAngleKeepsTheOldVersions) {
+  auto c = split_cache(16);
+  const auto bytes = serialize_cache(*c);
+  ASSERT_EQ(bytes[8], 3u);  // outlier_roles = keys: version 3, as before version 4 existed
+  auto r = deserialize_cache(bytes.data(), bytes.size());
+  EXPECT_EQ(r->config().split_angle_bits, 16);
+  EXPECT_EQ(serialize_cache(*r), bytes);
+  expect_same_cache(*c, *r);
+  // Roles "both" with no other option: version 1 (16-bit), version 4 (8-bit).
+  for (int angle : {16, 8}) {
+    KVCacheConfig cfg = c->config();
+    cfg.outlier_roles = OutlierRoles::kBoth;
+    cfg.split_angle_bits = angle;
+    KVCache both(cfg);
+    EXPECT_EQ(serialize_cache(both)[8], angle == 16 ? 1u : 4u);
+  }
+  // Without a split the angle width is irrelevant: no version 4.
+  EXPECT_EQ(serialize_cache(*small_cache(2))[8], 1u);
+  auto plain = serialize_cache(*small_cache(2));
+  EXPECT_EQ(deserialize_cache(plain.data(), plain.size())->config().split_angle_bits, 8);
+}
+
+TEST(Serialize, Version4EveryCorruptionIsAFormatError) {
+  const auto bytes = serialize_cache(*split_cache(8, 3));
+  ASSERT_EQ(bytes[8], 4u);
+  for (size_t n = 0; n < bytes.size(); ++n) {
+    std::vector<uint8_t> cut(bytes.begin(), bytes.begin() + static_cast<std::ptrdiff_t>(n));
+    EXPECT_THROW(deserialize_cache(cut.data(), cut.size()), FormatError) << "length " << n;
+  }
+  ASSERT_LT(bytes.size(), 8192u);
+  for (size_t i = 0; i < bytes.size(); ++i) {
+    for (uint8_t mask : {uint8_t{0x01}, uint8_t{0x80}, uint8_t{0xFF}}) {
+      auto bad = bytes;
+      bad[i] ^= mask;
+      EXPECT_THROW(deserialize_cache(bad.data(), bad.size()), FormatError) << "byte " << i;
+    }
+  }
+}
+
+TEST(Serialize, BadSplitAngleWidthInAFileIsAFormatError) {
+  const auto bytes = serialize_cache(*split_cache(8, 3));
+  const size_t at = angle_field_offset(bytes);
+  for (uint32_t bad : {0u, 4u, 12u, 32u, 0xFFFFFFFFu}) {
+    auto b = bytes;
+    std::memcpy(b.data() + at, &bad, 4);
+    refresh_conf_crc(b);  // a well-formed file that says something invalid
+    try {
+      deserialize_cache(b.data(), b.size());
+      FAIL() << bad;
+    } catch (const FormatError& e) {
+      EXPECT_NE(std::string(e.what()).find("split_angle_bits " + std::to_string(bad)), std::string::npos)
+          << e.what();
+    }
+  }
+  // 16 in a version-4 file is valid in itself but never written (version 3 holds it).
+  auto b = bytes;
+  const uint32_t sixteen = 16;
+  std::memcpy(b.data() + at, &sixteen, 4);
+  refresh_conf_crc(b);
+  EXPECT_THROW(deserialize_cache(b.data(), b.size()), FormatError);
+  // The unchanged file still loads (the offset and CRC helpers are right).
+  auto same = bytes;
+  refresh_conf_crc(same);
+  EXPECT_EQ(same, bytes);
+  EXPECT_NO_THROW(deserialize_cache(same.data(), same.size()));
+}
+
+// A file written before version 4 existed loads with 16-bit angles, bit-identically, and this
+// library writes the same bytes for the same cache configured with split_angle_bits = 16.
+TEST(Serialize, FileFromBeforeVersion4LoadsWithSixteenBitAngles) {
+  const std::vector<uint8_t> fixture(std::begin(kFixtureV3Split), std::end(kFixtureV3Split));
+  ASSERT_EQ(fixture[8], 3u);
+  auto r = deserialize_cache(fixture.data(), fixture.size());
+  EXPECT_EQ(r->config().split_angle_bits, 16);
+  EXPECT_EQ(r->config().outlier_roles, OutlierRoles::kKeys);
+  EXPECT_EQ(r->size(0), 5u);
+  EXPECT_EQ(serialize_cache(*r), fixture);
+  auto same = split_cache(16);
+  EXPECT_EQ(serialize_cache(*same), fixture);
+  expect_same_cache(*r, *same);
+  // Every corruption of it is still detected.
+  for (size_t i = 0; i < fixture.size(); ++i) {
+    auto bad = fixture;
+    bad[i] ^= 0x01;
+    EXPECT_THROW(deserialize_cache(bad.data(), bad.size()), FormatError) << "byte " << i;
   }
 }

@@ -28,6 +28,10 @@ def caches():
         "gqa_2layers": dict(head_dim=16, n_layers=2, n_q_heads=4, n_kv_heads=2, block_tokens=2, _tokens=3),
         "bits8_max_tokens": dict(head_dim=16, key_bits=8, value_bits=8, max_tokens=10, seed=2**64 - 1, _tokens=1),
         "bits1_block1": dict(head_dim=32, key_bits=1, value_bits=1, block_tokens=1, _tokens=4),
+        # outlier split: 8-bit part angles (format v4) and 16-bit ones on keys only (v3)
+        "split_a8_d16": dict(head_dim=16, n_outlier_channels=4, block_tokens=2, _tokens=3),
+        "split_a16_keys_d16": dict(head_dim=16, n_outlier_channels=4, outlier_roles="keys",
+                                   split_angle_bits=16, block_tokens=2, _tokens=3),
     }
     for name, cfg in configs.items():
         cfg = dict(cfg)

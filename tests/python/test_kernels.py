@@ -33,6 +33,12 @@ for bits in (1, 2, 3, 4, 5, 8):
 kv = _core.KVCache(128, n_q_heads=8, n_kv_heads=2, key_bits=3, value_bits=3, seed=1)
 kv.append(rng.standard_normal((2, 300, 128)).astype(np.float32), rng.standard_normal((2, 300, 128)).astype(np.float32))
 out["attend"] = kv.attend(rng.standard_normal((8, 1, 128)).astype(np.float32)).ravel().tolist()
+# fp16 sinks + recent window (the f16 kernels), decode and a causal prefill, d = 96.
+kw = _core.KVCache(96, n_q_heads=6, n_kv_heads=2, key_bits=3, value_bits=3, seed=1, block_tokens=32,
+                   fp16_sinks=4, fp16_window=40)
+kw.append(rng.standard_normal((2, 300, 96)).astype(np.float32), rng.standard_normal((2, 300, 96)).astype(np.float32))
+out["attend_window"] = kw.attend(rng.standard_normal((6, 1, 96)).astype(np.float32)).ravel().tolist()
+out["attend_window_prefill"] = kw.attend(rng.standard_normal((6, 50, 96)).astype(np.float32)).ravel().tolist()
 print(json.dumps(out))
 """
 
@@ -52,11 +58,12 @@ def test_every_simd_target_matches_scalar():
     ref = _probe("scalar")
     for target in targets[1:]:
         got = _probe(target)
-        for key, (codes, norms, ip) in ((k, v) for k, v in ref.items() if k != "attend"):
+        for key, (codes, norms, ip) in ((k, v) for k, v in ref.items() if not k.startswith("attend")):
             assert got[key][0] == codes, f"{target}: codes differ at bits/d={key}"
             assert got[key][1] == norms, f"{target}: norms differ at bits/d={key}"
             np.testing.assert_allclose(got[key][2], ip, rtol=1e-4, atol=1e-4, err_msg=f"{target} {key}")
-        np.testing.assert_allclose(got["attend"], ref["attend"], rtol=1e-4, atol=1e-5, err_msg=target)
+        for key in ("attend", "attend_window", "attend_window_prefill"):
+            np.testing.assert_allclose(got[key], ref[key], rtol=1e-4, atol=1e-5, err_msg=f"{target} {key}")
 
 
 def test_unknown_simd_target_is_a_clear_error():

@@ -41,8 +41,13 @@ def test_bytes_per_vector_d128(method, expected):
 def test_bytes_options():
     assert tq.bytes_per_vector("turboquant_mse", 128, 3, norm_dtype="float32") == 52
     assert tq.bytes_per_vector("turboquant_prod", 128, 3, jl_dim=64) == 32 + 8 + 2 + 2
-    assert tq.bytes_per_vector("turboquant_mse", 128, 2, n_outlier_channels=4, outlier_bits=3) == 37
-    assert tq.effective_bits("turboquant_mse", 128, 2, n_outlier_channels=4, outlier_bits=3) == 37 * 8 / 128
+    # 1 (8-bit split angle, the default) + 2 + 31 + 2 (norm); 37 with the 16-bit angle
+    assert tq.bytes_per_vector("turboquant_mse", 128, 2, n_outlier_channels=4, outlier_bits=3) == 36
+    assert tq.effective_bits("turboquant_mse", 128, 2, n_outlier_channels=4, outlier_bits=3) == 36 * 8 / 128
+    assert tq.bytes_per_vector("turboquant_mse", 128, 2, n_outlier_channels=4, outlier_bits=3,
+                               split_angle_bits=16) == 37
+    assert tq.effective_bits("turboquant_mse", 128, 2, n_outlier_channels=4, outlier_bits=3,
+                             split_angle_bits=16) == 37 * 8 / 128
 
 
 @pytest.mark.parametrize("n_out,bits,out_bits,nominal", [(64, 2, 3, 2.5), (64, 3, 4, 3.5), (32, 2, 3, 2.25),

@@ -53,6 +53,9 @@ struct KVCacheConfig {
   // Which streams get the outlier split: both (default), keys only or values only. Keys often
   // carry their energy in a few channels (RoPE pairs) while values do not.
   OutlierRoles outlier_roles = OutlierRoles::kBoth;
+  // Width of the split's per-vector part angle (QuantizerConfig::split_angle_bits): 8 or 16.
+  // Files before format version 4 hold 16-bit angles; 8 needs version 4.
+  int split_angle_bits = 8;
   // turboquant_mse only: store ‖x‖/‖x̃‖ instead of ‖x‖ (QuantizerConfig::norm_correction), so
   // every decoded key/value has exactly its original norm. This removes the Lloyd-Max
   // shrinkage (E‖x̃‖² = 1 − D_b) per vector: scores are not systematically too small (a
@@ -97,6 +100,12 @@ struct KVCacheConfig {
     return fp16_sinks > 0 || decay_after > 0 || max_coded_tokens > 0 || norm_correction ||
            outlier_roles != OutlierRoles::kBoth;
   }
+  bool has_outliers() const { return n_outlier_channels > 0 || !outlier_channels.empty(); }
+  // Whether the file format version 4 is needed: an outlier split whose part angle is not
+  // the 16 bits that versions 1-3 imply.
+  bool v4() const { return has_outliers() && split_angle_bits != 16; }
+  // The oldest file format version that can express this configuration.
+  uint32_t format_version() const { return v4() ? 4u : v3() ? 3u : windowed() ? 2u : 1u; }
 };
 
 enum class KVRole : uint32_t { kKey = 0, kValue = 1 };

@@ -41,6 +41,9 @@ struct QuantizerConfig {
   std::vector<int> outlier_channels;
   int n_outlier_channels = 0;
   int outlier_bits = 0;
+  // Width of the split's per-vector part angle φ (quantizer_outlier.h): 8 (255 steps over
+  // [0, π/2], one byte) or 16 (65535 steps, two bytes: the format of files before v4).
+  int split_angle_bits = 8;
   // Set by the outlier split on its two parts only: allows dim in [1, kMaxDim].
   bool split_part = false;
 

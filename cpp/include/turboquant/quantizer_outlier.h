@@ -7,13 +7,16 @@
 // Rotation: Π = diag(Π_O, Π_I)·P (rotation_block.h), P putting O first (ascending) then I.
 // With y = Πx/‖x‖ = [cos φ·u_O; sin φ·u_I], u_O, u_I unit vectors and
 // φ = atan2(‖x_I‖, ‖x_O‖) ∈ [0, π/2], the parts quantize u_O and u_I and the code keeps φ:
-// the sub-norm ratios ‖x_O‖/‖x‖ = cos φ and ‖x_I‖/‖x‖ = sin φ as one 16-bit angle. Then
+// the sub-norm ratios ‖x_O‖/‖x‖ = cos φ and ‖x_I‖/‖x‖ = sin φ as one angle of
+// QuantizerConfig::split_angle_bits (8 by default, or 16). Then
 // ỹ = [cos φ̃·ũ_O; sin φ̃·ũ_I] and x̃ = ‖x‖·Πᵀỹ: the base-class contract holds unchanged.
 //
-// Code row: [φ: uint16 little-endian, φ = k·(π/2)/65535] [outlier part's code row]
-//           [inlier part's code row].
-// bytes_per_vector = 2 + code_bytes(O) + code_bytes(I) + norm bytes. E.g. d = 128,
-// turboquant_mse, 4 outliers at 3 bits + 124 at 2: 2 + 2 + 31 + 2 = 37 B;
+// Code row: [φ: k = round(φ/(π/2)·(2^A - 1)), A = split_angle_bits, as 1 byte (A = 8) or
+//           a uint16 little-endian (A = 16)] [outlier part's code row] [inlier part's code row].
+// An 8-bit angle is off by at most (π/2)/510 = 0.0031 rad, so each part's norm by at most
+// 0.31% of ‖x‖: small next to the codes' own error (~18% at 3 bits), for one byte less.
+// bytes_per_vector = A/8 + code_bytes(O) + code_bytes(I) + norm bytes. E.g. d = 128,
+// turboquant_mse, 4 outliers at 3 bits + 124 at 2: 1 + 2 + 31 + 2 = 36 B (37 B with A = 16);
 // nominal_bits() = (4·3 + 124·2)/128 = 2.03125 exactly.
 //
 // Small parts (a handful of outlier channels) are below the [16, 512] head_dim range. The
@@ -40,7 +43,7 @@ class OutlierSplitQuantizer : public Quantizer {
  public:
   explicit OutlierSplitQuantizer(const QuantizerConfig& config);
 
-  size_t code_bytes() const override { return kAngleBytes + part_bytes_[0] + part_bytes_[1]; }
+  size_t code_bytes() const override { return angle_bytes_ + part_bytes_[0] + part_bytes_[1]; }
   double nominal_bits() const override;
   // The two parts' state (rotations, QJL matrices) plus the channel permutation.
   size_t state_bytes() const override {
@@ -53,6 +56,8 @@ class OutlierSplitQuantizer : public Quantizer {
   const Quantizer& part(size_t p) const { return *parts_[p]; }  // 0: outliers, 1: inliers
   const std::vector<int>& outlier_channels() const { return outliers_; }
   int outlier_bits() const { return parts_[0]->bits(); }
+  // Bytes of the part angle at the start of each code row: split_angle_bits / 8.
+  size_t angle_bytes() const { return angle_bytes_; }
   // cos φ̃, sin φ̃ of one code row.
   std::array<float, 2> part_ratios(const uint8_t* code) const;
 
@@ -65,8 +70,6 @@ class OutlierSplitQuantizer : public Quantizer {
   void accumulate(const float* w, size_t w_stride, size_t m, const uint8_t* codes,
                   const float* norms, size_t n, float* acc) const override;
 
-  static constexpr size_t kAngleBytes = 2;
-
  private:
   struct Built;
   static Built build(const QuantizerConfig& config);
@@ -75,11 +78,15 @@ class OutlierSplitQuantizer : public Quantizer {
   // of that part (norms[t]·cos φ̃ or ·sin φ̃).
   void gather(size_t p, const uint8_t* codes, const float* norms, size_t n, std::vector<uint8_t>& pc,
               std::vector<float>& pn) const;
+  template <size_t AngleBytes>
+  void gather_rows(size_t p, const uint8_t* codes, const float* norms, size_t n, uint8_t* pc, float* pn) const;
   void part_state(size_t p, const float* state, size_t m, std::vector<float>& ps) const;
 
   std::vector<int> outliers_;
   std::array<std::unique_ptr<Quantizer>, 2> parts_;
   std::array<size_t, 2> dims_{}, part_bytes_{}, offsets_{};
+  size_t angle_bytes_ = 1;
+  const std::array<float, 2>* angle_table_ = nullptr;  // 2^split_angle_bits (cos, sin) pairs
 };
 
 // Builds the split for a config with has_outliers() (used by make_quantizer()).

@@ -27,6 +27,10 @@
 //   then one u8 flag (0/1) per block for every stream (stream-major); then codes and norms
 //   per stream as before, a flagged block's rows having the decay_bits code_bytes. WNDW
 //   follows LAYR only when windowed().
+//   Version 4 (written only for an outlier split with 8-bit part angles, KVCacheConfig::v4()):
+//   CONF continues with the version 2 and 3 fields, then split_angle_bits u32 (8 or 16).
+//   Versions 1-3 imply 16-bit angles: an outlier-split file of those versions loads with
+//   split_angle_bits = 16 and is written back unchanged.
 //   "END " (last): empty payload; nothing may follow it.
 // Loading reads the file into memory and checks every length against the bytes left before
 // using it: a truncated, corrupted, wrong-magic or future-version file raises FormatError.
@@ -43,7 +47,7 @@ namespace turboquant {
 class KVCache;
 
 inline constexpr char kCacheMagic[8] = {'T', 'Q', 'K', 'V', 'C', 'A', 'C', 'H'};
-inline constexpr uint32_t kCacheFormatVersion = 3;
+inline constexpr uint32_t kCacheFormatVersion = 4;
 
 // CRC32C (Castagnoli, reflected polynomial 0x82F63B78), as in iSCSI / ext4 / SSE4.2 crc32.
 // crc32c("123456789") == 0xE3069283. Pass a previous result as `crc` to continue a stream.

@@ -31,6 +31,9 @@ def run(args: argparse.Namespace) -> int:
     print(f"keys:            {core.key_method}, {core.key_bits} bits")
     print(f"values:          {core.value_method}, {core.value_bits} bits")
     print(f"rotation:        {core.rotation}, seed {core.seed}, jl_dim {core.jl_dim or core.head_dim}")
+    if core.n_outlier_channels or core.outlier_channels:
+        print(f"outlier split:   {len(core.outlier_channels)} channels at {core.outlier_bits or 'bits + 1'} bits "
+              f"({core.outlier_roles}), {core.split_angle_bits}-bit part angle")
     print(f"pages:           {core.block_tokens} tokens" + (f", max {core.max_tokens}" if core.max_tokens else ""))
     sizes = [core.size(layer) for layer in range(core.n_layers)]
     shown = ", ".join(str(s) for s in sizes[:8]) + (" ..." if len(sizes) > 8 else "")

@@ -45,7 +45,31 @@ struct Kernels {
   // skipped), so every variant gives the same bits. x and y may alias.
   void (*hadamard_rotate)(const float* x, size_t n, size_t d, const float* row_scale,
                           const float* pre, const float* mid, const float* post, float* y);
+  // fp16 rows (the cache's fp16 sinks and recent window; rows: n×d fp16 bits, row-major):
+  //   out[i*out_stride + t] = Σ_j q[i*d + j]·h(rows[t*d + j]),  i < m, t < n;
+  // each variant sums in its own order (agreement within fp tolerance, not bits).
+  void (*f16_scores)(const float* q, size_t m, const uint16_t* rows, size_t n, size_t d,
+                     float* out, size_t out_stride);
+  //   acc[i*d + j] += Σ_t w[i*w_stride + t]·h(rows[t*d + j]); zero weights are skipped.
+  void (*f16_accumulate)(const float* w, size_t w_stride, size_t m, const uint16_t* rows,
+                         size_t n, size_t d, float* acc);
 };
+
+// The fp16-row kernels of each variant (kernels_f16*.cpp), for the tables above.
+void f16_scores_scalar(const float* q, size_t m, const uint16_t* rows, size_t n, size_t d, float* out,
+                       size_t out_stride);
+void f16_accumulate_scalar(const float* w, size_t w_stride, size_t m, const uint16_t* rows, size_t n,
+                           size_t d, float* acc);
+#if defined(__x86_64__) || defined(__i386__)
+void f16_scores_avx2(const float* q, size_t m, const uint16_t* rows, size_t n, size_t d, float* out,
+                     size_t out_stride);
+void f16_accumulate_avx2(const float* w, size_t w_stride, size_t m, const uint16_t* rows, size_t n,
+                         size_t d, float* acc);
+void f16_scores_avx512(const float* q, size_t m, const uint16_t* rows, size_t n, size_t d, float* out,
+                       size_t out_stride);
+void f16_accumulate_avx512(const float* w, size_t w_stride, size_t m, const uint16_t* rows, size_t n,
+                           size_t d, float* acc);
+#endif
 
 const Kernels& scalar_kernels();
 #if defined(__x86_64__) || defined(__i386__)

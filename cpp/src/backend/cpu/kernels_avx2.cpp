@@ -643,7 +643,7 @@ float exp_sum_avx2(float* s, size_t n, float shift) {
 const Kernels& avx2_kernels() {
   static const Kernels k{"avx2", fwht_avx2, quantize_pack_avx2, mse_scores_avx2,
                          mse_accumulate_avx2, row_norms_avx2, half_to_float_avx2, exp_sum_avx2,
-                         hadamard_rotate_avx2};
+                         hadamard_rotate_avx2, f16_scores_avx2, f16_accumulate_avx2};
   return k;
 }
 

@@ -239,6 +239,8 @@ const Kernels& avx512_kernels() {
     t.name = "avx512";
     t.mse_scores = mse_scores_avx512;
     t.mse_accumulate = mse_accumulate_avx512;
+    t.f16_scores = f16_scores_avx512;
+    t.f16_accumulate = f16_accumulate_avx512;
     return t;
   }();
   return k;

@@ -122,7 +122,8 @@ void hadamard_rotate_scalar(const float* x, size_t n, size_t d, const float* row
 const Kernels& scalar_kernels() {
   static const Kernels k{"scalar", fwht_scalar, quantize_pack_scalar, mse_scores_scalar,
                          mse_accumulate_scalar, row_norms_scalar, half_to_float_scalar,
-                         exp_sum_scalar, hadamard_rotate_scalar};
+                         exp_sum_scalar, hadamard_rotate_scalar, f16_scores_scalar,
+                         f16_accumulate_scalar};
   return k;
 }
 
