@@ -43,6 +43,7 @@ DEFAULT_CANDIDATES = (2, 3, 4)  # measured widths of the kl metric (each costs a
 # Version 1 profiles (greedy, extrapolated KL) load unchanged: the fields added since
 # ("allocation", "scoring", "predicted_error", "seconds") are informational.
 PROFILE_VERSION = 1
+METRICS = ("kl", "hybrid", "attention")
 
 
 class _CaptureCache(mlx_cache.KVCache):
@@ -70,41 +71,6 @@ def capture(model, tokens: list[int]) -> dict[int, tuple]:
     return sink
 
 
-def _attend_error(model_pairs, q, k, v, scale, ref, key_bits, value_bits, seed, layer):
-    c = tq_mlx.TurboQuantKVCache(key_bits=key_bits, value_bits=value_bits, seed=seed,
-                                 layer=layer, rope_pairs=model_pairs)
-    c.update_and_fetch(k, v)
-    out = np.array(c.attend(q, scale=scale).astype(mx.float32))
-    return float(np.sum((out - ref) ** 2) / np.sum(ref ** 2))
-
-
-@dataclass
-class LayerErrors:
-    layer: int
-    key: dict[int, float]
-    value: dict[int, float]
-
-
-def layer_errors(model, captured: dict[int, tuple], seed: int = 0, progress=None,
-                 key_candidates=KEY_CANDIDATES, value_candidates=VALUE_CANDIDATES
-                 ) -> list[LayerErrors]:
-    pairs = tq_mlx.rope_pairs_of(model)
-    out = []
-    layers = sorted(captured)
-    it = progress(layers) if progress else layers
-    for i in it:
-        q, k, v, scale = captured[i]
-        q32, k32, v32 = (x.astype(mx.float32) for x in (q, k, v))
-        ref = np.array(mx.fast.scaled_dot_product_attention(q32, k32, v32, scale=scale,
-                                                            mask="causal"))
-        ke = {b: _attend_error(pairs, q32, k32, v32, scale, ref, b, 8, seed, i)
-              for b in key_candidates}
-        ve = {b: _attend_error(pairs, q32, k32, v32, scale, ref, 8, b, seed, i)
-              for b in value_candidates}
-        out.append(LayerErrors(i, ke, ve))
-    return out
-
-
 @dataclass
 class Scoring:
     """How a cache is scored on the calibration text, as the eval does it: ``prefix`` tokens
@@ -127,6 +93,63 @@ class Scoring:
         if self.prefix >= n_tokens - 1:
             raise ValueError(f"prefix ({self.prefix}) must leave tokens to score: the text has "
                              f"{n_tokens} tokens")
+
+
+def _attend_error(model_pairs, q, k, v, scale, ref, key_bits, value_bits, seed, layer,
+                 scoring=None):
+    """Relative error of the layer's attention output through a TurboQuantKVCache. With
+    ``scoring``, as the eval feeds it: the prefix appended and attended at once, then chunks
+    (the fp16 sinks/window of the scoring in the cache); only the queries after the prefix
+    count, against ``ref`` of those queries."""
+    if scoring is None:
+        c = tq_mlx.TurboQuantKVCache(key_bits=key_bits, value_bits=value_bits, seed=seed,
+                                     layer=layer, rope_pairs=model_pairs)
+        c.update_and_fetch(k, v)
+        out = np.array(c.attend(q, scale=scale).astype(mx.float32))
+        return float(np.sum((out - ref) ** 2) / np.sum(ref ** 2))
+    c = tq_mlx.TurboQuantKVCache(key_bits=key_bits, value_bits=value_bits, seed=seed,
+                                 layer=layer, rope_pairs=model_pairs,
+                                 fp16_window=scoring.fp16_window,
+                                 fp16_sinks=scoring.fp16_sinks)
+    P, T = scoring.prefix, k.shape[2]
+    c.update_and_fetch(k[:, :, :P], v[:, :, :P])
+    c.attend(q[:, :, :P], scale=scale)
+    outs = []
+    for i in range(P, T, scoring.chunk):
+        j = min(i + scoring.chunk, T)
+        c.update_and_fetch(k[:, :, i:j], v[:, :, i:j])
+        outs.append(np.array(c.attend(q[:, :, i:j], scale=scale).astype(mx.float32)))
+    out = np.concatenate(outs, axis=2)
+    return float(np.sum((out - ref) ** 2) / np.sum(ref ** 2))
+
+
+@dataclass
+class LayerErrors:
+    layer: int
+    key: dict[int, float]
+    value: dict[int, float]
+
+
+def layer_errors(model, captured: dict[int, tuple], seed: int = 0, progress=None,
+                 key_candidates=KEY_CANDIDATES, value_candidates=VALUE_CANDIDATES,
+                 scoring: Scoring | None = None) -> list[LayerErrors]:
+    pairs = tq_mlx.rope_pairs_of(model)
+    out = []
+    layers = sorted(captured)
+    it = progress(layers) if progress else layers
+    for i in it:
+        q, k, v, scale = captured[i]
+        q32, k32, v32 = (x.astype(mx.float32) for x in (q, k, v))
+        ref = np.array(mx.fast.scaled_dot_product_attention(q32, k32, v32, scale=scale,
+                                                            mask="causal"))
+        if scoring is not None:
+            ref = ref[:, :, scoring.prefix:]
+        ke = {b: _attend_error(pairs, q32, k32, v32, scale, ref, b, 8, seed, i, scoring)
+              for b in key_candidates}
+        ve = {b: _attend_error(pairs, q32, k32, v32, scale, ref, 8, b, seed, i, scoring)
+              for b in value_candidates}
+        out.append(LayerErrors(i, ke, ve))
+    return out
 
 
 def _score(model, tokens: list[int], s: Scoring, profile: dict | None, seed: int) -> np.ndarray:
@@ -172,6 +195,31 @@ def layer_errors_kl(model, tokens: list[int], seed: int = 0, progress=None,
         prof = _single_layer_profile(len(base), i, kb, vb)
         table[i][role][b] = _kl(ref, _score(model, tokens, s, prof, seed))
     return [LayerErrors(i, table[i]["key"], table[i]["value"]) for i in layers]
+
+
+def role_scaled_errors(model, tokens: list[int], errors: list[LayerErrors], scoring: Scoring,
+                       seed: int = 0, reference_bits: int = 3) -> tuple[list[LayerErrors], dict]:
+    """The ``hybrid`` metric: attention-output errors turned into KL units per role.
+
+    Two scoring runs measure the KL with every layer's keys (values at 8 bits), then every
+    layer's values, at ``reference_bits``; each role's errors are scaled so that their sum
+    over layers at ``reference_bits`` is that KL (KL_role(b) ~= c_role * sum_l e_l(b)). The
+    layers keep their attention-error ranking; keys and values get their measured weights."""
+    n = len(model.layers)
+    ref = _score(model, tokens, scoring, None, seed)
+    scale = {}
+    for role in ("key", "value"):
+        layers = [{"fp16": True} for _ in range(n)]
+        for e in errors:
+            layers[e.layer] = ({"key_bits": reference_bits, "value_bits": 8} if role == "key"
+                               else {"key_bits": 8, "value_bits": reference_bits})
+        prof = {"format": tq_mlx.PROFILE_FORMAT, "version": PROFILE_VERSION, "layers": layers}
+        kl = _kl(ref, _score(model, tokens, scoring, prof, seed))
+        total = sum(getattr(e, role)[reference_bits] for e in errors)
+        scale[role] = kl / max(total, 1e-30)
+    return ([LayerErrors(e.layer, {b: x * scale["key"] for b, x in e.key.items()},
+                         {b: x * scale["value"] for b, x in e.value.items()})
+             for e in errors], scale)
 
 
 def profile_kl(model, tokens: list[int], profile, scoring: Scoring, seed: int = 0) -> float:
@@ -286,8 +334,8 @@ def calibrate(model, tokens: list[int], budget: float, seed: int = 0, progress=N
 
     ``metric="kl"`` scores the text as ``scoring`` says (default: the first half prefilled,
     no fp16 window); pass the fp16 sinks / window the profile will be used with."""
-    if metric not in ("kl", "attention"):
-        raise ValueError(f"metric must be 'kl' or 'attention', got {metric!r}")
+    if metric not in METRICS:
+        raise ValueError(f"metric must be one of {', '.join(METRICS)}, got {metric!r}")
     if key_candidates is None:
         key_candidates = DEFAULT_CANDIDATES if metric == "kl" else KEY_CANDIDATES
     if value_candidates is None:
@@ -303,11 +351,22 @@ def calibrate(model, tokens: list[int], budget: float, seed: int = 0, progress=N
         errors = layer_errors_kl(model, tokens, seed, progress, s,
                                  key_candidates, value_candidates)
     else:
+        windowed = metric == "hybrid" or scoring is not None
+        if windowed:
+            s.check(len(tokens))
         captured = capture(model, tokens)
         log(f"captured {len(captured)} layers over {len(tokens)} tokens "
             f"({time.perf_counter() - t0:.1f}s)")
         errors = layer_errors(model, captured, seed, progress, key_candidates,
-                              value_candidates)
+                              value_candidates, s if windowed else None)
+        if metric == "hybrid":
+            ref_b = 3 if 3 in key_candidates and 3 in value_candidates else \
+                max(set(key_candidates) & set(value_candidates), default=None)
+            if ref_b is None:
+                raise ValueError("hybrid needs a bit width common to key and value candidates")
+            errors, role_scale = role_scaled_errors(model, tokens, errors, s, seed, ref_b)
+            log(f"KL per unit attention error: keys {role_scale['key']:.4g}, "
+                f"values {role_scale['value']:.4g}")
     bits = allocate(errors, budget, exact)
     n_layers = len(model.layers)
     by_layer = {e.layer: (e, b) for e, b in zip(errors, bits)}
@@ -328,7 +387,7 @@ def calibrate(model, tokens: list[int], budget: float, seed: int = 0, progress=N
            "errors": {str(e.layer): {"key": e.key, "value": e.value} for e in errors},
            "layers": layers,
            "seconds": round(time.perf_counter() - t0, 1)}
-    if metric == "kl":
+    if metric != "attention" or scoring is not None:
         out["scoring"] = {"prefix": s.prefix, "chunk": s.chunk, "fp16_sinks": s.fp16_sinks,
                           "fp16_window": s.fp16_window}
     return out

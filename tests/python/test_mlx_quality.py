@@ -238,7 +238,7 @@ def test_allocate_spends_bits_where_errors_are():
         allocate(errs, 1.5)
 
 
-@pytest.mark.parametrize("metric", ["kl", "attention"])
+@pytest.mark.parametrize("metric", ["kl", "hybrid", "attention"])
 def test_calibrate_tiny_model_profile_roundtrip(tmp_path, metric):
     from turboquant import calibrate
 
