@@ -198,27 +198,41 @@ def layer_errors_kl(model, tokens: list[int], seed: int = 0, progress=None,
 
 
 def role_scaled_errors(model, tokens: list[int], errors: list[LayerErrors], scoring: Scoring,
-                       seed: int = 0, reference_bits: int = 3) -> tuple[list[LayerErrors], dict]:
-    """The ``hybrid`` metric: attention-output errors turned into KL units per role.
+                       seed: int = 0, reference_bits=(2, 3, 4)
+                       ) -> tuple[list[LayerErrors], dict]:
+    """The ``hybrid`` metric: attention-output errors turned into KL units per role and width.
 
-    Two scoring runs measure the KL with every layer's keys (values at 8 bits), then every
-    layer's values, at ``reference_bits``; each role's errors are scaled so that their sum
-    over layers at ``reference_bits`` is that KL (KL_role(b) ~= c_role * sum_l e_l(b)). The
-    layers keep their attention-error ranking; keys and values get their measured weights."""
+    For each width of ``reference_bits`` (those measured), one scoring run measures the KL
+    with every layer's keys at that width (values at 8 bits), one with every layer's values;
+    each role's errors at that width are scaled so that their sum over layers is that KL
+    (KL_role(b) ~= c_role(b) * sum_l e_l(b)); other widths take the nearest width's scale.
+    The layers keep their attention-error ranking; keys and values, and low and high widths
+    (the KL grows faster than the attention error at 2 bits), get their measured weights."""
     n = len(model.layers)
     ref = _score(model, tokens, scoring, None, seed)
-    scale = {}
+    scale: dict[str, dict[int, float]] = {"key": {}, "value": {}}
     for role in ("key", "value"):
-        layers = [{"fp16": True} for _ in range(n)]
-        for e in errors:
-            layers[e.layer] = ({"key_bits": reference_bits, "value_bits": 8} if role == "key"
-                               else {"key_bits": 8, "value_bits": reference_bits})
-        prof = {"format": tq_mlx.PROFILE_FORMAT, "version": PROFILE_VERSION, "layers": layers}
-        kl = _kl(ref, _score(model, tokens, scoring, prof, seed))
-        total = sum(getattr(e, role)[reference_bits] for e in errors)
-        scale[role] = kl / max(total, 1e-30)
-    return ([LayerErrors(e.layer, {b: x * scale["key"] for b, x in e.key.items()},
-                         {b: x * scale["value"] for b, x in e.value.items()})
+        widths = sorted(set(reference_bits) & set(getattr(errors[0], role)))
+        if not widths:
+            raise ValueError(f"hybrid: no {role} candidate among reference widths "
+                             f"{list(reference_bits)}")
+        for b in widths:
+            layers = [{"fp16": True} for _ in range(n)]
+            for e in errors:
+                layers[e.layer] = ({"key_bits": b, "value_bits": 8} if role == "key"
+                                   else {"key_bits": 8, "value_bits": b})
+            prof = {"format": tq_mlx.PROFILE_FORMAT, "version": PROFILE_VERSION,
+                    "layers": layers}
+            kl = _kl(ref, _score(model, tokens, scoring, prof, seed))
+            total = sum(getattr(e, role)[b] for e in errors)
+            scale[role][b] = kl / max(total, 1e-30)
+
+    def c(role, b):
+        table = scale[role]
+        return table[min(table, key=lambda w: (abs(w - b), w))]
+
+    return ([LayerErrors(e.layer, {b: x * c("key", b) for b, x in e.key.items()},
+                         {b: x * c("value", b) for b, x in e.value.items()})
              for e in errors], scale)
 
 
@@ -360,13 +374,10 @@ def calibrate(model, tokens: list[int], budget: float, seed: int = 0, progress=N
         errors = layer_errors(model, captured, seed, progress, key_candidates,
                               value_candidates, s if windowed else None)
         if metric == "hybrid":
-            ref_b = 3 if 3 in key_candidates and 3 in value_candidates else \
-                max(set(key_candidates) & set(value_candidates), default=None)
-            if ref_b is None:
-                raise ValueError("hybrid needs a bit width common to key and value candidates")
-            errors, role_scale = role_scaled_errors(model, tokens, errors, s, seed, ref_b)
-            log(f"KL per unit attention error: keys {role_scale['key']:.4g}, "
-                f"values {role_scale['value']:.4g}")
+            errors, role_scale = role_scaled_errors(model, tokens, errors, s, seed)
+            log("KL per unit attention error: " + "; ".join(
+                f"{r}s " + ", ".join(f"{b} bits {x:.4g}" for b, x in t.items())
+                for r, t in role_scale.items()))
     bits = allocate(errors, budget, exact)
     n_layers = len(model.layers)
     by_layer = {e.layer: (e, b) for e, b in zip(errors, bits)}
@@ -387,6 +398,9 @@ def calibrate(model, tokens: list[int], budget: float, seed: int = 0, progress=N
            "errors": {str(e.layer): {"key": e.key, "value": e.value} for e in errors},
            "layers": layers,
            "seconds": round(time.perf_counter() - t0, 1)}
+    if metric == "hybrid":
+        out["kl_per_attention_error"] = {r: {str(b): x for b, x in t.items()}
+                                         for r, t in role_scale.items()}
     if metric != "attention" or scoring is not None:
         out["scoring"] = {"prefix": s.prefix, "chunk": s.chunk, "fp16_sinks": s.fp16_sinks,
                           "fp16_window": s.fp16_window}
