@@ -5,13 +5,18 @@ quantizing only that layer's keys, or only its values, with the very cache the m
 use (:class:`turboquant.mlx_lm.TurboQuantKVCache`: centring, norm correction, key split).
 Two metrics:
 
-* ``kl`` (default): the model runs over the text with every other layer in fp16, scored as
+* ``kl``: the model runs over the text with every other layer in fp16, scored as
   the eval scores it (:class:`Scoring`: a prefix prefilled at once, then chunks; the fp16
   sinks and recent window the profile will be used with), and the error is the mean KL
   divergence of its next-token distributions after the prefix from the fp16 run's. It sees
   what the layer's error does downstream (on small models keys matter several times more
   than values at the same attention-output error). Measured at every candidate width (one
   scoring run each; default 2, 3 and 4 bits).
+* ``hybrid`` (the CLI's default): the attention-output error below, measured for the
+  queries after the prefix with the scoring's sinks/window, at every candidate width; then
+  six scoring runs (every layer's keys, then values, at 2, 3 and 4 bits) give each role's
+  KL per unit attention error at each width (:func:`role_scaled_errors`). About as fast
+  as ``attention``, with the keys/values weighting and the window of ``kl``.
 * ``attention``: from one recorded fp16 pass (every layer's queries, keys, values), the
   relative error of the layer's attention output alone,
   ``||attn(Q, K~_b, V) - attn(Q, K, V)||^2 / ||attn(Q, K, V)||^2`` (likewise V). Much
@@ -342,11 +347,11 @@ def _allocate_greedy(errors, limit, key_c, value_c) -> list[tuple[int, int]]:
 
 
 def calibrate(model, tokens: list[int], budget: float, seed: int = 0, progress=None,
-              log=print, metric: str = "kl", scoring: Scoring | None = None,
+              log=print, metric: str = "hybrid", scoring: Scoring | None = None,
               key_candidates=None, value_candidates=None, exact: bool = True) -> dict:
     """The profile dict for ``model`` calibrated on ``tokens``.
 
-    ``metric="kl"`` scores the text as ``scoring`` says (default: the first half prefilled,
+    ``kl`` and ``hybrid`` score the text as ``scoring`` says (default: the first half prefilled,
     no fp16 window); pass the fp16 sinks / window the profile will be used with."""
     if metric not in METRICS:
         raise ValueError(f"metric must be one of {', '.join(METRICS)}, got {metric!r}")

@@ -333,7 +333,8 @@ def test_allocate_and_calibrate_options_are_checked():
         calibrate.reallocate({"format": tq_mlx.PROFILE_FORMAT, "layers": [{"fp16": True}]}, 3.0)
 
 
-def test_calibrate_gives_a_sensitive_layer_more_bits():
+@pytest.mark.parametrize("metric", ["kl", "hybrid"])
+def test_calibrate_gives_a_sensitive_layer_more_bits(metric):
     """Layer 1's keys made loud (k_proj scaled up: sharp attention, key errors amplified)
     draw key bits away from layer 0."""
     from turboquant import calibrate
@@ -345,7 +346,8 @@ def test_calibrate_gives_a_sensitive_layer_more_bits():
         model = tiny_model("llama")
         attn = model.layers[loud].self_attn
         attn.k_proj.weight = attn.k_proj.weight * 6.0
-        prof = calibrate.calibrate(model, tokens, 3.0, log=lambda *a: None, scoring=scoring)
+        prof = calibrate.calibrate(model, tokens, 3.0, log=lambda *a: None, scoring=scoring,
+                                   metric=metric)
         kbits[loud] = [e["key_bits"] for e in prof["layers"]]
     assert kbits[0][0] > kbits[0][1] and kbits[1][1] > kbits[1][0]
 

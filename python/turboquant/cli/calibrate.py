@@ -19,11 +19,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--budget", type=float, default=3.0,
                    help="average bits per coordinate over keys and values (default 3.0)")
     p.add_argument("--tokens", type=int, default=512, help="tokens of the text used")
-    p.add_argument("--metric", choices=("kl", "hybrid", "attention"), default="kl",
-                   help="kl: next-token KL vs fp16 with one layer quantized at each width "
-                        "(default; one model run per layer, role and width); hybrid: "
-                        "attention-output errors (with the fp16 sinks/window) in KL units "
-                        "per role (3 model runs); attention: attention-output error alone")
+    p.add_argument("--metric", choices=("kl", "hybrid", "attention"), default="hybrid",
+                   help="hybrid (default): attention-output errors (with the fp16 "
+                        "sinks/window) in KL units per role and width (7 model runs); kl: "
+                        "next-token KL vs fp16 with one layer quantized at each width (one "
+                        "model run per layer, role and width: ~30x slower); attention: "
+                        "attention-output error alone")
     p.add_argument("--fp16-sinks", type=int, default=0,
                    help="fp16 sink tokens of the cache the profile is for (kl; default 0)")
     p.add_argument("--fp16-window", type=int, default=0,
