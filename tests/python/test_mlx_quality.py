@@ -238,24 +238,118 @@ def test_allocate_spends_bits_where_errors_are():
         allocate(errs, 1.5)
 
 
-@pytest.mark.parametrize("metric", ["kl", "attention"])
+@pytest.mark.parametrize("metric", ["kl", "hybrid", "attention"])
 def test_calibrate_tiny_model_profile_roundtrip(tmp_path, metric):
     from turboquant import calibrate
 
     model = tiny_model("llama")
     tokens = np.random.default_rng(6).integers(0, 128, 48).tolist()
-    prof = calibrate.calibrate(model, tokens, 3.0, log=lambda *a: None, metric=metric)
-    assert prof["metric"] == metric
+    scoring = calibrate.Scoring(prefix=24, chunk=8, fp16_sinks=2, fp16_window=8)
+    prof = calibrate.calibrate(model, tokens, 3.0, log=lambda *a: None, metric=metric,
+                               scoring=scoring)
+    assert prof["metric"] == metric and prof["allocation"] == "exact"
     bits = [(e["key_bits"], e["value_bits"]) for e in prof["layers"]]
-    assert len(bits) == 2 and abs(np.mean([(k + v) / 2 for k, v in bits]) - 3.0) <= 0.25
+    assert len(bits) == 2 and sum(k + v for k, v in bits) == 2 * 3 * 2
+    top_k, top_v = (4, 4) if metric == "kl" else (6, 5)
     for e in prof["errors"].values():  # more bits, less error (measured, not assumed)
-        assert e["key"][6] < e["key"][2] and e["value"][5] < e["value"][2]
+        assert e["key"][top_k] < e["key"][2] and e["value"][top_v] < e["value"][2]
+    if metric == "kl":
+        assert prof["scoring"] == {"prefix": 24, "chunk": 8, "fp16_sinks": 2, "fp16_window": 8}
+        assert set(prof["errors"]["0"]["key"]) == {2, 3, 4}
     path = tmp_path / "p.json"
     calibrate.save(prof, str(path))
     cache = tq_mlx.make_prompt_cache(model, profile=str(path))
     assert [(c.key_bits, c.value_bits) for c in cache] == bits
     out = model(mx.array(tokens[:10])[None], cache=cache)
     assert np.isfinite(np.array(out)).all()
+    # the saved errors allocate again for another budget without running the model
+    again = calibrate.reallocate(str(path), 2.5)
+    assert sum(e["key_bits"] + e["value_bits"] for e in again["layers"]) == 2 * 2.5 * 2
+    assert calibrate.reallocate(str(path), 3.0)["layers"] == json.loads(path.read_text())["layers"]
+
+
+def _brute_force(errs, limit):
+    import itertools
+    best = None
+    for kb in itertools.product(*[sorted(e.key) for e in errs]):
+        for vb in itertools.product(*[sorted(e.value) for e in errs]):
+            if sum(kb) + sum(vb) != limit:
+                continue
+            total = sum(e.key[k] + e.value[v] for e, k, v in zip(errs, kb, vb))
+            if best is None or total < best[0]:
+                best = (total, list(zip(kb, vb)))
+    return best
+
+
+def test_allocate_exact_is_optimal_and_spends_the_budget():
+    from turboquant.calibrate import LayerErrors, allocate
+
+    rng = np.random.default_rng(3)
+    for trial in range(20):
+        n = int(rng.integers(1, 4))
+        # noisy, not always convex or monotone tables: the greedy can miss, the DP cannot
+        errs = [LayerErrors(i, {b: float(rng.exponential()) * 3.0 ** -b for b in (2, 3, 4)},
+                            {b: float(rng.exponential()) * 2.0 ** -b for b in (2, 3, 4)})
+                for i in range(n)]
+        for budget in (2.0, 2.5, 3.0, 3.5, 4.0):
+            bits = allocate(errs, budget)
+            limit = int(round(2 * budget * n))
+            assert sum(k + v for k, v in bits) == limit
+            total = sum(e.key[k] + e.value[v] for e, (k, v) in zip(errs, bits))
+            assert total == pytest.approx(_brute_force(errs, limit)[0])
+            greedy = allocate(errs, budget, exact=False)
+            assert sum(k + v for k, v in greedy) <= limit
+            if sum(k + v for k, v in greedy) == limit:  # same spend: never worse than greedy
+                assert total <= sum(e.key[k] + e.value[v]
+                                    for e, (k, v) in zip(errs, greedy)) + 1e-12
+
+
+def test_allocate_and_calibrate_options_are_checked():
+    from turboquant import calibrate
+    from turboquant.calibrate import LayerErrors, allocate
+
+    errs = [LayerErrors(0, {2: 1.0, 3: 0.5}, {2: 1.0, 3: 0.5}),
+            LayerErrors(1, {2: 1.0, 4: 0.5}, {2: 1.0, 3: 0.5})]
+    with pytest.raises(ValueError, match="measured widths differ"):
+        allocate(errs, 2.5)
+    with pytest.raises(ValueError, match="budget must be in"):
+        allocate(errs[:1], 3.5)
+    with pytest.raises(ValueError, match="no layers"):
+        allocate([], 3.0)
+    model = tiny_model("llama")
+    tokens = list(range(40))
+    with pytest.raises(ValueError, match="key candidates must be distinct integers"):
+        calibrate.calibrate(model, tokens, 3.0, key_candidates=(2, 2, 4))
+    with pytest.raises(ValueError, match="value candidates must be distinct integers"):
+        calibrate.calibrate(model, tokens, 3.0, value_candidates=(0, 3))
+    with pytest.raises(ValueError, match="prefix .* must leave tokens to score"):
+        calibrate.calibrate(model, tokens, 3.0, scoring=calibrate.Scoring(prefix=39))
+    with pytest.raises(ValueError, match="fp16_window must be an integer >= 0"):
+        calibrate.calibrate(model, tokens, 3.0,
+                            scoring=calibrate.Scoring(prefix=20, fp16_window=-1))
+    with pytest.raises(ValueError, match="chunk must be an integer >= 1"):
+        calibrate.calibrate(model, tokens, 3.0, scoring=calibrate.Scoring(prefix=20, chunk=0))
+    with pytest.raises(ValueError, match="no measured"):
+        calibrate.reallocate({"format": tq_mlx.PROFILE_FORMAT, "layers": [{"fp16": True}]}, 3.0)
+
+
+@pytest.mark.parametrize("metric", ["kl", "hybrid"])
+def test_calibrate_gives_a_sensitive_layer_more_bits(metric):
+    """Layer 1's keys made loud (k_proj scaled up: sharp attention, key errors amplified)
+    draw key bits away from layer 0."""
+    from turboquant import calibrate
+
+    tokens = np.random.default_rng(1).integers(0, 128, 48).tolist()
+    scoring = calibrate.Scoring(prefix=24, chunk=8)
+    kbits = {}
+    for loud in (0, 1):
+        model = tiny_model("llama")
+        attn = model.layers[loud].self_attn
+        attn.k_proj.weight = attn.k_proj.weight * 6.0
+        prof = calibrate.calibrate(model, tokens, 3.0, log=lambda *a: None, scoring=scoring,
+                                   metric=metric)
+        kbits[loud] = [e["key_bits"] for e in prof["layers"]]
+    assert kbits[0][0] > kbits[0][1] and kbits[1][1] > kbits[1][0]
 
 
 # --- the Metal path of the mlx-lm cache (simulated Mac, reference kernels) ----------------
