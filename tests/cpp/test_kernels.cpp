@@ -63,8 +63,9 @@ TEST(Kernels, SimdSetOfThisArchitectureIsUsable) {
   EXPECT_EQ(names.back(), "neon");
   EXPECT_TRUE(cpu_features().neon);
 #elif defined(__x86_64__)
-  if (cpu_features().avx2 && cpu_features().fma && cpu_features().f16c)
+  if (cpu_features().avx2 && cpu_features().fma && cpu_features().f16c) {
     EXPECT_TRUE(std::find(names.begin(), names.end(), "avx2") != names.end());
+  }
 #endif
 }
 
