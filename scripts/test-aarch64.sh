@@ -9,11 +9,12 @@
 # Called by scripts/test.sh on x86-64 Linux; runs alone too:
 #   scripts/test-aarch64.sh
 # Environment: TQ_JOBS (build jobs and parallel test shards; default nproc),
-# TQ_AARCH64_NEON_FILTER / TQ_AARCH64_SCALAR_FILTER (gtest filters of the two runs).
+# TQ_AARCH64_NEON_FILTER / TQ_AARCH64_SCALAR_FILTER (gtest filters of the two runs),
+# TQ_AARCH64_BUILD (build folder, default build/aarch64).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 JOBS=${TQ_JOBS:-$(nproc)}
-BUILD=build/aarch64
+BUILD=${TQ_AARCH64_BUILD:-build/aarch64}
 SYSROOT=/usr/aarch64-linux-gnu
 
 log() { printf '\n==> %s\n' "$*"; }
