@@ -8,7 +8,10 @@
 #      (30) from its committed seed corpus, then atheris on the Python entry points,
 #   6. sanitizers beyond step 3: the concurrency tests under ThreadSanitizer, and the
 #      pytest suite's C++ paths under AddressSanitizer + LeakSanitizer.
+#   On x86-64 Linux, after step 2: the suite cross-built for AArch64 (NEON kernels) and run
+#   under qemu-user (scripts/test-aarch64.sh).
 # Environment: TQ_SKIP_SANITIZERS=1 skips steps 3 and 6, TQ_SKIP_FUZZ=1 skips step 5,
+# TQ_SKIP_AARCH64=1 skips the AArch64 step,
 # TQ_PYTEST_ARGS adds pytest arguments.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -48,6 +51,11 @@ cmake -S . -B build/test -G Ninja -DCMAKE_BUILD_TYPE=Release -DTURBOQUANT_PYTHON
 cmake --build build/test -j "$JOBS"
 log "ctest"
 ctest --test-dir build/test --output-on-failure -j "$JOBS"
+
+# --- 2b. AArch64 (NEON kernels): cross build, tests under qemu-user ----------------------
+if [ "${TQ_SKIP_AARCH64:-0}" != "1" ] && [ "$(uname -s)" = Linux ] && [ "$(uname -m)" = x86_64 ]; then
+  TQ_JOBS="$JOBS" scripts/test-aarch64.sh
+fi
 
 # --- 3. sanitizers ---------------------------------------------------------------------
 if [ "${TQ_SKIP_SANITIZERS:-0}" != "1" ]; then

@@ -2,6 +2,7 @@
 
 #include <cstdlib>
 
+#include "backend/cpu/kernels.h"
 #include "turboquant/error.h"
 
 #ifdef TURBOQUANT_HAS_METAL
@@ -41,6 +42,8 @@ std::vector<std::string> compiled_simd_targets() {
   // SIMD kernel sets register here as they are added (cpp/src/backend/cpu/*_avx2.cpp ...).
 #if defined(__x86_64__) || defined(__i386__)
   return {"scalar", "avx2", "avx512"};
+#elif TURBOQUANT_NEON_KERNELS
+  return {"scalar", "neon"};
 #else
   return {"scalar"};
 #endif

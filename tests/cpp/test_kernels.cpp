@@ -54,6 +54,22 @@ TEST(Kernels, ScalarIsAlwaysUsableAndFirst) {
   for (size_t i = 0; i < all.size(); ++i) EXPECT_EQ(avail[i], all[i]->name);
 }
 
+TEST(Kernels, SimdSetOfThisArchitectureIsUsable) {
+  // The SIMD set every CPU of the architecture has must be compiled in and usable, so that
+  // the comparisons below cover it (and the default dispatch picks it).
+  std::vector<std::string> names;
+  for (const auto* k : usable_kernels()) names.emplace_back(k->name);
+#if defined(__aarch64__)
+  ASSERT_TRUE(std::find(names.begin(), names.end(), "neon") != names.end()) << "no neon kernels on AArch64";
+  EXPECT_EQ(names.back(), "neon");
+  EXPECT_TRUE(cpu_features().neon);
+#elif defined(__x86_64__)
+  if (cpu_features().avx2 && cpu_features().fma && cpu_features().f16c) {
+    EXPECT_TRUE(std::find(names.begin(), names.end(), "avx2") != names.end());
+  }
+#endif
+}
+
 TEST(Kernels, FwhtBitExact) {
   for (const auto* k : usable_kernels()) {
     for (size_t n : {1, 2, 4, 8, 16, 64, 128, 512}) {

@@ -4,6 +4,7 @@ attention (fp tolerance); the thread count changes nothing but speed."""
 
 import json
 import os
+import platform
 import subprocess
 import sys
 from pathlib import Path
@@ -55,6 +56,8 @@ def test_every_simd_target_matches_scalar():
     assert targets[0] == "scalar"
     if "avx2" in tq.build_info()["simd_targets_compiled"] and tq.build_info()["cpu_features"]["avx2"]:
         assert "avx2" in targets
+    if platform.machine().lower() in ("arm64", "aarch64"):  # NEON: every AArch64 CPU
+        assert "neon" in tq.build_info()["simd_targets_compiled"] and "neon" in targets
     ref = _probe("scalar")
     for target in targets[1:]:
         got = _probe(target)

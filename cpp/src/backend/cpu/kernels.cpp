@@ -17,6 +17,9 @@ std::vector<const Kernels*> usable_kernels() {
   if (f.avx2 && f.fma && f.f16c && f.avx512f && f.avx512bw && f.avx512vl && f.avx512dq)
     k.push_back(&avx512_kernels());
 #endif
+#if TURBOQUANT_NEON_KERNELS
+  if (f.neon) k.push_back(&neon_kernels());
+#endif
   (void)f;
   return k;
 }

@@ -78,6 +78,15 @@ const Kernels& avx2_kernels();  // needs avx2 + fma + f16c (kernels_avx2.cpp)
 // the AVX2 ones)
 const Kernels& avx512_kernels();
 #endif
+// ARMv8 NEON (kernels_neon.cpp): AArch64, little-endian (Apple silicon, Graviton, ...),
+// where NEON is always present.
+#if defined(__aarch64__) && defined(__ARM_NEON) && defined(__BYTE_ORDER__) && \
+    __BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__
+#define TURBOQUANT_NEON_KERNELS 1
+const Kernels& neon_kernels();
+#else
+#define TURBOQUANT_NEON_KERNELS 0
+#endif
 // The best kernel set for this CPU, or the one named by TURBOQUANT_SIMD ("scalar", ...).
 const Kernels& active_kernels();
 // Every kernel set compiled in and usable on this CPU (for tests and benchmarks).
