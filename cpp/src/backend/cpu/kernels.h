@@ -84,6 +84,10 @@ const Kernels& avx512_kernels();
     __BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__
 #define TURBOQUANT_NEON_KERNELS 1
 const Kernels& neon_kernels();
+void f16_scores_neon(const float* q, size_t m, const uint16_t* rows, size_t n, size_t d, float* out,
+                     size_t out_stride);
+void f16_accumulate_neon(const float* w, size_t w_stride, size_t m, const uint16_t* rows, size_t n,
+                         size_t d, float* acc);
 #else
 #define TURBOQUANT_NEON_KERNELS 0
 #endif

@@ -695,7 +695,8 @@ float exp_sum_neon(float* s, size_t n, float shift) {
 
 const Kernels& neon_kernels() {
   static const Kernels k{"neon", fwht_neon, quantize_pack_neon, mse_scores_neon, mse_accumulate_neon,
-                         row_norms_neon, half_to_float_neon, exp_sum_neon, hadamard_rotate_neon};
+                         row_norms_neon, half_to_float_neon, exp_sum_neon, hadamard_rotate_neon,
+                         f16_scores_neon, f16_accumulate_neon};
   return k;
 }
 
