@@ -53,6 +53,9 @@ class OutlierSplitQuantizer : public Quantizer {
   const Quantizer& part(size_t p) const { return *parts_[p]; }  // 0: outliers, 1: inliers
   const std::vector<int>& outlier_channels() const { return outliers_; }
   int outlier_bits() const { return parts_[0]->bits(); }
+  // Byte offset of part p's code row inside a split code row; the bytes before
+  // part_offset(0) hold the angle (re-quantization copies them, e.g. temporal decay).
+  size_t part_offset(size_t p) const { return offsets_[p]; }
   // cos φ̃, sin φ̃ of one code row.
   std::array<float, 2> part_ratios(const uint8_t* code) const;
 
