@@ -76,7 +76,8 @@ class TurboQuantKVCache(_mlx_cache._BaseCache):
                  key_method: str | None = None, value_method: str | None = None,
                  seed: int = 0, layer: int = 0, rotation: str = "auto", center: bool = True,
                  debias: bool = True, key_split: bool = True, rope_pairs: str | None = "half",
-                 fp16_window: int = 0, block_tokens: int | None = None, fp16_sinks: int = 0):
+                 fp16_window: int = 0, block_tokens: int | None = None, fp16_sinks: int = 0,
+                 decay_after: int = 0, decay_bits: int = 0, sparse_v: float = 0.0):
         for name, b in (("key_bits", key_bits), ("value_bits", value_bits)):
             if not isinstance(b, (int, np.integer)) or not 1 <= int(b) <= 8:
                 raise ValueError(f"{name} must be an integer in [1, 8], got {b!r}")
@@ -100,8 +101,16 @@ class TurboQuantKVCache(_mlx_cache._BaseCache):
         if not isinstance(fp16_sinks, (int, np.integer)) or fp16_sinks < 0:
             raise ValueError(f"fp16_sinks must be an integer >= 0, got {fp16_sinks!r}")
         self.fp16_sinks = int(fp16_sinks)
-        if block_tokens is None:  # small flush blocks keep the fp16 part near its nominal size
-            block_tokens = 32 if self.fp16_window or self.fp16_sinks else 256
+        try:
+            self.decay_after, self.decay_bits, self.sparse_v = _check_decay_sparse(
+                decay_after, decay_bits, sparse_v, self.key_bits, self.value_bits,
+                self.key_method, self.value_method)
+        except ValueError as e:
+            raise ValueError(f"layer {layer}: {e}") from None
+        if block_tokens is None:
+            # small flush blocks keep the fp16 part near its nominal size; small decay blocks
+            # decay tokens close to decay_after old instead of up to a 256-token page later
+            block_tokens = 32 if self.fp16_window or self.fp16_sinks or self.decay_after else 256
         if not isinstance(block_tokens, (int, np.integer)) or block_tokens < 1:
             raise ValueError(f"block_tokens must be an integer >= 1, got {block_tokens!r}")
         self.block_tokens = int(block_tokens)
@@ -172,7 +181,8 @@ class TurboQuantKVCache(_mlx_cache._BaseCache):
         if self._perm is not None:
             g = (B * Hq) // self._core_kv_heads
             q = _permute(q, np.repeat(self._perm, g, axis=0))
-        out = self._core.attend(q, causal=causal, scale=float(scale), window=window)
+        extra = {"sparse_v": self.sparse_v} if self.sparse_v else {}
+        out = self._core.attend(q, causal=causal, scale=float(scale), window=window, **extra)
         if self._v_mean is not None:  # sum_t p_t (v_t - m) + m = sum_t p_t v_t
             out = out.reshape(-1, Hq // (self._core_kv_heads // B), Tq, d)
             out = out + self._v_mean[:, None]
@@ -194,15 +204,16 @@ class TurboQuantKVCache(_mlx_cache._BaseCache):
     def _use_gpu(self, head_dim: int) -> bool:
         """The Metal path (codes as mlx arrays, turboquant.metal kernels) is taken on Apple
         GPUs for configurations its kernels implement: turboquant_mse with the Hadamard
-        rotation, no key split, no fp16 window, no norm correction. Anything else runs on the
-        C++ core (the quality features are CPU-only for now)."""
+        rotation, no key split, no fp16 window or sinks, no norm correction, no temporal
+        decay, no sparse V (the Metal store refuses sparse_v; decay is a C++ core feature).
+        Anything else runs on the C++ core (the quality features are CPU-only for now)."""
         if metal.active_path() != "metal":
             return False
         mse = self.key_method == self.value_method == "turboquant_mse"
         return (_mlx_metal.store_supports(head_dim, self.key_method, self.value_method,
                                           self.rotation) is None
                 and self.split_plan(head_dim) is None and self.fp16_window == 0
-                and self.fp16_sinks == 0
+                and self.fp16_sinks == 0 and self.decay_after == 0 and not self.sparse_v
                 and not (self.debias and mse))
 
     def _centre(self, k: np.ndarray, v: np.ndarray):
@@ -339,7 +350,8 @@ class TurboQuantKVCache(_mlx_cache._BaseCache):
                "offset": self.offset, "batch": self._batch, "center": self.center,
                "debias": self.debias, "key_split": self.key_split, "rope_pairs": self.rope_pairs,
                "fp16_window": self.fp16_window, "block_tokens": self.block_tokens,
-               "fp16_sinks": self.fp16_sinks}
+               "fp16_sinks": self.fp16_sinks, "decay_after": self.decay_after,
+               "decay_bits": self.decay_bits, "sparse_v": self.sparse_v}
         if self._core is not None:
             cfg.update(n_q_heads=self._n_q_heads, n_kv_heads=self._core_kv_heads,
                        head_dim=self._head_dim)
@@ -358,6 +370,12 @@ class TurboQuantKVCache(_mlx_cache._BaseCache):
         self.fp16_window = int(cfg.get("fp16_window", 0))
         self.fp16_sinks = int(cfg.get("fp16_sinks", 0))
         self.block_tokens = int(cfg.get("block_tokens", 256))
+        try:
+            self.decay_after, self.decay_bits, self.sparse_v = _check_decay_sparse(
+                cfg.get("decay_after", 0), cfg.get("decay_bits", 0), cfg.get("sparse_v", 0.0),
+                self.key_bits, self.value_bits, self.key_method, self.value_method)
+        except ValueError as e:
+            raise _core.FormatError(f"prompt cache layer {self.layer}: {e}") from None
         self._k_mean = self._v_mean = None
         self._perm = None
         self._core = None
@@ -441,13 +459,42 @@ class TurboQuantKVCache(_mlx_cache._BaseCache):
             self._core = _mlx_metal.MetalCodeStore(head_dim, **common)
         else:
             self._core = _core.KVCache(head_dim, fp16_window=self.fp16_window,
-                                       fp16_sinks=self.fp16_sinks,
+                                       fp16_sinks=self.fp16_sinks, decay_after=self.decay_after,
+                                       decay_bits=self.decay_bits,
                                        norm_correction=self.debias and mse, **common, **split)
         self._n_q_heads, self._core_kv_heads, self._head_dim = n_q_heads, total_kv, head_dim
         self._shape = (total_kv, head_dim)
         pending, self._pending = self._pending, []
         for k, v in pending:
             self._core.append(k, v)
+
+
+def _check_decay_sparse(decay_after, decay_bits, sparse_v, key_bits: int, value_bits: int,
+                        key_method: str, value_method: str) -> tuple[int, int, float]:
+    """Validated (decay_after, decay_bits, sparse_v) of a TurboQuantKVCache.
+
+    Temporal decay re-quantizes code blocks with at least ``decay_after`` newer tokens to
+    ``decay_bits`` (the core's ``decay_after`` / ``decay_bits``; the key split decays as two
+    parts, each dropping key_bits - decay_bits bits, floor 1). ``sparse_v`` is the core
+    attend's threshold (value rows below it times the max weight are skipped)."""
+    for name, x in (("decay_after", decay_after), ("decay_bits", decay_bits)):
+        if isinstance(x, bool) or not isinstance(x, (int, np.integer)) or x < 0:
+            raise ValueError(f"{name} must be an integer >= 0, got {x!r}")
+    decay_after, decay_bits = int(decay_after), int(decay_bits)
+    if decay_after == 0 and decay_bits:
+        raise ValueError(f"decay_bits={decay_bits} needs decay_after > 0 (temporal decay is off)")
+    if decay_after:
+        lo = min(key_bits, value_bits)
+        if not 1 <= decay_bits < lo:
+            raise ValueError(f"decay_bits must be in [1, {lo - 1}] (fewer than key_bits and "
+                             f"value_bits = {key_bits}/{value_bits}), got {decay_bits}")
+        if key_method != "turboquant_mse" or value_method != "turboquant_mse":
+            raise ValueError(f"temporal decay needs turboquant_mse keys and values, got "
+                             f"{key_method!r} / {value_method!r}")
+    if isinstance(sparse_v, bool) or not isinstance(sparse_v, (int, float, np.floating)) \
+            or not 0.0 <= float(sparse_v) < 1.0:
+        raise ValueError(f"sparse_v must be a number in [0, 1) (0 = dense), got {sparse_v!r}")
+    return decay_after, decay_bits, float(sparse_v)
 
 
 def _permute(x: np.ndarray, perm: np.ndarray) -> np.ndarray:
@@ -675,7 +722,8 @@ def make_prompt_cache(model, key_bits: int = 3, value_bits: int = 3,
                       value_method: str | None = None, rotation: str = "auto",
                       center: bool = True, debias: bool = True, key_split: bool = True,
                       fp16_window: int = 0, block_tokens: int | None = None,
-                      fp16_sinks: int = 0, profile=None) -> list:
+                      fp16_sinks: int = 0, profile=None, decay_after: int = 0,
+                      decay_bits: int = 0, sparse_v: float = 0.0) -> list:
     """mlx-lm prompt cache with TurboQuant caches on every full-attention layer.
 
     ``center`` subtracts a per-head mean from K and V first (exact for attention, see
@@ -688,7 +736,12 @@ def make_prompt_cache(model, key_bits: int = 3, value_bits: int = 3,
     ``block_tokens`` at a time); ``fp16_sinks`` the first tokens (attention sinks). ``fp16_layers`` (indices, negative from the end) keep
     mlx-lm's fp16 ``KVCache``; sliding-window layers keep mlx-lm's ``RotatingKVCache``.
     ``profile`` (a path or dict from ``python -m turboquant calibrate``) sets per-layer
-    key/value bits and fp16 layers, overriding ``key_bits`` / ``value_bits``. Raises
+    key/value bits and fp16 layers, overriding ``key_bits`` / ``value_bits``.
+    ``decay_after`` / ``decay_bits`` (temporal decay): code blocks with at least
+    ``decay_after`` newer tokens are re-quantized to ``decay_bits`` in place (fp16 sinks and
+    window tokens never decay); every compressed layer needs key and value bits above
+    ``decay_bits``. ``sparse_v`` (0 = dense): value rows whose attention weight is below
+    ``sparse_v`` times the query's maximum are skipped (decode steps). Raises
     :class:`UnsupportedArchitectureError` for MLA and SSM/hybrid models."""
     install_attention_route()
     base_cache = _mlx_cache.make_prompt_cache(model)
@@ -715,7 +768,8 @@ def make_prompt_cache(model, key_bits: int = 3, value_bits: int = 3,
                                          seed=seed, layer=i, rotation=rotation, center=center,
                                          debias=debias, key_split=key_split, rope_pairs=pairs,
                                          fp16_window=fp16_window, block_tokens=block_tokens,
-                                         fp16_sinks=fp16_sinks)
+                                         fp16_sinks=fp16_sinks, decay_after=decay_after,
+                                         decay_bits=decay_bits, sparse_v=sparse_v)
     return cache
 
 
