@@ -319,6 +319,13 @@ def test_info_cli_shows_sinks_and_decay(rng, tmp_path, capsys):
     assert "format version 3" in out and "fp16 sinks:      4 tokens" in out
     want = sum(kv.decayed_blocks(0, h, r) for h in range(NKV) for r in ("key", "value"))
     assert f"to 2 bits after 8 tokens; {want} blocks decayed" in out and want > 0
+    # effective bits: the stored average (decayed blocks at 2 bits, fp16 sinks) and the fresh figure
+    import re
+
+    m = re.search(r"effective bits:\s+([\d.]+) per coordinate over the stored tokens .*; ([\d.]+) per "
+                  r"freshly coded token", out)
+    stored = 8 * kv.token_bytes(0) / kv.size(0) / (2 * NKV * D)
+    assert m and float(m.group(1)) == pytest.approx(stored, abs=1e-3) and float(m.group(2)) == 3.5
 
 
 @pytest.mark.parametrize("cfg", [
