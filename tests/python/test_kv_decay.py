@@ -410,13 +410,15 @@ def test_split_decay_attention_roundtrip_and_memory(rng, tmp_path, extra):
         q = rng.standard_normal((NQ, T_q, D)).astype(np.float32)
         np.testing.assert_allclose(kv.attend(q, causal=causal),
                                    attention_over_decoded(kv, q, causal=causal), atol=2e-4)
-    # Norm correction keeps each decayed key at the norm of its undecayed decode.
-    a, b = kv.decode(0, 1, "key"), plain.decode(0, 1, "key")
-    ratio = np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
-    if extra.get("norm_correction"):
-        np.testing.assert_allclose(ratio, 1.0, atol=2e-3)
-    else:
-        assert ratio.min() < 0.99
+    # Norm correction keeps each decayed key (split) and value (plain) at the norm of its
+    # undecayed decode.
+    for role in ("value", "key"):
+        a, b = kv.decode(0, 1, role), plain.decode(0, 1, role)
+        ratio = np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
+        if extra.get("norm_correction"):
+            np.testing.assert_allclose(ratio, 1.0, atol=2e-3)
+        else:
+            assert ratio.min() < 0.99
     # Token bytes: a decayed key row is 4 bytes shorter (16 channels 4+2 -> 3+1 bits, the
     # angle copied), a decayed value row too (32 channels 3 -> 2 bits).
     dk = 8 * sum(kv.decayed_blocks(0, h, "key") for h in range(NKV))
