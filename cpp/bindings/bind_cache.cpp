@@ -226,7 +226,22 @@ The T_q queries are the last T_q positions of the layer: query i sees keys
         for (int h = 0; h < c.n_kv_heads; ++h)
           b += kv.key_quantizer(0, h).bytes_per_vector() + kv.value_quantizer(0, h).bytes_per_vector();
         return b * static_cast<size_t>(c.n_layers);
-      }, "stored bytes per token over all layers and heads (codes + norms)")
+      }, "bytes per freshly coded token over all layers and heads (codes + norms at the "
+         "configured bits; decayed blocks, fp16 sinks and window rows are not reflected: see "
+         "stored_bytes_per_token)")
+      .def("stored_bytes_per_token", [](const KVCache& kv) {
+        const int nl = kv.config().n_layers;
+        size_t bytes = 0, tokens = 0;
+        for (int l = 0; l < nl; ++l) {
+          bytes += kv.token_bytes(l);
+          tokens += kv.size(l);
+        }
+        return tokens ? static_cast<double>(bytes) * nl / static_cast<double>(tokens) : 0.0;
+      }, "average bytes per stored token over all layers and heads: codes at each block's bits "
+         "(temporal decay), fp16 norms, fp16 sink and window rows; 0.0 while empty")
+      .def("token_bytes", &KVCache::token_bytes, py::arg("layer") = 0,
+           "bytes holding one layer's stored tokens (codes at each block's bits, norms, fp16 "
+           "sink/window rows; no quantizer state or page slack)")
       .def("save", [](const KVCache& kv, const std::string& path) {
         py::gil_scoped_release release;
         kv.save(path);

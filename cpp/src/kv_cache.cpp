@@ -64,15 +64,20 @@ void KVCacheConfig::validate() const {
     TQ_CHECK(decay_bits == 0, InvalidArgument, "decay_bits (", decay_bits,
              ") is set but decay_after is 0 (temporal decay off); set decay_after > 0 or decay_bits = 0");
   } else {
-    const int lo = std::min(key_bits, value_bits);
+    // Reference bits of each role: its bits, or for an outlier split its nominal bits rounded
+    // down (decay_reference_bits).
+    const int n_o = outlier_channels.empty() ? n_outlier_channels : static_cast<int>(outlier_channels.size());
+    int lo = kMaxBits + 1;
+    for (int role = 0; role < 2; ++role) {
+      const int b = role == 0 ? key_bits : value_bits;
+      lo = std::min(lo, split_role(role) ? decay_reference_bits(head_dim, b, n_o, outlier_bits) : b);
+    }
     TQ_CHECK(decay_bits >= kMinBits && decay_bits < lo, InvalidArgument, "decay_bits must be in [", kMinBits,
-             ", ", lo - 1, "] (fewer than min(key_bits, value_bits) = ", lo, "), got ", decay_bits);
+             ", ", lo - 1, "] (fewer than the streams' bits per coordinate, at least ", lo,
+             " with an outlier split counted as its nominal bits rounded down), got ", decay_bits);
     for (const std::string* m : {&key_method, &value_method})
       TQ_CHECK(*m == "turboquant_mse", NotSupported, "temporal decay (decay_after) needs turboquant_mse keys ",
                "and values (re-quantization by a code->code table); got method '", *m, "'");
-    TQ_CHECK(n_outlier_channels == 0 && outlier_channels.empty() && outlier_bits == 0, NotSupported,
-             "temporal decay (decay_after) does not support the outlier split (n_outlier_channels / "
-             "outlier_channels / outlier_bits)");
   }
 }
 
@@ -97,9 +102,7 @@ KVCache::KVCache(const KVCacheConfig& config) : config_(config) {
         q.rotation = config_.rotation;
         q.jl_dim = config_.jl_dim;
         q.norm_dtype = NormDtype::kFloat16;
-        const bool split = config_.outlier_roles == OutlierRoles::kBoth ||
-                           (config_.outlier_roles == OutlierRoles::kKeys) == (role == KVRole::kKey);
-        if (split) {
+        if (config_.split_role(static_cast<int>(role))) {
           q.outlier_channels = config_.outlier_channels;
           q.n_outlier_channels = config_.n_outlier_channels;
           q.outlier_bits = config_.outlier_bits;

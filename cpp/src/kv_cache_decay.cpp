@@ -9,6 +9,10 @@
 // nearest Lloyd-Max centroids of the rotated unit vector); the decayed block keeps the norm
 // and the rotation and maps every b-bit index to the nearest decay_bits centroid of the same
 // dimension's codebook (a 2^b-entry table), then repacks. No fp16/fp32 round trip happens.
+// An outlier split (quantizer_outlier.h) is two such parts behind an angle: each part is
+// mapped by its own table at its decayed width (decayed_split_bits), the angle bytes and the
+// norm are copied. With norm correction the stored norm is ‖x‖/‖ỹ‖; it is rescaled by
+// ‖ỹ_old‖/‖ỹ_new‖, both sums of squared centroids (split: cos²φ̃·‖ũ_O‖² + sin²φ̃·‖ũ_I‖²).
 #include <algorithm>
 #include <cmath>
 #include <cstring>
@@ -18,6 +22,7 @@
 #include "turboquant/half.h"
 #include "turboquant/kv_cache.h"
 #include "turboquant/packing.h"
+#include "turboquant/quantizer_outlier.h"
 #include "kv_cache_guard.h"
 
 namespace turboquant {
@@ -37,18 +42,64 @@ std::vector<uint8_t> nearest_centroid_table(const Codebook& from, const Codebook
 }
 }  // namespace
 
+int decay_reference_bits(int head_dim, int bits, int n_outliers, int outlier_bits) {
+  if (n_outliers <= 0) return bits;
+  const int ob = outlier_bits ? outlier_bits : std::min(bits + 1, kMaxBits);
+  return (n_outliers * ob + (head_dim - n_outliers) * bits) / head_dim;
+}
+
+std::array<int, 2> decayed_split_bits(int head_dim, int bits, int n_outliers, int outlier_bits, int decay_bits) {
+  const int ob = outlier_bits ? outlier_bits : std::min(bits + 1, kMaxBits);
+  const int drop = decay_reference_bits(head_dim, bits, n_outliers, outlier_bits) - decay_bits;
+  return {std::max(kMinBits, bits - drop), std::max(kMinBits, ob - drop)};
+}
+
 void KVCache::init_decay() {
+  const auto decay_part = [](const Quantizer& from, const Quantizer& to, size_t from_offset, size_t to_offset) {
+    const auto* f = dynamic_cast<const MseQuantizer*>(&from);
+    const auto* t = dynamic_cast<const MseQuantizer*>(&to);
+    TQ_CHECK(f != nullptr && t != nullptr, NotSupported, "temporal decay needs turboquant_mse quantizers");
+    DecayPart part;
+    part.dim = static_cast<size_t>(from.dim());
+    part.from_offset = from_offset;
+    part.to_offset = to_offset;
+    part.from_bits = from.bits();
+    part.to_bits = to.bits();
+    part.lut = nearest_centroid_table(f->codebook(), t->codebook());
+    part.from_c = f->codebook().centroids;
+    part.to_c = t->codebook().centroids;
+    return part;
+  };
   decay_quantizers_.reserve(quantizers_.size());
   for (const auto& q : quantizers_) {
     QuantizerConfig c = q->config();
-    c.bits = config_.decay_bits;
+    if (c.has_outliers()) {  // config() holds the resolved channels and outlier_bits
+      const auto bits = decayed_split_bits(c.dim, c.bits, static_cast<int>(c.outlier_channels.size()),
+                                           c.outlier_bits, config_.decay_bits);
+      c.bits = bits[0];
+      c.outlier_bits = bits[1];
+    } else {
+      c.bits = config_.decay_bits;
+    }
     decay_quantizers_.push_back(make_quantizer(c));
   }
   for (size_t role = 0; role < 2; ++role) {
-    const auto* from = dynamic_cast<const MseQuantizer*>(quantizers_[role].get());
-    const auto* to = dynamic_cast<const MseQuantizer*>(decay_quantizers_[role].get());
-    TQ_CHECK(from != nullptr && to != nullptr, NotSupported, "temporal decay needs turboquant_mse quantizers");
-    decay_lut_.push_back(nearest_centroid_table(from->codebook(), to->codebook()));
+    const Quantizer& from = *quantizers_[role];
+    const Quantizer& to = *decay_quantizers_[role];
+    DecayPlan plan;
+    const auto* fs = dynamic_cast<const OutlierSplitQuantizer*>(&from);
+    if (fs != nullptr) {
+      const auto& ts = dynamic_cast<const OutlierSplitQuantizer&>(to);
+      TQ_CHECK(fs->part_offset(0) == ts.part_offset(0), NotSupported,
+               "temporal decay of an outlier split needs the same angle bytes before and after");
+      plan.header = fs->part_offset(0);
+      plan.split = true;
+      for (size_t p = 0; p < 2; ++p)
+        plan.parts.push_back(decay_part(fs->part(p), ts.part(p), fs->part_offset(p), ts.part_offset(p)));
+    } else {
+      plan.parts.push_back(decay_part(from, to, 0, 0));
+    }
+    decay_plans_.push_back(std::move(plan));
   }
   decay_done_.assign(static_cast<size_t>(config_.n_layers), 0);
 }
@@ -65,17 +116,49 @@ const Quantizer& KVCache::stream_block_quantizer(size_t stream, size_t block) co
 void KVCache::decay_block(size_t i, size_t b) {
   const Quantizer& q = *quantizers_[i];
   const Quantizer& dq = *decay_quantizers_[i];
-  const auto d = static_cast<size_t>(config_.head_dim);
   const size_t bt = config_.block_tokens;
-  const std::vector<uint8_t>& lut = decay_lut_[i % 2];
-  std::unique_ptr<uint8_t[]> fresh(new uint8_t[bt * dq.code_bytes()]);
-  std::vector<uint8_t> idx(d);
+  const DecayPlan& plan = decay_plans_[i % 2];
+  const size_t cb = q.code_bytes(), dcb = dq.code_bytes();
+  const bool rescale = config_.norm_correction;
+  std::unique_ptr<uint8_t[]> fresh(new uint8_t[bt * dcb]);
+  std::vector<uint8_t> idx(static_cast<size_t>(config_.head_dim));
   PagedCodes& p = pages_[i];
   const uint8_t* src = p.code_blocks[b].get();
+  std::vector<float> ratio(rescale ? bt : 0);  // ‖ỹ_old‖² / ‖ỹ_new‖² per token
   for (size_t t = 0; t < bt; ++t) {
-    unpack_indices(src + t * q.code_bytes(), d, q.bits(), idx.data());
-    for (size_t j = 0; j < d; ++j) idx[j] = lut[idx[j]];
-    pack_indices(idx.data(), d, dq.bits(), fresh.get() + t * dq.code_bytes());
+    const uint8_t* row = src + t * cb;
+    uint8_t* out = fresh.get() + t * dcb;
+    std::memcpy(out, row, plan.header);
+    std::array<float, 2> w{1.0f, 1.0f};  // squared part weights (cos²φ̃, sin²φ̃ of a split)
+    if (rescale && plan.split) {
+      const auto r = dynamic_cast<const OutlierSplitQuantizer&>(q).part_ratios(row);
+      w = {r[0] * r[0], r[1] * r[1]};
+    }
+    double old_sq = 0.0, new_sq = 0.0;
+    for (size_t k = 0; k < plan.parts.size(); ++k) {
+      const DecayPart& part = plan.parts[k];
+      unpack_indices(row + part.from_offset, part.dim, part.from_bits, idx.data());
+      double o = 0.0, n = 0.0;
+      for (size_t j = 0; j < part.dim; ++j) {
+        if (rescale) o += static_cast<double>(part.from_c[idx[j]]) * part.from_c[idx[j]];
+        idx[j] = part.lut[idx[j]];
+        if (rescale) n += static_cast<double>(part.to_c[idx[j]]) * part.to_c[idx[j]];
+      }
+      pack_indices(idx.data(), part.dim, part.to_bits, out + part.to_offset);
+      old_sq += w[k] * o;
+      new_sq += w[k] * n;
+    }
+    if (rescale) ratio[t] = new_sq > 0.0 ? static_cast<float>(std::sqrt(old_sq / new_sq)) : 1.0f;
+  }
+  if (rescale) {  // norms are fp16 (KVCache streams always store fp16 norms)
+    uint8_t* nb = p.norm_blocks[b].get();
+    for (size_t t = 0; t < bt; ++t) {
+      uint16_t h;
+      std::memcpy(&h, nb + t * 2, 2);
+      const float v = std::min(half_to_float(h) * ratio[t], 65504.0f);
+      h = float_to_half(v);
+      std::memcpy(nb + t * 2, &h, 2);
+    }
   }
   p.code_blocks[b] = std::move(fresh);
   p.decayed[b] = 1;
@@ -179,6 +262,21 @@ const Quantizer& KVCache::block_quantizer(int layer, int kv_head, KVRole role, s
   (void)key_quantizer(layer, kv_head);
   const size_t i = index(layer, kv_head, role);
   return stream_block_quantizer(i, code_index / config_.block_tokens);
+}
+
+size_t KVCache::token_bytes(int layer) const {
+  check_layer(layer);
+  const auto l = static_cast<size_t>(layer);
+  const size_t bt = config_.block_tokens, d = static_cast<size_t>(config_.head_dim);
+  const size_t codes = code_tokens(layer), fp16_rows = sizes_[l] - codes;
+  const size_t streams = static_cast<size_t>(config_.n_kv_heads) * 2;
+  size_t total = 0;
+  for (size_t i = l * streams; i < (l + 1) * streams; ++i) {
+    total += fp16_rows * d * sizeof(uint16_t);
+    for (size_t b = 0; b * bt < codes; ++b)
+      total += std::min(bt, codes - b * bt) * stream_block_quantizer(i, b).bytes_per_vector();
+  }
+  return total;
 }
 
 size_t KVCache::decayed_blocks(int layer, int kv_head, KVRole role) const {

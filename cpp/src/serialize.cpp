@@ -416,7 +416,7 @@ std::unique_ptr<KVCache> deserialize_cache(const uint8_t* data, size_t size) {
           const size_t s = static_cast<size_t>(h) * 2 + static_cast<size_t>(role);
           size_t cbytes = static_cast<size_t>(n) * q.code_bytes();
           if (c.decays()) {
-            const size_t dcb = packed_bytes(static_cast<size_t>(c.head_dim), c.decay_bits);
+            const size_t dcb = cache->head_codes(l, h, role).decayed->code_bytes();
             cbytes = 0;
             for (size_t b = 0; b < nblocks; ++b)
               cbytes += std::min(bt, static_cast<size_t>(n) - b * bt) * (bflags[s][b] ? dcb : q.code_bytes());

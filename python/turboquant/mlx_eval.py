@@ -43,15 +43,24 @@ class Setting:
     fp16_sinks: int = 0
     profile: str | None = None
     split_angle_bits: int = 8
+    decay_after: int = 0
+    decay_bits: int = 0
+    sparse_v: float = 0.0
+    # score one token per step (the decode path): sparse V acts only there, the multi-token
+    # steps of chunked scoring take the dense GEMM path
+    decode_scoring: bool = False
 
     @staticmethod
     def parse(spec: str) -> "Setting":
         """``fp16`` | ``mlx4`` | ``mlx8`` | BITS[+OPTION...][/FLAG...] where BITS is ``3`` or
         ``k4v3`` (or ``p`` with a profile option), OPTION is ``fp16:0,-1`` (fp16 layers),
-        ``w64`` (fp16 recent window of 64 tokens), ``s4`` (4 fp16 sink tokens) or ``profile:PATH`` (per-layer bits from
-        ``turboquant calibrate``), FLAG is ``raw`` (plain codes: no centring, no norm
-        correction, no key split), ``nosplit`` (no key split) or ``a16`` (the key split's
-        part angle in 16 bits instead of 8)."""
+        ``w64`` (fp16 recent window of 64 tokens), ``s4`` (4 fp16 sink tokens),
+        ``d256:2`` (temporal decay: code blocks with at least 256 newer tokens re-quantized
+        to 2 bits), ``sv0.01`` (sparse V threshold 0.01; such a setting is scored one token
+        per step, the decode path where sparse V acts, so ``sv0`` is its dense control) or
+        ``profile:PATH`` (per-layer bits from ``turboquant calibrate``), FLAG is ``raw``
+        (plain codes: no centring, no norm correction, no key split), ``nosplit`` (no key
+        split) or ``a16`` (the key split's part angle in 16 bits instead of 8)."""
         spec = spec.strip()
         body, flags = spec, []
         for _ in range(3):  # trailing /FLAG suffixes (a profile path may contain "/")
@@ -65,8 +74,24 @@ class Setting:
             return Setting(f"mlx-q{b}", "mlx", b, b)
         bits, *opts = body.split("+")
         fp16, window, sinks, profile = (), 0, 0, None
+        decay, sparse_v, decode_scoring = (0, 0), 0.0, False
         for o in opts:
-            if o.startswith("fp16:"):
+            if o.startswith("sv"):
+                try:
+                    sparse_v = float(o[2:])
+                except ValueError:
+                    sparse_v = -1.0
+                if not 0.0 <= sparse_v < 1.0:
+                    raise ValueError(f"bad option {o!r} in setting {spec!r}: svT needs a sparse V "
+                                     "threshold T in [0, 1), e.g. sv0.01")
+                decode_scoring = True
+            elif o.startswith("d") and o[1:2].isdigit():
+                a, sep, b = o[1:].partition(":")
+                if not (sep and a.isdigit() and b.isdigit() and int(a) > 0 and int(b) > 0):
+                    raise ValueError(f"bad option {o!r} in setting {spec!r}: dA:B needs A > 0 "
+                                     "tokens and B >= 1 bits, e.g. d256:2")
+                decay = (int(a), int(b))
+            elif o.startswith("fp16:"):
                 fp16 = tuple(int(x) for x in o[5:].split(",") if x)
             elif o.startswith("w") and o[1:].isdigit():
                 window = int(o[1:])
@@ -94,12 +119,19 @@ class Setting:
             except ValueError:
                 raise ValueError(f"bad setting {spec!r}: expected BITS (e.g. 3, k4v3, p) "
                                  "[+fp16:L,..][+wN][+profile:PATH][/raw][/nosplit][/a16]") from None
+        if decay[0] and bits != "p" and not decay[1] < min(kb, vb):
+            raise ValueError(f"bad option 'd{decay[0]}:{decay[1]}' in setting {spec!r}: decay "
+                             f"bits must be below the key and value bits ({kb}/{vb})")
         if fp16:
             name += "+fp16[" + ",".join(map(str, fp16)) + "]"
         if sinks:
             name += f"+s{sinks}"
         if window:
             name += f"+w{window}"
+        if decay[0]:
+            name += f"+d{decay[0]}:{decay[1]}"
+        if decode_scoring:
+            name += f"+sv{sparse_v:g}"
         if profile:
             import os
             name += f"[{os.path.basename(profile)}]"
@@ -107,7 +139,9 @@ class Setting:
             name += "/" + f
         return Setting(name, "turboquant", kb, vb, fp16_layers=fp16, center=not raw,
                        key_split=not raw and "nosplit" not in flags, fp16_window=window,
-                       fp16_sinks=sinks, profile=profile, split_angle_bits=16 if "a16" in flags else 8)
+                       fp16_sinks=sinks, profile=profile, decay_after=decay[0],
+                       decay_bits=decay[1], sparse_v=sparse_v, decode_scoring=decode_scoring,
+                       split_angle_bits=16 if "a16" in flags else 8)
 
 
 @dataclass
@@ -159,7 +193,9 @@ def make_cache(model, s: Setting, seed: int = 0):
                                     fp16_layers=s.fp16_layers, seed=seed, center=s.center,
                                     debias=s.center, key_split=s.key_split,
                                     fp16_window=s.fp16_window, fp16_sinks=s.fp16_sinks,
-                                    profile=s.profile, split_angle_bits=s.split_angle_bits)
+                                    profile=s.profile, decay_after=s.decay_after,
+                                    decay_bits=s.decay_bits, sparse_v=s.sparse_v,
+                                    split_angle_bits=s.split_angle_bits)
 
 
 def kv_bytes(cache) -> int:
@@ -319,7 +355,7 @@ def evaluate(model, tokens: list[int], settings: list[Setting], prefix: int, sco
     for s in all_settings:
         t0 = time.perf_counter()
         cache = make_cache(model, s, seed)
-        logits = score_logits(model, cache, toks, prefix, chunk)
+        logits = score_logits(model, cache, toks, prefix, 1 if s.decode_scoring else chunk)
         if ref is None:
             ref = logits
         r = Result(s, **quality(ref, logits, targets))

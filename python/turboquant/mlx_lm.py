@@ -77,7 +77,8 @@ class TurboQuantKVCache(_mlx_cache._BaseCache):
                  seed: int = 0, layer: int = 0, rotation: str = "auto", center: bool = True,
                  debias: bool = True, key_split: bool = True, rope_pairs: str | None = "half",
                  fp16_window: int = 0, block_tokens: int | None = None, fp16_sinks: int = 0,
-                 split_angle_bits: int = 8):
+                 split_angle_bits: int = 8, decay_after: int = 0, decay_bits: int = 0,
+                 sparse_v: float = 0.0):
         for name, b in (("key_bits", key_bits), ("value_bits", value_bits)):
             if not isinstance(b, (int, np.integer)) or not 1 <= int(b) <= 8:
                 raise ValueError(f"{name} must be an integer in [1, 8], got {b!r}")
@@ -104,8 +105,16 @@ class TurboQuantKVCache(_mlx_cache._BaseCache):
         if split_angle_bits not in (8, 16) or isinstance(split_angle_bits, bool):
             raise ValueError(f"split_angle_bits must be 8 or 16, got {split_angle_bits!r}")
         self.split_angle_bits = int(split_angle_bits)  # the key split's part angle (core option)
-        if block_tokens is None:  # small flush blocks keep the fp16 part near its nominal size
-            block_tokens = 32 if self.fp16_window or self.fp16_sinks else 256
+        try:
+            self.decay_after, self.decay_bits, self.sparse_v = _check_decay_sparse(
+                decay_after, decay_bits, sparse_v, self.key_bits, self.value_bits,
+                self.key_method, self.value_method)
+        except ValueError as e:
+            raise ValueError(f"layer {layer}: {e}") from None
+        if block_tokens is None:
+            # small flush blocks keep the fp16 part near its nominal size; small decay blocks
+            # decay tokens close to decay_after old instead of up to a 256-token page later
+            block_tokens = 32 if self.fp16_window or self.fp16_sinks or self.decay_after else 256
         if not isinstance(block_tokens, (int, np.integer)) or block_tokens < 1:
             raise ValueError(f"block_tokens must be an integer >= 1, got {block_tokens!r}")
         self.block_tokens = int(block_tokens)
@@ -176,7 +185,8 @@ class TurboQuantKVCache(_mlx_cache._BaseCache):
         if self._perm is not None:
             g = (B * Hq) // self._core_kv_heads
             q = _permute(q, np.repeat(self._perm, g, axis=0))
-        out = self._core.attend(q, causal=causal, scale=float(scale), window=window)
+        extra = {"sparse_v": self.sparse_v} if self.sparse_v else {}
+        out = self._core.attend(q, causal=causal, scale=float(scale), window=window, **extra)
         if self._v_mean is not None:  # sum_t p_t (v_t - m) + m = sum_t p_t v_t
             out = out.reshape(-1, Hq // (self._core_kv_heads // B), Tq, d)
             out = out + self._v_mean[:, None]
@@ -211,6 +221,10 @@ class TurboQuantKVCache(_mlx_cache._BaseCache):
             return why
         if self.split_plan(head_dim) is not None:
             return "the Metal store does not implement the key split (key_split=False runs there)"
+        if self.decay_after:
+            return "temporal decay is a C++ core feature (the Metal store does not decay codes)"
+        if self.sparse_v:
+            return "the Metal store's decode kernel is dense (sparse_v runs on the C++ core)"
         return None
 
     def _centre(self, k: np.ndarray, v: np.ndarray):
@@ -348,7 +362,9 @@ class TurboQuantKVCache(_mlx_cache._BaseCache):
                "offset": self.offset, "batch": self._batch, "center": self.center,
                "debias": self.debias, "key_split": self.key_split, "rope_pairs": self.rope_pairs,
                "fp16_window": self.fp16_window, "block_tokens": self.block_tokens,
-               "fp16_sinks": self.fp16_sinks, "split_angle_bits": self.split_angle_bits}
+               "fp16_sinks": self.fp16_sinks, "decay_after": self.decay_after,
+               "decay_bits": self.decay_bits, "sparse_v": self.sparse_v,
+               "split_angle_bits": self.split_angle_bits}
         if self._core is not None:
             cfg.update(n_q_heads=self._n_q_heads, n_kv_heads=self._core_kv_heads,
                        head_dim=self._head_dim)
@@ -370,6 +386,12 @@ class TurboQuantKVCache(_mlx_cache._BaseCache):
         # Files from before the option: their cores hold 16-bit angles (read from the core
         # itself when it is loaded); a layer rebuilt later uses the default.
         self.split_angle_bits = int(cfg.get("split_angle_bits", 8))
+        try:
+            self.decay_after, self.decay_bits, self.sparse_v = _check_decay_sparse(
+                cfg.get("decay_after", 0), cfg.get("decay_bits", 0), cfg.get("sparse_v", 0.0),
+                self.key_bits, self.value_bits, self.key_method, self.value_method)
+        except ValueError as e:
+            raise _core.FormatError(f"prompt cache layer {self.layer}: {e}") from None
         self._k_mean = self._v_mean = None
         self._perm = None
         self._core = None
@@ -456,13 +478,42 @@ class TurboQuantKVCache(_mlx_cache._BaseCache):
                                                    fp16_sinks=self.fp16_sinks, **common)
         else:
             self._core = _core.KVCache(head_dim, fp16_window=self.fp16_window,
-                                       fp16_sinks=self.fp16_sinks,
+                                       fp16_sinks=self.fp16_sinks, decay_after=self.decay_after,
+                                       decay_bits=self.decay_bits,
                                        norm_correction=self.debias and mse, **common, **split)
         self._n_q_heads, self._core_kv_heads, self._head_dim = n_q_heads, total_kv, head_dim
         self._shape = (total_kv, head_dim)
         pending, self._pending = self._pending, []
         for k, v in pending:
             self._core.append(k, v)
+
+
+def _check_decay_sparse(decay_after, decay_bits, sparse_v, key_bits: int, value_bits: int,
+                        key_method: str, value_method: str) -> tuple[int, int, float]:
+    """Validated (decay_after, decay_bits, sparse_v) of a TurboQuantKVCache.
+
+    Temporal decay re-quantizes code blocks with at least ``decay_after`` newer tokens to
+    ``decay_bits`` (the core's ``decay_after`` / ``decay_bits``; the key split decays as two
+    parts, each dropping key_bits - decay_bits bits, floor 1). ``sparse_v`` is the core
+    attend's threshold (value rows below it times the max weight are skipped)."""
+    for name, x in (("decay_after", decay_after), ("decay_bits", decay_bits)):
+        if isinstance(x, bool) or not isinstance(x, (int, np.integer)) or x < 0:
+            raise ValueError(f"{name} must be an integer >= 0, got {x!r}")
+    decay_after, decay_bits = int(decay_after), int(decay_bits)
+    if decay_after == 0 and decay_bits:
+        raise ValueError(f"decay_bits={decay_bits} needs decay_after > 0 (temporal decay is off)")
+    if decay_after:
+        lo = min(key_bits, value_bits)
+        if not 1 <= decay_bits < lo:
+            raise ValueError(f"decay_bits must be in [1, {lo - 1}] (fewer than key_bits and "
+                             f"value_bits = {key_bits}/{value_bits}), got {decay_bits}")
+        if key_method != "turboquant_mse" or value_method != "turboquant_mse":
+            raise ValueError(f"temporal decay needs turboquant_mse keys and values, got "
+                             f"{key_method!r} / {value_method!r}")
+    if isinstance(sparse_v, bool) or not isinstance(sparse_v, (int, float, np.floating)) \
+            or not 0.0 <= float(sparse_v) < 1.0:
+        raise ValueError(f"sparse_v must be a number in [0, 1) (0 = dense), got {sparse_v!r}")
+    return decay_after, decay_bits, float(sparse_v)
 
 
 def _permute(x: np.ndarray, perm: np.ndarray) -> np.ndarray:
@@ -690,7 +741,8 @@ def make_prompt_cache(model, key_bits: int = 3, value_bits: int = 3,
                       value_method: str | None = None, rotation: str = "auto",
                       center: bool = True, debias: bool = True, key_split: bool = True,
                       fp16_window: int = 0, block_tokens: int | None = None,
-                      fp16_sinks: int = 0, profile=None, split_angle_bits: int = 8) -> list:
+                      fp16_sinks: int = 0, profile=None, split_angle_bits: int = 8,
+                      decay_after: int = 0, decay_bits: int = 0, sparse_v: float = 0.0) -> list:
     """mlx-lm prompt cache with TurboQuant caches on every full-attention layer.
 
     ``center`` subtracts a per-head mean from K and V first (exact for attention, see
@@ -704,7 +756,12 @@ def make_prompt_cache(model, key_bits: int = 3, value_bits: int = 3,
     mlx-lm's fp16 ``KVCache``; sliding-window layers keep mlx-lm's ``RotatingKVCache``.
     ``split_angle_bits`` (8 or 16) is the width of the key split's per-key part angle.
     ``profile`` (a path or dict from ``python -m turboquant calibrate``) sets per-layer
-    key/value bits and fp16 layers, overriding ``key_bits`` / ``value_bits``. Raises
+    key/value bits and fp16 layers, overriding ``key_bits`` / ``value_bits``.
+    ``decay_after`` / ``decay_bits`` (temporal decay): code blocks with at least
+    ``decay_after`` newer tokens are re-quantized to ``decay_bits`` in place (fp16 sinks and
+    window tokens never decay); every compressed layer needs key and value bits above
+    ``decay_bits``. ``sparse_v`` (0 = dense): value rows whose attention weight is below
+    ``sparse_v`` times the query's maximum are skipped (decode steps). Raises
     :class:`UnsupportedArchitectureError` for MLA and SSM/hybrid models."""
     install_attention_route()
     base_cache = _mlx_cache.make_prompt_cache(model)
@@ -731,7 +788,9 @@ def make_prompt_cache(model, key_bits: int = 3, value_bits: int = 3,
                                          seed=seed, layer=i, rotation=rotation, center=center,
                                          debias=debias, key_split=key_split, rope_pairs=pairs,
                                          fp16_window=fp16_window, block_tokens=block_tokens,
-                                         fp16_sinks=fp16_sinks, split_angle_bits=split_angle_bits)
+                                         fp16_sinks=fp16_sinks, decay_after=decay_after,
+                                         decay_bits=decay_bits, sparse_v=sparse_v,
+                                         split_angle_bits=split_angle_bits)
     return cache
 
 

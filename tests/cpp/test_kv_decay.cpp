@@ -7,6 +7,7 @@
 #include "kv_test_util.h"
 #include "turboquant/error.h"
 #include "turboquant/packing.h"
+#include "turboquant/quantizer_outlier.h"
 #include "turboquant/serialize.h"
 
 using namespace turboquant;
@@ -212,8 +213,11 @@ TEST(KVDecay, BadArgumentsAreRefused) {
   cfg.key_method = "turboquant_prod";
   EXPECT_THROW(KVCache{cfg}, NotSupported);
   cfg = decay_config(0, 0, 8);
-  cfg.n_outlier_channels = 4;
-  EXPECT_THROW(KVCache{cfg}, NotSupported);
+  cfg.n_outlier_channels = 16;  // keys 16 channels at 1 bit + 16 at 3: 2 bits, so not above 2
+  cfg.key_bits = 1;
+  cfg.outlier_bits = 3;
+  cfg.outlier_roles = OutlierRoles::kKeys;
+  EXPECT_THROW(KVCache{cfg}, InvalidArgument);
   cfg = decay_config(5, 0, 0);
   cfg.max_tokens = 4;
   EXPECT_THROW(KVCache{cfg}, InvalidArgument);
@@ -231,4 +235,131 @@ TEST(KVDecay, DefaultsWriteTheOldFormats) {
   EXPECT_EQ(serialize_cache(win)[8], 2u);
   EXPECT_EQ(win.sink_tokens(0), 0u);
   EXPECT_EQ(win.code_tokens(0), win.coded_tokens(0));
+}
+
+// Outlier split keys (the mlx-lm "key split"): 16 channels at 4 bits + 16 at 2 = 3 bits per
+// coordinate, decaying to 2 as 3 + 1; values plain 3 -> 2.
+namespace {
+KVCacheConfig split_decay_config(size_t sinks, size_t window, size_t after, bool norm_correction) {
+  KVCacheConfig c = decay_config(sinks, window, after);
+  c.key_bits = 2;
+  c.outlier_bits = 4;
+  c.n_outlier_channels = 16;
+  c.outlier_roles = OutlierRoles::kKeys;
+  c.norm_correction = norm_correction;
+  return c;
+}
+}  // namespace
+
+TEST(KVDecay, SplitReferenceBitsAndDecayedWidths) {
+  EXPECT_EQ(decay_reference_bits(32, 2, 16, 4), 3);
+  EXPECT_EQ(decay_reference_bits(32, 3, 0, 0), 3);
+  EXPECT_EQ(decay_reference_bits(128, 2, 4, 0), 2);  // 4 at 3 + 124 at 2 = 2.03 bits
+  EXPECT_EQ(decayed_split_bits(32, 2, 16, 4, 2), (std::array<int, 2>{1, 3}));
+  EXPECT_EQ(decayed_split_bits(32, 2, 16, 4, 1), (std::array<int, 2>{1, 2}));  // floor at 1 bit
+  EXPECT_EQ(decayed_split_bits(128, 3, 32, 0, 2), (std::array<int, 2>{2, 3}));
+  KVCache c(split_decay_config(0, 0, 8, false));
+  const auto& k = dynamic_cast<const OutlierSplitQuantizer&>(*c.head_codes(0, 0, KVRole::kKey).decayed);
+  EXPECT_EQ(k.part(0).bits(), 3);
+  EXPECT_EQ(k.part(1).bits(), 1);
+  EXPECT_EQ(c.head_codes(0, 1, KVRole::kValue).decayed->bits(), 2);
+}
+
+TEST(KVDecay, SplitPartsMapThroughTheirTablesAngleAndNormCopied) {
+  KVCache c(split_decay_config(0, 0, 8, false));
+  KVCache plain(split_decay_config(0, 0, 0, false));
+  append_tokens(c, 40, 5);
+  append_tokens(plain, 40, 5);
+  ASSERT_EQ(c.decayed_blocks(0, 1, KVRole::kKey), 4u);
+  const auto& from = dynamic_cast<const OutlierSplitQuantizer&>(plain.key_quantizer(0, 1));
+  const auto& to = dynamic_cast<const OutlierSplitQuantizer&>(*c.head_codes(0, 1, KVRole::kKey).decayed);
+  const size_t angle = from.part_offset(0);
+  ASSERT_EQ(to.part_offset(0), angle);
+  const size_t full = from.code_bytes(), small = to.code_bytes();
+  ASSERT_EQ(small, angle + packed_bytes(16, 3) + packed_bytes(16, 1));
+  const PagedCodes& pd = c.pages(0, 1, KVRole::kKey);
+  const PagedCodes& pp = plain.pages(0, 1, KVRole::kKey);
+  std::vector<uint8_t> a(16), b(16);
+  for (size_t blk = 0; blk < 5; ++blk)
+    for (size_t t = 0; t < 8; ++t) {
+      const bool dec = blk < 4;
+      const uint8_t* rp = pp.code_blocks[blk].get() + t * full;
+      const uint8_t* rd = pd.code_blocks[blk].get() + t * (dec ? small : full);
+      ASSERT_EQ(std::memcmp(pd.norm_blocks[blk].get() + t * 2, pp.norm_blocks[blk].get() + t * 2, 2), 0);
+      if (!dec) {
+        ASSERT_EQ(std::memcmp(rp, rd, full), 0);
+        continue;
+      }
+      ASSERT_EQ(std::memcmp(rp, rd, angle), 0);  // the angle
+      for (size_t p = 0; p < 2; ++p) {
+        const auto& fc = dynamic_cast<const MseQuantizer&>(from.part(p)).codebook().centroids;
+        const auto& tc = dynamic_cast<const MseQuantizer&>(to.part(p)).codebook().centroids;
+        unpack_indices(rp + from.part_offset(p), 16, from.part(p).bits(), a.data());
+        unpack_indices(rd + to.part_offset(p), 16, to.part(p).bits(), b.data());
+        for (size_t j = 0; j < 16; ++j) {
+          float best = 1e30f;
+          for (float cc : tc) best = std::min(best, std::fabs(cc - fc[a[j]]));
+          ASSERT_FLOAT_EQ(std::fabs(tc[b[j]] - fc[a[j]]), best) << "part " << p;
+        }
+      }
+    }
+  // Memory: every block at its own code bytes (keys: split rows; values: packed indices).
+  const size_t empty = KVCache(split_decay_config(0, 0, 8, false)).memory_bytes();
+  size_t want = empty;
+  for (int h = 0; h < 2; ++h) {
+    want += 4 * 8 * small + 1 * 8 * full + 5 * 8 * 2;
+    want += 4 * 8 * packed_bytes(32, 2) + 1 * 8 * packed_bytes(32, 3) + 5 * 8 * 2;
+  }
+  EXPECT_EQ(c.memory_bytes(), want);
+}
+
+TEST(KVDecay, SplitDecayAttentionMatchesExactOverDecodedTokensAndFileRoundTrip) {
+  for (bool nc : {false, true}) {
+    KVCache c(split_decay_config(3, 10, 12, nc));
+    KVCache ref(split_decay_config(3, 10, 0, nc));  // same codes, never decayed
+    uint64_t seed = 300;
+    for (size_t T : {1, 2, 30, 1, 5, 64, 1}) {
+      const auto x = gaussian(2 * T * 32, seed);
+      const auto y = gaussian(2 * T * 32, seed + 1000);
+      c.append(0, x.data(), y.data(), T);
+      ref.append(0, x.data(), y.data(), T);
+      ++seed;
+    }
+    ASSERT_GT(c.decayed_blocks(0, 0, KVRole::kKey), 0u);
+    const size_t n = c.size(0);
+    for (size_t T_q : {size_t{1}, size_t{9}}) {
+      const auto q = gaussian(4 * T_q * 32, seed + 7);
+      std::vector<float> out(4 * T_q * 32);
+      c.attend(0, q.data(), T_q, out.data());
+      for (int qh = 0; qh < 4; ++qh) {
+        const auto K = all_tokens(c, qh / 2, KVRole::kKey);
+        const auto V = all_tokens(c, qh / 2, KVRole::kValue);
+        for (size_t t = 0; t < T_q; ++t) {
+          const auto e = exact_attention(&q[(qh * T_q + t) * 32], K.data(), V.data(), 32, 0, n - T_q + t,
+                                         1.0 / std::sqrt(32.0));
+          for (size_t j = 0; j < 32; ++j) ASSERT_NEAR(out[(qh * T_q + t) * 32 + j], e[j], 2e-4);
+        }
+      }
+    }
+    // Norm correction: a decayed key keeps the norm of its undecayed decode (fp16 norms).
+    const auto K = all_tokens(c, 1, KVRole::kKey), K0 = all_tokens(ref, 1, KVRole::kKey);
+    double worst = 0.0;
+    for (size_t t = 3; t < 3 + 8 * c.decayed_blocks(0, 1, KVRole::kKey); ++t) {
+      double a = 0.0, b = 0.0;
+      for (size_t j = 0; j < 32; ++j) {
+        a += static_cast<double>(K[t * 32 + j]) * K[t * 32 + j];
+        b += static_cast<double>(K0[t * 32 + j]) * K0[t * 32 + j];
+      }
+      worst = std::max(worst, std::fabs(std::sqrt(a / b) - 1.0));
+    }
+    if (nc)
+      EXPECT_LT(worst, 2e-3);
+    else
+      EXPECT_GT(worst, 1e-2);  // plain decay shrinks (Lloyd-Max) and the test can tell
+    const auto bytes = serialize_cache(c);
+    auto r = deserialize_cache(bytes.data(), bytes.size());
+    EXPECT_EQ(serialize_cache(*r), bytes);
+    EXPECT_EQ(r->memory_bytes(), c.memory_bytes());
+    EXPECT_EQ(all_tokens(*r, 1, KVRole::kKey), K);
+  }
 }

@@ -208,8 +208,9 @@ def test_bad_arguments_raise_clear_errors(rng):
         make(decay_after=8, decay_bits=3, key_bits=4)
     with pytest.raises(RuntimeError, match="turboquant_mse"):
         make(decay_after=8, decay_bits=2, key_method="turboquant_prod")
-    with pytest.raises(RuntimeError, match="outlier"):
-        make(decay_after=8, decay_bits=2, n_outlier_channels=4)
+    with pytest.raises(ValueError, match="decay_bits must be in .*outlier split"):
+        make(decay_after=8, decay_bits=2, key_bits=1, n_outlier_channels=16, outlier_bits=3,
+             outlier_roles="keys")  # keys 2 bits per coordinate: nothing to decay to at 2
     with pytest.raises(ValueError, match="fp16_sinks"):
         make(fp16_sinks=9, max_tokens=8)
     with pytest.raises(TypeError):
@@ -318,6 +319,13 @@ def test_info_cli_shows_sinks_and_decay(rng, tmp_path, capsys):
     assert "format version 3" in out and "fp16 sinks:      4 tokens" in out
     want = sum(kv.decayed_blocks(0, h, r) for h in range(NKV) for r in ("key", "value"))
     assert f"to 2 bits after 8 tokens; {want} blocks decayed" in out and want > 0
+    # effective bits: the stored average (decayed blocks at 2 bits, fp16 sinks) and the fresh figure
+    import re
+
+    m = re.search(r"effective bits:\s+([\d.]+) per coordinate over the stored tokens .*; ([\d.]+) per "
+                  r"freshly coded token", out)
+    stored = 8 * kv.token_bytes(0) / kv.size(0) / (2 * NKV * D)
+    assert m and float(m.group(1)) == pytest.approx(stored, abs=1e-3) and float(m.group(2)) == 3.5
 
 
 @pytest.mark.parametrize("cfg", [
@@ -360,3 +368,74 @@ def test_eviction_arguments(rng):
     assert cache.core.max_coded_tokens == 64
     with pytest.raises(ValueError, match="max_coded_tokens"):
         tq.KVCacheBuilder().with_head_dim(D).with_block_tokens(8).with_eviction(3).build()
+
+
+# Outlier-split keys (the mlx-lm "key split"): half the channels at 4 bits, half at 2 (3 bits
+# per coordinate); decay to 2 drops both parts by one bit (3 + 1), the angle is copied.
+SPLIT = dict(key_bits=2, outlier_bits=4, n_outlier_channels=D // 2, outlier_roles="keys")
+
+
+def test_split_decay_distortion_is_close_to_a_direct_lower_bit_encode(rng):
+    d, n = 128, 512
+    x = rng.standard_normal((1, n, d)).astype(np.float32)
+    x[..., :16] *= 4  # energy in the outlier channels, as RoPE'd keys have
+
+    def rel_mse(kv):
+        kv.append(x, x)
+        y = kv.decode(0, 0, "key")[: n - 8]
+        return float(np.sum((y - x[0, : n - 8]) ** 2) / np.sum(x[0, : n - 8] ** 2))
+
+    kw = dict(n_layers=1, n_q_heads=1, n_kv_heads=1, block_tokens=8, seed=1, value_bits=3,
+              n_outlier_channels=64, outlier_roles="keys")
+    lut = _core.KVCache(d, key_bits=2, outlier_bits=4, decay_after=8, decay_bits=2, **kw)
+    direct = rel_mse(_core.KVCache(d, key_bits=1, outlier_bits=3, **kw))  # the decayed widths
+    three = rel_mse(_core.KVCache(d, key_bits=2, outlier_bits=4, **kw))
+    via_lut = rel_mse(lut)
+    assert lut.decayed_blocks(0, 0, "key") == n // 8 - 1
+    print(f"relative MSE: split 4+2 {three:.4f}, split 3+1 direct {direct:.4f}, 4+2 -> 3+1 LUT {via_lut:.4f}")
+    assert three < direct and 0.95 * direct < via_lut < 1.1 * direct
+
+
+@pytest.mark.parametrize("extra", [dict(), dict(norm_correction=True),
+                                   dict(fp16_sinks=3, fp16_window=10, norm_correction=True)])
+def test_split_decay_attention_roundtrip_and_memory(rng, tmp_path, extra):
+    cfg = dict(SPLIT, decay_after=12, decay_bits=2, **extra)
+    kv, plain = make(**cfg), make(**dict(SPLIT, **extra))
+    for T in (2, 1, 37, 1, 40, 1):
+        k, v = chunk(rng, T)
+        kv.append(k, v)
+        plain.append(k, v)
+    assert kv.decayed_blocks(0, 0, "key") > 0 and kv.decayed_blocks(0, 1, "value") > 0
+    for T_q, causal in ((1, True), (12, True), (3, False)):
+        q = rng.standard_normal((NQ, T_q, D)).astype(np.float32)
+        np.testing.assert_allclose(kv.attend(q, causal=causal),
+                                   attention_over_decoded(kv, q, causal=causal), atol=2e-4)
+    # Norm correction keeps each decayed key (split) and value (plain) at the norm of its
+    # undecayed decode.
+    for role in ("value", "key"):
+        a, b = kv.decode(0, 1, role), plain.decode(0, 1, role)
+        ratio = np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
+        if extra.get("norm_correction"):
+            np.testing.assert_allclose(ratio, 1.0, atol=2e-3)
+        else:
+            assert ratio.min() < 0.99
+    # Token bytes: a decayed key row is 4 bytes shorter (16 channels 4+2 -> 3+1 bits, the
+    # angle copied), a decayed value row too (32 channels 3 -> 2 bits).
+    dk = 8 * sum(kv.decayed_blocks(0, h, "key") for h in range(NKV))
+    dv = 8 * sum(kv.decayed_blocks(0, h, "value") for h in range(NKV))
+    assert plain.token_bytes(0) - kv.token_bytes(0) == 4 * dk + 4 * dv
+    assert kv.stored_bytes_per_token() == pytest.approx(kv.token_bytes(0) / kv.size(0))
+    assert kv.bytes_per_token() == plain.bytes_per_token()  # fresh tokens: configured bits
+    if not extra.get("fp16_window"):  # memory = state + stored tokens + the last page's slack
+        assert kv.stored_bytes_per_token() < kv.bytes_per_token()
+        slack = -kv.size(0) % 8
+        assert kv.memory_bytes() == make(**cfg).memory_bytes() + kv.token_bytes(0) + slack * kv.bytes_per_token()
+    path = str(tmp_path / "s.tqkv")
+    kv.save(path)
+    back = _core.KVCache.load(path)
+    assert back.to_bytes() == kv.to_bytes() and back.memory_bytes() == kv.memory_bytes()
+    np.testing.assert_array_equal(back.decode(0, 1, "key"), a)
+    more = chunk(rng, 20)
+    kv.append(*more)
+    back.append(*more)
+    assert back.to_bytes() == kv.to_bytes()

@@ -16,6 +16,7 @@
 // threads serialize mutation themselves (e.g. one writer thread, or a lock around append).
 #pragma once
 
+#include <array>
 #include <atomic>
 #include <cstddef>
 #include <cstdint>
@@ -77,8 +78,13 @@ struct KVCacheConfig {
   // Temporal decay (0 = off): once at least decay_after tokens follow a full coded block's
   // newest token, the block is re-quantized in place from key_bits / value_bits to decay_bits
   // (turboquant_mse only: a code->code table maps every centroid index to the nearest
-  // decay_bits centroid; rotation and norms unchanged, so no fp16 round trip). Other methods
-  // are refused with NotSupported. decay_bits must be in [1, min(key_bits, value_bits)).
+  // decay_bits centroid; rotation unchanged, so no fp16 round trip). Other methods are
+  // refused with NotSupported. Norms are kept, except with norm_correction, where each is
+  // rescaled by ‖ỹ_old‖/‖ỹ_new‖ (both computed from the codes) so decoded vectors keep their
+  // norm. Outlier-split streams (quantizer_outlier.h) decay part by part: both parts drop by
+  // decay_reference_bits() - decay_bits bits (floor 1 bit), angle and norm copied, so a
+  // split of 64 channels at 4 bits + 64 at 2 (3 bits per coordinate) decays to 2 bits as
+  // 3 + 1. decay_bits must be in [1, the smallest reference bits of the two roles).
   size_t decay_after = 0;
   int decay_bits = 0;
   // Eviction (StreamingLLM-like, 0 = off): while a layer holds more than max_coded_tokens
@@ -93,6 +99,11 @@ struct KVCacheConfig {
   void validate() const;
   int group_size() const { return n_q_heads / n_kv_heads; }
   bool windowed() const { return fp16_window > 0 || !fp16_layers.empty() || fp16_sinks > 0; }
+  // Whether the keys (role 0) / values (role 1) get the outlier split (outlier_roles).
+  bool split_role(int role) const {
+    if (n_outlier_channels == 0 && outlier_channels.empty()) return false;
+    return outlier_roles == OutlierRoles::kBoth || (outlier_roles == OutlierRoles::kKeys) == (role == 0);
+  }
   bool decays() const { return decay_after > 0; }
   // Whether the file format version 3 is needed (sinks, decay, eviction, norm correction or
   // outlier roles other than both).
@@ -107,6 +118,15 @@ struct KVCacheConfig {
   // The oldest file format version that can express this configuration.
   uint32_t format_version() const { return v4() ? 4u : v3() ? 3u : windowed() ? 2u : 1u; }
 };
+
+// Temporal decay of an outlier split (KVCacheConfig::decay_after): the stream's reference
+// bits, floor(nominal bits per coordinate) = floor((n_o·outlier_bits + (d - n_o)·bits) / d),
+// outlier_bits 0 meaning bits + 1 (n_outliers 0: a plain stream, its bits); and the
+// decayed widths {inlier bits, outlier bits}: both parts drop by reference - decay_bits,
+// floor 1 bit.
+int decay_reference_bits(int head_dim, int bits, int n_outliers, int outlier_bits);
+std::array<int, 2> decayed_split_bits(int head_dim, int bits, int n_outliers, int outlier_bits,
+                                      int decay_bits);
 
 enum class KVRole : uint32_t { kKey = 0, kValue = 1 };
 uint64_t kv_stream_id(uint32_t layer, uint32_t kv_head, KVRole role);
@@ -182,6 +202,10 @@ class KVCache {
   size_t memory_bytes() const;
   // Bytes the same tokens would take as fp16 K and V.
   size_t fp16_bytes() const;
+  // Bytes holding the stored tokens of one layer, all heads, keys and values: codes at each
+  // block's own width (decayed blocks at theirs), fp16 norms, and 2·head_dim per fp16 sink or
+  // window row. Unlike memory_bytes(): no quantizer state, no unused page or window slack.
+  size_t token_bytes(int layer) const;
 
   const Quantizer& key_quantizer(int layer, int kv_head) const;
   const Quantizer& value_quantizer(int layer, int kv_head) const;
@@ -266,7 +290,21 @@ class KVCache {
   std::vector<std::vector<uint16_t>> windows_;          // fp16 rows, same indexing as pages_
   std::vector<std::vector<uint16_t>> sinks_;            // fp16 sink rows (fp16_sinks > 0)
   std::vector<std::unique_ptr<Quantizer>> decay_quantizers_;  // decay_bits, same indexing
-  std::vector<std::vector<uint8_t>> decay_lut_;         // per role: bits index -> decay index
+  // Code->code re-quantization of one role's rows (the same for every stream of the role):
+  // bytes [0, header) are copied (an outlier split's angle), then each part's indices are
+  // mapped through its nearest-centroid table and repacked at the decayed width.
+  struct DecayPart {
+    size_t dim = 0, from_offset = 0, to_offset = 0;
+    int from_bits = 0, to_bits = 0;
+    std::vector<uint8_t> lut;                  // from index -> to index
+    std::vector<float> from_c, to_c;           // centroids (norm correction: ‖ỹ‖ from codes)
+  };
+  struct DecayPlan {
+    size_t header = 0;
+    std::vector<DecayPart> parts;
+    bool split = false;                        // parts scaled by the split's cos φ̃ / sin φ̃
+  };
+  std::vector<DecayPlan> decay_plans_;                  // per role
   std::vector<size_t> decay_done_;                      // per layer: leading blocks decayed
   std::vector<size_t> evicted_;                         // per layer: tokens evicted
   mutable std::atomic<size_t> readers_{0};              // guarded readers in progress

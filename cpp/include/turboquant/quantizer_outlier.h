@@ -58,6 +58,9 @@ class OutlierSplitQuantizer : public Quantizer {
   int outlier_bits() const { return parts_[0]->bits(); }
   // Bytes of the part angle at the start of each code row: split_angle_bits / 8.
   size_t angle_bytes() const { return angle_bytes_; }
+  // Byte offset of part p's code row inside a split code row; the bytes before
+  // part_offset(0) hold the angle (re-quantization copies them, e.g. temporal decay).
+  size_t part_offset(size_t p) const { return offsets_[p]; }
   // cos φ̃, sin φ̃ of one code row.
   std::array<float, 2> part_ratios(const uint8_t* code) const;
 

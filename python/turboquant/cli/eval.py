@@ -17,7 +17,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", help="JSON file with any of the options below (CLI wins)")
     p.add_argument("--text", help="English text file to score")
     p.add_argument("--bits", default=None,
-                   help="comma-separated settings: 2,3,4 | k4v3 | 3+fp16:0,-1 | mlx4 | mlx8")
+                   help="comma-separated settings: fp16 | mlx4 | mlx8 | BITS[+OPT...][/FLAG...] "
+                        "with BITS 2, 3, k4v3 or p (profile); OPT fp16:L,.. (fp16 layers), wN "
+                        "(fp16 window of N tokens), sN (N fp16 sinks), dA:B (decay code blocks "
+                        "with A newer tokens to B bits), svT (sparse V threshold T, scored one "
+                        "token per step; sv0 = its dense control), profile:PATH; FLAG raw or "
+                        "nosplit. E.g. 3+s4+w64+d256:2")
     p.add_argument("--prefix", type=int, default=None, help="tokens prefilled before scoring")
     p.add_argument("--max-tokens", type=int, default=None, help="tokens scored after the prefix")
     p.add_argument("--chunk", type=int, default=None, help="tokens per scoring step")

@@ -50,6 +50,12 @@ def run(args: argparse.Namespace) -> int:
         print(f"decay:           to {core.decay_bits} bits after {core.decay_after} tokens; {dec} blocks decayed")
     print(f"memory:          {mem} bytes in memory, fp16 K+V would be {core.fp16_bytes()} bytes"
           + (f" ({core.fp16_bytes() / mem:.2f}x)" if sizes[0] else ""))
-    bits = 8 * core.bytes_per_token() / (2 * core.n_layers * core.n_kv_heads * core.head_dim)
-    print(f"effective bits:  {bits:.3f} per coordinate (codes + fp16 norms)")
+    coords = 2 * core.n_layers * core.n_kv_heads * core.head_dim
+    fresh = 8 * core.bytes_per_token() / coords
+    if sizes[0]:  # stored: decayed blocks at their bits, fp16 sink/window rows at 16 bits
+        bits = 8 * core.stored_bytes_per_token() / coords
+        print(f"effective bits:  {bits:.3f} per coordinate over the stored tokens (codes at each "
+              f"block's bits + fp16 norms + fp16 sink/window rows); {fresh:.3f} per freshly coded token")
+    else:
+        print(f"effective bits:  {fresh:.3f} per coordinate (codes + fp16 norms)")
     return 0
