@@ -149,3 +149,36 @@ def test_mlx_lm_cache_sixteen_bit_prompt_cache_keeps_its_angle(tmp_path):
     mlx_cache.save_prompt_cache(path, cache)
     loaded = mlx_cache.load_prompt_cache(path)
     assert all(c.split_angle_bits == 16 and c._core.split_angle_bits == 16 for c in loaded)
+
+
+def test_smollm2_shape_3bit_window_memory():
+    """The README's memory figures for the mlx-lm 3-bit setting with 4 fp16 sinks and an
+    fp16 window (`generate`'s default, `3+s4+w16`): a SmolLM2-shaped layer (head_dim 64,
+    3 KV heads, the key split as make_prompt_cache builds it: 32 channels at 4 bits, 32 at
+    2, 8-bit part angle; 3-bit values; norm correction; 32-token pages) is more than 4.5x
+    smaller than fp16 K/V at every flush phase between 4096 and 4160 tokens with a 16-token
+    window (4.55-4.58x) and about 4.5x with a 32-token one (4.48-4.52x); the 8-bit angle is
+    1 byte per key slot smaller than the 16-bit one."""
+    def cache(window, angle=8):
+        return _core.KVCache(64, n_q_heads=9, n_kv_heads=3, key_bits=2, value_bits=3,
+                             n_outlier_channels=32, outlier_bits=4, outlier_roles="keys",
+                             split_angle_bits=angle, norm_correction=True, fp16_sinks=4,
+                             fp16_window=window, block_tokens=32)
+    rng = np.random.default_rng(0)
+    caches = {"w16": cache(16), "w32": cache(32), "w32/a16": cache(32, 16)}
+    x = rng.standard_normal((3, 4096, 64)).astype(np.float32)
+    for kv in caches.values():
+        kv.append(x, x)
+    ratios = {name: [] for name in caches}
+    for t in range(4096, 4161):
+        if t > 4096:
+            step = rng.standard_normal((3, 1, 64)).astype(np.float32)
+            for kv in caches.values():
+                kv.append(step, step)
+        for name, kv in caches.items():
+            ratios[name].append(t * 3 * 64 * 2 * 2 / kv.memory_bytes())
+        pages = -(-caches["w32"].code_tokens(0) // 32)  # one angle byte per key slot of a page
+        assert caches["w32/a16"].memory_bytes() - caches["w32"].memory_bytes() == 3 * 32 * pages
+    assert min(ratios["w16"]) > 4.54 and max(ratios["w16"]) < 4.6, ratios["w16"]
+    assert 4.47 < min(ratios["w32"]) and max(ratios["w32"]) < 4.53, ratios["w32"]
+    assert max(ratios["w32/a16"]) < min(ratios["w32"])

@@ -21,8 +21,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kv-method", default="turboquant_mse", help="quantizer method")
     p.add_argument("--fp16-layers", type=add_fp16_layers, default=(),
                    help="comma-separated layer indices kept in fp16 (negative from the end)")
-    p.add_argument("--fp16-window", type=int, default=32,
-                   help="most recent tokens of every layer kept in fp16 (default 32; 0: off)")
+    p.add_argument("--fp16-window", type=int, default=16,
+                   help="most recent tokens of every layer kept in fp16 (default 16; 0: off)")
     p.add_argument("--fp16-sinks", type=int, default=4,
                    help="first tokens of every layer kept in fp16 (attention sinks; default 4)")
     p.add_argument("--no-key-split", action="store_true",
