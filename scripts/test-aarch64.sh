@@ -22,16 +22,8 @@ log() { printf '\n==> %s\n' "$*"; }
 
 # System packages: the cross compiler, qemu-user, GoogleTest's sources (libgtest-dev).
 APT_PACKAGES=(g++-aarch64-linux-gnu qemu-user libgtest-dev libeigen3-dev ninja-build)
-missing=()
-for p in "${APT_PACKAGES[@]}"; do
-  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
-done
-if ((${#missing[@]})); then
-  log "installing system packages: ${missing[*]}"
-  SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
-  $SUDO apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${missing[@]}" >/dev/null
-fi
+source scripts/apt-packages.sh
+ensure_apt_packages "${APT_PACKAGES[@]}"
 
 log "cross-building the C++ test suite for aarch64 (warnings as errors)"
 cmake -S . -B "$BUILD" -G Ninja -Wno-deprecated -DCMAKE_TOOLCHAIN_FILE=cmake/aarch64-linux-gnu.cmake \

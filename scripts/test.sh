@@ -23,16 +23,8 @@ log() { printf '\n==> %s\n' "$*"; }
 
 # --- 1. dependencies -------------------------------------------------------------------
 APT_PACKAGES=(g++ clang libclang-rt-14-dev libgtest-dev libgmock-dev libbenchmark-dev libeigen3-dev ninja-build)
-missing=()
-for p in "${APT_PACKAGES[@]}"; do
-  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
-done
-if ((${#missing[@]})); then
-  log "installing system packages: ${missing[*]}"
-  SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
-  $SUDO apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${missing[@]}" >/dev/null
-fi
+source scripts/apt-packages.sh
+ensure_apt_packages "${APT_PACKAGES[@]}"
 # cmake >= 3.21 (the Debian one may be older): take PyPI's when needed.
 if ! cmake --version 2>/dev/null | awk 'NR==1{split($3,v,"."); exit !(v[1]>3 || (v[1]==3 && v[2]>=21))}'; then
   $PY -m pip install -q "cmake>=3.21"

@@ -20,6 +20,7 @@
 #include <cmath>
 #include <cstring>
 
+#include "backend/cpu/bits_dispatch.h"
 #include "backend/cpu/kernels.h"
 #include "turboquant/codebook.h"
 #include "turboquant/packing.h"
@@ -275,16 +276,7 @@ void quantize_pack_avx2_t(const float* y, size_t n, size_t d, const float* bound
 
 void quantize_pack_avx2(const float* y, size_t n, size_t d, const float* boundaries, int bits,
                         uint8_t* codes, size_t code_bytes) {
-  switch (bits) {
-    case 1: return quantize_pack_avx2_t<1>(y, n, d, boundaries, codes, code_bytes);
-    case 2: return quantize_pack_avx2_t<2>(y, n, d, boundaries, codes, code_bytes);
-    case 3: return quantize_pack_avx2_t<3>(y, n, d, boundaries, codes, code_bytes);
-    case 4: return quantize_pack_avx2_t<4>(y, n, d, boundaries, codes, code_bytes);
-    case 5: return quantize_pack_avx2_t<5>(y, n, d, boundaries, codes, code_bytes);
-    case 6: return quantize_pack_avx2_t<6>(y, n, d, boundaries, codes, code_bytes);
-    case 7: return quantize_pack_avx2_t<7>(y, n, d, boundaries, codes, code_bytes);
-    default: return quantize_pack_avx2_t<8>(y, n, d, boundaries, codes, code_bytes);
-  }
+  with_bits<8>(bits, [&]<int B>() { quantize_pack_avx2_t<B>(y, n, d, boundaries, codes, code_bytes); });
 }
 
 // ---------------------------------------------------------------------------------------
@@ -455,16 +447,7 @@ void mse_scores_avx2(const float* q, size_t m, const uint8_t* codes, size_t code
                      float* out, size_t out_stride) {
   if (code_bytes > kMaxDim)  // wider rows than any MSE code (SafeRows scratch): reference
     return scalar_kernels().mse_scores(q, m, codes, code_bytes, norms, n, d, bits, centroids, out, out_stride);
-  switch (bits) {
-    case 1: return mse_scores_t<1>(q, m, codes, code_bytes, norms, n, d, centroids, out, out_stride);
-    case 2: return mse_scores_t<2>(q, m, codes, code_bytes, norms, n, d, centroids, out, out_stride);
-    case 3: return mse_scores_t<3>(q, m, codes, code_bytes, norms, n, d, centroids, out, out_stride);
-    case 4: return mse_scores_t<4>(q, m, codes, code_bytes, norms, n, d, centroids, out, out_stride);
-    case 5: return mse_scores_t<5>(q, m, codes, code_bytes, norms, n, d, centroids, out, out_stride);
-    case 6: return mse_scores_t<6>(q, m, codes, code_bytes, norms, n, d, centroids, out, out_stride);
-    case 7: return mse_scores_t<7>(q, m, codes, code_bytes, norms, n, d, centroids, out, out_stride);
-    default: return mse_scores_t<8>(q, m, codes, code_bytes, norms, n, d, centroids, out, out_stride);
-  }
+  with_bits<8>(bits, [&]<int B>() { mse_scores_t<B>(q, m, codes, code_bytes, norms, n, d, centroids, out, out_stride); });
 }
 
 // ---------------------------------------------------------------------------------------
@@ -541,16 +524,7 @@ void mse_accumulate_avx2(const float* w, size_t w_stride, size_t m, const uint8_
                          const float* centroids, float* acc) {
   if (code_bytes > kMaxDim)
     return scalar_kernels().mse_accumulate(w, w_stride, m, codes, code_bytes, norms, n, d, bits, centroids, acc);
-  switch (bits) {
-    case 1: return mse_accumulate_t<1>(w, w_stride, m, codes, code_bytes, norms, n, d, centroids, acc);
-    case 2: return mse_accumulate_t<2>(w, w_stride, m, codes, code_bytes, norms, n, d, centroids, acc);
-    case 3: return mse_accumulate_t<3>(w, w_stride, m, codes, code_bytes, norms, n, d, centroids, acc);
-    case 4: return mse_accumulate_t<4>(w, w_stride, m, codes, code_bytes, norms, n, d, centroids, acc);
-    case 5: return mse_accumulate_t<5>(w, w_stride, m, codes, code_bytes, norms, n, d, centroids, acc);
-    case 6: return mse_accumulate_t<6>(w, w_stride, m, codes, code_bytes, norms, n, d, centroids, acc);
-    case 7: return mse_accumulate_t<7>(w, w_stride, m, codes, code_bytes, norms, n, d, centroids, acc);
-    default: return mse_accumulate_t<8>(w, w_stride, m, codes, code_bytes, norms, n, d, centroids, acc);
-  }
+  with_bits<8>(bits, [&]<int B>() { mse_accumulate_t<B>(w, w_stride, m, codes, code_bytes, norms, n, d, centroids, acc); });
 }
 
 // ---------------------------------------------------------------------------------------

@@ -21,6 +21,7 @@
 #include <algorithm>
 #include <cstring>
 
+#include "backend/cpu/bits_dispatch.h"
 #include "backend/cpu/kernels.h"
 #include "turboquant/codebook.h"
 #include "turboquant/packing.h"
@@ -147,12 +148,7 @@ void mse_scores_avx512(const float* q, size_t m, const uint8_t* codes, size_t co
                        float* out, size_t out_stride) {
   if (bits > 4 || d % 16 != 0 || code_bytes > kMaxDim)
     return avx2_kernels().mse_scores(q, m, codes, code_bytes, norms, n, d, bits, centroids, out, out_stride);
-  switch (bits) {
-    case 1: return mse_scores_t<1>(q, m, codes, code_bytes, norms, n, d, centroids, out, out_stride);
-    case 2: return mse_scores_t<2>(q, m, codes, code_bytes, norms, n, d, centroids, out, out_stride);
-    case 3: return mse_scores_t<3>(q, m, codes, code_bytes, norms, n, d, centroids, out, out_stride);
-    default: return mse_scores_t<4>(q, m, codes, code_bytes, norms, n, d, centroids, out, out_stride);
-  }
+  with_bits<4>(bits, [&]<int B>() { mse_scores_t<B>(q, m, codes, code_bytes, norms, n, d, centroids, out, out_stride); });
 }
 
 // mse_accumulate: blocks of tokens; within a block, GC groups of 16 coordinates × MQ queries
@@ -223,12 +219,7 @@ void mse_accumulate_avx512(const float* w, size_t w_stride, size_t m, const uint
                            const float* centroids, float* acc) {
   if (bits > 4 || d % 16 != 0 || code_bytes > kMaxDim)
     return avx2_kernels().mse_accumulate(w, w_stride, m, codes, code_bytes, norms, n, d, bits, centroids, acc);
-  switch (bits) {
-    case 1: return mse_accumulate_t<1>(w, w_stride, m, codes, code_bytes, norms, n, d, centroids, acc);
-    case 2: return mse_accumulate_t<2>(w, w_stride, m, codes, code_bytes, norms, n, d, centroids, acc);
-    case 3: return mse_accumulate_t<3>(w, w_stride, m, codes, code_bytes, norms, n, d, centroids, acc);
-    default: return mse_accumulate_t<4>(w, w_stride, m, codes, code_bytes, norms, n, d, centroids, acc);
-  }
+  with_bits<4>(bits, [&]<int B>() { mse_accumulate_t<B>(w, w_stride, m, codes, code_bytes, norms, n, d, centroids, acc); });
 }
 
 }  // namespace
