@@ -4,6 +4,7 @@
 #include <algorithm>
 #include <cstring>
 
+#include "corruption_test_util.h"
 #include "kv_test_util.h"
 #include "turboquant/error.h"
 #include "turboquant/packing.h"
@@ -181,18 +182,9 @@ TEST(KVDecay, FileRoundTripAndEveryCorruptionIsAFormatError) {
   EXPECT_EQ(r->sink_tokens(0), 1u);
   EXPECT_EQ(r->evicted_tokens(0), c.evicted_tokens(0));
   EXPECT_EQ(r->decayed_blocks(0, 0, KVRole::kValue), c.decayed_blocks(0, 0, KVRole::kValue));
-  for (size_t n = 0; n < bytes.size(); ++n) {
-    std::vector<uint8_t> cut(bytes.begin(), bytes.begin() + static_cast<std::ptrdiff_t>(n));
-    EXPECT_THROW(deserialize_cache(cut.data(), cut.size()), FormatError) << "length " << n;
-  }
+  expect_every_truncation_rejected(bytes);
   ASSERT_LT(bytes.size(), 4096u);
-  for (size_t i = 0; i < bytes.size(); ++i) {
-    for (uint8_t mask : {uint8_t{0x01}, uint8_t{0x80}, uint8_t{0xFF}}) {
-      auto bad = bytes;
-      bad[i] ^= mask;
-      EXPECT_THROW(deserialize_cache(bad.data(), bad.size()), FormatError) << "byte " << i;
-    }
-  }
+  expect_every_byte_flip_rejected(bytes);
   // Both caches keep growing identically.
   const auto y = gaussian(5 * 16, 4);
   c.append(0, y.data(), y.data(), 5);

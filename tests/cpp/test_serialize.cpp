@@ -6,6 +6,7 @@
 #include <cstring>
 
 #include "fixture_v3_split.h"
+#include "corruption_test_util.h"
 #include "kv_test_util.h"
 #include "turboquant/error.h"
 
@@ -76,23 +77,13 @@ TEST(Serialize, FileRoundTrip) {
 
 TEST(Serialize, EveryTruncationIsAFormatError) {
   const auto bytes = serialize_cache(*small_cache(3));
-  for (size_t n = 0; n < bytes.size(); ++n) {
-    // A copy of exactly n bytes so that AddressSanitizer sees any read past the end.
-    std::vector<uint8_t> cut(bytes.begin(), bytes.begin() + static_cast<std::ptrdiff_t>(n));
-    EXPECT_THROW(deserialize_cache(cut.data(), cut.size()), FormatError) << "length " << n;
-  }
+  expect_every_truncation_rejected(bytes);
 }
 
 TEST(Serialize, EveryBitFlipIsAFormatError) {
   const auto bytes = serialize_cache(*small_cache(3));
   ASSERT_LT(bytes.size(), 4096u);
-  for (size_t i = 0; i < bytes.size(); ++i) {
-    for (uint8_t mask : {uint8_t{0x01}, uint8_t{0x80}, uint8_t{0xFF}}) {
-      auto bad = bytes;
-      bad[i] ^= mask;
-      EXPECT_THROW(deserialize_cache(bad.data(), bad.size()), FormatError) << "byte " << i;
-    }
-  }
+  expect_every_byte_flip_rejected(bytes);
   auto extra = bytes;
   extra.push_back(0);
   EXPECT_THROW(deserialize_cache(extra.data(), extra.size()), FormatError);
@@ -208,18 +199,9 @@ TEST(Serialize, SixteenBitSplitAngleKeepsTheOldVersions) {
 TEST(Serialize, Version4EveryCorruptionIsAFormatError) {
   const auto bytes = serialize_cache(*split_cache(8, 3));
   ASSERT_EQ(bytes[8], 4u);
-  for (size_t n = 0; n < bytes.size(); ++n) {
-    std::vector<uint8_t> cut(bytes.begin(), bytes.begin() + static_cast<std::ptrdiff_t>(n));
-    EXPECT_THROW(deserialize_cache(cut.data(), cut.size()), FormatError) << "length " << n;
-  }
+  expect_every_truncation_rejected(bytes);
   ASSERT_LT(bytes.size(), 8192u);
-  for (size_t i = 0; i < bytes.size(); ++i) {
-    for (uint8_t mask : {uint8_t{0x01}, uint8_t{0x80}, uint8_t{0xFF}}) {
-      auto bad = bytes;
-      bad[i] ^= mask;
-      EXPECT_THROW(deserialize_cache(bad.data(), bad.size()), FormatError) << "byte " << i;
-    }
-  }
+  expect_every_byte_flip_rejected(bytes);
 }
 
 TEST(Serialize, BadSplitAngleWidthInAFileIsAFormatError) {

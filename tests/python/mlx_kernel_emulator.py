@@ -23,6 +23,7 @@ import mlx.core as mx
 import numpy as np
 
 from turboquant import metal
+from metal_args import ARG_TYPES
 
 ROOT = Path(__file__).resolve().parents[2]
 # The emulator's fibers use ucontext, which macOS gates behind _XOPEN_SOURCE.
@@ -30,14 +31,6 @@ EMU_FLAGS = ([] if sys.platform != "darwin" else
              ["-D_XOPEN_SOURCE=700", "-D_DARWIN_C_SOURCE", "-Wno-deprecated-declarations"])
 SCRATCH_FLOATS = 16384  # the emulated threadgroup array of templated kernels (>= any SCRATCH)
 
-# Element type of each argument name (the arrays turboquant.metal passes).
-ARG_TYPES = {
-    "x": "float", "signs": "float", "boundaries": "float", "params": "uint32_t",
-    "codes": "uint8_t", "norms": "uint16_t", "y": "float", "centroids": "float", "out": "float",
-    "q": "float", "k_codes": "uint8_t", "k_norms": "uint16_t", "v_codes": "uint8_t",
-    "v_norms": "uint16_t", "k_centroids": "float", "v_centroids": "float", "part_m": "float",
-    "part_l": "float", "part_acc": "float", "v_signs": "float",
-}
 # Output element types by kernel: "out" of the dequantize kernels may be fp16 bits.
 _NP = {"float": np.float32, "uint8_t": np.uint8, "uint16_t": np.uint16, "uint32_t": np.uint32}
 _MX_TO_NP = {mx.float32: np.float32, mx.uint8: np.uint8, mx.uint16: np.uint16,

@@ -19,6 +19,7 @@ import pytest
 
 import turboquant
 from turboquant import _core, metal
+from metal_args import ARG_TYPES
 
 ROOT = Path(__file__).resolve().parents[2]
 NOT_MAC = sys.platform != "darwin"
@@ -105,16 +106,6 @@ def test_parameter_blocks_match_the_metal_structs():
     assert attn["num_blocks"] == 2 and attn["k_code_bytes"] == 48 and attn["v_code_bytes"] == 64
     assert np.array([attn["scale"]], np.uint32).view(np.float32)[0] == np.float32(0.125)
     assert metal.attention_scratch_floats(128, 7, 64, 3, 4) == 7 * 128 + 8 + 16 + 7 * 64
-
-
-# Element types mx.fast.metal_kernel gives each argument (from the arrays metal.py passes).
-ARG_TYPES = {
-    "x": "float", "signs": "float", "boundaries": "float", "params": "uint32_t",
-    "codes": "uint8_t", "norms": "uint16_t", "y": "float", "centroids": "float", "out": "float",
-    "q": "float", "k_codes": "uint8_t", "k_norms": "uint16_t", "v_codes": "uint8_t",
-    "v_norms": "uint16_t", "k_centroids": "float", "v_centroids": "float", "part_m": "float",
-    "part_l": "float", "part_acc": "float", "v_signs": "float",
-}
 
 
 def mlx_style_translation_unit() -> str:
@@ -232,23 +223,17 @@ def test_mlx_kernels_on_the_emulated_gpu(tmp_path):
     blocks = -(-tokens // bt)
     scratch = metal.attention_scratch_floats(dim, group, bt, 3, 4)
     rows = kv_heads * stride
-    common = {"x": "float", "signs": "float", "boundaries": "float", "params": "uint32_t",
-              "codes": "uint8_t", "norms": "uint16_t", "y": "float", "q": "float",
-              "k_codes": "uint8_t", "k_norms": "uint16_t", "v_codes": "uint8_t",
-              "v_norms": "uint16_t", "k_centroids": "float", "v_centroids": "float",
-              "part_m": "float", "part_l": "float", "part_acc": "float", "v_signs": "float",
-              "out": "float", "centroids": "float"}
     kernels = [
-        {"id": "encode", "kernel": "encode", "types": common, "grid": (rows * t, 1, 1),
+        {"id": "encode", "kernel": "encode", "types": ARG_TYPES, "grid": (rows * t, 1, 1),
          "threadgroup": (t, 1, 1), "out_bytes": [rows * kq.code_bytes, rows * 2]},
-        {"id": "rotate", "kernel": "rotate", "types": common, "grid": (kv_heads * group * t, 1, 1),
+        {"id": "rotate", "kernel": "rotate", "types": ARG_TYPES, "grid": (kv_heads * group * t, 1, 1),
          "threadgroup": (t, 1, 1), "out_bytes": [kv_heads * group * dim * 4]},
-        {"id": "block", "kernel": "attention_block", "types": common,
+        {"id": "block", "kernel": "attention_block", "types": ARG_TYPES,
          "template": {"SCRATCH": scratch},
          "grid": (blocks * metal.ATTENTION_THREADS, kv_heads, 1),
          "threadgroup": (metal.ATTENTION_THREADS, 1, 1),
          "out_bytes": [kv_heads * blocks * group * 4] * 2 + [kv_heads * blocks * group * dim * 4]},
-        {"id": "reduce", "kernel": "attention_reduce", "types": common,
+        {"id": "reduce", "kernel": "attention_reduce", "types": ARG_TYPES,
          "grid": (group * t, kv_heads, 1),
          "threadgroup": (t, 1, 1), "out_bytes": [kv_heads * group * dim * 4]},
     ]

@@ -18,6 +18,7 @@ import pytest
 mx = pytest.importorskip("mlx.core")
 
 import turboquant  # noqa: E402
+from metal_args import ARG_TYPES  # noqa: E402
 from turboquant import _core, metal  # noqa: E402
 from turboquant.mlx_metal import (MetalCodeStore, MetalKVCache, ReferenceKernels,  # noqa: E402
                                   kv_stream_id, store_supports)
@@ -265,26 +266,20 @@ def test_per_head_kernels_on_the_emulated_gpu(tmp_path):
     t = metal.threads_for(dim)
     rows = H * stride
     blocks = -(-T // bt)
-    types = {"x": "float", "signs": "float", "boundaries": "float", "params": "uint32_t",
-             "codes": "uint8_t", "norms": "uint16_t", "y": "float", "q": "float",
-             "k_codes": "uint8_t", "k_norms": "uint16_t", "v_codes": "uint8_t",
-             "v_norms": "uint16_t", "k_centroids": "float", "v_centroids": "float",
-             "part_m": "float", "part_l": "float", "part_acc": "float", "v_signs": "float",
-             "out": "float", "centroids": "float"}
     kernels = [
-        *({"id": f"enc{tb.bits}", "kernel": "encode_heads", "types": types,
+        *({"id": f"enc{tb.bits}", "kernel": "encode_heads", "types": ARG_TYPES,
            "grid": (rows * t, 1, 1), "threadgroup": (t, 1, 1),
            "out_bytes": [rows * tb.code_bytes, rows * 2]} for tb in (kt, vt)),
-        {"id": "deq", "kernel": "dequantize_heads", "types": types, "grid": (rows * t, 1, 1),
+        {"id": "deq", "kernel": "dequantize_heads", "types": ARG_TYPES, "grid": (rows * t, 1, 1),
          "threadgroup": (t, 1, 1), "out_bytes": [rows * dim * 4]},
-        {"id": "rot", "kernel": "rotate_heads", "types": types, "grid": (H * group * t, 1, 1),
+        {"id": "rot", "kernel": "rotate_heads", "types": ARG_TYPES, "grid": (H * group * t, 1, 1),
          "threadgroup": (t, 1, 1), "out_bytes": [H * group * dim * 4]},
-        {"id": "block", "kernel": "attention_block", "types": types,
+        {"id": "block", "kernel": "attention_block", "types": ARG_TYPES,
          "template": {"SCRATCH": metal.attention_scratch_floats(dim, group, bt, 3, 4)},
          "grid": (blocks * metal.ATTENTION_THREADS, H, 1),
          "threadgroup": (metal.ATTENTION_THREADS, 1, 1),
          "out_bytes": [H * blocks * group * 4] * 2 + [H * blocks * group * dim * 4]},
-        {"id": "red", "kernel": "attention_reduce_heads", "types": types,
+        {"id": "red", "kernel": "attention_reduce_heads", "types": ARG_TYPES,
          "grid": (group * t, H, 1), "threadgroup": (t, 1, 1), "out_bytes": [H * group * dim * 4]},
     ]
     src = tmp_path / "heads.cpp"
