@@ -163,6 +163,11 @@ class Result:
     bits_per_coord_context: float = 0.0  # the same at the decode benchmark's context
     attend_ms: float = 0.0
     crossing_ms: float = 0.0
+    # several windows (evaluate(windows=N)): one standard error of the ppl ratio as a factor
+    # (ratio ×/÷ this), by batch means of the per-token NLL differences (0 with one window)
+    ppl_ratio_se: float = 0.0
+    windows: int = 1
+    scored_tokens: int = 0
     speed_vs_fp16: float = 1.0
     speed_vs_mlx: dict = field(default_factory=dict)
 
@@ -232,13 +237,58 @@ def _log_softmax(x: np.ndarray) -> np.ndarray:
     return x - np.log(np.exp(x).sum(-1, keepdims=True))
 
 
-def quality(ref: np.ndarray, got: np.ndarray, targets: np.ndarray) -> dict:
+def token_quality(ref: np.ndarray, got: np.ndarray, targets: np.ndarray) -> dict:
+    """Per scored token: NLL of the target, KL(ref || got), logit cosine, top-1 agreement."""
     lp_ref, lp = _log_softmax(ref.astype(np.float64)), _log_softmax(got.astype(np.float64))
     nll = -lp[np.arange(len(targets)), targets]
     cos = np.sum(ref * got, -1) / (np.linalg.norm(ref, axis=-1) * np.linalg.norm(got, axis=-1))
     kl = np.sum(np.exp(lp_ref) * (lp_ref - lp), -1)
-    return {"ppl": float(np.exp(nll.mean())), "logit_cosine": float(cos.mean()),
-            "kl": float(kl.mean()), "top1": float(np.mean(ref.argmax(-1) == got.argmax(-1)))}
+    return {"nll": nll, "kl": kl, "cos": cos,
+            "top1": (ref.argmax(-1) == got.argmax(-1)).astype(np.float64)}
+
+
+def quality(ref: np.ndarray, got: np.ndarray, targets: np.ndarray) -> dict:
+    t = token_quality(ref, got, targets)
+    return {"ppl": float(np.exp(t["nll"].mean())), "logit_cosine": float(t["cos"].mean()),
+            "kl": float(t["kl"].mean()), "top1": float(t["top1"].mean())}
+
+
+# Tokens per batch in the standard error of a perplexity ratio: neighbouring tokens' NLL
+# differences are correlated, so the error is that of the means of consecutive batches.
+SE_BATCH = 32
+
+
+def log_ratio_se(diff_per_window: list[np.ndarray], batch: int = SE_BATCH) -> float:
+    """Standard error of mean(nll_setting - nll_ref) by batch means (batches never straddle
+    two windows); 0 when there are fewer than two batches."""
+    means, sizes = [], []
+    for d in diff_per_window:
+        for i in range(0, len(d), batch):
+            means.append(d[i:i + batch].mean())
+            sizes.append(len(d[i:i + batch]))
+    if len(means) < 2:
+        return 0.0
+    m, w = np.array(means), np.array(sizes, dtype=np.float64)
+    mu = float(np.sum(m * w) / w.sum())
+    # weighted batch-means variance of the overall mean
+    var = float(np.sum(w ** 2 * (m - mu) ** 2) / w.sum() ** 2 * len(m) / (len(m) - 1))
+    return float(np.sqrt(var))
+
+
+def text_windows(texts: list[list[int]], n_windows: int, length: int) -> list[list[int]]:
+    """``n_windows`` disjoint windows of ``length`` tokens: consecutive windows from the start
+    of the first text, then of the next, ..., in order (deterministic)."""
+    out = []
+    for toks in texts:
+        for i in range(0, len(toks) - length + 1, length):
+            if len(out) == n_windows:
+                return out
+            out.append(toks[i:i + length])
+    if len(out) < n_windows:
+        have = sum(len(t) // length for t in texts)
+        raise ValueError(f"the text(s) hold {have} windows of {length} tokens (prefix + scored), "
+                         f"{n_windows} asked for: add texts or lower --windows")
+    return out
 
 
 class _Timers:
@@ -341,33 +391,56 @@ def decode_speed(model, base: list, s: Setting, first_token: int, steps: int,
         1e3 * timers.crossing / steps
 
 
-def evaluate(model, tokens: list[int], settings: list[Setting], prefix: int, score: int,
+def evaluate(model, tokens, settings: list[Setting], prefix: int, score: int,
              chunk: int, context: int, decode_tokens: int, seed: int = 0,
-             log=print) -> list[Result]:
-    if prefix + score > len(tokens):
-        raise ValueError(f"text has {len(tokens)} tokens, prefix+score needs {prefix + score}")
-    toks = tokens[: prefix + score]
-    targets = np.array(toks[prefix:])
+             log=print, windows: int = 1) -> list[Result]:
+    """``tokens``: one text's tokens, or a list of texts' tokens. Quality is pooled over
+    ``windows`` disjoint windows of prefix + score tokens (:func:`text_windows`); every
+    setting sees the same windows, each starting from an empty cache."""
+    texts = tokens if tokens and isinstance(tokens[0], (list, tuple)) else [tokens]
+    if windows < 1:
+        raise ValueError(f"windows must be >= 1, got {windows}")
+    if windows == 1 and prefix + score > len(texts[0]):
+        raise ValueError(f"text has {len(texts[0])} tokens, prefix+score needs {prefix + score}")
+    wins = text_windows(texts, windows, prefix + score)
     ref_setting = Setting.parse("fp16")
     all_settings = [ref_setting] + [s for s in settings if s.kind != "fp16"]
+    per_token = {s.name: [] for s in all_settings}
+    caches = {}
+    for w, toks in enumerate(wins):
+        targets = np.array(toks[prefix:])
+        ref = None
+        for s in all_settings:
+            t0 = time.perf_counter()
+            cache = make_cache(model, s, seed)
+            logits = score_logits(model, cache, toks, prefix, 1 if s.decode_scoring else chunk)
+            if ref is None:
+                ref = logits
+            q = token_quality(ref, logits, targets)
+            per_token[s.name].append(q)
+            caches[s.name] = kv_bytes(cache)
+            where = f" window {w + 1}/{len(wins)}" if len(wins) > 1 else ""
+            log(f"  quality {s.name}{where}: ppl {np.exp(q['nll'].mean()):.3f} "
+                f"cos {q['cos'].mean():.4f} ({time.perf_counter() - t0:.1f}s)")
     results = []
-    ref = None
+    ref_nll = [q["nll"] for q in per_token[ref_setting.name]]
     for s in all_settings:
-        t0 = time.perf_counter()
-        cache = make_cache(model, s, seed)
-        logits = score_logits(model, cache, toks, prefix, 1 if s.decode_scoring else chunk)
-        if ref is None:
-            ref = logits
-        r = Result(s, **quality(ref, logits, targets))
-        r.kv_bytes = kv_bytes(cache)
-        r.kv_ratio_fp16 = fp16_kv_bytes(model, len(toks) - 1) / r.kv_bytes
+        qs = per_token[s.name]
+        cat = {k: np.concatenate([q[k] for q in qs]) for k in qs[0]}
+        r = Result(s, ppl=float(np.exp(cat["nll"].mean())),
+                   logit_cosine=float(cat["cos"].mean()), kl=float(cat["kl"].mean()),
+                   top1=float(cat["top1"].mean()))
+        diffs = [q["nll"] - b for q, b in zip(qs, ref_nll)]
+        r.ppl_ratio_se = float(np.exp(log_ratio_se(diffs))) if len(wins) > 1 else 0.0
+        r.windows, r.scored_tokens = len(wins), int(len(cat["nll"]))
+        r.kv_bytes = caches[s.name]
+        r.kv_ratio_fp16 = fp16_kv_bytes(model, prefix + score - 1) / r.kv_bytes
         r.bits_per_coord = 16.0 / r.kv_ratio_fp16
         results.append(r)
-        log(f"  quality {s.name}: ppl {r.ppl:.3f} cos {r.logit_cosine:.4f} "
-            f"({time.perf_counter() - t0:.1f}s)")
     base_ppl = results[0].ppl
     for r in results:
         r.ppl_ratio = r.ppl / base_ppl
+    tokens = texts[0]
     if context > 0 and decode_tokens > 0:
         ctx = tokens[:context] if len(tokens) >= context else \
             (tokens * (context // len(tokens) + 1))[:context]
@@ -406,14 +479,15 @@ def evaluate(model, tokens: list[int], settings: list[Setting], prefix: int, sco
 
 
 def format_table(results: list[Result], context: int) -> str:
-    head = (f"{'setting':<22}{'ppl':>8}{'ratio':>8}{'cos':>8}{'KL':>8}{'top1':>7}"
+    head = (f"{'setting':<22}{'ppl':>8}{'ratio':>8}{'s.e.x':>7}{'cos':>8}{'KL':>8}{'top1':>7}"
             f"{'KV bytes':>11}{'x fp16':>7}{'tok/s@' + str(context):>11}{'/fp16':>7}"
             f"{'/q4':>6}{'/q8':>6}")
     lines = [head, "-" * len(head)]
     for r in results:
         q = r.speed_vs_mlx
         lines.append(
-            f"{r.setting.name:<22}{r.ppl:>8.3f}{r.ppl_ratio:>8.4f}{r.logit_cosine:>8.4f}"
+            f"{r.setting.name:<22}{r.ppl:>8.3f}{r.ppl_ratio:>8.4f}"
+            f"{(f'{r.ppl_ratio_se:.4f}' if r.ppl_ratio_se else '-'):>7}{r.logit_cosine:>8.4f}"
             f"{r.kl:>8.4f}{r.top1:>7.3f}{r.kv_bytes:>11,}{r.kv_ratio_fp16:>7.2f}"
             f"{r.decode_tok_s:>11.2f}{r.speed_vs_fp16:>7.2f}"
             f"{q.get('mlx-q4', 0):>6.2f}{q.get('mlx-q8', 0):>6.2f}")
@@ -422,16 +496,20 @@ def format_table(results: list[Result], context: int) -> str:
 
 def markdown_table(results: list[dict], context: int) -> str:
     """The ``eval --json`` results as a Markdown table (README)."""
-    lines = [f"| setting | ppl | ratio | logit cos | KL | top-1 | KV bytes | bits/coord | "
-             f"bits/coord @{context} | tok/s @{context} | /fp16 | /q4 | /q8 | "
-             f"C++ attn ms/tok |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    se = any(r.get("ppl_ratio_se") for r in results)
+    lines = [f"| setting | ppl | ratio |{' s.e. (×) |' if se else ''} logit cos | KL | top-1 | "
+             f"KV bytes | bits/coord | bits/coord @{context} | tok/s @{context} | /fp16 | /q4 | "
+             f"/q8 | C++ attn ms/tok |",
+             "|---|---:|---:|" + ("---:|" if se else "") +
+             "---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in results:
         q = r["speed_vs_mlx"]
         bits = r.get("bits_per_coord") or 16.0 / r["kv_ratio_fp16"]
         bctx = r.get("bits_per_coord_context", 0.0)
         lines.append(
-            f"| {r['name']} | {r['ppl']:.2f} | {r['ppl_ratio']:.3f} | {r['logit_cosine']:.4f} | "
+            f"| {r['name']} | {r['ppl']:.2f} | {r['ppl_ratio']:.3f} | "
+            + (f"{r.get('ppl_ratio_se', 0):.3f} | " if se else "") +
+            f"{r['logit_cosine']:.4f} | "
             f"{r['kl']:.4f} | {r['top1']:.3f} | {r['kv_bytes']:,} | {bits:.2f} | "
             f"{bctx:.2f} | {r['decode_tok_s']:.2f} | {r['speed_vs_fp16']:.2f} | "
             f"{q.get('mlx-q4', 0):.2f} | {q.get('mlx-q8', 0):.2f} | {r.get('attend_ms', 0):.1f} |")

@@ -15,7 +15,12 @@ HELP = "evaluate KV-cache settings on an mlx-lm model (quality vs fp16 KV, memor
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", help="mlx-lm model directory (default: SmolLM2-135M, fetched)")
     p.add_argument("--config", help="JSON file with any of the options below (CLI wins)")
-    p.add_argument("--text", help="English text file to score")
+    p.add_argument("--text", help="English text file(s) to score, comma-separated (windows "
+                   "are taken from the first, then the next; config: \"text\" or \"texts\")")
+    p.add_argument("--windows", type=int, default=None,
+                   help="disjoint windows of prefix + max-tokens tokens pooled into each "
+                        "result (each from an empty cache); > 1 adds a standard error of the "
+                        "ppl ratio")
     p.add_argument("--bits", default=None,
                    help="comma-separated settings: fp16 | mlx4 | mlx8 | BITS[+OPT...][/FLAG...] "
                         "with BITS 2, 3, k4v3 or p (profile); OPT fp16:L,.. (fp16 layers), wN "
@@ -35,7 +40,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 DEFAULTS = {"text": "/usr/share/common-licenses/GPL-3", "bits": "2,3,4", "prefix": 512,
-            "max_tokens": 512, "chunk": 16, "context": 4096, "decode_tokens": 32, "seed": 0}
+            "max_tokens": 512, "chunk": 16, "context": 4096, "decode_tokens": 32, "seed": 0,
+            "windows": 1}
 
 
 def run(args: argparse.Namespace) -> int:
@@ -60,14 +66,24 @@ def run(args: argparse.Namespace) -> int:
             opts[k] = v
     model_dir = args.model or opts.get("model") or str(models.smollm2("float32"))
     model, tokenizer = load(model_dir)
-    tokens = tokenizer.encode(Path(opts["text"]).read_text())
+    paths = opts.get("texts") if args.text is None and opts.get("texts") else \
+        [t for t in str(opts["text"]).split(",") if t.strip()]
+    texts = []
+    for path in paths:
+        try:
+            texts.append(tokenizer.encode(Path(path).read_text()))
+        except OSError as e:
+            raise SystemExit(f"eval: cannot read text {path!r}: {e.strerror}") from None
     settings = [Setting.parse(s) for s in str(opts["bits"]).split(",") if s.strip()]
     log = (lambda *a: print(*a, file=sys.stderr)) if args.json else print
-    log(f"model {model_dir}: {len(model.layers)} layers; text {opts['text']}: {len(tokens)} "
-        f"tokens; prefix {opts['prefix']}, scored {opts['max_tokens']}, chunk {opts['chunk']}")
-    results = evaluate(model, tokens, settings, prefix=opts["prefix"], score=opts["max_tokens"],
+    log(f"model {model_dir}: {len(model.layers)} layers; text(s) "
+        + ", ".join(f"{p} ({len(t)} tokens)" for p, t in zip(paths, texts))
+        + f"; prefix {opts['prefix']}, scored {opts['max_tokens']}, chunk {opts['chunk']}, "
+        f"windows {opts['windows']}")
+    results = evaluate(model, texts, settings, prefix=opts["prefix"], score=opts["max_tokens"],
                        chunk=opts["chunk"], context=opts["context"],
-                       decode_tokens=opts["decode_tokens"], seed=opts["seed"], log=log)
+                       decode_tokens=opts["decode_tokens"], seed=opts["seed"], log=log,
+                       windows=int(opts["windows"]))
     machine = f"{platform.machine()} {platform.processor() or ''}".strip()
     if args.json:
         print(json.dumps({"model": model_dir, "options": opts, "machine": machine,
