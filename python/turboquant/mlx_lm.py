@@ -213,14 +213,17 @@ class TurboQuantKVCache(_mlx_cache._BaseCache):
     def gpu_refusal(self, head_dim: int) -> str | None:
         """None when the mlx-resident store (turboquant.mlx_metal.MetalCodeStore) can hold
         this layer, else why it cannot (then the C++ core holds it). The store does
-        turboquant_mse with the Hadamard rotation on power-of-two head dims, norm correction
-        (debias), fp16 sinks and the fp16 recent window; not the key split."""
+        turboquant_mse with the Hadamard rotation on power-of-two head dims, the key split
+        (split.metal; head_dim >= 32, so that both halves have hadamard rotations), norm
+        correction (debias), fp16 sinks and the fp16 recent window; not temporal decay and
+        not sparse V."""
         why = _mlx_metal.store_supports(head_dim, self.key_method, self.value_method,
                                         self.rotation)
         if why:
             return why
-        if self.split_plan(head_dim) is not None:
-            return "the Metal store does not implement the key split (key_split=False runs there)"
+        if self.split_plan(head_dim) is not None and head_dim < 32:
+            return (f"the Metal key split needs head_dim >= 32 (halves of 16 channels or more), "
+                    f"got {head_dim}")
         if self.decay_after:
             return "temporal decay is a C++ core feature (the Metal store does not decay codes)"
         if self.sparse_v:
@@ -475,7 +478,7 @@ class TurboQuantKVCache(_mlx_cache._BaseCache):
         if self._gpu:
             self._core = _mlx_metal.MetalCodeStore(head_dim, norm_correction=self.debias and mse,
                                                    fp16_window=self.fp16_window,
-                                                   fp16_sinks=self.fp16_sinks, **common)
+                                                   fp16_sinks=self.fp16_sinks, **common, **split)
         else:
             self._core = _core.KVCache(head_dim, fp16_window=self.fp16_window,
                                        fp16_sinks=self.fp16_sinks, decay_after=self.decay_after,
@@ -517,7 +520,10 @@ def _check_decay_sparse(decay_after, decay_bits, sparse_v, key_bits: int, value_
 
 
 def _permute(x: np.ndarray, perm: np.ndarray) -> np.ndarray:
-    """x (H, T, d) with the channels of head h in the order perm[h]."""
+    """x (H, T, d) with the channels of head h in the order perm[h]; an mlx array stays one
+    (the Metal path's keys and queries never leave the GPU)."""
+    if isinstance(x, mx.array):
+        return mx.take_along_axis(x, mx.array(perm[:, None, :].astype(np.int32)), axis=2)
     return np.ascontiguousarray(np.take_along_axis(x, perm[:, None, :], axis=2))
 
 
