@@ -462,8 +462,11 @@ class TurboQuantKVCache(_mlx_cache._BaseCache):
         if plan is not None:
             m, hi, lo = plan
             if self._perm is None:
-                keys = np.concatenate([k for k, _ in self._pending], axis=1)
-                self._perm = self._choose_channels(keys, queries, m)
+                # The channel order is chosen once, from the first block, on the host (on
+                # the Metal path too: one read of the prefill's keys and queries).
+                keys = np.concatenate([_host(k) for k, _ in self._pending], axis=1)
+                self._perm = self._choose_channels(
+                    keys, None if queries is None else _host(queries), m)
                 self._pending = [(_permute(k, self._perm), v) for k, v in self._pending]
             key_bits = lo
             split = dict(n_outlier_channels=m, outlier_bits=hi,
@@ -525,6 +528,11 @@ def _permute(x: np.ndarray, perm: np.ndarray) -> np.ndarray:
     if isinstance(x, mx.array):
         return mx.take_along_axis(x, mx.array(perm[:, None, :].astype(np.int32)), axis=2)
     return np.ascontiguousarray(np.take_along_axis(x, perm[:, None, :], axis=2))
+
+
+def _host(x) -> np.ndarray:
+    """A NumPy view of x (an mlx array is copied to the host)."""
+    return x if isinstance(x, np.ndarray) else _to_numpy(x)
 
 
 def _to_numpy(x: mx.array) -> np.ndarray:

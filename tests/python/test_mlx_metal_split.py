@@ -198,12 +198,18 @@ def test_mlx_lm_default_cache_runs_the_key_split_on_the_emulated_gpu(emulated, m
                                                                       tmp_path):
     # make_prompt_cache's defaults (key split, debias) as on a Mac: every kernel launch on
     # the emulated GPU, logits as the C++ core's; prompt-cache files cross both ways.
+    import importlib
+
     from mlx_lm.models import cache as mlx_cache
-    from mlx_tiny import tiny_model
+    from mlx_tiny import _COMMON
 
     from turboquant import mlx_lm as tq_mlx
 
-    model = tiny_model("llama")
+    llama = importlib.import_module("mlx_lm.models.llama")  # head_dim 32: halves of 16
+    mx.random.seed(0)
+    model = llama.Model(llama.ModelArgs.from_dict(dict(_COMMON, model_type="llama",
+                                                       hidden_size=128)))
+    mx.eval(model.parameters())
     tokens = np.random.default_rng(19).integers(0, 128, 14).tolist()
     emulated.install(monkeypatch)
     monkeypatch.setattr(metal, "active_path", lambda: "metal")
