@@ -56,6 +56,9 @@ __all__ = ["MetalCodeStore", "MetalKVCache", "MetalTurboQuantKVCache", "Referenc
 METAL_KERNELS = metal  # the real kernel set (macOS + mlx Metal device only)
 
 
+_DEFAULT_OUTLIER_ROLES = "both"  # _core.KVCache's outlier_roles when there is no split
+
+
 def kv_stream_id(layer: int, kv_head: int, role: int) -> int:
     """kv_cache.h kv_stream_id(): make_stream_id(0, layer, 2*kv_head + role), role 0 = key."""
     return ((int(layer) & 0xFFFFFF) << 24) | ((2 * int(kv_head) + int(role)) & 0xFFFFFF)
@@ -269,6 +272,15 @@ class MetalCodeStore:
     @property
     def outlier_channels(self) -> list[int]:
         return list(self._split.get("outlier_channels", ()))
+
+    @property
+    def outlier_bits(self) -> int:
+        """As configured (0: key_bits + 1), as ``_core.KVCache.outlier_bits``."""
+        return int(self._split.get("outlier_bits", 0))
+
+    @property
+    def outlier_roles(self) -> str:
+        return "keys" if self._split else _DEFAULT_OUTLIER_ROLES
 
     @property
     def windowed(self) -> bool:
