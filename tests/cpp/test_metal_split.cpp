@@ -124,7 +124,7 @@ TEST(MetalSplit, EncodeIsBitExactAcrossWidthsDimsAndAngleBits) {
       for (int ab : {8, 16}) {
         if (d == 128 && kb != 3) continue;  // keep the emulated grid small
         const SplitSetup s = make_split(d, kb, ab, true);
-        const size_t n = 24;
+        const size_t n = 12;
         const auto x = split_rows(n, d, static_cast<uint32_t>(d * 100 + kb * 10 + ab));
         expect_encode_matches(s, x, n, ("d=" + std::to_string(d) + " kb=" + std::to_string(kb) +
                                         " A=" + std::to_string(ab)).c_str());
@@ -145,7 +145,7 @@ TEST(MetalSplit, AnglesNextToRoundingBoundariesFollowTheCpu) {
     std::normal_distribution<float> normal(0.0f, 1.0f);
     std::uniform_int_distribution<unsigned> pick(0, top - 1);
     std::uniform_real_distribution<double> eps(-4e-7, 4e-7);
-    const size_t n = 48;
+    const size_t n = 32;
     std::vector<float> x(n * d);
     for (size_t r = 0; r < n; ++r) {
       const double t = (pick(gen) + 0.5) * (std::numbers::pi / 2.0) / top + eps(gen);
