@@ -17,9 +17,13 @@ holds an fp16 copy of K/V, and a model that bypassed the route would produce NaN
 plausible garbage. The placeholders are checked by identity in the route, so a model that
 transforms K/V after the cache (MLA, custom kernels) is refused with a clear error.
 
-Each mlx-lm call crosses to NumPy once per layer (queries and the new K/V in, attention
-output back): the graph is evaluated at that layer, the C++ kernel runs with the GIL
-released, and the output is wrapped back into an ``mx.array``.
+On the C++ CPU core each mlx-lm call crosses to NumPy once per layer (queries and the new
+K/V in, attention output back): the graph is evaluated at that layer, the C++ kernel runs
+with the GIL released, and the output is wrapped back into an ``mx.array``. On a Mac with an
+mlx Metal device a layer is held instead by ``turboquant.mlx_metal.MetalCodeStore`` (codes
+as mlx arrays, the ``turboquant.metal`` kernels), the defaults included: the key split runs
+there (split.metal). What stays on the CPU core: temporal decay, sparse V, and the key split
+at head_dim < 32 (``TurboQuantKVCache.gpu_refusal`` gives the reason).
 """
 
 from __future__ import annotations
