@@ -148,7 +148,7 @@ inline uint tq_split_read_angle(device const uchar* row, uint angle_bytes) {
 }
 
 // Encode one key per threadgroup. Scratch: v[dim] floats, idx[dim] bytes, red[64] floats.
-// nthreads: a power of two dividing dim/2.
+// nthreads: a power of two dividing dim.
 inline void tq_split_encode_body(device const float* x, device uchar* codes, device uchar* norms,
                                  TQ_TABLE float* signs, TQ_TABLE float* boundaries,
                                  TQ_TABLE float* centroids, device const float* angles,
@@ -202,7 +202,7 @@ inline void tq_split_encode_body(device const float* x, device uchar* codes, dev
 }
 
 // Decoded rows ‖x‖·diag(Π_O, Π_I)ᵀ·ỹ (inverse_rotate: bit-identical to Quantizer::decode) or
-// the rotated-domain tile ‖x‖·ỹ. Scratch: v[dim]. nthreads: a power of two dividing dim/2.
+// the rotated-domain tile ‖x‖·ỹ. Scratch: v[dim]. nthreads: a power of two dividing dim.
 inline void tq_split_dequantize_body(device const uchar* codes, device const uchar* norms,
                                      TQ_TABLE float* centroids, TQ_TABLE float* signs,
                                      device const float* angles, device uchar* out,

@@ -685,8 +685,9 @@ class MetalCodeStore:
                     rotation=self._configured_rotation if self._split else "hadamard",
                     block_tokens=self.block_tokens,
                     norm_correction=self.norm_correction, fp16_window=self.fp16_window,
-                    fp16_sinks=self.fp16_sinks,
-                    **(dict(self._split, outlier_roles="keys") if self._split else {}))
+                    fp16_sinks=self.fp16_sinks, split_angle_bits=self.split_angle_bits,
+                    **({k: v for k, v in self._split.items() if k != "split_angle_bits"}
+                       | {"outlier_roles": "keys"} if self._split else {}))
 
     def to_core(self):
         """A ``_core.KVCache`` holding the same codes and fp16 rows (a CPU copy)."""
@@ -714,15 +715,14 @@ class MetalCodeStore:
         split = {}
         if chans:  # checked by the constructor: keys only, split over two halves
             split = dict(outlier_channels=chans, n_outlier_channels=core.n_outlier_channels,
-                         outlier_bits=core.outlier_bits, outlier_roles=core.outlier_roles,
-                         split_angle_bits=core.split_angle_bits)
+                         outlier_bits=core.outlier_bits, outlier_roles=core.outlier_roles)
         try:
             store = cls(core.head_dim, 1, core.n_q_heads, core.n_kv_heads, core.key_method,
                         core.key_bits, core.value_method, core.value_bits, core.seed,
                         rotation, core.block_tokens, layer=layer,
                         norm_correction=core.norm_correction, fp16_window=core.fp16_window,
                         fp16_sinks=core.fp16_sinks, kernels=kernels, check_inputs=check_inputs,
-                        **split)
+                        split_angle_bits=core.split_angle_bits, **split)
         except ValueError as e:
             raise ValueError(f"this cache cannot be held by a MetalCodeStore: {e}") from None
         for role, tables in (("key", store.key_tables), ("value", store.value_tables)):

@@ -132,6 +132,12 @@ TEST(MetalSplit, EncodeIsBitExactAcrossWidthsDimsAndAngleBits) {
   const SplitSetup plain = make_split(128, 3, 8, false);  // without norm correction
   const auto x = split_rows(16, 128, 3);
   expect_encode_matches(plain, x, 16, "no norm correction");
+  // Halves of 16 (registers only) and of 256 (fewer threads than channels).
+  for (int d : {32, 512}) {
+    const SplitSetup s = make_split(d, 3, 16, true);
+    const auto xs = split_rows(6, d, static_cast<uint32_t>(d));
+    expect_encode_matches(s, xs, 6, d == 32 ? "d=32" : "d=512");
+  }
 }
 
 TEST(MetalSplit, AnglesNextToRoundingBoundariesFollowTheCpu) {

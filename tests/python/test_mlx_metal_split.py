@@ -62,7 +62,8 @@ def emulated(tmp_path_factory):
 CASES = [(64, 4, 2, 3, 8, 0, 0, (11, 1, 6)),
          (128, 6, 2, 2, 16, 0, 0, (9, 1)),
          (64, 3, 1, 4, 16, 2, 4, (13, 1, 1)),
-         (128, 4, 1, 3, 8, 0, 0, (5, 1))]
+         (128, 4, 1, 3, 8, 0, 0, (5, 1)),
+         (32, 2, 1, 3, 8, 0, 0, (7, 1))]
 
 
 @pytest.mark.parametrize("d,hq,hkv,kb,ab,sinks,window,appends", CASES)
@@ -161,6 +162,9 @@ def test_split_store_on_reference_kernels_cross_loads_files():
     assert_same_codes(back, core)
     assert back.to_bytes() == blob
     assert _core.KVCache.from_bytes(store.to_bytes()).to_bytes() == blob  # and back
+    plain = _core.KVCache(d, n_kv_heads=1, block_tokens=4, split_angle_bits=16)  # no split
+    plain.append(keys(rng, 1, 6, d), keys(rng, 1, 6, d))
+    assert MetalCodeStore.from_core(plain, kernels=REF).to_bytes() == plain.to_bytes()
     multi = MetalKVCache(d, kernels=REF, **dict(kw, n_layers=2))
     assert all(s.key_split for s in multi.layers)
 
