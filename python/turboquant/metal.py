@@ -9,6 +9,11 @@ single call of a ``tq_*_body`` function; the header is the concatenated kernel f
 small uint32 ``params`` array laid out like the structs of ``common.metal``, so a kernel
 is compiled once per (kernel, scratch size), not per call.
 
+The key split (an outlier split of the keys over the two halves of the channels, the
+mlx-lm cache's default) has its own kernels (``split.metal``), taken by ``encode_heads``,
+``dequantize_heads`` and ``decode_attention_heads`` when the key tables are a
+:class:`SplitHeadTables`.
+
 Selection (:func:`active_path`): ``"metal"`` on macOS when mlx has a Metal device and the
 kernel sources are found; ``"cpu"`` everywhere else (the C++ CPU core). The environment
 variable ``TURBOQUANT_MLX_KERNELS=cpu`` forces the CPU path. ``turboquant.build_info()``
@@ -590,7 +595,8 @@ def _with_rows_per_head(words: np.ndarray, rows_per_head: int) -> np.ndarray:
 
 def encode_heads(tables: HeadTables, x):
     """Encode mlx rows x (n_heads, T, dim), head h with its own rotation: (codes uint8
-    (n_heads, T, code_bytes), norms (n_heads, T) float16 or float32)."""
+    (n_heads, T, code_bytes), norms (n_heads, T) float16 or float32). Split keys
+    (:class:`SplitHeadTables`) go to the split.metal kernel."""
     import mlx.core as mx
 
     if isinstance(tables, SplitHeadTables):
@@ -632,7 +638,8 @@ def rotate_heads(tables: HeadTables, x):
 
 def dequantize_heads(tables: HeadTables, codes, norms, inverse_rotate=True, out_dtype=None):
     """Decoded rows (n_heads, n, dim) of codes (n_heads, n, code_bytes) and norms (n_heads, n)
-    (inverse_rotate), or the rotated-domain tile; float32, or float16 with out_dtype."""
+    (inverse_rotate), or the rotated-domain tile; float32, or float16 with out_dtype. Split
+    keys (:class:`SplitHeadTables`) go to the split.metal kernel."""
     import mlx.core as mx
 
     if isinstance(tables, SplitHeadTables):
