@@ -192,6 +192,10 @@ void split_decode_attention(const SplitTables& t, const AttentionProblem& a, flo
   });
 }
 
+unsigned split_angle_code(float h0, float l0, float h1, float l1, const float* angle_bounds, int angle_bits) {
+  return tq_split_angle(h0, l0, h1, l1, angle_bounds, (1u << static_cast<unsigned>(angle_bits)) - 1u);
+}
+
 void run_grid(unsigned groups_x, unsigned threads,
               const std::function<void(unsigned group, unsigned tid)>& body) {
   metal::emu::dispatch({groups_x, 1, 1}, threads, [&](uint3 g, uint tid) { body(g.x, tid); });

@@ -82,6 +82,11 @@ void split_rotate(const SplitTables& t, const float* x, size_t rows, float* y, u
 void split_decode_attention(const SplitTables& t, const AttentionProblem& p, float* out,
                             unsigned block_threads, unsigned reduce_threads);
 
+// tq_split_angle (one thread's function, no grid): the angle code of the part sums of
+// squares s0 = h0 + l0, s1 = h1 + l1 against the boundary table of 2^angle_bits - 1 pairs.
+unsigned split_angle_code(float h0, float l0, float h1, float l1, const float* angle_bounds,
+                          int angle_bits);
+
 // Direct access to the emulator for tests of the compatibility layer itself.
 void run_grid(unsigned groups_x, unsigned threads,
               const std::function<void(unsigned group, unsigned tid)>& body);

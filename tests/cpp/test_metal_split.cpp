@@ -4,6 +4,7 @@
 // boundaries, where a float atan2 alone would round differently from the CPU's double.
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstring>
 #include <numbers>
@@ -188,6 +189,36 @@ TEST(MetalSplit, AnglesNextToRoundingBoundariesFollowTheCpu) {
       differ += k != cpu_k;
     }
     EXPECT_GT(differ, 0u) << "no row needed the boundary correction (A=" << ab << ")";
+  }
+}
+
+TEST(MetalSplit, AngleRuleEqualsTheCpusDoubleRounding) {
+  // The kernel's boundary comparison against the CPU's clamp(lround(atan2(√s1, √s0)/(π/2)·top))
+  // over many part sums: random, and within 1e-9 rad of a rounding boundary.
+  for (int ab : {8, 16}) {
+    const SplitSetup s = make_split(32, 3, ab, false);
+    const unsigned top = (1u << ab) - 1u;
+    const double half_pi = std::numbers::pi / 2.0;
+    std::mt19937_64 gen(static_cast<uint64_t>(ab));
+    std::uniform_real_distribution<double> unit(0.0, 1.0), eps(-1e-9, 1e-9);
+    size_t bad = 0;
+    for (int i = 0; i < 40000; ++i) {
+      const double t = i % 2 ? unit(gen) * half_pi
+                             : (static_cast<double>(gen() % top) + 0.5) * half_pi / top + eps(gen);
+      const double scale = std::exp(20.0 * unit(gen) - 10.0);
+      // Part sums as the CPU has them (doubles), and as the kernel's hi + lo pairs.
+      const double s0 = std::pow(std::cos(t), 2) * scale, s1 = std::pow(std::sin(t), 2) * scale;
+      const auto h0 = static_cast<float>(s0), h1 = static_cast<float>(s1);
+      const auto l0 = static_cast<float>(s0 - h0), l1 = static_cast<float>(s1 - h1);
+      const double cpu_phi = std::atan2(std::sqrt(static_cast<double>(h1) + l1), std::sqrt(static_cast<double>(h0) + l0));
+      const auto cpu = static_cast<unsigned>(
+          std::clamp(std::lround(cpu_phi / half_pi * static_cast<double>(top)), 0L, static_cast<long>(top)));
+      bad += emu::split_angle_code(h0, l0, h1, l1, s.angle_bounds.data(), ab) != cpu;
+    }
+    EXPECT_EQ(bad, 0u) << "A=" << ab;
+    EXPECT_EQ(emu::split_angle_code(0, 0, 0, 0, s.angle_bounds.data(), ab), 0u);
+    EXPECT_EQ(emu::split_angle_code(0, 0, 1, 0, s.angle_bounds.data(), ab), top);
+    EXPECT_EQ(emu::split_angle_code(1, 0, 0, 0, s.angle_bounds.data(), ab), 0u);
   }
 }
 
