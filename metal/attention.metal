@@ -9,6 +9,8 @@
 //     rescaling by e^(m_b - max m)), divides by the total l and, for a hadamard value
 //     rotation, applies Π_Vᵀ in threadgroup memory.
 // Queries come in already rotated by Π_K (tq_rotate, or Quantizer::prepare_queries).
+#ifndef TQ_METAL_ATTENTION
+#define TQ_METAL_ATTENTION
 #ifndef TQ_SINGLE_SOURCE
 #include "common.metal"
 #endif
@@ -18,6 +20,51 @@
 inline uint tq_attention_scratch_floats(uint dim, uint group, uint block_tokens, uint k_bits,
                                         uint v_bits) {
   return group * dim + (1u << k_bits) + (1u << v_bits) + group * block_tokens;
+}
+
+// The second half of a block: w[g·BT + t] holds the scaled scores of the block's nt tokens
+// (all written, after a barrier); writes the block's softmax statistics and its value sums
+// in the rotated domain (cv: the value centroids in threadgroup memory). Shared by the
+// plain and the split-key (split.metal) block kernels.
+inline void tq_attention_block_values(device const uchar* v_codes, device const uchar* v_norms,
+                                      threadgroup const float* cv, threadgroup float* w,
+                                      device float* part_m, device float* part_l,
+                                      device float* part_acc, uint d, uint G, uint BT, uint nt,
+                                      ulong first, uint v_bits, uint v_code_bytes, uint norm_fp16,
+                                      uint num_blocks, uint block, uint head, uint tid,
+                                      uint nthreads) {
+  const uint lane = tid % TQ_SIMD_WIDTH, simd = tid / TQ_SIMD_WIDTH;
+  const uint nsimd = nthreads / TQ_SIMD_WIDTH;
+  // Block softmax statistics; the weights e^(s - m)·‖v_t‖ replace the scores.
+  for (uint g = simd; g < G; g += nsimd) {
+    float m = -INFINITY;
+    for (uint t = lane; t < nt; t += TQ_SIMD_WIDTH) m = max(m, w[g * BT + t]);
+    m = simd_max(m);
+    float l = 0.0f;
+    for (uint t = lane; t < nt; t += TQ_SIMD_WIDTH) {
+      const float e = exp(w[g * BT + t] - m);
+      l += e;
+      w[g * BT + t] = e * tq_load_norm(v_norms, first + t, norm_fp16);
+    }
+    l = simd_sum(l);
+    if (lane == 0u) {
+      part_m[(ulong(head) * num_blocks + block) * G + g] = m;
+      part_l[(ulong(head) * num_blocks + block) * G + g] = l;
+    }
+  }
+  threadgroup_barrier(mem_flags::mem_threadgroup);
+
+  // Values in the rotated domain: one thread per coordinate, all G queries at once.
+  for (uint j = tid; j < d; j += nthreads) {
+    float acc[TQ_MAX_GROUP];
+    for (uint g = 0u; g < G; ++g) acc[g] = 0.0f;
+    for (uint t = 0u; t < nt; ++t) {
+      const float c = cv[tq_read_index(v_codes + (first + t) * v_code_bytes, j, v_bits)];
+      for (uint g = 0u; g < G; ++g) acc[g] += w[g * BT + t] * c;
+    }
+    for (uint g = 0u; g < G; ++g)
+      part_acc[((ulong(head) * num_blocks + block) * G + g) * d + j] = acc[g];
+  }
 }
 
 // Partial outputs, for block b of KV head h and query g of its group:
@@ -64,37 +111,9 @@ inline void tq_attention_block_body(device const float* q, device const uchar* k
     }
   }
   threadgroup_barrier(mem_flags::mem_threadgroup);
-
-  // Block softmax statistics; the weights e^(s - m)·‖v_t‖ replace the scores.
-  for (uint g = simd; g < G; g += nsimd) {
-    float m = -INFINITY;
-    for (uint t = lane; t < nt; t += TQ_SIMD_WIDTH) m = max(m, w[g * BT + t]);
-    m = simd_max(m);
-    float l = 0.0f;
-    for (uint t = lane; t < nt; t += TQ_SIMD_WIDTH) {
-      const float e = exp(w[g * BT + t] - m);
-      l += e;
-      w[g * BT + t] = e * tq_load_norm(v_norms, first + t, p.norm_fp16);
-    }
-    l = simd_sum(l);
-    if (lane == 0u) {
-      part_m[(ulong(head) * p.num_blocks + block) * G + g] = m;
-      part_l[(ulong(head) * p.num_blocks + block) * G + g] = l;
-    }
-  }
-  threadgroup_barrier(mem_flags::mem_threadgroup);
-
-  // Values in the rotated domain: one thread per coordinate, all G queries at once.
-  for (uint j = tid; j < d; j += nthreads) {
-    float acc[TQ_MAX_GROUP];
-    for (uint g = 0u; g < G; ++g) acc[g] = 0.0f;
-    for (uint t = 0u; t < nt; ++t) {
-      const float c = cv[tq_read_index(v_codes + (first + t) * p.v_code_bytes, j, p.v_bits)];
-      for (uint g = 0u; g < G; ++g) acc[g] += w[g * BT + t] * c;
-    }
-    for (uint g = 0u; g < G; ++g)
-      part_acc[((ulong(head) * p.num_blocks + block) * G + g) * d + j] = acc[g];
-  }
+  tq_attention_block_values(v_codes, v_norms, cv, w, part_m, part_l, part_acc, d, G, BT, nt, first,
+                            p.v_bits, p.v_code_bytes, p.norm_fp16, p.num_blocks, block, head, tid,
+                            nthreads);
 }
 
 // out[(h·G + g)·dim + j]: the attention output of query head h·G + g. Scratch: v[dim].
@@ -148,3 +167,4 @@ inline void tq_attention_reduce_body(device const float* part_m, device const fl
                            nthreads);
 }
 #endif
+#endif  // TQ_METAL_ATTENTION

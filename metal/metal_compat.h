@@ -71,7 +71,9 @@ typedef unsigned long ulong;
 namespace metal {
 
 using std::abs;
+using std::atan2;
 using std::exp;
+using std::floor;
 using std::fma;
 using std::isfinite;
 using std::isinf;

@@ -272,6 +272,9 @@ The T_q queries are the last T_q positions of the layer: query i sees keys
       .def_property_readonly("value_bits", [](const KVCache& kv) { return kv.config().value_bits; })
       .def_property_readonly("seed", [](const KVCache& kv) { return kv.config().seed; })
       .def_property_readonly("rotation", [](const KVCache& kv) { return to_string(kv.key_quantizer(0, 0).rotation().kind()); })
+      .def_property_readonly("configured_rotation", [](const KVCache& kv) { return to_string(kv.config().rotation); },
+                             "the rotation as configured (\"auto\" unresolved): what the file header "
+                             "records for an outlier split, whose own rotation is the dense export")
       .def_property_readonly("jl_dim", [](const KVCache& kv) { return kv.config().jl_dim; })
       .def_property_readonly("n_outlier_channels", [](const KVCache& kv) { return kv.config().n_outlier_channels; })
       .def_property_readonly("outlier_bits", [](const KVCache& kv) { return kv.config().outlier_bits; })

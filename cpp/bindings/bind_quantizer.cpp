@@ -216,6 +216,15 @@ estimate inner products directly from the codes.
       })
       .def_property_readonly("split_angle_bits", [](const Quantizer& q) { return q.config().split_angle_bits; },
                              "bits of the outlier split's per-vector part angle (8 or 16)")
+      .def("part", [](const Quantizer& q, int p) -> const Quantizer& {
+        auto* s = dynamic_cast<const OutlierSplitQuantizer*>(&q);
+        TQ_CHECK(s != nullptr, InvalidArgument, "part() needs an outlier split quantizer");
+        TQ_CHECK(p == 0 || p == 1, InvalidArgument, "part must be 0 (outliers) or 1 (inliers), got ", p);
+        return s->part(static_cast<size_t>(p));
+      }, py::arg("p"), py::return_value_policy::reference_internal,
+         "Part p of an outlier split (0: outlier channels, 1: the others): its own quantizer, "
+         "rotation and codebook (the Metal kernels read their tables).")
+      .def("state_bytes", &Quantizer::state_bytes, "bytes of the quantizer's state (rotation, tables)")
       .def("rotation_matrix", [](const Quantizer& q) {
         const auto mat = q.rotation().matrix();
         py::array_t<float> out({q.dim(), q.dim()});

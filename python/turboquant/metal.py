@@ -9,6 +9,11 @@ single call of a ``tq_*_body`` function; the header is the concatenated kernel f
 small uint32 ``params`` array laid out like the structs of ``common.metal``, so a kernel
 is compiled once per (kernel, scratch size), not per call.
 
+The key split (an outlier split of the keys over the two halves of the channels, the
+mlx-lm cache's default) has its own kernels (``split.metal``), taken by ``encode_heads``,
+``dequantize_heads`` and ``decode_attention_heads`` when the key tables are a
+:class:`SplitHeadTables`.
+
 Selection (:func:`active_path`): ``"metal"`` on macOS when mlx has a Metal device and the
 kernel sources are found; ``"cpu"`` everywhere else (the C++ CPU core). The environment
 variable ``TURBOQUANT_MLX_KERNELS=cpu`` forces the CPU path. ``turboquant.build_info()``
@@ -19,6 +24,7 @@ from __future__ import annotations
 
 import functools
 import importlib.util
+import math
 import os
 import sys
 from dataclasses import dataclass
@@ -26,7 +32,8 @@ from pathlib import Path
 
 import numpy as np
 
-KERNEL_FILES = ("common.metal", "encode.metal", "dequantize.metal", "attention.metal")
+KERNEL_FILES = ("common.metal", "encode.metal", "dequantize.metal", "attention.metal",
+                "split.metal")
 MAX_GROUP = 16  # TQ_MAX_GROUP: query heads per KV head in one attention pass
 ATTENTION_THREADS = 128
 DEFAULT_BLOCK_TOKENS = 64
@@ -181,6 +188,64 @@ KERNELS.update({
     ),
 })
 
+# The key split (split.metal): keys of an outlier split over two equal halves of the channels
+# (OutlierSplitQuantizer with outlier channels [0, d/2), both parts hadamard), per-head
+# signs (one 2*dim row per head: D₁ of both parts, then D₂) and the parts' codebooks
+# concatenated (outlier part first); `angles` / `angle_bounds` are the angle code tables
+# (split_angle_tables). The parameter word after TqSplitParams is the rows per head.
+KERNELS.update({
+    "split_encode_heads": KernelSpec(
+        "tq_mlx_split_encode_heads",
+        ("x", "signs", "boundaries", "centroids", "angles", "angle_bounds", "params"),
+        ("codes", "norms"),
+        "TQ_THREADGROUP_ARRAY(float, tg_v, 512);\n"
+        "TQ_THREADGROUP_ARRAY(uchar, tg_idx, 512);\n"
+        "TQ_THREADGROUP_ARRAY(float, tg_red, 64);\n"
+        "const device TqSplitParams& tq_p = *(const device TqSplitParams*)params;\n"
+        f"const uint tq_head = {_HEAD.format(word=13)};\n"
+        "tq_split_encode_body(x, codes, (device uchar*)norms,\n"
+        "                     signs + ulong(tq_head) * 2u * tq_p.dim, boundaries, centroids,\n"
+        "                     angles, angle_bounds, tq_p, tg_v, tg_idx, tg_red,\n"
+        f"                     {_IDS});\n",
+    ),
+    "split_rotate_heads": KernelSpec(
+        "tq_mlx_split_rotate_heads",
+        ("x", "signs", "params"),
+        ("y",),
+        "TQ_THREADGROUP_ARRAY(float, tg_v, 512);\n"
+        "const device TqSplitParams& tq_p = *(const device TqSplitParams*)params;\n"
+        f"const uint tq_head = {_HEAD.format(word=13)};\n"
+        "tq_split_rotate_body(x, y, signs + ulong(tq_head) * 2u * tq_p.dim, tq_p, tg_v,\n"
+        f"                     {_IDS});\n",
+    ),
+    "split_dequantize_heads": KernelSpec(
+        "tq_mlx_split_dequantize_heads",
+        ("codes", "norms", "centroids", "signs", "angles", "params"),
+        ("out",),
+        "TQ_THREADGROUP_ARRAY(float, tg_v, 512);\n"
+        "const device TqSplitParams& tq_p = *(const device TqSplitParams*)params;\n"
+        f"const uint tq_head = {_HEAD.format(word=13)};\n"
+        "tq_split_dequantize_body(codes, (const device uchar*)norms, centroids,\n"
+        "                         signs + ulong(tq_head) * 2u * tq_p.dim, angles,\n"
+        "                         (device uchar*)out, tq_p, tg_v,\n"
+        f"                         {_IDS});\n",
+    ),
+    "split_attention_block": KernelSpec(
+        "tq_mlx_split_attention_block",
+        ("q", "k_codes", "k_norms", "v_codes", "v_norms", "k_centroids", "v_centroids", "angles",
+         "params"),
+        ("part_m", "part_l", "part_acc"),
+        "TQ_THREADGROUP_ARRAY(float, tg, SCRATCH);\n"
+        "tq_split_attention_block_body(q, k_codes, (const device uchar*)k_norms, v_codes,\n"
+        "                              (const device uchar*)v_norms, k_centroids, v_centroids,\n"
+        "                              angles, part_m, part_l, part_acc,\n"
+        "                              *(const device TqSplitAttnParams*)params, tg,\n"
+        "                              threadgroup_position_in_grid.x,\n"
+        "                              threadgroup_position_in_grid.y,\n"
+        "                              thread_index_in_threadgroup, threads_per_threadgroup.x);\n",
+    ),
+})
+
 
 def select_path(platform: str, mlx_metal: bool, sources: bool, env: str | None = None) -> str:
     """The selection rule: "metal" only on macOS with an mlx Metal device and the sources."""
@@ -253,6 +318,57 @@ def attention_scratch_floats(dim: int, group: int, block_tokens: int, k_bits: in
                              v_bits: int) -> int:
     """tq_attention_scratch_floats() of attention.metal."""
     return group * dim + (1 << k_bits) + (1 << v_bits) + group * block_tokens
+
+
+def split_params(rows: int, dim: int, bits0: int, bits1: int, angle_bits: int, norm_fp16: bool,
+                 norm_correction: bool = False, inverse_rotate: bool = True,
+                 out_fp16: bool = False) -> np.ndarray:
+    """TqSplitParams of split.metal (outlier part = channels [0, dim/2))."""
+    pd = dim // 2
+    ab = angle_bits // 8
+    pb0, pb1 = code_bytes(pd, bits0), code_bytes(dim - pd, bits1)
+    return np.array([rows, dim, pd, bits0, bits1, pb0, pb1, ab, ab + pb0 + pb1, int(norm_fp16),
+                     int(norm_correction), int(inverse_rotate), int(out_fp16)], dtype=np.uint32)
+
+
+def split_attention_params(dim: int, tokens: int, head_stride: int, block_tokens: int,
+                           group: int, bits0: int, bits1: int, angle_bits: int, v_bits: int,
+                           norm_fp16: bool, scale: float) -> np.ndarray:
+    """TqSplitAttnParams of split.metal: TqAttnParams' words, then the split's."""
+    pd, ab = dim // 2, angle_bits // 8
+    words = attention_params(dim, tokens, head_stride, block_tokens, group, bits0, v_bits,
+                             norm_fp16, scale)
+    words[8] = ab + code_bytes(pd, bits0) + code_bytes(dim - pd, bits1)  # k_code_bytes
+    return np.concatenate([words, np.array([pd, bits1, code_bytes(pd, bits0), ab], np.uint32)])
+
+
+def split_attention_scratch_floats(dim: int, group: int, block_tokens: int, bits0: int,
+                                   bits1: int, v_bits: int) -> int:
+    """tq_split_attention_scratch_floats() of split.metal."""
+    return group * dim + (1 << bits0) + (1 << bits1) + (1 << v_bits) + group * block_tokens
+
+
+@functools.lru_cache(maxsize=None)
+def split_angle_tables(angle_bits: int) -> tuple[np.ndarray, np.ndarray]:
+    """The key split's angle tables for split.metal, float32:
+    ``angles`` (2^A, 2): (cos, sin) of each angle code, the C++ core's float table
+    (quantizer_outlier.cpp angle_table: float(cos(k·(π/2)/top)) in double, exact ends), and
+    ``bounds`` (top, 2): cos² t_j as hi + lo, t_j = (j + 1/2)·(π/2)/top the rounding boundary
+    between codes j and j + 1 (top = 2^A - 1)."""
+    if angle_bits not in (8, 16):
+        raise ValueError(f"split_angle_bits must be 8 or 16, got {angle_bits!r}")
+    top = (1 << angle_bits) - 1
+    step = (math.pi / 2.0) / top  # kHalfPi / top, in double as the core
+    cos, sin = math.cos, math.sin  # the C library's, as the core's std::cos / std::sin
+    angles = np.empty((top + 1, 2), np.float64)
+    for k in range(1, top):
+        phi = k * step
+        angles[k] = (cos(phi), sin(phi))
+    angles[0], angles[top] = (1.0, 0.0), (0.0, 1.0)
+    c2 = np.cos((np.arange(top, dtype=np.float64) + 0.5) * step) ** 2
+    hi = c2.astype(np.float32)
+    lo = (c2 - hi.astype(np.float64)).astype(np.float32)
+    return angles.astype(np.float32), np.stack([hi, lo], axis=1)
 
 
 def threads_for(dim: int) -> int:
@@ -395,6 +511,15 @@ def _split_k_attention(q_rot, k_codes, k_norms, v_codes, v_norms, k_cents, v_cen
                        (kv_heads, blocks, group, dim)],
         output_dtypes=[mx.float32, mx.float32, mx.float32],
         grid=(blocks * ATTENTION_THREADS, kv_heads, 1), threadgroup=(ATTENTION_THREADS, 1, 1))
+    return _reduce_blocks(part_m, part_l, part_acc, v_signs, group, dim, reduce_kernel, with_lse)
+
+
+def _reduce_blocks(part_m, part_l, part_acc, v_signs, group, dim, reduce_kernel, with_lse):
+    """The second launch of split-K attention: merge the blocks, apply Π_Vᵀ; with_lse, also
+    the log-sum-exp of the scaled scores."""
+    import mlx.core as mx
+
+    kv_heads, blocks = part_m.shape[0], part_m.shape[1]
     (out,) = _kernel(reduce_kernel)(
         inputs=[part_m, part_l, part_acc, v_signs,
                 mx.array(reduce_params(dim, blocks, group, True))],
@@ -470,9 +595,12 @@ def _with_rows_per_head(words: np.ndarray, rows_per_head: int) -> np.ndarray:
 
 def encode_heads(tables: HeadTables, x):
     """Encode mlx rows x (n_heads, T, dim), head h with its own rotation: (codes uint8
-    (n_heads, T, code_bytes), norms (n_heads, T) float16 or float32)."""
+    (n_heads, T, code_bytes), norms (n_heads, T) float16 or float32). Split keys
+    (:class:`SplitHeadTables`) go to the split.metal kernel."""
     import mlx.core as mx
 
+    if isinstance(tables, SplitHeadTables):
+        return split_encode_heads(tables, x)
     _require_metal()
     H, T, dim = x.shape
     if H != tables.n_heads or dim != tables.dim:
@@ -510,9 +638,12 @@ def rotate_heads(tables: HeadTables, x):
 
 def dequantize_heads(tables: HeadTables, codes, norms, inverse_rotate=True, out_dtype=None):
     """Decoded rows (n_heads, n, dim) of codes (n_heads, n, code_bytes) and norms (n_heads, n)
-    (inverse_rotate), or the rotated-domain tile; float32, or float16 with out_dtype."""
+    (inverse_rotate), or the rotated-domain tile; float32, or float16 with out_dtype. Split
+    keys (:class:`SplitHeadTables`) go to the split.metal kernel."""
     import mlx.core as mx
 
+    if isinstance(tables, SplitHeadTables):
+        return split_dequantize_heads(tables, codes, norms, inverse_rotate, out_dtype)
     _require_metal()
     H, n, _ = codes.shape
     dim = tables.dim
@@ -539,7 +670,11 @@ def decode_attention_heads(keys: HeadTables, values: HeadTables, queries, k_code
     (kv_heads, head_stride, code_bytes), norms (kv_heads, head_stride), the first `tokens`
     rows attended. Returns (kv_heads, group, dim) float32 in the original domain; with_lse,
     also the log-sum-exp of the scaled scores, (kv_heads, group) float32 (from the blocks'
-    softmax statistics), to merge this softmax with attention over other tokens."""
+    softmax statistics), to merge this softmax with attention over other tokens. Split keys
+    (``keys`` a :class:`SplitHeadTables`) run the split.metal block kernel."""
+    if isinstance(keys, SplitHeadTables):
+        return _split_key_attention(keys, values, queries, k_codes, k_norms, v_codes, v_norms,
+                                    tokens, scale, block_tokens, with_lse)
     kv_heads, group, dim = _attention_shape(queries, k_codes, tokens)
     _, k_cents, _ = keys.mx_tables()
     v_signs, v_cents, _ = values.mx_tables()
@@ -547,3 +682,197 @@ def decode_attention_heads(keys: HeadTables, values: HeadTables, queries, k_code
     return _split_k_attention(q_rot.reshape(kv_heads * group, dim), k_codes, k_norms, v_codes,
                               v_norms, k_cents, v_cents, v_signs, keys.bits, values.bits, group,
                               tokens, scale, block_tokens, "attention_reduce_heads", with_lse)
+
+
+# --- The key split (split.metal) --------------------------------------------------------------
+
+
+def split_support(quantizer) -> str | None:
+    """None when the split.metal kernels can run this quantizer (an outlier split of
+    ``turboquant_mse`` over channels [0, d/2) and [d/2, d), both parts with the hadamard
+    rotation: the mlx-lm key split), else why not."""
+    d = quantizer.dim
+    chans = list(quantizer.outlier_channels)
+    if quantizer.method != "turboquant_mse":
+        return f"the split kernels need turboquant_mse, got {quantizer.method!r}"
+    if d < 32 or d > 512 or d & (d - 1):
+        return f"the split kernels need a power-of-two head_dim in [32, 512], got {d}"
+    if chans != list(range(d // 2)):
+        return ("the split kernels need the outlier channels to be the first half "
+                f"[0, {d // 2}) (the mlx-lm key split's channel order), got {len(chans)} others")
+    for p in (0, 1):
+        if quantizer.part(p).rotation != "hadamard":
+            return "the split kernels need hadamard part rotations"
+    if quantizer.jl_dim not in (0, d):
+        return "the split kernels do not support a QJL dimension"
+    return None
+
+
+class SplitHeadTables:
+    """The kernel tables of split keys (split.metal), one outlier-split quantizer per KV head
+    (``turboquant_mse``, outlier channels [0, d/2), hadamard parts; see :func:`split_support`):
+    per-head signs (n_heads, 2*dim) = D₁ of both parts then D₂ of both parts, the two parts'
+    codebooks concatenated (outlier part first), and the angle tables of the split's
+    ``split_angle_bits``. Same interface as :class:`HeadTables` (``quantizers``, ``dim``,
+    ``code_bytes``, ``norm_fp16``, ``norm_correction``, ``n_heads``, ``state_bytes``,
+    ``mx_tables``), so the reference kernels of turboquant.mlx_metal serve it unchanged."""
+
+    def __init__(self, quantizers):
+        quantizers = tuple(quantizers)
+        if not quantizers:
+            raise ValueError("SplitHeadTables needs one quantizer per KV head, got none")
+        first = quantizers[0]
+        for q in quantizers:
+            why = split_support(q)
+            if why:
+                raise ValueError(why)
+            if ((q.dim, q.outlier_bits, q.part(1).bits, q.split_angle_bits,
+                 np.dtype(q.norm_dtype), bool(q.norm_correction))
+                    != (first.dim, first.outlier_bits, first.part(1).bits,
+                        first.split_angle_bits, np.dtype(first.norm_dtype),
+                        bool(first.norm_correction))):
+                raise ValueError("all heads of one role need the same dim, bits, angle bits, "
+                                 "norm dtype and norm correction")
+        self.quantizers = quantizers
+        self.dim, self.part_dim = first.dim, first.dim // 2
+        self.bits0, self.bits1 = first.outlier_bits, first.part(1).bits
+        self.bits = self.bits1
+        self.angle_bits = first.split_angle_bits
+        self.code_bytes = first.code_bytes
+        self.norm_fp16 = np.dtype(first.norm_dtype) == np.float16
+        self.norm_correction = bool(first.norm_correction)
+        self._mx = None
+
+    @property
+    def n_heads(self) -> int:
+        return len(self.quantizers)
+
+    def signs_numpy(self) -> np.ndarray:
+        """(n_heads, 2*dim) float32: D₁ of the outlier and inlier parts, then their D₂."""
+        rows = []
+        for q in self.quantizers:
+            p0 = np.asarray(q.part(0).rotation_parameters(), np.float32).reshape(2, -1)
+            p1 = np.asarray(q.part(1).rotation_parameters(), np.float32).reshape(2, -1)
+            rows.append(np.concatenate([p0[0], p1[0], p0[1], p1[1]]))
+        return np.stack(rows)
+
+    def state_bytes(self) -> int:
+        """Bytes of the quantizers' state, as the C++ cache counts it."""
+        return sum(int(q.state_bytes()) for q in self.quantizers)
+
+    def codebooks_numpy(self) -> tuple[np.ndarray, np.ndarray]:
+        """(centroids, boundaries) of both parts, the outlier part's first."""
+        c0, c1 = self.quantizers[0].part(0).codebook, self.quantizers[0].part(1).codebook
+        return (np.concatenate([np.asarray(c0.centroids, np.float32),
+                                np.asarray(c1.centroids, np.float32)]),
+                np.concatenate([np.asarray(c0.boundaries, np.float32),
+                                np.asarray(c1.boundaries, np.float32)]))
+
+    def mx_tables(self):
+        """(signs, centroids, boundaries, angles, angle_bounds) as mlx float32 arrays, cached."""
+        if self._mx is None:
+            import mlx.core as mx
+
+            cents, bounds = self.codebooks_numpy()
+            angles, angle_bounds = split_angle_tables(self.angle_bits)
+            self._mx = (mx.array(self.signs_numpy().ravel()), mx.array(cents), mx.array(bounds),
+                        mx.array(angles.ravel()), mx.array(angle_bounds.ravel()))
+        return self._mx
+
+
+def _split_params(t: SplitHeadTables, rows: int, rows_per_head: int, **kw) -> np.ndarray:
+    return _with_rows_per_head(split_params(rows, t.dim, t.bits0, t.bits1, t.angle_bits,
+                                            t.norm_fp16, **kw), rows_per_head)
+
+
+def split_encode_heads(tables: SplitHeadTables, x):
+    """encode_heads() for split keys: (codes (n_heads, T, code_bytes), norms (n_heads, T))."""
+    import mlx.core as mx
+
+    _require_metal()
+    H, T, dim = x.shape
+    if H != tables.n_heads or dim != tables.dim:
+        raise ValueError(f"x of shape {tuple(x.shape)} does not match {tables.n_heads} heads of "
+                         f"dim {tables.dim}")
+    signs, cents, bounds, angles, angle_bounds = tables.mx_tables()
+    n = H * T
+    fp16 = tables.norm_fp16
+    codes, norms = _kernel("split_encode_heads")(
+        inputs=[x.reshape(n, dim).astype(mx.float32), signs, bounds, cents, angles, angle_bounds,
+                mx.array(_split_params(tables, n, T, norm_correction=tables.norm_correction))],
+        output_shapes=[(n, tables.code_bytes), (n,)],
+        output_dtypes=[mx.uint8, mx.uint16 if fp16 else mx.float32],
+        grid=(n * threads_for(dim), 1, 1), threadgroup=(threads_for(dim), 1, 1))
+    norms = norms.view(mx.float16) if fp16 else norms
+    return codes.reshape(H, T, tables.code_bytes), norms.reshape(H, T)
+
+
+def split_rotate_heads(tables: SplitHeadTables, x):
+    """diag(Π_O, Π_I)_h x for mlx rows x (n_heads, R, dim): split keys' query state."""
+    import mlx.core as mx
+
+    _require_metal()
+    H, R, dim = x.shape
+    signs = tables.mx_tables()[0]
+    n = H * R
+    (y,) = _kernel("split_rotate_heads")(
+        inputs=[x.reshape(n, dim).astype(mx.float32), signs, mx.array(_split_params(tables, n, R))],
+        output_shapes=[(n, dim)], output_dtypes=[mx.float32],
+        grid=(n * threads_for(dim), 1, 1), threadgroup=(threads_for(dim), 1, 1))
+    return y.reshape(H, R, dim)
+
+
+def split_dequantize_heads(tables: SplitHeadTables, codes, norms, inverse_rotate=True,
+                           out_dtype=None):
+    """dequantize_heads() for split keys (decoded rows bit-identical to Quantizer.decode)."""
+    import mlx.core as mx
+
+    _require_metal()
+    H, n, _ = codes.shape
+    dim = tables.dim
+    signs, cents, _, angles, _ = tables.mx_tables()
+    fp16_out = out_dtype is not None and out_dtype == mx.float16
+    fp16_norm = norms.dtype == mx.float16
+    rows = H * n
+    params = _with_rows_per_head(split_params(rows, dim, tables.bits0, tables.bits1,
+                                              tables.angle_bits, fp16_norm,
+                                              inverse_rotate=inverse_rotate, out_fp16=fp16_out), n)
+    (out,) = _kernel("split_dequantize_heads")(
+        inputs=[codes.reshape(rows, tables.code_bytes),
+                (norms.view(mx.uint16) if fp16_norm else norms).reshape(rows), cents, signs,
+                angles, mx.array(params)],
+        output_shapes=[(rows, dim)], output_dtypes=[mx.uint16 if fp16_out else mx.float32],
+        grid=(rows * threads_for(dim), 1, 1), threadgroup=(threads_for(dim), 1, 1))
+    out = out.view(mx.float16) if fp16_out else out
+    return out.reshape(H, n, dim)
+
+
+def _split_key_attention(keys: SplitHeadTables, values: HeadTables, queries, k_codes, k_norms,
+                         v_codes, v_norms, tokens, scale, block_tokens, with_lse):
+    """decode_attention_heads() with split keys: the split block kernel, then the same
+    reduce as plain keys (values are plain)."""
+    import mlx.core as mx
+
+    kv_heads, group, dim = _attention_shape(queries, k_codes, tokens)
+    _, k_cents, _, angles, _ = keys.mx_tables()
+    v_signs, v_cents, _ = values.mx_tables()
+    q_rot = split_rotate_heads(keys, queries).reshape(kv_heads * group, dim)
+    head_stride = k_codes.shape[1]
+    fp16 = k_norms.dtype == mx.float16
+    blocks = -(-tokens // block_tokens)
+    scratch = split_attention_scratch_floats(dim, group, block_tokens, keys.bits0, keys.bits1,
+                                             values.bits)
+    as_bits = (lambda a: a.view(mx.uint16)) if fp16 else (lambda a: a)
+    part_m, part_l, part_acc = _kernel("split_attention_block")(
+        inputs=[q_rot, k_codes, as_bits(k_norms), v_codes, as_bits(v_norms), k_cents, v_cents,
+                angles,
+                mx.array(split_attention_params(dim, tokens, head_stride, block_tokens, group,
+                                                keys.bits0, keys.bits1, keys.angle_bits,
+                                                values.bits, fp16, scale))],
+        template=[("SCRATCH", scratch)],
+        output_shapes=[(kv_heads, blocks, group), (kv_heads, blocks, group),
+                       (kv_heads, blocks, group, dim)],
+        output_dtypes=[mx.float32, mx.float32, mx.float32],
+        grid=(blocks * ATTENTION_THREADS, kv_heads, 1), threadgroup=(ATTENTION_THREADS, 1, 1))
+    return _reduce_blocks(part_m, part_l, part_acc, v_signs, group, dim,
+                          "attention_reduce_heads", with_lse)

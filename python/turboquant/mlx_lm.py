@@ -17,9 +17,13 @@ holds an fp16 copy of K/V, and a model that bypassed the route would produce NaN
 plausible garbage. The placeholders are checked by identity in the route, so a model that
 transforms K/V after the cache (MLA, custom kernels) is refused with a clear error.
 
-Each mlx-lm call crosses to NumPy once per layer (queries and the new K/V in, attention
-output back): the graph is evaluated at that layer, the C++ kernel runs with the GIL
-released, and the output is wrapped back into an ``mx.array``.
+On the C++ CPU core each mlx-lm call crosses to NumPy once per layer (queries and the new
+K/V in, attention output back): the graph is evaluated at that layer, the C++ kernel runs
+with the GIL released, and the output is wrapped back into an ``mx.array``. On a Mac with an
+mlx Metal device a layer is held instead by ``turboquant.mlx_metal.MetalCodeStore`` (codes
+as mlx arrays, the ``turboquant.metal`` kernels), the defaults included: the key split runs
+there (split.metal). What stays on the CPU core: temporal decay, sparse V, and the key split
+at head_dim < 32 (``TurboQuantKVCache.gpu_refusal`` gives the reason).
 """
 
 from __future__ import annotations
@@ -213,14 +217,17 @@ class TurboQuantKVCache(_mlx_cache._BaseCache):
     def gpu_refusal(self, head_dim: int) -> str | None:
         """None when the mlx-resident store (turboquant.mlx_metal.MetalCodeStore) can hold
         this layer, else why it cannot (then the C++ core holds it). The store does
-        turboquant_mse with the Hadamard rotation on power-of-two head dims, norm correction
-        (debias), fp16 sinks and the fp16 recent window; not the key split."""
+        turboquant_mse with the Hadamard rotation on power-of-two head dims, the key split
+        (split.metal; head_dim >= 32, so that both halves have hadamard rotations), norm
+        correction (debias), fp16 sinks and the fp16 recent window; not temporal decay and
+        not sparse V."""
         why = _mlx_metal.store_supports(head_dim, self.key_method, self.value_method,
                                         self.rotation)
         if why:
             return why
-        if self.split_plan(head_dim) is not None:
-            return "the Metal store does not implement the key split (key_split=False runs there)"
+        if self.split_plan(head_dim) is not None and head_dim < 32:
+            return (f"the Metal key split needs head_dim >= 32 (halves of 16 channels or more), "
+                    f"got {head_dim}")
         if self.decay_after:
             return "temporal decay is a C++ core feature (the Metal store does not decay codes)"
         if self.sparse_v:
@@ -459,8 +466,11 @@ class TurboQuantKVCache(_mlx_cache._BaseCache):
         if plan is not None:
             m, hi, lo = plan
             if self._perm is None:
-                keys = np.concatenate([k for k, _ in self._pending], axis=1)
-                self._perm = self._choose_channels(keys, queries, m)
+                # The channel order is chosen once, from the first block, on the host (on
+                # the Metal path too: one read of the prefill's keys and queries).
+                keys = np.concatenate([_host(k) for k, _ in self._pending], axis=1)
+                self._perm = self._choose_channels(
+                    keys, None if queries is None else _host(queries), m)
                 self._pending = [(_permute(k, self._perm), v) for k, v in self._pending]
             key_bits = lo
             split = dict(n_outlier_channels=m, outlier_bits=hi,
@@ -475,7 +485,7 @@ class TurboQuantKVCache(_mlx_cache._BaseCache):
         if self._gpu:
             self._core = _mlx_metal.MetalCodeStore(head_dim, norm_correction=self.debias and mse,
                                                    fp16_window=self.fp16_window,
-                                                   fp16_sinks=self.fp16_sinks, **common)
+                                                   fp16_sinks=self.fp16_sinks, **common, **split)
         else:
             self._core = _core.KVCache(head_dim, fp16_window=self.fp16_window,
                                        fp16_sinks=self.fp16_sinks, decay_after=self.decay_after,
@@ -517,8 +527,16 @@ def _check_decay_sparse(decay_after, decay_bits, sparse_v, key_bits: int, value_
 
 
 def _permute(x: np.ndarray, perm: np.ndarray) -> np.ndarray:
-    """x (H, T, d) with the channels of head h in the order perm[h]."""
+    """x (H, T, d) with the channels of head h in the order perm[h]; an mlx array stays one
+    (the Metal path's keys and queries never leave the GPU)."""
+    if isinstance(x, mx.array):
+        return mx.take_along_axis(x, mx.array(perm[:, None, :].astype(np.int32)), axis=2)
     return np.ascontiguousarray(np.take_along_axis(x, perm[:, None, :], axis=2))
+
+
+def _host(x) -> np.ndarray:
+    """A NumPy view of x (an mlx array is copied to the host)."""
+    return x if isinstance(x, np.ndarray) else _to_numpy(x)
 
 
 def _to_numpy(x: mx.array) -> np.ndarray:

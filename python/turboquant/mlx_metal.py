@@ -13,6 +13,12 @@ softmax (its log-sum-exp, from the blocks' statistics) with the fp16 tokens' exa
 ``turboquant.metal`` functions (``mx.fast.metal_kernel`` over metal/*.metal), so mlx arrays
 never leave the GPU.
 
+With the key split (``n_outlier_channels`` / ``outlier_channels`` = the first half of the
+channels, ``outlier_bits``, ``outlier_roles="keys"``, ``split_angle_bits``: the mlx-lm cache's
+default) the keys are ``OutlierSplitQuantizer`` codes, encoded, rotated, dequantized and
+attended by the split.metal kernels (``turboquant.metal.SplitHeadTables``), bit-identical to
+the C++ core's; values are unchanged.
+
 It has the methods and semantics that ``turboquant.mlx_lm`` uses on ``_core.KVCache``
 (``append``, ``attend``, ``size``, ``trim``, ``memory_bytes``, ``fp16_bytes``, ``to_bytes`` /
 ``from_bytes``), taking and returning mlx arrays of shape (heads, T, d). The quantizers are
@@ -41,13 +47,16 @@ import numpy as np
 
 from turboquant import _core, metal
 from turboquant.kv_cache import TurboQuantKVCache, _is_mlx, _is_mlx_dtype, _mlx_dtype, _numpy_dtype
-from turboquant.metal import HeadTables
+from turboquant.metal import HeadTables, SplitHeadTables
 from turboquant.observers import Event
 
 __all__ = ["MetalCodeStore", "MetalKVCache", "MetalTurboQuantKVCache", "ReferenceKernels",
            "kv_stream_id", "store_supports", "METAL_KERNELS"]
 
 METAL_KERNELS = metal  # the real kernel set (macOS + mlx Metal device only)
+
+
+_DEFAULT_OUTLIER_ROLES = "both"  # _core.KVCache's outlier_roles when there is no split
 
 
 def kv_stream_id(layer: int, kv_head: int, role: int) -> int:
@@ -190,7 +199,9 @@ class MetalCodeStore:
                  value_method: str = "turboquant_mse", value_bits: int = 3, seed: int = 0,
                  rotation: str = "auto", block_tokens: int = 256, *, layer: int = 0,
                  norm_correction: bool = False, fp16_window: int = 0, fp16_sinks: int = 0,
-                 kernels: Any = None, check_inputs: bool = True):
+                 kernels: Any = None, check_inputs: bool = True, n_outlier_channels: int = 0,
+                 outlier_bits: int = 0, outlier_channels: Sequence[int] | None = None,
+                 outlier_roles: str = "keys", split_angle_bits: int = 8):
         if n_layers != 1:
             raise ValueError(f"a MetalCodeStore holds one layer (n_layers=1), got {n_layers}; "
                              "use MetalKVCache for several")
@@ -213,21 +224,31 @@ class MetalCodeStore:
         self.key_method = self.value_method = "turboquant_mse"
         self.key_bits, self.value_bits = int(key_bits), int(value_bits)
         self.seed, self.rotation = int(seed), "hadamard"
+        # The configured rotation, as a split cache's file header records it ("auto" or
+        # "hadamard": the same hadamard halves either way).
+        self._configured_rotation = str(rotation)
         self.block_tokens, self.layer = int(block_tokens), int(layer)
         self.norm_correction = bool(norm_correction)
         self.fp16_window, self.fp16_sinks = int(fp16_window), int(fp16_sinks)
         self.kernels = METAL_KERNELS if kernels is None else kernels
         self.check_inputs = bool(check_inputs)
+        self._split = _split_config(self.head_dim, self.key_bits, n_outlier_channels,
+                                    outlier_bits, outlier_channels, outlier_roles,
+                                    split_angle_bits)
+        self.split_angle_bits = int(split_angle_bits)
 
-        def quantizers(role: int, bits: int):
-            return HeadTables(_core.Quantizer("turboquant_mse", self.head_dim, bits, self.seed,
-                                              rotation="hadamard", norm_dtype="float16",
-                                              norm_correction=self.norm_correction,
-                                              stream=kv_stream_id(self.layer, h, role))
-                              for h in range(self.n_kv_heads))
+        def quantizers(role: int, bits: int, split: dict):
+            return [_core.Quantizer("turboquant_mse", self.head_dim, bits, self.seed,
+                                    rotation="hadamard", norm_dtype="float16",
+                                    norm_correction=self.norm_correction,
+                                    stream=kv_stream_id(self.layer, h, role), **split)
+                    for h in range(self.n_kv_heads)]
 
-        self.key_tables = quantizers(0, self.key_bits)
-        self.value_tables = quantizers(1, self.value_bits)
+        if self._split:  # the key split (outlier split of the keys): split.metal kernels
+            self.key_tables = SplitHeadTables(quantizers(0, self.key_bits, self._split))
+        else:
+            self.key_tables = HeadTables(quantizers(0, self.key_bits, {}))
+        self.value_tables = HeadTables(quantizers(1, self.value_bits, {}))
         self._n = 0       # tokens held
         self._coded = 0   # tokens not in the fp16 window: the sinks, then the codes
         self._nc = 0      # tokens held as codes (code index 0 = token _ns)
@@ -238,6 +259,28 @@ class MetalCodeStore:
         self._k_sink = self._v_sink = self._k_win = self._v_win = None
         # Rows of fp16 storage held per stream (the C++ cache's vector capacities).
         self._sink_cap = self._win_cap = 0
+
+    @property
+    def key_split(self) -> bool:
+        """True when the keys are an outlier split over two halves (the mlx-lm key split)."""
+        return bool(self._split)
+
+    @property
+    def n_outlier_channels(self) -> int:
+        return int(self._split.get("n_outlier_channels", 0))
+
+    @property
+    def outlier_channels(self) -> list[int]:
+        return list(self._split.get("outlier_channels", ()))
+
+    @property
+    def outlier_bits(self) -> int:
+        """As configured (0: key_bits + 1), as ``_core.KVCache.outlier_bits``."""
+        return int(self._split.get("outlier_bits", 0))
+
+    @property
+    def outlier_roles(self) -> str:
+        return "keys" if self._split else _DEFAULT_OUTLIER_ROLES
 
     @property
     def windowed(self) -> bool:
@@ -639,9 +682,12 @@ class MetalCodeStore:
         return dict(n_layers=n_layers, n_q_heads=self.n_q_heads, n_kv_heads=self.n_kv_heads,
                     key_method="turboquant_mse", key_bits=self.key_bits,
                     value_method="turboquant_mse", value_bits=self.value_bits, seed=self.seed,
-                    rotation="hadamard", block_tokens=self.block_tokens,
+                    rotation=self._configured_rotation if self._split else "hadamard",
+                    block_tokens=self.block_tokens,
                     norm_correction=self.norm_correction, fp16_window=self.fp16_window,
-                    fp16_sinks=self.fp16_sinks)
+                    fp16_sinks=self.fp16_sinks, split_angle_bits=self.split_angle_bits,
+                    **({k: v for k, v in self._split.items() if k != "split_angle_bits"}
+                       | {"outlier_roles": "keys"} if self._split else {}))
 
     def to_core(self):
         """A ``_core.KVCache`` holding the same codes and fp16 rows (a CPU copy)."""
@@ -658,18 +704,27 @@ class MetalCodeStore:
     def from_core(cls, core, layer: int = 0, kernels: Any = None,
                   check_inputs: bool = True) -> MetalCodeStore:
         """A store holding layer ``layer`` of a ``_core.KVCache`` (codes copied to mlx)."""
-        why = store_supports(core.head_dim, core.key_method, core.value_method, core.rotation)
+        chans = [int(c) for c in core.outlier_channels]
+        rotation = core.configured_rotation if chans else core.rotation
+        why = store_supports(core.head_dim, core.key_method, core.value_method, rotation)
         if why:
             raise ValueError(f"this cache cannot be held by a MetalCodeStore: {why}")
-        if (core.fp16_layers or core.n_outlier_channels or core.jl_dim or core.decay_after
-                or core.max_coded_tokens):
+        if core.fp16_layers or core.jl_dim or core.decay_after or core.max_coded_tokens:
             raise ValueError("this cache cannot be held by a MetalCodeStore: it uses fp16 "
-                             "layers, an outlier split, a QJL dimension, decay or eviction")
-        store = cls(core.head_dim, 1, core.n_q_heads, core.n_kv_heads, core.key_method,
-                    core.key_bits, core.value_method, core.value_bits, core.seed, core.rotation,
-                    core.block_tokens, layer=layer, norm_correction=core.norm_correction,
-                    fp16_window=core.fp16_window, fp16_sinks=core.fp16_sinks, kernels=kernels,
-                    check_inputs=check_inputs)
+                             "layers, a QJL dimension, decay or eviction")
+        split = {}
+        if chans:  # checked by the constructor: keys only, split over two halves
+            split = dict(outlier_channels=chans, n_outlier_channels=core.n_outlier_channels,
+                         outlier_bits=core.outlier_bits, outlier_roles=core.outlier_roles)
+        try:
+            store = cls(core.head_dim, 1, core.n_q_heads, core.n_kv_heads, core.key_method,
+                        core.key_bits, core.value_method, core.value_bits, core.seed,
+                        rotation, core.block_tokens, layer=layer,
+                        norm_correction=core.norm_correction, fp16_window=core.fp16_window,
+                        fp16_sinks=core.fp16_sinks, kernels=kernels, check_inputs=check_inputs,
+                        split_angle_bits=core.split_angle_bits, **split)
+        except ValueError as e:
+            raise ValueError(f"this cache cannot be held by a MetalCodeStore: {e}") from None
         for role, tables in (("key", store.key_tables), ("value", store.value_tables)):
             for h, q in enumerate(tables.quantizers):
                 _, params = core.rotation_parameters(layer, h, role)
@@ -723,12 +778,42 @@ class MetalCodeStore:
 
     def __repr__(self) -> str:
         kernels = getattr(self.kernels, "name", None) or getattr(self.kernels, "__name__", "?")
-        extra = "".join(f", {k}={v}" for k, v in (("norm_correction", self.norm_correction),
+        extra = "".join(f", {k}={v}" for k, v in (("key_split", self.key_split),
+                                                   ("norm_correction", self.norm_correction),
                                                    ("fp16_sinks", self.fp16_sinks),
                                                    ("fp16_window", self.fp16_window)) if v)
         return (f"MetalCodeStore(head_dim={self.head_dim}, n_q_heads={self.n_q_heads}, "
                 f"n_kv_heads={self.n_kv_heads}, key={self.key_bits}b, value={self.value_bits}b, "
                 f"tokens={self._n}{extra}, kernels={kernels})")
+
+
+def _split_config(head_dim: int, key_bits: int, n_outlier_channels, outlier_bits,
+                  outlier_channels, outlier_roles: str, split_angle_bits) -> dict:
+    """The key split's Quantizer options ({} without a split), after checking that the
+    split.metal kernels can run it: keys only, outlier channels [0, d/2) (the mlx-lm key
+    split's order), the angle at 8 or 16 bits."""
+    chans = [int(c) for c in outlier_channels] if outlier_channels is not None else []
+    m = len(chans) if chans else int(n_outlier_channels)
+    if isinstance(split_angle_bits, bool) or split_angle_bits not in (8, 16):
+        raise ValueError(f"split_angle_bits must be 8 or 16, got {split_angle_bits!r}")
+    if m == 0:
+        return {}
+    if outlier_roles != "keys":
+        raise ValueError(f"the Metal store splits keys only (outlier_roles='keys'), got "
+                         f"{outlier_roles!r}")
+    if chans and len(chans) != int(n_outlier_channels or len(chans)):
+        raise ValueError(f"n_outlier_channels={n_outlier_channels} but {len(chans)} outlier "
+                         "channels were given")
+    chans = sorted(chans) if chans else list(range(m))
+    if chans != list(range(head_dim // 2)):
+        raise ValueError(f"the Metal store's key split needs the outlier channels to be the first "
+                         f"half [0, {head_dim // 2}) of the channels (order them first), got "
+                         f"{len(chans)} channels" + ("" if len(chans) != head_dim // 2
+                                                     else f" starting {chans[:4]}"))
+    # n_outlier_channels and outlier_bits as given (0: implied), as the core's file header
+    # records them.
+    return dict(outlier_channels=chans, n_outlier_channels=int(n_outlier_channels),
+                outlier_bits=int(outlier_bits), split_angle_bits=int(split_angle_bits))
 
 
 def stores_to_core(stores: Sequence[MetalCodeStore]):
@@ -765,7 +850,7 @@ class MetalKVCache:
                  rotation: str = "auto", block_tokens: int = 256, *,
                  norm_correction: bool = False, fp16_window: int = 0, fp16_sinks: int = 0,
                  kernels: Any = None, check_inputs: bool = True,
-                 stores: Sequence[MetalCodeStore] | None = None):
+                 stores: Sequence[MetalCodeStore] | None = None, **split):
         if stores is None:
             if int(n_layers) < 1:
                 raise ValueError(f"n_layers must be >= 1, got {n_layers}")
@@ -773,7 +858,7 @@ class MetalKVCache:
                                      value_method, value_bits, seed, rotation, block_tokens,
                                      layer=i, norm_correction=norm_correction,
                                      fp16_window=fp16_window, fp16_sinks=fp16_sinks,
-                                     kernels=kernels, check_inputs=check_inputs)
+                                     kernels=kernels, check_inputs=check_inputs, **split)
                       for i in range(int(n_layers))]
         self.layers = list(stores)
         s = self.layers[0]

@@ -49,6 +49,44 @@ struct AttentionProblem {
 void decode_attention(const AttentionProblem& p, float* out, unsigned block_threads,
                       unsigned reduce_threads);
 
+// The key split (split.metal): keys split into channels [0, dim/2) (bits0) and the rest
+// (bits1), each half with its own hadamard rotation. signs: D₁ of both halves then D₂ of
+// both (2·dim floats); centroids / boundaries: the outlier half's table then the inlier
+// half's; angles: (cos, sin) per angle code (2^angle_bits pairs); angle_bounds: cos² of the
+// rounding boundaries as (hi, lo) pairs (2^angle_bits - 1 of them).
+struct SplitTables {
+  int dim = 128;
+  int bits0 = 4, bits1 = 2;
+  int angle_bits = 8;
+  const float* signs = nullptr;
+  const float* centroids = nullptr;
+  const float* boundaries = nullptr;
+  const float* angles = nullptr;
+  const float* angle_bounds = nullptr;
+  size_t code_bytes() const;
+};
+
+// tq_split_encode: rows × dim floats -> rows × code_bytes() codes, rows norms.
+void split_encode(const SplitTables& t, const float* x, size_t rows, bool norm_fp16,
+                  bool norm_correction, uint8_t* codes, void* norms, unsigned threads);
+
+// tq_split_dequantize: decoded rows (inverse_rotate) or the rotated-domain tile, fp32.
+void split_dequantize(const SplitTables& t, const uint8_t* codes, const void* norms, size_t rows,
+                      bool norm_fp16, bool inverse_rotate, float* out, unsigned threads);
+
+// tq_split_rotate: y = diag(Π_O, Π_I) x.
+void split_rotate(const SplitTables& t, const float* x, size_t rows, float* y, unsigned threads);
+
+// tq_split_attention_block + tq_attention_reduce. p.k_bits / p.k_centroids are ignored (the
+// split tables hold the key halves'), p.q_rotated is diag(Π_O, Π_I) q, p.k_codes split rows.
+void split_decode_attention(const SplitTables& t, const AttentionProblem& p, float* out,
+                            unsigned block_threads, unsigned reduce_threads);
+
+// tq_split_angle (one thread's function, no grid): the angle code of the part sums of
+// squares s0 = h0 + l0, s1 = h1 + l1 against the boundary table of 2^angle_bits - 1 pairs.
+unsigned split_angle_code(float h0, float l0, float h1, float l1, const float* angle_bounds,
+                          int angle_bits);
+
 // Direct access to the emulator for tests of the compatibility layer itself.
 void run_grid(unsigned groups_x, unsigned threads,
               const std::function<void(unsigned group, unsigned tid)>& body);

@@ -6,5 +6,6 @@ ARG_TYPES = {
     "codes": "uint8_t", "norms": "uint16_t", "y": "float", "centroids": "float", "out": "float",
     "q": "float", "k_codes": "uint8_t", "k_norms": "uint16_t", "v_codes": "uint8_t",
     "v_norms": "uint16_t", "k_centroids": "float", "v_centroids": "float", "part_m": "float",
-    "part_l": "float", "part_acc": "float", "v_signs": "float",
+    "part_l": "float", "part_acc": "float", "v_signs": "float", "angles": "float",
+    "angle_bounds": "float",
 }

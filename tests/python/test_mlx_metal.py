@@ -686,7 +686,7 @@ def test_norm_corrected_encode_kernel_on_the_emulated_gpu(emulated, monkeypatch)
 
 def test_mlx_lm_quality_features_take_the_metal_path(monkeypatch, tmp_path):
     # A simulated Mac (reference kernels): debias (norm correction), fp16 sinks and window
-    # run on the store, with the C++ core's logits; only the key split stays on the core.
+    # run on the store, with the C++ core's logits; decay and sparse V stay on the core.
     import turboquant.mlx_metal as mm
     from mlx_lm.models import cache as mlx_cache
     from mlx_tiny import tiny_model
@@ -706,10 +706,13 @@ def test_mlx_lm_quality_features_take_the_metal_path(monkeypatch, tmp_path):
     assert all(c._gpu and isinstance(c._core, mm.MetalCodeStore) for c in gpu)
     assert all(c._core.norm_correction and c._core.fp16_sinks == 2 for c in gpu)
     assert gpu[0]._core.window_tokens() > 0 and gpu[0]._core.code_tokens() > 0
-    default = tq_mlx.make_prompt_cache(model)  # key_split=True: refused, with the reason
+    default = tq_mlx.make_prompt_cache(model)  # key split: on the store from head_dim 32
     model(mx.array(tokens[:8])[None], cache=default)
-    assert not any(c._gpu for c in default)
-    assert "key split" in default[0].gpu_refusal(64)
+    assert not any(c._gpu for c in default)  # head_dim 16: halves of 8 channels
+    assert "head_dim >= 32" in default[0].gpu_refusal(16)
+    assert default[0].gpu_refusal(64) is None  # (test_mlx_metal_split.py runs it)
+    assert "decay" in tq_mlx.TurboQuantKVCache(decay_after=8, decay_bits=2).gpu_refusal(64)
+    assert "sparse_v" in tq_mlx.TurboQuantKVCache(sparse_v=0.01).gpu_refusal(64)
     monkeypatch.setattr(metal, "active_path", lambda: "cpu")
     cpu = tq_mlx.make_prompt_cache(model, **cfg)
     ref = [np.array(model(mx.array(tokens[:21])[None], cache=cpu))]
