@@ -264,3 +264,27 @@ def test_per_head_calibration_refuses_kl():
         calibrate.calibrate(model, list(range(40)), 3.0, metric="kl", granularity="head")
     with pytest.raises(ValueError, match="granularity must be"):
         calibrate.calibrate(model, list(range(40)), 3.0, granularity="token")
+
+
+@pytest.mark.slow
+def test_smollm2_per_head_profile():
+    """The saved SmolLM2 per-head profile: 3 KV heads per layer, and on the real model as
+    close to fp16 as the per-layer profile of the same budget (same bytes)."""
+    from mlx_lm import load
+
+    from turboquant import models
+    from turboquant.mlx_eval import Setting, evaluate
+
+    path = "bench/results/profile_smollm2_3.0_heads.json"
+    prof = tq_mlx.load_profile(path)
+    assert all(len(e["key_bits"]) == len(e["value_bits"]) == 3 for e in prof["layers"])
+    assert prof["average_bits"] == 3.0
+    model, tokenizer = load(str(models.smollm2("float32")))
+    tokens = tokenizer.encode(open("/usr/share/common-licenses/GPL-3").read())
+    fp16, heads, layers = evaluate(
+        model, tokens, [Setting.parse(f"p+s4+w64+profile:{p}") for p in
+                        (path, "bench/results/profile_smollm2_3.0.json")],
+        prefix=128, score=64, chunk=32, context=0, decode_tokens=0, log=lambda *a: None)
+    assert heads.kv_bytes == layers.kv_bytes  # same budget, same bytes
+    assert heads.logit_cosine > 0.99 and heads.kl < 0.03, heads
+    assert heads.kl < 1.5 * layers.kl, (heads, layers)
