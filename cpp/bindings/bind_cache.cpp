@@ -88,7 +88,8 @@ The T_q queries are the last T_q positions of the layer: query i sees keys
                        int n_outlier_channels, int outlier_bits, const std::vector<int>& outlier_channels,
                        size_t fp16_window, const std::vector<int>& fp16_layers, const std::string& outlier_roles,
                        bool norm_correction, size_t fp16_sinks, size_t decay_after, int decay_bits,
-                       size_t max_coded_tokens, int split_angle_bits) {
+                       size_t max_coded_tokens, int split_angle_bits, const std::vector<int>& key_head_bits,
+                       const std::vector<int>& value_head_bits, const std::vector<int>& outlier_head_bits) {
              KVCacheConfig c;
              c.head_dim = head_dim;
              c.n_layers = n_layers;
@@ -115,6 +116,9 @@ The T_q queries are the last T_q positions of the layer: query i sees keys
              c.decay_bits = decay_bits;
              c.max_coded_tokens = max_coded_tokens;
              c.split_angle_bits = split_angle_bits;
+             c.key_head_bits = key_head_bits;
+             c.value_head_bits = value_head_bits;
+             c.outlier_head_bits = outlier_head_bits;
              py::gil_scoped_release release;
              return std::make_unique<KVCache>(c);
            }),
@@ -127,7 +131,8 @@ The T_q queries are the last T_q positions of the layer: query i sees keys
            py::arg("fp16_layers") = std::vector<int>{}, py::arg("outlier_roles") = "both",
            py::arg("norm_correction") = false, py::arg("fp16_sinks") = 0,
            py::arg("decay_after") = 0, py::arg("decay_bits") = 0, py::arg("max_coded_tokens") = 0,
-           py::arg("split_angle_bits") = 8)
+           py::arg("split_angle_bits") = 8, py::arg("key_head_bits") = std::vector<int>{},
+           py::arg("value_head_bits") = std::vector<int>{}, py::arg("outlier_head_bits") = std::vector<int>{})
       .def("append", [](KVCache& kv, const py::handle& keys, const py::handle& values, int layer) {
         const auto d = static_cast<size_t>(kv.head_dim());
         const FloatRows k = float_rows(keys, d, "keys", false, 2);
@@ -270,6 +275,14 @@ The T_q queries are the last T_q positions of the layer: query i sees keys
       .def_property_readonly("key_bits", [](const KVCache& kv) { return kv.config().key_bits; })
       .def_property_readonly("value_method", [](const KVCache& kv) { return kv.config().value_method; })
       .def_property_readonly("value_bits", [](const KVCache& kv) { return kv.config().value_bits; })
+      .def_property_readonly("key_head_bits", [](const KVCache& kv) { return kv.config().key_head_bits; },
+                             "per-KV-head key bits (empty: every head at key_bits)")
+      .def_property_readonly("value_head_bits", [](const KVCache& kv) { return kv.config().value_head_bits; },
+                             "per-KV-head value bits (empty: every head at value_bits)")
+      .def_property_readonly("outlier_head_bits", [](const KVCache& kv) { return kv.config().outlier_head_bits; },
+                             "per-KV-head outlier bits of the outlier split (empty: outlier_bits)")
+      .def_property_readonly("format_version", [](const KVCache& kv) { return kv.config().format_version(); },
+                             "the file format version save() writes for this cache")
       .def_property_readonly("seed", [](const KVCache& kv) { return kv.config().seed; })
       .def_property_readonly("rotation", [](const KVCache& kv) { return to_string(kv.key_quantizer(0, 0).rotation().kind()); })
       .def_property_readonly("configured_rotation", [](const KVCache& kv) { return to_string(kv.config().rotation); },

@@ -29,6 +29,12 @@ size_t check_encoded(const KVCache& kv, KVRole role, const py::array& codes, con
                      const char* name) {
   const auto H = static_cast<py::ssize_t>(kv.config().n_kv_heads);
   const Quantizer& q = role == KVRole::kKey ? kv.key_quantizer(0, 0) : kv.value_quantizer(0, 0);
+  for (int h = 1; h < kv.config().n_kv_heads; ++h) {
+    const Quantizer& qh = role == KVRole::kKey ? kv.key_quantizer(0, h) : kv.value_quantizer(0, h);
+    TQ_CHECK(qh.code_bytes() == q.code_bytes(), InvalidArgument, name, " codes: KV heads 0 and ", h,
+             " have different row sizes (", q.code_bytes(), " and ", qh.code_bytes(),
+             " code bytes: per-head bit widths), which one (n_kv_heads, n, code_bytes) array cannot hold");
+  }
   TQ_CHECK(codes.dtype().is(py::dtype::of<uint8_t>()), TypeMismatch, name, " codes must be uint8, got ",
            dtype_name(codes));
   TQ_CHECK(codes.ndim() == 3 && codes.shape(0) == H &&

@@ -83,9 +83,11 @@ void KVCache::init_decay() {
     }
     decay_quantizers_.push_back(make_quantizer(c));
   }
-  for (size_t role = 0; role < 2; ++role) {
-    const Quantizer& from = *quantizers_[role];
-    const Quantizer& to = *decay_quantizers_[role];
+  // One plan per stream of a layer (2*kv_head + role): the widths differ between heads with
+  // per-head bits, and are the same in every layer.
+  for (size_t s = 0; s < 2 * static_cast<size_t>(config_.n_kv_heads); ++s) {
+    const Quantizer& from = *quantizers_[s];
+    const Quantizer& to = *decay_quantizers_[s];
     DecayPlan plan;
     const auto* fs = dynamic_cast<const OutlierSplitQuantizer*>(&from);
     if (fs != nullptr) {
@@ -117,7 +119,7 @@ void KVCache::decay_block(size_t i, size_t b) {
   const Quantizer& q = *quantizers_[i];
   const Quantizer& dq = *decay_quantizers_[i];
   const size_t bt = config_.block_tokens;
-  const DecayPlan& plan = decay_plans_[i % 2];
+  const DecayPlan& plan = decay_plans_[i % decay_plans_.size()];
   const size_t cb = q.code_bytes(), dcb = dq.code_bytes();
   const bool rescale = config_.norm_correction;
   std::unique_ptr<uint8_t[]> fresh(new uint8_t[bt * dcb]);

@@ -183,6 +183,12 @@ std::vector<uint8_t> serialize_cache(const KVCache& cache) {
     w.put(static_cast<uint32_t>(c.outlier_roles));
   }
   if (version >= 4) w.put(static_cast<uint32_t>(c.split_angle_bits));
+  if (version >= 5) {
+    for (const auto* v : {&c.key_head_bits, &c.value_head_bits, &c.outlier_head_bits}) {
+      w.put(static_cast<uint32_t>(v->size()));
+      for (int b : *v) w.put(static_cast<int32_t>(b));
+    }
+  }
   w.end(at);
 
   at = w.begin(kTagRots);
@@ -323,9 +329,20 @@ std::unique_ptr<KVCache> deserialize_cache(const uint8_t* data, size_t size) {
       TQ_CHECK(angle == 8 || angle == 16, FormatError, "corrupted file: split_angle_bits ", angle,
                " (must be 8 or 16)");
       c.split_angle_bits = static_cast<int>(angle);
-      TQ_CHECK(c.v4(), FormatError, "corrupted file: version 4 without a version-4 option");
+      TQ_CHECK(version > 4 || c.v4(), FormatError, "corrupted file: version 4 without a version-4 option");
     } else if (c.has_outliers()) {
       c.split_angle_bits = 16;  // the only width before version 4
+    }
+    if (version >= 5) {
+      const char* names[3] = {"key_head_bits", "value_head_bits", "outlier_head_bits"};
+      std::vector<int>* lists[3] = {&c.key_head_bits, &c.value_head_bits, &c.outlier_head_bits};
+      for (int i = 0; i < 3; ++i) {
+        const auto count = conf.get<uint32_t>(names[i]);
+        TQ_CHECK(count == 0 || count == static_cast<uint32_t>(c.n_kv_heads), FormatError, "corrupted file: ",
+                 names[i], " has ", count, " entries (must be 0 or n_kv_heads = ", c.n_kv_heads, ")");
+        for (uint32_t h = 0; h < count; ++h) lists[i]->push_back(conf.get<int32_t>(names[i]));
+      }
+      TQ_CHECK(c.per_head_bits(), FormatError, "corrupted file: version 5 without per-head bit widths");
     }
     const bool windowed = version == 2 || (version >= 3 && c.windowed());
     conf.expect_end("CONF");

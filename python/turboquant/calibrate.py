@@ -31,6 +31,7 @@ programming over the spent bits (``allocate``). Summing assumes the layers' erro
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from dataclasses import dataclass
@@ -106,16 +107,23 @@ def _attend_error(model_pairs, q, k, v, scale, ref, key_bits, value_bits, seed, 
     ``scoring``, as the eval feeds it: the prefix appended and attended at once, then chunks
     (the fp16 sinks/window of the scoring in the cache); only the queries after the prefix
     count, against ``ref`` of those queries."""
+    out = attend_output(model_pairs, q, k, v, scale, key_bits, value_bits, seed, layer, scoring)
+    return float(np.sum((out - ref) ** 2) / np.sum(ref ** 2))
+
+
+def attend_output(model_pairs, q, k, v, scale, key_bits, value_bits, seed, layer,
+                  scoring=None, **cache_options) -> np.ndarray:
+    """The layer's attention output (B, H_q, T, d) through a TurboQuantKVCache (with
+    ``scoring``: of the queries after the prefix, fed as the eval feeds them)."""
     if scoring is None:
         c = tq_mlx.TurboQuantKVCache(key_bits=key_bits, value_bits=value_bits, seed=seed,
-                                     layer=layer, rope_pairs=model_pairs)
+                                     layer=layer, rope_pairs=model_pairs, **cache_options)
         c.update_and_fetch(k, v)
-        out = np.array(c.attend(q, scale=scale).astype(mx.float32))
-        return float(np.sum((out - ref) ** 2) / np.sum(ref ** 2))
+        return np.array(c.attend(q, scale=scale).astype(mx.float32))
     c = tq_mlx.TurboQuantKVCache(key_bits=key_bits, value_bits=value_bits, seed=seed,
                                  layer=layer, rope_pairs=model_pairs,
                                  fp16_window=scoring.fp16_window,
-                                 fp16_sinks=scoring.fp16_sinks)
+                                 fp16_sinks=scoring.fp16_sinks, **cache_options)
     P, T = scoring.prefix, k.shape[2]
     c.update_and_fetch(k[:, :, :P], v[:, :, :P])
     c.attend(q[:, :, :P], scale=scale)
@@ -124,8 +132,7 @@ def _attend_error(model_pairs, q, k, v, scale, ref, key_bits, value_bits, seed, 
         j = min(i + scoring.chunk, T)
         c.update_and_fetch(k[:, :, i:j], v[:, :, i:j])
         outs.append(np.array(c.attend(q[:, :, i:j], scale=scale).astype(mx.float32)))
-    out = np.concatenate(outs, axis=2)
-    return float(np.sum((out - ref) ** 2) / np.sum(ref ** 2))
+    return np.concatenate(outs, axis=2)
 
 
 @dataclass
@@ -236,8 +243,9 @@ def role_scaled_errors(model, tokens: list[int], errors: list[LayerErrors], scor
         table = scale[role]
         return table[min(table, key=lambda w: (abs(w - b), w))]
 
-    return ([LayerErrors(e.layer, {b: x * c("key", b) for b, x in e.key.items()},
-                         {b: x * c("value", b) for b, x in e.value.items()})
+    # (entries may be per layer or per KV head: calibrate_heads.HeadErrors)
+    return ([dataclasses.replace(e, key={b: x * c("key", b) for b, x in e.key.items()},
+                                 value={b: x * c("value", b) for b, x in e.value.items()})
              for e in errors], scale)
 
 
@@ -348,13 +356,23 @@ def _allocate_greedy(errors, limit, key_c, value_c) -> list[tuple[int, int]]:
 
 def calibrate(model, tokens: list[int], budget: float, seed: int = 0, progress=None,
               log=print, metric: str = "hybrid", scoring: Scoring | None = None,
-              key_candidates=None, value_candidates=None, exact: bool = True) -> dict:
+              key_candidates=None, value_candidates=None, exact: bool = True,
+              granularity: str = "layer") -> dict:
     """The profile dict for ``model`` calibrated on ``tokens``.
 
     ``kl`` and ``hybrid`` score the text as ``scoring`` says (default: the first half prefilled,
-    no fp16 window); pass the fp16 sinks / window the profile will be used with."""
+    no fp16 window); pass the fp16 sinks / window the profile will be used with.
+    ``granularity="head"`` allocates bits per (layer, KV head, role) instead
+    (:mod:`turboquant.calibrate_heads`; metrics ``hybrid`` and ``attention``)."""
     if metric not in METRICS:
         raise ValueError(f"metric must be one of {', '.join(METRICS)}, got {metric!r}")
+    if granularity not in ("layer", "head"):
+        raise ValueError(f"granularity must be 'layer' or 'head', got {granularity!r}")
+    if granularity == "head":
+        from turboquant import calibrate_heads
+        return calibrate_heads.calibrate_heads(
+            model, tokens, budget, seed, progress, log, metric, scoring,
+            key_candidates, value_candidates, exact)
     if key_candidates is None:
         key_candidates = DEFAULT_CANDIDATES if metric == "kl" else KEY_CANDIDATES
     if value_candidates is None:
@@ -416,6 +434,9 @@ def reallocate(profile, budget: float, exact: bool = True) -> dict:
     """A copy of ``profile`` (a path or dict written by :func:`calibrate`) with its bits
     allocated again for ``budget`` from the errors it measured (no model run)."""
     prof = tq_mlx.load_profile(profile)
+    if prof.get("granularity") == "head":
+        from turboquant import calibrate_heads
+        return calibrate_heads.reallocate_heads(prof, budget, exact)
     table = prof.get("errors")
     if not isinstance(table, dict) or not table:
         raise ValueError("profile has no measured \"errors\" to allocate from")

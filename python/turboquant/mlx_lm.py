@@ -82,10 +82,14 @@ class TurboQuantKVCache(_mlx_cache._BaseCache):
                  debias: bool = True, key_split: bool = True, rope_pairs: str | None = "half",
                  fp16_window: int = 0, block_tokens: int | None = None, fp16_sinks: int = 0,
                  split_angle_bits: int = 8, decay_after: int = 0, decay_bits: int = 0,
-                 sparse_v: float = 0.0):
+                 sparse_v: float = 0.0, key_head_bits=None, value_head_bits=None):
         for name, b in (("key_bits", key_bits), ("value_bits", value_bits)):
             if not isinstance(b, (int, np.integer)) or not 1 <= int(b) <= 8:
                 raise ValueError(f"{name} must be an integer in [1, 8], got {b!r}")
+        # Per-KV-head widths (adaptive bits, the core's key_head_bits / value_head_bits):
+        # one entry per KV head of the model, overriding key_bits / value_bits.
+        self.key_head_bits = _check_head_bits(key_head_bits, "key_head_bits")
+        self.value_head_bits = _check_head_bits(value_head_bits, "value_head_bits")
         methods = _core.methods()
         self.key_method = key_method or method
         self.value_method = value_method or method
@@ -111,7 +115,7 @@ class TurboQuantKVCache(_mlx_cache._BaseCache):
         self.split_angle_bits = int(split_angle_bits)  # the key split's part angle (core option)
         try:
             self.decay_after, self.decay_bits, self.sparse_v = _check_decay_sparse(
-                decay_after, decay_bits, sparse_v, self.key_bits, self.value_bits,
+                decay_after, decay_bits, sparse_v, *self._least_bits(),
                 self.key_method, self.value_method)
         except ValueError as e:
             raise ValueError(f"layer {layer}: {e}") from None
@@ -232,6 +236,9 @@ class TurboQuantKVCache(_mlx_cache._BaseCache):
             return "temporal decay is a C++ core feature (the Metal store does not decay codes)"
         if self.sparse_v:
             return "the Metal store's decode kernel is dense (sparse_v runs on the C++ core)"
+        if self.key_head_bits is not None or self.value_head_bits is not None:
+            return ("per-KV-head bit widths are a C++ core feature (the Metal store holds one "
+                    "width per role)")
         return None
 
     def _centre(self, k: np.ndarray, v: np.ndarray):
@@ -372,6 +379,10 @@ class TurboQuantKVCache(_mlx_cache._BaseCache):
                "fp16_sinks": self.fp16_sinks, "decay_after": self.decay_after,
                "decay_bits": self.decay_bits, "sparse_v": self.sparse_v,
                "split_angle_bits": self.split_angle_bits}
+        if self.key_head_bits is not None:
+            cfg["key_head_bits"] = list(self.key_head_bits)
+        if self.value_head_bits is not None:
+            cfg["value_head_bits"] = list(self.value_head_bits)
         if self._core is not None:
             cfg.update(n_q_heads=self._n_q_heads, n_kv_heads=self._core_kv_heads,
                        head_dim=self._head_dim)
@@ -394,9 +405,12 @@ class TurboQuantKVCache(_mlx_cache._BaseCache):
         # itself when it is loaded); a layer rebuilt later uses the default.
         self.split_angle_bits = int(cfg.get("split_angle_bits", 8))
         try:
+            self.key_head_bits = _check_head_bits(cfg.get("key_head_bits"), "key_head_bits")
+            self.value_head_bits = _check_head_bits(cfg.get("value_head_bits"),
+                                                    "value_head_bits")
             self.decay_after, self.decay_bits, self.sparse_v = _check_decay_sparse(
                 cfg.get("decay_after", 0), cfg.get("decay_bits", 0), cfg.get("sparse_v", 0.0),
-                self.key_bits, self.value_bits, self.key_method, self.value_method)
+                *self._least_bits(), self.key_method, self.value_method)
         except ValueError as e:
             raise _core.FormatError(f"prompt cache layer {self.layer}: {e}") from None
         self._k_mean = self._v_mean = None
@@ -413,17 +427,35 @@ class TurboQuantKVCache(_mlx_cache._BaseCache):
             raise RuntimeError(f"layer {self.layer}: attention called on an empty cache")
         return self._pending[0][0].shape[0]
 
+    def _least_bits(self) -> tuple[int, int]:
+        """The fewest key and value bits of any KV head."""
+        return (min(self.key_head_bits or (self.key_bits,)),
+                min(self.value_head_bits or (self.value_bits,)))
+
     def split_plan(self, head_dim: int) -> tuple[int, int, int] | None:
         """(channels, their bits, the other channels' bits) of the key split, or None.
 
         Half of the channels (whole RoPE pairs) get key_bits + 1 bits, the other half
         key_bits - 1: the same bytes, spent where the keys' energy is. Halves keep both
         groups a power of two for power-of-two head dims (fast Hadamard rotations, small
-        rotation state)."""
+        rotation state). With per-head key bits each head splits its own width the same way
+        (every head's width must be in [2, 7])."""
+        widths = self.key_head_bits or (self.key_bits,)
         if not (self.key_split and self.key_method == "turboquant_mse"
-                and 2 <= self.key_bits <= 7 and head_dim % 4 == 0):
+                and 2 <= min(widths) and max(widths) <= 7 and head_dim % 4 == 0):
             return None
         return head_dim // 2, self.key_bits + 1, self.key_bits - 1
+
+    def _tiled_head_bits(self, bits, total_kv: int) -> list[int] | None:
+        """Per-head widths for the core's total_kv = batch × KV heads (batch is folded into
+        heads): the model's per-head list repeated per sequence."""
+        if bits is None:
+            return None
+        B = self._batch
+        if total_kv % B or len(bits) != total_kv // B:
+            raise ValueError(f"layer {self.layer}: {len(bits)} per-head bit widths for "
+                             f"{total_kv // max(B, 1)} KV heads")
+        return list(bits) * B
 
     def _choose_channels(self, keys: np.ndarray, queries: np.ndarray | None, m: int):
         """Per KV head, the order that puts the m channels with the most query-weighted key
@@ -463,6 +495,13 @@ class TurboQuantKVCache(_mlx_cache._BaseCache):
                              f"of {n_kv_heads // B} KV heads")
         plan = self.split_plan(head_dim)
         key_bits, split = self.key_bits, {}
+        kh = self._tiled_head_bits(self.key_head_bits, total_kv)
+        vh = self._tiled_head_bits(self.value_head_bits, total_kv)
+        heads = {}
+        if vh is not None:
+            heads["value_head_bits"] = vh
+        if kh is not None:
+            heads["key_head_bits"] = kh
         if plan is not None:
             m, hi, lo = plan
             if self._perm is None:
@@ -476,6 +515,9 @@ class TurboQuantKVCache(_mlx_cache._BaseCache):
             split = dict(n_outlier_channels=m, outlier_bits=hi,
                          outlier_channels=list(range(m)), outlier_roles="keys",
                          split_angle_bits=self.split_angle_bits)
+            if kh is not None:  # each head's split of its own width
+                heads["key_head_bits"] = [b - 1 for b in kh]
+                heads["outlier_head_bits"] = [b + 1 for b in kh]
         mse = self.key_method == self.value_method == "turboquant_mse"
         common = dict(n_layers=1, n_q_heads=total_q, n_kv_heads=total_kv,
                       key_method=self.key_method, key_bits=key_bits,
@@ -490,12 +532,26 @@ class TurboQuantKVCache(_mlx_cache._BaseCache):
             self._core = _core.KVCache(head_dim, fp16_window=self.fp16_window,
                                        fp16_sinks=self.fp16_sinks, decay_after=self.decay_after,
                                        decay_bits=self.decay_bits,
-                                       norm_correction=self.debias and mse, **common, **split)
+                                       norm_correction=self.debias and mse, **common, **split,
+                                       **heads)
         self._n_q_heads, self._core_kv_heads, self._head_dim = n_q_heads, total_kv, head_dim
         self._shape = (total_kv, head_dim)
         pending, self._pending = self._pending, []
         for k, v in pending:
             self._core.append(k, v)
+
+
+def _check_head_bits(bits, name: str) -> tuple[int, ...] | None:
+    """None, or a non-empty sequence of integers in [1, 8] (per-KV-head widths) as a tuple."""
+    if bits is None:
+        return None
+    if isinstance(bits, (str, bytes)) or not hasattr(bits, "__len__") or len(bits) == 0:
+        raise ValueError(f"{name} must be None or a non-empty list of integers in [1, 8] "
+                         f"(one per KV head), got {bits!r}")
+    for h, b in enumerate(bits):
+        if isinstance(b, bool) or not isinstance(b, (int, np.integer)) or not 1 <= int(b) <= 8:
+            raise ValueError(f"{name}[{h}] must be an integer in [1, 8], got {b!r}")
+    return tuple(int(b) for b in bits)
 
 
 def _check_decay_sparse(decay_after, decay_bits, sparse_v, key_bits: int, value_bits: int,
@@ -748,8 +804,14 @@ def load_profile(profile) -> dict:
             continue
         for k in ("key_bits", "value_bits"):
             b = e.get(k)
-            if not isinstance(b, int) or not 1 <= b <= 8:
-                raise ValueError(f"profile layer {i}: {k} must be an integer in [1, 8], got {b!r}")
+            if isinstance(b, list):  # per KV head
+                try:
+                    _check_head_bits(b, k)
+                except ValueError as err:
+                    raise ValueError(f"profile layer {i}: {err}") from None
+            elif isinstance(b, bool) or not isinstance(b, int) or not 1 <= b <= 8:
+                raise ValueError(f"profile layer {i}: {k} must be an integer in [1, 8] or a "
+                                 f"list of them (one per KV head), got {b!r}")
     return profile
 
 
@@ -774,7 +836,9 @@ def make_prompt_cache(model, key_bits: int = 3, value_bits: int = 3,
     mlx-lm's fp16 ``KVCache``; sliding-window layers keep mlx-lm's ``RotatingKVCache``.
     ``split_angle_bits`` (8 or 16) is the width of the key split's per-key part angle.
     ``profile`` (a path or dict from ``python -m turboquant calibrate``) sets per-layer
-    key/value bits and fp16 layers, overriding ``key_bits`` / ``value_bits``.
+    key/value bits and fp16 layers, overriding ``key_bits`` / ``value_bits``; a layer's
+    ``key_bits`` / ``value_bits`` may be a list with one width per KV head (``calibrate
+    --granularity head``), held by the C++ core's per-head widths.
     ``decay_after`` / ``decay_bits`` (temporal decay): code blocks with at least
     ``decay_after`` newer tokens are re-quantized to ``decay_bits`` in place (fp16 sinks and
     window tokens never decay); every compressed layer needs key and value bits above
@@ -795,20 +859,25 @@ def make_prompt_cache(model, key_bits: int = 3, value_bits: int = 3,
             if e.get("fp16"):
                 keep.add(i)
             else:
-                per_layer[i] = (int(e["key_bits"]), int(e["value_bits"]))
+                per_layer[i] = (e["key_bits"], e["value_bits"])
     pairs = rope_pairs_of(model)
     cache = list(base_cache)
     for i in compressible:
         if i not in keep:
             kb, vb = per_layer.get(i, (key_bits, value_bits))
-            cache[i] = TurboQuantKVCache(key_bits=kb, value_bits=vb, method=method,
+            heads = {}
+            if isinstance(kb, list):  # per-KV-head widths; key_bits: their rounded mean
+                heads["key_head_bits"], kb = kb, int(round(float(np.mean(kb))))
+            if isinstance(vb, list):
+                heads["value_head_bits"], vb = vb, int(round(float(np.mean(vb))))
+            cache[i] = TurboQuantKVCache(key_bits=int(kb), value_bits=int(vb), method=method,
                                          key_method=key_method, value_method=value_method,
                                          seed=seed, layer=i, rotation=rotation, center=center,
                                          debias=debias, key_split=key_split, rope_pairs=pairs,
                                          fp16_window=fp16_window, block_tokens=block_tokens,
                                          fp16_sinks=fp16_sinks, decay_after=decay_after,
                                          decay_bits=decay_bits, sparse_v=sparse_v,
-                                         split_angle_bits=split_angle_bits)
+                                         split_angle_bits=split_angle_bits, **heads)
     return cache
 
 

@@ -93,6 +93,15 @@ struct KVCacheConfig {
   // evicted_tokens(layer) how many were dropped; positions (RoPE) are the caller's. Must be
   // 0 or at least block_tokens.
   size_t max_coded_tokens = 0;
+  // Per-KV-head bit widths (adaptive bits; empty = every head at key_bits / value_bits):
+  // n_kv_heads entries, each in [1, 8]; KV head h of every layer stores its keys at
+  // key_head_bits[h] and its values at value_head_bits[h] bits, so rows differ in size
+  // between heads (each stream's pages, copy_out / append_encoded rows at its own width).
+  // outlier_head_bits (outlier split only): head h's outlier bits (0 = that stream's bits
+  // + 1), overriding outlier_bits. Any of them needs file format version 5.
+  std::vector<int> key_head_bits;
+  std::vector<int> value_head_bits;
+  std::vector<int> outlier_head_bits;
 
   // Throws InvalidArgument naming the first bad field (NotSupported for decay of a method
   // that has no code->code table).
@@ -105,6 +114,18 @@ struct KVCacheConfig {
     return outlier_roles == OutlierRoles::kBoth || (outlier_roles == OutlierRoles::kKeys) == (role == 0);
   }
   bool decays() const { return decay_after > 0; }
+  // The widths of KV head h (per-head overrides, else key_bits / value_bits / outlier_bits).
+  int head_key_bits(int h) const { return key_head_bits.empty() ? key_bits : key_head_bits[static_cast<size_t>(h)]; }
+  int head_value_bits(int h) const {
+    return value_head_bits.empty() ? value_bits : value_head_bits[static_cast<size_t>(h)];
+  }
+  int head_bits(int h, int role) const { return role == 0 ? head_key_bits(h) : head_value_bits(h); }
+  int head_outlier_bits(int h) const {
+    return outlier_head_bits.empty() ? outlier_bits : outlier_head_bits[static_cast<size_t>(h)];
+  }
+  bool per_head_bits() const {
+    return !key_head_bits.empty() || !value_head_bits.empty() || !outlier_head_bits.empty();
+  }
   // Whether the file format version 3 is needed (sinks, decay, eviction, norm correction or
   // outlier roles other than both).
   bool v3() const {
@@ -116,7 +137,9 @@ struct KVCacheConfig {
   // the 16 bits that versions 1-3 imply.
   bool v4() const { return has_outliers() && split_angle_bits != 16; }
   // The oldest file format version that can express this configuration.
-  uint32_t format_version() const { return v4() ? 4u : v3() ? 3u : windowed() ? 2u : 1u; }
+  uint32_t format_version() const {
+    return per_head_bits() ? 5u : v4() ? 4u : v3() ? 3u : windowed() ? 2u : 1u;
+  }
 };
 
 // Temporal decay of an outlier split (KVCacheConfig::decay_after): the stream's reference
@@ -235,7 +258,7 @@ class KVCache {
   // The decoded tokens [start, start + n) of one stream (sinks and window as stored, codes
   // dequantized at their block's bits), n × head_dim fp32.
   void decode_tokens(int layer, int kv_head, KVRole role, size_t start, size_t n, float* out) const;
-  // Bytes per token of code index t's block in one stream (codes only).
+  // Quantizer of code index t's block in one stream (its code_bytes: bytes per token).
   const Quantizer& block_quantizer(int layer, int kv_head, KVRole role, size_t code_index) const;
   // Tokens of a layer dropped by eviction (max_coded_tokens) since it was empty.
   size_t evicted_tokens(int layer) const;
@@ -304,7 +327,7 @@ class KVCache {
     std::vector<DecayPart> parts;
     bool split = false;                        // parts scaled by the split's cos φ̃ / sin φ̃
   };
-  std::vector<DecayPlan> decay_plans_;                  // per role
+  std::vector<DecayPlan> decay_plans_;                  // per stream of a layer (2*kv_head + role)
   std::vector<size_t> decay_done_;                      // per layer: leading blocks decayed
   std::vector<size_t> evicted_;                         // per layer: tokens evicted
   mutable std::atomic<size_t> readers_{0};              // guarded readers in progress

@@ -31,6 +31,11 @@
 //   CONF continues with the version 2 and 3 fields, then split_angle_bits u32 (8 or 16).
 //   Versions 1-3 imply 16-bit angles: an outlier-split file of those versions loads with
 //   split_angle_bits = 16 and is written back unchanged.
+//   Version 5 (written only with per-KV-head bit widths, KVCacheConfig::per_head_bits()):
+//   CONF continues with the version 2-4 fields, then key_head_bits, value_head_bits and
+//   outlier_head_bits, each a count u32 (0 or n_kv_heads) + count i32. Every stream's code
+//   rows (LAYR) have that stream's own code_bytes. Files of versions 1-4 load and are written
+//   back unchanged.
 //   "END " (last): empty payload; nothing may follow it.
 // Loading reads the file into memory and checks every length against the bytes left before
 // using it: a truncated, corrupted, wrong-magic or future-version file raises FormatError.
@@ -47,7 +52,7 @@ namespace turboquant {
 class KVCache;
 
 inline constexpr char kCacheMagic[8] = {'T', 'Q', 'K', 'V', 'C', 'A', 'C', 'H'};
-inline constexpr uint32_t kCacheFormatVersion = 4;
+inline constexpr uint32_t kCacheFormatVersion = 5;
 
 // CRC32C (Castagnoli, reflected polynomial 0x82F63B78), as in iSCSI / ext4 / SSE4.2 crc32.
 // crc32c("123456789") == 0xE3069283. Pass a previous result as `crc` to continue a stream.

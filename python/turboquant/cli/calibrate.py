@@ -38,6 +38,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "attention 2-6)")
     p.add_argument("--value-candidates", default=None,
                    help="bit widths measured for values (default: kl 2,3,4; attention 2-5)")
+    p.add_argument("--granularity", choices=("layer", "head"), default="layer",
+                   help="layer (default): one key and one value width per layer; head: one "
+                        "per (layer, KV head), measured through the layer's output "
+                        "projection (metrics hybrid and attention; the profile's key_bits / "
+                        "value_bits are then lists, one width per KV head)")
     p.add_argument("--greedy", action="store_true",
                    help="greedy allocation instead of the exact dynamic programme")
     p.add_argument("--seed", type=int, default=0)
@@ -81,6 +86,7 @@ def run(args: argparse.Namespace) -> int:
         profile = calibrate.calibrate(
             model, tokens, args.budget, args.seed, metric=args.metric, scoring=scoring,
             key_candidates=cands[0], value_candidates=cands[1], exact=not args.greedy,
+            granularity=args.granularity,
             progress=lambda xs: tqdm(xs, desc="measurements", unit="run", file=sys.stderr))
     except ValueError as e:
         print(f"calibrate: {e}", file=sys.stderr)
@@ -94,7 +100,8 @@ def run(args: argparse.Namespace) -> int:
 
 def _report(args, profile: dict) -> None:
     bits = [(e["key_bits"], e["value_bits"]) for e in profile["layers"] if not e.get("fp16")]
-    print(f"wrote {args.out}: {len(bits)} layers, average {profile['average_bits']:.3f} bits "
+    per = " (per KV head)" if profile.get("granularity") == "head" else ""
+    print(f"wrote {args.out}: {len(bits)} layers{per}, average {profile['average_bits']:.3f} bits "
           f"(budget {args.budget}); key bits {[k for k, _ in bits]}; "
           f"value bits {[v for _, v in bits]}"
           + (f" ({profile['seconds']:.0f}s)" if "seconds" in profile else ""))
