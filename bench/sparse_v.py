@@ -2,8 +2,10 @@
 path of the C++ attention (one query position per head), in one run over two workloads:
 
 * ``smollm2`` (d=64, 9 query / 3 KV heads, GQA 3): real post-RoPE queries, keys and values
-  of SmolLM2-135M (all 30 layers), captured from mlx-lm on the CPU for one decode step after
-  a ``--tokens``-token prefix of ``--text``; the peaked attention of a trained model.
+  of SmolLM2-135M (all 30 layers) for one decode step after a ``--tokens``-token prefix of
+  ``--text``: the peaked attention of a trained model. Computed by a NumPy forward pass of
+  the model (mlx on a Linux CPU needs minutes for 512 tokens; ``--check-mlx`` compares the
+  two on a short prefix), optionally kept in ``--capture FILE``.
 * ``gauss`` (d=128, 8 query / 2 KV heads, GQA 4, ``--gauss-layers`` layers): N(0, 1) keys and
   values, queries N(0, s²) with s = ``--query-scale`` (s > 1 mimics peaked attention).
 
@@ -21,7 +23,7 @@ error that sparse V adds to).
 
     PYTHONPATH=python python bench/sparse_v.py [--tokens 4096] [--repeats 20] [--threads 1]
         [--thresholds 0,0.001,0.01,0.05] [--query-scale 3] [--workloads smollm2,gauss]
-        [--model DIR] [--text FILE]
+        [--model DIR] [--text FILE] [--capture FILE.npz] [--check-mlx] [--what-if]
 """
 import argparse
 import sys
@@ -38,39 +40,90 @@ TEXT = "/usr/share/common-licenses/GPL-3"
 PAGE = 256  # block_tokens of the caches built here (the core's default)
 
 
-def capture_smollm2(model_dir: str, text: str, tokens: int):
-    """Post-RoPE (queries, keys, values) of every layer for one decode step after a
-    `tokens`-token prefix: queries (L, Hq, 1, d), keys and values (L, Hkv, tokens + 1, d)."""
+def smollm2_forward(model_dir: str, ids: list[int]):
+    """SmolLM2 (Llama) forward pass in NumPy (BLAS matmuls: much faster than mlx on a Linux
+    CPU) over `ids`; returns the post-RoPE queries of the LAST position (L, Hq, 1, d) and the
+    post-RoPE keys and values of every position (L, Hkv, n, d), float32."""
+    import json
+    from safetensors.numpy import load_file
+    cfg = json.loads((Path(model_dir) / "config.json").read_text())
+    w = load_file(str(Path(model_dir) / "model.safetensors"))
+    hq, hkv, d = cfg["num_attention_heads"], cfg["num_key_value_heads"], cfg["head_dim"]
+    eps, theta, g = cfg["rms_norm_eps"], cfg["rope_theta"], hq // hkv
+    n = len(ids)
+    inv = theta ** (-np.arange(0, d, 2, dtype=np.float64) / d)
+    ang = np.arange(n)[:, None] * inv[None, :]
+    cos, sin = np.cos(ang).astype(np.float32), np.sin(ang).astype(np.float32)
+
+    def rope(x):  # (H, n, d), rotate-half (rope_traditional = False)
+        a, b = x[..., :d // 2], x[..., d // 2:]
+        return np.concatenate([a * cos - b * sin, b * cos + a * sin], axis=-1)
+
+    def rms(x, weight):
+        return x / np.sqrt((x.astype(np.float64) ** 2).mean(-1, keepdims=True) + eps).astype(np.float32) * weight
+
+    x = w["model.embed_tokens.weight"][ids]
+    qs, ks, vs = [], [], []
+    causal = np.triu(np.full((n, n), -np.inf, np.float32), 1)
+    for l in range(cfg["num_hidden_layers"]):
+        p = f"model.layers.{l}."
+        h = rms(x, w[p + "input_layernorm.weight"])
+        q = rope((h @ w[p + "self_attn.q_proj.weight"].T).reshape(n, hq, d).transpose(1, 0, 2))
+        k = rope((h @ w[p + "self_attn.k_proj.weight"].T).reshape(n, hkv, d).transpose(1, 0, 2))
+        v = (h @ w[p + "self_attn.v_proj.weight"].T).reshape(n, hkv, d).transpose(1, 0, 2)
+        qs.append(q[:, -1:])
+        ks.append(k)
+        vs.append(v)
+        o = np.empty((n, hq, d), np.float32)
+        for head in range(hq):
+            s = q[head] @ k[head // g].T / np.float32(np.sqrt(d)) + causal
+            s = np.exp(s - s.max(-1, keepdims=True))
+            o[:, head] = (s @ v[head // g]) / s.sum(-1, keepdims=True)
+        x = x + o.reshape(n, hq * d) @ w[p + "self_attn.o_proj.weight"].T
+        h = rms(x, w[p + "post_attention_layernorm.weight"])
+        gate = h @ w[p + "mlp.gate_proj.weight"].T
+        x = x + ((gate / (1 + np.exp(-gate))) * (h @ w[p + "mlp.up_proj.weight"].T)) @ w[p + "mlp.down_proj.weight"].T
+    return np.stack(qs), np.stack(ks), np.stack(vs)
+
+
+def check_against_mlx(model_dir: str, ids: list[int]) -> float:
+    """Largest relative difference of the NumPy forward's last-position queries and all
+    keys/values against mlx-lm's own (post-RoPE, from its KV cache) on a short prefix."""
     import mlx.core as mx
     from mlx_lm import load
     from mlx_lm.models import cache as mlx_cache
     mx.set_default_device(mx.cpu)
-    model, tokenizer = load(model_dir)
-    ids = tokenizer.encode(Path(text).read_text())
-    if len(ids) < tokens + 1:
-        raise SystemExit(f"{text}: {len(ids)} tokens, need {tokens + 1}")
+    model, _ = load(model_dir)
     module = sys.modules[type(model.layers[0].self_attn).__module__]
-    original = module.scaled_dot_product_attention
-    captured = []
+    original, seen = module.scaled_dot_product_attention, []
 
     def recording(queries, keys, values, *a, **k):
-        if queries.shape[2] == 1:  # the decode step: one query position
-            captured.append((np.array(queries[0].astype(mx.float32)), np.array(keys[0].astype(mx.float32)),
-                             np.array(values[0].astype(mx.float32))))
+        seen.append(np.array(queries[0, :, -1:].astype(mx.float32)))
         return original(queries, keys, values, *a, **k)
 
     cache = mlx_cache.make_prompt_cache(model)
-    for s in range(0, tokens, 512):  # prefill in chunks
-        mx.eval(model(mx.array([ids[s:min(tokens, s + 512)]]), cache=cache))
     module.scaled_dot_product_attention = recording
     try:
-        mx.eval(model(mx.array([ids[tokens:tokens + 1]]), cache=cache))
+        mx.eval(model(mx.array([ids]), cache=cache))
     finally:
         module.scaled_dot_product_attention = original
-    q = np.stack([c[0] for c in captured])
-    k = np.stack([c[1] for c in captured])
-    v = np.stack([c[2] for c in captured])
-    return q, k, v
+    q, k, v = smollm2_forward(model_dir, ids)
+    worst = 0.0
+    for l, c in enumerate(cache):
+        ck, cv = (np.array(t[0, :, :len(ids)].astype(mx.float32)) for t in (c.keys, c.values))
+        for a, b in ((seen[l], q[l]), (ck, k[l]), (cv, v[l])):
+            worst = max(worst, float(np.abs(a - b).max() / np.abs(a).max()))
+    return worst
+
+
+def capture_smollm2(model_dir: str, text: str, tokens: int):
+    """Queries of one decode step after a `tokens`-token prefix of `text` (L, Hq, 1, d) and
+    the keys/values it attends to (L, Hkv, tokens + 1, d)."""
+    from tokenizers import Tokenizer
+    ids = Tokenizer.from_file(str(Path(model_dir) / "tokenizer.json")).encode(Path(text).read_text()).ids
+    if len(ids) < tokens + 1:
+        raise SystemExit(f"{text}: {len(ids)} tokens, need {tokens + 1}")
+    return smollm2_forward(model_dir, ids[:tokens + 1])
 
 
 def gaussian_workload(layers: int, tokens: int, query_scale: float, seed: int = 0):
@@ -160,6 +213,38 @@ def run_workload(name: str, q, k, v, bits: int, thresholds, repeats: int) -> Non
               f"{below / qtok:>10.1%} {rel:>8.2e} {np.abs(out - dn).max():>9.2e}")
 
 
+def skipped_mass_study(q, k, v, thresholds) -> None:
+    """What-if on the fp32 rows (no codes): relative error of three ways to treat the rows a
+    threshold drops (per query head, weight < thr × its max): drop them (what the core does:
+    the mass stays in the normalisation), renormalise over the kept mass, or add each page's
+    dropped mass times the page's mean value row (needs a per-page value sum in the cache)."""
+    L, hq, _, d = q.shape
+    g = hq // k.shape[1]
+    print(f"\n[what-if, fp32 rows] relative error of the dropped-row treatments")
+    print(f"{'thresh':>7} {'drop':>9} {'renorm':>9} {'page mean':>9}")
+    for thr in thresholds:
+        if thr <= 0:
+            continue
+        num, den = np.zeros(3), 0.0
+        for l in range(L):
+            for h in range(hq):
+                K, V = k[l, h // g].astype(np.float64), v[l, h // g].astype(np.float64)
+                s = K @ q[l, h, 0].astype(np.float64) / np.sqrt(d)
+                p = np.exp(s - s.max())
+                z = p.sum()
+                o = p @ V / z
+                pk = p * (p >= thr)
+                drop = pk @ V / z
+                comp = drop.copy()
+                for p0 in range(0, len(p), PAGE):
+                    comp += (p[p0:p0 + PAGE] - pk[p0:p0 + PAGE]).sum() / z * V[p0:p0 + PAGE].mean(axis=0)
+                for i, x in enumerate((drop, pk @ V / pk.sum(), comp)):
+                    num[i] += ((x - o) ** 2).sum()
+                den += (o ** 2).sum()
+        e = np.sqrt(num / den)
+        print(f"{thr:>7g} {e[0]:>9.2e} {e[1]:>9.2e} {e[2]:>9.2e}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--tokens", type=int, default=4096, help="cached tokens (the prefix length)")
@@ -173,6 +258,12 @@ def main() -> None:
     ap.add_argument("--query-scale", type=float, default=3.0,
                     help="gauss: queries N(0, s^2); s > 1 gives the peaked attention of trained models")
     ap.add_argument("--gauss-layers", type=int, default=8)
+    ap.add_argument("--check-mlx", action="store_true",
+                    help="first compare the NumPy SmolLM2 forward with mlx-lm on a 12-token prefix")
+    ap.add_argument("--what-if", action="store_true",
+                    help="smollm2: also the error of renormalising / page-mean compensation (fp32 rows)")
+    ap.add_argument("--capture", help="smollm2: .npz of the captured q/k/v; written if absent, read if present "
+                                      "(the capture takes minutes on a busy CPU)")
     args = ap.parse_args()
     thresholds = [float(x) for x in args.thresholds.split(",")]
     if thresholds[0] != 0.0:
@@ -181,13 +272,29 @@ def main() -> None:
     info = tq.build_info()
     print(f"simd={info['simd_targets_available']} threads={args.threads} repeats={args.repeats} "
           f"thresholds={thresholds}")
+    if args.check_mlx:
+        from tokenizers import Tokenizer
+        ids = Tokenizer.from_file(str(Path(args.model) / "tokenizer.json")).encode(Path(args.text).read_text()).ids
+        print(f"NumPy forward vs mlx-lm, 12 tokens: max relative difference of q/k/v "
+              f"{check_against_mlx(args.model, ids[:12]):.1e}")
     for w in args.workloads.split(","):
         if w == "smollm2":
-            t0 = time.perf_counter()
-            q, k, v = capture_smollm2(args.model, args.text, args.tokens)
-            print(f"captured SmolLM2 decode step after {args.tokens} tokens of {args.text} "
-                  f"in {time.perf_counter() - t0:.0f} s")
+            if args.capture and Path(args.capture).exists():
+                z = np.load(args.capture)
+                q, k, v = z["q"], z["k"], z["v"]
+                if k.shape[2] != args.tokens + 1:
+                    raise SystemExit(f"{args.capture} holds {k.shape[2] - 1} tokens, not --tokens {args.tokens}")
+                print(f"SmolLM2 decode step after {args.tokens} tokens, read from {args.capture}")
+            else:
+                t0 = time.perf_counter()
+                q, k, v = capture_smollm2(args.model, args.text, args.tokens)
+                print(f"captured SmolLM2 decode step after {args.tokens} tokens of {args.text} "
+                      f"in {time.perf_counter() - t0:.0f} s")
+                if args.capture:
+                    np.savez(args.capture, q=q, k=k, v=v)
             run_workload("smollm2 real", q, k, v, args.bits, thresholds, args.repeats)
+            if args.what_if:
+                skipped_mass_study(q, k, v, thresholds)
         elif w == "gauss":
             q, k, v = gaussian_workload(args.gauss_layers, args.tokens + 1, args.query_scale)
             run_workload(f"gauss query_scale={args.query_scale:g}", q, k, v, args.bits, thresholds, args.repeats)
