@@ -49,32 +49,24 @@ void softmax_page(float* scores, size_t nb, size_t tb0, size_t r0, size_t r1, co
   }
 }
 
-// Sparse V on one page: zeroes the weights below `threshold` (weights are exp(s - running
-// max), so relative to the row's maximum so far) and gathers the value rows that some row
-// still uses into sc.sparse_* (codes, raw norms, mr × kept weights). Returns kept.
-size_t sparse_v_gather(AttentionScratch& sc, const Quantizer& vq, size_t nb, size_t mr, float threshold,
-                       const uint8_t* codes, const uint8_t* norms) {
-  float* w = sc.scores.data();
-  for (size_t i = 0; i < mr * nb; ++i)
-    if (w[i] < threshold) w[i] = 0.0f;
-  const size_t cb = vq.code_bytes(), nbytes = vq.norm_bytes();
-  sc.sparse_codes.resize(nb * cb);
-  sc.sparse_norms.resize(nb * nbytes);
-  sc.sparse_weights.resize(mr * nb);
+// Sparse V on one page: lists in sc.sparse_index the tokens that some query row weights at
+// or above `threshold` (weights are exp(s - running max), so relative to the row's maximum
+// so far) and returns how many; the value sum skips the others for every row (a kept token
+// keeps all its rows' weights). Masked tokens (weight 0) are never kept.
+size_t sparse_v_keep(AttentionScratch& sc, size_t nb, size_t mr, float threshold) {
+  const float* w = sc.scores.data();
+  sc.sparse_top.resize(nb);
   sc.sparse_index.resize(nb);
+  float* top = sc.sparse_top.data();
+  std::copy(w, w + nb, top);
+  for (size_t r = 1; r < mr; ++r)  // column maxima over the rows: vectorised
+    for (size_t t = 0; t < nb; ++t) top[t] = std::max(top[t], w[r * nb + t]);
+  uint32_t* idx = sc.sparse_index.data();
   size_t kept = 0;
-  for (size_t t = 0; t < nb; ++t) {
-    bool used = false;
-    for (size_t r = 0; r < mr && !used; ++r) used = w[r * nb + t] != 0.0f;
-    if (!used) continue;
-    std::memcpy(sc.sparse_codes.data() + kept * cb, codes + t * cb, cb);
-    std::memcpy(sc.sparse_norms.data() + kept * nbytes, norms + t * nbytes, nbytes);
-    sc.sparse_index[kept++] = t;
+  for (size_t t = 0; t < nb; ++t) {  // branch-free compaction
+    idx[kept] = static_cast<uint32_t>(t);
+    kept += top[t] >= threshold ? 1 : 0;
   }
-  if (kept == 0 || kept * 4 > nb * 3) return kept;
-  // Weights of the kept columns, mr × kept.
-  for (size_t r = 0; r < mr; ++r)
-    for (size_t k = 0; k < kept; ++k) sc.sparse_weights[r * kept + k] = w[r * nb + sc.sparse_index[k]];
   return kept;
 }
 
@@ -123,7 +115,7 @@ void attend_head(const HeadCodes& keys, const HeadCodes& values, size_t n_tokens
     const size_t mr = r1 - r0;
     sc.scores.resize(mr * nb);
     const uint8_t* kcodes = keys.pages->code_blocks[b].get();
-    const uint8_t* vcodes = values.pages->code_blocks[b].get();  // replaced when sparse V gathers
+    const uint8_t* vcodes = values.pages->code_blocks[b].get();
     // Temporal decay: a decayed block has its own (fewer-bit) quantizer with the same
     // rotation, so the prepared query state and the rotated-domain accumulator are shared.
     const Quantizer& kb = keys.decayed ? keys.block_quantizer(b) : kq;
@@ -144,30 +136,25 @@ void attend_head(const HeadCodes& keys, const HeadCodes& values, size_t n_tokens
     }
     softmax_page(sc.scores.data(), nb, tb0, r0, r1, mask, scale, d, sc.row_max.data(),
                  sc.row_sum.data(), sc.acc.data());
-    const uint8_t* vnorms = values.pages->norm_blocks[b].get();
-    const float* weights = sc.scores.data();
-    size_t nv = nb;
+    size_t kept = nb;  // sparse V: the value rows summed, listed in sc.sparse_index when < nb
     if (sparse_v_threshold > 0.0f && !gemm) {  // prefill pages serve many rows: kept dense
-      const size_t kept = sparse_v_gather(sc, vb, nb, mr, sparse_v_threshold, vcodes, vnorms);
-      if (kept == 0) continue;
-      if (kept * 4 <= nb * 3) {  // gathering pays when it drops at least a quarter of the page
-        vcodes = sc.sparse_codes.data();
-        vnorms = sc.sparse_norms.data();
-        weights = sc.sparse_weights.data();
-        nv = kept;
-      }
+      kept = sparse_v_keep(sc, nb, mr, sparse_v_threshold);
+      if (kept == 0) continue;  // no value work for a page below the threshold everywhere
     }
-    vq.load_norms(vnorms, nv, sc.norms.data());
+    vq.load_norms(values.pages->norm_blocks[b].get(), nb, sc.norms.data());
     if (gemm) {
-      vb.dequantize_rotated(vcodes, nv, sc.tile.data());
-      Eigen::Map<RowMatrix> V(sc.tile.data(), static_cast<Eigen::Index>(nv), static_cast<Eigen::Index>(d));
-      Eigen::Map<const Eigen::VectorXf> vn(sc.norms.data(), static_cast<Eigen::Index>(nv));
+      vb.dequantize_rotated(vcodes, nb, sc.tile.data());
+      Eigen::Map<RowMatrix> V(sc.tile.data(), static_cast<Eigen::Index>(nb), static_cast<Eigen::Index>(d));
+      Eigen::Map<const Eigen::VectorXf> vn(sc.norms.data(), static_cast<Eigen::Index>(nb));
       V = vn.asDiagonal() * V;
-      Eigen::Map<const RowMatrix> W(weights, static_cast<Eigen::Index>(mr), static_cast<Eigen::Index>(nv));
+      Eigen::Map<const RowMatrix> W(sc.scores.data(), static_cast<Eigen::Index>(mr), static_cast<Eigen::Index>(nb));
       Eigen::Map<RowMatrix> A(sc.acc.data() + r0 * d, static_cast<Eigen::Index>(mr), static_cast<Eigen::Index>(d));
       A.noalias() += W * V;
+    } else if (kept < nb) {
+      vb.accumulate_rows(sc.scores.data(), nb, mr, vcodes, sc.norms.data(), nb, sc.sparse_index.data(), kept,
+                         sc.acc.data() + r0 * d);
     } else {
-      vb.accumulate(weights, nv, mr, vcodes, sc.norms.data(), nv, sc.acc.data() + r0 * d);
+      vb.accumulate(sc.scores.data(), nb, mr, vcodes, sc.norms.data(), nb, sc.acc.data() + r0 * d);
     }
   }
   for (size_t r = 0; r < m; ++r) {

@@ -261,4 +261,22 @@ void Quantizer::accumulate(const float* w, size_t w_stride, size_t m, const uint
   }
 }
 
+void Quantizer::accumulate_rows(const float* w, size_t w_stride, size_t m, const uint8_t* codes,
+                                const float* norms, size_t n, const uint32_t* idx, size_t n_idx,
+                                float* acc) const {
+  const size_t cb = code_bytes();
+  thread_local std::vector<uint8_t> rows;
+  thread_local std::vector<float> rw, rn;
+  rows.resize(n_idx * cb);
+  rn.resize(n_idx);
+  rw.resize(m * n_idx);
+  for (size_t k = 0; k < n_idx; ++k) {
+    TQ_CHECK(idx[k] < n, InvalidArgument, "row index ", idx[k], " out of range [0, ", n, ")");
+    std::memcpy(rows.data() + k * cb, codes + idx[k] * cb, cb);
+    rn[k] = norms[idx[k]];
+    for (size_t i = 0; i < m; ++i) rw[i * n_idx + k] = w[i * w_stride + idx[k]];
+  }
+  accumulate(rw.data(), n_idx, m, rows.data(), rn.data(), n_idx, acc);
+}
+
 }  // namespace turboquant

@@ -41,6 +41,14 @@ void MseQuantizer::accumulate(const float* w, size_t w_stride, size_t m, const u
                                        codebook_->centroids.data(), acc);
 }
 
+void MseQuantizer::accumulate_rows(const float* w, size_t w_stride, size_t m, const uint8_t* codes,
+                                   const float* norms, size_t n, const uint32_t* idx, size_t n_idx,
+                                   float* acc) const {
+  cpu::active_kernels().mse_accumulate_rows(w, w_stride, m, codes, code_bytes(), norms, n, idx, n_idx,
+                                            static_cast<size_t>(dim()), bits(),
+                                            codebook_->centroids.data(), acc);
+}
+
 namespace {
 const bool kRegistered = register_quantizer(
     "turboquant_mse", [](const QuantizerConfig& c) { return std::make_unique<MseQuantizer>(c); });

@@ -226,6 +226,56 @@ TEST(Kernels, AccumulateMatchesScalar) {
   }
 }
 
+// Sparse V's row-list entry: scalar = the dense scalar sum with the unlisted rows' weights
+// zeroed (same order, so the same bits), and every variant = scalar. Lists include the last
+// rows (read from SafeRows' padded tail in SIMD sets) and the empty list.
+TEST(Kernels, AccumulateRowsMatchesScalar) {
+  for (const auto* k : usable_kernels()) {
+    for (int bits = 1; bits <= 8; ++bits) {
+      for (size_t d : kDims) {
+        const Codebook& cb = lloyd_max_codebook(static_cast<int>(d), bits, CoordinateLaw::kBeta);
+        for (size_t n : kTokens) {
+          for (size_t m : {size_t{1}, size_t{3}, size_t{4}, size_t{7}}) {
+            const size_t cbytes = packed_bytes(d, bits);
+            const auto codes = random_codes(n, d, bits, static_cast<uint32_t>(n * 19 + d + static_cast<size_t>(bits)));
+            const size_t ws = n + 3;
+            const auto w = gaussian(m * ws, 15u);
+            const auto norms = gaussian(n, 3u);
+            const auto init = gaussian(m * d, 4u);
+            std::mt19937 gen(static_cast<uint32_t>(n + 7 * m + d));
+            for (int keep_pct : {0, 30, 100}) {
+              std::vector<uint32_t> idx;
+              for (size_t t = 0; t < n; ++t)
+                if (t + 1 == n ? keep_pct > 0 : static_cast<int>(gen() % 100) < keep_pct)
+                  idx.push_back(static_cast<uint32_t>(t));
+              auto wz = w;  // the dense sum of the same rows
+              for (size_t t = 0, kk = 0; t < n; ++t) {
+                if (kk < idx.size() && idx[kk] == t) { ++kk; continue; }
+                for (size_t i = 0; i < m; ++i) wz[i * ws + t] = 0.0f;
+              }
+              auto ref = init, a = init, b = init;
+              scalar_kernels().mse_accumulate(wz.data(), ws, m, codes.data(), cbytes, norms.data(), n, d, bits,
+                                              cb.centroids.data(), ref.data());
+              scalar_kernels().mse_accumulate_rows(w.data(), ws, m, codes.data(), cbytes, norms.data(), n,
+                                                   idx.data(), idx.size(), d, bits, cb.centroids.data(), a.data());
+              k->mse_accumulate_rows(w.data(), ws, m, codes.data(), cbytes, norms.data(), n, idx.data(), idx.size(),
+                                     d, bits, cb.centroids.data(), b.data());
+              ASSERT_EQ(a, ref) << "scalar row list != dense sum bits=" << bits << " d=" << d << " n=" << n;
+              if (idx.empty()) {
+                ASSERT_EQ(b, init) << k->name;
+              }
+              for (size_t j = 0; j < m * d; ++j)
+                ASSERT_NEAR(b[j], a[j], 2e-5f * (1.0f + std::fabs(a[j])) * std::sqrt(static_cast<float>(n)))
+                    << k->name << " bits=" << bits << " d=" << d << " n=" << n << " m=" << m << " kept="
+                    << idx.size() << " j=" << j;
+            }
+          }
+        }
+      }
+    }
+  }
+}
+
 TEST(Kernels, RowsWiderThanAnyCodeStillMatch) {
   // A row stride above kMaxDim bytes (codes embedded in wider records) takes the reference
   // path in SIMD sets; results must not change.

@@ -1,8 +1,11 @@
 // fp16 recent window / fp16 layers (KVCacheConfig::fp16_window, fp16_layers) and sparse V.
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <memory>
+#include <string>
 
 #include "kv_test_util.h"
 #include "turboquant/attention.h"
@@ -170,6 +173,115 @@ TEST(SparseV, ZeroIsDenseAndSkipsOnlySmallWeights) {
   EXPECT_THROW(c.attend(0, q.data(), 1, sparse.data(), opt), InvalidArgument);
   opt.sparse_v_threshold = std::nanf("");
   EXPECT_THROW(c.attend(0, q.data(), 1, sparse.data(), opt), InvalidArgument);
+}
+
+// Sparse V on coded pages with GQA 3 (two query positions: 6 rows per KV head, the decode
+// path), for every method as the value method: skipping a value row only when all rows of
+// its KV head are below the threshold keeps each query row within the documented bound
+// Σ_{p_t < thr·max p} p_t ‖v_t‖, and a threshold that skips rows changes the output.
+TEST(SparseV, GqaBoundHoldsPerQueryRowForEveryValueMethod) {
+  for (const auto& method : registered_methods()) {
+    int bits = 0;
+    for (int b : {3, 2, 1}) {
+      QuantizerConfig qc;
+      qc.method = method;
+      qc.dim = 64;
+      qc.bits = b;
+      try {
+        make_quantizer(qc);
+        bits = b;
+        break;
+      } catch (const InvalidArgument&) {
+      }
+    }
+    ASSERT_GT(bits, 0) << method;
+    SCOPED_TRACE(method);
+    KVCacheConfig cfg;
+    cfg.head_dim = 64;
+    cfg.n_q_heads = 6;
+    cfg.n_kv_heads = 2;
+    cfg.block_tokens = 32;
+    cfg.value_method = method;
+    cfg.value_bits = bits;
+    KVCache c(cfg);
+    const size_t n = 300, d = 64, T_q = 2, G = 3;
+    const auto k = gaussian(2 * n * d, 31), v = gaussian(2 * n * d, 32);
+    auto q = gaussian(6 * T_q * d, 33);
+    for (auto& x : q) x *= 4.0f;  // peaked softmax
+    c.append(0, k.data(), v.data(), n);
+    const float thr = 0.01f;
+    std::vector<float> dense(6 * T_q * d), sparse(6 * T_q * d);
+    c.attend(0, q.data(), T_q, dense.data());
+    AttentionOptions opt;
+    opt.sparse_v_threshold = thr;
+    c.attend(0, q.data(), T_q, sparse.data(), opt);
+    EXPECT_NE(dense, sparse);
+    for (int kvh = 0; kvh < 2; ++kvh) {
+      const auto K = decoded(c, 0, kvh, KVRole::kKey), V = decoded(c, 0, kvh, KVRole::kValue);
+      for (size_t g = 0; g < G; ++g) {
+        const size_t qh = static_cast<size_t>(kvh) * G + g;
+        for (size_t t = 0; t < T_q; ++t) {
+          const float* qr = &q[(qh * T_q + t) * d];
+          const size_t len = n - T_q + t + 1;  // causal
+          std::vector<double> p(len);
+          double mx = -1e300, sum = 0, bound = 0, err = 0;
+          for (size_t i = 0; i < len; ++i) {
+            double s = 0;
+            for (size_t j = 0; j < d; ++j) s += static_cast<double>(qr[j]) * K[i * d + j];
+            mx = std::max(mx, p[i] = s / 8.0);
+          }
+          for (auto& x : p) sum += (x = std::exp(x - mx));
+          for (size_t i = 0; i < len; ++i) {
+            if (p[i] >= thr) continue;  // relative to the max weight (p[max] = 1)
+            double vn = 0;
+            for (size_t j = 0; j < d; ++j) vn += static_cast<double>(V[i * d + j]) * V[i * d + j];
+            bound += p[i] / sum * std::sqrt(vn);
+          }
+          const size_t o = (qh * T_q + t) * d;
+          for (size_t j = 0; j < d; ++j) err += std::pow(static_cast<double>(sparse[o + j]) - dense[o + j], 2);
+          EXPECT_LE(std::sqrt(err), bound + 1e-4) << "query head " << qh << " t " << t;
+        }
+      }
+    }
+  }
+}
+
+// Quantizer::accumulate_rows (the kernel for turboquant_mse, gather + accumulate for the
+// others) equals accumulate with the unlisted rows' weights set to zero.
+TEST(SparseV, AccumulateRowsEqualsZeroedWeightsForEveryMethod) {
+  for (const auto& method : registered_methods()) {
+    for (int bits : {1, 2, 3, 4}) {
+      QuantizerConfig qc;
+      qc.method = method;
+      qc.dim = 64;
+      qc.bits = bits;
+      std::unique_ptr<Quantizer> qz;
+      try {
+        qz = make_quantizer(qc);
+      } catch (const InvalidArgument&) {
+        continue;
+      }
+      SCOPED_TRACE(method + " bits " + std::to_string(bits));
+      const size_t n = 70, m = 3, d = 64;
+      const auto x = gaussian(n * d, 41);
+      std::vector<uint8_t> codes(n * qz->code_bytes()), raw(n * qz->norm_bytes());
+      qz->encode(x.data(), n, codes.data(), raw.data());
+      std::vector<float> norms(n);
+      qz->load_norms(raw.data(), n, norms.data());
+      auto w = gaussian(m * n, 42);
+      std::vector<uint32_t> idx;
+      for (uint32_t t = 0; t < n; ++t)
+        if (t % 3 == 0 || t == n - 1) idx.push_back(t);
+      auto wz = w;
+      for (size_t t = 0; t < n; ++t)
+        if (t % 3 != 0 && t != n - 1)
+          for (size_t i = 0; i < m; ++i) wz[i * n + t] = 0.0f;
+      std::vector<float> a(m * d, 0.5f), b(m * d, 0.5f);
+      qz->accumulate(wz.data(), n, m, codes.data(), norms.data(), n, a.data());
+      qz->accumulate_rows(w.data(), n, m, codes.data(), norms.data(), n, idx.data(), idx.size(), b.data());
+      for (size_t j = 0; j < m * d; ++j) ASSERT_NEAR(b[j], a[j], 1e-4f * (1.0f + std::fabs(a[j]))) << j;
+    }
+  }
 }
 
 // The windowed path splits KV heads across the thread pool: every head's output is its own,

@@ -10,6 +10,7 @@
 #pragma once
 
 #include <cstddef>
+#include <cstdint>
 #include <vector>
 
 #include "turboquant/kv_cache.h"
@@ -30,10 +31,9 @@ RowMask make_row_mask(size_t n, size_t T_q, size_t G, const AttentionOptions& op
 // Reusable buffers for attend_head; one per thread.
 struct AttentionScratch {
   std::vector<float> state, scores, norms, acc, row_max, row_sum, tile, qrot;
-  // Sparse V: the kept value rows of a page, gathered.
-  std::vector<uint8_t> sparse_codes, sparse_norms;
-  std::vector<float> sparse_weights;
-  std::vector<size_t> sparse_index;
+  // Sparse V: each page token's largest weight over the rows, and the kept tokens.
+  std::vector<float> sparse_top;
+  std::vector<uint32_t> sparse_index;
 };
 
 // At or above this many query rows, attend_head uses the dequantize + GEMM path.

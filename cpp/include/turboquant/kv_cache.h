@@ -187,7 +187,11 @@ struct AttentionOptions {
   // weights. Error: |o - o_dense| <= Σ_skipped p_i |v_i| (p normalised). Applies to the
   // decode path (fewer than kGemmMinRows query rows per KV head) and to the fp16 window; the
   // prefill GEMM path stays dense (its pages serve many rows, so almost no row is skippable).
-  // A page's value rows are read only if some query row of the KV head keeps them.
+  // Coded pages: a value row is skipped for all query rows of the KV head when every one of
+  // them weights it below the threshold (it is decoded once for all of them), and kept with
+  // every row's exact weight otherwise, so the bound above holds for each query row; the
+  // value sum decodes only the kept rows (Quantizer::accumulate_rows), and a page with none
+  // costs its key scores only. The fp16 window drops each (row, token) weight on its own.
   float sparse_v_threshold = 0.0f;
 };
 

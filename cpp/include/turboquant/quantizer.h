@@ -103,6 +103,12 @@ class Quantizer {
   // acc[i*dim + j] += Σ_t w[i*w_stride + t]·‖x_t‖·ỹ_t[j]: value sums in the rotated domain.
   virtual void accumulate(const float* w, size_t w_stride, size_t m, const uint8_t* codes,
                           const float* norms, size_t n, float* acc) const;
+  // accumulate over the listed rows idx[0..n_idx) of the n rows only (sparse V; each
+  // idx[k] < n): w, codes and norms are indexed by row exactly as in accumulate. The base
+  // gathers the listed rows and calls accumulate; turboquant_mse runs a row-list kernel.
+  virtual void accumulate_rows(const float* w, size_t w_stride, size_t m, const uint8_t* codes,
+                               const float* norms, size_t n, const uint32_t* idx, size_t n_idx,
+                               float* acc) const;
   // acc (m×dim, rotated domain) <- Πᵀ acc: once per attention call.
   void finish_rotated(float* acc, size_t m) const { rotation_->inverse(acc, acc, m); }
 
@@ -148,6 +154,9 @@ class MseQuantizer : public Quantizer {
               float* out, size_t out_stride) const override;
   void accumulate(const float* w, size_t w_stride, size_t m, const uint8_t* codes,
                   const float* norms, size_t n, float* acc) const override;
+  void accumulate_rows(const float* w, size_t w_stride, size_t m, const uint8_t* codes,
+                       const float* norms, size_t n, const uint32_t* idx, size_t n_idx,
+                       float* acc) const override;
 
  private:
   const Codebook* codebook_;

@@ -30,6 +30,13 @@ struct Kernels {
   void (*mse_accumulate)(const float* w, size_t w_stride, size_t m, const uint8_t* codes,
                          size_t code_bytes, const float* norms, size_t n, size_t d, int bits,
                          const float* centroids, float* acc);
+  // Sparse V: mse_accumulate over the listed rows only, idx[k] < n (increasing):
+  //   acc[i*d + j] += Σ_k w[i*w_stride + idx[k]] * norms[idx[k]] * centroids[idx_{idx[k] j}],
+  // k < n_idx; w, norms and codes are indexed by row as in mse_accumulate (no gathering),
+  // and the work is proportional to n_idx.
+  void (*mse_accumulate_rows)(const float* w, size_t w_stride, size_t m, const uint8_t* codes,
+                              size_t code_bytes, const float* norms, size_t n, const uint32_t* idx,
+                              size_t n_idx, size_t d, int bits, const float* centroids, float* acc);
   // out[r] = sqrt(Σ_j x[r*d + j]²) for n rows, accumulated in double in a fixed order
   // (16 partial sums, lane j % 16, folded to 8 and combined pairwise) so every variant gives the same bits;
   // NaN/Inf anywhere in a row gives a non-finite norm.

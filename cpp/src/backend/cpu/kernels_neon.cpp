@@ -531,8 +531,8 @@ inline void accumulate_chunk(size_t g, size_t d, const uint8_t* const* rowp, con
 }
 
 template <int B, int MQ>
-void accumulate_pass(const float* w, size_t w_stride, const SafeRows& rows, const float* norms, size_t n, size_t d,
-                     const Lut<B>& lut, float* acc) {
+void accumulate_pass(const float* w, size_t w_stride, const SafeRows& rows, const float* norms,
+                     const uint32_t* idx, size_t n, size_t d, const Lut<B>& lut, float* acc) {
   const Chunks ch(d);
   const uint8_t* rowp[kTokenBlock];
   float sa[kTokenBlock][4];
@@ -540,12 +540,13 @@ void accumulate_pass(const float* w, size_t w_stride, const SafeRows& rows, cons
     const size_t nt = std::min(kTokenBlock, n - t0);
     size_t na = 0;  // tokens with a non-zero weight for some query (masked ones are skipped)
     for (size_t t = 0; t < nt; ++t) {
+      const size_t tok = idx ? idx[t0 + t] : t0 + t;  // sparse V lists the rows to add
       bool any = false;
       for (int i = 0; i < MQ; ++i) {
-        sa[na][i] = w[static_cast<size_t>(i) * w_stride + t0 + t] * norms[t0 + t];
+        sa[na][i] = w[static_cast<size_t>(i) * w_stride + tok] * norms[tok];
         any |= sa[na][i] != 0.0f;
       }
-      if (any) rowp[na++] = rows.row(t0 + t);
+      if (any) rowp[na++] = rows.row(tok);
     }
     if (!na) continue;
     for (size_t g = 0; g < ch.full; ++g) accumulate_chunk<B, MQ, 4>(g, d, rowp, sa, na, lut, acc);
@@ -560,15 +561,16 @@ void accumulate_pass(const float* w, size_t w_stride, const SafeRows& rows, cons
 
 template <int B>
 void mse_accumulate_t(const float* w, size_t w_stride, size_t m, const uint8_t* codes, size_t code_bytes,
-                      const float* norms, size_t n, size_t d, const float* centroids, float* acc) {
+                      const float* norms, size_t n, const uint32_t* idx, size_t n_idx, size_t d,
+                      const float* centroids, float* acc) {
   const Lut<B> lut(centroids);
   const SafeRows rows(codes, code_bytes, n);
   size_t i = 0;
-  for (; i + 4 <= m; i += 4) accumulate_pass<B, 4>(w + i * w_stride, w_stride, rows, norms, n, d, lut, acc + i * d);
+  for (; i + 4 <= m; i += 4) accumulate_pass<B, 4>(w + i * w_stride, w_stride, rows, norms, idx, n_idx, d, lut, acc + i * d);
   switch (m - i) {
-    case 3: accumulate_pass<B, 3>(w + i * w_stride, w_stride, rows, norms, n, d, lut, acc + i * d); break;
-    case 2: accumulate_pass<B, 2>(w + i * w_stride, w_stride, rows, norms, n, d, lut, acc + i * d); break;
-    case 1: accumulate_pass<B, 1>(w + i * w_stride, w_stride, rows, norms, n, d, lut, acc + i * d); break;
+    case 3: accumulate_pass<B, 3>(w + i * w_stride, w_stride, rows, norms, idx, n_idx, d, lut, acc + i * d); break;
+    case 2: accumulate_pass<B, 2>(w + i * w_stride, w_stride, rows, norms, idx, n_idx, d, lut, acc + i * d); break;
+    case 1: accumulate_pass<B, 1>(w + i * w_stride, w_stride, rows, norms, idx, n_idx, d, lut, acc + i * d); break;
     default: break;
   }
 }
@@ -577,7 +579,18 @@ void mse_accumulate_neon(const float* w, size_t w_stride, size_t m, const uint8_
                          const float* norms, size_t n, size_t d, int bits, const float* centroids, float* acc) {
   if (code_bytes > kMaxDim)
     return scalar_kernels().mse_accumulate(w, w_stride, m, codes, code_bytes, norms, n, d, bits, centroids, acc);
-  with_bits<8>(bits, [&]<int B>() { mse_accumulate_t<B>(w, w_stride, m, codes, code_bytes, norms, n, d, centroids, acc); });
+  with_bits<8>(bits, [&]<int B>() { mse_accumulate_t<B>(w, w_stride, m, codes, code_bytes, norms, n, nullptr, n, d, centroids, acc); });
+}
+
+void mse_accumulate_rows_neon(const float* w, size_t w_stride, size_t m, const uint8_t* codes, size_t code_bytes,
+                              const float* norms, size_t n, const uint32_t* idx, size_t n_idx, size_t d, int bits,
+                              const float* centroids, float* acc) {
+  if (code_bytes > kMaxDim)
+    return scalar_kernels().mse_accumulate_rows(w, w_stride, m, codes, code_bytes, norms, n, idx, n_idx, d, bits,
+                                                 centroids, acc);
+  with_bits<8>(bits, [&]<int B>() {
+    mse_accumulate_t<B>(w, w_stride, m, codes, code_bytes, norms, n, idx, n_idx, d, centroids, acc);
+  });
 }
 
 // ---------------------------------------------------------------------------------------
@@ -669,6 +682,7 @@ float exp_sum_neon(float* s, size_t n, float shift) {
 
 const Kernels& neon_kernels() {
   static const Kernels k{"neon", fwht_neon, quantize_pack_neon, mse_scores_neon, mse_accumulate_neon,
+                         mse_accumulate_rows_neon,
                          row_norms_neon, half_to_float_neon, exp_sum_neon, hadamard_rotate_neon,
                          f16_scores_neon, f16_accumulate_neon};
   return k;

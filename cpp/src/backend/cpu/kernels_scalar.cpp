@@ -69,6 +69,22 @@ void mse_accumulate_scalar(const float* w, size_t w_stride, size_t m, const uint
   }
 }
 
+void mse_accumulate_rows_scalar(const float* w, size_t w_stride, size_t m, const uint8_t* codes,
+                                size_t code_bytes, const float* norms, size_t /*n*/, const uint32_t* rows,
+                                size_t n_idx, size_t d, int bits, const float* centroids, float* acc) {
+  std::vector<uint8_t> idx(d);
+  for (size_t k = 0; k < n_idx; ++k) {
+    const size_t t = rows[k];
+    unpack_indices(codes + t * code_bytes, d, bits, idx.data());
+    for (size_t i = 0; i < m; ++i) {
+      const float s = w[i * w_stride + t] * norms[t];
+      if (s == 0.0f) continue;
+      float* a = acc + i * d;
+      for (size_t j = 0; j < d; ++j) a[j] += s * centroids[idx[j]];
+    }
+  }
+}
+
 void row_norms_scalar(const float* x, size_t n, size_t d, float* out) {
   for (size_t r = 0; r < n; ++r) {
     double s[16] = {};
@@ -121,7 +137,7 @@ void hadamard_rotate_scalar(const float* x, size_t n, size_t d, const float* row
 
 const Kernels& scalar_kernels() {
   static const Kernels k{"scalar", fwht_scalar, quantize_pack_scalar, mse_scores_scalar,
-                         mse_accumulate_scalar, row_norms_scalar, half_to_float_scalar,
+                         mse_accumulate_scalar, mse_accumulate_rows_scalar, row_norms_scalar, half_to_float_scalar,
                          exp_sum_scalar, hadamard_rotate_scalar, f16_scores_scalar,
                          f16_accumulate_scalar};
   return k;
