@@ -130,27 +130,56 @@ void attend_pages(const HeadCodes& keys, const HeadCodes& values, size_t n_token
   sc.acc.assign(m * d, 0.0f);
   sc.row_max.assign(m, -std::numeric_limits<float>::infinity());
   sc.row_sum.assign(m, 0.0f);
-  sc.norms.resize(bt);
+  // Small pages (e.g. the 32-token flush blocks of a windowed cache) are read in runs of up
+  // to kRunTokens tokens, copied side by side, so that the kernels' and the softmax's per-call
+  // costs are paid once per run, not once per page. A run's pages share their quantizers
+  // (same decay state). Decode only: prefill tiles are already large.
+  const size_t run_pages = gemm ? 1 : std::max<size_t>(1, kRunTokens / bt);
+  sc.norms.resize(run_pages * bt);
   if (m == 0) return;
+  const auto same_quantizers = [&](size_t a, size_t b) {
+    return (!keys.decayed || keys.pages->is_decayed(a) == keys.pages->is_decayed(b)) &&
+           (!values.decayed || values.pages->is_decayed(a) == values.pages->is_decayed(b));
+  };
 
   const size_t t_begin = std::max(mask.lo[0], page_begin * bt);
   const size_t t_end = std::min(mask.hi[m - 1] + 1, page_end * bt);
-  size_t r0 = 0, r1 = 0;  // rows active on the current page
-  for (size_t b = t_begin / bt; b * bt < t_end; ++b) {
+  size_t r0 = 0, r1 = 0;  // rows active on the current run of pages
+  for (size_t b = t_begin / bt, np = 1; b * bt < t_end; b += np) {
+    np = 1;
+    while (np < run_pages && (b + np) * bt < t_end && same_quantizers(b, b + np)) ++np;
     const size_t tb0 = b * bt;
-    const size_t nb = std::min(bt, n_tokens - tb0);
+    const size_t nb = std::min(np * bt, n_tokens - tb0);
     while (r0 < m && mask.hi[r0] < tb0) ++r0;          // rows that end before this page
     while (r1 < m && mask.lo[r1] < tb0 + nb) ++r1;     // rows that start before its end
     if (r0 >= r1) continue;
     const size_t mr = r1 - r0;
     sc.scores.resize(mr * nb);
-    const uint8_t* kcodes = keys.pages->code_blocks[b].get();
-    const uint8_t* vcodes = values.pages->code_blocks[b].get();  // replaced when sparse V gathers
     // Temporal decay: a decayed block has its own (fewer-bit) quantizer with the same
     // rotation, so the prepared query state and the rotated-domain accumulator are shared.
     const Quantizer& kb = keys.decayed ? keys.block_quantizer(b) : kq;
     const Quantizer& vb = values.decayed ? values.block_quantizer(b) : vq;
-    kq.load_norms(keys.pages->norm_blocks[b].get(), nb, sc.norms.data());
+    const uint8_t* kcodes = keys.pages->code_blocks[b].get();
+    const uint8_t* vcodes = values.pages->code_blocks[b].get();  // replaced when sparse V gathers
+    const uint8_t* vnorms_run = values.pages->norm_blocks[b].get();
+    if (np > 1) {
+      const size_t kcb = kb.code_bytes(), vcb = vb.code_bytes(), vnb = vq.norm_bytes();
+      sc.run_kcodes.resize(nb * kcb);
+      sc.run_vcodes.resize(nb * vcb);
+      sc.run_vnorms.resize(nb * vnb);
+      for (size_t j = 0; j < np; ++j) {
+        const size_t tj = std::min(bt, nb - j * bt);
+        std::memcpy(sc.run_kcodes.data() + j * bt * kcb, keys.pages->code_blocks[b + j].get(), tj * kcb);
+        std::memcpy(sc.run_vcodes.data() + j * bt * vcb, values.pages->code_blocks[b + j].get(), tj * vcb);
+        std::memcpy(sc.run_vnorms.data() + j * bt * vnb, values.pages->norm_blocks[b + j].get(), tj * vnb);
+        kq.load_norms(keys.pages->norm_blocks[b + j].get(), tj, sc.norms.data() + j * bt);
+      }
+      kcodes = sc.run_kcodes.data();
+      vcodes = sc.run_vcodes.data();
+      vnorms_run = sc.run_vnorms.data();
+    } else {
+      kq.load_norms(keys.pages->norm_blocks[b].get(), nb, sc.norms.data());
+    }
     if (gemm) {
       sc.tile.resize(nb * d);
       kb.dequantize_rotated(kcodes, nb, sc.tile.data());
@@ -166,7 +195,7 @@ void attend_pages(const HeadCodes& keys, const HeadCodes& values, size_t n_token
     }
     softmax_page(sc.scores.data(), nb, tb0, r0, r1, mask, scale, d, sc.row_max.data(),
                  sc.row_sum.data(), sc.acc.data());
-    const uint8_t* vnorms = values.pages->norm_blocks[b].get();
+    const uint8_t* vnorms = vnorms_run;
     const float* weights = sc.scores.data();
     size_t nv = nb;
     if (sparse_v_threshold > 0.0f && !gemm) {  // prefill pages serve many rows: kept dense

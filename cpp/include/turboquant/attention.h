@@ -34,7 +34,12 @@ struct AttentionScratch {
   std::vector<uint8_t> sparse_codes, sparse_norms;
   std::vector<float> sparse_weights;
   std::vector<size_t> sparse_index;
+  // Runs of small pages, copied side by side (attend_pages).
+  std::vector<uint8_t> run_kcodes, run_vcodes, run_vnorms;
 };
+
+// Decode reads pages smaller than this in runs of up to this many tokens (attend_pages).
+inline constexpr size_t kRunTokens = 256;
 
 // At or above this many query rows, attend_head uses the dequantize + GEMM path.
 inline constexpr size_t kGemmMinRows = 16;
