@@ -4,6 +4,7 @@
 #include <cmath>
 #include <limits>
 #include <memory>
+#include <mutex>
 
 #include "turboquant/attention.h"
 #include "turboquant/error.h"
@@ -57,6 +58,12 @@ void attend_heads(const std::vector<HeadTask>& tasks, size_t m, float scale, flo
   std::unique_ptr<float[]> partial(items > tasks.size() ? new float[items * stride] : nullptr);
   std::unique_ptr<std::atomic<size_t>[]> left(new std::atomic<size_t>[tasks.size()]);
   for (size_t i = 0; i < tasks.size(); ++i) left[i].store(item_begin[i + 1] - item_begin[i]);
+  // Prepared queries of split tasks: made once by whichever chunk comes first.
+  std::vector<size_t> state_at(tasks.size() + 1, 0);
+  for (size_t i = 0; i < tasks.size(); ++i)
+    state_at[i + 1] = state_at[i] + (item_begin[i + 1] - item_begin[i] > 1 ? m * tasks[i].keys.quantizer->query_state_floats() : 0);
+  std::vector<float> states(state_at.back());
+  std::unique_ptr<std::once_flag[]> prepared(new std::once_flag[tasks.size()]);
 
   // Merges task i's chunk partials in chunk order: o = Σ_c e^(M_c - M) acc_c / Σ_c e^(M_c - M) z_c.
   const auto merge = [&](size_t i) {
@@ -103,12 +110,10 @@ void attend_heads(const std::vector<HeadTask>& tasks, size_t m, float scale, flo
         if (t.row_sum) std::copy_n(sc.row_sum.data(), m, t.row_sum);
         continue;
       }
-      const Quantizer& kq = *t.keys.quantizer;
-      // Every chunk prepares its own copy of the query state (the same bits for all).
-      sc.state.resize(m * kq.query_state_floats());
-      kq.prepare_queries(t.queries, m, sc.state.data());
+      float* state = states.data() + state_at[i];
+      std::call_once(prepared[i], [&] { t.keys.quantizer->prepare_queries(t.queries, m, state); });
       const size_t c = it - item_begin[i];
-      attend_pages(t.keys, t.values, t.n_tokens, sc.state.data(), m, *t.mask, scale, false,
+      attend_pages(t.keys, t.values, t.n_tokens, state, m, *t.mask, scale, false,
                    spans[i].chunk_begin(c), spans[i].chunk_end(c), sc, sparse_v_threshold);
       float* p = partial.get() + it * stride;
       std::copy_n(sc.acc.data(), m * d, p);
