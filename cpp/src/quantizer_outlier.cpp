@@ -284,7 +284,9 @@ void OutlierSplitQuantizer::for_part_rows(size_t p, const uint8_t* codes, const 
     part_norms<2>(p, codes, norms, n, pn.data());
   }
   if (n > 1) fn(codes + offsets_[p], cb, pn.data(), size_t{0}, n - 1);
-  pc.assign(cb + 32, 0);
+  // The kernels' own tail copy reads the view's row, part offset + cb bytes from pc.data();
+  // their loads stay in that copy. 2·cb + 32 zeroed bytes cover both.
+  pc.assign(2 * cb + 32, 0);
   std::memcpy(pc.data(), codes + (n - 1) * cb, cb);
   fn(pc.data() + offsets_[p], cb, pn.data() + n - 1, n - 1, size_t{1});
 }
