@@ -277,9 +277,9 @@ void KVCache::attend_windowed(int layer, const float* queries, size_t T_q, float
     std::vector<float> s(kRowChunk * nf), acc(kRowChunk * d), z(kRowChunk);
     for (size_t h = h0; h < h1; ++h) {
       const float* q = &qall[h * m * d];
-      const float* oc = &ocall[h * mc * d];
-      const float* row_max = &cmax[h * mc];
-      const float* row_sum = &csum[h * mc];
+      const float* oc = ocall.data() + h * mc * d;  // mc may be 0
+      const float* row_max = cmax.data() + h * mc;
+      const float* row_sum = csum.data() + h * mc;
       const size_t ik = index(layer, static_cast<int>(h), KVRole::kKey);
       const size_t iv = index(layer, static_cast<int>(h), KVRole::kValue);
       const uint16_t* ksink = ns > 0 ? sinks_[ik].data() : nullptr;
