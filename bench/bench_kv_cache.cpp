@@ -9,6 +9,7 @@
 #include "turboquant/attention.h"
 #include "turboquant/kv_cache.h"
 #include "turboquant/rng.h"
+#include "turboquant/thread_pool.h"
 
 using namespace turboquant;
 
@@ -173,3 +174,39 @@ void BM_AttendHeadPath(benchmark::State& state) {
 }  // namespace
 
 BENCHMARK(BM_AttendHeadPath)->Arg(0)->Arg(1)->Unit(benchmark::kMicrosecond);
+
+namespace {
+// Decode with a given thread count: arg 0 = tokens, 1 = threads, 2 = KV heads (GQA 4 when
+// more than one: 8 KV heads = 32 query heads). One query per head, d = 128, 3 bits. The
+// "per_kv_head" counter is the wall time per KV head of one call.
+void BM_KVCacheDecodeThreads(benchmark::State& state) {
+  const auto n = static_cast<size_t>(state.range(0));
+  const int threads = static_cast<int>(state.range(1));
+  const auto hkv = static_cast<int>(state.range(2));
+  KVCacheConfig cfg = config(3);
+  cfg.n_kv_heads = hkv;
+  cfg.n_q_heads = hkv > 1 ? 4 * hkv : 1;
+  KVCache c(cfg);
+  const auto H = static_cast<size_t>(hkv), Hq = static_cast<size_t>(cfg.n_q_heads);
+  const auto k = gaussian(H * n * 128, 15), v = gaussian(H * n * 128, 16), q = gaussian(Hq * 128, 17);
+  c.append(0, k.data(), v.data(), n);
+  std::vector<float> out(Hq * 128);
+  const int before = get_num_threads();
+  set_num_threads(threads);
+  for (auto _ : state) {
+    c.attend(0, q.data(), 1, out.data());
+    benchmark::DoNotOptimize(out.data());
+  }
+  set_num_threads(before);
+  state.SetItemsProcessed(static_cast<int64_t>(state.iterations() * H * n));
+  state.counters["per_kv_head"] = benchmark::Counter(static_cast<double>(H),
+                                                     benchmark::Counter::kIsIterationInvariantRate |
+                                                         benchmark::Counter::kInvert);
+}
+}  // namespace
+
+BENCHMARK(BM_KVCacheDecodeThreads)
+    ->ArgsProduct({{1024, 4096}, {1, 2}, {1}})
+    ->ArgsProduct({{1024}, {1, 2}, {8}})
+    ->UseRealTime()
+    ->Unit(benchmark::kMicrosecond);

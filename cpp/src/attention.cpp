@@ -72,67 +72,118 @@ size_t sparse_v_keep(AttentionScratch& sc, size_t nb, size_t mr, float threshold
 
 }  // namespace
 
-void attend_head(const HeadCodes& keys, const HeadCodes& values, size_t n_tokens,
-                 const float* queries, size_t m, const RowMask& mask, float scale, float* out,
-                 AttentionScratch& sc, bool force_gemm, bool force_hooks, float sparse_v_threshold) {
-  const Quantizer& kq = *keys.quantizer;
-  const Quantizer& vq = *values.quantizer;
-  const auto d = static_cast<size_t>(kq.dim());
-  TQ_CHECK(vq.dim() == kq.dim(), InvalidArgument, "key and value head_dim differ");
+void check_head_call(const HeadCodes& keys, const HeadCodes& values, size_t n_tokens, size_t m,
+                     const RowMask& mask) {
+  TQ_CHECK(values.quantizer->dim() == keys.quantizer->dim(), InvalidArgument, "key and value head_dim differ");
   TQ_CHECK(keys.block_tokens == values.block_tokens, InvalidArgument, "page sizes differ");
   TQ_CHECK(mask.lo.size() == m && mask.hi.size() == m, InvalidArgument, "mask has wrong size");
-  if (m == 0) return;
   for (size_t r = 0; r < m; ++r) {
     TQ_CHECK(mask.hi[r] < n_tokens && mask.lo[r] <= mask.hi[r], InvalidArgument, "row ", r,
              " sees keys [", mask.lo[r], ", ", mask.hi[r], "] outside [0, ", n_tokens, ")");
     TQ_CHECK(r == 0 || (mask.hi[r] >= mask.hi[r - 1] && mask.lo[r] >= mask.lo[r - 1]),
              InvalidArgument, "mask rows must be sorted by position");
   }
-  const bool gemm = !force_hooks && (force_gemm || m >= kGemmMinRows);
-  const size_t bt = keys.block_tokens;
-  const size_t sf = kq.query_state_floats();
+}
 
+void attend_head(const HeadCodes& keys, const HeadCodes& values, size_t n_tokens,
+                 const float* queries, size_t m, const RowMask& mask, float scale, float* out,
+                 AttentionScratch& sc, bool force_gemm, bool force_hooks, float sparse_v_threshold) {
+  const Quantizer& kq = *keys.quantizer;
+  const Quantizer& vq = *values.quantizer;
+  const auto d = static_cast<size_t>(kq.dim());
+  check_head_call(keys, values, n_tokens, m, mask);
+  if (m == 0) return;
+  const bool gemm = !force_hooks && (force_gemm || m >= kGemmMinRows);
   if (gemm) {
     sc.qrot.resize(m * d);
     kq.rotation().forward(queries, sc.qrot.data(), m);
   } else {
-    sc.state.resize(m * sf);
+    sc.state.resize(m * kq.query_state_floats());
     kq.prepare_queries(queries, m, sc.state.data());
   }
+  const size_t bt = keys.block_tokens;
+  attend_pages(keys, values, n_tokens, gemm ? sc.qrot.data() : sc.state.data(), m, mask, scale, gemm,
+               mask.lo[0] / bt, (mask.hi[m - 1] + bt) / bt, sc, sparse_v_threshold);
+  for (size_t r = 0; r < m; ++r) {
+    const float inv = sc.row_sum[r] > 0.0f ? 1.0f / sc.row_sum[r] : 0.0f;
+    for (size_t j = 0; j < d; ++j) out[r * d + j] = sc.acc[r * d + j] * inv;
+  }
+  vq.finish_rotated(out, m);
+}
+
+void attend_pages(const HeadCodes& keys, const HeadCodes& values, size_t n_tokens, const float* state,
+                  size_t m, const RowMask& mask, float scale, bool gemm, size_t page_begin, size_t page_end,
+                  AttentionScratch& sc, float sparse_v_threshold) {
+  const Quantizer& kq = *keys.quantizer;
+  const Quantizer& vq = *values.quantizer;
+  const auto d = static_cast<size_t>(kq.dim());
+  const size_t bt = keys.block_tokens;
+  const size_t sf = gemm ? d : kq.query_state_floats();
   sc.acc.assign(m * d, 0.0f);
   sc.row_max.assign(m, -std::numeric_limits<float>::infinity());
   sc.row_sum.assign(m, 0.0f);
-  sc.norms.resize(bt);
+  // Small pages (e.g. the 32-token flush blocks of a windowed cache) are read in runs of up
+  // to kRunTokens tokens, copied side by side, so that the kernels' and the softmax's per-call
+  // costs are paid once per run, not once per page. A run's pages share their quantizers
+  // (same decay state). Decode only: prefill tiles are already large.
+  const size_t run_pages = gemm ? 1 : std::max<size_t>(1, kRunTokens / bt);
+  sc.norms.resize(run_pages * bt);
+  if (m == 0) return;
+  const auto same_quantizers = [&](size_t a, size_t b) {
+    return (!keys.decayed || keys.pages->is_decayed(a) == keys.pages->is_decayed(b)) &&
+           (!values.decayed || values.pages->is_decayed(a) == values.pages->is_decayed(b));
+  };
 
-  const size_t t_begin = mask.lo[0], t_end = mask.hi[m - 1] + 1;
-  size_t r0 = 0, r1 = 0;  // rows active on the current page
-  for (size_t b = t_begin / bt; b * bt < t_end; ++b) {
+  const size_t t_begin = std::max(mask.lo[0], page_begin * bt);
+  const size_t t_end = std::min(mask.hi[m - 1] + 1, page_end * bt);
+  size_t r0 = 0, r1 = 0;  // rows active on the current run of pages
+  for (size_t b = t_begin / bt, np = 1; b * bt < t_end; b += np) {
+    np = 1;
+    while (np < run_pages && (b + np) * bt < t_end && same_quantizers(b, b + np)) ++np;
     const size_t tb0 = b * bt;
-    const size_t nb = std::min(bt, n_tokens - tb0);
+    const size_t nb = std::min(np * bt, n_tokens - tb0);
     while (r0 < m && mask.hi[r0] < tb0) ++r0;          // rows that end before this page
     while (r1 < m && mask.lo[r1] < tb0 + nb) ++r1;     // rows that start before its end
     if (r0 >= r1) continue;
     const size_t mr = r1 - r0;
     sc.scores.resize(mr * nb);
-    const uint8_t* kcodes = keys.pages->code_blocks[b].get();
-    const uint8_t* vcodes = values.pages->code_blocks[b].get();
     // Temporal decay: a decayed block has its own (fewer-bit) quantizer with the same
     // rotation, so the prepared query state and the rotated-domain accumulator are shared.
     const Quantizer& kb = keys.decayed ? keys.block_quantizer(b) : kq;
     const Quantizer& vb = values.decayed ? values.block_quantizer(b) : vq;
-    kq.load_norms(keys.pages->norm_blocks[b].get(), nb, sc.norms.data());
+    const uint8_t* kcodes = keys.pages->code_blocks[b].get();
+    const uint8_t* vcodes = values.pages->code_blocks[b].get();
+    const uint8_t* vnorms_run = values.pages->norm_blocks[b].get();
+    if (np > 1) {
+      const size_t kcb = kb.code_bytes(), vcb = vb.code_bytes(), vnb = vq.norm_bytes();
+      sc.run_kcodes.resize(nb * kcb);
+      sc.run_vcodes.resize(nb * vcb);
+      sc.run_vnorms.resize(nb * vnb);
+      for (size_t j = 0; j < np; ++j) {
+        const size_t tj = std::min(bt, nb - j * bt);
+        std::memcpy(sc.run_kcodes.data() + j * bt * kcb, keys.pages->code_blocks[b + j].get(), tj * kcb);
+        std::memcpy(sc.run_vcodes.data() + j * bt * vcb, values.pages->code_blocks[b + j].get(), tj * vcb);
+        std::memcpy(sc.run_vnorms.data() + j * bt * vnb, values.pages->norm_blocks[b + j].get(), tj * vnb);
+        kq.load_norms(keys.pages->norm_blocks[b + j].get(), tj, sc.norms.data() + j * bt);
+      }
+      kcodes = sc.run_kcodes.data();
+      vcodes = sc.run_vcodes.data();
+      vnorms_run = sc.run_vnorms.data();
+    } else {
+      kq.load_norms(keys.pages->norm_blocks[b].get(), nb, sc.norms.data());
+    }
     if (gemm) {
       sc.tile.resize(nb * d);
       kb.dequantize_rotated(kcodes, nb, sc.tile.data());
       Eigen::Map<RowMatrix> K(sc.tile.data(), static_cast<Eigen::Index>(nb), static_cast<Eigen::Index>(d));
       Eigen::Map<const Eigen::VectorXf> kn(sc.norms.data(), static_cast<Eigen::Index>(nb));
       K = kn.asDiagonal() * K;
-      Eigen::Map<const RowMatrix> Q(sc.qrot.data() + r0 * d, static_cast<Eigen::Index>(mr),
+      Eigen::Map<const RowMatrix> Q(state + r0 * sf, static_cast<Eigen::Index>(mr),
                                     static_cast<Eigen::Index>(d));
       Eigen::Map<RowMatrix> S(sc.scores.data(), static_cast<Eigen::Index>(mr), static_cast<Eigen::Index>(nb));
       S.noalias() = Q * K.transpose();
     } else {
-      kb.scores(sc.state.data() + r0 * sf, mr, kcodes, sc.norms.data(), nb, sc.scores.data(), nb);
+      kb.scores(state + r0 * sf, mr, kcodes, sc.norms.data(), nb, sc.scores.data(), nb);
     }
     softmax_page(sc.scores.data(), nb, tb0, r0, r1, mask, scale, d, sc.row_max.data(),
                  sc.row_sum.data(), sc.acc.data());
@@ -141,7 +192,7 @@ void attend_head(const HeadCodes& keys, const HeadCodes& values, size_t n_tokens
       kept = sparse_v_keep(sc, nb, mr, sparse_v_threshold);
       if (kept == 0) continue;  // no value work for a page below the threshold everywhere
     }
-    vq.load_norms(values.pages->norm_blocks[b].get(), nb, sc.norms.data());
+    vq.load_norms(vnorms_run, nb, sc.norms.data());
     if (gemm) {
       vb.dequantize_rotated(vcodes, nb, sc.tile.data());
       Eigen::Map<RowMatrix> V(sc.tile.data(), static_cast<Eigen::Index>(nb), static_cast<Eigen::Index>(d));
@@ -157,11 +208,6 @@ void attend_head(const HeadCodes& keys, const HeadCodes& values, size_t n_tokens
       vb.accumulate(sc.scores.data(), nb, mr, vcodes, sc.norms.data(), nb, sc.acc.data() + r0 * d);
     }
   }
-  for (size_t r = 0; r < m; ++r) {
-    const float inv = sc.row_sum[r] > 0.0f ? 1.0f / sc.row_sum[r] : 0.0f;
-    for (size_t j = 0; j < d; ++j) out[r * d + j] = sc.acc[r * d + j] * inv;
-  }
-  vq.finish_rotated(out, m);
 }
 
 RowMask make_row_mask(size_t n, size_t T_q, size_t G, const AttentionOptions& options) {

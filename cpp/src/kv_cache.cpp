@@ -459,29 +459,37 @@ void KVCache::attend(int layer, const float* queries, size_t T_q, float* out,
   const auto G = static_cast<size_t>(config_.group_size());
   const size_t m = G * T_q;
   const RowMask mask = make_row_mask(n, T_q, G, options);
-  // One KV head per iteration, independent of the others (own buffers), so the loop can be
-  // spread over threads with one AttentionScratch each.
-  const auto attend_kv_head = [&](size_t h, AttentionScratch& scratch) {
-    std::vector<float> q(m * d), o(m * d);
-    for (size_t g = 0; g < G; ++g) {
-      const size_t qh = h * G + g;
-      for (size_t t = 0; t < T_q; ++t)
-        std::memcpy(&q[(t * G + g) * d], queries + (qh * T_q + t) * d, d * sizeof(float));
-    }
-    attend_head(head_codes(layer, static_cast<int>(h), KVRole::kKey),
-                head_codes(layer, static_cast<int>(h), KVRole::kValue), n, q.data(), m, mask, scale,
-                o.data(), scratch, false, false, options.sparse_v_threshold);
-    for (size_t g = 0; g < G; ++g) {
-      const size_t qh = h * G + g;
-      for (size_t t = 0; t < T_q; ++t)
-        std::memcpy(out + (qh * T_q + t) * d, &o[(t * G + g) * d], d * sizeof(float));
-    }
-  };
-  // KV heads split across the thread pool, one scratch per chunk of heads.
-  parallel_for(static_cast<size_t>(config_.n_kv_heads), 1, [&](size_t h0, size_t h1) {
-    AttentionScratch scratch;
-    for (size_t h = h0; h < h1; ++h) attend_kv_head(h, scratch);
-  });
+  // KV heads (and, for decode, chunks of their tokens) split across the thread pool.
+  // Query head h*G + g, position t is row t*G + g of KV head h; with G = 1 or T_q = 1 that is
+  // already the caller's layout, so queries and outputs are used in place.
+  const auto H = static_cast<size_t>(config_.n_kv_heads);
+  const bool in_place = G == 1 || T_q == 1;
+  std::vector<float> q, o;
+  if (!in_place) {
+    q.resize(H * m * d);
+    o.resize(H * m * d);
+    for (size_t h = 0; h < H; ++h)
+      for (size_t g = 0; g < G; ++g)
+        for (size_t t = 0; t < T_q; ++t)
+          std::memcpy(&q[(h * m + t * G + g) * d], queries + ((h * G + g) * T_q + t) * d, d * sizeof(float));
+  }
+  std::vector<HeadTask> tasks(H);
+  for (size_t h = 0; h < H; ++h) {
+    HeadTask& task = tasks[h];
+    task.keys = head_codes(layer, static_cast<int>(h), KVRole::kKey);
+    task.values = head_codes(layer, static_cast<int>(h), KVRole::kValue);
+    task.n_tokens = n;
+    task.queries = in_place ? queries + h * m * d : &q[h * m * d];
+    task.mask = &mask;
+    task.out = in_place ? out + h * m * d : &o[h * m * d];
+  }
+  attend_heads(tasks, m, scale, options.sparse_v_threshold);
+  if (!in_place) {
+    for (size_t h = 0; h < H; ++h)
+      for (size_t g = 0; g < G; ++g)
+        for (size_t t = 0; t < T_q; ++t)
+          std::memcpy(out + ((h * G + g) * T_q + t) * d, &o[(h * m + t * G + g) * d], d * sizeof(float));
+  }
 }
 
 }  // namespace turboquant

@@ -247,19 +247,39 @@ void KVCache::attend_windowed(int layer, const float* queries, size_t T_q, float
     const size_t wb = mask.hi[r] + 1 > c ? ns + mask.hi[r] + 1 - c : ns;
     return std::pair<size_t, size_t>{wa, std::max(wa, wb)};
   };
+  // Queries in row order (row t*G + g of KV head h), all heads.
+  const auto H = static_cast<size_t>(config_.n_kv_heads);
+  std::vector<float> qall(H * m * d);
+  for (size_t h = 0; h < H; ++h)
+    for (size_t g = 0; g < G; ++g)
+      for (size_t t = 0; t < T_q; ++t)
+        std::memcpy(&qall[(h * m + t * G + g) * d], queries + ((h * G + g) * T_q + t) * d, d * sizeof(float));
+  // The coded part of every head first (split-K across the pool like attend()): normalised
+  // outputs and the rows' softmax max / sum, merged with the fp16 part below.
+  std::vector<float> ocall(H * mc * d), cmax(H * mc), csum(H * mc);
+  if (mc > 0) {
+    std::vector<HeadTask> tasks(H);
+    for (size_t h = 0; h < H; ++h) {
+      HeadTask& task = tasks[h];
+      task.keys = head_codes(layer, static_cast<int>(h), KVRole::kKey);
+      task.values = head_codes(layer, static_cast<int>(h), KVRole::kValue);
+      task.n_tokens = c - ns;
+      task.queries = &qall[(h * m + ra) * d];
+      task.mask = &cmask;
+      task.out = &ocall[h * mc * d];
+      task.row_max = &cmax[h * mc];
+      task.row_sum = &csum[h * mc];
+    }
+    attend_heads(tasks, mc, scale, thr);
+  }
   // KV heads are independent (own buffers): split across the thread pool like attend().
-  parallel_for(static_cast<size_t>(config_.n_kv_heads), 1, [&](size_t h0, size_t h1) {
-    AttentionScratch scratch;
-    std::vector<float> q(m * d), oc(m * d), s(kRowChunk * nf), acc(kRowChunk * d), z(kRowChunk);
+  parallel_for(H, 1, [&](size_t h0, size_t h1) {
+    std::vector<float> s(kRowChunk * nf), acc(kRowChunk * d), z(kRowChunk);
     for (size_t h = h0; h < h1; ++h) {
-      for (size_t g = 0; g < G; ++g)
-        for (size_t t = 0; t < T_q; ++t)
-          std::memcpy(&q[(t * G + g) * d], queries + ((h * G + g) * T_q + t) * d, d * sizeof(float));
-      if (mc > 0) {
-        attend_head(head_codes(layer, static_cast<int>(h), KVRole::kKey),
-                    head_codes(layer, static_cast<int>(h), KVRole::kValue), c - ns, q.data() + ra * d, mc,
-                    cmask, scale, oc.data(), scratch, false, false, thr);
-      }
+      const float* q = &qall[h * m * d];
+      const float* oc = ocall.data() + h * mc * d;  // mc may be 0
+      const float* row_max = cmax.data() + h * mc;
+      const float* row_sum = csum.data() + h * mc;
       const size_t ik = index(layer, static_cast<int>(h), KVRole::kKey);
       const size_t iv = index(layer, static_cast<int>(h), KVRole::kValue);
       const uint16_t* ksink = ns > 0 ? sinks_[ik].data() : nullptr;
@@ -288,12 +308,12 @@ void KVCache::attend_windowed(int layer, const float* queries, size_t T_q, float
               mf = std::max(mf, sr[t]);
             }
           const bool has_c = r >= ra && r < rb;
-          const float mcx = has_c ? scratch.row_max[r - ra] : kNegInf;
+          const float mcx = has_c ? row_max[r - ra] : kNegInf;
           const float M = std::max(mf, mcx);
           float zr = 0.0f;
           float* ar = acc.data() + (r - r0) * d;
           if (has_c) {
-            const float f = scratch.row_sum[r - ra] * std::exp(mcx - M);
+            const float f = row_sum[r - ra] * std::exp(mcx - M);
             zr += f;
             for (size_t j = 0; j < d; ++j) ar[j] = f * oc[(r - ra) * d + j];
           }

@@ -7,6 +7,7 @@
 #include <numbers>
 #include <numeric>
 
+#include "backend/cpu/kernels.h"
 #include "turboquant/error.h"
 #include "turboquant/rng.h"
 #include "turboquant/rotation_block.h"
@@ -120,6 +121,7 @@ OutlierSplitQuantizer::OutlierSplitQuantizer(Built built)
   angle_bytes_ = static_cast<size_t>(config_.split_angle_bits / 8);
   angle_table_ = config_.split_angle_bits == 8 ? angle_table<8>() : angle_table<16>();
   offsets_ = {angle_bytes_, angle_bytes_ + part_bytes_[0]};
+  for (size_t p = 0; p < 2; ++p) mse_parts_[p] = dynamic_cast<const MseQuantizer*>(parts_[p].get());
 }
 
 double OutlierSplitQuantizer::nominal_bits() const {
@@ -252,6 +254,43 @@ SplitScratch& split_scratch() {
 }
 }  // namespace
 
+// Part norms only (norms[t]·cos φ̃ or ·sin φ̃), for kernels that read part codes in place.
+template <size_t AngleBytes>
+void OutlierSplitQuantizer::part_norms(size_t p, const uint8_t* codes, const float* norms, size_t n,
+                                       float* pn) const {
+  const size_t cb = code_bytes();
+  const std::array<float, 2>* table = angle_table_;
+  for (size_t t = 0; t < n; ++t) pn[t] = (norms ? norms[t] : 1.0f) * table[read_angle<AngleBytes>(codes + t * cb)][p];
+}
+
+// Runs fn(part codes, code stride, part norms, rows) over part p of n code rows. A
+// turboquant_mse part is read in place (the kernels take a row stride): all rows but the
+// last directly, the last from a zero-padded copy, since the kernels may load a few bytes
+// past a row's packed part and the page buffer ends with that row. Other methods get
+// contiguous copies (gather).
+template <typename Fn>
+void OutlierSplitQuantizer::for_part_rows(size_t p, const uint8_t* codes, const float* norms, size_t n,
+                                          std::vector<uint8_t>& pc, std::vector<float>& pn, Fn&& fn) const {
+  if (!mse_parts_[p] || n == 0) {
+    gather(p, codes, norms, n, pc, pn);
+    fn(pc.data(), part_bytes_[p], pn.data(), size_t{0}, n);
+    return;
+  }
+  const size_t cb = code_bytes();
+  pn.resize(n);
+  if (angle_bytes_ == 1) {
+    part_norms<1>(p, codes, norms, n, pn.data());
+  } else {
+    part_norms<2>(p, codes, norms, n, pn.data());
+  }
+  if (n > 1) fn(codes + offsets_[p], cb, pn.data(), size_t{0}, n - 1);
+  // The kernels' own tail copy reads the view's row, part offset + cb bytes from pc.data();
+  // their loads stay in that copy. 2·cb + 32 zeroed bytes cover both.
+  pc.assign(2 * cb + 32, 0);
+  std::memcpy(pc.data(), codes + (n - 1) * cb, cb);
+  fn(pc.data() + offsets_[p], cb, pn.data() + n - 1, n - 1, size_t{1});
+}
+
 void OutlierSplitQuantizer::scores(const float* state, size_t m, const uint8_t* codes, const float* norms,
                                    size_t n, float* out, size_t out_stride) const {
   SplitScratch& sc = split_scratch();
@@ -259,15 +298,22 @@ void OutlierSplitQuantizer::scores(const float* state, size_t m, const uint8_t* 
   auto &pn = sc.pn, &ps = sc.ps, &tmp = sc.tmp;
   tmp.resize(m * n);
   for (size_t p = 0; p < 2; ++p) {
-    gather(p, codes, norms, n, pc, pn);
     part_state(p, state, m, ps);
-    if (p == 0) {
-      parts_[p]->scores(ps.data(), m, pc.data(), pn.data(), n, out, out_stride);
-    } else {
-      parts_[p]->scores(ps.data(), m, pc.data(), pn.data(), n, tmp.data(), n);
+    // Part 0 writes the scores, part 1 goes to tmp and is added.
+    float* dst = p == 0 ? out : tmp.data();
+    const size_t dst_stride = p == 0 ? out_stride : n;
+    for_part_rows(p, codes, norms, n, pc, pn, [&](const uint8_t* c, size_t stride, const float* nr, size_t t0, size_t nt) {
+      if (mse_parts_[p]) {
+        const MseQuantizer& q = *mse_parts_[p];
+        cpu::active_kernels().mse_scores(ps.data(), m, c, stride, nr, nt, dims_[p], q.bits(),
+                                         q.codebook().centroids.data(), dst + t0, dst_stride);
+      } else {
+        parts_[p]->scores(ps.data(), m, c, nr, nt, dst + t0, dst_stride);
+      }
+    });
+    if (p == 1)
       for (size_t i = 0; i < m; ++i)
         for (size_t t = 0; t < n; ++t) out[i * out_stride + t] += tmp[i * n + t];
-    }
   }
 }
 
@@ -279,9 +325,16 @@ void OutlierSplitQuantizer::accumulate(const float* w, size_t w_stride, size_t m
   auto &pn = sc.pn, &pacc = sc.pacc;
   size_t off = 0;
   for (size_t p = 0; p < 2; ++p) {
-    gather(p, codes, norms, n, pc, pn);
     pacc.assign(m * dims_[p], 0.0f);
-    parts_[p]->accumulate(w, w_stride, m, pc.data(), pn.data(), n, pacc.data());
+    for_part_rows(p, codes, norms, n, pc, pn, [&](const uint8_t* c, size_t stride, const float* nr, size_t t0, size_t nt) {
+      if (mse_parts_[p]) {
+        const MseQuantizer& q = *mse_parts_[p];
+        cpu::active_kernels().mse_accumulate(w + t0, w_stride, m, c, stride, nr, nt, dims_[p], q.bits(),
+                                             q.codebook().centroids.data(), pacc.data());
+      } else {
+        parts_[p]->accumulate(w + t0, w_stride, m, c, nr, nt, pacc.data());
+      }
+    });
     for (size_t i = 0; i < m; ++i)
       for (size_t j = 0; j < dims_[p]; ++j) acc[i * d + off + j] += pacc[i * dims_[p] + j];
     off += dims_[p];

@@ -67,14 +67,18 @@ class Pool {
       n_ = n;
       chunk_ = (n + chunks - 1) / chunks;
       next_.store(0);
-      pending_ = workers_.size();
       error_ = nullptr;
+      open_ = true;
       ++generation_;
     }
     wake_.notify_all();
     work();
+    // Every chunk has been taken; wait only for the workers still running one. A worker
+    // that has not woken up yet finds the job closed and goes back to sleep, so a
+    // descheduled worker does not delay the caller.
     std::unique_lock<std::mutex> lock(mutex_);
-    done_.wait(lock, [&] { return pending_ == 0; });
+    done_.wait(lock, [&] { return active_ == 0; });
+    open_ = false;
     fn_ = nullptr;
     if (error_) std::rethrow_exception(error_);
   }
@@ -137,11 +141,13 @@ class Pool {
         wake_.wait(lock, [&] { return stopping_ || generation_ != seen; });
         if (stopping_) return;
         seen = generation_;
+        if (!open_) continue;  // the job finished before this worker woke up
+        ++active_;
       }
       work();
       {
         std::lock_guard<std::mutex> lock(mutex_);
-        if (--pending_ == 0) done_.notify_one();
+        if (--active_ == 0) done_.notify_one();
       }
     }
   }
@@ -154,7 +160,8 @@ class Pool {
   bool stopping_ = false;
   uint64_t generation_ = 0;
   const std::function<void(size_t, size_t)>* fn_ = nullptr;
-  size_t n_ = 0, chunk_ = 1, pending_ = 0;
+  size_t n_ = 0, chunk_ = 1, active_ = 0;  // active_: workers inside work() for the open job
+  bool open_ = false;                        // a job is posted and its caller has not returned
   std::atomic<size_t> next_{0};
   std::exception_ptr error_;
 #ifdef TQ_HAVE_GETPID

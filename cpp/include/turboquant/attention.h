@@ -31,10 +31,15 @@ RowMask make_row_mask(size_t n, size_t T_q, size_t G, const AttentionOptions& op
 // Reusable buffers for attend_head; one per thread.
 struct AttentionScratch {
   std::vector<float> state, scores, norms, acc, row_max, row_sum, tile, qrot;
-  // Sparse V: each page token's largest weight over the rows, and the kept tokens.
+  // Sparse V: each page (run) token's largest weight over the rows, and the kept tokens.
   std::vector<float> sparse_top;
   std::vector<uint32_t> sparse_index;
+  // Runs of small pages, copied side by side (attend_pages).
+  std::vector<uint8_t> run_kcodes, run_vcodes, run_vnorms;
 };
+
+// Decode reads pages smaller than this in runs of up to this many tokens (attend_pages).
+inline constexpr size_t kRunTokens = 256;
 
 // At or above this many query rows, attend_head uses the dequantize + GEMM path.
 inline constexpr size_t kGemmMinRows = 16;
@@ -48,5 +53,44 @@ void attend_head(const HeadCodes& keys, const HeadCodes& values, size_t n_tokens
                  float sparse_v_threshold = 0.0f);
 // After attend_head, scratch.row_max[r] (max of scale·score) and scratch.row_sum[r]
 // (Σ exp(scale·score - row_max)) describe row r's softmax; windowed attention merges them.
+
+// Throws InvalidArgument unless mask fits m rows over n_tokens tokens (sorted, in range)
+// and keys / values agree on head_dim and page size.
+void check_head_call(const HeadCodes& keys, const HeadCodes& values, size_t n_tokens, size_t m,
+                     const RowMask& mask);
+
+// The page loop of attend_head over pages [page_begin, page_end) only, from prepared
+// queries (gemm: Π q, m × d; else prepare_queries' state): leaves the unnormalised
+// rotated-domain accumulator in scratch.acc (m × d) and the rows' softmax max / sum in
+// scratch.row_max / row_sum (a row with no visible token there: -inf / 0, acc 0).
+void attend_pages(const HeadCodes& keys, const HeadCodes& values, size_t n_tokens, const float* state,
+                  size_t m, const RowMask& mask, float scale, bool gemm, size_t page_begin, size_t page_end,
+                  AttentionScratch& scratch, float sparse_v_threshold);
+
+// Split-K decode (flash-decoding). A decode head (m < kGemmMinRows query rows) whose visible
+// tokens span more than one chunk of kSplitChunkTokens tokens (rounded to whole pages, chunk
+// boundaries at multiples of that many pages) is cut into chunks; every (head, chunk) is one
+// work item of the thread pool, and a head's partial (max, sum, accumulator) are merged in
+// chunk order with an exact log-sum-exp rescale. The chunking depends only on the page size
+// and the mask, never on the thread count, so the output is bit-identical for any number of
+// threads.
+inline constexpr size_t kSplitChunkTokens = 512;
+
+// One KV head's attention call for attend_heads: as attend_head's arguments.
+struct HeadTask {
+  HeadCodes keys, values;
+  size_t n_tokens = 0;
+  const float* queries = nullptr;  // m × d
+  const RowMask* mask = nullptr;
+  float* out = nullptr;            // m × d
+  // Optional (m floats each): the softmax max / sum of every row, as attend_head leaves in
+  // scratch.row_max / row_sum.
+  float* row_max = nullptr;
+  float* row_sum = nullptr;
+};
+
+// attend_head on every task (all with m query rows), split into chunks as above and run as
+// one parallel_for over the (task, chunk) work items.
+void attend_heads(const std::vector<HeadTask>& tasks, size_t m, float scale, float sparse_v_threshold);
 
 }  // namespace turboquant

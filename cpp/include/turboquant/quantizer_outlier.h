@@ -84,12 +84,18 @@ class OutlierSplitQuantizer : public Quantizer {
   template <size_t AngleBytes>
   void gather_rows(size_t p, const uint8_t* codes, const float* norms, size_t n, uint8_t* pc, float* pn) const;
   void part_state(size_t p, const float* state, size_t m, std::vector<float>& ps) const;
+  template <size_t AngleBytes>
+  void part_norms(size_t p, const uint8_t* codes, const float* norms, size_t n, float* pn) const;
+  template <typename Fn>
+  void for_part_rows(size_t p, const uint8_t* codes, const float* norms, size_t n, std::vector<uint8_t>& pc,
+                     std::vector<float>& pn, Fn&& fn) const;
 
   std::vector<int> outliers_;
   std::array<std::unique_ptr<Quantizer>, 2> parts_;
   std::array<size_t, 2> dims_{}, part_bytes_{}, offsets_{};
   size_t angle_bytes_ = 1;
   const std::array<float, 2>* angle_table_ = nullptr;  // 2^split_angle_bits (cos, sin) pairs
+  std::array<const MseQuantizer*, 2> mse_parts_{};   // a part that is turboquant_mse, else null
 };
 
 // Builds the split for a config with has_outliers() (used by make_quantizer()).
