@@ -63,7 +63,7 @@ std::vector<Case> cases() {
 }  // namespace
 
 TEST(SplitDecode, ChunksFollowPagesNotThreads) {
-  // 1300 tokens on 64-token pages: chunks of 512 tokens = 8 pages, 3 chunks.
+  // 1300 tokens on 64-token pages: chunks of kSplitChunkTokens tokens, several of them.
   KVCache c(base(64));
   const size_t n = 1300, d = 32;
   const auto k = gaussian(2 * n * d, 1), v = gaussian(2 * n * d, 2), q = gaussian(4 * d, 3);

@@ -74,7 +74,7 @@ void attend_pages(const HeadCodes& keys, const HeadCodes& values, size_t n_token
 // chunk order with an exact log-sum-exp rescale. The chunking depends only on the page size
 // and the mask, never on the thread count, so the output is bit-identical for any number of
 // threads.
-inline constexpr size_t kSplitChunkTokens = 512;
+inline constexpr size_t kSplitChunkTokens = 256;
 
 // One KV head's attention call for attend_heads: as attend_head's arguments.
 struct HeadTask {
