@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <chrono>
 #include <condition_variable>
 #include <cstdlib>
 #include <exception>
@@ -16,6 +17,9 @@
 #include <unistd.h>
 #define TQ_HAVE_GETPID 1
 #endif
+#if defined(__x86_64__) || defined(__i386__)
+#include <immintrin.h>
+#endif
 
 namespace turboquant {
 namespace {
@@ -29,6 +33,32 @@ int default_threads() {
 }
 
 thread_local bool tls_in_parallel = false;
+
+// Before sleeping on a condition variable, a worker waiting for the next job and the caller
+// waiting for the workers spin this long (OpenMP runtimes do the same): back-to-back calls
+// (the layers of a decode step, the heads of a benchmark loop) then skip the wake-up latency
+// of a sleeping thread (tens of microseconds in a VM), which is larger than a 1K-token
+// chunk of attention. A worker that sees no job for this long sleeps and costs nothing.
+constexpr auto kSpin = std::chrono::microseconds(50);
+
+inline void cpu_relax() {
+#if defined(__x86_64__) || defined(__i386__)
+  _mm_pause();
+#elif defined(__aarch64__)
+  asm volatile("yield");
+#endif
+}
+
+// Spins until pred() holds (true) or kSpin has passed (false).
+template <class Pred>
+bool spin_until(Pred pred) {
+  const auto t0 = std::chrono::steady_clock::now();
+  for (unsigned i = 1;; ++i) {
+    if (pred()) return true;
+    cpu_relax();
+    if ((i & 63) == 0 && std::chrono::steady_clock::now() - t0 > kSpin) return false;
+  }
+}
 
 class Pool {
  public:
@@ -76,8 +106,9 @@ class Pool {
     // Every chunk has been taken; wait only for the workers still running one. A worker
     // that has not woken up yet finds the job closed and goes back to sleep, so a
     // descheduled worker does not delay the caller.
+    spin_until([&] { return active_.load(std::memory_order_acquire) == 0; });
     std::unique_lock<std::mutex> lock(mutex_);
-    done_.wait(lock, [&] { return active_ == 0; });
+    done_.wait(lock, [&] { return active_.load(std::memory_order_relaxed) == 0; });
     open_ = false;
     fn_ = nullptr;
     if (error_) std::rethrow_exception(error_);
@@ -136,6 +167,9 @@ class Pool {
 
   void loop(uint64_t seen) {
     for (;;) {
+      // A new job (or stop(), which waits for this spin at most kSpin) is seen here first;
+      // the checks below are made under the mutex as before.
+      spin_until([&] { return generation_.load(std::memory_order_acquire) != seen; });
       {
         std::unique_lock<std::mutex> lock(mutex_);
         wake_.wait(lock, [&] { return stopping_ || generation_ != seen; });
@@ -158,9 +192,10 @@ class Pool {
   std::vector<std::thread> workers_;
   int threads_ = 1;
   bool stopping_ = false;
-  uint64_t generation_ = 0;
+  std::atomic<uint64_t> generation_{0};  // written under mutex_; also read while spinning
   const std::function<void(size_t, size_t)>* fn_ = nullptr;
-  size_t n_ = 0, chunk_ = 1, active_ = 0;  // active_: workers inside work() for the open job
+  size_t n_ = 0, chunk_ = 1;
+  std::atomic<size_t> active_{0};            // workers inside work() for the open job (written under mutex_)
   bool open_ = false;                        // a job is posted and its caller has not returned
   std::atomic<size_t> next_{0};
   std::exception_ptr error_;
