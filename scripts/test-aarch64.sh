@@ -59,6 +59,9 @@ run_suite() {
 # and take about 40% of the suite's time under qemu (TQ_AARCH64_NEON_FILTER='*' runs them).
 SLOW="MseQuantizer.DistortionMatchesCodebook:Rotation.CoordinatesFollowTheLaw:Codebook.WithinPaperBounds"
 SLOW="$SLOW:ReliabilityCpp.OneMillionTokensOneHeadIndexArithmetic"
+# The Metal emulation suites run threadgroups as fibers: portable code, slow under qemu, and
+# the x86-64 run covers them.
+SLOW="$SLOW:Metal*:*/MetalEncode.*:*/MetalAttention.*"
 log "turboquant_tests under qemu-aarch64, TURBOQUANT_SIMD=neon"
 run_suite neon "${TQ_AARCH64_NEON_FILTER:--$SLOW}"
 log "turboquant_tests under qemu-aarch64, TURBOQUANT_SIMD=scalar"
