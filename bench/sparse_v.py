@@ -35,7 +35,6 @@ import numpy as np
 import turboquant as tq
 from turboquant import _core
 
-MODEL = "/work/main/.models/SmolLM2-135M-Instruct-float32"
 TEXT = "/usr/share/common-licenses/GPL-3"
 PAGE = 256  # block_tokens of the caches built here (the core's default)
 
@@ -253,7 +252,9 @@ def main() -> None:
     ap.add_argument("--bits", type=int, default=3, help="key and value bits (turboquant_mse)")
     ap.add_argument("--threads", type=int, default=1, help="core thread pool size while timing")
     ap.add_argument("--workloads", default="smollm2,gauss")
-    ap.add_argument("--model", default=MODEL)
+    ap.add_argument("--model", default=None,
+                    help="mlx-lm SmolLM2 directory (default: turboquant.models.smollm2('float32'), "
+                         "fetched and converted on first use)")
     ap.add_argument("--text", default=TEXT)
     ap.add_argument("--query-scale", type=float, default=3.0,
                     help="gauss: queries N(0, s^2); s > 1 gives the peaked attention of trained models")
@@ -265,6 +266,9 @@ def main() -> None:
     ap.add_argument("--capture", help="smollm2: .npz of the captured q/k/v; written if absent, read if present "
                                       "(the capture takes minutes on a busy CPU)")
     args = ap.parse_args()
+    if args.model is None and ("smollm2" in args.workloads or args.check_mlx):
+        from turboquant import models
+        args.model = str(models.smollm2("float32"))
     thresholds = [float(x) for x in args.thresholds.split(",")]
     if thresholds[0] != 0.0:
         thresholds.insert(0, 0.0)
