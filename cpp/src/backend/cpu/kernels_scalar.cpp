@@ -54,18 +54,25 @@ void mse_scores_scalar(const float* q, size_t m, const uint8_t* codes, size_t co
   }
 }
 
+// Adds token t's decoded row, weighted by each query row's w · norm, to acc (m × d).
+void accumulate_token(const float* w, size_t w_stride, size_t m, const uint8_t* codes, size_t code_bytes,
+                      const float* norms, size_t t, size_t d, int bits, const float* centroids, float* acc,
+                      uint8_t* idx) {
+  unpack_indices(codes + t * code_bytes, d, bits, idx);
+  for (size_t i = 0; i < m; ++i) {
+    const float s = w[i * w_stride + t] * norms[t];
+    if (s == 0.0f) continue;
+    float* a = acc + i * d;
+    for (size_t j = 0; j < d; ++j) a[j] += s * centroids[idx[j]];
+  }
+}
+
 void mse_accumulate_scalar(const float* w, size_t w_stride, size_t m, const uint8_t* codes,
                            size_t code_bytes, const float* norms, size_t n, size_t d, int bits,
                            const float* centroids, float* acc) {
   std::vector<uint8_t> idx(d);
   for (size_t t = 0; t < n; ++t) {
-    unpack_indices(codes + t * code_bytes, d, bits, idx.data());
-    for (size_t i = 0; i < m; ++i) {
-      const float s = w[i * w_stride + t] * norms[t];
-      if (s == 0.0f) continue;
-      float* a = acc + i * d;
-      for (size_t j = 0; j < d; ++j) a[j] += s * centroids[idx[j]];
-    }
+    accumulate_token(w, w_stride, m, codes, code_bytes, norms, t, d, bits, centroids, acc, idx.data());
   }
 }
 
@@ -75,13 +82,7 @@ void mse_accumulate_rows_scalar(const float* w, size_t w_stride, size_t m, const
   std::vector<uint8_t> idx(d);
   for (size_t k = 0; k < n_idx; ++k) {
     const size_t t = rows[k];
-    unpack_indices(codes + t * code_bytes, d, bits, idx.data());
-    for (size_t i = 0; i < m; ++i) {
-      const float s = w[i * w_stride + t] * norms[t];
-      if (s == 0.0f) continue;
-      float* a = acc + i * d;
-      for (size_t j = 0; j < d; ++j) a[j] += s * centroids[idx[j]];
-    }
+    accumulate_token(w, w_stride, m, codes, code_bytes, norms, t, d, bits, centroids, acc, idx.data());
   }
 }
 
