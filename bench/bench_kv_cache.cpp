@@ -206,7 +206,7 @@ void BM_KVCacheDecodeThreads(benchmark::State& state) {
 }  // namespace
 
 BENCHMARK(BM_KVCacheDecodeThreads)
-    ->ArgsProduct({{1024, 4096}, {1, 2, 4, 8}, {1}})
-    ->ArgsProduct({{1024}, {1, 2, 4, 8}, {8}})
+    ->ArgsProduct({{1024, 4096}, {1, 2, 4, 8, 16}, {1}})
+    ->ArgsProduct({{1024}, {1, 2, 4, 8, 16}, {8}})
     ->UseRealTime()
     ->Unit(benchmark::kMicrosecond);

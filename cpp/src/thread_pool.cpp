@@ -91,25 +91,30 @@ class Pool {
       return;
     }
     const size_t chunks = std::min((n + grain - 1) / grain, static_cast<size_t>(threads_) * 4);
+    fn_ = &fn;
+    n_ = n;
+    chunk_ = (n + chunks - 1) / chunks;
+    next_.store(0, std::memory_order_relaxed);
+    error_ = nullptr;
+    // As many workers join as there are chunks beyond the caller's first: a 4-chunk job on
+    // a 16-thread pool wakes 3 workers, and the other 12 neither run nor touch the mutex.
+    seats_.store(static_cast<int>(std::min(chunks, static_cast<size_t>(threads_)) - 1), std::memory_order_relaxed);
     {
       std::lock_guard<std::mutex> lock(mutex_);
-      fn_ = &fn;
-      n_ = n;
-      chunk_ = (n + chunks - 1) / chunks;
-      next_.store(0);
-      error_ = nullptr;
-      open_ = true;
-      ++generation_;
+      open_.store(true);  // seq_cst: publishes the fields above to a worker that sees it
+      generation_.fetch_add(1);
     }
     wake_.notify_all();
     work();
-    // Every chunk has been taken; wait only for the workers still running one. A worker
-    // that has not woken up yet finds the job closed and goes back to sleep, so a
-    // descheduled worker does not delay the caller.
-    spin_until([&] { return active_.load(std::memory_order_acquire) == 0; });
-    std::unique_lock<std::mutex> lock(mutex_);
-    done_.wait(lock, [&] { return active_.load(std::memory_order_relaxed) == 0; });
-    open_ = false;
+    // Every chunk has been taken: close the job, then wait only for the workers that joined
+    // it (a worker joins by counting itself in active_ and then seeing open_; with both
+    // seq_cst, a worker that saw the job open is counted before the caller reads active_).
+    // A worker that wakes up late finds the job closed and touches nothing of it.
+    open_.store(false);
+    if (!spin_until([&] { return active_.load() == 0; })) {
+      std::unique_lock<std::mutex> lock(mutex_);
+      done_.wait(lock, [&] { return active_.load() == 0; });
+    }
     fn_ = nullptr;
     if (error_) std::rethrow_exception(error_);
   }
@@ -130,6 +135,7 @@ class Pool {
     pid_ = getpid();
 #endif
     stopping_ = false;
+    stopping_flag_.store(false);
     // A worker starts from the generation current now, so a job posted before it first
     // locks the mutex is not missed.
     uint64_t g;
@@ -143,6 +149,8 @@ class Pool {
     {
       std::lock_guard<std::mutex> lock(mutex_);
       stopping_ = true;
+      stopping_flag_.store(true);
+      generation_.fetch_add(1);  // spinning workers see it at once
     }
     wake_.notify_all();
     for (auto& t : workers_) t.join();
@@ -165,23 +173,32 @@ class Pool {
     tls_in_parallel = false;
   }
 
+  // One of the job's seats (false when all are taken or there are none).
+  bool take_seat() {
+    int s = seats_.load(std::memory_order_relaxed);
+    while (s > 0)
+      if (seats_.compare_exchange_weak(s, s - 1, std::memory_order_relaxed)) return true;
+    return false;
+  }
+
   void loop(uint64_t seen) {
     for (;;) {
-      // A new job (or stop(), which waits for this spin at most kSpin) is seen here first;
-      // the checks below are made under the mutex as before.
-      spin_until([&] { return generation_.load(std::memory_order_acquire) != seen; });
-      {
+      // A new job (or stop(), which waits for this spin at most kSpin) is seen while
+      // spinning; past kSpin the worker sleeps until the next job is posted.
+      if (!spin_until([&] { return generation_.load(std::memory_order_acquire) != seen; })) {
         std::unique_lock<std::mutex> lock(mutex_);
-        wake_.wait(lock, [&] { return stopping_ || generation_ != seen; });
+        wake_.wait(lock, [&] { return stopping_ || generation_.load() != seen; });
         if (stopping_) return;
-        seen = generation_;
-        if (!open_) continue;  // the job finished before this worker woke up
-        ++active_;
+      } else if (stopping_flag_.load(std::memory_order_acquire)) {
+        return;
       }
-      work();
-      {
-        std::lock_guard<std::mutex> lock(mutex_);
-        if (--active_ == 0) done_.notify_one();
+      seen = generation_.load(std::memory_order_acquire);
+      if (!take_seat()) continue;
+      active_.fetch_add(1);
+      if (open_.load()) work();
+      if (active_.fetch_sub(1) == 1) {
+        std::lock_guard<std::mutex> lock(mutex_);  // the caller may be between its check and wait
+        done_.notify_one();
       }
     }
   }
@@ -191,12 +208,15 @@ class Pool {
   std::condition_variable wake_, done_;
   std::vector<std::thread> workers_;
   int threads_ = 1;
-  bool stopping_ = false;
-  std::atomic<uint64_t> generation_{0};  // written under mutex_; also read while spinning
+  bool stopping_ = false;                     // under mutex_
+  std::atomic<bool> stopping_flag_{false};   // the same, for spinning workers
+  std::atomic<uint64_t> generation_{0};      // bumped under mutex_ per job; read while spinning
+  // The open job: written by its caller before open_ is set, read by workers that joined it.
   const std::function<void(size_t, size_t)>* fn_ = nullptr;
   size_t n_ = 0, chunk_ = 1;
-  std::atomic<size_t> active_{0};            // workers inside work() for the open job (written under mutex_)
-  bool open_ = false;                        // a job is posted and its caller has not returned
+  std::atomic<int> seats_{0};                // workers that may still join the open job
+  std::atomic<size_t> active_{0};            // workers that joined (or are checking open_)
+  std::atomic<bool> open_{false};            // chunks may still be untaken
   std::atomic<size_t> next_{0};
   std::exception_ptr error_;
 #ifdef TQ_HAVE_GETPID
