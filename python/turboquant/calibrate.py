@@ -142,6 +142,17 @@ class LayerErrors:
     value: dict[int, float]
 
 
+def reference_attention(layer_capture: tuple, scoring: Scoring | None = None):
+    """(q, k, v as float32 mlx arrays, scale, the fp32 causal attention output as NumPy):
+    of one captured layer; with ``scoring``, the output of the queries after its prefix."""
+    q, k, v, scale = layer_capture
+    q32, k32, v32 = (x.astype(mx.float32) for x in (q, k, v))
+    ref = np.array(mx.fast.scaled_dot_product_attention(q32, k32, v32, scale=scale, mask="causal"))
+    if scoring is not None:
+        ref = ref[:, :, scoring.prefix:]
+    return q32, k32, v32, scale, ref
+
+
 def layer_errors(model, captured: dict[int, tuple], seed: int = 0, progress=None,
                  key_candidates=KEY_CANDIDATES, value_candidates=VALUE_CANDIDATES,
                  scoring: Scoring | None = None) -> list[LayerErrors]:
@@ -150,12 +161,7 @@ def layer_errors(model, captured: dict[int, tuple], seed: int = 0, progress=None
     layers = sorted(captured)
     it = progress(layers) if progress else layers
     for i in it:
-        q, k, v, scale = captured[i]
-        q32, k32, v32 = (x.astype(mx.float32) for x in (q, k, v))
-        ref = np.array(mx.fast.scaled_dot_product_attention(q32, k32, v32, scale=scale,
-                                                            mask="causal"))
-        if scoring is not None:
-            ref = ref[:, :, scoring.prefix:]
+        q32, k32, v32, scale, ref = reference_attention(captured[i], scoring)
         ke = {b: _attend_error(pairs, q32, k32, v32, scale, ref, b, 8, seed, i, scoring)
               for b in key_candidates}
         ve = {b: _attend_error(pairs, q32, k32, v32, scale, ref, 8, b, seed, i, scoring)

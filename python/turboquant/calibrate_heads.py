@@ -72,14 +72,9 @@ def head_errors(model, captured: dict[int, tuple], seed: int = 0, progress=None,
     out: list[HeadErrors] = []
     layers = sorted(captured)
     for i in (progress(layers) if progress else layers):
-        q, k, v, scale = captured[i]
-        q32, k32, v32 = (x.astype(mx.float32) for x in (q, k, v))
-        ref = np.array(mx.fast.scaled_dot_product_attention(q32, k32, v32, scale=scale,
-                                                            mask="causal"))
-        if scoring is not None:
-            ref = ref[:, :, scoring.prefix:]
+        q32, k32, v32, scale, ref = cal.reference_attention(captured[i], scoring)
         B, Hq, T, d = ref.shape
-        H = k.shape[1]
+        H = k32.shape[1]
         G = Hq // H
         w = _output_projection(model, i) if project else None
         if w is not None and w.shape[1] != Hq * d:
