@@ -276,11 +276,12 @@ The T_q queries are the last T_q positions of the layer: query i sees keys
       .def_property_readonly("value_method", [](const KVCache& kv) { return kv.config().value_method; })
       .def_property_readonly("value_bits", [](const KVCache& kv) { return kv.config().value_bits; })
       .def_property_readonly("key_head_bits", [](const KVCache& kv) { return kv.config().key_head_bits; },
-                             "per-KV-head key bits (empty: every head at key_bits)")
+                             "per-KV-head key bits: n_kv_heads entries (every layer) or n_layers * n_kv_heads, "
+                             "layer-major (empty: every head at key_bits)")
       .def_property_readonly("value_head_bits", [](const KVCache& kv) { return kv.config().value_head_bits; },
-                             "per-KV-head value bits (empty: every head at value_bits)")
+                             "per-KV-head value bits, as key_head_bits (empty: every head at value_bits)")
       .def_property_readonly("outlier_head_bits", [](const KVCache& kv) { return kv.config().outlier_head_bits; },
-                             "per-KV-head outlier bits of the outlier split (empty: outlier_bits)")
+                             "per-KV-head outlier bits of the outlier split, as key_head_bits (empty: outlier_bits)")
       .def_property_readonly("format_version", [](const KVCache& kv) { return kv.config().format_version(); },
                              "the file format version save() writes for this cache")
       .def_property_readonly("seed", [](const KVCache& kv) { return kv.config().seed; })

@@ -31,17 +31,20 @@ void KVCacheConfig::validate() const {
            kMinBits, ", ", kMaxBits, "], got ", key_bits);
   TQ_CHECK(value_bits >= kMinBits && value_bits <= kMaxBits, InvalidArgument,
            "value_bits must be in [", kMinBits, ", ", kMaxBits, "], got ", value_bits);
+  const size_t per_layer = static_cast<size_t>(n_layers) * static_cast<size_t>(n_kv_heads);
   for (const auto& [v, name] : {std::pair{&key_head_bits, "key_head_bits"},
                                  std::pair{&value_head_bits, "value_head_bits"},
                                  std::pair{&outlier_head_bits, "outlier_head_bits"}}) {
     if (v->empty()) continue;
-    TQ_CHECK(v->size() == static_cast<size_t>(n_kv_heads), InvalidArgument, name, " must be empty or have one ",
-             "entry per KV head (n_kv_heads = ", n_kv_heads, "), got ", v->size(), " entries");
+    TQ_CHECK(v->size() == static_cast<size_t>(n_kv_heads) || v->size() == per_layer, InvalidArgument, name,
+             " must be empty, have one entry per KV head (n_kv_heads = ", n_kv_heads,
+             ") or one per layer and KV head (n_layers * n_kv_heads = ", per_layer, "), got ", v->size(),
+             " entries");
     const bool outl = v == &outlier_head_bits;
-    for (size_t h = 0; h < v->size(); ++h)
-      TQ_CHECK((*v)[h] >= (outl ? 0 : kMinBits) && (*v)[h] <= kMaxBits, InvalidArgument, name, "[", h,
+    for (size_t i = 0; i < v->size(); ++i)
+      TQ_CHECK((*v)[i] >= (outl ? 0 : kMinBits) && (*v)[i] <= kMaxBits, InvalidArgument, name, "[", i,
                "] must be in [", outl ? 0 : kMinBits, ", ", kMaxBits, "]", outl ? " (0 means bits + 1)" : "",
-               ", got ", (*v)[h]);
+               ", got ", (*v)[i]);
   }
   TQ_CHECK(outlier_head_bits.empty() || has_outliers(), InvalidArgument,
            "outlier_head_bits needs an outlier split (n_outlier_channels or outlier_channels)");
@@ -81,13 +84,14 @@ void KVCacheConfig::validate() const {
     // Reference bits of each role: its bits, or for an outlier split its nominal bits rounded
     // down (decay_reference_bits).
     const int n_o = outlier_channels.empty() ? n_outlier_channels : static_cast<int>(outlier_channels.size());
-    // With per-head bits: the least over every head.
+    // With per-head bits: the least over every (layer, head).
     int lo = kMaxBits + 1;
-    for (int h = 0; h < n_kv_heads; ++h)
-      for (int role = 0; role < 2; ++role) {
-        const int b = head_bits(h, role);
-        lo = std::min(lo, split_role(role) ? decay_reference_bits(head_dim, b, n_o, head_outlier_bits(h)) : b);
-      }
+    for (int l = 0; l < n_layers; ++l)
+      for (int h = 0; h < n_kv_heads; ++h)
+        for (int role = 0; role < 2; ++role) {
+          const int b = head_bits(l, h, role);
+          lo = std::min(lo, split_role(role) ? decay_reference_bits(head_dim, b, n_o, head_outlier_bits(l, h)) : b);
+        }
     TQ_CHECK(decay_bits >= kMinBits && decay_bits < lo, InvalidArgument, "decay_bits must be in [", kMinBits,
              ", ", lo - 1, "] (fewer than the streams' bits per coordinate, at least ", lo,
              " with an outlier split counted as its nominal bits rounded down",
@@ -112,7 +116,7 @@ KVCache::KVCache(const KVCacheConfig& config) : config_(config) {
       for (KVRole role : {KVRole::kKey, KVRole::kValue}) {
         QuantizerConfig q;
         q.method = role == KVRole::kKey ? config_.key_method : config_.value_method;
-        q.bits = config_.head_bits(h, static_cast<int>(role));
+        q.bits = config_.head_bits(l, h, static_cast<int>(role));
         q.dim = config_.head_dim;
         q.seed = config_.seed;
         q.stream = kv_stream_id(static_cast<uint32_t>(l), static_cast<uint32_t>(h), role);
@@ -122,7 +126,7 @@ KVCache::KVCache(const KVCacheConfig& config) : config_(config) {
         if (config_.split_role(static_cast<int>(role))) {
           q.outlier_channels = config_.outlier_channels;
           q.n_outlier_channels = config_.n_outlier_channels;
-          q.outlier_bits = config_.head_outlier_bits(h);
+          q.outlier_bits = config_.head_outlier_bits(l, h);
           q.split_angle_bits = config_.split_angle_bits;
         }
         q.norm_correction = config_.norm_correction;

@@ -338,11 +338,15 @@ std::unique_ptr<KVCache> deserialize_cache(const uint8_t* data, size_t size) {
       std::vector<int>* lists[3] = {&c.key_head_bits, &c.value_head_bits, &c.outlier_head_bits};
       for (int i = 0; i < 3; ++i) {
         const auto count = conf.get<uint32_t>(names[i]);
-        TQ_CHECK(count == 0 || count == static_cast<uint32_t>(c.n_kv_heads), FormatError, "corrupted file: ",
-                 names[i], " has ", count, " entries (must be 0 or n_kv_heads = ", c.n_kv_heads, ")");
+        const auto per_layer = static_cast<uint32_t>(c.n_layers) * static_cast<uint32_t>(c.n_kv_heads);
+        TQ_CHECK(count == 0 || count == static_cast<uint32_t>(c.n_kv_heads) || (version >= 6 && count == per_layer),
+                 FormatError, "corrupted file: ", names[i], " has ", count, " entries (must be 0 or n_kv_heads = ",
+                 c.n_kv_heads, version >= 6 ? " or n_layers * n_kv_heads" : "", ")");
         for (uint32_t h = 0; h < count; ++h) lists[i]->push_back(conf.get<int32_t>(names[i]));
       }
-      TQ_CHECK(c.per_head_bits(), FormatError, "corrupted file: version 5 without per-head bit widths");
+      TQ_CHECK(c.per_head_bits(), FormatError, "corrupted file: version ", version, " without per-head bit widths");
+      TQ_CHECK(version == 5 || c.per_layer_head_bits(), FormatError,
+               "corrupted file: version 6 without per-layer, per-head bit widths");
     }
     const bool windowed = version == 2 || (version >= 3 && c.windowed());
     conf.expect_end("CONF");

@@ -36,9 +36,9 @@ KVCacheConfig mixed_config() {
 // The same cache with every head at head h's widths.
 KVCacheConfig uniform_for_head(const KVCacheConfig& mixed, int h) {
   KVCacheConfig c = mixed;
-  c.key_bits = mixed.head_key_bits(h);
-  c.value_bits = mixed.head_value_bits(h);
-  c.outlier_bits = mixed.head_outlier_bits(h);
+  c.key_bits = mixed.head_key_bits(0, h);
+  c.value_bits = mixed.head_value_bits(0, h);
+  c.outlier_bits = mixed.head_outlier_bits(0, h);
   c.key_head_bits.clear();
   c.value_head_bits.clear();
   c.outlier_head_bits.clear();
@@ -72,7 +72,7 @@ void expect_heads_match_uniform(const KVCacheConfig& mixed_cfg) {
     KVCache uni(uniform_for_head(mixed_cfg, h));
     append_chunks(uni, 0, k, v, T, {13, 1, 7, 16});
     ASSERT_EQ(uni.code_tokens(0), mixed.code_tokens(0));
-    EXPECT_EQ(mixed.key_quantizer(0, h).bits(), mixed_cfg.head_key_bits(h));
+    EXPECT_EQ(mixed.key_quantizer(0, h).bits(), mixed_cfg.head_key_bits(0, h));
     EXPECT_EQ(mixed.key_quantizer(1, h).code_bytes(), uni.key_quantizer(1, h).code_bytes());
     for (KVRole role : {KVRole::kKey, KVRole::kValue}) {
       std::vector<float> a(T * kD), b(T * kD);
@@ -115,7 +115,12 @@ TEST(KVHeadBits, ValidatesLengthsAndRanges) {
   };
   KVCacheConfig c = mixed_config();
   c.key_head_bits = {2, 3};
-  expect_error(c, "key_head_bits must be empty or have one entry per KV head (n_kv_heads = 3), got 2 entries");
+  expect_error(c, "key_head_bits must be empty, have one entry per KV head (n_kv_heads = 3) or one per layer and "
+                  "KV head (n_layers * n_kv_heads = 6), got 2 entries");
+  c.key_head_bits = {2, 3, 4, 2, 3, 4, 2};
+  expect_error(c, "got 7 entries");
+  c.key_head_bits = {2, 3, 4, 2, 9, 4};
+  expect_error(c, "key_head_bits[4] must be in [1, 8], got 9");
   c = mixed_config();
   c.value_head_bits = {3, 9, 2};
   expect_error(c, "value_head_bits[1] must be in [1, 8], got 9");
@@ -379,4 +384,77 @@ TEST(KVHeadBits, InvalidPerHeadFieldsInAFileAreFormatErrors) {
   refresh_conf_crc(same);
   EXPECT_EQ(same, bytes);
   EXPECT_NO_THROW(deserialize_cache(same.data(), same.size()));
+}
+
+// Per-layer, per-head widths (n_layers × n_kv_heads entries, layer-major): layer l's head h
+// is layer 0's head h of a cache with one width list, namely layer l's (same streams
+// except for the layer index, so the check is against a cache of the same layer count).
+TEST(KVHeadBits, PerLayerWidthsEqualOneListPerLayer) {
+  KVCacheConfig cfg = mixed_config();  // 2 layers, 3 KV heads
+  cfg.key_head_bits = {2, 4, 3, 4, 3, 2};
+  cfg.value_head_bits = {3, 2, 4};      // one list for every layer
+  cfg.fp16_sinks = 1;
+  cfg.fp16_window = 4;
+  KVCache mixed(cfg);
+  EXPECT_EQ(cfg.format_version(), 6u);
+  constexpr size_t T = 21;
+  const auto k = gaussian(kH * T * kD, 71), v = gaussian(kH * T * kD, 72);
+  for (int l = 0; l < 2; ++l) {
+    KVCacheConfig one = cfg;
+    one.key_head_bits.assign(cfg.key_head_bits.begin() + l * kH, cfg.key_head_bits.begin() + (l + 1) * kH);
+    KVCache per_layer(one);
+    EXPECT_EQ(one.format_version(), 5u);
+    for (int h = 0; h < kH; ++h) {
+      EXPECT_EQ(mixed.key_quantizer(l, h).bits(), cfg.key_head_bits[static_cast<size_t>(l * kH + h)]);
+      EXPECT_EQ(mixed.value_quantizer(l, h).bits(), cfg.value_head_bits[static_cast<size_t>(h)]);
+    }
+    append_chunks(mixed, l, k, v, T, {9, 1, 11});
+    append_chunks(per_layer, l, k, v, T, {9, 1, 11});
+    for (size_t Tq : {size_t{1}, size_t{5}}) {
+      const auto q = gaussian(kH * kG * Tq * kD, 73 + Tq);
+      std::vector<float> a(q.size()), b(q.size());
+      mixed.attend(l, q.data(), Tq, a.data());
+      per_layer.attend(l, q.data(), Tq, b.data());
+      EXPECT_EQ(a, b) << "layer " << l << ", " << Tq << " queries";
+    }
+  }
+  // Decay is checked against the least width over every layer and head.
+  cfg.decay_after = 8;
+  cfg.decay_bits = 2;
+  try {
+    KVCache bad(cfg);
+    ADD_FAILURE() << "decay_bits 2 accepted with a 2-bit head in layer 1";
+  } catch (const InvalidArgument& e) {
+    EXPECT_NE(std::string(e.what()).find("decay_bits must be in [1, 1]"), std::string::npos) << e.what();
+  }
+}
+
+TEST(KVHeadBits, PerLayerWidthsSerializeAsVersion6) {
+  KVCacheConfig cfg = mixed_config();
+  cfg.key_head_bits = {2, 4, 3, 4, 3, 2};
+  KVCache c(cfg);
+  const auto x = gaussian(kH * 9 * kD, 81);
+  c.append(0, x.data(), x.data(), 9);
+  c.append(1, x.data(), x.data(), 9);
+  const auto bytes = serialize_cache(c);
+  ASSERT_EQ(bytes[8], 6u);
+  auto r = deserialize_cache(bytes.data(), bytes.size());
+  EXPECT_EQ(r->config().key_head_bits, cfg.key_head_bits);
+  EXPECT_EQ(serialize_cache(*r), bytes);
+  for (int l = 0; l < 2; ++l)
+    for (int h = 0; h < kH; ++h) EXPECT_EQ(r->key_quantizer(l, h).bits(), c.key_quantizer(l, h).bits());
+  ASSERT_LT(bytes.size(), 8192u);
+  expect_every_truncation_rejected(bytes);
+  expect_every_byte_flip_rejected(bytes);
+  // The same bytes labelled version 5 (whose lists have n_kv_heads entries) are refused.
+  auto v5 = bytes;
+  v5[8] = 5;  // the file header carries no CRC: the version-5 reader judges the lists
+  try {
+    deserialize_cache(v5.data(), v5.size());
+    ADD_FAILURE() << "a per-layer list accepted in a version-5 file";
+  } catch (const FormatError& e) {
+    EXPECT_NE(std::string(e.what()).find("key_head_bits has 6 entries (must be 0 or n_kv_heads = 3)"),
+              std::string::npos)
+        << e.what();
+  }
 }

@@ -66,9 +66,10 @@ def test_attention_of_each_head_is_that_of_a_uniform_cache():
 
 
 def test_bad_per_head_options_are_clear_errors():
-    with pytest.raises(ValueError, match=r"key_head_bits must be empty or have one entry per KV "
-                                         r"head \(n_kv_heads = 3\), got 2 entries"):
-        _core.KVCache(D, n_q_heads=6, n_kv_heads=3, key_head_bits=[2, 3])
+    with pytest.raises(ValueError, match=r"key_head_bits must be empty, have one entry per KV "
+                                         r"head \(n_kv_heads = 3\) or one per layer and KV head "
+                                         r"\(n_layers \* n_kv_heads = 6\), got 2 entries"):
+        _core.KVCache(D, n_layers=2, n_q_heads=6, n_kv_heads=3, key_head_bits=[2, 3])
     with pytest.raises(ValueError, match=r"value_head_bits\[2\] must be in \[1, 8\], got 9"):
         _core.KVCache(D, n_q_heads=6, n_kv_heads=3, value_head_bits=[2, 3, 9])
     with pytest.raises(ValueError, match="outlier_head_bits needs an outlier split"):
@@ -107,6 +108,31 @@ def test_file_round_trip_and_corrupted_per_head_fields():
     b[values_at + 4:values_at + 8] = (3).to_bytes(4, "little")
     b[end:end + 4] = crc32c(bytes(b[16:end])).to_bytes(4, "little")
     assert bytes(b) == mixed().to_bytes()  # the helper above is right
+
+
+def test_per_layer_head_widths_of_a_multi_layer_cache(tmp_path):
+    """n_layers × n_kv_heads widths (layer-major): layer l's heads are those of a cache with
+    layer l's list; the file is version 6 and loads back identically."""
+    per_layer = KB + [4, 3, 2]
+    kv = _core.KVCache(D, n_layers=2, n_q_heads=H * G, n_kv_heads=H, key_head_bits=per_layer,
+                       value_head_bits=VB, block_tokens=8, seed=4)
+    assert kv.format_version == 6 and kv.key_head_bits == per_layer
+    k, v = gaussian((H, 19, D), 11), gaussian((H, 19, D), 12)
+    q = gaussian((H * G, 3, D), 13)
+    for layer in (0, 1):
+        kv.append(k, v, layer=layer)
+        one = _core.KVCache(D, n_layers=2, n_q_heads=H * G, n_kv_heads=H,
+                            key_head_bits=per_layer[layer * H:(layer + 1) * H],
+                            value_head_bits=VB, block_tokens=8, seed=4)
+        one.append(k, v, layer=layer)
+        np.testing.assert_array_equal(kv.attend(q, layer=layer), one.attend(q, layer=layer))
+        for h in range(H):
+            assert kv.encoded(layer, h, "key")[0].shape[1] == D * per_layer[layer * H + h] // 8
+    path = tmp_path / "c.tqkv"
+    kv.save(str(path))
+    back = _core.KVCache.load(str(path))
+    assert back.key_head_bits == per_layer and back.to_bytes() == kv.to_bytes()
+    np.testing.assert_array_equal(back.attend(q, layer=1), kv.attend(q, layer=1))
 
 
 # --- mlx-lm ---------------------------------------------------------------------------------

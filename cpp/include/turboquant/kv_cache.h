@@ -93,12 +93,15 @@ struct KVCacheConfig {
   // evicted_tokens(layer) how many were dropped; positions (RoPE) are the caller's. Must be
   // 0 or at least block_tokens.
   size_t max_coded_tokens = 0;
-  // Per-KV-head bit widths (adaptive bits; empty = every head at key_bits / value_bits):
-  // n_kv_heads entries, each in [1, 8]; KV head h of every layer stores its keys at
-  // key_head_bits[h] and its values at value_head_bits[h] bits, so rows differ in size
-  // between heads (each stream's pages, copy_out / append_encoded rows at its own width).
-  // outlier_head_bits (outlier split only): head h's outlier bits (0 = that stream's bits
-  // + 1), overriding outlier_bits. Any of them needs file format version 5.
+  // Per-KV-head bit widths (adaptive bits; empty = every head at key_bits / value_bits),
+  // each in [1, 8], either n_kv_heads entries (KV head h of every layer stores its keys at
+  // key_head_bits[h] and its values at value_head_bits[h] bits) or n_layers × n_kv_heads
+  // entries, layer-major (entry l * n_kv_heads + h is layer l's head h: a calibrated
+  // per-layer, per-head profile). Rows differ in size between heads (each stream's pages,
+  // copy_out / append_encoded rows at its own width). outlier_head_bits (outlier split
+  // only): the outlier bits the same way (0 = that stream's bits + 1), overriding
+  // outlier_bits. Any of them needs file format version 5; a per-layer list (n_layers > 1)
+  // version 6.
   std::vector<int> key_head_bits;
   std::vector<int> value_head_bits;
   std::vector<int> outlier_head_bits;
@@ -114,17 +117,21 @@ struct KVCacheConfig {
     return outlier_roles == OutlierRoles::kBoth || (outlier_roles == OutlierRoles::kKeys) == (role == 0);
   }
   bool decays() const { return decay_after > 0; }
-  // The widths of KV head h (per-head overrides, else key_bits / value_bits / outlier_bits).
-  int head_key_bits(int h) const { return key_head_bits.empty() ? key_bits : key_head_bits[static_cast<size_t>(h)]; }
-  int head_value_bits(int h) const {
-    return value_head_bits.empty() ? value_bits : value_head_bits[static_cast<size_t>(h)];
-  }
-  int head_bits(int h, int role) const { return role == 0 ? head_key_bits(h) : head_value_bits(h); }
-  int head_outlier_bits(int h) const {
-    return outlier_head_bits.empty() ? outlier_bits : outlier_head_bits[static_cast<size_t>(h)];
-  }
+  // The widths of layer l's KV head h (per-head overrides, else key_bits / value_bits /
+  // outlier_bits).
+  int head_key_bits(int l, int h) const { return pick(key_head_bits, l, h, key_bits); }
+  int head_value_bits(int l, int h) const { return pick(value_head_bits, l, h, value_bits); }
+  int head_bits(int l, int h, int role) const { return role == 0 ? head_key_bits(l, h) : head_value_bits(l, h); }
+  int head_outlier_bits(int l, int h) const { return pick(outlier_head_bits, l, h, outlier_bits); }
   bool per_head_bits() const {
     return !key_head_bits.empty() || !value_head_bits.empty() || !outlier_head_bits.empty();
+  }
+  // Whether a per-head list has one entry per (layer, KV head) of more than one layer.
+  bool per_layer_head_bits() const {
+    const auto per_layer = [&](const std::vector<int>& v) {
+      return n_layers > 1 && v.size() == static_cast<size_t>(n_layers) * static_cast<size_t>(n_kv_heads);
+    };
+    return per_layer(key_head_bits) || per_layer(value_head_bits) || per_layer(outlier_head_bits);
   }
   // Whether the file format version 3 is needed (sinks, decay, eviction, norm correction or
   // outlier roles other than both).
@@ -138,7 +145,16 @@ struct KVCacheConfig {
   bool v4() const { return has_outliers() && split_angle_bits != 16; }
   // The oldest file format version that can express this configuration.
   uint32_t format_version() const {
-    return per_head_bits() ? 5u : v4() ? 4u : v3() ? 3u : windowed() ? 2u : 1u;
+    return per_layer_head_bits() ? 6u : per_head_bits() ? 5u : v4() ? 4u : v3() ? 3u : windowed() ? 2u : 1u;
+  }
+
+ private:
+  int pick(const std::vector<int>& v, int l, int h, int otherwise) const {
+    if (v.empty()) return otherwise;
+    const size_t i = v.size() == static_cast<size_t>(n_kv_heads)
+                         ? static_cast<size_t>(h)
+                         : static_cast<size_t>(l) * static_cast<size_t>(n_kv_heads) + static_cast<size_t>(h);
+    return v[i];
   }
 };
 

@@ -36,6 +36,10 @@
 //   outlier_head_bits, each a count u32 (0 or n_kv_heads) + count i32. Every stream's code
 //   rows (LAYR) have that stream's own code_bytes. Files of versions 1-4 load and are written
 //   back unchanged.
+//   Version 6 (written only when a per-head list has one entry per layer and KV head of a
+//   cache of several layers, KVCacheConfig::per_layer_head_bits()): as version 5, a count
+//   may also be n_layers * n_kv_heads (layer-major). Files of versions 1-5 load and are
+//   written back unchanged.
 //   "END " (last): empty payload; nothing may follow it.
 // Loading reads the file into memory and checks every length against the bytes left before
 // using it: a truncated, corrupted, wrong-magic or future-version file raises FormatError.
@@ -52,7 +56,7 @@ namespace turboquant {
 class KVCache;
 
 inline constexpr char kCacheMagic[8] = {'T', 'Q', 'K', 'V', 'C', 'A', 'C', 'H'};
-inline constexpr uint32_t kCacheFormatVersion = 5;
+inline constexpr uint32_t kCacheFormatVersion = 6;
 
 // CRC32C (Castagnoli, reflected polynomial 0x82F63B78), as in iSCSI / ext4 / SSE4.2 crc32.
 // crc32c("123456789") == 0xE3069283. Pass a previous result as `crc` to continue a stream.
