@@ -12,7 +12,8 @@
 #   under qemu-user (scripts/test-aarch64.sh).
 # Environment: TQ_SKIP_SANITIZERS=1 skips steps 3 and 6, TQ_SKIP_FUZZ=1 skips step 5,
 # TQ_SKIP_AARCH64=1 skips the AArch64 step,
-# TQ_PYTEST_ARGS adds pytest arguments.
+# TQ_PYTEST_ARGS adds pytest arguments, TQ_PYTEST_PRELOAD overrides the BLAS library preloaded
+# for pytest (empty: none).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$(pwd)
@@ -22,7 +23,8 @@ PY=${PYTHON:-python3}
 log() { printf '\n==> %s\n' "$*"; }
 
 # --- 1. dependencies -------------------------------------------------------------------
-APT_PACKAGES=(g++ clang libclang-rt-14-dev libgtest-dev libgmock-dev libbenchmark-dev libeigen3-dev ninja-build)
+APT_PACKAGES=(g++ clang libclang-rt-14-dev libgtest-dev libgmock-dev libbenchmark-dev libeigen3-dev ninja-build
+              libopenblas0-pthread)
 source scripts/apt-packages.sh
 ensure_apt_packages "${APT_PACKAGES[@]}"
 # cmake >= 3.21 (the Debian one may be older): take PyPI's when needed.
@@ -63,8 +65,14 @@ fi
 # --- 4. pytest -------------------------------------------------------------------------
 log "pytest"
 cd "$ROOT"
+# mlx[cpu]'s Linux wheel links the netlib reference BLAS (bench/mlx_cpu_matmul.py: about
+# 1.6 GFLOP/s for a float32 matmul against NumPy's 21), which made the two real-model tests
+# take 4 of pytest's 5 minutes; with Debian's OpenBLAS preloaded they take 20 s. Speed only:
+# the tests' bounds hold with either library (TQ_PYTEST_PRELOAD= turns it off).
+preload=${TQ_PYTEST_PRELOAD-$(ls /usr/lib/"$(uname -m)"-linux-gnu/openblas-pthread/libopenblas.so.0 2>/dev/null || true)}
+[ -n "$preload" ] && echo "pytest with LD_PRELOAD=$preload (mlx's CPU matmuls)"
 # shellcheck disable=SC2086
-$PY -m pytest -q -ra ${TQ_PYTEST_ARGS:-} tests/python
+LD_PRELOAD="$preload${LD_PRELOAD:+:$LD_PRELOAD}" $PY -m pytest -q -ra ${TQ_PYTEST_ARGS:-} tests/python
 
 # --- 5-6. fuzzing, TSan, LSan (scripts/reliability.sh) -------------------------------
 PYTHON="$PY" JOBS="$JOBS" scripts/reliability.sh
