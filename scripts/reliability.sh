@@ -41,13 +41,14 @@ fi
 
 # --- 6. ThreadSanitizer and LeakSanitizer ----------------------------------------------
 if [ "${TQ_SKIP_SANITIZERS:-0}" != "1" ]; then
-  log "building the C++ test suite with ThreadSanitizer"
+  log "building the concurrency tests (reliability, thread pool, split-K) with ThreadSanitizer"
   cmake -S . -B build/tsan -G Ninja -DCMAKE_BUILD_TYPE=RelWithDebInfo -DTURBOQUANT_PYTHON=OFF \
-    -DTURBOQUANT_TESTS=ON -DTURBOQUANT_WERROR=ON -DTURBOQUANT_SANITIZE=thread >/dev/null
+    -DTURBOQUANT_TESTS=ON -DTURBOQUANT_WERROR=ON -DTURBOQUANT_SANITIZE=thread \
+    -DTURBOQUANT_TEST_FILES="test_reliability.cpp;test_thread_pool.cpp;test_attention_split.cpp" >/dev/null
   cmake --build build/tsan -j "$JOBS"
-  log "concurrency tests under TSan"
+  log "concurrency, thread-pool and split-K tests under TSan"
   TSAN_OPTIONS=halt_on_error=1:second_deadlock_stack=1 build/tsan/turboquant_tests \
-    --gtest_filter='ReliabilityCpp.Concurrent*:ReliabilityCpp.Mutation*:ReliabilityCpp.WriterAndReaders*'
+    --gtest_filter='ReliabilityCpp.Concurrent*:ReliabilityCpp.Mutation*:ReliabilityCpp.WriterAndReaders*:ThreadPool.*:SplitDecode.*'
 
   # (No -Werror here: GCC 12 reports a false -Wmaybe-uninitialized inside pybind11's
   # argument loader when instrumenting with ASan; the other builds keep warnings as errors.)
