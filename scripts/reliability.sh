@@ -10,7 +10,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 JOBS=${JOBS:-${TQ_JOBS:-$(nproc)}}
 PY=${PYTHON:-python3}
-log() { printf '\n==> %s\n' "$*"; }
+# Every step's line carries the time since the suite started (TQ_T0, set by test.sh).
+export TQ_T0=${TQ_T0:-$(date +%s)}
+log() { local t=$(($(date +%s) - TQ_T0)); printf '\n==> [%d:%02d] %s\n' $((t / 60)) $((t % 60)) "$*"; }
 
 # --- 5. fuzzing ------------------------------------------------------------------------
 if [ "${TQ_SKIP_FUZZ:-0}" != "1" ]; then

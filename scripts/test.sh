@@ -20,7 +20,9 @@ ROOT=$(pwd)
 JOBS=${TQ_JOBS:-$(nproc)}
 PY=${PYTHON:-python3}
 
-log() { printf '\n==> %s\n' "$*"; }
+# Every step's line carries the time since the suite started (TQ_T0, set by test.sh).
+export TQ_T0=${TQ_T0:-$(date +%s)}
+log() { local t=$(($(date +%s) - TQ_T0)); printf '\n==> [%d:%02d] %s\n' $((t / 60)) $((t % 60)) "$*"; }
 
 # --- 1. dependencies -------------------------------------------------------------------
 APT_PACKAGES=(g++ clang libclang-rt-14-dev libgtest-dev libgmock-dev libbenchmark-dev libeigen3-dev ninja-build
@@ -76,3 +78,4 @@ LD_PRELOAD="$preload${LD_PRELOAD:+:$LD_PRELOAD}" $PY -m pytest -q -ra ${TQ_PYTES
 
 # --- 5-6. fuzzing, TSan, LSan (scripts/reliability.sh) -------------------------------
 PYTHON="$PY" JOBS="$JOBS" scripts/reliability.sh
+log "every step passed"
