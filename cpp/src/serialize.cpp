@@ -469,6 +469,8 @@ std::unique_ptr<KVCache> deserialize_cache(const uint8_t* data, size_t size) {
     return cache;
   } catch (const InvalidArgument& e) {
     throw FormatError(std::string("invalid cache file: ") + e.what());
+  } catch (const NotSupported& e) {  // e.g. decay of a method that cannot decay: never written
+    throw FormatError(std::string("invalid cache file: ") + e.what());
   }
 }
 

@@ -328,6 +328,20 @@ def test_cache_file_bit_flips_are_refused():
                 _core.KVCache.from_bytes(bytes(b))
 
 
+def test_fuzzer_findings_are_format_errors():
+    """Inputs libFuzzer found (tests/fuzz/corpus/fuzz_cache_load/regression_*), well-formed
+    files (valid CRCs) that describe a configuration the library refuses: a FormatError,
+    never another exception type (the fuzz target treats anything else as a crash)."""
+    corpus = os.path.join(os.path.dirname(__file__), "..", "fuzz", "corpus", "fuzz_cache_load")
+    found = sorted(f for f in os.listdir(corpus) if f.startswith("regression_"))
+    assert found, corpus
+    for name in found:
+        with open(os.path.join(corpus, name), "rb") as f:
+            data = f.read()
+        with pytest.raises(tq.FormatError, match="invalid cache file"):
+            _core.KVCache.from_bytes(data)
+
+
 def test_cache_file_wrong_magic_future_version_and_trailing_bytes(tmp_path):
     _, data = saved_bytes()
     with pytest.raises(tq.FormatError, match="bad magic"):
