@@ -3,7 +3,8 @@
     PYTHONPATH=python python tests/fuzz/make_corpus.py
 
 Small valid inputs (a few hundred bytes to a few KB) so that mutations start from real
-structure: saved caches of several shapes, and rotation parameter blobs.
+structure: saved caches of several shapes, and rotation parameter blobs. Files named
+regression_* are inputs the fuzzers found (kept by hand; this script leaves them alone).
 """
 
 from __future__ import annotations
@@ -32,6 +33,12 @@ def caches():
         "split_a8_d16": dict(head_dim=16, n_outlier_channels=4, block_tokens=2, _tokens=3),
         "split_a16_keys_d16": dict(head_dim=16, n_outlier_channels=4, outlier_roles="keys",
                                    split_angle_bits=16, block_tokens=2, _tokens=3),
+        # per-KV-head widths (v5), and per layer and KV head (v6)
+        "head_bits_v5": dict(head_dim=16, n_q_heads=2, n_kv_heads=2, key_head_bits=[2, 4],
+                             value_head_bits=[3, 1], block_tokens=2, _tokens=3),
+        "per_layer_head_bits_v6": dict(head_dim=16, n_layers=2, n_q_heads=2, n_kv_heads=1,
+                                       key_head_bits=[2, 4], value_head_bits=[3], block_tokens=2,
+                                       _tokens=3),
     }
     for name, cfg in configs.items():
         cfg = dict(cfg)
