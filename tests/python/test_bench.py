@@ -25,6 +25,8 @@ def test_bench_cli_prints_every_method_and_ratios():
     except ImportError:
         pass
     assert "M vectors/s" in out and "single query" in out
+    per_head = next(ln for ln in out.splitlines() if "per KV head (the step over 2 KV heads" in ln)
+    assert "2b " in per_head and "3b " in per_head and per_head.rstrip().endswith(" us")
 
 
 def test_compare_script_is_the_same_command():

@@ -180,6 +180,11 @@ def run(args: argparse.Namespace) -> int:
             gbs = nbytes / t / 1e9
             print(f"  {name:<16}{t * 1e3:>10.3f}{vs_np:>9.2f}x{vs_mlx}{nbytes / 2**20:>10.1f}"
                   f"{gbs:>8.1f}{100 * nbytes / t / bw:>5.0f}%{err:>9.4f}")
+        # One decode step of the whole layer, per KV head (the single-query latency goal).
+        per_head = [f"{name[len('turboquant-'):]} {t / hkv * 1e6:.1f} us" for name, t, _, _ in rows
+                    if name.startswith("turboquant-")]
+        print(f"  per KV head (the step over {hkv} KV heads, {tq.get_num_threads()} threads): "
+              + ", ".join(per_head))
         del k, v
 
     # Single query over 1K tokens, one KV head, one thread: the per-head decode latency.
