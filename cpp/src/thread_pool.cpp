@@ -134,8 +134,7 @@ class Pool {
 #ifdef TQ_HAVE_GETPID
     pid_ = getpid();
 #endif
-    stopping_ = false;
-    stopping_flag_.store(false);
+    stopping_.store(false);
     // A worker starts from the generation current now, so a job posted before it first
     // locks the mutex is not missed.
     uint64_t g;
@@ -148,8 +147,7 @@ class Pool {
   void stop() {
     {
       std::lock_guard<std::mutex> lock(mutex_);
-      stopping_ = true;
-      stopping_flag_.store(true);
+      stopping_.store(true);
       generation_.fetch_add(1);  // spinning workers see it at once
     }
     wake_.notify_all();
@@ -187,11 +185,9 @@ class Pool {
       // spinning; past kSpin the worker sleeps until the next job is posted.
       if (!spin_until([&] { return generation_.load(std::memory_order_acquire) != seen; })) {
         std::unique_lock<std::mutex> lock(mutex_);
-        wake_.wait(lock, [&] { return stopping_ || generation_.load() != seen; });
-        if (stopping_) return;
-      } else if (stopping_flag_.load(std::memory_order_acquire)) {
-        return;
+        wake_.wait(lock, [&] { return stopping_.load() || generation_.load() != seen; });
       }
+      if (stopping_.load()) return;
       seen = generation_.load(std::memory_order_acquire);
       if (!take_seat()) continue;
       active_.fetch_add(1);
@@ -208,8 +204,7 @@ class Pool {
   std::condition_variable wake_, done_;
   std::vector<std::thread> workers_;
   int threads_ = 1;
-  bool stopping_ = false;                     // under mutex_
-  std::atomic<bool> stopping_flag_{false};   // the same, for spinning workers
+  std::atomic<bool> stopping_{false};        // set under mutex_; also read while spinning
   std::atomic<uint64_t> generation_{0};      // bumped under mutex_ per job; read while spinning
   // The open job: written by its caller before open_ is set, read by workers that joined it.
   const std::function<void(size_t, size_t)>* fn_ = nullptr;
