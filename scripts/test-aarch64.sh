@@ -18,9 +18,7 @@ JOBS=${TQ_JOBS:-$(nproc)}
 BUILD=${TQ_AARCH64_BUILD:-build/aarch64}
 SYSROOT=/usr/aarch64-linux-gnu
 
-# Every step's line carries the time since the suite started (TQ_T0, set by test.sh).
-export TQ_T0=${TQ_T0:-$(date +%s)}
-log() { local t=$(($(date +%s) - TQ_T0)); printf '\n==> [%d:%02d] %s\n' $((t / 60)) $((t % 60)) "$*"; }
+source scripts/common.sh  # log, SAN_OPT
 
 # System packages: the cross compiler, qemu-user, GoogleTest's sources (libgtest-dev).
 APT_PACKAGES=(g++-aarch64-linux-gnu qemu-user libgtest-dev libeigen3-dev ninja-build)

@@ -21,12 +21,7 @@ ROOT=$(pwd)
 JOBS=${TQ_JOBS:-$(nproc)}
 PY=${PYTHON:-python3}
 
-# Every step's line carries the time since the suite started (TQ_T0, set by test.sh).
-export TQ_T0=${TQ_T0:-$(date +%s)}
-log() { local t=$(($(date +%s) - TQ_T0)); printf '\n==> [%d:%02d] %s\n' $((t / 60)) $((t % 60)) "$*"; }
-# Sanitizer builds: -O1 (what the sanitizers' docs recommend) and line tables only, which
-# compile in about 60% of RelWithDebInfo's -O2 -g time; reports still name file and line.
-SAN_OPT=${TQ_SAN_OPT:--O1 -g1}
+source scripts/common.sh  # log, SAN_OPT
 
 # --- 1. dependencies -------------------------------------------------------------------
 APT_PACKAGES=(g++ clang libclang-rt-14-dev libgtest-dev libgmock-dev libbenchmark-dev libeigen3-dev ninja-build
