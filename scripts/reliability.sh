@@ -33,6 +33,10 @@ if [ "${TQ_SKIP_FUZZ:-0}" != "1" ]; then
     echo "fuzz $t: $runs executions, no finding"
   done
   log "atheris on the Python entry points"
+  # atheris is a fuzzing tool, not a dependency of the package: installed here, on first use.
+  $PY -c "import atheris" 2>/dev/null || $PY -m pip install -q "atheris>=2.3" 2>&1 \
+    | grep -v -E "^WARNING: (Running pip as|Location)" || true
+  $PY -c "import atheris" || { echo "atheris failed to install (pip install atheris)" >&2; exit 1; }
   timeout $((FUZZ_SECONDS + 120)) $PY tests/fuzz/atheris_entry_points.py -runs="${TQ_ATHERIS_RUNS:-20000}" \
     -max_total_time="$FUZZ_SECONDS" >build/fuzz/atheris.log 2>&1 \
     || { tail -50 build/fuzz/atheris.log; echo "atheris found a problem" >&2; exit 1; }
