@@ -89,7 +89,8 @@ The T_q queries are the last T_q positions of the layer: query i sees keys
                        size_t fp16_window, const std::vector<int>& fp16_layers, const std::string& outlier_roles,
                        bool norm_correction, size_t fp16_sinks, size_t decay_after, int decay_bits,
                        size_t max_coded_tokens, int split_angle_bits, const std::vector<int>& key_head_bits,
-                       const std::vector<int>& value_head_bits, const std::vector<int>& outlier_head_bits) {
+                       const std::vector<int>& value_head_bits, const std::vector<int>& outlier_head_bits,
+                       size_t mixed_group_blocks, size_t mixed_keep_blocks) {
              KVCacheConfig c;
              c.head_dim = head_dim;
              c.n_layers = n_layers;
@@ -119,6 +120,8 @@ The T_q queries are the last T_q positions of the layer: query i sees keys
              c.key_head_bits = key_head_bits;
              c.value_head_bits = value_head_bits;
              c.outlier_head_bits = outlier_head_bits;
+             c.mixed_group_blocks = mixed_group_blocks;
+             c.mixed_keep_blocks = mixed_keep_blocks;
              py::gil_scoped_release release;
              return std::make_unique<KVCache>(c);
            }),
@@ -132,7 +135,8 @@ The T_q queries are the last T_q positions of the layer: query i sees keys
            py::arg("norm_correction") = false, py::arg("fp16_sinks") = 0,
            py::arg("decay_after") = 0, py::arg("decay_bits") = 0, py::arg("max_coded_tokens") = 0,
            py::arg("split_angle_bits") = 8, py::arg("key_head_bits") = std::vector<int>{},
-           py::arg("value_head_bits") = std::vector<int>{}, py::arg("outlier_head_bits") = std::vector<int>{})
+           py::arg("value_head_bits") = std::vector<int>{}, py::arg("outlier_head_bits") = std::vector<int>{},
+           py::arg("mixed_group_blocks") = 0, py::arg("mixed_keep_blocks") = 0)
       .def("append", [](KVCache& kv, const py::handle& keys, const py::handle& values, int layer) {
         const auto d = static_cast<size_t>(kv.head_dim());
         const FloatRows k = float_rows(keys, d, "keys", false, 2);
@@ -311,6 +315,8 @@ The T_q queries are the last T_q positions of the layer: query i sees keys
       .def_property_readonly("fp16_sinks", [](const KVCache& kv) { return kv.config().fp16_sinks; })
       .def_property_readonly("decay_after", [](const KVCache& kv) { return kv.config().decay_after; })
       .def_property_readonly("decay_bits", [](const KVCache& kv) { return kv.config().decay_bits; })
+      .def_property_readonly("mixed_group_blocks", [](const KVCache& kv) { return kv.config().mixed_group_blocks; })
+      .def_property_readonly("mixed_keep_blocks", [](const KVCache& kv) { return kv.config().mixed_keep_blocks; })
       .def_property_readonly("max_coded_tokens", [](const KVCache& kv) { return kv.config().max_coded_tokens; })
       .def("evicted_tokens", &KVCache::evicted_tokens, py::arg("layer") = 0,
            "tokens of a layer dropped by eviction (max_coded_tokens) since it was empty")
@@ -322,6 +328,25 @@ The T_q queries are the last T_q positions of the layer: query i sees keys
         return kv.decayed_blocks(layer, kv_head, role_from(role));
       }, py::arg("layer") = 0, py::arg("kv_head") = 0, py::arg("role") = "key",
       "number of code blocks of one stream re-quantized to decay_bits")
+      .def("mixed_positions", [](const KVCache& kv, int layer, int kv_head) {
+        std::vector<size_t> p;
+        {
+          py::gil_scoped_release release;
+          p = kv.mixed_positions(layer, kv_head);
+        }
+        py::array_t<int64_t> out(static_cast<py::ssize_t>(p.size()));
+        std::copy(p.begin(), p.end(), out.mutable_data());
+        return out;
+      }, py::arg("layer"), py::arg("kv_head"),
+      "Position of every code index of one (layer, KV head): codes are stored by position, or with mixed\n"
+      "precision by flush group, the group's kept tokens apart from the others.")
+      .def("window_importance", [](const KVCache& kv, int layer, int kv_head) {
+        const auto v = kv.window_importance(layer, kv_head);
+        py::array_t<float> out(static_cast<py::ssize_t>(v.size()));
+        std::copy(v.begin(), v.end(), out.mutable_data());
+        return out;
+      }, py::arg("layer"), py::arg("kv_head"),
+      "Mixed precision: the largest softmax weight each fp16 window token of one KV head got so far.")
       .def("coded_tokens", &KVCache::coded_tokens, py::arg("layer") = 0,
            "tokens of a layer held as codes (the rest are in the fp16 window)")
       .def("window_tokens", &KVCache::window_tokens, py::arg("layer") = 0,

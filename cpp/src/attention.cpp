@@ -136,12 +136,34 @@ void attend_pages(const HeadCodes& keys, const HeadCodes& values, size_t n_token
 
   const size_t t_begin = std::max(mask.lo[0], page_begin * bt);
   const size_t t_end = std::min(mask.hi[m - 1] + 1, page_end * bt);
+  if (t_begin >= t_end) return;
+  // Pages in reading order. When every row sees every token of [t_begin, t_end) (decode over
+  // the codes), the softmax does not depend on the order, so pages of mixed widths (temporal
+  // decay, mixed precision) are read width by width: full-width pages, then decay_bits ones,
+  // each class in long runs instead of runs broken at every change of width.
+  const auto page_tokens = [&](size_t b) { return std::min(bt, n_tokens - b * bt); };
+  std::vector<size_t>& order = sc.page_order;
+  order.clear();
+  for (size_t b = t_begin / bt; b * bt < t_end; ++b) order.push_back(b);
+  bool reorder = !gemm && (keys.decayed || values.decayed) && t_begin % bt == 0;
+  for (size_t r = 0; reorder && r < m; ++r) reorder = mask.lo[r] <= t_begin && mask.hi[r] + 1 >= t_end;
+  if (reorder)
+    std::stable_partition(order.begin(), order.end(), [&](size_t b) {
+      return !(keys.decayed && keys.pages->is_decayed(b)) && !(values.decayed && values.pages->is_decayed(b));
+    });
   size_t r0 = 0, r1 = 0;  // rows active on the current run of pages
-  for (size_t b = t_begin / bt, np = 1; b * bt < t_end; b += np) {
-    np = 1;
-    while (np < run_pages && (b + np) * bt < t_end && same_quantizers(b, b + np)) ++np;
-    const size_t tb0 = b * bt;
-    const size_t nb = std::min(np * bt, n_tokens - tb0);
+  for (size_t i = 0, np = 1; i < order.size(); i += np) {
+    const size_t b = order[i];
+    np = 1;  // a run: pages adjacent in `order` (in position too unless reordered), one width,
+             // every page but the last full
+    while (np < run_pages && i + np < order.size() && (reorder || order[i + np] == b + np) &&
+           same_quantizers(b, order[i + np]) && page_tokens(order[i + np - 1]) == bt)
+      ++np;
+    // Reordered runs are placed at t_begin: every row sees all of them, so the mask (all
+    // that tb0 is used for) passes them whole.
+    const size_t tb0 = reorder ? t_begin : b * bt;
+    size_t nb = 0;
+    for (size_t j = 0; j < np; ++j) nb += page_tokens(order[i + j]);
     while (r0 < m && mask.hi[r0] < tb0) ++r0;          // rows that end before this page
     while (r1 < m && mask.lo[r1] < tb0 + nb) ++r1;     // rows that start before its end
     if (r0 >= r1) continue;
@@ -160,11 +182,11 @@ void attend_pages(const HeadCodes& keys, const HeadCodes& values, size_t n_token
       sc.run_vcodes.resize(nb * vcb);
       sc.run_vnorms.resize(nb * vnb);
       for (size_t j = 0; j < np; ++j) {
-        const size_t tj = std::min(bt, nb - j * bt);
-        std::memcpy(sc.run_kcodes.data() + j * bt * kcb, keys.pages->code_blocks[b + j].get(), tj * kcb);
-        std::memcpy(sc.run_vcodes.data() + j * bt * vcb, values.pages->code_blocks[b + j].get(), tj * vcb);
-        std::memcpy(sc.run_vnorms.data() + j * bt * vnb, values.pages->norm_blocks[b + j].get(), tj * vnb);
-        kq.load_norms(keys.pages->norm_blocks[b + j].get(), tj, sc.norms.data() + j * bt);
+        const size_t pj = order[i + j], tj = page_tokens(pj);
+        std::memcpy(sc.run_kcodes.data() + j * bt * kcb, keys.pages->code_blocks[pj].get(), tj * kcb);
+        std::memcpy(sc.run_vcodes.data() + j * bt * vcb, values.pages->code_blocks[pj].get(), tj * vcb);
+        std::memcpy(sc.run_vnorms.data() + j * bt * vnb, values.pages->norm_blocks[pj].get(), tj * vnb);
+        kq.load_norms(keys.pages->norm_blocks[pj].get(), tj, sc.norms.data() + j * bt);
       }
       kcodes = sc.run_kcodes.data();
       vcodes = sc.run_vcodes.data();

@@ -1,6 +1,7 @@
 #include "turboquant/kv_cache.h"
 
 #include <algorithm>
+#include <bit>
 #include <cmath>
 #include <cstring>
 #include <limits>
@@ -77,7 +78,23 @@ void KVCacheConfig::validate() const {
   TQ_CHECK(max_coded_tokens == 0 || (max_coded_tokens >= block_tokens && max_coded_tokens <= (size_t{1} << 40)),
            InvalidArgument, "max_coded_tokens must be 0 (off) or in [block_tokens = ", block_tokens,
            ", 2^40], got ", max_coded_tokens);
-  if (decay_after == 0) {
+  if (mixed()) {
+    TQ_CHECK(mixed_keep_blocks >= 1 && mixed_keep_blocks < mixed_group_blocks, InvalidArgument,
+             "mixed_keep_blocks must be in [1, mixed_group_blocks - 1 = ", mixed_group_blocks - 1, "], got ",
+             mixed_keep_blocks);
+    TQ_CHECK(mixed_group_blocks <= 4096 && mixed_group_tokens() <= 4096, InvalidArgument,
+             "a mixed-precision flush group (mixed_group_blocks × block_tokens) must hold at most 4096 tokens, got ",
+             mixed_group_blocks, " × ", block_tokens);
+    TQ_CHECK(fp16_window > 0, InvalidArgument,
+             "mixed precision (mixed_group_blocks) needs an fp16 window (fp16_window > 0): token importance is "
+             "measured while tokens are fp16");
+    TQ_CHECK(decay_after == 0 && max_coded_tokens == 0, NotSupported,
+             "mixed precision does not combine with temporal decay (decay_after) or eviction (max_coded_tokens)");
+  } else {
+    TQ_CHECK(mixed_keep_blocks == 0, InvalidArgument, "mixed_keep_blocks (", mixed_keep_blocks,
+             ") is set but mixed_group_blocks is 0 (mixed precision off)");
+  }
+  if (!low_blocks()) {
     TQ_CHECK(decay_bits == 0, InvalidArgument, "decay_bits (", decay_bits,
              ") is set but decay_after is 0 (temporal decay off); set decay_after > 0 or decay_bits = 0");
   } else {
@@ -97,8 +114,11 @@ void KVCacheConfig::validate() const {
              " with an outlier split counted as its nominal bits rounded down",
              per_head_bits() ? ", the least over the per-head widths" : "", "), got ", decay_bits);
     for (const std::string* m : {&key_method, &value_method})
-      TQ_CHECK(*m == "turboquant_mse", NotSupported, "temporal decay (decay_after) needs turboquant_mse keys ",
-               "and values (re-quantization by a code->code table); got method '", *m, "'");
+      TQ_CHECK(*m == "turboquant_mse", NotSupported,
+               mixed() ? "mixed precision (mixed_group_blocks) needs turboquant_mse keys and values; got method '"
+                       : "temporal decay (decay_after) needs turboquant_mse keys and values (re-quantization "
+                         "by a code->code table); got method '",
+               *m, "'");
   }
 }
 
@@ -141,7 +161,11 @@ KVCache::KVCache(const KVCacheConfig& config) : config_(config) {
     windows_.resize(streams);
   }
   if (config_.fp16_sinks > 0) sinks_.resize(streams);
-  if (config_.decays()) init_decay();
+  if (config_.low_blocks()) init_decay();
+  if (config_.mixed()) {
+    mixed_masks_.resize(static_cast<size_t>(config_.n_layers) * static_cast<size_t>(config_.n_kv_heads));
+    importance_.resize(mixed_masks_.size());
+  }
   evicted_.assign(static_cast<size_t>(config_.n_layers), 0);
 }
 
@@ -175,17 +199,15 @@ void KVCache::set_rotation(int layer, int kv_head, KVRole role, std::unique_ptr<
   TQ_CHECK(sizes_[static_cast<size_t>(layer)] == 0, InvalidArgument,
            "set_rotation needs an empty layer (layer ", layer, " holds ",
            sizes_[static_cast<size_t>(layer)], " tokens)");
-  if (config_.decays() && rotation) {
-    decay_quantizers_[index(layer, kv_head, role)]->set_rotation(
-        Rotation::from_parameters(rotation->kind(), rotation->dim(), rotation->parameters()));
-  }
-  quantizers_[index(layer, kv_head, role)]->set_rotation(std::move(rotation));
+  const size_t i = index(layer, kv_head, role);
+  quantizers_[i]->set_rotation(std::move(rotation));
+  if (config_.low_blocks()) decay_quantizers_[i]->share_rotation(*quantizers_[i]);
 }
 
 HeadCodes KVCache::head_codes(int layer, int kv_head, KVRole role) const {
   const size_t i = index(layer, kv_head, role);
   return HeadCodes{quantizers_[i].get(), &pages_[i], config_.block_tokens,
-                   config_.decays() ? decay_quantizers_[i].get() : nullptr};
+                   config_.low_blocks() ? decay_quantizers_[i].get() : nullptr};
 }
 
 const PagedCodes& KVCache::pages(int layer, int kv_head, KVRole role) const {
@@ -198,7 +220,7 @@ void KVCache::ensure_blocks(PagedCodes& p, const Quantizer& q, size_t tokens) {
   while (p.code_blocks.size() < need) {
     p.code_blocks.emplace_back(new uint8_t[bt * q.code_bytes()]);
     p.norm_blocks.emplace_back(new uint8_t[bt * q.norm_bytes()]);
-    if (config_.decays()) p.decayed.push_back(0);
+    if (config_.low_blocks()) p.decayed.push_back(0);
   }
 }
 
@@ -266,7 +288,8 @@ void KVCache::append(int layer, const float* keys, const float* values, size_t T
 
 void KVCache::append_encoded(int layer, size_t n, const std::vector<const uint8_t*>& codes,
                              const std::vector<const uint8_t*>& norms,
-                             const std::vector<const uint8_t*>* decayed) {
+                             const std::vector<const uint8_t*>* decayed,
+                             const std::vector<const uint64_t*>* masks) {
   const WriteScope guard(*this, "append_encoded");
   check_layer(layer);
   const size_t streams = static_cast<size_t>(config_.n_kv_heads) * 2;
@@ -285,8 +308,40 @@ void KVCache::append_encoded(int layer, size_t n, const std::vector<const uint8_
   const size_t bt = config_.block_tokens;
   const size_t c0 = old - std::min(old, sink_base(l));  // first code index written
   const size_t blocks = (c0 + n + bt - 1) / bt;
+  const size_t H = static_cast<size_t>(config_.n_kv_heads);
+  const size_t F = config_.mixed_group_tokens(), words = mixed_mask_words();
+  if (config_.mixed()) {
+    TQ_CHECK(masks != nullptr && decayed != nullptr, InvalidArgument,
+             "append_encoded on a mixed-precision cache needs the groups' masks and block flags");
+    TQ_CHECK(masks->size() == H, InvalidArgument, "append_encoded needs ", H, " mask streams (one per KV head)");
+    TQ_CHECK(c0 % F == 0 && n % F == 0, InvalidArgument, "append_encoded on a mixed-precision cache takes whole "
+             "flush groups of ", F, " tokens (layer at code ", c0, ", ", n, " tokens given)");
+    const size_t keep = config_.mixed_keep_blocks * bt;
+    for (size_t h = 0; h < H; ++h)
+      for (size_t g = 0; g < n / F; ++g) {
+        size_t bits = 0;
+        for (size_t w = 0; w < words; ++w) {
+          uint64_t word = (*masks)[h][g * words + w];
+          const size_t valid = std::min<size_t>(64, F - w * 64);
+          TQ_CHECK(valid == 64 || (word >> valid) == 0, InvalidArgument, "mask of group ", g, " of KV head ", h,
+                   " has bits beyond the group's ", F, " tokens");
+          bits += static_cast<size_t>(std::popcount(word));
+        }
+        TQ_CHECK(bits == keep, InvalidArgument, "mask of group ", g, " of KV head ", h, " keeps ", bits,
+                 " tokens (must be mixed_keep_blocks × block_tokens = ", keep, ")");
+        for (size_t j = 0; j < config_.mixed_group_blocks; ++j)
+          for (size_t role = 0; role < 2; ++role) {
+            const size_t b = (c0 + g * F) / bt + j;
+            TQ_CHECK((*decayed)[h * 2 + role][b - c0 / bt] == (mixed_low_block(c0 / F + g, j) ? 1 : 0),
+                     InvalidArgument, "block flag of block ", b, " of stream ", h * 2 + role,
+                     " does not match the mixed-precision layout");
+          }
+      }
+  } else {
+    TQ_CHECK(masks == nullptr, InvalidArgument, "mixed-precision masks given but this cache has no mixed precision");
+  }
   if (decayed) {
-    TQ_CHECK(config_.decays(), InvalidArgument, "block decay flags given but this cache has no decay");
+    TQ_CHECK(config_.low_blocks(), InvalidArgument, "block decay flags given but this cache has no decay");
     TQ_CHECK(decayed->size() == streams, InvalidArgument, "append_encoded needs ", streams, " decay flag streams");
     TQ_CHECK(c0 % bt == 0, InvalidArgument, "append_encoded with decay flags needs a block-aligned layer");
     for (size_t s = 0; s < streams; ++s)
@@ -323,6 +378,9 @@ void KVCache::append_encoded(int layer, size_t n, const std::vector<const uint8_
     for (size_t s = 0; s < streams; ++s) release_blocks(pages_[l * streams + s], c0);
     throw;
   }
+  if (config_.mixed())
+    for (size_t h = 0; h < H; ++h)
+      mixed_masks_[l * H + h].insert(mixed_masks_[l * H + h].end(), (*masks)[h], (*masks)[h] + n / F * words);
   sizes_[l] = old + n;
   if (config_.windowed()) coded_[l] = old + n;
 }
@@ -377,9 +435,21 @@ size_t KVCache::size(int layer) const {
   return sizes_[static_cast<size_t>(layer)];
 }
 
+// Mixed precision: a layer cut back to new_size tokens must keep whole flush groups of codes
+// (they are stored by importance, not position). Checked for every layer before any change.
+void KVCache::check_mixed_cut(size_t l, size_t new_size) const {
+  if (!config_.mixed() || new_size >= coded_[l] || new_size <= sink_base(l)) return;
+  const size_t F = config_.mixed_group_tokens();
+  TQ_CHECK((new_size - sink_base(l)) % F == 0, NotSupported, "cutting layer ", l, " to ", new_size,
+           " tokens splits a mixed-precision flush group of ", F, " coded tokens (stored by importance, not "
+           "position); cut to a length of ", sink_base(l), " + a multiple of ", F, ", or into the fp16 window (",
+           coded_[l], " tokens and more)");
+}
+
 size_t KVCache::trim(size_t n) {
   const WriteScope guard(*this, "trim");
   const size_t removed = std::min(n, sizes_[0]);
+  for (size_t l = 0; l < sizes_.size(); ++l) check_mixed_cut(l, sizes_[l] - std::min(n, sizes_[l]));
   if (config_.windowed()) {
     for (size_t l = 0; l < sizes_.size(); ++l) shrink_layer(l, sizes_[l] - std::min(n, sizes_[l]));
     return removed;
@@ -397,6 +467,7 @@ size_t KVCache::trim(size_t n) {
 
 void KVCache::truncate(size_t length) {
   const WriteScope guard(*this, "truncate");
+  for (size_t l = 0; l < sizes_.size(); ++l) check_mixed_cut(l, std::min(length, sizes_[l]));
   if (config_.windowed()) {
     for (size_t l = 0; l < sizes_.size(); ++l) shrink_layer(l, length);
     return;
@@ -418,9 +489,8 @@ size_t KVCache::memory_bytes() const {
     const Quantizer& q = *quantizers_[i];
     total += q.state_bytes();
     const PagedCodes& p = pages_[i];
-    if (config_.decays()) {
-      const Quantizer& dq = *decay_quantizers_[i];
-      total += dq.state_bytes();
+    if (config_.low_blocks()) {
+      const Quantizer& dq = *decay_quantizers_[i];  // shares the stream's rotation
       for (size_t b = 0; b < p.code_blocks.size(); ++b)
         total += config_.block_tokens * (p.is_decayed(b) ? dq.code_bytes() : q.code_bytes());
     } else {
@@ -430,6 +500,10 @@ size_t KVCache::memory_bytes() const {
     if (config_.windowed()) total += windows_[i].capacity() * sizeof(uint16_t);
     if (!sinks_.empty()) total += sinks_[i].capacity() * sizeof(uint16_t);
   }
+  // Mixed precision: the groups' masks (1 bit per token and KV head) and the window's
+  // importance floats are data too.
+  for (const auto& v : mixed_masks_) total += v.capacity() * sizeof(uint64_t);
+  for (const auto& v : importance_) total += v.capacity() * sizeof(float);
   return total;
 }
 
@@ -459,6 +533,16 @@ void KVCache::attend(int layer, const float* queries, size_t T_q, float* out,
   }
   TQ_CHECK(options.sparse_v_threshold >= 0.0f && options.sparse_v_threshold < 1.0f, InvalidArgument,
            "sparse_v_threshold must be in [0, 1), got ", options.sparse_v_threshold);
+  if (config_.mixed()) {
+    // Coded tokens are stored by importance, not position: no query may see part of them.
+    TQ_CHECK(!options.window || *options.window >= n, NotSupported, "a sliding window (", *options.window,
+             ") over a mixed-precision cache (its codes are not in position order); use mixed precision on "
+             "full-attention layers");
+    const size_t c = coded_[static_cast<size_t>(layer)];
+    TQ_CHECK(!options.causal || c <= sink_base(static_cast<size_t>(layer)) || n - T_q + 1 >= c, NotSupported, "causal queries at positions from ", n - T_q,
+             " see only part of the ", c, " coded tokens of layer ", layer,
+             " (mixed precision stores them by importance); attend after each append with its queries");
+  }
   if (config_.windowed()) return attend_windowed(layer, queries, T_q, out, options);
   const auto G = static_cast<size_t>(config_.group_size());
   const size_t m = G * T_q;

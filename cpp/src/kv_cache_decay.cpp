@@ -82,6 +82,7 @@ void KVCache::init_decay() {
       c.bits = config_.decay_bits;
     }
     decay_quantizers_.push_back(make_quantizer(c));
+    decay_quantizers_.back()->share_rotation(*q);  // one rotation per stream in memory
   }
   // One plan per stream of a layer (2*kv_head + role): the widths differ between heads with
   // per-head bits, and are the same in every layer.
@@ -278,6 +279,8 @@ size_t KVCache::token_bytes(int layer) const {
     for (size_t b = 0; b * bt < codes; ++b)
       total += std::min(bt, codes - b * bt) * stream_block_quantizer(i, b).bytes_per_vector();
   }
+  if (config_.mixed())  // the groups' masks
+    for (size_t h = 0; h < streams / 2; ++h) total += mixed_masks_[l * streams / 2 + h].size() * sizeof(uint64_t);
   return total;
 }
 
@@ -305,6 +308,12 @@ void KVCache::decode_tokens(int layer, int kv_head, KVRole role, size_t start, s
       const auto& s = sinks_[i];
       for (size_t j = 0; j < c * d; ++j) o[j] = half_to_float(s[t * d + j]);
       t += c;
+    } else if (t < coded && config_.mixed()) {  // codes stored by importance: one at a time
+      const size_t j = mixed_code_index(static_cast<size_t>(layer), static_cast<size_t>(kv_head), t - ns);
+      const Quantizer& q = stream_block_quantizer(i, j / bt);
+      q.decode(pages_[i].code_blocks[j / bt].get() + (j % bt) * q.code_bytes(),
+               pages_[i].norm_blocks[j / bt].get() + (j % bt) * q.norm_bytes(), 1, o);
+      t += 1;
     } else if (t < coded) {
       const size_t j0 = t - ns, b = j0 / bt, off = j0 % bt;
       const size_t c = std::min({start + n, coded, ns + (b + 1) * bt}) - t;

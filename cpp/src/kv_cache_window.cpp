@@ -2,6 +2,7 @@
 // [coded, size) of a layer are kept as fp16 rows next to the codes of [0, coded), flushed
 // into codes block by block, and attention merges both parts under one softmax.
 #include <algorithm>
+#include <bit>
 #include <cmath>
 #include <cstring>
 #include <limits>
@@ -40,23 +41,140 @@ void KVCache::encode_at(size_t i, size_t pos, const float* x, size_t n) {
   for (size_t t = 0; t < n;) {
     const size_t b = (pos + t) / bt, off = (pos + t) % bt;
     const size_t c = std::min(n - t, bt - off);
-    const Quantizer& q = config_.decays() ? stream_block_quantizer(i, b) : *quantizers_[i];
+    const Quantizer& q = config_.low_blocks() ? stream_block_quantizer(i, b) : *quantizers_[i];
     q.encode(x + t * d, c, p.code_blocks[b].get() + off * q.code_bytes(),
              p.norm_blocks[b].get() + off * q.norm_bytes());
     t += c;
   }
 }
 
-// While the window holds more than fp16_window + block_tokens tokens, quantizes its oldest
-// block_tokens tokens into codes. All streams are encoded before any window row is dropped.
-void KVCache::flush_window(int layer) {
+bool KVCache::mixed_low_block(size_t group, size_t j) const {
+  const size_t R = config_.mixed_group_blocks, K = config_.mixed_keep_blocks;
+  return group % 2 == 0 ? j >= K : j < R - K;
+}
+
+size_t KVCache::mixed_code_index(size_t l, size_t h, size_t p) const {
+  const size_t F = config_.mixed_group_tokens(), words = mixed_mask_words();
+  const size_t g = p / F, o = p % F;
+  const uint64_t* m = mixed_masks_[l * static_cast<size_t>(config_.n_kv_heads) + h].data() + g * words;
+  size_t below = 0;  // kept tokens before offset o
+  for (size_t w = 0; w < o / 64; ++w) below += static_cast<size_t>(std::popcount(m[w]));
+  if (o % 64) below += static_cast<size_t>(std::popcount(m[o / 64] & ((uint64_t{1} << (o % 64)) - 1)));
+  const bool kept = (m[o / 64] >> (o % 64)) & 1u;
+  const size_t K = config_.mixed_keep_blocks * config_.block_tokens, L = F - K;
+  const size_t rank = kept ? below : o - below;
+  const bool kept_first = g % 2 == 0;
+  return g * F + (kept ? (kept_first ? 0 : L) : (kept_first ? K : 0)) + rank;
+}
+
+const std::vector<uint64_t>& KVCache::mixed_masks(int layer, int kv_head) const {
+  (void)key_quantizer(layer, kv_head);  // range checks
+  static const std::vector<uint64_t> kEmpty;
+  return config_.mixed() ? mixed_masks_[static_cast<size_t>(layer) * static_cast<size_t>(config_.n_kv_heads) +
+                                        static_cast<size_t>(kv_head)]
+                         : kEmpty;
+}
+
+std::vector<size_t> KVCache::mixed_positions(int layer, int kv_head) const {
+  (void)key_quantizer(layer, kv_head);
+  const size_t n = code_tokens(layer), ns = sink_tokens(layer);
+  std::vector<size_t> pos(n);
+  for (size_t p = 0; p < n; ++p)
+    pos[config_.mixed() ? mixed_code_index(static_cast<size_t>(layer), static_cast<size_t>(kv_head), p) : p] = ns + p;
+  return pos;
+}
+
+std::vector<float> KVCache::window_importance(int layer, int kv_head) const {
+  (void)key_quantizer(layer, kv_head);
+  if (!config_.mixed()) return {};
+  const std::lock_guard<std::mutex> lock(importance_mutex_);
+  return importance_[static_cast<size_t>(layer) * static_cast<size_t>(config_.n_kv_heads) +
+                     static_cast<size_t>(kv_head)];
+}
+
+// Raises the importance of window tokens [first, first + n) of one KV head to at least w[i].
+void KVCache::note_importance(size_t l, size_t h, const float* w, size_t first, size_t n) const {
+  const std::lock_guard<std::mutex> lock(importance_mutex_);
+  auto& imp = importance_[l * static_cast<size_t>(config_.n_kv_heads) + h];
+  for (size_t i = 0; i < n && first + i < imp.size(); ++i) imp[first + i] = std::max(imp[first + i], w[i]);
+}
+
+// Mixed precision: encodes the window's oldest group of F = mixed_group_tokens() tokens. Per
+// KV head, the K = mixed_keep_blocks × block_tokens most important tokens (ties: the older)
+// keep the stream's bits, the rest go to decay_bits blocks; see mixed_low_block for the
+// order. Every stream is encoded before any window row is dropped.
+void KVCache::flush_group(size_t l) {
+  const size_t bt = config_.block_tokens, F = config_.mixed_group_tokens();
+  const size_t R = config_.mixed_group_blocks, K = config_.mixed_keep_blocks * bt;
+  const auto d = static_cast<size_t>(config_.head_dim);
+  const size_t H = static_cast<size_t>(config_.n_kv_heads), streams = H * 2;
+  const size_t words = mixed_mask_words();
+  const size_t c = coded_[l] - sink_base(l), g = c / F;
+  std::vector<float> x(F * d);
+  std::vector<size_t> order(F), rows(F);
+  std::vector<std::vector<uint64_t>> masks(H, std::vector<uint64_t>(words, 0));
+  try {
+    for (size_t h = 0; h < H; ++h) {
+      const auto& imp = importance_[l * H + h];
+      for (size_t o = 0; o < F; ++o) order[o] = o;
+      std::stable_sort(order.begin(), order.end(), [&](size_t a, size_t b) { return imp[a] > imp[b]; });
+      for (size_t k = 0; k < K; ++k) masks[h][order[k] / 64] |= uint64_t{1} << (order[k] % 64);
+      // Code slot -> window row: kept tokens (position order) then the others, or the
+      // others first in odd groups.
+      size_t kept_at = g % 2 == 0 ? 0 : F - K, low_at = g % 2 == 0 ? K : 0;
+      for (size_t o = 0; o < F; ++o) rows[((masks[h][o / 64] >> (o % 64)) & 1u) ? kept_at++ : low_at++] = o;
+      for (size_t role = 0; role < 2; ++role) {
+        const size_t i = l * streams + h * 2 + role;
+        PagedCodes& p = pages_[i];
+        ensure_blocks(p, *quantizers_[i], c + F);
+        for (size_t j = 0; j < R; ++j) {
+          const size_t b = c / bt + j;
+          if (mixed_low_block(g, j) && !p.is_decayed(b)) {
+            p.code_blocks[b].reset(new uint8_t[bt * decay_quantizers_[i]->code_bytes()]);
+            p.decayed[b] = 1;
+          } else if (!mixed_low_block(g, j) && p.is_decayed(b)) {
+            p.code_blocks[b].reset(new uint8_t[bt * quantizers_[i]->code_bytes()]);
+            p.decayed[b] = 0;
+          }
+        }
+        const uint16_t* w = windows_[i].data();
+        for (size_t k = 0; k < F; ++k)
+          for (size_t j = 0; j < d; ++j) x[k * d + j] = half_to_float(w[rows[k] * d + j]);
+        encode_at(i, c, x.data(), F);
+      }
+    }
+  } catch (...) {
+    for (size_t s = 0; s < streams; ++s) release_blocks(pages_[l * streams + s], c);
+    throw;
+  }
+  for (size_t s = 0; s < streams; ++s) {
+    auto& w = windows_[l * streams + s];
+    w.erase(w.begin(), w.begin() + static_cast<std::ptrdiff_t>(F * d));
+  }
+  for (size_t h = 0; h < H; ++h) {
+    auto& imp = importance_[l * H + h];
+    imp.erase(imp.begin(), imp.begin() + static_cast<std::ptrdiff_t>(F));
+    mixed_masks_[l * H + h].insert(mixed_masks_[l * H + h].end(), masks[h].begin(), masks[h].end());
+  }
+  coded_[l] += F;
+}
+
+// While the window holds more than fp16_window + block_tokens tokens (besides its newest
+// keep_new), quantizes its oldest block_tokens tokens into codes (mixed precision: a group
+// of mixed_group_tokens() at a time, once at least fp16_window + that many are eligible).
+// All streams are encoded before any window row is dropped.
+void KVCache::flush_window(int layer, size_t keep_new) {
   if (is_fp16_layer(layer)) return;
   const auto l = static_cast<size_t>(layer);
   const size_t bt = config_.block_tokens, N = config_.fp16_window;
   const auto d = static_cast<size_t>(config_.head_dim);
   const size_t streams = static_cast<size_t>(config_.n_kv_heads) * 2;
+  if (config_.mixed()) {
+    const size_t F = config_.mixed_group_tokens();
+    while (sizes_[l] - coded_[l] >= keep_new + N + F) flush_group(l);
+  }
   std::vector<float> x(bt * d);
-  while (sizes_[l] - coded_[l] > N + bt) {
+  while (!config_.mixed() && sizes_[l] - coded_[l] > N + bt) {
     // The window is non-empty only once the sinks are full: code index = token - sinks.
     const size_t c = coded_[l] - sink_base(l);
     try {
@@ -82,12 +200,24 @@ void KVCache::flush_window(int layer) {
   // (Only a window that holds tokens: with fp16 sinks, a layer still filling its sinks has none.)
   for (size_t s = 0; s < streams; ++s)
     if (!windows_[l * streams + s].empty()) reserve_window(windows_[l * streams + s]);
+  if (config_.mixed()) {  // the importance floats follow the window rows
+    const size_t cap = N + config_.mixed_group_tokens();
+    for (size_t h = 0; h < streams / 2; ++h) {
+      auto& imp = importance_[l * streams / 2 + h];
+      if (imp.capacity() == cap || imp.size() > cap) continue;
+      std::vector<float> v;
+      v.reserve(cap);
+      v.assign(imp.begin(), imp.end());
+      imp.swap(v);
+    }
+  }
 }
 
 // Windows of flushed layers have a capacity of exactly (fp16_window + block_tokens) rows once
 // used (more only transiently inside append), so memory_bytes() is predictable.
 void KVCache::reserve_window(std::vector<uint16_t>& w) const {
-  const size_t cap = (config_.fp16_window + config_.block_tokens) * static_cast<size_t>(config_.head_dim);
+  const size_t flush = config_.mixed() ? config_.mixed_group_tokens() : config_.block_tokens;
+  const size_t cap = (config_.fp16_window + flush) * static_cast<size_t>(config_.head_dim);
   if (w.capacity() == cap || w.size() > cap) return;
   std::vector<uint16_t> v;
   v.reserve(cap);
@@ -130,9 +260,15 @@ void KVCache::append_windowed(int layer, const float* keys, const float* values,
     w.insert(w.end(), rows.begin() + static_cast<std::ptrdiff_t>(s * T * d + ks * d),
              rows.begin() + static_cast<std::ptrdiff_t>((s + 1) * T * d));
   }
+  if (config_.mixed())
+    for (size_t h = 0; h < static_cast<size_t>(config_.n_kv_heads); ++h)
+      importance_[l * static_cast<size_t>(config_.n_kv_heads) + h].resize(
+          windows_[l * streams + 2 * h].size() / d, 0.0f);
   sizes_[l] = old + T;
   try {
-    flush_window(layer);
+    // Mixed precision: this call's tokens stay fp16 until the next append, so that the
+    // attention call in between (e.g. a prefill's own queries) rates them.
+    flush_window(layer, config_.mixed() ? T - ks : 0);
   } catch (...) {
     // flush_window only commits whole blocks; drop the rows of this call that are left.
     if (coded_[l] == old + ks && ks > 0) {  // nothing flushed: the sinks of this call go too
@@ -141,6 +277,8 @@ void KVCache::append_windowed(int layer, const float* keys, const float* values,
     }
     const size_t keep = old > coded_[l] ? old - coded_[l] : 0;
     for (size_t s = 0; s < streams; ++s) windows_[l * streams + s].resize(keep * d);
+    if (config_.mixed())
+      for (size_t h = 0; h < streams / 2; ++h) importance_[l * streams / 2 + h].resize(keep);
     sizes_[l] = std::max(old, coded_[l]);
     throw;
   }
@@ -148,7 +286,8 @@ void KVCache::append_windowed(int layer, const float* keys, const float* values,
   if (config_.decays()) decay_layer(l);
 }
 
-void KVCache::append_window(int layer, size_t n, const std::vector<const uint16_t*>& rows) {
+void KVCache::append_window(int layer, size_t n, const std::vector<const uint16_t*>& rows,
+                            const std::vector<const float*>* importance) {
   check_layer(layer);
   TQ_CHECK(config_.windowed(), InvalidArgument, "this cache has no fp16 window");
   const auto l = static_cast<size_t>(layer);
@@ -158,9 +297,22 @@ void KVCache::append_window(int layer, size_t n, const std::vector<const uint16_
   TQ_CHECK(sizes_[l] == coded_[l], InvalidArgument, "layer ", layer, " already holds window tokens");
   TQ_CHECK(n == 0 || sizes_[l] >= sink_base(l), InvalidArgument, "window of layer ", layer,
            " restored before its ", sink_base(l), " fp16 sinks are full");
-  TQ_CHECK(is_fp16_layer(layer) || n <= config_.fp16_window + config_.block_tokens, InvalidArgument,
-           "window of ", n, " tokens exceeds fp16_window + block_tokens = ",
-           config_.fp16_window + config_.block_tokens);
+  const size_t H = static_cast<size_t>(config_.n_kv_heads);
+  if (config_.mixed()) {
+    // A restored window may hold the tokens of the latest append besides its usual bound.
+    TQ_CHECK(importance == nullptr || importance->size() == H, InvalidArgument, "append_window needs ", H,
+             " importance streams");
+    if (importance)
+      for (size_t h = 0; h < H; ++h)
+        for (size_t j = 0; j < n; ++j)
+          TQ_CHECK((*importance)[h][j] >= 0.0f && (*importance)[h][j] <= 1.0f, InvalidArgument, "importance ",
+                   j, " of KV head ", h, " is not in [0, 1]");
+  } else {
+    TQ_CHECK(importance == nullptr, InvalidArgument, "window importance given but this cache has no mixed precision");
+    TQ_CHECK(is_fp16_layer(layer) || n <= config_.fp16_window + config_.block_tokens, InvalidArgument,
+             "window of ", n, " tokens exceeds fp16_window + block_tokens = ",
+             config_.fp16_window + config_.block_tokens);
+  }
   TQ_CHECK(config_.max_tokens == 0 || sizes_[l] + n <= config_.max_tokens, InvalidArgument,
            "window of ", n, " tokens exceeds max_tokens=", config_.max_tokens);
   for (size_t s = 0; s < streams; ++s)
@@ -172,6 +324,12 @@ void KVCache::append_window(int layer, size_t n, const std::vector<const uint16_
     w.assign(rows[s], rows[s] + n * d);
     if (!is_fp16_layer(layer) && n > 0) reserve_window(w);
   }
+  if (config_.mixed())
+    for (size_t h = 0; h < H; ++h) {
+      auto& imp = importance_[l * H + h];
+      imp.assign(n, 0.0f);
+      if (importance) std::copy((*importance)[h], (*importance)[h] + n, imp.begin());
+    }
   sizes_[l] += n;
 }
 
@@ -179,6 +337,16 @@ void KVCache::shrink_layer(size_t l, size_t new_size) {
   if (new_size >= sizes_[l]) return;
   const auto d = static_cast<size_t>(config_.head_dim);
   const size_t streams = static_cast<size_t>(config_.n_kv_heads) * 2;
+  if (config_.mixed()) {
+    const size_t H = streams / 2, keep = new_size >= coded_[l] ? new_size - coded_[l] : 0;
+    for (size_t h = 0; h < H; ++h) {
+      importance_[l * H + h].resize(keep);
+      if (new_size < coded_[l]) {
+        const size_t codes = new_size - std::min(new_size, sink_base(l));
+        mixed_masks_[l * H + h].resize(codes / config_.mixed_group_tokens() * mixed_mask_words());
+      }
+    }
+  }
   if (new_size >= coded_[l]) {
     for (size_t s = 0; s < streams; ++s) windows_[l * streams + s].resize((new_size - coded_[l]) * d);
   } else {
@@ -273,9 +441,11 @@ void KVCache::attend_windowed(int layer, const float* queries, size_t T_q, float
     attend_heads(tasks, mc, scale, thr);
   }
   // KV heads are independent (own buffers): split across the thread pool like attend().
+  const bool rate = config_.mixed() && nw > 0;  // mixed precision: window tokens' importance
   parallel_for(H, 1, [&](size_t h0, size_t h1) {
-    std::vector<float> s(kRowChunk * nf), acc(kRowChunk * d), z(kRowChunk);
+    std::vector<float> s(kRowChunk * nf), acc(kRowChunk * d), z(kRowChunk), imp(rate ? nw : 0);
     for (size_t h = h0; h < h1; ++h) {
+      std::fill(imp.begin(), imp.end(), 0.0f);
       const float* q = &qall[h * m * d];
       const float* oc = ocall.data() + h * mc * d;  // mc may be 0
       const float* row_max = cmax.data() + h * mc;
@@ -322,13 +492,14 @@ void KVCache::attend_windowed(int layer, const float* queries, size_t T_q, float
           for (size_t t = sb; t < usb; ++t) sr[t] = 0.0f;
           for (size_t t = uwa; t < wa; ++t) sr[t] = 0.0f;
           for (size_t t = wb; t < uwb; ++t) sr[t] = 0.0f;
-          for (const auto& [a, b] : {std::pair{sa, sb}, std::pair{wa, wb}}) {
-            if (b <= a) continue;
-            zr += kernels.exp_sum(sr + a, b - a, M);
-            if (thr > 0.0f)  // sparse V: the weight still counts in the normalisation
+          for (const auto& [a, b] : {std::pair{sa, sb}, std::pair{wa, wb}})
+            if (b > a) zr += kernels.exp_sum(sr + a, b - a, M);
+          if (rate && zr > 0.0f)
+            for (size_t t = wa; t < wb; ++t) imp[t - ns] = std::max(imp[t - ns], sr[t] / zr);
+          if (thr > 0.0f)  // sparse V: the weight still counts in the normalisation
+            for (const auto& [a, b] : {std::pair{sa, sb}, std::pair{wa, wb}})
               for (size_t t = a; t < b; ++t)
                 if (sr[t] < thr) sr[t] = 0.0f;
-          }
           z[r - r0] = zr;
         }
         if (usb > usa) kernels.f16_accumulate(s.data() + usa, nf, mr, vsink + usa * d, usb - usa, d, acc.data());
@@ -340,6 +511,7 @@ void KVCache::attend_windowed(int layer, const float* queries, size_t T_q, float
           for (size_t j = 0; j < d; ++j) out[(qh * T_q + t) * d + j] = acc[(r - r0) * d + j] * inv;
         }
       }
+      if (rate) note_importance(l, h, imp.data(), 0, nw);
     }
   });
 }

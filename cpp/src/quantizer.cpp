@@ -121,6 +121,12 @@ void Quantizer::set_rotation(std::unique_ptr<Rotation> rotation) {
   config_.rotation = rotation_->kind();
 }
 
+void Quantizer::share_rotation(const Quantizer& from) {
+  TQ_CHECK(from.dim() == dim(), InvalidArgument, "share_rotation: dim ", from.dim(), " != ", dim());
+  rotation_ = from.rotation_;
+  config_.rotation = rotation_->kind();
+}
+
 float Quantizer::load_norm(const void* norms, size_t i) const {
   if (config_.norm_dtype == NormDtype::kFloat16) {
     return half_to_float(static_cast<const half_bits*>(norms)[i]);

@@ -378,4 +378,12 @@ void OutlierSplitQuantizer::set_rotation(std::unique_ptr<Rotation> rotation) {
            "differs from it (max |difference| = ", worst, ")");
 }
 
+void OutlierSplitQuantizer::share_rotation(const Quantizer& from) {
+  const auto* f = dynamic_cast<const OutlierSplitQuantizer*>(&from);
+  TQ_CHECK(f != nullptr && f->outliers_ == outliers_ && f->dim() == dim(), InvalidArgument,
+           "share_rotation: an outlier split shares the rotation of a split of the same channels only");
+  for (size_t p = 0; p < 2; ++p) parts_[p]->share_rotation(*f->parts_[p]);
+  rotation_ = f->rotation_;
+}
+
 }  // namespace turboquant

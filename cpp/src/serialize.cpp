@@ -136,7 +136,9 @@ std::vector<uint8_t> serialize_cache(const KVCache& cache) {
   Writer w;
   w.bytes(kCacheMagic, sizeof(kCacheMagic));
   const bool windowed = c.windowed();
-  // Version 4 adds the outlier split's angle width (8 bits; 1-3 imply 16); 3 fp16 sinks,
+  // Version 7 adds mixed precision (group and kept blocks in CONF; the groups' masks after
+  // the block flags of LAYR; the window tokens' importance after the rows of WNDW); 6
+  // per-layer, per-head widths; 5 per-head widths; 4 the outlier split's angle width (8 bits; 1-3 imply 16); 3 fp16 sinks,
   // temporal decay, eviction and the quantizer options (norm correction, outlier roles); 2
   // the fp16 window; a file is written as the oldest version that expresses the cache, so
   // older readers still load what they can.
@@ -189,6 +191,10 @@ std::vector<uint8_t> serialize_cache(const KVCache& cache) {
       for (int b : *v) w.put(static_cast<int32_t>(b));
     }
   }
+  if (version >= 7) {
+    w.put(static_cast<uint64_t>(c.mixed_group_blocks));
+    w.put(static_cast<uint64_t>(c.mixed_keep_blocks));
+  }
   w.end(at);
 
   at = w.begin(kTagRots);
@@ -223,13 +229,18 @@ std::vector<uint8_t> serialize_cache(const KVCache& cache) {
     w.put(static_cast<uint64_t>(n));
     if (version >= 3) w.put(static_cast<uint64_t>(cache.evicted_tokens(l)));
     const size_t nblocks = (n + c.block_tokens - 1) / c.block_tokens;
-    if (c.decays()) {
+    if (c.low_blocks()) {
       for (int h = 0; h < c.n_kv_heads; ++h)
         for (KVRole role : {KVRole::kKey, KVRole::kValue}) {
           const PagedCodes& p = cache.pages(l, h, role);
           for (size_t b = 0; b < nblocks; ++b) w.put(static_cast<uint8_t>(p.is_decayed(b) ? 1 : 0));
         }
     }
+    if (c.mixed())
+      for (int h = 0; h < c.n_kv_heads; ++h) {
+        const auto& m = cache.mixed_masks(l, h);
+        w.bytes(m.data(), m.size() * sizeof(uint64_t));
+      }
     for (int h = 0; h < c.n_kv_heads; ++h) {
       for (KVRole role : {KVRole::kKey, KVRole::kValue}) {
         const Quantizer& q = role == KVRole::kKey ? cache.key_quantizer(l, h) : cache.value_quantizer(l, h);
@@ -253,6 +264,11 @@ std::vector<uint8_t> serialize_cache(const KVCache& cache) {
         for (KVRole role : {KVRole::kKey, KVRole::kValue}) {
           const auto& rows = cache.window(l, h, role);
           w.bytes(rows.data(), rows.size() * sizeof(uint16_t));
+        }
+      if (c.mixed())
+        for (int h = 0; h < c.n_kv_heads; ++h) {
+          const auto imp = cache.window_importance(l, h);
+          w.bytes(imp.data(), imp.size() * sizeof(float));
         }
       w.end(at);
     }
@@ -344,9 +360,15 @@ std::unique_ptr<KVCache> deserialize_cache(const uint8_t* data, size_t size) {
                  c.n_kv_heads, version >= 6 ? " or n_layers * n_kv_heads" : "", ")");
         for (uint32_t h = 0; h < count; ++h) lists[i]->push_back(conf.get<int32_t>(names[i]));
       }
-      TQ_CHECK(c.per_head_bits(), FormatError, "corrupted file: version ", version, " without per-head bit widths");
-      TQ_CHECK(version == 5 || c.per_layer_head_bits(), FormatError,
+      TQ_CHECK(version >= 7 || c.per_head_bits(), FormatError, "corrupted file: version ", version,
+               " without per-head bit widths");
+      TQ_CHECK(version != 6 || c.per_layer_head_bits(), FormatError,
                "corrupted file: version 6 without per-layer, per-head bit widths");
+    }
+    if (version >= 7) {
+      c.mixed_group_blocks = static_cast<size_t>(conf.get<uint64_t>("mixed_group_blocks"));
+      c.mixed_keep_blocks = static_cast<size_t>(conf.get<uint64_t>("mixed_keep_blocks"));
+      TQ_CHECK(c.mixed(), FormatError, "corrupted file: version 7 without mixed precision");
     }
     const bool windowed = version == 2 || (version >= 3 && c.windowed());
     conf.expect_end("CONF");
@@ -417,12 +439,14 @@ std::unique_ptr<KVCache> deserialize_cache(const uint8_t* data, size_t size) {
       size_t row = 0;
       for (int h = 0; h < c.n_kv_heads; ++h)
         row += cache->key_quantizer(l, h).bytes_per_vector() + cache->value_quantizer(l, h).bytes_per_vector();
-      TQ_CHECK(n <= lay.left() && (c.decays() || n * row == lay.left()), FormatError, "corrupted file: layer ", l,
+      TQ_CHECK(n <= lay.left() && (c.low_blocks() || n * row == lay.left()), FormatError, "corrupted file: layer ", l,
                " claims ", n, " tokens but holds ", lay.left(), " bytes (", row, " per token)");
       const size_t bt = c.block_tokens;
       const size_t nblocks = (static_cast<size_t>(n) + bt - 1) / bt;
       std::vector<const uint8_t*> codes(streams), norms(streams), bflags(streams);
-      if (c.decays()) {
+      std::vector<std::vector<uint64_t>> mask_rows;
+      std::vector<const uint64_t*> masks;
+      if (c.low_blocks()) {
         TQ_CHECK(nblocks <= lay.left() / streams, FormatError, "corrupted file: layer ", l, " claims ", n,
                  " tokens but holds only ", lay.left(), " bytes");
         for (size_t s = 0; s < streams; ++s) bflags[s] = lay.take(nblocks, "decay bflags");
@@ -431,12 +455,26 @@ std::unique_ptr<KVCache> deserialize_cache(const uint8_t* data, size_t size) {
             TQ_CHECK(bflags[s][b] <= 1, FormatError, "corrupted file: decay flag ", static_cast<int>(bflags[s][b]),
                      " of layer ", l, " stream ", s, " block ", b, " (must be 0 or 1)");
       }
+      if (c.mixed()) {
+        const size_t F = c.mixed_group_tokens(), words = cache->mixed_mask_words();
+        TQ_CHECK(n % F == 0, FormatError, "corrupted file: layer ", l, " holds ", n,
+                 " coded tokens, not whole mixed-precision groups of ", F);
+        const size_t count = static_cast<size_t>(n) / F * words;
+        TQ_CHECK(count <= lay.left() / sizeof(uint64_t) / static_cast<size_t>(c.n_kv_heads), FormatError,
+                 "corrupted file: layer ", l, " is too short for its mixed-precision masks");
+        for (int h = 0; h < c.n_kv_heads; ++h) {
+          mask_rows.emplace_back(count);
+          std::memcpy(mask_rows.back().data(), lay.take(count * sizeof(uint64_t), "mixed masks"),
+                      count * sizeof(uint64_t));
+        }
+        for (const auto& m : mask_rows) masks.push_back(m.data());
+      }
       for (int h = 0; h < c.n_kv_heads; ++h) {
         for (KVRole role : {KVRole::kKey, KVRole::kValue}) {
           const Quantizer& q = role == KVRole::kKey ? cache->key_quantizer(l, h) : cache->value_quantizer(l, h);
           const size_t s = static_cast<size_t>(h) * 2 + static_cast<size_t>(role);
           size_t cbytes = static_cast<size_t>(n) * q.code_bytes();
-          if (c.decays()) {
+          if (c.low_blocks()) {
             const size_t dcb = cache->head_codes(l, h, role).decayed->code_bytes();
             cbytes = 0;
             for (size_t b = 0; b < nblocks; ++b)
@@ -447,21 +485,33 @@ std::unique_ptr<KVCache> deserialize_cache(const uint8_t* data, size_t size) {
         }
       }
       lay.expect_end("LAYR");
-      cache->append_encoded(l, static_cast<size_t>(n), codes, norms, c.decays() ? &bflags : nullptr);
+      cache->append_encoded(l, static_cast<size_t>(n), codes, norms, c.low_blocks() ? &bflags : nullptr,
+                            c.mixed() ? &masks : nullptr);
       if (windowed) {
         Reader win = r.section(kTagWindow, "WNDW");
         const auto wl = win.get<uint32_t>("window layer index");
         TQ_CHECK(wl == static_cast<uint32_t>(l), FormatError, "corrupted file: window of layer ", wl, " where ",
                  l, " was expected");
         const auto wn = win.get<uint64_t>("window token count");
-        const size_t wrow = streams * static_cast<size_t>(c.head_dim) * sizeof(uint16_t);
+        const size_t wrow = streams * static_cast<size_t>(c.head_dim) * sizeof(uint16_t) +
+                            (c.mixed() ? static_cast<size_t>(c.n_kv_heads) * sizeof(float) : 0);
         TQ_CHECK(wn <= win.left() && wn * wrow == win.left(), FormatError, "corrupted file: window of layer ", l,
                  " claims ", wn, " tokens but holds ", win.left(), " bytes (", wrow, " per token)");
         const auto rows = d16(win, "window rows", static_cast<size_t>(wn));
         std::vector<const uint16_t*> ptrs(streams);
         for (size_t s = 0; s < streams; ++s) ptrs[s] = rows[s].data();
+        std::vector<std::vector<float>> imp;
+        std::vector<const float*> imp_ptrs;
+        if (c.mixed()) {
+          for (int h = 0; h < c.n_kv_heads; ++h) {
+            imp.emplace_back(static_cast<size_t>(wn));
+            std::memcpy(imp.back().data(), win.take(imp.back().size() * sizeof(float), "window importance"),
+                        imp.back().size() * sizeof(float));
+          }
+          for (const auto& v : imp) imp_ptrs.push_back(v.data());
+        }
         win.expect_end("WNDW");
-        cache->append_window(l, static_cast<size_t>(wn), ptrs);
+        cache->append_window(l, static_cast<size_t>(wn), ptrs, c.mixed() ? &imp_ptrs : nullptr);
       }
     }
     r.section(kTagEnd, "END").expect_end("END");

@@ -46,6 +46,9 @@ class Setting:
     decay_after: int = 0
     decay_bits: int = 0
     sparse_v: float = 0.0
+    mixed_bits: int = 0
+    mixed_keep: float = 0.0
+    block_tokens: int | None = None
     # score one token per step (the decode path): sparse V acts only there, the multi-token
     # steps of chunked scoring take the dense GEMM path
     decode_scoring: bool = False
@@ -56,7 +59,9 @@ class Setting:
         ``k4v3`` (or ``p`` with a profile option), OPTION is ``fp16:0,-1`` (fp16 layers),
         ``w64`` (fp16 recent window of 64 tokens), ``s4`` (4 fp16 sink tokens),
         ``d256:2`` (temporal decay: code blocks with at least 256 newer tokens re-quantized
-        to 2 bits), ``sv0.01`` (sparse V threshold 0.01; such a setting is scored one token
+        to 2 bits), ``m2:0.5`` (mixed precision: the most attended half of the tokens of each
+        flush group keep BITS, the rest 2 bits; ``m2:0.5:64``: groups of 64 tokens instead of
+        the default 16-token blocks' group), ``sv0.01`` (sparse V threshold 0.01; such a setting is scored one token
         per step, the decode path where sparse V acts, so ``sv0`` is its dense control) or
         ``profile:PATH`` (per-layer bits from ``turboquant calibrate``), FLAG is ``raw``
         (plain codes: no centring, no norm correction, no key split), ``nosplit`` (no key
@@ -75,6 +80,7 @@ class Setting:
         bits, *opts = body.split("+")
         fp16, window, sinks, profile = (), 0, 0, None
         decay, sparse_v, decode_scoring = (0, 0), 0.0, False
+        mixed, group = (0, 0.0), 0
         for o in opts:
             if o.startswith("sv"):
                 try:
@@ -91,6 +97,17 @@ class Setting:
                     raise ValueError(f"bad option {o!r} in setting {spec!r}: dA:B needs A > 0 "
                                      "tokens and B >= 1 bits, e.g. d256:2")
                 decay = (int(a), int(b))
+            elif o.startswith("m") and o[1:2].isdigit():
+                a, sep, b = o[1:].partition(":")
+                b, _, g = b.partition(":")
+                try:
+                    mixed, group = (int(a), float(b)), int(g or 0)
+                except ValueError:
+                    mixed = (0, 0.0)
+                if not (sep and mixed[0] > 0 and 0.0 < mixed[1] < 1.0 and group >= 0):
+                    raise ValueError(f"bad option {o!r} in setting {spec!r}: mB:F[:G] needs B >= 1 "
+                                     "bits, a kept fraction F in (0, 1) and optionally G group "
+                                     "tokens, e.g. m2:0.5 or m2:0.5:64")
             elif o.startswith("fp16:"):
                 fp16 = tuple(int(x) for x in o[5:].split(",") if x)
             elif o.startswith("w") and o[1:].isdigit():
@@ -130,6 +147,16 @@ class Setting:
             name += f"+w{window}"
         if decay[0]:
             name += f"+d{decay[0]}:{decay[1]}"
+        block_tokens = None
+        if mixed[0]:
+            name += f"+m{mixed[0]}:{mixed[1]:g}" + (f":{group}" if group else "")
+            if group:
+                r = next((r for r in range(2, 9) if abs(round(mixed[1] * r) / r - mixed[1]) < 1e-3),
+                         None)
+                if r is None or group % r:
+                    raise ValueError(f"bad option {o!r} in setting {spec!r}: G={group} group "
+                                     f"tokens must split into the fraction's blocks")
+                block_tokens = group // r
         if decode_scoring:
             name += f"+sv{sparse_v:g}"
         if profile:
@@ -141,6 +168,7 @@ class Setting:
                        key_split=not raw and "nosplit" not in flags, fp16_window=window,
                        fp16_sinks=sinks, profile=profile, decay_after=decay[0],
                        decay_bits=decay[1], sparse_v=sparse_v, decode_scoring=decode_scoring,
+                       mixed_bits=mixed[0], mixed_keep=mixed[1], block_tokens=block_tokens,
                        split_angle_bits=16 if "a16" in flags else 8)
 
 
@@ -200,6 +228,8 @@ def make_cache(model, s: Setting, seed: int = 0):
                                     fp16_window=s.fp16_window, fp16_sinks=s.fp16_sinks,
                                     profile=s.profile, decay_after=s.decay_after,
                                     decay_bits=s.decay_bits, sparse_v=s.sparse_v,
+                                    mixed_bits=s.mixed_bits, mixed_keep=s.mixed_keep,
+                                    block_tokens=s.block_tokens,
                                     split_angle_bits=s.split_angle_bits)
 
 

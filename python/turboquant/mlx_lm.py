@@ -82,7 +82,8 @@ class TurboQuantKVCache(_mlx_cache._BaseCache):
                  debias: bool = True, key_split: bool = True, rope_pairs: str | None = "half",
                  fp16_window: int = 0, block_tokens: int | None = None, fp16_sinks: int = 0,
                  split_angle_bits: int = 8, decay_after: int = 0, decay_bits: int = 0,
-                 sparse_v: float = 0.0, key_head_bits=None, value_head_bits=None):
+                 sparse_v: float = 0.0, key_head_bits=None, value_head_bits=None,
+                 mixed_bits: int = 0, mixed_keep: float = 0.0):
         for name, b in (("key_bits", key_bits), ("value_bits", value_bits)):
             if not isinstance(b, (int, np.integer)) or not 1 <= int(b) <= 8:
                 raise ValueError(f"{name} must be an integer in [1, 8], got {b!r}")
@@ -119,6 +120,16 @@ class TurboQuantKVCache(_mlx_cache._BaseCache):
                 self.key_method, self.value_method)
         except ValueError as e:
             raise ValueError(f"layer {layer}: {e}") from None
+        try:
+            self.mixed_bits, self.mixed_keep, self._mixed_blocks = _check_mixed(
+                mixed_bits, mixed_keep, *self._least_bits(), self.key_method, self.value_method,
+                self.fp16_window, self.decay_after)
+        except ValueError as e:
+            raise ValueError(f"layer {layer}: {e}") from None
+        if block_tokens is None and self.mixed_bits:
+            # groups of 32 tokens for keep 1/2 (64 for 1/4, ...): importance is ranked inside
+            # a group, and the window holds up to fp16_window + one group
+            block_tokens = 16
         if block_tokens is None:
             # small flush blocks keep the fp16 part near its nominal size; small decay blocks
             # decay tokens close to decay_after old instead of up to a 256-token page later
@@ -234,6 +245,8 @@ class TurboQuantKVCache(_mlx_cache._BaseCache):
                     f"got {head_dim}")
         if self.decay_after:
             return "temporal decay is a C++ core feature (the Metal store does not decay codes)"
+        if self.mixed_bits:
+            return "mixed precision is a C++ core feature (the Metal store holds one width per role)"
         if self.sparse_v:
             return "the Metal store's decode kernel is dense (sparse_v runs on the C++ core)"
         if self.key_head_bits is not None or self.value_head_bits is not None:
@@ -378,7 +391,8 @@ class TurboQuantKVCache(_mlx_cache._BaseCache):
                "fp16_window": self.fp16_window, "block_tokens": self.block_tokens,
                "fp16_sinks": self.fp16_sinks, "decay_after": self.decay_after,
                "decay_bits": self.decay_bits, "sparse_v": self.sparse_v,
-               "split_angle_bits": self.split_angle_bits}
+               "split_angle_bits": self.split_angle_bits, "mixed_bits": self.mixed_bits,
+               "mixed_keep": self.mixed_keep}
         if self.key_head_bits is not None:
             cfg["key_head_bits"] = list(self.key_head_bits)
         if self.value_head_bits is not None:
@@ -411,6 +425,9 @@ class TurboQuantKVCache(_mlx_cache._BaseCache):
             self.decay_after, self.decay_bits, self.sparse_v = _check_decay_sparse(
                 cfg.get("decay_after", 0), cfg.get("decay_bits", 0), cfg.get("sparse_v", 0.0),
                 *self._least_bits(), self.key_method, self.value_method)
+            self.mixed_bits, self.mixed_keep, self._mixed_blocks = _check_mixed(
+                cfg.get("mixed_bits", 0), cfg.get("mixed_keep", 0.0), *self._least_bits(),
+                self.key_method, self.value_method, self.fp16_window, self.decay_after)
         except ValueError as e:
             raise _core.FormatError(f"prompt cache layer {self.layer}: {e}") from None
         self._k_mean = self._v_mean = None
@@ -529,9 +546,13 @@ class TurboQuantKVCache(_mlx_cache._BaseCache):
                                                    fp16_window=self.fp16_window,
                                                    fp16_sinks=self.fp16_sinks, **common, **split)
         else:
+            mixed = {}
+            if self.mixed_bits:
+                mixed = dict(mixed_group_blocks=self._mixed_blocks[0],
+                             mixed_keep_blocks=self._mixed_blocks[1])
             self._core = _core.KVCache(head_dim, fp16_window=self.fp16_window,
                                        fp16_sinks=self.fp16_sinks, decay_after=self.decay_after,
-                                       decay_bits=self.decay_bits,
+                                       decay_bits=self.mixed_bits or self.decay_bits, **mixed,
                                        norm_correction=self.debias and mse, **common, **split,
                                        **heads)
         self._n_q_heads, self._core_kv_heads, self._head_dim = n_q_heads, total_kv, head_dim
@@ -580,6 +601,43 @@ def _check_decay_sparse(decay_after, decay_bits, sparse_v, key_bits: int, value_
             or not 0.0 <= float(sparse_v) < 1.0:
         raise ValueError(f"sparse_v must be a number in [0, 1) (0 = dense), got {sparse_v!r}")
     return decay_after, decay_bits, float(sparse_v)
+
+
+def _check_mixed(mixed_bits, mixed_keep, key_bits: int, value_bits: int, key_method: str,
+                 value_method: str, fp16_window: int, decay_after: int):
+    """Validated (mixed_bits, mixed_keep, (group blocks, kept blocks)) of a TurboQuantKVCache.
+
+    Importance-routed mixed precision: of every flush group of the fp16 window, the fraction
+    ``mixed_keep`` of tokens that got the largest attention weights while fp16 keep
+    key_bits / value_bits, the rest are stored at ``mixed_bits`` (the core's
+    mixed_group_blocks / mixed_keep_blocks with decay_bits = mixed_bits)."""
+    if isinstance(mixed_bits, bool) or not isinstance(mixed_bits, (int, np.integer)) or mixed_bits < 0:
+        raise ValueError(f"mixed_bits must be an integer >= 0 (0 = off), got {mixed_bits!r}")
+    if isinstance(mixed_keep, bool) or not isinstance(mixed_keep, (int, float, np.floating)):
+        raise ValueError(f"mixed_keep must be a fraction in (0, 1), got {mixed_keep!r}")
+    mixed_bits, mixed_keep = int(mixed_bits), float(mixed_keep)
+    if not mixed_bits:
+        if mixed_keep:
+            raise ValueError(f"mixed_keep={mixed_keep} needs mixed_bits > 0 (mixed precision is off)")
+        return 0, 0.0, (0, 0)
+    lo = min(key_bits, value_bits)
+    if not 1 <= mixed_bits < lo:
+        raise ValueError(f"mixed_bits must be in [1, {lo - 1}] (fewer than key_bits and value_bits "
+                         f"= {key_bits}/{value_bits}), got {mixed_bits}")
+    if key_method != "turboquant_mse" or value_method != "turboquant_mse":
+        raise ValueError(f"mixed precision needs turboquant_mse keys and values, got "
+                         f"{key_method!r} / {value_method!r}")
+    if fp16_window <= 0:
+        raise ValueError("mixed precision needs an fp16 window (fp16_window > 0): a token's "
+                         "importance is measured while it is fp16")
+    if decay_after:
+        raise ValueError("mixed precision does not combine with temporal decay (decay_after)")
+    for r in range(2, 9):
+        k = round(mixed_keep * r)
+        if 1 <= k < r and abs(k / r - mixed_keep) < 1e-3:  # 0.333 is 1/3
+            return mixed_bits, mixed_keep, (r, k)
+    raise ValueError(f"mixed_keep must be a fraction k/r in (0, 1) with r <= 8 (e.g. 0.5, 0.25, "
+                     f"0.75), got {mixed_keep!r}")
 
 
 def _permute(x: np.ndarray, perm: np.ndarray) -> np.ndarray:
@@ -822,7 +880,8 @@ def make_prompt_cache(model, key_bits: int = 3, value_bits: int = 3,
                       center: bool = True, debias: bool = True, key_split: bool = True,
                       fp16_window: int = 0, block_tokens: int | None = None,
                       fp16_sinks: int = 0, profile=None, split_angle_bits: int = 8,
-                      decay_after: int = 0, decay_bits: int = 0, sparse_v: float = 0.0) -> list:
+                      decay_after: int = 0, decay_bits: int = 0, sparse_v: float = 0.0,
+                      mixed_bits: int = 0, mixed_keep: float = 0.0) -> list:
     """mlx-lm prompt cache with TurboQuant caches on every full-attention layer.
 
     ``center`` subtracts a per-head mean from K and V first (exact for attention, see
@@ -843,7 +902,11 @@ def make_prompt_cache(model, key_bits: int = 3, value_bits: int = 3,
     ``decay_after`` newer tokens are re-quantized to ``decay_bits`` in place (fp16 sinks and
     window tokens never decay); every compressed layer needs key and value bits above
     ``decay_bits``. ``sparse_v`` (0 = dense): value rows whose attention weight is below
-    ``sparse_v`` times the query's maximum are skipped (decode steps). Raises
+    ``sparse_v`` times the query's maximum are skipped (decode steps). ``mixed_bits`` /
+    ``mixed_keep`` (importance-routed mixed precision, needs ``fp16_window``): of every
+    flush group of the window, the fraction ``mixed_keep`` of tokens that got the largest
+    attention weights while fp16 keep the layer's bits, the rest are stored at ``mixed_bits``
+    (e.g. 4-bit caches with ``mixed_bits=2, mixed_keep=0.5`` average 3 bits). Raises
     :class:`UnsupportedArchitectureError` for MLA and SSM/hybrid models."""
     install_attention_route()
     base_cache = _mlx_cache.make_prompt_cache(model)
@@ -877,6 +940,7 @@ def make_prompt_cache(model, key_bits: int = 3, value_bits: int = 3,
                                          fp16_window=fp16_window, block_tokens=block_tokens,
                                          fp16_sinks=fp16_sinks, decay_after=decay_after,
                                          decay_bits=decay_bits, sparse_v=sparse_v,
+                                         mixed_bits=mixed_bits, mixed_keep=mixed_keep,
                                          split_angle_bits=split_angle_bits, **heads)
     return cache
 

@@ -39,6 +39,10 @@ def caches():
         "per_layer_head_bits_v6": dict(head_dim=16, n_layers=2, n_q_heads=2, n_kv_heads=1,
                                        key_head_bits=[2, 4], value_head_bits=[3], block_tokens=2,
                                        _tokens=3),
+        # importance-routed mixed precision (v7): masks, block flags, window importance
+        "mixed_v7": dict(head_dim=16, n_q_heads=2, n_kv_heads=1, key_bits=3, value_bits=2,
+                         decay_bits=1, fp16_window=2, fp16_sinks=1, block_tokens=2,
+                         mixed_group_blocks=2, mixed_keep_blocks=1, _tokens=8),
     }
     for name, cfg in configs.items():
         cfg = dict(cfg)
@@ -48,6 +52,9 @@ def caches():
             for layer in range(c.n_layers):
                 x = rng.standard_normal((c.n_kv_heads, tokens, c.head_dim)).astype(np.float32)
                 c.append(x, x[::-1].copy(), layer)
+                if c.mixed_group_blocks:  # rated by a query, then flushed by the next append
+                    c.attend(rng.standard_normal((c.n_q_heads, 1, c.head_dim)).astype(np.float32), layer)
+                    c.append(x[:, :1].copy(), x[:, 1:2].copy(), layer)
         out[name] = c.to_bytes()
     return out
 

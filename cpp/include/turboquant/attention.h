@@ -36,6 +36,7 @@ struct AttentionScratch {
   std::vector<uint32_t> sparse_index;
   // Runs of small pages, copied side by side (attend_pages).
   std::vector<uint8_t> run_kcodes, run_vcodes, run_vnorms;
+  std::vector<size_t> page_order;  // attend_pages' reading order
 };
 
 // Decode reads pages smaller than this in runs of up to this many tokens (attend_pages).

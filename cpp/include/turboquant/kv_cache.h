@@ -21,6 +21,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <memory>
+#include <mutex>
 #include <optional>
 #include <string>
 #include <vector>
@@ -105,6 +106,21 @@ struct KVCacheConfig {
   std::vector<int> key_head_bits;
   std::vector<int> value_head_bits;
   std::vector<int> outlier_head_bits;
+  // Importance-routed mixed precision (0 = off; needs fp16_window > 0, turboquant_mse, no
+  // temporal decay or eviction). Each window token remembers the largest softmax weight any
+  // query row of its KV head gave it while it was fp16 (its importance). The window is
+  // flushed in groups of mixed_group_blocks blocks: per KV head, the mixed_keep_blocks ×
+  // block_tokens most important tokens of the group keep the stream's bits, the others are
+  // encoded at decay_bits (the decayed quantizer: same rotation, fewer bits; per-block flags
+  // as for decay), so a group of 2 blocks keeping 1 at 4 bits over 2 averages 3 bits. Codes
+  // are stored in that order, not by position (mixed_order maps them back): attention over
+  // codes needs no position, since every coded token is older than every query. For that,
+  // the tokens of the latest append are never flushed by it (they wait for the attention
+  // call that follows, so a prefill's own queries rate it), and attend refuses a sliding
+  // window or causal queries older than a coded token (NotSupported). Trimming into the
+  // codes must cut at a group boundary. Needs file format version 7.
+  size_t mixed_group_blocks = 0;
+  size_t mixed_keep_blocks = 0;
 
   // Throws InvalidArgument naming the first bad field (NotSupported for decay of a method
   // that has no code->code table).
@@ -117,6 +133,10 @@ struct KVCacheConfig {
     return outlier_roles == OutlierRoles::kBoth || (outlier_roles == OutlierRoles::kKeys) == (role == 0);
   }
   bool decays() const { return decay_after > 0; }
+  bool mixed() const { return mixed_group_blocks > 0; }
+  // Whether blocks may hold decay_bits codes (temporal decay or mixed precision).
+  bool low_blocks() const { return decays() || mixed(); }
+  size_t mixed_group_tokens() const { return mixed_group_blocks * block_tokens; }
   // The widths of layer l's KV head h (per-head overrides, else key_bits / value_bits /
   // outlier_bits).
   int head_key_bits(int l, int h) const { return pick(key_head_bits, l, h, key_bits); }
@@ -145,7 +165,7 @@ struct KVCacheConfig {
   bool v4() const { return has_outliers() && split_angle_bits != 16; }
   // The oldest file format version that can express this configuration.
   uint32_t format_version() const {
-    return per_layer_head_bits() ? 6u : per_head_bits() ? 5u : v4() ? 4u : v3() ? 3u : windowed() ? 2u : 1u;
+    return mixed() ? 7u : per_layer_head_bits() ? 6u : per_head_bits() ? 5u : v4() ? 4u : v3() ? 3u : windowed() ? 2u : 1u;
   }
 
  private:
@@ -240,7 +260,7 @@ class KVCache {
 
   // Every byte this cache allocated for data: code and norm pages (each block at its own
   // bits with decay), fp16 sink and window rows (capacity), and the quantizers' own state
-  // (rotations, QJL matrices, the decayed quantizers' rotations). Bookkeeping (vectors of
+  // (rotations, QJL matrices; the decayed quantizers share their stream's rotation). Bookkeeping (vectors of
   // pointers, decay flags) is not counted.
   size_t memory_bytes() const;
   // Bytes the same tokens would take as fp16 K and V.
@@ -264,7 +284,9 @@ class KVCache {
   bool is_fp16_layer(int layer) const;
   // Restores a layer's window (load): n fp16 rows per stream i = 2*kv_head + role; the layer
   // must hold no window tokens. Validates the count against the window limits.
-  void append_window(int layer, size_t n, const std::vector<const uint16_t*>& rows);
+  // importance (mixed precision only, optional): n floats in [0, 1] per KV head.
+  void append_window(int layer, size_t n, const std::vector<const uint16_t*>& rows,
+                     const std::vector<const float*>* importance = nullptr);
   const PagedCodes& pages(int layer, int kv_head, KVRole role) const;
   // fp16 attention sinks: tokens [0, sink_tokens) of a layer are fp16 rows (sink_tokens ×
   // head_dim per stream); the codes hold tokens [sink_tokens, coded_tokens), i.e.
@@ -286,6 +308,18 @@ class KVCache {
   void set_evicted_tokens(int layer, size_t n);
   // Number of decayed blocks of one stream.
   size_t decayed_blocks(int layer, int kv_head, KVRole role) const;
+  // Mixed precision: which tokens of each flush group of one (layer, KV head) kept the
+  // stream's bits, as a bit mask per group (bit o of group g: token sink_tokens + g·F + o,
+  // F = mixed_group_tokens(); mixed_mask_words() uint64 words per group). Inside a group the
+  // codes hold the kept tokens in position order, then the others (even groups), or the
+  // others first (odd groups, so that blocks of one width meet across groups).
+  const std::vector<uint64_t>& mixed_masks(int layer, int kv_head) const;
+  size_t mixed_mask_words() const { return (config_.mixed_group_tokens() + 63) / 64; }
+  // The position of every code index of one (layer, KV head) (code_tokens entries).
+  std::vector<size_t> mixed_positions(int layer, int kv_head) const;
+  // Mixed precision: the importance (largest softmax weight so far) of each window token of
+  // one (layer, KV head), window_tokens entries.
+  std::vector<float> window_importance(int layer, int kv_head) const;
 
   // Serialization (serialize.h defines the file format).
   void save(const std::string& path) const;
@@ -299,9 +333,13 @@ class KVCache {
   // decayed (temporal decay only): per stream, one 0/1 flag per block of the layer's codes
   // after this append (the layer must then end on a block boundary or hold no codes);
   // rows of flagged blocks have the decayed quantizer's code_bytes.
+  // masks (mixed precision, required there): per KV head, the groups' masks as mixed_masks
+  // gives them (each with mixed_keep_blocks × block_tokens bits set); n and the layer's codes
+  // must be whole groups, and the decay flags those the masks imply.
   void append_encoded(int layer, size_t n, const std::vector<const uint8_t*>& codes,
                       const std::vector<const uint8_t*>& norms,
-                      const std::vector<const uint8_t*>* decayed = nullptr);
+                      const std::vector<const uint8_t*>* decayed = nullptr,
+                      const std::vector<const uint64_t*>* masks = nullptr);
 
  private:
   size_t index(int layer, int kv_head, KVRole role) const;
@@ -309,7 +347,9 @@ class KVCache {
   void ensure_blocks(PagedCodes& p, const Quantizer& q, size_t tokens);
   void release_blocks(PagedCodes& p, size_t tokens);
   void encode_at(size_t stream, size_t pos, const float* x, size_t n);
-  void flush_window(int layer);
+  void flush_window(int layer, size_t keep_new = 0);
+  void flush_group(size_t layer);        // mixed precision: one group of the window
+  void note_importance(size_t layer, size_t kv_head, const float* w, size_t first, size_t n) const;
   void reserve_window(std::vector<uint16_t>& w) const;
   void append_windowed(int layer, const float* keys, const float* values, size_t T);
   void shrink_layer(size_t layer, size_t new_size);
@@ -350,6 +390,12 @@ class KVCache {
   std::vector<DecayPlan> decay_plans_;                  // per stream of a layer (2*kv_head + role)
   std::vector<size_t> decay_done_;                      // per layer: leading blocks decayed
   std::vector<size_t> evicted_;                         // per layer: tokens evicted
+  std::vector<std::vector<uint64_t>> mixed_masks_;      // [layer][kv_head]: kept-token masks
+  size_t mixed_code_index(size_t layer, size_t kv_head, size_t code_pos) const;  // position -> index
+  bool mixed_low_block(size_t group, size_t block_in_group) const;
+  void check_mixed_cut(size_t layer, size_t new_size) const;
+  mutable std::vector<std::vector<float>> importance_;  // [layer][kv_head]: per window token
+  mutable std::mutex importance_mutex_;                 // attend calls update importance_
   mutable std::atomic<size_t> readers_{0};              // guarded readers in progress
   mutable std::atomic<bool> writer_{false};             // a mutator in progress
 };

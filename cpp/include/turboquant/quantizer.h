@@ -117,6 +117,10 @@ class Quantizer {
   virtual size_t state_bytes() const;
   // Replaces Π, e.g. by one loaded from an artifact store; must have this dim.
   virtual void set_rotation(std::unique_ptr<Rotation> rotation);
+  // Uses from's rotation object instead of its own (same dim; an outlier split: the same
+  // channels, part by part), e.g. a cache's fewer-bit quantizer of a stream sharing the
+  // stream's rotation, so that it is held once.
+  virtual void share_rotation(const Quantizer& from);
 
   float load_norm(const void* norms, size_t i) const;
   void store_norm(void* norms, size_t i, float value) const;
@@ -127,7 +131,7 @@ class Quantizer {
   Quantizer(const QuantizerConfig& config, std::unique_ptr<Rotation> rotation);
 
   QuantizerConfig config_;
-  std::unique_ptr<Rotation> rotation_;
+  std::shared_ptr<Rotation> rotation_;  // shared only through share_rotation
 };
 
 using QuantizerFactory = std::function<std::unique_ptr<Quantizer>(const QuantizerConfig&)>;

@@ -53,6 +53,7 @@ class OutlierSplitQuantizer : public Quantizer {
   // The split's rotation is derived from its parts (seeded): an installed rotation (a loaded
   // file, an artifact store) must equal it, and the parts' own rotations stay in use.
   void set_rotation(std::unique_ptr<Rotation> rotation) override;
+  void share_rotation(const Quantizer& from) override;
   const Quantizer& part(size_t p) const { return *parts_[p]; }  // 0: outliers, 1: inliers
   const std::vector<int>& outlier_channels() const { return outliers_; }
   int outlier_bits() const { return parts_[0]->bits(); }

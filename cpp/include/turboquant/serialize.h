@@ -40,6 +40,12 @@
 //   cache of several layers, KVCacheConfig::per_layer_head_bits()): as version 5, a count
 //   may also be n_layers * n_kv_heads (layer-major). Files of versions 1-5 load and are
 //   written back unchanged.
+//   Version 7 (written only with mixed precision, KVCacheConfig::mixed()): CONF continues
+//   with the version 2-5 fields, then mixed_group_blocks u64 and mixed_keep_blocks u64. LAYR
+//   holds whole groups; after the block flags (written whenever blocks may hold decay_bits
+//   codes) come the groups' masks, per KV head (code tokens / group tokens) × ceil(group
+//   tokens / 64) u64 words (KVCache::mixed_masks); the codes are in the cache's storage
+//   order. WNDW ends with the window tokens' importance, per KV head tokens × f32.
 //   "END " (last): empty payload; nothing may follow it.
 // Loading reads the file into memory and checks every length against the bytes left before
 // using it: a truncated, corrupted, wrong-magic or future-version file raises FormatError.
@@ -56,7 +62,7 @@ namespace turboquant {
 class KVCache;
 
 inline constexpr char kCacheMagic[8] = {'T', 'Q', 'K', 'V', 'C', 'A', 'C', 'H'};
-inline constexpr uint32_t kCacheFormatVersion = 6;
+inline constexpr uint32_t kCacheFormatVersion = 7;
 
 // CRC32C (Castagnoli, reflected polynomial 0x82F63B78), as in iSCSI / ext4 / SSE4.2 crc32.
 // crc32c("123456789") == 0xE3069283. Pass a previous result as `crc` to continue a stream.

@@ -48,6 +48,12 @@ def run(args: argparse.Namespace) -> int:
         dec = sum(core.decayed_blocks(layer, h, r) for layer in range(core.n_layers)
                   for h in range(core.n_kv_heads) for r in ("key", "value"))
         print(f"decay:           to {core.decay_bits} bits after {core.decay_after} tokens; {dec} blocks decayed")
+    if core.mixed_group_blocks:
+        low = sum(core.decayed_blocks(layer, h, r) for layer in range(core.n_layers)
+                  for h in range(core.n_kv_heads) for r in ("key", "value"))
+        print(f"mixed precision: {core.mixed_keep_blocks} of every {core.mixed_group_blocks} blocks "
+              f"(the most attended tokens) at the stream's bits, the rest at {core.decay_bits} bits; "
+              f"{low} blocks at {core.decay_bits} bits")
     print(f"memory:          {mem} bytes in memory, fp16 K+V would be {core.fp16_bytes()} bytes"
           + (f" ({core.fp16_bytes() / mem:.2f}x)" if sizes[0] else ""))
     coords = 2 * core.n_layers * core.n_kv_heads * core.head_dim
