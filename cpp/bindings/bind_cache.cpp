@@ -346,7 +346,7 @@ The T_q queries are the last T_q positions of the layer: query i sees keys
         std::copy(v.begin(), v.end(), out.mutable_data());
         return out;
       }, py::arg("layer"), py::arg("kv_head"),
-      "Mixed precision: the largest softmax weight each fp16 window token of one KV head got so far.")
+      "Mixed precision: the sum of the squared softmax weights each fp16 window token of one KV head got so far.")
       .def("coded_tokens", &KVCache::coded_tokens, py::arg("layer") = 0,
            "tokens of a layer held as codes (the rest are in the fp16 window)")
       .def("window_tokens", &KVCache::window_tokens, py::arg("layer") = 0,

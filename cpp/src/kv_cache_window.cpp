@@ -92,11 +92,11 @@ std::vector<float> KVCache::window_importance(int layer, int kv_head) const {
                      static_cast<size_t>(kv_head)];
 }
 
-// Raises the importance of window tokens [first, first + n) of one KV head to at least w[i].
+// Adds w[i] to the importance of window tokens [first, first + n) of one KV head.
 void KVCache::note_importance(size_t l, size_t h, const float* w, size_t first, size_t n) const {
   const std::lock_guard<std::mutex> lock(importance_mutex_);
   auto& imp = importance_[l * static_cast<size_t>(config_.n_kv_heads) + h];
-  for (size_t i = 0; i < n && first + i < imp.size(); ++i) imp[first + i] = std::max(imp[first + i], w[i]);
+  for (size_t i = 0; i < n && first + i < imp.size(); ++i) imp[first + i] += w[i];
 }
 
 // Mixed precision: encodes the window's oldest group of F = mixed_group_tokens() tokens. Per
@@ -305,8 +305,8 @@ void KVCache::append_window(int layer, size_t n, const std::vector<const uint16_
     if (importance)
       for (size_t h = 0; h < H; ++h)
         for (size_t j = 0; j < n; ++j)
-          TQ_CHECK((*importance)[h][j] >= 0.0f && (*importance)[h][j] <= 1.0f, InvalidArgument, "importance ",
-                   j, " of KV head ", h, " is not in [0, 1]");
+          TQ_CHECK(std::isfinite((*importance)[h][j]) && (*importance)[h][j] >= 0.0f, InvalidArgument,
+                   "importance ", j, " of KV head ", h, " is not a finite number >= 0");
   } else {
     TQ_CHECK(importance == nullptr, InvalidArgument, "window importance given but this cache has no mixed precision");
     TQ_CHECK(is_fp16_layer(layer) || n <= config_.fp16_window + config_.block_tokens, InvalidArgument,
@@ -494,8 +494,8 @@ void KVCache::attend_windowed(int layer, const float* queries, size_t T_q, float
           for (size_t t = wb; t < uwb; ++t) sr[t] = 0.0f;
           for (const auto& [a, b] : {std::pair{sa, sb}, std::pair{wa, wb}})
             if (b > a) zr += kernels.exp_sum(sr + a, b - a, M);
-          if (rate && zr > 0.0f)
-            for (size_t t = wa; t < wb; ++t) imp[t - ns] = std::max(imp[t - ns], sr[t] / zr);
+          if (rate && zr > 0.0f)  // importance: Σ over query rows of the squared weight
+            for (size_t t = wa; t < wb; ++t) imp[t - ns] += (sr[t] / zr) * (sr[t] / zr);
           if (thr > 0.0f)  // sparse V: the weight still counts in the normalisation
             for (const auto& [a, b] : {std::pair{sa, sb}, std::pair{wa, wb}})
               for (size_t t = a; t < b; ++t)

@@ -608,8 +608,8 @@ def _check_mixed(mixed_bits, mixed_keep, key_bits: int, value_bits: int, key_met
     """Validated (mixed_bits, mixed_keep, (group blocks, kept blocks)) of a TurboQuantKVCache.
 
     Importance-routed mixed precision: of every flush group of the fp16 window, the fraction
-    ``mixed_keep`` of tokens that got the largest attention weights while fp16 keep
-    key_bits / value_bits, the rest are stored at ``mixed_bits`` (the core's
+    ``mixed_keep`` of tokens that got the most attention while fp16 (the sum of their
+    squared softmax weights) keep key_bits / value_bits, the rest are stored at ``mixed_bits`` (the core's
     mixed_group_blocks / mixed_keep_blocks with decay_bits = mixed_bits)."""
     if isinstance(mixed_bits, bool) or not isinstance(mixed_bits, (int, np.integer)) or mixed_bits < 0:
         raise ValueError(f"mixed_bits must be an integer >= 0 (0 = off), got {mixed_bits!r}")
@@ -904,8 +904,8 @@ def make_prompt_cache(model, key_bits: int = 3, value_bits: int = 3,
     ``decay_bits``. ``sparse_v`` (0 = dense): value rows whose attention weight is below
     ``sparse_v`` times the query's maximum are skipped (decode steps). ``mixed_bits`` /
     ``mixed_keep`` (importance-routed mixed precision, needs ``fp16_window``): of every
-    flush group of the window, the fraction ``mixed_keep`` of tokens that got the largest
-    attention weights while fp16 keep the layer's bits, the rest are stored at ``mixed_bits``
+    flush group of the window, the fraction ``mixed_keep`` of tokens that got the most
+    attention while fp16 (sum of squared softmax weights) keep the layer's bits, the rest are stored at ``mixed_bits``
     (e.g. 4-bit caches with ``mixed_bits=2, mixed_keep=0.5`` average 3 bits). Raises
     :class:`UnsupportedArchitectureError` for MLA and SSM/hybrid models."""
     install_attention_route()

@@ -11,6 +11,7 @@
 #include "corruption_test_util.h"
 #include "kv_test_util.h"
 #include "turboquant/error.h"
+#include "turboquant/half.h"
 #include "turboquant/serialize.h"
 
 namespace turboquant {
@@ -124,9 +125,18 @@ TEST(MixedPrecision, KeepsTheMostAttendedTokensAtFullWidth) {
   kv.append(0, k.data(), v.data(), T);
   std::vector<float> out(kD);
   kv.attend(0, q.data(), 1, out.data());
+  // Importance: the squared softmax weight of each token (one query row, fp16 keys).
   const auto imp = kv.window_importance(0, 0);
   ASSERT_EQ(imp.size(), T);
-  for (size_t t : hot) EXPECT_GT(imp[t], 0.05f) << "token " << t;
+  std::vector<double> p(T);
+  double z = 0;
+  for (size_t t = 0; t < T; ++t) {
+    double a = 0;
+    for (size_t j = 0; j < kD; ++j) a += static_cast<double>(q[j]) * half_to_float(float_to_half(k[t * kD + j]));
+    z += (p[t] = std::exp(a / std::sqrt(static_cast<double>(kD))));
+  }
+  for (size_t t = 0; t < T; ++t) EXPECT_NEAR(imp[t], std::pow(p[t] / z, 2), 1e-5 * std::pow(p[t] / z, 2) + 1e-9);
+  for (size_t t : hot) EXPECT_GT(imp[t], 0.005f) << "token " << t;
   const auto k1 = gaussian(kD, 9);
   kv.append(0, k1.data(), k1.data(), 1);  // flushes the two groups rated above
   ASSERT_EQ(kv.coded_tokens(0), 32u);

@@ -70,7 +70,7 @@ def test_mixed_cache_splits_the_codes_by_attention_and_stays_close_to_uniform():
             pos = core.mixed_positions(0, h)
             assert sorted(pos.tolist()) == list(range(2, 2 + coded))
             imp = core.window_importance(0, h)
-            assert imp.shape == (core.window_tokens(0),) and np.all((imp >= 0) & (imp <= 1))
+            assert imp.shape == (core.window_tokens(0),) and np.all(np.isfinite(imp) & (imp >= 0))
             assert imp.max() > 0  # the last step's queries rated the window
     cos = np.sum(a * b, -1) / np.linalg.norm(a, axis=-1) / np.linalg.norm(b, axis=-1)
     assert 0.9 < cos.mean() < 0.99999
@@ -153,3 +153,21 @@ def test_info_cli_shows_mixed_precision(tmp_path, capsys):
     assert "format version 7" in out
     # 16 coded tokens = 8 blocks per stream, half at 1 bit, over key + value streams
     assert "1 of every 2 blocks" in out and "8 blocks at 1 bits" in out
+
+
+@pytest.mark.slow
+def test_smollm2_mixed_beats_uniform_bits_of_the_same_average():
+    """On the real model (head_dim 64, GQA 3:1), 4-bit codes with the less attended half of
+    every group at 2 bits (3.0 average code bits) stay closer to fp16 than uniform 3 bits."""
+    from mlx_lm import load
+
+    from turboquant import models
+    from turboquant.mlx_eval import evaluate
+
+    model, tokenizer = load(str(models.smollm2("float32")))
+    tokens = tokenizer.encode(open("/usr/share/common-licenses/GPL-3").read())
+    fp16, uniform, mixed = evaluate(
+        model, tokens, [Setting.parse("3+s4+w64"), Setting.parse("4+s4+w64+m2:0.5")],
+        prefix=384, score=128, chunk=16, context=0, decode_tokens=0, log=lambda *a: None)
+    # (KL, not the perplexity ratio: 128 scored tokens pin a ratio down only to ~±2%)
+    assert mixed.logit_cosine > 0.99 and mixed.kl < 0.8 * uniform.kl, (mixed.kl, uniform.kl)

@@ -107,8 +107,9 @@ struct KVCacheConfig {
   std::vector<int> value_head_bits;
   std::vector<int> outlier_head_bits;
   // Importance-routed mixed precision (0 = off; needs fp16_window > 0, turboquant_mse, no
-  // temporal decay or eviction). Each window token remembers the largest softmax weight any
-  // query row of its KV head gave it while it was fp16 (its importance). The window is
+  // temporal decay or eviction). Each window token sums the squared softmax weights that the
+  // query rows of its KV head gave it while it was fp16 (its importance: a token's share of
+  // the output error that its quantization error would cause). The window is
   // flushed in groups of mixed_group_blocks blocks: per KV head, the mixed_keep_blocks ×
   // block_tokens most important tokens of the group keep the stream's bits, the others are
   // encoded at decay_bits (the decayed quantizer: same rotation, fewer bits; per-block flags
@@ -284,7 +285,7 @@ class KVCache {
   bool is_fp16_layer(int layer) const;
   // Restores a layer's window (load): n fp16 rows per stream i = 2*kv_head + role; the layer
   // must hold no window tokens. Validates the count against the window limits.
-  // importance (mixed precision only, optional): n floats in [0, 1] per KV head.
+  // importance (mixed precision only, optional): n finite floats >= 0 per KV head.
   void append_window(int layer, size_t n, const std::vector<const uint16_t*>& rows,
                      const std::vector<const float*>* importance = nullptr);
   const PagedCodes& pages(int layer, int kv_head, KVRole role) const;
@@ -317,8 +318,8 @@ class KVCache {
   size_t mixed_mask_words() const { return (config_.mixed_group_tokens() + 63) / 64; }
   // The position of every code index of one (layer, KV head) (code_tokens entries).
   std::vector<size_t> mixed_positions(int layer, int kv_head) const;
-  // Mixed precision: the importance (largest softmax weight so far) of each window token of
-  // one (layer, KV head), window_tokens entries.
+  // Mixed precision: the importance (sum of squared softmax weights so far) of each window
+  // token of one (layer, KV head), window_tokens entries.
   std::vector<float> window_importance(int layer, int kv_head) const;
 
   // Serialization (serialize.h defines the file format).
