@@ -165,6 +165,7 @@ KVCache::KVCache(const KVCacheConfig& config) : config_(config) {
   if (config_.mixed()) {
     mixed_masks_.resize(static_cast<size_t>(config_.n_layers) * static_cast<size_t>(config_.n_kv_heads));
     importance_.resize(mixed_masks_.size());
+    rated_.assign(static_cast<size_t>(config_.n_layers), 0);
   }
   evicted_.assign(static_cast<size_t>(config_.n_layers), 0);
 }

@@ -13,6 +13,7 @@
 #include "turboquant/half.h"
 #include "turboquant/kv_cache.h"
 #include "turboquant/thread_pool.h"
+#include "kv_cache_guard.h"
 
 namespace turboquant {
 
@@ -82,6 +83,22 @@ std::vector<size_t> KVCache::mixed_positions(int layer, int kv_head) const {
   for (size_t p = 0; p < n; ++p)
     pos[config_.mixed() ? mixed_code_index(static_cast<size_t>(layer), static_cast<size_t>(kv_head), p) : p] = ns + p;
   return pos;
+}
+
+size_t KVCache::rated_tokens(int layer) const {
+  check_layer(layer);
+  if (!config_.mixed()) return 0;
+  const std::lock_guard<std::mutex> lock(importance_mutex_);
+  return rated_[static_cast<size_t>(layer)];
+}
+
+void KVCache::set_rated_tokens(int layer, size_t n) {
+  const WriteScope guard(*this, "set_rated_tokens");
+  check_layer(layer);
+  TQ_CHECK(config_.mixed() || n == 0, InvalidArgument, "rated tokens ", n, " on a cache without mixed precision");
+  TQ_CHECK(n <= sizes_[static_cast<size_t>(layer)], InvalidArgument, "rated tokens ", n, " exceed layer ", layer,
+           "'s ", sizes_[static_cast<size_t>(layer)], " tokens");
+  if (config_.mixed()) rated_[static_cast<size_t>(layer)] = n;
 }
 
 std::vector<float> KVCache::window_importance(int layer, int kv_head) const {
@@ -159,10 +176,11 @@ void KVCache::flush_group(size_t l) {
   coded_[l] += F;
 }
 
-// While the window holds more than fp16_window + block_tokens tokens (besides its newest
-// keep_new), quantizes its oldest block_tokens tokens into codes (mixed precision: a group
-// of mixed_group_tokens() at a time, once at least fp16_window + that many are eligible).
-// All streams are encoded before any window row is dropped.
+// While the window holds more than fp16_window + block_tokens tokens, quantizes its oldest
+// block_tokens tokens into codes (mixed precision: a group of mixed_group_tokens() at a time,
+// once the group is rated and fp16_window newer tokens follow it, or, unrated, when the
+// window holds kMixedUnratedTokens tokens more than that besides the latest keep_new). All streams are encoded before any window row
+// is dropped.
 void KVCache::flush_window(int layer, size_t keep_new) {
   if (is_fp16_layer(layer)) return;
   const auto l = static_cast<size_t>(layer);
@@ -171,7 +189,16 @@ void KVCache::flush_window(int layer, size_t keep_new) {
   const size_t streams = static_cast<size_t>(config_.n_kv_heads) * 2;
   if (config_.mixed()) {
     const size_t F = config_.mixed_group_tokens();
-    while (sizes_[l] - coded_[l] >= keep_new + N + F) flush_group(l);
+    for (;;) {
+      const size_t end = coded_[l] + F;  // the oldest group ends here
+      if (sizes_[l] < end + N) break;    // fp16_window newer tokens must follow it
+      // Unrated (no attention call since): only groups older than the latest append, once
+      // the window holds kMixedUnratedTokens more than its bound besides that append.
+      const bool rated = rated_tokens(layer) >= end;
+      if (!rated && (end + keep_new > sizes_[l] || sizes_[l] - keep_new - coded_[l] < N + F + kMixedUnratedTokens))
+        break;
+      flush_group(l);
+    }
   }
   std::vector<float> x(bt * d);
   while (!config_.mixed() && sizes_[l] - coded_[l] > N + bt) {
@@ -266,9 +293,9 @@ void KVCache::append_windowed(int layer, const float* keys, const float* values,
           windows_[l * streams + 2 * h].size() / d, 0.0f);
   sizes_[l] = old + T;
   try {
-    // Mixed precision: this call's tokens stay fp16 until the next append, so that the
-    // attention call in between (e.g. a prefill's own queries) rates them.
-    flush_window(layer, config_.mixed() ? T - ks : 0);
+    // (Mixed precision: this call's tokens are not rated yet, so they stay fp16 until an
+    // attention call, e.g. a prefill's own queries, has rated them.)
+    flush_window(layer, T - ks);
   } catch (...) {
     // flush_window only commits whole blocks; drop the rows of this call that are left.
     if (coded_[l] == old + ks && ks > 0) {  // nothing flushed: the sinks of this call go too
@@ -338,6 +365,7 @@ void KVCache::shrink_layer(size_t l, size_t new_size) {
   const auto d = static_cast<size_t>(config_.head_dim);
   const size_t streams = static_cast<size_t>(config_.n_kv_heads) * 2;
   if (config_.mixed()) {
+    rated_[l] = std::min(rated_[l], new_size);
     const size_t H = streams / 2, keep = new_size >= coded_[l] ? new_size - coded_[l] : 0;
     for (size_t h = 0; h < H; ++h) {
       importance_[l * H + h].resize(keep);
@@ -442,6 +470,10 @@ void KVCache::attend_windowed(int layer, const float* queries, size_t T_q, float
   }
   // KV heads are independent (own buffers): split across the thread pool like attend().
   const bool rate = config_.mixed() && nw > 0;  // mixed precision: window tokens' importance
+  if (config_.mixed()) {
+    const std::lock_guard<std::mutex> lock(importance_mutex_);
+    rated_[l] = std::max(rated_[l], n);
+  }
   parallel_for(H, 1, [&](size_t h0, size_t h1) {
     std::vector<float> s(kRowChunk * nf), acc(kRowChunk * d), z(kRowChunk), imp(rate ? nw : 0);
     for (size_t h = h0; h < h1; ++h) {

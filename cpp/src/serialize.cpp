@@ -265,11 +265,13 @@ std::vector<uint8_t> serialize_cache(const KVCache& cache) {
           const auto& rows = cache.window(l, h, role);
           w.bytes(rows.data(), rows.size() * sizeof(uint16_t));
         }
-      if (c.mixed())
+      if (c.mixed()) {
         for (int h = 0; h < c.n_kv_heads; ++h) {
           const auto imp = cache.window_importance(l, h);
           w.bytes(imp.data(), imp.size() * sizeof(float));
         }
+        w.put(static_cast<uint64_t>(cache.rated_tokens(l)));
+      }
       w.end(at);
     }
   }
@@ -495,7 +497,9 @@ std::unique_ptr<KVCache> deserialize_cache(const uint8_t* data, size_t size) {
         const auto wn = win.get<uint64_t>("window token count");
         const size_t wrow = streams * static_cast<size_t>(c.head_dim) * sizeof(uint16_t) +
                             (c.mixed() ? static_cast<size_t>(c.n_kv_heads) * sizeof(float) : 0);
-        TQ_CHECK(wn <= win.left() && wn * wrow == win.left(), FormatError, "corrupted file: window of layer ", l,
+        const size_t wtail = c.mixed() ? sizeof(uint64_t) : 0;  // mixed: the rated token count
+        TQ_CHECK(win.left() >= wtail && wn <= win.left() && wn * wrow == win.left() - wtail, FormatError,
+                 "corrupted file: window of layer ", l,
                  " claims ", wn, " tokens but holds ", win.left(), " bytes (", wrow, " per token)");
         const auto rows = d16(win, "window rows", static_cast<size_t>(wn));
         std::vector<const uint16_t*> ptrs(streams);
@@ -510,8 +514,12 @@ std::unique_ptr<KVCache> deserialize_cache(const uint8_t* data, size_t size) {
           }
           for (const auto& v : imp) imp_ptrs.push_back(v.data());
         }
+        const uint64_t rated = c.mixed() ? win.get<uint64_t>("rated token count") : 0;
         win.expect_end("WNDW");
         cache->append_window(l, static_cast<size_t>(wn), ptrs, c.mixed() ? &imp_ptrs : nullptr);
+        TQ_CHECK(rated <= cache->size(l), FormatError, "corrupted file: layer ", l, " has ", rated,
+                 " rated tokens but holds ", cache->size(l));
+        cache->set_rated_tokens(l, static_cast<size_t>(rated));
       }
     }
     r.section(kTagEnd, "END").expect_end("END");

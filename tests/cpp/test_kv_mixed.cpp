@@ -156,6 +156,29 @@ TEST(MixedPrecision, KeepsTheMostAttendedTokensAtFullWidth) {
   EXPECT_LT(err_kept * 3, err_low);
 }
 
+TEST(MixedPrecision, OnlyRatedTokensFlushUnlessTheWindowOverflows) {
+  KVCache kv(mixed_config());
+  append(kv, 100, 60);  // a converted cache: no attention call yet
+  append(kv, 1, 61);
+  EXPECT_EQ(kv.coded_tokens(0), 2u) << "unrated tokens must wait for an attention call";
+  EXPECT_EQ(kv.rated_tokens(0), 0u);
+  attend(kv, 1, 62);  // the first query rates all 101 tokens
+  EXPECT_EQ(kv.rated_tokens(0), 101u);
+  append(kv, 1, 63);
+  EXPECT_EQ(kv.coded_tokens(0), 2u + 80u);  // whole groups of 16 with 16 newer tokens behind
+  // Appends without attention: at most kMixedUnratedTokens unrated tokens beyond the
+  // window's bound, then the oldest groups flush unrated.
+  KVCache raw(mixed_config());
+  const size_t big = KVCache::kMixedUnratedTokens + 100;
+  append(raw, big, 64);
+  EXPECT_EQ(raw.coded_tokens(0), 2u);
+  append(raw, 1, 65);
+  const size_t window = raw.window_tokens(0);
+  EXPECT_LE(window, 16u + 16u + KVCache::kMixedUnratedTokens);
+  EXPECT_GE(window, 16u + KVCache::kMixedUnratedTokens);
+  attend(raw, 1, 66);
+}
+
 TEST(MixedPrecision, MemoryIsCountedExactly) {
   KVCache kv(mixed_config());
   append(kv, 100, 20);
@@ -192,6 +215,7 @@ TEST(MixedPrecision, SaveLoadKeepsCodesMasksAndImportance) {
     EXPECT_EQ(back->mixed_masks(0, h), kv.mixed_masks(0, h));
     EXPECT_EQ(back->window_importance(0, h), kv.window_importance(0, h));
   }
+  EXPECT_EQ(back->rated_tokens(0), kv.rated_tokens(0));
   // Both continue identically (the next flush ranks by the restored importance).
   for (KVCache* c : {&kv, back.get()}) {
     append(*c, 40, 34);

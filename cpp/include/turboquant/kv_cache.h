@@ -116,8 +116,11 @@ struct KVCacheConfig {
   // as for decay), so a group of 2 blocks keeping 1 at 4 bits over 2 averages 3 bits. Codes
   // are stored in that order, not by position (mixed_order maps them back): attention over
   // codes needs no position, since every coded token is older than every query. For that,
-  // the tokens of the latest append are never flushed by it (they wait for the attention
-  // call that follows, so a prefill's own queries rate it), and attend refuses a sliding
+  // only tokens that an attend call has seen are flushed (an append's tokens wait for the
+  // attention call that follows, so a prefill's own queries rate it, and a converted cache
+  // is rated by its first query) — unless a layer is appended to without attention calls:
+  // beyond kMixedUnratedTokens unrated tokens besides the latest append's, the oldest
+  // groups flush unrated (in position order) — and attend refuses a sliding
   // window or causal queries older than a coded token (NotSupported). Trimming into the
   // codes must cut at a group boundary. Needs file format version 7.
   size_t mixed_group_blocks = 0;
@@ -235,6 +238,9 @@ struct AttentionOptions {
 class KVCache {
  public:
   explicit KVCache(const KVCacheConfig& config);
+  // Mixed precision: how many fp16 window tokens a layer holds at most without attention
+  // calls before its oldest groups are flushed unrated.
+  static constexpr size_t kMixedUnratedTokens = 4096;
 
   const KVCacheConfig& config() const { return config_; }
   int head_dim() const { return config_.head_dim; }
@@ -321,6 +327,10 @@ class KVCache {
   // Mixed precision: the importance (sum of squared softmax weights so far) of each window
   // token of one (layer, KV head), window_tokens entries.
   std::vector<float> window_importance(int layer, int kv_head) const;
+  // Mixed precision: the leading tokens of a layer that attention calls have rated (its
+  // size at the last attend), and its restore (load; at most the layer's size).
+  size_t rated_tokens(int layer) const;
+  void set_rated_tokens(int layer, size_t n);
 
   // Serialization (serialize.h defines the file format).
   void save(const std::string& path) const;
@@ -396,7 +406,8 @@ class KVCache {
   bool mixed_low_block(size_t group, size_t block_in_group) const;
   void check_mixed_cut(size_t layer, size_t new_size) const;
   mutable std::vector<std::vector<float>> importance_;  // [layer][kv_head]: per window token
-  mutable std::mutex importance_mutex_;                 // attend calls update importance_
+  mutable std::vector<size_t> rated_;                   // [layer]: size at the last attend
+  mutable std::mutex importance_mutex_;                 // attend calls update importance_, rated_
   mutable std::atomic<size_t> readers_{0};              // guarded readers in progress
   mutable std::atomic<bool> writer_{false};             // a mutator in progress
 };

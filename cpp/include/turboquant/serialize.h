@@ -45,7 +45,8 @@
 //   holds whole groups; after the block flags (written whenever blocks may hold decay_bits
 //   codes) come the groups' masks, per KV head (code tokens / group tokens) × ceil(group
 //   tokens / 64) u64 words (KVCache::mixed_masks); the codes are in the cache's storage
-//   order. WNDW ends with the window tokens' importance, per KV head tokens × f32.
+//   order. WNDW ends with the window tokens' importance, per KV head tokens × f32, and the
+//   layer's rated token count u64 (KVCache::rated_tokens).
 //   "END " (last): empty payload; nothing may follow it.
 // Loading reads the file into memory and checks every length against the bytes left before
 // using it: a truncated, corrupted, wrong-magic or future-version file raises FormatError.
