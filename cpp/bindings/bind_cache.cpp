@@ -340,6 +340,8 @@ The T_q queries are the last T_q positions of the layer: query i sees keys
       }, py::arg("layer"), py::arg("kv_head"),
       "Position of every code index of one (layer, KV head): codes are stored by position, or with mixed\n"
       "precision by flush group, the group's kept tokens apart from the others.")
+      .def("rated_tokens", &KVCache::rated_tokens, py::arg("layer") = 0,
+           "Mixed precision: the leading tokens of a layer that attention calls have rated (only those flush).")
       .def("window_importance", [](const KVCache& kv, int layer, int kv_head) {
         const auto v = kv.window_importance(layer, kv_head);
         py::array_t<float> out(static_cast<py::ssize_t>(v.size()));

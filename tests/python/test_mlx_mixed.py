@@ -171,3 +171,18 @@ def test_smollm2_mixed_beats_uniform_bits_of_the_same_average():
         prefix=384, score=128, chunk=16, context=0, decode_tokens=0, log=lambda *a: None)
     # (KL, not the perplexity ratio: 128 scored tokens pin a ratio down only to ~±2%)
     assert mixed.logit_cosine > 0.99 and mixed.kl < 0.8 * uniform.kl, (mixed.kl, uniform.kl)
+
+
+def test_a_converted_cache_is_rated_by_its_first_query():
+    model = tiny_model("llama")
+    fp = mlx_cache.make_prompt_cache(model)
+    logits(model, fp, TOKENS[:80])
+    conv = tq_mlx.to_turbo_quantized(fp, key_bits=4, value_bits=4, n_q_heads=4, fp16_window=8,
+                                     fp16_sinks=2, block_tokens=4, mixed_bits=2, mixed_keep=0.5)
+    core = conv[0]._core
+    assert core.code_tokens(0) == 0 and core.rated_tokens(0) == 0  # all fp16, nothing rated yet
+    logits(model, conv, TOKENS[80:81])  # appends 1 (nothing rated: no flush), then attends
+    assert core.code_tokens(0) == 0 and core.rated_tokens(0) == 81
+    assert core.window_importance(0, 0).max() > 0
+    logits(model, conv, TOKENS[81:82])  # now the rated groups flush, by importance
+    assert core.code_tokens(0) == 72 and core.window_tokens(0) == 8  # 2 sinks + 72 + 8 = 82
