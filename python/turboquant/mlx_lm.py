@@ -590,17 +590,25 @@ def _check_decay_sparse(decay_after, decay_bits, sparse_v, key_bits: int, value_
     if decay_after == 0 and decay_bits:
         raise ValueError(f"decay_bits={decay_bits} needs decay_after > 0 (temporal decay is off)")
     if decay_after:
-        lo = min(key_bits, value_bits)
-        if not 1 <= decay_bits < lo:
-            raise ValueError(f"decay_bits must be in [1, {lo - 1}] (fewer than key_bits and "
-                             f"value_bits = {key_bits}/{value_bits}), got {decay_bits}")
-        if key_method != "turboquant_mse" or value_method != "turboquant_mse":
-            raise ValueError(f"temporal decay needs turboquant_mse keys and values, got "
-                             f"{key_method!r} / {value_method!r}")
+        _check_low_width("decay_bits", decay_bits, "temporal decay", key_bits, value_bits,
+                         key_method, value_method)
     if isinstance(sparse_v, bool) or not isinstance(sparse_v, (int, float, np.floating)) \
             or not 0.0 <= float(sparse_v) < 1.0:
         raise ValueError(f"sparse_v must be a number in [0, 1) (0 = dense), got {sparse_v!r}")
     return decay_after, decay_bits, float(sparse_v)
+
+
+def _check_low_width(name: str, bits: int, feature: str, key_bits: int, value_bits: int,
+                     key_method: str, value_method: str) -> None:
+    """The fewer-bit width of temporal decay / mixed precision: below both roles' bits, on
+    turboquant_mse keys and values (re-quantization keeps the rotation)."""
+    lo = min(key_bits, value_bits)
+    if not 1 <= bits < lo:
+        raise ValueError(f"{name} must be in [1, {lo - 1}] (fewer than key_bits and value_bits "
+                         f"= {key_bits}/{value_bits}), got {bits}")
+    if key_method != "turboquant_mse" or value_method != "turboquant_mse":
+        raise ValueError(f"{feature} needs turboquant_mse keys and values, got "
+                         f"{key_method!r} / {value_method!r}")
 
 
 def _check_mixed(mixed_bits, mixed_keep, key_bits: int, value_bits: int, key_method: str,
@@ -609,24 +617,22 @@ def _check_mixed(mixed_bits, mixed_keep, key_bits: int, value_bits: int, key_met
 
     Importance-routed mixed precision: of every flush group of the fp16 window, the fraction
     ``mixed_keep`` of tokens that got the most attention while fp16 (the sum of their
-    squared softmax weights) keep key_bits / value_bits, the rest are stored at ``mixed_bits`` (the core's
-    mixed_group_blocks / mixed_keep_blocks with decay_bits = mixed_bits)."""
-    if isinstance(mixed_bits, bool) or not isinstance(mixed_bits, (int, np.integer)) or mixed_bits < 0:
+    squared softmax weights) keep key_bits / value_bits, the rest are stored at
+    ``mixed_bits`` (the core's mixed_group_blocks / mixed_keep_blocks, decay_bits =
+    mixed_bits)."""
+    if isinstance(mixed_bits, bool) or not isinstance(mixed_bits, (int, np.integer)) \
+            or mixed_bits < 0:
         raise ValueError(f"mixed_bits must be an integer >= 0 (0 = off), got {mixed_bits!r}")
     if isinstance(mixed_keep, bool) or not isinstance(mixed_keep, (int, float, np.floating)):
         raise ValueError(f"mixed_keep must be a fraction in (0, 1), got {mixed_keep!r}")
     mixed_bits, mixed_keep = int(mixed_bits), float(mixed_keep)
     if not mixed_bits:
         if mixed_keep:
-            raise ValueError(f"mixed_keep={mixed_keep} needs mixed_bits > 0 (mixed precision is off)")
+            raise ValueError(f"mixed_keep={mixed_keep} needs mixed_bits > 0 (mixed precision is "
+                             "off)")
         return 0, 0.0, (0, 0)
-    lo = min(key_bits, value_bits)
-    if not 1 <= mixed_bits < lo:
-        raise ValueError(f"mixed_bits must be in [1, {lo - 1}] (fewer than key_bits and value_bits "
-                         f"= {key_bits}/{value_bits}), got {mixed_bits}")
-    if key_method != "turboquant_mse" or value_method != "turboquant_mse":
-        raise ValueError(f"mixed precision needs turboquant_mse keys and values, got "
-                         f"{key_method!r} / {value_method!r}")
+    _check_low_width("mixed_bits", mixed_bits, "mixed precision", key_bits, value_bits,
+                     key_method, value_method)
     if fp16_window <= 0:
         raise ValueError("mixed precision needs an fp16 window (fp16_window > 0): a token's "
                          "importance is measured while it is fp16")

@@ -55,7 +55,8 @@ def test_options_are_validated_with_clear_errors():
 def test_mixed_cache_splits_the_codes_by_attention_and_stays_close_to_uniform():
     model = tiny_model("llama")
     opts = dict(fp16_sinks=2, fp16_window=8, block_tokens=4, seed=5)
-    mixed = tq_mlx.make_prompt_cache(model, key_bits=4, value_bits=4, mixed_bits=2, mixed_keep=0.5, **opts)
+    mixed = tq_mlx.make_prompt_cache(model, key_bits=4, value_bits=4, mixed_bits=2, mixed_keep=0.5,
+                                     **opts)
     ref = mlx_cache.make_prompt_cache(model)
     a, b = run(model, ref, TOKENS), run(model, mixed, TOKENS)
     for c in mixed:
@@ -92,7 +93,8 @@ def test_mixed_cache_survives_prompt_cache_files(tmp_path):
     state = cache[0].state
     bad = tq_mlx.TurboQuantKVCache()
     with pytest.raises(FormatError, match="layer 0: mixed_keep"):
-        bad.state = (state[0], state[1].replace('"mixed_keep": 0.5', '"mixed_keep": 0.3'), *state[2:])
+        bad.state = (state[0], state[1].replace('"mixed_keep": 0.5', '"mixed_keep": 0.3'),
+                     *state[2:])
 
 
 def test_trim_into_a_group_is_refused_and_whole_groups_trim():
@@ -127,8 +129,9 @@ def test_eval_grammar():
     assert s.name == "tq-4bit+s4+w64+m2:0.5"
     s = Setting.parse("4+s4+w64+m2:0.25:64")
     assert (s.mixed_keep, s.block_tokens, s.name) == (0.25, 16, "tq-4bit+s4+w64+m2:0.25:64")
-    assert tq_mlx.make_prompt_cache(tiny_model("llama"), key_bits=4, value_bits=4, fp16_window=8,
-                                    mixed_bits=2, mixed_keep=0.25, block_tokens=16)[0].block_tokens == 16
+    c = tq_mlx.make_prompt_cache(tiny_model("llama"), key_bits=4, value_bits=4, fp16_window=8,
+                                 mixed_bits=2, mixed_keep=0.25, block_tokens=16)
+    assert c[0].block_tokens == 16
     for spec, token in (("4+w64+m2", "m2"), ("4+w64+m0:0.5", "m0:0.5"), ("4+w64+m2:1", "m2:1"),
                         ("4+w64+m2:x", "m2:x"), ("4+w64+m2:0.5:33", "m2:0.5:33")):
         with pytest.raises(ValueError, match=f"bad option '{token}'"):
