@@ -14,6 +14,8 @@
 // same cache, or a reader that overlaps a mutator, throws ConcurrentAccess before touching
 // anything (a checked flag, never a silent data race). Callers that share a cache between
 // threads serialize mutation themselves (e.g. one writer thread, or a lock around append).
+// With mixed precision, attend also adds to the window tokens' importance and the layer's
+// rated count, under a lock of their own, so concurrent attends stay safe.
 #pragma once
 
 #include <array>
