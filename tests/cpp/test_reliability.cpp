@@ -226,6 +226,41 @@ TEST(ReliabilityCpp, ConcurrentAttendFromManyThreadsMatchesSerial) {
   EXPECT_EQ(mismatches.load(), 0);
 }
 
+TEST(ReliabilityCpp, ConcurrentAttendOnAMixedPrecisionCacheSumsEveryCallsImportance) {
+  // Mixed precision: attend (a reader) adds to the window tokens' importance under its own
+  // lock. Many threads at once must add exactly what the same calls add one after another.
+  KVCacheConfig cfg;
+  cfg.head_dim = 32;
+  cfg.n_q_heads = 4;
+  cfg.n_kv_heads = 2;
+  cfg.key_bits = 4;
+  cfg.value_bits = 4;
+  cfg.block_tokens = 8;
+  cfg.fp16_window = 16;
+  cfg.decay_bits = 2;
+  cfg.mixed_group_blocks = 2;
+  cfg.mixed_keep_blocks = 1;
+  KVCache serial(cfg), shared(cfg);
+  const auto k = gaussian(2 * 60 * 32, 7), v = gaussian(2 * 60 * 32, 8);
+  for (KVCache* c : {&serial, &shared}) c->append(0, k.data(), v.data(), 60);
+  const auto q = gaussian(4 * 32, 9);
+  std::vector<float> out(4 * 32);
+  for (int i = 0; i < 4 * 25; ++i) serial.attend(0, q.data(), 1, out.data());
+  std::vector<std::thread> threads;
+  for (int t = 0; t < 4; ++t)
+    threads.emplace_back([&] {
+      std::vector<float> o(4 * 32);
+      for (int rep = 0; rep < 25; ++rep) shared.attend(0, q.data(), 1, o.data());
+    });
+  for (auto& th : threads) th.join();
+  EXPECT_EQ(shared.rated_tokens(0), 60u);
+  for (int h = 0; h < 2; ++h) {
+    const auto a = serial.window_importance(0, h), b = shared.window_importance(0, h);
+    ASSERT_EQ(a.size(), b.size());
+    for (size_t i = 0; i < a.size(); ++i) EXPECT_NEAR(a[i], b[i], 1e-5f * a[i] + 1e-9f) << "token " << i;
+  }
+}
+
 // A turboquant_mse quantizer that can be made to pause inside encode or scores, so that a
 // second thread deterministically overlaps a mutation or a read.
 struct Gate {
