@@ -73,6 +73,7 @@ class KVCacheBuilder:
         self._decay_after = 0
         self._decay_bits = 0
         self._max_coded_tokens = 0
+        self._mixed = (0, 0)  # (group blocks, kept blocks); low width in _decay_bits
         self._sparse_v = 0.0
         self._max_tokens = 0
 
@@ -179,6 +180,15 @@ class KVCacheBuilder:
         self._decay_bits = bits
         return self
 
+    def with_mixed_precision(self, low_bits: int, group_blocks: int = 2,
+                             keep_blocks: int = 1) -> KVCacheBuilder:
+        """Importance-routed mixed precision (needs with_fp16_window): of every group of
+        group_blocks flushed blocks, the keep_blocks × block_tokens most attended tokens keep
+        the key/value bits, the others are stored at low_bits (turboquant_mse)."""
+        self._mixed = (group_blocks, keep_blocks)
+        self._decay_bits = low_bits
+        return self
+
     def with_eviction(self, max_coded_tokens: int) -> KVCacheBuilder:
         """Drop the oldest code blocks (after the sinks) beyond max_coded_tokens (StreamingLLM)."""
         self._max_coded_tokens = max_coded_tokens
@@ -237,7 +247,17 @@ class KVCacheBuilder:
         check_int("decay_after", self._decay_after, 0, 1 << 40)
         if self._max_coded_tokens:
             check_int("max_coded_tokens", self._max_coded_tokens, self._block_tokens, 1 << 40)
-        if self._decay_after:
+        if self._mixed[0]:
+            check_int("mixed precision group_blocks", self._mixed[0], 2, 4096)
+            check_int("mixed precision keep_blocks", self._mixed[1], 1, self._mixed[0] - 1)
+            check_int("mixed precision low_bits", self._decay_bits, 1,
+                      min(self._key_bits, self._value_bits) - 1)
+            if not self._fp16_window:
+                raise ValueError("mixed precision needs with_fp16_window(n > 0): token importance "
+                                 "is measured while tokens are fp16")
+            if self._decay_after or self._max_coded_tokens:
+                raise ValueError("mixed precision does not combine with decay or eviction")
+        elif self._decay_after:
             check_int("decay_bits", self._decay_bits, 1, min(self._key_bits, self._value_bits) - 1)
         elif self._decay_bits:
             raise ValueError(f"decay_bits ({self._decay_bits}) needs decay_after > 0")
@@ -299,7 +319,8 @@ class KVCacheBuilder:
             split_angle_bits=int(self._split_angle_bits),
             fp16_window=int(self._fp16_window), fp16_layers=[int(x) for x in self._fp16_layers],
             fp16_sinks=int(self._fp16_sinks), decay_after=int(self._decay_after), decay_bits=int(self._decay_bits),
-            max_coded_tokens=int(self._max_coded_tokens))
+            max_coded_tokens=int(self._max_coded_tokens), mixed_group_blocks=int(self._mixed[0]),
+            mixed_keep_blocks=int(self._mixed[1]))
         loaded = {}
         if self._store is not None:
             for role, method, bits in (("key", key_method, self._key_bits), ("value", value_method, self._value_bits)):
@@ -328,6 +349,7 @@ class KVCacheBuilder:
         extras = [name for name, on in (
             ("an outlier split", self._split()), ("fp16 layers", bool(self._fp16_layers)),
             ("decay", self._decay_after > 0), ("eviction", self._max_coded_tokens > 0),
+            ("mixed precision", self._mixed[0] > 0),
             ("an artifact store", self._store is not None),
             ("sparse V", self._sparse_v > 0), ("max_tokens", self._max_tokens > 0),
             ("jl_dim", self._jl_dim > 0)) if on]

@@ -400,6 +400,7 @@ def test_builder_selects_the_metal_store_where_metal_resolves(monkeypatch):
     for kw, why in (({"with_method": ("polar",)}, "turboquant_mse"),
                     ({"with_fp16_window": (8, [1])}, "fp16 layers"),
                     ({"with_decay": (32, 2)}, "decay"),
+                    ({"with_fp16_window": (8,), "with_mixed_precision": (1,)}, "mixed precision"),
                     ({"with_rotation": ("dense",)}, "hadamard"),
                     ({"with_sparse_v": (0.01,)}, "sparse V")):
         with pytest.raises(RuntimeError, match=why):

@@ -189,3 +189,23 @@ def test_a_converted_cache_is_rated_by_its_first_query():
     assert core.window_importance(0, 0).max() > 0
     logits(model, conv, TOKENS[81:82])  # now the rated groups flush, by importance
     assert core.code_tokens(0) == 72 and core.window_tokens(0) == 8  # 2 sinks + 72 + 8 = 82
+
+
+def test_builder_mixed_precision():
+    import turboquant as tq
+
+    cache = (tq.KVCacheBuilder().with_head_dim(32).with_heads(4, 2).with_bit_width(4)
+             .with_block_tokens(8).with_fp16_window(16).with_mixed_precision(2).build())
+    core = cache.core
+    assert (core.mixed_group_blocks, core.mixed_keep_blocks, core.decay_bits) == (2, 1, 2)
+    rng = np.random.default_rng(3)
+    k = rng.standard_normal((2, 60, 32)).astype(np.float32)
+    cache.append(k, k[::-1].copy(), layer=0)
+    cache.attend(rng.standard_normal((4, 1, 32)).astype(np.float32), layer=0)
+    cache.append(k[:, :1].copy(), k[:, :1].copy(), layer=0)
+    assert core.code_tokens(0) == 32 and core.decayed_blocks(0, 0, "key") == 2
+    for kw, err in ((dict(window=0), "with_fp16_window"), (dict(low=4), "low_bits"),
+                    (dict(keep=2), "keep_blocks")):
+        b = tq.KVCacheBuilder().with_head_dim(32).with_bit_width(4).with_fp16_window(kw.get("window", 16))
+        with pytest.raises(ValueError, match=err):
+            b.with_mixed_precision(kw.get("low", 2), 2, kw.get("keep", 1)).build()
