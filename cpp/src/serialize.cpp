@@ -411,8 +411,8 @@ std::unique_ptr<KVCache> deserialize_cache(const uint8_t* data, size_t size) {
       std::vector<std::vector<uint16_t>> rows(streams);
       for (size_t s = 0; s < streams; ++s) {
         rows[s].resize(tokens * static_cast<size_t>(c.head_dim));
-        std::memcpy(rows[s].data(), sec.take(rows[s].size() * sizeof(uint16_t), what),
-                    rows[s].size() * sizeof(uint16_t));
+        const uint8_t* src = sec.take(rows[s].size() * sizeof(uint16_t), what);
+        if (!rows[s].empty()) std::memcpy(rows[s].data(), src, rows[s].size() * sizeof(uint16_t));
       }
       return rows;
     };
@@ -466,8 +466,8 @@ std::unique_ptr<KVCache> deserialize_cache(const uint8_t* data, size_t size) {
                  "corrupted file: layer ", l, " is too short for its mixed-precision masks");
         for (int h = 0; h < c.n_kv_heads; ++h) {
           mask_rows.emplace_back(count);
-          std::memcpy(mask_rows.back().data(), lay.take(count * sizeof(uint64_t), "mixed masks"),
-                      count * sizeof(uint64_t));
+          const uint8_t* src = lay.take(count * sizeof(uint64_t), "mixed masks");
+          if (count > 0) std::memcpy(mask_rows.back().data(), src, count * sizeof(uint64_t));
         }
         for (const auto& m : mask_rows) masks.push_back(m.data());
       }
@@ -509,8 +509,8 @@ std::unique_ptr<KVCache> deserialize_cache(const uint8_t* data, size_t size) {
         if (c.mixed()) {
           for (int h = 0; h < c.n_kv_heads; ++h) {
             imp.emplace_back(static_cast<size_t>(wn));
-            std::memcpy(imp.back().data(), win.take(imp.back().size() * sizeof(float), "window importance"),
-                        imp.back().size() * sizeof(float));
+            const uint8_t* src = win.take(imp.back().size() * sizeof(float), "window importance");
+            if (wn > 0) std::memcpy(imp.back().data(), src, imp.back().size() * sizeof(float));
           }
           for (const auto& v : imp) imp_ptrs.push_back(v.data());
         }

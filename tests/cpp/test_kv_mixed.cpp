@@ -225,6 +225,18 @@ TEST(MixedPrecision, SaveLoadKeepsCodesMasksAndImportance) {
   EXPECT_EQ(serialize_cache(*back), serialize_cache(kv));
 }
 
+TEST(MixedPrecision, CachesWithoutCodesOrWindowRoundTrip) {
+  // No groups (no masks) and an empty window (no importance): zero-length sections.
+  for (size_t T : {size_t{0}, size_t{1}, size_t{2}, size_t{20}}) {
+    KVCache kv(mixed_config());
+    if (T > 0) append(kv, T, 70);
+    const auto bytes = serialize_cache(kv);
+    auto back = deserialize_cache(bytes.data(), bytes.size());
+    EXPECT_EQ(serialize_cache(*back), bytes) << T << " tokens";
+    EXPECT_EQ(back->size(0), T);
+  }
+}
+
 TEST(MixedPrecision, CorruptedMasksAreFormatErrors) {
   KVCache kv(mixed_config(1, 1));
   append(kv, 40, 40);
