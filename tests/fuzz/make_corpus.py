@@ -4,7 +4,10 @@
 
 Small valid inputs (a few hundred bytes to a few KB) so that mutations start from real
 structure: saved caches of several shapes, and rotation parameter blobs. Files named
-regression_* are inputs the fuzzers found (kept by hand; this script leaves them alone).
+regression_* (well-formed files of a configuration the loader refuses, checked by
+tests/python/test_reliability.py) and finding_* (other inputs that crashed a sanitizer
+build, CRCs recomputed) are inputs the fuzzers found (kept by hand; this script leaves
+them alone).
 """
 
 from __future__ import annotations
