@@ -17,6 +17,18 @@
 
 namespace turboquant {
 
+namespace {
+// Gives v a capacity of exactly cap elements, unless it holds more or already has it.
+template <typename T>
+void fit_capacity(std::vector<T>& v, size_t cap) {
+  if (v.capacity() == cap || v.size() > cap) return;
+  std::vector<T> fitted;
+  fitted.reserve(cap);
+  fitted.assign(v.begin(), v.end());
+  v.swap(fitted);
+}
+}  // namespace
+
 bool KVCache::is_fp16_layer(int layer) const {
   return std::find(config_.fp16_layers.begin(), config_.fp16_layers.end(), layer) !=
          config_.fp16_layers.end();
@@ -54,18 +66,22 @@ bool KVCache::mixed_low_block(size_t group, size_t j) const {
   return group % 2 == 0 ? j >= K : j < R - K;
 }
 
-size_t KVCache::mixed_code_index(size_t l, size_t h, size_t p) const {
-  const size_t F = config_.mixed_group_tokens(), words = mixed_mask_words();
-  const size_t g = p / F, o = p % F;
-  const uint64_t* m = mixed_masks_[l * static_cast<size_t>(config_.n_kv_heads) + h].data() + g * words;
+// The slot inside group g of the token at offset o, given the group's mask m: the kept
+// tokens in position order, then the others (even groups), or the others first (odd groups).
+size_t KVCache::mixed_slot(const uint64_t* m, size_t g, size_t o) const {
   size_t below = 0;  // kept tokens before offset o
   for (size_t w = 0; w < o / 64; ++w) below += static_cast<size_t>(std::popcount(m[w]));
   if (o % 64) below += static_cast<size_t>(std::popcount(m[o / 64] & ((uint64_t{1} << (o % 64)) - 1)));
   const bool kept = (m[o / 64] >> (o % 64)) & 1u;
-  const size_t K = config_.mixed_keep_blocks * config_.block_tokens, L = F - K;
-  const size_t rank = kept ? below : o - below;
+  const size_t K = config_.mixed_keep_blocks * config_.block_tokens, L = config_.mixed_group_tokens() - K;
   const bool kept_first = g % 2 == 0;
-  return g * F + (kept ? (kept_first ? 0 : L) : (kept_first ? K : 0)) + rank;
+  return kept ? (kept_first ? 0 : L) + below : (kept_first ? K : 0) + (o - below);
+}
+
+size_t KVCache::mixed_code_index(size_t l, size_t h, size_t p) const {
+  const size_t F = config_.mixed_group_tokens(), g = p / F;
+  const uint64_t* m = mixed_masks_[l * static_cast<size_t>(config_.n_kv_heads) + h].data() + g * mixed_mask_words();
+  return g * F + mixed_slot(m, g, p % F);
 }
 
 const std::vector<uint64_t>& KVCache::mixed_masks(int layer, int kv_head) const {
@@ -109,11 +125,11 @@ std::vector<float> KVCache::window_importance(int layer, int kv_head) const {
                      static_cast<size_t>(kv_head)];
 }
 
-// Adds w[i] to the importance of window tokens [first, first + n) of one KV head.
-void KVCache::note_importance(size_t l, size_t h, const float* w, size_t first, size_t n) const {
+// Adds w[i] to the importance of the first n window tokens of one KV head.
+void KVCache::note_importance(size_t l, size_t h, const float* w, size_t n) const {
   const std::lock_guard<std::mutex> lock(importance_mutex_);
   auto& imp = importance_[l * static_cast<size_t>(config_.n_kv_heads) + h];
-  for (size_t i = 0; i < n && first + i < imp.size(); ++i) imp[first + i] += w[i];
+  for (size_t i = 0; i < n; ++i) imp[i] += w[i];
 }
 
 // Mixed precision: encodes the window's oldest group of F = mixed_group_tokens() tokens. Per
@@ -136,23 +152,16 @@ void KVCache::flush_group(size_t l) {
       for (size_t o = 0; o < F; ++o) order[o] = o;
       std::stable_sort(order.begin(), order.end(), [&](size_t a, size_t b) { return imp[a] > imp[b]; });
       for (size_t k = 0; k < K; ++k) masks[h][order[k] / 64] |= uint64_t{1} << (order[k] % 64);
-      // Code slot -> window row: kept tokens (position order) then the others, or the
-      // others first in odd groups.
-      size_t kept_at = g % 2 == 0 ? 0 : F - K, low_at = g % 2 == 0 ? K : 0;
-      for (size_t o = 0; o < F; ++o) rows[((masks[h][o / 64] >> (o % 64)) & 1u) ? kept_at++ : low_at++] = o;
+      for (size_t o = 0; o < F; ++o) rows[mixed_slot(masks[h].data(), g, o)] = o;  // code slot -> window row
       for (size_t role = 0; role < 2; ++role) {
         const size_t i = l * streams + h * 2 + role;
         PagedCodes& p = pages_[i];
         ensure_blocks(p, *quantizers_[i], c + F);
-        for (size_t j = 0; j < R; ++j) {
+        for (size_t j = 0; j < R; ++j) {  // fresh full-width pages (trims release the rest)
           const size_t b = c / bt + j;
-          if (mixed_low_block(g, j) && !p.is_decayed(b)) {
-            p.code_blocks[b].reset(new uint8_t[bt * decay_quantizers_[i]->code_bytes()]);
-            p.decayed[b] = 1;
-          } else if (!mixed_low_block(g, j) && p.is_decayed(b)) {
-            p.code_blocks[b].reset(new uint8_t[bt * quantizers_[i]->code_bytes()]);
-            p.decayed[b] = 0;
-          }
+          if (!mixed_low_block(g, j)) continue;
+          p.code_blocks[b].reset(new uint8_t[bt * decay_quantizers_[i]->code_bytes()]);
+          p.decayed[b] = 1;
         }
         const uint16_t* w = windows_[i].data();
         for (size_t k = 0; k < F; ++k)
@@ -179,8 +188,8 @@ void KVCache::flush_group(size_t l) {
 // While the window holds more than fp16_window + block_tokens tokens, quantizes its oldest
 // block_tokens tokens into codes (mixed precision: a group of mixed_group_tokens() at a time,
 // once the group is rated and fp16_window newer tokens follow it, or, unrated, when the
-// window holds kMixedUnratedTokens tokens more than that besides the latest keep_new). All streams are encoded before any window row
-// is dropped.
+// window holds kMixedUnratedTokens tokens more than that besides the latest keep_new). All
+// streams are encoded before any window row is dropped.
 void KVCache::flush_window(int layer, size_t keep_new) {
   if (is_fp16_layer(layer)) return;
   const auto l = static_cast<size_t>(layer);
@@ -227,29 +236,15 @@ void KVCache::flush_window(int layer, size_t keep_new) {
   // (Only a window that holds tokens: with fp16 sinks, a layer still filling its sinks has none.)
   for (size_t s = 0; s < streams; ++s)
     if (!windows_[l * streams + s].empty()) reserve_window(windows_[l * streams + s]);
-  if (config_.mixed()) {  // the importance floats follow the window rows
-    const size_t cap = N + config_.mixed_group_tokens();
-    for (size_t h = 0; h < streams / 2; ++h) {
-      auto& imp = importance_[l * streams / 2 + h];
-      if (imp.capacity() == cap || imp.size() > cap) continue;
-      std::vector<float> v;
-      v.reserve(cap);
-      v.assign(imp.begin(), imp.end());
-      imp.swap(v);
-    }
-  }
+  if (config_.mixed())  // the importance floats follow the window rows
+    for (size_t h = 0; h < streams / 2; ++h) fit_capacity(importance_[l * streams / 2 + h], N + config_.mixed_group_tokens());
 }
 
 // Windows of flushed layers have a capacity of exactly (fp16_window + block_tokens) rows once
 // used (more only transiently inside append), so memory_bytes() is predictable.
 void KVCache::reserve_window(std::vector<uint16_t>& w) const {
   const size_t flush = config_.mixed() ? config_.mixed_group_tokens() : config_.block_tokens;
-  const size_t cap = (config_.fp16_window + flush) * static_cast<size_t>(config_.head_dim);
-  if (w.capacity() == cap || w.size() > cap) return;
-  std::vector<uint16_t> v;
-  v.reserve(cap);
-  v.assign(w.begin(), w.end());
-  w.swap(v);
+  fit_capacity(w, (config_.fp16_window + flush) * static_cast<size_t>(config_.head_dim));
 }
 
 void KVCache::append_windowed(int layer, const float* keys, const float* values, size_t T) {
@@ -543,7 +538,7 @@ void KVCache::attend_windowed(int layer, const float* queries, size_t T_q, float
           for (size_t j = 0; j < d; ++j) out[(qh * T_q + t) * d + j] = acc[(r - r0) * d + j] * inv;
         }
       }
-      if (rate) note_importance(l, h, imp.data(), 0, nw);
+      if (rate) note_importance(l, h, imp.data(), nw);
     }
   });
 }

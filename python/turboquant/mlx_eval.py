@@ -151,8 +151,10 @@ class Setting:
         if mixed[0]:
             name += f"+m{mixed[0]}:{mixed[1]:g}" + (f":{group}" if group else "")
             if group:
-                r = next((r for r in range(2, 9) if abs(round(mixed[1] * r) / r - mixed[1]) < 1e-3),
-                         None)
+                try:
+                    r = tq_mlx.mixed_blocks(mixed[1])[0]
+                except ValueError:
+                    r = None
                 if r is None or group % r:
                     raise ValueError(f"bad option {o!r} in setting {spec!r}: G={group} group "
                                      f"tokens must split into the fraction's blocks")

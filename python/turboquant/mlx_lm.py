@@ -638,12 +638,18 @@ def _check_mixed(mixed_bits, mixed_keep, key_bits: int, value_bits: int, key_met
                          "importance is measured while it is fp16")
     if decay_after:
         raise ValueError("mixed precision does not combine with temporal decay (decay_after)")
+    return mixed_bits, mixed_keep, mixed_blocks(mixed_keep)
+
+
+def mixed_blocks(keep: float) -> tuple[int, int]:
+    """(group blocks r, kept blocks k) of a kept fraction k/r, the smallest r <= 8 (0.333 is
+    1/3); ValueError for any other fraction."""
     for r in range(2, 9):
-        k = round(mixed_keep * r)
-        if 1 <= k < r and abs(k / r - mixed_keep) < 1e-3:  # 0.333 is 1/3
-            return mixed_bits, mixed_keep, (r, k)
+        k = round(keep * r)
+        if 1 <= k < r and abs(k / r - keep) < 1e-3:
+            return r, k
     raise ValueError(f"mixed_keep must be a fraction k/r in (0, 1) with r <= 8 (e.g. 0.5, 0.25, "
-                     f"0.75), got {mixed_keep!r}")
+                     f"0.75), got {keep!r}")
 
 
 def _permute(x: np.ndarray, perm: np.ndarray) -> np.ndarray:

@@ -362,7 +362,7 @@ class KVCache {
   void encode_at(size_t stream, size_t pos, const float* x, size_t n);
   void flush_window(int layer, size_t keep_new = 0);
   void flush_group(size_t layer);        // mixed precision: one group of the window
-  void note_importance(size_t layer, size_t kv_head, const float* w, size_t first, size_t n) const;
+  void note_importance(size_t layer, size_t kv_head, const float* w, size_t n) const;
   void reserve_window(std::vector<uint16_t>& w) const;
   void append_windowed(int layer, const float* keys, const float* values, size_t T);
   void shrink_layer(size_t layer, size_t new_size);
@@ -405,6 +405,7 @@ class KVCache {
   std::vector<size_t> evicted_;                         // per layer: tokens evicted
   std::vector<std::vector<uint64_t>> mixed_masks_;      // [layer][kv_head]: kept-token masks
   size_t mixed_code_index(size_t layer, size_t kv_head, size_t code_pos) const;  // position -> index
+  size_t mixed_slot(const uint64_t* group_mask, size_t group, size_t offset) const;
   bool mixed_low_block(size_t group, size_t block_in_group) const;
   void check_mixed_cut(size_t layer, size_t new_size) const;
   mutable std::vector<std::vector<float>> importance_;  // [layer][kv_head]: per window token
