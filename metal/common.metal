@@ -5,17 +5,30 @@
 // Every kernel body is an inline function taking its thread ids as arguments; the
 // [[kernel]] entry points (Metal only) just forward to them. The same bodies compile as
 // C++ through metal_compat.h (tests/cpp/test_metal_emulation.cpp) and are the mlx
-// kernels' bodies (python/turboquant/metal.py). Host code must compile with math mode
-// "safe" (no fast-math): the norm's compensated sums rely on IEEE rounding.
+// kernels' bodies (python/turboquant/metal.py), for Metal and, through cuda_compat.h, for
+// CUDA. Host code must compile with math mode "safe" (no fast-math): the norm's compensated
+// sums rely on IEEE rounding.
 #ifndef TQ_METAL_COMMON
 #define TQ_METAL_COMMON
 
-#ifdef __METAL_VERSION__
+#if defined(__METAL_VERSION__)
 #include <metal_stdlib>
+#elif defined(__CUDACC__)
+// CUDA (mx.fast.cuda_kernel): cuda_compat.h is prepended to the header by the host.
+#ifndef TQ_CUDA_COMPAT
+#error "the CUDA build of the kernels needs cuda_compat.h first"
+#endif
 #else
 #include "metal_compat.h"
 #endif
 using namespace metal;
+
+// A product rounded on its own, never fused with a following add into one fma: the
+// compensated sums below need it. Metal (math mode "safe") and the C++ emulation round each
+// product; cuda_compat.h maps it to __fmul_rn (CUDA contracts a*b + c by default).
+#ifndef TQ_MUL_RN
+#define TQ_MUL_RN(a, b) ((a) * (b))
+#endif
 
 // Address spaces of the parameter block and of the small tables (rotation signs,
 // centroids, boundaries): constant buffers for the native kernels; the mlx kernels
@@ -31,12 +44,15 @@ using namespace metal;
 // An array in threadgroup memory declared inside a kernel's body (the mlx kernels'
 // sources declare their scratch this way). In the C++ emulation it must be one object
 // shared by the threads of the group, which run as fibers of one OS thread: a static.
-#ifdef __METAL_VERSION__
+// (cuda_compat.h defines it as a __shared__ array.)
+#if defined(TQ_THREADGROUP_ARRAY)
+#elif defined(__METAL_VERSION__)
 #define TQ_THREADGROUP_ARRAY(type, name, count) threadgroup type name[count]
 #else
 #define TQ_THREADGROUP_ARRAY(type, name, count) static thread_local type name[count]
 #endif
 
+// The one assumption shared by Metal and CUDA: SIMD groups (warps) of 32 lanes.
 #define TQ_SIMD_WIDTH 32u
 // Query heads of one KV head handled in one pass of the decode-attention kernel.
 #define TQ_MAX_GROUP 16u
@@ -267,7 +283,7 @@ inline float tq_div_sqrt(float n, float hi, float lo) {
   const float r = sqrt(hi);
   const float rl = (fma(-r, r, hi) + lo) / (2.0f * r);  // sqrt(hi + lo) ≈ r + rl
   const float q = n / r;
-  const float e = fma(-q, r, n) - q * rl;  // n - q·(r + rl)
+  const float e = fma(-q, r, n) - TQ_MUL_RN(q, rl);  // n - q·(r + rl)
   return q + e / r;
 }
 
@@ -279,7 +295,7 @@ inline void tq_group_sum_squares(threadgroup const float* v, uint d, uint tid, u
   float hi = 0.0f, lo = 0.0f;
   for (uint j = tid; j < d; j += nthreads) {
     const float x = v[j];
-    const float p = x * x;
+    const float p = TQ_MUL_RN(x, x);
     tq_two_sum(hi, lo, p, fma(x, x, -p));
   }
   // Only lanes that exist take part (a group of 16 threads is a 16-lane simd-group).

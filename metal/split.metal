@@ -120,8 +120,9 @@ inline void tq_hadamard_inverse_blocks(threadgroup float* v, TQ_TABLE float* sig
 inline bool tq_angle_at_least(float h0, float l0, float th, float tl,
                               device const float* bounds, uint j) {
   const float ch = bounds[2u * j], cl = bounds[2u * j + 1u];
-  const float ph = th * ch;
-  const float pl = fma(th, ch, -ph) + (th * cl + tl * ch);  // total·cos² t_j = ph + pl
+  const float ph = TQ_MUL_RN(th, ch);
+  // total·cos² t_j = ph + pl
+  const float pl = fma(th, ch, -ph) + (TQ_MUL_RN(th, cl) + TQ_MUL_RN(tl, ch));
   const float s = ph - h0;  // two-sum of ph and -h0
   const float bb = s - ph;
   const float err = (ph - (s - bb)) + (-h0 - bb);

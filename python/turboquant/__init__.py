@@ -9,7 +9,6 @@ from turboquant._core import (  # noqa: F401
     FormatError,
     Quantizer,
     __version__,
-    backends,
     bytes_per_vector,
     codebook,
     effective_bits,
@@ -26,16 +25,32 @@ from turboquant.builder import KVCacheBuilder  # noqa: F401
 from turboquant.kv_cache import TurboQuantKVCache  # noqa: F401
 from turboquant.observers import DistortionObserver, LatencyObserver, MemoryObserver  # noqa: F401
 
+from turboquant._core import backends as _core_backends
 from turboquant._core import build_info as _core_build_info
+
+
+def backends() -> list[str]:
+    """The backends a KV cache can run on here: the C++ core's ("cpu", and "metal" on a
+    Mac with a Metal device), plus "cuda" when mlx has a CUDA device and the GPU kernels
+    passed their first-use self-test (the mlx-resident code store on mx.fast.cuda_kernel)."""
+    from turboquant import metal
+
+    found = list(_core_backends())
+    if metal.active_path() == "cuda":
+        found.append("cuda")
+    return found
 
 
 def build_info() -> dict:
     """Compiler, SIMD targets and backends of this build; "mlx_kernels" says whether mlx
-    arrays are processed by the Metal kernels on the GPU ("metal") or by the C++ CPU core."""
+    arrays are processed by the GPU kernels ("metal" or "cuda") or by the C++ CPU core
+    ("cpu"), and "mlx_kernels_reason" why."""
     from turboquant import metal
 
     info = _core_build_info()
+    info["backends"] = backends()
     info["mlx_kernels"] = metal.active_path()
+    info["mlx_kernels_reason"] = metal.path_reason()
     return info
 
 

@@ -45,6 +45,10 @@ def _precision_name(p: Any) -> str:
         return repr(p)
 
 
+# How to get mlx with each GPU device, for the builder's refusals.
+_INSTALL = {"metal": "pip install mlx, on Apple silicon", "cuda": "pip install 'mlx[cuda13]'"}
+
+
 class KVCacheBuilder:
     def __init__(self) -> None:
         self._method = "turboquant_mse"
@@ -288,23 +292,34 @@ class KVCacheBuilder:
     def build(self) -> TurboQuantKVCache:
         key_method, value_method = self._validate()
         requested = self._backend
-        if requested not in ("auto", "cpu", "metal"):
-            raise ValueError(f"backend must be 'auto', 'cpu' or 'metal', got {requested!r}")
-        backend = _core.resolve_backend(requested)  # honours TURBOQUANT_BACKEND for "auto"
-        if backend != "cpu":
-            # "metal" (only ever resolved on a Mac with a Metal device): the cache is the
-            # mlx-resident store of mlx_metal.py on the turboquant.metal kernels, when it can
-            # hold this configuration and mlx has a Metal device; otherwise "auto" falls back
-            # to the CPU cache and an explicit request is refused, saying why.
-            from turboquant import metal
+        if requested not in ("auto", "cpu", "metal", "cuda"):
+            raise ValueError(f"backend must be 'auto', 'cpu', 'metal' or 'cuda', got "
+                             f"{requested!r}")
+        from turboquant import metal
 
-            explicit = requested != "auto" or os.environ.get("TURBOQUANT_BACKEND", "auto") != "auto"
+        if requested == "cuda":
+            # The C++ core has no CUDA backend: "cuda" is the mlx-resident store of
+            # mlx_metal.py on the same kernels compiled by mx.fast.cuda_kernel.
+            backend, explicit = "cuda", True
+        else:
+            backend = _core.resolve_backend(requested)  # honours TURBOQUANT_BACKEND for "auto"
+            env = os.environ.get("TURBOQUANT_BACKEND", "auto")
+            explicit = requested != "auto" or env != "auto"
+            if backend == "cpu" and not explicit and metal.active_path() == "cuda":
+                backend = "cuda"  # "auto" on an NVIDIA GPU: the CUDA store when it can serve
+        if backend != "cpu":
+            # "metal" (only ever resolved on a Mac with a Metal device) or "cuda": the cache is
+            # the mlx-resident store of mlx_metal.py on the turboquant.metal kernels, when it
+            # can hold this configuration and mlx has such a device; otherwise "auto" falls
+            # back to the CPU cache and an explicit request is refused, saying why.
             why = self._metal_unsupported(key_method, value_method)
-            if why is None and metal.active_path() != "metal":
-                why = ("the Metal KV cache runs on mlx: it needs mlx with a Metal device "
-                       "(pip install mlx; TURBOQUANT_MLX_KERNELS not 'cpu')")
+            if why is None and metal.active_path() != backend:
+                name = {"metal": "Metal", "cuda": "CUDA"}[backend]
+                why = (f"the {name} KV cache runs on mlx: it needs mlx with a {name} device "
+                       f"({_INSTALL[backend]}; TURBOQUANT_MLX_KERNELS not 'cpu'); here: "
+                       f"{metal.path_reason()}")
             if why is None:
-                return self._metal_cache(key_method, value_method)
+                return self._metal_cache(key_method, value_method, backend=backend)
             if explicit:
                 raise RuntimeError(f"backend {backend!r} cannot serve this cache: {why}; "
                                    "use with_backend('cpu')")
@@ -357,11 +372,11 @@ class KVCacheBuilder:
             return "the Metal store does not support " + ", ".join(extras)
         return None
 
-    def _metal_cache(self, key_method: str, value_method: str,
-                     kernels: Any = None) -> TurboQuantKVCache:
+    def _metal_cache(self, key_method: str, value_method: str, kernels: Any = None,
+                     backend: str = "metal") -> TurboQuantKVCache:
         """The cache on the mlx-resident store (turboquant.mlx_metal.MetalKVCache) with the
-        given kernel set (default turboquant.metal: Apple only; the tests pass the reference
-        kernels). build() returns this for backend "metal"."""
+        given kernel set (default turboquant.metal: an mlx Metal or CUDA device; the tests
+        pass the reference kernels). build() returns this for backend "metal" or "cuda"."""
         from turboquant.mlx_metal import MetalKVCache, MetalTurboQuantKVCache
 
         core = MetalKVCache(self._head_dim, n_layers=self._layers, n_q_heads=self._q_heads,
@@ -372,9 +387,9 @@ class KVCacheBuilder:
                             block_tokens=int(self._block_tokens),
                             fp16_window=int(self._fp16_window), fp16_sinks=int(self._fp16_sinks),
                             kernels=kernels)
-        desc = {"key_method": key_method, "value_method": value_method, "backend": "metal",
+        desc = {"key_method": key_method, "value_method": value_method, "backend": backend,
                 "precision": _precision_name(self._precision), "artifacts_loaded": {},
                 "env_backend": os.environ.get("TURBOQUANT_BACKEND"),
                 "store": "mlx (turboquant.mlx_metal.MetalKVCache)"}
         return MetalTurboQuantKVCache(core, precision=self._precision, observers=self._observers,
-                                      backend="metal", description=desc)
+                                      backend=backend, description=desc)

@@ -1,4 +1,4 @@
-"""The Metal kernels for mlx arrays (Apple silicon).
+"""The GPU kernels for mlx arrays: Metal (Apple silicon) and CUDA (NVIDIA, mlx[cuda]).
 
 The kernel bodies of ``metal/*.metal`` (the same ones the C++ Metal backend compiles, and
 that the emulation tests check against the CPU reference on any machine) run through
@@ -14,10 +14,23 @@ mlx-lm cache's default) has its own kernels (``split.metal``), taken by ``encode
 ``dequantize_heads`` and ``decode_attention_heads`` when the key tables are a
 :class:`SplitHeadTables`.
 
-Selection (:func:`active_path`): ``"metal"`` on macOS when mlx has a Metal device and the
-kernel sources are found; ``"cpu"`` everywhere else (the C++ CPU core). The environment
-variable ``TURBOQUANT_MLX_KERNELS=cpu`` forces the CPU path. ``turboquant.build_info()``
-reports the choice under ``"mlx_kernels"``.
+One kernel source, three targets. The same bodies compile for Metal
+(``mx.fast.metal_kernel``), for CUDA (``mx.fast.cuda_kernel``: :func:`kernel_header` with
+``target="cuda"`` prepends ``metal/cuda_compat.h``, the CUDA dialect of the Metal names the
+bodies use, and :meth:`KernelSpec.source_for` binds mlx's CUDA thread indices to the Metal
+names), and as C++ for the emulator the tests run (``metal/metal_compat.h``). Both GPU
+families reduce over 32-lane SIMD groups (warps); that is the one assumption they share.
+
+Selection (:func:`candidate_path`): ``"metal"`` on macOS when mlx has a Metal device,
+``"cuda"`` where ``mx.cuda.is_available()``, in both cases only when the kernel sources are
+found; ``"cpu"`` (the C++ CPU core) everywhere else. The environment variable
+``TURBOQUANT_MLX_KERNELS`` (``auto``, ``metal``, ``cuda`` or ``cpu``) narrows the choice.
+:func:`active_path` is the path the caches take: the candidate GPU path only after its
+first-use self-test (:func:`turboquant.mlx_metal.self_test`: every kernel compiled and run
+once against the C++ core) passed; otherwise ``"cpu"``, with one ``RuntimeWarning`` naming
+the error, so a kernel that fails to compile or computes wrong codes never breaks a
+generation. ``turboquant.build_info()`` reports the choice under ``"mlx_kernels"`` and why
+under ``"mlx_kernels_reason"``.
 """
 
 from __future__ import annotations
@@ -27,6 +40,7 @@ import importlib.util
 import math
 import os
 import sys
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,6 +48,8 @@ import numpy as np
 
 KERNEL_FILES = ("common.metal", "encode.metal", "dequantize.metal", "attention.metal",
                 "split.metal")
+CUDA_DIALECT = "cuda_compat.h"  # the CUDA target's dialect header, beside the kernel files
+TARGETS = ("metal", "cuda")
 MAX_GROUP = 16  # TQ_MAX_GROUP: query heads per KV head in one attention pass
 ATTENTION_THREADS = 128
 DEFAULT_BLOCK_TOKENS = 64
@@ -43,17 +59,26 @@ def source_dir() -> Path | None:
     """The folder holding the .metal files: installed package data, or the source tree."""
     here = Path(__file__).resolve().parent
     for candidate in (here / "metal", here.parents[1] / "metal"):
-        if all((candidate / f).is_file() for f in KERNEL_FILES):
+        if all((candidate / f).is_file() for f in KERNEL_FILES + (CUDA_DIALECT,)):
             return candidate
     return None
 
 
-def kernel_header() -> str:
-    """The mlx header: every kernel file in order, without the [[kernel]] entry points."""
+def _check_target(target: str) -> None:
+    if target not in TARGETS:
+        raise ValueError(f"the GPU kernel target must be one of {TARGETS}, got {target!r}")
+
+
+def kernel_header(target: str = "metal") -> str:
+    """The mlx header: every kernel file in order, without the [[kernel]] entry points;
+    for ``target="cuda"`` preceded by the CUDA dialect header (cuda_compat.h)."""
+    _check_target(target)
     folder = source_dir()
     if folder is None:
-        raise FileNotFoundError("turboquant Metal kernel sources (*.metal) not found")
-    parts = [
+        raise FileNotFoundError("turboquant GPU kernel sources (metal/*.metal, "
+                                f"metal/{CUDA_DIALECT}) not found")
+    parts = [(folder / CUDA_DIALECT).read_text(encoding="utf-8")] if target == "cuda" else []
+    parts += [
         "#define TQ_SINGLE_SOURCE 1\n",
         "#define TQ_NO_ENTRY_POINTS 1\n",
         "#define TQ_PARAMS const device\n",
@@ -65,14 +90,32 @@ def kernel_header() -> str:
     return "".join(parts)
 
 
+# The CUDA target's binding of the Metal thread-position names the sources use: mlx's CUDA
+# kernels get blockIdx / threadIdx / blockDim (mlx launches ceil(grid / threadgroup) blocks of
+# the threadgroup's size, so one block is one Metal threadgroup; threadgroups are 1-D).
+_CUDA_IDS = (
+    "const uint3 threadgroup_position_in_grid = {blockIdx.x, blockIdx.y, blockIdx.z};\n"
+    "const uint thread_index_in_threadgroup = threadIdx.x;\n"
+    "const uint3 threads_per_threadgroup = {blockDim.x, blockDim.y, blockDim.z};\n"
+)
+
+
 @dataclass(frozen=True)
 class KernelSpec:
-    """One mx.fast.metal_kernel: argument names (in order) and the body source."""
+    """One mlx GPU kernel: argument names (in order) and the body source, written once with
+    Metal's thread-position names (mx.fast.metal_kernel passes only the attributes whose names
+    appear in the source)."""
 
     name: str
     input_names: tuple[str, ...]
     output_names: tuple[str, ...]
     source: str
+
+    def source_for(self, target: str) -> str:
+        """The body for mx.fast.metal_kernel (``"metal"``) or mx.fast.cuda_kernel
+        (``"cuda"``): the same source, with the CUDA thread indices bound to Metal's names."""
+        _check_target(target)
+        return self.source if target == "metal" else _CUDA_IDS + self.source
 
 
 _IDS = "threadgroup_position_in_grid.x, thread_index_in_threadgroup, threads_per_threadgroup.x"
@@ -247,13 +290,24 @@ KERNELS.update({
 })
 
 
-def select_path(platform: str, mlx_metal: bool, sources: bool, env: str | None = None) -> str:
-    """The selection rule: "metal" only on macOS with an mlx Metal device and the sources."""
-    if env is not None and env.strip().lower() == "cpu":
+def select_path(platform: str, mlx_metal: bool, sources: bool, env: str | None = None,
+                mlx_cuda: bool = False) -> str:
+    """The selection rule: "metal" on macOS with an mlx Metal device, "cuda" with an mlx
+    CUDA device, only when the kernel sources are found; "cpu" otherwise. ``env`` (the value
+    of TURBOQUANT_MLX_KERNELS) may narrow it to one path ("cpu" always holds)."""
+    choice = "" if env is None else env.strip().lower()
+    if choice not in ("", "auto", "metal", "cuda", "cpu"):
+        raise ValueError(f"TURBOQUANT_MLX_KERNELS must be 'auto', 'metal', 'cuda' or 'cpu', got "
+                         f"{env!r}")
+    metal_ok = platform == "darwin" and mlx_metal and sources
+    cuda_ok = mlx_cuda and sources
+    if choice == "cpu":
         return "cpu"
-    if env is not None and env.strip().lower() not in ("", "auto", "metal"):
-        raise ValueError(f"TURBOQUANT_MLX_KERNELS must be 'auto', 'metal' or 'cpu', got {env!r}")
-    return "metal" if platform == "darwin" and mlx_metal and sources else "cpu"
+    if choice == "metal":
+        return "metal" if metal_ok else "cpu"
+    if choice == "cuda":
+        return "cuda" if cuda_ok else "cpu"
+    return "metal" if metal_ok else "cuda" if cuda_ok else "cpu"
 
 
 def _mlx_metal_available() -> bool:
@@ -267,15 +321,74 @@ def _mlx_metal_available() -> bool:
         return False
 
 
+def _mlx_cuda_available() -> bool:
+    if importlib.util.find_spec("mlx") is None:
+        return False
+    try:
+        import mlx.core as mx
+
+        return bool(mx.cuda.is_available())
+    except Exception:  # an mlx build without the cuda module
+        return False
+
+
 @functools.lru_cache(maxsize=None)
-def active_path() -> str:
-    """"metal" when mlx arrays are processed by these kernels on the GPU, else "cpu"."""
+def candidate_path() -> str:
+    """The path the selection rule picks on this machine, before the first-use self-test."""
     return select_path(
         sys.platform,
         sys.platform == "darwin" and _mlx_metal_available(),
         source_dir() is not None,
         os.environ.get("TURBOQUANT_MLX_KERNELS"),
+        mlx_cuda=_mlx_cuda_available(),
     )
+
+
+# The outcome of the first-use self-test per target: None (passed) or the error's text.
+_SELF_TESTS: dict[str, str | None] = {}
+
+
+def self_test_result(target: str) -> str | None:
+    """Runs the self-test of ``target``'s kernels once per process (cached): None when every
+    kernel compiled and matched the C++ core, else the error."""
+    _check_target(target)
+    if target not in _SELF_TESTS:
+        from turboquant import mlx_metal  # the store; imports this module
+
+        _SELF_TESTS[target] = mlx_metal.self_test()
+    return _SELF_TESTS[target]
+
+
+@functools.lru_cache(maxsize=None)
+def active_path() -> str:
+    """"metal" or "cuda" when mlx arrays are processed by these kernels on the GPU (the
+    candidate path, once its self-test passed), else "cpu" (the C++ CPU core)."""
+    path = candidate_path()
+    if path == "cpu":
+        return "cpu"
+    error = self_test_result(path)
+    if error is None:
+        return path
+    warnings.warn(f"turboquant: the {path} kernels failed their first-use self-test ({error}); "
+                  "the C++ CPU core holds the KV caches instead", RuntimeWarning, stacklevel=2)
+    return "cpu"
+
+
+def path_reason() -> str:
+    """Why :func:`active_path` took its path, in words (``build_info()["mlx_kernels_reason"]``)."""
+    env = os.environ.get("TURBOQUANT_MLX_KERNELS")
+    path = candidate_path()
+    if path != "cpu":
+        if active_path() == path:
+            return f"{path}: mlx has a {path} device and the kernels passed their self-test"
+        return f"cpu: the {path} kernels failed their first-use self-test ({_SELF_TESTS[path]})"
+    if env is not None and env.strip().lower() not in ("", "auto"):
+        return f"cpu: TURBOQUANT_MLX_KERNELS={env.strip()} (no such device or the choice is cpu)"
+    if source_dir() is None:
+        return "cpu: the GPU kernel sources (metal/*.metal) are not installed"
+    if importlib.util.find_spec("mlx") is None:
+        return "cpu: mlx is not installed"
+    return "cpu: mlx has no Metal or CUDA device here"
 
 
 # --- Parameter blocks (uint32 words, layout of the structs in common.metal) ------------------
@@ -381,23 +494,33 @@ def threads_for(dim: int) -> int:
 
 @functools.lru_cache(maxsize=None)
 def _kernel(which: str):
+    return build_kernel(which, candidate_path())
+
+
+def build_kernel(which: str, target: str):
+    """The mlx kernel ``which`` of :data:`KERNELS` for ``target``: mx.fast.metal_kernel or
+    mx.fast.cuda_kernel over the same body and header (its call signature is the same)."""
     import inspect
 
     import mlx.core as mx
 
+    _check_target(target)
     spec = KERNELS[which]
+    common = dict(name=spec.name, input_names=list(spec.input_names),
+                  output_names=list(spec.output_names), source=spec.source_for(target),
+                  header=kernel_header(target))
+    if target == "cuda":  # NVRTC without fast math: IEEE division and square root
+        return mx.fast.cuda_kernel(**common)
     kwargs = {}
     if "compile_options" in inspect.signature(mx.fast.metal_kernel).parameters:
         kwargs["compile_options"] = {"math_mode": "safe"}  # IEEE: bit-exact codes
-    return mx.fast.metal_kernel(name=spec.name, input_names=list(spec.input_names),
-                                output_names=list(spec.output_names), source=spec.source,
-                                header=kernel_header(), **kwargs)
+    return mx.fast.metal_kernel(**common, **kwargs)
 
 
-def _require_metal() -> None:
-    if active_path() != "metal":
-        raise RuntimeError("Metal is not available on this platform (the mlx kernels need "
-                           "macOS with an mlx Metal device)")
+def _require_gpu() -> None:
+    if candidate_path() == "cpu":
+        raise RuntimeError("no GPU kernel path on this platform (the mlx kernels need macOS "
+                           "with an mlx Metal device, or mlx with a CUDA device)")
 
 
 def _quantizer_tables(quantizer):
@@ -416,7 +539,7 @@ def encode(quantizer, x):
     """(codes uint8 (n, code_bytes), norms (n,) float16 or float32) of mlx rows x (n, dim)."""
     import mlx.core as mx
 
-    _require_metal()
+    _require_gpu()
     signs, cents, bounds = _quantizer_tables(quantizer)
     n, dim = x.shape
     fp16 = np.dtype(quantizer.norm_dtype) == np.float16
@@ -434,7 +557,7 @@ def rotate(quantizer, x):
     """Π x for mlx rows x (n, dim): the query state of decode attention."""
     import mlx.core as mx
 
-    _require_metal()
+    _require_gpu()
     signs, _, _ = _quantizer_tables(quantizer)
     n, dim = x.shape
     (y,) = _kernel("rotate")(
@@ -448,7 +571,7 @@ def dequantize(quantizer, codes, norms, inverse_rotate=True, out_dtype=None):
     """Decoded rows (inverse_rotate) or the rotated-domain tile ‖x‖·c[idx], (n, dim)."""
     import mlx.core as mx
 
-    _require_metal()
+    _require_gpu()
     signs, cents, _ = _quantizer_tables(quantizer)
     n, dim = codes.shape[0], quantizer.dim
     fp16_out = out_dtype is not None and out_dtype == mx.float16
@@ -478,7 +601,7 @@ def decode_attention(keys, values, queries, k_codes, k_norms, v_codes, v_norms, 
 
 def _attention_shape(queries, k_codes, tokens):
     """(kv_heads, group, dim) of a decode-attention call, after checking it can run."""
-    _require_metal()
+    _require_gpu()
     kv_heads, group, dim = queries.shape
     if not 1 <= group <= MAX_GROUP:
         raise ValueError(f"GQA group must be in [1, {MAX_GROUP}], got {group}")
@@ -601,7 +724,7 @@ def encode_heads(tables: HeadTables, x):
 
     if isinstance(tables, SplitHeadTables):
         return split_encode_heads(tables, x)
-    _require_metal()
+    _require_gpu()
     H, T, dim = x.shape
     if H != tables.n_heads or dim != tables.dim:
         raise ValueError(f"x of shape {tuple(x.shape)} does not match {tables.n_heads} heads of "
@@ -624,7 +747,7 @@ def rotate_heads(tables: HeadTables, x):
     """Π_h x for mlx rows x (n_heads, R, dim) (the query state of decode attention)."""
     import mlx.core as mx
 
-    _require_metal()
+    _require_gpu()
     H, R, dim = x.shape
     signs, _, _ = tables.mx_tables()
     n = H * R
@@ -644,7 +767,7 @@ def dequantize_heads(tables: HeadTables, codes, norms, inverse_rotate=True, out_
 
     if isinstance(tables, SplitHeadTables):
         return split_dequantize_heads(tables, codes, norms, inverse_rotate, out_dtype)
-    _require_metal()
+    _require_gpu()
     H, n, _ = codes.shape
     dim = tables.dim
     signs, cents, _ = tables.mx_tables()
@@ -789,7 +912,7 @@ def split_encode_heads(tables: SplitHeadTables, x):
     """encode_heads() for split keys: (codes (n_heads, T, code_bytes), norms (n_heads, T))."""
     import mlx.core as mx
 
-    _require_metal()
+    _require_gpu()
     H, T, dim = x.shape
     if H != tables.n_heads or dim != tables.dim:
         raise ValueError(f"x of shape {tuple(x.shape)} does not match {tables.n_heads} heads of "
@@ -811,7 +934,7 @@ def split_rotate_heads(tables: SplitHeadTables, x):
     """diag(Π_O, Π_I)_h x for mlx rows x (n_heads, R, dim): split keys' query state."""
     import mlx.core as mx
 
-    _require_metal()
+    _require_gpu()
     H, R, dim = x.shape
     signs = tables.mx_tables()[0]
     n = H * R
@@ -827,7 +950,7 @@ def split_dequantize_heads(tables: SplitHeadTables, codes, norms, inverse_rotate
     """dequantize_heads() for split keys (decoded rows bit-identical to Quantizer.decode)."""
     import mlx.core as mx
 
-    _require_metal()
+    _require_gpu()
     H, n, _ = codes.shape
     dim = tables.dim
     signs, cents, _, angles, _ = tables.mx_tables()

@@ -225,9 +225,10 @@ class TurboQuantKVCache(_mlx_cache._BaseCache):
                               head_dim=k.shape[-1])
 
     def _use_gpu(self, head_dim: int) -> bool:
-        """The Metal path (codes as mlx arrays, turboquant.metal kernels) is taken on Apple
-        GPUs when :meth:`gpu_refusal` finds nothing the store cannot do."""
-        return metal.active_path() == "metal" and self.gpu_refusal(head_dim) is None
+        """The GPU path (codes as mlx arrays, turboquant.metal kernels on Metal or CUDA) is
+        taken when the kernels passed their first-use self-test and :meth:`gpu_refusal`
+        finds nothing the store cannot do."""
+        return metal.active_path() != "cpu" and self.gpu_refusal(head_dim) is None
 
     def gpu_refusal(self, head_dim: int) -> str | None:
         """None when the mlx-resident store (turboquant.mlx_metal.MetalCodeStore) can hold

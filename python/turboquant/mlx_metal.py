@@ -29,12 +29,16 @@ a file saved by either loads in the other.
 
 The kernels are injected (``kernels=``): any object with ``encode_heads``,
 ``dequantize_heads`` and ``decode_attention_heads`` (including its ``with_lse`` keyword) of
-the signatures in ``turboquant.metal``. The default is the ``turboquant.metal`` module itself, which runs only
-on macOS with an mlx Metal device (elsewhere it raises "Metal is not available on this
-platform"). :class:`ReferenceKernels` implements the same three functions with the C++
-quantizers and NumPy/mlx ops; the tests run the store on it on Linux. What runs only on a
-Mac: the ``turboquant.metal`` kernels themselves (their sources are checked on Linux by the
-emulation tests of tests/python/test_metal.py and test_mlx_metal.py).
+the signatures in ``turboquant.metal``. The default is the ``turboquant.metal`` module itself,
+which runs on macOS with an mlx Metal device or with mlx's CUDA back end on an NVIDIA GPU
+(elsewhere it raises "no GPU kernel path on this platform"). :class:`ReferenceKernels`
+implements the same three functions with the C++ quantizers and NumPy/mlx ops; the tests run
+the store on it on Linux. What runs only on a GPU: the ``turboquant.metal`` kernels themselves (their sources
+are checked without one by the emulation tests of tests/python/test_metal.py and
+test_mlx_metal.py, and compiled for CUDA by NVRTC in test_cuda_kernels.py).
+
+:func:`self_test` is the first use of a GPU path (``turboquant.metal.active_path``): the
+store on the real kernels against the C++ core, on a small cache that launches every kernel.
 """
 
 from __future__ import annotations
@@ -51,9 +55,9 @@ from turboquant.metal import HeadTables, SplitHeadTables
 from turboquant.observers import Event
 
 __all__ = ["MetalCodeStore", "MetalKVCache", "MetalTurboQuantKVCache", "ReferenceKernels",
-           "kv_stream_id", "store_supports", "METAL_KERNELS"]
+           "kv_stream_id", "self_test", "store_supports", "METAL_KERNELS"]
 
-METAL_KERNELS = metal  # the real kernel set (macOS + mlx Metal device only)
+METAL_KERNELS = metal  # the real kernel set (an mlx Metal or CUDA device only)
 
 
 _DEFAULT_OUTLIER_ROLES = "both"  # _core.KVCache's outlier_roles when there is no split
@@ -980,3 +984,59 @@ class MetalTurboQuantKVCache(TurboQuantKVCache):
     @classmethod
     def load(cls, path: str, precision: Any = np.float32, kernels: Any = None):
         return cls(MetalKVCache.load(str(path), kernels), precision=precision, backend="metal")
+
+
+# --- First use of a GPU path -----------------------------------------------------------------
+
+
+def self_test(kernels: Any = None) -> str | None:
+    """Runs the store on ``kernels`` (default: the GPU kernel set, ``turboquant.metal``) once
+    against the C++ core and returns None when it agrees, else what went wrong (a kernel that
+    fails to compile or launch raises inside mlx; its message is returned, never raised).
+
+    Two small one-layer caches (head_dim 64, GQA 2, 3-bit codes, norm correction, fp16 sinks
+    and window, 8-token pages), one with the key split, receive 29 tokens: every kernel runs
+    (encode, query rotation, split-K decode attention and its reduction, dequantize for a
+    prefill, and the split's four). Codes and norms must equal the core's bit for bit, decode
+    and prefill attention within 1e-3 of the core's output scale."""
+    mx = _mx()
+    try:
+        rng = np.random.default_rng(20261204)
+        d, hq, hkv, T = 64, 4, 2, 29
+        base = dict(n_layers=1, n_q_heads=hq, n_kv_heads=hkv, key_bits=3, value_bits=3, seed=11,
+                    block_tokens=8, norm_correction=True, fp16_sinks=2, fp16_window=8)
+        split = dict(base, key_bits=2, n_outlier_channels=d // 2, outlier_bits=4,
+                     outlier_channels=list(range(d // 2)), outlier_roles="keys",
+                     split_angle_bits=8)
+        for name, kw in (("plain", base), ("key split", split)):
+            store = MetalCodeStore(d, kernels=kernels, **kw)
+            core = _core.KVCache(d, **kw)
+            k = rng.standard_normal((hkv, T, d)).astype(np.float32)
+            k[..., : d // 2] *= 3.0  # unequal halves: the split's angle codes vary
+            v = rng.standard_normal((hkv, T, d)).astype(np.float32)
+            store.append(mx.array(k), mx.array(v))
+            core.append(k, v)
+            n = core.code_tokens(0)
+            if store.code_tokens() != n:
+                return f"{name}: the store holds {store.code_tokens()} coded tokens, the core {n}"
+            for h in range(hkv):
+                for role in ("key", "value"):
+                    sc, sn = store.encoded(0, h, role)
+                    cc, cn = core.encoded(0, h, role, 0, n)
+                    if not np.array_equal(sc, cc):
+                        return f"{name}: {role} codes of KV head {h} differ from the C++ core's"
+                    if not np.array_equal(np.asarray(sn).view(np.uint16),
+                                          np.asarray(cn).view(np.uint16)):
+                        return f"{name}: {role} norms of KV head {h} differ from the C++ core's"
+            for rows in (1, 5):  # a decode step (split-K on the codes), a causal prefill
+                q = rng.standard_normal((hq, rows, d)).astype(np.float32)
+                got = np.asarray(store.attend(mx.array(q), scale=0.125), np.float64)
+                want = np.asarray(core.attend(q, scale=0.125), np.float64)
+                err = float(np.abs(got - want).max()) / max(1.0, float(np.abs(want).max()))
+                if not err <= 1e-3:  # NaN fails too
+                    return (f"{name}: attention of {rows} query row(s) differs from the C++ "
+                            f"core's by {err:.3g}")
+        return None
+    except Exception as e:  # noqa: BLE001 - any failure means: do not use this kernel set
+        text = " ".join(str(e).split())
+        return f"{type(e).__name__}: {text[:500]}" if text else type(e).__name__

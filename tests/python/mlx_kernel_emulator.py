@@ -7,7 +7,7 @@ call with mlx's arguments (inputs, output_shapes, output_dtypes, grid in threads
 threadgroup, template) writes the inputs to files, runs the program on the emulated GPU
 (threadgroups of cooperative fibers with real barriers and 32-lane simd-group functions) and
 returns the outputs as mlx arrays. Installed in place of ``metal._kernel`` (and with
-``metal._require_metal`` disabled), it lets the turboquant.metal host functions --
+``metal._require_gpu`` disabled), it lets the turboquant.metal host functions --
 parameter blocks, grids, reshapes, dtype views -- run end to end on Linux: all that then
 stays unverified is mx.fast.metal_kernel itself and the Metal compiler.
 """
@@ -128,4 +128,4 @@ class EmulatedKernels:
     def install(self, monkeypatch) -> None:
         """Route turboquant.metal's kernels here (and let them run off a Mac)."""
         monkeypatch.setattr(metal, "_kernel", self.kernel)
-        monkeypatch.setattr(metal, "_require_metal", lambda: None)
+        monkeypatch.setattr(metal, "_require_gpu", lambda: None)

@@ -123,7 +123,7 @@ def test_mlx_precision_and_shapes():
     (lambda b: b.with_seed(-1), ValueError, "seed must be in"),
     (lambda b: b.with_head_dim(12.5), ValueError, "head_dim must be an integer"),
     (lambda b: b.with_n_outlier_channels(200), ValueError, r"n_outlier_channels must be in \[0, 127\]"),
-    (lambda b: b.with_backend("tpu"), ValueError, "backend must be 'auto', 'cpu' or 'metal'"),
+    (lambda b: b.with_backend("tpu"), ValueError, "backend must be 'auto', 'cpu', 'metal' or 'cuda'"),
     (lambda b: b.with_backend("metal"), RuntimeError, "Metal is not available on this platform"),
 ])
 def test_validation_messages(configure, exc, message):

@@ -240,9 +240,9 @@ def test_stream_ids_are_those_of_the_core():
 
 
 @pytest.mark.skipif(sys.platform == "darwin", reason="the Linux behaviour")
-def test_default_kernels_need_a_mac():
+def test_default_kernels_need_a_gpu():
     store = MetalCodeStore(64)  # the turboquant.metal kernel set
-    with pytest.raises(RuntimeError, match="Metal is not available on this platform"):
+    with pytest.raises(RuntimeError, match="no GPU kernel path on this platform"):
         store.append(mx.zeros((1, 1, 64)), mx.zeros((1, 1, 64)))
     assert store.size() == 0
 

@@ -1,0 +1,105 @@
+"""Decode attention over TurboQuant codes against fp16 ``mx.fast.scaled_dot_product_attention``
+on the same GPU, in one run: contexts 4K-128K, 8 KV heads, GQA 4 (32 query heads), head_dim 64
+and 128, 2/3/4-bit codes (plain, and the key split of the default recipe). For each: time per
+decode call, the bytes it must read (codes + norms, or fp16 K/V), achieved GB/s, and that as a
+share of the nominal memory bandwidth (--peak-gbps; H200: 4800) and of a copy's in this run.
+
+    python bench/gpu_attention.py --out bench/results/gpu_attention_h200.json
+    python bench/gpu_attention.py --smoke   # tiny sizes, any machine (reference kernels on CPU)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+
+from gpu_common import copy_bandwidth_gbps, machine, timed
+from turboquant import metal
+from turboquant.mlx_metal import MetalCodeStore, ReferenceKernels
+
+
+def store_for(d: int, hq: int, hkv: int, bits: int, split: bool, kernels):
+    kw = dict(n_layers=1, n_q_heads=hq, n_kv_heads=hkv, key_bits=bits, value_bits=bits,
+              seed=1, block_tokens=256, kernels=kernels)
+    if split:
+        kw.update(key_bits=bits - 1, n_outlier_channels=d // 2, outlier_bits=bits + 1,
+                  outlier_channels=list(range(d // 2)), outlier_roles="keys")
+    return MetalCodeStore(d, **kw)
+
+
+def run(contexts, dims, bits_list, hkv=8, group=4, peak_gbps=4800.0, kernels=None,
+        iters=50) -> dict:
+    hq = hkv * group
+    copy_gbps = copy_bandwidth_gbps(1 << 28 if kernels is not None else 1 << 31)
+    rows = []
+    for d in dims:
+        scale = d ** -0.5
+        for T in contexts:
+            k = mx.random.normal((1, hkv, T, d)).astype(mx.float16)
+            v = mx.random.normal((1, hkv, T, d)).astype(mx.float16)
+            q = mx.random.normal((1, hq, 1, d)).astype(mx.float16)
+            mx.eval(k, v, q)
+            t_fp16 = timed(lambda: mx.fast.scaled_dot_product_attention(q, k, v, scale=scale),
+                           iters)
+            fp16_bytes = 2 * hkv * T * d * 2
+            base = dict(head_dim=d, context=T, kv_heads=hkv, q_heads=hq)
+            rows.append(dict(base, cache="fp16 sdpa", bits=16, seconds=t_fp16,
+                             bytes=fp16_bytes, gbps=fp16_bytes / t_fp16 / 1e9))
+            for bits in bits_list:
+                for split in (False, True):
+                    if split and (bits < 2 or d < 32):
+                        continue
+                    store = store_for(d, hq, hkv, bits, split, kernels)
+                    step = 4096
+                    for a in range(0, T, step):
+                        store.append(k[0, :, a:a + step], v[0, :, a:a + step])
+                    mx.eval(store._k_codes, store._v_codes)
+                    q3 = q[0].astype(mx.float32)
+                    t = timed(lambda: store.attend(q3, scale=scale), iters)
+                    nbytes = T * store.bytes_per_token() + hq * d * 4
+                    rows.append(dict(base, cache=f"turboquant {'key split ' if split else ''}"
+                                     f"{bits}-bit", bits=bits, seconds=t, bytes=nbytes,
+                                     gbps=nbytes / t / 1e9, speedup_vs_fp16=t_fp16 / t))
+            for r in rows[-(1 + 2 * len(bits_list)):]:
+                r["pct_of_peak"] = 100.0 * r["gbps"] / peak_gbps
+                r["pct_of_copy"] = 100.0 * r["gbps"] / copy_gbps
+                print(f"d={d:4d} T={T:7d} {r['cache']:28s} {r['seconds'] * 1e6:9.1f} us "
+                      f"{r['gbps']:8.1f} GB/s {r['pct_of_peak']:5.1f}% of peak "
+                      f"x{r.get('speedup_vs_fp16', 1.0):.2f} vs fp16", flush=True)
+    return dict(machine=machine(), peak_gbps=peak_gbps, copy_gbps=copy_gbps, rows=rows)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--contexts", default="4096,8192,16384,32768,65536,131072")
+    ap.add_argument("--dims", default="64,128")
+    ap.add_argument("--bits", default="2,3,4")
+    ap.add_argument("--peak-gbps", type=float, default=4800.0,
+                    help="nominal memory bandwidth of the GPU (H200: 4800)")
+    ap.add_argument("--iters", type=int, default=50)
+    ap.add_argument("--smoke", action="store_true",
+                    help="tiny sizes with the reference kernels: checks the script anywhere")
+    ap.add_argument("--out", type=Path)
+    a = ap.parse_args(argv)
+    kernels = None
+    if a.smoke:
+        a.contexts, a.dims, a.bits, a.iters, kernels = "256,512", "64", "3", 2, ReferenceKernels()
+    elif metal.active_path() == "cpu":
+        ap.error(f"needs a GPU kernel path ({metal.path_reason()}); --smoke runs anywhere")
+    res = run([int(x) for x in a.contexts.split(",")], [int(x) for x in a.dims.split(",")],
+              [int(x) for x in a.bits.split(",")], peak_gbps=a.peak_gbps, kernels=kernels,
+              iters=a.iters)
+    if a.out:
+        a.out.parent.mkdir(parents=True, exist_ok=True)
+        a.out.write_text(json.dumps(res, indent=1))
+        print(f"wrote {a.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    np.random.seed(0)
+    raise SystemExit(main())

@@ -1,0 +1,57 @@
+"""Shared by the GPU benchmarks (bench/gpu_attention.py, bench/gpu_e2e.py): the machine
+description written next to every result, and a timer that forces mlx's lazy graph."""
+
+from __future__ import annotations
+
+import datetime
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+
+import mlx.core as mx
+
+import turboquant
+from turboquant import metal
+
+
+def machine() -> dict:
+    """GPU, driver, mlx and turboquant versions, and the kernel path taken."""
+    info = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "python": platform.python_version(), "mlx": mx.__version__,
+            "turboquant": turboquant.__version__, "mlx_kernels": metal.active_path(),
+            "mlx_kernels_reason": metal.path_reason(), "command": " ".join(sys.argv)}
+    try:
+        info["device"] = {k: (v if isinstance(v, (int, float, str)) else str(v))
+                          for k, v in mx.device_info().items()}
+    except Exception as e:  # noqa: BLE001 - an mlx without device_info
+        info["device"] = f"unknown ({e})"
+    if shutil.which("nvidia-smi"):
+        q = subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version,memory.total",
+                            "--format=csv,noheader"], capture_output=True, text=True)
+        info["nvidia_smi"] = q.stdout.strip()
+    return info
+
+
+def timed(fn, iters: int, repeats: int = 5, warmup: int = 3) -> float:
+    """Median seconds per call of fn() (its result evaluated) over `repeats` runs."""
+    for _ in range(warmup):
+        mx.eval(fn())
+    runs = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        for _ in range(iters):
+            mx.eval(fn())
+        runs.append((time.perf_counter() - t0) / iters)
+    return statistics.median(runs)
+
+
+def copy_bandwidth_gbps(nbytes: int = 1 << 30) -> float:
+    """Achieved device memory bandwidth of a large copy in this run (read + write bytes / s):
+    the measured ceiling the attention kernels are compared with."""
+    a = mx.zeros((nbytes // 4,), dtype=mx.float32)
+    mx.eval(a)
+    t = timed(lambda: a + 1.0, iters=5, repeats=3, warmup=1)
+    return 2 * nbytes / t / 1e9

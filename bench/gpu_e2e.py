@@ -1,0 +1,121 @@
+"""End-to-end mlx-lm prefill and decode speed with a random-weight model of a real shape
+(Llama-3.1-8B's, or SmolLM2-135M's), at long contexts, in one run: the TurboQuant cache
+(``turboquant.mlx_lm.make_prompt_cache`` at 3 bits) against mlx-lm's ``KVCache`` (fp16) and
+``QuantizedKVCache`` (4 and 8 bits), with the KV bytes each holds. Speed does not depend on
+the weights' values, so random weights of the right shape stand in for the real model.
+
+    python bench/gpu_e2e.py --shape llama-3.1-8b --contexts 8192,32768,131072 \\
+        --out bench/results/gpu_e2e_llama8b_h200.json
+    python bench/gpu_e2e.py --smoke   # a tiny model at 256 tokens, any machine
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import mlx.core as mx
+from mlx_lm.models import cache as mlx_cache
+from mlx_lm.models import llama
+
+from gpu_common import machine
+from turboquant.mlx_lm import make_prompt_cache
+
+SHAPES = {
+    "llama-3.1-8b": dict(hidden_size=4096, num_hidden_layers=32, intermediate_size=14336,
+                         num_attention_heads=32, num_key_value_heads=8, head_dim=128,
+                         vocab_size=128256, rope_theta=500000.0, rms_norm_eps=1e-5,
+                         max_position_embeddings=131072, tie_word_embeddings=False),
+    "smollm2-135m": dict(hidden_size=576, num_hidden_layers=30, intermediate_size=1536,
+                         num_attention_heads=9, num_key_value_heads=3, head_dim=64,
+                         vocab_size=49152, rope_theta=100000.0, rms_norm_eps=1e-5,
+                         max_position_embeddings=8192, tie_word_embeddings=True),
+    "tiny": dict(hidden_size=256, num_hidden_layers=2, intermediate_size=256,
+                 num_attention_heads=4, num_key_value_heads=2, head_dim=64, vocab_size=256,
+                 rope_theta=10000.0, rms_norm_eps=1e-5, max_position_embeddings=4096,
+                 tie_word_embeddings=True),
+}
+
+CACHES = ("fp16", "mlx-q8", "mlx-q4", "turboquant-3")
+
+
+def random_model(shape: str):
+    mx.random.seed(0)
+    model = llama.Model(llama.ModelArgs.from_dict(dict(SHAPES[shape], model_type="llama")))
+    model.set_dtype(mx.float16)
+    mx.eval(model.parameters())
+    return model
+
+
+def new_cache(model, kind: str):
+    if kind == "fp16":
+        return mlx_cache.make_prompt_cache(model)
+    if kind.startswith("mlx-q"):
+        bits = int(kind[5:])
+        return [mlx_cache.QuantizedKVCache(group_size=64, bits=bits) for _ in model.layers]
+    return make_prompt_cache(model, key_bits=int(kind.split("-")[1]),
+                             value_bits=int(kind.split("-")[1]))
+
+
+def measure(model, kind: str, context: int, chunk: int, decode_steps: int) -> dict:
+    vocab = model.args.vocab_size
+    prompt = mx.random.randint(0, vocab, (1, context))
+    cache = new_cache(model, kind)
+    t0 = time.perf_counter()
+    for a in range(0, context, chunk):
+        mx.eval(model(prompt[:, a:a + chunk], cache=cache)[:, -1])
+    prefill = time.perf_counter() - t0
+    tok = mx.array([[1]])
+    mx.eval(model(tok, cache=cache))  # warm-up step
+    t0 = time.perf_counter()
+    for _ in range(decode_steps):
+        logits = model(tok, cache=cache)[:, -1]
+        tok = mx.argmax(logits, axis=-1)[:, None]
+        mx.eval(tok)
+    decode = time.perf_counter() - t0
+    kv = sum(int(c.nbytes) for c in cache)
+    return dict(cache=kind, context=context, prefill_tok_s=context / prefill,
+                decode_tok_s=decode_steps / decode, kv_bytes=kv)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--shape", choices=sorted(SHAPES), default="llama-3.1-8b")
+    ap.add_argument("--contexts", default="8192,32768,131072")
+    ap.add_argument("--caches", default=",".join(CACHES))
+    ap.add_argument("--chunk", type=int, default=2048, help="prefill step (mlx-lm's default)")
+    ap.add_argument("--decode-steps", type=int, default=32)
+    ap.add_argument("--smoke", action="store_true", help="the tiny shape at 256 tokens")
+    ap.add_argument("--out", type=Path)
+    a = ap.parse_args(argv)
+    if a.smoke:
+        a.shape, a.contexts, a.chunk, a.decode_steps = "tiny", "256", 128, 4
+    model = random_model(a.shape)
+    rows = []
+    for context in (int(x) for x in a.contexts.split(",")):
+        base = None
+        for kind in a.caches.split(","):
+            r = measure(model, kind, context, a.chunk, a.decode_steps)
+            if kind == "fp16":
+                base = r
+            if base is not None:
+                r["decode_vs_fp16"] = r["decode_tok_s"] / base["decode_tok_s"]
+                r["prefill_vs_fp16"] = r["prefill_tok_s"] / base["prefill_tok_s"]
+                r["kv_smaller_than_fp16"] = base["kv_bytes"] / r["kv_bytes"]
+            rows.append(r)
+            print(f"{a.shape} T={context:7d} {kind:13s} prefill {r['prefill_tok_s']:9.1f} tok/s "
+                  f"decode {r['decode_tok_s']:7.2f} tok/s KV {r['kv_bytes'] / 2**20:9.1f} MiB "
+                  f"x{r.get('decode_vs_fp16', 1.0):.2f} decode vs fp16", flush=True)
+            mx.clear_cache()
+    res = dict(machine=machine(), shape=a.shape, config=SHAPES[a.shape], rows=rows)
+    if a.out:
+        a.out.parent.mkdir(parents=True, exist_ok=True)
+        a.out.write_text(json.dumps(res, indent=1))
+        print(f"wrote {a.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

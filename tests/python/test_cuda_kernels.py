@@ -1,0 +1,72 @@
+"""The CUDA target of the kernel sources, checked without a GPU: every kernel of
+turboquant.metal, wrapped as mx.fast.cuda_kernel wraps it, compiles with NVRTC (the compiler
+mlx uses) for the H100/H200 (sm_90a) and for older GPUs (sm_80, sm_75) with no warning; and the
+dialect header (metal/cuda_compat.h) is what makes it compile. What needs an NVIDIA GPU
+(tests/python/test_gpu.py, scripts/gpu-test.sh): running them."""
+
+import platform
+import re
+import sys
+
+import pytest
+
+pytest.importorskip("mlx.core")
+
+from nvrtc import Nvrtc, library_path, mlx_cuda_source  # noqa: E402
+
+from turboquant import metal  # noqa: E402
+
+# The nvidia-cuda-nvrtc wheel (a test extra) exists for Linux x86-64: there the check must
+# run; on other machines (a Mac) there is no NVRTC to run it with.
+NVRTC_EXPECTED = sys.platform == "linux" and platform.machine() == "x86_64"
+
+
+@pytest.fixture(scope="module")
+def nvrtc():
+    path = library_path()
+    if path is None:
+        assert not NVRTC_EXPECTED, ("libnvrtc not found: pip install nvidia-cuda-nvrtc (a test "
+                                    "extra of turboquant on Linux x86-64)")
+        pytest.skip("no NVRTC wheel for this platform")
+    return Nvrtc(path)
+
+
+@pytest.mark.parametrize("arch", ["compute_90a", "compute_80", "compute_75"])
+def test_every_kernel_compiles_for_cuda(nvrtc, arch):
+    ok, log, ptx = nvrtc.compile(mlx_cuda_source(), arch)
+    assert ok, log[-6000:]
+    assert "warning" not in log.lower(), log[-6000:]
+    assert ptx > 10_000
+
+
+def test_each_kernel_is_its_own_entry_point(nvrtc):
+    for key, spec in metal.KERNELS.items():
+        ok, log, _ = nvrtc.compile(mlx_cuda_source([key]))
+        assert ok, (key, log[-3000:])
+
+
+def test_the_check_can_fail(nvrtc):
+    # A body calling a kernel function with a wrong argument list is a compile error...
+    broken = mlx_cuda_source(source_of=lambda spec: spec.source_for("cuda").replace(
+        "tq_rotate_body(x, y, signs,", "tq_rotate_body(x, signs,"))
+    assert broken != mlx_cuda_source()
+    ok, log, _ = nvrtc.compile(broken)
+    assert not ok and "tq_rotate_body" in log
+    # ...and so are the Metal names without the dialect header.
+    plain = mlx_cuda_source().replace(metal.kernel_header("cuda"), metal.kernel_header("metal"))
+    ok, log, _ = nvrtc.compile(plain)
+    assert not ok
+
+
+def test_cuda_sources_are_the_metal_sources_plus_the_thread_indices():
+    for spec in metal.KERNELS.values():
+        metal_src, cuda_src = spec.source_for("metal"), spec.source_for("cuda")
+        assert metal_src == spec.source and cuda_src.endswith(spec.source)
+        prelude = cuda_src[: -len(spec.source)]
+        assert set(re.findall(r"const \w+ (\w+) =", prelude)) == {
+            "threadgroup_position_in_grid", "thread_index_in_threadgroup",
+            "threads_per_threadgroup"}
+    header = metal.kernel_header("cuda")
+    assert header.startswith("// CUDA dialect") and header.endswith(metal.kernel_header("metal"))
+    with pytest.raises(ValueError, match="target must be one of"):
+        metal.kernel_header("vulkan")

@@ -1,0 +1,139 @@
+"""The GPU path on a real GPU (an mlx Metal device, or mlx's CUDA back end on NVIDIA): the
+kernels' codes and norms bit-exact against the C++ core, attention within tolerance, an
+mlx-lm model's logits on the GPU path against the CPU path, and prompt-cache files across
+paths. Marked ``gpu``; they run where mlx has a GPU whose kernels passed their first-use
+self-test (scripts/gpu-test.sh runs them with the GPU benchmarks) and are skipped, with the
+reason, elsewhere. CI has no GPU: there the same kernels run on the emulator
+(test_mlx_metal*.py, test_gpu_path.py) and compile for CUDA with NVRTC (test_cuda_kernels.py).
+"""
+
+import numpy as np
+import pytest
+
+mx = pytest.importorskip("mlx.core")
+
+from turboquant import _core, metal  # noqa: E402
+from turboquant.mlx_metal import MetalCodeStore  # noqa: E402
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(metal.active_path() == "cpu",
+                       reason=f"no GPU kernel path here ({metal.path_reason()})"),
+]
+
+
+def rand(rng, *shape, scale=1.0):
+    return (rng.standard_normal(shape) * scale).astype(np.float32)
+
+
+def kw(d, hq, hkv, kb, vb, split=False, nc=True, sinks=0, window=0, bt=64):
+    out = dict(n_layers=1, n_q_heads=hq, n_kv_heads=hkv, key_bits=kb, value_bits=vb, seed=9,
+               block_tokens=bt, norm_correction=nc, fp16_sinks=sinks, fp16_window=window)
+    if split:
+        out.update(key_bits=kb - 1, n_outlier_channels=d // 2, outlier_bits=kb + 1,
+                   outlier_channels=list(range(d // 2)), outlier_roles="keys",
+                   split_angle_bits=8)
+    return out
+
+
+def assert_same_codes(store, core):
+    n = core.code_tokens(0)
+    assert store.code_tokens() == n and store.size() == core.size(0)
+    for h in range(core.n_kv_heads):
+        for role in ("key", "value"):
+            sc, sn = store.encoded(0, h, role)
+            cc, cn = core.encoded(0, h, role, 0, n)
+            assert np.array_equal(sc, cc), (h, role, np.argwhere(sc != cc)[:4])
+            assert np.array_equal(np.asarray(sn).view(np.uint16),
+                                  np.asarray(cn).view(np.uint16)), (h, role)
+
+
+def rel_err(a, b):
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(np.abs(a - b).max()) / max(1.0, float(np.abs(b).max()))
+
+
+CONFIGS = [(d, bits, split) for d in (64, 128, 256) for bits in (2, 3, 4)
+           for split in (False, True)]
+
+
+@pytest.mark.parametrize("d,bits,split", CONFIGS)
+def test_codes_bit_exact_and_attention_close(d, bits, split):
+    rng = np.random.default_rng(d * 10 + bits)
+    hq, hkv = 32, 8
+    cfg = kw(d, hq, hkv, bits, bits, split=split, sinks=4, window=64)
+    store, core = MetalCodeStore(d, **cfg), _core.KVCache(d, **cfg)
+    for T in (700, 1, 63, 1):  # a prefill, decode steps, a chunk
+        k, v = rand(rng, hkv, T, d), rand(rng, hkv, T, d)
+        k[..., : d // 2] *= 2.5
+        store.append(mx.array(k), mx.array(v))
+        core.append(k, v)
+    assert_same_codes(store, core)
+    for rows in (1, 16):
+        q = rand(rng, hq, rows, d)
+        for window in (None, 300):
+            got = store.attend(mx.array(q), scale=d ** -0.5, window=window)
+            want = core.attend(q, scale=d ** -0.5, window=window)
+            assert rel_err(np.array(got), want) <= 2e-4, (rows, window)
+
+
+def test_large_context_decode_matches_the_core():
+    rng = np.random.default_rng(1)
+    d, hq, hkv = 128, 32, 8
+    cfg = kw(d, hq, hkv, 3, 3, split=True, sinks=4, window=64)
+    store, core = MetalCodeStore(d, **cfg), _core.KVCache(d, **cfg)
+    for _ in range(4):
+        k, v = rand(rng, hkv, 4096, d), rand(rng, hkv, 4096, d)
+        store.append(mx.array(k), mx.array(v))
+        core.append(k, v)
+    q = rand(rng, hq, 1, d)
+    assert rel_err(np.array(store.attend(mx.array(q))), core.attend(q)) <= 2e-4
+
+
+def test_mlx_lm_logits_on_the_gpu_path_match_the_cpu_path(monkeypatch):
+    from mlx_tiny import tiny_model
+
+    from turboquant.mlx_lm import make_prompt_cache
+
+    model = tiny_model("llama")
+    prompt = mx.array((np.arange(1, 300) * 7 % 120)[None])
+
+    def logits(gpu: bool):
+        monkeypatch.setattr(metal, "active_path",
+                            (lambda: metal.candidate_path()) if gpu else (lambda: "cpu"))
+        cache = make_prompt_cache(model, key_bits=3, value_bits=3)
+        out = [model(prompt, cache=cache)[:, -1]]
+        tok = mx.argmax(out[-1], axis=-1)[:, None]
+        for _ in range(6):
+            out.append(model(tok, cache=cache)[:, -1])
+            tok = mx.argmax(out[-1], axis=-1)[:, None]
+        assert all(c._gpu == gpu for c in cache)
+        return np.stack([np.array(o.astype(mx.float32)) for o in out])
+
+    gpu, cpu = logits(True), logits(False)
+    assert rel_err(gpu, cpu) <= 1e-2
+    assert (gpu.argmax(-1) == cpu.argmax(-1)).mean() >= 0.9
+
+
+def test_prompt_cache_files_load_across_paths(monkeypatch, tmp_path):
+    from mlx_lm.models.cache import load_prompt_cache, save_prompt_cache
+    from mlx_tiny import tiny_model
+
+    from turboquant.mlx_lm import make_prompt_cache
+
+    model = tiny_model("qwen2")
+    prompt = mx.array((np.arange(1, 200) * 5 % 120)[None])
+    monkeypatch.setattr(metal, "active_path", lambda: metal.candidate_path())
+    gpu_cache = make_prompt_cache(model, key_bits=3, value_bits=4)
+    model(prompt, cache=gpu_cache)
+    assert all(c._gpu for c in gpu_cache)
+    save_prompt_cache(str(tmp_path / "gpu.safetensors"), gpu_cache)
+    monkeypatch.setattr(metal, "active_path", lambda: "cpu")
+    cpu_cache = load_prompt_cache(str(tmp_path / "gpu.safetensors"))
+    assert not any(c._gpu for c in cpu_cache)
+    tok = mx.array([[3]])
+    a = np.array(model(tok, cache=cpu_cache).astype(mx.float32))
+    monkeypatch.setattr(metal, "active_path", lambda: metal.candidate_path())
+    again = load_prompt_cache(str(tmp_path / "gpu.safetensors"))
+    b = np.array(model(tok, cache=again).astype(mx.float32))
+    assert rel_err(a, b) <= 1e-2

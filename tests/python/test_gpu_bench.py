@@ -1,0 +1,46 @@
+"""The GPU benchmarks' scripts run end to end at tiny sizes on any machine (--smoke: the
+reference kernels / the C++ core instead of the GPU), so a GPU session never finds them
+broken; their numbers mean something only on a GPU (scripts/gpu-test.sh)."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("mlx_lm")
+
+BENCH = Path(__file__).resolve().parents[2] / "bench"
+
+
+def run(script, tmp_path):
+    out = tmp_path / f"{script}.json"
+    r = subprocess.run([sys.executable, str(BENCH / script), "--smoke", "--out", str(out)],
+                       cwd=BENCH, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-4000:]
+    return json.loads(out.read_text())
+
+
+def test_gpu_attention_smoke(tmp_path):
+    res = run("gpu_attention.py", tmp_path)
+    rows = res["rows"]
+    assert {r["cache"] for r in rows} == {"fp16 sdpa", "turboquant 3-bit",
+                                          "turboquant key split 3-bit"}
+    for r in rows:
+        assert r["seconds"] > 0 and r["bytes"] > 0 and r["gbps"] > 0
+    fp16 = {r["context"]: r["bytes"] for r in rows if r["cache"] == "fp16 sdpa"}
+    for r in rows:  # 3-bit codes read ~4-5x fewer bytes than fp16 K/V (head_dim 64)
+        if r["bits"] == 3:
+            assert 3.0 < fp16[r["context"]] / r["bytes"] < 6.0
+    assert res["machine"]["mlx_kernels"] in ("cpu", "metal", "cuda")
+
+
+def test_gpu_e2e_smoke(tmp_path):
+    res = run("gpu_e2e.py", tmp_path)
+    rows = {r["cache"]: r for r in res["rows"]}
+    assert set(rows) == {"fp16", "mlx-q8", "mlx-q4", "turboquant-3"}
+    for r in rows.values():
+        assert r["prefill_tok_s"] > 0 and r["decode_tok_s"] > 0 and r["kv_bytes"] > 0
+    assert rows["turboquant-3"]["kv_bytes"] < rows["fp16"]["kv_bytes"]
+    assert rows["mlx-q4"]["kv_bytes"] < rows["mlx-q8"]["kv_bytes"] < rows["fp16"]["kv_bytes"]

@@ -1,0 +1,183 @@
+"""Choosing the GPU path: the selection rule (Metal, CUDA, CPU), the first-use self-test that
+guards it, and the fall-back to the C++ core when the kernels fail (a shader that does not
+compile, or one that computes wrong codes), forced here on the emulated GPU."""
+
+import warnings
+
+import numpy as np
+import pytest
+
+mx = pytest.importorskip("mlx.core")
+
+import turboquant  # noqa: E402
+from turboquant import _core, metal, mlx_metal  # noqa: E402
+
+
+@pytest.fixture
+def fresh_selection(monkeypatch):
+    """Forget the process's path choice (and restore it afterwards)."""
+    saved = dict(metal._SELF_TESTS)
+    metal._SELF_TESTS.clear()
+    metal.active_path.cache_clear()
+    yield
+    metal._SELF_TESTS.clear()
+    metal._SELF_TESTS.update(saved)
+    metal.active_path.cache_clear()
+
+
+@pytest.fixture(scope="module")
+def emulated(tmp_path_factory):
+    from mlx_kernel_emulator import EmulatedKernels
+
+    return EmulatedKernels(tmp_path_factory.mktemp("emu_gpu_path"))
+
+
+def test_selection_rule_knows_cuda():
+    sel = metal.select_path
+    assert sel("linux", False, True, None, mlx_cuda=True) == "cuda"
+    assert sel("linux", False, True, "auto", mlx_cuda=True) == "cuda"
+    assert sel("linux", False, True, "cuda", mlx_cuda=True) == "cuda"
+    assert sel("linux", False, True, "cpu", mlx_cuda=True) == "cpu"
+    assert sel("linux", False, False, None, mlx_cuda=True) == "cpu"  # no kernel sources
+    assert sel("linux", False, True, "cuda", mlx_cuda=False) == "cpu"
+    assert sel("linux", True, True, "metal", mlx_cuda=True) == "cpu"  # Metal only on macOS
+    assert sel("darwin", True, True, None, mlx_cuda=True) == "metal"
+    assert sel("darwin", True, True, "cuda", mlx_cuda=True) == "cuda"
+    with pytest.raises(ValueError, match="'auto', 'metal', 'cuda' or 'cpu'"):
+        sel("linux", False, True, "rocm")
+
+
+def test_this_machine_takes_the_cpu_path_and_says_why():
+    info = turboquant.build_info()
+    assert info["mlx_kernels"] == metal.active_path()
+    if not (mx.metal.is_available() or mx.cuda.is_available()):
+        assert info["mlx_kernels"] == "cpu" and info["backends"] == ["cpu"]
+        assert info["mlx_kernels_reason"].startswith("cpu: ")
+        assert "cuda" not in turboquant.backends()
+
+
+def test_self_test_passes_on_the_emulated_kernels(emulated, monkeypatch):
+    emulated.install(monkeypatch)
+    start = len(emulated.launches)
+    assert mlx_metal.self_test() is None
+    used = set(emulated.launches[start:])
+    # Every kernel the store launches (the rest serve the single-quantizer functions).
+    assert used == {"encode_heads", "rotate_heads", "dequantize_heads", "attention_block",
+                    "attention_reduce_heads", "split_encode_heads", "split_rotate_heads",
+                    "split_dequantize_heads", "split_attention_block"}, used
+
+
+def test_a_kernel_that_does_not_compile_falls_back_to_the_core(monkeypatch, fresh_selection):
+    def no_compile(which):
+        def launch(**kwargs):
+            raise RuntimeError("[metal_kernel] Unable to build metal library from source\n"
+                               "error: use of undeclared identifier 'simd_sum'")
+        return launch
+
+    monkeypatch.setattr(metal, "candidate_path", lambda: "metal")
+    monkeypatch.setattr(metal, "_kernel", no_compile)
+    with pytest.warns(RuntimeWarning, match="metal kernels failed their first-use self-test "
+                      r"\(RuntimeError: \[metal_kernel\] Unable to build .*simd_sum"):
+        assert metal.active_path() == "cpu"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # one warning per process, not one per cache
+        assert metal.active_path() == "cpu"
+        info = turboquant.build_info()
+    assert info["mlx_kernels"] == "cpu"
+    assert "failed their first-use self-test" in info["mlx_kernels_reason"]
+    assert "simd_sum" in info["mlx_kernels_reason"]
+
+
+def test_kernels_with_wrong_codes_fall_back_to_the_core(emulated, monkeypatch, fresh_selection):
+    emulated.install(monkeypatch)
+    real = emulated.kernel
+
+    def flip_a_bit(which):
+        launch = real(which)
+        if which != "encode_heads":
+            return launch
+
+        def broken(**kwargs):
+            codes, norms = launch(**kwargs)
+            c = np.array(codes)
+            c[0, 0] ^= 1
+            return [mx.array(c), norms]
+        return broken
+
+    monkeypatch.setattr(metal, "_kernel", flip_a_bit)
+    monkeypatch.setattr(metal, "candidate_path", lambda: "cuda")
+    with pytest.warns(RuntimeWarning, match="cuda kernels failed .*plain: key codes of KV head 0 "
+                      "differ from the C.. core's"):
+        assert metal.active_path() == "cpu"
+    assert "cuda" not in turboquant.backends()
+
+
+def test_generation_survives_a_broken_shader(monkeypatch, fresh_selection):
+    # mlx-lm on a "Mac" whose kernels fail to compile: the cache warns once and runs on the
+    # C++ core, with the same tokens as a cache that never tried the GPU.
+    from mlx_lm.generate import generate_step
+    from mlx_tiny import tiny_model
+
+    from turboquant.mlx_lm import make_prompt_cache
+
+    def no_compile(which):
+        def launch(**kwargs):
+            raise RuntimeError("Unable to build metal library from source")
+        return launch
+
+    model = tiny_model("llama")
+    prompt = mx.array(np.arange(1, 40) % 100)
+
+    def tokens():
+        cache = make_prompt_cache(model, key_bits=3, value_bits=3)
+        out = [t for t, _ in zip(generate_step(prompt, model, prompt_cache=cache, max_tokens=8),
+                                 range(8))]
+        return [int(t) for t, _ in out], cache
+
+    want, _ = tokens()
+    monkeypatch.setattr(metal, "candidate_path", lambda: "metal")
+    monkeypatch.setattr(metal, "_kernel", no_compile)
+    metal.active_path.cache_clear()  # the first run chose the CPU path
+    with pytest.warns(RuntimeWarning, match="Unable to build metal library"):
+        got, cache = tokens()
+    assert got == want
+    assert all(not c._gpu for c in cache)
+
+
+def test_builder_cuda_backend(emulated, monkeypatch, fresh_selection):
+    def builder():
+        return (turboquant.KVCacheBuilder().with_head_dim(32).with_heads(4, 2)
+                .with_key_bits(3).with_value_bits(2).with_seed(3).with_block_tokens(8))
+
+    if not mx.cuda.is_available():
+        with pytest.raises(RuntimeError, match="backend 'cuda' cannot serve this cache: .*"
+                           r"mlx\[cuda13\].*here: cpu: "):
+            builder().with_backend("cuda").build()
+    # On an "NVIDIA machine" (emulated kernels, the CUDA path chosen): the store serves it,
+    # explicitly and for "auto", and agrees with the C++ cache.
+    emulated.install(monkeypatch)
+    monkeypatch.setattr(metal, "candidate_path", lambda: "cuda")
+    monkeypatch.delenv("TURBOQUANT_BACKEND", raising=False)
+    metal.active_path.cache_clear()
+    assert metal.active_path() == "cuda" and turboquant.backends()[-1] == "cuda"
+    rng = np.random.default_rng(0)
+    k, v = (rng.standard_normal((2, 12, 32)).astype(np.float32) for _ in range(2))
+    q = rng.standard_normal((4, 1, 32)).astype(np.float32)
+    cpu = builder().with_backend("cpu").build()
+    cpu.append(k, v)
+    for backend in ("cuda", "auto"):
+        gpu = builder().with_backend(backend).build()
+        assert gpu.backend == "cuda", backend
+        gpu.append(k, v)
+        np.testing.assert_allclose(np.asarray(gpu.attend(q)), np.asarray(cpu.attend(q)),
+                                   atol=2e-5)
+    # A configuration the store cannot hold is refused by name for "cuda"...
+    with pytest.raises(RuntimeError, match="backend 'cuda' cannot serve this cache"):
+        builder().with_method("qjl").with_backend("cuda").build()
+    # ...and served by the C++ core for "auto".
+    assert builder().with_method("qjl").build().backend == "cpu"
+
+
+def test_core_has_no_cuda_backend_of_its_own():
+    with pytest.raises(ValueError, match="backend must be"):
+        _core.resolve_backend("cuda")
