@@ -51,6 +51,10 @@ KERNEL_FILES = ("common.metal", "encode.metal", "dequantize.metal", "attention.m
 CUDA_DIALECT = "cuda_compat.h"  # the CUDA target's dialect header, beside the kernel files
 TARGETS = ("metal", "cuda")
 MAX_GROUP = 16  # TQ_MAX_GROUP: query heads per KV head in one attention pass
+# Threadgroup (shared) memory of one attention block, in floats: Metal guarantees 32 KB per
+# threadgroup (CUDA 48 KB of static shared memory per block); passes over a GQA group are
+# sized to stay within it (group_pass()).
+MAX_SCRATCH_FLOATS = 8192
 ATTENTION_THREADS = 128
 DEFAULT_BLOCK_TOKENS = 64
 
@@ -431,6 +435,19 @@ def attention_scratch_floats(dim: int, group: int, block_tokens: int, k_bits: in
                              v_bits: int) -> int:
     """tq_attention_scratch_floats() of attention.metal."""
     return group * dim + (1 << k_bits) + (1 << v_bits) + group * block_tokens
+
+
+def group_pass(dim: int, k_bits: int, v_bits: int, block_tokens: int = DEFAULT_BLOCK_TOKENS,
+               k_bits1: int | None = None) -> int:
+    """Query heads of a GQA group one decode-attention pass takes: at most MAX_GROUP, and few
+    enough that the block kernel's scratch fits MAX_SCRATCH_FLOATS (head_dim 512 with a group of
+    16 would not). ``k_bits1``: the key split's second part (its centroids are in scratch too)."""
+    tables = (1 << k_bits) + (1 << v_bits) + (0 if k_bits1 is None else 1 << k_bits1)
+    fit = (MAX_SCRATCH_FLOATS - tables) // (dim + block_tokens)
+    if fit < 1:
+        raise ValueError(f"head_dim {dim} with {block_tokens}-token blocks does not fit the GPU's "
+                         f"{MAX_SCRATCH_FLOATS * 4 // 1024} KB of threadgroup memory")
+    return min(MAX_GROUP, fit)
 
 
 def split_params(rows: int, dim: int, bits0: int, bits1: int, angle_bits: int, norm_fp16: bool,

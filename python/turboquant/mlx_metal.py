@@ -547,8 +547,11 @@ class MetalCodeStore:
             vc, vn = self._v_codes[:, a:b], self._v_norms[:, a:b]
         outs, lses = [], []
         G = int(qg.shape[1])
-        for g0 in range(0, G, metal.MAX_GROUP):  # GQA groups above 16: several passes
-            args = (self.key_tables, self.value_tables, qg[:, g0:g0 + metal.MAX_GROUP], kc, kn,
+        kt = self.key_tables
+        step = metal.group_pass(self.head_dim, kt.bits0 if self._split else kt.bits,
+                                self.value_tables.bits, k_bits1=kt.bits1 if self._split else None)
+        for g0 in range(0, G, step):  # large GQA groups (or head_dim): several passes
+            args = (self.key_tables, self.value_tables, qg[:, g0:g0 + step], kc, kn,
                     vc, vn, b - a, scale)
             if with_lse:
                 o, lse = self.kernels.decode_attention_heads(*args, with_lse=True)

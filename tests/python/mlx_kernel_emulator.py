@@ -101,6 +101,8 @@ class EmulatedKernels:
             if template:  # the emulated scratch array must hold what the GPU would get
                 for name, value in template:
                     assert name == "SCRATCH" and value <= SCRATCH_FLOATS
+                    # ... and no more than a GPU's threadgroup memory holds
+                    assert value <= metal.MAX_SCRATCH_FLOATS, (which, value)
             groups = [g // t for g, t in zip(grid, threadgroup)]
             assert all(g * t == gg for g, t, gg in zip(groups, threadgroup, grid)), (grid, threadgroup)
             assert threadgroup[1] == threadgroup[2] == 1

@@ -181,3 +181,23 @@ def test_builder_cuda_backend(emulated, monkeypatch, fresh_selection):
 def test_core_has_no_cuda_backend_of_its_own():
     with pytest.raises(ValueError, match="backend must be"):
         _core.resolve_backend("cuda")
+
+
+def test_attention_passes_fit_threadgroup_memory(emulated, monkeypatch):
+    # head_dim 512 with a GQA group of 16 would need 9,744 floats of scratch (38 KB, over
+    # Metal's 32 KB): the group runs in passes that fit (the emulator refuses more).
+    assert metal.group_pass(128, 3, 3) == metal.MAX_GROUP
+    assert metal.group_pass(512, 3, 3) == (metal.MAX_SCRATCH_FLOATS - 16) // (512 + 64) == 14
+    assert metal.group_pass(512, 2, 3, k_bits1=4) == 14
+    with pytest.raises(ValueError, match="does not fit the GPU's 32 KB"):
+        metal.group_pass(8192, 3, 3)
+    emulated.install(monkeypatch)
+    rng = np.random.default_rng(5)
+    kw = dict(n_layers=1, n_q_heads=16, n_kv_heads=1, key_bits=3, value_bits=3, seed=2,
+              block_tokens=8)
+    store, core = mlx_metal.MetalCodeStore(512, **kw), _core.KVCache(512, **kw)
+    k, v = (rng.standard_normal((1, 9, 512)).astype(np.float32) for _ in range(2))
+    store.append(mx.array(k), mx.array(v))
+    core.append(k, v)
+    q = rng.standard_normal((16, 1, 512)).astype(np.float32)
+    np.testing.assert_allclose(np.array(store.attend(mx.array(q))), core.attend(q), atol=2e-5)
