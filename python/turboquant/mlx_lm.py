@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import json
 import sys
+import warnings
 from typing import Any, Iterable, Sequence
 
 import mlx.core as mx
@@ -55,6 +56,10 @@ _MASK64 = (1 << 64) - 1
 
 class UnsupportedArchitectureError(ValueError):
     """The model's attention cannot be served from a TurboQuant KV cache."""
+
+
+# Reasons a layer stayed off the GPU store that were already reported (TurboQuantKVCache._use_gpu).
+_GPU_FALLBACKS_WARNED: set[str] = set()
 
 
 def layer_seed(seed: int, layer: int) -> int:
@@ -227,8 +232,19 @@ class TurboQuantKVCache(_mlx_cache._BaseCache):
     def _use_gpu(self, head_dim: int) -> bool:
         """The GPU path (codes as mlx arrays, turboquant.metal kernels on Metal or CUDA) is
         taken when the kernels passed their first-use self-test and :meth:`gpu_refusal`
-        finds nothing the store cannot do."""
-        return metal.active_path() != "cpu" and self.gpu_refusal(head_dim) is None
+        finds nothing the store cannot do; a layer kept off the GPU says why (one warning
+        per reason and process)."""
+        path = metal.active_path()
+        if path == "cpu":
+            return False
+        why = self.gpu_refusal(head_dim)
+        if why is None:
+            return True
+        if why not in _GPU_FALLBACKS_WARNED:
+            _GPU_FALLBACKS_WARNED.add(why)
+            warnings.warn(f"turboquant: layers with these settings stay on the C++ CPU core, "
+                          f"not the {path} GPU store: {why}", RuntimeWarning, stacklevel=4)
+        return False
 
     def gpu_refusal(self, head_dim: int) -> str | None:
         """None when the mlx-resident store (turboquant.mlx_metal.MetalCodeStore) can hold
@@ -242,16 +258,16 @@ class TurboQuantKVCache(_mlx_cache._BaseCache):
         if why:
             return why
         if self.split_plan(head_dim) is not None and head_dim < 32:
-            return (f"the Metal key split needs head_dim >= 32 (halves of 16 channels or more), "
+            return (f"the GPU key split needs head_dim >= 32 (halves of 16 channels or more), "
                     f"got {head_dim}")
         if self.decay_after:
-            return "temporal decay is a C++ core feature (the Metal store does not decay codes)"
+            return "temporal decay is a C++ core feature (the GPU store does not decay codes)"
         if self.mixed_bits:
-            return "mixed precision is a C++ core feature (the Metal store holds one width per role)"
+            return "mixed precision is a C++ core feature (the GPU store holds one width per role)"
         if self.sparse_v:
-            return "the Metal store's decode kernel is dense (sparse_v runs on the C++ core)"
+            return "the GPU store's decode kernel is dense (sparse_v runs on the C++ core)"
         if self.key_head_bits is not None or self.value_head_bits is not None:
-            return ("per-KV-head bit widths are a C++ core feature (the Metal store holds one "
+            return ("per-KV-head bit widths are a C++ core feature (the GPU store holds one "
                     "width per role)")
         return None
 

@@ -201,3 +201,24 @@ def test_attention_passes_fit_threadgroup_memory(emulated, monkeypatch):
     core.append(k, v)
     q = rng.standard_normal((16, 1, 512)).astype(np.float32)
     np.testing.assert_allclose(np.array(store.attend(mx.array(q))), core.attend(q), atol=2e-5)
+
+
+def test_a_layer_kept_off_the_gpu_says_why(monkeypatch):
+    from mlx_tiny import tiny_model
+
+    from turboquant import mlx_lm as tq_mlx
+
+    model = tiny_model("llama")
+    monkeypatch.setattr(metal, "active_path", lambda: "cuda")
+    monkeypatch.setattr(tq_mlx, "_GPU_FALLBACKS_WARNED", set())
+    # (the tiny model's head_dim 16 is below the key split's 32: no split, to reach decay)
+    cache = tq_mlx.make_prompt_cache(model, key_bits=3, value_bits=3, decay_after=64,
+                                     decay_bits=2, key_split=False)
+    with pytest.warns(RuntimeWarning, match="stay on the C.. CPU core, not the cuda GPU store: "
+                      "temporal decay is a C.. core feature"):
+        model(mx.array([[1, 2, 3, 4]]), cache=cache)
+    assert not any(c._gpu for c in cache)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # said once per reason, not once per layer or cache
+        model(mx.array([[1, 2, 3, 4]]), cache=tq_mlx.make_prompt_cache(
+            model, key_bits=3, value_bits=3, decay_after=64, decay_bits=2, key_split=False))
