@@ -25,5 +25,6 @@ export LSAN_OPTIONS=suppressions=$PWD/tests/sanitizers/lsan_python.supp:print_su
 # shellcheck disable=SC2086
 PYTHONPATH="$pkg" LD_PRELOAD="$libasan" "$PYBIN" -m pytest -q -p no:cacheprovider ${TQ_LSAN_PYTEST_ARGS:-} \
   tests/python/test_reliability.py tests/python/test_kv_cache.py tests/python/test_quantizer.py \
+  tests/python/test_file_format.py \
   -k "not allocation_failure"
 echo "pytest under ASan + LeakSanitizer: no leak, no memory error (reports would be in build/asan-py/asan-report.*)"

@@ -251,10 +251,12 @@ The T_q queries are the last T_q positions of the layer: query i sees keys
       .def("token_bytes", &KVCache::token_bytes, py::arg("layer") = 0,
            "bytes holding one layer's stored tokens (codes at each block's bits, norms, fp16 "
            "sink/window rows; no quantizer state or page slack)")
-      .def("save", [](const KVCache& kv, const std::string& path) {
+      .def("save", [](const KVCache& kv, const std::string& path, bool legacy) {
         py::gil_scoped_release release;
-        kv.save(path);
-      }, py::arg("path"), "Write the cache to a file (format: serialize.h).")
+        kv.save(path, legacy);
+      }, py::arg("path"), py::arg("legacy") = false,
+         "Write the cache to a file (format: serialize.h): version 8, or with legacy=True the "
+         "oldest of versions 1-7 that expresses it (for libraries before version 8).")
       .def_static("load", [](const std::string& path) {
         if (!py::module_::import("os").attr("path").attr("exists")(path).cast<bool>()) {
           PyErr_SetString(PyExc_FileNotFoundError, ("no such cache file: '" + path + "'").c_str());
@@ -263,10 +265,10 @@ The T_q queries are the last T_q positions of the layer: query i sees keys
         py::gil_scoped_release release;
         return KVCache::load(path);
       }, py::arg("path"), "Read a saved cache; raises turboquant.FormatError on a damaged file.")
-      .def("to_bytes", [](const KVCache& kv) {
-        const auto b = serialize_cache(kv);
+      .def("to_bytes", [](const KVCache& kv, bool legacy) {
+        const auto b = serialize_cache(kv, legacy);
         return py::bytes(reinterpret_cast<const char*>(b.data()), b.size());
-      }, "The saved-file bytes of this cache.")
+      }, py::arg("legacy") = false, "The saved-file bytes of this cache (legacy: as save()).")
       .def_static("from_bytes", [](const py::bytes& data) {
         const std::string_view v(data);
         return deserialize_cache(reinterpret_cast<const uint8_t*>(v.data()), v.size());
@@ -286,8 +288,12 @@ The T_q queries are the last T_q positions of the layer: query i sees keys
                              "per-KV-head value bits, as key_head_bits (empty: every head at value_bits)")
       .def_property_readonly("outlier_head_bits", [](const KVCache& kv) { return kv.config().outlier_head_bits; },
                              "per-KV-head outlier bits of the outlier split, as key_head_bits (empty: outlier_bits)")
-      .def_property_readonly("format_version", [](const KVCache& kv) { return kv.config().format_version(); },
-                             "the file format version save() writes for this cache")
+      .def_property_readonly("format_version", [](const KVCache&) { return kCacheFormatVersion; },
+                             "the file format version save() writes (the section container)")
+      .def_property_readonly("legacy_format_version",
+                             [](const KVCache& kv) { return kv.config().format_version(); },
+                             "the oldest version before the section container (1-7) that "
+                             "expresses this cache: what save(path, legacy=True) writes")
       .def_property_readonly("seed", [](const KVCache& kv) { return kv.config().seed; })
       .def_property_readonly("rotation", [](const KVCache& kv) { return to_string(kv.key_quantizer(0, 0).rotation().kind()); })
       .def_property_readonly("configured_rotation", [](const KVCache& kv) { return to_string(kv.config().rotation); },

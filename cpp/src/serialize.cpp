@@ -37,6 +37,32 @@ constexpr uint32_t tag(const char (&s)[5]) {
 }
 constexpr uint32_t kTagConf = tag("CONF"), kTagRots = tag("ROTS"), kTagLayer = tag("LAYR"), kTagWindow = tag("WNDW"), kTagSink = tag("SINK"),
                    kTagEnd = tag("END ");
+// Version 8's feature sections (serialize.h).
+constexpr uint32_t kTagFp16Window = tag("FWIN"), kTagFp16Sinks = tag("FSNK"), kTagDecay = tag("DECY"),
+                   kTagEvict = tag("EVCT"), kTagQuantOptions = tag("QOPT"), kTagHeadBits = tag("HBIT"),
+                   kTagMixed = tag("MIXD");
+constexpr uint32_t kFirstContainerVersion = 8;
+
+// Critical sections (first byte an upper-case letter) must be understood; others may be skipped.
+constexpr bool is_critical(uint32_t t) {
+  const auto first = static_cast<uint8_t>(t & 0xFFu);
+  return first >= 'A' && first <= 'Z';
+}
+
+std::string tag_name(uint32_t t) {
+  std::string name;
+  for (int i = 0; i < 4; ++i) {
+    const auto ch = static_cast<uint8_t>(t >> (8 * i));
+    if (ch >= 0x20 && ch < 0x7F) {
+      name += static_cast<char>(ch);
+    } else {
+      name += "\\x";
+      name += "0123456789abcdef"[ch >> 4];
+      name += "0123456789abcdef"[ch & 0xF];
+    }
+  }
+  return name;
+}
 constexpr size_t kMaxString = 256;
 
 class Writer {
@@ -94,8 +120,34 @@ class Reader {
     const auto* s = take(len, what);
     return std::string(reinterpret_cast<const char*>(s), len);
   }
+  // The tag of the next section (without consuming it).
+  uint32_t peek_tag(const char* what) {
+    uint32_t t;
+    std::memcpy(&t, take(sizeof(t), what), sizeof(t));
+    pos_ -= sizeof(t);
+    return t;
+  }
+  // In a section container (version 8), sections a reader does not know are skipped when
+  // ancillary (their CRC still checked) and refused by name when critical.
+  void skip_unknown_sections(const char* expected) {
+    while (container_) {
+      const auto t = peek_tag(expected);
+      if (known_tag(t)) return;
+      TQ_CHECK(!is_critical(t), FormatError, "this file needs section '", tag_name(t),
+               "', which this turboquant does not know (a newer feature): upgrade turboquant");
+      section(t, "an ancillary section");
+    }
+  }
+  void set_container(bool on) { container_ = on; }
+  static bool known_tag(uint32_t t) {
+    for (uint32_t k : {kTagConf, kTagRots, kTagLayer, kTagWindow, kTagSink, kTagEnd, kTagFp16Window,
+                       kTagFp16Sinks, kTagDecay, kTagEvict, kTagQuantOptions, kTagHeadBits, kTagMixed})
+      if (t == k) return true;
+    return false;
+  }
   // Reads one section header and verifies its CRC; returns a reader over its payload.
   Reader section(uint32_t expected_tag, const char* name) {
+    if (expected_tag != peek_tag(name) && container_) skip_unknown_sections(name);
     const size_t start = pos_;
     const auto t = get<uint32_t>(name);
     TQ_CHECK(t == expected_tag, FormatError, "corrupted file: expected section ", name, " at offset ",
@@ -118,6 +170,7 @@ class Reader {
  private:
   const uint8_t* p_;
   size_t n_, pos_ = 0, base_;
+  bool container_ = false;
 };
 
 uint32_t rotation_code(RotationKind k) { return static_cast<uint32_t>(k); }
@@ -131,22 +184,11 @@ uint32_t crc32c(const void* data, size_t n, uint32_t crc) {
   return ~crc;
 }
 
-std::vector<uint8_t> serialize_cache(const KVCache& cache) {
-  const KVCacheConfig& c = cache.config();
-  Writer w;
-  w.bytes(kCacheMagic, sizeof(kCacheMagic));
-  const bool windowed = c.windowed();
-  // Version 7 adds mixed precision (group and kept blocks in CONF; the groups' masks after
-  // the block flags of LAYR; the window tokens' importance after the rows of WNDW); 6
-  // per-layer, per-head widths; 5 per-head widths; 4 the outlier split's angle width (8 bits; 1-3 imply 16); 3 fp16 sinks,
-  // temporal decay, eviction and the quantizer options (norm correction, outlier roles); 2
-  // the fp16 window; a file is written as the oldest version that expresses the cache, so
-  // older readers still load what they can.
-  const uint32_t version = c.format_version();
-  w.put(version);
-  w.put(uint32_t{0});
+namespace {
 
-  size_t at = w.begin(kTagConf);
+// CONF's version-1 fields (every version starts with them).
+void put_base_config(Writer& w, const KVCache& cache) {
+  const KVCacheConfig& c = cache.config();
   w.put(static_cast<uint32_t>(kPackingVersion));
   w.put(static_cast<uint32_t>(kRngSchemeVersion));
   w.put(static_cast<int32_t>(c.head_dim));
@@ -171,11 +213,24 @@ std::vector<uint8_t> serialize_cache(const KVCache& cache) {
   w.put(static_cast<int32_t>(c.outlier_bits));
   w.put(static_cast<uint32_t>(c.outlier_channels.size()));
   for (int ch : c.outlier_channels) w.put(static_cast<int32_t>(ch));
-  if (version >= 2) {
-    w.put(static_cast<uint64_t>(c.fp16_window));
-    w.put(static_cast<uint32_t>(c.fp16_layers.size()));
-    for (int l : c.fp16_layers) w.put(static_cast<int32_t>(l));
+}
+
+void put_fp16_window(Writer& w, const KVCacheConfig& c) {
+  w.put(static_cast<uint64_t>(c.fp16_window));
+  w.put(static_cast<uint32_t>(c.fp16_layers.size()));
+  for (int l : c.fp16_layers) w.put(static_cast<int32_t>(l));
+}
+
+void put_head_bits(Writer& w, const KVCacheConfig& c) {
+  for (const auto* v : {&c.key_head_bits, &c.value_head_bits, &c.outlier_head_bits}) {
+    w.put(static_cast<uint32_t>(v->size()));
+    for (int b : *v) w.put(static_cast<int32_t>(b));
   }
+}
+
+// Versions 1-7: CONF continues with each version's fields (serialize.h).
+void put_legacy_config(Writer& w, const KVCacheConfig& c, uint32_t version) {
+  if (version >= 2) put_fp16_window(w, c);
   if (version >= 3) {
     w.put(static_cast<uint64_t>(c.fp16_sinks));
     w.put(static_cast<uint64_t>(c.decay_after));
@@ -185,17 +240,79 @@ std::vector<uint8_t> serialize_cache(const KVCache& cache) {
     w.put(static_cast<uint32_t>(c.outlier_roles));
   }
   if (version >= 4) w.put(static_cast<uint32_t>(c.split_angle_bits));
-  if (version >= 5) {
-    for (const auto* v : {&c.key_head_bits, &c.value_head_bits, &c.outlier_head_bits}) {
-      w.put(static_cast<uint32_t>(v->size()));
-      for (int b : *v) w.put(static_cast<int32_t>(b));
-    }
-  }
+  if (version >= 5) put_head_bits(w, c);
   if (version >= 7) {
     w.put(static_cast<uint64_t>(c.mixed_group_blocks));
     w.put(static_cast<uint64_t>(c.mixed_keep_blocks));
   }
+}
+
+bool has_quantizer_options(const KVCacheConfig& c) {
+  return c.has_outliers() || c.norm_correction || c.outlier_roles != OutlierRoles::kBoth;
+}
+
+// Version 8: one section per configured feature, after CONF.
+void put_feature_sections(Writer& w, const KVCacheConfig& c) {
+  size_t at = 0;
+  if (c.fp16_window > 0 || !c.fp16_layers.empty()) {
+    at = w.begin(kTagFp16Window);
+    put_fp16_window(w, c);
+    w.end(at);
+  }
+  if (c.fp16_sinks > 0) {
+    at = w.begin(kTagFp16Sinks);
+    w.put(static_cast<uint64_t>(c.fp16_sinks));
+    w.end(at);
+  }
+  if (c.low_blocks()) {
+    at = w.begin(kTagDecay);
+    w.put(static_cast<uint64_t>(c.decay_after));
+    w.put(static_cast<int32_t>(c.decay_bits));
+    w.end(at);
+  }
+  if (c.max_coded_tokens > 0) {
+    at = w.begin(kTagEvict);
+    w.put(static_cast<uint64_t>(c.max_coded_tokens));
+    w.end(at);
+  }
+  if (has_quantizer_options(c)) {
+    at = w.begin(kTagQuantOptions);
+    w.put(static_cast<uint32_t>(c.norm_correction ? 1 : 0));
+    w.put(static_cast<uint32_t>(c.outlier_roles));
+    w.put(static_cast<uint32_t>(c.split_angle_bits));
+    w.end(at);
+  }
+  if (c.per_head_bits()) {
+    at = w.begin(kTagHeadBits);
+    put_head_bits(w, c);
+    w.end(at);
+  }
+  if (c.mixed()) {
+    at = w.begin(kTagMixed);
+    w.put(static_cast<uint64_t>(c.mixed_group_blocks));
+    w.put(static_cast<uint64_t>(c.mixed_keep_blocks));
+    w.end(at);
+  }
+}
+
+}  // namespace
+
+std::vector<uint8_t> serialize_cache(const KVCache& cache, bool legacy) {
+  const KVCacheConfig& c = cache.config();
+  Writer w;
+  w.bytes(kCacheMagic, sizeof(kCacheMagic));
+  const bool windowed = c.windowed();
+  // A legacy file is the oldest version that expresses the cache (serialize.h), so older
+  // readers still load what they can; otherwise the section container.
+  const uint32_t version = legacy ? c.format_version() : kCacheFormatVersion;
+  w.put(version);
+  w.put(uint32_t{0});
+
+  size_t at = w.begin(kTagConf);
+  put_base_config(w, cache);
+  if (legacy) put_legacy_config(w, c, version);
   w.end(at);
+  if (!legacy) put_feature_sections(w, c);
 
   at = w.begin(kTagRots);
   for (int l = 0; l < c.n_layers; ++l) {
@@ -279,6 +396,159 @@ std::vector<uint8_t> serialize_cache(const KVCache& cache) {
   return std::move(w.buf);
 }
 
+namespace {
+
+// CONF's version-1 fields into c.
+void read_base_config(Reader& conf, KVCacheConfig& c) {
+  const auto packing = conf.get<uint32_t>("packing version");
+  const auto scheme = conf.get<uint32_t>("rng scheme version");
+  TQ_CHECK(packing == static_cast<uint32_t>(kPackingVersion), FormatError, "file uses packing layout v",
+           packing, ", this library has v", kPackingVersion);
+  TQ_CHECK(scheme == static_cast<uint32_t>(kRngSchemeVersion), FormatError, "file uses rng scheme v",
+           scheme, ", this library has v", kRngSchemeVersion);
+  c.head_dim = conf.get<int32_t>("head_dim");
+  c.n_layers = conf.get<int32_t>("n_layers");
+  c.n_q_heads = conf.get<int32_t>("n_q_heads");
+  c.n_kv_heads = conf.get<int32_t>("n_kv_heads");
+  c.key_method = conf.str("key_method");
+  c.key_bits = conf.get<int32_t>("key_bits");
+  c.value_method = conf.str("value_method");
+  c.value_bits = conf.get<int32_t>("value_bits");
+  c.seed = conf.get<uint64_t>("seed");
+  const auto rot = conf.get<uint32_t>("rotation");
+  TQ_CHECK(rot == rotation_code(RotationKind::kDense) || rot == rotation_code(RotationKind::kHadamard) ||
+               rot == rotation_code(RotationKind::kAuto),
+           FormatError, "corrupted file: rotation kind ", rot);
+  c.rotation = static_cast<RotationKind>(rot);
+  c.jl_dim = conf.get<int32_t>("jl_dim");
+  c.block_tokens = static_cast<size_t>(conf.get<uint64_t>("block_tokens"));
+  c.max_tokens = static_cast<size_t>(conf.get<uint64_t>("max_tokens"));
+  c.n_outlier_channels = conf.get<int32_t>("n_outlier_channels");
+  c.outlier_bits = conf.get<int32_t>("outlier_bits");
+  const auto n_channels = conf.get<uint32_t>("outlier channel count");
+  TQ_CHECK(n_channels <= static_cast<uint32_t>(kMaxDim), FormatError,
+           "corrupted file: outlier channel count ", n_channels);
+  for (uint32_t i = 0; i < n_channels; ++i) c.outlier_channels.push_back(conf.get<int32_t>("outlier channel"));
+}
+
+// Versions 1-7: the rest of CONF (serialize.h), checked against the version that wrote it.
+void read_legacy_config(Reader& conf, KVCacheConfig& c, uint32_t version) {
+  if (version >= 2) {
+    c.fp16_window = static_cast<size_t>(conf.get<uint64_t>("fp16_window"));
+    const auto n_fp16 = conf.get<uint32_t>("fp16 layer count");
+    TQ_CHECK(n_fp16 <= conf.left() / sizeof(int32_t), FormatError, "corrupted file: fp16 layer count ", n_fp16);
+    for (uint32_t i = 0; i < n_fp16; ++i) c.fp16_layers.push_back(conf.get<int32_t>("fp16 layer"));
+    TQ_CHECK(version >= 3 || c.windowed(), FormatError, "corrupted file: version 2 without an fp16 window");
+  }
+  if (version >= 3) {
+    c.fp16_sinks = static_cast<size_t>(conf.get<uint64_t>("fp16_sinks"));
+    c.decay_after = static_cast<size_t>(conf.get<uint64_t>("decay_after"));
+    c.decay_bits = conf.get<int32_t>("decay_bits");
+    c.max_coded_tokens = static_cast<size_t>(conf.get<uint64_t>("max_coded_tokens"));
+    const auto nc = conf.get<uint32_t>("norm_correction");
+    TQ_CHECK(nc <= 1, FormatError, "corrupted file: norm_correction flag ", nc);
+    c.norm_correction = nc == 1;
+    const auto roles = conf.get<uint32_t>("outlier_roles");
+    TQ_CHECK(roles <= 2, FormatError, "corrupted file: outlier_roles ", roles);
+    c.outlier_roles = static_cast<OutlierRoles>(roles);
+    TQ_CHECK(version > 3 || c.v3(), FormatError, "corrupted file: version 3 without a version-3 option");
+  }
+  if (version >= 4) {
+    const auto angle = conf.get<uint32_t>("split_angle_bits");
+    TQ_CHECK(angle == 8 || angle == 16, FormatError, "corrupted file: split_angle_bits ", angle,
+             " (must be 8 or 16)");
+    c.split_angle_bits = static_cast<int>(angle);
+    TQ_CHECK(version > 4 || c.v4(), FormatError, "corrupted file: version 4 without a version-4 option");
+  } else if (c.has_outliers()) {
+    c.split_angle_bits = 16;  // the only width before version 4
+  }
+  if (version >= 5) {
+    const char* names[3] = {"key_head_bits", "value_head_bits", "outlier_head_bits"};
+    std::vector<int>* lists[3] = {&c.key_head_bits, &c.value_head_bits, &c.outlier_head_bits};
+    for (int i = 0; i < 3; ++i) {
+      const auto count = conf.get<uint32_t>(names[i]);
+      const auto per_layer = static_cast<uint32_t>(c.n_layers) * static_cast<uint32_t>(c.n_kv_heads);
+      TQ_CHECK(count == 0 || count == static_cast<uint32_t>(c.n_kv_heads) || (version >= 6 && count == per_layer),
+               FormatError, "corrupted file: ", names[i], " has ", count, " entries (must be 0 or n_kv_heads = ",
+               c.n_kv_heads, version >= 6 ? " or n_layers * n_kv_heads" : "", ")");
+      for (uint32_t h = 0; h < count; ++h) lists[i]->push_back(conf.get<int32_t>(names[i]));
+    }
+    TQ_CHECK(version >= 7 || c.per_head_bits(), FormatError, "corrupted file: version ", version,
+             " without per-head bit widths");
+    TQ_CHECK(version != 6 || c.per_layer_head_bits(), FormatError,
+             "corrupted file: version 6 without per-layer, per-head bit widths");
+  }
+  if (version >= 7) {
+    c.mixed_group_blocks = static_cast<size_t>(conf.get<uint64_t>("mixed_group_blocks"));
+    c.mixed_keep_blocks = static_cast<size_t>(conf.get<uint64_t>("mixed_keep_blocks"));
+    TQ_CHECK(c.mixed(), FormatError, "corrupted file: version 7 without mixed precision");
+  }
+}
+
+// Version 8: the feature sections between CONF and ROTS (each at most once).
+void read_feature_sections(Reader& r, KVCacheConfig& c) {
+  std::vector<uint32_t> seen;
+  c.split_angle_bits = KVCacheConfig{}.split_angle_bits;
+  for (;;) {
+    r.skip_unknown_sections("a section after CONF");
+    const auto t = r.peek_tag("a section after CONF");
+    if (t == kTagRots) return;
+    TQ_CHECK(std::find(seen.begin(), seen.end(), t) == seen.end(), FormatError, "corrupted file: section ",
+             tag_name(t), " appears twice");
+    seen.push_back(t);
+    const std::string name = tag_name(t);
+    Reader sec = r.section(t, name.c_str());
+    if (t == kTagFp16Window) {
+      c.fp16_window = static_cast<size_t>(sec.get<uint64_t>("fp16_window"));
+      const auto n_fp16 = sec.get<uint32_t>("fp16 layer count");
+      TQ_CHECK(n_fp16 <= sec.left() / sizeof(int32_t), FormatError, "corrupted file: fp16 layer count ", n_fp16);
+      for (uint32_t i = 0; i < n_fp16; ++i) c.fp16_layers.push_back(sec.get<int32_t>("fp16 layer"));
+      TQ_CHECK(c.fp16_window > 0 || !c.fp16_layers.empty(), FormatError, "corrupted file: an empty FWIN section");
+    } else if (t == kTagFp16Sinks) {
+      c.fp16_sinks = static_cast<size_t>(sec.get<uint64_t>("fp16_sinks"));
+      TQ_CHECK(c.fp16_sinks > 0, FormatError, "corrupted file: FSNK section of 0 sinks");
+    } else if (t == kTagDecay) {
+      c.decay_after = static_cast<size_t>(sec.get<uint64_t>("decay_after"));
+      c.decay_bits = sec.get<int32_t>("decay_bits");
+    } else if (t == kTagEvict) {
+      c.max_coded_tokens = static_cast<size_t>(sec.get<uint64_t>("max_coded_tokens"));
+      TQ_CHECK(c.max_coded_tokens > 0, FormatError, "corrupted file: EVCT section of 0 tokens");
+    } else if (t == kTagQuantOptions) {
+      const auto nc = sec.get<uint32_t>("norm_correction");
+      TQ_CHECK(nc <= 1, FormatError, "corrupted file: norm_correction flag ", nc);
+      c.norm_correction = nc == 1;
+      const auto roles = sec.get<uint32_t>("outlier_roles");
+      TQ_CHECK(roles <= 2, FormatError, "corrupted file: outlier_roles ", roles);
+      c.outlier_roles = static_cast<OutlierRoles>(roles);
+      const auto angle = sec.get<uint32_t>("split_angle_bits");
+      TQ_CHECK(angle == 8 || angle == 16, FormatError, "corrupted file: split_angle_bits ", angle,
+               " (must be 8 or 16)");
+      c.split_angle_bits = static_cast<int>(angle);
+    } else if (t == kTagHeadBits) {
+      const char* names[3] = {"key_head_bits", "value_head_bits", "outlier_head_bits"};
+      std::vector<int>* lists[3] = {&c.key_head_bits, &c.value_head_bits, &c.outlier_head_bits};
+      const auto per_layer = static_cast<uint32_t>(c.n_layers) * static_cast<uint32_t>(c.n_kv_heads);
+      for (int i = 0; i < 3; ++i) {
+        const auto count = sec.get<uint32_t>(names[i]);
+        TQ_CHECK(count == 0 || count == static_cast<uint32_t>(c.n_kv_heads) || count == per_layer, FormatError,
+                 "corrupted file: ", names[i], " has ", count, " entries (must be 0, n_kv_heads = ",
+                 c.n_kv_heads, " or n_layers * n_kv_heads)");
+        for (uint32_t h = 0; h < count; ++h) lists[i]->push_back(sec.get<int32_t>(names[i]));
+      }
+      TQ_CHECK(c.per_head_bits(), FormatError, "corrupted file: an empty HBIT section");
+    } else if (t == kTagMixed) {
+      c.mixed_group_blocks = static_cast<size_t>(sec.get<uint64_t>("mixed_group_blocks"));
+      c.mixed_keep_blocks = static_cast<size_t>(sec.get<uint64_t>("mixed_keep_blocks"));
+      TQ_CHECK(c.mixed(), FormatError, "corrupted file: MIXD section without mixed precision");
+    } else {
+      TQ_CHECK(false, FormatError, "corrupted file: section ", name, " where a feature section or ROTS was expected");
+    }
+    sec.expect_end(name.c_str());
+  }
+}
+
+}  // namespace
+
 std::unique_ptr<KVCache> deserialize_cache(const uint8_t* data, size_t size) {
   Reader r(data, size);
   const uint8_t* magic = r.take(sizeof(kCacheMagic), "magic");
@@ -292,88 +562,14 @@ std::unique_ptr<KVCache> deserialize_cache(const uint8_t* data, size_t size) {
   TQ_CHECK(flags == 0, FormatError, "corrupted file: unknown flags ", flags);
   try {
     Reader conf = r.section(kTagConf, "CONF");
-    const auto packing = conf.get<uint32_t>("packing version");
-    const auto scheme = conf.get<uint32_t>("rng scheme version");
-    TQ_CHECK(packing == static_cast<uint32_t>(kPackingVersion), FormatError, "file uses packing layout v",
-             packing, ", this library has v", kPackingVersion);
-    TQ_CHECK(scheme == static_cast<uint32_t>(kRngSchemeVersion), FormatError, "file uses rng scheme v",
-             scheme, ", this library has v", kRngSchemeVersion);
     KVCacheConfig c;
-    c.head_dim = conf.get<int32_t>("head_dim");
-    c.n_layers = conf.get<int32_t>("n_layers");
-    c.n_q_heads = conf.get<int32_t>("n_q_heads");
-    c.n_kv_heads = conf.get<int32_t>("n_kv_heads");
-    c.key_method = conf.str("key_method");
-    c.key_bits = conf.get<int32_t>("key_bits");
-    c.value_method = conf.str("value_method");
-    c.value_bits = conf.get<int32_t>("value_bits");
-    c.seed = conf.get<uint64_t>("seed");
-    const auto rot = conf.get<uint32_t>("rotation");
-    TQ_CHECK(rot == rotation_code(RotationKind::kDense) || rot == rotation_code(RotationKind::kHadamard) ||
-                 rot == rotation_code(RotationKind::kAuto),
-             FormatError, "corrupted file: rotation kind ", rot);
-    c.rotation = static_cast<RotationKind>(rot);
-    c.jl_dim = conf.get<int32_t>("jl_dim");
-    c.block_tokens = static_cast<size_t>(conf.get<uint64_t>("block_tokens"));
-    c.max_tokens = static_cast<size_t>(conf.get<uint64_t>("max_tokens"));
-    c.n_outlier_channels = conf.get<int32_t>("n_outlier_channels");
-    c.outlier_bits = conf.get<int32_t>("outlier_bits");
-    const auto n_channels = conf.get<uint32_t>("outlier channel count");
-    TQ_CHECK(n_channels <= static_cast<uint32_t>(kMaxDim), FormatError,
-             "corrupted file: outlier channel count ", n_channels);
-    for (uint32_t i = 0; i < n_channels; ++i) c.outlier_channels.push_back(conf.get<int32_t>("outlier channel"));
-    if (version >= 2) {
-      c.fp16_window = static_cast<size_t>(conf.get<uint64_t>("fp16_window"));
-      const auto n_fp16 = conf.get<uint32_t>("fp16 layer count");
-      TQ_CHECK(n_fp16 <= conf.left() / sizeof(int32_t), FormatError, "corrupted file: fp16 layer count ", n_fp16);
-      for (uint32_t i = 0; i < n_fp16; ++i) c.fp16_layers.push_back(conf.get<int32_t>("fp16 layer"));
-      TQ_CHECK(version >= 3 || c.windowed(), FormatError, "corrupted file: version 2 without an fp16 window");
-    }
-    if (version >= 3) {
-      c.fp16_sinks = static_cast<size_t>(conf.get<uint64_t>("fp16_sinks"));
-      c.decay_after = static_cast<size_t>(conf.get<uint64_t>("decay_after"));
-      c.decay_bits = conf.get<int32_t>("decay_bits");
-      c.max_coded_tokens = static_cast<size_t>(conf.get<uint64_t>("max_coded_tokens"));
-      const auto nc = conf.get<uint32_t>("norm_correction");
-      TQ_CHECK(nc <= 1, FormatError, "corrupted file: norm_correction flag ", nc);
-      c.norm_correction = nc == 1;
-      const auto roles = conf.get<uint32_t>("outlier_roles");
-      TQ_CHECK(roles <= 2, FormatError, "corrupted file: outlier_roles ", roles);
-      c.outlier_roles = static_cast<OutlierRoles>(roles);
-      TQ_CHECK(version > 3 || c.v3(), FormatError, "corrupted file: version 3 without a version-3 option");
-    }
-    if (version >= 4) {
-      const auto angle = conf.get<uint32_t>("split_angle_bits");
-      TQ_CHECK(angle == 8 || angle == 16, FormatError, "corrupted file: split_angle_bits ", angle,
-               " (must be 8 or 16)");
-      c.split_angle_bits = static_cast<int>(angle);
-      TQ_CHECK(version > 4 || c.v4(), FormatError, "corrupted file: version 4 without a version-4 option");
-    } else if (c.has_outliers()) {
-      c.split_angle_bits = 16;  // the only width before version 4
-    }
-    if (version >= 5) {
-      const char* names[3] = {"key_head_bits", "value_head_bits", "outlier_head_bits"};
-      std::vector<int>* lists[3] = {&c.key_head_bits, &c.value_head_bits, &c.outlier_head_bits};
-      for (int i = 0; i < 3; ++i) {
-        const auto count = conf.get<uint32_t>(names[i]);
-        const auto per_layer = static_cast<uint32_t>(c.n_layers) * static_cast<uint32_t>(c.n_kv_heads);
-        TQ_CHECK(count == 0 || count == static_cast<uint32_t>(c.n_kv_heads) || (version >= 6 && count == per_layer),
-                 FormatError, "corrupted file: ", names[i], " has ", count, " entries (must be 0 or n_kv_heads = ",
-                 c.n_kv_heads, version >= 6 ? " or n_layers * n_kv_heads" : "", ")");
-        for (uint32_t h = 0; h < count; ++h) lists[i]->push_back(conf.get<int32_t>(names[i]));
-      }
-      TQ_CHECK(version >= 7 || c.per_head_bits(), FormatError, "corrupted file: version ", version,
-               " without per-head bit widths");
-      TQ_CHECK(version != 6 || c.per_layer_head_bits(), FormatError,
-               "corrupted file: version 6 without per-layer, per-head bit widths");
-    }
-    if (version >= 7) {
-      c.mixed_group_blocks = static_cast<size_t>(conf.get<uint64_t>("mixed_group_blocks"));
-      c.mixed_keep_blocks = static_cast<size_t>(conf.get<uint64_t>("mixed_keep_blocks"));
-      TQ_CHECK(c.mixed(), FormatError, "corrupted file: version 7 without mixed precision");
-    }
-    const bool windowed = version == 2 || (version >= 3 && c.windowed());
+    read_base_config(conf, c);
+    const bool container = version >= kFirstContainerVersion;
+    if (!container) read_legacy_config(conf, c, version);
     conf.expect_end("CONF");
+    r.set_container(container);
+    if (container) read_feature_sections(r, c);
+    const bool windowed = version == 2 || (version >= 3 && c.windowed());
     c.validate();
     // Before building anything sized by the header: the ROTS section must hold at least the
     // smallest possible rotation of every stream, so a few corrupted header bytes cannot make
@@ -532,8 +728,8 @@ std::unique_ptr<KVCache> deserialize_cache(const uint8_t* data, size_t size) {
   }
 }
 
-void KVCache::save(const std::string& path) const {
-  const auto bytes = serialize_cache(*this);
+void KVCache::save(const std::string& path, bool legacy) const {
+  const auto bytes = serialize_cache(*this, legacy);
   std::ofstream f(path, std::ios::binary | std::ios::trunc);
   TQ_CHECK(f.good(), InvalidArgument, "cannot open '", path, "' for writing");
   f.write(reinterpret_cast<const char*>(bytes.data()), static_cast<std::streamsize>(bytes.size()));

@@ -174,10 +174,10 @@ TEST(KVDecay, FileRoundTripAndEveryCorruptionIsAFormatError) {
   c.append(0, x.data(), x.data(), 13);
   ASSERT_GT(c.decayed_blocks(0, 0, KVRole::kKey), 0u);
   ASSERT_GT(c.evicted_tokens(0), 0u);
-  const auto bytes = serialize_cache(c);
+  const auto bytes = serialize_cache(c, true);
   ASSERT_EQ(bytes[8], 3u);
   auto r = deserialize_cache(bytes.data(), bytes.size());
-  EXPECT_EQ(serialize_cache(*r), bytes);
+  EXPECT_EQ(serialize_cache(*r, true), bytes);
   EXPECT_EQ(r->memory_bytes(), c.memory_bytes());
   EXPECT_EQ(r->sink_tokens(0), 1u);
   EXPECT_EQ(r->evicted_tokens(0), c.evicted_tokens(0));
@@ -189,7 +189,7 @@ TEST(KVDecay, FileRoundTripAndEveryCorruptionIsAFormatError) {
   const auto y = gaussian(5 * 16, 4);
   c.append(0, y.data(), y.data(), 5);
   r->append(0, y.data(), y.data(), 5);
-  EXPECT_EQ(serialize_cache(*r), serialize_cache(c));
+  EXPECT_EQ(serialize_cache(*r, true), serialize_cache(c, true));
 }
 
 TEST(KVDecay, BadArgumentsAreRefused) {
@@ -221,10 +221,10 @@ TEST(KVDecay, BadArgumentsAreRefused) {
 TEST(KVDecay, DefaultsWriteTheOldFormats) {
   KVCache plain(decay_config(0, 0, 0));
   append_tokens(plain, 9, 3);
-  EXPECT_EQ(serialize_cache(plain)[8], 1u);
+  EXPECT_EQ(serialize_cache(plain, true)[8], 1u);
   KVCache win(decay_config(0, 4, 0));
   append_tokens(win, 9, 3);
-  EXPECT_EQ(serialize_cache(win)[8], 2u);
+  EXPECT_EQ(serialize_cache(win, true)[8], 2u);
   EXPECT_EQ(win.sink_tokens(0), 0u);
   EXPECT_EQ(win.code_tokens(0), win.coded_tokens(0));
 }
@@ -348,9 +348,9 @@ TEST(KVDecay, SplitDecayAttentionMatchesExactOverDecodedTokensAndFileRoundTrip) 
       EXPECT_LT(worst, 2e-3);
     else
       EXPECT_GT(worst, 1e-2);  // plain decay shrinks (Lloyd-Max) and the test can tell
-    const auto bytes = serialize_cache(c);
+    const auto bytes = serialize_cache(c, true);
     auto r = deserialize_cache(bytes.data(), bytes.size());
-    EXPECT_EQ(serialize_cache(*r), bytes);
+    EXPECT_EQ(serialize_cache(*r, true), bytes);
     EXPECT_EQ(r->memory_bytes(), c.memory_bytes());
     EXPECT_EQ(all_tokens(*r, 1, KVRole::kKey), K);
   }

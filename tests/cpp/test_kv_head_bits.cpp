@@ -249,7 +249,7 @@ TEST(KVHeadBits, AppendEncodedCopiesRowsOfEveryWidth) {
       np[s] = norms[s].data();
     }
   b.append_encoded(0, T, cp, np);
-  EXPECT_EQ(serialize_cache(a), serialize_cache(b));
+  EXPECT_EQ(serialize_cache(a, true), serialize_cache(b, true));
 }
 
 namespace {
@@ -293,13 +293,13 @@ void refresh_conf_crc(std::vector<uint8_t>& bytes) {
 TEST(KVHeadBits, SerializesAsVersion5AndRoundTrips) {
   for (bool windowed : {false, true}) {
     auto c = small_mixed(9, windowed);
-    const auto bytes = serialize_cache(*c);
+    const auto bytes = serialize_cache(*c, true);
     ASSERT_EQ(bytes[8], 5u);
     auto r = deserialize_cache(bytes.data(), bytes.size());
     EXPECT_EQ(r->config().key_head_bits, c->config().key_head_bits);
     EXPECT_EQ(r->config().value_head_bits, c->config().value_head_bits);
     EXPECT_TRUE(r->config().outlier_head_bits.empty());
-    EXPECT_EQ(serialize_cache(*r), bytes);
+    EXPECT_EQ(serialize_cache(*r, true), bytes);
     EXPECT_EQ(r->memory_bytes(), c->memory_bytes());
     const auto q = gaussian(2 * 16, 61);
     std::vector<float> oa(32), ob(32);
@@ -310,19 +310,19 @@ TEST(KVHeadBits, SerializesAsVersion5AndRoundTrips) {
     const auto x = gaussian(2 * 3 * 16, 62);
     c->append(0, x.data(), x.data(), 3);
     r->append(0, x.data(), x.data(), 3);
-    EXPECT_EQ(serialize_cache(*r), serialize_cache(*c));
+    EXPECT_EQ(serialize_cache(*r, true), serialize_cache(*c, true));
   }
   // Without per-head widths nothing changes: the oldest version that holds the rest.
   KVCacheConfig plain = small_mixed(0, false)->config();
   plain.key_head_bits.clear();
   plain.value_head_bits.clear();
-  EXPECT_EQ(serialize_cache(KVCache(plain))[8], 1u);
+  EXPECT_EQ(serialize_cache(KVCache(plain), true)[8], 1u);
   plain.fp16_window = 2;
-  EXPECT_EQ(serialize_cache(KVCache(plain))[8], 2u);
+  EXPECT_EQ(serialize_cache(KVCache(plain), true)[8], 2u);
 }
 
 TEST(KVHeadBits, Version5EveryCorruptionIsAFormatError) {
-  const auto bytes = serialize_cache(*small_mixed(3, false));
+  const auto bytes = serialize_cache(*small_mixed(3, false), true);
   ASSERT_EQ(bytes[8], 5u);
   ASSERT_LT(bytes.size(), 4096u);
   expect_every_truncation_rejected(bytes);
@@ -330,7 +330,7 @@ TEST(KVHeadBits, Version5EveryCorruptionIsAFormatError) {
 }
 
 TEST(KVHeadBits, InvalidPerHeadFieldsInAFileAreFormatErrors) {
-  const auto bytes = serialize_cache(*small_mixed(3, false));
+  const auto bytes = serialize_cache(*small_mixed(3, false), true);
   // CONF ends with: u32 2, i32 2, i32 4 (keys) | u32 2, i32 3, i32 1 (values) | u32 0.
   const size_t end = conf_end(bytes), key_list = end - 4 - 12 - 12, value_list = end - 4 - 12;
   const auto get = [&](size_t at) {
@@ -436,11 +436,11 @@ TEST(KVHeadBits, PerLayerWidthsSerializeAsVersion6) {
   const auto x = gaussian(kH * 9 * kD, 81);
   c.append(0, x.data(), x.data(), 9);
   c.append(1, x.data(), x.data(), 9);
-  const auto bytes = serialize_cache(c);
+  const auto bytes = serialize_cache(c, true);
   ASSERT_EQ(bytes[8], 6u);
   auto r = deserialize_cache(bytes.data(), bytes.size());
   EXPECT_EQ(r->config().key_head_bits, cfg.key_head_bits);
-  EXPECT_EQ(serialize_cache(*r), bytes);
+  EXPECT_EQ(serialize_cache(*r, true), bytes);
   for (int l = 0; l < 2; ++l)
     for (int h = 0; h < kH; ++h) EXPECT_EQ(r->key_quantizer(l, h).bits(), c.key_quantizer(l, h).bits());
   ASSERT_LT(bytes.size(), 8192u);

@@ -44,7 +44,7 @@ std::unique_ptr<KVCache> small_cache(size_t tokens) {
 
 TEST(Serialize, RoundTripKeepsCodesConfigAndAttention) {
   auto c = small_cache(5);
-  const auto bytes = serialize_cache(*c);
+  const auto bytes = serialize_cache(*c, true);
   auto r = deserialize_cache(bytes.data(), bytes.size());
   EXPECT_EQ(r->size(0), 5u);
   EXPECT_EQ(r->size(1), 2u);
@@ -53,7 +53,7 @@ TEST(Serialize, RoundTripKeepsCodesConfigAndAttention) {
   EXPECT_EQ(r->memory_bytes(), c->memory_bytes());
   for (int l = 0; l < 2; ++l)
     for (KVRole role : {KVRole::kKey, KVRole::kValue}) EXPECT_EQ(decoded(*r, l, 0, role), decoded(*c, l, 0, role));
-  EXPECT_EQ(serialize_cache(*r), bytes);
+  EXPECT_EQ(serialize_cache(*r, true), bytes);
   const auto q = gaussian(2 * 16, 71);
   std::vector<float> a(32), b(32);
   c->attend(0, q.data(), 1, a.data());
@@ -70,18 +70,18 @@ TEST(Serialize, FileRoundTrip) {
   const std::string path = ::testing::TempDir() + "tq_cache_roundtrip.tqkv";
   c->save(path);
   auto r = KVCache::load(path);
-  EXPECT_EQ(serialize_cache(*r), serialize_cache(*c));
+  EXPECT_EQ(serialize_cache(*r, true), serialize_cache(*c, true));
   std::remove(path.c_str());
   EXPECT_THROW(KVCache::load(path), InvalidArgument);
 }
 
 TEST(Serialize, EveryTruncationIsAFormatError) {
-  const auto bytes = serialize_cache(*small_cache(3));
+  const auto bytes = serialize_cache(*small_cache(3), true);
   expect_every_truncation_rejected(bytes);
 }
 
 TEST(Serialize, EveryBitFlipIsAFormatError) {
-  const auto bytes = serialize_cache(*small_cache(3));
+  const auto bytes = serialize_cache(*small_cache(3), true);
   ASSERT_LT(bytes.size(), 4096u);
   expect_every_byte_flip_rejected(bytes);
   auto extra = bytes;
@@ -90,7 +90,7 @@ TEST(Serialize, EveryBitFlipIsAFormatError) {
 }
 
 TEST(Serialize, MagicAndVersionErrorsAreClear) {
-  auto bytes = serialize_cache(*small_cache(1));
+  auto bytes = serialize_cache(*small_cache(1), true);
   auto bad = bytes;
   bad[0] = 'X';
   try {
@@ -160,27 +160,27 @@ void expect_same_cache(const KVCache& a, const KVCache& b) {
 TEST(Serialize, EightBitSplitAngleIsVersion4AndRoundTrips) {
   auto c = split_cache(8);
   EXPECT_EQ(c->key_quantizer(0, 0).code_bytes() + 1, split_cache(16)->key_quantizer(0, 0).code_bytes());
-  const auto bytes = serialize_cache(*c);
+  const auto bytes = serialize_cache(*c, true);
   ASSERT_EQ(bytes[8], 4u);
   EXPECT_EQ(bytes[angle_field_offset(bytes)], 8u);
   auto r = deserialize_cache(bytes.data(), bytes.size());
   EXPECT_EQ(r->config().split_angle_bits, 8);
-  EXPECT_EQ(serialize_cache(*r), bytes);
+  EXPECT_EQ(serialize_cache(*r, true), bytes);
   expect_same_cache(*c, *r);
   // Both keep growing identically.
   const auto x = gaussian(3 * 16, 82);
   c->append(0, x.data(), x.data(), 3);
   r->append(0, x.data(), x.data(), 3);
-  EXPECT_EQ(serialize_cache(*r), serialize_cache(*c));
+  EXPECT_EQ(serialize_cache(*r, true), serialize_cache(*c, true));
 }
 
 TEST(Serialize, SixteenBitSplitAngleKeepsTheOldVersions) {
   auto c = split_cache(16);
-  const auto bytes = serialize_cache(*c);
+  const auto bytes = serialize_cache(*c, true);
   ASSERT_EQ(bytes[8], 3u);  // outlier_roles = keys: version 3, as before version 4 existed
   auto r = deserialize_cache(bytes.data(), bytes.size());
   EXPECT_EQ(r->config().split_angle_bits, 16);
-  EXPECT_EQ(serialize_cache(*r), bytes);
+  EXPECT_EQ(serialize_cache(*r, true), bytes);
   expect_same_cache(*c, *r);
   // Roles "both" with no other option: version 1 (16-bit), version 4 (8-bit).
   for (int angle : {16, 8}) {
@@ -188,16 +188,16 @@ TEST(Serialize, SixteenBitSplitAngleKeepsTheOldVersions) {
     cfg.outlier_roles = OutlierRoles::kBoth;
     cfg.split_angle_bits = angle;
     KVCache both(cfg);
-    EXPECT_EQ(serialize_cache(both)[8], angle == 16 ? 1u : 4u);
+    EXPECT_EQ(serialize_cache(both, true)[8], angle == 16 ? 1u : 4u);
   }
   // Without a split the angle width is irrelevant: no version 4.
-  EXPECT_EQ(serialize_cache(*small_cache(2))[8], 1u);
-  auto plain = serialize_cache(*small_cache(2));
+  EXPECT_EQ(serialize_cache(*small_cache(2), true)[8], 1u);
+  auto plain = serialize_cache(*small_cache(2), true);
   EXPECT_EQ(deserialize_cache(plain.data(), plain.size())->config().split_angle_bits, 8);
 }
 
 TEST(Serialize, Version4EveryCorruptionIsAFormatError) {
-  const auto bytes = serialize_cache(*split_cache(8, 3));
+  const auto bytes = serialize_cache(*split_cache(8, 3), true);
   ASSERT_EQ(bytes[8], 4u);
   expect_every_truncation_rejected(bytes);
   ASSERT_LT(bytes.size(), 8192u);
@@ -205,7 +205,7 @@ TEST(Serialize, Version4EveryCorruptionIsAFormatError) {
 }
 
 TEST(Serialize, BadSplitAngleWidthInAFileIsAFormatError) {
-  const auto bytes = serialize_cache(*split_cache(8, 3));
+  const auto bytes = serialize_cache(*split_cache(8, 3), true);
   const size_t at = angle_field_offset(bytes);
   for (uint32_t bad : {0u, 4u, 12u, 32u, 0xFFFFFFFFu}) {
     auto b = bytes;
@@ -241,9 +241,9 @@ TEST(Serialize, FileFromBeforeVersion4LoadsWithSixteenBitAngles) {
   EXPECT_EQ(r->config().split_angle_bits, 16);
   EXPECT_EQ(r->config().outlier_roles, OutlierRoles::kKeys);
   EXPECT_EQ(r->size(0), 5u);
-  EXPECT_EQ(serialize_cache(*r), fixture);
+  EXPECT_EQ(serialize_cache(*r, true), fixture);
   auto same = split_cache(16);
-  EXPECT_EQ(serialize_cache(*same), fixture);
+  EXPECT_EQ(serialize_cache(*same, true), fixture);
   expect_same_cache(*r, *same);
   // Every corruption of it is still detected.
   for (size_t i = 0; i < fixture.size(); ++i) {
@@ -251,4 +251,71 @@ TEST(Serialize, FileFromBeforeVersion4LoadsWithSixteenBitAngles) {
     bad[i] ^= 0x01;
     EXPECT_THROW(deserialize_cache(bad.data(), bad.size()), FormatError) << "byte " << i;
   }
+}
+
+// Version 8, the section container: what save() writes. One section per configured feature
+// (serialize.h); the same cache written as a legacy file loads to the same cache.
+namespace {
+std::unique_ptr<KVCache> featured_cache(bool split, bool head_bits) {
+  KVCacheConfig cfg;
+  cfg.head_dim = 16;
+  cfg.n_layers = 1;
+  cfg.n_q_heads = 2;
+  cfg.n_kv_heads = 2;
+  cfg.key_bits = 3;
+  cfg.value_bits = 2;
+  cfg.block_tokens = 2;
+  cfg.seed = 4;
+  cfg.fp16_window = 3;
+  cfg.fp16_sinks = 1;
+  cfg.decay_after = 4;
+  cfg.decay_bits = 1;
+  cfg.norm_correction = !split;
+  if (split) {
+    cfg.n_outlier_channels = 4;
+    cfg.outlier_roles = OutlierRoles::kKeys;
+    cfg.decay_after = 0;
+    cfg.decay_bits = 0;
+  }
+  if (head_bits) cfg.value_head_bits = {2, 3};
+  auto c = std::make_unique<KVCache>(cfg);
+  const auto x = gaussian(2 * 11 * 16, 90);
+  c->append(0, x.data(), x.data(), 11);
+  return c;
+}
+}  // namespace
+
+TEST(Serialize, ContainerRoundTripsAndMatchesTheLegacyFile) {
+  for (bool split : {false, true})
+    for (bool head_bits : {false, true}) {
+      auto c = featured_cache(split, head_bits);
+      const auto bytes = serialize_cache(*c);
+      ASSERT_EQ(bytes[8], kCacheFormatVersion);
+      auto r = deserialize_cache(bytes.data(), bytes.size());
+      EXPECT_EQ(serialize_cache(*r), bytes);
+      const auto legacy = serialize_cache(*c, true);
+      EXPECT_EQ(legacy[8], c->config().format_version());
+      auto l = deserialize_cache(legacy.data(), legacy.size());
+      EXPECT_EQ(serialize_cache(*l), bytes);  // the legacy file re-saves as the same container
+      const size_t n = c->size(0);
+      ASSERT_EQ(r->size(0), n);
+      ASSERT_EQ(l->size(0), n);
+      for (int h = 0; h < 2; ++h)
+        for (KVRole role : {KVRole::kKey, KVRole::kValue}) {
+          std::vector<float> want(n * 16), got_r(n * 16), got_l(n * 16);
+          c->decode_tokens(0, h, role, 0, n, want.data());
+          r->decode_tokens(0, h, role, 0, n, got_r.data());
+          l->decode_tokens(0, h, role, 0, n, got_l.data());
+          EXPECT_EQ(got_r, want);
+          EXPECT_EQ(got_l, want);
+        }
+    }
+}
+
+TEST(Serialize, ContainerEveryCorruptionIsAFormatError) {
+  const auto bytes = serialize_cache(*featured_cache(false, true));
+  ASSERT_EQ(bytes[8], kCacheFormatVersion);
+  expect_every_truncation_rejected(bytes);
+  ASSERT_LT(bytes.size(), 8192u);
+  expect_every_byte_flip_rejected(bytes);
 }

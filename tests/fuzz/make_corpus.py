@@ -3,7 +3,8 @@
     PYTHONPATH=python python tests/fuzz/make_corpus.py
 
 Small valid inputs (a few hundred bytes to a few KB) so that mutations start from real
-structure: saved caches of several shapes, and rotation parameter blobs. Files named
+structure: saved caches of several shapes (each as its legacy file, versions 1-7, and as the
+version-8 section container, *_v8), and rotation parameter blobs. Files named
 regression_* (well-formed files of a configuration the loader refuses, checked by
 tests/python/test_reliability.py) and finding_* (other inputs that crashed a sanitizer
 build, CRCs recomputed) are inputs the fuzzers found (kept by hand; this script leaves
@@ -58,7 +59,8 @@ def caches():
                 if c.mixed_group_blocks:  # rated by a query, then flushed by the next append
                     c.attend(rng.standard_normal((c.n_q_heads, 1, c.head_dim)).astype(np.float32), layer)
                     c.append(x[:, :1].copy(), x[:, 1:2].copy(), layer)
-        out[name] = c.to_bytes()
+        out[name] = c.to_bytes(legacy=True)  # versions 1-7, as older libraries wrote
+        out[f"{name}_v8"] = c.to_bytes()  # the section container
     return out
 
 

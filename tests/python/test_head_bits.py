@@ -38,8 +38,8 @@ def crc32c(data: bytes) -> int:
 def test_binding_config_memory_and_per_head_rows():
     kv = mixed()
     assert kv.key_head_bits == KB and kv.value_head_bits == VB and kv.outlier_head_bits == []
-    assert kv.format_version == 5
-    assert _core.KVCache(D, n_q_heads=H * G, n_kv_heads=H).format_version == 1
+    assert kv.legacy_format_version == 5
+    assert _core.KVCache(D, n_q_heads=H * G, n_kv_heads=H).legacy_format_version == 1
     k, v = gaussian((H, 20, D), 1), gaussian((H, 20, D), 2)
     kv.append(k, v)
     rows = sum(D * b // 8 + 2 for b in KB + VB)  # codes + fp16 norm, per head and role
@@ -88,15 +88,16 @@ def test_bad_per_head_options_are_clear_errors():
 def test_file_round_trip_and_corrupted_per_head_fields():
     kv = mixed(fp16_sinks=2, fp16_window=4, decay_after=8, decay_bits=1)
     kv.append(gaussian((H, 37, D), 8), gaussian((H, 37, D), 9))
-    blob = kv.to_bytes()
+    blob = kv.to_bytes(legacy=True)  # version 5, the layout the offsets below assume
     assert blob[8] == 5
     back = _core.KVCache.from_bytes(blob)
-    assert back.to_bytes() == blob
+    assert back.to_bytes(legacy=True) == blob
+    assert _core.KVCache.from_bytes(kv.to_bytes()).to_bytes(legacy=True) == blob
     assert back.key_head_bits == KB and back.value_head_bits == VB
     q = gaussian((H * G, 1, D), 10)
     np.testing.assert_array_equal(back.attend(q), kv.attend(q))
     # a well-formed file whose per-head width is out of range: FormatError naming it
-    b = bytearray(mixed().to_bytes())
+    b = bytearray(mixed().to_bytes(legacy=True))
     conf_len = int.from_bytes(b[20:28], "little")
     end = 28 + conf_len  # CONF payload end: ... | keys u32 3 + 3 i32 | values u32 3 + 3 i32 | u32 0
     values_at = end - 4 - 16
@@ -107,7 +108,7 @@ def test_file_round_trip_and_corrupted_per_head_fields():
         _core.KVCache.from_bytes(bytes(b))
     b[values_at + 4:values_at + 8] = (3).to_bytes(4, "little")
     b[end:end + 4] = crc32c(bytes(b[16:end])).to_bytes(4, "little")
-    assert bytes(b) == mixed().to_bytes()  # the helper above is right
+    assert bytes(b) == mixed().to_bytes(legacy=True)  # the helper above is right
 
 
 def test_per_layer_head_widths_of_a_multi_layer_cache(tmp_path):
@@ -116,7 +117,7 @@ def test_per_layer_head_widths_of_a_multi_layer_cache(tmp_path):
     per_layer = KB + [4, 3, 2]
     kv = _core.KVCache(D, n_layers=2, n_q_heads=H * G, n_kv_heads=H, key_head_bits=per_layer,
                        value_head_bits=VB, block_tokens=8, seed=4)
-    assert kv.format_version == 6 and kv.key_head_bits == per_layer
+    assert kv.legacy_format_version == 6 and kv.key_head_bits == per_layer
     k, v = gaussian((H, 19, D), 11), gaussian((H, 19, D), 12)
     q = gaussian((H * G, 3, D), 13)
     for layer in (0, 1):

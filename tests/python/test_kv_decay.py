@@ -177,7 +177,7 @@ def test_save_load_roundtrip_and_corruption(rng, tmp_path):
         assert back.decayed_blocks(layer, 1, "key") == kv.decayed_blocks(layer, 1, "key")
     q = rng.standard_normal((NQ, 3, D)).astype(np.float32)
     np.testing.assert_array_equal(back.attend(q), kv.attend(q))
-    raw = bytearray(kv.to_bytes())
+    raw = bytearray(kv.to_bytes(legacy=True))
     assert raw[8] == 3
     for name in (b"SINK", b"LAYR"):
         at = raw.find(name)
@@ -193,8 +193,9 @@ def test_save_load_roundtrip_and_corruption(rng, tmp_path):
     kv.append(*more)
     back.append(*more)
     assert back.to_bytes() == kv.to_bytes()
-    # Without the new options the old versions are written.
-    assert make().to_bytes()[8] == 1 and make(fp16_window=4).to_bytes()[8] == 2
+    # Without the new options the old versions are written (legacy saves).
+    assert make().to_bytes(legacy=True)[8] == 1
+    assert make(fp16_window=4).to_bytes(legacy=True)[8] == 2
 
 
 def test_bad_arguments_raise_clear_errors(rng):
@@ -316,7 +317,7 @@ def test_info_cli_shows_sinks_and_decay(rng, tmp_path, capsys):
     kv.save(path)
     assert main(["info", path]) == 0
     out = capsys.readouterr().out
-    assert "format version 3" in out and "fp16 sinks:      4 tokens" in out
+    assert "format version 8" in out and "fp16 sinks:      4 tokens" in out
     want = sum(kv.decayed_blocks(0, h, r) for h in range(NKV) for r in ("key", "value"))
     assert f"to 2 bits after 8 tokens; {want} blocks decayed" in out and want > 0
     # effective bits: the stored average (decayed blocks at 2 bits, fp16 sinks) and the fresh figure

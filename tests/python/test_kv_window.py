@@ -114,9 +114,10 @@ def test_save_load_roundtrip_and_corruption(rng, tmp_path):
             _core.KVCache.from_bytes(bytes(bad))
     with pytest.raises(tq.FormatError):
         _core.KVCache.from_bytes(bytes(raw[:at + 20]))
-    # A cache without a window still writes the version 1 format.
+    # As a legacy file, a cache without a window is version 1, one with it version 2.
     plain = make()
-    assert plain.to_bytes()[8] == 1 and raw[8] == 2
+    assert plain.to_bytes(legacy=True)[8] == 1 and kv.to_bytes(legacy=True)[8] == 2
+    assert raw[8] == 8  # the section container
 
 
 def test_bad_window_arguments(rng):
@@ -183,5 +184,5 @@ def test_info_cli_shows_window(rng, tmp_path, capsys):
     kv.save(path)
     assert main(["info", path]) == 0
     out = capsys.readouterr().out
-    assert "format version 2" in out and f"fp16 window:     {W} tokens, fp16 layers [1]" in out
+    assert "format version 8" in out and f"fp16 window:     {W} tokens, fp16 layers [1]" in out
     assert f"window tokens/layer: {kv.window_tokens(0)}, 30" in out

@@ -62,7 +62,7 @@ def test_mixed_cache_splits_the_codes_by_attention_and_stays_close_to_uniform():
     for c in mixed:
         core = c._core
         assert (core.mixed_group_blocks, core.mixed_keep_blocks, core.decay_bits) == (2, 1, 2)
-        assert core.format_version == 7
+        assert core.legacy_format_version == 7
         coded = core.code_tokens(0)
         assert coded > 0 and coded % 8 == 0
         # half of the code blocks of every stream at 2 bits, the others at the key/value bits
@@ -153,7 +153,7 @@ def test_info_cli_shows_mixed_precision(tmp_path, capsys):
     kv.save(path)
     main(["info", path])
     out = capsys.readouterr().out
-    assert "format version 7" in out
+    assert "format version 8" in out
     # 16 coded tokens = 8 blocks per stream, half at 1 bit, over key + value streams
     assert "1 of every 2 blocks" in out and "8 blocks at 1 bits" in out
 

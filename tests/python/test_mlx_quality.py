@@ -73,8 +73,8 @@ def test_norm_correction_keeps_norms_and_roundtrips():
     back = _core.KVCache.from_bytes(blob)
     assert back.norm_correction
     np.testing.assert_array_equal(back.decode(0, 0, "key"), kv.decode(0, 0, "key"))
-    assert plain.to_bytes()[8:12] == (1).to_bytes(4, "little")  # old options: version 1
-    assert blob[8:12] == (3).to_bytes(4, "little")
+    assert plain.to_bytes(legacy=True)[8:12] == (1).to_bytes(4, "little")  # old options: v1
+    assert kv.to_bytes(legacy=True)[8:12] == (3).to_bytes(4, "little")
 
 
 def test_outlier_roles_split_only_keys():

@@ -169,7 +169,8 @@ struct KVCacheConfig {
   // Whether the file format version 4 is needed: an outlier split whose part angle is not
   // the 16 bits that versions 1-3 imply.
   bool v4() const { return has_outliers() && split_angle_bits != 16; }
-  // The oldest file format version that can express this configuration.
+  // The oldest of the file format versions before the section container (1-7) that can
+  // express this configuration: what a legacy save writes (serialize.h).
   uint32_t format_version() const {
     return mixed() ? 7u : per_layer_head_bits() ? 6u : per_head_bits() ? 5u : v4() ? 4u : v3() ? 3u : windowed() ? 2u : 1u;
   }
@@ -335,7 +336,9 @@ class KVCache {
   void set_rated_tokens(int layer, size_t n);
 
   // Serialization (serialize.h defines the file format).
-  void save(const std::string& path) const;
+  // The file of serialize.h: version 8, or with `legacy` the oldest of versions 1-7 that
+  // expresses the cache.
+  void save(const std::string& path, bool legacy = false) const;
   static std::unique_ptr<KVCache> load(const std::string& path);
   // Raw page access used by serialization: copies code indices [t0, t0+n) of one stream;
   // with temporal decay, each token's row has its block's code_bytes (rows are packed).

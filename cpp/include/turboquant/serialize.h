@@ -48,6 +48,27 @@
 //   order. WNDW ends with the window tokens' importance, per KV head tokens × f32, and the
 //   layer's rated token count u64 (KVCache::rated_tokens).
 //   "END " (last): empty payload; nothing may follow it.
+//
+//   Version 8, the section container (what save() writes): a feature adds a section, not a
+//   version. A tag whose first byte is an upper-case letter is critical: a reader that does
+//   not know it refuses the file, naming the tag; any other tag is ancillary, and a reader
+//   that does not know it skips it (wherever it stands). CONF holds the version-1 fields
+//   only; after it, before ROTS, each configured feature has its own section (each at most
+//   once, in any order; absent = the feature is off):
+//     "FWIN" fp16 window: fp16_window u64, fp16_layers count u32 + count i32
+//     "FSNK" fp16 sinks: fp16_sinks u64
+//     "DECY" low-width blocks (temporal decay, mixed precision): decay_after u64, decay_bits i32
+//     "EVCT" eviction: max_coded_tokens u64
+//     "QOPT" quantizer options (with an outlier split, norm correction or key/value-only
+//            roles): norm_correction u32, outlier_roles u32, split_angle_bits u32
+//     "HBIT" per-head widths: key_head_bits, value_head_bits, outlier_head_bits, each a count
+//            u32 (0, n_kv_heads or n_layers * n_kv_heads) + count i32
+//     "MIXD" mixed precision: mixed_group_blocks u64, mixed_keep_blocks u64
+//   ROTS, SINK, LAYR, WNDW and END are as in version 7 (LAYR always holds the evicted count;
+//   its block flags, masks and WNDW's importance appear when the configuration has them).
+//   Versions 1-7 stay readable, and writable on request (serialize_cache(..., legacy) /
+//   save(path, legacy=True): the oldest of them that expresses the cache, for libraries that
+//   predate version 8).
 // Loading reads the file into memory and checks every length against the bytes left before
 // using it: a truncated, corrupted, wrong-magic or future-version file raises FormatError.
 #pragma once
@@ -63,13 +84,16 @@ namespace turboquant {
 class KVCache;
 
 inline constexpr char kCacheMagic[8] = {'T', 'Q', 'K', 'V', 'C', 'A', 'C', 'H'};
-inline constexpr uint32_t kCacheFormatVersion = 7;
+inline constexpr uint32_t kCacheFormatVersion = 8;
 
 // CRC32C (Castagnoli, reflected polynomial 0x82F63B78), as in iSCSI / ext4 / SSE4.2 crc32.
 // crc32c("123456789") == 0xE3069283. Pass a previous result as `crc` to continue a stream.
 uint32_t crc32c(const void* data, size_t n, uint32_t crc = 0);
 
-std::vector<uint8_t> serialize_cache(const KVCache& cache);
+// The file bytes of `cache`: version 8 (the section container), or with `legacy` the oldest
+// of versions 1-7 that expresses it (KVCacheConfig::format_version()), as libraries before
+// version 8 wrote it.
+std::vector<uint8_t> serialize_cache(const KVCache& cache, bool legacy = false);
 std::unique_ptr<KVCache> deserialize_cache(const uint8_t* data, size_t size);
 
 }  // namespace turboquant
