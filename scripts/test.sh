@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The project's whole test suite, from a fresh machine:
 #   1. installs missing system packages (apt) and the Python package with its test extras,
+#      then builds the documentation site with `mkdocs build --strict` (scripts/docs.sh),
 #   2. builds the GoogleTest suite with warnings as errors and runs it through ctest,
 #   3. builds it again under AddressSanitizer + UndefinedBehaviorSanitizer and runs it,
 #   4. runs pytest (the slow real-model tests included, they are marked `slow`).
@@ -34,6 +35,9 @@ EXTRAS="test"
 case "$(uname -s)" in Linux|Darwin) EXTRAS="test,mlx" ;; esac
 pip_install ".[${EXTRAS}]" || { echo "turboquant failed to install" >&2; exit 1; }
 "$PY" -c "import turboquant" || { echo "turboquant failed to install" >&2; exit 1; }
+
+# --- 1b. documentation (mkdocs --strict: a broken link or docstring fails) -------------
+scripts/docs.sh
 
 # --- 2. GoogleTest ---------------------------------------------------------------------
 log "building the C++ test suite (warnings as errors)"
