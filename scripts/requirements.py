@@ -28,7 +28,8 @@ def _load_arrays(text: str) -> dict:
     """The string arrays of pyproject.toml, by table: enough for the keys read below."""
     data: dict = {}
     table: dict = data
-    for m in re.finditer(r'^\[([^\]]+)\]\s*$|^([\w.-]+)\s*=\s*\[(.*?)\]\s*$', text, re.M | re.S):
+    pattern = r'^\[([^\]]+)\]\s*$|^([\w.-]+)\s*=\s*\[(.*?)\]\s*$'
+    for m in re.finditer(pattern, text, re.MULTILINE | re.DOTALL):
         if m.group(1):
             table = data
             for part in m.group(1).strip().split("."):
