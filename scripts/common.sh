@@ -9,6 +9,10 @@ log() { local t=$(($(date +%s) - TQ_T0)); printf '\n==> [%d:%02d] %s\n' $((t / 6
 SAN_OPT=${TQ_SAN_OPT:--O1 -g1}
 # The interpreter every step uses (and installs into): $PYTHON, else python3 on PATH.
 PY=${PYTHON:-python3}
+# What pip installs into that environment (cmake, ninja) comes first on PATH, also when
+# $PYTHON names a virtual environment that is not activated.
+_py_scripts=$("$PY" -c 'import sysconfig; print(sysconfig.get_path("scripts"))')
+case ":$PATH:" in *":$_py_scripts:"*) ;; *) export PATH="$_py_scripts:$PATH" ;; esac
 
 # pip_install ARGS...: pip install into $PY, quietly; fails when pip fails.
 pip_install() {
