@@ -9,7 +9,13 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 JOBS=${JOBS:-${TQ_JOBS:-$(nproc)}}
-source scripts/common.sh  # log, SAN_OPT, PY, pip_install
+source scripts/common.sh  # log, SAN_OPT, PY, pip_install, ensure_cmake
+
+# What these builds need when the script runs alone (scripts/test.sh installed them already).
+APT_PACKAGES=(g++ clang libclang-rt-14-dev libgtest-dev libgmock-dev libeigen3-dev ninja-build)
+source scripts/apt-packages.sh
+ensure_apt_packages "${APT_PACKAGES[@]}"
+ensure_cmake
 
 # --- 5. fuzzing ------------------------------------------------------------------------
 if [ "${TQ_SKIP_FUZZ:-0}" != "1" ]; then
