@@ -1,3 +1,4 @@
+# shellcheck shell=bash
 # Sourced by the test scripts: ensure_apt_packages PKG... installs the Debian packages that
 # are not installed yet (apt-get, with sudo when not root); a no-op when all are present.
 ensure_apt_packages() {

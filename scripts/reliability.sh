@@ -9,8 +9,13 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 JOBS=${JOBS:-${TQ_JOBS:-$(nproc)}}
-PY=${PYTHON:-python3}
-source scripts/common.sh  # log, SAN_OPT
+source scripts/common.sh  # log, SAN_OPT, PY, pip_install, ensure_cmake
+
+# What these builds need when the script runs alone (scripts/test.sh installed them already).
+APT_PACKAGES=(g++ clang libclang-rt-14-dev libgtest-dev libgmock-dev libeigen3-dev ninja-build)
+source scripts/apt-packages.sh
+ensure_apt_packages "${APT_PACKAGES[@]}"
+ensure_cmake
 
 # --- 5. fuzzing ------------------------------------------------------------------------
 if [ "${TQ_SKIP_FUZZ:-0}" != "1" ]; then
@@ -34,10 +39,9 @@ if [ "${TQ_SKIP_FUZZ:-0}" != "1" ]; then
   done
   log "atheris on the Python entry points"
   # atheris is a fuzzing tool, not a dependency of the package: installed here, on first use.
-  $PY -c "import atheris" 2>/dev/null || $PY -m pip install -q "atheris>=2.3" 2>&1 \
-    | grep -v -E "^WARNING: (Running pip as|Location)" || true
-  $PY -c "import atheris" || { echo "atheris failed to install (pip install atheris)" >&2; exit 1; }
-  timeout $((FUZZ_SECONDS + 120)) $PY tests/fuzz/atheris_entry_points.py -runs="${TQ_ATHERIS_RUNS:-20000}" \
+  "$PY" -c "import atheris" 2>/dev/null || pip_install "atheris>=2.3" \
+    || { echo "atheris failed to install (pip install atheris)" >&2; exit 1; }
+  timeout $((FUZZ_SECONDS + 120)) "$PY" tests/fuzz/atheris_entry_points.py -runs="${TQ_ATHERIS_RUNS:-20000}" \
     -max_total_time="$FUZZ_SECONDS" >build/fuzz/atheris.log 2>&1 \
     || { tail -50 build/fuzz/atheris.log; echo "atheris found a problem" >&2; exit 1; }
   echo "atheris: $(grep -oE 'Done [0-9]+ runs' build/fuzz/atheris.log | awk '{print $2}') executions, no finding"
@@ -54,15 +58,10 @@ if [ "${TQ_SKIP_SANITIZERS:-0}" != "1" ]; then
   TSAN_OPTIONS=halt_on_error=1:second_deadlock_stack=1 build/tsan/turboquant_tests \
     --gtest_filter='ReliabilityCpp.Concurrent*:ReliabilityCpp.Mutation*:ReliabilityCpp.WriterAndReaders*:ThreadPool.*:SplitDecode.*'
 
-  # (No -Werror here: GCC 12 reports a false -Wmaybe-uninitialized inside pybind11's
-  # argument loader when instrumenting with ASan; the other builds keep warnings as errors.)
   # The extension built with ASan, loaded into the ordinary interpreter by preloading the
   # ASan runtime; LeakSanitizer reports leaks at exit (CPython's own intentional
-  # allocations are suppressed in tests/sanitizers/lsan_python.supp, ours are not).
-  log "pytest's C++ paths under ASan + LeakSanitizer"
-  cmake -S . -B build/asan-py -G Ninja -DCMAKE_BUILD_TYPE=RelWithDebInfo "-DCMAKE_CXX_FLAGS_RELWITHDEBINFO=$SAN_OPT" -DTURBOQUANT_PYTHON=ON \
-    -DTURBOQUANT_TESTS=OFF -DTURBOQUANT_WERROR=OFF -DTURBOQUANT_SANITIZE=address \
-    -DPython_EXECUTABLE="$(command -v "$PY")" -Dpybind11_DIR="$($PY -m pybind11 --cmakedir)" >/dev/null
-  cmake --build build/asan-py -j "$JOBS"
+  # allocations are suppressed in tests/sanitizers/lsan_python.supp, ours are not). The
+  # script builds it too, after installing the build requirements it needs outside pip's
+  # build isolation.
   scripts/lsan-pytest.sh
 fi

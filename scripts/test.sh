@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The project's whole test suite, from a fresh machine:
 #   1. installs missing system packages (apt) and the Python package with its test extras,
+#      then builds the documentation site with `mkdocs build --strict` (scripts/docs.sh),
 #   2. builds the GoogleTest suite with warnings as errors and runs it through ctest,
 #   3. builds it again under AddressSanitizer + UndefinedBehaviorSanitizer and runs it,
 #   4. runs pytest (the slow real-model tests included, they are marked `slow`).
@@ -19,25 +20,24 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$(pwd)
 JOBS=${TQ_JOBS:-$(nproc)}
-PY=${PYTHON:-python3}
 
-source scripts/common.sh  # log, SAN_OPT
+source scripts/common.sh  # log, SAN_OPT, PY, pip_install, ensure_cmake
 
 # --- 1. dependencies -------------------------------------------------------------------
 APT_PACKAGES=(g++ clang libclang-rt-14-dev libgtest-dev libgmock-dev libbenchmark-dev libeigen3-dev ninja-build
               libopenblas0-pthread)
 source scripts/apt-packages.sh
 ensure_apt_packages "${APT_PACKAGES[@]}"
-# cmake >= 3.21 (the Debian one may be older): take PyPI's when needed.
-if ! cmake --version 2>/dev/null | awk 'NR==1{split($3,v,"."); exit !(v[1]>3 || (v[1]==3 && v[2]>=21))}'; then
-  $PY -m pip install -q "cmake>=3.21"
-fi
+ensure_cmake
 
 log "installing turboquant with its test and mlx extras"
 EXTRAS="test"
 case "$(uname -s)" in Linux|Darwin) EXTRAS="test,mlx" ;; esac
-$PY -m pip install -q ".[${EXTRAS}]" 2>&1 | grep -v -E "^WARNING: (Running pip as|Location)" || true
-$PY -c "import turboquant" || { echo "turboquant failed to install" >&2; exit 1; }
+pip_install ".[${EXTRAS}]" || { echo "turboquant failed to install" >&2; exit 1; }
+"$PY" -c "import turboquant" || { echo "turboquant failed to install" >&2; exit 1; }
+
+# --- 1b. documentation (mkdocs --strict: a broken link or docstring fails) -------------
+scripts/docs.sh
 
 # --- 2. GoogleTest ---------------------------------------------------------------------
 log "building the C++ test suite (warnings as errors)"
@@ -73,7 +73,7 @@ cd "$ROOT"
 preload=${TQ_PYTEST_PRELOAD-$(ls /usr/lib/"$(uname -m)"-linux-gnu/openblas-pthread/libopenblas.so.0 2>/dev/null || true)}
 [ -n "$preload" ] && echo "pytest with LD_PRELOAD=$preload (mlx's CPU matmuls)"
 # shellcheck disable=SC2086
-LD_PRELOAD="$preload${LD_PRELOAD:+:$LD_PRELOAD}" $PY -m pytest -q -ra ${TQ_PYTEST_ARGS:-} tests/python
+LD_PRELOAD="$preload${LD_PRELOAD:+:$LD_PRELOAD}" "$PY" -m pytest -q -ra ${TQ_PYTEST_ARGS:-} tests/python
 
 # --- 5-6. fuzzing, TSan, LSan (scripts/reliability.sh) -------------------------------
 PYTHON="$PY" JOBS="$JOBS" scripts/reliability.sh

@@ -1,7 +1,7 @@
 """turboquant: 2-4 bit KV-cache compression with attention on the compressed codes.
 
 Quantizers (TurboQuant MSE/prod, PolarQuant, QJL) live in the C++ core, exposed here.
-See README.md for the API tour.
+The README has the quick starts; the pages in docs/ describe each part.
 """
 
 from turboquant._core import (  # noqa: F401

@@ -6,6 +6,7 @@
 Everything is validated in ``build()``, with a message naming the bad value and the range.
 
 Mapping of the mlx-kv-quant arguments onto the C++ cache:
+
 - ``with_method(m)`` sets the key method. Values need a reconstruction, not an inner-product
   estimate, so they use ``m`` when it reconstructs (``turboquant_mse``, ``polar``) and
   ``turboquant_mse`` for ``turboquant_prod`` / ``qjl``; ``with_value_method`` overrides.
