@@ -3,6 +3,7 @@ reference kernels / the C++ core instead of the GPU), so a GPU session never fin
 broken; their numbers mean something only on a GPU (scripts/gpu-test.sh)."""
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -15,9 +16,14 @@ BENCH = Path(__file__).resolve().parents[2] / "bench"
 
 
 def run(script, tmp_path):
+    import turboquant
+
     out = tmp_path / f"{script}.json"
+    # The scripts import the turboquant this test imported (installed or a source tree).
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+        [str(Path(turboquant.__file__).resolve().parents[1]), os.environ.get("PYTHONPATH", "")]))
     r = subprocess.run([sys.executable, str(BENCH / script), "--smoke", "--out", str(out)],
-                       cwd=BENCH, capture_output=True, text=True, timeout=600)
+                       cwd=BENCH, capture_output=True, text=True, timeout=600, env=env)
     assert r.returncode == 0, r.stderr[-4000:]
     return json.loads(out.read_text())
 
