@@ -214,11 +214,10 @@ class TurboQuantRotatingKVCache(TurboQuantKVCache):
         return self._core is None and not self._pending and not self._new
 
     def is_trimmable(self):
-        """Trimmable while nothing was evicted, or while the ring still holds a full window
-        after trimming (then later queries find all their tokens)."""
-        if self._core is None or self.evicted_tokens == 0:
-            return True
-        return self._stored() >= self.max_size
+        """True while nothing was evicted: then any trim is exact. Afterwards (like mlx-lm's
+        ring once it has rotated) False, though :meth:`trim` still takes the few tokens a
+        speculative-decoding rewind needs: as many as leave the next query its window."""
+        return self._core is None or self.evicted_tokens == 0
 
     def _stored(self) -> int:
         self._flush_new()

@@ -169,8 +169,10 @@ def test_trim_rules():
     run_chunks(model, cache, TOKENS[4:], [30] + [1] * 5)
     assert ring.evicted_tokens > 0
     held = ring._core.size(0)
-    assert ring.is_trimmable()
+    assert not ring.is_trimmable() and not mlx_cache.can_trim_prompt_cache(cache)
+    assert mlx_cache.trim_prompt_cache(cache, 3) == 0  # mlx-lm's helper respects that
     assert ring.trim(held - 7) == held - 7  # 7 = window - 1 left: the next query has them
+    assert ring.offset == 39 - (held - 7)
     with pytest.raises(ValueError, match="cannot trim 1 tokens"):
         ring.trim(1)
 
@@ -247,9 +249,9 @@ def test_options_and_errors():
     assert cache[1].mixed_bits == 2
     with pytest.raises(tq_mlx.UnsupportedArchitectureError, match="no layer left"):
         tq_mlx.make_prompt_cache(model, fp16_layers=[1], sliding=False)
-    for kw, msg in [(dict(max_size=0), "max_size must be"), (dict(max_size=8, keep=-1), "keep"),
-                    (dict(max_size=8, keep=4), "keep=4"),
-                    (dict(max_size=8, mixed_bits=2), "mixed_bits=2"),
-                    (dict(max_size=8, fp16_sinks=4), "fp16_sinks=4")]:
+    for kw, msg in [({"max_size": 0}, "max_size must be"),
+                    ({"max_size": 8, "keep": -1}, "keep"), ({"max_size": 8, "keep": 4}, "keep=4"),
+                    ({"max_size": 8, "mixed_bits": 2}, "mixed_bits=2"),
+                    ({"max_size": 8, "fp16_sinks": 4}, "fp16_sinks=4")]:
         with pytest.raises(ValueError, match=msg):
             TurboQuantRotatingKVCache(**kw)
