@@ -19,17 +19,16 @@ import argparse
 
 import mlx.core as mx
 import numpy as np
+import turboquant.mlx_lm as tq_mlx
 from mlx_lm.models import cache as mlx_cache
 from mlx_lm.models import gemma3_text
-
-import turboquant.mlx_lm as tq_mlx
 from turboquant.mlx_rotating import TurboQuantRotatingKVCache
 
-GEMMA3_270M = dict(model_type="gemma3_text", hidden_size=640, num_hidden_layers=18,
-                   intermediate_size=2048, num_attention_heads=4, num_key_value_heads=1,
-                   head_dim=256, rms_norm_eps=1e-6, vocab_size=256, sliding_window=512,
-                   sliding_window_pattern=6, query_pre_attn_scalar=256, rope_theta=1e6,
-                   rope_local_base_freq=1e4, max_position_embeddings=32768)
+GEMMA3_270M = {"model_type": "gemma3_text", "hidden_size": 640, "num_hidden_layers": 18,
+               "intermediate_size": 2048, "num_attention_heads": 4, "num_key_value_heads": 1,
+               "head_dim": 256, "rms_norm_eps": 1e-6, "vocab_size": 256, "sliding_window": 512,
+               "sliding_window_pattern": 6, "query_pre_attn_scalar": 256, "rope_theta": 1e6,
+               "rope_local_base_freq": 1e4, "max_position_embeddings": 32768}
 
 
 def host_extras(c) -> int:
@@ -69,7 +68,8 @@ def main():
     model = gemma3_text.Model(gemma3_text.ModelArgs.from_dict(cfg))
     d, hq = cfg["head_dim"], cfg["num_attention_heads"]
     print(f"Gemma-3-270M shape, {args.bits}-bit keys and values; bytes per layer kind")
-    print(f"{'tokens':>7} {'cache':>10} {'global':>12} {'sliding':>12} {'total':>12} {'ratio':>7}")
+    print(f"{'tokens':>7} {'cache':>16} {'global':>12} {'sliding':>12} {'total':>12} "
+          f"{'ratio':>7}")
     for n in args.tokens:
         rng = np.random.default_rng(0)
         ref = mlx_cache.make_prompt_cache(model)
@@ -83,9 +83,11 @@ def main():
             g = sum(c.nbytes + extra(c) for c in caches if type(c).__name__.find("Rotating") < 0)
             s = sum(c.nbytes + extra(c) for c in caches if type(c).__name__.find("Rotating") >= 0)
             rows[name] = (g, s)
+        # sliding=False: the same global layers, mlx-lm's fp16 ring on the sliding ones
+        rows["tq sliding=False"] = (rows["turboquant"][0], rows["mlx-lm"][1])
         base = sum(rows["mlx-lm"])
         for name, (g, s) in rows.items():
-            print(f"{n:>7} {name:>10} {g:>12,} {s:>12,} {g + s:>12,} {base / (g + s):>6.2f}x")
+            print(f"{n:>7} {name:>16} {g:>12,} {s:>12,} {g + s:>12,} {base / (g + s):>6.2f}x")
         assert all(c.offset == n for c in tq + ref)
         ring = [c for c in tq if isinstance(c, TurboQuantRotatingKVCache)]
         print(f"{'':>7} ring: {len(ring)} layers, {ring[0]._core.size(0)} tokens held "

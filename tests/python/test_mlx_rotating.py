@@ -46,13 +46,14 @@ def softmax_window(q, k, v, scale, window):
     return out
 
 
-def test_attention_is_window_softmax_over_the_decoded_ring():
+@pytest.mark.parametrize("fp16_window", [0, 6])
+def test_attention_is_window_softmax_over_the_decoded_ring(fp16_window):
     """Every query's output equals the exact sliding-window softmax over the tokens the ring
     holds, decoded from its codes (scores in the cache's channel order, values + mean)."""
     rng = np.random.default_rng(3)
     H, Hq, d, W, bt = 2, 4, 32, 12, 4
     c = TurboQuantRotatingKVCache(max_size=W, key_bits=3, value_bits=3, block_tokens=bt,
-                                  seed=5)
+                                  seed=5, fp16_window=fp16_window)
     scale, seen = 0.2, 0
     for T in [30, 1, 1, 5, 1, 1, 9, 1, 1, 1, 40, 1, 1]:
         k = mx.array(rng.standard_normal((1, H, T, d)).astype(np.float32) + 0.5)
@@ -64,9 +65,12 @@ def test_attention_is_window_softmax_over_the_decoded_ring():
         core = c._core
         n, ev = core.size(0), c.evicted_tokens
         assert n + ev == seen == c.offset
-        assert core.size(0) <= c.max_coded_tokens  # bounded: old pages were dropped
+        assert core.coded_tokens(0) <= c.max_coded_tokens  # bounded: old pages were dropped
+        assert core.window_tokens(0) <= fp16_window + bt
         # Queries whose whole window is still held (all of them at decode steps).
         first = max(0, T - (n - W + 1)) if ev else 0
+        if fp16_window:  # earlier chunks saw some tokens in fp16 that are codes by now
+            first = max(first, (T - 1) // bt * bt)
         for h in range(Hq):
             g = h // (Hq // H)
             kd = core.decode(0, g, "key").astype(np.float64)
