@@ -927,7 +927,7 @@ def make_prompt_cache(model, key_bits: int = 3, value_bits: int = 3,
     prefill) get ``key_bits + 1`` bits, the other half ``key_bits - 1`` (same bytes).
     ``fp16_window`` keeps the most recent tokens of every layer in fp16 (flushed into codes
     ``block_tokens`` at a time); ``fp16_sinks`` the first tokens (attention sinks). ``fp16_layers`` (indices, negative from the end) keep
-    mlx-lm's fp16 caches. Sliding-window layers (mlx-lm ``RotatingKVCache``, keep=0) get a
+    mlx-lm's fp16 caches. Sliding-window layers (mlx-lm ``RotatingKVCache``) get a
     :class:`turboquant.mlx_rotating.TurboQuantRotatingKVCache` (a bounded ring of code pages;
     no fp16 sinks or mixed precision there); ``sliding=False`` keeps them fp16.
     ``split_angle_bits`` (8 or 16) is the width of the key split's per-key part angle.
@@ -964,7 +964,7 @@ def make_prompt_cache(model, key_bits: int = 3, value_bits: int = 3,
     cache = list(base_cache)
     from turboquant.mlx_rotating import TurboQuantRotatingKVCache
     slides = [i for i, c in enumerate(base_cache) if sliding and
-              type(c) is _mlx_cache.RotatingKVCache and c.keep == 0]
+              type(c) is _mlx_cache.RotatingKVCache]
     if not set(compressible + slides) - keep:
         raise UnsupportedArchitectureError(
             f"{_model_type(model)}: no layer left to compress (fp16_layers / profile cover "
@@ -979,7 +979,8 @@ def make_prompt_cache(model, key_bits: int = 3, value_bits: int = 3,
                 heads["value_head_bits"], vb = vb, int(round(float(np.mean(vb))))
             cls, extra, mb, mk, fs = TurboQuantKVCache, {}, mixed_bits, mixed_keep, fp16_sinks
             if i in slides:  # a bounded ring: no sinks, codes in position order
-                cls, extra = TurboQuantRotatingKVCache, {"max_size": base_cache[i].max_size}
+                cls, extra = TurboQuantRotatingKVCache, {"max_size": base_cache[i].max_size,
+                                                         "keep": base_cache[i].keep}
                 mb, mk, fs = 0, 0.0, 0
             cache[i] = cls(key_bits=int(kb), value_bits=int(vb), method=method,
                                          key_method=key_method, value_method=value_method,

@@ -8,17 +8,21 @@ TurboQuant codes instead, in the C++ core's pages, with the core's eviction
 oldest code pages are dropped and their memory freed, so a layer never holds more than
 ``max_coded_tokens`` code tokens (plus its fp16 recent window, if any).
 
+``keep`` > 0 (mlx-lm's ``make_prompt_cache(max_kv_size=...)`` keeps 4): the first ``keep``
+tokens are the core's fp16 sinks, never evicted and visible to every query
+(``sinks_visible``), next to the last ``max_size - keep`` tokens: what mlx-lm's ring
+attends at a decode step.
+
 Exactness. Attention is the core's windowed softmax over the stored tokens (the last
-``window`` of them per query), which is the exact sliding-window softmax over the decoded
-tokens as long as every query still finds its whole window stored. Eviction drops whole
+``window`` of them per query, plus the sinks), which is the exact sliding-window softmax
+over the decoded tokens as long as every query still finds its whole window stored. Eviction drops whole
 pages of ``block_tokens``, and a block of new tokens is appended and attended in chunks of
 ``block_tokens`` queries, so ``max_coded_tokens`` is sized for the worst case: after a chunk
 of C tokens the layer still holds at least W + C - 1 tokens (a chunk's first query needs
 W - 1 older ones). Tokens older than that are never attended again.
 
-Not supported: ``keep`` > 0 (tokens that stay visible outside the window; mlx-lm's models
-use keep=0 for their sliding layers; ``make_prompt_cache`` leaves keep > 0 layers in fp16),
-mixed precision (its codes are not in position order), fp16 sinks, and the Metal store.
+Not supported: mixed precision (its codes are not in position order), fp16 sinks other
+than the ``keep`` tokens, and the Metal store.
 """
 
 from __future__ import annotations
@@ -56,8 +60,8 @@ class TurboQuantRotatingKVCache(TurboQuantKVCache):
 
     Other keyword arguments are those of :class:`turboquant.mlx_lm.TurboQuantKVCache`;
     ``block_tokens`` (default 32) is the page and the attention chunk: the ring holds at
-    most :func:`codes_needed` code tokens. New K/V wait (as the caller's transient arrays)
-    for the attention call that follows, which appends and attends them chunk by chunk.
+    most :func:`codes_needed` code tokens. New K/V wait for the attention call that follows
+    in the same forward pass, which appends and attends them chunk by chunk.
     """
 
     def __init__(self, max_size: int, keep: int = 0, **kwargs):
@@ -66,17 +70,18 @@ class TurboQuantRotatingKVCache(TurboQuantKVCache):
             raise ValueError(f"max_size must be an integer >= 1, got {max_size!r}")
         if isinstance(keep, bool) or not isinstance(keep, (int, np.integer)) or keep < 0:
             raise ValueError(f"keep must be an integer >= 0, got {keep!r}")
-        if keep:
-            raise ValueError(
-                f"keep={keep}: tokens kept visible outside the sliding window are not supported "
-                "by the compressed sliding cache (use mlx-lm's RotatingKVCache for this layer)")
+        if keep >= max_size:
+            raise ValueError(f"keep must be smaller than max_size={max_size}, got {keep}")
+        if keep and not _sinks_visible_supported():
+            raise ValueError(f"keep={keep} needs a turboquant core with attend(sinks_visible=...)")
         for name in ("mixed_bits", "fp16_sinks"):
             if kwargs.get(name):
                 raise ValueError(f"{name}={kwargs[name]!r} is not supported on a sliding-window "
                                  "layer (0 required)")
+        kwargs.pop("fp16_sinks", None)  # the keep tokens are the sinks
         if kwargs.get("block_tokens") is None:
             kwargs["block_tokens"] = 32
-        super().__init__(**kwargs)
+        super().__init__(fp16_sinks=int(keep), **kwargs)  # the keep tokens: fp16 sinks
         self.max_size, self.keep = int(max_size), int(keep)
         self._new: list[tuple[np.ndarray, np.ndarray]] = []
 
@@ -84,7 +89,7 @@ class TurboQuantRotatingKVCache(TurboQuantKVCache):
 
     @property
     def max_coded_tokens(self) -> int:
-        return codes_needed(self.max_size, self.block_tokens, self.fp16_window)
+        return codes_needed(self.max_size - self.keep, self.block_tokens, self.fp16_window)
 
     def _core_options(self) -> dict:
         return {"max_coded_tokens": self.max_coded_tokens}
@@ -162,6 +167,9 @@ class TurboQuantRotatingKVCache(TurboQuantKVCache):
             g = (B * Hq) // self._core_kv_heads
             q = np.take_along_axis(q, np.repeat(self._perm, g, axis=0)[:, None, :], axis=2)
         extra = {"sparse_v": self.sparse_v} if self.sparse_v else {}
+        if self.keep:  # the sinks plus the last w - keep tokens
+            w = max(1, w - self.keep)
+            extra["sinks_visible"] = True
         k, v = self._take_new()
         T_new = 0 if k is None else k.shape[1]
         out = np.empty(q.shape, dtype=np.float32)
@@ -290,12 +298,18 @@ class TurboQuantRotatingKVCache(TurboQuantKVCache):
         super()._set_config(cfg)
         max_size, keep = cfg.get("max_size"), cfg.get("keep", 0)
         if isinstance(max_size, bool) or not isinstance(max_size, int) or max_size < 1 \
-                or keep != 0:
-            raise _core.FormatError(f"prompt cache layer {self.layer}: a sliding-window cache "
-                                    f"needs max_size >= 1 and keep = 0, got max_size="
-                                    f"{max_size!r}, keep={keep!r}")
-        self.max_size, self.keep = max_size, 0
+                or isinstance(keep, bool) or not isinstance(keep, int) \
+                or not 0 <= keep < max_size or self.fp16_sinks != keep:
+            raise _core.FormatError(
+                f"prompt cache layer {self.layer}: a sliding-window cache needs max_size >= 1 "
+                f"and 0 <= keep < max_size tokens held as fp16 sinks, got max_size="
+                f"{max_size!r}, keep={keep!r}, fp16_sinks={self.fp16_sinks}")
+        self.max_size, self.keep = max_size, keep
         self._new = []
+
+
+def _sinks_visible_supported() -> bool:
+    return "sinks_visible" in (_core.KVCache.attend.__doc__ or "")
 
 
 # load_prompt_cache() looks cache classes up by name in mlx_lm.models.cache.

@@ -33,27 +33,28 @@ def cosines(a, b):
     return np.sum(a * b, -1) / np.linalg.norm(a, axis=-1) / np.linalg.norm(b, axis=-1)
 
 
-def softmax_window(q, k, v, scale, window):
-    """Exact attention of the last len(q) positions over k/v, each on its last `window`."""
+def softmax_window(q, k, v, scale, window, sinks=0):
+    """Exact attention of the last len(q) positions over k/v, each on its last `window`
+    rows plus the first `sinks` rows."""
     n, T = k.shape[0], q.shape[0]
     out = np.empty_like(q, dtype=np.float64)
     for t in range(T):
         p = n - T + t
-        lo = max(0, p - window + 1)
-        s = (k[lo:p + 1] @ q[t]) * scale
+        rows = sorted(set(range(min(sinks, p + 1))) | set(range(max(0, p - window + 1), p + 1)))
+        s = (k[rows] @ q[t]) * scale
         w = np.exp(s - s.max())
-        out[t] = (w / w.sum()) @ v[lo:p + 1]
+        out[t] = (w / w.sum()) @ v[rows]
     return out
 
 
-@pytest.mark.parametrize("fp16_window", [0, 6])
-def test_attention_is_window_softmax_over_the_decoded_ring(fp16_window):
+@pytest.mark.parametrize("fp16_window,keep", [(0, 0), (6, 0), (0, 3), (5, 2)])
+def test_attention_is_window_softmax_over_the_decoded_ring(fp16_window, keep):
     """Every query's output equals the exact sliding-window softmax over the tokens the ring
     holds, decoded from its codes (scores in the cache's channel order, values + mean)."""
     rng = np.random.default_rng(3)
     H, Hq, d, W, bt = 2, 4, 32, 12, 4
     c = TurboQuantRotatingKVCache(max_size=W, key_bits=3, value_bits=3, block_tokens=bt,
-                                  seed=5, fp16_window=fp16_window)
+                                  seed=5, fp16_window=fp16_window, keep=keep)
     scale, seen = 0.2, 0
     for T in [30, 1, 1, 5, 1, 1, 9, 1, 1, 1, 40, 1, 1]:
         k = mx.array(rng.standard_normal((1, H, T, d)).astype(np.float32) + 0.5)
@@ -65,11 +66,14 @@ def test_attention_is_window_softmax_over_the_decoded_ring(fp16_window):
         core = c._core
         n, ev = core.size(0), c.evicted_tokens
         assert n + ev == seen == c.offset
-        assert core.coded_tokens(0) <= c.max_coded_tokens  # bounded: old pages were dropped
+        # bounded: old pages were dropped
+        assert core.coded_tokens(0) - core.sink_tokens(0) <= c.max_coded_tokens
+        assert core.sink_tokens(0) == min(keep, seen)
         assert core.window_tokens(0) <= fp16_window + bt
         # Queries whose whole window is still held (all of them at decode steps).
-        first = max(0, T - (n - W + 1)) if ev else 0
-        if fp16_window:  # earlier chunks saw some tokens in fp16 that are codes by now
+        first = max(0, T - (n - keep - (W - keep) + 1)) if ev else 0
+        if fp16_window or keep:  # a windowed core: earlier chunks saw some tokens in fp16
+            # (its recent rows, at most fp16_window + block_tokens) that are codes by now
             first = max(first, (T - 1) // bt * bt)
         for h in range(Hq):
             g = h // (Hq // H)
@@ -78,7 +82,8 @@ def test_attention_is_window_softmax_over_the_decoded_ring(fp16_window):
             qh = q[0, h].astype(np.float64)
             if c._perm is not None:
                 qh = qh[:, c._perm[g]]
-            ref = softmax_window(qh[first:], kd, vd, scale, W)  # the last T - first positions
+            # the last T - first positions: the keep sinks and the last W - keep tokens
+            ref = softmax_window(qh[first:], kd, vd, scale, W - keep, sinks=keep)
             np.testing.assert_allclose(out[0, h, first:], ref, rtol=2e-4, atol=2e-4)
         if T == 1:
             assert first == 0
@@ -254,8 +259,39 @@ def test_options_and_errors():
     with pytest.raises(tq_mlx.UnsupportedArchitectureError, match="no layer left"):
         tq_mlx.make_prompt_cache(model, fp16_layers=[1], sliding=False)
     for kw, msg in [({"max_size": 0}, "max_size must be"),
-                    ({"max_size": 8, "keep": -1}, "keep"), ({"max_size": 8, "keep": 4}, "keep=4"),
+                    ({"max_size": 8, "keep": -1}, "keep"),
+                    ({"max_size": 8, "keep": 8}, "keep must be smaller than max_size=8"),
                     ({"max_size": 8, "mixed_bits": 2}, "mixed_bits=2"),
                     ({"max_size": 8, "fp16_sinks": 4}, "fp16_sinks=4")]:
         with pytest.raises(ValueError, match=msg):
             TurboQuantRotatingKVCache(**kw)
+
+
+def test_keep_tokens_match_mlx_lm_decode():
+    """keep > 0: the first tokens stay visible at every step, as in mlx-lm's ring (compared
+    at decode steps, after a prefill that fits the ring)."""
+    rng = np.random.default_rng(6)
+    W, keep, d = 8, 2, 16
+    c = TurboQuantRotatingKVCache(max_size=W, keep=keep, key_bits=8, value_bits=8,
+                                  block_tokens=4)
+    ref = mlx_cache.RotatingKVCache(max_size=W, keep=keep)
+    cos = []
+    for T in [6] + [1] * 30:
+        k = mx.array(rng.standard_normal((1, 1, T, d)).astype(np.float32))
+        v = mx.array(rng.standard_normal((1, 1, T, d)).astype(np.float32))
+        q = mx.array(rng.standard_normal((1, 2, T, d)).astype(np.float32))
+        mask = ref.make_mask(T)
+        rk, rv = ref.update_and_fetch(k, v)
+        c.update_and_fetch(k, v)
+        out = np.array(c.attend(q, scale=0.25)).reshape(-1, d)
+        want = mx.fast.scaled_dot_product_attention(
+            q, mx.repeat(rk, 2, axis=1), mx.repeat(rv, 2, axis=1), scale=0.25, mask=mask)
+        cos.append(cosines(np.array(want).reshape(-1, d), out).min())
+    assert min(cos) > 0.999
+    assert c.evicted_tokens > 0 and c._core.sink_tokens(0) == keep
+    # the keep=4 rings of mlx-lm's make_prompt_cache(max_kv_size=...): state round-trips
+    ring = TurboQuantRotatingKVCache(max_size=16, keep=4, block_tokens=4)
+    ring.update_and_fetch(mx.ones((1, 2, 20, 16)), mx.ones((1, 2, 20, 16)))
+    ring.attend(mx.ones((1, 4, 20, 16)), scale=0.25)
+    again = TurboQuantRotatingKVCache.from_state(ring.state)
+    assert (again.keep, again.max_size, again.offset) == (4, 16, 20)
