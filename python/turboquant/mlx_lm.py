@@ -929,7 +929,8 @@ def make_prompt_cache(model, key_bits: int = 3, value_bits: int = 3,
     ``block_tokens`` at a time); ``fp16_sinks`` the first tokens (attention sinks). ``fp16_layers`` (indices, negative from the end) keep
     mlx-lm's fp16 caches. Sliding-window layers (mlx-lm ``RotatingKVCache``) get a
     :class:`turboquant.mlx_rotating.TurboQuantRotatingKVCache` (a bounded ring of code pages;
-    no fp16 sinks or mixed precision there); ``sliding=False`` keeps them fp16.
+    ``fp16_sinks`` and mixed precision apply to full-attention layers only);
+    ``sliding=False`` keeps them fp16.
     ``split_angle_bits`` (8 or 16) is the width of the key split's per-key part angle.
     ``profile`` (a path or dict from ``python -m turboquant calibrate``) sets per-layer
     key/value bits and fp16 layers, overriding ``key_bits`` / ``value_bits``; a layer's
