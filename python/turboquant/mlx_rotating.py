@@ -15,11 +15,12 @@ attends at a decode step.
 
 Exactness. Attention is the core's windowed softmax over the stored tokens (the last
 ``window`` of them per query, plus the sinks), which is the exact sliding-window softmax
-over the decoded tokens as long as every query still finds its whole window stored. Eviction drops whole
-pages of ``block_tokens``, and a block of new tokens is appended and attended in chunks of
-``block_tokens`` queries, so ``max_coded_tokens`` is sized for the worst case: after a chunk
-of C tokens the layer still holds at least W + C - 1 tokens (a chunk's first query needs
-W - 1 older ones). Tokens older than that are never attended again.
+over the decoded tokens as long as every query still finds its whole window stored.
+Eviction drops whole pages of ``block_tokens``, and a block of new tokens is appended and
+attended in chunks of ``block_tokens`` queries, so ``max_coded_tokens`` is sized for the
+worst case: after a chunk of C tokens the layer still holds at least W + C - 1 tokens (a
+chunk's first query needs W - 1 older ones). Tokens older than that are never attended
+again.
 
 Not supported: mixed precision (its codes are not in position order), fp16 sinks other
 than the ``keep`` tokens, and the Metal store.
