@@ -155,7 +155,8 @@ The T_q queries are the last T_q positions of the layer: query i sees keys
       }, py::arg("keys"), py::arg("values"), py::arg("layer") = 0,
       "Append T tokens of every KV head to one layer (float32 read in place; float16 converted).")
       .def("attend", [](const KVCache& kv, const py::handle& queries, int layer, bool causal,
-                        std::optional<float> scale, std::optional<size_t> window, float sparse_v) {
+                        std::optional<float> scale, std::optional<size_t> window, float sparse_v,
+                        bool sinks_visible) {
         const auto d = static_cast<size_t>(kv.head_dim());
         const FloatRows q = float_rows(queries, d, "queries", false, 1);
         const size_t H = static_cast<size_t>(kv.config().n_q_heads);
@@ -178,14 +179,16 @@ The T_q queries are the last T_q positions of the layer: query i sees keys
         opt.scale = scale;
         opt.window = window;
         opt.sparse_v_threshold = sparse_v;
+        opt.sinks_visible = sinks_visible;
         {
           py::gil_scoped_release release;
           kv.attend(layer, qp, T, op, opt);
         }
         return out;
       }, py::arg("queries"), py::arg("layer") = 0, py::arg("causal") = true, py::arg("scale") = py::none(),
-      py::arg("window") = py::none(), py::arg("sparse_v") = 0.0f,
+      py::arg("window") = py::none(), py::arg("sparse_v") = 0.0f, py::arg("sinks_visible") = false,
       "Attention from the codes; float32 output of the queries' shape. scale defaults to 1/sqrt(d).\n"
+      "sinks_visible=True: the fp16 sinks stay visible to every query whatever the window.\n"
       "sparse_v=t skips value rows whose weight is below t times the query's running maximum weight\n"
       "(the softmax normalisation still uses every weight).")
       .def("size", &KVCache::size, py::arg("layer") = 0, "tokens held by a layer")

@@ -431,7 +431,8 @@ void KVCache::attend_windowed(int layer, const float* queries, size_t T_q, float
   // Visible fp16 rows of query row r: sinks [sa, sb) and window [wa, wb) (fp16-array
   // indices; the window part is empty when wa >= wb).
   const auto sink_range = [&](size_t r) {
-    return std::pair<size_t, size_t>{std::min(mask.lo[r], ns), std::min(mask.hi[r] + 1, ns)};
+    const size_t a = options.sinks_visible ? 0 : std::min(mask.lo[r], ns);
+    return std::pair<size_t, size_t>{a, std::min(mask.hi[r] + 1, ns)};
   };
   const auto window_range = [&](size_t r) {
     const size_t wa = ns + std::max(mask.lo[r], c) - c;

@@ -184,7 +184,7 @@ class TurboQuantKVCache(_mlx_cache._BaseCache):
         if self._core is None:
             self._pending.append((k, v))
         else:
-            self._core.append(k, v)
+            self._append_blocks([(k, v)])
         self.offset += T
         # Zero-memory placeholders of the shape mlx-lm expects (broadcast of one NaN).
         nan = mx.array(float("nan"), dtype=keys.dtype)
@@ -394,10 +394,10 @@ class TurboQuantKVCache(_mlx_cache._BaseCache):
                           else _load_core(blob))
             self.split_angle_bits = int(getattr(self._core, "split_angle_bits", self.split_angle_bits))
             self._shape = (self._core_kv_heads, self._head_dim)
-            if self._core.size(0) != self.offset:
+            if self._held_tokens() != self.offset:
                 raise _core.FormatError(
                     f"prompt cache layer {self.layer}: header says {self.offset} tokens, the "
-                    f"compressed cache holds {self._core.size(0)}")
+                    f"compressed cache holds {self._held_tokens()}")
 
     def _config(self) -> dict:
         cfg = {"key_bits": self.key_bits, "value_bits": self.value_bits,
@@ -571,12 +571,30 @@ class TurboQuantKVCache(_mlx_cache._BaseCache):
                                        fp16_sinks=self.fp16_sinks, decay_after=self.decay_after,
                                        decay_bits=self.mixed_bits or self.decay_bits, **mixed,
                                        norm_correction=self.debias and mse, **common, **split,
-                                       **heads)
+                                       **heads, **self._core_options())
         self._n_q_heads, self._core_kv_heads, self._head_dim = n_q_heads, total_kv, head_dim
         self._shape = (total_kv, head_dim)
         pending, self._pending = self._pending, []
-        for k, v in pending:
+        self._append_blocks(pending)
+
+    def _append_blocks(self, blocks) -> None:
+        """Encode blocks of (centred, permuted) K/V into the core (a sliding-window cache
+        holds them until the attention call, see turboquant.mlx_rotating)."""
+        for k, v in blocks:
             self._core.append(k, v)
+
+    def _core_options(self) -> dict:
+        """Extra options of the C++ core (eviction for a sliding-window cache)."""
+        return {}
+
+    def _held_tokens(self) -> int:
+        """Tokens the core accounts for (held, plus any it evicted)."""
+        return int(self._core.size(0))
+
+    def mask_window(self, mask: mx.array, n_q: int) -> int | None:
+        """The window length of an mlx-lm attention mask for this cache's last n_q queries
+        (None: plain causal)."""
+        return _window_from_mask(mask, n_q, self.offset)
 
 
 def _check_head_bits(bits, name: str) -> tuple[int, ...] | None:
@@ -741,7 +759,7 @@ def _turboquant_attention(queries, keys, values, cache, scale, mask, sinks=None)
     Tq = queries.shape[2]
     window = None
     if isinstance(mask, mx.array):
-        window = _window_from_mask(mask, Tq, cache.offset)
+        window = cache.mask_window(mask, Tq)
     elif mask is not None and mask != "causal":
         raise NotImplementedError(f"unsupported attention mask {mask!r}")
     return cache.attend(queries, scale=scale, causal=True, window=window)
@@ -776,8 +794,10 @@ def install_attention_route() -> int:
                 getattr(mod, "scaled_dot_product_attention", None) is _original_sdpa:
             mod.scaled_dot_product_attention = _routed_sdpa
             patched += 1
-    # load_prompt_cache() looks cache classes up by name in mlx_lm.models.cache.
+    # load_prompt_cache() looks cache classes up by name in mlx_lm.models.cache (the sliding
+    # one registers itself on import).
     _mlx_cache.TurboQuantKVCache = TurboQuantKVCache
+    import turboquant.mlx_rotating  # noqa: F401
     return patched
 
 
@@ -796,8 +816,9 @@ def _model_type(model) -> str:
 def check_architecture(model, base_cache: Sequence[Any] | None = None) -> list[int]:
     """Raise :class:`UnsupportedArchitectureError` unless every attention layer of ``model``
     can run on a TurboQuant cache; return the indices of layers that get one (plain
-    full-attention ``KVCache`` layers). Sliding-window layers (``RotatingKVCache``) keep
-    mlx-lm's bounded fp16 cache."""
+    full-attention ``KVCache`` layers). Sliding-window layers (``RotatingKVCache``) are not
+    listed: :func:`make_prompt_cache` gives them a
+    :class:`turboquant.mlx_rotating.TurboQuantRotatingKVCache` (or keeps them fp16)."""
     name = _model_type(model)
     for _, m in model.named_modules():
         a = getattr(m, "args", None) or m
@@ -809,13 +830,13 @@ def check_architecture(model, base_cache: Sequence[Any] | None = None) -> list[i
                     "per-head keys/values and cannot serve it")
     if base_cache is None:
         base_cache = _mlx_cache.make_prompt_cache(model)
-    compressible = []
+    compressible, sliding = [], 0
     for i, c in enumerate(base_cache):
         kind = type(c).__name__
         if type(c) is _mlx_cache.KVCache:
             compressible.append(i)
         elif isinstance(c, _mlx_cache.RotatingKVCache):
-            continue
+            sliding += 1
         elif isinstance(c, (_mlx_cache.ArraysCache, _mlx_cache.CacheList)) or \
                 "Mamba" in kind or "Arrays" in kind:
             raise UnsupportedArchitectureError(
@@ -825,8 +846,9 @@ def check_architecture(model, base_cache: Sequence[Any] | None = None) -> list[i
         else:
             raise UnsupportedArchitectureError(
                 f"{name}: layer {i} uses cache type {kind}, which TurboQuant cannot replace")
-    if not compressible:
-        raise UnsupportedArchitectureError(f"{name}: no layer uses a plain KVCache")
+    if not compressible and not sliding:
+        raise UnsupportedArchitectureError(f"{name}: no layer uses a plain KVCache or a "
+                                           "RotatingKVCache")
     modules = {sys.modules.get(type(m).__module__) for _, m in model.named_modules()}
     routed = [mod for mod in modules if mod is not None and
               getattr(mod, "scaled_dot_product_attention", None) in (_original_sdpa, _routed_sdpa)]
@@ -910,8 +932,9 @@ def make_prompt_cache(model, key_bits: int = 3, value_bits: int = 3,
                       fp16_window: int = 0, block_tokens: int | None = None,
                       fp16_sinks: int = 0, profile=None, split_angle_bits: int = 8,
                       decay_after: int = 0, decay_bits: int = 0, sparse_v: float = 0.0,
-                      mixed_bits: int = 0, mixed_keep: float = 0.0) -> list:
-    """mlx-lm prompt cache with TurboQuant caches on every full-attention layer.
+                      mixed_bits: int = 0, mixed_keep: float = 0.0, sliding: bool = True) -> list:
+    """mlx-lm prompt cache with TurboQuant caches on every full-attention layer and (with
+    ``sliding``, the default) every sliding-window layer.
 
     ``center`` subtracts a per-head mean from K and V first (exact for attention, see
     :meth:`TurboQuantKVCache._centre`). ``debias`` stores each vector's norm corrected for
@@ -921,7 +944,10 @@ def make_prompt_cache(model, key_bits: int = 3, value_bits: int = 3,
     prefill) get ``key_bits + 1`` bits, the other half ``key_bits - 1`` (same bytes).
     ``fp16_window`` keeps the most recent tokens of every layer in fp16 (flushed into codes
     ``block_tokens`` at a time); ``fp16_sinks`` the first tokens (attention sinks). ``fp16_layers`` (indices, negative from the end) keep
-    mlx-lm's fp16 ``KVCache``; sliding-window layers keep mlx-lm's ``RotatingKVCache``.
+    mlx-lm's fp16 caches. Sliding-window layers (mlx-lm ``RotatingKVCache``) get a
+    :class:`turboquant.mlx_rotating.TurboQuantRotatingKVCache` (a bounded ring of code pages;
+    ``fp16_sinks`` and mixed precision apply to full-attention layers only);
+    ``sliding=False`` keeps them fp16.
     ``split_angle_bits`` (8 or 16) is the width of the key split's per-key part angle.
     ``profile`` (a path or dict from ``python -m turboquant calibrate``) sets per-layer
     key/value bits and fp16 layers, overriding ``key_bits`` / ``value_bits``; a layer's
@@ -954,7 +980,14 @@ def make_prompt_cache(model, key_bits: int = 3, value_bits: int = 3,
                 per_layer[i] = (e["key_bits"], e["value_bits"])
     pairs = rope_pairs_of(model)
     cache = list(base_cache)
-    for i in compressible:
+    from turboquant.mlx_rotating import TurboQuantRotatingKVCache
+    slides = [i for i, c in enumerate(base_cache) if sliding and
+              type(c) is _mlx_cache.RotatingKVCache]
+    if not set(compressible + slides) - keep:
+        raise UnsupportedArchitectureError(
+            f"{_model_type(model)}: no layer left to compress (fp16_layers / profile cover "
+            f"every full-attention layer{'' if sliding else ' and sliding=False'})")
+    for i in sorted(compressible + slides):
         if i not in keep:
             kb, vb = per_layer.get(i, (key_bits, value_bits))
             heads = {}
@@ -962,15 +995,20 @@ def make_prompt_cache(model, key_bits: int = 3, value_bits: int = 3,
                 heads["key_head_bits"], kb = kb, int(round(float(np.mean(kb))))
             if isinstance(vb, list):
                 heads["value_head_bits"], vb = vb, int(round(float(np.mean(vb))))
-            cache[i] = TurboQuantKVCache(key_bits=int(kb), value_bits=int(vb), method=method,
+            cls, extra, mb, mk, fs = TurboQuantKVCache, {}, mixed_bits, mixed_keep, fp16_sinks
+            if i in slides:  # a bounded ring: no sinks, codes in position order
+                cls, extra = TurboQuantRotatingKVCache, {"max_size": base_cache[i].max_size,
+                                                         "keep": base_cache[i].keep}
+                mb, mk, fs = 0, 0.0, 0
+            cache[i] = cls(key_bits=int(kb), value_bits=int(vb), method=method,
                                          key_method=key_method, value_method=value_method,
                                          seed=seed, layer=i, rotation=rotation, center=center,
                                          debias=debias, key_split=key_split, rope_pairs=pairs,
                                          fp16_window=fp16_window, block_tokens=block_tokens,
-                                         fp16_sinks=fp16_sinks, decay_after=decay_after,
+                                         fp16_sinks=fs, decay_after=decay_after,
                                          decay_bits=decay_bits, sparse_v=sparse_v,
-                                         mixed_bits=mixed_bits, mixed_keep=mixed_keep,
-                                         split_angle_bits=split_angle_bits, **heads)
+                                         mixed_bits=mb, mixed_keep=mk,
+                                         split_angle_bits=split_angle_bits, **heads, **extra)
     return cache
 
 

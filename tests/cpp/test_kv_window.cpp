@@ -311,3 +311,52 @@ TEST(KVWindow, AttendIndependentOfThreadCount) {
     EXPECT_EQ(outs[0], outs[2]) << "T_q=" << tq;
   }
 }
+
+// AttentionOptions::sinks_visible: every query sees the fp16 sinks plus the last `window`
+// stored tokens (mlx-lm's RotatingKVCache keep tokens), also after eviction dropped pages.
+TEST(KVWindow, SinksVisibleWithWindowAndEviction) {
+  KVCacheConfig cfg;
+  cfg.head_dim = 64;
+  cfg.n_q_heads = 4;
+  cfg.n_kv_heads = 2;
+  cfg.block_tokens = 4;
+  cfg.fp16_sinks = 3;
+  cfg.fp16_window = 2;
+  cfg.max_coded_tokens = 12;
+  KVCache c(cfg);
+  const size_t d = 64, w = 6;
+  size_t seed = 10;
+  for (size_t T : {size_t{2}, size_t{9}, size_t{1}, size_t{14}, size_t{1}, size_t{5}}) {
+    const auto k = gaussian(2 * T * d, seed++), v = gaussian(2 * T * d, seed++);
+    c.append(0, k.data(), v.data(), T);
+    const size_t n = c.size(0), ns = c.sink_tokens(0);
+    const auto q = gaussian(4 * T * d, seed++);
+    for (bool visible : {true, false}) {
+      AttentionOptions opt;
+      opt.window = w;
+      opt.sinks_visible = visible;
+      std::vector<float> out(4 * T * d);
+      c.attend(0, q.data(), T, out.data(), opt);
+      for (int qh = 0; qh < 4; ++qh) {
+        std::vector<float> K(n * d), V(n * d);
+        c.decode_tokens(0, qh / 2, KVRole::kKey, 0, n, K.data());
+        c.decode_tokens(0, qh / 2, KVRole::kValue, 0, n, V.data());
+        for (size_t t = 0; t < T; ++t) {
+          const size_t hi = n - T + t, lo = hi + 1 > w ? hi + 1 - w : 0;
+          std::vector<float> Ks, Vs;  // the visible rows, in order
+          for (size_t r = 0; r <= hi; ++r)
+            if (r >= lo || (visible && r < ns)) {
+              Ks.insert(Ks.end(), &K[r * d], &K[r * d] + d);
+              Vs.insert(Vs.end(), &V[r * d], &V[r * d] + d);
+            }
+          const auto e = exact_attention(&q[(static_cast<size_t>(qh) * T + t) * d], Ks.data(), Vs.data(), d, 0,
+                                         Ks.size() / d - 1, 1.0 / 8.0);
+          for (size_t j = 0; j < d; ++j)
+            EXPECT_NEAR(out[(static_cast<size_t>(qh) * T + t) * d + j], e[j], 1e-4) << "T=" << T << " t=" << t;
+        }
+      }
+    }
+  }
+  EXPECT_GT(c.evicted_tokens(0), 0u);
+  EXPECT_EQ(c.sink_tokens(0), 3u);
+}

@@ -41,17 +41,25 @@ def test_supported_architectures_match_fp16_cache(arch):
     assert np.isfinite(out8).all()
     assert mean_cosine(ref, out8) > 0.9995, arch  # 8-bit codes: offsets, GQA, masks right
     out3 = run_chunks(model, tq_mlx.make_prompt_cache(model, key_bits=3, value_bits=3))
-    assert 0.9 < mean_cosine(ref, out3) < mean_cosine(ref, out8)
+    # gemma3_text: its sliding first layer is compressed too, and 3-bit codes of head_dim 16
+    # there cost this random model the most (0.86 with that layer alone compressed)
+    floor = 0.8 if arch == "gemma3_text" else 0.9
+    assert floor < mean_cosine(ref, out3) < mean_cosine(ref, out8)
     assert all(c.offset == len(TOKENS) for c in cache8)
 
 
-def test_sliding_window_layers_keep_rotating_cache():
+def test_sliding_window_layers_compressed_unless_disabled():
+    from turboquant.mlx_rotating import TurboQuantRotatingKVCache
+
     model = tiny_model("gemma3_text")
     cache = tq_mlx.make_prompt_cache(model)
-    assert isinstance(cache[0], mlx_cache.RotatingKVCache)
-    assert isinstance(cache[1], tq_mlx.TurboQuantKVCache)
+    assert type(cache[0]) is TurboQuantRotatingKVCache
+    assert type(cache[1]) is tq_mlx.TurboQuantKVCache
     out = run_chunks(model, cache)  # 40 tokens > window 8: the local layer rotates
     assert np.isfinite(out).all()
+    cache = tq_mlx.make_prompt_cache(model, sliding=False)
+    assert isinstance(cache[0], mlx_cache.RotatingKVCache)
+    assert np.isfinite(run_chunks(model, cache)).all()
 
 
 @pytest.mark.parametrize("arch", sorted(REFUSED))

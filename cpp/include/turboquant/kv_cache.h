@@ -223,6 +223,11 @@ struct AttentionOptions {
   bool causal = true;
   std::optional<float> scale;     // default 1/sqrt(head_dim)
   std::optional<size_t> window;   // sliding window: a query sees at most the last w keys
+  // fp16 sinks (KVCacheConfig::fp16_sinks) stay visible to every query whatever the window:
+  // a query sees its causal sinks plus the last `window` tokens (mlx-lm's RotatingKVCache
+  // `keep` tokens, StreamingLLM). With eviction the stored tokens after the sinks are the
+  // most recent ones, so the window counts them, not positions.
+  bool sinks_visible = false;
   // Sparse V (0 = dense): on each page, value rows whose softmax weight exp(s - m) is below
   // sparse_v_threshold are skipped in the value sum, where m is the query's running maximum
   // score so far (online softmax). m never exceeds the final maximum, so every skipped row has

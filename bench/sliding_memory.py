@@ -1,0 +1,98 @@
+"""KV-cache memory of Gemma-3-270M's shape: mlx-lm's caches vs TurboQuant's, every layer counted.
+
+Gemma-3-270M: 18 layers, 4 query heads, 1 KV head, head_dim 256; every 6th layer is global
+(KVCache), the other 15 slide over 512 tokens (RotatingKVCache). The model is built with a
+tiny vocabulary and random weights only to get its cache layout from ``make_cache``; the
+caches are then filled with synthetic K/V of the right shape (memory does not depend on the
+values) the way mlx-lm's generate fills them: a prefill in chunks of 2048 tokens, then one
+decode step, so the context holds exactly N tokens. Bytes are the caches' own accounting
+(``nbytes``: mlx-lm's allocated buffers; TurboQuant's code and norm pages, fp16 rows and
+quantizer state) plus, for TurboQuant, the per-layer host arrays (centring means, key
+channel order).
+
+  PYTHONPATH=python python bench/sliding_memory.py --tokens 4096 32768 --bits 3
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import mlx.core as mx
+import numpy as np
+import turboquant.mlx_lm as tq_mlx
+from mlx_lm.models import cache as mlx_cache
+from mlx_lm.models import gemma3_text
+from turboquant.mlx_rotating import TurboQuantRotatingKVCache
+
+GEMMA3_270M = {"model_type": "gemma3_text", "hidden_size": 640, "num_hidden_layers": 18,
+               "intermediate_size": 2048, "num_attention_heads": 4, "num_key_value_heads": 1,
+               "head_dim": 256, "rms_norm_eps": 1e-6, "vocab_size": 256, "sliding_window": 512,
+               "sliding_window_pattern": 6, "query_pre_attn_scalar": 256, "rope_theta": 1e6,
+               "rope_local_base_freq": 1e4, "max_position_embeddings": 32768}
+
+
+def host_extras(c) -> int:
+    """Per-layer host arrays of a TurboQuant cache (centring means, key channel order)."""
+    return sum(int(getattr(a, "nbytes", 0)) for a in (c._k_mean, c._v_mean, c._perm)
+               if a is not None)
+
+
+def fill(caches, n_tokens: int, n_q_heads: int, head_dim: int, rng, step: int = 2048):
+    """Prefill n_tokens - 1 tokens in chunks of `step`, then one decode step."""
+    chunks = [step] * ((n_tokens - 1) // step) + ([(n_tokens - 1) % step] if
+                                                   (n_tokens - 1) % step else []) + [1]
+    for T in chunks:
+        k = mx.array(rng.standard_normal((1, 1, T, head_dim)).astype(np.float16))
+        v = mx.array(rng.standard_normal((1, 1, T, head_dim)).astype(np.float16))
+        for c in caches:
+            c.update_and_fetch(k, v)
+            if isinstance(c, TurboQuantRotatingKVCache) or \
+                    (isinstance(c, tq_mlx.TurboQuantKVCache) and (c._core is None or T == 1)):
+                # The ring appends and attends chunk by chunk; a global layer needs one
+                # attention call to build its core (it encodes on append afterwards).
+                Tq = T if isinstance(c, TurboQuantRotatingKVCache) or c._core is None else 1
+                q = mx.array(rng.standard_normal((1, n_q_heads, Tq, head_dim))
+                             .astype(np.float16))
+                c.attend(q, scale=head_dim ** -0.5)
+        mx.eval([c.keys for c in caches if isinstance(c, mlx_cache._BaseCache) and
+                 getattr(c, "keys", None) is not None])
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--tokens", type=int, nargs="+", default=[4096, 32768])
+    ap.add_argument("--bits", type=int, default=3)
+    args = ap.parse_args()
+    cfg = GEMMA3_270M
+    mx.random.seed(0)
+    model = gemma3_text.Model(gemma3_text.ModelArgs.from_dict(cfg))
+    d, hq = cfg["head_dim"], cfg["num_attention_heads"]
+    print(f"Gemma-3-270M shape, {args.bits}-bit keys and values; bytes per layer kind")
+    print(f"{'tokens':>7} {'cache':>16} {'global':>12} {'sliding':>12} {'total':>12} "
+          f"{'ratio':>7}")
+    for n in args.tokens:
+        rng = np.random.default_rng(0)
+        ref = mlx_cache.make_prompt_cache(model)
+        fill(ref, n, hq, d, rng)
+        rng = np.random.default_rng(0)
+        tq = tq_mlx.make_prompt_cache(model, key_bits=args.bits, value_bits=args.bits)
+        assert all(isinstance(c, tq_mlx.TurboQuantKVCache) for c in tq), "a layer left fp16"
+        fill(tq, n, hq, d, rng)
+        rows = {}
+        for name, caches, extra in (("mlx-lm", ref, lambda c: 0), ("turboquant", tq, host_extras)):
+            g = sum(c.nbytes + extra(c) for c in caches if type(c).__name__.find("Rotating") < 0)
+            s = sum(c.nbytes + extra(c) for c in caches if type(c).__name__.find("Rotating") >= 0)
+            rows[name] = (g, s)
+        # sliding=False: the same global layers, mlx-lm's fp16 ring on the sliding ones
+        rows["tq sliding=False"] = (rows["turboquant"][0], rows["mlx-lm"][1])
+        base = sum(rows["mlx-lm"])
+        for name, (g, s) in rows.items():
+            print(f"{n:>7} {name:>16} {g:>12,} {s:>12,} {g + s:>12,} {base / (g + s):>6.2f}x")
+        assert all(c.offset == n for c in tq + ref)
+        ring = [c for c in tq if isinstance(c, TurboQuantRotatingKVCache)]
+        print(f"{'':>7} ring: {len(ring)} layers, {ring[0]._core.size(0)} tokens held "
+              f"(max {ring[0].max_coded_tokens}), {ring[0].evicted_tokens} evicted")
+
+
+if __name__ == "__main__":
+    main()
