@@ -5,6 +5,7 @@ it is shut down at the end."""
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import json
 import os
@@ -40,21 +41,20 @@ def model_dir(tmp_path_factory):
     return save_tiny_model_dir(tmp_path_factory.mktemp("tiny_model"))
 
 
-@pytest.fixture(scope="module")
-def server(model_dir, tmp_path_factory):
+@contextlib.contextmanager
+def running_server(model_dir, log, *args, start_timeout=40):
+    """``python -m turboquant serve`` on a free loopback port; yields its URL."""
     port = free_port()
-    log = tmp_path_factory.mktemp("serve_log") / "server.log"
     env = dict(os.environ, PYTHONPATH=str(ROOT / "python") + os.pathsep +
                os.environ.get("PYTHONPATH", ""))
     with open(log, "wb") as out:
         proc = subprocess.Popen(
             [sys.executable, "-m", "turboquant", "serve", "--model", str(model_dir),
-             "--port", str(port), "--kv-bits", "3", "--max-kv-gb", str(BUDGET / 1e9),
-             "--max-tokens", "12", "--log-level", "WARNING"],
+             "--port", str(port), "--log-level", "WARNING", *args],
             stdout=out, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 40
+        deadline = time.monotonic() + start_timeout
         while True:
             try:
                 with urllib.request.urlopen(url + "/health", timeout=2) as r:
@@ -73,6 +73,14 @@ def server(model_dir, tmp_path_factory):
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+
+
+@pytest.fixture(scope="module")
+def server(model_dir, tmp_path_factory):
+    log = tmp_path_factory.mktemp("serve_log") / "server.log"
+    with running_server(model_dir, log, "--kv-bits", "3", "--max-kv-gb", str(BUDGET / 1e9),
+                        "--max-tokens", "12") as url:
+        yield url
 
 
 def post(url: str, path: str, body: dict, timeout: float = 30) -> dict:
@@ -274,3 +282,19 @@ def test_unsupported_model_fails_at_start_with_a_clear_error(tmp_path, monkeypat
     with pytest.raises(ValueError, match="recurrent state"):
         provider._load(str(tmp_path))
     assert provider.model is None and "recurrent state" in str(provider.load_error)
+
+
+@pytest.mark.slow
+def test_smollm2_chat_over_http(tmp_path):
+    from turboquant.models import smollm2
+
+    model_dir = smollm2()
+    messages = [{"role": "user", "content": "What is the capital of France?"}]
+    with running_server(model_dir, tmp_path / "server.log", start_timeout=120) as url:
+        r = post(url, "/v1/chat/completions", {"messages": messages, "max_tokens": 12,
+                                               "temperature": 0}, timeout=300)
+        info = get(url, "/v1/turboquant")
+    text = r["choices"][0]["message"]["content"]
+    assert "Paris" in text
+    assert text == reference_text(model_dir, None, 12, messages)
+    assert info["compressed_layers"] == info["layers"] == 30 * info["caches_built"]
