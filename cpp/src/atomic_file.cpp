@@ -46,7 +46,8 @@ bool process_alive(long pid) {
 // Temporaries ".<name>.<pid>.<n>.tmp" of `target` whose writer process is gone.
 void remove_stale_temporaries(const fs::path& target) {
   const fs::path dir = target.has_parent_path() ? target.parent_path() : fs::path(".");
-  const std::string prefix = "." + target.filename().string() + ".";
+  std::string prefix(1, '.');  // appends, not "." + s: GCC 12 warns falsely (-Wrestrict) on that
+  prefix.append(target.filename().string()).push_back('.');
   std::error_code ec;
   for (fs::directory_iterator it(dir, ec), end; !ec && it != end; it.increment(ec)) {
     const std::string name = it->path().filename().string();
@@ -72,9 +73,10 @@ void remove_stale_temporaries(const fs::path& target) {
 
 std::string atomic_temp_path(const std::string& path, long pid, unsigned long n) {
   const fs::path p(path);
-  const fs::path name = "." + p.filename().string() + "." + std::to_string(pid) + "." +
-                        std::to_string(n) + ".tmp";
-  return (p.has_parent_path() ? p.parent_path() / name : name).string();
+  std::string name(1, '.');
+  name.append(p.filename().string()).append(".").append(std::to_string(pid));
+  name.append(".").append(std::to_string(n)).append(".tmp");
+  return p.has_parent_path() ? (p.parent_path() / name).string() : name;
 }
 
 void write_file_atomic(const std::string& path, const uint8_t* data, size_t size) {
