@@ -21,7 +21,9 @@ things are swapped in, each through the narrowest seam mlx-lm offers:
   caches' ``nbytes``, which for TurboQuant caches is the compressed size (codes, norms,
   fp16 window/sink rows, page slack and quantizer state), so the same budget holds ~4-5x
   more tokens than fp16 caches. mlx-lm's own ``run`` applies no byte budget on the
-  sequential path; :func:`run` does.
+  sequential path; :func:`run` does. :class:`PromptCacheStore` also keeps every entry's
+  key and its caches' lengths in step (mlx-lm's speculative path stores caches a token
+  short of their key, and a reuse would then resume a token short).
 
 ``GET /v1/turboquant`` (added by :class:`TurboQuantAPIHandler`) reports the KV options, how
 many caches were built with how many compressed layers, and the prompt-cache store's size.
@@ -39,10 +41,12 @@ from collections.abc import Callable
 from typing import Any
 
 from mlx_lm import server as _server
+from mlx_lm.models.cache import can_trim_prompt_cache
 
 from turboquant import mlx_lm as _tq_mlx_lm
 
 __all__ = [
+    "PromptCacheStore",
     "TurboQuantAPIHandler",
     "TurboQuantModelProvider",
     "cache_options",
@@ -142,6 +146,33 @@ class TurboQuantModelProvider(_server.ModelProvider):
         self.is_batchable = False
 
 
+class PromptCacheStore(_server.LRUPromptCache):
+    """mlx-lm's LRU prompt-cache store, with each entry's key and its caches' lengths made
+    to agree on insertion.
+
+    Reuse trims a stored cache by the length of its key, so a cache must hold exactly one
+    position per key token. mlx-lm's speculative path (``--draft-model``) stores caches one
+    token short (the last sampled token is never fed to the models): resumed from such an
+    entry, the model would miss one prompt token. Here the entry is stored under the prefix
+    its caches hold (trimming any cache that holds more); caches that disagree and cannot
+    be trimmed are not stored."""
+
+    def insert_cache(self, model, tokens, prompt_cache, *, cache_type: str = "assistant"):
+        offsets = [getattr(c, "offset", None) for c in prompt_cache]
+        if offsets and all(isinstance(o, int) for o in offsets):
+            n = min(min(offsets), len(tokens))
+            if n != len(tokens) or any(o != n for o in offsets):
+                if any(o != n for o in offsets) and not can_trim_prompt_cache(prompt_cache):
+                    return
+                for c in prompt_cache:
+                    if c.offset > n:
+                        c.trim(c.offset - n)
+                tokens = tokens[:n]
+        if not tokens:
+            return
+        super().insert_cache(model, tokens, prompt_cache, cache_type=cache_type)
+
+
 class TurboQuantAPIHandler(_server.APIHandler):
     """mlx-lm's request handler plus ``GET /v1/turboquant`` (KV options, cache counters,
     prompt-cache store size)."""
@@ -197,9 +228,8 @@ def run(host: str, port: int, cli_args, options: dict, max_kv_bytes: int | None 
     cli_args.prompt_cache_bytes = max_kv_bytes
     install_cache_factory(options)
     provider = TurboQuantModelProvider(cli_args, options)
-    store = _server.LRUPromptCache(cli_args.prompt_cache_size,
-                                   max_bytes=max_kv_bytes if max_kv_bytes is not None
-                                   else 1 << 63)
+    store = PromptCacheStore(cli_args.prompt_cache_size,
+                             max_bytes=max_kv_bytes if max_kv_bytes is not None else 1 << 63)
     gen = _server.ResponseGenerator(provider, store)
     _wait_for_model(provider, gen)
     _log.info("TurboQuant KV caches: %s; prompt-cache budget: %s", options,

@@ -5,6 +5,7 @@ it is shut down at the end."""
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import http.client
 import json
@@ -222,6 +223,30 @@ def test_openai_client(server):
     stopped = client.completions.create(model="default_model", prompt=PROMPT, max_tokens=6,
                                         temperature=0, stop=[plain.choices[0].text[2:4]])
     assert stopped.choices[0].finish_reason == "stop"
+
+
+def test_concurrent_requests_are_all_served(server):
+    body = {"prompt": PROMPT, "max_tokens": 6, "temperature": 0}
+    expected = post(server, "/v1/completions", body)["choices"][0]["text"]
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        texts = list(pool.map(lambda _: post(server, "/v1/completions", body)["choices"][0]
+                              ["text"], range(4)))
+    assert texts == [expected] * 4
+
+
+def test_speculative_decoding_with_a_draft_model(model_dir, tmp_path):
+    """mlx-lm's --draft-model: the draft's caches are TurboQuant caches too (trimmed when
+    draft tokens are rejected); greedy output equals plain generation."""
+    draft = save_tiny_model_dir(tmp_path / "draft", seed=1)
+    body = {"prompt": PROMPT, "max_tokens": 10, "temperature": 0}
+    with running_server(model_dir, tmp_path / "server.log", "--draft-model", str(draft),
+                        "--num-draft-tokens", "3") as url:
+        # the second and third through the prompt-cache store (PromptCacheStore keeps the
+        # entries' keys and cache lengths in step; mlx-lm's own store resumes a token short)
+        texts = [post(url, "/v1/completions", body)["choices"][0]["text"] for _ in range(3)]
+        info = get(url, "/v1/turboquant")
+    assert texts == [reference_text(model_dir, PROMPT, 10)] * 3
+    assert info["compressed_layers"] == info["layers"] > 0
 
 
 # -- options (in-process) ------------------------------------------------------------------

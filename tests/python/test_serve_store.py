@@ -91,3 +91,24 @@ def test_prefix_reuse_hands_out_trimmed_independent_copies(window):
         else:
             assert a @ b / np.linalg.norm(a) / np.linalg.norm(b) > 0.99
     assert copy.deepcopy(got[0]).nbytes == got[0].nbytes
+
+
+def test_store_keys_agree_with_the_cache_lengths():
+    """A speculative-decoding entry holds one token less than its key: it is stored under
+    the prefix it holds, so a reuse resumes with the right token."""
+    from turboquant.serve import PromptCacheStore
+
+    T = 40
+    caches = filled(lambda i: TurboQuantKVCache(3, 3, layer=i), T - 1, layers=2)
+    store = PromptCacheStore()
+    tokens = list(range(T))  # the last token was sampled but never fed to the model
+    store.insert_cache("model", tokens, caches)
+    got, rest = store.fetch_nearest_cache("model", tokens[:30] + [777])
+    assert rest == [777] and [c.offset for c in got] == [30, 30]
+    got, rest = store.fetch_nearest_cache("model", tokens)
+    assert rest == [T - 1] and [c.offset for c in got] == [T - 1, T - 1]
+    mlx_store = LRUPromptCache()  # mlx-lm's store would resume a token short
+    mlx_store.insert_cache("model", tokens, filled(lambda i: TurboQuantKVCache(3, 3, layer=i),
+                                                   T - 1, layers=2))
+    got, rest = mlx_store.fetch_nearest_cache("model", tokens[:30] + [777])
+    assert rest == [777] and [c.offset for c in got] == [29, 29]
