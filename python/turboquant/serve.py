@@ -138,6 +138,8 @@ class TurboQuantModelProvider(_server.ModelProvider):
             # Builds caches for this model: refuses MLA / SSM / custom-attention models and
             # options the model cannot take (e.g. a profile for another layer count).
             _tq_mlx_lm.make_prompt_cache(self.model, **self.cache_options)
+            if self.draft_model is not None:
+                _tq_mlx_lm.make_prompt_cache(self.draft_model, **self.cache_options)
         except Exception as e:
             self.load_error = e
             self.reset()
@@ -174,8 +176,9 @@ class PromptCacheStore(_server.LRUPromptCache):
 
 
 class TurboQuantAPIHandler(_server.APIHandler):
-    """mlx-lm's request handler plus ``GET /v1/turboquant`` (KV options, cache counters,
-    prompt-cache store size)."""
+    """mlx-lm's request handler plus ``GET /v1/turboquant``: KV options, prompt-cache store
+    size and budget, and counters of the caches built through the factory (mlx-lm's
+    load-time batchability probe included) and of their compressed layers."""
 
     def do_GET(self):
         if self.path.rstrip("/") == "/v1/turboquant":
