@@ -165,6 +165,21 @@ def kill_rounds(kind: str, rounds: int, tmp_path: Path, max_delay: float) -> int
     return complete
 
 
+def test_core_save_replaces_the_file_by_rename(tmp_path):
+    """KVCache.save (C++) publishes a new file (a new inode) instead of truncating the old."""
+    from turboquant import _core
+
+    kv = _core.KVCache(16, n_layers=1, key_bits=3, value_bits=3)
+    target = tmp_path / "c.tqkv"
+    target.write_bytes(b"old")
+    inode = target.stat().st_ino
+    kv.save(str(target))
+    assert target.stat().st_ino != inode, (
+        "KVCache.save rewrote the file in place: this turboquant._core was built without "
+        "the crash-safe save (cpp/src/atomic_file.cpp); rebuild the extension")
+    assert sorted(os.listdir(tmp_path)) == ["c.tqkv"]
+
+
 def test_killed_core_saves_leave_a_complete_version_or_nothing(tmp_path):
     t0 = time.monotonic()
     complete = kill_rounds("core", 14, tmp_path, max_delay=0.2)
