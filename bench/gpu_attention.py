@@ -19,6 +19,7 @@ import numpy as np
 
 from gpu_common import copy_bandwidth_gbps, machine, timed
 from turboquant import metal
+from turboquant._atomic import atomic_write
 from turboquant.mlx_metal import MetalCodeStore, ReferenceKernels
 
 
@@ -95,7 +96,8 @@ def main(argv=None) -> int:
               iters=a.iters)
     if a.out:
         a.out.parent.mkdir(parents=True, exist_ok=True)
-        a.out.write_text(json.dumps(res, indent=1))
+        with atomic_write(a.out, "w") as f:
+            f.write(json.dumps(res, indent=1))
         print(f"wrote {a.out}")
     return 0
 

@@ -21,6 +21,7 @@ from mlx_lm.models import cache as mlx_cache
 from mlx_lm.models import llama
 
 from gpu_common import machine
+from turboquant._atomic import atomic_write
 from turboquant.mlx_lm import make_prompt_cache
 
 SHAPES = {
@@ -112,7 +113,8 @@ def main(argv=None) -> int:
     res = dict(machine=machine(), shape=a.shape, config=SHAPES[a.shape], rows=rows)
     if a.out:
         a.out.parent.mkdir(parents=True, exist_ok=True)
-        a.out.write_text(json.dumps(res, indent=1))
+        with atomic_write(a.out, "w") as f:
+            f.write(json.dumps(res, indent=1))
         print(f"wrote {a.out}")
     return 0
 

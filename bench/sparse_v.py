@@ -34,6 +34,7 @@ import numpy as np
 
 import turboquant as tq
 from turboquant import _core
+from turboquant._atomic import atomic_write
 
 TEXT = "/usr/share/common-licenses/GPL-3"
 PAGE = 256  # block_tokens of the caches built here (the core's default)
@@ -295,7 +296,9 @@ def main() -> None:
                 print(f"captured SmolLM2 decode step after {args.tokens} tokens of {args.text} "
                       f"in {time.perf_counter() - t0:.0f} s")
                 if args.capture:
-                    np.savez(args.capture, q=q, k=k, v=v)
+                    out = args.capture if args.capture.endswith(".npz") else args.capture + ".npz"
+                    with atomic_write(out) as f:  # np.savez's own name rule, crash-safe
+                        np.savez(f, q=q, k=k, v=v)
             run_workload("smollm2 real", q, k, v, args.bits, thresholds, args.repeats)
             if args.what_if:
                 skipped_mass_study(q, k, v, thresholds)

@@ -6,6 +6,7 @@
 #include <cstring>
 #include <fstream>
 
+#include "turboquant/atomic_file.h"
 #include "turboquant/error.h"
 #include "turboquant/kv_cache.h"
 #include "turboquant/packing.h"
@@ -730,11 +731,7 @@ std::unique_ptr<KVCache> deserialize_cache(const uint8_t* data, size_t size) {
 
 void KVCache::save(const std::string& path, bool legacy) const {
   const auto bytes = serialize_cache(*this, legacy);
-  std::ofstream f(path, std::ios::binary | std::ios::trunc);
-  TQ_CHECK(f.good(), InvalidArgument, "cannot open '", path, "' for writing");
-  f.write(reinterpret_cast<const char*>(bytes.data()), static_cast<std::streamsize>(bytes.size()));
-  f.close();
-  TQ_CHECK(!f.fail(), InvalidArgument, "writing '", path, "' failed");
+  write_file_atomic(path, bytes.data(), bytes.size());  // a killed save never leaves a prefix
 }
 
 std::unique_ptr<KVCache> KVCache::load(const std::string& path) {

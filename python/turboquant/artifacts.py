@@ -27,6 +27,8 @@ from pathlib import Path
 
 import numpy as np
 
+from turboquant._atomic import atomic_write
+
 
 @dataclasses.dataclass(frozen=True)
 class ArtifactKey:
@@ -149,13 +151,11 @@ class NpyArtifactStore(ArtifactStore):
             buf = io.BytesIO()
             np.save(buf, a, allow_pickle=False)
             data = buf.getvalue()
-            tmp = d / (name.replace("/", "__") + ".tmp.npy")
-            tmp.write_bytes(data)
-            os.replace(tmp, d / (name.replace("/", "__") + ".npy"))
+            with atomic_write(d / (name.replace("/", "__") + ".npy")) as f:
+                f.write(data)
             manifest["arrays"][name] = {"sha256": hashlib.sha256(data).hexdigest(), "shape": list(a.shape)}
-        tmp = d / (_MANIFEST + ".tmp")
-        tmp.write_text(json.dumps(manifest, indent=1, sort_keys=True))
-        os.replace(tmp, d / _MANIFEST)
+        with atomic_write(d / _MANIFEST, "w") as f:  # last: the entry exists once it is complete
+            f.write(json.dumps(manifest, indent=1, sort_keys=True))
 
 
 # Each entry directory has a MANIFEST.json naming its arrays with their SHA-256 and shape, so

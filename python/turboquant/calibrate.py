@@ -474,6 +474,8 @@ def reallocate(profile, budget: float, exact: bool = True) -> dict:
 
 
 def save(profile: dict, path: str) -> None:
-    with open(path, "w", encoding="utf-8") as f:
+    from turboquant._atomic import atomic_write
+
+    with atomic_write(path, "w") as f:
         json.dump(profile, f, indent=1)
         f.write("\n")

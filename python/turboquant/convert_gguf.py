@@ -14,6 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
+from turboquant._atomic import atomic_path, atomic_write
+
 # GGUF architectures this converter knows, with the mlx-lm model_type they become.
 # Each is a Llama-style decoder whose Q/K rows llama.cpp permutes for RoPE.
 SUPPORTED_ARCHITECTURES = {"llama": "llama", "mistral": "llama"}
@@ -213,9 +215,12 @@ def convert_gguf(gguf_path: str | Path, out_dir: str | Path, dtype: str = "float
             f"found {len(weights)}")
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    save_file(weights, str(out_dir / "model.safetensors"), metadata={"format": "mlx"})
-    (out_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-    tok.save(str(out_dir / "tokenizer.json"))
+    with atomic_path(out_dir / "model.safetensors") as tmp:
+        save_file(weights, str(tmp), metadata={"format": "mlx"})
+    with atomic_write(out_dir / "config.json", "w") as f:
+        f.write(json.dumps(config, indent=2) + "\n")
+    with atomic_path(out_dir / "tokenizer.json") as tmp:
+        tok.save(str(tmp))
     tok_config = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length":
                   config["max_position_embeddings"], "clean_up_tokenization_spaces": False}
     for key, field in (("bos_token", "bos_token_id"), ("eos_token", "eos_token_id")):
@@ -227,7 +232,8 @@ def convert_gguf(gguf_path: str | Path, out_dir: str | Path, dtype: str = "float
     template = _field(reader, "tokenizer.chat_template")
     if template:
         tok_config["chat_template"] = template
-    (out_dir / "tokenizer_config.json").write_text(json.dumps(tok_config, indent=2) + "\n")
+    with atomic_write(out_dir / "tokenizer_config.json", "w") as f:
+        f.write(json.dumps(tok_config, indent=2) + "\n")
     return out_dir
 
 

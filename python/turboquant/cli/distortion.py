@@ -128,7 +128,10 @@ def plot(rows: list[dict], bits: list[int], path: str) -> None:
     axes[1].set_title("inner-product error variance")
     axes[1].legend(fontsize=6, ncol=2)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    from turboquant._atomic import atomic_path
+
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=120)
 
 
 COMPARE = (("turboquant_mse", 3), ("turboquant_prod", 3), ("turboquant_mse", 2), ("turboquant_prod", 2),

@@ -1,0 +1,71 @@
+"""``python -m turboquant serve``: mlx-lm's OpenAI-compatible server with TurboQuant caches."""
+
+from __future__ import annotations
+
+import argparse
+
+HELP = "serve a model over an OpenAI-compatible HTTP API (mlx-lm's server), KV cache compressed"
+
+EPILOG = ("Every other option is mlx-lm's server option, passed through unchanged "
+          "(see `mlx_lm.server --help`: --temp, --max-tokens, --prompt-cache-size, "
+          "--chat-template, ...). mlx-lm's own --kv-bits quantization is replaced by "
+          "TurboQuant's. Requests are served one at a time (no batching yet).")
+
+
+def _gigabytes(s: str) -> float:
+    try:
+        v = float(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of gigabytes, got {s!r}") from None
+    if not v > 0:
+        raise argparse.ArgumentTypeError(f"--max-kv-gb must be > 0, got {s!r}")
+    return v
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.epilog = EPILOG
+    p.add_argument("--model", required=True, help="mlx-lm model directory (or Hugging Face repo)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8080, help="port (default 8080)")
+    p.add_argument("--kv-preset", default=None,
+                   help="named KV-cache configuration of make_prompt_cache (when available)")
+    p.add_argument("--kv-bits", type=int, default=None,
+                   help="bits for keys and values (default 3 without a preset)")
+    p.add_argument("--kv-key-bits", type=int, default=None, help="override bits for keys")
+    p.add_argument("--kv-value-bits", type=int, default=None, help="override bits for values")
+    p.add_argument("--kv-method", default=None, help="quantizer method (default turboquant_mse)")
+    p.add_argument("--fp16-window", type=int, default=None,
+                   help="recent tokens per layer kept in fp16 (default 16 without a preset)")
+    p.add_argument("--fp16-sinks", type=int, default=None,
+                   help="first tokens per layer kept in fp16 (default 4 without a preset)")
+    p.add_argument("--kv-profile", default=None,
+                   help="per-layer bits from `python -m turboquant calibrate`")
+    p.add_argument("--max-kv-gb", type=_gigabytes, default=None,
+                   help="budget of the prompt-cache store in GB (1e9 bytes), counted in "
+                        "compressed bytes; least recently used entries are evicted")
+    p.set_defaults(passthrough=[])
+
+
+def options_from_args(args: argparse.Namespace) -> dict:
+    from turboquant.serve import cache_options
+
+    window, sinks = args.fp16_window, args.fp16_sinks
+    if args.kv_preset is None:
+        window = 16 if window is None else window
+        sinks = 4 if sinks is None else sinks
+    return cache_options(kv_bits=args.kv_bits, key_bits=args.kv_key_bits,
+                         value_bits=args.kv_value_bits, preset=args.kv_preset,
+                         method=args.kv_method, fp16_window=window, fp16_sinks=sinks,
+                         profile=args.kv_profile)
+
+
+def run(args: argparse.Namespace) -> int:
+    from turboquant import serve
+
+    try:
+        options = options_from_args(args)
+    except ValueError as e:
+        raise SystemExit(f"serve: {e}") from None
+    max_bytes = None if args.max_kv_gb is None else int(args.max_kv_gb * 1e9)
+    passthrough = ["--host", args.host, "--port", str(args.port), *args.passthrough]
+    return serve.main(args.model, passthrough, options, max_bytes)

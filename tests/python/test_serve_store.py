@@ -1,0 +1,114 @@
+"""The server's prompt-cache store (mlx-lm's LRUPromptCache) holding TurboQuant caches:
+byte accounting by the compressed size, longest-prefix reuse through trimmed copies."""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+
+mx = pytest.importorskip("mlx.core")
+pytest.importorskip("mlx_lm")
+
+from mlx_lm.models.cache import KVCache, LRUPromptCache
+from turboquant.mlx_lm import TurboQuantKVCache
+
+# SmolLM2-135M's attention: 9 query heads over 3 KV heads of head_dim 64 (in 30 layers; the
+# ratio is the same for any number of layers, so a few are enough).
+LAYERS, HQ, HKV, D = 4, 9, 3, 64
+
+
+def kv(T, seed):
+    rng = np.random.default_rng(seed)
+    k = rng.standard_normal((1, HKV, T, D)).astype(np.float16)
+    v = rng.standard_normal((1, HKV, T, D)).astype(np.float16)
+    return mx.array(k), mx.array(v)
+
+
+def filled(make, T, layers=LAYERS):
+    """A prompt cache of ``layers`` layers holding T tokens (fp16 K/V of SmolLM2's shape)."""
+    caches = []
+    for i in range(layers):
+        c = make(i)
+        k, v = kv(T, i)
+        c.update_and_fetch(k, v)
+        if isinstance(c, TurboQuantKVCache):
+            c.attend(mx.zeros((1, HQ, 1, D), mx.float16), scale=D ** -0.5)  # builds the core
+        caches.append(c)
+    return caches
+
+
+def tokens_held(caches, T, budget, entries=200):
+    """Tokens an LRU store with a ``budget`` of bytes keeps of ``entries`` distinct prompts."""
+    store = LRUPromptCache(max_size=entries, max_bytes=budget)
+    for i in range(entries):
+        store.insert_cache("model", [1000 + i] + list(range(T - 1)), caches)
+    assert store.nbytes <= budget
+    return len(store) * T
+
+
+@pytest.mark.parametrize("window", [0, 16])
+def test_budget_holds_four_times_more_tokens_than_fp16(window):
+    T = 1000 if window == 0 else 2048  # the fp16 window and sinks are a fixed cost per layer
+    fp16 = filled(lambda i: KVCache(), T)
+    ours = filled(lambda i: TurboQuantKVCache(3, 3, layer=i, fp16_window=window,
+                                              fp16_sinks=4 if window else 0), T)
+    assert sum(c.nbytes for c in ours) == sum(c._core.memory_bytes() for c in ours) + \
+        sum(c._k_mean.nbytes + c._v_mean.nbytes + c._perm.nbytes for c in ours)
+    budget = 10 * sum(c.nbytes for c in fp16)
+    held_fp16 = tokens_held(fp16, T, budget)
+    held_ours = tokens_held(ours, T, budget)
+    assert held_fp16 == 10 * T
+    assert held_ours >= 4 * held_fp16, (held_ours, held_fp16)
+
+
+@pytest.mark.parametrize("window", [0, 16])
+def test_prefix_reuse_hands_out_trimmed_independent_copies(window):
+    T, P = 300, 200
+    stored = filled(lambda i: TurboQuantKVCache(3, 3, layer=i, fp16_window=window,
+                                                fp16_sinks=4 if window else 0), T, layers=2)
+    store = LRUPromptCache()
+    tokens = list(range(T))
+    store.insert_cache("model", tokens, stored)
+    before = [c._core.to_bytes() for c in stored]
+    # A prompt sharing P tokens with the stored one: a copy trimmed to the common prefix.
+    got, rest = store.fetch_nearest_cache("model", tokens[:P] + [9999, 9998])
+    assert rest == [9999, 9998] and [c.offset for c in got] == [P, P]
+    assert [c._core.size(0) for c in got] == [P, P]
+    assert [c._core.to_bytes() for c in stored] == before  # the stored entry is untouched
+    # Re-appending the trimmed tokens gives the stored attention back: exactly for plain code
+    # pages; with an fp16 window the trimmed window tokens that had been flushed stay codes.
+    q = mx.array(np.random.default_rng(7).standard_normal((1, HQ, 1, D)).astype(np.float16))
+    for i, c in enumerate(got):
+        k, v = kv(T, i)
+        c.update_and_fetch(k[:, :, P:], v[:, :, P:])
+        a = np.array(c.attend(q, scale=D ** -0.5), dtype=np.float32).ravel()
+        b = np.array(stored[i].attend(q, scale=D ** -0.5), dtype=np.float32).ravel()
+        if window == 0:
+            assert c._core.to_bytes() == stored[i]._core.to_bytes()
+            np.testing.assert_array_equal(a, b)
+        else:
+            assert a @ b / np.linalg.norm(a) / np.linalg.norm(b) > 0.99
+    assert copy.deepcopy(got[0]).nbytes == got[0].nbytes
+
+
+def test_store_keys_agree_with_the_cache_lengths():
+    """A speculative-decoding entry holds one token less than its key: it is stored under
+    the prefix it holds, so a reuse resumes with the right token."""
+    from turboquant.serve import PromptCacheStore
+
+    T = 40
+    caches = filled(lambda i: TurboQuantKVCache(3, 3, layer=i), T - 1, layers=2)
+    store = PromptCacheStore()
+    tokens = list(range(T))  # the last token was sampled but never fed to the model
+    store.insert_cache("model", tokens, caches)
+    got, rest = store.fetch_nearest_cache("model", tokens[:30] + [777])
+    assert rest == [777] and [c.offset for c in got] == [30, 30]
+    got, rest = store.fetch_nearest_cache("model", tokens)
+    assert rest == [T - 1] and [c.offset for c in got] == [T - 1, T - 1]
+    mlx_store = LRUPromptCache()  # mlx-lm's store would resume a token short
+    mlx_store.insert_cache("model", tokens, filled(lambda i: TurboQuantKVCache(3, 3, layer=i),
+                                                   T - 1, layers=2))
+    got, rest = mlx_store.fetch_nearest_cache("model", tokens[:30] + [777])
+    assert rest == [777] and [c.offset for c in got] == [29, 29]
