@@ -179,7 +179,8 @@ def _swa_period(pattern, n_layers: int) -> int:
         return pattern
     flags = [bool(f) for f in pattern]
     period = flags.index(False) + 1 if False in flags else 0
-    if not period or len(flags) != n_layers or any(f != ((i + 1) % period != 0) for i, f in enumerate(flags)):
+    expected = [(i + 1) % period != 0 for i in range(n_layers)] if period else None
+    if flags != expected:
         raise GGUFConversionError(
             f"sliding_window_pattern {[int(f) for f in flags]} is not one global layer after "
             "every N-1 sliding-window layers, the only layout mlx-lm's gemma3_text has")
@@ -280,7 +281,7 @@ def _bpe_pre_tokenizer(pre: str):
             [pre_tokenizers.Digits(individual_digits=True), byte_level])
     if pre in ("default", "gpt2", "gpt-2"):
         return byte_level
-    regex = {"llama-bpe": _LLAMA3_SPLIT, "llama3": _LLAMA3_SPLIT, "qwen2": _QWEN2_SPLIT}.get(pre)
+    regex = {"llama-bpe": _LLAMA3_SPLIT, "qwen2": _QWEN2_SPLIT}.get(pre)
     if regex is None:
         raise GGUFConversionError(
             f"BPE pre-tokenizer {pre!r} (tokenizer.ggml.pre) is not supported (supported: "

@@ -435,6 +435,13 @@ def test_bpe_pre_tokenizers(tmp_path, pre):
     write_gguf(model, tmp_path / "m.gguf", arch="qwen2", tokenizer=vocab)
     _, tok = load(str(convert_gguf(tmp_path / "m.gguf", tmp_path / "out")))
     assert tok.encode("!\"#", add_special_tokens=False) == [2, 3, 4]
+    # Qwen2 splits numbers into digits, Llama 3 into groups of up to three
+    from turboquant.convert_gguf import build_tokenizer
+
+    words = build_tokenizer(gguf.GGUFReader(str(tmp_path / "m.gguf")))[0].pre_tokenizer
+    words = [w for w, _ in words.pre_tokenize_str("I'm 12345 ok")]
+    digits = ["1", "2", "3", "4", "5"] if pre == "qwen2" else ["123", "45"]
+    assert words == ["I", "'m", "\u0120", *digits, "\u0120ok"], words
 
 
 def test_refuses_unknown_tokenizers(tmp_path):
