@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import argparse
 
-HELP = "convert a GGUF model (Llama family) into an mlx-lm directory (safetensors + tokenizer)"
+HELP = ("convert a GGUF model (llama, mistral, qwen2, qwen3, gemma3) into an mlx-lm directory "
+        "(safetensors + tokenizer)")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
