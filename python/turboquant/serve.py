@@ -8,8 +8,8 @@ things are swapped in, each through the narrowest seam mlx-lm offers:
   module-level ``make_prompt_cache(model)`` (``ResponseGenerator._serve_single``, and the
   batchability probe of ``ModelProvider._load``). :func:`install_cache_factory` points that
   one name at :func:`turboquant.mlx_lm.make_prompt_cache` with the server's KV options, so
-  every full-attention layer gets a :class:`~turboquant.mlx_lm.TurboQuantKVCache`
-  (sliding-window layers keep mlx-lm's bounded fp16 cache).
+  every full-attention layer gets a :class:`~turboquant.mlx_lm.TurboQuantKVCache` and
+  every sliding-window layer a :class:`~turboquant.mlx_rotating.TurboQuantRotatingKVCache`.
 - **The model provider.** :class:`TurboQuantModelProvider` checks at load time that the
   model can run on TurboQuant caches (a clear error instead of a failed first request) and
   marks it not batchable: mlx-lm's ``BatchGenerator`` merges per-request caches into one
