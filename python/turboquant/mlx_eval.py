@@ -57,7 +57,7 @@ class Setting:
     preset: str | None = None  # a named recipe (turboquant.presets), else the options above
 
     @staticmethod
-    def from_preset(name: str) -> "Setting":
+    def from_preset(name: str) -> Setting:
         """The setting of preset ``name`` (turboquant.presets), every option spelled out."""
         p = presets.get(name)
         return Setting(p.name, "turboquant", p.key_bits, p.value_bits, method=p.method,

@@ -17,6 +17,8 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
+import numpy as np
+
 
 @dataclass(frozen=True)
 class Preset:
@@ -78,7 +80,7 @@ class Preset:
 
 # The recommended recipe at any bits: 4 fp16 sink tokens and a 64-token fp16 window around
 # the codes (centring, norm correction and the key split on).
-_RECIPE = dict(fp16_sinks=4, fp16_window=64)
+_RECIPE = {"fp16_sinks": 4, "fp16_window": 64}
 
 PRESETS: dict[str, Preset] = {p.name: p for p in (
     Preset("tq4", "4-bit codes, 4 fp16 sinks, 64-token fp16 window", 4, 4, **_RECIPE),
@@ -156,22 +158,25 @@ def describe(p: Preset) -> list[str]:
              f"{p.key_bits - 1} ({p.split_angle_bits}-bit part angle)"
              if p.key_split and 2 <= p.key_bits <= 7 else "off")
     mixed = "off"
+    block = p.block_tokens or (16 if p.mixed_bits else 32)
     if p.mixed_bits:
-        mixed = (f"the most attended {p.mixed_keep:g} of each flush group at the key/value "
-                 f"bits, the rest at {p.mixed_bits} bits")
+        from turboquant.mlx_lm import mixed_blocks
+
+        group = mixed_blocks(p.mixed_keep)[0] * block
+        mixed = (f"the most attended {100 * p.mixed_keep:g}% of each {group}-token flush group "
+                 f"at the key/value bits, the rest at {p.mixed_bits} bits")
     lines = [
         f"preset:          {p.name}: {p.summary}",
         f"eval setting:    {p.spec()}",
         f"keys:            {p.method}, {p.key_bits} bits",
         f"values:          {p.method}, {p.value_bits} bits",
-        f"average code bits: {p.code_bits():g}",
+        f"code bits:       {p.code_bits():g} on average per K/V coordinate",
         f"key split:       {split}",
         f"centring:        {'on' if p.center else 'off'}",
         f"norm correction: {'on' if p.debias else 'off'}",
         f"fp16 sinks:      {p.fp16_sinks} tokens per layer",
         f"fp16 window:     {p.fp16_window} tokens per layer"
-        + (f" (flushed into codes {p.block_tokens or (16 if p.mixed_bits else 32)} tokens "
-           "at a time)" if p.fp16_window else ""),
+        + (f" (flushed into codes {block} tokens at a time)" if p.fp16_window else ""),
         f"mixed precision: {mixed}",
         "temporal decay:  " + (f"to {p.decay_bits} bits after {p.decay_after} tokens"
                                 if p.decay_after else "off"),
@@ -180,3 +185,57 @@ def describe(p: Preset) -> list[str]:
             f"{k}={v!r}" for k, v in p.cache_kwargs().items()) + ")",
     ]
     return lines
+
+
+# Model shapes for ``info --preset``: (layers, query heads, KV heads, head_dim).
+SHAPES = {
+    "smollm2-135m": (30, 9, 3, 64),
+    "llama-3.1-8b": (32, 32, 8, 128),
+}
+
+
+def parse_shape(s: str) -> tuple[str, tuple[int, int, int, int]]:
+    """A name of ``SHAPES`` or ``LAYERS,Q_HEADS,KV_HEADS,HEAD_DIM``."""
+    if s in SHAPES:
+        return s, SHAPES[s]
+    try:
+        dims = tuple(int(x) for x in s.split(","))
+    except ValueError:
+        dims = ()
+    if len(dims) != 4 or min(dims) < 1 or dims[1] % dims[2]:
+        raise ValueError(f"unknown model shape {s!r}: a name ({', '.join(SHAPES)}) or "
+                         "LAYERS,Q_HEADS,KV_HEADS,HEAD_DIM with Q_HEADS a multiple of KV_HEADS")
+    return s, dims
+
+
+def memory_bytes(p: Preset, shape: tuple[int, int, int, int], tokens: int,
+                 chunk: int = 2048, seed: int = 0) -> int:
+    """Bytes of a whole model's cache with preset ``p`` holding ``tokens`` tokens, counted by
+    the cache itself (``TurboQuantKVCache.nbytes``: codes, norms, part angles, rotations,
+    fp16 sinks and window, mixed-precision masks, page slack). One layer is filled with
+    Gaussian K/V the way generation fills it: a prompt of ``tokens - 1`` tokens in
+    ``chunk``-token steps (mlx-lm's prefill step), then one decode step, each followed by
+    one attention query (which rates the tokens for mixed precision); every layer of a
+    model holds the same configuration, so the layer's bytes count ``layers`` times."""
+    import mlx.core as mx
+
+    from turboquant.mlx_lm import TurboQuantKVCache
+
+    layers, n_q, n_kv, d = shape
+    if tokens < 2:
+        raise ValueError(f"tokens must be >= 2 (a prompt and one decode step), got {tokens}")
+    cache = TurboQuantKVCache(layer=0, seed=seed, rope_pairs="half", **p.cache_kwargs())
+    rng = np.random.default_rng(seed)
+    steps = [min(chunk, tokens - 1 - i) for i in range(0, tokens - 1, chunk)] + [1]
+    for t in steps:
+        k = mx.array(rng.standard_normal((1, n_kv, t, d), dtype=np.float32))
+        v = mx.array(rng.standard_normal((1, n_kv, t, d), dtype=np.float32))
+        cache.update_and_fetch(k, v)
+        q = mx.array(rng.standard_normal((1, n_q, 1, d), dtype=np.float32))
+        mx.eval(cache.attend(q, scale=d ** -0.5))
+    return layers * int(cache.nbytes)
+
+
+def fp16_bytes(shape: tuple[int, int, int, int], tokens: int) -> int:
+    layers, _, n_kv, d = shape
+    return 2 * 2 * layers * n_kv * d * tokens

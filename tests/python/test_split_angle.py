@@ -99,7 +99,7 @@ def test_mlx_lm_cache_uses_the_8_bit_angle_and_its_prompt_cache_roundtrips(tmp_p
 
     model = tiny_model("llama")
     tokens = np.random.default_rng(6).integers(0, 128, 40).tolist()
-    cache = tq_mlx.make_prompt_cache(model, key_bits=3, value_bits=3, seed=2)
+    cache = tq_mlx.make_prompt_cache(model, preset="codes-only", key_bits=3, value_bits=3, seed=2)
     model(mx.array(tokens[:35])[None], cache=cache)
     assert all(c._core.n_outlier_channels > 0 and c._core.split_angle_bits == 8 for c in cache)
     path = str(tmp_path / "p.safetensors")
@@ -139,10 +139,11 @@ def test_mlx_lm_cache_sixteen_bit_prompt_cache_keeps_its_angle(tmp_path):
 
     model = tiny_model("llama")
     tokens = np.random.default_rng(7).integers(0, 128, 30).tolist()
-    cache = tq_mlx.make_prompt_cache(model, key_bits=3, value_bits=3, seed=2, split_angle_bits=16)
+    cache = tq_mlx.make_prompt_cache(model, preset="codes-only",
+                                     key_bits=3, value_bits=3, seed=2, split_angle_bits=16)
     model(mx.array(tokens)[None], cache=cache)
     assert all(c._core.split_angle_bits == 16 for c in cache)
-    eight = tq_mlx.make_prompt_cache(model, key_bits=3, value_bits=3, seed=2)
+    eight = tq_mlx.make_prompt_cache(model, preset="codes-only", key_bits=3, value_bits=3, seed=2)
     model(mx.array(tokens)[None], cache=eight)
     assert sum(c.nbytes for c in cache) > sum(c.nbytes for c in eight)
     path = str(tmp_path / "p16.safetensors")
