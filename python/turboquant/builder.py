@@ -18,6 +18,8 @@ Mapping of the mlx-kv-quant arguments onto the C++ cache:
   per-vector part angle (8 by default; 16 is the layout of cache files before version 4).
 - ``with_precision(dtype)``: the dtype of ``attend()`` output (float16/float32, NumPy or
   mlx; mlx bfloat16 too); storage is always codes + fp16 norms.
+- ``with_preset(name)``: a named recipe of turboquant.presets (``tq3``, ``tq3-mixed``, ...),
+  as far as a cache of raw vectors holds it; later ``with_*`` calls override it.
 """
 
 from __future__ import annotations

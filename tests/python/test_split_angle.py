@@ -154,7 +154,7 @@ def test_mlx_lm_cache_sixteen_bit_prompt_cache_keeps_its_angle(tmp_path):
 
 def test_smollm2_shape_3bit_window_memory():
     """The README's memory figures for the mlx-lm 3-bit setting with 4 fp16 sinks and an
-    fp16 window (`generate`'s default, `3+s4+w16`): a SmolLM2-shaped layer (head_dim 64,
+    fp16 window (`generate`'s former default, `3+s4+w16`): a SmolLM2-shaped layer (head_dim 64,
     3 KV heads, the key split as make_prompt_cache builds it: 32 channels at 4 bits, 32 at
     2, 8-bit part angle; 3-bit values; norm correction; 32-token pages) is more than 4.5x
     smaller than fp16 K/V at every flush phase between 4096 and 4160 tokens with a 16-token
