@@ -19,6 +19,8 @@ Mapping of the mlx-kv-quant arguments onto the C++ cache:
   per-vector part angle (8 by default; 16 is the layout of cache files before version 4).
 - ``with_precision(dtype)``: the dtype of ``attend()`` output (float16/float32, NumPy or
   mlx; mlx bfloat16 too); storage is always codes + fp16 norms.
+- ``with_preset(name)``: a named recipe of turboquant.presets (``tq3``, ``tq3-mixed``, ...),
+  as far as a cache of raw vectors holds it; later ``with_*`` calls override it.
 """
 
 from __future__ import annotations
@@ -81,6 +83,7 @@ class KVCacheBuilder:
         self._mixed = (0, 0)  # (group blocks, kept blocks); low width in _decay_bits
         self._sparse_v = 0.0
         self._max_tokens = 0
+        self._norm_correction = False
 
     # --- mlx-kv-quant ----------------------------------------------------------------------
     def with_method(self, method: str) -> KVCacheBuilder:
@@ -204,6 +207,42 @@ class KVCacheBuilder:
         self._sparse_v = threshold
         return self
 
+    def with_norm_correction(self, on: bool = True) -> KVCacheBuilder:
+        """Store each vector's norm divided by its decoded unit vector's norm, so decoded keys
+        and values keep their norms (turboquant_mse keys and values; same bytes)."""
+        self._norm_correction = bool(on)
+        return self
+
+    def with_preset(self, name: str) -> KVCacheBuilder:
+        """The settings of a named recipe (turboquant.presets: tq4, tq3, tq3-mixed, tq2.5,
+        tq2, codes-only) that a cache of raw vectors can hold: key/value bits and method,
+        norm correction, fp16 sinks and window with their flush block, mixed precision,
+        decay, sparse V. Later with_* calls override them. Centring and the key split over
+        RoPE pairs need the model's queries and RoPE layout: the mlx-lm cache
+        (``make_prompt_cache(model, preset=name)``) applies them."""
+        from turboquant import presets
+        from turboquant.mlx_lm import mixed_blocks
+
+        p = presets.get(name)
+        self._method, self._value_method = p.method, None
+        self._key_bits, self._value_bits = p.key_bits, p.value_bits
+        self._inlier = self._outlier = None
+        self._norm_correction = p.debias
+        self._fp16_sinks, self._fp16_window = p.fp16_sinks, p.fp16_window
+        self._decay_after, self._decay_bits = p.decay_after, p.decay_bits
+        self._mixed = (0, 0)
+        if p.mixed_bits:
+            self._mixed, self._decay_bits = mixed_blocks(p.mixed_keep), p.mixed_bits
+        # the flush block of the mlx-lm cache: 16 with mixed precision, 32 with fp16 tokens
+        if p.block_tokens is not None:
+            self._block_tokens = p.block_tokens
+        elif p.mixed_bits:
+            self._block_tokens = 16
+        elif p.fp16_window or p.fp16_sinks or p.decay_after:
+            self._block_tokens = 32
+        self._sparse_v = p.sparse_v
+        return self
+
     def with_max_tokens(self, max_tokens: int) -> KVCacheBuilder:
         self._max_tokens = max_tokens
         return self
@@ -287,6 +326,10 @@ class KVCacheBuilder:
                 raise ValueError("with_bit_width(inlier=, outlier=) needs with_n_outlier_channels(n) with n >= 1")
         return self._method, value_method
 
+    def _norm_correction_on(self) -> bool:
+        key_method, value_method = self._method, self._value_method or self._method
+        return self._norm_correction and key_method == value_method == "turboquant_mse"
+
     def _split(self) -> bool:
         return self._outlier is not None and self._outlier != self._inlier
 
@@ -336,7 +379,7 @@ class KVCacheBuilder:
             fp16_window=int(self._fp16_window), fp16_layers=[int(x) for x in self._fp16_layers],
             fp16_sinks=int(self._fp16_sinks), decay_after=int(self._decay_after), decay_bits=int(self._decay_bits),
             max_coded_tokens=int(self._max_coded_tokens), mixed_group_blocks=int(self._mixed[0]),
-            mixed_keep_blocks=int(self._mixed[1]))
+            mixed_keep_blocks=int(self._mixed[1]), norm_correction=self._norm_correction_on())
         loaded = {}
         if self._store is not None:
             for role, method, bits in (("key", key_method, self._key_bits), ("value", value_method, self._value_bits)):
@@ -387,7 +430,7 @@ class KVCacheBuilder:
                             seed=int(self._seed), rotation=self._rotation,
                             block_tokens=int(self._block_tokens),
                             fp16_window=int(self._fp16_window), fp16_sinks=int(self._fp16_sinks),
-                            kernels=kernels)
+                            norm_correction=self._norm_correction_on(), kernels=kernels)
         desc = {"key_method": key_method, "value_method": value_method, "backend": backend,
                 "precision": _precision_name(self._precision), "artifacts_loaded": {},
                 "env_backend": os.environ.get("TURBOQUANT_BACKEND"),

@@ -25,6 +25,7 @@ import numpy as np
 from mlx_lm.models import cache as mlx_cache
 
 from turboquant import mlx_lm as tq_mlx
+from turboquant import presets
 
 
 @dataclass
@@ -52,10 +53,25 @@ class Setting:
     # score one token per step (the decode path): sparse V acts only there, the multi-token
     # steps of chunked scoring take the dense GEMM path
     decode_scoring: bool = False
+    debias: bool | None = None  # norm correction (None: with centring)
+    preset: str | None = None  # a named recipe (turboquant.presets), else the options above
+
+    @staticmethod
+    def from_preset(name: str) -> Setting:
+        """The setting of preset ``name`` (turboquant.presets), every option spelled out."""
+        p = presets.get(name)
+        return Setting(p.name, "turboquant", p.key_bits, p.value_bits, method=p.method,
+                       center=p.center, debias=p.debias, key_split=p.key_split,
+                       fp16_window=p.fp16_window, fp16_sinks=p.fp16_sinks,
+                       split_angle_bits=p.split_angle_bits, decay_after=p.decay_after,
+                       decay_bits=p.decay_bits, sparse_v=p.sparse_v, mixed_bits=p.mixed_bits,
+                       mixed_keep=p.mixed_keep, block_tokens=p.block_tokens,
+                       decode_scoring=p.sparse_v > 0, preset=p.name)
 
     @staticmethod
     def parse(spec: str) -> "Setting":
-        """``fp16`` | ``mlx4`` | ``mlx8`` | BITS[+OPTION...][/FLAG...] where BITS is ``3`` or
+        """``fp16`` | ``mlx4`` | ``mlx8`` | PRESET | BITS[+OPTION...][/FLAG...]. PRESET is a
+        name of turboquant.presets (``tq3``, ``tq3-mixed``, ...); otherwise BITS is ``3`` or
         ``k4v3`` (or ``p`` with a profile option), OPTION is ``fp16:0,-1`` (fp16 layers),
         ``w64`` (fp16 recent window of 64 tokens), ``s4`` (4 fp16 sink tokens),
         ``d256:2`` (temporal decay: code blocks with at least 256 newer tokens re-quantized
@@ -65,8 +81,12 @@ class Setting:
         per step, the decode path where sparse V acts, so ``sv0`` is its dense control) or
         ``profile:PATH`` (per-layer bits from ``turboquant calibrate``), FLAG is ``raw``
         (plain codes: no centring, no norm correction, no key split), ``nosplit`` (no key
-        split) or ``a16`` (the key split's part angle in 16 bits instead of 8)."""
+        split) or ``a16`` (the key split's part angle in 16 bits instead of 8). A BITS
+        setting has exactly the options it names (no fp16 tokens unless ``s``/``w`` say so),
+        like the ``codes-only`` preset."""
         spec = spec.strip()
+        if spec in presets.PRESETS:
+            return Setting.from_preset(spec)
         body, flags = spec, []
         for _ in range(3):  # trailing /FLAG suffixes (a profile path may contain "/")
             head, sep, tail = body.rpartition("/")
@@ -223,10 +243,12 @@ def make_cache(model, s: Setting, seed: int = 0):
     if s.kind == "mlx":
         g = mlx_group_size(model)
         return [mlx_cache.QuantizedKVCache(group_size=g, bits=s.key_bits) for _ in range(n)]
-    return tq_mlx.make_prompt_cache(model, key_bits=s.key_bits or 3,
+    debias = s.center if s.debias is None else s.debias
+    return tq_mlx.make_prompt_cache(model, preset=s.preset or "codes-only",
+                                    key_bits=s.key_bits or 3,
                                     value_bits=s.value_bits or 3, method=s.method,
                                     fp16_layers=s.fp16_layers, seed=seed, center=s.center,
-                                    debias=s.center, key_split=s.key_split,
+                                    debias=debias, key_split=s.key_split,
                                     fp16_window=s.fp16_window, fp16_sinks=s.fp16_sinks,
                                     profile=s.profile, decay_after=s.decay_after,
                                     decay_bits=s.decay_bits, sparse_v=s.sparse_v,

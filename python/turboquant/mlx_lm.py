@@ -3,7 +3,7 @@
     from mlx_lm import load, generate
     from turboquant.mlx_lm import make_prompt_cache
     model, tokenizer = load("path/to/model")
-    cache = make_prompt_cache(model, key_bits=3, value_bits=3)
+    cache = make_prompt_cache(model)  # the tq3 preset; preset="tq3-mixed", key_bits=4, ...
     generate(model, tokenizer, prompt, prompt_cache=cache)
 
 How it plugs in. mlx-lm attention layers do ``k, v = cache.update_and_fetch(k, v)`` and then
@@ -41,6 +41,7 @@ from mlx_lm.models import cache as _mlx_cache
 
 from turboquant import _core, metal
 from turboquant import mlx_metal as _mlx_metal
+from turboquant import presets as _presets
 
 __all__ = [
     "TurboQuantKVCache",
@@ -941,17 +942,28 @@ def load_profile(profile) -> dict:
     return profile
 
 
-def make_prompt_cache(model, key_bits: int = 3, value_bits: int = 3,
-                      method: str = "turboquant_mse", fp16_layers: Iterable[int] = (),
+def make_prompt_cache(model, key_bits: int | None = None, value_bits: int | None = None,
+                      method: str | None = None, fp16_layers: Iterable[int] = (),
                       seed: int = 0, key_method: str | None = None,
                       value_method: str | None = None, rotation: str = "auto",
-                      center: bool = True, debias: bool = True, key_split: bool = True,
-                      fp16_window: int = 0, block_tokens: int | None = None,
-                      fp16_sinks: int = 0, profile=None, split_angle_bits: int = 8,
-                      decay_after: int = 0, decay_bits: int = 0, sparse_v: float = 0.0,
-                      mixed_bits: int = 0, mixed_keep: float = 0.0, sliding: bool = True) -> list:
+                      center: bool | None = None, debias: bool | None = None,
+                      key_split: bool | None = None,
+                      fp16_window: int | None = None, block_tokens: int | None = None,
+                      fp16_sinks: int | None = None, profile=None,
+                      split_angle_bits: int | None = None,
+                      decay_after: int | None = None, decay_bits: int | None = None,
+                      sparse_v: float | None = None, mixed_bits: int | None = None,
+                      mixed_keep: float | None = None, preset: str | None = None,
+                      sliding: bool = True) -> list:
     """mlx-lm prompt cache with TurboQuant caches on every full-attention layer and (with
     ``sliding``, the default) every sliding-window layer.
+
+    ``preset`` names a recipe of :mod:`turboquant.presets` (``tq4``, ``tq3``, ``tq3-mixed``,
+    ``tq2.5``, ``tq2``, ``codes-only``); without one, ``key_bits`` / ``value_bits`` select
+    the recommended recipe at those bits and neither gives ``tq3`` (3-bit codes, 4 fp16
+    sinks, a 64-token fp16 window). Every other keyword given (not None) overrides the
+    recipe's value (:func:`turboquant.presets.resolve`); ``preset="codes-only"`` gives
+    codes for every token, the behaviour before presets.
 
     ``center`` subtracts a per-head mean from K and V first (exact for attention, see
     :meth:`TurboQuantKVCache._centre`). ``debias`` stores each vector's norm corrected for
@@ -980,6 +992,19 @@ def make_prompt_cache(model, key_bits: int = 3, value_bits: int = 3,
     attention while fp16 (sum of squared softmax weights) keep the layer's bits, the rest are stored at ``mixed_bits``
     (e.g. 4-bit caches with ``mixed_bits=2, mixed_keep=0.5`` average 3 bits). Raises
     :class:`UnsupportedArchitectureError` for MLA and SSM/hybrid models."""
+    p = _presets.resolve(preset, key_bits, value_bits, method=method, center=center,
+                         debias=debias, key_split=key_split, fp16_window=fp16_window,
+                         block_tokens=block_tokens, fp16_sinks=fp16_sinks,
+                         split_angle_bits=split_angle_bits, decay_after=decay_after,
+                         decay_bits=decay_bits, sparse_v=sparse_v, mixed_bits=mixed_bits,
+                         mixed_keep=mixed_keep)
+    key_bits, value_bits, method, center, debias = (p.key_bits, p.value_bits, p.method,
+                                                     p.center, p.debias)
+    key_split, fp16_window, block_tokens, fp16_sinks = (p.key_split, p.fp16_window,
+                                                        p.block_tokens, p.fp16_sinks)
+    split_angle_bits, decay_after, decay_bits, sparse_v = (p.split_angle_bits, p.decay_after,
+                                                           p.decay_bits, p.sparse_v)
+    mixed_bits, mixed_keep = p.mixed_bits, p.mixed_keep
     install_attention_route()
     base_cache = _mlx_cache.make_prompt_cache(model)
     compressible = check_architecture(model, base_cache)

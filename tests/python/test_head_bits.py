@@ -165,7 +165,8 @@ def profile(layers):
 def test_per_head_profile_builds_the_core_per_head():
     model = tiny_model("llama")  # 2 layers, 2 KV heads, head_dim 16
     prof = profile([{"key_bits": [2, 4], "value_bits": [3, 2]}, {"key_bits": 3, "value_bits": 3}])
-    cache = tq_mlx.make_prompt_cache(model, profile=prof, fp16_sinks=2, fp16_window=8)
+    cache = tq_mlx.make_prompt_cache(model, preset="codes-only",
+                                     profile=prof, fp16_sinks=2, fp16_window=8)
     assert cache[0].key_head_bits == (2, 4) and cache[0].value_head_bits == (3, 2)
     assert cache[1].key_head_bits is None
     logits(model, cache, TOKENS, [24, 1, 1])
@@ -178,13 +179,15 @@ def test_per_head_profile_builds_the_core_per_head():
         key_split=False, value_head_bits=[2, 3]).gpu_refusal(16)
     assert tq_mlx.TurboQuantKVCache(key_split=False).gpu_refusal(16) is None
     # equal per-head widths are exactly the per-layer cache
-    same = tq_mlx.make_prompt_cache(model, profile=profile([{"key_bits": [3, 3],
+    same = tq_mlx.make_prompt_cache(model, preset="codes-only",
+                                    profile=profile([{"key_bits": [3, 3],
                                                              "value_bits": [2, 2]}] * 2))
-    plain = tq_mlx.make_prompt_cache(model, key_bits=3, value_bits=2)
+    plain = tq_mlx.make_prompt_cache(model, preset="codes-only", key_bits=3, value_bits=2)
     np.testing.assert_array_equal(logits(model, same, TOKENS, [30, 1]),
                                   logits(model, plain, TOKENS, [30, 1]))
     # and different ones are not
-    other = tq_mlx.make_prompt_cache(model, profile=profile([{"key_bits": [2, 4],
+    other = tq_mlx.make_prompt_cache(model, preset="codes-only",
+                                     profile=profile([{"key_bits": [2, 4],
                                                               "value_bits": [2, 2]}] * 2))
     assert not np.array_equal(logits(model, other, TOKENS, [30, 1]),
                               logits(model, plain, TOKENS, [30, 1]))
@@ -195,14 +198,15 @@ def test_per_head_profile_errors():
     for bad, text in (([2, 9], r"key_bits\[1\] must be an integer in \[1, 8\], got 9"),
                       ([], "non-empty list"), (["3", 3], r"key_bits\[0\] must be an integer")):
         with pytest.raises(ValueError, match=text):
-            tq_mlx.make_prompt_cache(model, profile=profile([{"key_bits": bad,
+            tq_mlx.make_prompt_cache(model, preset="codes-only", profile=profile([{"key_bits": bad,
                                                               "value_bits": 3}] * 2))
-    cache = tq_mlx.make_prompt_cache(model, profile=profile([{"key_bits": [2, 3, 4],
+    cache = tq_mlx.make_prompt_cache(model, preset="codes-only",
+                                     profile=profile([{"key_bits": [2, 3, 4],
                                                               "value_bits": 3}] * 2))
     with pytest.raises(ValueError, match="3 per-head bit widths for 2 KV heads"):
         logits(model, cache, TOKENS, [8])
     with pytest.raises(ValueError, match=r"decay_bits must be in \[1, 1\]"):
-        tq_mlx.make_prompt_cache(model, profile=profile([{"key_bits": [2, 4],
+        tq_mlx.make_prompt_cache(model, preset="codes-only", profile=profile([{"key_bits": [2, 4],
                                                           "value_bits": 3}] * 2),
                                  decay_after=16, decay_bits=2)
 
@@ -211,7 +215,8 @@ def test_prompt_cache_file_keeps_per_head_bits(tmp_path):
     model = tiny_model("llama")
     prof = profile([{"key_bits": [2, 4], "value_bits": [4, 2]}, {"key_bits": [3, 5],
                                                                 "value_bits": [2, 3]}])
-    cache = tq_mlx.make_prompt_cache(model, profile=prof, fp16_sinks=2, fp16_window=8)
+    cache = tq_mlx.make_prompt_cache(model, preset="codes-only",
+                                     profile=prof, fp16_sinks=2, fp16_window=8)
     logits(model, cache, TOKENS, [30])
     path = str(tmp_path / "c.safetensors")
     mlx_cache.save_prompt_cache(path, cache)
@@ -225,12 +230,12 @@ def test_prompt_cache_file_keeps_per_head_bits(tmp_path):
 def test_batch_of_two_tiles_the_per_head_widths():
     model = tiny_model("llama")
     prof = profile([{"key_bits": [2, 4], "value_bits": [3, 2]}] * 2)
-    cache = tq_mlx.make_prompt_cache(model, profile=prof)
+    cache = tq_mlx.make_prompt_cache(model, preset="codes-only", profile=prof)
     toks = mx.array([TOKENS[:12], TOKENS[12:24]])
     out = np.array(model(toks, cache=cache).astype(mx.float32))
     assert cache[0]._core.value_head_bits == [3, 2, 3, 2]
     # sequence 0's KV heads are streams 0..H-1, as in a batch of one
-    single = tq_mlx.make_prompt_cache(model, profile=prof)
+    single = tq_mlx.make_prompt_cache(model, preset="codes-only", profile=prof)
     one = np.array(model(toks[:1], cache=single).astype(mx.float32))
     np.testing.assert_allclose(out[0], one[0], rtol=1e-4, atol=1e-4)
 
@@ -258,7 +263,7 @@ def test_calibrate_per_head_profile(tmp_path, metric):
             assert e["key"]["6"] < e["key"]["2"] and e["value"]["5"] < e["value"]["2"]
     path = tmp_path / "heads.json"
     calibrate.save(prof, str(path))
-    cache = tq_mlx.make_prompt_cache(model, profile=str(path))
+    cache = tq_mlx.make_prompt_cache(model, preset="codes-only", profile=str(path))
     assert [list(c.key_head_bits) for c in cache] == [e["key_bits"] for e in prof["layers"]]
     assert np.isfinite(logits(model, cache, tokens, [20])).all()
     again = calibrate.reallocate(str(path), 2.5)

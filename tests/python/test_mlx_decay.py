@@ -40,14 +40,16 @@ def test_options_are_validated_with_clear_errors():
             C(sparse_v=bad)
     model = tiny_model("llama")
     with pytest.raises(ValueError, match="decay_bits must be in"):
-        tq_mlx.make_prompt_cache(model, key_bits=2, value_bits=3, decay_after=8, decay_bits=2)
+        tq_mlx.make_prompt_cache(model, preset="codes-only",
+                                 key_bits=2, value_bits=3, decay_after=8, decay_bits=2)
 
 
 def test_decay_of_the_key_split_cache_with_sinks_and_window():
     model = tiny_model("llama")
     opts = dict(key_bits=3, value_bits=3, fp16_sinks=2, fp16_window=8, block_tokens=4, seed=3)
-    plain = tq_mlx.make_prompt_cache(model, **opts)
-    decayed = tq_mlx.make_prompt_cache(model, decay_after=16, decay_bits=2, **opts)
+    plain = tq_mlx.make_prompt_cache(model, preset="codes-only", **opts)
+    decayed = tq_mlx.make_prompt_cache(model, preset="codes-only",
+                                       decay_after=16, decay_bits=2, **opts)
     a, b = logits(model, plain, TOKENS[:80]), logits(model, decayed, TOKENS[:80])
     for layer, (p, c) in enumerate(zip(plain, decayed)):
         core = c._core
@@ -73,7 +75,8 @@ def test_decay_of_the_key_split_cache_with_sinks_and_window():
 
 def test_options_survive_prompt_cache_files_and_fill_from(tmp_path):
     model = tiny_model("llama")
-    cache = tq_mlx.make_prompt_cache(model, decay_after=12, decay_bits=2, sparse_v=0.02,
+    cache = tq_mlx.make_prompt_cache(model, preset="codes-only",
+                                     decay_after=12, decay_bits=2, sparse_v=0.02,
                                      fp16_sinks=2, seed=4)
     logits(model, cache, TOKENS[:60])
     path = str(tmp_path / "d.safetensors")

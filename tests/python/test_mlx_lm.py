@@ -35,12 +35,13 @@ def mean_cosine(a, b):
 def test_supported_architectures_match_fp16_cache(arch):
     model = tiny_model(arch)
     ref = run_chunks(model, mlx_cache.make_prompt_cache(model))
-    cache8 = tq_mlx.make_prompt_cache(model, key_bits=8, value_bits=8)
+    cache8 = tq_mlx.make_prompt_cache(model, preset="codes-only", key_bits=8, value_bits=8)
     assert any(isinstance(c, tq_mlx.TurboQuantKVCache) for c in cache8)
     out8 = run_chunks(model, cache8)
     assert np.isfinite(out8).all()
     assert mean_cosine(ref, out8) > 0.9995, arch  # 8-bit codes: offsets, GQA, masks right
-    out3 = run_chunks(model, tq_mlx.make_prompt_cache(model, key_bits=3, value_bits=3))
+    out3 = run_chunks(model, tq_mlx.make_prompt_cache(model, preset="codes-only",
+                                                      key_bits=3, value_bits=3))
     # gemma3_text: its sliding first layer is compressed too, and 3-bit codes of head_dim 16
     # there cost this random model the most (0.86 with that layer alone compressed)
     floor = 0.8 if arch == "gemma3_text" else 0.9
@@ -67,13 +68,13 @@ def test_unsupported_architectures_refused(arch):
     why = REFUSED[arch][0]
     model = tiny_model(arch)
     with pytest.raises(tq_mlx.UnsupportedArchitectureError) as e:
-        tq_mlx.make_prompt_cache(model)
+        tq_mlx.make_prompt_cache(model, preset="codes-only")
     assert arch in str(e.value) and why in str(e.value)
 
 
 def test_no_fp16_copy_and_memory():
     model = tiny_model("llama")
-    cache = tq_mlx.make_prompt_cache(model, key_bits=3, value_bits=3)
+    cache = tq_mlx.make_prompt_cache(model, preset="codes-only", key_bits=3, value_bits=3)
     run_chunks(model, cache)
     for c in cache:
         # placeholders returned to the model are broadcasts of one NaN, not K/V
@@ -94,7 +95,7 @@ def test_mlx_lm_generate_unchanged():
     ref = [t for t, _ in zip(generate_step(prompt, model, max_tokens=8,
                                            prompt_cache=mlx_cache.make_prompt_cache(model)),
                              range(8))]
-    cache = tq_mlx.make_prompt_cache(model, key_bits=8, value_bits=8)
+    cache = tq_mlx.make_prompt_cache(model, preset="codes-only", key_bits=8, value_bits=8)
     got = [t for t, _ in zip(generate_step(prompt, model, max_tokens=8, prompt_cache=cache),
                              range(8))]
     assert [int(t) for t, _ in got] == [int(t) for t, _ in ref]
@@ -112,7 +113,7 @@ def test_stream_generate_with_tokenizer():
     fast = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.BPE(vocab, [])),
                                    eos_token="<x127>")
     model = tiny_model("llama")
-    cache = tq_mlx.make_prompt_cache(model)
+    cache = tq_mlx.make_prompt_cache(model, preset="codes-only")
     text = "".join(r.text for r in stream_generate(model, TokenizerWrapper(fast), "hello world",
                                                    max_tokens=5, prompt_cache=cache))
     assert isinstance(text, str)
@@ -121,7 +122,7 @@ def test_stream_generate_with_tokenizer():
 
 def test_trim_and_prompt_cache_roundtrip(tmp_path):
     model = tiny_model("llama")
-    cache = tq_mlx.make_prompt_cache(model, key_bits=4, value_bits=3, seed=7)
+    cache = tq_mlx.make_prompt_cache(model, preset="codes-only", key_bits=4, value_bits=3, seed=7)
     run_chunks(model, cache, TOKENS[:30], [20, 10])
     assert mlx_cache.can_trim_prompt_cache(cache)
     assert mlx_cache.trim_prompt_cache(cache, 5) == 5
@@ -155,14 +156,14 @@ def test_to_turbo_quantized_from_kvcache():
 
 def test_fp16_layers_and_bad_arguments():
     model = tiny_model("llama")
-    cache = tq_mlx.make_prompt_cache(model, fp16_layers=(-1,))
+    cache = tq_mlx.make_prompt_cache(model, preset="codes-only", fp16_layers=(-1,))
     assert type(cache[1]) is mlx_cache.KVCache and isinstance(cache[0], tq_mlx.TurboQuantKVCache)
     with pytest.raises(ValueError, match="out of range"):
-        tq_mlx.make_prompt_cache(model, fp16_layers=(5,))
+        tq_mlx.make_prompt_cache(model, preset="codes-only", fp16_layers=(5,))
     with pytest.raises(ValueError, match="key_bits"):
-        tq_mlx.make_prompt_cache(model, key_bits=0)
+        tq_mlx.make_prompt_cache(model, preset="codes-only", key_bits=0)
     with pytest.raises(ValueError, match="unknown key method"):
-        tq_mlx.make_prompt_cache(model, method="nope")
+        tq_mlx.make_prompt_cache(model, preset="codes-only", method="nope")
 
 
 def test_route_leaves_other_caches_alone():

@@ -700,14 +700,15 @@ def test_mlx_lm_quality_features_take_the_metal_path(monkeypatch, tmp_path):
                block_tokens=4, seed=3)
     monkeypatch.setattr(metal, "active_path", lambda: "metal")
     monkeypatch.setattr(mm, "METAL_KERNELS", REF)
-    gpu = tq_mlx.make_prompt_cache(model, **cfg)
+    gpu = tq_mlx.make_prompt_cache(model, preset="codes-only", **cfg)
     logits = [np.array(model(mx.array(tokens[:21])[None], cache=gpu))]
     for t in tokens[21:26]:  # decode steps: the merged split-K path
         logits.append(np.array(model(mx.array([[t]]), cache=gpu)))
     assert all(c._gpu and isinstance(c._core, mm.MetalCodeStore) for c in gpu)
     assert all(c._core.norm_correction and c._core.fp16_sinks == 2 for c in gpu)
     assert gpu[0]._core.window_tokens() > 0 and gpu[0]._core.code_tokens() > 0
-    default = tq_mlx.make_prompt_cache(model)  # key split: on the store from head_dim 32
+    # key split: on the store from head_dim 32
+    default = tq_mlx.make_prompt_cache(model, preset="codes-only")
     model(mx.array(tokens[:8])[None], cache=default)
     assert not any(c._gpu for c in default)  # head_dim 16: halves of 8 channels
     assert "head_dim >= 32" in default[0].gpu_refusal(16)
@@ -715,7 +716,7 @@ def test_mlx_lm_quality_features_take_the_metal_path(monkeypatch, tmp_path):
     assert "decay" in tq_mlx.TurboQuantKVCache(decay_after=8, decay_bits=2).gpu_refusal(64)
     assert "sparse_v" in tq_mlx.TurboQuantKVCache(sparse_v=0.01).gpu_refusal(64)
     monkeypatch.setattr(metal, "active_path", lambda: "cpu")
-    cpu = tq_mlx.make_prompt_cache(model, **cfg)
+    cpu = tq_mlx.make_prompt_cache(model, preset="codes-only", **cfg)
     ref = [np.array(model(mx.array(tokens[:21])[None], cache=cpu))]
     for t in tokens[21:26]:
         ref.append(np.array(model(mx.array([[t]]), cache=cpu)))
@@ -769,14 +770,14 @@ def test_mlx_lm_quality_path_end_to_end_on_the_emulated_gpu(emulated, monkeypatc
     emulated.install(monkeypatch)
     monkeypatch.setattr(metal, "active_path", lambda: "metal")
     start = len(emulated.launches)
-    gpu = tq_mlx.make_prompt_cache(model, **cfg)
+    gpu = tq_mlx.make_prompt_cache(model, preset="codes-only", **cfg)
     out = [np.array(model(mx.array(tokens[:12])[None], cache=gpu))]
     for t in tokens[12:14]:
         out.append(np.array(model(mx.array([[t]]), cache=gpu)))
     assert all(c._gpu and c._core.kernels is metal and c._core.norm_correction for c in gpu)
     assert {"encode_heads", "attention_block", "dequantize_heads"} <= set(emulated.launches[start:])
     monkeypatch.setattr(metal, "active_path", lambda: "cpu")
-    cpu = tq_mlx.make_prompt_cache(model, **cfg)
+    cpu = tq_mlx.make_prompt_cache(model, preset="codes-only", **cfg)
     ref = [np.array(model(mx.array(tokens[:12])[None], cache=cpu))]
     for t in tokens[12:14]:
         ref.append(np.array(model(mx.array([[t]]), cache=cpu)))

@@ -218,13 +218,13 @@ def test_mlx_lm_default_cache_runs_the_key_split_on_the_emulated_gpu(emulated, m
     emulated.install(monkeypatch)
     monkeypatch.setattr(metal, "active_path", lambda: "metal")
     start = len(emulated.launches)
-    gpu = tq_mlx.make_prompt_cache(model, seed=2)
+    gpu = tq_mlx.make_prompt_cache(model, preset="codes-only", seed=2)
     out = _run(model, gpu, tokens, 11)
     assert all(c._gpu and c._core.kernels is metal and c._core.key_split for c in gpu)
     assert {"split_encode_heads", "split_attention_block",
             "split_dequantize_heads"} <= set(emulated.launches[start:])
     monkeypatch.setattr(metal, "active_path", lambda: "cpu")
-    cpu = tq_mlx.make_prompt_cache(model, seed=2)
+    cpu = tq_mlx.make_prompt_cache(model, preset="codes-only", seed=2)
     ref = _run(model, cpu, tokens, 11)
     assert not any(c._gpu for c in cpu)
     for a, b in zip(out, ref):

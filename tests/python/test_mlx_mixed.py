@@ -55,7 +55,8 @@ def test_options_are_validated_with_clear_errors():
 def test_mixed_cache_splits_the_codes_by_attention_and_stays_close_to_uniform():
     model = tiny_model("llama")
     opts = dict(fp16_sinks=2, fp16_window=8, block_tokens=4, seed=5)
-    mixed = tq_mlx.make_prompt_cache(model, key_bits=4, value_bits=4, mixed_bits=2, mixed_keep=0.5,
+    mixed = tq_mlx.make_prompt_cache(model, preset="codes-only",
+                                     key_bits=4, value_bits=4, mixed_bits=2, mixed_keep=0.5,
                                      **opts)
     ref = mlx_cache.make_prompt_cache(model)
     a, b = run(model, ref, TOKENS), run(model, mixed, TOKENS)
@@ -79,7 +80,8 @@ def test_mixed_cache_splits_the_codes_by_attention_and_stays_close_to_uniform():
 
 def test_mixed_cache_survives_prompt_cache_files(tmp_path):
     model = tiny_model("llama")
-    cache = tq_mlx.make_prompt_cache(model, key_bits=4, value_bits=3, mixed_bits=1, mixed_keep=0.5,
+    cache = tq_mlx.make_prompt_cache(model, preset="codes-only",
+                                     key_bits=4, value_bits=3, mixed_bits=1, mixed_keep=0.5,
                                      fp16_window=8, fp16_sinks=2, seed=6)
     run(model, cache, TOKENS[:80], prefill=40)
     path = str(tmp_path / "m.safetensors")
@@ -99,7 +101,8 @@ def test_mixed_cache_survives_prompt_cache_files(tmp_path):
 
 def test_trim_into_a_group_is_refused_and_whole_groups_trim():
     model = tiny_model("llama")
-    cache = tq_mlx.make_prompt_cache(model, key_bits=4, value_bits=4, mixed_bits=2, mixed_keep=0.5,
+    cache = tq_mlx.make_prompt_cache(model, preset="codes-only",
+                                     key_bits=4, value_bits=4, mixed_bits=2, mixed_keep=0.5,
                                      fp16_window=8, block_tokens=4)
     run(model, cache, TOKENS[:60], prefill=40)
     core = cache[0]._core
@@ -129,7 +132,8 @@ def test_eval_grammar():
     assert s.name == "tq-4bit+s4+w64+m2:0.5"
     s = Setting.parse("4+s4+w64+m2:0.25:64")
     assert (s.mixed_keep, s.block_tokens, s.name) == (0.25, 16, "tq-4bit+s4+w64+m2:0.25:64")
-    c = tq_mlx.make_prompt_cache(tiny_model("llama"), key_bits=4, value_bits=4, fp16_window=8,
+    c = tq_mlx.make_prompt_cache(tiny_model("llama"), preset="codes-only",
+                                 key_bits=4, value_bits=4, fp16_window=8,
                                  mixed_bits=2, mixed_keep=0.25, block_tokens=16)
     assert c[0].block_tokens == 16
     for spec, token in (("4+w64+m2", "m2"), ("4+w64+m0:0.5", "m0:0.5"), ("4+w64+m2:1", "m2:1"),

@@ -175,7 +175,8 @@ def test_fp16_window_tokens_are_exact():
 def test_prompt_cache_roundtrip_with_split_and_window(tmp_path):
     model = tiny_model("llama")
     tokens = np.random.default_rng(5).integers(0, 128, 60).tolist()
-    cache = tq_mlx.make_prompt_cache(model, key_bits=3, value_bits=3, fp16_window=8,
+    cache = tq_mlx.make_prompt_cache(model, preset="codes-only",
+                                     key_bits=3, value_bits=3, fp16_window=8,
                                      block_tokens=4, seed=3)
     model(mx.array(tokens[:50])[None], cache=cache)
     assert all(c._perm is not None and c._core.fp16_window == 8 for c in cache)
@@ -191,7 +192,7 @@ def test_prompt_cache_roundtrip_with_split_and_window(tmp_path):
 def test_rope_layout_detection():
     model = tiny_model("llama")
     assert tq_mlx.rope_pairs_of(model) == "half"
-    cache = tq_mlx.make_prompt_cache(model)
+    cache = tq_mlx.make_prompt_cache(model, preset="codes-only")
     assert all(c.rope_pairs == "half" for c in cache)
 
 
@@ -201,21 +202,23 @@ def test_profile_sets_per_layer_bits(tmp_path):
             "layers": [{"key_bits": 4, "value_bits": 2}, {"fp16": True}]}
     path = tmp_path / "p.json"
     path.write_text(json.dumps(prof))
-    cache = tq_mlx.make_prompt_cache(model, profile=str(path))
+    cache = tq_mlx.make_prompt_cache(model, preset="codes-only", profile=str(path))
     assert isinstance(cache[0], tq_mlx.TurboQuantKVCache)
     assert (cache[0].key_bits, cache[0].value_bits) == (4, 2)
     assert type(cache[1]) is mlx_cache.KVCache
     with pytest.raises(ValueError, match="profile has 1 layers, the model 2"):
-        tq_mlx.make_prompt_cache(model, profile={**prof, "layers": prof["layers"][:1]})
+        tq_mlx.make_prompt_cache(model, preset="codes-only",
+                                 profile={**prof, "layers": prof["layers"][:1]})
     with pytest.raises(ValueError, match="not a turboquant profile"):
-        tq_mlx.make_prompt_cache(model, profile={"layers": []})
+        tq_mlx.make_prompt_cache(model, preset="codes-only", profile={"layers": []})
     with pytest.raises(ValueError, match="key_bits must be an integer"):
-        tq_mlx.make_prompt_cache(model, profile={**prof, "layers": [{"key_bits": 9,
+        tq_mlx.make_prompt_cache(model, preset="codes-only",
+                                 profile={**prof, "layers": [{"key_bits": 9,
                                                                      "value_bits": 2}] * 2})
     bad = tmp_path / "bad.json"
     bad.write_text("{nope")
     with pytest.raises(ValueError, match="not valid JSON"):
-        tq_mlx.make_prompt_cache(model, profile=str(bad))
+        tq_mlx.make_prompt_cache(model, preset="codes-only", profile=str(bad))
 
 
 # --- calibration -------------------------------------------------------------------------
@@ -258,7 +261,7 @@ def test_calibrate_tiny_model_profile_roundtrip(tmp_path, metric):
         assert set(prof["errors"]["0"]["key"]) == {2, 3, 4}
     path = tmp_path / "p.json"
     calibrate.save(prof, str(path))
-    cache = tq_mlx.make_prompt_cache(model, profile=str(path))
+    cache = tq_mlx.make_prompt_cache(model, preset="codes-only", profile=str(path))
     assert [(c.key_bits, c.value_bits) for c in cache] == bits
     out = model(mx.array(tokens[:10])[None], cache=cache)
     assert np.isfinite(np.array(out)).all()
@@ -364,16 +367,16 @@ def test_mlx_cache_takes_the_metal_path_where_it_fits(monkeypatch, tmp_path):
     model = tiny_model("llama")
     tokens = np.random.default_rng(7).integers(0, 128, 30).tolist()
     plain = dict(key_bits=3, value_bits=3, key_split=False, debias=False, seed=2)
-    gpu = tq_mlx.make_prompt_cache(model, **plain)
+    gpu = tq_mlx.make_prompt_cache(model, preset="codes-only", **plain)
     a = np.array(model(mx.array(tokens[:24])[None], cache=gpu))
     assert all(c._gpu and isinstance(c._core, mm.MetalCodeStore) for c in gpu)
     # the key split (on by default) is CPU-only: the default configuration stays on the core
-    default = tq_mlx.make_prompt_cache(model)
+    default = tq_mlx.make_prompt_cache(model, preset="codes-only")
     model(mx.array(tokens[:24])[None], cache=default)
     assert not any(c._gpu for c in default)
     # same codes and seeds as the CPU core: same logits
     monkeypatch.setattr(metal, "active_path", lambda: "cpu")
-    cpu = tq_mlx.make_prompt_cache(model, **plain)
+    cpu = tq_mlx.make_prompt_cache(model, preset="codes-only", **plain)
     b = np.array(model(mx.array(tokens[:24])[None], cache=cpu))
     assert not any(c._gpu for c in cpu)
     np.testing.assert_allclose(a, b, atol=2e-4)
@@ -403,7 +406,8 @@ def test_fp16_sinks_in_the_mlx_cache(tmp_path):
     assert errs[4] < 0.5 * errs[0], errs
     model = tiny_model("llama")
     tokens = np.random.default_rng(9).integers(0, 128, 30).tolist()
-    cache = tq_mlx.make_prompt_cache(model, fp16_sinks=2, fp16_window=4, block_tokens=4)
+    cache = tq_mlx.make_prompt_cache(model, preset="codes-only",
+                                     fp16_sinks=2, fp16_window=4, block_tokens=4)
     model(mx.array(tokens[:25])[None], cache=cache)
     path = str(tmp_path / "s.safetensors")
     mlx_cache.save_prompt_cache(path, cache)

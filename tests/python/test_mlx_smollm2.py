@@ -56,6 +56,6 @@ def test_smollm2_fp16_sanity_and_turboquant_quality():
         [{"role": "user", "content": "What is the capital of France?"}],
         add_generation_prompt=True)
     ref = generate(model, tokenizer, prompt, max_tokens=10, prompt_cache=mlx_prompt_cache(model))
-    cache = make_prompt_cache(model, key_bits=8, value_bits=8)
+    cache = make_prompt_cache(model, preset="codes-only", key_bits=8, value_bits=8)
     text = generate(model, tokenizer, prompt, max_tokens=10, prompt_cache=cache)
     assert "Paris" in ref and text == ref, (ref, text)

@@ -103,7 +103,7 @@ def test_mlx_lm_cache_uses_the_8_bit_angle_and_its_prompt_cache_roundtrips(tmp_p
 
     model = tiny_model("llama")
     tokens = np.random.default_rng(6).integers(0, 128, 40).tolist()
-    cache = tq_mlx.make_prompt_cache(model, key_bits=3, value_bits=3, seed=2)
+    cache = tq_mlx.make_prompt_cache(model, preset="codes-only", key_bits=3, value_bits=3, seed=2)
     model(mx.array(tokens[:35])[None], cache=cache)
     assert all(c._core.n_outlier_channels > 0 and c._core.split_angle_bits == 8 for c in cache)
     path = str(tmp_path / "p.safetensors")
@@ -143,10 +143,11 @@ def test_mlx_lm_cache_sixteen_bit_prompt_cache_keeps_its_angle(tmp_path):
 
     model = tiny_model("llama")
     tokens = np.random.default_rng(7).integers(0, 128, 30).tolist()
-    cache = tq_mlx.make_prompt_cache(model, key_bits=3, value_bits=3, seed=2, split_angle_bits=16)
+    cache = tq_mlx.make_prompt_cache(model, preset="codes-only",
+                                     key_bits=3, value_bits=3, seed=2, split_angle_bits=16)
     model(mx.array(tokens)[None], cache=cache)
     assert all(c._core.split_angle_bits == 16 for c in cache)
-    eight = tq_mlx.make_prompt_cache(model, key_bits=3, value_bits=3, seed=2)
+    eight = tq_mlx.make_prompt_cache(model, preset="codes-only", key_bits=3, value_bits=3, seed=2)
     model(mx.array(tokens)[None], cache=eight)
     assert sum(c.nbytes for c in cache) > sum(c.nbytes for c in eight)
     path = str(tmp_path / "p16.safetensors")
@@ -157,7 +158,7 @@ def test_mlx_lm_cache_sixteen_bit_prompt_cache_keeps_its_angle(tmp_path):
 
 def test_smollm2_shape_3bit_window_memory():
     """The README's memory figures for the mlx-lm 3-bit setting with 4 fp16 sinks and an
-    fp16 window (`generate`'s default, `3+s4+w16`): a SmolLM2-shaped layer (head_dim 64,
+    fp16 window (`generate`'s former default, `3+s4+w16`): a SmolLM2-shaped layer (head_dim 64,
     3 KV heads, the key split as make_prompt_cache builds it: 32 channels at 4 bits, 32 at
     2, 8-bit part angle; 3-bit values; norm correction; 32-token pages) is more than 4.5x
     smaller than fp16 K/V at every flush phase between 4096 and 4160 tokens with a 16-token

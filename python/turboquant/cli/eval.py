@@ -22,8 +22,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "result (each from an empty cache); > 1 adds a standard error of the "
                         "ppl ratio")
     p.add_argument("--bits", default=None,
-                   help="comma-separated settings: fp16 | mlx4 | mlx8 | BITS[+OPT...][/FLAG...] "
-                        "with BITS 2, 3, k4v3 or p (profile); OPT fp16:L,.. (fp16 layers), wN "
+                   help="comma-separated settings: fp16 | mlx4 | mlx8 | PRESET | "
+                        "BITS[+OPT...][/FLAG...]; PRESET a named recipe (tq4, tq3, tq3-mixed, "
+                        "tq2.5, tq2, codes-only: `info --preset NAME` shows its settings); "
+                        "BITS 2, 3, k4v3 or p (profile) with exactly the options given (no "
+                        "fp16 tokens unless sN / wN); OPT fp16:L,.. (fp16 layers), wN "
                         "(fp16 window of N tokens), sN (N fp16 sinks), dA:B (decay code blocks "
                         "with A newer tokens to B bits), svT (sparse V threshold T, scored one "
                         "token per step; sv0 = its dense control), profile:PATH; FLAG raw or "

@@ -11,20 +11,45 @@ def add_fp16_layers(s: str) -> tuple[int, ...]:
     return tuple(int(x) for x in s.split(",") if x.strip())
 
 
+def _preset_names() -> list[str]:
+    from turboquant.presets import names
+
+    return names()
+
+
+def cache_options(args: argparse.Namespace) -> dict:
+    """make_prompt_cache keywords of the generate options: the preset, and every option
+    given on the command line as an override."""
+    key_bits = args.key_bits if args.key_bits is not None else args.kv_bits
+    value_bits = args.value_bits if args.value_bits is not None else args.kv_bits
+    return {"preset": args.kv_preset, "key_bits": key_bits, "value_bits": value_bits,
+            "method": args.kv_method, "fp16_layers": args.fp16_layers, "seed": args.seed,
+            "fp16_window": args.fp16_window, "fp16_sinks": args.fp16_sinks,
+            "key_split": False if args.no_key_split else None, "profile": args.profile}
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="mlx-lm model directory")
     p.add_argument("--prompt", "-p", default="Hello", help="prompt text")
     p.add_argument("--max-tokens", "-m", type=int, default=100)
-    p.add_argument("--kv-bits", type=int, default=3, help="bits for keys and values")
+    p.add_argument("--kv-preset", default=None, metavar="NAME",
+                   help="named cache recipe: " + ", ".join(_preset_names()) + " (default: "
+                        "tq3, or the recommended recipe at --kv-bits / --key-bits / "
+                        "--value-bits; the options below override it; `python -m turboquant "
+                        "info --preset NAME` prints its settings)")
+    p.add_argument("--kv-bits", type=int, default=None,
+                   help="bits for keys and values (default: the preset's)")
     p.add_argument("--key-bits", type=int, default=None, help="override bits for keys")
     p.add_argument("--value-bits", type=int, default=None, help="override bits for values")
-    p.add_argument("--kv-method", default="turboquant_mse", help="quantizer method")
+    p.add_argument("--kv-method", default=None, help="quantizer method (default: the preset's)")
     p.add_argument("--fp16-layers", type=add_fp16_layers, default=(),
                    help="comma-separated layer indices kept in fp16 (negative from the end)")
-    p.add_argument("--fp16-window", type=int, default=16,
-                   help="most recent tokens of every layer kept in fp16 (default 16; 0: off)")
-    p.add_argument("--fp16-sinks", type=int, default=4,
-                   help="first tokens of every layer kept in fp16 (attention sinks; default 4)")
+    p.add_argument("--fp16-window", type=int, default=None,
+                   help="most recent tokens of every layer kept in fp16 (default: the "
+                        "preset's; 0: off)")
+    p.add_argument("--fp16-sinks", type=int, default=None,
+                   help="first tokens of every layer kept in fp16 (attention sinks; default: "
+                        "the preset's)")
     p.add_argument("--no-key-split", action="store_true",
                    help="same bits on every key channel (default: a split over RoPE pairs)")
     p.add_argument("--profile", help="per-layer bits from `python -m turboquant calibrate`")
@@ -40,12 +65,7 @@ def run(args: argparse.Namespace) -> int:
 
     model, tokenizer = load(args.model)
     try:
-        cache = make_prompt_cache(
-            model, key_bits=args.key_bits or args.kv_bits,
-            value_bits=args.value_bits or args.kv_bits, method=args.kv_method,
-            fp16_layers=args.fp16_layers, seed=args.seed, fp16_window=args.fp16_window,
-            fp16_sinks=args.fp16_sinks,
-            key_split=not args.no_key_split, profile=args.profile)
+        cache = make_prompt_cache(model, **cache_options(args))
     except (UnsupportedArchitectureError, ValueError, OSError) as e:
         raise SystemExit(f"generate: {e}") from None
     prompt = args.prompt

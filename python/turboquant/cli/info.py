@@ -1,4 +1,5 @@
-"""``python -m turboquant info FILE``: describe a saved cache."""
+"""``python -m turboquant info FILE``: describe a saved cache; ``info --preset NAME``: a
+named cache recipe's exact settings and its memory at 4K and 32K tokens."""
 
 from __future__ import annotations
 
@@ -6,15 +7,59 @@ import argparse
 import os
 import struct
 
-HELP = "describe a saved KV cache file"
+HELP = "describe a saved KV cache file, or a named cache recipe (--preset)"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("file", help="a file written by cache.save(path)")
+    p.add_argument("file", nargs="?", help="a file written by cache.save(path)")
+    p.add_argument("--preset", metavar="NAME",
+                   help="print the settings of a named cache recipe (tq4, tq3, tq3-mixed, "
+                        "tq2.5, tq2, codes-only) and its memory, everything counted")
+    p.add_argument("--shape", action="append", metavar="SHAPE",
+                   help="model shape for --preset's memory: smollm2-135m, llama-3.1-8b or "
+                        "LAYERS,Q_HEADS,KV_HEADS,HEAD_DIM (repeatable; default: both names)")
+    p.add_argument("--tokens", default="4096,32768",
+                   help="context lengths for --preset's memory, comma-separated")
+
+
+def run_preset(args: argparse.Namespace) -> int:
+    from turboquant import presets
+
+    try:
+        p = presets.get(args.preset)
+        shapes = [presets.parse_shape(s) for s in (args.shape or list(presets.SHAPES))]
+        tokens = [int(t) for t in str(args.tokens).split(",") if t.strip()]
+        if not tokens or min(tokens) < 2:
+            raise ValueError(f"--tokens needs context lengths >= 2, got {args.tokens!r}")
+    except ValueError as e:
+        print(f"error: {e}")
+        return 1
+    for line in presets.describe(p):
+        print(line)
+    print("memory (everything counted: codes, norms, part angles, rotations, fp16 sinks and "
+          "window, page slack; measured by the cache after a prompt and one decode step):")
+    for name, shape in shapes:
+        layers, n_q, n_kv, d = shape
+        for t in tokens:
+            b = presets.memory_bytes(p, shape, t)
+            f = presets.fp16_bytes(shape, t)
+            print(f"  {name} ({layers} layers, {n_q} q / {n_kv} kv heads, head_dim {d}) at "
+                  f"{t} tokens: {b:,} bytes = {b / t:,.1f} bytes/token, "
+                  f"{16 * b / f:.3f} bits/coord, {f / b:.2f}x smaller than fp16 K/V")
+    return 0
 
 
 def run(args: argparse.Namespace) -> int:
     import turboquant as tq
+
+    if args.preset is not None:
+        if args.file is not None:
+            print("error: give a cache file or --preset NAME, not both")
+            return 1
+        return run_preset(args)
+    if args.file is None:
+        print("error: info needs a cache file or --preset NAME")
+        return 1
 
     try:
         core = tq.KVCache.load(args.file)

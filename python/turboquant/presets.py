@@ -1,0 +1,241 @@
+"""Named KV-cache recipes: the settings a user gets without choosing each option.
+
+A preset fixes every option of an mlx-lm TurboQuant cache (bits, key split, norm
+correction, fp16 attention sinks and recent window, importance-routed mixed precision).
+:func:`resolve` turns a preset name, or bare ``key_bits`` / ``value_bits``, plus explicit
+overrides into one :class:`Preset`; ``make_prompt_cache(model, preset=...)``,
+``KVCacheBuilder.with_preset(...)``, ``python -m turboquant generate --kv-preset``, ``eval``
+and ``info --preset`` all read the same table (``PRESETS``).
+
+The recipes were chosen on SmolLM2-135M over twelve windows of the GPL-3 and GFDL-1.3
+texts (``bench/mlx_eval_smollm2_windows.json``); their quality on other texts is measured
+by ``bench/mlx_eval_presets.json`` (docs/presets.md).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class Preset:
+    """Every setting of a TurboQuant mlx-lm cache (``make_prompt_cache`` keywords)."""
+    name: str
+    summary: str
+    key_bits: int = 3
+    value_bits: int = 3
+    method: str = "turboquant_mse"
+    center: bool = True  # subtract a per-head mean key / value (exact for attention)
+    debias: bool = True  # norm correction: decoded vectors keep their norms
+    key_split: bool = True  # half of the key channels at key_bits + 1, half at key_bits - 1
+    split_angle_bits: int = 8
+    fp16_sinks: int = 0  # first tokens of every layer kept fp16
+    fp16_window: int = 0  # most recent tokens of every layer kept fp16
+    block_tokens: int | None = None  # flush block (None: 16 with mixed, 32 with a window)
+    mixed_bits: int = 0  # importance-routed mixed precision: low width (0: off)
+    mixed_keep: float = 0.0  # fraction of each flush group kept at key/value bits
+    decay_after: int = 0
+    decay_bits: int = 0
+    sparse_v: float = 0.0
+
+    def code_bits(self) -> float:
+        """Average code bits per K/V coordinate (mixed precision averages its two widths);
+        norms, angles and fp16 tokens come on top (see ``info --preset``)."""
+        bits = (self.key_bits + self.value_bits) / 2
+        if self.mixed_bits:
+            bits = self.mixed_keep * bits + (1 - self.mixed_keep) * self.mixed_bits
+        return bits
+
+    def cache_kwargs(self) -> dict:
+        """The keyword arguments of ``turboquant.mlx_lm.make_prompt_cache``."""
+        d = dataclasses.asdict(self)
+        del d["name"], d["summary"]
+        return d
+
+    def spec(self) -> str:
+        """The setting in the eval grammar (``python -m turboquant eval --bits``)."""
+        kb, vb = self.key_bits, self.value_bits
+        s = str(kb) if kb == vb else f"k{kb}v{vb}"
+        if self.fp16_sinks:
+            s += f"+s{self.fp16_sinks}"
+        if self.fp16_window:
+            s += f"+w{self.fp16_window}"
+        if self.decay_after:
+            s += f"+d{self.decay_after}:{self.decay_bits}"
+        if self.mixed_bits:
+            s += f"+m{self.mixed_bits}:{self.mixed_keep:g}"
+        if self.sparse_v:
+            s += f"+sv{self.sparse_v:g}"
+        if not (self.center or self.debias or self.key_split):
+            s += "/raw"
+        elif not self.key_split:
+            s += "/nosplit"
+        if self.split_angle_bits == 16:
+            s += "/a16"
+        return s
+
+
+# The recommended recipe at any bits: 4 fp16 sink tokens and a 64-token fp16 window around
+# the codes (centring, norm correction and the key split on).
+_RECIPE = {"fp16_sinks": 4, "fp16_window": 64}
+
+PRESETS: dict[str, Preset] = {p.name: p for p in (
+    Preset("tq4", "4-bit codes, 4 fp16 sinks, 64-token fp16 window", 4, 4, **_RECIPE),
+    Preset("tq3", "3-bit codes, 4 fp16 sinks, 64-token fp16 window (the default)", 3, 3,
+           **_RECIPE),
+    Preset("tq3-mixed", "3.0 average code bits: the most attended half of each 32-token "
+           "flush group at 4 bits, the rest at 2; 4 fp16 sinks, 64-token fp16 window", 4, 4,
+           mixed_bits=2, mixed_keep=0.5, **_RECIPE),
+    Preset("tq2.5", "2.5 average code bits: the most attended quarter of each 64-token "
+           "flush group at 4 bits, the rest at 2; 4 fp16 sinks, 64-token fp16 window", 4, 4,
+           mixed_bits=2, mixed_keep=0.25, **_RECIPE),
+    Preset("tq2", "2-bit codes, 4 fp16 sinks, 64-token fp16 window", 2, 2, **_RECIPE),
+    Preset("codes-only", "3-bit codes for every token, no fp16 tokens (centring, norm "
+           "correction and key split on; the behaviour before presets)", 3, 3),
+)}
+
+DEFAULT = "tq3"
+
+_FIELDS = tuple(f.name for f in dataclasses.fields(Preset) if f.name not in ("name", "summary"))
+
+
+def names() -> list[str]:
+    return list(PRESETS)
+
+
+def get(name: str) -> Preset:
+    """The preset called ``name``; ValueError listing the valid names otherwise."""
+    if not isinstance(name, str) or name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; valid presets: {', '.join(PRESETS)}")
+    return PRESETS[name]
+
+
+def recommended(key_bits: int, value_bits: int) -> Preset:
+    """The recommended recipe at these bits: the uniform preset with them (tq2, tq3, tq4),
+    else the same recipe (sinks + window around the codes) at the given widths."""
+    for p in PRESETS.values():
+        if (p.key_bits, p.value_bits) == (key_bits, value_bits) and p.fp16_window \
+                and not p.mixed_bits:
+            return p
+    return Preset(f"k{key_bits}v{value_bits}", f"{key_bits}-bit keys, {value_bits}-bit values, "
+                  "4 fp16 sinks, 64-token fp16 window", key_bits, value_bits, **_RECIPE)
+
+
+def resolve(preset: str | None = None, key_bits: int | None = None,
+            value_bits: int | None = None, **overrides) -> Preset:
+    """The settings a cache gets.
+
+    With ``preset`` the named recipe, its bits replaced by ``key_bits`` / ``value_bits`` when
+    given. Without it: ``key_bits`` / ``value_bits`` alone select the recommended recipe at
+    those bits (:func:`recommended`; a missing one is the default preset's, 3), and neither
+    gives the default preset (``tq3``). Then every keyword in ``overrides`` whose value is
+    not None replaces that setting (explicit arguments win over the preset)."""
+    unknown = sorted(set(overrides) - set(_FIELDS))
+    if unknown:
+        raise ValueError(f"unknown cache setting(s) {', '.join(unknown)}; settings: "
+                         f"{', '.join(_FIELDS)}")
+    if preset is not None:
+        base = get(preset)
+        bits = {k: v for k, v in (("key_bits", key_bits), ("value_bits", value_bits))
+                if v is not None}
+        base = dataclasses.replace(base, **bits)
+    elif key_bits is None and value_bits is None:
+        base = PRESETS[DEFAULT]
+    else:
+        d = PRESETS[DEFAULT]
+        base = recommended(d.key_bits if key_bits is None else key_bits,
+                           d.value_bits if value_bits is None else value_bits)
+    given = {k: v for k, v in overrides.items() if v is not None}
+    return dataclasses.replace(base, **given) if given else base
+
+
+def describe(p: Preset) -> list[str]:
+    """Lines listing every setting of ``p`` (``python -m turboquant info --preset``)."""
+    split = (f"on: half of the key channels at {p.key_bits + 1} bits, half at "
+             f"{p.key_bits - 1} ({p.split_angle_bits}-bit part angle)"
+             if p.key_split and 2 <= p.key_bits <= 7 else "off")
+    mixed = "off"
+    block = p.block_tokens or (16 if p.mixed_bits else 32)
+    if p.mixed_bits:
+        from turboquant.mlx_lm import mixed_blocks
+
+        group = mixed_blocks(p.mixed_keep)[0] * block
+        mixed = (f"the most attended {100 * p.mixed_keep:g}% of each {group}-token flush group "
+                 f"at the key/value bits, the rest at {p.mixed_bits} bits")
+    lines = [
+        f"preset:          {p.name}: {p.summary}",
+        f"eval setting:    {p.spec()}",
+        f"keys:            {p.method}, {p.key_bits} bits",
+        f"values:          {p.method}, {p.value_bits} bits",
+        f"code bits:       {p.code_bits():g} on average per K/V coordinate",
+        f"key split:       {split}",
+        f"centring:        {'on' if p.center else 'off'}",
+        f"norm correction: {'on' if p.debias else 'off'}",
+        f"fp16 sinks:      {p.fp16_sinks} tokens per layer",
+        f"fp16 window:     {p.fp16_window} tokens per layer"
+        + (f" (flushed into codes {block} tokens at a time)" if p.fp16_window else ""),
+        f"mixed precision: {mixed}",
+        "temporal decay:  " + (f"to {p.decay_bits} bits after {p.decay_after} tokens"
+                                if p.decay_after else "off"),
+        f"sparse V:        {p.sparse_v:g}" if p.sparse_v else "sparse V:        off",
+        "python:          make_prompt_cache(model, " + ", ".join(
+            f"{k}={v!r}" for k, v in p.cache_kwargs().items()) + ")",
+    ]
+    return lines
+
+
+# Model shapes for ``info --preset``: (layers, query heads, KV heads, head_dim).
+SHAPES = {
+    "smollm2-135m": (30, 9, 3, 64),
+    "llama-3.1-8b": (32, 32, 8, 128),
+}
+
+
+def parse_shape(s: str) -> tuple[str, tuple[int, int, int, int]]:
+    """A name of ``SHAPES`` or ``LAYERS,Q_HEADS,KV_HEADS,HEAD_DIM``."""
+    if s in SHAPES:
+        return s, SHAPES[s]
+    try:
+        dims = tuple(int(x) for x in s.split(","))
+    except ValueError:
+        dims = ()
+    if len(dims) != 4 or min(dims) < 1 or dims[1] % dims[2]:
+        raise ValueError(f"unknown model shape {s!r}: a name ({', '.join(SHAPES)}) or "
+                         "LAYERS,Q_HEADS,KV_HEADS,HEAD_DIM with Q_HEADS a multiple of KV_HEADS")
+    return s, dims
+
+
+def memory_bytes(p: Preset, shape: tuple[int, int, int, int], tokens: int,
+                 chunk: int = 2048, seed: int = 0) -> int:
+    """Bytes of a whole model's cache with preset ``p`` holding ``tokens`` tokens, counted by
+    the cache itself (``TurboQuantKVCache.nbytes``: codes, norms, part angles, rotations,
+    fp16 sinks and window, mixed-precision masks, page slack). One layer is filled with
+    Gaussian K/V the way generation fills it: a prompt of ``tokens - 1`` tokens in
+    ``chunk``-token steps (mlx-lm's prefill step), then one decode step, each followed by
+    one attention query (which rates the tokens for mixed precision); every layer of a
+    model holds the same configuration, so the layer's bytes count ``layers`` times."""
+    import mlx.core as mx
+
+    from turboquant.mlx_lm import TurboQuantKVCache
+
+    layers, n_q, n_kv, d = shape
+    if tokens < 2:
+        raise ValueError(f"tokens must be >= 2 (a prompt and one decode step), got {tokens}")
+    cache = TurboQuantKVCache(layer=0, seed=seed, rope_pairs="half", **p.cache_kwargs())
+    rng = np.random.default_rng(seed)
+    steps = [min(chunk, tokens - 1 - i) for i in range(0, tokens - 1, chunk)] + [1]
+    for t in steps:
+        k = mx.array(rng.standard_normal((1, n_kv, t, d), dtype=np.float32))
+        v = mx.array(rng.standard_normal((1, n_kv, t, d), dtype=np.float32))
+        cache.update_and_fetch(k, v)
+        q = mx.array(rng.standard_normal((1, n_q, 1, d), dtype=np.float32))
+        mx.eval(cache.attend(q, scale=d ** -0.5))
+    return layers * int(cache.nbytes)
+
+
+def fp16_bytes(shape: tuple[int, int, int, int], tokens: int) -> int:
+    layers, _, n_kv, d = shape
+    return 2 * 2 * layers * n_kv * d * tokens
