@@ -21,6 +21,12 @@ TOKENS = np.random.default_rng(0).integers(0, 128, 120).tolist()
 CHUNKS = [20, 1, 1, 1, 17] + [1] * 30 + [13, 2] + [1] * 20
 
 
+
+def codes_only(model, **kw):
+    """The raw quantizer's caches (no preset's fp16 sinks/window unless asked): the ring's
+    machinery under test."""
+    return tq_mlx.make_prompt_cache(model, preset="codes-only", **kw)
+
 def run_chunks(model, cache, tokens=TOKENS, chunks=CHUNKS):
     outs, i = [], 0
     for c in chunks:
@@ -111,7 +117,7 @@ def test_eviction_matches_a_cache_that_keeps_everything():
 def test_gemma3_every_layer_compressed_and_close_to_mlx_lm():
     model = tiny_model("gemma3_text")  # layer 0 slides (window 8), layer 1 is global
     ref = run_chunks(model, mlx_cache.make_prompt_cache(model))
-    cache = tq_mlx.make_prompt_cache(model, key_bits=8, value_bits=8, block_tokens=4)
+    cache = codes_only(model, key_bits=8, value_bits=8, block_tokens=4)
     assert type(cache[0]) is TurboQuantRotatingKVCache and cache[0].max_size == 8
     assert type(cache[1]) is tq_mlx.TurboQuantKVCache
     out = run_chunks(model, cache)
@@ -120,17 +126,17 @@ def test_gemma3_every_layer_compressed_and_close_to_mlx_lm():
     ring = cache[0]
     assert ring.offset == sum(CHUNKS) and ring.size() == 8
     assert ring.evicted_tokens > 0 and ring._core.size(0) <= ring.max_coded_tokens
-    out3 = run_chunks(model, tq_mlx.make_prompt_cache(model, key_bits=3, value_bits=3))
+    out3 = run_chunks(model, codes_only(model, key_bits=3, value_bits=3))
     assert np.isfinite(out3).all() and cosines(ref, out3).mean() > 0.7
     # page size does not change the answer: eviction only drops tokens no query sees
-    big = run_chunks(model, tq_mlx.make_prompt_cache(model, key_bits=8, value_bits=8,
+    big = run_chunks(model, codes_only(model, key_bits=8, value_bits=8,
                                                      block_tokens=64))
     np.testing.assert_allclose(out, big, rtol=1e-3, atol=1e-3)
 
 
 def test_memory_is_bounded_while_decoding():
     model = tiny_model("gemma3_text")
-    cache = tq_mlx.make_prompt_cache(model, block_tokens=4)
+    cache = codes_only(model, block_tokens=4)
     run_chunks(model, cache, chunks=[20] + [1] * 12)
     ring = cache[0]
     sizes = []
@@ -154,12 +160,12 @@ def test_generation_with_long_prompt():
         return [(int(t), np.array(lp)) for (t, lp), _ in zip(steps, range(n))]
 
     ref = gen(mlx_cache.make_prompt_cache(model))
-    cache = tq_mlx.make_prompt_cache(model, key_bits=8, value_bits=8, block_tokens=4)
+    cache = codes_only(model, key_bits=8, value_bits=8, block_tokens=4)
     got = gen(cache)
     assert len(got) == len(ref) == n and got[0][0] == ref[0][0]
     assert np.abs(got[0][1] - ref[0][1]).max() < 0.1
     assert cache[0].evicted_tokens > 0
-    unbounded = tq_mlx.make_prompt_cache(model, key_bits=8, value_bits=8)
+    unbounded = codes_only(model, key_bits=8, value_bits=8)
     unbounded[0] = tq_mlx.TurboQuantKVCache(key_bits=8, value_bits=8, layer=0,
                                             rope_pairs=tq_mlx.rope_pairs_of(model))
     same = gen(unbounded)
@@ -170,7 +176,7 @@ def test_generation_with_long_prompt():
 
 def test_trim_rules():
     model = tiny_model("gemma3_text")
-    cache = tq_mlx.make_prompt_cache(model, key_bits=4, value_bits=4, block_tokens=4)
+    cache = codes_only(model, key_bits=4, value_bits=4, block_tokens=4)
     run_chunks(model, cache, chunks=[6])
     ring = cache[0]
     assert ring.is_trimmable() and mlx_cache.trim_prompt_cache(cache, 2) == 2
@@ -188,7 +194,7 @@ def test_trim_rules():
 
 def test_prompt_cache_file_roundtrip(tmp_path):
     model = tiny_model("gemma3_text")
-    cache = tq_mlx.make_prompt_cache(model, key_bits=4, value_bits=3, seed=7, block_tokens=4)
+    cache = codes_only(model, key_bits=4, value_bits=3, seed=7, block_tokens=4)
     run_chunks(model, cache, chunks=[25, 1, 1, 1])
     path = str(tmp_path / "cache.safetensors")
     mlx_cache.save_prompt_cache(path, cache, {"note": "sliding"})
@@ -245,19 +251,19 @@ def test_masks_and_short_windows():
 
 def test_options_and_errors():
     model = tiny_model("gemma3_text")
-    cache = tq_mlx.make_prompt_cache(model, sliding=False)
+    cache = codes_only(model, sliding=False)
     assert type(cache[0]) is mlx_cache.RotatingKVCache
     assert type(cache[1]) is tq_mlx.TurboQuantKVCache
-    cache = tq_mlx.make_prompt_cache(model, fp16_layers=[0])
+    cache = codes_only(model, fp16_layers=[0])
     assert type(cache[0]) is mlx_cache.RotatingKVCache
     run_chunks(model, cache, chunks=[12, 1])  # a fp16 ring next to compressed layers
     # mixed precision / sinks apply to full-attention layers only
-    cache = tq_mlx.make_prompt_cache(model, key_bits=4, value_bits=4, fp16_window=16,
+    cache = codes_only(model, key_bits=4, value_bits=4, fp16_window=16,
                                      mixed_bits=2, mixed_keep=0.5, fp16_sinks=2)
     assert cache[0].mixed_bits == 0 and cache[0].fp16_sinks == 0
     assert cache[1].mixed_bits == 2
     with pytest.raises(tq_mlx.UnsupportedArchitectureError, match="no layer left"):
-        tq_mlx.make_prompt_cache(model, fp16_layers=[1], sliding=False)
+        codes_only(model, fp16_layers=[1], sliding=False)
     for kw, msg in [({"max_size": 0}, "max_size must be"),
                     ({"max_size": 8, "keep": -1}, "keep"),
                     ({"max_size": 8, "keep": 8}, "keep must be smaller than max_size=8"),
