@@ -122,7 +122,7 @@ def reference_text(model_dir, prompt, max_tokens, messages=None) -> str:
     model, tok = load(str(model_dir))
     if messages is not None:
         prompt = tok.apply_chat_template(messages, add_generation_prompt=True)
-    cache = make_prompt_cache(model, key_bits=3, value_bits=3, fp16_window=16, fp16_sinks=4)
+    cache = make_prompt_cache(model, key_bits=3, value_bits=3)  # the recommended 3-bit recipe
     return generate(model, tok, prompt, max_tokens=max_tokens, prompt_cache=cache)
 
 

@@ -35,9 +35,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kv-value-bits", type=int, default=None, help="override bits for values")
     p.add_argument("--kv-method", default=None, help="quantizer method (default turboquant_mse)")
     p.add_argument("--fp16-window", type=int, default=None,
-                   help="recent tokens per layer kept in fp16 (default 16 without a preset)")
+                   help="recent tokens per layer kept in fp16 (default: the recipe's)")
     p.add_argument("--fp16-sinks", type=int, default=None,
-                   help="first tokens per layer kept in fp16 (default 4 without a preset)")
+                   help="first tokens per layer kept in fp16 (default: the recipe's)")
     p.add_argument("--kv-profile", default=None,
                    help="per-layer bits from `python -m turboquant calibrate`")
     p.add_argument("--max-kv-gb", type=_gigabytes, default=None,
@@ -49,10 +49,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def options_from_args(args: argparse.Namespace) -> dict:
     from turboquant.serve import cache_options
 
+    # Unset options take the recipe's values: the preset's, or without one the recommended
+    # recipe at the given bits (tq3 when none are given; turboquant.presets).
     window, sinks = args.fp16_window, args.fp16_sinks
-    if args.kv_preset is None:
-        window = 16 if window is None else window
-        sinks = 4 if sinks is None else sinks
     return cache_options(kv_bits=args.kv_bits, key_bits=args.kv_key_bits,
                          value_bits=args.kv_value_bits, preset=args.kv_preset,
                          method=args.kv_method, fp16_window=window, fp16_sinks=sinks,
