@@ -246,12 +246,32 @@ def print_table(doc: dict) -> None:
             print(f"  {metric:<36} {b}b  {cells}  one/two={ratio['mean']:.3f}±{ratio['se']:.3f}")
 
 
+def markdown(doc: dict, metrics: tuple[str, ...]) -> str:
+    """The doc's table: one row per (metric, bits), nmse ×1000 mean ± s.e., one/two ratio."""
+    rows = ["| input | bits | one round H·D | two rounds (ours) | dense | one/two |",
+            "|---|---|---|---|---|---|"]
+    for metric in metrics:
+        for b, row in doc["results"][metric].items():
+            cells = " | ".join(f"{1000 * row[n]['mean']:.3f} ± {1000 * row[n]['se']:.3f}"
+                               for n in ("one", "two", "dense"))
+            r = row["one/two"]
+            rows.append(f"| {metric} | {b} | {cells} | {r['mean']:.3f} ± {r['se']:.3f} |")
+    return "\n".join(rows)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default="smollm2", help="name used in the results file")
     ap.add_argument("--model-dir", help="mlx-lm model folder (default: turboquant.models)")
     ap.add_argument("--out", help="results JSON (default bench/results/rotation_rounds_<model>)")
+    ap.add_argument("--markdown", metavar="JSON", help="print a results file as docs tables")
     args = ap.parse_args()
+    if args.markdown:
+        doc = json.loads(Path(args.markdown).read_text())
+        real = tuple(m for m in doc["results"] if not m.startswith("structured"))
+        print(markdown(doc, real) + "\n\n" + markdown(doc, tuple(
+            m for m in doc["results"] if m.startswith("structured"))))
+        return
     if args.model_dir:
         model_dir = Path(args.model_dir)
     elif args.model == "smollm2":
