@@ -55,6 +55,7 @@ SETTINGS = {
     "seeds": [0, 1, 2, 3, 4, 5, 6, 7],
     "rotations": ["one", "two", "dense"],
     "structured_n": 256,  # vectors per structured family and seed
+    "nll_tokens": 64,     # sanity check: next-token NLL of the last positions
 }
 
 
@@ -132,15 +133,20 @@ def structured(d: int, n: int, rng: np.random.Generator) -> dict[str, np.ndarray
 def capture_all(model, ids: list[int]) -> tuple[dict[int, tuple], float]:
     """({layer: (queries, keys, values)} as float64 NumPy (H, T, d), mean next-token NLL)
     of one prefill, every attention layer (plain and sliding-window caches alike). The NLL
-    is a sanity check that the model folder is a working model."""
+    (of the last SETTINGS["nll_tokens"] positions: the full vocabulary projection of every
+    position would cost more than the model) checks that the model folder works."""
     tq_mlx.install_attention_route()
     sink: dict[int, tuple] = {}
     cache = mlx_cache.make_prompt_cache(model)
     for i, c in enumerate(cache):
         c.tq_capture = (lambda q, k, v, s, i=i: sink.__setitem__(i, (q, k, v)))
-    logits = model(mx.array(ids)[None], cache=cache)[0].astype(mx.float32)
+    n = SETTINGS["nll_tokens"]
+    h = model.model(mx.array(ids)[None], cache=cache)[:, -n - 1:-1]
+    tied = getattr(model, "tie_word_embeddings", not hasattr(model, "lm_head"))
+    head = model.model.embed_tokens.as_linear if tied else model.lm_head
+    logits = head(h)[0].astype(mx.float32)
     logp = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
-    nll = -mx.take_along_axis(logp[:-1], mx.array(ids[1:])[:, None], axis=-1).mean()
+    nll = -mx.take_along_axis(logp, mx.array(ids[-n:])[:, None], axis=-1).mean()
     mx.eval(nll)
     if not sink:
         raise RuntimeError("no attention call was captured")
@@ -165,7 +171,8 @@ def run(model_name: str, model_dir: Path, out: Path) -> dict:
     _, k0, _ = cap[layers[0]]
     n_kv, d = k0.shape[0], k0.shape[-1]
     print(f"{model_name}: {len(layers)} layers x {n_kv} KV heads, head_dim {d}, "
-          f"{len(ids)} tokens captured in {time.time() - t0:.0f}s, next-token NLL {nll:.3f}",
+          f"{len(ids)} tokens captured in {time.time() - t0:.0f}s, next-token NLL {nll:.3f} "
+          f"(last {SETTINGS['nll_tokens']})",
           flush=True)
     sel = np.linspace(0, len(ids) - 1, SETTINGS["queries"]).astype(int)
     # per (rotation, bits, metric): one value per seed
