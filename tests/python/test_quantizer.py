@@ -40,6 +40,15 @@ def test_hadamard1_is_one_round_with_the_first_signs(seed, d):
         tq.Quantizer("turboquant_mse", dim=96, bits=2, rotation="hadamard1")
 
 
+def test_hadamard1_reaches_the_parts_of_an_outlier_split():
+    q = tq.Quantizer("turboquant_mse", dim=64, bits=2, seed=1, rotation="hadamard1",
+                     outlier_channels=list(range(0, 64, 2)), outlier_bits=4)
+    assert [q.part(p).rotation for p in (0, 1)] == ["hadamard1", "hadamard1"]
+    x = unit_vectors(50, 64)
+    codes, norms = q.encode(x)
+    assert np.mean(np.sum((q.decode(codes, norms) - x) ** 2, axis=1)) < 0.1
+
+
 @pytest.mark.parametrize("d", [16, 48, 100])
 def test_dense_rotation_matches_reference_qr(d):
     q = tq.Quantizer("turboquant_mse", dim=d, bits=2, seed=7, rotation="dense")
