@@ -34,8 +34,9 @@ void QuantizerConfig::validate() const {
            kMaxBits, "], got ", bits);
   TQ_CHECK(jl_dim >= 0 && jl_dim <= 8 * kMaxDim, InvalidArgument, "jl_dim must be in [0, ",
            8 * kMaxDim, "] (0 means head_dim), got ", jl_dim);
-  TQ_CHECK(rotation != RotationKind::kHadamard || is_power_of_two(dim), InvalidArgument,
-           "hadamard rotation needs a power-of-two head_dim, got ", dim,
+  TQ_CHECK((rotation != RotationKind::kHadamard && rotation != RotationKind::kHadamard1) ||
+               is_power_of_two(dim),
+           InvalidArgument, to_string(rotation), " rotation needs a power-of-two head_dim, got ", dim,
            " (use rotation='dense' or 'auto')");
   TQ_CHECK(n_outlier_channels >= 0 && n_outlier_channels < dim, InvalidArgument,
            "n_outlier_channels must be in [0, head_dim - 1] = [0, ", dim - 1, "], got ", n_outlier_channels);

@@ -46,8 +46,8 @@ inline unsigned read_angle(const uint8_t* code) {
 
 RotationKind part_rotation(RotationKind requested, int dim) {
   if (dim < kMinDim) return RotationKind::kDense;  // Hadamard of a few coordinates is far from Haar
-  if (requested == RotationKind::kDense) return RotationKind::kDense;
-  return is_power_of_two(dim) ? RotationKind::kHadamard : RotationKind::kDense;
+  if (requested == RotationKind::kDense || !is_power_of_two(dim)) return RotationKind::kDense;
+  return requested == RotationKind::kHadamard1 ? RotationKind::kHadamard1 : RotationKind::kHadamard;
 }
 }  // namespace
 

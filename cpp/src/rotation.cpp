@@ -15,6 +15,7 @@ std::string to_string(RotationKind kind) {
     case RotationKind::kAuto: return "auto";
     case RotationKind::kDense: return "dense";
     case RotationKind::kHadamard: return "hadamard";
+    case RotationKind::kHadamard1: return "hadamard1";
   }
   return "unknown";
 }
@@ -23,7 +24,8 @@ RotationKind rotation_kind_from_string(const std::string& name) {
   if (name == "auto") return RotationKind::kAuto;
   if (name == "dense") return RotationKind::kDense;
   if (name == "hadamard") return RotationKind::kHadamard;
-  throw InvalidArgument("rotation must be 'auto', 'dense' or 'hadamard', got '" + name + "'");
+  if (name == "hadamard1") return RotationKind::kHadamard1;
+  throw InvalidArgument("rotation must be 'auto', 'dense', 'hadamard' or 'hadamard1', got '" + name + "'");
 }
 
 // The active CPU kernel set's transform (SIMD where available; bit-identical to scalar).
@@ -111,6 +113,44 @@ class HadamardRotation final : public Rotation {
   std::vector<float> post_fwd_, post_inv_;  // scale_ (forward) and d1_·scale_ (inverse)
 };
 
+// Π = H·D₁ / √d: one randomized Hadamard round. The fwht is the active kernel set's
+// (bit-identical to scalar) and the sign/scale multiplies are plain loops, so every CPU path
+// gives the same bits.
+class Hadamard1Rotation final : public Rotation {
+ public:
+  Hadamard1Rotation(int dim, std::vector<float> d1)
+      : Rotation(dim), d1_(std::move(d1)), scale_(1.0f / std::sqrt(static_cast<float>(dim))),
+        post_inv_(d1_.size()) {
+    for (size_t j = 0; j < d1_.size(); ++j) post_inv_[j] = d1_[j] * scale_;
+  }
+  RotationKind kind() const override { return RotationKind::kHadamard1; }
+
+  void forward(const float* x, float* y, size_t n) const override {
+    const size_t d = d1_.size();
+    for (size_t r = 0; r < n; ++r) {
+      float* v = y + r * d;
+      for (size_t j = 0; j < d; ++j) v[j] = x[r * d + j] * d1_[j];
+      fwht(v, d);
+      for (size_t j = 0; j < d; ++j) v[j] *= scale_;
+    }
+  }
+  void inverse(const float* y, float* x, size_t n) const override {
+    const size_t d = d1_.size();
+    for (size_t r = 0; r < n; ++r) {
+      float* v = x + r * d;
+      if (v != y + r * d) std::memcpy(v, y + r * d, sizeof(float) * d);
+      fwht(v, d);
+      for (size_t j = 0; j < d; ++j) v[j] *= post_inv_[j];
+    }
+  }
+  std::vector<float> parameters() const override { return d1_; }
+
+ private:
+  std::vector<float> d1_;
+  float scale_;
+  std::vector<float> post_inv_;  // d1_·scale_
+};
+
 void check_dim(int dim) {
   // dim 1 (Π = ±1) serves the one-channel parts of an outlier split.
   TQ_CHECK(dim >= 1 && dim <= 4096, InvalidArgument, "rotation dim must be in [1, 4096], got ", dim);
@@ -123,15 +163,15 @@ std::unique_ptr<Rotation> Rotation::create(RotationKind kind, int dim, uint64_t 
   check_dim(dim);
   if (kind == RotationKind::kAuto) kind = is_power_of_two(dim) ? RotationKind::kHadamard : RotationKind::kDense;
   const auto d = static_cast<size_t>(dim);
-  if (kind == RotationKind::kHadamard) {
-    TQ_CHECK(is_power_of_two(dim), InvalidArgument,
-             "hadamard rotation needs a power-of-two dim, got ", dim,
-             " (use rotation='dense' or 'auto')");
+  if (kind == RotationKind::kHadamard || kind == RotationKind::kHadamard1) {
+    TQ_CHECK(is_power_of_two(dim), InvalidArgument, to_string(kind),
+             " rotation needs a power-of-two dim, got ", dim, " (use rotation='dense' or 'auto')");
     // Stream purpose bits are replaced so that a dense and a hadamard rotation of the same
-    // (seed, stream) never share random numbers.
+    // (seed, stream) never share random numbers. hadamard1 keeps D₁ of hadamard.
     RandomStream rs(seed, stream ^ make_stream_id(StreamPurpose::kHadamardSigns));
     std::vector<float> d1(d), d2(d);
     for (auto& s : d1) s = rs.next_sign();
+    if (kind == RotationKind::kHadamard1) return std::make_unique<Hadamard1Rotation>(dim, std::move(d1));
     for (auto& s : d2) s = rs.next_sign();
     return std::make_unique<HadamardRotation>(dim, std::move(d1), std::move(d2));
   }
@@ -161,7 +201,15 @@ std::unique_ptr<Rotation> Rotation::from_parameters(RotationKind kind, int dim,
     return std::make_unique<HadamardRotation>(dim, std::vector<float>(params.begin(), params.begin() + dim),
                                               std::vector<float>(params.begin() + dim, params.end()));
   }
-  TQ_CHECK(kind == RotationKind::kDense, InvalidArgument, "from_parameters needs 'dense' or 'hadamard'");
+  if (kind == RotationKind::kHadamard1) {
+    TQ_CHECK(is_power_of_two(dim), FormatError, "hadamard1 rotation needs a power-of-two dim, got ", dim);
+    TQ_CHECK(params.size() == d, FormatError, "hadamard1 rotation expects ", d, " sign parameters, got ",
+             params.size());
+    for (float v : params) TQ_CHECK(v == 1.0f || v == -1.0f, FormatError, "hadamard1 signs must be +1 or -1");
+    return std::make_unique<Hadamard1Rotation>(dim, std::vector<float>(params.begin(), params.end()));
+  }
+  TQ_CHECK(kind == RotationKind::kDense, InvalidArgument,
+           "from_parameters needs 'dense', 'hadamard' or 'hadamard1'");
   TQ_CHECK(params.size() == d * d, FormatError, "dense rotation expects ", d * d, " values, got ", params.size());
   RowMatrix m = Eigen::Map<const RowMatrix>(params.data(), dim, dim);
   const double err = (m * m.transpose() - RowMatrix::Identity(dim, dim)).cwiseAbs().maxCoeff();

@@ -418,7 +418,7 @@ void read_base_config(Reader& conf, KVCacheConfig& c) {
   c.seed = conf.get<uint64_t>("seed");
   const auto rot = conf.get<uint32_t>("rotation");
   TQ_CHECK(rot == rotation_code(RotationKind::kDense) || rot == rotation_code(RotationKind::kHadamard) ||
-               rot == rotation_code(RotationKind::kAuto),
+               rot == rotation_code(RotationKind::kHadamard1) || rot == rotation_code(RotationKind::kAuto),
            FormatError, "corrupted file: rotation kind ", rot);
   c.rotation = static_cast<RotationKind>(rot);
   c.jl_dim = conf.get<int32_t>("jl_dim");
@@ -578,7 +578,8 @@ std::unique_ptr<KVCache> deserialize_cache(const uint8_t* data, size_t size) {
     Reader rots = r.section(kTagRots, "ROTS");
     const size_t streams_total = static_cast<size_t>(c.n_layers) * static_cast<size_t>(c.n_kv_heads) * 2;
     const auto d = static_cast<size_t>(c.head_dim);
-    const size_t min_stream_bytes = 4 + 8 + sizeof(float) * std::min(2 * d, d * d);
+    // The smallest rotation: hadamard1's d signs (d = 1: a 1×1 dense matrix).
+    const size_t min_stream_bytes = 4 + 8 + sizeof(float) * d;
     TQ_CHECK(rots.left() / min_stream_bytes >= streams_total, FormatError, "corrupted file: ROTS section of ",
              rots.left(), " bytes cannot hold the rotations of ", streams_total, " streams (",
              c.n_layers, " layers × ", c.n_kv_heads, " KV heads × key/value)");
@@ -588,7 +589,8 @@ std::unique_ptr<KVCache> deserialize_cache(const uint8_t* data, size_t size) {
       for (int h = 0; h < c.n_kv_heads; ++h) {
         for (KVRole role : {KVRole::kKey, KVRole::kValue}) {
           const auto kind = rots.get<uint32_t>("rotation kind");
-          TQ_CHECK(kind == rotation_code(RotationKind::kDense) || kind == rotation_code(RotationKind::kHadamard),
+          TQ_CHECK(kind == rotation_code(RotationKind::kDense) || kind == rotation_code(RotationKind::kHadamard) ||
+                       kind == rotation_code(RotationKind::kHadamard1),
                    FormatError, "corrupted file: rotation kind ", kind);
           const auto count = rots.get<uint64_t>("rotation size");
           TQ_CHECK(count <= rots.left() / sizeof(float), FormatError, "corrupted file: rotation of ", count,

@@ -195,7 +195,7 @@ def _read_manifest(d: Path) -> dict:
     return m
 
 
-_KIND_CODE = {"dense": 1, "hadamard": 2}
+_KIND_CODE = {"dense": 1, "hadamard": 2, "hadamard1": 3}  # RotationKind values (rotation.h)
 _CODE_KIND = {v: k for k, v in _KIND_CODE.items()}
 
 
@@ -241,7 +241,7 @@ def install_artifacts(core, role: str, arrays: dict[str, np.ndarray]) -> int:
     if kind != core.rotation_parameters(0, 0, role)[0]:
         return 0  # stored for another rotation kind: this build computes its own
     d = core.head_dim
-    want = d * d if kind == "dense" else 2 * d
+    want = {"dense": d * d, "hadamard": 2 * d, "hadamard1": d}[kind]
     todo = []
     for layer in range(core.n_layers):
         for head in range(core.n_kv_heads):

@@ -35,7 +35,7 @@ from turboquant.artifacts import ArtifactKey, ArtifactStore, export_artifacts, i
 from turboquant.kv_cache import TurboQuantKVCache
 
 _RECONSTRUCTING = ("turboquant_mse", "polar")
-_ROTATIONS = ("auto", "hadamard", "dense")
+_ROTATIONS = ("auto", "hadamard", "hadamard1", "dense")
 _DESIGN_METHODS = ("turboquant_mse", "turboquant_prod", "polar", "qjl")
 
 
@@ -311,9 +311,9 @@ class KVCacheBuilder:
         check_int("max_tokens", self._max_tokens, 0, 2**62)
         if self._rotation not in _ROTATIONS:
             raise ValueError(f"rotation must be one of {_ROTATIONS}, got {self._rotation!r}")
-        if self._rotation == "hadamard" and self._head_dim & (self._head_dim - 1):
-            raise ValueError(f"hadamard rotation needs a power-of-two head_dim, got {self._head_dim} "
-                             "(use 'dense' or 'auto')")
+        if self._rotation in ("hadamard", "hadamard1") and self._head_dim & (self._head_dim - 1):
+            raise ValueError(f"{self._rotation} rotation needs a power-of-two head_dim, got "
+                             f"{self._head_dim} (use 'dense' or 'auto')")
         name = _precision_name(self._precision)
         if name not in ("float16", "float32", "bfloat16"):
             raise ValueError(f"precision must be float16, float32 (NumPy or mlx) or mlx bfloat16, got {name}")

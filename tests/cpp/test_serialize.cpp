@@ -24,8 +24,9 @@ TEST(Crc32c, StandardCheckValue) {
 }
 
 namespace {
-std::unique_ptr<KVCache> small_cache(size_t tokens) {
+std::unique_ptr<KVCache> small_cache(size_t tokens, RotationKind rotation = RotationKind::kAuto) {
   KVCacheConfig cfg;
+  cfg.rotation = rotation;
   cfg.head_dim = 16;
   cfg.n_layers = 2;
   cfg.n_q_heads = 2;
@@ -87,6 +88,25 @@ TEST(Serialize, EveryBitFlipIsAFormatError) {
   auto extra = bytes;
   extra.push_back(0);
   EXPECT_THROW(deserialize_cache(extra.data(), extra.size()), FormatError);
+}
+
+TEST(Serialize, Hadamard1RoundTripsAndEveryCorruptionIsAFormatError) {
+  auto c = small_cache(5, RotationKind::kHadamard1);
+  EXPECT_EQ(c->key_quantizer(1, 0).rotation().kind(), RotationKind::kHadamard1);
+  const auto bytes = serialize_cache(*c);
+  auto r = deserialize_cache(bytes.data(), bytes.size());
+  EXPECT_EQ(r->config().rotation, RotationKind::kHadamard1);
+  for (int l = 0; l < 2; ++l)
+    for (KVRole role : {KVRole::kKey, KVRole::kValue}) {
+      const auto& rq = role == KVRole::kKey ? r->key_quantizer(l, 0) : r->value_quantizer(l, 0);
+      const auto& cq = role == KVRole::kKey ? c->key_quantizer(l, 0) : c->value_quantizer(l, 0);
+      EXPECT_EQ(rq.rotation().kind(), RotationKind::kHadamard1);
+      EXPECT_EQ(rq.rotation().parameters(), cq.rotation().parameters());
+      EXPECT_EQ(decoded(*r, l, 0, role), decoded(*c, l, 0, role));
+    }
+  EXPECT_EQ(serialize_cache(*r), bytes);
+  expect_every_truncation_rejected(bytes);
+  expect_every_byte_flip_rejected(bytes);
 }
 
 TEST(Serialize, MagicAndVersionErrorsAreClear) {

@@ -68,6 +68,16 @@ def hadamard_rotation(d: int, seed: int, stream: int = 0) -> np.ndarray:
     return h @ np.diag(s[d:]) @ h @ np.diag(s[:d])
 
 
+def hadamard1_rotation(d: int, seed: int, stream: int = 0) -> np.ndarray:
+    """One round H·D₁ (rotation "hadamard1"): D₁ = the first d signs of hadamard_rotation."""
+    rs = RandomStream(seed, stream ^ stream_id(2))
+    s = np.array([1.0 if rs.u32() & 1 else -1.0 for _ in range(d)])
+    h = np.array([[1.0]])
+    while h.shape[0] < d:
+        h = np.block([[h, h], [h, -h]])
+    return h / math.sqrt(d) @ np.diag(s)
+
+
 def _beta_log_c(d: int) -> float:
     return math.lgamma(d / 2) - 0.5 * math.log(math.pi) - math.lgamma((d - 1) / 2)
 

@@ -194,6 +194,22 @@ def test_npy_artifact_store_persists(tmp_path):
         b.with_artifact_store(tq.NpyArtifactStore(tmp_path)).build()
 
 
+def test_hadamard1_through_the_builder_and_artifact_store(tmp_path):
+    b = (tq.KVCacheBuilder().with_head_dim(64).with_bit_width(3).with_seed(4)
+         .with_rotation("hadamard1"))
+    first = b.with_artifact_store(tq.NpyArtifactStore(tmp_path)).build()
+    assert first.core.rotation == "hadamard1"
+    store = tq.NpyArtifactStore(tmp_path)
+    second = b.with_artifact_store(store).build()
+    assert store.hits == 2 and second.core.rotation == "hadamard1"
+    x = np.random.default_rng(2).standard_normal((20, 64)).astype(np.float32)
+    for c in (first, second):
+        c.append(x, x)
+    np.testing.assert_array_equal(first.attend(x[-1]), second.attend(x[-1]))
+    with pytest.raises(ValueError, match="hadamard1 rotation needs a power-of-two head_dim"):
+        tq.KVCacheBuilder().with_head_dim(96).with_rotation("hadamard1").build()
+
+
 def test_mlx_transposed_views_are_accepted():
     # mlx-lm keeps (B, T, H, d) projections and transposes them to (B, H, T, d).
     rng = np.random.default_rng(3)

@@ -128,6 +128,23 @@ def test_save_load_roundtrip_and_errors(rng, tmp_path):
         _core.KVCache.load(str(tmp_path / "missing"))
 
 
+def test_hadamard1_cache_saves_and_loads(rng, tmp_path):
+    kv = _core.KVCache(64, n_layers=2, n_q_heads=2, n_kv_heads=1, key_bits=3, value_bits=2, seed=5,
+                       rotation="hadamard1", block_tokens=16)
+    assert kv.rotation == "hadamard1"
+    kind, params = kv.rotation_parameters(1, 0, "value")
+    assert kind == "hadamard1" and params.shape == (64,)
+    x = rng.standard_normal((40, 64), dtype=np.float32)
+    kv.append(x, x, layer=0)
+    p = tmp_path / "c.tqkv"
+    kv.save(str(p))
+    r = _core.KVCache.load(str(p))
+    assert r.rotation == "hadamard1"
+    np.testing.assert_array_equal(r.rotation_parameters(1, 0, "value")[1], params)
+    q = rng.standard_normal((2, 4, 64), dtype=np.float32)
+    np.testing.assert_array_equal(kv.attend(q), r.attend(q))
+
+
 def test_wrapper_observers_and_save(rng, tmp_path):
     lat, mem, dist = tq.LatencyObserver(), tq.MemoryObserver(), tq.DistortionObserver(fraction=0.5, seed=1)
     cache = (tq.KVCacheBuilder().with_head_dim(64).with_heads(4, 2).with_bit_width(4)

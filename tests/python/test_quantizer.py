@@ -28,6 +28,27 @@ def test_philox_reference_matches_rotation_signs(seed):
     np.testing.assert_allclose(q.rotation_matrix(), ref.hadamard_rotation(64, seed), atol=1e-6)
 
 
+@pytest.mark.parametrize("seed", [0, 1, 12345])
+@pytest.mark.parametrize("d", [16, 64, 256])
+def test_hadamard1_is_one_round_with_the_first_signs(seed, d):
+    q = tq.Quantizer("turboquant_mse", dim=d, bits=2, seed=seed, rotation="hadamard1")
+    assert q.rotation == "hadamard1"
+    np.testing.assert_allclose(q.rotation_matrix(), ref.hadamard1_rotation(d, seed), atol=1e-6)
+    two = tq.Quantizer("turboquant_mse", dim=d, bits=2, seed=seed, rotation="hadamard")
+    np.testing.assert_array_equal(q.rotation_parameters(), two.rotation_parameters()[:d])
+    with pytest.raises(ValueError, match="hadamard1 rotation needs a power-of-two"):
+        tq.Quantizer("turboquant_mse", dim=96, bits=2, rotation="hadamard1")
+
+
+def test_hadamard1_reaches_the_parts_of_an_outlier_split():
+    q = tq.Quantizer("turboquant_mse", dim=64, bits=2, seed=1, rotation="hadamard1",
+                     outlier_channels=list(range(0, 64, 2)), outlier_bits=4)
+    assert [q.part(p).rotation for p in (0, 1)] == ["hadamard1", "hadamard1"]
+    x = unit_vectors(50, 64)
+    codes, norms = q.encode(x)
+    assert np.mean(np.sum((q.decode(codes, norms) - x) ** 2, axis=1)) < 0.1
+
+
 @pytest.mark.parametrize("d", [16, 48, 100])
 def test_dense_rotation_matches_reference_qr(d):
     q = tq.Quantizer("turboquant_mse", dim=d, bits=2, seed=7, rotation="dense")
@@ -42,7 +63,7 @@ def test_codebook_matches_reference_lloyd(d, bits):
     assert cb.vector_distortion == pytest.approx(dist, rel=2e-3)
 
 
-@pytest.mark.parametrize("rotation", ["hadamard", "dense"])
+@pytest.mark.parametrize("rotation", ["hadamard", "hadamard1", "dense"])
 @pytest.mark.parametrize("bits", [1, 2, 3, 4, 8])
 def test_codes_match_numpy_reference(rotation, bits):
     d = 64

@@ -5,6 +5,10 @@
 //   hadamard: Π = H·D₂·H·D₁ with H the orthonormal Walsh-Hadamard matrix and D₁, D₂ random
 //             ±1 diagonals. O(d log d), in place. Needs d a power of two; for other d,
 //             RotationKind::kAuto picks dense and an explicit kHadamard is an error.
+//   hadamard1: Π = H·D₁, one round (D₁ = the first d signs "hadamard" draws for the same
+//             seed and stream). Lower MSE on real K/V, weaker on structured inputs (a
+//             one-hot input becomes a flat ±1/√d vector); docs/rotation.md has the numbers.
+//             Same power-of-two rule as kHadamard; kAuto never picks it.
 #pragma once
 
 #include <cstddef>
@@ -16,10 +20,11 @@
 
 namespace turboquant {
 
-enum class RotationKind { kAuto, kDense, kHadamard };
+// The values are the codes files record (serialize.h): append, never renumber.
+enum class RotationKind { kAuto, kDense, kHadamard, kHadamard1 };
 
 std::string to_string(RotationKind kind);
-RotationKind rotation_kind_from_string(const std::string& name);  // "auto"|"dense"|"hadamard"
+RotationKind rotation_kind_from_string(const std::string& name);  // "auto"|"dense"|"hadamard"|"hadamard1"
 constexpr bool is_power_of_two(int d) { return d > 0 && (d & (d - 1)) == 0; }
 
 // In-place unnormalised fast Walsh-Hadamard transform of n = 2^k values.
@@ -40,7 +45,8 @@ class Rotation {
   virtual void forward_scaled(const float* x, const float* row_scale, float* y, size_t n) const;
   // Π as a dense row-major d×d matrix (for export, tests, and reference implementations).
   std::vector<float> matrix() const;
-  // The parameters that define Π: the d×d matrix (dense) or D₁ then D₂ signs (hadamard).
+  // The parameters that define Π: the d×d matrix (dense), D₁ then D₂ signs (hadamard) or
+  // the D₁ signs (hadamard1).
   virtual std::vector<float> parameters() const = 0;
 
   // Built from (seed, stream): the same arguments give the same Π on every platform.

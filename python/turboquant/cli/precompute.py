@@ -15,7 +15,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--layers", type=int, default=1)
     p.add_argument("--kv-heads", type=int, default=1)
-    p.add_argument("--rotation", default="auto", choices=["auto", "hadamard", "dense"])
+    p.add_argument("--rotation", default="auto", choices=["auto", "hadamard", "hadamard1", "dense"])
     p.add_argument("--jl-dim", type=int, default=0)
     p.add_argument("--out", required=True, help="artifact directory")
 
