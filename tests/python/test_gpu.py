@@ -90,12 +90,26 @@ def test_large_context_decode_matches_the_core():
     assert rel_err(np.array(store.attend(mx.array(q))), core.attend(q)) <= 2e-4
 
 
-def test_mlx_lm_logits_on_the_gpu_path_match_the_cpu_path(monkeypatch):
-    from mlx_tiny import tiny_model
+def gpu_sized_model(model_type: str):
+    """A tiny random model with head_dim 64 (the GPU store's key split needs head_dim >= 32;
+    tests/python/mlx_tiny.py's models have 16)."""
+    import importlib
 
+    from mlx_tiny import _COMMON
+
+    module = importlib.import_module(f"mlx_lm.models.{model_type}")
+    cfg = dict(_COMMON, model_type=model_type, hidden_size=256, num_attention_heads=4,
+               num_key_value_heads=2, head_dim=64)
+    mx.random.seed(0)
+    model = module.Model(module.ModelArgs.from_dict(cfg))
+    mx.eval(model.parameters())
+    return model
+
+
+def test_mlx_lm_logits_on_the_gpu_path_match_the_cpu_path(monkeypatch):
     from turboquant.mlx_lm import make_prompt_cache
 
-    model = tiny_model("llama")
+    model = gpu_sized_model("llama")
     prompt = mx.array((np.arange(1, 300) * 7 % 120)[None])
 
     def logits(gpu: bool):
@@ -117,11 +131,10 @@ def test_mlx_lm_logits_on_the_gpu_path_match_the_cpu_path(monkeypatch):
 
 def test_prompt_cache_files_load_across_paths(monkeypatch, tmp_path):
     from mlx_lm.models.cache import load_prompt_cache, save_prompt_cache
-    from mlx_tiny import tiny_model
 
     from turboquant.mlx_lm import make_prompt_cache
 
-    model = tiny_model("qwen2")
+    model = gpu_sized_model("qwen2")
     prompt = mx.array((np.arange(1, 200) * 5 % 120)[None])
     monkeypatch.setattr(metal, "active_path", lambda: metal.candidate_path())
     gpu_cache = make_prompt_cache(model, key_bits=3, value_bits=4)
