@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import turboquant
 from turboquant import _atomic
 from turboquant._atomic import atomic_path, atomic_write
 
@@ -131,8 +132,9 @@ def kill_rounds(kind: str, rounds: int, tmp_path: Path, max_delay: float) -> int
     work = tmp_path / "work"
     work.mkdir()
     target = work / name
-    env = dict(os.environ, PYTHONPATH=str(ROOT / "python") + os.pathsep +
-               os.environ.get("PYTHONPATH", ""))
+    # The child imports the turboquant this test imported (installed, or a source tree).
+    package_root = str(Path(turboquant.__file__).resolve().parents[1])
+    env = dict(os.environ, PYTHONPATH=package_root + os.pathsep + os.environ.get("PYTHONPATH", ""))
     rng = random.Random(0)
     complete = 0
     for r in range(rounds):

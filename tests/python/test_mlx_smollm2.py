@@ -43,7 +43,8 @@ def test_smollm2_fp16_sanity_and_turboquant_quality():
     from turboquant.mlx_eval import fp16_kv_bytes
 
     assert tq3.kv_bytes < tq4.kv_bytes
-    assert fp16_kv_bytes(model, 256) / tq3.kv_bytes > 4.2, tq3.kv_bytes
+    # (nbytes counts everything, the centring means and key channel order included)
+    assert fp16_kv_bytes(model, 256) / tq3.kv_bytes > 4.0, tq3.kv_bytes
     # generation through mlx-lm: with 8-bit codes the compressed cache reproduces the
     # fp16 cache's greedy answer (at 3-4 bits the first token of this short answer is a
     # near tie that flips with the quantization noise, depending on the seed)

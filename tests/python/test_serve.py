@@ -24,6 +24,7 @@ pytest.importorskip("mlx.core")
 pytest.importorskip("mlx_lm")
 
 from mlx_tiny_dir import save_tiny_model_dir
+import turboquant
 from turboquant import serve
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -46,8 +47,9 @@ def model_dir(tmp_path_factory):
 def running_server(model_dir, log, *args, start_timeout=40):
     """``python -m turboquant serve`` on a free loopback port; yields its URL."""
     port = free_port()
-    env = dict(os.environ, PYTHONPATH=str(ROOT / "python") + os.pathsep +
-               os.environ.get("PYTHONPATH", ""))
+    # The child imports the turboquant this test imported (installed, or a source tree).
+    package_root = str(Path(turboquant.__file__).resolve().parents[1])
+    env = dict(os.environ, PYTHONPATH=package_root + os.pathsep + os.environ.get("PYTHONPATH", ""))
     with open(log, "wb") as out:
         proc = subprocess.Popen(
             [sys.executable, "-m", "turboquant", "serve", "--model", str(model_dir),
