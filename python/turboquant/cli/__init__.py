@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from turboquant.cli import bench, benchmark, demo, distortion, info, precompute
-from turboquant.cli import calibrate, convert_gguf, eval, generate
+from turboquant.cli import calibrate, convert_gguf, eval, generate, needle
 
 COMMANDS = {
     "demo": (demo.HELP, demo.add_arguments, demo.run),
@@ -16,4 +16,5 @@ COMMANDS = {
     "generate": (generate.HELP, generate.add_arguments, generate.run),
     "eval": (eval.HELP, eval.add_arguments, eval.run),
     "calibrate": (calibrate.HELP, calibrate.add_arguments, calibrate.run),
+    "needle": (needle.HELP, needle.add_arguments, needle.run),
 }
