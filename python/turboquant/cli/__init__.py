@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from turboquant.cli import bench, benchmark, demo, distortion, info, precompute
-from turboquant.cli import calibrate, convert_gguf, eval, generate, serve
+from turboquant.cli import calibrate, convert_gguf, eval, generate, needle, serve
 
 COMMANDS = {
     "demo": (demo.HELP, demo.add_arguments, demo.run),
@@ -17,4 +17,5 @@ COMMANDS = {
     "eval": (eval.HELP, eval.add_arguments, eval.run),
     "calibrate": (calibrate.HELP, calibrate.add_arguments, calibrate.run),
     "serve": (serve.HELP, serve.add_arguments, serve.run),
+    "needle": (needle.HELP, needle.add_arguments, needle.run),
 }
