@@ -296,8 +296,8 @@ class TurboQuantKVCache(_mlx_cache._BaseCache):
             pend, total = [], 0
             for k, v in self._pending:
                 take = min(k.shape[1], keep - total)
-                if take > 0:
-                    pend.append((k[:, :take], v[:, :take]))
+                if take > 0:  # kept C-contiguous: the core reads pending blocks in place
+                    pend.append((_first_tokens(k, take), _first_tokens(v, take)))
                 total += take
             self._pending = pend
         self.offset -= n
@@ -658,6 +658,12 @@ def _permute(x: np.ndarray, perm: np.ndarray) -> np.ndarray:
     if isinstance(x, mx.array):
         return mx.take_along_axis(x, mx.array(perm[:, None, :].astype(np.int32)), axis=2)
     return np.ascontiguousarray(np.take_along_axis(x, perm[:, None, :], axis=2))
+
+
+def _first_tokens(x, n: int):
+    """Tokens [0, n) of a pending (H, T, d) block; a NumPy slice is made contiguous again."""
+    y = x[:, :n]
+    return y if isinstance(y, mx.array) else np.ascontiguousarray(y)
 
 
 def _host(x) -> np.ndarray:
