@@ -461,7 +461,10 @@ class TurboQuantKVCache(_mlx_cache._BaseCache):
         if not (self.key_split and self.key_method == "turboquant_mse"
                 and 2 <= min(widths) and max(widths) <= 7 and head_dim % 4 == 0):
             return None
-        return head_dim // 2, self.key_bits + 1, self.key_bits - 1
+        # With per-head widths the core's base widths are overridden per head; they only need
+        # to be valid, which key_bits itself (e.g. 1 beside heads of 2 bits) need not be.
+        b = self.key_bits if self.key_head_bits is None else min(widths)
+        return head_dim // 2, b + 1, b - 1
 
     def _tiled_head_bits(self, bits, total_kv: int) -> list[int] | None:
         """Per-head widths for the core's total_kv = batch × KV heads (batch is folded into
