@@ -162,22 +162,23 @@ def softmax_attention(q: np.ndarray, K: np.ndarray, V: np.ndarray, causal: bool,
     return out
 
 
-def sparse_v_bound(q: np.ndarray, K: np.ndarray, V: np.ndarray, scale: float, group: int,
-                   threshold: float) -> np.ndarray:
+def sparse_v_bound(q: np.ndarray, K: np.ndarray, V: np.ndarray, causal: bool,
+                   window: int | None, scale: float, group: int, threshold: float) -> np.ndarray:
     """Per (head, query) bound of |o_sparse - o_dense|: the weight of the rows below
-    threshold × the maximum weight times their value norms (causal, no window)."""
+    threshold × the maximum weight times their value norms (kv_cache.h, sparse_v)."""
     hq, tq, _ = q.shape
     n = K.shape[1]
     bound = np.zeros((hq, tq))
     for h in range(hq):
         Kh, Vh = K[h // group].astype(np.float64), V[h // group].astype(np.float64)
         for t in range(tq):
-            hi = n - tq + t
-            s = scale * (Kh[:hi + 1] @ q[h, t].astype(np.float64))
+            hi = n - tq + t if causal else n - 1
+            lo = hi + 1 - window if window and hi + 1 > window else 0
+            s = scale * (Kh[lo:hi + 1] @ q[h, t].astype(np.float64))
             p = np.exp(s - s.max())
             p /= p.sum()
             small = p < threshold * p.max()
-            bound[h, t] = (p[small] * np.linalg.norm(Vh[:hi + 1][small], axis=1)).sum()
+            bound[h, t] = (p[small] * np.linalg.norm(Vh[lo:hi + 1][small], axis=1)).sum()
     return bound
 
 

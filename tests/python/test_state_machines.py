@@ -45,8 +45,8 @@ from turboquant import _core
 
 PROFILE = os.environ.get("TQ_HYPOTHESIS_PROFILE", "default")
 # Programs per machine and steps per program, per profile.
-CORE_PROGRAMS = {"default": 420, "long": 5000}.get(PROFILE, 420)
-MLX_PROGRAMS = {"default": 120, "long": 1500}.get(PROFILE, 120)
+CORE_PROGRAMS = {"default": 350, "long": 5000}.get(PROFILE, 350)
+MLX_PROGRAMS = {"default": 300, "long": 3000}.get(PROFILE, 300)
 STEPS = {"default": 25, "long": 60}.get(PROFILE, 25)
 ATOL = 3e-4
 
@@ -259,11 +259,11 @@ class CoreCacheMachine(RuleBasedStateMachine):
         cfg = self.cfg
         layer = data.draw(st.integers(0, cfg.n_layers - 1), label="layer")
         n = self.size(layer)
-        if n == 0:
+        if n == 0 or data.draw(st.integers(0, 9), label="too many queries") == 0:
             before = self.snapshot()
-            with pytest.raises(ValueError, match="empty"):
-                self.kv.attend(self.queries(1, 1.0), layer)
-            self.expect_unchanged(before, "attend on an empty layer")
+            with pytest.raises(ValueError, match="empty" if n == 0 else "queries per head"):
+                self.kv.attend(self.queries(n + 1, 1.0), layer)
+            self.expect_unchanged(before, "attend of more queries than tokens")
             return
         # decode (a few rows per KV head) or prefill (GEMM path from 16 rows per KV head)
         T_q = data.draw(st.sampled_from([1, 1, 2, 3, min(n, 7), min(n, 20)]), label="T_q")
@@ -292,10 +292,8 @@ class CoreCacheMachine(RuleBasedStateMachine):
         want = softmax_attention(q, K, V, causal, window, scale, cfg.n_q // cfg.n_kv)
         err = np.abs(out - want).max(axis=-1)
         tol = ATOL * max(1.0, float(np.abs(V).max()))
-        if sparse and causal and window is None:
-            tol = tol + sparse_v_bound(q, K, V, scale, cfg.n_q // cfg.n_kv, sparse)
-        elif sparse:
-            tol = tol + 2.0 * float(np.linalg.norm(V, axis=-1).max(initial=0.0))
+        if sparse:
+            tol = tol + sparse_v_bound(q, K, V, causal, window, scale, cfg.n_q // cfg.n_kv, sparse)
         assert np.all(err <= tol), (
             f"layer {layer}: attention of {T_q} queries (causal={causal}, window={window}, "
             f"sparse_v={sparse}) is {err.max():.3g} from the softmax over the decoded rows")
@@ -622,13 +620,12 @@ class MlxCacheMachine(RuleBasedStateMachine):
         K, V = self.decoded()
         w = window if window is not None and window < self.n else None
         want = softmax_attention(q, K, V, True, w, scale, self.group)
-        err = np.abs(out - want).max()
+        err = np.abs(out - want).max(axis=-1)
         tol = ATOL * max(1.0, float(np.abs(V).max()))
         if self.opts.get("sparse_v"):  # decode steps and the fp16 window skip small weights
-            tol += float(sparse_v_bound(q, K, V, scale, self.group, self.opts["sparse_v"]).max()
-                         ) if w is None else 2.0 * float(np.linalg.norm(V, axis=-1).max())
-        assert err <= tol, (f"attention of {T} queries (window {window}) is {err:.3g} from the "
-                            f"softmax over the cache's decoded rows")
+            tol = tol + sparse_v_bound(q, K, V, True, w, scale, self.group, self.opts["sparse_v"])
+        assert np.all(err <= tol), (f"attention of {T} queries (window {window}) is "
+                                    f"{err.max():.3g} from the softmax over the decoded rows")
 
     @rule(n=st.integers(0, 12))
     def trim(self, n):
@@ -773,3 +770,38 @@ def test_trimmed_pending_tokens_are_encoded_at_the_first_attention():
     q = mx.array(gaussian(rng, (1, 4, 1, 16)))
     out = base.scaled_dot_product_attention(q, kp, vp, cache=cache, scale=0.25, mask=None)
     assert out.shape == (1, 4, 1, 16) and cache._core.size(0) == 4
+
+
+@pytest.mark.parametrize("outliers", [0, 1])
+def test_per_layer_head_widths_decay_with_their_own_layers_widths(outliers):
+    """Temporal decay of a per-layer, per-head width list: a head whose width differs from
+    layer 0's decays as in a cache holding that layer's list (its codes stay its tokens)."""
+    common = {"n_layers": 2, "n_kv_heads": 2, "n_q_heads": 2, "key_bits": 2, "block_tokens": 1,
+              "decay_after": 1, "decay_bits": 1, "n_outlier_channels": outliers}
+    per_layer = _core.KVCache(64, value_head_bits=[2, 2, 2, 3], **common)
+    layer_one = _core.KVCache(64, value_head_bits=[2, 3], **common)
+    rng = np.random.default_rng(0)
+    k, v = gaussian(rng, (2, 30, 64)), gaussian(rng, (2, 30, 64))
+    for kv in (per_layer, layer_one):
+        kv.append(k, v, 1)
+    got = per_layer.decode(1, 1, "value")
+    assert per_layer.decayed_blocks(1, 1, "value") > 0
+    np.testing.assert_array_equal(got, layer_one.decode(1, 1, "value"))
+    assert row_cosines(got[:-2], v[1, :-2]).mean() > 0.7, "decayed rows are not their tokens"
+
+
+def test_key_split_with_per_head_widths_ignores_an_unsplittable_key_bits():
+    """key_bits=1 beside per-head key widths of 2 bits: the key split uses the heads' widths
+    (the core's base widths must still be valid ones)."""
+    from mlx_lm.models import cache as mlx_cache
+    from turboquant import mlx_lm as tq_mlx
+
+    mx = mlx_cache.mx
+    rng = np.random.default_rng(0)
+    fp = mlx_cache.KVCache()
+    k, v = gaussian(rng, (1, 1, 6, 16)), gaussian(rng, (1, 1, 6, 16))
+    fp.update_and_fetch(mx.array(k), mx.array(v))
+    cache = tq_mlx.to_turbo_quantized(fp, key_bits=1, value_bits=1, key_head_bits=[2],
+                                      n_q_heads=1)
+    core = cache._core
+    assert (core.key_head_bits, core.outlier_head_bits) == ([1], [3]) and core.size(0) == 6
