@@ -30,6 +30,7 @@ from hypothesis.stateful import (
     RuleBasedStateMachine,
     initialize,
     invariant,
+    precondition,
     rule,
     run_state_machine_as_test,
 )
@@ -345,6 +346,25 @@ class CoreCacheMachine(RuleBasedStateMachine):
         self.kv = back  # go on with the loaded cache
         self.window_reserved = [back.window_tokens(layer) > 0 for layer in range(self.cfg.n_layers)]
         self.empty_bytes = self.cfg.build().memory_bytes()
+
+    @precondition(lambda self: self.kv is not None and not (
+        self.cfg.windowed or self.cfg.decays or self.cfg.mixed or self.cfg.evicts
+        or self.cfg.get("key_head_bits") or self.cfg.get("value_head_bits")
+        or self.cfg.get("outlier_head_bits")))
+    @rule()
+    def copy_codes(self):
+        """Conversion by codes: encoded() rows appended to a fresh cache of the same
+        configuration give the same cache, byte for byte."""
+        copy = self.cfg.build()
+        for layer in range(self.cfg.n_layers):
+            if self.size(layer) == 0:
+                continue
+            rows = {role: [self.kv.encoded(layer, h, role) for h in range(self.cfg.n_kv)]
+                    for role in ROLES}
+            copy.append_encoded(*(np.stack([r[i] for r in rows[role]])
+                                  for role in ROLES for i in (0, 1)), layer=layer)
+        assert copy.to_bytes() == self.kv.to_bytes(), "a copy by codes differs from its source"
+        self.kv = copy
 
     @rule()
     def corrupt_file(self):
