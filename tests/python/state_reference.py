@@ -129,7 +129,10 @@ class CoreConfig:
             self.bits(layer, h, role) for layer in range(self.n_layers) for h in range(self.n_kv))
         if self.split(role):
             bits = max(1, min(bits, self.reference_bits(0, 0, role)) - 1)
-        m = self.method(role)
+        m, jl = self.method(role), self.get("jl_dim")
+        if (m == "qjl" or (m == "turboquant_prod" and bits == 1)) and jl:
+            # signs of a jl_dim-row sketch alone: cosine about sqrt(2/π · jl_dim / d)
+            return min(0.4, 0.5 * math.sqrt(2 / math.pi * min(1.0, jl / self.head_dim)))
         if m == "qjl":
             return 0.4
         if m == "turboquant_prod":
