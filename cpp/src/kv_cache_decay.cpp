@@ -84,9 +84,9 @@ void KVCache::init_decay() {
     decay_quantizers_.push_back(make_quantizer(c));
     decay_quantizers_.back()->share_rotation(*q);  // one rotation per stream in memory
   }
-  // One plan per stream of a layer (2*kv_head + role): the widths differ between heads with
-  // per-head bits, and are the same in every layer.
-  for (size_t s = 0; s < 2 * static_cast<size_t>(config_.n_kv_heads); ++s) {
+  // One plan per stream: the widths differ between heads with per-head bits, and between
+  // layers with a per-layer, per-head list.
+  for (size_t s = 0; s < quantizers_.size(); ++s) {
     const Quantizer& from = *quantizers_[s];
     const Quantizer& to = *decay_quantizers_[s];
     DecayPlan plan;
@@ -120,7 +120,7 @@ void KVCache::decay_block(size_t i, size_t b) {
   const Quantizer& q = *quantizers_[i];
   const Quantizer& dq = *decay_quantizers_[i];
   const size_t bt = config_.block_tokens;
-  const DecayPlan& plan = decay_plans_[i % decay_plans_.size()];
+  const DecayPlan& plan = decay_plans_[i];
   const size_t cb = q.code_bytes(), dcb = dq.code_bytes();
   const bool rescale = config_.norm_correction;
   std::unique_ptr<uint8_t[]> fresh(new uint8_t[bt * dcb]);

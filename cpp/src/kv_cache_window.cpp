@@ -370,14 +370,19 @@ void KVCache::shrink_layer(size_t l, size_t new_size) {
       }
     }
   }
+  // A layer cut back into its sinks (or emptied) gives its window's capacity back too, also
+  // when it held no codes: its memory does not depend on where the cut started.
+  const bool into_sinks = new_size <= sink_base(l);
   if (new_size >= coded_[l]) {
-    for (size_t s = 0; s < streams; ++s) windows_[l * streams + s].resize((new_size - coded_[l]) * d);
+    for (size_t s = 0; s < streams; ++s) {
+      windows_[l * streams + s].resize((new_size - coded_[l]) * d);
+      if (into_sinks) std::vector<uint16_t>().swap(windows_[l * streams + s]);
+    }
   } else {
     const size_t ns = std::min(new_size, sink_base(l));  // sinks kept
     for (size_t s = 0; s < streams; ++s) {
       windows_[l * streams + s].clear();
-      // With sinks, a layer cut back into its sinks gives its window's capacity back too.
-      if (sink_base(l) > 0 && new_size <= sink_base(l)) std::vector<uint16_t>().swap(windows_[l * streams + s]);
+      if (into_sinks) std::vector<uint16_t>().swap(windows_[l * streams + s]);
       release_blocks(pages_[l * streams + s], new_size - ns);
       if (!sinks_.empty() && sinks_[l * streams + s].size() > ns * d) {
         auto& v = sinks_[l * streams + s];

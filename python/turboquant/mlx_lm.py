@@ -315,8 +315,8 @@ class TurboQuantKVCache(_mlx_cache._BaseCache):
             pend, total = [], 0
             for k, v in self._pending:
                 take = min(k.shape[1], keep - total)
-                if take > 0:
-                    pend.append((k[:, :take], v[:, :take]))
+                if take > 0:  # kept C-contiguous: the core reads pending blocks in place
+                    pend.append((_first_tokens(k, take), _first_tokens(v, take)))
                 total += take
             self._pending = pend
         self.offset -= n
@@ -496,7 +496,10 @@ class TurboQuantKVCache(_mlx_cache._BaseCache):
         if not (self.key_split and self.key_method == "turboquant_mse"
                 and 2 <= min(widths) and max(widths) <= 7 and head_dim % 4 == 0):
             return None
-        return head_dim // 2, self.key_bits + 1, self.key_bits - 1
+        # With per-head widths the core's base widths are overridden per head; they only need
+        # to be valid, which key_bits itself (e.g. 1 beside heads of 2 bits) need not be.
+        b = self.key_bits if self.key_head_bits is None else min(widths)
+        return head_dim // 2, b + 1, b - 1
 
     def _tiled_head_bits(self, bits, total_kv: int) -> list[int] | None:
         """Per-head widths for the core's total_kv = batch × KV heads (batch is folded into
@@ -711,6 +714,12 @@ def _permute(x: np.ndarray, perm: np.ndarray) -> np.ndarray:
     if isinstance(x, mx.array):
         return mx.take_along_axis(x, mx.array(perm[:, None, :].astype(np.int32)), axis=2)
     return np.ascontiguousarray(np.take_along_axis(x, perm[:, None, :], axis=2))
+
+
+def _first_tokens(x, n: int):
+    """Tokens [0, n) of a pending (H, T, d) block; a NumPy slice is made contiguous again."""
+    y = x[:, :n]
+    return y if isinstance(y, mx.array) else np.ascontiguousarray(y)
 
 
 def _host(x) -> np.ndarray:

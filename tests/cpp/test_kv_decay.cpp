@@ -162,6 +162,29 @@ TEST(KVDecay, TrimAcrossSinksCodesAndDecayedBlocks) {
   EXPECT_EQ(c.memory_bytes(), expected_memory(c, empty));
 }
 
+// A layer of sinks and window rows only (no codes yet) cut back to its sinks, or a layer
+// with a window and no sinks emptied, gives the window's capacity back, as one holding codes
+// does (stateful property test finding).
+TEST(KVDecay, TrimIntoTheSinksOfALayerWithoutCodesReleasesTheWindow) {
+  for (size_t sinks : {3, 0}) {
+    KVCacheConfig cfg = decay_config(sinks, 1, 0);
+    cfg.block_tokens = 1;
+    KVCache c(cfg);
+    const size_t empty = KVCache(cfg).memory_bytes();
+    append_tokens(c, sinks + 2, 3);
+    ASSERT_EQ(c.code_tokens(0), 0u);
+    ASSERT_EQ(c.window_tokens(0), 2u);
+    c.trim(2);
+    EXPECT_EQ(c.size(0), sinks);
+    EXPECT_EQ(c.memory_bytes(), expected_memory(c, empty)) << "sinks " << sinks;
+    if (sinks == 0) {
+      EXPECT_EQ(c.memory_bytes(), empty);
+    }
+    append_tokens(c, 4, 4);  // the window is reserved again
+    EXPECT_EQ(c.memory_bytes(), expected_memory(c, empty)) << "sinks " << sinks;
+  }
+}
+
 TEST(KVDecay, FileRoundTripAndEveryCorruptionIsAFormatError) {
   KVCacheConfig cfg = decay_config(1, 2, 2);
   cfg.head_dim = 16;

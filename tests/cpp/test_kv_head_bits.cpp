@@ -429,6 +429,39 @@ TEST(KVHeadBits, PerLayerWidthsEqualOneListPerLayer) {
   }
 }
 
+// Temporal decay re-quantizes each stream with its own layer's widths: a head whose width
+// differs between layers decays as in a cache with that layer's list (stateful property test
+// finding: the code->code plans were built from layer 0's widths for every layer).
+TEST(KVHeadBits, PerLayerWidthsDecayWithTheirOwnLayersWidths) {
+  KVCacheConfig cfg = mixed_config();  // 2 layers, 3 KV heads
+  cfg.key_head_bits = {2, 4, 3, 4, 3, 2};
+  cfg.value_head_bits = {3, 2, 4, 2, 4, 3};
+  cfg.decay_after = 4;
+  cfg.decay_bits = 1;
+  for (int outliers : {0, 1}) {
+    cfg.n_outlier_channels = outliers;
+    KVCache mixed(cfg);
+    constexpr size_t T = 29;
+    const auto k = gaussian(kH * T * kD, 81), v = gaussian(kH * T * kD, 82);
+    for (int l = 0; l < 2; ++l) {
+      KVCacheConfig one = cfg;
+      one.key_head_bits.assign(cfg.key_head_bits.begin() + l * kH, cfg.key_head_bits.begin() + (l + 1) * kH);
+      one.value_head_bits.assign(cfg.value_head_bits.begin() + l * kH, cfg.value_head_bits.begin() + (l + 1) * kH);
+      KVCache per_layer(one);
+      append_chunks(mixed, l, k, v, T, {9, 1, 19});
+      append_chunks(per_layer, l, k, v, T, {9, 1, 19});
+      for (int h = 0; h < kH; ++h)
+        for (KVRole role : {KVRole::kKey, KVRole::kValue}) {
+          ASSERT_GT(mixed.decayed_blocks(l, h, role), 0u);
+          std::vector<float> a(T * kD), b(T * kD);
+          mixed.decode_tokens(l, h, role, 0, T, a.data());
+          per_layer.decode_tokens(l, h, role, 0, T, b.data());
+          EXPECT_EQ(a, b) << "layer " << l << ", head " << h << ", outliers " << outliers;
+        }
+    }
+  }
+}
+
 TEST(KVHeadBits, PerLayerWidthsSerializeAsVersion6) {
   KVCacheConfig cfg = mixed_config();
   cfg.key_head_bits = {2, 4, 3, 4, 3, 2};

@@ -408,7 +408,7 @@ class KVCache {
     std::vector<DecayPart> parts;
     bool split = false;                        // parts scaled by the split's cos φ̃ / sin φ̃
   };
-  std::vector<DecayPlan> decay_plans_;                  // per stream of a layer (2*kv_head + role)
+  std::vector<DecayPlan> decay_plans_;                  // per stream, same indexing as pages_
   std::vector<size_t> decay_done_;                      // per layer: leading blocks decayed
   std::vector<size_t> evicted_;                         // per layer: tokens evicted
   std::vector<std::vector<uint64_t>> mixed_masks_;      // [layer][kv_head]: kept-token masks
