@@ -699,8 +699,11 @@ class MlxCacheMachine(RuleBasedStateMachine):
             return
         assert c.size() == c.offset == self.n, f"size {c.size()}, offset {c.offset}, ref {self.n}"
         pending = sum(k.nbytes + v.nbytes for k, v in c._pending)
-        want = (c._core.memory_bytes() if c._core is not None else 0) + pending
-        assert c.nbytes == want, f"nbytes {c.nbytes}, core + pending {want}"
+        # the centring means and the key split's channel order are held too
+        side = sum(int(np.asarray(a).nbytes) for a in (c._k_mean, c._v_mean, c._perm)
+                   if a is not None)
+        want = (c._core.memory_bytes() if c._core is not None else 0) + pending + side
+        assert c.nbytes == want, f"nbytes {c.nbytes}, core + pending + means/order {want}"
         if c._core is not None:
             assert c._core.size(0) == self.n, f"core holds {c._core.size(0)} of {self.n}"
             assert c.fp16_nbytes == self.n * self.H * 2 * self.d * 2, f"fp16_nbytes {c.fp16_nbytes}"
