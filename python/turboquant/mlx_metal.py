@@ -443,6 +443,11 @@ class MetalCodeStore:
             raise ValueError(f"trim needs n >= 0, got {n}")
         removed = min(int(n), self._n)
         new = self._n - removed
+        # kv_cache_window.cpp shrink_layer(): a cut back into the sinks (or to empty) gives the
+        # window's capacity back, also when the layer held no codes.
+        into_sinks = new <= self.fp16_sinks
+        if into_sinks:
+            self._win_cap = 0
         if new >= self._coded:
             keep = new - self._coded
             if keep == 0:
@@ -452,8 +457,6 @@ class MetalCodeStore:
         else:
             ns = min(new, self._ns)
             self._k_win = self._v_win = None
-            if self.fp16_sinks > 0 and new <= self.fp16_sinks:
-                self._win_cap = 0
             if self._k_sink is not None and self._ns > ns:
                 if ns == 0:
                     self._k_sink = self._v_sink = None
