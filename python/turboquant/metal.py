@@ -314,25 +314,15 @@ def select_path(platform: str, mlx_metal: bool, sources: bool, env: str | None =
     return "metal" if metal_ok else "cuda" if cuda_ok else "cpu"
 
 
-def _mlx_metal_available() -> bool:
+def _mlx_device_available(backend: str) -> bool:
+    """mx.metal / mx.cuda .is_available(), False without mlx or without that module."""
     if importlib.util.find_spec("mlx") is None:
         return False
     try:
         import mlx.core as mx
 
-        return bool(mx.metal.is_available())
-    except Exception:  # an mlx build without the metal module
-        return False
-
-
-def _mlx_cuda_available() -> bool:
-    if importlib.util.find_spec("mlx") is None:
-        return False
-    try:
-        import mlx.core as mx
-
-        return bool(mx.cuda.is_available())
-    except Exception:  # an mlx build without the cuda module
+        return bool(getattr(mx, backend).is_available())
+    except Exception:  # an mlx build without that backend's module
         return False
 
 
@@ -341,10 +331,10 @@ def candidate_path() -> str:
     """The path the selection rule picks on this machine, before the first-use self-test."""
     return select_path(
         sys.platform,
-        sys.platform == "darwin" and _mlx_metal_available(),
+        sys.platform == "darwin" and _mlx_device_available("metal"),
         source_dir() is not None,
         os.environ.get("TURBOQUANT_MLX_KERNELS"),
-        mlx_cuda=_mlx_cuda_available(),
+        mlx_cuda=_mlx_device_available("cuda"),
     )
 
 

@@ -177,3 +177,14 @@ def attention_over_decoded(kv, q: np.ndarray, layer: int = 0, causal: bool = Tru
             p = np.exp(s - s.max())
             out[h, t] = p @ V[lo:hi + 1] / p.sum()
     return out
+
+
+def crc32c(data: bytes) -> int:
+    """CRC32C (Castagnoli, reflected 0x82F63B78), as serialize.h specifies; check value
+    crc32c(b"123456789") == 0xE3069283."""
+    crc = 0xFFFFFFFF
+    for byte in data:
+        crc ^= byte
+        for _ in range(8):
+            crc = (crc >> 1) ^ 0x82F63B78 if crc & 1 else crc >> 1
+    return crc ^ 0xFFFFFFFF

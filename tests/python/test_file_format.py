@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 import turboquant
+from reference import crc32c
 from turboquant import _core
 
 FIXTURES = Path(__file__).resolve().parents[1] / "data" / "cache_files"
@@ -73,16 +74,6 @@ def sections(data: bytes):
         out.append((at, tag, n))
         at += 12 + n + 4
     return out
-
-
-def crc32c(data: bytes) -> int:
-    """CRC32C (Castagnoli, reflected 0x82F63B78), as serialize.h specifies."""
-    crc = 0xFFFFFFFF
-    for byte in data:
-        crc ^= byte
-        for _ in range(8):
-            crc = (crc >> 1) ^ 0x82F63B78 if crc & 1 else crc >> 1
-    return crc ^ 0xFFFFFFFF
 
 
 def with_section(data: bytes, before: bytes, tag: bytes, payload: bytes) -> bytes:

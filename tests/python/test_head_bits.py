@@ -8,6 +8,7 @@ import json
 import numpy as np
 import pytest
 
+from reference import crc32c
 from turboquant import FormatError, _core
 
 D, H, G = 32, 3, 2
@@ -21,15 +22,6 @@ def gaussian(shape, seed):
 def mixed(**kw):
     return _core.KVCache(D, n_q_heads=H * G, n_kv_heads=H, key_head_bits=KB, value_head_bits=VB,
                          block_tokens=8, seed=4, **kw)
-
-
-def crc32c(data: bytes) -> int:
-    crc = 0xFFFFFFFF
-    for byte in data:
-        crc ^= byte
-        for _ in range(8):
-            crc = (crc >> 1) ^ 0x82F63B78 if crc & 1 else crc >> 1
-    return crc ^ 0xFFFFFFFF
 
 
 # --- the core -------------------------------------------------------------------------------
