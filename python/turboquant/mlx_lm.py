@@ -199,6 +199,19 @@ class TurboQuantKVCache(_mlx_cache._BaseCache):
                window: int | None = None) -> mx.array:
         """Attention of ``queries`` (B, H_q, T_q, d), the last T_q positions, on the codes."""
         B, Hq, Tq, d = queries.shape
+        q = self._core_queries(queries)
+        extra = {"sparse_v": self.sparse_v} if self.sparse_v else {}
+        out = self._core.attend(q, causal=causal, scale=float(scale), window=window, **extra)
+        if self._v_mean is not None:  # sum_t p_t (v_t - m) + m = sum_t p_t v_t
+            out = out.reshape(-1, Hq // (self._core_kv_heads // B), Tq, d)
+            out = out + self._v_mean[:, None]
+        return mx.array(out.reshape(B, Hq, Tq, d)).astype(queries.dtype)
+
+    def _core_queries(self, queries):
+        """``queries`` (B, H_q, T_q, d) as the core takes them: (B·H_q, T_q, d), on the host
+        unless the layer is on the GPU store, in the core's channel order; the core is built
+        at the first call (it needs the query head count)."""
+        B, Hq, Tq, d = queries.shape
         if B != self._batch:
             raise ValueError(f"queries batch {B} != cache batch {self._batch}")
         q = (queries if self._gpu else _to_numpy(queries)).reshape(B * Hq, Tq, d)
@@ -211,12 +224,7 @@ class TurboQuantKVCache(_mlx_cache._BaseCache):
         if self._perm is not None:
             g = (B * Hq) // self._core_kv_heads
             q = _permute(q, np.repeat(self._perm, g, axis=0))
-        extra = {"sparse_v": self.sparse_v} if self.sparse_v else {}
-        out = self._core.attend(q, causal=causal, scale=float(scale), window=window, **extra)
-        if self._v_mean is not None:  # sum_t p_t (v_t - m) + m = sum_t p_t v_t
-            out = out.reshape(-1, Hq // (self._core_kv_heads // B), Tq, d)
-            out = out + self._v_mean[:, None]
-        return mx.array(out.reshape(B, Hq, Tq, d)).astype(queries.dtype)
+        return q
 
     def fill_from(self, cache, n_q_heads: int | None = None) -> None:
         """Encode the tokens of an mlx-lm ``KVCache`` into this (empty) cache; with

@@ -35,7 +35,7 @@ import numpy as np
 from mlx_lm.models import cache as _mlx_cache
 
 from turboquant import _core
-from turboquant.mlx_lm import TurboQuantKVCache, _to_numpy, _window_from_mask
+from turboquant.mlx_lm import TurboQuantKVCache, _window_from_mask
 
 __all__ = ["TurboQuantRotatingKVCache", "codes_needed"]
 
@@ -157,16 +157,7 @@ class TurboQuantRotatingKVCache(TurboQuantKVCache):
         w = self.max_size if window is None else min(int(window), self.max_size)
         if w < 1:
             raise ValueError(f"window must be >= 1, got {window!r}")
-        q = _to_numpy(queries).reshape(B * Hq, Tq, d)
-        if self._core is None:
-            self._create_core(n_q_heads=Hq, n_kv_heads=self._pending_heads(), head_dim=d,
-                              queries=q)
-        elif Hq != self._n_q_heads:
-            raise ValueError(f"layer {self.layer}: {Hq} query heads, cache built for "
-                             f"{self._n_q_heads}")
-        if self._perm is not None:
-            g = (B * Hq) // self._core_kv_heads
-            q = np.take_along_axis(q, np.repeat(self._perm, g, axis=0)[:, None, :], axis=2)
+        q = self._core_queries(queries)
         extra = {"sparse_v": self.sparse_v} if self.sparse_v else {}
         if self.keep:  # the sinks plus the last w - keep tokens
             w = max(1, w - self.keep)
