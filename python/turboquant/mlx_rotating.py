@@ -28,7 +28,6 @@ than the ``keep`` tokens, and the Metal store.
 
 from __future__ import annotations
 
-import json
 
 import mlx.core as mx
 import numpy as np
@@ -272,14 +271,6 @@ class TurboQuantRotatingKVCache(TurboQuantKVCache):
                 f"prompt cache layer {self.layer}: the compressed cache evicts beyond "
                 f"{self._core.max_coded_tokens} code tokens, max_size={self.max_size} needs "
                 f"{self.max_coded_tokens}")
-
-    @property
-    def meta_state(self):
-        return (json.dumps(self._config()),)
-
-    @meta_state.setter
-    def meta_state(self, v):
-        self._set_config(json.loads(v[0]))
 
     def _config(self) -> dict:
         cfg = super()._config()
