@@ -24,8 +24,9 @@ from turboquant.mlx_metal import MetalCodeStore, ReferenceKernels
 
 
 def store_for(d: int, hq: int, hkv: int, bits: int, split: bool, kernels):
+    # check_inputs=False: no host read-back of a finiteness flag per call (as in mlx-lm)
     kw = dict(n_layers=1, n_q_heads=hq, n_kv_heads=hkv, key_bits=bits, value_bits=bits,
-              seed=1, block_tokens=256, kernels=kernels)
+              seed=1, block_tokens=256, kernels=kernels, check_inputs=False)
     if split:
         kw.update(key_bits=bits - 1, n_outlier_channels=d // 2, outlier_bits=bits + 1,
                   outlier_channels=list(range(d // 2)), outlier_roles="keys")

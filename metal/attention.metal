@@ -1,11 +1,12 @@
 // Decode attention on compressed codes (DESIGN §2), split-K over the cached tokens:
-//   tq_attention_block: one threadgroup per (block of BT tokens, KV head). For the G query
+//   tq_attention_block: one threadgroup per (block of tiles of BT tokens, KV head). For the G query
 //     heads of that KV head (GQA: all of them in one pass, so each code is read once) it
 //     scores the block from the packed key codes with centroid lookups,
 //       s[g][t] = scale · ‖k_t‖ · Σ_j (Π_K q_g)_j · c_K[idx_K(t, j)],
 //     takes the block's softmax statistics m = max_t s, l = Σ_t e^(s - m), and sums values
-//     in the rotated domain, acc[g][j] = Σ_t e^(s - m) · ‖v_t‖ · c_V[idx_V(t, j)].
-//   tq_attention_reduce: one threadgroup per query head merges the blocks (online-softmax
+//     in the rotated domain, acc[g][j] = Σ_t e^(s - m) · ‖v_t‖ · c_V[idx_V(t, j)], tile by
+//     tile with online rescaling (a block holds one tile, or several at long contexts).
+//   tq_attention_reduce: one threadgroup per query head merges the blocks (softmax
 //     rescaling by e^(m_b - max m)), divides by the total l and, for a hadamard value
 //     rotation, applies Π_Vᵀ in threadgroup memory.
 // Queries come in already rotated by Π_K (tq_rotate, or Quantizer::prepare_queries).
@@ -16,59 +17,101 @@
 #endif
 
 // Threadgroup scratch (floats): G·dim (queries) + 2^k_bits + 2^v_bits (centroids) + G·BT
-// (scores, then weights). nthreads: a multiple of 32.
+// (a tile's scores, then weights) + G·dim (the running value sums) + 3·G (the running max,
+// sum and rescale factor of each query). nthreads: a multiple of 32.
 inline uint tq_attention_scratch_floats(uint dim, uint group, uint block_tokens, uint k_bits,
                                         uint v_bits) {
-  return group * dim + (1u << k_bits) + (1u << v_bits) + group * block_tokens;
+  return 2u * group * dim + (1u << k_bits) + (1u << v_bits) + group * block_tokens + 3u * group;
 }
 
-// The second half of a block: w[g·BT + t] holds the scaled scores of the block's nt tokens
-// (all written, after a barrier); writes the block's softmax statistics and its value sums
-// in the rotated domain (cv: the value centroids in threadgroup memory). Shared by the
-// plain and the split-key (split.metal) block kernels.
-inline void tq_attention_block_values(device const uchar* v_codes, device const uchar* v_norms,
-                                      threadgroup const float* cv, threadgroup float* w,
-                                      device float* part_m, device float* part_l,
-                                      device float* part_acc, uint d, uint G, uint BT, uint nt,
-                                      ulong first, uint v_bits, uint v_code_bytes, uint norm_fp16,
-                                      uint num_blocks, uint block, uint head, uint tid,
-                                      uint nthreads) {
+// A threadgroup covers tiles [tile0, tile1) of the ceil(T / BT) tiles of BT tokens: the
+// num_blocks threadgroups of a KV head share them evenly (one tile each when num_blocks =
+// ceil(T / BT); fewer, longer blocks keep the partials small at long contexts).
+inline uint tq_tiles_per_block(uint tokens, uint BT, uint num_blocks) {
+  const uint ntiles = (tokens + BT - 1u) / BT;
+  return (ntiles + num_blocks - 1u) / num_blocks;
+}
+
+// The running softmax state of a block before its first tile: stats = [m (G), l (G), c (G)],
+// acc[g·dim + j] = 0 (each thread owns the coordinates j = tid + k·nthreads).
+inline void tq_attention_state_init(threadgroup float* stats, threadgroup float* acc, uint d,
+                                    uint G, uint tid, uint nthreads) {
+  for (uint g = tid; g < G; g += nthreads) {
+    stats[g] = 0.0f;
+    stats[G + g] = 0.0f;
+    stats[2u * G + g] = 0.0f;
+  }
+  for (uint j = tid; j < d; j += nthreads)
+    for (uint g = 0u; g < G; ++g) acc[g * d + j] = 0.0f;
+}
+
+// One tile of a block: w[g·BT + t] holds the scaled scores of its nt tokens (all written,
+// after a barrier). Online softmax (flash decoding): the running max m moves to the tile's if
+// larger, the running sum l and the value sums (rotated domain) are rescaled by
+// c = e^(m_old - m_new), and the tile's weights e^(s - m)·‖v_t‖ replace its scores. Ends
+// with a barrier (the next tile overwrites w). Shared by the plain and the split-key
+// (split.metal) block kernels.
+inline void tq_attention_tile_values(device const uchar* v_codes, device const uchar* v_norms,
+                                     threadgroup const float* cv, threadgroup float* w,
+                                     threadgroup float* stats, threadgroup float* acc, uint d,
+                                     uint G, uint BT, uint nt, ulong first, bool first_tile,
+                                     uint v_bits, uint v_code_bytes, uint norm_fp16, uint tid,
+                                     uint nthreads) {
   const uint lane = tid % TQ_SIMD_WIDTH, simd = tid / TQ_SIMD_WIDTH;
   const uint nsimd = nthreads / TQ_SIMD_WIDTH;
-  // Block softmax statistics; the weights e^(s - m)·‖v_t‖ replace the scores.
   for (uint g = simd; g < G; g += nsimd) {
+    const float m_old = stats[g], l_old = stats[G + g];  // read before the lanes sync below
     float m = -INFINITY;
     for (uint t = lane; t < nt; t += TQ_SIMD_WIDTH) m = max(m, w[g * BT + t]);
     m = simd_max(m);
+    const float m_new = first_tile ? m : max(m_old, m);
     float l = 0.0f;
     for (uint t = lane; t < nt; t += TQ_SIMD_WIDTH) {
-      const float e = exp(w[g * BT + t] - m);
+      const float e = exp(w[g * BT + t] - m_new);
       l += e;
       w[g * BT + t] = e * tq_load_norm(v_norms, first + t, norm_fp16);
     }
     l = simd_sum(l);
     if (lane == 0u) {
-      part_m[(ulong(head) * num_blocks + block) * G + g] = m;
-      part_l[(ulong(head) * num_blocks + block) * G + g] = l;
+      const float c = first_tile ? 0.0f : exp(m_old - m_new);
+      stats[g] = m_new;
+      stats[G + g] = l_old * c + l;
+      stats[2u * G + g] = c;
     }
   }
   threadgroup_barrier(mem_flags::mem_threadgroup);
 
   // Values in the rotated domain: one thread per coordinate, all G queries at once.
   for (uint j = tid; j < d; j += nthreads) {
-    float acc[TQ_MAX_GROUP];
-    for (uint g = 0u; g < G; ++g) acc[g] = 0.0f;
+    float a[TQ_MAX_GROUP];
+    for (uint g = 0u; g < G; ++g) a[g] = acc[g * d + j] * stats[2u * G + g];
     for (uint t = 0u; t < nt; ++t) {
       const float c = cv[tq_read_index(v_codes + (first + t) * v_code_bytes, j, v_bits)];
-      for (uint g = 0u; g < G; ++g) acc[g] += w[g * BT + t] * c;
+      for (uint g = 0u; g < G; ++g) a[g] += w[g * BT + t] * c;
     }
-    for (uint g = 0u; g < G; ++g)
-      part_acc[((ulong(head) * num_blocks + block) * G + g) * d + j] = acc[g];
+    for (uint g = 0u; g < G; ++g) acc[g * d + j] = a[g];
   }
+  threadgroup_barrier(mem_flags::mem_threadgroup);
 }
 
-// Partial outputs, for block b of KV head h and query g of its group:
+// The block's partial outputs from its running state (after the last tile's barrier):
 //   part_m/part_l[(h·num_blocks + b)·G + g], part_acc[((h·num_blocks + b)·G + g)·dim + j].
+inline void tq_attention_block_finish(threadgroup const float* stats, threadgroup const float* acc,
+                                      device float* part_m, device float* part_l,
+                                      device float* part_acc, uint d, uint G, uint num_blocks,
+                                      uint block, uint head, uint tid, uint nthreads) {
+  const ulong base = (ulong(head) * num_blocks + block) * G;
+  for (uint g = tid; g < G; g += nthreads) {
+    part_m[base + g] = stats[g];
+    part_l[base + g] = stats[G + g];
+  }
+  for (uint j = tid; j < d; j += nthreads)
+    for (uint g = 0u; g < G; ++g) part_acc[(base + g) * d + j] = acc[g * d + j];
+}
+
+// Block b of KV head h: the tiles tq_tiles_per_block assigns it, scored from the packed key
+// codes with centroid lookups, merged by online softmax; partial outputs as
+// tq_attention_block_finish writes them (tq_attention_reduce merges the blocks).
 inline void tq_attention_block_body(device const float* q, device const uchar* k_codes,
                                     device const uchar* k_norms, device const uchar* v_codes,
                                     device const uchar* v_norms, TQ_TABLE float* k_centroids,
@@ -77,66 +120,115 @@ inline void tq_attention_block_body(device const float* q, device const uchar* k
                                     TQ_PARAMS TqAttnParams& p, threadgroup float* tg, uint block,
                                     uint head, uint tid, uint nthreads) {
   const uint d = p.dim, G = p.group, BT = p.block_tokens;
-  const uint t0 = block * BT;
-  if (t0 >= p.tokens || G > TQ_MAX_GROUP) return;  // uniform over the threadgroup
-  const uint nt = min(BT, p.tokens - t0);
+  const uint per = tq_tiles_per_block(p.tokens, BT, p.num_blocks);
+  const uint tile0 = block * per;
+  if (tile0 * BT >= p.tokens || G > TQ_MAX_GROUP) return;  // uniform over the threadgroup
+  const uint tile1 = min(tile0 + per, (p.tokens + BT - 1u) / BT);
   const uint nk = 1u << p.k_bits, nv = 1u << p.v_bits;
   threadgroup float* qs = tg;
   threadgroup float* ck = qs + G * d;
   threadgroup float* cv = ck + nk;
   threadgroup float* w = cv + nv;
+  threadgroup float* acc = w + G * BT;
+  threadgroup float* stats = acc + G * d;
 
   for (uint i = tid; i < G * d; i += nthreads) qs[i] = q[ulong(head) * G * d + i];
   for (uint i = tid; i < nk; i += nthreads) ck[i] = k_centroids[i];
   for (uint i = tid; i < nv; i += nthreads) cv[i] = v_centroids[i];
+  tq_attention_state_init(stats, acc, d, G, tid, nthreads);
   threadgroup_barrier(mem_flags::mem_threadgroup);
 
   const uint lane = tid % TQ_SIMD_WIDTH, simd = tid / TQ_SIMD_WIDTH;
   const uint nsimd = nthreads / TQ_SIMD_WIDTH;
-  const ulong first = ulong(head) * p.head_stride + t0;  // row of token t0 in the buffers
-
-  // Scores: one simd-group per token, lanes split the coordinates.
-  for (uint t = simd; t < nt; t += nsimd) {
-    device const uchar* row = k_codes + (first + t) * p.k_code_bytes;
-    float part[TQ_MAX_GROUP];
-    for (uint g = 0u; g < G; ++g) part[g] = 0.0f;
-    for (uint j = lane; j < d; j += TQ_SIMD_WIDTH) {
-      const float c = ck[tq_read_index(row, j, p.k_bits)];
-      for (uint g = 0u; g < G; ++g) part[g] += qs[g * d + j] * c;
+  for (uint tile = tile0; tile < tile1; ++tile) {
+    const uint t0 = tile * BT;
+    const uint nt = min(BT, p.tokens - t0);
+    const ulong first = ulong(head) * p.head_stride + t0;  // row of token t0 in the buffers
+    // Scores: one simd-group per token, lanes split the coordinates.
+    for (uint t = simd; t < nt; t += nsimd) {
+      device const uchar* row = k_codes + (first + t) * p.k_code_bytes;
+      float part[TQ_MAX_GROUP];
+      for (uint g = 0u; g < G; ++g) part[g] = 0.0f;
+      for (uint j = lane; j < d; j += TQ_SIMD_WIDTH) {
+        const float c = ck[tq_read_index(row, j, p.k_bits)];
+        for (uint g = 0u; g < G; ++g) part[g] += qs[g * d + j] * c;
+      }
+      const float kn = tq_load_norm(k_norms, first + t, p.norm_fp16);
+      for (uint g = 0u; g < G; ++g) {
+        const float s = simd_sum(part[g]);
+        if (lane == 0u) w[g * BT + t] = p.scale * (kn * s);
+      }
     }
-    const float kn = tq_load_norm(k_norms, first + t, p.norm_fp16);
-    for (uint g = 0u; g < G; ++g) {
-      const float s = simd_sum(part[g]);
-      if (lane == 0u) w[g * BT + t] = p.scale * (kn * s);
-    }
+    threadgroup_barrier(mem_flags::mem_threadgroup);
+    tq_attention_tile_values(v_codes, v_norms, cv, w, stats, acc, d, G, BT, nt, first,
+                             tile == tile0, p.v_bits, p.v_code_bytes, p.norm_fp16, tid, nthreads);
   }
-  threadgroup_barrier(mem_flags::mem_threadgroup);
-  tq_attention_block_values(v_codes, v_norms, cv, w, part_m, part_l, part_acc, d, G, BT, nt, first,
-                            p.v_bits, p.v_code_bytes, p.norm_fp16, p.num_blocks, block, head, tid,
-                            nthreads);
+  tq_attention_block_finish(stats, acc, part_m, part_l, part_acc, d, G, p.num_blocks, block, head,
+                            tid, nthreads);
 }
 
-// out[(h·G + g)·dim + j]: the attention output of query head h·G + g. Scratch: v[dim].
-// nthreads: a power of two dividing dim.
+// Scratch of the reduce kernel (floats): the output row (dim <= 512), the blocks' weights
+// e^(m_b - max m) when there are at most TQ_REDUCE_CACHED_BLOCKS blocks, and 32 partials.
+#define TQ_REDUCE_CACHED_BLOCKS 1024u
+#define TQ_REDUCE_GROUP_FLOATS (512u + TQ_REDUCE_CACHED_BLOCKS + 32u)
+
+// max (op 0) or sum (op 1) of x over the threadgroup; red: ceil(nthreads / 32) floats. Every
+// thread gets the result; red may be reused after the call.
+inline float tq_group_reduce(float x, uint op, threadgroup float* red, uint tid, uint nthreads) {
+  x = op == 0u ? simd_max(x) : simd_sum(x);
+  if (tid % TQ_SIMD_WIDTH == 0u) red[tid / TQ_SIMD_WIDTH] = x;
+  threadgroup_barrier(mem_flags::mem_threadgroup);
+  const uint nsimd = (nthreads + TQ_SIMD_WIDTH - 1u) / TQ_SIMD_WIDTH;
+  float r = red[0];
+  for (uint s = 1u; s < nsimd; ++s) r = op == 0u ? max(r, red[s]) : r + red[s];
+  threadgroup_barrier(mem_flags::mem_threadgroup);
+  return r;
+}
+
+// out[(h·G + g)·dim + j]: the attention output of query head h·G + g. The threads share the
+// blocks' statistics (max, then weights and total), then each sums its coordinates over the
+// blocks. tg: TQ_REDUCE_GROUP_FLOATS floats. nthreads: a power of two dividing dim.
 inline void tq_attention_reduce_body(device const float* part_m, device const float* part_l,
                                      device const float* part_acc, TQ_TABLE float* v_signs,
                                      device float* out, TQ_PARAMS TqReduceParams& p,
-                                     threadgroup float* v, uint g, uint head, uint tid,
+                                     threadgroup float* tg, uint g, uint head, uint tid,
                                      uint nthreads) {
   const uint d = p.dim, G = p.group, nb = p.num_blocks;
   if (g >= G) return;  // uniform over the threadgroup
+  threadgroup float* v = tg;
+  threadgroup float* eb = tg + 512u;
+  threadgroup float* red = eb + TQ_REDUCE_CACHED_BLOCKS;
+  const bool cached = nb <= TQ_REDUCE_CACHED_BLOCKS;
   const ulong base = ulong(head) * nb * G + g;  // part_m index of block 0
-  float mmax = -INFINITY;
-  for (uint b = 0u; b < nb; ++b) mmax = max(mmax, part_m[base + ulong(b) * G]);
-  float total = 0.0f;
-  for (uint b = 0u; b < nb; ++b)
-    total += part_l[base + ulong(b) * G] * exp(part_m[base + ulong(b) * G] - mmax);
-  const float inv = 1.0f / total;
+  float m = -INFINITY;
+  for (uint b = tid; b < nb; b += nthreads) m = max(m, part_m[base + ulong(b) * G]);
+  const float mmax = tq_group_reduce(m, 0u, red, tid, nthreads);
+  float l = 0.0f;
+  for (uint b = tid; b < nb; b += nthreads) {
+    const float e = exp(part_m[base + ulong(b) * G] - mmax);
+    if (cached) eb[b] = e;
+    l += part_l[base + ulong(b) * G] * e;
+  }
+  const float inv = 1.0f / tq_group_reduce(l, 1u, red, tid, nthreads);  // barrier: eb is set
   for (uint j = tid; j < d; j += nthreads) {
-    float a = 0.0f;
-    for (uint b = 0u; b < nb; ++b)
-      a += part_acc[(base + ulong(b) * G) * d + j] * exp(part_m[base + ulong(b) * G] - mmax);
-    v[j] = a * inv;
+    float a0 = 0.0f, a1 = 0.0f, a2 = 0.0f, a3 = 0.0f;  // four independent chains of loads
+    uint b = 0u;
+    for (; b + 4u <= nb; b += 4u) {
+      const ulong r = (base + ulong(b) * G) * d + j, s = ulong(G) * d;
+      const float e0 = cached ? eb[b] : exp(part_m[base + ulong(b) * G] - mmax);
+      const float e1 = cached ? eb[b + 1u] : exp(part_m[base + ulong(b + 1u) * G] - mmax);
+      const float e2 = cached ? eb[b + 2u] : exp(part_m[base + ulong(b + 2u) * G] - mmax);
+      const float e3 = cached ? eb[b + 3u] : exp(part_m[base + ulong(b + 3u) * G] - mmax);
+      a0 += part_acc[r] * e0;
+      a1 += part_acc[r + s] * e1;
+      a2 += part_acc[r + 2u * s] * e2;
+      a3 += part_acc[r + 3u * s] * e3;
+    }
+    for (; b < nb; ++b) {
+      const float e = cached ? eb[b] : exp(part_m[base + ulong(b) * G] - mmax);
+      a0 += part_acc[(base + ulong(b) * G) * d + j] * e;
+    }
+    v[j] = ((a0 + a1) + (a2 + a3)) * inv;
   }
   if (p.inverse_rotate != 0u) tq_hadamard_inverse(v, v_signs, d, tid, nthreads);
   for (uint j = tid; j < d; j += nthreads) out[(ulong(head) * G + g) * d + j] = v[j];
@@ -162,8 +254,8 @@ inline void tq_attention_reduce_body(device const float* part_m, device const fl
     device float* out [[buffer(4)]], constant TqReduceParams& p [[buffer(5)]],
     uint3 tg_pos [[threadgroup_position_in_grid]], uint tid [[thread_index_in_threadgroup]],
     uint nthreads [[threads_per_threadgroup]]) {
-  threadgroup float v[512];
-  tq_attention_reduce_body(part_m, part_l, part_acc, v_signs, out, p, v, tg_pos.x, tg_pos.y, tid,
+  threadgroup float tg[TQ_REDUCE_GROUP_FLOATS];
+  tq_attention_reduce_body(part_m, part_l, part_acc, v_signs, out, p, tg, tg_pos.x, tg_pos.y, tid,
                            nthreads);
 }
 #endif

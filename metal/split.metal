@@ -243,10 +243,10 @@ inline void tq_split_rotate_body(device const float* x, device float* y, TQ_TABL
   for (uint j = tid; j < d; j += nthreads) y[ulong(row) * d + j] = v[j];
 }
 
-// Threadgroup scratch (floats): G·dim + 2^bits0 + 2^bits1 + 2^v_bits + G·BT.
+// Threadgroup scratch (floats): tq_attention_scratch_floats' with both parts' centroids.
 inline uint tq_split_attention_scratch_floats(uint dim, uint group, uint block_tokens,
                                               uint k_bits0, uint k_bits1, uint v_bits) {
-  return group * dim + (1u << k_bits0) + (1u << k_bits1) + (1u << v_bits) + group * block_tokens;
+  return tq_attention_scratch_floats(dim, group, block_tokens, k_bits0, v_bits) + (1u << k_bits1);
 }
 
 // tq_attention_block_body with split keys: s[g][t] = scale·‖k_t‖·(cos φ̃_t·⟨q_O, c_O[idx]⟩ +
@@ -259,50 +259,58 @@ inline void tq_split_attention_block_body(
     device float* part_l, device float* part_acc, TQ_PARAMS TqSplitAttnParams& p,
     threadgroup float* tg, uint block, uint head, uint tid, uint nthreads) {
   const uint d = p.dim, G = p.group, BT = p.block_tokens, pd = p.part_dim;
-  const uint t0 = block * BT;
-  if (t0 >= p.tokens || G > TQ_MAX_GROUP) return;  // uniform over the threadgroup
-  const uint nt = min(BT, p.tokens - t0);
+  const uint per = tq_tiles_per_block(p.tokens, BT, p.num_blocks);
+  const uint tile0 = block * per;
+  if (tile0 * BT >= p.tokens || G > TQ_MAX_GROUP) return;  // uniform over the threadgroup
+  const uint tile1 = min(tile0 + per, (p.tokens + BT - 1u) / BT);
   const uint nk = (1u << p.k_bits) + (1u << p.k_bits1), nv = 1u << p.v_bits;
   threadgroup float* qs = tg;
   threadgroup float* ck = qs + G * d;  // outlier part's centroids, then the inlier part's
   threadgroup float* ck1 = ck + (1u << p.k_bits);
   threadgroup float* cv = ck + nk;
   threadgroup float* w = cv + nv;
+  threadgroup float* acc = w + G * BT;
+  threadgroup float* stats = acc + G * d;
 
   for (uint i = tid; i < G * d; i += nthreads) qs[i] = q[ulong(head) * G * d + i];
   for (uint i = tid; i < nk; i += nthreads) ck[i] = k_centroids[i];
   for (uint i = tid; i < nv; i += nthreads) cv[i] = v_centroids[i];
+  tq_attention_state_init(stats, acc, d, G, tid, nthreads);
   threadgroup_barrier(mem_flags::mem_threadgroup);
 
   const uint lane = tid % TQ_SIMD_WIDTH, simd = tid / TQ_SIMD_WIDTH;
   const uint nsimd = nthreads / TQ_SIMD_WIDTH;
-  const ulong first = ulong(head) * p.head_stride + t0;
-
-  for (uint t = simd; t < nt; t += nsimd) {
-    device const uchar* row = k_codes + (first + t) * p.k_code_bytes;
-    const uint k = tq_split_read_angle(row, p.angle_bytes);
-    device const uchar* r0 = row + p.angle_bytes;
-    device const uchar* r1 = r0 + p.k_part_bytes0;
-    float part0[TQ_MAX_GROUP], part1[TQ_MAX_GROUP];
-    for (uint g = 0u; g < G; ++g) part0[g] = part1[g] = 0.0f;
-    for (uint j = lane; j < pd; j += TQ_SIMD_WIDTH) {
-      const float c0 = ck[tq_read_index(r0, j, p.k_bits)];
-      const float c1 = ck1[tq_read_index(r1, j, p.k_bits1)];
+  for (uint tile = tile0; tile < tile1; ++tile) {
+    const uint t0 = tile * BT;
+    const uint nt = min(BT, p.tokens - t0);
+    const ulong first = ulong(head) * p.head_stride + t0;
+    for (uint t = simd; t < nt; t += nsimd) {
+      device const uchar* row = k_codes + (first + t) * p.k_code_bytes;
+      const uint k = tq_split_read_angle(row, p.angle_bytes);
+      device const uchar* r0 = row + p.angle_bytes;
+      device const uchar* r1 = r0 + p.k_part_bytes0;
+      float part0[TQ_MAX_GROUP], part1[TQ_MAX_GROUP];
+      for (uint g = 0u; g < G; ++g) part0[g] = part1[g] = 0.0f;
+      for (uint j = lane; j < pd; j += TQ_SIMD_WIDTH) {
+        const float c0 = ck[tq_read_index(r0, j, p.k_bits)];
+        const float c1 = ck1[tq_read_index(r1, j, p.k_bits1)];
+        for (uint g = 0u; g < G; ++g) {
+          part0[g] += qs[g * d + j] * c0;
+          part1[g] += qs[g * d + pd + j] * c1;
+        }
+      }
+      const float kn = tq_load_norm(k_norms, first + t, p.norm_fp16);
+      const float cs = angles[2u * k], sn = angles[2u * k + 1u];
       for (uint g = 0u; g < G; ++g) {
-        part0[g] += qs[g * d + j] * c0;
-        part1[g] += qs[g * d + pd + j] * c1;
+        const float s0 = simd_sum(part0[g]);
+        const float s1 = simd_sum(part1[g]);
+        if (lane == 0u) w[g * BT + t] = p.scale * (kn * (cs * s0 + sn * s1));
       }
     }
-    const float kn = tq_load_norm(k_norms, first + t, p.norm_fp16);
-    const float cs = angles[2u * k], sn = angles[2u * k + 1u];
-    for (uint g = 0u; g < G; ++g) {
-      const float s0 = simd_sum(part0[g]);
-      const float s1 = simd_sum(part1[g]);
-      if (lane == 0u) w[g * BT + t] = p.scale * (kn * (cs * s0 + sn * s1));
-    }
+    threadgroup_barrier(mem_flags::mem_threadgroup);
+    tq_attention_tile_values(v_codes, v_norms, cv, w, stats, acc, d, G, BT, nt, first,
+                             tile == tile0, p.v_bits, p.v_code_bytes, p.norm_fp16, tid, nthreads);
   }
-  threadgroup_barrier(mem_flags::mem_threadgroup);
-  tq_attention_block_values(v_codes, v_norms, cv, w, part_m, part_l, part_acc, d, G, BT, nt,
-                            first, p.v_bits, p.v_code_bytes, p.norm_fp16, p.num_blocks, block,
-                            head, tid, nthreads);
+  tq_attention_block_finish(stats, acc, part_m, part_l, part_acc, d, G, p.num_blocks, block, head,
+                            tid, nthreads);
 }

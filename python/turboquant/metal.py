@@ -57,6 +57,11 @@ MAX_GROUP = 16  # TQ_MAX_GROUP: query heads per KV head in one attention pass
 MAX_SCRATCH_FLOATS = 8192
 ATTENTION_THREADS = 128
 DEFAULT_BLOCK_TOKENS = 64
+# Decode attention launches at most about this many threadgroups (blocks × KV heads) before
+# blocks take several tiles each (attention_blocks); REDUCE_CACHED_BLOCKS: attention.metal's
+# TQ_REDUCE_CACHED_BLOCKS, the most blocks whose weights the reduce keeps in threadgroup memory.
+ATTENTION_GROUPS = 1024
+REDUCE_CACHED_BLOCKS = 1024
 
 
 def source_dir() -> Path | None:
@@ -170,7 +175,7 @@ KERNELS: dict[str, KernelSpec] = {
         "tq_mlx_attention_reduce",
         ("part_m", "part_l", "part_acc", "v_signs", "params"),
         ("out",),
-        "TQ_THREADGROUP_ARRAY(float, tg_v, 512);\n"
+        "TQ_THREADGROUP_ARRAY(float, tg_v, TQ_REDUCE_GROUP_FLOATS);\n"
         "tq_attention_reduce_body(part_m, part_l, part_acc, v_signs, out,\n"
         "                         *(const device TqReduceParams*)params, tg_v,\n"
         "                         threadgroup_position_in_grid.x, threadgroup_position_in_grid.y,\n"
@@ -224,7 +229,7 @@ KERNELS.update({
         "tq_mlx_attention_reduce_heads",
         ("part_m", "part_l", "part_acc", "v_signs", "params"),
         ("out",),
-        "TQ_THREADGROUP_ARRAY(float, tg_v, 512);\n"
+        "TQ_THREADGROUP_ARRAY(float, tg_v, TQ_REDUCE_GROUP_FLOATS);\n"
         "const device TqReduceParams& tq_p = *(const device TqReduceParams*)params;\n"
         "tq_attention_reduce_body(part_m, part_l, part_acc,\n"
         "                         v_signs\n"
@@ -408,9 +413,21 @@ def dequant_params(rows: int, dim: int, bits: int, norm_fp16: bool, inverse_rota
                      int(out_fp16)], dtype=np.uint32)
 
 
+def attention_blocks(tokens: int, block_tokens: int, kv_heads: int) -> int:
+    """Threadgroups per KV head of decode attention (TqAttnParams.num_blocks): one per tile of
+    ``block_tokens`` tokens while the launch has at most ATTENTION_GROUPS threadgroups, else
+    fewer blocks of several tiles each (tq_tiles_per_block): the partials and the reduce stay
+    small at long contexts. No block is left without a tile."""
+    tiles = -(-tokens // block_tokens)
+    cap = max(1, min(REDUCE_CACHED_BLOCKS, -(-ATTENTION_GROUPS // max(1, kv_heads))))
+    per = -(-tiles // cap)
+    return -(-tiles // per)
+
+
 def attention_params(dim: int, tokens: int, head_stride: int, block_tokens: int, group: int,
-                     k_bits: int, v_bits: int, norm_fp16: bool, scale: float) -> np.ndarray:
-    blocks = -(-tokens // block_tokens)
+                     k_bits: int, v_bits: int, norm_fp16: bool, scale: float,
+                     blocks: int | None = None) -> np.ndarray:
+    blocks = -(-tokens // block_tokens) if blocks is None else int(blocks)
     words = [dim, tokens, head_stride, block_tokens, blocks, group, k_bits, v_bits,
              code_bytes(dim, k_bits), code_bytes(dim, v_bits), int(norm_fp16)]
     return np.concatenate([np.array(words, dtype=np.uint32),
@@ -424,7 +441,7 @@ def reduce_params(dim: int, blocks: int, group: int, inverse_rotate: bool) -> np
 def attention_scratch_floats(dim: int, group: int, block_tokens: int, k_bits: int,
                              v_bits: int) -> int:
     """tq_attention_scratch_floats() of attention.metal."""
-    return group * dim + (1 << k_bits) + (1 << v_bits) + group * block_tokens
+    return 2 * group * dim + (1 << k_bits) + (1 << v_bits) + group * block_tokens + 3 * group
 
 
 def group_pass(dim: int, k_bits: int, v_bits: int, block_tokens: int = DEFAULT_BLOCK_TOKENS,
@@ -433,7 +450,7 @@ def group_pass(dim: int, k_bits: int, v_bits: int, block_tokens: int = DEFAULT_B
     enough that the block kernel's scratch fits MAX_SCRATCH_FLOATS (head_dim 512 with a group of
     16 would not). ``k_bits1``: the key split's second part (its centroids are in scratch too)."""
     tables = (1 << k_bits) + (1 << v_bits) + (0 if k_bits1 is None else 1 << k_bits1)
-    fit = (MAX_SCRATCH_FLOATS - tables) // (dim + block_tokens)
+    fit = (MAX_SCRATCH_FLOATS - tables) // (2 * dim + block_tokens + 3)
     if fit < 1:
         raise ValueError(f"head_dim {dim} with {block_tokens}-token blocks does not fit the GPU's "
                          f"{MAX_SCRATCH_FLOATS * 4 // 1024} KB of threadgroup memory")
@@ -453,11 +470,12 @@ def split_params(rows: int, dim: int, bits0: int, bits1: int, angle_bits: int, n
 
 def split_attention_params(dim: int, tokens: int, head_stride: int, block_tokens: int,
                            group: int, bits0: int, bits1: int, angle_bits: int, v_bits: int,
-                           norm_fp16: bool, scale: float) -> np.ndarray:
+                           norm_fp16: bool, scale: float, blocks: int | None = None
+                           ) -> np.ndarray:
     """TqSplitAttnParams of split.metal: TqAttnParams' words, then the split's."""
     pd, ab = dim // 2, angle_bits // 8
     words = attention_params(dim, tokens, head_stride, block_tokens, group, bits0, v_bits,
-                             norm_fp16, scale)
+                             norm_fp16, scale, blocks)
     words[8] = ab + code_bytes(pd, bits0) + code_bytes(dim - pd, bits1)  # k_code_bytes
     return np.concatenate([words, np.array([pd, bits1, code_bytes(pd, bits0), ab], np.uint32)])
 
@@ -465,7 +483,7 @@ def split_attention_params(dim: int, tokens: int, head_stride: int, block_tokens
 def split_attention_scratch_floats(dim: int, group: int, block_tokens: int, bits0: int,
                                    bits1: int, v_bits: int) -> int:
     """tq_split_attention_scratch_floats() of split.metal."""
-    return group * dim + (1 << bits0) + (1 << bits1) + (1 << v_bits) + group * block_tokens
+    return attention_scratch_floats(dim, group, block_tokens, bits0, v_bits) + (1 << bits1)
 
 
 @functools.lru_cache(maxsize=None)
@@ -629,13 +647,13 @@ def _split_k_attention(q_rot, k_codes, k_norms, v_codes, v_norms, k_cents, v_cen
     kv_heads, head_stride = k_codes.shape[0], k_codes.shape[1]
     dim = q_rot.shape[-1]
     fp16 = k_norms.dtype == mx.float16
-    blocks = -(-tokens // block_tokens)
+    blocks = attention_blocks(tokens, block_tokens, kv_heads)
     scratch = attention_scratch_floats(dim, group, block_tokens, k_bits, v_bits)
     as_bits = (lambda a: a.view(mx.uint16)) if fp16 else (lambda a: a)
     part_m, part_l, part_acc = _kernel("attention_block")(
         inputs=[q_rot, k_codes, as_bits(k_norms), v_codes, as_bits(v_norms), k_cents, v_cents,
                 mx.array(attention_params(dim, tokens, head_stride, block_tokens, group, k_bits,
-                                          v_bits, fp16, scale))],
+                                          v_bits, fp16, scale, blocks))],
         template=[("SCRATCH", scratch)],
         output_shapes=[(kv_heads, blocks, group), (kv_heads, blocks, group),
                        (kv_heads, blocks, group, dim)],
@@ -989,7 +1007,7 @@ def _split_key_attention(keys: SplitHeadTables, values: HeadTables, queries, k_c
     q_rot = split_rotate_heads(keys, queries).reshape(kv_heads * group, dim)
     head_stride = k_codes.shape[1]
     fp16 = k_norms.dtype == mx.float16
-    blocks = -(-tokens // block_tokens)
+    blocks = attention_blocks(tokens, block_tokens, kv_heads)
     scratch = split_attention_scratch_floats(dim, group, block_tokens, keys.bits0, keys.bits1,
                                              values.bits)
     as_bits = (lambda a: a.view(mx.uint16)) if fp16 else (lambda a: a)
@@ -998,7 +1016,7 @@ def _split_key_attention(keys: SplitHeadTables, values: HeadTables, queries, k_c
                 angles,
                 mx.array(split_attention_params(dim, tokens, head_stride, block_tokens, group,
                                                 keys.bits0, keys.bits1, keys.angle_bits,
-                                                values.bits, fp16, scale))],
+                                                values.bits, fp16, scale, blocks))],
         template=[("SCRATCH", scratch)],
         output_shapes=[(kv_heads, blocks, group), (kv_heads, blocks, group),
                        (kv_heads, blocks, group, dim)],

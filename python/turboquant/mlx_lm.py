@@ -416,8 +416,9 @@ class TurboQuantKVCache(_mlx_cache._BaseCache):
             self._perm = p
         blob = np.array(blob, dtype=np.uint8, copy=False)
         if blob.size:
-            self._core = (_mlx_metal.MetalCodeStore.from_bytes(blob.tobytes()) if self._gpu
-                          else _load_core(blob))
+            self._core = (_mlx_metal.MetalCodeStore.from_bytes(blob.tobytes(),
+                                                               check_inputs=False)
+                          if self._gpu else _load_core(blob))
             self.split_angle_bits = int(getattr(self._core, "split_angle_bits", self.split_angle_bits))
             self._shape = (self._core_kv_heads, self._head_dim)
             if self._held_tokens() != self.offset:
@@ -588,9 +589,14 @@ class TurboQuantKVCache(_mlx_cache._BaseCache):
                       seed=layer_seed(self.seed, self.layer), rotation=self.rotation,
                       block_tokens=self.block_tokens)
         if self._gpu:
+            # No per-call finiteness check on the GPU: it reads a flag back to the host (a full
+            # GPU sync per layer and token, which stalls mlx's pipelined decode); the model's
+            # activations go unchecked as in mlx-lm's own caches. The C++ core (CPU path) and
+            # MetalCodeStore used directly keep the check.
             self._core = _mlx_metal.MetalCodeStore(head_dim, norm_correction=self.debias and mse,
                                                    fp16_window=self.fp16_window,
-                                                   fp16_sinks=self.fp16_sinks, **common, **split)
+                                                   fp16_sinks=self.fp16_sinks, check_inputs=False,
+                                                   **common, **split)
         else:
             mixed = {}
             if self.mixed_bits:

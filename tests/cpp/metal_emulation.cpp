@@ -78,7 +78,11 @@ void decode_attention(const AttentionProblem& a, float* out, unsigned block_thre
     throw std::invalid_argument("decode attention: need 1 <= tokens <= head_stride, block_tokens >= 1");
   }
   const auto u = [](int v) { return static_cast<uint>(v); };
-  const uint nb = (u(a.tokens) + u(a.block_tokens) - 1u) / u(a.block_tokens);
+  const uint tiles = (u(a.tokens) + u(a.block_tokens) - 1u) / u(a.block_tokens);
+  if (a.num_blocks < 0 || u(a.num_blocks) > tiles) {
+    throw std::invalid_argument("decode attention: num_blocks must be in [0, ceil(tokens / block_tokens)]");
+  }
+  const uint nb = a.num_blocks == 0 ? tiles : u(a.num_blocks);
   const TqAttnParams p{u(a.dim), u(a.tokens), u(a.head_stride), u(a.block_tokens), nb, u(a.group),
                        u(a.k_bits), u(a.v_bits), (u(a.dim) * u(a.k_bits) + 7u) / 8u,
                        (u(a.dim) * u(a.v_bits) + 7u) / 8u, a.norm_fp16 ? 1u : 0u, a.scale};
@@ -92,7 +96,7 @@ void decode_attention(const AttentionProblem& a, float* out, unsigned block_thre
                             group.x, group.y, tid, block_threads);
   });
   const TqReduceParams r{p.dim, nb, p.group, a.v_signs ? 1u : 0u};
-  std::vector<float> v(static_cast<size_t>(a.dim));
+  std::vector<float> v(TQ_REDUCE_GROUP_FLOATS);
   const float no_signs[1] = {0.0f};
   metal::emu::dispatch({p.group, u(a.kv_heads), 1}, reduce_threads, [&](uint3 group, uint tid) {
     tq_attention_reduce_body(part_m.data(), part_l.data(), part_acc.data(),
@@ -168,7 +172,11 @@ void split_decode_attention(const SplitTables& t, const AttentionProblem& a, flo
   }
   const auto u = [](int v) { return static_cast<uint>(v); };
   const TqSplitParams sp = split_params(t, 0, a.norm_fp16, false, false);
-  const uint nb = (u(a.tokens) + u(a.block_tokens) - 1u) / u(a.block_tokens);
+  const uint tiles = (u(a.tokens) + u(a.block_tokens) - 1u) / u(a.block_tokens);
+  if (a.num_blocks < 0 || u(a.num_blocks) > tiles) {
+    throw std::invalid_argument("decode attention: num_blocks must be in [0, ceil(tokens / block_tokens)]");
+  }
+  const uint nb = a.num_blocks == 0 ? tiles : u(a.num_blocks);
   const TqSplitAttnParams p{u(a.dim), u(a.tokens), u(a.head_stride), u(a.block_tokens), nb, u(a.group),
                             u(t.bits0), u(a.v_bits), sp.code_bytes, (u(a.dim) * u(a.v_bits) + 7u) / 8u,
                             a.norm_fp16 ? 1u : 0u, a.scale, sp.part_dim, u(t.bits1), sp.part_bytes0,
@@ -184,7 +192,7 @@ void split_decode_attention(const SplitTables& t, const AttentionProblem& a, flo
                                   group.y, tid, block_threads);
   });
   const TqReduceParams r{p.dim, nb, p.group, a.v_signs ? 1u : 0u};
-  std::vector<float> v(static_cast<size_t>(a.dim));
+  std::vector<float> v(TQ_REDUCE_GROUP_FLOATS);
   const float no_signs[1] = {0.0f};
   metal::emu::dispatch({p.group, u(a.kv_heads), 1}, reduce_threads, [&](uint3 group, uint tid) {
     tq_attention_reduce_body(part_m.data(), part_l.data(), part_acc.data(), a.v_signs ? a.v_signs : no_signs,

@@ -32,6 +32,7 @@ struct AttentionProblem {
   int kv_heads = 1;
   int group = 1;  // query heads per KV head
   int block_tokens = 64;
+  int num_blocks = 0;  // threadgroups per KV head (blocks of several tiles); 0: one per tile
   int k_bits = 3, v_bits = 3;
   bool norm_fp16 = true;
   float scale = 1.0f;

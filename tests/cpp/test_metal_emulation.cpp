@@ -278,6 +278,7 @@ TEST(MetalDequantize, DecodeAndTilesBitExact) {
 struct AttnCase {
   int dim, k_bits, v_bits, group, tokens, block_tokens;
   bool hadamard_values;
+  int num_blocks = 0;  // 0: one block per tile; fewer: blocks of several tiles (online softmax)
 };
 
 class MetalAttention : public ::testing::TestWithParam<AttnCase> {};
@@ -333,6 +334,7 @@ TEST_P(MetalAttention, MatchesCpuReference) {
   p.kv_heads = kv_heads;
   p.group = c.group;
   p.block_tokens = c.block_tokens;
+  p.num_blocks = c.num_blocks;
   p.k_bits = c.k_bits;
   p.v_bits = c.v_bits;
   p.scale = scale;
@@ -363,12 +365,16 @@ INSTANTIATE_TEST_SUITE_P(
                       AttnCase{128, 4, 4, 7, 77, 32, true}, AttnCase{64, 3, 3, 4, 200, 64, true},
                       AttnCase{64, 4, 2, 7, 65, 64, true}, AttnCase{64, 2, 4, 1, 1, 64, true},
                       AttnCase{128, 4, 3, 7, 100, 128, true}, AttnCase{64, 3, 3, 16, 45, 16, true},
-                      AttnCase{128, 3, 4, 4, 90, 64, false}),  // dense value rotation: output stays rotated
+                      AttnCase{128, 3, 4, 4, 90, 64, false},  // dense value rotation: output stays rotated
+                      // blocks of several tiles: 16 tiles in 3 blocks (6, 6, 4), 17 in 5 (4, 4, 4, 4, 1)
+                      AttnCase{128, 3, 3, 4, 1000, 64, true, 3}, AttnCase{64, 2, 4, 7, 517, 32, true, 5},
+                      AttnCase{64, 4, 4, 1, 300, 16, true, 1}),
     [](const auto& param_info) {
       const auto& c = param_info.param;
       return "d" + std::to_string(c.dim) + "_k" + std::to_string(c.k_bits) + "v" + std::to_string(c.v_bits) +
              "_g" + std::to_string(c.group) + "_T" + std::to_string(c.tokens) + "_bt" +
-             std::to_string(c.block_tokens) + (c.hadamard_values ? "" : "_dense");
+             std::to_string(c.block_tokens) + (c.hadamard_values ? "" : "_dense") +
+             (c.num_blocks ? "_nb" + std::to_string(c.num_blocks) : "");
     });
 
 TEST(MetalAttention, RejectsBadLaunches) {
@@ -402,5 +408,5 @@ TEST(MetalEmbeddedSource, HoldsEveryKernelFileInOrder) {
                              "void tq_attention_block(", "void tq_attention_reduce("}) {
     EXPECT_NE(src.find(kernel), std::string_view::npos) << kernel;
   }
-  EXPECT_EQ(emu::single_source_attention_scratch(128, 7, 64, 3, 4), 7u * 128 + 8 + 16 + 7 * 64);
+  EXPECT_EQ(emu::single_source_attention_scratch(128, 7, 64, 3, 4), 2u * 7u * 128 + 8 + 16 + 7 * 64 + 3u * 7u);
 }

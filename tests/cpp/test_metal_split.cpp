@@ -244,10 +244,11 @@ TEST(MetalSplit, DequantizeIsBitExact) {
 
 TEST(MetalSplit, DecodeAttentionMatchesTheCpuAcrossGqaAndRaggedBlocks) {
   struct Case {
-    int d, kb, ab, kv_heads, group, tokens, block;
+    int d, kb, ab, kv_heads, group, tokens, block, num_blocks;  // num_blocks 0: one per tile
   };
-  for (const Case c : {Case{64, 2, 8, 2, 3, 77, 16}, Case{128, 4, 16, 1, 4, 40, 32},
-                       Case{64, 3, 16, 1, 1, 5, 64}}) {
+  for (const Case c : {Case{64, 2, 8, 2, 3, 77, 16, 0}, Case{128, 4, 16, 1, 4, 40, 32, 0},
+                       Case{64, 3, 16, 1, 1, 5, 64, 0}, Case{64, 2, 8, 2, 3, 300, 16, 4},
+                       Case{128, 3, 8, 1, 5, 129, 8, 2}}) {
     const auto ud = static_cast<size_t>(c.d);
     const size_t T = static_cast<size_t>(c.tokens), H = static_cast<size_t>(c.kv_heads);
     const size_t G = static_cast<size_t>(c.group), stride = T + 3;
@@ -293,6 +294,7 @@ TEST(MetalSplit, DecodeAttentionMatchesTheCpuAcrossGqaAndRaggedBlocks) {
     p.kv_heads = c.kv_heads;
     p.group = c.group;
     p.block_tokens = c.block;
+    p.num_blocks = c.num_blocks;
     p.v_bits = 3;
     p.scale = 1.0f / std::sqrt(static_cast<float>(c.d));
     p.q_rotated = qrot.data();

@@ -184,11 +184,12 @@ def test_core_has_no_cuda_backend_of_its_own():
 
 
 def test_attention_passes_fit_threadgroup_memory(emulated, monkeypatch):
-    # head_dim 512 with a GQA group of 16 would need 9,744 floats of scratch (38 KB, over
+    # head_dim 512 with a GQA group of 16 would need 17,472 floats of scratch (68 KB, over
     # Metal's 32 KB): the group runs in passes that fit (the emulator refuses more).
+    assert metal.attention_scratch_floats(512, 16, 64, 3, 3) == 17472
     assert metal.group_pass(128, 3, 3) == metal.MAX_GROUP
-    assert metal.group_pass(512, 3, 3) == (metal.MAX_SCRATCH_FLOATS - 16) // (512 + 64) == 14
-    assert metal.group_pass(512, 2, 3, k_bits1=4) == 14
+    assert metal.group_pass(512, 3, 3) == (metal.MAX_SCRATCH_FLOATS - 16) // (2 * 512 + 64 + 3) == 7
+    assert metal.group_pass(512, 2, 3, k_bits1=4) == 7
     with pytest.raises(ValueError, match="does not fit the GPU's 32 KB"):
         metal.group_pass(8192, 3, 3)
     emulated.install(monkeypatch)
@@ -222,3 +223,33 @@ def test_a_layer_kept_off_the_gpu_says_why(monkeypatch):
         warnings.simplefilter("error")  # said once per reason, not once per layer or cache
         model(mx.array([[1, 2, 3, 4]]), cache=tq_mlx.make_prompt_cache(
             model, key_bits=3, value_bits=3, decay_after=64, decay_bits=2, key_split=False))
+
+
+@pytest.mark.parametrize("split", [False, True])
+@pytest.mark.parametrize("groups", [2, 4])
+def test_long_context_blocks_of_several_tiles_match_the_core(emulated, monkeypatch, split,
+                                                             groups):
+    # Past ATTENTION_GROUPS threadgroups a decode launch gives each block several tiles
+    # (online softmax inside the block): forced here at a small size, 2 KV heads of 300
+    # tokens (about 280 in codes: 5 tiles of 64) in 1 block of 5 tiles, or 2 blocks of 3 and 2.
+    emulated.install(monkeypatch)
+    monkeypatch.setattr(metal, "ATTENTION_GROUPS", groups)
+    assert metal.attention_blocks(280, metal.DEFAULT_BLOCK_TOKENS, 2) == groups // 2
+    rng = np.random.default_rng(11)
+    d, hkv, G = 64, 2, 3
+    kw = dict(n_layers=1, n_q_heads=hkv * G, n_kv_heads=hkv, key_bits=3, value_bits=3, seed=4,
+              block_tokens=8, fp16_sinks=2, fp16_window=8)
+    if split:
+        kw.update(key_bits=2, n_outlier_channels=d // 2, outlier_bits=4,
+                  outlier_channels=list(range(d // 2)), outlier_roles="keys",
+                  split_angle_bits=8)
+    store, core = mlx_metal.MetalCodeStore(d, **kw), _core.KVCache(d, **kw)
+    k, v = (rng.standard_normal((hkv, 300, d)).astype(np.float32) for _ in range(2))
+    k[..., : d // 2] *= 2.0
+    store.append(mx.array(k), mx.array(v))
+    core.append(k, v)
+    assert store.code_tokens() == core.code_tokens(0) > 256
+    q = rng.standard_normal((hkv * G, 1, d)).astype(np.float32)
+    for window in (None, 250):
+        np.testing.assert_allclose(np.array(store.attend(mx.array(q), window=window)),
+                                   core.attend(q, window=window), atol=3e-5)

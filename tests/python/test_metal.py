@@ -105,7 +105,20 @@ def test_parameter_blocks_match_the_metal_structs():
                     metal.attention_params(128, 100, 120, 64, 4, 3, 4, True, 0.125)))
     assert attn["num_blocks"] == 2 and attn["k_code_bytes"] == 48 and attn["v_code_bytes"] == 64
     assert np.array([attn["scale"]], np.uint32).view(np.float32)[0] == np.float32(0.125)
-    assert metal.attention_scratch_floats(128, 7, 64, 3, 4) == 7 * 128 + 8 + 16 + 7 * 64
+    assert metal.attention_scratch_floats(128, 7, 64, 3, 4) == 2 * 7 * 128 + 8 + 16 + 7 * 64 + 3 * 7
+
+
+def test_attention_blocks_cover_every_tile_and_cap_long_contexts():
+    for kv_heads in (1, 3, 8, 32):
+        cap = max(1, min(metal.REDUCE_CACHED_BLOCKS, -(-metal.ATTENTION_GROUPS // kv_heads)))
+        for tokens in (1, 63, 64, 65, 4096, 32768, 131072, 1 << 20):
+            tiles = -(-tokens // 64)
+            nb = metal.attention_blocks(tokens, 64, kv_heads)
+            per = -(-tiles // nb)  # tq_tiles_per_block
+            assert 1 <= nb <= min(tiles, cap)
+            assert nb * per >= tiles and (nb - 1) * per < tiles  # all covered, none empty
+            if tiles <= cap:
+                assert nb == tiles  # one tile per block below the cap
 
 
 def mlx_style_translation_unit() -> str:

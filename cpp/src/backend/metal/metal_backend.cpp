@@ -341,7 +341,10 @@ void MetalBackend::decode_attention(const DecodeAttentionArgs& a, float* out) {
   const size_t tg_limit = m.device->maxThreadgroupMemoryLength();
   uint32_t bt = kDefaultBlockTokens;
   auto scratch_bytes = [&](uint32_t block) {
-    return sizeof(float) * (a.group * d + (size_t{1} << kq->bits()) + (size_t{1} << vq->bits()) + a.group * block);
+    // tq_attention_scratch_floats of attention.metal: queries, centroids, a tile's scores,
+    // the running value sums and softmax state.
+    return sizeof(float) * (2 * a.group * d + (size_t{1} << kq->bits()) + (size_t{1} << vq->bits()) +
+                            a.group * block + 3 * a.group);
   };
   while (bt > 1 && scratch_bytes(bt) > tg_limit) bt /= 2;
   TQ_CHECK(scratch_bytes(bt) <= tg_limit, NotSupported, "Metal decode attention: group ", a.group, " × head_dim ", d,
