@@ -250,6 +250,8 @@ def test_long_context_blocks_of_several_tiles_match_the_core(emulated, monkeypat
     core.append(k, v)
     assert store.code_tokens() == core.code_tokens(0) > 256
     q = rng.standard_normal((hkv * G, 1, d)).astype(np.float32)
+    # The fp16 sinks/window part is mlx matmuls: TF32 on an NVIDIA GPU (about 1e-4 here).
+    atol = 3e-5 if mx.default_device() == mx.cpu else 3e-4
     for window in (None, 250):
         np.testing.assert_allclose(np.array(store.attend(mx.array(q), window=window)),
-                                   core.attend(q, window=window), atol=3e-5)
+                                   core.attend(q, window=window), atol=atol)
