@@ -32,7 +32,7 @@ at a time, see :mod:`turboquant.serve`).
 from __future__ import annotations
 
 import copy
-from typing import Sequence
+from collections.abc import Sequence
 
 import mlx.core as mx
 import numpy as np
@@ -41,7 +41,7 @@ from mlx_lm.models import cache as _mlx_cache
 
 from turboquant.mlx_lm import TurboQuantKVCache, _window_from_mask
 
-__all__ = ["BatchTurboQuantKVCache", "GPU_REFUSAL", "stats"]
+__all__ = ["GPU_REFUSAL", "BatchTurboQuantKVCache", "stats"]
 
 GPU_REFUSAL = ("batched generation runs TurboQuant layers on the C++ CPU core only; this "
                "layer is held by the GPU store (serve requests one at a time instead)")
@@ -142,7 +142,7 @@ class BatchTurboQuantKVCache(_mlx_cache._BaseCache):
     # -- the mlx-lm batch protocol --------------------------------------------------------
 
     @classmethod
-    def merge(cls, caches: Sequence[TurboQuantKVCache]) -> "BatchTurboQuantKVCache":
+    def merge(cls, caches: Sequence[TurboQuantKVCache]) -> BatchTurboQuantKVCache:
         """A batch of copies of ``caches`` (they are left as they are), left-padded to the
         longest."""
         caches = list(caches)
@@ -198,7 +198,7 @@ class BatchTurboQuantKVCache(_mlx_cache._BaseCache):
             self._idx -= least
             self._lp = [p - least for p in self._lp]
 
-    def extend(self, other: "BatchTurboQuantKVCache"):
+    def extend(self, other: BatchTurboQuantKVCache):
         if not isinstance(other, BatchTurboQuantKVCache):
             raise TypeError(f"cannot extend a TurboQuant batch cache with "
                             f"{type(other).__name__}")
@@ -251,8 +251,7 @@ class BatchTurboQuantKVCache(_mlx_cache._BaseCache):
                 row._fetched = None
             spans.append((a, b))
         self._spans = spans
-        if B > _stats["max_rows"]:
-            _stats["max_rows"] = B
+        _stats["max_rows"] = max(_stats["max_rows"], B)
         self._idx += T
         self._off = [o + T for o in self._off]
         self._has_keys = True

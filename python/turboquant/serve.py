@@ -27,12 +27,13 @@ things are swapped in, each through the narrowest seam mlx-lm offers:
   caches' ``nbytes``, which for TurboQuant caches is the compressed size (codes, norms,
   fp16 window/sink rows, page slack and quantizer state), so the same budget holds ~4-5x
   more tokens than fp16 caches. mlx-lm's own ``run`` applies no byte budget on the
-  sequential path; :func:`run` does (on both paths). :class:`PromptCacheStore` also keeps every entry's
-  key and its caches' lengths in step (mlx-lm's speculative path stores caches a token
-  short of their key, and a reuse would then resume a token short).
+  sequential path; :func:`run` does (on both paths). :class:`PromptCacheStore` also
+  keeps every entry's key and its caches' lengths in step (mlx-lm's speculative path
+  stores caches a token short of their key, and a reuse would then resume a token short).
 
 ``GET /v1/turboquant`` (added by :class:`TurboQuantAPIHandler`) reports the KV options, how
-many caches were built with how many compressed layers, and the prompt-cache store's size.
+many caches were built with how many compressed layers, the prompt-cache store's size, and
+whether requests are batched (the most rows decoded together so far, or why not).
 """
 
 from __future__ import annotations
@@ -58,9 +59,9 @@ from turboquant import mlx_rotating as _mlx_rotating
 
 __all__ = [
     "PromptCacheStore",
+    "ResponseGenerator",
     "TurboQuantAPIHandler",
     "TurboQuantModelProvider",
-    "ResponseGenerator",
     "batching_refusal",
     "cache_options",
     "install_cache_factory",

@@ -19,7 +19,6 @@ from mlx.utils import tree_map
 from mlx_lm.generate import BatchGenerator, generate_step
 from mlx_lm.models import cache as mlx_cache
 from mlx_tiny import tiny_model
-
 from turboquant import mlx_lm as tq
 from turboquant.mlx_batch import GPU_REFUSAL, BatchTurboQuantKVCache
 
@@ -236,7 +235,7 @@ def test_fp16_layer_mask_is_read_row_by_row(monkeypatch):
 
     monkeypatch.setattr(mlx_batch, "_window_from_mask", counting)
     model = _model("llama")
-    make = lambda m: tq.make_prompt_cache(m, fp16_layers=[0])  # noqa: E731
+    make = lambda m: tq.make_prompt_cache(m, fp16_layers=[0])
     rng = random.Random(3)
     ps = [[rng.randrange(1, 120) for _ in range(n)] for n in (9, 30)]
     expect = [alone(model, p, 10, make) for p in ps]

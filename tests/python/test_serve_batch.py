@@ -21,9 +21,8 @@ import pytest
 pytest.importorskip("mlx.core")
 pytest.importorskip("mlx_lm")
 
-from test_serve import free_port, get, post, post_stream, running_server
-
 from mlx_tiny_dir import save_tiny_model_dir
+from test_serve import free_port, get, post, post_stream, running_server
 from turboquant import serve
 
 PROMPTS = ["hello world", "The quick brown fox jumps over", "a",
@@ -180,7 +179,6 @@ def test_mlx_lm_fp16_server_batched_equals_alone(model_dir, tmp_path):
 
 def test_batching_refusals():
     from mlx_lm.models.cache import KVCache, RotatingKVCache
-
     from turboquant import metal
     from turboquant.mlx_batch import GPU_REFUSAL
     from turboquant.mlx_lm import TurboQuantKVCache
@@ -205,9 +203,10 @@ def test_batching_refusals():
 
 
 def test_the_cache_factory_covers_the_batch_generator_and_is_undone():
+    import importlib
+
     from mlx_lm import server as mlx_server
     from mlx_lm.generate import BatchGenerator  # noqa: F401 (its module's global is patched)
-    import importlib
 
     gen_module = importlib.import_module("mlx_lm.generate")
     before = (mlx_server.make_prompt_cache, gen_module.make_prompt_cache)
