@@ -195,6 +195,14 @@ class TurboQuantKVCache(_mlx_cache._BaseCache):
         self._fetched = (ph_k, ph_v)
         return ph_k, ph_v
 
+    @classmethod
+    def merge(cls, caches):
+        """mlx-lm's batching (``BatchGenerator``) merges the per-request caches of a layer
+        into one batch cache: a :class:`turboquant.mlx_batch.BatchTurboQuantKVCache` of
+        copies of ``caches``, one row per sequence."""
+        from turboquant.mlx_batch import BatchTurboQuantKVCache
+        return BatchTurboQuantKVCache.merge(caches)
+
     def attend(self, queries: mx.array, scale: float, causal: bool = True,
                window: int | None = None) -> mx.array:
         """Attention of ``queries`` (B, H_q, T_q, d), the last T_q positions, on the codes."""
@@ -797,6 +805,8 @@ def _turboquant_attention(queries, keys, values, cache, scale, mask, sinks=None)
         raise UnsupportedArchitectureError(
             "this model transforms keys/values after the cache (e.g. multi-head latent "
             "attention); TurboQuantKVCache can only serve attention over the K/V it stored")
+    if getattr(cache, "turboquant_batch", False):  # turboquant.mlx_batch: row by row
+        return cache.attend_masked(queries, scale, mask)
     Tq = queries.shape[2]
     window = None
     if isinstance(mask, mx.array):
@@ -813,7 +823,7 @@ def _routed_sdpa(queries, keys, values, cache, scale, mask, sinks=None):
     hook = getattr(cache, "tq_capture", None)
     if hook is not None:  # calibration (turboquant.calibrate): record, then run as usual
         hook(queries, keys, values, scale)
-    if isinstance(cache, TurboQuantKVCache):
+    if isinstance(cache, TurboQuantKVCache) or getattr(cache, "turboquant_batch", False):
         return _turboquant_attention(queries, keys, values, cache, scale, mask, sinks)
     return _original_sdpa(queries, keys, values, cache=cache, scale=scale, mask=mask,
                           sinks=sinks)

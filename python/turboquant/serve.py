@@ -12,25 +12,33 @@ things are swapped in, each through the narrowest seam mlx-lm offers:
   every sliding-window layer a :class:`~turboquant.mlx_rotating.TurboQuantRotatingKVCache`.
 - **The model provider.** :class:`TurboQuantModelProvider` checks at load time that the
   model can run on TurboQuant caches (a clear error instead of a failed first request) and
-  marks it not batchable: mlx-lm's ``BatchGenerator`` merges per-request caches into one
-  left-padded batch cache (``merge`` / ``extract``) and attends with per-sequence padding
-  masks, which the compressed caches do not implement yet, so every request takes mlx-lm's
-  sequential path (``stream_generate``), one at a time.
+  decides whether requests are batched. With batching (the default), mlx-lm's
+  ``BatchGenerator`` decodes the running requests together, one forward pass per step:
+  it merges their caches (``TurboQuantKVCache.merge``) into a
+  :class:`turboquant.mlx_batch.BatchTurboQuantKVCache`, one per-sequence cache per row,
+  attention on each row's codes. The generator builds the caches of new requests through
+  ``mlx_lm.generate.make_prompt_cache``, which the cache factory replaces as well. A model
+  is served one request at a time (mlx-lm's ``stream_generate``) when it has a draft model,
+  when its layers are on the GPU store (batching is a C++ core feature for now), when one
+  kind of sliding-window layer mixes fp16 and TurboQuant caches (their batch masks have
+  different layouts), or with ``batching=False`` (``--no-batching``).
 - **The prompt-cache store.** mlx-lm's ``LRUPromptCache`` (longest-prefix reuse, trimming,
   LRU eviction) is kept, with a byte budget (``--max-kv-gb``): it counts each entry by the
   caches' ``nbytes``, which for TurboQuant caches is the compressed size (codes, norms,
   fp16 window/sink rows, page slack and quantizer state), so the same budget holds ~4-5x
   more tokens than fp16 caches. mlx-lm's own ``run`` applies no byte budget on the
-  sequential path; :func:`run` does. :class:`PromptCacheStore` also keeps every entry's
-  key and its caches' lengths in step (mlx-lm's speculative path stores caches a token
-  short of their key, and a reuse would then resume a token short).
+  sequential path; :func:`run` does (on both paths). :class:`PromptCacheStore` also
+  keeps every entry's key and its caches' lengths in step (mlx-lm's speculative path
+  stores caches a token short of their key, and a reuse would then resume a token short).
 
 ``GET /v1/turboquant`` (added by :class:`TurboQuantAPIHandler`) reports the KV options, how
-many caches were built with how many compressed layers, and the prompt-cache store's size.
+many caches were built with how many compressed layers, the prompt-cache store's size, and
+whether requests are batched (the most rows decoded together so far, or why not).
 """
 
 from __future__ import annotations
 
+import importlib
 import inspect
 import json
 import logging
@@ -41,20 +49,28 @@ from collections.abc import Callable
 from typing import Any
 
 from mlx_lm import server as _server
+from mlx_lm.models import cache as _mlx_cache
 from mlx_lm.models.cache import can_trim_prompt_cache
 
+from turboquant import metal as _metal
+from turboquant import mlx_batch as _mlx_batch
 from turboquant import mlx_lm as _tq_mlx_lm
+from turboquant import mlx_rotating as _mlx_rotating
 
 __all__ = [
     "PromptCacheStore",
+    "ResponseGenerator",
     "TurboQuantAPIHandler",
     "TurboQuantModelProvider",
+    "batching_refusal",
     "cache_options",
     "install_cache_factory",
     "main",
     "run",
 ]
 
+# the module (mlx_lm's package exports a function of the same name)
+_generate = importlib.import_module("mlx_lm.generate")
 _log = logging.getLogger("turboquant.serve")
 _stats_lock = threading.Lock()
 _stats = {"caches_built": 0, "compressed_layers": 0, "layers": 0}
@@ -109,13 +125,15 @@ def install_cache_factory(options: dict) -> Callable[[Any], list]:
     """Make ``mlx_lm.server`` build every prompt cache with TurboQuant caches (``options``:
     keyword arguments of :func:`turboquant.mlx_lm.make_prompt_cache`). Returns the factory
     it replaced, for :func:`uninstall_cache_factory`."""
-    previous = _server.make_prompt_cache
-    _server.make_prompt_cache = _make_factory(dict(options))
+    previous = (_server.make_prompt_cache, _generate.make_prompt_cache)
+    factory = _make_factory(dict(options))
+    # the server's sequential path and probe, and BatchGenerator.insert for new requests
+    _server.make_prompt_cache = _generate.make_prompt_cache = factory
     return previous
 
 
-def uninstall_cache_factory(previous: Callable[[Any], list]) -> None:
-    _server.make_prompt_cache = previous
+def uninstall_cache_factory(previous) -> None:
+    _server.make_prompt_cache, _generate.make_prompt_cache = previous
 
 
 def stats() -> dict:
@@ -124,20 +142,23 @@ def stats() -> dict:
 
 
 class TurboQuantModelProvider(_server.ModelProvider):
-    """mlx-lm's model provider; a loaded model must take TurboQuant caches, and is served
-    on the sequential path (see the module docstring)."""
+    """mlx-lm's model provider; a loaded model must take TurboQuant caches. It is served
+    with continuous batching when :func:`batching_refusal` finds nothing against it (and
+    ``batching`` is on), else one request at a time (see the module docstring)."""
 
-    def __init__(self, cli_args, cache_options: dict):
+    def __init__(self, cli_args, cache_options: dict, batching: bool = True):
         super().__init__(cli_args)
         self.cache_options = dict(cache_options)
+        self.batching = bool(batching)
         self.load_error: BaseException | None = None
+        self.batching_off_reason: str | None = None
 
     def _load(self, model_path, adapter_path=None, draft_model_path=None):
         try:
             super()._load(model_path, adapter_path, draft_model_path)
             # Builds caches for this model: refuses MLA / SSM / custom-attention models and
             # options the model cannot take (e.g. a profile for another layer count).
-            _tq_mlx_lm.make_prompt_cache(self.model, **self.cache_options)
+            cache = _tq_mlx_lm.make_prompt_cache(self.model, **self.cache_options)
             if self.draft_model is not None:
                 _tq_mlx_lm.make_prompt_cache(self.draft_model, **self.cache_options)
         except Exception as e:
@@ -145,7 +166,32 @@ class TurboQuantModelProvider(_server.ModelProvider):
             self.reset()
             raise
         self.load_error = None
-        self.is_batchable = False
+        why = "turned off (--no-batching)" if not self.batching else \
+            batching_refusal(cache, self.draft_model is not None)
+        self.batching_off_reason = why
+        self.is_batchable = self.is_batchable and why is None
+        if why is not None:
+            _log.info("serving one request at a time: %s", why)
+
+
+def batching_refusal(cache: list, draft: bool = False) -> str | None:
+    """Why requests with these per-layer caches cannot be decoded together (None: they
+    can)."""
+    if draft:
+        return "speculative decoding (a draft model) runs one request at a time in mlx-lm"
+    missing = sorted({type(c).__name__ for c in cache if not hasattr(c, "merge")})
+    if missing:
+        return f"cache types without batching: {', '.join(missing)}"
+    if any(isinstance(c, _tq_mlx_lm.TurboQuantKVCache) for c in cache) and \
+            _metal.active_path() != "cpu":
+        return _mlx_batch.GPU_REFUSAL
+    sliding_fp16 = {c.max_size for c in cache if type(c) is _mlx_cache.RotatingKVCache}
+    sliding_tq = {c.max_size for c in cache
+                  if isinstance(c, _mlx_rotating.TurboQuantRotatingKVCache)}
+    if sliding_fp16 & sliding_tq:
+        return ("sliding-window layers of one window mix fp16 and TurboQuant caches, whose "
+                "batch masks have different layouts (compress all of them or none)")
+    return None
 
 
 class PromptCacheStore(_server.LRUPromptCache):
@@ -196,11 +242,27 @@ class TurboQuantAPIHandler(_server.APIHandler):
                 "sequences": len(store), "bytes": store.nbytes,
                 "by_type": store.stats_by_type()},
             **stats(),
+            "batching": {"enabled": bool(getattr(gen.model_provider, "is_batchable", False)),
+                         "off_reason": getattr(gen.model_provider, "batching_off_reason", None),
+                         "max_rows": _mlx_batch.stats()["max_rows"]},
         }
         self._set_completion_headers(200)
         self.end_headers()
         self.wfile.write(json.dumps(body, default=str).encode())
         self.wfile.flush()
+
+
+class ResponseGenerator(_server.ResponseGenerator):
+    """mlx-lm's generation loop. A request that cannot be generated at all (an empty
+    prompt) is refused when it is tokenized, which answers that request with an error on
+    both paths; on the batched path mlx-lm would otherwise raise inside the generation
+    thread (``BatchGenerator.insert``), which stops the server for every request."""
+
+    def _tokenize(self, tokenizer, request, args):
+        out = super()._tokenize(tokenizer, request, args)
+        if not out[0]:
+            raise ValueError("the prompt is empty (no tokens to generate from)")
+        return out
 
 
 def _wait_for_model(provider: TurboQuantModelProvider, gen) -> None:
@@ -215,9 +277,11 @@ def _wait_for_model(provider: TurboQuantModelProvider, gen) -> None:
         time.sleep(0.05)
 
 
-def run(host: str, port: int, cli_args, options: dict, max_kv_bytes: int | None = None) -> None:
+def run(host: str, port: int, cli_args, options: dict, max_kv_bytes: int | None = None,
+        batching: bool = True) -> None:
     """Serve ``cli_args`` (an ``mlx_lm.server`` argument namespace) with TurboQuant caches
-    built from ``options`` until interrupted."""
+    built from ``options`` until interrupted; ``batching=False`` serves one request at a
+    time."""
     import mlx.core as mx
 
     if mx.distributed.init().size() > 1:
@@ -230,10 +294,10 @@ def run(host: str, port: int, cli_args, options: dict, max_kv_bytes: int | None 
         max_kv_bytes = cli_args.prompt_cache_bytes
     cli_args.prompt_cache_bytes = max_kv_bytes
     install_cache_factory(options)
-    provider = TurboQuantModelProvider(cli_args, options)
+    provider = TurboQuantModelProvider(cli_args, options, batching=batching)
     store = PromptCacheStore(cli_args.prompt_cache_size,
                              max_bytes=max_kv_bytes if max_kv_bytes is not None else 1 << 63)
-    gen = _server.ResponseGenerator(provider, store)
+    gen = ResponseGenerator(provider, store)
     _wait_for_model(provider, gen)
     _log.info("TurboQuant KV caches: %s; prompt-cache budget: %s", options,
               "none" if max_kv_bytes is None else f"{max_kv_bytes:,} bytes")
@@ -241,7 +305,7 @@ def run(host: str, port: int, cli_args, options: dict, max_kv_bytes: int | None 
 
 
 def main(model: str, passthrough: list[str], options: dict,
-         max_kv_bytes: int | None = None) -> int:
+         max_kv_bytes: int | None = None, batching: bool = True) -> int:
     """Parse ``passthrough`` with mlx-lm's own server arguments (``mlx_lm.server --help``)
     and serve ``model``."""
     captured: dict = {}
@@ -256,5 +320,6 @@ def main(model: str, passthrough: list[str], options: dict,
         _server.main()
     finally:
         sys.argv, _server.run = argv, saved_run
-    run(captured["host"], captured["port"], captured["cli_args"], options, max_kv_bytes)
+    run(captured["host"], captured["port"], captured["cli_args"], options, max_kv_bytes,
+        batching)
     return 0

@@ -9,7 +9,8 @@ HELP = "serve a model over an OpenAI-compatible HTTP API (mlx-lm's server), KV c
 EPILOG = ("Every other option is mlx-lm's server option, passed through unchanged "
           "(see `mlx_lm.server --help`: --temp, --max-tokens, --prompt-cache-size, "
           "--chat-template, ...). mlx-lm's own --kv-bits quantization is replaced by "
-          "TurboQuant's. Requests are served one at a time (no batching yet).")
+          "TurboQuant's. Concurrent requests are decoded together (continuous batching; "
+          "--decode-concurrency / --prompt-concurrency bound the batch) unless --no-batching.")
 
 
 def _gigabytes(s: str) -> float:
@@ -43,6 +44,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-kv-gb", type=_gigabytes, default=None,
                    help="budget of the prompt-cache store in GB (1e9 bytes), counted in "
                         "compressed bytes; least recently used entries are evicted")
+    p.add_argument("--no-batching", dest="batching", action="store_false",
+                   help="serve one request at a time (no continuous batching)")
     p.set_defaults(passthrough=[])
 
 
@@ -67,4 +70,5 @@ def run(args: argparse.Namespace) -> int:
         raise SystemExit(f"serve: {e}") from None
     max_bytes = None if args.max_kv_gb is None else int(args.max_kv_gb * 1e9)
     passthrough = ["--host", args.host, "--port", str(args.port), *args.passthrough]
-    return serve.main(args.model, passthrough, options, max_bytes)
+    return serve.main(args.model, passthrough, options, max_bytes,
+                      batching=getattr(args, "batching", True))

@@ -1,0 +1,339 @@
+"""Batch caches for mlx-lm's continuous batching (``BatchGenerator``, the batched server).
+
+mlx-lm decodes several requests in one forward pass by merging their per-request caches
+into one batch cache (``KVCache.merge`` -> ``BatchKVCache``): rows are left-padded to a
+common length, every row has its own ``offset`` (its RoPE position), and a per-row mask
+hides the padding. :class:`BatchTurboQuantKVCache` is the same for TurboQuant caches, with
+one difference: it keeps no padded tensor. Each row is a whole per-sequence cache
+(:class:`~turboquant.mlx_lm.TurboQuantKVCache`, or
+:class:`~turboquant.mlx_rotating.TurboQuantRotatingKVCache` for a sliding-window layer)
+holding only that sequence's real tokens as codes; the padding exists only as bookkeeping
+(``left_padding``, ``offset`` and the layout length), kept exactly as ``BatchKVCache``
+keeps it, so its masks and offsets are the ones mlx-lm's batch cache would produce and a
+model may share one mask between fp16 and TurboQuant layers.
+
+Attention (the route that :mod:`turboquant.mlx_lm` installs in mlx-lm's model modules) runs
+per row on the codes: row i's real queries attend to row i's cache, the outputs are stacked
+into the batch's (B, H_q, T, d) output, and padding positions get zeros (their outputs are
+never used: padded prompt positions produce no logits that mlx-lm reads). A row therefore
+computes what the same cache computes for the sequence served alone.
+
+Protocol (mlx-lm 0.32): ``merge`` (classmethod; ``TurboQuantKVCache.merge`` calls it),
+``update_and_fetch``, ``make_mask``, ``prepare`` (left padding, or right padding of a
+prompt batch) / ``finalize``, ``filter``, ``extend``, ``extract``, ``trim`` /
+``is_trimmable``, ``size``, ``empty``, ``nbytes``, ``offset``, ``left_padding``, ``state``
+(nothing to evaluate: the codes are written when the layer runs).
+
+Layers held by the GPU store (``TurboQuantKVCache._gpu``) are refused by :meth:`merge` with
+a clear error: batching is a C++ core feature for now (the server then serves one request
+at a time, see :mod:`turboquant.serve`).
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Sequence
+
+import mlx.core as mx
+import numpy as np
+from mlx_lm.models import base as _mlx_base
+from mlx_lm.models import cache as _mlx_cache
+
+from turboquant.mlx_lm import TurboQuantKVCache, _window_from_mask
+
+__all__ = ["GPU_REFUSAL", "BatchTurboQuantKVCache", "stats"]
+
+GPU_REFUSAL = ("batched generation runs TurboQuant layers on the C++ CPU core only; this "
+               "layer is held by the GPU store (serve requests one at a time instead)")
+
+# Masks made by make_mask of a batch cache, with their window: the attention route then
+# needs no decoding (a mask from another cache, e.g. an fp16 layer's BatchKVCache, is
+# decoded row by row). A few recent ones, strongly held so that ids stay unique.
+_OWN_MASKS: list[tuple[mx.array, int | None]] = []
+_OWN_MASKS_KEPT = 4
+
+# The most rows one batch cache has decoded together (GET /v1/turboquant reports it).
+_stats = {"max_rows": 0}
+
+
+def stats() -> dict:
+    return dict(_stats)
+
+
+def _ints(x) -> list[int]:
+    if isinstance(x, mx.array):
+        return [int(v) for v in x.tolist()]
+    return [int(v) for v in x]
+
+
+class BatchTurboQuantKVCache(_mlx_cache._BaseCache):
+    """One layer of a batch: a per-sequence TurboQuant cache per row, plus the left-padding
+    bookkeeping of mlx-lm's ``BatchKVCache``.
+
+    ``rows`` are per-sequence caches of one layer (all full-attention, or all sliding-window
+    with one ``max_size``); ``left_padding`` the padding in front of each row's tokens.
+    Build one with :meth:`merge`."""
+
+    turboquant_batch = True  # the attention route sends these to attend_masked
+
+    def __init__(self, rows: Sequence[TurboQuantKVCache], left_padding: Sequence[int]):
+        rows = list(rows)
+        if len(rows) != len(left_padding):
+            raise ValueError(f"{len(rows)} rows but {len(left_padding)} left paddings")
+        _check_rows(rows)
+        self.rows = rows
+        self._lp = _ints(left_padding)
+        self._off = [-p for p in self._lp]
+        self._idx = 0  # length of the (virtual) left-padded layout
+        self._has_keys = False
+        self._right_padding: list[int] | None = None
+        self._remaining: list[int] | None = None  # real tokens still due (right padding)
+        self._skip = [0] * len(rows)  # padding tokens still due in front (prepare)
+        self._spans: list[tuple[int, int]] | None = None  # real tokens of the last update
+        self._fetched: tuple[mx.array, mx.array] | None = None
+
+    # -- geometry -----------------------------------------------------------------------
+
+    @property
+    def max_size(self) -> int | None:
+        """The sliding window of the rows (None for full attention)."""
+        return getattr(self.rows[0], "max_size", None) if self.rows else None
+
+    @property
+    def left_padding(self) -> mx.array:
+        return mx.array(self._lp)
+
+    @property
+    def offset(self) -> mx.array:
+        """Per-row positions (RoPE offsets) of the next token, as ``BatchKVCache.offset``."""
+        return mx.array(self._off)
+
+    @offset.setter
+    def offset(self, v):
+        self._off = _ints(v)
+
+    def size(self):
+        return self._idx
+
+    def empty(self):
+        return not self._has_keys
+
+    @property
+    def nbytes(self):
+        return sum(r.nbytes for r in self.rows)
+
+    @property
+    def state(self):
+        return ()
+
+    def is_trimmable(self):
+        return all(r.is_trimmable() for r in self.rows)
+
+    def trim(self, n):
+        n = min(self._idx, int(n))
+        if n <= 0:
+            return 0
+        for r in self.rows:
+            r.trim(n)
+        self._idx -= n
+        self._off = [o - n for o in self._off]
+        return n
+
+    # -- the mlx-lm batch protocol --------------------------------------------------------
+
+    @classmethod
+    def merge(cls, caches: Sequence[TurboQuantKVCache]) -> BatchTurboQuantKVCache:
+        """A batch of copies of ``caches`` (they are left as they are), left-padded to the
+        longest."""
+        caches = list(caches)
+        if not caches:
+            raise ValueError("merge needs at least one cache")
+        _check_rows(caches)
+        rows = [_copy_row(c) for c in caches]
+        lengths = [int(c.offset) for c in caches]
+        longest = max(lengths)
+        if longest == 0:
+            return cls(rows, [0] * len(rows))
+        batch = cls(rows, [longest - n for n in lengths])
+        batch._off = lengths
+        batch._idx = longest
+        batch._has_keys = True
+        return batch
+
+    def prepare(self, *, left_padding=None, lengths=None, right_padding=None):
+        if left_padding is not None:
+            if self._has_keys:
+                raise ValueError("left padding can only be added to an empty batch cache")
+            pad = _ints(left_padding)
+            self._lp = [a + b for a, b in zip(self._lp, pad)]
+            self._off = [a - b for a, b in zip(self._off, pad)]
+            self._skip = [a + b for a, b in zip(self._skip, pad)]
+        if right_padding is not None and max(_ints(right_padding)) > 0:
+            if lengths is None:
+                raise ValueError("right padding needs the rows' lengths")
+            self._right_padding = _ints(right_padding)
+            self._remaining = _ints(lengths)
+
+    def finalize(self):
+        if self._right_padding is not None:
+            pad = self._right_padding
+            self._off = [a - b for a, b in zip(self._off, pad)]
+            self._lp = [a + b for a, b in zip(self._lp, pad)]
+            self._right_padding = self._remaining = None
+
+    def filter(self, batch_indices):
+        keep = _ints(batch_indices)
+        self.rows = [self.rows[i] for i in keep]
+        self._lp = [self._lp[i] for i in keep]
+        self._off = [self._off[i] for i in keep]
+        self._skip = [self._skip[i] for i in keep]
+        if self._remaining is not None:
+            self._remaining = [self._remaining[i] for i in keep]
+            self._right_padding = [self._right_padding[i] for i in keep]
+        self._spans = None if self._spans is None else [self._spans[i] for i in keep]
+        self._fetched = None
+        # shift left to reduce padding, as BatchKVCache does
+        least = min(self._lp) if self._lp else 0
+        if least > 0:
+            self._idx -= least
+            self._lp = [p - least for p in self._lp]
+
+    def extend(self, other: BatchTurboQuantKVCache):
+        if not isinstance(other, BatchTurboQuantKVCache):
+            raise TypeError(f"cannot extend a TurboQuant batch cache with "
+                            f"{type(other).__name__}")
+        if self._remaining is not None or other._remaining is not None:
+            raise ValueError("cannot extend a batch cache in the middle of a padded prompt")
+        _check_rows(self.rows + other.rows)
+        if self._has_keys or other._has_keys:
+            longest = max(self._idx, other._idx)
+            self._lp = ([p + longest - self._idx for p in self._lp] +
+                        [p + longest - other._idx for p in other._lp])
+            self._idx = longest
+            self._has_keys = True
+        else:
+            self._lp = self._lp + other._lp
+        self._off = self._off + other._off
+        self._skip = self._skip + other._skip
+        self.rows = self.rows + other.rows
+        self._spans = self._fetched = None
+
+    def extract(self, idx: int) -> TurboQuantKVCache:
+        """An independent copy of row ``idx``: that sequence's cache, real tokens only."""
+        return _copy_row(self.rows[idx])
+
+    def __deepcopy__(self, memo):
+        new = type(self).__new__(type(self))
+        memo[id(self)] = new
+        for k, v in self.__dict__.items():
+            new.__dict__[k] = None if k == "_fetched" else copy.deepcopy(v, memo)
+        return new
+
+    # -- the forward pass -----------------------------------------------------------------
+
+    def update_and_fetch(self, keys: mx.array, values: mx.array):
+        if keys.ndim != 4 or values.ndim != 4:
+            raise ValueError(f"expected (B, H_kv, T, d) keys/values, got {keys.shape} / "
+                             f"{values.shape}")
+        B, H, T, d = keys.shape
+        if B != len(self.rows):
+            raise ValueError(f"keys of batch {B} for a batch cache of {len(self.rows)} rows")
+        spans = []
+        for i, row in enumerate(self.rows):
+            a = min(T, self._skip[i])
+            self._skip[i] -= a
+            b = T
+            if self._remaining is not None:
+                b = a + min(T - a, self._remaining[i])
+                self._remaining[i] -= b - a
+            if b > a:
+                row.update_and_fetch(keys[i:i + 1, :, a:b], values[i:i + 1, :, a:b])
+                row._fetched = None
+            spans.append((a, b))
+        self._spans = spans
+        _stats["max_rows"] = max(_stats["max_rows"], B)
+        self._idx += T
+        self._off = [o + T for o in self._off]
+        self._has_keys = True
+        nan = mx.array(float("nan"), dtype=keys.dtype)
+        self._fetched = (mx.broadcast_to(nan, (B, H, self._idx, d)),
+                         mx.broadcast_to(nan, (B, H, self._idx, values.shape[-1])))
+        return self._fetched
+
+    def make_mask(self, N: int, return_array: bool = False, window_size: int | None = None,
+                  **kwargs):
+        """``BatchKVCache``'s mask (causal, left padding hidden; a sliding-window batch adds
+        its window). The attention route reads the window back from it."""
+        window = window_size if window_size is not None else self.max_size
+        mask = _mlx_base.create_causal_mask(N, offset=self._idx, window_size=window,
+                                            left_padding=mx.array(self._lp))
+        _OWN_MASKS.append((mask, window))
+        del _OWN_MASKS[:-_OWN_MASKS_KEPT]
+        return mask
+
+    def attend_masked(self, queries: mx.array, scale: float, mask) -> mx.array:
+        """Attention of ``queries`` (B, H_q, T, d), the last T layout positions, row by row
+        on each row's codes; padding positions get zeros."""
+        B, Hq, T, d = queries.shape
+        if B != len(self.rows) or self._spans is None:
+            raise ValueError(f"queries of batch {B} for a batch cache of {len(self.rows)} rows "
+                             "(update_and_fetch must come first)")
+        windows = self._windows(mask, T)
+        outs = []
+        for i, row in enumerate(self.rows):
+            a, b = self._spans[i]
+            if b == a:
+                outs.append(mx.zeros((1, Hq, T, d), dtype=queries.dtype))
+                continue
+            o = row.attend(queries[i:i + 1, :, a:b], scale=scale, causal=True,
+                           window=windows[i])
+            if a or b < T:
+                o = mx.concatenate([mx.zeros((1, Hq, a, d), dtype=o.dtype), o,
+                                    mx.zeros((1, Hq, T - b, d), dtype=o.dtype)], axis=2)
+            outs.append(o)
+        return outs[0] if B == 1 else mx.concatenate(outs, axis=0)
+
+    def _windows(self, mask, T: int) -> list[int | None]:
+        """Each row's attention window (None: plain causal) from the layer's mask."""
+        if mask is None or (isinstance(mask, str) and mask == "causal"):
+            return [None] * len(self.rows)
+        if not isinstance(mask, mx.array):
+            raise NotImplementedError(f"unsupported attention mask {mask!r}")
+        for m, w in _OWN_MASKS:
+            if m is mask:
+                return [w] * len(self.rows)
+        # Another cache's mask (an fp16 layer's BatchKVCache): the same layout, so row i's
+        # real keys are columns [left_padding_i, left_padding_i + its tokens).
+        if mask.shape[-1] != self._idx or mask.shape[-2] != T:
+            raise NotImplementedError(
+                f"attention mask of shape {mask.shape} does not match this batch's "
+                f"{T} queries x {self._idx} keys (a mask made by a cache of another layout)")
+        m = np.array(mask if mask.dtype == mx.bool_ else mask >= 0)
+        out = []
+        for i, row in enumerate(self.rows):
+            a, b = self._spans[i]
+            if b == a:
+                out.append(None)
+                continue
+            sub = m[i if m.shape[0] > 1 else 0, 0, a:b, self._lp[i]:self._lp[i] + row.offset]
+            out.append(_window_from_mask(mx.array(sub), b - a, int(row.offset)))
+        return out
+
+
+def _check_rows(rows) -> None:
+    kinds = {(type(r), getattr(r, "max_size", None)) for r in rows}
+    for r in rows:
+        if not isinstance(r, TurboQuantKVCache):
+            raise TypeError(f"a TurboQuant batch cache holds TurboQuantKVCache rows, got "
+                            f"{type(r).__name__}")
+        if r._gpu:
+            raise NotImplementedError(f"layer {r.layer}: {GPU_REFUSAL}")
+    if len(kinds) > 1:
+        raise ValueError("a batch cache needs rows of one kind (all full-attention, or all "
+                         f"sliding-window of one size), got {sorted(str(k) for k in kinds)}")
+
+
+def _copy_row(row: TurboQuantKVCache) -> TurboQuantKVCache:
+    out = copy.deepcopy(row)
+    out._fetched = None
+    return out
