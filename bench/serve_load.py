@@ -255,7 +255,7 @@ def load_phase(server: Server, client, n_clients: int, prompts: list[str],
 def capacity_phase(server: Server, client, prompts: list[str], info_path: str) -> dict:
     failed = sum(not stream_one(client, p, 1)["ok"] for p in prompts)
     info = get_json(server.url + info_path)
-    store = info["prompt_cache"] if "prompt_cache" in info else info
+    store = info.get("prompt_cache", info)
     return {"prompts_sent": len(prompts), "failed": failed, "sequences": store["sequences"],
             "tokens": store["tokens"], "bytes": store["bytes"],
             "bytes_per_token": round(store["bytes"] / max(1, store["tokens"]), 1),
@@ -272,7 +272,7 @@ def machine() -> dict:
     mem = next(int(ln.split()[1]) * 1024 for ln in Path("/proc/meminfo").read_text()
                .splitlines() if ln.startswith("MemTotal"))
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                            text=True, cwd=ROOT).stdout.strip()
+                            text=True, cwd=ROOT, check=False).stdout.strip()
     return {"cpu": cpu, "cores": os.cpu_count(), "memory_bytes": mem,
             "platform": platform.platform(), "python": platform.python_version(),
             "mlx": mx.__version__, "mlx_lm": mlx_lm.__version__,
@@ -389,7 +389,7 @@ def base_dtype_bytes(model: Path) -> int:
 
     f = next(iter(sorted(Path(model).glob("*.safetensors"))))
     with safe_open(str(f), "numpy") as st:
-        name = next(n for n in st.keys() if n.endswith("weight"))
+        name = next(n for n in st.keys() if n.endswith("weight"))  # noqa: SIM118 (not a dict)
         dtype = st.get_slice(name).get_dtype()
     return {"F32": 4, "F16": 2, "BF16": 2}[dtype]
 

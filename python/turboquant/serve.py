@@ -155,7 +155,7 @@ class KVCost:
         return int(self.base + self.per_token * tokens)
 
     @classmethod
-    def measure(cls, model, draft_model=None, first: int = 256, second: int = 512) -> "KVCost":
+    def measure(cls, model, draft_model=None, first: int = 256, second: int = 512) -> KVCost:
         import mlx.core as mx
 
         sizes = []
@@ -269,7 +269,7 @@ class TurboQuantAPIHandler(_server.APIHandler):
     def validate_model_parameters(self) -> None:
         super().validate_model_parameters()
         if isinstance(self.max_tokens, bool):  # bool is an int to isinstance
-            raise ValueError("max_tokens must be of type int")
+            raise ValueError("max_tokens must be of type int")  # noqa: TRY004 (a 400)
 
     def handle_completion(self, request, stop_words):
         problem = self._refusal(request)
