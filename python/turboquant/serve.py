@@ -34,6 +34,14 @@ things are swapped in, each through the narrowest seam mlx-lm offers:
 ``GET /v1/turboquant`` (added by :class:`TurboQuantAPIHandler`) reports the KV options, how
 many caches were built with how many compressed layers, the prompt-cache store's size, and
 whether requests are batched (the most rows decoded together so far, or why not).
+
+Bad requests get an HTTP error with a JSON body ``{"error": message}`` naming the problem,
+before any generation work, and the server goes on serving: mlx-lm's own checks (malformed
+JSON: 400, ``max_tokens`` and the other sampling fields: 400), plus a body that is not UTF-8
+(400), a model this server does not serve (404), a prompt whose compressed cache alone would
+exceed the prompt-cache budget (413, :class:`KVCost`). A client that disconnects mid-stream
+stops its generation at the next token (mlx-lm's ``ctx.stop()``); the handler logs one line
+instead of a traceback and counts it in ``/v1/turboquant``'s ``disconnects``.
 """
 
 from __future__ import annotations
@@ -46,6 +54,8 @@ import sys
 import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 from mlx_lm import server as _server
@@ -58,6 +68,7 @@ from turboquant import mlx_lm as _tq_mlx_lm
 from turboquant import mlx_rotating as _mlx_rotating
 
 __all__ = [
+    "KVCost",
     "PromptCacheStore",
     "ResponseGenerator",
     "TurboQuantAPIHandler",
@@ -73,7 +84,8 @@ __all__ = [
 _generate = importlib.import_module("mlx_lm.generate")
 _log = logging.getLogger("turboquant.serve")
 _stats_lock = threading.Lock()
-_stats = {"caches_built": 0, "compressed_layers": 0, "layers": 0}
+_stats = {"caches_built": 0, "compressed_layers": 0, "layers": 0, "disconnects": 0,
+          "refused": 0}
 
 
 def cache_options(kv_bits: int | None = None, key_bits: int | None = None,
@@ -139,6 +151,43 @@ def uninstall_cache_factory(previous) -> None:
 def stats() -> dict:
     with _stats_lock:
         return dict(_stats)
+
+
+def _count(name: str) -> None:
+    with _stats_lock:
+        _stats[name] += 1
+
+
+class KVCost:
+    """Bytes of a model's prompt cache (TurboQuant caches, the draft model's included) as a
+    function of its length, measured once on the model: ``base + per_token * tokens``.
+
+    :meth:`measure` runs two short prefills (``first`` and ``second`` tokens) on fresh caches
+    built by the installed factory and reads their ``nbytes`` (the compressed size the
+    prompt-cache store counts); the fp16 window and sinks land in ``base``."""
+
+    def __init__(self, base: float, per_token: float):
+        self.base, self.per_token = float(base), float(per_token)
+
+    def __call__(self, tokens: int) -> int:
+        return int(self.base + self.per_token * tokens)
+
+    @classmethod
+    def measure(cls, model, draft_model=None, first: int = 256, second: int = 512) -> KVCost:
+        import mlx.core as mx
+
+        sizes = []
+        for n in (first, second):
+            total = 0
+            for m in (model, draft_model):
+                if m is None:
+                    continue
+                cache = _server.make_prompt_cache(m)
+                mx.eval(m(mx.zeros((1, n), dtype=mx.int32), cache=cache))
+                total += sum(c.nbytes for c in cache)
+            sizes.append(total)
+        per_token = (sizes[1] - sizes[0]) / (second - first)
+        return cls(sizes[1] - per_token * second, per_token)
 
 
 class TurboQuantModelProvider(_server.ModelProvider):
@@ -220,11 +269,84 @@ class PromptCacheStore(_server.LRUPromptCache):
             return
         super().insert_cache(model, tokens, prompt_cache, cache_type=cache_type)
 
+    @property
+    def ntokens(self) -> int:
+        """Tokens held by all entries (the sum of their keys' lengths)."""
+        return sum(len(tokens) for lru in self._lru._lrus.values() for _, tokens in lru)
+
 
 class TurboQuantAPIHandler(_server.APIHandler):
     """mlx-lm's request handler plus ``GET /v1/turboquant``: KV options, prompt-cache store
     size and budget, and counters of the caches built through the factory (mlx-lm's
-    load-time batchability probe included) and of their compressed layers."""
+    load-time batchability probe included) and of their compressed layers; and the checks
+    of bad requests listed in the module docstring."""
+
+    kv_cost: KVCost | None = None  # set by run() when the store has a byte budget
+    served_models: frozenset | None = None  # names of the --model (run()); None: any
+
+    def send_response(self, code, message=None):
+        self._responded = True
+        super().send_response(code, message)
+
+    def _send_error(self, status: int, message: str) -> None:
+        _count("refused")
+        body = json.dumps({"error": message}).encode()
+        self._set_completion_headers(status)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+        self.wfile.flush()
+
+    def do_POST(self):
+        self._responded = False
+        try:
+            super().do_POST()
+        except (BrokenPipeError, ConnectionResetError) as e:
+            # ctx.stop() (mlx-lm's handle_completion) has already stopped the generation.
+            _count("disconnects")
+            _log.info("client disconnected during %s (%s); its generation stopped",
+                      self.path, type(e).__name__)
+            self.close_connection = True
+        except UnicodeDecodeError:
+            if self._responded:
+                raise
+            self._send_error(400, "request body is not UTF-8 text")
+
+    def validate_model_parameters(self) -> None:
+        super().validate_model_parameters()
+        if isinstance(self.max_tokens, bool):  # bool is an int to isinstance
+            raise ValueError("max_tokens must be of type int")  # noqa: TRY004 (a 400)
+
+    def handle_completion(self, request, stop_words):
+        problem = self._refusal(request)
+        if problem is not None:
+            return self._send_error(*problem)
+        return super().handle_completion(request, stop_words)
+
+    def _refusal(self, request) -> tuple[int, str] | None:
+        """(status, message) for a request refused before generation, or None."""
+        if self.served_models is not None and self.requested_model not in self.served_models:
+            names = ", ".join(repr(n) for n in sorted(self.served_models))
+            return 404, (f"model {self.requested_model!r} is not served here; "
+                         f"this server serves {names}")
+        if request.request_type == "text" and not isinstance(request.prompt, str):
+            return 400, "prompt must be a string"
+        store = getattr(self.response_generator, "prompt_cache", None)
+        if self.kv_cost is None or store is None:
+            return None
+        provider = self.response_generator.model_provider
+        try:
+            prompt = self.response_generator._tokenize(
+                provider.tokenizer, request,
+                SimpleNamespace(chat_template_kwargs=self.chat_template_kwargs))[0]
+        except Exception:  # noqa: BLE001 - the generation thread reports it as usual
+            return None
+        need = self.kv_cost(len(prompt))
+        if need > store.max_bytes:
+            return 413, (f"prompt of {len(prompt)} tokens needs about {need:,} bytes of KV "
+                         f"cache, over this server's prompt-cache budget (--max-kv-gb) of "
+                         f"{store.max_bytes:,} bytes; send a shorter prompt")
+        return None
 
     def do_GET(self):
         if self.path.rstrip("/") == "/v1/turboquant":
@@ -240,6 +362,7 @@ class TurboQuantAPIHandler(_server.APIHandler):
             "max_kv_bytes": getattr(store, "max_bytes", None),
             "prompt_cache": None if store is None else {
                 "sequences": len(store), "bytes": store.nbytes,
+                "tokens": getattr(store, "ntokens", None),
                 "by_type": store.stats_by_type()},
             **stats(),
             "batching": {"enabled": bool(getattr(gen.model_provider, "is_batchable", False)),
@@ -299,6 +422,14 @@ def run(host: str, port: int, cli_args, options: dict, max_kv_bytes: int | None 
                              max_bytes=max_kv_bytes if max_kv_bytes is not None else 1 << 63)
     gen = ResponseGenerator(provider, store)
     _wait_for_model(provider, gen)
+    model = cli_args.model
+    if model is not None:  # without --model, mlx-lm loads the model each request names
+        resolved = str(Path(model).resolve())  # the id /v1/models lists
+        provider._model_map.setdefault(resolved, model)  # the same model, not a reload
+        TurboQuantAPIHandler.served_models = frozenset({"default_model", model, resolved})
+    if max_kv_bytes is not None and provider.model is not None:
+        # Before the HTTP server starts: the generation thread is idle until a request comes.
+        TurboQuantAPIHandler.kv_cost = KVCost.measure(provider.model, provider.draft_model)
     _log.info("TurboQuant KV caches: %s; prompt-cache budget: %s", options,
               "none" if max_kv_bytes is None else f"{max_kv_bytes:,} bytes")
     _server._run_http_server(host, port, gen, handler_class=TurboQuantAPIHandler)
