@@ -36,6 +36,7 @@ under ``"mlx_kernels_reason"``.
 from __future__ import annotations
 
 import functools
+import hashlib
 import importlib.util
 import math
 import os
@@ -517,6 +518,14 @@ def threads_for(dim: int) -> int:
 # --- The mlx kernels (Apple only) -----------------------------------------------------------
 
 
+def kernel_name(name: str, header: str, source: str) -> str:
+    """``name`` with a digest of the kernel's text: mlx caches compiled kernels by name (the
+    CUDA back end also on disk, in /tmp/mlx/<version>/ptx, across processes), so a name must
+    change whenever the text does, or another version's kernel would run."""
+    digest = hashlib.sha256((header + "\0" + source).encode("utf-8")).hexdigest()[:12]
+    return f"{name}_{digest}"
+
+
 @functools.lru_cache(maxsize=None)
 def _kernel(which: str):
     return build_kernel(which, candidate_path())
@@ -531,9 +540,9 @@ def build_kernel(which: str, target: str):
 
     _check_target(target)
     spec = KERNELS[which]
-    common = dict(name=spec.name, input_names=list(spec.input_names),
-                  output_names=list(spec.output_names), source=spec.source_for(target),
-                  header=kernel_header(target))
+    source, header = spec.source_for(target), kernel_header(target)
+    common = dict(name=kernel_name(spec.name, header, source), input_names=list(spec.input_names),
+                  output_names=list(spec.output_names), source=source, header=header)
     if target == "cuda":  # NVRTC without fast math: IEEE division and square root
         return mx.fast.cuda_kernel(**common)
     kwargs = {}

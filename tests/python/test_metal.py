@@ -284,3 +284,13 @@ def test_mlx_kernels_on_the_emulated_gpu(tmp_path):
     p = np.exp(s - s.max(-1, keepdims=True))
     ref = np.einsum("hgt,htd->hgd", p / p.sum(-1, keepdims=True), v_dec)
     assert np.abs(out - ref).max() <= 1e-4 * np.abs(ref).max()
+
+
+def test_kernel_names_change_with_the_kernel_text():
+    # mlx caches compiled kernels by name (CUDA: on disk across processes): a changed kernel
+    # must not meet another version's compiled code under the same name.
+    a = metal.kernel_name("tq_mlx_rotate", "header", "body")
+    assert a.startswith("tq_mlx_rotate_") and a == metal.kernel_name("tq_mlx_rotate", "header",
+                                                                     "body")
+    assert a != metal.kernel_name("tq_mlx_rotate", "header", "body ")
+    assert a != metal.kernel_name("tq_mlx_rotate", "header2", "body")
