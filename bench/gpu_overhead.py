@@ -38,7 +38,7 @@ def per_call(fn, n: int) -> dict:
 
 def probe_kernel(target: str, big_header: bool, with_params: bool):
     idx = ("uint i = thread_position_in_grid.x;" if target == "metal" else
-           "uint i = blockIdx.x * blockDim.x + threadIdx.x;")
+           "unsigned int i = blockIdx.x * blockDim.x + threadIdx.x;")
     body = idx + " if (i < 256u) y[i] = x[i] + (float)p[0];"
     header = metal.kernel_header(target) if big_header else ""
     make = mx.fast.metal_kernel if target == "metal" else mx.fast.cuda_kernel
