@@ -231,7 +231,9 @@ class TurboQuantKVCache(_mlx_cache._BaseCache):
                              f"{self._n_q_heads}")
         if self._perm is not None:
             g = (B * Hq) // self._core_kv_heads
-            q = _permute(q, np.repeat(self._perm, g, axis=0))
+            if getattr(self, "_perm_q", (None,))[0] is not self._perm or self._perm_q[1] != g:
+                self._perm_q = (self._perm, g, np.repeat(self._perm, g, axis=0))
+            q = _permute(q, self._perm_q[2])
         return q
 
     def fill_from(self, cache, n_q_heads: int | None = None) -> None:
@@ -730,11 +732,21 @@ def mixed_blocks(keep: float) -> tuple[int, int]:
                      f"0.75), got {keep!r}")
 
 
+_PERM_INDEX: dict = {}  # the mlx index arrays of the permutations in use (see _permute)
+
+
 def _permute(x: np.ndarray, perm: np.ndarray) -> np.ndarray:
     """x (H, T, d) with the channels of head h in the order perm[h]; an mlx array stays one
-    (the Metal path's keys and queries never leave the GPU)."""
+    (the GPU path's keys and queries never leave the GPU). The mlx index array of a
+    permutation is made once (a decode step permutes every layer's keys and queries)."""
     if isinstance(x, mx.array):
-        return mx.take_along_axis(x, mx.array(perm[:, None, :].astype(np.int32)), axis=2)
+        key = (perm.shape, perm.tobytes())
+        index = _PERM_INDEX.get(key)
+        if index is None:
+            if len(_PERM_INDEX) >= 4096:  # bounded: models x layers x query layouts
+                _PERM_INDEX.clear()
+            index = _PERM_INDEX[key] = mx.array(perm[:, None, :].astype(np.int32))
+        return mx.take_along_axis(x, index, axis=2)
     return np.ascontiguousarray(np.take_along_axis(x, perm[:, None, :], axis=2))
 
 

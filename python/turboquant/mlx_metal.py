@@ -404,7 +404,10 @@ class MetalCodeStore:
             k_win = v_win = None
         self._k_sink, self._v_sink, self._k_win, self._v_win = k_sink, v_sink, k_win, v_win
         self._n, self._coded = old + T, coded
-        mx.async_eval(*[a for a in (k_sink, v_sink, k_win, v_win) if a is not None])
+        if T > 1:  # a prefill chunk: start on it now. Not per decode token: each evaluation
+            # launches the pending graph, which split a model step into one launch per layer
+            # (the attention of the step reads the window and evaluates it anyway).
+            mx.async_eval(*[a for a in (k_sink, v_sink, k_win, v_win) if a is not None])
 
     def _write(self, kc, kn, vc, vn) -> None:
         """Append codes (H, T, ·) at code index _nc, growing the pages."""
