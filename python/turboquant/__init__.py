@@ -22,11 +22,30 @@ from turboquant._core import (  # noqa: F401
 from turboquant._core import KVCache  # noqa: F401
 from turboquant.artifacts import InMemoryArtifactStore, MemoryArtifactStore, NpyArtifactStore  # noqa: F401
 from turboquant.builder import KVCacheBuilder  # noqa: F401
-from turboquant.kv_cache import TurboQuantKVCache  # noqa: F401
+from turboquant.kv_cache import CompressedKVCache  # noqa: F401
 from turboquant.observers import DistortionObserver, LatencyObserver, MemoryObserver  # noqa: F401
 
 from turboquant._core import backends as _core_backends
 from turboquant._core import build_info as _core_build_info
+
+
+# Old names of public classes: still importable, with a DeprecationWarning naming the new one.
+_RENAMED = {"TurboQuantKVCache": "CompressedKVCache"}
+
+
+def __getattr__(name: str):
+    """``turboquant.TurboQuantKVCache`` (the builder's cache before it was renamed, distinct
+    from the mlx-lm layer cache ``turboquant.mlx_lm.TurboQuantKVCache``) still resolves, to
+    :class:`CompressedKVCache`, with a DeprecationWarning."""
+    new = _RENAMED.get(name)
+    if new is None:
+        raise AttributeError(f"module 'turboquant' has no attribute {name!r}")
+    import warnings
+
+    warnings.warn(f"turboquant.{name} is deprecated: use turboquant.{new} (the same class); "
+                  f"the mlx-lm layer cache is turboquant.mlx_lm.TurboQuantKVCache",
+                  DeprecationWarning, stacklevel=2)
+    return globals()[new]
 
 
 def backends() -> list[str]:
@@ -72,7 +91,7 @@ __all__ = [
     "unpack_indices",
     "KVCache",
     "KVCacheBuilder",
-    "TurboQuantKVCache",
+    "CompressedKVCache",
     "NpyArtifactStore",
     "MemoryArtifactStore",
     "InMemoryArtifactStore",

@@ -32,7 +32,7 @@ import numpy as np
 
 from turboquant import _core
 from turboquant.artifacts import ArtifactKey, ArtifactStore, export_artifacts, install_artifacts
-from turboquant.kv_cache import TurboQuantKVCache
+from turboquant.kv_cache import CompressedKVCache
 
 _RECONSTRUCTING = ("turboquant_mse", "polar")
 _ROTATIONS = ("auto", "hadamard", "hadamard1", "dense")
@@ -333,7 +333,7 @@ class KVCacheBuilder:
     def _split(self) -> bool:
         return self._outlier is not None and self._outlier != self._inlier
 
-    def build(self) -> TurboQuantKVCache:
+    def build(self) -> CompressedKVCache:
         key_method, value_method = self._validate()
         requested = self._backend
         if requested not in ("auto", "cpu", "metal", "cuda"):
@@ -394,7 +394,7 @@ class KVCacheBuilder:
         desc = {"key_method": key_method, "value_method": value_method, "backend": backend,
                 "precision": _precision_name(self._precision), "artifacts_loaded": loaded,
                 "env_backend": os.environ.get("TURBOQUANT_BACKEND")}
-        return TurboQuantKVCache(core, precision=self._precision, observers=self._observers,
+        return CompressedKVCache(core, precision=self._precision, observers=self._observers,
                                  backend=backend, description=desc, sparse_v=float(self._sparse_v))
 
     # --- the Metal cache (Apple) ---------------------------------------------------------
@@ -417,11 +417,11 @@ class KVCacheBuilder:
         return None
 
     def _metal_cache(self, key_method: str, value_method: str, kernels: Any = None,
-                     backend: str = "metal") -> TurboQuantKVCache:
+                     backend: str = "metal") -> CompressedKVCache:
         """The cache on the mlx-resident store (turboquant.mlx_metal.MetalKVCache) with the
         given kernel set (default turboquant.metal: an mlx Metal or CUDA device; the tests
         pass the reference kernels). build() returns this for backend "metal" or "cuda"."""
-        from turboquant.mlx_metal import MetalKVCache, MetalTurboQuantKVCache
+        from turboquant.mlx_metal import MetalKVCache, MetalCompressedKVCache
 
         core = MetalKVCache(self._head_dim, n_layers=self._layers, n_q_heads=self._q_heads,
                             n_kv_heads=self._kv_heads, key_method=key_method,
@@ -435,5 +435,5 @@ class KVCacheBuilder:
                 "precision": _precision_name(self._precision), "artifacts_loaded": {},
                 "env_backend": os.environ.get("TURBOQUANT_BACKEND"),
                 "store": "mlx (turboquant.mlx_metal.MetalKVCache)"}
-        return MetalTurboQuantKVCache(core, precision=self._precision, observers=self._observers,
+        return MetalCompressedKVCache(core, precision=self._precision, observers=self._observers,
                                       backend=backend, description=desc)

@@ -5,7 +5,7 @@ same widths. Heads differ, though: within one layer some heads' keys barely matt
 others carry sharp attention patterns. Here each (layer, KV head, role) is an item of the
 allocation.
 
-Measurement, from one recorded fp16 pass (:func:`turboquant.calibrate.capture`): for each
+Measurement, from one recorded fp16 pass (:func:`turboquant.calibrate_base.capture`): for each
 layer, role and candidate width b, the layer's attention runs through the very cache the
 model will use (:class:`turboquant.mlx_lm.TurboQuantKVCache`, fed as the eval feeds it with
 the scoring's fp16 sinks / window) with EVERY head's keys (or values) at b. The KV heads'
@@ -20,12 +20,12 @@ queries after the prefix. Heads whose output the projection shrinks cost less. (
 ``o_proj`` weight, e.g. a quantized model, the plain attention-output error is used.)
 
 ``hybrid`` (default) then scales every role and width to KL units exactly as the per-layer
-hybrid does (:func:`turboquant.calibrate.role_scaled_errors`: six model runs, every layer's
+hybrid does (:func:`turboquant.calibrate_base.role_scaled_errors`: six model runs, every layer's
 keys or values at 2, 3, 4 bits), so keys and values, low and high widths are weighed by their
 measured effect on the next-token distribution. ``attention`` skips the scaling.
 
-Allocation: the exact dynamic programme of :func:`turboquant.calibrate.allocate` over the
-(layer, head) items (every head has the same head_dim, so the average over items is the
+Allocation: the exact dynamic programme of :func:`turboquant.calibrate_base.allocate` over
+the (layer, head) items (every head has the same head_dim, so the average over items is the
 average bits per coordinate). The profile's layers hold ``key_bits`` / ``value_bits`` as lists
 (one width per KV head), which :func:`turboquant.mlx_lm.make_prompt_cache` passes to the C++
 core's per-head widths (``key_head_bits`` / ``value_head_bits``).
@@ -39,7 +39,7 @@ from dataclasses import dataclass
 import mlx.core as mx
 import numpy as np
 
-from turboquant import calibrate as cal
+from turboquant import calibrate_base as cal
 from turboquant import mlx_lm as tq_mlx
 
 GRANULARITY = "head"

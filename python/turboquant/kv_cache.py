@@ -1,4 +1,4 @@
-"""``TurboQuantKVCache``: the Python face of the compressed KV cache (C++ ``_core.KVCache``).
+"""``CompressedKVCache``: the Python face of the compressed KV cache (C++ ``_core.KVCache``).
 
 Accepts NumPy arrays, anything with the buffer protocol, and mlx arrays; returns attention
 outputs in the cache's precision, as mlx arrays when the queries were mlx arrays.
@@ -64,7 +64,7 @@ def _mlx_dtype(p: Any) -> Any:
     return {"float16": mx.float16, "float32": mx.float32}[np.dtype(p).name]
 
 
-class TurboQuantKVCache:
+class CompressedKVCache:
     """A compressed KV cache. Build it with :class:`turboquant.KVCacheBuilder`."""
 
     def __init__(self, core: _core.KVCache, precision: Any = np.float32, observers: list | None = None,
@@ -139,7 +139,7 @@ class TurboQuantKVCache:
         self.core.save(str(path))
 
     @classmethod
-    def load(cls, path: str, precision: Any = np.float32) -> TurboQuantKVCache:
+    def load(cls, path: str, precision: Any = np.float32) -> CompressedKVCache:
         return cls(_core.KVCache.load(str(path)), precision=precision)
 
     @property
@@ -147,5 +147,5 @@ class TurboQuantKVCache:
         return self.core.head_dim
 
     def __repr__(self) -> str:
-        return (f"TurboQuantKVCache(tokens={len(self)}, memory={self.memory_bytes()} B, "
+        return (f"CompressedKVCache(tokens={len(self)}, memory={self.memory_bytes()} B, "
                 f"core={self.core!r})")

@@ -50,11 +50,11 @@ from typing import Any, Sequence
 import numpy as np
 
 from turboquant import _core, metal
-from turboquant.kv_cache import TurboQuantKVCache, _is_mlx, _is_mlx_dtype, _mlx_dtype, _numpy_dtype
+from turboquant.kv_cache import CompressedKVCache, _is_mlx, _is_mlx_dtype, _mlx_dtype, _numpy_dtype
 from turboquant.metal import HeadTables, SplitHeadTables
 from turboquant.observers import Event
 
-__all__ = ["MetalCodeStore", "MetalKVCache", "MetalTurboQuantKVCache", "ReferenceKernels",
+__all__ = ["MetalCodeStore", "MetalKVCache", "MetalCompressedKVCache", "ReferenceKernels",
            "kv_stream_id", "self_test", "store_supports", "METAL_KERNELS"]
 
 METAL_KERNELS = metal  # the real kernel set (an mlx Metal or CUDA device only)
@@ -951,8 +951,8 @@ def _numpy_view(x: Any) -> np.ndarray:
     return np.asarray(x)
 
 
-class MetalTurboQuantKVCache(TurboQuantKVCache):
-    """``TurboQuantKVCache`` on a :class:`MetalKVCache`: mlx inputs go to the store as
+class MetalCompressedKVCache(CompressedKVCache):
+    """``CompressedKVCache`` on a :class:`MetalKVCache`: mlx inputs go to the store as
     they are (no NumPy round trip), outputs are mlx arrays for mlx queries (NumPy for
     NumPy queries), in the cache's precision. Built by
     ``KVCacheBuilder.with_backend("metal")`` on a Mac."""

@@ -1,4 +1,4 @@
-"""Observers of a :class:`~turboquant.TurboQuantKVCache`: they receive an event after every
+"""Observers of a :class:`~turboquant.CompressedKVCache`: they receive an event after every
 ``append`` and ``attend`` (``with_observer(obs)`` on the builder, or ``cache.add_observer``).
 
 An observer implements any of ``on_append(event)`` and ``on_attend(event)``; the event is an
@@ -17,7 +17,7 @@ import numpy as np
 @dataclasses.dataclass
 class Event:
     kind: str              # "append" | "attend"
-    cache: Any             # the TurboQuantKVCache
+    cache: Any             # the CompressedKVCache
     layer: int
     seconds: float
     tokens: int            # tokens appended, or queries per head attended

@@ -1,5 +1,5 @@
 """atheris fuzzing of the Python entry points: Quantizer.encode/decode, KVCache
-append/attend/from_bytes and TurboQuantKVCache.load, on inputs decoded from fuzzer bytes.
+append/attend/from_bytes and CompressedKVCache.load, on inputs decoded from fuzzer bytes.
 
     PYTHONPATH=python python tests/fuzz/atheris_entry_points.py -runs=20000 -max_total_time=30
 
@@ -88,7 +88,7 @@ def one(data: bytes) -> None:
             path = os.path.join(TMP, "f.tq")
             with open(path, "wb") as f:
                 f.write(fdp.ConsumeBytes(fdp.ConsumeIntInRange(0, 2048)))
-            tq.TurboQuantKVCache.load(path)
+            tq.CompressedKVCache.load(path)
     except ALLOWED:
         pass
 

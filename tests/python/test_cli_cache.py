@@ -22,13 +22,28 @@ def test_precompute_writes_then_finds_artifacts(tmp_path, capsys):
     assert c.description["artifacts_loaded"] == {"key": 4, "value": 4} and store.puts == 0
 
 
-def test_benchmark_table(capsys):
-    assert main(["benchmark", "--head-dim", "64", "--context-lengths", "64,300", "--bits", "2,4",
-                 "--repeats", "2", "--no-progress"]) == 0
+def test_bench_sweep_table(capsys):
+    assert main(["bench", "sweep", "--head-dim", "64", "--context-lengths", "64,300",
+                 "--bits", "2,4", "--repeats", "2", "--no-progress"]) == 0
     lines = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("turboquant_mse")]
     assert len(lines) == 4
     # 4 bits at 300 tokens (2 pages of 256): ratio = 300*2*128 / (2*512*(32+2) + 2*128*4)
     assert any(" 4 " in ln and " 300 " in ln and f"{300 * 256 / (2 * 512 * 34 + 1024):.2f}x" in ln for ln in lines)
+
+
+def test_benchmark_is_an_alias_of_bench_sweep_with_a_notice(capsys):
+    assert main(["benchmark", "--head-dim", "64", "--context-lengths", "64", "--bits", "2",
+                 "--repeats", "1", "--no-progress"]) == 0
+    out, err = capsys.readouterr()
+    assert err.strip().splitlines() == [
+        "note: `python -m turboquant benchmark` is now `python -m turboquant bench sweep` "
+        "(same options)"]
+    assert "bench sweep:" in out
+    assert len([ln for ln in out.splitlines() if ln.startswith("turboquant_mse")]) == 1
+    capsys.readouterr()
+    assert main(["bench", "sweep", "--head-dim", "64", "--context-lengths", "64", "--bits", "2",
+                 "--repeats", "1", "--no-progress"]) == 0
+    assert capsys.readouterr().err == ""
 
 
 def test_info_describes_and_rejects(tmp_path, capsys):

@@ -1,4 +1,4 @@
-"""turboquant._core.KVCache and TurboQuantKVCache: shapes, accuracy, masks, GQA, trim,
+"""turboquant._core.KVCache and CompressedKVCache: shapes, accuracy, masks, GQA, trim,
 memory, save/load."""
 
 import numpy as np
@@ -163,7 +163,7 @@ def test_wrapper_observers_and_save(rng, tmp_path):
     assert 0.005 < s["key_relative_mse"] < 0.02 and 0.005 < s["value_relative_mse"] < 0.02
     p = tmp_path / "w.tqkv"
     cache.save(p)
-    again = tq.TurboQuantKVCache.load(p)
+    again = tq.CompressedKVCache.load(p)
     assert len(again) == 30 and again.memory_bytes() == cache.memory_bytes()
     assert cache.compression_ratio() == pytest.approx(cache.fp16_bytes() / cache.memory_bytes())
     assert cache.fp16_bytes() == 30 * 2 * 2 * 64 * 2

@@ -375,7 +375,7 @@ def test_builder_metal_cache_matches_the_cpu_cache(tmp_path):
         close(out, cpu.attend(q, 1))
         close(gpu.attend(q, 0), cpu.attend(q, 0))  # NumPy in, NumPy out
     gpu.save(str(tmp_path / "g.tqkv"))
-    back = turboquant.TurboQuantKVCache.load(str(tmp_path / "g.tqkv"))  # the CPU cache
+    back = turboquant.CompressedKVCache.load(str(tmp_path / "g.tqkv"))  # the CPU cache
     q = rand(rng, 4, 1, 64)
     close(back.attend(q, 1), cpu.attend(q, 1), 0)
     assert gpu.trim(4) == 4 and len(gpu) == 15
@@ -392,7 +392,7 @@ def test_builder_selects_the_metal_store_where_metal_resolves(monkeypatch):
     monkeypatch.setattr(metal, "active_path", lambda: "metal")
     monkeypatch.setattr(mm, "METAL_KERNELS", REF)
     cache = builder().with_backend("metal").build()
-    assert cache.backend == "metal" and isinstance(cache, mm.MetalTurboQuantKVCache)
+    assert cache.backend == "metal" and isinstance(cache, mm.MetalCompressedKVCache)
     assert builder().build().backend == "metal"  # auto picks it too
     assert builder().with_backend("cpu").build().backend == "cpu"
     # configurations the store cannot hold: explicit requests are refused with the reason,

@@ -143,8 +143,8 @@ WRAPPED = [c for c in BAD_CALLS if not any(w in c[0] for w in ("decode", "rotati
 
 @pytest.mark.parametrize("call,exc,msg", [c[1:] for c in WRAPPED], ids=[c[0] for c in WRAPPED])
 def test_bad_call_through_the_python_cache(core, call, exc, msg):
-    """The same appends/attends through TurboQuantKVCache (its conversions must not mask them)."""
-    cache = tq.TurboQuantKVCache(core)
+    """The same appends/attends through CompressedKVCache (its conversions must not mask them)."""
+    cache = tq.CompressedKVCache(core)
 
     class Proxy:
         def append(self, keys, values, layer=0):
@@ -179,7 +179,7 @@ def test_read_only_inputs_are_read_in_place(core):
 def test_empty_append_is_a_noop(core):
     before = state(core)
     core.append(k(2, 0, D), k(2, 0, D), 0)
-    tq.TurboQuantKVCache(core).append(k(2, 0, D), k(2, 0, D), 1)
+    tq.CompressedKVCache(core).append(k(2, 0, D), k(2, 0, D), 1)
     assert_same(before, state(core))
 
 
@@ -189,7 +189,7 @@ def test_attend_on_an_empty_cache_names_the_problem():
     with pytest.raises(ValueError, match="empty cache: layer 0 holds no tokens"):
         c.attend(k(4, 1, D))
     with pytest.raises(ValueError, match="empty cache"):
-        tq.TurboQuantKVCache(c).attend(k(4, 1, D), layer=1)
+        tq.CompressedKVCache(c).attend(k(4, 1, D), layer=1)
     assert_same(before, state(c))
 
 
@@ -359,9 +359,9 @@ def test_cache_file_wrong_magic_future_version_and_trailing_bytes(tmp_path):
     p = tmp_path / "empty.tq"
     p.write_bytes(b"")
     with pytest.raises(tq.FormatError):
-        tq.TurboQuantKVCache.load(str(p))
+        tq.CompressedKVCache.load(str(p))
     with pytest.raises(FileNotFoundError, match="no such cache file"):
-        tq.TurboQuantKVCache.load(str(tmp_path / "missing.tq"))
+        tq.CompressedKVCache.load(str(tmp_path / "missing.tq"))
     assert issubclass(tq.FormatError, ValueError)
 
 

@@ -9,9 +9,9 @@ COMMANDS = {
     "demo": (demo.HELP, demo.add_arguments, demo.run),
     "distortion": (distortion.HELP, distortion.add_arguments, distortion.run),
     "precompute": (precompute.HELP, precompute.add_arguments, precompute.run),
-    "benchmark": (benchmark.HELP, benchmark.add_arguments, benchmark.run),
     "info": (info.HELP, info.add_arguments, info.run),
     "bench": (bench.HELP, bench.add_arguments, bench.run),
+    "benchmark": (benchmark.HELP, benchmark.add_arguments, benchmark.run),  # bench sweep
     "convert-gguf": (convert_gguf.HELP, convert_gguf.add_arguments, convert_gguf.run),
     "generate": (generate.HELP, generate.add_arguments, generate.run),
     "eval": (eval.HELP, eval.add_arguments, eval.run),
