@@ -8,9 +8,10 @@ builds caches for that rank's heads or layers only. Launch with mlx's launcher, 
 processes on this machine over the ring back end::
 
     mlx.launch --backend ring --hosts 127.0.0.1 -n 2 -- \\
-        -m turboquant generate --model DIR --sharded tensor -p "Hello"
+        python -m turboquant generate --model DIR --sharded tensor -p "Hello"
 
-(``python -m mlx._distributed_utils.launch`` is the same launcher). Every rank runs the same
+(``python -m mlx._distributed_utils.launch`` is the same launcher; the command after ``--``
+runs as given, so it names the interpreter). Every rank runs the same
 command; rank 0 prints the text.
 """
 
