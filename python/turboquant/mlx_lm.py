@@ -347,6 +347,23 @@ class TurboQuantKVCache(_mlx_cache._BaseCache):
                                                 window_size=window_size)
 
     @property
+    def keys(self) -> mx.array:
+        """The last placeholder keys handed to the model (no stored fp16 keys exist). mlx-lm's
+        pipeline-parallel models read and set ``cache[-1].keys`` to make a stage's send
+        to the next rank a dependency of its cache."""
+        return self._fetched[0] if self._fetched is not None else mx.zeros((0,))
+
+    @keys.setter
+    def keys(self, v) -> None:
+        # The model attaches the stage's send (``mx.depends(keys, h)``) here; mlx-lm then
+        # evaluates the caches' state, which for this cache is held in the core, not in the
+        # graph, so the send is evaluated now (else the next stage would wait on it forever).
+        if isinstance(v, mx.array):
+            mx.eval(v)
+        if self._fetched is not None:
+            self._fetched = (v, self._fetched[1])
+
+    @property
     def nbytes(self):
         pending = sum(k.nbytes + v.nbytes for k, v in self._pending)
         side = sum(a.nbytes for a in (self._k_mean, self._v_mean, self._perm) if a is not None)
@@ -987,6 +1004,18 @@ def load_profile(profile) -> dict:
     return profile
 
 
+def pipeline_span(model, n_local: int) -> tuple[int, int]:
+    """(first layer, the model's layer count) of a pipeline stage of ``model``
+    (``mlx_lm.utils.sharded_load`` with a pipeline group; rank r holds the layers after those
+    of ranks r+1 ... size-1); (0, n_local) for a whole model."""
+    inner = getattr(model, "model", None)
+    if int(getattr(inner, "pipeline_size", 1) or 1) <= 1:
+        return 0, n_local
+    first = int(getattr(inner, "start_idx", 0) or 0)
+    n_model = getattr(getattr(model, "args", None), "num_hidden_layers", None)
+    return first, int(n_model) if n_model else first + n_local
+
+
 def make_prompt_cache(model, key_bits: int | None = None, value_bits: int | None = None,
                       method: str | None = None, fp16_layers: Iterable[int] = (),
                       seed: int = 0, key_method: str | None = None,
@@ -1053,14 +1082,19 @@ def make_prompt_cache(model, key_bits: int | None = None, value_bits: int | None
     install_attention_route()
     base_cache = _mlx_cache.make_prompt_cache(model)
     compressible = check_architecture(model, base_cache)
-    keep = _normalise_layers(fp16_layers, len(base_cache))
+    # A pipeline stage (mlx_lm.utils.sharded_load) holds the model's layers [first,
+    # first + len(base_cache)): fp16_layers, profiles and the layers' random streams use the
+    # model's layer numbers, so a stage's codes are those of a single-process run.
+    first, n_model = pipeline_span(model, len(base_cache))
+    keep = {i - first for i in _normalise_layers(fp16_layers, n_model)
+            if first <= i < first + len(base_cache)}
     per_layer = {}
     if profile is not None:
         profile = load_profile(profile)
-        if len(profile["layers"]) != len(base_cache):
+        if len(profile["layers"]) != n_model:
             raise ValueError(f"profile has {len(profile['layers'])} layers, the model "
-                             f"{len(base_cache)}")
-        for i, e in enumerate(profile["layers"]):
+                             f"{n_model}")
+        for i, e in enumerate(profile["layers"][first:first + len(base_cache)]):
             if e.get("fp16"):
                 keep.add(i)
             else:
@@ -1089,7 +1123,8 @@ def make_prompt_cache(model, key_bits: int | None = None, value_bits: int | None
                 mb, mk, fs = 0, 0.0, 0
             cache[i] = cls(key_bits=int(kb), value_bits=int(vb), method=method,
                                          key_method=key_method, value_method=value_method,
-                                         seed=seed, layer=i, rotation=rotation, center=center,
+                                         seed=seed, layer=first + i, rotation=rotation,
+                                         center=center,
                                          debias=debias, key_split=key_split, rope_pairs=pairs,
                                          fp16_window=fp16_window, block_tokens=block_tokens,
                                          fp16_sinks=fs, decay_after=decay_after,

@@ -19,8 +19,11 @@ CHAT_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}: {{ m['cont
 
 def save_tiny_model_dir(out: Path, seed: int = 0, weight_scale: float = 3.0,
                         **overrides) -> Path:
-    """``weight_scale`` 3 makes greedy text vary (the default init repeats one character)."""
-    from mlx_lm.models import llama
+    """``weight_scale`` 3 makes greedy text vary (the default init repeats one character).
+    ``overrides`` may set ``model_type`` (an mlx-lm model module, llama by default). The
+    folder has ``model.safetensors.index.json`` too (pipeline loading reads it)."""
+    import importlib
+
     from tokenizers import Tokenizer, decoders, models
 
     out = Path(out)
@@ -37,9 +40,12 @@ def save_tiny_model_dir(out: Path, seed: int = 0, weight_scale: float = 3.0,
     cfg.update(overrides)
     (out / "config.json").write_text(json.dumps(cfg))
     mx.random.seed(seed)
-    model = llama.Model(llama.ModelArgs.from_dict(cfg))
+    module = importlib.import_module(f"mlx_lm.models.{cfg['model_type']}")
+    model = module.Model(module.ModelArgs.from_dict(cfg))
     model.update(tree_map(lambda w: w * weight_scale, model.parameters()))
     mx.eval(model.parameters())
-    mx.save_safetensors(str(out / "model.safetensors"), dict(tree_flatten(model.parameters())),
-                        metadata={"format": "mlx"})
+    weights = dict(tree_flatten(model.parameters()))
+    mx.save_safetensors(str(out / "model.safetensors"), weights, metadata={"format": "mlx"})
+    (out / "model.safetensors.index.json").write_text(json.dumps(
+        {"metadata": {}, "weight_map": {k: "model.safetensors" for k in weights}}))
     return out

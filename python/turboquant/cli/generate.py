@@ -56,6 +56,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--ignore-chat-template", action="store_true")
     p.add_argument("--verbose", action="store_true", help="print mlx-lm's speed report")
+    p.add_argument("--sharded", nargs="?", const="auto", default=None,
+                   choices=("auto", "tensor", "pipeline"),
+                   help="load the model split over the processes of mlx's distributed "
+                        "engine (run under `mlx.launch`): tensor parallel (each rank holds "
+                        "its KV heads' codes), pipeline (each rank its layers') or auto "
+                        "(mlx-lm's choice); every rank runs this command, rank 0 prints")
+    p.add_argument("--json", action="store_true",
+                   help="print one JSON object (per rank with --sharded): the generated "
+                        "token ids and text, and what the caches hold (layers, KV heads, "
+                        "bytes)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -63,7 +73,17 @@ def run(args: argparse.Namespace) -> int:
 
     from turboquant.mlx_lm import UnsupportedArchitectureError, make_prompt_cache
 
-    model, tokenizer = load(args.model)
+    rank, group = 0, None
+    if args.sharded:
+        from turboquant.distributed import sharded_load
+
+        try:
+            model, tokenizer, group, _mode = sharded_load(args.model, args.sharded)
+        except (ValueError, OSError) as e:
+            raise SystemExit(f"generate: cannot shard {args.model}: {e}") from None
+        rank = group.rank()
+    else:
+        model, tokenizer = load(args.model)
     try:
         cache = make_prompt_cache(model, **cache_options(args))
     except (UnsupportedArchitectureError, ValueError, OSError) as e:
@@ -72,10 +92,47 @@ def run(args: argparse.Namespace) -> int:
     if not args.ignore_chat_template and getattr(tokenizer, "chat_template", None):
         prompt = tokenizer.apply_chat_template([{"role": "user", "content": prompt}],
                                                add_generation_prompt=True)
+    if args.json or args.sharded:
+        return _run_collect(args, model, tokenizer, prompt, cache, group, rank)
     text = generate(model, tokenizer, prompt, max_tokens=args.max_tokens, prompt_cache=cache,
                     verbose=args.verbose)
     if not args.verbose:
         print(text)
     kv = sum(c.nbytes for c in cache)
     print(f"[turboquant] KV cache: {kv:,} bytes for {cache[0].offset} tokens")
+    return 0
+
+
+def _run_collect(args, model, tokenizer, prompt, cache, group, rank: int) -> int:
+    """Generate token by token (every rank of a sharded run takes part in every step) and
+    report the token ids; with --sharded, each rank reports what its caches hold."""
+    import json
+
+    from mlx_lm import stream_generate
+
+    from turboquant.distributed import rank_report
+
+    tokens, text, last = [], "", None
+    for r in stream_generate(model, tokenizer, prompt, max_tokens=args.max_tokens,
+                             prompt_cache=cache):
+        tokens.append(int(r.token))
+        text += r.text
+        last = r
+    report = rank_report(model, cache, group) if args.sharded else {
+        "rank": 0, "size": 1, "kv_bytes": int(sum(c.nbytes for c in cache)),
+        "tokens": int(cache[0].offset)}
+    if args.json:
+        print(json.dumps({**report, "generated": tokens, "text": text}), flush=True)
+        return 0
+    if rank == 0:
+        print(text)
+        if args.verbose and last is not None:
+            print(f"Prompt: {last.prompt_tokens} tokens, {last.prompt_tps:.3f} tokens-per-sec")
+            print(f"Generation: {last.generation_tokens} tokens, "
+                  f"{last.generation_tps:.3f} tokens-per-sec")
+    heads = sorted({h for h in report["kv_heads"] if h is not None})
+    print(f"[turboquant] rank {report['rank']}/{report['size']}: KV cache: "
+          f"{report['kv_bytes']:,} bytes for {report['tokens']} tokens, layers "
+          f"{report['layers'][0]}-{report['layers'][-1]} of {report['model_layers']}, "
+          f"{'/'.join(map(str, heads))} KV heads per layer", flush=True)
     return 0
