@@ -1,0 +1,180 @@
+"""Memory soak: a long greedy generation on TurboQuant caches, process memory against the
+caches' own byte accounting.
+
+A bounded generation (``--tokens`` new tokens after a short chat prompt, greedy, on the
+CPU) runs with ``turboquant.mlx_lm.make_prompt_cache`` caches (``--preset``, default tq3).
+Every ``--sample-every`` tokens it records the process's resident memory (RSS, from
+/proc/self/status), the caches' ``nbytes`` summed over the layers (codes, norms, fp16 sink
+and window rows, page slack, quantizer state, host arrays), and mlx's own allocator
+counters. After a warm-up (``--warmup`` tokens: mlx's buffer cache, the first code pages,
+Python's arenas settle) the part of RSS that the caches do not account for,
+``RSS - cache bytes``, must stay flat: a leak of anything held per generated token or per
+step (placeholders, host copies of queries, pages a trim forgot) shows as growth of that
+residual. The verdict: residual growth from the first sample after the warm-up to the last
+at most ``--tolerance-mb`` (default 32 MB, set against 16K tokens of SmolLM2-135M: the
+caches grow by ~80 MB, the same tokens take ~380 MB as fp16). The generated text past the
+model's 8192 trained positions is not meaningful; the memory is what is measured.
+
+The full run (the committed result, ~1 h on a 2-core x86-64 machine):
+
+  LD_PRELOAD=/usr/lib/x86_64-linux-gnu/openblas-pthread/libopenblas.so.0 \\
+  PYTHONPATH=python python bench/soak_memory.py \\
+      --model .models/SmolLM2-135M-Instruct-float32 --tokens 16384 \\
+      --json bench/results/soak_memory_smollm2.json
+
+``soak(model, cache, prompt, tokens, ...)`` is the measurement itself, used by the tests on
+a tiny model (tests/python/test_soak.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+
+
+def rss_bytes() -> int:
+    """Resident memory of this process (VmRSS)."""
+    with open("/proc/self/status", encoding="ascii") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError("no VmRSS in /proc/self/status")
+
+
+def cache_bytes(cache) -> int:
+    """The caches' own accounting: ``nbytes`` of every layer (TurboQuant layers count their
+    codes, norms, fp16 rows, page slack, quantizer state and host arrays)."""
+    return int(sum(int(c.nbytes) for c in cache))
+
+
+def soak(model, cache, prompt, tokens: int, sample_every: int = 256, warmup: int = 512,
+         on_step=None, log=None) -> dict:
+    """Generate ``tokens`` tokens greedily from ``prompt`` (token ids) into ``cache``; sample
+    RSS and the caches' bytes every ``sample_every`` tokens. ``on_step(i)`` runs after every
+    token (the tests inject a leak through it). Returns the samples and the residual growth
+    (``RSS - cache bytes``) from the first sample at or after ``warmup`` to the last."""
+    from mlx_lm.generate import generate_step
+
+    samples = []
+    t0 = time.perf_counter()
+
+    def sample(n):
+        s = {"tokens": n, "context": int(cache[0].offset), "rss": rss_bytes(),
+             "cache_bytes": cache_bytes(cache), "mlx_active": int(mx.get_active_memory()),
+             "mlx_buffer_cache": int(mx.get_cache_memory()),
+             "seconds": round(time.perf_counter() - t0, 2)}
+        samples.append(s)
+        if log:
+            log(s)
+
+    sample(0)
+    n = 0
+    for n, _ in enumerate(generate_step(mx.array(prompt), model, max_tokens=tokens,
+                                        prompt_cache=cache), 1):
+        if on_step is not None:
+            on_step(n)
+        if n % sample_every == 0 or n == tokens:
+            sample(n)
+    if n != tokens:
+        raise RuntimeError(f"generated {n} tokens, asked for {tokens}")
+    base = next(s for s in samples if s["tokens"] >= min(warmup, tokens))
+    last = samples[-1]
+    resid = [s["rss"] - s["cache_bytes"] for s in samples if s["tokens"] >= base["tokens"]]
+    xs = [s["tokens"] for s in samples if s["tokens"] >= base["tokens"]]
+    slope = float(np.polyfit(xs, resid, 1)[0]) if len(xs) >= 3 else 0.0
+    return {
+        "samples": samples,
+        "baseline_tokens": base["tokens"],
+        "rss_growth": last["rss"] - base["rss"],
+        "cache_growth": last["cache_bytes"] - base["cache_bytes"],
+        "residual_growth": (last["rss"] - last["cache_bytes"])
+                           - (base["rss"] - base["cache_bytes"]),
+        "residual_slope_bytes_per_token": slope,
+        "peak_rss": max(s["rss"] for s in samples),
+        "seconds": last["seconds"],
+    }
+
+
+def machine() -> dict:
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
+            cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")),
+                       cpu)
+    except OSError:
+        pass
+    return {"cpu": cpu, "cores": os.cpu_count(), "platform": platform.platform(),
+            "python": platform.python_version(), "mlx": mx.__version__,
+            "mlx_device": str(mx.default_device())}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", required=True, help="mlx-lm model folder")
+    ap.add_argument("--tokens", type=int, default=16384, help="new tokens to generate")
+    ap.add_argument("--preset", default="tq3", help="turboquant.presets name")
+    ap.add_argument("--sample-every", type=int, default=256)
+    ap.add_argument("--warmup", type=int, default=512)
+    ap.add_argument("--tolerance-mb", type=float, default=32.0,
+                    help="largest residual (RSS - cache bytes) growth that passes")
+    ap.add_argument("--prompt", default="Write a long story about a lighthouse keeper.")
+    ap.add_argument("--json", help="write the result here")
+    args = ap.parse_args(argv)
+
+    from mlx_lm import load
+
+    from turboquant import __version__ as tq_version
+    from turboquant.mlx_lm import make_prompt_cache
+
+    mx.set_default_device(mx.cpu)
+    model, tokenizer = load(args.model)
+    prompt = tokenizer.apply_chat_template([{"role": "user", "content": args.prompt}],
+                                           add_generation_prompt=True)
+    cache = make_prompt_cache(model, preset=args.preset)
+
+    def write(out):
+        from turboquant._atomic import atomic_write
+
+        with atomic_write(args.json, "w") as f:
+            f.write(json.dumps(out, indent=1) + "\n")
+
+    head = {"command": "python bench/soak_memory.py " + " ".join(argv or sys.argv[1:]),
+            "model": Path(args.model).name, "preset": args.preset,
+            "prompt_tokens": len(prompt), "tokens": args.tokens, "machine": machine(),
+            "turboquant": tq_version, "tolerance_bytes": int(args.tolerance_mb * 2**20)}
+    partial: list = []
+
+    def log(s):
+        print(f"{s['tokens']:6d} tokens  rss {s['rss'] / 2**20:8.1f} MiB  cache "
+              f"{s['cache_bytes'] / 2**20:7.1f} MiB  residual "
+              f"{(s['rss'] - s['cache_bytes']) / 2**20:8.1f} MiB  {s['seconds']:8.1f} s",
+              flush=True)
+        partial.append(s)
+        if args.json:  # a run stopped early still leaves its samples (complete: false)
+            write({**head, "complete": False, "samples": partial})
+
+    r = soak(model, cache, prompt, args.tokens, args.sample_every, args.warmup, log=log)
+    ok = r["residual_growth"] <= args.tolerance_mb * 2**20
+    fp16 = sum(int(c.fp16_nbytes) for c in cache if hasattr(c, "fp16_nbytes"))
+    out = {**head, "complete": True, "context": int(cache[0].offset), "passed": bool(ok),
+           "cache_bytes_final": cache_bytes(cache), "fp16_bytes_final": fp16,
+           **{k: v for k, v in r.items() if k != "samples"}, "samples": r["samples"]}
+    print(f"RSS grew {r['rss_growth'] / 2**20:.1f} MiB, the caches "
+          f"{r['cache_growth'] / 2**20:.1f} MiB (fp16 would hold {fp16 / 2**20:.1f} MiB at "
+          f"the end); residual growth {r['residual_growth'] / 2**20:+.1f} MiB "
+          f"(tolerance {args.tolerance_mb} MB): {'PASS' if ok else 'FAIL'}")
+    if args.json:
+        write(out)
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
