@@ -8,7 +8,8 @@ HELP = "serve a model over an OpenAI-compatible HTTP API (mlx-lm's server), KV c
 
 EPILOG = ("Every other option is mlx-lm's server option, passed through unchanged "
           "(see `mlx_lm.server --help`: --temp, --max-tokens, --prompt-cache-size, "
-          "--chat-template, ...). mlx-lm's own --kv-bits quantization is replaced by "
+          "--chat-template, --draft-model DIR and --num-draft-tokens N for speculative "
+          "decoding, the draft's caches compressed too, ...). mlx-lm's own --kv-bits quantization is replaced by "
           "TurboQuant's. Requests are served one at a time (no batching yet).")
 
 
