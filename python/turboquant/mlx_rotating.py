@@ -227,9 +227,10 @@ class TurboQuantRotatingKVCache(TurboQuantKVCache):
 
     def is_trimmable(self):
         """True: any trim is exact while nothing was evicted; afterwards :meth:`trim` takes
-        as many tokens as leave the next query its whole window (:meth:`max_trim`, at least
-        ``block_tokens`` - 1 by the ring's sizing: every speculative-decoding rewind of
-        fewer draft tokens) and refuses more with a ValueError. (mlx-lm's fp16 ring stops
+        as many tokens as leave the next query its whole window (:meth:`max_trim`; right
+        after an append at least ``block_tokens`` - 1 by the ring's sizing, so every
+        speculative-decoding rewind of fewer draft tokens) and refuses more with a
+        ValueError. (mlx-lm's fp16 ring stops
         being trimmable once it rotates; mlx-lm's ``trim_prompt_cache`` then trims no layer
         at all, and speculative decoding would keep the rejected draft tokens.)"""
         return True
