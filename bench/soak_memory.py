@@ -85,19 +85,38 @@ def soak(model, cache, prompt, tokens: int, sample_every: int = 256, warmup: int
             sample(n)
     if n != tokens:
         raise RuntimeError(f"generated {n} tokens, asked for {tokens}")
+    return summarize(samples, warmup)
+
+
+def _slope(samples, key) -> float:
+    xs = [s["tokens"] for s in samples]
+    return float(np.polyfit(xs, [key(s) for s in samples], 1)[0]) if len(xs) >= 3 else 0.0
+
+
+def summarize(samples: list, warmup: int) -> dict:
+    """Growth of RSS, of the caches' bytes and of the residual (RSS - cache bytes) from the
+    first sample at or after ``warmup`` tokens to the last, and per-token slopes (least
+    squares) over those samples and over the second half of the run. Early on, the caches'
+    pages can land in memory the process already holds (freed by the prefill), so RSS grows
+    less than the caches; the second half's slopes show the steady state."""
+    tokens = samples[-1]["tokens"]
     base = next(s for s in samples if s["tokens"] >= min(warmup, tokens))
     last = samples[-1]
-    resid = [s["rss"] - s["cache_bytes"] for s in samples if s["tokens"] >= base["tokens"]]
-    xs = [s["tokens"] for s in samples if s["tokens"] >= base["tokens"]]
-    slope = float(np.polyfit(xs, resid, 1)[0]) if len(xs) >= 3 else 0.0
+    after = [s for s in samples if s["tokens"] >= base["tokens"]]
+    late = [s for s in samples if s["tokens"] >= tokens // 2]
+    resid = lambda s: s["rss"] - s["cache_bytes"]  # noqa: E731
     return {
         "samples": samples,
         "baseline_tokens": base["tokens"],
         "rss_growth": last["rss"] - base["rss"],
         "cache_growth": last["cache_bytes"] - base["cache_bytes"],
-        "residual_growth": (last["rss"] - last["cache_bytes"])
-                           - (base["rss"] - base["cache_bytes"]),
-        "residual_slope_bytes_per_token": slope,
+        "residual_growth": resid(last) - resid(base),
+        "residual_slope_bytes_per_token": _slope(after, resid),
+        "second_half": {"from_tokens": late[0]["tokens"],
+                        "rss_bytes_per_token": _slope(late, lambda s: s["rss"]),
+                        "cache_bytes_per_token": _slope(late, lambda s: s["cache_bytes"]),
+                        "residual_bytes_per_token": _slope(late, resid),
+                        "residual_growth": resid(last) - resid(late[0])},
         "peak_rss": max(s["rss"] for s in samples),
         "seconds": last["seconds"],
     }
@@ -118,7 +137,7 @@ def machine() -> dict:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--model", required=True, help="mlx-lm model folder")
+    ap.add_argument("--model", help="mlx-lm model folder")
     ap.add_argument("--tokens", type=int, default=16384, help="new tokens to generate")
     ap.add_argument("--preset", default="tq3", help="turboquant.presets name")
     ap.add_argument("--sample-every", type=int, default=256)
@@ -127,7 +146,26 @@ def main(argv=None) -> int:
                     help="largest residual (RSS - cache bytes) growth that passes")
     ap.add_argument("--prompt", default="Write a long story about a lighthouse keeper.")
     ap.add_argument("--json", help="write the result here")
+    ap.add_argument("--summarize", metavar="JSON",
+                    help="recompute the summary of a result file from its samples (with "
+                         "--warmup and --tolerance-mb) and rewrite it; no generation")
     args = ap.parse_args(argv)
+    if args.summarize:
+        with open(args.summarize, encoding="utf-8") as f:
+            out = json.load(f)
+        r = summarize(out["samples"], args.warmup)
+        out.update({k: v for k, v in r.items() if k != "samples"},
+                   passed=r["residual_growth"] <= args.tolerance_mb * 2**20,
+                   tolerance_bytes=int(args.tolerance_mb * 2**20))
+        out["samples"] = out.pop("samples")  # last, after the summary
+        from turboquant._atomic import atomic_write
+
+        with atomic_write(args.summarize, "w") as f:
+            f.write(json.dumps(out, indent=1) + "\n")
+        print(json.dumps({k: v for k, v in out.items() if k != "samples"}, indent=1))
+        return 0 if out["passed"] else 1
+    if not args.model:
+        ap.error("--model is required (unless --summarize)")
 
     from mlx_lm import load
 
