@@ -15,9 +15,8 @@ at most ``--tolerance-mb`` (default 32 MB, set against 16K tokens of SmolLM2-135
 caches grow by ~80 MB, the same tokens take ~380 MB as fp16). The generated text past the
 model's 8192 trained positions is not meaningful; the memory is what is measured.
 
-The full run (the committed result, ~1 h on a 2-core x86-64 machine):
+The full run (the committed result, ~40 min on a 2-core x86-64 machine):
 
-  LD_PRELOAD=/usr/lib/x86_64-linux-gnu/openblas-pthread/libopenblas.so.0 \\
   PYTHONPATH=python python bench/soak_memory.py \\
       --model .models/SmolLM2-135M-Instruct-float32 --tokens 16384 \\
       --json bench/results/soak_memory_smollm2.json
@@ -122,6 +121,36 @@ def summarize(samples: list, warmup: int) -> dict:
     }
 
 
+def synthetic(tokens: int, block_tokens: int = 32, fp16_window: int = 64, layers: int = 30,
+              kv_heads: int = 3, head_dim: int = 64, sample_every: int = 512,
+              warmup: int = 512) -> dict:
+    """The C++ core alone, SmolLM2-135M's shape (30 layers, 3 KV heads, head_dim 64, 3-bit
+    keys and values, 4 fp16 sinks, ``fp16_window``), no model and no Python cache layer:
+    ``tokens`` single-token appends of random K/V to every layer; RSS against the core's
+    ``memory_bytes()`` as in :func:`soak`. Isolates what the core's own allocations add
+    beyond its accounting, which counts payload bytes: every code or norm page of
+    ``block_tokens`` tokens is one allocation, with the allocator's header and rounding."""
+    from turboquant import _core
+
+    kv = _core.KVCache(head_dim, n_layers=layers, n_q_heads=3 * kv_heads, n_kv_heads=kv_heads,
+                       key_bits=3, value_bits=3, block_tokens=block_tokens,
+                       fp16_window=fp16_window, fp16_sinks=4 if fp16_window else 0)
+    rng = np.random.default_rng(0)
+    rows = [rng.standard_normal((kv_heads, 1, head_dim)).astype(np.float32) for _ in range(64)]
+    samples = []
+    t0 = time.perf_counter()
+    for t in range(tokens + 1):
+        if t:
+            for layer in range(layers):
+                kv.append(rows[t % 64], rows[(t + 5) % 64], layer)
+        if t % sample_every == 0 or t == tokens:
+            samples.append({"tokens": t, "context": int(kv.size(0)), "rss": rss_bytes(),
+                            "cache_bytes": int(kv.memory_bytes()),
+                            "seconds": round(time.perf_counter() - t0, 2)})
+    return {"block_tokens": block_tokens, "fp16_window": fp16_window,
+            **summarize(samples, warmup)}
+
+
 def machine() -> dict:
     cpu = platform.processor() or platform.machine()
     try:
@@ -146,6 +175,12 @@ def main(argv=None) -> int:
                     help="largest residual (RSS - cache bytes) growth that passes")
     ap.add_argument("--prompt", default="Write a long story about a lighthouse keeper.")
     ap.add_argument("--json", help="write the result here")
+    ap.add_argument("--synthetic", action="store_true",
+                    help="the C++ core alone (SmolLM2-135M's shape, random K/V, no model): "
+                         "what its allocations add beyond its byte accounting")
+    ap.add_argument("--block-tokens", type=int, nargs="*",
+                    help="with --synthetic: page sizes to run (default: the preset's, 32)")
+    ap.add_argument("--print-json", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--summarize", metavar="JSON",
                     help="recompute the summary of a result file from its samples (with "
                          "--warmup and --tolerance-mb) and rewrite it; no generation")
@@ -164,8 +199,44 @@ def main(argv=None) -> int:
             f.write(json.dumps(out, indent=1) + "\n")
         print(json.dumps({k: v for k, v in out.items() if k != "samples"}, indent=1))
         return 0 if out["passed"] else 1
+    if args.synthetic:
+        out = {"command": "python bench/soak_memory.py " + " ".join(argv or sys.argv[1:]),
+               "machine": machine(), "runs": []}
+        sizes = args.block_tokens or [32]
+        if len(sizes) > 1:  # one process per page size: a run must not reuse another's memory
+            import subprocess
+
+            for bt in sizes:
+                cmd = [sys.executable, __file__, "--synthetic", "--block-tokens", str(bt),
+                       "--tokens", str(args.tokens), "--sample-every", str(args.sample_every),
+                       "--warmup", str(args.warmup), "--print-json"]
+                r = json.loads(subprocess.run(cmd, check=True, capture_output=True,
+                                              text=True).stdout.splitlines()[-1])
+                out["runs"].extend(r["runs"])
+                h = r["runs"][0]["second_half"]
+                print(f"block_tokens {bt}: second half, per token: RSS "
+                      f"{h['rss_bytes_per_token']:.0f} B, caches "
+                      f"{h['cache_bytes_per_token']:.0f} B, residual "
+                      f"{h['residual_bytes_per_token']:+.0f} B", flush=True)
+            sizes = []
+        for bt in sizes:
+            r = synthetic(args.tokens, bt, sample_every=args.sample_every, warmup=args.warmup)
+            h = r["second_half"]
+            if args.print_json:
+                print(json.dumps({"runs": [r]}))
+                return 0
+            print(f"block_tokens {r['block_tokens']}: second half, per token: RSS "
+                  f"{h['rss_bytes_per_token']:.0f} B, caches {h['cache_bytes_per_token']:.0f} "
+                  f"B, residual {h['residual_bytes_per_token']:+.0f} B", flush=True)
+            out["runs"].append(r)
+        if args.json:
+            from turboquant._atomic import atomic_write
+
+            with atomic_write(args.json, "w") as f:
+                f.write(json.dumps(out, indent=1) + "\n")
+        return 0
     if not args.model:
-        ap.error("--model is required (unless --summarize)")
+        ap.error("--model is required (unless --summarize or --synthetic)")
 
     from mlx_lm import load
 
