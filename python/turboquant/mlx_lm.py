@@ -159,6 +159,12 @@ class TurboQuantKVCache(_mlx_cache._BaseCache):
         self._n_q_heads: int | None = None
         self._batch = 1
         self._fetched: tuple[mx.array, mx.array] | None = None
+        # Exact window flushes for short blocks (speculative decoding's verify steps; see
+        # _append_new): the tokens of this call after the one that makes the core flush its
+        # oldest window block, appended at the attention call; and that block's fp16 rows,
+        # kept until a trim rewinds past the flush (then the flush is undone).
+        self._held: tuple[np.ndarray, np.ndarray, int] | None = None
+        self._unflush: tuple[int, np.ndarray, np.ndarray] | None = None
 
     # -- mlx-lm protocol ----------------------------------------------------------------
 
@@ -186,7 +192,7 @@ class TurboQuantKVCache(_mlx_cache._BaseCache):
         if self._core is None:
             self._pending.append((k, v))
         else:
-            self._append_blocks([(k, v)])
+            self._append_new(k, v)
         self.offset += T
         # Zero-memory placeholders of the shape mlx-lm expects (broadcast of one NaN).
         nan = mx.array(float("nan"), dtype=keys.dtype)
@@ -209,7 +215,22 @@ class TurboQuantKVCache(_mlx_cache._BaseCache):
         B, Hq, Tq, d = queries.shape
         q = self._core_queries(queries)
         extra = {"sparse_v": self.sparse_v} if self.sparse_v else {}
-        out = self._core.attend(q, causal=causal, scale=float(scale), window=window, **extra)
+        held, self._held = self._held, None
+        if held is not None and held[2] + held[0].shape[1] == Tq:
+            # The queries before the flush point see the window as it was before the flush
+            # (what one-token steps see), the others after it.
+            j = held[2]
+            first = self._core.attend(np.ascontiguousarray(q[:, :j]), causal=causal,
+                                      scale=float(scale), window=window, **extra)
+            self._core.append(held[0], held[1])
+            rest = self._core.attend(np.ascontiguousarray(q[:, j:]), causal=causal,
+                                     scale=float(scale), window=window, **extra)
+            out = np.concatenate([first, rest], axis=1)
+        else:
+            if held is not None:
+                self._core.append(held[0], held[1])
+            out = self._core.attend(q, causal=causal, scale=float(scale), window=window,
+                                    **extra)
         if self._v_mean is not None:  # sum_t p_t (v_t - m) + m = sum_t p_t v_t
             out = out.reshape(-1, Hq // (self._core_kv_heads // B), Tq, d)
             out = out + self._v_mean[:, None]
@@ -327,7 +348,9 @@ class TurboQuantKVCache(_mlx_cache._BaseCache):
         if n <= 0:
             return 0
         if self._core is not None:
-            self._core.trim(n)
+            self._append_held()
+            if not self._undo_flush(n):
+                self._core.trim(n)
         else:
             keep = self.offset - n
             pend, total = [], 0
@@ -367,6 +390,10 @@ class TurboQuantKVCache(_mlx_cache._BaseCache):
     def nbytes(self):
         pending = sum(k.nbytes + v.nbytes for k, v in self._pending)
         side = sum(a.nbytes for a in (self._k_mean, self._v_mean, self._perm) if a is not None)
+        if self._held is not None:
+            side += self._held[0].nbytes + self._held[1].nbytes
+        if self._unflush is not None:
+            side += self._unflush[1].nbytes + self._unflush[2].nbytes
         return (self._core.memory_bytes() if self._core is not None else 0) + pending + side
 
     def __deepcopy__(self, memo):
@@ -406,6 +433,7 @@ class TurboQuantKVCache(_mlx_cache._BaseCache):
 
     @property
     def state(self):
+        self._append_held()
         if self._core is None:
             if self._pending:
                 raise ValueError(
@@ -479,6 +507,7 @@ class TurboQuantKVCache(_mlx_cache._BaseCache):
         self.seed, self.layer, self.rotation = int(cfg["seed"]), int(cfg["layer"]), cfg["rotation"]
         self.offset, self._batch = int(cfg["offset"]), int(cfg.get("batch", 1))
         self._pending, self._fetched = [], None
+        self._held = self._unflush = None
         self.center = bool(cfg.get("center", True))
         self.debias = bool(cfg.get("debias", True))
         self.key_split = bool(cfg.get("key_split", False))
@@ -642,8 +671,101 @@ class TurboQuantKVCache(_mlx_cache._BaseCache):
     def _append_blocks(self, blocks) -> None:
         """Encode blocks of (centred, permuted) K/V into the core (a sliding-window cache
         holds them until the attention call, see turboquant.mlx_rotating)."""
+        self._unflush = None
         for k, v in blocks:
             self._core.append(k, v)
+
+    # -- exact window flushes for short blocks ----------------------------------------
+    #
+    # The core flushes the oldest block_tokens tokens of the fp16 window into codes when the
+    # window exceeds fp16_window + block_tokens. Decoding one token at a time, a token's query
+    # sees the window as it was right after its own append. A block of a few tokens at once
+    # (speculative decoding verifies the draft's tokens in one forward pass) would let its
+    # first queries see a flush that one-token steps make only at a later token, and a trim
+    # of the rejected tokens would keep that flush. Both are made exact for blocks of at
+    # most block_tokens tokens (one flush at most): the block is appended up to the flush
+    # point and the rest at the attention call, between the two halves of its queries; the
+    # flushed block's fp16 rows are kept until the next flush, and a trim back before the
+    # flush point undoes it (the codes are dropped, the rows appended again). Longer blocks
+    # (prefill chunks) flush as before.
+
+    def _exact_flushes(self) -> bool:
+        return (not self._gpu and self.fp16_window > 0 and not self.mixed_bits
+                and not self.decay_after)
+
+    def _evicted(self) -> int:
+        """Tokens the core dropped from the front (a sliding-window ring); positions in the
+        core are positions in the sequence minus these."""
+        return 0
+
+    def _flush_point(self, T: int) -> int | None:
+        """Before appending T tokens: None when they cause no window flush (or one that is
+        not made exact: see above), else how many of them come before the token that
+        flushes; the block it flushes is kept (fp16 rows) to undo the flush on a trim."""
+        if not self._exact_flushes():
+            return None
+        if T > self.block_tokens:
+            self._unflush = None  # several flushes: not undone
+            return None
+        limit = self.fp16_window + self.block_tokens
+        w = int(self._core.window_tokens(0))
+        if w + T <= limit:
+            return None
+        coded, bt = int(self._core.coded_tokens(0)), self.block_tokens
+        H = int(self._core_kv_heads)
+        rows = [np.stack([self._core.decode(0, h, role, coded, bt) for h in range(H)])
+                for role in ("key", "value")]
+        self._unflush = (coded + self._evicted(), rows[0].astype(np.float16),
+                         rows[1].astype(np.float16))
+        return limit - w
+
+    def _append_new(self, k, v) -> None:
+        """Append the (centred, permuted) K/V of one update_and_fetch call to the core."""
+        self._append_held()
+        j = self._flush_point(k.shape[1])
+        if not j:
+            if not self._exact_flushes() or k.shape[1] > self.block_tokens:
+                self._unflush = None
+            self._core.append(k, v)
+            return
+        self._core.append(np.ascontiguousarray(k[:, :j]), np.ascontiguousarray(v[:, :j]))
+        self._held = (np.ascontiguousarray(k[:, j:]), np.ascontiguousarray(v[:, j:]), j)
+
+    def _append_held(self) -> None:
+        """Append the tokens held for the attention call (none came: trim, save, append)."""
+        if self._held is not None:
+            held, self._held = self._held, None
+            self._core.append(held[0], held[1])
+
+    def _undo_flush(self, n: int) -> bool:
+        """Trim the last n tokens of the core by undoing the last window flush when the trim
+        ends before its flush point (one-token steps would not have flushed yet); False when
+        the plain trim is the exact one (or the flush cannot be undone: a deep trim)."""
+        u = self._unflush
+        if u is None:
+            return False
+        pos, keys, values = u  # the flushed block: tokens [pos, pos + block_tokens)
+        bt, core, ev = self.block_tokens, self._core, self._evicted()
+        size = int(core.size(0)) + ev
+        new_size = size - n
+        if new_size < pos or int(core.coded_tokens(0)) + ev != pos + bt:
+            self._unflush = None
+            return False
+        if new_size > pos + self.fp16_window + bt:
+            return False  # one-token steps flush here too
+        if new_size > pos + bt:  # the window rows after the flushed block, as stored
+            H = keys.shape[0]
+            tail = [np.stack([core.decode(0, h, role, pos + bt - ev, new_size - pos - bt)
+                              for h in range(H)]) for role in ("key", "value")]
+            keys = np.concatenate([keys.astype(np.float32), tail[0]], axis=1)
+            values = np.concatenate([values.astype(np.float32), tail[1]], axis=1)
+        core.trim(size - pos)
+        if new_size > pos:
+            m = new_size - pos
+            core.append(np.ascontiguousarray(keys[:, :m], dtype=np.float32),
+                        np.ascontiguousarray(values[:, :m], dtype=np.float32))
+        self._unflush = None
+        return True
 
     def _core_options(self) -> dict:
         """Extra options of the C++ core (eviction for a sliding-window cache)."""

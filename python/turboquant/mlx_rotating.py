@@ -102,6 +102,12 @@ class TurboQuantRotatingKVCache(TurboQuantKVCache):
         # eviction that a later chunk's append causes.
         self._new.extend(blocks)
 
+    def _append_new(self, k, v) -> None:
+        self._append_blocks([(k, v)])
+
+    def _evicted(self) -> int:
+        return self.evicted_tokens
+
     def _append_chunks(self, k: np.ndarray, v: np.ndarray, start: int, stop: int) -> None:
         C = self.block_tokens
         for a in range(start, stop, C):
@@ -173,8 +179,15 @@ class TurboQuantRotatingKVCache(TurboQuantKVCache):
             head = T_new - Tq  # tokens that no query of this call sits at
             self._append_chunks(k, v, 0, head)
             C = self.block_tokens
-            for a in range(0, Tq, C):
-                b = min(a + C, Tq)
+            bounds = [(a, min(a + C, Tq)) for a in range(0, Tq, C)]
+            # a short block (a speculative verify step) is split where the window flushes,
+            # like TurboQuantKVCache._append_new; longer ones flush as before
+            j = self._flush_point(T_new) if head == 0 else None
+            if j:
+                bounds = [(0, j), (j, Tq)]
+            elif head or Tq > C:
+                self._unflush = None
+            for a, b in bounds:
                 self._append_chunks(k, v, head + a, head + b)
                 out[:, a:b] = self._core.attend(np.ascontiguousarray(q[:, a:b]), causal=True,
                                                 scale=float(scale), window=w, **extra)
@@ -213,10 +226,20 @@ class TurboQuantRotatingKVCache(TurboQuantKVCache):
         return self._core is None and not self._pending and not self._new
 
     def is_trimmable(self):
-        """True while nothing was evicted: then any trim is exact. Afterwards (like mlx-lm's
-        ring once it has rotated) False, though :meth:`trim` still takes the few tokens a
-        speculative-decoding rewind needs: as many as leave the next query its window."""
-        return self._core is None or self.evicted_tokens == 0
+        """True: any trim is exact while nothing was evicted; afterwards :meth:`trim` takes
+        as many tokens as leave the next query its whole window (:meth:`max_trim`; right
+        after an append at least ``block_tokens`` - 1 by the ring's sizing, so every
+        speculative-decoding rewind of fewer draft tokens) and refuses more with a
+        ValueError. (mlx-lm's fp16 ring stops
+        being trimmable once it rotates; mlx-lm's ``trim_prompt_cache`` then trims no layer
+        at all, and speculative decoding would keep the rejected draft tokens.)"""
+        return True
+
+    def max_trim(self) -> int:
+        """The most tokens :meth:`trim` takes now."""
+        if self._core is None or not self.evicted_tokens:
+            return self.offset
+        return max(0, self._stored() - self.max_size + 1)
 
     def _stored(self) -> int:
         self._flush_new()

@@ -46,6 +46,7 @@ instead of a traceback and counts it in ``/v1/turboquant``'s ``disconnects``.
 
 from __future__ import annotations
 
+import copy
 import importlib
 import inspect
 import json
@@ -60,7 +61,7 @@ from typing import Any
 
 from mlx_lm import server as _server
 from mlx_lm.models import cache as _mlx_cache
-from mlx_lm.models.cache import can_trim_prompt_cache
+from mlx_lm.models.cache import can_trim_prompt_cache, trim_prompt_cache
 
 from turboquant import metal as _metal
 from turboquant import mlx_batch as _mlx_batch
@@ -253,6 +254,29 @@ class PromptCacheStore(_server.LRUPromptCache):
     entry, the model would miss one prompt token. Here the entry is stored under the prefix
     its caches hold (trimming any cache that holds more); caches that disagree and cannot
     be trimmed are not stored."""
+
+    def fetch_nearest_cache(self, model, tokens):
+        """mlx-lm's lookup (exact entry, else a longer entry trimmed back to the common
+        prefix, else the longest shorter entry), where a longer entry is used only if every
+        cache can take that trim: a sliding-window layer that has evicted tokens takes only
+        what leaves the next query its window (``max_trim``)."""
+        result = self._trie.search(model, tokens)
+        if result.exact is not None:
+            return super().fetch_nearest_cache(model, tokens)
+        short = len(result.shorter) if result.shorter is not None else 0
+        if result.longer is not None and result.common_prefix > short:
+            entry = self._trie.get(result.model, result.longer)
+            prefix = min(len(tokens) - 1, result.common_prefix)
+            n = len(result.longer) - prefix
+            if can_trim_prompt_cache(entry.prompt_cache) and all(
+                    getattr(c, "max_trim", lambda: n)() >= n for c in entry.prompt_cache):
+                cache = copy.deepcopy(entry.prompt_cache)
+                trim_prompt_cache(cache, n)
+                return cache, tokens[prefix:]
+        if short > 0:
+            entry = self._trie.get(result.model, result.shorter)
+            return copy.deepcopy(entry.prompt_cache), tokens[short:]
+        return None, tokens
 
     def insert_cache(self, model, tokens, prompt_cache, *, cache_type: str = "assistant"):
         offsets = [getattr(c, "offset", None) for c in prompt_cache]

@@ -53,6 +53,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-key-split", action="store_true",
                    help="same bits on every key channel (default: a split over RoPE pairs)")
     p.add_argument("--profile", help="per-layer bits from `python -m turboquant calibrate`")
+    p.add_argument("--draft-model", metavar="DIR", default=None,
+                   help="mlx-lm model directory of a smaller model with the same vocabulary: "
+                        "speculative decoding (mlx-lm's draft_model); its KV cache is "
+                        "compressed with the same options")
+    p.add_argument("--num-draft-tokens", type=int, default=3,
+                   help="tokens the draft model proposes per step (default 3)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--ignore-chat-template", action="store_true")
     p.add_argument("--verbose", action="store_true", help="print mlx-lm's speed report")
@@ -69,10 +75,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from mlx_lm import generate, load
+    from mlx_lm import generate, load, stream_generate
 
     from turboquant.mlx_lm import UnsupportedArchitectureError, make_prompt_cache
 
+    if args.num_draft_tokens < 1:
+        raise SystemExit(f"generate: --num-draft-tokens must be >= 1, got {args.num_draft_tokens}")
+    if args.sharded and args.draft_model is not None:
+        raise SystemExit("generate: --draft-model is not supported with --sharded")
     rank, group = 0, None
     if args.sharded:
         from turboquant.distributed import sharded_load
@@ -84,22 +94,49 @@ def run(args: argparse.Namespace) -> int:
         rank = group.rank()
     else:
         model, tokenizer = load(args.model)
+    draft = None
+    if args.draft_model is not None:
+        draft, draft_tokenizer = load(args.draft_model)
+        if draft_tokenizer.vocab_size != tokenizer.vocab_size:
+            raise SystemExit(f"generate: the draft model's vocabulary ({draft_tokenizer.vocab_size}"
+                             f" tokens) differs from the model's ({tokenizer.vocab_size})")
     try:
         cache = make_prompt_cache(model, **cache_options(args))
+        # mlx-lm's speculative decoding takes one list: the model's layers, then the draft's.
+        draft_cache = [] if draft is None else make_prompt_cache(draft, **cache_options(args))
     except (UnsupportedArchitectureError, ValueError, OSError) as e:
         raise SystemExit(f"generate: {e}") from None
     prompt = args.prompt
     if not args.ignore_chat_template and getattr(tokenizer, "chat_template", None):
         prompt = tokenizer.apply_chat_template([{"role": "user", "content": prompt}],
                                                add_generation_prompt=True)
-    if args.json or args.sharded:
+    if (args.json or args.sharded) and draft is None:
         return _run_collect(args, model, tokenizer, prompt, cache, group, rank)
-    text = generate(model, tokenizer, prompt, max_tokens=args.max_tokens, prompt_cache=cache,
-                    verbose=args.verbose)
-    if not args.verbose:
-        print(text)
+    if draft is None:
+        text = generate(model, tokenizer, prompt, max_tokens=args.max_tokens,
+                        prompt_cache=cache, verbose=args.verbose)
+        if not args.verbose:
+            print(text)
+    else:
+        n = accepted = 0
+        last = None
+        for last in stream_generate(model, tokenizer, prompt, max_tokens=args.max_tokens,
+                                    draft_model=draft, num_draft_tokens=args.num_draft_tokens,
+                                    prompt_cache=cache + draft_cache):
+            print(last.text, end="", flush=True)
+            n += 1
+            accepted += bool(last.from_draft)
+        print()
+        if args.verbose and last is not None:
+            print(f"Prompt: {last.prompt_tokens} tokens, {last.prompt_tps:.3f} tokens-per-sec")
+            print(f"Generation: {last.generation_tokens} tokens, "
+                  f"{last.generation_tps:.3f} tokens-per-sec")
+        print(f"[turboquant] draft model: {accepted} of {n} tokens accepted from the draft")
     kv = sum(c.nbytes for c in cache)
     print(f"[turboquant] KV cache: {kv:,} bytes for {cache[0].offset} tokens")
+    if draft_cache:
+        kv = sum(c.nbytes for c in draft_cache)
+        print(f"[turboquant] draft KV cache: {kv:,} bytes for {draft_cache[0].offset} tokens")
     return 0
 
 

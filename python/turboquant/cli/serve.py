@@ -8,9 +8,11 @@ HELP = "serve a model over an OpenAI-compatible HTTP API (mlx-lm's server), KV c
 
 EPILOG = ("Every other option is mlx-lm's server option, passed through unchanged "
           "(see `mlx_lm.server --help`: --temp, --max-tokens, --prompt-cache-size, "
-          "--chat-template, ...). mlx-lm's own --kv-bits quantization is replaced by "
-          "TurboQuant's. Concurrent requests are decoded together (continuous batching; "
-          "--decode-concurrency / --prompt-concurrency bound the batch) unless --no-batching.")
+          "--chat-template, --draft-model DIR and --num-draft-tokens N for speculative "
+          "decoding, the draft's caches compressed too, ...). mlx-lm's own --kv-bits "
+          "quantization is replaced by TurboQuant's. Concurrent requests are decoded together "
+          "(continuous batching; --decode-concurrency / --prompt-concurrency bound the batch) "
+          "unless --no-batching.")
 
 
 def _gigabytes(s: str) -> float:
