@@ -1,9 +1,10 @@
 """The memory soak (bench/soak_memory.py) on a tiny model: over a few hundred generated
 tokens the process's resident memory grows only by what the caches account for, and an
-injected leak of 64 KB per token is caught."""
+injected leak of 256 KB per token is caught."""
 
 from __future__ import annotations
 
+import gc
 import sys
 from pathlib import Path
 
@@ -21,10 +22,14 @@ import soak_memory  # noqa: E402
 
 PROMPT = [(7 * i + 3) % 120 for i in range(32)]
 TOKENS, WARMUP = 400, 100
-TOLERANCE = 4 << 20  # 4 MiB; the injected leak below is 300 x 64 KiB = 18.75 MiB
+TOLERANCE = 4 << 20  # 4 MiB; the injected leak below is 300 x 256 KiB = 75 MiB
 
 
 def run(on_step=None, preset="tq3"):
+    # Memory the tests before this one left to free (mlx's buffer cache, garbage) is freed
+    # now, not during the soak, where it would hide growth.
+    gc.collect()
+    mx.clear_cache()
     model = tiny_model("llama")
     cache = tq_mlx.make_prompt_cache(model, preset=preset)
     return soak_memory.soak(model, cache, PROMPT, TOKENS, sample_every=50, warmup=WARMUP,
@@ -45,9 +50,9 @@ def test_an_injected_leak_is_caught():
 
     def leak(i):
         if i > WARMUP:
-            kept.append(bytearray(b"x" * (64 << 10)))  # written: resident
+            kept.append(bytearray(b"x" * (256 << 10)))  # written: resident
 
     r, _ = run(on_step=leak)
     assert len(kept) == TOKENS - WARMUP
     assert r["residual_growth"] > TOLERANCE
-    assert r["residual_slope_bytes_per_token"] > 32 << 10
+    assert r["residual_slope_bytes_per_token"] > 128 << 10
