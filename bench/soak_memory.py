@@ -19,7 +19,7 @@ The full run (the committed result, ~40 min on a 2-core x86-64 machine):
 
   PYTHONPATH=python python bench/soak_memory.py \\
       --model .models/SmolLM2-135M-Instruct-float32 --tokens 16384 \\
-      --json bench/results/soak_memory_smollm2.json
+      --json bench/results/soak_memory_smollm2_run2.json
 
 ``soak(model, cache, prompt, tokens, ...)`` is the measurement itself, used by the tests on
 a tiny model (tests/python/test_soak.py).
