@@ -56,6 +56,8 @@ import time
 import urllib.request
 from pathlib import Path
 
+import turboquant
+
 ROOT = Path(__file__).resolve().parents[1]
 LICENSES = Path("/usr/share/common-licenses")
 
@@ -126,7 +128,8 @@ class Server:
     def __init__(self, name: str, cmd: list[str], log: Path, timeout: float):
         self.name, self.port = name, free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        package_root = str(ROOT / "python")
+        # The turboquant this script imported (installed, or the source tree's with PYTHONPATH)
+        package_root = str(Path(turboquant.__file__).resolve().parents[1])
         env = dict(os.environ)
         env["PYTHONPATH"] = package_root + os.pathsep + env.get("PYTHONPATH", "")
         self.log = log

@@ -220,12 +220,15 @@ class TurboQuantKVCache(_mlx_cache._BaseCache):
             # The queries before the flush point see the window as it was before the flush
             # (what one-token steps see), the others after it.
             j = held[2]
-            first = self._core.attend(np.ascontiguousarray(q[:, :j]), causal=causal,
-                                      scale=float(scale), window=window, **extra)
+            part = ((lambda a: a) if self._gpu  # noqa: E731 - mlx slices stay on the GPU
+                    else np.ascontiguousarray)
+            first = self._core.attend(part(q[:, :j]), causal=causal, scale=float(scale),
+                                      window=window, **extra)
             self._core.append(held[0], held[1])
-            rest = self._core.attend(np.ascontiguousarray(q[:, j:]), causal=causal,
-                                     scale=float(scale), window=window, **extra)
-            out = np.concatenate([first, rest], axis=1)
+            rest = self._core.attend(part(q[:, j:]), causal=causal, scale=float(scale),
+                                     window=window, **extra)
+            out = (mx.concatenate([first, rest], axis=1) if self._gpu
+                   else np.concatenate([first, rest], axis=1))
         else:
             if held is not None:
                 self._core.append(held[0], held[1])
@@ -690,8 +693,9 @@ class TurboQuantKVCache(_mlx_cache._BaseCache):
     # (prefill chunks) flush as before.
 
     def _exact_flushes(self) -> bool:
-        return (not self._gpu and self.fp16_window > 0 and not self.mixed_bits
-                and not self.decay_after)
+        # The GPU store keeps the same window rules (the same flush points), so the split
+        # at the flush point applies to it too: both paths give the same attention.
+        return self.fp16_window > 0 and not self.mixed_bits and not self.decay_after
 
     def _evicted(self) -> int:
         """Tokens the core dropped from the front (a sliding-window ring); positions in the
@@ -711,6 +715,9 @@ class TurboQuantKVCache(_mlx_cache._BaseCache):
         w = int(self._core.window_tokens(0))
         if w + T <= limit:
             return None
+        if self._gpu:  # the split only: keeping the flushed block's rows would read them
+            self._unflush = None  # back to the host at every flush (trims stay plain here)
+            return limit - w
         coded, bt = int(self._core.coded_tokens(0)), self.block_tokens
         H = int(self._core_kv_heads)
         rows = [np.stack([self._core.decode(0, h, role, coded, bt) for h in range(H)])
@@ -728,8 +735,9 @@ class TurboQuantKVCache(_mlx_cache._BaseCache):
                 self._unflush = None
             self._core.append(k, v)
             return
-        self._core.append(np.ascontiguousarray(k[:, :j]), np.ascontiguousarray(v[:, :j]))
-        self._held = (np.ascontiguousarray(k[:, j:]), np.ascontiguousarray(v[:, j:]), j)
+        part = (lambda a: a) if self._gpu else np.ascontiguousarray  # noqa: E731
+        self._core.append(part(k[:, :j]), part(v[:, :j]))
+        self._held = (part(k[:, j:]), part(v[:, j:]), j)
 
     def _append_held(self) -> None:
         """Append the tokens held for the attention call (none came: trim, save, append)."""
