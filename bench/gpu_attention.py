@@ -11,15 +11,13 @@ share of the nominal memory bandwidth (--peak-gbps; H200: 4800) and of a copy's 
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
 
-from gpu_common import copy_bandwidth_gbps, machine, timed
+from gpu_common import copy_bandwidth_gbps, machine, timed, write_result
 from turboquant import metal
-from turboquant._atomic import atomic_write
 from turboquant.mlx_metal import MetalCodeStore, ReferenceKernels
 
 
@@ -96,10 +94,7 @@ def main(argv=None) -> int:
               [int(x) for x in a.bits.split(",")], peak_gbps=a.peak_gbps, kernels=kernels,
               iters=a.iters)
     if a.out:
-        a.out.parent.mkdir(parents=True, exist_ok=True)
-        with atomic_write(a.out, "w") as f:
-            f.write(json.dumps(res, indent=1))
-        print(f"wrote {a.out}")
+        write_result(a.out, res)
     return 0
 
 

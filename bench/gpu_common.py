@@ -4,6 +4,7 @@ description written next to every result, and a timer that forces mlx's lazy gra
 from __future__ import annotations
 
 import datetime
+import json
 import platform
 import shutil
 import statistics
@@ -15,6 +16,7 @@ import mlx.core as mx
 
 import turboquant
 from turboquant import metal
+from turboquant._atomic import atomic_write
 
 
 def machine() -> dict:
@@ -55,3 +57,11 @@ def copy_bandwidth_gbps(nbytes: int = 1 << 30) -> float:
     mx.eval(a)
     t = timed(lambda: a + 1.0, iters=5, repeats=3, warmup=1)
     return 2 * nbytes / t / 1e9
+
+
+def write_result(path, res: dict) -> None:
+    """The benchmark's JSON result at ``path`` (folders made; written atomically)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_write(path, "w") as f:
+        f.write(json.dumps(res, indent=1))
+    print(f"wrote {path}")

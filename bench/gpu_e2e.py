@@ -12,7 +12,6 @@ the weights' values, so random weights of the right shape stand in for the real 
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 
@@ -20,8 +19,7 @@ import mlx.core as mx
 from mlx_lm.models import cache as mlx_cache
 from mlx_lm.models import llama
 
-from gpu_common import machine
-from turboquant._atomic import atomic_write
+from gpu_common import machine, write_result
 from turboquant.mlx_lm import make_prompt_cache
 
 SHAPES = {
@@ -119,10 +117,7 @@ def main(argv=None) -> int:
             mx.clear_cache()
     res = dict(machine=machine(), shape=a.shape, config=SHAPES[a.shape], rows=rows)
     if a.out:
-        a.out.parent.mkdir(parents=True, exist_ok=True)
-        with atomic_write(a.out, "w") as f:
-            f.write(json.dumps(res, indent=1))
-        print(f"wrote {a.out}")
+        write_result(a.out, res)
     return 0
 
 

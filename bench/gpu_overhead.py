@@ -13,16 +13,14 @@ TurboQuant cache) at 8K context.
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
 
-from gpu_common import machine
+from gpu_common import machine, write_result
 from turboquant import metal
-from turboquant._atomic import atomic_write
 from turboquant.mlx_metal import MetalCodeStore
 
 
@@ -142,10 +140,7 @@ def main(argv=None) -> int:
         record(f"2-layer 8B-shape decode step, 8K, {kind}", model_step(kind, 8192, 20))
     res = dict(machine=machine(), n=a.n, rows=rows)
     if a.out:
-        a.out.parent.mkdir(parents=True, exist_ok=True)
-        with atomic_write(a.out, "w") as f:
-            f.write(json.dumps(res, indent=1))
-        print(f"wrote {a.out}")
+        write_result(a.out, res)
     return 0
 
 
