@@ -6,11 +6,13 @@ share of the nominal memory bandwidth (--peak-gbps; H200: 4800) and of a copy's 
 
     python bench/gpu_attention.py --out bench/results/gpu_attention_h200.json
     python bench/gpu_attention.py --smoke   # tiny sizes, any machine (reference kernels on CPU)
+    python bench/gpu_attention.py --sweep 32768,131072 ...  # also the fast kernel's shapes
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 from pathlib import Path
 
 import mlx.core as mx
@@ -47,6 +49,7 @@ def run(contexts, dims, bits_list, hkv=8, group=4, peak_gbps=4800.0, kernels=Non
                            iters)
             fp16_bytes = 2 * hkv * T * d * 2
             base = dict(head_dim=d, context=T, kv_heads=hkv, q_heads=hq)
+            first = len(rows)
             rows.append(dict(base, cache="fp16 sdpa", bits=16, seconds=t_fp16,
                              bytes=fp16_bytes, gbps=fp16_bytes / t_fp16 / 1e9))
             for bits in bits_list:
@@ -59,18 +62,65 @@ def run(contexts, dims, bits_list, hkv=8, group=4, peak_gbps=4800.0, kernels=Non
                         store.append(k[0, :, a:a + step], v[0, :, a:a + step])
                     mx.eval(store._k_codes, store._v_codes)
                     q3 = q[0].astype(mx.float32)
-                    t = timed(lambda: store.attend(q3, scale=scale), iters)
                     nbytes = T * store.bytes_per_token() + hq * d * 4
-                    rows.append(dict(base, cache=f"turboquant {'key split ' if split else ''}"
-                                     f"{bits}-bit", bits=bits, seconds=t, bytes=nbytes,
-                                     gbps=nbytes / t / 1e9, speedup_vs_fp16=t_fp16 / t))
-            for r in rows[-(1 + 2 * len(bits_list)):]:
+                    name = f"turboquant {'key split ' if split else ''}{bits}-bit"
+                    # The register-tiled block kernel (the default) and the generic one.
+                    for kernel in ("fast", "generic"):
+                        with (metal.generic_attention() if kernel == "generic"
+                              else contextlib.nullcontext()):
+                            t = timed(lambda: store.attend(q3, scale=scale), iters)
+                        rows.append(dict(base, cache=f"{name} ({kernel})", kernel=kernel,
+                                         bits=bits, seconds=t,
+                                         bytes=nbytes, gbps=nbytes / t / 1e9,
+                                         speedup_vs_fp16=t_fp16 / t))
+            for r in rows[first:]:
                 r["pct_of_peak"] = 100.0 * r["gbps"] / peak_gbps
                 r["pct_of_copy"] = 100.0 * r["gbps"] / copy_gbps
-                print(f"d={d:4d} T={T:7d} {r['cache']:28s} {r['seconds'] * 1e6:9.1f} us "
+                print(f"d={d:4d} T={T:7d} {r['cache']:36s} {r['seconds'] * 1e6:9.1f} us "
                       f"{r['gbps']:8.1f} GB/s {r['pct_of_peak']:5.1f}% of peak "
                       f"x{r.get('speedup_vs_fp16', 1.0):.2f} vs fp16", flush=True)
     return dict(machine=machine(), peak_gbps=peak_gbps, copy_gbps=copy_gbps, rows=rows)
+
+
+# Shapes of the register-tiled kernel compared by --sweep (environment overrides of
+# turboquant.metal): coordinates per lane, tokens in flight per stream, threadgroups.
+SWEEP = [dict(TQ_GPU_FAST_COORDS=c, TQ_GPU_FAST_UNROLL=u, TQ_GPU_ATTENTION_GROUPS=g)
+         for c, u, g in (("16", "1", "1024"), ("16", "2", "1024"), ("16", "4", "1024"),
+                         ("8", "2", "1024"), ("8", "4", "1024"), ("16", "2", "2048"),
+                         ("16", "4", "4096"), ("8", "4", "4096"))]
+
+
+def sweep(contexts, d=128, hkv=8, group=4, iters=30, kernels=None) -> list[dict]:
+    """Decode attention of the register-tiled kernel under each SWEEP setting (3-bit plain
+    and key-split codes): time per call, in one run."""
+    import os
+
+    hq, rows = hkv * group, []
+    for T in contexts:
+        k = mx.random.normal((1, hkv, T, d)).astype(mx.float16)
+        v = mx.random.normal((1, hkv, T, d)).astype(mx.float16)
+        q = mx.random.normal((hq, 1, d)).astype(mx.float32)
+        for split in (False, True):
+            store = store_for(d, hq, hkv, 3, split, kernels)
+            for a in range(0, T, 4096):
+                store.append(k[0, :, a:a + 4096], v[0, :, a:a + 4096])
+            mx.eval(store._k_codes, store._v_codes)
+            for env in SWEEP:
+                saved = {n: os.environ.get(n) for n in env}
+                os.environ.update(env)
+                try:
+                    t = timed(lambda: store.attend(q, scale=d ** -0.5), iters)
+                finally:
+                    for n, old in saved.items():
+                        if old is None:
+                            os.environ.pop(n, None)
+                        else:
+                            os.environ[n] = old
+                rows.append(dict(context=T, head_dim=d, split=split, seconds=t, **env))
+                print(f"sweep T={T:7d} split={int(split)} C={env['TQ_GPU_FAST_COORDS']:>2s} "
+                      f"U={env['TQ_GPU_FAST_UNROLL']} groups={env['TQ_GPU_ATTENTION_GROUPS']:>4s}"
+                      f" {t * 1e6:9.1f} us", flush=True)
+    return rows
 
 
 def main(argv=None) -> int:
@@ -83,6 +133,9 @@ def main(argv=None) -> int:
     ap.add_argument("--iters", type=int, default=50)
     ap.add_argument("--smoke", action="store_true",
                     help="tiny sizes with the reference kernels: checks the script anywhere")
+    ap.add_argument("--sweep", default="",
+                    help="contexts (comma-separated) at which to compare the register-tiled "
+                         "kernel's shapes (SWEEP) before the main table")
     ap.add_argument("--out", type=Path)
     a = ap.parse_args(argv)
     kernels = None
@@ -90,9 +143,13 @@ def main(argv=None) -> int:
         a.contexts, a.dims, a.bits, a.iters, kernels = "256,512", "64", "3", 2, ReferenceKernels()
     elif metal.active_path() == "cpu":
         ap.error(f"needs a GPU kernel path ({metal.path_reason()}); --smoke runs anywhere")
+    swept = (sweep([int(x) for x in a.sweep.split(",")], kernels=kernels,
+                   iters=2 if a.smoke else 30) if a.sweep else None)
     res = run([int(x) for x in a.contexts.split(",")], [int(x) for x in a.dims.split(",")],
               [int(x) for x in a.bits.split(",")], peak_gbps=a.peak_gbps, kernels=kernels,
               iters=a.iters)
+    if swept is not None:
+        res["sweep"] = swept
     if a.out:
         write_result(a.out, res)
     return 0

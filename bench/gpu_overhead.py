@@ -65,7 +65,7 @@ def store(T: int, sinks: int, window: int, d: int = 128, hkv: int = 8, group: in
     return s
 
 
-def model_step(kind: str, context: int, steps: int) -> dict:
+def model_step(kind: str, context: int, steps: int, profile: bool = False) -> dict:
     from mlx_lm.models import cache as mlx_cache
     from mlx_lm.models import llama
 
@@ -94,12 +94,29 @@ def model_step(kind: str, context: int, steps: int) -> dict:
         mx.eval(out)
         t2 = time.perf_counter()
         host, total = host + (t1 - t0), total + (t2 - t0)
-    return dict(host_us=host / steps * 1e6, total_us=total / steps * 1e6)
+    res = dict(host_us=host / steps * 1e6, total_us=total / steps * 1e6)
+    if profile:  # where the host time of a step goes: the functions with the most own time
+        import cProfile
+        import io
+        import pstats
+
+        pr = cProfile.Profile()
+        pr.enable()
+        outs = [model(tok, cache=cache) for _ in range(steps)]
+        pr.disable()
+        mx.eval(outs)
+        buf = io.StringIO()
+        pstats.Stats(pr, stream=buf).sort_stats("tottime").print_stats(25)
+        res["profile"] = buf.getvalue()
+        print(res["profile"])
+    return res
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--n", type=int, default=200, help="calls per measurement")
+    ap.add_argument("--profile", action="store_true",
+                    help="also print where the host time of a turboquant decode step goes")
     ap.add_argument("--out", type=Path)
     a = ap.parse_args(argv)
     target = metal.active_path()
@@ -137,7 +154,8 @@ def main(argv=None) -> int:
     record("decode attend, 128K codes, no fp16 rows", per_call(lambda: s3.attend(q), 20))
     del s, s2, s3
     for kind in ("fp16", "turboquant-3"):
-        record(f"2-layer 8B-shape decode step, 8K, {kind}", model_step(kind, 8192, 20))
+        record(f"2-layer 8B-shape decode step, 8K, {kind}",
+               model_step(kind, 8192, 20, profile=a.profile and kind != "fp16"))
     res = dict(machine=machine(), n=a.n, rows=rows)
     if a.out:
         write_result(a.out, res)

@@ -185,16 +185,14 @@ inline float tq_group_reduce(float x, uint op, threadgroup float* red, uint tid,
   return r;
 }
 
-// out[(h·G + g)·dim + j]: the attention output of query head h·G + g. The threads share the
-// blocks' statistics (max, then weights and total), then each sums its coordinates over the
-// blocks. tg: TQ_REDUCE_GROUP_FLOATS floats. nthreads: a power of two dividing dim.
-inline void tq_attention_reduce_body(device const float* part_m, device const float* part_l,
-                                     device const float* part_acc, TQ_TABLE float* v_signs,
-                                     device float* out, TQ_PARAMS TqReduceParams& p,
-                                     threadgroup float* tg, uint g, uint head, uint tid,
-                                     uint nthreads) {
-  const uint d = p.dim, G = p.group, nb = p.num_blocks;
-  if (g >= G) return;  // uniform over the threadgroup
+// The blocks of query head h·G + g merged, unnormalised: v[j] = Σ_b acc_b[j]·e^(m_b - M)
+// (rotated domain) with M = max_b m_b, returned with M in mmax and Σ_b l_b·e^(m_b - M) in
+// lsum. The threads share the blocks' statistics (max, then weights and total), then each
+// sums its coordinates over the blocks. tg: TQ_REDUCE_GROUP_FLOATS floats (v first).
+inline void tq_attention_reduce_blocks(device const float* part_m, device const float* part_l,
+                                       device const float* part_acc, uint d, uint G, uint nb,
+                                       threadgroup float* tg, uint g, uint head, uint tid,
+                                       uint nthreads, thread float& mmax, thread float& lsum) {
   threadgroup float* v = tg;
   threadgroup float* eb = tg + 512u;
   threadgroup float* red = eb + TQ_REDUCE_CACHED_BLOCKS;
@@ -202,14 +200,14 @@ inline void tq_attention_reduce_body(device const float* part_m, device const fl
   const ulong base = ulong(head) * nb * G + g;  // part_m index of block 0
   float m = -INFINITY;
   for (uint b = tid; b < nb; b += nthreads) m = max(m, part_m[base + ulong(b) * G]);
-  const float mmax = tq_group_reduce(m, 0u, red, tid, nthreads);
+  mmax = tq_group_reduce(m, 0u, red, tid, nthreads);
   float l = 0.0f;
   for (uint b = tid; b < nb; b += nthreads) {
     const float e = exp(part_m[base + ulong(b) * G] - mmax);
     if (cached) eb[b] = e;
     l += part_l[base + ulong(b) * G] * e;
   }
-  const float inv = 1.0f / tq_group_reduce(l, 1u, red, tid, nthreads);  // barrier: eb is set
+  lsum = tq_group_reduce(l, 1u, red, tid, nthreads);  // barrier: eb is set
   for (uint j = tid; j < d; j += nthreads) {
     float a0 = 0.0f, a1 = 0.0f, a2 = 0.0f, a3 = 0.0f;  // four independent chains of loads
     uint b = 0u;
@@ -228,8 +226,26 @@ inline void tq_attention_reduce_body(device const float* part_m, device const fl
       const float e = cached ? eb[b] : exp(part_m[base + ulong(b) * G] - mmax);
       a0 += part_acc[(base + ulong(b) * G) * d + j] * e;
     }
-    v[j] = ((a0 + a1) + (a2 + a3)) * inv;
+    v[j] = (a0 + a1) + (a2 + a3);
   }
+}
+
+// out[(h·G + g)·dim + j]: the attention output of query head h·G + g: the merged blocks
+// divided by the total weight and, for a hadamard value rotation, rotated back by Π_Vᵀ.
+// tg: TQ_REDUCE_GROUP_FLOATS floats. nthreads: a power of two dividing dim.
+inline void tq_attention_reduce_body(device const float* part_m, device const float* part_l,
+                                     device const float* part_acc, TQ_TABLE float* v_signs,
+                                     device float* out, TQ_PARAMS TqReduceParams& p,
+                                     threadgroup float* tg, uint g, uint head, uint tid,
+                                     uint nthreads) {
+  const uint d = p.dim, G = p.group;
+  if (g >= G) return;  // uniform over the threadgroup
+  threadgroup float* v = tg;
+  float mmax, lsum;
+  tq_attention_reduce_blocks(part_m, part_l, part_acc, d, G, p.num_blocks, tg, g, head, tid,
+                             nthreads, mmax, lsum);
+  const float inv = 1.0f / lsum;
+  for (uint j = tid; j < d; j += nthreads) v[j] = v[j] * inv;
   if (p.inverse_rotate != 0u) tq_hadamard_inverse(v, v_signs, d, tid, nthreads);
   for (uint j = tid; j < d; j += nthreads) out[(ulong(head) * G + g) * d + j] = v[j];
 }

@@ -37,6 +37,8 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import contextlib
+import dataclasses
 import importlib.util
 import math
 import os
@@ -48,7 +50,7 @@ from pathlib import Path
 import numpy as np
 
 KERNEL_FILES = ("common.metal", "encode.metal", "dequantize.metal", "attention.metal",
-                "split.metal")
+                "split.metal", "attention_fast.metal")
 CUDA_DIALECT = "cuda_compat.h"  # the CUDA target's dialect header, beside the kernel files
 TARGETS = ("metal", "cuda")
 MAX_GROUP = 16  # TQ_MAX_GROUP: query heads per KV head in one attention pass
@@ -63,6 +65,10 @@ DEFAULT_BLOCK_TOKENS = 64
 # TQ_REDUCE_CACHED_BLOCKS, the most blocks whose weights the reduce keeps in threadgroup memory.
 ATTENTION_GROUPS = 1024
 REDUCE_CACHED_BLOCKS = 1024
+# Query heads per pass of the register-tiled decode kernel's instances (its GM template
+# argument), and the tokens a stream of it loads at once (U).
+FAST_GROUPS = (1, 2, 4, 8)
+FAST_UNROLL = 1
 
 
 def source_dir() -> Path | None:
@@ -79,10 +85,22 @@ def _check_target(target: str) -> None:
         raise ValueError(f"the GPU kernel target must be one of {TARGETS}, got {target!r}")
 
 
-def kernel_header(target: str = "metal") -> str:
-    """The mlx header: every kernel file in order, without the [[kernel]] entry points;
-    for ``target="cuda"`` preceded by the CUDA dialect header (cuda_compat.h)."""
+def _compact(text: str) -> str:
+    """Source text without its comment-only and blank lines (what a compiler skips anyway)."""
+    return "".join(line for line in text.splitlines(keepends=True)
+                   if line.strip() and not line.lstrip().startswith("//"))
+
+
+def kernel_header(target: str = "metal", files: tuple[str, ...] = KERNEL_FILES,
+                  compact: bool = False) -> str:
+    """The mlx header: the kernel files (all, or ``files``, in KERNEL_FILES order) without
+    the [[kernel]] entry points; for ``target="cuda"`` preceded by the CUDA dialect header
+    (cuda_compat.h). ``compact``: without comment-only and blank lines, as the kernels are
+    built (mlx copies and hashes the header at every launch: a shorter one costs less)."""
     _check_target(target)
+    unknown = set(files) - set(KERNEL_FILES)
+    if unknown:
+        raise ValueError(f"unknown kernel files {sorted(unknown)}")
     folder = source_dir()
     if folder is None:
         raise FileNotFoundError("turboquant GPU kernel sources (metal/*.metal, "
@@ -95,9 +113,11 @@ def kernel_header(target: str = "metal") -> str:
         "#define TQ_TABLE const device\n",
     ]
     for name in KERNEL_FILES:
-        parts.append(f"// ---- {name} ----\n")
-        parts.append((folder / name).read_text(encoding="utf-8"))
-    return "".join(parts)
+        if name in files:
+            parts.append(f"// ---- {name} ----\n")
+            parts.append((folder / name).read_text(encoding="utf-8"))
+    text = "".join(parts)
+    return _compact(text) if compact else text
 
 
 # The CUDA target's binding of the Metal thread-position names the sources use: mlx's CUDA
@@ -120,6 +140,11 @@ class KernelSpec:
     input_names: tuple[str, ...]
     output_names: tuple[str, ...]
     source: str
+    # Compile-time template arguments besides SCRATCH, with the values that the checks
+    # without a GPU (NVRTC, the emulator) compile them with when no call gives others.
+    templates: tuple[tuple[str, int], ...] = ()
+    # The kernel files its body needs (kernel_header(files=...)); set from its name below.
+    files: tuple[str, ...] = KERNEL_FILES
 
     def source_for(self, target: str) -> str:
         """The body for mx.fast.metal_kernel (``"metal"``) or mx.fast.cuda_kernel
@@ -183,6 +208,46 @@ KERNELS: dict[str, KernelSpec] = {
         "                         thread_index_in_threadgroup, threads_per_threadgroup.x);\n",
     ),
 }
+
+# The register-tiled decode attention (attention_fast.metal), plain or split keys: raw
+# queries in, rotated in the kernel (k_signs: one 2*dim row per head when the parameter word
+# after TqSplitAttnParams is 1, else one row for all heads; `angles` the split's table or a
+# placeholder), the partials of attention_block out. Its compile-time shape comes from
+# fast_attention_shape(). attention_reduce_rows: the reduce merged with fp16 rows (two sets,
+# k/v as fp16 bits), v_signs per head when the word after TqReduceRowsParams is 1.
+KERNELS.update({
+    "attention_fast": KernelSpec(
+        "tq_mlx_attention_fast",
+        ("q", "k_signs", "k_codes", "k_norms", "v_codes", "v_norms", "k_centroids",
+         "v_centroids", "angles", "params"),
+        ("part_m", "part_l", "part_acc"),
+        "TQ_THREADGROUP_ARRAY(float, tg, SCRATCH);\n"
+        "const uint tq_head = threadgroup_position_in_grid.y;\n"
+        "tq_attention_fast_block_body<TQ_D, TQ_GM, TQ_C, TQ_KB0, TQ_KB1, TQ_VB, TQ_SPLIT,\n"
+        "                             TQ_U>(\n"
+        "    q, k_signs + (params[16] != 0u ? ulong(tq_head) * 2u * uint(TQ_D) : 0ul),\n"
+        "    k_codes, (const device uchar*)k_norms, v_codes, (const device uchar*)v_norms,\n"
+        "    k_centroids, v_centroids, angles, part_m, part_l, part_acc,\n"
+        "    *(const device TqSplitAttnParams*)params, tg, threadgroup_position_in_grid.x,\n"
+        "    tq_head, thread_index_in_threadgroup, threads_per_threadgroup.x);\n",
+        templates=(("TQ_D", 128), ("TQ_GM", 4), ("TQ_C", 16), ("TQ_KB0", 3), ("TQ_KB1", 3),
+                   ("TQ_VB", 3), ("TQ_SPLIT", 0), ("TQ_U", FAST_UNROLL)),
+    ),
+    "attention_reduce_rows": KernelSpec(
+        "tq_mlx_attention_reduce_rows",
+        ("part_m", "part_l", "part_acc", "v_signs", "q", "k_a", "v_a", "k_b", "v_b", "params"),
+        ("out",),
+        "TQ_THREADGROUP_ARRAY(float, tg_v, TQ_REDUCE_ROWS_FLOATS);\n"
+        "const device TqReduceRowsParams& tq_p = *(const device TqReduceRowsParams*)params;\n"
+        "tq_attention_reduce_rows_body(\n"
+        "    part_m, part_l, part_acc,\n"
+        "    v_signs + (params[9] != 0u\n"
+        "               ? ulong(threadgroup_position_in_grid.y) * 2u * tq_p.dim : 0ul),\n"
+        "    q, k_a, v_a, k_b, v_b, out, tq_p, tg_v, threadgroup_position_in_grid.x,\n"
+        "    threadgroup_position_in_grid.y, thread_index_in_threadgroup,\n"
+        "    threads_per_threadgroup.x);\n",
+    ),
+})
 
 # Per-head variants for caches whose KV heads have their own rotations (the C++ KVCache and
 # the mlx-resident store of mlx_metal.py): `signs` holds one 2*dim row per head, and the
@@ -298,6 +363,23 @@ KERNELS.update({
         "                              thread_index_in_threadgroup, threads_per_threadgroup.x);\n",
     ),
 })
+
+
+def _needed_files(key: str) -> tuple[str, ...]:
+    """The kernel files the body of kernel ``key`` calls into (besides common.metal)."""
+    if key.startswith(("encode", "rotate")):
+        return ("common.metal", "encode.metal")
+    if key.startswith("dequantize"):
+        return ("common.metal", "dequantize.metal")
+    if key in ("attention_fast", "attention_reduce_rows"):
+        return ("common.metal", "attention.metal", "split.metal", "attention_fast.metal")
+    if key.startswith("attention"):
+        return ("common.metal", "attention.metal")
+    return ("common.metal", "attention.metal", "split.metal")  # the key split's kernels
+
+
+KERNELS = {key: dataclasses.replace(spec, files=_needed_files(key))
+           for key, spec in KERNELS.items()}
 
 
 def select_path(platform: str, mlx_metal: bool, sources: bool, env: str | None = None,
@@ -420,7 +502,10 @@ def attention_blocks(tokens: int, block_tokens: int, kv_heads: int) -> int:
     fewer blocks of several tiles each (tq_tiles_per_block): the partials and the reduce stay
     small at long contexts. No block is left without a tile."""
     tiles = -(-tokens // block_tokens)
-    cap = max(1, min(REDUCE_CACHED_BLOCKS, -(-ATTENTION_GROUPS // max(1, kv_heads))))
+    groups = ATTENTION_GROUPS
+    if os.environ.get("TQ_GPU_ATTENTION_GROUPS", "").isdigit():  # a benchmark's sweep
+        groups = max(1, int(os.environ["TQ_GPU_ATTENTION_GROUPS"]))
+    cap = max(1, min(REDUCE_CACHED_BLOCKS, -(-groups // max(1, kv_heads))))
     per = -(-tiles // cap)
     return -(-tiles // per)
 
@@ -540,7 +625,7 @@ def build_kernel(which: str, target: str):
 
     _check_target(target)
     spec = KERNELS[which]
-    source, header = spec.source_for(target), kernel_header(target)
+    source, header = spec.source_for(target), kernel_header(target, spec.files, compact=True)
     common = dict(name=kernel_name(spec.name, header, source), input_names=list(spec.input_names),
                   output_names=list(spec.output_names), source=source, header=header)
     if target == "cuda":  # NVRTC without fast math: IEEE division and square root
@@ -624,13 +709,22 @@ def decode_attention(keys, values, queries, k_codes, k_norms, v_codes, v_norms, 
     """Attention of queries (kv_heads, group, dim) over the first `tokens` cached rows of
     k_codes/v_codes (kv_heads, head_stride, code_bytes) and norms (kv_heads, head_stride).
     Returns (kv_heads, group, dim) float32, in the original domain."""
+    import mlx.core as mx
+
     kv_heads, group, dim = _attention_shape(queries, k_codes, tokens)
-    _, k_cents, _ = _quantizer_tables(keys)
+    k_signs, k_cents, _ = _quantizer_tables(keys)
     v_signs, v_cents, _ = _quantizer_tables(values)
-    q_rot = rotate(keys, queries.reshape(kv_heads * group, dim))
-    return _split_k_attention(q_rot, k_codes, k_norms, v_codes, v_norms, k_cents, v_cents,
-                              v_signs, keys.bits, values.bits, group, tokens, scale,
-                              block_tokens, "attention_reduce")
+    q = queries.reshape(kv_heads * group, dim).astype(mx.float32)
+    shape = fast_attention_shape(dim, group, keys.bits, values.bits)
+    if shape is not None:
+        parts = _fast_partials(q, k_signs, False, k_codes, k_norms, v_codes, v_norms, k_cents,
+                               v_cents, keys.bits, values.bits, group, tokens, scale,
+                               block_tokens, shape)
+    else:
+        parts = _block_partials(rotate(keys, q), k_codes, k_norms, v_codes, v_norms, k_cents,
+                                v_cents, keys.bits, values.bits, group, tokens, scale,
+                                block_tokens)
+    return _finish_attention(parts, v_signs, False, group, dim, q, scale)
 
 
 def _attention_shape(queries, k_codes, tokens):
@@ -645,12 +739,118 @@ def _attention_shape(queries, k_codes, tokens):
     return kv_heads, group, dim
 
 
-def _split_k_attention(q_rot, k_codes, k_norms, v_codes, v_norms, k_cents, v_cents, v_signs,
-                       k_bits, v_bits, group, tokens, scale, block_tokens, reduce_kernel,
-                       with_lse=False):
-    """The two launches of split-K decode attention: per-(block, KV head) partial softmax
-    and value sums (attention_block), then their merge and Π_Vᵀ (``reduce_kernel``).
-    q_rot (kv_heads * group, dim) rotated queries; returns (kv_heads, group, dim)."""
+_GENERIC_ATTENTION: list[bool] = []  # non-empty inside generic_attention()
+
+
+@contextlib.contextmanager
+def generic_attention():
+    """Within this block decode attention runs the generic block kernel (attention_block
+    after a query-rotation launch) even where the register-tiled one could: the first-use
+    self-test and the benchmarks run both."""
+    _GENERIC_ATTENTION.append(True)
+    try:
+        yield
+    finally:
+        _GENERIC_ATTENTION.pop()
+
+
+def fast_attention_shape(dim: int, group: int, k_bits: int, v_bits: int,
+                         k_bits1: int | None = None) -> tuple[int, int] | None:
+    """(GM, C) of the register-tiled decode-attention kernel (attention_fast.metal) for this
+    problem: GM query heads per pass (the group rounded up to a power of two, at most 8), C
+    coordinates per lane (16 while GM <= 4 and every width is at most 4 bits, else 8: a lane's
+    registers hold 2·GM·C floats and its indices one 64-bit word); or None where the generic
+    block kernel runs (head_dim not 64/128/256, a width over 8 bits, a group over 8, or the
+    environment variable TQ_GPU_ATTENTION=generic). ``k_bits1``: the inlier half's width of
+    split keys (``k_bits`` the outlier half's)."""
+    if _GENERIC_ATTENTION or os.environ.get("TQ_GPU_ATTENTION", "fast") == "generic":
+        return None
+    widths = (k_bits, v_bits) + (() if k_bits1 is None else (k_bits1,))
+    if dim not in (64, 128, 256) or not all(1 <= b <= 8 for b in widths):
+        return None
+    gm = next((g for g in FAST_GROUPS if group <= g), None)
+    if gm is None:
+        return None
+    c = 16 if gm <= 4 and max(widths) <= 4 else 8
+    if os.environ.get("TQ_GPU_FAST_COORDS") in ("8", "16"):  # a benchmark's sweep
+        c = min(c, int(os.environ["TQ_GPU_FAST_COORDS"]))
+    lanes = dim // c
+    if lanes > 32 or (k_bits1 is not None and lanes % 2):
+        return None
+    return gm, c
+
+
+def fast_attention_unroll() -> int:
+    """Tokens a stream of the register-tiled kernel loads at once (its U template argument):
+    FAST_UNROLL, or TQ_GPU_FAST_UNROLL (1, 2 or 4) for a benchmark's sweep."""
+    u = os.environ.get("TQ_GPU_FAST_UNROLL")
+    return int(u) if u in ("1", "2", "4") else FAST_UNROLL
+
+
+def fast_attention_scratch_floats(dim: int, gm: int, k_bits: int, v_bits: int,
+                                  k_bits1: int | None = None,
+                                  threads: int = ATTENTION_THREADS) -> int:
+    """tq_attention_fast_scratch_floats() of attention_fast.metal."""
+    tables = (1 << k_bits) + (1 << v_bits) + (0 if k_bits1 is None else 1 << k_bits1)
+    return tables + max(gm * dim, (threads // 32 - 1) * gm * (dim + 2))
+
+
+def _partial_outputs(kv_heads, blocks, group, dim):
+    import mlx.core as mx
+
+    return dict(output_shapes=[(kv_heads, blocks, group), (kv_heads, blocks, group),
+                               (kv_heads, blocks, group, dim)],
+                output_dtypes=[mx.float32, mx.float32, mx.float32],
+                grid=(blocks * ATTENTION_THREADS, kv_heads, 1),
+                threadgroup=(ATTENTION_THREADS, 1, 1))
+
+
+@functools.lru_cache(maxsize=None)
+def _no_angles():
+    import mlx.core as mx
+
+    return mx.zeros((2,), mx.float32)
+
+
+def _fast_partials(q, k_signs, per_head, k_codes, k_norms, v_codes, v_norms, k_cents, v_cents,
+                   k_bits, v_bits, group, tokens, scale, block_tokens, shape, split=None):
+    """The register-tiled block kernel on raw queries q (kv_heads * group, dim): the
+    per-(block, KV head) partial softmax and value sums, as attention_block writes them.
+    ``split``: (k_bits1, angle_bits, angles) of split keys (``k_bits`` the outlier half's)."""
+    import mlx.core as mx
+
+    kv_heads, head_stride = k_codes.shape[0], k_codes.shape[1]
+    dim = q.shape[-1]
+    gm, c = shape
+    fp16 = k_norms.dtype == mx.float16
+    blocks = attention_blocks(tokens, block_tokens, kv_heads)
+    as_bits = (lambda a: a.view(mx.uint16)) if fp16 else (lambda a: a)
+    if split is None:
+        k_bits1, angles = k_bits, _no_angles()
+        words = attention_params(dim, tokens, head_stride, block_tokens, group, k_bits, v_bits,
+                                 fp16, scale, blocks)
+        words = np.concatenate([words, np.array([dim, k_bits, code_bytes(dim, k_bits), 0],
+                                                np.uint32)])
+    else:
+        k_bits1, angle_bits, angles = split
+        words = split_attention_params(dim, tokens, head_stride, block_tokens, group, k_bits,
+                                       k_bits1, angle_bits, v_bits, fp16, scale, blocks)
+    params = np.concatenate([words, np.array([int(per_head)], np.uint32)])
+    scratch = fast_attention_scratch_floats(dim, gm, k_bits, v_bits,
+                                            None if split is None else k_bits1)
+    return _kernel("attention_fast")(
+        inputs=[q, k_signs, k_codes, as_bits(k_norms), v_codes, as_bits(v_norms), k_cents,
+                v_cents, angles, mx.array(params)],
+        template=[("SCRATCH", scratch), ("TQ_D", dim), ("TQ_GM", gm), ("TQ_C", c),
+                  ("TQ_KB0", k_bits), ("TQ_KB1", k_bits1), ("TQ_VB", v_bits),
+                  ("TQ_SPLIT", int(split is not None)), ("TQ_U", fast_attention_unroll())],
+        **_partial_outputs(kv_heads, blocks, group, dim))
+
+
+def _block_partials(q_rot, k_codes, k_norms, v_codes, v_norms, k_cents, v_cents, k_bits, v_bits,
+                    group, tokens, scale, block_tokens):
+    """The generic block kernel (attention_block) on rotated queries q_rot
+    (kv_heads * group, dim): per-(block, KV head) partial softmax and value sums."""
     import mlx.core as mx
 
     kv_heads, head_stride = k_codes.shape[0], k_codes.shape[1]
@@ -659,29 +859,68 @@ def _split_k_attention(q_rot, k_codes, k_norms, v_codes, v_norms, k_cents, v_cen
     blocks = attention_blocks(tokens, block_tokens, kv_heads)
     scratch = attention_scratch_floats(dim, group, block_tokens, k_bits, v_bits)
     as_bits = (lambda a: a.view(mx.uint16)) if fp16 else (lambda a: a)
-    part_m, part_l, part_acc = _kernel("attention_block")(
+    return _kernel("attention_block")(
         inputs=[q_rot, k_codes, as_bits(k_norms), v_codes, as_bits(v_norms), k_cents, v_cents,
                 mx.array(attention_params(dim, tokens, head_stride, block_tokens, group, k_bits,
                                           v_bits, fp16, scale, blocks))],
-        template=[("SCRATCH", scratch)],
-        output_shapes=[(kv_heads, blocks, group), (kv_heads, blocks, group),
-                       (kv_heads, blocks, group, dim)],
-        output_dtypes=[mx.float32, mx.float32, mx.float32],
-        grid=(blocks * ATTENTION_THREADS, kv_heads, 1), threadgroup=(ATTENTION_THREADS, 1, 1))
-    return _reduce_blocks(part_m, part_l, part_acc, v_signs, group, dim, reduce_kernel, with_lse)
+        template=[("SCRATCH", scratch)], **_partial_outputs(kv_heads, blocks, group, dim))
 
 
-def _reduce_blocks(part_m, part_l, part_acc, v_signs, group, dim, reduce_kernel, with_lse):
-    """The second launch of split-K attention: merge the blocks, apply Π_Vᵀ; with_lse, also
-    the log-sum-exp of the scaled scores."""
+def _rows_input(rows, kv_heads, dim):
+    """The two fp16 row sets of attention_reduce_rows: [(k, v, count, stride)] * 2, a set
+    that is absent as a one-element placeholder with count 0."""
     import mlx.core as mx
 
+    rows = [r for r in (rows or ()) if r is not None]
+    if len(rows) > 2:
+        raise ValueError(f"at most two sets of fp16 rows (sinks, window), got {len(rows)}")
+    out = []
+    for k, v in rows:
+        if tuple(k.shape) != tuple(v.shape) or k.shape[0] != kv_heads or k.shape[2] != dim:
+            raise ValueError(f"fp16 rows of shape {tuple(k.shape)} / {tuple(v.shape)} do not "
+                             f"match {kv_heads} KV heads of dim {dim}")
+        n = int(k.shape[1])
+        bits = [(a if a.dtype == mx.float16 else a.astype(mx.float16)).view(mx.uint16)
+                for a in (k, v)]
+        out.append((bits[0], bits[1], n, n))
+    while len(out) < 2:
+        out.append((_no_rows(), _no_rows(), 0, 0))
+    return out
+
+
+@functools.lru_cache(maxsize=None)
+def _no_rows():
+    import mlx.core as mx
+
+    return mx.zeros((1,), mx.uint16)
+
+
+def _finish_attention(parts, v_signs, per_head, group, dim, q, scale, rows=None, with_lse=False):
+    """The second launch of split-K attention: merge the blocks, apply Π_Vᵀ, and with
+    ``rows`` (up to two (k, v) sets of (kv_heads, n, dim) fp16 rows: sinks, window) fold the
+    rows in under the same softmax (attention_reduce_rows, q the raw queries
+    (kv_heads * group, dim)); with_lse, also the log-sum-exp of the codes' scaled scores."""
+    import mlx.core as mx
+
+    part_m, part_l, part_acc = parts
     kv_heads, blocks = part_m.shape[0], part_m.shape[1]
-    (out,) = _kernel(reduce_kernel)(
+    launch = dict(output_shapes=[(kv_heads, group, dim)], output_dtypes=[mx.float32],
+                  grid=(group * threads_for(dim), kv_heads, 1),
+                  threadgroup=(threads_for(dim), 1, 1))
+    if rows:
+        if with_lse:
+            raise ValueError("with_lse and fp16 rows exclude each other (the rows are merged "
+                             "in the kernel)")
+        (ka, va, na, sa), (kb, vb, nb, sb) = _rows_input(rows, kv_heads, dim)
+        words = np.array([dim, blocks, group, 1, na, sa, nb, sb, 0, int(per_head)], np.uint32)
+        words[8] = np.array([scale], np.float32).view(np.uint32)[0]
+        (out,) = _kernel("attention_reduce_rows")(
+            inputs=[part_m, part_l, part_acc, v_signs, q, ka, va, kb, vb, mx.array(words)],
+            **launch)
+        return out
+    (out,) = _kernel("attention_reduce_heads" if per_head else "attention_reduce")(
         inputs=[part_m, part_l, part_acc, v_signs,
-                mx.array(reduce_params(dim, blocks, group, True))],
-        output_shapes=[(kv_heads, group, dim)], output_dtypes=[mx.float32],
-        grid=(group * threads_for(dim), kv_heads, 1), threadgroup=(threads_for(dim), 1, 1))
+                mx.array(reduce_params(dim, blocks, group, True))], **launch)
     if with_lse:  # log Σ_b l_b e^(m_b): the blocks merged as the reduce kernel merges them
         top = part_m.max(axis=1)
         lse = top + mx.log((part_l * mx.exp(part_m - top[:, None])).sum(axis=1))
@@ -822,23 +1061,35 @@ def dequantize_heads(tables: HeadTables, codes, norms, inverse_rotate=True, out_
 
 def decode_attention_heads(keys: HeadTables, values: HeadTables, queries, k_codes, k_norms,
                            v_codes, v_norms, tokens, scale, block_tokens=DEFAULT_BLOCK_TOKENS,
-                           with_lse=False):
+                           with_lse=False, rows=None):
     """decode_attention() for per-head rotations: queries (kv_heads, group, dim), codes
     (kv_heads, head_stride, code_bytes), norms (kv_heads, head_stride), the first `tokens`
     rows attended. Returns (kv_heads, group, dim) float32 in the original domain; with_lse,
     also the log-sum-exp of the scaled scores, (kv_heads, group) float32 (from the blocks'
-    softmax statistics), to merge this softmax with attention over other tokens. Split keys
-    (``keys`` a :class:`SplitHeadTables`) run the split.metal block kernel."""
+    softmax statistics), to merge this softmax with attention over other tokens. ``rows``:
+    up to two (k, v) sets of fp16 rows (kv_heads, n, dim) (sinks, window) attended under the
+    same softmax, merged by the reduce launch. Split keys (``keys`` a
+    :class:`SplitHeadTables`) run the split.metal block kernel; plain keys the register-tiled
+    kernel where :func:`fast_attention_shape` allows, else the generic one."""
+    import mlx.core as mx
+
     if isinstance(keys, SplitHeadTables):
         return _split_key_attention(keys, values, queries, k_codes, k_norms, v_codes, v_norms,
-                                    tokens, scale, block_tokens, with_lse)
+                                    tokens, scale, block_tokens, with_lse, rows)
     kv_heads, group, dim = _attention_shape(queries, k_codes, tokens)
-    _, k_cents, _ = keys.mx_tables()
+    k_signs, k_cents, _ = keys.mx_tables()
     v_signs, v_cents, _ = values.mx_tables()
-    q_rot = rotate_heads(keys, queries)
-    return _split_k_attention(q_rot.reshape(kv_heads * group, dim), k_codes, k_norms, v_codes,
-                              v_norms, k_cents, v_cents, v_signs, keys.bits, values.bits, group,
-                              tokens, scale, block_tokens, "attention_reduce_heads", with_lse)
+    q = queries.reshape(kv_heads * group, dim).astype(mx.float32)
+    shape = fast_attention_shape(dim, group, keys.bits, values.bits)
+    if shape is not None:
+        parts = _fast_partials(q, k_signs, True, k_codes, k_norms, v_codes, v_norms, k_cents,
+                               v_cents, keys.bits, values.bits, group, tokens, scale,
+                               block_tokens, shape)
+    else:
+        q_rot = rotate_heads(keys, queries).reshape(kv_heads * group, dim)
+        parts = _block_partials(q_rot, k_codes, k_norms, v_codes, v_norms, k_cents, v_cents,
+                                keys.bits, values.bits, group, tokens, scale, block_tokens)
+    return _finish_attention(parts, v_signs, True, group, dim, q, scale, rows, with_lse)
 
 
 # --- The key split (split.metal) --------------------------------------------------------------
@@ -1005,14 +1256,21 @@ def split_dequantize_heads(tables: SplitHeadTables, codes, norms, inverse_rotate
 
 
 def _split_key_attention(keys: SplitHeadTables, values: HeadTables, queries, k_codes, k_norms,
-                         v_codes, v_norms, tokens, scale, block_tokens, with_lse):
+                         v_codes, v_norms, tokens, scale, block_tokens, with_lse, rows=None):
     """decode_attention_heads() with split keys: the split block kernel, then the same
     reduce as plain keys (values are plain)."""
     import mlx.core as mx
 
     kv_heads, group, dim = _attention_shape(queries, k_codes, tokens)
-    _, k_cents, _, angles, _ = keys.mx_tables()
+    k_signs, k_cents, _, angles, _ = keys.mx_tables()
     v_signs, v_cents, _ = values.mx_tables()
+    q = queries.reshape(kv_heads * group, dim).astype(mx.float32)
+    shape = fast_attention_shape(dim, group, keys.bits0, values.bits, keys.bits1)
+    if shape is not None:
+        parts = _fast_partials(q, k_signs, True, k_codes, k_norms, v_codes, v_norms, k_cents,
+                               v_cents, keys.bits0, values.bits, group, tokens, scale,
+                               block_tokens, shape, (keys.bits1, keys.angle_bits, angles))
+        return _finish_attention(parts, v_signs, True, group, dim, q, scale, rows, with_lse)
     q_rot = split_rotate_heads(keys, queries).reshape(kv_heads * group, dim)
     head_stride = k_codes.shape[1]
     fp16 = k_norms.dtype == mx.float16
@@ -1020,16 +1278,11 @@ def _split_key_attention(keys: SplitHeadTables, values: HeadTables, queries, k_c
     scratch = split_attention_scratch_floats(dim, group, block_tokens, keys.bits0, keys.bits1,
                                              values.bits)
     as_bits = (lambda a: a.view(mx.uint16)) if fp16 else (lambda a: a)
-    part_m, part_l, part_acc = _kernel("split_attention_block")(
+    parts = _kernel("split_attention_block")(
         inputs=[q_rot, k_codes, as_bits(k_norms), v_codes, as_bits(v_norms), k_cents, v_cents,
                 angles,
                 mx.array(split_attention_params(dim, tokens, head_stride, block_tokens, group,
                                                 keys.bits0, keys.bits1, keys.angle_bits,
                                                 values.bits, fp16, scale, blocks))],
-        template=[("SCRATCH", scratch)],
-        output_shapes=[(kv_heads, blocks, group), (kv_heads, blocks, group),
-                       (kv_heads, blocks, group, dim)],
-        output_dtypes=[mx.float32, mx.float32, mx.float32],
-        grid=(blocks * ATTENTION_THREADS, kv_heads, 1), threadgroup=(ATTENTION_THREADS, 1, 1))
-    return _reduce_blocks(part_m, part_l, part_acc, v_signs, group, dim,
-                          "attention_reduce_heads", with_lse)
+        template=[("SCRATCH", scratch)], **_partial_outputs(kv_heads, blocks, group, dim))
+    return _finish_attention(parts, v_signs, True, group, dim, q, scale, rows, with_lse)

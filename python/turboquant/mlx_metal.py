@@ -28,7 +28,8 @@ KV head, role) streams), so the codes are bit-identical to ``_core.KVCache``'s, 
 a file saved by either loads in the other.
 
 The kernels are injected (``kernels=``): any object with ``encode_heads``,
-``dequantize_heads`` and ``decode_attention_heads`` (including its ``with_lse`` keyword) of
+``dequantize_heads`` and ``decode_attention_heads`` (including its ``with_lse`` and ``rows``
+keywords) of
 the signatures in ``turboquant.metal``. The default is the ``turboquant.metal`` module itself,
 which runs on macOS with an mlx Metal device or with mlx's CUDA back end on an NVIDIA GPU
 (elsewhere it raises "no GPU kernel path on this platform"). :class:`ReferenceKernels`
@@ -43,6 +44,7 @@ store on the real kernels against the C++ core, on a small cache that launches e
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from typing import Any, Sequence
@@ -161,7 +163,8 @@ class ReferenceKernels:
     @staticmethod
     def decode_attention_heads(keys: HeadTables, values: HeadTables, queries, k_codes, k_norms,
                                v_codes, v_norms, tokens, scale,
-                               block_tokens=metal.DEFAULT_BLOCK_TOKENS, with_lse=False):
+                               block_tokens=metal.DEFAULT_BLOCK_TOKENS, with_lse=False,
+                               rows=None):
         mx = _mx()
         kv_heads, group, dim = queries.shape
         if not 1 <= group <= metal.MAX_GROUP:
@@ -173,6 +176,11 @@ class ReferenceKernels:
                                                          k_norms[:, :tokens]))
         v = np.asarray(ReferenceKernels.dequantize_heads(values, v_codes[:, :tokens],
                                                          v_norms[:, :tokens]))
+        if rows:  # fp16 rows (sinks, window) under the same softmax
+            if with_lse:
+                raise ValueError("with_lse and fp16 rows exclude each other")
+            k = np.concatenate([k] + [np.asarray(r[0].astype(mx.float32)) for r in rows], axis=1)
+            v = np.concatenate([v] + [np.asarray(r[1].astype(mx.float32)) for r in rows], axis=1)
         s = np.einsum("hgd,htd->hgt", q, k) * np.float32(scale)
         m = s.max(-1, keepdims=True)
         p = np.exp(s - m)
@@ -542,9 +550,10 @@ class MetalCodeStore:
                if self._k_win is not None and w0 < int(self._k_win.shape[1]) else None)
         return sinks, (a, b), win
 
-    def _code_attention(self, qg, a: int, b: int, scale: float, with_lse: bool):
+    def _code_attention(self, qg, a: int, b: int, scale: float, with_lse: bool, rows=None):
         """Split-K decode attention of qg (H, G, d) over code indices [a, b): (H, G, d)
-        and, with_lse, the log-sum-exp of the scaled scores (H, G)."""
+        and, with_lse, the log-sum-exp of the scaled scores (H, G); ``rows``: fp16 (k, v)
+        row sets (sinks, window) attended under the same softmax by the reduce launch."""
         mx = _mx()
         if a == 0:  # the stored arrays as they are: head_stride = capacity, no copy
             kc, kn, vc, vn = self._k_codes, self._k_norms, self._v_codes, self._v_norms
@@ -562,6 +571,8 @@ class MetalCodeStore:
             if with_lse:
                 o, lse = self.kernels.decode_attention_heads(*args, with_lse=True)
                 lses.append(lse)
+            elif rows:
+                o = self.kernels.decode_attention_heads(*args, rows=rows)
             else:
                 o = self.kernels.decode_attention_heads(*args)
             outs.append(o)
@@ -576,23 +587,14 @@ class MetalCodeStore:
         qg = q.reshape(H, G, self.head_dim)
         sinks, (a, b), win = self._pieces(lo)
         fp16 = [p for p in (sinks, win) if p is not None]
-        if not fp16:
-            out, _ = self._code_attention(qg, a, b, scale, False)
+        if b > a:  # the codes, with the fp16 rows merged in by the reduce launch
+            out, _ = self._code_attention(qg, a, b, scale, False, rows=fp16 or None)
             return out.reshape(self.n_q_heads, 1, self.head_dim)
         kf = mx.concatenate([k for k, _ in fp16], axis=1).astype(mx.float32)
         vf = mx.concatenate([v for _, v in fp16], axis=1).astype(mx.float32)
         s = (qg @ kf.transpose(0, 2, 1)) * scale  # (H, G, nf)
-        m = s.max(axis=-1, keepdims=True)
-        e = mx.exp(s - m)
-        l_f = e.sum(axis=-1, keepdims=True)
-        out = (e @ vf) / l_f
-        if b > a:  # merge with the codes' softmax: weights e^(lse_part - lse_max)
-            oc, lse_c = self._code_attention(qg, a, b, scale, True)
-            lse_c = lse_c[..., None]
-            lse_f = m + mx.log(l_f)
-            top = mx.maximum(lse_c, lse_f)
-            wc, wf = mx.exp(lse_c - top), mx.exp(lse_f - top)
-            out = (wc * oc + wf * out) / (wc + wf)
+        e = mx.exp(s - s.max(axis=-1, keepdims=True))
+        out = (e @ vf) / e.sum(axis=-1, keepdims=True)
         return out.reshape(self.n_q_heads, 1, self.head_dim)
 
     def _prefill(self, q, scale: float, causal: bool, window: int | None):
@@ -1005,8 +1007,8 @@ def self_test(kernels: Any = None) -> str | None:
 
     Two small one-layer caches (head_dim 64, GQA 2, 3-bit codes, norm correction, fp16 sinks
     and window, 8-token pages), one with the key split, receive 29 tokens: every kernel runs
-    (encode, query rotation, split-K decode attention and its reduction, dequantize for a
-    prefill, and the split's four). Codes and norms must equal the core's bit for bit, decode
+    (encode, query rotation, split-K decode attention by both block kernels and its
+    reduction merged with the fp16 rows, dequantize for a prefill, and the split's four). Codes and norms must equal the core's bit for bit, decode
     and prefill attention within 1e-3 of the core's output scale."""
     mx = _mx()
     try:
@@ -1037,14 +1039,19 @@ def self_test(kernels: Any = None) -> str | None:
                     if not np.array_equal(np.asarray(sn).view(np.uint16),
                                           np.asarray(cn).view(np.uint16)):
                         return f"{name}: {role} norms of KV head {h} differ from the C++ core's"
-            for rows in (1, 5):  # a decode step (split-K on the codes), a causal prefill
+            # A decode step (split-K on the codes, by the register-tiled and by the generic
+            # block kernel), a causal prefill.
+            for rows, kernel in ((1, "fast"), (1, "generic"), (5, "")):
                 q = rng.standard_normal((hq, rows, d)).astype(np.float32)
-                got = np.asarray(store.attend(mx.array(q), scale=0.125), np.float64)
+                with (metal.generic_attention() if kernel == "generic"
+                      else contextlib.nullcontext()):
+                    got = np.asarray(store.attend(mx.array(q), scale=0.125), np.float64)
                 want = np.asarray(core.attend(q, scale=0.125), np.float64)
                 err = float(np.abs(got - want).max()) / max(1.0, float(np.abs(want).max()))
                 if not err <= 1e-3:  # NaN fails too
-                    return (f"{name}: attention of {rows} query row(s) differs from the C++ "
-                            f"core's by {err:.3g}")
+                    what = f" ({kernel} block kernel)" if kernel else ""
+                    return (f"{name}: attention of {rows} query row(s){what} differs from the "
+                            f"C++ core's by {err:.3g}")
         return None
     except Exception as e:  # noqa: BLE001 - any failure means: do not use this kernel set
         text = " ".join(str(e).split())

@@ -7,5 +7,6 @@ ARG_TYPES = {
     "q": "float", "k_codes": "uint8_t", "k_norms": "uint16_t", "v_codes": "uint8_t",
     "v_norms": "uint16_t", "k_centroids": "float", "v_centroids": "float", "part_m": "float",
     "part_l": "float", "part_acc": "float", "v_signs": "float", "angles": "float",
-    "angle_bounds": "float",
+    "angle_bounds": "float", "k_signs": "float", "k_a": "uint16_t", "v_a": "uint16_t",
+    "k_b": "uint16_t", "v_b": "uint16_t",
 }

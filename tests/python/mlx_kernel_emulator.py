@@ -37,7 +37,15 @@ _MX_TO_NP = {mx.float32: np.float32, mx.uint8: np.uint8, mx.uint16: np.uint16,
              mx.uint32: np.uint32}
 
 
-def _program() -> str:
+def _consts(spec, values: dict | None) -> str:
+    """The compile-time template arguments of a kernel as mlx's CUDA back end declares them
+    (``constexpr int NAME = value;`` at the top of the body): ``values``, else the spec's."""
+    chosen = dict(spec.templates)
+    chosen.update({k: v for k, v in (values or {}).items() if k != "SCRATCH"})
+    return "".join(f"constexpr int {k} = {int(v)};\n" for k, v in chosen.items())
+
+
+def _program(keys=None, values: dict | None = None) -> str:
     lines = ['#include "metal_compat.h"', "#include <cstdio>", "#include <cstdlib>",
              "#include <fstream>", "#include <iterator>", "#include <string>", "#include <vector>",
              metal.kernel_header(),
@@ -49,14 +57,15 @@ def _program() -> str:
     main = ["int main(int argc, char** argv) { (void)argc; const std::string name = argv[1];",
             "  const uint3 groups{uint(atoi(argv[2])), uint(atoi(argv[3])), uint(atoi(argv[4]))};",
             "  const uint tg = uint(atoi(argv[5])); int a = 6;"]
-    for key, spec in metal.KERNELS.items():
+    for key in keys or metal.KERNELS:
+        spec = metal.KERNELS[key]
         # "out" is declared as bytes: the dequantize kernels write fp32 or fp16 bits into it.
         types = dict(ARG_TYPES, out="uint8_t" if "dequantize" in key else "float")
         params = [f"const device {types[n]}* {n}" for n in spec.input_names]
         params += [f"device {types[n]}* {n}" for n in spec.output_names]
         params += ["uint3 threadgroup_position_in_grid", "uint thread_index_in_threadgroup",
                    "uint3 threads_per_threadgroup"]
-        body = spec.source.replace("SCRATCH", str(SCRATCH_FLOATS))
+        body = _consts(spec, values) + spec.source.replace("SCRATCH", str(SCRATCH_FLOATS))
         lines.append(f"static void emu_{key}({', '.join(params)}) {{\n{body}}}")
         names = spec.input_names + spec.output_names
         n_in, n_out = len(spec.input_names), len(spec.output_names)
@@ -83,32 +92,54 @@ class EmulatedKernels:
         cxx = shutil.which("c++") or shutil.which("g++") or shutil.which("clang++")
         if not cxx:
             raise RuntimeError("a C++ compiler is needed to emulate the Metal kernels")
+        self.cxx = cxx
         self.dir = Path(workdir)
-        src = self.dir / "mlx_kernels_emulated.cpp"
-        src.write_text(_program())
-        self.exe = self.dir / "mlx_kernels_emulated"
-        r = subprocess.run([cxx, "-std=c++20", "-O1", "-w", *EMU_FLAGS, f"-I{ROOT / 'metal'}",
-                            str(src), "-o", str(self.exe)], capture_output=True, text=True)
+        self.exe = self._compile(_program(), "mlx_kernels_emulated")
+        # Programs of one templated kernel at other template arguments, by (kernel, values).
+        self.instances: dict[tuple, Path] = {}
+        self.launches: list[str] = []
+
+    def _compile(self, program: str, stem: str) -> Path:
+        src = self.dir / f"{stem}.cpp"
+        src.write_text(program)
+        exe = self.dir / stem
+        r = subprocess.run([self.cxx, "-std=c++20", "-O1", "-w", *EMU_FLAGS,
+                            f"-I{ROOT / 'metal'}", str(src), "-o", str(exe)],
+                           capture_output=True, text=True)
         if r.returncode:
             raise RuntimeError(r.stderr[-4000:])
-        self.launches: list[str] = []
+        return exe
+
+    def _exe_for(self, which: str, values: dict) -> Path:
+        """The program that runs ``which`` with these template arguments: the one with every
+        kernel at its default arguments, or one compiled for this instance (cached)."""
+        spec = metal.KERNELS[which]
+        chosen = {k: v for k, v in values.items() if k != "SCRATCH"}
+        if all(dict(spec.templates).get(k) == v for k, v in chosen.items()):
+            return self.exe
+        key = (which, tuple(sorted(chosen.items())))
+        if key not in self.instances:
+            stem = "emu_" + which + "_" + "_".join(f"{k}{v}" for k, v in key[1])
+            self.instances[key] = self._compile(_program([which], chosen), stem)
+        return self.instances[key]
 
     def kernel(self, which: str):
         spec = metal.KERNELS[which]
 
         def launch(inputs, output_shapes, output_dtypes, grid, threadgroup, template=None):
             assert len(inputs) == len(spec.input_names)
-            if template:  # the emulated scratch array must hold what the GPU would get
-                for name, value in template:
-                    assert name == "SCRATCH" and value <= SCRATCH_FLOATS
-                    # ... and no more than a GPU's threadgroup memory holds
-                    assert value <= metal.MAX_SCRATCH_FLOATS, (which, value)
+            values = dict(template or ())
+            assert set(values) <= {"SCRATCH"} | {k for k, _ in spec.templates}, values
+            if "SCRATCH" in values:  # the emulated scratch array must hold what the GPU would get
+                assert values["SCRATCH"] <= SCRATCH_FLOATS
+                # ... and no more than a GPU's threadgroup memory holds
+                assert values["SCRATCH"] <= metal.MAX_SCRATCH_FLOATS, (which, values)
             groups = [g // t for g, t in zip(grid, threadgroup)]
             assert all(g * t == gg for g, t, gg in zip(groups, threadgroup, grid)), (grid, threadgroup)
             assert threadgroup[1] == threadgroup[2] == 1
             n = len(self.launches)
             self.launches.append(which)
-            argv = [str(self.exe), which, *map(str, groups), str(threadgroup[0])]
+            argv = [str(self._exe_for(which, values)), which, *map(str, groups), str(threadgroup[0])]
             for i, a in enumerate(inputs):
                 p = self.dir / f"k{n}_in{i}.bin"
                 p.write_bytes(np.ascontiguousarray(np.array(a)).tobytes())

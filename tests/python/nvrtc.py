@@ -49,17 +49,26 @@ def library_path() -> str | None:
     return None
 
 
-def mlx_cuda_source(keys=None, source_of=None) -> str:
+def mlx_cuda_source(keys=None, source_of=None, templates: dict | None = None) -> str:
     """One translation unit holding every kernel of ``metal.KERNELS`` (or ``keys``) as mlx's
-    cuda_kernel generates it; ``source_of(spec)`` may replace a kernel's body (tests)."""
-    parts = [_MLX_PRELUDE, metal.kernel_header("cuda"),
+    cuda_kernel generates it; ``source_of(spec)`` may replace a kernel's body (tests),
+    ``templates`` give template arguments other than the specs' defaults."""
+    keys = list(keys or metal.KERNELS)
+    # One kernel: the header it is built with on the GPU (its files, compacted); several:
+    # every file.
+    header = (metal.kernel_header("cuda", metal.KERNELS[keys[0]].files, compact=True)
+              if len(keys) == 1 else metal.kernel_header("cuda"))
+    parts = [_MLX_PRELUDE, header,
              "namespace mlx::core::cu {\n\nnamespace cg = cooperative_groups;\n\n"]
-    for key in keys or metal.KERNELS:
+    for key in keys:
         spec = metal.KERNELS[key]
         args = [f"    const {ARG_TYPES[n]}* {n}" for n in spec.input_names]
         args += [f"    {ARG_TYPES[n]}* {n}" for n in spec.output_names]
         templated = "SCRATCH" in spec.source
-        consts = f"  constexpr int SCRATCH = {CHECK_SCRATCH};\n\n" if templated else ""
+        consts = f"  constexpr int SCRATCH = {CHECK_SCRATCH};\n" if templated else ""
+        chosen = dict(spec.templates)
+        chosen.update({k: v for k, v in (templates or {}).items() if k in chosen})
+        consts += "".join(f"  constexpr int {k} = {v};\n" for k, v in chosen.items())
         body = spec.source_for("cuda") if source_of is None else source_of(spec)
         parts.append(f"__global__ void custom_kernel_{spec.name}(\n" + ",\n".join(args)
                      + ") {\n" + consts + body + "\n}\n\n")
@@ -71,8 +80,10 @@ class Nvrtc:
     def __init__(self, path: str):
         self.lib = ctypes.CDLL(path)
 
-    def compile(self, source: str, arch: str = "compute_90a") -> tuple[bool, str, int]:
-        """(success, compiler log, PTX bytes) of one program."""
+    def compile(self, source: str, arch: str = "compute_90a", ptx_text: list | None = None
+                ) -> tuple[bool, str, int]:
+        """(success, compiler log, PTX bytes) of one program; the PTX itself is appended to
+        ``ptx_text`` when given."""
         lib = self.lib
         prog = ctypes.c_void_p()
         rc = lib.nvrtcCreateProgram(ctypes.byref(prog), source.encode(), b"turboquant.cu", 0,
@@ -91,6 +102,10 @@ class Nvrtc:
                 psize = ctypes.c_size_t()
                 lib.nvrtcGetPTXSize(prog, ctypes.byref(psize))
                 ptx = psize.value
+                if ptx_text is not None:
+                    buf = ctypes.create_string_buffer(ptx)
+                    lib.nvrtcGetPTX(prog, buf)
+                    ptx_text.append(buf.value.decode(errors="replace"))
             return rc == 0, log.value.decode(errors="replace"), ptx
         finally:
             lib.nvrtcDestroyProgram(ctypes.byref(prog))

@@ -70,3 +70,38 @@ def test_cuda_sources_are_the_metal_sources_plus_the_thread_indices():
     assert header.startswith("// CUDA dialect") and header.endswith(metal.kernel_header("metal"))
     with pytest.raises(ValueError, match="target must be one of"):
         metal.kernel_header("vulkan")
+
+
+def _local_memory(ptx: str) -> list[str]:
+    return re.findall(r"\.local\b[^\n]*", ptx)
+
+
+def test_fast_attention_keeps_its_state_in_registers(nvrtc):
+    # Every instance the host can pick (metal.fast_attention_shape) compiles, and its
+    # per-lane arrays (queries, value sums, softmax state) are indexed at compile time only:
+    # no local-memory array in the PTX (a dynamic index would put one there).
+    for d in (64, 128, 256):
+        for group in metal.FAST_GROUPS:
+            # (keys' bits, inlier half's bits of split keys or None, values' bits)
+            for kb, kb1, vb in ((1, None, 4), (2, None, 2), (3, None, 3), (4, None, 4),
+                                (8, None, 5), (2, 4, 3), (3, 5, 4)):
+                gm, c = metal.fast_attention_shape(d, group, kb, vb, kb1)
+                args = dict(TQ_D=d, TQ_GM=gm, TQ_C=c, TQ_KB0=kb, TQ_KB1=kb1 or kb, TQ_VB=vb,
+                            TQ_SPLIT=int(kb1 is not None), TQ_U=4 if gm <= 2 else 2)
+                ptx = []
+                ok, log, _ = nvrtc.compile(mlx_cuda_source(["attention_fast"], templates=args),
+                                           ptx_text=ptx)
+                assert ok, (args, log[-3000:])
+                assert "warning" not in log.lower(), log[-3000:]
+                assert not _local_memory(ptx[0]), (args, _local_memory(ptx[0])[:3])
+
+
+def test_the_register_check_can_fail(nvrtc):
+    source = ("__global__ void probe(const float* x, float* y) {\n"
+              "  float a[16];\n"
+              "  for (int i = 0; i < 16; ++i) a[i] = x[i];\n"
+              "  y[0] = a[threadIdx.x % 16];\n}\n")
+    ptx = []
+    ok, log, _ = nvrtc.compile(source, ptx_text=ptx)
+    assert ok, log
+    assert _local_memory(ptx[0])

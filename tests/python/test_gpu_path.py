@@ -63,8 +63,8 @@ def test_self_test_passes_on_the_emulated_kernels(emulated, monkeypatch):
     used = set(emulated.launches[start:])
     # Every kernel the store launches (the rest serve the single-quantizer functions).
     assert used == {"encode_heads", "rotate_heads", "dequantize_heads", "attention_block",
-                    "attention_reduce_heads", "split_encode_heads", "split_rotate_heads",
-                    "split_dequantize_heads", "split_attention_block"}, used
+                    "attention_fast", "attention_reduce_rows", "split_encode_heads",
+                    "split_rotate_heads", "split_dequantize_heads", "split_attention_block"}, used
 
 
 def test_a_kernel_that_does_not_compile_falls_back_to_the_core(monkeypatch, fresh_selection):

@@ -130,11 +130,15 @@ def mlx_style_translation_unit() -> str:
         params += [f"device {ARG_TYPES[n]}* {n}" for n in spec.output_names]
         params += ["uint3 threadgroup_position_in_grid", "uint thread_index_in_threadgroup",
                    "uint3 threads_per_threadgroup"]
-        templated = "SCRATCH" in spec.source
-        lines.append(("template <int SCRATCH>\n" if templated else "")
+        # Template arguments as mx.fast.metal_kernel declares them (template <int ...>).
+        names = (["SCRATCH"] if "SCRATCH" in spec.source else []) + [k for k, _ in spec.templates]
+        values = ([1024] if "SCRATCH" in spec.source else []) + [v for _, v in spec.templates]
+        decl = ", ".join(f"int {n}" for n in names)
+        lines.append((f"template <{decl}>\n" if names else "")
                      + f"void {spec.name}({', '.join(params)}) {{\n{spec.source}}}")
-        if templated:
-            lines.append(f"template void {spec.name}<1024>({', '.join(params)});")
+        if names:
+            args = ", ".join(map(str, values))
+            lines.append(f"template void {spec.name}<{args}>({', '.join(params)});")
     return "\n".join(lines) + "\n"
 
 

@@ -1,0 +1,335 @@
+// Decode attention on compressed codes, register-tiled (the fast path of tq_attention_block
+// and tq_split_attention_block: same partial outputs, merged by tq_attention_reduce):
+//   one threadgroup per (block of tokens, KV head), as those kernels' blocks
+//   (tq_tiles_per_block). It rotates the G raw queries itself (Π_K q: tq_hadamard_forward, or
+//   per half for split keys), so no query-rotation launch is needed. Then L = D / C
+//   consecutive lanes form a "stream" that takes one token at a time: each lane owns C
+//   coordinates of the G queries and of the G running value sums, in registers; it unpacks
+//   its C key indices from one 64-bit word (its C·bits bits are whole bytes), scores them
+//   against its coordinates, the L lanes add their partial scores by butterfly, and each
+//   stream keeps its own online softmax (running max m, sum l, value sums acc). The streams
+//   of a simd-group, then the simd-groups (through threadgroup memory), are merged by the
+//   same online-softmax rule, and the block's (m, l, acc) is written as
+//   tq_attention_block_finish writes it.
+// Split keys (SPLIT, split.metal's row: angle code, then the outlier half's indices at KB0
+// bits, then the inlier half's at KB1): lanes [0, L/2) of a stream hold the outlier half,
+// the others the inlier half; a lane's partial score is weighted by cos φ̃ or sin φ̃ of the
+// token's angle code before the butterfly.
+// Compile-time shape: D (head_dim), GM (query heads per pass, >= the group), C (coordinates
+// per lane; C·bits a multiple of 8 and at most 64 for each of KB0, KB1, VB), U (tokens a
+// stream loads at once, their loads in flight together). Every
+// simd-group function runs in simd-group-uniform control flow (a stream whose token is past
+// the block's end still takes part in the butterflies).
+#ifndef TQ_METAL_ATTENTION_FAST
+#define TQ_METAL_ATTENTION_FAST
+#ifndef TQ_SINGLE_SOURCE
+#include "attention.metal"
+#include "split.metal"
+#endif
+
+#if defined(__CUDACC__) || defined(__METAL_VERSION__)
+#define TQ_UNROLL _Pragma("unroll")
+#else
+#define TQ_UNROLL
+#endif
+
+// Threadgroup scratch (floats): the codebooks (tables = 2^KB0 [+ 2^KB1] + 2^VB), then the
+// queries (GM·D) or, once they are in registers, the states of simd-groups 1.. for the merge.
+inline uint tq_attention_fast_scratch_floats(uint dim, uint gm, uint tables, uint nthreads) {
+  const uint queries = gm * dim;
+  const uint merge = (nthreads / TQ_SIMD_WIDTH - 1u) * gm * (dim + 2u);
+  return tables + (queries > merge ? queries : merge);
+}
+
+// Weights of an online-softmax merge of states with maxima m and mo: the new max mn and the
+// factors e^(m - mn), e^(mo - mn); a state that saw no token (max -inf) weighs 0.
+inline void tq_softmax_merge_weights(float m, float mo, thread float& mn, thread float& a,
+                                     thread float& b) {
+  mn = max(m, mo);
+  a = m == -INFINITY ? 0.0f : exp(m - mn);
+  b = mo == -INFINITY ? 0.0f : exp(mo - mn);
+}
+
+// p: the split parameter block (its first words are TqAttnParams'); for plain keys part_dim =
+// dim, k_bits1 = k_bits, angle_bytes = 0. angles: the split's (cos, sin) table (unused plain).
+template <uint D, uint GM, uint C, uint KB0, uint KB1, uint VB, uint SPLIT, uint U>
+inline void tq_attention_fast_block_body(device const float* q, TQ_TABLE float* k_signs,
+                                         device const uchar* k_codes, device const uchar* k_norms,
+                                         device const uchar* v_codes, device const uchar* v_norms,
+                                         TQ_TABLE float* k_centroids, TQ_TABLE float* v_centroids,
+                                         device const float* angles, device float* part_m,
+                                         device float* part_l, device float* part_acc,
+                                         TQ_PARAMS TqSplitAttnParams& p, threadgroup float* tg,
+                                         uint block, uint head, uint tid, uint nthreads) {
+  static_assert(D % C == 0u && D / C <= TQ_SIMD_WIDTH, "a stream is at most one simd-group");
+  static_assert((C * KB0) % 8u == 0u && (C * KB1) % 8u == 0u && (C * VB) % 8u == 0u,
+                "a lane's indices are whole bytes");
+  static_assert(C * KB0 <= 64u && C * KB1 <= 64u && C * VB <= 64u,
+                "a lane's indices fit one 64-bit word");
+  static_assert(SPLIT == 0u || (D / C) % 2u == 0u, "split keys: half of a stream per half");
+  constexpr uint L = D / C;  // lanes per stream
+  constexpr uint VCB = D * VB / 8u;  // value code bytes of a row
+  constexpr uint NK0 = 1u << KB0, NK1 = SPLIT != 0u ? 1u << KB1 : 0u, NV = 1u << VB;
+  const uint G = p.group, BT = p.block_tokens;
+  const uint per = tq_tiles_per_block(p.tokens, BT, p.num_blocks);
+  const uint tile0 = block * per;
+  // Uniform over the threadgroup: a block past the end, or a shape this instance is not for.
+  if (tile0 * BT >= p.tokens || G > GM || p.dim != D || p.k_bits != KB0 || p.v_bits != VB ||
+      (SPLIT != 0u && (p.k_bits1 != KB1 || p.part_dim != D / 2u)))
+    return;
+  const uint t_begin = tile0 * BT, t_end = min((tile0 + per) * BT, p.tokens);
+  threadgroup float* ck = tg;  // outlier (or only) part's centroids, then the inlier part's
+  threadgroup float* cv = tg + NK0 + NK1;
+  threadgroup float* qs = cv + NV;
+  for (uint i = tid; i < NK0 + NK1; i += nthreads) ck[i] = k_centroids[i];
+  for (uint i = tid; i < NV; i += nthreads) cv[i] = v_centroids[i];
+  for (uint i = tid; i < G * D; i += nthreads) qs[i] = q[ulong(head) * G * D + i];
+  threadgroup_barrier(mem_flags::mem_threadgroup);
+  for (uint g = 0u; g < G; ++g) {
+    if (SPLIT != 0u) {
+      tq_hadamard_forward_blocks(qs + g * D, k_signs, D, D / 2u, tid, nthreads);
+    } else {
+      tq_hadamard_forward(qs + g * D, k_signs, D, tid, nthreads);
+    }
+  }
+
+  const uint lane = tid % TQ_SIMD_WIDTH, sub = lane % L, stream = tid / L;
+  const uint streams = nthreads / L;
+  const uint first_stream = (tid / TQ_SIMD_WIDTH) * (TQ_SIMD_WIDTH / L);  // of this simd-group
+  // This lane's key half (split), its bits, centroids and bytes within a key row.
+  const uint hi = SPLIT != 0u && sub >= L / 2u ? 1u : 0u;
+  const uint kb = hi != 0u ? KB1 : KB0;
+  const uint kmask = (1u << kb) - 1u;
+  threadgroup const float* ckl = ck + (hi != 0u ? NK0 : 0u);
+  const uint k_lane_bytes = C * kb / 8u;
+  const uint k_offset = SPLIT != 0u
+                            ? p.angle_bytes + (hi != 0u ? (D / 2u) * KB0 / 8u + (sub - L / 2u) * k_lane_bytes
+                                                        : sub * k_lane_bytes)
+                            : sub * k_lane_bytes;
+  float qr[GM][C];
+  TQ_UNROLL for (uint g = 0u; g < GM; ++g) {
+    TQ_UNROLL for (uint c = 0u; c < C; ++c) {
+      qr[g][c] = g < G ? p.scale * qs[g * D + sub * C + c] : 0.0f;
+    }
+  }
+  float m[GM], l[GM], acc[GM][C];
+  TQ_UNROLL for (uint g = 0u; g < GM; ++g) {
+    m[g] = -INFINITY;
+    l[g] = 0.0f;
+    TQ_UNROLL for (uint c = 0u; c < C; ++c) { acc[g][c] = 0.0f; }
+  }
+
+  const ulong row0 = ulong(head) * p.head_stride;
+  // U tokens per stream and step: their codes are all requested before the first is scored
+  // (U loads in flight per lane). The simd-group runs while its first stream (the one with
+  // the most tokens) has a token.
+  for (uint t0 = t_begin; t0 + first_stream < t_end; t0 += U * streams) {
+    ulong kw[U], vw[U];
+    float kn[U], vn[U], f[U];
+    bool live[U];
+    TQ_UNROLL for (uint u = 0u; u < U; ++u) {
+      const uint t = t0 + u * streams + stream;
+      live[u] = t < t_end;
+      kw[u] = 0ul;
+      vw[u] = 0ul;
+      kn[u] = vn[u] = 0.0f;
+      f[u] = 1.0f;
+      if (live[u]) {
+        const ulong r = row0 + t;
+        device const uchar* krow = k_codes + r * p.k_code_bytes;
+        device const uchar* vp = v_codes + r * VCB + sub * (C * VB / 8u);
+        TQ_UNROLL for (uint b = 0u; b < C * (KB0 > KB1 ? KB0 : KB1) / 8u; ++b) {
+          if (b < k_lane_bytes) kw[u] |= ulong(krow[k_offset + b]) << (8u * b);
+        }
+        TQ_UNROLL for (uint b = 0u; b < C * VB / 8u; ++b) { vw[u] |= ulong(vp[b]) << (8u * b); }
+        kn[u] = tq_load_norm(k_norms, r, p.norm_fp16);
+        vn[u] = tq_load_norm(v_norms, r, p.norm_fp16);
+        if (SPLIT != 0u) f[u] = angles[2u * tq_split_read_angle(krow, p.angle_bytes) + hi];
+      }
+    }
+    TQ_UNROLL for (uint u = 0u; u < U; ++u) {
+      float dot[GM];
+      TQ_UNROLL for (uint g = 0u; g < GM; ++g) { dot[g] = 0.0f; }
+      TQ_UNROLL for (uint c = 0u; c < C; ++c) {
+        const float cent = ckl[uint(kw[u] >> (c * kb)) & kmask];
+        TQ_UNROLL for (uint g = 0u; g < GM; ++g) { dot[g] += qr[g][c] * cent; }
+      }
+      if (SPLIT != 0u) {
+        TQ_UNROLL for (uint g = 0u; g < GM; ++g) { dot[g] *= f[u]; }
+      }
+      TQ_UNROLL for (uint off = L / 2u; off >= 1u; off >>= 1u) {
+        TQ_UNROLL for (uint g = 0u; g < GM; ++g) { dot[g] += simd_shuffle_xor(dot[g], ushort(off)); }
+      }
+      if (!live[u]) continue;
+      float pv[GM];
+      TQ_UNROLL for (uint g = 0u; g < GM; ++g) {
+        const float sc = dot[g] * kn[u];
+        if (sc > m[g]) {  // a new running max: rescale the state
+          const float c = exp(m[g] - sc);
+          l[g] *= c;
+          TQ_UNROLL for (uint j = 0u; j < C; ++j) { acc[g][j] *= c; }
+          m[g] = sc;
+        }
+        const float e = exp(sc - m[g]);
+        l[g] += e;
+        pv[g] = e * vn[u];
+      }
+      TQ_UNROLL for (uint c = 0u; c < C; ++c) {
+        const float cent = cv[uint(vw[u] >> (c * VB)) & ((1u << VB) - 1u)];
+        TQ_UNROLL for (uint g = 0u; g < GM; ++g) { acc[g][c] += pv[g] * cent; }
+      }
+    }
+  }
+
+  // Merge the streams of the simd-group (lanes sub, sub + L, ...): afterwards every stream
+  // of it holds the simd-group's state.
+  TQ_UNROLL for (uint off = L; off < TQ_SIMD_WIDTH; off <<= 1u) {
+    TQ_UNROLL for (uint g = 0u; g < GM; ++g) {
+      const float mo = simd_shuffle_xor(m[g], ushort(off));
+      const float lo = simd_shuffle_xor(l[g], ushort(off));
+      float mn, a, b;
+      tq_softmax_merge_weights(m[g], mo, mn, a, b);
+      m[g] = mn;
+      l[g] = l[g] * a + lo * b;
+      TQ_UNROLL for (uint c = 0u; c < C; ++c) {
+        acc[g][c] = acc[g][c] * a + simd_shuffle_xor(acc[g][c], ushort(off)) * b;
+      }
+    }
+  }
+  // Then the simd-groups: 1.. write their state over the queries, simd-group 0 merges.
+  const uint simd = tid / TQ_SIMD_WIDTH, nsimd = nthreads / TQ_SIMD_WIDTH;
+  threadgroup_barrier(mem_flags::mem_threadgroup);  // everyone has read qs
+  if (simd > 0u && lane < L) {
+    threadgroup float* st = qs + (simd - 1u) * GM * (D + 2u);
+    TQ_UNROLL for (uint g = 0u; g < GM; ++g) {
+      if (g >= G) break;
+      if (sub == 0u) {
+        st[g] = m[g];
+        st[GM + g] = l[g];
+      }
+      TQ_UNROLL for (uint c = 0u; c < C; ++c) { st[2u * GM + g * D + sub * C + c] = acc[g][c]; }
+    }
+  }
+  threadgroup_barrier(mem_flags::mem_threadgroup);
+  if (simd != 0u || lane >= L) return;
+  for (uint w = 1u; w < nsimd; ++w) {
+    threadgroup const float* st = qs + (w - 1u) * GM * (D + 2u);
+    TQ_UNROLL for (uint g = 0u; g < GM; ++g) {
+      if (g >= G) break;
+      float mn, a, b;
+      tq_softmax_merge_weights(m[g], st[g], mn, a, b);
+      m[g] = mn;
+      l[g] = l[g] * a + st[GM + g] * b;
+      TQ_UNROLL for (uint c = 0u; c < C; ++c) {
+        acc[g][c] = acc[g][c] * a + st[2u * GM + g * D + sub * C + c] * b;
+      }
+    }
+  }
+  const ulong base = (ulong(head) * p.num_blocks + block) * G;
+  TQ_UNROLL for (uint g = 0u; g < GM; ++g) {
+    if (g >= G) break;
+    if (sub == 0u) {
+      part_m[base + g] = m[g];
+      part_l[base + g] = l[g];
+    }
+    TQ_UNROLL for (uint c = 0u; c < C; ++c) { part_acc[(base + g) * D + sub * C + c] = acc[g][c]; }
+  }
+}
+
+// --- The reduce, merged with attention over fp16 rows ---------------------------------------
+// The decode step of a cache that keeps some tokens as fp16 rows (sinks, recent window):
+// tq_attention_reduce's merge of the code blocks, then two sets of fp16 rows (a, b) under the
+// same softmax, in one launch: out = (Σ_codes + Σ_rows e^(s - M)·v) / (L_codes + Σ_rows e^(s - M)).
+// Rows are fp16 bits, (kv_heads, stride, dim) per set, the first `rows` of each head used;
+// q holds the original-domain queries (kv_heads·G, dim), fp32.
+struct TqReduceRowsParams {
+  uint dim;
+  uint num_blocks;      // code blocks (0: no codes)
+  uint group;
+  uint inverse_rotate;  // 1: apply Π_Vᵀ (hadamard) to the code part
+  uint rows_a;
+  uint stride_a;
+  uint rows_b;
+  uint stride_b;
+  float scale;
+};
+
+#define TQ_REDUCE_ROWS_CHUNK 128u
+#define TQ_REDUCE_ROWS_FLOATS (TQ_REDUCE_GROUP_FLOATS + TQ_REDUCE_ROWS_CHUNK)
+
+// Folds `rows` fp16 rows into the running (M, lsum, v): chunks of TQ_REDUCE_ROWS_CHUNK rows,
+// scored one simd-group per row, then weighted into v (thread per coordinate).
+inline void tq_attention_merge_rows(device const float* qrow, device const ushort* k,
+                                    device const ushort* v_rows, uint rows, uint stride,
+                                    float scale, uint d, uint head, threadgroup float* v,
+                                    threadgroup float* sc, threadgroup float* red,
+                                    thread float& M, thread float& lsum, uint tid,
+                                    uint nthreads) {
+  const uint lane = tid % TQ_SIMD_WIDTH, simd = tid / TQ_SIMD_WIDTH;
+  const uint nsimd = (nthreads + TQ_SIMD_WIDTH - 1u) / TQ_SIMD_WIDTH;  // a group of 16 is one
+  const ulong first = ulong(head) * stride;
+  for (uint r0 = 0u; r0 < rows; r0 += TQ_REDUCE_ROWS_CHUNK) {
+    const uint nr = min(TQ_REDUCE_ROWS_CHUNK, rows - r0);
+    for (uint r = simd; r < nr; r += nsimd) {
+      device const ushort* kr = k + (first + r0 + r) * d;
+      float s = 0.0f;
+      for (uint j = lane; j < d; j += TQ_SIMD_WIDTH) s += qrow[j] * tq_half_bits_to_float(kr[j]);
+      s = simd_sum(s);
+      if (lane == 0u) sc[r] = s * scale;
+    }
+    threadgroup_barrier(mem_flags::mem_threadgroup);
+    float mloc = -INFINITY;
+    for (uint r = tid; r < nr; r += nthreads) mloc = max(mloc, sc[r]);
+    const float mn = max(M, tq_group_reduce(mloc, 0u, red, tid, nthreads));
+    const float a = M == -INFINITY ? 0.0f : exp(M - mn);
+    float ls = 0.0f;
+    for (uint r = tid; r < nr; r += nthreads) {
+      const float e = exp(sc[r] - mn);
+      sc[r] = e;
+      ls += e;
+    }
+    lsum = lsum * a + tq_group_reduce(ls, 1u, red, tid, nthreads);  // barrier: sc is set
+    M = mn;
+    for (uint j = tid; j < d; j += nthreads) {
+      float acc = v[j] * a;
+      for (uint r = 0u; r < nr; ++r)
+        acc += sc[r] * tq_half_bits_to_float(v_rows[(first + r0 + r) * d + j]);
+      v[j] = acc;
+    }
+    threadgroup_barrier(mem_flags::mem_threadgroup);  // sc is rewritten by the next chunk
+  }
+}
+
+// One threadgroup per (query head g of the group, KV head): out[(h·G + g)·dim + j].
+// tg: TQ_REDUCE_ROWS_FLOATS floats. nthreads: a power of two dividing dim.
+inline void tq_attention_reduce_rows_body(device const float* part_m, device const float* part_l,
+                                          device const float* part_acc, TQ_TABLE float* v_signs,
+                                          device const float* q, device const ushort* k_a,
+                                          device const ushort* v_a, device const ushort* k_b,
+                                          device const ushort* v_b, device float* out,
+                                          TQ_PARAMS TqReduceRowsParams& p, threadgroup float* tg,
+                                          uint g, uint head, uint tid, uint nthreads) {
+  const uint d = p.dim, G = p.group;
+  if (g >= G) return;  // uniform over the threadgroup
+  threadgroup float* v = tg;
+  threadgroup float* red = tg + 512u + TQ_REDUCE_CACHED_BLOCKS;
+  threadgroup float* sc = tg + TQ_REDUCE_GROUP_FLOATS;
+  float M = -INFINITY, lsum = 0.0f;
+  if (p.num_blocks > 0u) {
+    tq_attention_reduce_blocks(part_m, part_l, part_acc, d, G, p.num_blocks, tg, g, head, tid,
+                               nthreads, M, lsum);
+    if (p.inverse_rotate != 0u) tq_hadamard_inverse(v, v_signs, d, tid, nthreads);
+  } else {
+    for (uint j = tid; j < d; j += nthreads) v[j] = 0.0f;
+  }
+  threadgroup_barrier(mem_flags::mem_threadgroup);
+  device const float* qrow = q + (ulong(head) * G + g) * d;
+  tq_attention_merge_rows(qrow, k_a, v_a, p.rows_a, p.stride_a, p.scale, d, head, v, sc, red, M,
+                          lsum, tid, nthreads);
+  tq_attention_merge_rows(qrow, k_b, v_b, p.rows_b, p.stride_b, p.scale, d, head, v, sc, red, M,
+                          lsum, tid, nthreads);
+  const float inv = 1.0f / lsum;
+  for (uint j = tid; j < d; j += nthreads) out[(ulong(head) * G + g) * d + j] = v[j] * inv;
+}
+
+#endif  // TQ_METAL_ATTENTION_FAST

@@ -1,0 +1,174 @@
+"""The register-tiled decode attention (metal/attention_fast.metal) and the reduce that merges
+fp16 rows (sinks, window) in: the mlx-resident store on the emulated GPU (the real
+turboquant.metal host functions; only mx.fast.metal_kernel is replaced) against the C++ core,
+over each compile-time shape the host picks (query heads per pass GM = 1, 2, 4, 8;
+coordinates per lane C = 16 or 8; head_dim 64, 128, 256), uneven token counts (streams of a
+simd-group with different numbers of tokens), blocks of several tiles, and against the generic
+block kernel on the same codes."""
+
+import numpy as np
+import pytest
+
+mx = pytest.importorskip("mlx.core")
+
+from turboquant import _core, metal, mlx_metal  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def emulated(tmp_path_factory):
+    from mlx_kernel_emulator import EmulatedKernels
+
+    return EmulatedKernels(tmp_path_factory.mktemp("emu_fast"))
+
+
+def test_shape_rule():
+    shape = metal.fast_attention_shape
+    assert shape(128, 4, 3, 3) == (4, 16)
+    assert shape(128, 1, 2, 4) == (1, 16)
+    assert shape(64, 3, 4, 2) == (4, 16)
+    assert shape(128, 5, 3, 3) == (8, 8)
+    assert shape(256, 8, 3, 3) == (8, 8)  # 32 lanes per token
+    assert shape(128, 9, 3, 3) is None  # more than 8 query heads per KV head
+    assert shape(96, 4, 3, 3) is None and shape(512, 4, 3, 3) is None
+    assert shape(128, 4, 5, 3) == (4, 8) and shape(128, 4, 3, 8) == (4, 8)  # wide: C = 8
+    assert shape(128, 4, 3, 9) is None
+    assert shape(128, 4, 2, 3, k_bits1=4) == (4, 16)  # split keys: halves of 4 and 2 bits
+    assert shape(256, 8, 2, 3, k_bits1=4) == (8, 8)  # 32 lanes: 16 per half
+    with metal.generic_attention():
+        assert shape(128, 4, 3, 3) is None
+    assert shape(128, 4, 3, 3) == (4, 16)
+    # The scratch fits a GPU's threadgroup memory at every shape taken.
+    for d in (64, 128, 256):
+        for gm in metal.FAST_GROUPS:
+            assert metal.fast_attention_scratch_floats(d, gm, 8, 8, 8) <= metal.MAX_SCRATCH_FLOATS
+
+
+@pytest.mark.parametrize("d,hq,hkv,kb,vb,tokens", [
+    (64, 4, 2, 3, 3, 75),     # GM 2, C 16: 4 lanes per token
+    (128, 3, 1, 4, 2, 203),   # G 3 in GM 4
+    (128, 10, 2, 3, 3, 130),  # G 5 in GM 8, C 8
+    (256, 2, 2, 2, 4, 97),    # GM 1, 16 lanes per token
+    (256, 16, 2, 3, 3, 70),   # GM 8: 32 lanes per token, no merge inside a simd-group
+])
+def test_fast_kernel_matches_the_core_and_the_generic_kernel(emulated, monkeypatch, d, hq, hkv,
+                                                             kb, vb, tokens):
+    emulated.install(monkeypatch)
+    rng = np.random.default_rng(d + hq)
+    kw = dict(n_layers=1, n_q_heads=hq, n_kv_heads=hkv, key_bits=kb, value_bits=vb, seed=5,
+              block_tokens=8)
+    store, core = mlx_metal.MetalCodeStore(d, **kw), _core.KVCache(d, **kw)
+    k, v = (rng.standard_normal((hkv, tokens, d)).astype(np.float32) for _ in range(2))
+    k *= 1.5  # sharper softmax: the running max moves
+    store.append(mx.array(k), mx.array(v))
+    core.append(k, v)
+    q = rng.standard_normal((hq, 1, d)).astype(np.float32)
+    start = len(emulated.launches)
+    got = np.array(store.attend(mx.array(q), scale=0.2))
+    assert emulated.launches[start:] == ["attention_fast", "attention_reduce_heads"]
+    want = core.attend(q, scale=0.2)
+    np.testing.assert_allclose(got, want, atol=2e-5)
+    with metal.generic_attention():
+        generic = np.array(store.attend(mx.array(q), scale=0.2))
+    assert emulated.launches[-3:] == ["rotate_heads", "attention_block", "attention_reduce_heads"]
+    np.testing.assert_allclose(got, generic, atol=2e-5)
+    # A window: the last 40 tokens (codes from an offset, head_stride > tokens attended).
+    np.testing.assert_allclose(np.array(store.attend(mx.array(q), scale=0.2, window=40)),
+                               core.attend(q, scale=0.2, window=40), atol=2e-5)
+
+
+def split_kw(d, kb_out, kb_in, angle_bits=8):
+    return dict(key_bits=kb_in, n_outlier_channels=d // 2, outlier_bits=kb_out,
+                outlier_channels=list(range(d // 2)), outlier_roles="keys",
+                split_angle_bits=angle_bits)
+
+
+@pytest.mark.parametrize("d,hq,hkv,kb_out,kb_in,vb,angle_bits,tokens", [
+    (64, 4, 2, 4, 2, 3, 8, 75),     # the default recipe's halves: 4 and 2 bits
+    (128, 8, 2, 4, 2, 3, 16, 130),  # 16-bit angle codes
+    (128, 12, 2, 5, 3, 4, 8, 90),   # GM 8, C 8: a 5-bit half
+])
+def test_fast_kernel_with_split_keys_matches_the_core(emulated, monkeypatch, d, hq, hkv, kb_out,
+                                                      kb_in, vb, angle_bits, tokens):
+    emulated.install(monkeypatch)
+    rng = np.random.default_rng(d + hq + kb_out)
+    kw = dict(n_layers=1, n_q_heads=hq, n_kv_heads=hkv, value_bits=vb, seed=6, block_tokens=8,
+              **split_kw(d, kb_out, kb_in, angle_bits))
+    store, core = mlx_metal.MetalCodeStore(d, **kw), _core.KVCache(d, **kw)
+    k, v = (rng.standard_normal((hkv, tokens, d)).astype(np.float32) for _ in range(2))
+    k[..., : d // 2] *= 3.0  # unequal halves: the angle codes vary
+    store.append(mx.array(k), mx.array(v))
+    core.append(k, v)
+    q = rng.standard_normal((hq, 1, d)).astype(np.float32)
+    start = len(emulated.launches)
+    got = np.array(store.attend(mx.array(q), scale=0.15))
+    assert emulated.launches[start:] == ["attention_fast", "attention_reduce_heads"]
+    np.testing.assert_allclose(got, core.attend(q, scale=0.15), atol=2e-5)
+    with metal.generic_attention():
+        generic = np.array(store.attend(mx.array(q), scale=0.15))
+    assert emulated.launches[-3:] == ["split_rotate_heads", "split_attention_block",
+                                      "attention_reduce_heads"]
+    np.testing.assert_allclose(got, generic, atol=2e-5)
+
+
+def test_blocks_of_several_tiles_with_fp16_rows(emulated, monkeypatch):
+    # Few threadgroups (ATTENTION_GROUPS forced small): each block takes several 64-token
+    # tiles; fp16 sinks and window merged by the reduce launch.
+    emulated.install(monkeypatch)
+    monkeypatch.setattr(metal, "ATTENTION_GROUPS", 2)
+    rng = np.random.default_rng(3)
+    d, hkv, G = 64, 2, 4
+    kw = dict(n_layers=1, n_q_heads=hkv * G, n_kv_heads=hkv, key_bits=3, value_bits=3, seed=9,
+              block_tokens=8, fp16_sinks=3, fp16_window=16, norm_correction=True)
+    store, core = mlx_metal.MetalCodeStore(d, **kw), _core.KVCache(d, **kw)
+    for T in (200, 1, 37, 2):
+        k, v = (rng.standard_normal((hkv, T, d)).astype(np.float32) for _ in range(2))
+        store.append(mx.array(k), mx.array(v))
+        core.append(k, v)
+    assert metal.attention_blocks(store.code_tokens(), metal.DEFAULT_BLOCK_TOKENS, hkv) == 1
+    q = rng.standard_normal((hkv * G, 1, d)).astype(np.float32)
+    start = len(emulated.launches)
+    for window in (None, 100, 10):
+        np.testing.assert_allclose(np.array(store.attend(mx.array(q), window=window)),
+                                   core.attend(q, window=window), atol=2e-5)
+    assert set(emulated.launches[start:]) == {"attention_fast", "attention_reduce_rows"}
+
+
+def test_the_comparison_can_fail(emulated, monkeypatch):
+    # A kernel that drops the last token of each block is caught by the comparison above.
+    emulated.install(monkeypatch)
+    real = metal.attention_params
+
+    def short(dim, tokens, *a, **kw):
+        return real(dim, tokens - 1, *a, **kw)
+
+    monkeypatch.setattr(metal, "attention_params", short)
+    rng = np.random.default_rng(1)
+    kw = dict(n_layers=1, n_q_heads=4, n_kv_heads=2, key_bits=3, value_bits=3, seed=5,
+              block_tokens=8)
+    store, core = mlx_metal.MetalCodeStore(64, **kw), _core.KVCache(64, **kw)
+    k, v = (rng.standard_normal((2, 50, 64)).astype(np.float32) for _ in range(2))
+    store.append(mx.array(k), mx.array(v))
+    core.append(k, v)
+    q = rng.standard_normal((4, 1, 64)).astype(np.float32)
+    got = np.array(store.attend(mx.array(q)))
+    assert not np.allclose(got, core.attend(q), atol=2e-5)
+
+
+@pytest.mark.parametrize("unroll,coords", [("1", ""), ("4", ""), ("2", "8")])
+def test_other_unrolls_and_lane_widths_match_the_core(emulated, monkeypatch, unroll, coords):
+    # The shapes a benchmark sweeps (TQ_GPU_FAST_UNROLL, TQ_GPU_FAST_COORDS) compute the same.
+    emulated.install(monkeypatch)
+    monkeypatch.setenv("TQ_GPU_FAST_UNROLL", unroll)
+    monkeypatch.setenv("TQ_GPU_FAST_COORDS", coords)
+    assert metal.fast_attention_unroll() == int(unroll)
+    rng = np.random.default_rng(int(unroll))
+    kw = dict(n_layers=1, n_q_heads=8, n_kv_heads=2, value_bits=3, seed=5, block_tokens=8,
+              **split_kw(64, 4, 2))
+    store, core = mlx_metal.MetalCodeStore(64, **kw), _core.KVCache(64, **kw)
+    k, v = (rng.standard_normal((2, 83, 64)).astype(np.float32) for _ in range(2))
+    store.append(mx.array(k), mx.array(v))
+    core.append(k, v)
+    q = rng.standard_normal((8, 1, 64)).astype(np.float32)
+    start = len(emulated.launches)
+    np.testing.assert_allclose(np.array(store.attend(mx.array(q))), core.attend(q), atol=2e-5)
+    assert emulated.launches[start] == "attention_fast"
