@@ -81,6 +81,8 @@ attention computed from the codes.
 
 The T_q queries are the last T_q positions of the layer: query i sees keys
 [0, len - T_q + i] when causal, and with window=w only the last w of those.
+kv_head_offset=k: the cache holds the model's KV heads k, k+1, ... (a tensor-parallel
+rank's slice); head h then encodes exactly as head k + h of a whole-model cache.
 )doc")
       .def(py::init([](int head_dim, int n_layers, int n_q_heads, int n_kv_heads, const std::string& key_method,
                        int key_bits, const std::string& value_method, int value_bits, const py::object& seed,
@@ -90,7 +92,7 @@ The T_q queries are the last T_q positions of the layer: query i sees keys
                        bool norm_correction, size_t fp16_sinks, size_t decay_after, int decay_bits,
                        size_t max_coded_tokens, int split_angle_bits, const std::vector<int>& key_head_bits,
                        const std::vector<int>& value_head_bits, const std::vector<int>& outlier_head_bits,
-                       size_t mixed_group_blocks, size_t mixed_keep_blocks) {
+                       size_t mixed_group_blocks, size_t mixed_keep_blocks, int kv_head_offset) {
              KVCacheConfig c;
              c.head_dim = head_dim;
              c.n_layers = n_layers;
@@ -122,6 +124,7 @@ The T_q queries are the last T_q positions of the layer: query i sees keys
              c.outlier_head_bits = outlier_head_bits;
              c.mixed_group_blocks = mixed_group_blocks;
              c.mixed_keep_blocks = mixed_keep_blocks;
+             c.kv_head_offset = kv_head_offset;
              py::gil_scoped_release release;
              return std::make_unique<KVCache>(c);
            }),
@@ -136,7 +139,7 @@ The T_q queries are the last T_q positions of the layer: query i sees keys
            py::arg("decay_after") = 0, py::arg("decay_bits") = 0, py::arg("max_coded_tokens") = 0,
            py::arg("split_angle_bits") = 8, py::arg("key_head_bits") = std::vector<int>{},
            py::arg("value_head_bits") = std::vector<int>{}, py::arg("outlier_head_bits") = std::vector<int>{},
-           py::arg("mixed_group_blocks") = 0, py::arg("mixed_keep_blocks") = 0)
+           py::arg("mixed_group_blocks") = 0, py::arg("mixed_keep_blocks") = 0, py::arg("kv_head_offset") = 0)
       .def("append", [](KVCache& kv, const py::handle& keys, const py::handle& values, int layer) {
         const auto d = static_cast<size_t>(kv.head_dim());
         const FloatRows k = float_rows(keys, d, "keys", false, 2);
@@ -327,6 +330,9 @@ The T_q queries are the last T_q positions of the layer: query i sees keys
       .def_property_readonly("mixed_group_blocks", [](const KVCache& kv) { return kv.config().mixed_group_blocks; })
       .def_property_readonly("mixed_keep_blocks", [](const KVCache& kv) { return kv.config().mixed_keep_blocks; })
       .def_property_readonly("max_coded_tokens", [](const KVCache& kv) { return kv.config().max_coded_tokens; })
+      .def_property_readonly("kv_head_offset", [](const KVCache& kv) { return kv.config().kv_head_offset; },
+                             "the model's number of this cache's KV head 0: head h uses the random streams "
+                             "of model head kv_head_offset + h (a tensor-parallel rank's slice of the heads)")
       .def("evicted_tokens", &KVCache::evicted_tokens, py::arg("layer") = 0,
            "tokens of a layer dropped by eviction (max_coded_tokens) since it was empty")
       .def("sink_tokens", &KVCache::sink_tokens, py::arg("layer") = 0,

@@ -22,6 +22,10 @@ void KVCacheConfig::validate() const {
            "n_layers must be in [1, 65536], got ", n_layers);
   TQ_CHECK(n_kv_heads >= 1 && n_kv_heads <= (1 << 16), InvalidArgument,
            "n_kv_heads must be in [1, 65536], got ", n_kv_heads);
+  TQ_CHECK(kv_head_offset >= 0 && kv_head_offset <= (1 << 16) - n_kv_heads, InvalidArgument,
+           "kv_head_offset must be in [0, 65536 - n_kv_heads = ", (1 << 16) - n_kv_heads,
+           "] (the model's KV head numbers kv_head_offset .. kv_head_offset + n_kv_heads - 1 stay below "
+           "65536), got ", kv_head_offset);
   TQ_CHECK(n_q_heads >= 1 && n_q_heads <= (1 << 20), InvalidArgument,
            "n_q_heads must be in [1, 1048576], got ", n_q_heads);
   TQ_CHECK(n_q_heads % n_kv_heads == 0, InvalidArgument, "n_q_heads (", n_q_heads,
@@ -139,7 +143,7 @@ KVCache::KVCache(const KVCacheConfig& config) : config_(config) {
         q.bits = config_.head_bits(l, h, static_cast<int>(role));
         q.dim = config_.head_dim;
         q.seed = config_.seed;
-        q.stream = kv_stream_id(static_cast<uint32_t>(l), static_cast<uint32_t>(h), role);
+        q.stream = kv_stream_id(static_cast<uint32_t>(l), static_cast<uint32_t>(config_.kv_head_offset + h), role);
         q.rotation = config_.rotation;
         q.jl_dim = config_.jl_dim;
         q.norm_dtype = NormDtype::kFloat16;

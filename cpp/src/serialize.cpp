@@ -41,7 +41,7 @@ constexpr uint32_t kTagConf = tag("CONF"), kTagRots = tag("ROTS"), kTagLayer = t
 // Version 8's feature sections (serialize.h).
 constexpr uint32_t kTagFp16Window = tag("FWIN"), kTagFp16Sinks = tag("FSNK"), kTagDecay = tag("DECY"),
                    kTagEvict = tag("EVCT"), kTagQuantOptions = tag("QOPT"), kTagHeadBits = tag("HBIT"),
-                   kTagMixed = tag("MIXD");
+                   kTagMixed = tag("MIXD"), kTagKvHeadOffset = tag("KVHO");
 constexpr uint32_t kFirstContainerVersion = 8;
 
 // Critical sections (first byte an upper-case letter) must be understood; others may be skipped.
@@ -142,7 +142,8 @@ class Reader {
   void set_container(bool on) { container_ = on; }
   static bool known_tag(uint32_t t) {
     for (uint32_t k : {kTagConf, kTagRots, kTagLayer, kTagWindow, kTagSink, kTagEnd, kTagFp16Window,
-                       kTagFp16Sinks, kTagDecay, kTagEvict, kTagQuantOptions, kTagHeadBits, kTagMixed})
+                       kTagFp16Sinks, kTagDecay, kTagEvict, kTagQuantOptions, kTagHeadBits, kTagMixed,
+                       kTagKvHeadOffset})
       if (t == k) return true;
     return false;
   }
@@ -294,6 +295,11 @@ void put_feature_sections(Writer& w, const KVCacheConfig& c) {
     w.put(static_cast<uint64_t>(c.mixed_keep_blocks));
     w.end(at);
   }
+  if (c.kv_head_offset != 0) {  // absent for offset 0: such files are those of before the option
+    at = w.begin(kTagKvHeadOffset);
+    w.put(static_cast<uint32_t>(c.kv_head_offset));
+    w.end(at);
+  }
 }
 
 }  // namespace
@@ -306,6 +312,11 @@ std::vector<uint8_t> serialize_cache(const KVCache& cache, bool legacy) {
   // A legacy file is the oldest version that expresses the cache (serialize.h), so older
   // readers still load what they can; otherwise the section container.
   const uint32_t version = legacy ? c.format_version() : kCacheFormatVersion;
+  // Versions 1-7 have no field for it: a reader of those would give the heads the streams of
+  // the model's first heads, i.e. other codes.
+  TQ_CHECK(!legacy || c.kv_head_offset == 0, NotSupported, "a cache with kv_head_offset ",
+           c.kv_head_offset, " needs the section container (version ", kCacheFormatVersion,
+           "); the legacy versions 1-7 cannot record a KV head offset");
   w.put(version);
   w.put(uint32_t{0});
 
@@ -541,6 +552,11 @@ void read_feature_sections(Reader& r, KVCacheConfig& c) {
       c.mixed_group_blocks = static_cast<size_t>(sec.get<uint64_t>("mixed_group_blocks"));
       c.mixed_keep_blocks = static_cast<size_t>(sec.get<uint64_t>("mixed_keep_blocks"));
       TQ_CHECK(c.mixed(), FormatError, "corrupted file: MIXD section without mixed precision");
+    } else if (t == kTagKvHeadOffset) {
+      const auto offset = sec.get<uint32_t>("kv_head_offset");
+      TQ_CHECK(offset >= 1 && offset < (1u << 16), FormatError, "corrupted file: KVHO section of kv_head_offset ",
+               offset, " (must be in [1, 65535])");
+      c.kv_head_offset = static_cast<int>(offset);
     } else {
       TQ_CHECK(false, FormatError, "corrupted file: section ", name, " where a feature section or ROTS was expected");
     }

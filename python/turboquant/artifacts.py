@@ -6,7 +6,8 @@ named float32 arrays:
 
 - ``rotation_kind``: 0-d array, 1 = dense, 2 = hadamard (RotationKind codes of rotation.h)
 - ``rotation/L{layer}H{head}{k|v}``: ``Rotation.parameters()`` of that cache stream
-  (each layer/head/role has its own stream, kv_cache.h)
+  (each layer/head/role has its own stream, kv_cache.h; ``head`` is the model's KV head
+  number, i.e. a cache with ``kv_head_offset`` k stores and finds its head h under k + h)
 - ``codebook/centroids``, ``codebook/boundaries``: the Lloyd-Max codebook of (d, bits)
 
 Rotations found in the store are installed into the cache instead of the seeded ones; the
@@ -209,10 +210,11 @@ def export_artifacts(core, role: str) -> dict[str, np.ndarray]:
 
     arrays: dict[str, np.ndarray] = {}
     kind = None
+    first = int(getattr(core, "kv_head_offset", 0))  # named by the model's head numbers
     for layer in range(core.n_layers):
         for head in range(core.n_kv_heads):
             kind, params = core.rotation_parameters(layer, head, role)
-            arrays[stream_name(layer, head, role)] = params
+            arrays[stream_name(layer, first + head, role)] = params
     arrays["rotation_kind"] = np.array(_KIND_CODE[kind], dtype=np.float32)
     method = core.key_method if role == "key" else core.value_method
     bits = core.key_bits if role == "key" else core.value_bits
@@ -243,9 +245,10 @@ def install_artifacts(core, role: str, arrays: dict[str, np.ndarray]) -> int:
     d = core.head_dim
     want = {"dense": d * d, "hadamard": 2 * d, "hadamard1": d}[kind]
     todo = []
+    first = int(getattr(core, "kv_head_offset", 0))  # named by the model's head numbers
     for layer in range(core.n_layers):
         for head in range(core.n_kv_heads):
-            name = stream_name(layer, head, role)
+            name = stream_name(layer, first + head, role)
             params = arrays.get(name)
             if params is None:
                 continue

@@ -70,6 +70,7 @@ class KVCacheBuilder:
         self._layers = 1
         self._q_heads = 1
         self._kv_heads = 1
+        self._kv_head_offset = 0
         self._rotation = "auto"
         self._backend = "auto"
         self._observers: list[Any] = []
@@ -153,6 +154,13 @@ class KVCacheBuilder:
     def with_heads(self, n_q_heads: int, n_kv_heads: int | None = None) -> KVCacheBuilder:
         self._q_heads = n_q_heads
         self._kv_heads = n_q_heads if n_kv_heads is None else n_kv_heads
+        return self
+
+    def with_kv_head_offset(self, offset: int) -> KVCacheBuilder:
+        """The cache holds the model's KV heads offset, offset + 1, ... (a tensor-parallel
+        rank's slice): head h draws the random streams of model head offset + h, so it encodes
+        exactly as that head of a whole-model cache. 0 (default): the heads from the first."""
+        self._kv_head_offset = offset
         return self
 
     def with_rotation(self, rotation: str) -> KVCacheBuilder:
@@ -283,6 +291,9 @@ class KVCacheBuilder:
         check_int("n_kv_heads", self._kv_heads, 1, 65536)
         if self._q_heads % self._kv_heads:
             raise ValueError(f"n_q_heads ({self._q_heads}) must be a multiple of n_kv_heads ({self._kv_heads})")
+        # the model's head numbers offset .. offset + n_kv_heads - 1 stay below 65536
+        check_int("kv_head_offset (65536 - n_kv_heads at most)", self._kv_head_offset, 0,
+                  65536 - self._kv_heads)
         check_int("block_tokens", self._block_tokens, 1, 1 << 20)
         check_int("fp16_window", self._fp16_window, 0, 1 << 24)
         for layer in self._fp16_layers:
@@ -379,7 +390,8 @@ class KVCacheBuilder:
             fp16_window=int(self._fp16_window), fp16_layers=[int(x) for x in self._fp16_layers],
             fp16_sinks=int(self._fp16_sinks), decay_after=int(self._decay_after), decay_bits=int(self._decay_bits),
             max_coded_tokens=int(self._max_coded_tokens), mixed_group_blocks=int(self._mixed[0]),
-            mixed_keep_blocks=int(self._mixed[1]), norm_correction=self._norm_correction_on())
+            mixed_keep_blocks=int(self._mixed[1]), norm_correction=self._norm_correction_on(),
+            kv_head_offset=int(self._kv_head_offset))
         loaded = {}
         if self._store is not None:
             for role, method, bits in (("key", key_method, self._key_bits), ("value", value_method, self._value_bits)):
@@ -430,7 +442,8 @@ class KVCacheBuilder:
                             seed=int(self._seed), rotation=self._rotation,
                             block_tokens=int(self._block_tokens),
                             fp16_window=int(self._fp16_window), fp16_sinks=int(self._fp16_sinks),
-                            norm_correction=self._norm_correction_on(), kernels=kernels)
+                            norm_correction=self._norm_correction_on(), kernels=kernels,
+                            kv_head_offset=int(self._kv_head_offset))
         desc = {"key_method": key_method, "value_method": value_method, "backend": backend,
                 "precision": _precision_name(self._precision), "artifacts_loaded": {},
                 "env_backend": os.environ.get("TURBOQUANT_BACKEND"),

@@ -13,6 +13,11 @@ processes on this machine over the ring back end::
 (``python -m mlx._distributed_utils.launch`` is the same launcher; the command after ``--``
 runs as given, so it names the interpreter). Every rank runs the same
 command; rank 0 prints the text.
+
+Exactness: a rank's caches draw the random streams of the model's own layer and KV head
+numbers (a pipeline stage's first layer, a tensor-parallel rank's first KV head as the
+cache's ``kv_head_offset``), so every code is the one a single process would store and the
+greedy tokens are the single-process run's.
 """
 
 from __future__ import annotations
@@ -54,8 +59,9 @@ def _kv_heads(cache) -> int | None:
 
 def rank_report(model, cache, group=None) -> dict:
     """What this rank holds: its rank and the group size, the model layers its caches serve
-    (the model's numbering), the KV heads and bytes of each of those caches, their total
-    bytes and the tokens cached."""
+    (the model's numbering), the KV heads of each of those caches and the model's number of
+    the first (``kv_head_offsets``; None for an fp16 layer), their bytes, the total bytes
+    and the tokens cached."""
     import mlx.core as mx
 
     from turboquant.mlx_lm import pipeline_span
@@ -65,6 +71,7 @@ def rank_report(model, cache, group=None) -> dict:
     return {"rank": int(group.rank()), "size": int(group.size()),
             "layers": list(range(first, first + len(cache))), "model_layers": n_model,
             "kv_heads": [_kv_heads(c) for c in cache],
+            "kv_head_offsets": [getattr(c, "kv_head_offset", None) for c in cache],
             "layer_bytes": [int(c.nbytes) for c in cache],
             "kv_bytes": int(sum(c.nbytes for c in cache)),
             "cache_types": [type(c).__name__ for c in cache],

@@ -90,7 +90,7 @@ class TurboQuantKVCache(_mlx_cache._BaseCache):
                  fp16_window: int = 0, block_tokens: int | None = None, fp16_sinks: int = 0,
                  split_angle_bits: int = 8, decay_after: int = 0, decay_bits: int = 0,
                  sparse_v: float = 0.0, key_head_bits=None, value_head_bits=None,
-                 mixed_bits: int = 0, mixed_keep: float = 0.0):
+                 mixed_bits: int = 0, mixed_keep: float = 0.0, kv_head_offset: int = 0):
         for name, b in (("key_bits", key_bits), ("value_bits", value_bits)):
             if not isinstance(b, (int, np.integer)) or not 1 <= int(b) <= 8:
                 raise ValueError(f"{name} must be an integer in [1, 8], got {b!r}")
@@ -106,6 +106,9 @@ class TurboQuantKVCache(_mlx_cache._BaseCache):
                 raise ValueError(f"unknown {name} {m!r}; available: {', '.join(methods)}")
         self.key_bits, self.value_bits = int(key_bits), int(value_bits)
         self.seed, self.layer, self.rotation = int(seed), int(layer), rotation
+        # The model's number of this cache's first KV head (a tensor-parallel rank holds a
+        # slice of the heads): head h gets the random streams of model head offset + h.
+        self.kv_head_offset = _check_kv_head_offset(kv_head_offset)
         self.center = bool(center)
         self.debias = bool(debias)
         self.key_split = bool(key_split)
@@ -478,6 +481,11 @@ class TurboQuantKVCache(_mlx_cache._BaseCache):
                                                                check_inputs=False)
                           if self._gpu else _load_core(blob))
             self.split_angle_bits = int(getattr(self._core, "split_angle_bits", self.split_angle_bits))
+            if int(self._core.kv_head_offset) != self.kv_head_offset:
+                raise _core.FormatError(
+                    f"prompt cache layer {self.layer}: header says kv_head_offset "
+                    f"{self.kv_head_offset}, the compressed cache has "
+                    f"{int(self._core.kv_head_offset)}")
             self._shape = (self._core_kv_heads, self._head_dim)
             if self._held_tokens() != self.offset:
                 raise _core.FormatError(
@@ -495,6 +503,8 @@ class TurboQuantKVCache(_mlx_cache._BaseCache):
                "decay_bits": self.decay_bits, "sparse_v": self.sparse_v,
                "split_angle_bits": self.split_angle_bits, "mixed_bits": self.mixed_bits,
                "mixed_keep": self.mixed_keep}
+        if self.kv_head_offset:  # absent when 0: such states are those of before the option
+            cfg["kv_head_offset"] = self.kv_head_offset
         if self.key_head_bits is not None:
             cfg["key_head_bits"] = list(self.key_head_bits)
         if self.value_head_bits is not None:
@@ -522,6 +532,7 @@ class TurboQuantKVCache(_mlx_cache._BaseCache):
         # itself when it is loaded); a layer rebuilt later uses the default.
         self.split_angle_bits = int(cfg.get("split_angle_bits", 8))
         try:
+            self.kv_head_offset = _check_kv_head_offset(cfg.get("kv_head_offset", 0))
             self.key_head_bits = _check_head_bits(cfg.get("key_head_bits"), "key_head_bits")
             self.value_head_bits = _check_head_bits(cfg.get("value_head_bits"),
                                                     "value_head_bits")
@@ -646,7 +657,7 @@ class TurboQuantKVCache(_mlx_cache._BaseCache):
                       key_method=self.key_method, key_bits=key_bits,
                       value_method=self.value_method, value_bits=self.value_bits,
                       seed=layer_seed(self.seed, self.layer), rotation=self.rotation,
-                      block_tokens=self.block_tokens)
+                      block_tokens=self.block_tokens, kv_head_offset=self.kv_head_offset)
         if self._gpu:
             # No per-call finiteness check on the GPU: it reads a flag back to the host (a full
             # GPU sync per layer and token, which stalls mlx's pipelined decode); the model's
@@ -800,6 +811,15 @@ def _check_head_bits(bits, name: str) -> tuple[int, ...] | None:
         if isinstance(b, bool) or not isinstance(b, (int, np.integer)) or not 1 <= int(b) <= 8:
             raise ValueError(f"{name}[{h}] must be an integer in [1, 8], got {b!r}")
     return tuple(int(b) for b in bits)
+
+
+def _check_kv_head_offset(offset) -> int:
+    """A cache's KV head offset (the core's kv_head_offset): an integer in [0, 65535]."""
+    if isinstance(offset, bool) or not isinstance(offset, (int, np.integer)) or \
+            not 0 <= int(offset) <= 65535:
+        raise ValueError(f"kv_head_offset must be an integer in [0, 65535] (the model's number "
+                         f"of the cache's first KV head), got {offset!r}")
+    return int(offset)
 
 
 def _check_decay_sparse(decay_after, decay_bits, sparse_v, key_bits: int, value_bits: int,
@@ -1146,6 +1166,50 @@ def pipeline_span(model, n_local: int) -> tuple[int, int]:
     return first, int(n_model) if n_model else first + n_local
 
 
+# mlx's sharded linear layers (mlx.nn.layers.distributed), which mlx-lm's ``shard`` puts in the
+# attention of a tensor-parallel model; "all-to-sharded" is the K/V projections' split.
+_SHARDED_LINEARS = ("AllToShardedLinear", "QuantizedAllToShardedLinear")
+# Attention modules and their (per-rank, after ``shard``) KV head count in mlx-lm models.
+_ATTENTION_NAMES = ("self_attn", "attention", "attn")
+_KV_HEAD_NAMES = ("n_kv_heads", "num_key_value_heads", "num_kv_heads")
+
+
+def _attention_of(layer):
+    for name in _ATTENTION_NAMES:
+        attn = getattr(layer, name, None)
+        if attn is not None:
+            return attn
+    return None
+
+
+def tensor_parallel_span(model) -> tuple[int, int]:
+    """(rank, size) of the group whose ranks share ``model``'s attention heads
+    (``mlx_lm.utils.sharded_load`` with a tensor group: mlx-lm's ``shard`` makes the K/V
+    projections mlx's all-to-sharded linear layers, rank r of n computing KV heads
+    [r·H/n, (r+1)·H/n)); (0, 1) for a model that is not tensor parallel."""
+    for layer in getattr(model, "layers", None) or []:
+        attn = _attention_of(layer)
+        if attn is None:
+            continue
+        for _, m in attn.named_modules():
+            group = getattr(m, "group", None)
+            if type(m).__name__ in _SHARDED_LINEARS and group is not None:
+                return int(group.rank()), int(group.size())
+    return 0, 1
+
+
+def _local_kv_heads(model, i: int) -> int | None:
+    """KV heads that layer ``i``'s attention computes on this rank (its count after mlx-lm's
+    ``shard``), or None when the model does not say."""
+    layers = getattr(model, "layers", None) or []
+    attn = _attention_of(layers[i]) if i < len(layers) else None
+    for name in _KV_HEAD_NAMES:
+        n = getattr(attn, name, None)
+        if isinstance(n, (int, np.integer)) and not isinstance(n, bool) and n > 0:
+            return int(n)
+    return None
+
+
 def make_prompt_cache(model, key_bits: int | None = None, value_bits: int | None = None,
                       method: str | None = None, fp16_layers: Iterable[int] = (),
                       seed: int = 0, key_method: str | None = None,
@@ -1158,7 +1222,7 @@ def make_prompt_cache(model, key_bits: int | None = None, value_bits: int | None
                       decay_after: int | None = None, decay_bits: int | None = None,
                       sparse_v: float | None = None, mixed_bits: int | None = None,
                       mixed_keep: float | None = None, preset: str | None = None,
-                      sliding: bool = True) -> list:
+                      sliding: bool = True, kv_head_offset: int | None = None) -> list:
     """mlx-lm prompt cache with TurboQuant caches on every full-attention layer and (with
     ``sliding``, the default) every sliding-window layer.
 
@@ -1195,7 +1259,15 @@ def make_prompt_cache(model, key_bits: int | None = None, value_bits: int | None
     flush group of the window, the fraction ``mixed_keep`` of tokens that got the most
     attention while fp16 (sum of squared softmax weights) keep the layer's bits, the rest are stored at ``mixed_bits``
     (e.g. 4-bit caches with ``mixed_bits=2, mixed_keep=0.5`` average 3 bits). Raises
-    :class:`UnsupportedArchitectureError` for MLA and SSM/hybrid models."""
+    :class:`UnsupportedArchitectureError` for MLA and SSM/hybrid models.
+
+    Sharded models (``mlx_lm.utils.sharded_load``, :mod:`turboquant.distributed`): a pipeline
+    stage's caches take the model's layer numbers; on a tensor-parallel rank r of n
+    (:func:`tensor_parallel_span`) each layer's cache holds the rank's KV heads
+    [r·H/n, (r+1)·H/n) and gets ``kv_head_offset`` r·H/n, so its heads draw the random streams
+    of the model's heads and encode exactly as in one process (a profile's per-KV-head widths
+    are cut to the rank's heads). ``kv_head_offset`` given: every layer's caches start at that
+    model head instead (e.g. a slice of the heads sharded some other way)."""
     p = _presets.resolve(preset, key_bits, value_bits, method=method, center=center,
                          debias=debias, key_split=key_split, fp16_window=fp16_window,
                          block_tokens=block_tokens, fp16_sinks=fp16_sinks,
@@ -1229,6 +1301,7 @@ def make_prompt_cache(model, key_bits: int | None = None, value_bits: int | None
                 keep.add(i)
             else:
                 per_layer[i] = (e["key_bits"], e["value_bits"])
+    tp_rank, tp_size = tensor_parallel_span(model)
     pairs = rope_pairs_of(model)
     cache = list(base_cache)
     from turboquant.mlx_rotating import TurboQuantRotatingKVCache
@@ -1241,6 +1314,8 @@ def make_prompt_cache(model, key_bits: int | None = None, value_bits: int | None
     for i in sorted(compressible + slides):
         if i not in keep:
             kb, vb = per_layer.get(i, (key_bits, value_bits))
+            offset = _kv_head_offset(model, i, kv_head_offset, tp_rank, tp_size)
+            kb, vb = (_rank_head_bits(model, i, b, offset, tp_size) for b in (kb, vb))
             heads = {}
             if isinstance(kb, list):  # per-KV-head widths; key_bits: their rounded mean
                 heads["key_head_bits"], kb = kb, int(round(float(np.mean(kb))))
@@ -1260,8 +1335,38 @@ def make_prompt_cache(model, key_bits: int | None = None, value_bits: int | None
                                          fp16_sinks=fs, decay_after=decay_after,
                                          decay_bits=decay_bits, sparse_v=sparse_v,
                                          mixed_bits=mb, mixed_keep=mk,
-                                         split_angle_bits=split_angle_bits, **heads, **extra)
+                                         split_angle_bits=split_angle_bits,
+                                         kv_head_offset=offset, **heads, **extra)
     return cache
+
+
+def _kv_head_offset(model, i: int, given: int | None, rank: int, size: int) -> int:
+    """Layer ``i``'s kv_head_offset: ``given``, else on rank ``rank`` of a tensor-parallel
+    group of ``size`` the rank's first KV head rank·H_r (H_r: the layer's KV heads on the
+    rank; mlx-lm shards them evenly), else 0."""
+    if given is not None:
+        return _check_kv_head_offset(given)
+    if size <= 1:
+        return 0
+    h = _local_kv_heads(model, i)
+    if h is None:
+        raise UnsupportedArchitectureError(
+            f"{_model_type(model)}: tensor-parallel rank {rank} of {size}, but layer {i}'s "
+            f"attention does not say how many KV heads it holds ({' / '.join(_KV_HEAD_NAMES)})"
+            "; pass kv_head_offset= (the model's number of the rank's first KV head)")
+    return _check_kv_head_offset(rank * h)
+
+
+def _rank_head_bits(model, i: int, bits, offset: int, size: int):
+    """A profile's per-KV-head widths of layer ``i`` cut to the KV heads this rank of a
+    tensor-parallel group of ``size`` holds (a list of one width per model head); anything
+    else as given."""
+    if not isinstance(bits, list) or size <= 1:
+        return bits
+    h = _local_kv_heads(model, i)
+    if h is not None and len(bits) == h * size:
+        return bits[offset:offset + h]
+    return bits
 
 
 def to_turbo_quantized(cache, key_bits: int = 3, value_bits: int = 3,

@@ -195,7 +195,9 @@ class MetalCodeStore:
     """One layer's compressed K/V as mlx arrays (see the module docstring).
 
     Constructor arguments mirror ``_core.KVCache`` (``n_layers`` must be 1); ``layer`` is the
-    layer index of the random streams (0 for a one-layer cache, as mlx_lm uses), ``kernels``
+    layer index of the random streams (0 for a one-layer cache, as mlx_lm uses),
+    ``kv_head_offset`` the model's number of KV head 0 (head h has the streams of model head
+    ``kv_head_offset + h``, as in the core: a tensor-parallel rank's slice), ``kernels``
     the kernel set (default: ``turboquant.metal``, Apple only), ``check_inputs`` whether
     append/attend refuse NaN/Inf (one GPU→CPU sync of a few bytes per call).
 
@@ -213,7 +215,8 @@ class MetalCodeStore:
                  norm_correction: bool = False, fp16_window: int = 0, fp16_sinks: int = 0,
                  kernels: Any = None, check_inputs: bool = True, n_outlier_channels: int = 0,
                  outlier_bits: int = 0, outlier_channels: Sequence[int] | None = None,
-                 outlier_roles: str = "keys", split_angle_bits: int = 8):
+                 outlier_roles: str = "keys", split_angle_bits: int = 8,
+                 kv_head_offset: int = 0):
         if n_layers != 1:
             raise ValueError(f"a MetalCodeStore holds one layer (n_layers=1), got {n_layers}; "
                              "use MetalKVCache for several")
@@ -231,6 +234,13 @@ class MetalCodeStore:
         for name, v in (("fp16_window", fp16_window), ("fp16_sinks", fp16_sinks)):
             if not isinstance(v, (int, np.integer)) or int(v) < 0:
                 raise ValueError(f"{name} must be an integer >= 0, got {v!r}")
+        if isinstance(kv_head_offset, bool) or not isinstance(kv_head_offset, (int, np.integer)) \
+                or not 0 <= int(kv_head_offset) <= 65536 - int(n_kv_heads):
+            raise ValueError(f"kv_head_offset must be in [0, 65536 - n_kv_heads = "
+                             f"{65536 - int(n_kv_heads)}] (the model's KV head numbers "
+                             f"kv_head_offset .. kv_head_offset + n_kv_heads - 1 stay below "
+                             f"65536), got {kv_head_offset!r}")
+        self.kv_head_offset = int(kv_head_offset)
         self.head_dim, self.n_layers = int(head_dim), 1
         self.n_q_heads, self.n_kv_heads = int(n_q_heads), int(n_kv_heads)
         self.key_method = self.value_method = "turboquant_mse"
@@ -253,7 +263,8 @@ class MetalCodeStore:
             return [_core.Quantizer("turboquant_mse", self.head_dim, bits, self.seed,
                                     rotation="hadamard", norm_dtype="float16",
                                     norm_correction=self.norm_correction,
-                                    stream=kv_stream_id(self.layer, h, role), **split)
+                                    stream=kv_stream_id(self.layer, self.kv_head_offset + h,
+                                                        role), **split)
                     for h in range(self.n_kv_heads)]
 
         if self._split:  # the key split (outlier split of the keys): split.metal kernels
@@ -701,6 +712,7 @@ class MetalCodeStore:
                     block_tokens=self.block_tokens,
                     norm_correction=self.norm_correction, fp16_window=self.fp16_window,
                     fp16_sinks=self.fp16_sinks, split_angle_bits=self.split_angle_bits,
+                    kv_head_offset=self.kv_head_offset,
                     **({k: v for k, v in self._split.items() if k != "split_angle_bits"}
                        | {"outlier_roles": "keys"} if self._split else {}))
 
@@ -737,7 +749,8 @@ class MetalCodeStore:
                         rotation, core.block_tokens, layer=layer,
                         norm_correction=core.norm_correction, fp16_window=core.fp16_window,
                         fp16_sinks=core.fp16_sinks, kernels=kernels, check_inputs=check_inputs,
-                        split_angle_bits=core.split_angle_bits, **split)
+                        split_angle_bits=core.split_angle_bits,
+                        kv_head_offset=core.kv_head_offset, **split)
         except ValueError as e:
             raise ValueError(f"this cache cannot be held by a MetalCodeStore: {e}") from None
         for role, tables in (("key", store.key_tables), ("value", store.value_tables)):
@@ -796,7 +809,8 @@ class MetalCodeStore:
         extra = "".join(f", {k}={v}" for k, v in (("key_split", self.key_split),
                                                    ("norm_correction", self.norm_correction),
                                                    ("fp16_sinks", self.fp16_sinks),
-                                                   ("fp16_window", self.fp16_window)) if v)
+                                                   ("fp16_window", self.fp16_window),
+                                                   ("kv_head_offset", self.kv_head_offset)) if v)
         return (f"MetalCodeStore(head_dim={self.head_dim}, n_q_heads={self.n_q_heads}, "
                 f"n_kv_heads={self.n_kv_heads}, key={self.key_bits}b, value={self.value_bits}b, "
                 f"tokens={self._n}{extra}, kernels={kernels})")
@@ -864,7 +878,7 @@ class MetalKVCache:
                  value_method: str = "turboquant_mse", value_bits: int = 3, seed: int = 0,
                  rotation: str = "auto", block_tokens: int = 256, *,
                  norm_correction: bool = False, fp16_window: int = 0, fp16_sinks: int = 0,
-                 kernels: Any = None, check_inputs: bool = True,
+                 kernels: Any = None, check_inputs: bool = True, kv_head_offset: int = 0,
                  stores: Sequence[MetalCodeStore] | None = None, **split):
         if stores is None:
             if int(n_layers) < 1:
@@ -873,7 +887,8 @@ class MetalKVCache:
                                      value_method, value_bits, seed, rotation, block_tokens,
                                      layer=i, norm_correction=norm_correction,
                                      fp16_window=fp16_window, fp16_sinks=fp16_sinks,
-                                     kernels=kernels, check_inputs=check_inputs, **split)
+                                     kernels=kernels, check_inputs=check_inputs,
+                                     kv_head_offset=kv_head_offset, **split)
                       for i in range(int(n_layers))]
         self.layers = list(stores)
         s = self.layers[0]
@@ -884,6 +899,7 @@ class MetalKVCache:
         self.rotation, self.block_tokens = s.rotation, s.block_tokens
         self.norm_correction, self.fp16_sinks = s.norm_correction, s.fp16_sinks
         self.fp16_window, self.fp16_layers = s.fp16_window, []
+        self.kv_head_offset = s.kv_head_offset
 
     def _layer(self, layer: int) -> MetalCodeStore:
         if not 0 <= int(layer) < self.n_layers:

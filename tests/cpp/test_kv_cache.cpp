@@ -141,3 +141,83 @@ TEST(KVCache, StreamsDifferPerLayerHeadAndRole) {
   EXPECT_EQ(p00k, again.key_quantizer(0, 0).rotation().parameters());
   EXPECT_EQ(kv_stream_id(3, 5, KVRole::kValue), (uint64_t{3} << 24) | 11u);
 }
+
+namespace {
+// The codes and fp16 norms of one stream's code tokens (no decay: one row size).
+std::vector<uint8_t> stream_bytes(const KVCache& c, int layer, int head, KVRole role) {
+  const Quantizer& q = role == KVRole::kKey ? c.key_quantizer(layer, head) : c.value_quantizer(layer, head);
+  const size_t n = c.code_tokens(layer);
+  std::vector<uint8_t> out(n * (q.code_bytes() + q.norm_bytes()));
+  c.copy_out(layer, head, role, 0, n, out.data(), out.data() + n * q.code_bytes());
+  return out;
+}
+}  // namespace
+
+TEST(KVCache, KvHeadOffsetEncodesAsTheModelsHeads) {
+  // A cache of heads [2, 4) of a 4-head model (a tensor-parallel rank's slice) encodes and
+  // attends exactly as those heads of the whole model's cache: same streams, so the same
+  // rotations, QJL matrices and outlier-split parts, bit for bit.
+  const size_t d = 64, T = 37, Tq = 3;
+  for (int variant = 0; variant < 3; ++variant) {
+    KVCacheConfig full = small_config(8);
+    full.n_kv_heads = 4;
+    full.n_q_heads = 8;
+    full.seed = 17;
+    if (variant == 1) full.key_method = "turboquant_prod";
+    if (variant == 2) {
+      full.n_outlier_channels = 16;
+      full.outlier_roles = OutlierRoles::kKeys;
+      full.fp16_window = 8;
+      full.fp16_sinks = 2;
+      full.norm_correction = true;
+    }
+    KVCacheConfig part = full;
+    part.n_kv_heads = 2;
+    part.n_q_heads = 4;
+    part.kv_head_offset = 2;
+    KVCache whole(full), slice(part);
+    EXPECT_EQ(slice.config().kv_head_offset, 2);
+    const auto k = gaussian(4 * T * d, 40 + variant), v = gaussian(4 * T * d, 50 + variant);
+    const auto q = gaussian(8 * Tq * d, 60 + variant);
+    const size_t half = 2 * T * d;  // heads 2, 3 of the head-major K/V
+    for (int l = 0; l < 2; ++l) {
+      whole.append(l, k.data(), v.data(), T);
+      slice.append(l, k.data() + half, v.data() + half, T);
+      std::vector<float> out_whole(8 * Tq * d), out_slice(4 * Tq * d);
+      whole.attend(l, q.data(), Tq, out_whole.data());
+      slice.attend(l, q.data() + 4 * Tq * d, Tq, out_slice.data());  // query heads 4..7
+      EXPECT_EQ(out_slice, std::vector<float>(out_whole.begin() + 4 * Tq * d, out_whole.end()))
+          << "variant " << variant << " layer " << l;
+      for (int h = 0; h < 2; ++h)
+        for (KVRole role : {KVRole::kKey, KVRole::kValue}) {
+          const Quantizer& a = role == KVRole::kKey ? slice.key_quantizer(l, h) : slice.value_quantizer(l, h);
+          const Quantizer& b = role == KVRole::kKey ? whole.key_quantizer(l, 2 + h) : whole.value_quantizer(l, 2 + h);
+          EXPECT_EQ(a.config().stream, b.config().stream);
+          EXPECT_EQ(a.rotation().parameters(), b.rotation().parameters());
+          ASSERT_GT(slice.code_tokens(l), 0u);
+          EXPECT_EQ(stream_bytes(slice, l, h, role), stream_bytes(whole, l, 2 + h, role))
+              << "variant " << variant << " layer " << l << " head " << h;
+        }
+    }
+    // Without the offset the slice's head 0 would be the model's head 0: other codes.
+    part.kv_head_offset = 0;
+    KVCache unshifted(part);
+    unshifted.append(0, k.data() + half, v.data() + half, T);
+    EXPECT_NE(stream_bytes(unshifted, 0, 0, KVRole::kKey), stream_bytes(whole, 0, 2, KVRole::kKey));
+  }
+}
+
+TEST(KVCache, KvHeadOffsetIsValidated) {
+  KVCacheConfig c = small_config();
+  for (int bad : {-1, 65535, 1 << 20}) {
+    c.kv_head_offset = bad;
+    EXPECT_THROW({ try { KVCache k(c); } catch (const InvalidArgument& e) {
+      const std::string what = e.what();
+      EXPECT_NE(what.find("kv_head_offset must be in [0, 65536 - n_kv_heads = 65534]"), std::string::npos) << what;
+      EXPECT_NE(what.find("got " + std::to_string(bad)), std::string::npos) << what;
+      throw; } }, InvalidArgument);
+  }
+  c.kv_head_offset = 65534;  // the model's heads 65534 and 65535: the last ones allowed
+  KVCache last(c);
+  EXPECT_EQ(last.key_quantizer(0, 1).config().stream, kv_stream_id(0, 65535, KVRole::kKey));
+}

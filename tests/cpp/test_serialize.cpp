@@ -2,6 +2,7 @@
 
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cstdio>
 #include <cstring>
 
@@ -337,5 +338,80 @@ TEST(Serialize, ContainerEveryCorruptionIsAFormatError) {
   ASSERT_EQ(bytes[8], kCacheFormatVersion);
   expect_every_truncation_rejected(bytes);
   ASSERT_LT(bytes.size(), 8192u);
+  expect_every_byte_flip_rejected(bytes);
+}
+
+namespace {
+std::unique_ptr<KVCache> offset_cache(int kv_head_offset, bool window) {
+  KVCacheConfig cfg;
+  cfg.head_dim = 16;
+  cfg.n_layers = 2;
+  cfg.n_q_heads = 4;
+  cfg.n_kv_heads = 2;
+  cfg.key_method = "turboquant_prod";  // a QJL matrix drawn from the stream too
+  cfg.key_bits = 3;
+  cfg.value_bits = 2;
+  cfg.block_tokens = 2;
+  cfg.seed = 5;
+  cfg.kv_head_offset = kv_head_offset;
+  if (window) cfg.fp16_window = 3;
+  auto c = std::make_unique<KVCache>(cfg);
+  const auto x = gaussian(2 * 9 * 16, 95);
+  c->append(0, x.data(), x.data(), 9);
+  c->append(1, x.data(), x.data(), 9);
+  return c;
+}
+
+bool has_tag(const std::vector<uint8_t>& bytes, const char* tag) {
+  return std::search(bytes.begin(), bytes.end(), tag, tag + 4) != bytes.end();
+}
+}  // namespace
+
+TEST(Serialize, KvHeadOffsetRoundTripsInItsOwnSection) {
+  for (bool window : {false, true}) {
+    auto c = offset_cache(3, window);
+    const auto bytes = serialize_cache(*c);
+    EXPECT_TRUE(has_tag(bytes, "KVHO"));
+    auto r = deserialize_cache(bytes.data(), bytes.size());
+    EXPECT_EQ(r->config().kv_head_offset, 3);
+    EXPECT_EQ(serialize_cache(*r), bytes);
+    const auto q = gaussian(4 * 16, 96);
+    for (int l = 0; l < 2; ++l) {
+      for (int h = 0; h < 2; ++h)
+        for (KVRole role : {KVRole::kKey, KVRole::kValue}) {
+          const size_t n = c->size(l);
+          std::vector<float> want(n * 16), got(n * 16);
+          c->decode_tokens(l, h, role, 0, n, want.data());
+          r->decode_tokens(l, h, role, 0, n, got.data());
+          EXPECT_EQ(got, want);
+          const Quantizer& a = role == KVRole::kKey ? r->key_quantizer(l, h) : r->value_quantizer(l, h);
+          EXPECT_EQ(a.config().stream, kv_stream_id(static_cast<uint32_t>(l), static_cast<uint32_t>(3 + h), role));
+        }
+      std::vector<float> a(4 * 16), b(4 * 16);
+      c->attend(l, q.data(), 1, a.data());
+      r->attend(l, q.data(), 1, b.data());
+      EXPECT_EQ(a, b);
+    }
+    // The reloaded cache keeps encoding with the model's heads' streams.
+    const auto x = gaussian(2 * 16, 97);
+    c->append(0, x.data(), x.data(), 1);
+    r->append(0, x.data(), x.data(), 1);
+    EXPECT_EQ(serialize_cache(*r), serialize_cache(*c));
+    // Versions 1-7 cannot hold the offset: a legacy save refuses rather than drop it.
+    EXPECT_THROW({ try { (void)serialize_cache(*c, true); } catch (const NotSupported& e) {
+      EXPECT_NE(std::string(e.what()).find("kv_head_offset 3"), std::string::npos) << e.what();
+      throw; } }, NotSupported);
+  }
+  // Offset 0 writes no section: the file is the one of before the option.
+  const auto plain = serialize_cache(*offset_cache(0, false));
+  EXPECT_FALSE(has_tag(plain, "KVHO"));
+  auto p = deserialize_cache(plain.data(), plain.size());
+  EXPECT_EQ(p->config().kv_head_offset, 0);
+}
+
+TEST(Serialize, KvHeadOffsetEveryCorruptionIsAFormatError) {
+  const auto bytes = serialize_cache(*offset_cache(1, true));
+  expect_every_truncation_rejected(bytes);
+  ASSERT_LT(bytes.size(), 16384u);
   expect_every_byte_flip_rejected(bytes);
 }

@@ -1,7 +1,8 @@
 """Sharded models on mlx's distributed engine: ``python -m turboquant generate --sharded``
 launched with ``mlx.launch`` (ring back end, 2 processes on 127.0.0.1, CPU) against the same
 command in one process. Greedy tokens must match; each rank must hold only its layers'
-(pipeline) or KV heads' (tensor parallel) caches, about half the bytes."""
+(pipeline) or KV heads' (tensor parallel) caches, about half the bytes, and a tensor-parallel
+rank's heads keep the model's head numbers (kv_head_offset) for their random streams."""
 
 from __future__ import annotations
 
@@ -96,6 +97,7 @@ def test_pipeline_tokens_and_layers_per_rank(model, single):
         assert r["generated"] == single["generated"], (r["rank"], r["generated"])
         assert r["cache_types"] == ["TurboQuantKVCache"]
         assert r["kv_heads"] == [2]  # every head of its own layer
+        assert r["kv_head_offsets"] == [0]
     # rank 0 runs the last layer, rank 1 the first (mlx-lm's pipeline order)
     assert [r["layers"] for r in ranks] == [[1], [0]]
     assert sum(r["kv_bytes"] for r in ranks) == single["kv_bytes"]
@@ -112,14 +114,14 @@ def test_tensor_parallel_heads_and_bytes_per_rank(tensor, single):
     for r in tensor:
         assert r["size"] == 2 and r["layers"] == [0, 1]
         assert r["kv_heads"] == [1, 1]  # 2 KV heads split over 2 ranks
+        assert r["kv_head_offsets"] == [r["rank"]] * 2  # rank r holds the model's head r
         assert r["kv_bytes"] == pytest.approx(single["kv_bytes"] / 2, rel=0.05)
     assert tensor[0]["generated"] == tensor[1]["generated"]
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "a tensor-parallel rank numbers its KV heads from 0, so rank 1's head (head 1 of the "
-    "model) is encoded with the rotation of head 0's random stream: its codes, and so the "
-    "greedy tokens, differ from the single-process run (the core needs the model's head "
-    "numbers for its streams)"))
 def test_tensor_parallel_tokens_match_single_process(tensor, single):
-    assert tensor[0]["generated"] == single["generated"]
+    # Rank 1's head is the model's head 1 (kv_head_offset 1): its codes are those of head 1
+    # in one process, so the greedy tokens are too.
+    for r in tensor:
+        assert r["generated"] == single["generated"], (r["rank"], r["generated"])
+    assert sum(r["kv_bytes"] for r in tensor) == single["kv_bytes"]

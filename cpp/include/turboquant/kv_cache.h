@@ -5,8 +5,11 @@
 // answered from the codes by attention.h; fp16 K/V are never rebuilt.
 //
 // Random streams: the quantizer of (layer, kv_head, role) uses
-//   stream = make_stream_id(StreamPurpose{0}, layer, 2*kv_head + role), role 0 = key, 1 = value,
-// which each quantizer further xors with its own purpose (rotation, QJL), see rng.h.
+//   stream = make_stream_id(StreamPurpose{0}, layer, 2*(kv_head_offset + kv_head) + role),
+// role 0 = key, 1 = value, which each quantizer further xors with its own purpose (rotation,
+// QJL), see rng.h. kv_head_offset (0 unless the cache holds a slice of a model's KV heads,
+// e.g. one tensor-parallel rank's) makes head h draw the streams of the model's head
+// kv_head_offset + h, so a slice encodes exactly as the same heads of a whole-model cache.
 //
 // Thread safety: readers (attend, size, memory_bytes, fp16_bytes, copy_out, save) may run
 // concurrently from any number of threads. Mutators (append, append_encoded, trim, truncate,
@@ -127,6 +130,13 @@ struct KVCacheConfig {
   // codes must cut at a group boundary. Needs file format version 7.
   size_t mixed_group_blocks = 0;
   size_t mixed_keep_blocks = 0;
+  // The model's number of this cache's KV head 0 (0 = the cache holds the model's heads from
+  // the first): head h uses the random streams of model head kv_head_offset + h (see the top
+  // of this file). A tensor-parallel rank r of n holding KV heads [r·H/n, (r+1)·H/n) of a
+  // model with H sets r·H/n. The model's head numbers must stay below 65536 (the n_kv_heads
+  // limit): kv_head_offset + n_kv_heads <= 65536. Per-head lists (key_head_bits, ...) index
+  // the cache's own heads. Saved in its own file section (serialize.h; not in versions 1-7).
+  int kv_head_offset = 0;
 
   // Throws InvalidArgument naming the first bad field (NotSupported for decay of a method
   // that has no code->code table).

@@ -64,11 +64,14 @@
 //     "HBIT" per-head widths: key_head_bits, value_head_bits, outlier_head_bits, each a count
 //            u32 (0, n_kv_heads or n_layers * n_kv_heads) + count i32
 //     "MIXD" mixed precision: mixed_group_blocks u64, mixed_keep_blocks u64
+//     "KVHO" a KV head offset (KVCacheConfig::kv_head_offset > 0: the cache holds a slice of a
+//            model's KV heads, whose random streams are those of the model's heads):
+//            kv_head_offset u32. Absent for offset 0, so such files are unchanged.
 //   ROTS, SINK, LAYR, WNDW and END are as in version 7 (LAYR always holds the evicted count;
 //   its block flags, masks and WNDW's importance appear when the configuration has them).
 //   Versions 1-7 stay readable, and writable on request (serialize_cache(..., legacy) /
 //   save(path, legacy=True): the oldest of them that expresses the cache, for libraries that
-//   predate version 8).
+//   predate version 8); a cache with a KV head offset has none (NotSupported).
 // Loading reads the file into memory and checks every length against the bytes left before
 // using it: a truncated, corrupted, wrong-magic or future-version file raises FormatError.
 #pragma once
@@ -92,7 +95,7 @@ uint32_t crc32c(const void* data, size_t n, uint32_t crc = 0);
 
 // The file bytes of `cache`: version 8 (the section container), or with `legacy` the oldest
 // of versions 1-7 that expresses it (KVCacheConfig::format_version()), as libraries before
-// version 8 wrote it.
+// version 8 wrote it (NotSupported for a cache with a KV head offset, which none expresses).
 std::vector<uint8_t> serialize_cache(const KVCache& cache, bool legacy = false);
 std::unique_ptr<KVCache> deserialize_cache(const uint8_t* data, size_t size);
 

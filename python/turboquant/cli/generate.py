@@ -168,8 +168,11 @@ def _run_collect(args, model, tokenizer, prompt, cache, group, rank: int) -> int
             print(f"Generation: {last.generation_tokens} tokens, "
                   f"{last.generation_tps:.3f} tokens-per-sec")
     heads = sorted({h for h in report["kv_heads"] if h is not None})
+    first = sorted({o for o in report["kv_head_offsets"] if o})
     print(f"[turboquant] rank {report['rank']}/{report['size']}: KV cache: "
           f"{report['kv_bytes']:,} bytes for {report['tokens']} tokens, layers "
           f"{report['layers'][0]}-{report['layers'][-1]} of {report['model_layers']}, "
-          f"{'/'.join(map(str, heads))} KV heads per layer", flush=True)
+          f"{'/'.join(map(str, heads))} KV heads per layer"
+          + (f" (from the model's KV head {'/'.join(map(str, first))})" if first else ""),
+          flush=True)
     return 0

@@ -72,7 +72,9 @@ def run(args: argparse.Namespace) -> int:
     print(f"file:            {args.file} ({os.path.getsize(args.file)} bytes, format version {version})")
     print(f"head_dim:        {core.head_dim}")
     print(f"layers:          {core.n_layers}")
-    print(f"heads:           {core.n_q_heads} query / {core.n_kv_heads} kv")
+    print(f"heads:           {core.n_q_heads} query / {core.n_kv_heads} kv"
+          + (f" (the model's KV heads {core.kv_head_offset}-"
+             f"{core.kv_head_offset + core.n_kv_heads - 1})" if core.kv_head_offset else ""))
     print(f"keys:            {core.key_method}, {core.key_bits} bits")
     print(f"values:          {core.value_method}, {core.value_bits} bits")
     print(f"rotation:        {core.rotation}, seed {core.seed}, jl_dim {core.jl_dim or core.head_dim}")
