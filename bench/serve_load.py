@@ -292,8 +292,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model", help="mlx-lm model folder (default: turboquant.models.smollm2())")
     p.add_argument("--smoke", action="store_true", help="tiny random model, tiny settings")
     p.add_argument("--out", required=True, help="JSON result file")
+    p.add_argument("--capacity-only", action="store_true",
+                   help="only the cached-prompt capacity phase (no load phases)")
+    p.add_argument("--capacity-prompt-tokens", type=int,
+                   help="tokens per capacity prompt (default: the settings')")
+    p.add_argument("--capacity-prompts", type=int, help="capacity prompts sent")
+    p.add_argument("--budget-gb", type=float, help="prompt-cache budget of both servers")
     args = p.parse_args(argv)
-    settings = SMOKE if args.smoke else SETTINGS
+    settings = dict(SMOKE if args.smoke else SETTINGS)
+    for key in ("capacity_prompt_tokens", "capacity_prompts", "budget_gb"):
+        if getattr(args, key) is not None:
+            settings[key] = getattr(args, key)
+    if args.capacity_only:
+        settings["clients"] = []
     import openai
 
     with tempfile.TemporaryDirectory() as tmp:
