@@ -51,10 +51,14 @@ def fill(caches, n_tokens: int, n_q_heads: int, head_dim: int, rng, step: int = 
         for c in caches:
             c.update_and_fetch(k, v)
             if isinstance(c, TurboQuantRotatingKVCache) or \
-                    (isinstance(c, tq_mlx.TurboQuantKVCache) and (c._core is None or T == 1)):
+                    (isinstance(c, tq_mlx.TurboQuantKVCache) and (c._core is None or T == 1
+                                                                   or c.mixed_bits)):
                 # The ring appends and attends chunk by chunk; a global layer needs one
-                # attention call to build its core (it encodes on append afterwards).
-                Tq = T if isinstance(c, TurboQuantRotatingKVCache) or c._core is None else 1
+                # attention call to build its core (it encodes on append afterwards), with
+                # mixed precision one per chunk (its window flushes the tokens attention
+                # rated, as in generation).
+                Tq = T if isinstance(c, TurboQuantRotatingKVCache) or c._core is None \
+                    or c.mixed_bits else 1
                 q = mx.array(rng.standard_normal((1, n_q_heads, Tq, head_dim))
                              .astype(np.float16))
                 c.attend(q, scale=head_dim ** -0.5)
@@ -68,8 +72,10 @@ def main():
     ap.add_argument("--bits", type=int, default=3)
     ap.add_argument("--preset", default=None, help="a named recipe instead of --bits")
     args = ap.parse_args()
-    kw = {"preset": args.preset} if args.preset else {"key_bits": args.bits,
-                                                     "value_bits": args.bits}
+    # mixed precision counted routed on every global layer (mixed_trial off): the layers a
+    # trial makes uniform hold the same code bits without the kept-token masks
+    kw = {"preset": args.preset, "mixed_trial": False} if args.preset else \
+        {"key_bits": args.bits, "value_bits": args.bits}
     cfg = GEMMA3_270M
     mx.random.seed(0)
     model = gemma3_text.Model(gemma3_text.ModelArgs.from_dict(cfg))
