@@ -11,6 +11,10 @@ quantizer state) plus, for TurboQuant, the per-layer host arrays (centring means
 channel order).
 
   PYTHONPATH=python python bench/sliding_memory.py --tokens 4096 32768 --bits 3
+  PYTHONPATH=python python bench/sliding_memory.py --tokens 4096 32768 --preset tq3-mixed
+
+``--bits B`` is make_prompt_cache(key_bits=B, value_bits=B) (the recommended recipe at B
+bits); ``--preset NAME`` a named recipe (turboquant.presets).
 """
 
 from __future__ import annotations
@@ -47,10 +51,14 @@ def fill(caches, n_tokens: int, n_q_heads: int, head_dim: int, rng, step: int = 
         for c in caches:
             c.update_and_fetch(k, v)
             if isinstance(c, TurboQuantRotatingKVCache) or \
-                    (isinstance(c, tq_mlx.TurboQuantKVCache) and (c._core is None or T == 1)):
+                    (isinstance(c, tq_mlx.TurboQuantKVCache) and (c._core is None or T == 1
+                                                                   or c.mixed_bits)):
                 # The ring appends and attends chunk by chunk; a global layer needs one
-                # attention call to build its core (it encodes on append afterwards).
-                Tq = T if isinstance(c, TurboQuantRotatingKVCache) or c._core is None else 1
+                # attention call to build its core (it encodes on append afterwards), with
+                # mixed precision one per chunk (its window flushes the tokens attention
+                # rated, as in generation).
+                Tq = T if isinstance(c, TurboQuantRotatingKVCache) or c._core is None \
+                    or c.mixed_bits else 1
                 q = mx.array(rng.standard_normal((1, n_q_heads, Tq, head_dim))
                              .astype(np.float16))
                 c.attend(q, scale=head_dim ** -0.5)
@@ -62,12 +70,18 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tokens", type=int, nargs="+", default=[4096, 32768])
     ap.add_argument("--bits", type=int, default=3)
+    ap.add_argument("--preset", default=None, help="a named recipe instead of --bits")
     args = ap.parse_args()
+    # mixed precision counted routed on every global layer (mixed_trial off): the layers a
+    # trial makes uniform hold the same code bits without the kept-token masks
+    kw = {"preset": args.preset, "mixed_trial": False} if args.preset else \
+        {"key_bits": args.bits, "value_bits": args.bits}
     cfg = GEMMA3_270M
     mx.random.seed(0)
     model = gemma3_text.Model(gemma3_text.ModelArgs.from_dict(cfg))
     d, hq = cfg["head_dim"], cfg["num_attention_heads"]
-    print(f"Gemma-3-270M shape, {args.bits}-bit keys and values; bytes per layer kind")
+    what = f"preset {args.preset}" if args.preset else f"{args.bits}-bit keys and values"
+    print(f"Gemma-3-270M shape, {what}; bytes per layer kind")
     print(f"{'tokens':>7} {'cache':>16} {'global':>12} {'sliding':>12} {'total':>12} "
           f"{'ratio':>7}")
     for n in args.tokens:
@@ -75,7 +89,7 @@ def main():
         ref = mlx_cache.make_prompt_cache(model)
         fill(ref, n, hq, d, rng)
         rng = np.random.default_rng(0)
-        tq = tq_mlx.make_prompt_cache(model, key_bits=args.bits, value_bits=args.bits)
+        tq = tq_mlx.make_prompt_cache(model, **kw)
         assert all(isinstance(c, tq_mlx.TurboQuantKVCache) for c in tq), "a layer left fp16"
         fill(tq, n, hq, d, rng)
         rows = {}

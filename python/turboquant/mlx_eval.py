@@ -49,6 +49,7 @@ class Setting:
     sparse_v: float = 0.0
     mixed_bits: int = 0
     mixed_keep: float = 0.0
+    mixed_trial: bool = False
     block_tokens: int | None = None
     # score one token per step (the decode path): sparse V acts only there, the multi-token
     # steps of chunked scoring take the dense GEMM path
@@ -65,8 +66,9 @@ class Setting:
                        fp16_window=p.fp16_window, fp16_sinks=p.fp16_sinks,
                        split_angle_bits=p.split_angle_bits, decay_after=p.decay_after,
                        decay_bits=p.decay_bits, sparse_v=p.sparse_v, mixed_bits=p.mixed_bits,
-                       mixed_keep=p.mixed_keep, block_tokens=p.block_tokens,
-                       decode_scoring=p.sparse_v > 0, preset=p.name)
+                       mixed_keep=p.mixed_keep, mixed_trial=p.mixed_trial,
+                       block_tokens=p.block_tokens, decode_scoring=p.sparse_v > 0,
+                       preset=p.name)
 
     @staticmethod
     def parse(spec: str) -> "Setting":
@@ -81,16 +83,17 @@ class Setting:
         per step, the decode path where sparse V acts, so ``sv0`` is its dense control) or
         ``profile:PATH`` (per-layer bits from ``turboquant calibrate``), FLAG is ``raw``
         (plain codes: no centring, no norm correction, no key split), ``nosplit`` (no key
-        split) or ``a16`` (the key split's part angle in 16 bits instead of 8). A BITS
+        split), ``a16`` (the key split's part angle in 16 bits instead of 8) or ``trial``
+        (mixed precision only on layers where the prompt's trial finds it pays). A BITS
         setting has exactly the options it names (no fp16 tokens unless ``s``/``w`` say so),
         like the ``codes-only`` preset."""
         spec = spec.strip()
         if spec in presets.PRESETS:
             return Setting.from_preset(spec)
         body, flags = spec, []
-        for _ in range(3):  # trailing /FLAG suffixes (a profile path may contain "/")
+        for _ in range(4):  # trailing /FLAG suffixes (a profile path may contain "/")
             head, sep, tail = body.rpartition("/")
-            if sep and tail in ("raw", "nosplit", "a16"):
+            if sep and tail in ("raw", "nosplit", "a16", "trial"):
                 body, flags = head, [tail] + flags
         if body == "fp16" and not flags:
             return Setting("fp16", "fp16")
@@ -191,6 +194,7 @@ class Setting:
                        fp16_sinks=sinks, profile=profile, decay_after=decay[0],
                        decay_bits=decay[1], sparse_v=sparse_v, decode_scoring=decode_scoring,
                        mixed_bits=mixed[0], mixed_keep=mixed[1], block_tokens=block_tokens,
+                       mixed_trial="trial" in flags,
                        split_angle_bits=16 if "a16" in flags else 8)
 
 
@@ -253,7 +257,7 @@ def make_cache(model, s: Setting, seed: int = 0):
                                     profile=s.profile, decay_after=s.decay_after,
                                     decay_bits=s.decay_bits, sparse_v=s.sparse_v,
                                     mixed_bits=s.mixed_bits, mixed_keep=s.mixed_keep,
-                                    block_tokens=s.block_tokens,
+                                    mixed_trial=s.mixed_trial, block_tokens=s.block_tokens,
                                     split_angle_bits=s.split_angle_bits)
 
 

@@ -90,7 +90,8 @@ class TurboQuantKVCache(_mlx_cache._BaseCache):
                  fp16_window: int = 0, block_tokens: int | None = None, fp16_sinks: int = 0,
                  split_angle_bits: int = 8, decay_after: int = 0, decay_bits: int = 0,
                  sparse_v: float = 0.0, key_head_bits=None, value_head_bits=None,
-                 mixed_bits: int = 0, mixed_keep: float = 0.0, kv_head_offset: int = 0):
+                 mixed_bits: int = 0, mixed_keep: float = 0.0, kv_head_offset: int = 0,
+                 mixed_trial: bool = False):
         for name, b in (("key_bits", key_bits), ("value_bits", value_bits)):
             if not isinstance(b, (int, np.integer)) or not 1 <= int(b) <= 8:
                 raise ValueError(f"{name} must be an integer in [1, 8], got {b!r}")
@@ -136,6 +137,9 @@ class TurboQuantKVCache(_mlx_cache._BaseCache):
                 self.fp16_window, self.decay_after)
         except ValueError as e:
             raise ValueError(f"layer {layer}: {e}") from None
+        # Mixed precision only where a trial on the layer's first block (the prompt) finds
+        # that routing beats uniform codes of the same average width (turboquant.mixed_trial)
+        self.mixed_trial = bool(mixed_trial) and bool(self.mixed_bits)
         if block_tokens is None and self.mixed_bits:
             # groups of 32 tokens for keep 1/2 (64 for 1/4, ...): importance is ranked inside
             # a group, and the window holds up to fp16_window + one group
@@ -216,7 +220,7 @@ class TurboQuantKVCache(_mlx_cache._BaseCache):
                window: int | None = None) -> mx.array:
         """Attention of ``queries`` (B, H_q, T_q, d), the last T_q positions, on the codes."""
         B, Hq, Tq, d = queries.shape
-        q = self._core_queries(queries)
+        q = self._core_queries(queries, scale)
         extra = {"sparse_v": self.sparse_v} if self.sparse_v else {}
         held, self._held = self._held, None
         if held is not None and held[2] + held[0].shape[1] == Tq:
@@ -242,17 +246,18 @@ class TurboQuantKVCache(_mlx_cache._BaseCache):
             out = out + self._v_mean[:, None]
         return mx.array(out.reshape(B, Hq, Tq, d)).astype(queries.dtype)
 
-    def _core_queries(self, queries):
+    def _core_queries(self, queries, scale: float | None = None):
         """``queries`` (B, H_q, T_q, d) as the core takes them: (B·H_q, T_q, d), on the host
         unless the layer is on the GPU store, in the core's channel order; the core is built
-        at the first call (it needs the query head count)."""
+        at the first call (it needs the query head count; ``scale``, the attention scale,
+        serves the mixed-precision trial)."""
         B, Hq, Tq, d = queries.shape
         if B != self._batch:
             raise ValueError(f"queries batch {B} != cache batch {self._batch}")
         q = (queries if self._gpu else _to_numpy(queries)).reshape(B * Hq, Tq, d)
         if self._core is None:
             self._create_core(n_q_heads=Hq, n_kv_heads=self._pending_heads(), head_dim=d,
-                              queries=q)
+                              queries=q, scale=scale)
         elif Hq != self._n_q_heads:
             raise ValueError(f"layer {self.layer}: {Hq} query heads, cache built for "
                              f"{self._n_q_heads}")
@@ -580,6 +585,40 @@ class TurboQuantKVCache(_mlx_cache._BaseCache):
         b = self.key_bits if self.key_head_bits is None else min(widths)
         return head_dim // 2, b + 1, b - 1
 
+    def _routing_pays(self, queries, scale: float, total_kv: int, head_dim: int) -> bool:
+        """The mixed-precision trial (turboquant.mixed_trial) on the pending first block and
+        its queries (host, in the input channel order); True where it cannot run."""
+        if self._gpu or self.key_head_bits is not None or self.value_head_bits is not None:
+            return True
+        from turboquant import mixed_trial
+
+        keys = np.concatenate([k for k, _ in self._pending], axis=1)
+        values = np.concatenate([v for _, v in self._pending], axis=1)
+        q = _host(queries)
+        if q.shape[0] % total_kv:
+            return True
+        if self._perm is not None:
+            q = _permute(q, np.repeat(self._perm, q.shape[0] // total_kv, axis=0))
+        mse = self.key_method == self.value_method == "turboquant_mse"
+
+        def split(bits):
+            if not (self.key_split and self.key_method == "turboquant_mse" and 2 <= bits <= 7
+                    and head_dim % 4 == 0):
+                return None
+            return head_dim // 2, bits + 1, bits - 1
+
+        block = 32
+        make_core = mixed_trial.make_core_factory(
+            head_dim, total_kv, q.shape[0], self.key_method, layer_seed(self.seed, self.layer),
+            self.rotation, self.debias and mse, split, self.split_angle_bits, block)
+        uniform = _presets.uniform_widths(self.key_bits, self.value_bits, self.mixed_bits,
+                                          self.mixed_keep, split(self.key_bits) is not None)
+        group, kept = (b * self.block_tokens for b in self._mixed_blocks)
+        return mixed_trial.routing_pays(keys, values, q, scale, make_core,
+                                        (self.key_bits, self.value_bits), self.mixed_bits,
+                                        uniform, self.fp16_sinks, self.fp16_window, group, kept,
+                                        block)
+
     def _tiled_head_bits(self, bits, total_kv: int) -> list[int] | None:
         """Per-head widths for the core's total_kv = batch × KV heads (batch is folded into
         heads): the model's per-head list repeated per sequence."""
@@ -619,7 +658,7 @@ class TurboQuantKVCache(_mlx_cache._BaseCache):
         return perm
 
     def _create_core(self, n_q_heads: int, n_kv_heads: int, head_dim: int,
-                     queries: np.ndarray | None = None) -> None:
+                     queries: np.ndarray | None = None, scale: float | None = None) -> None:
         # Batch is folded into heads: (B, H, T, d) -> (B*H, T, d); query head b*Hq+h maps to
         # KV head (b*Hq+h)//g = b*Hkv + h//g, which is the same GQA grouping.
         B = self._batch
@@ -645,6 +684,17 @@ class TurboQuantKVCache(_mlx_cache._BaseCache):
                 self._perm = self._choose_channels(
                     keys, None if queries is None else _host(queries), m)
                 self._pending = [(_permute(k, self._perm), v) for k, v in self._pending]
+        if self.mixed_trial and queries is not None and scale is not None:
+            self.mixed_trial = False  # once, on the first block
+            if not self._routing_pays(queries, float(scale), total_kv, head_dim):
+                self.key_bits, self.value_bits = _presets.uniform_widths(
+                    self.key_bits, self.value_bits, self.mixed_bits, self.mixed_keep,
+                    self.split_plan(head_dim) is not None)
+                self.mixed_bits, self.mixed_keep, self._mixed_blocks = 0, 0.0, (0, 0)
+                plan = self.split_plan(head_dim)
+                key_bits = self.key_bits
+        if plan is not None:
+            m, hi, lo = plan
             key_bits = lo
             split = dict(n_outlier_channels=m, outlier_bits=hi,
                          outlier_channels=list(range(m)), outlier_roles="keys",
@@ -1221,8 +1271,9 @@ def make_prompt_cache(model, key_bits: int | None = None, value_bits: int | None
                       split_angle_bits: int | None = None,
                       decay_after: int | None = None, decay_bits: int | None = None,
                       sparse_v: float | None = None, mixed_bits: int | None = None,
-                      mixed_keep: float | None = None, preset: str | None = None,
-                      sliding: bool = True, kv_head_offset: int | None = None) -> list:
+                      mixed_keep: float | None = None, mixed_trial: bool | None = None,
+                      preset: str | None = None, sliding: bool = True,
+                      kv_head_offset: int | None = None) -> list:
     """mlx-lm prompt cache with TurboQuant caches on every full-attention layer and (with
     ``sliding``, the default) every sliding-window layer.
 
@@ -1243,8 +1294,9 @@ def make_prompt_cache(model, key_bits: int | None = None, value_bits: int | None
     ``block_tokens`` at a time); ``fp16_sinks`` the first tokens (attention sinks). ``fp16_layers`` (indices, negative from the end) keep
     mlx-lm's fp16 caches. Sliding-window layers (mlx-lm ``RotatingKVCache``) get a
     :class:`turboquant.mlx_rotating.TurboQuantRotatingKVCache` (a bounded ring of code pages;
-    ``fp16_sinks`` and mixed precision apply to full-attention layers only);
-    ``sliding=False`` keeps them fp16.
+    ``fp16_sinks`` and mixed precision apply to full-attention layers only: with mixed
+    precision a ring holds uniform codes of the recipe's average width,
+    :meth:`turboquant.presets.Preset.uniform_bits`); ``sliding=False`` keeps them fp16.
     ``split_angle_bits`` (8 or 16) is the width of the key split's per-key part angle.
     ``profile`` (a path or dict from ``python -m turboquant calibrate``) sets per-layer
     key/value bits and fp16 layers, overriding ``key_bits`` / ``value_bits``; a layer's
@@ -1258,7 +1310,10 @@ def make_prompt_cache(model, key_bits: int | None = None, value_bits: int | None
     ``mixed_keep`` (importance-routed mixed precision, needs ``fp16_window``): of every
     flush group of the window, the fraction ``mixed_keep`` of tokens that got the most
     attention while fp16 (sum of squared softmax weights) keep the layer's bits, the rest are stored at ``mixed_bits``
-    (e.g. 4-bit caches with ``mixed_bits=2, mixed_keep=0.5`` average 3 bits). Raises
+    (e.g. 4-bit caches with ``mixed_bits=2, mixed_keep=0.5`` average 3 bits); with
+    ``mixed_trial`` (the mixed presets) a layer keeps mixed precision only if a trial on its
+    prompt (:mod:`turboquant.mixed_trial`) finds that routing beats uniform codes of the same
+    average width, else it holds those uniform codes. Raises
     :class:`UnsupportedArchitectureError` for MLA and SSM/hybrid models.
 
     Sharded models (``mlx_lm.utils.sharded_load``, :mod:`turboquant.distributed`): a pipeline
@@ -1273,14 +1328,14 @@ def make_prompt_cache(model, key_bits: int | None = None, value_bits: int | None
                          block_tokens=block_tokens, fp16_sinks=fp16_sinks,
                          split_angle_bits=split_angle_bits, decay_after=decay_after,
                          decay_bits=decay_bits, sparse_v=sparse_v, mixed_bits=mixed_bits,
-                         mixed_keep=mixed_keep)
+                         mixed_keep=mixed_keep, mixed_trial=mixed_trial)
     key_bits, value_bits, method, center, debias = (p.key_bits, p.value_bits, p.method,
                                                      p.center, p.debias)
     key_split, fp16_window, block_tokens, fp16_sinks = (p.key_split, p.fp16_window,
                                                         p.block_tokens, p.fp16_sinks)
     split_angle_bits, decay_after, decay_bits, sparse_v = (p.split_angle_bits, p.decay_after,
                                                            p.decay_bits, p.sparse_v)
-    mixed_bits, mixed_keep = p.mixed_bits, p.mixed_keep
+    mixed_bits, mixed_keep, mixed_trial = p.mixed_bits, p.mixed_keep, p.mixed_trial
     install_attention_route()
     base_cache = _mlx_cache.make_prompt_cache(model)
     compressible = check_architecture(model, base_cache)
@@ -1326,15 +1381,23 @@ def make_prompt_cache(model, key_bits: int | None = None, value_bits: int | None
                 cls, extra = TurboQuantRotatingKVCache, {"max_size": base_cache[i].max_size,
                                                          "keep": base_cache[i].keep}
                 mb, mk, fs = 0, 0.0, 0
+                if mixed_bits and i not in per_layer:
+                    # no mixed precision in a ring: uniform codes of the same average width
+                    # (tq3-mixed: 3 / 3 bits), not the recipe's kept width for every token,
+                    # in the ring's own blocks (a mixed recipe's block sizes its groups)
+                    kb, vb = p.uniform_bits()
+                    extra["block_tokens"] = None
             cache[i] = cls(key_bits=int(kb), value_bits=int(vb), method=method,
                                          key_method=key_method, value_method=value_method,
                                          seed=seed, layer=first + i, rotation=rotation,
                                          center=center,
                                          debias=debias, key_split=key_split, rope_pairs=pairs,
-                                         fp16_window=fp16_window, block_tokens=block_tokens,
+                                         fp16_window=fp16_window,
+                                         block_tokens=extra.pop("block_tokens", block_tokens),
                                          fp16_sinks=fs, decay_after=decay_after,
                                          decay_bits=decay_bits, sparse_v=sparse_v,
                                          mixed_bits=mb, mixed_keep=mk,
+                                         mixed_trial=mixed_trial and bool(mb),
                                          split_angle_bits=split_angle_bits,
                                          kv_head_offset=offset, **heads, **extra)
     return cache

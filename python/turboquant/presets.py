@@ -37,17 +37,28 @@ class Preset:
     block_tokens: int | None = None  # flush block (None: 16 with mixed, 32 with a window)
     mixed_bits: int = 0  # importance-routed mixed precision: low width (0: off)
     mixed_keep: float = 0.0  # fraction of each flush group kept at key/value bits
+    # mixed precision only on layers where a trial on the prompt finds that it pays
+    # (turboquant.mixed_trial); the others hold uniform codes of the same average width
+    mixed_trial: bool = False
     decay_after: int = 0
     decay_bits: int = 0
     sparse_v: float = 0.0
 
     def code_bits(self) -> float:
-        """Average code bits per K/V coordinate (mixed precision averages its two widths);
-        norms, angles and fp16 tokens come on top (see ``info --preset``)."""
-        bits = (self.key_bits + self.value_bits) / 2
-        if self.mixed_bits:
-            bits = self.mixed_keep * bits + (1 - self.mixed_keep) * self.mixed_bits
-        return bits
+        """Average code bits per K/V coordinate (mixed precision averages its two widths, the
+        key split's low-width parts counted as stored: floor 1 bit each); norms, angles and
+        fp16 tokens come on top (see ``info --preset``)."""
+        return sum(role_bits(self.key_bits, self.value_bits, self.mixed_bits, self.mixed_keep,
+                             self.key_split and 2 <= self.key_bits <= 7)) / 2
+
+    def uniform_bits(self) -> tuple[int, int]:
+        """(key bits, value bits) of a layer without mixed precision (a sliding-window ring,
+        whose codes must stay in position order, or a layer where the mixed-precision trial
+        finds routing does not pay) at the recipe's average code bits
+        (:func:`uniform_widths`; ``tq3-mixed``: 3 / 3, ``tq2.5``: 3 / 2). Without mixed
+        precision, the recipe's own bits."""
+        return uniform_widths(self.key_bits, self.value_bits, self.mixed_bits, self.mixed_keep,
+                              self.key_split and 2 <= self.key_bits <= 7)
 
     def cache_kwargs(self) -> dict:
         """The keyword arguments of ``turboquant.mlx_lm.make_prompt_cache``."""
@@ -66,7 +77,11 @@ class Preset:
         if self.decay_after:
             s += f"+d{self.decay_after}:{self.decay_bits}"
         if self.mixed_bits:
-            s += f"+m{self.mixed_bits}:{self.mixed_keep:g}"
+            s += f"+m{self.mixed_bits}:{self.mixed_keep:.6g}"
+            if self.block_tokens:  # the group in tokens (eval grammar mB:F:G)
+                from turboquant.mlx_lm import mixed_blocks
+
+                s += f":{mixed_blocks(self.mixed_keep)[0] * self.block_tokens}"
         if self.sparse_v:
             s += f"+sv{self.sparse_v:g}"
         if not (self.center or self.debias or self.key_split):
@@ -75,24 +90,66 @@ class Preset:
             s += "/nosplit"
         if self.split_angle_bits == 16:
             s += "/a16"
+        if self.mixed_bits and self.mixed_trial:
+            s += "/trial"
         return s
+
+
+def role_bits(key_bits: int, value_bits: int, mixed_bits: int = 0, keep: float = 0.0,
+              key_split: bool = False) -> tuple[float, float]:
+    """Average code bits of the keys and of the values. With mixed precision the fraction
+    ``keep`` of the tokens holds key_bits / value_bits and the rest ``mixed_bits``; split
+    keys (half of the channels at key_bits + 1, half at key_bits - 1) drop both parts by
+    key_bits - mixed_bits, floor 1 bit, as the core stores them (3-bit keys at 1 bit hold
+    their parts at 2 and 1 bits: 1.5)."""
+    if not mixed_bits:
+        return float(key_bits), float(value_bits)
+    low_key = float(mixed_bits)
+    if key_split:
+        drop = key_bits - mixed_bits
+        low_key = (max(1, key_bits - 1 - drop) + max(1, key_bits + 1 - drop)) / 2
+    return (keep * key_bits + (1 - keep) * low_key,
+            keep * value_bits + (1 - keep) * mixed_bits)
+
+
+def uniform_widths(key_bits: int, value_bits: int, mixed_bits: int = 0, keep: float = 0.0,
+                   key_split: bool = False) -> tuple[int, int]:
+    """(key bits, value bits) of uniform codes with the average code bits of a mixed layout
+    (:func:`role_bits`): the pair's bits rounded to a whole number, the keys taking the odd
+    bit (on Gemma-3's global layers the key error dominates). Without mixed precision, the
+    given widths."""
+    if not mixed_bits:
+        return key_bits, value_bits
+    total = round(sum(role_bits(key_bits, value_bits, mixed_bits, keep, key_split)))
+    key = min(8, max(1, -(-total // 2)))
+    return key, max(1, total - key)
 
 
 # The recommended recipe at any bits: 4 fp16 sink tokens and a 64-token fp16 window around
 # the codes (centring, norm correction and the key split on).
 _RECIPE = {"fp16_sinks": 4, "fp16_window": 64}
 
+# Mixed precision (tq3-mixed, tq2.5, tq2): importance routing on the layers where a trial on
+# the prompt finds that it pays (turboquant.mixed_trial), uniform codes of the same average
+# width elsewhere (and on sliding-window layers).
+_MIXED = {"mixed_trial": True, **_RECIPE}
+
 PRESETS: dict[str, Preset] = {p.name: p for p in (
     Preset("tq4", "4-bit codes, 4 fp16 sinks, 64-token fp16 window", 4, 4, **_RECIPE),
     Preset("tq3", "3-bit codes, 4 fp16 sinks, 64-token fp16 window (the default)", 3, 3,
            **_RECIPE),
     Preset("tq3-mixed", "3.0 average code bits: the most attended half of each 32-token "
-           "flush group at 4 bits, the rest at 2; 4 fp16 sinks, 64-token fp16 window", 4, 4,
-           mixed_bits=2, mixed_keep=0.5, **_RECIPE),
+           "flush group at 4 bits, the rest at 2, on layers where that pays (else 3-bit "
+           "codes); 4 fp16 sinks, 64-token fp16 window", 4, 4,
+           mixed_bits=2, mixed_keep=0.5, **_MIXED),
     Preset("tq2.5", "2.5 average code bits: the most attended quarter of each 64-token "
-           "flush group at 4 bits, the rest at 2; 4 fp16 sinks, 64-token fp16 window", 4, 4,
-           mixed_bits=2, mixed_keep=0.25, **_RECIPE),
-    Preset("tq2", "2-bit codes, 4 fp16 sinks, 64-token fp16 window", 2, 2, **_RECIPE),
+           "flush group at 4 bits, the rest at 2, on layers where that pays (else 3-bit keys "
+           "and 2-bit values); 4 fp16 sinks, 64-token fp16 window", 4, 4,
+           mixed_bits=2, mixed_keep=0.25, **_MIXED),
+    Preset("tq2", "2.0 average code bits: the most attended 3 of every 7 tokens (56-token "
+           "flush groups) at 3 bits, the rest at 1 (split keys: 1.5), on layers where that "
+           "pays (else 2-bit codes); 4 fp16 sinks, 64-token fp16 window", 3, 3,
+           mixed_bits=1, mixed_keep=3 / 7, block_tokens=8, **_MIXED),
     Preset("codes-only", "3-bit codes for every token, no fp16 tokens (centring, norm "
            "correction and key split on; the behaviour before presets)", 3, 3),
 )}
@@ -114,12 +171,11 @@ def get(name: str) -> Preset:
 
 
 def recommended(key_bits: int, value_bits: int) -> Preset:
-    """The recommended recipe at these bits: the uniform preset with them (tq2, tq3, tq4),
-    else the same recipe (sinks + window around the codes) at the given widths."""
-    for p in PRESETS.values():
-        if (p.key_bits, p.value_bits) == (key_bits, value_bits) and p.fp16_window \
-                and not p.mixed_bits:
-            return p
+    """The recommended recipe at these bits: ``tq2``, ``tq3`` or ``tq4`` when both are 2, 3
+    or 4 (``tq2`` is a mixed recipe of 2.0 average code bits), else the uniform recipe
+    (sinks + window around the codes) at the given widths."""
+    if key_bits == value_bits and f"tq{key_bits}" in PRESETS:
+        return PRESETS[f"tq{key_bits}"]
     return Preset(f"k{key_bits}v{value_bits}", f"{key_bits}-bit keys, {value_bits}-bit values, "
                   "4 fp16 sinks, 64-token fp16 window", key_bits, value_bits, **_RECIPE)
 
@@ -162,9 +218,14 @@ def describe(p: Preset) -> list[str]:
     if p.mixed_bits:
         from turboquant.mlx_lm import mixed_blocks
 
-        group = mixed_blocks(p.mixed_keep)[0] * block
-        mixed = (f"the most attended {100 * p.mixed_keep:g}% of each {group}-token flush group "
-                 f"at the key/value bits, the rest at {p.mixed_bits} bits")
+        r, k = mixed_blocks(p.mixed_keep)
+        group = r * block
+        mixed = (f"the most attended {k}/{r} of each {group}-token flush group at the "
+                 f"key/value bits, the rest at {p.mixed_bits} bits")
+        if p.mixed_trial:
+            kb, vb = p.uniform_bits()
+            mixed += (f", on layers where a trial on the prompt finds that routing pays; "
+                      f"elsewhere (and on sliding-window layers) {kb}-bit keys, {vb}-bit values")
     lines = [
         f"preset:          {p.name}: {p.summary}",
         f"eval setting:    {p.spec()}",
@@ -216,7 +277,8 @@ def memory_bytes(p: Preset, shape: tuple[int, int, int, int], tokens: int,
     Gaussian K/V the way generation fills it: a prompt of ``tokens - 1`` tokens in
     ``chunk``-token steps (mlx-lm's prefill step), then one decode step, each followed by
     one attention query (which rates the tokens for mixed precision); every layer of a
-    model holds the same configuration, so the layer's bytes count ``layers`` times."""
+    model holds the same configuration, so the layer's bytes count ``layers`` times. Mixed
+    precision is counted routed on every layer (the trial's uniform layers hold less)."""
     import mlx.core as mx
 
     from turboquant.mlx_lm import TurboQuantKVCache
@@ -224,7 +286,10 @@ def memory_bytes(p: Preset, shape: tuple[int, int, int, int], tokens: int,
     layers, n_q, n_kv, d = shape
     if tokens < 2:
         raise ValueError(f"tokens must be >= 2 (a prompt and one decode step), got {tokens}")
-    cache = TurboQuantKVCache(layer=0, seed=seed, rope_pairs="half", **p.cache_kwargs())
+    # The routed layout (mixed_trial off): a layer that the trial leaves uniform holds the
+    # same code bits without the kept-token masks, so this is the larger of the two.
+    kwargs = dict(p.cache_kwargs(), mixed_trial=False)
+    cache = TurboQuantKVCache(layer=0, seed=seed, rope_pairs="half", **kwargs)
     rng = np.random.default_rng(seed)
     steps = [min(chunk, tokens - 1 - i) for i in range(0, tokens - 1, chunk)] + [1]
     for t in steps:

@@ -263,6 +263,11 @@ def test_options_and_errors():
                                      mixed_bits=2, mixed_keep=0.5, fp16_sinks=2)
     assert cache[0].mixed_bits == 0 and cache[0].fp16_sinks == 0
     assert cache[1].mixed_bits == 2
+    # the ring holds uniform codes of the recipe's average width (3.0 bits), not 4-bit codes
+    assert (cache[0].key_bits, cache[0].value_bits) == (3, 3)
+    assert (cache[1].key_bits, cache[1].value_bits) == (4, 4)
+    cache = tq_mlx.make_prompt_cache(model, preset="tq2.5")  # 2.5 bits: 3-bit keys, 2-bit values
+    assert (cache[0].key_bits, cache[0].value_bits, cache[0].mixed_bits) == (3, 2, 0)
     with pytest.raises(tq_mlx.UnsupportedArchitectureError, match="no layer left"):
         codes_only(model, fp16_layers=[1], sliding=False)
     for kw, msg in [({"max_size": 0}, "max_size must be"),
