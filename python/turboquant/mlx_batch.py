@@ -39,7 +39,7 @@ import numpy as np
 from mlx_lm.models import base as _mlx_base
 from mlx_lm.models import cache as _mlx_cache
 
-from turboquant.mlx_lm import TurboQuantKVCache, _window_from_mask
+from turboquant.mlx_lm import TurboQuantKVCache, _host, _window_from_mask
 
 __all__ = ["GPU_REFUSAL", "BatchTurboQuantKVCache", "stats"]
 
@@ -238,6 +238,11 @@ class BatchTurboQuantKVCache(_mlx_cache._BaseCache):
         B, H, T, d = keys.shape
         if B != len(self.rows):
             raise ValueError(f"keys of batch {B} for a batch cache of {len(self.rows)} rows")
+        # one host copy of the batch's keys/values (not one per row) for rows on the core
+        for r in self.rows:
+            if r._gpu is None:
+                r._gpu = r._use_gpu(d)
+        host = None if any(r._gpu for r in self.rows) else (_host(keys), _host(values))
         spans = []
         for i, row in enumerate(self.rows):
             a = min(T, self._skip[i])
@@ -247,7 +252,10 @@ class BatchTurboQuantKVCache(_mlx_cache._BaseCache):
                 b = a + min(T - a, self._remaining[i])
                 self._remaining[i] -= b - a
             if b > a:
-                row.update_and_fetch(keys[i:i + 1, :, a:b], values[i:i + 1, :, a:b])
+                if host is None:
+                    row.update_and_fetch(keys[i:i + 1, :, a:b], values[i:i + 1, :, a:b])
+                else:
+                    row._ingest(host[0][i:i + 1, :, a:b], host[1][i:i + 1, :, a:b])
                 row._fetched = None
             spans.append((a, b))
         self._spans = spans
@@ -279,6 +287,16 @@ class BatchTurboQuantKVCache(_mlx_cache._BaseCache):
             raise ValueError(f"queries of batch {B} for a batch cache of {len(self.rows)} rows "
                              "(update_and_fetch must come first)")
         windows = self._windows(mask, T)
+        if not any(r._gpu for r in self.rows):
+            # host rows: one copy of the queries to the host and one of the output back
+            qh = _host(queries)
+            out = np.zeros((B, Hq, T, d), dtype=np.float32)
+            for i, row in enumerate(self.rows):
+                a, b = self._spans[i]
+                if b > a:
+                    out[i, :, a:b] = row._attend(qh[i:i + 1, :, a:b], scale=scale, causal=True,
+                                                 window=windows[i])[0]
+            return mx.array(out).astype(queries.dtype)
         outs = []
         for i, row in enumerate(self.rows):
             a, b = self._spans[i]

@@ -183,6 +183,18 @@ class TurboQuantKVCache(_mlx_cache._BaseCache):
             raise ValueError(
                 f"TurboQuantKVCache needs keys and values of one shape (B, H_kv, T, d), got "
                 f"{keys.shape} and {values.shape} (different K/V head dims are not supported)")
+        self._ingest(keys, values)
+        B, H, T, d = keys.shape
+        # Zero-memory placeholders of the shape mlx-lm expects (broadcast of one NaN).
+        nan = mx.array(float("nan"), dtype=keys.dtype)
+        ph_k = mx.broadcast_to(nan, (B, H, self.offset, d))
+        ph_v = mx.broadcast_to(nan, (B, H, self.offset, d))
+        self._fetched = (ph_k, ph_v)
+        return ph_k, ph_v
+
+    def _ingest(self, keys, values) -> None:
+        """Append ``keys``/``values`` (B, H_kv, T, d): mlx arrays, or host (NumPy) arrays on
+        a layer that is not on the GPU store (the batch cache converts a whole batch once)."""
         B, H, T, d = keys.shape
         if self._core is not None:
             cfg = self._shape
@@ -191,7 +203,7 @@ class TurboQuantKVCache(_mlx_cache._BaseCache):
                                  f"cache's (B*H_kv={cfg[0]}, head_dim={cfg[1]})")
         if self._gpu is None:
             self._gpu = self._use_gpu(d)
-        k, v = (keys, values) if self._gpu else (_to_numpy(keys), _to_numpy(values))
+        k, v = (keys, values) if self._gpu else (_host(keys), _host(values))
         self._batch = B
         k, v = self._centre(k.reshape(B * H, T, d), v.reshape(B * H, T, d))
         if self._perm is not None:
@@ -201,12 +213,6 @@ class TurboQuantKVCache(_mlx_cache._BaseCache):
         else:
             self._append_new(k, v)
         self.offset += T
-        # Zero-memory placeholders of the shape mlx-lm expects (broadcast of one NaN).
-        nan = mx.array(float("nan"), dtype=keys.dtype)
-        ph_k = mx.broadcast_to(nan, (B, H, self.offset, d))
-        ph_v = mx.broadcast_to(nan, (B, H, self.offset, d))
-        self._fetched = (ph_k, ph_v)
-        return ph_k, ph_v
 
     @classmethod
     def merge(cls, caches):
@@ -219,6 +225,13 @@ class TurboQuantKVCache(_mlx_cache._BaseCache):
     def attend(self, queries: mx.array, scale: float, causal: bool = True,
                window: int | None = None) -> mx.array:
         """Attention of ``queries`` (B, H_q, T_q, d), the last T_q positions, on the codes."""
+        out = self._attend(queries, scale, causal, window)
+        return mx.array(out).astype(queries.dtype)
+
+    def _attend(self, queries, scale: float, causal: bool = True, window: int | None = None):
+        """:meth:`attend` before the conversion to an mlx array of the queries' dtype: a
+        (B, H_q, T_q, d) host array (an mlx array on the GPU store). ``queries`` may be a
+        host array on a layer that is not on the GPU store."""
         B, Hq, Tq, d = queries.shape
         q = self._core_queries(queries, scale)
         extra = {"sparse_v": self.sparse_v} if self.sparse_v else {}
@@ -244,7 +257,7 @@ class TurboQuantKVCache(_mlx_cache._BaseCache):
         if self._v_mean is not None:  # sum_t p_t (v_t - m) + m = sum_t p_t v_t
             out = out.reshape(-1, Hq // (self._core_kv_heads // B), Tq, d)
             out = out + self._v_mean[:, None]
-        return mx.array(out.reshape(B, Hq, Tq, d)).astype(queries.dtype)
+        return out.reshape(B, Hq, Tq, d)
 
     def _core_queries(self, queries, scale: float | None = None):
         """``queries`` (B, H_q, T_q, d) as the core takes them: (B·H_q, T_q, d), on the host
@@ -254,7 +267,7 @@ class TurboQuantKVCache(_mlx_cache._BaseCache):
         B, Hq, Tq, d = queries.shape
         if B != self._batch:
             raise ValueError(f"queries batch {B} != cache batch {self._batch}")
-        q = (queries if self._gpu else _to_numpy(queries)).reshape(B * Hq, Tq, d)
+        q = (queries if self._gpu else _host(queries)).reshape(B * Hq, Tq, d)
         if self._core is None:
             self._create_core(n_q_heads=Hq, n_kv_heads=self._pending_heads(), head_dim=d,
                               queries=q, scale=scale)
@@ -526,6 +539,7 @@ class TurboQuantKVCache(_mlx_cache._BaseCache):
         self.offset, self._batch = int(cfg["offset"]), int(cfg.get("batch", 1))
         self._pending, self._fetched = [], None
         self._held = self._unflush = None
+        self.mixed_trial = False  # a restored layer keeps the widths it was saved with
         self.center = bool(cfg.get("center", True))
         self.debias = bool(cfg.get("debias", True))
         self.key_split = bool(cfg.get("key_split", False))
@@ -763,10 +777,13 @@ class TurboQuantKVCache(_mlx_cache._BaseCache):
         core are positions in the sequence minus these."""
         return 0
 
-    def _flush_point(self, T: int) -> int | None:
-        """Before appending T tokens: None when they cause no window flush (or one that is
-        not made exact: see above), else how many of them come before the token that
-        flushes; the block it flushes is kept (fp16 rows) to undo the flush on a trim."""
+    def _flush_point(self, T: int, k=None, v=None) -> int | None:
+        """Before appending T tokens (``k``/``v``, host arrays, when given): None when they
+        cause no window flush (or one that is not made exact: see above), else how many of
+        them come before the token that flushes; the block it flushes is kept (fp16 rows) to
+        undo the flush on a trim. That block may end inside the new tokens (a window shorter
+        than a block): its rows then come from ``k``/``v``, and without them the flush is
+        not undone (trims across it stay plain)."""
         if not self._exact_flushes():
             return None
         if T > self.block_tokens:
@@ -781,8 +798,16 @@ class TurboQuantKVCache(_mlx_cache._BaseCache):
             return limit - w
         coded, bt = int(self._core.coded_tokens(0)), self.block_tokens
         H = int(self._core_kv_heads)
-        rows = [np.stack([self._core.decode(0, h, role, coded, bt) for h in range(H)])
+        held = min(bt, w)  # of the block, the rows the window holds now
+        if held < bt and k is None:
+            self._unflush = None
+            return limit - w
+        rows = [np.stack([self._core.decode(0, h, role, coded, held) for h in range(H)])
                 for role in ("key", "value")]
+        if held < bt:  # the rest of the block: the first new tokens, as the window holds them
+            rows = [np.concatenate([r, np.asarray(x[:, :bt - held], np.float16)
+                                    .astype(np.float32)], axis=1)
+                    for r, x in zip(rows, (k, v))]
         self._unflush = (coded + self._evicted(), rows[0].astype(np.float16),
                          rows[1].astype(np.float16))
         return limit - w
@@ -790,7 +815,7 @@ class TurboQuantKVCache(_mlx_cache._BaseCache):
     def _append_new(self, k, v) -> None:
         """Append the (centred, permuted) K/V of one update_and_fetch call to the core."""
         self._append_held()
-        j = self._flush_point(k.shape[1])
+        j = self._flush_point(k.shape[1], k, v)
         if not j:
             if not self._exact_flushes() or k.shape[1] > self.block_tokens:
                 self._unflush = None
@@ -974,8 +999,8 @@ def _first_tokens(x, n: int):
 
 
 def _host(x) -> np.ndarray:
-    """A NumPy view of x (an mlx array is copied to the host)."""
-    return x if isinstance(x, np.ndarray) else _to_numpy(x)
+    """x as a C-contiguous NumPy array (an mlx array is copied to the host)."""
+    return np.ascontiguousarray(x) if isinstance(x, np.ndarray) else _to_numpy(x)
 
 
 def _to_numpy(x: mx.array) -> np.ndarray:

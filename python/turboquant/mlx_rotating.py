@@ -150,10 +150,10 @@ class TurboQuantRotatingKVCache(TurboQuantKVCache):
         self._fetched = (mx.broadcast_to(nan, (B, H, n, d)), mx.broadcast_to(nan, (B, H, n, d)))
         return self._fetched
 
-    def attend(self, queries: mx.array, scale: float, causal: bool = True,
-               window: int | None = None) -> mx.array:
+    def _attend(self, queries, scale: float, causal: bool = True, window: int | None = None):
         """Sliding-window attention of ``queries`` (B, H_q, T_q, d), the last T_q positions:
-        each sees the last min(window, max_size) tokens up to itself."""
+        each sees the last min(window, max_size) tokens up to itself (``attend`` converts
+        the host result to an mlx array of the queries' dtype)."""
         if not causal:
             raise ValueError("a sliding-window cache answers causal attention only")
         B, Hq, Tq, d = queries.shape
@@ -182,7 +182,7 @@ class TurboQuantRotatingKVCache(TurboQuantKVCache):
             bounds = [(a, min(a + C, Tq)) for a in range(0, Tq, C)]
             # a short block (a speculative verify step) is split where the window flushes,
             # like TurboQuantKVCache._append_new; longer ones flush as before
-            j = self._flush_point(T_new) if head == 0 else None
+            j = self._flush_point(T_new, k, v) if head == 0 else None
             if j:
                 bounds = [(0, j), (j, Tq)]
             elif head or Tq > C:
@@ -193,7 +193,7 @@ class TurboQuantRotatingKVCache(TurboQuantKVCache):
                                                 scale=float(scale), window=w, **extra)
         if self._v_mean is not None:  # sum_t p_t (v_t - m) + m = sum_t p_t v_t
             out = out.reshape(-1, Hq // (self._core_kv_heads // B), Tq, d) + self._v_mean[:, None]
-        return mx.array(out.reshape(B, Hq, Tq, d)).astype(queries.dtype)
+        return out.reshape(B, Hq, Tq, d)
 
     def mask_window(self, mask: mx.array, n_q: int) -> int | None:
         """The window of a mask from mlx-lm's ``RotatingKVCache.make_mask`` (or ours): for

@@ -839,3 +839,53 @@ def test_key_split_with_per_head_widths_ignores_an_unsplittable_key_bits():
                                       n_q_heads=1)
     core = cache._core
     assert (core.key_head_bits, core.outlier_head_bits) == ([1], [3]) and core.size(0) == 6
+
+
+def test_a_flush_inside_a_step_longer_than_the_window_can_be_undone():
+    """A step whose tokens flush a block that ends inside the step (window 1 token, blocks
+    of 8: 5 tokens held, 5 more come) keeps that block's rows from the new tokens, and a
+    trim back before the flush point gives what one-token steps give."""
+    from turboquant import mlx_lm as tq_mlx
+
+    mx = tq_mlx.mx
+    rng = np.random.default_rng(0)
+    kw = dict(key_bits=2, value_bits=2, fp16_window=1, block_tokens=8, center=False,
+              debias=False)
+    a, b = tq_mlx.TurboQuantKVCache(**kw), tq_mlx.TurboQuantKVCache(**kw)
+    k, v = gaussian(rng, (1, 1, 10, 16)), gaussian(rng, (1, 1, 10, 16))
+    q = mx.array(gaussian(rng, (1, 2, 1, 16)))
+    for c in (a, b):
+        c.update_and_fetch(mx.array(k[:, :, :5]), mx.array(v[:, :, :5]))
+        c.attend(q, scale=0.25)
+    a.update_and_fetch(mx.array(k[:, :, 5:]), mx.array(v[:, :, 5:]))  # flushes at token 10
+    a.attend(mx.array(gaussian(rng, (1, 2, 5, 16))), scale=0.25)
+    assert a._unflush is not None, "the flush of a block ending inside the step was not kept"
+    a.trim(3)
+    b.update_and_fetch(mx.array(k[:, :, 5:7]), mx.array(v[:, :, 5:7]))  # no flush: 7 tokens
+    b.attend(q, scale=0.25)
+    assert a.offset == b.offset == 7
+    assert (a._core.coded_tokens(0), a._core.window_tokens(0)) == \
+        (b._core.coded_tokens(0), b._core.window_tokens(0))
+    assert np.array_equal(np.asarray(a.attend(q, scale=0.25)), np.asarray(b.attend(q, scale=0.25)))
+
+
+def test_a_restored_mixed_layer_keeps_its_widths():
+    """A layer restored from its state (mixed_trial given at construction) has no trial
+    left to run: the widths it was saved with stay."""
+    from turboquant import mlx_lm as tq_mlx
+
+    mx = tq_mlx.mx
+    rng = np.random.default_rng(1)
+    c = tq_mlx.TurboQuantKVCache(key_bits=1, value_bits=1, block_tokens=1, center=False,
+                                 debias=False)
+    c.update_and_fetch(mx.array(gaussian(rng, (1, 1, 3, 16))),
+                       mx.array(gaussian(rng, (1, 1, 3, 16))))
+    c.attend(mx.array(gaussian(rng, (1, 1, 1, 16))), scale=0.25)
+    r = tq_mlx.TurboQuantKVCache(key_bits=4, value_bits=4, mixed_bits=2, mixed_keep=0.5,
+                                 fp16_window=4, mixed_trial=True)
+    r.state, r.meta_state = c.state, c.meta_state
+    assert r.mixed_trial is False and (r.key_bits, r.value_bits) == (1, 1)
+    r.update_and_fetch(mx.array(gaussian(rng, (1, 1, 1, 16))),
+                       mx.array(gaussian(rng, (1, 1, 1, 16))))
+    r.attend(mx.array(gaussian(rng, (1, 1, 1, 16))), scale=0.25)
+    assert r.offset == 4
