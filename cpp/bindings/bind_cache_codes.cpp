@@ -24,31 +24,96 @@ py::dtype norm_dtype_of(const Quantizer& q) {
   return q.norm_dtype() == NormDtype::kFloat16 ? py::dtype("float16") : py::dtype::of<float>();
 }
 
-// Checks one role's (codes (H, n, code_bytes) uint8, norms (H, n)) pair; returns n.
-size_t check_encoded(const KVCache& kv, KVRole role, const py::array& codes, const py::array& norms,
-                     const char* name) {
-  const auto H = static_cast<py::ssize_t>(kv.config().n_kv_heads);
-  const Quantizer& q = role == KVRole::kKey ? kv.key_quantizer(0, 0) : kv.value_quantizer(0, 0);
-  for (int h = 1; h < kv.config().n_kv_heads; ++h) {
-    const Quantizer& qh = role == KVRole::kKey ? kv.key_quantizer(0, h) : kv.value_quantizer(0, h);
+const Quantizer& role_quantizer(const KVCache& kv, int layer, int kv_head, KVRole role) {
+  return role == KVRole::kKey ? kv.key_quantizer(layer, kv_head) : kv.value_quantizer(layer, kv_head);
+}
+
+// Checks one head's (codes (n, code_bytes) uint8, norms (n,)) pair of one role; returns n.
+size_t check_head_rows(const Quantizer& q, const py::array& codes, const py::array& norms, const char* name,
+                       size_t h) {
+  TQ_CHECK(codes.dtype().is(py::dtype::of<uint8_t>()), TypeMismatch, name, " codes of KV head ", h,
+           " must be uint8, got ", dtype_name(codes));
+  TQ_CHECK(codes.ndim() == 2 && codes.shape(1) == static_cast<py::ssize_t>(q.code_bytes()), InvalidArgument,
+           name, " codes of KV head ", h, " must have shape (n, code_bytes=", q.code_bytes(), ")");
+  TQ_CHECK(codes.flags() & py::array::c_style, InvalidArgument, name, " codes of KV head ", h,
+           " must be C-contiguous");
+  const auto n = codes.shape(0);
+  TQ_CHECK(norms.dtype().is(norm_dtype_of(q)), TypeMismatch, name, " norms of KV head ", h, " must be ",
+           py::str(norm_dtype_of(q)).cast<std::string>(), ", got ", dtype_name(norms));
+  TQ_CHECK(norms.ndim() == 1 && norms.shape(0) == n, InvalidArgument, name, " norms of KV head ", h,
+           " must have shape (n=", n, ",)");
+  TQ_CHECK(norms.flags() & py::array::c_style, InvalidArgument, name, " norms of KV head ", h,
+           " must be C-contiguous");
+  return static_cast<size_t>(n);
+}
+
+// One role's encoded tokens: either one (n_kv_heads, n, code_bytes) codes array with
+// (n_kv_heads, n) norms (every head at one width), or sequences of n_kv_heads (n, code_bytes)
+// codes and (n,) norms arrays, each head's rows at its own width (per-head bit widths).
+// Fills the code and norm pointers of streams 2*h + role (arrays kept alive in `hold`);
+// returns n.
+size_t check_encoded(const KVCache& kv, int layer, KVRole role, const py::object& codes_obj,
+                     const py::object& norms_obj, const char* name, std::vector<const uint8_t*>& codes,
+                     std::vector<const uint8_t*>& norms, std::vector<py::array>& hold) {
+  const int H = kv.config().n_kv_heads;
+  const auto r = static_cast<size_t>(role);
+  if (!py::isinstance<py::array>(codes_obj)) {
+    TQ_CHECK(py::isinstance<py::sequence>(codes_obj) && py::isinstance<py::sequence>(norms_obj) &&
+                 !py::isinstance<py::array>(norms_obj),
+             TypeMismatch, name, " codes and norms must be arrays or sequences of one array per KV head");
+    const auto cs = codes_obj.cast<py::sequence>();
+    const auto ns = norms_obj.cast<py::sequence>();
+    TQ_CHECK(cs.size() == static_cast<size_t>(H) && ns.size() == static_cast<size_t>(H), InvalidArgument, name,
+             " codes and norms need one array per KV head (n_kv_heads=", H, "), got ", cs.size(), " and ",
+             ns.size());
+    size_t n = 0;
+    for (int h = 0; h < H; ++h) {
+      const auto c = py::array::ensure(cs[static_cast<size_t>(h)]);
+      const auto x = py::array::ensure(ns[static_cast<size_t>(h)]);
+      TQ_CHECK(c && x, TypeMismatch, name, " codes and norms of KV head ", h, " must be arrays");
+      const size_t nh = check_head_rows(role_quantizer(kv, layer, h, role), c, x, name, static_cast<size_t>(h));
+      TQ_CHECK(h == 0 || nh == n, InvalidArgument, name, " codes of KV head ", h, " hold ", nh,
+               " tokens but those of KV head 0 hold ", n);
+      n = nh;
+      codes[2 * static_cast<size_t>(h) + r] = static_cast<const uint8_t*>(c.data());
+      norms[2 * static_cast<size_t>(h) + r] = static_cast<const uint8_t*>(x.data());
+      hold.push_back(c);
+      hold.push_back(x);
+    }
+    return n;
+  }
+  const auto ca = codes_obj.cast<py::array>();
+  const auto na = py::array::ensure(norms_obj);
+  TQ_CHECK(na, TypeMismatch, name, " norms must be an array when the codes are one array");
+  const Quantizer& q = role_quantizer(kv, layer, 0, role);
+  for (int h = 1; h < H; ++h) {
+    const Quantizer& qh = role_quantizer(kv, layer, h, role);
     TQ_CHECK(qh.code_bytes() == q.code_bytes(), InvalidArgument, name, " codes: KV heads 0 and ", h,
              " have different row sizes (", q.code_bytes(), " and ", qh.code_bytes(),
-             " code bytes: per-head bit widths), which one (n_kv_heads, n, code_bytes) array cannot hold");
+             " code bytes: per-head bit widths), which one (n_kv_heads, n, code_bytes) array cannot hold "
+             "(pass one array per KV head)");
   }
-  TQ_CHECK(codes.dtype().is(py::dtype::of<uint8_t>()), TypeMismatch, name, " codes must be uint8, got ",
-           dtype_name(codes));
-  TQ_CHECK(codes.ndim() == 3 && codes.shape(0) == H &&
-               codes.shape(2) == static_cast<py::ssize_t>(q.code_bytes()),
+  TQ_CHECK(ca.dtype().is(py::dtype::of<uint8_t>()), TypeMismatch, name, " codes must be uint8, got ",
+           dtype_name(ca));
+  TQ_CHECK(ca.ndim() == 3 && ca.shape(0) == H && ca.shape(2) == static_cast<py::ssize_t>(q.code_bytes()),
            InvalidArgument, name, " codes must have shape (n_kv_heads=", H, ", n, code_bytes=", q.code_bytes(),
            ")");
-  TQ_CHECK(codes.flags() & py::array::c_style, InvalidArgument, name, " codes must be C-contiguous");
-  const auto n = codes.shape(1);
-  TQ_CHECK(norms.dtype().is(norm_dtype_of(q)), TypeMismatch, name, " norms must be ",
-           py::str(norm_dtype_of(q)).cast<std::string>(), ", got ", dtype_name(norms));
-  TQ_CHECK(norms.ndim() == 2 && norms.shape(0) == H && norms.shape(1) == n, InvalidArgument, name,
-           " norms must have shape (n_kv_heads=", H, ", n=", n, ")");
-  TQ_CHECK(norms.flags() & py::array::c_style, InvalidArgument, name, " norms must be C-contiguous");
-  return static_cast<size_t>(n);
+  TQ_CHECK(ca.flags() & py::array::c_style, InvalidArgument, name, " codes must be C-contiguous");
+  const auto n = static_cast<size_t>(ca.shape(1));
+  TQ_CHECK(na.dtype().is(norm_dtype_of(q)), TypeMismatch, name, " norms must be ",
+           py::str(norm_dtype_of(q)).cast<std::string>(), ", got ", dtype_name(na));
+  TQ_CHECK(na.ndim() == 2 && na.shape(0) == H && na.shape(1) == static_cast<py::ssize_t>(n), InvalidArgument,
+           name, " norms must have shape (n_kv_heads=", H, ", n=", n, ")");
+  TQ_CHECK(na.flags() & py::array::c_style, InvalidArgument, name, " norms must be C-contiguous");
+  const auto* c = static_cast<const uint8_t*>(ca.data());
+  const auto* x = static_cast<const uint8_t*>(na.data());
+  for (size_t h = 0; h < static_cast<size_t>(H); ++h) {
+    codes[2 * h + r] = c + h * n * q.code_bytes();
+    norms[2 * h + r] = x + h * n * q.norm_bytes();
+  }
+  hold.push_back(ca);
+  hold.push_back(na);
+  return n;
 }
 
 }  // namespace
@@ -77,34 +142,25 @@ void bind_cache_codes(py::module_& m) {
       py::arg("count") = py::none(),
       "The stored (codes (n, code_bytes) uint8, norms (n,)) of one stream, tokens [start, start+count)\n"
       "of the coded part of the layer (the fp16 window, if any, is not included).");
-  cls.def("append_encoded", [](KVCache& kv, const py::array& key_codes, const py::array& key_norms,
-                               const py::array& value_codes, const py::array& value_norms, int layer) {
+  cls.def("append_encoded", [](KVCache& kv, const py::object& key_codes, const py::object& key_norms,
+                               const py::object& value_codes, const py::object& value_norms, int layer) {
         TQ_CHECK(layer >= 0 && layer < kv.config().n_layers, InvalidArgument, "layer must be in [0, ",
                  kv.config().n_layers, "), got ", layer);
-        const size_t n = check_encoded(kv, KVRole::kKey, key_codes, key_norms, "key");
-        const size_t nv = check_encoded(kv, KVRole::kValue, value_codes, value_norms, "value");
-        TQ_CHECK(n == nv, InvalidArgument, "key codes hold ", n, " tokens but value codes hold ", nv);
         const auto H = static_cast<size_t>(kv.config().n_kv_heads);
         std::vector<const uint8_t*> codes(2 * H), norms(2 * H);
-        const auto* kc = static_cast<const uint8_t*>(key_codes.data());
-        const auto* kn = static_cast<const uint8_t*>(key_norms.data());
-        const auto* vc = static_cast<const uint8_t*>(value_codes.data());
-        const auto* vn = static_cast<const uint8_t*>(value_norms.data());
-        for (size_t h = 0; h < H; ++h) {
-          const Quantizer& kq = kv.key_quantizer(layer, static_cast<int>(h));
-          const Quantizer& vq = kv.value_quantizer(layer, static_cast<int>(h));
-          codes[2 * h] = kc + h * n * kq.code_bytes();
-          norms[2 * h] = kn + h * n * kq.norm_bytes();
-          codes[2 * h + 1] = vc + h * n * vq.code_bytes();
-          norms[2 * h + 1] = vn + h * n * vq.norm_bytes();
-        }
+        std::vector<py::array> hold;
+        const size_t n = check_encoded(kv, layer, KVRole::kKey, key_codes, key_norms, "key", codes, norms, hold);
+        const size_t nv =
+            check_encoded(kv, layer, KVRole::kValue, value_codes, value_norms, "value", codes, norms, hold);
+        TQ_CHECK(n == nv, InvalidArgument, "key codes hold ", n, " tokens but value codes hold ", nv);
         py::gil_scoped_release release;
         kv.append_encoded(layer, n, codes, norms);
       }, py::arg("key_codes"), py::arg("key_norms"), py::arg("value_codes"), py::arg("value_norms"),
       py::arg("layer") = 0,
       "Append n already-encoded tokens to one layer: codes (n_kv_heads, n, code_bytes) uint8 and\n"
-      "norms (n_kv_heads, n) float16 per role, as encoded by this cache's quantizers (no check that\n"
-      "they were). All arrays are validated before anything is written.");
+      "norms (n_kv_heads, n) float16 per role, or (per-head bit widths) per role a list of n_kv_heads\n"
+      "codes (n, code_bytes of that head) and norms (n,) arrays, as encoded by this cache's quantizers\n"
+      "(no check that they were). All arrays are validated before anything is written.");
 }
 
 }  // namespace turboquant::bindings

@@ -22,8 +22,9 @@ K/V in, attention output back): the graph is evaluated at that layer, the C++ ke
 with the GIL released, and the output is wrapped back into an ``mx.array``. On a Mac with an
 mlx Metal device a layer is held instead by ``turboquant.mlx_metal.MetalCodeStore`` (codes
 as mlx arrays, the ``turboquant.metal`` kernels), the defaults included: the key split runs
-there (split.metal). What stays on the CPU core: temporal decay, sparse V, and the key split
-at head_dim < 32 (``TurboQuantKVCache.gpu_refusal`` gives the reason).
+there (split.metal), and so do a profile's per-KV-head widths. What stays on the CPU core:
+temporal decay, importance-routed mixed precision, sparse V, and the key split at
+head_dim < 32 (``TurboQuantKVCache.gpu_refusal`` gives the reason, and a warning names it).
 """
 
 from __future__ import annotations
@@ -298,8 +299,9 @@ class TurboQuantKVCache(_mlx_cache._BaseCache):
         this layer, else why it cannot (then the C++ core holds it). The store does
         turboquant_mse with the Hadamard rotation on power-of-two head dims, the key split
         (split.metal; head_dim >= 32, so that both halves have hadamard rotations), norm
-        correction (debias), fp16 sinks and the fp16 recent window; not temporal decay and
-        not sparse V."""
+        correction (debias), fp16 sinks, the fp16 recent window and per-KV-head widths (a
+        profile's, one launch set per width group); not temporal decay, importance-routed
+        mixed precision or sparse V."""
         why = _mlx_metal.store_supports(head_dim, self.key_method, self.value_method,
                                         self.rotation)
         if why:
@@ -313,9 +315,6 @@ class TurboQuantKVCache(_mlx_cache._BaseCache):
             return "mixed precision is a C++ core feature (the GPU store holds one width per role)"
         if self.sparse_v:
             return "the GPU store's decode kernel is dense (sparse_v runs on the C++ core)"
-        if self.key_head_bits is not None or self.value_head_bits is not None:
-            return ("per-KV-head bit widths are a C++ core feature (the GPU store holds one "
-                    "width per role)")
         return None
 
     def _centre(self, k: np.ndarray, v: np.ndarray):
@@ -666,7 +665,7 @@ class TurboQuantKVCache(_mlx_cache._BaseCache):
             self._core = _mlx_metal.MetalCodeStore(head_dim, norm_correction=self.debias and mse,
                                                    fp16_window=self.fp16_window,
                                                    fp16_sinks=self.fp16_sinks, check_inputs=False,
-                                                   **common, **split)
+                                                   **common, **split, **heads)
         else:
             mixed = {}
             if self.mixed_bits:

@@ -19,6 +19,13 @@ default) the keys are ``OutlierSplitQuantizer`` codes, encoded, rotated, dequant
 attended by the split.metal kernels (``turboquant.metal.SplitHeadTables``), bit-identical to
 the C++ core's; values are unchanged.
 
+Per-KV-head widths (``key_head_bits`` / ``value_head_bits`` / ``outlier_head_bits``, the
+core's lists of n_kv_heads or n_layers × n_kv_heads entries: a calibrated profile) group the
+KV heads by their (key, value) widths; each width group has its own tables and code pages
+and is encoded and attended by the kernels of its widths (one launch set per group, on the
+group's KV heads and the query heads of each), the groups' outputs put back in head order.
+Codes, norms, memory and files are the core's, byte for byte.
+
 It has the methods and semantics that ``turboquant.mlx_lm`` uses on ``_core.KVCache``
 (``append``, ``attend``, ``size``, ``trim``, ``memory_bytes``, ``fp16_bytes``, ``to_bytes`` /
 ``from_bytes``), taking and returning mlx arrays of shape (heads, T, d). The quantizers are
@@ -191,6 +198,80 @@ class ReferenceKernels:
         return out
 
 
+def _head_bits(bits, name: str, n_kv_heads: int, layer: int, lowest: int):
+    """A per-KV-head width list as the core takes it (None: uniform), checked: n_kv_heads
+    entries, or n_kv_heads per layer of a cache of which the store holds layer ``layer``;
+    each in [lowest, 8] (outlier_head_bits: 0 means that head's key bits + 1)."""
+    if bits is None:
+        return None
+    bits = list(bits)
+    if not bits:
+        return None
+    H = int(n_kv_heads)
+    if len(bits) != H and (len(bits) % H or len(bits) // H <= layer):
+        raise ValueError(f"{name} must have one entry per KV head (n_kv_heads = {H}) or one per "
+                         f"layer and KV head (n_layers * {H}, covering layer {layer}), got "
+                         f"{len(bits)} entries")
+    for i, b in enumerate(bits):
+        if isinstance(b, bool) or not isinstance(b, (int, np.integer)) \
+                or not lowest <= int(b) <= 8:
+            raise ValueError(f"{name}[{i}] must be an integer in [{lowest}, 8], got {b!r}")
+    return tuple(int(b) for b in bits)
+
+
+def _pick(bits, n_kv_heads: int, layer: int, kv_head: int, otherwise: int) -> int:
+    """KVCacheConfig::pick(): the width of one (layer, KV head) from a per-head list."""
+    if bits is None:
+        return int(otherwise)
+    return bits[kv_head] if len(bits) == n_kv_heads else bits[layer * n_kv_heads + kv_head]
+
+
+class _WidthGroup:
+    """The KV heads of a store that share one key width and one value width: their kernel
+    tables and their code pages, (heads, capacity, code_bytes) uint8 and (heads, capacity)
+    float16 per role (None while empty)."""
+
+    def __init__(self, heads: Sequence[int], key_tables, value_tables, n_kv_heads: int):
+        self.heads = tuple(int(h) for h in heads)
+        self.key_tables, self.value_tables = key_tables, value_tables
+        # None: every KV head of the store, in order (no gather).
+        self.index = (None if self.heads == tuple(range(n_kv_heads))
+                      else _mx().array(np.asarray(self.heads, np.int32)))
+        self.k_codes = self.k_norms = self.v_codes = self.v_norms = None
+
+    def take(self, x):
+        """The group's heads of an (n_kv_heads, ...) array."""
+        return x if self.index is None else _mx().take(x, self.index, axis=0)
+
+    def arrays(self) -> tuple:
+        return self.k_codes, self.k_norms, self.v_codes, self.v_norms
+
+    def row_bytes(self) -> int:
+        """Bytes of one token of every head of the group: codes and fp16 norms, both roles."""
+        return len(self.heads) * (self.key_tables.code_bytes + self.value_tables.code_bytes + 4)
+
+    def grow(self, old_cap: int, cap: int) -> None:
+        mx = _mx()
+        n = len(self.heads)
+
+        def grow(a, tail, dtype):
+            pad = mx.zeros((n, cap - old_cap) + tail, dtype=dtype)
+            return pad if a is None else mx.concatenate([a, pad], axis=1)
+
+        self.k_codes = grow(self.k_codes, (self.key_tables.code_bytes,), mx.uint8)
+        self.v_codes = grow(self.v_codes, (self.value_tables.code_bytes,), mx.uint8)
+        self.k_norms = grow(self.k_norms, (), mx.float16)
+        self.v_norms = grow(self.v_norms, (), mx.float16)
+
+    def shrink(self, cap: int) -> None:
+        if cap == 0:
+            self.k_codes = self.k_norms = self.v_codes = self.v_norms = None
+            return
+        mx = _mx()
+        self.k_codes, self.k_norms, self.v_codes, self.v_norms = (
+            mx.contiguous(a[:, :cap]) for a in self.arrays())
+
+
 class MetalCodeStore:
     """One layer's compressed K/V as mlx arrays (see the module docstring).
 
@@ -216,7 +297,9 @@ class MetalCodeStore:
                  kernels: Any = None, check_inputs: bool = True, n_outlier_channels: int = 0,
                  outlier_bits: int = 0, outlier_channels: Sequence[int] | None = None,
                  outlier_roles: str = "keys", split_angle_bits: int = 8,
-                 kv_head_offset: int = 0):
+                 kv_head_offset: int = 0, key_head_bits: Sequence[int] | None = None,
+                 value_head_bits: Sequence[int] | None = None,
+                 outlier_head_bits: Sequence[int] | None = None):
         if n_layers != 1:
             raise ValueError(f"a MetalCodeStore holds one layer (n_layers=1), got {n_layers}; "
                              "use MetalKVCache for several")
@@ -259,29 +342,102 @@ class MetalCodeStore:
                                     split_angle_bits)
         self.split_angle_bits = int(split_angle_bits)
 
-        def quantizers(role: int, bits: int, split: dict):
-            return [_core.Quantizer("turboquant_mse", self.head_dim, bits, self.seed,
-                                    rotation="hadamard", norm_dtype="float16",
-                                    norm_correction=self.norm_correction,
-                                    stream=kv_stream_id(self.layer, self.kv_head_offset + h,
-                                                        role), **split)
-                    for h in range(self.n_kv_heads)]
+        H = self.n_kv_heads
+        # Per-KV-head widths as configured (the core's lists: n_kv_heads entries, or those of
+        # every layer of a cache whose layer `layer` this store holds), None when uniform.
+        self.key_head_bits = _head_bits(key_head_bits, "key_head_bits", H, self.layer, 1)
+        self.value_head_bits = _head_bits(value_head_bits, "value_head_bits", H, self.layer, 1)
+        self.outlier_head_bits = _head_bits(outlier_head_bits, "outlier_head_bits", H,
+                                            self.layer, 0)
+        if self.outlier_head_bits is not None and not self._split:
+            raise ValueError("outlier_head_bits needs the key split (n_outlier_channels or "
+                             "outlier_channels)")
 
-        if self._split:  # the key split (outlier split of the keys): split.metal kernels
-            self.key_tables = SplitHeadTables(quantizers(0, self.key_bits, self._split))
-        else:
-            self.key_tables = HeadTables(quantizers(0, self.key_bits, {}))
-        self.value_tables = HeadTables(quantizers(1, self.value_bits, {}))
+        def quantizer(role: int, h: int):
+            bits = _pick(self.key_head_bits if role == 0 else self.value_head_bits, H,
+                         self.layer, h, self.key_bits if role == 0 else self.value_bits)
+            split = {}
+            if role == 0 and self._split:
+                split = dict(self._split, outlier_bits=_pick(
+                    self.outlier_head_bits, H, self.layer, h, self._split["outlier_bits"]))
+            return _core.Quantizer("turboquant_mse", self.head_dim, bits, self.seed,
+                                   rotation="hadamard", norm_dtype="float16",
+                                   norm_correction=self.norm_correction,
+                                   stream=kv_stream_id(self.layer, self.kv_head_offset + h, role),
+                                   **split)
+
+        # KV heads grouped by their (key, value) widths: one set of tables and pages per
+        # group, each encoded and attended by the kernels of one width (the per-width
+        # kernels are those of a uniform cache); heads in the order of their first member.
+        keys = [quantizer(0, h) for h in range(H)]
+        values = [quantizer(1, h) for h in range(H)]
+        members: dict[tuple, list[int]] = {}
+        for h in range(H):
+            kq = keys[h]
+            width = (kq.bits, kq.outlier_bits if self._split else 0, values[h].bits)
+            members.setdefault(width, []).append(h)
+        self._groups = []
+        for heads in members.values():
+            kq = [keys[h] for h in heads]
+            # the key split (outlier split of the keys): split.metal kernels
+            kt = SplitHeadTables(kq) if self._split else HeadTables(kq)
+            self._groups.append(_WidthGroup(heads, kt, HeadTables([values[h] for h in heads]),
+                                            H))
+        # KV head h is row _slots[h][1] of group _slots[h][0]; _inverse puts the groups'
+        # rows (concatenated) back into KV head order.
+        self._slots = [(0, 0)] * H
+        for i, g in enumerate(self._groups):
+            for j, h in enumerate(g.heads):
+                self._slots[h] = (i, j)
+        order = [h for g in self._groups for h in g.heads]
+        self._inverse = (None if len(self._groups) == 1 else
+                         _mx().array(np.argsort(order).astype(np.int32)))
         self._n = 0       # tokens held
         self._coded = 0   # tokens not in the fp16 window: the sinks, then the codes
         self._nc = 0      # tokens held as codes (code index 0 = token _ns)
-        self._cap = 0     # code capacity (whole pages of block_tokens)
-        # (H, cap, code_bytes) uint8 and (H, cap) float16 per role; None while empty.
-        self._k_codes = self._k_norms = self._v_codes = self._v_norms = None
+        self._cap = 0     # code capacity (whole pages of block_tokens), every group's
         # fp16 sinks and window: (H, rows, d) float16 mlx arrays per role; None while empty.
         self._k_sink = self._v_sink = self._k_win = self._v_win = None
         # Rows of fp16 storage held per stream (the C++ cache's vector capacities).
         self._sink_cap = self._win_cap = 0
+
+    @property
+    def width_groups(self) -> list[tuple[int, ...]]:
+        """The KV heads of each width group (heads sharing one key and one value width),
+        one group unless per-head widths differ."""
+        return [g.heads for g in self._groups]
+
+    @property
+    def key_tables(self):
+        """The key tables of a store whose KV heads share one width (see ``width_groups``)."""
+        return self._uniform().key_tables
+
+    @property
+    def value_tables(self):
+        """The value tables of a store whose KV heads share one width."""
+        return self._uniform().value_tables
+
+    def _uniform(self) -> _WidthGroup:
+        if len(self._groups) != 1:
+            raise ValueError(f"the KV heads of this store have {len(self._groups)} different "
+                             "widths (per-head bits): its tables are per width group "
+                             "(width_groups)")
+        return self._groups[0]
+
+    def code_arrays(self) -> list:
+        """Every mlx array of the code pages (codes and norms of both roles, every group)."""
+        return [a for g in self._groups for a in g.arrays() if a is not None]
+
+    def _quantizer(self, kv_head: int, role: str):
+        g, j = self._slots[kv_head]
+        g = self._groups[g]
+        return (g.key_tables if role == "key" else g.value_tables).quantizers[j]
+
+    def _merge(self, parts):
+        """One (n_kv_heads, ...) array from the groups' (heads of the group, ...) parts."""
+        if len(parts) == 1:
+            return parts[0]
+        return _mx().take(_mx().concatenate(parts, axis=0), self._inverse, axis=0)
 
     @property
     def key_split(self) -> bool:
@@ -343,16 +499,15 @@ class MetalCodeStore:
         """Bytes held: the code and norm pages, the fp16 sink and window rows and the
         per-head rotation signs (the same count as ``_core.KVCache.memory_bytes``)."""
         H = self.n_kv_heads
-        row = (self.key_tables.code_bytes + 2) + (self.value_tables.code_bytes + 2)
         fp16_rows = 2 * H * (self._sink_cap + self._win_cap) * self.head_dim * 2
-        return (self.key_tables.state_bytes() + self.value_tables.state_bytes()
-                + self._cap * H * row + fp16_rows)
+        return sum(g.key_tables.state_bytes() + g.value_tables.state_bytes()
+                   + self._cap * g.row_bytes() for g in self._groups) + fp16_rows
 
     def fp16_bytes(self) -> int:
         return self._n * self.n_kv_heads * 2 * self.head_dim * 2
 
     def bytes_per_token(self) -> int:
-        return self.n_kv_heads * (self.key_tables.code_bytes + self.value_tables.code_bytes + 4)
+        return sum(g.row_bytes() for g in self._groups)
 
     # --- append ----------------------------------------------------------------------------
     def append(self, keys, values, layer: int = 0) -> None:
@@ -372,17 +527,27 @@ class MetalCodeStore:
         if self.windowed:
             self._append_windowed(k, v, T)
             return
-        kc, kn = self.kernels.encode_heads(self.key_tables, k)
-        vc, vn = self.kernels.encode_heads(self.value_tables, v)
-        self._check_norms(kn, vn)
-        self._write(kc, kn, vc, vn)
+        self._write(self._encode(k, v))
         self._n += T
         self._coded = self._n
 
-    def _check_norms(self, kn, vn) -> None:
+    def _encode(self, k, v) -> list:
+        """Codes of (H, T, d) keys and values: per width group (kc, kn, vc, vn)."""
+        parts = []
+        for g in self._groups:
+            kc, kn = self.kernels.encode_heads(g.key_tables, g.take(k))
+            vc, vn = self.kernels.encode_heads(g.value_tables, g.take(v))
+            parts.append((kc, kn, vc, vn))
+        self._check_norms([x for p in parts for x in (p[1], p[3])])
+        return parts
+
+    def _check_norms(self, norms) -> None:
         if self.check_inputs:
             mx = _mx()
-            if not (mx.all(mx.isfinite(kn)) & mx.all(mx.isfinite(vn))).item():
+            ok = mx.all(mx.isfinite(norms[0]))
+            for n in norms[1:]:
+                ok = ok & mx.all(mx.isfinite(n))
+            if not ok.item():
                 raise ValueError("keys or values contain NaN or Inf, or a vector whose norm is "
                                  "above the fp16 norm range (65504); the cache is unchanged")
 
@@ -408,11 +573,8 @@ class MetalCodeStore:
         w = old + T - coded
         flush = -(-(w - N - bt) // bt) * bt if w > N + bt else 0  # whole blocks, oldest first
         if flush:
-            kc, kn = self.kernels.encode_heads(self.key_tables, k_win[:, :flush].astype(mx.float32))
-            vc, vn = self.kernels.encode_heads(self.value_tables,
-                                               v_win[:, :flush].astype(mx.float32))
-            self._check_norms(kn, vn)
-            self._write(kc, kn, vc, vn)
+            self._write(self._encode(k_win[:, :flush].astype(mx.float32),
+                                     v_win[:, :flush].astype(mx.float32)))
             k_win, v_win = k_win[:, flush:], v_win[:, flush:]
             coded += flush
         if ks > 0:
@@ -428,33 +590,27 @@ class MetalCodeStore:
             # (the attention of the step reads the window and evaluates it anyway).
             mx.async_eval(*[a for a in (k_sink, v_sink, k_win, v_win) if a is not None])
 
-    def _write(self, kc, kn, vc, vn) -> None:
-        """Append codes (H, T, ·) at code index _nc, growing the pages."""
+    def _write(self, parts) -> None:
+        """Append codes at code index _nc, growing the pages: per width group (kc, kn, vc,
+        vn), (heads of the group, T, ·)."""
         mx = _mx()
-        T = int(kc.shape[1])
+        T = int(parts[0][0].shape[1])
         old = self._nc
         bt = self.block_tokens
         cap = -(-(old + T) // bt) * bt
         if cap > self._cap:
-            H = self.n_kv_heads
-
-            def grow(a, tail, dtype):
-                pad = mx.zeros((H, cap - self._cap) + tail, dtype=dtype)
-                return pad if a is None else mx.concatenate([a, pad], axis=1)
-
-            self._k_codes = grow(self._k_codes, (self.key_tables.code_bytes,), mx.uint8)
-            self._v_codes = grow(self._v_codes, (self.value_tables.code_bytes,), mx.uint8)
-            self._k_norms = grow(self._k_norms, (), mx.float16)
-            self._v_norms = grow(self._v_norms, (), mx.float16)
+            for g in self._groups:
+                g.grow(self._cap, cap)
             self._cap = cap
-        self._k_codes[:, old:old + T] = kc
-        self._k_norms[:, old:old + T] = kn
-        self._v_codes[:, old:old + T] = vc
-        self._v_norms[:, old:old + T] = vn
+        for g, (kc, kn, vc, vn) in zip(self._groups, parts):
+            g.k_codes[:, old:old + T] = kc
+            g.k_norms[:, old:old + T] = kn
+            g.v_codes[:, old:old + T] = vc
+            g.v_norms[:, old:old + T] = vn
         self._nc = old + T
         # Start computing the codes now without waiting for them: keeps the graph of
         # successive appends short when nothing reads the cache in between.
-        mx.async_eval(self._k_codes, self._k_norms, self._v_codes, self._v_norms)
+        mx.async_eval(*self.code_arrays())
 
     # --- trim ------------------------------------------------------------------------------
     def trim(self, n: int) -> int:
@@ -494,15 +650,10 @@ class MetalCodeStore:
         self._nc = nc
         cap = -(-nc // self.block_tokens) * self.block_tokens
         if cap < self._cap:
-            if cap == 0:
-                self._k_codes = self._k_norms = self._v_codes = self._v_norms = None
-            else:
-                mx = _mx()
-                self._k_codes = mx.contiguous(self._k_codes[:, :cap])
-                self._k_norms = mx.contiguous(self._k_norms[:, :cap])
-                self._v_codes = mx.contiguous(self._v_codes[:, :cap])
-                self._v_norms = mx.contiguous(self._v_norms[:, :cap])
-                mx.eval(self._k_codes, self._k_norms, self._v_codes, self._v_norms)
+            for g in self._groups:
+                g.shrink(cap)
+            if cap:
+                _mx().eval(*self.code_arrays())
             self._cap = cap
 
     # --- attention -------------------------------------------------------------------------
@@ -564,21 +715,32 @@ class MetalCodeStore:
     def _code_attention(self, qg, a: int, b: int, scale: float, with_lse: bool, rows=None):
         """Split-K decode attention of qg (H, G, d) over code indices [a, b): (H, G, d)
         and, with_lse, the log-sum-exp of the scaled scores (H, G); ``rows``: fp16 (k, v)
-        row sets (sinks, window) attended under the same softmax by the reduce launch."""
+        row sets (sinks, window) attended under the same softmax by the reduce launch.
+        One launch set per width group, on its KV heads (and their query rows)."""
+        outs, lses = [], []
+        for g in self._groups:
+            o, lse = self._group_attention(
+                g, g.take(qg), a, b, scale, with_lse,
+                [(g.take(k), g.take(v)) for k, v in rows] if rows else None)
+            outs.append(o)
+            lses.append(lse)
+        return self._merge(outs), (self._merge(lses) if with_lse else None)
+
+    def _group_attention(self, g: _WidthGroup, qg, a: int, b: int, scale: float,
+                         with_lse: bool, rows):
         mx = _mx()
         if a == 0:  # the stored arrays as they are: head_stride = capacity, no copy
-            kc, kn, vc, vn = self._k_codes, self._k_norms, self._v_codes, self._v_norms
+            kc, kn, vc, vn = g.arrays()
         else:
-            kc, kn = self._k_codes[:, a:b], self._k_norms[:, a:b]
-            vc, vn = self._v_codes[:, a:b], self._v_norms[:, a:b]
+            kc, kn = g.k_codes[:, a:b], g.k_norms[:, a:b]
+            vc, vn = g.v_codes[:, a:b], g.v_norms[:, a:b]
         outs, lses = [], []
         G = int(qg.shape[1])
-        kt = self.key_tables
-        step = metal.group_pass(self.head_dim, kt.bits0 if self._split else kt.bits,
-                                self.value_tables.bits, k_bits1=kt.bits1 if self._split else None)
+        kt, vt = g.key_tables, g.value_tables
+        step = metal.group_pass(self.head_dim, kt.bits0 if self._split else kt.bits, vt.bits,
+                                k_bits1=kt.bits1 if self._split else None)
         for g0 in range(0, G, step):  # large GQA groups (or head_dim): several passes
-            args = (self.key_tables, self.value_tables, qg[:, g0:g0 + step], kc, kn,
-                    vc, vn, b - a, scale)
+            args = (kt, vt, qg[:, g0:g0 + step], kc, kn, vc, vn, b - a, scale)
             if with_lse:
                 o, lse = self.kernels.decode_attention_heads(*args, with_lse=True)
                 lses.append(lse)
@@ -624,10 +786,10 @@ class MetalCodeStore:
             ks.append(sinks[0].astype(mx.float32))
             vs.append(sinks[1].astype(mx.float32))
         if b > a:
-            ks.append(self.kernels.dequantize_heads(self.key_tables, self._k_codes[:, a:b],
-                                                    self._k_norms[:, a:b]))
-            vs.append(self.kernels.dequantize_heads(self.value_tables, self._v_codes[:, a:b],
-                                                    self._v_norms[:, a:b]))
+            ks.append(self._merge([self.kernels.dequantize_heads(
+                g.key_tables, g.k_codes[:, a:b], g.k_norms[:, a:b]) for g in self._groups]))
+            vs.append(self._merge([self.kernels.dequantize_heads(
+                g.value_tables, g.v_codes[:, a:b], g.v_norms[:, a:b]) for g in self._groups]))
         if win is not None:
             ks.append(win[0].astype(mx.float32))
             vs.append(win[1].astype(mx.float32))
@@ -658,13 +820,14 @@ class MetalCodeStore:
         if not 0 <= start <= self._nc or not 0 <= count <= self._nc - start:
             raise ValueError(f"tokens [{start}, {start + count}) beyond the layer's {self._nc} "
                              "coded tokens")
-        codes, norms = ((self._k_codes, self._k_norms) if role == "key"
-                        else (self._v_codes, self._v_norms))
+        i, j = self._slots[kv_head]
+        g = self._groups[i]
+        codes, norms = (g.k_codes, g.k_norms) if role == "key" else (g.v_codes, g.v_norms)
         if codes is None or count == 0:
-            cb = (self.key_tables if role == "key" else self.value_tables).code_bytes
+            cb = self._quantizer(kv_head, role).code_bytes
             return np.zeros((0, cb), np.uint8), np.zeros((0,), np.float16)
-        return (np.array(codes[kv_head, start:start + count]),
-                np.array(norms[kv_head, start:start + count]))
+        return (np.array(codes[j, start:start + count]),
+                np.array(norms[j, start:start + count]))
 
     def fp16_rows(self, role: str = "key", part: str = "window"):
         """The fp16 sink or window rows of one role, (n_kv_heads, rows, d) float16 NumPy."""
@@ -686,23 +849,27 @@ class MetalCodeStore:
         if not 0 <= start <= self._n or not 0 <= count <= self._n - start:
             raise ValueError(f"tokens [{start}, {start + count}) beyond the layer's {self._n}")
         codes, norms = self.encoded(layer, kv_head, role)
-        tables = self.key_tables if role == "key" else self.value_tables
         rows = np.concatenate([self.fp16_rows(role, "sinks")[kv_head].astype(np.float32),
-                               tables.quantizers[kv_head].decode(codes, norms),
+                               self._quantizer(kv_head, role).decode(codes, norms),
                                self.fp16_rows(role, "window")[kv_head].astype(np.float32)])
         return rows[start:start + count]
 
     def _all_encoded(self):
-        """NumPy (H, nc, cb) codes and (H, nc) norms of both roles."""
-        n = self._nc
-        if n == 0:
-            H = self.n_kv_heads
-            return (np.zeros((H, 0, self.key_tables.code_bytes), np.uint8),
-                    np.zeros((H, 0), np.float16),
-                    np.zeros((H, 0, self.value_tables.code_bytes), np.uint8),
-                    np.zeros((H, 0), np.float16))
-        return tuple(np.ascontiguousarray(np.array(a[:, :n])) for a in
-                     (self._k_codes, self._k_norms, self._v_codes, self._v_norms))
+        """The codes of both roles as ``_core.KVCache.append_encoded`` takes them: (H, nc, cb)
+        codes and (H, nc) norms NumPy arrays per role, or (per-head widths) per role lists
+        of each KV head's (nc, cb) codes and (nc,) norms."""
+        n, H = self._nc, self.n_kv_heads
+        if len(self._groups) == 1:
+            g = self._groups[0]
+            if n == 0:
+                return (np.zeros((H, 0, g.key_tables.code_bytes), np.uint8),
+                        np.zeros((H, 0), np.float16),
+                        np.zeros((H, 0, g.value_tables.code_bytes), np.uint8),
+                        np.zeros((H, 0), np.float16))
+            return tuple(np.ascontiguousarray(np.array(a[:, :n])) for a in g.arrays())
+        per_head = [[self.encoded(0, h, role) for h in range(H)] for role in ("key", "value")]
+        return ([c for c, _ in per_head[0]], [x for _, x in per_head[0]],
+                [c for c, _ in per_head[1]], [x for _, x in per_head[1]])
 
     def _core_config(self, n_layers: int = 1) -> dict:
         return dict(n_layers=n_layers, n_q_heads=self.n_q_heads, n_kv_heads=self.n_kv_heads,
@@ -713,6 +880,10 @@ class MetalCodeStore:
                     norm_correction=self.norm_correction, fp16_window=self.fp16_window,
                     fp16_sinks=self.fp16_sinks, split_angle_bits=self.split_angle_bits,
                     kv_head_offset=self.kv_head_offset,
+                    **{name: list(bits) for name, bits in (
+                        ("key_head_bits", self.key_head_bits),
+                        ("value_head_bits", self.value_head_bits),
+                        ("outlier_head_bits", self.outlier_head_bits)) if bits is not None},
                     **({k: v for k, v in self._split.items() if k != "split_angle_bits"}
                        | {"outlier_roles": "keys"} if self._split else {}))
 
@@ -736,9 +907,12 @@ class MetalCodeStore:
         why = store_supports(core.head_dim, core.key_method, core.value_method, rotation)
         if why:
             raise ValueError(f"this cache cannot be held by a MetalCodeStore: {why}")
-        if core.fp16_layers or core.jl_dim or core.decay_after or core.max_coded_tokens:
-            raise ValueError("this cache cannot be held by a MetalCodeStore: it uses fp16 "
-                             "layers, a QJL dimension, decay or eviction")
+        for name, used in (("fp16 layers", core.fp16_layers), ("a QJL dimension", core.jl_dim),
+                           ("temporal decay", core.decay_after),
+                           ("importance-routed mixed precision", core.mixed_group_blocks),
+                           ("eviction", core.max_coded_tokens)):
+            if used:
+                raise ValueError(f"this cache cannot be held by a MetalCodeStore: it uses {name}")
         split = {}
         if chans:  # checked by the constructor: keys only, split over two halves
             split = dict(outlier_channels=chans, n_outlier_channels=core.n_outlier_channels,
@@ -750,11 +924,15 @@ class MetalCodeStore:
                         norm_correction=core.norm_correction, fp16_window=core.fp16_window,
                         fp16_sinks=core.fp16_sinks, kernels=kernels, check_inputs=check_inputs,
                         split_angle_bits=core.split_angle_bits,
-                        kv_head_offset=core.kv_head_offset, **split)
+                        kv_head_offset=core.kv_head_offset,
+                        key_head_bits=list(core.key_head_bits) or None,
+                        value_head_bits=list(core.value_head_bits) or None,
+                        outlier_head_bits=list(core.outlier_head_bits) or None, **split)
         except ValueError as e:
             raise ValueError(f"this cache cannot be held by a MetalCodeStore: {e}") from None
-        for role, tables in (("key", store.key_tables), ("value", store.value_tables)):
-            for h, q in enumerate(tables.quantizers):
+        for role in ("key", "value"):
+            for h in range(store.n_kv_heads):
+                q = store._quantizer(h, role)
                 _, params = core.rotation_parameters(layer, h, role)
                 if not np.array_equal(np.asarray(params, np.float32),
                                       np.asarray(q.rotation_parameters(), np.float32)):
@@ -774,11 +952,15 @@ class MetalCodeStore:
             store._k_sink, store._v_sink = rows("key", 0, ns), rows("value", 0, ns)
             store._sink_cap = store.fp16_sinks
         if nc:
-            parts = {}
-            for role in ("key", "value"):
-                pairs = [core.encoded(layer, h, role, 0, nc) for h in range(H)]
-                parts[role] = (np.stack([c for c, _ in pairs]), np.stack([x for _, x in pairs]))
-            store._write(*(mx.array(a) for a in (*parts["key"], *parts["value"])))
+            parts = []
+            for g in store._groups:
+                part = []
+                for role in ("key", "value"):
+                    pairs = [core.encoded(layer, h, role, 0, nc) for h in g.heads]
+                    part += [mx.array(np.stack([c for c, _ in pairs])),
+                             mx.array(np.stack([x for _, x in pairs]))]
+                parts.append(tuple(part))
+            store._write(parts)
         if n > coded:
             store._k_win = rows("key", coded, n - coded)
             store._v_win = rows("value", coded, n - coded)
@@ -900,6 +1082,8 @@ class MetalKVCache:
         self.norm_correction, self.fp16_sinks = s.norm_correction, s.fp16_sinks
         self.fp16_window, self.fp16_layers = s.fp16_window, []
         self.kv_head_offset = s.kv_head_offset
+        self.key_head_bits, self.value_head_bits = s.key_head_bits, s.value_head_bits
+        self.outlier_head_bits = s.outlier_head_bits
 
     def _layer(self, layer: int) -> MetalCodeStore:
         if not 0 <= int(layer) < self.n_layers:
@@ -1021,8 +1205,9 @@ def self_test(kernels: Any = None) -> str | None:
     against the C++ core and returns None when it agrees, else what went wrong (a kernel that
     fails to compile or launch raises inside mlx; its message is returned, never raised).
 
-    Two small one-layer caches (head_dim 64, GQA 2, 3-bit codes, norm correction, fp16 sinks
-    and window, 8-token pages), one with the key split, receive 29 tokens: every kernel runs
+    Three small one-layer caches (head_dim 64, GQA 2, 3-bit codes, norm correction, fp16 sinks
+    and window, 8-token pages), one with the key split, one with per-head widths (two width
+    groups), receive 29 tokens: every kernel runs
     (encode, query rotation, split-K decode attention by both block kernels and its
     reduction merged with the fp16 rows, dequantize for a prefill, and the split's four). Codes and norms must equal the core's bit for bit, decode
     and prefill attention within 1e-3 of the core's output scale."""
@@ -1035,7 +1220,8 @@ def self_test(kernels: Any = None) -> str | None:
         split = dict(base, key_bits=2, n_outlier_channels=d // 2, outlier_bits=4,
                      outlier_channels=list(range(d // 2)), outlier_roles="keys",
                      split_angle_bits=8)
-        for name, kw in (("plain", base), ("key split", split)):
+        heads = dict(base, key_head_bits=[2, 4], value_head_bits=[3, 2])
+        for name, kw in (("plain", base), ("key split", split), ("per-head widths", heads)):
             store = MetalCodeStore(d, kernels=kernels, **kw)
             core = _core.KVCache(d, **kw)
             k = rng.standard_normal((hkv, T, d)).astype(np.float32)
