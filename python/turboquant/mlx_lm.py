@@ -312,7 +312,8 @@ class TurboQuantKVCache(_mlx_cache._BaseCache):
         if self.decay_after:
             return "temporal decay is a C++ core feature (the GPU store does not decay codes)"
         if self.mixed_bits:
-            return "mixed precision is a C++ core feature (the GPU store holds one width per role)"
+            return ("importance-routed mixed precision is a C++ core feature (the GPU store "
+                    "neither rates window tokens nor holds mixed-width flush groups)")
         if self.sparse_v:
             return "the GPU store's decode kernel is dense (sparse_v runs on the C++ core)"
         return None

@@ -992,7 +992,11 @@ class MetalCodeStore:
                                                    ("norm_correction", self.norm_correction),
                                                    ("fp16_sinks", self.fp16_sinks),
                                                    ("fp16_window", self.fp16_window),
-                                                   ("kv_head_offset", self.kv_head_offset)) if v)
+                                                   ("kv_head_offset", self.kv_head_offset),
+                                                   ("key_head_bits", self.key_head_bits),
+                                                   ("value_head_bits", self.value_head_bits),
+                                                   ("outlier_head_bits",
+                                                    self.outlier_head_bits)) if v)
         return (f"MetalCodeStore(head_dim={self.head_dim}, n_q_heads={self.n_q_heads}, "
                 f"n_kv_heads={self.n_kv_heads}, key={self.key_bits}b, value={self.value_bits}b, "
                 f"tokens={self._n}{extra}, kernels={kernels})")

@@ -93,6 +93,36 @@ def test_codes_bit_exact_and_attention_close(d, bits, split):
             assert rel_err(np.array(got), want) <= ATTN_TOL, (rows, window)
 
 
+@pytest.mark.parametrize("split", [False, True])
+def test_per_head_widths_bit_exact_and_attention_close(split):
+    # A calibrated profile's per-KV-head widths: four width groups over 8 KV heads, each
+    # group on the kernels of its widths.
+    rng = np.random.default_rng(7 + split)
+    d, hq, hkv = 128, 32, 8
+    widths = [2, 4, 3, 3, 2, 4, 3, 3]
+    cfg = kw(d, hq, hkv, 3, 3, split=split, sinks=4, window=64)
+    if split:  # each head's split of its own width
+        cfg.update(key_head_bits=[b - 1 for b in widths],
+                   outlier_head_bits=[b + 1 for b in widths])
+    else:
+        cfg.update(key_head_bits=widths)
+    cfg.update(value_head_bits=widths[::-1])
+    store, core = MetalCodeStore(d, **cfg), _core.KVCache(d, **cfg)
+    assert len(store.width_groups) == 4
+    for T in (700, 1, 63, 1):
+        k, v = rand(rng, hkv, T, d), rand(rng, hkv, T, d)
+        k[..., : d // 2] *= 2.5
+        store.append(mx.array(k), mx.array(v))
+        core.append(k, v)
+    assert_same_codes(store, core)
+    assert store.memory_bytes() == core.memory_bytes()
+    for rows in (1, 16):
+        q = rand(rng, hq, rows, d)
+        got = store.attend(mx.array(q), scale=d ** -0.5)
+        assert rel_err(np.array(got), core.attend(q, scale=d ** -0.5)) <= ATTN_TOL, rows
+    assert store.to_bytes() == core.to_bytes()
+
+
 def test_large_context_decode_matches_the_core():
     rng = np.random.default_rng(1)
     d, hq, hkv = 128, 32, 8
