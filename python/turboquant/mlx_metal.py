@@ -1171,7 +1171,8 @@ class MetalCodeStore:
                 else (lambda p: (p.v_codes, p.v_norms)))
         hc, hn = (np.array(a[j, :nhi]) for a in pick(full)) if nhi else (None, None)
         lc, ln = (np.array(a[j, :nlo]) for a in pick(low)) if nlo else (None, None)
-        F, Kt = self.mixed_group_blocks * self.block_tokens, self.mixed_keep_blocks * self.block_tokens
+        bt = self.block_tokens
+        F, Kt = self.mixed_group_blocks * bt, self.mixed_keep_blocks * bt
         Lt = F - Kt
         rows, widths, norms = [], [], []
         for g in range(self._nc // F):
