@@ -231,11 +231,12 @@ def emulated(tmp_path_factory):
     return EmulatedKernels(tmp_path_factory.mktemp("emu_mixed"))
 
 
-@pytest.mark.parametrize("split", [False, True])
-def test_mixed_store_on_the_emulated_gpu(emulated, monkeypatch, split):
+@pytest.mark.parametrize("d,split", [(32, False), (32, True), (64, False)])
+def test_mixed_store_on_the_emulated_gpu(emulated, monkeypatch, d, split):
+    # (head_dim 64: the register-tiled decode kernel, with its log-sum-exp)
     emulated.install(monkeypatch)
-    rng = np.random.default_rng(11 + split)
-    d, hq, hkv = 32, 4, 2
+    rng = np.random.default_rng(11 + split + d)
+    hq, hkv = 4, 2
     kw = mixed_kw(d, hq, hkv, kb=4, vb=3, low=1 if split else 2, split=split)
     store, core = MetalCodeStore(d, **kw), _core.KVCache(d, **kw)
     assert store.kernels is metal
@@ -247,6 +248,8 @@ def test_mixed_store_on_the_emulated_gpu(emulated, monkeypatch, split):
     encode = "split_encode_heads" if split else "encode_heads"
     dequant = "split_dequantize_heads" if split else "dequantize_heads"
     assert {encode, dequant, "attention_reduce_heads"} <= used, used
+    if d == 64:
+        assert "attention_fast" in used
     assert same_file(store, core)
 
 
