@@ -60,7 +60,7 @@ def run(contexts, dims, bits_list, hkv=8, group=4, peak_gbps=4800.0, kernels=Non
                     step = 4096
                     for a in range(0, T, step):
                         store.append(k[0, :, a:a + step], v[0, :, a:a + step])
-                    mx.eval(store._k_codes, store._v_codes)
+                    mx.eval(*store.code_arrays())
                     q3 = q[0].astype(mx.float32)
                     nbytes = T * store.bytes_per_token() + hq * d * 4
                     name = f"turboquant {'key split ' if split else ''}{bits}-bit"
@@ -104,7 +104,7 @@ def sweep(contexts, d=128, hkv=8, group=4, iters=30, kernels=None) -> list[dict]
             store = store_for(d, hq, hkv, 3, split, kernels)
             for a in range(0, T, 4096):
                 store.append(k[0, :, a:a + 4096], v[0, :, a:a + 4096])
-            mx.eval(store._k_codes, store._v_codes)
+            mx.eval(*store.code_arrays())
             for env in SWEEP:
                 saved = {n: os.environ.get(n) for n in env}
                 os.environ.update(env)

@@ -61,7 +61,7 @@ def store(T: int, sinks: int, window: int, d: int = 128, hkv: int = 8, group: in
         n = min(4096, T - a)
         s.append(mx.random.normal((hkv, n, d)).astype(mx.float16),
                  mx.random.normal((hkv, n, d)).astype(mx.float16))
-    mx.eval(s._k_codes, s._v_codes, s._k_norms, s._v_norms)
+    mx.eval(*s.code_arrays())
     return s
 
 

@@ -420,7 +420,6 @@ class KVCacheBuilder:
         extras = [name for name, on in (
             ("an outlier split", self._split()), ("fp16 layers", bool(self._fp16_layers)),
             ("decay", self._decay_after > 0), ("eviction", self._max_coded_tokens > 0),
-            ("mixed precision", self._mixed[0] > 0),
             ("an artifact store", self._store is not None),
             ("sparse V", self._sparse_v > 0), ("max_tokens", self._max_tokens > 0),
             ("jl_dim", self._jl_dim > 0)) if on]
@@ -443,7 +442,10 @@ class KVCacheBuilder:
                             block_tokens=int(self._block_tokens),
                             fp16_window=int(self._fp16_window), fp16_sinks=int(self._fp16_sinks),
                             norm_correction=self._norm_correction_on(), kernels=kernels,
-                            kv_head_offset=int(self._kv_head_offset))
+                            kv_head_offset=int(self._kv_head_offset),
+                            **(dict(mixed_group_blocks=int(self._mixed[0]),
+                                    mixed_keep_blocks=int(self._mixed[1]),
+                                    decay_bits=int(self._decay_bits)) if self._mixed[0] else {}))
         desc = {"key_method": key_method, "value_method": value_method, "backend": backend,
                 "precision": _precision_name(self._precision), "artifacts_loaded": {},
                 "env_backend": os.environ.get("TURBOQUANT_BACKEND"),

@@ -22,8 +22,10 @@ K/V in, attention output back): the graph is evaluated at that layer, the C++ ke
 with the GIL released, and the output is wrapped back into an ``mx.array``. On a Mac with an
 mlx Metal device a layer is held instead by ``turboquant.mlx_metal.MetalCodeStore`` (codes
 as mlx arrays, the ``turboquant.metal`` kernels), the defaults included: the key split runs
-there (split.metal). What stays on the CPU core: temporal decay, sparse V, and the key split
-at head_dim < 32 (``TurboQuantKVCache.gpu_refusal`` gives the reason).
+there (split.metal), and so do a profile's per-KV-head widths and importance-routed mixed
+precision. What stays on the CPU core: temporal decay, sparse V, sliding-window layers and
+the key split at head_dim < 32 (``TurboQuantKVCache.gpu_refusal`` gives the reason, and a
+warning names it).
 """
 
 from __future__ import annotations
@@ -316,8 +318,9 @@ class TurboQuantKVCache(_mlx_cache._BaseCache):
         this layer, else why it cannot (then the C++ core holds it). The store does
         turboquant_mse with the Hadamard rotation on power-of-two head dims, the key split
         (split.metal; head_dim >= 32, so that both halves have hadamard rotations), norm
-        correction (debias), fp16 sinks and the fp16 recent window; not temporal decay and
-        not sparse V."""
+        correction (debias), fp16 sinks, the fp16 recent window, per-KV-head widths (a
+        profile's, one launch set per width group) and importance-routed mixed precision;
+        not temporal decay or sparse V."""
         why = _mlx_metal.store_supports(head_dim, self.key_method, self.value_method,
                                         self.rotation)
         if why:
@@ -327,13 +330,8 @@ class TurboQuantKVCache(_mlx_cache._BaseCache):
                     f"got {head_dim}")
         if self.decay_after:
             return "temporal decay is a C++ core feature (the GPU store does not decay codes)"
-        if self.mixed_bits:
-            return "mixed precision is a C++ core feature (the GPU store holds one width per role)"
         if self.sparse_v:
             return "the GPU store's decode kernel is dense (sparse_v runs on the C++ core)"
-        if self.key_head_bits is not None or self.value_head_bits is not None:
-            return ("per-KV-head bit widths are a C++ core feature (the GPU store holds one "
-                    "width per role)")
         return None
 
     def _centre(self, k: np.ndarray, v: np.ndarray):
@@ -717,6 +715,10 @@ class TurboQuantKVCache(_mlx_cache._BaseCache):
                 heads["key_head_bits"] = [b - 1 for b in kh]
                 heads["outlier_head_bits"] = [b + 1 for b in kh]
         mse = self.key_method == self.value_method == "turboquant_mse"
+        mixed = {}
+        if self.mixed_bits:
+            mixed = dict(mixed_group_blocks=self._mixed_blocks[0],
+                         mixed_keep_blocks=self._mixed_blocks[1], decay_bits=self.mixed_bits)
         common = dict(n_layers=1, n_q_heads=total_q, n_kv_heads=total_kv,
                       key_method=self.key_method, key_bits=key_bits,
                       value_method=self.value_method, value_bits=self.value_bits,
@@ -730,12 +732,10 @@ class TurboQuantKVCache(_mlx_cache._BaseCache):
             self._core = _mlx_metal.MetalCodeStore(head_dim, norm_correction=self.debias and mse,
                                                    fp16_window=self.fp16_window,
                                                    fp16_sinks=self.fp16_sinks, check_inputs=False,
-                                                   **common, **split)
+                                                   **common, **split, **heads, **mixed)
         else:
-            mixed = {}
-            if self.mixed_bits:
-                mixed = dict(mixed_group_blocks=self._mixed_blocks[0],
-                             mixed_keep_blocks=self._mixed_blocks[1])
+            if mixed:
+                mixed.pop("decay_bits")
             self._core = _core.KVCache(head_dim, fp16_window=self.fp16_window,
                                        fp16_sinks=self.fp16_sinks, decay_after=self.decay_after,
                                        decay_bits=self.mixed_bits or self.decay_bits, **mixed,

@@ -19,6 +19,22 @@ default) the keys are ``OutlierSplitQuantizer`` codes, encoded, rotated, dequant
 attended by the split.metal kernels (``turboquant.metal.SplitHeadTables``), bit-identical to
 the C++ core's; values are unchanged.
 
+Per-KV-head widths (``key_head_bits`` / ``value_head_bits`` / ``outlier_head_bits``, the
+core's lists of n_kv_heads or n_layers × n_kv_heads entries: a calibrated profile) group the
+KV heads by their (key, value) widths; each width group has its own tables and code pages
+and is encoded and attended by the kernels of its widths (one launch set per group, on the
+group's KV heads and the query heads of each), the groups' outputs put back in head order.
+Codes, norms, memory and files are the core's, byte for byte.
+
+Importance-routed mixed precision (``mixed_group_blocks``, ``mixed_keep_blocks``,
+``decay_bits``: the core's rules, kv_cache_window.cpp) rates the fp16 window tokens by the
+squared softmax weights of every attention call and flushes the window in groups, each KV
+head keeping its most important tokens at full width; the kept tokens' codes live in the
+width group's full-width pages, the others' in low-width pages, and attention merges both
+sets (each through the split-K kernels with its log-sum-exp) with the fp16 rows. Masks,
+code order, codes and memory are the core's; the importance is computed here in fp32
+(within rounding of the core's), the one part of a file that is not the core's bytes.
+
 It has the methods and semantics that ``turboquant.mlx_lm`` uses on ``_core.KVCache``
 (``append``, ``attend``, ``size``, ``trim``, ``memory_bytes``, ``fp16_bytes``, ``to_bytes`` /
 ``from_bytes``), taking and returning mlx arrays of shape (heads, T, d). The quantizers are
@@ -191,6 +207,112 @@ class ReferenceKernels:
         return out
 
 
+def _head_bits(bits, name: str, n_kv_heads: int, layer: int, lowest: int):
+    """A per-KV-head width list as the core takes it (None: uniform), checked: n_kv_heads
+    entries, or n_kv_heads per layer of a cache of which the store holds layer ``layer``;
+    each in [lowest, 8] (outlier_head_bits: 0 means that head's key bits + 1)."""
+    if bits is None:
+        return None
+    bits = list(bits)
+    if not bits:
+        return None
+    H = int(n_kv_heads)
+    if len(bits) != H and (len(bits) % H or len(bits) // H <= layer):
+        raise ValueError(f"{name} must have one entry per KV head (n_kv_heads = {H}) or one per "
+                         f"layer and KV head (n_layers * {H}, covering layer {layer}), got "
+                         f"{len(bits)} entries")
+    for i, b in enumerate(bits):
+        if isinstance(b, bool) or not isinstance(b, (int, np.integer)) \
+                or not lowest <= int(b) <= 8:
+            raise ValueError(f"{name}[{i}] must be an integer in [{lowest}, 8], got {b!r}")
+    return tuple(int(b) for b in bits)
+
+
+def _pick(bits, n_kv_heads: int, layer: int, kv_head: int, otherwise: int) -> int:
+    """KVCacheConfig::pick(): the width of one (layer, KV head) from a per-head list."""
+    if bits is None:
+        return int(otherwise)
+    return bits[kv_head] if len(bits) == n_kv_heads else bits[layer * n_kv_heads + kv_head]
+
+
+# kv_cache.h KVCache::kMixedUnratedTokens: window tokens a mixed-precision layer holds at most
+# without attention calls (besides the latest append's) before its oldest groups flush unrated.
+_MIXED_UNRATED_TOKENS = 4096
+
+
+# Scores per chunk of query rows in a mixed-precision store's prefill (float32: 64 MiB).
+_SCORE_CHUNK = 1 << 24
+
+
+def _decay_reference_bits(head_dim: int, bits: int, n_outliers: int, outlier_bits: int) -> int:
+    """kv_cache.h decay_reference_bits(): a split stream's nominal bits, rounded down."""
+    if n_outliers <= 0:
+        return bits
+    ob = outlier_bits if outlier_bits else min(bits + 1, 8)
+    return (n_outliers * ob + (head_dim - n_outliers) * bits) // head_dim
+
+
+def _decayed_split_bits(head_dim: int, bits: int, n_outliers: int, outlier_bits: int,
+                        low: int) -> tuple[int, int]:
+    """kv_cache.h decayed_split_bits(): (inlier, outlier) bits of a split at ``low`` bits."""
+    ob = outlier_bits if outlier_bits else min(bits + 1, 8)
+    drop = _decay_reference_bits(head_dim, bits, n_outliers, outlier_bits) - low
+    return max(1, bits - drop), max(1, ob - drop)
+
+
+def _vector_grow(cap: int, size: int, added: int) -> int:
+    """The capacity of a std::vector of ``size`` elements and capacity ``cap`` after
+    ``added`` more are inserted (libstdc++: size + max(size, added) when it must grow)."""
+    return cap if size + added <= cap else size + max(size, added)
+
+
+class _WidthGroup:
+    """The KV heads of a store that share one key width and one value width: their kernel
+    tables and their code pages, (heads, capacity, code_bytes) uint8 and (heads, capacity)
+    float16 per role (None while empty)."""
+
+    def __init__(self, heads: Sequence[int], key_tables, value_tables, n_kv_heads: int):
+        self.heads = tuple(int(h) for h in heads)
+        self.key_tables, self.value_tables = key_tables, value_tables
+        # None: every KV head of the store, in order (no gather).
+        self.index = (None if self.heads == tuple(range(n_kv_heads))
+                      else _mx().array(np.asarray(self.heads, np.int32)))
+        self.k_codes = self.k_norms = self.v_codes = self.v_norms = None
+        self.low: _WidthGroup | None = None  # mixed precision: the low-width tables and pages
+
+    def take(self, x):
+        """The group's heads of an (n_kv_heads, ...) array."""
+        return x if self.index is None else _mx().take(x, self.index, axis=0)
+
+    def arrays(self) -> tuple:
+        return self.k_codes, self.k_norms, self.v_codes, self.v_norms
+
+    def row_bytes(self) -> int:
+        """Bytes of one token of every head of the group: codes and fp16 norms, both roles."""
+        return len(self.heads) * (self.key_tables.code_bytes + self.value_tables.code_bytes + 4)
+
+    def grow(self, old_cap: int, cap: int) -> None:
+        mx = _mx()
+        n = len(self.heads)
+
+        def grow(a, tail, dtype):
+            pad = mx.zeros((n, cap - old_cap) + tail, dtype=dtype)
+            return pad if a is None else mx.concatenate([a, pad], axis=1)
+
+        self.k_codes = grow(self.k_codes, (self.key_tables.code_bytes,), mx.uint8)
+        self.v_codes = grow(self.v_codes, (self.value_tables.code_bytes,), mx.uint8)
+        self.k_norms = grow(self.k_norms, (), mx.float16)
+        self.v_norms = grow(self.v_norms, (), mx.float16)
+
+    def shrink(self, cap: int) -> None:
+        if cap == 0:
+            self.k_codes = self.k_norms = self.v_codes = self.v_norms = None
+            return
+        mx = _mx()
+        self.k_codes, self.k_norms, self.v_codes, self.v_norms = (
+            mx.contiguous(a[:, :cap]) for a in self.arrays())
+
+
 class MetalCodeStore:
     """One layer's compressed K/V as mlx arrays (see the module docstring).
 
@@ -206,7 +328,11 @@ class MetalCodeStore:
     first ``fp16_sinks`` tokens and the most recent ones are kept as fp16 mlx arrays, the
     window holding between ``fp16_window`` and ``fp16_window + block_tokens`` tokens once
     flushed (its oldest ``block_tokens`` tokens are encoded, from their fp16 values, whenever
-    it holds more). Attention merges the fp16 part and the codes under one softmax."""
+    it holds more). Attention merges the fp16 part and the codes under one softmax.
+
+    ``key_head_bits`` / ``value_head_bits`` / ``outlier_head_bits`` (per-KV-head widths) and
+    ``mixed_group_blocks`` / ``mixed_keep_blocks`` / ``decay_bits`` (importance-routed mixed
+    precision) are the core's options too (see the module docstring)."""
 
     def __init__(self, head_dim: int, n_layers: int = 1, n_q_heads: int = 1, n_kv_heads: int = 1,
                  key_method: str = "turboquant_mse", key_bits: int = 3,
@@ -216,7 +342,10 @@ class MetalCodeStore:
                  kernels: Any = None, check_inputs: bool = True, n_outlier_channels: int = 0,
                  outlier_bits: int = 0, outlier_channels: Sequence[int] | None = None,
                  outlier_roles: str = "keys", split_angle_bits: int = 8,
-                 kv_head_offset: int = 0):
+                 kv_head_offset: int = 0, key_head_bits: Sequence[int] | None = None,
+                 value_head_bits: Sequence[int] | None = None,
+                 outlier_head_bits: Sequence[int] | None = None, mixed_group_blocks: int = 0,
+                 mixed_keep_blocks: int = 0, decay_bits: int = 0):
         if n_layers != 1:
             raise ValueError(f"a MetalCodeStore holds one layer (n_layers=1), got {n_layers}; "
                              "use MetalKVCache for several")
@@ -259,29 +388,173 @@ class MetalCodeStore:
                                     split_angle_bits)
         self.split_angle_bits = int(split_angle_bits)
 
-        def quantizers(role: int, bits: int, split: dict):
-            return [_core.Quantizer("turboquant_mse", self.head_dim, bits, self.seed,
-                                    rotation="hadamard", norm_dtype="float16",
-                                    norm_correction=self.norm_correction,
-                                    stream=kv_stream_id(self.layer, self.kv_head_offset + h,
-                                                        role), **split)
-                    for h in range(self.n_kv_heads)]
+        H = self.n_kv_heads
+        # Per-KV-head widths as configured (the core's lists: n_kv_heads entries, or those of
+        # every layer of a cache whose layer `layer` this store holds), None when uniform.
+        self.key_head_bits = _head_bits(key_head_bits, "key_head_bits", H, self.layer, 1)
+        self.value_head_bits = _head_bits(value_head_bits, "value_head_bits", H, self.layer, 1)
+        self.outlier_head_bits = _head_bits(outlier_head_bits, "outlier_head_bits", H,
+                                            self.layer, 0)
+        if self.outlier_head_bits is not None and not self._split:
+            raise ValueError("outlier_head_bits needs the key split (n_outlier_channels or "
+                             "outlier_channels)")
 
-        if self._split:  # the key split (outlier split of the keys): split.metal kernels
-            self.key_tables = SplitHeadTables(quantizers(0, self.key_bits, self._split))
-        else:
-            self.key_tables = HeadTables(quantizers(0, self.key_bits, {}))
-        self.value_tables = HeadTables(quantizers(1, self.value_bits, {}))
+        self._check_mixed(mixed_group_blocks, mixed_keep_blocks, decay_bits)
+
+        def quantizer(role: int, h: int, low: bool = False):
+            bits = _pick(self.key_head_bits if role == 0 else self.value_head_bits, H,
+                         self.layer, h, self.key_bits if role == 0 else self.value_bits)
+            split = {}
+            if role == 0 and self._split:
+                split = dict(self._split, outlier_bits=_pick(
+                    self.outlier_head_bits, H, self.layer, h, self._split["outlier_bits"]))
+            if low:  # the low width of mixed precision: same stream, so the same rotation
+                if split:
+                    bits, split["outlier_bits"] = _decayed_split_bits(
+                        self.head_dim, bits, len(split["outlier_channels"]),
+                        split["outlier_bits"], self.decay_bits)
+                else:
+                    bits = self.decay_bits
+            return _core.Quantizer("turboquant_mse", self.head_dim, bits, self.seed,
+                                   rotation="hadamard", norm_dtype="float16",
+                                   norm_correction=self.norm_correction,
+                                   stream=kv_stream_id(self.layer, self.kv_head_offset + h, role),
+                                   **split)
+
+        # KV heads grouped by their (key, value) widths: one set of tables and pages per
+        # group, each encoded and attended by the kernels of one width (the per-width
+        # kernels are those of a uniform cache); heads in the order of their first member.
+        keys = [quantizer(0, h) for h in range(H)]
+        values = [quantizer(1, h) for h in range(H)]
+        members: dict[tuple, list[int]] = {}
+        for h in range(H):
+            kq = keys[h]
+            width = (kq.bits, kq.outlier_bits if self._split else 0, values[h].bits)
+            members.setdefault(width, []).append(h)
+        self._groups = []
+        for heads in members.values():
+            kq = [keys[h] for h in heads]
+            # the key split (outlier split of the keys): split.metal kernels
+            kt = SplitHeadTables(kq) if self._split else HeadTables(kq)
+            self._groups.append(_WidthGroup(heads, kt, HeadTables([values[h] for h in heads]),
+                                            H))
+            if self.mixed_group_blocks:  # the group's low-width tables and pages
+                kq = [quantizer(0, h, True) for h in heads]
+                self._groups[-1].low = _WidthGroup(
+                    heads, SplitHeadTables(kq) if self._split else HeadTables(kq),
+                    HeadTables([quantizer(1, h, True) for h in heads]), H)
+        # KV head h is row _slots[h][1] of group _slots[h][0]; _inverse puts the groups'
+        # rows (concatenated) back into KV head order.
+        self._slots = [(0, 0)] * H
+        for i, g in enumerate(self._groups):
+            for j, h in enumerate(g.heads):
+                self._slots[h] = (i, j)
+        order = [h for g in self._groups for h in g.heads]
+        self._inverse = (None if len(self._groups) == 1 else
+                         _mx().array(np.argsort(order).astype(np.int32)))
         self._n = 0       # tokens held
         self._coded = 0   # tokens not in the fp16 window: the sinks, then the codes
         self._nc = 0      # tokens held as codes (code index 0 = token _ns)
-        self._cap = 0     # code capacity (whole pages of block_tokens)
-        # (H, cap, code_bytes) uint8 and (H, cap) float16 per role; None while empty.
-        self._k_codes = self._k_norms = self._v_codes = self._v_norms = None
+        self._cap = 0     # code capacity (whole pages of block_tokens), every group's
         # fp16 sinks and window: (H, rows, d) float16 mlx arrays per role; None while empty.
         self._k_sink = self._v_sink = self._k_win = self._v_win = None
         # Rows of fp16 storage held per stream (the C++ cache's vector capacities).
         self._sink_cap = self._win_cap = 0
+        # Mixed precision: of the _nc codes, _nlo are in the low-width pages (every group's
+        # pages: the first _nc - _nlo of a group's full-width pages); the window tokens'
+        # importance, (H, window tokens) float32 mlx (None while the window is empty); the
+        # tokens rated by attention calls; per KV head the groups' kept-token masks,
+        # (H, groups * words) uint64; the capacities of the core's importance and mask
+        # vectors (memory_bytes).
+        self._nlo = self._lo_cap = 0
+        self._imp = None
+        self._rated = 0
+        self._masks = np.zeros((H, 0), np.uint64)
+        self._imp_cap = self._mask_cap = 0
+
+    @property
+    def width_groups(self) -> list[tuple[int, ...]]:
+        """The KV heads of each width group (heads sharing one key and one value width),
+        one group unless per-head widths differ."""
+        return [g.heads for g in self._groups]
+
+    @property
+    def key_tables(self):
+        """The key tables of a store whose KV heads share one width (see ``width_groups``)."""
+        return self._uniform().key_tables
+
+    @property
+    def value_tables(self):
+        """The value tables of a store whose KV heads share one width."""
+        return self._uniform().value_tables
+
+    def _uniform(self) -> _WidthGroup:
+        if len(self._groups) != 1:
+            raise ValueError(f"the KV heads of this store have {len(self._groups)} different "
+                             "widths (per-head bits): its tables are per width group "
+                             "(width_groups)")
+        return self._groups[0]
+
+    def code_arrays(self) -> list:
+        """Every mlx array of the code pages (codes and norms of both roles, every group)."""
+        return [a for g in self._groups for p in (g, g.low) if p is not None
+                for a in p.arrays() if a is not None]
+
+    def _quantizer(self, kv_head: int, role: str):
+        g, j = self._slots[kv_head]
+        g = self._groups[g]
+        return (g.key_tables if role == "key" else g.value_tables).quantizers[j]
+
+    def _merge(self, parts):
+        """One (n_kv_heads, ...) array from the groups' (heads of the group, ...) parts."""
+        if len(parts) == 1:
+            return parts[0]
+        return _mx().take(_mx().concatenate(parts, axis=0), self._inverse, axis=0)
+
+    def _check_mixed(self, group_blocks, keep_blocks, decay_bits) -> None:
+        """KVCacheConfig::validate() for mixed precision (the store has no temporal decay)."""
+        for name, v in (("mixed_group_blocks", group_blocks), ("mixed_keep_blocks", keep_blocks),
+                        ("decay_bits", decay_bits)):
+            if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or int(v) < 0:
+                raise ValueError(f"{name} must be an integer >= 0, got {v!r}")
+        R, K, low = int(group_blocks), int(keep_blocks), int(decay_bits)
+        self.mixed_group_blocks, self.mixed_keep_blocks, self.decay_bits = R, K, low
+        if not R:
+            if K:
+                raise ValueError(f"mixed_keep_blocks ({K}) is set but mixed_group_blocks is 0 "
+                                 "(mixed precision off)")
+            if low:
+                raise ValueError("the GPU store has no temporal decay (decay_bits needs "
+                                 "mixed_group_blocks)")
+            return
+        if not 1 <= K < R:
+            raise ValueError(f"mixed_keep_blocks must be in [1, mixed_group_blocks - 1 = {R - 1}],"
+                             f" got {K}")
+        if R * self.block_tokens > 4096:
+            raise ValueError(f"a mixed-precision flush group (mixed_group_blocks × block_tokens) "
+                             f"must hold at most 4096 tokens, got {R} × {self.block_tokens}")
+        if self.fp16_window <= 0:
+            raise ValueError("mixed precision (mixed_group_blocks) needs an fp16 window "
+                             "(fp16_window > 0): token importance is measured while tokens are "
+                             "fp16")
+        H, n_o = self.n_kv_heads, len(self._split.get("outlier_channels", ()))
+        least = 9
+        for h in range(H):
+            for role in (0, 1):
+                b = _pick(self.key_head_bits if role == 0 else self.value_head_bits, H,
+                          self.layer, h, self.key_bits if role == 0 else self.value_bits)
+                if role == 0 and self._split:
+                    b = _decay_reference_bits(self.head_dim, b, n_o, _pick(
+                        self.outlier_head_bits, H, self.layer, h, self._split["outlier_bits"]))
+                least = min(least, b)
+        if not 1 <= low < least:
+            raise ValueError(f"decay_bits must be in [1, {least - 1}] (fewer than the streams' "
+                             f"bits per coordinate, at least {least}), got {low}")
+
+    @property
+    def mixed(self) -> bool:
+        """True with importance-routed mixed precision (mixed_group_blocks > 0)."""
+        return self.mixed_group_blocks > 0
 
     @property
     def key_split(self) -> bool:
@@ -343,16 +616,19 @@ class MetalCodeStore:
         """Bytes held: the code and norm pages, the fp16 sink and window rows and the
         per-head rotation signs (the same count as ``_core.KVCache.memory_bytes``)."""
         H = self.n_kv_heads
-        row = (self.key_tables.code_bytes + 2) + (self.value_tables.code_bytes + 2)
         fp16_rows = 2 * H * (self._sink_cap + self._win_cap) * self.head_dim * 2
-        return (self.key_tables.state_bytes() + self.value_tables.state_bytes()
-                + self._cap * H * row + fp16_rows)
+        # Mixed precision: low-width pages (their quantizers share the full-width rotations),
+        # the groups' masks and the window's importance floats.
+        low = sum(self._lo_cap * g.low.row_bytes() for g in self._groups if g.low is not None)
+        mixed = H * (self._mask_cap * 8 + self._imp_cap * 4)
+        return sum(g.key_tables.state_bytes() + g.value_tables.state_bytes()
+                   + self._cap * g.row_bytes() for g in self._groups) + fp16_rows + low + mixed
 
     def fp16_bytes(self) -> int:
         return self._n * self.n_kv_heads * 2 * self.head_dim * 2
 
     def bytes_per_token(self) -> int:
-        return self.n_kv_heads * (self.key_tables.code_bytes + self.value_tables.code_bytes + 4)
+        return sum(g.row_bytes() for g in self._groups)
 
     # --- append ----------------------------------------------------------------------------
     def append(self, keys, values, layer: int = 0) -> None:
@@ -372,17 +648,28 @@ class MetalCodeStore:
         if self.windowed:
             self._append_windowed(k, v, T)
             return
-        kc, kn = self.kernels.encode_heads(self.key_tables, k)
-        vc, vn = self.kernels.encode_heads(self.value_tables, v)
-        self._check_norms(kn, vn)
-        self._write(kc, kn, vc, vn)
+        self._write(self._encode(k, v))
         self._n += T
         self._coded = self._n
 
-    def _check_norms(self, kn, vn) -> None:
+    def _encode(self, k, v, low: bool = False) -> list:
+        """Codes of (H, T, d) keys and values: per width group (kc, kn, vc, vn); ``low``: at
+        the groups' low widths (mixed precision)."""
+        parts = []
+        for g in (g.low if low else g for g in self._groups):
+            kc, kn = self.kernels.encode_heads(g.key_tables, g.take(k))
+            vc, vn = self.kernels.encode_heads(g.value_tables, g.take(v))
+            parts.append((kc, kn, vc, vn))
+        self._check_norms([x for p in parts for x in (p[1], p[3])])
+        return parts
+
+    def _check_norms(self, norms) -> None:
         if self.check_inputs:
             mx = _mx()
-            if not (mx.all(mx.isfinite(kn)) & mx.all(mx.isfinite(vn))).item():
+            ok = mx.all(mx.isfinite(norms[0]))
+            for n in norms[1:]:
+                ok = ok & mx.all(mx.isfinite(n))
+            if not ok.item():
                 raise ValueError("keys or values contain NaN or Inf, or a vector whose norm is "
                                  "above the fp16 norm range (65504); the cache is unchanged")
 
@@ -405,14 +692,14 @@ class MetalCodeStore:
         if T > ks:
             k_win, v_win = cat(k_win, k16[:, ks:]), cat(v_win, v16[:, ks:])
         coded = self._coded + ks
+        if self.mixed:
+            self._append_mixed(k_sink, v_sink, k_win, v_win, old, T, ks)
+            return
         w = old + T - coded
         flush = -(-(w - N - bt) // bt) * bt if w > N + bt else 0  # whole blocks, oldest first
         if flush:
-            kc, kn = self.kernels.encode_heads(self.key_tables, k_win[:, :flush].astype(mx.float32))
-            vc, vn = self.kernels.encode_heads(self.value_tables,
-                                               v_win[:, :flush].astype(mx.float32))
-            self._check_norms(kn, vn)
-            self._write(kc, kn, vc, vn)
+            self._write(self._encode(k_win[:, :flush].astype(mx.float32),
+                                     v_win[:, :flush].astype(mx.float32)))
             k_win, v_win = k_win[:, flush:], v_win[:, flush:]
             coded += flush
         if ks > 0:
@@ -428,33 +715,103 @@ class MetalCodeStore:
             # (the attention of the step reads the window and evaluates it anyway).
             mx.async_eval(*[a for a in (k_sink, v_sink, k_win, v_win) if a is not None])
 
-    def _write(self, kc, kn, vc, vn) -> None:
-        """Append codes (H, T, ·) at code index _nc, growing the pages."""
+    def _append_mixed(self, k_sink, v_sink, k_win, v_win, old: int, T: int, ks: int) -> None:
+        """append_windowed() / flush_window() of mixed precision: the window flushes a group of
+        F = mixed_group_blocks × block_tokens tokens at a time, once attention calls have rated
+        it and fp16_window newer tokens follow it (unrated: only when the window holds
+        4096 tokens more than that besides this append's); per KV head the
+        mixed_keep_blocks × block_tokens most important tokens (ties: the older) are encoded
+        at full width, the others at the low width. Every group is encoded before anything
+        changes."""
         mx = _mx()
-        T = int(kc.shape[1])
-        old = self._nc
+        S, N, bt, H = self.fp16_sinks, self.fp16_window, self.block_tokens, self.n_kv_heads
+        F, Kt = self.mixed_group_blocks * bt, self.mixed_keep_blocks * bt
+        n, coded, keep_new = old + T, self._coded + ks, T - ks
+        w_old = old - self._coded if old > self._coded else 0
+        imp = self._imp
+        if keep_new:
+            zeros = mx.zeros((H, keep_new), dtype=mx.float32)
+            imp = zeros if imp is None else mx.concatenate([imp, zeros], axis=1)
+        flushes = []  # (full-width parts, low-width parts, masks) per group
+        base = (np.arange(H) * F)[:, None]
+
+        def rows_of(x, idx):  # per KV head, the window rows idx (H, m) of the oldest group
+            flat = x[:, :F].reshape(H * F, self.head_dim)
+            picked = mx.take(flat, mx.array((base + idx).ravel().astype(np.int32)), axis=0)
+            return picked.reshape(H, idx.shape[1], self.head_dim).astype(mx.float32)
+
+        while True:
+            end = coded + F
+            if n < end + N:
+                break
+            if self._rated < end and (end + keep_new > n
+                                      or n - keep_new - coded < N + F + _MIXED_UNRATED_TOKENS):
+                break
+            weights = np.array(imp[:, :F])
+            order = np.argsort(-weights, axis=1, kind="stable")
+            kept, others = np.sort(order[:, :Kt], axis=1), np.sort(order[:, Kt:], axis=1)
+            masks = np.zeros((H, (F + 63) // 64), np.uint64)
+            rows = np.repeat(np.arange(H), Kt)
+            np.bitwise_or.at(masks, (rows, kept.ravel() // 64),
+                             np.left_shift(np.uint64(1), (kept.ravel() % 64).astype(np.uint64)))
+            flushes.append((self._encode(rows_of(k_win, kept), rows_of(v_win, kept)),
+                            self._encode(rows_of(k_win, others), rows_of(v_win, others),
+                                         low=True), masks))
+            k_win, v_win, imp = k_win[:, F:], v_win[:, F:], imp[:, F:]
+            coded += F
+        words = (F + 63) // 64
+        for full, low, masks in flushes:
+            self._write(full)
+            self._write(low, low=True)
+            self._mask_cap = _vector_grow(self._mask_cap, self._masks.shape[1], words)
+            self._masks = np.concatenate([self._masks, masks], axis=1)
+        if ks > 0:
+            self._sink_cap = S
+        # The core's vector capacities: window rows and importance grow as std::vector
+        # inserts do, then fit (N + F) rows when they hold no more.
+        self._win_cap = _vector_grow(self._win_cap, w_old, keep_new)
+        self._imp_cap = _vector_grow(self._imp_cap, w_old, keep_new)
+        w = n - coded
+        if 0 < w <= N + F:
+            self._win_cap = N + F
+        if w <= N + F:
+            self._imp_cap = N + F
+        if w == 0:
+            k_win = v_win = imp = None
+        self._k_sink, self._v_sink, self._k_win, self._v_win = k_sink, v_sink, k_win, v_win
+        self._imp = imp
+        self._n, self._coded = n, coded
+        if T > 1:
+            mx.async_eval(*[a for a in (k_sink, v_sink, k_win, v_win) if a is not None])
+
+    def _write(self, parts, low: bool = False) -> None:
+        """Append codes to the full-width pages (``low``: the low-width ones), growing them:
+        per width group (kc, kn, vc, vn), (heads of the group, T, ·)."""
+        mx = _mx()
+        T = int(parts[0][0].shape[1])
+        old = self._nlo if low else self._nc - self._nlo
         bt = self.block_tokens
         cap = -(-(old + T) // bt) * bt
-        if cap > self._cap:
-            H = self.n_kv_heads
-
-            def grow(a, tail, dtype):
-                pad = mx.zeros((H, cap - self._cap) + tail, dtype=dtype)
-                return pad if a is None else mx.concatenate([a, pad], axis=1)
-
-            self._k_codes = grow(self._k_codes, (self.key_tables.code_bytes,), mx.uint8)
-            self._v_codes = grow(self._v_codes, (self.value_tables.code_bytes,), mx.uint8)
-            self._k_norms = grow(self._k_norms, (), mx.float16)
-            self._v_norms = grow(self._v_norms, (), mx.float16)
-            self._cap = cap
-        self._k_codes[:, old:old + T] = kc
-        self._k_norms[:, old:old + T] = kn
-        self._v_codes[:, old:old + T] = vc
-        self._v_norms[:, old:old + T] = vn
-        self._nc = old + T
+        pages = [g.low if low else g for g in self._groups]
+        have = self._lo_cap if low else self._cap
+        if cap > have:
+            for p in pages:
+                p.grow(have, cap)
+            if low:
+                self._lo_cap = cap
+            else:
+                self._cap = cap
+        for p, (kc, kn, vc, vn) in zip(pages, parts):
+            p.k_codes[:, old:old + T] = kc
+            p.k_norms[:, old:old + T] = kn
+            p.v_codes[:, old:old + T] = vc
+            p.v_norms[:, old:old + T] = vn
+        self._nc += T
+        if low:
+            self._nlo += T
         # Start computing the codes now without waiting for them: keeps the graph of
         # successive appends short when nothing reads the cache in between.
-        mx.async_eval(self._k_codes, self._k_norms, self._v_codes, self._v_norms)
+        mx.async_eval(*self.code_arrays())
 
     # --- trim ------------------------------------------------------------------------------
     def trim(self, n: int) -> int:
@@ -465,6 +822,8 @@ class MetalCodeStore:
             raise ValueError(f"trim needs n >= 0, got {n}")
         removed = min(int(n), self._n)
         new = self._n - removed
+        if self.mixed:
+            self._trim_mixed(new)
         # kv_cache_window.cpp shrink_layer(): a cut back into the sinks (or to empty) gives the
         # window's capacity back, also when the layer held no codes.
         into_sinks = new <= self.fp16_sinks
@@ -490,20 +849,44 @@ class MetalCodeStore:
         self._n = new
         return removed
 
+    def _trim_mixed(self, new: int) -> None:
+        """kv_cache.cpp check_mixed_cut() and shrink_layer()'s mixed-precision part: a cut
+        into the codes keeps whole flush groups (refused otherwise, before any change); the
+        rated count, the window's importance and the groups' masks follow the cut."""
+        ns, F = self.fp16_sinks, self.mixed_group_blocks * self.block_tokens
+        if ns < new < self._coded and (new - ns) % F:
+            raise RuntimeError(
+                f"cutting layer {self.layer} to {new} tokens splits a mixed-precision flush group "
+                f"of {F} coded tokens (stored by importance, not position); cut to a length of "
+                f"{ns} + a multiple of {F}, or into the fp16 window ({self._coded} tokens and "
+                "more)")
+        self._rated = min(self._rated, new)
+        keep = new - self._coded if new >= self._coded else 0
+        self._imp = self._imp[:, :keep] if keep and self._imp is not None else None
+        if new < self._coded:
+            codes = new - min(new, ns)
+            self._masks = self._masks[:, :codes // F * ((F + 63) // 64)]
+
     def _release_codes(self, nc: int) -> None:
-        self._nc = nc
-        cap = -(-nc // self.block_tokens) * self.block_tokens
+        bt = self.block_tokens
+        nlo = 0
+        if self.mixed:  # whole flush groups (trim checks the cut)
+            F = self.mixed_group_blocks * bt
+            nlo = nc // F * (F - self.mixed_keep_blocks * bt)
+        self._nc, self._nlo = nc, nlo
+        cap = -(-(nc - nlo) // bt) * bt
         if cap < self._cap:
-            if cap == 0:
-                self._k_codes = self._k_norms = self._v_codes = self._v_norms = None
-            else:
-                mx = _mx()
-                self._k_codes = mx.contiguous(self._k_codes[:, :cap])
-                self._k_norms = mx.contiguous(self._k_norms[:, :cap])
-                self._v_codes = mx.contiguous(self._v_codes[:, :cap])
-                self._v_norms = mx.contiguous(self._v_norms[:, :cap])
-                mx.eval(self._k_codes, self._k_norms, self._v_codes, self._v_norms)
+            for g in self._groups:
+                g.shrink(cap)
+            if cap:
+                _mx().eval(*self.code_arrays())
             self._cap = cap
+        if nlo < self._lo_cap:
+            for g in self._groups:
+                g.low.shrink(nlo)
+            if nlo:
+                _mx().eval(*self.code_arrays())
+            self._lo_cap = nlo
 
     # --- attention -------------------------------------------------------------------------
     def attend(self, queries, layer: int = 0, causal: bool = True, scale: float | None = None,
@@ -544,11 +927,105 @@ class MetalCodeStore:
             raise ValueError(f"scale must be finite, got {scale}")
         if self.check_inputs and not mx.all(mx.isfinite(q)).item():
             raise ValueError("queries contain NaN or Inf")
+        if self.mixed:
+            return self._attend_mixed(q, scale, causal, window).reshape(shape)
         if Tq == 1:
             out = self._decode(q, scale, window)
         else:
             out = self._prefill(q, scale, causal, window)
         return out.reshape(shape)
+
+    def _attend_mixed(self, q, scale: float, causal: bool, window: int | None):
+        """Attention of a mixed-precision store (kv_cache.cpp attend() / attend_windowed()):
+        its codes are stored by importance, not position, so every query sees all of them
+        (a sliding window or causal queries older than a coded token are refused, as by the
+        core); the full- and low-width codes, the fp16 sinks and the window merged under one
+        softmax. The window tokens' importance grows by the squared softmax weights the
+        query rows of their KV head gave them; the layer is rated up to its size."""
+        mx = _mx()
+        n, Tq, c, ns = self._n, int(q.shape[1]), self._coded, self._ns
+        if window is not None and int(window) < n:
+            raise RuntimeError(f"a sliding window ({int(window)}) over a mixed-precision cache "
+                               "(its codes are not in position order); use mixed precision on "
+                               "full-attention layers")
+        if causal and c > ns and n - Tq + 1 < c:
+            raise RuntimeError(f"causal queries at positions from {n - Tq} see only part of the "
+                               f"{c} coded tokens of layer {self.layer} (mixed precision stores "
+                               "them by importance); attend after each append with its queries")
+        H, d = self.n_kv_heads, self.head_dim
+        G = self.n_q_heads // H
+        qg = q.reshape(H, G, Tq, d)
+        nw = n - c
+        f32 = (lambda a: a.astype(mx.float32))  # noqa: E731
+        # fp16 rows: the sinks, then the window (the last nw columns)
+        fk = [f32(a) for a in (self._k_sink, self._k_win) if a is not None]
+        fv = [f32(a) for a in (self._v_sink, self._v_win) if a is not None]
+        nlo, nhi = self._nlo, self._nc - self._nlo
+        if Tq == 1:  # decode: the codes by the split-K kernels, each set with its lse
+            parts = []
+            q1 = qg.reshape(H, G, d)
+            if nhi:
+                parts.append(self._code_attention(q1, 0, nhi, scale, True))
+            if nlo:
+                parts.append(self._code_attention(q1, 0, nlo, scale, True, low=True))
+            outs = [o.reshape(H, G, 1, d) for o, _ in parts]
+            lses = [lse.reshape(H, G, 1) for _, lse in parts]
+            ks, vs = fk, fv
+        else:  # prefill: the codes dequantized into the tile beside the fp16 rows
+            outs, lses = [], []
+            ks, vs = [], []
+            for low, count in ((False, nhi), (True, nlo)):
+                if count:
+                    sets = [g.low if low else g for g in self._groups]
+                    ks.append(self._merge([self.kernels.dequantize_heads(
+                        p.key_tables, p.k_codes[:, :count], p.k_norms[:, :count]) for p in sets]))
+                    vs.append(self._merge([self.kernels.dequantize_heads(
+                        p.value_tables, p.v_codes[:, :count], p.v_norms[:, :count])
+                        for p in sets]))
+            ks, vs = ks + fk, vs + fv
+        imp = None
+        if ks:
+            k = ks[0] if len(ks) == 1 else mx.concatenate(ks, axis=1)
+            v = vs[0] if len(vs) == 1 else mx.concatenate(vs, axis=1)
+            nt = int(k.shape[1])
+            kt, vb = k[:, None].transpose(0, 1, 3, 2), v[:, None]
+            # Column positions for the causal mask: the codes (seen by every query), then the
+            # sinks [0, ns) and the window [c, n).
+            pos = mx.concatenate([mx.full((nt - ns - nw,), -1), mx.arange(ns), mx.arange(c, n)])
+            rows = max(1, _SCORE_CHUNK // max(1, H * G * nt))  # query rows per chunk
+            o_parts, l_parts = [], []
+            for t0 in range(0, Tq, rows):
+                t1 = min(Tq, t0 + rows)
+                if Tq == 1:  # decode: the scores in float32 (no TF32 matmul), as the core's
+                    s = (qg[:, :, :, None, :] * k[:, None, None]).sum(axis=-1) * scale
+                else:
+                    s = (qg[:, :, t0:t1] @ kt) * scale  # (H, G, rows, nt)
+                if causal and Tq > 1:  # fp16 rows after a query's position: hidden from it
+                    s = mx.where(pos[None, :] > mx.arange(n - Tq + t0, n - Tq + t1)[:, None],
+                                 -mx.inf, s)
+                m = s.max(axis=-1)
+                e = mx.exp(s - m[..., None])
+                z = e.sum(axis=-1)
+                o_parts.append((e @ vb) / z[..., None])
+                l_parts.append(m + mx.log(z))
+                if nw and Tq > 1:  # the tile holds every token: its lse is the total
+                    p = mx.exp(s[..., nt - nw:] - l_parts[-1][..., None])
+                    part = (p * p).sum(axis=(1, 2))
+                    imp = part if imp is None else imp + part
+            cat = (lambda xs: xs[0] if len(xs) == 1 else mx.concatenate(xs, axis=2))  # noqa: E731
+            outs.append(cat(o_parts))
+            lses.append(cat(l_parts))
+        lse = lses[0]
+        for x in lses[1:]:
+            lse = mx.logaddexp(lse, x)
+        out = sum(mx.exp(x - lse)[..., None] * o for o, x in zip(outs, lses))
+        if nw and Tq == 1:  # the window tokens' weights under the codes' softmax too
+            p = mx.exp(s[..., nt - nw:] - lse[..., None])
+            imp = (p * p).sum(axis=(1, 2))
+        if imp is not None:
+            self._imp = imp if self._imp is None else self._imp + imp
+        self._rated = max(self._rated, n)
+        return out.reshape(self.n_q_heads, Tq, d)
 
     def _pieces(self, lo: int):
         """The tokens [lo, n) by storage: (fp16 sink rows [lo, ns) as (k, v) or None, code
@@ -561,24 +1038,37 @@ class MetalCodeStore:
                if self._k_win is not None and w0 < int(self._k_win.shape[1]) else None)
         return sinks, (a, b), win
 
-    def _code_attention(self, qg, a: int, b: int, scale: float, with_lse: bool, rows=None):
+    def _code_attention(self, qg, a: int, b: int, scale: float, with_lse: bool, rows=None,
+                        low: bool = False):
         """Split-K decode attention of qg (H, G, d) over code indices [a, b): (H, G, d)
         and, with_lse, the log-sum-exp of the scaled scores (H, G); ``rows``: fp16 (k, v)
-        row sets (sinks, window) attended under the same softmax by the reduce launch."""
+        row sets (sinks, window) attended under the same softmax by the reduce launch.
+        One launch set per width group, on its KV heads (and their query rows); ``low``:
+        the low-width pages of mixed precision (indices into them)."""
+        outs, lses = [], []
+        for g in (g.low if low else g for g in self._groups):
+            o, lse = self._group_attention(
+                g, g.take(qg), a, b, scale, with_lse,
+                [(g.take(k), g.take(v)) for k, v in rows] if rows else None)
+            outs.append(o)
+            lses.append(lse)
+        return self._merge(outs), (self._merge(lses) if with_lse else None)
+
+    def _group_attention(self, g: _WidthGroup, qg, a: int, b: int, scale: float,
+                         with_lse: bool, rows):
         mx = _mx()
         if a == 0:  # the stored arrays as they are: head_stride = capacity, no copy
-            kc, kn, vc, vn = self._k_codes, self._k_norms, self._v_codes, self._v_norms
+            kc, kn, vc, vn = g.arrays()
         else:
-            kc, kn = self._k_codes[:, a:b], self._k_norms[:, a:b]
-            vc, vn = self._v_codes[:, a:b], self._v_norms[:, a:b]
+            kc, kn = g.k_codes[:, a:b], g.k_norms[:, a:b]
+            vc, vn = g.v_codes[:, a:b], g.v_norms[:, a:b]
         outs, lses = [], []
         G = int(qg.shape[1])
-        kt = self.key_tables
-        step = metal.group_pass(self.head_dim, kt.bits0 if self._split else kt.bits,
-                                self.value_tables.bits, k_bits1=kt.bits1 if self._split else None)
+        kt, vt = g.key_tables, g.value_tables
+        step = metal.group_pass(self.head_dim, kt.bits0 if self._split else kt.bits, vt.bits,
+                                k_bits1=kt.bits1 if self._split else None)
         for g0 in range(0, G, step):  # large GQA groups (or head_dim): several passes
-            args = (self.key_tables, self.value_tables, qg[:, g0:g0 + step], kc, kn,
-                    vc, vn, b - a, scale)
+            args = (kt, vt, qg[:, g0:g0 + step], kc, kn, vc, vn, b - a, scale)
             if with_lse:
                 o, lse = self.kernels.decode_attention_heads(*args, with_lse=True)
                 lses.append(lse)
@@ -624,10 +1114,10 @@ class MetalCodeStore:
             ks.append(sinks[0].astype(mx.float32))
             vs.append(sinks[1].astype(mx.float32))
         if b > a:
-            ks.append(self.kernels.dequantize_heads(self.key_tables, self._k_codes[:, a:b],
-                                                    self._k_norms[:, a:b]))
-            vs.append(self.kernels.dequantize_heads(self.value_tables, self._v_codes[:, a:b],
-                                                    self._v_norms[:, a:b]))
+            ks.append(self._merge([self.kernels.dequantize_heads(
+                g.key_tables, g.k_codes[:, a:b], g.k_norms[:, a:b]) for g in self._groups]))
+            vs.append(self._merge([self.kernels.dequantize_heads(
+                g.value_tables, g.v_codes[:, a:b], g.v_norms[:, a:b]) for g in self._groups]))
         if win is not None:
             ks.append(win[0].astype(mx.float32))
             vs.append(win[1].astype(mx.float32))
@@ -658,13 +1148,73 @@ class MetalCodeStore:
         if not 0 <= start <= self._nc or not 0 <= count <= self._nc - start:
             raise ValueError(f"tokens [{start}, {start + count}) beyond the layer's {self._nc} "
                              "coded tokens")
-        codes, norms = ((self._k_codes, self._k_norms) if role == "key"
-                        else (self._v_codes, self._v_norms))
+        if self.mixed:
+            return self._mixed_encoded(kv_head, role, start, count)
+        i, j = self._slots[kv_head]
+        g = self._groups[i]
+        codes, norms = (g.k_codes, g.k_norms) if role == "key" else (g.v_codes, g.v_norms)
         if codes is None or count == 0:
-            cb = (self.key_tables if role == "key" else self.value_tables).code_bytes
+            cb = self._quantizer(kv_head, role).code_bytes
             return np.zeros((0, cb), np.uint8), np.zeros((0,), np.float16)
-        return (np.array(codes[kv_head, start:start + count]),
-                np.array(norms[kv_head, start:start + count]))
+        return (np.array(codes[j, start:start + count]),
+                np.array(norms[j, start:start + count]))
+
+    def _mixed_codes(self, kv_head: int, role: str):
+        """Mixed precision: one stream's codes in code index order, as the core stores them
+        (per flush group g, the kept tokens' full-width rows then the others' low-width rows,
+        the other way round for odd g): (packed rows (bytes,) uint8, row widths (nc,), norms
+        (nc,) float16) as NumPy."""
+        i, j = self._slots[kv_head]
+        full, low = self._groups[i], self._groups[i].low
+        nhi, nlo = self._nc - self._nlo, self._nlo
+        pick = ((lambda p: (p.k_codes, p.k_norms)) if role == "key"  # noqa: E731
+                else (lambda p: (p.v_codes, p.v_norms)))
+        hc, hn = (np.array(a[j, :nhi]) for a in pick(full)) if nhi else (None, None)
+        lc, ln = (np.array(a[j, :nlo]) for a in pick(low)) if nlo else (None, None)
+        bt = self.block_tokens
+        F, Kt = self.mixed_group_blocks * bt, self.mixed_keep_blocks * bt
+        Lt = F - Kt
+        rows, widths, norms = [], [], []
+        for g in range(self._nc // F):
+            parts = [(hc[g * Kt:(g + 1) * Kt], hn[g * Kt:(g + 1) * Kt]),
+                     (lc[g * Lt:(g + 1) * Lt], ln[g * Lt:(g + 1) * Lt])]
+            for c, x in (parts if g % 2 == 0 else parts[::-1]):
+                rows.append(c.ravel())
+                widths.append(np.full(len(x), c.shape[1], np.int64))
+                norms.append(x)
+        if not rows:
+            return np.zeros(0, np.uint8), np.zeros(0, np.int64), np.zeros(0, np.float16)
+        return np.concatenate(rows), np.concatenate(widths), np.concatenate(norms)
+
+    def _mixed_encoded(self, kv_head: int, role: str, start: int, count: int):
+        """encoded() of a mixed-precision store: as ``_core.KVCache.encoded``, the rows of
+        code indices [start, start + count) packed at their blocks' widths from the front of
+        a (count, full-width code_bytes) array (the rest zero), and their norms."""
+        packed, widths, norms = self._mixed_codes(kv_head, role)
+        offsets = np.concatenate([[0], np.cumsum(widths)])
+        cb = self._quantizer(kv_head, role).code_bytes
+        out = np.zeros((count, cb), np.uint8)
+        chunk = packed[offsets[start]:offsets[start + count]]
+        out.ravel()[:len(chunk)] = chunk
+        return out, norms[start:start + count].copy()
+
+    def mixed_masks(self, layer: int = 0, kv_head: int = 0) -> np.ndarray:
+        """Mixed precision: the kept-token masks of one KV head's flush groups, as
+        ``_core.KVCache.mixed_masks`` (uint64 words; bit o of group g: token
+        fp16_sinks + g·F + o kept its full width)."""
+        self._check_layer(layer)
+        return self._masks[kv_head].copy()
+
+    def window_importance(self, layer: int = 0, kv_head: int = 0) -> np.ndarray:
+        """Mixed precision: the window tokens' importance (sum of squared softmax weights)."""
+        self._check_layer(layer)
+        if not self.mixed or self._imp is None:
+            return np.zeros(0, np.float32)
+        return np.array(self._imp[kv_head])
+
+    def rated_tokens(self, layer: int = 0) -> int:
+        self._check_layer(layer)
+        return self._rated
 
     def fp16_rows(self, role: str = "key", part: str = "window"):
         """The fp16 sink or window rows of one role, (n_kv_heads, rows, d) float16 NumPy."""
@@ -685,24 +1235,142 @@ class MetalCodeStore:
         count = self._n - start if count is None else int(count)
         if not 0 <= start <= self._n or not 0 <= count <= self._n - start:
             raise ValueError(f"tokens [{start}, {start + count}) beyond the layer's {self._n}")
-        codes, norms = self.encoded(layer, kv_head, role)
-        tables = self.key_tables if role == "key" else self.value_tables
+        if self.mixed:
+            decoded = self._mixed_decoded(kv_head, role)
+        else:
+            codes, norms = self.encoded(layer, kv_head, role)
+            decoded = self._quantizer(kv_head, role).decode(codes, norms)
         rows = np.concatenate([self.fp16_rows(role, "sinks")[kv_head].astype(np.float32),
-                               tables.quantizers[kv_head].decode(codes, norms),
+                               decoded,
                                self.fp16_rows(role, "window")[kv_head].astype(np.float32)])
         return rows[start:start + count]
 
+    def mixed_positions(self, layer: int = 0, kv_head: int = 0) -> np.ndarray:
+        """The position of every code index of one KV head (``_core.KVCache.mixed_positions``):
+        by position, or with mixed precision per flush group the kept tokens, then the others
+        (the other way round in odd groups), each in position order."""
+        self._check_layer(layer)
+        ns = self._ns
+        if not self.mixed:
+            return np.arange(ns, ns + self._nc, dtype=np.int64)
+        F = self.mixed_group_blocks * self.block_tokens
+        words = (F + 63) // 64
+        out = []
+        for g in range(self._nc // F):
+            m = self._masks[kv_head, g * words:(g + 1) * words]
+            bits = np.unpackbits(m.view(np.uint8), bitorder="little")[:F].astype(bool)
+            o = np.arange(F)
+            kept, others = o[bits], o[~bits]
+            for part in ((kept, others) if g % 2 == 0 else (others, kept)):
+                out.append(ns + g * F + part)
+        return np.concatenate(out).astype(np.int64) if out else np.zeros(0, np.int64)
+
+    def _mixed_decoded(self, kv_head: int, role: str) -> np.ndarray:
+        """The coded tokens of one stream decoded at their widths, in position order."""
+        packed, widths, norms = self._mixed_codes(kv_head, role)
+        i, j = self._slots[kv_head]
+        full, low = self._groups[i], self._groups[i].low
+        pick = (lambda p: (p.key_tables if role == "key" else p.value_tables).quantizers[j])  # noqa: E731
+        cb = pick(full).code_bytes
+        out = np.empty((len(norms), self.head_dim), np.float32)
+        at = 0
+        for t in range(len(norms)):  # runs of one width decode together
+            if t and widths[t] == widths[t - 1] and t % self.block_tokens:
+                continue
+            end = t + 1
+            while end < len(norms) and widths[end] == widths[t] and end % self.block_tokens:
+                end += 1
+            q = pick(full) if widths[t] == cb else pick(low)
+            rows = packed[at:at + (end - t) * widths[t]].reshape(end - t, widths[t])
+            out[t:end] = q.decode(np.ascontiguousarray(rows), np.ascontiguousarray(norms[t:end]))
+            at += (end - t) * widths[t]
+        order = np.argsort(self.mixed_positions(0, kv_head), kind="stable")
+        return out[order]
+
     def _all_encoded(self):
-        """NumPy (H, nc, cb) codes and (H, nc) norms of both roles."""
-        n = self._nc
-        if n == 0:
-            H = self.n_kv_heads
-            return (np.zeros((H, 0, self.key_tables.code_bytes), np.uint8),
-                    np.zeros((H, 0), np.float16),
-                    np.zeros((H, 0, self.value_tables.code_bytes), np.uint8),
-                    np.zeros((H, 0), np.float16))
-        return tuple(np.ascontiguousarray(np.array(a[:, :n])) for a in
-                     (self._k_codes, self._k_norms, self._v_codes, self._v_norms))
+        """The codes of both roles as ``_core.KVCache.append_encoded`` takes them: (H, nc, cb)
+        codes and (H, nc) norms NumPy arrays per role, or (per-head widths) per role lists
+        of each KV head's (nc, cb) codes and (nc,) norms."""
+        n, H = self._nc, self.n_kv_heads
+        if len(self._groups) == 1:
+            g = self._groups[0]
+            if n == 0:
+                return (np.zeros((H, 0, g.key_tables.code_bytes), np.uint8),
+                        np.zeros((H, 0), np.float16),
+                        np.zeros((H, 0, g.value_tables.code_bytes), np.uint8),
+                        np.zeros((H, 0), np.float16))
+            return tuple(np.ascontiguousarray(np.array(a[:, :n])) for a in g.arrays())
+        per_head = [[self.encoded(0, h, role) for h in range(H)] for role in ("key", "value")]
+        return ([c for c, _ in per_head[0]], [x for _, x in per_head[0]],
+                [c for c, _ in per_head[1]], [x for _, x in per_head[1]])
+
+    def _low_blocks(self) -> np.ndarray:
+        """Mixed precision: 1 for every code block at the low width (kv_cache_window.cpp
+        mixed_low_block: the last blocks of even groups, the first of odd ones)."""
+        return self._low_blocks_for(self._nc)
+
+    def _mixed_to_core(self, core, layer: int) -> None:
+        """The codes (packed at their blocks' widths, with the groups' masks and block flags),
+        the window rows with their importance and the rated count into ``core``'s layer."""
+        H = self.n_kv_heads
+        rows = {role: [self._mixed_codes(h, role) for h in range(H)] for role in ("key", "value")}
+        flags = self._low_blocks()
+        core.append_encoded([r[0] for r in rows["key"]], [r[2] for r in rows["key"]],
+                            [r[0] for r in rows["value"]], [r[2] for r in rows["value"]], layer,
+                            decayed=[flags] * (2 * H),
+                            masks=[np.ascontiguousarray(m) for m in self._masks])
+        if self._n > self._coded:
+            core.append_window(self.fp16_rows("key", "window"), self.fp16_rows("value", "window"),
+                               layer, importance=np.ascontiguousarray(np.array(self._imp)))
+        core.set_rated_tokens(layer, self._rated)
+
+    def _mixed_from_core(self, core, layer: int) -> None:
+        """The coded part of ``core``'s mixed-precision layer into the store's pages: each
+        stream's packed rows split into the full- and low-width pages by block."""
+        mx = _mx()
+        H, bt, nc = self.n_kv_heads, self.block_tokens, core.code_tokens(layer)
+        self._nc = self._nlo = 0  # _write counts them again
+        self._masks = np.stack([np.asarray(core.mixed_masks(layer, h), np.uint64)
+                                for h in range(H)]).reshape(H, -1)
+        self._mask_cap = self._masks.shape[1]
+        if not nc:
+            return
+        low = self._low_blocks_for(nc)
+        per = {}  # (role, low) -> per head (codes, norms)
+        for role in ("key", "value"):
+            for h in range(H):
+                full_q, low_q = self._quantizer(h, role), self._low_quantizer(h, role)
+                codes, norms = core.encoded(layer, h, role, 0, nc)
+                packed, at = codes.ravel(), 0
+                for b, is_low in enumerate(low):
+                    cb = (low_q if is_low else full_q).code_bytes
+                    block = packed[at:at + bt * cb].reshape(bt, cb)
+                    per.setdefault((role, bool(is_low)), [[] for _ in range(H)])[h].append(
+                        (block, norms[b * bt:(b + 1) * bt]))
+                    at += bt * cb
+        for is_low in (False, True):
+            parts = []
+            for g in self._groups:
+                part = []
+                for role in ("key", "value"):
+                    heads = per[(role, is_low)]
+                    part += [mx.array(np.stack([np.concatenate([c for c, _ in heads[h]])
+                                                for h in g.heads])),
+                             mx.array(np.stack([np.concatenate([x for _, x in heads[h]])
+                                                for h in g.heads]))]
+                parts.append(tuple(part))
+            self._write(parts, low=is_low)
+
+    def _low_blocks_for(self, nc: int) -> np.ndarray:
+        R, K = self.mixed_group_blocks, self.mixed_keep_blocks
+        b = np.arange(nc // self.block_tokens)
+        g, j = b // R, b % R
+        return np.where(g % 2 == 0, j >= K, j < R - K).astype(np.uint8)
+
+    def _low_quantizer(self, kv_head: int, role: str):
+        i, j = self._slots[kv_head]
+        low = self._groups[i].low
+        return (low.key_tables if role == "key" else low.value_tables).quantizers[j]
 
     def _core_config(self, n_layers: int = 1) -> dict:
         return dict(n_layers=n_layers, n_q_heads=self.n_q_heads, n_kv_heads=self.n_kv_heads,
@@ -713,8 +1381,15 @@ class MetalCodeStore:
                     norm_correction=self.norm_correction, fp16_window=self.fp16_window,
                     fp16_sinks=self.fp16_sinks, split_angle_bits=self.split_angle_bits,
                     kv_head_offset=self.kv_head_offset,
+                    **{name: list(bits) for name, bits in (
+                        ("key_head_bits", self.key_head_bits),
+                        ("value_head_bits", self.value_head_bits),
+                        ("outlier_head_bits", self.outlier_head_bits)) if bits is not None},
                     **({k: v for k, v in self._split.items() if k != "split_angle_bits"}
-                       | {"outlier_roles": "keys"} if self._split else {}))
+                       | {"outlier_roles": "keys"} if self._split else {}),
+                    **(dict(mixed_group_blocks=self.mixed_group_blocks,
+                            mixed_keep_blocks=self.mixed_keep_blocks, decay_bits=self.decay_bits)
+                       if self.mixed else {}))
 
     def to_core(self):
         """A ``_core.KVCache`` holding the same codes and fp16 rows (a CPU copy)."""
@@ -736,9 +1411,11 @@ class MetalCodeStore:
         why = store_supports(core.head_dim, core.key_method, core.value_method, rotation)
         if why:
             raise ValueError(f"this cache cannot be held by a MetalCodeStore: {why}")
-        if core.fp16_layers or core.jl_dim or core.decay_after or core.max_coded_tokens:
-            raise ValueError("this cache cannot be held by a MetalCodeStore: it uses fp16 "
-                             "layers, a QJL dimension, decay or eviction")
+        for name, used in (("fp16 layers", core.fp16_layers), ("a QJL dimension", core.jl_dim),
+                           ("temporal decay", core.decay_after),
+                           ("eviction", core.max_coded_tokens)):
+            if used:
+                raise ValueError(f"this cache cannot be held by a MetalCodeStore: it uses {name}")
         split = {}
         if chans:  # checked by the constructor: keys only, split over two halves
             split = dict(outlier_channels=chans, n_outlier_channels=core.n_outlier_channels,
@@ -750,11 +1427,18 @@ class MetalCodeStore:
                         norm_correction=core.norm_correction, fp16_window=core.fp16_window,
                         fp16_sinks=core.fp16_sinks, kernels=kernels, check_inputs=check_inputs,
                         split_angle_bits=core.split_angle_bits,
-                        kv_head_offset=core.kv_head_offset, **split)
+                        kv_head_offset=core.kv_head_offset,
+                        key_head_bits=list(core.key_head_bits) or None,
+                        value_head_bits=list(core.value_head_bits) or None,
+                        outlier_head_bits=list(core.outlier_head_bits) or None,
+                        mixed_group_blocks=core.mixed_group_blocks,
+                        mixed_keep_blocks=core.mixed_keep_blocks,
+                        decay_bits=core.decay_bits if core.mixed_group_blocks else 0, **split)
         except ValueError as e:
             raise ValueError(f"this cache cannot be held by a MetalCodeStore: {e}") from None
-        for role, tables in (("key", store.key_tables), ("value", store.value_tables)):
-            for h, q in enumerate(tables.quantizers):
+        for role in ("key", "value"):
+            for h in range(store.n_kv_heads):
+                q = store._quantizer(h, role)
                 _, params = core.rotation_parameters(layer, h, role)
                 if not np.array_equal(np.asarray(params, np.float32),
                                       np.asarray(q.rotation_parameters(), np.float32)):
@@ -773,16 +1457,30 @@ class MetalCodeStore:
         if ns:
             store._k_sink, store._v_sink = rows("key", 0, ns), rows("value", 0, ns)
             store._sink_cap = store.fp16_sinks
-        if nc:
-            parts = {}
-            for role in ("key", "value"):
-                pairs = [core.encoded(layer, h, role, 0, nc) for h in range(H)]
-                parts[role] = (np.stack([c for c, _ in pairs]), np.stack([x for _, x in pairs]))
-            store._write(*(mx.array(a) for a in (*parts["key"], *parts["value"])))
+        if store.mixed:
+            store._mixed_from_core(core, layer)
+        elif nc:
+            parts = []
+            for g in store._groups:
+                part = []
+                for role in ("key", "value"):
+                    pairs = [core.encoded(layer, h, role, 0, nc) for h in g.heads]
+                    part += [mx.array(np.stack([c for c, _ in pairs])),
+                             mx.array(np.stack([x for _, x in pairs]))]
+                parts.append(tuple(part))
+            store._write(parts)
         if n > coded:
             store._k_win = rows("key", coded, n - coded)
             store._v_win = rows("value", coded, n - coded)
             store._win_cap = store.fp16_window + store.block_tokens
+        if store.mixed:  # the window's importance and rated count; capacities as a load's
+            F, nw = store.mixed_group_blocks * store.block_tokens, n - coded
+            store._imp = (mx.array(np.stack([np.asarray(core.window_importance(layer, h),
+                                                        np.float32) for h in range(H)]))
+                          if nw else None)
+            store._rated = int(core.rated_tokens(layer))
+            store._win_cap = store.fp16_window + F if 0 < nw <= store.fp16_window + F else nw
+            store._imp_cap = nw
         store._n, store._coded = n, coded
         return store
 
@@ -810,7 +1508,14 @@ class MetalCodeStore:
                                                    ("norm_correction", self.norm_correction),
                                                    ("fp16_sinks", self.fp16_sinks),
                                                    ("fp16_window", self.fp16_window),
-                                                   ("kv_head_offset", self.kv_head_offset)) if v)
+                                                   ("kv_head_offset", self.kv_head_offset),
+                                                   ("key_head_bits", self.key_head_bits),
+                                                   ("value_head_bits", self.value_head_bits),
+                                                   ("outlier_head_bits",
+                                                    self.outlier_head_bits),
+                                                   ("mixed_group_blocks", self.mixed_group_blocks),
+                                                   ("mixed_keep_blocks", self.mixed_keep_blocks),
+                                                   ("decay_bits", self.decay_bits)) if v)
         return (f"MetalCodeStore(head_dim={self.head_dim}, n_q_heads={self.n_q_heads}, "
                 f"n_kv_heads={self.n_kv_heads}, key={self.key_bits}b, value={self.value_bits}b, "
                 f"tokens={self._n}{extra}, kernels={kernels})")
@@ -858,6 +1563,9 @@ def stores_to_core(stores: Sequence[MetalCodeStore]):
         if s._ns:
             core.append(s.fp16_rows("key", "sinks").astype(np.float32),
                         s.fp16_rows("value", "sinks").astype(np.float32), i)
+        if s.mixed:
+            s._mixed_to_core(core, i)
+            continue
         kc, kn, vc, vn = s._all_encoded()
         core.append_encoded(kc, kn, vc, vn, i)
         if s._n > s._coded:
@@ -900,6 +1608,8 @@ class MetalKVCache:
         self.norm_correction, self.fp16_sinks = s.norm_correction, s.fp16_sinks
         self.fp16_window, self.fp16_layers = s.fp16_window, []
         self.kv_head_offset = s.kv_head_offset
+        self.key_head_bits, self.value_head_bits = s.key_head_bits, s.value_head_bits
+        self.outlier_head_bits = s.outlier_head_bits
 
     def _layer(self, layer: int) -> MetalCodeStore:
         if not 0 <= int(layer) < self.n_layers:
@@ -1021,8 +1731,10 @@ def self_test(kernels: Any = None) -> str | None:
     against the C++ core and returns None when it agrees, else what went wrong (a kernel that
     fails to compile or launch raises inside mlx; its message is returned, never raised).
 
-    Two small one-layer caches (head_dim 64, GQA 2, 3-bit codes, norm correction, fp16 sinks
-    and window, 8-token pages), one with the key split, receive 29 tokens: every kernel runs
+    Four small one-layer caches (head_dim 64, GQA 2, 3-bit codes, norm correction, fp16 sinks
+    and window, 8-token pages), one with the key split, one with per-head widths (two width
+    groups), one with mixed precision (full- and low-width pages, attended with their
+    log-sum-exp), receive 29 tokens: every kernel runs
     (encode, query rotation, split-K decode attention by both block kernels and its
     reduction merged with the fp16 rows, dequantize for a prefill, and the split's four). Codes and norms must equal the core's bit for bit, decode
     and prefill attention within 1e-3 of the core's output scale."""
@@ -1035,21 +1747,37 @@ def self_test(kernels: Any = None) -> str | None:
         split = dict(base, key_bits=2, n_outlier_channels=d // 2, outlier_bits=4,
                      outlier_channels=list(range(d // 2)), outlier_roles="keys",
                      split_angle_bits=8)
-        for name, kw in (("plain", base), ("key split", split)):
+        heads = dict(base, key_head_bits=[2, 4], value_head_bits=[3, 2])
+        mixed = dict(base, fp16_window=4, mixed_group_blocks=2, mixed_keep_blocks=1,
+                     decay_bits=2)
+        for name, kw in (("plain", base), ("key split", split), ("per-head widths", heads),
+                         ("mixed precision", mixed)):
             store = MetalCodeStore(d, kernels=kernels, **kw)
             core = _core.KVCache(d, **kw)
             k = rng.standard_normal((hkv, T, d)).astype(np.float32)
             k[..., : d // 2] *= 3.0  # unequal halves: the split's angle codes vary
             v = rng.standard_normal((hkv, T, d)).astype(np.float32)
-            store.append(mx.array(k), mx.array(v))
-            core.append(k, v)
+            # (mixed precision: the first 23 tokens rated by their queries, flushed by the
+            # next append)
+            for a, b in ((0, 23), (23, T)) if store.mixed else ((0, T),):
+                store.append(mx.array(k[:, a:b]), mx.array(v[:, a:b]))
+                core.append(np.ascontiguousarray(k[:, a:b]), np.ascontiguousarray(v[:, a:b]))
+                if store.mixed and a == 0:
+                    q = rng.standard_normal((hq, b, d)).astype(np.float32)
+                    store.attend(mx.array(q), scale=0.125)
+                    core.attend(q, scale=0.125)
             n = core.code_tokens(0)
             if store.code_tokens() != n:
                 return f"{name}: the store holds {store.code_tokens()} coded tokens, the core {n}"
             for h in range(hkv):
+                if not np.array_equal(store.mixed_masks(0, h), core.mixed_masks(0, h)):
+                    return f"{name}: the kept-token masks of KV head {h} differ from the core's"
                 for role in ("key", "value"):
                     sc, sn = store.encoded(0, h, role)
                     cc, cn = core.encoded(0, h, role, 0, n)
+                    if store.mixed:  # rows packed at their blocks' widths from the front
+                        size = len(store._mixed_codes(h, role)[0])
+                        sc, cc = sc.ravel()[:size], cc.ravel()[:size]
                     if not np.array_equal(sc, cc):
                         return f"{name}: {role} codes of KV head {h} differ from the C++ core's"
                     if not np.array_equal(np.asarray(sn).view(np.uint16),

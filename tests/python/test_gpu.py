@@ -93,6 +93,62 @@ def test_codes_bit_exact_and_attention_close(d, bits, split):
             assert rel_err(np.array(got), want) <= ATTN_TOL, (rows, window)
 
 
+@pytest.mark.parametrize("split", [False, True])
+def test_per_head_widths_bit_exact_and_attention_close(split):
+    # A calibrated profile's per-KV-head widths: four width groups over 8 KV heads, each
+    # group on the kernels of its widths.
+    rng = np.random.default_rng(7 + split)
+    d, hq, hkv = 128, 32, 8
+    widths = [2, 4, 3, 3, 2, 4, 3, 3]
+    cfg = kw(d, hq, hkv, 3, 3, split=split, sinks=4, window=64)
+    if split:  # each head's split of its own width
+        cfg.update(key_head_bits=[b - 1 for b in widths],
+                   outlier_head_bits=[b + 1 for b in widths])
+    else:
+        cfg.update(key_head_bits=widths)
+    cfg.update(value_head_bits=widths[::-1])
+    store, core = MetalCodeStore(d, **cfg), _core.KVCache(d, **cfg)
+    assert len(store.width_groups) == 4
+    for T in (700, 1, 63, 1):
+        k, v = rand(rng, hkv, T, d), rand(rng, hkv, T, d)
+        k[..., : d // 2] *= 2.5
+        store.append(mx.array(k), mx.array(v))
+        core.append(k, v)
+    assert_same_codes(store, core)
+    assert store.memory_bytes() == core.memory_bytes()
+    for rows in (1, 16):
+        q = rand(rng, hq, rows, d)
+        got = store.attend(mx.array(q), scale=d ** -0.5)
+        assert rel_err(np.array(got), core.attend(q, scale=d ** -0.5)) <= ATTN_TOL, rows
+    assert store.to_bytes() == core.to_bytes()
+
+
+def test_mixed_precision_masks_codes_and_attention():
+    # Importance-routed mixed precision: a prefill and decode steps, each attended by its
+    # queries; the kept-token masks (from the store's own importance) and the codes are the
+    # core's (a prefill's TF32 scores may break a near-tie, so its masks are checked in fp32).
+    rng = np.random.default_rng(5)
+    d, hq, hkv = 128, 32, 8
+    cfg = kw(d, hq, hkv, 4, 4, split=True, sinks=4, window=64, bt=16)
+    cfg.update(mixed_group_blocks=2, mixed_keep_blocks=1, decay_bits=2)
+    store, core = MetalCodeStore(d, **cfg), _core.KVCache(d, **cfg)
+    fp32 = os.environ.get("MLX_ENABLE_TF32", "1") == "0"
+    for T in (300,) + (1,) * 40:
+        k, v = rand(rng, hkv, T, d), rand(rng, hkv, T, d)
+        k[..., : d // 2] *= 2.5
+        store.append(mx.array(k), mx.array(v))
+        core.append(k, v)
+        q = rand(rng, hq, T, d)
+        got = store.attend(mx.array(q), scale=d ** -0.5)
+        assert rel_err(np.array(got), core.attend(q, scale=d ** -0.5)) <= ATTN_TOL, T
+    assert store.code_tokens() == core.code_tokens(0) > 0
+    if fp32:
+        for h in range(hkv):
+            assert np.array_equal(store.mixed_masks(0, h), core.mixed_masks(0, h)), h
+            for role in ("key", "value"):
+                assert np.array_equal(store.decode(0, h, role), core.decode(0, h, role))
+
+
 def test_large_context_decode_matches_the_core():
     rng = np.random.default_rng(1)
     d, hq, hkv = 128, 32, 8

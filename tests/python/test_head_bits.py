@@ -166,9 +166,9 @@ def test_per_head_profile_builds_the_core_per_head():
     # the key split of each head's own width: half the channels at +1, half at -1
     assert core.key_head_bits == [1, 3] and core.outlier_head_bits == [3, 5]
     assert core.value_head_bits == [3, 2]
-    # the Metal store refuses per-head widths (the C++ core holds such a layer)
-    assert "per-KV-head bit widths" in tq_mlx.TurboQuantKVCache(
-        key_split=False, value_head_bits=[2, 3]).gpu_refusal(16)
+    # the GPU store holds per-head widths too (test_mlx_metal_heads.py)
+    assert tq_mlx.TurboQuantKVCache(key_split=False, value_head_bits=[2, 3]).gpu_refusal(16) \
+        is None
     assert tq_mlx.TurboQuantKVCache(key_split=False).gpu_refusal(16) is None
     # equal per-head widths are exactly the per-layer cache
     same = tq_mlx.make_prompt_cache(model, preset="codes-only",

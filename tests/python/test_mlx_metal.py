@@ -395,12 +395,13 @@ def test_builder_selects_the_metal_store_where_metal_resolves(monkeypatch):
     assert cache.backend == "metal" and isinstance(cache, mm.MetalCompressedKVCache)
     assert builder().build().backend == "metal"  # auto picks it too
     assert builder().with_backend("cpu").build().backend == "cpu"
+    mixed = builder(with_fp16_window=(8,), with_mixed_precision=(1,))
+    assert mixed.with_backend("metal").build().core.layers[0].mixed
     # configurations the store cannot hold: explicit requests are refused with the reason,
     # "auto" falls back to the CPU cache
     for kw, why in (({"with_method": ("polar",)}, "turboquant_mse"),
                     ({"with_fp16_window": (8, [1])}, "fp16 layers"),
                     ({"with_decay": (32, 2)}, "decay"),
-                    ({"with_fp16_window": (8,), "with_mixed_precision": (1,)}, "mixed precision"),
                     ({"with_rotation": ("dense",)}, "hadamard"),
                     ({"with_sparse_v": (0.01,)}, "sparse V")):
         with pytest.raises(RuntimeError, match=why):
