@@ -600,12 +600,13 @@ class TurboQuantKVCache(_mlx_cache._BaseCache):
     def _routing_pays(self, queries, scale: float, total_kv: int, head_dim: int) -> bool:
         """The mixed-precision trial (turboquant.mixed_trial) on the pending first block and
         its queries (host, in the input channel order); True where it cannot run."""
-        if self._gpu or self.key_head_bits is not None or self.value_head_bits is not None:
+        if self.key_head_bits is not None or self.value_head_bits is not None:
             return True
         from turboquant import mixed_trial
 
-        keys = np.concatenate([k for k, _ in self._pending], axis=1)
-        values = np.concatenate([v for _, v in self._pending], axis=1)
+        # on the GPU store too: one read of the first block and its queries back to the host
+        keys = np.concatenate([_host(k) for k, _ in self._pending], axis=1)
+        values = np.concatenate([_host(v) for _, v in self._pending], axis=1)
         q = _host(queries)
         if q.shape[0] % total_kv:
             return True

@@ -369,3 +369,39 @@ def test_builder_metal_cache_with_mixed_precision_matches_the_cpu_cache():
             close(gpu.attend(mx.array(q), layer), cpu.attend(q, layer))
     assert gpu.core.layers[1].code_tokens() > 0
     assert gpu.memory_bytes() == cpu.memory_bytes()
+
+
+def test_the_mixed_trial_decides_on_the_gpu_store_too(monkeypatch):
+    # A layer whose trial finds routing does not pay holds uniform codes of the average
+    # width on the GPU store as on the core (the trial reads the first block back once).
+    import importlib
+
+    import turboquant.mlx_metal as mm
+    from mlx_tiny import _COMMON
+
+    from turboquant import mixed_trial
+    from turboquant import mlx_lm as tq_mlx
+
+    llama = importlib.import_module("mlx_lm.models.llama")
+    mx.random.seed(0)
+    model = llama.Model(llama.ModelArgs.from_dict(dict(_COMMON, model_type="llama",
+                                                       hidden_size=128)))
+    mx.eval(model.parameters())
+    tokens = np.random.default_rng(5).integers(0, 128, 24).tolist()
+    seen = []
+    real = mixed_trial.error_ratio
+
+    def spy(keys, *a, **k):
+        seen.append(type(keys))
+        return real(keys, *a, **k)
+
+    monkeypatch.setattr(mixed_trial, "error_ratio", spy)
+    monkeypatch.setattr(mixed_trial, "MARGIN", -1.0)  # routing never pays
+    monkeypatch.setattr(metal, "active_path", lambda: "metal")
+    monkeypatch.setattr(mm, "METAL_KERNELS", REF)
+    gpu = tq_mlx.make_prompt_cache(model, preset="tq3-mixed", fp16_window=8, block_tokens=4)
+    model(mx.array(tokens)[None], cache=gpu)
+    assert seen and all(t is np.ndarray for t in seen)
+    assert all(c._gpu and isinstance(c._core, mm.MetalCodeStore) for c in gpu)
+    assert all(not c._core.mixed and c.mixed_bits == 0 for c in gpu)
+    assert all((c.key_bits, c.value_bits) == (3, 3) for c in gpu)
