@@ -66,7 +66,7 @@ _DEFAULT_OUTLIER_ROLES = "both"  # _core.KVCache's outlier_roles when there is n
 
 
 def kv_stream_id(layer: int, kv_head: int, role: int) -> int:
-    """kv_cache.h kv_stream_id(): make_stream_id(0, layer, 2*kv_head + role), role 0 = key."""
+    """cache/quantizer_table.h kv_stream_id(): make_stream_id(0, layer, 2*kv_head + role), role 0 = key."""
     return ((int(layer) & 0xFFFFFF) << 24) | ((2 * int(kv_head) + int(role)) & 0xFFFFFF)
 
 
@@ -387,7 +387,7 @@ class MetalCodeStore:
                                  "above the fp16 norm range (65504); the cache is unchanged")
 
     def _append_windowed(self, k, v, T: int) -> None:
-        """kv_cache_window.cpp append_windowed(): fp16 rows to the sinks (until fp16_sinks
+        """kv_cache_segments.cpp append_windowed(): fp16 rows to the sinks (until fp16_sinks
         are held), then to the window, then flush whole blocks of the window into codes."""
         mx = _mx()
         k16, v16 = k.astype(mx.float16), v.astype(mx.float16)
@@ -465,7 +465,7 @@ class MetalCodeStore:
             raise ValueError(f"trim needs n >= 0, got {n}")
         removed = min(int(n), self._n)
         new = self._n - removed
-        # kv_cache_window.cpp shrink_layer(): a cut back into the sinks (or to empty) gives the
+        # kv_cache_segments.cpp shrink_layer(): a cut back into the sinks (or to empty) gives the
         # window's capacity back, also when the layer held no codes.
         into_sinks = new <= self.fp16_sinks
         if into_sinks:
