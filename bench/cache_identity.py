@@ -268,6 +268,55 @@ def run_config(i, cfg):
     return rec.items
 
 
+def invalid_configs():
+    """One bad field each: the refusal (type and message) is part of the behaviour."""
+    base = {"head_dim": 32, "n_layers": 2, "n_q_heads": 4, "n_kv_heads": 2, "block_tokens": 8}
+    bad = [
+        {"head_dim": 1},
+        {"n_layers": 0},
+        {"n_kv_heads": 3},
+        {"kv_head_offset": 65535},
+        {"key_bits": 9},
+        {"value_bits": 0},
+        {"key_head_bits": [3, 3, 3]},
+        {"value_head_bits": [3, 9]},
+        {"outlier_head_bits": [4, 4]},
+        {"block_tokens": 0},
+        {"jl_dim": -1},
+        {"n_outlier_channels": 32},
+        {"outlier_bits": 9},
+        {"split_angle_bits": 12},
+        {"norm_correction": True, "key_method": "qjl"},
+        {"fp16_layers": [2]},
+        {"fp16_sinks": 20, "max_tokens": 10},
+        {"max_coded_tokens": 4},
+        {"mixed_group_blocks": 2, "mixed_keep_blocks": 2, "fp16_window": 8, "decay_bits": 1},
+        {"mixed_group_blocks": 2, "mixed_keep_blocks": 1, "decay_bits": 1},
+        {
+            "mixed_group_blocks": 2,
+            "mixed_keep_blocks": 1,
+            "fp16_window": 8,
+            "decay_bits": 1,
+            "decay_after": 9,
+        },
+        {"mixed_keep_blocks": 1},
+        {"decay_bits": 2},
+        {"decay_after": 16, "decay_bits": 3},
+        {"decay_after": 16, "decay_bits": 1, "key_method": "polar"},
+        {"decay_after": 16, "decay_bits": 2, "key_head_bits": [2, 4]},
+    ]
+    return [dict(base, **b) for b in bad]
+
+
+def run_invalid():
+    import turboquant as tq
+
+    rec = Recorder()
+    for i, cfg in enumerate(invalid_configs()):
+        rec.call(f"invalid{i}", lambda: tq.KVCache(**cfg))
+    return rec.items
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out")
@@ -288,7 +337,7 @@ def main():
             + ("identical" if not bad else f"{bad} differ")
         )
         sys.exit(1 if bad else 0)
-    out = {}
+    out = {"invalid": run_invalid()}
     for i, cfg in enumerate(configs()):
         out[f"{i}:{json.dumps(cfg, sort_keys=True)}"] = run_config(i, cfg)
     Path(args.out).write_text(json.dumps(out, indent=0, sort_keys=True))

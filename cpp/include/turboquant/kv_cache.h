@@ -5,7 +5,8 @@
 // one softmax; fp16 K/V are never rebuilt from the codes.
 //
 // KVCache is a composition of parts, each in its own file under cache/:
-//   config.h           the configuration and its validation;
+//   config.h           the configuration in groups (shape, quantization, head widths,
+//                      segments, aging, mixed precision), each validated on its own;
 //   quantizer_table.h  the quantizers per (layer, KV head, role), their widths, the
 //                      decayed quantizers and the random-stream scheme;
 //   page_store.h       the code pages of every stream, each block at its own width;

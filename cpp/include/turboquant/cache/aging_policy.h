@@ -4,14 +4,14 @@
 // After each append the cache calls age() of every policy in turn (eviction first); a
 // policy that drops blocks from the front of the codes returns their count and the cache
 // tells the others (front_dropped), so policies know nothing of each other. Policies work
-// on the cache's parts (flush_policy.h, CacheParts).
+// on the cache's parts (cache_parts.h).
 #pragma once
 
 #include <cstddef>
 #include <memory>
 #include <vector>
 
-#include "turboquant/cache/flush_policy.h"
+#include "turboquant/cache/cache_parts.h"
 
 namespace turboquant {
 

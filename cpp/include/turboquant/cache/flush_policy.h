@@ -3,7 +3,7 @@
 //   plain_flush.h      the oldest block_tokens tokens at the stream's bits, in position order;
 //   mixed_precision.h  importance-routed mixed precision, groups of blocks in which the most
 //                      attended tokens keep the stream's bits and the rest decay_bits.
-// A policy works on the cache's parts (CacheParts) and is told about appends, attention
+// A policy works on the cache's parts (cache_parts.h) and is told about appends, attention
 // calls, cuts and restores through the hooks below, whose defaults are those of a policy
 // that stores codes in position order and keeps no state of its own. Policies know nothing
 // of each other nor of the aging policies (aging_policy.h).
@@ -15,20 +15,9 @@
 #include <optional>
 #include <vector>
 
-#include "turboquant/cache/config.h"
-#include "turboquant/cache/page_store.h"
-#include "turboquant/cache/quantizer_table.h"
-#include "turboquant/cache/segments.h"
+#include "turboquant/cache/cache_parts.h"
 
 namespace turboquant {
-
-// The parts of a cache that policies read and change (all owned by the cache).
-struct CacheParts {
-  const KVCacheConfig& config;
-  const QuantizerTable& table;
-  PageStore& store;
-  Segments& segments;
-};
 
 class FlushPolicy {
  public:
