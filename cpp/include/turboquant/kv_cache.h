@@ -191,7 +191,7 @@ class KVCache {
   QuantizerTable table_;
   PageStore store_;
   Segments segments_;
-  std::unique_ptr<FlushPolicy> flush_;                 // only used on windowed caches
+  std::unique_ptr<FlushPolicy> flush_;                 // moves window rows into codes (plain or mixed)
   std::vector<std::unique_ptr<AgingPolicy>> aging_;    // in the order they run
   MixedPrecisionFlush* mixed_ = nullptr;               // flush_, with mixed precision
   Eviction* eviction_ = nullptr;                       // in aging_, with eviction
