@@ -6,7 +6,7 @@ named float32 arrays:
 
 - ``rotation_kind``: 0-d array, 1 = dense, 2 = hadamard (RotationKind codes of rotation.h)
 - ``rotation/L{layer}H{head}{k|v}``: ``Rotation.parameters()`` of that cache stream
-  (each layer/head/role has its own stream, kv_cache.h; ``head`` is the model's KV head
+  (each layer/head/role has its own stream, cache/quantizer_table.h; ``head`` is the model's KV head
   number, i.e. a cache with ``kv_head_offset`` k stores and finds its head h under k + h)
 - ``codebook/centroids``, ``codebook/boundaries``: the Lloyd-Max codebook of (d, bits)
 

@@ -27,7 +27,7 @@ group's KV heads and the query heads of each), the groups' outputs put back in h
 Codes, norms, memory and files are the core's, byte for byte.
 
 Importance-routed mixed precision (``mixed_group_blocks``, ``mixed_keep_blocks``,
-``decay_bits``: the core's rules, kv_cache_window.cpp) rates the fp16 window tokens by the
+``decay_bits``: the core's rules, cache/mixed_precision.cpp) rates the fp16 window tokens by the
 squared softmax weights of every attention call and flushes the window in groups, each KV
 head keeping its most important tokens at full width; the kept tokens' codes live in the
 width group's full-width pages, the others' in low-width pages, and attention merges both
@@ -82,7 +82,7 @@ _DEFAULT_OUTLIER_ROLES = "both"  # _core.KVCache's outlier_roles when there is n
 
 
 def kv_stream_id(layer: int, kv_head: int, role: int) -> int:
-    """kv_cache.h kv_stream_id(): make_stream_id(0, layer, 2*kv_head + role), role 0 = key."""
+    """cache/quantizer_table.h kv_stream_id(): make_stream_id(0, layer, 2*kv_head + role), role 0 = key."""
     return ((int(layer) & 0xFFFFFF) << 24) | ((2 * int(kv_head) + int(role)) & 0xFFFFFF)
 
 
@@ -674,7 +674,7 @@ class MetalCodeStore:
                                  "above the fp16 norm range (65504); the cache is unchanged")
 
     def _append_windowed(self, k, v, T: int) -> None:
-        """kv_cache_window.cpp append_windowed(): fp16 rows to the sinks (until fp16_sinks
+        """kv_cache_segments.cpp append_windowed(): fp16 rows to the sinks (until fp16_sinks
         are held), then to the window, then flush whole blocks of the window into codes."""
         mx = _mx()
         k16, v16 = k.astype(mx.float16), v.astype(mx.float16)
@@ -824,7 +824,7 @@ class MetalCodeStore:
         new = self._n - removed
         if self.mixed:
             self._trim_mixed(new)
-        # kv_cache_window.cpp shrink_layer(): a cut back into the sinks (or to empty) gives the
+        # kv_cache_segments.cpp shrink_layer(): a cut back into the sinks (or to empty) gives the
         # window's capacity back, also when the layer held no codes.
         into_sinks = new <= self.fp16_sinks
         if into_sinks:
@@ -1305,7 +1305,7 @@ class MetalCodeStore:
                 [c for c, _ in per_head[1]], [x for _, x in per_head[1]])
 
     def _low_blocks(self) -> np.ndarray:
-        """Mixed precision: 1 for every code block at the low width (kv_cache_window.cpp
+        """Mixed precision: 1 for every code block at the low width (cache/mixed_precision.cpp
         mixed_low_block: the last blocks of even groups, the first of odd ones)."""
         return self._low_blocks_for(self._nc)
 

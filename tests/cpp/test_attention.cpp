@@ -1,4 +1,5 @@
 #include "turboquant/attention.h"
+#include "turboquant/kv_cache.h"
 
 #include <gtest/gtest.h>
 

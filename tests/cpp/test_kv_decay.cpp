@@ -1,4 +1,4 @@
-// fp16 attention sinks and temporal decay of the KV cache (kv_cache.h, kv_cache_decay.cpp).
+// fp16 attention sinks and temporal decay of the KV cache (kv_cache.h, cache/temporal_decay.h).
 #include <gtest/gtest.h>
 
 #include <algorithm>

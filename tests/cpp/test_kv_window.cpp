@@ -9,6 +9,7 @@
 
 #include "kv_test_util.h"
 #include "turboquant/attention.h"
+#include "turboquant/kv_cache.h"
 #include "turboquant/error.h"
 #include "turboquant/half.h"
 #include "turboquant/serialize.h"

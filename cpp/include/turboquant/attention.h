@@ -11,11 +11,36 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <optional>
 #include <vector>
 
-#include "turboquant/kv_cache.h"
+#include "turboquant/cache/page_store.h"
 
 namespace turboquant {
+
+struct AttentionOptions {
+  bool causal = true;
+  std::optional<float> scale;     // default 1/sqrt(head_dim)
+  std::optional<size_t> window;   // sliding window: a query sees at most the last w keys
+  // fp16 sinks (KVCacheConfig::fp16_sinks) stay visible to every query whatever the window:
+  // a query sees its causal sinks plus the last `window` tokens (mlx-lm's RotatingKVCache
+  // `keep` tokens, StreamingLLM). With eviction the stored tokens after the sinks are the
+  // most recent ones, so the window counts them, not positions.
+  bool sinks_visible = false;
+  // Sparse V (0 = dense): on each page, value rows whose softmax weight exp(s - m) is below
+  // sparse_v_threshold are skipped in the value sum, where m is the query's running maximum
+  // score so far (online softmax). m never exceeds the final maximum, so every skipped row has
+  // weight < threshold × (the query's maximum weight); the normalisation still sums all
+  // weights. Error: |o - o_dense| <= Σ_skipped p_i |v_i| (p normalised). Applies to the
+  // decode path (fewer than kGemmMinRows query rows per KV head) and to the fp16 window; the
+  // prefill GEMM path stays dense (its pages serve many rows, so almost no row is skippable).
+  // Coded pages: a value row is skipped for all query rows of the KV head when every one of
+  // them weights it below the threshold (it is decoded once for all of them), and kept with
+  // every row's exact weight otherwise, so the bound above holds for each query row; the
+  // value sum decodes only the kept rows (Quantizer::accumulate_rows), and a page with none
+  // costs its key scores only. The fp16 window drops each (row, token) weight on its own.
+  float sparse_v_threshold = 0.0f;
+};
 
 // Which keys each query row may see: row i sees keys [lo[i], hi[i]] (inclusive).
 // Rows must be sorted so that hi is non-decreasing (position-major order).

@@ -1,0 +1,15 @@
+#include "turboquant/cache/aging_policy.h"
+
+#include "turboquant/cache/eviction.h"
+#include "turboquant/cache/temporal_decay.h"
+
+namespace turboquant {
+
+std::vector<std::unique_ptr<AgingPolicy>> make_aging_policies(const CacheParts& parts) {
+  std::vector<std::unique_ptr<AgingPolicy>> policies;
+  if (parts.config.max_coded_tokens > 0) policies.push_back(std::make_unique<Eviction>(parts));
+  if (parts.config.decays()) policies.push_back(std::make_unique<TemporalDecay>(parts));
+  return policies;
+}
+
+}  // namespace turboquant

@@ -1,0 +1,36 @@
+#include "turboquant/cache/plain_flush.h"
+
+#include "turboquant/half.h"
+
+namespace turboquant {
+
+void PlainFlush::flush(size_t l, size_t /*keep_new*/) {
+  Segments& seg = parts_.segments;
+  PageStore& store = parts_.store;
+  const size_t bt = parts_.config.block_tokens, N = parts_.config.fp16_window;
+  const size_t d = seg.head_dim, streams = seg.streams_per_layer;
+  std::vector<float> x(bt * d);
+  while (seg.size[l] - seg.coded[l] > N + bt) {
+    // The window is non-empty only once the sinks are full: code index = token - sinks.
+    const size_t c = seg.coded[l] - seg.sink_base(l);
+    try {
+      for (size_t s = 0; s < streams; ++s) {
+        const size_t i = l * streams + s;
+        store.ensure(i, c + bt);
+        const uint16_t* w = seg.window[i].data();
+        for (size_t j = 0; j < bt * d; ++j) x[j] = half_to_float(w[j]);
+        store.encode(i, c, x.data(), bt, d);
+      }
+    } catch (...) {
+      for (size_t s = 0; s < streams; ++s) store.release(l * streams + s, c);
+      throw;
+    }
+    for (size_t s = 0; s < streams; ++s) {
+      auto& w = seg.window[l * streams + s];
+      w.erase(w.begin(), w.begin() + static_cast<std::ptrdiff_t>(bt * d));
+    }
+    seg.coded[l] += bt;
+  }
+}
+
+}  // namespace turboquant

@@ -1,0 +1,217 @@
+// The segments of KVCache (cache/segments.h): appends through the fp16 sinks and window,
+// the flush of window rows into codes (by the flush policy), restores of sinks and window
+// (load), cuts, and decoding the stored rows of any segment.
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+
+#include "turboquant/error.h"
+#include "turboquant/half.h"
+#include "turboquant/kv_cache.h"
+#include "kv_cache_guard.h"
+
+namespace turboquant {
+
+// Quantizes what the flush policy lets go of layer l's window, then gives back what a long
+// prefill took beyond the window's fixed capacity of (fp16_window + flush_tokens) rows.
+void KVCache::flush_window(size_t l, size_t keep_new) {
+  if (segments_.fp16_layer[l]) return;
+  flush_->flush(l, keep_new);
+  // (Only a window that holds tokens: with fp16 sinks, a layer still filling its sinks has none.)
+  const size_t streams = segments_.streams_per_layer;
+  for (size_t s = 0; s < streams; ++s)
+    if (!segments_.window[l * streams + s].empty()) reserve_window(segments_.window[l * streams + s]);
+  flush_->fit(l);
+}
+
+// Windows of flushed layers have a capacity of exactly (fp16_window + flush_tokens) rows
+// once used (more only transiently inside append), so memory_bytes() is predictable.
+void KVCache::reserve_window(std::vector<uint16_t>& w) const {
+  fit_capacity(w, (config_.fp16_window + flush_->flush_tokens()) * static_cast<size_t>(config_.head_dim));
+}
+
+void KVCache::append_windowed(int layer, const float* keys, const float* values, size_t T) {
+  const auto l = static_cast<size_t>(layer);
+  const auto d = static_cast<size_t>(config_.head_dim);
+  const size_t streams = segments_.streams_per_layer;
+  auto& sizes = segments_.size;
+  auto& coded = segments_.coded;
+  // Convert and validate everything before touching the cache.
+  std::vector<uint16_t> rows(streams * T * d);
+  for (size_t s = 0; s < streams; ++s) {
+    const size_t h = s / 2;
+    const float* x = (s % 2 == 0 ? keys : values) + h * T * d;
+    for (size_t j = 0; j < T * d; ++j) {
+      const uint16_t v = float_to_half(x[j]);
+      TQ_CHECK(std::isfinite(half_to_float(v)), InvalidArgument, s % 2 == 0 ? "keys" : "values",
+               " of kv head ", h, " contain a value that is not finite in fp16 (", x[j],
+               ") at element ", j);
+      rows[s * T * d + j] = v;
+    }
+  }
+  const size_t old = sizes[l], old_coded = coded[l];
+  // fp16 sinks take the first tokens of the layer (the window is empty until they are full).
+  const size_t S = segments_.sink_base(l);
+  const size_t ks = old < S ? std::min(T, S - old) : 0;
+  if (ks > 0) {
+    for (size_t s = 0; s < streams; ++s) {
+      auto& v = segments_.sinks[l * streams + s];
+      v.reserve(S * d);
+      v.insert(v.end(), rows.begin() + static_cast<std::ptrdiff_t>(s * T * d),
+               rows.begin() + static_cast<std::ptrdiff_t>(s * T * d + ks * d));
+    }
+    coded[l] = old + ks;
+  }
+  for (size_t s = 0; s < streams; ++s) {
+    auto& w = segments_.window[l * streams + s];
+    w.insert(w.end(), rows.begin() + static_cast<std::ptrdiff_t>(s * T * d + ks * d),
+             rows.begin() + static_cast<std::ptrdiff_t>((s + 1) * T * d));
+  }
+  flush_->window_grown(l);
+  sizes[l] = old + T;
+  try {
+    flush_window(l, T - ks);
+  } catch (...) {
+    // The flush policy commits whole flushes only; drop the rows of this call that are left.
+    if (coded[l] == old + ks && ks > 0) {  // nothing flushed: the sinks of this call go too
+      for (size_t s = 0; s < streams; ++s) segments_.sinks[l * streams + s].resize(old * d);
+      coded[l] = old_coded;
+    }
+    const size_t keep = old > coded[l] ? old - coded[l] : 0;
+    for (size_t s = 0; s < streams; ++s) segments_.window[l * streams + s].resize(keep * d);
+    flush_->window_grown(l);  // per-token state follows the rows back
+    sizes[l] = std::max(old, coded[l]);
+    throw;
+  }
+  age(l);
+}
+
+void KVCache::append_window(int layer, size_t n, const std::vector<const uint16_t*>& rows,
+                            const std::vector<const float*>* importance) {
+  check_layer(layer);
+  TQ_CHECK(config_.windowed(), InvalidArgument, "this cache has no fp16 window");
+  const auto l = static_cast<size_t>(layer);
+  const auto d = static_cast<size_t>(config_.head_dim);
+  const size_t streams = segments_.streams_per_layer;
+  auto& sizes = segments_.size;
+  TQ_CHECK(rows.size() == streams, InvalidArgument, "append_window needs ", streams, " streams");
+  TQ_CHECK(sizes[l] == segments_.coded[l], InvalidArgument, "layer ", layer, " already holds window tokens");
+  TQ_CHECK(n == 0 || sizes[l] >= segments_.sink_base(l), InvalidArgument, "window of layer ", layer,
+           " restored before its ", segments_.sink_base(l), " fp16 sinks are full");
+  flush_->check_restore(l, n, importance);
+  TQ_CHECK(config_.max_tokens == 0 || sizes[l] + n <= config_.max_tokens, InvalidArgument,
+           "window of ", n, " tokens exceeds max_tokens=", config_.max_tokens);
+  for (size_t s = 0; s < streams; ++s)
+    for (size_t j = 0; j < n * d; ++j)
+      TQ_CHECK(std::isfinite(half_to_float(rows[s][j])), InvalidArgument, "window row value ", j,
+               " of stream ", s, " is not finite");
+  for (size_t s = 0; s < streams; ++s) {
+    auto& w = segments_.window[l * streams + s];
+    w.assign(rows[s], rows[s] + n * d);
+    if (!segments_.fp16_layer[l] && n > 0) reserve_window(w);
+  }
+  flush_->restore(l, n, importance);
+  sizes[l] += n;
+}
+
+void KVCache::append_sinks(int layer, size_t n, const std::vector<const uint16_t*>& rows) {
+  const WriteScope guard(*this, "append_sinks");
+  check_layer(layer);
+  const auto l = static_cast<size_t>(layer);
+  const auto d = static_cast<size_t>(config_.head_dim);
+  const size_t streams = segments_.streams_per_layer;
+  const size_t S = segments_.sink_base(l);
+  TQ_CHECK(rows.size() == streams, InvalidArgument, "append_sinks needs ", streams, " streams");
+  TQ_CHECK(segments_.size[l] == 0, InvalidArgument, "append_sinks needs an empty layer (layer ", layer, " holds ",
+           segments_.size[l], " tokens)");
+  TQ_CHECK(n <= S, InvalidArgument, "sinks of ", n, " tokens exceed the ", S, " fp16 sinks of layer ", layer);
+  TQ_CHECK(config_.max_tokens == 0 || n <= config_.max_tokens, InvalidArgument, "sinks of ", n,
+           " tokens exceed max_tokens=", config_.max_tokens);
+  for (size_t s = 0; s < streams; ++s)
+    for (size_t j = 0; j < n * d; ++j)
+      TQ_CHECK(std::isfinite(half_to_float(rows[s][j])), InvalidArgument, "sink row value ", j, " of stream ", s,
+               " is not finite");
+  if (n == 0) return;
+  for (size_t s = 0; s < streams; ++s) {
+    auto& v = segments_.sinks[l * streams + s];
+    v.reserve(config_.fp16_sinks * d);
+    v.assign(rows[s], rows[s] + n * d);
+  }
+  segments_.size[l] = n;
+  segments_.coded[l] = n;
+}
+
+void KVCache::shrink_layer(size_t l, size_t new_size) {
+  auto& sizes = segments_.size;
+  auto& coded = segments_.coded;
+  if (new_size >= sizes[l]) return;
+  const auto d = static_cast<size_t>(config_.head_dim);
+  const size_t streams = segments_.streams_per_layer;
+  flush_->cut(l, new_size);
+  // A layer cut back into its sinks (or emptied) gives its window's capacity back too, also
+  // when it held no codes: its memory does not depend on where the cut started.
+  const size_t S = segments_.sink_base(l);
+  const bool into_sinks = new_size <= S;
+  if (new_size >= coded[l]) {
+    for (size_t s = 0; s < streams; ++s) {
+      segments_.window[l * streams + s].resize((new_size - coded[l]) * d);
+      if (into_sinks) std::vector<uint16_t>().swap(segments_.window[l * streams + s]);
+    }
+  } else {
+    const size_t ns = std::min(new_size, S);  // sinks kept
+    for (size_t s = 0; s < streams; ++s) {
+      segments_.window[l * streams + s].clear();
+      if (into_sinks) std::vector<uint16_t>().swap(segments_.window[l * streams + s]);
+      store_.release(l * streams + s, new_size - ns);
+      if (!segments_.sinks.empty() && segments_.sinks[l * streams + s].size() > ns * d) {
+        auto& v = segments_.sinks[l * streams + s];
+        v.resize(ns * d);
+        if (ns == 0) std::vector<uint16_t>().swap(v);  // an empty layer holds no sink rows
+      }
+    }
+    coded[l] = new_size;
+  }
+  sizes[l] = new_size;
+  cut_codes(l);
+}
+
+void KVCache::decode_tokens(int layer, int kv_head, KVRole role, size_t start, size_t n, float* out) const {
+  const ReadScope guard(*this, "decode");
+  check_head(layer, kv_head);
+  const size_t size = segments_.size[static_cast<size_t>(layer)];
+  TQ_CHECK(start <= size && n <= size - start, InvalidArgument, "tokens [", start, ", ", start + n,
+           ") beyond the layer's ", size, " tokens");
+  const auto d = static_cast<size_t>(config_.head_dim);
+  const size_t ns = sink_tokens(layer), coded = coded_tokens(layer);
+  const size_t i = index(layer, kv_head, role);
+  const size_t bt = config_.block_tokens;
+  const PagedCodes& p = store_[i];
+  for (size_t t = start; t < start + n;) {
+    float* o = out + (t - start) * d;
+    if (t < ns) {
+      const size_t c = std::min(start + n, ns) - t;
+      const auto& s = segments_.sinks[i];
+      for (size_t j = 0; j < c * d; ++j) o[j] = half_to_float(s[t * d + j]);
+      t += c;
+    } else if (t < coded && !flush_->positional()) {  // codes not in position order: one at a time
+      const size_t j = flush_->code_index(static_cast<size_t>(layer), static_cast<size_t>(kv_head), t - ns);
+      const Quantizer& q = store_.block_quantizer(i, j / bt);
+      q.decode(p.code_blocks[j / bt].get() + (j % bt) * q.code_bytes(),
+               p.norm_blocks[j / bt].get() + (j % bt) * q.norm_bytes(), 1, o);
+      t += 1;
+    } else if (t < coded) {
+      const size_t j0 = t - ns, b = j0 / bt, off = j0 % bt;
+      const size_t c = std::min({start + n, coded, ns + (b + 1) * bt}) - t;
+      const Quantizer& q = store_.block_quantizer(i, b);
+      q.decode(p.code_blocks[b].get() + off * q.code_bytes(), p.norm_blocks[b].get() + off * q.norm_bytes(), c, o);
+      t += c;
+    } else {
+      const size_t c = start + n - t;
+      const auto& w = segments_.window[i];
+      for (size_t j = 0; j < c * d; ++j) o[j] = half_to_float(w[(t - coded) * d + j]);
+      t += c;
+    }
+  }
+}
+
+}  // namespace turboquant
