@@ -9,8 +9,9 @@ client) and measures:
   prompts): generated tokens per second of wall time, time to first token and request
   latency (p50 / p99 over the phase's requests), failed requests, and the server process's
   peak resident memory (VmHWM of /proc/PID/status, since start, after the phase);
-- **capacity**: ``capacity_prompts`` distinct prompts of ``capacity_prompt_tokens`` tokens
-  (``max_tokens`` 1), one after the other, then how many tokens the prompt-cache store holds
+- **capacity**: up to ``capacity_prompts`` distinct prompts of ``capacity_prompt_tokens``
+  tokens (``max_tokens`` 1), one after the other, until the store first evicts one (it is
+  then full), then how many tokens the prompt-cache store holds
   within the budget, by each server's own accounting (the caches' ``nbytes``, summed by
   mlx-lm's ``LRUPromptCache``): ``GET /v1/turboquant`` for ours, ``GET /v1/prompt_cache``
   for the baseline.
@@ -256,13 +257,20 @@ def load_phase(server: Server, client, n_clients: int, prompts: list[str],
 
 
 def capacity_phase(server: Server, client, prompts: list[str], info_path: str) -> dict:
-    failed = sum(not stream_one(client, p, 1)["ok"] for p in prompts)
-    info = get_json(server.url + info_path)
-    store = info.get("prompt_cache", info)
-    return {"prompts_sent": len(prompts), "failed": failed, "sequences": store["sequences"],
+    """Send distinct prompts until the prompt-cache store evicts one (it then holds what
+    fits in its budget) or the prompts run out."""
+    failed = sent = 0
+    for p in prompts:
+        failed += not stream_one(client, p, 1)["ok"]
+        sent += 1
+        info = get_json(server.url + info_path)
+        store = info.get("prompt_cache", info)
+        if store["sequences"] < sent - failed:
+            break
+    return {"prompts_sent": sent, "failed": failed, "sequences": store["sequences"],
             "tokens": store["tokens"], "bytes": store["bytes"],
             "bytes_per_token": round(store["bytes"] / max(1, store["tokens"]), 1),
-            "evicted": store["sequences"] < len(prompts)}
+            "evicted": store["sequences"] < sent - failed}
 
 
 def machine() -> dict:
