@@ -229,7 +229,7 @@ class KVCacheBuilder:
         RoPE pairs need the model's queries and RoPE layout: the mlx-lm cache
         (``make_prompt_cache(model, preset=name)``) applies them."""
         from turboquant import presets
-        from turboquant.mlx_lm import mixed_blocks
+        from turboquant.presets import mixed_blocks
 
         p = presets.get(name)
         self._method, self._value_method = p.method, None

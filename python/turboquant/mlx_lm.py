@@ -964,15 +964,7 @@ def _check_mixed(mixed_bits, mixed_keep, key_bits: int, value_bits: int, key_met
     return mixed_bits, mixed_keep, mixed_blocks(mixed_keep)
 
 
-def mixed_blocks(keep: float) -> tuple[int, int]:
-    """(group blocks r, kept blocks k) of a kept fraction k/r, the smallest r <= 8 (0.333 is
-    1/3); ValueError for any other fraction."""
-    for r in range(2, 9):
-        k = round(keep * r)
-        if 1 <= k < r and abs(k / r - keep) < 1e-3:
-            return r, k
-    raise ValueError(f"mixed_keep must be a fraction k/r in (0, 1) with r <= 8 (e.g. 0.5, 0.25, "
-                     f"0.75), got {keep!r}")
+mixed_blocks = _presets.mixed_blocks  # the recipes' rule, kept under its old name here
 
 
 _PERM_INDEX: dict = {}  # the mlx index arrays of the permutations in use (see _permute)

@@ -79,8 +79,6 @@ class Preset:
         if self.mixed_bits:
             s += f"+m{self.mixed_bits}:{self.mixed_keep:.6g}"
             if self.block_tokens:  # the group in tokens (eval grammar mB:F:G)
-                from turboquant.mlx_lm import mixed_blocks
-
                 s += f":{mixed_blocks(self.mixed_keep)[0] * self.block_tokens}"
         if self.sparse_v:
             s += f"+sv{self.sparse_v:g}"
@@ -216,8 +214,6 @@ def describe(p: Preset) -> list[str]:
     mixed = "off"
     block = p.block_tokens or (16 if p.mixed_bits else 32)
     if p.mixed_bits:
-        from turboquant.mlx_lm import mixed_blocks
-
         r, k = mixed_blocks(p.mixed_keep)
         group = r * block
         mixed = (f"the most attended {k}/{r} of each {group}-token flush group at the "
@@ -269,36 +265,15 @@ def parse_shape(s: str) -> tuple[str, tuple[int, int, int, int]]:
     return s, dims
 
 
-def memory_bytes(p: Preset, shape: tuple[int, int, int, int], tokens: int,
-                 chunk: int = 2048, seed: int = 0) -> int:
-    """Bytes of a whole model's cache with preset ``p`` holding ``tokens`` tokens, counted by
-    the cache itself (``TurboQuantKVCache.nbytes``: codes, norms, part angles, rotations,
-    fp16 sinks and window, mixed-precision masks, page slack). One layer is filled with
-    Gaussian K/V the way generation fills it: a prompt of ``tokens - 1`` tokens in
-    ``chunk``-token steps (mlx-lm's prefill step), then one decode step, each followed by
-    one attention query (which rates the tokens for mixed precision); every layer of a
-    model holds the same configuration, so the layer's bytes count ``layers`` times. Mixed
-    precision is counted routed on every layer (the trial's uniform layers hold less)."""
-    import mlx.core as mx
-
-    from turboquant.mlx_lm import TurboQuantKVCache
-
-    layers, n_q, n_kv, d = shape
-    if tokens < 2:
-        raise ValueError(f"tokens must be >= 2 (a prompt and one decode step), got {tokens}")
-    # The routed layout (mixed_trial off): a layer that the trial leaves uniform holds the
-    # same code bits without the kept-token masks, so this is the larger of the two.
-    kwargs = dict(p.cache_kwargs(), mixed_trial=False)
-    cache = TurboQuantKVCache(layer=0, seed=seed, rope_pairs="half", **kwargs)
-    rng = np.random.default_rng(seed)
-    steps = [min(chunk, tokens - 1 - i) for i in range(0, tokens - 1, chunk)] + [1]
-    for t in steps:
-        k = mx.array(rng.standard_normal((1, n_kv, t, d), dtype=np.float32))
-        v = mx.array(rng.standard_normal((1, n_kv, t, d), dtype=np.float32))
-        cache.update_and_fetch(k, v)
-        q = mx.array(rng.standard_normal((1, n_q, 1, d), dtype=np.float32))
-        mx.eval(cache.attend(q, scale=d ** -0.5))
-    return layers * int(cache.nbytes)
+def mixed_blocks(keep: float) -> tuple[int, int]:
+    """(group blocks r, kept blocks k) of a kept fraction k/r, the smallest r <= 8 (0.333 is
+    1/3); ValueError for any other fraction."""
+    for r in range(2, 9):
+        k = round(keep * r)
+        if 1 <= k < r and abs(k / r - keep) < 1e-3:
+            return r, k
+    raise ValueError(f"mixed_keep must be a fraction k/r in (0, 1) with r <= 8 (e.g. 0.5, 0.25, "
+                     f"0.75), got {keep!r}")
 
 
 def fp16_bytes(shape: tuple[int, int, int, int], tokens: int) -> int:

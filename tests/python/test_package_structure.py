@@ -52,9 +52,8 @@ EXTENSIONS = {"turboquant._core"}
 KNOWN_CYCLES: list[list[str]] = [
     # metal.self_test_result() runs mlx_metal.self_test(), the store built on metal's kernels
     ["turboquant.metal", "turboquant.mlx_metal"],
-    # mlx_lm imports the batch/rotating caches and presets that build on its layer cache
-    ["turboquant.mlx_batch", "turboquant.mlx_lm", "turboquant.mlx_rotating",
-     "turboquant.presets"],
+    # mlx_lm imports the batch/rotating caches that build on its layer cache
+    ["turboquant.mlx_batch", "turboquant.mlx_lm", "turboquant.mlx_rotating"],
 ]
 
 

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import turboquant as tq
-from turboquant import presets
+from turboquant import preset_memory, presets
 from turboquant.__main__ import main
 
 mx = pytest.importorskip("mlx.core")
@@ -130,7 +130,7 @@ def test_preset_memory_is_what_a_model_run_holds(name):
     holding the bytes that the same prompt and step leave through a real model."""
     model = tiny_model("llama")  # 2 layers, 4 query / 2 KV heads, head_dim 16
     toks = np.random.default_rng(4).integers(0, 128, 300).tolist()
-    got = presets.memory_bytes(presets.get(name), (2, 4, 2, 16), 300)
+    got = preset_memory.memory_bytes(presets.get(name), (2, 4, 2, 16), 300)
     # memory_bytes counts mixed precision routed on every layer (mixed_trial off) ...
     cache = tq_mlx.make_prompt_cache(model, preset=name, mixed_trial=False)
     model(mx.array(toks[:299])[None], cache=cache)
@@ -195,7 +195,7 @@ def test_info_preset(capsys):
     out = capsys.readouterr().out
     assert "preset:          tq3" in out and "eval setting:    3+s4+w64" in out
     assert "fp16 sinks:      4 tokens" in out and "fp16 window:     64 tokens" in out
-    want = presets.memory_bytes(presets.get("tq3"), (2, 4, 2, 16), 300)
+    want = preset_memory.memory_bytes(presets.get("tq3"), (2, 4, 2, 16), 300)
     assert f"at 300 tokens: {want:,} bytes" in out
     assert main(["info", "--preset", "tq3-mixed", "--shape", "2,4,2,16", "--tokens",
                  "100"]) == 0

@@ -23,7 +23,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run_preset(args: argparse.Namespace) -> int:
-    from turboquant import presets
+    from turboquant import preset_memory, presets
 
     try:
         p = presets.get(args.preset)
@@ -41,7 +41,7 @@ def run_preset(args: argparse.Namespace) -> int:
     for name, shape in shapes:
         layers, n_q, n_kv, d = shape
         for t in tokens:
-            b = presets.memory_bytes(p, shape, t)
+            b = preset_memory.memory_bytes(p, shape, t)
             f = presets.fp16_bytes(shape, t)
             print(f"  {name} ({layers} layers, {n_q} q / {n_kv} kv heads, head_dim {d}) at "
                   f"{t} tokens: {b:,} bytes = {b / t:,.1f} bytes/token, "
