@@ -49,46 +49,28 @@ void PageStore::set_decayed(size_t stream, size_t b, std::unique_ptr<uint8_t[]> 
 
 void PageStore::encode(size_t stream, size_t pos, const float* x, size_t n, size_t dim) {
   PagedCodes& p = pages_[stream];
-  for (size_t t = 0; t < n;) {
-    const size_t b = (pos + t) / bt_, off = (pos + t) % bt_;
-    const size_t c = std::min(n - t, bt_ - off);
-    const Quantizer& q = block_quantizer(stream, b);
+  size_t t = 0;
+  for_each_run(stream, pos, n, [&](size_t b, size_t off, size_t c, const Quantizer& q, size_t, size_t) {
     q.encode(x + t * dim, c, p.code_blocks[b].get() + off * q.code_bytes(),
              p.norm_blocks[b].get() + off * q.norm_bytes());
     t += c;
-  }
+  });
 }
 
 void PageStore::copy_out(size_t stream, size_t t0, size_t n, uint8_t* codes, uint8_t* norms) const {
   const PagedCodes& p = pages_[stream];
-  size_t cat = 0, nat = 0;
-  for (size_t t = 0; t < n;) {
-    const size_t pos = t0 + t;
-    const size_t b = pos / bt_, off = pos % bt_;
-    const size_t c = std::min(n - t, bt_ - off);
-    const Quantizer& q = block_quantizer(stream, b);
+  for_each_run(stream, t0, n, [&](size_t b, size_t off, size_t c, const Quantizer& q, size_t cat, size_t nat) {
     std::memcpy(codes + cat, p.code_blocks[b].get() + off * q.code_bytes(), c * q.code_bytes());
     std::memcpy(norms + nat, p.norm_blocks[b].get() + off * q.norm_bytes(), c * q.norm_bytes());
-    cat += c * q.code_bytes();
-    nat += c * q.norm_bytes();
-    t += c;
-  }
+  });
 }
 
 void PageStore::write(size_t stream, size_t t0, size_t n, const uint8_t* codes, const uint8_t* norms) {
   PagedCodes& p = pages_[stream];
-  size_t cat = 0, nat = 0;
-  for (size_t t = 0; t < n;) {
-    const size_t pos = t0 + t;
-    const size_t b = pos / bt_, off = pos % bt_;
-    const size_t c = std::min(n - t, bt_ - off);
-    const Quantizer& q = block_quantizer(stream, b);
+  for_each_run(stream, t0, n, [&](size_t b, size_t off, size_t c, const Quantizer& q, size_t cat, size_t nat) {
     std::memcpy(p.code_blocks[b].get() + off * q.code_bytes(), codes + cat, c * q.code_bytes());
     std::memcpy(p.norm_blocks[b].get() + off * q.norm_bytes(), norms + nat, c * q.norm_bytes());
-    cat += c * q.code_bytes();
-    nat += c * q.norm_bytes();
-    t += c;
-  }
+  });
 }
 
 size_t PageStore::page_bytes(size_t stream) const {

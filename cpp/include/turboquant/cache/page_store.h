@@ -7,6 +7,8 @@
 // flush policy (kv_cache.h, flush_policy.h), not of the store.
 #pragma once
 
+#include <algorithm>
+
 #include <cstddef>
 #include <cstdint>
 #include <memory>
@@ -81,6 +83,22 @@ class PageStore {
   size_t decayed_blocks(size_t stream) const;
 
  private:
+  // Calls f(block, offset in the block, tokens, block's quantizer, code bytes before, norm
+  // bytes before) for each run of tokens [t0, t0 + n) of `stream` inside one block.
+  template <class F>
+  void for_each_run(size_t stream, size_t t0, size_t n, F&& f) const {
+    size_t cat = 0, nat = 0;
+    for (size_t t = 0; t < n;) {
+      const size_t b = (t0 + t) / bt_, off = (t0 + t) % bt_;
+      const size_t c = std::min(n - t, bt_ - off);
+      const Quantizer& q = block_quantizer(stream, b);
+      f(b, off, c, q, cat, nat);
+      cat += c * q.code_bytes();
+      nat += c * q.norm_bytes();
+      t += c;
+    }
+  }
+
   const QuantizerTable& table_;
   size_t bt_;
   bool flags_;  // whether blocks carry decay flags (the table has decayed quantizers)
