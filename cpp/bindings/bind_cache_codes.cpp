@@ -7,6 +7,7 @@
 #include <algorithm>
 #include <optional>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "common.h"
@@ -48,6 +49,21 @@ size_t check_head_rows(const Quantizer& q, const py::array& codes, const py::arr
   return static_cast<size_t>(n);
 }
 
+// Codes and norms given as sequences of one array per KV head (norms never one array):
+// checked for type (`what` is the error) and length n_kv_heads.
+std::pair<py::sequence, py::sequence> head_sequences(const py::object& codes_obj, const py::object& norms_obj, int H,
+                                                     const char* name, const char* what) {
+  TQ_CHECK(py::isinstance<py::sequence>(codes_obj) && py::isinstance<py::sequence>(norms_obj) &&
+               !py::isinstance<py::array>(norms_obj),
+           TypeMismatch, name, what);
+  auto cs = codes_obj.cast<py::sequence>();
+  auto ns = norms_obj.cast<py::sequence>();
+  TQ_CHECK(cs.size() == static_cast<size_t>(H) && ns.size() == static_cast<size_t>(H), InvalidArgument, name,
+           " codes and norms need one array per KV head (n_kv_heads=", H, "), got ", cs.size(), " and ",
+           ns.size());
+  return {cs, ns};
+}
+
 // One role's encoded tokens: either one (n_kv_heads, n, code_bytes) codes array with
 // (n_kv_heads, n) norms (every head at one width), or sequences of n_kv_heads (n, code_bytes)
 // codes and (n,) norms arrays, each head's rows at its own width (per-head bit widths).
@@ -59,14 +75,8 @@ size_t check_encoded(const KVCache& kv, int layer, KVRole role, const py::object
   const int H = kv.config().n_kv_heads;
   const auto r = static_cast<size_t>(role);
   if (!py::isinstance<py::array>(codes_obj)) {
-    TQ_CHECK(py::isinstance<py::sequence>(codes_obj) && py::isinstance<py::sequence>(norms_obj) &&
-                 !py::isinstance<py::array>(norms_obj),
-             TypeMismatch, name, " codes and norms must be arrays or sequences of one array per KV head");
-    const auto cs = codes_obj.cast<py::sequence>();
-    const auto ns = norms_obj.cast<py::sequence>();
-    TQ_CHECK(cs.size() == static_cast<size_t>(H) && ns.size() == static_cast<size_t>(H), InvalidArgument, name,
-             " codes and norms need one array per KV head (n_kv_heads=", H, "), got ", cs.size(), " and ",
-             ns.size());
+    const auto [cs, ns] = head_sequences(codes_obj, norms_obj, H, name,
+                                         " codes and norms must be arrays or sequences of one array per KV head");
     size_t n = 0;
     for (int h = 0; h < H; ++h) {
       const auto c = py::array::ensure(cs[static_cast<size_t>(h)]);
@@ -128,15 +138,11 @@ size_t check_packed(const KVCache& kv, int layer, KVRole role, const py::object&
   const int H = kv.config().n_kv_heads;
   const auto r = static_cast<size_t>(role);
   const size_t bt = kv.config().block_tokens;
-  TQ_CHECK(py::isinstance<py::sequence>(codes_obj) && py::isinstance<py::sequence>(norms_obj) &&
-               !py::isinstance<py::array>(codes_obj) && !py::isinstance<py::array>(norms_obj),
-           TypeMismatch, name, " codes and norms of a cache with low-width blocks must be sequences of one "
-           "array per KV head");
-  const auto cs = codes_obj.cast<py::sequence>();
-  const auto ns = norms_obj.cast<py::sequence>();
-  TQ_CHECK(cs.size() == static_cast<size_t>(H) && ns.size() == static_cast<size_t>(H), InvalidArgument, name,
-           " codes and norms need one array per KV head (n_kv_heads=", H, "), got ", cs.size(), " and ",
-           ns.size());
+  TQ_CHECK(!py::isinstance<py::array>(codes_obj), TypeMismatch, name,
+           " codes and norms of a cache with low-width blocks must be sequences of one array per KV head");
+  const auto [cs, ns] = head_sequences(codes_obj, norms_obj, H, name,
+                                       " codes and norms of a cache with low-width blocks must be sequences of one "
+                                       "array per KV head");
   size_t n = 0;
   for (int h = 0; h < H; ++h) {
     const auto c = py::array::ensure(cs[static_cast<size_t>(h)]);
