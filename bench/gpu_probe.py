@@ -1,0 +1,93 @@
+"""One decode-attention call of each kind the GPU store runs, for a kernel profiler:
+plain and key-split 3-bit codes at a long context (8 KV heads, GQA 4, head_dim 128), and the
+same with the fp16 sinks and window of the default recipe, each call evaluated on its own.
+Run it under NVIDIA Nsight Compute to read each kernel's duration, DRAM throughput,
+occupancy, registers and warp stall reasons:
+
+    ncu --clock-control none -k regex:attention --section SpeedOfLight --section Occupancy \\
+        --section LaunchStats --section WarpStateStats python bench/gpu_probe.py
+
+``--trace`` instead records the calls (and one decode step of a 2-layer random model of
+Llama-3.1-8B's layer shape) with PyTorch's profiler where PyTorch is installed (it reads the
+CUDA activity of the whole process, mlx's kernels included) and prints the GPU time of each
+kernel and runtime call.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import mlx.core as mx
+
+from turboquant import metal
+from turboquant.mlx_metal import MetalCodeStore
+
+
+def build(T: int, split: bool, sinks: int = 0, window: int = 0, d: int = 128, hkv: int = 8,
+          group: int = 4, bits: int = 3) -> MetalCodeStore:
+    kw = dict(n_layers=1, n_q_heads=hkv * group, n_kv_heads=hkv, key_bits=bits,
+              value_bits=bits, seed=1, block_tokens=64, fp16_sinks=sinks, fp16_window=window,
+              check_inputs=False)
+    if split:
+        kw.update(key_bits=bits - 1, n_outlier_channels=d // 2, outlier_bits=bits + 1,
+                  outlier_channels=list(range(d // 2)), outlier_roles="keys")
+    s = MetalCodeStore(d, **kw)
+    for a in range(0, T, 4096):
+        n = min(4096, T - a)
+        s.append(mx.random.normal((hkv, n, d)).astype(mx.float16),
+                 mx.random.normal((hkv, n, d)).astype(mx.float16))
+    mx.eval(*s.code_arrays())
+    return s
+
+
+def calls(T: int):
+    q = mx.random.normal((32, 1, 128)).astype(mx.float32)
+    mx.eval(q)
+    for name, kw in (("plain", dict(split=False)), ("key split", dict(split=True)),
+                     ("key split + 4 sinks + 64 window", dict(split=True, sinks=4, window=64))):
+        s = build(T, **kw)
+        mx.eval(s.attend(q))  # compiles
+        yield f"{name}, {T} tokens", (lambda s=s: mx.eval(s.attend(q)))
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--context", type=int, default=131072)
+    ap.add_argument("--trace", action="store_true",
+                    help="record with PyTorch's profiler instead (where PyTorch is installed)")
+    a = ap.parse_args(argv)
+    if metal.active_path() == "cpu":
+        ap.error(f"needs a GPU kernel path ({metal.path_reason()})")
+    if not a.trace:
+        for name, fn in calls(a.context):
+            print("probe:", name, flush=True)
+            fn()
+        return 0
+    import torch  # noqa: F401 - its profiler reads the process's CUDA activity
+    from torch.profiler import ProfilerActivity, profile
+
+    from gpu_overhead import model_step
+
+    work = list(calls(a.context))
+    for name, fn in work:
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            for _ in range(5):
+                fn()
+        print(f"=== {name}: 5 calls")
+        print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=15,
+                                        max_name_column_width=70))
+    # Where the host time of a decode step goes (cProfile, Python), then the process's CUDA
+    # activity of prefill + decode steps: kernels by GPU time, runtime calls by CPU time.
+    print("=== 2-layer 8B-shape model, 8K context, decode steps:",
+          model_step("turboquant-3", 8192, 10, profile=True))
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        model_step("turboquant-3", 8192, 5)
+    print("=== 2-layer 8B-shape model, 8K context: prefill + 5 decode steps")
+    avg = prof.key_averages()
+    print(avg.table(sort_by="cuda_time_total", row_limit=25, max_name_column_width=70))
+    print(avg.table(sort_by="self_cpu_time_total", row_limit=25, max_name_column_width=70))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
