@@ -23,6 +23,23 @@ from turboquant import metal
 from turboquant.mlx_metal import MetalCodeStore, ReferenceKernels
 
 
+@contextlib.contextmanager
+def _env(**values):
+    """Environment variables set for the block (turboquant.metal reads them per call)."""
+    import os
+
+    saved = {n: os.environ.get(n) for n in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for n, old in saved.items():
+            if old is None:
+                os.environ.pop(n, None)
+            else:
+                os.environ[n] = old
+
+
 def store_for(d: int, hq: int, hkv: int, bits: int, split: bool, kernels):
     # check_inputs=False: no host read-back of a finiteness flag per call (as in mlx-lm)
     kw = dict(n_layers=1, n_q_heads=hq, n_kv_heads=hkv, key_bits=bits, value_bits=bits,
@@ -64,10 +81,10 @@ def run(contexts, dims, bits_list, hkv=8, group=4, peak_gbps=4800.0, kernels=Non
                     q3 = q[0].astype(mx.float32)
                     nbytes = T * store.bytes_per_token() + hq * d * 4
                     name = f"turboquant {'key split ' if split else ''}{bits}-bit"
-                    # The register-tiled block kernel (the default) and the generic one.
-                    for kernel in ("fast", "generic"):
+                    # The register-tiled block kernel, its staged variant, the generic one.
+                    for kernel in ("fast", "staged", "generic"):
                         with (metal.generic_attention() if kernel == "generic"
-                              else contextlib.nullcontext()):
+                              else _env(TQ_GPU_ATTENTION=kernel)):
                             t = timed(lambda: store.attend(q3, scale=scale), iters)
                         rows.append(dict(base, cache=f"{name} ({kernel})", kernel=kernel,
                                          bits=bits, seconds=t,
@@ -82,19 +99,22 @@ def run(contexts, dims, bits_list, hkv=8, group=4, peak_gbps=4800.0, kernels=Non
     return dict(machine=machine(), peak_gbps=peak_gbps, copy_gbps=copy_gbps, rows=rows)
 
 
-# Shapes of the register-tiled kernel compared by --sweep (environment overrides of
-# turboquant.metal): coordinates per lane, tokens in flight per stream, threadgroups.
-SWEEP = [dict(TQ_GPU_FAST_COORDS=c, TQ_GPU_FAST_UNROLL=u, TQ_GPU_ATTENTION_GROUPS=g)
-         for c, u, g in (("16", "1", "1024"), ("16", "2", "1024"), ("16", "4", "1024"),
-                         ("8", "2", "1024"), ("8", "4", "1024"), ("16", "2", "2048"),
-                         ("16", "4", "4096"), ("8", "4", "4096"))]
+# Shapes of the register-tiled kernels compared by --sweep (environment overrides of
+# turboquant.metal): the kernel (lanes load their codes, or the threadgroup stages each tile
+# in threadgroup memory), coordinates per lane, tokens in flight per stream, threadgroups.
+SWEEP = [dict(TQ_GPU_ATTENTION=k, TQ_GPU_FAST_COORDS=c, TQ_GPU_FAST_UNROLL=u,
+              TQ_GPU_ATTENTION_GROUPS=g)
+         for k, c, u, g in (("fast", "16", "1", "1024"), ("fast", "16", "2", "1024"),
+                            ("fast", "16", "4", "1024"), ("fast", "8", "2", "1024"),
+                            ("fast", "8", "4", "1024"), ("fast", "16", "4", "4096"),
+                            ("fast", "8", "4", "4096"), ("staged", "16", "1", "1024"),
+                            ("staged", "8", "1", "1024"), ("staged", "16", "1", "4096"),
+                            ("staged", "8", "1", "4096"), ("staged", "8", "1", "512"))]
 
 
 def sweep(contexts, d=128, hkv=8, group=4, iters=30, kernels=None) -> list[dict]:
     """Decode attention of the register-tiled kernel under each SWEEP setting (3-bit plain
     and key-split codes): time per call, in one run."""
-    import os
-
     hq, rows = hkv * group, []
     for T in contexts:
         k = mx.random.normal((1, hkv, T, d)).astype(mx.float16)
@@ -106,18 +126,11 @@ def sweep(contexts, d=128, hkv=8, group=4, iters=30, kernels=None) -> list[dict]
                 store.append(k[0, :, a:a + 4096], v[0, :, a:a + 4096])
             mx.eval(*store.code_arrays())
             for env in SWEEP:
-                saved = {n: os.environ.get(n) for n in env}
-                os.environ.update(env)
-                try:
+                with _env(**env):
                     t = timed(lambda: store.attend(q, scale=d ** -0.5), iters)
-                finally:
-                    for n, old in saved.items():
-                        if old is None:
-                            os.environ.pop(n, None)
-                        else:
-                            os.environ[n] = old
                 rows.append(dict(context=T, head_dim=d, split=split, seconds=t, **env))
-                print(f"sweep T={T:7d} split={int(split)} C={env['TQ_GPU_FAST_COORDS']:>2s} "
+                print(f"sweep T={T:7d} split={int(split)} {env['TQ_GPU_ATTENTION']:6s} "
+                      f"C={env['TQ_GPU_FAST_COORDS']:>2s} "
                       f"U={env['TQ_GPU_FAST_UNROLL']} groups={env['TQ_GPU_ATTENTION_GROUPS']:>4s}"
                       f" {t * 1e6:9.1f} us", flush=True)
     return rows

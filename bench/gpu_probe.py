@@ -1,6 +1,7 @@
 """One decode-attention call of each kind the GPU store runs, for a kernel profiler:
 plain and key-split 3-bit codes at a long context (8 KV heads, GQA 4, head_dim 128), and the
-same with the fp16 sinks and window of the default recipe, each call evaluated on its own.
+same with the fp16 sinks and window of the default recipe, each with the register-tiled and
+the staged block kernel, each call evaluated on its own.
 Run it under NVIDIA Nsight Compute to read each kernel's duration, DRAM throughput,
 occupancy, registers and warp stall reasons:
 
@@ -16,6 +17,7 @@ kernel and runtime call.
 from __future__ import annotations
 
 import argparse
+import os
 
 import mlx.core as mx
 
@@ -46,8 +48,12 @@ def calls(T: int):
     for name, kw in (("plain", dict(split=False)), ("key split", dict(split=True)),
                      ("key split + 4 sinks + 64 window", dict(split=True, sinks=4, window=64))):
         s = build(T, **kw)
-        mx.eval(s.attend(q))  # compiles
-        yield f"{name}, {T} tokens", (lambda s=s: mx.eval(s.attend(q)))
+        for kernel in ("fast", "staged"):  # metal.attention_kernel() reads it per call
+            def call(s=s, kernel=kernel):
+                os.environ["TQ_GPU_ATTENTION"] = kernel
+                mx.eval(s.attend(q))
+            call()  # compiles
+            yield f"{name}, {T} tokens, {kernel} kernel", call
 
 
 def main(argv=None) -> int:

@@ -41,6 +41,12 @@ inline uint tq_attention_fast_scratch_floats(uint dim, uint gm, uint tables, uin
   return tables + (queries > merge ? queries : merge);
 }
 
+// The staged variant adds two stage buffers of R x nthreads words after that.
+inline uint tq_attention_staged_scratch_floats(uint dim, uint gm, uint tables, uint nthreads,
+                                               uint r) {
+  return tq_attention_fast_scratch_floats(dim, gm, tables, nthreads) + 2u * r * nthreads;
+}
+
 // Weights of an online-softmax merge of states with maxima m and mo: the new max mn and the
 // factors e^(m - mn), e^(mo - mn); a state that saw no token (max -inf) weighs 0.
 inline void tq_softmax_merge_weights(float m, float mo, thread float& mn, thread float& a,
@@ -50,37 +56,70 @@ inline void tq_softmax_merge_weights(float m, float mo, thread float& mn, thread
   b = mo == -INFINITY ? 0.0f : exp(mo - mn);
 }
 
-// p: the split parameter block (its first words are TqAttnParams'); for plain keys part_dim =
-// dim, k_bits1 = k_bits, angle_bytes = 0. angles: the split's (cos, sin) table (unused plain).
-template <uint D, uint GM, uint C, uint KB0, uint KB1, uint VB, uint SPLIT, uint U>
-inline void tq_attention_fast_block_body(device const float* q, TQ_TABLE float* k_signs,
-                                         device const uchar* k_codes, device const uchar* k_norms,
-                                         device const uchar* v_codes, device const uchar* v_norms,
-                                         TQ_TABLE float* k_centroids, TQ_TABLE float* v_centroids,
-                                         device const float* angles, device float* part_m,
-                                         device float* part_l, device float* part_acc,
-                                         TQ_PARAMS TqSplitAttnParams& p, threadgroup float* tg,
-                                         uint block, uint head, uint tid, uint nthreads) {
-  static_assert(D % C == 0u && D / C <= TQ_SIMD_WIDTH, "a stream is at most one simd-group");
-  static_assert((C * KB0) % 8u == 0u && (C * KB1) % 8u == 0u && (C * VB) % 8u == 0u,
-                "a lane's indices are whole bytes");
-  static_assert(C * KB0 <= 64u && C * KB1 <= 64u && C * VB <= 64u,
-                "a lane's indices fit one 64-bit word");
-  static_assert(SPLIT == 0u || (D / C) % 2u == 0u, "split keys: half of a stream per half");
-  constexpr uint L = D / C;  // lanes per stream
-  constexpr uint VCB = D * VB / 8u;  // value code bytes of a row
+// One token of a stream: the lane's C key indices (kw) scored against its query
+// coordinates, the L lanes' partial scores added by butterfly (every lane of the simd-group
+// takes part, live or not), then, for a live token, the stream's online softmax and value
+// sums updated with the lane's C value indices (vw). kn, vn: the token's norms; f: the split
+// angle's weight of this lane's half (1 for plain keys).
+template <uint L, uint GM, uint C, uint VB, uint SPLIT>
+inline void tq_fast_token(ulong kw, ulong vw, float kn, float vn, float f, bool live, uint kb,
+                          uint kmask, threadgroup const float* ckl, threadgroup const float* cv,
+                          thread float (&qr)[GM][C], thread float (&m)[GM], thread float (&l)[GM],
+                          thread float (&acc)[GM][C]) {
+  float dot[GM];
+  TQ_UNROLL for (uint g = 0u; g < GM; ++g) { dot[g] = 0.0f; }
+  TQ_UNROLL for (uint c = 0u; c < C; ++c) {
+    const float cent = ckl[uint(kw >> (c * kb)) & kmask];
+    TQ_UNROLL for (uint g = 0u; g < GM; ++g) { dot[g] += qr[g][c] * cent; }
+  }
+  if (SPLIT != 0u) {
+    TQ_UNROLL for (uint g = 0u; g < GM; ++g) { dot[g] *= f; }
+  }
+  TQ_UNROLL for (uint off = L / 2u; off >= 1u; off >>= 1u) {
+    TQ_UNROLL for (uint g = 0u; g < GM; ++g) { dot[g] += simd_shuffle_xor(dot[g], ushort(off)); }
+  }
+  if (!live) return;
+  float pv[GM];
+  TQ_UNROLL for (uint g = 0u; g < GM; ++g) {
+    const float sc = dot[g] * kn;
+    if (sc > m[g]) {  // a new running max: rescale the state
+      const float c = exp(m[g] - sc);
+      l[g] *= c;
+      TQ_UNROLL for (uint j = 0u; j < C; ++j) { acc[g][j] *= c; }
+      m[g] = sc;
+    }
+    const float e = exp(sc - m[g]);
+    l[g] += e;
+    pv[g] = e * vn;
+  }
+  TQ_UNROLL for (uint c = 0u; c < C; ++c) {
+    const float cent = cv[uint(vw >> (c * VB)) & ((1u << VB) - 1u)];
+    TQ_UNROLL for (uint g = 0u; g < GM; ++g) { acc[g][c] += pv[g] * cent; }
+  }
+}
+
+// A lane's place in the register-tiled kernels: its stream's sub-lane, the key half it holds
+// (split keys), that half's bits, index mask, centroids and byte offset within a key row.
+struct TqFastLane {
+  uint sub, stream, streams, first_stream, hi, kb, kmask, k_lane_bytes, k_offset;
+  threadgroup const float* ckl;
+};
+
+// The common start of the register-tiled kernels: the codebooks and the GM x C query
+// registers (the G raw queries rotated in threadgroup memory, scaled), the state cleared.
+// Returns the lane's place; qs = the query scratch (later the merge's).
+template <uint D, uint GM, uint C, uint KB0, uint KB1, uint VB, uint SPLIT>
+inline TqFastLane tq_fast_setup(device const float* q, TQ_TABLE float* k_signs,
+                                TQ_TABLE float* k_centroids, TQ_TABLE float* v_centroids,
+                                TQ_PARAMS TqSplitAttnParams& p, threadgroup float* tg,
+                                threadgroup float* qs, uint head, uint tid, uint nthreads,
+                                thread float (&qr)[GM][C], thread float (&m)[GM],
+                                thread float (&l)[GM], thread float (&acc)[GM][C]) {
+  constexpr uint L = D / C;
   constexpr uint NK0 = 1u << KB0, NK1 = SPLIT != 0u ? 1u << KB1 : 0u, NV = 1u << VB;
-  const uint G = p.group, BT = p.block_tokens;
-  const uint per = tq_tiles_per_block(p.tokens, BT, p.num_blocks);
-  const uint tile0 = block * per;
-  // Uniform over the threadgroup: a block past the end, or a shape this instance is not for.
-  if (tile0 * BT >= p.tokens || G > GM || p.dim != D || p.k_bits != KB0 || p.v_bits != VB ||
-      (SPLIT != 0u && (p.k_bits1 != KB1 || p.part_dim != D / 2u)))
-    return;
-  const uint t_begin = tile0 * BT, t_end = min((tile0 + per) * BT, p.tokens);
+  const uint G = p.group;
   threadgroup float* ck = tg;  // outlier (or only) part's centroids, then the inlier part's
   threadgroup float* cv = tg + NK0 + NK1;
-  threadgroup float* qs = cv + NV;
   for (uint i = tid; i < NK0 + NK1; i += nthreads) ck[i] = k_centroids[i];
   for (uint i = tid; i < NV; i += nthreads) cv[i] = v_centroids[i];
   for (uint i = tid; i < G * D; i += nthreads) qs[i] = q[ulong(head) * G * D + i];
@@ -92,97 +131,44 @@ inline void tq_attention_fast_block_body(device const float* q, TQ_TABLE float* 
       tq_hadamard_forward(qs + g * D, k_signs, D, tid, nthreads);
     }
   }
-
-  const uint lane = tid % TQ_SIMD_WIDTH, sub = lane % L, stream = tid / L;
-  const uint streams = nthreads / L;
-  const uint first_stream = (tid / TQ_SIMD_WIDTH) * (TQ_SIMD_WIDTH / L);  // of this simd-group
-  // This lane's key half (split), its bits, centroids and bytes within a key row.
-  const uint hi = SPLIT != 0u && sub >= L / 2u ? 1u : 0u;
-  const uint kb = hi != 0u ? KB1 : KB0;
-  const uint kmask = (1u << kb) - 1u;
-  threadgroup const float* ckl = ck + (hi != 0u ? NK0 : 0u);
-  const uint k_lane_bytes = C * kb / 8u;
-  const uint k_offset = SPLIT != 0u
-                            ? p.angle_bytes + (hi != 0u ? (D / 2u) * KB0 / 8u + (sub - L / 2u) * k_lane_bytes
-                                                        : sub * k_lane_bytes)
-                            : sub * k_lane_bytes;
-  float qr[GM][C];
+  TqFastLane ln;
+  const uint lane = tid % TQ_SIMD_WIDTH;
+  ln.sub = lane % L;
+  ln.stream = tid / L;
+  ln.streams = nthreads / L;
+  ln.first_stream = (tid / TQ_SIMD_WIDTH) * (TQ_SIMD_WIDTH / L);  // of this simd-group
+  ln.hi = SPLIT != 0u && ln.sub >= L / 2u ? 1u : 0u;
+  ln.kb = ln.hi != 0u ? KB1 : KB0;
+  ln.kmask = (1u << ln.kb) - 1u;
+  ln.ckl = ck + (ln.hi != 0u ? NK0 : 0u);
+  ln.k_lane_bytes = C * ln.kb / 8u;
+  ln.k_offset = SPLIT != 0u ? p.angle_bytes + (ln.hi != 0u ? (D / 2u) * KB0 / 8u +
+                                                                 (ln.sub - L / 2u) * ln.k_lane_bytes
+                                                           : ln.sub * ln.k_lane_bytes)
+                            : ln.sub * ln.k_lane_bytes;
   TQ_UNROLL for (uint g = 0u; g < GM; ++g) {
     TQ_UNROLL for (uint c = 0u; c < C; ++c) {
-      qr[g][c] = g < G ? p.scale * qs[g * D + sub * C + c] : 0.0f;
+      qr[g][c] = g < G ? p.scale * qs[g * D + ln.sub * C + c] : 0.0f;
     }
   }
-  float m[GM], l[GM], acc[GM][C];
   TQ_UNROLL for (uint g = 0u; g < GM; ++g) {
     m[g] = -INFINITY;
     l[g] = 0.0f;
     TQ_UNROLL for (uint c = 0u; c < C; ++c) { acc[g][c] = 0.0f; }
   }
+  return ln;
+}
 
-  const ulong row0 = ulong(head) * p.head_stride;
-  // U tokens per stream and step: their codes are all requested before the first is scored
-  // (U loads in flight per lane). The simd-group runs while its first stream (the one with
-  // the most tokens) has a token.
-  for (uint t0 = t_begin; t0 + first_stream < t_end; t0 += U * streams) {
-    ulong kw[U], vw[U];
-    float kn[U], vn[U], f[U];
-    bool live[U];
-    TQ_UNROLL for (uint u = 0u; u < U; ++u) {
-      const uint t = t0 + u * streams + stream;
-      live[u] = t < t_end;
-      kw[u] = 0ul;
-      vw[u] = 0ul;
-      kn[u] = vn[u] = 0.0f;
-      f[u] = 1.0f;
-      if (live[u]) {
-        const ulong r = row0 + t;
-        device const uchar* krow = k_codes + r * p.k_code_bytes;
-        device const uchar* vp = v_codes + r * VCB + sub * (C * VB / 8u);
-        TQ_UNROLL for (uint b = 0u; b < C * (KB0 > KB1 ? KB0 : KB1) / 8u; ++b) {
-          if (b < k_lane_bytes) kw[u] |= ulong(krow[k_offset + b]) << (8u * b);
-        }
-        TQ_UNROLL for (uint b = 0u; b < C * VB / 8u; ++b) { vw[u] |= ulong(vp[b]) << (8u * b); }
-        kn[u] = tq_load_norm(k_norms, r, p.norm_fp16);
-        vn[u] = tq_load_norm(v_norms, r, p.norm_fp16);
-        if (SPLIT != 0u) f[u] = angles[2u * tq_split_read_angle(krow, p.angle_bytes) + hi];
-      }
-    }
-    TQ_UNROLL for (uint u = 0u; u < U; ++u) {
-      float dot[GM];
-      TQ_UNROLL for (uint g = 0u; g < GM; ++g) { dot[g] = 0.0f; }
-      TQ_UNROLL for (uint c = 0u; c < C; ++c) {
-        const float cent = ckl[uint(kw[u] >> (c * kb)) & kmask];
-        TQ_UNROLL for (uint g = 0u; g < GM; ++g) { dot[g] += qr[g][c] * cent; }
-      }
-      if (SPLIT != 0u) {
-        TQ_UNROLL for (uint g = 0u; g < GM; ++g) { dot[g] *= f[u]; }
-      }
-      TQ_UNROLL for (uint off = L / 2u; off >= 1u; off >>= 1u) {
-        TQ_UNROLL for (uint g = 0u; g < GM; ++g) { dot[g] += simd_shuffle_xor(dot[g], ushort(off)); }
-      }
-      if (!live[u]) continue;
-      float pv[GM];
-      TQ_UNROLL for (uint g = 0u; g < GM; ++g) {
-        const float sc = dot[g] * kn[u];
-        if (sc > m[g]) {  // a new running max: rescale the state
-          const float c = exp(m[g] - sc);
-          l[g] *= c;
-          TQ_UNROLL for (uint j = 0u; j < C; ++j) { acc[g][j] *= c; }
-          m[g] = sc;
-        }
-        const float e = exp(sc - m[g]);
-        l[g] += e;
-        pv[g] = e * vn[u];
-      }
-      TQ_UNROLL for (uint c = 0u; c < C; ++c) {
-        const float cent = cv[uint(vw[u] >> (c * VB)) & ((1u << VB) - 1u)];
-        TQ_UNROLL for (uint g = 0u; g < GM; ++g) { acc[g][c] += pv[g] * cent; }
-      }
-    }
-  }
-
-  // Merge the streams of the simd-group (lanes sub, sub + L, ...): afterwards every stream
-  // of it holds the simd-group's state.
+// The common end: the streams of each simd-group (lanes sub, sub + L, ...), then the
+// simd-groups (1.. through the scratch qs), merged by the online-softmax rule; simd-group
+// 0's first stream writes the block's (m, l, acc) as tq_attention_block_finish writes it.
+template <uint D, uint GM, uint C>
+inline void tq_fast_finish(thread float (&m)[GM], thread float (&l)[GM],
+                           thread float (&acc)[GM][C], uint G, uint sub, threadgroup float* qs,
+                           device float* part_m, device float* part_l, device float* part_acc,
+                           uint num_blocks, uint block, uint head, uint tid, uint nthreads) {
+  constexpr uint L = D / C;
+  const uint lane = tid % TQ_SIMD_WIDTH;
   TQ_UNROLL for (uint off = L; off < TQ_SIMD_WIDTH; off <<= 1u) {
     TQ_UNROLL for (uint g = 0u; g < GM; ++g) {
       const float mo = simd_shuffle_xor(m[g], ushort(off));
@@ -196,9 +182,8 @@ inline void tq_attention_fast_block_body(device const float* q, TQ_TABLE float* 
       }
     }
   }
-  // Then the simd-groups: 1.. write their state over the queries, simd-group 0 merges.
   const uint simd = tid / TQ_SIMD_WIDTH, nsimd = nthreads / TQ_SIMD_WIDTH;
-  threadgroup_barrier(mem_flags::mem_threadgroup);  // everyone has read qs
+  threadgroup_barrier(mem_flags::mem_threadgroup);  // everyone is done with the scratch
   if (simd > 0u && lane < L) {
     threadgroup float* st = qs + (simd - 1u) * GM * (D + 2u);
     TQ_UNROLL for (uint g = 0u; g < GM; ++g) {
@@ -225,7 +210,7 @@ inline void tq_attention_fast_block_body(device const float* q, TQ_TABLE float* 
       }
     }
   }
-  const ulong base = (ulong(head) * p.num_blocks + block) * G;
+  const ulong base = (ulong(head) * num_blocks + block) * G;
   TQ_UNROLL for (uint g = 0u; g < GM; ++g) {
     if (g >= G) break;
     if (sub == 0u) {
@@ -234,6 +219,215 @@ inline void tq_attention_fast_block_body(device const float* q, TQ_TABLE float* 
     }
     TQ_UNROLL for (uint c = 0u; c < C; ++c) { part_acc[(base + g) * D + sub * C + c] = acc[g][c]; }
   }
+}
+
+// Whether this instance serves the launch's shape, and the block's token range; false for a
+// block past the end (uniform over the threadgroup).
+template <uint D, uint GM, uint KB0, uint KB1, uint VB, uint SPLIT>
+inline bool tq_fast_range(TQ_PARAMS TqSplitAttnParams& p, uint block, thread uint& t_begin,
+                          thread uint& t_end) {
+  const uint BT = p.block_tokens;
+  const uint per = tq_tiles_per_block(p.tokens, BT, p.num_blocks);
+  const uint tile0 = block * per;
+  if (tile0 * BT >= p.tokens || p.group > GM || p.dim != D || p.k_bits != KB0 ||
+      p.v_bits != VB || (SPLIT != 0u && (p.k_bits1 != KB1 || p.part_dim != D / 2u)))
+    return false;
+  t_begin = tile0 * BT;
+  t_end = min((tile0 + per) * BT, p.tokens);
+  return true;
+}
+
+#define TQ_FAST_STATIC_CHECKS()                                                                \
+  static_assert(D % C == 0u && D / C <= TQ_SIMD_WIDTH, "a stream is at most one simd-group"); \
+  static_assert((C * KB0) % 8u == 0u && (C * KB1) % 8u == 0u && (C * VB) % 8u == 0u,          \
+                "a lane's indices are whole bytes");                                           \
+  static_assert(C * KB0 <= 64u && C * KB1 <= 64u && C * VB <= 64u,                              \
+                "a lane's indices fit one 64-bit word");                                       \
+  static_assert(SPLIT == 0u || (D / C) % 2u == 0u, "split keys: half of a stream per half")
+
+// p: the split parameter block (its first words are TqAttnParams'); for plain keys part_dim =
+// dim, k_bits1 = k_bits, angle_bytes = 0. angles: the split's (cos, sin) table (unused plain).
+template <uint D, uint GM, uint C, uint KB0, uint KB1, uint VB, uint SPLIT, uint U>
+inline void tq_attention_fast_block_body(device const float* q, TQ_TABLE float* k_signs,
+                                         device const uchar* k_codes, device const uchar* k_norms,
+                                         device const uchar* v_codes, device const uchar* v_norms,
+                                         TQ_TABLE float* k_centroids, TQ_TABLE float* v_centroids,
+                                         device const float* angles, device float* part_m,
+                                         device float* part_l, device float* part_acc,
+                                         TQ_PARAMS TqSplitAttnParams& p, threadgroup float* tg,
+                                         uint block, uint head, uint tid, uint nthreads) {
+  TQ_FAST_STATIC_CHECKS();
+  constexpr uint L = D / C;  // lanes per stream
+  constexpr uint VCB = D * VB / 8u;  // value code bytes of a row
+  constexpr uint NK0 = 1u << KB0, NK1 = SPLIT != 0u ? 1u << KB1 : 0u, NV = 1u << VB;
+  uint t_begin = 0u, t_end = 0u;
+  if (!tq_fast_range<D, GM, KB0, KB1, VB, SPLIT>(p, block, t_begin, t_end)) return;
+  threadgroup float* cv = tg + NK0 + NK1;
+  threadgroup float* qs = cv + NV;
+  float qr[GM][C], m[GM], l[GM], acc[GM][C];
+  const TqFastLane ln = tq_fast_setup<D, GM, C, KB0, KB1, VB, SPLIT>(
+      q, k_signs, k_centroids, v_centroids, p, tg, qs, head, tid, nthreads, qr, m, l, acc);
+
+  const ulong row0 = ulong(head) * p.head_stride;
+  // U tokens per stream and step: their codes are all requested before the first is scored
+  // (U loads in flight per lane). The simd-group runs while its first stream (the one with
+  // the most tokens) has a token.
+  for (uint t0 = t_begin; t0 + ln.first_stream < t_end; t0 += U * ln.streams) {
+    ulong kw[U], vw[U];
+    float kn[U], vn[U], f[U];
+    bool live[U];
+    TQ_UNROLL for (uint u = 0u; u < U; ++u) {
+      const uint t = t0 + u * ln.streams + ln.stream;
+      live[u] = t < t_end;
+      kw[u] = 0ul;
+      vw[u] = 0ul;
+      kn[u] = vn[u] = 0.0f;
+      f[u] = 1.0f;
+      if (live[u]) {
+        const ulong r = row0 + t;
+        device const uchar* krow = k_codes + r * p.k_code_bytes;
+        device const uchar* vp = v_codes + r * VCB + ln.sub * (C * VB / 8u);
+        TQ_UNROLL for (uint b = 0u; b < C * (KB0 > KB1 ? KB0 : KB1) / 8u; ++b) {
+          if (b < ln.k_lane_bytes) kw[u] |= ulong(krow[ln.k_offset + b]) << (8u * b);
+        }
+        TQ_UNROLL for (uint b = 0u; b < C * VB / 8u; ++b) { vw[u] |= ulong(vp[b]) << (8u * b); }
+        kn[u] = tq_load_norm(k_norms, r, p.norm_fp16);
+        vn[u] = tq_load_norm(v_norms, r, p.norm_fp16);
+        if (SPLIT != 0u) f[u] = angles[2u * tq_split_read_angle(krow, p.angle_bytes) + ln.hi];
+      }
+    }
+    TQ_UNROLL for (uint u = 0u; u < U; ++u) {
+      tq_fast_token<L, GM, C, VB, SPLIT>(kw[u], vw[u], kn[u], vn[u], f[u], live[u], ln.kb,
+                                         ln.kmask, ln.ckl, cv, qr, m, l, acc);
+    }
+  }
+  tq_fast_finish<D, GM, C>(m, l, acc, p.group, ln.sub, qs, part_m, part_l, part_acc,
+                           p.num_blocks, block, head, tid, nthreads);
+}
+
+// --- The staged variant ----------------------------------------------------------------------
+// The same streams and per-token arithmetic, but the codes reach the lanes through
+// threadgroup memory: the threadgroup copies each tile of TT tokens (key rows, value rows, key
+// norms, value norms: four runs of whole 4-byte words) with consecutive threads reading
+// consecutive words, R words per thread held in registers, and the copy of the next tile is
+// in flight while the streams score the current one (two stage buffers). A lane then reads
+// its bytes from threadgroup memory. The host picks it where the tiles' words are aligned:
+// TT divides the attention tile (block_tokens) and the head stride, TT is a multiple of 4,
+// and R x nthreads words hold a tile (tq_fast_stage_words).
+
+inline uint tq_fast_stage_words(uint tt, uint k_code_bytes, uint v_code_bytes, uint norm_fp16) {
+  const uint nb = norm_fp16 != 0u ? 2u : 4u;
+  return tt * (k_code_bytes + v_code_bytes + 2u * nb) / 4u;
+}
+
+template <uint TT, uint R>
+inline void tq_fast_stage_load(thread uint (&w)[R], device const uchar* k_codes,
+                               device const uchar* v_codes, device const uchar* k_norms,
+                               device const uchar* v_norms, ulong r0, uint kcb, uint vcb,
+                               uint nb, uint tid, uint nthreads) {
+  const uint kwn = TT * kcb / 4u, vwn = TT * vcb / 4u, nwn = TT * nb / 4u;
+  device const uint* kp = (device const uint*)(k_codes + r0 * kcb);
+  device const uint* vp = (device const uint*)(v_codes + r0 * vcb);
+  device const uint* knp = (device const uint*)(k_norms + r0 * nb);
+  device const uint* vnp = (device const uint*)(v_norms + r0 * nb);
+  TQ_UNROLL for (uint r = 0u; r < R; ++r) {
+    uint i = tid + r * nthreads;
+    uint x = 0u;
+    if (i < kwn) {
+      x = kp[i];
+    } else if ((i -= kwn) < vwn) {
+      x = vp[i];
+    } else if ((i -= vwn) < nwn) {
+      x = knp[i];
+    } else if ((i -= nwn) < nwn) {
+      x = vnp[i];
+    }
+    w[r] = x;
+  }
+}
+
+template <uint D, uint GM, uint C, uint KB0, uint KB1, uint VB, uint SPLIT, uint TT, uint R>
+inline void tq_attention_staged_block_body(device const float* q, TQ_TABLE float* k_signs,
+                                           device const uchar* k_codes,
+                                           device const uchar* k_norms,
+                                           device const uchar* v_codes,
+                                           device const uchar* v_norms,
+                                           TQ_TABLE float* k_centroids,
+                                           TQ_TABLE float* v_centroids, device const float* angles,
+                                           device float* part_m, device float* part_l,
+                                           device float* part_acc, TQ_PARAMS TqSplitAttnParams& p,
+                                           threadgroup float* tg, uint block, uint head, uint tid,
+                                           uint nthreads) {
+  TQ_FAST_STATIC_CHECKS();
+  static_assert(TT % 4u == 0u, "a tile's runs are whole words");
+  constexpr uint L = D / C;
+  constexpr uint VCB = D * VB / 8u;
+  constexpr uint NK0 = 1u << KB0, NK1 = SPLIT != 0u ? 1u << KB1 : 0u, NV = 1u << VB;
+  uint t_begin = 0u, t_end = 0u;
+  if (!tq_fast_range<D, GM, KB0, KB1, VB, SPLIT>(p, block, t_begin, t_end)) return;
+  threadgroup float* cv = tg + NK0 + NK1;
+  threadgroup float* qs = cv + NV;
+  const uint merge = (nthreads / TQ_SIMD_WIDTH - 1u) * GM * (D + 2u);
+  threadgroup uint* stage = (threadgroup uint*)(qs + (GM * D > merge ? GM * D : merge));
+  const uint sw = R * nthreads;  // words of one stage buffer
+  float qr[GM][C], m[GM], l[GM], acc[GM][C];
+  const TqFastLane ln = tq_fast_setup<D, GM, C, KB0, KB1, VB, SPLIT>(
+      q, k_signs, k_centroids, v_centroids, p, tg, qs, head, tid, nthreads, qr, m, l, acc);
+
+  const uint kcb = p.k_code_bytes, nb = p.norm_fp16 != 0u ? 2u : 4u;
+  const ulong row0 = ulong(head) * p.head_stride;
+  uint w[R];
+  tq_fast_stage_load<TT, R>(w, k_codes, v_codes, k_norms, v_norms, row0 + t_begin, kcb, VCB, nb,
+                            tid, nthreads);
+  TQ_UNROLL for (uint r = 0u; r < R; ++r) { stage[tid + r * nthreads] = w[r]; }
+  threadgroup_barrier(mem_flags::mem_threadgroup);
+  const uint per_stream = (TT + ln.streams - 1u) / ln.streams;
+  uint buf = 0u;
+  for (uint t0 = t_begin; t0 < t_end; t0 += TT) {
+    const bool next = t0 + TT < t_end;
+    if (next) {  // uniform: the next tile's words in flight during this tile's arithmetic
+      tq_fast_stage_load<TT, R>(w, k_codes, v_codes, k_norms, v_norms, row0 + t0 + TT, kcb, VCB,
+                                nb, tid, nthreads);
+    }
+    threadgroup const uchar* sb = (threadgroup const uchar*)(stage + buf * sw);
+    threadgroup const uchar* svc = sb + TT * kcb;
+    threadgroup const uchar* skn = svc + TT * VCB;
+    threadgroup const uchar* svn = skn + TT * nb;
+    for (uint j = 0u; j < per_stream; ++j) {
+      const uint tt = ln.stream + j * ln.streams;
+      const bool live = tt < TT && t0 + tt < t_end;
+      ulong kw = 0ul, vw = 0ul;
+      float kn = 0.0f, vn = 0.0f, f = 1.0f;
+      if (live) {
+        threadgroup const uchar* krow = sb + tt * kcb;
+        threadgroup const uchar* vp = svc + tt * VCB + ln.sub * (C * VB / 8u);
+        TQ_UNROLL for (uint b = 0u; b < C * (KB0 > KB1 ? KB0 : KB1) / 8u; ++b) {
+          if (b < ln.k_lane_bytes) kw |= ulong(krow[ln.k_offset + b]) << (8u * b);
+        }
+        TQ_UNROLL for (uint b = 0u; b < C * VB / 8u; ++b) { vw |= ulong(vp[b]) << (8u * b); }
+        if (nb == 2u) {
+          kn = tq_half_bits_to_float(((threadgroup const ushort*)skn)[tt]);
+          vn = tq_half_bits_to_float(((threadgroup const ushort*)svn)[tt]);
+        } else {
+          kn = ((threadgroup const float*)skn)[tt];
+          vn = ((threadgroup const float*)svn)[tt];
+        }
+        if (SPLIT != 0u) {
+          const uint a = p.angle_bytes == 1u ? uint(krow[0]) : (uint(krow[0]) | (uint(krow[1]) << 8u));
+          f = angles[2u * a + ln.hi];
+        }
+      }
+      tq_fast_token<L, GM, C, VB, SPLIT>(kw, vw, kn, vn, f, live, ln.kb, ln.kmask, ln.ckl, cv, qr,
+                                         m, l, acc);
+    }
+    if (next) {
+      TQ_UNROLL for (uint r = 0u; r < R; ++r) { stage[(1u - buf) * sw + tid + r * nthreads] = w[r]; }
+    }
+    threadgroup_barrier(mem_flags::mem_threadgroup);
+    buf = 1u - buf;
+  }
+  tq_fast_finish<D, GM, C>(m, l, acc, p.group, ln.sub, qs, part_m, part_l, part_acc,
+                           p.num_blocks, block, head, tid, nthreads);
 }
 
 // --- The reduce, merged with attention over fp16 rows ---------------------------------------

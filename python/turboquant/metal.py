@@ -69,6 +69,10 @@ REDUCE_CACHED_BLOCKS = 1024
 # argument), and the tokens a stream of it loads at once (U).
 FAST_GROUPS = (1, 2, 4, 8)
 FAST_UNROLL = 1
+# The staged variant: tiles of at most STAGE_MAX_TOKENS tokens whose codes and norms fit
+# STAGE_MAX_WORDS 4-byte words (two such buffers in threadgroup memory).
+STAGE_MAX_TOKENS = 64
+STAGE_MAX_WORDS = 2048
 
 
 def source_dir() -> Path | None:
@@ -233,6 +237,26 @@ KERNELS.update({
         templates=(("TQ_D", 128), ("TQ_GM", 4), ("TQ_C", 16), ("TQ_KB0", 3), ("TQ_KB1", 3),
                    ("TQ_VB", 3), ("TQ_SPLIT", 0), ("TQ_U", FAST_UNROLL)),
     ),
+    # The staged variant (tq_attention_staged_block_body): the same inputs, outputs and shape
+    # arguments, plus the tile TT it stages in threadgroup memory and the words R each thread
+    # copies of it (staged_attention_tile()).
+    "attention_staged": KernelSpec(
+        "tq_mlx_attention_staged",
+        ("q", "k_signs", "k_codes", "k_norms", "v_codes", "v_norms", "k_centroids",
+         "v_centroids", "angles", "params"),
+        ("part_m", "part_l", "part_acc"),
+        "TQ_THREADGROUP_ARRAY(float, tg, SCRATCH);\n"
+        "const uint tq_head = threadgroup_position_in_grid.y;\n"
+        "tq_attention_staged_block_body<TQ_D, TQ_GM, TQ_C, TQ_KB0, TQ_KB1, TQ_VB, TQ_SPLIT,\n"
+        "                               TQ_TT, TQ_R>(\n"
+        "    q, k_signs + (params[16] != 0u ? ulong(tq_head) * 2u * uint(TQ_D) : 0ul),\n"
+        "    k_codes, (const device uchar*)k_norms, v_codes, (const device uchar*)v_norms,\n"
+        "    k_centroids, v_centroids, angles, part_m, part_l, part_acc,\n"
+        "    *(const device TqSplitAttnParams*)params, tg, threadgroup_position_in_grid.x,\n"
+        "    tq_head, thread_index_in_threadgroup, threads_per_threadgroup.x);\n",
+        templates=(("TQ_D", 128), ("TQ_GM", 4), ("TQ_C", 16), ("TQ_KB0", 3), ("TQ_KB1", 3),
+                   ("TQ_VB", 3), ("TQ_SPLIT", 0), ("TQ_TT", 64), ("TQ_R", 13)),
+    ),
     "attention_reduce_rows": KernelSpec(
         "tq_mlx_attention_reduce_rows",
         ("part_m", "part_l", "part_acc", "v_signs", "q", "k_a", "v_a", "k_b", "v_b", "params"),
@@ -371,7 +395,7 @@ def _needed_files(key: str) -> tuple[str, ...]:
         return ("common.metal", "encode.metal")
     if key.startswith("dequantize"):
         return ("common.metal", "dequantize.metal")
-    if key in ("attention_fast", "attention_reduce_rows"):
+    if key in ("attention_fast", "attention_staged", "attention_reduce_rows"):
         return ("common.metal", "attention.metal", "split.metal", "attention_fast.metal")
     if key.startswith("attention"):
         return ("common.metal", "attention.metal")
@@ -763,7 +787,7 @@ def fast_attention_shape(dim: int, group: int, k_bits: int, v_bits: int,
     block kernel runs (head_dim not 64/128/256, a width over 8 bits, a group over 8, or the
     environment variable TQ_GPU_ATTENTION=generic). ``k_bits1``: the inlier half's width of
     split keys (``k_bits`` the outlier half's)."""
-    if _GENERIC_ATTENTION or os.environ.get("TQ_GPU_ATTENTION", "fast") == "generic":
+    if attention_kernel() == "generic":
         return None
     widths = (k_bits, v_bits) + (() if k_bits1 is None else (k_bits1,))
     if dim not in (64, 128, 256) or not all(1 <= b <= 8 for b in widths):
@@ -778,6 +802,41 @@ def fast_attention_shape(dim: int, group: int, k_bits: int, v_bits: int,
     if lanes > 32 or (k_bits1 is not None and lanes % 2):
         return None
     return gm, c
+
+
+def attention_kernel() -> str:
+    """The decode-attention block kernel the host prefers: ``"fast"`` (register-tiled, codes
+    loaded by each lane), ``"staged"`` (the same, with each tile's codes copied through
+    threadgroup memory by the whole threadgroup, the next tile's copy in flight), or
+    ``"generic"``; environment variable TQ_GPU_ATTENTION (generic_attention() forces
+    generic). Where the preferred one cannot take a shape, the next one down runs."""
+    if _GENERIC_ATTENTION:
+        return "generic"
+    k = os.environ.get("TQ_GPU_ATTENTION", DEFAULT_ATTENTION)
+    return k if k in ("fast", "staged", "generic") else DEFAULT_ATTENTION
+
+
+DEFAULT_ATTENTION = "fast"
+
+
+def staged_attention_tile(k_code_bytes: int, v_code_bytes: int, norm_fp16: bool,
+                          head_stride: int, block_tokens: int, scratch_floats: int,
+                          threads: int = ATTENTION_THREADS) -> tuple[int, int] | None:
+    """(TT, R) of the staged kernel: the largest tile TT (a multiple of 4 dividing
+    ``block_tokens`` and ``head_stride``, at most STAGE_MAX_TOKENS) whose key rows, value rows
+    and norms fit STAGE_MAX_WORDS words and, doubled, the threadgroup memory beside the
+    register-tiled kernel's ``scratch_floats``; R the words each of ``threads`` threads
+    copies. None where no tile fits (the register-tiled kernel then runs)."""
+    nb = 2 if norm_fp16 else 4
+    tt = STAGE_MAX_TOKENS
+    while tt >= 4:
+        if block_tokens % tt == 0 and head_stride % tt == 0:
+            words = tt * (k_code_bytes + v_code_bytes + 2 * nb) // 4
+            r = -(-words // threads)
+            if words <= STAGE_MAX_WORDS and scratch_floats + 2 * r * threads <= MAX_SCRATCH_FLOATS:
+                return tt, r
+        tt //= 2
+    return None
 
 
 def fast_attention_unroll() -> int:
@@ -838,12 +897,23 @@ def _fast_partials(q, k_signs, per_head, k_codes, k_norms, v_codes, v_norms, k_c
     params = np.concatenate([words, np.array([int(per_head)], np.uint32)])
     scratch = fast_attention_scratch_floats(dim, gm, k_bits, v_bits,
                                             None if split is None else k_bits1)
+    inputs = [q, k_signs, k_codes, as_bits(k_norms), v_codes, as_bits(v_norms), k_cents,
+              v_cents, angles, mx.array(params)]
+    template = [("TQ_D", dim), ("TQ_GM", gm), ("TQ_C", c), ("TQ_KB0", k_bits),
+                ("TQ_KB1", k_bits1), ("TQ_VB", v_bits), ("TQ_SPLIT", int(split is not None))]
+    tile = (staged_attention_tile(int(k_codes.shape[2]), code_bytes(dim, v_bits), fp16,
+                                  head_stride, block_tokens, scratch)
+            if attention_kernel() == "staged" else None)
+    if tile is not None:
+        tt, r = tile
+        return _kernel("attention_staged")(
+            inputs=inputs,
+            template=[("SCRATCH", scratch + 2 * r * ATTENTION_THREADS), *template,
+                      ("TQ_TT", tt), ("TQ_R", r)],
+            **_partial_outputs(kv_heads, blocks, group, dim))
     return _kernel("attention_fast")(
-        inputs=[q, k_signs, k_codes, as_bits(k_norms), v_codes, as_bits(v_norms), k_cents,
-                v_cents, angles, mx.array(params)],
-        template=[("SCRATCH", scratch), ("TQ_D", dim), ("TQ_GM", gm), ("TQ_C", c),
-                  ("TQ_KB0", k_bits), ("TQ_KB1", k_bits1), ("TQ_VB", v_bits),
-                  ("TQ_SPLIT", int(split is not None)), ("TQ_U", fast_attention_unroll())],
+        inputs=inputs,
+        template=[("SCRATCH", scratch), *template, ("TQ_U", fast_attention_unroll())],
         **_partial_outputs(kv_heads, blocks, group, dim))
 
 

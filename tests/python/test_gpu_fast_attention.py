@@ -172,3 +172,73 @@ def test_other_unrolls_and_lane_widths_match_the_core(emulated, monkeypatch, unr
     start = len(emulated.launches)
     np.testing.assert_allclose(np.array(store.attend(mx.array(q))), core.attend(q), atol=2e-5)
     assert emulated.launches[start] == "attention_fast"
+
+
+def test_staged_tile_rule():
+    tile = metal.staged_attention_tile
+    # head_dim 128 at 3 bits (48-byte rows, fp16 norms): 64 tokens, 1,600 words, 13 a thread
+    assert tile(48, 48, True, 4096, 64, 1576) == (64, 13)
+    assert tile(48, 48, True, 4104, 64, 1576) == (8, 2)  # the head stride allows 8 tokens
+    assert tile(48, 48, True, 4098, 64, 1576) is None  # no multiple of 4 divides it
+    assert tile(256, 256, False, 4096, 64, 1576) == (8, 9)  # 8-bit head_dim 256: 8 tokens fit
+    assert tile(48, 48, True, 4096, 64, 8000) is None  # no room beside the scratch
+    for kb, vb in ((49, 48), (33, 32), (65, 64)):  # split rows (angle byte + halves)
+        tt, r = tile(kb, vb, True, 4096, 64, 1576)
+        assert tt * (kb + vb + 4) <= 4 * r * metal.ATTENTION_THREADS
+
+
+@pytest.mark.parametrize("d,hq,hkv,kb,vb,tokens,bt,split", [
+    (64, 4, 2, 3, 3, 75, 8, False),      # 8-token tiles, the last one partial
+    (128, 3, 1, 4, 2, 203, 64, False),   # 64-token tiles, G 3 in GM 4
+    (128, 10, 2, 3, 3, 130, 16, False),  # GM 8, C 8
+    (256, 2, 2, 2, 4, 97, 8, False),     # 16 lanes per token
+    (64, 4, 2, 4, 3, 75, 8, True),       # split keys: 4- and 2-bit halves, angle byte
+    (128, 8, 2, 5, 4, 150, 32, True),    # split, GM 8, C 8
+])
+def test_staged_kernel_matches_the_core_and_the_fast_kernel(emulated, monkeypatch, d, hq, hkv,
+                                                            kb, vb, tokens, bt, split):
+    emulated.install(monkeypatch)
+    rng = np.random.default_rng(d + hq + tokens)
+    kw = dict(n_layers=1, n_q_heads=hq, n_kv_heads=hkv, value_bits=vb, seed=5, block_tokens=bt)
+    kw.update(split_kw(d, kb, kb - 2) if split else dict(key_bits=kb))
+    store, core = mlx_metal.MetalCodeStore(d, **kw), _core.KVCache(d, **kw)
+    k, v = (rng.standard_normal((hkv, tokens, d)).astype(np.float32) for _ in range(2))
+    k *= 1.5
+    if split:
+        k[..., : d // 2] *= 3.0
+    store.append(mx.array(k), mx.array(v))
+    core.append(k, v)
+    q = rng.standard_normal((hq, 1, d)).astype(np.float32)
+    fast = np.array(store.attend(mx.array(q), scale=0.2))
+    monkeypatch.setenv("TQ_GPU_ATTENTION", "staged")
+    start = len(emulated.launches)
+    got = np.array(store.attend(mx.array(q), scale=0.2))
+    assert emulated.launches[start:] == ["attention_staged", "attention_reduce_heads"]
+    np.testing.assert_allclose(got, core.attend(q, scale=0.2), atol=2e-5)
+    np.testing.assert_allclose(got, fast, atol=2e-5)
+
+
+def test_staged_kernel_with_several_tiles_per_block_and_fp16_rows(emulated, monkeypatch):
+    # Few threadgroups: each block stages many 8-token tiles in turn (both stage buffers
+    # reused), fp16 sinks and window merged by the reduce launch, and a comparison that can
+    # fail (the tokens count shortened by one).
+    emulated.install(monkeypatch)
+    monkeypatch.setattr(metal, "ATTENTION_GROUPS", 2)
+    monkeypatch.setenv("TQ_GPU_ATTENTION", "staged")
+    rng = np.random.default_rng(4)
+    d, hkv, G = 64, 2, 4
+    kw = dict(n_layers=1, n_q_heads=hkv * G, n_kv_heads=hkv, key_bits=3, value_bits=3, seed=9,
+              block_tokens=8, fp16_sinks=3, fp16_window=16, norm_correction=True)
+    store, core = mlx_metal.MetalCodeStore(d, **kw), _core.KVCache(d, **kw)
+    for T in (200, 1, 37):
+        k, v = (rng.standard_normal((hkv, T, d)).astype(np.float32) for _ in range(2))
+        store.append(mx.array(k), mx.array(v))
+        core.append(k, v)
+    q = rng.standard_normal((hkv * G, 1, d)).astype(np.float32)
+    start = len(emulated.launches)
+    np.testing.assert_allclose(np.array(store.attend(mx.array(q))), core.attend(q), atol=2e-5)
+    assert set(emulated.launches[start:]) == {"attention_staged", "attention_reduce_rows"}
+    real = metal.attention_params
+    monkeypatch.setattr(metal, "attention_params",
+                        lambda dim, tokens, *a, **k: real(dim, tokens - 1, *a, **k))
+    assert not np.allclose(np.array(store.attend(mx.array(q))), core.attend(q), atol=2e-5)
