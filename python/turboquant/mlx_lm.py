@@ -237,6 +237,8 @@ class TurboQuantKVCache(_mlx_cache._BaseCache):
         B, Hq, Tq, d = queries.shape
         q = self._core_queries(queries, scale)
         extra = {"sparse_v": self.sparse_v} if self.sparse_v else {}
+        if self._gpu and Tq > 1 and queries.dtype in (mx.float16, mx.bfloat16):
+            extra["dtype"] = queries.dtype  # a prefill attends in the model's precision
         held, self._held = self._held, None
         if held is not None and held[2] + held[0].shape[1] == Tq:
             # The queries before the flush point see the window as it was before the flush

@@ -890,13 +890,16 @@ class MetalCodeStore:
 
     # --- attention -------------------------------------------------------------------------
     def attend(self, queries, layer: int = 0, causal: bool = True, scale: float | None = None,
-               window: int | None = None, sparse_v: float = 0.0):
+               window: int | None = None, sparse_v: float = 0.0, dtype=None):
         """Attention of queries (H_q, T_q, d) | (1, H_q, T_q, d) | (T_q, d) | (d,) (one query
         head) over the layer, the queries being its LAST T_q positions (``_core.KVCache``
         semantics: causal query t sees keys [0, n - T_q + t], the last ``window`` of them with
         a window). Returns float32 mlx of the queries' shape. T_q == 1 runs the decode kernel
         on the codes (merged with the fp16 sinks / window by their log-sum-exp); T_q > 1
-        dequantizes the visible codes to a tile, joins the fp16 rows, for mx attention."""
+        dequantizes the visible codes to a tile, joins the fp16 rows, for mx attention.
+        ``dtype`` (mx.float16 or mx.bfloat16): a prefill (T_q > 1) decodes its tile to fp16
+        and attends in that precision, returning that dtype (a model's own precision: half
+        the tile's bytes, the GPU's half-precision attention); decode steps are unchanged."""
         self._check_layer(layer)
         mx = _mx()
         q_in = _as_mx(queries, "queries")
@@ -932,7 +935,11 @@ class MetalCodeStore:
         if Tq == 1:
             out = self._decode(q, scale, window)
         else:
-            out = self._prefill(q, scale, causal, window)
+            half = dtype if dtype in (mx.float16, mx.bfloat16) else None
+            if dtype is not None and half is None and dtype != mx.float32:
+                raise ValueError(f"dtype must be mx.float16, mx.bfloat16 or mx.float32, got "
+                                 f"{dtype}")
+            out = self._prefill(q, scale, causal, window, half)
         return out.reshape(shape)
 
     def _attend_mixed(self, q, scale: float, causal: bool, window: int | None):
@@ -1098,8 +1105,10 @@ class MetalCodeStore:
         out = (e @ vf) / e.sum(axis=-1, keepdims=True)
         return out.reshape(self.n_q_heads, 1, self.head_dim)
 
-    def _prefill(self, q, scale: float, causal: bool, window: int | None):
+    def _prefill(self, q, scale: float, causal: bool, window: int | None, half=None):
         mx = _mx()
+        ft = mx.float32 if half is None else half  # the tile's and attention's precision
+        tile = None if half is None else mx.float16  # the dequantize kernels write fp16
         n, Tq = self._n, int(q.shape[1])
         first_q = n - Tq  # position of query 0
         if window is None:
@@ -1111,16 +1120,19 @@ class MetalCodeStore:
         sinks, (a, b), win = self._pieces(lo)
         ks, vs = [], []  # the visible tokens [lo, n) in position order
         if sinks is not None:
-            ks.append(sinks[0].astype(mx.float32))
-            vs.append(sinks[1].astype(mx.float32))
+            ks.append(sinks[0].astype(ft))
+            vs.append(sinks[1].astype(ft))
         if b > a:
-            ks.append(self._merge([self.kernels.dequantize_heads(
-                g.key_tables, g.k_codes[:, a:b], g.k_norms[:, a:b]) for g in self._groups]))
-            vs.append(self._merge([self.kernels.dequantize_heads(
-                g.value_tables, g.v_codes[:, a:b], g.v_norms[:, a:b]) for g in self._groups]))
+            for dst, role in ((ks, "key"), (vs, "value")):
+                rows = self._merge([self.kernels.dequantize_heads(
+                    g.key_tables if role == "key" else g.value_tables,
+                    g.k_codes[:, a:b] if role == "key" else g.v_codes[:, a:b],
+                    g.k_norms[:, a:b] if role == "key" else g.v_norms[:, a:b],
+                    out_dtype=tile) for g in self._groups])
+                dst.append(rows if rows.dtype == ft else rows.astype(ft))
         if win is not None:
-            ks.append(win[0].astype(mx.float32))
-            vs.append(win[1].astype(mx.float32))
+            ks.append(win[0].astype(ft))
+            vs.append(win[1].astype(ft))
         k = ks[0] if len(ks) == 1 else mx.concatenate(ks, axis=1)
         v = vs[0] if len(vs) == 1 else mx.concatenate(vs, axis=1)
         qpos = mx.arange(first_q, n)[:, None]
@@ -1130,9 +1142,9 @@ class MetalCodeStore:
             mask = kpos <= qpos
             if window is not None:
                 mask = mask & (kpos > qpos - int(window))
-        out = mx.fast.scaled_dot_product_attention(q[None], k[None], v[None], scale=scale,
-                                                   mask=mask)
-        return out[0].astype(mx.float32)
+        out = mx.fast.scaled_dot_product_attention(q[None].astype(ft), k[None], v[None],
+                                                   scale=scale, mask=mask)
+        return out[0].astype(ft)
 
     # --- codes out / in, files -------------------------------------------------------------
     def encoded(self, layer: int = 0, kv_head: int = 0, role: str = "key", start: int = 0,
@@ -1620,7 +1632,7 @@ class MetalKVCache:
         self._layer(layer).append(keys, values)
 
     def attend(self, queries, layer: int = 0, causal: bool = True, scale: float | None = None,
-               window: int | None = None, sparse_v: float = 0.0):
+               window: int | None = None, sparse_v: float = 0.0, dtype=None):
         return self._layer(layer).attend(queries, 0, causal, scale, window, sparse_v)
 
     def size(self, layer: int = 0) -> int:

@@ -484,6 +484,38 @@ def test_store_on_the_metal_functions_with_emulated_kernels(emulated, monkeypatc
                     "attention_reduce_heads", "dequantize_heads"}, used
 
 
+@pytest.mark.parametrize("dtype,split", [("float16", False), ("bfloat16", True)])
+def test_half_precision_prefill_on_emulated_kernels(emulated, monkeypatch, dtype, split):
+    # attend(dtype=...) of a prefill decodes the tile to fp16 and attends in the model's
+    # precision: within half-precision rounding of the core, in that dtype; float32 stays
+    # exact; decode steps ignore it; another dtype is refused.
+    emulated.install(monkeypatch)
+    rng = np.random.default_rng(7)
+    d, hq, hkv = 64, 4, 2
+    kw = dict(n_layers=1, n_q_heads=hq, n_kv_heads=hkv, key_bits=3, value_bits=3, seed=4,
+              block_tokens=8, fp16_sinks=2, fp16_window=8)
+    if split:
+        kw.update(key_bits=2, n_outlier_channels=d // 2, outlier_bits=4,
+                  outlier_channels=list(range(d // 2)), outlier_roles="keys")
+    store, core = MetalCodeStore(d, **kw), _core.KVCache(d, **kw)
+    k, v = rand(rng, hkv, 40, d), rand(rng, hkv, 40, d)
+    store.append(mx.array(k), mx.array(v))
+    core.append(k, v)
+    q = rand(rng, hq, 6, d)
+    want = core.attend(q, scale=0.2)
+    start = len(emulated.launches)
+    half = store.attend(mx.array(q), scale=0.2, dtype=getattr(mx, dtype))
+    assert half.dtype == getattr(mx, dtype) and half.shape == q.shape
+    assert "dequantize_heads" in emulated.launches[start:] or split
+    err = np.abs(np.array(half.astype(mx.float32)) - want).max()
+    assert 0 < err < (2e-2 if dtype == "bfloat16" else 4e-3), err
+    close(store.attend(mx.array(q), scale=0.2, dtype=mx.float32), want)
+    q1 = rand(rng, hq, 1, d)
+    assert store.attend(mx.array(q1), dtype=mx.float16).dtype == mx.float32
+    with pytest.raises(ValueError, match="dtype must be"):
+        store.attend(mx.array(q), dtype=mx.int32)
+
+
 def test_single_quantizer_metal_functions_with_emulated_kernels(emulated, monkeypatch):
     emulated.install(monkeypatch)
     rng = np.random.default_rng(12)
