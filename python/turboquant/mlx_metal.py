@@ -935,7 +935,7 @@ class MetalCodeStore:
         if Tq == 1:
             out = self._decode(q, scale, window)
         else:
-            half = dtype if dtype in (mx.float16, mx.bfloat16) else None
+            half = dtype if dtype is not None and dtype in (mx.float16, mx.bfloat16) else None
             if dtype is not None and half is None and dtype != mx.float32:
                 raise ValueError(f"dtype must be mx.float16, mx.bfloat16 or mx.float32, got "
                                  f"{dtype}")
