@@ -44,6 +44,8 @@ void bind_segment_plan(py::module_& m) {
       .def_property_readonly("size", &SegmentSizes::size, "tokens held")
       .def_property_readonly("coded", &SegmentSizes::coded, "end of the codes (sinks + codes)")
       .def("__eq__", [](const SegmentSizes& a, const SegmentSizes& b) { return a == b; })
+      .def("__copy__", [](const SegmentSizes& s) { return s; })
+      .def("__deepcopy__", [](const SegmentSizes& s, const py::dict&) { return s; }, py::arg("memo"))
       .def("__repr__", &repr);
 
   py::class_<AppendPlan>(m, "AppendPlan",
@@ -104,7 +106,9 @@ void bind_segment_plan(py::module_& m) {
       .def("check_cut", &SegmentPlan::check_cut, py::arg("sizes"), py::arg("new_size"), py::arg("layer") = 0,
            "Raises RuntimeError for a cut that splits a mixed-precision flush group.")
       .def("low_codes", &SegmentPlan::low_codes, py::arg("codes"),
-           "Of codes code tokens of a mixed-precision layer (whole groups), those at the low width.");
+           "Of codes code tokens of a mixed-precision layer (whole groups), those at the low width.")
+      .def("__copy__", [](const SegmentPlan& p) { return p; })
+      .def("__deepcopy__", [](const SegmentPlan& p, const py::dict&) { return p; }, py::arg("memo"));
 
   auto cls = py::reinterpret_borrow<py::class_<KVCache>>(m.attr("KVCache"));
   cls.def("segment_plan", [](const KVCache& kv, int layer) {

@@ -1,12 +1,13 @@
 """The core's segment plans (``_core.SegmentPlan``, cpp/include/turboquant/cache/segment_plan.h)
-against what the C++ KVCache does: random programs of appends, attention calls and trims (the
-C++ test, tests/cpp/test_segment_plan.cpp, adds truncations), each step's plan compared with the sizes of every layer's segments after it
-(sinks, codes, window, rated tokens); and the mlx store (turboquant.mlx_metal.MetalCodeStore,
-on the reference kernels), which applies the same plans, against the core. Deliberately wrong
-rules are caught by the same checks."""
+against what the C++ KVCache does: random programs of appends, attention calls and trims
+(tests/cpp/test_segment_plan.cpp adds truncations), each step's plan compared with the sizes
+of every layer's segments after it (sinks, codes, window, rated tokens); and the mlx store
+(turboquant.mlx_metal.MetalCodeStore, on the reference kernels), which applies the same plans,
+against the core. Deliberately wrong rules are caught by the same checks."""
 
 from __future__ import annotations
 
+import copy
 import types
 
 import numpy as np
@@ -166,6 +167,7 @@ def test_plan_from_config_and_from_cache_agree():
     with pytest.raises(RuntimeError, match="splits a mixed-precision flush group of 8"):
         mixed.check_cut(_core.SegmentSizes(sinks=2, codes=16, window=3), 5)
     assert _core.SegmentPlan.unrated_tokens == 4096
+    assert copy.deepcopy(plan).window_rows == 9 and copy.copy(p.after) == p.after
 
 
 # --- the mlx store follows the same plans ---------------------------------------------------

@@ -8,10 +8,10 @@ namespace turboquant {
 
 SegmentPlan::SegmentPlan(const Rules& rules) : r_(rules) {
   TQ_CHECK(r_.block_tokens >= 1, InvalidArgument, "block_tokens must be >= 1, got ", r_.block_tokens);
-  TQ_CHECK(r_.mixed_keep_blocks <= r_.mixed_group_blocks, InvalidArgument, "mixed_keep_blocks (",
-           r_.mixed_keep_blocks, ") exceeds mixed_group_blocks (", r_.mixed_group_blocks, ")");
-  TQ_CHECK(r_.windowed || (r_.fp16_sinks == 0 && r_.fp16_window == 0 && !r_.fp16_layer && !mixed()),
-           InvalidArgument, "fp16 sinks, an fp16 window, an fp16 layer or mixed precision need the windowed layout");
+  TQ_CHECK(r_.mixed_keep_blocks <= r_.mixed_group_blocks, InvalidArgument, "mixed_keep_blocks (", r_.mixed_keep_blocks,
+           ") exceeds mixed_group_blocks (", r_.mixed_group_blocks, ")");
+  TQ_CHECK(r_.windowed || (r_.fp16_sinks == 0 && r_.fp16_window == 0 && !r_.fp16_layer && !mixed()), InvalidArgument,
+           "fp16 sinks, an fp16 window, an fp16 layer or mixed precision need the windowed layout");
 }
 
 namespace {
