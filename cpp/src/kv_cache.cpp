@@ -222,13 +222,7 @@ size_t KVCache::trim(size_t n) {
     for (size_t l = 0; l < sizes.size(); ++l) shrink_layer(l, sizes[l] - std::min(n, sizes[l]));
     return removed;
   }
-  for (int l = 0; l < config_.n_layers; ++l) {
-    const auto li = static_cast<size_t>(l);
-    sizes[li] -= std::min(n, sizes[li]);
-    for (int h = 0; h < config_.n_kv_heads; ++h)
-      for (KVRole role : {KVRole::kKey, KVRole::kValue}) store_.release(index(l, h, role), sizes[li]);
-    cut_codes(li);
-  }
+  for (size_t l = 0; l < sizes.size(); ++l) cut_unwindowed(l, sizes[l] - std::min(n, sizes[l]));
   return removed;
 }
 
@@ -240,13 +234,7 @@ void KVCache::truncate(size_t length) {
     for (size_t l = 0; l < sizes.size(); ++l) shrink_layer(l, length);
     return;
   }
-  for (int l = 0; l < config_.n_layers; ++l) {
-    const auto li = static_cast<size_t>(l);
-    sizes[li] = std::min(length, sizes[li]);
-    for (int h = 0; h < config_.n_kv_heads; ++h)
-      for (KVRole role : {KVRole::kKey, KVRole::kValue}) store_.release(index(l, h, role), sizes[li]);
-    cut_codes(li);
-  }
+  for (size_t l = 0; l < sizes.size(); ++l) cut_unwindowed(l, length);
 }
 
 size_t KVCache::memory_bytes() const {

@@ -5,6 +5,7 @@
 #include <cmath>
 #include <cstring>
 
+#include "turboquant/cache/segment_plan.h"
 #include "turboquant/error.h"
 #include "turboquant/half.h"
 #include "turboquant/kv_cache.h"
@@ -50,9 +51,11 @@ void KVCache::append_windowed(int layer, const float* keys, const float* values,
     }
   }
   const size_t old = sizes[l], old_coded = coded[l];
-  // fp16 sinks take the first tokens of the layer (the window is empty until they are full).
-  const size_t S = segments_.sink_base(l);
-  const size_t ks = old < S ? std::min(T, S - old) : 0;
+  // The plan (segment_plan.h): the first ks tokens go to the fp16 sinks (until they are
+  // full), the rest to the window, whose due flushes the flush policy then takes.
+  const SegmentPlan plan(config_, l);
+  const size_t ks = plan.append(plan.sizes(old, old_coded), T).sinks;
+  const size_t S = plan.sink_base();
   if (ks > 0) {
     for (size_t s = 0; s < streams; ++s) {
       auto& v = segments_.sinks[l * streams + s];
@@ -147,31 +150,38 @@ void KVCache::shrink_layer(size_t l, size_t new_size) {
   if (new_size >= sizes[l]) return;
   const auto d = static_cast<size_t>(config_.head_dim);
   const size_t streams = segments_.streams_per_layer;
+  // The plan (segment_plan.h): a cut inside the window shortens it; below it the window
+  // empties and the codes and sinks of the tokens left stay. A layer cut back into its
+  // sinks (or emptied) gives its window's capacity back too, also when it held no codes
+  // (its memory does not depend on where the cut started), and without sinks left theirs.
+  const SegmentPlan plan(config_, l);
+  const CutPlan cut = plan.cut(plan.sizes(sizes[l], coded[l]), new_size);
   flush_->cut(l, new_size);
-  // A layer cut back into its sinks (or emptied) gives its window's capacity back too, also
-  // when it held no codes: its memory does not depend on where the cut started.
-  const size_t S = segments_.sink_base(l);
-  const bool into_sinks = new_size <= S;
-  if (new_size >= coded[l]) {
-    for (size_t s = 0; s < streams; ++s) {
-      segments_.window[l * streams + s].resize((new_size - coded[l]) * d);
-      if (into_sinks) std::vector<uint16_t>().swap(segments_.window[l * streams + s]);
+  for (size_t s = 0; s < streams; ++s) {
+    auto& w = segments_.window[l * streams + s];
+    w.resize(cut.after.window * d);
+    if (cut.window_freed) std::vector<uint16_t>().swap(w);
+    if (new_size < coded[l]) store_.release(l * streams + s, cut.after.codes);
+    if (cut.sinks_released > 0) {
+      auto& v = segments_.sinks[l * streams + s];
+      v.resize(cut.after.sinks * d);
+      if (cut.sinks_freed) std::vector<uint16_t>().swap(v);
     }
-  } else {
-    const size_t ns = std::min(new_size, S);  // sinks kept
-    for (size_t s = 0; s < streams; ++s) {
-      segments_.window[l * streams + s].clear();
-      if (into_sinks) std::vector<uint16_t>().swap(segments_.window[l * streams + s]);
-      store_.release(l * streams + s, new_size - ns);
-      if (!segments_.sinks.empty() && segments_.sinks[l * streams + s].size() > ns * d) {
-        auto& v = segments_.sinks[l * streams + s];
-        v.resize(ns * d);
-        if (ns == 0) std::vector<uint16_t>().swap(v);  // an empty layer holds no sink rows
-      }
-    }
-    coded[l] = new_size;
   }
-  sizes[l] = new_size;
+  coded[l] = cut.after.coded();
+  sizes[l] = cut.after.size();
+  cut_codes(l);
+}
+
+// An unwindowed layer holds codes only: the plan's cut keeps the first new_size (every
+// layer's pages are released to their size and the aging policies told, even if uncut).
+void KVCache::cut_unwindowed(size_t l, size_t new_size) {
+  const SegmentPlan plan(config_, l);
+  const CutPlan cut = plan.cut(plan.sizes(segments_.size[l], segments_.size[l]), new_size);
+  segments_.size[l] = cut.after.size();
+  const int layer = static_cast<int>(l);
+  for (int h = 0; h < config_.n_kv_heads; ++h)
+    for (KVRole role : {KVRole::kKey, KVRole::kValue}) store_.release(index(layer, h, role), cut.after.codes);
   cut_codes(l);
 }
 

@@ -792,10 +792,14 @@ class TurboQuantKVCache(_mlx_cache._BaseCache):
         if T > self.block_tokens:
             self._unflush = None  # several flushes: not undone
             return None
-        limit = self.fp16_window + self.block_tokens
-        w = int(self._core.window_tokens(0))
-        if w + T <= limit:
+        # The core's rule (_core.SegmentPlan): whether the append flushes; the window holds
+        # window_rows (fp16_window + block_tokens) tokens before the token that does.
+        plan = _core.SegmentPlan(fp16_sinks=self.fp16_sinks, fp16_window=self.fp16_window,
+                                 block_tokens=self.block_tokens)
+        sizes = plan.sizes(int(self._core.size(0)), int(self._core.coded_tokens(0)))
+        if not plan.append(sizes, T).flushes:
             return None
+        limit, w = plan.window_rows, sizes.window
         if self._gpu:  # the split only: keeping the flushed block's rows would read them
             self._unflush = None  # back to the host at every flush (trims stay plain here)
             return limit - w

@@ -235,11 +235,6 @@ def _pick(bits, n_kv_heads: int, layer: int, kv_head: int, otherwise: int) -> in
     return bits[kv_head] if len(bits) == n_kv_heads else bits[layer * n_kv_heads + kv_head]
 
 
-# kv_cache.h KVCache::kMixedUnratedTokens: window tokens a mixed-precision layer holds at most
-# without attention calls (besides the latest append's) before its oldest groups flush unrated.
-_MIXED_UNRATED_TOKENS = 4096
-
-
 # Scores per chunk of query rows in a mixed-precision store's prefill (float32: 64 MiB).
 _SCORE_CHUNK = 1 << 24
 
@@ -328,7 +323,8 @@ class MetalCodeStore:
     first ``fp16_sinks`` tokens and the most recent ones are kept as fp16 mlx arrays, the
     window holding between ``fp16_window`` and ``fp16_window + block_tokens`` tokens once
     flushed (its oldest ``block_tokens`` tokens are encoded, from their fp16 values, whenever
-    it holds more). Attention merges the fp16 part and the codes under one softmax.
+    it holds more: the sink fills, flushes and trims are the core's ``_core.SegmentPlan``
+    answers, not restated here). Attention merges the fp16 part and the codes under one softmax.
 
     ``key_head_bits`` / ``value_head_bits`` / ``outlier_head_bits`` (per-KV-head widths) and
     ``mixed_group_blocks`` / ``mixed_keep_blocks`` / ``decay_bits`` (importance-routed mixed
@@ -400,6 +396,12 @@ class MetalCodeStore:
                              "outlier_channels)")
 
         self._check_mixed(mixed_group_blocks, mixed_keep_blocks, decay_bits)
+        # The core's segment rules (cache/segment_plan.h): which tokens go to the sinks,
+        # which window tokens flush into codes and what a trim keeps are its plans' answers.
+        self._plan = _core.SegmentPlan(
+            fp16_sinks=self.fp16_sinks, fp16_window=self.fp16_window,
+            block_tokens=self.block_tokens, mixed_group_blocks=self.mixed_group_blocks,
+            mixed_keep_blocks=self.mixed_keep_blocks)
 
         def quantizer(role: int, h: int, low: bool = False):
             bits = _pick(self.key_head_bits if role == 0 else self.value_head_bits, H,
@@ -612,6 +614,11 @@ class MetalCodeStore:
         self._check_layer(layer)
         return self._n - self._coded
 
+    def _sizes(self):
+        """The segment sizes as the core's plans take them (``_core.SegmentSizes``)."""
+        return _core.SegmentSizes(sinks=self._ns, codes=self._nc, window=self._n - self._coded,
+                                  rated=self._rated)
+
     def memory_bytes(self) -> int:
         """Bytes held: the code and norm pages, the fp16 sink and window rows and the
         per-head rotation signs (the same count as ``_core.KVCache.memory_bytes``)."""
@@ -674,16 +681,16 @@ class MetalCodeStore:
                                  "above the fp16 norm range (65504); the cache is unchanged")
 
     def _append_windowed(self, k, v, T: int) -> None:
-        """kv_cache_segments.cpp append_windowed(): fp16 rows to the sinks (until fp16_sinks
-        are held), then to the window, then flush whole blocks of the window into codes."""
+        """kv_cache_segments.cpp append_windowed() by the core's plan (``_core.SegmentPlan``):
+        fp16 rows to the sinks (until fp16_sinks are held), then to the window, then the
+        window's due flushes (whole blocks, oldest first) into codes."""
         mx = _mx()
         k16, v16 = k.astype(mx.float16), v.astype(mx.float16)
         if self.check_inputs and not (mx.all(mx.isfinite(k16)) & mx.all(mx.isfinite(v16))).item():
             raise ValueError("keys or values contain a value that is not finite in fp16 (NaN, "
                              "Inf or beyond 65504); the cache is unchanged")
-        S, N, bt = self.fp16_sinks, self.fp16_window, self.block_tokens
-        old = self._n
-        ks = min(T, S - old) if old < S else 0
+        plan = self._plan.append(self._sizes(), T)
+        old, ks = self._n, plan.sinks
         cat = (lambda a, b: b if a is None else mx.concatenate([a, b], axis=1))  # noqa: E731
         k_sink, v_sink = self._k_sink, self._v_sink
         if ks > 0:
@@ -693,19 +700,18 @@ class MetalCodeStore:
             k_win, v_win = cat(k_win, k16[:, ks:]), cat(v_win, v16[:, ks:])
         coded = self._coded + ks
         if self.mixed:
-            self._append_mixed(k_sink, v_sink, k_win, v_win, old, T, ks)
+            self._append_mixed(k_sink, v_sink, k_win, v_win, old, T, ks, plan.flushes)
             return
-        w = old + T - coded
-        flush = -(-(w - N - bt) // bt) * bt if w > N + bt else 0  # whole blocks, oldest first
+        flush = plan.flushed  # whole blocks, oldest first
         if flush:
             self._write(self._encode(k_win[:, :flush].astype(mx.float32),
                                      v_win[:, :flush].astype(mx.float32)))
             k_win, v_win = k_win[:, flush:], v_win[:, flush:]
             coded += flush
         if ks > 0:
-            self._sink_cap = S
+            self._sink_cap = self.fp16_sinks
         if old + T > coded:
-            self._win_cap = N + bt
+            self._win_cap = self._plan.window_rows
         else:
             k_win = v_win = None
         self._k_sink, self._v_sink, self._k_win, self._v_win = k_sink, v_sink, k_win, v_win
@@ -715,16 +721,17 @@ class MetalCodeStore:
             # (the attention of the step reads the window and evaluates it anyway).
             mx.async_eval(*[a for a in (k_sink, v_sink, k_win, v_win) if a is not None])
 
-    def _append_mixed(self, k_sink, v_sink, k_win, v_win, old: int, T: int, ks: int) -> None:
-        """append_windowed() / flush_window() of mixed precision: the window flushes a group of
-        F = mixed_group_blocks × block_tokens tokens at a time, once attention calls have rated
-        it and fp16_window newer tokens follow it (unrated: only when the window holds
-        4096 tokens more than that besides this append's); per KV head the
+    def _append_mixed(self, k_sink, v_sink, k_win, v_win, old: int, T: int, ks: int,
+                      due: int) -> None:
+        """append_windowed() / flush_window() of mixed precision: the window flushes the
+        plan's ``due`` groups of F = mixed_group_blocks × block_tokens tokens, oldest
+        first (once attention calls have rated a group and fp16_window newer tokens follow
+        it, or unrated beyond the core's bound: _core.SegmentPlan); per KV head the
         mixed_keep_blocks × block_tokens most important tokens (ties: the older) are encoded
         at full width, the others at the low width. Every group is encoded before anything
         changes."""
         mx = _mx()
-        S, N, bt, H = self.fp16_sinks, self.fp16_window, self.block_tokens, self.n_kv_heads
+        bt, H = self.block_tokens, self.n_kv_heads
         F, Kt = self.mixed_group_blocks * bt, self.mixed_keep_blocks * bt
         n, coded, keep_new = old + T, self._coded + ks, T - ks
         w_old = old - self._coded if old > self._coded else 0
@@ -740,13 +747,7 @@ class MetalCodeStore:
             picked = mx.take(flat, mx.array((base + idx).ravel().astype(np.int32)), axis=0)
             return picked.reshape(H, idx.shape[1], self.head_dim).astype(mx.float32)
 
-        while True:
-            end = coded + F
-            if n < end + N:
-                break
-            if self._rated < end and (end + keep_new > n
-                                      or n - keep_new - coded < N + F + _MIXED_UNRATED_TOKENS):
-                break
+        for _ in range(due):
             weights = np.array(imp[:, :F])
             order = np.argsort(-weights, axis=1, kind="stable")
             kept, others = np.sort(order[:, :Kt], axis=1), np.sort(order[:, Kt:], axis=1)
@@ -766,16 +767,17 @@ class MetalCodeStore:
             self._mask_cap = _vector_grow(self._mask_cap, self._masks.shape[1], words)
             self._masks = np.concatenate([self._masks, masks], axis=1)
         if ks > 0:
-            self._sink_cap = S
-        # The core's vector capacities: window rows and importance grow as std::vector
-        # inserts do, then fit (N + F) rows when they hold no more.
+            self._sink_cap = self.fp16_sinks
+        # The core's vector capacities (memory_bytes; std::vector growth is the allocator's,
+        # not a plan's, so it stays mirrored): window rows and importance grow as inserts
+        # do, then fit the plan's window_rows (N + F) when they hold no more.
         self._win_cap = _vector_grow(self._win_cap, w_old, keep_new)
         self._imp_cap = _vector_grow(self._imp_cap, w_old, keep_new)
-        w = n - coded
-        if 0 < w <= N + F:
-            self._win_cap = N + F
-        if w <= N + F:
-            self._imp_cap = N + F
+        w, rows = n - coded, self._plan.window_rows
+        if 0 < w <= rows:
+            self._win_cap = rows
+        if w <= rows:
+            self._imp_cap = rows
         if w == 0:
             k_win = v_win = imp = None
         self._k_sink, self._v_sink, self._k_win, self._v_win = k_sink, v_sink, k_win, v_win
@@ -815,64 +817,53 @@ class MetalCodeStore:
 
     # --- trim ------------------------------------------------------------------------------
     def trim(self, n: int) -> int:
-        """Remove the last n tokens (fewer if shorter); frees pages no longer needed. As the
-        C++ cache: a cut inside the window shortens it; a cut below it empties the window
-        and keeps the codes (and sinks) of the tokens left, later tokens going to the window."""
+        """Remove the last n tokens (fewer if shorter); frees pages no longer needed. The
+        core's cut (``_core.SegmentPlan.cut``): a cut inside the window shortens it; a cut
+        below it empties the window and keeps the codes (and sinks) of the tokens left,
+        later tokens going to the window; a cut back into the sinks (or to empty) gives the
+        window's capacity back, also when the layer held no codes."""
         if int(n) < 0:
             raise ValueError(f"trim needs n >= 0, got {n}")
         removed = min(int(n), self._n)
-        new = self._n - removed
+        sizes = self._sizes()
+        # A cut that splits a mixed-precision flush group is refused before any change.
+        self._plan.check_cut(sizes, self._n - removed, self.layer)
+        cut = self._plan.cut(sizes, self._n - removed)
+        after = cut.after
         if self.mixed:
-            self._trim_mixed(new)
-        # kv_cache_segments.cpp shrink_layer(): a cut back into the sinks (or to empty) gives the
-        # window's capacity back, also when the layer held no codes.
-        into_sinks = new <= self.fp16_sinks
-        if into_sinks:
+            self._trim_mixed(cut)
+        if cut.window_freed:
             self._win_cap = 0
-        if new >= self._coded:
-            keep = new - self._coded
-            if keep == 0:
-                self._k_win = self._v_win = None
-            elif self._k_win is not None:
-                self._k_win, self._v_win = self._k_win[:, :keep], self._v_win[:, :keep]
-        else:
-            ns = min(new, self._ns)
+        if after.window == 0:
             self._k_win = self._v_win = None
-            if self._k_sink is not None and self._ns > ns:
-                if ns == 0:
-                    self._k_sink = self._v_sink = None
-                    self._sink_cap = 0
-                else:
-                    self._k_sink, self._v_sink = self._k_sink[:, :ns], self._v_sink[:, :ns]
-            self._release_codes(new - ns)
-            self._coded = new
-        self._n = new
+        elif self._k_win is not None:
+            self._k_win, self._v_win = (self._k_win[:, :after.window],
+                                        self._v_win[:, :after.window])
+        if cut.sinks_freed:
+            self._k_sink = self._v_sink = None
+            self._sink_cap = 0
+        elif cut.sinks_released:
+            self._k_sink, self._v_sink = (self._k_sink[:, :after.sinks],
+                                          self._v_sink[:, :after.sinks])
+        if after.coded < self._coded:
+            self._release_codes(after.codes)
+        self._n, self._coded = after.size, after.coded
         return removed
 
-    def _trim_mixed(self, new: int) -> None:
-        """kv_cache.cpp check_mixed_cut() and shrink_layer()'s mixed-precision part: a cut
-        into the codes keeps whole flush groups (refused otherwise, before any change); the
-        rated count, the window's importance and the groups' masks follow the cut."""
-        ns, F = self.fp16_sinks, self.mixed_group_blocks * self.block_tokens
-        if ns < new < self._coded and (new - ns) % F:
-            raise RuntimeError(
-                f"cutting layer {self.layer} to {new} tokens splits a mixed-precision flush group "
-                f"of {F} coded tokens (stored by importance, not position); cut to a length of "
-                f"{ns} + a multiple of {F}, or into the fp16 window ({self._coded} tokens and "
-                "more)")
-        self._rated = min(self._rated, new)
-        keep = new - self._coded if new >= self._coded else 0
+    def _trim_mixed(self, cut) -> None:
+        """shrink_layer()'s mixed-precision part (MixedPrecisionFlush::cut): the rated count,
+        the window's importance and the groups' masks follow the plan's cut."""
+        after, F = cut.after, self._plan.flush_tokens
+        self._rated = after.rated
+        keep = after.window
         self._imp = self._imp[:, :keep] if keep and self._imp is not None else None
-        if new < self._coded:
-            codes = new - min(new, ns)
-            self._masks = self._masks[:, :codes // F * ((F + 63) // 64)]
+        if after.coded < self._coded:
+            self._masks = self._masks[:, :after.codes // F * ((F + 63) // 64)]
 
     def _release_codes(self, nc: int) -> None:
         bt = self.block_tokens
-        nlo = 0
-        if self.mixed:  # whole flush groups (trim checks the cut)
-            F = self.mixed_group_blocks * bt
-            nlo = nc // F * (F - self.mixed_keep_blocks * bt)
+        # Mixed precision: whole flush groups (trim checks the cut), the plan's low part.
+        nlo = self._plan.low_codes(nc)
         self._nc, self._nlo = nc, nlo
         cap = -(-(nc - nlo) // bt) * bt
         if cap < self._cap:
@@ -1484,14 +1475,14 @@ class MetalCodeStore:
         if n > coded:
             store._k_win = rows("key", coded, n - coded)
             store._v_win = rows("value", coded, n - coded)
-            store._win_cap = store.fp16_window + store.block_tokens
+            store._win_cap = store._plan.window_rows
         if store.mixed:  # the window's importance and rated count; capacities as a load's
-            F, nw = store.mixed_group_blocks * store.block_tokens, n - coded
+            nw, rows = n - coded, store._plan.window_rows
             store._imp = (mx.array(np.stack([np.asarray(core.window_importance(layer, h),
                                                         np.float32) for h in range(H)]))
                           if nw else None)
             store._rated = int(core.rated_tokens(layer))
-            store._win_cap = store.fp16_window + F if 0 < nw <= store.fp16_window + F else nw
+            store._win_cap = rows if 0 < nw <= rows else nw
             store._imp_cap = nw
         store._n, store._coded = n, coded
         return store

@@ -179,6 +179,7 @@ class KVCache {
   void flush_window(size_t layer, size_t keep_new);
   void reserve_window(std::vector<uint16_t>& w) const;
   void shrink_layer(size_t layer, size_t new_size);
+  void cut_unwindowed(size_t layer, size_t new_size);  // the cut of a layer without segments
   void age(size_t layer);            // runs the aging policies after an append
   void cut_codes(size_t layer);      // tells the aging policies that codes were cut
   // Attention over the segments (kv_cache_attend.cpp).

@@ -4,6 +4,7 @@
 #include <bit>
 #include <cmath>
 
+#include "turboquant/cache/segment_plan.h"
 #include "turboquant/error.h"
 #include "turboquant/half.h"
 
@@ -122,23 +123,13 @@ void MixedPrecisionFlush::flush_group(size_t l) {
   seg.coded[l] += F;
 }
 
-// A group of F tokens flushes once it is rated and fp16_window newer tokens follow it, or,
-// unrated, when the window holds kUnratedTokens tokens more than that besides the latest
-// keep_new.
+// The groups the segment plan lets go (rated, with fp16_window newer tokens after them, or
+// unrated beyond kUnratedTokens; segment_plan.h), oldest first.
 void MixedPrecisionFlush::flush(size_t l, size_t keep_new) {
   const Segments& seg = parts_.segments;
-  const size_t F = parts_.config.mixed_group_tokens(), N = parts_.config.fp16_window;
-  for (;;) {
-    const size_t end = seg.coded[l] + F;  // the oldest group ends here
-    if (seg.size[l] < end + N) break;     // fp16_window newer tokens must follow it
-    // Unrated (no attention call since): only groups older than the latest append, once
-    // the window holds kUnratedTokens more than its bound besides that append.
-    const bool is_rated = rated(l) >= end;
-    if (!is_rated &&
-        (end + keep_new > seg.size[l] || seg.size[l] - keep_new - seg.coded[l] < N + F + kUnratedTokens))
-      break;
+  const SegmentPlan plan(parts_.config, l);
+  for (size_t due = plan.due_flushes(plan.sizes(seg.size[l], seg.coded[l], rated(l)), keep_new); due > 0; --due)
     flush_group(l);
-  }
 }
 
 void MixedPrecisionFlush::check_restore(size_t /*l*/, size_t n, const std::vector<const float*>* importance) const {
@@ -164,24 +155,20 @@ void MixedPrecisionFlush::restore(size_t l, size_t n, const std::vector<const fl
 // stored by importance, not position). Checked for every layer before any change.
 void MixedPrecisionFlush::check_cut(size_t l, size_t new_size) const {
   const Segments& seg = parts_.segments;
-  if (new_size >= seg.coded[l] || new_size <= seg.sink_base(l)) return;
-  const size_t F = parts_.config.mixed_group_tokens();
-  TQ_CHECK((new_size - seg.sink_base(l)) % F == 0, NotSupported, "cutting layer ", l, " to ", new_size,
-           " tokens splits a mixed-precision flush group of ", F, " coded tokens (stored by importance, not "
-           "position); cut to a length of ", seg.sink_base(l), " + a multiple of ", F,
-           ", or into the fp16 window (", seg.coded[l], " tokens and more)");
+  const SegmentPlan plan(parts_.config, l);
+  plan.check_cut(plan.sizes(seg.size[l], seg.coded[l]), new_size, l);
 }
 
+// The rated tokens, the window's importance and the groups' masks follow the plan's cut.
 void MixedPrecisionFlush::cut(size_t l, size_t new_size) {
   const Segments& seg = parts_.segments;
-  rated_[l] = std::min(rated_[l], new_size);
-  const size_t keep = new_size >= seg.coded[l] ? new_size - seg.coded[l] : 0;
+  const SegmentPlan plan(parts_.config, l);
+  const CutPlan cut = plan.cut(plan.sizes(seg.size[l], seg.coded[l], rated_[l]), new_size);
+  rated_[l] = cut.after.rated;
   for (size_t h = 0; h < H_; ++h) {
-    importance_[l * H_ + h].resize(keep);
-    if (new_size < seg.coded[l]) {
-      const size_t codes = new_size - std::min(new_size, seg.sink_base(l));
-      masks_[l * H_ + h].resize(codes / parts_.config.mixed_group_tokens() * mask_words());
-    }
+    importance_[l * H_ + h].resize(cut.after.window);
+    if (new_size < seg.coded[l])
+      masks_[l * H_ + h].resize(cut.after.codes / parts_.config.mixed_group_tokens() * mask_words());
   }
 }
 

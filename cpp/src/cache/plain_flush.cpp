@@ -1,16 +1,19 @@
 #include "turboquant/cache/plain_flush.h"
 
+#include "turboquant/cache/segment_plan.h"
 #include "turboquant/half.h"
 
 namespace turboquant {
 
-void PlainFlush::flush(size_t l, size_t /*keep_new*/) {
+void PlainFlush::flush(size_t l, size_t keep_new) {
   Segments& seg = parts_.segments;
   PageStore& store = parts_.store;
-  const size_t bt = parts_.config.block_tokens, N = parts_.config.fp16_window;
+  const size_t bt = parts_.config.block_tokens;
   const size_t d = seg.head_dim, streams = seg.streams_per_layer;
+  const SegmentPlan plan(parts_.config, l);
   std::vector<float> x(bt * d);
-  while (seg.size[l] - seg.coded[l] > N + bt) {
+  // The plan's blocks, oldest first (while the window holds more than fp16_window + bt).
+  for (size_t due = plan.due_flushes(plan.sizes(seg.size[l], seg.coded[l]), keep_new); due > 0; --due) {
     // The window is non-empty only once the sinks are full: code index = token - sinks.
     const size_t c = seg.coded[l] - seg.sink_base(l);
     try {

@@ -16,7 +16,8 @@
 // layer is appended to without attention calls: beyond kUnratedTokens unrated tokens
 // besides the latest append's, the oldest groups flush unrated (in position order). A
 // sliding window or causal queries older than a coded token are refused, and so is a cut
-// that splits a group.
+// that splits a group. When groups flush and what a cut keeps are the segment plan's rules
+// (segment_plan.h).
 #pragma once
 
 #include <cstddef>
@@ -25,14 +26,15 @@
 #include <vector>
 
 #include "turboquant/cache/flush_policy.h"
+#include "turboquant/cache/segment_plan.h"
 
 namespace turboquant {
 
 class MixedPrecisionFlush final : public FlushPolicy {
  public:
   // How many fp16 window tokens a layer holds at most without attention calls before its
-  // oldest groups are flushed unrated.
-  static constexpr size_t kUnratedTokens = 4096;
+  // oldest groups are flushed unrated (the segment plan's rule).
+  static constexpr size_t kUnratedTokens = SegmentPlan::kUnratedTokens;
 
   explicit MixedPrecisionFlush(const CacheParts& parts);
 
