@@ -235,6 +235,9 @@ def _pick(bits, n_kv_heads: int, layer: int, kv_head: int, otherwise: int) -> in
     return bits[kv_head] if len(bits) == n_kv_heads else bits[layer * n_kv_heads + kv_head]
 
 
+# The code pages grow by 1/GROWTH_DIVISOR of their rows (whole pages) when full.
+GROWTH_DIVISOR = 8
+
 # Scores per chunk of query rows in a mixed-precision store's prefill (float32: 64 MiB).
 _SCORE_CHUNK = 1 << 24
 
@@ -458,6 +461,10 @@ class MetalCodeStore:
         self._coded = 0   # tokens not in the fp16 window: the sinks, then the codes
         self._nc = 0      # tokens held as codes (code index 0 = token _ns)
         self._cap = 0     # code capacity (whole pages of block_tokens), every group's
+        # Rows the page arrays hold (>= _cap): they grow by an eighth at a time (whole pages),
+        # not a page at a time, so a long decode copies a layer's codes rarely; the memory
+        # counted as the core counts it is _cap's (allocated_bytes() tells both apart).
+        self._alloc = self._lo_alloc = 0
         # fp16 sinks and window: (H, rows, d) float16 mlx arrays per role; None while empty.
         self._k_sink = self._v_sink = self._k_win = self._v_win = None
         # Rows of fp16 storage held per stream (the C++ cache's vector capacities).
@@ -631,6 +638,15 @@ class MetalCodeStore:
         return sum(g.key_tables.state_bytes() + g.value_tables.state_bytes()
                    + self._cap * g.row_bytes() for g in self._groups) + fp16_rows + low + mixed
 
+    def allocated_bytes(self) -> int:
+        """Bytes of device memory the store's arrays take: memory_bytes() with the code pages
+        counted at the rows allocated (they grow by an eighth at a time, so up to ~1/8 more
+        than the pages in use) and the fp16 rows, importance and masks as held."""
+        low = sum(self._lo_alloc * g.low.row_bytes() for g in self._groups if g.low is not None)
+        return (self.memory_bytes() + (self._alloc - self._cap) * self.bytes_per_token()
+                + low - sum(self._lo_cap * g.low.row_bytes()
+                            for g in self._groups if g.low is not None))
+
     def fp16_bytes(self) -> int:
         return self._n * self.n_kv_heads * 2 * self.head_dim * 2
 
@@ -797,8 +813,15 @@ class MetalCodeStore:
         pages = [g.low if low else g for g in self._groups]
         have = self._lo_cap if low else self._cap
         if cap > have:
-            for p in pages:
-                p.grow(have, cap)
+            alloc = self._lo_alloc if low else self._alloc
+            if cap > alloc:
+                new = max(cap, -(-(alloc + alloc // GROWTH_DIVISOR) // bt) * bt)
+                for p in pages:
+                    p.grow(alloc, new)
+                if low:
+                    self._lo_alloc = new
+                else:
+                    self._alloc = new
             if low:
                 self._lo_cap = cap
             else:
@@ -866,17 +889,23 @@ class MetalCodeStore:
         nlo = self._plan.low_codes(nc)
         self._nc, self._nlo = nc, nlo
         cap = -(-(nc - nlo) // bt) * bt
+        # The arrays shrink once the pages in use fill less than 3/4 of them (a trim of a few
+        # tokens, as speculative decoding makes each step, keeps them: no copy).
         if cap < self._cap:
-            for g in self._groups:
-                g.shrink(cap)
-            if cap:
-                _mx().eval(*self.code_arrays())
+            if cap < self._alloc * 3 // 4:
+                for g in self._groups:
+                    g.shrink(cap)
+                if cap:
+                    _mx().eval(*self.code_arrays())
+                self._alloc = cap
             self._cap = cap
         if nlo < self._lo_cap:
-            for g in self._groups:
-                g.low.shrink(nlo)
-            if nlo:
-                _mx().eval(*self.code_arrays())
+            if nlo < self._lo_alloc * 3 // 4:
+                for g in self._groups:
+                    g.low.shrink(nlo)
+                if nlo:
+                    _mx().eval(*self.code_arrays())
+                self._lo_alloc = nlo
             self._lo_cap = nlo
 
     # --- attention -------------------------------------------------------------------------

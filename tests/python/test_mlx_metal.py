@@ -817,3 +817,44 @@ def test_mlx_lm_quality_path_end_to_end_on_the_emulated_gpu(emulated, monkeypatc
         ref.append(np.array(model(mx.array([[t]]), cache=cpu)))
     for a, b in zip(out, ref):
         np.testing.assert_allclose(a, b, atol=3e-4)
+
+
+def test_pages_grow_by_an_eighth_and_memory_counts_the_pages_in_use(monkeypatch):
+    # A long run of one-token appends: the page arrays are reallocated (a copy of the
+    # layer's codes) a logarithmic number of times, not once per page; memory_bytes() stays
+    # the core's; allocated_bytes() counts the rows allocated, at most ~1/8 (plus a page)
+    # more; a trim of a few tokens keeps the arrays, a large one shrinks them.
+    from turboquant import mlx_metal
+
+    grows = []
+    real = mlx_metal._WidthGroup.grow
+    monkeypatch.setattr(mlx_metal._WidthGroup, "grow",
+                        lambda self, a, b: (grows.append((a, b)), real(self, a, b))[1])
+    rng = np.random.default_rng(2)
+    d, hkv = 32, 2
+    store, core = pair(d, 4, hkv)
+    k, v = rand(rng, hkv, 1200, d), rand(rng, hkv, 1200, d)
+    for a, b in [(0, 100)] + [(t, t + 1) for t in range(100, 1200)]:
+        kt, vt = np.ascontiguousarray(k[:, a:b]), np.ascontiguousarray(v[:, a:b])
+        store.append(mx.array(kt), mx.array(vt))
+        core.append(kt, vt)
+    pages = 1200 // store.block_tokens
+    assert len(grows) < 25 < pages, (len(grows), pages)
+    assert store.memory_bytes() == core.memory_bytes()
+    rows = store.code_arrays()[0].shape[1]
+    assert 1200 <= rows <= 1200 * 9 // 8 + 2 * store.block_tokens
+    extra = (rows - 1200) * store.bytes_per_token()
+    assert store.allocated_bytes() == store.memory_bytes() + extra
+    assert_same_codes(store, core)
+    q = rand(rng, 4, 1, d)
+    close(store.attend(mx.array(q)), core.attend(q))
+    store.trim(20)
+    core.trim(20)
+    assert store.code_arrays()[0].shape[1] == rows  # kept: no copy
+    assert store.memory_bytes() == core.memory_bytes()
+    close(store.attend(mx.array(q)), core.attend(q))
+    store.trim(900)
+    core.trim(900)
+    assert store.code_arrays()[0].shape[1] < rows // 2
+    assert store.memory_bytes() == core.memory_bytes() == store.allocated_bytes()
+    assert_same_codes(store, core)
