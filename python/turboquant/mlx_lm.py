@@ -418,7 +418,10 @@ class TurboQuantKVCache(_mlx_cache._BaseCache):
             side += self._held[0].nbytes + self._held[1].nbytes
         if self._unflush is not None:
             side += self._unflush[1].nbytes + self._unflush[2].nbytes
-        return (self._core.memory_bytes() if self._core is not None else 0) + pending + side
+        # The GPU store's arrays may hold a few pages more than are in use: count them.
+        held = (0 if self._core is None else
+                getattr(self._core, "allocated_bytes", self._core.memory_bytes)())
+        return held + pending + side
 
     def __deepcopy__(self, memo):
         """An independent copy (mlx-lm's prompt-cache store hands out copies of what it
