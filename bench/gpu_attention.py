@@ -103,13 +103,15 @@ def run(contexts, dims, bits_list, hkv=8, group=4, peak_gbps=4800.0, kernels=Non
 # turboquant.metal): the kernel (lanes load their codes, or the threadgroup stages each tile
 # in threadgroup memory), coordinates per lane, tokens in flight per stream, threadgroups.
 SWEEP = [dict(TQ_GPU_ATTENTION=k, TQ_GPU_FAST_COORDS=c, TQ_GPU_FAST_UNROLL=u,
-              TQ_GPU_ATTENTION_GROUPS=g)
-         for k, c, u, g in (("fast", "16", "1", "1024"), ("fast", "16", "2", "1024"),
-                            ("fast", "16", "4", "1024"), ("fast", "8", "2", "1024"),
-                            ("fast", "8", "4", "1024"), ("fast", "16", "4", "4096"),
-                            ("fast", "8", "4", "4096"), ("staged", "16", "1", "1024"),
-                            ("staged", "8", "1", "1024"), ("staged", "16", "1", "4096"),
-                            ("staged", "8", "1", "4096"), ("staged", "8", "1", "512"))]
+              TQ_GPU_ATTENTION_GROUPS=g, TQ_GPU_STAGE_TOKENS=tt)
+         for k, c, u, g, tt in (
+             ("fast", "16", "1", "1024", "64"), ("fast", "16", "2", "1024", "64"),
+             ("fast", "16", "4", "1024", "64"), ("fast", "8", "2", "1024", "64"),
+             ("fast", "8", "4", "1024", "64"), ("fast", "16", "4", "4096", "64"),
+             ("fast", "8", "4", "4096", "64"), ("staged", "16", "1", "1024", "64"),
+             ("staged", "8", "1", "1024", "64"), ("staged", "16", "1", "4096", "64"),
+             ("staged", "8", "1", "4096", "64"), ("staged", "8", "1", "512", "64"),
+             ("staged", "8", "1", "1024", "32"), ("staged", "8", "1", "4096", "32"))]
 
 
 def sweep(contexts, d=128, hkv=8, group=4, iters=30, kernels=None) -> list[dict]:
@@ -130,7 +132,7 @@ def sweep(contexts, d=128, hkv=8, group=4, iters=30, kernels=None) -> list[dict]
                     t = timed(lambda: store.attend(q, scale=d ** -0.5), iters)
                 rows.append(dict(context=T, head_dim=d, split=split, seconds=t, **env))
                 print(f"sweep T={T:7d} split={int(split)} {env['TQ_GPU_ATTENTION']:6s} "
-                      f"C={env['TQ_GPU_FAST_COORDS']:>2s} "
+                      f"C={env['TQ_GPU_FAST_COORDS']:>2s} TT={env['TQ_GPU_STAGE_TOKENS']:>2s} "
                       f"U={env['TQ_GPU_FAST_UNROLL']} groups={env['TQ_GPU_ATTENTION_GROUPS']:>4s}"
                       f" {t * 1e6:9.1f} us", flush=True)
     return rows

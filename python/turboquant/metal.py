@@ -829,6 +829,8 @@ def staged_attention_tile(k_code_bytes: int, v_code_bytes: int, norm_fp16: bool,
     copies. None where no tile fits (the register-tiled kernel then runs)."""
     nb = 2 if norm_fp16 else 4
     tt = STAGE_MAX_TOKENS
+    if os.environ.get("TQ_GPU_STAGE_TOKENS") in ("4", "8", "16", "32", "64"):  # a sweep's
+        tt = int(os.environ["TQ_GPU_STAGE_TOKENS"])
     while tt >= 4:
         if block_tokens % tt == 0 and head_stride % tt == 0:
             words = tt * (k_code_bytes + v_code_bytes + 2 * nb) // 4
