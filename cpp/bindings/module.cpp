@@ -12,6 +12,7 @@ void bind_quantizer(py::module_& m);
 void bind_threads(py::module_& m);
 void bind_cache(py::module_& m);
 void bind_cache_codes(py::module_& m);
+void bind_cache_batch(py::module_& m);
 }  // namespace turboquant::bindings
 
 namespace py = pybind11;
@@ -64,4 +65,5 @@ PYBIND11_MODULE(_core, m) {
   bindings::bind_threads(m);
   bindings::bind_cache(m);
   bindings::bind_cache_codes(m);
+  bindings::bind_cache_batch(m);
 }
