@@ -989,6 +989,10 @@ def _permute(x: np.ndarray, perm: np.ndarray) -> np.ndarray:
                 _PERM_INDEX.clear()
             index = _PERM_INDEX[key] = mx.array(perm[:, None, :].astype(np.int32))
         return mx.take_along_axis(x, index, axis=2)
+    if x.shape[1] == 1:  # a decode step: one flat gather (take_along_axis builds index grids)
+        H, _, d = x.shape
+        flat = perm + np.arange(0, H * d, d)[:, None]
+        return np.ascontiguousarray(x).reshape(H * d)[flat].reshape(H, 1, d)
     return np.ascontiguousarray(np.take_along_axis(x, perm[:, None, :], axis=2))
 
 
