@@ -43,8 +43,9 @@ void bind_cache_batch(py::module_& m) {
     const size_t B = caches.size();
     TQ_CHECK(B > 0, InvalidArgument, "attend_batch needs at least one cache (got an empty list)");
     std::vector<BatchAttendRow> rows(B);
+    std::vector<py::object> held(B);  // the caches stay alive while the GIL is released
     for (size_t i = 0; i < B; ++i) {
-      const py::object c = caches[i];
+      const py::object c = held[i] = caches[i];
       if (!py::isinstance<KVCache>(c)) {
         throw TypeMismatch("attend_batch: caches[" + std::to_string(i) + "] must be a turboquant._core.KVCache, got " +
                            py::str(py::type::of(c).attr("__name__")).cast<std::string>());
