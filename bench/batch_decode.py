@@ -2,7 +2,9 @@
 caches) against mlx-lm's own caches, the two alternating in one process.
 
 B prompts of 128 tokens (windows of GPL-3) decode 40 tokens together, ``--rounds`` times per
-cache kind; the result is the median of the per-round ratios of decode tokens/s.
+cache kind; the result is the median of the per-round ratios of decode tokens/s. ``--out``
+writes the rates, ratios and versions as JSON (``attend_batch``: whether the library answers
+the batch's rows with one C++ call per layer and step).
 
   LD_PRELOAD=/usr/lib/x86_64-linux-gnu/openblas-pthread/libopenblas.so.0 \\
     PYTHONPATH=python python bench/batch_decode.py --model .models/SmolLM2-135M-Instruct-float32 \\
@@ -13,11 +15,14 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import json
+import os
+import platform
 import statistics
 
 from mlx_lm import load
 
-from turboquant import serve
+from turboquant import _core, serve
 
 G = importlib.import_module("mlx_lm.generate")
 
@@ -29,6 +34,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--max-tokens", type=int, default=40)
     ap.add_argument("--text", default="/usr/share/common-licenses/GPL-3")
+    ap.add_argument("--out", help="write the result as JSON here")
     args = ap.parse_args()
     model, tok = load(args.model)
     ids = tok.encode(open(args.text).read())
@@ -54,6 +60,35 @@ def main() -> None:
     ratios = [t / f for t, f in zip(rates[True], rates[False])]
     print(f"batch {args.batch}: turboquant / mlx-lm decode tok/s, median of {args.rounds} "
           f"rounds: {statistics.median(ratios):.3f} ({', '.join(f'{r:.3f}' for r in ratios)})")
+    if args.out:
+        import mlx.core as mx
+        import mlx_lm
+
+        result = {
+            "batch": args.batch, "rounds": args.rounds, "max_tokens": args.max_tokens,
+            "model": os.path.basename(os.path.normpath(args.model)), "kv_bits": 3,
+            "decode_tok_s": {"mlx_lm": rates[False], "turboquant": rates[True]},
+            "ratios": ratios, "median_ratio": statistics.median(ratios),
+            "attend_batch": hasattr(_core, "attend_batch"),
+            "versions": {"turboquant": _core.__version__, "mlx": mx.__version__,
+                         "mlx_lm": mlx_lm.__version__},
+            "machine": {"cpu": _cpu_name(), "cores": os.cpu_count(),
+                        "python": platform.python_version()},
+        }
+        with open(args.out, "w") as f:
+            json.dump(result, f, indent=1)
+            f.write("\n")
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 if __name__ == "__main__":

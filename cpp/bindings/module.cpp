@@ -13,6 +13,7 @@ void bind_threads(py::module_& m);
 void bind_cache(py::module_& m);
 void bind_cache_codes(py::module_& m);
 void bind_segment_plan(py::module_& m);
+void bind_cache_batch(py::module_& m);
 }  // namespace turboquant::bindings
 
 namespace py = pybind11;
@@ -66,4 +67,5 @@ PYBIND11_MODULE(_core, m) {
   bindings::bind_cache(m);
   bindings::bind_cache_codes(m);
   bindings::bind_segment_plan(m);
+  bindings::bind_cache_batch(m);
 }

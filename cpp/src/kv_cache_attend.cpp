@@ -17,9 +17,8 @@
 
 namespace turboquant {
 
-void KVCache::attend(int layer, const float* queries, size_t T_q, float* out,
-                     const AttentionOptions& options) const {
-  const ReadScope guard(*this, "attend");
+void KVCache::check_attend(int layer, const float* queries, size_t T_q, const AttentionOptions& options) const {
+  const ReadScope guard(*this, "check_attend");
   check_layer(layer);
   const size_t n = segments_.size[static_cast<size_t>(layer)];
   TQ_CHECK(T_q >= 1, InvalidArgument, "attend needs at least one query");
@@ -37,6 +36,15 @@ void KVCache::attend(int layer, const float* queries, size_t T_q, float* out,
   TQ_CHECK(options.sparse_v_threshold >= 0.0f && options.sparse_v_threshold < 1.0f, InvalidArgument,
            "sparse_v_threshold must be in [0, 1), got ", options.sparse_v_threshold);
   flush_->check_attend(static_cast<size_t>(layer), n, T_q, options.window, options.causal);
+}
+
+void KVCache::attend(int layer, const float* queries, size_t T_q, float* out,
+                     const AttentionOptions& options) const {
+  const ReadScope guard(*this, "attend");
+  check_attend(layer, queries, T_q, options);
+  const size_t n = segments_.size[static_cast<size_t>(layer)];
+  const auto d = static_cast<size_t>(config_.head_dim);
+  const float scale = options.scale ? *options.scale : 1.0f / std::sqrt(static_cast<float>(d));
   if (config_.windowed()) return attend_segments(layer, queries, T_q, out, options);
   const auto G = static_cast<size_t>(config_.group_size());
   const size_t m = G * T_q;

@@ -16,7 +16,11 @@ Attention (the route that :mod:`turboquant.mlx_lm` installs in mlx-lm's model mo
 per row on the codes: row i's real queries attend to row i's cache, the outputs are stacked
 into the batch's (B, H_q, T, d) output, and padding positions get zeros (their outputs are
 never used: padded prompt positions produce no logits that mlx-lm reads). A row therefore
-computes what the same cache computes for the sequence served alone.
+computes what the same cache computes for the sequence served alone. The rows' C++ calls
+are one ``_core.attend_batch`` per layer and step (the GIL released once, the rows in
+parallel on the library's thread pool); each row makes the same core calls, with the same
+appends between them, as its own ``_attend`` (``_attend_calls``), so the result is the same
+bit for bit.
 
 Protocol (mlx-lm 0.32): ``merge`` (classmethod; ``TurboQuantKVCache.merge`` calls it),
 ``update_and_fetch``, ``make_mask``, ``prepare`` (left padding, or right padding of a
@@ -39,6 +43,7 @@ import numpy as np
 from mlx_lm.models import base as _mlx_base
 from mlx_lm.models import cache as _mlx_cache
 
+from turboquant import _core
 from turboquant.mlx_lm import TurboQuantKVCache, _host, _window_from_mask
 
 __all__ = ["GPU_REFUSAL", "BatchTurboQuantKVCache", "stats"]
@@ -289,13 +294,18 @@ class BatchTurboQuantKVCache(_mlx_cache._BaseCache):
         windows = self._windows(mask, T)
         if not any(r._gpu for r in self.rows):
             # host rows: one copy of the queries to the host and one of the output back
+            # and one C++ call (attend_batch) for the rows' core calls of each round
             qh = _host(queries)
             out = np.zeros((B, Hq, T, d), dtype=np.float32)
+            calls = {}
             for i, row in enumerate(self.rows):
                 a, b = self._spans[i]
                 if b > a:
-                    out[i, :, a:b] = row._attend(qh[i:i + 1, :, a:b], scale=scale, causal=True,
-                                                 window=windows[i])[0]
+                    calls[i] = row._attend_calls(qh[i:i + 1, :, a:b], scale=scale, causal=True,
+                                                 window=windows[i])
+            for i, o in _run_row_calls(calls).items():
+                a, b = self._spans[i]
+                out[i, :, a:b] = o[0]
             return mx.array(out).astype(queries.dtype)
         outs = []
         for i, row in enumerate(self.rows):
@@ -336,6 +346,70 @@ class BatchTurboQuantKVCache(_mlx_cache._BaseCache):
             sub = m[i if m.shape[0] > 1 else 0, 0, a:b, self._lp[i]:self._lp[i] + row.offset]
             out.append(_window_from_mask(mx.array(sub), b - a, int(row.offset)))
         return out
+
+
+def _run_row_calls(calls: dict) -> dict:
+    """Runs the rows' generators of core calls (``TurboQuantKVCache._attend_calls``) in
+    rounds: each round answers the pending call of every row, the rows' C++ cores together
+    in one ``_core.attend_batch`` (GIL released, rows in parallel on the library's thread
+    pool). Each row makes exactly the calls, appends in between, that its own ``_attend``
+    makes, so its result is the same bit for bit. Returns each row's result."""
+    results = {}
+    pending = {}
+    for i, g in calls.items():
+        _advance(i, g, None, pending, results, first=True)
+    while pending:
+        answers = _answer(pending)
+        pending = {}
+        for i, o in answers.items():
+            _advance(i, calls[i], o, pending, results)
+    return results
+
+
+def _advance(i, gen, answer, pending, results, first=False) -> None:
+    try:
+        pending[i] = next(gen) if first else gen.send(answer)
+    except StopIteration as done:
+        results[i] = done.value
+
+
+_BATCH_OPTIONS = frozenset(("causal", "scale", "window", "sparse_v", "sinks_visible"))
+
+
+def _answer(pending: dict) -> dict:
+    """core.attend(q, **kwargs) of each pending (core, q, kwargs): host cores with the same
+    causal flag and scale in one attend_batch, anything else on its own."""
+    groups: dict = {}
+    answers = {}
+    for i, (core, q, kw) in pending.items():
+        if (isinstance(core, _core.KVCache) and isinstance(q, np.ndarray) and q.ndim == 3
+                and kw.keys() <= _BATCH_OPTIONS):
+            groups.setdefault((bool(kw.get("causal", True)), kw.get("scale")), []).append(i)
+        else:
+            answers[i] = core.attend(q, **kw)
+    for (causal, scale), rows in groups.items():
+        if len(rows) == 1:
+            core, q, kw = pending[rows[0]]
+            answers[rows[0]] = core.attend(q, **kw)
+            continue
+        qs = [pending[i][1] for i in rows]
+        kws = [pending[i][2] for i in rows]
+        counts = [q.shape[1] for q in qs]
+        if len(set(counts)) == 1 and len({q.dtype for q in qs}) == 1:
+            qb = np.stack(qs)
+        else:  # rows with fewer queries than the longest: its first positions hold them
+            qb = np.zeros((len(qs), qs[0].shape[0], max(counts), qs[0].shape[2]), np.float32)
+            for k, q in enumerate(qs):
+                qb[k, :, :q.shape[1]] = q
+        ob = _core.attend_batch([pending[i][0] for i in rows], qb, counts=counts,
+                                scale=scale, causal=causal,
+                                windows=[kw.get("window") for kw in kws],
+                                sparse_v=[float(kw.get("sparse_v", 0.0)) for kw in kws],
+                                sinks_visible=[bool(kw.get("sinks_visible", False))
+                                               for kw in kws])
+        for k, i in enumerate(rows):
+            answers[i] = ob[k, :, :counts[k]]
+    return answers
 
 
 def _check_rows(rows) -> None:

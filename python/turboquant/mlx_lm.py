@@ -234,11 +234,21 @@ class TurboQuantKVCache(_mlx_cache._BaseCache):
         """:meth:`attend` before the conversion to an mlx array of the queries' dtype: a
         (B, H_q, T_q, d) host array (an mlx array on the GPU store). ``queries`` may be a
         host array on a layer that is not on the GPU store."""
+        return _run_core_calls(self._attend_calls(queries, scale, causal, window))
+
+    def _attend_calls(self, queries, scale: float, causal: bool = True,
+                      window: int | None = None):
+        """:meth:`_attend` as a generator of its core calls: it yields ``(core, q, kwargs)``
+        for each ``core.attend(q, **kwargs)`` it needs, is sent that call's output, and
+        returns :meth:`_attend`'s result. Appends between the calls happen inside, so a
+        batch (turboquant.mlx_batch) can make the calls of many rows at once."""
         B, Hq, Tq, d = queries.shape
         q = self._core_queries(queries, scale)
-        extra = {"sparse_v": self.sparse_v} if self.sparse_v else {}
+        kw = {"causal": causal, "scale": float(scale), "window": window}
+        if self.sparse_v:
+            kw["sparse_v"] = self.sparse_v
         if self._gpu and Tq > 1 and queries.dtype in (mx.float16, mx.bfloat16):
-            extra["dtype"] = queries.dtype  # a prefill attends in the model's precision
+            kw["dtype"] = queries.dtype  # a prefill on the GPU store attends in this precision
         held, self._held = self._held, None
         if held is not None and held[2] + held[0].shape[1] == Tq:
             # The queries before the flush point see the window as it was before the flush
@@ -246,18 +256,15 @@ class TurboQuantKVCache(_mlx_cache._BaseCache):
             j = held[2]
             part = ((lambda a: a) if self._gpu  # noqa: E731 - mlx slices stay on the GPU
                     else np.ascontiguousarray)
-            first = self._core.attend(part(q[:, :j]), causal=causal, scale=float(scale),
-                                      window=window, **extra)
+            first = yield self._core, part(q[:, :j]), kw
             self._core.append(held[0], held[1])
-            rest = self._core.attend(part(q[:, j:]), causal=causal, scale=float(scale),
-                                     window=window, **extra)
+            rest = yield self._core, part(q[:, j:]), kw
             out = (mx.concatenate([first, rest], axis=1) if self._gpu
                    else np.concatenate([first, rest], axis=1))
         else:
             if held is not None:
                 self._core.append(held[0], held[1])
-            out = self._core.attend(q, causal=causal, scale=float(scale), window=window,
-                                    **extra)
+            out = yield self._core, q, kw
         if self._v_mean is not None:  # sum_t p_t (v_t - m) + m = sum_t p_t v_t
             out = out.reshape(-1, Hq // (self._core_kv_heads // B), Tq, d)
             out = out + self._v_mean[:, None]
@@ -991,6 +998,10 @@ def _permute(x: np.ndarray, perm: np.ndarray) -> np.ndarray:
                 _PERM_INDEX.clear()
             index = _PERM_INDEX[key] = mx.array(perm[:, None, :].astype(np.int32))
         return mx.take_along_axis(x, index, axis=2)
+    if x.shape[1] == 1:  # a decode step: one flat gather (take_along_axis builds index grids)
+        H, _, d = x.shape
+        flat = perm + np.arange(0, H * d, d)[:, None]
+        return np.ascontiguousarray(x).reshape(H * d)[flat].reshape(H, 1, d)
     return np.ascontiguousarray(np.take_along_axis(x, perm[:, None, :], axis=2))
 
 
@@ -998,6 +1009,17 @@ def _first_tokens(x, n: int):
     """Tokens [0, n) of a pending (H, T, d) block; a NumPy slice is made contiguous again."""
     y = x[:, :n]
     return y if isinstance(y, mx.array) else np.ascontiguousarray(y)
+
+
+def _run_core_calls(calls):
+    """Runs a generator of core calls (``TurboQuantKVCache._attend_calls``): each yielded
+    ``(core, q, kwargs)`` is answered with ``core.attend(q, **kwargs)``; returns its result."""
+    try:
+        core, q, kw = next(calls)
+        while True:
+            core, q, kw = calls.send(core.attend(q, **kw))
+    except StopIteration as done:
+        return done.value
 
 
 def _host(x) -> np.ndarray:

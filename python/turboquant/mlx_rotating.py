@@ -28,13 +28,12 @@ than the ``keep`` tokens, and the Metal store.
 
 from __future__ import annotations
 
-
 import mlx.core as mx
 import numpy as np
 from mlx_lm.models import cache as _mlx_cache
 
 from turboquant import _core
-from turboquant.mlx_lm import TurboQuantKVCache, _window_from_mask
+from turboquant.mlx_lm import TurboQuantKVCache, _run_core_calls, _window_from_mask
 
 __all__ = ["TurboQuantRotatingKVCache", "codes_needed"]
 
@@ -154,6 +153,12 @@ class TurboQuantRotatingKVCache(TurboQuantKVCache):
         """Sliding-window attention of ``queries`` (B, H_q, T_q, d), the last T_q positions:
         each sees the last min(window, max_size) tokens up to itself (``attend`` converts
         the host result to an mlx array of the queries' dtype)."""
+        return _run_core_calls(self._attend_calls(queries, scale, causal, window))
+
+    def _attend_calls(self, queries, scale: float, causal: bool = True,
+                      window: int | None = None):
+        """:meth:`_attend` as a generator of its core calls (see
+        ``TurboQuantKVCache._attend_calls``)."""
         if not causal:
             raise ValueError("a sliding-window cache answers causal attention only")
         B, Hq, Tq, d = queries.shape
@@ -163,18 +168,19 @@ class TurboQuantRotatingKVCache(TurboQuantKVCache):
         if w < 1:
             raise ValueError(f"window must be >= 1, got {window!r}")
         q = self._core_queries(queries)
-        extra = {"sparse_v": self.sparse_v} if self.sparse_v else {}
+        kw = {"causal": True, "scale": float(scale), "window": w}
+        if self.sparse_v:
+            kw["sparse_v"] = self.sparse_v
         if self.keep:  # the sinks plus the last w - keep tokens
-            w = max(1, w - self.keep)
-            extra["sinks_visible"] = True
+            kw["window"] = max(1, w - self.keep)
+            kw["sinks_visible"] = True
         k, v = self._take_new()
         T_new = 0 if k is None else k.shape[1]
         out = np.empty(q.shape, dtype=np.float32)
         if T_new < Tq:  # queries over tokens already held (no new block to interleave)
             if k is not None:
                 self._append_chunks(k, v, 0, T_new)
-            out[:] = self._core.attend(np.ascontiguousarray(q), causal=True, scale=float(scale),
-                                       window=w, **extra)
+            out[:] = yield self._core, np.ascontiguousarray(q), kw
         else:
             head = T_new - Tq  # tokens that no query of this call sits at
             self._append_chunks(k, v, 0, head)
@@ -189,8 +195,7 @@ class TurboQuantRotatingKVCache(TurboQuantKVCache):
                 self._unflush = None
             for a, b in bounds:
                 self._append_chunks(k, v, head + a, head + b)
-                out[:, a:b] = self._core.attend(np.ascontiguousarray(q[:, a:b]), causal=True,
-                                                scale=float(scale), window=w, **extra)
+                out[:, a:b] = yield self._core, np.ascontiguousarray(q[:, a:b]), kw
         if self._v_mean is not None:  # sum_t p_t (v_t - m) + m = sum_t p_t v_t
             out = out.reshape(-1, Hq // (self._core_kv_heads // B), Tq, d) + self._v_mean[:, None]
         return out.reshape(B, Hq, Tq, d)

@@ -71,6 +71,9 @@ class KVCache {
   // together (GQA), so its codes are read once per call.
   void attend(int layer, const float* queries, size_t T_q, float* out,
               const AttentionOptions& options = {}) const;
+  // Throws what attend(layer, queries, T_q, ...) would throw for bad arguments, and does
+  // nothing else (attend_batch checks every row this way before any row runs).
+  void check_attend(int layer, const float* queries, size_t T_q, const AttentionOptions& options = {}) const;
 
   size_t size(int layer = 0) const;
   // Removes the last n tokens of every layer (fewer when a layer is shorter); frees pages
