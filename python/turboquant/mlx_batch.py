@@ -44,7 +44,7 @@ from mlx_lm.models import base as _mlx_base
 from mlx_lm.models import cache as _mlx_cache
 
 from turboquant import _core
-from turboquant.mlx_lm import TurboQuantKVCache, _host, _window_from_mask
+from turboquant.mlx_lm import _host, _window_from_mask
 
 __all__ = ["GPU_REFUSAL", "BatchTurboQuantKVCache", "stats"]
 
@@ -81,7 +81,7 @@ class BatchTurboQuantKVCache(_mlx_cache._BaseCache):
 
     turboquant_batch = True  # the attention route sends these to attend_masked
 
-    def __init__(self, rows: Sequence[TurboQuantKVCache], left_padding: Sequence[int]):
+    def __init__(self, rows: Sequence, left_padding: Sequence[int]):
         rows = list(rows)
         if len(rows) != len(left_padding):
             raise ValueError(f"{len(rows)} rows but {len(left_padding)} left paddings")
@@ -147,7 +147,7 @@ class BatchTurboQuantKVCache(_mlx_cache._BaseCache):
     # -- the mlx-lm batch protocol --------------------------------------------------------
 
     @classmethod
-    def merge(cls, caches: Sequence[TurboQuantKVCache]) -> BatchTurboQuantKVCache:
+    def merge(cls, caches: Sequence) -> BatchTurboQuantKVCache:
         """A batch of copies of ``caches`` (they are left as they are), left-padded to the
         longest."""
         caches = list(caches)
@@ -223,7 +223,7 @@ class BatchTurboQuantKVCache(_mlx_cache._BaseCache):
         self.rows = self.rows + other.rows
         self._spans = self._fetched = None
 
-    def extract(self, idx: int) -> TurboQuantKVCache:
+    def extract(self, idx: int):
         """An independent copy of row ``idx``: that sequence's cache, real tokens only."""
         return _copy_row(self.rows[idx])
 
@@ -415,7 +415,7 @@ def _answer(pending: dict) -> dict:
 def _check_rows(rows) -> None:
     kinds = {(type(r), getattr(r, "max_size", None)) for r in rows}
     for r in rows:
-        if not isinstance(r, TurboQuantKVCache):
+        if not getattr(r, "turboquant_layer", False):
             raise TypeError(f"a TurboQuant batch cache holds TurboQuantKVCache rows, got "
                             f"{type(r).__name__}")
         if r._gpu:
@@ -425,7 +425,7 @@ def _check_rows(rows) -> None:
                          f"sliding-window of one size), got {sorted(str(k) for k in kinds)}")
 
 
-def _copy_row(row: TurboQuantKVCache) -> TurboQuantKVCache:
+def _copy_row(row):
     out = copy.deepcopy(row)
     out._fetched = None
     return out

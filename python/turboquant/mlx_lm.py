@@ -85,6 +85,10 @@ class TurboQuantKVCache(_mlx_cache._BaseCache):
     transient array, never a copy kept across steps).
     """
 
+    # turboquant.mlx_batch takes these as batch rows (it knows them by this flag, not by
+    # importing this module, which imports it for merge)
+    turboquant_layer = True
+
     def __init__(self, key_bits: int = 3, value_bits: int = 3, method: str = "turboquant_mse",
                  key_method: str | None = None, value_method: str | None = None,
                  seed: int = 0, layer: int = 0, rotation: str = "auto", center: bool = True,
