@@ -23,7 +23,7 @@ from mlx_lm.models import base as mlx_base
 from mlx_lm.models import cache as mlx_cache
 
 from turboquant import mlx_eval as ev
-from turboquant import mlx_lm as tq_mlx
+from turboquant import mlx_route
 
 TUNING = ["/usr/share/common-licenses/GPL-3", "/usr/share/common-licenses/GFDL-1.3"]
 
@@ -64,16 +64,16 @@ def main() -> int:
     wins = ev.text_windows(texts, args.windows, 1024)
     specs = [s for s in args.bits.split(",") if s]
     err: dict[tuple[int, int], list[float]] = {}
-    exact_sdpa = tq_mlx._original_sdpa
+    exact_sdpa = mlx_route._original_sdpa
 
     def routed(queries, keys, values, cache, scale, mask, sinks=None):
         if not isinstance(cache, Shadow):
-            return tq_mlx._routed_sdpa(queries, keys, values, cache, scale, mask, sinks)
+            return mlx_route._routed_sdpa(queries, keys, values, cache, scale, mask, sinks)
         out = exact_sdpa(queries, keys, values, cache=cache.fp16, scale=scale, mask=mask,
                          sinks=sinks)
         for j, c in enumerate(cache.caches):
             c._fetched = cache.fetched[j]
-            o = tq_mlx._turboquant_attention(queries, *cache.fetched[j], c, scale, mask)
+            o = mlx_route._turboquant_attention(queries, *cache.fetched[j], c, scale, mask)
             if cache.offset > 513:  # the scored queries
                 e = err.setdefault((j, cache.layer), [0.0, 0.0])
                 e[0] += float(mx.sum((o - out) ** 2).item())
@@ -95,7 +95,7 @@ def main() -> int:
                        for i in range(len(fp16))])
     for name, mod in list(sys.modules.items()):
         if name.startswith("mlx_lm.models.") and \
-                getattr(mod, "scaled_dot_product_attention", None) is tq_mlx._routed_sdpa:
+                getattr(mod, "scaled_dot_product_attention", None) is mlx_route._routed_sdpa:
             mod.scaled_dot_product_attention = routed
     try:
         for toks, cache in zip(wins, caches):
@@ -105,7 +105,7 @@ def main() -> int:
     finally:
         for name, mod in list(sys.modules.items()):
             if getattr(mod, "scaled_dot_product_attention", None) is routed:
-                mod.scaled_dot_product_attention = tq_mlx._routed_sdpa
+                mod.scaled_dot_product_attention = mlx_route._routed_sdpa
     print("relative attention-output error per layer (" + ", ".join(
         f"L{i}{kinds[i]}" for i in layers) + "; G: full attention, S: sliding window)")
     for j, s in enumerate(specs):

@@ -5,18 +5,18 @@ into one batch cache (``KVCache.merge`` -> ``BatchKVCache``): rows are left-padd
 common length, every row has its own ``offset`` (its RoPE position), and a per-row mask
 hides the padding. :class:`BatchTurboQuantKVCache` is the same for TurboQuant caches, with
 one difference: it keeps no padded tensor. Each row is a whole per-sequence cache
-(:class:`~turboquant.mlx_lm.TurboQuantKVCache`, or
+(:class:`~turboquant.mlx_cache.TurboQuantKVCache`, or
 :class:`~turboquant.mlx_rotating.TurboQuantRotatingKVCache` for a sliding-window layer)
 holding only that sequence's real tokens as codes; the padding exists only as bookkeeping
 (``left_padding``, ``offset`` and the layout length), kept exactly as ``BatchKVCache``
 keeps it, so its masks and offsets are the ones mlx-lm's batch cache would produce and a
 model may share one mask between fp16 and TurboQuant layers.
 
-Attention (the route that :mod:`turboquant.mlx_lm` installs in mlx-lm's model modules) runs
-per row on the codes: row i's real queries attend to row i's cache, the outputs are stacked
-into the batch's (B, H_q, T, d) output, and padding positions get zeros (their outputs are
-never used: padded prompt positions produce no logits that mlx-lm reads). A row therefore
-computes what the same cache computes for the sequence served alone. The rows' C++ calls
+Attention (the route that :mod:`turboquant.mlx_route` installs in mlx-lm's model modules)
+runs per row on the codes: row i's real queries attend to row i's cache, the outputs are
+stacked into the batch's (B, H_q, T, d) output, and padding positions get zeros (their
+outputs are never used: padded prompt positions produce no logits that mlx-lm reads). A row
+therefore computes what the same cache computes for the sequence served alone. The rows' C++ calls
 are one ``_core.attend_batch`` per layer and step (the GIL released once, the rows in
 parallel on the library's thread pool); each row makes the same core calls, with the same
 appends between them, as its own ``_attend`` (``_attend_calls``), so the result is the same
@@ -44,7 +44,7 @@ from mlx_lm.models import base as _mlx_base
 from mlx_lm.models import cache as _mlx_cache
 
 from turboquant import _core
-from turboquant.mlx_lm import _host, _window_from_mask
+from turboquant.mlx_host import _host, _window_from_mask
 
 __all__ = ["GPU_REFUSAL", "BatchTurboQuantKVCache", "stats"]
 

@@ -24,8 +24,8 @@ import mlx.core as mx
 import numpy as np
 from mlx_lm.models import cache as mlx_cache
 
+from turboquant import mlx_host, presets
 from turboquant import mlx_lm as tq_mlx
-from turboquant import presets
 
 
 @dataclass
@@ -350,14 +350,14 @@ def text_windows(texts: list[list[int]], n_windows: int, length: int) -> list[li
 
 
 class _Timers:
-    """Wraps the core's attend and the mx<->NumPy conversions of turboquant.mlx_lm with
+    """Wraps the core's attend and the mx<->NumPy conversions of turboquant.mlx_host with
     wall-clock timers; graph evaluation is forced before each conversion is timed."""
 
     def __init__(self):
         self.attend = self.crossing = 0.0
 
     def __enter__(self):
-        self._to_numpy, self._attend = tq_mlx._to_numpy, tq_mlx.TurboQuantKVCache.attend
+        self._to_numpy, self._attend = mlx_host._to_numpy, tq_mlx.TurboQuantKVCache.attend
         timers, to_numpy = self, self._to_numpy
 
         def timed_to_numpy(x):
@@ -378,12 +378,12 @@ class _Timers:
             return out
 
         timers_attend = self._attend
-        tq_mlx._to_numpy = timed_to_numpy
+        mlx_host._to_numpy = timed_to_numpy
         tq_mlx.TurboQuantKVCache.attend = timed_attend
         return self
 
     def __exit__(self, *exc):
-        tq_mlx._to_numpy, tq_mlx.TurboQuantKVCache.attend = self._to_numpy, self._attend
+        mlx_host._to_numpy, tq_mlx.TurboQuantKVCache.attend = self._to_numpy, self._attend
 
 
 class _TimedCore:

@@ -33,7 +33,8 @@ import numpy as np
 from mlx_lm.models import cache as _mlx_cache
 
 from turboquant import _core
-from turboquant.mlx_lm import TurboQuantKVCache, _run_core_calls, _window_from_mask
+from turboquant.mlx_cache import TurboQuantKVCache, _run_core_calls
+from turboquant.mlx_host import _window_from_mask
 
 __all__ = ["TurboQuantRotatingKVCache", "codes_needed"]
 
@@ -57,7 +58,7 @@ class TurboQuantRotatingKVCache(TurboQuantKVCache):
     ``nbytes``). Every query attends to the last ``max_size`` tokens (itself included), or
     fewer when the model's mask says so.
 
-    Other keyword arguments are those of :class:`turboquant.mlx_lm.TurboQuantKVCache`;
+    Other keyword arguments are those of :class:`turboquant.mlx_cache.TurboQuantKVCache`;
     ``block_tokens`` (default 32) is the page and the attention chunk: the ring holds at
     most :func:`codes_needed` code tokens. New K/V wait for the attention call that follows
     in the same forward pass, which appends and attends them chunk by chunk.

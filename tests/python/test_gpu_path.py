@@ -10,7 +10,7 @@ import pytest
 mx = pytest.importorskip("mlx.core")
 
 import turboquant  # noqa: E402
-from turboquant import _core, metal, mlx_metal  # noqa: E402
+from turboquant import _core, metal, mlx_cache, mlx_metal  # noqa: E402
 
 
 @pytest.fixture
@@ -213,7 +213,7 @@ def test_a_layer_kept_off_the_gpu_says_why(monkeypatch):
 
     model = tiny_model("llama")
     monkeypatch.setattr(metal, "active_path", lambda: "cuda")
-    monkeypatch.setattr(tq_mlx, "_GPU_FALLBACKS_WARNED", set())
+    monkeypatch.setattr(mlx_cache, "_GPU_FALLBACKS_WARNED", set())
     # (the tiny model's head_dim 16 is below the key split's 32: no split, to reach decay)
     cache = tq_mlx.make_prompt_cache(model, key_bits=3, value_bits=3, decay_after=64,
                                      decay_bits=2, key_split=False)

@@ -19,6 +19,7 @@ from mlx.utils import tree_map
 from mlx_lm.generate import BatchGenerator, generate_step
 from mlx_lm.models import cache as mlx_cache
 from mlx_tiny import tiny_model
+from turboquant import mlx_host
 from turboquant import mlx_lm as tq
 from turboquant.mlx_batch import GPU_REFUSAL, BatchTurboQuantKVCache
 
@@ -231,7 +232,7 @@ def test_fp16_layer_mask_is_read_row_by_row(monkeypatch):
 
     def counting(mask, n_q, n_k):
         decoded.append((n_q, n_k))
-        return tq._window_from_mask(mask, n_q, n_k)
+        return mlx_host._window_from_mask(mask, n_q, n_k)
 
     monkeypatch.setattr(mlx_batch, "_window_from_mask", counting)
     model = _model("llama")

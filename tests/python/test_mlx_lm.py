@@ -13,6 +13,7 @@ from mlx_lm.models import cache as mlx_cache  # noqa: E402
 from mlx_tiny import REFUSED, SUPPORTED, tiny_model  # noqa: E402
 
 import turboquant.mlx_lm as tq_mlx  # noqa: E402
+from turboquant import mlx_route  # noqa: E402
 
 TOKENS = np.random.default_rng(0).integers(0, 128, 40).tolist()
 CHUNKS = [20, 1, 1, 1, 17]  # prefill, three decode steps, a second prefill block
@@ -169,7 +170,7 @@ def test_fp16_layers_and_bad_arguments():
 def test_route_leaves_other_caches_alone():
     from mlx_lm.models import base, llama
 
-    assert llama.scaled_dot_product_attention is tq_mlx._routed_sdpa
+    assert llama.scaled_dot_product_attention is mlx_route._routed_sdpa
     q = mx.random.normal((1, 4, 3, 16))
     k = mx.random.normal((1, 2, 3, 16))
     v = mx.random.normal((1, 2, 3, 16))
@@ -189,12 +190,12 @@ def test_window_mask_through_route_and_foreign_kv_refused():
     c = tq_mlx.TurboQuantKVCache(key_bits=8, value_bits=8)
     pk, pv = c.update_and_fetch(k, v)
     mask = create_causal_mask(4, 8, window_size=5)
-    out = tq_mlx._routed_sdpa(q, pk, pv, cache=c, scale=0.25, mask=mask)
+    out = mlx_route._routed_sdpa(q, pk, pv, cache=c, scale=0.25, mask=mask)
     kk, vv = mx.repeat(k, 2, axis=1), mx.repeat(v, 2, axis=1)
     ref = mx.fast.scaled_dot_product_attention(q, kk, vv, scale=0.25, mask=mask)
     assert mean_cosine(np.array(ref).reshape(-1, 16), np.array(out).reshape(-1, 16)) > 0.999
     with pytest.raises(tq_mlx.UnsupportedArchitectureError, match="transforms keys"):
-        tq_mlx._routed_sdpa(q, k, v, cache=c, scale=0.25, mask=None)
+        mlx_route._routed_sdpa(q, k, v, cache=c, scale=0.25, mask=None)
     with pytest.raises(NotImplementedError, match="mask"):
         bad = mx.zeros((4, 12), dtype=mx.bool_)
-        tq_mlx._routed_sdpa(q, pk, pv, cache=c, scale=0.25, mask=bad)
+        mlx_route._routed_sdpa(q, pk, pv, cache=c, scale=0.25, mask=bad)

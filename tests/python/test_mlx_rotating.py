@@ -14,6 +14,7 @@ from mlx_lm.models.base import create_causal_mask  # noqa: E402
 from mlx_tiny import tiny_model  # noqa: E402
 
 import turboquant.mlx_lm as tq_mlx  # noqa: E402
+from turboquant import _core, mlx_route  # noqa: E402
 from turboquant.mlx_rotating import TurboQuantRotatingKVCache, codes_needed  # noqa: E402
 
 TOKENS = np.random.default_rng(0).integers(0, 128, 120).tolist()
@@ -218,10 +219,10 @@ def test_corrupt_state_refused():
     c.attend(mx.ones((1, 2, 10, 16)), scale=0.25)
     blob, meta, *rest = c.state
     bad = meta.replace('"max_size": 8', '"max_size": 30')
-    with pytest.raises(tq_mlx._core.FormatError, match="max_size=30"):
+    with pytest.raises(_core.FormatError, match="max_size=30"):
         TurboQuantRotatingKVCache.from_state((blob, bad, *rest))
     bad = meta.replace('"keep": 0', '"keep": 2')
-    with pytest.raises(tq_mlx._core.FormatError, match="keep"):
+    with pytest.raises(_core.FormatError, match="keep"):
         TurboQuantRotatingKVCache.from_state((blob, bad, *rest))
 
 
@@ -241,7 +242,7 @@ def test_masks_and_short_windows():
         rk, rv = ref.update_and_fetch(k[:, :, i:i + T], v[:, :, i:i + T])
         pk, pv = c.update_and_fetch(k[:, :, i:i + T], v[:, :, i:i + T])
         qq = q[:, :, i:i + T]
-        out = tq_mlx._routed_sdpa(qq, pk, pv, cache=c, scale=0.25, mask=mask)
+        out = mlx_route._routed_sdpa(qq, pk, pv, cache=c, scale=0.25, mask=mask)
         want = mx.fast.scaled_dot_product_attention(
             qq, mx.repeat(rk, 2, axis=1), mx.repeat(rv, 2, axis=1), scale=0.25,
             mask=rmask)

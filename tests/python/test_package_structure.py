@@ -46,14 +46,11 @@ def test_importing_the_package_does_not_warn():
 PKG = Path(__file__).resolve().parents[2] / "python" / "turboquant"
 # Submodules that are not .py files (the compiled core): importing them is no edge.
 EXTENSIONS = {"turboquant._core"}
-# Cycles that exist today, all through turboquant.mlx_lm (the mlx-lm cache, whose split into
-# small modules is under way) or the GPU store and its kernels. This list may only shrink: a
-# new cycle fails, and so does a listed one that no longer exists (remove it here).
+# Cycles that exist today, through the GPU store and its kernels. This list may only shrink:
+# a new cycle fails, and so does a listed one that no longer exists (remove it here).
 KNOWN_CYCLES: list[list[str]] = [
     # metal.self_test_result() runs mlx_metal.self_test(), the store built on metal's kernels
     ["turboquant.metal", "turboquant.mlx_metal"],
-    # mlx_lm imports the batch/rotating caches that build on its layer cache
-    ["turboquant.mlx_batch", "turboquant.mlx_lm", "turboquant.mlx_rotating"],
 ]
 
 

@@ -845,9 +845,8 @@ def test_a_flush_inside_a_step_longer_than_the_window_can_be_undone():
     """A step whose tokens flush a block that ends inside the step (window 1 token, blocks
     of 8: 5 tokens held, 5 more come) keeps that block's rows from the new tokens, and a
     trim back before the flush point gives what one-token steps give."""
+    import mlx.core as mx
     from turboquant import mlx_lm as tq_mlx
-
-    mx = tq_mlx.mx
     rng = np.random.default_rng(0)
     kw = dict(key_bits=2, value_bits=2, fp16_window=1, block_tokens=8, center=False,
               debias=False)
@@ -872,9 +871,8 @@ def test_a_flush_inside_a_step_longer_than_the_window_can_be_undone():
 def test_a_restored_mixed_layer_keeps_its_widths():
     """A layer restored from its state (mixed_trial given at construction) has no trial
     left to run: the widths it was saved with stay."""
+    import mlx.core as mx
     from turboquant import mlx_lm as tq_mlx
-
-    mx = tq_mlx.mx
     rng = np.random.default_rng(1)
     c = tq_mlx.TurboQuantKVCache(key_bits=1, value_bits=1, block_tokens=1, center=False,
                                  debias=False)
