@@ -59,6 +59,16 @@ def copy_bandwidth_gbps(nbytes: int = 1 << 30) -> float:
     return 2 * nbytes / t / 1e9
 
 
+def fill_random(store, T: int, hkv: int, d: int, chunk: int = 4096):
+    """Append T random fp16 tokens of every KV head to ``store`` in chunks; codes evaluated."""
+    for a in range(0, T, chunk):
+        n = min(chunk, T - a)
+        store.append(mx.random.normal((hkv, n, d)).astype(mx.float16),
+                     mx.random.normal((hkv, n, d)).astype(mx.float16))
+    mx.eval(*store.code_arrays())
+    return store
+
+
 def write_result(path, res: dict) -> None:
     """The benchmark's JSON result at ``path`` (folders made; written atomically)."""
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -19,7 +19,7 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 
-from gpu_common import machine, write_result
+from gpu_common import fill_random, machine, write_result
 from turboquant import metal
 from turboquant.mlx_metal import MetalCodeStore
 
@@ -57,12 +57,7 @@ def store(T: int, sinks: int, window: int, d: int = 128, hkv: int = 8, group: in
     s = MetalCodeStore(d, n_layers=1, n_q_heads=hkv * group, n_kv_heads=hkv, key_bits=3,
                        value_bits=3, seed=1, block_tokens=256, fp16_sinks=sinks,
                        fp16_window=window, check_inputs=False)
-    for a in range(0, T, 4096):
-        n = min(4096, T - a)
-        s.append(mx.random.normal((hkv, n, d)).astype(mx.float16),
-                 mx.random.normal((hkv, n, d)).astype(mx.float16))
-    mx.eval(*s.code_arrays())
-    return s
+    return fill_random(s, T, hkv, d)
 
 
 def model_step(kind: str, context: int, steps: int, profile: bool = False) -> dict:

@@ -21,6 +21,7 @@ import os
 
 import mlx.core as mx
 
+from gpu_common import fill_random
 from turboquant import metal
 from turboquant.mlx_metal import MetalCodeStore
 
@@ -33,13 +34,7 @@ def build(T: int, split: bool, sinks: int = 0, window: int = 0, d: int = 128, hk
     if split:
         kw.update(key_bits=bits - 1, n_outlier_channels=d // 2, outlier_bits=bits + 1,
                   outlier_channels=list(range(d // 2)), outlier_roles="keys")
-    s = MetalCodeStore(d, **kw)
-    for a in range(0, T, 4096):
-        n = min(4096, T - a)
-        s.append(mx.random.normal((hkv, n, d)).astype(mx.float16),
-                 mx.random.normal((hkv, n, d)).astype(mx.float16))
-    mx.eval(*s.code_arrays())
-    return s
+    return fill_random(MetalCodeStore(d, **kw), T, hkv, d)
 
 
 def calls(T: int):

@@ -219,44 +219,36 @@ KERNELS: dict[str, KernelSpec] = {
 # placeholder), the partials of attention_block out. Its compile-time shape comes from
 # fast_attention_shape(). attention_reduce_rows: the reduce merged with fp16 rows (two sets,
 # k/v as fp16 bits), v_signs per head when the word after TqReduceRowsParams is 1.
+_SHAPE_TEMPLATES = (("TQ_D", 128), ("TQ_GM", 4), ("TQ_C", 16), ("TQ_KB0", 3), ("TQ_KB1", 3),
+                    ("TQ_VB", 3), ("TQ_SPLIT", 0))
+
+
+def _register_tiled(key: str, body: str, extra: str, templates) -> KernelSpec:
+    """The KernelSpec of a register-tiled decode-attention body (``body``<shape, ``extra``>):
+    both take the same inputs and write the same partials."""
+    return KernelSpec(
+        f"tq_mlx_{key}",
+        ("q", "k_signs", "k_codes", "k_norms", "v_codes", "v_norms", "k_centroids",
+         "v_centroids", "angles", "params"),
+        ("part_m", "part_l", "part_acc"),
+        "TQ_THREADGROUP_ARRAY(float, tg, SCRATCH);\n"
+        "const uint tq_head = threadgroup_position_in_grid.y;\n"
+        f"{body}<TQ_D, TQ_GM, TQ_C, TQ_KB0, TQ_KB1, TQ_VB, TQ_SPLIT, {extra}>(\n"
+        "    q, k_signs + (params[16] != 0u ? ulong(tq_head) * 2u * uint(TQ_D) : 0ul),\n"
+        "    k_codes, (const device uchar*)k_norms, v_codes, (const device uchar*)v_norms,\n"
+        "    k_centroids, v_centroids, angles, part_m, part_l, part_acc,\n"
+        "    *(const device TqSplitAttnParams*)params, tg, threadgroup_position_in_grid.x,\n"
+        "    tq_head, thread_index_in_threadgroup, threads_per_threadgroup.x);\n",
+        templates=_SHAPE_TEMPLATES + tuple(templates))
+
+
 KERNELS.update({
-    "attention_fast": KernelSpec(
-        "tq_mlx_attention_fast",
-        ("q", "k_signs", "k_codes", "k_norms", "v_codes", "v_norms", "k_centroids",
-         "v_centroids", "angles", "params"),
-        ("part_m", "part_l", "part_acc"),
-        "TQ_THREADGROUP_ARRAY(float, tg, SCRATCH);\n"
-        "const uint tq_head = threadgroup_position_in_grid.y;\n"
-        "tq_attention_fast_block_body<TQ_D, TQ_GM, TQ_C, TQ_KB0, TQ_KB1, TQ_VB, TQ_SPLIT,\n"
-        "                             TQ_U>(\n"
-        "    q, k_signs + (params[16] != 0u ? ulong(tq_head) * 2u * uint(TQ_D) : 0ul),\n"
-        "    k_codes, (const device uchar*)k_norms, v_codes, (const device uchar*)v_norms,\n"
-        "    k_centroids, v_centroids, angles, part_m, part_l, part_acc,\n"
-        "    *(const device TqSplitAttnParams*)params, tg, threadgroup_position_in_grid.x,\n"
-        "    tq_head, thread_index_in_threadgroup, threads_per_threadgroup.x);\n",
-        templates=(("TQ_D", 128), ("TQ_GM", 4), ("TQ_C", 16), ("TQ_KB0", 3), ("TQ_KB1", 3),
-                   ("TQ_VB", 3), ("TQ_SPLIT", 0), ("TQ_U", FAST_UNROLL)),
-    ),
-    # The staged variant (tq_attention_staged_block_body): the same inputs, outputs and shape
-    # arguments, plus the tile TT it stages in threadgroup memory and the words R each thread
-    # copies of it (staged_attention_tile()).
-    "attention_staged": KernelSpec(
-        "tq_mlx_attention_staged",
-        ("q", "k_signs", "k_codes", "k_norms", "v_codes", "v_norms", "k_centroids",
-         "v_centroids", "angles", "params"),
-        ("part_m", "part_l", "part_acc"),
-        "TQ_THREADGROUP_ARRAY(float, tg, SCRATCH);\n"
-        "const uint tq_head = threadgroup_position_in_grid.y;\n"
-        "tq_attention_staged_block_body<TQ_D, TQ_GM, TQ_C, TQ_KB0, TQ_KB1, TQ_VB, TQ_SPLIT,\n"
-        "                               TQ_TT, TQ_R>(\n"
-        "    q, k_signs + (params[16] != 0u ? ulong(tq_head) * 2u * uint(TQ_D) : 0ul),\n"
-        "    k_codes, (const device uchar*)k_norms, v_codes, (const device uchar*)v_norms,\n"
-        "    k_centroids, v_centroids, angles, part_m, part_l, part_acc,\n"
-        "    *(const device TqSplitAttnParams*)params, tg, threadgroup_position_in_grid.x,\n"
-        "    tq_head, thread_index_in_threadgroup, threads_per_threadgroup.x);\n",
-        templates=(("TQ_D", 128), ("TQ_GM", 4), ("TQ_C", 16), ("TQ_KB0", 3), ("TQ_KB1", 3),
-                   ("TQ_VB", 3), ("TQ_SPLIT", 0), ("TQ_TT", 64), ("TQ_R", 13)),
-    ),
+    "attention_fast": _register_tiled("attention_fast", "tq_attention_fast_block_body", "TQ_U",
+                                      (("TQ_U", FAST_UNROLL),)),
+    # The staged variant: the same, plus the tile TT it stages in threadgroup memory and the
+    # words R each thread copies of it (staged_attention_tile()).
+    "attention_staged": _register_tiled("attention_staged", "tq_attention_staged_block_body",
+                                        "TQ_TT, TQ_R", (("TQ_TT", 64), ("TQ_R", 13))),
     "attention_reduce_rows": KernelSpec(
         "tq_mlx_attention_reduce_rows",
         ("part_m", "part_l", "part_acc", "v_signs", "q", "k_a", "v_a", "k_b", "v_b", "params"),
