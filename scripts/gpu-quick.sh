@@ -37,7 +37,9 @@ step "decode-attention sweep"
 TAIL=40 run 140 sweep.log python3 gpu_attention.py --sweep 32768,131072 --contexts 32768,131072 \
   --dims 128 --bits 3 --iters 20 --out "$OUT/gpu_attention_sweep.json"
 step "GPU tests"
-(cd .. && run 100 gpu_tests.log python3 -m pytest -q -ra -p no:cacheprovider tests/python/test_gpu.py)
+cd ..
+run 100 gpu_tests.log python3 -m pytest -q -ra -p no:cacheprovider tests/python/test_gpu.py
+cd bench
 NCU=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu /usr/local/cuda/bin/ncu 2>/dev/null | head -1)
 if [ -n "$NCU" ]; then
   step "Nsight Compute ($NCU)"
