@@ -6,6 +6,7 @@
 
 #include <vector>
 
+#include "cache_parts_test_util.h"
 #include "kv_test_util.h"
 #include "turboquant/cache/eviction.h"
 #include "turboquant/cache/temporal_decay.h"
@@ -15,20 +16,10 @@ using namespace turboquant;
 using namespace turboquant::testing;
 
 namespace {
-KVCacheConfig aging_config() {
-  KVCacheConfig c;
-  c.head_dim = 32;
-  c.n_kv_heads = 1;
-  c.key_bits = 3;
-  c.value_bits = 3;
-  c.block_tokens = 8;
-  c.seed = 13;
-  return c;
-}
+KVCacheConfig aging_config() { return small_cache_config(13); }
 
-struct Parts {
-  explicit Parts(const KVCacheConfig& c) : config(c), table(config), store(table, c.block_tokens), segments(config) {}
-  CacheParts view() { return CacheParts{config, table, store, segments}; }
+struct Parts : PartsFixture {
+  using PartsFixture::PartsFixture;
   // Encodes n tokens into layer 0's codes (an unwindowed cache).
   void fill(size_t n) {
     const auto x = gaussian(n * 32, 17);
@@ -38,10 +29,6 @@ struct Parts {
     }
     segments.size[0] = n;
   }
-  KVCacheConfig config;
-  QuantizerTable table;
-  PageStore store;
-  Segments segments;
 };
 }  // namespace
 

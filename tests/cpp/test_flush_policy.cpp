@@ -7,6 +7,7 @@
 #include <bit>
 #include <vector>
 
+#include "cache_parts_test_util.h"
 #include "kv_test_util.h"
 #include "turboquant/cache/mixed_precision.h"
 #include "turboquant/cache/plain_flush.h"
@@ -18,21 +19,13 @@ using namespace turboquant::testing;
 
 namespace {
 KVCacheConfig window_config() {
-  KVCacheConfig c;
-  c.head_dim = 32;
-  c.n_kv_heads = 1;
-  c.key_bits = 3;
-  c.value_bits = 3;
-  c.block_tokens = 8;
+  KVCacheConfig c = small_cache_config(9);
   c.fp16_window = 8;
-  c.seed = 9;
   return c;
 }
 
-// A cache's parts without the cache.
-struct Parts {
-  explicit Parts(const KVCacheConfig& c) : config(c), table(config), store(table, c.block_tokens), segments(config) {}
-  CacheParts view() { return CacheParts{config, table, store, segments}; }
+struct Parts : PartsFixture {
+  using PartsFixture::PartsFixture;
   // Appends n fp16-rounded rows to layer 0's window (both streams); returns them as fp32.
   std::vector<float> grow(size_t n, uint64_t seed) {
     const size_t d = segments.head_dim;
@@ -47,10 +40,6 @@ struct Parts {
     segments.size[0] += n;
     return rounded;
   }
-  KVCacheConfig config;
-  QuantizerTable table;
-  PageStore store;
-  Segments segments;
 };
 }  // namespace
 

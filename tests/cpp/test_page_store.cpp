@@ -5,6 +5,7 @@
 
 #include <vector>
 
+#include "cache_parts_test_util.h"
 #include "kv_test_util.h"
 
 using namespace turboquant;
@@ -12,13 +13,7 @@ using namespace turboquant::testing;
 
 namespace {
 KVCacheConfig store_config(bool decay) {
-  KVCacheConfig c;
-  c.head_dim = 32;
-  c.n_kv_heads = 1;
-  c.key_bits = 3;
-  c.value_bits = 3;
-  c.block_tokens = 8;
-  c.seed = 3;
+  KVCacheConfig c = small_cache_config(3);
   if (decay) {
     c.decay_after = 8;
     c.decay_bits = 1;
