@@ -98,6 +98,17 @@ inline void tq_fast_token(ulong kw, ulong vw, float kn, float vn, float f, bool 
   }
 }
 
+// The n <= MAXB bytes at p (device or threadgroup memory) as one little-endian word: a
+// lane's code indices.
+template <uint MAXB, class P>
+inline ulong tq_lane_word(P p, uint n) {
+  ulong w = 0ul;
+  TQ_UNROLL for (uint b = 0u; b < MAXB; ++b) {
+    if (b < n) w |= ulong(p[b]) << (8u * b);
+  }
+  return w;
+}
+
 // A lane's place in the register-tiled kernels: its stream's sub-lane, the key half it holds
 // (split keys), that half's bits, index mask, centroids and byte offset within a key row.
 struct TqFastLane {
@@ -287,10 +298,8 @@ inline void tq_attention_fast_block_body(device const float* q, TQ_TABLE float* 
         const ulong r = row0 + t;
         device const uchar* krow = k_codes + r * p.k_code_bytes;
         device const uchar* vp = v_codes + r * VCB + ln.sub * (C * VB / 8u);
-        TQ_UNROLL for (uint b = 0u; b < C * (KB0 > KB1 ? KB0 : KB1) / 8u; ++b) {
-          if (b < ln.k_lane_bytes) kw[u] |= ulong(krow[ln.k_offset + b]) << (8u * b);
-        }
-        TQ_UNROLL for (uint b = 0u; b < C * VB / 8u; ++b) { vw[u] |= ulong(vp[b]) << (8u * b); }
+        kw[u] = tq_lane_word<C * (KB0 > KB1 ? KB0 : KB1) / 8u>(krow + ln.k_offset, ln.k_lane_bytes);
+        vw[u] = tq_lane_word<C * VB / 8u>(vp, C * VB / 8u);
         kn[u] = tq_load_norm(k_norms, r, p.norm_fp16);
         vn[u] = tq_load_norm(v_norms, r, p.norm_fp16);
         if (SPLIT != 0u) f[u] = angles[2u * tq_split_read_angle(krow, p.angle_bytes) + ln.hi];
@@ -401,10 +410,8 @@ inline void tq_attention_staged_block_body(device const float* q, TQ_TABLE float
       if (live) {
         threadgroup const uchar* krow = sb + tt * kcb;
         threadgroup const uchar* vp = svc + tt * VCB + ln.sub * (C * VB / 8u);
-        TQ_UNROLL for (uint b = 0u; b < C * (KB0 > KB1 ? KB0 : KB1) / 8u; ++b) {
-          if (b < ln.k_lane_bytes) kw |= ulong(krow[ln.k_offset + b]) << (8u * b);
-        }
-        TQ_UNROLL for (uint b = 0u; b < C * VB / 8u; ++b) { vw |= ulong(vp[b]) << (8u * b); }
+        kw = tq_lane_word<C * (KB0 > KB1 ? KB0 : KB1) / 8u>(krow + ln.k_offset, ln.k_lane_bytes);
+        vw = tq_lane_word<C * VB / 8u>(vp, C * VB / 8u);
         if (nb == 2u) {
           kn = tq_half_bits_to_float(((threadgroup const ushort*)skn)[tt]);
           vn = tq_half_bits_to_float(((threadgroup const ushort*)svn)[tt]);
@@ -413,8 +420,7 @@ inline void tq_attention_staged_block_body(device const float* q, TQ_TABLE float
           vn = ((threadgroup const float*)svn)[tt];
         }
         if (SPLIT != 0u) {
-          const uint a = p.angle_bytes == 1u ? uint(krow[0]) : (uint(krow[0]) | (uint(krow[1]) << 8u));
-          f = angles[2u * a + ln.hi];
+          f = angles[2u * tq_split_read_angle(krow, p.angle_bytes) + ln.hi];
         }
       }
       tq_fast_token<L, GM, C, VB, SPLIT>(kw, vw, kn, vn, f, live, ln.kb, ln.kmask, ln.ckl, cv, qr,

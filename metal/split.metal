@@ -144,7 +144,9 @@ inline uint tq_split_angle(float h0, float l0, float h1, float l1, device const 
   return k;
 }
 
-inline uint tq_split_read_angle(device const uchar* row, uint angle_bytes) {
+// row: a key row's first bytes, in device or threadgroup memory.
+template <class P>
+inline uint tq_split_read_angle(P row, uint angle_bytes) {
   return angle_bytes == 1u ? uint(row[0]) : (uint(row[0]) | (uint(row[1]) << 8u));
 }
 
