@@ -12,32 +12,14 @@ share of the nominal memory bandwidth (--peak-gbps; H200: 4800) and of a copy's 
 from __future__ import annotations
 
 import argparse
-import contextlib
 from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
 
-from gpu_common import copy_bandwidth_gbps, machine, timed, write_result
+from gpu_common import copy_bandwidth_gbps, environment, machine, timed, write_result
 from turboquant import metal
 from turboquant.mlx_metal import MetalCodeStore, ReferenceKernels
-
-
-@contextlib.contextmanager
-def _env(**values):
-    """Environment variables set for the block (turboquant.metal reads them per call)."""
-    import os
-
-    saved = {n: os.environ.get(n) for n in values}
-    os.environ.update(values)
-    try:
-        yield
-    finally:
-        for n, old in saved.items():
-            if old is None:
-                os.environ.pop(n, None)
-            else:
-                os.environ[n] = old
 
 
 def store_for(d: int, hq: int, hkv: int, bits: int, split: bool, kernels):
@@ -84,7 +66,7 @@ def run(contexts, dims, bits_list, hkv=8, group=4, peak_gbps=4800.0, kernels=Non
                     # The register-tiled block kernel, its staged variant, the generic one.
                     for kernel in ("fast", "staged", "generic"):
                         with (metal.generic_attention() if kernel == "generic"
-                              else _env(TQ_GPU_ATTENTION=kernel)):
+                              else environment(TQ_GPU_ATTENTION=kernel)):
                             t = timed(lambda: store.attend(q3, scale=scale), iters)
                         rows.append(dict(base, cache=f"{name} ({kernel})", kernel=kernel,
                                          bits=bits, seconds=t,
@@ -128,7 +110,7 @@ def sweep(contexts, d=128, hkv=8, group=4, iters=30, kernels=None) -> list[dict]
                 store.append(k[0, :, a:a + 4096], v[0, :, a:a + 4096])
             mx.eval(*store.code_arrays())
             for env in SWEEP:
-                with _env(**env):
+                with environment(**env):
                     t = timed(lambda: store.attend(q, scale=d ** -0.5), iters)
                 rows.append(dict(context=T, head_dim=d, split=split, seconds=t, **env))
                 print(f"sweep T={T:7d} split={int(split)} {env['TQ_GPU_ATTENTION']:6s} "

@@ -3,7 +3,9 @@ description written next to every result, and a timer that forces mlx's lazy gra
 
 from __future__ import annotations
 
+import contextlib
 import datetime
+import os
 import json
 import platform
 import shutil
@@ -57,6 +59,21 @@ def copy_bandwidth_gbps(nbytes: int = 1 << 30) -> float:
     mx.eval(a)
     t = timed(lambda: a + 1.0, iters=5, repeats=3, warmup=1)
     return 2 * nbytes / t / 1e9
+
+
+@contextlib.contextmanager
+def environment(**values):
+    """Environment variables set for the block (turboquant.metal reads them per call)."""
+    saved = {n: os.environ.get(n) for n in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for n, old in saved.items():
+            if old is None:
+                os.environ.pop(n, None)
+            else:
+                os.environ[n] = old
 
 
 def fill_random(store, T: int, hkv: int, d: int, chunk: int = 4096):

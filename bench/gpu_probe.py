@@ -17,11 +17,10 @@ kernel and runtime call.
 from __future__ import annotations
 
 import argparse
-import os
 
 import mlx.core as mx
 
-from gpu_common import fill_random
+from gpu_common import environment, fill_random
 from turboquant import metal
 from turboquant.mlx_metal import MetalCodeStore
 
@@ -45,8 +44,8 @@ def calls(T: int):
         s = build(T, **kw)
         for kernel in ("fast", "staged"):  # metal.attention_kernel() reads it per call
             def call(s=s, kernel=kernel):
-                os.environ["TQ_GPU_ATTENTION"] = kernel
-                mx.eval(s.attend(q))
+                with environment(TQ_GPU_ATTENTION=kernel):
+                    mx.eval(s.attend(q))
             call()  # compiles
             yield f"{name}, {T} tokens, {kernel} kernel", call
 

@@ -642,10 +642,10 @@ class MetalCodeStore:
         """Bytes of device memory the store's arrays take: memory_bytes() with the code pages
         counted at the rows allocated (they grow by an eighth at a time, so up to ~1/8 more
         than the pages in use) and the fp16 rows, importance and masks as held."""
-        low = sum(self._lo_alloc * g.low.row_bytes() for g in self._groups if g.low is not None)
+        ahead_low = sum((self._lo_alloc - self._lo_cap) * g.low.row_bytes()
+                        for g in self._groups if g.low is not None)
         return (self.memory_bytes() + (self._alloc - self._cap) * self.bytes_per_token()
-                + low - sum(self._lo_cap * g.low.row_bytes()
-                            for g in self._groups if g.low is not None))
+                + ahead_low)
 
     def fp16_bytes(self) -> int:
         return self._n * self.n_kv_heads * 2 * self.head_dim * 2
@@ -1143,13 +1143,13 @@ class MetalCodeStore:
             ks.append(sinks[0].astype(ft))
             vs.append(sinks[1].astype(ft))
         if b > a:
-            for dst, role in ((ks, "key"), (vs, "value")):
-                rows = self._merge([self.kernels.dequantize_heads(
-                    g.key_tables if role == "key" else g.value_tables,
-                    g.k_codes[:, a:b] if role == "key" else g.v_codes[:, a:b],
-                    g.k_norms[:, a:b] if role == "key" else g.v_norms[:, a:b],
-                    out_dtype=tile) for g in self._groups])
-                dst.append(rows if rows.dtype == ft else rows.astype(ft))
+            def decoded(parts):  # the codes [a, b) of every width group, in head order
+                rows = self._merge([self.kernels.dequantize_heads(t, c[:, a:b], nm[:, a:b],
+                                                                  out_dtype=tile)
+                                    for t, c, nm in parts])
+                return rows if rows.dtype == ft else rows.astype(ft)
+            ks.append(decoded([(g.key_tables, g.k_codes, g.k_norms) for g in self._groups]))
+            vs.append(decoded([(g.value_tables, g.v_codes, g.v_norms) for g in self._groups]))
         if win is not None:
             ks.append(win[0].astype(ft))
             vs.append(win[1].astype(ft))
