@@ -52,6 +52,21 @@ def timed(fn, iters: int, repeats: int = 5, warmup: int = 3) -> float:
     return statistics.median(runs)
 
 
+def pipelined(fn, iters: int, repeats: int = 5, warmup: int = 2) -> float:
+    """Median seconds per call of `iters` calls of fn() built lazily and evaluated together
+    (one sync per run): the GPU time per call where it exceeds the host time of building
+    the call (long contexts), else the host time; :func:`timed` syncs after every call and
+    adds one launch-and-sync latency to each."""
+    for _ in range(warmup):
+        mx.eval(fn())
+    runs = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        mx.eval([fn() for _ in range(iters)])
+        runs.append((time.perf_counter() - t0) / iters)
+    return statistics.median(runs)
+
+
 def copy_bandwidth_gbps(nbytes: int = 1 << 30) -> float:
     """Achieved device memory bandwidth of a large copy in this run (read + write bytes / s):
     the measured ceiling the attention kernels are compared with."""

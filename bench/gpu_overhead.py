@@ -19,7 +19,7 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 
-from gpu_common import fill_random, machine, write_result
+from gpu_common import environment, fill_random, machine, write_result
 from turboquant import metal
 from turboquant.mlx_metal import MetalCodeStore
 
@@ -81,15 +81,18 @@ def model_step(kind: str, context: int, steps: int, profile: bool = False) -> di
         mx.eval(model(prompt[:, a:a + 2048], cache=cache)[:, -1])
     tok = mx.array([[1]])
     mx.eval(model(tok, cache=cache))
-    host = total = 0.0
+    hosts, totals = [], []
     for _ in range(steps):
         t0 = time.perf_counter()
         out = model(tok, cache=cache)
         t1 = time.perf_counter()
         mx.eval(out)
         t2 = time.perf_counter()
-        host, total = host + (t1 - t0), total + (t2 - t0)
-    res = dict(host_us=host / steps * 1e6, total_us=total / steps * 1e6)
+        hosts.append(t1 - t0)
+        totals.append(t2 - t0)
+    res = dict(host_us=sum(hosts) / steps * 1e6, total_us=sum(totals) / steps * 1e6,
+               host_median_us=float(np.median(hosts)) * 1e6, host_max_us=max(hosts) * 1e6,
+               total_median_us=float(np.median(totals)) * 1e6)
     if profile:  # where the host time of a step goes: the functions with the most own time
         import cProfile
         import io
@@ -101,7 +104,8 @@ def model_step(kind: str, context: int, steps: int, profile: bool = False) -> di
         pr.disable()
         mx.eval(outs)
         buf = io.StringIO()
-        pstats.Stats(pr, stream=buf).sort_stats("tottime").print_stats(25)
+        for key in ("tottime", "cumulative"):
+            pstats.Stats(pr, stream=buf).sort_stats(key).print_stats(30)
         res["profile"] = buf.getvalue()
         print(res["profile"])
     return res
@@ -112,6 +116,8 @@ def main(argv=None) -> int:
     ap.add_argument("--n", type=int, default=200, help="calls per measurement")
     ap.add_argument("--profile", action="store_true",
                     help="also print where the host time of a turboquant decode step goes")
+    ap.add_argument("--model-only", action="store_true",
+                    help="only the decode steps of the 2-layer model (e.g. under nsys)")
     ap.add_argument("--out", type=Path)
     a = ap.parse_args(argv)
     target = metal.active_path()
@@ -121,9 +127,18 @@ def main(argv=None) -> int:
 
     def record(name, r):
         rows[name] = r
-        print(f"{name:52s} host {r['host_us']:9.1f} us  total {r['total_us']:9.1f} us",
+        extra = (f"  (median host {r['host_median_us']:.1f} / total {r['total_median_us']:.1f},"
+                 f" max host {r['host_max_us']:.1f})" if "host_median_us" in r else "")
+        print(f"{name:52s} host {r['host_us']:9.1f} us  total {r['total_us']:9.1f} us{extra}",
               flush=True)
 
+    if a.model_only:
+        for kind in ("fp16", "turboquant-3"):
+            record(f"2-layer 8B-shape decode step, 8K, {kind}", model_step(kind, 8192, 20))
+        with environment(TQ_GPU_WRITE_ASYNC_EVAL="0"):
+            record("the same, no async_eval after a page write",
+                   model_step("turboquant-3", 8192, 20))
+        return 0
     x = mx.zeros((256,), mx.float32)
     record("mlx op (x + 1)", per_call(lambda: x + 1.0, a.n))
     for big in (False, True):

@@ -5,8 +5,12 @@ the staged block kernel, each call evaluated on its own.
 Run it under NVIDIA Nsight Compute to read each kernel's duration, DRAM throughput,
 occupancy, registers and warp stall reasons:
 
-    ncu --clock-control none -k regex:attention --section SpeedOfLight --section Occupancy \\
-        --section LaunchStats --section WarpStateStats python bench/gpu_probe.py
+    ncu --profile-from-start off --clock-control none --section SpeedOfLight \\
+        --section Occupancy --section LaunchStats --section WarpStateStats python bench/gpu_probe.py
+
+The calls run between cuProfilerStart and cuProfilerStop (the CUDA driver's profiler range),
+after the kernels' first-use self-test and each call's compilation: with
+``--profile-from-start off`` the profiler sees exactly the probed launches.
 
 ``--trace`` instead records the calls (and one decode step of a 2-layer random model of
 Llama-3.1-8B's layer shape) with PyTorch's profiler where PyTorch is installed (it reads the
@@ -20,7 +24,7 @@ import argparse
 
 import mlx.core as mx
 
-from gpu_common import environment, fill_random
+from gpu_common import fill_random
 from turboquant import metal
 from turboquant.mlx_metal import MetalCodeStore
 
@@ -44,10 +48,23 @@ def calls(T: int):
         s = build(T, **kw)
         for kernel in ("fast", "staged"):  # metal.attention_kernel() reads it per call
             def call(s=s, kernel=kernel):
-                with environment(TQ_GPU_ATTENTION=kernel):
+                with metal.forced_attention(kernel):
                     mx.eval(s.attend(q))
             call()  # compiles
             yield f"{name}, {T} tokens, {kernel} kernel", call
+
+
+def profiler_range(on: bool) -> None:
+    """cuProfilerStart / cuProfilerStop of the CUDA driver (a no-op without one: Metal)."""
+    if metal.active_path() != "cuda":
+        return
+    import ctypes
+
+    mx.synchronize()
+    lib = ctypes.CDLL("libcuda.so.1")
+    rc = (lib.cuProfilerStart if on else lib.cuProfilerStop)()
+    if rc != 0:
+        print(f"probe: cuProfiler{'Start' if on else 'Stop'} returned {rc}", flush=True)
 
 
 def main(argv=None) -> int:
@@ -59,9 +76,12 @@ def main(argv=None) -> int:
     if metal.active_path() == "cpu":
         ap.error(f"needs a GPU kernel path ({metal.path_reason()})")
     if not a.trace:
-        for name, fn in calls(a.context):
+        work = list(calls(a.context))  # built and compiled before the profiler range
+        profiler_range(True)
+        for name, fn in work:
             print("probe:", name, flush=True)
             fn()
+        profiler_range(False)
         return 0
     import torch  # noqa: F401 - its profiler reads the process's CUDA activity
     from torch.profiler import ProfilerActivity, profile

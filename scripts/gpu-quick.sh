@@ -1,13 +1,17 @@
 #!/usr/bin/env bash
 # The GPU checks of one short device call (under ~9 minutes; scripts/gpu-test.sh runs longer),
-# most telling first, each under its own time limit, results in $OUT (default bench/results):
-#   1. the decode-attention sweep (bench/gpu_attention.py --sweep: register-tiled vs staged
-#      kernels and their shapes at 32K and 128K tokens, then the main table at those contexts),
-#   2. the GPU tests (tests/python/test_gpu.py, TF32 on),
-#   3. Nsight Compute on one call of each decode kernel (bench/gpu_probe.py; when ncu exists),
-#   4. a PyTorch-profiler trace of the process's CUDA activity and a decode step's host time
-#      (bench/gpu_probe.py --trace; when torch exists),
-#   5. end to end, SmolLM2 shape at 8K and 32K (bench/gpu_e2e.py).
+# most telling first, each under its own time limit and all within TQ_QUICK_BUDGET seconds
+# (default 540) of the start, results in $OUT (default bench/results):
+#   1. where a decode step's time goes (bench/gpu_overhead.py --profile: per-call host and
+#      GPU cost of each piece, cProfile of a model decode step; the model's steps again
+#      without mlx's CUDA graphs),
+#   2. Nsight Systems over model decode steps (when nsys exists): CUDA API calls, kernels,
+#      graph launches and memory operations, summed,
+#   3. Nsight Compute on one call of each decode kernel at 128K (bench/gpu_probe.py inside a
+#      profiler range; when ncu exists),
+#   4. the decode-attention sweep (bench/gpu_attention.py --sweep: register-tiled vs staged
+#      kernels and their shapes, per-call and pipelined timing), then the main table,
+#   5. the GPU tests (tests/python/test_gpu.py, TF32 on) in the time left.
 # On an offline machine with the carried wheels (scripts/gpu-wheels.sh: part a parked in
 # /tmp/keep by a first call), TQ_JOIN_WHEELS=1 joins and installs them into /tmp/site first.
 set -o pipefail
@@ -27,32 +31,43 @@ if [ "${TQ_JOIN_WHEELS:-0}" = 1 ]; then
 fi
 python3 -c "import turboquant as t; i=t.build_info(); print(i['mlx_kernels'], i['mlx_kernels_reason'])"
 status=0
-run() {  # run SECONDS LOG CMD...: one step under its limit, its output in $OUT/LOG
+BUDGET=${TQ_QUICK_BUDGET:-540}
+run() {  # run SECONDS LOG CMD...: one step under its limit (and the budget), output in $OUT/LOG
   local limit=$1 log=$2; shift 2
+  local left=$(( BUDGET - ($(date +%s) - T0) ))
+  [ "$left" -lt "$limit" ] && limit=$left
+  if [ "$limit" -lt 15 ]; then echo "$log: skipped (out of budget)"; status=1; return; fi
   timeout "$limit" "$@" > "$OUT/$log" 2>&1 || { echo "$log: failed or out of time"; status=1; }
   tail -"${TAIL:-12}" "$OUT/$log"
 }
 cd bench
-step "decode-attention sweep"
-TAIL=40 run 140 sweep.log python3 gpu_attention.py --sweep 32768,131072 --contexts 32768,131072 \
-  --dims 128 --bits 3 --iters 20 --out "$OUT/gpu_attention_sweep.json"
-step "GPU tests"
-cd ..
-run 100 gpu_tests.log python3 -m pytest -q -ra -p no:cacheprovider tests/python/test_gpu.py
-cd bench
+step "where a decode step's time goes"
+TAIL=30 run 130 overhead.log python3 gpu_overhead.py --profile --out "$OUT/gpu_overhead.json"
+step "model decode steps without CUDA graphs (MLX_USE_CUDA_GRAPHS=0)"
+TAIL=4 MLX_USE_CUDA_GRAPHS=0 run 60 overhead_nographs.log python3 gpu_overhead.py --model-only
+NSYS=$(command -v nsys || ls /usr/local/cuda/bin/nsys /opt/nvidia/nsight-systems*/bin/nsys \
+  /usr/local/cuda/nsight-systems*/bin/nsys 2>/dev/null | head -1)
+if [ -n "$NSYS" ]; then
+  step "Nsight Systems ($NSYS)"
+  TAIL=3 run 80 nsys_run.log "$NSYS" profile -t cuda,nvtx -s none --cpuctxsw=none -f true \
+    -o "$OUT/decode" python3 gpu_overhead.py --model-only
+  TAIL=40 run 45 nsys_stats.txt "$NSYS" stats -q --report cuda_api_sum \
+    --report cuda_gpu_kern_sum --report nvtx_sum --report cuda_gpu_mem_time_sum \
+    "$OUT/decode.nsys-rep"
+  rm -f "$OUT/decode.nsys-rep" "$OUT/decode.sqlite"
+fi
 NCU=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu /usr/local/cuda/bin/ncu 2>/dev/null | head -1)
 if [ -n "$NCU" ]; then
   step "Nsight Compute ($NCU)"
-  TAIL=5 run 70 ncu.txt "$NCU" --clock-control none -k regex:attention -c 24 --section SpeedOfLight \
-    --section Occupancy --section LaunchStats --section WarpStateStats \
+  TAIL=5 run 110 ncu.txt "$NCU" --profile-from-start off --clock-control none \
+    --section SpeedOfLight --section Occupancy --section LaunchStats --section WarpStateStats \
     --section MemoryWorkloadAnalysis python3 gpu_probe.py
 fi
-if python3 -c "import torch" 2>/dev/null; then
-  step "CUDA trace"
-  TAIL=3 run 60 trace.txt python3 gpu_probe.py --trace
-fi
-step "end to end, SmolLM2 shape"
-run 100 gpu_e2e.log python3 gpu_e2e.py --shape smollm2-135m --contexts 8192,32768 \
-  --out "$OUT/gpu_e2e_smollm2.json"
+step "decode-attention sweep"
+TAIL=40 run 150 sweep.log python3 gpu_attention.py --sweep 131072 --contexts 32768,131072 \
+  --dims 128 --bits 3 --iters 20 --out "$OUT/gpu_attention_sweep.json"
+step "GPU tests"
+cd ..
+run 200 gpu_tests.log python3 -m pytest -q -ra -p no:cacheprovider tests/python/test_gpu.py
 step "done"
 exit $status

@@ -755,19 +755,28 @@ def _attention_shape(queries, k_codes, tokens):
     return kv_heads, group, dim
 
 
-_GENERIC_ATTENTION: list[bool] = []  # non-empty inside generic_attention()
+ATTENTION_KERNELS = ("fast", "staged", "generic")
+_FORCED_ATTENTION: list[str] = []  # the innermost forced_attention() block's kernel
 
 
 @contextlib.contextmanager
-def generic_attention():
-    """Within this block decode attention runs the generic block kernel (attention_block
-    after a query-rotation launch) even where the register-tiled one could: the first-use
-    self-test and the benchmarks run both."""
-    _GENERIC_ATTENTION.append(True)
+def forced_attention(kernel: str):
+    """Within this block decode attention prefers ``kernel`` (one of ATTENTION_KERNELS)
+    whatever the default or TQ_GPU_ATTENTION says: the first-use self-test runs each block
+    kernel this way, the benchmarks compare them."""
+    if kernel not in ATTENTION_KERNELS:
+        raise ValueError(f"kernel must be one of {ATTENTION_KERNELS}, got {kernel!r}")
+    _FORCED_ATTENTION.append(kernel)
     try:
         yield
     finally:
-        _GENERIC_ATTENTION.pop()
+        _FORCED_ATTENTION.pop()
+
+
+def generic_attention():
+    """forced_attention("generic"): the generic block kernel (attention_block after a
+    query-rotation launch) even where the register-tiled one could run."""
+    return forced_attention("generic")
 
 
 def fast_attention_shape(dim: int, group: int, k_bits: int, v_bits: int,
@@ -800,15 +809,19 @@ def attention_kernel() -> str:
     """The decode-attention block kernel the host prefers: ``"fast"`` (register-tiled, codes
     loaded by each lane), ``"staged"`` (the same, with each tile's codes copied through
     threadgroup memory by the whole threadgroup, the next tile's copy in flight), or
-    ``"generic"``; environment variable TQ_GPU_ATTENTION (generic_attention() forces
-    generic). Where the preferred one cannot take a shape, the next one down runs."""
-    if _GENERIC_ATTENTION:
-        return "generic"
+    ``"generic"``; environment variable TQ_GPU_ATTENTION, or a :func:`forced_attention`
+    block. Where the preferred one cannot take a shape, the next one down runs."""
+    if _FORCED_ATTENTION:
+        return _FORCED_ATTENTION[-1]
     k = os.environ.get("TQ_GPU_ATTENTION", DEFAULT_ATTENTION)
-    return k if k in ("fast", "staged", "generic") else DEFAULT_ATTENTION
+    return k if k in ATTENTION_KERNELS else DEFAULT_ATTENTION
 
 
-DEFAULT_ATTENTION = "fast"
+# The staged kernel by default: on an H100 at 128K tokens (8 KV heads, GQA 4, d = 128, 3-bit)
+# Nsight Compute timed it at 298 us against the register-tiled kernel's 423 us, and pipelined
+# decode calls at 435 / 490 us (plain / key split) against 510 / 598 us; at 32K they tie
+# (bench/results/gpu_attention_sweep_h100.json, gpu_ncu_h100.txt).
+DEFAULT_ATTENTION = "staged"
 
 
 def staged_attention_tile(k_code_bytes: int, v_code_bytes: int, norm_fp16: bool,

@@ -62,6 +62,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 import time
 from typing import Any, Sequence
 
@@ -835,8 +836,10 @@ class MetalCodeStore:
         if low:
             self._nlo += T
         # Start computing the codes now without waiting for them: keeps the graph of
-        # successive appends short when nothing reads the cache in between.
-        mx.async_eval(*self.code_arrays())
+        # successive appends short when nothing reads the cache in between
+        # (TQ_GPU_WRITE_ASYNC_EVAL=0 leaves it to the caller's evaluation: a benchmark's A/B).
+        if os.environ.get("TQ_GPU_WRITE_ASYNC_EVAL", "1") != "0":
+            mx.async_eval(*self.code_arrays())
 
     # --- trim ------------------------------------------------------------------------------
     def trim(self, n: int) -> int:
@@ -1767,7 +1770,7 @@ def self_test(kernels: Any = None) -> str | None:
     and window, 8-token pages), one with the key split, one with per-head widths (two width
     groups), one with mixed precision (full- and low-width pages, attended with their
     log-sum-exp), receive 29 tokens: every kernel runs
-    (encode, query rotation, split-K decode attention by both block kernels and its
+    (encode, query rotation, split-K decode attention by each block kernel and its
     reduction merged with the fp16 rows, dequantize for a prefill, and the split's four). Codes and norms must equal the core's bit for bit, decode
     and prefill attention within 1e-3 of the core's output scale."""
     mx = _mx()
@@ -1815,12 +1818,11 @@ def self_test(kernels: Any = None) -> str | None:
                     if not np.array_equal(np.asarray(sn).view(np.uint16),
                                           np.asarray(cn).view(np.uint16)):
                         return f"{name}: {role} norms of KV head {h} differ from the C++ core's"
-            # A decode step (split-K on the codes, by the register-tiled and by the generic
-            # block kernel), a causal prefill.
-            for rows, kernel in ((1, "fast"), (1, "generic"), (5, "")):
+            # A decode step (split-K on the codes, by each block kernel: staged, register-
+            # tiled, generic), a causal prefill.
+            for rows, kernel in ((1, "staged"), (1, "fast"), (1, "generic"), (5, "")):
                 q = rng.standard_normal((hq, rows, d)).astype(np.float32)
-                with (metal.generic_attention() if kernel == "generic"
-                      else contextlib.nullcontext()):
+                with (metal.forced_attention(kernel) if kernel else contextlib.nullcontext()):
                     got = np.asarray(store.attend(mx.array(q), scale=0.125), np.float64)
                 want = np.asarray(core.attend(q, scale=0.125), np.float64)
                 err = float(np.abs(got - want).max()) / max(1.0, float(np.abs(want).max()))

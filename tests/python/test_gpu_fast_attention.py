@@ -21,6 +21,23 @@ def emulated(tmp_path_factory):
     return EmulatedKernels(tmp_path_factory.mktemp("emu_fast"))
 
 
+def test_staged_kernel_is_the_default_and_forced_attention_overrides(monkeypatch):
+    monkeypatch.delenv("TQ_GPU_ATTENTION", raising=False)
+    assert metal.attention_kernel() == "staged"
+    monkeypatch.setenv("TQ_GPU_ATTENTION", "fast")
+    assert metal.attention_kernel() == "fast"
+    with metal.forced_attention("generic"):
+        with metal.forced_attention("staged"):
+            assert metal.attention_kernel() == "staged"
+        assert metal.attention_kernel() == "generic"
+    assert metal.attention_kernel() == "fast"
+    monkeypatch.setenv("TQ_GPU_ATTENTION", "nonsense")
+    assert metal.attention_kernel() == "staged"
+    with pytest.raises(ValueError, match="kernel must be one of"):
+        with metal.forced_attention("tiled"):
+            pass
+
+
 def test_shape_rule():
     shape = metal.fast_attention_shape
     assert shape(128, 4, 3, 3) == (4, 16)
@@ -53,6 +70,7 @@ def test_shape_rule():
 def test_fast_kernel_matches_the_core_and_the_generic_kernel(emulated, monkeypatch, d, hq, hkv,
                                                              kb, vb, tokens):
     emulated.install(monkeypatch)
+    monkeypatch.setenv("TQ_GPU_ATTENTION", "fast")  # the default is staged
     rng = np.random.default_rng(d + hq)
     kw = dict(n_layers=1, n_q_heads=hq, n_kv_heads=hkv, key_bits=kb, value_bits=vb, seed=5,
               block_tokens=8)
@@ -90,6 +108,7 @@ def split_kw(d, kb_out, kb_in, angle_bits=8):
 def test_fast_kernel_with_split_keys_matches_the_core(emulated, monkeypatch, d, hq, hkv, kb_out,
                                                       kb_in, vb, angle_bits, tokens):
     emulated.install(monkeypatch)
+    monkeypatch.setenv("TQ_GPU_ATTENTION", "fast")  # the default is staged
     rng = np.random.default_rng(d + hq + kb_out)
     kw = dict(n_layers=1, n_q_heads=hq, n_kv_heads=hkv, value_bits=vb, seed=6, block_tokens=8,
               **split_kw(d, kb_out, kb_in, angle_bits))
@@ -114,6 +133,7 @@ def test_blocks_of_several_tiles_with_fp16_rows(emulated, monkeypatch):
     # Few threadgroups (ATTENTION_GROUPS forced small): each block takes several 64-token
     # tiles; fp16 sinks and window merged by the reduce launch.
     emulated.install(monkeypatch)
+    monkeypatch.setenv("TQ_GPU_ATTENTION", "fast")  # the default is staged
     monkeypatch.setattr(metal, "ATTENTION_GROUPS", 2)
     rng = np.random.default_rng(3)
     d, hkv, G = 64, 2, 4
@@ -136,6 +156,7 @@ def test_blocks_of_several_tiles_with_fp16_rows(emulated, monkeypatch):
 def test_the_comparison_can_fail(emulated, monkeypatch):
     # A kernel that drops the last token of each block is caught by the comparison above.
     emulated.install(monkeypatch)
+    monkeypatch.setenv("TQ_GPU_ATTENTION", "fast")  # the default is staged
     real = metal.attention_params
 
     def short(dim, tokens, *a, **kw):
@@ -158,6 +179,7 @@ def test_the_comparison_can_fail(emulated, monkeypatch):
 def test_other_unrolls_and_lane_widths_match_the_core(emulated, monkeypatch, unroll, coords):
     # The shapes a benchmark sweeps (TQ_GPU_FAST_UNROLL, TQ_GPU_FAST_COORDS) compute the same.
     emulated.install(monkeypatch)
+    monkeypatch.setenv("TQ_GPU_ATTENTION", "fast")  # the default is staged
     monkeypatch.setenv("TQ_GPU_FAST_UNROLL", unroll)
     monkeypatch.setenv("TQ_GPU_FAST_COORDS", coords)
     assert metal.fast_attention_unroll() == int(unroll)
@@ -209,8 +231,9 @@ def test_staged_kernel_matches_the_core_and_the_fast_kernel(emulated, monkeypatc
     store.append(mx.array(k), mx.array(v))
     core.append(k, v)
     q = rng.standard_normal((hq, 1, d)).astype(np.float32)
-    fast = np.array(store.attend(mx.array(q), scale=0.2))
-    monkeypatch.setenv("TQ_GPU_ATTENTION", "staged")
+    with metal.forced_attention("fast"):
+        fast = np.array(store.attend(mx.array(q), scale=0.2))
+    monkeypatch.delenv("TQ_GPU_ATTENTION", raising=False)  # the default: staged
     start = len(emulated.launches)
     got = np.array(store.attend(mx.array(q), scale=0.2))
     assert emulated.launches[start:] == ["attention_staged", "attention_reduce_heads"]

@@ -248,8 +248,8 @@ def test_mixed_store_on_the_emulated_gpu(emulated, monkeypatch, d, split):
     encode = "split_encode_heads" if split else "encode_heads"
     dequant = "split_dequantize_heads" if split else "dequantize_heads"
     assert {encode, dequant, "attention_reduce_heads"} <= used, used
-    if d == 64:
-        assert "attention_fast" in used
+    if d == 64:  # the staged kernel (the default), or the register-tiled one where no tile fits
+        assert used & {"attention_staged", "attention_fast"}, used
     assert same_file(store, core)
 
 

@@ -94,9 +94,11 @@ def test_split_store_on_emulated_kernels_matches_the_core(emulated, monkeypatch,
     # else the split block kernel; the reduce merges fp16 sinks/window rows when there are.
     fast = metal.fast_attention_shape(d, hq // hkv, kw["outlier_bits"], kw["value_bits"],
                                       kw["key_bits"]) is not None
-    block = {"attention_fast"} if fast else {"split_rotate_heads", "split_attention_block"}
+    # (the staged kernel by default; the register-tiled one where no tile fits)
+    block = set() if fast else {"split_rotate_heads", "split_attention_block"}
     reduce = "attention_reduce_rows" if sinks or window else "attention_reduce_heads"
     assert {"split_encode_heads", reduce, "encode_heads"} | block <= used, used
+    assert not fast or used & {"attention_staged", "attention_fast"}, used
     assert store.to_bytes() == core.to_bytes()
 
 
