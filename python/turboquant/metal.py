@@ -42,6 +42,7 @@ import dataclasses
 import importlib.util
 import math
 import os
+import re
 import sys
 import warnings
 from dataclasses import dataclass
@@ -93,6 +94,92 @@ def _compact(text: str) -> str:
     """Source text without its comment-only and blank lines (what a compiler skips anyway)."""
     return "".join(line for line in text.splitlines(keepends=True)
                    if line.strip() and not line.lstrip().startswith("//"))
+
+
+_IDENT = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+_TYPE_NAME = re.compile(r"^(?:template\s*<[^>]*>\s*)?(?:struct|class|union|enum(?:\s+class)?)\s+"
+                        r"([A-Za-z_][A-Za-z0-9_]*)")
+_FUNC_NAME = re.compile(r"([A-Za-z_][A-Za-z0-9_]*)\s*\($")
+
+
+def _top_level_items(text: str) -> list[tuple[str | None, str]]:
+    """The text as (name, chunk) items at brace depth 0: each preprocessor line on its own
+    (name None), each definition or declaration (a function, a struct, a constant) with the
+    name it defines; a chunk whose name is not recognised also gets None."""
+    items: list[tuple[str | None, str]] = []
+    lines = text.splitlines(keepends=True)
+    i = 0
+    while i < len(lines):
+        line = lines[i]
+        if line.lstrip().startswith("#"):  # a directive (with its continuation lines)
+            chunk = [line]
+            while chunk[-1].rstrip("\n").endswith("\\") and i + 1 < len(lines):
+                i += 1
+                chunk.append(lines[i])
+            items.append((None, "".join(chunk)))
+            i += 1
+            continue
+        chunk, depth, opened = [], 0, False
+        while i < len(lines):
+            ln = lines[i]
+            chunk.append(ln)
+            i += 1
+            if not ln.lstrip().startswith("#"):
+                code = ln.split("//", 1)[0]
+                depth += code.count("{") - code.count("}")
+                opened = opened or "{" in code
+                end = code.rstrip()
+                if depth == 0 and (opened or end.endswith(";")) and (
+                        end.endswith("}") or end.endswith(";")):
+                    break
+        text_ = "".join(chunk)
+        head = text_.split("{", 1)[0].split(";", 1)[0]
+        m = _TYPE_NAME.match(head.strip())
+        if m is None:
+            m = _FUNC_NAME.search(head.split("(", 1)[0].rstrip() + "(")
+        items.append((m.group(1) if m else None, text_))
+    return items
+
+
+def prune_header(header: str, body: str) -> str:
+    """The part of a kernel header that the kernel ``body`` uses: after the line
+    ``#define TQ_SINGLE_SOURCE 1`` (the CUDA dialect before it is kept whole), only the
+    functions and types reachable from the body's identifiers (and from every directive:
+    macros may name functions); directives stay in place. mlx copies a kernel's header and
+    hashes its text at every launch, so a kernel should not carry the others' code."""
+    mark = "#define TQ_SINGLE_SOURCE 1\n"
+    cut = header.find(mark)
+    if cut < 0:
+        return header
+    prefix, rest = header[:cut], header[cut:]
+    items = _top_level_items(rest)
+    by_name: dict[str, list[int]] = {}
+    for k, (name, _) in enumerate(items):
+        if name is not None:
+            by_name.setdefault(name, []).append(k)
+    keep = {k for k, (name, _) in enumerate(items) if name is None}
+    todo = set(_IDENT.findall(body))
+    for k in keep:
+        todo |= set(_IDENT.findall(items[k][1]))
+    seen: set[str] = set()
+    while todo:
+        ident = todo.pop()
+        if ident in seen:
+            continue
+        seen.add(ident)
+        for k in by_name.get(ident, ()):
+            if k not in keep:
+                keep.add(k)
+                todo |= set(_IDENT.findall(items[k][1])) - seen
+    return prefix + "".join(chunk for k, (_, chunk) in enumerate(items) if k in keep)
+
+
+def kernel_text(which: str, target: str) -> tuple[str, str]:
+    """(header, body) of kernel ``which`` as it is built for ``target``: its files'
+    header, compacted and pruned to what the body reaches (:func:`prune_header`)."""
+    spec = KERNELS[which]
+    source = spec.source_for(target)
+    return prune_header(kernel_header(target, spec.files, compact=True), source), source
 
 
 def kernel_header(target: str = "metal", files: tuple[str, ...] = KERNEL_FILES,
@@ -641,7 +728,7 @@ def build_kernel(which: str, target: str):
 
     _check_target(target)
     spec = KERNELS[which]
-    source, header = spec.source_for(target), kernel_header(target, spec.files, compact=True)
+    header, source = kernel_text(which, target)
     common = dict(name=kernel_name(spec.name, header, source), input_names=list(spec.input_names),
                   output_names=list(spec.output_names), source=source, header=header)
     if target == "cuda":  # NVRTC without fast math: IEEE division and square root

@@ -45,10 +45,12 @@ def _consts(spec, values: dict | None) -> str:
     return "".join(f"constexpr int {k} = {int(v)};\n" for k, v in chosen.items())
 
 
-def _program(keys=None, values: dict | None = None) -> str:
+def _program(keys=None, values: dict | None = None, header: str | None = None) -> str:
+    """The emulator's C++ program of ``keys`` (every kernel by default) over ``header``
+    (default: every kernel file's, unpruned)."""
     lines = ['#include "metal_compat.h"', "#include <cstdio>", "#include <cstdlib>",
              "#include <fstream>", "#include <iterator>", "#include <string>", "#include <vector>",
-             metal.kernel_header(),
+             metal.kernel_header() if header is None else header,
              "static std::vector<char> load(const char* p) { std::ifstream f(p, std::ios::binary);"
              " return {std::istreambuf_iterator<char>(f), {}}; }",
              "static void save(const char* p, const std::vector<char>& v) {"

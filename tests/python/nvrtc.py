@@ -54,10 +54,10 @@ def mlx_cuda_source(keys=None, source_of=None, templates: dict | None = None) ->
     cuda_kernel generates it; ``source_of(spec)`` may replace a kernel's body (tests),
     ``templates`` give template arguments other than the specs' defaults."""
     keys = list(keys or metal.KERNELS)
-    # One kernel: the header it is built with on the GPU (its files, compacted); several:
-    # every file.
-    header = (metal.kernel_header("cuda", metal.KERNELS[keys[0]].files, compact=True)
-              if len(keys) == 1 else metal.kernel_header("cuda"))
+    # One kernel: the header it is built with on the GPU (its files, compacted, pruned to
+    # what its body reaches); several: every file.
+    header = (metal.kernel_text(keys[0], "cuda")[0] if len(keys) == 1
+              else metal.kernel_header("cuda"))
     parts = [_MLX_PRELUDE, header,
              "namespace mlx::core::cu {\n\nnamespace cg = cooperative_groups;\n\n"]
     for key in keys:
