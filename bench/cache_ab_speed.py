@@ -8,6 +8,13 @@ Prints the median over rounds of each process's median decode step and of its pr
 and the speed ratio before/after (>= 1: the after build is as fast or faster).
 
     python bench/cache_ab_speed.py --before /tmp/base/python --after python --rounds 10
+
+``--one CONFIG --prefill-attends N`` runs one build's prefill appends and N prefill attends
+without timing, for an instruction count of each build (valgrind --tool=callgrind; the
+count does not depend on what else the machine runs):
+
+    PYTHONPATH=/tmp/base/python TURBOQUANT_NUM_THREADS=1 valgrind --tool=callgrind \\
+        python bench/cache_ab_speed.py --one mixed --prefill-attends 3
 """
 
 from __future__ import annotations
@@ -43,7 +50,7 @@ CONFIGS = {
 }
 
 
-def one(name):
+def one(name, prefill_attends=None):
     import numpy as np
     import turboquant as tq
 
@@ -56,6 +63,12 @@ def one(name):
         for _ in range(8)
     ]
     pq = rng.standard_normal((Hq, 16, d)).astype(f32)
+    if prefill_attends is not None:  # for an instruction count: the appends, then N attends
+        for k, v in pre:
+            c.append(k, v)
+        for _ in range(prefill_attends):
+            c.attend(pq)
+        return
     t0 = time.perf_counter()
     for k, v in pre:
         c.append(k, v)
@@ -80,9 +93,11 @@ def main():
     ap.add_argument("--after", help="PYTHONPATH of the after build")
     ap.add_argument("--rounds", type=int, default=10)
     ap.add_argument("--one", help=argparse.SUPPRESS)
+    ap.add_argument("--prefill-attends", type=int, default=None,
+                    help="with --one: only the prefill appends and this many attends")
     args = ap.parse_args()
     if args.one:
-        return one(args.one)
+        return one(args.one, args.prefill_attends)
     res = {(n, b): [] for n in CONFIGS for b in ("before", "after")}
     for _ in range(args.rounds):
         for name in CONFIGS:

@@ -877,6 +877,15 @@ def fast_attention_shape(dim: int, group: int, k_bits: int, v_bits: int,
     split keys (``k_bits`` the outlier half's)."""
     if attention_kernel() == "generic":
         return None
+    coords = os.environ.get("TQ_GPU_FAST_COORDS")
+    return _fast_shape(dim, group, k_bits, v_bits, k_bits1,
+                       int(coords) if coords in ("8", "16") else None)
+
+
+@functools.lru_cache(maxsize=1024)
+def _fast_shape(dim: int, group: int, k_bits: int, v_bits: int, k_bits1: int | None,
+                coords: int | None) -> tuple[int, int] | None:
+    """fast_attention_shape() once the kernel choice and TQ_GPU_FAST_COORDS are read."""
     widths = (k_bits, v_bits) + (() if k_bits1 is None else (k_bits1,))
     if dim not in (64, 128, 256) or not all(1 <= b <= 8 for b in widths):
         return None
@@ -884,8 +893,8 @@ def fast_attention_shape(dim: int, group: int, k_bits: int, v_bits: int,
     if gm is None:
         return None
     c = 16 if gm <= 4 and max(widths) <= 4 else 8
-    if os.environ.get("TQ_GPU_FAST_COORDS") in ("8", "16"):  # a benchmark's sweep
-        c = min(c, int(os.environ["TQ_GPU_FAST_COORDS"]))
+    if coords is not None:  # a benchmark's sweep
+        c = min(c, coords)
     lanes = dim // c
     if lanes > 32 or (k_bits1 is not None and lanes % 2):
         return None
@@ -948,6 +957,7 @@ def fast_attention_scratch_floats(dim: int, gm: int, k_bits: int, v_bits: int,
     return tables + max(gm * dim, (threads // 32 - 1) * gm * (dim + 2))
 
 
+@functools.lru_cache(maxsize=1024)
 def _partial_outputs(kv_heads, blocks, group, dim):
     import mlx.core as mx
 
@@ -965,6 +975,46 @@ def _no_angles():
     return mx.zeros((2,), mx.float32)
 
 
+@functools.lru_cache(maxsize=1024)
+def _fast_launch(dim: int, shape: tuple[int, int], kv_heads: int, head_stride: int,
+                 k_code_bytes: int, group: int, k_bits: int, split: tuple[int, int] | None,
+                 v_bits: int, fp16: bool, scale: float, block_tokens: int, blocks: int,
+                 per_head: bool, kernel: str, unroll: int, stage_env: str | None):
+    """What a register-tiled (or staged) decode launch needs besides its arrays and the token
+    count, computed once per shape (a decode step only changes the count): the kernel, its
+    template arguments, the launch geometry, and the parameter words with the token count
+    (word 1) left to fill. ``stage_env``: TQ_GPU_STAGE_TOKENS, part of the key."""
+    del stage_env  # read by staged_attention_tile; here it only keys the cache
+    gm, c = shape
+    if split is None:
+        k_bits1 = k_bits
+        words = attention_params(dim, 0, head_stride, block_tokens, group, k_bits, v_bits,
+                                 fp16, scale, blocks)
+        words = np.concatenate([words, np.array([dim, k_bits, code_bytes(dim, k_bits), 0],
+                                                np.uint32)])
+    else:
+        k_bits1, angle_bits = split
+        words = split_attention_params(dim, 0, head_stride, block_tokens, group, k_bits,
+                                       k_bits1, angle_bits, v_bits, fp16, scale, blocks)
+    words = np.concatenate([words, np.array([int(per_head)], np.uint32)])
+    words.setflags(write=False)
+    scratch = fast_attention_scratch_floats(dim, gm, k_bits, v_bits,
+                                            None if split is None else k_bits1)
+    template = [("TQ_D", dim), ("TQ_GM", gm), ("TQ_C", c), ("TQ_KB0", k_bits),
+                ("TQ_KB1", k_bits1), ("TQ_VB", v_bits), ("TQ_SPLIT", int(split is not None))]
+    tile = (staged_attention_tile(k_code_bytes, code_bytes(dim, v_bits), fp16, head_stride,
+                                  block_tokens, scratch) if kernel == "staged" else None)
+    if tile is not None:
+        tt, r = tile
+        which = "attention_staged"
+        template = [("SCRATCH", scratch + 2 * r * ATTENTION_THREADS), *template,
+                    ("TQ_TT", tt), ("TQ_R", r)]
+    else:
+        which = "attention_fast"
+        template = [("SCRATCH", scratch), *template, ("TQ_U", unroll)]
+    return which, template, words, _partial_outputs(kv_heads, blocks, group, dim)
+
+
 def _fast_partials(q, k_signs, per_head, k_codes, k_norms, v_codes, v_norms, k_cents, v_cents,
                    k_bits, v_bits, group, tokens, scale, block_tokens, shape, split=None):
     """The register-tiled block kernel on raw queries q (kv_heads * group, dim): the
@@ -972,43 +1022,22 @@ def _fast_partials(q, k_signs, per_head, k_codes, k_norms, v_codes, v_norms, k_c
     ``split``: (k_bits1, angle_bits, angles) of split keys (``k_bits`` the outlier half's)."""
     import mlx.core as mx
 
-    kv_heads, head_stride = k_codes.shape[0], k_codes.shape[1]
-    dim = q.shape[-1]
-    gm, c = shape
+    kv_heads, head_stride = int(k_codes.shape[0]), int(k_codes.shape[1])
     fp16 = k_norms.dtype == mx.float16
     blocks = attention_blocks(tokens, block_tokens, kv_heads)
+    which, template, words, launch = _fast_launch(
+        int(q.shape[-1]), tuple(shape), kv_heads, head_stride, int(k_codes.shape[2]), group,
+        k_bits, None if split is None else (split[0], split[1]), v_bits, fp16, float(scale),
+        block_tokens, blocks, bool(per_head), attention_kernel(), fast_attention_unroll(),
+        os.environ.get("TQ_GPU_STAGE_TOKENS"))
+    params = words.copy()
+    params[1] = tokens
+    angles = _no_angles() if split is None else split[2]
     as_bits = (lambda a: a.view(mx.uint16)) if fp16 else (lambda a: a)
-    if split is None:
-        k_bits1, angles = k_bits, _no_angles()
-        words = attention_params(dim, tokens, head_stride, block_tokens, group, k_bits, v_bits,
-                                 fp16, scale, blocks)
-        words = np.concatenate([words, np.array([dim, k_bits, code_bytes(dim, k_bits), 0],
-                                                np.uint32)])
-    else:
-        k_bits1, angle_bits, angles = split
-        words = split_attention_params(dim, tokens, head_stride, block_tokens, group, k_bits,
-                                       k_bits1, angle_bits, v_bits, fp16, scale, blocks)
-    params = np.concatenate([words, np.array([int(per_head)], np.uint32)])
-    scratch = fast_attention_scratch_floats(dim, gm, k_bits, v_bits,
-                                            None if split is None else k_bits1)
-    inputs = [q, k_signs, k_codes, as_bits(k_norms), v_codes, as_bits(v_norms), k_cents,
-              v_cents, angles, mx.array(params)]
-    template = [("TQ_D", dim), ("TQ_GM", gm), ("TQ_C", c), ("TQ_KB0", k_bits),
-                ("TQ_KB1", k_bits1), ("TQ_VB", v_bits), ("TQ_SPLIT", int(split is not None))]
-    tile = (staged_attention_tile(int(k_codes.shape[2]), code_bytes(dim, v_bits), fp16,
-                                  head_stride, block_tokens, scratch)
-            if attention_kernel() == "staged" else None)
-    if tile is not None:
-        tt, r = tile
-        return _kernel("attention_staged")(
-            inputs=inputs,
-            template=[("SCRATCH", scratch + 2 * r * ATTENTION_THREADS), *template,
-                      ("TQ_TT", tt), ("TQ_R", r)],
-            **_partial_outputs(kv_heads, blocks, group, dim))
-    return _kernel("attention_fast")(
-        inputs=inputs,
-        template=[("SCRATCH", scratch), *template, ("TQ_U", fast_attention_unroll())],
-        **_partial_outputs(kv_heads, blocks, group, dim))
+    return _kernel(which)(
+        inputs=[q, k_signs, k_codes, as_bits(k_norms), v_codes, as_bits(v_norms), k_cents,
+                v_cents, angles, mx.array(params)],
+        template=template, **launch)
 
 
 def _block_partials(q_rot, k_codes, k_norms, v_codes, v_norms, k_cents, v_cents, k_bits, v_bits,
@@ -1059,6 +1088,33 @@ def _no_rows():
     return mx.zeros((1,), mx.uint16)
 
 
+@functools.lru_cache(maxsize=256)
+def _reduce_launch(kv_heads: int, group: int, dim: int) -> dict:
+    import mlx.core as mx
+
+    return dict(output_shapes=[(kv_heads, group, dim)], output_dtypes=[mx.float32],
+                grid=(group * threads_for(dim), kv_heads, 1), threadgroup=(threads_for(dim), 1, 1))
+
+
+# The reduce launches' parameter arrays, made once per value: they change only when the
+# block count or the fp16 row counts do, not at every decode step.
+@functools.lru_cache(maxsize=1024)
+def _reduce_params_array(dim: int, blocks: int, group: int):
+    import mlx.core as mx
+
+    return mx.array(reduce_params(dim, blocks, group, True))
+
+
+@functools.lru_cache(maxsize=1024)
+def _reduce_rows_params(dim: int, blocks: int, group: int, na: int, sa: int, nb: int, sb: int,
+                        scale: float, per_head: bool):
+    import mlx.core as mx
+
+    words = np.array([dim, blocks, group, 1, na, sa, nb, sb, 0, int(per_head)], np.uint32)
+    words[8] = np.array([scale], np.float32).view(np.uint32)[0]
+    return mx.array(words)
+
+
 def _finish_attention(parts, v_signs, per_head, group, dim, q, scale, rows=None, with_lse=False):
     """The second launch of split-K attention: merge the blocks, apply Π_Vᵀ, and with
     ``rows`` (up to two (k, v) sets of (kv_heads, n, dim) fp16 rows: sinks, window) fold the
@@ -1067,24 +1123,22 @@ def _finish_attention(parts, v_signs, per_head, group, dim, q, scale, rows=None,
     import mlx.core as mx
 
     part_m, part_l, part_acc = parts
-    kv_heads, blocks = part_m.shape[0], part_m.shape[1]
-    launch = dict(output_shapes=[(kv_heads, group, dim)], output_dtypes=[mx.float32],
-                  grid=(group * threads_for(dim), kv_heads, 1),
-                  threadgroup=(threads_for(dim), 1, 1))
+    kv_heads, blocks = int(part_m.shape[0]), int(part_m.shape[1])
+    launch = _reduce_launch(kv_heads, group, dim)
     if rows:
         if with_lse:
             raise ValueError("with_lse and fp16 rows exclude each other (the rows are merged "
                              "in the kernel)")
         (ka, va, na, sa), (kb, vb, nb, sb) = _rows_input(rows, kv_heads, dim)
-        words = np.array([dim, blocks, group, 1, na, sa, nb, sb, 0, int(per_head)], np.uint32)
-        words[8] = np.array([scale], np.float32).view(np.uint32)[0]
         (out,) = _kernel("attention_reduce_rows")(
-            inputs=[part_m, part_l, part_acc, v_signs, q, ka, va, kb, vb, mx.array(words)],
+            inputs=[part_m, part_l, part_acc, v_signs, q, ka, va, kb, vb,
+                    _reduce_rows_params(dim, blocks, group, na, sa, nb, sb, float(scale),
+                                        bool(per_head))],
             **launch)
         return out
     (out,) = _kernel("attention_reduce_heads" if per_head else "attention_reduce")(
-        inputs=[part_m, part_l, part_acc, v_signs,
-                mx.array(reduce_params(dim, blocks, group, True))], **launch)
+        inputs=[part_m, part_l, part_acc, v_signs, _reduce_params_array(dim, blocks, group)],
+        **launch)
     if with_lse:  # log Σ_b l_b e^(m_b): the blocks merged as the reduce kernel merges them
         top = part_m.max(axis=1)
         lse = top + mx.log((part_l * mx.exp(part_m - top[:, None])).sum(axis=1))

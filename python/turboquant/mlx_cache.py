@@ -16,6 +16,7 @@ warning names it).
 from __future__ import annotations
 
 import copy
+import functools
 import json
 import warnings
 
@@ -762,6 +763,12 @@ class TurboQuantKVCache(_mlx_cache._BaseCache):
         core are positions in the sequence minus these."""
         return 0
 
+    def _segment_plan(self):
+        """The core's segment rules for this layer's settings (made once per settings: a
+        decode step asks at every layer)."""
+        return _segment_plan(int(self.fp16_sinks), int(self.fp16_window),
+                             int(self.block_tokens))
+
     def _flush_point(self, T: int, k=None, v=None) -> int | None:
         """Before appending T tokens (``k``/``v``, host arrays, when given): None when they
         cause no window flush (or one that is not made exact: see above), else how many of
@@ -776,8 +783,7 @@ class TurboQuantKVCache(_mlx_cache._BaseCache):
             return None
         # The core's rule (_core.SegmentPlan): whether the append flushes; the window holds
         # window_rows (fp16_window + block_tokens) tokens before the token that does.
-        plan = _core.SegmentPlan(fp16_sinks=self.fp16_sinks, fp16_window=self.fp16_window,
-                                 block_tokens=self.block_tokens)
+        plan = self._segment_plan()
         sizes = plan.sizes(int(self._core.size(0)), int(self._core.coded_tokens(0)))
         if not plan.append(sizes, T).flushes:
             return None
@@ -955,7 +961,9 @@ def _check_mixed(mixed_bits, mixed_keep, key_bits: int, value_bits: int, key_met
 mixed_blocks = _presets.mixed_blocks  # the recipes' rule, kept under its old name here
 
 
-_PERM_INDEX: dict = {}  # the mlx index arrays of the permutations in use (see _permute)
+# The mlx index arrays of the permutations in use (see _permute), by the permutation
+# array's identity; each entry holds its array, so an id is not reused while cached.
+_PERM_INDEX: dict = {}
 
 
 def _permute(x: np.ndarray, perm: np.ndarray) -> np.ndarray:
@@ -963,18 +971,23 @@ def _permute(x: np.ndarray, perm: np.ndarray) -> np.ndarray:
     (the GPU path's keys and queries never leave the GPU). The mlx index array of a
     permutation is made once (a decode step permutes every layer's keys and queries)."""
     if isinstance(x, mx.array):
-        key = (perm.shape, perm.tobytes())
-        index = _PERM_INDEX.get(key)
-        if index is None:
+        entry = _PERM_INDEX.get(id(perm))
+        if entry is None or entry[0] is not perm:
             if len(_PERM_INDEX) >= 4096:  # bounded: models x layers x query layouts
                 _PERM_INDEX.clear()
-            index = _PERM_INDEX[key] = mx.array(perm[:, None, :].astype(np.int32))
-        return mx.take_along_axis(x, index, axis=2)
+            entry = _PERM_INDEX[id(perm)] = (perm, mx.array(perm[:, None, :].astype(np.int32)))
+        return mx.take_along_axis(x, entry[1], axis=2)
     if x.shape[1] == 1:  # a decode step: one flat gather (take_along_axis builds index grids)
         H, _, d = x.shape
         flat = perm + np.arange(0, H * d, d)[:, None]
         return np.ascontiguousarray(x).reshape(H * d)[flat].reshape(H, 1, d)
     return np.ascontiguousarray(np.take_along_axis(x, perm[:, None, :], axis=2))
+
+
+@functools.lru_cache(maxsize=256)
+def _segment_plan(fp16_sinks: int, fp16_window: int, block_tokens: int):
+    return _core.SegmentPlan(fp16_sinks=fp16_sinks, fp16_window=fp16_window,
+                             block_tokens=block_tokens)
 
 
 def _first_tokens(x, n: int):
