@@ -36,7 +36,7 @@ def store_for(d: int, hq: int, hkv: int, bits: int, split: bool, kernels):
 
 
 def run(contexts, dims, bits_list, hkv=8, group=4, peak_gbps=4800.0, kernels=None,
-        iters=50) -> dict:
+        iters=50, block_kernels=("mma", "staged", "fast", "generic")) -> dict:
     hq = hkv * group
     copy_gbps = copy_bandwidth_gbps(1 << 28 if kernels is not None else 1 << 31)
     rows = []
@@ -69,8 +69,9 @@ def run(contexts, dims, bits_list, hkv=8, group=4, peak_gbps=4800.0, kernels=Non
                     q3 = q[0].astype(mx.float32)
                     nbytes = T * store.bytes_per_token() + hq * d * 4
                     name = f"turboquant {'key split ' if split else ''}{bits}-bit"
-                    # The register-tiled block kernel, its staged variant, the generic one.
-                    for kernel in ("fast", "staged", "generic"):
+                    # The tensor-core block kernel, the register-tiled one and its staged
+                    # variant, the generic one.
+                    for kernel in block_kernels:
                         with metal.forced_attention(kernel):
                             def call():
                                 return store.attend(q3, scale=scale)
@@ -93,22 +94,24 @@ def run(contexts, dims, bits_list, hkv=8, group=4, peak_gbps=4800.0, kernels=Non
     return dict(machine=machine(), peak_gbps=peak_gbps, copy_gbps=copy_gbps, rows=rows)
 
 
-# Shapes of the register-tiled kernels compared by --sweep (environment overrides of
-# turboquant.metal): the kernel (lanes load their codes, or the threadgroup stages each tile
-# in threadgroup memory), coordinates per lane, tokens in flight per stream, threadgroups.
+# Settings compared by --sweep (environment overrides of turboquant.metal): the block kernel
+# (tensor-core products; register-tiled lanes that load their codes; the same with each tile
+# staged in threadgroup memory), coordinates per lane, tokens in flight per stream (those two
+# only for the register-tiled kernels; for mma, U is its copy ring's stages), threadgroups.
 SWEEP = [dict(TQ_GPU_ATTENTION=k, TQ_GPU_FAST_COORDS=c, TQ_GPU_FAST_UNROLL=u,
-              TQ_GPU_ATTENTION_GROUPS=g, TQ_GPU_STAGE_TOKENS=tt)
+              TQ_GPU_ATTENTION_GROUPS=g, TQ_GPU_STAGE_TOKENS=tt,
+              TQ_GPU_MMA_STAGES=u if k == "mma" else "3")
          for k, c, u, g, tt in (
-             ("fast", "16", "1", "1024", "64"), ("fast", "16", "2", "1024", "64"),
-             ("fast", "16", "4", "1024", "64"), ("fast", "8", "2", "1024", "64"),
-             ("fast", "8", "4", "1024", "64"), ("fast", "16", "4", "4096", "64"),
-             ("fast", "8", "4", "4096", "64"), ("staged", "16", "1", "1024", "64"),
-             ("staged", "8", "1", "1024", "64"), ("staged", "16", "1", "4096", "64"),
-             ("staged", "8", "1", "4096", "64"), ("staged", "8", "1", "512", "64"),
-             ("staged", "8", "1", "1024", "32"), ("staged", "8", "1", "4096", "32"))]
+             ("mma", "16", "3", "1024", "64"), ("mma", "16", "2", "1024", "64"),
+             ("mma", "16", "4", "1024", "64"), ("mma", "16", "1", "1024", "64"),
+             ("mma", "16", "3", "512", "64"), ("mma", "16", "3", "4096", "64"),
+             ("fast", "16", "1", "1024", "64"), ("fast", "8", "4", "4096", "64"),
+             ("staged", "16", "1", "1024", "64"), ("staged", "8", "1", "1024", "64"),
+             ("staged", "16", "1", "4096", "64"))]
 
 
-def sweep(contexts, d=128, hkv=8, group=4, iters=30, kernels=None) -> list[dict]:
+def sweep(contexts, d=128, hkv=8, group=4, iters=30, kernels=None,
+          block_kernels=("mma", "staged", "fast")) -> list[dict]:
     """Decode attention of the register-tiled kernel under each SWEEP setting (3-bit plain
     and key-split codes): time per call, in one run."""
     hq, rows = hkv * group, []
@@ -122,6 +125,8 @@ def sweep(contexts, d=128, hkv=8, group=4, iters=30, kernels=None) -> list[dict]
                 store.append(k[0, :, a:a + 4096], v[0, :, a:a + 4096])
             mx.eval(*store.code_arrays())
             for env in SWEEP:
+                if env["TQ_GPU_ATTENTION"] not in block_kernels:
+                    continue
                 with environment(**env):
                     def call():
                         return store.attend(q, scale=d ** -0.5)
@@ -148,18 +153,26 @@ def main(argv=None) -> int:
     ap.add_argument("--sweep", default="",
                     help="contexts (comma-separated) at which to compare the register-tiled "
                          "kernel's shapes (SWEEP) before the main table")
+    ap.add_argument("--kernels", default="mma,staged,fast,generic",
+                    help="the block kernels to time (comma-separated, of "
+                         "turboquant.metal.ATTENTION_KERNELS)")
     ap.add_argument("--out", type=Path)
     a = ap.parse_args(argv)
+    block_kernels = tuple(k for k in a.kernels.split(",") if k)
+    bad = [k for k in block_kernels if k not in metal.ATTENTION_KERNELS]
+    if bad:
+        ap.error(f"unknown kernels {bad}; choose from {metal.ATTENTION_KERNELS}")
     kernels = None
     if a.smoke:
         a.contexts, a.dims, a.bits, a.iters, kernels = "256,512", "64", "3", 2, ReferenceKernels()
     elif metal.active_path() == "cpu":
         ap.error(f"needs a GPU kernel path ({metal.path_reason()}); --smoke runs anywhere")
     swept = (sweep([int(x) for x in a.sweep.split(",")], kernels=kernels,
-                   iters=2 if a.smoke else 30) if a.sweep else None)
+                   iters=2 if a.smoke else 30, block_kernels=block_kernels)
+             if a.sweep else None)
     res = run([int(x) for x in a.contexts.split(",")], [int(x) for x in a.dims.split(",")],
               [int(x) for x in a.bits.split(",")], peak_gbps=a.peak_gbps, kernels=kernels,
-              iters=a.iters)
+              iters=a.iters, block_kernels=block_kernels)
     if swept is not None:
         res["sweep"] = swept
     if a.out:

@@ -1,6 +1,6 @@
 """One decode-attention call of each kind the GPU store runs, for a kernel profiler:
 plain and key-split 3-bit codes at a long context (8 KV heads, GQA 4, head_dim 128), and the
-same with the fp16 sinks and window of the default recipe, each with the register-tiled and
+same with the fp16 sinks and window of the default recipe, each with the tensor-core (mma) and
 the staged block kernel, each call evaluated on its own.
 Run it under NVIDIA Nsight Compute to read each kernel's duration, DRAM throughput,
 occupancy, registers and warp stall reasons:
@@ -46,7 +46,7 @@ def calls(T: int):
     for name, kw in (("plain", dict(split=False)), ("key split", dict(split=True)),
                      ("key split + 4 sinks + 64 window", dict(split=True, sinks=4, window=64))):
         s = build(T, **kw)
-        for kernel in ("fast", "staged"):  # metal.attention_kernel() reads it per call
+        for kernel in ("mma", "staged"):  # metal.attention_kernel() reads it per call
             def call(s=s, kernel=kernel):
                 with metal.forced_attention(kernel):
                     mx.eval(s.attend(q))

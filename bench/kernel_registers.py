@@ -28,6 +28,12 @@ SHAPES = [
     ("attention_staged", 8, dict(TQ_TT=32, TQ_R=7), 1576 + 2 * 7 * 128),
     ("attention_fast", 16, dict(TQ_U=1), 1576),
     ("attention_fast", 8, dict(TQ_U=2), 1576),
+    # the tensor-core kernel: plain 3-bit, and the default recipe's key split (4- and 2-bit
+    # halves, 49-byte rows), each with its copy ring of 3 stages (C: unused)
+    ("attention_mma", 0, dict(TQ_NS=3), metal.mma_attention_scratch_floats(
+        128, 4, 3, 3, None, 48, True, 3)),
+    ("attention_mma", 0, dict(TQ_NS=3, TQ_SPLIT=1, TQ_KB0=4, TQ_KB1=2),
+     metal.mma_attention_scratch_floats(128, 4, 4, 3, 2, 49, True, 3)),
 ]
 
 
@@ -59,13 +65,15 @@ def main(argv=None) -> int:
         ap.error("needs libnvrtc (pip install nvidia-cuda-nvrtc)")
     bounds = [None] + [int(x) for x in a.min_blocks.split(",") if x]
     for key, c, extra, scratch in SHAPES:
-        args = dict(TQ_D=128, TQ_GM=4, TQ_C=c, TQ_KB0=3, TQ_KB1=3, TQ_VB=3, TQ_SPLIT=0, **extra)
+        args = dict(dict(TQ_D=128, TQ_GM=4, TQ_C=c, TQ_KB0=3, TQ_KB1=3, TQ_VB=3, TQ_SPLIT=0),
+                    **extra)
         src = nvrtc.mlx_cuda_source([key], templates=args).replace(
             f"constexpr int SCRATCH = {nvrtc.CHECK_SCRATCH};", f"constexpr int SCRATCH = {scratch};")
         for mb in bounds:
             pre = ("" if mb is None else "#undef __global__\n#define __global__ "
                    f"__location__(global) __launch_bounds__({metal.ATTENTION_THREADS}, {mb})\n")
-            print(f"{key:17s} C={c:2d} min_blocks={mb or '-'}: " + "; ".join(report(pre + src)))
+            what = f"split={args['TQ_SPLIT']}" if key == "attention_mma" else f"C={c:2d}"
+            print(f"{key:17s} {what} min_blocks={mb or '-'}: " + "; ".join(report(pre + src)))
     return 0
 
 

@@ -51,7 +51,7 @@ from pathlib import Path
 import numpy as np
 
 KERNEL_FILES = ("common.metal", "encode.metal", "dequantize.metal", "attention.metal",
-                "split.metal", "attention_fast.metal")
+                "split.metal", "attention_fast.metal", "attention_mma.metal")
 CUDA_DIALECT = "cuda_compat.h"  # the CUDA target's dialect header, beside the kernel files
 TARGETS = ("metal", "cuda")
 MAX_GROUP = 16  # TQ_MAX_GROUP: query heads per KV head in one attention pass
@@ -329,7 +329,27 @@ def _register_tiled(key: str, body: str, extra: str, templates) -> KernelSpec:
         templates=_SHAPE_TEMPLATES + tuple(templates))
 
 
+# The matrix-multiply decode attention (attention_mma.metal): the same inputs and partials; its
+# compile-time shape is (D, KB0, KB1, VB, SPLIT) and its copy ring's stages NS, the scratch from
+# mma_attention_scratch_floats.
+_MMA_TEMPLATES = (("TQ_D", 128), ("TQ_KB0", 3), ("TQ_KB1", 3), ("TQ_VB", 3), ("TQ_SPLIT", 0),
+                  ("TQ_NS", 3))
+
 KERNELS.update({
+    "attention_mma": KernelSpec(
+        "tq_mlx_attention_mma",
+        ("q", "k_signs", "k_codes", "k_norms", "v_codes", "v_norms", "k_centroids",
+         "v_centroids", "angles", "params"),
+        ("part_m", "part_l", "part_acc"),
+        "TQ_THREADGROUP_ARRAY(float, tg, SCRATCH);\n"
+        "const uint tq_head = threadgroup_position_in_grid.y;\n"
+        "tq_attention_mma_block_body<TQ_D, TQ_KB0, TQ_KB1, TQ_VB, TQ_SPLIT, TQ_NS>(\n"
+        "    q, k_signs + (params[16] != 0u ? ulong(tq_head) * 2u * uint(TQ_D) : 0ul),\n"
+        "    k_codes, (const device uchar*)k_norms, v_codes, (const device uchar*)v_norms,\n"
+        "    k_centroids, v_centroids, angles, part_m, part_l, part_acc,\n"
+        "    *(const device TqSplitAttnParams*)params, tg, threadgroup_position_in_grid.x,\n"
+        "    tq_head, thread_index_in_threadgroup, threads_per_threadgroup.x);\n",
+        templates=_MMA_TEMPLATES),
     "attention_fast": _register_tiled("attention_fast", "tq_attention_fast_block_body", "TQ_U",
                                       (("TQ_U", FAST_UNROLL),)),
     # The staged variant: the same, plus the tile TT it stages in threadgroup memory and the
@@ -476,6 +496,9 @@ def _needed_files(key: str) -> tuple[str, ...]:
         return ("common.metal", "dequantize.metal")
     if key in ("attention_fast", "attention_staged", "attention_reduce_rows"):
         return ("common.metal", "attention.metal", "split.metal", "attention_fast.metal")
+    if key == "attention_mma":
+        return ("common.metal", "attention.metal", "split.metal", "attention_fast.metal",
+                "attention_mma.metal")
     if key.startswith("attention"):
         return ("common.metal", "attention.metal")
     return ("common.metal", "attention.metal", "split.metal")  # the key split's kernels
@@ -842,7 +865,7 @@ def _attention_shape(queries, k_codes, tokens):
     return kv_heads, group, dim
 
 
-ATTENTION_KERNELS = ("fast", "staged", "generic")
+ATTENTION_KERNELS = ("mma", "staged", "fast", "generic")
 _FORCED_ATTENTION: list[str] = []  # the innermost forced_attention() block's kernel
 
 
@@ -902,21 +925,32 @@ def _fast_shape(dim: int, group: int, k_bits: int, v_bits: int, k_bits1: int | N
 
 
 def attention_kernel() -> str:
-    """The decode-attention block kernel the host prefers: ``"fast"`` (register-tiled, codes
-    loaded by each lane), ``"staged"`` (the same, with each tile's codes copied through
-    threadgroup memory by the whole threadgroup, the next tile's copy in flight), or
-    ``"generic"``; environment variable TQ_GPU_ATTENTION, or a :func:`forced_attention`
-    block. Where the preferred one cannot take a shape, the next one down runs."""
+    """The decode-attention block kernel the host prefers: ``"mma"`` (the products on tensor
+    cores, attention_mma.metal), ``"fast"`` (register-tiled, codes loaded by each lane),
+    ``"staged"`` (the same, with each tile's codes copied through threadgroup memory by the
+    whole threadgroup, the next tile's copy in flight), or ``"generic"``; environment variable
+    TQ_GPU_ATTENTION, or a :func:`forced_attention` block, else :func:`default_attention`.
+    Where the preferred one cannot take a shape, the staged one, then the register-tiled one,
+    then the generic one runs."""
     if _FORCED_ATTENTION:
         return _FORCED_ATTENTION[-1]
-    k = os.environ.get("TQ_GPU_ATTENTION", DEFAULT_ATTENTION)
-    return k if k in ATTENTION_KERNELS else DEFAULT_ATTENTION
+    default = default_attention()
+    k = os.environ.get("TQ_GPU_ATTENTION", default)
+    return k if k in ATTENTION_KERNELS else default
 
 
-# The staged kernel by default: on an H100 at 128K tokens (8 KV heads, GQA 4, d = 128, 3-bit)
-# Nsight Compute timed it at 298 us against the register-tiled kernel's 423 us, and pipelined
-# decode calls at 435 / 490 us (plain / key split) against 510 / 598 us; at 32K they tie
-# (bench/results/gpu_attention_sweep_h100.json, gpu_ncu_h100.txt).
+def default_attention() -> str:
+    """The block kernel a decode step takes by default: ``"mma"`` on the CUDA path (tensor-core
+    products), ``"staged"`` elsewhere (on Metal and in the emulator the mma kernel's products
+    are a simd-group exchange, correct but slow)."""
+    return "mma" if candidate_path() == "cuda" else DEFAULT_ATTENTION
+
+
+# The staged kernel by default on Metal (on CUDA: default_attention()): on an H100 at 128K
+# tokens (8 KV heads, GQA 4, d = 128, 3-bit) Nsight Compute timed it at 298 us against the
+# register-tiled kernel's 423 us, and pipelined decode calls at 435 / 490 us (plain / key
+# split) against 510 / 598 us; at 32K they tie (bench/results/gpu_attention_sweep_h100.json,
+# gpu_ncu_h100.txt).
 DEFAULT_ATTENTION = "staged"
 
 
@@ -940,6 +974,59 @@ def staged_attention_tile(k_code_bytes: int, v_code_bytes: int, norm_fp16: bool,
                 return tt, r
         tt //= 2
     return None
+
+
+# The mma kernel's threadgroup memory: CUDA gives a block 48 KB of static shared memory, Metal
+# guarantees a threadgroup 32 KB (MAX_SCRATCH_FLOATS); its copy ring's stages per simd-group.
+MMA_MAX_SCRATCH_FLOATS = 12288
+MMA_STAGES = 3
+
+
+def mma_stages() -> int:
+    """Stages of the mma kernel's copy ring (tiles in flight per simd-group: one fewer):
+    MMA_STAGES, or TQ_GPU_MMA_STAGES (1 to 4) for a benchmark's sweep."""
+    n = os.environ.get("TQ_GPU_MMA_STAGES")
+    return int(n) if n in ("1", "2", "3", "4") else MMA_STAGES
+
+
+def mma_attention_ok(dim: int, group: int, k_bits: int, v_bits: int, k_bits1: int | None,
+                     head_stride: int, k_code_bytes: int, norm_fp16: bool = True,
+                     stages: int = MMA_STAGES) -> bool:
+    """Whether the matrix-multiply kernel (attention_mma.metal) takes this problem: head_dim
+    64, 128 or 256, at most 8 query heads per KV head, every width 1 to 4 bits (its pair tables
+    hold 2^(2·bits) words), a scratch within the target's threadgroup memory, and a head stride
+    of whole 16-token tiles (a simd-group copies the 16-byte chunks that hold its rows, so each
+    head's rows must start on one)."""
+    widths = (k_bits, v_bits) + (() if k_bits1 is None else (k_bits1,))
+    if dim not in (64, 128, 256) or not 1 <= group <= 8 or not all(1 <= b <= 4 for b in widths):
+        return False
+    if head_stride % 16:  # each head's rows start on a 16-byte chunk
+        return False
+    limit = MAX_SCRATCH_FLOATS if candidate_path() == "metal" else MMA_MAX_SCRATCH_FLOATS
+    return mma_attention_scratch_floats(dim, group, k_bits, v_bits, k_bits1, k_code_bytes,
+                                        norm_fp16, stages) <= limit
+
+
+def _mma_table_words(bits: int) -> int:
+    pairs = 4 ** bits
+    return pairs * 32 if pairs <= 64 else pairs
+
+
+def mma_attention_scratch_floats(dim: int, group: int, k_bits: int, v_bits: int,
+                                 k_bits1: int | None, k_code_bytes: int, norm_fp16: bool,
+                                 stages: int = MMA_STAGES,
+                                 threads: int = ATTENTION_THREADS) -> int:
+    """tq_attention_mma_scratch_floats() of attention_mma.metal: the pair tables (one copy per
+    lane of those of at most 64 pairs), then the larger of the queries, the simd-groups' copy
+    rings and their merge."""
+    tables = (_mma_table_words(k_bits) + _mma_table_words(v_bits)
+              + (0 if k_bits1 is None else _mma_table_words(k_bits1)))
+    run = lambda n: (n + 30) // 16 * 4  # noqa: E731 - tq_run_words
+    nb = 2 if norm_fp16 else 4
+    stage = run(16 * k_code_bytes) + run(16 * code_bytes(dim, v_bits)) + 2 * run(16 * nb)
+    warps = threads // 32
+    region = max(group * dim, warps * stages * stage)
+    return max(tables + region, warps * group * (dim + 2))
 
 
 def fast_attention_unroll() -> int:
@@ -979,7 +1066,8 @@ def _no_angles():
 def _fast_launch(dim: int, shape: tuple[int, int], kv_heads: int, head_stride: int,
                  k_code_bytes: int, group: int, k_bits: int, split: tuple[int, int] | None,
                  v_bits: int, fp16: bool, scale: float, block_tokens: int, blocks: int,
-                 per_head: bool, kernel: str, unroll: int, stage_env: str | None):
+                 per_head: bool, kernel: str, unroll: int, stage_env: str | None,
+                 mma_stages: int = MMA_STAGES):
     """What a register-tiled (or staged) decode launch needs besides its arrays and the token
     count, computed once per shape (a decode step only changes the count): the kernel, its
     template arguments, the launch geometry, and the parameter words with the token count
@@ -1002,8 +1090,20 @@ def _fast_launch(dim: int, shape: tuple[int, int], kv_heads: int, head_stride: i
                                             None if split is None else k_bits1)
     template = [("TQ_D", dim), ("TQ_GM", gm), ("TQ_C", c), ("TQ_KB0", k_bits),
                 ("TQ_KB1", k_bits1), ("TQ_VB", v_bits), ("TQ_SPLIT", int(split is not None))]
+    kb1 = None if split is None else k_bits1
+    # the most stages (at most the setting) whose scratch fits
+    while mma_stages > 1 and not mma_attention_ok(dim, group, k_bits, v_bits, kb1, head_stride,
+                                                  k_code_bytes, fp16, mma_stages):
+        mma_stages -= 1
+    if kernel == "mma" and mma_attention_ok(dim, group, k_bits, v_bits, kb1, head_stride,
+                                            k_code_bytes, fp16, mma_stages):
+        mma = [("SCRATCH", mma_attention_scratch_floats(dim, group, k_bits, v_bits, kb1,
+                                                        k_code_bytes, fp16, mma_stages)),
+               ("TQ_D", dim), ("TQ_KB0", k_bits), ("TQ_KB1", k_bits1), ("TQ_VB", v_bits),
+               ("TQ_SPLIT", int(split is not None)), ("TQ_NS", mma_stages)]
+        return "attention_mma", mma, words, _partial_outputs(kv_heads, blocks, group, dim)
     tile = (staged_attention_tile(k_code_bytes, code_bytes(dim, v_bits), fp16, head_stride,
-                                  block_tokens, scratch) if kernel == "staged" else None)
+                                  block_tokens, scratch) if kernel in ("staged", "mma") else None)
     if tile is not None:
         tt, r = tile
         which = "attention_staged"
@@ -1029,7 +1129,7 @@ def _fast_partials(q, k_signs, per_head, k_codes, k_norms, v_codes, v_norms, k_c
         int(q.shape[-1]), tuple(shape), kv_heads, head_stride, int(k_codes.shape[2]), group,
         k_bits, None if split is None else (split[0], split[1]), v_bits, fp16, float(scale),
         block_tokens, blocks, bool(per_head), attention_kernel(), fast_attention_unroll(),
-        os.environ.get("TQ_GPU_STAGE_TOKENS"))
+        os.environ.get("TQ_GPU_STAGE_TOKENS"), mma_stages())
     params = words.copy()
     params[1] = tokens
     angles = _no_angles() if split is None else split[2]

@@ -1771,8 +1771,10 @@ def self_test(kernels: Any = None) -> str | None:
     groups), one with mixed precision (full- and low-width pages, attended with their
     log-sum-exp), receive 29 tokens: every kernel runs
     (encode, query rotation, split-K decode attention by each block kernel and its
-    reduction merged with the fp16 rows, dequantize for a prefill, and the split's four). Codes and norms must equal the core's bit for bit, decode
-    and prefill attention within 1e-3 of the core's output scale."""
+    reduction merged with the fp16 rows, dequantize for a prefill, and the split's four).
+    Codes and norms must equal the core's bit for bit, decode and prefill attention within
+    1e-3 of the core's output scale (4e-3 for the mma block kernel, whose products take fp16
+    inputs)."""
     mx = _mx()
     try:
         rng = np.random.default_rng(20261204)
@@ -1820,13 +1822,15 @@ def self_test(kernels: Any = None) -> str | None:
                         return f"{name}: {role} norms of KV head {h} differ from the C++ core's"
             # A decode step (split-K on the codes, by each block kernel: staged, register-
             # tiled, generic), a causal prefill.
-            for rows, kernel in ((1, "staged"), (1, "fast"), (1, "generic"), (5, "")):
+            for rows, kernel in ((1, "mma"), (1, "staged"), (1, "fast"), (1, "generic"),
+                                 (5, "")):
                 q = rng.standard_normal((hq, rows, d)).astype(np.float32)
                 with (metal.forced_attention(kernel) if kernel else contextlib.nullcontext()):
                     got = np.asarray(store.attend(mx.array(q), scale=0.125), np.float64)
                 want = np.asarray(core.attend(q, scale=0.125), np.float64)
                 err = float(np.abs(got - want).max()) / max(1.0, float(np.abs(want).max()))
-                if not err <= 1e-3:  # NaN fails too
+                # the mma kernel's products take fp16 queries, centroids and weights
+                if not err <= (4e-3 if kernel == "mma" else 1e-3):  # NaN fails too
                     what = f" ({kernel} block kernel)" if kernel else ""
                     return (f"{name}: attention of {rows} query row(s){what} differs from the "
                             f"C++ core's by {err:.3g}")

@@ -134,8 +134,11 @@ class EmulatedKernels:
             assert set(values) <= {"SCRATCH"} | {k for k, _ in spec.templates}, values
             if "SCRATCH" in values:  # the emulated scratch array must hold what the GPU would get
                 assert values["SCRATCH"] <= SCRATCH_FLOATS
-                # ... and no more than a GPU's threadgroup memory holds
-                assert values["SCRATCH"] <= metal.MAX_SCRATCH_FLOATS, (which, values)
+                # ... and no more than a GPU's threadgroup memory holds (the mma kernel, the
+                # CUDA path's default, may use a CUDA block's 48 KB)
+                limit = (metal.MMA_MAX_SCRATCH_FLOATS if which == "attention_mma"
+                         else metal.MAX_SCRATCH_FLOATS)
+                assert values["SCRATCH"] <= limit, (which, values)
             groups = [g // t for g, t in zip(grid, threadgroup)]
             assert all(g * t == gg for g, t, gg in zip(groups, threadgroup, grid)), (grid, threadgroup)
             assert threadgroup[1] == threadgroup[2] == 1

@@ -61,7 +61,10 @@ def assert_same_codes(store, core):
 # fp16 sinks/window of a decode step) on TF32 tensor cores by default: 10-bit mantissas, about
 # 1e-3 relative. MLX_ENABLE_TF32=0 gives full float32, where the kernels agree to 2e-4
 # (scripts/gpu-test.sh runs both).
-ATTN_TOL = 2e-4 if os.environ.get("MLX_ENABLE_TF32", "1") == "0" else 2e-3
+# The mma block kernel (the CUDA path's default) multiplies fp16 queries, centroids and softmax
+# weights on tensor cores: 2e-3 as well.
+ATTN_TOL = (2e-4 if os.environ.get("MLX_ENABLE_TF32", "1") == "0"
+            and metal.default_attention() != "mma" else 2e-3)
 
 
 def rel_err(a, b):
@@ -151,7 +154,8 @@ def test_mixed_precision_masks_codes_and_attention():
 
 @pytest.mark.parametrize("split", [False, True])
 def test_large_context_decode_matches_the_core(split):
-    # Each decode block kernel (staged: the default; register-tiled; generic) on 16K tokens.
+    # Each decode block kernel (mma: the CUDA default; staged; register-tiled; generic) on 16K
+    # tokens.
     rng = np.random.default_rng(1)
     d, hq, hkv = 128, 32, 8
     cfg = kw(d, hq, hkv, 3, 3, split=split, sinks=4, window=64)

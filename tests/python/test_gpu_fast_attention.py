@@ -271,3 +271,97 @@ def test_staged_kernel_with_several_tiles_per_block_and_fp16_rows(emulated, monk
     assert set(emulated.launches[start:]) == {"attention_staged", "attention_reduce_rows"}
     shorten_tokens(monkeypatch)
     assert not np.allclose(np.array(store.attend(mx.array(q))), core.attend(q), atol=2e-5)
+
+
+# --- The tensor-core (mma) block kernel -------------------------------------------------------
+# On the emulator its 16x8x16 products are a simd-group exchange over the same fragments the
+# tensor cores take, with the same fp16 inputs (queries, centroid pairs, softmax weights):
+# it agrees with the fp32 core to fp16's precision, not to 2e-5.
+MMA_TOL = 2e-3
+
+
+def rel_err(a, b):
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(np.abs(a - b).max()) / max(1.0, float(np.abs(b).max()))
+
+
+def test_mma_rule_and_default(monkeypatch):
+    ok = metal.mma_attention_ok
+    assert ok(128, 4, 3, 3, None, 4096, 48)
+    assert ok(64, 8, 2, 3, 4, 4096, 25)  # split rows of 25 bytes: heads start on 16-byte chunks
+    assert not ok(64, 8, 2, 3, 4, 4104, 25)  # a head stride of 8 tokens more: they do not
+    assert not ok(128, 9, 3, 3, None, 4096, 48)  # more than 8 query heads per KV head
+    assert not ok(128, 4, 5, 3, None, 4096, 80)  # over 4 bits: the pair table would be 4 KB
+    assert not ok(96, 4, 3, 3, None, 4096, 36)
+    # head_dim 256 at 4 bits: three stages of 16 rows exceed a CUDA block's 48 KB, two fit
+    assert not ok(256, 4, 4, 4, 4, 4096, 129, stages=3)
+    assert ok(256, 4, 4, 4, 4, 4096, 129, stages=2)
+    # Metal's 32 KB: head_dim 128 at 3 bits takes two stages, not three
+    monkeypatch.setattr(metal, "candidate_path", lambda: "metal")
+    assert ok(128, 4, 3, 3, None, 4096, 48, stages=2)
+    assert not ok(128, 4, 3, 3, None, 4096, 48, stages=3)
+    monkeypatch.undo()
+    # The CUDA path takes it by default; elsewhere (Metal, this machine) the staged kernel.
+    monkeypatch.delenv("TQ_GPU_ATTENTION", raising=False)
+    assert metal.default_attention() == "staged" == metal.attention_kernel()
+    monkeypatch.setattr(metal, "candidate_path", lambda: "cuda")
+    assert metal.default_attention() == "mma" == metal.attention_kernel()
+    monkeypatch.setenv("TQ_GPU_ATTENTION", "staged")
+    assert metal.attention_kernel() == "staged"
+
+
+@pytest.mark.parametrize("d,hq,hkv,kb,vb,tokens,bt,split,stages", [
+    (64, 4, 2, 3, 3, 75, 8, False, 3),      # 16-token tiles, the last one partial
+    (128, 3, 1, 4, 2, 203, 64, False, 1),   # G 3: rows 3..7 of the products zero; no ring
+    (128, 16, 2, 1, 4, 130, 16, False, 2),  # G 8, 1-bit keys
+    (256, 2, 2, 2, 4, 97, 16, False, 4),    # 32 value coordinates a lane row
+    (64, 4, 2, 3, 3, 75, 8, True, 3),       # split: 4- and 2-bit halves in 25-byte rows
+    (128, 8, 2, 3, 3, 150, 32, True, 2),    # split, 49-byte rows (unaligned)
+])
+def test_mma_kernel_matches_the_core(emulated, monkeypatch, d, hq, hkv, kb, vb, tokens, bt,
+                                     split, stages):
+    emulated.install(monkeypatch)
+    monkeypatch.setenv("TQ_GPU_MMA_STAGES", str(stages))
+    rng = np.random.default_rng(d + hq + tokens + split)
+    kw = dict(n_layers=1, n_q_heads=hq, n_kv_heads=hkv, value_bits=vb, seed=5, block_tokens=bt,
+              key_bits=kb)
+    if split:
+        kw.update(split_kw(d, kb + 1, kb - 1), block_tokens=bt)
+    store, core = mlx_metal.MetalCodeStore(d, **kw), _core.KVCache(d, **kw)
+    k, v = (rng.standard_normal((hkv, tokens, d)).astype(np.float32) for _ in range(2))
+    k *= 1.5
+    if split:
+        k[..., : d // 2] *= 3.0
+    store.append(mx.array(k), mx.array(v))
+    core.append(k, v)
+    q = rng.standard_normal((hq, 1, d)).astype(np.float32)
+    start = len(emulated.launches)
+    with metal.forced_attention("mma"):
+        got = np.array(store.attend(mx.array(q), scale=0.2))
+    assert emulated.launches[start:] == ["attention_mma", "attention_reduce_heads"]
+    want = core.attend(q, scale=0.2)
+    assert rel_err(got, want) <= MMA_TOL
+    # fp16 rounding, not a wrong token or coordinate: the error is far below a 3-bit code's
+    assert rel_err(got, want) > 0.0
+
+
+def test_mma_kernel_with_several_tiles_per_block_fp16_rows_and_a_check_that_fails(
+        emulated, monkeypatch):
+    emulated.install(monkeypatch)
+    monkeypatch.setattr(metal, "ATTENTION_GROUPS", 2)
+    monkeypatch.setenv("TQ_GPU_ATTENTION", "mma")
+    rng = np.random.default_rng(6)
+    d, hkv, G = 64, 2, 4
+    kw = dict(n_layers=1, n_q_heads=hkv * G, n_kv_heads=hkv, key_bits=3, value_bits=3, seed=9,
+              block_tokens=8, fp16_sinks=3, fp16_window=16, norm_correction=True)
+    store, core = mlx_metal.MetalCodeStore(d, **kw), _core.KVCache(d, **kw)
+    for T in (300, 1, 37):
+        k, v = (rng.standard_normal((hkv, T, d)).astype(np.float32) for _ in range(2))
+        store.append(mx.array(k), mx.array(v))
+        core.append(k, v)
+    q = rng.standard_normal((hkv * G, 1, d)).astype(np.float32)
+    start = len(emulated.launches)
+    assert rel_err(np.array(store.attend(mx.array(q))), core.attend(q)) <= MMA_TOL
+    assert set(emulated.launches[start:]) == {"attention_mma", "attention_reduce_rows"}
+    shorten_tokens(monkeypatch)
+    assert rel_err(np.array(store.attend(mx.array(q))), core.attend(q)) > MMA_TOL
