@@ -940,10 +940,23 @@ def attention_kernel() -> str:
 
 
 def default_attention() -> str:
-    """The block kernel a decode step takes by default: ``"mma"`` on the CUDA path (tensor-core
-    products), ``"staged"`` elsewhere (on Metal and in the emulator the mma kernel's products
-    are a simd-group exchange, correct but slow)."""
-    return "mma" if candidate_path() == "cuda" else DEFAULT_ATTENTION
+    """The block kernel a decode step takes by default: ``"mma"`` on the CUDA path of a GPU
+    with tensor-core mma.sync (compute capability 8.0 and later), ``"staged"`` elsewhere (on
+    Metal, older NVIDIA GPUs and in the emulator the mma kernel's products are a simd-group
+    exchange: correct but slow)."""
+    return "mma" if candidate_path() == "cuda" and _cuda_capability() >= 8 else DEFAULT_ATTENTION
+
+
+@functools.lru_cache(maxsize=None)
+def _cuda_capability() -> int:
+    """The CUDA device's compute capability (major), from mlx's device_info (8 when mlx does
+    not say: the GPUs mlx's CUDA back end is built for)."""
+    try:
+        import mlx.core as mx
+
+        return int(mx.device_info().get("compute_capability_major", 8))
+    except Exception:  # noqa: BLE001 - an mlx without device_info
+        return 8
 
 
 # The staged kernel by default on Metal (on CUDA: default_attention()): on an H100 at 128K

@@ -238,6 +238,16 @@ def _pick(bits, n_kv_heads: int, layer: int, kv_head: int, otherwise: int) -> in
 
 # The code pages grow by 1/GROWTH_DIVISOR of their rows (whole pages) when full.
 GROWTH_DIVISOR = 8
+# The page arrays hold a multiple of ALLOC_ROWS rows as well as whole pages: the tensor-core
+# decode kernel copies 16-byte chunks, so each head's rows must start on one
+# (turboquant.metal.mma_attention_ok).
+ALLOC_ROWS = 16
+
+
+def _alloc_rows(rows: int, block_tokens: int) -> int:
+    """``rows`` rounded up to whole pages of ``block_tokens`` and a multiple of ALLOC_ROWS."""
+    unit = math.lcm(block_tokens, ALLOC_ROWS)
+    return -(-rows // unit) * unit
 
 # Scores per chunk of query rows in a mixed-precision store's prefill (float32: 64 MiB).
 _SCORE_CHUNK = 1 << 24
@@ -816,7 +826,7 @@ class MetalCodeStore:
         if cap > have:
             alloc = self._lo_alloc if low else self._alloc
             if cap > alloc:
-                new = max(cap, -(-(alloc + alloc // GROWTH_DIVISOR) // bt) * bt)
+                new = _alloc_rows(max(cap, alloc + alloc // GROWTH_DIVISOR), bt)
                 for p in pages:
                     p.grow(alloc, new)
                 if low:
@@ -895,20 +905,22 @@ class MetalCodeStore:
         # The arrays shrink once the pages in use fill less than 3/4 of them (a trim of a few
         # tokens, as speculative decoding makes each step, keeps them: no copy).
         if cap < self._cap:
-            if cap < self._alloc * 3 // 4:
+            alloc = _alloc_rows(cap, bt)
+            if cap < self._alloc * 3 // 4 and alloc < self._alloc:
                 for g in self._groups:
-                    g.shrink(cap)
+                    g.shrink(alloc)
                 if cap:
                     _mx().eval(*self.code_arrays())
-                self._alloc = cap
+                self._alloc = alloc
             self._cap = cap
         if nlo < self._lo_cap:
-            if nlo < self._lo_alloc * 3 // 4:
+            alloc = _alloc_rows(nlo, bt)
+            if nlo < self._lo_alloc * 3 // 4 and alloc < self._lo_alloc:
                 for g in self._groups:
-                    g.low.shrink(nlo)
+                    g.low.shrink(alloc)
                 if nlo:
                     _mx().eval(*self.code_arrays())
-                self._lo_alloc = nlo
+                self._lo_alloc = alloc
             self._lo_cap = nlo
 
     # --- attention -------------------------------------------------------------------------

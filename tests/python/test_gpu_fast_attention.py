@@ -249,30 +249,6 @@ def test_staged_kernel_matches_the_core_and_the_fast_kernel(emulated, monkeypatc
     np.testing.assert_allclose(got, fast, atol=2e-5)
 
 
-def test_staged_kernel_with_several_tiles_per_block_and_fp16_rows(emulated, monkeypatch):
-    # Few threadgroups: each block stages many 8-token tiles in turn (both stage buffers
-    # reused), fp16 sinks and window merged by the reduce launch, and a comparison that can
-    # fail (the tokens count shortened by one).
-    emulated.install(monkeypatch)
-    monkeypatch.setattr(metal, "ATTENTION_GROUPS", 2)
-    monkeypatch.setenv("TQ_GPU_ATTENTION", "staged")
-    rng = np.random.default_rng(4)
-    d, hkv, G = 64, 2, 4
-    kw = dict(n_layers=1, n_q_heads=hkv * G, n_kv_heads=hkv, key_bits=3, value_bits=3, seed=9,
-              block_tokens=8, fp16_sinks=3, fp16_window=16, norm_correction=True)
-    store, core = mlx_metal.MetalCodeStore(d, **kw), _core.KVCache(d, **kw)
-    for T in (200, 1, 37):
-        k, v = (rng.standard_normal((hkv, T, d)).astype(np.float32) for _ in range(2))
-        store.append(mx.array(k), mx.array(v))
-        core.append(k, v)
-    q = rng.standard_normal((hkv * G, 1, d)).astype(np.float32)
-    start = len(emulated.launches)
-    np.testing.assert_allclose(np.array(store.attend(mx.array(q))), core.attend(q), atol=2e-5)
-    assert set(emulated.launches[start:]) == {"attention_staged", "attention_reduce_rows"}
-    shorten_tokens(monkeypatch)
-    assert not np.allclose(np.array(store.attend(mx.array(q))), core.attend(q), atol=2e-5)
-
-
 # --- The tensor-core (mma) block kernel -------------------------------------------------------
 # On the emulator its 16x8x16 products are a simd-group exchange over the same fragments the
 # tensor cores take, with the same fp16 inputs (queries, centroid pairs, softmax weights):
@@ -305,7 +281,11 @@ def test_mma_rule_and_default(monkeypatch):
     monkeypatch.delenv("TQ_GPU_ATTENTION", raising=False)
     assert metal.default_attention() == "staged" == metal.attention_kernel()
     monkeypatch.setattr(metal, "candidate_path", lambda: "cuda")
+    monkeypatch.setattr(metal, "_cuda_capability", lambda: 9)
     assert metal.default_attention() == "mma" == metal.attention_kernel()
+    monkeypatch.setattr(metal, "_cuda_capability", lambda: 7)  # no mma.sync of fp16 16x8x16
+    assert metal.default_attention() == "staged"
+    monkeypatch.setattr(metal, "_cuda_capability", lambda: 9)
     monkeypatch.setenv("TQ_GPU_ATTENTION", "staged")
     assert metal.attention_kernel() == "staged"
 
@@ -314,7 +294,7 @@ def test_mma_rule_and_default(monkeypatch):
     (64, 4, 2, 3, 3, 75, 8, False, 3),      # 16-token tiles, the last one partial
     (128, 3, 1, 4, 2, 203, 64, False, 1),   # G 3: rows 3..7 of the products zero; no ring
     (128, 16, 2, 1, 4, 130, 16, False, 2),  # G 8, 1-bit keys
-    (256, 2, 2, 2, 4, 97, 16, False, 4),    # 32 value coordinates a lane row
+    (256, 2, 2, 2, 4, 97, 8, False, 4),     # 32 value coordinates a lane row; 8-token pages
     (64, 4, 2, 3, 3, 75, 8, True, 3),       # split: 4- and 2-bit halves in 25-byte rows
     (128, 8, 2, 3, 3, 150, 32, True, 2),    # split, 49-byte rows (unaligned)
 ])
@@ -345,23 +325,27 @@ def test_mma_kernel_matches_the_core(emulated, monkeypatch, d, hq, hkv, kb, vb, 
     assert rel_err(got, want) > 0.0
 
 
-def test_mma_kernel_with_several_tiles_per_block_fp16_rows_and_a_check_that_fails(
-        emulated, monkeypatch):
+@pytest.mark.parametrize("kernel,first,tol", [("staged", 200, 2e-5), ("mma", 300, MMA_TOL)])
+def test_block_kernel_with_several_tiles_per_block_fp16_rows_and_a_check_that_fails(
+        emulated, monkeypatch, kernel, first, tol):
+    # Few threadgroups: each block takes many tiles in turn (the staged kernel's two stage
+    # buffers, the mma kernel's copy rings reused), fp16 sinks and window merged by the reduce
+    # launch, and a comparison that can fail (the tokens count shortened by one).
     emulated.install(monkeypatch)
     monkeypatch.setattr(metal, "ATTENTION_GROUPS", 2)
-    monkeypatch.setenv("TQ_GPU_ATTENTION", "mma")
-    rng = np.random.default_rng(6)
+    monkeypatch.setenv("TQ_GPU_ATTENTION", kernel)
+    rng = np.random.default_rng(4 if kernel == "staged" else 6)
     d, hkv, G = 64, 2, 4
     kw = dict(n_layers=1, n_q_heads=hkv * G, n_kv_heads=hkv, key_bits=3, value_bits=3, seed=9,
               block_tokens=8, fp16_sinks=3, fp16_window=16, norm_correction=True)
     store, core = mlx_metal.MetalCodeStore(d, **kw), _core.KVCache(d, **kw)
-    for T in (300, 1, 37):
+    for T in (first, 1, 37):
         k, v = (rng.standard_normal((hkv, T, d)).astype(np.float32) for _ in range(2))
         store.append(mx.array(k), mx.array(v))
         core.append(k, v)
     q = rng.standard_normal((hkv * G, 1, d)).astype(np.float32)
     start = len(emulated.launches)
-    assert rel_err(np.array(store.attend(mx.array(q))), core.attend(q)) <= MMA_TOL
-    assert set(emulated.launches[start:]) == {"attention_mma", "attention_reduce_rows"}
+    assert rel_err(np.array(store.attend(mx.array(q))), core.attend(q)) <= tol
+    assert set(emulated.launches[start:]) == {f"attention_{kernel}", "attention_reduce_rows"}
     shorten_tokens(monkeypatch)
-    assert rel_err(np.array(store.attend(mx.array(q))), core.attend(q)) > MMA_TOL
+    assert rel_err(np.array(store.attend(mx.array(q))), core.attend(q)) > tol

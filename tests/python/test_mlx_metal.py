@@ -858,3 +858,24 @@ def test_pages_grow_by_an_eighth_and_memory_counts_the_pages_in_use(monkeypatch)
     assert store.code_arrays()[0].shape[1] < rows // 2
     assert store.memory_bytes() == core.memory_bytes() == store.allocated_bytes()
     assert_same_codes(store, core)
+
+
+def test_page_arrays_hold_whole_16_row_chunks_with_small_pages():
+    # 8-token pages: the arrays still hold a multiple of 16 rows after every growth and a
+    # shrinking trim (the tensor-core decode kernel needs each head's rows on 16-byte chunks),
+    # while memory_bytes() counts the pages in use, as the core does.
+    rng = np.random.default_rng(3)
+    d, hkv = 32, 2
+    store, core = pair(d, 4, hkv, bt=8)
+    for T in (9, 1, 30, 1, 1, 200):
+        k, v = rand(rng, hkv, T, d), rand(rng, hkv, T, d)
+        store.append(mx.array(k), mx.array(v))
+        core.append(k, v)
+        assert store.code_arrays()[0].shape[1] % 16 == 0
+        assert store.memory_bytes() == core.memory_bytes()
+    store.trim(200)
+    core.trim(200)
+    rows = store.code_arrays()[0].shape[1]
+    assert rows % 16 == 0 and rows < 100
+    assert store.memory_bytes() == core.memory_bytes()
+    assert_same_codes(store, core)
