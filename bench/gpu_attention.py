@@ -97,17 +97,19 @@ def run(contexts, dims, bits_list, hkv=8, group=4, peak_gbps=4800.0, kernels=Non
 # Settings compared by --sweep (environment overrides of turboquant.metal): the block kernel
 # (tensor-core products; register-tiled lanes that load their codes; the same with each tile
 # staged in threadgroup memory), coordinates per lane, tokens in flight per stream (those two
-# only for the register-tiled kernels; for mma, U is its copy ring's stages), threadgroups.
+# only for the register-tiled kernels; for mma, U is its copy ring's stages), threadgroups,
+# and for mma the threadgroups per multiprocessor its registers are capped for (0: none).
 SWEEP = [dict(TQ_GPU_ATTENTION=k, TQ_GPU_FAST_COORDS=c, TQ_GPU_FAST_UNROLL=u,
               TQ_GPU_ATTENTION_GROUPS=g, TQ_GPU_STAGE_TOKENS=tt,
-              TQ_GPU_MMA_STAGES=u if k == "mma" else "3")
-         for k, c, u, g, tt in (
-             ("mma", "16", "3", "1024", "64"), ("mma", "16", "2", "1024", "64"),
-             ("mma", "16", "4", "1024", "64"), ("mma", "16", "1", "1024", "64"),
-             ("mma", "16", "3", "512", "64"), ("mma", "16", "3", "4096", "64"),
-             ("fast", "16", "1", "1024", "64"), ("fast", "8", "4", "4096", "64"),
-             ("staged", "16", "1", "1024", "64"), ("staged", "8", "1", "1024", "64"),
-             ("staged", "16", "1", "4096", "64"))]
+              TQ_GPU_MMA_STAGES=u if k == "mma" else "3", TQ_GPU_MMA_MIN_BLOCKS=mb)
+         for k, c, u, g, tt, mb in (
+             ("mma", "16", "3", "1024", "64", "0"), ("mma", "16", "2", "1024", "64", "0"),
+             ("mma", "16", "4", "1024", "64", "0"), ("mma", "16", "1", "1024", "64", "0"),
+             ("mma", "16", "3", "512", "64", "0"), ("mma", "16", "3", "4096", "64", "0"),
+             ("mma", "16", "2", "1024", "64", "4"), ("mma", "16", "3", "1024", "64", "4"),
+             ("fast", "16", "1", "1024", "64", "0"), ("fast", "8", "4", "4096", "64", "0"),
+             ("staged", "16", "1", "1024", "64", "0"), ("staged", "8", "1", "1024", "64", "0"),
+             ("staged", "16", "1", "4096", "64", "0"))]
 
 
 def sweep(contexts, d=128, hkv=8, group=4, iters=30, kernels=None,
@@ -136,6 +138,7 @@ def sweep(contexts, d=128, hkv=8, group=4, iters=30, kernels=None,
                 print(f"sweep T={T:7d} split={int(split)} {env['TQ_GPU_ATTENTION']:6s} "
                       f"C={env['TQ_GPU_FAST_COORDS']:>2s} TT={env['TQ_GPU_STAGE_TOKENS']:>2s} "
                       f"U={env['TQ_GPU_FAST_UNROLL']} groups={env['TQ_GPU_ATTENTION_GROUPS']:>4s}"
+                      f" min_blocks={env['TQ_GPU_MMA_MIN_BLOCKS']}"
                       f" {t * 1e6:8.1f} us, pipelined {p * 1e6:8.1f} us", flush=True)
     return rows
 

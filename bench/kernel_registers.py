@@ -70,8 +70,7 @@ def main(argv=None) -> int:
         src = nvrtc.mlx_cuda_source([key], templates=args).replace(
             f"constexpr int SCRATCH = {nvrtc.CHECK_SCRATCH};", f"constexpr int SCRATCH = {scratch};")
         for mb in bounds:
-            pre = ("" if mb is None else "#undef __global__\n#define __global__ "
-                   f"__location__(global) __launch_bounds__({metal.ATTENTION_THREADS}, {mb})\n")
+            pre = "" if mb is None else metal.launch_bounds_header(mb)
             what = f"split={args['TQ_SPLIT']}" if key == "attention_mma" else f"C={c:2d}"
             print(f"{key:17s} {what} min_blocks={mb or '-'}: " + "; ".join(report(pre + src)))
     return 0

@@ -742,9 +742,23 @@ def _kernel(which: str):
     return build_kernel(which, candidate_path())
 
 
-def build_kernel(which: str, target: str):
+@functools.lru_cache(maxsize=None)
+def _bounded_kernel(which: str, min_blocks: int):
+    return build_kernel(which, "cuda", min_blocks)
+
+
+def launch_bounds_header(min_blocks: int, threads: int = ATTENTION_THREADS) -> str:
+    """A CUDA header prefix that gives the kernel after it ``__launch_bounds__(threads,
+    min_blocks)``: registers capped so that ``min_blocks`` threadgroups fit a multiprocessor
+    (mlx's cuda_kernel declares the kernel itself; this redefines its ``__global__``)."""
+    return ("#undef __global__\n#define __global__ __location__(global) "
+            f"__launch_bounds__({int(threads)}, {int(min_blocks)})\n")
+
+
+def build_kernel(which: str, target: str, min_blocks: int = 0):
     """The mlx kernel ``which`` of :data:`KERNELS` for ``target``: mx.fast.metal_kernel or
-    mx.fast.cuda_kernel over the same body and header (its call signature is the same)."""
+    mx.fast.cuda_kernel over the same body and header (its call signature is the same).
+    ``min_blocks`` (CUDA only): launch bounds for that many threadgroups per multiprocessor."""
     import inspect
 
     import mlx.core as mx
@@ -752,6 +766,10 @@ def build_kernel(which: str, target: str):
     _check_target(target)
     spec = KERNELS[which]
     header, source = kernel_text(which, target)
+    if min_blocks:
+        if target != "cuda":
+            raise ValueError("launch bounds are a CUDA setting")
+        header += launch_bounds_header(min_blocks)
     common = dict(name=kernel_name(spec.name, header, source), input_names=list(spec.input_names),
                   output_names=list(spec.output_names), source=source, header=header)
     if target == "cuda":  # NVRTC without fast math: IEEE division and square root
@@ -1002,6 +1020,15 @@ def mma_stages() -> int:
     return int(n) if n in ("1", "2", "3", "4") else MMA_STAGES
 
 
+def mma_min_blocks() -> int:
+    """Threadgroups per multiprocessor the mma kernel's registers are capped for on CUDA
+    (``__launch_bounds__``; 0: no cap, the default): TQ_GPU_MMA_MIN_BLOCKS (2 to 6) for a
+    benchmark's sweep. NVRTC for sm_90: 152 registers uncapped (3 threadgroups), 136 at 3,
+    128 with 48 bytes spilled at 4 (bench/results/kernel_registers_sm90.txt); not yet timed."""
+    n = os.environ.get("TQ_GPU_MMA_MIN_BLOCKS")
+    return int(n) if n in ("2", "3", "4", "5", "6") else 0
+
+
 def mma_attention_ok(dim: int, group: int, k_bits: int, v_bits: int, k_bits1: int | None,
                      head_stride: int, k_code_bytes: int, norm_fp16: bool = True,
                      stages: int = MMA_STAGES) -> bool:
@@ -1147,7 +1174,9 @@ def _fast_partials(q, k_signs, per_head, k_codes, k_norms, v_codes, v_norms, k_c
     params[1] = tokens
     angles = _no_angles() if split is None else split[2]
     as_bits = (lambda a: a.view(mx.uint16)) if fp16 else (lambda a: a)
-    return _kernel(which)(
+    bound = mma_min_blocks() if which == "attention_mma" and candidate_path() == "cuda" else 0
+    kernel = _bounded_kernel(which, bound) if bound else _kernel(which)
+    return kernel(
         inputs=[q, k_signs, k_codes, as_bits(k_norms), v_codes, as_bits(v_norms), k_cents,
                 v_cents, angles, mx.array(params)],
         template=template, **launch)

@@ -121,3 +121,16 @@ def test_the_register_check_can_fail(nvrtc):
     ok, log, _ = nvrtc.compile(source, ptx_text=ptx)
     assert ok, log
     assert _local_memory(ptx[0])
+
+
+def test_the_mma_kernel_compiles_with_launch_bounds(nvrtc):
+    # TQ_GPU_MMA_MIN_BLOCKS: the header's redefinition of __global__ reaches the kernel mlx
+    # declares after it (the PTX carries the bounds); without it there are none.
+    src = mlx_cuda_source(["attention_mma"])
+    bounded = src.replace("namespace mlx::core::cu {", metal.launch_bounds_header(4)
+                          + "namespace mlx::core::cu {", 1)
+    for text, want in ((src, False), (bounded, True)):
+        ptx = []
+        ok, log, _ = nvrtc.compile(text, ptx_text=ptx)
+        assert ok, log[-3000:]
+        assert ("minnctapersm 4" in ptx[0]) == want

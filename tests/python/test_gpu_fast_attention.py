@@ -288,6 +288,15 @@ def test_mma_rule_and_default(monkeypatch):
     monkeypatch.setattr(metal, "_cuda_capability", lambda: 9)
     monkeypatch.setenv("TQ_GPU_ATTENTION", "staged")
     assert metal.attention_kernel() == "staged"
+    # The register cap of a sweep: off unless TQ_GPU_MMA_MIN_BLOCKS names 2..6 threadgroups.
+    assert metal.mma_min_blocks() == 0
+    monkeypatch.setenv("TQ_GPU_MMA_MIN_BLOCKS", "4")
+    assert metal.mma_min_blocks() == 4
+    assert "__launch_bounds__(128, 4)" in metal.launch_bounds_header(4)
+    monkeypatch.setenv("TQ_GPU_MMA_MIN_BLOCKS", "9")
+    assert metal.mma_min_blocks() == 0
+    with pytest.raises(ValueError, match="CUDA setting"):
+        metal.build_kernel("attention_mma", "metal", min_blocks=4)
 
 
 @pytest.mark.parametrize("d,hq,hkv,kb,vb,tokens,bt,split,stages", [
