@@ -36,6 +36,7 @@ def test_gpu_attention_smoke(tmp_path):
         for kernel in ("mma", "staged", "fast", "generic")}
     for r in rows:
         assert r["seconds"] > 0 and r["bytes"] > 0 and r["gbps"] > 0
+        assert r["pipelined_seconds"] > 0 and r["overlapped_seconds"] > 0
     fp16 = {r["context"]: r["bytes"] for r in rows if r["cache"] == "fp16 sdpa"}
     for r in rows:  # 3-bit codes read ~4-5x fewer bytes than fp16 K/V (head_dim 64)
         if r["bits"] == 3:
