@@ -39,17 +39,39 @@ def machine() -> dict:
     return info
 
 
-def timed(fn, iters: int, repeats: int = 5, warmup: int = 3) -> float:
-    """Median seconds per call of fn() (its result evaluated) over `repeats` runs."""
+def _per_call(batch, fn, iters: int, repeats: int, warmup: int) -> float:
+    """Median seconds per call of `batch(fn, iters)` (which runs `iters` calls of fn() and
+    waits for them) over `repeats` runs, after `warmup` evaluated calls."""
     for _ in range(warmup):
         mx.eval(fn())
     runs = []
     for _ in range(repeats):
         t0 = time.perf_counter()
-        for _ in range(iters):
-            mx.eval(fn())
+        batch(fn, iters)
         runs.append((time.perf_counter() - t0) / iters)
     return statistics.median(runs)
+
+
+def _each_synced(fn, iters):
+    for _ in range(iters):
+        mx.eval(fn())
+
+
+def _built_then_evaluated(fn, iters):
+    mx.eval([fn() for _ in range(iters)])
+
+
+def _evaluated_as_built(fn, iters):
+    outs = []
+    for _ in range(iters):
+        outs.append(fn())
+        mx.async_eval(outs[-1])
+    mx.eval(outs)
+
+
+def timed(fn, iters: int, repeats: int = 5, warmup: int = 3) -> float:
+    """Median seconds per call of fn() (its result evaluated) over `repeats` runs."""
+    return _per_call(_each_synced, fn, iters, repeats, warmup)
 
 
 def pipelined(fn, iters: int, repeats: int = 5, warmup: int = 2) -> float:
@@ -58,32 +80,14 @@ def pipelined(fn, iters: int, repeats: int = 5, warmup: int = 2) -> float:
     building a call plus its GPU time (the GPU waits while the host builds);
     :func:`overlapped` lets the two overlap, :func:`timed` syncs after every call and adds
     one launch-and-sync latency to each."""
-    for _ in range(warmup):
-        mx.eval(fn())
-    runs = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        mx.eval([fn() for _ in range(iters)])
-        runs.append((time.perf_counter() - t0) / iters)
-    return statistics.median(runs)
+    return _per_call(_built_then_evaluated, fn, iters, repeats, warmup)
 
 
 def overlapped(fn, iters: int, repeats: int = 5, warmup: int = 2) -> float:
     """Median seconds per call of `iters` calls of fn(), each handed to the GPU as soon as
     it is built (mx.async_eval, as mlx-lm's generation loop does), one sync per run: the
     larger of the host time per call and the GPU time per call."""
-    for _ in range(warmup):
-        mx.eval(fn())
-    runs = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        outs = []
-        for _ in range(iters):
-            outs.append(fn())
-            mx.async_eval(outs[-1])
-        mx.eval(outs)
-        runs.append((time.perf_counter() - t0) / iters)
-    return statistics.median(runs)
+    return _per_call(_evaluated_as_built, fn, iters, repeats, warmup)
 
 
 def copy_bandwidth_gbps(nbytes: int = 1 << 30) -> float:

@@ -318,8 +318,8 @@ inline void tq_attention_mma_block_body(device const float* q, TQ_TABLE float* k
   const uint gr = lane / 4u, tc = lane % 4u;
 
   // The pair tables: word (pair) = (centroid[pair % n], centroid[pair / n]) as fp16.
-  constexpr uint T0 = P0 <= 64u ? P0 * 32u : P0, T1 = SPLIT == 0u ? 0u : P1 <= 64u ? P1 * 32u : P1;
-  constexpr uint TV = PV <= 64u ? PV * 32u : PV;
+  const uint T0 = tq_mma_table_words(KB0), T1 = SPLIT != 0u ? tq_mma_table_words(KB1) : 0u;
+  const uint TV = tq_mma_table_words(VB);
   threadgroup uint* lut0 = (threadgroup uint*)tg;
   threadgroup uint* lut1 = lut0 + T0;
   threadgroup uint* lutv = lut1 + T1;
@@ -366,7 +366,7 @@ inline void tq_attention_mma_block_body(device const float* q, TQ_TABLE float* k
   const uint v_off = gr * NBV;
   const uint kr_words = tq_run_words(16u * kcb), vr_words = tq_run_words(16u * VCB);
   const uint nr_words = tq_run_words(16u * nb);
-  const uint sw = kr_words + vr_words + 2u * nr_words;
+  const uint sw = tq_mma_stage_words(kcb, VCB, nb);
   threadgroup uint* ring = (threadgroup uint*)region + warp * NS * sw;
   // This head's rows (16-byte aligned: the host checks), addressed by 32-bit offsets.
   TqMmaHead hd;

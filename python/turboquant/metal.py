@@ -1047,6 +1047,18 @@ def mma_attention_ok(dim: int, group: int, k_bits: int, v_bits: int, k_bits1: in
                                         norm_fp16, stages) <= limit
 
 
+def mma_attention_stages(dim: int, group: int, k_bits: int, v_bits: int, k_bits1: int | None,
+                         head_stride: int, k_code_bytes: int, norm_fp16: bool,
+                         stages: int) -> int:
+    """The most copy-ring stages (at most ``stages``) with which the mma kernel takes this
+    problem (:func:`mma_attention_ok`), 0 where it takes none."""
+    for n in range(stages, 0, -1):
+        if mma_attention_ok(dim, group, k_bits, v_bits, k_bits1, head_stride, k_code_bytes,
+                            norm_fp16, n):
+            return n
+    return 0
+
+
 def _mma_table_words(bits: int) -> int:
     pairs = 4 ** bits
     return pairs * 32 if pairs <= 64 else pairs
@@ -1131,16 +1143,13 @@ def _fast_launch(dim: int, shape: tuple[int, int], kv_heads: int, head_stride: i
     template = [("TQ_D", dim), ("TQ_GM", gm), ("TQ_C", c), ("TQ_KB0", k_bits),
                 ("TQ_KB1", k_bits1), ("TQ_VB", v_bits), ("TQ_SPLIT", int(split is not None))]
     kb1 = None if split is None else k_bits1
-    # the most stages (at most the setting) whose scratch fits
-    while mma_stages > 1 and not mma_attention_ok(dim, group, k_bits, v_bits, kb1, head_stride,
-                                                  k_code_bytes, fp16, mma_stages):
-        mma_stages -= 1
-    if kernel == "mma" and mma_attention_ok(dim, group, k_bits, v_bits, kb1, head_stride,
-                                            k_code_bytes, fp16, mma_stages):
+    stages = (mma_attention_stages(dim, group, k_bits, v_bits, kb1, head_stride, k_code_bytes,
+                                   fp16, mma_stages) if kernel == "mma" else 0)
+    if stages:
         mma = [("SCRATCH", mma_attention_scratch_floats(dim, group, k_bits, v_bits, kb1,
-                                                        k_code_bytes, fp16, mma_stages)),
+                                                        k_code_bytes, fp16, stages)),
                ("TQ_D", dim), ("TQ_KB0", k_bits), ("TQ_KB1", k_bits1), ("TQ_VB", v_bits),
-               ("TQ_SPLIT", int(split is not None)), ("TQ_NS", mma_stages)]
+               ("TQ_SPLIT", int(split is not None)), ("TQ_NS", stages)]
         return "attention_mma", mma, words, _partial_outputs(kv_heads, blocks, group, dim)
     tile = (staged_attention_tile(k_code_bytes, code_bytes(dim, v_bits), fp16, head_stride,
                                   block_tokens, scratch) if kernel in ("staged", "mma") else None)

@@ -217,6 +217,19 @@ def test_staged_tile_rule():
         assert tt * (kb + vb + 4) <= 4 * r * metal.ATTENTION_THREADS
 
 
+def filled_pair(rng, d, hq, hkv, tokens, kw, split):
+    """A store and a core of config ``kw`` holding the same random tokens (keys 1.5x; split
+    keys' outlier half 3x more), and one decode query row per query head."""
+    store, core = mlx_metal.MetalCodeStore(d, **kw), _core.KVCache(d, **kw)
+    k, v = (rng.standard_normal((hkv, tokens, d)).astype(np.float32) for _ in range(2))
+    k *= 1.5
+    if split:
+        k[..., : d // 2] *= 3.0
+    store.append(mx.array(k), mx.array(v))
+    core.append(k, v)
+    return store, core, rng.standard_normal((hq, 1, d)).astype(np.float32)
+
+
 @pytest.mark.parametrize("d,hq,hkv,kb,vb,tokens,bt,split", [
     (64, 4, 2, 3, 3, 75, 8, False),      # 8-token tiles, the last one partial
     (128, 3, 1, 4, 2, 203, 64, False),   # 64-token tiles, G 3 in GM 4
@@ -231,14 +244,7 @@ def test_staged_kernel_matches_the_core_and_the_fast_kernel(emulated, monkeypatc
     rng = np.random.default_rng(d + hq + tokens)
     kw = dict(n_layers=1, n_q_heads=hq, n_kv_heads=hkv, value_bits=vb, seed=5, block_tokens=bt)
     kw.update(split_kw(d, kb, kb - 2) if split else dict(key_bits=kb))
-    store, core = mlx_metal.MetalCodeStore(d, **kw), _core.KVCache(d, **kw)
-    k, v = (rng.standard_normal((hkv, tokens, d)).astype(np.float32) for _ in range(2))
-    k *= 1.5
-    if split:
-        k[..., : d // 2] *= 3.0
-    store.append(mx.array(k), mx.array(v))
-    core.append(k, v)
-    q = rng.standard_normal((hq, 1, d)).astype(np.float32)
+    store, core, q = filled_pair(rng, d, hq, hkv, tokens, kw, split)
     with metal.forced_attention("fast"):
         fast = np.array(store.attend(mx.array(q), scale=0.2))
     monkeypatch.delenv("TQ_GPU_ATTENTION", raising=False)  # the default: staged
@@ -316,14 +322,7 @@ def test_mma_kernel_matches_the_core(emulated, monkeypatch, d, hq, hkv, kb, vb, 
               key_bits=kb)
     if split:
         kw.update(split_kw(d, kb + 1, kb - 1), block_tokens=bt)
-    store, core = mlx_metal.MetalCodeStore(d, **kw), _core.KVCache(d, **kw)
-    k, v = (rng.standard_normal((hkv, tokens, d)).astype(np.float32) for _ in range(2))
-    k *= 1.5
-    if split:
-        k[..., : d // 2] *= 3.0
-    store.append(mx.array(k), mx.array(v))
-    core.append(k, v)
-    q = rng.standard_normal((hq, 1, d)).astype(np.float32)
+    store, core, q = filled_pair(rng, d, hq, hkv, tokens, kw, split)
     start = len(emulated.launches)
     with metal.forced_attention("mma"):
         got = np.array(store.attend(mx.array(q), scale=0.2))
