@@ -27,11 +27,12 @@ KVCache::KVCache(const KVCacheConfig& config)
     : config_(validated(config)),
       table_(config_),
       store_(table_, config_.block_tokens),
-      segments_(config_) {
-  const CacheParts parts{config_, table_, store_, segments_};
-  flush_ = make_flush_policy(parts);
+      segments_(config_.shape(), config_.segments(), config_.mixed_precision()) {
+  // Each policy gets the parts and its own group of the configuration.
+  const CacheParts parts{config_.shape(), table_, store_, segments_};
+  flush_ = make_flush_policy(parts, config_.mixed_precision());
   if (config_.mixed()) mixed_ = static_cast<MixedPrecisionFlush*>(flush_.get());
-  aging_ = make_aging_policies(parts);
+  aging_ = make_aging_policies(parts, config_.aging());
   for (const auto& p : aging_)
     if (auto* e = dynamic_cast<Eviction*>(p.get())) eviction_ = e;
 }
@@ -124,7 +125,7 @@ void KVCache::append(int layer, const float* keys, const float* values, size_t T
                                        old, "); the cache is unchanged"));
     }
   }
-  segments_.size[l] = old + T;
+  segments_.add_codes(l, T);
   age(l);
 }
 
@@ -175,8 +176,7 @@ void KVCache::append_encoded(int layer, size_t n, const std::vector<const uint8_
     throw;
   }
   flush_->encoded(l, n, masks);
-  segments_.size[l] = old + n;
-  if (config_.windowed()) segments_.coded[l] = old + n;
+  segments_.add_codes(l, n);
 }
 
 void KVCache::check_alloc(size_t old, size_t T) const {

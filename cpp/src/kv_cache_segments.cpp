@@ -5,7 +5,6 @@
 #include <cmath>
 #include <cstring>
 
-#include "turboquant/cache/segment_plan.h"
 #include "turboquant/error.h"
 #include "turboquant/half.h"
 #include "turboquant/kv_cache.h"
@@ -14,29 +13,18 @@
 namespace turboquant {
 
 // Quantizes what the flush policy lets go of layer l's window, then gives back what a long
-// prefill took beyond the window's fixed capacity of (fp16_window + flush_tokens) rows.
+// prefill took beyond the window's fixed capacity (segments.h, fit_window).
 void KVCache::flush_window(size_t l, size_t keep_new) {
   if (segments_.fp16_layer[l]) return;
   flush_->flush(l, keep_new);
-  // (Only a window that holds tokens: with fp16 sinks, a layer still filling its sinks has none.)
-  const size_t streams = segments_.streams_per_layer;
-  for (size_t s = 0; s < streams; ++s)
-    if (!segments_.window[l * streams + s].empty()) reserve_window(segments_.window[l * streams + s]);
+  segments_.fit_window(l);
   flush_->fit(l);
-}
-
-// Windows of flushed layers have a capacity of exactly (fp16_window + flush_tokens) rows
-// once used (more only transiently inside append), so memory_bytes() is predictable.
-void KVCache::reserve_window(std::vector<uint16_t>& w) const {
-  fit_capacity(w, (config_.fp16_window + flush_->flush_tokens()) * static_cast<size_t>(config_.head_dim));
 }
 
 void KVCache::append_windowed(int layer, const float* keys, const float* values, size_t T) {
   const auto l = static_cast<size_t>(layer);
   const auto d = static_cast<size_t>(config_.head_dim);
   const size_t streams = segments_.streams_per_layer;
-  auto& sizes = segments_.size;
-  auto& coded = segments_.coded;
   // Convert and validate everything before touching the cache.
   std::vector<uint16_t> rows(streams * T * d);
   for (size_t s = 0; s < streams; ++s) {
@@ -50,40 +38,18 @@ void KVCache::append_windowed(int layer, const float* keys, const float* values,
       rows[s * T * d + j] = v;
     }
   }
-  const size_t old = sizes[l], old_coded = coded[l];
+  const size_t old = segments_.size[l], old_coded = segments_.coded[l];
   // The plan (segment_plan.h): the first ks tokens go to the fp16 sinks (until they are
   // full), the rest to the window, whose due flushes the flush policy then takes.
-  const SegmentPlan plan(config_, l);
-  const size_t ks = plan.append(plan.sizes(old, old_coded), T).sinks;
-  const size_t S = plan.sink_base();
-  if (ks > 0) {
-    for (size_t s = 0; s < streams; ++s) {
-      auto& v = segments_.sinks[l * streams + s];
-      v.reserve(S * d);
-      v.insert(v.end(), rows.begin() + static_cast<std::ptrdiff_t>(s * T * d),
-               rows.begin() + static_cast<std::ptrdiff_t>(s * T * d + ks * d));
-    }
-    coded[l] = old + ks;
-  }
-  for (size_t s = 0; s < streams; ++s) {
-    auto& w = segments_.window[l * streams + s];
-    w.insert(w.end(), rows.begin() + static_cast<std::ptrdiff_t>(s * T * d + ks * d),
-             rows.begin() + static_cast<std::ptrdiff_t>((s + 1) * T * d));
-  }
+  const size_t ks = segments_.plan(l).append(segments_.sizes(l), T).sinks;
+  segments_.append_rows(l, rows.data(), T, ks);
   flush_->window_grown(l);
-  sizes[l] = old + T;
   try {
     flush_window(l, T - ks);
   } catch (...) {
     // The flush policy commits whole flushes only; drop the rows of this call that are left.
-    if (coded[l] == old + ks && ks > 0) {  // nothing flushed: the sinks of this call go too
-      for (size_t s = 0; s < streams; ++s) segments_.sinks[l * streams + s].resize(old * d);
-      coded[l] = old_coded;
-    }
-    const size_t keep = old > coded[l] ? old - coded[l] : 0;
-    for (size_t s = 0; s < streams; ++s) segments_.window[l * streams + s].resize(keep * d);
+    segments_.undo_append(l, old, old_coded, ks);
     flush_->window_grown(l);  // per-token state follows the rows back
-    sizes[l] = std::max(old, coded[l]);
     throw;
   }
   age(l);
@@ -108,13 +74,8 @@ void KVCache::append_window(int layer, size_t n, const std::vector<const uint16_
     for (size_t j = 0; j < n * d; ++j)
       TQ_CHECK(std::isfinite(half_to_float(rows[s][j])), InvalidArgument, "window row value ", j,
                " of stream ", s, " is not finite");
-  for (size_t s = 0; s < streams; ++s) {
-    auto& w = segments_.window[l * streams + s];
-    w.assign(rows[s], rows[s] + n * d);
-    if (!segments_.fp16_layer[l] && n > 0) reserve_window(w);
-  }
+  segments_.restore_window(l, n, rows);
   flush_->restore(l, n, importance);
-  sizes[l] += n;
 }
 
 void KVCache::append_sinks(int layer, size_t n, const std::vector<const uint16_t*>& rows) {
@@ -134,54 +95,31 @@ void KVCache::append_sinks(int layer, size_t n, const std::vector<const uint16_t
     for (size_t j = 0; j < n * d; ++j)
       TQ_CHECK(std::isfinite(half_to_float(rows[s][j])), InvalidArgument, "sink row value ", j, " of stream ", s,
                " is not finite");
-  if (n == 0) return;
-  for (size_t s = 0; s < streams; ++s) {
-    auto& v = segments_.sinks[l * streams + s];
-    v.reserve(config_.fp16_sinks * d);
-    v.assign(rows[s], rows[s] + n * d);
-  }
-  segments_.size[l] = n;
-  segments_.coded[l] = n;
+  if (n > 0) segments_.restore_sinks(l, n, rows);
 }
 
 void KVCache::shrink_layer(size_t l, size_t new_size) {
-  auto& sizes = segments_.size;
-  auto& coded = segments_.coded;
-  if (new_size >= sizes[l]) return;
-  const auto d = static_cast<size_t>(config_.head_dim);
-  const size_t streams = segments_.streams_per_layer;
+  if (new_size >= segments_.size[l]) return;
   // The plan (segment_plan.h): a cut inside the window shortens it; below it the window
   // empties and the codes and sinks of the tokens left stay. A layer cut back into its
   // sinks (or emptied) gives its window's capacity back too, also when it held no codes
   // (its memory does not depend on where the cut started), and without sinks left theirs.
-  const SegmentPlan plan(config_, l);
-  const CutPlan cut = plan.cut(plan.sizes(sizes[l], coded[l]), new_size);
+  const CutPlan cut = segments_.plan(l).cut(segments_.sizes(l), new_size);
   flush_->cut(l, new_size);
-  for (size_t s = 0; s < streams; ++s) {
-    auto& w = segments_.window[l * streams + s];
-    w.resize(cut.after.window * d);
-    if (cut.window_freed) std::vector<uint16_t>().swap(w);
-    if (new_size < coded[l]) store_.release(l * streams + s, cut.after.codes);
-    if (cut.sinks_released > 0) {
-      auto& v = segments_.sinks[l * streams + s];
-      v.resize(cut.after.sinks * d);
-      if (cut.sinks_freed) std::vector<uint16_t>().swap(v);
-    }
-  }
-  coded[l] = cut.after.coded();
-  sizes[l] = cut.after.size();
+  if (new_size < segments_.coded_end(l))
+    for (size_t s = 0; s < segments_.streams_per_layer; ++s)
+      store_.release(l * segments_.streams_per_layer + s, cut.after.codes);
+  segments_.cut(l, cut);
   cut_codes(l);
 }
 
 // An unwindowed layer holds codes only: the plan's cut keeps the first new_size (every
 // layer's pages are released to their size and the aging policies told, even if uncut).
 void KVCache::cut_unwindowed(size_t l, size_t new_size) {
-  const SegmentPlan plan(config_, l);
-  const CutPlan cut = plan.cut(plan.sizes(segments_.size[l], segments_.size[l]), new_size);
-  segments_.size[l] = cut.after.size();
-  const int layer = static_cast<int>(l);
-  for (int h = 0; h < config_.n_kv_heads; ++h)
-    for (KVRole role : {KVRole::kKey, KVRole::kValue}) store_.release(index(layer, h, role), cut.after.codes);
+  const CutPlan cut = segments_.plan(l).cut(segments_.sizes(l), new_size);
+  segments_.cut(l, cut);
+  for (size_t s = 0; s < segments_.streams_per_layer; ++s)
+    store_.release(l * segments_.streams_per_layer + s, cut.after.codes);
   cut_codes(l);
 }
 

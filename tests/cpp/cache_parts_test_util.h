@@ -28,8 +28,11 @@ inline KVCacheConfig small_cache_config(uint64_t seed) {
 // policies take of them.
 struct PartsFixture {
   explicit PartsFixture(const KVCacheConfig& c)
-      : config(c), table(config), store(table, c.block_tokens), segments(config) {}
-  CacheParts view() { return CacheParts{config, table, store, segments}; }
+      : config(c),
+        table(config),
+        store(table, c.block_tokens),
+        segments(config.shape(), config.segments(), config.mixed_precision()) {}
+  CacheParts view() { return CacheParts{config.shape(), table, store, segments}; }
   KVCacheConfig config;
   QuantizerTable table;
   PageStore store;

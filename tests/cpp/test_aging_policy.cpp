@@ -27,7 +27,7 @@ struct Parts : PartsFixture {
       store.ensure(s, n);
       store.encode(s, 0, x.data(), n, 32);
     }
-    segments.size[0] = n;
+    segments.add_codes(0, n - segments.size[0]);
   }
 };
 }  // namespace
@@ -38,7 +38,7 @@ TEST(Eviction, DropsTheOldestBlocksBeyondTheLimit) {
   Parts p(c);
   p.fill(40);
   const uint8_t* third = p.store[0].code_blocks[2].get();
-  Eviction e(p.view());
+  Eviction e(p.view(), c.aging());
   EXPECT_EQ(e.age(0), 2u);  // 40 - 2 × 8 = 24 code tokens left
   EXPECT_EQ(p.segments.size[0], 24u);
   EXPECT_EQ(e.evicted(0), 16u);
@@ -57,7 +57,7 @@ TEST(TemporalDecay, ReQuantizesBlocksOldEnough) {
   c.decay_bits = 1;
   Parts p(c);
   p.fill(32);
-  TemporalDecay decay(p.view());
+  TemporalDecay decay(p.view(), c.aging());
   EXPECT_EQ(decay.age(0), 0u);
   // Newest tokens 7, 15, 23 have >= 8 newer tokens behind them; block 3 (newest 31) not.
   for (size_t s = 0; s < 2; ++s) EXPECT_EQ(p.store[s].decayed, (std::vector<uint8_t>{1, 1, 1, 0}));
@@ -80,7 +80,7 @@ TEST(TemporalDecay, ReQuantizesBlocksOldEnough) {
   // Codes cut back and blocks dropped in front move the decayed count with them.
   p.store.release(0, 8);
   p.store.release(1, 8);
-  p.segments.size[0] = 8;
+  p.segments.cut(0, p.segments.plan(0).cut(p.segments.sizes(0), 8));
   decay.cut(0, 8, 8);
   p.fill(32);  // block 0 keeps its flag; blocks 1-3 are fresh full-width codes
   decay.age(0);
@@ -103,12 +103,12 @@ TEST(TemporalDecay, PlanMapsEveryIndexToTheNearestCentroid) {
 
 TEST(AgingPolicy, MadeFromTheConfigEvictionFirst) {
   KVCacheConfig c = aging_config();
-  EXPECT_TRUE(make_aging_policies(Parts(c).view()).empty());
+  EXPECT_TRUE(make_aging_policies(Parts(c).view(), c.aging()).empty());
   c.max_coded_tokens = 16;
   c.decay_after = 8;
   c.decay_bits = 1;
   Parts p(c);
-  const auto policies = make_aging_policies(p.view());
+  const auto policies = make_aging_policies(p.view(), c.aging());
   ASSERT_EQ(policies.size(), 2u);
   EXPECT_NE(dynamic_cast<Eviction*>(policies[0].get()), nullptr);
   EXPECT_NE(dynamic_cast<TemporalDecay*>(policies[1].get()), nullptr);

@@ -31,13 +31,13 @@ struct Parts : PartsFixture {
     const size_t d = segments.head_dim;
     const auto x = gaussian(n * d, seed);
     std::vector<float> rounded(n * d);
+    std::vector<uint16_t> rows(2 * n * d);
     for (size_t s = 0; s < 2; ++s)
       for (size_t j = 0; j < n * d; ++j) {
-        const uint16_t h = float_to_half(x[j]);
-        segments.window[s].push_back(h);
-        rounded[j] = half_to_float(h);
+        rows[s * n * d + j] = float_to_half(x[j]);
+        rounded[j] = half_to_float(rows[s * n * d + j]);
       }
-    segments.size[0] += n;
+    segments.append_rows(0, rows.data(), n, 0);
     return rounded;
   }
 };
@@ -46,7 +46,7 @@ struct Parts : PartsFixture {
 TEST(PlainFlush, MovesTheOldestBlocksInPositionOrder) {
   Parts p(window_config());
   PlainFlush flush(p.view());
-  EXPECT_EQ(flush.flush_tokens(), 8u);
+  EXPECT_EQ(p.segments.plan(0).flush_tokens(), 8u);
   const auto x = p.grow(30, 1);
   flush.flush(0, 30);
   // The window keeps at most fp16_window + block_tokens = 16 rows: 30 -> 2 blocks flushed.
@@ -74,8 +74,8 @@ TEST(MixedPrecisionFlush, KeepsTheMostImportantTokensAtFullWidth) {
   c.mixed_keep_blocks = 1;
   c.decay_bits = 2;
   Parts p(c);
-  MixedPrecisionFlush flush(p.view());
-  EXPECT_EQ(flush.flush_tokens(), 16u);
+  MixedPrecisionFlush flush(p.view(), c.mixed_precision());
+  EXPECT_EQ(p.segments.plan(0).flush_tokens(), 16u);
   p.grow(24, 2);
   flush.window_grown(0);
   ASSERT_EQ(flush.importance(0, 0).size(), 24u);
@@ -111,11 +111,11 @@ TEST(MixedPrecisionFlush, KeepsTheMostImportantTokensAtFullWidth) {
 
 TEST(FlushPolicy, MadeFromTheConfig) {
   Parts plain(window_config());
-  EXPECT_NE(dynamic_cast<PlainFlush*>(make_flush_policy(plain.view()).get()), nullptr);
+  EXPECT_NE(dynamic_cast<PlainFlush*>(make_flush_policy(plain.view(), plain.config.mixed_precision()).get()), nullptr);
   KVCacheConfig c = window_config();
   c.mixed_group_blocks = 2;
   c.mixed_keep_blocks = 1;
   c.decay_bits = 2;
   Parts mixed(c);
-  EXPECT_NE(dynamic_cast<MixedPrecisionFlush*>(make_flush_policy(mixed.view()).get()), nullptr);
+  EXPECT_NE(dynamic_cast<MixedPrecisionFlush*>(make_flush_policy(mixed.view(), c.mixed_precision()).get()), nullptr);
 }

@@ -180,7 +180,6 @@ class KVCache {
   // cuts a layer back.
   void append_windowed(int layer, const float* keys, const float* values, size_t T);
   void flush_window(size_t layer, size_t keep_new);
-  void reserve_window(std::vector<uint16_t>& w) const;
   void shrink_layer(size_t layer, size_t new_size);
   void cut_unwindowed(size_t layer, size_t new_size);  // the cut of a layer without segments
   void age(size_t layer);            // runs the aging policies after an append

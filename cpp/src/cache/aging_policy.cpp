@@ -5,10 +5,10 @@
 
 namespace turboquant {
 
-std::vector<std::unique_ptr<AgingPolicy>> make_aging_policies(const CacheParts& parts) {
+std::vector<std::unique_ptr<AgingPolicy>> make_aging_policies(const CacheParts& parts, const AgingConfig& config) {
   std::vector<std::unique_ptr<AgingPolicy>> policies;
-  if (parts.config.max_coded_tokens > 0) policies.push_back(std::make_unique<Eviction>(parts));
-  if (parts.config.decays()) policies.push_back(std::make_unique<TemporalDecay>(parts));
+  if (config.max_coded_tokens > 0) policies.push_back(std::make_unique<Eviction>(parts, config));
+  if (config.decays()) policies.push_back(std::make_unique<TemporalDecay>(parts, config));
   return policies;
 }
 

@@ -2,12 +2,14 @@
 
 namespace turboquant {
 
-Eviction::Eviction(const CacheParts& parts)
-    : AgingPolicy(parts), evicted_(static_cast<size_t>(parts.config.n_layers), 0) {}
+Eviction::Eviction(const CacheParts& parts, const AgingConfig& config)
+    : AgingPolicy(parts),
+      max_coded_tokens_(config.max_coded_tokens),
+      evicted_(static_cast<size_t>(parts.shape.n_layers), 0) {}
 
 size_t Eviction::age(size_t l) {
   Segments& seg = parts_.segments;
-  const size_t bt = parts_.config.block_tokens, M = parts_.config.max_coded_tokens;
+  const size_t bt = parts_.store.block_tokens(), M = max_coded_tokens_;
   size_t nc = seg.code_tokens(l);
   size_t drop = 0;  // whole blocks from the front of the codes
   while (nc > M) {
@@ -16,8 +18,7 @@ size_t Eviction::age(size_t l) {
   }
   if (drop == 0) return 0;
   for (size_t s = 0; s < seg.streams_per_layer; ++s) parts_.store.drop_front(l * seg.streams_per_layer + s, drop);
-  seg.size[l] -= drop * bt;
-  if (seg.windowed) seg.coded[l] -= drop * bt;
+  seg.codes_dropped(l, drop * bt);
   evicted_[l] += drop * bt;
   return drop;
 }

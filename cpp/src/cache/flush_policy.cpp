@@ -7,10 +7,10 @@
 namespace turboquant {
 
 void FlushPolicy::check_restore(size_t l, size_t n, const std::vector<const float*>* importance) const {
-  const KVCacheConfig& c = parts_.config;
+  const size_t rows = parts_.segments.plan(l).window_rows();
   TQ_CHECK(importance == nullptr, InvalidArgument, "window importance given but this cache has no mixed precision");
-  TQ_CHECK(parts_.segments.fp16_layer[l] || n <= c.fp16_window + c.block_tokens, InvalidArgument, "window of ", n,
-           " tokens exceeds fp16_window + block_tokens = ", c.fp16_window + c.block_tokens);
+  TQ_CHECK(parts_.segments.fp16_layer[l] || n <= rows, InvalidArgument, "window of ", n,
+           " tokens exceeds fp16_window + block_tokens = ", rows);
 }
 
 void FlushPolicy::check_encoded(size_t /*l*/, size_t /*c0*/, size_t /*n*/,
@@ -19,8 +19,8 @@ void FlushPolicy::check_encoded(size_t /*l*/, size_t /*c0*/, size_t /*n*/,
   TQ_CHECK(masks == nullptr, InvalidArgument, "mixed-precision masks given but this cache has no mixed precision");
 }
 
-std::unique_ptr<FlushPolicy> make_flush_policy(const CacheParts& parts) {
-  if (parts.config.mixed()) return std::make_unique<MixedPrecisionFlush>(parts);
+std::unique_ptr<FlushPolicy> make_flush_policy(const CacheParts& parts, const MixedPrecisionConfig& mixed) {
+  if (mixed.mixed()) return std::make_unique<MixedPrecisionFlush>(parts, mixed);
   return std::make_unique<PlainFlush>(parts);
 }
 

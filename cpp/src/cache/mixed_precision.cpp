@@ -4,22 +4,26 @@
 #include <bit>
 #include <cmath>
 
-#include "turboquant/cache/segment_plan.h"
 #include "turboquant/error.h"
 #include "turboquant/half.h"
 
 namespace turboquant {
 
-MixedPrecisionFlush::MixedPrecisionFlush(const CacheParts& parts)
-    : FlushPolicy(parts), H_(static_cast<size_t>(parts.config.n_kv_heads)) {
-  masks_.resize(static_cast<size_t>(parts.config.n_layers) * H_);
+MixedPrecisionFlush::MixedPrecisionFlush(const CacheParts& parts, const MixedPrecisionConfig& config)
+    : FlushPolicy(parts),
+      group_blocks_(config.mixed_group_blocks),
+      keep_blocks_(config.mixed_keep_blocks),
+      block_tokens_(parts.store.block_tokens()),
+      group_tokens_(group_blocks_ * block_tokens_),
+      keep_tokens_(keep_blocks_ * block_tokens_),
+      H_(static_cast<size_t>(parts.shape.n_kv_heads)) {
+  masks_.resize(static_cast<size_t>(parts.shape.n_layers) * H_);
   importance_.resize(masks_.size());
-  rated_.assign(static_cast<size_t>(parts.config.n_layers), 0);
+  rated_.assign(static_cast<size_t>(parts.shape.n_layers), 0);
 }
 
 bool MixedPrecisionFlush::low_block(size_t g, size_t j) const {
-  const size_t R = parts_.config.mixed_group_blocks, K = parts_.config.mixed_keep_blocks;
-  return g % 2 == 0 ? j >= K : j < R - K;
+  return g % 2 == 0 ? j >= keep_blocks_ : j < group_blocks_ - keep_blocks_;
 }
 
 size_t MixedPrecisionFlush::slot(const uint64_t* m, size_t g, size_t o) const {
@@ -27,14 +31,13 @@ size_t MixedPrecisionFlush::slot(const uint64_t* m, size_t g, size_t o) const {
   for (size_t w = 0; w < o / 64; ++w) below += static_cast<size_t>(std::popcount(m[w]));
   if (o % 64) below += static_cast<size_t>(std::popcount(m[o / 64] & ((uint64_t{1} << (o % 64)) - 1)));
   const bool kept = (m[o / 64] >> (o % 64)) & 1u;
-  const size_t K = parts_.config.mixed_keep_blocks * parts_.config.block_tokens;
-  const size_t L = parts_.config.mixed_group_tokens() - K;
+  const size_t K = keep_tokens_, L = group_tokens_ - K;
   const bool kept_first = g % 2 == 0;
   return kept ? (kept_first ? 0 : L) + below : (kept_first ? K : 0) + (o - below);
 }
 
 size_t MixedPrecisionFlush::code_index(size_t l, size_t h, size_t p) const {
-  const size_t F = parts_.config.mixed_group_tokens(), g = p / F;
+  const size_t F = group_tokens_, g = p / F;
   const uint64_t* m = masks_[l * H_ + h].data() + g * mask_words();
   return g * F + slot(m, g, p % F);
 }
@@ -72,7 +75,7 @@ void MixedPrecisionFlush::window_grown(size_t l) {
 void MixedPrecisionFlush::fit(size_t l) {
   // The importance floats follow the window rows.
   for (size_t h = 0; h < H_; ++h)
-    fit_capacity(importance_[l * H_ + h], parts_.config.fp16_window + parts_.config.mixed_group_tokens());
+    fit_capacity(importance_[l * H_ + h], parts_.segments.plan(l).window_rows());
 }
 
 // Encodes the window's oldest group of F tokens; see the top of mixed_precision.h for the
@@ -80,9 +83,7 @@ void MixedPrecisionFlush::fit(size_t l) {
 void MixedPrecisionFlush::flush_group(size_t l) {
   Segments& seg = parts_.segments;
   PageStore& store = parts_.store;
-  const KVCacheConfig& cfg = parts_.config;
-  const size_t bt = cfg.block_tokens, F = cfg.mixed_group_tokens();
-  const size_t R = cfg.mixed_group_blocks, K = cfg.mixed_keep_blocks * bt;
+  const size_t bt = block_tokens_, F = group_tokens_, R = group_blocks_, K = keep_tokens_;
   const size_t d = seg.head_dim, H = H_, streams = H * 2;
   const size_t words = mask_words();
   const size_t c = seg.coded[l] - seg.sink_base(l), g = c / F;
@@ -111,24 +112,19 @@ void MixedPrecisionFlush::flush_group(size_t l) {
     for (size_t s = 0; s < streams; ++s) store.release(l * streams + s, c);
     throw;
   }
-  for (size_t s = 0; s < streams; ++s) {
-    auto& w = seg.window[l * streams + s];
-    w.erase(w.begin(), w.begin() + static_cast<std::ptrdiff_t>(F * d));
-  }
+  seg.flushed(l, F);
   for (size_t h = 0; h < H; ++h) {
     auto& imp = importance_[l * H + h];
     imp.erase(imp.begin(), imp.begin() + static_cast<std::ptrdiff_t>(F));
     masks_[l * H + h].insert(masks_[l * H + h].end(), masks[h].begin(), masks[h].end());
   }
-  seg.coded[l] += F;
 }
 
 // The groups the segment plan lets go (rated, with fp16_window newer tokens after them, or
 // unrated beyond kUnratedTokens; segment_plan.h), oldest first.
 void MixedPrecisionFlush::flush(size_t l, size_t keep_new) {
   const Segments& seg = parts_.segments;
-  const SegmentPlan plan(parts_.config, l);
-  for (size_t due = plan.due_flushes(plan.sizes(seg.size[l], seg.coded[l], rated(l)), keep_new); due > 0; --due)
+  for (size_t due = seg.plan(l).due_flushes(seg.sizes(l, rated(l)), keep_new); due > 0; --due)
     flush_group(l);
 }
 
@@ -155,20 +151,18 @@ void MixedPrecisionFlush::restore(size_t l, size_t n, const std::vector<const fl
 // stored by importance, not position). Checked for every layer before any change.
 void MixedPrecisionFlush::check_cut(size_t l, size_t new_size) const {
   const Segments& seg = parts_.segments;
-  const SegmentPlan plan(parts_.config, l);
-  plan.check_cut(plan.sizes(seg.size[l], seg.coded[l]), new_size, l);
+  seg.plan(l).check_cut(seg.sizes(l), new_size, l);
 }
 
 // The rated tokens, the window's importance and the groups' masks follow the plan's cut.
 void MixedPrecisionFlush::cut(size_t l, size_t new_size) {
   const Segments& seg = parts_.segments;
-  const SegmentPlan plan(parts_.config, l);
-  const CutPlan cut = plan.cut(plan.sizes(seg.size[l], seg.coded[l], rated_[l]), new_size);
+  const CutPlan cut = seg.plan(l).cut(seg.sizes(l, rated_[l]), new_size);
   rated_[l] = cut.after.rated;
   for (size_t h = 0; h < H_; ++h) {
     importance_[l * H_ + h].resize(cut.after.window);
     if (new_size < seg.coded[l])
-      masks_[l * H_ + h].resize(cut.after.codes / parts_.config.mixed_group_tokens() * mask_words());
+      masks_[l * H_ + h].resize(cut.after.codes / group_tokens_ * mask_words());
   }
 }
 
@@ -186,14 +180,13 @@ void MixedPrecisionFlush::check_attend(size_t l, size_t n, size_t T_q, const std
 
 void MixedPrecisionFlush::check_encoded(size_t /*l*/, size_t c0, size_t n, const std::vector<const uint8_t*>* decayed,
                                         const std::vector<const uint64_t*>* masks) const {
-  const KVCacheConfig& cfg = parts_.config;
-  const size_t bt = cfg.block_tokens, F = cfg.mixed_group_tokens(), words = mask_words(), H = H_;
+  const size_t bt = block_tokens_, F = group_tokens_, words = mask_words(), H = H_;
   TQ_CHECK(masks != nullptr && decayed != nullptr, InvalidArgument,
            "append_encoded on a mixed-precision cache needs the groups' masks and block flags");
   TQ_CHECK(masks->size() == H, InvalidArgument, "append_encoded needs ", H, " mask streams (one per KV head)");
   TQ_CHECK(c0 % F == 0 && n % F == 0, InvalidArgument, "append_encoded on a mixed-precision cache takes whole "
            "flush groups of ", F, " tokens (layer at code ", c0, ", ", n, " tokens given)");
-  const size_t keep = cfg.mixed_keep_blocks * bt;
+  const size_t keep = keep_tokens_;
   for (size_t h = 0; h < H; ++h)
     for (size_t g = 0; g < n / F; ++g) {
       size_t bits = 0;
@@ -206,7 +199,7 @@ void MixedPrecisionFlush::check_encoded(size_t /*l*/, size_t c0, size_t n, const
       }
       TQ_CHECK(bits == keep, InvalidArgument, "mask of group ", g, " of KV head ", h, " keeps ", bits,
                " tokens (must be mixed_keep_blocks × block_tokens = ", keep, ")");
-      for (size_t j = 0; j < cfg.mixed_group_blocks; ++j)
+      for (size_t j = 0; j < group_blocks_; ++j)
         for (size_t role = 0; role < 2; ++role) {
           const size_t b = (c0 + g * F) / bt + j;
           TQ_CHECK((*decayed)[h * 2 + role][b - c0 / bt] == (low_block(c0 / F + g, j) ? 1 : 0), InvalidArgument,
@@ -217,7 +210,7 @@ void MixedPrecisionFlush::check_encoded(size_t /*l*/, size_t c0, size_t n, const
 }
 
 void MixedPrecisionFlush::encoded(size_t l, size_t n, const std::vector<const uint64_t*>* masks) {
-  const size_t F = parts_.config.mixed_group_tokens(), words = mask_words();
+  const size_t F = group_tokens_, words = mask_words();
   for (size_t h = 0; h < H_; ++h)
     masks_[l * H_ + h].insert(masks_[l * H_ + h].end(), (*masks)[h], (*masks)[h] + n / F * words);
 }

@@ -1,6 +1,5 @@
 #include "turboquant/cache/plain_flush.h"
 
-#include "turboquant/cache/segment_plan.h"
 #include "turboquant/half.h"
 
 namespace turboquant {
@@ -8,12 +7,12 @@ namespace turboquant {
 void PlainFlush::flush(size_t l, size_t keep_new) {
   Segments& seg = parts_.segments;
   PageStore& store = parts_.store;
-  const size_t bt = parts_.config.block_tokens;
+  const SegmentPlan& plan = seg.plan(l);
+  const size_t bt = plan.flush_tokens();  // one block
   const size_t d = seg.head_dim, streams = seg.streams_per_layer;
-  const SegmentPlan plan(parts_.config, l);
   std::vector<float> x(bt * d);
   // The plan's blocks, oldest first (while the window holds more than fp16_window + bt).
-  for (size_t due = plan.due_flushes(plan.sizes(seg.size[l], seg.coded[l]), keep_new); due > 0; --due) {
+  for (size_t due = plan.due_flushes(seg.sizes(l), keep_new); due > 0; --due) {
     // The window is non-empty only once the sinks are full: code index = token - sinks.
     const size_t c = seg.coded[l] - seg.sink_base(l);
     try {
@@ -28,11 +27,7 @@ void PlainFlush::flush(size_t l, size_t keep_new) {
       for (size_t s = 0; s < streams; ++s) store.release(l * streams + s, c);
       throw;
     }
-    for (size_t s = 0; s < streams; ++s) {
-      auto& w = seg.window[l * streams + s];
-      w.erase(w.begin(), w.begin() + static_cast<std::ptrdiff_t>(bt * d));
-    }
-    seg.coded[l] += bt;
+    seg.flushed(l, bt);
   }
 }
 

@@ -15,20 +15,21 @@ SegmentPlan::SegmentPlan(const Rules& rules) : r_(rules) {
 }
 
 namespace {
-SegmentPlan::Rules rules_of(const KVCacheConfig& c, size_t l) {
+SegmentPlan::Rules rules_of(const SegmentsConfig& c, const MixedPrecisionConfig& m, size_t l) {
   SegmentPlan::Rules r;
   r.fp16_sinks = c.fp16_sinks;
   r.fp16_window = c.fp16_window;
   r.block_tokens = c.block_tokens;
-  r.mixed_group_blocks = c.mixed_group_blocks;
-  r.mixed_keep_blocks = c.mixed_keep_blocks;
+  r.mixed_group_blocks = m.mixed_group_blocks;
+  r.mixed_keep_blocks = m.mixed_keep_blocks;
   r.windowed = c.windowed();
   r.fp16_layer = std::find(c.fp16_layers.begin(), c.fp16_layers.end(), static_cast<int>(l)) != c.fp16_layers.end();
   return r;
 }
 }  // namespace
 
-SegmentPlan::SegmentPlan(const KVCacheConfig& config, size_t l) : SegmentPlan(rules_of(config, l)) {}
+SegmentPlan::SegmentPlan(const SegmentsConfig& segments, const MixedPrecisionConfig& mixed, size_t l)
+    : SegmentPlan(rules_of(segments, mixed, l)) {}
 
 SegmentSizes SegmentPlan::sizes(size_t size, size_t coded, size_t rated) const {
   SegmentSizes s;

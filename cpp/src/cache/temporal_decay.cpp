@@ -62,26 +62,26 @@ DecayPlan make_decay_plan(const Quantizer& from, const Quantizer& to) {
   return plan;
 }
 
-TemporalDecay::TemporalDecay(const CacheParts& parts)
-    : AgingPolicy(parts), done_(static_cast<size_t>(parts.config.n_layers), 0) {
+TemporalDecay::TemporalDecay(const CacheParts& parts, const AgingConfig& config)
+    : AgingPolicy(parts), decay_after_(config.decay_after), done_(static_cast<size_t>(parts.shape.n_layers), 0) {
   plans_.reserve(parts.table.streams());
   for (size_t s = 0; s < parts.table.streams(); ++s)
     plans_.push_back(make_decay_plan(parts.table.at(s), *parts.table.decayed(s)));
 }
 
 void TemporalDecay::cut(size_t l, size_t codes, size_t /*size*/) {
-  done_[l] = std::min(done_[l], codes / parts_.config.block_tokens);
+  done_[l] = std::min(done_[l], codes / parts_.store.block_tokens());
 }
 
 void TemporalDecay::decay_block(size_t i, size_t b) {
   const Quantizer& q = parts_.table.at(i);
   const Quantizer& dq = *parts_.table.decayed(i);
-  const size_t bt = parts_.config.block_tokens;
+  const size_t bt = parts_.store.block_tokens();
   const DecayPlan& plan = plans_[i];
   const size_t cb = q.code_bytes(), dcb = dq.code_bytes();
-  const bool rescale = parts_.config.norm_correction;
+  const bool rescale = q.config().norm_correction;  // the stream's quantizer stores ‖x‖/‖x̃‖
   std::unique_ptr<uint8_t[]> fresh(new uint8_t[bt * dcb]);
-  std::vector<uint8_t> idx(static_cast<size_t>(parts_.config.head_dim));
+  std::vector<uint8_t> idx(static_cast<size_t>(parts_.shape.head_dim));
   const uint8_t* src = parts_.store[i].code_blocks[b].get();
   std::vector<float> ratio(rescale ? bt : 0);  // ‖ỹ_old‖² / ‖ỹ_new‖² per token
   for (size_t t = 0; t < bt; ++t) {
@@ -124,13 +124,13 @@ void TemporalDecay::decay_block(size_t i, size_t b) {
 
 size_t TemporalDecay::age(size_t l) {
   const Segments& seg = parts_.segments;
-  const size_t bt = parts_.config.block_tokens, n = seg.size[l];
+  const size_t bt = parts_.store.block_tokens(), n = seg.size[l];
   const size_t base = seg.code_base(l), nc = seg.code_tokens(l);
   const size_t streams = seg.streams_per_layer;
   try {
     for (size_t b = done_[l]; b < nc / bt; ++b) {
       const size_t newest = base + (b + 1) * bt - 1;
-      if (n - 1 - newest < parts_.config.decay_after) break;  // later blocks are younger still
+      if (n - 1 - newest < decay_after_) break;  // later blocks are younger still
       for (size_t s = 0; s < streams; ++s)
         if (!parts_.store[l * streams + s].is_decayed(b)) decay_block(l * streams + s, b);
       done_[l] = b + 1;

@@ -35,6 +35,6 @@ class AgingPolicy {
 };
 
 // The aging policies a configuration asks for, in the order they run (eviction, decay).
-std::vector<std::unique_ptr<AgingPolicy>> make_aging_policies(const CacheParts& parts);
+std::vector<std::unique_ptr<AgingPolicy>> make_aging_policies(const CacheParts& parts, const AgingConfig& config);
 
 }  // namespace turboquant

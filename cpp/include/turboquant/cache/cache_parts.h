@@ -1,5 +1,7 @@
 // The parts of a KV cache that its policies (flush_policy.h, aging_policy.h) read and
-// change; all are owned by the cache (kv_cache.h), which hands every policy this view.
+// change; all are owned by the cache (kv_cache.h), which hands every policy this view and,
+// to its constructor, the policy's own group of the configuration (config.h): no policy
+// sees the others' settings. The segments carry their own rules (each layer's plan).
 #pragma once
 
 #include "turboquant/cache/config.h"
@@ -10,7 +12,7 @@
 namespace turboquant {
 
 struct CacheParts {
-  const KVCacheConfig& config;
+  const CacheShape& shape;
   const QuantizerTable& table;
   PageStore& store;
   Segments& segments;

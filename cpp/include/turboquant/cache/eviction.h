@@ -13,7 +13,7 @@ namespace turboquant {
 
 class Eviction final : public AgingPolicy {
  public:
-  explicit Eviction(const CacheParts& parts);
+  Eviction(const CacheParts& parts, const AgingConfig& config);
   size_t age(size_t l) override;
   void cut(size_t l, size_t codes, size_t size) override;
 
@@ -22,6 +22,7 @@ class Eviction final : public AgingPolicy {
   void set_evicted(size_t l, size_t n) { evicted_[l] = n; }
 
  private:
+  size_t max_coded_tokens_;
   std::vector<size_t> evicted_;  // per layer
 };
 

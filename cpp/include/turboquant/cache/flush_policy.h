@@ -26,9 +26,6 @@ class FlushPolicy {
   FlushPolicy(const FlushPolicy&) = delete;
   FlushPolicy& operator=(const FlushPolicy&) = delete;
 
-  // Tokens one flush moves: a flushed layer's window holds at most fp16_window + this many
-  // rows (more only transiently inside an append), its capacity exactly that.
-  virtual size_t flush_tokens() const = 0;
   // Moves the window tokens of layer l (not an fp16 layer) that the policy lets go into
   // codes; keep_new: the number of tokens the latest append added. Commits whole flushes
   // only: on an exception every flush before it stands and nothing of the failing one.
@@ -75,6 +72,7 @@ class FlushPolicy {
 };
 
 // The flush policy of a configuration: mixed precision when mixed_group_blocks > 0, else plain.
-std::unique_ptr<FlushPolicy> make_flush_policy(const CacheParts& parts);
+// (How many tokens one flush moves, and when, are the segments' plan's: segment_plan.h.)
+std::unique_ptr<FlushPolicy> make_flush_policy(const CacheParts& parts, const MixedPrecisionConfig& mixed);
 
 }  // namespace turboquant

@@ -36,9 +36,8 @@ class MixedPrecisionFlush final : public FlushPolicy {
   // oldest groups are flushed unrated (the segment plan's rule).
   static constexpr size_t kUnratedTokens = SegmentPlan::kUnratedTokens;
 
-  explicit MixedPrecisionFlush(const CacheParts& parts);
+  MixedPrecisionFlush(const CacheParts& parts, const MixedPrecisionConfig& config);
 
-  size_t flush_tokens() const override { return parts_.config.mixed_group_tokens(); }
   void flush(size_t l, size_t keep_new) override;
   void window_grown(size_t l) override;
   void fit(size_t l) override;
@@ -60,7 +59,7 @@ class MixedPrecisionFlush final : public FlushPolicy {
   size_t layer_bytes(size_t l) const override;
 
   // uint64 words per group mask.
-  size_t mask_words() const { return (parts_.config.mixed_group_tokens() + 63) / 64; }
+  size_t mask_words() const { return (group_tokens_ + 63) / 64; }
   // The groups' masks of (layer, KV head), mask_words() per group.
   const std::vector<uint64_t>& masks(size_t l, size_t kv_head) const { return masks_[l * H_ + kv_head]; }
   // The importance of each window token of (layer, KV head).
@@ -77,6 +76,8 @@ class MixedPrecisionFlush final : public FlushPolicy {
   // Whether block j of group g holds decay_bits codes.
   bool low_block(size_t g, size_t j) const;
 
+  size_t group_blocks_, keep_blocks_;                   // MixedPrecisionConfig's
+  size_t block_tokens_, group_tokens_, keep_tokens_;    // a group's tokens and its kept ones
   size_t H_;                                            // KV heads
   std::vector<std::vector<uint64_t>> masks_;            // [layer][kv_head]: kept-token masks
   mutable std::vector<std::vector<float>> importance_;  // [layer][kv_head]: per window token

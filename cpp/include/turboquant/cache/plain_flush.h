@@ -12,7 +12,6 @@ namespace turboquant {
 class PlainFlush final : public FlushPolicy {
  public:
   using FlushPolicy::FlushPolicy;
-  size_t flush_tokens() const override { return parts_.config.block_tokens; }
   void flush(size_t l, size_t keep_new) override;
 };
 

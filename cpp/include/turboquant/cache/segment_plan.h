@@ -76,8 +76,10 @@ class SegmentPlan {
   };
 
   explicit SegmentPlan(const Rules& rules);
-  // The plan of layer l of a cache with this configuration.
-  SegmentPlan(const KVCacheConfig& config, size_t l);
+  // The plan of layer l of a cache with these segments and mixed precision settings, or
+  // with this configuration.
+  SegmentPlan(const SegmentsConfig& segments, const MixedPrecisionConfig& mixed, size_t l);
+  SegmentPlan(const KVCacheConfig& config, size_t l) : SegmentPlan(config.segments(), config.mixed_precision(), l) {}
 
   const Rules& rules() const { return r_; }
   bool windowed() const { return r_.windowed; }

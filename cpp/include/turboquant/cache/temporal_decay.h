@@ -41,7 +41,7 @@ DecayPlan make_decay_plan(const Quantizer& from, const Quantizer& to);
 
 class TemporalDecay final : public AgingPolicy {
  public:
-  explicit TemporalDecay(const CacheParts& parts);
+  TemporalDecay(const CacheParts& parts, const AgingConfig& config);
   size_t age(size_t l) override;
   void front_dropped(size_t l, size_t blocks) override { done_[l] -= std::min(done_[l], blocks); }
   void cut(size_t l, size_t codes, size_t size) override;
@@ -49,6 +49,7 @@ class TemporalDecay final : public AgingPolicy {
  private:
   void decay_block(size_t stream, size_t block);
 
+  size_t decay_after_;
   std::vector<DecayPlan> plans_;  // per stream: the widths differ between heads and layers
   std::vector<size_t> done_;      // per layer: leading blocks decayed
 };
