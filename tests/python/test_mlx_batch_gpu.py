@@ -68,6 +68,9 @@ MAKERS = {
     "codes-only": lambda m: tq.make_prompt_cache(m, preset="codes-only"),
     "codes-only-no-split": lambda m: tq.make_prompt_cache(m, preset="codes-only",
                                                           key_split=False),
+    # importance-routed mixed precision (the trial forced on), flushing while decoding
+    "tq3-mixed": lambda m: tq.make_prompt_cache(m, preset="tq3-mixed", fp16_window=8,
+                                                block_tokens=4, mixed_trial=False),
     # layer 0 fp16: the TurboQuant layer reads the fp16 layer's batch mask
     "codes-only-fp16-layer0": lambda m: tq.make_prompt_cache(m, preset="codes-only",
                                                              fp16_layers=[0]),
@@ -94,6 +97,7 @@ def test_gpu_rows_batched_greedy_tokens_equal_each_request_alone(on_gpu_store, k
         expect.append(alone(model, p, n, make, prefill_step_size, cache=cache))
         assert_on_gpu_store(cache)
         coded = max(coded, cache[-1]._core.code_tokens())
+        assert cache[-1]._core.mixed == (kind == "tq3-mixed")
     assert coded > 0 or kind == "tq3"  # (the default window holds these prompts in fp16)
     assert len({tuple(t) for t in expect}) == len(expect)  # a mix-up between rows shows
     gen = BatchGenerator(model, prefill_step_size=prefill_step_size)
