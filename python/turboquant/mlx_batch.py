@@ -38,7 +38,6 @@ Protocol (mlx-lm 0.32): ``merge`` (classmethod; ``TurboQuantKVCache.merge`` call
 prompt batch) / ``finalize``, ``filter``, ``extend``, ``extract``, ``trim`` /
 ``is_trimmable``, ``size``, ``empty``, ``nbytes``, ``offset``, ``left_padding``, ``state``
 (nothing to evaluate: the codes are written when the layer runs).
-
 """
 
 from __future__ import annotations
