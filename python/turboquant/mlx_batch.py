@@ -16,21 +16,28 @@ Attention (the route that :mod:`turboquant.mlx_route` installs in mlx-lm's model
 runs per row on the codes: row i's real queries attend to row i's cache, the outputs are
 stacked into the batch's (B, H_q, T, d) output, and padding positions get zeros (their
 outputs are never used: padded prompt positions produce no logits that mlx-lm reads). A row
-therefore computes what the same cache computes for the sequence served alone. The rows' C++ calls
-are one ``_core.attend_batch`` per layer and step (the GIL released once, the rows in
-parallel on the library's thread pool); each row makes the same core calls, with the same
-appends between them, as its own ``_attend`` (``_attend_calls``), so the result is the same
-bit for bit.
+therefore computes what the same cache computes for the sequence served alone.
+
+- Rows on the C++ core: the rows' C++ calls are one ``_core.attend_batch`` per layer and
+  step (the GIL released once, the rows in parallel on the library's thread pool); each row
+  makes the same core calls, with the same appends between them, as its own ``_attend``
+  (``_attend_calls``), so the result is the same bit for bit.
+- Rows held by the GPU store (``TurboQuantKVCache._gpu``: a
+  :class:`~turboquant.mlx_metal.MetalCodeStore` per row, on Metal or mlx's CUDA back end):
+  each row's new keys/values are appended to its own store and its queries attend with the
+  store's kernels (one launch set per row), all as lazy mlx ops: nothing is read back to
+  the host on a decode step (the one exception: an attention mask made by another layer's
+  cache, e.g. an fp16 layer's, is read once per step to find each row's window). The rows'
+  outputs are concatenated into the batch's output. Each row runs exactly what its cache
+  runs for the sequence alone, so a row's tokens are those of the request served alone.
+  Merge, extract and the batch's deep copy copy a row's store on the device
+  (``MetalCodeStore.copy``).
 
 Protocol (mlx-lm 0.32): ``merge`` (classmethod; ``TurboQuantKVCache.merge`` calls it),
 ``update_and_fetch``, ``make_mask``, ``prepare`` (left padding, or right padding of a
 prompt batch) / ``finalize``, ``filter``, ``extend``, ``extract``, ``trim`` /
 ``is_trimmable``, ``size``, ``empty``, ``nbytes``, ``offset``, ``left_padding``, ``state``
 (nothing to evaluate: the codes are written when the layer runs).
-
-Layers held by the GPU store (``TurboQuantKVCache._gpu``) are refused by :meth:`merge` with
-a clear error: batching is a C++ core feature for now (the server then serves one request
-at a time, see :mod:`turboquant.serve`).
 """
 
 from __future__ import annotations
@@ -46,16 +53,16 @@ from mlx_lm.models import cache as _mlx_cache
 from turboquant import _core
 from turboquant.mlx_host import _host, _window_from_mask
 
-__all__ = ["GPU_REFUSAL", "BatchTurboQuantKVCache", "stats"]
-
-GPU_REFUSAL = ("batched generation runs TurboQuant layers on the C++ CPU core only; this "
-               "layer is held by the GPU store (serve requests one at a time instead)")
+__all__ = ["BatchTurboQuantKVCache", "stats"]
 
 # Masks made by make_mask of a batch cache, with their window: the attention route then
 # needs no decoding (a mask from another cache, e.g. an fp16 layer's BatchKVCache, is
 # decoded row by row). A few recent ones, strongly held so that ids stay unique.
 _OWN_MASKS: list[tuple[mx.array, int | None]] = []
 _OWN_MASKS_KEPT = 4
+# Masks of other caches (an fp16 layer's BatchKVCache) with the batch layout they were
+# decoded for and the rows' windows: the route's other layers of the step reuse them.
+_FOREIGN_MASKS: list[tuple[mx.array, tuple, tuple]] = []
 
 # The most rows one batch cache has decoded together (GET /v1/turboquant reports it).
 _stats = {"max_rows": 0}
@@ -243,6 +250,11 @@ class BatchTurboQuantKVCache(_mlx_cache._BaseCache):
         B, H, T, d = keys.shape
         if B != len(self.rows):
             raise ValueError(f"keys of batch {B} for a batch cache of {len(self.rows)} rows")
+        if values.shape[:3] != keys.shape[:3] or values.shape[-1] != d:
+            raise ValueError(f"a batch cache needs keys and values of one shape (B, H_kv, T, d), "
+                             f"got {keys.shape} and {values.shape}")
+        for i, r in enumerate(self.rows):  # every row checked before any row changes
+            _check_row_shape(i, r, H, d)
         # one host copy of the batch's keys/values (not one per row) for rows on the core
         for r in self.rows:
             if r._gpu is None:
@@ -307,6 +319,8 @@ class BatchTurboQuantKVCache(_mlx_cache._BaseCache):
                 a, b = self._spans[i]
                 out[i, :, a:b] = o[0]
             return mx.array(out).astype(queries.dtype)
+        # GPU store rows: each row's attention on its own store, lazily (its kernels are
+        # launched when the step is evaluated); the rows' outputs concatenated in row order.
         outs = []
         for i, row in enumerate(self.rows):
             a, b = self._spans[i]
@@ -336,6 +350,12 @@ class BatchTurboQuantKVCache(_mlx_cache._BaseCache):
             raise NotImplementedError(
                 f"attention mask of shape {mask.shape} does not match this batch's "
                 f"{T} queries x {self._idx} keys (a mask made by a cache of another layout)")
+        # Every layer of a step gets the same mask and layout: decoded (read to the host)
+        # once per step, not once per layer.
+        layout = (tuple(self._lp), tuple(self._spans), tuple(int(r.offset) for r in self.rows))
+        for m, key, windows in _FOREIGN_MASKS:
+            if m is mask and key == layout:
+                return list(windows)
         m = np.array(mask if mask.dtype == mx.bool_ else mask >= 0)
         out = []
         for i, row in enumerate(self.rows):
@@ -345,6 +365,8 @@ class BatchTurboQuantKVCache(_mlx_cache._BaseCache):
                 continue
             sub = m[i if m.shape[0] > 1 else 0, 0, a:b, self._lp[i]:self._lp[i] + row.offset]
             out.append(_window_from_mask(mx.array(sub), b - a, int(row.offset)))
+        _FOREIGN_MASKS.append((mask, layout, tuple(out)))
+        del _FOREIGN_MASKS[:-_OWN_MASKS_KEPT]
         return out
 
 
@@ -412,14 +434,28 @@ def _answer(pending: dict) -> dict:
     return answers
 
 
+def _check_row_shape(i: int, row, heads: int, head_dim: int) -> None:
+    """Refuses keys of ``heads`` KV heads of ``head_dim`` for a row built for others (the
+    row's own append would refuse them too, but after the rows before it had changed)."""
+    if row._core is not None:
+        want = tuple(row._shape)
+    elif row._pending:
+        k = row._pending[0][0]
+        want = (int(k.shape[0]), int(k.shape[2]))
+    else:
+        return
+    if (heads, head_dim) != want:
+        raise ValueError(f"layer {row.layer}: keys of {heads} KV heads x head_dim {head_dim} "
+                         f"for batch row {i}, whose cache holds {want[0]} KV heads x head_dim "
+                         f"{want[1]}; the batch cache is unchanged")
+
+
 def _check_rows(rows) -> None:
     kinds = {(type(r), getattr(r, "max_size", None)) for r in rows}
     for r in rows:
         if not getattr(r, "turboquant_layer", False):
             raise TypeError(f"a TurboQuant batch cache holds TurboQuantKVCache rows, got "
                             f"{type(r).__name__}")
-        if r._gpu:
-            raise NotImplementedError(f"layer {r.layer}: {GPU_REFUSAL}")
     if len(kinds) > 1:
         raise ValueError("a batch cache needs rows of one kind (all full-attention, or all "
                          f"sliding-window of one size), got {sorted(str(k) for k in kinds)}")

@@ -405,12 +405,14 @@ class TurboQuantKVCache(_mlx_cache._BaseCache):
 
     def __deepcopy__(self, memo):
         """An independent copy (mlx-lm's prompt-cache store hands out copies of what it
-        keeps): the compressed store is copied through its file bytes, never decoded."""
+        keeps; a batch merges and extracts copies): the C++ core is copied through its file
+        bytes, the GPU store on the device (``MetalCodeStore.copy``); neither is decoded."""
         new = type(self).__new__(type(self))
         memo[id(self)] = new
         for k, v in self.__dict__.items():
             if k == "_core" and v is not None:
-                v = type(v).from_bytes(v.to_bytes())
+                v = (v.copy() if isinstance(v, _mlx_metal.MetalCodeStore)
+                     else type(v).from_bytes(v.to_bytes()))
             elif k == "_fetched":
                 v = None  # placeholders of the last call; the next update_and_fetch makes new ones
             else:

@@ -313,6 +313,15 @@ class _WidthGroup:
         self.k_norms = grow(self.k_norms, (), mx.float16)
         self.v_norms = grow(self.v_norms, (), mx.float16)
 
+    def copy(self) -> _WidthGroup:
+        """The same heads and tables, with page arrays of its own (see MetalCodeStore.copy)."""
+        new = _WidthGroup.__new__(_WidthGroup)
+        new.__dict__.update(self.__dict__)
+        new.k_codes, new.k_norms, new.v_codes, new.v_norms = (
+            None if a is None else _mx().array(a) for a in self.arrays())
+        new.low = None if self.low is None else self.low.copy()
+        return new
+
     def shrink(self, cap: int) -> None:
         if cap == 0:
             self.k_codes = self.k_norms = self.v_codes = self.v_norms = None
@@ -606,6 +615,17 @@ class MetalCodeStore:
     @property
     def _ns(self) -> int:
         return 0 if self._k_sink is None else int(self._k_sink.shape[1])
+
+    def copy(self) -> MetalCodeStore:
+        """An independent copy, made on the device: the same settings, kernels and
+        ``check_inputs``, its own page arrays (new mlx arrays of the same values: a write to
+        either store's pages leaves the other's as they were). No host round trip, unlike
+        ``from_bytes(to_bytes())``, which gives the same codes."""
+        new = type(self).__new__(type(self))
+        new.__dict__.update(self.__dict__)
+        new._groups = [g.copy() for g in self._groups]
+        new._masks = self._masks.copy()
+        return new
 
     # --- sizes ------------------------------------------------------------------------------
     def size(self, layer: int = 0) -> int:

@@ -17,11 +17,12 @@ things are swapped in, each through the narrowest seam mlx-lm offers:
   it merges their caches (``TurboQuantKVCache.merge``) into a
   :class:`turboquant.mlx_batch.BatchTurboQuantKVCache`, one per-sequence cache per row,
   attention on each row's codes. The generator builds the caches of new requests through
-  ``mlx_lm.generate.make_prompt_cache``, which the cache factory replaces as well. A model
-  is served one request at a time (mlx-lm's ``stream_generate``) when it has a draft model,
-  when its layers are on the GPU store (batching is a C++ core feature for now), when one
-  kind of sliding-window layer mixes fp16 and TurboQuant caches (their batch masks have
-  different layouts), or with ``batching=False`` (``--no-batching``).
+  ``mlx_lm.generate.make_prompt_cache``, which the cache factory replaces as well. Layers
+  on the C++ core and layers held by the GPU store (Metal, or mlx's CUDA back end) batch
+  alike. A model is served one request at a time (mlx-lm's ``stream_generate``) when it
+  has a draft model, when one kind of sliding-window layer mixes fp16 and TurboQuant caches
+  (their batch masks have different layouts), or with ``batching=False``
+  (``--no-batching``).
 - **The prompt-cache store.** mlx-lm's ``LRUPromptCache`` (longest-prefix reuse, trimming,
   LRU eviction) is kept, with a byte budget (``--max-kv-gb``): it counts each entry by the
   caches' ``nbytes``, which for TurboQuant caches is the compressed size (codes, norms,
@@ -63,7 +64,6 @@ from mlx_lm import server as _server
 from mlx_lm.models import cache as _mlx_cache
 from mlx_lm.models.cache import can_trim_prompt_cache, trim_prompt_cache
 
-from turboquant import metal as _metal
 from turboquant import mlx_batch as _mlx_batch
 from turboquant import mlx_lm as _tq_mlx_lm
 from turboquant import mlx_rotating as _mlx_rotating
@@ -232,9 +232,6 @@ def batching_refusal(cache: list, draft: bool = False) -> str | None:
     missing = sorted({type(c).__name__ for c in cache if not hasattr(c, "merge")})
     if missing:
         return f"cache types without batching: {', '.join(missing)}"
-    if any(isinstance(c, _tq_mlx_lm.TurboQuantKVCache) for c in cache) and \
-            _metal.active_path() != "cpu":
-        return _mlx_batch.GPU_REFUSAL
     sliding_fp16 = {c.max_size for c in cache if type(c) is _mlx_cache.RotatingKVCache}
     sliding_tq = {c.max_size for c in cache
                   if isinstance(c, _mlx_rotating.TurboQuantRotatingKVCache)}

@@ -231,3 +231,54 @@ def test_prompt_cache_files_load_across_paths(monkeypatch, tmp_path):
     again = load_prompt_cache(str(tmp_path / "gpu.safetensors"))
     b = np.array(model(tok, cache=again).astype(mx.float32))
     assert rel_err(a, b) <= 1e-2
+
+
+def _batched_and_alone(model, make, prompts, max_tokens):
+    """Greedy tokens of the prompts decoded together (mlx-lm's BatchGenerator) and each
+    generated alone (generate_step), every cache made by ``make``; and the alone caches."""
+    from mlx_lm.generate import BatchGenerator, generate_step
+
+    alone, alone_caches = [], []
+    for p, n in zip(prompts, max_tokens):
+        cache = make(model)
+        alone_caches.append(cache)
+        alone.append([t for t, _ in generate_step(mx.array(p), model, max_tokens=n,
+                                                  prompt_cache=cache)])
+    gen = BatchGenerator(model)
+    uids = gen.insert(prompts, max_tokens=list(max_tokens),
+                      caches=[make(model) for _ in prompts])
+    got = {u: [] for u in uids}
+    while len(gen._generation_batch) or len(gen._prompt_batch) or gen._unprocessed_sequences:
+        for r in gen.next_generated():
+            got[r.uid].append(r.token)
+    return [got[u] for u in uids], alone, alone_caches
+
+
+@pytest.mark.parametrize("options", [{}, {"fp16_window": 8, "block_tokens": 16},
+                                     {"preset": "codes-only"}])
+def test_batched_generation_on_the_gpu_store_equals_one_at_a_time(monkeypatch, options):
+    """Continuous batching with every row's layers on the GPU store: each request's greedy
+    tokens are those it gets generated alone on the store (the default preset's sinks, window
+    and key split; a short window that flushes while decoding; codes only). mlx-lm's fp16
+    caches are the control: where its own batched tokens differ from one at a time on this
+    GPU (the model's batched matmuls rounding otherwise), no comparison is possible."""
+    from mlx.utils import tree_map
+    from mlx_lm.models.cache import make_prompt_cache as fp16_cache
+
+    from turboquant.mlx_lm import make_prompt_cache
+
+    model = gpu_sized_model("llama")
+    model.update(tree_map(lambda w: w * 3.0, model.parameters()))  # greedy text varies
+    mx.eval(model.parameters())
+    prompts = [((np.arange(n) * (7 + n)) % 120 + 1).tolist() for n in (5, 90, 200, 33)]
+    max_tokens = [24, 12, 24, 18]
+    batched, alone, _ = _batched_and_alone(model, fp16_cache, prompts, max_tokens)
+    if batched != alone:
+        pytest.skip("mlx-lm's own fp16 batch differs from one at a time on this GPU")
+    monkeypatch.setattr(metal, "active_path", lambda: metal.candidate_path())
+    batched, alone, caches = _batched_and_alone(
+        model, lambda m: make_prompt_cache(m, **options), prompts, max_tokens)
+    assert all(c._gpu and type(c._core).__name__ == "MetalCodeStore" for cache in caches
+               for c in cache)
+    assert len({tuple(t) for t in alone}) == len(alone)
+    assert batched == alone

@@ -44,15 +44,19 @@ def model_dir(tmp_path_factory):
 
 
 @contextlib.contextmanager
-def running_server(model_dir, log, *args, start_timeout=40):
-    """``python -m turboquant serve`` on a free loopback port; yields its URL."""
+def running_server(model_dir, log, *args, start_timeout=40, launcher=("-m", "turboquant"),
+                   env=None):
+    """``python -m turboquant serve`` on a free loopback port; yields its URL. ``launcher``
+    replaces ``-m turboquant`` (a script taking the same arguments); ``env`` adds
+    environment variables."""
     port = free_port()
     # The child imports the turboquant this test imported (installed, or a source tree).
     package_root = str(Path(turboquant.__file__).resolve().parents[1])
-    env = dict(os.environ, PYTHONPATH=package_root + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    env = dict(os.environ, **(env or {}),
+               PYTHONPATH=package_root + os.pathsep + os.environ.get("PYTHONPATH", ""))
     with open(log, "wb") as out:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "turboquant", "serve", "--model", str(model_dir),
+            [sys.executable, *launcher, "serve", "--model", str(model_dir),
              "--port", str(port), "--log-level", "WARNING", *args],
             stdout=out, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
     url = f"http://127.0.0.1:{port}"

@@ -174,13 +174,46 @@ def test_mlx_lm_fp16_server_batched_equals_alone(model_dir, tmp_path):
         proc.wait(timeout=20)
 
 
+def test_gpu_store_requests_are_batched_and_equal_each_served_alone(tmp_path, monkeypatch):
+    """The server with its layers on the GPU store (as on a Mac or an NVIDIA GPU; here the
+    store's reference kernels, tests/python/serve_on_gpu_store.py): concurrent requests are
+    decoded together and each gets the text it gets alone on the GPU store."""
+    from pathlib import Path
+
+    import turboquant.mlx_metal as mm
+    from turboquant import metal
+
+    model_dir = save_tiny_model_dir(tmp_path / "model", hidden_size=128)  # head_dim 32
+    options = ("--kv-bits", "3", "--fp16-window", "0", "--max-tokens", "16")
+
+    def gpu_cache(model):
+        from turboquant.mlx_lm import make_prompt_cache
+
+        return make_prompt_cache(model, key_bits=3, value_bits=3, fp16_window=0)
+
+    monkeypatch.setattr(metal, "active_path", lambda: "metal")
+    monkeypatch.setattr(mm, "METAL_KERNELS", mm.ReferenceKernels())
+    expect = alone_texts(model_dir, gpu_cache)
+    assert len(set(expect)) == len(expect)
+    calls = tmp_path / "gpu_calls"
+    launcher = str(Path(__file__).with_name("serve_on_gpu_store.py"))
+    with running_server(model_dir, tmp_path / "server.log", *options, launcher=(launcher,),
+                        env={"TQ_TEST_GPU_CALLS": str(calls)}) as url:
+        # one copy of each prompt: no request resumes from another's cached prefix
+        (texts,) = concurrently(url, n_copies=1)
+        info = get(url, "/v1/turboquant")
+    assert texts == expect
+    assert info["batching"]["enabled"] and info["batching"]["off_reason"] is None
+    assert info["batching"]["max_rows"] >= 2
+    assert calls.stat().st_size > 0  # the store's decode kernel served the requests
+
+
 # -- in-process -------------------------------------------------------------------------
 
 
 def test_batching_refusals():
     from mlx_lm.models.cache import KVCache, RotatingKVCache
     from turboquant import metal
-    from turboquant.mlx_batch import GPU_REFUSAL
     from turboquant.mlx_lm import TurboQuantKVCache
     from turboquant.mlx_rotating import TurboQuantRotatingKVCache
 
@@ -196,8 +229,8 @@ def test_batching_refusals():
     assert "without batching: Recurrent" in serve.batching_refusal([full, Recurrent()])
     saved = metal.active_path
     try:
-        metal.active_path = lambda: "metal"
-        assert serve.batching_refusal([full]) == GPU_REFUSAL
+        metal.active_path = lambda: "metal"  # layers on the GPU store batch too
+        assert serve.batching_refusal([full, KVCache()]) is None
     finally:
         metal.active_path = saved
 
