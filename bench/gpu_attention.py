@@ -22,6 +22,7 @@ import numpy as np
 from gpu_common import (copy_bandwidth_gbps, environment, machine, overlapped, pipelined, timed,
                         write_result)
 from turboquant import metal
+from turboquant import gpu_path
 from turboquant.mlx_metal import MetalCodeStore, ReferenceKernels
 
 
@@ -175,8 +176,8 @@ def main(argv=None) -> int:
     kernels = None
     if a.smoke:
         a.contexts, a.dims, a.bits, a.iters, kernels = "256,512", "64", "3", 2, ReferenceKernels()
-    elif metal.active_path() == "cpu":
-        ap.error(f"needs a GPU kernel path ({metal.path_reason()}); --smoke runs anywhere")
+    elif gpu_path.active_path() == "cpu":
+        ap.error(f"needs a GPU kernel path ({gpu_path.path_reason()}); --smoke runs anywhere")
     swept = (sweep([int(x) for x in a.sweep.split(",")], kernels=kernels,
                    iters=2 if a.smoke else 30, block_kernels=block_kernels)
              if a.sweep else None)

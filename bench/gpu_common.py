@@ -17,6 +17,7 @@ import time
 import mlx.core as mx
 
 import turboquant
+from turboquant import gpu_path
 from turboquant import metal
 from turboquant._atomic import atomic_write
 
@@ -25,8 +26,8 @@ def machine() -> dict:
     """GPU, driver, mlx and turboquant versions, and the kernel path taken."""
     info = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "python": platform.python_version(), "mlx": mx.__version__,
-            "turboquant": turboquant.__version__, "mlx_kernels": metal.active_path(),
-            "mlx_kernels_reason": metal.path_reason(), "command": " ".join(sys.argv)}
+            "turboquant": turboquant.__version__, "mlx_kernels": gpu_path.active_path(),
+            "mlx_kernels_reason": gpu_path.path_reason(), "command": " ".join(sys.argv)}
     try:
         info["device"] = {k: (v if isinstance(v, (int, float, str)) else str(v))
                           for k, v in mx.device_info().items()}

@@ -21,6 +21,7 @@ import mlx.core as mx
 
 from gpu_common import write_result
 from turboquant import metal
+from turboquant import gpu_path
 
 
 class _StubKernel:
@@ -33,7 +34,7 @@ def stub_kernels() -> None:
     """turboquant.metal with shape-only kernels, the CUDA path taken (nothing runs on a GPU)."""
     metal._kernel = lambda which: _StubKernel()
     metal.candidate_path = lambda: "cuda"
-    metal.active_path = lambda: "cuda"
+    gpu_path.active_path = lambda: "cuda"
     metal._require_gpu = lambda: None
 
 

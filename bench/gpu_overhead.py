@@ -21,6 +21,7 @@ import numpy as np
 
 from gpu_common import environment, fill_random, machine, write_result
 from turboquant import metal
+from turboquant import gpu_path
 from turboquant.mlx_metal import MetalCodeStore
 
 
@@ -120,9 +121,9 @@ def main(argv=None) -> int:
                     help="only the decode steps of the 2-layer model (e.g. under nsys)")
     ap.add_argument("--out", type=Path)
     a = ap.parse_args(argv)
-    target = metal.active_path()
+    target = gpu_path.active_path()
     if target == "cpu":
-        ap.error(f"needs a GPU kernel path ({metal.path_reason()})")
+        ap.error(f"needs a GPU kernel path ({gpu_path.path_reason()})")
     rows = {}
 
     def record(name, r):

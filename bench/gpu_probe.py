@@ -26,6 +26,7 @@ import mlx.core as mx
 
 from gpu_common import fill_random
 from turboquant import metal
+from turboquant import gpu_path
 from turboquant.mlx_metal import MetalCodeStore
 
 
@@ -56,7 +57,7 @@ def calls(T: int):
 
 def profiler_range(on: bool) -> None:
     """cuProfilerStart / cuProfilerStop of the CUDA driver (a no-op without one: Metal)."""
-    if metal.active_path() != "cuda":
+    if gpu_path.active_path() != "cuda":
         return
     import ctypes
 
@@ -73,8 +74,8 @@ def main(argv=None) -> int:
     ap.add_argument("--trace", action="store_true",
                     help="record with PyTorch's profiler instead (where PyTorch is installed)")
     a = ap.parse_args(argv)
-    if metal.active_path() == "cpu":
-        ap.error(f"needs a GPU kernel path ({metal.path_reason()})")
+    if gpu_path.active_path() == "cpu":
+        ap.error(f"needs a GPU kernel path ({gpu_path.path_reason()})")
     if not a.trace:
         work = list(calls(a.context))  # built and compiled before the profiler range
         profiler_range(True)

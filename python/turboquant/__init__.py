@@ -53,9 +53,10 @@ def backends() -> list[str]:
     Mac with a Metal device), plus "cuda" when mlx has a CUDA device and the GPU kernels
     passed their first-use self-test (the mlx-resident code store on mx.fast.cuda_kernel)."""
     from turboquant import metal
+    from turboquant import gpu_path
 
     found = list(_core_backends())
-    if metal.active_path() == "cuda":
+    if gpu_path.active_path() == "cuda":
         found.append("cuda")
     return found
 
@@ -68,8 +69,8 @@ def build_info() -> dict:
 
     info = _core_build_info()
     info["backends"] = backends()
-    info["mlx_kernels"] = metal.active_path()
-    info["mlx_kernels_reason"] = metal.path_reason()
+    info["mlx_kernels"] = gpu_path.active_path()
+    info["mlx_kernels_reason"] = gpu_path.path_reason()
     return info
 
 

@@ -351,6 +351,7 @@ class KVCacheBuilder:
             raise ValueError(f"backend must be 'auto', 'cpu', 'metal' or 'cuda', got "
                              f"{requested!r}")
         from turboquant import metal
+        from turboquant import gpu_path
 
         if requested == "cuda":
             # The C++ core has no CUDA backend: "cuda" is the mlx-resident store of
@@ -360,7 +361,7 @@ class KVCacheBuilder:
             backend = _core.resolve_backend(requested)  # honours TURBOQUANT_BACKEND for "auto"
             env = os.environ.get("TURBOQUANT_BACKEND", "auto")
             explicit = requested != "auto" or env != "auto"
-            if backend == "cpu" and not explicit and metal.active_path() == "cuda":
+            if backend == "cpu" and not explicit and gpu_path.active_path() == "cuda":
                 backend = "cuda"  # "auto" on an NVIDIA GPU: the CUDA store when it can serve
         if backend != "cpu":
             # "metal" (only ever resolved on a Mac with a Metal device) or "cuda": the cache is
@@ -368,11 +369,11 @@ class KVCacheBuilder:
             # can hold this configuration and mlx has such a device; otherwise "auto" falls
             # back to the CPU cache and an explicit request is refused, saying why.
             why = self._metal_unsupported(key_method, value_method)
-            if why is None and metal.active_path() != backend:
+            if why is None and gpu_path.active_path() != backend:
                 name = {"metal": "Metal", "cuda": "CUDA"}[backend]
                 why = (f"the {name} KV cache runs on mlx: it needs mlx with a {name} device "
                        f"({_INSTALL[backend]}; TURBOQUANT_MLX_KERNELS not 'cpu'); here: "
-                       f"{metal.path_reason()}")
+                       f"{gpu_path.path_reason()}")
             if why is None:
                 return self._metal_cache(key_method, value_method, backend=backend)
             if explicit:

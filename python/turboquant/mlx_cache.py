@@ -25,6 +25,7 @@ import numpy as np
 from mlx_lm.models import cache as _mlx_cache
 
 from turboquant import _core, metal
+from turboquant import gpu_path
 from turboquant import mlx_metal as _mlx_metal
 from turboquant import presets as _presets
 from turboquant.mlx_batch import BatchTurboQuantKVCache
@@ -283,7 +284,7 @@ class TurboQuantKVCache(_mlx_cache._BaseCache):
         taken when the kernels passed their first-use self-test and :meth:`gpu_refusal`
         finds nothing the store cannot do; a layer kept off the GPU says why (one warning
         per reason and process)."""
-        path = metal.active_path()
+        path = gpu_path.active_path()
         if path == "cpu":
             return False
         why = self.gpu_refusal(head_dim)

@@ -54,7 +54,7 @@ the store on it on Linux. What runs only on a GPU: the ``turboquant.metal`` kern
 are checked without one by the emulation tests of tests/python/test_metal.py and
 test_mlx_metal.py, and compiled for CUDA by NVRTC in test_cuda_kernels.py).
 
-:func:`self_test` is the first use of a GPU path (``turboquant.metal.active_path``): the
+:func:`self_test` is the first use of a GPU path (``turboquant.gpu_path.active_path``): the
 store on the real kernels against the C++ core, on a small cache that launches every kernel.
 """
 

@@ -9,6 +9,7 @@ import os
 import sys
 
 from turboquant import metal, mlx_metal
+from turboquant import gpu_path
 from turboquant.__main__ import main
 
 
@@ -19,7 +20,7 @@ class CountingKernels(mlx_metal.ReferenceKernels):
         return super().decode_attention_heads(*args, **kwargs)
 
 
-metal.active_path = lambda: "metal"
+gpu_path.active_path = lambda: "metal"
 mlx_metal.METAL_KERNELS = CountingKernels()
 
 if __name__ == "__main__":

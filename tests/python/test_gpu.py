@@ -14,6 +14,7 @@ import pytest
 mx = pytest.importorskip("mlx.core")
 
 from turboquant import _core, metal  # noqa: E402
+from turboquant import gpu_path
 from turboquant.mlx_metal import MetalCodeStore  # noqa: E402
 
 pytestmark = [
@@ -21,14 +22,14 @@ pytestmark = [
     # Where mlx has a GPU device, these run even when the kernels' first-use self-test failed
     # (then test_self_test_passes fails with its message and the others show which kernel).
     pytest.mark.skipif(metal.candidate_path() == "cpu",
-                       reason=f"no GPU kernel path here ({metal.path_reason()})"),
+                       reason=f"no GPU kernel path here ({gpu_path.path_reason()})"),
 ]
 
 
 def test_self_test_passes():
     path = metal.candidate_path()
-    assert metal.self_test_result(path) is None, metal.self_test_result(path)
-    assert metal.active_path() == path
+    assert gpu_path.self_test_result(path) is None, gpu_path.self_test_result(path)
+    assert gpu_path.active_path() == path
 
 
 def rand(rng, *shape, scale=1.0):
@@ -194,7 +195,7 @@ def test_mlx_lm_logits_on_the_gpu_path_match_the_cpu_path(monkeypatch):
     prompt = mx.array((np.arange(1, 300) * 7 % 120)[None])
 
     def logits(gpu: bool):
-        monkeypatch.setattr(metal, "active_path",
+        monkeypatch.setattr(gpu_path, "active_path",
                             (lambda: metal.candidate_path()) if gpu else (lambda: "cpu"))
         cache = make_prompt_cache(model, key_bits=3, value_bits=3)
         out = [model(prompt, cache=cache)[:, -1]]
@@ -217,17 +218,17 @@ def test_prompt_cache_files_load_across_paths(monkeypatch, tmp_path):
 
     model = gpu_sized_model("qwen2")
     prompt = mx.array((np.arange(1, 200) * 5 % 120)[None])
-    monkeypatch.setattr(metal, "active_path", lambda: metal.candidate_path())
+    monkeypatch.setattr(gpu_path, "active_path", lambda: metal.candidate_path())
     gpu_cache = make_prompt_cache(model, key_bits=3, value_bits=4)
     model(prompt, cache=gpu_cache)
     assert all(c._gpu for c in gpu_cache)
     save_prompt_cache(str(tmp_path / "gpu.safetensors"), gpu_cache)
-    monkeypatch.setattr(metal, "active_path", lambda: "cpu")
+    monkeypatch.setattr(gpu_path, "active_path", lambda: "cpu")
     cpu_cache = load_prompt_cache(str(tmp_path / "gpu.safetensors"))
     assert not any(c._gpu for c in cpu_cache)
     tok = mx.array([[3]])
     a = np.array(model(tok, cache=cpu_cache).astype(mx.float32))
-    monkeypatch.setattr(metal, "active_path", lambda: metal.candidate_path())
+    monkeypatch.setattr(gpu_path, "active_path", lambda: metal.candidate_path())
     again = load_prompt_cache(str(tmp_path / "gpu.safetensors"))
     b = np.array(model(tok, cache=again).astype(mx.float32))
     assert rel_err(a, b) <= 1e-2
@@ -275,7 +276,7 @@ def test_batched_generation_on_the_gpu_store_equals_one_at_a_time(monkeypatch, o
     batched, alone, _ = _batched_and_alone(model, fp16_cache, prompts, max_tokens)
     if batched != alone:
         pytest.skip("mlx-lm's own fp16 batch differs from one at a time on this GPU")
-    monkeypatch.setattr(metal, "active_path", lambda: metal.candidate_path())
+    monkeypatch.setattr(gpu_path, "active_path", lambda: metal.candidate_path())
     batched, alone, caches = _batched_and_alone(
         model, lambda m: make_prompt_cache(m, **options), prompts, max_tokens)
     assert all(c._gpu and type(c._core).__name__ == "MetalCodeStore" for cache in caches

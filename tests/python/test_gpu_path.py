@@ -11,18 +11,19 @@ mx = pytest.importorskip("mlx.core")
 
 import turboquant  # noqa: E402
 from turboquant import _core, metal, mlx_cache, mlx_metal  # noqa: E402
+from turboquant import gpu_path
 
 
 @pytest.fixture
 def fresh_selection(monkeypatch):
     """Forget the process's path choice (and restore it afterwards)."""
-    saved = dict(metal._SELF_TESTS)
-    metal._SELF_TESTS.clear()
-    metal.active_path.cache_clear()
+    saved = dict(gpu_path._SELF_TESTS)
+    gpu_path._SELF_TESTS.clear()
+    gpu_path.active_path.cache_clear()
     yield
-    metal._SELF_TESTS.clear()
-    metal._SELF_TESTS.update(saved)
-    metal.active_path.cache_clear()
+    gpu_path._SELF_TESTS.clear()
+    gpu_path._SELF_TESTS.update(saved)
+    gpu_path.active_path.cache_clear()
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +50,7 @@ def test_selection_rule_knows_cuda():
 
 def test_this_machine_takes_the_cpu_path_and_says_why():
     info = turboquant.build_info()
-    assert info["mlx_kernels"] == metal.active_path()
+    assert info["mlx_kernels"] == gpu_path.active_path()
     if not (mx.metal.is_available() or mx.cuda.is_available()):
         assert info["mlx_kernels"] == "cpu" and info["backends"] == ["cpu"]
         assert info["mlx_kernels_reason"].startswith("cpu: ")
@@ -82,10 +83,10 @@ def test_a_kernel_that_does_not_compile_falls_back_to_the_core(monkeypatch, fres
     monkeypatch.setattr(metal, "_kernel", no_compile)
     with pytest.warns(RuntimeWarning, match="metal kernels failed their first-use self-test "
                       r"\(RuntimeError: \[metal_kernel\] Unable to build .*simd_sum"):
-        assert metal.active_path() == "cpu"
+        assert gpu_path.active_path() == "cpu"
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # one warning per process, not one per cache
-        assert metal.active_path() == "cpu"
+        assert gpu_path.active_path() == "cpu"
         info = turboquant.build_info()
     assert info["mlx_kernels"] == "cpu"
     assert "failed their first-use self-test" in info["mlx_kernels_reason"]
@@ -112,7 +113,7 @@ def test_kernels_with_wrong_codes_fall_back_to_the_core(emulated, monkeypatch, f
     monkeypatch.setattr(metal, "candidate_path", lambda: "cuda")
     with pytest.warns(RuntimeWarning, match="cuda kernels failed .*plain: key codes of KV head 0 "
                       "differ from the C.. core's"):
-        assert metal.active_path() == "cpu"
+        assert gpu_path.active_path() == "cpu"
     assert "cuda" not in turboquant.backends()
 
 
@@ -141,7 +142,7 @@ def test_generation_survives_a_broken_shader(monkeypatch, fresh_selection):
     want, _ = tokens()
     monkeypatch.setattr(metal, "candidate_path", lambda: "metal")
     monkeypatch.setattr(metal, "_kernel", no_compile)
-    metal.active_path.cache_clear()  # the first run chose the CPU path
+    gpu_path.active_path.cache_clear()  # the first run chose the CPU path
     with pytest.warns(RuntimeWarning, match="Unable to build metal library"):
         got, cache = tokens()
     assert got == want
@@ -162,8 +163,8 @@ def test_builder_cuda_backend(emulated, monkeypatch, fresh_selection):
     emulated.install(monkeypatch)
     monkeypatch.setattr(metal, "candidate_path", lambda: "cuda")
     monkeypatch.delenv("TURBOQUANT_BACKEND", raising=False)
-    metal.active_path.cache_clear()
-    assert metal.active_path() == "cuda" and turboquant.backends()[-1] == "cuda"
+    gpu_path.active_path.cache_clear()
+    assert gpu_path.active_path() == "cuda" and turboquant.backends()[-1] == "cuda"
     rng = np.random.default_rng(0)
     k, v = (rng.standard_normal((2, 12, 32)).astype(np.float32) for _ in range(2))
     q = rng.standard_normal((4, 1, 32)).astype(np.float32)
@@ -214,7 +215,7 @@ def test_a_layer_kept_off_the_gpu_says_why(monkeypatch):
     from turboquant import mlx_lm as tq_mlx
 
     model = tiny_model("llama")
-    monkeypatch.setattr(metal, "active_path", lambda: "cuda")
+    monkeypatch.setattr(gpu_path, "active_path", lambda: "cuda")
     monkeypatch.setattr(mlx_cache, "_GPU_FALLBACKS_WARNED", set())
     # (the tiny model's head_dim 16 is below the key split's 32: no split, to reach decay)
     cache = tq_mlx.make_prompt_cache(model, key_bits=3, value_bits=3, decay_after=64,

@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 
 import turboquant
+from turboquant import gpu_path
 from turboquant import _core, metal
 from metal_args import ARG_TYPES
 
@@ -46,7 +47,7 @@ def test_backends_without_metal(monkeypatch):
 def test_build_info_reports_the_mlx_path():
     info = turboquant.build_info()
     assert info["mlx_kernels"] in ("cpu", "metal")
-    assert info["mlx_kernels"] == metal.active_path()
+    assert info["mlx_kernels"] == gpu_path.active_path()
     if NOT_MAC:
         assert info["mlx_kernels"] == "cpu"
         assert "metal" not in info["backends"]

@@ -1,6 +1,6 @@
 """Continuous batching on the GPU store: rows whose layers are held by MetalCodeStore.
 
-The store runs as on a GPU machine (``metal.active_path`` says "metal"), its kernels the
+The store runs as on a GPU machine (``gpu_path.active_path`` says "metal"), its kernels the
 ReferenceKernels (the turboquant.metal signatures computed with the C++ quantizers), or the
 kernel sources themselves on the emulated GPU (tests/python/mlx_kernel_emulator.py), as in
 test_mlx_metal*.py. Greedy tokens of requests decoded together (mlx-lm's BatchGenerator)
@@ -27,6 +27,7 @@ from mlx_lm.models import cache as mlx_cache
 from mlx_tiny import _COMMON
 from test_mlx_batch import alone, run_batched
 from turboquant import metal, mlx_batch
+from turboquant import gpu_path
 from turboquant import mlx_lm as tq
 from turboquant.mlx_batch import BatchTurboQuantKVCache
 
@@ -36,7 +37,7 @@ REF = mm.ReferenceKernels()
 @pytest.fixture
 def on_gpu_store(monkeypatch):
     """New caches' layers go to the GPU store, on the reference kernels."""
-    monkeypatch.setattr(metal, "active_path", lambda: "metal")
+    monkeypatch.setattr(gpu_path, "active_path", lambda: "metal")
     monkeypatch.setattr(mm, "METAL_KERNELS", REF)
 
 
@@ -364,7 +365,7 @@ def test_a_batch_of_gpu_and_cpu_rows(monkeypatch):
     cache (the core's row through the host), the outputs stacked in row order."""
     monkeypatch.setattr(mm, "METAL_KERNELS", REF)
     cpu = _filled(6, seed=6)
-    monkeypatch.setattr(metal, "active_path", lambda: "metal")
+    monkeypatch.setattr(gpu_path, "active_path", lambda: "metal")
     gpu = _filled(9, seed=9)
     assert not cpu._gpu and gpu._gpu
     batch = BatchTurboQuantKVCache.merge([gpu, cpu])
@@ -394,7 +395,7 @@ def test_batched_tokens_on_the_emulated_gpu_equal_each_request_alone(emulated, m
     preset's key split with fp16 sinks and a short window, three requests of different
     lengths decoded together and alone."""
     emulated.install(monkeypatch)
-    monkeypatch.setattr(metal, "active_path", lambda: "metal")
+    monkeypatch.setattr(gpu_path, "active_path", lambda: "metal")
     model = gpu_model()
     make = MAKERS["tq3-short-window"]
     rng = random.Random(9)

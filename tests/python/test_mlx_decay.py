@@ -121,8 +121,9 @@ def test_sparse_v_goes_into_the_core_attend():
 def test_decay_and_sparse_v_stay_on_the_cpu_core(monkeypatch):
     import turboquant.mlx_metal as mm
     from turboquant import metal
+    from turboquant import gpu_path
 
-    monkeypatch.setattr(metal, "active_path", lambda: "metal")
+    monkeypatch.setattr(gpu_path, "active_path", lambda: "metal")
     monkeypatch.setattr(mm, "METAL_KERNELS", mm.ReferenceKernels())
     plain = dict(key_bits=3, value_bits=3, key_split=False, debias=False)
     assert tq_mlx.TurboQuantKVCache(**plain)._use_gpu(64)

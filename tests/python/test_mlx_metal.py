@@ -20,6 +20,7 @@ mx = pytest.importorskip("mlx.core")
 import turboquant  # noqa: E402
 from metal_args import ARG_TYPES  # noqa: E402
 from turboquant import _core, metal  # noqa: E402
+from turboquant import gpu_path
 from turboquant.mlx_metal import (MetalCodeStore, MetalKVCache, ReferenceKernels,  # noqa: E402
                                   kv_stream_id, store_supports)
 
@@ -334,7 +335,7 @@ def test_per_head_kernels_on_the_emulated_gpu(tmp_path):
 
 
 def test_build_info_still_reports_the_mlx_path():
-    assert turboquant.build_info()["mlx_kernels"] == metal.active_path()
+    assert turboquant.build_info()["mlx_kernels"] == gpu_path.active_path()
 
 
 # --- KVCacheBuilder.with_backend("metal") ---------------------------------------------------
@@ -389,7 +390,7 @@ def test_builder_selects_the_metal_store_where_metal_resolves(monkeypatch):
     monkeypatch.delenv("TURBOQUANT_BACKEND", raising=False)
     monkeypatch.setattr(_core, "resolve_backend",
                         lambda requested: "cpu" if requested == "cpu" else "metal")
-    monkeypatch.setattr(metal, "active_path", lambda: "metal")
+    monkeypatch.setattr(gpu_path, "active_path", lambda: "metal")
     monkeypatch.setattr(mm, "METAL_KERNELS", REF)
     cache = builder().with_backend("metal").build()
     assert cache.backend == "metal" and isinstance(cache, mm.MetalCompressedKVCache)
@@ -407,7 +408,7 @@ def test_builder_selects_the_metal_store_where_metal_resolves(monkeypatch):
         with pytest.raises(RuntimeError, match=why):
             builder(**kw).with_backend("metal").build()
         assert builder(**kw).build().backend == "cpu"
-    monkeypatch.setattr(metal, "active_path", lambda: "cpu")
+    monkeypatch.setattr(gpu_path, "active_path", lambda: "cpu")
     with pytest.raises(RuntimeError, match="mlx with a Metal device"):
         builder().with_backend("metal").build()
     assert builder().build().backend == "cpu"
@@ -732,7 +733,7 @@ def test_mlx_lm_quality_features_take_the_metal_path(monkeypatch, tmp_path):
     tokens = np.random.default_rng(15).integers(0, 128, 40).tolist()
     cfg = dict(key_bits=3, value_bits=3, key_split=False, fp16_sinks=2, fp16_window=6,
                block_tokens=4, seed=3)
-    monkeypatch.setattr(metal, "active_path", lambda: "metal")
+    monkeypatch.setattr(gpu_path, "active_path", lambda: "metal")
     monkeypatch.setattr(mm, "METAL_KERNELS", REF)
     gpu = tq_mlx.make_prompt_cache(model, preset="codes-only", **cfg)
     logits = [np.array(model(mx.array(tokens[:21])[None], cache=gpu))]
@@ -749,7 +750,7 @@ def test_mlx_lm_quality_features_take_the_metal_path(monkeypatch, tmp_path):
     assert default[0].gpu_refusal(64) is None  # (test_mlx_metal_split.py runs it)
     assert "decay" in tq_mlx.TurboQuantKVCache(decay_after=8, decay_bits=2).gpu_refusal(64)
     assert "sparse_v" in tq_mlx.TurboQuantKVCache(sparse_v=0.01).gpu_refusal(64)
-    monkeypatch.setattr(metal, "active_path", lambda: "cpu")
+    monkeypatch.setattr(gpu_path, "active_path", lambda: "cpu")
     cpu = tq_mlx.make_prompt_cache(model, preset="codes-only", **cfg)
     ref = [np.array(model(mx.array(tokens[:21])[None], cache=cpu))]
     for t in tokens[21:26]:
@@ -764,7 +765,7 @@ def test_mlx_lm_quality_features_take_the_metal_path(monkeypatch, tmp_path):
     x = np.array(model(mx.array(tokens[26:29])[None], cache=loaded))
     y = np.array(model(mx.array(tokens[26:29])[None], cache=cpu))
     np.testing.assert_allclose(x, y, atol=3e-4)
-    monkeypatch.setattr(metal, "active_path", lambda: "metal")
+    monkeypatch.setattr(gpu_path, "active_path", lambda: "metal")
     again = mlx_cache.load_prompt_cache(path)
     assert all(isinstance(c._core, mm.MetalCodeStore) and c._core.norm_correction
                and c._core.window_tokens() == g._core.window_tokens() > 0
@@ -802,7 +803,7 @@ def test_mlx_lm_quality_path_end_to_end_on_the_emulated_gpu(emulated, monkeypatc
     cfg = dict(key_bits=3, value_bits=3, key_split=False, fp16_sinks=2, fp16_window=3,
                block_tokens=4, seed=1)
     emulated.install(monkeypatch)
-    monkeypatch.setattr(metal, "active_path", lambda: "metal")
+    monkeypatch.setattr(gpu_path, "active_path", lambda: "metal")
     start = len(emulated.launches)
     gpu = tq_mlx.make_prompt_cache(model, preset="codes-only", **cfg)
     out = [np.array(model(mx.array(tokens[:12])[None], cache=gpu))]
@@ -810,7 +811,7 @@ def test_mlx_lm_quality_path_end_to_end_on_the_emulated_gpu(emulated, monkeypatc
         out.append(np.array(model(mx.array([[t]]), cache=gpu)))
     assert all(c._gpu and c._core.kernels is metal and c._core.norm_correction for c in gpu)
     assert {"encode_heads", "attention_block", "dequantize_heads"} <= set(emulated.launches[start:])
-    monkeypatch.setattr(metal, "active_path", lambda: "cpu")
+    monkeypatch.setattr(gpu_path, "active_path", lambda: "cpu")
     cpu = tq_mlx.make_prompt_cache(model, preset="codes-only", **cfg)
     ref = [np.array(model(mx.array(tokens[:12])[None], cache=cpu))]
     for t in tokens[12:14]:

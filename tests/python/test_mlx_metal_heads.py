@@ -15,6 +15,7 @@ import pytest
 mx = pytest.importorskip("mlx.core")
 
 from turboquant import _core, metal  # noqa: E402
+from turboquant import gpu_path
 from turboquant.mlx_metal import MetalCodeStore, MetalKVCache, ReferenceKernels  # noqa: E402
 
 REF = ReferenceKernels()
@@ -285,7 +286,7 @@ def test_mlx_lm_per_head_profile_takes_the_gpu_store(monkeypatch, tmp_path):
             out.append(np.array(model(mx.array([[t]]), cache=cache)))
         return out
 
-    monkeypatch.setattr(metal, "active_path", lambda: "metal")
+    monkeypatch.setattr(gpu_path, "active_path", lambda: "metal")
     monkeypatch.setattr(mm, "METAL_KERNELS", REF)
     assert tq_mlx.TurboQuantKVCache(key_split=False, value_head_bits=[2, 3]).gpu_refusal(32) \
         is None
@@ -294,7 +295,7 @@ def test_mlx_lm_per_head_profile_takes_the_gpu_store(monkeypatch, tmp_path):
     assert all(c._gpu and isinstance(c._core, mm.MetalCodeStore) for c in gpu)
     assert gpu[0]._core.key_split and gpu[0]._core.outlier_head_bits == (3, 5)
     assert len(gpu[0]._core.width_groups) == 2 and len(gpu[1]._core.width_groups) == 2
-    monkeypatch.setattr(metal, "active_path", lambda: "cpu")
+    monkeypatch.setattr(gpu_path, "active_path", lambda: "cpu")
     cpu = tq_mlx.make_prompt_cache(model, **cfg)
     ref = run(cpu)
     assert not any(c._gpu for c in cpu)
@@ -307,7 +308,7 @@ def test_mlx_lm_per_head_profile_takes_the_gpu_store(monkeypatch, tmp_path):
     for saved, load_path in ((gpu, "cpu"), (cpu, "metal")):
         path = str(tmp_path / f"from_{load_path}.safetensors")
         mlx_cache.save_prompt_cache(path, saved)
-        monkeypatch.setattr(metal, "active_path", lambda p=load_path: p)
+        monkeypatch.setattr(gpu_path, "active_path", lambda p=load_path: p)
         loaded = mlx_cache.load_prompt_cache(path)
         assert all(c._gpu == (load_path == "metal") for c in loaded)
         for a, b in zip(loaded, saved):

@@ -18,6 +18,7 @@ import pytest
 mx = pytest.importorskip("mlx.core")
 
 from turboquant import _core, metal  # noqa: E402
+from turboquant import gpu_path
 from turboquant.mlx_metal import MetalCodeStore, ReferenceKernels  # noqa: E402
 
 REF = ReferenceKernels()
@@ -279,7 +280,7 @@ def test_mlx_lm_mixed_precision_takes_the_gpu_store(monkeypatch, tmp_path):
             out.append(np.array(model(mx.array([[t]]), cache=cache)))
         return out
 
-    monkeypatch.setattr(metal, "active_path", lambda: "metal")
+    monkeypatch.setattr(gpu_path, "active_path", lambda: "metal")
     monkeypatch.setattr(mm, "METAL_KERNELS", REF)
     assert tq_mlx.TurboQuantKVCache(mixed_bits=2, mixed_keep=0.5, fp16_window=16,
                                     key_bits=4, value_bits=4).gpu_refusal(64) is None
@@ -287,7 +288,7 @@ def test_mlx_lm_mixed_precision_takes_the_gpu_store(monkeypatch, tmp_path):
     out = run(gpu)
     assert all(c._gpu and isinstance(c._core, mm.MetalCodeStore) and c._core.mixed for c in gpu)
     assert gpu[0]._core.key_split and gpu[0]._core._nlo > 0
-    monkeypatch.setattr(metal, "active_path", lambda: "cpu")
+    monkeypatch.setattr(gpu_path, "active_path", lambda: "cpu")
     cpu = tq_mlx.make_prompt_cache(model, **cfg)
     ref = run(cpu)
     assert not any(c._gpu for c in cpu)
@@ -301,10 +302,10 @@ def test_mlx_lm_mixed_precision_takes_the_gpu_store(monkeypatch, tmp_path):
     for saved, load_path in ((gpu, "cpu"), (cpu, "metal")):
         path = str(tmp_path / f"from_{load_path}.safetensors")
         mlx_cache.save_prompt_cache(path, saved)
-        monkeypatch.setattr(metal, "active_path", lambda p=load_path: p)
+        monkeypatch.setattr(gpu_path, "active_path", lambda p=load_path: p)
         loaded = mlx_cache.load_prompt_cache(path)
         assert all(c._gpu == (load_path == "metal") for c in loaded)
-        monkeypatch.setattr(metal, "active_path", lambda: "cpu")
+        monkeypatch.setattr(gpu_path, "active_path", lambda: "cpu")
         again = mlx_cache.load_prompt_cache(path)
         for a, b in zip(run(loaded, tokens[30:36], 1), run(again, tokens[30:36], 1)):
             np.testing.assert_allclose(a, b, atol=3e-4)
@@ -397,7 +398,7 @@ def test_the_mixed_trial_decides_on_the_gpu_store_too(monkeypatch):
 
     monkeypatch.setattr(mixed_trial, "error_ratio", spy)
     monkeypatch.setattr(mixed_trial, "MARGIN", -1.0)  # routing never pays
-    monkeypatch.setattr(metal, "active_path", lambda: "metal")
+    monkeypatch.setattr(gpu_path, "active_path", lambda: "metal")
     monkeypatch.setattr(mm, "METAL_KERNELS", REF)
     gpu = tq_mlx.make_prompt_cache(model, preset="tq3-mixed", fp16_window=8, block_tokens=4)
     model(mx.array(tokens)[None], cache=gpu)

@@ -13,6 +13,7 @@ import pytest
 mx = pytest.importorskip("mlx.core")
 
 from turboquant import _core, metal  # noqa: E402
+from turboquant import gpu_path
 from turboquant.mlx_metal import MetalCodeStore, MetalKVCache, ReferenceKernels  # noqa: E402
 
 REF = ReferenceKernels()
@@ -223,14 +224,14 @@ def test_mlx_lm_default_cache_runs_the_key_split_on_the_emulated_gpu(emulated, m
     mx.eval(model.parameters())
     tokens = np.random.default_rng(19).integers(0, 128, 14).tolist()
     emulated.install(monkeypatch)
-    monkeypatch.setattr(metal, "active_path", lambda: "metal")
+    monkeypatch.setattr(gpu_path, "active_path", lambda: "metal")
     start = len(emulated.launches)
     gpu = tq_mlx.make_prompt_cache(model, preset="codes-only", seed=2)
     out = _run(model, gpu, tokens, 11)
     assert all(c._gpu and c._core.kernels is metal and c._core.key_split for c in gpu)
     assert {"split_encode_heads", "split_attention_block",
             "split_dequantize_heads"} <= set(emulated.launches[start:])
-    monkeypatch.setattr(metal, "active_path", lambda: "cpu")
+    monkeypatch.setattr(gpu_path, "active_path", lambda: "cpu")
     cpu = tq_mlx.make_prompt_cache(model, preset="codes-only", seed=2)
     ref = _run(model, cpu, tokens, 11)
     assert not any(c._gpu for c in cpu)
@@ -240,7 +241,7 @@ def test_mlx_lm_default_cache_runs_the_key_split_on_the_emulated_gpu(emulated, m
     for saved, load_path in ((gpu, "cpu"), (cpu, "metal")):
         path = str(tmp_path / f"from_{load_path}.safetensors")
         mlx_cache.save_prompt_cache(path, saved)
-        monkeypatch.setattr(metal, "active_path", lambda p=load_path: p)
+        monkeypatch.setattr(gpu_path, "active_path", lambda p=load_path: p)
         loaded = mlx_cache.load_prompt_cache(path)
         assert all(c._gpu == (load_path == "metal") for c in loaded)
         for a, b in zip(loaded, saved):

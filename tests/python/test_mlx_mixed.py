@@ -118,8 +118,9 @@ def test_mixed_takes_the_gpu_store(monkeypatch):
     # (test_mlx_metal_mixed.py: the GPU store's mixed precision against the core's)
     import turboquant.mlx_metal as mm
     from turboquant import metal
+    from turboquant import gpu_path
 
-    monkeypatch.setattr(metal, "active_path", lambda: "metal")
+    monkeypatch.setattr(gpu_path, "active_path", lambda: "metal")
     monkeypatch.setattr(mm, "METAL_KERNELS", mm.ReferenceKernels())
     plain = dict(key_bits=4, value_bits=4, key_split=False, debias=False, fp16_window=16)
     assert tq_mlx.TurboQuantKVCache(**plain)._use_gpu(64)

@@ -361,8 +361,9 @@ def test_calibrate_gives_a_sensitive_layer_more_bits(metric):
 def test_mlx_cache_takes_the_metal_path_where_it_fits(monkeypatch, tmp_path):
     import turboquant.mlx_metal as mm
     from turboquant import metal
+    from turboquant import gpu_path
 
-    monkeypatch.setattr(metal, "active_path", lambda: "metal")
+    monkeypatch.setattr(gpu_path, "active_path", lambda: "metal")
     monkeypatch.setattr(mm, "METAL_KERNELS", mm.ReferenceKernels())
     model = tiny_model("llama")
     tokens = np.random.default_rng(7).integers(0, 128, 30).tolist()
@@ -375,7 +376,7 @@ def test_mlx_cache_takes_the_metal_path_where_it_fits(monkeypatch, tmp_path):
     model(mx.array(tokens[:24])[None], cache=default)
     assert not any(c._gpu for c in default)
     # same codes and seeds as the CPU core: same logits
-    monkeypatch.setattr(metal, "active_path", lambda: "cpu")
+    monkeypatch.setattr(gpu_path, "active_path", lambda: "cpu")
     cpu = tq_mlx.make_prompt_cache(model, preset="codes-only", **plain)
     b = np.array(model(mx.array(tokens[:24])[None], cache=cpu))
     assert not any(c._gpu for c in cpu)

@@ -182,6 +182,7 @@ def test_gpu_store_requests_are_batched_and_equal_each_served_alone(tmp_path, mo
 
     import turboquant.mlx_metal as mm
     from turboquant import metal
+    from turboquant import gpu_path
 
     model_dir = save_tiny_model_dir(tmp_path / "model", hidden_size=128)  # head_dim 32
     options = ("--kv-bits", "3", "--fp16-window", "0", "--max-tokens", "16")
@@ -191,7 +192,7 @@ def test_gpu_store_requests_are_batched_and_equal_each_served_alone(tmp_path, mo
 
         return make_prompt_cache(model, key_bits=3, value_bits=3, fp16_window=0)
 
-    monkeypatch.setattr(metal, "active_path", lambda: "metal")
+    monkeypatch.setattr(gpu_path, "active_path", lambda: "metal")
     monkeypatch.setattr(mm, "METAL_KERNELS", mm.ReferenceKernels())
     expect = alone_texts(model_dir, gpu_cache)
     assert len(set(expect)) == len(expect)
@@ -227,12 +228,12 @@ def test_batching_refusals():
         pass
 
     assert "without batching: Recurrent" in serve.batching_refusal([full, Recurrent()])
-    saved = metal.active_path
+    saved = gpu_path.active_path
     try:
-        metal.active_path = lambda: "metal"  # layers on the GPU store batch too
+        gpu_path.active_path = lambda: "metal"  # layers on the GPU store batch too
         assert serve.batching_refusal([full, KVCache()]) is None
     finally:
-        metal.active_path = saved
+        gpu_path.active_path = saved
 
 
 def test_the_cache_factory_covers_the_batch_generator_and_is_undone():
