@@ -18,7 +18,6 @@ import mlx.core as mx
 
 import turboquant
 from turboquant import gpu_path
-from turboquant import metal
 from turboquant._atomic import atomic_write
 
 

@@ -52,7 +52,6 @@ def backends() -> list[str]:
     """The backends a KV cache can run on here: the C++ core's ("cpu", and "metal" on a
     Mac with a Metal device), plus "cuda" when mlx has a CUDA device and the GPU kernels
     passed their first-use self-test (the mlx-resident code store on mx.fast.cuda_kernel)."""
-    from turboquant import metal
     from turboquant import gpu_path
 
     found = list(_core_backends())
@@ -65,7 +64,7 @@ def build_info() -> dict:
     """Compiler, SIMD targets and backends of this build; "mlx_kernels" says whether mlx
     arrays are processed by the GPU kernels ("metal" or "cuda") or by the C++ CPU core
     ("cpu"), and "mlx_kernels_reason" why."""
-    from turboquant import metal
+    from turboquant import gpu_path
 
     info = _core_build_info()
     info["backends"] = backends()

@@ -350,7 +350,6 @@ class KVCacheBuilder:
         if requested not in ("auto", "cpu", "metal", "cuda"):
             raise ValueError(f"backend must be 'auto', 'cpu', 'metal' or 'cuda', got "
                              f"{requested!r}")
-        from turboquant import metal
         from turboquant import gpu_path
 
         if requested == "cuda":

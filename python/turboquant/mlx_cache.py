@@ -24,7 +24,7 @@ import mlx.core as mx
 import numpy as np
 from mlx_lm.models import cache as _mlx_cache
 
-from turboquant import _core, metal
+from turboquant import _core
 from turboquant import gpu_path
 from turboquant import mlx_metal as _mlx_metal
 from turboquant import presets as _presets

@@ -8,7 +8,7 @@ from __future__ import annotations
 import os
 import sys
 
-from turboquant import metal, mlx_metal
+from turboquant import mlx_metal
 from turboquant import gpu_path
 from turboquant.__main__ import main
 

@@ -26,7 +26,7 @@ from mlx_lm.generate import BatchGenerator
 from mlx_lm.models import cache as mlx_cache
 from mlx_tiny import _COMMON
 from test_mlx_batch import alone, run_batched
-from turboquant import metal, mlx_batch
+from turboquant import mlx_batch
 from turboquant import gpu_path
 from turboquant import mlx_lm as tq
 from turboquant.mlx_batch import BatchTurboQuantKVCache

@@ -120,7 +120,6 @@ def test_sparse_v_goes_into_the_core_attend():
 
 def test_decay_and_sparse_v_stay_on_the_cpu_core(monkeypatch):
     import turboquant.mlx_metal as mm
-    from turboquant import metal
     from turboquant import gpu_path
 
     monkeypatch.setattr(gpu_path, "active_path", lambda: "metal")

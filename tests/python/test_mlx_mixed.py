@@ -117,7 +117,6 @@ def test_trim_into_a_group_is_refused_and_whole_groups_trim():
 def test_mixed_takes_the_gpu_store(monkeypatch):
     # (test_mlx_metal_mixed.py: the GPU store's mixed precision against the core's)
     import turboquant.mlx_metal as mm
-    from turboquant import metal
     from turboquant import gpu_path
 
     monkeypatch.setattr(gpu_path, "active_path", lambda: "metal")

@@ -360,7 +360,6 @@ def test_calibrate_gives_a_sensitive_layer_more_bits(metric):
 
 def test_mlx_cache_takes_the_metal_path_where_it_fits(monkeypatch, tmp_path):
     import turboquant.mlx_metal as mm
-    from turboquant import metal
     from turboquant import gpu_path
 
     monkeypatch.setattr(gpu_path, "active_path", lambda: "metal")

@@ -181,7 +181,6 @@ def test_gpu_store_requests_are_batched_and_equal_each_served_alone(tmp_path, mo
     from pathlib import Path
 
     import turboquant.mlx_metal as mm
-    from turboquant import metal
     from turboquant import gpu_path
 
     model_dir = save_tiny_model_dir(tmp_path / "model", hidden_size=128)  # head_dim 32
@@ -214,7 +213,7 @@ def test_gpu_store_requests_are_batched_and_equal_each_served_alone(tmp_path, mo
 
 def test_batching_refusals():
     from mlx_lm.models.cache import KVCache, RotatingKVCache
-    from turboquant import metal
+    from turboquant import gpu_path
     from turboquant.mlx_lm import TurboQuantKVCache
     from turboquant.mlx_rotating import TurboQuantRotatingKVCache
 
