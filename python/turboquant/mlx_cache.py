@@ -368,6 +368,43 @@ class TurboQuantKVCache(_mlx_cache._BaseCache):
         self.offset -= n
         return n
 
+    def reuse_prefix(self, prefix: int, total: int) -> int:
+        """The longest ``p <= prefix`` such that this cache trimmed to ``p`` tokens, then given
+        tokens ``[p, total)`` of a prompt, holds what a cache given all ``total`` tokens holds
+        (the same tokens as codes, the same as fp16 sinks and window rows): the point a
+        prompt-cache store may resume a longer stored prompt from without changing the
+        output. A trim does not turn codes back into fp16 rows, so a stored prompt whose
+        window had flushed past the point a fresh prompt of ``total`` tokens flushes to is
+        resumed from an earlier flush boundary (its later tokens computed again). Caches
+        whose layout is not a function of their length alone (mixed precision rates tokens
+        by the queries seen, temporal decay by their age, a sliding-window ring evicts)
+        answer ``prefix``."""
+        prefix = max(0, min(int(prefix), int(total), self.offset))
+        if (self._core is None or not (self.fp16_window or self.fp16_sinks) or self.mixed_bits
+                or self.decay_after or self._evicted()):
+            return prefix
+        plan = self._segment_plan()
+        held = plan.sizes(int(self._core.size(0)), int(self._core.coded_tokens(0)))
+        if self._held is not None:  # tokens held for the attention call: appended next
+            held = plan.append(held, int(self._held[0].shape[1])).after
+        fresh = plan.append(plan.sizes(0, 0), int(total)).after
+
+        def resumed(p: int):
+            return plan.append(plan.cut(held, p).after, int(total) - p).after
+
+        if resumed(prefix) == fresh:
+            return prefix
+        # Flush boundaries (sinks, then whole pieces after them) at or before both the prefix
+        # and the fresh prompt's end of codes, latest first.
+        S, B = plan.sink_base, plan.flush_tokens
+        top = min(prefix, fresh.coded)
+        p = top if top <= S else S + (top - S) // B * B
+        while p > 0:
+            if resumed(p) == fresh:
+                return p
+            p = S if S < p <= S + B else (p - B if p > S else 0)
+        return 0
+
     def make_mask(self, N: int, window_size: int | None = None, return_array: bool = False):
         # The route handles causality itself; an explicit window is passed as an array and
         # decoded back into a window length in the route.

@@ -256,7 +256,11 @@ class PromptCacheStore(_server.LRUPromptCache):
         """mlx-lm's lookup (exact entry, else a longer entry trimmed back to the common
         prefix, else the longest shorter entry), where a longer entry is used only if every
         cache can take that trim: a sliding-window layer that has evicted tokens takes only
-        what leaves the next query its window (``max_trim``)."""
+        what leaves the next query its window (``max_trim``). A longer entry is resumed
+        from where its caches hold what a fresh run of this prompt holds
+        (``TurboQuantKVCache.reuse_prefix``: codes are never turned back into fp16 window
+        rows, so an entry whose window flushed past this prompt's flush point resumes from
+        an earlier flush boundary): a reused prompt gives the tokens a fresh one gives."""
         result = self._trie.search(model, tokens)
         if result.exact is not None:
             return super().fetch_nearest_cache(model, tokens)
@@ -264,8 +268,10 @@ class PromptCacheStore(_server.LRUPromptCache):
         if result.longer is not None and result.common_prefix > short:
             entry = self._trie.get(result.model, result.longer)
             prefix = min(len(tokens) - 1, result.common_prefix)
+            prefix = min([prefix] + [c.reuse_prefix(prefix, len(tokens))
+                                     for c in entry.prompt_cache if hasattr(c, "reuse_prefix")])
             n = len(result.longer) - prefix
-            if can_trim_prompt_cache(entry.prompt_cache) and all(
+            if prefix > short and can_trim_prompt_cache(entry.prompt_cache) and all(
                     getattr(c, "max_trim", lambda: n)() >= n for c in entry.prompt_cache):
                 cache = copy.deepcopy(entry.prompt_cache)
                 trim_prompt_cache(cache, n)

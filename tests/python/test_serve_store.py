@@ -112,3 +112,46 @@ def test_store_keys_agree_with_the_cache_lengths():
                                                    T - 1, layers=2))
     got, rest = mlx_store.fetch_nearest_cache("model", tokens[:30] + [777])
     assert rest == [777] and [c.offset for c in got] == [29, 29]
+
+
+@pytest.mark.parametrize("P,n", [(200, 202), (270, 275), (120, 300), (290, 292), (40, 41)])
+def test_a_reused_prompt_keeps_the_fp16_window_of_a_fresh_one(P, n):
+    """A stored prompt whose window flushed past the point a fresh prompt of n tokens flushes
+    to is resumed from an earlier flush boundary: its caches then hold what a fresh run
+    holds (the same codes, the same recent tokens as fp16 rows), never fewer fp16 rows."""
+    from turboquant.serve import PromptCacheStore
+
+    T = 300
+
+    def make(i):  # centring and the key split calibrate on the first block: off, so the
+        # stored and the fresh caches encode alike and their bytes can be compared
+        return TurboQuantKVCache(3, 3, layer=i, fp16_window=16, fp16_sinks=4, center=False,
+                                 key_split=False)
+
+    stored = filled(make, T, layers=2)
+    store = PromptCacheStore()
+    tokens = list(range(T))
+    store.insert_cache("model", tokens, stored)
+    prompt = tokens[:P] + [5000 + j for j in range(n - P)]
+    got, rest = store.fetch_nearest_cache("model", prompt)
+    p = n - len(rest)
+    assert p <= P and rest == prompt[p:]
+    q = mx.array(np.random.default_rng(3).standard_normal((1, HQ, 1, D)).astype(np.float16))
+    for i, c in enumerate(got):
+        k, v = kv(T, i)  # the new tokens: those of the stored prompt (any values would do)
+        k2, v2 = kv(n, 100 + i)
+        keys = mx.concatenate([k[:, :, :p], k2[:, :, p:]], axis=2)[:, :, :n]
+        vals = mx.concatenate([v[:, :, :p], v2[:, :, p:]], axis=2)[:, :, :n]
+        c.update_and_fetch(keys[:, :, p:], vals[:, :, p:])
+        fresh = make(i)
+        fresh.update_and_fetch(keys, vals)
+        a = np.array(c.attend(q, scale=D ** -0.5), dtype=np.float32)
+        b = np.array(fresh.attend(q, scale=D ** -0.5), dtype=np.float32)
+        assert c._core.size(0) == fresh._core.size(0) == n
+        assert c._core.coded_tokens(0) == fresh._core.coded_tokens(0)
+        assert n - c._core.coded_tokens(0) >= 16  # the window's recent tokens stay fp16
+        for h in range(HKV):
+            for role in ("key", "value"):
+                np.testing.assert_array_equal(c._core.decode(0, h, role, 0, n),
+                                              fresh._core.decode(0, h, role, 0, n))
+        np.testing.assert_array_equal(a, b)
