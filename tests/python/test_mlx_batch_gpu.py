@@ -310,13 +310,7 @@ def test_batched_attention_equals_each_gpu_rows_own(on_gpu_store):
         own = np.array(t.attend(mx.array(q[i:i + 1, :, :n]), scale=0.2))
         assert np.array_equal(out[i:i + 1, :, :n], own), i
         assert not out[i, :, n:].any()
-    k1 = rng.standard_normal((3, 2, 1, 32), np.float32)
-    q1 = rng.standard_normal((3, 4, 1, 32), np.float32)
-    batch.update_and_fetch(mx.array(k1), mx.array(k1))
-    out = np.array(batch.attend_masked(mx.array(q1), 0.2, batch.make_mask(1)))
-    for i, t in enumerate(twins):
-        t.update_and_fetch(mx.array(k1[i:i + 1]), mx.array(k1[i:i + 1]))
-        assert np.array_equal(out[i:i + 1], np.array(t.attend(mx.array(q1[i:i + 1]), scale=0.2)))
+    _decode_step_equals_rows(batch, twins, rng)
 
 
 def test_geometry_and_masks_with_gpu_rows_equal_mlx_lm_batch_kv_cache(on_gpu_store):
@@ -370,14 +364,20 @@ def test_a_batch_of_gpu_and_cpu_rows(monkeypatch):
     assert not cpu._gpu and gpu._gpu
     batch = BatchTurboQuantKVCache.merge([gpu, cpu])
     twins = [copy.deepcopy(gpu), copy.deepcopy(cpu)]
-    rng = np.random.default_rng(8)
-    k = rng.standard_normal((2, 2, 1, 32), np.float32)
-    q = rng.standard_normal((2, 4, 1, 32), np.float32)
+    _decode_step_equals_rows(batch, twins, np.random.default_rng(8))
+
+
+def _decode_step_equals_rows(batch, twins, rng):
+    """One decode step of the batch and of each twin alone (the keys doubling as values):
+    row i's output equals twin i's bit for bit."""
+    B = len(twins)
+    k = rng.standard_normal((B, 2, 1, 32), np.float32)
+    q = rng.standard_normal((B, 4, 1, 32), np.float32)
     batch.update_and_fetch(mx.array(k), mx.array(k))
     out = np.array(batch.attend_masked(mx.array(q), 0.2, batch.make_mask(1)))
     for i, t in enumerate(twins):
         t.update_and_fetch(mx.array(k[i:i + 1]), mx.array(k[i:i + 1]))
-        assert np.array_equal(out[i:i + 1], np.array(t.attend(mx.array(q[i:i + 1]), scale=0.2)))
+        assert np.array_equal(out[i:i + 1], np.array(t.attend(mx.array(q[i:i + 1]), scale=0.2))), i
 
 
 # --- the kernel sources on the emulated GPU ------------------------------------------------
