@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from turboquant.cli import COMMANDS
+from turboquant.cli import ALIASES, COMMANDS
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -17,6 +17,8 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (help_text, add_arguments, _run) in COMMANDS.items():
         add_arguments(sub.add_parser(name, help=help_text, description=help_text))
+    for name, (help_text, add_arguments, _run) in ALIASES.items():  # runnable, not listed
+        add_arguments(sub.add_parser(name, description=help_text))
     args, extra = parser.parse_known_args(argv)
     if extra:  # only commands that pass options on to another tool (serve -> mlx_lm.server)
         if not hasattr(args, "passthrough"):
@@ -25,7 +27,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 2
-    return int(COMMANDS[args.command][2](args) or 0)
+    return int({**COMMANDS, **ALIASES}[args.command][2](args) or 0)
 
 
 if __name__ == "__main__":

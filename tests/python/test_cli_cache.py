@@ -1,6 +1,7 @@
 """CLI subcommands of the cache: precompute, benchmark, info (run in-process via main())."""
 
 import numpy as np
+import pytest
 
 import turboquant as tq
 from turboquant.__main__ import main
@@ -40,6 +41,12 @@ def test_benchmark_is_an_alias_of_bench_sweep_with_a_notice(capsys):
         "(same options)"]
     assert "bench sweep:" in out
     assert len([ln for ln in out.splitlines() if ln.startswith("turboquant_mse")]) == 1
+    # one command per job: the former name runs but is not listed
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    listed = capsys.readouterr().out
+    names = [ln.split()[0] for ln in listed.splitlines() if ln.startswith("    ") and ln.split()]
+    assert "bench" in names and "demo" in names and "benchmark" not in names
     capsys.readouterr()
     assert main(["bench", "sweep", "--head-dim", "64", "--context-lengths", "64", "--bits", "2",
                  "--repeats", "1", "--no-progress"]) == 0
