@@ -89,6 +89,7 @@ def test_hadamard1_store_matches_the_core(emulated, monkeypatch, kernel, d, hq, 
     tables = store._groups[0]
     assert tables.key_tables.rounds == tables.value_tables.rounds == 1
     assert_same_codes(store, core)
+    assert store.memory_bytes() == core.memory_bytes()  # d signs per rotation
     q = rng.standard_normal((hq, 1, d)).astype(np.float32)
     start = len(emulated.launches)
     with metal.forced_attention(kernel):
