@@ -307,8 +307,9 @@ class TurboQuantKVCache(_mlx_cache._BaseCache):
     def gpu_refusal(self, head_dim: int) -> str | None:
         """None when the mlx-resident store (turboquant.mlx_metal.MetalCodeStore) can hold
         this layer, else why it cannot (then the C++ core holds it). The store does
-        turboquant_mse with the Hadamard rotation on power-of-two head dims, the key split
-        (split.metal; head_dim >= 32, so that both halves have hadamard rotations), norm
+        turboquant_mse with a Hadamard rotation (one round or two) on power-of-two head dims,
+        the key split (split.metal; head_dim >= 32, so that both halves have Hadamard
+        rotations), norm
         correction (debias), fp16 sinks, the fp16 recent window, per-KV-head widths (a
         profile's, one launch set per width group) and importance-routed mixed precision;
         not temporal decay or sparse V."""
