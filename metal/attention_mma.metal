@@ -266,7 +266,8 @@ inline void tq_fwht_simd(thread float (&v)[K], uint lane) {
 }
 
 // out = Π x for one query by one simd-group (tq_hadamard_forward, or per block of BLOCK
-// coordinates as tq_hadamard_forward_blocks): signs D₁, transform, D₂, transform, 1/BLOCK.
+// coordinates as tq_hadamard_forward_blocks): signs D₁, transform, then (two rounds) D₂,
+// transform; scaled by tq_rotation_scale(BLOCK).
 template <uint D, uint BLOCK>
 inline void tq_rotate_simd(threadgroup float* out, device const float* x, TQ_TABLE float* signs,
                            uint lane) {
@@ -274,9 +275,11 @@ inline void tq_rotate_simd(threadgroup float* out, device const float* x, TQ_TAB
   float v[K];
   TQ_UNROLL for (uint k = 0u; k < K; ++k) { v[k] = x[lane + 32u * k] * signs[lane + 32u * k]; }
   tq_fwht_simd<K, BLOCK>(v, lane);
-  TQ_UNROLL for (uint k = 0u; k < K; ++k) { v[k] *= signs[D + lane + 32u * k]; }
-  tq_fwht_simd<K, BLOCK>(v, lane);
-  const float scale = 1.0f / float(BLOCK);
+  if (TQ_ROTATION_ROUNDS == 2u) {
+    TQ_UNROLL for (uint k = 0u; k < K; ++k) { v[k] *= signs[D + lane + 32u * k]; }
+    tq_fwht_simd<K, BLOCK>(v, lane);
+  }
+  const float scale = tq_rotation_scale(BLOCK);
   TQ_UNROLL for (uint k = 0u; k < K; ++k) { out[lane + 32u * k] = v[k] * scale; }
 }
 

@@ -56,6 +56,13 @@ using namespace metal;
 #define TQ_SIMD_WIDTH 32u
 // Query heads of one KV head handled in one pass of the decode-attention kernel.
 #define TQ_MAX_GROUP 16u
+// Rounds of the randomized Hadamard rotation (rotation.h): 2, Π = H·D₂·H·D₁ ("hadamard"),
+// or 1, Π = H·D₁ ("hadamard1"). A compile-time constant: the mlx kernels' header defines it
+// per code store (python/turboquant/metal.py, kernel_header), so each rotation has its own
+// compiled kernels; the sign tables keep 2·d entries per head either way (D₂ unused at 1).
+#ifndef TQ_ROTATION_ROUNDS
+#define TQ_ROTATION_ROUNDS 2u
+#endif
 
 // --- Parameters (one struct per kernel, bound as a constant buffer) ----------------------
 struct TqEncodeParams {
@@ -229,15 +236,33 @@ inline void tq_fwht(threadgroup float* v, uint d, uint tid, uint nthreads) {
   }
 }
 
-// y = Π v for Π = H·D₂·H·D₁ with orthonormal H (rotation.h, "hadamard"); signs = D₁ then
-// D₂ (Rotation::parameters()). In place in v; same operation order as the CPU.
+// 1/√d for d = 2^k, as the CPU's hadamard1 computes it (1.0f / std::sqrt(float(d))) without
+// a square root: 2^-(k/2), times float(1/√2) when k is odd (both roundings of the CPU's
+// quotient are exact scalings of that constant by powers of two).
+inline float tq_inv_sqrt_pow2(uint d) {
+  float s = 1.0f;
+  for (; d >= 4u; d >>= 2u) s *= 0.5f;
+  return d == 2u ? s * 0.70710677f : s;
+}
+
+// The scale after the transforms of a rotation over n = 2^k coordinates: 1/n for two rounds
+// (the two orthonormal 1/√n folded into one), 1/√n for one.
+inline float tq_rotation_scale(uint n) {
+  return TQ_ROTATION_ROUNDS == 2u ? 1.0f / float(n) : tq_inv_sqrt_pow2(n);
+}
+
+// y = Π v for Π = H·D₂·H·D₁ with orthonormal H (rotation.h, "hadamard"), or Π = H·D₁ when
+// TQ_ROTATION_ROUNDS is 1 ("hadamard1"); signs = D₁ then D₂ (Rotation::parameters()). In
+// place in v; same operation order as the CPU.
 inline void tq_hadamard_forward(threadgroup float* v, TQ_TABLE float* signs, uint d,
                                 uint tid, uint nthreads) {
   for (uint j = tid; j < d; j += nthreads) v[j] = v[j] * signs[j];
   tq_fwht(v, d, tid, nthreads);
-  for (uint j = tid; j < d; j += nthreads) v[j] *= signs[d + j];
-  tq_fwht(v, d, tid, nthreads);
-  const float scale = 1.0f / float(d);
+  if (TQ_ROTATION_ROUNDS == 2u) {
+    for (uint j = tid; j < d; j += nthreads) v[j] *= signs[d + j];
+    tq_fwht(v, d, tid, nthreads);
+  }
+  const float scale = tq_rotation_scale(d);
   for (uint j = tid; j < d; j += nthreads) v[j] *= scale;
   threadgroup_barrier(mem_flags::mem_threadgroup);
 }
@@ -246,9 +271,11 @@ inline void tq_hadamard_forward(threadgroup float* v, TQ_TABLE float* signs, uin
 inline void tq_hadamard_inverse(threadgroup float* v, TQ_TABLE float* signs, uint d,
                                 uint tid, uint nthreads) {
   tq_fwht(v, d, tid, nthreads);
-  for (uint j = tid; j < d; j += nthreads) v[j] *= signs[d + j];
-  tq_fwht(v, d, tid, nthreads);
-  const float scale = 1.0f / float(d);
+  if (TQ_ROTATION_ROUNDS == 2u) {
+    for (uint j = tid; j < d; j += nthreads) v[j] *= signs[d + j];
+    tq_fwht(v, d, tid, nthreads);
+  }
+  const float scale = tq_rotation_scale(d);
   for (uint j = tid; j < d; j += nthreads) v[j] *= signs[j] * scale;
   threadgroup_barrier(mem_flags::mem_threadgroup);
 }

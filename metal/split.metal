@@ -97,9 +97,11 @@ inline void tq_hadamard_forward_blocks(threadgroup float* v, TQ_TABLE float* sig
                                        uint block, uint tid, uint nthreads) {
   for (uint j = tid; j < d; j += nthreads) v[j] = v[j] * signs[j];
   tq_fwht_blocks(v, d, block, tid, nthreads);
-  for (uint j = tid; j < d; j += nthreads) v[j] *= signs[d + j];
-  tq_fwht_blocks(v, d, block, tid, nthreads);
-  const float scale = 1.0f / float(block);
+  if (TQ_ROTATION_ROUNDS == 2u) {
+    for (uint j = tid; j < d; j += nthreads) v[j] *= signs[d + j];
+    tq_fwht_blocks(v, d, block, tid, nthreads);
+  }
+  const float scale = tq_rotation_scale(block);
   for (uint j = tid; j < d; j += nthreads) v[j] *= scale;
   threadgroup_barrier(mem_flags::mem_threadgroup);
 }
@@ -108,9 +110,11 @@ inline void tq_hadamard_forward_blocks(threadgroup float* v, TQ_TABLE float* sig
 inline void tq_hadamard_inverse_blocks(threadgroup float* v, TQ_TABLE float* signs, uint d,
                                        uint block, uint tid, uint nthreads) {
   tq_fwht_blocks(v, d, block, tid, nthreads);
-  for (uint j = tid; j < d; j += nthreads) v[j] *= signs[d + j];
-  tq_fwht_blocks(v, d, block, tid, nthreads);
-  const float scale = 1.0f / float(block);
+  if (TQ_ROTATION_ROUNDS == 2u) {
+    for (uint j = tid; j < d; j += nthreads) v[j] *= signs[d + j];
+    tq_fwht_blocks(v, d, block, tid, nthreads);
+  }
+  const float scale = tq_rotation_scale(block);
   for (uint j = tid; j < d; j += nthreads) v[j] *= signs[j] * scale;
   threadgroup_barrier(mem_flags::mem_threadgroup);
 }

@@ -71,7 +71,7 @@ class KVCacheBuilder:
         self._q_heads = 1
         self._kv_heads = 1
         self._kv_head_offset = 0
-        self._rotation = "auto"
+        self._rotation: str | None = None  # None: presets.default_rotation(head_dim)
         self._backend = "auto"
         self._observers: list[Any] = []
         self._block_tokens = 256
@@ -164,8 +164,17 @@ class KVCacheBuilder:
         return self
 
     def with_rotation(self, rotation: str) -> KVCacheBuilder:
+        """``"hadamard1"``, ``"hadamard"``, ``"dense"`` or ``"auto"`` (two Hadamard rounds on
+        power-of-two head dims, dense on others). Without it: ``"hadamard1"`` (one round) on
+        power-of-two head dims, ``"auto"`` on others
+        (:func:`turboquant.presets.default_rotation`)."""
         self._rotation = rotation
         return self
+
+    def _resolved_rotation(self) -> str:
+        from turboquant.presets import default_rotation
+
+        return default_rotation(self._head_dim) if self._rotation is None else self._rotation
 
     def with_backend(self, backend: str) -> KVCacheBuilder:
         self._backend = backend
@@ -320,7 +329,7 @@ class KVCacheBuilder:
                 or not 0.0 <= float(self._sparse_v) < 1.0:
             raise ValueError(f"sparse_v threshold must be a number in [0, 1), got {self._sparse_v!r}")
         check_int("max_tokens", self._max_tokens, 0, 2**62)
-        if self._rotation not in _ROTATIONS:
+        if self._rotation is not None and self._rotation not in _ROTATIONS:
             raise ValueError(f"rotation must be one of {_ROTATIONS}, got {self._rotation!r}")
         if self._rotation in ("hadamard", "hadamard1") and self._head_dim & (self._head_dim - 1):
             raise ValueError(f"{self._rotation} rotation needs a power-of-two head_dim, got "
@@ -382,7 +391,8 @@ class KVCacheBuilder:
         core = _core.KVCache(
             self._head_dim, n_layers=self._layers, n_q_heads=self._q_heads, n_kv_heads=self._kv_heads,
             key_method=key_method, key_bits=int(self._key_bits), value_method=value_method,
-            value_bits=int(self._value_bits), seed=int(self._seed), rotation=self._rotation,
+            value_bits=int(self._value_bits), seed=int(self._seed),
+            rotation=self._resolved_rotation(),
             jl_dim=int(self._jl_dim), block_tokens=int(self._block_tokens), max_tokens=int(self._max_tokens),
             n_outlier_channels=int(self._n_outlier) if self._split() else 0,
             outlier_bits=int(self._outlier) if self._split() else 0,
@@ -414,7 +424,7 @@ class KVCacheBuilder:
         """None when the mlx-resident Metal store can hold the configured cache, else why not."""
         from turboquant.mlx_metal import store_supports
 
-        why = store_supports(self._head_dim, key_method, value_method, self._rotation)
+        why = store_supports(self._head_dim, key_method, value_method, self._resolved_rotation())
         if why:
             return why
         extras = [name for name, on in (
@@ -438,7 +448,7 @@ class KVCacheBuilder:
                             n_kv_heads=self._kv_heads, key_method=key_method,
                             key_bits=int(self._key_bits),
                             value_method=value_method, value_bits=int(self._value_bits),
-                            seed=int(self._seed), rotation=self._rotation,
+                            seed=int(self._seed), rotation=self._resolved_rotation(),
                             block_tokens=int(self._block_tokens),
                             fp16_window=int(self._fp16_window), fp16_sinks=int(self._fp16_sinks),
                             norm_correction=self._norm_correction_on(), kernels=kernels,

@@ -49,6 +49,8 @@ KERNEL_FILES = ("common.metal", "encode.metal", "dequantize.metal", "attention.m
                 "split.metal", "attention_fast.metal", "attention_mma.metal")
 CUDA_DIALECT = "cuda_compat.h"  # the CUDA target's dialect header, beside the kernel files
 TARGETS = ("metal", "cuda")
+# The rotation kinds the kernels take, with their Hadamard rounds (TQ_ROTATION_ROUNDS).
+ROTATION_ROUNDS = {"hadamard": 2, "hadamard1": 1}
 MAX_GROUP = 16  # TQ_MAX_GROUP: query heads per KV head in one attention pass
 # Threadgroup (shared) memory of one attention block, in floats: Metal guarantees 32 KB per
 # threadgroup (CUDA 48 KB of static shared memory per block); passes over a GQA group are
@@ -169,21 +171,38 @@ def prune_header(header: str, body: str) -> str:
     return prefix + "".join(chunk for k, (_, chunk) in enumerate(items) if k in keep)
 
 
-def kernel_text(which: str, target: str) -> tuple[str, str]:
-    """(header, body) of kernel ``which`` as it is built for ``target``: its files'
-    header, compacted and pruned to what the body reaches (:func:`prune_header`)."""
+def kernel_text(which: str, target: str, rounds: int = 2) -> tuple[str, str]:
+    """(header, body) of kernel ``which`` as it is built for ``target`` and a rotation of
+    ``rounds`` Hadamard rounds: its files' header, compacted and pruned to what the body
+    reaches (:func:`prune_header`)."""
     spec = KERNELS[which]
     source = spec.source_for(target)
-    return prune_header(kernel_header(target, spec.files, compact=True), source), source
+    header = kernel_header(target, spec.files, compact=True, rounds=rounds)
+    return prune_header(header, source), source
+
+
+def rotation_rounds(rotation: str) -> int:
+    """The kernels' TQ_ROTATION_ROUNDS for a quantizer's rotation kind: 2 for ``"hadamard"``
+    (Π = H·D₂·H·D₁), 1 for ``"hadamard1"`` (Π = H·D₁); the kernels take no other."""
+    rounds = ROTATION_ROUNDS.get(rotation)
+    if rounds is None:
+        raise ValueError("the GPU kernels support the hadamard and hadamard1 rotations, got "
+                         f"{rotation!r}")
+    return rounds
 
 
 def kernel_header(target: str = "metal", files: tuple[str, ...] = KERNEL_FILES,
-                  compact: bool = False) -> str:
+                  compact: bool = False, rounds: int = 2) -> str:
     """The mlx header: the kernel files (all, or ``files``, in KERNEL_FILES order) without
     the [[kernel]] entry points; for ``target="cuda"`` preceded by the CUDA dialect header
     (cuda_compat.h). ``compact``: without comment-only and blank lines, as the kernels are
-    built (mlx copies and hashes the header at every launch: a shorter one costs less)."""
+    built (mlx copies and hashes the header at every launch: a shorter one costs less).
+    ``rounds``: the rotation's Hadamard rounds (:func:`rotation_rounds`), 2 (the files'
+    default) or 1, defined as TQ_ROTATION_ROUNDS; a kernel's name carries its text's digest
+    (:func:`kernel_name`), so the two never share a compiled kernel."""
     _check_target(target)
+    if rounds not in (1, 2):
+        raise ValueError(f"rounds must be 1 or 2, got {rounds!r}")
     unknown = set(files) - set(KERNEL_FILES)
     if unknown:
         raise ValueError(f"unknown kernel files {sorted(unknown)}")
@@ -198,6 +217,8 @@ def kernel_header(target: str = "metal", files: tuple[str, ...] = KERNEL_FILES,
         "#define TQ_PARAMS const device\n",
         "#define TQ_TABLE const device\n",
     ]
+    if rounds != 2:
+        parts.append(f"#define TQ_ROTATION_ROUNDS {int(rounds)}u\n")
     for name in KERNEL_FILES:
         if name in files:
             parts.append(f"// ---- {name} ----\n")
@@ -425,8 +446,9 @@ KERNELS.update({
 })
 
 # The key split (split.metal): keys of an outlier split over two equal halves of the channels
-# (OutlierSplitQuantizer with outlier channels [0, d/2), both parts hadamard), per-head
-# signs (one 2*dim row per head: D₁ of both parts, then D₂) and the parts' codebooks
+# (OutlierSplitQuantizer with outlier channels [0, d/2), both parts hadamard or both
+# hadamard1), per-head signs (one 2*dim row per head: D₁ of both parts, then D₂, unused at
+# one round) and the parts' codebooks
 # concatenated (outlier part first); `angles` / `angle_bounds` are the angle code tables
 # (split_angle_tables). The parameter word after TqSplitParams is the rows per head.
 KERNELS.update({
@@ -686,13 +708,13 @@ def kernel_name(name: str, header: str, source: str) -> str:
 
 
 @functools.lru_cache(maxsize=None)
-def _kernel(which: str):
-    return build_kernel(which, candidate_path())
+def _kernel(which: str, rounds: int = 2):
+    return build_kernel(which, candidate_path(), rounds=rounds)
 
 
 @functools.lru_cache(maxsize=None)
-def _bounded_kernel(which: str, min_blocks: int):
-    return build_kernel(which, "cuda", min_blocks)
+def _bounded_kernel(which: str, min_blocks: int, rounds: int = 2):
+    return build_kernel(which, "cuda", min_blocks, rounds)
 
 
 def launch_bounds_header(min_blocks: int, threads: int = ATTENTION_THREADS) -> str:
@@ -703,17 +725,18 @@ def launch_bounds_header(min_blocks: int, threads: int = ATTENTION_THREADS) -> s
             f"__launch_bounds__({int(threads)}, {int(min_blocks)})\n")
 
 
-def build_kernel(which: str, target: str, min_blocks: int = 0):
+def build_kernel(which: str, target: str, min_blocks: int = 0, rounds: int = 2):
     """The mlx kernel ``which`` of :data:`KERNELS` for ``target``: mx.fast.metal_kernel or
     mx.fast.cuda_kernel over the same body and header (its call signature is the same).
-    ``min_blocks`` (CUDA only): launch bounds for that many threadgroups per multiprocessor."""
+    ``min_blocks`` (CUDA only): launch bounds for that many threadgroups per multiprocessor.
+    ``rounds``: the rotation's Hadamard rounds (:func:`rotation_rounds`)."""
     import inspect
 
     import mlx.core as mx
 
     _check_target(target)
     spec = KERNELS[which]
-    header, source = kernel_text(which, target)
+    header, source = kernel_text(which, target, rounds)
     if min_blocks:
         if target != "cuda":
             raise ValueError("launch bounds are a CUDA setting")
@@ -1113,10 +1136,12 @@ def _fast_launch(dim: int, shape: tuple[int, int], kv_heads: int, head_stride: i
 
 
 def _fast_partials(q, k_signs, per_head, k_codes, k_norms, v_codes, v_norms, k_cents, v_cents,
-                   k_bits, v_bits, group, tokens, scale, block_tokens, shape, split=None):
+                   k_bits, v_bits, group, tokens, scale, block_tokens, shape, split=None,
+                   rounds=2):
     """The register-tiled block kernel on raw queries q (kv_heads * group, dim): the
     per-(block, KV head) partial softmax and value sums, as attention_block writes them.
-    ``split``: (k_bits1, angle_bits, angles) of split keys (``k_bits`` the outlier half's)."""
+    ``split``: (k_bits1, angle_bits, angles) of split keys (``k_bits`` the outlier half's);
+    ``rounds``: the key rotation's Hadamard rounds."""
     import mlx.core as mx
 
     kv_heads, head_stride = int(k_codes.shape[0]), int(k_codes.shape[1])
@@ -1132,7 +1157,7 @@ def _fast_partials(q, k_signs, per_head, k_codes, k_norms, v_codes, v_norms, k_c
     angles = _no_angles() if split is None else split[2]
     as_bits = (lambda a: a.view(mx.uint16)) if fp16 else (lambda a: a)
     bound = mma_min_blocks() if which == "attention_mma" and candidate_path() == "cuda" else 0
-    kernel = _bounded_kernel(which, bound) if bound else _kernel(which)
+    kernel = _bounded_kernel(which, bound, rounds) if bound else _kernel(which, rounds)
     return kernel(
         inputs=[q, k_signs, k_codes, as_bits(k_norms), v_codes, as_bits(v_norms), k_cents,
                 v_cents, angles, mx.array(params)],
@@ -1214,8 +1239,10 @@ def _reduce_rows_params(dim: int, blocks: int, group: int, na: int, sa: int, nb:
     return mx.array(words)
 
 
-def _finish_attention(parts, v_signs, per_head, group, dim, q, scale, rows=None, with_lse=False):
-    """The second launch of split-K attention: merge the blocks, apply Π_Vᵀ, and with
+def _finish_attention(parts, v_signs, per_head, group, dim, q, scale, rows=None, with_lse=False,
+                      rounds=2):
+    """The second launch of split-K attention: merge the blocks, apply Π_Vᵀ (a rotation of
+    ``rounds`` Hadamard rounds), and with
     ``rows`` (up to two (k, v) sets of (kv_heads, n, dim) fp16 rows: sinks, window) fold the
     rows in under the same softmax (attention_reduce_rows, q the raw queries
     (kv_heads * group, dim)); with_lse, also the log-sum-exp of the codes' scaled scores."""
@@ -1229,13 +1256,13 @@ def _finish_attention(parts, v_signs, per_head, group, dim, q, scale, rows=None,
             raise ValueError("with_lse and fp16 rows exclude each other (the rows are merged "
                              "in the kernel)")
         (ka, va, na, sa), (kb, vb, nb, sb) = _rows_input(rows, kv_heads, dim)
-        (out,) = _kernel("attention_reduce_rows")(
+        (out,) = _kernel("attention_reduce_rows", rounds)(
             inputs=[part_m, part_l, part_acc, v_signs, q, ka, va, kb, vb,
                     _reduce_rows_params(dim, blocks, group, na, sa, nb, sb, float(scale),
                                         bool(per_head))],
             **launch)
         return out
-    (out,) = _kernel("attention_reduce_heads" if per_head else "attention_reduce")(
+    (out,) = _kernel("attention_reduce_heads" if per_head else "attention_reduce", rounds)(
         inputs=[part_m, part_l, part_acc, v_signs, _reduce_params_array(dim, blocks, group)],
         **launch)
     if with_lse:  # log Σ_b l_b e^(m_b): the blocks merged as the reduce kernel merges them
@@ -1250,8 +1277,10 @@ def _finish_attention(parts, v_signs, per_head, group, dim, q, scale, rows=None,
 
 class HeadTables:
     """The kernel tables of one role (keys or values) of a cache: one ``turboquant_mse``
-    quantizer with the hadamard rotation per KV head (same dim, bits and norm dtype), their
-    rotation signs stacked as (n_heads, 2*dim), and the shared codebook. The mlx arrays are
+    quantizer with the hadamard or hadamard1 rotation per KV head (same dim, bits, rotation
+    and norm dtype), their rotation signs stacked as (n_heads, 2*dim) (hadamard1: D₁ and
+    unused ones in D₂'s place), and the shared codebook. ``rounds``: the rotation's Hadamard
+    rounds, the kernels' TQ_ROTATION_ROUNDS. The mlx arrays are
     built at first use, so the tables also serve the NumPy reference kernels
     (``turboquant.mlx_metal.ReferenceKernels``), which use only ``quantizers``."""
 
@@ -1261,15 +1290,17 @@ class HeadTables:
             raise ValueError("HeadTables needs one quantizer per KV head, got none")
         first = quantizers[0]
         for q in quantizers:
-            if q.method != "turboquant_mse" or q.rotation != "hadamard":
+            if q.method != "turboquant_mse" or q.rotation not in ROTATION_ROUNDS:
                 raise ValueError("the Metal kernels support turboquant_mse with the hadamard "
-                                 f"rotation, got {q.method!r} / {q.rotation!r}")
-            if ((q.dim, q.bits, np.dtype(q.norm_dtype), bool(q.norm_correction))
-                    != (first.dim, first.bits, np.dtype(first.norm_dtype),
+                                 f"or hadamard1 rotation, got {q.method!r} / {q.rotation!r}")
+            if ((q.dim, q.bits, q.rotation, np.dtype(q.norm_dtype), bool(q.norm_correction))
+                    != (first.dim, first.bits, first.rotation, np.dtype(first.norm_dtype),
                         bool(first.norm_correction))):
-                raise ValueError("all heads of one role need the same dim, bits, norm dtype "
-                                 "and norm correction")
+                raise ValueError("all heads of one role need the same dim, bits, rotation, "
+                                 "norm dtype and norm correction")
         self.quantizers = quantizers
+        self.rotation = first.rotation
+        self.rounds = rotation_rounds(first.rotation)
         self.dim, self.bits = first.dim, first.bits
         self.code_bytes = first.code_bytes
         self.norm_fp16 = np.dtype(first.norm_dtype) == np.float16
@@ -1282,13 +1313,15 @@ class HeadTables:
         return len(self.quantizers)
 
     def signs_numpy(self) -> np.ndarray:
-        """(n_heads, 2*dim) float32: D₁ then D₂ of each head's rotation."""
-        return np.stack([np.asarray(q.rotation_parameters(), np.float32).ravel()
+        """(n_heads, 2*dim) float32: D₁ then D₂ of each head's rotation (hadamard1: D₁, then
+        ones that the one-round kernels never read)."""
+        return np.stack([_two_rounds_of_signs(q.rotation_parameters(), self.dim, self.rounds)
                          for q in self.quantizers])
 
     def state_bytes(self) -> int:
-        """Bytes of the per-head rotation state (what the C++ cache counts as quantizer state)."""
-        return self.n_heads * 2 * self.dim * 4
+        """Bytes of the per-head rotation state (what the C++ cache counts as quantizer state):
+        the rotation's signs, 2*dim (hadamard) or dim (hadamard1) floats per head."""
+        return self.n_heads * self.rounds * self.dim * 4
 
     def mx_tables(self):
         """(signs (n_heads*2*dim,), centroids, boundaries) as mlx float32 arrays, cached."""
@@ -1300,6 +1333,16 @@ class HeadTables:
                         mx.array(np.asarray(cb.centroids, np.float32)),
                         mx.array(np.asarray(cb.boundaries, np.float32)))
         return self._mx
+
+
+def _two_rounds_of_signs(params, dim: int, rounds: int) -> np.ndarray:
+    """A rotation's signs as the kernels' table row of 2*dim: D₁ then D₂, or for one round
+    (hadamard1, ``dim`` parameters) D₁ then ones in D₂'s place."""
+    signs = np.asarray(params, np.float32).ravel()
+    if signs.size != rounds * dim:
+        raise ValueError(f"a {rounds}-round rotation of dim {dim} has {rounds * dim} signs, "
+                         f"got {signs.size}")
+    return signs if rounds == 2 else np.concatenate([signs, np.ones(dim, np.float32)])
 
 
 def _with_rows_per_head(words: np.ndarray, rows_per_head: int) -> np.ndarray:
@@ -1322,7 +1365,7 @@ def encode_heads(tables: HeadTables, x):
     signs, cents, bounds = tables.mx_tables()
     n = H * T
     fp16 = tables.norm_fp16
-    codes, norms = _kernel("encode_heads")(
+    codes, norms = _kernel("encode_heads", tables.rounds)(
         inputs=[x.reshape(n, dim).astype(mx.float32), signs, bounds, cents,
                 mx.array(_with_rows_per_head(encode_params(n, dim, tables.bits, fp16,
                                                            tables.norm_correction), T))],
@@ -1341,7 +1384,7 @@ def rotate_heads(tables: HeadTables, x):
     H, R, dim = x.shape
     signs, _, _ = tables.mx_tables()
     n = H * R
-    (y,) = _kernel("rotate_heads")(
+    (y,) = _kernel("rotate_heads", tables.rounds)(
         inputs=[x.reshape(n, dim).astype(mx.float32), signs,
                 mx.array(_with_rows_per_head(rotate_params(n, dim), R))],
         output_shapes=[(n, dim)], output_dtypes=[mx.float32],
@@ -1364,7 +1407,7 @@ def dequantize_heads(tables: HeadTables, codes, norms, inverse_rotate=True, out_
     fp16_out = out_dtype is not None and out_dtype == mx.float16
     fp16_norm = norms.dtype == mx.float16
     rows = H * n
-    (out,) = _kernel("dequantize_heads")(
+    (out,) = _kernel("dequantize_heads", tables.rounds)(
         inputs=[codes.reshape(rows, tables.code_bytes),
                 (norms.view(mx.uint16) if fp16_norm else norms).reshape(rows), cents, signs,
                 mx.array(_with_rows_per_head(
@@ -1401,12 +1444,13 @@ def decode_attention_heads(keys: HeadTables, values: HeadTables, queries, k_code
     if shape is not None:
         parts = _fast_partials(q, k_signs, True, k_codes, k_norms, v_codes, v_norms, k_cents,
                                v_cents, keys.bits, values.bits, group, tokens, scale,
-                               block_tokens, shape)
+                               block_tokens, shape, rounds=keys.rounds)
     else:
         q_rot = rotate_heads(keys, queries).reshape(kv_heads * group, dim)
         parts = _block_partials(q_rot, k_codes, k_norms, v_codes, v_norms, k_cents, v_cents,
                                 keys.bits, values.bits, group, tokens, scale, block_tokens)
-    return _finish_attention(parts, v_signs, True, group, dim, q, scale, rows, with_lse)
+    return _finish_attention(parts, v_signs, True, group, dim, q, scale, rows, with_lse,
+                             values.rounds)
 
 
 # --- The key split (split.metal) --------------------------------------------------------------
@@ -1415,7 +1459,7 @@ def decode_attention_heads(keys: HeadTables, values: HeadTables, queries, k_code
 def split_support(quantizer) -> str | None:
     """None when the split.metal kernels can run this quantizer (an outlier split of
     ``turboquant_mse`` over channels [0, d/2) and [d/2, d), both parts with the hadamard
-    rotation: the mlx-lm key split), else why not."""
+    or hadamard1 rotation: the mlx-lm key split), else why not."""
     d = quantizer.dim
     chans = list(quantizer.outlier_channels)
     if quantizer.method != "turboquant_mse":
@@ -1425,9 +1469,10 @@ def split_support(quantizer) -> str | None:
     if chans != list(range(d // 2)):
         return ("the split kernels need the outlier channels to be the first half "
                 f"[0, {d // 2}) (the mlx-lm key split's channel order), got {len(chans)} others")
-    for p in (0, 1):
-        if quantizer.part(p).rotation != "hadamard":
-            return "the split kernels need hadamard part rotations"
+    rotations = {quantizer.part(p).rotation for p in (0, 1)}
+    if len(rotations) != 1 or not rotations <= set(ROTATION_ROUNDS):
+        return ("the split kernels need both parts rotated by hadamard or both by hadamard1, "
+                f"got {sorted(rotations)}")
     if quantizer.jl_dim not in (0, d):
         return "the split kernels do not support a QJL dimension"
     return None
@@ -1435,7 +1480,8 @@ def split_support(quantizer) -> str | None:
 
 class SplitHeadTables:
     """The kernel tables of split keys (split.metal), one outlier-split quantizer per KV head
-    (``turboquant_mse``, outlier channels [0, d/2), hadamard parts; see :func:`split_support`):
+    (``turboquant_mse``, outlier channels [0, d/2), hadamard or hadamard1 parts; see
+    :func:`split_support`):
     per-head signs (n_heads, 2*dim) = D₁ of both parts then D₂ of both parts, the two parts'
     codebooks concatenated (outlier part first), and the angle tables of the split's
     ``split_angle_bits``. Same interface as :class:`HeadTables` (``quantizers``, ``dim``,
@@ -1451,14 +1497,16 @@ class SplitHeadTables:
             why = split_support(q)
             if why:
                 raise ValueError(why)
-            if ((q.dim, q.outlier_bits, q.part(1).bits, q.split_angle_bits,
+            if ((q.dim, q.outlier_bits, q.part(1).bits, q.split_angle_bits, q.part(0).rotation,
                  np.dtype(q.norm_dtype), bool(q.norm_correction))
                     != (first.dim, first.outlier_bits, first.part(1).bits,
-                        first.split_angle_bits, np.dtype(first.norm_dtype),
-                        bool(first.norm_correction))):
+                        first.split_angle_bits, first.part(0).rotation,
+                        np.dtype(first.norm_dtype), bool(first.norm_correction))):
                 raise ValueError("all heads of one role need the same dim, bits, angle bits, "
-                                 "norm dtype and norm correction")
+                                 "rotation, norm dtype and norm correction")
         self.quantizers = quantizers
+        self.rotation = first.part(0).rotation
+        self.rounds = rotation_rounds(self.rotation)
         self.dim, self.part_dim = first.dim, first.dim // 2
         self.bits0, self.bits1 = first.outlier_bits, first.part(1).bits
         self.bits = self.bits1
@@ -1473,11 +1521,12 @@ class SplitHeadTables:
         return len(self.quantizers)
 
     def signs_numpy(self) -> np.ndarray:
-        """(n_heads, 2*dim) float32: D₁ of the outlier and inlier parts, then their D₂."""
+        """(n_heads, 2*dim) float32: D₁ of the outlier and inlier parts, then their D₂
+        (hadamard1: ones that the one-round kernels never read)."""
         rows = []
         for q in self.quantizers:
-            p0 = np.asarray(q.part(0).rotation_parameters(), np.float32).reshape(2, -1)
-            p1 = np.asarray(q.part(1).rotation_parameters(), np.float32).reshape(2, -1)
+            p0, p1 = (_two_rounds_of_signs(q.part(p).rotation_parameters(), self.part_dim,
+                                           self.rounds).reshape(2, -1) for p in (0, 1))
             rows.append(np.concatenate([p0[0], p1[0], p0[1], p1[1]]))
         return np.stack(rows)
 
@@ -1522,7 +1571,7 @@ def split_encode_heads(tables: SplitHeadTables, x):
     signs, cents, bounds, angles, angle_bounds = tables.mx_tables()
     n = H * T
     fp16 = tables.norm_fp16
-    codes, norms = _kernel("split_encode_heads")(
+    codes, norms = _kernel("split_encode_heads", tables.rounds)(
         inputs=[x.reshape(n, dim).astype(mx.float32), signs, bounds, cents, angles, angle_bounds,
                 mx.array(_split_params(tables, n, T, norm_correction=tables.norm_correction))],
         output_shapes=[(n, tables.code_bytes), (n,)],
@@ -1540,7 +1589,7 @@ def split_rotate_heads(tables: SplitHeadTables, x):
     H, R, dim = x.shape
     signs = tables.mx_tables()[0]
     n = H * R
-    (y,) = _kernel("split_rotate_heads")(
+    (y,) = _kernel("split_rotate_heads", tables.rounds)(
         inputs=[x.reshape(n, dim).astype(mx.float32), signs, mx.array(_split_params(tables, n, R))],
         output_shapes=[(n, dim)], output_dtypes=[mx.float32],
         grid=(n * threads_for(dim), 1, 1), threadgroup=(threads_for(dim), 1, 1))
@@ -1562,7 +1611,7 @@ def split_dequantize_heads(tables: SplitHeadTables, codes, norms, inverse_rotate
     params = _with_rows_per_head(split_params(rows, dim, tables.bits0, tables.bits1,
                                               tables.angle_bits, fp16_norm,
                                               inverse_rotate=inverse_rotate, out_fp16=fp16_out), n)
-    (out,) = _kernel("split_dequantize_heads")(
+    (out,) = _kernel("split_dequantize_heads", tables.rounds)(
         inputs=[codes.reshape(rows, tables.code_bytes),
                 (norms.view(mx.uint16) if fp16_norm else norms).reshape(rows), cents, signs,
                 angles, mx.array(params)],
@@ -1586,8 +1635,10 @@ def _split_key_attention(keys: SplitHeadTables, values: HeadTables, queries, k_c
     if shape is not None:
         parts = _fast_partials(q, k_signs, True, k_codes, k_norms, v_codes, v_norms, k_cents,
                                v_cents, keys.bits0, values.bits, group, tokens, scale,
-                               block_tokens, shape, (keys.bits1, keys.angle_bits, angles))
-        return _finish_attention(parts, v_signs, True, group, dim, q, scale, rows, with_lse)
+                               block_tokens, shape, (keys.bits1, keys.angle_bits, angles),
+                               keys.rounds)
+        return _finish_attention(parts, v_signs, True, group, dim, q, scale, rows, with_lse,
+                                 values.rounds)
     q_rot = split_rotate_heads(keys, queries).reshape(kv_heads * group, dim)
     head_stride = k_codes.shape[1]
     fp16 = k_norms.dtype == mx.float16
@@ -1602,4 +1653,5 @@ def _split_key_attention(keys: SplitHeadTables, values: HeadTables, queries, k_c
                                                 keys.bits0, keys.bits1, keys.angle_bits,
                                                 values.bits, fp16, scale, blocks))],
         template=[("SCRATCH", scratch)], **_partial_outputs(kv_heads, blocks, group, dim))
-    return _finish_attention(parts, v_signs, True, group, dim, q, scale, rows, with_lse)
+    return _finish_attention(parts, v_signs, True, group, dim, q, scale, rows, with_lse,
+                             values.rounds)

@@ -62,7 +62,8 @@ class TurboQuantKVCache(_mlx_cache._BaseCache):
 
     def __init__(self, key_bits: int = 3, value_bits: int = 3, method: str = "turboquant_mse",
                  key_method: str | None = None, value_method: str | None = None,
-                 seed: int = 0, layer: int = 0, rotation: str = "auto", center: bool = True,
+                 seed: int = 0, layer: int = 0, rotation: str | None = None,
+                 center: bool = True,
                  debias: bool = True, key_split: bool = True, rope_pairs: str | None = "half",
                  fp16_window: int = 0, block_tokens: int | None = None, fp16_sinks: int = 0,
                  split_angle_bits: int = 8, decay_after: int = 0, decay_bits: int = 0,
@@ -296,16 +297,25 @@ class TurboQuantKVCache(_mlx_cache._BaseCache):
                           f"not the {path} GPU store: {why}", RuntimeWarning, stacklevel=4)
         return False
 
+    def rotation_for(self, head_dim: int) -> str:
+        """The rotation of this layer's codes at ``head_dim``: the configured one, or without
+        one (``rotation=None``, the default) :func:`turboquant.presets.default_rotation`
+        (``"hadamard1"``, one random-sign Hadamard round, on power-of-two head dims; else
+        ``"auto"``). The saved state records the resolved name, so a file keeps its rotation
+        whatever the default becomes."""
+        return _presets.default_rotation(head_dim) if self.rotation is None else self.rotation
+
     def gpu_refusal(self, head_dim: int) -> str | None:
         """None when the mlx-resident store (turboquant.mlx_metal.MetalCodeStore) can hold
         this layer, else why it cannot (then the C++ core holds it). The store does
-        turboquant_mse with the Hadamard rotation on power-of-two head dims, the key split
-        (split.metal; head_dim >= 32, so that both halves have hadamard rotations), norm
+        turboquant_mse with a Hadamard rotation (one round or two) on power-of-two head dims,
+        the key split (split.metal; head_dim >= 32, so that both halves have Hadamard
+        rotations), norm
         correction (debias), fp16 sinks, the fp16 recent window, per-KV-head widths (a
         profile's, one launch set per width group) and importance-routed mixed precision;
         not temporal decay or sparse V."""
         why = _mlx_metal.store_supports(head_dim, self.key_method, self.value_method,
-                                        self.rotation)
+                                        self.rotation_for(head_dim))
         if why:
             return why
         if self.split_plan(head_dim) is not None and head_dim < 32:
@@ -648,7 +658,8 @@ class TurboQuantKVCache(_mlx_cache._BaseCache):
         block = 32
         make_core = mixed_trial.make_core_factory(
             head_dim, total_kv, q.shape[0], self.key_method, layer_seed(self.seed, self.layer),
-            self.rotation, self.debias and mse, split, self.split_angle_bits, block)
+            self.rotation_for(head_dim), self.debias and mse, split, self.split_angle_bits,
+            block)
         uniform = _presets.uniform_widths(self.key_bits, self.value_bits, self.mixed_bits,
                                           self.mixed_keep, split(self.key_bits) is not None)
         group, kept = (b * self.block_tokens for b in self._mixed_blocks)
@@ -745,6 +756,7 @@ class TurboQuantKVCache(_mlx_cache._BaseCache):
         if self.mixed_bits:
             mixed = dict(mixed_group_blocks=self._mixed_blocks[0],
                          mixed_keep_blocks=self._mixed_blocks[1], decay_bits=self.mixed_bits)
+        self.rotation = self.rotation_for(head_dim)  # the saved state records the kind
         common = dict(n_layers=1, n_q_heads=total_q, n_kv_heads=total_kv,
                       key_method=self.key_method, key_bits=key_bits,
                       value_method=self.value_method, value_bits=self.value_bits,

@@ -68,7 +68,7 @@ def _normalise_layers(layers: Iterable[int], n: int) -> set[int]:
 def make_prompt_cache(model, key_bits: int | None = None, value_bits: int | None = None,
                       method: str | None = None, fp16_layers: Iterable[int] = (),
                       seed: int = 0, key_method: str | None = None,
-                      value_method: str | None = None, rotation: str = "auto",
+                      value_method: str | None = None, rotation: str | None = None,
                       center: bool | None = None, debias: bool | None = None,
                       key_split: bool | None = None,
                       fp16_window: int | None = None, block_tokens: int | None = None,
@@ -88,6 +88,11 @@ def make_prompt_cache(model, key_bits: int | None = None, value_bits: int | None
     sinks, a 64-token fp16 window). Every other keyword given (not None) overrides the
     recipe's value (:func:`turboquant.presets.resolve`); ``preset="codes-only"`` gives
     codes for every token, the behaviour before presets.
+
+    ``rotation`` (``"hadamard1"``, ``"hadamard"``, ``"dense"`` or ``"auto"``): the random
+    rotation before quantizing; None (the default) is one random-sign Hadamard round
+    (``"hadamard1"``) on power-of-two head dims and ``"auto"`` (dense) on others
+    (:func:`turboquant.presets.default_rotation`, docs/rotation.md).
 
     ``center`` subtracts a per-head mean from K and V first (exact for attention, see
     :meth:`TurboQuantKVCache._centre`). ``debias`` stores each vector's norm corrected for

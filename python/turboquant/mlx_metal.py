@@ -38,8 +38,9 @@ code order, codes and memory are the core's; the importance is computed here in 
 It has the methods and semantics that ``turboquant.mlx_lm`` uses on ``_core.KVCache``
 (``append``, ``attend``, ``size``, ``trim``, ``memory_bytes``, ``fp16_bytes``, ``to_bytes`` /
 ``from_bytes``), taking and returning mlx arrays of shape (heads, T, d). The quantizers are
-those of the C++ cache (``turboquant_mse``, hadamard rotation, the same seed and per-(layer,
-KV head, role) streams), so the codes are bit-identical to ``_core.KVCache``'s, and
+those of the C++ cache (``turboquant_mse``, hadamard or hadamard1 rotation, the same seed
+and per-(layer, KV head, role) streams), so the codes are bit-identical to
+``_core.KVCache``'s, and
 ``to_bytes`` writes the C++ cache file format (through ``_core.KVCache.append_encoded``):
 a file saved by either loads in the other.
 
@@ -93,8 +94,8 @@ def store_supports(head_dim: int, key_method: str = "turboquant_mse",
     if key_method != "turboquant_mse" or value_method != "turboquant_mse":
         return (f"the Metal kernels support turboquant_mse keys and values, got {key_method!r} / "
                 f"{value_method!r}")
-    if rotation not in ("auto", "hadamard"):
-        return f"the Metal kernels need the hadamard rotation, got {rotation!r}"
+    if rotation not in ("auto", "hadamard", "hadamard1"):
+        return f"the Metal kernels need the hadamard or hadamard1 rotation, got {rotation!r}"
     d = int(head_dim)
     if not 16 <= d <= 512 or d & (d - 1):
         return f"the Metal kernels need a power-of-two head_dim in [16, 512], got {d}"
@@ -393,9 +394,11 @@ class MetalCodeStore:
         self.n_q_heads, self.n_kv_heads = int(n_q_heads), int(n_kv_heads)
         self.key_method = self.value_method = "turboquant_mse"
         self.key_bits, self.value_bits = int(key_bits), int(value_bits)
-        self.seed, self.rotation = int(seed), "hadamard"
+        # The kernels' rotation: "auto" is "hadamard" at the power-of-two head_dims they take.
+        self.seed = int(seed)
+        self.rotation = "hadamard1" if rotation == "hadamard1" else "hadamard"
         # The configured rotation, as a split cache's file header records it ("auto" or
-        # "hadamard": the same hadamard halves either way).
+        # "hadamard": the same hadamard halves either way; "hadamard1": hadamard1 halves).
         self._configured_rotation = str(rotation)
         self.block_tokens, self.layer = int(block_tokens), int(layer)
         self.norm_correction = bool(norm_correction)
@@ -441,7 +444,7 @@ class MetalCodeStore:
                 else:
                     bits = self.decay_bits
             return _core.Quantizer("turboquant_mse", self.head_dim, bits, self.seed,
-                                   rotation="hadamard", norm_dtype="float16",
+                                   rotation=self.rotation, norm_dtype="float16",
                                    norm_correction=self.norm_correction,
                                    stream=kv_stream_id(self.layer, self.kv_head_offset + h, role),
                                    **split)
@@ -1443,7 +1446,7 @@ class MetalCodeStore:
         return dict(n_layers=n_layers, n_q_heads=self.n_q_heads, n_kv_heads=self.n_kv_heads,
                     key_method="turboquant_mse", key_bits=self.key_bits,
                     value_method="turboquant_mse", value_bits=self.value_bits, seed=self.seed,
-                    rotation=self._configured_rotation if self._split else "hadamard",
+                    rotation=self._configured_rotation if self._split else self.rotation,
                     block_tokens=self.block_tokens,
                     norm_correction=self.norm_correction, fp16_window=self.fp16_window,
                     fp16_sinks=self.fp16_sinks, split_angle_bits=self.split_angle_bits,
@@ -1798,10 +1801,12 @@ def self_test(kernels: Any = None) -> str | None:
     against the C++ core and returns None when it agrees, else what went wrong (a kernel that
     fails to compile or launch raises inside mlx; its message is returned, never raised).
 
-    Four small one-layer caches (head_dim 64, GQA 2, 3-bit codes, norm correction, fp16 sinks
+    Six small one-layer caches (head_dim 64, GQA 2, 3-bit codes, norm correction, fp16 sinks
     and window, 8-token pages), one with the key split, one with per-head widths (two width
     groups), one with mixed precision (full- and low-width pages, attended with their
-    log-sum-exp), receive 29 tokens: every kernel runs
+    log-sum-exp), and the plain and split ones again with one Hadamard round
+    (``"hadamard1"``, the mlx-lm caches' default), receive 29 tokens: every kernel runs, at
+    both rotations
     (encode, query rotation, split-K decode attention by each block kernel and its
     reduction merged with the fp16 rows, dequantize for a prefill, and the split's four).
     Codes and norms must equal the core's bit for bit, decode and prefill attention within
@@ -1820,7 +1825,9 @@ def self_test(kernels: Any = None) -> str | None:
         mixed = dict(base, fp16_window=4, mixed_group_blocks=2, mixed_keep_blocks=1,
                      decay_bits=2)
         for name, kw in (("plain", base), ("key split", split), ("per-head widths", heads),
-                         ("mixed precision", mixed)):
+                         ("mixed precision", mixed),
+                         ("plain, one Hadamard round", dict(base, rotation="hadamard1")),
+                         ("key split, one Hadamard round", dict(split, rotation="hadamard1"))):
             store = MetalCodeStore(d, kernels=kernels, **kw)
             core = _core.KVCache(d, **kw)
             k = rng.standard_normal((hkv, T, d)).astype(np.float32)

@@ -154,6 +154,18 @@ PRESETS: dict[str, Preset] = {p.name: p for p in (
 
 DEFAULT = "tq3"
 
+# The rotation of every preset (make_prompt_cache's and KVCacheBuilder's default): one
+# random-sign Hadamard round ("hadamard1", Π = H·D₁; docs/rotation.md) on power-of-two head
+# dims, "auto" (a dense Haar rotation) on the others.
+DEFAULT_ROTATION = "hadamard1"
+
+
+def default_rotation(head_dim: int) -> str:
+    """The rotation a cache of ``head_dim`` gets by default: :data:`DEFAULT_ROTATION` for a
+    power-of-two head_dim, else ``"auto"`` (dense there)."""
+    d = int(head_dim)
+    return DEFAULT_ROTATION if d > 0 and d & (d - 1) == 0 else "auto"
+
 _FIELDS = tuple(f.name for f in dataclasses.fields(Preset) if f.name not in ("name", "summary"))
 
 
@@ -228,6 +240,8 @@ def describe(p: Preset) -> list[str]:
         f"keys:            {p.method}, {p.key_bits} bits",
         f"values:          {p.method}, {p.value_bits} bits",
         f"code bits:       {p.code_bits():g} on average per K/V coordinate",
+        f"rotation:        {DEFAULT_ROTATION} (one random-sign Hadamard round) on power-of-two "
+        "head dims, dense on others",
         f"key split:       {split}",
         f"centring:        {'on' if p.center else 'off'}",
         f"norm correction: {'on' if p.debias else 'off'}",

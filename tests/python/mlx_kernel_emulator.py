@@ -97,9 +97,11 @@ class EmulatedKernels:
         self.cxx = cxx
         self.dir = Path(workdir)
         self.exe = self._compile(_program(), "mlx_kernels_emulated")
-        # Programs of one templated kernel at other template arguments, by (kernel, values).
+        # Programs of one kernel at other template arguments or rotation rounds, by (kernel,
+        # rounds, values).
         self.instances: dict[tuple, Path] = {}
         self.launches: list[str] = []
+        self.rounds_seen: set[int] = set()  # the rotation rounds of the kernels asked for
 
     def _compile(self, program: str, stem: str) -> Path:
         src = self.dir / f"{stem}.cpp"
@@ -112,21 +114,25 @@ class EmulatedKernels:
             raise RuntimeError(r.stderr[-4000:])
         return exe
 
-    def _exe_for(self, which: str, values: dict) -> Path:
-        """The program that runs ``which`` with these template arguments: the one with every
-        kernel at its default arguments, or one compiled for this instance (cached)."""
+    def _exe_for(self, which: str, values: dict, rounds: int = 2) -> Path:
+        """The program that runs ``which`` with these template arguments and rotation rounds
+        (metal.kernel_header's TQ_ROTATION_ROUNDS): the one with every kernel at its default
+        arguments and two rounds, or one compiled for this instance (cached)."""
         spec = metal.KERNELS[which]
         chosen = {k: v for k, v in values.items() if k != "SCRATCH"}
-        if all(dict(spec.templates).get(k) == v for k, v in chosen.items()):
+        if rounds == 2 and all(dict(spec.templates).get(k) == v for k, v in chosen.items()):
             return self.exe
-        key = (which, tuple(sorted(chosen.items())))
+        key = (which, int(rounds), tuple(sorted(chosen.items())))
         if key not in self.instances:
-            stem = "emu_" + which + "_" + "_".join(f"{k}{v}" for k, v in key[1])
-            self.instances[key] = self._compile(_program([which], chosen), stem)
+            stem = ("emu_" + which + f"_r{int(rounds)}_"
+                    + "_".join(f"{k}{v}" for k, v in key[2]))
+            self.instances[key] = self._compile(
+                _program([which], chosen, metal.kernel_header(rounds=rounds)), stem)
         return self.instances[key]
 
-    def kernel(self, which: str):
+    def kernel(self, which: str, rounds: int = 2):
         spec = metal.KERNELS[which]
+        self.rounds_seen.add(int(rounds))
 
         def launch(inputs, output_shapes, output_dtypes, grid, threadgroup, template=None):
             assert len(inputs) == len(spec.input_names)
@@ -144,7 +150,8 @@ class EmulatedKernels:
             assert threadgroup[1] == threadgroup[2] == 1
             n = len(self.launches)
             self.launches.append(which)
-            argv = [str(self._exe_for(which, values)), which, *map(str, groups), str(threadgroup[0])]
+            argv = [str(self._exe_for(which, values, rounds)), which, *map(str, groups),
+                    str(threadgroup[0])]
             for i, a in enumerate(inputs):
                 p = self.dir / f"k{n}_in{i}.bin"
                 p.write_bytes(np.ascontiguousarray(np.array(a)).tobytes())

@@ -49,15 +49,17 @@ def library_path() -> str | None:
     return None
 
 
-def mlx_cuda_source(keys=None, source_of=None, templates: dict | None = None) -> str:
+def mlx_cuda_source(keys=None, source_of=None, templates: dict | None = None,
+                    rounds: int = 2) -> str:
     """One translation unit holding every kernel of ``metal.KERNELS`` (or ``keys``) as mlx's
     cuda_kernel generates it; ``source_of(spec)`` may replace a kernel's body (tests),
-    ``templates`` give template arguments other than the specs' defaults."""
+    ``templates`` give template arguments other than the specs' defaults, ``rounds`` the
+    rotation's Hadamard rounds (metal.kernel_header)."""
     keys = list(keys or metal.KERNELS)
     # One kernel: the header it is built with on the GPU (its files, compacted, pruned to
     # what its body reaches); several: every file.
-    header = (metal.kernel_text(keys[0], "cuda")[0] if len(keys) == 1
-              else metal.kernel_header("cuda"))
+    header = (metal.kernel_text(keys[0], "cuda", rounds)[0] if len(keys) == 1
+              else metal.kernel_header("cuda", rounds=rounds))
     parts = [_MLX_PRELUDE, header,
              "namespace mlx::core::cu {\n\nnamespace cg = cooperative_groups;\n\n"]
     for key in keys:

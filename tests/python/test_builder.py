@@ -75,7 +75,8 @@ def test_seed_quickstart_flow_with_available_method(capsys):
     exact = (p / p.sum()) @ V
     out = np.array(output.astype(mx.float32)).astype(np.float64)
     assert out @ exact / np.linalg.norm(out) / np.linalg.norm(exact) > 0.95
-    assert cache.memory_bytes() == 256 * 100 + 2 * 2 * 128 * 4  # one page per stream + rotations
+    # one page per stream + rotations (the default hadamard1: 128 signs per stream)
+    assert cache.memory_bytes() == 256 * 100 + 2 * 128 * 4
 
 
 def test_outlier_split_cache_attends_like_its_decoded_kv():
@@ -208,6 +209,15 @@ def test_hadamard1_through_the_builder_and_artifact_store(tmp_path):
     np.testing.assert_array_equal(first.attend(x[-1]), second.attend(x[-1]))
     with pytest.raises(ValueError, match="hadamard1 rotation needs a power-of-two head_dim"):
         tq.KVCacheBuilder().with_head_dim(96).with_rotation("hadamard1").build()
+
+
+def test_default_rotation_is_one_hadamard_round_on_power_of_two_head_dims():
+    # Without with_rotation: hadamard1 for a power-of-two head_dim, "auto" (dense) otherwise;
+    # an explicit "auto" keeps two rounds.
+    assert tq.KVCacheBuilder().with_head_dim(64).build().core.rotation == "hadamard1"
+    assert tq.KVCacheBuilder().with_head_dim(96).build().core.rotation == "dense"
+    auto = tq.KVCacheBuilder().with_head_dim(64).with_rotation("auto").build()
+    assert auto.core.rotation == "hadamard"
 
 
 def test_mlx_transposed_views_are_accepted():

@@ -31,18 +31,34 @@ def nvrtc():
     return Nvrtc(path)
 
 
+# rounds: the rotation's Hadamard rounds, 2 ("hadamard") or 1 ("hadamard1").
+@pytest.mark.parametrize("rounds", [2, 1])
 @pytest.mark.parametrize("arch", ["compute_90a", "compute_80", "compute_75"])
-def test_every_kernel_compiles_for_cuda(nvrtc, arch):
-    ok, log, ptx = nvrtc.compile(mlx_cuda_source(), arch)
+def test_every_kernel_compiles_for_cuda(nvrtc, arch, rounds):
+    ok, log, ptx = nvrtc.compile(mlx_cuda_source(rounds=rounds), arch)
     assert ok, log[-6000:]
     assert "warning" not in log.lower(), log[-6000:]
     assert ptx > 10_000
 
 
-def test_each_kernel_is_its_own_entry_point(nvrtc):
+@pytest.mark.parametrize("rounds", [2, 1])
+def test_each_kernel_is_its_own_entry_point(nvrtc, rounds):
     for key, spec in metal.KERNELS.items():
-        ok, log, _ = nvrtc.compile(mlx_cuda_source([key]))
+        ok, log, _ = nvrtc.compile(mlx_cuda_source([key], rounds=rounds))
         assert ok, (key, log[-3000:])
+
+
+def test_one_round_kernels_drop_the_second_transform(nvrtc):
+    # The one-round rotation is the compile-time constant of the header: its PTX is another
+    # program, shorter by the second transform and D₂ (the encode kernel: one FWHT less).
+    texts = {}
+    for rounds in (2, 1):
+        ptx: list = []
+        ok, log, _ = nvrtc.compile(mlx_cuda_source(["encode_heads"], rounds=rounds),
+                                   ptx_text=ptx)
+        assert ok, log[-3000:]
+        texts[rounds] = ptx[0]
+    assert texts[1] != texts[2] and len(texts[1]) < len(texts[2])
 
 
 def test_the_check_can_fail(nvrtc):

@@ -36,9 +36,10 @@ def rand(rng, *shape, scale=1.0):
     return (rng.standard_normal(shape) * scale).astype(np.float32)
 
 
-def kw(d, hq, hkv, kb, vb, split=False, nc=True, sinks=0, window=0, bt=64):
+def kw(d, hq, hkv, kb, vb, split=False, nc=True, sinks=0, window=0, bt=64, rotation="auto"):
     out = dict(n_layers=1, n_q_heads=hq, n_kv_heads=hkv, key_bits=kb, value_bits=vb, seed=9,
-               block_tokens=bt, norm_correction=nc, fp16_sinks=sinks, fp16_window=window)
+               block_tokens=bt, norm_correction=nc, fp16_sinks=sinks, fp16_window=window,
+               rotation=rotation)
     if split:
         out.update(key_bits=kb - 1, n_outlier_channels=d // 2, outlier_bits=kb + 1,
                    outlier_channels=list(range(d // 2)), outlier_roles="keys",
@@ -75,13 +76,17 @@ def rel_err(a, b):
 
 CONFIGS = [(d, bits, split) for d in (64, 128, 256) for bits in (2, 3, 4)
            for split in (False, True)]
+# Both rotations the kernels take: two Hadamard rounds ("auto" is "hadamard" at these head
+# dims) and one ("hadamard1", TQ_ROTATION_ROUNDS 1).
+ROTATIONS = ["auto", "hadamard1"]
 
 
+@pytest.mark.parametrize("rotation", ROTATIONS)
 @pytest.mark.parametrize("d,bits,split", CONFIGS)
-def test_codes_bit_exact_and_attention_close(d, bits, split):
+def test_codes_bit_exact_and_attention_close(d, bits, split, rotation):
     rng = np.random.default_rng(d * 10 + bits)
     hq, hkv = 32, 8
-    cfg = kw(d, hq, hkv, bits, bits, split=split, sinks=4, window=64)
+    cfg = kw(d, hq, hkv, bits, bits, split=split, sinks=4, window=64, rotation=rotation)
     store, core = MetalCodeStore(d, **cfg), _core.KVCache(d, **cfg)
     for T in (700, 1, 63, 1):  # a prefill, decode steps, a chunk
         k, v = rand(rng, hkv, T, d), rand(rng, hkv, T, d)
@@ -95,6 +100,7 @@ def test_codes_bit_exact_and_attention_close(d, bits, split):
             got = store.attend(mx.array(q), scale=d ** -0.5, window=window)
             want = core.attend(q, scale=d ** -0.5, window=window)
             assert rel_err(np.array(got), want) <= ATTN_TOL, (rows, window)
+    assert store.to_bytes() == core.to_bytes()
 
 
 @pytest.mark.parametrize("split", [False, True])
@@ -153,13 +159,14 @@ def test_mixed_precision_masks_codes_and_attention():
                 assert np.array_equal(store.decode(0, h, role), core.decode(0, h, role))
 
 
+@pytest.mark.parametrize("rotation", ROTATIONS)
 @pytest.mark.parametrize("split", [False, True])
-def test_large_context_decode_matches_the_core(split):
+def test_large_context_decode_matches_the_core(split, rotation):
     # Each decode block kernel (mma: the CUDA default; staged; register-tiled; generic) on 16K
     # tokens.
     rng = np.random.default_rng(1)
     d, hq, hkv = 128, 32, 8
-    cfg = kw(d, hq, hkv, 3, 3, split=split, sinks=4, window=64)
+    cfg = kw(d, hq, hkv, 3, 3, split=split, sinks=4, window=64, rotation=rotation)
     store, core = MetalCodeStore(d, **cfg), _core.KVCache(d, **cfg)
     for _ in range(4):
         k, v = rand(rng, hkv, 4096, d), rand(rng, hkv, 4096, d)

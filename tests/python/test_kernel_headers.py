@@ -57,10 +57,12 @@ def test_the_pruner_keeps_directives_and_reachable_definitions_only():
 
 
 @pytest.mark.skipif(CXX is None, reason="needs a C++ compiler")
+@pytest.mark.parametrize("rounds", [2, 1])
 @pytest.mark.parametrize("key", sorted(metal.KERNELS))
-def test_each_pruned_metal_kernel_compiles(key, tmp_path):
-    header, _ = metal.kernel_text(key, "metal")
-    r = syntax_check(_program([key], header=header), tmp_path, key)
+def test_each_pruned_metal_kernel_compiles(key, rounds, tmp_path):
+    header, _ = metal.kernel_text(key, "metal", rounds)
+    assert ("#define TQ_ROTATION_ROUNDS 1u" in header) == (rounds == 1)
+    r = syntax_check(_program([key], header=header), tmp_path, f"{key}_{rounds}")
     assert r.returncode == 0, r.stderr[-3000:]
 
 

@@ -139,6 +139,29 @@ def test_trim_and_prompt_cache_roundtrip(tmp_path):
     np.testing.assert_array_equal(a, b)  # same codes, same seeds -> identical logits
 
 
+def test_default_rotation_is_one_hadamard_round_and_files_keep_theirs(tmp_path):
+    model = tiny_model("llama")  # head_dim 16
+    cache = tq_mlx.make_prompt_cache(model, preset="codes-only", key_split=False)
+    assert all(c.rotation is None for c in cache)
+    assert cache[0].rotation_for(16) == "hadamard1" and cache[0].rotation_for(96) == "auto"
+    new = run_chunks(model, cache, TOKENS[:20], [20])
+    assert all(c.rotation == "hadamard1" and c._core.rotation == "hadamard1" for c in cache)
+    # "auto" (what the caches saved before this default record) keeps two rounds, also
+    # through a file; the default's file keeps one.
+    old_cache = tq_mlx.make_prompt_cache(model, preset="codes-only", key_split=False,
+                                         rotation="auto")
+    old = run_chunks(model, old_cache, TOKENS[:20], [20])
+    assert all(c._core.rotation == "hadamard" for c in old_cache)
+    assert not np.array_equal(new, old)
+    for name, c in (("new", cache), ("old", old_cache)):
+        path = str(tmp_path / f"{name}.safetensors")
+        mlx_cache.save_prompt_cache(path, c)
+        loaded = mlx_cache.load_prompt_cache(path)
+        assert [x.rotation for x in loaded] == [x.rotation for x in c]
+        np.testing.assert_array_equal(run_chunks(model, c, TOKENS[20:24], [4]),
+                                      run_chunks(model, loaded, TOKENS[20:24], [4]))
+
+
 def test_to_turbo_quantized_from_kvcache():
     model = tiny_model("llama")
     fp = mlx_cache.make_prompt_cache(model)

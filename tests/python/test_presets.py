@@ -195,6 +195,7 @@ def test_info_preset(capsys):
     out = capsys.readouterr().out
     assert "preset:          tq3" in out and "eval setting:    3+s4+w64" in out
     assert "fp16 sinks:      4 tokens" in out and "fp16 window:     64 tokens" in out
+    assert "rotation:        hadamard1 (one random-sign Hadamard round) on power-of-two" in out
     want = preset_memory.memory_bytes(presets.get("tq3"), (2, 4, 2, 16), 300)
     assert f"at 300 tokens: {want:,} bytes" in out
     assert main(["info", "--preset", "tq3-mixed", "--shape", "2,4,2,16", "--tokens",
