@@ -40,6 +40,7 @@ from turboquant.profile import PROFILE_FORMAT, load_profile
 
 __all__ = [
     "PROFILE_FORMAT",
+    "RECIPE_KEYWORDS",
     "TurboQuantKVCache",
     "UnsupportedArchitectureError",
     "check_architecture",
@@ -65,80 +66,63 @@ def _normalise_layers(layers: Iterable[int], n: int) -> set[int]:
     return out
 
 
-def make_prompt_cache(model, key_bits: int | None = None, value_bits: int | None = None,
-                      method: str | None = None, fp16_layers: Iterable[int] = (),
-                      seed: int = 0, key_method: str | None = None,
-                      value_method: str | None = None, rotation: str | None = None,
-                      center: bool | None = None, debias: bool | None = None,
-                      key_split: bool | None = None,
-                      fp16_window: int | None = None, block_tokens: int | None = None,
-                      fp16_sinks: int | None = None, profile=None,
-                      split_angle_bits: int | None = None,
-                      decay_after: int | None = None, decay_bits: int | None = None,
-                      sparse_v: float | None = None, mixed_bits: int | None = None,
-                      mixed_keep: float | None = None, mixed_trial: bool | None = None,
-                      preset: str | None = None, sliding: bool = True,
-                      kv_head_offset: int | None = None) -> list:
+# The recipe keywords of make_prompt_cache: each given (not None) overrides the recipe's
+# value. The settings of a recipe (turboquant.presets.Preset, documented there) besides its
+# bits, and the two settings no recipe fixes: a method per role and the rotation.
+RECIPE_KEYWORDS = tuple(f for f in _presets.SETTINGS if f not in ("key_bits", "value_bits")) + (
+    "key_method", "value_method", "rotation")
+
+
+def make_prompt_cache(model, key_bits: int | None = None, value_bits: int | None = None, *,
+                      preset: str | None = None, fp16_layers: Iterable[int] = (),
+                      profile=None, sliding: bool = True, seed: int = 0,
+                      kv_head_offset: int | None = None, **recipe) -> list:
     """mlx-lm prompt cache with TurboQuant caches on every full-attention layer and (with
     ``sliding``, the default) every sliding-window layer.
 
-    ``preset`` names a recipe of :mod:`turboquant.presets` (``tq4``, ``tq3``, ``tq3-mixed``,
-    ``tq2.5``, ``tq2``, ``codes-only``); without one, ``key_bits`` / ``value_bits`` select
-    the recommended recipe at those bits and neither gives ``tq3`` (3-bit codes, 4 fp16
-    sinks, a 64-token fp16 window). Every other keyword given (not None) overrides the
-    recipe's value (:func:`turboquant.presets.resolve`); ``preset="codes-only"`` gives
-    codes for every token, the behaviour before presets.
+    **The recipe.** ``preset`` names a recipe of :mod:`turboquant.presets` (``tq4``,
+    ``tq3``, ``tq3-mixed``, ``tq2.5``, ``tq2``, ``codes-only``); without one,
+    ``key_bits`` / ``value_bits`` select the recommended recipe at those bits and neither
+    gives ``tq3`` (3-bit codes, 4 fp16 sinks, a 64-token fp16 window, one random-sign
+    Hadamard round). Any setting of a recipe can be overridden by keyword
+    (``RECIPE_KEYWORDS``, each documented on :class:`turboquant.presets.Preset`):
+    ``method``, ``center``, ``debias``, ``key_split``, ``split_angle_bits``,
+    ``fp16_sinks``, ``fp16_window``, ``block_tokens``, ``mixed_bits``, ``mixed_keep``,
+    ``mixed_trial``, ``decay_after``, ``decay_bits``, ``sparse_v``; plus ``key_method`` /
+    ``value_method`` (a method per role) and ``rotation`` (``"hadamard1"``,
+    ``"hadamard"``, ``"dense"`` or ``"auto"``; None: :func:`turboquant.presets.default_rotation`).
+    A keyword given as None keeps the recipe's value; an unknown one is a TypeError
+    naming it. ``preset="codes-only"`` gives codes for every token.
 
-    ``rotation`` (``"hadamard1"``, ``"hadamard"``, ``"dense"`` or ``"auto"``): the random
-    rotation before quantizing; None (the default) is one random-sign Hadamard round
-    (``"hadamard1"``) on power-of-two head dims and ``"auto"`` (dense) on others
-    (:func:`turboquant.presets.default_rotation`, docs/rotation.md).
+    **The model.** ``fp16_layers`` (indices, negative from the end) keep mlx-lm's fp16
+    caches. ``profile`` (a path or dict from ``python -m turboquant calibrate``) sets
+    per-layer key/value bits and fp16 layers, overriding ``key_bits`` / ``value_bits``; a
+    layer's bits may be a list with one width per KV head (``calibrate --granularity
+    head``), held by the C++ core's per-head widths. Sliding-window layers (mlx-lm
+    ``RotatingKVCache``) get a :class:`turboquant.mlx_rotating.TurboQuantRotatingKVCache`
+    (a bounded ring of code pages; ``fp16_sinks`` and mixed precision apply to
+    full-attention layers only: with mixed precision a ring holds uniform codes of the
+    recipe's average width, :meth:`turboquant.presets.Preset.uniform_bits`);
+    ``sliding=False`` keeps them fp16. ``seed`` seeds every layer's rotations (each layer
+    its own, :func:`layer_seed`). Raises :class:`UnsupportedArchitectureError` for MLA and
+    SSM/hybrid models.
 
-    ``center`` subtracts a per-head mean from K and V first (exact for attention, see
-    :meth:`TurboQuantKVCache._centre`). ``debias`` stores each vector's norm corrected for
-    the quantizer's shrinkage (the core's ``norm_correction``), so decoded keys and values
-    keep their norms. ``key_split`` spends the key bits unevenly: half of the channels
-    (the RoPE pairs with the most query-weighted key energy, chosen per head from the
-    prefill) get ``key_bits + 1`` bits, the other half ``key_bits - 1`` (same bytes).
-    ``fp16_window`` keeps the most recent tokens of every layer in fp16 (flushed into codes
-    ``block_tokens`` at a time); ``fp16_sinks`` the first tokens (attention sinks). ``fp16_layers`` (indices, negative from the end) keep
-    mlx-lm's fp16 caches. Sliding-window layers (mlx-lm ``RotatingKVCache``) get a
-    :class:`turboquant.mlx_rotating.TurboQuantRotatingKVCache` (a bounded ring of code pages;
-    ``fp16_sinks`` and mixed precision apply to full-attention layers only: with mixed
-    precision a ring holds uniform codes of the recipe's average width,
-    :meth:`turboquant.presets.Preset.uniform_bits`); ``sliding=False`` keeps them fp16.
-    ``split_angle_bits`` (8 or 16) is the width of the key split's per-key part angle.
-    ``profile`` (a path or dict from ``python -m turboquant calibrate``) sets per-layer
-    key/value bits and fp16 layers, overriding ``key_bits`` / ``value_bits``; a layer's
-    ``key_bits`` / ``value_bits`` may be a list with one width per KV head (``calibrate
-    --granularity head``), held by the C++ core's per-head widths.
-    ``decay_after`` / ``decay_bits`` (temporal decay): code blocks with at least
-    ``decay_after`` newer tokens are re-quantized to ``decay_bits`` in place (fp16 sinks and
-    window tokens never decay); every compressed layer needs key and value bits above
-    ``decay_bits``. ``sparse_v`` (0 = dense): value rows whose attention weight is below
-    ``sparse_v`` times the query's maximum are skipped (decode steps). ``mixed_bits`` /
-    ``mixed_keep`` (importance-routed mixed precision, needs ``fp16_window``): of every
-    flush group of the window, the fraction ``mixed_keep`` of tokens that got the most
-    attention while fp16 (sum of squared softmax weights) keep the layer's bits, the rest are stored at ``mixed_bits``
-    (e.g. 4-bit caches with ``mixed_bits=2, mixed_keep=0.5`` average 3 bits); with
-    ``mixed_trial`` (the mixed presets) a layer keeps mixed precision only if a trial on its
-    prompt (:mod:`turboquant.mixed_trial`) finds that routing beats uniform codes of the same
-    average width, else it holds those uniform codes. Raises
-    :class:`UnsupportedArchitectureError` for MLA and SSM/hybrid models.
-
-    Sharded models (``mlx_lm.utils.sharded_load``, :mod:`turboquant.distributed`): a pipeline
-    stage's caches take the model's layer numbers; on a tensor-parallel rank r of n
-    (:func:`tensor_parallel_span`) each layer's cache holds the rank's KV heads
-    [r·H/n, (r+1)·H/n) and gets ``kv_head_offset`` r·H/n, so its heads draw the random streams
-    of the model's heads and encode exactly as in one process (a profile's per-KV-head widths
-    are cut to the rank's heads). ``kv_head_offset`` given: every layer's caches start at that
-    model head instead (e.g. a slice of the heads sharded some other way)."""
-    p = _presets.resolve(preset, key_bits, value_bits, method=method, center=center,
-                         debias=debias, key_split=key_split, fp16_window=fp16_window,
-                         block_tokens=block_tokens, fp16_sinks=fp16_sinks,
-                         split_angle_bits=split_angle_bits, decay_after=decay_after,
-                         decay_bits=decay_bits, sparse_v=sparse_v, mixed_bits=mixed_bits,
-                         mixed_keep=mixed_keep, mixed_trial=mixed_trial)
+    **Sharded models** (``mlx_lm.utils.sharded_load``, :mod:`turboquant.distributed`): a
+    pipeline stage's caches take the model's layer numbers; on a tensor-parallel rank r of
+    n (:func:`tensor_parallel_span`) each layer's cache holds the rank's KV heads
+    [r·H/n, (r+1)·H/n) and gets ``kv_head_offset`` r·H/n, so its heads draw the random
+    streams of the model's heads and encode exactly as in one process (a profile's
+    per-KV-head widths are cut to the rank's heads). ``kv_head_offset`` given: every
+    layer's caches start at that model head instead (e.g. a slice of the heads sharded
+    some other way)."""
+    unknown = sorted(set(recipe) - set(RECIPE_KEYWORDS))
+    if unknown:
+        raise TypeError(f"make_prompt_cache() got unexpected keyword argument(s) "
+                        f"{', '.join(unknown)}; the recipe keywords are "
+                        f"{', '.join(RECIPE_KEYWORDS)}")
+    key_method, value_method, rotation = (recipe.pop(k, None) for k in
+                                          ("key_method", "value_method", "rotation"))
+    p = _presets.resolve(preset, key_bits, value_bits, **recipe)
     key_bits, value_bits, method, center, debias = (p.key_bits, p.value_bits, p.method,
                                                      p.center, p.debias)
     key_split, fp16_window, block_tokens, fp16_sinks = (p.key_split, p.fp16_window,

@@ -22,7 +22,32 @@ import numpy as np
 
 @dataclass(frozen=True)
 class Preset:
-    """Every setting of a TurboQuant mlx-lm cache (``make_prompt_cache`` keywords)."""
+    """Every setting of a TurboQuant mlx-lm cache; each is also a ``make_prompt_cache``
+    keyword that overrides the recipe's value.
+
+    - ``key_bits`` / ``value_bits``: code widths of keys and values.
+    - ``method``: the quantizer of both roles (``turboquant_mse``, ...).
+    - ``center``: subtract a per-head mean key / value first (exact for attention; the
+      means come from the first block appended).
+    - ``debias``: norm correction (the core's ``norm_correction``): decoded keys and values
+      keep their norms.
+    - ``key_split``: half of the key channels (the RoPE pairs with the most query-weighted
+      key energy, chosen per head from the prefill) at ``key_bits + 1`` bits, half at
+      ``key_bits - 1`` (same bytes); ``split_angle_bits`` (8 or 16) is the width of its
+      per-key part angle.
+    - ``fp16_sinks``: the first tokens of every layer kept fp16 (attention sinks);
+      ``fp16_window``: the most recent tokens kept fp16, flushed into codes
+      ``block_tokens`` at a time (None: 16 with mixed precision, 32 with a window, else 256).
+    - ``mixed_bits`` / ``mixed_keep``: importance-routed mixed precision (needs a window):
+      of every flush group, the fraction ``mixed_keep`` of tokens that got the most
+      attention while fp16 keep the layer's bits, the rest are stored at ``mixed_bits``;
+      ``mixed_trial``: only on layers where a trial on the prompt
+      (:mod:`turboquant.mixed_trial`) finds that routing beats uniform codes of the same
+      average width (the others hold those uniform codes).
+    - ``decay_after`` / ``decay_bits``: temporal decay: code blocks with at least
+      ``decay_after`` newer tokens are re-quantized to ``decay_bits`` in place.
+    - ``sparse_v``: value rows whose attention weight is below ``sparse_v`` times the
+      query's maximum are skipped on decode steps (0: dense)."""
     name: str
     summary: str
     key_bits: int = 3
@@ -166,7 +191,8 @@ def default_rotation(head_dim: int) -> str:
     d = int(head_dim)
     return DEFAULT_ROTATION if d > 0 and d & (d - 1) == 0 else "auto"
 
-_FIELDS = tuple(f.name for f in dataclasses.fields(Preset) if f.name not in ("name", "summary"))
+# The settings of a recipe (Preset's fields but its name and summary).
+SETTINGS = tuple(f.name for f in dataclasses.fields(Preset) if f.name not in ("name", "summary"))
 
 
 def names() -> list[str]:
@@ -199,10 +225,10 @@ def resolve(preset: str | None = None, key_bits: int | None = None,
     those bits (:func:`recommended`; a missing one is the default preset's, 3), and neither
     gives the default preset (``tq3``). Then every keyword in ``overrides`` whose value is
     not None replaces that setting (explicit arguments win over the preset)."""
-    unknown = sorted(set(overrides) - set(_FIELDS))
+    unknown = sorted(set(overrides) - set(SETTINGS))
     if unknown:
         raise ValueError(f"unknown cache setting(s) {', '.join(unknown)}; settings: "
-                         f"{', '.join(_FIELDS)}")
+                         f"{', '.join(SETTINGS)}")
     if preset is not None:
         base = get(preset)
         bits = {k: v for k, v in (("key_bits", key_bits), ("value_bits", value_bits))

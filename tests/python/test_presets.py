@@ -104,6 +104,22 @@ def test_make_prompt_cache_defaults_to_tq3_and_takes_presets():
         tq_mlx.make_prompt_cache(model, preset="tq3-mixed", fp16_window=0)
 
 
+def test_make_prompt_cache_takes_the_recipe_by_keyword_only():
+    """The recipe's settings are keywords over the chosen recipe (RECIPE_KEYWORDS: Preset's
+    settings besides the bits, the methods per role and the rotation); anything else is a
+    TypeError naming it and the valid keywords."""
+    model = tiny_model("llama")
+    assert set(tq_mlx.RECIPE_KEYWORDS) == (set(presets.SETTINGS) - {"key_bits", "value_bits"}) | {
+        "key_method", "value_method", "rotation"}
+    c = tq_mlx.make_prompt_cache(model, 4, 3, fp16_sinks=None, rotation="hadamard",
+                                 value_method="turboquant_mse")[0]
+    assert (c.key_bits, c.value_bits, c.fp16_sinks, c.rotation) == (4, 3, 4, "hadamard")
+    with pytest.raises(TypeError, match="fp16_windw.*the recipe keywords are method, center"):
+        tq_mlx.make_prompt_cache(model, fp16_windw=32)
+    with pytest.raises(TypeError):
+        tq_mlx.make_prompt_cache(model, 3, 3, "turboquant_mse")  # the recipe is keyword-only
+
+
 def test_every_preset_runs_a_model_and_the_window_recipes_beat_codes_only():
     model = tiny_model("llama")
     toks = np.random.default_rng(3).integers(0, 128, 200).tolist()
