@@ -8,8 +8,10 @@ parallel, with the model's head numbers as kv_head_offset) or layers' (pipeline)
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -42,14 +44,15 @@ START_TIMEOUT = 120
 
 
 @contextlib.contextmanager
-def sharded_server(model_dir: Path, mode: str, log: Path):
-    """Two ranks of ``serve`` under ``mlx.launch``; yields rank 0's URL."""
+def sharded_server(model_dir: Path, mode: str, log: Path, *args: str):
+    """Two ranks of ``serve`` under ``mlx.launch`` (``args``: more server options); yields
+    rank 0's URL."""
     port = free_port()
     cmd = [*_launcher(), "--backend", "ring", "--hosts", "127.0.0.1", "-n", "2",
            "--starting-port", str(_free_port_pair()), "--", sys.executable, "-m",
            "turboquant", "serve", "--model", str(model_dir), "--port", str(port),
            "--log-level", "INFO", *(["--pipeline"] if mode == "pipeline" else []),
-           *SERVER_ARGS]
+           *SERVER_ARGS, *args]
     with open(log, "wb") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=_env(),
                                 cwd=ROOT, start_new_session=True)
@@ -126,10 +129,11 @@ def _check_store(sharded: dict, single: dict) -> list[int]:
     return shares
 
 
-@pytest.mark.parametrize("mode", ["tensor", "pipeline"])
-def test_sharded_serve_matches_one_process(model, single, mode, tmp_path):
+@pytest.mark.parametrize("mode,batching", [("tensor", True), ("pipeline", True),
+                                          ("pipeline", False)])
+def test_sharded_serve_matches_one_process(model, single, mode, batching, tmp_path):
     log = tmp_path / f"{mode}.log"
-    with sharded_server(model, mode, log) as url:
+    with sharded_server(model, mode, log, *([] if batching else ["--no-batching"])) as url:
         texts = _complete_all(url)
         info = _settled_info(url)
     assert single["info"]["sharding"] is None
@@ -139,7 +143,7 @@ def test_sharded_serve_matches_one_process(model, single, mode, tmp_path):
     assert (sharding["mode"], sharding["size"]) == (mode, 2)
     ranks = sharding["ranks"]
     assert [r["rank"] for r in ranks] == [0, 1]
-    assert info["batching"]["enabled"], info["batching"]
+    assert info["batching"]["enabled"] == batching, info["batching"]
     shares = _check_store(info, single)
     if mode == "tensor":
         for r in ranks:
@@ -167,6 +171,31 @@ def test_draft_model_is_refused_when_sharded(model, tmp_path):
            "--starting-port", str(_free_port_pair()), "--", sys.executable, "-m",
            "turboquant", "serve", "--model", str(model), "--port", str(free_port()),
            "--draft-model", str(model)]
-    r = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=START_TIMEOUT)
+    r = subprocess.run(cmd, check=False, env=_env(), capture_output=True, text=True,
+                       timeout=START_TIMEOUT)
     out = r.stdout + r.stderr
     assert "--draft-model cannot be used with a sharded model" in out, out
+
+
+def test_client_gone_on_the_sequential_path_keeps_the_ranks_in_step(model, tmp_path):
+    # One request at a time: a client that disconnects mid-stream must not stop its
+    # generation on rank 0 only (the other ranks would be left inside its collectives);
+    # every rank generates to the end, so the next request sees the store of a full run.
+    gone = {"prompt": PROMPTS[2], "max_tokens": 48, "temperature": 0.0}
+    after = {"prompt": PROMPTS[0], "max_tokens": 16, "temperature": 0.0}
+    with running_server(model, tmp_path / "one.log", *SERVER_ARGS, "--no-batching",
+                        start_timeout=START_TIMEOUT) as url:
+        post(url, "/v1/completions", gone, timeout=60)
+        want = post(url, "/v1/completions", after, timeout=60)["choices"][0]["text"]
+    log = tmp_path / "gone.log"
+    with sharded_server(model, "pipeline", log, "--no-batching") as url:
+        body = json.dumps(dict(gone, stream=True)).encode()
+        host, port = url.removeprefix("http://").split(":")
+        with socket.create_connection((host, int(port)), timeout=60) as sock:
+            sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\n"
+                         b"Content-Type: application/json\r\n"
+                         b"Content-Length: %d\r\n\r\n" % len(body) + body)
+            first = sock.recv(4096)  # the headers or the first event, then the client goes
+            assert first.startswith(b"HTTP/1.") and b" 200 " in first.split(b"\r\n")[0]
+        got = post(url, "/v1/completions", after, timeout=60)["choices"][0]["text"]
+    assert got == want, log.read_text()[-4000:]
