@@ -36,6 +36,19 @@ things are swapped in, each through the narrowest seam mlx-lm offers:
 many caches were built with how many compressed layers, the prompt-cache store's size, and
 whether requests are batched (the most rows decoded together so far, or why not).
 
+**Sharded models.** Under ``mlx.launch`` with several processes (``mlx.launch --backend
+ring --hosts 127.0.0.1 -n 2 -- python -m turboquant serve --model DIR [--pipeline]``) the
+model is split with mlx-lm's ``sharded_load`` (tensor parallel, or pipeline with
+``--pipeline``) and every rank builds TurboQuant caches for its KV heads or its layers.
+Rank 0 serves HTTP and shares each request with the other ranks, which run the same
+generation loop in step (mlx-lm's ``ResponseGenerator``); batching works as in one
+process. Each rank's :class:`PromptCacheStore` takes its decisions on all ranks' values
+together (an entry's bytes are the ranks' bytes summed, so ``--max-kv-gb`` is the budget of
+the whole sharded cache), and :class:`KVCost` measures the whole sharded cache, so every
+rank fetches, stores and evicts the same entries. ``/v1/turboquant`` reports each rank's
+layers, KV heads (with their model numbers) and share of the store. Draft models and
+adapters are refused when sharded (mlx-lm loads them in one process only).
+
 Bad requests get an HTTP error with a JSON body ``{"error": message}`` naming the problem,
 before any generation work, and the server goes on serving: mlx-lm's own checks (malformed
 JSON: 400, ``max_tokens`` and the other sampling fields: 400), plus a body that is not UTF-8
@@ -615,7 +628,8 @@ def run(host: str, port: int, cli_args, options: dict, max_kv_bytes: int | None 
         batching: bool = True) -> None:
     """Serve ``cli_args`` (an ``mlx_lm.server`` argument namespace) with TurboQuant caches
     built from ``options`` until interrupted; ``batching=False`` serves one request at a
-    time."""
+    time. On a sharded model (several processes) rank 0 serves HTTP and the other ranks run
+    the generation loop until it stops."""
     group = _group()
     if group.size() > 1:
         for flag, value in (("--draft-model", cli_args.draft_model),
