@@ -15,6 +15,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -86,6 +87,19 @@ def _complete_all(url: str) -> list[str]:
                  timeout=60)["choices"][0]["text"] for p in PROMPTS]
 
 
+# over 700 tokens: about 80 KB of KV cache for the whole model (KVCost), over the budget;
+# about half of that on one tensor-parallel rank, which a rank-local measure would let in
+LONG_PROMPT = "waves and wind " * 60
+
+
+def _over_budget_status(url: str) -> tuple[int, str]:
+    try:
+        post(url, "/v1/completions", {"prompt": LONG_PROMPT, "max_tokens": 4}, timeout=60)
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())["error"]
+    return 200, ""
+
+
 def _settled_info(url: str) -> dict:
     """``/v1/turboquant`` once the store has taken the last request's cache (mlx-lm stores
     it just after the response ends)."""
@@ -113,7 +127,7 @@ def single(model, tmp_path_factory) -> dict:
     log = tmp_path_factory.mktemp("single") / "server.log"
     with running_server(model, log, *SERVER_ARGS, start_timeout=START_TIMEOUT) as url:
         texts = _complete_all(url)
-        return {"texts": texts, "info": _settled_info(url)}
+        return {"texts": texts, "info": _settled_info(url), "long": _over_budget_status(url)}
 
 
 def _check_store(sharded: dict, single: dict) -> list[int]:
@@ -136,7 +150,12 @@ def test_sharded_serve_matches_one_process(model, single, mode, batching, tmp_pa
     with sharded_server(model, mode, log, *([] if batching else ["--no-batching"])) as url:
         texts = _complete_all(url)
         info = _settled_info(url)
+        long = _over_budget_status(url)
     assert single["info"]["sharding"] is None
+    # the whole sharded cache's cost is refused as in one process (the same message)
+    assert single["long"][0] == 413 and "over this server's prompt-cache budget" in \
+        single["long"][1], single["long"]
+    assert long == single["long"]
     for prompt, got, want in zip(PROMPTS, texts, single["texts"]):
         assert got == want, (mode, prompt, got, want, log.read_text()[-4000:])
     sharding = info["sharding"]
