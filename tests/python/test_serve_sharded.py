@@ -7,6 +7,7 @@ parallel, with the model's head numbers as kv_head_offset) or layers' (pipeline)
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import json
 import os
@@ -41,6 +42,10 @@ PROMPTS = [
     "Tell me a long story about the sea and the wind",  # reused from the store, or evicted
     "A short one",
 ]
+# sent together (batched when batching is on); no prefix shared with any prompt above, so
+# each text is that of a fresh cache whatever the order the requests run in
+CONCURRENT = ["Quiet rivers run deep under the", "Zebras on the plain at noon",
+              "Maybe tomorrow the rain stops and"]
 START_TIMEOUT = 120
 
 
@@ -100,6 +105,15 @@ def _over_budget_status(url: str) -> tuple[int, str]:
     return 200, ""
 
 
+def _complete_concurrently(url: str) -> list[str]:
+    def one(p):
+        return post(url, "/v1/completions", {"prompt": p, "max_tokens": 16, "temperature": 0.0},
+                    timeout=60)["choices"][0]["text"]
+
+    with concurrent.futures.ThreadPoolExecutor(len(CONCURRENT)) as pool:
+        return list(pool.map(one, CONCURRENT))
+
+
 def _settled_info(url: str) -> dict:
     """``/v1/turboquant`` once the store has taken the last request's cache (mlx-lm stores
     it just after the response ends)."""
@@ -127,7 +141,8 @@ def single(model, tmp_path_factory) -> dict:
     log = tmp_path_factory.mktemp("single") / "server.log"
     with running_server(model, log, *SERVER_ARGS, start_timeout=START_TIMEOUT) as url:
         texts = _complete_all(url)
-        return {"texts": texts, "info": _settled_info(url), "long": _over_budget_status(url)}
+        return {"texts": texts, "info": _settled_info(url), "long": _over_budget_status(url),
+                "concurrent": _complete_concurrently(url)}
 
 
 def _check_store(sharded: dict, single: dict) -> list[int]:
@@ -151,6 +166,11 @@ def test_sharded_serve_matches_one_process(model, single, mode, batching, tmp_pa
         texts = _complete_all(url)
         info = _settled_info(url)
         long = _over_budget_status(url)
+        together = _complete_concurrently(url)
+        rows = get(url, "/v1/turboquant")["batching"]["max_rows"]
+    assert together == single["concurrent"], log.read_text()[-4000:]
+    if batching:  # the concurrent requests were decoded together, rows of batch caches
+        assert rows >= 2, rows
     assert single["info"]["sharding"] is None
     # the whole sharded cache's cost is refused as in one process (the same message)
     assert single["long"][0] == 413 and "over this server's prompt-cache budget" in \
