@@ -260,7 +260,7 @@ class TurboQuantModelProvider(_server.ModelProvider):
         self.batching_off_reason: str | None = None
         self.kv_cost: KVCost | None = None
         self.loaded = False  # the last _load finished (its measurements included)
-        # sharded: every rank's turboquant.distributed.rank_report of a fresh cache
+        # sharded: every rank's turboquant.distributed.rank_report of a probe cache (load)
         self.rank_reports: list[dict] | None = None
 
     @property
@@ -570,7 +570,7 @@ def _sharding_report(provider, store) -> dict | None:
     reports = [dict(r) for r in getattr(provider, "rank_reports", None) or []]
     shares = getattr(store, "rank_bytes", None)
     for r in reports:
-        for k in ("layer_bytes", "kv_bytes", "tokens"):  # those of the empty probe cache
+        for k in ("layer_bytes", "kv_bytes", "tokens"):  # those of the 8-token probe cache
             r.pop(k, None)
         if shares is not None and r["rank"] < len(shares):
             r["prompt_cache_bytes"] = shares[r["rank"]]
