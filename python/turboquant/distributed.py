@@ -12,7 +12,8 @@ processes on this machine over the ring back end::
 
 (``python -m mlx._distributed_utils.launch`` is the same launcher; the command after ``--``
 runs as given, so it names the interpreter). Every rank runs the same
-command; rank 0 prints the text.
+command; rank 0 prints the text. ``python -m turboquant serve`` runs the same way (rank 0
+answers HTTP; see :mod:`turboquant.serve`).
 
 Exactness: a rank's caches draw the random streams of the model's own layer and KV head
 numbers (a pipeline stage's first layer, a tensor-parallel rank's first KV head as the

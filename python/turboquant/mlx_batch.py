@@ -138,6 +138,22 @@ class BatchTurboQuantKVCache(_mlx_cache._BaseCache):
     def state(self):
         return ()
 
+    @property
+    def keys(self) -> mx.array:
+        """The last placeholder keys handed to the model (the rows hold codes, no fp16
+        keys). mlx-lm's pipeline-parallel models read and set ``cache[-1].keys`` to make a
+        stage's send to the next rank a dependency of its cache."""
+        return self._fetched[0] if self._fetched is not None else mx.zeros((0,))
+
+    @keys.setter
+    def keys(self, v) -> None:
+        # As TurboQuantKVCache.keys: the state lives outside the graph, so the stage's send
+        # attached here is evaluated now (else the next stage would wait on it forever).
+        if isinstance(v, mx.array):
+            mx.eval(v)
+        if self._fetched is not None:
+            self._fetched = (v, self._fetched[1])
+
     def is_trimmable(self):
         return all(r.is_trimmable() for r in self.rows)
 

@@ -36,6 +36,19 @@ things are swapped in, each through the narrowest seam mlx-lm offers:
 many caches were built with how many compressed layers, the prompt-cache store's size, and
 whether requests are batched (the most rows decoded together so far, or why not).
 
+**Sharded models.** Under ``mlx.launch`` with several processes (``mlx.launch --backend
+ring --hosts 127.0.0.1 -n 2 -- python -m turboquant serve --model DIR [--pipeline]``) the
+model is split with mlx-lm's ``sharded_load`` (tensor parallel, or pipeline with
+``--pipeline``) and every rank builds TurboQuant caches for its KV heads or its layers.
+Rank 0 serves HTTP and shares each request with the other ranks, which run the same
+generation loop in step (mlx-lm's ``ResponseGenerator``); batching works as in one
+process. Each rank's :class:`PromptCacheStore` takes its decisions on all ranks' values
+together (an entry's bytes are the ranks' bytes summed, so ``--max-kv-gb`` is the budget of
+the whole sharded cache), and :class:`KVCost` measures the whole sharded cache, so every
+rank fetches, stores and evicts the same entries. ``/v1/turboquant`` reports each rank's
+layers, KV heads (with their model numbers) and share of the store. Draft models and
+adapters are refused when sharded (mlx-lm loads them in one process only).
+
 Bad requests get an HTTP error with a JSON body ``{"error": message}`` naming the problem,
 before any generation work, and the server goes on serving: mlx-lm's own checks (malformed
 JSON: 400, ``max_tokens`` and the other sampling fields: 400), plus a body that is not UTF-8
@@ -159,13 +172,55 @@ def _count(name: str) -> None:
         _stats[name] += 1
 
 
+def _group():
+    import mlx.core as mx
+
+    return mx.distributed.init()
+
+
+def _gather(values: list[int], group=None) -> list[list[int]]:
+    """Every rank's ``values`` (the same length on every rank), row r from rank r; one
+    ``all_sum``. Without a distributed group: ``[values]``, no communication. A collective:
+    every rank calls it at the same point of its generation thread."""
+    import mlx.core as mx
+
+    group = group if group is not None else _group()
+    if group.size() == 1:
+        return [list(values)]
+    rows = mx.zeros((group.size(), len(values)), dtype=mx.int64)
+    rows[group.rank()] = mx.array(values, dtype=mx.int64)
+    return mx.distributed.all_sum(rows, group=group).tolist()
+
+
+def _gather_object(obj, group=None) -> list:
+    """Every rank's ``obj`` (picklable), index r from rank r: two ``all_sum`` (see
+    :func:`_gather`)."""
+    import pickle
+
+    import mlx.core as mx
+    import numpy as np
+
+    group = group if group is not None else _group()
+    data = pickle.dumps(obj)
+    if group.size() == 1:
+        return [obj]
+    sizes = [row[0] for row in _gather([len(data)], group)]
+    buf = mx.zeros((group.size(), max(sizes)), dtype=mx.uint8)
+    buf[group.rank(), :len(data)] = mx.array(np.frombuffer(data, dtype=np.uint8))
+    buf = np.array(mx.distributed.all_sum(buf, group=group))
+    return [pickle.loads(buf[r, :n].tobytes()) for r, n in enumerate(sizes)]
+
+
 class KVCost:
     """Bytes of a model's prompt cache (TurboQuant caches, the draft model's included) as a
     function of its length, measured once on the model: ``base + per_token * tokens``.
 
     :meth:`measure` runs two short prefills (``first`` and ``second`` tokens) on fresh caches
     built by the installed factory and reads their ``nbytes`` (the compressed size the
-    prompt-cache store counts); the fp16 window and sinks land in ``base``."""
+    prompt-cache store counts); the fp16 window and sinks land in ``base``. On a sharded
+    model (``mx.distributed`` with several processes) the prefills are collective and the
+    bytes are those of every rank's caches together (the whole sharded cache, as the store
+    counts them), the same on every rank."""
 
     def __init__(self, base: float, per_token: float):
         self.base, self.per_token = float(base), float(per_token)
@@ -187,6 +242,7 @@ class KVCost:
                 mx.eval(m(mx.zeros((1, n), dtype=mx.int32), cache=cache))
                 total += sum(c.nbytes for c in cache)
             sizes.append(total)
+        sizes = [sum(col) for col in zip(*_gather(sizes))]
         per_token = (sizes[1] - sizes[0]) / (second - first)
         return cls(sizes[1] - per_token * second, per_token)
 
@@ -202,8 +258,20 @@ class TurboQuantModelProvider(_server.ModelProvider):
         self.batching = bool(batching)
         self.load_error: BaseException | None = None
         self.batching_off_reason: str | None = None
+        self.kv_cost: KVCost | None = None
+        self.loaded = False  # the last _load finished (its measurements included)
+        # sharded: every rank's turboquant.distributed.rank_report of a probe cache (load)
+        self.rank_reports: list[dict] | None = None
+
+    @property
+    def sharding(self) -> str | None:
+        """"pipeline" or "tensor" on a sharded model (several processes), else None."""
+        if not self.is_distributed:
+            return None
+        return "pipeline" if self.pipeline_group is not None else "tensor"
 
     def _load(self, model_path, adapter_path=None, draft_model_path=None):
+        self.loaded = False
         try:
             super()._load(model_path, adapter_path, draft_model_path)
             # Builds caches for this model: refuses MLA / SSM / custom-attention models and
@@ -211,6 +279,13 @@ class TurboQuantModelProvider(_server.ModelProvider):
             cache = _tq_mlx_lm.make_prompt_cache(self.model, **self.cache_options)
             if self.draft_model is not None:
                 _tq_mlx_lm.make_prompt_cache(self.draft_model, **self.cache_options)
+            # Collectives on a sharded model: the generation thread (this one) is the only
+            # thread that talks to the other ranks, and every rank loads here.
+            if self.cli_args.prompt_cache_bytes is not None:
+                self.kv_cost = KVCost.measure(self.model, self.draft_model)
+            if self.is_distributed:
+                self.rank_reports = _gather_object(_probe_report(self.model,
+                                                                 self.cache_options))
         except Exception as e:
             self.load_error = e
             self.reset()
@@ -222,6 +297,19 @@ class TurboQuantModelProvider(_server.ModelProvider):
         self.is_batchable = self.is_batchable and why is None
         if why is not None:
             _log.info("serving one request at a time: %s", why)
+        self.loaded = True
+
+
+def _probe_report(model, options: dict) -> dict:
+    """:func:`turboquant.distributed.rank_report` of a fresh cache of this rank after an
+    8-token prefill (a collective on a sharded model): the layers and KV heads it holds."""
+    import mlx.core as mx
+
+    from turboquant.distributed import rank_report
+
+    cache = _tq_mlx_lm.make_prompt_cache(model, **options)
+    mx.eval(model(mx.zeros((1, 8), dtype=mx.int32), cache=cache))
+    return rank_report(model, cache)
 
 
 def batching_refusal(cache: list, draft: bool = False) -> str | None:
@@ -243,14 +331,29 @@ def batching_refusal(cache: list, draft: bool = False) -> str | None:
 
 class PromptCacheStore(_server.LRUPromptCache):
     """mlx-lm's LRU prompt-cache store, with each entry's key and its caches' lengths made
-    to agree on insertion.
+    to agree on insertion, and the same decisions on every rank of a sharded model.
 
     Reuse trims a stored cache by the length of its key, so a cache must hold exactly one
     position per key token. mlx-lm's speculative path (``--draft-model``) stores caches one
     token short (the last sampled token is never fed to the models): resumed from such an
     entry, the model would miss one prompt token. Here the entry is stored under the prefix
     its caches hold (trimming any cache that holds more); caches that disagree and cannot
-    be trimmed are not stored."""
+    be trimmed are not stored.
+
+    Sharded (``mx.distributed`` with several processes): every rank holds its own store of
+    its own caches (its layers, or its KV heads), and the ranks must fetch, store and evict
+    the same entries, or they would prefill different tokens and hang. Every decision that
+    depends on a rank's caches is taken on all ranks' values together (collectives, in the
+    generation thread, where every rank makes the same calls in the same order): an
+    entry's bytes are the sum of the ranks' bytes (the whole sharded cache: the byte
+    budget is for all ranks together), a cache is trimmable when every rank's is, an
+    insertion keeps the prefix every rank's caches hold. ``rank_bytes`` reports each rank's
+    share."""
+
+    def __init__(self, max_size: int = 10, max_bytes: int = 1 << 63, group=None):
+        super().__init__(max_size, max_bytes)
+        self._group_ = group if group is not None else _group()
+        self.rank_bytes = [0] * self._group_.size()
 
     def fetch_nearest_cache(self, model, tokens):
         """mlx-lm's lookup (exact entry, else a longer entry trimmed back to the common
@@ -260,7 +363,8 @@ class PromptCacheStore(_server.LRUPromptCache):
         from where its caches hold what a fresh run of this prompt holds
         (``TurboQuantKVCache.reuse_prefix``: codes are never turned back into fp16 window
         rows, so an entry whose window flushed past this prompt's flush point resumes from
-        an earlier flush boundary): a reused prompt gives the tokens a fresh one gives."""
+        an earlier flush boundary), so a reused prompt keeps its most recent fp16 window
+        tokens exact, as a fresh one does."""
         result = self._trie.search(model, tokens)
         if result.exact is not None:
             return super().fetch_nearest_cache(model, tokens)
@@ -270,9 +374,11 @@ class PromptCacheStore(_server.LRUPromptCache):
             prefix = min(len(tokens) - 1, result.common_prefix)
             prefix = min([prefix] + [c.reuse_prefix(prefix, len(tokens))
                                      for c in entry.prompt_cache if hasattr(c, "reuse_prefix")])
+            prefix = min(row[0] for row in _gather([prefix], self._group_))  # one point, all ranks
             n = len(result.longer) - prefix
-            if prefix > short and can_trim_prompt_cache(entry.prompt_cache) and all(
-                    getattr(c, "max_trim", lambda: n)() >= n for c in entry.prompt_cache):
+            ok = prefix > short and can_trim_prompt_cache(entry.prompt_cache) and all(
+                getattr(c, "max_trim", lambda: n)() >= n for c in entry.prompt_cache)
+            if all(row[0] for row in _gather([int(ok)], self._group_)):
                 cache = copy.deepcopy(entry.prompt_cache)
                 trim_prompt_cache(cache, n)
                 return cache, tokens[prefix:]
@@ -283,10 +389,15 @@ class PromptCacheStore(_server.LRUPromptCache):
 
     def insert_cache(self, model, tokens, prompt_cache, *, cache_type: str = "assistant"):
         offsets = [getattr(c, "offset", None) for c in prompt_cache]
-        if offsets and all(isinstance(o, int) for o in offsets):
-            n = min(min(offsets), len(tokens))
-            if n != len(tokens) or any(o != n for o in offsets):
-                if any(o != n for o in offsets) and not can_trim_prompt_cache(prompt_cache):
+        known = bool(offsets) and all(isinstance(o, int) for o in offsets)
+        rows = _gather([int(known), min(offsets) if known else 0, max(offsets) if known else 0,
+                        int(can_trim_prompt_cache(prompt_cache))], self._group_)
+        rows_known = [r for r in rows if r[0]]
+        if rows_known:
+            n = min(min(r[1] for r in rows_known), len(tokens))
+            if n != len(tokens) or any(r[1] != n or r[2] != n for r in rows_known):
+                if any(r[1] != n or r[2] != n for r in rows_known) and \
+                        not all(r[3] for r in rows):
                     return
                 for c in prompt_cache:
                     if c.offset > n:
@@ -294,7 +405,53 @@ class PromptCacheStore(_server.LRUPromptCache):
                 tokens = tokens[:n]
         if not tokens:
             return
-        super().insert_cache(model, tokens, prompt_cache, cache_type=cache_type)
+        trimmable = all(r[3] for r in rows)
+        per_rank = [r[0] for r in _gather([sum(c.nbytes for c in prompt_cache)], self._group_)]
+        entry = _server.LRUPromptCache.CacheEntry(prompt_cache, sum(per_rank), cache_type)
+        entry.rank_bytes = per_rank
+        self._add(entry.nbytes, per_rank, cache_type)
+        prev = self._trie.add(model, tokens, entry)
+        if prev is not None:
+            self._sub(prev)
+            self._lru.remove(model, tokens)
+        self._lru.push(model, tokens, cache_type)
+        if trimmable:  # a trimmable cache makes its prefixes' entries redundant
+            for prefix_len, old in self._trie.pop_prefixes(model, tokens):
+                self._sub(old)
+                self._lru.remove(model, tokens[:prefix_len])
+        if len(self._lru) > self.max_size:
+            self._evict()
+        while self._n_bytes > self.max_bytes:
+            self._evict()
+
+    def trim_to(self, *, n_sequences: int | None = None, n_bytes: int | None = None):
+        """mlx-lm's trim. mlx-lm passes ``n_bytes`` as the budget less the bytes of the
+        running batch's caches, which on a sharded model are this rank's: the ranks' running
+        bytes are summed so that ``n_bytes`` is the budget less the whole running batch."""
+        if n_bytes is not None and self._group_.size() > 1:
+            running = sum(r[0] for r in _gather([self.max_bytes - n_bytes], self._group_))
+            n_bytes = self.max_bytes - running
+        n_sequences = max(0, n_sequences) if n_sequences is not None else 1 << 63
+        n_bytes = max(0, n_bytes) if n_bytes is not None else 1 << 63
+        while len(self._lru) > n_sequences:
+            self._evict()
+        while self._n_bytes > n_bytes:
+            self._evict()
+
+    def _add(self, nbytes: int, per_rank: list[int], cache_type: str) -> None:
+        self._n_bytes += nbytes
+        self._n_bytes_by_type[cache_type] += nbytes
+        self.rank_bytes = [a + b for a, b in zip(self.rank_bytes, per_rank)]
+
+    def _sub(self, entry) -> None:
+        per_rank = getattr(entry, "rank_bytes", None) or [entry.nbytes]
+        self._n_bytes -= entry.nbytes
+        self._n_bytes_by_type[entry.cache_type] -= entry.nbytes
+        self.rank_bytes = [a - b for a, b in zip(self.rank_bytes, per_rank)]
+
+    def _evict(self) -> None:
+        model, tokens = self._lru.pop()
+        self._sub(self._trie.pop(model, tokens))
 
     @property
     def ntokens(self) -> int:
@@ -358,10 +515,17 @@ class TurboQuantAPIHandler(_server.APIHandler):
                          f"this server serves {names}")
         if request.request_type == "text" and not isinstance(request.prompt, str):
             return 400, "prompt must be a string"
+        provider = self.response_generator.model_provider
+        if getattr(provider, "is_distributed", False):
+            for field in ("draft_model", "adapters"):
+                if self.body.get(field) not in (None, "default_model"):
+                    return 400, (f"{field} {self.body[field]!r}: this server runs a sharded "
+                                 f"model ({provider.sharding} parallel over "
+                                 f"{_group().size()} processes), which takes no draft models "
+                                 "or adapters")
         store = getattr(self.response_generator, "prompt_cache", None)
         if self.kv_cost is None or store is None:
             return None
-        provider = self.response_generator.model_provider
         try:
             prompt = self.response_generator._tokenize(
                 provider.tokenizer, request,
@@ -395,11 +559,30 @@ class TurboQuantAPIHandler(_server.APIHandler):
             "batching": {"enabled": bool(getattr(gen.model_provider, "is_batchable", False)),
                          "off_reason": getattr(gen.model_provider, "batching_off_reason", None),
                          "max_rows": _mlx_batch.stats()["max_rows"]},
+            "sharding": _sharding_report(gen.model_provider, store),
         }
         self._set_completion_headers(200)
         self.end_headers()
         self.wfile.write(json.dumps(body, default=str).encode())
         self.wfile.flush()
+
+
+def _sharding_report(provider, store) -> dict | None:
+    """``/v1/turboquant``'s ``sharding``: None for one process, else the split, the number
+    of processes and what each rank holds (:func:`turboquant.distributed.rank_report` of a
+    probe cache built at load: its layers, KV heads and their model numbers) with its share
+    of the prompt-cache store's bytes (``prompt_cache_bytes``)."""
+    mode = getattr(provider, "sharding", None)
+    if mode is None:
+        return None
+    reports = [dict(r) for r in getattr(provider, "rank_reports", None) or []]
+    shares = getattr(store, "rank_bytes", None)
+    for r in reports:
+        for k in ("layer_bytes", "kv_bytes", "tokens"):  # those of the 8-token probe cache
+            r.pop(k, None)
+        if shares is not None and r["rank"] < len(shares):
+            r["prompt_cache_bytes"] = shares[r["rank"]]
+    return {"mode": mode, "size": _group().size(), "ranks": reports}
 
 
 class ResponseGenerator(_server.ResponseGenerator):
@@ -408,6 +591,12 @@ class ResponseGenerator(_server.ResponseGenerator):
     both paths; on the batched path mlx-lm would otherwise raise inside the generation
     thread (``BatchGenerator.insert``), which stops the server for every request."""
 
+    def _serve_single(self, request, stream):
+        if self._is_distributed:
+            rqueue, req, args = request
+            request = (_RunToEnd(rqueue), req, args)
+        return super()._serve_single(request, stream)
+
     def _tokenize(self, tokenizer, request, args):
         out = super()._tokenize(tokenizer, request, args)
         if not out[0]:
@@ -415,11 +604,27 @@ class ResponseGenerator(_server.ResponseGenerator):
         return out
 
 
+class _RunToEnd:
+    """A request's response queue on the one-request-at-a-time path of a sharded model:
+    its generation context ignores ``stop()`` (a client that went away). mlx-lm's loop
+    stops such a generation only on rank 0, which leaves the other ranks in the middle of
+    the generation's collectives; here every rank generates to the end, and the tokens of
+    the gone client are dropped."""
+
+    def __init__(self, queue):
+        self._queue = queue
+
+    def put(self, item):
+        if isinstance(item, _server.GenerationContext):
+            item.stop = lambda: None
+        self._queue.put(item)
+
+
 def _wait_for_model(provider: TurboQuantModelProvider, gen) -> None:
     """Wait until the generation thread has loaded the default model; raise its error."""
     if provider.cli_args.model is None:
         return
-    while provider.model is None:
+    while not provider.loaded:
         if provider.load_error is not None or not gen.generation_available():
             gen.stop_and_join()
             err = provider.load_error or RuntimeError("the generation thread stopped")
@@ -431,12 +636,17 @@ def run(host: str, port: int, cli_args, options: dict, max_kv_bytes: int | None 
         batching: bool = True) -> None:
     """Serve ``cli_args`` (an ``mlx_lm.server`` argument namespace) with TurboQuant caches
     built from ``options`` until interrupted; ``batching=False`` serves one request at a
-    time."""
-    import mlx.core as mx
-
-    if mx.distributed.init().size() > 1:
-        raise SystemExit("serve: distributed (sharded) serving is not supported with "
-                         "TurboQuant caches yet; run one process")
+    time. On a sharded model (several processes) rank 0 serves HTTP and the other ranks run
+    the generation loop until it stops."""
+    group = _group()
+    if group.size() > 1:
+        for flag, value in (("--draft-model", cli_args.draft_model),
+                            ("--adapter-path", cli_args.adapter_path)):
+            if value is not None:
+                raise SystemExit(
+                    f"serve: {flag} cannot be used with a sharded model ({group.size()} "
+                    "processes under mlx.launch): mlx-lm loads draft models and adapters "
+                    f"only in one process; drop {flag} or serve from one process")
     if getattr(cli_args, "kv_bits", None) is not None:
         raise SystemExit("serve: mlx-lm's own KV quantization (kv_bits) cannot be combined "
                          "with TurboQuant caches")
@@ -446,7 +656,8 @@ def run(host: str, port: int, cli_args, options: dict, max_kv_bytes: int | None 
     install_cache_factory(options)
     provider = TurboQuantModelProvider(cli_args, options, batching=batching)
     store = PromptCacheStore(cli_args.prompt_cache_size,
-                             max_bytes=max_kv_bytes if max_kv_bytes is not None else 1 << 63)
+                             max_bytes=max_kv_bytes if max_kv_bytes is not None else 1 << 63,
+                             group=group)
     gen = ResponseGenerator(provider, store)
     _wait_for_model(provider, gen)
     model = cli_args.model
@@ -454,11 +665,17 @@ def run(host: str, port: int, cli_args, options: dict, max_kv_bytes: int | None 
         resolved = str(Path(model).resolve())  # the id /v1/models lists
         provider._model_map.setdefault(resolved, model)  # the same model, not a reload
         TurboQuantAPIHandler.served_models = frozenset({"default_model", model, resolved})
-    if max_kv_bytes is not None and provider.model is not None:
-        # Before the HTTP server starts: the generation thread is idle until a request comes.
-        TurboQuantAPIHandler.kv_cost = KVCost.measure(provider.model, provider.draft_model)
+    if max_kv_bytes is not None:
+        # measured at load, in the generation thread (collective on a sharded model)
+        TurboQuantAPIHandler.kv_cost = provider.kv_cost
+    if provider.sharding is not None:
+        _log.info("rank %d of %d (%s parallel): %s", group.rank(), group.size(),
+                  provider.sharding, json.dumps((provider.rank_reports or [{}])[group.rank()]))
     _log.info("TurboQuant KV caches: %s; prompt-cache budget: %s", options,
               "none" if max_kv_bytes is None else f"{max_kv_bytes:,} bytes")
+    if group.rank() != 0:  # rank 0 serves HTTP and shares each request with the others
+        gen.join()
+        return
     _server._run_http_server(host, port, gen, handler_class=TurboQuantAPIHandler)
 
 

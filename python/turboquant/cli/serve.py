@@ -12,7 +12,11 @@ EPILOG = ("Every other option is mlx-lm's server option, passed through unchange
           "decoding, the draft's caches compressed too, ...). mlx-lm's own --kv-bits "
           "quantization is replaced by TurboQuant's. Concurrent requests are decoded together "
           "(continuous batching; --decode-concurrency / --prompt-concurrency bound the batch) "
-          "unless --no-batching.")
+          "unless --no-batching. A sharded model runs under mlx.launch (e.g. `mlx.launch "
+          "--backend ring --hosts 127.0.0.1 -n 2 -- python -m turboquant serve --model DIR`; "
+          "tensor parallel, or mlx-lm's --pipeline): rank 0 serves HTTP, every rank holds the "
+          "caches of its KV heads or layers, and --max-kv-gb is the whole sharded cache's "
+          "budget.")
 
 
 def _gigabytes(s: str) -> float:
