@@ -32,7 +32,7 @@ class _StubKernel:
 
 def stub_kernels() -> None:
     """turboquant.metal with shape-only kernels, the CUDA path taken (nothing runs on a GPU)."""
-    metal._kernel = lambda which: _StubKernel()
+    metal._kernel = lambda which, *args, **kwargs: _StubKernel()
     metal.candidate_path = lambda: "cuda"
     gpu_path.active_path = lambda: "cuda"
     metal._require_gpu = lambda: None
