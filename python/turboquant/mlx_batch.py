@@ -51,7 +51,7 @@ from mlx_lm.models import base as _mlx_base
 from mlx_lm.models import cache as _mlx_cache
 
 from turboquant import _core
-from turboquant.mlx_host import _host, _window_from_mask
+from turboquant.mlx_host import PlaceholderKeys, _host, _window_from_mask
 
 __all__ = ["BatchTurboQuantKVCache", "stats"]
 
@@ -78,7 +78,7 @@ def _ints(x) -> list[int]:
     return [int(v) for v in x]
 
 
-class BatchTurboQuantKVCache(_mlx_cache._BaseCache):
+class BatchTurboQuantKVCache(PlaceholderKeys, _mlx_cache._BaseCache):
     """One layer of a batch: a per-sequence TurboQuant cache per row, plus the left-padding
     bookkeeping of mlx-lm's ``BatchKVCache``.
 
@@ -137,22 +137,6 @@ class BatchTurboQuantKVCache(_mlx_cache._BaseCache):
     @property
     def state(self):
         return ()
-
-    @property
-    def keys(self) -> mx.array:
-        """The last placeholder keys handed to the model (the rows hold codes, no fp16
-        keys). mlx-lm's pipeline-parallel models read and set ``cache[-1].keys`` to make a
-        stage's send to the next rank a dependency of its cache."""
-        return self._fetched[0] if self._fetched is not None else mx.zeros((0,))
-
-    @keys.setter
-    def keys(self, v) -> None:
-        # As TurboQuantKVCache.keys: the state lives outside the graph, so the stage's send
-        # attached here is evaluated now (else the next stage would wait on it forever).
-        if isinstance(v, mx.array):
-            mx.eval(v)
-        if self._fetched is not None:
-            self._fetched = (v, self._fetched[1])
 
     def is_trimmable(self):
         return all(r.is_trimmable() for r in self.rows)

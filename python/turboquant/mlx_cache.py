@@ -29,7 +29,7 @@ from turboquant import gpu_path
 from turboquant import mlx_metal as _mlx_metal
 from turboquant import presets as _presets
 from turboquant.mlx_batch import BatchTurboQuantKVCache
-from turboquant.mlx_host import _host, _window_from_mask
+from turboquant.mlx_host import PlaceholderKeys, _host, _window_from_mask
 
 __all__ = ["TurboQuantKVCache", "layer_seed"]
 
@@ -46,7 +46,7 @@ def layer_seed(seed: int, layer: int) -> int:
     return (int(seed) + (int(layer) + 1) * _SEED_LAYER_STRIDE) & _MASK64
 
 
-class TurboQuantKVCache(_mlx_cache._BaseCache):
+class TurboQuantKVCache(PlaceholderKeys, _mlx_cache._BaseCache):
     """One layer's KV cache, stored only as TurboQuant codes + fp16 norms in C++.
 
     Follows mlx-lm's cache protocol: ``offset``, ``update_and_fetch``, ``state`` /
@@ -422,23 +422,6 @@ class TurboQuantKVCache(_mlx_cache._BaseCache):
                                                 window_size=window_size)
 
     @property
-    def keys(self) -> mx.array:
-        """The last placeholder keys handed to the model (no stored fp16 keys exist). mlx-lm's
-        pipeline-parallel models read and set ``cache[-1].keys`` to make a stage's send
-        to the next rank a dependency of its cache."""
-        return self._fetched[0] if self._fetched is not None else mx.zeros((0,))
-
-    @keys.setter
-    def keys(self, v) -> None:
-        # The model attaches the stage's send (``mx.depends(keys, h)``) here; mlx-lm then
-        # evaluates the caches' state, which for this cache is held in the core, not in the
-        # graph, so the send is evaluated now (else the next stage would wait on it forever).
-        if isinstance(v, mx.array):
-            mx.eval(v)
-        if self._fetched is not None:
-            self._fetched = (v, self._fetched[1])
-
-    @property
     def nbytes(self):
         pending = sum(k.nbytes + v.nbytes for k, v in self._pending)
         side = sum(a.nbytes for a in (self._k_mean, self._v_mean, self._perm) if a is not None)
@@ -685,7 +668,6 @@ class TurboQuantKVCache(_mlx_cache._BaseCache):
         H, _, d = keys.shape
         ek = np.einsum("htd,htd->hd", keys, keys, dtype=np.float64) / max(1, keys.shape[1])
         if queries is not None and queries.shape[0] % H == 0 and queries.size:
-            g = queries.shape[0] // H
             qq = queries.reshape(H, -1, d).astype(np.float64)
             energy = ek * (np.einsum("htd,htd->hd", qq, qq) / qq.shape[1])
         else:

@@ -49,3 +49,26 @@ def _window_from_mask(mask: mx.array, n_q: int, n_k: int) -> int | None:
             return w
     raise NotImplementedError(
         "TurboQuantKVCache supports only causal and sliding-window attention masks")
+
+
+class PlaceholderKeys:
+    """``keys`` of a cache whose state lives outside mlx's graph (the C++ core, or a batch of
+    such caches): the last placeholder keys handed to the model (``_fetched[0]``; no fp16
+    keys are stored). mlx-lm's pipeline-parallel models read and set ``cache[-1].keys`` to
+    make a stage's send to the next rank (``mx.depends(keys, h)``) a dependency of its
+    cache; mlx-lm then evaluates the caches' state, which here is not in the graph, so the
+    send is evaluated when it is set (else the next stage would wait on it forever)."""
+
+    _fetched: tuple | None = None
+
+    @property
+    def keys(self) -> mx.array:
+        return self._fetched[0] if self._fetched is not None else mx.zeros((0,))
+
+    @keys.setter
+    def keys(self, v) -> None:
+        if isinstance(v, mx.array):
+            mx.eval(v)
+        if self._fetched is not None:
+            self._fetched = (v, self._fetched[1])
+

@@ -43,6 +43,22 @@ def model_dir(tmp_path_factory):
     return save_tiny_model_dir(tmp_path_factory.mktemp("tiny_model"))
 
 
+def wait_until_healthy(url: str, proc, log, timeout: float, what: str = "server") -> None:
+    """Polls ``url``/health until it answers 200; fails the test with the server's log if
+    the process exits or ``timeout`` seconds pass first."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with urllib.request.urlopen(url + "/health", timeout=2) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            pass
+        if proc.poll() is not None or time.monotonic() > deadline:
+            pytest.fail(f"{what} did not start (exit {proc.poll()}):\n{log.read_text()}")
+        time.sleep(0.2)
+
+
 @contextlib.contextmanager
 def running_server(model_dir, log, *args, start_timeout=40, launcher=("-m", "turboquant"),
                    env=None):
@@ -61,17 +77,7 @@ def running_server(model_dir, log, *args, start_timeout=40, launcher=("-m", "tur
             stdout=out, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + start_timeout
-        while True:
-            try:
-                with urllib.request.urlopen(url + "/health", timeout=2) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                pass
-            if proc.poll() is not None or time.monotonic() > deadline:
-                pytest.fail(f"server did not start (exit {proc.poll()}):\n{log.read_text()}")
-            time.sleep(0.2)
+        wait_until_healthy(url, proc, log, start_timeout)
         yield url
     finally:
         proc.terminate()

@@ -27,7 +27,7 @@ pytest.importorskip("mlx_lm")
 
 from mlx_tiny_dir import save_tiny_model_dir
 from test_distributed import _env, _free_port_pair, _launcher
-from test_serve import ROOT, free_port, get, post, running_server
+from test_serve import ROOT, free_port, get, post, running_server, wait_until_healthy
 
 # codes-only: every prompt token is stored as codes. The byte budget (of the whole sharded
 # cache) holds about two of the requests below (~32 KB each), so the store evicts by bytes,
@@ -64,18 +64,7 @@ def sharded_server(model_dir: Path, mode: str, log: Path, *args: str):
                                 cwd=ROOT, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + START_TIMEOUT
-        while True:
-            try:
-                with urllib.request.urlopen(url + "/health", timeout=2) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                pass
-            if proc.poll() is not None or time.monotonic() > deadline:
-                pytest.fail(f"sharded server did not start (exit {proc.poll()}):\n"
-                            f"{log.read_text()}")
-            time.sleep(0.3)
+        wait_until_healthy(url, proc, log, START_TIMEOUT, "sharded server")
         yield url
     finally:
         with contextlib.suppress(ProcessLookupError):
