@@ -10,6 +10,7 @@ import pytest
 
 mx = pytest.importorskip("mlx.core")
 
+from test_mlx_metal import assert_same_codes  # noqa: E402
 from turboquant import _core, metal, mlx_metal  # noqa: E402
 
 MMA_TOL = 2e-3  # the mma kernel's fp16 products (test_gpu_fast_attention.py)
@@ -40,16 +41,6 @@ def filled_pair(rng, d, hkv, tokens, kw, split):
     store.append(mx.array(k), mx.array(v))
     core.append(k, v)
     return store, core
-
-
-def assert_same_codes(store, core):
-    assert store.size() == core.size(0)
-    for h in range(core.n_kv_heads):
-        for role in ("key", "value"):
-            sc, sn = store.encoded(0, h, role)
-            cc, cn = core.encoded(0, h, role)
-            assert np.array_equal(sc, cc), (h, role, np.argwhere(sc != cc)[:3])
-            assert np.array_equal(sn.view(np.uint16), cn.view(np.uint16)), (h, role)
 
 
 def rel_err(a, b):
