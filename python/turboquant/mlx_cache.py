@@ -69,7 +69,7 @@ class TurboQuantKVCache(PlaceholderKeys, _mlx_cache._BaseCache):
                  split_angle_bits: int = 8, decay_after: int = 0, decay_bits: int = 0,
                  sparse_v: float = 0.0, key_head_bits=None, value_head_bits=None,
                  mixed_bits: int = 0, mixed_keep: float = 0.0, kv_head_offset: int = 0,
-                 mixed_trial: bool = False):
+                 mixed_trial: bool = False, width_trial: bool = False):
         for name, b in (("key_bits", key_bits), ("value_bits", value_bits)):
             if not isinstance(b, (int, np.integer)) or not 1 <= int(b) <= 8:
                 raise ValueError(f"{name} must be an integer in [1, 8], got {b!r}")
@@ -118,6 +118,10 @@ class TurboQuantKVCache(PlaceholderKeys, _mlx_cache._BaseCache):
         # Mixed precision only where a trial on the layer's first block (the prompt) finds
         # that routing beats uniform codes of the same average width (turboquant.mixed_trial)
         self.mixed_trial = bool(mixed_trial) and bool(self.mixed_bits)
+        # Uniform codes (no mixed precision, or where the trial above rejects it): the key /
+        # value widths of the same bytes chosen by a trial on the first block
+        # (turboquant.mixed_trial.best_widths)
+        self.width_trial = bool(width_trial)
         if block_tokens is None and self.mixed_bits:
             # groups of 32 tokens for keep 1/2 (64 for 1/4, ...): importance is ranked inside
             # a group, and the window holds up to fp16_window + one group
@@ -556,6 +560,7 @@ class TurboQuantKVCache(PlaceholderKeys, _mlx_cache._BaseCache):
         self._pending, self._fetched = [], None
         self._held = self._unflush = None
         self.mixed_trial = False  # a restored layer keeps the widths it was saved with
+        self.width_trial = False
         self.center = bool(cfg.get("center", True))
         self.debias = bool(cfg.get("debias", True))
         self.key_split = bool(cfg.get("key_split", False))
@@ -615,11 +620,12 @@ class TurboQuantKVCache(PlaceholderKeys, _mlx_cache._BaseCache):
         b = self.key_bits if self.key_head_bits is None else min(widths)
         return head_dim // 2, b + 1, b - 1
 
-    def _routing_pays(self, queries, scale: float, total_kv: int, head_dim: int) -> bool:
-        """The mixed-precision trial (turboquant.mixed_trial) on the pending first block and
-        its queries (host, in the input channel order); True where it cannot run."""
+    def _trial_inputs(self, queries, scale: float, total_kv: int, head_dim: int):
+        """(keys, values, queries, make_core, split) of a trial (turboquant.mixed_trial) on
+        the pending first block and its queries (host, in the core's channel order); None
+        where it cannot run (per-head widths, queries that are not the block's own)."""
         if self.key_head_bits is not None or self.value_head_bits is not None:
-            return True
+            return None
         from turboquant import mixed_trial
 
         # on the GPU store too: one read of the first block and its queries back to the host
@@ -627,7 +633,7 @@ class TurboQuantKVCache(PlaceholderKeys, _mlx_cache._BaseCache):
         values = np.concatenate([_host(v) for _, v in self._pending], axis=1)
         q = _host(queries)
         if q.shape[0] % total_kv:
-            return True
+            return None
         if self._perm is not None:
             q = _permute(q, np.repeat(self._perm, q.shape[0] // total_kv, axis=0))
         mse = self.key_method == self.value_method == "turboquant_mse"
@@ -638,18 +644,48 @@ class TurboQuantKVCache(PlaceholderKeys, _mlx_cache._BaseCache):
                 return None
             return head_dim // 2, bits + 1, bits - 1
 
-        block = 32
         make_core = mixed_trial.make_core_factory(
             head_dim, total_kv, q.shape[0], self.key_method, layer_seed(self.seed, self.layer),
             self.rotation_for(head_dim), self.debias and mse, split, self.split_angle_bits,
-            block)
+            32)
+        return keys, values, q, make_core, split
+
+    def _routing_pays(self, queries, scale: float, total_kv: int, head_dim: int) -> bool:
+        """The mixed-precision trial (turboquant.mixed_trial) on the pending first block and
+        its queries (host, in the input channel order); True where it cannot run."""
+        from turboquant import mixed_trial
+
+        t = self._trial_inputs(queries, scale, total_kv, head_dim)
+        if t is None:
+            return True
+        keys, values, q, make_core, split = t
         uniform = _presets.uniform_widths(self.key_bits, self.value_bits, self.mixed_bits,
                                           self.mixed_keep, split(self.key_bits) is not None)
         group, kept = (b * self.block_tokens for b in self._mixed_blocks)
         return mixed_trial.routing_pays(keys, values, q, scale, make_core,
                                         (self.key_bits, self.value_bits), self.mixed_bits,
                                         uniform, self.fp16_sinks, self.fp16_window, group, kept,
-                                        block)
+                                        32)
+
+    def _trial_widths(self, queries, scale: float, total_kv: int,
+                      head_dim: int) -> tuple[int, int]:
+        """The width trial (turboquant.mixed_trial.best_widths): of the layer's uniform
+        (key, value) bits and one bit moved between the roles (same bytes, both widths in
+        [1, 8], the key split on or off as for the layer's own widths), the layout with the
+        smallest attention-output error on the prompt; the layer's own where it cannot run."""
+        from turboquant import mixed_trial
+
+        own = (self.key_bits, self.value_bits)
+        t = self._trial_inputs(queries, scale, total_kv, head_dim)
+        if t is None:
+            return own
+        keys, values, q, make_core, split = t
+        kb, vb = own
+        layouts = [own] + [(kb + d, vb - d) for d in (1, -1)
+                           if 1 <= kb + d <= 8 and 1 <= vb - d <= 8
+                           and (split(kb + d) is None) == (split(kb) is None)]
+        return mixed_trial.best_widths(keys, values, q, scale, make_core, layouts,
+                                       self.fp16_sinks, self.fp16_window)
 
     def _tiled_head_bits(self, bits, total_kv: int) -> list[int] | None:
         """Per-head widths for the core's total_kv = batch × KV heads (batch is folded into
@@ -722,6 +758,13 @@ class TurboQuantKVCache(PlaceholderKeys, _mlx_cache._BaseCache):
                     self.key_bits, self.value_bits, self.mixed_bits, self.mixed_keep,
                     self.split_plan(head_dim) is not None)
                 self.mixed_bits, self.mixed_keep, self._mixed_blocks = 0, 0.0, (0, 0)
+                plan = self.split_plan(head_dim)
+                key_bits = self.key_bits
+        if self.width_trial and queries is not None and scale is not None:
+            self.width_trial = False  # once, on the first block
+            if not self.mixed_bits:  # uniform codes: their key / value widths by trial
+                self.key_bits, self.value_bits = self._trial_widths(queries, float(scale),
+                                                                    total_kv, head_dim)
                 plan = self.split_plan(head_dim)
                 key_bits = self.key_bits
         if plan is not None:

@@ -102,7 +102,8 @@ def make_prompt_cache(model, key_bits: int | None = None, value_bits: int | None
     ``RotatingKVCache``) get a :class:`turboquant.mlx_rotating.TurboQuantRotatingKVCache`
     (a bounded ring of code pages; ``fp16_sinks`` and mixed precision apply to
     full-attention layers only: with mixed precision a ring holds uniform codes of the
-    recipe's average width, :meth:`turboquant.presets.Preset.uniform_bits`);
+    recipe's average width, :meth:`turboquant.presets.Preset.uniform_bits`, their key /
+    value split chosen by a trial on the prompt when ``mixed_trial``);
     ``sliding=False`` keeps them fp16. ``seed`` seeds every layer's rotations (each layer
     its own, :func:`layer_seed`). Raises :class:`UnsupportedArchitectureError` for MLA and
     SSM/hybrid models.
@@ -192,6 +193,7 @@ def make_prompt_cache(model, key_bits: int | None = None, value_bits: int | None
                                          decay_bits=decay_bits, sparse_v=sparse_v,
                                          mixed_bits=mb, mixed_keep=mk,
                                          mixed_trial=mixed_trial and bool(mb),
+                                         width_trial=mixed_trial and i not in per_layer,
                                          split_angle_bits=split_angle_bits,
                                          kv_head_offset=offset, **heads, **extra)
     return cache

@@ -168,7 +168,7 @@ class TurboQuantRotatingKVCache(TurboQuantKVCache):
         w = self.max_size if window is None else min(int(window), self.max_size)
         if w < 1:
             raise ValueError(f"window must be >= 1, got {window!r}")
-        q = self._core_queries(queries)
+        q = self._core_queries(queries, scale)
         kw = {"causal": True, "scale": float(scale), "window": w}
         if self.sparse_v:
             kw["sparse_v"] = self.sparse_v

@@ -43,7 +43,10 @@ class Preset:
       attention while fp16 keep the layer's bits, the rest are stored at ``mixed_bits``;
       ``mixed_trial``: only on layers where a trial on the prompt
       (:mod:`turboquant.mixed_trial`) finds that routing beats uniform codes of the same
-      average width (the others hold those uniform codes).
+      average width (the others hold those uniform codes); with it, every layer that holds
+      uniform codes (those, and sliding-window layers) also takes its key / value widths
+      from a trial on the prompt: its own, or one bit moved from values to keys or back
+      (same bytes; :func:`turboquant.mixed_trial.best_widths`).
     - ``decay_after`` / ``decay_bits``: temporal decay: code blocks with at least
       ``decay_after`` newer tokens are re-quantized to ``decay_bits`` in place.
     - ``sparse_v``: value rows whose attention weight is below ``sparse_v`` times the
@@ -154,7 +157,8 @@ _RECIPE = {"fp16_sinks": 4, "fp16_window": 64}
 
 # Mixed precision (tq3-mixed, tq2.5, tq2): importance routing on the layers where a trial on
 # the prompt finds that it pays (turboquant.mixed_trial), uniform codes of the same average
-# width elsewhere (and on sliding-window layers).
+# width elsewhere (and on sliding-window layers), their key / value split chosen per layer by
+# a trial too (mixed_trial.best_widths).
 _MIXED = {"mixed_trial": True, **_RECIPE}
 
 PRESETS: dict[str, Preset] = {p.name: p for p in (
@@ -259,7 +263,9 @@ def describe(p: Preset) -> list[str]:
         if p.mixed_trial:
             kb, vb = p.uniform_bits()
             mixed += (f", on layers where a trial on the prompt finds that routing pays; "
-                      f"elsewhere (and on sliding-window layers) {kb}-bit keys, {vb}-bit values")
+                      f"elsewhere (and on sliding-window layers) {kb}-bit keys, {vb}-bit values"
+                      f" or, where a trial on the prompt finds it better, one bit moved "
+                      f"between keys and values (same bytes)")
     lines = [
         f"preset:          {p.name}: {p.summary}",
         f"eval setting:    {p.spec()}",
