@@ -95,7 +95,10 @@ def test_make_prompt_cache_runs_the_trial_once_per_layer(tmp_path):
     model(mx.array(tokens[:240])[None], cache=cache)
     for c in cache:
         assert not c.mixed_trial  # decided
-        assert (c.key_bits, c.value_bits, c.mixed_bits) in ((4, 4, 2), (3, 3, 0))
+        # uniform: 3/3, or one bit moved between the roles by the width trial
+        assert (c.key_bits, c.value_bits, c.mixed_bits) in ((4, 4, 2), (3, 3, 0), (4, 2, 0),
+                                                            (2, 4, 0))
+        assert not c.width_trial
     out = np.array(model(mx.array(tokens[240:])[None], cache=cache).astype(mx.float32))
     assert np.isfinite(out).all()
     path = str(tmp_path / "c.safetensors")
@@ -120,3 +123,39 @@ def test_presets_and_eval_grammar():
         assert s.mixed_trial and (s.mixed_bits, s.mixed_keep) == (p.mixed_bits, p.mixed_keep)
     assert not Setting.parse("4+s4+w64+m2:0.5").mixed_trial
     assert Setting.parse("4+s4+w64+m2:0.5/trial").name.endswith("/trial")
+
+
+def test_best_widths_gives_the_bit_to_the_role_that_matters():
+    """Queries of zero attend uniformly whatever the keys: key error costs nothing, so of
+    3/3, 4/2 and 2/4 bits the trial picks 2-bit keys and 4-bit values; one layout, or too
+    short a prompt, gives the first."""
+    rng = np.random.default_rng(5)
+    k = rng.standard_normal((H, T, D)).astype(np.float32)
+    v = rng.standard_normal((H, T, D)).astype(np.float32)
+    q = np.zeros((H * G, T, D), dtype=np.float32)
+    layouts = [(3, 3), (4, 2), (2, 4)]
+    assert mixed_trial.best_widths(k, v, q, D ** -0.5, make_core(), layouts, SINKS,
+                                   WINDOW) == (2, 4)
+    assert mixed_trial.best_widths(k, v, q, D ** -0.5, make_core(), layouts[:1], SINKS,
+                                   WINDOW) == (3, 3)
+    assert mixed_trial.best_widths(k[:, :60], v[:, :60], q[:, :60], D ** -0.5, make_core(),
+                                   layouts, SINKS, WINDOW) == (3, 3)
+
+
+def test_sliding_layers_take_their_widths_from_the_trial():
+    """Under a mixed preset a sliding-window ring holds uniform codes of the recipe's average
+    width (tq3-mixed: 6 bits per key + value coordinate pair); the width trial decides their
+    split once, at the first attention call; without mixed_trial the ring keeps 3/3."""
+    model = tiny_model("gemma3_text")
+    tokens = np.random.default_rng(4).integers(0, 128, 200).tolist()
+    cache = tq_mlx.make_prompt_cache(model, preset="tq3-mixed", fp16_window=8)
+    rings = [c for c in cache if hasattr(c, "max_size")]
+    assert rings and all(c.width_trial for c in rings)
+    model(mx.array(tokens)[None], cache=cache)
+    for c in rings:
+        assert not c.width_trial
+        assert (c.key_bits, c.value_bits) in ((3, 3), (4, 2), (2, 4))
+    plain = tq_mlx.make_prompt_cache(model, preset="tq3-mixed", fp16_window=8,
+                                     mixed_trial=False)
+    model(mx.array(tokens)[None], cache=plain)
+    assert all((c.key_bits, c.value_bits) == (3, 3) for c in plain if hasattr(c, "max_size"))
