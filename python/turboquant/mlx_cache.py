@@ -671,8 +671,11 @@ class TurboQuantKVCache(PlaceholderKeys, _mlx_cache._BaseCache):
                       head_dim: int) -> tuple[int, int]:
         """The width trial (turboquant.mixed_trial.best_widths): of the layer's uniform
         (key, value) bits and one bit moved between the roles (same bytes, both widths in
-        [1, 8], the key split on or off as for the layer's own widths), the layout with the
-        smallest attention-output error on the prompt; the layer's own where it cannot run."""
+        [2, 8], the key split on or off as for the layer's own widths), the layout with the
+        smallest attention-output error on the prompt; the layer's own where it cannot run.
+        No role drops to 1 bit: on the tuning texts (bench/preset_tuning.py) tq2's 3-bit keys
+        and 1-bit values, which the trial picks on some layers, had the lower KL but the
+        higher perplexity on both models (bench/results/preset_tuning_*_width_trial.json)."""
         from turboquant import mixed_trial
 
         own = (self.key_bits, self.value_bits)
@@ -682,7 +685,7 @@ class TurboQuantKVCache(PlaceholderKeys, _mlx_cache._BaseCache):
         keys, values, q, make_core, split = t
         kb, vb = own
         layouts = [own] + [(kb + d, vb - d) for d in (1, -1)
-                           if 1 <= kb + d <= 8 and 1 <= vb - d <= 8
+                           if 2 <= kb + d <= 8 and 2 <= vb - d <= 8
                            and (split(kb + d) is None) == (split(kb) is None)]
         return mixed_trial.best_widths(keys, values, q, scale, make_core, layouts,
                                        self.fp16_sinks, self.fp16_window)

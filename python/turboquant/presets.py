@@ -46,7 +46,7 @@ class Preset:
       average width (the others hold those uniform codes); with it, every layer that holds
       uniform codes (those, and sliding-window layers) also takes its key / value widths
       from a trial on the prompt: its own, or one bit moved from values to keys or back
-      (same bytes; :func:`turboquant.mixed_trial.best_widths`).
+      (same bytes, neither below 2 bits; :func:`turboquant.mixed_trial.best_widths`).
     - ``decay_after`` / ``decay_bits``: temporal decay: code blocks with at least
       ``decay_after`` newer tokens are re-quantized to ``decay_bits`` in place.
     - ``sparse_v``: value rows whose attention weight is below ``sparse_v`` times the
@@ -265,7 +265,7 @@ def describe(p: Preset) -> list[str]:
             mixed += (f", on layers where a trial on the prompt finds that routing pays; "
                       f"elsewhere (and on sliding-window layers) {kb}-bit keys, {vb}-bit values"
                       f" or, where a trial on the prompt finds it better, one bit moved "
-                      f"between keys and values (same bytes)")
+                      f"between keys and values (same bytes, neither below 2 bits)")
     lines = [
         f"preset:          {p.name}: {p.summary}",
         f"eval setting:    {p.spec()}",
