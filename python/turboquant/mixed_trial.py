@@ -158,8 +158,10 @@ def best_widths(keys: np.ndarray, values: np.ndarray, queries: np.ndarray, scale
     :func:`error_ratio`; every token that is not a sink and is older than the fp16 window is
     seen as codes). ``layouts[0]`` (the recipe's own widths) wins ties and is returned where
     the trial cannot run. On Gemma-3-270M the error of one role dominates on some layers
-    (keys on its global layers, values on several sliding-window ones): 2.0 average bits as
-    3-bit keys and 1-bit values instead of 2 / 2 there (``bench/results/layer_error_tuning.txt``)."""
+    (keys on its global layers, values on several sliding-window ones), so e.g. 2/3 instead
+    of 3/2 bits lowers the error there (``bench/results/layer_error_tuning.txt``); the cache
+    offers only layouts with both roles at 2 bits or more
+    (:meth:`turboquant.mlx_cache.TurboQuantKVCache._trial_widths`)."""
     H, T, _ = keys.shape
     n = trial_tokens(T, fp16_sinks, fp16_window, 0)
     if len(layouts) < 2 or n == 0 or queries.shape[1] != T or queries.shape[0] % H:
