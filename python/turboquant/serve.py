@@ -329,6 +329,12 @@ def batching_refusal(cache: list, draft: bool = False) -> str | None:
     return None
 
 
+def _calibration_tokens(prompt_cache: list) -> int:
+    """The most leading tokens any cache of a prompt cache was calibrated on (0: none;
+    ``TurboQuantKVCache.calibration_tokens``)."""
+    return max((int(getattr(c, "calibration_tokens", 0)) for c in prompt_cache), default=0)
+
+
 class PromptCacheStore(_server.LRUPromptCache):
     """mlx-lm's LRU prompt-cache store, with each entry's key and its caches' lengths made
     to agree on insertion, and the same decisions on every rank of a sharded model.
@@ -357,23 +363,37 @@ class PromptCacheStore(_server.LRUPromptCache):
 
     def fetch_nearest_cache(self, model, tokens):
         """mlx-lm's lookup (exact entry, else a longer entry trimmed back to the common
-        prefix, else the longest shorter entry), where a longer entry is used only if every
-        cache can take that trim: a sliding-window layer that has evicted tokens takes only
-        what leaves the next query its window (``max_trim``). A longer entry is resumed
-        from where its caches hold what a fresh run of this prompt holds
+        prefix, else the longest shorter entry), where an entry is reused only from a prefix
+        that covers its calibration, and a longer entry only if every cache can take the
+        trim.
+
+        Calibration: a TurboQuant cache's centring means and key-split channel order (and a
+        mixed preset's trial) are computed from the first tokens it was given
+        (``TurboQuantKVCache.calibration_tokens``, normally the first prefill chunk of the
+        request that made the entry) and stay with it when it is trimmed. An entry is
+        reused only when the new prompt shares at least those tokens, so what a reused
+        cache is calibrated on is part of the prompt; otherwise the prompt gets a fresh
+        cache. Trim: a sliding-window layer that has evicted tokens takes only what leaves
+        the next query its window (``max_trim``). A longer entry is resumed from where its
+        caches hold what a fresh run of this prompt holds
         (``TurboQuantKVCache.reuse_prefix``: codes are never turned back into fp16 window
         rows, so an entry whose window flushed past this prompt's flush point resumes from
         an earlier flush boundary), so a reused prompt keeps its most recent fp16 window
         tokens exact, as a fresh one does."""
         result = self._trie.search(model, tokens)
         if result.exact is not None:
-            return super().fetch_nearest_cache(model, tokens)
+            entry = self._trie.get(result.model, result.exact)
+            if self._covers(entry, len(result.exact)):
+                return copy.deepcopy(entry.prompt_cache), []
+            return None, tokens
         short = len(result.shorter) if result.shorter is not None else 0
         if result.longer is not None and result.common_prefix > short:
             entry = self._trie.get(result.model, result.longer)
             prefix = min(len(tokens) - 1, result.common_prefix)
             prefix = min([prefix] + [c.reuse_prefix(prefix, len(tokens))
                                      for c in entry.prompt_cache if hasattr(c, "reuse_prefix")])
+            if prefix < _calibration_tokens(entry.prompt_cache):
+                prefix = 0  # the entry's calibration read tokens this prompt does not share
             prefix = min(row[0] for row in _gather([prefix], self._group_))  # one point, all ranks
             n = len(result.longer) - prefix
             ok = prefix > short and can_trim_prompt_cache(entry.prompt_cache) and all(
@@ -384,8 +404,15 @@ class PromptCacheStore(_server.LRUPromptCache):
                 return cache, tokens[prefix:]
         if short > 0:
             entry = self._trie.get(result.model, result.shorter)
-            return copy.deepcopy(entry.prompt_cache), tokens[short:]
+            if self._covers(entry, short):
+                return copy.deepcopy(entry.prompt_cache), tokens[short:]
         return None, tokens
+
+    def _covers(self, entry, prefix: int) -> bool:
+        """Whether ``prefix`` tokens of an entry cover its caches' calibration on every rank
+        (a collective)."""
+        need = _calibration_tokens(entry.prompt_cache)
+        return all(row[0] for row in _gather([int(need <= prefix)], self._group_))
 
     def insert_cache(self, model, tokens, prompt_cache, *, cache_type: str = "assistant"):
         offsets = [getattr(c, "offset", None) for c in prompt_cache]
