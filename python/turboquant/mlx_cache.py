@@ -367,6 +367,14 @@ class TurboQuantKVCache(PlaceholderKeys, _mlx_cache._BaseCache):
         only for a prompt that shares at least these tokens."""
         return int(getattr(self, "_calibrated", 0))
 
+    def spare_nbytes(self) -> int:
+        """The most bytes this cache holds beyond a cache given the same tokens in one call:
+        the fp16 rows of the last window block flushed into codes by a short append (a
+        decode step), kept to undo that flush on a trim (see _flush_point; C++ core only)."""
+        if self._core is None or self._gpu or not self._exact_flushes():
+            return 0
+        return 2 * int(self._core_kv_heads) * self.block_tokens * int(self._head_dim) * 2
+
     def size(self):
         return self.offset
 
