@@ -268,7 +268,7 @@ class KVCost:
             est += self.spare
         if self.gpu:
             est += self.per_token * (n / 8 + self.page)
-        return int(math.ceil(est))
+        return math.ceil(est)
 
     @classmethod
     def measure(cls, model, draft_model=None, top: int = 1024) -> KVCost:
@@ -297,6 +297,8 @@ class KVCost:
         flushes_from = min([w + int(getattr(c, "block_tokens", 0)) + 1
                             for c, w in zip(caches, windows) if hasattr(c, "spare_nbytes")]
                            + [1 << 62])
+        # the same probes on every rank (each prefill is a collective on a sharded model)
+        steady = max(row[0] for row in _gather([steady]))
         while top // 2 < steady:
             top *= 2
         lengths = [n for n in cls.SHORT_PROBES if n < top]
@@ -306,7 +308,7 @@ class KVCost:
             n *= 2
         if lengths[-1] != top:
             lengths.append(top)
-        sizes, spare, gpu = [first], 0, 0
+        sizes = [first]
         for n in lengths[1:]:
             total, caches = probe(n)
             sizes.append(total)

@@ -242,5 +242,5 @@ def test_an_entry_is_reused_from_a_prefix_that_covers_its_calibration(tiny_model
     assert calibrated <= reused <= shared
     assert max(c.calibration_tokens for c in cache_b) == calibrated  # the entry's
     # an entry is also reused whole by a prompt that extends it
-    prompt_c, _, reused, _ = serve_one(store, model, tok, tok.decode(prompt_b) + " more")
+    _, _, reused, _ = serve_one(store, model, tok, tok.decode(prompt_b) + " more")
     assert reused >= calibrated and reused >= len(prompt_b) - 1
