@@ -30,7 +30,10 @@ things are swapped in, each through the narrowest seam mlx-lm offers:
   more tokens than fp16 caches. mlx-lm's own ``run`` applies no byte budget on the
   sequential path; :func:`run` does (on both paths). :class:`PromptCacheStore` also
   keeps every entry's key and its caches' lengths in step (mlx-lm's speculative path
-  stores caches a token short of their key, and a reuse would then resume a token short).
+  stores caches a token short of their key, and a reuse would then resume a token short),
+  and reuses an entry only from a prefix that covers the tokens its caches were
+  calibrated on (centring means, key-split channel order), so a reused cache's
+  calibration comes from tokens the new prompt shares.
 
 ``GET /v1/turboquant`` (added by :class:`TurboQuantAPIHandler`) reports the KV options, how
 many caches were built with how many compressed layers, the prompt-cache store's size, and
