@@ -143,6 +143,8 @@ class TurboQuantKVCache(PlaceholderKeys, _mlx_cache._BaseCache):
         # Per-KV-head mean key / value of the first block (see _centre).
         self._k_mean: np.ndarray | None = None
         self._v_mean: np.ndarray | None = None
+        # How many leading tokens the calibration (means, channel order, mixed trial) read.
+        self._calibrated = 0
         self._core = None
         self._pending: list[tuple[np.ndarray, np.ndarray]] = []
         self._n_q_heads: int | None = None
@@ -344,14 +346,38 @@ class TurboQuantKVCache(PlaceholderKeys, _mlx_cache._BaseCache):
         if self._gpu:  # the same on mlx arrays, on the GPU
             k, v = k.astype(mx.float32), v.astype(mx.float32)
             if self._k_mean is None:
+                self._calibrate_on(self.offset + k.shape[1])
                 self._k_mean = k.mean(axis=1, keepdims=True)
                 self._v_mean = v.mean(axis=1, keepdims=True)
             return k - self._k_mean, v - self._v_mean
         if self._k_mean is None:
+            self._calibrate_on(self.offset + k.shape[1])
             self._k_mean = k.mean(axis=1, keepdims=True, dtype=np.float32)
             self._v_mean = v.mean(axis=1, keepdims=True, dtype=np.float32)
         return (np.ascontiguousarray(k - self._k_mean, dtype=np.float32),
                 np.ascontiguousarray(v - self._v_mean, dtype=np.float32))
+
+    def _calibrate_on(self, tokens: int) -> None:
+        self._calibrated = max(int(getattr(self, "_calibrated", 0)), int(tokens))
+
+    @property
+    def calibration_tokens(self) -> int:
+        """How many leading tokens of the sequence the cache's calibration was computed from:
+        the centring means (the first block appended), the key split's channel order and the
+        mixed-precision trial (the tokens held when the core is built, normally the same
+        first block); 0 when nothing is calibrated (``center`` and ``key_split`` off, no
+        trial). The calibration stays with the cache when it is trimmed, so a cache trimmed
+        to fewer tokens still depends on the trimmed ones; a prompt-cache store reuses it
+        only for a prompt that shares at least these tokens."""
+        return int(getattr(self, "_calibrated", 0))
+
+    def spare_nbytes(self) -> int:
+        """The most bytes this cache holds beyond a cache given the same tokens in one call:
+        the fp16 rows of the last window block flushed into codes by a short append (a
+        decode step), kept to undo that flush on a trim (see _flush_point; C++ core only)."""
+        if self._core is None or self._gpu or not self._exact_flushes():
+            return 0
+        return 2 * int(self._core_kv_heads) * self.block_tokens * int(self._head_dim) * 2
 
     def size(self):
         return self.offset
@@ -540,7 +566,7 @@ class TurboQuantKVCache(PlaceholderKeys, _mlx_cache._BaseCache):
                "fp16_sinks": self.fp16_sinks, "decay_after": self.decay_after,
                "decay_bits": self.decay_bits, "sparse_v": self.sparse_v,
                "split_angle_bits": self.split_angle_bits, "mixed_bits": self.mixed_bits,
-               "mixed_keep": self.mixed_keep}
+               "mixed_keep": self.mixed_keep, "calibration_tokens": self.calibration_tokens}
         if self.kv_head_offset:  # absent when 0: such states are those of before the option
             cfg["kv_head_offset"] = self.kv_head_offset
         if self.key_head_bits is not None:
@@ -557,6 +583,8 @@ class TurboQuantKVCache(PlaceholderKeys, _mlx_cache._BaseCache):
         self.key_method, self.value_method = cfg["key_method"], cfg["value_method"]
         self.seed, self.layer, self.rotation = int(cfg["seed"]), int(cfg["layer"]), cfg["rotation"]
         self.offset, self._batch = int(cfg["offset"]), int(cfg.get("batch", 1))
+        # files from before the field: the calibration may have read any token held
+        self._calibrated = int(cfg.get("calibration_tokens", self.offset))
         self._pending, self._fetched = [], None
         self._held = self._unflush = None
         self.mixed_trial = False  # a restored layer keeps the widths it was saved with
@@ -751,11 +779,13 @@ class TurboQuantKVCache(PlaceholderKeys, _mlx_cache._BaseCache):
                 # The channel order is chosen once, from the first block, on the host (on
                 # the Metal path too: one read of the prefill's keys and queries).
                 keys = np.concatenate([_host(k) for k, _ in self._pending], axis=1)
+                self._calibrate_on(keys.shape[1])
                 self._perm = self._choose_channels(
                     keys, None if queries is None else _host(queries), m)
                 self._pending = [(_permute(k, self._perm), v) for k, v in self._pending]
         if self.mixed_trial and queries is not None and scale is not None:
             self.mixed_trial = False  # once, on the first block
+            self._calibrate_on(sum(k.shape[1] for k, _ in self._pending))
             if not self._routing_pays(queries, float(scale), total_kv, head_dim):
                 self.key_bits, self.value_bits = _presets.uniform_widths(
                     self.key_bits, self.value_bits, self.mixed_bits, self.mixed_keep,

@@ -1193,13 +1193,17 @@ class MetalCodeStore:
             vs.append(win[1].astype(ft))
         k = ks[0] if len(ks) == 1 else mx.concatenate(ks, axis=1)
         v = vs[0] if len(vs) == 1 else mx.concatenate(vs, axis=1)
-        qpos = mx.arange(first_q, n)[:, None]
-        kpos = mx.arange(lo, n)[None, :]
         mask = None
-        if causal:
-            mask = kpos <= qpos
-            if window is not None:
-                mask = mask & (kpos > qpos - int(window))
+        if causal and window is None:
+            # The queries are the last Tq of the n keys: mlx's "causal" mask (aligned to the
+            # bottom right), which its fused kernels take (cuDNN on CUDA, the full-attention
+            # kernel on Metal); an array mask sends sdpa to its unfused fallback, which
+            # materializes every query head's scores (GBs per layer at long contexts).
+            mask = "causal"
+        elif causal:
+            qpos = mx.arange(first_q, n)[:, None]
+            kpos = mx.arange(lo, n)[None, :]
+            mask = (kpos <= qpos) & (kpos > qpos - int(window))
         out = mx.fast.scaled_dot_product_attention(q[None].astype(ft), k[None], v[None],
                                                    scale=scale, mask=mask)
         return out[0].astype(ft)

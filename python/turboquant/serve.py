@@ -30,7 +30,10 @@ things are swapped in, each through the narrowest seam mlx-lm offers:
   more tokens than fp16 caches. mlx-lm's own ``run`` applies no byte budget on the
   sequential path; :func:`run` does (on both paths). :class:`PromptCacheStore` also
   keeps every entry's key and its caches' lengths in step (mlx-lm's speculative path
-  stores caches a token short of their key, and a reuse would then resume a token short).
+  stores caches a token short of their key, and a reuse would then resume a token short),
+  and reuses an entry only from a prefix that covers the tokens its caches were
+  calibrated on (centring means, key-split channel order), so a reused cache's
+  calibration comes from tokens the new prompt shares.
 
 ``GET /v1/turboquant`` (added by :class:`TurboQuantAPIHandler`) reports the KV options, how
 many caches were built with how many compressed layers, the prompt-cache store's size, and
@@ -213,38 +216,114 @@ def _gather_object(obj, group=None) -> list:
 
 class KVCost:
     """Bytes of a model's prompt cache (TurboQuant caches, the draft model's included) as a
-    function of its length, measured once on the model: ``base + per_token * tokens``.
+    function of its length, measured once on the model; an upper bound of the ``nbytes`` the
+    prompt-cache store counts for a prompt of that many tokens.
 
-    :meth:`measure` runs two short prefills (``first`` and ``second`` tokens) on fresh caches
-    built by the installed factory and reads their ``nbytes`` (the compressed size the
-    prompt-cache store counts); the fp16 window and sinks land in ``base``. On a sharded
-    model (``mx.distributed`` with several processes) the prefills are collective and the
-    bytes are those of every rank's caches together (the whole sharded cache, as the store
-    counts them), the same on every rank."""
+    The bytes are not linear in the length: a cache holds fixed fp16 rows (sinks, and the
+    window, allocated whole at its first token), codes in whole pages of ``block_tokens``
+    (mlx-lm's fp16 ``KVCache`` in steps of 256 tokens), and quantizer state. :meth:`measure`
+    therefore prefills fresh caches (built by the installed factory) at probe lengths
+    (1 to 8 tokens, then about x1.5 apart up to 256, then doubling up to ``top``, 1024 or
+    more) and reads their ``nbytes``. A length up to ``top`` is priced at the bytes of the
+    next probe at or above it (the bytes never decrease with the length). Past ``steady``
+    tokens (every cache's sinks, window and two pages: from there each further page of
+    codes costs the same) a length n is also priced at ``bytes(p) + per_token * (n - p +
+    page)`` from the longest probe p <= n, where ``per_token`` is the slope between the two
+    longest probes and the extra page covers the page that n starts; the smaller of the two
+    is taken, and past ``top`` only the second applies. Added: ``spare`` (the fp16 rows of a
+    flushed window block a cache keeps after a decode step flushed it,
+    ``TurboQuantKVCache.spare_nbytes``) once a window can have flushed, and for caches on
+    the GPU store the code pages it allocates ahead (an eighth of the codes, and a page).
+    A mixed preset's layers decide on the prompt whether importance routing pays
+    (``mixed_trial``); the probes skip that trial and price the routed layout, which holds
+    more bytes than the uniform codes a layer may fall back to.
 
-    def __init__(self, base: float, per_token: float):
-        self.base, self.per_token = float(base), float(per_token)
+    On a sharded model (``mx.distributed`` with several processes) the prefills are
+    collective and the bytes are those of every rank's caches together (the whole sharded
+    cache, as the store counts them), the same on every rank."""
+
+    SHORT_PROBES = (1, 2, 3, 4, 5, 6, 7, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256)
+
+    def __init__(self, lengths, sizes, *, page: int = 256, steady: int = 0,
+                 spare: int = 0, flushes_from: int = 1, gpu: bool = False):
+        if len(lengths) != len(sizes) or len(lengths) < 2:
+            raise ValueError("KVCost needs the bytes of at least two probe lengths")
+        self.lengths = tuple(int(n) for n in lengths)
+        self.sizes = tuple(int(b) for b in sizes)
+        self.per_token = max(0.0, (self.sizes[-1] - self.sizes[-2])
+                             / (self.lengths[-1] - self.lengths[-2]))
+        self.page, self.steady, self.spare = int(page), int(steady), int(spare)
+        self.flushes_from, self.gpu = int(flushes_from), bool(gpu)
 
     def __call__(self, tokens: int) -> int:
-        return int(self.base + self.per_token * tokens)
+        import bisect
+        import math
+
+        n = max(1, int(tokens))
+        est = math.inf
+        i = bisect.bisect_left(self.lengths, n)
+        if i < len(self.lengths):
+            est = self.sizes[i]
+        j = bisect.bisect_right(self.lengths, n) - 1
+        if j >= 0 and (self.lengths[j] >= self.steady or i == len(self.lengths)):
+            est = min(est, self.sizes[j] + self.per_token * (n - self.lengths[j] + self.page))
+        if n >= self.flushes_from:
+            est += self.spare
+        if self.gpu:
+            est += self.per_token * (n / 8 + self.page)
+        return math.ceil(est)
 
     @classmethod
-    def measure(cls, model, draft_model=None, first: int = 256, second: int = 512) -> KVCost:
+    def measure(cls, model, draft_model=None, top: int = 1024) -> KVCost:
         import mlx.core as mx
 
-        sizes = []
-        for n in (first, second):
-            total = 0
+        def probe(n):
+            total, caches = 0, []
             for m in (model, draft_model):
                 if m is None:
                     continue
                 cache = _server.make_prompt_cache(m)
+                for c in cache:  # mixed presets: price the routed layout (see above)
+                    if getattr(c, "mixed_trial", False):
+                        c.mixed_trial = False
                 mx.eval(m(mx.zeros((1, n), dtype=mx.int32), cache=cache))
                 total += sum(c.nbytes for c in cache)
+                caches += cache
+            return total, caches
+
+        first, caches = probe(1)
+        page = max([int(getattr(c, "block_tokens", getattr(c, "step", 256))) for c in caches]
+                   + [1])
+        windows = [int(getattr(c, "fp16_sinks", 0)) + int(getattr(c, "fp16_window", 0))
+                   for c in caches]
+        steady = max([w + 2 * page for w in windows] + [page])
+        flushes_from = min([w + int(getattr(c, "block_tokens", 0)) + 1
+                            for c, w in zip(caches, windows) if hasattr(c, "spare_nbytes")]
+                           + [1 << 62])
+        # the same probes on every rank (each prefill is a collective on a sharded model)
+        steady = max(row[0] for row in _gather([steady]))
+        while top // 2 < steady:
+            top *= 2
+        lengths = [n for n in cls.SHORT_PROBES if n < top]
+        n = lengths[-1] * 2
+        while n <= top:
+            lengths.append(n)
+            n *= 2
+        if lengths[-1] != top:
+            lengths.append(top)
+        sizes = [first]
+        for n in lengths[1:]:
+            total, caches = probe(n)
             sizes.append(total)
-        sizes = [sum(col) for col in zip(*_gather(sizes))]
-        per_token = (sizes[1] - sizes[0]) / (second - first)
-        return cls(sizes[1] - per_token * second, per_token)
+        spare = sum(c.spare_nbytes() for c in caches if hasattr(c, "spare_nbytes"))
+        gpu = int(any(getattr(c, "_gpu", False) for c in caches))
+        rows = _gather(sizes + [spare, gpu, page, steady, flushes_from])
+        k = len(sizes)
+        sizes = [sum(col) for col in zip(*(r[:k] for r in rows))]
+        return cls(lengths, sizes, spare=sum(r[k] for r in rows),
+                   gpu=any(r[k + 1] for r in rows), page=max(r[k + 2] for r in rows),
+                   steady=max(r[k + 3] for r in rows),
+                   flushes_from=min(r[k + 4] for r in rows))
 
 
 class TurboQuantModelProvider(_server.ModelProvider):
@@ -329,6 +408,12 @@ def batching_refusal(cache: list, draft: bool = False) -> str | None:
     return None
 
 
+def _calibration_tokens(prompt_cache: list) -> int:
+    """The most leading tokens any cache of a prompt cache was calibrated on (0: none;
+    ``TurboQuantKVCache.calibration_tokens``)."""
+    return max((int(getattr(c, "calibration_tokens", 0)) for c in prompt_cache), default=0)
+
+
 class PromptCacheStore(_server.LRUPromptCache):
     """mlx-lm's LRU prompt-cache store, with each entry's key and its caches' lengths made
     to agree on insertion, and the same decisions on every rank of a sharded model.
@@ -357,23 +442,37 @@ class PromptCacheStore(_server.LRUPromptCache):
 
     def fetch_nearest_cache(self, model, tokens):
         """mlx-lm's lookup (exact entry, else a longer entry trimmed back to the common
-        prefix, else the longest shorter entry), where a longer entry is used only if every
-        cache can take that trim: a sliding-window layer that has evicted tokens takes only
-        what leaves the next query its window (``max_trim``). A longer entry is resumed
-        from where its caches hold what a fresh run of this prompt holds
+        prefix, else the longest shorter entry), where an entry is reused only from a prefix
+        that covers its calibration, and a longer entry only if every cache can take the
+        trim.
+
+        Calibration: a TurboQuant cache's centring means and key-split channel order (and a
+        mixed preset's trial) are computed from the first tokens it was given
+        (``TurboQuantKVCache.calibration_tokens``, normally the first prefill chunk of the
+        request that made the entry) and stay with it when it is trimmed. An entry is
+        reused only when the new prompt shares at least those tokens, so what a reused
+        cache is calibrated on is part of the prompt; otherwise the prompt gets a fresh
+        cache. Trim: a sliding-window layer that has evicted tokens takes only what leaves
+        the next query its window (``max_trim``). A longer entry is resumed from where its
+        caches hold what a fresh run of this prompt holds
         (``TurboQuantKVCache.reuse_prefix``: codes are never turned back into fp16 window
         rows, so an entry whose window flushed past this prompt's flush point resumes from
         an earlier flush boundary), so a reused prompt keeps its most recent fp16 window
         tokens exact, as a fresh one does."""
         result = self._trie.search(model, tokens)
         if result.exact is not None:
-            return super().fetch_nearest_cache(model, tokens)
+            entry = self._trie.get(result.model, result.exact)
+            if self._covers(entry, len(result.exact)):
+                return copy.deepcopy(entry.prompt_cache), []
+            return None, tokens
         short = len(result.shorter) if result.shorter is not None else 0
         if result.longer is not None and result.common_prefix > short:
             entry = self._trie.get(result.model, result.longer)
             prefix = min(len(tokens) - 1, result.common_prefix)
             prefix = min([prefix] + [c.reuse_prefix(prefix, len(tokens))
                                      for c in entry.prompt_cache if hasattr(c, "reuse_prefix")])
+            if prefix < _calibration_tokens(entry.prompt_cache):
+                prefix = 0  # the entry's calibration read tokens this prompt does not share
             prefix = min(row[0] for row in _gather([prefix], self._group_))  # one point, all ranks
             n = len(result.longer) - prefix
             ok = prefix > short and can_trim_prompt_cache(entry.prompt_cache) and all(
@@ -384,8 +483,15 @@ class PromptCacheStore(_server.LRUPromptCache):
                 return cache, tokens[prefix:]
         if short > 0:
             entry = self._trie.get(result.model, result.shorter)
-            return copy.deepcopy(entry.prompt_cache), tokens[short:]
+            if self._covers(entry, short):
+                return copy.deepcopy(entry.prompt_cache), tokens[short:]
         return None, tokens
+
+    def _covers(self, entry, prefix: int) -> bool:
+        """Whether ``prefix`` tokens of an entry cover its caches' calibration on every rank
+        (a collective)."""
+        need = _calibration_tokens(entry.prompt_cache)
+        return all(row[0] for row in _gather([int(need <= prefix)], self._group_))
 
     def insert_cache(self, model, tokens, prompt_cache, *, cache_type: str = "assistant"):
         offsets = [getattr(c, "offset", None) for c in prompt_cache]

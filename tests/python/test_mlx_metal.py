@@ -652,6 +652,31 @@ def test_fp16_sinks_and_window_match_the_core(d, hq, hkv, sinks, window, bt):
     assert_same_codes_and_rows(back, core)
 
 
+def test_prefill_gives_sdpa_the_fused_causal_mask(monkeypatch):
+    # A prefill chunk's queries are the last of the keys: mlx's "causal" string is that mask,
+    # and sdpa's fused kernels take it (cuDNN on CUDA); an array mask would send CUDA's sdpa
+    # to its unfused fallback. A sliding window still needs an array.
+    rng = np.random.default_rng(3)
+    store, core = quality_pair(64, 4, 2, bt=8, sinks=4, window=8)
+    k, v = rand(rng, 2, 40, 64), rand(rng, 2, 40, 64)
+    store.append(mx.array(k), mx.array(v))
+    core.append(k, v)
+    masks, sdpa = [], mx.fast.scaled_dot_product_attention
+
+    def recording(*a, mask=None, **kw):
+        masks.append(mask)
+        return sdpa(*a, mask=mask, **kw)
+
+    monkeypatch.setattr(mx.fast, "scaled_dot_product_attention", recording)
+    q = rand(rng, 4, 6, 64)
+    for half in (None, mx.float16):
+        out = np.array(store.attend(mx.array(q), dtype=half).astype(mx.float32))
+        np.testing.assert_allclose(out, core.attend(q), atol=2e-2 if half else 1e-4)
+    assert masks == ["causal", "causal"]
+    store.attend(mx.array(q), window=16)
+    assert isinstance(masks[-1], mx.array)
+
+
 def test_windowed_store_refuses_bad_input_unchanged():
     rng = np.random.default_rng(11)
     store, core = quality_pair(sinks=2, window=4, bt=4)

@@ -200,6 +200,20 @@ def test_prompt_reuse_keeps_compressed_caches_within_the_budget(server):
     assert store["prompt_cache"]["sequences"] >= 1
 
 
+def test_a_prompt_sharing_a_short_prefix_is_served_as_on_a_fresh_server(server, model_dir):
+    """A stored prompt is not reused by one that shares fewer tokens than its caches were
+    calibrated on (no cached tokens: the text of a fresh cache); its next turn is."""
+    a = "Zephyrs whisper over quiet meadows while the old mill turns slowly"
+    b = "Zephyrs whisper about rain"  # 16 tokens shared with a
+    body = {"max_tokens": 8, "temperature": 0}
+    first = post(server, "/v1/completions", dict(body, prompt=a))["choices"][0]["text"]
+    r = post(server, "/v1/completions", dict(body, prompt=b))
+    assert r["usage"]["prompt_tokens_details"]["cached_tokens"] == 0
+    assert r["choices"][0]["text"] == reference_text(model_dir, b, 8)
+    r = post(server, "/v1/completions", dict(body, prompt=a + first[:4] + " and then?"))
+    assert r["usage"]["prompt_tokens_details"]["cached_tokens"] >= len(a) - 1
+
+
 def test_malformed_json_is_a_400_and_the_server_keeps_serving(server):
     host, port = server.removeprefix("http://").split(":")
     conn = http.client.HTTPConnection(host, int(port), timeout=10)

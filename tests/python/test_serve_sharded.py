@@ -81,8 +81,8 @@ def _complete_all(url: str) -> list[str]:
                  timeout=60)["choices"][0]["text"] for p in PROMPTS]
 
 
-# over 700 tokens: about 80 KB of KV cache for the whole model (KVCost), over the budget;
-# about half of that on one tensor-parallel rank, which a rank-local measure would let in
+# 720 tokens: 84 KB of KV cache for the whole model (KVCost prices it at 105 KB), over the
+# budget; half of that on one tensor-parallel rank, which a rank-local measure would let in
 LONG_PROMPT = "waves and wind " * 60
 
 

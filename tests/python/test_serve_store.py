@@ -26,15 +26,19 @@ def kv(T, seed):
     return mx.array(k), mx.array(v)
 
 
-def filled(make, T, layers=LAYERS):
-    """A prompt cache of ``layers`` layers holding T tokens (fp16 K/V of SmolLM2's shape)."""
+def filled(make, T, layers=LAYERS, first=None):
+    """A prompt cache of ``layers`` layers holding T tokens (fp16 K/V of SmolLM2's shape),
+    given as a first block of ``first`` tokens (default: all T) and then the rest."""
     caches = []
     for i in range(layers):
         c = make(i)
         k, v = kv(T, i)
-        c.update_and_fetch(k, v)
-        if isinstance(c, TurboQuantKVCache):
-            c.attend(mx.zeros((1, HQ, 1, D), mx.float16), scale=D ** -0.5)  # builds the core
+        for a, b in ((0, first or T), (first or T, T)):
+            if b <= a:
+                continue
+            c.update_and_fetch(k[:, :, a:b], v[:, :, a:b])
+            if isinstance(c, TurboQuantKVCache):  # builds the core
+                c.attend(mx.zeros((1, HQ, 1, D), mx.float16), scale=D ** -0.5)
         caches.append(c)
     return caches
 
@@ -99,7 +103,9 @@ def test_store_keys_agree_with_the_cache_lengths():
     from turboquant.serve import PromptCacheStore
 
     T = 40
-    caches = filled(lambda i: TurboQuantKVCache(3, 3, layer=i), T - 1, layers=2)
+    # calibrated on the first 20 tokens, so the entry may serve a prompt sharing 30
+    caches = filled(lambda i: TurboQuantKVCache(3, 3, layer=i), T - 1, layers=2, first=20)
+    assert [c.calibration_tokens for c in caches] == [20, 20]
     store = PromptCacheStore()
     tokens = list(range(T))  # the last token was sampled but never fed to the model
     store.insert_cache("model", tokens, caches)
@@ -155,3 +161,86 @@ def test_a_reused_prompt_keeps_the_fp16_window_of_a_fresh_one(P, n):
                 np.testing.assert_array_equal(c._core.decode(0, h, role, 0, n),
                                               fresh._core.decode(0, h, role, 0, n))
         np.testing.assert_array_equal(a, b)
+
+
+# -- reuse and calibration, on a tiny model through mlx-lm's generation loop ------------
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
+    from mlx_lm import load
+    from mlx_tiny_dir import save_tiny_model_dir
+
+    model, tokenizer = load(str(save_tiny_model_dir(tmp_path_factory.mktemp("tiny_reuse"))))
+    return model, tokenizer
+
+
+def serve_one(store, model, tokenizer, text: str, max_tokens: int = 12):
+    """One request as mlx-lm's server serves it on the sequential path: the nearest entry of
+    the store (else a fresh TurboQuant cache, tq3), greedy generation from the rest of the
+    prompt, the cache stored under the prompt and the generated tokens. Returns the prompt,
+    the generated tokens, how many prompt tokens came from the store, and the cache."""
+    from mlx_lm.generate import generate_step
+    from turboquant.mlx_lm import make_prompt_cache
+
+    prompt = tokenizer.encode(text)
+    cache, rest = store.fetch_nearest_cache("model", prompt)
+    reused = len(prompt) - len(rest)
+    if cache is None:
+        cache = make_prompt_cache(model, key_bits=3, value_bits=3)
+    steps = [(int(t), np.array(lp)) for t, lp in generate_step(
+        mx.array(rest), model, prompt_cache=cache, max_tokens=max_tokens,
+        sampler=lambda x: mx.argmax(x, axis=-1))]
+    out = [t for t, _ in steps]
+    store.insert_cache("model", prompt + out, cache)
+    serve_one.logprobs = np.stack([lp for _, lp in steps])
+    return prompt, out, reused, cache
+
+
+def core_bytes(cache):
+    return [c._core.to_bytes() for c in cache]
+
+
+def test_an_entry_is_not_reused_from_a_prefix_shorter_than_its_calibration(tiny_model):
+    """Prompt B shares 16 tokens with the stored prompt A, fewer than A's caches were
+    calibrated on (A's first prefill block): B gets a fresh cache, so its output and its
+    caches are those of B served first."""
+    from turboquant.serve import PromptCacheStore
+
+    model, tok = tiny_model
+    a = "The quick brown fox jumps over the lazy dog near the river bank at dawn"
+    b = "The quick brown cat sat on the mat by the door"
+    store = PromptCacheStore()
+    prompt_a, _, _, cache_a = serve_one(store, model, tok, a)
+    assert [c.calibration_tokens for c in cache_a] == [len(prompt_a) - 1] * len(cache_a)
+    prompt_b, out_b, reused, cache_b = serve_one(store, model, tok, b)
+    logprobs_b = serve_one.logprobs
+    assert prompt_b[:16] == prompt_a[:16] and reused == 0
+    _, alone, _, cache_alone = serve_one(PromptCacheStore(), model, tok, b)
+    assert out_b == alone
+    np.testing.assert_array_equal(logprobs_b, serve_one.logprobs)
+    assert core_bytes(cache_b) == core_bytes(cache_alone)
+    for x, y in zip(cache_b, cache_alone):
+        np.testing.assert_array_equal(np.array(x._k_mean), np.array(y._k_mean))
+        np.testing.assert_array_equal(x._perm, y._perm)
+
+
+def test_an_entry_is_reused_from_a_prefix_that_covers_its_calibration(tiny_model):
+    """The next turn of a conversation (the stored prompt, part of its answer, new text)
+    shares every token the entry was calibrated on: it is resumed from the entry."""
+    from turboquant.serve import PromptCacheStore
+
+    model, tok = tiny_model
+    a = "The quick brown fox jumps over the lazy dog near the river bank at dawn"
+    store = PromptCacheStore()
+    prompt_a, out_a, _, cache_a = serve_one(store, model, tok, a)
+    calibrated = max(c.calibration_tokens for c in cache_a)
+    text = tok.decode(prompt_a + out_a[:5]) + " and then?"
+    prompt_b = tok.encode(text)
+    shared = next(i for i, (x, y) in enumerate(zip(prompt_b, prompt_a + out_a)) if x != y)
+    assert shared >= calibrated
+    _, _, reused, cache_b = serve_one(store, model, tok, text)
+    assert calibrated <= reused <= shared
+    assert max(c.calibration_tokens for c in cache_b) == calibrated  # the entry's
+    # an entry is also reused whole by a prompt that extends it
+    _, _, reused, _ = serve_one(store, model, tok, tok.decode(prompt_b) + " more")
+    assert reused >= calibrated and reused >= len(prompt_b) - 1
