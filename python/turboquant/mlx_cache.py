@@ -364,9 +364,9 @@ class TurboQuantKVCache(PlaceholderKeys, _mlx_cache._BaseCache):
     def calibration_tokens(self) -> int:
         """How many leading tokens of the sequence the cache's calibration was computed from:
         the centring means (the first block appended), the key split's channel order and the
-        mixed-precision trial (the tokens held when the core is built, normally the same
-        first block); 0 when nothing is calibrated (``center`` and ``key_split`` off, no
-        trial). The calibration stays with the cache when it is trimmed, so a cache trimmed
+        mixed-precision and width trials (the tokens held when the core is built, normally
+        the same first block); 0 when nothing is calibrated (``center`` and ``key_split``
+        off, no trial). The calibration stays with the cache when it is trimmed, so a cache trimmed
         to fewer tokens still depends on the trimmed ones; a prompt-cache store reuses it
         only for a prompt that shares at least these tokens."""
         return int(getattr(self, "_calibrated", 0))
@@ -796,6 +796,7 @@ class TurboQuantKVCache(PlaceholderKeys, _mlx_cache._BaseCache):
         if self.width_trial and queries is not None and scale is not None:
             self.width_trial = False  # once, on the first block
             if not self.mixed_bits:  # uniform codes: their key / value widths by trial
+                self._calibrate_on(sum(k.shape[1] for k, _ in self._pending))
                 self.key_bits, self.value_bits = self._trial_widths(queries, float(scale),
                                                                     total_kv, head_dim)
                 plan = self.split_plan(head_dim)
