@@ -142,7 +142,8 @@ def main(argv=None) -> int:
                 r["kv_smaller_than_fp16"] = base["kv_bytes"] / r["kv_bytes"]
             rows.append(r)
             print(f"{a.shape} T={context:7d} {kind:13s} prefill {r['prefill_tok_s']:9.1f} tok/s "
-                  f"decode {r['decode_tok_s']:7.2f} tok/s (synchronous {r['decode_sync_tok_s']:7.2f}) KV {r['kv_bytes'] / 2**20:9.1f} MiB "
+                  f"decode {r['decode_tok_s']:7.2f} tok/s "
+                  f"(synchronous {r['decode_sync_tok_s']:7.2f}) KV {r['kv_bytes'] / 2**20:9.1f} MiB "
                   f"x{r.get('decode_vs_fp16', 1.0):.2f} decode vs fp16", flush=True)
             mx.clear_cache()
     res = dict(machine=machine(), shape=a.shape, config=SHAPES[a.shape], rows=rows)

@@ -33,6 +33,8 @@ from turboquant.mlx_host import PlaceholderKeys, _host, _window_from_mask
 
 __all__ = ["TurboQuantKVCache", "layer_seed"]
 
+_TRIAL_BLOCK = 32  # the block of the cores a trial on the prompt encodes with
+
 _SEED_LAYER_STRIDE = 0x9E3779B97F4A7C15  # golden-ratio stride: distinct streams per layer
 _MASK64 = (1 << 64) - 1
 
@@ -55,6 +57,9 @@ class TurboQuantKVCache(PlaceholderKeys, _mlx_cache._BaseCache):
     query head count is known; the first block of K/V waits for it (it is the caller's
     transient array, never a copy kept across steps).
     """
+
+    # How many leading tokens the calibration (means, channel order, trials) read.
+    _calibrated = 0
 
     # turboquant.mlx_batch takes these as batch rows (it knows them by this flag, not by
     # importing this module, which imports it for merge)
@@ -143,8 +148,6 @@ class TurboQuantKVCache(PlaceholderKeys, _mlx_cache._BaseCache):
         # Per-KV-head mean key / value of the first block (see _centre).
         self._k_mean: np.ndarray | None = None
         self._v_mean: np.ndarray | None = None
-        # How many leading tokens the calibration (means, channel order, mixed trial) read.
-        self._calibrated = 0
         self._core = None
         self._pending: list[tuple[np.ndarray, np.ndarray]] = []
         self._n_q_heads: int | None = None
@@ -358,7 +361,7 @@ class TurboQuantKVCache(PlaceholderKeys, _mlx_cache._BaseCache):
                 np.ascontiguousarray(v - self._v_mean, dtype=np.float32))
 
     def _calibrate_on(self, tokens: int) -> None:
-        self._calibrated = max(int(getattr(self, "_calibrated", 0)), int(tokens))
+        self._calibrated = max(self._calibrated, int(tokens))
 
     @property
     def calibration_tokens(self) -> int:
@@ -366,10 +369,10 @@ class TurboQuantKVCache(PlaceholderKeys, _mlx_cache._BaseCache):
         the centring means (the first block appended), the key split's channel order and the
         mixed-precision and width trials (the tokens held when the core is built, normally
         the same first block); 0 when nothing is calibrated (``center`` and ``key_split``
-        off, no trial). The calibration stays with the cache when it is trimmed, so a cache trimmed
-        to fewer tokens still depends on the trimmed ones; a prompt-cache store reuses it
-        only for a prompt that shares at least these tokens."""
-        return int(getattr(self, "_calibrated", 0))
+        off, no trial). The calibration stays with the cache when it is trimmed, so a cache
+        trimmed to fewer tokens still depends on the trimmed ones; a prompt-cache store
+        reuses it only for a prompt that shares at least these tokens."""
+        return self._calibrated
 
     def spare_nbytes(self) -> int:
         """The most bytes this cache holds beyond a cache given the same tokens in one call:
@@ -648,7 +651,7 @@ class TurboQuantKVCache(PlaceholderKeys, _mlx_cache._BaseCache):
         b = self.key_bits if self.key_head_bits is None else min(widths)
         return head_dim // 2, b + 1, b - 1
 
-    def _trial_inputs(self, queries, scale: float, total_kv: int, head_dim: int):
+    def _trial_inputs(self, queries, total_kv: int, head_dim: int):
         """(keys, values, queries, make_core, split) of a trial (turboquant.mixed_trial) on
         the pending first block and its queries (host, in the core's channel order); None
         where it cannot run (per-head widths, queries that are not the block's own)."""
@@ -675,7 +678,7 @@ class TurboQuantKVCache(PlaceholderKeys, _mlx_cache._BaseCache):
         make_core = mixed_trial.make_core_factory(
             head_dim, total_kv, q.shape[0], self.key_method, layer_seed(self.seed, self.layer),
             self.rotation_for(head_dim), self.debias and mse, split, self.split_angle_bits,
-            32)
+            _TRIAL_BLOCK)
         return keys, values, q, make_core, split
 
     def _routing_pays(self, queries, scale: float, total_kv: int, head_dim: int) -> bool:
@@ -683,7 +686,7 @@ class TurboQuantKVCache(PlaceholderKeys, _mlx_cache._BaseCache):
         its queries (host, in the input channel order); True where it cannot run."""
         from turboquant import mixed_trial
 
-        t = self._trial_inputs(queries, scale, total_kv, head_dim)
+        t = self._trial_inputs(queries, total_kv, head_dim)
         if t is None:
             return True
         keys, values, q, make_core, split = t
@@ -693,7 +696,7 @@ class TurboQuantKVCache(PlaceholderKeys, _mlx_cache._BaseCache):
         return mixed_trial.routing_pays(keys, values, q, scale, make_core,
                                         (self.key_bits, self.value_bits), self.mixed_bits,
                                         uniform, self.fp16_sinks, self.fp16_window, group, kept,
-                                        32)
+                                        _TRIAL_BLOCK)
 
     def _trial_widths(self, queries, scale: float, total_kv: int,
                       head_dim: int) -> tuple[int, int]:
@@ -707,7 +710,7 @@ class TurboQuantKVCache(PlaceholderKeys, _mlx_cache._BaseCache):
         from turboquant import mixed_trial
 
         own = (self.key_bits, self.value_bits)
-        t = self._trial_inputs(queries, scale, total_kv, head_dim)
+        t = self._trial_inputs(queries, total_kv, head_dim)
         if t is None:
             return own
         keys, values, q, make_core, split = t
@@ -766,6 +769,7 @@ class TurboQuantKVCache(PlaceholderKeys, _mlx_cache._BaseCache):
                              f"of {n_kv_heads // B} KV heads")
         plan = self.split_plan(head_dim)
         key_bits, split = self.key_bits, {}
+        held = sum(k.shape[1] for k, _ in self._pending)  # what a calibration here reads
         kh = self._tiled_head_bits(self.key_head_bits, total_kv)
         vh = self._tiled_head_bits(self.value_head_bits, total_kv)
         heads = {}
@@ -779,13 +783,13 @@ class TurboQuantKVCache(PlaceholderKeys, _mlx_cache._BaseCache):
                 # The channel order is chosen once, from the first block, on the host (on
                 # the Metal path too: one read of the prefill's keys and queries).
                 keys = np.concatenate([_host(k) for k, _ in self._pending], axis=1)
-                self._calibrate_on(keys.shape[1])
+                self._calibrate_on(held)
                 self._perm = self._choose_channels(
                     keys, None if queries is None else _host(queries), m)
                 self._pending = [(_permute(k, self._perm), v) for k, v in self._pending]
         if self.mixed_trial and queries is not None and scale is not None:
             self.mixed_trial = False  # once, on the first block
-            self._calibrate_on(sum(k.shape[1] for k, _ in self._pending))
+            self._calibrate_on(held)
             if not self._routing_pays(queries, float(scale), total_kv, head_dim):
                 self.key_bits, self.value_bits = _presets.uniform_widths(
                     self.key_bits, self.value_bits, self.mixed_bits, self.mixed_keep,
@@ -796,7 +800,7 @@ class TurboQuantKVCache(PlaceholderKeys, _mlx_cache._BaseCache):
         if self.width_trial and queries is not None and scale is not None:
             self.width_trial = False  # once, on the first block
             if not self.mixed_bits:  # uniform codes: their key / value widths by trial
-                self._calibrate_on(sum(k.shape[1] for k, _ in self._pending))
+                self._calibrate_on(held)
                 self.key_bits, self.value_bits = self._trial_widths(queries, float(scale),
                                                                     total_kv, head_dim)
                 plan = self.split_plan(head_dim)

@@ -63,11 +63,13 @@ instead of a traceback and counts it in ``/v1/turboquant``'s ``disconnects``.
 
 from __future__ import annotations
 
+import bisect
 import copy
 import importlib
 import inspect
 import json
 import logging
+import math
 import sys
 import threading
 import time
@@ -256,9 +258,6 @@ class KVCost:
         self.flushes_from, self.gpu = int(flushes_from), bool(gpu)
 
     def __call__(self, tokens: int) -> int:
-        import bisect
-        import math
-
         n = max(1, int(tokens))
         est = math.inf
         i = bisect.bisect_left(self.lengths, n)
