@@ -4,7 +4,7 @@ and 128, 2/3/4-bit codes (plain, and the key split of the default recipe). For e
 decode call two ways (each call evaluated on its own: launch and sync latency included; and
 pipelined: many calls evaluated together, the GPU time per call where it exceeds the host's),
 the bytes it must read (codes + norms, or fp16 K/V), achieved GB/s, and that as a share of the
-nominal memory bandwidth (--peak-gbps; H200: 4800) and of a copy's in this run.
+nominal memory bandwidth (--peak-gbps; by default from the GPU's name) and of a copy's in this run.
 
     python bench/gpu_attention.py --out bench/results/gpu_attention_h200.json
     python bench/gpu_attention.py --smoke   # tiny sizes, any machine (reference kernels on CPU)
@@ -34,6 +34,16 @@ def store_for(d: int, hq: int, hkv: int, bits: int, split: bool, kernels):
         kw.update(key_bits=bits - 1, n_outlier_channels=d // 2, outlier_bits=bits + 1,
                   outlier_channels=list(range(d // 2)), outlier_roles="keys")
     return MetalCodeStore(d, **kw)
+
+
+# Nominal HBM bandwidth (GB/s) by the device's name: the goal's "% of HBM bandwidth".
+NOMINAL_GBPS = (("H200", 4800.0), ("H100 NVL", 3900.0), ("H100 PCIe", 2000.0), ("H100", 3350.0))
+
+
+def nominal_gbps(device: str) -> float:
+    """The nominal memory bandwidth of the GPU named in ``device`` (4800, the H200's, for a
+    name not in NOMINAL_GBPS)."""
+    return next((g for name, g in NOMINAL_GBPS if name in device), 4800.0)
 
 
 def run(contexts, dims, bits_list, hkv=8, group=4, peak_gbps=4800.0, kernels=None,
@@ -156,8 +166,9 @@ def main(argv=None) -> int:
     ap.add_argument("--contexts", default="4096,8192,16384,32768,65536,131072")
     ap.add_argument("--dims", default="64,128")
     ap.add_argument("--bits", default="2,3,4")
-    ap.add_argument("--peak-gbps", type=float, default=4800.0,
-                    help="nominal memory bandwidth of the GPU (H200: 4800)")
+    ap.add_argument("--peak-gbps", type=float, default=None,
+                    help="nominal memory bandwidth of the GPU (default: by its name, "
+                         "H200 4800, H100 SXM 3350; else 4800)")
     ap.add_argument("--iters", type=int, default=50)
     ap.add_argument("--smoke", action="store_true",
                     help="tiny sizes with the reference kernels: checks the script anywhere")
@@ -181,6 +192,8 @@ def main(argv=None) -> int:
     swept = (sweep([int(x) for x in a.sweep.split(",")], kernels=kernels,
                    iters=2 if a.smoke else 30, block_kernels=block_kernels)
              if a.sweep else None)
+    if a.peak_gbps is None:
+        a.peak_gbps = nominal_gbps(str(machine().get("device", "")))
     res = run([int(x) for x in a.contexts.split(",")], [int(x) for x in a.dims.split(",")],
               [int(x) for x in a.bits.split(",")], peak_gbps=a.peak_gbps, kernels=kernels,
               iters=a.iters, block_kernels=block_kernels)

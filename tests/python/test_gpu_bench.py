@@ -44,6 +44,18 @@ def test_gpu_attention_smoke(tmp_path):
     assert res["machine"]["mlx_kernels"] in ("cpu", "metal", "cuda")
 
 
+def test_gpu_decode_parts_smoke(tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(BENCH))
+    from gpu_decode_parts import VARIANTS
+
+    res = run("gpu_decode_parts.py", tmp_path)
+    rows = res["rows"]
+    assert [r["cache"] for r in rows] == ["fp16", *VARIANTS]
+    for r in rows:
+        assert r["context"] == 256 and r["total_us"] >= r["host_us"] > 0
+        assert r["prefill_tok_s"] > 0
+
+
 def test_gpu_e2e_smoke(tmp_path):
     res = run("gpu_e2e.py", tmp_path)
     rows = {r["cache"]: r for r in res["rows"]}

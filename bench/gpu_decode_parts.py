@@ -1,0 +1,112 @@
+"""Which part of the TurboQuant cache costs GPU decode time at long context: one decode step
+(built, then evaluated: host + GPU) of a 2-layer random model of Llama-3.1-8B's layer shape,
+prefilled in 2,048-token chunks, with mlx-lm's fp16 cache and with the 3-bit cache under
+recipe variants (each part switched off in turn), per context, in one run. Median of the
+steps, per layer.
+
+    python bench/gpu_decode_parts.py --contexts 32768,131072 \\
+        --out bench/results/gpu_decode_parts.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+
+from gpu_common import environment, machine, write_result
+
+VARIANTS = {
+    "tq3 (default recipe)": (dict(key_bits=3, value_bits=3), {}),
+    "tq3, no fp16 sinks/window": (dict(key_bits=3, value_bits=3, fp16_sinks=0, fp16_window=0), {}),
+    "tq3, no key split": (dict(key_bits=3, value_bits=3, key_split=False), {}),
+    "tq3, no centring": (dict(key_bits=3, value_bits=3, center=False), {}),
+    "codes-only": (dict(preset="codes-only"), {}),
+    "tq3, staged kernel": (dict(key_bits=3, value_bits=3), {"TQ_GPU_ATTENTION": "staged"}),
+    "tq3, no async_eval after a page write": (dict(key_bits=3, value_bits=3),
+                                               {"TQ_GPU_WRITE_ASYNC_EVAL": "0"}),
+}
+
+
+# The 8B model's layer shape; --smoke: a tiny one (the script checked anywhere, on the core).
+LAYER = dict(hidden_size=4096, intermediate_size=14336, num_attention_heads=32,
+             num_key_value_heads=8, head_dim=128)
+TINY = dict(hidden_size=128, intermediate_size=128, num_attention_heads=4,
+            num_key_value_heads=2, head_dim=64)
+
+
+def step_us(context: int, options: dict | None, steps: int, layer: dict = LAYER) -> dict:
+    from mlx_lm.models import cache as mlx_cache
+    from mlx_lm.models import llama
+
+    from turboquant.mlx_lm import make_prompt_cache
+
+    mx.random.seed(0)
+    args = dict(layer, num_hidden_layers=2, vocab_size=1024, rope_theta=500000.0,
+                rms_norm_eps=1e-5, max_position_embeddings=131072, tie_word_embeddings=False,
+                model_type="llama")
+    model = llama.Model(llama.ModelArgs.from_dict(args))
+    model.set_dtype(mx.float16)
+    mx.eval(model.parameters())
+    cache = (mlx_cache.make_prompt_cache(model) if options is None
+             else make_prompt_cache(model, **options))
+    prompt = mx.random.randint(0, 1024, (1, context))
+    t0 = time.perf_counter()
+    for a in range(0, context, 2048):
+        mx.eval(model(prompt[:, a:a + 2048], cache=cache)[:, -1])
+    prefill = time.perf_counter() - t0
+    tok = mx.array([[1]])
+    mx.eval(model(tok, cache=cache))
+    hosts, totals = [], []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        out = model(tok, cache=cache)
+        t1 = time.perf_counter()
+        mx.eval(out)
+        totals.append(time.perf_counter() - t0)
+        hosts.append(t1 - t0)
+    n = args["num_hidden_layers"]
+    return dict(host_us=float(np.median(hosts)) * 1e6 / n,
+                total_us=float(np.median(totals)) * 1e6 / n,
+                prefill_tok_s=context / prefill)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--contexts", default="32768,131072")
+    ap.add_argument("--steps", type=int, default=40)
+    ap.add_argument("--variants", default=";".join(VARIANTS),
+                    help="semicolon-separated names of VARIANTS (fp16 always runs)")
+    ap.add_argument("--smoke", action="store_true",
+                    help="a tiny layer shape at 256 tokens: checks the script anywhere")
+    ap.add_argument("--out", type=Path)
+    a = ap.parse_args(argv)
+    layer = LAYER
+    if a.smoke:
+        a.contexts, a.steps, layer = "256", 2, TINY
+    rows = []
+    for T in (int(x) for x in a.contexts.split(",")):
+        base = step_us(T, None, a.steps, layer)
+        rows.append(dict(context=T, cache="fp16", **base))
+        print(f"T={T:7d} {'fp16':40s} host {base['host_us']:7.1f} us/layer  step "
+              f"{base['total_us']:7.1f} us/layer  prefill {base['prefill_tok_s']:8.0f} tok/s",
+              flush=True)
+        for name in a.variants.split(";"):
+            options, env = VARIANTS[name]
+            with environment(**env):
+                step_us(min(T, 4096), options, 2, layer)  # first-use compilation, untimed
+                r = step_us(T, options, a.steps, layer)
+            rows.append(dict(context=T, cache=name, **r))
+            print(f"T={T:7d} {name:40s} host {r['host_us']:7.1f} us/layer  step "
+                  f"{r['total_us']:7.1f} us/layer  x{base['total_us'] / r['total_us']:.2f} vs "
+                  f"fp16  prefill {r['prefill_tok_s']:8.0f} tok/s", flush=True)
+    if a.out:
+        write_result(a.out, dict(machine=machine(), steps=a.steps, rows=rows))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
