@@ -12,6 +12,7 @@ channel order).
 
   PYTHONPATH=python python bench/sliding_memory.py --tokens 4096 32768 --bits 3
   PYTHONPATH=python python bench/sliding_memory.py --tokens 4096 32768 --preset tq3-mixed
+  PYTHONPATH=python python bench/sliding_memory.py --tokens 4096 32768 --bits 3 --ring-extra-bits 1
 
 ``--bits B`` is make_prompt_cache(key_bits=B, value_bits=B) (the recommended recipe at B
 bits); ``--preset NAME`` a named recipe (turboquant.presets).
@@ -71,16 +72,21 @@ def main():
     ap.add_argument("--tokens", type=int, nargs="+", default=[4096, 32768])
     ap.add_argument("--bits", type=int, default=3)
     ap.add_argument("--preset", default=None, help="a named recipe instead of --bits")
+    ap.add_argument("--ring-extra-bits", type=int, default=None,
+                    help="make_prompt_cache's ring_extra_bits (sliding rings' extra bits)")
     args = ap.parse_args()
     # mixed precision counted routed on every global layer (mixed_trial off): the layers a
     # trial makes uniform hold the same code bits without the kept-token masks
     kw = {"preset": args.preset, "mixed_trial": False} if args.preset else \
         {"key_bits": args.bits, "value_bits": args.bits}
+    kw["ring_extra_bits"] = args.ring_extra_bits
     cfg = GEMMA3_270M
     mx.random.seed(0)
     model = gemma3_text.Model(gemma3_text.ModelArgs.from_dict(cfg))
     d, hq = cfg["head_dim"], cfg["num_attention_heads"]
     what = f"preset {args.preset}" if args.preset else f"{args.bits}-bit keys and values"
+    if args.ring_extra_bits:
+        what += f", rings {args.ring_extra_bits} bit(s) wider"
     print(f"Gemma-3-270M shape, {what}; bytes per layer kind")
     print(f"{'tokens':>7} {'cache':>16} {'global':>12} {'sliding':>12} {'total':>12} "
           f"{'ratio':>7}")

@@ -56,6 +56,7 @@ class Setting:
     decode_scoring: bool = False
     debias: bool | None = None  # norm correction (None: with centring)
     preset: str | None = None  # a named recipe (turboquant.presets), else the options above
+    ring_extra_bits: int = 0  # sliding-window rings' extra bits (eval grammar +rN)
 
     @staticmethod
     def from_preset(name: str) -> Setting:
@@ -68,7 +69,7 @@ class Setting:
                        decay_bits=p.decay_bits, sparse_v=p.sparse_v, mixed_bits=p.mixed_bits,
                        mixed_keep=p.mixed_keep, mixed_trial=p.mixed_trial,
                        block_tokens=p.block_tokens, decode_scoring=p.sparse_v > 0,
-                       preset=p.name)
+                       preset=p.name, ring_extra_bits=p.ring_extra_bits)
 
     @staticmethod
     def parse(spec: str) -> "Setting":
@@ -80,8 +81,8 @@ class Setting:
         to 2 bits), ``m2:0.5`` (mixed precision: the most attended half of the tokens of each
         flush group keep BITS, the rest 2 bits; ``m2:0.5:64``: groups of 64 tokens instead of
         the default 16-token blocks' group), ``sv0.01`` (sparse V threshold 0.01; such a setting is scored one token
-        per step, the decode path where sparse V acts, so ``sv0`` is its dense control) or
-        ``profile:PATH`` (per-layer bits from ``turboquant calibrate``), FLAG is ``raw``
+        per step, the decode path where sparse V acts, so ``sv0`` is its dense control),
+        ``r1`` (sliding-window rings' keys and values 1 bit wider) or ``profile:PATH`` (per-layer bits from ``turboquant calibrate``), FLAG is ``raw``
         (plain codes: no centring, no norm correction, no key split), ``nosplit`` (no key
         split), ``a16`` (the key split's part angle in 16 bits instead of 8) or ``trial``
         (mixed precision only on layers where the prompt's trial finds it pays). A BITS
@@ -103,7 +104,7 @@ class Setting:
         bits, *opts = body.split("+")
         fp16, window, sinks, profile = (), 0, 0, None
         decay, sparse_v, decode_scoring = (0, 0), 0.0, False
-        mixed, group = (0, 0.0), 0
+        mixed, group, ring = (0, 0.0), 0, 0
         for o in opts:
             if o.startswith("sv"):
                 try:
@@ -133,6 +134,11 @@ class Setting:
                                      "tokens, e.g. m2:0.5 or m2:0.5:64")
             elif o.startswith("fp16:"):
                 fp16 = tuple(int(x) for x in o[5:].split(",") if x)
+            elif o.startswith("r") and o[1:].isdigit():
+                ring = int(o[1:])
+                if not 1 <= ring <= 6:
+                    raise ValueError(f"bad option {o!r} in setting {spec!r}: rN needs N in "
+                                     "[1, 6] extra bits for sliding-window rings, e.g. r1")
             elif o.startswith("w") and o[1:].isdigit():
                 window = int(o[1:])
             elif o.startswith("s") and o[1:].isdigit():
@@ -184,6 +190,8 @@ class Setting:
                 block_tokens = group // r
         if decode_scoring:
             name += f"+sv{sparse_v:g}"
+        if ring:
+            name += f"+r{ring}"
         if profile:
             import os
             name += f"[{os.path.basename(profile)}]"
@@ -194,7 +202,7 @@ class Setting:
                        fp16_sinks=sinks, profile=profile, decay_after=decay[0],
                        decay_bits=decay[1], sparse_v=sparse_v, decode_scoring=decode_scoring,
                        mixed_bits=mixed[0], mixed_keep=mixed[1], block_tokens=block_tokens,
-                       mixed_trial="trial" in flags,
+                       mixed_trial="trial" in flags, ring_extra_bits=ring,
                        split_angle_bits=16 if "a16" in flags else 8)
 
 
@@ -258,7 +266,8 @@ def make_cache(model, s: Setting, seed: int = 0):
                                     decay_bits=s.decay_bits, sparse_v=s.sparse_v,
                                     mixed_bits=s.mixed_bits, mixed_keep=s.mixed_keep,
                                     mixed_trial=s.mixed_trial, block_tokens=s.block_tokens,
-                                    split_angle_bits=s.split_angle_bits)
+                                    split_angle_bits=s.split_angle_bits,
+                                    ring_extra_bits=s.ring_extra_bits)
 
 
 def kv_bytes(cache) -> int:

@@ -182,6 +182,8 @@ def make_prompt_cache(model, key_bits: int | None = None, value_bits: int | None
                     # in the ring's own blocks (a mixed recipe's block sizes its groups)
                     kb, vb = p.uniform_bits()
                     extra["block_tokens"] = None
+                if p.ring_extra_bits and i not in per_layer and not heads:
+                    kb, vb = (min(8, b + p.ring_extra_bits) for b in (kb, vb))
             cache[i] = cls(key_bits=int(kb), value_bits=int(vb), method=method,
                                          key_method=key_method, value_method=value_method,
                                          seed=seed, layer=first + i, rotation=rotation,

@@ -15,6 +15,7 @@ from mlx_tiny import tiny_model  # noqa: E402
 
 import turboquant.mlx_lm as tq_mlx  # noqa: E402
 from turboquant import _core, mlx_route  # noqa: E402
+from turboquant.mlx_eval import Setting, make_cache  # noqa: E402
 from turboquant.mlx_rotating import TurboQuantRotatingKVCache, codes_needed  # noqa: E402
 
 TOKENS = np.random.default_rng(0).integers(0, 128, 120).tolist()
@@ -269,6 +270,21 @@ def test_options_and_errors():
     assert (cache[1].key_bits, cache[1].value_bits) == (4, 4)
     cache = tq_mlx.make_prompt_cache(model, preset="tq2.5")  # 2.5 bits: 3-bit keys, 2-bit values
     assert (cache[0].key_bits, cache[0].value_bits, cache[0].mixed_bits) == (3, 2, 0)
+    # ring_extra_bits widens the ring's codes only (capped at 8 bits); eval's +rN says the same
+    cache = tq_mlx.make_prompt_cache(model, key_bits=3, value_bits=3, ring_extra_bits=1)
+    assert (cache[0].key_bits, cache[0].value_bits) == (4, 4)
+    assert (cache[1].key_bits, cache[1].value_bits) == (3, 3)
+    cache = tq_mlx.make_prompt_cache(model, key_bits=3, value_bits=3)
+    assert (cache[0].key_bits, cache[0].value_bits) == (3, 3)
+    cache = tq_mlx.make_prompt_cache(model, key_bits=7, value_bits=6, ring_extra_bits=2)
+    assert (cache[0].key_bits, cache[0].value_bits) == (8, 8)
+    run_chunks(model, cache, chunks=[12, 1])
+    s = Setting.parse("3+s4+w64+r1")
+    assert s.ring_extra_bits == 1 and s.name.endswith("+r1")
+    assert [(c.key_bits, c.value_bits) for c in make_cache(model, s)] == [(4, 4), (3, 3)]
+    for bad in ("3+r0", "3+r7"):
+        with pytest.raises(ValueError, match="rN needs N in"):
+            Setting.parse(bad)
     with pytest.raises(tq_mlx.UnsupportedArchitectureError, match="no layer left"):
         codes_only(model, fp16_layers=[1], sliding=False)
     for kw, msg in [({"max_size": 0}, "max_size must be"),
