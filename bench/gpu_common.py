@@ -39,6 +39,29 @@ def machine() -> dict:
     return info
 
 
+def prefill_and_steps(model, cache, context: int, steps: int, vocab: int = 1024,
+                      chunk: int = 2048) -> tuple[float, list[float], list[float]]:
+    """A random prompt of ``context`` tokens prefilled in ``chunk``-token steps, one untimed
+    decode step, then ``steps`` timed ones, each built then evaluated: (prefill seconds,
+    host seconds per step (building the graph), total seconds per step)."""
+    prompt = mx.random.randint(0, vocab, (1, context))
+    t0 = time.perf_counter()
+    for a in range(0, context, chunk):
+        mx.eval(model(prompt[:, a:a + chunk], cache=cache)[:, -1])
+    prefill = time.perf_counter() - t0
+    tok = mx.array([[1]])
+    mx.eval(model(tok, cache=cache))
+    hosts, totals = [], []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        out = model(tok, cache=cache)
+        t1 = time.perf_counter()
+        mx.eval(out)
+        totals.append(time.perf_counter() - t0)
+        hosts.append(t1 - t0)
+    return prefill, hosts, totals
+
+
 def _per_call(batch, fn, iters: int, repeats: int, warmup: int) -> float:
     """Median seconds per call of `batch(fn, iters)` (which runs `iters` calls of fn() and
     waits for them) over `repeats` runs, after `warmup` evaluated calls."""

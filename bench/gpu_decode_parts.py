@@ -11,13 +11,12 @@ steps, per layer.
 from __future__ import annotations
 
 import argparse
-import time
 from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
 
-from gpu_common import environment, machine, write_result
+from gpu_common import environment, machine, prefill_and_steps, write_result
 
 VARIANTS = {
     "tq3 (default recipe)": (dict(key_bits=3, value_bits=3), {}),
@@ -53,21 +52,7 @@ def step_us(context: int, options: dict | None, steps: int, layer: dict = LAYER)
     mx.eval(model.parameters())
     cache = (mlx_cache.make_prompt_cache(model) if options is None
              else make_prompt_cache(model, **options))
-    prompt = mx.random.randint(0, 1024, (1, context))
-    t0 = time.perf_counter()
-    for a in range(0, context, 2048):
-        mx.eval(model(prompt[:, a:a + 2048], cache=cache)[:, -1])
-    prefill = time.perf_counter() - t0
-    tok = mx.array([[1]])
-    mx.eval(model(tok, cache=cache))
-    hosts, totals = [], []
-    for _ in range(steps):
-        t0 = time.perf_counter()
-        out = model(tok, cache=cache)
-        t1 = time.perf_counter()
-        mx.eval(out)
-        totals.append(time.perf_counter() - t0)
-        hosts.append(t1 - t0)
+    prefill, hosts, totals = prefill_and_steps(model, cache, context, steps)
     n = args["num_hidden_layers"]
     return dict(host_us=float(np.median(hosts)) * 1e6 / n,
                 total_us=float(np.median(totals)) * 1e6 / n,

@@ -19,7 +19,7 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 
-from gpu_common import environment, fill_random, machine, write_result
+from gpu_common import environment, fill_random, machine, prefill_and_steps, write_result
 from turboquant import metal
 from turboquant import gpu_path
 from turboquant.mlx_metal import MetalCodeStore
@@ -77,20 +77,8 @@ def model_step(kind: str, context: int, steps: int, profile: bool = False) -> di
     mx.eval(model.parameters())
     cache = (mlx_cache.make_prompt_cache(model) if kind == "fp16"
              else make_prompt_cache(model, key_bits=3, value_bits=3))
-    prompt = mx.random.randint(0, 1024, (1, context))
-    for a in range(0, context, 2048):
-        mx.eval(model(prompt[:, a:a + 2048], cache=cache)[:, -1])
+    _, hosts, totals = prefill_and_steps(model, cache, context, steps)
     tok = mx.array([[1]])
-    mx.eval(model(tok, cache=cache))
-    hosts, totals = [], []
-    for _ in range(steps):
-        t0 = time.perf_counter()
-        out = model(tok, cache=cache)
-        t1 = time.perf_counter()
-        mx.eval(out)
-        t2 = time.perf_counter()
-        hosts.append(t1 - t0)
-        totals.append(t2 - t0)
     res = dict(host_us=sum(hosts) / steps * 1e6, total_us=sum(totals) / steps * 1e6,
                host_median_us=float(np.median(hosts)) * 1e6, host_max_us=max(hosts) * 1e6,
                total_median_us=float(np.median(totals)) * 1e6)
