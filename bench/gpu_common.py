@@ -39,16 +39,22 @@ def machine() -> dict:
     return info
 
 
-def prefill_and_steps(model, cache, context: int, steps: int, vocab: int = 1024,
-                      chunk: int = 2048) -> tuple[float, list[float], list[float]]:
-    """A random prompt of ``context`` tokens prefilled in ``chunk``-token steps, one untimed
-    decode step, then ``steps`` timed ones, each built then evaluated: (prefill seconds,
-    host seconds per step (building the graph), total seconds per step)."""
+def prefill(model, cache, context: int, vocab: int, chunk: int = 2048) -> float:
+    """Seconds to prefill ``cache`` with a random prompt of ``context`` tokens in
+    ``chunk``-token steps (as mlx-lm's generate does), each step evaluated."""
     prompt = mx.random.randint(0, vocab, (1, context))
     t0 = time.perf_counter()
     for a in range(0, context, chunk):
         mx.eval(model(prompt[:, a:a + chunk], cache=cache)[:, -1])
-    prefill = time.perf_counter() - t0
+    return time.perf_counter() - t0
+
+
+def prefill_and_steps(model, cache, context: int, steps: int, vocab: int = 1024,
+                      chunk: int = 2048) -> tuple[float, list[float], list[float]]:
+    """:func:`prefill`, one untimed decode step, then ``steps`` timed ones, each built then
+    evaluated: (prefill seconds, host seconds per step (building the graph), total seconds
+    per step)."""
+    seconds = prefill(model, cache, context, vocab, chunk)
     tok = mx.array([[1]])
     mx.eval(model(tok, cache=cache))
     hosts, totals = [], []
@@ -59,7 +65,7 @@ def prefill_and_steps(model, cache, context: int, steps: int, vocab: int = 1024,
         mx.eval(out)
         totals.append(time.perf_counter() - t0)
         hosts.append(t1 - t0)
-    return prefill, hosts, totals
+    return seconds, hosts, totals
 
 
 def _per_call(batch, fn, iters: int, repeats: int, warmup: int) -> float:

@@ -35,27 +35,35 @@ LAYER = dict(hidden_size=4096, intermediate_size=14336, num_attention_heads=32,
              num_key_value_heads=8, head_dim=128)
 TINY = dict(hidden_size=128, intermediate_size=128, num_attention_heads=4,
             num_key_value_heads=2, head_dim=64)
+LAYERS = 2
 
 
-def step_us(context: int, options: dict | None, steps: int, layer: dict = LAYER) -> dict:
-    from mlx_lm.models import cache as mlx_cache
+def two_layer_model(layer: dict = LAYER):
+    """A random 2-layer Llama model of the given layer shape, fp16."""
     from mlx_lm.models import llama
 
-    from turboquant.mlx_lm import make_prompt_cache
-
     mx.random.seed(0)
-    args = dict(layer, num_hidden_layers=2, vocab_size=1024, rope_theta=500000.0,
+    args = dict(layer, num_hidden_layers=LAYERS, vocab_size=1024, rope_theta=500000.0,
                 rms_norm_eps=1e-5, max_position_embeddings=131072, tie_word_embeddings=False,
                 model_type="llama")
     model = llama.Model(llama.ModelArgs.from_dict(args))
     model.set_dtype(mx.float16)
     mx.eval(model.parameters())
+    return model
+
+
+def step_us(model, context: int, options: dict | None, steps: int) -> dict:
+    """Per-layer host and total time of a decode step (medians) and the prefill speed, on a
+    fresh cache: mlx-lm's fp16 one (``options`` None) or make_prompt_cache(**options)."""
+    from mlx_lm.models import cache as mlx_cache
+
+    from turboquant.mlx_lm import make_prompt_cache
+
     cache = (mlx_cache.make_prompt_cache(model) if options is None
              else make_prompt_cache(model, **options))
     prefill, hosts, totals = prefill_and_steps(model, cache, context, steps)
-    n = args["num_hidden_layers"]
-    return dict(host_us=float(np.median(hosts)) * 1e6 / n,
-                total_us=float(np.median(totals)) * 1e6 / n,
+    return dict(host_us=float(np.median(hosts)) * 1e6 / LAYERS,
+                total_us=float(np.median(totals)) * 1e6 / LAYERS,
                 prefill_tok_s=context / prefill)
 
 
@@ -72,9 +80,10 @@ def main(argv=None) -> int:
     layer = LAYER
     if a.smoke:
         a.contexts, a.steps, layer = "256", 2, TINY
+    model = two_layer_model(layer)
     rows = []
     for T in (int(x) for x in a.contexts.split(",")):
-        base = step_us(T, None, a.steps, layer)
+        base = step_us(model, T, None, a.steps)
         rows.append(dict(context=T, cache="fp16", **base))
         print(f"T={T:7d} {'fp16':40s} host {base['host_us']:7.1f} us/layer  step "
               f"{base['total_us']:7.1f} us/layer  prefill {base['prefill_tok_s']:8.0f} tok/s",
@@ -82,8 +91,8 @@ def main(argv=None) -> int:
         for name in a.variants.split(";"):
             options, env = VARIANTS[name]
             with environment(**env):
-                step_us(min(T, 4096), options, 2, layer)  # first-use compilation, untimed
-                r = step_us(T, options, a.steps, layer)
+                step_us(model, min(T, 4096), options, 2)  # first-use compilation, untimed
+                r = step_us(model, T, options, a.steps)
             rows.append(dict(context=T, cache=name, **r))
             print(f"T={T:7d} {name:40s} host {r['host_us']:7.1f} us/layer  step "
                   f"{r['total_us']:7.1f} us/layer  x{base['total_us'] / r['total_us']:.2f} vs "

@@ -19,7 +19,7 @@ import mlx.core as mx
 from mlx_lm.models import cache as mlx_cache
 from mlx_lm.models import llama
 
-from gpu_common import machine, write_result
+from gpu_common import machine, prefill, write_result
 from turboquant.mlx_lm import make_prompt_cache
 
 SHAPES = {
@@ -62,22 +62,15 @@ def warm_up(model, kind: str, chunk: int) -> None:
     """A short prefill (two chunks) and decode on a throwaway cache of this kind: the GPU
     kernels' first-use compilation (NVRTC / Metal) is not counted in the first measurement."""
     cache = new_cache(model, kind)
-    prompt = mx.random.randint(0, model.args.vocab_size, (1, 2 * chunk))
-    for a in range(0, 2 * chunk, chunk):
-        mx.eval(model(prompt[:, a:a + chunk], cache=cache)[:, -1])
+    prefill(model, cache, 2 * chunk, model.args.vocab_size, chunk)
     tok = mx.array([[1]])
     for _ in range(3):
         mx.eval(model(tok, cache=cache))
 
 
 def measure(model, kind: str, context: int, chunk: int, decode_steps: int) -> dict:
-    vocab = model.args.vocab_size
-    prompt = mx.random.randint(0, vocab, (1, context))
     cache = new_cache(model, kind)
-    t0 = time.perf_counter()
-    for a in range(0, context, chunk):
-        mx.eval(model(prompt[:, a:a + chunk], cache=cache)[:, -1])
-    prefill = time.perf_counter() - t0
+    prefill_s = prefill(model, cache, context, model.args.vocab_size, chunk)
     def step(tok):
         return mx.argmax(model(tok, cache=cache)[:, -1], axis=-1)[:, None]
 
@@ -101,7 +94,7 @@ def measure(model, kind: str, context: int, chunk: int, decode_steps: int) -> di
         mx.eval(tok)
     decode_sync = time.perf_counter() - t0
     kv = sum(int(c.nbytes) for c in cache)
-    return dict(cache=kind, context=context, prefill_tok_s=context / prefill,
+    return dict(cache=kind, context=context, prefill_tok_s=context / prefill_s,
                 decode_tok_s=(decode_steps + 1) / decode,
                 decode_sync_tok_s=decode_steps / decode_sync, kv_bytes=kv)
 
@@ -143,7 +136,8 @@ def main(argv=None) -> int:
             rows.append(r)
             print(f"{a.shape} T={context:7d} {kind:13s} prefill {r['prefill_tok_s']:9.1f} tok/s "
                   f"decode {r['decode_tok_s']:7.2f} tok/s "
-                  f"(synchronous {r['decode_sync_tok_s']:7.2f}) KV {r['kv_bytes'] / 2**20:9.1f} MiB "
+                  f"(synchronous {r['decode_sync_tok_s']:7.2f}) "
+                  f"KV {r['kv_bytes'] / 2**20:9.1f} MiB "
                   f"x{r.get('decode_vs_fp16', 1.0):.2f} decode vs fp16", flush=True)
             mx.clear_cache()
     res = dict(machine=machine(), shape=a.shape, config=SHAPES[a.shape], rows=rows)

@@ -80,9 +80,10 @@ class Setting:
         ``d256:2`` (temporal decay: code blocks with at least 256 newer tokens re-quantized
         to 2 bits), ``m2:0.5`` (mixed precision: the most attended half of the tokens of each
         flush group keep BITS, the rest 2 bits; ``m2:0.5:64``: groups of 64 tokens instead of
-        the default 16-token blocks' group), ``sv0.01`` (sparse V threshold 0.01; such a setting is scored one token
-        per step, the decode path where sparse V acts, so ``sv0`` is its dense control),
-        ``r1`` (sliding-window rings' keys and values 1 bit wider) or ``profile:PATH`` (per-layer bits from ``turboquant calibrate``), FLAG is ``raw``
+        the default 16-token blocks' group), ``sv0.01`` (sparse V threshold 0.01; such a
+        setting is scored one token per step, the decode path where sparse V acts, so ``sv0``
+        is its dense control), ``r1`` (sliding-window rings' keys and values 1 bit wider) or
+        ``profile:PATH`` (per-layer bits from ``turboquant calibrate``), FLAG is ``raw``
         (plain codes: no centring, no norm correction, no key split), ``nosplit`` (no key
         split), ``a16`` (the key split's part angle in 16 bits instead of 8) or ``trial``
         (mixed precision only on layers where the prompt's trial finds it pays). A BITS

@@ -124,6 +124,9 @@ def make_prompt_cache(model, key_bits: int | None = None, value_bits: int | None
     key_method, value_method, rotation = (recipe.pop(k, None) for k in
                                           ("key_method", "value_method", "rotation"))
     p = _presets.resolve(preset, key_bits, value_bits, **recipe)
+    if not (isinstance(p.ring_extra_bits, int) and 0 <= p.ring_extra_bits <= 6):
+        raise ValueError(f"ring_extra_bits must be an integer in [0, 6] (extra bits of the "
+                         f"sliding-window rings' codes), got {p.ring_extra_bits!r}")
     key_bits, value_bits, method, center, debias = (p.key_bits, p.value_bits, p.method,
                                                      p.center, p.debias)
     key_split, fp16_window, block_tokens, fp16_sinks = (p.key_split, p.fp16_window,

@@ -285,6 +285,9 @@ def test_options_and_errors():
     for bad in ("3+r0", "3+r7"):
         with pytest.raises(ValueError, match="rN needs N in"):
             Setting.parse(bad)
+    for bad in (-1, 7, 1.5):
+        with pytest.raises(ValueError, match="ring_extra_bits must be an integer in"):
+            tq_mlx.make_prompt_cache(model, ring_extra_bits=bad)
     with pytest.raises(tq_mlx.UnsupportedArchitectureError, match="no layer left"):
         codes_only(model, fp16_layers=[1], sliding=False)
     for kw, msg in [({"max_size": 0}, "max_size must be"),
