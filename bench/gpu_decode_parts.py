@@ -6,6 +6,15 @@ steps, per layer.
 
     python bench/gpu_decode_parts.py --contexts 32768,131072 \\
         --out bench/results/gpu_decode_parts.json
+
+``--profile`` adds, per context and cache, where the host time of building a step goes
+(cProfile of the builds alone, each step evaluated before the next is built: the functions
+and mlx calls with the most own time); ``--trace`` the GPU time of a step's kernels and the
+CUDA runtime calls (PyTorch's profiler, where PyTorch is installed: it records the whole
+process's CUDA activity, mlx's kernels included), so that a step's time splits into host
+building, GPU work and the gaps between; ``--blocking`` whether building a step waits for
+the GPU (then mlx-lm's decode cannot overlap one step's building with the previous step's GPU
+work).
 """
 
 from __future__ import annotations
@@ -52,9 +61,12 @@ def two_layer_model(layer: dict = LAYER):
     return model
 
 
-def step_us(model, context: int, options: dict | None, steps: int) -> dict:
+def step_us(model, context: int, options: dict | None, steps: int, profile: bool = False,
+            trace: bool = False, blocking: int = 0) -> dict:
     """Per-layer host and total time of a decode step (medians) and the prefill speed, on a
-    fresh cache: mlx-lm's fp16 one (``options`` None) or make_prompt_cache(**options)."""
+    fresh cache: mlx-lm's fp16 one (``options`` None) or make_prompt_cache(**options);
+    ``profile`` / ``trace`` / ``blocking`` (a matrix size): then also :func:`profile_steps` /
+    :func:`trace_steps` / :func:`blocking_steps`."""
     from mlx_lm.models import cache as mlx_cache
 
     from turboquant.mlx_lm import make_prompt_cache
@@ -62,9 +74,114 @@ def step_us(model, context: int, options: dict | None, steps: int) -> dict:
     cache = (mlx_cache.make_prompt_cache(model) if options is None
              else make_prompt_cache(model, **options))
     prefill, hosts, totals = prefill_and_steps(model, cache, context, steps)
-    return dict(host_us=float(np.median(hosts)) * 1e6 / LAYERS,
-                total_us=float(np.median(totals)) * 1e6 / LAYERS,
-                prefill_tok_s=context / prefill)
+    res = dict(host_us=float(np.median(hosts)) * 1e6 / LAYERS,
+               total_us=float(np.median(totals)) * 1e6 / LAYERS,
+               prefill_tok_s=context / prefill)
+    name = "fp16" if options is None else str(options)
+    if profile:
+        res["profile"] = profile_steps(model, cache, steps)
+        print(f"--- host profile, {context} tokens, {name}\n{res['profile']}", flush=True)
+    if trace:
+        res["trace"] = trace_steps(model, cache, min(steps, 10))
+        print(f"--- GPU trace, {context} tokens, {name}\n{res['trace']}", flush=True)
+    if blocking:
+        res["blocking"] = blocking_steps(model, cache, blocking)
+        print(f"--- building a step while the GPU is busy, {context} tokens, {name}\n"
+              f"{res['blocking']}", flush=True)
+    return res
+
+
+def blocking_steps(model, cache, size: int = 8192, trials: int = 3, top: int = 12) -> str:
+    """Whether building a decode step waits for the GPU: a long GPU computation (chained
+    products of ``size`` x ``size`` fp16 matrices) is started without waiting (``mx.async_eval``), then a step is built
+    under cProfile. A build that waits for the GPU takes about the computation's time, and
+    the functions that waited come first by own time (mlx-lm's decode overlaps the building
+    of one step with the GPU work of the previous one only where no such wait happens)."""
+    import cProfile
+    import io
+    import pstats
+    import time
+
+    tok = mx.array([[1]])
+    a = mx.random.normal((size, size)).astype(mx.float16)
+    mx.eval(a, model(tok, cache=cache))
+
+    def busy():
+        x = a
+        for _ in range(24):
+            x = (x @ a) * (1.0 / size ** 0.5)
+        return x
+
+    t0 = time.perf_counter()
+    mx.eval(busy())
+    gpu_ms = (time.perf_counter() - t0) * 1e3
+    lines, pr = [], cProfile.Profile()
+    for _ in range(trials):
+        t0 = time.perf_counter()
+        mx.eval(model(tok, cache=cache))
+        idle_ms = (time.perf_counter() - t0) * 1e3
+        x = busy()
+        mx.async_eval(x)
+        t0 = time.perf_counter()
+        pr.enable()
+        out = model(tok, cache=cache)
+        pr.disable()
+        build_ms = (time.perf_counter() - t0) * 1e3
+        mx.eval(x, out)
+        lines.append(f"busy GPU computation {gpu_ms:.1f} ms; a step built while it runs "
+                     f"{build_ms:.2f} ms (a step built and run on an idle GPU: {idle_ms:.2f} ms)")
+    buf = io.StringIO()
+    pstats.Stats(pr, stream=buf).sort_stats("tottime").print_stats(top)
+    return "\n".join(lines) + "\n" + buf.getvalue()
+
+
+def profile_steps(model, cache, steps: int, top: int = 25) -> str:
+    """cProfile of building ``steps`` decode steps (not of evaluating them; each step is
+    evaluated before the next is built), the ``top`` entries by own time."""
+    import cProfile
+    import io
+    import pstats
+
+    tok = mx.array([[1]])
+    pr = cProfile.Profile()
+    for _ in range(steps):
+        pr.enable()
+        out = model(tok, cache=cache)
+        pr.disable()
+        mx.eval(out)
+    buf = io.StringIO()
+    pstats.Stats(pr, stream=buf).sort_stats("tottime").print_stats(top)
+    return buf.getvalue()
+
+
+def trace_steps(model, cache, steps: int, rows: int = 25) -> str:
+    """PyTorch's profiler over ``steps`` decode steps (each built then evaluated): the
+    kernels by GPU time and the runtime calls by host time; and the steps' wall time, so the
+    GPU's idle share shows. Empty where PyTorch (or its CUDA profiler) is missing."""
+    try:
+        import torch  # noqa: F401 - its profiler reads the process's CUDA activity
+        from torch.profiler import ProfilerActivity, profile
+    except ImportError as e:
+        return f"(no trace: {e})"
+    import time
+
+    tok = mx.array([[1]])
+    mx.eval(model(tok, cache=cache))
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            mx.eval(model(tok, cache=cache))
+        wall = time.perf_counter() - t0
+    avg = prof.key_averages()
+    key = ("self_device_time_total" if hasattr(avg[0], "self_device_time_total")
+           else "self_cuda_time_total")  # the name before PyTorch 2.4
+    gpu_us = sum(getattr(e, key) for e in avg)
+    head = (f"{steps} steps: wall {wall / steps * 1e6:.1f} us/step, kernels and copies on the GPU "
+            f"{gpu_us / steps:.1f} us/step\n")
+    return (head + avg.table(sort_by=key, row_limit=rows,
+                             max_name_column_width=60)
+            + avg.table(sort_by="self_cpu_time_total", row_limit=rows // 2,
+                        max_name_column_width=60))
 
 
 def main(argv=None) -> int:
@@ -75,15 +192,25 @@ def main(argv=None) -> int:
                     help="semicolon-separated names of VARIANTS (fp16 always runs)")
     ap.add_argument("--smoke", action="store_true",
                     help="a tiny layer shape at 256 tokens: checks the script anywhere")
+    ap.add_argument("--profile", action="store_true",
+                    help="also print a cProfile of building the steps, per context and cache")
+    ap.add_argument("--trace", action="store_true",
+                    help="also print the steps' GPU kernels and runtime calls (PyTorch's "
+                         "profiler), per context and cache")
+    ap.add_argument("--blocking", action="store_true",
+                    help="also check whether building a step waits for the GPU (a step built "
+                         "while a long GPU computation runs, under cProfile)")
     ap.add_argument("--out", type=Path)
     a = ap.parse_args(argv)
     layer = LAYER
+    blocking = 8192 if a.blocking else 0
     if a.smoke:
         a.contexts, a.steps, layer = "256", 2, TINY
+        blocking = 128 if a.blocking else 0
     model = two_layer_model(layer)
     rows = []
     for T in (int(x) for x in a.contexts.split(",")):
-        base = step_us(model, T, None, a.steps)
+        base = step_us(model, T, None, a.steps, a.profile, a.trace, blocking)
         rows.append(dict(context=T, cache="fp16", **base))
         print(f"T={T:7d} {'fp16':40s} host {base['host_us']:7.1f} us/layer  step "
               f"{base['total_us']:7.1f} us/layer  prefill {base['prefill_tok_s']:8.0f} tok/s",
@@ -92,7 +219,7 @@ def main(argv=None) -> int:
             options, env = VARIANTS[name]
             with environment(**env):
                 step_us(model, min(T, 4096), options, 2)  # first-use compilation, untimed
-                r = step_us(model, T, options, a.steps)
+                r = step_us(model, T, options, a.steps, a.profile, a.trace, blocking)
             rows.append(dict(context=T, cache=name, **r))
             print(f"T={T:7d} {name:40s} host {r['host_us']:7.1f} us/layer  step "
                   f"{r['total_us']:7.1f} us/layer  x{base['total_us'] / r['total_us']:.2f} vs "

@@ -31,10 +31,11 @@ kernels, is :func:`turboquant.gpu_path.active_path` (a module above this one and
 
 from __future__ import annotations
 
-import functools
-import hashlib
+import collections
 import contextlib
 import dataclasses
+import functools
+import hashlib
 import importlib.util
 import math
 import os
@@ -572,6 +573,77 @@ def candidate_path() -> str:
 # --- Parameter blocks (uint32 words, layout of the structs in common.metal) ------------------
 
 
+# A kernel's parameter words reach it as a small mlx array. On mlx's CUDA back end an array
+# made from host data lives in unified (managed) memory, and mlx's buffer cache may hand it a
+# device buffer to move there first, with a synchronous copy (mlx 0.32, CudaAllocator::malloc
+# with no stream). A decode step made one per layer for the attention launch: on an H100 at
+# 128K tokens that launch's Python function had ~75 us of own time per call and the block
+# kernel reading the fresh array took 153 us; with the words made once and the token count
+# added on the GPU the kernel took 127 us (bench/results/gpu_decode_parts_h100_round7_diag.log,
+# gpu_decode_parts_h100_round7_after.log). So parameter words are made once per value
+# (params_array), and the words a decode step changes, its counts, are added on the GPU from
+# scalars (counted_params): mlx keeps arrays of up to 8 bytes in a unified pool, never moved.
+@functools.lru_cache(maxsize=4096)
+def _words_array(data: bytes, dtype: str):
+    import mlx.core as mx
+
+    return mx.array(np.frombuffer(data, dtype=np.dtype(dtype)))
+
+
+def params_array(words: np.ndarray):
+    """``words`` (a parameter block) as an mlx array, made once per value and reused (mlx
+    arrays are immutable)."""
+    w = np.ascontiguousarray(words)
+    return _words_array(w.tobytes(), w.dtype.str)
+
+
+@functools.lru_cache(maxsize=256)
+def _unit_words(n: int, indices: tuple[int, ...]):
+    import mlx.core as mx
+
+    w = np.zeros(n, np.uint32)
+    w[list(indices)] = 1
+    return mx.array(w)
+
+
+# counted_params' blocks by value (insertion order = age; the oldest go first).
+_COUNTED: collections.OrderedDict = collections.OrderedDict()
+_COUNTED_MAX = 4096
+
+
+def counted_params(words: np.ndarray, counts: dict):
+    """The uint32 parameter block ``words`` with counts set, ``{index or tuple of indices:
+    count}`` (a decode step's token or row counts), as an mlx array, kept by value (the next
+    step with the same counts reuses it). A new value on the CUDA path: the block with zeros
+    there (:func:`params_array`) plus each count times its unit words, computed on the GPU
+    from scalars; elsewhere a new array (cheap on Metal's unified memory)."""
+    import mlx.core as mx
+
+    w = np.array(words, dtype=np.uint32)
+    spots = [((k,) if isinstance(k, int) else tuple(k), int(c)) for k, c in counts.items()]
+    for idx, c in spots:
+        w[list(idx)] = c
+    key = w.tobytes()
+    hit = _COUNTED.get(key)
+    if hit is not None:
+        _COUNTED.move_to_end(key)
+        return hit
+    if candidate_path() != "cuda":
+        arr = mx.array(w)
+    else:
+        for idx, _ in spots:
+            w[list(idx)] = 0
+        arr = params_array(w)
+        for idx, c in spots:
+            if c:
+                arr = arr + _unit_words(len(w), idx) * mx.array(c, dtype=mx.uint32)
+    _COUNTED[key] = arr
+    if len(_COUNTED) > _COUNTED_MAX:
+        _COUNTED.popitem(last=False)
+    return arr
+
+
+
 def code_bytes(dim: int, bits: int) -> int:
     return (dim * bits + 7) // 8
 
@@ -779,7 +851,7 @@ def encode(quantizer, x):
     fp16 = np.dtype(quantizer.norm_dtype) == np.float16
     codes, norms = _kernel("encode")(
         inputs=[x.astype(mx.float32), signs, bounds, cents,
-                mx.array(encode_params(n, dim, quantizer.bits, fp16,
+                params_array(encode_params(n, dim, quantizer.bits, fp16,
                                        bool(quantizer.norm_correction)))],
         output_shapes=[(n, quantizer.code_bytes), (n,)],
         output_dtypes=[mx.uint8, mx.uint16 if fp16 else mx.float32],
@@ -795,7 +867,7 @@ def rotate(quantizer, x):
     signs, _, _ = _quantizer_tables(quantizer)
     n, dim = x.shape
     (y,) = _kernel("rotate")(
-        inputs=[x.astype(mx.float32), signs, mx.array(rotate_params(n, dim))],
+        inputs=[x.astype(mx.float32), signs, params_array(rotate_params(n, dim))],
         output_shapes=[(n, dim)], output_dtypes=[mx.float32],
         grid=(n * threads_for(dim), 1, 1), threadgroup=(threads_for(dim), 1, 1))
     return y
@@ -812,7 +884,7 @@ def dequantize(quantizer, codes, norms, inverse_rotate=True, out_dtype=None):
     fp16_norm = norms.dtype == mx.float16
     (out,) = _kernel("dequantize")(
         inputs=[codes, norms.view(mx.uint16) if fp16_norm else norms, cents, signs,
-                mx.array(dequant_params(n, dim, quantizer.bits, fp16_norm, inverse_rotate,
+                params_array(dequant_params(n, dim, quantizer.bits, fp16_norm, inverse_rotate,
                                         fp16_out))],
         output_shapes=[(n, dim)], output_dtypes=[mx.uint16 if fp16_out else mx.float32],
         grid=(n * threads_for(dim), 1, 1), threadgroup=(threads_for(dim), 1, 1))
@@ -1152,15 +1224,13 @@ def _fast_partials(q, k_signs, per_head, k_codes, k_norms, v_codes, v_norms, k_c
         k_bits, None if split is None else (split[0], split[1]), v_bits, fp16, float(scale),
         block_tokens, blocks, bool(per_head), attention_kernel(), fast_attention_unroll(),
         os.environ.get("TQ_GPU_STAGE_TOKENS"), mma_stages())
-    params = words.copy()
-    params[1] = tokens
     angles = _no_angles() if split is None else split[2]
     as_bits = (lambda a: a.view(mx.uint16)) if fp16 else (lambda a: a)
     bound = mma_min_blocks() if which == "attention_mma" and candidate_path() == "cuda" else 0
     kernel = _bounded_kernel(which, bound, rounds) if bound else _kernel(which, rounds)
     return kernel(
         inputs=[q, k_signs, k_codes, as_bits(k_norms), v_codes, as_bits(v_norms), k_cents,
-                v_cents, angles, mx.array(params)],
+                v_cents, angles, counted_params(words, {1: tokens})],
         template=template, **launch)
 
 
@@ -1178,8 +1248,8 @@ def _block_partials(q_rot, k_codes, k_norms, v_codes, v_norms, k_cents, v_cents,
     as_bits = (lambda a: a.view(mx.uint16)) if fp16 else (lambda a: a)
     return _kernel("attention_block")(
         inputs=[q_rot, k_codes, as_bits(k_norms), v_codes, as_bits(v_norms), k_cents, v_cents,
-                mx.array(attention_params(dim, tokens, head_stride, block_tokens, group, k_bits,
-                                          v_bits, fp16, scale, blocks))],
+                counted_params(attention_params(dim, 0, head_stride, block_tokens, group,
+                                                k_bits, v_bits, fp16, scale, blocks), {1: tokens})],
         template=[("SCRATCH", scratch)], **_partial_outputs(kv_heads, blocks, group, dim))
 
 
@@ -1220,23 +1290,19 @@ def _reduce_launch(kv_heads: int, group: int, dim: int) -> dict:
                 grid=(group * threads_for(dim), kv_heads, 1), threadgroup=(threads_for(dim), 1, 1))
 
 
-# The reduce launches' parameter arrays, made once per value: they change only when the
-# block count or the fp16 row counts do, not at every decode step.
-@functools.lru_cache(maxsize=1024)
+# The reduce launches' parameter arrays: made once per value (they change only when the block
+# count or the fp16 row counts do, not at every decode step).
 def _reduce_params_array(dim: int, blocks: int, group: int):
-    import mlx.core as mx
-
-    return mx.array(reduce_params(dim, blocks, group, True))
+    return params_array(reduce_params(dim, blocks, group, True))
 
 
-@functools.lru_cache(maxsize=1024)
 def _reduce_rows_params(dim: int, blocks: int, group: int, na: int, sa: int, nb: int, sb: int,
                         scale: float, per_head: bool):
-    import mlx.core as mx
-
-    words = np.array([dim, blocks, group, 1, na, sa, nb, sb, 0, int(per_head)], np.uint32)
+    words = np.array([dim, blocks, group, 1, 0, 0, 0, 0, 0, int(per_head)], np.uint32)
     words[8] = np.array([scale], np.float32).view(np.uint32)[0]
-    return mx.array(words)
+    if (sa, sb) == (na, nb):  # the rows' stride is their count (_rows_input): two scalars
+        return counted_params(words, {(4, 5): na, (6, 7): nb})
+    return counted_params(words, {4: na, 5: sa, 6: nb, 7: sb})
 
 
 def _finish_attention(parts, v_signs, per_head, group, dim, q, scale, rows=None, with_lse=False,
@@ -1367,7 +1433,7 @@ def encode_heads(tables: HeadTables, x):
     fp16 = tables.norm_fp16
     codes, norms = _kernel("encode_heads", tables.rounds)(
         inputs=[x.reshape(n, dim).astype(mx.float32), signs, bounds, cents,
-                mx.array(_with_rows_per_head(encode_params(n, dim, tables.bits, fp16,
+                params_array(_with_rows_per_head(encode_params(n, dim, tables.bits, fp16,
                                                            tables.norm_correction), T))],
         output_shapes=[(n, tables.code_bytes), (n,)],
         output_dtypes=[mx.uint8, mx.uint16 if fp16 else mx.float32],
@@ -1386,7 +1452,7 @@ def rotate_heads(tables: HeadTables, x):
     n = H * R
     (y,) = _kernel("rotate_heads", tables.rounds)(
         inputs=[x.reshape(n, dim).astype(mx.float32), signs,
-                mx.array(_with_rows_per_head(rotate_params(n, dim), R))],
+                params_array(_with_rows_per_head(rotate_params(n, dim), R))],
         output_shapes=[(n, dim)], output_dtypes=[mx.float32],
         grid=(n * threads_for(dim), 1, 1), threadgroup=(threads_for(dim), 1, 1))
     return y.reshape(H, R, dim)
@@ -1410,7 +1476,7 @@ def dequantize_heads(tables: HeadTables, codes, norms, inverse_rotate=True, out_
     (out,) = _kernel("dequantize_heads", tables.rounds)(
         inputs=[codes.reshape(rows, tables.code_bytes),
                 (norms.view(mx.uint16) if fp16_norm else norms).reshape(rows), cents, signs,
-                mx.array(_with_rows_per_head(
+                params_array(_with_rows_per_head(
                     dequant_params(rows, dim, tables.bits, fp16_norm, inverse_rotate, fp16_out),
                     n))],
         output_shapes=[(rows, dim)], output_dtypes=[mx.uint16 if fp16_out else mx.float32],
@@ -1573,7 +1639,7 @@ def split_encode_heads(tables: SplitHeadTables, x):
     fp16 = tables.norm_fp16
     codes, norms = _kernel("split_encode_heads", tables.rounds)(
         inputs=[x.reshape(n, dim).astype(mx.float32), signs, bounds, cents, angles, angle_bounds,
-                mx.array(_split_params(tables, n, T, norm_correction=tables.norm_correction))],
+                params_array(_split_params(tables, n, T, norm_correction=tables.norm_correction))],
         output_shapes=[(n, tables.code_bytes), (n,)],
         output_dtypes=[mx.uint8, mx.uint16 if fp16 else mx.float32],
         grid=(n * threads_for(dim), 1, 1), threadgroup=(threads_for(dim), 1, 1))
@@ -1590,7 +1656,8 @@ def split_rotate_heads(tables: SplitHeadTables, x):
     signs = tables.mx_tables()[0]
     n = H * R
     (y,) = _kernel("split_rotate_heads", tables.rounds)(
-        inputs=[x.reshape(n, dim).astype(mx.float32), signs, mx.array(_split_params(tables, n, R))],
+        inputs=[x.reshape(n, dim).astype(mx.float32), signs,
+                params_array(_split_params(tables, n, R))],
         output_shapes=[(n, dim)], output_dtypes=[mx.float32],
         grid=(n * threads_for(dim), 1, 1), threadgroup=(threads_for(dim), 1, 1))
     return y.reshape(H, R, dim)
@@ -1614,7 +1681,7 @@ def split_dequantize_heads(tables: SplitHeadTables, codes, norms, inverse_rotate
     (out,) = _kernel("split_dequantize_heads", tables.rounds)(
         inputs=[codes.reshape(rows, tables.code_bytes),
                 (norms.view(mx.uint16) if fp16_norm else norms).reshape(rows), cents, signs,
-                angles, mx.array(params)],
+                angles, params_array(params)],
         output_shapes=[(rows, dim)], output_dtypes=[mx.uint16 if fp16_out else mx.float32],
         grid=(rows * threads_for(dim), 1, 1), threadgroup=(threads_for(dim), 1, 1))
     out = out.view(mx.float16) if fp16_out else out
@@ -1649,9 +1716,10 @@ def _split_key_attention(keys: SplitHeadTables, values: HeadTables, queries, k_c
     parts = _kernel("split_attention_block")(
         inputs=[q_rot, k_codes, as_bits(k_norms), v_codes, as_bits(v_norms), k_cents, v_cents,
                 angles,
-                mx.array(split_attention_params(dim, tokens, head_stride, block_tokens, group,
-                                                keys.bits0, keys.bits1, keys.angle_bits,
-                                                values.bits, fp16, scale, blocks))],
+                counted_params(split_attention_params(dim, 0, head_stride, block_tokens, group,
+                                                      keys.bits0, keys.bits1, keys.angle_bits,
+                                                      values.bits, fp16, scale, blocks),
+                               {1: tokens})],
         template=[("SCRATCH", scratch)], **_partial_outputs(kv_heads, blocks, group, dim))
     return _finish_attention(parts, v_signs, True, group, dim, q, scale, rows, with_lse,
                              values.rounds)

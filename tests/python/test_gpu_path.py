@@ -260,3 +260,55 @@ def test_long_context_blocks_of_several_tiles_match_the_core(emulated, monkeypat
     for window in (None, 250):
         np.testing.assert_allclose(np.array(store.attend(mx.array(q), window=window)),
                                    core.attend(q, window=window), atol=atol)
+
+
+def test_counted_params_on_the_cuda_path(monkeypatch):
+    # On the CUDA path a decode step's counts are added to a block made once, on the GPU;
+    # the result must be the same words as the block made directly, kept by value.
+    monkeypatch.setattr(metal, "candidate_path", lambda: "cuda")
+    words = metal.attention_params(128, 0, 4096, 64, 4, 3, 3, True, 0.088, 7)
+    for tokens in (0, 1, 300, 4095, 300):
+        want = metal.attention_params(128, tokens, 4096, 64, 4, 3, 3, True, 0.088, 7)
+        got = metal.counted_params(words, {1: tokens})
+        assert got.dtype == mx.uint32
+        np.testing.assert_array_equal(np.array(got), want)
+        assert metal.counted_params(words, {1: tokens}) is got  # kept by value
+    # Several words from one count (the fp16 rows' count and stride) and from two counts.
+    rows = metal._reduce_rows_params(128, 9, 4, 4, 4, 70, 70, 0.125, True)
+    want = np.array([128, 9, 4, 1, 4, 4, 70, 70, 0, 1], np.uint32)
+    want[8] = np.array([0.125], np.float32).view(np.uint32)[0]
+    np.testing.assert_array_equal(np.array(rows), want)
+    odd = metal._reduce_rows_params(128, 9, 4, 0, 0, 70, 72, 0.125, True)
+    want[4:8] = (0, 0, 70, 72)
+    np.testing.assert_array_equal(np.array(odd), want)
+    # Elsewhere the block is made directly, also kept by value.
+    monkeypatch.setattr(metal, "candidate_path", lambda: "metal")
+    direct = metal.counted_params(words, {1: 77})
+    np.testing.assert_array_equal(np.array(direct)[1], 77)
+
+
+@pytest.mark.parametrize("kernel,tol", [("staged", 3e-5), ("mma", 2e-3)])
+def test_decode_steps_on_the_cuda_path_match_the_core(emulated, monkeypatch, kernel, tol):
+    # Decode steps as on an NVIDIA GPU (emulated kernels, the CUDA path's parameter blocks):
+    # each step's token and fp16-row counts reach the kernels right, across window flushes.
+    # (The mma kernel takes fp16 inputs: it agrees with the fp32 core to fp16's precision.)
+    emulated.install(monkeypatch)
+    monkeypatch.setattr(metal, "candidate_path", lambda: "cuda")
+    rng = np.random.default_rng(5)
+    d, hkv, G = 64, 2, 2
+    kw = dict(n_layers=1, n_q_heads=hkv * G, n_kv_heads=hkv, key_bits=3, value_bits=3, seed=2,
+              block_tokens=8, fp16_sinks=2, fp16_window=8)
+    store, core = mlx_metal.MetalCodeStore(d, **kw), _core.KVCache(d, **kw)
+    k, v = (rng.standard_normal((hkv, 40, d)).astype(np.float32) for _ in range(2))
+    store.append(mx.array(k), mx.array(v))
+    core.append(k, v)
+    atol = tol if mx.default_device() == mx.cpu else max(tol, 3e-4)
+    for _ in range(20):  # two flushes of the window
+        k, v = (rng.standard_normal((hkv, 1, d)).astype(np.float32) for _ in range(2))
+        store.append(mx.array(k), mx.array(v))
+        core.append(k, v)
+        q = rng.standard_normal((hkv * G, 1, d)).astype(np.float32)
+        with metal.forced_attention(kernel):
+            got = np.array(store.attend(mx.array(q)))
+        np.testing.assert_allclose(got, core.attend(q), atol=atol)
+    assert store.code_tokens() == core.code_tokens(0) > 40
