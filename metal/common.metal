@@ -167,7 +167,14 @@ inline ushort tq_float_to_half_bits(float f) {
   return ushort(sign | r);
 }
 
+// fp16 bits to float: exact. The CUDA dialect header gives the hardware conversion
+// (TQ_NATIVE_HALF_TO_FLOAT; identical results for every finite and infinite input): the
+// arithmetic below, with its loop for subnormals, sat in the path of every fp16 norm and row
+// load of the decode kernels.
 inline float tq_half_bits_to_float(ushort h) {
+#if defined(TQ_NATIVE_HALF_TO_FLOAT)
+  return tq_native_half_to_float(h);
+#else
   const uint sign = uint(h & 0x8000u) << 16u;
   uint e = (uint(h) >> 10u) & 0x1Fu;
   uint mant = uint(h) & 0x3FFu;
@@ -190,6 +197,7 @@ inline float tq_half_bits_to_float(ushort h) {
     bits = sign | ((e + 127u - 15u) << 23u) | (mant << 13u);
   }
   return as_type<float>(bits);
+#endif
 }
 
 // Norm i of a norm buffer holding fp16 bits or fp32 values.

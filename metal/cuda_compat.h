@@ -40,6 +40,14 @@ typedef unsigned long long ulong;  // Metal's ulong is 64 bits
 // which would change the compensated sums of common.metal; __fmul_rn is never contracted.
 #define TQ_MUL_RN(a, b) __fmul_rn((a), (b))
 
+// fp16 bits to float by the hardware conversion (exact; PTX, so no header is needed).
+#define TQ_NATIVE_HALF_TO_FLOAT 1
+inline float tq_native_half_to_float(unsigned short h) {
+  float f;
+  asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h));
+  return f;
+}
+
 #define TQ_THREADGROUP_ARRAY(type, name, count) __shared__ type name[count]
 
 namespace metal {

@@ -61,6 +61,23 @@ def test_one_round_kernels_drop_the_second_transform(nvrtc):
     assert texts[1] != texts[2] and len(texts[1]) < len(texts[2])
 
 
+def test_fp16_loads_use_the_hardware_conversion(nvrtc):
+    # On CUDA, fp16 bits (norms, fp16 rows, the mma kernel's pairs) become floats by the
+    # hardware's exact conversion, not the portable arithmetic with its subnormal loop.
+    for key in ("attention_reduce_rows", "attention_mma", "attention_staged"):
+        ptx: list = []
+        ok, log, _ = nvrtc.compile(mlx_cuda_source([key]), ptx_text=ptx)
+        assert ok, (key, log[-3000:])
+        assert "cvt.f32.f16" in ptx[0], key
+    # Without it (the portable definition), no such instruction in the reduce.
+    portable = mlx_cuda_source(["attention_reduce_rows"]).replace(
+        "#define TQ_NATIVE_HALF_TO_FLOAT 1", "")
+    ptx = []
+    ok, log, _ = nvrtc.compile(portable, ptx_text=ptx)
+    assert ok, log[-3000:]
+    assert "cvt.f32.f16" not in ptx[0]
+
+
 def test_the_check_can_fail(nvrtc):
     # A body calling a kernel function with a wrong argument list is a compile error...
     broken = mlx_cuda_source(source_of=lambda spec: spec.source_for("cuda").replace(
