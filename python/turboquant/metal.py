@@ -619,15 +619,15 @@ def counted_params(words: np.ndarray, counts: dict):
     from scalars; elsewhere a new array (cheap on Metal's unified memory)."""
     import mlx.core as mx
 
-    w = np.array(words, dtype=np.uint32)
-    spots = [((k,) if isinstance(k, int) else tuple(k), int(c)) for k, c in counts.items()]
-    for idx, c in spots:
-        w[list(idx)] = c
-    key = w.tobytes()
+    spots = tuple(((k,) if isinstance(k, int) else tuple(k), int(c)) for k, c in counts.items())
+    key = (words.tobytes(), spots)  # a decode step's lookup: no copy of the words
     hit = _COUNTED.get(key)
     if hit is not None:
         _COUNTED.move_to_end(key)
         return hit
+    w = np.array(words, dtype=np.uint32)
+    for idx, c in spots:
+        w[list(idx)] = c
     if candidate_path() != "cuda":
         arr = mx.array(w)
     else:
@@ -1296,10 +1296,18 @@ def _reduce_params_array(dim: int, blocks: int, group: int):
     return params_array(reduce_params(dim, blocks, group, True))
 
 
-def _reduce_rows_params(dim: int, blocks: int, group: int, na: int, sa: int, nb: int, sb: int,
-                        scale: float, per_head: bool):
+@functools.lru_cache(maxsize=1024)
+def _reduce_rows_words(dim: int, blocks: int, group: int, scale: float, per_head: bool):
+    """TqReduceRowsParams with the row counts and strides zero (made once per value)."""
     words = np.array([dim, blocks, group, 1, 0, 0, 0, 0, 0, int(per_head)], np.uint32)
     words[8] = np.array([scale], np.float32).view(np.uint32)[0]
+    words.setflags(write=False)
+    return words
+
+
+def _reduce_rows_params(dim: int, blocks: int, group: int, na: int, sa: int, nb: int, sb: int,
+                        scale: float, per_head: bool):
+    words = _reduce_rows_words(dim, blocks, group, scale, per_head)
     if (sa, sb) == (na, nb):  # the rows' stride is their count (_rows_input): two scalars
         return counted_params(words, {(4, 5): na, (6, 7): nb})
     return counted_params(words, {4: na, 5: sa, 6: nb, 7: sb})

@@ -1133,7 +1133,8 @@ class MetalCodeStore:
         step = metal.group_pass(self.head_dim, kt.bits0 if self._split else kt.bits, vt.bits,
                                 k_bits1=kt.bits1 if self._split else None)
         for g0 in range(0, G, step):  # large GQA groups (or head_dim): several passes
-            args = (kt, vt, qg[:, g0:g0 + step], kc, kn, vc, vn, b - a, scale)
+            part = qg if step >= G else qg[:, g0:g0 + step]  # no slice op for one pass
+            args = (kt, vt, part, kc, kn, vc, vn, b - a, scale)
             if with_lse:
                 o, lse = self.kernels.decode_attention_heads(*args, with_lse=True)
                 lses.append(lse)
