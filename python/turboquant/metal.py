@@ -41,6 +41,7 @@ import math
 import os
 import re
 import sys
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -606,9 +607,11 @@ def _unit_words(n: int, indices: tuple[int, ...]):
     return mx.array(w)
 
 
-# counted_params' blocks by value (insertion order = age; the oldest go first).
+# counted_params' blocks by value (insertion order = age; the oldest go first), and the lock
+# that keeps the order consistent where several threads build steps.
 _COUNTED: collections.OrderedDict = collections.OrderedDict()
 _COUNTED_MAX = 4096
+_COUNTED_LOCK = threading.Lock()
 
 
 def counted_params(words: np.ndarray, counts: dict):
@@ -621,10 +624,11 @@ def counted_params(words: np.ndarray, counts: dict):
 
     spots = tuple(((k,) if isinstance(k, int) else tuple(k), int(c)) for k, c in counts.items())
     key = (words.tobytes(), spots)  # a decode step's lookup: no copy of the words
-    hit = _COUNTED.get(key)
-    if hit is not None:
-        _COUNTED.move_to_end(key)
-        return hit
+    with _COUNTED_LOCK:
+        hit = _COUNTED.get(key)
+        if hit is not None:
+            _COUNTED.move_to_end(key)
+            return hit
     w = np.array(words, dtype=np.uint32)
     for idx, c in spots:
         w[list(idx)] = c
@@ -637,11 +641,11 @@ def counted_params(words: np.ndarray, counts: dict):
         for idx, c in spots:
             if c:
                 arr = arr + _unit_words(len(w), idx) * mx.array(c, dtype=mx.uint32)
-    _COUNTED[key] = arr
-    if len(_COUNTED) > _COUNTED_MAX:
-        _COUNTED.popitem(last=False)
+    with _COUNTED_LOCK:
+        _COUNTED[key] = arr
+        if len(_COUNTED) > _COUNTED_MAX:
+            _COUNTED.popitem(last=False)
     return arr
-
 
 
 def code_bytes(dim: int, bits: int) -> int:
@@ -852,7 +856,7 @@ def encode(quantizer, x):
     codes, norms = _kernel("encode")(
         inputs=[x.astype(mx.float32), signs, bounds, cents,
                 params_array(encode_params(n, dim, quantizer.bits, fp16,
-                                       bool(quantizer.norm_correction)))],
+                                           bool(quantizer.norm_correction)))],
         output_shapes=[(n, quantizer.code_bytes), (n,)],
         output_dtypes=[mx.uint8, mx.uint16 if fp16 else mx.float32],
         grid=(n * threads_for(dim), 1, 1), threadgroup=(threads_for(dim), 1, 1))
@@ -885,7 +889,7 @@ def dequantize(quantizer, codes, norms, inverse_rotate=True, out_dtype=None):
     (out,) = _kernel("dequantize")(
         inputs=[codes, norms.view(mx.uint16) if fp16_norm else norms, cents, signs,
                 params_array(dequant_params(n, dim, quantizer.bits, fp16_norm, inverse_rotate,
-                                        fp16_out))],
+                                            fp16_out))],
         output_shapes=[(n, dim)], output_dtypes=[mx.uint16 if fp16_out else mx.float32],
         grid=(n * threads_for(dim), 1, 1), threadgroup=(threads_for(dim), 1, 1))
     return out.view(mx.float16) if fp16_out else out
@@ -1442,7 +1446,7 @@ def encode_heads(tables: HeadTables, x):
     codes, norms = _kernel("encode_heads", tables.rounds)(
         inputs=[x.reshape(n, dim).astype(mx.float32), signs, bounds, cents,
                 params_array(_with_rows_per_head(encode_params(n, dim, tables.bits, fp16,
-                                                           tables.norm_correction), T))],
+                                                               tables.norm_correction), T))],
         output_shapes=[(n, tables.code_bytes), (n,)],
         output_dtypes=[mx.uint8, mx.uint16 if fp16 else mx.float32],
         grid=(n * threads_for(dim), 1, 1), threadgroup=(threads_for(dim), 1, 1))
@@ -1647,7 +1651,8 @@ def split_encode_heads(tables: SplitHeadTables, x):
     fp16 = tables.norm_fp16
     codes, norms = _kernel("split_encode_heads", tables.rounds)(
         inputs=[x.reshape(n, dim).astype(mx.float32), signs, bounds, cents, angles, angle_bounds,
-                params_array(_split_params(tables, n, T, norm_correction=tables.norm_correction))],
+                params_array(_split_params(tables, n, T,
+                                           norm_correction=tables.norm_correction))],
         output_shapes=[(n, tables.code_bytes), (n,)],
         output_dtypes=[mx.uint8, mx.uint16 if fp16 else mx.float32],
         grid=(n * threads_for(dim), 1, 1), threadgroup=(threads_for(dim), 1, 1))
