@@ -93,13 +93,12 @@ def step_us(model, context: int, options: dict | None, steps: int, profile: bool
 
 def blocking_steps(model, cache, size: int = 8192, trials: int = 3, top: int = 12) -> str:
     """Whether building a decode step waits for the GPU: a long GPU computation (chained
-    products of ``size`` x ``size`` fp16 matrices) is started without waiting (``mx.async_eval``), then a step is built
-    under cProfile. A build that waits for the GPU takes about the computation's time, and
-    the functions that waited come first by own time (mlx-lm's decode overlaps the building
-    of one step with the GPU work of the previous one only where no such wait happens)."""
+    products of ``size`` x ``size`` fp16 matrices) is started without waiting
+    (``mx.async_eval``), then a step is built under cProfile. A build that waits for the GPU
+    takes about the computation's time, and the functions that waited come first by own time
+    (mlx-lm's decode overlaps the building of one step with the GPU work of the previous one
+    only where no such wait happens)."""
     import cProfile
-    import io
-    import pstats
     import time
 
     tok = mx.array([[1]])
@@ -130,17 +129,13 @@ def blocking_steps(model, cache, size: int = 8192, trials: int = 3, top: int = 1
         mx.eval(x, out)
         lines.append(f"busy GPU computation {gpu_ms:.1f} ms; a step built while it runs "
                      f"{build_ms:.2f} ms (a step built and run on an idle GPU: {idle_ms:.2f} ms)")
-    buf = io.StringIO()
-    pstats.Stats(pr, stream=buf).sort_stats("tottime").print_stats(top)
-    return "\n".join(lines) + "\n" + buf.getvalue()
+    return "\n".join(lines) + "\n" + _by_own_time(pr, top)
 
 
 def profile_steps(model, cache, steps: int, top: int = 25) -> str:
     """cProfile of building ``steps`` decode steps (not of evaluating them; each step is
     evaluated before the next is built), the ``top`` entries by own time."""
     import cProfile
-    import io
-    import pstats
 
     tok = mx.array([[1]])
     pr = cProfile.Profile()
@@ -149,6 +144,14 @@ def profile_steps(model, cache, steps: int, top: int = 25) -> str:
         out = model(tok, cache=cache)
         pr.disable()
         mx.eval(out)
+    return _by_own_time(pr, top)
+
+
+def _by_own_time(pr, top: int) -> str:
+    """A cProfile.Profile's ``top`` entries by own time, as text."""
+    import io
+    import pstats
+
     buf = io.StringIO()
     pstats.Stats(pr, stream=buf).sort_stats("tottime").print_stats(top)
     return buf.getvalue()

@@ -630,9 +630,9 @@ def counted_params(words: np.ndarray, counts: dict):
             _COUNTED.move_to_end(key)
             return hit
     w = np.array(words, dtype=np.uint32)
-    for idx, c in spots:
-        w[list(idx)] = c
     if candidate_path() != "cuda":
+        for idx, c in spots:
+            w[list(idx)] = c
         arr = mx.array(w)
     else:
         for idx, _ in spots:
@@ -1294,12 +1294,8 @@ def _reduce_launch(kv_heads: int, group: int, dim: int) -> dict:
                 grid=(group * threads_for(dim), kv_heads, 1), threadgroup=(threads_for(dim), 1, 1))
 
 
-# The reduce launches' parameter arrays: made once per value (they change only when the block
+# The reduce launches' parameter words: made once per value (they change only when the block
 # count or the fp16 row counts do, not at every decode step).
-def _reduce_params_array(dim: int, blocks: int, group: int):
-    return params_array(reduce_params(dim, blocks, group, True))
-
-
 @functools.lru_cache(maxsize=1024)
 def _reduce_rows_words(dim: int, blocks: int, group: int, scale: float, per_head: bool):
     """TqReduceRowsParams with the row counts and strides zero (made once per value)."""
@@ -1341,7 +1337,8 @@ def _finish_attention(parts, v_signs, per_head, group, dim, q, scale, rows=None,
             **launch)
         return out
     (out,) = _kernel("attention_reduce_heads" if per_head else "attention_reduce", rounds)(
-        inputs=[part_m, part_l, part_acc, v_signs, _reduce_params_array(dim, blocks, group)],
+        inputs=[part_m, part_l, part_acc, v_signs,
+                params_array(reduce_params(dim, blocks, group, True))],
         **launch)
     if with_lse:  # log Σ_b l_b e^(m_b): the blocks merged as the reduce kernel merges them
         top = part_m.max(axis=1)
