@@ -331,8 +331,9 @@ inline void tq_attention_mma_block_body(device const float* q, TQ_TABLE float* k
     const uint e = P0 <= 64u ? i / 32u : i;
     lut0[i] = tq_pack_half2(k_centroids[e % NK0], k_centroids[e / NK0]);
   }
-  for (uint i = tid; i < T1; i += nthreads) {
-    const uint e = P1 <= 64u ? i / 32u : i;
+  // A signed index: T1 is 0 without a split, and "i < 0u" draws NVRTC 13.0's warning #186.
+  for (int i = int(tid); i < int(T1); i += int(nthreads)) {
+    const uint e = P1 <= 64u ? uint(i) / 32u : uint(i);
     lut1[i] = tq_pack_half2(k_centroids[NK0 + e % NK1], k_centroids[NK0 + e / NK1]);
   }
   for (uint i = tid; i < TV; i += nthreads) {
