@@ -157,6 +157,12 @@ rank's slice); head h then encodes exactly as head k + h of a whole-model cache.
         kv.append(layer, kp, vp, T);
       }, py::arg("keys"), py::arg("values"), py::arg("layer") = 0,
       "Append T tokens of every KV head to one layer (float32 read in place; float16 converted).")
+      .def("flush_rated", [](KVCache& kv, int layer) {
+        py::gil_scoped_release release;
+        kv.flush_rated(layer);
+      }, py::arg("layer") = 0,
+      "Mixed precision: flush the window groups that attention calls have rated since the layer's last\n"
+      "append (an append flushes only groups rated before it); a no-op without mixed precision.")
       .def("attend", [](const KVCache& kv, const py::handle& queries, int layer, bool causal,
                         std::optional<float> scale, std::optional<size_t> window, float sparse_v,
                         bool sinks_visible) {

@@ -21,6 +21,14 @@ void KVCache::flush_window(size_t l, size_t keep_new) {
   flush_->fit(l);
 }
 
+void KVCache::flush_rated(int layer) {
+  const WriteScope guard(*this, "flush_rated");
+  check_layer(layer);
+  const auto l = static_cast<size_t>(layer);
+  // Every window token counted as the latest append's: only rated groups are due.
+  if (mixed_) flush_window(l, segments_.size[l] - segments_.coded[l]);
+}
+
 void KVCache::append_windowed(int layer, const float* keys, const float* values, size_t T) {
   const auto l = static_cast<size_t>(layer);
   const auto d = static_cast<size_t>(config_.head_dim);

@@ -249,6 +249,11 @@ class TurboQuantKVCache(PlaceholderKeys, _mlx_cache._BaseCache):
             if held is not None:
                 self._core.append(held[0], held[1])
             out = yield self._core, q, kw
+        if self.mixed_bits and Tq > 1:
+            # The queries rated their own tokens: flush the groups that are due now, not at
+            # the next append, so that a prompt given in one call holds what one given in
+            # chunks holds (a block of at most fp16_window tokens leaves nothing due).
+            self._core.flush_rated()
         if self._v_mean is not None:  # sum_t p_t (v_t - m) + m = sum_t p_t v_t
             out = out.reshape(-1, Hq // (self._core_kv_heads // B), Tq, d)
             out = out + self._v_mean[:, None]
@@ -381,6 +386,12 @@ class TurboQuantKVCache(PlaceholderKeys, _mlx_cache._BaseCache):
         if self._core is None or self._gpu or not self._exact_flushes():
             return 0
         return 2 * int(self._core_kv_heads) * self.block_tokens * int(self._head_dim) * 2
+
+    @property
+    def flush_tokens(self) -> int:
+        """Tokens one window flush moves into codes (their pages allocated at once):
+        block_tokens, or a mixed-precision flush group's (a page at each width)."""
+        return self.block_tokens * max(1, self._mixed_blocks[0])
 
     def size(self):
         return self.offset

@@ -836,6 +836,18 @@ class MetalCodeStore:
         if T > 1:
             mx.async_eval(*[a for a in (k_sink, v_sink, k_win, v_win) if a is not None])
 
+    def flush_rated(self, layer: int = 0) -> None:
+        """``_core.KVCache.flush_rated``: mixed precision flushes the window groups that
+        attention calls have rated since the last append (every window token counted as
+        that append's, so unrated groups stay); a no-op without mixed precision."""
+        self._check_layer(layer)
+        if not self.mixed or self._n == self._coded:
+            return
+        due = self._plan.due_flushes(self._sizes(), self._n - self._coded)
+        if due:
+            self._append_mixed(self._k_sink, self._v_sink, self._k_win, self._v_win,
+                               self._n, 0, 0, due)
+
     def _write(self, parts, low: bool = False) -> None:
         """Append codes to the full-width pages (``low``: the low-width ones), growing them:
         per width group (kc, kn, vc, vn), (heads of the group, T, ·)."""

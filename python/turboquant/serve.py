@@ -223,7 +223,8 @@ class KVCost:
 
     The bytes are not linear in the length: a cache holds fixed fp16 rows (sinks, and the
     window, allocated whole at its first token), codes in whole pages of ``block_tokens``
-    (mlx-lm's fp16 ``KVCache`` in steps of 256 tokens), and quantizer state. :meth:`measure`
+    (a mixed-precision flush group's pages at once: ``flush_tokens``; mlx-lm's fp16
+    ``KVCache`` in steps of 256 tokens), and quantizer state. :meth:`measure`
     therefore prefills fresh caches (built by the installed factory) at probe lengths
     (1 to 8 tokens, then about x1.5 apart up to 256, then doubling up to ``top``, 1024 or
     more) and reads their ``nbytes``. A length up to ``top`` is priced at the bytes of the
@@ -291,7 +292,7 @@ class KVCost:
             return total, caches
 
         first, caches = probe(1)
-        page = max([int(getattr(c, "block_tokens", getattr(c, "step", 256))) for c in caches]
+        page = max([int(getattr(c, "flush_tokens", getattr(c, "step", 256))) for c in caches]
                    + [1])
         windows = [int(getattr(c, "fp16_sinks", 0)) + int(getattr(c, "fp16_window", 0))
                    for c in caches]

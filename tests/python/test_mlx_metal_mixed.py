@@ -86,6 +86,9 @@ def step(store, core, rng, T, hq, d, attend=True, tol=5e-5):
     if attend:  # the append's own queries: a prefill chunk or a decode step
         q = rand(rng, hq, T, d) * 2.0
         close(store.attend(mx.array(q)), core.attend(q), tol)
+        if T > 1:  # as the mlx-lm cache does: flush what the queries rated (flush_rated)
+            store.flush_rated()
+            core.flush_rated()
     assert_same_state(store, core)
 
 

@@ -114,6 +114,37 @@ def test_trim_into_a_group_is_refused_and_whole_groups_trim():
     assert cache[0].trim(n - coded + 8) == n - coded + 8 and core.coded_tokens(0) == coded - 8
 
 
+def test_a_prompt_in_one_call_holds_what_it_does_in_chunks(monkeypatch):
+    """A prompt's queries rate its own tokens: the groups then due flush right after the
+    attention call, not at the next append. Filled in one call, a cache held every token as
+    fp16 rows until then (2x the bytes of 256-token chunks at 300 tokens of SmolLM2, 3x at
+    2,000); the next steps see what they saw before (the same flushes, at the same
+    importance)."""
+    from turboquant import _core
+
+    model = tiny_model("llama")
+    opts = dict(preset="tq3-mixed", mixed_trial=False, seed=5)  # routed on every layer
+    tokens = np.random.default_rng(7).integers(0, 128, 300).tolist()
+    one, chunked, late = (tq_mlx.make_prompt_cache(model, **opts) for _ in range(3))
+    logits(model, one, tokens)
+    for s in range(0, len(tokens), 64):
+        logits(model, chunked, tokens[s:s + 64])
+    with monkeypatch.context() as m:  # as before: the rated groups wait for the next append
+        m.setattr(_core.KVCache, "flush_rated", lambda self, layer=0: None)
+        logits(model, late, tokens)
+    size = [sum(c.nbytes for c in cache) for cache in (one, chunked, late)]
+    assert size[0] <= 1.1 * size[1] and size[2] > 1.5 * size[1], size
+    for c in one:
+        core = c._core
+        assert core.mixed_group_blocks and core.rated_tokens(0) == len(tokens)
+        assert core.window_tokens(0) <= core.segment_plan(0).window_rows
+    assert late[0]._core.window_tokens(0) > 200
+    after = [run(model, cache, TOKENS[:8], prefill=1) for cache in (one, late)]
+    np.testing.assert_array_equal(after[0], after[1])
+    for a, b in zip(one, late):
+        assert a._core.to_bytes() == b._core.to_bytes()
+
+
 def test_mixed_takes_the_gpu_store(monkeypatch):
     # (test_mlx_metal_mixed.py: the GPU store's mixed precision against the core's)
     import turboquant.mlx_metal as mm

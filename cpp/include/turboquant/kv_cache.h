@@ -62,6 +62,11 @@ class KVCache {
   // Appends T tokens to one layer: keys and values are n_kv_heads × T × head_dim fp32
   // (head-major). Validates everything first; on error the cache is unchanged.
   void append(int layer, const float* keys, const float* values, size_t T);
+  // Mixed precision: flushes the window groups of one layer that attention calls have rated
+  // since its last append (an append flushes only groups rated before it, so a long append
+  // would otherwise hold its rated tokens as fp16 rows until the next one); tokens not yet
+  // rated stay. Nothing to do without mixed precision (a plain window flushes in append).
+  void flush_rated(int layer);
 
   // Attention of T_q queries per query head over the layer's tokens. queries and out are
   // n_q_heads × T_q × head_dim. The queries are the LAST T_q positions of the layer:
