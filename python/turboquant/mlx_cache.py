@@ -253,11 +253,16 @@ class TurboQuantKVCache(PlaceholderKeys, _mlx_cache._BaseCache):
             # The queries rated their own tokens: flush the groups that are due now, not at
             # the next append, so that a prompt given in one call holds what one given in
             # chunks holds (a block of at most fp16_window tokens leaves nothing due).
-            self._core.flush_rated()
+            self._flush_rated()
         if self._v_mean is not None:  # sum_t p_t (v_t - m) + m = sum_t p_t v_t
             out = out.reshape(-1, Hq // (self._core_kv_heads // B), Tq, d)
             out = out + self._v_mean[:, None]
         return out.reshape(B, Hq, Tq, d)
+
+    def _flush_rated(self) -> None:
+        """After a mixed layer's attention call: the groups its queries made due go to codes
+        (a method of its own so that a test can see the rows the attention call saw)."""
+        self._core.flush_rated()
 
     def _core_queries(self, queries, scale: float | None = None):
         """``queries`` (B, H_q, T_q, d) as the core takes them: (B·H_q, T_q, d), on the host

@@ -635,11 +635,19 @@ class MlxCacheMachine(RuleBasedStateMachine):
         # flush (the core holds only those until the attention call), the others after it.
         j = self.cache._held[2] if self.cache._held is not None else 0
         parts = [(0, j, self.decoded())] if j else []
-        out = base.scaled_dot_product_attention(mx.array(q[None]), kp, vp, cache=self.cache,
-                                                scale=scale, mask=mask)
+        # A mixed layer flushes the groups its queries rated right after the attention call:
+        # the rows the call saw are the ones held just before that flush.
+        seen = []
+        flush = self.cache._flush_rated
+        self.cache._flush_rated = lambda: (seen.append(self.decoded()), flush())
+        try:
+            out = base.scaled_dot_product_attention(mx.array(q[None]), kp, vp, cache=self.cache,
+                                                    scale=scale, mask=mask)
+        finally:
+            del self.cache._flush_rated
         out = np.array(out[0].astype(mx.float32))
         assert self.cache._held is None, "the held tokens were appended at the attention call"
-        K, V = self.decoded()
+        K, V = seen[0] if seen else self.decoded()
         parts.append((j, T, (K, V)))
         w = window if window is not None and window < self.n else None
         want = np.concatenate([softmax_attention(q[:, a:b], Ka, Va, True, w, scale, self.group)
