@@ -117,9 +117,8 @@ def test_trim_into_a_group_is_refused_and_whole_groups_trim():
 def test_a_prompt_in_one_call_holds_what_it_does_in_chunks(monkeypatch):
     """A prompt's queries rate its own tokens: the groups then due flush right after the
     attention call, not at the next append. Filled in one call, a cache held every token as
-    fp16 rows until then (2x the bytes of 256-token chunks at 300 tokens of SmolLM2, 3x at
-    2,000); the next steps see what they saw before (the same flushes, at the same
-    importance)."""
+    fp16 rows until then (here 1.84x the bytes of 64-token chunks); the next steps see what
+    they saw before (the same flushes, at the same importance)."""
     from turboquant import _core
 
     model = tiny_model("llama")
