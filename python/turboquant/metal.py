@@ -623,7 +623,7 @@ def counted_params(words: np.ndarray, counts: dict):
     import mlx.core as mx
 
     spots = tuple(((k,) if isinstance(k, int) else tuple(k), int(c)) for k, c in counts.items())
-    key = (words.tobytes(), spots)  # a decode step's lookup: no copy of the words
+    key = (words.tobytes(), spots)  # a decode step's lookup: no array of the words made
     with _COUNTED_LOCK:
         hit = _COUNTED.get(key)
         if hit is not None:
