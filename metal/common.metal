@@ -79,6 +79,13 @@ struct TqRotateParams {
   uint dim;
 };
 
+struct TqPermuteParams {
+  uint rows;           // rows of dim elements (heads x tokens)
+  uint dim;            // elements per row
+  uint width;          // 16-bit words per element: 1 (fp16, bf16) or 2 (fp32)
+  uint rows_per_head;  // consecutive rows sharing one channel order
+};
+
 struct TqDequantParams {
   uint rows;
   uint dim;

@@ -51,6 +51,22 @@ inline void tq_rotate_body(device const float* x, device float* y, TQ_TABLE floa
   for (uint j = tid; j < d; j += nthreads) y[ulong(row) * d + j] = v[j];
 }
 
+// The key split's per-head channel order (the mlx cache's keys and queries, in their own
+// dtype, as 16-bit words): dst[r][c] = src[r][order[head(r)][c]], each element p.width words.
+// One thread per destination word (item = threadgroup * nthreads + tid), so the writes are
+// coalesced; the host keeps rows * dim * width below 2^32.
+inline void tq_permute_body(device const ushort* src, device ushort* dst, TQ_TABLE uint* order,
+                            TQ_PARAMS TqPermuteParams& p, uint group, uint tid, uint nthreads) {
+  const uint row_words = p.dim * p.width;
+  const uint item = group * nthreads + tid;
+  if (item >= p.rows * row_words) return;
+  const uint row = item / row_words;
+  const uint j = item - row * row_words;
+  const uint c = j / p.width;
+  const uint from = order[(row / p.rows_per_head) * p.dim + c] * p.width + (j - c * p.width);
+  dst[item] = src[row * row_words + from];
+}
+
 #if defined(__METAL_VERSION__) && !defined(TQ_NO_ENTRY_POINTS)
 [[kernel]] void tq_encode(device const float* x [[buffer(0)]], device uchar* codes [[buffer(1)]],
                           device uchar* norms [[buffer(2)]], constant float* signs [[buffer(3)]],

@@ -284,6 +284,13 @@ KERNELS: dict[str, KernelSpec] = {
         "tq_rotate_body(x, y, signs, *(const device TqRotateParams*)params, tg_v,\n"
         f"               {_IDS});\n",
     ),
+    "permute": KernelSpec(
+        "tq_mlx_permute",
+        ("src", "order", "params"),
+        ("dst",),
+        "tq_permute_body(src, dst, order, *(const device TqPermuteParams*)params,\n"
+        f"                {_IDS});\n",
+    ),
     "dequantize": KernelSpec(
         "tq_mlx_dequantize",
         ("codes", "norms", "centroids", "signs", "params"),
@@ -509,7 +516,7 @@ KERNELS.update({
 
 def _needed_files(key: str) -> tuple[str, ...]:
     """The kernel files the body of kernel ``key`` calls into (besides common.metal)."""
-    if key.startswith(("encode", "rotate")):
+    if key.startswith(("encode", "rotate", "permute")):
         return ("common.metal", "encode.metal")
     if key.startswith("dequantize"):
         return ("common.metal", "dequantize.metal")
@@ -875,6 +882,40 @@ def rotate(quantizer, x):
         output_shapes=[(n, dim)], output_dtypes=[mx.float32],
         grid=(n * threads_for(dim), 1, 1), threadgroup=(threads_for(dim), 1, 1))
     return y
+
+
+PERMUTE_THREADS = 256
+
+
+def permute_params(rows: int, dim: int, width: int, rows_per_head: int) -> np.ndarray:
+    return np.array([rows, dim, width, rows_per_head], dtype=np.uint32)
+
+
+def permute_channels(x, order):
+    """x (H, T, d), an mlx array of float16, bfloat16 or float32, with the channels of row
+    block h in the order ``order[h]`` (an mlx uint32 array (H, d)): y[h, t, c] =
+    x[h, t, order[h, c]], bit for bit, in x's dtype (the key split's channel order, applied
+    to a chunk's keys and queries on the GPU)."""
+    import mlx.core as mx
+
+    _require_gpu()
+    H, T, d = x.shape
+    if x.dtype not in (mx.float16, mx.bfloat16, mx.float32):
+        raise ValueError(f"permute_channels takes float16, bfloat16 or float32, got {x.dtype}")
+    if tuple(order.shape) != (H, d) or order.dtype != mx.uint32:
+        raise ValueError(f"order must be uint32 of shape {(H, d)}, got {order.dtype} "
+                         f"{tuple(order.shape)}")
+    width = 2 if x.dtype == mx.float32 else 1
+    words = H * T * d * width
+    if words >= 1 << 32:
+        raise ValueError(f"permute_channels: {words} words is over the kernel's 32-bit index")
+    (y,) = _kernel("permute")(
+        inputs=[x.reshape(H * T, d).view(mx.uint16), order,
+                params_array(permute_params(H * T, d, width, T))],
+        output_shapes=[(H * T, d * width)], output_dtypes=[mx.uint16],
+        grid=(-(-words // PERMUTE_THREADS) * PERMUTE_THREADS, 1, 1),
+        threadgroup=(PERMUTE_THREADS, 1, 1))
+    return y.view(x.dtype).reshape(H, T, d)
 
 
 def dequantize(quantizer, codes, norms, inverse_rotate=True, out_dtype=None):

@@ -18,6 +18,7 @@ from __future__ import annotations
 import copy
 import functools
 import json
+import os
 import warnings
 
 import mlx.core as mx
@@ -1099,20 +1100,44 @@ _PERM_INDEX: dict = {}
 
 def _permute(x: np.ndarray, perm: np.ndarray) -> np.ndarray:
     """x (H, T, d) with the channels of head h in the order perm[h]; an mlx array stays one
-    (the GPU path's keys and queries never leave the GPU). The mlx index array of a
-    permutation is made once (a decode step permutes every layer's keys and queries)."""
+    (the GPU path's keys and queries never leave the GPU). The mlx index arrays of a
+    permutation are made once (a decode step permutes every layer's keys and queries).
+
+    On a GPU kernel path, a block of several tokens (a prefill chunk's keys and queries)
+    goes through the kernel set's ``permute_channels`` (turboquant.metal's ``permute``
+    kernel: one thread per output element, bit for bit), where mlx's ``take_along_axis``
+    with a broadcast index reads at a few percent of the memory bandwidth; one token (a
+    decode step) stays with ``take_along_axis``, whose call costs the host less.
+    ``TQ_GPU_PERMUTE=gather`` keeps ``take_along_axis`` everywhere (a benchmark's
+    comparison)."""
     if isinstance(x, mx.array):
         entry = _PERM_INDEX.get(id(perm))
         if entry is None or entry[0] is not perm:
             if len(_PERM_INDEX) >= 4096:  # bounded: models x layers x query layouts
                 _PERM_INDEX.clear()
-            entry = _PERM_INDEX[id(perm)] = (perm, mx.array(perm[:, None, :].astype(np.int32)))
+            entry = _PERM_INDEX[id(perm)] = (perm, mx.array(perm[:, None, :].astype(np.int32)),
+                                             mx.array(perm.astype(np.uint32)))
+        kernel = _permute_kernel(x) if x.shape[1] > 1 else None
+        if kernel is not None:
+            return kernel(x, entry[2])
         return mx.take_along_axis(x, entry[1], axis=2)
     if x.shape[1] == 1:  # a decode step: one flat gather (take_along_axis builds index grids)
         H, _, d = x.shape
         flat = perm + np.arange(0, H * d, d)[:, None]
         return np.ascontiguousarray(x).reshape(H * d)[flat].reshape(H, 1, d)
     return np.ascontiguousarray(np.take_along_axis(x, perm[:, None, :], axis=2))
+
+
+def _permute_kernel(x):
+    """The GPU store's kernel set's ``permute_channels`` where _permute takes it for the mlx
+    array x (turboquant.metal's on a GPU), else None."""
+    fn = getattr(_mlx_metal.METAL_KERNELS, "permute_channels", None)
+    if (fn is None or x.dtype not in (mx.float16, mx.bfloat16, mx.float32)
+            or x.size * x.dtype.size >= (1 << 33)  # the kernel's 32-bit word index
+            or os.environ.get("TQ_GPU_PERMUTE", "") == "gather"
+            or gpu_path.active_path() == "cpu"):
+        return None
+    return fn
 
 
 @functools.lru_cache(maxsize=256)

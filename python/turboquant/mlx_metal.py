@@ -153,6 +153,12 @@ class ReferenceKernels:
     name = "reference"
 
     @staticmethod
+    def permute_channels(x, order):
+        """turboquant.metal.permute_channels: y[h, t, c] = x[h, t, order[h, c]]."""
+        mx = _mx()
+        return mx.take_along_axis(x, order.astype(mx.int32)[:, None, :], axis=2)
+
+    @staticmethod
     def encode_heads(tables: HeadTables, x):
         mx = _mx()
         xs = np.asarray(x.astype(mx.float32))
@@ -1828,7 +1834,9 @@ def self_test(kernels: Any = None) -> str | None:
     reduction merged with the fp16 rows, dequantize for a prefill, and the split's four).
     Codes and norms must equal the core's bit for bit, decode and prefill attention within
     1e-3 of the core's output scale (4e-3 for the mma block kernel, whose products take fp16
-    inputs)."""
+    inputs); and the kernel set's ``permute_channels`` (the key split's channel order of a
+    prefill chunk, taken by the mlx cache) must equal ``mx.take_along_axis`` bit for bit in
+    float32, float16 and bfloat16."""
     mx = _mx()
     try:
         rng = np.random.default_rng(20261204)
@@ -1890,6 +1898,16 @@ def self_test(kernels: Any = None) -> str | None:
                     what = f" ({kernel} block kernel)" if kernel else ""
                     return (f"{name}: attention of {rows} query row(s){what} differs from the "
                             f"C++ core's by {err:.3g}")
+        permute = getattr(metal if kernels is None else kernels, "permute_channels", None)
+        if permute is not None:  # the key split's channel order of a prefill chunk
+            order = np.stack([rng.permutation(d) for _ in range(hkv)]).astype(np.uint32)
+            x = mx.array(rng.standard_normal((hkv, 5, d)).astype(np.float32))
+            index = mx.array(order[:, None, :].astype(np.int32))
+            for dtype in (mx.float32, mx.float16, mx.bfloat16):
+                got = permute(x.astype(dtype), mx.array(order))
+                want = mx.take_along_axis(x.astype(dtype), index, axis=2)
+                if got.dtype != dtype or not bool(mx.array_equal(got, want).item()):
+                    return f"the channel permutation of {dtype} rows differs from take_along_axis"
         return None
     except Exception as e:  # noqa: BLE001 - any failure means: do not use this kernel set
         text = " ".join(str(e).split())

@@ -8,5 +8,6 @@ ARG_TYPES = {
     "v_norms": "uint16_t", "k_centroids": "float", "v_centroids": "float", "part_m": "float",
     "part_l": "float", "part_acc": "float", "v_signs": "float", "angles": "float",
     "angle_bounds": "float", "k_signs": "float", "k_a": "uint16_t", "v_a": "uint16_t",
-    "k_b": "uint16_t", "v_b": "uint16_t",
+    "k_b": "uint16_t", "v_b": "uint16_t", "src": "uint16_t", "dst": "uint16_t",
+    "order": "uint32_t",
 }

@@ -69,7 +69,8 @@ def test_self_test_passes_on_the_emulated_kernels(emulated, monkeypatch):
                     "attention_reduce_rows",
                     "attention_reduce_heads",
                     "split_encode_heads",
-                    "split_rotate_heads", "split_dequantize_heads", "split_attention_block"}, used
+                    "split_rotate_heads", "split_dequantize_heads", "split_attention_block",
+                    "permute"}, used
 
 
 def test_a_kernel_that_does_not_compile_falls_back_to_the_core(monkeypatch, fresh_selection):
@@ -312,3 +313,57 @@ def test_decode_steps_on_the_cuda_path_match_the_core(emulated, monkeypatch, ker
             got = np.array(store.attend(mx.array(q)))
         np.testing.assert_allclose(got, core.attend(q), atol=atol)
     assert store.code_tokens() == core.code_tokens(0) > 40
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
+def test_the_permute_kernel_moves_each_channel_bit_for_bit(emulated, monkeypatch, dtype):
+    """metal.permute_channels (the key split's channel order of a prefill chunk) on the
+    emulated GPU: y[h, t, c] = x[h, t, order[h, c]] in x's dtype, with a grid padded past the
+    last element (3 x 7 x 64 elements is no multiple of the 256-thread groups)."""
+    emulated.install(monkeypatch)
+    rng = np.random.default_rng(3)
+    dt = getattr(mx, dtype)
+    order = np.stack([rng.permutation(64) for _ in range(3)]).astype(np.uint32)
+    x = mx.array(rng.standard_normal((3, 7, 64)).astype(np.float32)).astype(dt)
+    got = metal.permute_channels(x, mx.array(order))
+    assert emulated.launches[-1] == "permute" and got.dtype == dt and got.shape == x.shape
+    want = mx.take_along_axis(x, mx.array(order[:, None, :].astype(np.int32)), axis=2)
+    assert bool(mx.array_equal(got, want).item())
+    assert not bool(mx.array_equal(got, x).item())  # the order moved something
+    with pytest.raises(ValueError, match="order must be uint32 of shape"):
+        metal.permute_channels(x, mx.array(order[:2]))
+    with pytest.raises(ValueError, match="takes float16, bfloat16 or float32"):
+        metal.permute_channels(x.astype(mx.int32), mx.array(order))
+
+
+def test_a_key_split_prefill_permutes_on_the_gpu_and_matches_take_along_axis(emulated,
+                                                                             monkeypatch):
+    """The mlx cache's key split on the emulated GPU: a prefill chunk's keys and queries go
+    through the permute kernel, a decode step's through take_along_axis; outputs and codes
+    equal those of TQ_GPU_PERMUTE=gather (take_along_axis everywhere) bit for bit."""
+    emulated.install(monkeypatch)
+    monkeypatch.setattr(gpu_path, "active_path", lambda: "cuda")
+    rng = np.random.default_rng(4)
+    k, v = (rng.standard_normal((1, 2, 21, 32)).astype(np.float32) for _ in range(2))
+    q = rng.standard_normal((1, 4, 21, 32)).astype(np.float32)
+
+    def run(gather: bool):
+        if gather:
+            monkeypatch.setenv("TQ_GPU_PERMUTE", "gather")
+        else:
+            monkeypatch.delenv("TQ_GPU_PERMUTE", raising=False)
+        start = len(emulated.launches)
+        c = mlx_cache.TurboQuantKVCache(key_bits=3, value_bits=3, fp16_sinks=2, fp16_window=4)
+        outs = []
+        for a, b in ((0, 20), (20, 21)):  # a prefill chunk, then one decode step
+            c.update_and_fetch(mx.array(k[:, :, a:b]).astype(mx.float16),
+                               mx.array(v[:, :, a:b]).astype(mx.float16))
+            outs.append(np.array(c.attend(mx.array(q[:, :, a:b]).astype(mx.float16), 0.2)))
+        assert c._gpu and c._perm is not None
+        return outs, c._core.encoded(0, 1, "key"), emulated.launches[start:]
+
+    (pre, step), codes, launched = run(gather=False)
+    (pre_g, step_g), codes_g, launched_g = run(gather=True)
+    assert launched.count("permute") == 2 and "permute" not in launched_g  # keys, queries
+    assert np.array_equal(pre, pre_g) and np.array_equal(step, step_g)
+    assert np.array_equal(codes[0], codes_g[0]) and np.array_equal(codes[1], codes_g[1])

@@ -1,0 +1,169 @@
+"""Where the TurboQuant cache's prefill time goes on a GPU, against mlx-lm's fp16 cache in the
+same run: a 2-layer random model of Llama-3.1-8B's layer shape prefilled in 2,048-token
+chunks (as mlx-lm's generate does), each chunk evaluated and timed, per cache; per context,
+the mean chunk time of each cache and their ratio.
+
+    python bench/gpu_prefill_parts.py --contexts 8192,32768 [--trace] [--permute]
+
+``--trace`` adds the GPU kernels of one chunk at the end of the longest context (PyTorch's
+profiler where PyTorch is installed: it reads the whole process's CUDA activity, mlx's kernels
+included). ``--permute`` times the ways of applying the key split's per-head channel order to
+a prefill chunk's keys and queries (the cache's ``_permute``), each checked for equality with
+``mx.take_along_axis``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+
+from gpu_common import machine, timed, write_result
+from gpu_decode_parts import LAYER, LAYERS, TINY, two_layer_model
+
+CACHES = {"fp16": None, "tq3 (default recipe)": dict(key_bits=3, value_bits=3)}
+
+
+def chunk_ms(model, options, context: int, chunk: int = 2048, vocab: int = 1024) -> list:
+    """Milliseconds of each evaluated prefill chunk of a fresh cache, in order."""
+    from mlx_lm.models import cache as mlx_cache
+
+    from turboquant.mlx_lm import make_prompt_cache
+
+    cache = (mlx_cache.make_prompt_cache(model) if options is None
+             else make_prompt_cache(model, **options))
+    prompt = mx.random.randint(0, vocab, (1, context))
+    mx.eval(prompt)
+    out = []
+    for a in range(0, context, chunk):
+        t0 = time.perf_counter()
+        mx.eval(model(prompt[:, a:a + chunk], cache=cache)[:, -1])
+        out.append((time.perf_counter() - t0) * 1e3)
+    return out, cache
+
+
+def trace_chunk(model, options, context: int, chunk: int = 2048, rows: int = 30) -> str:
+    """The kernels of the last prefill chunk (context - chunk .. context), by GPU time."""
+    try:
+        from torch.profiler import ProfilerActivity, profile
+    except ImportError as e:
+        return f"(no trace: {e})"
+    _, cache = chunk_ms(model, options, context - chunk, chunk)
+    x = mx.random.randint(0, 1024, (1, chunk))
+    mx.eval(x)
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        mx.eval(model(x, cache=cache)[:, -1])
+    avg = prof.key_averages()
+    key = ("self_device_time_total" if hasattr(avg[0], "self_device_time_total")
+           else "self_cuda_time_total")
+    return (avg.table(sort_by=key, row_limit=rows, max_name_column_width=70)
+            + avg.table(sort_by="self_cpu_time_total", row_limit=10, max_name_column_width=60))
+
+
+def permute_ways(H: int, T: int, d: int, dtype, seed: int = 0) -> dict:
+    """Microseconds per call of each way of permuting the channels of x (H, T, d) by a
+    per-head order, and whether it equals take_along_axis."""
+    rng = np.random.default_rng(seed)
+    perm = np.stack([rng.permutation(d) for _ in range(H)]).astype(np.int32)
+    x = mx.random.normal((H, T, d)).astype(dtype)
+    idx = mx.array(perm[:, None, :])
+    onehot = np.zeros((H, d, d), np.float32)
+    for h in range(H):
+        onehot[h, perm[h], np.arange(d)] = 1.0
+    onehot = mx.array(onehot).astype(dtype)
+    base = mx.array(perm) + (mx.arange(H, dtype=mx.int32) * (T * d))[:, None]
+    flat_perm = mx.array(perm.reshape(-1))
+    mx.eval(x, idx, onehot, base, flat_perm)
+    ways = {
+        "take_along_axis": lambda: mx.take_along_axis(x, idx, axis=2),
+        "flat take": lambda: mx.take(
+            x.reshape(-1),
+            (base[:, None, :] + (mx.arange(T, dtype=mx.int32) * d)[None, :, None]).reshape(-1),
+        ).reshape(H, T, d),
+        "per-head take": lambda: mx.stack(
+            [mx.take(x[h], flat_perm[h * d:(h + 1) * d], axis=1) for h in range(H)]),
+        "one-hot matmul": lambda: x @ onehot,
+    }
+    kernel = _permute_kernel()
+    if kernel is not None:
+        params = mx.array(np.array([T, d, H * T * d], np.uint32))
+        mx.eval(params)
+        ways["custom kernel"] = lambda: kernel(
+            inputs=[x, flat_perm, params], output_shapes=[(H, T, d)], output_dtypes=[x.dtype],
+            grid=(H * T * d, 1, 1), threadgroup=(256, 1, 1))[0]
+    ref = ways["take_along_axis"]()
+    mx.eval(ref)
+    res = {}
+    for name, fn in ways.items():
+        y = fn()
+        mx.eval(y)
+        same = bool(mx.array_equal(y, ref).item())
+        us = timed(fn, iters=20, repeats=5, warmup=2) * 1e6
+        res[name] = dict(us=round(us, 1), equal=same,
+                         gb_s=round(2 * x.nbytes / (us * 1e-6) / 1e9, 1))
+    return res
+
+
+def _permute_kernel():
+    """An element-per-thread channel gather for the microbenchmark (CUDA or Metal)."""
+    body = ("unsigned int T = params[0], D = params[1], n = params[2];\n"
+            "if (e >= n) return;\n"
+            "unsigned int row = e / D, c = e - row * D, h = row / T;\n"
+            "y[e] = x[row * D + (unsigned int)perm[h * D + c]];\n")
+    if mx.cuda.is_available():
+        return mx.fast.cuda_kernel(
+            name="tq_bench_permute", input_names=["x", "perm", "params"], output_names=["y"],
+            source="unsigned int e = blockIdx.x * blockDim.x + threadIdx.x;\n" + body)
+    if mx.metal.is_available():
+        return mx.fast.metal_kernel(
+            name="tq_bench_permute", input_names=["x", "perm", "params"], output_names=["y"],
+            source="unsigned int e = thread_position_in_grid.x;\n" + body)
+    return None
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--contexts", default="8192,32768")
+    ap.add_argument("--trace", action="store_true")
+    ap.add_argument("--permute", action="store_true")
+    ap.add_argument("--smoke", action="store_true", help="a tiny layer shape (anywhere)")
+    ap.add_argument("--out", type=Path)
+    a = ap.parse_args(argv)
+    res = {"machine": machine(), "contexts": {}}
+    if a.permute:
+        res["permute"] = {}
+        for H, T, dt in ((8, 2048, mx.float32), (8, 2048, mx.float16), (32, 2048, mx.float16)):
+            key = f"H={H} T={T} d=128 {dt}"
+            res["permute"][key] = permute_ways(H, T, 128, dt)
+            print(f"permute {key}: {res['permute'][key]}", flush=True)
+    model = two_layer_model(TINY if a.smoke else LAYER)
+    contexts = [int(c) for c in a.contexts.split(",")]
+    for ctx in contexts:
+        row = {}
+        for name, options in CACHES.items():
+            ms, _ = chunk_ms(model, options, ctx)
+            row[name] = dict(chunk_ms=[round(m, 2) for m in ms],
+                             mean_ms_per_layer=round(statistics.mean(ms[1:] or ms) / LAYERS, 3))
+        base = row["fp16"]["mean_ms_per_layer"]
+        for name in row:
+            row[name]["vs_fp16"] = round(base / row[name]["mean_ms_per_layer"], 3)
+        res["contexts"][ctx] = row
+        print(f"{ctx} tokens: " + "; ".join(
+            f"{n}: {r['mean_ms_per_layer']} ms/layer a chunk ({r['vs_fp16']}x fp16 speed)"
+            for n, r in row.items()), flush=True)
+    if a.trace:
+        for name, options in CACHES.items():
+            text = trace_chunk(model, options, contexts[-1])
+            print(f"--- GPU trace of the chunk ending at {contexts[-1]}, {name}\n{text}",
+                  flush=True)
+    if a.out:
+        write_result(a.out, res)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
