@@ -14,10 +14,11 @@ from __future__ import annotations
 
 import argparse
 import time
+from pathlib import Path
 
 import mlx.core as mx
 
-from gpu_common import prefill
+from gpu_common import machine, prefill, write_result
 
 LAYER = dict(hidden_size=4096, intermediate_size=14336, num_attention_heads=32,
              num_key_value_heads=8, head_dim=128)
@@ -44,12 +45,16 @@ def main(argv=None) -> int:
     ap.add_argument("--context", type=int, default=8192)
     ap.add_argument("--steps", type=int, default=400)
     ap.add_argument("--layers", type=int, default=8)
-    ap.add_argument("--smoke", action="store_true", help="a tiny layer shape (anywhere)")
+    ap.add_argument("--smoke", action="store_true",
+                    help="a tiny layer shape, 2 layers, 256 tokens, 8 steps (anywhere)")
+    ap.add_argument("--out", type=Path, help="also write the two times as JSON here")
     a = ap.parse_args(argv)
     from mlx_lm.models import cache as mlx_cache
 
     from turboquant.mlx_lm import make_prompt_cache
 
+    if a.smoke:
+        a.context, a.steps, a.layers = 256, 8, 2
     model = model_of(a.layers, TINY if a.smoke else LAYER)
     cache = (mlx_cache.make_prompt_cache(model) if a.cache == "fp16"
              else make_prompt_cache(model, key_bits=3, value_bits=3))
@@ -69,9 +74,14 @@ def main(argv=None) -> int:
         prev = out
     mx.eval(prev)
     wall = time.perf_counter() - t0
+    res = {"machine": machine(), "cache": a.cache, "context": a.context, "layers": a.layers,
+           "build_us_per_layer": build / a.steps * 1e6 / a.layers,
+           "step_us_per_layer": wall / a.steps * 1e6 / a.layers}
     print(f"{a.cache}, {a.context} tokens, {a.layers} layers: building a step "
-          f"{build / a.steps * 1e6 / a.layers:.1f} us a layer, a step "
-          f"{wall / a.steps * 1e6 / a.layers:.1f} us a layer")
+          f"{res['build_us_per_layer']:.1f} us a layer, a step "
+          f"{res['step_us_per_layer']:.1f} us a layer")
+    if a.out:
+        write_result(a.out, res)
     return 0
 
 

@@ -130,34 +130,41 @@ def main(argv=None) -> int:
     ap.add_argument("--contexts", default="8192,32768")
     ap.add_argument("--trace", action="store_true")
     ap.add_argument("--permute", action="store_true")
-    ap.add_argument("--smoke", action="store_true", help="a tiny layer shape (anywhere)")
+    ap.add_argument("--chunk", type=int, default=2048, help="prefill chunk (mlx-lm's default)")
+    ap.add_argument("--smoke", action="store_true",
+                    help="a tiny layer shape, 512 tokens in 128-token chunks (anywhere)")
     ap.add_argument("--out", type=Path)
     a = ap.parse_args(argv)
-    res = {"machine": machine(), "contexts": {}}
+    if a.smoke:
+        a.contexts, a.chunk = "512", 128
+    res = {"machine": machine(), "chunk": a.chunk, "contexts": {}}
     if a.permute:
         res["permute"] = {}
-        for H, T, dt in ((8, 2048, mx.float32), (8, 2048, mx.float16), (32, 2048, mx.float16)):
-            key = f"H={H} T={T} d=128 {dt}"
-            res["permute"][key] = permute_ways(H, T, 128, dt)
+        shapes = (((2, 64, 64, mx.float16),) if a.smoke else
+                  ((8, 2048, 128, mx.float32), (8, 2048, 128, mx.float16),
+                   (32, 2048, 128, mx.float16)))
+        for H, T, d, dt in shapes:
+            key = f"H={H} T={T} d={d} {dt}"
+            res["permute"][key] = permute_ways(H, T, d, dt)
             print(f"permute {key}: {res['permute'][key]}", flush=True)
     model = two_layer_model(TINY if a.smoke else LAYER)
     contexts = [int(c) for c in a.contexts.split(",")]
     for ctx in contexts:
         row = {}
         for name, options in CACHES.items():
-            ms, _ = chunk_ms(model, options, ctx)
+            ms, _ = chunk_ms(model, options, ctx, a.chunk)
             row[name] = dict(chunk_ms=[round(m, 2) for m in ms],
                              mean_ms_per_layer=round(statistics.mean(ms[1:] or ms) / LAYERS, 3))
         base = row["fp16"]["mean_ms_per_layer"]
         for name in row:
             row[name]["vs_fp16"] = round(base / row[name]["mean_ms_per_layer"], 3)
-        res["contexts"][ctx] = row
+        res["contexts"][str(ctx)] = row
         print(f"{ctx} tokens: " + "; ".join(
             f"{n}: {r['mean_ms_per_layer']} ms/layer a chunk ({r['vs_fp16']}x fp16 speed)"
             for n, r in row.items()), flush=True)
     if a.trace:
         for name, options in CACHES.items():
-            text = trace_chunk(model, options, contexts[-1])
+            text = trace_chunk(model, options, contexts[-1], a.chunk)
             print(f"--- GPU trace of the chunk ending at {contexts[-1]}, {name}\n{text}",
                   flush=True)
     if a.out:

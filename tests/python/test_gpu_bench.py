@@ -64,3 +64,16 @@ def test_gpu_e2e_smoke(tmp_path):
         assert r["prefill_tok_s"] > 0 and r["decode_tok_s"] > 0 and r["kv_bytes"] > 0
     assert rows["turboquant-3"]["kv_bytes"] < rows["fp16"]["kv_bytes"]
     assert rows["mlx-q4"]["kv_bytes"] < rows["mlx-q8"]["kv_bytes"] < rows["fp16"]["kv_bytes"]
+
+
+def test_gpu_prefill_parts_smoke(tmp_path):
+    res = run("gpu_prefill_parts.py", tmp_path)
+    row = res["contexts"]["512"]
+    assert set(row) == {"fp16", "tq3 (default recipe)"}
+    for r in row.values():
+        assert len(r["chunk_ms"]) == 4 and r["mean_ms_per_layer"] > 0 and r["vs_fp16"] > 0
+
+
+def test_gpu_decode_loop_smoke(tmp_path):
+    res = run("gpu_decode_loop.py", tmp_path)
+    assert res["cache"] == "tq3" and res["step_us_per_layer"] >= res["build_us_per_layer"] > 0
