@@ -19,24 +19,7 @@ from pathlib import Path
 import mlx.core as mx
 
 from gpu_common import machine, prefill, write_result
-
-LAYER = dict(hidden_size=4096, intermediate_size=14336, num_attention_heads=32,
-             num_key_value_heads=8, head_dim=128)
-TINY = dict(hidden_size=128, intermediate_size=128, num_attention_heads=4,
-            num_key_value_heads=2, head_dim=64)
-
-
-def model_of(layers: int, layer: dict):
-    from mlx_lm.models import llama
-
-    mx.random.seed(0)
-    args = dict(layer, num_hidden_layers=layers, vocab_size=1024, rope_theta=500000.0,
-                rms_norm_eps=1e-5, max_position_embeddings=131072, tie_word_embeddings=False,
-                model_type="llama")
-    model = llama.Model(llama.ModelArgs.from_dict(args))
-    model.set_dtype(mx.float16)
-    mx.eval(model.parameters())
-    return model
+from gpu_decode_parts import LAYER, TINY, two_layer_model
 
 
 def main(argv=None) -> int:
@@ -55,7 +38,7 @@ def main(argv=None) -> int:
 
     if a.smoke:
         a.context, a.steps, a.layers = 256, 8, 2
-    model = model_of(a.layers, TINY if a.smoke else LAYER)
+    model = two_layer_model(TINY if a.smoke else LAYER, a.layers)
     cache = (mlx_cache.make_prompt_cache(model) if a.cache == "fp16"
              else make_prompt_cache(model, key_bits=3, value_bits=3))
     prefill(model, cache, a.context, 1024)

@@ -47,12 +47,12 @@ TINY = dict(hidden_size=128, intermediate_size=128, num_attention_heads=4,
 LAYERS = 2
 
 
-def two_layer_model(layer: dict = LAYER):
-    """A random 2-layer Llama model of the given layer shape, fp16."""
+def two_layer_model(layer: dict = LAYER, layers: int = LAYERS):
+    """A random Llama model of the given layer shape, fp16: 2 layers unless ``layers``."""
     from mlx_lm.models import llama
 
     mx.random.seed(0)
-    args = dict(layer, num_hidden_layers=LAYERS, vocab_size=1024, rope_theta=500000.0,
+    args = dict(layer, num_hidden_layers=layers, vocab_size=1024, rope_theta=500000.0,
                 rms_norm_eps=1e-5, max_position_embeddings=131072, tie_word_embeddings=False,
                 model_type="llama")
     model = llama.Model(llama.ModelArgs.from_dict(args))
