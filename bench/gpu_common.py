@@ -39,14 +39,43 @@ def machine() -> dict:
     return info
 
 
-def prefill(model, cache, context: int, vocab: int, chunk: int = 2048) -> float:
-    """Seconds to prefill ``cache`` with a random prompt of ``context`` tokens in
-    ``chunk``-token steps (as mlx-lm's generate does), each step evaluated."""
+def chunk_seconds(model, cache, context: int, vocab: int, chunk: int = 2048) -> list[float]:
+    """Seconds of each step of prefilling ``cache`` with a random prompt of ``context``
+    tokens in ``chunk``-token steps (as mlx-lm's generate does), each step evaluated."""
     prompt = mx.random.randint(0, vocab, (1, context))
-    t0 = time.perf_counter()
+    mx.eval(prompt)
+    out = []
     for a in range(0, context, chunk):
+        t0 = time.perf_counter()
         mx.eval(model(prompt[:, a:a + chunk], cache=cache)[:, -1])
-    return time.perf_counter() - t0
+        out.append(time.perf_counter() - t0)
+    return out
+
+
+def prefill(model, cache, context: int, vocab: int, chunk: int = 2048) -> float:
+    """Seconds to prefill ``cache`` (:func:`chunk_seconds`, summed)."""
+    return sum(chunk_seconds(model, cache, context, vocab, chunk))
+
+
+def _device_key(avg) -> str:
+    """The GPU-time column of a PyTorch profiler's averages (its name before PyTorch 2.4)."""
+    return ("self_device_time_total" if hasattr(avg[0], "self_device_time_total")
+            else "self_cuda_time_total")
+
+
+def kernel_tables(prof, rows: int = 25, cpu_rows: int | None = None) -> str:
+    """A PyTorch profiler's kernels by GPU time and runtime calls by host time, as text."""
+    avg = prof.key_averages()
+    return (avg.table(sort_by=_device_key(avg), row_limit=rows, max_name_column_width=60)
+            + avg.table(sort_by="self_cpu_time_total", row_limit=cpu_rows or rows // 2,
+                        max_name_column_width=60))
+
+
+def device_us(prof) -> float:
+    """Microseconds of GPU work (kernels and copies) a PyTorch profiler recorded."""
+    avg = prof.key_averages()
+    key = _device_key(avg)
+    return sum(getattr(e, key) for e in avg)
 
 
 def prefill_and_steps(model, cache, context: int, steps: int, vocab: int = 1024,

@@ -25,7 +25,8 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 
-from gpu_common import environment, machine, prefill_and_steps, write_result
+from gpu_common import (device_us, environment, kernel_tables, machine, prefill_and_steps,
+                        write_result)
 
 VARIANTS = {
     "tq3 (default recipe)": (dict(key_bits=3, value_bits=3), {}),
@@ -175,16 +176,9 @@ def trace_steps(model, cache, steps: int, rows: int = 25) -> str:
         for _ in range(steps):
             mx.eval(model(tok, cache=cache))
         wall = time.perf_counter() - t0
-    avg = prof.key_averages()
-    key = ("self_device_time_total" if hasattr(avg[0], "self_device_time_total")
-           else "self_cuda_time_total")  # the name before PyTorch 2.4
-    gpu_us = sum(getattr(e, key) for e in avg)
     head = (f"{steps} steps: wall {wall / steps * 1e6:.1f} us/step, kernels and copies on the GPU "
-            f"{gpu_us / steps:.1f} us/step\n")
-    return (head + avg.table(sort_by=key, row_limit=rows,
-                             max_name_column_width=60)
-            + avg.table(sort_by="self_cpu_time_total", row_limit=rows // 2,
-                        max_name_column_width=60))
+            f"{device_us(prof) / steps:.1f} us/step\n")
+    return head + kernel_tables(prof, rows)
 
 
 def main(argv=None) -> int:

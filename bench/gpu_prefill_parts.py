@@ -18,34 +18,27 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
 from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
 
-from gpu_common import machine, timed, write_result
+from gpu_common import chunk_seconds, kernel_tables, machine, timed, write_result
 from gpu_decode_parts import LAYER, LAYERS, TINY, two_layer_model
 
 CACHES = {"fp16": None, "tq3 (default recipe)": dict(key_bits=3, value_bits=3)}
 
 
 def chunk_ms(model, options, context: int, chunk: int = 2048, vocab: int = 1024) -> list:
-    """Milliseconds of each evaluated prefill chunk of a fresh cache, in order."""
+    """Milliseconds of each evaluated prefill chunk of a fresh cache, in order, and the
+    cache."""
     from mlx_lm.models import cache as mlx_cache
 
     from turboquant.mlx_lm import make_prompt_cache
 
     cache = (mlx_cache.make_prompt_cache(model) if options is None
              else make_prompt_cache(model, **options))
-    prompt = mx.random.randint(0, vocab, (1, context))
-    mx.eval(prompt)
-    out = []
-    for a in range(0, context, chunk):
-        t0 = time.perf_counter()
-        mx.eval(model(prompt[:, a:a + chunk], cache=cache)[:, -1])
-        out.append((time.perf_counter() - t0) * 1e3)
-    return out, cache
+    return [s * 1e3 for s in chunk_seconds(model, cache, context, vocab, chunk)], cache
 
 
 def trace_chunk(model, options, context: int, chunk: int = 2048, rows: int = 30) -> str:
@@ -59,11 +52,7 @@ def trace_chunk(model, options, context: int, chunk: int = 2048, rows: int = 30)
     mx.eval(x)
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         mx.eval(model(x, cache=cache)[:, -1])
-    avg = prof.key_averages()
-    key = ("self_device_time_total" if hasattr(avg[0], "self_device_time_total")
-           else "self_cuda_time_total")
-    return (avg.table(sort_by=key, row_limit=rows, max_name_column_width=70)
-            + avg.table(sort_by="self_cpu_time_total", row_limit=10, max_name_column_width=60))
+    return kernel_tables(prof, rows, 10)
 
 
 def permute_ways(H: int, T: int, d: int, dtype, seed: int = 0) -> dict:

@@ -1898,7 +1898,7 @@ def self_test(kernels: Any = None) -> str | None:
                     what = f" ({kernel} block kernel)" if kernel else ""
                     return (f"{name}: attention of {rows} query row(s){what} differs from the "
                             f"C++ core's by {err:.3g}")
-        permute = getattr(metal if kernels is None else kernels, "permute_channels", None)
+        permute = getattr(METAL_KERNELS if kernels is None else kernels, "permute_channels", None)
         if permute is not None:  # the key split's channel order of a prefill chunk
             order = np.stack([rng.permutation(d) for _ in range(hkv)]).astype(np.uint32)
             x = mx.array(rng.standard_normal((hkv, 5, d)).astype(np.float32))
