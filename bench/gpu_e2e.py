@@ -114,7 +114,7 @@ def main(argv=None) -> int:
     model = random_model(a.shape)
     rows, warm = [], set()
     for context in (int(x) for x in a.contexts.split(",")):
-        base = None
+        measured = []
         for kind in a.caches.split(","):
             try:
                 if kind not in warm:
@@ -127,19 +127,23 @@ def main(argv=None) -> int:
                 print(f"{a.shape} T={context:7d} {kind:13s} failed: {msg}", flush=True)
                 mx.clear_cache()
                 continue
-            if kind == "fp16":
-                base = r
-            if base is not None:
-                r["decode_vs_fp16"] = r["decode_tok_s"] / base["decode_tok_s"]
-                r["prefill_vs_fp16"] = r["prefill_tok_s"] / base["prefill_tok_s"]
-                r["kv_smaller_than_fp16"] = base["kv_bytes"] / r["kv_bytes"]
-            rows.append(r)
+            measured.append(r)
             print(f"{a.shape} T={context:7d} {kind:13s} prefill {r['prefill_tok_s']:9.1f} tok/s "
                   f"decode {r['decode_tok_s']:7.2f} tok/s "
                   f"(synchronous {r['decode_sync_tok_s']:7.2f}) "
-                  f"KV {r['kv_bytes'] / 2**20:9.1f} MiB "
-                  f"x{r.get('decode_vs_fp16', 1.0):.2f} decode vs fp16", flush=True)
+                  f"KV {r['kv_bytes'] / 2**20:9.1f} MiB", flush=True)
             mx.clear_cache()
+        base = next((r for r in measured if r["cache"] == "fp16"), None)
+        for r in measured:
+            if base is not None and r is not base:
+                # ratios against the fp16 row of the same context, whatever order they ran in
+                r["decode_vs_fp16"] = r["decode_tok_s"] / base["decode_tok_s"]
+                r["prefill_vs_fp16"] = r["prefill_tok_s"] / base["prefill_tok_s"]
+                r["kv_smaller_than_fp16"] = base["kv_bytes"] / r["kv_bytes"]
+                print(f"{a.shape} T={context:7d} {r['cache']:13s} vs fp16: decode "
+                      f"x{r['decode_vs_fp16']:.2f}, prefill x{r['prefill_vs_fp16']:.2f}, "
+                      f"KV {r['kv_smaller_than_fp16']:.2f}x smaller", flush=True)
+        rows.extend(measured)
     res = dict(machine=machine(), shape=a.shape, config=SHAPES[a.shape], rows=rows)
     if a.out:
         write_result(a.out, res)

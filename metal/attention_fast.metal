@@ -27,12 +27,6 @@
 #include "split.metal"
 #endif
 
-#if defined(__CUDACC__) || defined(__METAL_VERSION__)
-#define TQ_UNROLL _Pragma("unroll")
-#else
-#define TQ_UNROLL
-#endif
-
 // Threadgroup scratch (floats): the codebooks (tables = 2^KB0 [+ 2^KB1] + 2^VB), then the
 // queries (GM·D) or, once they are in registers, the states of simd-groups 1.. for the merge.
 inline uint tq_attention_fast_scratch_floats(uint dim, uint gm, uint tables, uint nthreads) {

@@ -221,6 +221,14 @@ inline void tq_store_norm(device uchar* norms, uint i, float value, uint fp16) {
   }
 }
 
+#ifndef TQ_UNROLL
+#if defined(__CUDACC__) || defined(__METAL_VERSION__)
+#define TQ_UNROLL _Pragma("unroll")
+#else
+#define TQ_UNROLL
+#endif
+#endif
+
 // --- Fast Walsh-Hadamard transform in threadgroup memory -----------------------------------
 // v holds d = 2^k floats; thread tid of nthreads (a power of two dividing d) owns the
 // elements j = tid + e*nthreads. Unnormalised, stages h = 1, 2, 4, ... in the order of
@@ -293,6 +301,86 @@ inline void tq_hadamard_inverse(threadgroup float* v, TQ_TABLE float* signs, uin
   const float scale = tq_rotation_scale(d);
   for (uint j = tid; j < d; j += nthreads) v[j] *= signs[j] * scale;
   threadgroup_barrier(mem_flags::mem_threadgroup);
+}
+
+// --- The same transforms on one row in registers: a simd-group per row ------------------
+// Lane `lane` of a simd-group holds elements j = lane + 32·e of a row, e < E (d = 32·E), so
+// a row needs no threadgroup memory and no barrier, and a threadgroup holds several rows.
+// Unnormalised FWHT over blocks of `block` = 2^k >= 32 consecutive elements (block = d: the
+// whole row), stages h = 1, 2, 4, ... in the order of rotation.cpp fwht(), so the values are
+// bit-identical to tq_fwht's and tq_fwht_blocks': stages h < 32 across the lanes (partner
+// lane ^ h), the rest within a lane (element e with e + h/32). Simd-group-uniform.
+template <uint E>
+inline void tq_fwht_lanes(thread float* x, uint block, uint lane) {
+  TQ_UNROLL for (uint e = 0u; e < E; ++e) {
+    TQ_UNROLL for (uint h = 1u; h < TQ_SIMD_WIDTH; h <<= 1u) {
+      const float other = simd_shuffle_xor(x[e], ushort(h));
+      x[e] = (lane & h) != 0u ? other - x[e] : x[e] + other;
+    }
+  }
+  const uint per_block = block / TQ_SIMD_WIDTH;  // a block's elements in one lane
+  TQ_UNROLL for (uint h = 1u; h < E; h <<= 1u) {
+    if (h < per_block) {
+      TQ_UNROLL for (uint e = 0u; e < E; ++e) {
+        if ((e & h) == 0u) {
+          const float a = x[e], c = x[e + h];
+          x[e] = a + c;
+          x[e + h] = a - c;
+        }
+      }
+    }
+  }
+}
+
+// x = Πᵀ y of a row in registers over blocks of `block` coordinates: tq_hadamard_inverse's
+// operations in its order (block = d), or tq_hadamard_inverse_blocks' (split.metal).
+template <uint E>
+inline void tq_hadamard_inverse_lanes(thread float* x, TQ_TABLE float* signs, uint d, uint block,
+                                      uint lane) {
+  tq_fwht_lanes<E>(x, block, lane);
+  if (TQ_ROTATION_ROUNDS == 2u) {
+    TQ_UNROLL for (uint e = 0u; e < E; ++e) x[e] *= signs[d + lane + TQ_SIMD_WIDTH * e];
+    tq_fwht_lanes<E>(x, block, lane);
+  }
+  const float scale = tq_rotation_scale(block);
+  TQ_UNROLL for (uint e = 0u; e < E; ++e) x[e] *= signs[lane + TQ_SIMD_WIDTH * e] * scale;
+}
+
+// Stores ‖x‖·x of a row in registers (lane's elements j = lane + 32·e) as fp32 or fp16 bits.
+template <uint E>
+inline void tq_store_row_lanes(device uchar* out, thread const float* x, float n, ulong first,
+                               uint lane, uint fp16) {
+  TQ_UNROLL for (uint e = 0u; e < E; ++e) {
+    const float value = x[e] * n;
+    const ulong j = first + lane + TQ_SIMD_WIDTH * e;
+    if (fp16 != 0u) {
+      ((device ushort*)out)[j] = tq_float_to_half_bits(value);
+    } else {
+      ((device float*)out)[j] = value;
+    }
+  }
+}
+
+// A prefill tile with its fp16 rows: per head h, `nb` rows of `before` (the fp16 sinks), the
+// head's n = rows_per_head code rows dequantized, then `na` rows of `after` (the fp16 window),
+// one tile row per simd-group: row r of head r / (nb + n + na). A row of `before` or
+// `after` (fp16 bits, (heads, nb or na, dim)) is copied as it is; returns false and sets
+// code_row for a code row.
+inline bool tq_tile_fp16_row(device const ushort* before, device const ushort* after,
+                             device uchar* out, uint d, uint n, uint nb, uint na, uint r,
+                             uint lane, thread uint& code_row) {
+  const uint per = nb + n + na, h = r / per, t = r % per;
+  device const ushort* src;
+  if (t < nb) {
+    src = before + (ulong(h) * nb + t) * d;
+  } else if (t >= nb + n) {
+    src = after + (ulong(h) * na + (t - nb - n)) * d;
+  } else {
+    code_row = h * n + (t - nb);
+    return false;
+  }
+  for (uint j = lane; j < d; j += TQ_SIMD_WIDTH) ((device ushort*)out)[ulong(r) * d + j] = src[j];
+  return true;
 }
 
 // --- Compensated ("double-float") sums --------------------------------------------------

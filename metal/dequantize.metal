@@ -26,6 +26,72 @@ inline void tq_dequantize_body(device const uchar* codes, device const uchar* no
   }
 }
 
+// tq_dequantize_body on a simd-group per row (d = 32·E), the row in registers: same values,
+// bit for bit.
+template <uint E>
+inline void tq_dequantize_lanes(device const uchar* codes, device const uchar* norms,
+                                TQ_TABLE float* centroids, TQ_TABLE float* signs,
+                                device uchar* out, TQ_PARAMS TqDequantParams& p, uint row,
+                                uint out_row, uint lane) {
+  const uint d = p.dim;
+  device const uchar* code = codes + ulong(row) * p.code_bytes;
+  float x[E];
+  TQ_UNROLL for (uint e = 0u; e < E; ++e) {
+    x[e] = centroids[tq_read_index(code, lane + TQ_SIMD_WIDTH * e, p.bits)];
+  }
+  if (p.inverse_rotate != 0u) tq_hadamard_inverse_lanes<E>(x, signs, d, d, lane);
+  tq_store_row_lanes<E>(out, x, tq_load_norm(norms, row, p.norm_fp16), ulong(out_row) * d, lane,
+                        p.out_fp16);
+}
+
+// Code row `row` to output row `out_row` by tq_dequantize_lanes<dim / 32>; signs: its head's.
+inline void tq_dequantize_row(device const uchar* codes, device const uchar* norms,
+                              TQ_TABLE float* centroids, TQ_TABLE float* s, device uchar* out,
+                              TQ_PARAMS TqDequantParams& p, uint row, uint out_row, uint lane) {
+  switch (p.dim / TQ_SIMD_WIDTH) {
+    case 1u: tq_dequantize_lanes<1u>(codes, norms, centroids, s, out, p, row, out_row, lane); break;
+    case 2u: tq_dequantize_lanes<2u>(codes, norms, centroids, s, out, p, row, out_row, lane); break;
+    case 4u: tq_dequantize_lanes<4u>(codes, norms, centroids, s, out, p, row, out_row, lane); break;
+    case 8u: tq_dequantize_lanes<8u>(codes, norms, centroids, s, out, p, row, out_row, lane); break;
+    case 16u:
+      tq_dequantize_lanes<16u>(codes, norms, centroids, s, out, p, row, out_row, lane);
+      break;
+    default: break;
+  }
+}
+
+// Dequantize with several rows per threadgroup: simd-group s of threadgroup `group` takes row
+// group·(nthreads/32) + s, whose head's signs start at signs + (row / rows_per_head)·2·dim.
+// dim/32 must be 1, 2, 4, 8 or 16 (the host takes tq_dequantize_body otherwise).
+inline void tq_dequantize_rows_body(device const uchar* codes, device const uchar* norms,
+                                    TQ_TABLE float* centroids, TQ_TABLE float* signs,
+                                    device uchar* out, TQ_PARAMS TqDequantParams& p,
+                                    uint rows_per_head, uint group, uint tid, uint nthreads) {
+  const uint row = group * (nthreads / TQ_SIMD_WIDTH) + tid / TQ_SIMD_WIDTH;
+  if (row >= p.rows) return;  // uniform over the simd-group
+  const uint lane = tid % TQ_SIMD_WIDTH;
+  tq_dequantize_row(codes, norms, centroids, signs + ulong(row / rows_per_head) * 2u * p.dim, out,
+                    p, row, row, lane);
+}
+
+// tq_dequantize_rows_body writing the whole prefill tile (tq_tile_fp16_row), fp16 bits
+// (p.out_fp16 = 1); tile = (rows_per_head, nb, na).
+inline void tq_dequantize_tile_body(device const uchar* codes, device const uchar* norms,
+                                    TQ_TABLE float* centroids, TQ_TABLE float* signs,
+                                    device const ushort* before, device const ushort* after,
+                                    device uchar* out, TQ_PARAMS TqDequantParams& p,
+                                    uint rows_per_head, uint nb, uint na, uint group, uint tid,
+                                    uint nthreads) {
+  const uint r = group * (nthreads / TQ_SIMD_WIDTH) + tid / TQ_SIMD_WIDTH;
+  const uint n = rows_per_head;
+  if (n == 0u || r >= (p.rows / n) * (nb + n + na)) return;  // uniform over the simd-group
+  const uint lane = tid % TQ_SIMD_WIDTH;
+  uint row = 0u;
+  if (tq_tile_fp16_row(before, after, out, p.dim, n, nb, na, r, lane, row)) return;
+  tq_dequantize_row(codes, norms, centroids, signs + ulong(row / n) * 2u * p.dim, out, p, row, r,
+                    lane);
+}
+
 #if defined(__METAL_VERSION__) && !defined(TQ_NO_ENTRY_POINTS)
 [[kernel]] void tq_dequantize(device const uchar* codes [[buffer(0)]],
                               device const uchar* norms [[buffer(1)]],

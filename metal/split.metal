@@ -238,6 +238,87 @@ inline void tq_split_dequantize_body(device const uchar* codes, device const uch
   }
 }
 
+// tq_split_dequantize_body on a simd-group per row (d = 32·E, part_dim >= 32), the row in
+// registers: same values, bit for bit.
+template <uint E>
+inline void tq_split_dequantize_lanes(device const uchar* codes, device const uchar* norms,
+                                      TQ_TABLE float* centroids, TQ_TABLE float* signs,
+                                      device const float* angles, device uchar* out,
+                                      TQ_PARAMS TqSplitParams& p, uint row, uint out_row,
+                                      uint lane) {
+  const uint d = p.dim, pd = p.part_dim;
+  device const uchar* code = codes + ulong(row) * p.code_bytes;
+  const uint k = tq_split_read_angle(code, p.angle_bytes);
+  const float cs = angles[2u * k], sn = angles[2u * k + 1u];
+  device const uchar* c0 = code + p.angle_bytes;
+  device const uchar* c1 = c0 + p.part_bytes0;
+  const uint nc0 = 1u << p.bits0;
+  float x[E];
+  TQ_UNROLL for (uint e = 0u; e < E; ++e) {
+    const uint j = lane + TQ_SIMD_WIDTH * e;
+    x[e] = j >= pd ? sn * centroids[nc0 + tq_read_index(c1, j - pd, p.bits1)]
+                   : cs * centroids[tq_read_index(c0, j, p.bits0)];
+  }
+  if (p.inverse_rotate != 0u) tq_hadamard_inverse_lanes<E>(x, signs, d, pd, lane);
+  tq_store_row_lanes<E>(out, x, tq_load_norm(norms, row, p.norm_fp16), ulong(out_row) * d, lane,
+                        p.out_fp16);
+}
+
+// Code row `row` to output row `out_row` by tq_split_dequantize_lanes<dim / 32>.
+inline void tq_split_dequantize_row(device const uchar* codes, device const uchar* norms,
+                                    TQ_TABLE float* centroids, TQ_TABLE float* s,
+                                    device const float* angles, device uchar* out,
+                                    TQ_PARAMS TqSplitParams& p, uint row, uint out_row,
+                                    uint lane) {
+  switch (p.dim / TQ_SIMD_WIDTH) {
+    case 2u:
+      tq_split_dequantize_lanes<2u>(codes, norms, centroids, s, angles, out, p, row, out_row, lane);
+      break;
+    case 4u:
+      tq_split_dequantize_lanes<4u>(codes, norms, centroids, s, angles, out, p, row, out_row, lane);
+      break;
+    case 8u:
+      tq_split_dequantize_lanes<8u>(codes, norms, centroids, s, angles, out, p, row, out_row, lane);
+      break;
+    case 16u:
+      tq_split_dequantize_lanes<16u>(codes, norms, centroids, s, angles, out, p, row, out_row,
+                                     lane);
+      break;
+    default: break;
+  }
+}
+
+// tq_dequantize_rows_body for split keys (part_dim = dim/2 >= 32; dim/32 of 2, 4, 8 or 16).
+inline void tq_split_dequantize_rows_body(device const uchar* codes, device const uchar* norms,
+                                          TQ_TABLE float* centroids, TQ_TABLE float* signs,
+                                          device const float* angles, device uchar* out,
+                                          TQ_PARAMS TqSplitParams& p, uint rows_per_head,
+                                          uint group, uint tid, uint nthreads) {
+  const uint row = group * (nthreads / TQ_SIMD_WIDTH) + tid / TQ_SIMD_WIDTH;
+  if (row >= p.rows) return;  // uniform over the simd-group
+  tq_split_dequantize_row(codes, norms, centroids,
+                          signs + ulong(row / rows_per_head) * 2u * p.dim, angles, out, p, row,
+                          row, tid % TQ_SIMD_WIDTH);
+}
+
+// tq_dequantize_tile_body for split keys.
+inline void tq_split_dequantize_tile_body(device const uchar* codes, device const uchar* norms,
+                                          TQ_TABLE float* centroids, TQ_TABLE float* signs,
+                                          device const float* angles,
+                                          device const ushort* before, device const ushort* after,
+                                          device uchar* out, TQ_PARAMS TqSplitParams& p,
+                                          uint rows_per_head, uint nb, uint na, uint group,
+                                          uint tid, uint nthreads) {
+  const uint r = group * (nthreads / TQ_SIMD_WIDTH) + tid / TQ_SIMD_WIDTH;
+  const uint n = rows_per_head;
+  if (n == 0u || r >= (p.rows / n) * (nb + n + na)) return;  // uniform over the simd-group
+  const uint lane = tid % TQ_SIMD_WIDTH;
+  uint row = 0u;
+  if (tq_tile_fp16_row(before, after, out, p.dim, n, nb, na, r, lane, row)) return;
+  tq_split_dequantize_row(codes, norms, centroids, signs + ulong(row / n) * 2u * p.dim, angles,
+                          out, p, row, r, lane);
+}
+
 // y = diag(Π_O, Π_I)·x for query rows (the decode-attention query state). Scratch: v[dim].
 inline void tq_split_rotate_body(device const float* x, device float* y, TQ_TABLE float* signs,
                                  TQ_PARAMS TqSplitParams& p, threadgroup float* v, uint row,

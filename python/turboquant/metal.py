@@ -439,6 +439,25 @@ KERNELS.update({
         "                   tq_p, tg_v,\n"
         f"                   {_IDS});\n",
     ),
+    "dequantize_rows_heads": KernelSpec(
+        "tq_mlx_dequantize_rows_heads",
+        ("codes", "norms", "centroids", "signs", "params"),
+        ("out",),
+        "tq_dequantize_rows_body(codes, (const device uchar*)norms, centroids, signs,\n"
+        "                        (device uchar*)out, *(const device TqDequantParams*)params,\n"
+        "                        params[7],\n"
+        f"                        {_IDS});\n",
+    ),
+    "dequantize_tile_heads": KernelSpec(
+        "tq_mlx_dequantize_tile_heads",
+        ("codes", "norms", "centroids", "signs", "before", "after", "params"),
+        ("out",),
+        "tq_dequantize_tile_body(codes, (const device uchar*)norms, centroids, signs, before,\n"
+        "                        after, (device uchar*)out,\n"
+        "                        *(const device TqDequantParams*)params, params[7], params[8],\n"
+        "                        params[9],\n"
+        f"                        {_IDS});\n",
+    ),
     "attention_reduce_heads": KernelSpec(
         "tq_mlx_attention_reduce_heads",
         ("part_m", "part_l", "part_acc", "v_signs", "params"),
@@ -496,6 +515,25 @@ KERNELS.update({
         "                         signs + ulong(tq_head) * 2u * tq_p.dim, angles,\n"
         "                         (device uchar*)out, tq_p, tg_v,\n"
         f"                         {_IDS});\n",
+    ),
+    "split_dequantize_rows_heads": KernelSpec(
+        "tq_mlx_split_dequantize_rows_heads",
+        ("codes", "norms", "centroids", "signs", "angles", "params"),
+        ("out",),
+        "tq_split_dequantize_rows_body(codes, (const device uchar*)norms, centroids, signs,\n"
+        "                              angles, (device uchar*)out,\n"
+        "                              *(const device TqSplitParams*)params, params[13],\n"
+        f"                              {_IDS});\n",
+    ),
+    "split_dequantize_tile_heads": KernelSpec(
+        "tq_mlx_split_dequantize_tile_heads",
+        ("codes", "norms", "centroids", "signs", "angles", "before", "after", "params"),
+        ("out",),
+        "tq_split_dequantize_tile_body(codes, (const device uchar*)norms, centroids, signs,\n"
+        "                              angles, before, after, (device uchar*)out,\n"
+        "                              *(const device TqSplitParams*)params, params[13],\n"
+        "                              params[14], params[15],\n"
+        f"                              {_IDS});\n",
     ),
     "split_attention_block": KernelSpec(
         "tq_mlx_split_attention_block",
@@ -1508,6 +1546,34 @@ def rotate_heads(tables: HeadTables, x):
     return y.reshape(H, R, dim)
 
 
+DEQUANTIZE_ROWS_PER_GROUP = 8  # rows (simd-groups) per threadgroup of the rows kernels
+
+
+def dequantize_kernel() -> str:
+    """How the dequantize kernels map rows to threads: ``"rows"`` (default: a simd-group per
+    row, the row in registers, several rows per threadgroup; for head_dim = 32·2^k up to 512)
+    or ``"group"`` (a threadgroup per row, the transform in threadgroup memory), from
+    TQ_GPU_DEQUANTIZE. Both give the same values, bit for bit."""
+    choice = os.environ.get("TQ_GPU_DEQUANTIZE", "rows").strip().lower() or "rows"
+    if choice not in ("rows", "group"):
+        raise ValueError(f"TQ_GPU_DEQUANTIZE must be 'rows' or 'group', got {choice!r}")
+    return choice
+
+
+def _dequantize_launch(which: str, rows: int, dim: int, min_lanes: int) -> tuple[str, dict]:
+    """The kernel (``which`` or its ``_rows`` form) and the grid of a dequantize of ``rows``
+    rows of ``dim`` coordinates; ``min_lanes``: the fewest elements per lane the rows form
+    takes (2 for split keys, whose halves must each span the 32 lanes)."""
+    per_lane = dim // 32
+    if (dequantize_kernel() == "rows" and dim % 32 == 0
+            and per_lane in (1, 2, 4, 8, 16) and per_lane >= min_lanes):
+        group = DEQUANTIZE_ROWS_PER_GROUP * 32
+        groups = -(-rows // DEQUANTIZE_ROWS_PER_GROUP)
+        return which.replace("dequantize", "dequantize_rows"), dict(
+            grid=(groups * group, 1, 1), threadgroup=(group, 1, 1))
+    return which, dict(grid=(rows * threads_for(dim), 1, 1), threadgroup=(threads_for(dim), 1, 1))
+
+
 def dequantize_heads(tables: HeadTables, codes, norms, inverse_rotate=True, out_dtype=None):
     """Decoded rows (n_heads, n, dim) of codes (n_heads, n, code_bytes) and norms (n_heads, n)
     (inverse_rotate), or the rotated-domain tile; float32, or float16 with out_dtype. Split
@@ -1523,16 +1589,67 @@ def dequantize_heads(tables: HeadTables, codes, norms, inverse_rotate=True, out_
     fp16_out = out_dtype is not None and out_dtype == mx.float16
     fp16_norm = norms.dtype == mx.float16
     rows = H * n
-    (out,) = _kernel("dequantize_heads", tables.rounds)(
+    which, launch = _dequantize_launch("dequantize_heads", rows, dim, 1)
+    (out,) = _kernel(which, tables.rounds)(
         inputs=[codes.reshape(rows, tables.code_bytes),
                 (norms.view(mx.uint16) if fp16_norm else norms).reshape(rows), cents, signs,
                 params_array(_with_rows_per_head(
                     dequant_params(rows, dim, tables.bits, fp16_norm, inverse_rotate, fp16_out),
                     n))],
         output_shapes=[(rows, dim)], output_dtypes=[mx.uint16 if fp16_out else mx.float32],
-        grid=(rows * threads_for(dim), 1, 1), threadgroup=(threads_for(dim), 1, 1))
+        **launch)
     out = out.view(mx.float16) if fp16_out else out
     return out.reshape(H, n, dim)
+
+
+def dequantize_tile_heads(tables: HeadTables, codes, norms, before=None, after=None):
+    """The float16 prefill tile (n_heads, nb + n + na, dim) of codes (n_heads, n, code_bytes)
+    and norms (n_heads, n): per head the float16 rows ``before`` (n_heads, nb, dim; the fp16
+    sinks), the codes decoded (dequantize_heads' rows as float16), then ``after``
+    (n_heads, na, dim; the fp16 window); ``before`` / ``after`` None for none. One launch
+    of the rows form, which also copies the fp16 rows (no concatenation after it); the
+    group form (:func:`dequantize_kernel`, head dims outside the rows form) decodes, then
+    concatenates."""
+    import mlx.core as mx
+
+    H, n, _ = codes.shape
+    dim = tables.dim
+    counts = []
+    for name, r in (("before", before), ("after", after)):
+        if r is not None and (r.dtype != mx.float16 or r.ndim != 3 or r.shape[0] != H
+                              or r.shape[2] != dim):
+            raise ValueError(f"{name} rows must be float16 of shape ({H}, rows, {dim}), got "
+                             f"{r.dtype} {tuple(r.shape)}")
+        counts.append(0 if r is None else int(r.shape[1]))
+    split = isinstance(tables, SplitHeadTables)
+    base = "split_dequantize_heads" if split else "dequantize_heads"
+    which, _ = _dequantize_launch(base, H * n, dim, 2 if split else 1)
+    if n == 0 or "rows" not in which:
+        parts = [before, dequantize_heads(tables, codes, norms, out_dtype=mx.float16), after]
+        parts = [p for p in parts if p is not None]
+        return parts[0] if len(parts) == 1 else mx.concatenate(parts, axis=1)
+    _require_gpu()
+    fp16_norm = norms.dtype == mx.float16
+    if split:
+        signs, cents, _, angles, _ = tables.mx_tables()
+        words = split_params(H * n, dim, tables.bits0, tables.bits1, tables.angle_bits,
+                             fp16_norm, inverse_rotate=True, out_fp16=True)
+        tables_in = [cents, signs, angles]
+    else:
+        signs, cents, _ = tables.mx_tables()
+        words = dequant_params(H * n, dim, tables.bits, fp16_norm, True, True)
+        tables_in = [cents, signs]
+    none = _no_rows()
+    rows_in = [none if r is None else r.view(mx.uint16) for r in (before, after)]
+    total = H * (counts[0] + n + counts[1])
+    group = DEQUANTIZE_ROWS_PER_GROUP * 32
+    (out,) = _kernel(which.replace("_rows_", "_tile_"), tables.rounds)(
+        inputs=[codes.reshape(H * n, tables.code_bytes),
+                (norms.view(mx.uint16) if fp16_norm else norms).reshape(H * n), *tables_in,
+                *rows_in, params_array(np.concatenate([words, np.array([n, *counts], np.uint32)]))],
+        output_shapes=[(total, dim)], output_dtypes=[mx.uint16],
+        grid=(-(-total // DEQUANTIZE_ROWS_PER_GROUP) * group, 1, 1), threadgroup=(group, 1, 1))
+    return out.view(mx.float16).reshape(H, total // H, dim)
 
 
 def decode_attention_heads(keys: HeadTables, values: HeadTables, queries, k_codes, k_norms,
@@ -1729,12 +1846,13 @@ def split_dequantize_heads(tables: SplitHeadTables, codes, norms, inverse_rotate
     params = _with_rows_per_head(split_params(rows, dim, tables.bits0, tables.bits1,
                                               tables.angle_bits, fp16_norm,
                                               inverse_rotate=inverse_rotate, out_fp16=fp16_out), n)
-    (out,) = _kernel("split_dequantize_heads", tables.rounds)(
+    which, launch = _dequantize_launch("split_dequantize_heads", rows, dim, 2)
+    (out,) = _kernel(which, tables.rounds)(
         inputs=[codes.reshape(rows, tables.code_bytes),
                 (norms.view(mx.uint16) if fp16_norm else norms).reshape(rows), cents, signs,
                 angles, params_array(params)],
         output_shapes=[(rows, dim)], output_dtypes=[mx.uint16 if fp16_out else mx.float32],
-        grid=(rows * threads_for(dim), 1, 1), threadgroup=(threads_for(dim), 1, 1))
+        **launch)
     out = out.view(mx.float16) if fp16_out else out
     return out.reshape(H, n, dim)
 

@@ -185,6 +185,15 @@ class ReferenceKernels:
         return res.astype(out_dtype) if out_dtype is not None else res
 
     @staticmethod
+    def dequantize_tile_heads(tables: HeadTables, codes, norms, before=None, after=None):
+        """turboquant.metal.dequantize_tile_heads: fp16 rows ``before``, the decoded codes
+        as float16, fp16 rows ``after``, per head."""
+        mx = _mx()
+        parts = [before, ReferenceKernels.dequantize_heads(tables, codes, norms,
+                                                           out_dtype=mx.float16), after]
+        return mx.concatenate([p for p in parts if p is not None], axis=1)
+
+    @staticmethod
     def decode_attention_heads(keys: HeadTables, values: HeadTables, queries, k_codes, k_norms,
                                v_codes, v_norms, tokens, scale,
                                block_tokens=metal.DEFAULT_BLOCK_TOKENS, with_lse=False,
@@ -1195,6 +1204,15 @@ class MetalCodeStore:
         else:
             lo = max(0, n - int(window))
         sinks, (a, b), win = self._pieces(lo)
+        tiled = getattr(self.kernels, "dequantize_tile_heads", None)
+        if b > a and tile is not None and ft == tile and len(self._groups) == 1 and tiled:
+            # one launch per role writes the whole fp16 tile, sinks and window rows included
+            g = self._groups[0]
+            k, v = (tiled(t, c[:, a:b], nm[:, a:b], before=None if sinks is None else sinks[i],
+                          after=None if win is None else win[i])
+                    for i, (t, c, nm) in enumerate(((g.key_tables, g.k_codes, g.k_norms),
+                                                    (g.value_tables, g.v_codes, g.v_norms))))
+            return self._tile_attention(q, k, v, scale, causal, window, first_q, lo, n, ft)
         ks, vs = [], []  # the visible tokens [lo, n) in position order
         if sinks is not None:
             ks.append(sinks[0].astype(ft))
@@ -1212,6 +1230,13 @@ class MetalCodeStore:
             vs.append(win[1].astype(ft))
         k = ks[0] if len(ks) == 1 else mx.concatenate(ks, axis=1)
         v = vs[0] if len(vs) == 1 else mx.concatenate(vs, axis=1)
+        return self._tile_attention(q, k, v, scale, causal, window, first_q, lo, n, ft)
+
+    def _tile_attention(self, q, k, v, scale: float, causal: bool, window: int | None,
+                        first_q: int, lo: int, n: int, ft):
+        """mx attention of the queries q (Hq, Tq, d) at positions [first_q, n) over the tile
+        k, v (H, n - lo, d) of the tokens [lo, n)."""
+        mx = _mx()
         mask = None
         if causal and window is None:
             # The queries are the last Tq of the n keys: mlx's "causal" mask (aligned to the
@@ -1829,12 +1854,12 @@ def self_test(kernels: Any = None) -> str | None:
     groups), one with mixed precision (full- and low-width pages, attended with their
     log-sum-exp), and the plain and split ones again with one Hadamard round
     (``"hadamard1"``, the mlx-lm caches' default), receive 29 tokens: every kernel runs, at
-    both rotations
-    (encode, query rotation, split-K decode attention by each block kernel and its
-    reduction merged with the fp16 rows, dequantize for a prefill, and the split's four).
-    Codes and norms must equal the core's bit for bit, decode and prefill attention within
-    1e-3 of the core's output scale (4e-3 for the mma block kernel, whose products take fp16
-    inputs); and the kernel set's ``permute_channels`` (the key split's channel order of a
+    both rotations (encode, query rotation, split-K decode attention by each block kernel and
+    its reduction merged with the fp16 rows, dequantize for a prefill: float32, and the
+    float16 tile with the fp16 rows; and the split's five). Codes and norms must equal the
+    core's bit for bit, decode and prefill attention within 1e-3 of the core's output scale
+    (4e-3 for the mma block kernel, whose products take fp16 inputs, and for the float16
+    prefill); and the kernel set's ``permute_channels`` (the key split's channel order of a
     prefill chunk, taken by the mlx cache) must equal ``mx.take_along_axis`` bit for bit in
     float32, float16 and bfloat16."""
     mx = _mx()
@@ -1885,17 +1910,24 @@ def self_test(kernels: Any = None) -> str | None:
                                           np.asarray(cn).view(np.uint16)):
                         return f"{name}: {role} norms of KV head {h} differ from the C++ core's"
             # A decode step (split-K on the codes, by each block kernel: staged, register-
-            # tiled, generic), a causal prefill.
+            # tiled, generic), a causal prefill in float32 and in float16 (the fp16 tile with
+            # the sinks and window rows, written by one launch).
             for rows, kernel in ((1, "mma"), (1, "staged"), (1, "fast"), (1, "generic"),
-                                 (5, "")):
+                                 (5, ""), (5, "float16")):
                 q = rng.standard_normal((hq, rows, d)).astype(np.float32)
-                with (metal.forced_attention(kernel) if kernel else contextlib.nullcontext()):
-                    got = np.asarray(store.attend(mx.array(q), scale=0.125), np.float64)
+                half = kernel == "float16"
+                with (metal.forced_attention(kernel) if kernel and not half
+                      else contextlib.nullcontext()):
+                    got = store.attend(mx.array(q).astype(mx.float16) if half else mx.array(q),
+                                       scale=0.125, dtype=mx.float16 if half else None)
+                got = np.asarray(got.astype(mx.float32), np.float64)
                 want = np.asarray(core.attend(q, scale=0.125), np.float64)
                 err = float(np.abs(got - want).max()) / max(1.0, float(np.abs(want).max()))
-                # the mma kernel's products take fp16 queries, centroids and weights
-                if not err <= (4e-3 if kernel == "mma" else 1e-3):  # NaN fails too
-                    what = f" ({kernel} block kernel)" if kernel else ""
+                # the mma kernel's products take fp16 queries, centroids and weights; a
+                # float16 prefill rounds its queries, tile and output to float16
+                if not err <= (4e-3 if kernel in ("mma", "float16") else 1e-3):  # NaN fails
+                    what = f" ({kernel} block kernel)" if kernel and not half else (
+                        " in float16" if half else "")
                     return (f"{name}: attention of {rows} query row(s){what} differs from the "
                             f"C++ core's by {err:.3g}")
         permute = getattr(METAL_KERNELS if kernels is None else kernels, "permute_channels", None)

@@ -9,5 +9,15 @@ ARG_TYPES = {
     "part_l": "float", "part_acc": "float", "v_signs": "float", "angles": "float",
     "angle_bounds": "float", "k_signs": "float", "k_a": "uint16_t", "v_a": "uint16_t",
     "k_b": "uint16_t", "v_b": "uint16_t", "src": "uint16_t", "dst": "uint16_t",
-    "order": "uint32_t",
+    "order": "uint32_t", "before": "uint16_t", "after": "uint16_t",
 }
+
+
+def dequantize_kernel(dim: int, split: bool = False, tile: bool = False) -> str:
+    """The dequantize kernel a prefill launches at this head dim (turboquant.metal's default
+    rows form where it applies, else the group form): ``tile``, a float16 prefill's tile
+    kernel (the rows form's only)."""
+    lanes = dim // 32
+    rows = dim % 32 == 0 and lanes in (1, 2, 4, 8, 16) and (not split or lanes >= 2)
+    form = ("_tile" if tile else "_rows") if rows else ""
+    return ("split_" if split else "") + "dequantize" + form + "_heads"

@@ -145,6 +145,19 @@ def test_fast_attention_keeps_its_state_in_registers(nvrtc):
                 assert not _local_memory(ptx[0]), (args, _local_memory(ptx[0])[:3])
 
 
+def test_the_dequantize_rows_kernels_keep_a_row_in_registers(nvrtc):
+    # The rows form holds a row's 32·E coordinates as E registers per lane (E = 1..16, each
+    # an instance of the switch): every index is a compile-time one, so no local memory.
+    for key in ("dequantize_rows_heads", "dequantize_tile_heads", "split_dequantize_rows_heads",
+                "split_dequantize_tile_heads"):
+        for rounds in (2, 1):
+            ptx = []
+            ok, log, _ = nvrtc.compile(mlx_cuda_source([key], rounds=rounds), ptx_text=ptx)
+            assert ok, (key, log[-3000:])
+            assert "warning" not in log.lower(), log[-3000:]
+            assert not _local_memory(ptx[0]), (key, rounds, _local_memory(ptx[0])[:3])
+
+
 def test_the_register_check_can_fail(nvrtc):
     source = ("__global__ void probe(const float* x, float* y) {\n"
               "  float a[16];\n"

@@ -103,6 +103,40 @@ def test_codes_bit_exact_and_attention_close(d, bits, split, rotation):
     assert store.to_bytes() == core.to_bytes()
 
 
+@pytest.mark.parametrize("rotation", ROTATIONS)
+@pytest.mark.parametrize("d,split", [(d, split) for d in (64, 128, 256) for split in (False, True)])
+def test_dequantize_forms_and_the_tile_bit_exact(monkeypatch, d, split, rotation):
+    # The prefill's dequantize: the rows form (a simd-group per row, the default) and the
+    # group form (a threadgroup per row) give the core's decoded rows bit for bit; the fp16
+    # tile kernel equals the decoded rows as fp16 between the fp16 rows, bit for bit.
+    rng = np.random.default_rng(d + split)
+    hkv, T = 8, 1000
+    cfg = kw(d, 32, hkv, 3, 3, split=split, rotation=rotation)
+    store, core = MetalCodeStore(d, **cfg), _core.KVCache(d, **cfg)
+    k, v = rand(rng, hkv, T, d), rand(rng, hkv, T, d)
+    k[..., : d // 2] *= 2.5
+    store.append(mx.array(k), mx.array(v))
+    core.append(k, v)
+    before = mx.array(rng.standard_normal((hkv, 4, d)).astype(np.float16))
+    after = mx.array(rng.standard_normal((hkv, 64, d)).astype(np.float16))
+    for role, tables in (("key", store.key_tables), ("value", store.value_tables)):
+        codes = mx.array(np.stack([store.encoded(0, h, role)[0] for h in range(hkv)]))
+        norms = mx.array(np.stack([store.encoded(0, h, role)[1] for h in range(hkv)]))
+        out = {}
+        for form in ("rows", "group"):
+            monkeypatch.setenv("TQ_GPU_DEQUANTIZE", form)
+            out[form] = np.array(metal.dequantize_heads(tables, codes, norms))
+            half = metal.dequantize_heads(tables, codes, norms, out_dtype=mx.float16)
+            out[form + " tile"] = np.array(metal.dequantize_tile_heads(tables, codes, norms,
+                                                                       before, after))
+            want = np.array(mx.concatenate([before, half, after], axis=1))
+            assert np.array_equal(out[form + " tile"].view(np.uint16), want.view(np.uint16))
+        assert np.array_equal(out["rows"], out["group"]), role
+        for h in range(hkv):
+            c, n = core.encoded(0, h, role, 0, T)
+            assert np.array_equal(out["rows"][h], tables.quantizers[h].decode(c, n)), (role, h)
+
+
 @pytest.mark.parametrize("split", [False, True])
 def test_per_head_widths_bit_exact_and_attention_close(split):
     # A calibrated profile's per-KV-head widths: four width groups over 8 KV heads, each

@@ -64,12 +64,15 @@ def test_self_test_passes_on_the_emulated_kernels(emulated, monkeypatch):
     used = set(emulated.launches[start:])
     # Every kernel the store launches (the rest serve the single-quantizer functions).
     # (attention_reduce_heads: the codes' log-sum-exp of a mixed-precision cache)
-    assert used == {"encode_heads", "rotate_heads", "dequantize_heads", "attention_block",
+    # (dequantize: the rows form at head_dim 64, its tile form for a float16 prefill)
+    assert used == {"encode_heads", "rotate_heads", "dequantize_rows_heads",
+                    "dequantize_tile_heads", "attention_block",
                     "attention_mma", "attention_fast", "attention_staged",
                     "attention_reduce_rows",
                     "attention_reduce_heads",
                     "split_encode_heads",
-                    "split_rotate_heads", "split_dequantize_heads", "split_attention_block",
+                    "split_rotate_heads", "split_dequantize_rows_heads",
+                    "split_dequantize_tile_heads", "split_attention_block",
                     "permute"}, used
 
 

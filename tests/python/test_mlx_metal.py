@@ -18,7 +18,7 @@ import pytest
 mx = pytest.importorskip("mlx.core")
 
 import turboquant  # noqa: E402
-from metal_args import ARG_TYPES  # noqa: E402
+from metal_args import ARG_TYPES, dequantize_kernel  # noqa: E402
 from turboquant import _core, metal  # noqa: E402
 from turboquant import gpu_path
 from turboquant.mlx_metal import (MetalCodeStore, MetalKVCache, ReferenceKernels,  # noqa: E402
@@ -482,7 +482,7 @@ def test_store_on_the_metal_functions_with_emulated_kernels(emulated, monkeypatc
     close(store.attend(mx.array(q), window=6), core.attend(q, window=6))
     used = set(emulated.launches[start:])
     assert used == {"encode_heads", "rotate_heads", "attention_block",
-                    "attention_reduce_heads", "dequantize_heads"}, used
+                    "attention_reduce_heads", dequantize_kernel(d)}, used
 
 
 @pytest.mark.parametrize("dtype,split", [("float16", False), ("bfloat16", True)])
@@ -507,7 +507,7 @@ def test_half_precision_prefill_on_emulated_kernels(emulated, monkeypatch, dtype
     start = len(emulated.launches)
     half = store.attend(mx.array(q), scale=0.2, dtype=getattr(mx, dtype))
     assert half.dtype == getattr(mx, dtype) and half.shape == q.shape
-    assert "dequantize_heads" in emulated.launches[start:] or split
+    assert dequantize_kernel(d, split, tile=dtype == "float16") in emulated.launches[start:]
     err = np.abs(np.array(half.astype(mx.float32)) - want).max()
     assert 0 < err < (2e-2 if dtype == "bfloat16" else 4e-3), err
     close(store.attend(mx.array(q), scale=0.2, dtype=mx.float32), want)
@@ -717,7 +717,7 @@ def test_quality_store_on_the_metal_functions_with_emulated_kernels(emulated, mo
     used = set(emulated.launches[start:])
     # The reduce launch merges the fp16 sinks/window in (attention_reduce_rows).
     assert used == {"encode_heads", "rotate_heads", "attention_block",
-                    "attention_reduce_rows", "dequantize_heads"}, used
+                    "attention_reduce_rows", dequantize_kernel(d)}, used
 
 
 def test_norm_corrected_encode_kernel_on_the_emulated_gpu(emulated, monkeypatch):
@@ -835,7 +835,9 @@ def test_mlx_lm_quality_path_end_to_end_on_the_emulated_gpu(emulated, monkeypatc
     for t in tokens[12:14]:
         out.append(np.array(model(mx.array([[t]]), cache=gpu)))
     assert all(c._gpu and c._core.kernels is metal and c._core.norm_correction for c in gpu)
-    assert {"encode_heads", "attention_block", "dequantize_heads"} <= set(emulated.launches[start:])
+    d = model.args.hidden_size // model.args.num_attention_heads
+    assert {"encode_heads", "attention_block",
+            dequantize_kernel(d)} <= set(emulated.launches[start:])
     monkeypatch.setattr(gpu_path, "active_path", lambda: "cpu")
     cpu = tq_mlx.make_prompt_cache(model, preset="codes-only", **cfg)
     ref = [np.array(model(mx.array(tokens[:12])[None], cache=cpu))]

@@ -14,6 +14,7 @@ import pytest
 
 mx = pytest.importorskip("mlx.core")
 
+from metal_args import dequantize_kernel  # noqa: E402
 from turboquant import _core, metal  # noqa: E402
 from turboquant import gpu_path
 from turboquant.mlx_metal import MetalCodeStore, MetalKVCache, ReferenceKernels  # noqa: E402
@@ -253,7 +254,7 @@ def test_per_head_widths_on_the_emulated_gpu(emulated, monkeypatch, split):
     close(store.attend(mx.array(q)), core.attend(q))
     used = set(emulated.launches[start:])
     assert {"split_encode_heads" if split else "encode_heads", "attention_reduce_rows",
-            "split_dequantize_heads" if split else "dequantize_heads"} <= used, used
+            dequantize_kernel(d, split)} <= used, used
     assert store.to_bytes() == core.to_bytes()
 
 

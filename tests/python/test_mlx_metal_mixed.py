@@ -17,6 +17,7 @@ import pytest
 
 mx = pytest.importorskip("mlx.core")
 
+from metal_args import dequantize_kernel  # noqa: E402
 from turboquant import _core, metal  # noqa: E402
 from turboquant import gpu_path
 from turboquant.mlx_metal import MetalCodeStore, ReferenceKernels  # noqa: E402
@@ -250,7 +251,7 @@ def test_mixed_store_on_the_emulated_gpu(emulated, monkeypatch, d, split):
     assert store._nlo > 0
     used = set(emulated.launches[start:])
     encode = "split_encode_heads" if split else "encode_heads"
-    dequant = "split_dequantize_heads" if split else "dequantize_heads"
+    dequant = dequantize_kernel(d, split)
     assert {encode, dequant, "attention_reduce_heads"} <= used, used
     if d == 64:  # the staged kernel (the default), or the register-tiled one where no tile fits
         assert used & {"attention_staged", "attention_fast"}, used

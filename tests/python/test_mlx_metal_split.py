@@ -12,6 +12,7 @@ import pytest
 
 mx = pytest.importorskip("mlx.core")
 
+from metal_args import dequantize_kernel  # noqa: E402
 from turboquant import _core, metal  # noqa: E402
 from turboquant import gpu_path
 from turboquant.mlx_metal import MetalCodeStore, MetalKVCache, ReferenceKernels  # noqa: E402
@@ -230,7 +231,7 @@ def test_mlx_lm_default_cache_runs_the_key_split_on_the_emulated_gpu(emulated, m
     out = _run(model, gpu, tokens, 11)
     assert all(c._gpu and c._core.kernels is metal and c._core.key_split for c in gpu)
     assert {"split_encode_heads", "split_attention_block",
-            "split_dequantize_heads"} <= set(emulated.launches[start:])
+            dequantize_kernel(32, split=True)} <= set(emulated.launches[start:])
     monkeypatch.setattr(gpu_path, "active_path", lambda: "cpu")
     cpu = tq_mlx.make_prompt_cache(model, preset="codes-only", seed=2)
     ref = _run(model, cpu, tokens, 11)
