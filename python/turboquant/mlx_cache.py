@@ -749,14 +749,25 @@ class TurboQuantKVCache(PlaceholderKeys, _mlx_cache._BaseCache):
                              f"{total_kv // max(B, 1)} KV heads")
         return list(bits) * B
 
-    def _choose_channels(self, keys: np.ndarray, queries: np.ndarray | None, m: int):
+    @staticmethod
+    def _mean_square(x, heads: int) -> np.ndarray:
+        """Mean of x² per (head, channel) of x (mlx or NumPy, (heads·g, T, d) grouped into
+        heads), reduced in float32 by mlx where x lives (on the GPU path, only the (heads, d)
+        result comes to the host), as float64."""
+        x = x if isinstance(x, mx.array) else mx.array(np.asarray(x))
+        if x.size == 0:
+            return np.zeros((heads, int(x.shape[-1])), np.float64)
+        x = x.reshape(heads, -1, int(x.shape[-1])).astype(mx.float32)
+        return np.array(mx.mean(mx.square(x), axis=1)).astype(np.float64)
+
+    def _choose_channels(self, keys, queries, m: int):
         """Per KV head, the order that puts the m channels with the most query-weighted key
-        energy first, whole RoPE pairs at a time. keys (H, T, d) centred; queries (Hq, T, d)."""
+        energy first, whole RoPE pairs at a time. keys (H, T, d) centred; queries (Hq, T, d);
+        mlx (reduced where they live) or NumPy arrays."""
         H, _, d = keys.shape
-        ek = np.einsum("htd,htd->hd", keys, keys, dtype=np.float64) / max(1, keys.shape[1])
+        ek = self._mean_square(keys, H)
         if queries is not None and queries.shape[0] % H == 0 and queries.size:
-            qq = queries.reshape(H, -1, d).astype(np.float64)
-            energy = ek * (np.einsum("htd,htd->hd", qq, qq) / qq.shape[1])
+            energy = ek * self._mean_square(queries, H)
         else:
             energy = ek
         if self.rope_pairs == "half":
@@ -797,12 +808,13 @@ class TurboQuantKVCache(PlaceholderKeys, _mlx_cache._BaseCache):
         if plan is not None:
             m, hi, lo = plan
             if self._perm is None:
-                # The channel order is chosen once, from the first block, on the host (on
-                # the Metal path too: one read of the prefill's keys and queries).
-                keys = np.concatenate([_host(k) for k, _ in self._pending], axis=1)
+                # The channel order is chosen once, from the first block: the energies are
+                # reduced where the keys and queries are (the GPU on the GPU path), the
+                # order made on the host from their (KV heads, head_dim) means.
+                blocks = [k if isinstance(k, mx.array) else mx.array(k) for k, _ in self._pending]
+                keys = blocks[0] if len(blocks) == 1 else mx.concatenate(blocks, axis=1)
                 self._calibrate_on(held)
-                self._perm = self._choose_channels(
-                    keys, None if queries is None else _host(queries), m)
+                self._perm = self._choose_channels(keys, queries, m)
                 self._pending = [(_permute(k, self._perm), v) for k, v in self._pending]
         if self.mixed_trial and queries is not None and scale is not None:
             self.mixed_trial = False  # once, on the first block
