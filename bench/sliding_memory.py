@@ -13,6 +13,7 @@ channel order).
   PYTHONPATH=python python bench/sliding_memory.py --tokens 4096 32768 --bits 3
   PYTHONPATH=python python bench/sliding_memory.py --tokens 4096 32768 --preset tq3-mixed
   PYTHONPATH=python python bench/sliding_memory.py --tokens 4096 32768 --bits 3 --ring-extra-bits 1
+  PYTHONPATH=python python bench/sliding_memory.py --tokens 4096 32768 --bits 3 --ring-bits 4
 
 ``--bits B`` is make_prompt_cache(key_bits=B, value_bits=B) (the recommended recipe at B
 bits); ``--preset NAME`` a named recipe (turboquant.presets).
@@ -74,6 +75,13 @@ def main():
     ap.add_argument("--preset", default=None, help="a named recipe instead of --bits")
     ap.add_argument("--ring-extra-bits", type=int, default=None,
                     help="make_prompt_cache's ring_extra_bits (sliding rings' extra bits)")
+    ap.add_argument("--ring-bits", type=int, default=None,
+                    help="the sliding rings' own recipe: codes of this many bits with "
+                         "--ring-window fp16 rows (0: none) instead of the global layers'")
+    ap.add_argument("--ring-window", type=int, default=0,
+                    help="fp16 window of the rings under --ring-bits")
+    ap.add_argument("--ring-block-tokens", type=int, default=None,
+                    help="the rings' block (page and flush) size under --ring-bits")
     args = ap.parse_args()
     # mixed precision counted routed on every global layer (mixed_trial off): the layers a
     # trial makes uniform hold the same code bits without the kept-token masks
@@ -87,6 +95,9 @@ def main():
     what = f"preset {args.preset}" if args.preset else f"{args.bits}-bit keys and values"
     if args.ring_extra_bits:
         what += f", rings {args.ring_extra_bits} bit(s) wider"
+    if args.ring_bits:
+        what += (f", rings {args.ring_bits}-bit codes with a {args.ring_window}-token fp16 "
+                 f"window, {args.ring_block_tokens or 'default'}-token blocks")
     print(f"Gemma-3-270M shape, {what}; bytes per layer kind")
     print(f"{'tokens':>7} {'cache':>16} {'global':>12} {'sliding':>12} {'total':>12} "
           f"{'ratio':>7}")
@@ -96,6 +107,12 @@ def main():
         fill(ref, n, hq, d, rng)
         rng = np.random.default_rng(0)
         tq = tq_mlx.make_prompt_cache(model, **kw)
+        if args.ring_bits:  # the rings from their own recipe (eval's G=...;S=... settings)
+            rings = tq_mlx.make_prompt_cache(model, key_bits=args.ring_bits,
+                                             value_bits=args.ring_bits, fp16_sinks=0,
+                                             fp16_window=args.ring_window,
+                                             block_tokens=args.ring_block_tokens)
+            tq = [r if isinstance(r, TurboQuantRotatingKVCache) else c for c, r in zip(tq, rings)]
         assert all(isinstance(c, tq_mlx.TurboQuantKVCache) for c in tq), "a layer left fp16"
         fill(tq, n, hq, d, rng)
         rows = {}

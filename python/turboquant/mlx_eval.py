@@ -82,7 +82,8 @@ class Setting:
         flush group keep BITS, the rest 2 bits; ``m2:0.5:64``: groups of 64 tokens instead of
         the default 16-token blocks' group), ``sv0.01`` (sparse V threshold 0.01; such a
         setting is scored one token per step, the decode path where sparse V acts, so ``sv0``
-        is its dense control), ``r1`` (sliding-window rings' keys and values 1 bit wider) or
+        is its dense control), ``r1`` (sliding-window rings' keys and values 1 bit wider),
+        ``b16`` (16-token blocks: code pages and window flushes) or
         ``profile:PATH`` (per-layer bits from ``turboquant calibrate``), FLAG is ``raw``
         (plain codes: no centring, no norm correction, no key split), ``nosplit`` (no key
         split), ``a16`` (the key split's part angle in 16 bits instead of 8) or ``trial``
@@ -105,7 +106,7 @@ class Setting:
         bits, *opts = body.split("+")
         fp16, window, sinks, profile = (), 0, 0, None
         decay, sparse_v, decode_scoring = (0, 0), 0.0, False
-        mixed, group, ring = (0, 0.0), 0, 0
+        mixed, group, ring, blocks = (0, 0.0), 0, 0, 0
         for o in opts:
             if o.startswith("sv"):
                 try:
@@ -142,6 +143,11 @@ class Setting:
                                      "[1, 6] extra bits for sliding-window rings, e.g. r1")
             elif o.startswith("w") and o[1:].isdigit():
                 window = int(o[1:])
+            elif o.startswith("b") and o[1:].isdigit():
+                blocks = int(o[1:])
+                if blocks < 1 or blocks & (blocks - 1):
+                    raise ValueError(f"bad option {o!r} in setting {spec!r}: bN needs N tokens "
+                                     "a block, a power of two, e.g. b16")
             elif o.startswith("s") and o[1:].isdigit():
                 sinks = int(o[1:])
             elif o.startswith("profile:"):
@@ -177,8 +183,13 @@ class Setting:
             name += f"+w{window}"
         if decay[0]:
             name += f"+d{decay[0]}:{decay[1]}"
-        block_tokens = None
+        block_tokens = blocks or None
+        if blocks:
+            name += f"+b{blocks}"
         if mixed[0]:
+            if blocks:
+                raise ValueError(f"setting {spec!r}: bN and mixed precision exclude each other "
+                                 "(a mixed setting's blocks follow its group: mB:F:G)")
             name += f"+m{mixed[0]}:{mixed[1]:g}" + (f":{group}" if group else "")
             if group:
                 try:

@@ -285,6 +285,14 @@ def test_options_and_errors():
     for bad in ("3+r0", "3+r7"):
         with pytest.raises(ValueError, match="rN needs N in"):
             Setting.parse(bad)
+    # +bN: the setting's block size (code pages and window flushes), e.g. for a ring recipe
+    s = Setting.parse("3+w16+b16")
+    assert s.block_tokens == 16 and s.name == "tq-3bit+w16+b16"
+    assert {(c.block_tokens, c.fp16_window) for c in make_cache(model, s)} == {(16, 16)}
+    for bad, msg in (("3+b12", "bN needs N tokens"), ("3+b0", "bN needs N tokens"),
+                     ("4+m2:0.5+b16", "bN and mixed precision exclude")):
+        with pytest.raises(ValueError, match=msg):
+            Setting.parse(bad)
     for bad in (-1, 7, 1.5):
         with pytest.raises(ValueError, match="ring_extra_bits must be an integer in"):
             tq_mlx.make_prompt_cache(model, ring_extra_bits=bad)
