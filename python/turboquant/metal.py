@@ -1560,6 +1560,13 @@ def dequantize_kernel() -> str:
     return choice
 
 
+def _rows_launch(rows: int) -> dict:
+    """The grid of a rows-form launch over ``rows`` rows (a simd-group each)."""
+    group = DEQUANTIZE_ROWS_PER_GROUP * 32
+    return dict(grid=(-(-rows // DEQUANTIZE_ROWS_PER_GROUP) * group, 1, 1),
+                threadgroup=(group, 1, 1))
+
+
 def _dequantize_launch(which: str, rows: int, dim: int, min_lanes: int) -> tuple[str, dict]:
     """The kernel (``which`` or its ``_rows`` form) and the grid of a dequantize of ``rows``
     rows of ``dim`` coordinates; ``min_lanes``: the fewest elements per lane the rows form
@@ -1567,39 +1574,55 @@ def _dequantize_launch(which: str, rows: int, dim: int, min_lanes: int) -> tuple
     per_lane = dim // 32
     if (dequantize_kernel() == "rows" and dim % 32 == 0
             and per_lane in (1, 2, 4, 8, 16) and per_lane >= min_lanes):
-        group = DEQUANTIZE_ROWS_PER_GROUP * 32
-        groups = -(-rows // DEQUANTIZE_ROWS_PER_GROUP)
-        return which.replace("dequantize", "dequantize_rows"), dict(
-            grid=(groups * group, 1, 1), threadgroup=(group, 1, 1))
+        return which.replace("dequantize", "dequantize_rows"), _rows_launch(rows)
     return which, dict(grid=(rows * threads_for(dim), 1, 1), threadgroup=(threads_for(dim), 1, 1))
+
+
+def _dequantize_inputs(tables: HeadTables, codes, norms, inverse_rotate: bool, out_fp16: bool):
+    """What every dequantize launch of codes (n_heads, n, code_bytes) and norms (n_heads, n)
+    takes: (the group form's kernel name, its inputs before the parameter block, the
+    parameter words ending with the rows per head), for plain or split keys."""
+    import mlx.core as mx
+
+    H, n, _ = codes.shape
+    rows = H * n
+    fp16_norm = norms.dtype == mx.float16
+    head = [codes.reshape(rows, tables.code_bytes),
+            (norms.view(mx.uint16) if fp16_norm else norms).reshape(rows)]
+    if isinstance(tables, SplitHeadTables):
+        signs, cents, _, angles, _ = tables.mx_tables()
+        words = split_params(rows, tables.dim, tables.bits0, tables.bits1, tables.angle_bits,
+                             fp16_norm, inverse_rotate=inverse_rotate, out_fp16=out_fp16)
+        return "split_dequantize_heads", head + [cents, signs, angles], \
+            _with_rows_per_head(words, n)
+    signs, cents, _ = tables.mx_tables()
+    words = dequant_params(rows, tables.dim, tables.bits, fp16_norm, inverse_rotate, out_fp16)
+    return "dequantize_heads", head + [cents, signs], _with_rows_per_head(words, n)
+
+
+def _dequantize(tables: HeadTables, codes, norms, inverse_rotate, out_dtype):
+    """dequantize_heads() / split_dequantize_heads(): one launch of the rows or group form."""
+    import mlx.core as mx
+
+    _require_gpu()
+    H, n, _ = codes.shape
+    dim = tables.dim
+    fp16_out = out_dtype is not None and out_dtype == mx.float16
+    base, inputs, words = _dequantize_inputs(tables, codes, norms, inverse_rotate, fp16_out)
+    split = isinstance(tables, SplitHeadTables)
+    which, launch = _dequantize_launch(base, H * n, dim, 2 if split else 1)
+    (out,) = _kernel(which, tables.rounds)(
+        inputs=inputs + [params_array(words)], output_shapes=[(H * n, dim)],
+        output_dtypes=[mx.uint16 if fp16_out else mx.float32], **launch)
+    out = out.view(mx.float16) if fp16_out else out
+    return out.reshape(H, n, dim)
 
 
 def dequantize_heads(tables: HeadTables, codes, norms, inverse_rotate=True, out_dtype=None):
     """Decoded rows (n_heads, n, dim) of codes (n_heads, n, code_bytes) and norms (n_heads, n)
     (inverse_rotate), or the rotated-domain tile; float32, or float16 with out_dtype. Split
     keys (:class:`SplitHeadTables`) go to the split.metal kernel."""
-    import mlx.core as mx
-
-    if isinstance(tables, SplitHeadTables):
-        return split_dequantize_heads(tables, codes, norms, inverse_rotate, out_dtype)
-    _require_gpu()
-    H, n, _ = codes.shape
-    dim = tables.dim
-    signs, cents, _ = tables.mx_tables()
-    fp16_out = out_dtype is not None and out_dtype == mx.float16
-    fp16_norm = norms.dtype == mx.float16
-    rows = H * n
-    which, launch = _dequantize_launch("dequantize_heads", rows, dim, 1)
-    (out,) = _kernel(which, tables.rounds)(
-        inputs=[codes.reshape(rows, tables.code_bytes),
-                (norms.view(mx.uint16) if fp16_norm else norms).reshape(rows), cents, signs,
-                params_array(_with_rows_per_head(
-                    dequant_params(rows, dim, tables.bits, fp16_norm, inverse_rotate, fp16_out),
-                    n))],
-        output_shapes=[(rows, dim)], output_dtypes=[mx.uint16 if fp16_out else mx.float32],
-        **launch)
-    out = out.view(mx.float16) if fp16_out else out
-    return out.reshape(H, n, dim)
+    return _dequantize(tables, codes, norms, inverse_rotate, out_dtype)
 
 
 def dequantize_tile_heads(tables: HeadTables, codes, norms, before=None, after=None):
@@ -1624,31 +1647,18 @@ def dequantize_tile_heads(tables: HeadTables, codes, norms, before=None, after=N
     split = isinstance(tables, SplitHeadTables)
     base = "split_dequantize_heads" if split else "dequantize_heads"
     which, _ = _dequantize_launch(base, H * n, dim, 2 if split else 1)
-    if n == 0 or "rows" not in which:
+    if n == 0 or which == base:  # the group form: decode, then concatenate
         parts = [before, dequantize_heads(tables, codes, norms, out_dtype=mx.float16), after]
         parts = [p for p in parts if p is not None]
         return parts[0] if len(parts) == 1 else mx.concatenate(parts, axis=1)
     _require_gpu()
-    fp16_norm = norms.dtype == mx.float16
-    if split:
-        signs, cents, _, angles, _ = tables.mx_tables()
-        words = split_params(H * n, dim, tables.bits0, tables.bits1, tables.angle_bits,
-                             fp16_norm, inverse_rotate=True, out_fp16=True)
-        tables_in = [cents, signs, angles]
-    else:
-        signs, cents, _ = tables.mx_tables()
-        words = dequant_params(H * n, dim, tables.bits, fp16_norm, True, True)
-        tables_in = [cents, signs]
-    none = _no_rows()
-    rows_in = [none if r is None else r.view(mx.uint16) for r in (before, after)]
+    _, inputs, words = _dequantize_inputs(tables, codes, norms, True, True)
+    rows_in = [_no_rows() if r is None else r.view(mx.uint16) for r in (before, after)]
     total = H * (counts[0] + n + counts[1])
-    group = DEQUANTIZE_ROWS_PER_GROUP * 32
-    (out,) = _kernel(which.replace("_rows_", "_tile_"), tables.rounds)(
-        inputs=[codes.reshape(H * n, tables.code_bytes),
-                (norms.view(mx.uint16) if fp16_norm else norms).reshape(H * n), *tables_in,
-                *rows_in, params_array(np.concatenate([words, np.array([n, *counts], np.uint32)]))],
-        output_shapes=[(total, dim)], output_dtypes=[mx.uint16],
-        grid=(-(-total // DEQUANTIZE_ROWS_PER_GROUP) * group, 1, 1), threadgroup=(group, 1, 1))
+    (out,) = _kernel(base.replace("_heads", "_tile_heads"), tables.rounds)(
+        inputs=inputs + rows_in + [params_array(np.concatenate([words,
+                                                                np.array(counts, np.uint32)]))],
+        output_shapes=[(total, dim)], output_dtypes=[mx.uint16], **_rows_launch(total))
     return out.view(mx.float16).reshape(H, total // H, dim)
 
 
@@ -1834,27 +1844,7 @@ def split_rotate_heads(tables: SplitHeadTables, x):
 def split_dequantize_heads(tables: SplitHeadTables, codes, norms, inverse_rotate=True,
                            out_dtype=None):
     """dequantize_heads() for split keys (decoded rows bit-identical to Quantizer.decode)."""
-    import mlx.core as mx
-
-    _require_gpu()
-    H, n, _ = codes.shape
-    dim = tables.dim
-    signs, cents, _, angles, _ = tables.mx_tables()
-    fp16_out = out_dtype is not None and out_dtype == mx.float16
-    fp16_norm = norms.dtype == mx.float16
-    rows = H * n
-    params = _with_rows_per_head(split_params(rows, dim, tables.bits0, tables.bits1,
-                                              tables.angle_bits, fp16_norm,
-                                              inverse_rotate=inverse_rotate, out_fp16=fp16_out), n)
-    which, launch = _dequantize_launch("split_dequantize_heads", rows, dim, 2)
-    (out,) = _kernel(which, tables.rounds)(
-        inputs=[codes.reshape(rows, tables.code_bytes),
-                (norms.view(mx.uint16) if fp16_norm else norms).reshape(rows), cents, signs,
-                angles, params_array(params)],
-        output_shapes=[(rows, dim)], output_dtypes=[mx.uint16 if fp16_out else mx.float32],
-        **launch)
-    out = out.view(mx.float16) if fp16_out else out
-    return out.reshape(H, n, dim)
+    return _dequantize(tables, codes, norms, inverse_rotate, out_dtype)
 
 
 def _split_key_attention(keys: SplitHeadTables, values: HeadTables, queries, k_codes, k_norms,
