@@ -1338,21 +1338,27 @@ def _block_partials(q_rot, k_codes, k_norms, v_codes, v_norms, k_cents, v_cents,
 
 def _rows_input(rows, kv_heads, dim):
     """The two fp16 row sets of attention_reduce_rows: [(k, v, count, stride)] * 2, a set
-    that is absent as a one-element placeholder with count 0."""
+    that is absent as a one-element placeholder with count 0. A set is (k, v), all their
+    rows, or (k, v, n), their first n rows (a buffer with room after them: the stride is
+    the buffer's rows)."""
     import mlx.core as mx
 
     rows = [r for r in (rows or ()) if r is not None]
     if len(rows) > 2:
         raise ValueError(f"at most two sets of fp16 rows (sinks, window), got {len(rows)}")
     out = []
-    for k, v in rows:
+    for r in rows:
+        k, v = r[0], r[1]
         if tuple(k.shape) != tuple(v.shape) or k.shape[0] != kv_heads or k.shape[2] != dim:
             raise ValueError(f"fp16 rows of shape {tuple(k.shape)} / {tuple(v.shape)} do not "
                              f"match {kv_heads} KV heads of dim {dim}")
-        n = int(k.shape[1])
+        stride = int(k.shape[1])
+        n = int(r[2]) if len(r) > 2 else stride
+        if not 0 <= n <= stride:
+            raise ValueError(f"{n} fp16 rows asked of a buffer of {stride}")
         bits = [(a if a.dtype == mx.float16 else a.astype(mx.float16)).view(mx.uint16)
                 for a in (k, v)]
-        out.append((bits[0], bits[1], n, n))
+        out.append((bits[0], bits[1], n, stride))
     while len(out) < 2:
         out.append((_no_rows(), _no_rows(), 0, 0))
     return out
@@ -1387,9 +1393,10 @@ def _reduce_rows_words(dim: int, blocks: int, group: int, scale: float, per_head
 def _reduce_rows_params(dim: int, blocks: int, group: int, na: int, sa: int, nb: int, sb: int,
                         scale: float, per_head: bool):
     words = _reduce_rows_words(dim, blocks, group, scale, per_head)
-    if (sa, sb) == (na, nb):  # the rows' stride is their count (_rows_input): two scalars
-        return counted_params(words, {(4, 5): na, (6, 7): nb})
-    return counted_params(words, {4: na, 5: sa, 6: nb, 7: sb})
+    counts = {}  # a set's stride equal to its count (rows of their own): one scalar for both
+    for i, (n, stride) in ((4, (na, sa)), (6, (nb, sb))):
+        counts.update({(i, i + 1): n} if n == stride else {i: n, i + 1: stride})
+    return counted_params(words, counts)
 
 
 def _finish_attention(parts, v_signs, per_head, group, dim, q, scale, rows=None, with_lse=False,

@@ -44,6 +44,36 @@ _MASK64 = (1 << 64) - 1
 _GPU_FALLBACKS_WARNED: set[str] = set()
 
 
+def _centre_rows(k, v, k_mean, v_mean):
+    """Centred K/V rounded to fp16 as the GPU store's window keeps them: (k - m) in float32,
+    then float16 (one fused kernel per role when compiled)."""
+    return ((k.astype(mx.float32) - k_mean).astype(mx.float16),
+            (v.astype(mx.float32) - v_mean).astype(mx.float16))
+
+
+def _add_mean(out, v_mean, dtype):
+    """The attention output plus the value mean, in the queries' dtype."""
+    return (out + v_mean).astype(dtype)
+
+
+# A decode step's element-wise tails as single fused kernels (mx.compile keys them by shape
+# and dtype, so only one-token steps take them: a prefill's chunk lengths vary). The math is
+# the uncompiled functions' (float32, then one rounding), so both forms give the same bits.
+_centre_rows_step = mx.compile(_centre_rows)
+_add_mean_step = {dt: mx.compile(functools.partial(_add_mean, dtype=dt))
+                  for dt in (mx.float16, mx.bfloat16, mx.float32)}
+
+# The placeholders' NaN scalar per dtype (a decode step makes two placeholders per layer).
+_NAN: dict = {}
+
+
+def _nan(dtype):
+    x = _NAN.get(dtype)
+    if x is None:
+        x = _NAN[dtype] = mx.array(float("nan"), dtype=dtype)
+    return x
+
+
 def layer_seed(seed: int, layer: int) -> int:
     """Seed of layer ``layer``'s core: each layer gets its own rotations and codebook streams."""
     return (int(seed) + (int(layer) + 1) * _SEED_LAYER_STRIDE) & _MASK64
@@ -174,7 +204,7 @@ class TurboQuantKVCache(PlaceholderKeys, _mlx_cache._BaseCache):
         self._ingest(keys, values)
         B, H, T, d = keys.shape
         # Zero-memory placeholders of the shape mlx-lm expects (broadcast of one NaN).
-        nan = mx.array(float("nan"), dtype=keys.dtype)
+        nan = _nan(keys.dtype)
         ph_k = mx.broadcast_to(nan, (B, H, self.offset, d))
         ph_v = mx.broadcast_to(nan, (B, H, self.offset, d))
         self._fetched = (ph_k, ph_v)
@@ -193,9 +223,14 @@ class TurboQuantKVCache(PlaceholderKeys, _mlx_cache._BaseCache):
             self._gpu = self._use_gpu(d)
         k, v = (keys, values) if self._gpu else (_host(keys), _host(values))
         self._batch = B
-        k, v = self._centre(k.reshape(B * H, T, d), v.reshape(B * H, T, d))
-        if self._perm is not None:
-            k = _permute(k, self._perm)
+        k, v = k.reshape(B * H, T, d), v.reshape(B * H, T, d)
+        if self._gpu and self.center and self._k_mean is not None and \
+                self._core is not None and self._core.windowed:
+            k, v = self._centre_fp16(k, v)
+        else:
+            k, v = self._centre(k, v)
+            if self._perm is not None:
+                k = _permute(k, self._perm)
         if self._core is None:
             self._pending.append((k, v))
         else:
@@ -212,6 +247,15 @@ class TurboQuantKVCache(PlaceholderKeys, _mlx_cache._BaseCache):
     def attend(self, queries: mx.array, scale: float, causal: bool = True,
                window: int | None = None) -> mx.array:
         """Attention of ``queries`` (B, H_q, T_q, d), the last T_q positions, on the codes."""
+        if self._gpu and isinstance(self._v_mean, mx.array):  # the mean added in the cast
+            out = _run_core_calls(self._attend_calls(queries, scale, causal, window,
+                                                     add_mean=False))
+            B, Hq, Tq, d = queries.shape
+            out = out.reshape(-1, Hq // (self._core_kv_heads // B), Tq, d)
+            add = _add_mean_step.get(queries.dtype) if Tq == 1 else None
+            out = (add(out, self._v_mean[:, None]) if add is not None
+                   else _add_mean(out, self._v_mean[:, None], queries.dtype))
+            return out.reshape(B, Hq, Tq, d)
         out = self._attend(queries, scale, causal, window)
         return mx.array(out).astype(queries.dtype)
 
@@ -222,11 +266,12 @@ class TurboQuantKVCache(PlaceholderKeys, _mlx_cache._BaseCache):
         return _run_core_calls(self._attend_calls(queries, scale, causal, window))
 
     def _attend_calls(self, queries, scale: float, causal: bool = True,
-                      window: int | None = None):
+                      window: int | None = None, add_mean: bool = True):
         """:meth:`_attend` as a generator of its core calls: it yields ``(core, q, kwargs)``
         for each ``core.attend(q, **kwargs)`` it needs, is sent that call's output, and
         returns :meth:`_attend`'s result. Appends between the calls happen inside, so a
-        batch (turboquant.mlx_batch) can make the calls of many rows at once."""
+        batch (turboquant.mlx_batch) can make the calls of many rows at once.
+        ``add_mean=False``: the value mean is left for the caller to add."""
         B, Hq, Tq, d = queries.shape
         q = self._core_queries(queries, scale)
         kw = {"causal": causal, "scale": float(scale), "window": window}
@@ -255,7 +300,7 @@ class TurboQuantKVCache(PlaceholderKeys, _mlx_cache._BaseCache):
             # the next append, so that a prompt given in one call holds what one given in
             # chunks holds (a block of at most fp16_window tokens leaves nothing due).
             self._flush_rated()
-        if self._v_mean is not None:  # sum_t p_t (v_t - m) + m = sum_t p_t v_t
+        if self._v_mean is not None and add_mean:  # sum_t p_t (v_t - m) + m = sum_t p_t v_t
             out = out.reshape(-1, Hq // (self._core_kv_heads // B), Tq, d)
             out = out + self._v_mean[:, None]
         return out.reshape(B, Hq, Tq, d)
@@ -370,6 +415,21 @@ class TurboQuantKVCache(PlaceholderKeys, _mlx_cache._BaseCache):
             self._v_mean = v.mean(axis=1, keepdims=True, dtype=np.float32)
         return (np.ascontiguousarray(k - self._k_mean, dtype=np.float32),
                 np.ascontiguousarray(v - self._v_mean, dtype=np.float32))
+
+    def _centre_fp16(self, k, v):
+        """_centre and _permute on the GPU store of a windowed layer, whose every appended
+        row is first rounded to fp16: the channels permuted first (a permutation commutes
+        with the per-channel mean), then the centring and the rounding, fused for a decode
+        step. Bit for bit what the store makes of _centre's float32 rows."""
+        km = self._k_mean
+        if self._perm is not None:
+            cached = getattr(self, "_k_mean_perm", None)
+            if cached is None or cached[0] is not self._perm or cached[1] is not km:
+                cached = self._k_mean_perm = (self._perm, km, _permute(km, self._perm))
+            km = cached[2]
+            k = _permute(k, self._perm)
+        step = _centre_rows_step if k.shape[1] == 1 else _centre_rows
+        return step(k, v, km, self._v_mean)
 
     def _calibrate_on(self, tokens: int) -> None:
         self._calibrated = max(self._calibrated, int(tokens))

@@ -212,8 +212,11 @@ class ReferenceKernels:
         if rows:  # fp16 rows (sinks, window) under the same softmax
             if with_lse:
                 raise ValueError("with_lse and fp16 rows exclude each other")
-            k = np.concatenate([k] + [np.asarray(r[0].astype(mx.float32)) for r in rows], axis=1)
-            v = np.concatenate([v] + [np.asarray(r[1].astype(mx.float32)) for r in rows], axis=1)
+            n = [r[2] if len(r) > 2 else r[0].shape[1] for r in rows]  # (k, v[, rows used])
+            k = np.concatenate([k] + [np.asarray(r[0][:, :m].astype(mx.float32))
+                                      for r, m in zip(rows, n)], axis=1)
+            v = np.concatenate([v] + [np.asarray(r[1][:, :m].astype(mx.float32))
+                                      for r, m in zip(rows, n)], axis=1)
         s = np.einsum("hgd,htd->hgt", q, k) * np.float32(scale)
         m = s.max(-1, keepdims=True)
         p = np.exp(s - m)
@@ -505,6 +508,10 @@ class MetalCodeStore:
         self._alloc = self._lo_alloc = 0
         # fp16 sinks and window: (H, rows, d) float16 mlx arrays per role; None while empty.
         self._k_sink = self._v_sink = self._k_win = self._v_win = None
+        # The window's buffers (k, v, the view of k the window is), (H, cap, d) float16: the
+        # window is their first rows while decode steps append to it in place (mlx's slice
+        # update) rather than concatenating it every token; None: the window is its own array.
+        self._wbuf: tuple | None = None
         # Rows of fp16 storage held per stream (the C++ cache's vector capacities).
         self._sink_cap = self._win_cap = 0
         # Mixed precision: of the _nc codes, _nlo are in the low-width pages (every group's
@@ -643,6 +650,7 @@ class MetalCodeStore:
         new.__dict__.update(self.__dict__)
         new._groups = [g.copy() for g in self._groups]
         new._masks = self._masks.copy()
+        new._wbuf = None  # the buffers stay the original's (a write in place would be seen)
         return new
 
     # --- sizes ------------------------------------------------------------------------------
@@ -762,7 +770,7 @@ class MetalCodeStore:
             k_sink, v_sink = cat(k_sink, k16[:, :ks]), cat(v_sink, v16[:, :ks])
         k_win, v_win = self._k_win, self._v_win
         if T > ks:
-            k_win, v_win = cat(k_win, k16[:, ks:]), cat(v_win, v16[:, ks:])
+            k_win, v_win = self._window_extend(k16[:, ks:], v16[:, ks:])
         coded = self._coded + ks
         if self.mixed:
             self._append_mixed(k_sink, v_sink, k_win, v_win, old, T, ks, plan.flushes)
@@ -785,6 +793,38 @@ class MetalCodeStore:
             # launches the pending graph, which split a model step into one launch per layer
             # (the attention of the step reads the window and evaluates it anyway).
             mx.async_eval(*[a for a in (k_sink, v_sink, k_win, v_win) if a is not None])
+
+    def _window_extend(self, k, v):
+        """The window rows followed by k, v (H, t, d) float16, as views of the window buffers
+        (``_wbuf``): written in place where the buffers have room after the window (one
+        slice update per role, no copy of the window while mlx can donate the buffer), else
+        in new buffers of the window's full size (``window_rows``) that start with the rows.
+        Nothing of the store changes here: the caller sets ``_k_win``/``_v_win``."""
+        mx = _mx()
+        w = 0 if self._k_win is None else int(self._k_win.shape[1])
+        t = int(k.shape[1])
+        buf = self._wbuf
+        if buf is not None and buf[2] is self._k_win and w + t <= int(buf[0].shape[1]):
+            kb, vb = buf[0], buf[1]
+            kb[:, w:w + t] = k
+            vb[:, w:w + t] = v
+        else:
+            H, d = int(k.shape[0]), int(k.shape[2])
+            cap = max(int(self._plan.window_rows), w + t)
+            pad = [mx.zeros((H, cap - w - t, d), mx.float16)] if cap > w + t else []
+            kb = mx.concatenate(([self._k_win] if w else []) + [k] + pad, axis=1)
+            vb = mx.concatenate(([self._v_win] if w else []) + [v] + pad, axis=1)
+        kw = kb[:, :w + t]
+        self._wbuf = (kb, vb, kw)
+        return kw, vb[:, :w + t]
+
+    def _window_rows(self):
+        """The window for the reduce launch: (k, v, rows) where it is the first rows of its
+        buffers (the launch reads them with the buffers' row stride), else (k, v)."""
+        buf = self._wbuf
+        if buf is not None and buf[2] is self._k_win:
+            return buf[0], buf[1], int(self._k_win.shape[1])
+        return self._k_win, self._v_win
 
     def _append_mixed(self, k_sink, v_sink, k_win, v_win, old: int, T: int, ks: int,
                       due: int) -> None:
@@ -1141,7 +1181,7 @@ class MetalCodeStore:
         for g in (g.low if low else g for g in self._groups):
             o, lse = self._group_attention(
                 g, g.take(qg), a, b, scale, with_lse,
-                [(g.take(k), g.take(v)) for k, v in rows] if rows else None)
+                [(g.take(r[0]), g.take(r[1]), *r[2:]) for r in rows] if rows else None)
             outs.append(o)
             lses.append(lse)
         return self._merge(outs), (self._merge(lses) if with_lse else None)
@@ -1182,6 +1222,8 @@ class MetalCodeStore:
         sinks, (a, b), win = self._pieces(lo)
         fp16 = [p for p in (sinks, win) if p is not None]
         if b > a:  # the codes, with the fp16 rows merged in by the reduce launch
+            if win is not None and lo <= self._coded:  # the whole window: its buffers
+                fp16[-1] = self._window_rows()
             out, _ = self._code_attention(qg, a, b, scale, False, rows=fp16 or None)
             return out.reshape(self.n_q_heads, 1, self.head_dim)
         kf = mx.concatenate([k for k, _ in fp16], axis=1).astype(mx.float32)

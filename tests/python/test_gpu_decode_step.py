@@ -1,0 +1,166 @@
+"""A decode step on the GPU store in few GPU operations, each the same bits as the longer
+form it replaces: the fp16 window written in place in a buffer (one slice update per role, no
+concatenation of the window per token) and read by the reduce launch with the buffer's row
+stride; the centring, channel permutation and fp16 rounding of the new K/V as one fused
+kernel per role; the value mean added in the output's cast."""
+
+import numpy as np
+import pytest
+
+mx = pytest.importorskip("mlx.core")
+
+from turboquant import _core, metal, mlx_cache  # noqa: E402
+from turboquant import gpu_path  # noqa: E402
+from turboquant.mlx_metal import MetalCodeStore, ReferenceKernels  # noqa: E402
+
+REF = ReferenceKernels()
+
+
+@pytest.fixture(scope="module")
+def emulated(tmp_path_factory):
+    from mlx_kernel_emulator import EmulatedKernels
+
+    return EmulatedKernels(tmp_path_factory.mktemp("emu_decode_step"))
+
+
+def _store(kernels=REF, **over):
+    kw = dict(n_layers=1, n_q_heads=4, n_kv_heads=2, key_bits=3, value_bits=3, seed=2,
+              block_tokens=4, fp16_sinks=2, fp16_window=6)
+    kw.update(over)
+    return MetalCodeStore(64, kernels=kernels, **kw), _core.KVCache(64, **kw)
+
+
+def _f16(x):
+    return np.asarray(x, np.float16)
+
+
+def test_decode_steps_write_the_window_in_place():
+    """Between two flushes each step writes its row into the same buffer (mlx's slice update
+    on the store's buffer object, not a new concatenation); the window holds exactly the
+    rows after the codes, as the C++ core's window does, across several flushes."""
+    store, core = _store()
+    rng = np.random.default_rng(1)
+    k, v = (rng.standard_normal((2, 9, 64)).astype(np.float32) for _ in range(2))
+    store.append(mx.array(k), mx.array(v))
+    core.append(k, v)
+    rows_k = list(_f16(k).transpose(1, 0, 2))  # every token's fp16 key rows, in order
+    reused = flushes = 0
+    for _ in range(24):
+        k, v = (rng.standard_normal((2, 1, 64)).astype(np.float32) for _ in range(2))
+        before = store._wbuf
+        coded = store._coded
+        store.append(mx.array(k), mx.array(v))
+        core.append(k, v)
+        rows_k.append(_f16(k[:, 0]))
+        if store._coded != coded:
+            flushes += 1
+        else:
+            assert store._wbuf[0].shape[1] == store._plan.window_rows
+            if before is not None and before[2] is not None and \
+                    before[0].shape[1] == store._plan.window_rows:
+                assert store._wbuf[0] is before[0]  # the same buffer object, updated in place
+                reused += 1
+        want = np.stack(rows_k[store._coded:], axis=1)
+        np.testing.assert_array_equal(np.array(store._k_win), want)
+        assert store.window_tokens() == core.window_tokens(0)
+        assert store.code_tokens() == core.code_tokens(0)
+    assert flushes >= 4 and reused >= 12
+
+
+@pytest.mark.parametrize("kernel", ["mma", "staged"])
+def test_the_reduce_reads_the_window_buffer_bit_for_bit(emulated, monkeypatch, kernel):
+    """The window passed as (buffer, buffer, rows) (count != stride in the reduce launch's
+    parameters) gives the same bits as the window rows passed as their own arrays, on the
+    emulated CUDA path; and the store's decode matches the C++ core."""
+    emulated.install(monkeypatch)
+    monkeypatch.setattr(metal, "candidate_path", lambda: "cuda")
+    store, core = _store(kernels=metal)
+    rng = np.random.default_rng(2)
+    k, v = (rng.standard_normal((2, 21, 64)).astype(np.float32) for _ in range(2))
+    store.append(mx.array(k), mx.array(v))
+    core.append(k, v)
+    strided = 0
+    for _ in range(6):
+        k, v = (rng.standard_normal((2, 1, 64)).astype(np.float32) for _ in range(2))
+        store.append(mx.array(k), mx.array(v))
+        core.append(k, v)
+        q = mx.array(rng.standard_normal((4, 1, 64)).astype(np.float32))
+        sinks, (a, b), win = store._pieces(0)
+        qg = q.reshape(2, 2, 64)
+        buffered = store._window_rows()
+        if len(buffered) == 3 and buffered[2] < buffered[0].shape[1]:
+            strided += 1
+        with metal.forced_attention(kernel):
+            got, _ = store._code_attention(qg, a, b, 0.125, False, rows=[sinks, buffered])
+            plain, _ = store._code_attention(qg, a, b, 0.125, False, rows=[sinks, win])
+            out = np.array(store.attend(q))
+        assert np.array_equal(np.array(got), np.array(plain))
+        np.testing.assert_allclose(out, core.attend(np.array(q)), atol=2e-3)
+    assert strided >= 4
+
+
+def test_a_copy_has_a_window_of_its_own():
+    store, _ = _store()
+    rng = np.random.default_rng(3)
+    k, v = (rng.standard_normal((2, 10, 64)).astype(np.float32) for _ in range(2))
+    store.append(mx.array(k), mx.array(v))
+    one = rng.standard_normal((2, 1, 64)).astype(np.float32)
+    store.append(mx.array(one), mx.array(one))
+    twin = store.copy()
+    before = np.array(store._k_win)
+    a, b = (rng.standard_normal((2, 1, 64)).astype(np.float32) for _ in range(2))
+    twin.append(mx.array(a), mx.array(a))
+    store.append(mx.array(b), mx.array(b))
+    np.testing.assert_array_equal(np.array(store._k_win)[:, :-1], before)
+    np.testing.assert_array_equal(np.array(store._k_win)[:, -1], _f16(b[:, 0]))
+    np.testing.assert_array_equal(np.array(twin._k_win)[:, -1], _f16(a[:, 0]))
+    np.testing.assert_array_equal(np.array(twin._k_win)[:, :-1], before)
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float32"])
+def test_the_fused_step_kernels_give_the_unfused_bits(dtype):
+    rng = np.random.default_rng(4)
+    dt = getattr(mx, dtype)
+    k, v = (mx.array(rng.standard_normal((8, 1, 128)).astype(np.float32) * 9).astype(dt)
+            for _ in range(2))
+    km, vm = (mx.array(rng.standard_normal((8, 1, 128)).astype(np.float32) * 3)
+              for _ in range(2))
+    fused = mlx_cache._centre_rows_step(k, v, km, vm)
+    plain = ((k.astype(mx.float32) - km).astype(mx.float16),
+             (v.astype(mx.float32) - vm).astype(mx.float16))
+    for a, b in zip(fused, plain):
+        assert a.dtype == mx.float16 and bool(mx.array_equal(a, b).item())
+    out = mx.array(rng.standard_normal((8, 4, 1, 128)).astype(np.float32))
+    got = mlx_cache._add_mean_step[dt](out, vm[:, None])
+    assert got.dtype == dt and bool(mx.array_equal(got, (out + vm[:, None]).astype(dt)).item())
+
+
+def test_a_decode_step_centres_and_permutes_as_before(emulated, monkeypatch):
+    """The mlx-lm cache on the emulated GPU with the key split (a channel order) and centring:
+    a decode step's window rows are the float32-centred, permuted keys rounded once to
+    fp16 (what _centre then _permute then the store's cast gave), and attend() returns the
+    output plus the value mean in the queries' dtype, as the unfused path does."""
+    emulated.install(monkeypatch)
+    monkeypatch.setattr(gpu_path, "active_path", lambda: "cuda")
+    rng = np.random.default_rng(5)
+    k, v = (rng.standard_normal((1, 2, 23, 64)).astype(np.float32) * 4 for _ in range(2))
+    q = rng.standard_normal((1, 4, 23, 64)).astype(np.float32)
+    c = mlx_cache.TurboQuantKVCache(key_bits=3, value_bits=3, fp16_sinks=2, fp16_window=6,
+                                    block_tokens=4)
+    h16 = (lambda x: mx.array(x).astype(mx.float16))  # noqa: E731
+    c.update_and_fetch(h16(k[:, :, :20]), h16(v[:, :, :20]))
+    c.attend(h16(q[:, :, :20]), 0.125)
+    assert c._gpu and c._perm is not None and c._core.windowed
+    idx = mx.array(c._perm[:, None, :].astype(np.int32))
+    for t in range(20, 23):
+        kt, vt = h16(k[:, :, t:t + 1]), h16(v[:, :, t:t + 1])
+        c.update_and_fetch(kt, vt)
+        want_k = mx.take_along_axis(kt[0].astype(mx.float32) - c._k_mean, idx, axis=2)
+        want_v = vt[0].astype(mx.float32) - c._v_mean
+        assert bool(mx.array_equal(c._core._k_win[:, -1:], want_k.astype(mx.float16)).item())
+        assert bool(mx.array_equal(c._core._v_win[:, -1:], want_v.astype(mx.float16)).item())
+        qt = h16(q[:, :, t:t + 1])
+        unfused = mx.array(c._attend(qt, 0.125)).astype(mx.float16)
+        got = c.attend(qt, 0.125)
+        assert got.dtype == mx.float16 and got.shape == (1, 4, 1, 64)
+        assert bool(mx.array_equal(got, unfused).item())
