@@ -252,9 +252,12 @@ class TurboQuantKVCache(PlaceholderKeys, _mlx_cache._BaseCache):
                                                      add_mean=False))
             B, Hq, Tq, d = queries.shape
             out = out.reshape(-1, Hq // (self._core_kv_heads // B), Tq, d)
+            vm = getattr(self, "_v_mean_b", (None, None))
+            if vm[0] is not self._v_mean:  # (H, 1, d) -> (H, 1, 1, d), made once
+                vm = self._v_mean_b = (self._v_mean, self._v_mean[:, None])
             add = _add_mean_step.get(queries.dtype) if Tq == 1 else None
-            out = (add(out, self._v_mean[:, None]) if add is not None
-                   else _add_mean(out, self._v_mean[:, None], queries.dtype))
+            out = (add(out, vm[1]) if add is not None
+                   else _add_mean(out, vm[1], queries.dtype))
             return out.reshape(B, Hq, Tq, d)
         out = self._attend(queries, scale, causal, window)
         return mx.array(out).astype(queries.dtype)

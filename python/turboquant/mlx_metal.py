@@ -1219,6 +1219,11 @@ class MetalCodeStore:
         G = self.n_q_heads // H
         lo = max(0, n - int(window)) if window is not None else 0
         qg = q.reshape(H, G, self.head_dim)
+        if lo == 0 and self._nc:  # every token (no slicing): the sinks, codes and window
+            fp16 = ([(self._k_sink, self._v_sink)] if self._ns else []) + \
+                ([self._window_rows()] if self._k_win is not None else [])
+            out, _ = self._code_attention(qg, 0, self._nc, scale, False, rows=fp16 or None)
+            return out.reshape(self.n_q_heads, 1, self.head_dim)
         sinks, (a, b), win = self._pieces(lo)
         fp16 = [p for p in (sinks, win) if p is not None]
         if b > a:  # the codes, with the fp16 rows merged in by the reduce launch
