@@ -449,6 +449,7 @@ struct TqReduceRowsParams {
 };
 
 #define TQ_REDUCE_ROWS_CHUNK 128u
+#define TQ_REDUCE_ROWS_BATCH 8u
 #define TQ_REDUCE_ROWS_FLOATS (TQ_REDUCE_GROUP_FLOATS + TQ_REDUCE_ROWS_CHUNK)
 
 // Folds `rows` fp16 rows into the running (M, lsum, v): chunks of TQ_REDUCE_ROWS_CHUNK rows,
@@ -485,9 +486,19 @@ inline void tq_attention_merge_rows(device const float* qrow, device const ushor
     lsum = lsum * a + tq_group_reduce(ls, 1u, red, tid, nthreads);  // barrier: sc is set
     M = mn;
     for (uint j = tid; j < d; j += nthreads) {
+      // Eight rows' loads in flight before their products (the order of the sum is the
+      // row order, as one row at a time): a row at a time, each load waited for alone.
+      device const ushort* vr = v_rows + (first + r0) * d + j;
       float acc = v[j] * a;
-      for (uint r = 0u; r < nr; ++r)
-        acc += sc[r] * tq_half_bits_to_float(v_rows[(first + r0 + r) * d + j]);
+      uint r = 0u;
+      for (; r + TQ_REDUCE_ROWS_BATCH <= nr; r += TQ_REDUCE_ROWS_BATCH) {
+        float x[TQ_REDUCE_ROWS_BATCH];
+        TQ_UNROLL for (uint u = 0u; u < TQ_REDUCE_ROWS_BATCH; ++u) {
+          x[u] = tq_half_bits_to_float(vr[ulong(r + u) * d]);
+        }
+        TQ_UNROLL for (uint u = 0u; u < TQ_REDUCE_ROWS_BATCH; ++u) acc += sc[r + u] * x[u];
+      }
+      for (; r < nr; ++r) acc += sc[r] * tq_half_bits_to_float(vr[ulong(r) * d]);
       v[j] = acc;
     }
     threadgroup_barrier(mem_flags::mem_threadgroup);  // sc is rewritten by the next chunk

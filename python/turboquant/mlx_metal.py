@@ -766,8 +766,10 @@ class MetalCodeStore:
         old, ks = self._n, plan.sinks
         cat = (lambda a, b: b if a is None else mx.concatenate([a, b], axis=1))  # noqa: E731
         k_sink, v_sink = self._k_sink, self._v_sink
-        if ks > 0:
-            k_sink, v_sink = cat(k_sink, k16[:, :ks]), cat(v_sink, v16[:, :ks])
+        if ks > 0:  # rows of their own: a view of the chunk would keep all of it alive, and
+            # the decode kernels, which take row-contiguous inputs, would copy it every step
+            k_sink = mx.contiguous(cat(k_sink, k16[:, :ks]))
+            v_sink = mx.contiguous(cat(v_sink, v16[:, :ks]))
         k_win, v_win = self._k_win, self._v_win
         if T > ks:
             k_win, v_win = self._window_extend(k16[:, ks:], v16[:, ks:])
@@ -779,7 +781,7 @@ class MetalCodeStore:
         if flush:
             self._write(self._encode(k_win[:, :flush].astype(mx.float32),
                                      v_win[:, :flush].astype(mx.float32)))
-            k_win, v_win = k_win[:, flush:], v_win[:, flush:]
+            k_win, v_win = self._window_rebase(k_win[:, flush:], v_win[:, flush:])
             coded += flush
         if ks > 0:
             self._sink_cap = self.fp16_sinks
@@ -817,6 +819,22 @@ class MetalCodeStore:
         kw = kb[:, :w + t]
         self._wbuf = (kb, vb, kw)
         return kw, vb[:, :w + t]
+
+    def _window_rebase(self, k, v):
+        """The window left after a flush, k, v (H, w, d) float16 views, copied to the start of
+        new buffers of the window's size: the views would keep the whole buffer (a prefill
+        chunk's rows) alive, and the next step would copy them anyway."""
+        mx = _mx()
+        w = int(k.shape[1])
+        if w == 0:
+            return k, v
+        H, d = int(k.shape[0]), int(k.shape[2])
+        cap = max(int(self._plan.window_rows), w)
+        pad = [mx.zeros((H, cap - w, d), mx.float16)] if cap > w else []
+        kb, vb = mx.concatenate([k] + pad, axis=1), mx.concatenate([v] + pad, axis=1)
+        kw = kb[:, :w]
+        self._wbuf = (kb, vb, kw)
+        return kw, vb[:, :w]
 
     def _window_rows(self):
         """The window for the reduce launch: (k, v, rows) where it is the first rows of its

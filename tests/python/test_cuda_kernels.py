@@ -145,6 +145,16 @@ def test_fast_attention_keeps_its_state_in_registers(nvrtc):
                 assert not _local_memory(ptx[0]), (args, _local_memory(ptx[0])[:3])
 
 
+def test_the_reduce_with_rows_keeps_its_row_batch_in_registers(nvrtc):
+    # attention_reduce_rows loads TQ_REDUCE_ROWS_BATCH value rows before their products: the
+    # batch is indexed at compile time only, so it stays in registers (no local memory).
+    ptx = []
+    ok, log, _ = nvrtc.compile(mlx_cuda_source(["attention_reduce_rows"]), ptx_text=ptx)
+    assert ok, log[-3000:]
+    assert "warning" not in log.lower(), log[-3000:]
+    assert not _local_memory(ptx[0]), _local_memory(ptx[0])[:3]
+
+
 def test_the_dequantize_rows_kernels_keep_a_row_in_registers(nvrtc):
     # The rows form holds a row's 32·E coordinates as E registers per lane (E = 1..16, each
     # an instance of the switch): every index is a compile-time one, so no local memory.

@@ -164,3 +164,27 @@ def test_a_decode_step_centres_and_permutes_as_before(emulated, monkeypatch):
         got = c.attend(qt, 0.125)
         assert got.dtype == mx.float16 and got.shape == (1, 4, 1, 64)
         assert bool(mx.array_equal(got, unfused).item())
+
+
+def test_a_prefill_leaves_no_view_of_its_chunk_alive():
+    """After a prefill chunk the store holds its codes, its sinks and its window, not the
+    chunk: the sinks are rows of their own (a view would keep the whole chunk's fp16 rows
+    alive, and the decode kernels would copy it at every step), and so is the window left
+    after the chunk's flushes."""
+    import gc
+
+    H, T, d = 8, 4096, 128
+    store = MetalCodeStore(d, kernels=REF, n_layers=1, n_q_heads=H, n_kv_heads=H, key_bits=3,
+                           value_bits=3, seed=1, block_tokens=32, fp16_sinks=4, fp16_window=64)
+    gc.collect()
+    mx.synchronize()
+    base = mx.get_active_memory()
+    k, v = (mx.random.normal((H, T, d)).astype(mx.float16) for _ in range(2))
+    mx.eval(k, v)
+    store.append(k, v)
+    mx.eval(store._k_sink, store._v_sink, store._k_win, store._v_win, *store.code_arrays())
+    del k, v
+    gc.collect()
+    held = mx.get_active_memory() - base
+    chunk = 2 * H * T * d * 2
+    assert held < store.allocated_bytes() + chunk // 8, (held, store.allocated_bytes(), chunk)
