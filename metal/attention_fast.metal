@@ -450,6 +450,7 @@ struct TqReduceRowsParams {
 
 #define TQ_REDUCE_ROWS_CHUNK 128u
 #define TQ_REDUCE_ROWS_BATCH 8u
+#define TQ_REDUCE_SCORE_BATCH 4u
 #define TQ_REDUCE_ROWS_FLOATS (TQ_REDUCE_GROUP_FLOATS + TQ_REDUCE_ROWS_CHUNK)
 
 // Folds `rows` fp16 rows into the running (M, lsum, v): chunks of TQ_REDUCE_ROWS_CHUNK rows,
@@ -465,12 +466,25 @@ inline void tq_attention_merge_rows(device const float* qrow, device const ushor
   const ulong first = ulong(head) * stride;
   for (uint r0 = 0u; r0 < rows; r0 += TQ_REDUCE_ROWS_CHUNK) {
     const uint nr = min(TQ_REDUCE_ROWS_CHUNK, rows - r0);
-    for (uint r = simd; r < nr; r += nsimd) {
-      device const ushort* kr = k + (first + r0 + r) * d;
-      float s = 0.0f;
-      for (uint j = lane; j < d; j += TQ_SIMD_WIDTH) s += qrow[j] * tq_half_bits_to_float(kr[j]);
-      s = simd_sum(s);
-      if (lane == 0u) sc[r] = s * scale;
+    // A simd-group scores rows simd, simd + nsimd, ...: four at a time, so that their loads
+    // are in flight together (each row's sum in the same order as alone).
+    for (uint r = simd; r < nr; r += TQ_REDUCE_SCORE_BATCH * nsimd) {
+      float s[TQ_REDUCE_SCORE_BATCH];
+      TQ_UNROLL for (uint u = 0u; u < TQ_REDUCE_SCORE_BATCH; ++u) {
+        const uint rr = r + u * nsimd;  // uniform over the simd-group
+        s[u] = 0.0f;
+        if (rr < nr) {
+          device const ushort* kr = k + (first + r0 + rr) * d;
+          for (uint j = lane; j < d; j += TQ_SIMD_WIDTH) {
+            s[u] += qrow[j] * tq_half_bits_to_float(kr[j]);
+          }
+        }
+      }
+      TQ_UNROLL for (uint u = 0u; u < TQ_REDUCE_SCORE_BATCH; ++u) {
+        const uint rr = r + u * nsimd;
+        const float t = simd_sum(s[u]);
+        if (lane == 0u && rr < nr) sc[rr] = t * scale;
+      }
     }
     threadgroup_barrier(mem_flags::mem_threadgroup);
     float mloc = -INFINITY;

@@ -67,16 +67,20 @@ def test_decode_steps_write_the_window_in_place():
     assert flushes >= 4 and reused >= 12
 
 
-@pytest.mark.parametrize("kernel", ["mma", "staged"])
-def test_the_reduce_reads_the_window_buffer_bit_for_bit(emulated, monkeypatch, kernel):
+@pytest.mark.parametrize("kernel,window,block", [("mma", 6, 4), ("staged", 6, 4),
+                                                  ("mma", 120, 32)])
+def test_the_reduce_reads_the_window_buffer_bit_for_bit(emulated, monkeypatch, kernel, window,
+                                                        block):
     """The window passed as (buffer, buffer, rows) (count != stride in the reduce launch's
     parameters) gives the same bits as the window rows passed as their own arrays, on the
-    emulated CUDA path; and the store's decode matches the C++ core."""
+    emulated CUDA path; and the store's decode matches the C++ core (also with more window
+    rows than the reduce scores in one chunk of 128)."""
     emulated.install(monkeypatch)
     monkeypatch.setattr(metal, "candidate_path", lambda: "cuda")
-    store, core = _store(kernels=metal)
+    store, core = _store(kernels=metal, fp16_window=window, block_tokens=block)
     rng = np.random.default_rng(2)
-    k, v = (rng.standard_normal((2, 21, 64)).astype(np.float32) for _ in range(2))
+    k, v = (rng.standard_normal((2, 21 + 2 * window, 64)).astype(np.float32)
+            for _ in range(2))
     store.append(mx.array(k), mx.array(v))
     core.append(k, v)
     strided = 0
