@@ -771,7 +771,9 @@ class MetalCodeStore:
             k_sink = mx.contiguous(cat(k_sink, k16[:, :ks]))
             v_sink = mx.contiguous(cat(v_sink, v16[:, :ks]))
         k_win, v_win = self._k_win, self._v_win
-        if T > ks:
+        if T > ks and self.mixed:  # its window is reordered by importance: rows of their own
+            k_win, v_win = cat(k_win, k16[:, ks:]), cat(v_win, v16[:, ks:])
+        elif T > ks:
             k_win, v_win = self._window_extend(k16[:, ks:], v16[:, ks:])
         coded = self._coded + ks
         if self.mixed:
@@ -781,14 +783,16 @@ class MetalCodeStore:
         if flush:
             self._write(self._encode(k_win[:, :flush].astype(mx.float32),
                                      v_win[:, :flush].astype(mx.float32)))
-            k_win, v_win = self._window_rebase(k_win[:, flush:], v_win[:, flush:])
+            k_win, v_win = k_win[:, flush:], v_win[:, flush:]
+            if int(k_win.shape[1]):
+                k_win, v_win = self._window_buffers([k_win], [v_win], int(k_win.shape[1]))
             coded += flush
         if ks > 0:
             self._sink_cap = self.fp16_sinks
         if old + T > coded:
             self._win_cap = self._plan.window_rows
         else:
-            k_win = v_win = None
+            k_win = v_win = self._wbuf = None
         self._k_sink, self._v_sink, self._k_win, self._v_win = k_sink, v_sink, k_win, v_win
         self._n, self._coded = old + T, coded
         if T > 1:  # a prefill chunk: start on it now. Not per decode token: each evaluation
@@ -800,38 +804,31 @@ class MetalCodeStore:
         """The window rows followed by k, v (H, t, d) float16, as views of the window buffers
         (``_wbuf``): written in place where the buffers have room after the window (one
         slice update per role, no copy of the window while mlx can donate the buffer), else
-        in new buffers of the window's full size (``window_rows``) that start with the rows.
-        Nothing of the store changes here: the caller sets ``_k_win``/``_v_win``."""
-        mx = _mx()
+        in new buffers. Nothing of the store changes here but ``_wbuf``: the caller sets
+        ``_k_win``/``_v_win``."""
         w = 0 if self._k_win is None else int(self._k_win.shape[1])
         t = int(k.shape[1])
         buf = self._wbuf
-        if buf is not None and buf[2] is self._k_win and w + t <= int(buf[0].shape[1]):
-            kb, vb = buf[0], buf[1]
-            kb[:, w:w + t] = k
-            vb[:, w:w + t] = v
-        else:
-            H, d = int(k.shape[0]), int(k.shape[2])
-            cap = max(int(self._plan.window_rows), w + t)
-            pad = [mx.zeros((H, cap - w - t, d), mx.float16)] if cap > w + t else []
-            kb = mx.concatenate(([self._k_win] if w else []) + [k] + pad, axis=1)
-            vb = mx.concatenate(([self._v_win] if w else []) + [v] + pad, axis=1)
+        if buf is None or buf[2] is not self._k_win or w + t > int(buf[0].shape[1]):
+            ks, vs = ([self._k_win, k], [self._v_win, v]) if w else ([k], [v])
+            return self._window_buffers(ks, vs, w + t)
+        kb, vb = buf[0], buf[1]
+        kb[:, w:w + t] = k
+        vb[:, w:w + t] = v
         kw = kb[:, :w + t]
         self._wbuf = (kb, vb, kw)
         return kw, vb[:, :w + t]
 
-    def _window_rebase(self, k, v):
-        """The window left after a flush, k, v (H, w, d) float16 views, copied to the start of
-        new buffers of the window's size: the views would keep the whole buffer (a prefill
-        chunk's rows) alive, and the next step would copy them anyway."""
+    def _window_buffers(self, ks, vs, w: int):
+        """New window buffers of the window's full size (``window_rows``, or ``w`` if more)
+        that start with the w rows of ``ks`` / ``vs`` (lists of (H, ·, d) float16 arrays,
+        concatenated); returns the views of their first w rows. Also after a flush, so that
+        no view keeps a larger buffer (a prefill chunk's rows) alive."""
         mx = _mx()
-        w = int(k.shape[1])
-        if w == 0:
-            return k, v
-        H, d = int(k.shape[0]), int(k.shape[2])
+        H, d = int(ks[0].shape[0]), int(ks[0].shape[2])
         cap = max(int(self._plan.window_rows), w)
         pad = [mx.zeros((H, cap - w, d), mx.float16)] if cap > w else []
-        kb, vb = mx.concatenate([k] + pad, axis=1), mx.concatenate([v] + pad, axis=1)
+        kb, vb = mx.concatenate(ks + pad, axis=1), mx.concatenate(vs + pad, axis=1)
         kw = kb[:, :w]
         self._wbuf = (kb, vb, kw)
         return kw, vb[:, :w]
@@ -978,6 +975,7 @@ class MetalCodeStore:
             self._trim_mixed(cut)
         if cut.window_freed:
             self._win_cap = 0
+        self._wbuf = None  # the window is now its own array (a later append copies it)
         if after.window == 0:
             self._k_win = self._v_win = None
         elif self._k_win is not None:
