@@ -693,6 +693,45 @@ def counted_params(words: np.ndarray, counts: dict):
     return arr
 
 
+# counted_table's tables by value (the same bounds as counted_params').
+_TABLES: collections.OrderedDict = collections.OrderedDict()
+
+
+def counted_table(words: np.ndarray, counts: dict, index: int, rows: int):
+    """counted_params(words, counts) for every value 0..rows-1 of word ``index``, as one
+    (rows, len(words)) uint32 array kept by value: a decode step whose count of word ``index``
+    changes at every step (the fp16 window's rows) takes row n, a view, and launches no
+    operation; a new table is made when ``words`` or ``counts`` change (on the CUDA path on
+    the GPU, from the block of :func:`counted_params` and a column of counts)."""
+    import mlx.core as mx
+
+    spots = tuple(((k,) if isinstance(k, int) else tuple(k), int(c)) for k, c in counts.items())
+    key = (words.tobytes(), spots, int(index), int(rows))
+    with _COUNTED_LOCK:
+        hit = _TABLES.get(key)
+        if hit is not None:
+            _TABLES.move_to_end(key)
+            return hit
+    if candidate_path() != "cuda":
+        w = np.array(words, dtype=np.uint32)
+        for idx, c in spots:
+            w[list(idx)] = c
+        table = np.repeat(w[None, :], rows, axis=0)
+        table[:, index] = np.arange(rows, dtype=np.uint32)
+        arr = mx.array(table)
+    else:
+        w = np.array(words, dtype=np.uint32)
+        w[index] = 0
+        base = counted_params(w, counts)
+        arr = (base[None, :] + mx.arange(rows, dtype=mx.uint32)[:, None]
+               * _unit_words(len(w), (int(index),))[None, :])
+    with _COUNTED_LOCK:
+        _TABLES[key] = arr
+        if len(_TABLES) > _COUNTED_MAX:
+            _TABLES.popitem(last=False)
+    return arr
+
+
 def code_bytes(dim: int, bits: int) -> int:
     return (dim * bits + 7) // 8
 
@@ -1393,10 +1432,14 @@ def _reduce_rows_words(dim: int, blocks: int, group: int, scale: float, per_head
 def _reduce_rows_params(dim: int, blocks: int, group: int, na: int, sa: int, nb: int, sb: int,
                         scale: float, per_head: bool):
     words = _reduce_rows_words(dim, blocks, group, scale, per_head)
-    counts = {}  # a set's stride equal to its count (rows of their own): one scalar for both
-    for i, (n, stride) in ((4, (na, sa)), (6, (nb, sb))):
-        counts.update({(i, i + 1): n} if n == stride else {i: n, i + 1: stride})
-    return counted_params(words, counts)
+    counts = {(4, 5): na} if na == sa else {4: na, 5: sa}  # own rows: count = stride
+    if nb == sb:
+        counts[(6, 7)] = nb
+        return counted_params(words, counts)
+    # The window's buffer (stride sb): its row count changes at every decode step, so the
+    # blocks for every count are made at once and a step takes its row.
+    counts[7] = sb
+    return counted_table(words, counts, 6, sb + 1)[nb:nb + 1].reshape(-1)  # a view
 
 
 def _finish_attention(parts, v_signs, per_head, group, dim, q, scale, rows=None, with_lse=False,

@@ -77,3 +77,20 @@ def test_gpu_prefill_parts_smoke(tmp_path):
 def test_gpu_decode_loop_smoke(tmp_path):
     res = run("gpu_decode_loop.py", tmp_path)
     assert res["cache"] == "tq3" and res["step_us_per_layer"] >= res["build_us_per_layer"] > 0
+
+
+def test_gpu_decode_nodes_smoke(tmp_path):
+    """A decode step of the default recipe on the GPU store, counted: the block kernel and
+    the reduce (which merges the fp16 sinks and window), the key and query permutations,
+    two fused element-wise kernels for the new K/V, the two slice updates of the window
+    buffer, the queries' cast and the output's fused cast: 10 operations, no concatenation
+    and no parameter-block arithmetic at a step that flushes nothing."""
+    res = run("gpu_decode_nodes.py", tmp_path)
+    (row,) = res["rows"]
+    assert row["gpu_store"] and row["steps"] == 8 and len(row["per_step"]) == 8
+    typical = row["typical"]
+    assert typical["launched"] == ["attention_mma", "attention_reduce_rows"]
+    ops = typical["by_primitive"]
+    assert ops.get("SliceUpdate") == 2 and "Concatenate" not in ops
+    assert not {"Add", "Multiply", "Arange"} & set(ops)
+    assert row["median_total"] == typical["total"] == 10

@@ -285,6 +285,19 @@ def test_counted_params_on_the_cuda_path(monkeypatch):
     odd = metal._reduce_rows_params(128, 9, 4, 0, 0, 70, 72, 0.125, True)
     want[4:8] = (0, 0, 70, 72)
     np.testing.assert_array_equal(np.array(odd), want)
+    # A window buffer's rows (count != stride): a row of a table made once per block.
+    for path in ("cuda", "metal"):
+        monkeypatch.setattr(metal, "candidate_path", lambda: path)
+        for n in (0, 5, 71, 96, 5):
+            got = metal._reduce_rows_params(128, 9, 4, 4, 4, n, 96, 0.125, True)
+            want[4:8] = (4, 4, n, 96)
+            assert got.dtype == mx.uint32 and got.shape == (10,)
+            np.testing.assert_array_equal(np.array(got), want)
+        table = metal.counted_table(metal._reduce_rows_words(128, 9, 4, 0.125, True),
+                                    {(4, 5): 4, 7: 96}, 6, 97)
+        assert table.shape == (97, 10)
+        assert metal.counted_table(metal._reduce_rows_words(128, 9, 4, 0.125, True),
+                                   {(4, 5): 4, 7: 96}, 6, 97) is table  # kept by value
     # Elsewhere the block is made directly, also kept by value.
     monkeypatch.setattr(metal, "candidate_path", lambda: "metal")
     direct = metal.counted_params(words, {1: 77})
