@@ -121,11 +121,12 @@ def decode_nodes(context: int, steps: int, kv_heads: int = 8, group: int = 4, di
                              total=sum(ops.values()) + len(launched),
                              by_primitive=dict(ops), launched=launched))
         mx.eval(out, *store_arrays(cache._core), *[x for _, inputs in log for x in inputs])
-    totals = sorted(s["total"] for s in per_step)
+    order = [s["total"] for s in per_step]
+    totals = sorted(order)
+    median = totals[len(totals) // 2]
     return dict(context=context, steps=steps, kv_heads=kv_heads, group=group, dim=dim,
-                median_total=totals[len(totals) // 2], max_total=totals[-1],
-                min_total=totals[0], per_step=[s["total"] for s in per_step], typical=per_step[[s["total"] for s in per_step]
-                                                      .index(totals[len(totals) // 2])],
+                median_total=median, max_total=totals[-1], min_total=totals[0],
+                per_step=order, typical=per_step[order.index(median)],
                 gpu_store=bool(cache._gpu))
 
 
