@@ -39,6 +39,19 @@ def machine() -> dict:
     return info
 
 
+def stub_kernels(make) -> None:
+    """turboquant.metal's kernels replaced by ``make(which)`` (a callable with the kernel
+    call's signature), the CUDA path taken, no GPU needed: the host-side benchmarks
+    (gpu_host_time.py, gpu_decode_nodes.py) time or count what a step builds."""
+    from turboquant import metal
+
+    metal._kernel = lambda which, *args, **kwargs: make(which)
+    metal._bounded_kernel = lambda which, *args, **kwargs: make(which)
+    metal._require_gpu = lambda: None
+    metal.candidate_path = lambda: "cuda"
+    gpu_path.active_path = lambda: "cuda"
+
+
 def chunk_seconds(model, cache, context: int, vocab: int, chunk: int = 2048) -> list[float]:
     """Seconds of each step of prefilling ``cache`` with a random prompt of ``context``
     tokens in ``chunk``-token steps (as mlx-lm's generate does), each step evaluated."""

@@ -25,8 +25,8 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 
-from gpu_common import write_result
-from turboquant import gpu_path, metal, mlx_cache
+from gpu_common import stub_kernels, write_result
+from turboquant import mlx_cache
 
 # Primitives that make views or metadata only (no kernel on mlx's GPU back ends).
 VIEWS = {"Reshape", "Slice", "Broadcast", "ExpandDims", "Squeeze", "Transpose", "View",
@@ -46,15 +46,6 @@ class _StubKernel:
         outs = [mx.zeros(tuple(s), d) for s, d in zip(output_shapes, output_dtypes)]
         mx.eval(*outs)
         return outs
-
-
-def stub_kernels(log: list) -> None:
-    """turboquant.metal's kernels as recording stubs, the CUDA path taken."""
-    metal._kernel = lambda which, *a, **k: _StubKernel(which, log)
-    metal._bounded_kernel = lambda which, *a, **k: _StubKernel(which, log)
-    metal._require_gpu = lambda: None
-    metal.candidate_path = lambda: "cuda"
-    gpu_path.active_path = lambda: "cuda"
 
 
 def count(arrays) -> collections.Counter:
@@ -93,7 +84,7 @@ def recipe_cache(kv_heads: int, group: int, dim: int, **recipe):
 def decode_nodes(context: int, steps: int, kv_heads: int = 8, group: int = 4, dim: int = 128,
                  **cache_kw) -> dict:
     log: list = []
-    stub_kernels(log)
+    stub_kernels(lambda which: _StubKernel(which, log))
     os.environ["TQ_GPU_WRITE_ASYNC_EVAL"] = "0"  # nothing evaluated inside a step
     rng = np.random.default_rng(0)
 

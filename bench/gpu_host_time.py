@@ -19,23 +19,13 @@ from pathlib import Path
 
 import mlx.core as mx
 
-from gpu_common import write_result
-from turboquant import metal
-from turboquant import gpu_path
+from gpu_common import stub_kernels, write_result
 
 
 class _StubKernel:
     def __call__(self, inputs, output_shapes, output_dtypes, grid, threadgroup, template=None,
                  **kw):
         return [mx.zeros(shape, dtype) for shape, dtype in zip(output_shapes, output_dtypes)]
-
-
-def stub_kernels() -> None:
-    """turboquant.metal with shape-only kernels, the CUDA path taken (nothing runs on a GPU)."""
-    metal._kernel = lambda which, *args, **kwargs: _StubKernel()
-    metal.candidate_path = lambda: "cuda"
-    gpu_path.active_path = lambda: "cuda"
-    metal._require_gpu = lambda: None
 
 
 def model_host_us(kind: str, steps: int) -> float:
@@ -95,7 +85,7 @@ def main(argv=None) -> int:
     ap.add_argument("--out", type=Path)
     a = ap.parse_args(argv)
     os.environ["TQ_GPU_WRITE_ASYNC_EVAL"] = "0"  # no evaluation inside a timed step
-    stub_kernels()
+    stub_kernels(lambda which: _StubKernel())
     res = {"fp16 cache, host us per layer": model_host_us("fp16", a.steps),
            "turboquant cache, host us per layer": model_host_us("turboquant-3", a.steps),
            "MetalCodeStore.attend, host us per call": attend_host_us()}

@@ -652,11 +652,40 @@ def _unit_words(n: int, indices: tuple[int, ...]):
     return mx.array(w)
 
 
-# counted_params' blocks by value (insertion order = age; the oldest go first), and the lock
-# that keeps the order consistent where several threads build steps.
+# counted_params' and counted_table's arrays by value (insertion order = age; the oldest go
+# first), and the lock that keeps the order consistent where several threads build steps.
 _COUNTED: collections.OrderedDict = collections.OrderedDict()
 _COUNTED_MAX = 4096
 _COUNTED_LOCK = threading.Lock()
+
+
+def _spots(counts: dict) -> tuple:
+    """``{index or tuple of indices: count}`` as ((indices...), count) pairs (hashable)."""
+    return tuple(((k,) if isinstance(k, int) else tuple(k), int(c)) for k, c in counts.items())
+
+
+def _kept(key, make):
+    """The array kept by value under ``key`` (counted_params' and counted_table's blocks,
+    oldest dropped first past _COUNTED_MAX), made by ``make()`` on a miss."""
+    with _COUNTED_LOCK:
+        hit = _COUNTED.get(key)
+        if hit is not None:
+            _COUNTED.move_to_end(key)
+            return hit
+    arr = make()
+    with _COUNTED_LOCK:
+        _COUNTED[key] = arr
+        if len(_COUNTED) > _COUNTED_MAX:
+            _COUNTED.popitem(last=False)
+    return arr
+
+
+def _with_counts(words: np.ndarray, spots: tuple, zero: bool = False) -> np.ndarray:
+    """A uint32 copy of ``words`` with each spot's words set to its count (``zero``: to 0)."""
+    w = np.array(words, dtype=np.uint32)
+    for idx, c in spots:
+        w[list(idx)] = 0 if zero else c
+    return w
 
 
 def counted_params(words: np.ndarray, counts: dict):
@@ -667,34 +696,19 @@ def counted_params(words: np.ndarray, counts: dict):
     from scalars; elsewhere a new array (cheap on Metal's unified memory)."""
     import mlx.core as mx
 
-    spots = tuple(((k,) if isinstance(k, int) else tuple(k), int(c)) for k, c in counts.items())
-    key = (words.tobytes(), spots)  # a decode step's lookup: no array of the words made
-    with _COUNTED_LOCK:
-        hit = _COUNTED.get(key)
-        if hit is not None:
-            _COUNTED.move_to_end(key)
-            return hit
-    w = np.array(words, dtype=np.uint32)
-    if candidate_path() != "cuda":
-        for idx, c in spots:
-            w[list(idx)] = c
-        arr = mx.array(w)
-    else:
-        for idx, _ in spots:
-            w[list(idx)] = 0
-        arr = params_array(w)
+    spots = _spots(counts)
+
+    def make():
+        if candidate_path() != "cuda":
+            return mx.array(_with_counts(words, spots))
+        arr = params_array(_with_counts(words, spots, zero=True))
         for idx, c in spots:
             if c:
-                arr = arr + _unit_words(len(w), idx) * mx.array(c, dtype=mx.uint32)
-    with _COUNTED_LOCK:
-        _COUNTED[key] = arr
-        if len(_COUNTED) > _COUNTED_MAX:
-            _COUNTED.popitem(last=False)
-    return arr
+                arr = arr + _unit_words(len(words), idx) * mx.array(c, dtype=mx.uint32)
+        return arr
 
-
-# counted_table's tables by value (the same bounds as counted_params').
-_TABLES: collections.OrderedDict = collections.OrderedDict()
+    # a decode step's lookup: no array of the words made
+    return _kept((words.tobytes(), spots), make)
 
 
 def counted_table(words: np.ndarray, counts: dict, index: int, rows: int):
@@ -705,31 +719,18 @@ def counted_table(words: np.ndarray, counts: dict, index: int, rows: int):
     the GPU, from the block of :func:`counted_params` and a column of counts)."""
     import mlx.core as mx
 
-    spots = tuple(((k,) if isinstance(k, int) else tuple(k), int(c)) for k, c in counts.items())
-    key = (words.tobytes(), spots, int(index), int(rows))
-    with _COUNTED_LOCK:
-        hit = _TABLES.get(key)
-        if hit is not None:
-            _TABLES.move_to_end(key)
-            return hit
-    if candidate_path() != "cuda":
-        w = np.array(words, dtype=np.uint32)
-        for idx, c in spots:
-            w[list(idx)] = c
-        table = np.repeat(w[None, :], rows, axis=0)
-        table[:, index] = np.arange(rows, dtype=np.uint32)
-        arr = mx.array(table)
-    else:
-        w = np.array(words, dtype=np.uint32)
-        w[index] = 0
-        base = counted_params(w, counts)
-        arr = (base[None, :] + mx.arange(rows, dtype=mx.uint32)[:, None]
-               * _unit_words(len(w), (int(index),))[None, :])
-    with _COUNTED_LOCK:
-        _TABLES[key] = arr
-        if len(_TABLES) > _COUNTED_MAX:
-            _TABLES.popitem(last=False)
-    return arr
+    spots = _spots(counts)
+
+    def make():
+        if candidate_path() != "cuda":
+            table = np.repeat(_with_counts(words, spots)[None, :], rows, axis=0)
+            table[:, index] = np.arange(rows, dtype=np.uint32)
+            return mx.array(table)
+        base = counted_params(_with_counts(words, (((int(index),), 0),)), counts)
+        return (base[None, :] + mx.arange(rows, dtype=mx.uint32)[:, None]
+                * _unit_words(len(words), (int(index),))[None, :])
+
+    return _kept(("table", words.tobytes(), spots, int(index), int(rows)), make)
 
 
 def code_bytes(dim: int, bits: int) -> int:

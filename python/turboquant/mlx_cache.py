@@ -247,18 +247,10 @@ class TurboQuantKVCache(PlaceholderKeys, _mlx_cache._BaseCache):
     def attend(self, queries: mx.array, scale: float, causal: bool = True,
                window: int | None = None) -> mx.array:
         """Attention of ``queries`` (B, H_q, T_q, d), the last T_q positions, on the codes."""
-        if self._gpu and isinstance(self._v_mean, mx.array):  # the mean added in the cast
+        if self._gpu:  # the value mean added in the cast to the queries' dtype
             out = _run_core_calls(self._attend_calls(queries, scale, causal, window,
-                                                     add_mean=False))
-            B, Hq, Tq, d = queries.shape
-            out = out.reshape(-1, Hq // (self._core_kv_heads // B), Tq, d)
-            vm = getattr(self, "_v_mean_b", (None, None))
-            if vm[0] is not self._v_mean:  # (H, 1, d) -> (H, 1, 1, d), made once
-                vm = self._v_mean_b = (self._v_mean, self._v_mean[:, None])
-            add = _add_mean_step.get(queries.dtype) if Tq == 1 else None
-            out = (add(out, vm[1]) if add is not None
-                   else _add_mean(out, vm[1], queries.dtype))
-            return out.reshape(B, Hq, Tq, d)
+                                                     dtype=queries.dtype))
+            return out.astype(queries.dtype)
         out = self._attend(queries, scale, causal, window)
         return mx.array(out).astype(queries.dtype)
 
@@ -269,12 +261,12 @@ class TurboQuantKVCache(PlaceholderKeys, _mlx_cache._BaseCache):
         return _run_core_calls(self._attend_calls(queries, scale, causal, window))
 
     def _attend_calls(self, queries, scale: float, causal: bool = True,
-                      window: int | None = None, add_mean: bool = True):
+                      window: int | None = None, dtype=None):
         """:meth:`_attend` as a generator of its core calls: it yields ``(core, q, kwargs)``
         for each ``core.attend(q, **kwargs)`` it needs, is sent that call's output, and
         returns :meth:`_attend`'s result. Appends between the calls happen inside, so a
         batch (turboquant.mlx_batch) can make the calls of many rows at once.
-        ``add_mean=False``: the value mean is left for the caller to add."""
+        ``dtype`` (the GPU store's outputs): the value mean is added in the cast to it."""
         B, Hq, Tq, d = queries.shape
         q = self._core_queries(queries, scale)
         kw = {"causal": causal, "scale": float(scale), "window": window}
@@ -303,9 +295,16 @@ class TurboQuantKVCache(PlaceholderKeys, _mlx_cache._BaseCache):
             # the next append, so that a prompt given in one call holds what one given in
             # chunks holds (a block of at most fp16_window tokens leaves nothing due).
             self._flush_rated()
-        if self._v_mean is not None and add_mean:  # sum_t p_t (v_t - m) + m = sum_t p_t v_t
+        if self._v_mean is not None:  # sum_t p_t (v_t - m) + m = sum_t p_t v_t
             out = out.reshape(-1, Hq // (self._core_kv_heads // B), Tq, d)
-            out = out + self._v_mean[:, None]
+            if dtype is None:
+                out = out + self._v_mean[:, None]
+            else:  # one fused kernel for a decode step
+                vm = getattr(self, "_v_mean_b", (None, None))
+                if vm[0] is not self._v_mean:  # (H, 1, d) -> (H, 1, 1, d), made once
+                    vm = self._v_mean_b = (self._v_mean, self._v_mean[:, None])
+                add = _add_mean_step.get(dtype) if Tq == 1 else None
+                out = add(out, vm[1]) if add is not None else _add_mean(out, vm[1], dtype)
         return out.reshape(B, Hq, Tq, d)
 
     def _flush_rated(self) -> None:

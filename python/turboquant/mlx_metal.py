@@ -1179,10 +1179,11 @@ class MetalCodeStore:
         """The tokens [lo, n) by storage: (fp16 sink rows [lo, ns) as (k, v) or None, code
         indices [a, b), fp16 window rows from max(lo, coded) as (k, v) or None)."""
         ns, c = self._ns, self._coded
-        sinks = ((self._k_sink[:, lo:ns], self._v_sink[:, lo:ns]) if lo < ns else None)
+        part = (lambda x, a: x if a == 0 else x[:, a:])  # noqa: E731 - whole: no slice op
+        sinks = (part(self._k_sink, lo), part(self._v_sink, lo)) if lo < ns else None
         a, b = max(lo, ns) - ns, self._nc
         w0 = max(lo, c) - c
-        win = ((self._k_win[:, w0:], self._v_win[:, w0:])
+        win = ((part(self._k_win, w0), part(self._v_win, w0))
                if self._k_win is not None and w0 < int(self._k_win.shape[1]) else None)
         return sinks, (a, b), win
 
@@ -1235,11 +1236,6 @@ class MetalCodeStore:
         G = self.n_q_heads // H
         lo = max(0, n - int(window)) if window is not None else 0
         qg = q.reshape(H, G, self.head_dim)
-        if lo == 0 and self._nc:  # every token (no slicing): the sinks, codes and window
-            fp16 = ([(self._k_sink, self._v_sink)] if self._ns else []) + \
-                ([self._window_rows()] if self._k_win is not None else [])
-            out, _ = self._code_attention(qg, 0, self._nc, scale, False, rows=fp16 or None)
-            return out.reshape(self.n_q_heads, 1, self.head_dim)
         sinks, (a, b), win = self._pieces(lo)
         fp16 = [p for p in (sinks, win) if p is not None]
         if b > a:  # the codes, with the fp16 rows merged in by the reduce launch
