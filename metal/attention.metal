@@ -168,9 +168,61 @@ inline void tq_attention_block_body(device const float* q, device const uchar* k
 }
 
 // Scratch of the reduce kernel (floats): the output row (dim <= 512), the blocks' weights
-// e^(m_b - max m) when there are at most TQ_REDUCE_CACHED_BLOCKS blocks, and 32 partials.
+// e^(m_b - max m) when there are at most TQ_REDUCE_CACHED_BLOCKS blocks, 32 partials, and
+// the slices' sums of a threadgroup of more threads than dim (tq_reduce_slices: at most
+// 1024 threads).
 #define TQ_REDUCE_CACHED_BLOCKS 1024u
-#define TQ_REDUCE_GROUP_FLOATS (512u + TQ_REDUCE_CACHED_BLOCKS + 32u)
+#define TQ_REDUCE_SLICE_FLOATS 1024u
+#define TQ_REDUCE_GROUP_FLOATS (512u + TQ_REDUCE_CACHED_BLOCKS + 32u + TQ_REDUCE_SLICE_FLOATS)
+
+// A reduce threadgroup of nthreads > d threads works in S = nthreads / d slices: thread tid
+// takes coordinate tid % d of slice tid / d, and each slice sums its own share of the blocks
+// (or rows), in the same order as one slice would; slice 0 then adds the others' sums in
+// slice order. With nthreads <= d there is one slice (threads take coordinates tid, tid +
+// nthreads, ...), and the sums are those of the single-slice loop. Both are powers of two, and
+// slices need d >= 32: a simd-group's lanes stay in one slice (the rotation's shuffles).
+struct TqReduceSlices {
+  uint count;  // S
+  uint slice;  // this thread's slice
+  uint j0;     // its first coordinate
+  uint jstep;  // and the step between its coordinates
+};
+
+inline TqReduceSlices tq_reduce_slices(uint d, uint tid, uint nthreads) {
+  TqReduceSlices s;
+  if (nthreads > d) {
+    s.count = nthreads / d;
+    s.slice = tid / d;
+    s.j0 = tid % d;
+    s.jstep = d;
+  } else {
+    s.count = 1u;
+    s.slice = 0u;
+    s.j0 = tid;
+    s.jstep = nthreads;
+  }
+  return s;
+}
+
+// [lo, hi): slice `slice` of `count`'s share of n items (contiguous, in order).
+inline uint tq_slice_begin(uint n, uint slice, uint count) {
+  return uint((ulong(n) * slice) / count);
+}
+
+// v[j] = Σ_s part[s·d + j] for the coordinates of slice 0 (slice order), after the slices
+// wrote their sums to part; returns after a barrier (v is set for every thread).
+inline void tq_reduce_slices_add(threadgroup float* v, threadgroup const float* part,
+                                 TqReduceSlices s, uint d) {
+  threadgroup_barrier(mem_flags::mem_threadgroup);
+  if (s.slice == 0u) {
+    for (uint j = s.j0; j < d; j += s.jstep) {
+      float x = part[j];
+      for (uint t = 1u; t < s.count; ++t) x += part[t * d + j];
+      v[j] = x;
+    }
+  }
+  threadgroup_barrier(mem_flags::mem_threadgroup);
+}
 
 // max (op 0) or sum (op 1) of x over the threadgroup; red: ceil(nthreads / 32) floats. Every
 // thread gets the result; red may be reused after the call.
@@ -208,10 +260,15 @@ inline void tq_attention_reduce_blocks(device const float* part_m, device const 
     l += part_l[base + ulong(b) * G] * e;
   }
   lsum = tq_group_reduce(l, 1u, red, tid, nthreads);  // barrier: eb is set
-  for (uint j = tid; j < d; j += nthreads) {
+  // Each slice sums its own run of blocks (tq_reduce_slices): more loads in flight.
+  const TqReduceSlices sl = tq_reduce_slices(d, tid, nthreads);
+  threadgroup float* part = red + 32u;
+  const uint b0 = tq_slice_begin(nb, sl.slice, sl.count);
+  const uint b1 = tq_slice_begin(nb, sl.slice + 1u, sl.count);
+  for (uint j = sl.j0; j < d; j += sl.jstep) {
     float a0 = 0.0f, a1 = 0.0f, a2 = 0.0f, a3 = 0.0f;  // four independent chains of loads
-    uint b = 0u;
-    for (; b + 4u <= nb; b += 4u) {
+    uint b = b0;
+    for (; b + 4u <= b1; b += 4u) {
       const ulong r = (base + ulong(b) * G) * d + j, s = ulong(G) * d;
       const float e0 = cached ? eb[b] : exp(part_m[base + ulong(b) * G] - mmax);
       const float e1 = cached ? eb[b + 1u] : exp(part_m[base + ulong(b + 1u) * G] - mmax);
@@ -222,17 +279,22 @@ inline void tq_attention_reduce_blocks(device const float* part_m, device const 
       a2 += part_acc[r + 2u * s] * e2;
       a3 += part_acc[r + 3u * s] * e3;
     }
-    for (; b < nb; ++b) {
+    for (; b < b1; ++b) {
       const float e = cached ? eb[b] : exp(part_m[base + ulong(b) * G] - mmax);
       a0 += part_acc[(base + ulong(b) * G) * d + j] * e;
     }
-    v[j] = (a0 + a1) + (a2 + a3);
+    if (sl.count == 1u) {
+      v[j] = (a0 + a1) + (a2 + a3);
+    } else {
+      part[sl.slice * d + j] = (a0 + a1) + (a2 + a3);
+    }
   }
+  if (sl.count > 1u) tq_reduce_slices_add(v, part, sl, d);
 }
 
 // out[(h·G + g)·dim + j]: the attention output of query head h·G + g: the merged blocks
 // divided by the total weight and, for a hadamard value rotation, rotated back by Π_Vᵀ.
-// tg: TQ_REDUCE_GROUP_FLOATS floats. nthreads: a power of two dividing dim.
+// tg: TQ_REDUCE_GROUP_FLOATS floats. nthreads: a power of two, at most 1024 (more than dim: slices).
 inline void tq_attention_reduce_body(device const float* part_m, device const float* part_l,
                                      device const float* part_acc, TQ_TABLE float* v_signs,
                                      device float* out, TQ_PARAMS TqReduceParams& p,

@@ -454,7 +454,8 @@ struct TqReduceRowsParams {
 #define TQ_REDUCE_ROWS_FLOATS (TQ_REDUCE_GROUP_FLOATS + TQ_REDUCE_ROWS_CHUNK)
 
 // Folds `rows` fp16 rows into the running (M, lsum, v): chunks of TQ_REDUCE_ROWS_CHUNK rows,
-// scored one simd-group per row, then weighted into v (thread per coordinate).
+// scored one simd-group per row, then weighted into v (thread per coordinate and slice).
+// red: 32 floats, then TQ_REDUCE_SLICE_FLOATS for the slices' sums.
 inline void tq_attention_merge_rows(device const float* qrow, device const ushort* k,
                                     device const ushort* v_rows, uint rows, uint stride,
                                     float scale, uint d, uint head, threadgroup float* v,
@@ -464,6 +465,8 @@ inline void tq_attention_merge_rows(device const float* qrow, device const ushor
   const uint lane = tid % TQ_SIMD_WIDTH, simd = tid / TQ_SIMD_WIDTH;
   const uint nsimd = (nthreads + TQ_SIMD_WIDTH - 1u) / TQ_SIMD_WIDTH;  // a group of 16 is one
   const ulong first = ulong(head) * stride;
+  const TqReduceSlices sl = tq_reduce_slices(d, tid, nthreads);
+  threadgroup float* part = red + 32u;
   for (uint r0 = 0u; r0 < rows; r0 += TQ_REDUCE_ROWS_CHUNK) {
     const uint nr = min(TQ_REDUCE_ROWS_CHUNK, rows - r0);
     // A simd-group scores rows simd, simd + nsimd, ...: four at a time, so that their loads
@@ -499,28 +502,38 @@ inline void tq_attention_merge_rows(device const float* qrow, device const ushor
     }
     lsum = lsum * a + tq_group_reduce(ls, 1u, red, tid, nthreads);  // barrier: sc is set
     M = mn;
-    for (uint j = tid; j < d; j += nthreads) {
+    // Each slice (tq_reduce_slices) weights its own run of the chunk's rows; slice 0 starts
+    // from the running v.
+    const uint q0 = tq_slice_begin(nr, sl.slice, sl.count);
+    const uint q1 = tq_slice_begin(nr, sl.slice + 1u, sl.count);
+    for (uint j = sl.j0; j < d; j += sl.jstep) {
       // Eight rows' loads in flight before their products (the order of the sum is the
       // row order, as one row at a time): a row at a time, each load waited for alone.
       device const ushort* vr = v_rows + (first + r0) * d + j;
-      float acc = v[j] * a;
-      uint r = 0u;
-      for (; r + TQ_REDUCE_ROWS_BATCH <= nr; r += TQ_REDUCE_ROWS_BATCH) {
+      float acc = sl.slice == 0u ? v[j] * a : 0.0f;
+      uint r = q0;
+      for (; r + TQ_REDUCE_ROWS_BATCH <= q1; r += TQ_REDUCE_ROWS_BATCH) {
         float x[TQ_REDUCE_ROWS_BATCH];
         TQ_UNROLL for (uint u = 0u; u < TQ_REDUCE_ROWS_BATCH; ++u) {
           x[u] = tq_half_bits_to_float(vr[ulong(r + u) * d]);
         }
         TQ_UNROLL for (uint u = 0u; u < TQ_REDUCE_ROWS_BATCH; ++u) acc += sc[r + u] * x[u];
       }
-      for (; r < nr; ++r) acc += sc[r] * tq_half_bits_to_float(vr[ulong(r) * d]);
-      v[j] = acc;
+      for (; r < q1; ++r) acc += sc[r] * tq_half_bits_to_float(vr[ulong(r) * d]);
+      if (sl.count == 1u) {
+        v[j] = acc;
+      } else {
+        part[sl.slice * d + j] = acc;
+      }
     }
+    if (sl.count > 1u) tq_reduce_slices_add(v, part, sl, d);
     threadgroup_barrier(mem_flags::mem_threadgroup);  // sc is rewritten by the next chunk
   }
 }
 
 // One threadgroup per (query head g of the group, KV head): out[(h·G + g)·dim + j].
-// tg: TQ_REDUCE_ROWS_FLOATS floats. nthreads: a power of two dividing dim.
+// tg: TQ_REDUCE_ROWS_FLOATS floats. nthreads: a power of two, at most 1024 (more than dim:
+// slices, tq_reduce_slices).
 inline void tq_attention_reduce_rows_body(device const float* part_m, device const float* part_l,
                                           device const float* part_acc, TQ_TABLE float* v_signs,
                                           device const float* q, device const ushort* k_a,

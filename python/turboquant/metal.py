@@ -65,6 +65,11 @@ DEFAULT_BLOCK_TOKENS = 64
 # TQ_REDUCE_CACHED_BLOCKS, the most blocks whose weights the reduce keeps in threadgroup memory.
 ATTENTION_GROUPS = 1024
 REDUCE_CACHED_BLOCKS = 1024
+# Threads of a reduce threadgroup (one per query head): more than dim work in slices that sum
+# their own runs of blocks and fp16 rows (attention.metal's tq_reduce_slices), so a launch of
+# a few dozen threadgroups has more loads in flight. At most 1024 (TQ_REDUCE_SLICE_FLOATS);
+# TQ_GPU_REDUCE_THREADS overrides it (a benchmark's sweep).
+REDUCE_THREADS = 512
 # Query heads per pass of the register-tiled decode kernel's instances (its GM template
 # argument), and the tokens a stream of it loads at once (U).
 FAST_GROUPS = (1, 2, 4, 8)
@@ -1411,12 +1416,29 @@ def _no_rows():
     return mx.zeros((1,), mx.uint16)
 
 
+def reduce_threads(dim: int) -> int:
+    """Threads per reduce threadgroup: REDUCE_THREADS (or TQ_GPU_REDUCE_THREADS), a power of
+    two from 32 to 1024; below dim, a power of two dividing it (one slice). A dim under 32
+    keeps threads_for(dim), one slice: the inverse rotation's simd-group shuffles take whole
+    rows, and a simd-group holding coordinates of two slices would diverge in them."""
+    if dim < 32:
+        return threads_for(dim)
+    n = REDUCE_THREADS
+    env = os.environ.get("TQ_GPU_REDUCE_THREADS", "")
+    if env:
+        if not env.isdigit() or int(env) not in (32, 64, 128, 256, 512, 1024):
+            raise ValueError(f"TQ_GPU_REDUCE_THREADS={env!r}: expected a power of two from 32 "
+                             "to 1024")
+        n = int(env)
+    return n if n >= dim else min(n, threads_for(dim))
+
+
 @functools.lru_cache(maxsize=256)
-def _reduce_launch(kv_heads: int, group: int, dim: int) -> dict:
+def _reduce_launch(kv_heads: int, group: int, dim: int, threads: int) -> dict:
     import mlx.core as mx
 
     return dict(output_shapes=[(kv_heads, group, dim)], output_dtypes=[mx.float32],
-                grid=(group * threads_for(dim), kv_heads, 1), threadgroup=(threads_for(dim), 1, 1))
+                grid=(group * threads, kv_heads, 1), threadgroup=(threads, 1, 1))
 
 
 # The reduce launches' parameter words: made once per value (they change only when the block
@@ -1454,7 +1476,7 @@ def _finish_attention(parts, v_signs, per_head, group, dim, q, scale, rows=None,
 
     part_m, part_l, part_acc = parts
     kv_heads, blocks = int(part_m.shape[0]), int(part_m.shape[1])
-    launch = _reduce_launch(kv_heads, group, dim)
+    launch = _reduce_launch(kv_heads, group, dim, reduce_threads(dim))
     if rows:
         if with_lse:
             raise ValueError("with_lse and fp16 rows exclude each other (the rows are merged "

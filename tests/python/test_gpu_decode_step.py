@@ -192,3 +192,49 @@ def test_a_prefill_leaves_no_view_of_its_chunk_alive():
     held = mx.get_active_memory() - base
     chunk = 2 * H * T * d * 2
     assert held < store.allocated_bytes() + chunk // 8, (held, store.allocated_bytes(), chunk)
+
+
+@pytest.mark.parametrize("kernel", ["mma", "staged"])
+def test_the_reduce_in_slices_matches_one_slice(emulated, monkeypatch, kernel):
+    """A reduce threadgroup of more threads than head_dim splits the blocks and the fp16 rows
+    over slices (attention.metal's tq_reduce_slices): the same attention as one slice up to
+    float32 rounding, with slices that get no block or row (16 slices, 9 blocks, 2 sinks),
+    with and without fp16 rows; and every count matches the C++ core."""
+    emulated.install(monkeypatch)
+    monkeypatch.setattr(metal, "candidate_path", lambda: "cuda")
+    store, core = _store(kernels=metal, fp16_window=6, block_tokens=4)
+    rng = np.random.default_rng(5)
+    k, v = (rng.standard_normal((2, 43, 64)).astype(np.float32) for _ in range(2))
+    store.append(mx.array(k), mx.array(v))
+    core.append(k, v)
+    q = mx.array(rng.standard_normal((4, 1, 64)).astype(np.float32))
+    sinks, (a, b), win = store._pieces(0)
+    qg = q.reshape(2, 2, 64)
+    want = core.attend(np.array(q))
+    got = {}
+    for threads in ("64", "128", "512", "1024"):
+        monkeypatch.setenv("TQ_GPU_REDUCE_THREADS", threads)
+        with metal.forced_attention(kernel):
+            rows, _ = store._code_attention(qg, a, b, 0.125, False, rows=[sinks, win])
+            codes, _ = store._code_attention(qg, a, b, 0.125, False)
+            out = np.array(store.attend(q))
+        got[threads] = (np.array(rows), np.array(codes))
+        np.testing.assert_allclose(out, want, atol=2e-3)
+    one = got["64"]
+    assert not np.array_equal(got["512"][0], one[0]), "8 slices sum in another order than one"
+    for t in ("128", "512", "1024"):
+        for x, y in zip(got[t], one):
+            np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6)
+
+
+def test_a_bad_reduce_thread_count_is_refused(monkeypatch):
+    for bad in ("48", "2048", "x", "16"):
+        monkeypatch.setenv("TQ_GPU_REDUCE_THREADS", bad)
+        with pytest.raises(ValueError, match="TQ_GPU_REDUCE_THREADS"):
+            metal.reduce_threads(128)
+    monkeypatch.setenv("TQ_GPU_REDUCE_THREADS", "64")
+    assert metal.reduce_threads(128) == 64 and metal.reduce_threads(32) == 64
+    assert metal.reduce_threads(16) == 16  # under 32: one slice, whatever the setting
+    monkeypatch.delenv("TQ_GPU_REDUCE_THREADS")
+    assert metal.reduce_threads(128) == metal.REDUCE_THREADS == 512
+    assert metal.reduce_threads(512) == 512
