@@ -68,8 +68,10 @@ REDUCE_CACHED_BLOCKS = 1024
 # Threads of a reduce threadgroup (one per query head): more than dim work in slices that sum
 # their own runs of blocks and fp16 rows (attention.metal's tq_reduce_slices), so a launch of
 # a few dozen threadgroups has more loads in flight. At most 1024 (TQ_REDUCE_SLICE_FLOATS);
-# TQ_GPU_REDUCE_THREADS overrides it (a benchmark's sweep).
+# TQ_GPU_REDUCE_THREADS overrides it (a benchmark's sweep). Metal takes at most
+# REDUCE_THREADS_METAL: a pipeline's threadgroup limit can be under 1024 there.
 REDUCE_THREADS = 512
+REDUCE_THREADS_METAL = 256
 # Query heads per pass of the register-tiled decode kernel's instances (its GM template
 # argument), and the tokens a stream of it loads at once (U).
 FAST_GROUPS = (1, 2, 4, 8)
@@ -1417,13 +1419,14 @@ def _no_rows():
 
 
 def reduce_threads(dim: int) -> int:
-    """Threads per reduce threadgroup: REDUCE_THREADS (or TQ_GPU_REDUCE_THREADS), a power of
-    two from 32 to 1024; below dim, a power of two dividing it (one slice). A dim under 32
-    keeps threads_for(dim), one slice: the inverse rotation's simd-group shuffles take whole
-    rows, and a simd-group holding coordinates of two slices would diverge in them."""
+    """Threads per reduce threadgroup: REDUCE_THREADS on the CUDA path, REDUCE_THREADS_METAL
+    elsewhere (or TQ_GPU_REDUCE_THREADS), a power of two from 32 to 1024; below dim, a power
+    of two dividing it (one slice). A dim under 32 keeps threads_for(dim), one slice: the
+    inverse rotation's simd-group shuffles take whole rows, and a simd-group holding
+    coordinates of two slices would diverge in them."""
     if dim < 32:
         return threads_for(dim)
-    n = REDUCE_THREADS
+    n = REDUCE_THREADS if candidate_path() == "cuda" else REDUCE_THREADS_METAL
     env = os.environ.get("TQ_GPU_REDUCE_THREADS", "")
     if env:
         if not env.isdigit() or int(env) not in (32, 64, 128, 256, 512, 1024):

@@ -236,5 +236,9 @@ def test_a_bad_reduce_thread_count_is_refused(monkeypatch):
     assert metal.reduce_threads(128) == 64 and metal.reduce_threads(32) == 64
     assert metal.reduce_threads(16) == 16  # under 32: one slice, whatever the setting
     monkeypatch.delenv("TQ_GPU_REDUCE_THREADS")
+    monkeypatch.setattr(metal, "candidate_path", lambda: "cuda")
     assert metal.reduce_threads(128) == metal.REDUCE_THREADS == 512
     assert metal.reduce_threads(512) == 512
+    monkeypatch.setattr(metal, "candidate_path", lambda: "metal")
+    assert metal.reduce_threads(128) == metal.REDUCE_THREADS_METAL == 256
+    assert metal.reduce_threads(512) == 256  # a power of two dividing dim: one slice
