@@ -294,7 +294,8 @@ inline void tq_attention_reduce_blocks(device const float* part_m, device const 
 
 // out[(h·G + g)·dim + j]: the attention output of query head h·G + g: the merged blocks
 // divided by the total weight and, for a hadamard value rotation, rotated back by Π_Vᵀ.
-// tg: TQ_REDUCE_GROUP_FLOATS floats. nthreads: a power of two, at most 1024 (more than dim: slices).
+// tg: TQ_REDUCE_GROUP_FLOATS floats. nthreads: a power of two, at most 1024 (more than dim:
+// slices, tq_reduce_slices).
 inline void tq_attention_reduce_body(device const float* part_m, device const float* part_l,
                                      device const float* part_acc, TQ_TABLE float* v_signs,
                                      device float* out, TQ_PARAMS TqReduceParams& p,
