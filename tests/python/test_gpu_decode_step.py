@@ -30,6 +30,19 @@ def _store(kernels=REF, **over):
     return MetalCodeStore(64, kernels=kernels, **kw), _core.KVCache(64, **kw)
 
 
+def _emulated_cuda_store(emulated, monkeypatch, seed, tokens, **over):
+    """A store on the emulated CUDA path and its C++ core, both holding the same ``tokens``
+    random tokens, with the rng (``seed``) that drew them for the caller's later draws."""
+    emulated.install(monkeypatch)
+    monkeypatch.setattr(metal, "candidate_path", lambda: "cuda")
+    store, core = _store(kernels=metal, **over)
+    rng = np.random.default_rng(seed)
+    k, v = (rng.standard_normal((2, tokens, 64)).astype(np.float32) for _ in range(2))
+    store.append(mx.array(k), mx.array(v))
+    core.append(k, v)
+    return store, core, rng
+
+
 def _f16(x):
     return np.asarray(x, np.float16)
 
@@ -75,14 +88,8 @@ def test_the_reduce_reads_the_window_buffer_bit_for_bit(emulated, monkeypatch, k
     parameters) gives the same bits as the window rows passed as their own arrays, on the
     emulated CUDA path; and the store's decode matches the C++ core (also with more window
     rows than the reduce scores in one chunk of 128)."""
-    emulated.install(monkeypatch)
-    monkeypatch.setattr(metal, "candidate_path", lambda: "cuda")
-    store, core = _store(kernels=metal, fp16_window=window, block_tokens=block)
-    rng = np.random.default_rng(2)
-    k, v = (rng.standard_normal((2, 21 + 2 * window, 64)).astype(np.float32)
-            for _ in range(2))
-    store.append(mx.array(k), mx.array(v))
-    core.append(k, v)
+    store, core, rng = _emulated_cuda_store(emulated, monkeypatch, 2, 21 + 2 * window,
+                                            fp16_window=window, block_tokens=block)
     strided = 0
     for _ in range(6):
         k, v = (rng.standard_normal((2, 1, 64)).astype(np.float32) for _ in range(2))
@@ -200,13 +207,8 @@ def test_the_reduce_in_slices_matches_one_slice(emulated, monkeypatch, kernel):
     over slices (attention.metal's tq_reduce_slices): the same attention as one slice up to
     float32 rounding, with slices that get no block or row (16 slices, 9 blocks, 2 sinks),
     with and without fp16 rows; and every count matches the C++ core."""
-    emulated.install(monkeypatch)
-    monkeypatch.setattr(metal, "candidate_path", lambda: "cuda")
-    store, core = _store(kernels=metal, fp16_window=6, block_tokens=4)
-    rng = np.random.default_rng(5)
-    k, v = (rng.standard_normal((2, 43, 64)).astype(np.float32) for _ in range(2))
-    store.append(mx.array(k), mx.array(v))
-    core.append(k, v)
+    store, core, rng = _emulated_cuda_store(emulated, monkeypatch, 5, 43, fp16_window=6,
+                                            block_tokens=4)
     q = mx.array(rng.standard_normal((4, 1, 64)).astype(np.float32))
     sinks, (a, b), win = store._pieces(0)
     qg = q.reshape(2, 2, 64)
