@@ -209,6 +209,17 @@ inline uint tq_slice_begin(uint n, uint slice, uint count) {
   return uint((ulong(n) * slice) / count);
 }
 
+// Where a thread's sum x for coordinate j goes: v[j] with one slice, else its slice's row of
+// part (added up by tq_reduce_slices_add).
+inline void tq_reduce_slices_put(threadgroup float* v, threadgroup float* part, TqReduceSlices s,
+                                 uint d, uint j, float x) {
+  if (s.count == 1u) {
+    v[j] = x;
+  } else {
+    part[s.slice * d + j] = x;
+  }
+}
+
 // v[j] = Σ_s part[s·d + j] for the coordinates of slice 0 (slice order), after the slices
 // wrote their sums to part; returns after a barrier (v is set for every thread).
 inline void tq_reduce_slices_add(threadgroup float* v, threadgroup const float* part,
@@ -283,11 +294,7 @@ inline void tq_attention_reduce_blocks(device const float* part_m, device const 
       const float e = cached ? eb[b] : exp(part_m[base + ulong(b) * G] - mmax);
       a0 += part_acc[(base + ulong(b) * G) * d + j] * e;
     }
-    if (sl.count == 1u) {
-      v[j] = (a0 + a1) + (a2 + a3);
-    } else {
-      part[sl.slice * d + j] = (a0 + a1) + (a2 + a3);
-    }
+    tq_reduce_slices_put(v, part, sl, d, j, (a0 + a1) + (a2 + a3));
   }
   if (sl.count > 1u) tq_reduce_slices_add(v, part, sl, d);
 }

@@ -520,11 +520,7 @@ inline void tq_attention_merge_rows(device const float* qrow, device const ushor
         TQ_UNROLL for (uint u = 0u; u < TQ_REDUCE_ROWS_BATCH; ++u) acc += sc[r + u] * x[u];
       }
       for (; r < q1; ++r) acc += sc[r] * tq_half_bits_to_float(vr[ulong(r) * d]);
-      if (sl.count == 1u) {
-        v[j] = acc;
-      } else {
-        part[sl.slice * d + j] = acc;
-      }
+      tq_reduce_slices_put(v, part, sl, d, j, acc);
     }
     if (sl.count > 1u) tq_reduce_slices_add(v, part, sl, d);
     threadgroup_barrier(mem_flags::mem_threadgroup);  // sc is rewritten by the next chunk

@@ -1426,14 +1426,20 @@ def reduce_threads(dim: int) -> int:
     coordinates of two slices would diverge in them."""
     if dim < 32:
         return threads_for(dim)
-    n = REDUCE_THREADS if candidate_path() == "cuda" else REDUCE_THREADS_METAL
-    env = os.environ.get("TQ_GPU_REDUCE_THREADS", "")
-    if env:
-        if not env.isdigit() or int(env) not in (32, 64, 128, 256, 512, 1024):
-            raise ValueError(f"TQ_GPU_REDUCE_THREADS={env!r}: expected a power of two from 32 "
-                             "to 1024")
-        n = int(env)
+    n = (_reduce_threads_setting(os.environ.get("TQ_GPU_REDUCE_THREADS", ""))
+         or (REDUCE_THREADS if candidate_path() == "cuda" else REDUCE_THREADS_METAL))
     return n if n >= dim else min(n, threads_for(dim))
+
+
+@functools.lru_cache(maxsize=16)
+def _reduce_threads_setting(env: str) -> int:
+    """TQ_GPU_REDUCE_THREADS's value as a thread count (0: unset), checked once per value."""
+    if not env:
+        return 0
+    if not env.isdigit() or int(env) not in (32, 64, 128, 256, 512, 1024):
+        raise ValueError(f"TQ_GPU_REDUCE_THREADS={env!r}: expected a power of two from 32 "
+                         "to 1024")
+    return int(env)
 
 
 @functools.lru_cache(maxsize=256)
