@@ -2,37 +2,39 @@
 // fp32 accumulate): the same partial outputs as tq_attention_block and the register-tiled
 // kernels, merged by tq_attention_reduce. On CUDA (sm_80 and later) each product is one
 // tensor-core instruction (mma.sync); elsewhere (Metal, the C++ emulator) the same fragments
-// are multiplied by a simd-group exchange (tq_mma_rows8), so one source serves all targets.
+// are multiplied by a simd-group exchange (tq_mma_16816), so one source serves all targets.
 //
 // One threadgroup per (block of tokens, KV head), as the other block kernels. Each simd-group
-// takes tiles of 16 tokens in turn. For a tile it computes the scores S (G query heads x 16
-// tokens) = Q · K̂ᵀ and then the value sums O += P · V̂, where K̂ and V̂ are the tile's decoded
-// (unit-norm) rows: a lane turns two code indices into two fp16 centroids with one lookup in
-// a table of centroid pairs (2^(2·bits) words in threadgroup memory, one copy per lane for
-// 2^(2·bits) <= 64 so that lanes never share a bank), straight into the fragment the
-// multiply takes. Each simd-group copies its next tiles into a ring of threadgroup memory
-// (tq_mma_stage) and rotates the queries with shuffles (tq_rotate_simd). The norms scale the
-// scores (key) and the softmax weights (value); the online softmax runs in base 2 (the
-// queries carry scale · log2 e).
+// takes tiles of 16 tokens in turn. For a tile it computes the scores, transposed, Sᵀ (16
+// tokens x query heads) = K̂ · Qᵀ, and then the value sums Oᵀ += V̂ᵀ · Pᵀ, where K̂ and V̂ are the
+// tile's decoded (unit-norm) rows: a lane turns two code indices into two fp16 centroids with
+// one lookup in a table of centroid pairs (2^(2·bits) words in threadgroup memory, one copy
+// per lane for 2^(2·bits) <= 64 so that lanes never share a bank), straight into the fragment
+// the multiply takes. Tokens and coordinates are the rows of A, so every row of every product
+// is live and the query heads (G <= 8) are the 8 columns of B and D. Each simd-group copies
+// its next tiles into a ring of threadgroup memory (tq_mma_stage) and rotates the queries with
+// shuffles (tq_rotate_simd). The norms scale the scores (key) and the softmax weights (value);
+// the online softmax runs in base 2 (the queries carry scale · log2 e).
 //
 // The coordinates of a head are dealt to the k dimension of the score products in a fixed
 // order (attention is a sum over coordinates, so any order gives the same scores): in each
 // part of the key row (the whole row, or the split's outlier and inlier halves) lane column
 // tg = lane % 4 owns D / (4·parts) consecutive coordinates, 4 per product step, so a lane
-// reads its codes as one run of bits. For the value products the output columns are dealt
-// the same way: lane row gr = lane / 4 owns the D / 8 consecutive coordinates gr·D/8 + j of
-// product j. Fragments (PTX mma.m16n8k16 .f16 layout, lane = 4·gr + tg): A (16 x 16) in words
-// a0 = A[gr][2tg, 2tg+1], a1 = A[gr+8][..], a2 = A[gr][2tg+8, 2tg+9], a3 = A[gr+8][..];
-// B (16 x 8) in b0 = B[2tg, 2tg+1][gr], b1 = B[2tg+8, 2tg+9][gr]; C (16 x 8, fp32)
-// c0, c1 = C[gr][2tg, 2tg+1], c2, c3 = C[gr+8][..]. A word's lower-indexed fp16 is its low
-// half. The query heads are the rows of A (G <= 8: rows 8..15 are zero, so a1 = a3 = 0 and
-// c2, c3 are never needed).
+// reads its codes as one run of bits. The value products deal coordinates to the 16 rows of
+// V̂ᵀ the same way: lane row gr = lane / 4 owns the D / 8 consecutive coordinates gr·D/8 + j,
+// two in each product. A lane's scores (tokens gr, gr + 8; query heads 2tg, 2tg + 1) reach
+// the lanes whose B words of Pᵀ hold them by four shuffles a tile. Fragments (PTX
+// mma.m16n8k16 .f16 layout, lane = 4·gr + tg): A (16 x 16) in words a0 = A[gr][2tg, 2tg+1],
+// a1 = A[gr+8][..], a2 = A[gr][2tg+8, 2tg+9], a3 = A[gr+8][..]; B (16 x 8) in
+// b0 = B[2tg, 2tg+1][gr], b1 = B[2tg+8, 2tg+9][gr]; C (16 x 8, fp32) c0, c1 = C[gr][2tg, 2tg+1],
+// c2, c3 = C[gr+8][..]. A word's lower-indexed fp16 is its low half.
 //
 // Precision: the queries, centroids and softmax weights enter the products as fp16 (as in
 // fp16 attention), sums are fp32; the result matches the fp32 kernels to about 1e-3 of the
 // output's scale. A softmax weight times its value norm must stay below 65504 (fp16 norms
-// always do). Compile-time shape: D (64, 128, 256), KB0, KB1, VB (1..4 bits), SPLIT, and NS,
-// the stages of a simd-group's copy ring (tiles in flight: NS - 1).
+// always do). Compile-time shape: D (64, 128, 256), KB0, KB1, VB (1..4 bits), SPLIT (0: plain
+// keys, else the split's angle bytes, 1 or 2), and NS, the stages of a simd-group's copy ring
+// (tiles in flight: NS - 1).
 #ifndef TQ_METAL_ATTENTION_MMA
 #define TQ_METAL_ATTENTION_MMA
 #ifndef TQ_SINGLE_SOURCE
@@ -78,35 +80,48 @@ inline float tq_dot_half2(uint x, uint y) {
          tq_half_bits_to_float(ushort(x >> 16u)) * tq_half_bits_to_float(ushort(y >> 16u));
 }
 
-// D[gr][2tg, 2tg+1] += (A · B)[gr][..] for a 16 x 16 A whose rows 8..15 are zero (a0, a2 its
-// words, see above) and a 16 x 8 B (b0, b1): c0, c1 of a 16x8x16 multiply-accumulate. Called
-// by all 32 lanes of the simd-group in uniform control flow.
-inline void tq_mma_rows8(thread float& d0, thread float& d1, uint a0, uint a2, uint b0, uint b1,
-                         uint lane) {
+// The low halves of x and y (hi = 0) or their high halves (hi = 1), x's in the low half.
+inline uint tq_pick_halves(uint x, uint y, uint hi) {
+#if defined(__CUDACC__)
+  return __byte_perm(x, y, hi != 0u ? 0x7632u : 0x5410u);
+#else
+  return hi != 0u ? (x >> 16u) | (y & 0xFFFF0000u) : (x & 0xFFFFu) | (y << 16u);
+#endif
+}
+
+// D += A · B for a 16 x 16 A (a0..a3, all rows live) and a 16 x 8 B (b0, b1): the whole
+// 16x8x16 multiply-accumulate, d0, d1 = D[gr][2tg, 2tg+1], d2, d3 = D[gr+8][..]. Called by all
+// 32 lanes of the simd-group in uniform control flow.
+inline void tq_mma_16816(thread float (&d)[4], uint a0, uint a1, uint a2, uint a3, uint b0,
+                         uint b1, uint lane) {
 #if defined(__CUDACC__) && defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
   asm volatile(
-      "{\n.reg .f32 x2, x3;\n"
-      "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, x2, x3}, {%2, %3, %4, %5}, "
-      "{%6, %7}, {%8, %9, %10, %11};\n}"
-      : "=f"(d0), "=f"(d1)
-      : "r"(a0), "r"(0u), "r"(a2), "r"(0u), "r"(b0), "r"(b1), "f"(d0), "f"(d1), "f"(0.0f),
-        "f"(0.0f));
+      "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, "
+      "{%8, %9}, {%0, %1, %2, %3};\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
   (void)lane;
 #else
   const uint gr = lane / 4u, tg = lane % 4u;
-  float s0 = 0.0f, s1 = 0.0f;
+  float s0 = 0.0f, s1 = 0.0f, s2 = 0.0f, s3 = 0.0f;
   for (uint j = 0u; j < 4u; ++j) {
     const uint xa0 = simd_shuffle(a0, ushort(gr * 4u + j));  // A[gr][2j, 2j+1]
+    const uint xa1 = simd_shuffle(a1, ushort(gr * 4u + j));  // A[gr+8][2j, 2j+1]
     const uint xa2 = simd_shuffle(a2, ushort(gr * 4u + j));  // A[gr][2j+8, 2j+9]
+    const uint xa3 = simd_shuffle(a3, ushort(gr * 4u + j));  // A[gr+8][2j+8, 2j+9]
     const uint y00 = simd_shuffle(b0, ushort(8u * tg + j));  // B[2j, 2j+1][2tg]
     const uint y01 = simd_shuffle(b1, ushort(8u * tg + j));  // B[2j+8, 2j+9][2tg]
     const uint y10 = simd_shuffle(b0, ushort(8u * tg + 4u + j));  // column 2tg + 1
     const uint y11 = simd_shuffle(b1, ushort(8u * tg + 4u + j));
     s0 += tq_dot_half2(xa0, y00) + tq_dot_half2(xa2, y01);
     s1 += tq_dot_half2(xa0, y10) + tq_dot_half2(xa2, y11);
+    s2 += tq_dot_half2(xa1, y00) + tq_dot_half2(xa3, y01);
+    s3 += tq_dot_half2(xa1, y10) + tq_dot_half2(xa3, y11);
   }
-  d0 += s0;
-  d1 += s1;
+  d[0] += s0;
+  d[1] += s1;
+  d[2] += s2;
+  d[3] += s3;
 #endif
 }
 
@@ -195,8 +210,9 @@ inline void tq_stage_run(threadgroup uint* dst, device const uchar* src, uint by
   }
 }
 
-// Threadgroup scratch (words): the pair tables, then one region used in turn for the rotated
-// queries (G·D floats), the simd-groups' stage rings, and the merge of their states. A table
+// Threadgroup scratch (words): the pair tables (and for split keys 512 floats of angles: the
+// caller counts them in `tables`), then one region used in turn for the rotated queries (G·D
+// floats), the simd-groups' stage rings, and the merge of their states. A table
 // of at most 64 pairs is held once per lane (word 32·pair + lane: lanes never share a bank),
 // a larger one once.
 inline uint tq_mma_table_words(uint bits) {
@@ -313,7 +329,7 @@ inline void tq_attention_mma_block_body(device const float* q, TQ_TABLE float* k
   const uint per = tq_tiles_per_block(p.tokens, BT, p.num_blocks);
   const uint tile0 = block * per;
   if (tile0 * BT >= p.tokens || G > 8u || p.dim != D || p.k_bits != KB0 || p.v_bits != VB ||
-      (SPLIT != 0u && (p.k_bits1 != KB1 || p.part_dim != PD)))
+      (SPLIT != 0u && (p.k_bits1 != KB1 || p.part_dim != PD || p.angle_bytes != SPLIT)))
     return;  // uniform over the threadgroup
   const uint t_begin = tile0 * BT, t_end = min((tile0 + per) * BT, p.tokens);
   const uint lane = tid % TQ_SIMD_WIDTH, warp = tid / TQ_SIMD_WIDTH;
@@ -326,7 +342,13 @@ inline void tq_attention_mma_block_body(device const float* q, TQ_TABLE float* k
   threadgroup uint* lut0 = (threadgroup uint*)tg;
   threadgroup uint* lut1 = lut0 + T0;
   threadgroup uint* lutv = lut1 + T1;
-  threadgroup float* region = tg + T0 + T1 + TV;
+  // The split's angle table (cos, sin) of 1-byte angle codes, 2·256 floats, after the pair
+  // tables (2-byte codes read theirs from device memory).
+  threadgroup float* angt = (threadgroup float*)(lutv + TV);
+  constexpr uint TA = SPLIT == 1u ? 512u : 0u;
+  threadgroup float* region = tg + T0 + T1 + TV + (SPLIT != 0u ? 512u : 0u);
+  // A signed index: TA may be 0 (NVRTC's warning #186 on "i < 0u").
+  for (int i = int(tid); i < int(TA); i += int(nthreads)) angt[i] = angles[i];
   for (uint i = tid; i < T0; i += nthreads) {
     const uint e = P0 <= 64u ? i / 32u : i;
     lut0[i] = tq_pack_half2(k_centroids[e % NK0], k_centroids[e / NK0]);
@@ -385,11 +407,13 @@ inline void tq_attention_mma_block_body(device const float* q, TQ_TABLE float* k
   hd.vr_words = vr_words;
   hd.nr_words = nr_words;
 
-  // The state of row gr (query head gr): running max (base 2), this lane's share of the sum,
-  // and its value sums o[j][c] for coordinates (2tc + c)·VD + j.
-  float m = -INFINITY, l = 0.0f;
-  float o[VD][2];
-  TQ_UNROLL for (uint j = 0u; j < VD; ++j) { o[j][0] = o[j][1] = 0.0f; }
+  // The state of query heads 2tc + c (c = 0, 1): running max m[c] (base 2, the same in every
+  // lane row), this lane's share l[c] of the sum (its tokens), and the value sums (the
+  // columns of Oᵀ): o[j][c] and o[j][2 + c] at coordinates gr·VD + j and gr·VD + VH + j.
+  constexpr uint VH = VD / 2u;
+  float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.0f, 0.0f};
+  float o[VH][4];
+  TQ_UNROLL for (uint j = 0u; j < VH; ++j) { o[j][0] = o[j][1] = o[j][2] = o[j][3] = 0.0f; }
 
   const uint step = 16u * nwarps;
   const uint first = t_begin + 16u * warp;
@@ -416,105 +440,144 @@ inline void tq_attention_mma_block_body(device const float* q, TQ_TABLE float* k
     threadgroup const uchar* svn =
         (threadgroup const uchar*)(st + kr_words + vr_words + nr_words) + nsh;
 
-    // Scores: row gr, tokens 8n + 2tc + c (n-tile n, column c), per key part; this lane's key
-    // runs are those of tokens gr and gr + 8.
-    float sc[2][2][2];
+    // Scores, transposed: Sᵀ (the tile's 16 tokens x query heads) = K̂ · Qᵀ per key part, one
+    // product per step; this lane holds sc[h][2n + c] = Sᵀ[token gr + 8n][query head 2tc + c]
+    // and reads the key runs of tokens gr and gr + 8 (the rows of its A words).
+    float sc[H][4];
+    {
+      uint x0[2][NW0];
+      tq_load_run<NB0>(x0[0], skw, ksh + gr * kcb + k_off0);
+      tq_load_run<NB0>(x0[1], skw, ksh + (gr + 8u) * kcb + k_off0);
+      sc[0][0] = sc[0][1] = sc[0][2] = sc[0][3] = 0.0f;
+      TQ_UNROLL for (uint s = 0u; s < SP; ++s) {
+        const uint o0 = 4u * KB0 * s, o1 = o0 + 2u * KB0;
+        const uint a0 = tq_lut_word(l0, tq_pair_offset(x0[0], o0, 2u * KB0, lane4));
+        const uint a1 = tq_lut_word(l0, tq_pair_offset(x0[1], o0, 2u * KB0, lane4));
+        const uint a2 = tq_lut_word(l0, tq_pair_offset(x0[0], o1, 2u * KB0, lane4));
+        const uint a3 = tq_lut_word(l0, tq_pair_offset(x0[1], o1, 2u * KB0, lane4));
+        tq_mma_16816(sc[0], a0, a1, a2, a3, qf[s][0], qf[s][1], lane);
+      }
+    }
+    if (SPLIT != 0u) {
+      uint x1[2][NW1];
+      tq_load_run<NB1>(x1[0], skw, ksh + gr * kcb + k_off1);
+      tq_load_run<NB1>(x1[1], skw, ksh + (gr + 8u) * kcb + k_off1);
+      sc[H - 1u][0] = sc[H - 1u][1] = sc[H - 1u][2] = sc[H - 1u][3] = 0.0f;
+      TQ_UNROLL for (uint s = 0u; s < SP; ++s) {
+        const uint o0 = 4u * KB1 * s, o1 = o0 + 2u * KB1;
+        const uint a0 = tq_lut_word(l1, tq_pair_offset(x1[0], o0, 2u * KB1, lane4));
+        const uint a1 = tq_lut_word(l1, tq_pair_offset(x1[1], o0, 2u * KB1, lane4));
+        const uint a2 = tq_lut_word(l1, tq_pair_offset(x1[0], o1, 2u * KB1, lane4));
+        const uint a3 = tq_lut_word(l1, tq_pair_offset(x1[1], o1, 2u * KB1, lane4));
+        tq_mma_16816(sc[H - 1u], a0, a1, a2, a3, qf[SP + s][0], qf[SP + s][1], lane);
+      }
+    }
+    // Online softmax over the tile (base 2), per query head 2tc + c: this lane's tokens gr and
+    // gr + 8, then the max over the lane rows.
+    float s4[4], vn[2];
+    float mt[2] = {-INFINITY, -INFINITY};
     TQ_UNROLL for (uint n = 0u; n < 2u; ++n) {
       const uint j = gr + 8u * n;
-      uint x0[NW0];
-      tq_load_run<NB0>(x0, skw, ksh + j * kcb + k_off0);
-      sc[0][n][0] = sc[0][n][1] = 0.0f;
-      TQ_UNROLL for (uint s = 0u; s < SP; ++s) {
-        const uint b0 = tq_lut_word(l0, tq_pair_offset(x0, 4u * KB0 * s, 2u * KB0, lane4));
-        const uint b1 =
-            tq_lut_word(l0, tq_pair_offset(x0, 4u * KB0 * s + 2u * KB0, 2u * KB0, lane4));
-        tq_mma_rows8(sc[0][n][0], sc[0][n][1], qf[s][0], qf[s][1], b0, b1, lane);
-      }
-      if (SPLIT != 0u) {
-        uint x1[NW1];
-        tq_load_run<NB1>(x1, skw, ksh + j * kcb + k_off1);
-        sc[1][n][0] = sc[1][n][1] = 0.0f;
-        TQ_UNROLL for (uint s = 0u; s < SP; ++s) {
-          const uint b0 = tq_lut_word(l1, tq_pair_offset(x1, 4u * KB1 * s, 2u * KB1, lane4));
-          const uint b1 = tq_lut_word(l1, tq_pair_offset(x1, 4u * KB1 * s + 2u * KB1,
-                                                         2u * KB1, lane4));
-          tq_mma_rows8(sc[1][n][0], sc[1][n][1], qf[SP + s][0], qf[SP + s][1], b0, b1, lane);
-        }
-      }
-    }
-    // Online softmax over the tile (base 2): this lane's 4 tokens 2tc + c + 8n.
-    float s4[4], vn[4];
-    uint xv[4][NWV];
-    float mt = -INFINITY;
-    TQ_UNROLL for (uint i = 0u; i < 4u; ++i) {
-      const uint n = i >> 1u, c = i & 1u;
-      const uint j = 2u * tc + c + 8u * n;
       const bool live = t0 + j < t_end;
-      tq_load_run<NBV>(xv[i], svw, vsh + j * VCB + v_off);
-      float kn, x = sc[0][n][c];
+      float kn, ca = 1.0f, sa = 0.0f;
       if (nb == 2u) {
         kn = tq_half_bits_to_float(((threadgroup const ushort*)skn)[j]);
-        vn[i] = tq_half_bits_to_float(((threadgroup const ushort*)svn)[j]);
+        vn[n] = tq_half_bits_to_float(((threadgroup const ushort*)svn)[j]);
       } else {
         kn = ((threadgroup const float*)skn)[j];
-        vn[i] = ((threadgroup const float*)svn)[j];
+        vn[n] = ((threadgroup const float*)svn)[j];
       }
       if (SPLIT != 0u) {
-        const uint a = tq_split_read_angle((threadgroup const uchar*)skw + ksh + j * kcb, ab);
-        x = angles[2u * a] * x + angles[2u * a + 1u] * sc[1][n][c];
+        const uint a = tq_split_read_angle((threadgroup const uchar*)skw + ksh + j * kcb, SPLIT);
+        ca = SPLIT == 1u ? angt[2u * a] : angles[2u * a];
+        sa = SPLIT == 1u ? angt[2u * a + 1u] : angles[2u * a + 1u];
       }
-      s4[i] = live ? x * kn : -INFINITY;
-      if (!live) vn[i] = 0.0f;
-      mt = max(mt, s4[i]);
+      if (!live) vn[n] = 0.0f;
+      TQ_UNROLL for (uint c = 0u; c < 2u; ++c) {
+        const float x = SPLIT != 0u ? ca * sc[0][2u * n + c] + sa * sc[H - 1u][2u * n + c]
+                                    : sc[0][2u * n + c];
+        s4[2u * n + c] = live ? x * kn : -INFINITY;
+        mt[c] = max(mt[c], s4[2u * n + c]);
+      }
     }
-    mt = max(mt, simd_shuffle_xor(mt, ushort(1)));
-    mt = max(mt, simd_shuffle_xor(mt, ushort(2)));
-    const float mn = max(m, mt);  // finite: the tile has a live token
-    if (tq_simd_any(mn > m)) {
-      const float a = m == -INFINITY ? 0.0f : exp2(m - mn);
-      l *= a;
-      TQ_UNROLL for (uint j = 0u; j < VD; ++j) {
-        o[j][0] *= a;
-        o[j][1] *= a;
+    TQ_UNROLL for (uint c = 0u; c < 2u; ++c) {
+      mt[c] = max(mt[c], simd_shuffle_xor(mt[c], ushort(4)));
+      mt[c] = max(mt[c], simd_shuffle_xor(mt[c], ushort(8)));
+      mt[c] = max(mt[c], simd_shuffle_xor(mt[c], ushort(16)));
+    }
+    // finite: token 0 of the tile is live
+    const float mn0 = max(m[0], mt[0]), mn1 = max(m[1], mt[1]);
+    if (tq_simd_any(mn0 > m[0] || mn1 > m[1])) {
+      const float a0 = m[0] == -INFINITY ? 0.0f : exp2(m[0] - mn0);
+      const float a1 = m[1] == -INFINITY ? 0.0f : exp2(m[1] - mn1);
+      l[0] *= a0;
+      l[1] *= a1;
+      TQ_UNROLL for (uint j = 0u; j < VH; ++j) {
+        o[j][0] *= a0;
+        o[j][1] *= a1;
+        o[j][2] *= a0;
+        o[j][3] *= a1;
       }
-      m = mn;
+      m[0] = mn0;
+      m[1] = mn1;
     }
     float pw[4];
     TQ_UNROLL for (uint i = 0u; i < 4u; ++i) {
-      const float e = exp2(s4[i] - m);
-      l += e;
-      pw[i] = e * vn[i];
+      const float e = exp2(s4[i] - m[i & 1u]);
+      l[i & 1u] += e;
+      pw[i] = e * vn[i >> 1u];
     }
-    const uint pa0 = tq_pack_half2(pw[0], pw[1]);  // P[gr][2tc, 2tc+1]
-    const uint pa2 = tq_pack_half2(pw[2], pw[3]);  // P[gr][2tc+8, 2tc+9]
-    // Value sums: product j takes coordinate gr·VD + j of tokens 2tc, 2tc+1 (b0) and
-    // 2tc+8, 2tc+9 (b1), each pair one lookup of (centroid, centroid).
+    // Pᵀ as the B of Oᵀ += V̂ᵀ · Pᵀ: b0 = P[gr][2tc, 2tc+1], b1 = P[gr][2tc+8, 2tc+9], taken
+    // from the lanes that scored those tokens (rows 2tc, 2tc + 1, column gr / 2): the half of
+    // their (query head 2tc', 2tc' + 1) pair that is query head gr.
+    const uint u0 = tq_pack_half2(pw[0], pw[1]), u1 = tq_pack_half2(pw[2], pw[3]);
+    const ushort src0 = ushort(8u * tc + gr / 2u), src1 = ushort(8u * tc + 4u + gr / 2u);
+    const uint pb0 = tq_pick_halves(simd_shuffle(u0, src0), simd_shuffle(u0, src1), gr & 1u);
+    const uint pb1 = tq_pick_halves(simd_shuffle(u1, src0), simd_shuffle(u1, src1), gr & 1u);
+    // Value sums, one whole 16x8x16 product per step j: the rows of V̂ᵀ are coordinates
+    // (row r < 8: r·VD + j, row r + 8: r·VD + VH + j), its k the tile's tokens; lane row gr
+    // takes coordinates gr·VD + j (a0, a2) and gr·VD + VH + j (a1, a3) of tokens 2tc, 2tc+1
+    // (a0, a1) and 2tc+8, 2tc+9 (a2, a3), each pair one lookup of (centroid, centroid).
+    uint xv[4][NWV];
+    TQ_UNROLL for (uint i = 0u; i < 4u; ++i) {
+      tq_load_run<NBV>(xv[i], svw, vsh + (2u * tc + (i & 1u) + 8u * (i >> 1u)) * VCB + v_off);
+    }
     constexpr uint VS = PV <= 64u ? 7u : 2u;  // log2 of the table's bytes per pair
     const uint vl = PV <= 64u ? lane4 : 0u;
-    TQ_UNROLL for (uint j = 0u; j < VD; ++j) {
-      const uint b0 = tq_lut_word(lv, tq_bits_at(xv[0], VB * j, VB, VS) |
+    TQ_UNROLL for (uint j = 0u; j < VH; ++j) {
+      const uint a0 = tq_lut_word(lv, tq_bits_at(xv[0], VB * j, VB, VS) |
                                           tq_bits_at(xv[1], VB * j, VB, VS + VB) | vl);
-      const uint b1 = tq_lut_word(lv, tq_bits_at(xv[2], VB * j, VB, VS) |
+      const uint a1 = tq_lut_word(lv, tq_bits_at(xv[0], VB * (VH + j), VB, VS) |
+                                          tq_bits_at(xv[1], VB * (VH + j), VB, VS + VB) | vl);
+      const uint a2 = tq_lut_word(lv, tq_bits_at(xv[2], VB * j, VB, VS) |
                                           tq_bits_at(xv[3], VB * j, VB, VS + VB) | vl);
-      tq_mma_rows8(o[j][0], o[j][1], pa0, pa2, b0, b1, lane);
+      const uint a3 = tq_lut_word(lv, tq_bits_at(xv[2], VB * (VH + j), VB, VS) |
+                                          tq_bits_at(xv[3], VB * (VH + j), VB, VS + VB) | vl);
+      tq_mma_16816(o[j], a0, a1, a2, a3, pb0, pb1, lane);
     }
     simdgroup_barrier(mem_flags::mem_threadgroup);  // done with the stage before its refill
   }
   tq_copy_wait<0u>();
 
-  // The simd-groups' states (row sums over the lane columns), merged through the scratch.
-  l += simd_shuffle_xor(l, ushort(1));
-  l += simd_shuffle_xor(l, ushort(2));
+  // The simd-groups' states (sums over the lane rows), merged through the scratch.
+  TQ_UNROLL for (uint c = 0u; c < 2u; ++c) {
+    l[c] += simd_shuffle_xor(l[c], ushort(4));
+    l[c] += simd_shuffle_xor(l[c], ushort(8));
+    l[c] += simd_shuffle_xor(l[c], ushort(16));
+  }
   threadgroup_barrier(mem_flags::mem_threadgroup);  // everyone is done with tables and stages
   threadgroup float* st = tg + warp * G * (D + 2u);  // [m (G), l (G), acc (G x D)]
-  if (gr < G) {
-    if (tc == 0u) {
-      st[gr] = m;
-      st[G + gr] = l;
-    }
-    TQ_UNROLL for (uint j = 0u; j < VD; ++j) {
-      st[2u * G + gr * D + (2u * tc) * VD + j] = o[j][0];
-      st[2u * G + gr * D + (2u * tc + 1u) * VD + j] = o[j][1];
+  TQ_UNROLL for (uint c = 0u; c < 2u; ++c) {
+    const uint g = 2u * tc + c;
+    if (g < G) {
+      if (gr == 0u) {
+        st[g] = m[c];
+        st[G + g] = l[c];
+      }
+      TQ_UNROLL for (uint j = 0u; j < VH; ++j) {
+        st[2u * G + g * D + gr * VD + j] = o[j][c];
+        st[2u * G + g * D + gr * VD + VH + j] = o[j][2u + c];
+      }
     }
   }
   threadgroup_barrier(mem_flags::mem_threadgroup);

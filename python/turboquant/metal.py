@@ -1196,8 +1196,8 @@ def mma_stages() -> int:
 def mma_min_blocks() -> int:
     """Threadgroups per multiprocessor the mma kernel's registers are capped for on CUDA
     (``__launch_bounds__``; 0: no cap, the default): TQ_GPU_MMA_MIN_BLOCKS (2 to 6) for a
-    benchmark's sweep. NVRTC for sm_90: 152 registers uncapped (3 threadgroups), 136 at 3,
-    128 with 48 bytes spilled at 4 (bench/results/kernel_registers_sm90.txt); not yet timed."""
+    benchmark's sweep. NVRTC for sm_90 (``python bench/kernel_registers.py --min-blocks 4,5``):
+    128 registers uncapped (4 threadgroups), 96 without spills at 5."""
     n = os.environ.get("TQ_GPU_MMA_MIN_BLOCKS")
     return int(n) if n in ("2", "3", "4", "5", "6") else 0
 
@@ -1232,6 +1232,12 @@ def mma_attention_stages(dim: int, group: int, k_bits: int, v_bits: int, k_bits1
     return 0
 
 
+# Floats the mma kernel keeps of the split's angle table: (cos, sin) of the 256 one-byte angle
+# codes in threadgroup memory (two-byte codes read theirs from device memory; the room is kept
+# either way).
+MMA_ANGLE_FLOATS = 512
+
+
 def _mma_table_words(bits: int) -> int:
     pairs = 4 ** bits
     return pairs * 32 if pairs <= 64 else pairs
@@ -1242,10 +1248,10 @@ def mma_attention_scratch_floats(dim: int, group: int, k_bits: int, v_bits: int,
                                  stages: int = MMA_STAGES,
                                  threads: int = ATTENTION_THREADS) -> int:
     """tq_attention_mma_scratch_floats() of attention_mma.metal: the pair tables (one copy per
-    lane of those of at most 64 pairs), then the larger of the queries, the simd-groups' copy
-    rings and their merge."""
+    lane of those of at most 64 pairs) and, for split keys, the angle table (MMA_ANGLE_FLOATS),
+    then the larger of the queries, the simd-groups' copy rings and their merge."""
     tables = (_mma_table_words(k_bits) + _mma_table_words(v_bits)
-              + (0 if k_bits1 is None else _mma_table_words(k_bits1)))
+              + (0 if k_bits1 is None else _mma_table_words(k_bits1) + MMA_ANGLE_FLOATS))
     run = lambda n: (n + 30) // 16 * 4  # noqa: E731 - tq_run_words
     nb = 2 if norm_fp16 else 4
     stage = run(16 * k_code_bytes) + run(16 * code_bytes(dim, v_bits)) + 2 * run(16 * nb)
@@ -1322,7 +1328,7 @@ def _fast_launch(dim: int, shape: tuple[int, int], kv_heads: int, head_stride: i
         mma = [("SCRATCH", mma_attention_scratch_floats(dim, group, k_bits, v_bits, kb1,
                                                         k_code_bytes, fp16, stages)),
                ("TQ_D", dim), ("TQ_KB0", k_bits), ("TQ_KB1", k_bits1), ("TQ_VB", v_bits),
-               ("TQ_SPLIT", int(split is not None)), ("TQ_NS", stages)]
+               ("TQ_SPLIT", 0 if split is None else split[1] // 8), ("TQ_NS", stages)]
         return "attention_mma", mma, words, _partial_outputs(kv_heads, blocks, group, dim)
     tile = (staged_attention_tile(k_code_bytes, code_bytes(dim, v_bits), fp16, head_stride,
                                   block_tokens, scratch) if kernel in ("staged", "mma") else None)

@@ -312,6 +312,7 @@ def test_mma_rule_and_default(monkeypatch):
     (256, 2, 2, 2, 4, 97, 8, False, 4),     # 32 value coordinates a lane row; 8-token pages
     (64, 4, 2, 3, 3, 75, 8, True, 3),       # split: 4- and 2-bit halves in 25-byte rows
     (128, 8, 2, 3, 3, 150, 32, True, 2),    # split, 49-byte rows (unaligned)
+    (128, 8, 2, 3, 3, 90, 16, 16, 3),       # split with 16-bit angles (read from device memory)
 ])
 def test_mma_kernel_matches_the_core(emulated, monkeypatch, d, hq, hkv, kb, vb, tokens, bt,
                                      split, stages):
@@ -321,8 +322,9 @@ def test_mma_kernel_matches_the_core(emulated, monkeypatch, d, hq, hkv, kb, vb, 
     kw = dict(n_layers=1, n_q_heads=hq, n_kv_heads=hkv, value_bits=vb, seed=5, block_tokens=bt,
               key_bits=kb)
     if split:
-        kw.update(split_kw(d, kb + 1, kb - 1), block_tokens=bt)
-    store, core, q = filled_pair(rng, d, hq, hkv, tokens, kw, split)
+        kw.update(split_kw(d, kb + 1, kb - 1, angle_bits=16 if split == 16 else 8),
+                  block_tokens=bt)
+    store, core, q = filled_pair(rng, d, hq, hkv, tokens, kw, bool(split))
     start = len(emulated.launches)
     with metal.forced_attention("mma"):
         got = np.array(store.attend(mx.array(q), scale=0.2))
