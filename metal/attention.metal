@@ -316,7 +316,7 @@ inline void tq_attention_reduce_body(device const float* part_m, device const fl
                              nthreads, mmax, lsum);
   const float inv = 1.0f / lsum;
   for (uint j = tid; j < d; j += nthreads) v[j] = v[j] * inv;
-  if (p.inverse_rotate != 0u) tq_hadamard_inverse(v, v_signs, d, tid, nthreads);
+  if (p.inverse_rotate != 0u) tq_hadamard_inverse_simd(v, v_signs, d, tid, nthreads);
   for (uint j = tid; j < d; j += nthreads) out[(ulong(head) * G + g) * d + j] = v[j];
 }
 

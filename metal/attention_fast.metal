@@ -546,7 +546,7 @@ inline void tq_attention_reduce_rows_body(device const float* part_m, device con
   if (p.num_blocks > 0u) {
     tq_attention_reduce_blocks(part_m, part_l, part_acc, d, G, p.num_blocks, tg, g, head, tid,
                                nthreads, M, lsum);
-    if (p.inverse_rotate != 0u) tq_hadamard_inverse(v, v_signs, d, tid, nthreads);
+    if (p.inverse_rotate != 0u) tq_hadamard_inverse_simd(v, v_signs, d, tid, nthreads);
   } else {
     for (uint j = tid; j < d; j += nthreads) v[j] = 0.0f;
   }

@@ -346,6 +346,37 @@ inline void tq_hadamard_inverse_lanes(thread float* x, TQ_TABLE float* signs, ui
   TQ_UNROLL for (uint e = 0u; e < E; ++e) x[e] *= signs[lane + TQ_SIMD_WIDTH * e] * scale;
 }
 
+// tq_hadamard_inverse of the vector v (d = 32·E floats in threadgroup memory) by one
+// simd-group in registers: bit-identical, without the threadgroup's barriers between stages.
+template <uint E>
+inline void tq_hadamard_inverse_row(threadgroup float* v, TQ_TABLE float* signs, uint lane) {
+  float x[E];
+  TQ_UNROLL for (uint e = 0u; e < E; ++e) x[e] = v[lane + TQ_SIMD_WIDTH * e];
+  tq_hadamard_inverse_lanes<E>(x, signs, TQ_SIMD_WIDTH * E, TQ_SIMD_WIDTH * E, lane);
+  TQ_UNROLL for (uint e = 0u; e < E; ++e) v[lane + TQ_SIMD_WIDTH * e] = x[e];
+}
+
+// tq_hadamard_inverse (same values, same barrier contract) by the first simd-group alone for
+// d = 64, 128 or 256, the other threads waiting at the barriers; other d: tq_hadamard_inverse.
+inline void tq_hadamard_inverse_simd(threadgroup float* v, TQ_TABLE float* signs, uint d,
+                                     uint tid, uint nthreads) {
+  if (nthreads < TQ_SIMD_WIDTH || (d != 64u && d != 128u && d != 256u)) {
+    tq_hadamard_inverse(v, signs, d, tid, nthreads);
+    return;
+  }
+  threadgroup_barrier(mem_flags::mem_threadgroup);
+  if (tid < TQ_SIMD_WIDTH) {
+    if (d == 64u) {
+      tq_hadamard_inverse_row<2u>(v, signs, tid);
+    } else if (d == 128u) {
+      tq_hadamard_inverse_row<4u>(v, signs, tid);
+    } else {
+      tq_hadamard_inverse_row<8u>(v, signs, tid);
+    }
+  }
+  threadgroup_barrier(mem_flags::mem_threadgroup);
+}
+
 // Stores ‖x‖·x of a row in registers (lane's elements j = lane + 32·e) as fp32 or fp16 bits.
 template <uint E>
 inline void tq_store_row_lanes(device uchar* out, thread const float* x, float n, ulong first,
