@@ -451,13 +451,18 @@ struct TqReduceRowsParams {
 #define TQ_REDUCE_ROWS_CHUNK 128u
 #define TQ_REDUCE_ROWS_BATCH 8u
 #define TQ_REDUCE_SCORE_BATCH 4u
-#define TQ_REDUCE_ROWS_FLOATS (TQ_REDUCE_GROUP_FLOATS + TQ_REDUCE_ROWS_CHUNK)
+// The rows' scratch after the reduce's: the chunk's weights, the first chunk's row sums (dim
+// <= 512) and their slices' sums.
+#define TQ_REDUCE_ROWS_FLOATS \
+  (TQ_REDUCE_GROUP_FLOATS + TQ_REDUCE_ROWS_CHUNK + 512u + TQ_REDUCE_SLICE_FLOATS)
 
-// Folds `rows` fp16 rows into the running (M, lsum, v): chunks of TQ_REDUCE_ROWS_CHUNK rows,
+// Folds rows [first_row, rows) of a set of fp16 rows into the running (M, lsum, v): chunks of
+// TQ_REDUCE_ROWS_CHUNK rows,
 // scored one simd-group per row, then weighted into v (thread per coordinate and slice).
 // red: 32 floats, then TQ_REDUCE_SLICE_FLOATS for the slices' sums.
 inline void tq_attention_merge_rows(device const float* qrow, device const ushort* k,
-                                    device const ushort* v_rows, uint rows, uint stride,
+                                    device const ushort* v_rows, uint first_row, uint rows,
+                                    uint stride,
                                     float scale, uint d, uint head, threadgroup float* v,
                                     threadgroup float* sc, threadgroup float* red,
                                     thread float& M, thread float& lsum, uint tid,
@@ -467,7 +472,7 @@ inline void tq_attention_merge_rows(device const float* qrow, device const ushor
   const ulong first = ulong(head) * stride;
   const TqReduceSlices sl = tq_reduce_slices(d, tid, nthreads);
   threadgroup float* part = red + 32u;
-  for (uint r0 = 0u; r0 < rows; r0 += TQ_REDUCE_ROWS_CHUNK) {
+  for (uint r0 = first_row; r0 < rows; r0 += TQ_REDUCE_ROWS_CHUNK) {
     const uint nr = min(TQ_REDUCE_ROWS_CHUNK, rows - r0);
     // A simd-group scores rows simd, simd + nsimd, ...: four at a time, so that their loads
     // are in flight together (each row's sum in the same order as alone).
@@ -527,7 +532,31 @@ inline void tq_attention_merge_rows(device const float* qrow, device const ushor
   }
 }
 
+// v[j] = Σ_s part[s·d + j] and w[j] = Σ_s part2[s·d + j] (tq_reduce_slices_add for two
+// vectors at once, one pair of barriers).
+inline void tq_reduce_slices_add2(threadgroup float* v, threadgroup const float* part,
+                                  threadgroup float* w, threadgroup const float* part2,
+                                  TqReduceSlices s, uint d) {
+  threadgroup_barrier(mem_flags::mem_threadgroup);
+  if (s.slice == 0u) {
+    for (uint j = s.j0; j < d; j += s.jstep) {
+      float x = part[j], y = part2[j];
+      for (uint t = 1u; t < s.count; ++t) {
+        x += part[t * d + j];
+        y += part2[t * d + j];
+      }
+      v[j] = x;
+      w[j] = y;
+    }
+  }
+  threadgroup_barrier(mem_flags::mem_threadgroup);
+}
+
 // One threadgroup per (query head g of the group, KV head): out[(h·G + g)·dim + j].
+// The code blocks and the first TQ_REDUCE_ROWS_CHUNK fp16 rows (set a's, then set b's) go
+// through one softmax pass: the rows are scored while the blocks' maxima load, one max and one
+// sum over both, then each thread sums its coordinates over the blocks (rotated: Π_Vᵀ after)
+// and over the rows. Rows past the first chunk are folded in after (tq_attention_merge_rows).
 // tg: TQ_REDUCE_ROWS_FLOATS floats. nthreads: a power of two, at most 1024 (more than dim:
 // slices, tq_reduce_slices).
 inline void tq_attention_reduce_rows_body(device const float* part_m, device const float* part_l,
@@ -537,25 +566,126 @@ inline void tq_attention_reduce_rows_body(device const float* part_m, device con
                                           device const ushort* v_b, device float* out,
                                           TQ_PARAMS TqReduceRowsParams& p, threadgroup float* tg,
                                           uint g, uint head, uint tid, uint nthreads) {
-  const uint d = p.dim, G = p.group;
+  const uint d = p.dim, G = p.group, nb = p.num_blocks;
   if (g >= G) return;  // uniform over the threadgroup
-  threadgroup float* v = tg;
-  threadgroup float* red = tg + 512u + TQ_REDUCE_CACHED_BLOCKS;
-  threadgroup float* sc = tg + TQ_REDUCE_GROUP_FLOATS;
-  float M = -INFINITY, lsum = 0.0f;
-  if (p.num_blocks > 0u) {
-    tq_attention_reduce_blocks(part_m, part_l, part_acc, d, G, p.num_blocks, tg, g, head, tid,
-                               nthreads, M, lsum);
-    if (p.inverse_rotate != 0u) tq_hadamard_inverse_simd(v, v_signs, d, tid, nthreads);
-  } else {
-    for (uint j = tid; j < d; j += nthreads) v[j] = 0.0f;
-  }
-  threadgroup_barrier(mem_flags::mem_threadgroup);
+  threadgroup float* v = tg;  // the blocks' sums, then the output
+  threadgroup float* eb = tg + 512u;
+  threadgroup float* red = eb + TQ_REDUCE_CACHED_BLOCKS;
+  threadgroup float* part = red + 32u;
+  threadgroup float* sc = tg + TQ_REDUCE_GROUP_FLOATS;  // the chunk's scores, then weights
+  threadgroup float* vr = sc + TQ_REDUCE_ROWS_CHUNK;     // the first chunk's row sums
+  threadgroup float* part2 = vr + 512u;
+  const uint lane = tid % TQ_SIMD_WIDTH, simd = tid / TQ_SIMD_WIDTH;
+  const uint nsimd = (nthreads + TQ_SIMD_WIDTH - 1u) / TQ_SIMD_WIDTH;  // a group of 16 is one
+  const uint na = p.rows_a, nrows = p.rows_a + p.rows_b;
+  const uint n0 = min(nrows, TQ_REDUCE_ROWS_CHUNK);  // rows of the fused pass
+  const ulong first_a = ulong(head) * p.stride_a, first_b = ulong(head) * p.stride_b;
   device const float* qrow = q + (ulong(head) * G + g) * d;
-  tq_attention_merge_rows(qrow, k_a, v_a, p.rows_a, p.stride_a, p.scale, d, head, v, sc, red, M,
-                          lsum, tid, nthreads);
-  tq_attention_merge_rows(qrow, k_b, v_b, p.rows_b, p.stride_b, p.scale, d, head, v, sc, red, M,
-                          lsum, tid, nthreads);
+  const bool cached = nb <= TQ_REDUCE_CACHED_BLOCKS;
+  const ulong base = ulong(head) * nb * G + g;  // part_m index of block 0
+
+  // The blocks' maximum and the first chunk's scores (a simd-group a row, four in flight).
+  float mloc = -INFINITY;
+  for (uint b = tid; b < nb; b += nthreads) mloc = max(mloc, part_m[base + ulong(b) * G]);
+  for (uint r = simd; r < n0; r += TQ_REDUCE_SCORE_BATCH * nsimd) {
+    float s[TQ_REDUCE_SCORE_BATCH];
+    TQ_UNROLL for (uint u = 0u; u < TQ_REDUCE_SCORE_BATCH; ++u) {
+      const uint rr = r + u * nsimd;  // uniform over the simd-group
+      s[u] = 0.0f;
+      if (rr < n0) {
+        device const ushort* kr = rr < na ? k_a + (first_a + rr) * d
+                                          : k_b + (first_b + (rr - na)) * d;
+        for (uint j = lane; j < d; j += TQ_SIMD_WIDTH) {
+          s[u] += qrow[j] * tq_half_bits_to_float(kr[j]);
+        }
+      }
+    }
+    TQ_UNROLL for (uint u = 0u; u < TQ_REDUCE_SCORE_BATCH; ++u) {
+      const uint rr = r + u * nsimd;
+      const float t = simd_sum(s[u]) * p.scale;
+      if (rr < n0) {
+        mloc = max(mloc, t);
+        if (lane == 0u) sc[rr] = t;
+      }
+    }
+  }
+  const float M0 = tq_group_reduce(mloc, 0u, red, tid, nthreads);  // barrier: sc is set
+  // The weights e^(m - M0) of blocks and rows, and their total.
+  float lloc = 0.0f;
+  for (uint b = tid; b < nb; b += nthreads) {
+    const float e = exp(part_m[base + ulong(b) * G] - M0);
+    if (cached) eb[b] = e;
+    lloc += part_l[base + ulong(b) * G] * e;
+  }
+  for (uint r = tid; r < n0; r += nthreads) {
+    const float e = exp(sc[r] - M0);
+    sc[r] = e;
+    lloc += e;
+  }
+  float lsum = tq_group_reduce(lloc, 1u, red, tid, nthreads);  // barrier: eb, sc are set
+  float M = M0;
+  // Each slice sums its own run of the blocks (rotated domain, four chains of loads) and of
+  // the rows (eight rows' loads in flight), in the order of one slice.
+  const TqReduceSlices sl = tq_reduce_slices(d, tid, nthreads);
+  const uint b0 = tq_slice_begin(nb, sl.slice, sl.count);
+  const uint b1 = tq_slice_begin(nb, sl.slice + 1u, sl.count);
+  const uint q0 = tq_slice_begin(n0, sl.slice, sl.count);
+  const uint q1 = tq_slice_begin(n0, sl.slice + 1u, sl.count);
+  for (uint j = sl.j0; j < d; j += sl.jstep) {
+    float a0 = 0.0f, a1 = 0.0f, a2 = 0.0f, a3 = 0.0f;
+    uint b = b0;
+    for (; b + 4u <= b1; b += 4u) {
+      const ulong r = (base + ulong(b) * G) * d + j, st = ulong(G) * d;
+      const float e0 = cached ? eb[b] : exp(part_m[base + ulong(b) * G] - M0);
+      const float e1 = cached ? eb[b + 1u] : exp(part_m[base + ulong(b + 1u) * G] - M0);
+      const float e2 = cached ? eb[b + 2u] : exp(part_m[base + ulong(b + 2u) * G] - M0);
+      const float e3 = cached ? eb[b + 3u] : exp(part_m[base + ulong(b + 3u) * G] - M0);
+      a0 += part_acc[r] * e0;
+      a1 += part_acc[r + st] * e1;
+      a2 += part_acc[r + 2u * st] * e2;
+      a3 += part_acc[r + 3u * st] * e3;
+    }
+    for (; b < b1; ++b) {
+      const float e = cached ? eb[b] : exp(part_m[base + ulong(b) * G] - M0);
+      a0 += part_acc[(base + ulong(b) * G) * d + j] * e;
+    }
+    tq_reduce_slices_put(v, part, sl, d, j, (a0 + a1) + (a2 + a3));
+    float acc = 0.0f;
+    uint r = q0;
+    for (; r + TQ_REDUCE_ROWS_BATCH <= q1; r += TQ_REDUCE_ROWS_BATCH) {
+      float x[TQ_REDUCE_ROWS_BATCH];
+      TQ_UNROLL for (uint u = 0u; u < TQ_REDUCE_ROWS_BATCH; ++u) {
+        const uint rr = r + u;
+        device const ushort* vrow = rr < na ? v_a + (first_a + rr) * d
+                                            : v_b + (first_b + (rr - na)) * d;
+        x[u] = tq_half_bits_to_float(vrow[j]);
+      }
+      TQ_UNROLL for (uint u = 0u; u < TQ_REDUCE_ROWS_BATCH; ++u) acc += sc[r + u] * x[u];
+    }
+    for (; r < q1; ++r) {
+      device const ushort* vrow = r < na ? v_a + (first_a + r) * d : v_b + (first_b + (r - na)) * d;
+      acc += sc[r] * tq_half_bits_to_float(vrow[j]);
+    }
+    tq_reduce_slices_put(vr, part2, sl, d, j, acc);
+  }
+  if (sl.count > 1u) tq_reduce_slices_add2(v, part, vr, part2, sl, d);
+  // Π_Vᵀ on the blocks' sums (barriers before and after), then the rows' sums added.
+  if (nb > 0u && p.inverse_rotate != 0u) {
+    tq_hadamard_inverse_simd(v, v_signs, d, tid, nthreads);
+  } else {
+    threadgroup_barrier(mem_flags::mem_threadgroup);
+  }
+  for (uint j = tid; j < d; j += nthreads) v[j] += vr[j];
+  // The rows past the first chunk: set a's, then set b's.
+  if (nrows > n0) {
+    threadgroup_barrier(mem_flags::mem_threadgroup);  // sc and v are free / complete
+    if (na > n0) {
+      tq_attention_merge_rows(qrow, k_a, v_a, n0, na, p.stride_a, p.scale, d, head, v, sc, red,
+                              M, lsum, tid, nthreads);
+    }
+    tq_attention_merge_rows(qrow, k_b, v_b, n0 > na ? n0 - na : 0u, p.rows_b, p.stride_b,
+                            p.scale, d, head, v, sc, red, M, lsum, tid, nthreads);
+  }
   const float inv = 1.0f / lsum;
   for (uint j = tid; j < d; j += nthreads) out[(ulong(head) * G + g) * d + j] = v[j] * inv;
 }

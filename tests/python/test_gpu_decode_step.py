@@ -244,3 +244,38 @@ def test_a_bad_reduce_thread_count_is_refused(monkeypatch):
     monkeypatch.setattr(metal, "candidate_path", lambda: "metal")
     assert metal.reduce_threads(128) == metal.REDUCE_THREADS_METAL == 256
     assert metal.reduce_threads(512) == 256  # a power of two dividing dim: one slice
+
+
+@pytest.mark.parametrize("kernel", ["mma", "staged"])
+def test_the_reduce_folds_long_row_sets_past_its_first_chunk(emulated, monkeypatch, kernel):
+    """The reduce's fused pass takes the blocks and the first 128 fp16 rows (set a's, then set
+    b's); the rest follow chunk by chunk. With 150 rows in set a and 40 in set b (set a alone
+    fills the fused pass), with 100 + 90 (the pass ends inside set b) and with the 190 rows as
+    one set, the outputs agree to float32 rounding and match a numpy reference; dropping one
+    row of set b changes them."""
+    store, core, rng = _emulated_cuda_store(emulated, monkeypatch, 9, 64, block_tokens=8,
+                                            fp16_sinks=0, fp16_window=0)
+    q = rng.standard_normal((2, 2, 64)).astype(np.float32)
+    k, v = (_f16(rng.standard_normal((2, 190, 64))) for _ in range(2))
+
+    def attend(*cuts):
+        sets = [(mx.array(k[:, a:b]), mx.array(v[:, a:b])) for a, b in zip(cuts, cuts[1:])]
+        with metal.forced_attention(kernel):
+            out, _ = store._code_attention(mx.array(q), 0, 64, 0.125, False, rows=sets)
+        return np.array(out)
+
+    # the reference: the codes' attention from the core's decode of its own codes, then the rows
+    # under one softmax (scores in float64)
+    kc, vc = (np.stack([core.decode(0, h, role, 0, 64) for h in range(2)]).astype(np.float64)
+              for role in ("key", "value"))
+    keys = np.concatenate([kc, k.astype(np.float64)], axis=1)
+    vals = np.concatenate([vc, v.astype(np.float64)], axis=1)
+    s = np.einsum("hgd,htd->hgt", q.astype(np.float64), keys) * 0.125
+    w = np.exp(s - s.max(-1, keepdims=True))
+    want = np.einsum("hgt,htd->hgd", w / w.sum(-1, keepdims=True), vals)
+    outs = [attend(0, 150, 190), attend(0, 100, 190), attend(0, 190)]
+    for out in outs:
+        np.testing.assert_allclose(out, want, atol=2e-3)
+    np.testing.assert_allclose(outs[0], outs[2], atol=1e-5)
+    np.testing.assert_allclose(outs[1], outs[2], atol=1e-5)
+    assert np.abs(attend(0, 150, 189) - outs[0]).max() > 1e-4
