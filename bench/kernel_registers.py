@@ -8,7 +8,7 @@ what capping the registers for N threadgroups per multiprocessor would cost in s
     python bench/kernel_registers.py [--min-blocks 3,4] [--sass]
 
 ``--sass`` also disassembles each build (nvdisasm, from the ``nvidia-cuda-nvdisasm`` wheel or
-the CUDA toolkit) and counts the instructions of its main loop: the longest loop that holds
+the CUDA toolkit) and counts the instructions of its main loop: the innermost loop that holds
 tensor-core products (HMMA) or, without them, the longest loop, as written (both arms of a
 branch counted), with the HMMA, shared-memory loads (LDS) and global loads (LDG) in it.
 """
@@ -83,11 +83,10 @@ def main_loop(sass: str) -> str:
             loops.append((ops["HMMA"] > 0, len(body), ops))
     if not loops:
         return "no loop"
-    _, n, ops = max(loops, key=lambda x: (x[0], x[1]) if x[0] else (False, x[1]))
-    # the innermost loop that holds the products: the shortest among those with HMMA
+    # the innermost loop that holds the products (the shortest with HMMA), else the longest
     with_mma = [x for x in loops if x[0]]
-    if with_mma:
-        _, n, ops = min(with_mma, key=lambda x: x[1])
+    _, n, ops = (min(with_mma, key=lambda x: x[1]) if with_mma
+                 else max(loops, key=lambda x: x[1]))
     return f"main loop {n} instructions, {ops['HMMA']} HMMA, {ops['LDS']} LDS, {ops['LDG']} LDG"
 
 

@@ -94,3 +94,32 @@ def test_gpu_decode_nodes_smoke(tmp_path):
     assert ops.get("SliceUpdate") == 2 and "Concatenate" not in ops
     assert not {"Add", "Multiply", "Arange"} & set(ops)
     assert row["median_total"] == typical["total"] == 10
+
+
+def test_kernel_registers_counts_the_innermost_loop_with_products():
+    """bench/kernel_registers.py --sass: the main loop is the innermost loop holding HMMA (an
+    outer loop around it, and a longer loop without products, are not it)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("kernel_registers",
+                                                  BENCH / "kernel_registers.py")
+    sys.path.insert(0, str(BENCH.parent / "tests" / "python"))
+    kr = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(kr)
+    sass = "\n".join([
+        "        /*0000*/                   MOV R1, R2 ;",
+        ".L_x_1:",
+        "        /*0010*/                   IADD3 R1, R1, 0x1, RZ ;",
+        ".L_x_2:",
+        "        /*0020*/                   LDS R4, [R5] ;",
+        "        /*0030*/                   HMMA.16816.F32 R8, R12, R4, R8 ;",
+        "        /*0040*/              @!P0 LDG.E R6, desc[UR4][R2.64] ;",
+        "        /*0050*/              @P1 BRA `(.L_x_2) ;",
+        "        /*0060*/                   BRA `(.L_x_1) ;",
+        ".L_x_3:",
+    ] + ["        /*%04x*/                   FADD R1, R1, R1 ;" % (0x70 + 16 * i)
+         for i in range(9)] + [
+        "        /*0100*/                   BRA `(.L_x_3) ;",
+    ])
+    assert kr.main_loop(sass) == "main loop 4 instructions, 1 HMMA, 1 LDS, 1 LDG"
+    assert kr.main_loop("        /*0000*/                   EXIT ;") == "no loop"
