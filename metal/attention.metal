@@ -220,16 +220,35 @@ inline void tq_reduce_slices_put(threadgroup float* v, threadgroup float* part, 
   }
 }
 
+// Σ_s part[s·d + j], in slice order.
+inline float tq_reduce_slice_sum(threadgroup const float* part, TqReduceSlices s, uint d,
+                                 uint j) {
+  float x = part[j];
+  for (uint t = 1u; t < s.count; ++t) x += part[t * d + j];
+  return x;
+}
+
 // v[j] = Σ_s part[s·d + j] for the coordinates of slice 0 (slice order), after the slices
 // wrote their sums to part; returns after a barrier (v is set for every thread).
 inline void tq_reduce_slices_add(threadgroup float* v, threadgroup const float* part,
                                  TqReduceSlices s, uint d) {
   threadgroup_barrier(mem_flags::mem_threadgroup);
   if (s.slice == 0u) {
+    for (uint j = s.j0; j < d; j += s.jstep) v[j] = tq_reduce_slice_sum(part, s, d, j);
+  }
+  threadgroup_barrier(mem_flags::mem_threadgroup);
+}
+
+// tq_reduce_slices_add for two vectors at once (one pair of barriers): v from part, w from
+// part2.
+inline void tq_reduce_slices_add2(threadgroup float* v, threadgroup const float* part,
+                                  threadgroup float* w, threadgroup const float* part2,
+                                  TqReduceSlices s, uint d) {
+  threadgroup_barrier(mem_flags::mem_threadgroup);
+  if (s.slice == 0u) {
     for (uint j = s.j0; j < d; j += s.jstep) {
-      float x = part[j];
-      for (uint t = 1u; t < s.count; ++t) x += part[t * d + j];
-      v[j] = x;
+      v[j] = tq_reduce_slice_sum(part, s, d, j);
+      w[j] = tq_reduce_slice_sum(part2, s, d, j);
     }
   }
   threadgroup_barrier(mem_flags::mem_threadgroup);

@@ -456,44 +456,82 @@ struct TqReduceRowsParams {
 #define TQ_REDUCE_ROWS_FLOATS \
   (TQ_REDUCE_GROUP_FLOATS + TQ_REDUCE_ROWS_CHUNK + 512u + TQ_REDUCE_SLICE_FLOATS)
 
-// Folds rows [first_row, rows) of a set of fp16 rows into the running (M, lsum, v): chunks of
-// TQ_REDUCE_ROWS_CHUNK rows,
-// scored one simd-group per row, then weighted into v (thread per coordinate and slice).
-// red: 32 floats, then TQ_REDUCE_SLICE_FLOATS for the slices' sums.
-inline void tq_attention_merge_rows(device const float* qrow, device const ushort* k,
-                                    device const ushort* v_rows, uint first_row, uint rows,
-                                    uint stride,
-                                    float scale, uint d, uint head, threadgroup float* v,
+// Two sets of fp16 rows of one KV head read as one: rows [0, na) of set a, then set b's.
+struct TqRowSets {
+  device const ushort* a;
+  device const ushort* b;
+  ulong first_a;  // the head's first row in each set
+  ulong first_b;
+  uint na;
+  uint d;
+};
+
+inline device const ushort* tq_row(TqRowSets s, uint r) {
+  return r < s.na ? s.a + (s.first_a + r) * s.d : s.b + (s.first_b + (r - s.na)) * s.d;
+}
+
+// sc[i] = scale · q·k(r0 + i) for i < n, a simd-group a row (simd, simd + nsimd, ...), four at
+// a time so that their loads are in flight together (each row's sum in the same order as
+// alone). Returns the maximum of the scores this thread's simd-group wrote (-inf if none).
+inline float tq_score_rows(device const float* qrow, TqRowSets k, uint r0, uint n, float scale,
+                           threadgroup float* sc, uint lane, uint simd, uint nsimd) {
+  float mloc = -INFINITY;
+  for (uint r = simd; r < n; r += TQ_REDUCE_SCORE_BATCH * nsimd) {
+    float s[TQ_REDUCE_SCORE_BATCH];
+    TQ_UNROLL for (uint u = 0u; u < TQ_REDUCE_SCORE_BATCH; ++u) {
+      const uint rr = r + u * nsimd;  // uniform over the simd-group
+      s[u] = 0.0f;
+      if (rr < n) {
+        device const ushort* kr = tq_row(k, r0 + rr);
+        for (uint j = lane; j < k.d; j += TQ_SIMD_WIDTH) {
+          s[u] += qrow[j] * tq_half_bits_to_float(kr[j]);
+        }
+      }
+    }
+    TQ_UNROLL for (uint u = 0u; u < TQ_REDUCE_SCORE_BATCH; ++u) {
+      const uint rr = r + u * nsimd;
+      const float t = simd_sum(s[u]) * scale;
+      if (rr < n) {
+        mloc = max(mloc, t);
+        if (lane == 0u) sc[rr] = t;
+      }
+    }
+  }
+  return mloc;
+}
+
+// acc + Σ_{i in [q0, q1)} w[i] · v(r0 + i)[j], in row order, eight rows' loads in flight
+// before their products (a row at a time, each load would be waited for alone).
+inline float tq_weight_rows(TqRowSets v, uint r0, uint q0, uint q1, uint j,
+                            threadgroup const float* w, float acc) {
+  uint r = q0;
+  for (; r + TQ_REDUCE_ROWS_BATCH <= q1; r += TQ_REDUCE_ROWS_BATCH) {
+    float x[TQ_REDUCE_ROWS_BATCH];
+    TQ_UNROLL for (uint u = 0u; u < TQ_REDUCE_ROWS_BATCH; ++u) {
+      x[u] = tq_half_bits_to_float(tq_row(v, r0 + r + u)[j]);
+    }
+    TQ_UNROLL for (uint u = 0u; u < TQ_REDUCE_ROWS_BATCH; ++u) acc += w[r + u] * x[u];
+  }
+  for (; r < q1; ++r) acc += w[r] * tq_half_bits_to_float(tq_row(v, r0 + r)[j]);
+  return acc;
+}
+
+// Folds rows [first_row, rows) of the row sets into the running (M, lsum, v): chunks of
+// TQ_REDUCE_ROWS_CHUNK rows, scored one simd-group per row, then weighted into v (thread per
+// coordinate and slice). red: 32 floats, then TQ_REDUCE_SLICE_FLOATS for the slices' sums.
+inline void tq_attention_merge_rows(device const float* qrow, TqRowSets k, TqRowSets vals,
+                                    uint first_row, uint rows, float scale, threadgroup float* v,
                                     threadgroup float* sc, threadgroup float* red,
                                     thread float& M, thread float& lsum, uint tid,
                                     uint nthreads) {
   const uint lane = tid % TQ_SIMD_WIDTH, simd = tid / TQ_SIMD_WIDTH;
   const uint nsimd = (nthreads + TQ_SIMD_WIDTH - 1u) / TQ_SIMD_WIDTH;  // a group of 16 is one
-  const ulong first = ulong(head) * stride;
+  const uint d = k.d;
   const TqReduceSlices sl = tq_reduce_slices(d, tid, nthreads);
   threadgroup float* part = red + 32u;
   for (uint r0 = first_row; r0 < rows; r0 += TQ_REDUCE_ROWS_CHUNK) {
     const uint nr = min(TQ_REDUCE_ROWS_CHUNK, rows - r0);
-    // A simd-group scores rows simd, simd + nsimd, ...: four at a time, so that their loads
-    // are in flight together (each row's sum in the same order as alone).
-    for (uint r = simd; r < nr; r += TQ_REDUCE_SCORE_BATCH * nsimd) {
-      float s[TQ_REDUCE_SCORE_BATCH];
-      TQ_UNROLL for (uint u = 0u; u < TQ_REDUCE_SCORE_BATCH; ++u) {
-        const uint rr = r + u * nsimd;  // uniform over the simd-group
-        s[u] = 0.0f;
-        if (rr < nr) {
-          device const ushort* kr = k + (first + r0 + rr) * d;
-          for (uint j = lane; j < d; j += TQ_SIMD_WIDTH) {
-            s[u] += qrow[j] * tq_half_bits_to_float(kr[j]);
-          }
-        }
-      }
-      TQ_UNROLL for (uint u = 0u; u < TQ_REDUCE_SCORE_BATCH; ++u) {
-        const uint rr = r + u * nsimd;
-        const float t = simd_sum(s[u]);
-        if (lane == 0u && rr < nr) sc[rr] = t * scale;
-      }
-    }
+    tq_score_rows(qrow, k, r0, nr, scale, sc, lane, simd, nsimd);
     threadgroup_barrier(mem_flags::mem_threadgroup);
     float mloc = -INFINITY;
     for (uint r = tid; r < nr; r += nthreads) mloc = max(mloc, sc[r]);
@@ -512,44 +550,12 @@ inline void tq_attention_merge_rows(device const float* qrow, device const ushor
     const uint q0 = tq_slice_begin(nr, sl.slice, sl.count);
     const uint q1 = tq_slice_begin(nr, sl.slice + 1u, sl.count);
     for (uint j = sl.j0; j < d; j += sl.jstep) {
-      // Eight rows' loads in flight before their products (the order of the sum is the
-      // row order, as one row at a time): a row at a time, each load waited for alone.
-      device const ushort* vr = v_rows + (first + r0) * d + j;
-      float acc = sl.slice == 0u ? v[j] * a : 0.0f;
-      uint r = q0;
-      for (; r + TQ_REDUCE_ROWS_BATCH <= q1; r += TQ_REDUCE_ROWS_BATCH) {
-        float x[TQ_REDUCE_ROWS_BATCH];
-        TQ_UNROLL for (uint u = 0u; u < TQ_REDUCE_ROWS_BATCH; ++u) {
-          x[u] = tq_half_bits_to_float(vr[ulong(r + u) * d]);
-        }
-        TQ_UNROLL for (uint u = 0u; u < TQ_REDUCE_ROWS_BATCH; ++u) acc += sc[r + u] * x[u];
-      }
-      for (; r < q1; ++r) acc += sc[r] * tq_half_bits_to_float(vr[ulong(r) * d]);
+      const float acc = tq_weight_rows(vals, r0, q0, q1, j, sc, sl.slice == 0u ? v[j] * a : 0.0f);
       tq_reduce_slices_put(v, part, sl, d, j, acc);
     }
     if (sl.count > 1u) tq_reduce_slices_add(v, part, sl, d);
     threadgroup_barrier(mem_flags::mem_threadgroup);  // sc is rewritten by the next chunk
   }
-}
-
-// v[j] = Σ_s part[s·d + j] and w[j] = Σ_s part2[s·d + j] (tq_reduce_slices_add for two
-// vectors at once, one pair of barriers).
-inline void tq_reduce_slices_add2(threadgroup float* v, threadgroup const float* part,
-                                  threadgroup float* w, threadgroup const float* part2,
-                                  TqReduceSlices s, uint d) {
-  threadgroup_barrier(mem_flags::mem_threadgroup);
-  if (s.slice == 0u) {
-    for (uint j = s.j0; j < d; j += s.jstep) {
-      float x = part[j], y = part2[j];
-      for (uint t = 1u; t < s.count; ++t) {
-        x += part[t * d + j];
-        y += part2[t * d + j];
-      }
-      v[j] = x;
-      w[j] = y;
-    }
-  }
-  threadgroup_barrier(mem_flags::mem_threadgroup);
 }
 
 // One threadgroup per (query head g of the group, KV head): out[(h·G + g)·dim + j].
@@ -580,6 +586,8 @@ inline void tq_attention_reduce_rows_body(device const float* part_m, device con
   const uint na = p.rows_a, nrows = p.rows_a + p.rows_b;
   const uint n0 = min(nrows, TQ_REDUCE_ROWS_CHUNK);  // rows of the fused pass
   const ulong first_a = ulong(head) * p.stride_a, first_b = ulong(head) * p.stride_b;
+  const TqRowSets keys = {k_a, k_b, first_a, first_b, na, d};
+  const TqRowSets vals = {v_a, v_b, first_a, first_b, na, d};
   device const float* qrow = q + (ulong(head) * G + g) * d;
   const bool cached = nb <= TQ_REDUCE_CACHED_BLOCKS;
   const ulong base = ulong(head) * nb * G + g;  // part_m index of block 0
@@ -587,28 +595,7 @@ inline void tq_attention_reduce_rows_body(device const float* part_m, device con
   // The blocks' maximum and the first chunk's scores (a simd-group a row, four in flight).
   float mloc = -INFINITY;
   for (uint b = tid; b < nb; b += nthreads) mloc = max(mloc, part_m[base + ulong(b) * G]);
-  for (uint r = simd; r < n0; r += TQ_REDUCE_SCORE_BATCH * nsimd) {
-    float s[TQ_REDUCE_SCORE_BATCH];
-    TQ_UNROLL for (uint u = 0u; u < TQ_REDUCE_SCORE_BATCH; ++u) {
-      const uint rr = r + u * nsimd;  // uniform over the simd-group
-      s[u] = 0.0f;
-      if (rr < n0) {
-        device const ushort* kr = rr < na ? k_a + (first_a + rr) * d
-                                          : k_b + (first_b + (rr - na)) * d;
-        for (uint j = lane; j < d; j += TQ_SIMD_WIDTH) {
-          s[u] += qrow[j] * tq_half_bits_to_float(kr[j]);
-        }
-      }
-    }
-    TQ_UNROLL for (uint u = 0u; u < TQ_REDUCE_SCORE_BATCH; ++u) {
-      const uint rr = r + u * nsimd;
-      const float t = simd_sum(s[u]) * p.scale;
-      if (rr < n0) {
-        mloc = max(mloc, t);
-        if (lane == 0u) sc[rr] = t;
-      }
-    }
-  }
+  mloc = max(mloc, tq_score_rows(qrow, keys, 0u, n0, p.scale, sc, lane, simd, nsimd));
   const float M0 = tq_group_reduce(mloc, 0u, red, tid, nthreads);  // barrier: sc is set
   // The weights e^(m - M0) of blocks and rows, and their total.
   float lloc = 0.0f;
@@ -650,22 +637,7 @@ inline void tq_attention_reduce_rows_body(device const float* part_m, device con
       a0 += part_acc[(base + ulong(b) * G) * d + j] * e;
     }
     tq_reduce_slices_put(v, part, sl, d, j, (a0 + a1) + (a2 + a3));
-    float acc = 0.0f;
-    uint r = q0;
-    for (; r + TQ_REDUCE_ROWS_BATCH <= q1; r += TQ_REDUCE_ROWS_BATCH) {
-      float x[TQ_REDUCE_ROWS_BATCH];
-      TQ_UNROLL for (uint u = 0u; u < TQ_REDUCE_ROWS_BATCH; ++u) {
-        const uint rr = r + u;
-        device const ushort* vrow = rr < na ? v_a + (first_a + rr) * d
-                                            : v_b + (first_b + (rr - na)) * d;
-        x[u] = tq_half_bits_to_float(vrow[j]);
-      }
-      TQ_UNROLL for (uint u = 0u; u < TQ_REDUCE_ROWS_BATCH; ++u) acc += sc[r + u] * x[u];
-    }
-    for (; r < q1; ++r) {
-      device const ushort* vrow = r < na ? v_a + (first_a + r) * d : v_b + (first_b + (r - na)) * d;
-      acc += sc[r] * tq_half_bits_to_float(vrow[j]);
-    }
+    const float acc = tq_weight_rows(vals, 0u, q0, q1, j, sc, 0.0f);
     tq_reduce_slices_put(vr, part2, sl, d, j, acc);
   }
   if (sl.count > 1u) tq_reduce_slices_add2(v, part, vr, part2, sl, d);
@@ -676,15 +648,11 @@ inline void tq_attention_reduce_rows_body(device const float* part_m, device con
     threadgroup_barrier(mem_flags::mem_threadgroup);
   }
   for (uint j = tid; j < d; j += nthreads) v[j] += vr[j];
-  // The rows past the first chunk: set a's, then set b's.
+  // The rows past the first chunk, in row order (set a's, then set b's).
   if (nrows > n0) {
     threadgroup_barrier(mem_flags::mem_threadgroup);  // sc and v are free / complete
-    if (na > n0) {
-      tq_attention_merge_rows(qrow, k_a, v_a, n0, na, p.stride_a, p.scale, d, head, v, sc, red,
-                              M, lsum, tid, nthreads);
-    }
-    tq_attention_merge_rows(qrow, k_b, v_b, n0 > na ? n0 - na : 0u, p.rows_b, p.stride_b,
-                            p.scale, d, head, v, sc, red, M, lsum, tid, nthreads);
+    tq_attention_merge_rows(qrow, keys, vals, n0, nrows, p.scale, v, sc, red, M, lsum, tid,
+                            nthreads);
   }
   const float inv = 1.0f / lsum;
   for (uint j = tid; j < d; j += nthreads) out[(ulong(head) * G + g) * d + j] = v[j] * inv;

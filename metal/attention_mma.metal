@@ -220,6 +220,11 @@ inline uint tq_mma_table_words(uint bits) {
   return pairs <= 64u ? pairs * TQ_SIMD_WIDTH : pairs;
 }
 
+// Floats of the split's angle table in the scratch: (cos, sin) of the 256 one-byte angle codes
+// (two-byte codes read theirs from device memory; the room is kept either way). The host's
+// MMA_ANGLE_FLOATS.
+#define TQ_MMA_ANGLE_FLOATS 512u
+
 inline uint tq_attention_mma_scratch_floats(uint dim, uint group, uint tables, uint nthreads,
                                             uint stage_words, uint stages) {
   const uint nwarps = nthreads / TQ_SIMD_WIDTH;
@@ -342,11 +347,10 @@ inline void tq_attention_mma_block_body(device const float* q, TQ_TABLE float* k
   threadgroup uint* lut0 = (threadgroup uint*)tg;
   threadgroup uint* lut1 = lut0 + T0;
   threadgroup uint* lutv = lut1 + T1;
-  // The split's angle table (cos, sin) of 1-byte angle codes, 2·256 floats, after the pair
-  // tables (2-byte codes read theirs from device memory).
+  // The split's angle table (TQ_MMA_ANGLE_FLOATS) after the pair tables.
   threadgroup float* angt = (threadgroup float*)(lutv + TV);
-  constexpr uint TA = SPLIT == 1u ? 512u : 0u;
-  threadgroup float* region = tg + T0 + T1 + TV + (SPLIT != 0u ? 512u : 0u);
+  constexpr uint TA = SPLIT == 1u ? TQ_MMA_ANGLE_FLOATS : 0u;
+  threadgroup float* region = tg + T0 + T1 + TV + (SPLIT != 0u ? TQ_MMA_ANGLE_FLOATS : 0u);
   // A signed index: TA may be 0 (NVRTC's warning #186 on "i < 0u").
   for (int i = int(tid); i < int(TA); i += int(nthreads)) angt[i] = angles[i];
   for (uint i = tid; i < T0; i += nthreads) {

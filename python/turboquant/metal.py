@@ -1234,7 +1234,7 @@ def mma_attention_stages(dim: int, group: int, k_bits: int, v_bits: int, k_bits1
 
 # Floats the mma kernel keeps of the split's angle table: (cos, sin) of the 256 one-byte angle
 # codes in threadgroup memory (two-byte codes read theirs from device memory; the room is kept
-# either way).
+# either way). attention_mma.metal's TQ_MMA_ANGLE_FLOATS.
 MMA_ANGLE_FLOATS = 512
 
 

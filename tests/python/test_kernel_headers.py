@@ -72,3 +72,10 @@ def test_the_compile_check_can_fail(tmp_path):
     header = metal.prune_header(metal.kernel_header("metal", compact=True), "tq_rotate_body();")
     r = syntax_check(_program(["attention_staged"], header=header), tmp_path, "broken")
     assert r.returncode != 0 and "error" in r.stderr, r.stderr[-2000:]
+
+
+def test_the_host_keeps_the_mma_kernels_angle_table_room():
+    # mma_attention_scratch_floats sizes the split's angle table as the kernel lays it out
+    text = (ROOT / "metal" / "attention_mma.metal").read_text(encoding="utf-8")
+    assert f"#define TQ_MMA_ANGLE_FLOATS {metal.MMA_ANGLE_FLOATS}u\n" in text
+    assert "? 512u" not in text  # the kernel names the define, not its value
