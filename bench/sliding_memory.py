@@ -6,9 +6,8 @@ tiny vocabulary and random weights only to get its cache layout from ``make_cach
 caches are then filled with synthetic K/V of the right shape (memory does not depend on the
 values) the way mlx-lm's generate fills them: a prefill in chunks of 2048 tokens, then one
 decode step, so the context holds exactly N tokens. Bytes are the caches' own accounting
-(``nbytes``: mlx-lm's allocated buffers; TurboQuant's code and norm pages, fp16 rows and
-quantizer state) plus, for TurboQuant, the per-layer host arrays (centring means, key
-channel order).
+(``nbytes``: mlx-lm's allocated buffers; TurboQuant's code and norm pages, fp16 rows,
+quantizer state and per-layer host arrays: centring means, key channel order).
 
   PYTHONPATH=python python bench/sliding_memory.py --tokens 4096 32768 --bits 3
   PYTHONPATH=python python bench/sliding_memory.py --tokens 4096 32768 --preset tq3-mixed
@@ -35,12 +34,6 @@ GEMMA3_270M = {"model_type": "gemma3_text", "hidden_size": 640, "num_hidden_laye
                "head_dim": 256, "rms_norm_eps": 1e-6, "vocab_size": 256, "sliding_window": 512,
                "sliding_window_pattern": 6, "query_pre_attn_scalar": 256, "rope_theta": 1e6,
                "rope_local_base_freq": 1e4, "max_position_embeddings": 32768}
-
-
-def host_extras(c) -> int:
-    """Per-layer host arrays of a TurboQuant cache (centring means, key channel order)."""
-    return sum(int(getattr(a, "nbytes", 0)) for a in (c._k_mean, c._v_mean, c._perm)
-               if a is not None)
 
 
 def fill(caches, n_tokens: int, n_q_heads: int, head_dim: int, rng, step: int = 2048):
@@ -78,6 +71,8 @@ def main():
     ap.add_argument("--ring-bits", type=int, default=None,
                     help="the sliding rings' own recipe: codes of this many bits with "
                          "--ring-window fp16 rows (0: none) instead of the global layers'")
+    ap.add_argument("--ring-value-bits", type=int, default=None,
+                    help="the rings' value bits under --ring-bits (default: --ring-bits)")
     ap.add_argument("--ring-window", type=int, default=0,
                     help="fp16 window of the rings under --ring-bits")
     ap.add_argument("--ring-block-tokens", type=int, default=None,
@@ -96,7 +91,8 @@ def main():
     if args.ring_extra_bits:
         what += f", rings {args.ring_extra_bits} bit(s) wider"
     if args.ring_bits:
-        what += (f", rings {args.ring_bits}-bit codes with a {args.ring_window}-token fp16 "
+        vb = args.ring_value_bits or args.ring_bits
+        what += (f", rings {args.ring_bits}/{vb}-bit codes with a {args.ring_window}-token fp16 "
                  f"window, {args.ring_block_tokens or 'default'}-token blocks")
     print(f"Gemma-3-270M shape, {what}; bytes per layer kind")
     print(f"{'tokens':>7} {'cache':>16} {'global':>12} {'sliding':>12} {'total':>12} "
@@ -109,16 +105,21 @@ def main():
         tq = tq_mlx.make_prompt_cache(model, **kw)
         if args.ring_bits:  # the rings from their own recipe (eval's G=...;S=... settings)
             rings = tq_mlx.make_prompt_cache(model, key_bits=args.ring_bits,
-                                             value_bits=args.ring_bits, fp16_sinks=0,
+                                             value_bits=args.ring_value_bits or args.ring_bits,
+                                             fp16_sinks=0,
                                              fp16_window=args.ring_window,
-                                             block_tokens=args.ring_block_tokens)
+                                             block_tokens=args.ring_block_tokens,
+                                             ring_extra_bits=0, ring_window=args.ring_window,
+                                             ring_block_tokens=args.ring_block_tokens or 32)
             tq = [r if isinstance(r, TurboQuantRotatingKVCache) else c for c, r in zip(tq, rings)]
         assert all(isinstance(c, tq_mlx.TurboQuantKVCache) for c in tq), "a layer left fp16"
         fill(tq, n, hq, d, rng)
         rows = {}
-        for name, caches, extra in (("mlx-lm", ref, lambda c: 0), ("turboquant", tq, host_extras)):
-            g = sum(c.nbytes + extra(c) for c in caches if type(c).__name__.find("Rotating") < 0)
-            s = sum(c.nbytes + extra(c) for c in caches if type(c).__name__.find("Rotating") >= 0)
+        # nbytes counts everything a layer holds: a TurboQuant cache's codes, fp16 rows and
+        # its host arrays (centring means, key channel order)
+        for name, caches in (("mlx-lm", ref), ("turboquant", tq)):
+            g = sum(c.nbytes for c in caches if type(c).__name__.find("Rotating") < 0)
+            s = sum(c.nbytes for c in caches if type(c).__name__.find("Rotating") >= 0)
             rows[name] = (g, s)
         # sliding=False: the same global layers, mlx-lm's fp16 ring on the sliding ones
         rows["tq sliding=False"] = (rows["turboquant"][0], rows["mlx-lm"][1])

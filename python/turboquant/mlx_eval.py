@@ -57,6 +57,8 @@ class Setting:
     debias: bool | None = None  # norm correction (None: with centring)
     preset: str | None = None  # a named recipe (turboquant.presets), else the options above
     ring_extra_bits: int = 0  # sliding-window rings' extra bits (eval grammar +rN)
+    ring_window: int | None = None  # sliding-window rings' fp16 window (+rwN)
+    ring_block_tokens: int | None = None  # sliding-window rings' block tokens (+rbN)
 
     @staticmethod
     def from_preset(name: str) -> Setting:
@@ -69,7 +71,8 @@ class Setting:
                        decay_bits=p.decay_bits, sparse_v=p.sparse_v, mixed_bits=p.mixed_bits,
                        mixed_keep=p.mixed_keep, mixed_trial=p.mixed_trial,
                        block_tokens=p.block_tokens, decode_scoring=p.sparse_v > 0,
-                       preset=p.name, ring_extra_bits=p.ring_extra_bits)
+                       preset=p.name, ring_extra_bits=p.ring_extra_bits,
+                       ring_window=p.ring_window, ring_block_tokens=p.ring_block_tokens)
 
     @staticmethod
     def parse(spec: str) -> "Setting":
@@ -83,6 +86,7 @@ class Setting:
         the default 16-token blocks' group), ``sv0.01`` (sparse V threshold 0.01; such a
         setting is scored one token per step, the decode path where sparse V acts, so ``sv0``
         is its dense control), ``r1`` (sliding-window rings' keys and values 1 bit wider),
+        ``rw8`` / ``rb8`` (sliding-window rings with an 8-token fp16 window / 8-token blocks),
         ``b16`` (16-token blocks: code pages and window flushes) or
         ``profile:PATH`` (per-layer bits from ``turboquant calibrate``), FLAG is ``raw``
         (plain codes: no centring, no norm correction, no key split), ``nosplit`` (no key
@@ -107,6 +111,7 @@ class Setting:
         fp16, window, sinks, profile = (), 0, 0, None
         decay, sparse_v, decode_scoring = (0, 0), 0.0, False
         mixed, group, ring, blocks = (0, 0.0), 0, 0, 0
+        ring_window = ring_blocks = None
         for o in opts:
             if o.startswith("sv"):
                 try:
@@ -136,6 +141,13 @@ class Setting:
                                      "tokens, e.g. m2:0.5 or m2:0.5:64")
             elif o.startswith("fp16:"):
                 fp16 = tuple(int(x) for x in o[5:].split(",") if x)
+            elif o.startswith("rw") and o[2:].isdigit():
+                ring_window = int(o[2:])
+            elif o.startswith("rb") and o[2:].isdigit():
+                ring_blocks = int(o[2:])
+                if ring_blocks < 1 or ring_blocks & (ring_blocks - 1):
+                    raise ValueError(f"bad option {o!r} in setting {spec!r}: rbN needs N tokens "
+                                     "a ring block, a power of two, e.g. rb8")
             elif o.startswith("r") and o[1:].isdigit():
                 ring = int(o[1:])
                 if not 1 <= ring <= 6:
@@ -204,6 +216,10 @@ class Setting:
             name += f"+sv{sparse_v:g}"
         if ring:
             name += f"+r{ring}"
+        if ring_window is not None:
+            name += f"+rw{ring_window}"
+        if ring_blocks is not None:
+            name += f"+rb{ring_blocks}"
         if profile:
             import os
             name += f"[{os.path.basename(profile)}]"
@@ -215,6 +231,7 @@ class Setting:
                        decay_bits=decay[1], sparse_v=sparse_v, decode_scoring=decode_scoring,
                        mixed_bits=mixed[0], mixed_keep=mixed[1], block_tokens=block_tokens,
                        mixed_trial="trial" in flags, ring_extra_bits=ring,
+                       ring_window=ring_window, ring_block_tokens=ring_blocks,
                        split_angle_bits=16 if "a16" in flags else 8)
 
 
@@ -279,7 +296,9 @@ def make_cache(model, s: Setting, seed: int = 0):
                                     mixed_bits=s.mixed_bits, mixed_keep=s.mixed_keep,
                                     mixed_trial=s.mixed_trial, block_tokens=s.block_tokens,
                                     split_angle_bits=s.split_angle_bits,
-                                    ring_extra_bits=s.ring_extra_bits)
+                                    ring_extra_bits=s.ring_extra_bits,
+                                    ring_window=s.ring_window,
+                                    ring_block_tokens=s.ring_block_tokens)
 
 
 def kv_bytes(cache) -> int:

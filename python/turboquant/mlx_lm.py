@@ -84,11 +84,12 @@ def make_prompt_cache(model, key_bits: int | None = None, value_bits: int | None
     ``tq3``, ``tq3-mixed``, ``tq2.5``, ``tq2``, ``codes-only``); without one,
     ``key_bits`` / ``value_bits`` select the recommended recipe at those bits and neither
     gives ``tq3`` (3-bit codes, 4 fp16 sinks, a 64-token fp16 window, one random-sign
-    Hadamard round). Any setting of a recipe can be overridden by keyword
-    (``RECIPE_KEYWORDS``, each documented on :class:`turboquant.presets.Preset`):
-    ``method``, ``center``, ``debias``, ``key_split``, ``split_angle_bits``,
-    ``fp16_sinks``, ``fp16_window``, ``block_tokens``, ``mixed_bits``, ``mixed_keep``,
-    ``mixed_trial``, ``decay_after``, ``decay_bits``, ``sparse_v``; plus ``key_method`` /
+    Hadamard round; sliding-window rings at 4 bits with an 8-token fp16 window). Any setting
+    of a recipe can be overridden by keyword (``RECIPE_KEYWORDS``, each documented on
+    :class:`turboquant.presets.Preset`): ``method``, ``center``, ``debias``,
+    ``key_split``, ``split_angle_bits``, ``fp16_sinks``, ``fp16_window``, ``block_tokens``,
+    ``mixed_bits``, ``mixed_keep``, ``mixed_trial``, ``decay_after``, ``decay_bits``,
+    ``sparse_v``, ``ring_extra_bits``, ``ring_window``, ``ring_block_tokens``; plus ``key_method`` /
     ``value_method`` (a method per role) and ``rotation`` (``"hadamard1"``,
     ``"hadamard"``, ``"dense"`` or ``"auto"``; None: :func:`turboquant.presets.default_rotation`).
     A keyword given as None keeps the recipe's value; an unknown one is a TypeError
@@ -127,6 +128,13 @@ def make_prompt_cache(model, key_bits: int | None = None, value_bits: int | None
     if not (isinstance(p.ring_extra_bits, int) and 0 <= p.ring_extra_bits <= 6):
         raise ValueError(f"ring_extra_bits must be an integer in [0, 6] (extra bits of the "
                          f"sliding-window rings' codes), got {p.ring_extra_bits!r}")
+    for name, low in (("ring_window", 0), ("ring_block_tokens", 1)):
+        v = getattr(p, name)
+        if v is not None and not (isinstance(v, (int, np.integer)) and not isinstance(v, bool)
+                                  and v >= low):
+            raise ValueError(f"{name} must be None or an integer >= {low} (the sliding-window "
+                             f"rings' {'fp16 window' if low == 0 else 'block'} in tokens), "
+                             f"got {v!r}")
     key_bits, value_bits, method, center, debias = (p.key_bits, p.value_bits, p.method,
                                                      p.center, p.debias)
     key_split, fp16_window, block_tokens, fp16_sinks = (p.key_split, p.fp16_window,
@@ -187,12 +195,18 @@ def make_prompt_cache(model, key_bits: int | None = None, value_bits: int | None
                     extra["block_tokens"] = None
                 if p.ring_extra_bits and i not in per_layer and not heads:
                     kb, vb = (min(8, b + p.ring_extra_bits) for b in (kb, vb))
+                if p.ring_block_tokens is not None:
+                    extra["block_tokens"] = int(p.ring_block_tokens)
+                if p.ring_window is not None and fp16_window:
+                    # resizes the recipe's window: a recipe without one (fp16_window=0)
+                    # keeps its rings without fp16 rows too
+                    extra["fp16_window"] = int(p.ring_window)
             cache[i] = cls(key_bits=int(kb), value_bits=int(vb), method=method,
                                          key_method=key_method, value_method=value_method,
                                          seed=seed, layer=first + i, rotation=rotation,
                                          center=center,
                                          debias=debias, key_split=key_split, rope_pairs=pairs,
-                                         fp16_window=fp16_window,
+                                         fp16_window=extra.pop("fp16_window", fp16_window),
                                          block_tokens=extra.pop("block_tokens", block_tokens),
                                          fp16_sinks=fs, decay_after=decay_after,
                                          decay_bits=decay_bits, sparse_v=sparse_v,

@@ -16,7 +16,8 @@ KL: mean over the positions of the fp16 cache's answer of KL(fp16 || setting) of
 next-token distributions, teacher-forced on the fp16 answer. Positions up to the first token
 where the setting's greedy answer differs from the fp16 one come from its greedy run; after
 that the cache is trimmed back to the divergence and fed the fp16 answer one token at a time
-(a cache that cannot be trimmed, e.g. a full rotating window, prefills the prompt again).
+(a cache that cannot be trimmed that far, e.g. a full rotating window, prefills the prompt
+again).
 """
 
 from __future__ import annotations
@@ -249,9 +250,11 @@ def run_setting(model, tokenizer, hay: Haystack, setting: Setting, max_tokens: i
     forced = dists[:min(k + 1, len(ref_answer))]
     if len(forced) < len(ref_answer):
         # teacher-force the rest of the fp16 answer from the divergence at k
-        if all(c.is_trimmable() for c in cache):
+        back = fed - k
+        if all(c.is_trimmable() and getattr(c, "max_trim", lambda: back)() >= back
+               for c in cache):
             for c in cache:
-                c.trim(fed - k)
+                c.trim(back)
         else:
             cache = make_cache(model, setting, seed)
             prefill(model, cache, hay.tokens + ref_answer[:k], step)

@@ -14,7 +14,7 @@ from mlx_lm.models.base import create_causal_mask  # noqa: E402
 from mlx_tiny import tiny_model  # noqa: E402
 
 import turboquant.mlx_lm as tq_mlx  # noqa: E402
-from turboquant import _core, mlx_route  # noqa: E402
+from turboquant import _core, mlx_route, presets  # noqa: E402
 from turboquant.mlx_eval import Setting, make_cache  # noqa: E402
 from turboquant.mlx_rotating import TurboQuantRotatingKVCache, codes_needed  # noqa: E402
 
@@ -274,7 +274,7 @@ def test_options_and_errors():
     cache = tq_mlx.make_prompt_cache(model, key_bits=3, value_bits=3, ring_extra_bits=1)
     assert (cache[0].key_bits, cache[0].value_bits) == (4, 4)
     assert (cache[1].key_bits, cache[1].value_bits) == (3, 3)
-    cache = tq_mlx.make_prompt_cache(model, key_bits=3, value_bits=3)
+    cache = tq_mlx.make_prompt_cache(model, key_bits=3, value_bits=3, ring_extra_bits=0)
     assert (cache[0].key_bits, cache[0].value_bits) == (3, 3)
     cache = tq_mlx.make_prompt_cache(model, key_bits=7, value_bits=6, ring_extra_bits=2)
     assert (cache[0].key_bits, cache[0].value_bits) == (8, 8)
@@ -296,6 +296,15 @@ def test_options_and_errors():
     for bad in (-1, 7, 1.5):
         with pytest.raises(ValueError, match="ring_extra_bits must be an integer in"):
             tq_mlx.make_prompt_cache(model, ring_extra_bits=bad)
+    for kw, msg in [({"ring_window": -1}, "ring_window must be None or an integer >= 0"),
+                    ({"ring_window": 2.0}, "ring_window must be None or an integer >= 0"),
+                    ({"ring_block_tokens": 0}, "ring_block_tokens must be None or an integer"),
+                    ({"ring_block_tokens": True}, "ring_block_tokens must be None or an")]:
+        with pytest.raises(ValueError, match=msg):
+            tq_mlx.make_prompt_cache(model, **kw)
+    for bad in ("3+rb12", "3+rb0"):
+        with pytest.raises(ValueError, match="rbN needs N tokens a ring block"):
+            Setting.parse(bad)
     with pytest.raises(tq_mlx.UnsupportedArchitectureError, match="no layer left"):
         codes_only(model, fp16_layers=[1], sliding=False)
     for kw, msg in [({"max_size": 0}, "max_size must be"),
@@ -305,6 +314,42 @@ def test_options_and_errors():
                     ({"max_size": 8, "fp16_sinks": 4}, "fp16_sinks=4")]:
         with pytest.raises(ValueError, match=msg):
             TurboQuantRotatingKVCache(**kw)
+
+
+def test_the_default_recipe_gives_rings_their_own_window_and_blocks():
+    """tq3 (what key_bits=3 / value_bits=3 or no bits select) holds its sliding-window rings at
+    4 bits with an 8-token fp16 window and 8-token blocks, the full-attention layers at 3 bits
+    with the 64-token window; the ring_* keywords override that, each on its own, and eval's
+    +rwN / +rbN say the same as the preset."""
+    model = tiny_model("gemma3_text")
+    shape = lambda c: (c.key_bits, c.value_bits, c.fp16_window, c.block_tokens)  # noqa: E731
+    for kw in ({}, {"key_bits": 3, "value_bits": 3}, {"preset": "tq3"}):
+        cache = tq_mlx.make_prompt_cache(model, **kw)
+        assert type(cache[0]) is TurboQuantRotatingKVCache and shape(cache[0]) == (4, 4, 8, 8)
+        assert type(cache[1]) is tq_mlx.TurboQuantKVCache
+        assert shape(cache[1])[:3] == (3, 3, 64) and cache[1].fp16_sinks == 4
+    ref = run_chunks(model, mlx_cache.make_prompt_cache(model))
+    cache = tq_mlx.make_prompt_cache(model)
+    out = run_chunks(model, cache)
+    assert np.isfinite(out).all() and cosines(ref, out).mean() > 0.95
+    ring = cache[0]  # the codes it may keep, plus its fp16 window and the rows not yet flushed
+    assert ring.size() == 8 and ring.evicted_tokens > 0
+    assert ring._core.size(0) <= ring.max_coded_tokens + 8 + 8
+    cache = tq_mlx.make_prompt_cache(model, ring_window=16)
+    assert shape(cache[0]) == (4, 4, 16, 8)
+    cache = tq_mlx.make_prompt_cache(model, ring_block_tokens=32, ring_extra_bits=0)
+    assert shape(cache[0]) == (3, 3, 8, 32)
+    cache = tq_mlx.make_prompt_cache(model, fp16_window=0, fp16_sinks=0)  # no fp16 rows at all
+    assert shape(cache[0]) == (4, 4, 0, 8) and shape(cache[1])[2] == 0
+    # the other recipes keep the full-attention layers' window on their rings
+    cache = tq_mlx.make_prompt_cache(model, preset="tq4")
+    assert shape(cache[0]) == (4, 4, 64, 32)
+    s = Setting.parse(presets.get("tq3").spec())
+    assert (s.ring_extra_bits, s.ring_window, s.ring_block_tokens) == (1, 8, 8)
+    assert s.name.endswith("+r1+rw8+rb8")
+    assert [shape(c) for c in make_cache(model, s)][0] == (4, 4, 8, 8)
+    s = Setting.parse("3+w16+rw4+rb16")
+    assert [shape(c) for c in make_cache(model, s)] == [(3, 3, 4, 16), (3, 3, 16, 32)]
 
 
 def test_keep_tokens_match_mlx_lm_decode():

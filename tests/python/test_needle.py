@@ -112,6 +112,22 @@ def test_teacher_forcing_after_divergence_matches_a_fresh_prefill():
     np.testing.assert_allclose(np.stack(forced), want, atol=2e-4, rtol=1e-4)
 
 
+def test_teacher_forcing_prefills_again_past_a_rings_trim_limit():
+    """A sliding-window ring that has evicted can take back only a few tokens (max_trim):
+    past that, the KL path prefills the prompt again instead of failing in trim."""
+    model, tok = tiny_model("gemma3_text"), CharTokenizer()  # layer 0: an 8-token ring
+    hay = needle.build_haystack(tok, _filler_ids(tok), 300, 0.5, "amber-1234",
+                                max_answer_tokens=40)
+    ref_answer = [ord("z")] * 40  # differs from the greedy answer from its first token on
+    dists = [np.zeros(128, np.float32)] * len(ref_answer)
+    cache = needle.make_cache(model, Setting.parse("tq3"), 0)
+    needle.prefill(model, cache, hay.tokens, 128)
+    assert cache[0].max_trim() < len(ref_answer) - 1  # the greedy run's tokens can't all go
+    answer, forced = needle.run_setting(model, tok, hay, Setting.parse("tq3"), 40, 128, 0,
+                                        (ref_answer, dists))
+    assert len(forced) == len(ref_answer) and np.isfinite(np.stack(forced)).all()
+
+
 @pytest.mark.parametrize("model_type", ["llama", "gemma3_text"])
 def test_evaluate_runs_every_setting(model_type):
     model, tok = tiny_model(model_type), CharTokenizer()
