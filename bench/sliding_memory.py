@@ -106,9 +106,6 @@ def main():
         if args.ring_bits:  # the rings from their own recipe (eval's G=...;S=... settings)
             rings = tq_mlx.make_prompt_cache(model, key_bits=args.ring_bits,
                                              value_bits=args.ring_value_bits or args.ring_bits,
-                                             fp16_sinks=0,
-                                             fp16_window=args.ring_window,
-                                             block_tokens=args.ring_block_tokens,
                                              ring_extra_bits=0, ring_window=args.ring_window,
                                              ring_block_tokens=args.ring_block_tokens or 32)
             tq = [r if isinstance(r, TurboQuantRotatingKVCache) else c for c, r in zip(tq, rings)]

@@ -144,10 +144,7 @@ class Setting:
             elif o.startswith("rw") and o[2:].isdigit():
                 ring_window = int(o[2:])
             elif o.startswith("rb") and o[2:].isdigit():
-                ring_blocks = int(o[2:])
-                if ring_blocks < 1 or ring_blocks & (ring_blocks - 1):
-                    raise ValueError(f"bad option {o!r} in setting {spec!r}: rbN needs N tokens "
-                                     "a ring block, a power of two, e.g. rb8")
+                ring_blocks = _block_option(o, spec, "rbN needs N tokens a ring block", "rb8")
             elif o.startswith("r") and o[1:].isdigit():
                 ring = int(o[1:])
                 if not 1 <= ring <= 6:
@@ -156,10 +153,7 @@ class Setting:
             elif o.startswith("w") and o[1:].isdigit():
                 window = int(o[1:])
             elif o.startswith("b") and o[1:].isdigit():
-                blocks = int(o[1:])
-                if blocks < 1 or blocks & (blocks - 1):
-                    raise ValueError(f"bad option {o!r} in setting {spec!r}: bN needs N tokens "
-                                     "a block, a power of two, e.g. b16")
+                blocks = _block_option(o, spec, "bN needs N tokens a block", "b16")
             elif o.startswith("s") and o[1:].isdigit():
                 sinks = int(o[1:])
             elif o.startswith("profile:"):
@@ -233,6 +227,15 @@ class Setting:
                        mixed_trial="trial" in flags, ring_extra_bits=ring,
                        ring_window=ring_window, ring_block_tokens=ring_blocks,
                        split_angle_bits=16 if "a16" in flags else 8)
+
+
+def _block_option(o: str, spec: str, needs: str, example: str) -> int:
+    """The token count of a block option (``bN``, ``rbN``): a power of two."""
+    n = int(o.lstrip("rb"))
+    if n < 1 or n & (n - 1):
+        raise ValueError(f"bad option {o!r} in setting {spec!r}: {needs}, a power of two, "
+                         f"e.g. {example}")
+    return n
 
 
 @dataclass

@@ -128,13 +128,12 @@ def make_prompt_cache(model, key_bits: int | None = None, value_bits: int | None
     if not (isinstance(p.ring_extra_bits, int) and 0 <= p.ring_extra_bits <= 6):
         raise ValueError(f"ring_extra_bits must be an integer in [0, 6] (extra bits of the "
                          f"sliding-window rings' codes), got {p.ring_extra_bits!r}")
-    for name, low in (("ring_window", 0), ("ring_block_tokens", 1)):
+    for name, low, what in (("ring_window", 0, "fp16 window"), ("ring_block_tokens", 1, "block")):
         v = getattr(p, name)
         if v is not None and not (isinstance(v, (int, np.integer)) and not isinstance(v, bool)
                                   and v >= low):
             raise ValueError(f"{name} must be None or an integer >= {low} (the sliding-window "
-                             f"rings' {'fp16 window' if low == 0 else 'block'} in tokens), "
-                             f"got {v!r}")
+                             f"rings' {what} in tokens), got {v!r}")
     key_bits, value_bits, method, center, debias = (p.key_bits, p.value_bits, p.method,
                                                      p.center, p.debias)
     key_split, fp16_window, block_tokens, fp16_sinks = (p.key_split, p.fp16_window,

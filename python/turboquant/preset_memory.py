@@ -30,9 +30,8 @@ def memory_bytes(p: Preset, shape: tuple[int, int, int, int], tokens: int,
     # The routed layout (mixed_trial off): a layer that the trial leaves uniform holds the
     # same code bits without the kept-token masks, so this is the larger of the two.
     # (the ring_* settings concern sliding-window layers only: these are full-attention ones.)
-    kwargs = dict(p.cache_kwargs(), mixed_trial=False)
-    for name in ("ring_extra_bits", "ring_window", "ring_block_tokens"):
-        kwargs.pop(name, None)
+    kwargs = {k: v for k, v in p.cache_kwargs().items() if not k.startswith("ring_")}
+    kwargs["mixed_trial"] = False
     cache = TurboQuantKVCache(layer=0, seed=seed, rope_pairs="half", **kwargs)
     rng = np.random.default_rng(seed)
     steps = [min(chunk, tokens - 1 - i) for i in range(0, tokens - 1, chunk)] + [1]
