@@ -398,7 +398,8 @@ KERNELS.update({
         "    part_m, part_l, part_acc,\n"
         "    v_signs + (params[9] != 0u\n"
         "               ? ulong(threadgroup_position_in_grid.y) * 2u * tq_p.dim : 0ul),\n"
-        "    q, k_a, v_a, k_b, v_b, out, tq_p, tg_v, threadgroup_position_in_grid.x,\n"
+        "    q, (const device ushort*)k_a, (const device ushort*)v_a, (const device ushort*)k_b,\n"
+        "    (const device ushort*)v_b, out, tq_p, tg_v, threadgroup_position_in_grid.x,\n"
         "    threadgroup_position_in_grid.y, thread_index_in_threadgroup,\n"
         "    threads_per_threadgroup.x);\n",
     ),
@@ -611,6 +612,28 @@ def _mlx_device_available(backend: str) -> bool:
         return False
 
 
+# The benchmark settings (TQ_GPU_*) are read at every decode step of every layer. The
+# os.environ mapping's get() runs several Python functions a read; its dict of encoded names
+# and values (CPython's os.environ._data on POSIX, which every change of os.environ
+# updates) answers the same question with one lookup.
+_ENV_DATA = getattr(os.environ, "_data", None) if os.name == "posix" else None
+
+
+def getenv(name: str, default: str | None = None) -> str | None:
+    """os.environ.get(name, default), without the mapping's Python-level layers where the
+    platform allows (POSIX)."""
+    if _ENV_DATA is None:
+        return os.environ.get(name, default)
+    value = _ENV_DATA.get(os.fsencode(name) if name not in _ENV_NAMES else _ENV_NAMES[name])
+    return default if value is None else value.decode("utf-8", "surrogateescape")
+
+
+_ENV_NAMES = {n: os.fsencode(n) for n in (
+    "TQ_GPU_ATTENTION", "TQ_GPU_ATTENTION_GROUPS", "TQ_GPU_FAST_COORDS", "TQ_GPU_STAGE_TOKENS",
+    "TQ_GPU_MMA_STAGES", "TQ_GPU_MMA_MIN_BLOCKS", "TQ_GPU_FAST_UNROLL", "TQ_GPU_REDUCE_THREADS",
+    "TQ_GPU_DEQUANTIZE", "TQ_GPU_WRITE_ASYNC_EVAL", "TQ_GPU_PERMUTE")}
+
+
 @functools.lru_cache(maxsize=None)
 def candidate_path() -> str:
     """The path the selection rule picks on this machine, before the first-use self-test."""
@@ -767,8 +790,9 @@ def attention_blocks(tokens: int, block_tokens: int, kv_heads: int) -> int:
     small at long contexts. No block is left without a tile."""
     tiles = -(-tokens // block_tokens)
     groups = ATTENTION_GROUPS
-    if os.environ.get("TQ_GPU_ATTENTION_GROUPS", "").isdigit():  # a benchmark's sweep
-        groups = max(1, int(os.environ["TQ_GPU_ATTENTION_GROUPS"]))
+    env = getenv("TQ_GPU_ATTENTION_GROUPS", "")
+    if env.isdigit():  # a benchmark's sweep
+        groups = max(1, int(env))
     cap = max(1, min(REDUCE_CACHED_BLOCKS, -(-groups // max(1, kv_heads))))
     per = -(-tiles // cap)
     return -(-tiles // per)
@@ -1091,7 +1115,7 @@ def fast_attention_shape(dim: int, group: int, k_bits: int, v_bits: int,
     split keys (``k_bits`` the outlier half's)."""
     if attention_kernel() == "generic":
         return None
-    coords = os.environ.get("TQ_GPU_FAST_COORDS")
+    coords = getenv("TQ_GPU_FAST_COORDS")
     return _fast_shape(dim, group, k_bits, v_bits, k_bits1,
                        int(coords) if coords in ("8", "16") else None)
 
@@ -1126,7 +1150,7 @@ def attention_kernel() -> str:
     if _FORCED_ATTENTION:
         return _FORCED_ATTENTION[-1]
     default = default_attention()
-    k = os.environ.get("TQ_GPU_ATTENTION", default)
+    k = getenv("TQ_GPU_ATTENTION", default)
     return k if k in ATTENTION_KERNELS else default
 
 
@@ -1189,7 +1213,7 @@ MMA_STAGES = 3
 def mma_stages() -> int:
     """Stages of the mma kernel's copy ring (tiles in flight per simd-group: one fewer):
     MMA_STAGES, or TQ_GPU_MMA_STAGES (1 to 4) for a benchmark's sweep."""
-    n = os.environ.get("TQ_GPU_MMA_STAGES")
+    n = getenv("TQ_GPU_MMA_STAGES")
     return int(n) if n in ("1", "2", "3", "4") else MMA_STAGES
 
 
@@ -1198,7 +1222,7 @@ def mma_min_blocks() -> int:
     (``__launch_bounds__``; 0: no cap, the default): TQ_GPU_MMA_MIN_BLOCKS (2 to 6) for a
     benchmark's sweep. NVRTC for sm_90 (``python bench/kernel_registers.py --min-blocks 4,5``):
     128 registers uncapped (4 threadgroups), 96 without spills at 5."""
-    n = os.environ.get("TQ_GPU_MMA_MIN_BLOCKS")
+    n = getenv("TQ_GPU_MMA_MIN_BLOCKS")
     return int(n) if n in ("2", "3", "4", "5", "6") else 0
 
 
@@ -1263,7 +1287,7 @@ def mma_attention_scratch_floats(dim: int, group: int, k_bits: int, v_bits: int,
 def fast_attention_unroll() -> int:
     """Tokens a stream of the register-tiled kernel loads at once (its U template argument):
     FAST_UNROLL, or TQ_GPU_FAST_UNROLL (1, 2 or 4) for a benchmark's sweep."""
-    u = os.environ.get("TQ_GPU_FAST_UNROLL")
+    u = getenv("TQ_GPU_FAST_UNROLL")
     return int(u) if u in ("1", "2", "4") else FAST_UNROLL
 
 
@@ -1359,15 +1383,33 @@ def _fast_partials(q, k_signs, per_head, k_codes, k_norms, v_codes, v_norms, k_c
         int(q.shape[-1]), tuple(shape), kv_heads, head_stride, int(k_codes.shape[2]), group,
         k_bits, None if split is None else (split[0], split[1]), v_bits, fp16, float(scale),
         block_tokens, blocks, bool(per_head), attention_kernel(), fast_attention_unroll(),
-        os.environ.get("TQ_GPU_STAGE_TOKENS"), mma_stages())
+        getenv("TQ_GPU_STAGE_TOKENS"), mma_stages())
     angles = _no_angles() if split is None else split[2]
-    as_bits = (lambda a: a.view(mx.uint16)) if fp16 else (lambda a: a)
     bound = mma_min_blocks() if which == "attention_mma" and candidate_path() == "cuda" else 0
     kernel = _bounded_kernel(which, bound, rounds) if bound else _kernel(which, rounds)
+    # The norms as they are (fp16 or float32): the kernels read them as bytes (the words'
+    # fp16 flag says which), so a decode step makes no view of them.
     return kernel(
-        inputs=[q, k_signs, k_codes, as_bits(k_norms), v_codes, as_bits(v_norms), k_cents,
-                v_cents, angles, counted_params(words, {1: tokens})],
+        inputs=[q, k_signs, k_codes, k_norms, v_codes, v_norms, k_cents, v_cents, angles,
+                _token_params(words, tokens)],
         template=template, **launch)
+
+
+# counted_params(words, {1: tokens}) of _fast_launch's words (one object per launch shape)
+# by (the words' identity, tokens): a decode step's lookup, without building the counts' key.
+_TOKEN_PARAMS: dict = {}
+
+
+def _token_params(words: np.ndarray, tokens: int):
+    key = (id(words), tokens)
+    hit = _TOKEN_PARAMS.get(key)
+    if hit is not None and hit[0] is words:
+        return hit[1]
+    if len(_TOKEN_PARAMS) >= 4096:  # bounded: launch shapes x token counts in use
+        _TOKEN_PARAMS.clear()
+    arr = counted_params(words, {1: tokens})
+    _TOKEN_PARAMS[key] = (words, arr)
+    return arr
 
 
 def _block_partials(q_rot, k_codes, k_norms, v_codes, v_norms, k_cents, v_cents, k_bits, v_bits,
@@ -1409,9 +1451,8 @@ def _rows_input(rows, kv_heads, dim):
         n = int(r[2]) if len(r) > 2 else stride
         if not 0 <= n <= stride:
             raise ValueError(f"{n} fp16 rows asked of a buffer of {stride}")
-        bits = [(a if a.dtype == mx.float16 else a.astype(mx.float16)).view(mx.uint16)
-                for a in (k, v)]
-        out.append((bits[0], bits[1], n, stride))
+        half = [a if a.dtype == mx.float16 else a.astype(mx.float16) for a in (k, v)]
+        out.append((half[0], half[1], n, stride))
     while len(out) < 2:
         out.append((_no_rows(), _no_rows(), 0, 0))
     return out
@@ -1419,6 +1460,13 @@ def _rows_input(rows, kv_heads, dim):
 
 @functools.lru_cache(maxsize=None)
 def _no_rows():
+    import mlx.core as mx
+
+    return mx.zeros((1,), mx.float16)
+
+
+@functools.lru_cache(maxsize=None)
+def _no_row_bits():
     import mlx.core as mx
 
     return mx.zeros((1,), mx.uint16)
@@ -1432,7 +1480,7 @@ def reduce_threads(dim: int) -> int:
     coordinates of two slices would diverge in them."""
     if dim < 32:
         return threads_for(dim)
-    n = (_reduce_threads_setting(os.environ.get("TQ_GPU_REDUCE_THREADS", ""))
+    n = (_reduce_threads_setting(getenv("TQ_GPU_REDUCE_THREADS", ""))
          or (REDUCE_THREADS if candidate_path() == "cuda" else REDUCE_THREADS_METAL))
     return n if n >= dim else min(n, threads_for(dim))
 
@@ -1467,6 +1515,7 @@ def _reduce_rows_words(dim: int, blocks: int, group: int, scale: float, per_head
     return words
 
 
+@functools.lru_cache(maxsize=4096)  # by value: a decode step's lookup (the block is never written)
 def _reduce_rows_params(dim: int, blocks: int, group: int, na: int, sa: int, nb: int, sb: int,
                         scale: float, per_head: bool):
     words = _reduce_rows_words(dim, blocks, group, scale, per_head)
@@ -1642,7 +1691,7 @@ def dequantize_kernel() -> str:
     row, the row in registers, several rows per threadgroup; for head_dim = 32·2^k up to 512)
     or ``"group"`` (a threadgroup per row, the transform in threadgroup memory), from
     TQ_GPU_DEQUANTIZE. Both give the same values, bit for bit."""
-    choice = os.environ.get("TQ_GPU_DEQUANTIZE", "rows").strip().lower() or "rows"
+    choice = getenv("TQ_GPU_DEQUANTIZE", "rows").strip().lower() or "rows"
     if choice not in ("rows", "group"):
         raise ValueError(f"TQ_GPU_DEQUANTIZE must be 'rows' or 'group', got {choice!r}")
     return choice
@@ -1741,7 +1790,7 @@ def dequantize_tile_heads(tables: HeadTables, codes, norms, before=None, after=N
         return parts[0] if len(parts) == 1 else mx.concatenate(parts, axis=1)
     _require_gpu()
     _, inputs, words = _dequantize_inputs(tables, codes, norms, True, True)
-    rows_in = [_no_rows() if r is None else r.view(mx.uint16) for r in (before, after)]
+    rows_in = [_no_row_bits() if r is None else r.view(mx.uint16) for r in (before, after)]
     total = H * (counts[0] + n + counts[1])
     (out,) = _kernel(base.replace("_heads", "_tile_heads"), tables.rounds)(
         inputs=inputs + rows_in + [params_array(np.concatenate([words,

@@ -18,7 +18,6 @@ from __future__ import annotations
 import copy
 import functools
 import json
-import os
 import warnings
 
 import mlx.core as mx
@@ -88,6 +87,10 @@ class TurboQuantKVCache(PlaceholderKeys, _mlx_cache._BaseCache):
     query head count is known; the first block of K/V waits for it (it is the caller's
     transient array, never a copy kept across steps).
     """
+
+    # attend() takes the store's decode_step for a plain decode step (a subclass whose
+    # _attend_calls does more, such as a ring's, turns it off)
+    _direct_decode = True
 
     # How many leading tokens the calibration (means, channel order, trials) read.
     _calibrated = 0
@@ -203,12 +206,11 @@ class TurboQuantKVCache(PlaceholderKeys, _mlx_cache._BaseCache):
                 f"{keys.shape} and {values.shape} (different K/V head dims are not supported)")
         self._ingest(keys, values)
         B, H, T, d = keys.shape
-        # Zero-memory placeholders of the shape mlx-lm expects (broadcast of one NaN).
-        nan = _nan(keys.dtype)
-        ph_k = mx.broadcast_to(nan, (B, H, self.offset, d))
-        ph_v = mx.broadcast_to(nan, (B, H, self.offset, d))
-        self._fetched = (ph_k, ph_v)
-        return ph_k, ph_v
+        # A zero-memory placeholder of the shape mlx-lm expects (broadcast of one NaN), for
+        # the keys and the values alike (the attention route checks it is what it gets back).
+        ph = mx.broadcast_to(_nan(keys.dtype), (B, H, self.offset, d))
+        self._fetched = (ph, ph)
+        return ph, ph
 
     def _ingest(self, keys, values) -> None:
         """Append ``keys``/``values`` (B, H_kv, T, d): mlx arrays, or host (NumPy) arrays on
@@ -247,6 +249,13 @@ class TurboQuantKVCache(PlaceholderKeys, _mlx_cache._BaseCache):
     def attend(self, queries: mx.array, scale: float, causal: bool = True,
                window: int | None = None) -> mx.array:
         """Attention of ``queries`` (B, H_q, T_q, d), the last T_q positions, on the codes."""
+        if (self._gpu and self._direct_decode and window is None and queries.shape[2] == 1
+                and self._held is None and not self.sparse_v and not self.mixed_bits
+                and self._core is not None and self._batch == 1 and queries.shape[0] == 1):
+            # a decode step: the store's decode_step, past the general calls' generator
+            Hq, d = queries.shape[1], queries.shape[3]
+            out = self._core.decode_step(self._core_queries(queries, scale), float(scale))
+            return self._with_mean(out, 1, Hq, 1, d, queries.dtype).astype(queries.dtype)
         if self._gpu:  # the value mean added in the cast to the queries' dtype
             out = _run_core_calls(self._attend_calls(queries, scale, causal, window,
                                                      dtype=queries.dtype))
@@ -295,6 +304,11 @@ class TurboQuantKVCache(PlaceholderKeys, _mlx_cache._BaseCache):
             # the next append, so that a prompt given in one call holds what one given in
             # chunks holds (a block of at most fp16_window tokens leaves nothing due).
             self._flush_rated()
+        return self._with_mean(out, B, Hq, Tq, d, dtype)
+
+    def _with_mean(self, out, B: int, Hq: int, Tq: int, d: int, dtype=None):
+        """The attention output of the centred values plus their mean, (B, H_q, T_q, d);
+        ``dtype`` (the GPU store's outputs): added in the cast to it."""
         if self._v_mean is not None:  # sum_t p_t (v_t - m) + m = sum_t p_t v_t
             out = out.reshape(-1, Hq // (self._core_kv_heads // B), Tq, d)
             if dtype is None:
@@ -1016,6 +1030,10 @@ class TurboQuantKVCache(PlaceholderKeys, _mlx_cache._BaseCache):
     def _append_new(self, k, v) -> None:
         """Append the (centred, permuted) K/V of one update_and_fetch call to the core."""
         self._append_held()
+        if self._gpu and k.shape[1] == 1:  # a decode step on the GPU store: a flush it makes
+            self._unflush = None  # is not undone there (_flush_point), and one token is
+            self._core.append(k, v)  # never split at a flush point
+            return
         j = self._flush_point(k.shape[1], k, v)
         if not j:
             if not self._exact_flushes() or k.shape[1] > self.block_tokens:
@@ -1208,7 +1226,7 @@ def _permute_kernel(x):
     fn = getattr(_mlx_metal.METAL_KERNELS, "permute_channels", None)
     if (fn is None or x.dtype not in (mx.float16, mx.bfloat16, mx.float32)
             or x.size * x.dtype.size >= (1 << 33)  # the kernel's 32-bit word index
-            or os.environ.get("TQ_GPU_PERMUTE", "") == "gather"
+            or _mlx_metal.metal.getenv("TQ_GPU_PERMUTE", "") == "gather"
             or gpu_path.active_path() == "cpu"):
         return None
     return fn

@@ -63,7 +63,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import os
 import time
 from typing import Any, Sequence
 
@@ -715,6 +714,17 @@ class MetalCodeStore:
         """Append T tokens of every KV head: keys/values (H_kv, T, d) | (1, H_kv, T, d) |
         (T, d) for one head; mlx arrays (or NumPy, converted). Validated before any change."""
         self._check_layer(layer)
+        mx = _mx()
+        if (type(keys) is mx.array and type(values) is mx.array and self.windowed
+                and not self.mixed and not self.check_inputs and keys.dtype == mx.float16
+                and values.dtype == mx.float16
+                and keys.shape == values.shape == (self.n_kv_heads, 1, self.head_dim)):
+            plan = self._plan.append(self._sizes(), 1)
+            if not plan.sinks and not plan.flushed:  # a decode step's token to the window
+                self._k_win, self._v_win = self._window_extend(keys, values)
+                self._win_cap = self._plan.window_rows
+                self._n += 1
+                return
         k = _heads_tokens(_as_mx(keys, "keys"), self.n_kv_heads, self.head_dim, "keys",
                           "n_kv_heads")
         v = _heads_tokens(_as_mx(values, "values"), self.n_kv_heads, self.head_dim, "values",
@@ -953,7 +963,7 @@ class MetalCodeStore:
         # Start computing the codes now without waiting for them: keeps the graph of
         # successive appends short when nothing reads the cache in between
         # (TQ_GPU_WRITE_ASYNC_EVAL=0 leaves it to the caller's evaluation: a benchmark's A/B).
-        if os.environ.get("TQ_GPU_WRITE_ASYNC_EVAL", "1") != "0":
+        if metal.getenv("TQ_GPU_WRITE_ASYNC_EVAL", "1") != "0":
             mx.async_eval(*self.code_arrays())
 
     # --- trim ------------------------------------------------------------------------------
@@ -1082,6 +1092,33 @@ class MetalCodeStore:
                                  f"{dtype}")
             out = self._prefill(q, scale, causal, window, half)
         return out.reshape(shape)
+
+    def decode_step(self, q, scale: float):
+        """attend(q, causal=True, scale=scale) of one query per head, q (n_q_heads, 1, d),
+        as a model's decode step asks it: the same kernels and bits, without attend()'s
+        input checks and general dispatch where the layer is in a decode step's usual state
+        (one width group, codes, not mixed, a GQA group of one pass); else attend() itself."""
+        if self.mixed or self._nc == 0 or len(self._groups) != 1 or self.check_inputs:
+            return self.attend(q, causal=True, scale=scale)
+        d, H = self.head_dim, self.n_kv_heads
+        G = self.n_q_heads // H
+        g = self._groups[0]
+        kt, vt = g.key_tables, g.value_tables
+        if self._split:
+            step = metal.group_pass(d, kt.bits0, vt.bits, k_bits1=kt.bits1)
+        else:
+            step = metal.group_pass(d, kt.bits, vt.bits)
+        if step < G or tuple(q.shape) != (self.n_q_heads, 1, d):
+            return self.attend(q, causal=True, scale=scale)
+        rows = []  # as _decode takes them: the sinks, then the window's buffers
+        if self._ns:
+            rows.append((self._k_sink, self._v_sink))
+        if self._k_win is not None and int(self._k_win.shape[1]):
+            rows.append(self._window_rows())
+        qg = q.astype(_mx().float32).reshape(H, G, d)
+        out = self.kernels.decode_attention_heads(kt, vt, qg, *g.arrays(), self._nc, scale,
+                                                  rows=rows or None)
+        return out.reshape(self.n_q_heads, 1, d)
 
     def _attend_mixed(self, q, scale: float, causal: bool, window: int | None):
         """Attention of a mixed-precision store (kv_cache.cpp attend() / attend_windowed()):

@@ -64,6 +64,8 @@ class TurboQuantRotatingKVCache(TurboQuantKVCache):
     in the same forward pass, which appends and attends them chunk by chunk.
     """
 
+    _direct_decode = False  # its _attend_calls interleaves the ring's appends
+
     def __init__(self, max_size: int, keep: int = 0, **kwargs):
         if isinstance(max_size, bool) or not isinstance(max_size, (int, np.integer)) \
                 or max_size < 1:

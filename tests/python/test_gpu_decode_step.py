@@ -279,3 +279,115 @@ def test_the_reduce_folds_long_row_sets_past_its_first_chunk(emulated, monkeypat
     np.testing.assert_allclose(outs[0], outs[2], atol=1e-5)
     np.testing.assert_allclose(outs[1], outs[2], atol=1e-5)
     assert np.abs(attend(0, 150, 189) - outs[0]).max() > 1e-4
+
+
+def test_a_decode_token_takes_the_short_lane_and_leaves_the_same_store(monkeypatch):
+    """One fp16 token of every head, (H, 1, d) as a decode step hands it, goes to the window
+    past append's general checks and plan (the window's slice update only) unless it starts
+    a flush or fills a sink; the store then holds what the general path leaves (the same
+    token as (1, H, 1, d) takes it), across flushes, and decode_step() gives attend()'s
+    bits."""
+    general_calls = []
+    real = MetalCodeStore._append_windowed
+
+    def counted(self, k, v, T):
+        general_calls.append(self)
+        return real(self, k, v, T)
+
+    monkeypatch.setattr(MetalCodeStore, "_append_windowed", counted)
+    short, _ = _store()
+    plain, _ = _store()
+    short.check_inputs = plain.check_inputs = False  # as the mlx-lm cache makes its stores
+    rng = np.random.default_rng(7)
+    k, v = (mx.array(rng.standard_normal((2, 3, 64)).astype(np.float16)) for _ in range(2))
+    short.append(k, v)  # less than the sinks: the general path
+    plain.append(k, v)
+    general_calls.clear()
+    steps = 30
+    for _ in range(steps):
+        k, v = (mx.array(rng.standard_normal((2, 1, 64)).astype(np.float16)) for _ in range(2))
+        short.append(k, v)
+        plain.append(k[None], v[None])  # (1, H, 1, d): the general path
+        for name in ("_n", "_nc", "_ns", "_coded", "_win_cap", "_sink_cap"):
+            assert getattr(short, name) == getattr(plain, name), name
+        for a, b in ((short._k_win, plain._k_win), (short._v_win, plain._v_win),
+                     (short._k_sink, plain._k_sink)):
+            np.testing.assert_array_equal(np.array(a), np.array(b))
+        g, h = short._groups[0], plain._groups[0]
+        for a, b in zip(g.arrays(), h.arrays()) if short._nc else ():
+            np.testing.assert_array_equal(np.array(a)[:, :short._nc], np.array(b)[:, :plain._nc])
+        q = mx.array(rng.standard_normal((4, 1, 64)).astype(np.float16))
+        assert bool(mx.array_equal(short.decode_step(q, 0.125),
+                                   plain.attend(q, scale=0.125)).item())
+    plain_calls = sum(1 for s in general_calls if s is plain)
+    short_calls = sum(1 for s in general_calls if s is short)
+    assert plain_calls == steps
+    assert 0 < short_calls <= steps // short.block_tokens + 2  # the flushing steps (and sinks)
+    assert short._nc > 0
+
+
+def test_decode_step_gives_attend_on_the_emulated_cuda_path(emulated, monkeypatch):
+    """The store's decode_step() runs the kernels attend() runs (the mma block kernel and
+    the reduce with the sinks and the window's buffer), bit for bit, on the emulated CUDA
+    path; a mixed-precision store and an empty one take attend() itself."""
+    store, _, rng = _emulated_cuda_store(emulated, monkeypatch, 11, 13)
+    store.check_inputs = False  # as the mlx-lm cache makes its stores (else attend() runs)
+    for _ in range(3):
+        k, v = (mx.array(rng.standard_normal((2, 1, 64)).astype(np.float16)) for _ in range(2))
+        store.append(k, v)
+        q = mx.array(rng.standard_normal((4, 1, 64)).astype(np.float32))
+        with metal.forced_attention("mma"):
+            got, want = store.decode_step(q, 0.125), store.attend(q, scale=0.125)
+        assert bool(mx.array_equal(got, want).item())
+    empty, _ = _store(kernels=metal)
+    empty.check_inputs = False
+    calls = []
+    monkeypatch.setattr(MetalCodeStore, "attend",
+                        lambda self, q, **kw: calls.append(kw) or mx.zeros(q.shape))
+    empty.decode_step(mx.zeros((4, 1, 64)), 0.125)
+    assert calls == [dict(causal=True, scale=0.125)]
+
+
+def test_a_decode_step_takes_the_short_lanes_and_gives_the_general_paths_tokens(monkeypatch):
+    """mlx-lm decode on the GPU store (reference kernels): with the short lanes (a token to
+    the window past append's general checks, attention by the store's decode_step) the
+    logits are bit for bit those of the general calls (the cache's generator and
+    attend()), and the lanes are taken at most steps."""
+    from mlx_lm.models import llama
+    from mlx_tiny import _COMMON
+
+    from turboquant import mlx_metal
+    from turboquant.mlx_lm import make_prompt_cache
+
+    monkeypatch.setattr(gpu_path, "active_path", lambda: "metal")
+    monkeypatch.setattr(mlx_metal, "METAL_KERNELS", REF)
+    mx.random.seed(3)
+    model = llama.Model(llama.ModelArgs.from_dict(dict(_COMMON, model_type="llama",
+                                                      hidden_size=128)))
+    model.set_dtype(mx.float16)
+    prompt = mx.array([[(7 * i) % 100 + 1 for i in range(40)]])
+    direct = []
+    real = MetalCodeStore.decode_step
+
+    def spy(self, q, scale):
+        direct.append(1)
+        return real(self, q, scale)
+
+    monkeypatch.setattr(MetalCodeStore, "decode_step", spy)
+
+    def run(short: bool):
+        monkeypatch.setattr(mlx_cache.TurboQuantKVCache, "_direct_decode", short)
+        cache = make_prompt_cache(model, fp16_window=8, block_tokens=4)
+        logits = [model(prompt, cache=cache)[:, -1]]
+        tok = mx.argmax(logits[-1], axis=-1)[:, None]
+        for _ in range(12):  # three window flushes
+            logits.append(model(tok, cache=cache)[:, -1])
+            tok = mx.argmax(logits[-1], axis=-1)[:, None]
+        assert all(c._gpu for c in cache)
+        return np.array(mx.concatenate(logits).astype(mx.float32))
+
+    want = run(False)
+    assert not direct
+    got = run(True)
+    np.testing.assert_array_equal(got, want)
+    assert len(direct) == 12 * len(model.layers)
