@@ -79,3 +79,32 @@ def test_the_host_keeps_the_mma_kernels_angle_table_room():
     text = (ROOT / "metal" / "attention_mma.metal").read_text(encoding="utf-8")
     assert f"#define TQ_MMA_ANGLE_FLOATS {metal.MMA_ANGLE_FLOATS}u\n" in text
     assert "? 512u" not in text  # the kernel names the define, not its value
+
+
+def test_a_cuda_kernel_includes_its_header_by_path(monkeypatch, tmp_path):
+    """On the CUDA path a kernel's header goes to a file named by the kernel (whose name
+    carries the digest of the whole text) and the launch carries one #include line; the file
+    is rewritten when it differs, and the header goes inline with TQ_GPU_HEADER_INLINE=1 or
+    where the folder cannot be written."""
+    import mlx.core as mx
+
+    made = []
+    monkeypatch.setattr(mx.fast, "cuda_kernel", lambda **kw: made.append(kw) or kw)
+    monkeypatch.setenv("TQ_GPU_HEADER_DIR", str(tmp_path / "h"))
+    header, source = metal.kernel_text("attention_mma", "cuda")
+    name = metal.kernel_name(metal.KERNELS["attention_mma"].name, header, source)
+    kw = metal.build_kernel("attention_mma", "cuda")
+    path = tmp_path / "h" / f"{name}.h"
+    assert kw["name"] == name and kw["source"] == source
+    assert kw["header"] == f'#include "{path.resolve()}"\n'
+    assert path.read_text() == header
+    path.write_text("// another text\n")  # a stale or damaged file is replaced
+    metal.build_kernel("attention_mma", "cuda")
+    assert path.read_text() == header
+    monkeypatch.setenv("TQ_GPU_HEADER_INLINE", "1")
+    assert metal.build_kernel("attention_mma", "cuda")["header"] == header
+    monkeypatch.delenv("TQ_GPU_HEADER_INLINE")
+    blocked = tmp_path / "file"
+    blocked.write_text("")
+    monkeypatch.setenv("TQ_GPU_HEADER_DIR", str(blocked / "sub"))  # under a file: unwritable
+    assert metal.build_kernel("attention_mma", "cuda")["header"] == header
