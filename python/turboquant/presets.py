@@ -183,19 +183,27 @@ _RECIPE = {"fp16_sinks": 4, "fp16_window": 64}
 # a trial too (mixed_trial.best_widths).
 _MIXED = {"mixed_trial": True, **_RECIPE}
 
+# Sliding-window rings one bit wider than the uniform codes, with an 8-token fp16 window and
+# 8-token blocks (tq3, tq3-mixed, tq2.5): chosen on Gemma-3-270M's tuning texts
+# (bench/results/preset_tuning_gemma3_rings_d.json for tq3,
+# preset_tuning_gemma3_mixed_rings_{a,b}.json for the mixed recipes; tq2's 3-bit rings with
+# the short window lost perplexity there, so tq2 keeps its rings as they were).
+_RINGS = {"ring_extra_bits": 1, "ring_window": 8, "ring_block_tokens": 8}
+
 PRESETS: dict[str, Preset] = {p.name: p for p in (
     Preset("tq4", "4-bit codes, 4 fp16 sinks, 64-token fp16 window", 4, 4, **_RECIPE),
     Preset("tq3", "3-bit codes, 4 fp16 sinks, 64-token fp16 window; sliding-window rings "
-           "at 4 bits with an 8-token fp16 window (the default)", 3, 3,
-           ring_extra_bits=1, ring_window=8, ring_block_tokens=8, **_RECIPE),
+           "at 4 bits with an 8-token fp16 window (the default)", 3, 3, **_RINGS, **_RECIPE),
     Preset("tq3-mixed", "3.0 average code bits: the most attended half of each 32-token "
            "flush group at 4 bits, the rest at 2, on layers where that pays (else 3-bit "
-           "codes); 4 fp16 sinks, 64-token fp16 window", 4, 4,
-           mixed_bits=2, mixed_keep=0.5, **_MIXED),
+           "codes); 4 fp16 sinks, 64-token fp16 window; sliding-window rings one bit wider "
+           "with an 8-token fp16 window", 4, 4,
+           mixed_bits=2, mixed_keep=0.5, **_RINGS, **_MIXED),
     Preset("tq2.5", "2.5 average code bits: the most attended quarter of each 64-token "
            "flush group at 4 bits, the rest at 2, on layers where that pays (else 3-bit keys "
-           "and 2-bit values); 4 fp16 sinks, 64-token fp16 window", 4, 4,
-           mixed_bits=2, mixed_keep=0.25, **_MIXED),
+           "and 2-bit values); 4 fp16 sinks, 64-token fp16 window; sliding-window rings one "
+           "bit wider with an 8-token fp16 window", 4, 4,
+           mixed_bits=2, mixed_keep=0.25, **_RINGS, **_MIXED),
     Preset("tq2", "2.0 average code bits: the most attended 3 of every 7 tokens (56-token "
            "flush groups) at 3 bits, the rest at 1 (split keys: 1.5), on layers where that "
            "pays (else 2-bit codes); 4 fp16 sinks, 64-token fp16 window", 3, 3,

@@ -268,8 +268,14 @@ def test_options_and_errors():
     # the ring holds uniform codes of the recipe's average width (3.0 bits), not 4-bit codes
     assert (cache[0].key_bits, cache[0].value_bits) == (3, 3)
     assert (cache[1].key_bits, cache[1].value_bits) == (4, 4)
-    cache = tq_mlx.make_prompt_cache(model, preset="tq2.5")  # 2.5 bits: 3-bit keys, 2-bit values
+    # 2.5 bits: 3-bit keys, 2-bit values, the rings one bit wider with an 8-token window
+    cache = tq_mlx.make_prompt_cache(model, preset="tq2.5")
+    assert (cache[0].key_bits, cache[0].value_bits, cache[0].mixed_bits) == (4, 3, 0)
+    assert (cache[0].fp16_window, cache[0].block_tokens) == (8, 8)
+    cache = tq_mlx.make_prompt_cache(model, preset="tq2.5", ring_extra_bits=0)
     assert (cache[0].key_bits, cache[0].value_bits, cache[0].mixed_bits) == (3, 2, 0)
+    cache = tq_mlx.make_prompt_cache(model, preset="tq2")  # tq2 keeps its rings' recipe
+    assert (cache[0].key_bits, cache[0].value_bits, cache[0].fp16_window) == (2, 2, 64)
     # ring_extra_bits widens the ring's codes only (capped at 8 bits); eval's +rN says the same
     cache = tq_mlx.make_prompt_cache(model, key_bits=3, value_bits=3, ring_extra_bits=1)
     assert (cache[0].key_bits, cache[0].value_bits) == (4, 4)

@@ -44,8 +44,9 @@ def test_the_preset_table():
         kb, vb = p.uniform_bits()
         assert (kb + vb) / 2 == pytest.approx(p.code_bits()), name
     assert presets.get("tq2").code_bits() == pytest.approx(2.0)  # split keys at 1 bit: 1.5
-    assert presets.get("tq3-mixed").spec() == "4+s4+w64+m2:0.5/trial"
-    assert presets.get("tq2.5").spec() == "4+s4+w64+m2:0.25/trial"
+    # tq3, tq3-mixed and tq2.5: sliding-window rings one bit wider, 8-token window and blocks
+    assert presets.get("tq3-mixed").spec() == "4+s4+w64+m2:0.5+r1+rw8+rb8/trial"
+    assert presets.get("tq2.5").spec() == "4+s4+w64+m2:0.25+r1+rw8+rb8/trial"
     assert presets.get("tq2").spec() == "3+s4+w64+m1:0.428571:56/trial"
     assert presets.get("codes-only").spec() == "3"
     assert presets.get("tq4").spec() == "4+s4+w64"
