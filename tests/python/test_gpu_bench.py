@@ -15,15 +15,16 @@ pytest.importorskip("mlx_lm")
 BENCH = Path(__file__).resolve().parents[2] / "bench"
 
 
-def run(script, tmp_path):
+def run(script, tmp_path, *extra):
     import turboquant
 
     out = tmp_path / f"{script}.json"
     # The scripts import the turboquant this test imported (installed or a source tree).
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(
         [str(Path(turboquant.__file__).resolve().parents[1]), os.environ.get("PYTHONPATH", "")]))
-    r = subprocess.run([sys.executable, str(BENCH / script), "--smoke", "--out", str(out)],
-                       cwd=BENCH, capture_output=True, text=True, timeout=600, env=env)
+    r = subprocess.run([sys.executable, str(BENCH / script), "--smoke", "--out", str(out),
+                        *extra], cwd=BENCH, capture_output=True, text=True, timeout=600,
+                       env=env)
     assert r.returncode == 0, r.stderr[-4000:]
     return json.loads(out.read_text())
 
@@ -54,6 +55,26 @@ def test_gpu_decode_parts_smoke(tmp_path, monkeypatch):
     for r in rows:
         assert r["context"] == 256 and r["total_us"] >= r["host_us"] > 0
         assert r["prefill_tok_s"] > 0
+
+
+def test_gpu_decode_parts_host_tables(tmp_path, monkeypatch):
+    """--ops and --lines: the host time of a step by mlx call (the wrapped functions put
+    back afterwards) and by line of turboquant's code."""
+    import mlx.core as mx
+
+    monkeypatch.syspath_prepend(str(BENCH))
+    from gpu_decode_parts import _OpTimers
+
+    add, rope = mx.add, mx.fast.rope
+    with _OpTimers() as timers:
+        assert mx.add is not add and mx.fast.rope is not rope
+        mx.add(mx.array(1), mx.array(2))
+    assert mx.add is add and mx.fast.rope is rope and timers.calls == {"mx.add": 1}
+    res = run("gpu_decode_parts.py", tmp_path, "--ops", "--lines", "--variants",
+              "tq3 (default recipe)")
+    fp16, tq = res["rows"]
+    assert "mx.fast.rope" in fp16["ops"] and "all wrapped calls" in tq["ops"]
+    assert "lines" not in fp16 and "mlx_cache.py:" in tq["lines"]
 
 
 def test_gpu_e2e_smoke(tmp_path):
