@@ -144,8 +144,9 @@ def test_best_widths_gives_the_bit_to_the_role_that_matters():
 
 def test_sliding_layers_take_their_widths_from_the_trial():
     """Under a mixed preset a sliding-window ring holds uniform codes of the recipe's average
-    width (tq3-mixed: 6 bits per key + value coordinate pair); the width trial decides their
-    split once, at the first attention call; without mixed_trial the ring keeps 3/3."""
+    width plus its ring_extra_bits (tq3-mixed: 3/3 and one bit more, 8 bits per key + value
+    coordinate pair); the width trial decides their split once, at the first attention call;
+    without mixed_trial the ring keeps 4/4 (3/3 with ring_extra_bits=0)."""
     model = tiny_model("gemma3_text")
     tokens = np.random.default_rng(4).integers(0, 128, 200).tolist()
     cache = tq_mlx.make_prompt_cache(model, preset="tq3-mixed", fp16_window=8)
@@ -154,8 +155,12 @@ def test_sliding_layers_take_their_widths_from_the_trial():
     model(mx.array(tokens)[None], cache=cache)
     for c in rings:
         assert not c.width_trial
-        assert (c.key_bits, c.value_bits) in ((3, 3), (4, 2), (2, 4))
+        assert (c.key_bits, c.value_bits) in ((4, 4), (5, 3), (3, 5))
     plain = tq_mlx.make_prompt_cache(model, preset="tq3-mixed", fp16_window=8,
                                      mixed_trial=False)
+    model(mx.array(tokens)[None], cache=plain)
+    assert all((c.key_bits, c.value_bits) == (4, 4) for c in plain if hasattr(c, "max_size"))
+    plain = tq_mlx.make_prompt_cache(model, preset="tq3-mixed", fp16_window=8,
+                                     mixed_trial=False, ring_extra_bits=0)
     model(mx.array(tokens)[None], cache=plain)
     assert all((c.key_bits, c.value_bits) == (3, 3) for c in plain if hasattr(c, "max_size"))
