@@ -158,6 +158,13 @@ def _run_collect(args, model, tokenizer, prompt, cache, group, rank: int) -> int
     report = rank_report(model, cache, group) if args.sharded else {
         "rank": 0, "size": 1, "kv_bytes": int(sum(c.nbytes for c in cache)),
         "tokens": int(cache[0].offset)}
+    if args.sharded and group is not None and group.size() > 1:
+        # every rank done before any leaves: a rank that exits with a step's send or receive
+        # still in flight (mlx-lm starts each next step before handing out the current
+        # token) makes its peer's pending step fail with a lost connection
+        import mlx.core as mx
+
+        mx.eval(mx.distributed.all_sum(mx.array(1.0), group=group, stream=mx.cpu))
     if args.json:
         print(json.dumps({**report, "generated": tokens, "text": text}), flush=True)
         return 0
