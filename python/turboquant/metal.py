@@ -624,15 +624,14 @@ def getenv(name: str, default: str | None = None) -> str | None:
     platform allows (POSIX)."""
     if _ENV_DATA is None:
         return os.environ.get(name, default)
-    value = _ENV_DATA.get(os.fsencode(name) if name not in _ENV_NAMES else _ENV_NAMES[name])
+    key = _ENV_NAMES.get(name)
+    if key is None:  # each name encoded once
+        key = _ENV_NAMES[name] = os.fsencode(name)
+    value = _ENV_DATA.get(key)
     return default if value is None else value.decode("utf-8", "surrogateescape")
 
 
-_ENV_NAMES = {n: os.fsencode(n) for n in (
-    "TQ_GPU_ATTENTION", "TQ_GPU_ATTENTION_GROUPS", "TQ_GPU_FAST_COORDS", "TQ_GPU_STAGE_TOKENS",
-    "TQ_GPU_MMA_STAGES", "TQ_GPU_MMA_MIN_BLOCKS", "TQ_GPU_FAST_UNROLL", "TQ_GPU_REDUCE_THREADS",
-    "TQ_GPU_DEQUANTIZE", "TQ_GPU_WRITE_ASYNC_EVAL", "TQ_GPU_PERMUTE", "TQ_GPU_HEADER_DIR",
-    "TQ_GPU_HEADER_INLINE")}
+_ENV_NAMES: dict[str, bytes] = {}
 
 
 @functools.lru_cache(maxsize=None)

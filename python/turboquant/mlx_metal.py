@@ -1104,11 +1104,7 @@ class MetalCodeStore:
         G = self.n_q_heads // H
         g = self._groups[0]
         kt, vt = g.key_tables, g.value_tables
-        if self._split:
-            step = metal.group_pass(d, kt.bits0, vt.bits, k_bits1=kt.bits1)
-        else:
-            step = metal.group_pass(d, kt.bits, vt.bits)
-        if step < G or tuple(q.shape) != (self.n_q_heads, 1, d):
+        if self._group_pass(g) < G or tuple(q.shape) != (self.n_q_heads, 1, d):
             return self.attend(q, causal=True, scale=scale)
         rows = []  # as _decode takes them: the sinks, then the window's buffers
         if self._ns:
@@ -1240,6 +1236,13 @@ class MetalCodeStore:
             lses.append(lse)
         return self._merge(outs), (self._merge(lses) if with_lse else None)
 
+    def _group_pass(self, g: _WidthGroup) -> int:
+        """Query heads of a GQA group one decode-attention pass of width group g takes."""
+        kt, vt = g.key_tables, g.value_tables
+        if self._split:
+            return metal.group_pass(self.head_dim, kt.bits0, vt.bits, k_bits1=kt.bits1)
+        return metal.group_pass(self.head_dim, kt.bits, vt.bits)
+
     def _group_attention(self, g: _WidthGroup, qg, a: int, b: int, scale: float,
                          with_lse: bool, rows):
         mx = _mx()
@@ -1251,8 +1254,7 @@ class MetalCodeStore:
         outs, lses = [], []
         G = int(qg.shape[1])
         kt, vt = g.key_tables, g.value_tables
-        step = metal.group_pass(self.head_dim, kt.bits0 if self._split else kt.bits, vt.bits,
-                                k_bits1=kt.bits1 if self._split else None)
+        step = self._group_pass(g)
         for g0 in range(0, G, step):  # large GQA groups (or head_dim): several passes
             part = qg if step >= G else qg[:, g0:g0 + step]  # no slice op for one pass
             args = (kt, vt, part, kc, kn, vc, vn, b - a, scale)
