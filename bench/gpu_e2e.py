@@ -78,13 +78,23 @@ def measure(model, kind: str, context: int, chunk: int, decode_steps: int) -> di
     mx.eval(model(tok, cache=cache))  # warm-up step
     # As mlx-lm's generate_step runs: the next step's graph is built and handed to the GPU
     # (mx.async_eval) before the previous token is read, so host and GPU time overlap.
+    # Where a pipelined step's wall time goes on the host: building its graph (Python, the
+    # model and the caches), handing it to the GPU (mx.async_eval: mlx encodes every kernel
+    # launch on the host) and waiting for the previous token (the GPU's work not hidden).
+    build = submit = wait = 0.0
     t0 = time.perf_counter()
     nxt = step(tok)
     mx.async_eval(nxt)
     for _ in range(decode_steps):
-        tok, nxt = nxt, step(nxt)
-        mx.async_eval(nxt)
+        t1 = time.perf_counter()
+        following = step(nxt)
+        t2 = time.perf_counter()
+        mx.async_eval(following)
+        t3 = time.perf_counter()
+        tok, nxt = nxt, following
         tok.item()
+        t4 = time.perf_counter()
+        build, submit, wait = build + t2 - t1, submit + t3 - t2, wait + t4 - t3
     nxt.item()
     decode = time.perf_counter() - t0
     # Each step evaluated before the next is built: host time and GPU time add up.
@@ -96,7 +106,9 @@ def measure(model, kind: str, context: int, chunk: int, decode_steps: int) -> di
     kv = sum(int(c.nbytes) for c in cache)
     return dict(cache=kind, context=context, prefill_tok_s=context / prefill_s,
                 decode_tok_s=(decode_steps + 1) / decode,
-                decode_sync_tok_s=decode_steps / decode_sync, kv_bytes=kv)
+                decode_sync_tok_s=decode_steps / decode_sync, kv_bytes=kv,
+                step_ms={"build": 1e3 * build / decode_steps, "submit": 1e3 * submit / decode_steps,
+                         "wait": 1e3 * wait / decode_steps})
 
 
 def main(argv=None) -> int:
@@ -131,7 +143,9 @@ def main(argv=None) -> int:
             print(f"{a.shape} T={context:7d} {kind:13s} prefill {r['prefill_tok_s']:9.1f} tok/s "
                   f"decode {r['decode_tok_s']:7.2f} tok/s "
                   f"(synchronous {r['decode_sync_tok_s']:7.2f}) "
-                  f"KV {r['kv_bytes'] / 2**20:9.1f} MiB", flush=True)
+                  f"KV {r['kv_bytes'] / 2**20:9.1f} MiB; a step's ms: build "
+                  f"{r['step_ms']['build']:.2f} submit {r['step_ms']['submit']:.2f} "
+                  f"wait {r['step_ms']['wait']:.2f}", flush=True)
             mx.clear_cache()
         base = next((r for r in measured if r["cache"] == "fp16"), None)
         for r in measured:

@@ -83,6 +83,8 @@ def test_gpu_e2e_smoke(tmp_path):
     assert set(rows) == {"fp16", "mlx-q8", "mlx-q4", "turboquant-3"}
     for r in rows.values():
         assert r["prefill_tok_s"] > 0 and r["decode_tok_s"] > 0 and r["kv_bytes"] > 0
+        assert set(r["step_ms"]) == {"build", "submit", "wait"}
+        assert r["step_ms"]["build"] > 0 and min(r["step_ms"].values()) >= 0
     assert rows["turboquant-3"]["kv_bytes"] < rows["fp16"]["kv_bytes"]
     assert rows["mlx-q4"]["kv_bytes"] < rows["mlx-q8"]["kv_bytes"] < rows["fp16"]["kv_bytes"]
 
