@@ -163,6 +163,15 @@ rank's slice); head h then encodes exactly as head k + h of a whole-model cache.
       }, py::arg("layer") = 0,
       "Mixed precision: flush the window groups that attention calls have rated since the layer's last\n"
       "append (an append flushes only groups rated before it); a no-op without mixed precision.")
+      .def("compact_window", [](KVCache& kv, std::optional<int> layer) {
+        py::gil_scoped_release release;
+        return layer ? kv.compact_window(*layer) : kv.compact_window();
+      }, py::arg("layer") = py::none(),
+      "Move the whole fp16 window of one layer (every layer when layer is None) into codes, its last\n"
+      "block partial, and give the window's memory back (a prompt parked in a store); the fp16 sinks\n"
+      "stay. Returns the tokens moved. Later appends, flushes, trims, attention and saving work as\n"
+      "usual. Mixed-precision and fp16 layers keep their windows (0 tokens moved); on an error the\n"
+      "layer is unchanged.")
       .def("attend", [](const KVCache& kv, const py::handle& queries, int layer, bool causal,
                         std::optional<float> scale, std::optional<size_t> window, float sparse_v,
                         bool sinks_visible) {

@@ -71,6 +71,13 @@ void bind_segment_plan(py::module_& m) {
       .def_readonly("sinks_freed", &CutPlan::sinks_freed)
       .def_readonly("splits_group", &CutPlan::splits_group);
 
+  py::class_<CompactPlan>(m, "CompactPlan",
+                          "A compaction of a layer: its whole window becomes codes (tokens of them) and gives its\n"
+                          "capacity back (window_freed; false: the layer keeps its window).")
+      .def_readonly("tokens", &CompactPlan::tokens)
+      .def_readonly("window_freed", &CompactPlan::window_freed)
+      .def_readonly("after", &CompactPlan::after);
+
   py::class_<SegmentPlan>(m, "SegmentPlan",
                           "The rules of one layer's segments, data-free: where an append's tokens go and which "
                           "window tokens flush into codes, and what a cut keeps. windowed defaults to the "
@@ -103,6 +110,8 @@ void bind_segment_plan(py::module_& m) {
       .def("due_flushes", &SegmentPlan::due_flushes, py::arg("sizes"), py::arg("keep_new"),
            "Flushes due in a layer whose latest append added keep_new window tokens.")
       .def("cut", &SegmentPlan::cut, py::arg("sizes"), py::arg("new_size"), "A cut back to new_size tokens.")
+      .def("compact", &SegmentPlan::compact, py::arg("sizes"),
+           "A compaction: the whole window into codes (mixed-precision and fp16 layers keep theirs).")
       .def("check_cut", &SegmentPlan::check_cut, py::arg("sizes"), py::arg("new_size"), py::arg("layer") = 0,
            "Raises RuntimeError for a cut that splits a mixed-precision flush group.")
       .def("low_codes", &SegmentPlan::low_codes, py::arg("codes"),

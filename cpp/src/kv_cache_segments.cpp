@@ -1,6 +1,6 @@
 // The segments of KVCache (cache/segments.h): appends through the fp16 sinks and window,
-// the flush of window rows into codes (by the flush policy), restores of sinks and window
-// (load), cuts, and decoding the stored rows of any segment.
+// the flush of window rows into codes (by the flush policy), compaction, restores of sinks
+// and window (load), cuts, and decoding the stored rows of any segment.
 #include <algorithm>
 #include <cmath>
 #include <cstring>
@@ -27,6 +27,22 @@ void KVCache::flush_rated(int layer) {
   const auto l = static_cast<size_t>(layer);
   // Every window token counted as the latest append's: only rated groups are due.
   if (mixed_) flush_window(l, segments_.size[l] - segments_.coded[l]);
+}
+
+size_t KVCache::compact_window(int layer) {
+  const WriteScope guard(*this, "compact_window");
+  check_layer(layer);
+  const auto l = static_cast<size_t>(layer);
+  // The plan (segment_plan.h, compact) decides; the flush policy encodes the rows.
+  const size_t moved = flush_->compact(l);
+  if (moved > 0) age(l);
+  return moved;
+}
+
+size_t KVCache::compact_window() {
+  size_t moved = 0;
+  for (int l = 0; l < config_.n_layers; ++l) moved += compact_window(l);
+  return moved;
 }
 
 void KVCache::append_windowed(int layer, const float* keys, const float* values, size_t T) {

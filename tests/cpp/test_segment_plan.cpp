@@ -262,3 +262,30 @@ TEST(SegmentPlan, FollowsTheCache) {
 }
 
 }  // namespace
+
+TEST(SegmentPlan, CompactMovesTheWholeWindowOfAPlainLayer) {
+  const SegmentPlan plain(plain_rules(4, 10, 16));
+  const CompactPlan c = plain.compact(sizes(4, 32, 23));
+  EXPECT_EQ(c.tokens, 23u);
+  EXPECT_TRUE(c.window_freed);
+  EXPECT_EQ(c.after, sizes(4, 55, 0));
+  // An empty window gives its capacity back too; appends then go on from unaligned codes.
+  EXPECT_TRUE(plain.compact(sizes(4, 55, 0)).window_freed);
+  EXPECT_EQ(plain.compact(sizes(4, 55, 0)).tokens, 0u);
+  const AppendPlan a = plain.append(c.after, 30);  // window 30 > 10 + 16: one block flushes
+  EXPECT_EQ(a.flushes, 1u);
+  EXPECT_EQ(a.after, sizes(4, 71, 14));
+  // Mixed precision, fp16 and unwindowed layers keep what they hold.
+  const SegmentPlan mixed(mixed_rules());
+  EXPECT_FALSE(mixed.compact(sizes(2, 16, 20)).window_freed);
+  EXPECT_EQ(mixed.compact(sizes(2, 16, 20)).after, sizes(2, 16, 20));
+  auto r = plain_rules(0, 0, 16);
+  r.windowed = true;
+  r.fp16_layer = true;
+  const SegmentPlan fp16(r);
+  EXPECT_EQ(fp16.compact(sizes(0, 0, 40)).tokens, 0u);
+  EXPECT_FALSE(fp16.compact(sizes(0, 0, 40)).window_freed);
+  const SegmentPlan unwindowed(plain_rules(0, 0, 16));
+  EXPECT_EQ(unwindowed.compact(sizes(0, 40, 0)).after, sizes(0, 40, 0));
+  EXPECT_FALSE(unwindowed.compact(sizes(0, 40, 0)).window_freed);
+}

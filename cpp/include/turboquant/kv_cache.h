@@ -19,7 +19,7 @@
 //
 // Thread safety: readers (attend, size, memory_bytes, fp16_bytes, copy_out, save) may run
 // concurrently from any number of threads. Mutators (append, append_encoded, trim, truncate,
-// set_rotation) need exclusive access: a mutator that overlaps any other guarded call on the
+// compact_window, set_rotation) need exclusive access: a mutator that overlaps any other guarded call on the
 // same cache, or a reader that overlaps a mutator, throws ConcurrentAccess before touching
 // anything (a checked flag, never a silent data race). Callers that share a cache between
 // threads serialize mutation themselves (e.g. one writer thread, or a lock around append).
@@ -67,6 +67,19 @@ class KVCache {
   // would otherwise hold its rated tokens as fp16 rows until the next one); tokens not yet
   // rated stay. Nothing to do without mixed precision (a plain window flushes in append).
   void flush_rated(int layer);
+
+  // Compaction (a prompt parked in a prompt-cache store): moves the whole fp16 window of one
+  // layer into codes, its last block partial, and gives the window's memory back, so that
+  // memory_bytes() drops by the window's capacity less the codes' bytes; the fp16 sinks
+  // stay. Returns the tokens moved. Later appends go to a new window as usual and its
+  // flushes fill the codes on from where they end (not a block boundary); cuts, attention
+  // and save/load work as on any layer. A mixed-precision layer (codes stored by importance
+  // in whole groups) and an fp16 layer keep their windows: 0, nothing changes. On an
+  // exception (out of memory) the layer is unchanged. The aging policies then run as after
+  // an append. The overload without a layer compacts every layer (each all or nothing) and
+  // returns the tokens moved in all of them.
+  size_t compact_window(int layer);
+  size_t compact_window();
 
   // Attention of T_q queries per query head over the layer's tokens. queries and out are
   // n_q_heads × T_q × head_dim. The queries are the LAST T_q positions of the layer:

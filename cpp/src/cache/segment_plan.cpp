@@ -103,6 +103,17 @@ CutPlan SegmentPlan::cut(const SegmentSizes& s, size_t new_size) const {
   return p;
 }
 
+CompactPlan SegmentPlan::compact(const SegmentSizes& s) const {
+  CompactPlan p;
+  p.after = s;
+  if (!r_.windowed || r_.fp16_layer || mixed()) return p;
+  p.tokens = s.window;
+  p.window_freed = true;
+  p.after.codes += s.window;
+  p.after.window = 0;
+  return p;
+}
+
 void SegmentPlan::check_cut(const SegmentSizes& s, size_t new_size, size_t layer) const {
   const size_t S = sink_base(), F = flush_tokens();
   TQ_CHECK(!cut(s, new_size).splits_group, NotSupported, "cutting layer ", layer, " to ", new_size,

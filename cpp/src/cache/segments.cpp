@@ -56,6 +56,11 @@ void Segments::flushed(size_t l, size_t tokens) {
   coded[l] += tokens;
 }
 
+void Segments::compacted(size_t l, size_t tokens) {
+  flushed(l, tokens);
+  for (size_t s = 0; s < streams_per_layer; ++s) std::vector<uint16_t>().swap(window[l * streams_per_layer + s]);
+}
+
 void Segments::fit_window(size_t l) {
   if (fp16_layer[l]) return;  // an unbounded window
   for (size_t s = 0; s < streams_per_layer; ++s) {

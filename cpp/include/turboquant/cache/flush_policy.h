@@ -31,6 +31,13 @@ class FlushPolicy {
   // only: on an exception every flush before it stands and nothing of the failing one.
   virtual void flush(size_t l, size_t keep_new) = 0;
 
+  // Compaction (segment_plan.h, CompactPlan; a prompt parked in a store): moves the whole
+  // window of layer l into codes, a partial piece included, and gives the window's memory
+  // back; returns the tokens moved. All or nothing: on an exception the layer is unchanged.
+  // The default keeps the window (returns 0): a policy whose codes are not in position
+  // order (mixed precision) cannot take a partial group.
+  virtual size_t compact(size_t /*l*/) { return 0; }
+
   // The window of layer l grew (an append): per-token state follows its rows.
   virtual void window_grown(size_t /*l*/) {}
   // After a flush: capacities of per-token state fitted like the window's.

@@ -1,7 +1,8 @@
 // The bookkeeping rules of a layer's segments (segments.h) as plans, data-free: given the
 // sizes of a layer's segments, where an append's tokens go (sinks, window, or codes) and
 // which window tokens then flush into codes (whole pieces, oldest first: blocks of the
-// plain flush, groups of mixed precision), and what a cut keeps and releases. The cache
+// plain flush, groups of mixed precision), what a cut keeps and releases, and what a
+// compaction (a layer parked in a prompt-cache store) moves into codes. The cache
 // (kv_cache_segments.cpp, kv_cache.cpp) and its flush policies (plain_flush.h,
 // mixed_precision.h) apply these plans to their data, and a store that keeps its bytes
 // elsewhere (the mlx store of python/turboquant/mlx_metal.py) asks the same plans through
@@ -58,6 +59,16 @@ struct CutPlan {
   bool splits_group = false;
 };
 
+// A compaction of a layer: its whole fp16 window, a partial flush piece included, becomes
+// codes (`tokens` of them, after the codes it holds) and the window gives its capacity back.
+// The sinks stay fp16. window_freed: the layer compacts (an empty window gives its capacity
+// back too); false for a layer that keeps its window (see SegmentPlan::compact).
+struct CompactPlan {
+  size_t tokens = 0;
+  bool window_freed = false;
+  SegmentSizes after;
+};
+
 class SegmentPlan {
  public:
   // How many fp16 window tokens a mixed-precision layer holds at most without attention
@@ -107,6 +118,13 @@ class SegmentPlan {
   // cut inside the window shortens it; below it, the window empties and the codes and sinks
   // of the tokens left stay (later tokens go to the window).
   CutPlan cut(const SegmentSizes& s, size_t new_size) const;
+  // A compaction of a layer of sizes s (a prompt parked in a store, which will be extended
+  // or cut later, rarely attended as it is): a plain-flush layer moves its whole window
+  // into codes, the codes then ending at an arbitrary position (later flushes go on from
+  // there). A mixed-precision layer keeps its window (its codes are stored by importance in
+  // whole groups, and a window token is only flushed once rated), and so does an fp16 layer
+  // (it has no codes) and an unwindowed one (no window).
+  CompactPlan compact(const SegmentSizes& s) const;
   // Throws NotSupported (naming layer `layer`) for a cut that splits a flush group.
   void check_cut(const SegmentSizes& s, size_t new_size, size_t layer) const;
   // Of `codes` code tokens of a mixed-precision layer (whole groups), those at the low width.

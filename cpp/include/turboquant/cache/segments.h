@@ -62,6 +62,10 @@ struct Segments {
   void undo_append(size_t l, size_t old_size, size_t old_coded, size_t to_sinks);
   // The window's oldest `tokens` rows were encoded into codes: drop them from the window.
   void flushed(size_t l, size_t tokens);
+  // A compaction (segment_plan.h, CompactPlan) encoded the window's `tokens` rows, all it
+  // held, into codes: the window empties and gives its capacity back (a later append
+  // allocates it again).
+  void compacted(size_t l, size_t tokens);
   // Gives every non-empty window of layer l a capacity of exactly the plan's window_rows()
   // (a flushed window's fixed size, so that memory_bytes() is predictable).
   void fit_window(size_t l);
