@@ -95,6 +95,9 @@ class TurboQuantKVCache(PlaceholderKeys, _mlx_cache._BaseCache):
     # How many leading tokens the calibration (means, channel order, trials) read.
     _calibrated = 0
 
+    # Whether compact_window moved a window into codes (reuse_prefix then resumes anywhere).
+    _parked = False
+
     # turboquant.mlx_batch takes these as batch rows (it knows them by this flag, not by
     # importing this module, which imports it for merge)
     turboquant_layer = True
@@ -469,6 +472,32 @@ class TurboQuantKVCache(PlaceholderKeys, _mlx_cache._BaseCache):
             return 0
         return 2 * int(self._core_kv_heads) * self.block_tokens * int(self._head_dim) * 2
 
+    def compact_window(self) -> int:
+        """Move this layer's fp16 window into codes, its last block partial, and give the
+        window's memory back (``_core.KVCache.compact_window``): what a prompt-cache store
+        does to a prompt it parks (``turboquant serve --park-window codes``), whose window
+        rows would otherwise be most of a short entry's bytes. The fp16 sinks stay. Returns
+        the tokens moved into codes (0: nothing changed), and ``nbytes`` drops by the
+        window's rows less their codes. The cache stays a cache like any other: later
+        tokens go to a new window and flush on from where the codes end; ``trim``,
+        attention, ``state`` and ``reuse_prefix`` work as usual (a resumed prompt's window
+        tokens before the compaction are codes, not fp16 rows).
+
+        Nothing is moved (0) by a layer without a core yet (its tokens wait for the first
+        attention call), without an fp16 window, with mixed precision (its codes are stored
+        by importance in whole flush groups, its window flushed once rated), or held by the
+        GPU store (``MetalCodeStore`` keeps its window for now; a store that compacts
+        answers the same contract: the tokens it moved)."""
+        if self._core is None or self._gpu or not self.fp16_window or self.mixed_bits:
+            return 0
+        self._append_held()
+        moved = int(self._core.compact_window())
+        if moved:
+            # the window block a trim would restore as fp16 rows is gone with the window
+            self._unflush = None
+            self._parked = True
+        return moved
+
     @property
     def flush_tokens(self) -> int:
         """Tokens one window flush moves into codes (their pages allocated at once):
@@ -514,10 +543,13 @@ class TurboQuantKVCache(PlaceholderKeys, _mlx_cache._BaseCache):
         resumed from an earlier flush boundary (its later tokens computed again). Caches
         whose layout is not a function of their length alone (mixed precision rates tokens
         by the queries seen, temporal decay by their age, a sliding-window ring evicts)
-        answer ``prefix``."""
+        answer ``prefix``, and so does a parked cache (:meth:`compact_window` moved its
+        window into codes): a store that parks its entries trades the fp16 rows of a
+        resumed prompt's last reused tokens for capacity, on this path as on the reuse of a
+        shorter entry, rather than computing them again."""
         prefix = max(0, min(int(prefix), int(total), self.offset))
         if (self._core is None or not (self.fp16_window or self.fp16_sinks) or self.mixed_bits
-                or self.decay_after or self._evicted()):
+                or self.decay_after or self._evicted() or self._parked):
             return prefix
         plan = self._segment_plan()
         held = plan.sizes(int(self._core.size(0)), int(self._core.coded_tokens(0)))
@@ -634,7 +666,7 @@ class TurboQuantKVCache(PlaceholderKeys, _mlx_cache._BaseCache):
                                       for r in p):
                 raise _core.FormatError(f"prompt cache layer {self.layer}: the key channel "
                                         "order is not a permutation per head")
-            self._perm = p
+            self._perm = p.astype(np.int16)  # as _choose_channels makes it
         blob = np.array(blob, dtype=np.uint8, copy=False)
         if blob.size:
             self._core = (_mlx_metal.MetalCodeStore.from_bytes(blob.tobytes(),
@@ -852,7 +884,9 @@ class TurboQuantKVCache(PlaceholderKeys, _mlx_cache._BaseCache):
             pair = np.arange(d) // 2
         else:
             pair = np.arange(d)
-        perm = np.empty((H, d), dtype=np.int64)
+        # int16 (head_dim < 32768): the order stays with every stored prompt, where its
+        # bytes count (an int64 order was 3% of a parked 257-token entry)
+        perm = np.empty((H, d), dtype=np.int16)
         for h in range(H):
             per_pair = np.bincount(pair, weights=energy[h])
             order = np.argsort(-per_pair, kind="stable")

@@ -96,6 +96,13 @@ class TurboQuantRotatingKVCache(TurboQuantKVCache):
     def _core_options(self) -> dict:
         return {"max_coded_tokens": self.max_coded_tokens}
 
+    def compact_window(self) -> int:
+        """Keeps the window (0 tokens moved): the ring's bound on codes
+        (:func:`codes_needed`) counts the fp16 window apart, so its tokens moved into codes
+        would make the core evict code pages the next queries still attend. A ring holds at
+        most its window's tokens anyway."""
+        return 0
+
     def gpu_refusal(self, head_dim: int) -> str | None:
         return "sliding-window eviction (max_coded_tokens) is a C++ core feature"
 

@@ -58,7 +58,8 @@ void Segments::flushed(size_t l, size_t tokens) {
 
 void Segments::compacted(size_t l, size_t tokens) {
   flushed(l, tokens);
-  for (size_t s = 0; s < streams_per_layer; ++s) std::vector<uint16_t>().swap(window[l * streams_per_layer + s]);
+  for (size_t s = 0; s < streams_per_layer; ++s)
+    std::vector<uint16_t>().swap(window[l * streams_per_layer + s]);
 }
 
 void Segments::fit_window(size_t l) {
