@@ -27,7 +27,9 @@ things are swapped in, each through the narrowest seam mlx-lm offers:
   LRU eviction) is kept, with a byte budget (``--max-kv-gb``): it counts each entry by the
   caches' ``nbytes``, which for TurboQuant caches is the compressed size (codes, norms,
   fp16 window/sink rows, page slack and quantizer state), so the same budget holds ~4-5x
-  more tokens than fp16 caches. mlx-lm's own ``run`` applies no byte budget on the
+  more tokens than fp16 caches. An entry is parked with its caches' fp16 windows moved
+  into codes (``--park-window codes``, the default; ``TurboQuantKVCache.compact_window``),
+  so that short entries are not mostly fp16 rows. mlx-lm's own ``run`` applies no byte budget on the
   sequential path; :func:`run` does (on both paths). :class:`PromptCacheStore` also
   keeps every entry's key and its caches' lengths in step (mlx-lm's speculative path
   stores caches a token short of their key, and a reuse would then resume a token short),
@@ -233,7 +235,11 @@ class KVCost:
     codes costs the same) a length n is also priced at ``bytes(p) + per_token * (n - p +
     page)`` from the longest probe p <= n, where ``per_token`` is the slope between the two
     longest probes and the extra page covers the page that n starts; the smaller of the two
-    is taken, and past ``top`` only the second applies. Added: ``spare`` (the fp16 rows of a
+    is taken, and past ``top`` only the second applies. Added: with ``--park-window codes``,
+    past ``parked_from`` tokens (the sinks), ``min(parked, n) + page`` code tokens at
+    ``per_token`` (a cache resumed from a parked entry holds codes for up to ``parked``, a
+    window's rows, of the tokens a fresh cache holds as fp16 rows, its new window allocated
+    whole all the same, and a page more where the codes end elsewhere), ``spare`` (the fp16 rows of a
     flushed window block a cache keeps after a decode step flushed it,
     ``TurboQuantKVCache.spare_nbytes``) once a window can have flushed, and for caches on
     the GPU store the code pages it allocates ahead (an eighth of the codes, and a page).
@@ -248,7 +254,8 @@ class KVCost:
     SHORT_PROBES = (1, 2, 3, 4, 5, 6, 7, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256)
 
     def __init__(self, lengths, sizes, *, page: int = 256, steady: int = 0,
-                 spare: int = 0, flushes_from: int = 1, gpu: bool = False):
+                 spare: int = 0, flushes_from: int = 1, gpu: bool = False, parked: int = 0,
+                 parked_from: int = 0):
         if len(lengths) != len(sizes) or len(lengths) < 2:
             raise ValueError("KVCost needs the bytes of at least two probe lengths")
         self.lengths = tuple(int(n) for n in lengths)
@@ -257,6 +264,7 @@ class KVCost:
                              / (self.lengths[-1] - self.lengths[-2]))
         self.page, self.steady, self.spare = int(page), int(steady), int(spare)
         self.flushes_from, self.gpu = int(flushes_from), bool(gpu)
+        self.parked, self.parked_from = int(parked), int(parked_from)
 
     def __call__(self, tokens: int) -> int:
         n = max(1, int(tokens))
@@ -269,12 +277,15 @@ class KVCost:
             est = min(est, self.sizes[j] + self.per_token * (n - self.lengths[j] + self.page))
         if n >= self.flushes_from:
             est += self.spare
+        if self.parked and n > self.parked_from:
+            est += self.per_token * (min(self.parked, n) + self.page)
         if self.gpu:
             est += self.per_token * (n / 8 + self.page)
         return math.ceil(est)
 
     @classmethod
-    def measure(cls, model, draft_model=None, top: int = 1024) -> KVCost:
+    def measure(cls, model, draft_model=None, top: int = 1024,
+                park_window: str = "codes") -> KVCost:
         import mlx.core as mx
 
         def probe(n):
@@ -317,13 +328,20 @@ class KVCost:
             sizes.append(total)
         spare = sum(c.spare_nbytes() for c in caches if hasattr(c, "spare_nbytes"))
         gpu = int(any(getattr(c, "_gpu", False) for c in caches))
-        rows = _gather(sizes + [spare, gpu, page, steady, flushes_from])
+        parked, parked_from = 0, 1 << 62
+        if park_window == "codes":  # the rows of a window that parking moves into codes
+            for c in caches:
+                if hasattr(c, "compact_window") and getattr(c, "fp16_window", 0):
+                    parked = max(parked, int(c.fp16_window) + int(c.flush_tokens))
+                    parked_from = min(parked_from, int(getattr(c, "fp16_sinks", 0)))
+        rows = _gather(sizes + [spare, gpu, page, steady, flushes_from, parked, parked_from])
         k = len(sizes)
         sizes = [sum(col) for col in zip(*(r[:k] for r in rows))]
         return cls(lengths, sizes, spare=sum(r[k] for r in rows),
                    gpu=any(r[k + 1] for r in rows), page=max(r[k + 2] for r in rows),
                    steady=max(r[k + 3] for r in rows),
-                   flushes_from=min(r[k + 4] for r in rows))
+                   flushes_from=min(r[k + 4] for r in rows), parked=max(r[k + 5] for r in rows),
+                   parked_from=min(r[k + 6] for r in rows))
 
 
 class TurboQuantModelProvider(_server.ModelProvider):
@@ -331,10 +349,12 @@ class TurboQuantModelProvider(_server.ModelProvider):
     with continuous batching when :func:`batching_refusal` finds nothing against it (and
     ``batching`` is on), else one request at a time (see the module docstring)."""
 
-    def __init__(self, cli_args, cache_options: dict, batching: bool = True):
+    def __init__(self, cli_args, cache_options: dict, batching: bool = True,
+                 park_window: str = "codes"):
         super().__init__(cli_args)
         self.cache_options = dict(cache_options)
         self.batching = bool(batching)
+        self.park_window = _check_park_window(park_window)
         self.load_error: BaseException | None = None
         self.batching_off_reason: str | None = None
         self.kv_cost: KVCost | None = None
@@ -361,7 +381,8 @@ class TurboQuantModelProvider(_server.ModelProvider):
             # Collectives on a sharded model: the generation thread (this one) is the only
             # thread that talks to the other ranks, and every rank loads here.
             if self.cli_args.prompt_cache_bytes is not None:
-                self.kv_cost = KVCost.measure(self.model, self.draft_model)
+                self.kv_cost = KVCost.measure(self.model, self.draft_model,
+                                              park_window=self.park_window)
             if self.is_distributed:
                 self.rank_reports = _gather_object(_probe_report(self.model,
                                                                  self.cache_options))
@@ -414,6 +435,24 @@ def _calibration_tokens(prompt_cache: list) -> int:
     return max((int(getattr(c, "calibration_tokens", 0)) for c in prompt_cache), default=0)
 
 
+PARK_WINDOW = ("codes", "fp16")
+
+
+def _check_park_window(park_window: str) -> str:
+    if park_window not in PARK_WINDOW:
+        raise ValueError(f"park_window must be one of {', '.join(PARK_WINDOW)}, "
+                         f"got {park_window!r}")
+    return park_window
+
+
+def park(prompt_cache: list) -> int:
+    """Compact the caches of an entry being parked in the store: each TurboQuant layer's
+    fp16 window moved into codes (``TurboQuantKVCache.compact_window``; layers that keep
+    their windows, and mlx-lm's own caches, are left as they are). Returns the tokens
+    moved, all layers together."""
+    return sum(int(c.compact_window()) for c in prompt_cache if hasattr(c, "compact_window"))
+
+
 class PromptCacheStore(_server.LRUPromptCache):
     """mlx-lm's LRU prompt-cache store, with each entry's key and its caches' lengths made
     to agree on insertion, and the same decisions on every rank of a sharded model.
@@ -433,12 +472,27 @@ class PromptCacheStore(_server.LRUPromptCache):
     entry's bytes are the sum of the ranks' bytes (the whole sharded cache: the byte
     budget is for all ranks together), a cache is trimmable when every rank's is, an
     insertion keeps the prefix every rank's caches hold. ``rank_bytes`` reports each rank's
-    share."""
+    share.
 
-    def __init__(self, max_size: int = 10, max_bytes: int = 1 << 63, group=None):
+    Parking (``park_window``): with ``"codes"`` (the default) an entry's caches are compacted
+    as they are stored (:func:`park`): every TurboQuant layer's fp16 window goes into codes,
+    its memory given back, so a short entry is not mostly fp16 rows (a 257-token SmolLM2
+    entry takes about 4.6x fewer bytes than fp16 caches instead of 1.8x). A reused entry then
+    hands back its last window tokens (up to ``fp16_window + block_tokens``) as codes;
+    tokens computed after the reuse get a window of fp16 rows as usual
+    (``bench/park_window_quality.py`` measures the cost). ``"fp16"`` stores the caches as
+    they are. mlx-lm stores caches no generation uses afterwards: the sequential path the
+    request's own cache after its last token, the batched path ``extract`` copies of a
+    batch row (``BatchTurboQuantKVCache.extract``), so compacting them in place changes no
+    running request."""
+
+    def __init__(self, max_size: int = 10, max_bytes: int = 1 << 63, group=None,
+                 park_window: str = "codes"):
         super().__init__(max_size, max_bytes)
         self._group_ = group if group is not None else _group()
         self.rank_bytes = [0] * self._group_.size()
+        self.park_window = _check_park_window(park_window)
+        self.parked_tokens = 0  # tokens moved into codes by parking, all entries so far
 
     def fetch_nearest_cache(self, model, tokens):
         """mlx-lm's lookup (exact entry, else a longer entry trimmed back to the common
@@ -458,7 +512,8 @@ class PromptCacheStore(_server.LRUPromptCache):
         (``TurboQuantKVCache.reuse_prefix``: codes are never turned back into fp16 window
         rows, so an entry whose window flushed past this prompt's flush point resumes from
         an earlier flush boundary), so a reused prompt keeps its most recent fp16 window
-        tokens exact, as a fresh one does."""
+        tokens exact, as a fresh one does; an entry parked with its window in codes
+        (``park_window="codes"``) is resumed from the common prefix, its tokens as codes."""
         result = self._trie.search(model, tokens)
         if result.exact is not None:
             entry = self._trie.get(result.model, result.exact)
@@ -511,6 +566,8 @@ class PromptCacheStore(_server.LRUPromptCache):
                 tokens = tokens[:n]
         if not tokens:
             return
+        if self.park_window == "codes":
+            self.parked_tokens += park(prompt_cache)
         trimmable = all(r[3] for r in rows)
         per_rank = [r[0] for r in _gather([sum(c.nbytes for c in prompt_cache)], self._group_)]
         entry = _server.LRUPromptCache.CacheEntry(prompt_cache, sum(per_rank), cache_type)
@@ -660,7 +717,9 @@ class TurboQuantAPIHandler(_server.APIHandler):
             "prompt_cache": None if store is None else {
                 "sequences": len(store), "bytes": store.nbytes,
                 "tokens": getattr(store, "ntokens", None),
-                "by_type": store.stats_by_type()},
+                "by_type": store.stats_by_type(),
+                "park_window": getattr(store, "park_window", None),
+                "parked_tokens": getattr(store, "parked_tokens", None)},
             **stats(),
             "batching": {"enabled": bool(getattr(gen.model_provider, "is_batchable", False)),
                          "off_reason": getattr(gen.model_provider, "batching_off_reason", None),
@@ -739,11 +798,12 @@ def _wait_for_model(provider: TurboQuantModelProvider, gen) -> None:
 
 
 def run(host: str, port: int, cli_args, options: dict, max_kv_bytes: int | None = None,
-        batching: bool = True) -> None:
+        batching: bool = True, park_window: str = "codes") -> None:
     """Serve ``cli_args`` (an ``mlx_lm.server`` argument namespace) with TurboQuant caches
     built from ``options`` until interrupted; ``batching=False`` serves one request at a
-    time. On a sharded model (several processes) rank 0 serves HTTP and the other ranks run
-    the generation loop until it stops."""
+    time; ``park_window`` is the store's (:class:`PromptCacheStore`). On a sharded model
+    (several processes) rank 0 serves HTTP and the other ranks run the generation loop
+    until it stops."""
     group = _group()
     if group.size() > 1:
         for flag, value in (("--draft-model", cli_args.draft_model),
@@ -759,11 +819,13 @@ def run(host: str, port: int, cli_args, options: dict, max_kv_bytes: int | None 
     if max_kv_bytes is None:
         max_kv_bytes = cli_args.prompt_cache_bytes
     cli_args.prompt_cache_bytes = max_kv_bytes
+    _check_park_window(park_window)
     install_cache_factory(options)
-    provider = TurboQuantModelProvider(cli_args, options, batching=batching)
+    provider = TurboQuantModelProvider(cli_args, options, batching=batching,
+                                       park_window=park_window)
     store = PromptCacheStore(cli_args.prompt_cache_size,
                              max_bytes=max_kv_bytes if max_kv_bytes is not None else 1 << 63,
-                             group=group)
+                             group=group, park_window=park_window)
     gen = ResponseGenerator(provider, store)
     _wait_for_model(provider, gen)
     model = cli_args.model
@@ -777,8 +839,9 @@ def run(host: str, port: int, cli_args, options: dict, max_kv_bytes: int | None 
     if provider.sharding is not None:
         _log.info("rank %d of %d (%s parallel): %s", group.rank(), group.size(),
                   provider.sharding, json.dumps((provider.rank_reports or [{}])[group.rank()]))
-    _log.info("TurboQuant KV caches: %s; prompt-cache budget: %s", options,
-              "none" if max_kv_bytes is None else f"{max_kv_bytes:,} bytes")
+    _log.info("TurboQuant KV caches: %s; prompt-cache budget: %s; parked windows: %s",
+              options, "none" if max_kv_bytes is None else f"{max_kv_bytes:,} bytes",
+              park_window)
     if group.rank() != 0:  # rank 0 serves HTTP and shares each request with the others
         gen.join()
         return
@@ -786,7 +849,8 @@ def run(host: str, port: int, cli_args, options: dict, max_kv_bytes: int | None 
 
 
 def main(model: str, passthrough: list[str], options: dict,
-         max_kv_bytes: int | None = None, batching: bool = True) -> int:
+         max_kv_bytes: int | None = None, batching: bool = True,
+         park_window: str = "codes") -> int:
     """Parse ``passthrough`` with mlx-lm's own server arguments (``mlx_lm.server --help``)
     and serve ``model``."""
     captured: dict = {}
@@ -802,5 +866,5 @@ def main(model: str, passthrough: list[str], options: dict,
     finally:
         sys.argv, _server.run = argv, saved_run
     run(captured["host"], captured["port"], captured["cli_args"], options, max_kv_bytes,
-        batching)
+        batching, park_window)
     return 0

@@ -91,8 +91,10 @@ def running_server(model_dir, log, *args, start_timeout=40, launcher=("-m", "tur
 @pytest.fixture(scope="module")
 def server(model_dir, tmp_path_factory):
     log = tmp_path_factory.mktemp("serve_log") / "server.log"
+    # windows kept fp16 in the store: a reused prompt's text is then that of a fresh cache,
+    # which these tests compare with (parked entries: tests/python/test_park_window.py)
     with running_server(model_dir, log, "--kv-bits", "3", "--max-kv-gb", str(BUDGET / 1e9),
-                        "--max-tokens", "12") as url:
+                        "--max-tokens", "12", "--park-window", "fp16") as url:
         yield url
 
 
@@ -266,7 +268,7 @@ def test_speculative_decoding_with_a_draft_model(model_dir, tmp_path):
     draft = save_tiny_model_dir(tmp_path / "draft", seed=1)
     body = {"prompt": PROMPT, "max_tokens": 10, "temperature": 0}
     with running_server(model_dir, tmp_path / "server.log", "--draft-model", str(draft),
-                        "--num-draft-tokens", "3") as url:
+                        "--num-draft-tokens", "3", "--park-window", "fp16") as url:
         # the second and third through the prompt-cache store (PromptCacheStore keeps the
         # entries' keys and cache lengths in step; mlx-lm's own store resumes a token short)
         texts = [post(url, "/v1/completions", body)["choices"][0]["text"] for _ in range(3)]

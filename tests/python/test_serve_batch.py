@@ -38,7 +38,10 @@ def model_dir(tmp_path_factory):
 @pytest.fixture(scope="module")
 def server(model_dir, tmp_path_factory):
     log = tmp_path_factory.mktemp("serve_batch_log") / "server.log"
-    with running_server(model_dir, log, "--kv-bits", "3", "--max-tokens", "16") as url:
+    # windows kept fp16 in the store: a prompt served again resumes exactly, so its text is
+    # that of a fresh cache (parked entries: tests/python/test_park_window.py)
+    with running_server(model_dir, log, "--kv-bits", "3", "--max-tokens", "16",
+                        "--park-window", "fp16") as url:
         yield url
 
 

@@ -137,7 +137,8 @@ def test_kv_cost_is_an_upper_bound_of_the_bytes_the_store_counts(model_dir, opti
     decode steps (which keep a flushed window block's fp16 rows); and, filled in one call,
     at most 1.5x those bytes: below the steady length it is the bytes of the next probe
     (probes at most 1.5x apart there), past it the bytes of a shorter probe plus the
-    per-token slope, one page and one flushed block."""
+    per-token slope, one page and one flushed block; with parked entries (their windows in
+    codes) also of a cache resumed from one and grown."""
     import mlx.core as mx
     import numpy as np
     from mlx_lm import load
@@ -147,13 +148,15 @@ def test_kv_cost_is_an_upper_bound_of_the_bytes_the_store_counts(model_dir, opti
     previous = serve.install_cache_factory(options)
     rng = np.random.default_rng(0)
     try:
-        cost = serve.KVCost.measure(model)
+        cost = serve.KVCost.measure(model)  # the store parks its entries (the default)
+        kept = serve.KVCost.measure(model, park_window="fp16")
         for n in (1, 8, 40, 100, 130, 300, 700, 2000):
             tokens = mx.array(rng.integers(0, 90, n), dtype=mx.int32)
             cache = serve._server.make_prompt_cache(model)
             mx.eval(model(tokens[None], cache=cache))
             actual = sum(c.nbytes for c in cache)
-            assert actual <= cost(n) <= 1.5 * actual, (n, cost(n), actual)
+            assert actual <= kept(n) <= 1.5 * actual, (n, kept(n), actual)
+            assert kept(n) <= cost(n)
             for steps in (1, 41):  # generate_step computes one token ahead: n + steps held
                 cache = serve._server.make_prompt_cache(model)
                 for _ in generate_step(tokens, model, prompt_cache=cache, max_tokens=steps,
@@ -162,6 +165,18 @@ def test_kv_cost_is_an_upper_bound_of_the_bytes_the_store_counts(model_dir, opti
                 held = cache[0].offset
                 actual = sum(c.nbytes for c in cache)
                 assert actual <= cost(held), (n, steps, held, cost(held), actual)
+            # resumed from an entry the store parked (its window compacted into codes), then
+            # given new tokens: codes where a fresh cache holds window rows, and a new window
+            for extra in (1, 40, 130):
+                cache = serve._server.make_prompt_cache(model)
+                mx.eval(model(tokens[None], cache=cache))
+                serve.park(cache)
+                for _ in generate_step(mx.array(rng.integers(0, 90, extra), dtype=mx.int32),
+                                       model, prompt_cache=cache, max_tokens=2):
+                    pass
+                held = cache[0].offset
+                actual = sum(c.nbytes for c in cache)
+                assert actual <= cost(held), (n, extra, held, cost(held), actual)
     finally:
         serve.uninstall_cache_factory(previous)
     assert cost.per_token > 0

@@ -135,7 +135,7 @@ def test_a_reused_prompt_keeps_the_fp16_window_of_a_fresh_one(P, n):
                                  key_split=False)
 
     stored = filled(make, T, layers=2)
-    store = PromptCacheStore()
+    store = PromptCacheStore(park_window="fp16")  # parked entries: tests/python/test_park_window.py
     tokens = list(range(T))
     store.insert_cache("model", tokens, stored)
     prompt = tokens[:P] + [5000 + j for j in range(n - P)]

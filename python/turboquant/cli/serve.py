@@ -50,6 +50,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-kv-gb", type=_gigabytes, default=None,
                    help="budget of the prompt-cache store in GB (1e9 bytes), counted in "
                         "compressed bytes; least recently used entries are evicted")
+    p.add_argument("--park-window", choices=("codes", "fp16"), default="codes",
+                   help="how the prompt-cache store parks an entry's fp16 window: moved into "
+                        "codes, its memory given back (default; a reused prompt's last window "
+                        "tokens are then codes), or kept as fp16 rows")
     p.add_argument("--no-batching", dest="batching", action="store_false",
                    help="serve one request at a time (no continuous batching)")
     p.set_defaults(passthrough=[])
@@ -77,4 +81,5 @@ def run(args: argparse.Namespace) -> int:
     max_bytes = None if args.max_kv_gb is None else int(args.max_kv_gb * 1e9)
     passthrough = ["--host", args.host, "--port", str(args.port), *args.passthrough]
     return serve.main(args.model, passthrough, options, max_bytes,
-                      batching=getattr(args, "batching", True))
+                      batching=getattr(args, "batching", True),
+                      park_window=getattr(args, "park_window", "codes"))
