@@ -75,7 +75,7 @@ SETTINGS = dict(
     request_timeout_s=600,
 )
 SMOKE = dict(SETTINGS, clients=[1, 4], min_requests=2, prompt_tokens=24, max_tokens=4,
-             budget_gb=0.0005, capacity_prompt_tokens=300, capacity_prompts=16,
+             budget_gb=0.0005, capacity_prompt_tokens=300, capacity_prompts=40,
              start_timeout_s=60, request_timeout_s=60)
 
 
@@ -306,6 +306,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="tokens per capacity prompt (default: the settings')")
     p.add_argument("--capacity-prompts", type=int, help="capacity prompts sent")
     p.add_argument("--budget-gb", type=float, help="prompt-cache budget of both servers")
+    p.add_argument("--park-window", choices=("codes", "fp16"),
+                   help="turboquant serve's --park-window (default: the server's default)")
     args = p.parse_args(argv)
     settings = dict(SMOKE if args.smoke else SETTINGS)
     for key in ("capacity_prompt_tokens", "capacity_prompts", "budget_gb"):
@@ -313,6 +315,8 @@ def main(argv: list[str] | None = None) -> int:
             settings[key] = getattr(args, key)
     if args.capacity_only:
         settings["clients"] = []
+    if args.park_window is not None:
+        settings["kv_args"] = [*settings["kv_args"], "--park-window", args.park_window]
     import openai
 
     with tempfile.TemporaryDirectory() as tmp:
