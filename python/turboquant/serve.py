@@ -239,8 +239,8 @@ class KVCost:
     past ``parked_from`` tokens (the sinks), ``min(parked, n) + page`` code tokens at
     ``per_token`` (a cache resumed from a parked entry holds codes for up to ``parked``, a
     window's rows, of the tokens a fresh cache holds as fp16 rows, its new window allocated
-    whole all the same, and a page more where the codes end elsewhere), ``spare`` (the fp16 rows of a
-    flushed window block a cache keeps after a decode step flushed it,
+    whole all the same, and a page more where the codes end elsewhere), ``spare`` (the fp16
+    rows of a flushed window block a cache keeps after a decode step flushed it,
     ``TurboQuantKVCache.spare_nbytes``) once a window can have flushed, and for caches on
     the GPU store the code pages it allocates ahead (an eighth of the codes, and a page).
     A mixed preset's layers decide on the prompt whether importance routing pays
@@ -477,7 +477,7 @@ class PromptCacheStore(_server.LRUPromptCache):
     Parking (``park_window``): with ``"codes"`` (the default) an entry's caches are compacted
     as they are stored (:func:`park`): every TurboQuant layer's fp16 window goes into codes,
     its memory given back, so a short entry is not mostly fp16 rows (a 257-token SmolLM2
-    entry takes about 4.6x fewer bytes than fp16 caches instead of 1.8x). A reused entry then
+    entry takes 4.1x fewer bytes than fp16 caches instead of 1.8x). A reused entry then
     hands back its last window tokens (up to ``fp16_window + block_tokens``) as codes;
     tokens computed after the reuse get a window of fp16 rows as usual
     (``bench/park_window_quality.py`` measures the cost). ``"fp16"`` stores the caches as
