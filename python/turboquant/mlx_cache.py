@@ -483,12 +483,12 @@ class TurboQuantKVCache(PlaceholderKeys, _mlx_cache._BaseCache):
         attention, ``state`` and ``reuse_prefix`` work as usual (a resumed prompt's window
         tokens before the compaction are codes, not fp16 rows).
 
-        Nothing is moved (0) by a layer without a core yet (its tokens wait for the first
-        attention call), without an fp16 window, with mixed precision (its codes are stored
-        by importance in whole flush groups, its window flushed once rated), or held by the
-        GPU store (``MetalCodeStore`` keeps its window for now; a store that compacts
-        answers the same contract: the tokens it moved)."""
-        if self._core is None or self._gpu or not self.fp16_window or self.mixed_bits:
+        A layer held by the GPU store compacts there (``MetalCodeStore.compact_window``,
+        the same plan and the same codes, on the device). Nothing is moved (0) by a layer
+        without a core yet (its tokens wait for the first attention call), without an fp16
+        window, or with mixed precision (its codes are stored by importance in whole flush
+        groups, its window flushed once rated)."""
+        if self._core is None or not self.fp16_window or self.mixed_bits:
             return 0
         self._append_held()
         moved = int(self._core.compact_window())

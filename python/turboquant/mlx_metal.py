@@ -1039,6 +1039,34 @@ class MetalCodeStore:
                 self._lo_alloc = alloc
             self._lo_cap = nlo
 
+    # --- compaction ------------------------------------------------------------------------
+    def compact_window(self, layer: int = 0) -> int:
+        """``_core.KVCache.compact_window``: move the whole fp16 window into codes, its last
+        block partial, and give the window's memory back (a prompt parked in a prompt-cache
+        store); the fp16 sinks stay. The core's plan (``_core.SegmentPlan.compact``) decides
+        and the flush's encode writes the codes, so they are the core's bit for bit and
+        ``memory_bytes()`` drops as the core's does. Returns the tokens moved. Later appends
+        go to a new window whose flushes fill the codes on from where they end; trims,
+        attention and saving work as on any store. A mixed-precision store (codes stored by
+        importance in whole groups) keeps its window: 0, nothing changes. On an error (a
+        norm beyond fp16) the store is unchanged."""
+        self._check_layer(layer)
+        plan = self._plan.compact(self._sizes())
+        if not plan.window_freed:
+            return 0
+        mx = _mx()
+        moved = int(plan.tokens)
+        if moved:
+            self._write(self._encode(self._k_win[:, :moved].astype(mx.float32),
+                                     self._v_win[:, :moved].astype(mx.float32)))
+            # computed now, not at the next read: until then the codes' graph keeps the
+            # window rows alive (a parked prompt may wait long for its next read)
+            mx.async_eval(*self.code_arrays())
+        self._k_win = self._v_win = self._wbuf = None
+        self._win_cap = 0
+        self._coded = self._n
+        return moved
+
     # --- attention -------------------------------------------------------------------------
     def attend(self, queries, layer: int = 0, causal: bool = True, scale: float | None = None,
                window: int | None = None, sparse_v: float = 0.0, dtype=None):
@@ -1848,6 +1876,13 @@ class MetalKVCache:
     def trim(self, n: int) -> int:
         removed = [s.trim(n) for s in self.layers]
         return removed[0]
+
+    def compact_window(self, layer: int | None = None) -> int:
+        """``_core.KVCache.compact_window``: one layer's window (every layer's when layer is
+        None) into codes; the tokens moved."""
+        if layer is None:
+            return sum(s.compact_window() for s in self.layers)
+        return self._layer(layer).compact_window()
 
     def memory_bytes(self) -> int:
         return sum(s.memory_bytes() for s in self.layers)
