@@ -1875,6 +1875,149 @@ def decode_attention_heads(keys: HeadTables, values: HeadTables, queries, k_code
                              values.rounds)
 
 
+# --- A model's decode step, as a kept plan -----------------------------------------------------
+# decode_attention_heads() with the fp16 sinks and window works out, at every call, the same
+# kernels, launch geometry, tables and parameter words from values that stay put between window
+# flushes (the codes' count, the buffers' strides, the scale, the settings). A decode step is
+# built tens of times a token on the host, so it takes them from a plan made once per such
+# value instead: the same launches with the same inputs, so the same bits.
+
+# The environment settings a plan depends on (the benchmarks' overrides, see their readers).
+_PLAN_ENV = ("TQ_GPU_ATTENTION", "TQ_GPU_FAST_COORDS", "TQ_GPU_FAST_UNROLL",
+             "TQ_GPU_STAGE_TOKENS", "TQ_GPU_MMA_STAGES", "TQ_GPU_MMA_MIN_BLOCKS",
+             "TQ_GPU_ATTENTION_GROUPS", "TQ_GPU_REDUCE_THREADS")
+_PLAN_ENV_KEYS = tuple(os.fsencode(n) for n in _PLAN_ENV)
+_DECODE_PLANS: dict = {}
+
+
+def _plan_settings() -> tuple:
+    """What a decode plan reads of the environment and of forced_attention(), as one key."""
+    forced = _FORCED_ATTENTION[-1] if _FORCED_ATTENTION else None
+    if _ENV_DATA is None:
+        return (forced, *map(os.environ.get, _PLAN_ENV))
+    return (forced, *map(_ENV_DATA.get, _PLAN_ENV_KEYS))
+
+
+class _DecodePlan:
+    """The two launches of a decode step over ``tokens`` codes with fp16 rows (decode_step_heads):
+    the block kernel with its template, geometry and token count, the reduce with its geometry
+    and, per window row count, its parameter words."""
+
+    __slots__ = ("keys", "values", "block", "block_args", "tables", "reduce", "reduce_launch",
+                 "words", "params", "shape")
+
+    def __init__(self, keys, values, kv_heads, group, dim, head_stride, k_code_bytes, fp16,
+                 tokens, scale, block_tokens):
+        split = isinstance(keys, SplitHeadTables)
+        k_bits = keys.bits0 if split else keys.bits
+        k_bits1 = keys.bits1 if split else None
+        shape = fast_attention_shape(dim, group, k_bits, values.bits, k_bits1)
+        if shape is None:
+            raise _NoPlan  # the generic block kernel: decode_attention_heads() runs it
+        kt = keys.mx_tables()
+        v_signs, v_cents, _ = values.mx_tables()
+        blocks = attention_blocks(tokens, block_tokens, kv_heads)
+        which, template, words, launch = _fast_launch(
+            dim, tuple(shape), kv_heads, head_stride, k_code_bytes, group, k_bits,
+            None if not split else (k_bits1, keys.angle_bits), values.bits, fp16, float(scale),
+            block_tokens, blocks, True, attention_kernel(), fast_attention_unroll(),
+            getenv("TQ_GPU_STAGE_TOKENS"), mma_stages())
+        rounds = keys.rounds
+        bound = mma_min_blocks() if which == "attention_mma" and candidate_path() == "cuda" else 0
+        self.keys, self.values = keys, values
+        self.block = _bounded_kernel(which, bound, rounds) if bound else _kernel(which, rounds)
+        self.block_args = dict(template=template, **launch)
+        # the block kernel's inputs besides the queries and the codes: signs, centroids, angles
+        self.tables = (kt[0], kt[1], v_cents, kt[3] if split else _no_angles(),
+                       _token_params(words, tokens), v_signs)
+        self.reduce = _kernel("attention_reduce_rows", values.rounds)
+        self.reduce_launch = _reduce_launch(kv_heads, group, dim, reduce_threads(dim))
+        self.words = (dim, blocks, group, float(scale))
+        self.params: dict = {}  # (row counts and strides) -> the reduce's parameter words
+        self.shape = (kv_heads * group, dim)
+
+    def reduce_params(self, n_a: int, s_a: int, n_b: int, s_b: int):
+        key = (n_a, s_a, n_b, s_b)
+        p = self.params.get(key)
+        if p is None:
+            if len(self.params) > 4096:
+                self.params.clear()
+            dim, blocks, group, scale = self.words
+            p = self.params[key] = _reduce_rows_params(dim, blocks, group, n_a, s_a, n_b, s_b,
+                                                       scale, True)
+        return p
+
+
+class _NoPlan(Exception):
+    pass
+
+
+def decode_step_heads(keys, values, queries, k_codes, k_norms, v_codes, v_norms, tokens, scale,
+                      sinks=None, window=None, block_tokens=DEFAULT_BLOCK_TOKENS):
+    """decode_attention_heads(keys, values, queries, ..., tokens, scale, rows=rows) of a
+    model's decode step, where ``rows`` are ``sinks`` ((k, v) fp16 rows, or None) then
+    ``window`` ((k, v) or (k_buffer, v_buffer, n): the first n rows of buffers, or None), at
+    least one of them present: the same two launches with the same inputs, their kernels,
+    geometry, tables and parameter words taken from a plan kept per value of what a step does
+    not change (tokens, head stride, row strides, scale, settings). The queries (kv_heads,
+    group, dim) are taken as they come (float32). Falls back to decode_attention_heads()
+    where it would not run the register-tiled or mma block kernel."""
+    kv_heads, group, dim = queries.shape
+    sink_n = 0 if sinks is None else int(sinks[0].shape[1])
+    if window is None:
+        win_stride = win_n = 0
+    else:
+        win_stride = int(window[0].shape[1])
+        win_n = int(window[2]) if len(window) > 2 else win_stride
+    head_stride = int(k_codes.shape[1])
+    key = (id(keys), id(values), kv_heads, group, dim, head_stride, int(k_codes.shape[2]),
+           k_norms.dtype, tokens, scale, sink_n, win_stride, block_tokens, _plan_settings())
+    plan = _DECODE_PLANS.get(key)
+    if plan is None or plan.keys is not keys or plan.values is not values:
+        _require_gpu()
+        if not 1 <= tokens <= head_stride or not 1 <= group <= MAX_GROUP or (
+                sinks is None and window is None):
+            plan = None
+        else:
+            try:
+                import mlx.core as mx
+
+                plan = _DecodePlan(keys, values, kv_heads, group, dim, head_stride,
+                                   int(k_codes.shape[2]), k_norms.dtype == mx.float16, tokens,
+                                   scale, block_tokens)
+            except _NoPlan:
+                plan = None
+        if plan is None:
+            rows = [r for r in (sinks, window) if r is not None]
+            return decode_attention_heads(keys, values, queries, k_codes, k_norms, v_codes,
+                                          v_norms, tokens, scale, block_tokens, rows=rows)
+        if len(_DECODE_PLANS) >= 1024:  # bounded: layers x flush points in use
+            _DECODE_PLANS.clear()
+        _DECODE_PLANS[key] = plan
+    k_signs, k_cents, v_cents, angles, tparams, v_signs = plan.tables
+    q = queries.reshape(plan.shape)
+    parts = plan.block(inputs=[q, k_signs, k_codes, k_norms, v_codes, v_norms, k_cents, v_cents,
+                               angles, tparams], **plan.block_args)
+    # the row sets as _rows_input() orders them: the sinks, then the window; an absent one
+    # last, as an empty placeholder
+    if sinks is None:
+        (ka, va), n_a, s_a = window[:2], win_n, win_stride
+        kb = vb = _no_rows()
+        n_b = s_b = 0
+    else:
+        (ka, va), n_a, s_a = sinks, sink_n, sink_n
+        if window is None:
+            kb = vb = _no_rows()
+            n_b = s_b = 0
+        else:
+            kb, vb = window[0], window[1]
+            n_b, s_b = win_n, win_stride
+    (out,) = plan.reduce(inputs=[parts[0], parts[1], parts[2], v_signs, q, ka, va, kb, vb,
+                                 plan.reduce_params(n_a, s_a, n_b, s_b)],
+                         **plan.reduce_launch)
+    return out
+
+
 # --- The key split (split.metal) --------------------------------------------------------------
 
 

@@ -1134,14 +1134,18 @@ class MetalCodeStore:
         kt, vt = g.key_tables, g.value_tables
         if self._group_pass(g) < G or tuple(q.shape) != (self.n_q_heads, 1, d):
             return self.attend(q, causal=True, scale=scale)
-        rows = []  # as _decode takes them: the sinks, then the window's buffers
-        if self._ns:
-            rows.append((self._k_sink, self._v_sink))
-        if self._k_win is not None and int(self._k_win.shape[1]):
-            rows.append(self._window_rows())
+        # as _decode takes them: the sinks, then the window's buffers
+        sinks = (self._k_sink, self._v_sink) if self._ns else None
+        window = (self._window_rows() if self._k_win is not None and int(self._k_win.shape[1])
+                  else None)
         qg = q.astype(_mx().float32).reshape(H, G, d)
-        out = self.kernels.decode_attention_heads(kt, vt, qg, *g.arrays(), self._nc, scale,
-                                                  rows=rows or None)
+        step = getattr(self.kernels, "decode_step_heads", None)
+        if step is not None and (sinks is not None or window is not None):
+            out = step(kt, vt, qg, *g.arrays(), self._nc, scale, sinks, window)
+        else:
+            rows = [r for r in (sinks, window) if r is not None]
+            out = self.kernels.decode_attention_heads(kt, vt, qg, *g.arrays(), self._nc, scale,
+                                                      rows=rows or None)
         return out.reshape(self.n_q_heads, 1, d)
 
     def _attend_mixed(self, q, scale: float, causal: bool, window: int | None):

@@ -391,3 +391,45 @@ def test_a_decode_step_takes_the_short_lanes_and_gives_the_general_paths_tokens(
     got = run(True)
     np.testing.assert_array_equal(got, want)
     assert len(direct) == 12 * len(model.layers)
+
+
+@pytest.mark.parametrize("rows,split", [("sinks+window", False), ("window", True),
+                                        ("sinks", False), ("sinks+window", True)])
+def test_decode_step_plans_give_the_general_launches_bits(emulated, monkeypatch, rows, split):
+    """decode_step takes metal.decode_step_heads: its launches come from a plan kept per
+    value of what a step does not change, and give decode_attention_heads' bits (the store's
+    attend()) on the emulated CUDA path, across window flushes (a new token count, so a new
+    plan), for every arrangement of fp16 rows and plain or split keys; a changed setting
+    (the reduce's threads) is a new plan too. The general function is not called while a
+    plan serves."""
+    over = dict(fp16_sinks=2 if "sinks" in rows else 0,
+                fp16_window=6 if "window" in rows else 0)
+    if split:
+        over.update(key_bits=2, n_outlier_channels=32, outlier_bits=4,
+                    outlier_channels=list(range(32)), outlier_roles="keys")
+    store, _, rng = _emulated_cuda_store(emulated, monkeypatch, 17, 13, **over)
+    store.check_inputs = False
+    general = []
+    real = metal.decode_attention_heads
+
+    def spy(*a, **kw):
+        general.append(1)
+        return real(*a, **kw)
+
+    metal._DECODE_PLANS.clear()
+    for step in range(10):  # 4-token blocks: flushes on the way
+        k, v = (mx.array(rng.standard_normal((2, 1, 64)).astype(np.float16)) for _ in range(2))
+        store.append(k, v)
+        q = mx.array(rng.standard_normal((4, 1, 64)).astype(np.float32))
+        if step == 6:
+            monkeypatch.setenv("TQ_GPU_REDUCE_THREADS", "32")
+        with metal.forced_attention("mma"):
+            monkeypatch.setattr(metal, "decode_attention_heads", spy)
+            got = store.decode_step(q, 0.125)
+            monkeypatch.setattr(metal, "decode_attention_heads", real)
+            want = store.attend(q, scale=0.125)
+        assert bool(mx.array_equal(got, want).item()), step
+    assert not general
+    plans = list(metal._DECODE_PLANS)
+    assert len({key[8] for key in plans}) >= 2  # token counts: rebuilt at flushes
+    assert len({key[-1] for key in plans}) == 2  # the setting's change made its own plan
