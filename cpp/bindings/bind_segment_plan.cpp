@@ -107,6 +107,8 @@ void bind_segment_plan(py::module_& m) {
       .def("sizes", &SegmentPlan::sizes, py::arg("size"), py::arg("coded"), py::arg("rated") = 0,
            "The segments of a layer holding size tokens whose codes end at coded.")
       .def("append", &SegmentPlan::append, py::arg("sizes"), py::arg("tokens"), "An append of tokens tokens.")
+      .def("quiet_tokens", &SegmentPlan::quiet_tokens, py::arg("sizes"),
+           "One-token appends in a row that go to the window with no sink filled and no flush.")
       .def("due_flushes", &SegmentPlan::due_flushes, py::arg("sizes"), py::arg("keep_new"),
            "Flushes due in a layer whose latest append added keep_new window tokens.")
       .def("cut", &SegmentPlan::cut, py::arg("sizes"), py::arg("new_size"), "A cut back to new_size tokens.")

@@ -719,10 +719,17 @@ class MetalCodeStore:
                 and not self.mixed and not self.check_inputs and keys.dtype == mx.float16
                 and values.dtype == mx.float16
                 and keys.shape == values.shape == (self.n_kv_heads, 1, self.head_dim)):
-            plan = self._plan.append(self._sizes(), 1)
-            if not plan.sinks and not plan.flushed:  # a decode step's token to the window
+            # The plan's run of quiet one-token appends (no sink, no flush), asked once per
+            # state of the other segments: the window grows by one token a step in between.
+            w = self._n - self._coded
+            base = (self._ns, self._nc, self._coded, self._rated)
+            quiet = getattr(self, "_quiet", None)
+            if quiet is None or quiet[0] != base:
+                quiet = self._quiet = (base, w + self._plan.quiet_tokens(self._sizes()),
+                                       self._plan.window_rows)
+            if w < quiet[1]:  # a decode step's token to the window
                 self._k_win, self._v_win = self._window_extend(keys, values)
-                self._win_cap = self._plan.window_rows
+                self._win_cap = quiet[2]
                 self._n += 1
                 return
         k = _heads_tokens(_as_mx(keys, "keys"), self.n_kv_heads, self.head_dim, "keys",

@@ -5,6 +5,7 @@
 #include <gtest/gtest.h>
 
 #include <algorithm>
+#include <limits>
 #include <random>
 #include <vector>
 
@@ -95,6 +96,33 @@ TEST(SegmentPlan, Fp16LayerNeverFlushes) {
   EXPECT_EQ(p.sinks, 0u);
   EXPECT_EQ(p.flushes, 0u);
   EXPECT_EQ(p.after, sizes(0, 0, 100));
+}
+
+// quiet_tokens(s) is the run of one-token appends append() itself sends to the window with
+// no sink and no flush, from every layer state of a few plans (none for mixed precision).
+TEST(SegmentPlan, QuietTokensAreTheAppendsWithNoSinkAndNoFlush) {
+  for (const auto& r : {plain_rules(4, 8, 4), plain_rules(0, 6, 4), plain_rules(2, 0, 3),
+                        plain_rules(0, 0, 4), mixed_rules()}) {
+    const SegmentPlan plan(r);
+    for (size_t sinks = 0; sinks <= r.fp16_sinks; ++sinks) {
+      for (size_t window = 0; window <= r.fp16_window + 2 * r.block_tokens + 1; ++window) {
+        if (window > 0 && sinks < plan.sink_base()) continue;  // the window waits for the sinks
+        const SegmentSizes start = sizes(sinks, sinks == plan.sink_base() ? 8 : 0, window);
+        size_t run = 0;
+        for (SegmentSizes s = start; run < 1000; ++run) {
+          const AppendPlan p = plan.append(s, 1);
+          if (p.sinks != 0 || p.flushes != 0 || !r.windowed) break;
+          s = p.after;
+        }
+        // mixed precision: none promised (a rating can make a group due at any step)
+        EXPECT_EQ(plan.quiet_tokens(start), plan.mixed() ? 0u : run)
+            << "sinks " << sinks << " window " << window << " mixed " << plan.mixed();
+      }
+    }
+  }
+  auto r = plain_rules(3, 4, 4);
+  r.fp16_layer = true;
+  EXPECT_EQ(SegmentPlan(r).quiet_tokens(sizes(0, 0, 50)), std::numeric_limits<size_t>::max());
 }
 
 TEST(SegmentPlan, MixedGroupsFlushOnceRated) {

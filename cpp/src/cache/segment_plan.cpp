@@ -1,6 +1,7 @@
 #include "turboquant/cache/segment_plan.h"
 
 #include <algorithm>
+#include <limits>
 
 #include "turboquant/error.h"
 
@@ -77,6 +78,14 @@ AppendPlan SegmentPlan::append(const SegmentSizes& s, size_t T) const {
   p.after.window -= p.flushed();
   p.after.codes += p.flushed();
   return p;
+}
+
+size_t SegmentPlan::quiet_tokens(const SegmentSizes& s) const {
+  if (!r_.windowed || s.size() < sink_base() || mixed()) return 0;
+  if (r_.fp16_layer) return std::numeric_limits<size_t>::max();
+  // due_flushes(): a plain layer flushes once its window holds more than fp16_window + P.
+  const size_t cap = r_.fp16_window + flush_tokens();
+  return s.window < cap ? cap - s.window : 0;
 }
 
 CutPlan SegmentPlan::cut(const SegmentSizes& s, size_t new_size) const {

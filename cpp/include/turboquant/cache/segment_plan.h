@@ -108,6 +108,10 @@ class SegmentPlan {
   SegmentSizes sizes(size_t size, size_t coded, size_t rated = 0) const;
   // An append of T tokens to a layer of sizes s.
   AppendPlan append(const SegmentSizes& s, size_t T) const;
+  // How many one-token appends in a row, from a layer of sizes s, each go to the window
+  // with no sink filled and no flush (a decode step's usual append): 0 before the sinks are
+  // full and for mixed precision (its flushes wait on ratings); SIZE_MAX for an fp16 layer.
+  size_t quiet_tokens(const SegmentSizes& s) const;
   // The flushes due in a layer of sizes s whose latest append added keep_new window
   // tokens (already in s.window): a plain layer flushes its oldest blocks while the window
   // holds more than fp16_window + block_tokens tokens; a mixed-precision group flushes once
