@@ -35,6 +35,9 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=40)
     ap.add_argument("--text", default="/usr/share/common-licenses/GPL-3")
     ap.add_argument("--out", help="write the result as JSON here")
+    ap.add_argument("--profile", type=int, default=0, metavar="N",
+                    help="after the rounds, one more turboquant run under cProfile: its N "
+                         "functions of most own time")
     args = ap.parse_args()
     model, tok = load(args.model)
     ids = tok.encode(open(args.text).read())
@@ -57,6 +60,15 @@ def main() -> None:
             rates[tq].append(decode_rate(tq))
             print(f"{'turboquant' if tq else 'mlx-lm'}: {rates[tq][-1]:.1f} decode tok/s",
                   flush=True)
+    if args.profile:
+        import cProfile
+        import pstats
+
+        prof = cProfile.Profile()
+        prof.enable()
+        decode_rate(True)
+        prof.disable()
+        pstats.Stats(prof).sort_stats("tottime").print_stats(args.profile)
     ratios = [t / f for t, f in zip(rates[True], rates[False])]
     print(f"batch {args.batch}: turboquant / mlx-lm decode tok/s, median of {args.rounds} "
           f"rounds: {statistics.median(ratios):.3f} ({', '.join(f'{r:.3f}' for r in ratios)})")
