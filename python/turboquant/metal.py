@@ -64,6 +64,11 @@ DEFAULT_BLOCK_TOKENS = 64
 # blocks take several tiles each (attention_blocks); REDUCE_CACHED_BLOCKS: attention.metal's
 # TQ_REDUCE_CACHED_BLOCKS, the most blocks whose weights the reduce keeps in threadgroup memory.
 ATTENTION_GROUPS = 1024
+# On the CUDA path at most half as many: on an H100 at 128K tokens (8 KV heads, head_dim 128,
+# 3-bit codes) a decode call with 512 took 107-110 us against 118-130 us with 1,024 (the
+# mma kernel and the reduce, plain and split keys; bench/gpu_attention.py --sweep,
+# bench/results/gpu_attention_sweep_h100_round15.log): blocks of more tiles, fewer to reduce.
+ATTENTION_GROUPS_CUDA = 512
 REDUCE_CACHED_BLOCKS = 1024
 # Threads of a reduce threadgroup (one per query head): more than dim work in slices that sum
 # their own runs of blocks and fp16 rows (attention.metal's tq_reduce_slices), so a launch of
@@ -785,11 +790,14 @@ def dequant_params(rows: int, dim: int, bits: int, norm_fp16: bool, inverse_rota
 
 def attention_blocks(tokens: int, block_tokens: int, kv_heads: int) -> int:
     """Threadgroups per KV head of decode attention (TqAttnParams.num_blocks): one per tile of
-    ``block_tokens`` tokens while the launch has at most ATTENTION_GROUPS threadgroups, else
+    ``block_tokens`` tokens while the launch has at most ATTENTION_GROUPS threadgroups
+    (ATTENTION_GROUPS_CUDA on the CUDA path), else
     fewer blocks of several tiles each (tq_tiles_per_block): the partials and the reduce stay
     small at long contexts. No block is left without a tile."""
     tiles = -(-tokens // block_tokens)
     groups = ATTENTION_GROUPS
+    if candidate_path() == "cuda":
+        groups = min(groups, ATTENTION_GROUPS_CUDA)
     env = getenv("TQ_GPU_ATTENTION_GROUPS", "")
     if env.isdigit():  # a benchmark's sweep
         groups = max(1, int(env))

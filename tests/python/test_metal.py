@@ -110,9 +110,13 @@ def test_parameter_blocks_match_the_metal_structs():
     assert metal.attention_scratch_floats(128, 7, 64, 3, 4) == 2 * 7 * 128 + 8 + 16 + 7 * 64 + 3 * 7
 
 
-def test_attention_blocks_cover_every_tile_and_cap_long_contexts():
+@pytest.mark.parametrize("path", ["metal", "cuda"])
+def test_attention_blocks_cover_every_tile_and_cap_long_contexts(monkeypatch, path):
+    monkeypatch.setattr(metal, "candidate_path", lambda: path)
+    groups = metal.ATTENTION_GROUPS_CUDA if path == "cuda" else metal.ATTENTION_GROUPS
+    assert metal.attention_blocks(1 << 20, 64, 8) == min(metal.REDUCE_CACHED_BLOCKS, groups // 8)
     for kv_heads in (1, 3, 8, 32):
-        cap = max(1, min(metal.REDUCE_CACHED_BLOCKS, -(-metal.ATTENTION_GROUPS // kv_heads)))
+        cap = max(1, min(metal.REDUCE_CACHED_BLOCKS, -(-groups // kv_heads)))
         for tokens in (1, 63, 64, 65, 4096, 32768, 131072, 1 << 20):
             tiles = -(-tokens // 64)
             nb = metal.attention_blocks(tokens, 64, kv_heads)
