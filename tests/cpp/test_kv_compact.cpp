@@ -46,6 +46,7 @@ Tokens tokens(size_t t0, size_t n, int layer = 0) {
   const auto k = gaussian(kH * total * kD, 1 + static_cast<uint64_t>(layer));
   const auto v = gaussian(kH * total * kD, 11 + static_cast<uint64_t>(layer));
   Tokens out{std::vector<float>(kH * n * kD), std::vector<float>(kH * n * kD)};
+  if (n == 0) return out;  // an empty window: no row to copy (and no element to address)
   for (size_t h = 0; h < kH; ++h) {
     std::memcpy(&out.k[h * n * kD], &k[(h * total + t0) * kD], n * kD * sizeof(float));
     std::memcpy(&out.v[h * n * kD], &v[(h * total + t0) * kD], n * kD * sizeof(float));
