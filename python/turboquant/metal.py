@@ -1435,14 +1435,20 @@ def _fast_partials(q, k_signs, per_head, k_codes, k_norms, v_codes, v_norms, k_c
         block_tokens, blocks, bool(per_head), attention_kernel(), fast_attention_unroll(),
         getenv("TQ_GPU_STAGE_TOKENS"), mma_stages())
     angles = _no_angles() if split is None else split[2]
-    bound = mma_min_blocks() if which == "attention_mma" and candidate_path() == "cuda" else 0
-    kernel = _bounded_kernel(which, bound, rounds) if bound else _kernel(which, rounds)
+    kernel = _block_kernel(which, rounds)
     # The norms as they are (fp16 or float32): the kernels read them as bytes (the words'
     # fp16 flag says which), so a decode step makes no view of them.
     return kernel(
         inputs=[q, k_signs, k_codes, k_norms, v_codes, v_norms, k_cents, v_cents, angles,
                 _token_params(words, tokens)],
         template=template, **launch)
+
+
+def _block_kernel(which: str, rounds: int):
+    """The block kernel ``which`` of _fast_launch, with the mma kernel's register cap on the
+    CUDA path (mma_min_blocks) where one is set."""
+    bound = mma_min_blocks() if which == "attention_mma" and candidate_path() == "cuda" else 0
+    return _bounded_kernel(which, bound, rounds) if bound else _kernel(which, rounds)
 
 
 # counted_params(words, {1: tokens}) of _fast_launch's words (one object per launch shape)
@@ -1930,10 +1936,8 @@ class _DecodePlan:
             None if not split else (k_bits1, keys.angle_bits), values.bits, fp16, float(scale),
             block_tokens, blocks, True, attention_kernel(), fast_attention_unroll(),
             getenv("TQ_GPU_STAGE_TOKENS"), mma_stages())
-        rounds = keys.rounds
-        bound = mma_min_blocks() if which == "attention_mma" and candidate_path() == "cuda" else 0
         self.keys, self.values = keys, values
-        self.block = _bounded_kernel(which, bound, rounds) if bound else _kernel(which, rounds)
+        self.block = _block_kernel(which, keys.rounds)
         self.block_args = dict(template=template, **launch)
         # the block kernel's inputs besides the queries and the codes: signs, centroids, angles
         self.tables = (kt[0], kt[1], v_cents, kt[3] if split else _no_angles(),
