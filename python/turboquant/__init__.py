@@ -63,13 +63,18 @@ def backends() -> list[str]:
 def build_info() -> dict:
     """Compiler, SIMD targets and backends of this build; "mlx_kernels" says whether mlx
     arrays are processed by the GPU kernels ("metal" or "cuda") or by the C++ CPU core
-    ("cpu"), and "mlx_kernels_reason" why."""
+    ("cpu"), and "mlx_kernels_reason" why; on the CUDA path "cuda_kernel_cache" says whether
+    compiled kernels are kept across processes (turboquant.cuda_cache.status())."""
     from turboquant import gpu_path
 
     info = _core_build_info()
     info["backends"] = backends()
     info["mlx_kernels"] = gpu_path.active_path()
     info["mlx_kernels_reason"] = gpu_path.path_reason()
+    if info["mlx_kernels"] == "cuda":
+        from turboquant import cuda_cache
+
+        info["cuda_kernel_cache"] = cuda_cache.status()
     return info
 
 

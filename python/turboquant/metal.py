@@ -900,8 +900,8 @@ def threads_for(dim: int) -> int:
 
 
 def kernel_name(name: str, header: str, source: str) -> str:
-    """``name`` with a digest of the kernel's text: mlx caches compiled kernels by name (the
-    CUDA back end also on disk, in /tmp/mlx/<version>/ptx, across processes), so a name must
+    """``name`` with a digest of the kernel's text: mlx caches compiled kernels by name (on
+    the CUDA path also on disk, written by :mod:`turboquant.cuda_cache`), so a name must
     change whenever the text does, or another version's kernel would run."""
     digest = hashlib.sha256((header + "\0" + source).encode("utf-8")).hexdigest()[:12]
     return f"{name}_{digest}"
@@ -986,7 +986,11 @@ def build_kernel(which: str, target: str, min_blocks: int = 0, rounds: int = 2):
         path = cuda_header_file(name, header)
         if path is not None:  # the launch copies one line instead of the header's text
             common["header"] = f'#include "{path}"\n'
-        return mx.fast.cuda_kernel(**common)
+        from turboquant import cuda_cache
+
+        # compiled once per machine: the module goes to mlx's disk cache
+        return cuda_cache.CachedKernel(mx.fast.cuda_kernel(**common), name, common["header"],
+                                       source, spec.input_names, spec.output_names)
     kwargs = {}
     if "compile_options" in inspect.signature(mx.fast.metal_kernel).parameters:
         kwargs["compile_options"] = {"math_mode": "safe"}  # IEEE: bit-exact codes

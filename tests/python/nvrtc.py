@@ -12,23 +12,13 @@ mlx passes (``--device-as-default-execution-space``, ``--gpu-architecture``).
 
 from __future__ import annotations
 
-import ctypes
-import glob
-import importlib.util
-import os
-
 from metal_args import ARG_TYPES
 
-from turboquant import metal
+from turboquant import cuda_cache, metal
 
 # What mlx's default header provides that the generated wrapper needs (utils.cuh brings the
 # fixed-width integers; the wrapper opens a cooperative_groups alias).
-_MLX_PRELUDE = (
-    "typedef unsigned char uint8_t;\n"
-    "typedef unsigned short uint16_t;\n"
-    "typedef unsigned int uint32_t;\n"
-    "namespace cooperative_groups {}\n"
-)
+_MLX_PRELUDE = cuda_cache._PRELUDE
 
 # Scratch floats the templated attention kernels are compiled with here: the largest a
 # cache asks for (head_dim 512, GQA 16, 64-token blocks, 8-bit codes: 9,728 floats, 38 KB,
@@ -38,15 +28,7 @@ CHECK_SCRATCH = 16 * 512 + 256 + 256 + 256 + 16 * 64
 
 def library_path() -> str | None:
     """libnvrtc from the nvidia-cuda-nvrtc wheel (CUDA 13 or 12 layout), or None."""
-    spec = importlib.util.find_spec("nvidia")
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    for root in spec.submodule_search_locations:
-        for pattern in ("cu13/lib/libnvrtc.so.*", "cuda_nvrtc/lib/libnvrtc.so.*"):
-            found = sorted(p for p in glob.glob(os.path.join(root, pattern)) if "builtins" not in p)
-            if found:
-                return found[0]
-    return None
+    return cuda_cache.wheel_nvrtc_path()
 
 
 def mlx_cuda_source(keys=None, source_of=None, templates: dict | None = None,
@@ -78,36 +60,12 @@ def mlx_cuda_source(keys=None, source_of=None, templates: dict | None = None,
     return "".join(parts)
 
 
-class Nvrtc:
-    def __init__(self, path: str):
-        self.lib = ctypes.CDLL(path)
-
+class Nvrtc(cuda_cache.Nvrtc):
     def compile(self, source: str, arch: str = "compute_90a", ptx_text: list | None = None
                 ) -> tuple[bool, str, int]:
         """(success, compiler log, PTX bytes) of one program; the PTX itself is appended to
         ``ptx_text`` when given."""
-        lib = self.lib
-        prog = ctypes.c_void_p()
-        rc = lib.nvrtcCreateProgram(ctypes.byref(prog), source.encode(), b"turboquant.cu", 0,
-                                    None, None)
-        if rc != 0:
-            raise RuntimeError(f"nvrtcCreateProgram failed ({rc})")
-        try:
-            opts = [b"--device-as-default-execution-space", f"--gpu-architecture={arch}".encode()]
-            rc = lib.nvrtcCompileProgram(prog, len(opts), (ctypes.c_char_p * len(opts))(*opts))
-            size = ctypes.c_size_t()
-            lib.nvrtcGetProgramLogSize(prog, ctypes.byref(size))
-            log = ctypes.create_string_buffer(size.value)
-            lib.nvrtcGetProgramLog(prog, log)
-            ptx = 0
-            if rc == 0:
-                psize = ctypes.c_size_t()
-                lib.nvrtcGetPTXSize(prog, ctypes.byref(psize))
-                ptx = psize.value
-                if ptx_text is not None:
-                    buf = ctypes.create_string_buffer(ptx)
-                    lib.nvrtcGetPTX(prog, buf)
-                    ptx_text.append(buf.value.decode(errors="replace"))
-            return rc == 0, log.value.decode(errors="replace"), ptx
-        finally:
-            lib.nvrtcDestroyProgram(ctypes.byref(prog))
+        ok, log, ptx, _ = super().compile(source, arch)
+        if ok and ptx_text is not None:
+            ptx_text.append(ptx.decode(errors="replace"))
+        return ok, log, len(ptx) if ok else 0

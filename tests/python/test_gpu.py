@@ -1,9 +1,10 @@
 """The GPU path on a real GPU (an mlx Metal device, or mlx's CUDA back end on NVIDIA): the
 kernels' codes and norms bit-exact against the C++ core, attention within tolerance, an
 mlx-lm model's logits on the GPU path against the CPU path, and prompt-cache files across
-paths. Marked ``gpu``; they run where mlx has a GPU device (scripts/gpu-test.sh runs them with the
-GPU benchmarks) and are skipped, with the reason, elsewhere. CI has no GPU: there the same kernels run on the emulator
-(test_mlx_metal*.py, test_gpu_path.py) and compile for CUDA with NVRTC (test_cuda_kernels.py).
+paths. Marked ``gpu``; they run where mlx has a GPU device (scripts/gpu-test.sh runs them with
+the GPU benchmarks) and are skipped, with the reason, elsewhere. CI has no GPU: there the same
+kernels run on the emulator (test_mlx_metal*.py, test_gpu_path.py) and compile for CUDA with
+NVRTC (test_cuda_kernels.py).
 """
 
 import os
@@ -14,7 +15,7 @@ import pytest
 mx = pytest.importorskip("mlx.core")
 
 from turboquant import _core, metal  # noqa: E402
-from turboquant import gpu_path
+from turboquant import gpu_path  # noqa: E402
 from turboquant.mlx_metal import MetalCodeStore  # noqa: E402
 
 pytestmark = [
@@ -30,6 +31,41 @@ def test_self_test_passes():
     path = metal.candidate_path()
     assert gpu_path.self_test_result(path) is None, gpu_path.self_test_result(path)
     assert gpu_path.active_path() == path
+
+
+_FIRST_USE = r"""
+import json, turboquant
+from turboquant import cuda_cache
+info = turboquant.build_info()
+print(json.dumps([info["mlx_kernels"], cuda_cache.status()]))
+"""
+
+
+def test_compiled_kernels_are_kept_across_processes(tmp_path):
+    """On the CUDA path mlx loads the modules turboquant.cuda_cache writes (its probe: the
+    cached module's body runs, not the source's) and a second process compiles none of the
+    self-test's kernels: it finds every module the first wrote."""
+    import json
+    import subprocess
+    import sys
+
+    if metal.candidate_path() != "cuda":
+        pytest.skip("the kernel cache is the CUDA path's (mlx keeps Metal's in memory)")
+    env = dict(os.environ, MLX_PTX_CACHE_DIR=str(tmp_path / "ptx"),
+               TQ_GPU_HEADER_DIR=str(tmp_path / "headers"))
+    env.pop("TQ_CUDA_KERNEL_CACHE", None)
+    runs = []
+    for _ in range(2):
+        proc = subprocess.run([sys.executable, "-c", _FIRST_USE], env=env, capture_output=True,
+                              text=True, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        runs.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+    (path1, first), (path2, second) = runs
+    assert path1 == path2 == "cuda"
+    assert first["state"] == "on" and second["state"] == "on", (first, second)
+    assert first["written"] >= 20 and first["found"] == 0, first
+    assert second["written"] == 0 and second["found"] >= first["written"], second
+    assert len(list((tmp_path / "ptx").rglob("*.ptx"))) == first["written"]
 
 
 def rand(rng, *shape, scale=1.0):

@@ -93,7 +93,7 @@ def test_a_cuda_kernel_includes_its_header_by_path(monkeypatch, tmp_path):
     monkeypatch.setenv("TQ_GPU_HEADER_DIR", str(tmp_path / "h"))
     header, source = metal.kernel_text("attention_mma", "cuda")
     name = metal.kernel_name(metal.KERNELS["attention_mma"].name, header, source)
-    kw = metal.build_kernel("attention_mma", "cuda")
+    kw = metal.build_kernel("attention_mma", "cuda").kernel
     path = tmp_path / "h" / f"{name}.h"
     assert kw["name"] == name and kw["source"] == source
     assert kw["header"] == f'#include "{path.resolve()}"\n'
@@ -102,9 +102,9 @@ def test_a_cuda_kernel_includes_its_header_by_path(monkeypatch, tmp_path):
     metal.build_kernel("attention_mma", "cuda")
     assert path.read_text() == header
     monkeypatch.setenv("TQ_GPU_HEADER_INLINE", "1")
-    assert metal.build_kernel("attention_mma", "cuda")["header"] == header
+    assert metal.build_kernel("attention_mma", "cuda").kernel["header"] == header
     monkeypatch.delenv("TQ_GPU_HEADER_INLINE")
     blocked = tmp_path / "file"
     blocked.write_text("")
     monkeypatch.setenv("TQ_GPU_HEADER_DIR", str(blocked / "sub"))  # under a file: unwritable
-    assert metal.build_kernel("attention_mma", "cuda")["header"] == header
+    assert metal.build_kernel("attention_mma", "cuda").kernel["header"] == header

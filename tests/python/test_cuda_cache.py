@@ -1,0 +1,179 @@
+"""turboquant.cuda_cache without a GPU: mlx's module names (libstdc++'s std::hash of the source
+mlx generates), the generated source, the files written for mlx's disk cache (a real kernel
+compiled to a cubin by NVRTC), when a launch writes them, and that the cache stays off where
+it cannot be proven. What needs a CUDA device (test_gpu.py): that mlx loads these files."""
+
+import platform
+import sys
+
+import pytest
+
+mx = pytest.importorskip("mlx.core")
+
+from turboquant import cuda_cache, metal  # noqa: E402
+
+NVRTC_EXPECTED = sys.platform == "linux" and platform.machine() == "x86_64"
+
+
+def test_std_hash_is_libstdcxx():
+    # std::hash<std::string> of g++ 11-13 (libstdc++, x86-64) for these strings
+    known = {b"": 0x553e93901e462a6e, b"a": 0x454ddee488c1ed6b, b"hello": 0x26553298fdbe39c8,
+             b"0123456789abcdef": 0x934b0d760642ed86,
+             b'custom_kernel_x\n#include "a.h"\nnamespace mlx::core::cu {}\n':
+                 0x6f8bf238a51d3533}
+    for data, value in known.items():
+        assert cuda_cache.std_hash(data) == value, data
+
+
+def test_the_source_is_the_one_mlx_builds():
+    """mlx 0.32's custom_kernel.cpp build_kernel, for two inputs, two outputs and two int
+    template arguments."""
+    got = cuda_cache.mlx_kernel_source(
+        "custom_kernel_k_3_4", '#include "/h.h"\n', "out[0] = a[0];",
+        [("a", "float"), ("p", "uint32_t")], [("out", "float"), ("n", "uint16_t")],
+        [("S", 3), ("T", 4)])
+    want = ('\n#include "mlx/backend/cuda/device/utils.cuh"\n\n#include <cooperative_groups.h>'
+            '\n\n#include "/h.h"\nnamespace mlx::core::cu {\n\nnamespace cg = '
+            'cooperative_groups;\n\n__global__ void custom_kernel_k_3_4(\n    const float* a,\n'
+            '    const uint32_t* p,\n    float* out,\n    uint16_t* n) {\n  constexpr int S = 3;\n'
+            '  constexpr int T = 4;\n\nout[0] = a[0];\n}\n\n} // namespace mlx::core::cu\n')
+    assert got == want
+    name = cuda_cache.module_name("custom_kernel_k_3_4", got)
+    assert name == f"custom_kernel_k_3_4_{cuda_cache.std_hash(got.encode()):x}"
+    # a body naming an input's shape gets arguments this module does not build
+    assert cuda_cache.mlx_kernel_source("f", "", "a_shape[0];", [("a", "float")],
+                                        [("out", "float")]) is None
+
+
+def test_long_module_names_become_folders(tmp_path):
+    name = "m" * 600
+    path = cuda_cache._module_path(tmp_path, name)
+    assert path == tmp_path / ("m" * 245) / ("m" * 245) / ("m" * 110 + ".ptx")
+
+
+@pytest.fixture
+def nvrtc():
+    path = cuda_cache.wheel_nvrtc_path()
+    if path is None:
+        assert not NVRTC_EXPECTED, "libnvrtc not found: pip install nvidia-cuda-nvrtc"
+        pytest.skip("no NVRTC wheel for this platform")
+    return cuda_cache.Nvrtc(path)
+
+
+@pytest.fixture
+def cache(monkeypatch, tmp_path, nvrtc):
+    """A cache proven on (as the probe would on a CUDA device), writing under tmp_path."""
+    c = cuda_cache._Cache()
+    c.state, c.nvrtc, c.arch, c.folder = "on", nvrtc, "sm_90a", tmp_path
+    monkeypatch.setattr(cuda_cache, "_CACHE", c)
+    return c
+
+
+class FakeKernel:
+    def __init__(self):
+        self.calls = []
+
+    def __call__(self, **kw):
+        self.calls.append(kw)
+        return ["result"]
+
+
+def cached_kernel(key, monkeypatch, tmp_path):
+    monkeypatch.setenv("TQ_GPU_HEADER_DIR", str(tmp_path / "headers"))
+    fake = FakeKernel()
+    monkeypatch.setattr(mx.fast, "cuda_kernel", lambda **kw: fake)
+    kernel = metal.build_kernel(key, "cuda")
+    assert isinstance(kernel, cuda_cache.CachedKernel) and kernel.kernel is fake
+    return kernel, fake
+
+
+def modules(folder):
+    return sorted(p.name for p in folder.glob("*.ptx"))
+
+
+def test_a_launch_writes_its_module_once(cache, monkeypatch, tmp_path):
+    """A real kernel (the reduce with fp16 rows) compiled to a cubin for sm_90a under mlx's
+    module name, with its symbol; the same launch again, or a new process finding the files,
+    compiles nothing; a new template argument is a new module; the call reaches the kernel
+    unchanged."""
+    kernel, fake = cached_kernel("attention_block", monkeypatch, tmp_path)
+    x = mx.zeros((4,), mx.float32)
+    inputs = [x, mx.zeros((4,), mx.uint8), mx.zeros((4,), mx.uint16), mx.zeros((4,), mx.uint8),
+              mx.zeros((4,), mx.uint16), x, x, mx.zeros((4,), mx.uint32)]
+    template = [("SCRATCH", 1024)]
+    launch = dict(inputs=inputs, output_shapes=[(1,)] * 3, output_dtypes=[mx.float32] * 3,
+                  grid=(32, 1, 1), threadgroup=(32, 1, 1), template=template)
+    assert kernel(**launch) == ["result"] and fake.calls[-1] == launch
+    (ptx,) = modules(cache.folder)
+    function = f"custom_kernel_{kernel.function[len('custom_kernel_'):]}_1024"
+    assert ptx.startswith(function + "_")
+    binary = (cache.folder / ptx).read_bytes()
+    assert binary[:4] == b"\x7fELF"  # a cubin, not PTX text
+    name, symbol = (cache.folder / ptx).with_suffix(".txt").read_text().rstrip("\n").split("\t")
+    assert name == "mlx::core::cu::" + function and symbol.startswith("_ZN3mlx4core2cu")
+    # the name is mlx's: std::hash of the source mlx generates for these arrays
+    header, source = kernel.header, kernel.source
+    spec = metal.KERNELS["attention_block"]
+    mlx_src = cuda_cache.mlx_kernel_source(
+        function, header, source,
+        list(zip(spec.input_names, ["float", "uint8_t", "uint16_t", "uint8_t", "uint16_t",
+                                    "float", "float", "uint32_t"])),
+        list(zip(spec.output_names, ["float"] * 3)), template)
+    assert ptx == cuda_cache.module_name(function, mlx_src) + ".ptx"
+    assert cache.written == 1
+    kernel(**launch)
+    kernel(**dict(launch, template=list(template)))  # equal, another object: checked, found
+    assert cache.written == 1 and len(fake.calls) == 3
+    again, _ = cached_kernel("attention_block", monkeypatch, tmp_path)  # a new process
+    again(**launch)
+    assert cache.written == 1 and cache.found >= 1
+    kernel(**dict(launch, template=[("SCRATCH", 2048)]))
+    assert cache.written == 2 and len(modules(cache.folder)) == 2
+
+
+def test_launches_it_cannot_name_are_left_to_mlx(cache, monkeypatch, tmp_path):
+    """float16 arrays (a type the prelude does not declare) and a cache that is off write
+    nothing; the call still runs."""
+    kernel, fake = cached_kernel("permute", monkeypatch, tmp_path)
+    launch = dict(inputs=[mx.zeros((4,), mx.float16), mx.zeros((4,), mx.uint32),
+                          mx.zeros((4,), mx.uint32)],
+                  output_shapes=[(4,)], output_dtypes=[mx.uint16], grid=(256, 1, 1),
+                  threadgroup=(256, 1, 1))
+    kernel(**launch)
+    assert modules(cache.folder) == [] and len(fake.calls) == 1
+    bits = dict(launch, inputs=[mx.zeros((4,), mx.uint16)] + launch["inputs"][1:])
+    cache.state = "off (TQ_CUDA_KERNEL_CACHE=0)"
+    off, fake_off = cached_kernel("permute", monkeypatch, tmp_path)
+    off(**bits)
+    assert modules(cache.folder) == [] and len(fake_off.calls) == 1
+    cache.state = "on"
+    on, fake_on = cached_kernel("permute", monkeypatch, tmp_path)
+    on(**bits)
+    assert len(modules(cache.folder)) == 1 and len(fake_on.calls) == 1
+
+
+def test_a_kernel_that_does_not_compile_writes_nothing(cache):
+    function = "custom_kernel_broken"
+    mlx_src = cuda_cache.mlx_kernel_source(function, "", "out[0] = nope;", [("x", "float")],
+                                           [("out", "float")])
+    own = cuda_cache.mlx_kernel_source(function, "", "out[0] = nope;", [("x", "float")],
+                                       [("out", "float")], prelude=cuda_cache._PRELUDE)
+    assert cache.write(function, mlx_src, own) is False
+    assert list(cache.folder.iterdir()) == []
+
+
+def test_the_cache_is_off_where_it_cannot_be_proven(monkeypatch):
+    """No mlx CUDA device here (or the switch off): the probe says why, nothing is written,
+    and build_info has no cache entry off the CUDA path."""
+    import turboquant
+
+    for env, why in (("1", "no mlx CUDA device"), ("0", "TQ_CUDA_KERNEL_CACHE=0")):
+        monkeypatch.setattr(cuda_cache, "_CACHE", cuda_cache._Cache())
+        monkeypatch.setenv("TQ_CUDA_KERNEL_CACHE", env)
+        if env == "1" and mx.cuda.is_available():
+            pytest.skip("a CUDA device is here: test_gpu.py proves the cache on it")
+        assert cuda_cache.probe() == f"off ({why})"
+        assert not cuda_cache.enabled()
+        assert cuda_cache.status()["state"] == f"off ({why})"
+    if metal.candidate_path() != "cuda":
+        assert "cuda_kernel_cache" not in turboquant.build_info()
