@@ -21,12 +21,14 @@ from turboquant import gpu_path
 from turboquant._atomic import atomic_write
 
 
-def machine() -> dict:
-    """GPU, driver, mlx and turboquant versions, and the kernel path taken."""
+def machine(path: bool = True) -> dict:
+    """GPU, driver, mlx and turboquant versions, and the kernel path taken (``path=False``:
+    without it, so that this process runs no first-use self-test)."""
     info = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "python": platform.python_version(), "mlx": mx.__version__,
-            "turboquant": turboquant.__version__, "mlx_kernels": gpu_path.active_path(),
-            "mlx_kernels_reason": gpu_path.path_reason(), "command": " ".join(sys.argv)}
+            "turboquant": turboquant.__version__, "command": " ".join(sys.argv)}
+    if path:
+        info.update(mlx_kernels=gpu_path.active_path(), mlx_kernels_reason=gpu_path.path_reason())
     try:
         info["device"] = {k: (v if isinstance(v, (int, float, str)) else str(v))
                           for k, v in mx.device_info().items()}

@@ -32,6 +32,10 @@ from turboquant import cuda_cache
 from turboquant.mlx_metal import MetalCodeStore
 info = turboquant.build_info()
 t1 = time.perf_counter()
+if info["mlx_kernels"] == "cpu":  # no GPU kernels here: the process's import and path only
+    print(json.dumps({"self_test_s": t1 - t0, "first_step_s": None, "path": "cpu",
+                      "reason": info["mlx_kernels_reason"], "cache": cuda_cache.status()}))
+    raise SystemExit(0)
 d, hkv, g, T = 128, 8, 4, 4096
 store = MetalCodeStore(d, n_layers=1, n_q_heads=hkv * g, n_kv_heads=hkv, key_bits=3,
                        value_bits=3, seed=1, norm_correction=True, fp16_sinks=4,
@@ -81,13 +85,16 @@ def main() -> None:
             row = run(mode, folder)
             rows.append(row)
             c = row["cache"]
+            step = row["first_step_s"]
             print(f"{mode:5s} process {row['process_s']:7.2f} s  (import + self-test "
-                  f"{row['self_test_s']:7.2f} s, first decode step {row['first_step_s']:6.2f} s)"
+                  f"{row['self_test_s']:7.2f} s, first decode step "
+                  f"{'-' if step is None else format(step, '6.2f')} s)"
                   f"  path {row['path']}, cache {c['state']}, modules written {c['written']}, "
                   f"found {c['found']}", flush=True)
     if args.out:
         with open(args.out, "w") as f:
-            json.dump({"machine": machine(), "runs": rows}, f, indent=1)
+            # the children report the path; this process runs no self-test of its own
+            json.dump({"machine": machine(path=False), "runs": rows}, f, indent=1)
         print("wrote", args.out)
 
 

@@ -6,7 +6,8 @@
 #   3. runs the GPU tests (pytest -m gpu, plus the path-selection and CUDA-compile checks),
 #   4. runs the GPU benchmarks: decode attention on codes vs fp16 sdpa (bench/gpu_attention.py)
 #      and end-to-end mlx-lm prefill/decode with random-weight Llama-3.1-8B and SmolLM2 shapes
-#      (bench/gpu_e2e.py), and where a decode step's time goes (bench/gpu_overhead.py),
+#      (bench/gpu_e2e.py), where a decode step's time goes (bench/gpu_overhead.py), and a
+#      fresh process's first use with and without the kernel cache (bench/gpu_first_use.py),
 #      writing JSON results (GPU, driver, mlx version inside) to
 #      $TQ_GPU_OUT (default bench/results).
 # Environment: PYTHON, TQ_WHEELS (folder of wheels to install from, no index), TQ_GPU_OUT,
@@ -75,6 +76,7 @@ if [ "${TQ_GPU_SKIP_BENCH:-0}" != "1" ]; then
   bench gpu_attention gpu_attention.py --contexts "${TQ_GPU_ATTN_CONTEXTS:-4096,8192,16384,32768,65536,131072}" \
     ${TQ_GPU_SWEEP:+--sweep "$TQ_GPU_SWEEP"} --out "$OUT/gpu_attention.json"
   bench gpu_overhead gpu_overhead.py --profile --out "$OUT/gpu_overhead.json"
+  bench gpu_first_use gpu_first_use.py --out "$OUT/gpu_first_use.json"
   bench gpu_e2e_smollm2 gpu_e2e.py --shape smollm2-135m --contexts "$ctx" \
     --out "$OUT/gpu_e2e_smollm2.json"
   bench gpu_e2e_llama8b gpu_e2e.py --shape llama-3.1-8b --contexts "$ctx" \

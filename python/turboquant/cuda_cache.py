@@ -53,14 +53,18 @@ _PRELUDE = (
     "typedef long long int64_t;\ntypedef unsigned char uint8_t;\n"
     "typedef unsigned short uint16_t;\ntypedef unsigned int uint32_t;\n"
     "typedef unsigned long long uint64_t;\nnamespace cooperative_groups {}\n"
+    # the half types name the arrays a kernel reads as bits (norms "as they are": fp16 or
+    # float32); a body that computes with them does not compile here and is left to mlx
+    "struct __half { unsigned short __x; };\nstruct __nv_bfloat16 { unsigned short __x; };\n"
 )
 
 # mlx's dtype_to_cuda_type (mlx/backend/cuda/utils.cpp) for the dtypes the prelude covers;
-# a launch with another dtype (float16, bfloat16 arrays) is left to mlx.
+# a launch with another dtype (complex64) is left to mlx.
 _CUDA_TYPES = {
     "bool": "bool", "int8": "int8_t", "int16": "int16_t", "int32": "int32_t",
     "int64": "int64_t", "uint8": "uint8_t", "uint16": "uint16_t", "uint32": "uint32_t",
-    "uint64": "uint64_t", "float32": "float", "float64": "double",
+    "uint64": "uint64_t", "float16": "__half", "bfloat16": "__nv_bfloat16",
+    "float32": "float", "float64": "double",
 }
 
 _MASK = (1 << 64) - 1

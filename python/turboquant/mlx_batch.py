@@ -259,7 +259,10 @@ class BatchTurboQuantKVCache(PlaceholderKeys, _mlx_cache._BaseCache):
         for r in self.rows:
             if r._gpu is None:
                 r._gpu = r._use_gpu(d)
-        host = None if any(r._gpu for r in self.rows) else (_host(keys), _host(values))
+        host = None
+        if not any(r._gpu for r in self.rows):
+            mx.eval(keys, values)  # one evaluation of the layer's graph for both copies
+            host = (_host(keys), _host(values))
         spans = []
         for i, row in enumerate(self.rows):
             a = min(T, self._skip[i])

@@ -226,7 +226,12 @@ class TurboQuantKVCache(PlaceholderKeys, _mlx_cache._BaseCache):
                                  f"cache's (B*H_kv={cfg[0]}, head_dim={cfg[1]})")
         if self._gpu is None:
             self._gpu = self._use_gpu(d)
-        k, v = (keys, values) if self._gpu else (_host(keys), _host(values))
+        if self._gpu:
+            k, v = keys, values
+        else:
+            if isinstance(keys, mx.array) and isinstance(values, mx.array):
+                mx.eval(keys, values)  # one evaluation of the layer's graph for both copies
+            k, v = _host(keys), _host(values)
         self._batch = B
         k, v = k.reshape(B * H, T, d), v.reshape(B * H, T, d)
         if self._gpu and self.center and self._k_mean is not None and \
@@ -672,7 +677,8 @@ class TurboQuantKVCache(PlaceholderKeys, _mlx_cache._BaseCache):
             self._core = (_mlx_metal.MetalCodeStore.from_bytes(blob.tobytes(),
                                                                check_inputs=False)
                           if self._gpu else _load_core(blob))
-            self.split_angle_bits = int(getattr(self._core, "split_angle_bits", self.split_angle_bits))
+            self.split_angle_bits = int(getattr(self._core, "split_angle_bits",
+                                                self.split_angle_bits))
             if int(self._core.kv_head_offset) != self.kv_head_offset:
                 raise _core.FormatError(
                     f"prompt cache layer {self.layer}: header says kv_head_offset "

