@@ -9,7 +9,7 @@ tokens). Each mode runs in its own process:
   writes every module);
 - ``warm``: the cache on, in the folder ``cold`` filled (every later process).
 
-    python bench/gpu_first_use.py [--modes off,cold,warm] [--out results.json]
+    python bench/gpu_first_use.py [--modes off,cold,warm] [--profile 40] [--out results.json]
 """
 
 from __future__ import annotations
@@ -23,14 +23,23 @@ import tempfile
 import time
 
 CHILD = r"""
-import json, time
+import cProfile, io, json, os, pstats, sys, time
 t0 = time.perf_counter()
 import mlx.core as mx
 import numpy as np
 import turboquant
 from turboquant import cuda_cache
 from turboquant.mlx_metal import MetalCodeStore
+rows = int(os.environ.get("TQ_FIRST_USE_PROFILE", "0"))
+prof = cProfile.Profile() if rows else None
+if prof:
+    prof.enable()
 info = turboquant.build_info()
+if prof:
+    prof.disable()
+    text = io.StringIO()
+    pstats.Stats(prof, stream=text).sort_stats("cumulative").print_stats(rows)
+    print(text.getvalue(), file=sys.stderr)
 t1 = time.perf_counter()
 if info["mlx_kernels"] == "cpu":  # no GPU kernels here: the process's import and path only
     print(json.dumps({"self_test_s": t1 - t0, "first_step_s": None, "path": "cpu",
@@ -53,8 +62,8 @@ print(json.dumps({"self_test_s": t1 - t0, "first_step_s": t2 - t1, "path": info[
 """
 
 
-def run(mode: str, folder: str) -> dict:
-    env = dict(os.environ, MLX_PTX_CACHE_DIR=folder)
+def run(mode: str, folder: str, profile: int = 0) -> dict:
+    env = dict(os.environ, MLX_PTX_CACHE_DIR=folder, TQ_FIRST_USE_PROFILE=str(profile))
     if mode == "off":
         env["TQ_CUDA_KERNEL_CACHE"] = "0"
     t0 = time.perf_counter()
@@ -65,6 +74,9 @@ def run(mode: str, folder: str) -> dict:
         raise SystemExit(f"{mode}: the child failed:\n{proc.stderr[-3000:]}")
     out = json.loads(proc.stdout.strip().splitlines()[-1])
     out.update(mode=mode, process_s=wall)
+    if profile:
+        print(f"--- {mode}: where import + self-test went (cProfile, cumulative)\n"
+              f"{proc.stderr[-12000:]}", flush=True)
     return out
 
 
@@ -72,6 +84,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--modes", default="off,cold,warm")
     ap.add_argument("--out", default=None)
+    ap.add_argument("--profile", type=int, default=0, metavar="N",
+                    help="print each child's N functions of most cumulative time in "
+                         "build_info() (the self-test)")
     args = ap.parse_args()
     modes = [m for m in args.modes.split(",") if m]
     bad = [m for m in modes if m not in ("off", "cold", "warm")]
@@ -82,7 +97,7 @@ def main() -> None:
     rows = []
     with tempfile.TemporaryDirectory() as folder:
         for mode in modes:
-            row = run(mode, folder)
+            row = run(mode, folder, args.profile)
             rows.append(row)
             c = row["cache"]
             step = row["first_step_s"]

@@ -31,10 +31,13 @@ from __future__ import annotations
 import ctypes
 import glob
 import importlib.util
+import numbers
 import os
 import threading
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 __all__ = ["CachedKernel", "Nvrtc", "cache_dir", "enabled", "mlx_kernel_source", "module_name",
            "probe", "std_hash", "status", "wheel_nvrtc_path"]
@@ -93,20 +96,32 @@ def _dtype_name(dtype) -> str:
     return str(dtype).rsplit(".", 1)[-1]
 
 
+def _template_value(value):
+    """A template argument as mlx takes it: bool, or int (NumPy integers too); None for
+    others (a dtype: left to mlx)."""
+    if isinstance(value, (bool, np.bool_)):
+        return bool(value)
+    if isinstance(value, numbers.Integral):
+        return int(value)
+    return None
+
+
 def _template_suffix(template) -> str | None:
-    """mlx's template_arguments_hash for int arguments; None for others (left to mlx)."""
+    """mlx's template_arguments_hash: ``_<int>``, ``_t`` / ``_f`` per argument; None where an
+    argument is neither (left to mlx)."""
     out = []
     for _, value in template or ():
-        if type(value) is not int:
+        v = _template_value(value)
+        if v is None:
             return None
-        out.append(f"_{value}")
+        out.append(("_t" if v else "_f") if isinstance(v, bool) else f"_{v}")
     return "".join(out)
 
 
 def mlx_kernel_source(function: str, header: str, source: str, inputs, outputs,
                       template=None, prelude: str = _MLX_DEFAULT_HEADER) -> str | None:
     """The source mlx's cuda_kernel builds for a launch: ``inputs``/``outputs`` are (name,
-    CUDA type) pairs, ``template`` the (name, int) template arguments; ``prelude`` replaces
+    CUDA type) pairs, ``template`` the (name, int or bool) template arguments; ``prelude`` replaces
     mlx's default header (our own compile). None where the source names an input's shape,
     strides or ndim (then mlx adds arguments this module does not build)."""
     for name, _ in inputs:
@@ -117,7 +132,10 @@ def mlx_kernel_source(function: str, header: str, source: str, inputs, outputs,
         parts.append(f"    const {ctype}* {name},\n")
     parts.append(",\n".join(f"    {ctype}* {name}" for name, ctype in outputs) + ") {\n")
     if template:
-        parts.extend(f"  constexpr int {name} = {value};\n" for name, value in template)
+        for name, value in template:
+            v = _template_value(value)
+            parts.append(f"  constexpr bool {name} = {'true' if v else 'false'};\n"
+                         if isinstance(v, bool) else f"  constexpr int {name} = {v};\n")
         parts.append("\n")
     parts += [source, _MLX_CLOSE]
     return "".join(parts)

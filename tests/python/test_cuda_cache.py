@@ -6,6 +6,7 @@ it cannot be proven. What needs a CUDA device (test_gpu.py): that mlx loads thes
 import platform
 import sys
 
+import numpy as np
 import pytest
 
 mx = pytest.importorskip("mlx.core")
@@ -38,6 +39,14 @@ def test_the_source_is_the_one_mlx_builds():
             '    const uint32_t* p,\n    float* out,\n    uint16_t* n) {\n  constexpr int S = 3;\n'
             '  constexpr int T = 4;\n\nout[0] = a[0];\n}\n\n} // namespace mlx::core::cu\n')
     assert got == want
+    # bool and NumPy integer arguments as mlx takes them (its fmt prints true / false)
+    flags = cuda_cache.mlx_kernel_source("f", "", "", [], [("out", "float")],
+                                         [("A", np.int64(7)), ("B", True), ("C", False)])
+    assert ("  constexpr int A = 7;\n  constexpr bool B = true;\n"
+            "  constexpr bool C = false;\n") in flags
+    assert cuda_cache._template_suffix([("A", np.int64(7)), ("B", True), ("C", False)]) == \
+        "_7_t_f"
+    assert cuda_cache._template_suffix([("T", mx.float16)]) is None
     name = cuda_cache.module_name("custom_kernel_k_3_4", got)
     assert name == f"custom_kernel_k_3_4_{cuda_cache.std_hash(got.encode()):x}"
     # a body naming an input's shape gets arguments this module does not build
