@@ -22,8 +22,8 @@ compiles as before: the files save time and never change a result. ``TQ_CUDA_KER
 turns the cache off.
 
 The cubin is built for the device's architecture (``sm_XY``, ``sm_XYa`` from compute
-capability 9); mlx's module names do not carry it, so one cache directory serves one kind of
-GPU (set ``MLX_PTX_CACHE_DIR`` per kind on a machine with several).
+capability 9). mlx's module names do not carry it, so the CUDA path's kernel names do
+(:func:`arch_suffix`): a folder that held another GPU's modules is never read for this one.
 """
 
 from __future__ import annotations
@@ -39,8 +39,8 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["CachedKernel", "Nvrtc", "cache_dir", "enabled", "mlx_kernel_source", "module_name",
-           "probe", "std_hash", "status", "wheel_nvrtc_path"]
+__all__ = ["CachedKernel", "Nvrtc", "arch_suffix", "cache_dir", "device_arch", "enabled",
+           "mlx_kernel_source", "module_name", "probe", "std_hash", "status", "wheel_nvrtc_path"]
 
 # mlx's default header for custom kernels and the text around the kernel it generates
 # (custom_kernel.cpp build_kernel, mlx 0.32).
@@ -169,6 +169,35 @@ def _module_path(folder: Path, name: str) -> Path:
     return path / (rest + ".ptx")
 
 
+def device_arch() -> str:
+    """The mlx device's NVRTC architecture, ``sm_XY`` (``sm_XYa`` from compute capability 9,
+    as mlx compiles), or "" where mlx reports no compute capability (no CUDA device)."""
+    global _ARCH
+    if _ARCH is None:
+        try:
+            import mlx.core as mx
+
+            info = mx.device_info()
+            major = info.get("compute_capability_major")
+            minor = info.get("compute_capability_minor")
+            _ARCH = ("" if major is None or minor is None else
+                     f"sm_{int(major)}{int(minor)}{'a' if int(major) >= 9 else ''}")
+        except Exception:  # noqa: BLE001 - an mlx without device_info
+            _ARCH = ""
+    return _ARCH
+
+
+_ARCH: str | None = None
+
+
+def arch_suffix() -> str:
+    """What the CUDA path's kernel names end with: ``_sm90a`` on an H100, so that a cache
+    folder that held another GPU's modules is never read for this one (mlx's module names
+    carry no architecture); "" without a CUDA device."""
+    arch = device_arch()
+    return "_" + arch.replace("_", "") if arch else ""
+
+
 def _nvrtc_path() -> str | None:
     """The libnvrtc that mlx loaded (this process's maps), else the nvidia-cuda-nvrtc
     wheel's."""
@@ -268,11 +297,9 @@ class _Cache:
         cuda = getattr(mx, "cuda", None)
         if cuda is None or not cuda.is_available():
             return "off (no mlx CUDA device)"
-        info = mx.device_info()
-        major, minor = info.get("compute_capability_major"), info.get("compute_capability_minor")
-        if major is None or minor is None:
+        self.arch = device_arch()
+        if not self.arch:
             return "off (mlx does not report the compute capability)"
-        self.arch = f"sm_{int(major)}{int(minor)}{'a' if int(major) >= 9 else ''}"
         path = _nvrtc_path()
         if path is None:
             return "off (libnvrtc not found)"
@@ -335,7 +362,8 @@ def probe() -> str:
             try:
                 import mlx.core as mx
 
-                function = "custom_kernel_" + _PROBE_NAME
+                name = _PROBE_NAME + arch_suffix()
+                function = "custom_kernel_" + name
                 mlx_src, _ = _sources(function, "", _PROBE_BODY.format(1), ["x"], ["uint32_t"],
                                       ["out"], ["uint32_t"], None)
                 _, own = _sources(function, "", _PROBE_BODY.format(2), ["x"], ["uint32_t"],
@@ -343,7 +371,7 @@ def probe() -> str:
                 if not _CACHE.write(function, mlx_src, own):
                     why = "off (the probe kernel did not compile)"
                 else:
-                    kernel = mx.fast.cuda_kernel(name=_PROBE_NAME, input_names=["x"],
+                    kernel = mx.fast.cuda_kernel(name=name, input_names=["x"],
                                                  output_names=["out"],
                                                  source=_PROBE_BODY.format(1), header="")
                     (out,) = kernel(inputs=[mx.zeros((1,), mx.uint32)], output_shapes=[(1,)],

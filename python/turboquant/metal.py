@@ -980,14 +980,16 @@ def build_kernel(which: str, target: str, min_blocks: int = 0, rounds: int = 2):
             raise ValueError("launch bounds are a CUDA setting")
         header += launch_bounds_header(min_blocks)
     name = kernel_name(spec.name, header, source)
+    if target == "cuda":  # the compiled module is for this GPU's architecture only
+        from turboquant import cuda_cache
+
+        name += cuda_cache.arch_suffix()
     common = dict(name=name, input_names=list(spec.input_names),
                   output_names=list(spec.output_names), source=source, header=header)
     if target == "cuda":  # NVRTC without fast math: IEEE division and square root
         path = cuda_header_file(name, header)
         if path is not None:  # the launch copies one line instead of the header's text
             common["header"] = f'#include "{path}"\n'
-        from turboquant import cuda_cache
-
         # compiled once per machine: the module goes to mlx's disk cache
         return cuda_cache.CachedKernel(mx.fast.cuda_kernel(**common), name, common["header"],
                                        source, spec.input_names, spec.output_names)

@@ -211,3 +211,20 @@ def test_the_cache_is_off_where_it_cannot_be_proven(monkeypatch):
         assert cuda_cache.status()["state"] == f"off ({why})"
     if metal.candidate_path() != "cuda":
         assert "cuda_kernel_cache" not in turboquant.build_info()
+
+
+def test_kernel_names_carry_the_architecture(monkeypatch, tmp_path):
+    """mlx's module names carry no GPU architecture: the CUDA path's kernel names do, so a
+    cache folder that held another GPU's cubins is never read for this one; without a CUDA
+    device (here) the names are as before."""
+    monkeypatch.setattr(cuda_cache, "_ARCH", "sm_90a")
+    h100, _ = cached_kernel("permute", monkeypatch, tmp_path)
+    monkeypatch.setattr(cuda_cache, "_ARCH", "sm_80")
+    a100, _ = cached_kernel("permute", monkeypatch, tmp_path)
+    assert h100.function.endswith("_sm90a") and a100.function.endswith("_sm80")
+    assert h100.function[:-len("_sm90a")] == a100.function[:-len("_sm80")]
+    monkeypatch.setattr(cuda_cache, "_ARCH", None)
+    if not mx.cuda.is_available():
+        assert cuda_cache.device_arch() == "" and cuda_cache.arch_suffix() == ""
+        plain, _ = cached_kernel("permute", monkeypatch, tmp_path)
+        assert plain.function == h100.function[:-len("_sm90a")]
