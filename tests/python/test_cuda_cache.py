@@ -3,8 +3,11 @@ mlx generates), the generated source, the files written for mlx's disk cache (a 
 compiled to a cubin by NVRTC), when a launch writes them, and that the cache stays off where
 it cannot be proven. What needs a CUDA device (test_gpu.py): that mlx loads these files."""
 
+import importlib.util
 import platform
+import struct
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -228,3 +231,113 @@ def test_kernel_names_carry_the_architecture(monkeypatch, tmp_path):
         assert cuda_cache.device_arch() == "" and cuda_cache.arch_suffix() == ""
         plain, _ = cached_kernel("permute", monkeypatch, tmp_path)
         assert plain.function == h100.function[:-len("_sm90a")]
+
+
+MLX_HEADERS = Path(__file__).resolve().parents[1] / "data" / "mlx_cuda_headers"
+
+
+def cuda_headers():
+    """The CUDA runtime's and CCCL's headers from the nvidia-cuda-runtime and
+    nvidia-cuda-cccl wheels (test extras on Linux x86-64), as mlx compiles with them."""
+    spec = importlib.util.find_spec("nvidia")
+    for root in (spec.submodule_search_locations or []) if spec else []:
+        inc = Path(root) / "cu13" / "include"
+        if (inc / "cuda_fp16.h").is_file() and (inc / "cccl" / "cuda" / "std" / "array").is_file():
+            return [inc, inc / "cccl"]
+    return None
+
+
+def elf_sections(data: bytes) -> dict:
+    """{name: bytes} of an ELF64 file (a cubin); NOBITS sections are empty."""
+    shoff, = struct.unpack_from("<Q", data, 0x28)
+    entsize, count, names = struct.unpack_from("<HHH", data, 0x3A)
+    heads = [struct.unpack_from("<IIQQQQIIQQ", data, shoff + i * entsize) for i in range(count)]
+    table = heads[names][4]
+    out = {}
+    for h in heads:
+        name = data[table + h[0]:data.index(b"\0", table + h[0])].decode()
+        out[name] = b"" if h[1] == 8 else data[h[4]:h[4] + h[5]]
+    return out
+
+
+def symbol_names(sections: dict) -> list[str]:
+    """The names of a cubin's symbols, by index (.symtab entries of 24 bytes)."""
+    table, names = sections[".symtab"], sections[".strtab"]
+    out = []
+    for i in range(0, len(table), 24):
+        at, = struct.unpack_from("<I", table, i)
+        out.append(names[at:names.index(b"\0", at)].decode())
+    return out
+
+
+def kernel_info(sections: dict, symbol: str) -> list:
+    """The records of the kernel's .nv.info section (its registers, parameters, barriers...)
+    with a symbol index (the parameter bank's, EIATTR_PARAM_CBANK) replaced by the symbol's
+    name: the index depends on what else the file holds."""
+    data, names = sections[".nv.info." + symbol], symbol_names(sections)
+    out, i = [], 0
+    while i < len(data):
+        fmt, attr = data[i], data[i + 1]
+        size = struct.unpack_from("<H", data, i + 2)[0] if fmt == 4 else 2
+        value = data[i + 4:i + 4 + size] if fmt == 4 else data[i + 2:i + 4]
+        if attr == 0x0A:  # EIATTR_PARAM_CBANK: symbol index, offset, size
+            value = (names[struct.unpack_from("<I", value)[0]], value[4:])
+        out.append((fmt, attr, value))
+        i += 4 + size if fmt == 4 else 4
+    return out
+
+
+# Launches as the store makes them: the default recipe's norms and the sinks/window rows are
+# float16 arrays (mlx declares them __half), the rest as metal_args.ARG_TYPES says.
+LAUNCHES = [
+    ("attention_mma", {"k_norms": "__half", "v_norms": "__half"}),
+    ("attention_reduce_rows", {"k_a": "__half", "v_a": "__half", "k_b": "__half",
+                               "v_b": "__half"}),
+    ("encode_heads", {}),
+    ("permute", {}),
+]
+
+
+def test_cached_modules_hold_the_code_mlx_compiles(nvrtc):
+    """For real launches, the source mlx builds (its device headers, CUDA's fp16/bf16 and
+    CCCL headers) and the one this module compiles (a small prelude instead) give the same
+    kernel: the same symbol, and the same machine code, resource info and shared memory for
+    sm_90a, section by section (a symbol named by its index, by its name: the indices
+    depend on what mlx's headers add for themselves, which is all that differs)."""
+    from metal_args import ARG_TYPES
+    from nvrtc import CHECK_SCRATCH
+
+    inc = cuda_headers()
+    if inc is None:
+        assert not NVRTC_EXPECTED, ("CUDA headers not found: pip install nvidia-cuda-runtime "
+                                    "nvidia-cuda-cccl (test extras of turboquant)")
+        pytest.skip("no CUDA header wheels for this platform")
+    options = [f"-I{MLX_HEADERS}", *(f"-I{p}" for p in inc)]
+    for key, types in LAUNCHES:
+        spec = metal.KERNELS[key]
+        header, _ = metal.kernel_text(key, "cuda")
+        source = spec.source_for("cuda")
+        template = ([("SCRATCH", CHECK_SCRATCH)] if "SCRATCH" in source else []) + \
+            list(spec.templates)
+        ins = [(n, types.get(n, ARG_TYPES[n])) for n in spec.input_names]
+        outs = [(n, types.get(n, ARG_TYPES[n])) for n in spec.output_names]
+        function = "custom_kernel_" + spec.name + cuda_cache._template_suffix(template)
+        full = "mlx::core::cu::" + function
+        theirs = cuda_cache.mlx_kernel_source(function, header, source, ins, outs, template)
+        ours = cuda_cache.mlx_kernel_source(function, header, source, ins, outs, template,
+                                            prelude=cuda_cache._PRELUDE)
+        ok, log, mlx_bin, mlx_names = nvrtc.compile(theirs, "sm_90a", [full], cubin=True,
+                                                    options=options)
+        assert ok, log[-3000:]
+        ok, log, own_bin, own_names = nvrtc.compile(ours, "sm_90a", [full], cubin=True)
+        assert ok, log[-3000:]
+        symbol = mlx_names[full]
+        assert own_names[full] == symbol, key
+        a, b = elf_sections(mlx_bin), elf_sections(own_bin)
+        kernel = [n for n in a if n.endswith("." + symbol)]
+        assert f".text.{symbol}" in kernel and f".nv.info.{symbol}" in kernel, (key, kernel)
+        for name in kernel:
+            if name.startswith(".nv.info."):
+                assert kernel_info(a, symbol) == kernel_info(b, symbol), key
+            else:
+                assert a[name] == b.get(name), (key, name)
