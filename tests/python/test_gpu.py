@@ -18,12 +18,15 @@ from turboquant import _core, metal  # noqa: E402
 from turboquant import gpu_path  # noqa: E402
 from turboquant.mlx_metal import MetalCodeStore  # noqa: E402
 
+_NO_GPU = metal.candidate_path() == "cpu"
 pytestmark = [
     pytest.mark.gpu,
     # Where mlx has a GPU device, these run even when the kernels' first-use self-test failed
     # (then test_self_test_passes fails with its message and the others show which kernel).
-    pytest.mark.skipif(metal.candidate_path() == "cpu",
-                       reason=f"no GPU kernel path here ({gpu_path.path_reason()})"),
+    # The reason is asked only here (on a GPU, path_reason() would run the self-test at
+    # collection, also for a run of one test that needs none).
+    pytest.mark.skipif(_NO_GPU, reason=f"no GPU kernel path here ({gpu_path.path_reason()})"
+                       if _NO_GPU else ""),
 ]
 
 
