@@ -6,6 +6,10 @@
 #include <cstring>
 #include <fstream>
 
+#if defined(__x86_64__)
+#include <nmmintrin.h>  // _mm_crc32_u64 / _u8 (SSE4.2, used only where the CPU has it)
+#endif
+
 #include "turboquant/atomic_file.h"
 #include "turboquant/error.h"
 #include "turboquant/kv_cache.h"
@@ -19,16 +23,20 @@ static_assert(std::endian::native == std::endian::little,
 
 namespace {
 
-constexpr std::array<uint32_t, 256> make_crc_table() {
-  std::array<uint32_t, 256> t{};
+// Slicing-by-8 tables: t[0] the byte-at-a-time table, t[k][i] the CRC of byte i followed by
+// k zero bytes, so that eight bytes take eight lookups and one step.
+constexpr std::array<std::array<uint32_t, 256>, 8> make_crc_tables() {
+  std::array<std::array<uint32_t, 256>, 8> t{};
   for (uint32_t i = 0; i < 256; ++i) {
     uint32_t c = i;
     for (int k = 0; k < 8; ++k) c = (c & 1u) ? (c >> 1) ^ 0x82F63B78u : c >> 1;
-    t[i] = c;
+    t[0][i] = c;
   }
+  for (size_t k = 1; k < 8; ++k)
+    for (size_t i = 0; i < 256; ++i) t[k][i] = (t[k - 1][i] >> 8) ^ t[0][t[k - 1][i] & 0xFFu];
   return t;
 }
-constexpr auto kCrcTable = make_crc_table();
+constexpr auto kCrcTables = make_crc_tables();
 
 constexpr uint32_t tag(const char (&s)[5]) {
   return static_cast<uint32_t>(static_cast<uint8_t>(s[0])) |
@@ -179,11 +187,51 @@ uint32_t rotation_code(RotationKind k) { return static_cast<uint32_t>(k); }
 
 }  // namespace
 
-uint32_t crc32c(const void* data, size_t n, uint32_t crc) {
+namespace detail {
+
+uint32_t crc32c_tables(const void* data, size_t n, uint32_t crc) {
   const auto* p = static_cast<const uint8_t*>(data);
+  const auto& t = kCrcTables;
   crc = ~crc;
-  for (size_t i = 0; i < n; ++i) crc = kCrcTable[(crc ^ p[i]) & 0xFFu] ^ (crc >> 8);
+  for (; n >= 8; n -= 8, p += 8) {
+    uint64_t v;
+    std::memcpy(&v, p, 8);  // little-endian (asserted above)
+    v ^= crc;
+    crc = t[7][v & 0xFFu] ^ t[6][(v >> 8) & 0xFFu] ^ t[5][(v >> 16) & 0xFFu] ^ t[4][(v >> 24) & 0xFFu] ^
+          t[3][(v >> 32) & 0xFFu] ^ t[2][(v >> 40) & 0xFFu] ^ t[1][(v >> 48) & 0xFFu] ^ t[0][v >> 56];
+  }
+  for (; n > 0; --n, ++p) crc = t[0][(crc ^ *p) & 0xFFu] ^ (crc >> 8);
   return ~crc;
+}
+
+#if defined(__x86_64__)
+bool crc32c_hardware_available() {
+  static const bool has = __builtin_cpu_supports("sse4.2");
+  return has;
+}
+
+__attribute__((target("sse4.2"))) uint32_t crc32c_hardware(const void* data, size_t n, uint32_t crc) {
+  const auto* p = static_cast<const uint8_t*>(data);
+  uint64_t c = ~crc;
+  for (; n >= 8; n -= 8, p += 8) {
+    uint64_t v;
+    std::memcpy(&v, p, 8);
+    c = _mm_crc32_u64(c, v);
+  }
+  auto c32 = static_cast<uint32_t>(c);
+  for (; n > 0; --n, ++p) c32 = _mm_crc32_u8(c32, *p);
+  return ~c32;
+}
+#else
+bool crc32c_hardware_available() { return false; }
+uint32_t crc32c_hardware(const void* data, size_t n, uint32_t crc) { return crc32c_tables(data, n, crc); }
+#endif
+
+}  // namespace detail
+
+uint32_t crc32c(const void* data, size_t n, uint32_t crc) {
+  return detail::crc32c_hardware_available() ? detail::crc32c_hardware(data, n, crc)
+                                             : detail::crc32c_tables(data, n, crc);
 }
 
 namespace {

@@ -24,6 +24,42 @@ TEST(Crc32c, StandardCheckValue) {
   EXPECT_EQ(crc32c(z.data(), z.size()), 0x8A9136AAu);
 }
 
+// The byte-at-a-time definition, against which both fast ways are checked.
+uint32_t crc32c_bytewise(const uint8_t* p, size_t n, uint32_t crc) {
+  crc = ~crc;
+  for (size_t i = 0; i < n; ++i) {
+    crc ^= p[i];
+    for (int k = 0; k < 8; ++k) crc = (crc & 1u) ? (crc >> 1) ^ 0x82F63B78u : crc >> 1;
+  }
+  return ~crc;
+}
+
+TEST(Crc32c, TablesAndHardwareEqualTheDefinition) {
+  std::vector<uint8_t> buf(1000);
+  uint32_t seed = 12345;
+  for (auto& b : buf) b = static_cast<uint8_t>((seed = seed * 1103515245u + 12345u) >> 16);
+  const bool hw = detail::crc32c_hardware_available();
+  for (size_t start : {0u, 1u, 3u, 7u}) {  // unaligned starts too
+    for (size_t n = 0; n + start <= 300; n += (n < 40 ? 1 : 13)) {
+      for (uint32_t prev : {0u, 0xE3069283u}) {
+        const uint32_t want = crc32c_bytewise(buf.data() + start, n, prev);
+        ASSERT_EQ(detail::crc32c_tables(buf.data() + start, n, prev), want) << start << " " << n;
+        if (hw) {
+          ASSERT_EQ(detail::crc32c_hardware(buf.data() + start, n, prev), want) << start << " " << n;
+        }
+        ASSERT_EQ(crc32c(buf.data() + start, n, prev), want);
+      }
+    }
+  }
+  EXPECT_EQ(detail::crc32c_tables("123456789", 9, 0), 0xE3069283u);
+  if (hw) {
+    EXPECT_EQ(detail::crc32c_hardware("123456789", 9, 0), 0xE3069283u);
+  }
+#if defined(__x86_64__)
+  EXPECT_EQ(hw, static_cast<bool>(__builtin_cpu_supports("sse4.2")));
+#endif
+}
+
 namespace {
 std::unique_ptr<KVCache> small_cache(size_t tokens, RotationKind rotation = RotationKind::kAuto) {
   KVCacheConfig cfg;

@@ -91,7 +91,16 @@ inline constexpr uint32_t kCacheFormatVersion = 8;
 
 // CRC32C (Castagnoli, reflected polynomial 0x82F63B78), as in iSCSI / ext4 / SSE4.2 crc32.
 // crc32c("123456789") == 0xE3069283. Pass a previous result as `crc` to continue a stream.
+// The x86-64 CPU's crc32 instruction where it has SSE4.2, else eight bytes a step by tables.
 uint32_t crc32c(const void* data, size_t n, uint32_t crc = 0);
+
+namespace detail {
+// The two ways crc32c computes (tests compare them): eight-byte table steps, and the
+// SSE4.2 instruction (crc32c_hardware_available(): this CPU has it; call it only then).
+uint32_t crc32c_tables(const void* data, size_t n, uint32_t crc);
+bool crc32c_hardware_available();
+uint32_t crc32c_hardware(const void* data, size_t n, uint32_t crc);
+}  // namespace detail
 
 // The file bytes of `cache`: version 8 (the section container), or with `legacy` the oldest
 // of versions 1-7 that expresses it (KVCacheConfig::format_version()), as libraries before
