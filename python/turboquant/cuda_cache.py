@@ -275,13 +275,12 @@ def _atomic_bytes(path: Path, data: bytes) -> None:
 
 
 class _Cache:
-    """The process's state: NVRTC, the architecture, the folder, and the probe's verdict."""
+    """The process's state: NVRTC, the folder, the probe's verdict, the modules counted."""
 
     def __init__(self):
         self.lock = threading.Lock()
         self.state: str | None = None  # None: not probed; "on"; else why it is off
         self.nvrtc: Nvrtc | None = None
-        self.arch = ""
         self.folder: Path | None = None
         self.written = 0
         self.found = 0
@@ -297,8 +296,7 @@ class _Cache:
         cuda = getattr(mx, "cuda", None)
         if cuda is None or not cuda.is_available():
             return "off (no mlx CUDA device)"
-        self.arch = device_arch()
-        if not self.arch:
+        if not device_arch():
             return "off (mlx does not report the compute capability)"
         path = _nvrtc_path()
         if path is None:
@@ -322,7 +320,7 @@ class _Cache:
             self.found += 1
             return True
         full = "mlx::core::cu::" + function
-        ok, log, binary, lowered = self.nvrtc.compile(own_source, self.arch, [full], cubin=True)
+        ok, log, binary, lowered = self.nvrtc.compile(own_source, device_arch(), [full], cubin=True)
         if not ok or full not in lowered or not binary:
             return False
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -364,10 +362,10 @@ def probe() -> str:
 
                 name = _PROBE_NAME + arch_suffix()
                 function = "custom_kernel_" + name
-                mlx_src, _ = _sources(function, "", _PROBE_BODY.format(1), ["x"], ["uint32_t"],
-                                      ["out"], ["uint32_t"], None)
-                _, own = _sources(function, "", _PROBE_BODY.format(2), ["x"], ["uint32_t"],
-                                  ["out"], ["uint32_t"], None)
+                args = ([("x", "uint32_t")], [("out", "uint32_t")])
+                mlx_src = mlx_kernel_source(function, "", _PROBE_BODY.format(1), *args)
+                own = mlx_kernel_source(function, "", _PROBE_BODY.format(2), *args,
+                                        prelude=_PRELUDE)
                 if not _CACHE.write(function, mlx_src, own):
                     why = "off (the probe kernel did not compile)"
                 else:
@@ -395,7 +393,7 @@ def status() -> dict:
     """The cache's verdict, folder, architecture, and the modules this process wrote and
     found already there."""
     return {"state": _CACHE.state or "not probed", "folder": str(_CACHE.folder or ""),
-            "arch": _CACHE.arch, "written": _CACHE.written, "found": _CACHE.found}
+            "arch": device_arch(), "written": _CACHE.written, "found": _CACHE.found}
 
 
 class CachedKernel:

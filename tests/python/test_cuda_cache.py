@@ -76,8 +76,9 @@ def nvrtc():
 def cache(monkeypatch, tmp_path, nvrtc):
     """A cache proven on (as the probe would on a CUDA device), writing under tmp_path."""
     c = cuda_cache._Cache()
-    c.state, c.nvrtc, c.arch, c.folder = "on", nvrtc, "sm_90a", tmp_path
+    c.state, c.nvrtc, c.folder = "on", nvrtc, tmp_path
     monkeypatch.setattr(cuda_cache, "_CACHE", c)
+    monkeypatch.setattr(cuda_cache, "_ARCH", "sm_90a")
     return c
 
 
