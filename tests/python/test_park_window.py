@@ -208,7 +208,7 @@ def test_the_server_parks_by_default_and_batches_as_before(tmp_path):
     its parked entry with the text of the same two requests through a store in-process."""
     from mlx_lm import load
     from mlx_tiny_dir import save_tiny_model_dir
-    from test_serve import get, post, running_server
+    from test_serve import post, running_server, settled_info
     from test_serve_batch import alone_texts, concurrently, tq_cache
     from test_serve_store import serve_one
 
@@ -216,7 +216,7 @@ def test_the_server_parks_by_default_and_batches_as_before(tmp_path):
     expect = alone_texts(model_dir, tq_cache)
     with running_server(model_dir, tmp_path / "server.log", "--kv-bits", "3") as url:
         (texts,) = concurrently(url, n_copies=1)
-        info = get(url, "/v1/turboquant")
+        info = settled_info(url, lambda i: i["prompt_cache"]["parked_tokens"] > 0)
         assert texts == expect and info["batching"]["max_rows"] >= 2
         store = info["prompt_cache"]
         assert store["park_window"] == "codes" and store["parked_tokens"] > 0

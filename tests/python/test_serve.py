@@ -128,6 +128,25 @@ def get(url: str, path: str) -> dict:
         return json.loads(r.read())
 
 
+def settled_info(url: str, ready=None, timeout: float = 15.0) -> dict:
+    """``/v1/turboquant`` once the prompt store has taken the last request's cache: mlx-lm's
+    server ends a response, then stores its cache, so a read right after the response can
+    precede the store. Polls until ``ready(info)`` holds (if given) and the store reads the
+    same twice in a row, or ``timeout`` passes (then the last read, for the caller's
+    assertion to report)."""
+    deadline = time.monotonic() + timeout
+    last = None
+    while True:
+        info = get(url, "/v1/turboquant")
+        if (last is not None and info["prompt_cache"] == last["prompt_cache"]
+                and (ready is None or ready(info))):
+            return info
+        if time.monotonic() > deadline:
+            return info
+        last = info
+        time.sleep(0.5)
+
+
 def reference_text(model_dir, prompt, max_tokens, messages=None) -> str:
     """Greedy mlx-lm generation with the server's TurboQuant cache options, in-process."""
     from mlx_lm import generate, load

@@ -15,7 +15,6 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -27,7 +26,8 @@ pytest.importorskip("mlx_lm")
 
 from mlx_tiny_dir import save_tiny_model_dir
 from test_distributed import _env, _free_port_pair, _launcher
-from test_serve import ROOT, free_port, get, post, running_server, wait_until_healthy
+from test_serve import (ROOT, free_port, get, post, running_server, settled_info,
+                        wait_until_healthy)
 
 # codes-only: every prompt token is stored as codes. The byte budget (of the whole sharded
 # cache) holds about two of the requests below (~32 KB each), so the store evicts by bytes,
@@ -103,18 +103,6 @@ def _complete_concurrently(url: str) -> list[str]:
         return list(pool.map(one, CONCURRENT))
 
 
-def _settled_info(url: str) -> dict:
-    """``/v1/turboquant`` once the store has taken the last request's cache (mlx-lm stores
-    it just after the response ends)."""
-    last = None
-    for _ in range(20):
-        time.sleep(0.5)
-        info = get(url, "/v1/turboquant")
-        if last is not None and info["prompt_cache"] == last["prompt_cache"]:
-            return info
-        last = info
-    return last
-
 
 @pytest.fixture(scope="module")
 def model(tmp_path_factory) -> Path:
@@ -130,7 +118,7 @@ def single(model, tmp_path_factory) -> dict:
     log = tmp_path_factory.mktemp("single") / "server.log"
     with running_server(model, log, *SERVER_ARGS, start_timeout=START_TIMEOUT) as url:
         texts = _complete_all(url)
-        return {"texts": texts, "info": _settled_info(url), "long": _over_budget_status(url),
+        return {"texts": texts, "info": settled_info(url), "long": _over_budget_status(url),
                 "concurrent": _complete_concurrently(url)}
 
 
@@ -153,7 +141,7 @@ def test_sharded_serve_matches_one_process(model, single, mode, batching, tmp_pa
     log = tmp_path / f"{mode}.log"
     with sharded_server(model, mode, log, *([] if batching else ["--no-batching"])) as url:
         texts = _complete_all(url)
-        info = _settled_info(url)
+        info = settled_info(url)
         long = _over_budget_status(url)
         together = _complete_concurrently(url)
         rows = get(url, "/v1/turboquant")["batching"]["max_rows"]
