@@ -56,7 +56,7 @@ void KVCache::append_windowed(int layer, const float* keys, const float* values,
     const float* x = (s % 2 == 0 ? keys : values) + h * T * d;
     for (size_t j = 0; j < T * d; ++j) {
       const uint16_t v = float_to_half(x[j]);
-      TQ_CHECK(std::isfinite(half_to_float(v)), InvalidArgument, s % 2 == 0 ? "keys" : "values",
+      TQ_CHECK(half_is_finite(v), InvalidArgument, s % 2 == 0 ? "keys" : "values",
                " of kv head ", h, " contain a value that is not finite in fp16 (", x[j],
                ") at element ", j);
       rows[s * T * d + j] = v;
@@ -94,10 +94,10 @@ void KVCache::append_window(int layer, size_t n, const std::vector<const uint16_
   flush_->check_restore(l, n, importance);
   TQ_CHECK(config_.max_tokens == 0 || sizes[l] + n <= config_.max_tokens, InvalidArgument,
            "window of ", n, " tokens exceeds max_tokens=", config_.max_tokens);
-  for (size_t s = 0; s < streams; ++s)
-    for (size_t j = 0; j < n * d; ++j)
-      TQ_CHECK(std::isfinite(half_to_float(rows[s][j])), InvalidArgument, "window row value ", j,
-               " of stream ", s, " is not finite");
+  for (size_t s = 0; s < streams; ++s) {
+    const size_t j = first_nonfinite_half(rows[s], n * d);
+    TQ_CHECK(j == n * d, InvalidArgument, "window row value ", j, " of stream ", s, " is not finite");
+  }
   segments_.restore_window(l, n, rows);
   flush_->restore(l, n, importance);
 }
@@ -115,10 +115,10 @@ void KVCache::append_sinks(int layer, size_t n, const std::vector<const uint16_t
   TQ_CHECK(n <= S, InvalidArgument, "sinks of ", n, " tokens exceed the ", S, " fp16 sinks of layer ", layer);
   TQ_CHECK(config_.max_tokens == 0 || n <= config_.max_tokens, InvalidArgument, "sinks of ", n,
            " tokens exceed max_tokens=", config_.max_tokens);
-  for (size_t s = 0; s < streams; ++s)
-    for (size_t j = 0; j < n * d; ++j)
-      TQ_CHECK(std::isfinite(half_to_float(rows[s][j])), InvalidArgument, "sink row value ", j, " of stream ", s,
-               " is not finite");
+  for (size_t s = 0; s < streams; ++s) {
+    const size_t j = first_nonfinite_half(rows[s], n * d);
+    TQ_CHECK(j == n * d, InvalidArgument, "sink row value ", j, " of stream ", s, " is not finite");
+  }
   if (n > 0) segments_.restore_sinks(l, n, rows);
 }
 

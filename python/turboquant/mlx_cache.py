@@ -599,14 +599,14 @@ class TurboQuantKVCache(PlaceholderKeys, _mlx_cache._BaseCache):
 
     def __deepcopy__(self, memo):
         """An independent copy (mlx-lm's prompt-cache store hands out copies of what it
-        keeps; a batch merges and extracts copies): the C++ core is copied through its file
-        bytes, the GPU store on the device (``MetalCodeStore.copy``); neither is decoded."""
+        keeps; a batch merges and extracts copies): the C++ core by its ``copy`` (through its
+        file bytes, in C++), the GPU store on the device (``MetalCodeStore.copy``); neither
+        is decoded."""
         new = type(self).__new__(type(self))
         memo[id(self)] = new
         for k, v in self.__dict__.items():
             if k == "_core" and v is not None:
-                v = (v.copy() if isinstance(v, _mlx_metal.MetalCodeStore)
-                     else type(v).from_bytes(v.to_bytes()))
+                v = v.copy()  # the C++ core's copy, or MetalCodeStore.copy
             elif k == "_fetched":
                 v = None  # placeholders of the last call; the next update_and_fetch makes new ones
             else:
@@ -884,23 +884,25 @@ class TurboQuantKVCache(PlaceholderKeys, _mlx_cache._BaseCache):
             energy = ek * self._mean_square(queries, H)
         else:
             energy = ek
+        # a pair's energy: the sum of its channels' (in channel order, as a bincount adds)
         if self.rope_pairs == "half":
-            pair = np.arange(d) % (d // 2)
+            pair, per_pair = np.arange(d) % (d // 2), energy[:, :d // 2] + energy[:, d // 2:]
         elif self.rope_pairs == "adjacent":
-            pair = np.arange(d) // 2
+            pair, per_pair = np.arange(d) // 2, energy[:, 0::2] + energy[:, 1::2]
         else:
-            pair = np.arange(d)
+            pair, per_pair = np.arange(d), energy
+        # per head: pairs by falling energy (ties in pair order), each pair's channels in
+        # channel order; the first m channels of that, then the others in channel order
+        order = np.argsort(-per_pair, axis=1, kind="stable")
+        rank = np.empty_like(order)
+        np.put_along_axis(rank, order, np.arange(order.shape[1])[None], axis=1)
+        chosen = np.argsort(rank[:, pair], axis=1, kind="stable")[:, :m]
+        rest = np.ones((H, d), dtype=bool)
+        np.put_along_axis(rest, chosen, False, axis=1)
         # int16 (head_dim < 32768): the order stays with every stored prompt, where its
         # bytes count (an int64 order was 3% of a parked 257-token entry)
-        perm = np.empty((H, d), dtype=np.int16)
-        for h in range(H):
-            per_pair = np.bincount(pair, weights=energy[h])
-            order = np.argsort(-per_pair, kind="stable")
-            chosen = [c for p in order for c in np.flatnonzero(pair == p)][:m]
-            taken = set(chosen)
-            rest = [c for c in range(d) if c not in taken]
-            perm[h] = chosen + rest
-        return perm
+        return np.concatenate([chosen, np.nonzero(rest)[1].reshape(H, d - m)],
+                              axis=1).astype(np.int16)
 
     def _create_core(self, n_q_heads: int, n_kv_heads: int, head_dim: int,
                      queries: np.ndarray | None = None, scale: float | None = None) -> None:

@@ -130,6 +130,63 @@ TEST(KVWindow, BadInputLeavesCacheUnchanged) {
   EXPECT_THROW(KVCache{cfg}, InvalidArgument);
 }
 
+TEST(Half, FirstNonfiniteIsTheFirstInfOrNan) {
+  std::vector<half_bits> h(70);
+  for (size_t j = 0; j < h.size(); ++j) h[j] = float_to_half(static_cast<float>(j) - 30.5f);
+  h[3] = 0x7BFFu;  // the largest finite fp16
+  h[4] = 0x0001u;  // the smallest subnormal
+  EXPECT_EQ(first_nonfinite_half(h.data(), h.size()), h.size());
+  EXPECT_EQ(first_nonfinite_half(h.data(), 0), 0u);
+  for (const half_bits bad : {half_bits{0x7C00u}, half_bits{0xFC00u}, half_bits{0x7E00u}, half_bits{0xFFFFu}}) {
+    for (const size_t at : {size_t{0}, size_t{33}, size_t{69}}) {
+      auto g = h;
+      g[at] = bad;
+      EXPECT_EQ(first_nonfinite_half(g.data(), g.size()), at);
+      if (at < 69) {
+        g[69] = bad;
+        EXPECT_EQ(first_nonfinite_half(g.data(), g.size()), at);  // the first of two
+      }
+      EXPECT_EQ(half_is_finite(bad), false);
+    }
+  }
+  // The bit test agrees with converting for every fp16 value.
+  for (uint32_t v = 0; v <= 0xFFFFu; ++v)
+    ASSERT_EQ(half_is_finite(static_cast<half_bits>(v)), std::isfinite(half_to_float(static_cast<half_bits>(v)))) << v;
+}
+
+TEST(KVWindow, RestoredRowsThatAreNotFiniteAreRefusedByIndex) {
+  auto cfg = window_config();
+  cfg.fp16_sinks = 2;
+  KVCache c(cfg);
+  const size_t d = 64, streams = 4;
+  std::vector<std::vector<half_bits>> rows(streams, std::vector<half_bits>(3 * d, float_to_half(0.25f)));
+  std::vector<const half_bits*> p(streams);
+  for (size_t s = 0; s < streams; ++s) p[s] = rows[s].data();
+  rows[2][70] = 0x7C00u;  // +Inf in the second sink row of stream 2
+  try {
+    c.append_sinks(0, 2, p);
+    FAIL() << "sink rows with an Inf were accepted";
+  } catch (const InvalidArgument& e) {
+    EXPECT_NE(std::string(e.what()).find("sink row value 70 of stream 2 is not finite"), std::string::npos)
+        << e.what();
+  }
+  EXPECT_EQ(c.size(0), 0u);
+  rows[2][70] = float_to_half(0.25f);
+  c.append_sinks(0, 2, p);
+  rows[3][5] = 0x7E00u;  // NaN in the first window row of stream 3
+  try {
+    c.append_window(0, 3, p);
+    FAIL() << "window rows with a NaN were accepted";
+  } catch (const InvalidArgument& e) {
+    EXPECT_NE(std::string(e.what()).find("window row value 5 of stream 3 is not finite"), std::string::npos)
+        << e.what();
+  }
+  EXPECT_EQ(c.size(0), 2u);
+  rows[3][5] = float_to_half(0.25f);
+  c.append_window(0, 3, p);
+  EXPECT_EQ(c.size(0), 5u);
+}
+
 TEST(SparseV, ZeroIsDenseAndSkipsOnlySmallWeights) {
   KVCacheConfig cfg;
   cfg.head_dim = 64;

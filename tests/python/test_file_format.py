@@ -51,6 +51,7 @@ def test_old_files_load_and_resave(name, tmp_path):
     assert version_of(data) == int(name[1])
     cache = _core.KVCache.from_bytes(data)
     assert_loads_to(cache, want)
+    assert_loads_to(cache.copy(), want)  # every feature of every version survives a copy
     # A legacy save writes the same bytes the older library wrote.
     assert cache.legacy_format_version == version_of(data)
     assert _core.KVCache.from_bytes(data).to_bytes(legacy=True) == data
@@ -130,3 +131,18 @@ def test_feature_sections_are_checked():
     for n in range(0, len(data), 7):
         with pytest.raises(turboquant.FormatError):
             _core.KVCache.from_bytes(data[:n])
+
+
+def test_copy_is_independent_and_equal():
+    c = feature_cache()
+    before = c.to_bytes()
+    d = c.copy()
+    assert type(d) is _core.KVCache and d.to_bytes() == before
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((1, 5, 32)).astype(np.float32)
+    d.append(x, x)
+    assert c.to_bytes() == before and d.size(0) == c.size(0) + 5
+    c.append(x, x)
+    assert c.to_bytes() == d.to_bytes()  # the same appends, the same cache
+    q = rng.standard_normal((2, 3, 32)).astype(np.float32)
+    np.testing.assert_array_equal(c.copy().attend(q), c.attend(q))

@@ -130,6 +130,39 @@ def test_choose_channels_follows_rope_pairs():
                                      for b in range(a + 2, d, 2)) for h in range(H))
 
 
+def _channel_order_by_definition(energy, pair, m):
+    """Per head: pairs by falling summed energy (ties: lower pair first), each pair's
+    channels in channel order, the first m of those, then the other channels in order."""
+    perm = []
+    for e in energy:
+        per_pair = np.bincount(pair, weights=e)
+        order = np.argsort(-per_pair, kind="stable")
+        chosen = [c for p in order for c in np.flatnonzero(pair == p)][:m]
+        perm.append(chosen + [c for c in range(len(pair)) if c not in set(chosen)])
+    return np.array(perm)
+
+
+@pytest.mark.parametrize("rope_pairs", ["half", "adjacent", None])
+def test_choose_channels_is_the_definition_ties_included(rope_pairs, monkeypatch):
+    rng = np.random.default_rng(7)
+    c = tq_mlx.TurboQuantKVCache(key_bits=3, rope_pairs=rope_pairs)
+    for trial in range(60):
+        d = int(rng.choice([16, 32, 64, 128]))
+        H, m = int(rng.integers(1, 5)), int(rng.integers(0, d + 1))
+        energy = rng.random((H, d))
+        if trial % 3 == 0:
+            energy = np.round(energy * 2) / 2  # many equal pair energies
+        if trial % 5 == 0:
+            energy[:] = 1.0
+        monkeypatch.setattr(tq_mlx.TurboQuantKVCache, "_mean_square",
+                            staticmethod(lambda x, heads, e=energy: e))
+        pair = {"half": np.arange(d) % (d // 2), "adjacent": np.arange(d) // 2,
+                None: np.arange(d)}[rope_pairs]
+        perm = c._choose_channels(np.zeros((H, 1, d), np.float32), None, m)
+        assert perm.dtype == np.int16
+        np.testing.assert_array_equal(perm, _channel_order_by_definition(energy, pair, m))
+
+
 @pytest.mark.parametrize("bits", [2, 3, 4])
 def test_key_split_is_exact_reordering_and_helps_loud_pairs(bits):
     rng = np.random.default_rng(3)

@@ -3,6 +3,7 @@
 #pragma once
 
 #include <bit>
+#include <cstddef>
 #include <cstdint>
 
 namespace turboquant {
@@ -32,6 +33,20 @@ inline float half_to_float(half_bits h) {
     bits = sign | ((exp + 127 - 15) << 23) | (mant << 13);
   }
   return std::bit_cast<float>(bits);
+}
+
+// Whether fp16 bits hold a finite value (exponent field not all ones).
+inline bool half_is_finite(half_bits h) { return (h & 0x7C00u) != 0x7C00u; }
+
+// Index of the first non-finite value of n fp16 values, or n when all are finite. The
+// all-finite case (every call but a refused one) is one branch-free pass.
+inline size_t first_nonfinite_half(const half_bits* h, size_t n) {
+  unsigned bad = 0;
+  for (size_t j = 0; j < n; ++j) bad |= static_cast<unsigned>((h[j] & 0x7C00u) == 0x7C00u);
+  if (bad == 0) return n;
+  size_t j = 0;
+  while (half_is_finite(h[j])) ++j;
+  return j;
 }
 
 inline half_bits float_to_half(float f) {
