@@ -286,10 +286,9 @@ rank's slice); head h then encodes exactly as head k + h of a whole-model cache.
         py::gil_scoped_release release;
         return KVCache::load(path);
       }, py::arg("path"), "Read a saved cache; raises turboquant.FormatError on a damaged file.")
-      .def("copy", [](const KVCache& kv) {
-        const auto b = serialize_cache(kv);
-        return deserialize_cache(b.data(), b.size());
-      }, "An independent copy: what from_bytes(to_bytes()) gives, without the Python bytes between.")
+      .def("copy", &KVCache::copy,
+           "An independent copy: what from_bytes(to_bytes()) gives, sharing this cache's quantizers "
+           "(no rotation is made again) and without Python bytes between.")
       .def("to_bytes", [](const KVCache& kv, bool legacy) {
         const auto b = serialize_cache(kv, legacy);
         return py::bytes(reinterpret_cast<const char*>(b.data()), b.size());

@@ -23,11 +23,16 @@ const KVCacheConfig& validated(const KVCacheConfig& config) {
 }
 }  // namespace
 
-KVCache::KVCache(const KVCacheConfig& config)
-    : config_(validated(config)),
-      table_(config_),
+KVCache::KVCache(const KVCacheConfig& config) : KVCache(validated(config), QuantizerTable(validated(config))) {}
+
+KVCache::KVCache(const KVCacheConfig& config, const QuantizerTable& table)
+    : config_(config),
+      table_(table),
       store_(table_, config_.block_tokens),
       segments_(config_.shape(), config_.segments(), config_.mixed_precision()) {
+  TQ_CHECK(table_.streams() == static_cast<size_t>(config_.n_layers) * config_.n_kv_heads * 2, InvalidArgument,
+           "a quantizer table of ", table_.streams(), " streams for a cache of ", config_.n_layers, " layers x ",
+           config_.n_kv_heads, " KV heads");
   // Each policy gets the parts and its own group of the configuration.
   const CacheParts parts{config_.shape(), table_, store_, segments_};
   flush_ = make_flush_policy(parts, config_.mixed_precision());

@@ -4,6 +4,7 @@
 #include <array>
 #include <bit>
 #include <cstring>
+#include <functional>
 #include <fstream>
 
 #if defined(__x86_64__)
@@ -77,6 +78,7 @@ constexpr size_t kMaxString = 256;
 class Writer {
  public:
   std::vector<uint8_t> buf;
+  bool checksums = true;  // false: KVCache::copy's bytes in memory (CRC fields left 0)
   template <typename T>
   void put(T v) {
     const auto* p = reinterpret_cast<const uint8_t*>(&v);
@@ -100,13 +102,14 @@ class Writer {
   void end(size_t at) {
     const uint64_t len = buf.size() - at - 12;
     std::memcpy(buf.data() + at + 4, &len, 8);
-    put(crc32c(buf.data() + at, buf.size() - at));
+    put(checksums ? crc32c(buf.data() + at, buf.size() - at) : uint32_t{0});
   }
 };
 
 class Reader {
  public:
-  Reader(const uint8_t* p, size_t n, size_t base = 0) : p_(p), n_(n), base_(base) {}
+  Reader(const uint8_t* p, size_t n, size_t base = 0, bool checksums = true)
+      : p_(p), n_(n), base_(base), checksums_(checksums) {}
   size_t left() const { return n_ - pos_; }
   size_t offset() const { return base_ + pos_; }
   const uint8_t* take(size_t k, const char* what) {
@@ -167,10 +170,12 @@ class Reader {
              name, " claims ", len, " bytes at offset ", offset(), " but only ", left(), " remain");
     const uint8_t* payload = take(static_cast<size_t>(len), name);
     const auto stored = get<uint32_t>(name);
-    const uint32_t actual = crc32c(p_ + start, 12 + static_cast<size_t>(len));
-    TQ_CHECK(stored == actual, FormatError, "corrupted file: CRC32C mismatch in section ", name,
-             " at offset ", base_ + start);
-    return Reader(payload, static_cast<size_t>(len), base_ + start + 12);
+    if (checksums_) {
+      const uint32_t actual = crc32c(p_ + start, 12 + static_cast<size_t>(len));
+      TQ_CHECK(stored == actual, FormatError, "corrupted file: CRC32C mismatch in section ", name,
+               " at offset ", base_ + start);
+    }
+    return Reader(payload, static_cast<size_t>(len), base_ + start + 12, checksums_);
   }
   void expect_end(const char* what) {
     TQ_CHECK(left() == 0, FormatError, "corrupted file: ", left(), " unexpected bytes after ", what,
@@ -180,6 +185,7 @@ class Reader {
  private:
   const uint8_t* p_;
   size_t n_, pos_ = 0, base_;
+  bool checksums_;
   bool container_ = false;
 };
 
@@ -352,9 +358,14 @@ void put_feature_sections(Writer& w, const KVCacheConfig& c) {
 
 }  // namespace
 
-std::vector<uint8_t> serialize_cache(const KVCache& cache, bool legacy) {
+namespace {
+
+// The file's bytes; for_copy (KVCache::copy, bytes that never leave memory): no checksums
+// and an empty ROTS section (the copy shares the quantizers).
+std::vector<uint8_t> write_cache(const KVCache& cache, bool legacy, bool for_copy) {
   const KVCacheConfig& c = cache.config();
   Writer w;
+  w.checksums = !for_copy;
   w.bytes(kCacheMagic, sizeof(kCacheMagic));
   const bool windowed = c.windowed();
   // A legacy file is the oldest version that expresses the cache (serialize.h), so older
@@ -375,7 +386,7 @@ std::vector<uint8_t> serialize_cache(const KVCache& cache, bool legacy) {
   if (!legacy) put_feature_sections(w, c);
 
   at = w.begin(kTagRots);
-  for (int l = 0; l < c.n_layers; ++l) {
+  for (int l = 0; l < (for_copy ? 0 : c.n_layers); ++l) {
     for (int h = 0; h < c.n_kv_heads; ++h) {
       for (const Quantizer* q : {&cache.key_quantizer(l, h), &cache.value_quantizer(l, h)}) {
         const auto p = q->rotation().parameters();
@@ -455,6 +466,10 @@ std::vector<uint8_t> serialize_cache(const KVCache& cache, bool legacy) {
   w.end(w.begin(kTagEnd));
   return std::move(w.buf);
 }
+
+}  // namespace
+
+std::vector<uint8_t> serialize_cache(const KVCache& cache, bool legacy) { return write_cache(cache, legacy, false); }
 
 namespace {
 
@@ -614,8 +629,15 @@ void read_feature_sections(Reader& r, KVCacheConfig& c) {
 
 }  // namespace
 
-std::unique_ptr<KVCache> deserialize_cache(const uint8_t* data, size_t size) {
-  Reader r(data, size);
+namespace {
+
+// The cache of a file's bytes. make builds the empty cache of the file's configuration;
+// with rotations_given (KVCache::copy: the bytes are a copy's own, its quantizers shared)
+// the ROTS section is read through but its rotations are not set.
+std::unique_ptr<KVCache> load_cache(const uint8_t* data, size_t size,
+                                    const std::function<std::unique_ptr<KVCache>(const KVCacheConfig&)>& make,
+                                    bool rotations_given) {
+  Reader r(data, size, 0, !rotations_given);
   const uint8_t* magic = r.take(sizeof(kCacheMagic), "magic");
   TQ_CHECK(std::memcmp(magic, kCacheMagic, sizeof(kCacheMagic)) == 0, FormatError,
            "not a turboquant cache file (bad magic)");
@@ -644,12 +666,12 @@ std::unique_ptr<KVCache> deserialize_cache(const uint8_t* data, size_t size) {
     const auto d = static_cast<size_t>(c.head_dim);
     // The smallest rotation: hadamard1's d signs (d = 1: a 1×1 dense matrix).
     const size_t min_stream_bytes = 4 + 8 + sizeof(float) * d;
-    TQ_CHECK(rots.left() / min_stream_bytes >= streams_total, FormatError, "corrupted file: ROTS section of ",
+    TQ_CHECK(rotations_given || rots.left() / min_stream_bytes >= streams_total, FormatError, "corrupted file: ROTS section of ",
              rots.left(), " bytes cannot hold the rotations of ", streams_total, " streams (",
              c.n_layers, " layers × ", c.n_kv_heads, " KV heads × key/value)");
-    auto cache = std::make_unique<KVCache>(c);
+    auto cache = make(c);
 
-    for (int l = 0; l < c.n_layers; ++l) {
+    for (int l = 0; l < (rotations_given ? 0 : c.n_layers); ++l) {
       for (int h = 0; h < c.n_kv_heads; ++h) {
         for (KVRole role : {KVRole::kKey, KVRole::kValue}) {
           const auto kind = rots.get<uint32_t>("rotation kind");
@@ -793,6 +815,19 @@ std::unique_ptr<KVCache> deserialize_cache(const uint8_t* data, size_t size) {
   } catch (const NotSupported& e) {  // e.g. decay of a method that cannot decay: never written
     throw FormatError(std::string("invalid cache file: ") + e.what());
   }
+}
+
+}  // namespace
+
+std::unique_ptr<KVCache> deserialize_cache(const uint8_t* data, size_t size) {
+  return load_cache(data, size, [](const KVCacheConfig& c) { return std::make_unique<KVCache>(c); }, false);
+}
+
+std::unique_ptr<KVCache> KVCache::copy() const {
+  const auto bytes = write_cache(*this, false, true);
+  return load_cache(
+      bytes.data(), bytes.size(),
+      [this](const KVCacheConfig& c) { return std::unique_ptr<KVCache>(new KVCache(c, table_)); }, true);
 }
 
 void KVCache::save(const std::string& path, bool legacy) const {

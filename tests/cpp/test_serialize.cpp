@@ -451,3 +451,55 @@ TEST(Serialize, KvHeadOffsetEveryCorruptionIsAFormatError) {
   ASSERT_LT(bytes.size(), 16384u);
   expect_every_byte_flip_rejected(bytes);
 }
+
+// KVCache::copy: the cache load(save()) gives (same file bytes, decoded tokens, attention,
+// decay and split included), sharing the source's quantizers until a rotation is replaced.
+TEST(Serialize, CopyEqualsTheFileRoundTripAndSharesQuantizers) {
+  for (bool split : {false, true}) {
+    auto c = featured_cache(split, true);
+    const auto bytes = serialize_cache(*c);
+    auto d = c->copy();
+    EXPECT_EQ(serialize_cache(*d), bytes);
+    EXPECT_EQ(d->memory_bytes(), c->memory_bytes());
+    EXPECT_EQ(&d->key_quantizer(0, 1), &c->key_quantizer(0, 1));  // shared, not built again
+    const auto q = gaussian(2 * 3 * 16, 91);
+    std::vector<float> a(q.size()), b(q.size());
+    c->attend(0, q.data(), 3, a.data());
+    d->attend(0, q.data(), 3, b.data());
+    EXPECT_EQ(a, b);
+    // Independent: the copy grows (decaying and flushing its window), the source stays.
+    const auto x = gaussian(2 * 9 * 16, 92);
+    d->append(0, x.data(), x.data(), 9);
+    EXPECT_EQ(serialize_cache(*c), bytes);
+    c->append(0, x.data(), x.data(), 9);
+    EXPECT_EQ(serialize_cache(*c), serialize_cache(*d));
+  }
+  // A rotation replaced in the copy (an empty cache: set_rotation needs an empty layer) is
+  // the copy's alone; the source keeps its quantizer and rotation.
+  KVCacheConfig cfg;
+  cfg.head_dim = 16;
+  cfg.n_q_heads = 2;
+  cfg.n_kv_heads = 1;
+  cfg.decay_after = 4;
+  cfg.decay_bits = 1;
+  cfg.block_tokens = 2;
+  KVCache src(cfg);
+  const auto before = serialize_cache(src);
+  auto cp = src.copy();
+  const Quantizer* shared = &src.value_quantizer(0, 0);
+  ASSERT_EQ(&cp->value_quantizer(0, 0), shared);
+  auto dense = Rotation::create(RotationKind::kDense, 16, 123, 7);
+  const auto want = dense->parameters();
+  cp->set_rotation(0, 0, KVRole::kValue, std::move(dense));
+  EXPECT_NE(&cp->value_quantizer(0, 0), shared);
+  EXPECT_EQ(&src.value_quantizer(0, 0), shared);
+  EXPECT_EQ(serialize_cache(src), before);
+  EXPECT_EQ(cp->value_quantizer(0, 0).rotation().parameters(), want);
+  // The copy's decayed quantizer follows its new rotation: equal to a fresh cache given it.
+  KVCache fresh(cfg);
+  fresh.set_rotation(0, 0, KVRole::kValue, Rotation::create(RotationKind::kDense, 16, 123, 7));
+  const auto x = gaussian(6 * 16, 93);
+  cp->append(0, x.data(), x.data(), 6);
+  fresh.append(0, x.data(), x.data(), 6);
+  EXPECT_EQ(serialize_cache(*cp), serialize_cache(fresh));
+}

@@ -172,6 +172,9 @@ class KVCache {
   // expresses the cache.
   void save(const std::string& path, bool legacy = false) const;
   static std::unique_ptr<KVCache> load(const std::string& path);
+  // An independent cache equal to load(save()) of this one, made through the same bytes in
+  // memory but sharing this cache's quantizers (their rotations are not made again).
+  std::unique_ptr<KVCache> copy() const;
   // Raw page access used by serialization: copies code indices [t0, t0+n) of one stream;
   // with temporal decay, each token's row has its block's code_bytes (rows are packed).
   void copy_out(int layer, int kv_head, KVRole role, size_t t0, size_t n, uint8_t* codes,
@@ -190,6 +193,8 @@ class KVCache {
                       const std::vector<const uint64_t*>* masks = nullptr);
 
  private:
+  // A cache of config whose quantizers are table's (copy(): config is the one table was built for).
+  KVCache(const KVCacheConfig& config, const QuantizerTable& table);
   size_t index(int layer, int kv_head, KVRole role) const { return table_.index(layer, kv_head, role); }
   void check_layer(int layer) const;
   void check_head(int layer, int kv_head) const;

@@ -67,8 +67,12 @@ QuantizerTable::QuantizerTable(const KVCacheConfig& config) : n_kv_heads_(static
 }
 
 void QuantizerTable::set_rotation(size_t stream, std::unique_ptr<Rotation> rotation) {
+  // config() holds the resolved settings: the same quantizer, built again, for this table alone
+  if (full_[stream].use_count() > 1) full_[stream] = make_quantizer(full_[stream]->config());
   full_[stream]->set_rotation(std::move(rotation));
-  if (!decayed_.empty()) decayed_[stream]->share_rotation(*full_[stream]);
+  if (decayed_.empty()) return;
+  if (decayed_[stream].use_count() > 1) decayed_[stream] = make_quantizer(decayed_[stream]->config());
+  decayed_[stream]->share_rotation(*full_[stream]);
 }
 
 }  // namespace turboquant

@@ -50,13 +50,19 @@ class QuantizerTable {
   const Quantizer* decayed(size_t stream) const { return decayed_.empty() ? nullptr : decayed_[stream].get(); }
   // The quantizer of a block holding decayed (or full-width) codes.
   const Quantizer& block(size_t stream, bool decayed) const { return decayed ? *decayed_[stream] : *full_[stream]; }
-  // Replaces a stream's rotation; its decayed quantizer keeps sharing it.
+  // Replaces a stream's rotation; its decayed quantizer keeps sharing it. A quantizer
+  // this table shares with a copy is replaced by a new one (the copy keeps the old).
   void set_rotation(size_t stream, std::unique_ptr<Rotation> rotation);
+
+  // A copy shares the quantizers (immutable but for set_rotation, which does not change a
+  // shared one): KVCache::copy builds none, so no rotation or QJL matrix is made again.
+  QuantizerTable(const QuantizerTable&) = default;
+  QuantizerTable& operator=(const QuantizerTable&) = delete;
 
  private:
   size_t n_kv_heads_;
-  std::vector<std::unique_ptr<Quantizer>> full_;     // [layer][kv_head][role]
-  std::vector<std::unique_ptr<Quantizer>> decayed_;  // same indexing; empty without low blocks
+  std::vector<std::shared_ptr<Quantizer>> full_;     // [layer][kv_head][role]
+  std::vector<std::shared_ptr<Quantizer>> decayed_;  // same indexing; empty without low blocks
 };
 
 }  // namespace turboquant
