@@ -8,7 +8,11 @@ client) and measures:
 - **load**, for N = 1, 4, 16 concurrent clients (``max(N, min_requests)`` requests, distinct
   prompts): generated tokens per second of wall time, time to first token and request
   latency (p50 / p99 over the phase's requests), failed requests, and the server process's
-  peak resident memory (VmHWM of /proc/PID/status, since start, after the phase);
+  peak resident memory (VmHWM of /proc/PID/status, since start, after the phase). Each N
+  runs ``repeats`` rounds (``--repeats``); in a round both servers serve the same new
+  prompts, one after the other, the order alternating between rounds, and each ratio is the
+  median of the rounds' ratios (``tokens_per_s_rounds`` lists them): a slow spell of a
+  shared machine then falls on both servers;
 - **capacity**: up to ``capacity_prompts`` distinct prompts of ``capacity_prompt_tokens``
   tokens (``max_tokens`` 1), one after the other, until the store first evicts one (it is
   then full), then how many tokens the prompt-cache store holds
@@ -23,9 +27,8 @@ the byte budget at insertion (``LRUPromptCache(max_bytes=...)``; mlx-lm's ``run`
 reports the store. Its caches are mlx-lm's ``KVCache`` in the model's dtype (float32 for the
 float32 model served here: fp16 weights are several times slower on this CPU), so the JSON
 also gives the capacity ratio against fp16 caches (half the baseline's bytes per token,
-exact for ``KVCache``). mlx-lm batches fp16/fp32 caches (continuous batching); turboquant
-serve runs requests one at a time (no batch cache yet): the ratios compare what each serves
-today.
+exact for ``KVCache``). Both servers batch concurrent requests (mlx-lm's continuous
+batching; turboquant serve with its batch cache, a TurboQuant cache per row).
 
 Prompts are windows of the license texts in /usr/share/common-licenses (sorted by name,
 tokenized by the model's tokenizer), deterministic. Settings are ``SETTINGS`` / ``SMOKE``.
@@ -49,6 +52,7 @@ import json
 import os
 import platform
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -64,6 +68,7 @@ LICENSES = Path("/usr/share/common-licenses")
 
 SETTINGS = dict(
     clients=[1, 4, 16],
+    repeats=3,  # load phases per N and server, the servers alternating (new prompts each)
     min_requests=4,  # requests per load phase: max(N, min_requests)
     prompt_tokens=128,
     max_tokens=32,
@@ -74,7 +79,7 @@ SETTINGS = dict(
     start_timeout_s=180,
     request_timeout_s=600,
 )
-SMOKE = dict(SETTINGS, clients=[1, 4], min_requests=2, prompt_tokens=24, max_tokens=4,
+SMOKE = dict(SETTINGS, clients=[1, 4], repeats=2, min_requests=2, prompt_tokens=24, max_tokens=4,
              budget_gb=0.0005, capacity_prompt_tokens=300, capacity_prompts=40,
              start_timeout_s=60, request_timeout_s=60)
 
@@ -306,11 +311,13 @@ def main(argv: list[str] | None = None) -> int:
                    help="tokens per capacity prompt (default: the settings')")
     p.add_argument("--capacity-prompts", type=int, help="capacity prompts sent")
     p.add_argument("--budget-gb", type=float, help="prompt-cache budget of both servers")
+    p.add_argument("--repeats", type=int,
+                   help="load phases per client count and server (default: the settings')")
     p.add_argument("--park-window", choices=("codes", "fp16"),
                    help="turboquant serve's --park-window (default: the server's default)")
     args = p.parse_args(argv)
     settings = dict(SMOKE if args.smoke else SETTINGS)
-    for key in ("capacity_prompt_tokens", "capacity_prompts", "budget_gb"):
+    for key in ("capacity_prompt_tokens", "capacity_prompts", "budget_gb", "repeats"):
         if getattr(args, key) is not None:
             settings[key] = getattr(args, key)
     if args.capacity_only:
@@ -347,45 +354,61 @@ def main(argv: list[str] | None = None) -> int:
         }
         try:
             startup = {k: round(s.wait(), 2) for k, s in servers.items()}
-            n_load = sum(max(n, settings["min_requests"]) for n in settings["clients"])
+            reps = settings["repeats"]
+            n_load = reps * sum(max(n, settings["min_requests"]) for n in settings["clients"])
             load_prompts, cap_prompts = prompts_from_licenses(model, [
                 (n_load, settings["prompt_tokens"]),
                 (settings["capacity_prompts"], settings["capacity_prompt_tokens"])])
             dtype_bytes = base_dtype_bytes(model)
-            results = {}
+            results, clients = {}, {}
             for key, server in servers.items():
-                client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused",
-                                       timeout=settings["request_timeout_s"], max_retries=0)
+                client = clients[key] = openai.OpenAI(
+                    base_url=server.url + "/v1", api_key="unused",
+                    timeout=settings["request_timeout_s"], max_retries=0)
                 warm = stream_one(client, "Hello", 2)  # first-request set-up, not measured
                 if not warm["ok"]:
                     raise SystemExit(f"{server.name}: warm-up failed: {warm['error']}")
                 info = "/v1/turboquant" if key == "turboquant" else "/v1/prompt_cache"
-                res = {"capacity": capacity_phase(server, client, cap_prompts, info),
-                       "load": []}
-                i = 0
-                for n in settings["clients"]:
-                    k = max(n, settings["min_requests"])
-                    res["load"].append(load_phase(server, client, n, load_prompts[i:i + k],
-                                                  settings["max_tokens"]))
+                results[key] = {"capacity": capacity_phase(server, client, cap_prompts, info),
+                                "load": []}
+                print(f"{server.name}: capacity {json.dumps(results[key]['capacity'])}",
+                      flush=True)
+            # Load phases: per client count, `repeats` rounds; in each round both servers
+            # serve the same new prompts, one after the other (the order alternating by
+            # round), so a slow spell of a shared machine falls on both.
+            i = 0
+            for n in settings["clients"]:
+                k = max(n, settings["min_requests"])
+                for r in range(reps):
+                    order = list(servers) if r % 2 == 0 else list(servers)[::-1]
+                    for key in order:
+                        phase = load_phase(servers[key], clients[key], n,
+                                           load_prompts[i:i + k], settings["max_tokens"])
+                        phase["repeat"] = r
+                        results[key]["load"].append(phase)
+                        print(f"{servers[key].name}: {json.dumps(phase)}", flush=True)
                     i += k
-                    print(f"{server.name}: {json.dumps(res['load'][-1])}", flush=True)
-                if key == "turboquant":
-                    res["server_info"] = get_json(server.url + "/v1/turboquant")
-                results[key] = res
-                print(f"{server.name}: capacity {json.dumps(res['capacity'])}", flush=True)
+            results["turboquant"]["server_info"] = get_json(servers["turboquant"].url +
+                                                            "/v1/turboquant")
         finally:
             for s in servers.values():
                 s.stop()
 
     ours, base = results["turboquant"], results["mlx_lm"]
     ratios = {"load": [], "capacity": {}}
-    for a, b in zip(ours["load"], base["load"]):
+    for n in settings["clients"]:
+        pairs = [(a, b) for a, b in zip(ours["load"], base["load"]) if a["clients"] == n]
+
+        def ratio(field, pairs=pairs):
+            """Median over the rounds of ours / baseline, and each round's."""
+            each = [round(a[field] / b[field], 3) for a, b in pairs]
+            return round(statistics.median(each), 3), each
+
+        tps, tps_each = ratio("tokens_per_s")
         ratios["load"].append({
-            "clients": a["clients"],
-            "tokens_per_s": round(a["tokens_per_s"] / b["tokens_per_s"], 3),
-            "ttft_p50": round(a["ttft_p50_s"] / b["ttft_p50_s"], 3),
-            "latency_p50": round(a["latency_p50_s"] / b["latency_p50_s"], 3),
-            "peak_rss": round(a["peak_rss_bytes"] / b["peak_rss_bytes"], 3)})
+            "clients": n, "tokens_per_s": tps, "tokens_per_s_rounds": tps_each,
+            "ttft_p50": ratio("ttft_p50_s")[0], "latency_p50": ratio("latency_p50_s")[0],
+            "peak_rss": ratio("peak_rss_bytes")[0]})
     ca, cb = ours["capacity"], base["capacity"]
     ratios["capacity"] = {
         "tokens_held": round(ca["tokens"] / max(1, cb["tokens"]), 3),

@@ -35,7 +35,8 @@ def test_smoke_run_measures_both_servers(tmp_path):
     assert "serve_load.py --smoke" in res["command"]
     for name in ("turboquant", "mlx_lm"):
         load = res["results"][name]["load"]
-        assert [p["clients"] for p in load] == settings["clients"]
+        assert [(p["clients"], p["repeat"]) for p in load] == \
+            [(n, r) for n in settings["clients"] for r in range(settings["repeats"])]
         for p in load:
             assert p["requests"] == max(p["clients"], settings["min_requests"])
             assert p["failed"] == 0 and p["errors"] == []
@@ -48,6 +49,9 @@ def test_smoke_run_measures_both_servers(tmp_path):
         # both stores filled their budget: least recently used entries were evicted
         assert cap["evicted"] and cap["failed"] == 0
         assert 0 < cap["bytes"] <= res["budget_bytes"]
+    for n, r in zip(settings["clients"], res["ratios"]["load"]):
+        assert r["clients"] == n and len(r["tokens_per_s_rounds"]) == settings["repeats"] >= 2
+        assert min(r["tokens_per_s_rounds"]) <= r["tokens_per_s"] <= max(r["tokens_per_s_rounds"])
     ours = res["results"]["turboquant"]
     assert ours["server_info"]["compressed_layers"] == ours["server_info"]["layers"] > 0
     # The tiny model's weights are float32: mlx-lm's KVCache holds 2 layers x 2 KV heads x
