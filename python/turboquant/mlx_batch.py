@@ -103,6 +103,8 @@ class BatchTurboQuantKVCache(PlaceholderKeys, _mlx_cache._BaseCache):
         self._skip = [0] * len(rows)  # padding tokens still due in front (prepare)
         self._spans: list[tuple[int, int]] | None = None  # real tokens of the last update
         self._fetched: tuple[mx.array, mx.array] | None = None
+        self._lane = None  # the decode-step lane's tables of the last update (_step_lane)
+        self._lane_cache = None  # (the rows' means and orders, their stacked tables)
 
     # -- geometry -----------------------------------------------------------------------
 
@@ -203,7 +205,7 @@ class BatchTurboQuantKVCache(PlaceholderKeys, _mlx_cache._BaseCache):
             self._remaining = [self._remaining[i] for i in keep]
             self._right_padding = [self._right_padding[i] for i in keep]
         self._spans = None if self._spans is None else [self._spans[i] for i in keep]
-        self._fetched = None
+        self._fetched = self._lane = None
         # shift left to reduce padding, as BatchKVCache does
         least = min(self._lp) if self._lp else 0
         if least > 0:
@@ -228,7 +230,7 @@ class BatchTurboQuantKVCache(PlaceholderKeys, _mlx_cache._BaseCache):
         self._off = self._off + other._off
         self._skip = self._skip + other._skip
         self.rows = self.rows + other.rows
-        self._spans = self._fetched = None
+        self._spans = self._fetched = self._lane = None
 
     def extract(self, idx: int):
         """An independent copy of row ``idx``: that sequence's cache, real tokens only."""
@@ -238,7 +240,8 @@ class BatchTurboQuantKVCache(PlaceholderKeys, _mlx_cache._BaseCache):
         new = type(self).__new__(type(self))
         memo[id(self)] = new
         for k, v in self.__dict__.items():
-            new.__dict__[k] = None if k == "_fetched" else copy.deepcopy(v, memo)
+            new.__dict__[k] = (None if k in ("_fetched", "_lane", "_lane_cache")
+                               else copy.deepcopy(v, memo))
         return new
 
     # -- the forward pass -----------------------------------------------------------------
@@ -264,7 +267,11 @@ class BatchTurboQuantKVCache(PlaceholderKeys, _mlx_cache._BaseCache):
             mx.eval(keys, values)  # one evaluation of the layer's graph for both copies
             host = (_host(keys), _host(values))
         spans = []
-        for i, row in enumerate(self.rows):
+        lane = self._lane = self._step_lane(T, H, d) if host is not None else None
+        if lane is not None:  # a decode step of plain rows: the per-row work done for all
+            _ingest_step(self.rows, lane, host[0], host[1])
+            spans = [(0, 1)] * B
+        for i, row in enumerate(self.rows if lane is None else ()):
             a = min(T, self._skip[i])
             self._skip[i] -= a
             b = T
@@ -307,6 +314,10 @@ class BatchTurboQuantKVCache(PlaceholderKeys, _mlx_cache._BaseCache):
             raise ValueError(f"queries of batch {B} for a batch cache of {len(self.rows)} rows "
                              "(update_and_fetch must come first)")
         windows = self._windows(mask, T)
+        lane = self._lane
+        if lane is not None and T == 1 and lane["Hq"] == Hq and self._rows_held_nothing():
+            return mx.array(_attend_step(self.rows, lane, _host(queries), scale,
+                                         windows)).astype(queries.dtype)
         if not any(r._gpu for r in self.rows):
             # host rows: one copy of the queries to the host and one of the output back
             # and one C++ call (attend_batch) for the rows' core calls of each round
@@ -337,6 +348,45 @@ class BatchTurboQuantKVCache(PlaceholderKeys, _mlx_cache._BaseCache):
                                     mx.zeros((1, Hq, T - b, d), dtype=o.dtype)], axis=2)
             outs.append(o)
         return outs[0] if B == 1 else mx.concatenate(outs, axis=0)
+
+    def _step_lane(self, T: int, H: int, d: int):
+        """The tables of the decode-step lane (:func:`_ingest_step`, :func:`_attend_step`),
+        or None where a step takes the per-row path: one new token per row, two rows or
+        more, every row a plain full-attention row (``TurboQuantKVCache`` itself) on the C++
+        core with its core built, nothing held or pending, no mixed precision, and all rows
+        alike in centring and key split. The lane does per row exactly what the per-row
+        path does (the same arithmetic, element for element), with the rows' means and
+        channel orders stacked once (kept while the rows are the same objects)."""
+        from turboquant.mlx_cache import TurboQuantKVCache
+
+        rows = self.rows
+        if T != 1 or len(rows) < 2 or self._remaining is not None or any(self._skip):
+            return None
+        kind = None
+        for r in rows:
+            if (type(r) is not TurboQuantKVCache or r._gpu or r._core is None
+                    or r._held is not None or r._pending or r.mixed_bits or r._batch != 1
+                    or r._shape[0] != H or r._n_q_heads is None):
+                return None
+            k = (r.center and r._k_mean is not None, r._perm is not None, r._n_q_heads)
+            if kind is None:
+                kind = k
+            elif k != kind:
+                return None
+        arrays = tuple((r._k_mean, r._v_mean, r._perm) for r in rows)
+        cached = self._lane_cache
+        if cached is not None and len(cached[0]) == len(arrays) and all(
+                a[0] is b[0] and a[1] is b[1] and a[2] is b[2]
+                for a, b in zip(cached[0], arrays)):
+            return cached[1]
+        tables = _lane_tables(rows, kind, d)
+        self._lane_cache = (arrays, tables)
+        return tables
+
+    def _rows_held_nothing(self) -> bool:
+        """After a lane step's appends: no row holds tokens for its attention call (one
+        token never splits at a flush point, so none does)."""
+        return all(r._held is None for r in self.rows)
 
     def _windows(self, mask, T: int) -> list[int | None]:
         """Each row's attention window (None: plain causal) from the layer's mask."""
@@ -371,6 +421,62 @@ class BatchTurboQuantKVCache(PlaceholderKeys, _mlx_cache._BaseCache):
         _FOREIGN_MASKS.append((mask, layout, tuple(out)))
         del _FOREIGN_MASKS[:-_OWN_MASKS_KEPT]
         return out
+
+
+def _lane_tables(rows, kind, d: int) -> dict:
+    """Stacked per-row means (B·H, d) and flat gather indices of the rows' key split
+    (keys: per KV head; queries: per query head) for a decode step of these rows."""
+    centred, split, Hq = kind
+    H = int(rows[0]._shape[0])
+    g = Hq // H
+    t = {"H": H, "Hq": Hq, "g": g, "k_mean": None, "v_mean": None, "k_index": None,
+         "q_index": None}
+    if centred:
+        t["k_mean"] = np.concatenate([r._k_mean.reshape(H, d) for r in rows])
+        t["v_mean"] = np.concatenate([r._v_mean.reshape(H, d) for r in rows])
+        t["v_mean_q"] = t["v_mean"].reshape(len(rows), H, 1, 1, d)
+    if split:
+        perms = np.concatenate([r._perm for r in rows]).astype(np.int64)  # (B·H, d)
+        t["k_index"] = perms + np.arange(0, perms.shape[0] * d, d)[:, None]
+        qp = np.repeat(perms, g, axis=0)  # (B·Hq, d): query head j reads KV head j // g
+        t["q_index"] = qp + np.arange(0, qp.shape[0] * d, d)[:, None]
+    return t
+
+
+def _ingest_step(rows, t: dict, keys: np.ndarray, values: np.ndarray) -> None:
+    """One decode step's keys/values (B, H, 1, d) into the rows: centred and put in the key
+    split's order for all rows at once (what each row's ``_ingest`` computes), then each
+    row's append (its window flush rules) as ``_ingest`` makes it."""
+    B, H, _, d = keys.shape
+    k, v = keys.reshape(B * H, d), values.reshape(B * H, d)
+    if t["k_mean"] is not None:
+        k = np.ascontiguousarray(k - t["k_mean"], dtype=np.float32)
+        v = np.ascontiguousarray(v - t["v_mean"], dtype=np.float32)
+    if t["k_index"] is not None:
+        k = np.ascontiguousarray(k).reshape(-1)[t["k_index"]]
+    k, v = k.reshape(B, H, 1, d), v.reshape(B, H, 1, d)
+    for i, row in enumerate(rows):
+        row._append_new(k[i], v[i])
+        row.offset += 1
+        row._fetched = None
+
+
+def _attend_step(rows, t: dict, queries: np.ndarray, scale: float, windows) -> np.ndarray:
+    """A decode step's attention of queries (B, H_q, 1, d) on the rows' codes: the queries
+    put in each row's key-split order at once, one ``_core.attend_batch`` for all rows (as
+    ``_answer`` makes it), the rows' value means added at once; (B, H_q, 1, d) float32."""
+    B, Hq, _, d = queries.shape
+    q = np.ascontiguousarray(queries)
+    if t["q_index"] is not None:
+        q = q.reshape(-1)[t["q_index"]].reshape(B, Hq, 1, d)
+    out = _core.attend_batch([r._core for r in rows], q, counts=[1] * B, scale=float(scale),
+                             causal=True, windows=list(windows),
+                             sparse_v=[float(r.sparse_v or 0.0) for r in rows],
+                             sinks_visible=[False] * B)
+    out = np.asarray(out, dtype=np.float32)
+    if t["k_mean"] is not None:
+        out = (out.reshape(B, t["H"], t["g"], 1, d) + t["v_mean_q"]).reshape(B, Hq, 1, d)
+    return out
 
 
 def _run_row_calls(calls: dict) -> dict:

@@ -864,26 +864,31 @@ class TurboQuantKVCache(PlaceholderKeys, _mlx_cache._BaseCache):
         return list(bits) * B
 
     @staticmethod
-    def _mean_square(x, heads: int) -> np.ndarray:
-        """Mean of x² per (head, channel) of x (mlx or NumPy, (heads·g, T, d) grouped into
-        heads), reduced in float32 by mlx where x lives (on the GPU path, only the (heads, d)
-        result comes to the host), as float64."""
-        x = x if isinstance(x, mx.array) else mx.array(np.asarray(x))
-        if x.size == 0:
-            return np.zeros((heads, int(x.shape[-1])), np.float64)
-        x = x.reshape(heads, -1, int(x.shape[-1])).astype(mx.float32)
-        return np.array(mx.mean(mx.square(x), axis=1)).astype(np.float64)
+    def _mean_square(xs, heads: int) -> list[np.ndarray]:
+        """For each x of ``xs`` (mlx or NumPy, (heads·g, T, d) grouped into heads): the mean
+        of x² per (head, channel), reduced in float32 by mlx where x lives (on the GPU path,
+        only the (heads, d) results come to the host; all in one evaluation), as float64."""
+        out = []
+        for x in xs:
+            x = x if isinstance(x, mx.array) else mx.array(np.asarray(x))
+            if x.size == 0:
+                out.append(np.zeros((heads, int(x.shape[-1])), np.float64))
+                continue
+            x = x.reshape(heads, -1, int(x.shape[-1])).astype(mx.float32)
+            out.append(mx.mean(mx.square(x), axis=1))
+        mx.eval([x for x in out if isinstance(x, mx.array)])
+        return [np.array(x).astype(np.float64) for x in out]
 
     def _choose_channels(self, keys, queries, m: int):
         """Per KV head, the order that puts the m channels with the most query-weighted key
         energy first, whole RoPE pairs at a time. keys (H, T, d) centred; queries (Hq, T, d);
         mlx (reduced where they live) or NumPy arrays."""
         H, _, d = keys.shape
-        ek = self._mean_square(keys, H)
         if queries is not None and queries.shape[0] % H == 0 and queries.size:
-            energy = ek * self._mean_square(queries, H)
+            ek, eq = self._mean_square((keys, queries), H)  # one evaluation for both
+            energy = ek * eq
         else:
-            energy = ek
+            (energy,) = self._mean_square((keys,), H)
         # a pair's energy: the sum of its channels' (in channel order, as a bincount adds)
         if self.rope_pairs == "half":
             pair, per_pair = np.arange(d) % (d // 2), energy[:, :d // 2] + energy[:, d // 2:]

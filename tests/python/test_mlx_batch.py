@@ -260,3 +260,63 @@ def test_bad_batches_are_refused_with_clear_errors():
     batch.update_and_fetch(mx.zeros((2, 2, 4, 16)), mx.zeros((2, 2, 4, 16)))
     with pytest.raises(ValueError, match="left padding can only be added to an empty"):
         batch.prepare(left_padding=[1, 0])
+
+
+def _lane_rows(lengths, **options):
+    """Per-sequence tq3 caches of SmolLM2's attention shape (3 KV heads of 64 channels, 9
+    query heads: the key split's channel order is chosen), cores built by an attend."""
+    import numpy as np
+
+    rows = []
+    for i, T in enumerate(lengths):
+        rng = np.random.default_rng(100 + i)
+        c = tq.TurboQuantKVCache(3, 3, layer=0, fp16_window=16, fp16_sinks=4, **options)
+        k, v = (mx.array(rng.standard_normal((1, 3, T, 64)).astype(np.float32) + 0.5)
+                for _ in range(2))
+        c.update_and_fetch(k, v)
+        c.attend(mx.array(rng.standard_normal((1, 9, 1, 64)).astype(np.float32)), scale=0.125)
+        rows.append(c)
+    return rows
+
+
+@pytest.mark.parametrize("options", [{}, {"center": False}, {"key_split": False},
+                                     {"sparse_v": 0.01}], ids=["tq3", "uncentred", "no-split",
+                                                               "sparse-v"])
+def test_decode_step_lane_equals_the_per_row_path(options, monkeypatch):
+    """The batch's decode-step lane (all rows' centring, key-split order and value means at
+    once, one attend_batch) gives every row the same outputs, bit for bit, and leaves the
+    same caches as the per-row path, through window flushes and a row leaving."""
+    import numpy as np
+
+    from turboquant import mlx_batch
+
+    def run(lane: bool):
+        taken = []
+        if not lane:
+            monkeypatch.setattr(BatchTurboQuantKVCache, "_step_lane", lambda self, *a: None)
+        else:
+            real = mlx_batch._ingest_step
+            monkeypatch.setattr(mlx_batch, "_ingest_step",
+                                lambda *a: (taken.append(1), real(*a)))
+        batch = BatchTurboQuantKVCache.merge(_lane_rows([20, 37, 5, 50], **options))
+        rng = np.random.default_rng(7)
+        outs = []
+        for step in range(45):
+            if step == 30:
+                batch.filter([0, 2, 3])  # a request leaves mid-way
+            B = len(batch.rows)
+            k, v = (mx.array(rng.standard_normal((B, 3, 1, 64)).astype(np.float32))
+                    for _ in range(2))
+            q = mx.array(rng.standard_normal((B, 9, 1, 64)).astype(np.float32))
+            batch.update_and_fetch(k, v)
+            mask = batch.make_mask(1) if step % 2 else None
+            outs.append(np.array(batch.attend_masked(q, 0.125, mask)))
+        monkeypatch.undo()
+        return outs, [r._core.to_bytes() for r in batch.rows], [r.offset for r in batch.rows], \
+            len(taken)
+
+    on, off = run(True), run(False)
+    assert on[3] == 45 and off[3] == 0  # the lane took every step; the per-row path none
+    for a, b in zip(on[0], off[0]):
+        np.testing.assert_array_equal(a, b)
+    assert on[1] == off[1] and on[2] == off[2]

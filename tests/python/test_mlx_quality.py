@@ -155,7 +155,7 @@ def test_choose_channels_is_the_definition_ties_included(rope_pairs, monkeypatch
         if trial % 5 == 0:
             energy[:] = 1.0
         monkeypatch.setattr(tq_mlx.TurboQuantKVCache, "_mean_square",
-                            staticmethod(lambda x, heads, e=energy: e))
+                            staticmethod(lambda xs, heads, e=energy: [e] * len(xs)))
         pair = {"half": np.arange(d) % (d // 2), "adjacent": np.arange(d) // 2,
                 None: np.arange(d)}[rope_pairs]
         perm = c._choose_channels(np.zeros((H, 1, d), np.float32), None, m)
