@@ -475,31 +475,51 @@ TEST(Serialize, CopyEqualsTheFileRoundTripAndSharesQuantizers) {
     EXPECT_EQ(serialize_cache(*c), serialize_cache(*d));
   }
   // A rotation replaced in the copy (an empty cache: set_rotation needs an empty layer) is
-  // the copy's alone; the source keeps its quantizer and rotation.
-  KVCacheConfig cfg;
-  cfg.head_dim = 16;
-  cfg.n_q_heads = 2;
-  cfg.n_kv_heads = 1;
-  cfg.decay_after = 4;
-  cfg.decay_bits = 1;
-  cfg.block_tokens = 2;
-  KVCache src(cfg);
-  const auto before = serialize_cache(src);
-  auto cp = src.copy();
-  const Quantizer* shared = &src.value_quantizer(0, 0);
-  ASSERT_EQ(&cp->value_quantizer(0, 0), shared);
-  auto dense = Rotation::create(RotationKind::kDense, 16, 123, 7);
-  const auto want = dense->parameters();
-  cp->set_rotation(0, 0, KVRole::kValue, std::move(dense));
-  EXPECT_NE(&cp->value_quantizer(0, 0), shared);
-  EXPECT_EQ(&src.value_quantizer(0, 0), shared);
-  EXPECT_EQ(serialize_cache(src), before);
-  EXPECT_EQ(cp->value_quantizer(0, 0).rotation().parameters(), want);
-  // The copy's decayed quantizer follows its new rotation: equal to a fresh cache given it.
-  KVCache fresh(cfg);
-  fresh.set_rotation(0, 0, KVRole::kValue, Rotation::create(RotationKind::kDense, 16, 123, 7));
-  const auto x = gaussian(6 * 16, 93);
-  cp->append(0, x.data(), x.data(), 6);
-  fresh.append(0, x.data(), x.data(), 6);
-  EXPECT_EQ(serialize_cache(*cp), serialize_cache(fresh));
+  // the copy's alone; the source keeps its quantizer and rotation. With decay (a decayed
+  // quantizer sharing the rotation) and with the key split (the outlier split's quantizer).
+  for (bool split : {false, true}) {
+    KVCacheConfig cfg;
+    cfg.head_dim = 16;
+    cfg.n_q_heads = 2;
+    cfg.n_kv_heads = 1;
+    cfg.block_tokens = 2;
+    if (split) {
+      cfg.n_outlier_channels = 4;
+      cfg.outlier_roles = OutlierRoles::kKeys;
+    } else {
+      cfg.decay_after = 4;
+      cfg.decay_bits = 1;
+    }
+    const KVRole role = split ? KVRole::kKey : KVRole::kValue;
+    KVCache src(cfg);
+    const auto before = serialize_cache(src);
+    auto cp = src.copy();
+    const auto quantizer = [role](const KVCache& c) -> const Quantizer* {
+      return role == KVRole::kKey ? &c.key_quantizer(0, 0) : &c.value_quantizer(0, 0);
+    };
+    const Quantizer* shared = quantizer(src);
+    ASSERT_EQ(quantizer(*cp), shared);
+    const auto rotation = [&] {
+      if (!split) return Rotation::create(RotationKind::kDense, 16, 123, 7);
+      // an outlier split takes only the rotation its seed and channels give: its own, again
+      const Rotation& r = src.key_quantizer(0, 0).rotation();
+      return Rotation::from_parameters(r.kind(), 16, r.parameters());
+    };
+    const auto want = rotation()->parameters();
+    cp->set_rotation(0, 0, role, rotation());
+    EXPECT_NE(quantizer(*cp), shared);
+    EXPECT_EQ(quantizer(src), shared);
+    EXPECT_EQ(serialize_cache(src), before);
+    EXPECT_EQ(quantizer(*cp)->rotation().parameters(), want);
+    if (!split) {
+      EXPECT_NE(quantizer(src)->rotation().parameters(), want);
+    }
+    // The copy's quantizers follow its new rotation: equal to a fresh cache given it.
+    KVCache fresh(cfg);
+    fresh.set_rotation(0, 0, role, rotation());
+    const auto x = gaussian(6 * 16, 93);
+    cp->append(0, x.data(), x.data(), 6);
+    fresh.append(0, x.data(), x.data(), 6);
+    EXPECT_EQ(serialize_cache(*cp), serialize_cache(fresh));
+  }
 }
