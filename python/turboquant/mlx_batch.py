@@ -351,8 +351,8 @@ class BatchTurboQuantKVCache(PlaceholderKeys, _mlx_cache._BaseCache):
 
     def _step_lane(self, T: int, H: int, d: int):
         """The tables of the decode-step lane (:func:`_ingest_step`, :func:`_attend_step`),
-        or None where a step takes the per-row path: one new token per row, two rows or
-        more, every row a plain full-attention row (``TurboQuantKVCache`` itself) on the C++
+        or None where a step takes the per-row path: one new token per row, every row a
+        plain full-attention row (``TurboQuantKVCache`` itself) on the C++
         core with its core built, nothing held or pending, no mixed precision, and all rows
         alike in centring and key split. The lane does per row exactly what the per-row
         path does (the same arithmetic, element for element), with the rows' means and
@@ -360,7 +360,7 @@ class BatchTurboQuantKVCache(PlaceholderKeys, _mlx_cache._BaseCache):
         from turboquant.mlx_cache import TurboQuantKVCache
 
         rows = self.rows
-        if T != 1 or len(rows) < 2 or self._remaining is not None or any(self._skip):
+        if T != 1 or not rows or self._remaining is not None or any(self._skip):
             return None
         kind = None
         for r in rows:
@@ -463,16 +463,22 @@ def _ingest_step(rows, t: dict, keys: np.ndarray, values: np.ndarray) -> None:
 
 def _attend_step(rows, t: dict, queries: np.ndarray, scale: float, windows) -> np.ndarray:
     """A decode step's attention of queries (B, H_q, 1, d) on the rows' codes: the queries
-    put in each row's key-split order at once, one ``_core.attend_batch`` for all rows (as
-    ``_answer`` makes it), the rows' value means added at once; (B, H_q, 1, d) float32."""
+    put in each row's key-split order at once, one ``_core.attend_batch`` for all rows (one
+    row: its core's ``attend``; both as ``_answer`` makes them), the rows' value means added
+    at once; (B, H_q, 1, d) float32."""
     B, Hq, _, d = queries.shape
     q = np.ascontiguousarray(queries)
     if t["q_index"] is not None:
         q = q.reshape(-1)[t["q_index"]].reshape(B, Hq, 1, d)
-    out = _core.attend_batch([r._core for r in rows], q, counts=[1] * B, scale=float(scale),
-                             causal=True, windows=list(windows),
-                             sparse_v=[float(r.sparse_v or 0.0) for r in rows],
-                             sinks_visible=[False] * B)
+    if B == 1:  # as _answer: one row's call is its core's attend (heads on the threads)
+        kw = {"sparse_v": rows[0].sparse_v} if rows[0].sparse_v else {}
+        out = rows[0]._core.attend(q[0], causal=True, scale=float(scale), window=windows[0],
+                                   **kw)[None]
+    else:
+        out = _core.attend_batch([r._core for r in rows], q, counts=[1] * B,
+                                 scale=float(scale), causal=True, windows=list(windows),
+                                 sparse_v=[float(r.sparse_v or 0.0) for r in rows],
+                                 sinks_visible=[False] * B)
     out = np.asarray(out, dtype=np.float32)
     if t["k_mean"] is not None:
         out = (out.reshape(B, t["H"], t["g"], 1, d) + t["v_mean_q"]).reshape(B, Hq, 1, d)

@@ -304,6 +304,8 @@ def test_decode_step_lane_equals_the_per_row_path(options, monkeypatch):
         for step in range(45):
             if step == 30:
                 batch.filter([0, 2, 3])  # a request leaves mid-way
+            if step == 40:
+                batch.filter([1])  # one row left: the lane's attend_batch of one row
             B = len(batch.rows)
             k, v = (mx.array(rng.standard_normal((B, 3, 1, 64)).astype(np.float32))
                     for _ in range(2))
