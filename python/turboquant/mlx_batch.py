@@ -352,19 +352,17 @@ class BatchTurboQuantKVCache(PlaceholderKeys, _mlx_cache._BaseCache):
     def _step_lane(self, T: int, H: int, d: int):
         """The tables of the decode-step lane (:func:`_ingest_step`, :func:`_attend_step`),
         or None where a step takes the per-row path: one new token per row, every row a
-        plain full-attention row (``TurboQuantKVCache`` itself) on the C++
-        core with its core built, nothing held or pending, no mixed precision, and all rows
+        plain full-attention row (``TurboQuantKVCache.batch_step_lane``: not a ring) on the
+        C++ core with its core built, nothing held or pending, no mixed precision, and all rows
         alike in centring and key split. The lane does per row exactly what the per-row
         path does (the same arithmetic, element for element), with the rows' means and
         channel orders stacked once (kept while the rows are the same objects)."""
-        from turboquant.mlx_cache import TurboQuantKVCache
-
         rows = self.rows
         if T != 1 or not rows or self._remaining is not None or any(self._skip):
             return None
         kind = None
         for r in rows:
-            if (type(r) is not TurboQuantKVCache or r._gpu or r._core is None
+            if (not getattr(r, "batch_step_lane", False) or r._gpu or r._core is None
                     or r._held is not None or r._pending or r.mixed_bits or r._batch != 1
                     or r._shape[0] != H or r._n_q_heads is None):
                 return None

@@ -101,6 +101,9 @@ class TurboQuantKVCache(PlaceholderKeys, _mlx_cache._BaseCache):
     # turboquant.mlx_batch takes these as batch rows (it knows them by this flag, not by
     # importing this module, which imports it for merge)
     turboquant_layer = True
+    # ... and a batch's decode steps of such rows through its lane (mlx_batch._step_lane),
+    # which makes this class's own per-row work (a subclass that changes it says False)
+    batch_step_lane = True
 
     def __init__(self, key_bits: int = 3, value_bits: int = 3, method: str = "turboquant_mse",
                  key_method: str | None = None, value_method: str | None = None,

@@ -65,6 +65,7 @@ class TurboQuantRotatingKVCache(TurboQuantKVCache):
     """
 
     _direct_decode = False  # its _attend_calls interleaves the ring's appends
+    batch_step_lane = False  # its appends and attention calls are its own (the ring's)
 
     def __init__(self, max_size: int, keep: int = 0, **kwargs):
         if isinstance(max_size, bool) or not isinstance(max_size, (int, np.integer)) \
