@@ -364,7 +364,8 @@ class BatchTurboQuantKVCache(PlaceholderKeys, _mlx_cache._BaseCache):
         for r in rows:
             if (not getattr(r, "batch_step_lane", False) or r._gpu or r._core is None
                     or r._held is not None or r._pending or r.mixed_bits or r._batch != 1
-                    or r._shape[0] != H or r._n_q_heads is None):
+                    or r._shape[0] != H or r._n_q_heads is None
+                    or (r.center and r._k_mean is None)):  # (its _centre would calibrate)
                 return None
             k = (r.center and r._k_mean is not None, r._perm is not None, r._n_q_heads)
             if kind is None:
