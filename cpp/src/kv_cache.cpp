@@ -23,7 +23,8 @@ const KVCacheConfig& validated(const KVCacheConfig& config) {
 }
 }  // namespace
 
-KVCache::KVCache(const KVCacheConfig& config) : KVCache(validated(config), QuantizerTable(validated(config))) {}
+// The table's argument validates config (before the delegated constructor runs).
+KVCache::KVCache(const KVCacheConfig& config) : KVCache(config, QuantizerTable(validated(config))) {}
 
 KVCache::KVCache(const KVCacheConfig& config, const QuantizerTable& table)
     : config_(config),

@@ -2,7 +2,6 @@
 // the flush of window rows into codes (by the flush policy), compaction, restores of sinks
 // and window (load), cuts, and decoding the stored rows of any segment.
 #include <algorithm>
-#include <cmath>
 #include <cstring>
 
 #include "turboquant/error.h"

@@ -315,7 +315,7 @@ class BatchTurboQuantKVCache(PlaceholderKeys, _mlx_cache._BaseCache):
                              "(update_and_fetch must come first)")
         windows = self._windows(mask, T)
         lane = self._lane
-        if lane is not None and T == 1 and lane["Hq"] == Hq and self._rows_held_nothing():
+        if lane is not None and T == 1 and lane["Hq"] == Hq:  # (one token is never held)
             return mx.array(_attend_step(self.rows, lane, _host(queries), scale,
                                          windows)).astype(queries.dtype)
         if not any(r._gpu for r in self.rows):
@@ -381,11 +381,6 @@ class BatchTurboQuantKVCache(PlaceholderKeys, _mlx_cache._BaseCache):
         tables = _lane_tables(rows, kind, d)
         self._lane_cache = (arrays, tables)
         return tables
-
-    def _rows_held_nothing(self) -> bool:
-        """After a lane step's appends: no row holds tokens for its attention call (one
-        token never splits at a flush point, so none does)."""
-        return all(r._held is None for r in self.rows)
 
     def _windows(self, mask, T: int) -> list[int | None]:
         """Each row's attention window (None: plain causal) from the layer's mask."""
