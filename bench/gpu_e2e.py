@@ -7,11 +7,20 @@ the weights' values, so random weights of the right shape stand in for the real 
     python bench/gpu_e2e.py --shape llama-3.1-8b --contexts 8192,32768,131072 \\
         --out bench/results/gpu_e2e_llama8b_h200.json
     python bench/gpu_e2e.py --smoke   # a tiny model at 256 tokens, any machine
+
+``--isolate`` measures each (context, cache) in a fresh process, as a user runs one model with
+one kind of cache; without it all run in one process, one after another. A step's time is
+split into building its graph, handing it to the GPU and waiting, and the time Python's
+garbage collector took within it is reported too (``gc``).
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
+import json
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -68,6 +77,29 @@ def warm_up(model, kind: str, chunk: int) -> None:
         mx.eval(model(tok, cache=cache))
 
 
+class GcTimer:
+    """Seconds Python's garbage collector ran while installed (gc.callbacks), and how many
+    collections of the oldest generation it made."""
+
+    def __init__(self):
+        self.seconds, self.full, self._t = 0.0, 0, None
+
+    def __call__(self, phase, info):
+        if phase == "start":
+            self._t = time.perf_counter()
+        elif self._t is not None:
+            self.seconds += time.perf_counter() - self._t
+            self.full += info.get("generation") == 2
+            self._t = None
+
+    def __enter__(self):
+        gc.callbacks.append(self)
+        return self
+
+    def __exit__(self, *exc):
+        gc.callbacks.remove(self)
+
+
 def measure(model, kind: str, context: int, chunk: int, decode_steps: int) -> dict:
     cache = new_cache(model, kind)
     prefill_s = prefill(model, cache, context, model.args.vocab_size, chunk)
@@ -82,21 +114,22 @@ def measure(model, kind: str, context: int, chunk: int, decode_steps: int) -> di
     # model and the caches), handing it to the GPU (mx.async_eval: mlx encodes every kernel
     # launch on the host) and waiting for the previous token (the GPU's work not hidden).
     build = submit = wait = 0.0
-    t0 = time.perf_counter()
-    nxt = step(tok)
-    mx.async_eval(nxt)
-    for _ in range(decode_steps):
-        t1 = time.perf_counter()
-        following = step(nxt)
-        t2 = time.perf_counter()
-        mx.async_eval(following)
-        t3 = time.perf_counter()
-        tok, nxt = nxt, following
-        tok.item()
-        t4 = time.perf_counter()
-        build, submit, wait = build + t2 - t1, submit + t3 - t2, wait + t4 - t3
-    nxt.item()
-    decode = time.perf_counter() - t0
+    with GcTimer() as collector:
+        t0 = time.perf_counter()
+        nxt = step(tok)
+        mx.async_eval(nxt)
+        for _ in range(decode_steps):
+            t1 = time.perf_counter()
+            following = step(nxt)
+            t2 = time.perf_counter()
+            mx.async_eval(following)
+            t3 = time.perf_counter()
+            tok, nxt = nxt, following
+            tok.item()
+            t4 = time.perf_counter()
+            build, submit, wait = build + t2 - t1, submit + t3 - t2, wait + t4 - t3
+        nxt.item()
+        decode = time.perf_counter() - t0
     # Each step evaluated before the next is built: host time and GPU time add up.
     t0 = time.perf_counter()
     for _ in range(decode_steps):
@@ -108,7 +141,24 @@ def measure(model, kind: str, context: int, chunk: int, decode_steps: int) -> di
                 decode_tok_s=(decode_steps + 1) / decode,
                 decode_sync_tok_s=decode_steps / decode_sync, kv_bytes=kv,
                 step_ms={"build": 1e3 * build / decode_steps, "submit": 1e3 * submit / decode_steps,
-                         "wait": 1e3 * wait / decode_steps})
+                         "wait": 1e3 * wait / decode_steps,
+                         "gc": 1e3 * collector.seconds / decode_steps},
+                gc_full_collections=collector.full)
+
+
+def measure_isolated(a, kind: str, context: int) -> dict:
+    """measure() in a fresh process (this script, one context and one cache)."""
+    cmd = [sys.executable, __file__, "--shape", a.shape, "--contexts", str(context), "--caches",
+           kind, "--chunk", str(a.chunk), "--decode-steps", str(a.decode_steps), "--json-row"]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    lines = proc.stdout.strip().splitlines()
+    if proc.returncode != 0 or not lines or not lines[-1].startswith("{"):
+        raise RuntimeError(f"the measuring process failed (exit {proc.returncode}): "
+                           f"{(proc.stderr or proc.stdout)[-500:]}")
+    row = json.loads(lines[-1])
+    if "error" in row:
+        raise RuntimeError(row["error"])
+    return row
 
 
 def main(argv=None) -> int:
@@ -119,20 +169,35 @@ def main(argv=None) -> int:
     ap.add_argument("--chunk", type=int, default=2048, help="prefill step (mlx-lm's default)")
     ap.add_argument("--decode-steps", type=int, default=32)
     ap.add_argument("--smoke", action="store_true", help="the tiny shape at 256 tokens")
+    ap.add_argument("--isolate", action="store_true",
+                    help="each (context, cache) measured in a fresh process")
+    ap.add_argument("--json-row", action="store_true", help=argparse.SUPPRESS)  # --isolate's
     ap.add_argument("--out", type=Path)
     a = ap.parse_args(argv)
     if a.smoke:
         a.shape, a.contexts, a.chunk, a.decode_steps = "tiny", "256", 128, 4
-    model = random_model(a.shape)
+    if a.json_row:  # one (context, cache) for --isolate: the row as the last line
+        try:
+            model = random_model(a.shape)
+            warm_up(model, a.caches, a.chunk)
+            row = measure(model, a.caches, int(a.contexts), a.chunk, a.decode_steps)
+        except RuntimeError as e:
+            row = dict(error=" ".join(str(e).split())[:300])
+        print(json.dumps(row))
+        return 0
+    model = None if a.isolate else random_model(a.shape)
     rows, warm = [], set()
     for context in (int(x) for x in a.contexts.split(",")):
         measured = []
         for kind in a.caches.split(","):
             try:
-                if kind not in warm:
-                    warm_up(model, kind, a.chunk)
-                    warm.add(kind)
-                r = measure(model, kind, context, a.chunk, a.decode_steps)
+                if a.isolate:
+                    r = measure_isolated(a, kind, context)
+                else:
+                    if kind not in warm:
+                        warm_up(model, kind, a.chunk)
+                        warm.add(kind)
+                    r = measure(model, kind, context, a.chunk, a.decode_steps)
             except RuntimeError as e:  # e.g. a quantized matmul mlx's CUDA back end lacks
                 msg = " ".join(str(e).split())[:300]
                 rows.append(dict(cache=kind, context=context, error=msg))
@@ -145,7 +210,8 @@ def main(argv=None) -> int:
                   f"(synchronous {r['decode_sync_tok_s']:7.2f}) "
                   f"KV {r['kv_bytes'] / 2**20:9.1f} MiB; a step's ms: build "
                   f"{r['step_ms']['build']:.2f} submit {r['step_ms']['submit']:.2f} "
-                  f"wait {r['step_ms']['wait']:.2f}", flush=True)
+                  f"wait {r['step_ms']['wait']:.2f} (gc {r['step_ms']['gc']:.2f}, "
+                  f"{r['gc_full_collections']} full)", flush=True)
             mx.clear_cache()
         base = next((r for r in measured if r["cache"] == "fp16"), None)
         for r in measured:
@@ -158,7 +224,8 @@ def main(argv=None) -> int:
                       f"x{r['decode_vs_fp16']:.2f}, prefill x{r['prefill_vs_fp16']:.2f}, "
                       f"KV {r['kv_smaller_than_fp16']:.2f}x smaller", flush=True)
         rows.extend(measured)
-    res = dict(machine=machine(), shape=a.shape, config=SHAPES[a.shape], rows=rows)
+    res = dict(machine=machine(), shape=a.shape, config=SHAPES[a.shape], isolated=a.isolate,
+               rows=rows)
     if a.out:
         write_result(a.out, res)
     return 0

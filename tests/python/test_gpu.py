@@ -68,7 +68,11 @@ def test_compiled_kernels_are_kept_across_processes(tmp_path):
     assert first["state"] == "on" and second["state"] == "on", (first, second)
     assert first["written"] >= 20, first
     assert second["written"] == 0 and second["found"] >= first["written"], second
-    assert len(list((tmp_path / "ptx").rglob("*.ptx"))) == first["written"]
+    # the folder also holds mlx's own fused kernels (mx.compile writes them there) and the
+    # probe's module: count the kernels' modules only
+    ours = [p for p in (tmp_path / "ptx").rglob("*.ptx")
+            if p.name.startswith("custom_kernel_tq_mlx_")]
+    assert len(ours) == first["written"], sorted(p.name for p in ours)
 
 
 def rand(rng, *shape, scale=1.0):
