@@ -100,7 +100,31 @@ class GcTimer:
         gc.callbacks.remove(self)
 
 
-def measure(model, kind: str, context: int, chunk: int, decode_steps: int) -> dict:
+def profile_steps(step, tok, steps: int, top: int = 30) -> str:
+    """cProfile of ``steps`` pipelined decode steps (as measure() runs them), the functions
+    with the most own time first: where a step's host time goes."""
+    import cProfile
+    import io
+    import pstats
+
+    prof = cProfile.Profile()
+    nxt = step(tok)
+    mx.async_eval(nxt)
+    prof.enable()
+    for _ in range(steps):
+        following = step(nxt)
+        mx.async_eval(following)
+        tok, nxt = nxt, following
+        tok.item()
+    prof.disable()
+    nxt.item()
+    out = io.StringIO()
+    pstats.Stats(prof, stream=out).sort_stats("tottime").print_stats(top)
+    return out.getvalue()
+
+
+def measure(model, kind: str, context: int, chunk: int, decode_steps: int,
+            profile: int = 0) -> dict:
     cache = new_cache(model, kind)
     prefill_s = prefill(model, cache, context, model.args.vocab_size, chunk)
     def step(tok):
@@ -137,6 +161,9 @@ def measure(model, kind: str, context: int, chunk: int, decode_steps: int) -> di
         mx.eval(tok)
     decode_sync = time.perf_counter() - t0
     kv = sum(int(c.nbytes) for c in cache)
+    if profile:
+        print(f"--- {kind} at {context}: host time of {profile} decode steps (cProfile)\n"
+              + profile_steps(step, tok, profile), flush=True)
     return dict(cache=kind, context=context, prefill_tok_s=context / prefill_s,
                 decode_tok_s=(decode_steps + 1) / decode,
                 decode_sync_tok_s=decode_steps / decode_sync, kv_bytes=kv,
@@ -169,6 +196,9 @@ def main(argv=None) -> int:
     ap.add_argument("--chunk", type=int, default=2048, help="prefill step (mlx-lm's default)")
     ap.add_argument("--decode-steps", type=int, default=32)
     ap.add_argument("--smoke", action="store_true", help="the tiny shape at 256 tokens")
+    ap.add_argument("--profile", type=int, default=0, metavar="N",
+                    help="after each measurement, cProfile N more decode steps (not with "
+                         "--isolate)")
     ap.add_argument("--isolate", action="store_true",
                     help="each (context, cache) measured in a fresh process")
     ap.add_argument("--json-row", action="store_true", help=argparse.SUPPRESS)  # --isolate's
@@ -197,7 +227,7 @@ def main(argv=None) -> int:
                     if kind not in warm:
                         warm_up(model, kind, a.chunk)
                         warm.add(kind)
-                    r = measure(model, kind, context, a.chunk, a.decode_steps)
+                    r = measure(model, kind, context, a.chunk, a.decode_steps, a.profile)
             except RuntimeError as e:  # e.g. a quantized matmul mlx's CUDA back end lacks
                 msg = " ".join(str(e).split())[:300]
                 rows.append(dict(cache=kind, context=context, error=msg))
