@@ -40,7 +40,8 @@ from typing import Any
 import numpy as np
 
 __all__ = ["CachedKernel", "Nvrtc", "arch_suffix", "cache_dir", "device_arch", "enabled",
-           "mlx_kernel_source", "module_name", "probe", "std_hash", "status", "wheel_nvrtc_path"]
+           "mlx_kernel_source", "module_name", "probe", "std_hash", "status", "wheel_nvrtc_path",
+           "written_files"]
 
 # mlx's default header for custom kernels and the text around the kernel it generates
 # (custom_kernel.cpp build_kernel, mlx 0.32).
@@ -284,6 +285,7 @@ class _Cache:
         self.folder: Path | None = None
         self.written = 0
         self.found = 0
+        self.written_files: list[str] = []  # the module files this process wrote, in order
 
     def setup(self) -> str | None:
         """Why the cache cannot be used here, or None."""
@@ -328,6 +330,7 @@ class _Cache:
         _atomic_bytes(path.with_suffix(".txt"), f"{full}\t{lowered[full]}\n".encode())
         _atomic_bytes(path, binary)
         self.written += 1
+        self.written_files.append(path.name)
         return True
 
 
@@ -394,6 +397,12 @@ def status() -> dict:
     found already there."""
     return {"state": _CACHE.state or "not probed", "folder": str(_CACHE.folder or ""),
             "arch": device_arch(), "written": _CACHE.written, "found": _CACHE.found}
+
+
+def written_files() -> list[str]:
+    """The names of the module files this process compiled and wrote (status()'s "written"
+    counts them), in the order written."""
+    return list(_CACHE.written_files)
 
 
 class CachedKernel:
