@@ -197,13 +197,15 @@ def main(argv=None) -> int:
     ap.add_argument("--decode-steps", type=int, default=32)
     ap.add_argument("--smoke", action="store_true", help="the tiny shape at 256 tokens")
     ap.add_argument("--profile", type=int, default=0, metavar="N",
-                    help="after each measurement, cProfile N more decode steps (not with "
-                         "--isolate)")
+                    help="after each measurement, cProfile N more decode steps and print "
+                         "where their host time went (not with --isolate)")
     ap.add_argument("--isolate", action="store_true",
                     help="each (context, cache) measured in a fresh process")
     ap.add_argument("--json-row", action="store_true", help=argparse.SUPPRESS)  # --isolate's
     ap.add_argument("--out", type=Path)
     a = ap.parse_args(argv)
+    if a.profile and a.isolate:
+        ap.error("--profile runs in this process: leave out --isolate")
     if a.smoke:
         a.shape, a.contexts, a.chunk, a.decode_steps = "tiny", "256", 128, 4
     if a.json_row:  # one (context, cache) for --isolate: the row as the last line

@@ -15,16 +15,20 @@ pytest.importorskip("mlx_lm")
 BENCH = Path(__file__).resolve().parents[2] / "bench"
 
 
-def run(script, tmp_path, *extra):
+def _env():
+    """The environment of a script that imports the turboquant this test imported (installed
+    or a source tree)."""
     import turboquant
 
-    out = tmp_path / f"{script}.json"
-    # The scripts import the turboquant this test imported (installed or a source tree).
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+    return dict(os.environ, PYTHONPATH=os.pathsep.join(
         [str(Path(turboquant.__file__).resolve().parents[1]), os.environ.get("PYTHONPATH", "")]))
+
+
+def run(script, tmp_path, *extra):
+    out = tmp_path / f"{script}.json"
     r = subprocess.run([sys.executable, str(BENCH / script), "--smoke", "--out", str(out),
                         *extra], cwd=BENCH, capture_output=True, text=True, timeout=600,
-                       env=env)
+                       env=_env())
     assert r.returncode == 0, r.stderr[-4000:]
     return json.loads(out.read_text())
 
@@ -83,10 +87,37 @@ def test_gpu_e2e_smoke(tmp_path):
     assert set(rows) == {"fp16", "mlx-q8", "mlx-q4", "turboquant-3"}
     for r in rows.values():
         assert r["prefill_tok_s"] > 0 and r["decode_tok_s"] > 0 and r["kv_bytes"] > 0
-        assert set(r["step_ms"]) == {"build", "submit", "wait"}
+        assert set(r["step_ms"]) == {"build", "submit", "wait", "gc"}
         assert r["step_ms"]["build"] > 0 and min(r["step_ms"].values()) >= 0
+        assert r["gc_full_collections"] >= 0
     assert rows["turboquant-3"]["kv_bytes"] < rows["fp16"]["kv_bytes"]
     assert rows["mlx-q4"]["kv_bytes"] < rows["mlx-q8"]["kv_bytes"] < rows["fp16"]["kv_bytes"]
+    assert res["isolated"] is False
+
+
+def test_gpu_e2e_isolated_smoke(tmp_path):
+    """--isolate: each cache measured in a process of its own, the same row fields."""
+    res = run("gpu_e2e.py", tmp_path, "--caches", "fp16,turboquant-3", "--isolate")
+    rows = {r["cache"]: r for r in res["rows"]}
+    assert res["isolated"] is True and set(rows) == {"fp16", "turboquant-3"}
+    for r in rows.values():
+        assert r["context"] == 256 and r["decode_tok_s"] > 0 and r["kv_bytes"] > 0
+        assert set(r["step_ms"]) == {"build", "submit", "wait", "gc"}
+    assert rows["turboquant-3"]["decode_vs_fp16"] > 0
+    assert rows["turboquant-3"]["kv_bytes"] < rows["fp16"]["kv_bytes"]
+
+
+def test_gpu_e2e_profile(tmp_path):
+    """--profile prints where the host time of more decode steps went; it runs in the
+    measuring process, so --isolate with it is refused."""
+    cmd = [sys.executable, str(BENCH / "gpu_e2e.py"), "--smoke", "--caches", "turboquant-3",
+           "--profile", "2"]
+    r = subprocess.run(cmd, cwd=BENCH, capture_output=True, text=True, timeout=300, env=_env())
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "host time of 2 decode steps" in r.stdout and "update_and_fetch" in r.stdout
+    r = subprocess.run(cmd + ["--isolate"], cwd=BENCH, capture_output=True, text=True,
+                       timeout=60, env=_env())
+    assert r.returncode == 2 and "--profile" in r.stderr
 
 
 def test_gpu_prefill_parts_smoke(tmp_path):
