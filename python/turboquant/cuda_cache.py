@@ -19,7 +19,8 @@ purpose with another body than its source's, and launched; the cache is used onl
 probe's output is the cached body's (:func:`probe`). Anything else (no CUDA device, no NVRTC,
 another layout of mlx's sources or cache, a compile error) leaves the launches to mlx, which
 compiles as before: the files save time and never change a result. ``TQ_CUDA_KERNEL_CACHE=0``
-turns the cache off.
+turns the cache off. A process that compiles says so once on stderr, since its first
+generation then waits for NVRTC (``TQ_CUDA_KERNEL_CACHE_QUIET=1`` leaves the line out).
 
 The cubin is built for the device's architecture (``sm_XY``, ``sm_XYa`` from compute
 capability 9). mlx's module names do not carry it, so the CUDA path's kernel names do
@@ -33,6 +34,7 @@ import glob
 import importlib.util
 import numbers
 import os
+import sys
 import threading
 from pathlib import Path
 from typing import Any
@@ -286,6 +288,7 @@ class _Cache:
         self.written = 0
         self.found = 0
         self.written_files: list[str] = []  # the module files this process wrote, in order
+        self.told = False  # whether the compile notice went to stderr
 
     def setup(self) -> str | None:
         """Why the cache cannot be used here, or None."""
@@ -322,6 +325,11 @@ class _Cache:
             self.found += 1
             return True
         full = "mlx::core::cu::" + function
+        if not self.told and os.environ.get("TQ_CUDA_KERNEL_CACHE_QUIET", "0") != "1":
+            self.told = True  # the first generation on a machine waits for these compiles
+            print(f"turboquant: compiling CUDA kernels for {device_arch()} (first use with "
+                  f"this cache folder, about half a second each); kept in {self.folder} for "
+                  "later processes", file=sys.stderr, flush=True)
         ok, log, binary, lowered = self.nvrtc.compile(own_source, device_arch(), [full], cubin=True)
         if not ok or full not in lowered or not binary:
             return False

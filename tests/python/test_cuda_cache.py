@@ -190,6 +190,35 @@ def test_launches_it_cannot_name_are_left_to_mlx(cache, monkeypatch, tmp_path):
     assert len(modules(cache.folder)) == 1 and len(fake_on.calls) == 1
 
 
+def test_a_process_that_compiles_says_so_once(cache, monkeypatch, tmp_path, capfd):
+    """The first compile of a process prints one line on stderr (the first generation waits
+    for NVRTC); a second module, or one found in the folder, adds none; with
+    TQ_CUDA_KERNEL_CACHE_QUIET=1 there is none."""
+    x = mx.zeros((4,), mx.float32)
+    inputs = [x, mx.zeros((4,), mx.uint8), mx.zeros((4,), mx.uint16), mx.zeros((4,), mx.uint8),
+              mx.zeros((4,), mx.uint16), x, x, mx.zeros((4,), mx.uint32)]
+    launch = dict(inputs=inputs, output_shapes=[(1,)] * 3, output_dtypes=[mx.float32] * 3,
+                  grid=(32, 1, 1), threadgroup=(32, 1, 1), template=[("SCRATCH", 1024)])
+    monkeypatch.delenv("TQ_CUDA_KERNEL_CACHE_QUIET", raising=False)
+    kernel, _ = cached_kernel("attention_block", monkeypatch, tmp_path)
+    kernel(**launch)
+    kernel(**dict(launch, template=[("SCRATCH", 2048)]))  # another module, compiled too
+    assert cache.written == 2
+    err = capfd.readouterr().err
+    assert err.count("turboquant: compiling CUDA kernels for sm_90a") == 1, err
+    assert str(cache.folder) in err
+    fresh = cuda_cache._Cache()  # a new process: the modules are found, nothing compiled
+    fresh.state, fresh.nvrtc, fresh.folder = "on", cache.nvrtc, cache.folder
+    monkeypatch.setattr(cuda_cache, "_CACHE", fresh)
+    again, _ = cached_kernel("attention_block", monkeypatch, tmp_path)
+    again(**launch)
+    assert fresh.found == 1 and fresh.written == 0 and capfd.readouterr().err == ""
+    monkeypatch.setenv("TQ_CUDA_KERNEL_CACHE_QUIET", "1")
+    quiet, _ = cached_kernel("attention_block", monkeypatch, tmp_path)
+    quiet(**dict(launch, template=[("SCRATCH", 4096)]))
+    assert fresh.written == 1 and capfd.readouterr().err == ""
+
+
 def test_a_kernel_that_does_not_compile_writes_nothing(cache):
     function = "custom_kernel_broken"
     mlx_src = cuda_cache.mlx_kernel_source(function, "", "out[0] = nope;", [("x", "float")],
