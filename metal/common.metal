@@ -86,6 +86,14 @@ struct TqPermuteParams {
   uint rows_per_head;  // consecutive rows sharing one channel order
 };
 
+struct TqCentreParams {
+  uint rows;           // rows of dim elements per role (heads x tokens)
+  uint dim;            // elements per row
+  uint rows_per_head;  // consecutive rows sharing one head's means and channel order
+  uint bf16;           // the rows' 16-bit words: 0 fp16, 1 bfloat16
+  uint permute;        // 1: the keys' channels in the order `order` (0: not read)
+};
+
 struct TqDequantParams {
   uint rows;
   uint dim;

@@ -67,6 +67,39 @@ inline void tq_permute_body(device const ushort* src, device ushort* dst, TQ_TAB
   dst[item] = src[row * row_words + from];
 }
 
+// A decode step's new K/V rows as the GPU store's fp16 window keeps them (the mlx cache's
+// centring, channel order and rounding in one launch): for row r (head r / rows_per_head)
+// and channel c,
+//   k_out[r][c] = fp16(float(k[r][order[head][c]]) - k_mean[head][c])   (order: p.permute)
+//   v_out[r][c] = fp16(float(v[r][c]) - v_mean[head][c]),
+// with the key mean already in the channel order. One float32 subtraction and one rounding
+// to nearest even, as mlx's astype(float32) - mean then astype(float16): the same bits. The
+// rows come as 16-bit words of fp16 or bfloat16 (p.bf16). One thread per output element of
+// either role (item = threadgroup * nthreads + tid < 2 * rows * dim).
+inline float tq_word_to_float(ushort w, uint bf16) {
+  return bf16 != 0u ? as_type<float>(uint(w) << 16u) : tq_half_bits_to_float(w);
+}
+
+inline void tq_centre_body(device const ushort* k, device const ushort* v,
+                           device const float* k_mean, device const float* v_mean,
+                           TQ_TABLE uint* order, device ushort* k_out, device ushort* v_out,
+                           TQ_PARAMS TqCentreParams& p, uint group, uint tid, uint nthreads) {
+  const uint n = p.rows * p.dim;
+  const uint item = group * nthreads + tid;
+  if (item >= 2u * n) return;
+  const bool key = item < n;
+  const uint e = key ? item : item - n;
+  const uint row = e / p.dim;
+  const uint c = e - row * p.dim;
+  const uint m = (row / p.rows_per_head) * p.dim + c;  // the head's mean of channel c
+  if (key) {
+    const uint from = p.permute != 0u ? order[m] : c;
+    k_out[e] = tq_float_to_half_bits(tq_word_to_float(k[row * p.dim + from], p.bf16) - k_mean[m]);
+  } else {
+    v_out[e] = tq_float_to_half_bits(tq_word_to_float(v[e], p.bf16) - v_mean[m]);
+  }
+}
+
 #if defined(__METAL_VERSION__) && !defined(TQ_NO_ENTRY_POINTS)
 [[kernel]] void tq_encode(device const float* x [[buffer(0)]], device uchar* codes [[buffer(1)]],
                           device uchar* norms [[buffer(2)]], constant float* signs [[buffer(3)]],

@@ -303,6 +303,14 @@ KERNELS: dict[str, KernelSpec] = {
         "tq_permute_body(src, dst, order, *(const device TqPermuteParams*)params,\n"
         f"                {_IDS});\n",
     ),
+    "centre": KernelSpec(
+        "tq_mlx_centre",
+        ("k_rows", "v_rows", "k_mean", "v_mean", "order", "params"),
+        ("k_out", "v_out"),
+        "tq_centre_body(k_rows, v_rows, k_mean, v_mean, order, k_out, v_out,\n"
+        "               *(const device TqCentreParams*)params,\n"
+        f"               {_IDS});\n",
+    ),
     "dequantize": KernelSpec(
         "tq_mlx_dequantize",
         ("codes", "norms", "centroids", "signs", "params"),
@@ -567,7 +575,7 @@ KERNELS.update({
 
 def _needed_files(key: str) -> tuple[str, ...]:
     """The kernel files the body of kernel ``key`` calls into (besides common.metal)."""
-    if key.startswith(("encode", "rotate", "permute")):
+    if key.startswith(("encode", "rotate", "permute", "centre")):
         return ("common.metal", "encode.metal")
     if key.startswith("dequantize"):
         return ("common.metal", "dequantize.metal")
@@ -1081,6 +1089,55 @@ def permute_channels(x, order):
         grid=(-(-words // PERMUTE_THREADS) * PERMUTE_THREADS, 1, 1),
         threadgroup=(PERMUTE_THREADS, 1, 1))
     return y.view(x.dtype).reshape(H, T, d)
+
+
+def centre_params(rows: int, dim: int, rows_per_head: int, bf16: bool,
+                  permute: bool) -> np.ndarray:
+    return np.array([rows, dim, rows_per_head, int(bf16), int(permute)], dtype=np.uint32)
+
+
+def centre_rows(k, v, k_mean, v_mean, order=None):
+    """The new K/V rows (H, T, d) of float16 or bfloat16 as the GPU store's fp16 window keeps
+    them, in one launch: ``((k[..., order] as float32 - k_mean) as float16, (v as float32 -
+    v_mean) as float16)``, bit for bit, where k_mean and v_mean are float32 (H, 1, d) means
+    (k_mean already in the channel order) and ``order`` an mlx uint32 array (H, d) or None
+    (no channel order). The mlx cache's centring of a decode step's token."""
+    import mlx.core as mx
+
+    _require_gpu()
+    H, T, d = k.shape
+    if tuple(v.shape) != (H, T, d) or k.dtype != v.dtype or k.dtype not in (mx.float16,
+                                                                           mx.bfloat16):
+        raise ValueError(f"centre_rows takes keys and values of one shape and dtype, float16 "
+                         f"or bfloat16, got {k.dtype} {tuple(k.shape)} and {v.dtype} "
+                         f"{tuple(v.shape)}")
+    for name, m in (("k_mean", k_mean), ("v_mean", v_mean)):
+        if tuple(m.shape) != (H, 1, d) or m.dtype != mx.float32:
+            raise ValueError(f"{name} must be float32 of shape {(H, 1, d)}, got {m.dtype} "
+                             f"{tuple(m.shape)}")
+    if order is not None and (tuple(order.shape) != (H, d) or order.dtype != mx.uint32):
+        raise ValueError(f"order must be uint32 of shape {(H, d)}, got {order.dtype} "
+                         f"{tuple(order.shape)}")
+    n = 2 * H * T * d
+    if n >= 1 << 32:
+        raise ValueError(f"centre_rows: {n} elements is over the kernel's 32-bit index")
+    k_out, v_out = _kernel("centre")(
+        inputs=[k.reshape(H * T, d).view(mx.uint16), v.reshape(H * T, d).view(mx.uint16),
+                k_mean, v_mean, _no_order() if order is None else order,
+                params_array(centre_params(H * T, d, T, k.dtype == mx.bfloat16,
+                                           order is not None))],
+        output_shapes=[(H * T, d), (H * T, d)], output_dtypes=[mx.uint16, mx.uint16],
+        grid=(-(-n // PERMUTE_THREADS) * PERMUTE_THREADS, 1, 1),
+        threadgroup=(PERMUTE_THREADS, 1, 1))
+    return (k_out.view(mx.float16).reshape(H, T, d), v_out.view(mx.float16).reshape(H, T, d))
+
+
+@functools.lru_cache(maxsize=1)
+def _no_order():
+    """A one-word placeholder for centre_rows' order when there is none (never read)."""
+    import mlx.core as mx
+
+    return mx.zeros((1,), mx.uint32)
 
 
 def dequantize(quantizer, codes, norms, inverse_rotate=True, out_dtype=None):

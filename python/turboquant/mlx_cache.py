@@ -454,6 +454,12 @@ class TurboQuantKVCache(PlaceholderKeys, _mlx_cache._BaseCache):
             if cached is None or cached[0] is not self._perm or cached[1] is not km:
                 cached = self._k_mean_perm = (self._perm, km, _permute(km, self._perm))
             km = cached[2]
+        if k.shape[1] == 1:  # a decode step's token: one kernel for both roles where it runs
+            centre = _centre_kernel(k, v)
+            if centre is not None:
+                return centre(k, v, km, self._v_mean,
+                              None if self._perm is None else _perm_index(self._perm)[2])
+        if self._perm is not None:
             k = _permute(k, self._perm)
         step = _centre_rows_step if k.shape[1] == 1 else _centre_rows
         return step(k, v, km, self._v_mean)
@@ -1253,12 +1259,7 @@ def _permute(x: np.ndarray, perm: np.ndarray) -> np.ndarray:
     ``TQ_GPU_PERMUTE=gather`` keeps ``take_along_axis`` everywhere (a benchmark's
     comparison)."""
     if isinstance(x, mx.array):
-        entry = _PERM_INDEX.get(id(perm))
-        if entry is None or entry[0] is not perm:
-            if len(_PERM_INDEX) >= 4096:  # bounded: models x layers x query layouts
-                _PERM_INDEX.clear()
-            entry = _PERM_INDEX[id(perm)] = (perm, mx.array(perm[:, None, :].astype(np.int32)),
-                                             mx.array(perm.astype(np.uint32)))
+        entry = _perm_index(perm)
         kernel = _permute_kernel(x) if x.shape[1] > 1 else None
         if kernel is not None:
             return kernel(x, entry[2])
@@ -1268,6 +1269,31 @@ def _permute(x: np.ndarray, perm: np.ndarray) -> np.ndarray:
         flat = perm + np.arange(0, H * d, d)[:, None]
         return np.ascontiguousarray(x).reshape(H * d)[flat].reshape(H, 1, d)
     return np.ascontiguousarray(np.take_along_axis(x, perm[:, None, :], axis=2))
+
+
+def _perm_index(perm: np.ndarray):
+    """(perm, its int32 (H, 1, d) gather index, its uint32 (H, d) order) as mlx arrays, made
+    once per permutation (a decode step permutes every layer's keys and queries)."""
+    entry = _PERM_INDEX.get(id(perm))
+    if entry is None or entry[0] is not perm:
+        if len(_PERM_INDEX) >= 4096:  # bounded: models x layers x query layouts
+            _PERM_INDEX.clear()
+        entry = _PERM_INDEX[id(perm)] = (perm, mx.array(perm[:, None, :].astype(np.int32)),
+                                         mx.array(perm.astype(np.uint32)))
+    return entry
+
+
+def _centre_kernel(k, v):
+    """The GPU store's kernel set's ``centre_rows`` where a decode step's centring takes it
+    (turboquant.metal's on a GPU: the centring, channel order and fp16 rounding of both
+    roles in one launch), else None (the fused mlx element-wise kernels and a gather).
+    ``TQ_GPU_CENTRE=mlx`` keeps those (a benchmark's comparison)."""
+    fn = getattr(_mlx_metal.METAL_KERNELS, "centre_rows", None)
+    if (fn is None or k.dtype not in (mx.float16, mx.bfloat16) or v.dtype != k.dtype
+            or _mlx_metal.metal.getenv("TQ_GPU_CENTRE", "") == "mlx"
+            or gpu_path.active_path() == "cpu"):
+        return None
+    return fn
 
 
 def _permute_kernel(x):

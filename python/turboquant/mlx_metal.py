@@ -158,6 +158,15 @@ class ReferenceKernels:
         return mx.take_along_axis(x, order.astype(mx.int32)[:, None, :], axis=2)
 
     @staticmethod
+    def centre_rows(k, v, k_mean, v_mean, order=None):
+        """turboquant.metal.centre_rows: the rows centred in float32, rounded to float16."""
+        mx = _mx()
+        if order is not None:
+            k = mx.take_along_axis(k, order.astype(mx.int32)[:, None, :], axis=2)
+        return ((k.astype(mx.float32) - k_mean).astype(mx.float16),
+                (v.astype(mx.float32) - v_mean).astype(mx.float16))
+
+    @staticmethod
     def encode_heads(tables: HeadTables, x):
         mx = _mx()
         xs = np.asarray(x.astype(mx.float32))
@@ -2003,9 +2012,10 @@ def self_test(kernels: Any = None) -> str | None:
     float16 tile with the fp16 rows; and the split's five). Codes and norms must equal the
     core's bit for bit, decode and prefill attention within 1e-3 of the core's output scale
     (4e-3 for the mma block kernel, whose products take fp16 inputs, and for the float16
-    prefill); and the kernel set's ``permute_channels`` (the key split's channel order of a
+    prefill); the kernel set's ``permute_channels`` (the key split's channel order of a
     prefill chunk, taken by the mlx cache) must equal ``mx.take_along_axis`` bit for bit in
-    float32, float16 and bfloat16."""
+    float32, float16 and bfloat16, and its ``centre_rows`` (a decode step's new K/V rows)
+    mlx's centring and rounding, with and without a channel order."""
     mx = _mx()
     try:
         rng = np.random.default_rng(20261204)
@@ -2084,6 +2094,24 @@ def self_test(kernels: Any = None) -> str | None:
                 want = mx.take_along_axis(x.astype(dtype), index, axis=2)
                 if got.dtype != dtype or not bool(mx.array_equal(got, want).item()):
                     return f"the channel permutation of {dtype} rows differs from take_along_axis"
+        centre = getattr(METAL_KERNELS if kernels is None else kernels, "centre_rows", None)
+        if centre is not None:  # a decode step's new K/V rows (the mlx cache's centring)
+            order = np.stack([rng.permutation(d) for _ in range(hkv)]).astype(np.uint32)
+            index = mx.array(order[:, None, :].astype(np.int32))
+            means = [mx.array(rng.standard_normal((hkv, 1, d)).astype(np.float32))
+                     for _ in range(2)]
+            for dtype in (mx.float16, mx.bfloat16):
+                k, v = (mx.array(rng.standard_normal((hkv, 1, d)).astype(np.float32) * 8)
+                        .astype(dtype) for _ in range(2))
+                for perm in (mx.array(order), None):
+                    got = centre(k, v, means[0], means[1], perm)
+                    kk = k if perm is None else mx.take_along_axis(k, index, axis=2)
+                    want = ((kk.astype(mx.float32) - means[0]).astype(mx.float16),
+                            (v.astype(mx.float32) - means[1]).astype(mx.float16))
+                    if not all(g.dtype == mx.float16 and bool(mx.array_equal(g, w).item())
+                               for g, w in zip(got, want)):
+                        return (f"the centring of a decode step's {dtype} rows differs from "
+                                "mlx's")
         return None
     except Exception as e:  # noqa: BLE001 - any failure means: do not use this kernel set
         text = " ".join(str(e).split())

@@ -10,6 +10,8 @@ ARG_TYPES = {
     "angle_bounds": "float", "k_signs": "float", "k_a": "uint16_t", "v_a": "uint16_t",
     "k_b": "uint16_t", "v_b": "uint16_t", "src": "uint16_t", "dst": "uint16_t",
     "order": "uint32_t", "before": "uint16_t", "after": "uint16_t",
+    "k_rows": "uint16_t", "v_rows": "uint16_t", "k_mean": "float", "v_mean": "float",
+    "k_out": "uint16_t", "v_out": "uint16_t",
 }
 
 

@@ -325,6 +325,7 @@ LAUNCHES = [
                                "v_b": "__half"}),
     ("encode_heads", {}),
     ("permute", {}),
+    ("centre", {}),
 ]
 
 

@@ -146,6 +146,41 @@ def test_the_fused_step_kernels_give_the_unfused_bits(dtype):
     assert got.dtype == dt and bool(mx.array_equal(got, (out + vm[:, None]).astype(dt)).item())
 
 
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_the_centre_kernel_is_mlx_centring_bit_for_bit(emulated, monkeypatch, dtype):
+    """metal.centre_rows (a decode step's K/V: channel order, float32 centring, one rounding
+    to fp16, both roles in one launch) on the emulated GPU equals mlx's ops bit for bit,
+    with and without a channel order, at one token and at three; bad shapes are refused."""
+    emulated.install(monkeypatch)
+    dt = getattr(mx, dtype)
+    rng = np.random.default_rng(3)
+    H, d = 3, 64
+    order = np.stack([rng.permutation(d) for _ in range(H)]).astype(np.uint32)
+    km, vm = (mx.array(rng.standard_normal((H, 1, d)).astype(np.float32) * 5)
+              for _ in range(2))
+    for T in (1, 3):
+        k, v = (mx.array(rng.standard_normal((H, T, d)).astype(np.float32) * 40).astype(dt)
+                for _ in range(2))
+        k = k.at[0, 0, :4].add(mx.array([1e-7, -3e-8, 6e4, -6e4]).astype(dt))  # tiny, large
+        for perm in (order, None):
+            start = len(emulated.launches)
+            got = metal.centre_rows(k, v, km, vm, None if perm is None else mx.array(perm))
+            assert emulated.launches[start:] == ["centre"]
+            kk = k if perm is None else mx.take_along_axis(
+                k, mx.array(perm[:, None, :].astype(np.int32)), axis=2)
+            want = ((kk.astype(mx.float32) - km).astype(mx.float16),
+                    (v.astype(mx.float32) - vm).astype(mx.float16))
+            for g, w in zip(got, want):
+                assert g.dtype == mx.float16 and g.shape == (H, T, d)
+                assert bool(mx.array_equal(g, w).item())
+    with pytest.raises(ValueError, match="one shape and dtype"):
+        metal.centre_rows(k, v.astype(mx.float32), km, vm)
+    with pytest.raises(ValueError, match="k_mean must be float32"):
+        metal.centre_rows(k, v, km.astype(mx.float16), vm)
+    with pytest.raises(ValueError, match="order must be uint32"):
+        metal.centre_rows(k, v, km, vm, mx.array(order[:2]))
+
+
 def test_a_decode_step_centres_and_permutes_as_before(emulated, monkeypatch):
     """The mlx-lm cache on the emulated GPU with the key split (a channel order) and centring:
     a decode step's window rows are the float32-centred, permuted keys rounded once to
@@ -165,7 +200,9 @@ def test_a_decode_step_centres_and_permutes_as_before(emulated, monkeypatch):
     idx = mx.array(c._perm[:, None, :].astype(np.int32))
     for t in range(20, 23):
         kt, vt = h16(k[:, :, t:t + 1]), h16(v[:, :, t:t + 1])
+        start = len(emulated.launches)
         c.update_and_fetch(kt, vt)
+        assert "centre" in emulated.launches[start:]  # the token's K/V in one launch
         want_k = mx.take_along_axis(kt[0].astype(mx.float32) - c._k_mean, idx, axis=2)
         want_v = vt[0].astype(mx.float32) - c._v_mean
         assert bool(mx.array_equal(c._core._k_win[:, -1:], want_k.astype(mx.float16)).item())

@@ -73,7 +73,7 @@ def test_self_test_passes_on_the_emulated_kernels(emulated, monkeypatch):
                     "split_encode_heads",
                     "split_rotate_heads", "split_dequantize_rows_heads",
                     "split_dequantize_tile_heads", "split_attention_block",
-                    "permute"}, used
+                    "permute", "centre"}, used
 
 
 def test_a_kernel_that_does_not_compile_falls_back_to_the_core(monkeypatch, fresh_selection):

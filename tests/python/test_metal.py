@@ -96,6 +96,7 @@ def test_parameter_blocks_match_the_metal_structs():
         "TqEncodeParams": metal.encode_params(3, 128, 3, True),
         "TqRotateParams": metal.rotate_params(3, 128),
         "TqPermuteParams": metal.permute_params(3, 128, 1, 3),
+        "TqCentreParams": metal.centre_params(3, 128, 1, False, True),
         "TqDequantParams": metal.dequant_params(3, 128, 3, True, True, False),
         "TqAttnParams": metal.attention_params(128, 100, 120, 64, 4, 3, 4, True, 0.125),
         "TqReduceParams": metal.reduce_params(128, 2, 4, True),
