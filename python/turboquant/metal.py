@@ -1096,40 +1096,52 @@ def centre_params(rows: int, dim: int, rows_per_head: int, bf16: bool,
     return np.array([rows, dim, rows_per_head, int(bf16), int(permute)], dtype=np.uint32)
 
 
-def centre_rows(k, v, k_mean, v_mean, order=None):
+def centre_rows(k, v, k_mean, v_mean, order=None, check: bool = True):
     """The new K/V rows (H, T, d) of float16 or bfloat16 as the GPU store's fp16 window keeps
     them, in one launch: ``((k[..., order] as float32 - k_mean) as float16, (v as float32 -
     v_mean) as float16)``, bit for bit, where k_mean and v_mean are float32 (H, 1, d) means
     (k_mean already in the channel order) and ``order`` an mlx uint32 array (H, d) or None
-    (no channel order). The mlx cache's centring of a decode step's token."""
+    (no channel order). The mlx cache's centring of a decode step's token, which passes
+    ``check=False`` (its arrays are its own, their dtype checked once a step)."""
     import mlx.core as mx
 
-    _require_gpu()
-    H, T, d = k.shape
-    if tuple(v.shape) != (H, T, d) or k.dtype != v.dtype or k.dtype not in (mx.float16,
-                                                                           mx.bfloat16):
-        raise ValueError(f"centre_rows takes keys and values of one shape and dtype, float16 "
-                         f"or bfloat16, got {k.dtype} {tuple(k.shape)} and {v.dtype} "
-                         f"{tuple(v.shape)}")
-    for name, m in (("k_mean", k_mean), ("v_mean", v_mean)):
-        if tuple(m.shape) != (H, 1, d) or m.dtype != mx.float32:
-            raise ValueError(f"{name} must be float32 of shape {(H, 1, d)}, got {m.dtype} "
-                             f"{tuple(m.shape)}")
-    if order is not None and (tuple(order.shape) != (H, d) or order.dtype != mx.uint32):
-        raise ValueError(f"order must be uint32 of shape {(H, d)}, got {order.dtype} "
-                         f"{tuple(order.shape)}")
-    n = 2 * H * T * d
-    if n >= 1 << 32:
-        raise ValueError(f"centre_rows: {n} elements is over the kernel's 32-bit index")
+    if check:
+        _require_gpu()
+        H, T, d = k.shape
+        if tuple(v.shape) != (H, T, d) or k.dtype != v.dtype or k.dtype not in (
+                mx.float16, mx.bfloat16):
+            raise ValueError(f"centre_rows takes keys and values of one shape and dtype, "
+                             f"float16 or bfloat16, got {k.dtype} {tuple(k.shape)} and "
+                             f"{v.dtype} {tuple(v.shape)}")
+        for name, m in (("k_mean", k_mean), ("v_mean", v_mean)):
+            if tuple(m.shape) != (H, 1, d) or m.dtype != mx.float32:
+                raise ValueError(f"{name} must be float32 of shape {(H, 1, d)}, got {m.dtype} "
+                                 f"{tuple(m.shape)}")
+        if order is not None and (tuple(order.shape) != (H, d) or order.dtype != mx.uint32):
+            raise ValueError(f"order must be uint32 of shape {(H, d)}, got {order.dtype} "
+                             f"{tuple(order.shape)}")
+        if 2 * H * T * d >= 1 << 32:
+            raise ValueError(f"centre_rows: {2 * H * T * d} elements is over the kernel's "
+                             "32-bit index")
+    shape = k.shape
+    key = (shape, k.dtype == mx.bfloat16, order is None)
+    plan = _CENTRE_PLANS.get(key)
+    if plan is None:  # per shape: the parameter block and the launch (a step asks each layer)
+        H, T, d = shape
+        n = 2 * H * T * d
+        plan = _CENTRE_PLANS[key] = (
+            params_array(centre_params(H * T, d, T, key[1], order is not None)),
+            dict(output_shapes=[shape, shape], output_dtypes=[mx.uint16, mx.uint16],
+                 grid=(-(-n // PERMUTE_THREADS) * PERMUTE_THREADS, 1, 1),
+                 threadgroup=(PERMUTE_THREADS, 1, 1)))
+    u16 = mx.uint16
     k_out, v_out = _kernel("centre")(
-        inputs=[k.reshape(H * T, d).view(mx.uint16), v.reshape(H * T, d).view(mx.uint16),
-                k_mean, v_mean, _no_order() if order is None else order,
-                params_array(centre_params(H * T, d, T, k.dtype == mx.bfloat16,
-                                           order is not None))],
-        output_shapes=[(H * T, d), (H * T, d)], output_dtypes=[mx.uint16, mx.uint16],
-        grid=(-(-n // PERMUTE_THREADS) * PERMUTE_THREADS, 1, 1),
-        threadgroup=(PERMUTE_THREADS, 1, 1))
-    return (k_out.view(mx.float16).reshape(H, T, d), v_out.view(mx.float16).reshape(H, T, d))
+        inputs=[k.view(u16), v.view(u16), k_mean, v_mean, _no_order() if order is None else order,
+                plan[0]], **plan[1])
+    return k_out.view(mx.float16), v_out.view(mx.float16)
+
+
+_CENTRE_PLANS: dict = {}
 
 
 @functools.lru_cache(maxsize=1)

@@ -458,7 +458,8 @@ class TurboQuantKVCache(PlaceholderKeys, _mlx_cache._BaseCache):
             centre = _centre_kernel(k, v)
             if centre is not None:
                 return centre(k, v, km, self._v_mean,
-                              None if self._perm is None else _perm_index(self._perm)[2])
+                              None if self._perm is None else _perm_index(self._perm)[2],
+                              check=False)
         if self._perm is not None:
             k = _permute(k, self._perm)
         step = _centre_rows_step if k.shape[1] == 1 else _centre_rows

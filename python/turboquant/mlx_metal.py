@@ -158,7 +158,7 @@ class ReferenceKernels:
         return mx.take_along_axis(x, order.astype(mx.int32)[:, None, :], axis=2)
 
     @staticmethod
-    def centre_rows(k, v, k_mean, v_mean, order=None):
+    def centre_rows(k, v, k_mean, v_mean, order=None, check=True):
         """turboquant.metal.centre_rows: the rows centred in float32, rounded to float16."""
         mx = _mx()
         if order is not None:
