@@ -1127,6 +1127,8 @@ def centre_rows(k, v, k_mean, v_mean, order=None, check: bool = True):
     key = (shape, k.dtype == mx.bfloat16, order is None)
     plan = _CENTRE_PLANS.get(key)
     if plan is None:  # per shape: the parameter block and the launch (a step asks each layer)
+        if len(_CENTRE_PLANS) >= 1024:  # bounded: head counts x token counts in use
+            _CENTRE_PLANS.clear()
         H, T, d = shape
         n = 2 * H * T * d
         plan = _CENTRE_PLANS[key] = (
