@@ -100,24 +100,40 @@ class GcTimer:
         gc.callbacks.remove(self)
 
 
+def pipelined_steps(step, tok, steps: int) -> tuple[float, float, float, float]:
+    """``steps`` decode steps as mlx-lm's generate_step runs them: the next step's graph is
+    built and handed to the GPU (mx.async_eval) before the previous token is read, so host
+    and GPU time overlap. Returns the seconds spent building the steps' graphs (Python, the
+    model and the caches), handing them to the GPU (mx.async_eval: mlx encodes every kernel
+    launch on the host), waiting for the previous token (the GPU's work not hidden), and in
+    all (steps + 1 tokens)."""
+    build = submit = wait = 0.0
+    t0 = time.perf_counter()
+    nxt = step(tok)
+    mx.async_eval(nxt)
+    for _ in range(steps):
+        t1 = time.perf_counter()
+        following = step(nxt)
+        t2 = time.perf_counter()
+        mx.async_eval(following)
+        t3 = time.perf_counter()
+        tok, nxt = nxt, following
+        tok.item()
+        t4 = time.perf_counter()
+        build, submit, wait = build + t2 - t1, submit + t3 - t2, wait + t4 - t3
+    nxt.item()
+    return build, submit, wait, time.perf_counter() - t0
+
+
 def profile_steps(step, tok, steps: int, top: int = 30) -> str:
-    """cProfile of ``steps`` pipelined decode steps (as measure() runs them), the functions
-    with the most own time first: where a step's host time goes."""
+    """cProfile of ``steps`` pipelined decode steps (pipelined_steps), the functions with the
+    most own time first: where a step's host time goes."""
     import cProfile
     import io
     import pstats
 
     prof = cProfile.Profile()
-    nxt = step(tok)
-    mx.async_eval(nxt)
-    prof.enable()
-    for _ in range(steps):
-        following = step(nxt)
-        mx.async_eval(following)
-        tok, nxt = nxt, following
-        tok.item()
-    prof.disable()
-    nxt.item()
+    prof.runcall(pipelined_steps, step, tok, steps)
     out = io.StringIO()
     pstats.Stats(prof, stream=out).sort_stats("tottime").print_stats(top)
     return out.getvalue()
@@ -132,28 +148,8 @@ def measure(model, kind: str, context: int, chunk: int, decode_steps: int,
 
     tok = mx.array([[1]])
     mx.eval(model(tok, cache=cache))  # warm-up step
-    # As mlx-lm's generate_step runs: the next step's graph is built and handed to the GPU
-    # (mx.async_eval) before the previous token is read, so host and GPU time overlap.
-    # Where a pipelined step's wall time goes on the host: building its graph (Python, the
-    # model and the caches), handing it to the GPU (mx.async_eval: mlx encodes every kernel
-    # launch on the host) and waiting for the previous token (the GPU's work not hidden).
-    build = submit = wait = 0.0
     with GcTimer() as collector:
-        t0 = time.perf_counter()
-        nxt = step(tok)
-        mx.async_eval(nxt)
-        for _ in range(decode_steps):
-            t1 = time.perf_counter()
-            following = step(nxt)
-            t2 = time.perf_counter()
-            mx.async_eval(following)
-            t3 = time.perf_counter()
-            tok, nxt = nxt, following
-            tok.item()
-            t4 = time.perf_counter()
-            build, submit, wait = build + t2 - t1, submit + t3 - t2, wait + t4 - t3
-        nxt.item()
-        decode = time.perf_counter() - t0
+        build, submit, wait, decode = pipelined_steps(step, tok, decode_steps)
     # Each step evaluated before the next is built: host time and GPU time add up.
     t0 = time.perf_counter()
     for _ in range(decode_steps):

@@ -285,7 +285,6 @@ class _Cache:
         self.state: str | None = None  # None: not probed; "on"; else why it is off
         self.nvrtc: Nvrtc | None = None
         self.folder: Path | None = None
-        self.written = 0
         self.found = 0
         self.written_files: list[str] = []  # the module files this process wrote, in order
         self.told = False  # whether the compile notice went to stderr
@@ -316,6 +315,11 @@ class _Cache:
             return f"off (cannot write {self.folder}: {e})"
         return None
 
+    @property
+    def written(self) -> int:
+        """How many modules this process compiled and wrote."""
+        return len(self.written_files)
+
     def write(self, function: str, mlx_source: str, own_source: str) -> bool:
         """Compiles ``own_source`` and writes it as mlx's module for ``mlx_source``; True when
         the module's files exist afterwards."""
@@ -337,7 +341,6 @@ class _Cache:
         # the names first: mlx reads the binary, then the names beside it
         _atomic_bytes(path.with_suffix(".txt"), f"{full}\t{lowered[full]}\n".encode())
         _atomic_bytes(path, binary)
-        self.written += 1
         self.written_files.append(path.name)
         return True
 
