@@ -555,6 +555,26 @@ inline void tq_attention_merge_rows(device const float* qrow, TqRowSets k, TqRow
   }
 }
 
+// The output of a reduce: float32 rows, or a decode step's rows as the model takes them
+// (TqOutWords): 16-bit words of fp16 or bfloat16, the value mean of the KV head added first
+// where one is given (mean[h·dim + j]), each rounded once as mlx's (out + mean).astype()
+// rounds. The product and the sum are rounded on their own (TQ_MUL_RN: CUDA would fuse them).
+struct TqOutWords {
+  device ushort* words;
+  device const float* mean;
+  uint bf16, with_mean;
+};
+
+inline void tq_out_store(device float* out, ulong i, uint head, uint j, uint d, float x) {
+  (void)head, (void)j, (void)d;
+  out[i] = x;
+}
+
+inline void tq_out_store(thread const TqOutWords& out, ulong i, uint head, uint j, uint d,
+                         float x) {
+  out.words[i] = tq_float_to_word(out.with_mean != 0u ? x + out.mean[head * d + j] : x, out.bf16);
+}
+
 // One threadgroup per (query head g of the group, KV head): out[(h·G + g)·dim + j].
 // The code blocks and the first TQ_REDUCE_ROWS_CHUNK fp16 rows (set a's, then set b's) go
 // through one softmax pass: the rows are scored while the blocks' maxima load, one max and one
@@ -562,11 +582,12 @@ inline void tq_attention_merge_rows(device const float* qrow, TqRowSets k, TqRow
 // and over the rows. Rows past the first chunk are folded in after (tq_attention_merge_rows).
 // tg: TQ_REDUCE_ROWS_FLOATS floats. nthreads: a power of two, at most 1024 (more than dim:
 // slices, tq_reduce_slices).
+template <class O>
 inline void tq_attention_reduce_rows_body(device const float* part_m, device const float* part_l,
                                           device const float* part_acc, TQ_TABLE float* v_signs,
                                           device const float* q, device const ushort* k_a,
                                           device const ushort* v_a, device const ushort* k_b,
-                                          device const ushort* v_b, device float* out,
+                                          device const ushort* v_b, O out,
                                           TQ_PARAMS TqReduceRowsParams& p, threadgroup float* tg,
                                           uint g, uint head, uint tid, uint nthreads) {
   const uint d = p.dim, G = p.group, nb = p.num_blocks;
@@ -652,7 +673,8 @@ inline void tq_attention_reduce_rows_body(device const float* part_m, device con
                             nthreads);
   }
   const float inv = 1.0f / lsum;
-  for (uint j = tid; j < d; j += nthreads) out[(ulong(head) * G + g) * d + j] = v[j] * inv;
+  for (uint j = tid; j < d; j += nthreads)
+    tq_out_store(out, (ulong(head) * G + g) * d + j, head, j, d, TQ_MUL_RN(v[j], inv));
 }
 
 #endif  // TQ_METAL_ATTENTION_FAST

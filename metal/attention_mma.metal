@@ -286,15 +286,50 @@ inline void tq_fwht_simd(thread float (&v)[K], uint lane) {
   }
 }
 
-// out = Π x for one query by one simd-group (tq_hadamard_forward, or per block of BLOCK
-// coordinates as tq_hadamard_forward_blocks): signs D₁, transform, then (two rounds) D₂,
-// transform; scaled by tq_rotation_scale(BLOCK).
-template <uint D, uint BLOCK>
-inline void tq_rotate_simd(threadgroup float* out, device const float* x, TQ_TABLE float* signs,
-                           uint lane) {
+// The queries of a block kernel: float32 rows (row r at q + r·D), or a decode step's rows as
+// the model gives them (TqQueryWords): 16-bit words of fp16 or bfloat16, read in the key
+// split's channel order where one is given (permute: column c of KV head h is word
+// order[h·D + c]), and kept as float32 in that order (kept, row r at kept + r·D; written by
+// the threadgroups of block 0) for the reduce, which scores the fp16 rows with them. So a
+// decode step needs neither mlx's gather of its queries nor their cast to float32.
+struct TqQueryWords {
+  device const ushort* words;
+  TQ_TABLE uint* order;
+  device float* kept;
+  uint bf16, permute, keep;
+};
+
+inline float tq_query_at(device const float* q, ulong row, uint c, uint head, uint D) {
+  (void)head;
+  return q[row * D + c];
+}
+
+inline float tq_query_at(thread const TqQueryWords& q, ulong row, uint c, uint head, uint D) {
+  const uint from = q.permute != 0u ? q.order[head * D + c] : c;
+  return tq_word_to_float(q.words[row * D + from], q.bf16);
+}
+
+inline void tq_query_keep(device const float* q, ulong row, uint c, uint D, float x) {
+  (void)q, (void)row, (void)c, (void)D, (void)x;
+}
+
+inline void tq_query_keep(thread const TqQueryWords& q, ulong row, uint c, uint D, float x) {
+  if (q.keep != 0u) q.kept[row * D + c] = x;
+}
+
+// out = Π x for query row `row` (of KV head `head`) by one simd-group (tq_hadamard_forward,
+// or per block of BLOCK coordinates as tq_hadamard_forward_blocks): signs D₁, transform, then
+// (two rounds) D₂, transform; scaled by tq_rotation_scale(BLOCK).
+template <uint D, uint BLOCK, class Q>
+inline void tq_rotate_simd(threadgroup float* out, Q q, ulong row, uint head,
+                           TQ_TABLE float* signs, uint lane) {
   constexpr uint K = D / 32u;
   float v[K];
-  TQ_UNROLL for (uint k = 0u; k < K; ++k) { v[k] = x[lane + 32u * k] * signs[lane + 32u * k]; }
+  TQ_UNROLL for (uint k = 0u; k < K; ++k) {
+    const float x = tq_query_at(q, row, lane + 32u * k, head, D);
+    tq_query_keep(q, row, lane + 32u * k, D, x);
+    v[k] = x * signs[lane + 32u * k];
+  }
   tq_fwht_simd<K, BLOCK>(v, lane);
   if (TQ_ROTATION_ROUNDS == 2u) {
     TQ_UNROLL for (uint k = 0u; k < K; ++k) { v[k] *= signs[D + lane + 32u * k]; }
@@ -304,8 +339,8 @@ inline void tq_rotate_simd(threadgroup float* out, device const float* x, TQ_TAB
   TQ_UNROLL for (uint k = 0u; k < K; ++k) { out[lane + 32u * k] = v[k] * scale; }
 }
 
-template <uint D, uint KB0, uint KB1, uint VB, uint SPLIT, uint NS>
-inline void tq_attention_mma_block_body(device const float* q, TQ_TABLE float* k_signs,
+template <uint D, uint KB0, uint KB1, uint VB, uint SPLIT, uint NS, class Q>
+inline void tq_attention_mma_block_body(Q q, TQ_TABLE float* k_signs,
                                         device const uchar* k_codes, device const uchar* k_norms,
                                         device const uchar* v_codes, device const uchar* v_norms,
                                         TQ_TABLE float* k_centroids, TQ_TABLE float* v_centroids,
@@ -374,7 +409,7 @@ inline void tq_attention_mma_block_body(device const float* q, TQ_TABLE float* k
   // The G queries rotated (Π_K q), one simd-group each in turn, into the region.
   threadgroup float* qs = region;
   for (uint g = warp; g < G; g += nwarps)
-    tq_rotate_simd<D, PD>(qs + g * D, q + (ulong(head) * G + g) * D, k_signs, lane);
+    tq_rotate_simd<D, PD>(qs + g * D, q, ulong(head) * G + g, head, k_signs, lane);
   threadgroup_barrier(mem_flags::mem_threadgroup);
   // Query fragments: step s of part h covers coordinates h·PD + tc·CD + 4s + {0..3}.
   uint qf[H * SP][2];

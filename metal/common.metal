@@ -215,6 +215,20 @@ inline float tq_half_bits_to_float(ushort h) {
 #endif
 }
 
+// A 16-bit word of fp16 (bf16 = 0) or bfloat16 (bf16 = 1) as float: exact.
+inline float tq_word_to_float(ushort w, uint bf16) {
+  return bf16 != 0u ? as_type<float>(uint(w) << 16u) : tq_half_bits_to_float(w);
+}
+
+// f as a 16-bit word of fp16 (bf16 = 0) or bfloat16 (bf16 = 1), rounded to nearest even as
+// mlx's astype rounds (a NaN stays a quiet NaN).
+inline ushort tq_float_to_word(float f, uint bf16) {
+  if (bf16 == 0u) return tq_float_to_half_bits(f);
+  const uint x = as_type<uint>(f);
+  if ((x & 0x7FFFFFFFu) > 0x7F800000u) return ushort((x >> 16u) | 0x40u);
+  return ushort((x + 0x7FFFu + ((x >> 16u) & 1u)) >> 16u);
+}
+
 // Norm i of a norm buffer holding fp16 bits or fp32 values.
 inline float tq_load_norm(device const uchar* norms, ulong i, uint fp16) {
   return fp16 != 0u ? tq_half_bits_to_float(((device const ushort*)norms)[i])

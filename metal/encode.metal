@@ -76,9 +76,6 @@ inline void tq_permute_body(device const ushort* src, device ushort* dst, TQ_TAB
 // to nearest even, as mlx's astype(float32) - mean then astype(float16): the same bits. The
 // rows come as 16-bit words of fp16 or bfloat16 (p.bf16). One thread per output element of
 // either role (item = threadgroup * nthreads + tid < 2 * rows * dim).
-inline float tq_word_to_float(ushort w, uint bf16) {
-  return bf16 != 0u ? as_type<float>(uint(w) << 16u) : tq_half_bits_to_float(w);
-}
 
 inline void tq_centre_body(device const ushort* k, device const ushort* v,
                            device const float* k_mean, device const float* v_mean,

@@ -395,6 +395,30 @@ KERNELS.update({
         "    *(const device TqSplitAttnParams*)params, tg, threadgroup_position_in_grid.x,\n"
         "    tq_head, thread_index_in_threadgroup, threads_per_threadgroup.x);\n",
         templates=_MMA_TEMPLATES),
+    # A decode step's form: the queries as the model gives them (q_rows: fp16 or bfloat16 words,
+    # params[17]; in the key split's channel order `order` where params[18] is 1), kept as
+    # float32 in that order (q_kept, by block 0) for attention_reduce_rows_step.
+    "attention_mma_step": KernelSpec(
+        "tq_mlx_attention_mma_step",
+        ("q_rows", "order", "k_signs", "k_codes", "k_norms", "v_codes", "v_norms", "k_centroids",
+         "v_centroids", "angles", "params"),
+        ("part_m", "part_l", "part_acc", "q_kept"),
+        "TQ_THREADGROUP_ARRAY(float, tg, SCRATCH);\n"
+        "const uint tq_head = threadgroup_position_in_grid.y;\n"
+        "TqQueryWords tq_q;\n"
+        "tq_q.words = (const device ushort*)q_rows;\n"
+        "tq_q.order = order;\n"
+        "tq_q.kept = q_kept;\n"
+        "tq_q.bf16 = params[17];\n"
+        "tq_q.permute = params[18];\n"
+        "tq_q.keep = threadgroup_position_in_grid.x == 0u ? 1u : 0u;\n"
+        "tq_attention_mma_block_body<TQ_D, TQ_KB0, TQ_KB1, TQ_VB, TQ_SPLIT, TQ_NS>(\n"
+        "    tq_q, k_signs + (params[16] != 0u ? ulong(tq_head) * 2u * uint(TQ_D) : 0ul),\n"
+        "    k_codes, (const device uchar*)k_norms, v_codes, (const device uchar*)v_norms,\n"
+        "    k_centroids, v_centroids, angles, part_m, part_l, part_acc,\n"
+        "    *(const device TqSplitAttnParams*)params, tg, threadgroup_position_in_grid.x,\n"
+        "    tq_head, thread_index_in_threadgroup, threads_per_threadgroup.x);\n",
+        templates=_MMA_TEMPLATES),
     "attention_fast": _register_tiled("attention_fast", "tq_attention_fast_block_body", "TQ_U",
                                       (("TQ_U", FAST_UNROLL),)),
     # The staged variant: the same, plus the tile TT it stages in threadgroup memory and the
@@ -413,6 +437,29 @@ KERNELS.update({
         "               ? ulong(threadgroup_position_in_grid.y) * 2u * tq_p.dim : 0ul),\n"
         "    q, (const device ushort*)k_a, (const device ushort*)v_a, (const device ushort*)k_b,\n"
         "    (const device ushort*)v_b, out, tq_p, tg_v, threadgroup_position_in_grid.x,\n"
+        "    threadgroup_position_in_grid.y, thread_index_in_threadgroup,\n"
+        "    threads_per_threadgroup.x);\n",
+    ),
+    # A decode step's form: the output as the model takes it (out_rows: fp16 or bfloat16 words,
+    # params[10]), the value mean v_mean (kv_heads, dim) added first where params[11] is 1.
+    "attention_reduce_rows_step": KernelSpec(
+        "tq_mlx_attention_reduce_rows_step",
+        ("part_m", "part_l", "part_acc", "v_signs", "q", "k_a", "v_a", "k_b", "v_b", "v_mean",
+         "params"),
+        ("out_rows",),
+        "TQ_THREADGROUP_ARRAY(float, tg_v, TQ_REDUCE_ROWS_FLOATS);\n"
+        "const device TqReduceRowsParams& tq_p = *(const device TqReduceRowsParams*)params;\n"
+        "TqOutWords tq_out;\n"
+        "tq_out.words = (device ushort*)out_rows;\n"
+        "tq_out.mean = v_mean;\n"
+        "tq_out.bf16 = params[10];\n"
+        "tq_out.with_mean = params[11];\n"
+        "tq_attention_reduce_rows_body(\n"
+        "    part_m, part_l, part_acc,\n"
+        "    v_signs + (params[9] != 0u\n"
+        "               ? ulong(threadgroup_position_in_grid.y) * 2u * tq_p.dim : 0ul),\n"
+        "    q, (const device ushort*)k_a, (const device ushort*)v_a, (const device ushort*)k_b,\n"
+        "    (const device ushort*)v_b, tq_out, tq_p, tg_v, threadgroup_position_in_grid.x,\n"
         "    threadgroup_position_in_grid.y, thread_index_in_threadgroup,\n"
         "    threads_per_threadgroup.x);\n",
     ),
@@ -579,9 +626,10 @@ def _needed_files(key: str) -> tuple[str, ...]:
         return ("common.metal", "encode.metal")
     if key.startswith("dequantize"):
         return ("common.metal", "dequantize.metal")
-    if key in ("attention_fast", "attention_staged", "attention_reduce_rows"):
+    if key in ("attention_fast", "attention_staged", "attention_reduce_rows",
+               "attention_reduce_rows_step"):
         return ("common.metal", "attention.metal", "split.metal", "attention_fast.metal")
-    if key == "attention_mma":
+    if key in ("attention_mma", "attention_mma_step"):
         return ("common.metal", "attention.metal", "split.metal", "attention_fast.metal",
                 "attention_mma.metal")
     if key.startswith("attention"):
@@ -1524,7 +1572,8 @@ def _fast_partials(q, k_signs, per_head, k_codes, k_norms, v_codes, v_norms, k_c
 def _block_kernel(which: str, rounds: int):
     """The block kernel ``which`` of _fast_launch, with the mma kernel's register cap on the
     CUDA path (mma_min_blocks) where one is set."""
-    bound = mma_min_blocks() if which == "attention_mma" and candidate_path() == "cuda" else 0
+    bound = (mma_min_blocks() if which in ("attention_mma", "attention_mma_step")
+             and candidate_path() == "cuda" else 0)
     return _bounded_kernel(which, bound, rounds) if bound else _kernel(which, rounds)
 
 
@@ -1640,9 +1689,11 @@ def _reduce_launch(kv_heads: int, group: int, dim: int, threads: int) -> dict:
 # The reduce launches' parameter words: made once per value (they change only when the block
 # count or the fp16 row counts do, not at every decode step).
 @functools.lru_cache(maxsize=1024)
-def _reduce_rows_words(dim: int, blocks: int, group: int, scale: float, per_head: bool):
-    """TqReduceRowsParams with the row counts and strides zero (made once per value)."""
-    words = np.array([dim, blocks, group, 1, 0, 0, 0, 0, 0, int(per_head)], np.uint32)
+def _reduce_rows_words(dim: int, blocks: int, group: int, scale: float, per_head: bool,
+                       extra: tuple = ()):
+    """TqReduceRowsParams with the row counts and strides zero (made once per value), then
+    the per-head flag and ``extra`` words (attention_reduce_rows_step's dtype flags)."""
+    words = np.array([dim, blocks, group, 1, 0, 0, 0, 0, 0, int(per_head), *extra], np.uint32)
     words[8] = np.array([scale], np.float32).view(np.uint32)[0]
     words.setflags(write=False)
     return words
@@ -1650,8 +1701,8 @@ def _reduce_rows_words(dim: int, blocks: int, group: int, scale: float, per_head
 
 @functools.lru_cache(maxsize=4096)  # by value: a decode step's lookup (the block is never written)
 def _reduce_rows_params(dim: int, blocks: int, group: int, na: int, sa: int, nb: int, sb: int,
-                        scale: float, per_head: bool):
-    words = _reduce_rows_words(dim, blocks, group, scale, per_head)
+                        scale: float, per_head: bool, extra: tuple = ()):
+    words = _reduce_rows_words(dim, blocks, group, scale, per_head, extra)
     counts = {(4, 5): na} if na == sa else {4: na, 5: sa}  # own rows: count = stride
     if nb == sb:
         counts[(6, 7)] = nb
@@ -1992,10 +2043,13 @@ def _plan_settings() -> tuple:
 class _DecodePlan:
     """The two launches of a decode step over ``tokens`` codes with fp16 rows (decode_step_heads):
     the block kernel with its template, geometry and token count, the reduce with its geometry
-    and, per window row count, its parameter words."""
+    and, per window row count, its parameter words; with the mma block kernel, the same for
+    the step's form that takes the queries and gives the output as the model has them
+    (decode_step_words)."""
 
     __slots__ = ("keys", "values", "block", "block_args", "tables", "reduce", "reduce_launch",
-                 "words", "params", "shape")
+                 "words", "params", "shape", "which", "rounds", "launch_words", "tokens",
+                 "step_block", "step_reduce", "step_args", "step_launch", "step_params")
 
     def __init__(self, keys, values, kv_heads, group, dim, head_stride, k_code_bytes, fp16,
                  tokens, scale, block_tokens):
@@ -2014,6 +2068,7 @@ class _DecodePlan:
             block_tokens, blocks, True, attention_kernel(), fast_attention_unroll(),
             getenv("TQ_GPU_STAGE_TOKENS"), mma_stages())
         self.keys, self.values = keys, values
+        self.which, self.rounds, self.launch_words, self.tokens = which, keys.rounds, words, tokens
         self.block = _block_kernel(which, keys.rounds)
         self.block_args = dict(template=template, **launch)
         # the block kernel's inputs besides the queries and the codes: signs, centroids, angles
@@ -2024,21 +2079,92 @@ class _DecodePlan:
         self.words = (dim, blocks, group, float(scale))
         self.params: dict = {}  # (row counts and strides) -> the reduce's parameter words
         self.shape = (kv_heads * group, dim)
+        self.step_block = self.step_reduce = self.step_args = self.step_launch = None
+        self.step_params: dict = {}  # (dtype flags) -> the step form's block parameter words
 
-    def reduce_params(self, n_a: int, s_a: int, n_b: int, s_b: int):
-        key = (n_a, s_a, n_b, s_b)
+    def reduce_params(self, n_a: int, s_a: int, n_b: int, s_b: int, extra: tuple = ()):
+        key = (n_a, s_a, n_b, s_b, extra)
         p = self.params.get(key)
         if p is None:
             if len(self.params) > 4096:
                 self.params.clear()
             dim, blocks, group, scale = self.words
             p = self.params[key] = _reduce_rows_params(dim, blocks, group, n_a, s_a, n_b, s_b,
-                                                       scale, True)
+                                                       scale, True, extra)
+        return p
+
+    def step_form(self, bf16: bool, permute: bool):
+        """The step form's kernels are made at its first use; its block parameter words are
+        the block kernel's plus the queries' dtype and channel-order flags."""
+        if self.step_block is None:
+            import mlx.core as mx
+
+            self.step_block = _block_kernel("attention_mma_step", self.rounds)
+            self.step_reduce = _kernel("attention_reduce_rows_step", self.values.rounds)
+            args = dict(self.block_args)
+            args["output_shapes"] = [*args["output_shapes"], self.shape]
+            args["output_dtypes"] = [*args["output_dtypes"], mx.float32]
+            self.step_args = args
+            self.step_launch = dict(self.reduce_launch, output_dtypes=[mx.uint16])
+        key = (bool(bf16), bool(permute))
+        p = self.step_params.get(key)
+        if p is None:
+            words = np.concatenate([self.launch_words, np.array(key, np.uint32)])
+            words.setflags(write=False)
+            p = self.step_params[key] = _token_params(words, self.tokens)
         return p
 
 
 class _NoPlan(Exception):
     pass
+
+
+def _decode_plan(keys, values, kv_heads, group, dim, k_codes, k_norms, tokens, scale, sink_n,
+                 win_stride, block_tokens):
+    """The kept plan of a decode step (decode_step_heads), made at its first use; None where
+    the step is not one a plan serves (decode_attention_heads() runs it)."""
+    head_stride = int(k_codes.shape[1])
+    key = (id(keys), id(values), kv_heads, group, dim, head_stride, int(k_codes.shape[2]),
+           k_norms.dtype, tokens, scale, sink_n, win_stride, block_tokens, _plan_settings())
+    plan = _DECODE_PLANS.get(key)
+    if plan is None or plan.keys is not keys or plan.values is not values:
+        _require_gpu()
+        if not 1 <= tokens <= head_stride or not 1 <= group <= MAX_GROUP:
+            return None
+        try:
+            import mlx.core as mx
+
+            plan = _DecodePlan(keys, values, kv_heads, group, dim, head_stride,
+                               int(k_codes.shape[2]), k_norms.dtype == mx.float16, tokens,
+                               scale, block_tokens)
+        except _NoPlan:
+            return None
+        if len(_DECODE_PLANS) >= 1024:  # bounded: layers x flush points in use
+            _DECODE_PLANS.clear()
+        _DECODE_PLANS[key] = plan
+    return plan
+
+
+def _step_rows(sinks, window):
+    """The reduce's two row sets of a decode step as _rows_input() orders them: the sinks,
+    then the window; an absent one last, as an empty placeholder. ((k_a, v_a), n_a, s_a,
+    (k_b, v_b), n_b, s_b), or None where there are no rows."""
+    if window is None:
+        win = None
+    else:
+        stride = int(window[0].shape[1])
+        win = ((window[0], window[1]), int(window[2]) if len(window) > 2 else stride, stride)
+    if sinks is not None:
+        n = int(sinks[0].shape[1])
+        a = (tuple(sinks[:2]), n, n)
+        b = win
+    elif win is not None:
+        a, b = win, None
+    else:
+        return None
+    if b is None:
+        b = ((_no_rows(), _no_rows()), 0, 0)
+    return (*a, *b)
 
 
 def decode_step_heads(keys, values, queries, k_codes, k_norms, v_codes, v_norms, tokens, scale,
@@ -2052,59 +2178,79 @@ def decode_step_heads(keys, values, queries, k_codes, k_norms, v_codes, v_norms,
     group, dim) are taken as they come (float32). Falls back to decode_attention_heads()
     where it would not run the register-tiled or mma block kernel."""
     kv_heads, group, dim = queries.shape
-    sink_n = 0 if sinks is None else int(sinks[0].shape[1])
-    if window is None:
-        win_stride = win_n = 0
-    else:
-        win_stride = int(window[0].shape[1])
-        win_n = int(window[2]) if len(window) > 2 else win_stride
-    head_stride = int(k_codes.shape[1])
-    key = (id(keys), id(values), kv_heads, group, dim, head_stride, int(k_codes.shape[2]),
-           k_norms.dtype, tokens, scale, sink_n, win_stride, block_tokens, _plan_settings())
-    plan = _DECODE_PLANS.get(key)
-    if plan is None or plan.keys is not keys or plan.values is not values:
-        _require_gpu()
-        if not 1 <= tokens <= head_stride or not 1 <= group <= MAX_GROUP or (
-                sinks is None and window is None):
-            plan = None
-        else:
-            try:
-                import mlx.core as mx
-
-                plan = _DecodePlan(keys, values, kv_heads, group, dim, head_stride,
-                                   int(k_codes.shape[2]), k_norms.dtype == mx.float16, tokens,
-                                   scale, block_tokens)
-            except _NoPlan:
-                plan = None
-        if plan is None:
-            rows = [r for r in (sinks, window) if r is not None]
-            return decode_attention_heads(keys, values, queries, k_codes, k_norms, v_codes,
-                                          v_norms, tokens, scale, block_tokens, rows=rows)
-        if len(_DECODE_PLANS) >= 1024:  # bounded: layers x flush points in use
-            _DECODE_PLANS.clear()
-        _DECODE_PLANS[key] = plan
+    rows = _step_rows(sinks, window)
+    plan = None if rows is None else _decode_plan(
+        keys, values, kv_heads, group, dim, k_codes, k_norms, tokens, scale,
+        0 if sinks is None else int(sinks[0].shape[1]),
+        0 if window is None else int(window[0].shape[1]), block_tokens)
+    if plan is None:
+        return decode_attention_heads(keys, values, queries, k_codes, k_norms, v_codes, v_norms,
+                                      tokens, scale, block_tokens,
+                                      rows=[r for r in (sinks, window) if r is not None])
     k_signs, k_cents, v_cents, angles, tparams, v_signs = plan.tables
     q = queries.reshape(plan.shape)
     parts = plan.block(inputs=[q, k_signs, k_codes, k_norms, v_codes, v_norms, k_cents, v_cents,
                                angles, tparams], **plan.block_args)
-    # the row sets as _rows_input() orders them: the sinks, then the window; an absent one
-    # last, as an empty placeholder
-    if sinks is None:
-        (ka, va), n_a, s_a = window[:2], win_n, win_stride
-        kb = vb = _no_rows()
-        n_b = s_b = 0
-    else:
-        (ka, va), n_a, s_a = sinks, sink_n, sink_n
-        if window is None:
-            kb = vb = _no_rows()
-            n_b = s_b = 0
-        else:
-            kb, vb = window[0], window[1]
-            n_b, s_b = win_n, win_stride
+    (ka, va), n_a, s_a, (kb, vb), n_b, s_b = rows
     (out,) = plan.reduce(inputs=[parts[0], parts[1], parts[2], v_signs, q, ka, va, kb, vb,
                                  plan.reduce_params(n_a, s_a, n_b, s_b)],
                          **plan.reduce_launch)
     return out
+
+
+def decode_step_words(keys, values, q_rows, order, k_codes, k_norms, v_codes, v_norms, tokens,
+                      scale, sinks=None, window=None, v_mean=None,
+                      block_tokens=DEFAULT_BLOCK_TOKENS):
+    """decode_step_heads() of a model's decode step with its queries and output as the model
+    has them: ``q_rows`` (kv_heads, group, dim) fp16 or bfloat16 queries in the model's
+    channel order, taken in the key split's order ``order`` ((kv_heads, dim) uint32; None:
+    as they are); the output (kv_heads * group, dim) in the queries' dtype, the value mean
+    ``v_mean`` ((kv_heads, dim) float32; None: none) added. The same bits as mlx's gather and
+    float32 cast of the queries, decode_step_heads(), then ``(out + v_mean).astype(dtype)``,
+    in the same two launches (the mma block kernel reads the queries' words through the
+    order and keeps them as float32 for the reduce, which adds the mean and rounds): three
+    GPU operations fewer. None where the step's plan does not run the mma kernel (the caller
+    takes the longer form)."""
+    import mlx.core as mx
+
+    kv_heads, group, dim = q_rows.shape
+    if q_rows.dtype not in (mx.float16, mx.bfloat16):
+        return None
+    rows = _step_rows(sinks, window)
+    plan = None if rows is None else _decode_plan(
+        keys, values, kv_heads, group, dim, k_codes, k_norms, tokens, scale,
+        0 if sinks is None else int(sinks[0].shape[1]),
+        0 if window is None else int(window[0].shape[1]), block_tokens)
+    if plan is None or plan.which != "attention_mma":
+        return None
+    bf16 = q_rows.dtype == mx.bfloat16
+    tparams = plan.step_form(bf16, order is not None)
+    k_signs, k_cents, v_cents, angles, _, v_signs = plan.tables
+    parts = plan.step_block(
+        inputs=[q_rows.reshape(plan.shape).view(mx.uint16),
+                _no_order() if order is None else order, k_signs, k_codes, k_norms, v_codes,
+                v_norms, k_cents, v_cents, angles, tparams], **plan.step_args)
+    (ka, va), n_a, s_a, (kb, vb), n_b, s_b = rows
+    (out,) = plan.step_reduce(
+        inputs=[parts[0], parts[1], parts[2], v_signs, parts[3], ka, va, kb, vb,
+                _no_mean() if v_mean is None else v_mean,
+                plan.reduce_params(n_a, s_a, n_b, s_b, (int(bf16), int(v_mean is not None)))],
+        **plan.step_launch)
+    return out.view(q_rows.dtype)
+
+
+@functools.lru_cache(maxsize=None)
+def _no_order():
+    import mlx.core as mx
+
+    return mx.zeros((1,), mx.uint32)
+
+
+@functools.lru_cache(maxsize=None)
+def _no_mean():
+    import mlx.core as mx
+
+    return mx.zeros((1,), mx.float32)
 
 
 # --- The key split (split.metal) --------------------------------------------------------------

@@ -264,6 +264,9 @@ class TurboQuantKVCache(PlaceholderKeys, _mlx_cache._BaseCache):
                 and self._held is None and not self.sparse_v and not self.mixed_bits
                 and self._core is not None and self._batch == 1 and queries.shape[0] == 1):
             # a decode step: the store's decode_step, past the general calls' generator
+            out = self._decode_words(queries, float(scale))
+            if out is not None:
+                return out
             Hq, d = queries.shape[1], queries.shape[3]
             out = self._core.decode_step(self._core_queries(queries, scale), float(scale))
             return self._with_mean(out, 1, Hq, 1, d, queries.dtype).astype(queries.dtype)
@@ -273,6 +276,26 @@ class TurboQuantKVCache(PlaceholderKeys, _mlx_cache._BaseCache):
             return out.astype(queries.dtype)
         out = self._attend(queries, scale, causal, window)
         return mx.array(out).astype(queries.dtype)
+
+    def _decode_words(self, queries, scale: float):
+        """A decode step on the GPU store with the queries and the output in the model's dtype
+        (the store's decode_step_words: the channel order, the casts and the value mean inside
+        the two attention launches, three GPU operations fewer, the same bits), or None where
+        it does not apply. ``TQ_GPU_STEP_WORDS=0`` keeps the longer form (a benchmark's
+        comparison)."""
+        if (queries.dtype not in (mx.float16, mx.bfloat16) or queries.shape[1] != self._n_q_heads
+                or _mlx_metal.metal.getenv("TQ_GPU_STEP_WORDS", "") == "0"):
+            return None
+        Hq, d = queries.shape[1], queries.shape[3]
+        order = None if self._perm is None else _perm_index(self._perm)[2]
+        mean = None
+        if self._v_mean is not None:
+            vm = getattr(self, "_v_mean_w", (None, None))
+            if vm[0] is not self._v_mean:  # (H, 1, d) -> (H, d), made once
+                vm = self._v_mean_w = (self._v_mean, self._v_mean.reshape(-1, d))
+            mean = vm[1]
+        out = self._core.decode_step_words(queries.reshape(Hq, 1, d), order, mean, scale)
+        return None if out is None else out.reshape(1, Hq, 1, d)
 
     def _attend(self, queries, scale: float, causal: bool = True, window: int | None = None):
         """:meth:`attend` before the conversion to an mlx array of the queries' dtype: a

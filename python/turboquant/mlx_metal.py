@@ -1164,6 +1164,30 @@ class MetalCodeStore:
                                                       rows=rows or None)
         return out.reshape(self.n_q_heads, 1, d)
 
+    def decode_step_words(self, q, order, v_mean, scale: float):
+        """decode_step() of queries as a model has them: q (n_q_heads, 1, d) fp16 or bfloat16
+        in the model's channel order, read in ``order`` (the key split's (n_kv_heads, d)
+        uint32 channel order; None: as they are); the output in q's dtype with the value mean
+        ``v_mean`` ((n_kv_heads, d) float32, or None) added. The kernel set's
+        decode_step_words (the same bits as the gather, cast, decode_step(), mean and cast,
+        in the same two launches); None where the layer's state or the kernels do not take
+        that form (the caller takes the longer one)."""
+        step = getattr(self.kernels, "decode_step_words", None)
+        if (step is None or self.mixed or self._nc == 0 or len(self._groups) != 1
+                or self.check_inputs):
+            return None
+        d, H = self.head_dim, self.n_kv_heads
+        G = self.n_q_heads // H
+        g = self._groups[0]
+        if self._group_pass(g) < G or tuple(q.shape) != (self.n_q_heads, 1, d):
+            return None
+        sinks = (self._k_sink, self._v_sink) if self._ns else None
+        window = (self._window_rows() if self._k_win is not None and int(self._k_win.shape[1])
+                  else None)
+        out = step(g.key_tables, g.value_tables, q.reshape(H, G, d), order, *g.arrays(),
+                   self._nc, scale, sinks, window, v_mean)
+        return None if out is None else out.reshape(self.n_q_heads, 1, d)
+
     def _attend_mixed(self, q, scale: float, causal: bool, window: int | None):
         """Attention of a mixed-precision store (kv_cache.cpp attend() / attend_windowed()):
         its codes are stored by importance, not position, so every query sees all of them
@@ -1997,6 +2021,34 @@ class MetalCompressedKVCache(CompressedKVCache):
 # --- First use of a GPU path -----------------------------------------------------------------
 
 
+def _self_test_step_words(store, rng, mx, hq: int, hkv: int, d: int) -> str | None:
+    """A decode step with fp16 and bfloat16 queries in a channel order, the value mean added
+    (MetalCodeStore.decode_step_words, the mma block kernel) against the longer form it
+    replaces: mlx's gather and float32 cast, decode_step(), then (out + mean).astype():
+    the same bits, or why not."""
+    order = np.stack([rng.permutation(d) for _ in range(hkv)]).astype(np.uint32)
+    index = mx.array(order[:, None, :].astype(np.int32))
+    mean = mx.array(rng.standard_normal((hkv, d)).astype(np.float32))
+    checked, store.check_inputs = store.check_inputs, False
+    try:
+        for dtype in (mx.float16, mx.bfloat16):
+            q = mx.array(rng.standard_normal((hq, 1, d)).astype(np.float32)).astype(dtype)
+            with metal.forced_attention("mma"):
+                got = store.decode_step_words(q, mx.array(order), mean, 0.125)
+                qf = mx.take_along_axis(q.reshape(hkv, hq // hkv, d), index, axis=2)
+                out = store.decode_step(qf.astype(mx.float32).reshape(hq, 1, d), 0.125)
+            want = (out.reshape(hkv, hq // hkv, d) + mean[:, None]).astype(dtype)
+            if got is None:
+                return "a decode step in the model's dtype was not taken by the mma kernel"
+            if got.dtype != dtype or not bool(
+                    mx.array_equal(got.reshape(hkv, hq // hkv, d), want).item()):
+                return (f"a decode step with {dtype} queries and output differs from the "
+                        "gather, cast and mean of the longer form")
+    finally:
+        store.check_inputs = checked
+    return None
+
+
 def self_test(kernels: Any = None) -> str | None:
     """Runs the store on ``kernels`` (default: the GPU kernel set, ``turboquant.metal``) once
     against the C++ core and returns None when it agrees, else what went wrong (a kernel that
@@ -2014,8 +2066,9 @@ def self_test(kernels: Any = None) -> str | None:
     (4e-3 for the mma block kernel, whose products take fp16 inputs, and for the float16
     prefill); the kernel set's ``permute_channels`` (the key split's channel order of a
     prefill chunk, taken by the mlx cache) must equal ``mx.take_along_axis`` bit for bit in
-    float32, float16 and bfloat16, and its ``centre_rows`` (a decode step's new K/V rows)
-    mlx's centring and rounding, with and without a channel order."""
+    float32, float16 and bfloat16, its ``centre_rows`` (a decode step's new K/V rows)
+    mlx's centring and rounding, with and without a channel order, and a decode step with
+    fp16 and bfloat16 queries and output (``decode_step_words``) the longer form's bits."""
     mx = _mx()
     try:
         rng = np.random.default_rng(20261204)
@@ -2084,6 +2137,12 @@ def self_test(kernels: Any = None) -> str | None:
                         " in float16" if half else "")
                     return (f"{name}: attention of {rows} query row(s){what} differs from the "
                             f"C++ core's by {err:.3g}")
+            words = getattr(METAL_KERNELS if kernels is None else kernels, "decode_step_words",
+                            None)
+            if words is not None and not store.mixed and len(store._groups) == 1:
+                why = _self_test_step_words(store, rng, mx, hq, hkv, d)
+                if why:
+                    return f"{name}: {why}"
         permute = getattr(METAL_KERNELS if kernels is None else kernels, "permute_channels", None)
         if permute is not None:  # the key split's channel order of a prefill chunk
             order = np.stack([rng.permutation(d) for _ in range(hkv)]).astype(np.uint32)

@@ -11,7 +11,8 @@ ARG_TYPES = {
     "k_b": "uint16_t", "v_b": "uint16_t", "src": "uint16_t", "dst": "uint16_t",
     "order": "uint32_t", "before": "uint16_t", "after": "uint16_t",
     "k_rows": "uint16_t", "v_rows": "uint16_t", "k_mean": "float", "v_mean": "float",
-    "k_out": "uint16_t", "v_out": "uint16_t",
+    "k_out": "uint16_t", "v_out": "uint16_t", "q_rows": "uint16_t", "q_kept": "float",
+    "out_rows": "uint16_t",
 }
 
 

@@ -326,6 +326,9 @@ LAUNCHES = [
     ("encode_heads", {}),
     ("permute", {}),
     ("centre", {}),
+    ("attention_mma_step", {"k_norms": "__half", "v_norms": "__half"}),
+    ("attention_reduce_rows_step", {"k_a": "__half", "v_a": "__half", "k_b": "__half",
+                                    "v_b": "__half"}),
 ]
 
 

@@ -2,7 +2,9 @@
 form it replaces: the fp16 window written in place in a buffer (one slice update per role, no
 concatenation of the window per token) and read by the reduce launch with the buffer's row
 stride; the centring, channel permutation and fp16 rounding of the new K/V as one fused
-kernel per role; the value mean added in the output's cast."""
+kernel per role; the value mean added in the output's cast; with the mma block kernel, the
+queries and the output in the model's dtype (the gather, casts and mean inside the two attention
+launches)."""
 
 import numpy as np
 import pytest
@@ -361,6 +363,65 @@ def test_a_decode_token_takes_the_short_lane_and_leaves_the_same_store(monkeypat
     assert plain_calls == steps
     assert 0 < short_calls <= steps // short.block_tokens + 2  # the flushing steps (and sinks)
     assert short._nc > 0
+
+
+@pytest.mark.parametrize("dtype,key_split,center", [("float16", True, True),
+                                                     ("bfloat16", True, True),
+                                                     ("float16", False, False),
+                                                     ("bfloat16", False, True)])
+def test_a_decode_step_in_the_models_dtype_gives_the_longer_forms_bits(emulated, monkeypatch,
+                                                                        dtype, key_split,
+                                                                        center):
+    """With the mma block kernel, a decode step of an fp16 or bfloat16 model takes its queries
+    and gives its output in the model's dtype (metal.decode_step_words): the block kernel
+    reads the queries' words in the key split's channel order and keeps them as float32 for
+    the reduce, which adds the value mean and rounds once; no gather, cast or add launches.
+    Its output is the longer form's bits (TQ_GPU_STEP_WORDS=0: mlx's gather and cast, the
+    float32 kernels, then (out + mean).astype()), across window flushes, with and without
+    the key split's channel order and the value mean."""
+    emulated.install(monkeypatch)
+    monkeypatch.setattr(gpu_path, "active_path", lambda: "cuda")
+    monkeypatch.setattr(metal, "candidate_path", lambda: "cuda")
+    dt = getattr(mx, dtype)
+    rng = np.random.default_rng(23)
+    k, v = (rng.standard_normal((1, 2, 30, 64)).astype(np.float32) * 3 + 1 for _ in range(2))
+    q = rng.standard_normal((1, 4, 30, 64)).astype(np.float32)
+    c = mlx_cache.TurboQuantKVCache(key_bits=3, value_bits=3, fp16_sinks=2, fp16_window=6,
+                                    block_tokens=4, key_split=key_split, center=center)
+    cast = (lambda x: mx.array(x).astype(dt))  # noqa: E731
+    with metal.forced_attention("mma"):
+        c.update_and_fetch(cast(k[:, :, :20]), cast(v[:, :, :20]))
+        c.attend(cast(q[:, :, :20]), 0.125)
+        assert c._gpu and (c._perm is not None) == key_split
+        assert (c._v_mean is not None) == center
+        for t in range(20, 30):  # 4-token blocks: flushes on the way
+            c.update_and_fetch(cast(k[:, :, t:t + 1]), cast(v[:, :, t:t + 1]))
+            qt = cast(q[:, :, t:t + 1])
+            start = len(emulated.launches)
+            got = c.attend(qt, 0.125)
+            launches = emulated.launches[start:]
+            assert launches == ["attention_mma_step", "attention_reduce_rows_step"], launches
+            monkeypatch.setenv("TQ_GPU_STEP_WORDS", "0")
+            start = len(emulated.launches)
+            want = c.attend(qt, 0.125)
+            assert emulated.launches[start:] == ["attention_mma", "attention_reduce_rows"]
+            monkeypatch.delenv("TQ_GPU_STEP_WORDS")
+            assert got.dtype == dt and got.shape == (1, 4, 1, 64)
+            assert bool(mx.array_equal(got, want).item()), t
+
+
+def test_a_decode_step_in_the_models_dtype_is_refused_where_it_does_not_apply(emulated,
+                                                                               monkeypatch):
+    """decode_step_words gives None (the caller takes the longer form) for float32 queries
+    and where the plan's block kernel is not the mma kernel."""
+    store, _, rng = _emulated_cuda_store(emulated, monkeypatch, 3, 13)
+    store.check_inputs = False
+    q = mx.array(rng.standard_normal((4, 1, 64)).astype(np.float16))
+    with metal.forced_attention("mma"):
+        assert store.decode_step_words(q, None, None, 0.125) is not None
+        assert store.decode_step_words(q.astype(mx.float32), None, None, 0.125) is None
+    with metal.forced_attention("staged"):
+        assert store.decode_step_words(q, None, None, 0.125) is None
 
 
 def test_decode_step_gives_attend_on_the_emulated_cuda_path(emulated, monkeypatch):

@@ -69,6 +69,7 @@ def test_self_test_passes_on_the_emulated_kernels(emulated, monkeypatch):
                     "dequantize_tile_heads", "attention_block",
                     "attention_mma", "attention_fast", "attention_staged",
                     "attention_reduce_rows",
+                    "attention_mma_step", "attention_reduce_rows_step",
                     "attention_reduce_heads",
                     "split_encode_heads",
                     "split_rotate_heads", "split_dequantize_rows_heads",
