@@ -2119,11 +2119,13 @@ class _NoPlan(Exception):
     pass
 
 
-def _decode_plan(keys, values, kv_heads, group, dim, k_codes, k_norms, tokens, scale, sink_n,
-                 win_stride, block_tokens):
+def _decode_plan(keys, values, kv_heads, group, dim, k_codes, k_norms, tokens, scale, sinks,
+                 window, block_tokens):
     """The kept plan of a decode step (decode_step_heads), made at its first use; None where
     the step is not one a plan serves (decode_attention_heads() runs it)."""
     head_stride = int(k_codes.shape[1])
+    sink_n = 0 if sinks is None else int(sinks[0].shape[1])
+    win_stride = 0 if window is None else int(window[0].shape[1])
     key = (id(keys), id(values), kv_heads, group, dim, head_stride, int(k_codes.shape[2]),
            k_norms.dtype, tokens, scale, sink_n, win_stride, block_tokens, _plan_settings())
     plan = _DECODE_PLANS.get(key)
@@ -2179,10 +2181,9 @@ def decode_step_heads(keys, values, queries, k_codes, k_norms, v_codes, v_norms,
     where it would not run the register-tiled or mma block kernel."""
     kv_heads, group, dim = queries.shape
     rows = _step_rows(sinks, window)
-    plan = None if rows is None else _decode_plan(
-        keys, values, kv_heads, group, dim, k_codes, k_norms, tokens, scale,
-        0 if sinks is None else int(sinks[0].shape[1]),
-        0 if window is None else int(window[0].shape[1]), block_tokens)
+    plan = None if rows is None else _decode_plan(keys, values, kv_heads, group, dim, k_codes,
+                                                  k_norms, tokens, scale, sinks, window,
+                                                  block_tokens)
     if plan is None:
         return decode_attention_heads(keys, values, queries, k_codes, k_norms, v_codes, v_norms,
                                       tokens, scale, block_tokens,
@@ -2217,10 +2218,9 @@ def decode_step_words(keys, values, q_rows, order, k_codes, k_norms, v_codes, v_
     if q_rows.dtype not in (mx.float16, mx.bfloat16):
         return None
     rows = _step_rows(sinks, window)
-    plan = None if rows is None else _decode_plan(
-        keys, values, kv_heads, group, dim, k_codes, k_norms, tokens, scale,
-        0 if sinks is None else int(sinks[0].shape[1]),
-        0 if window is None else int(window[0].shape[1]), block_tokens)
+    plan = None if rows is None else _decode_plan(keys, values, kv_heads, group, dim, k_codes,
+                                                  k_norms, tokens, scale, sinks, window,
+                                                  block_tokens)
     if plan is None or plan.which != "attention_mma":
         return None
     bf16 = q_rows.dtype == mx.bfloat16

@@ -1137,23 +1137,33 @@ class MetalCodeStore:
             out = self._prefill(q, scale, causal, window, half)
         return out.reshape(shape)
 
+    def _step_state(self, q):
+        """(width group, group size, sinks, window) of a decode step of q (n_q_heads, 1, d)
+        where the layer is in a decode step's usual state (one width group, codes, not mixed,
+        a GQA group of one pass, no input checks); the sinks, then the window's buffers, as
+        _decode takes them. None otherwise."""
+        if self.mixed or self._nc == 0 or len(self._groups) != 1 or self.check_inputs:
+            return None
+        G = self.n_q_heads // self.n_kv_heads
+        g = self._groups[0]
+        if self._group_pass(g) < G or tuple(q.shape) != (self.n_q_heads, 1, self.head_dim):
+            return None
+        sinks = (self._k_sink, self._v_sink) if self._ns else None
+        window = (self._window_rows() if self._k_win is not None and int(self._k_win.shape[1])
+                  else None)
+        return g, G, sinks, window
+
     def decode_step(self, q, scale: float):
         """attend(q, causal=True, scale=scale) of one query per head, q (n_q_heads, 1, d),
         as a model's decode step asks it: the same kernels and bits, without attend()'s
         input checks and general dispatch where the layer is in a decode step's usual state
-        (one width group, codes, not mixed, a GQA group of one pass); else attend() itself."""
-        if self.mixed or self._nc == 0 or len(self._groups) != 1 or self.check_inputs:
+        (_step_state); else attend() itself."""
+        state = self._step_state(q)
+        if state is None:
             return self.attend(q, causal=True, scale=scale)
+        g, G, sinks, window = state
         d, H = self.head_dim, self.n_kv_heads
-        G = self.n_q_heads // H
-        g = self._groups[0]
         kt, vt = g.key_tables, g.value_tables
-        if self._group_pass(g) < G or tuple(q.shape) != (self.n_q_heads, 1, d):
-            return self.attend(q, causal=True, scale=scale)
-        # as _decode takes them: the sinks, then the window's buffers
-        sinks = (self._k_sink, self._v_sink) if self._ns else None
-        window = (self._window_rows() if self._k_win is not None and int(self._k_win.shape[1])
-                  else None)
         qg = q.astype(_mx().float32).reshape(H, G, d)
         step = getattr(self.kernels, "decode_step_heads", None)
         if step is not None and (sinks is not None or window is not None):
@@ -1173,20 +1183,13 @@ class MetalCodeStore:
         in the same two launches); None where the layer's state or the kernels do not take
         that form (the caller takes the longer one)."""
         step = getattr(self.kernels, "decode_step_words", None)
-        if (step is None or self.mixed or self._nc == 0 or len(self._groups) != 1
-                or self.check_inputs):
+        state = None if step is None else self._step_state(q)
+        if state is None:
             return None
-        d, H = self.head_dim, self.n_kv_heads
-        G = self.n_q_heads // H
-        g = self._groups[0]
-        if self._group_pass(g) < G or tuple(q.shape) != (self.n_q_heads, 1, d):
-            return None
-        sinks = (self._k_sink, self._v_sink) if self._ns else None
-        window = (self._window_rows() if self._k_win is not None and int(self._k_win.shape[1])
-                  else None)
-        out = step(g.key_tables, g.value_tables, q.reshape(H, G, d), order, *g.arrays(),
-                   self._nc, scale, sinks, window, v_mean)
-        return None if out is None else out.reshape(self.n_q_heads, 1, d)
+        g, G, sinks, window = state
+        out = step(g.key_tables, g.value_tables, q.reshape(self.n_kv_heads, G, self.head_dim),
+                   order, *g.arrays(), self._nc, scale, sinks, window, v_mean)
+        return None if out is None else out.reshape(q.shape)
 
     def _attend_mixed(self, q, scale: float, causal: bool, window: int | None):
         """Attention of a mixed-precision store (kv_cache.cpp attend() / attend_windowed()):
