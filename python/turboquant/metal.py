@@ -1194,12 +1194,9 @@ def centre_rows(k, v, k_mean, v_mean, order=None, check: bool = True):
 _CENTRE_PLANS: dict = {}
 
 
-@functools.lru_cache(maxsize=1)
 def _no_order():
-    """A one-word placeholder for centre_rows' order when there is none (never read)."""
-    import mlx.core as mx
-
-    return mx.zeros((1,), mx.uint32)
+    """A one-word placeholder for an absent channel order (never read)."""
+    return _placeholder("uint32")
 
 
 def dequantize(quantizer, codes, norms, inverse_rotate=True, out_dtype=None):
@@ -1641,17 +1638,19 @@ def _rows_input(rows, kv_heads, dim):
 
 
 @functools.lru_cache(maxsize=None)
+def _placeholder(dtype: str):
+    """A one-element array of mlx dtype ``dtype`` standing in for an absent kernel input."""
+    import mlx.core as mx
+
+    return mx.zeros((1,), getattr(mx, dtype))
+
+
 def _no_rows():
-    import mlx.core as mx
-
-    return mx.zeros((1,), mx.float16)
+    return _placeholder("float16")
 
 
-@functools.lru_cache(maxsize=None)
 def _no_row_bits():
-    import mlx.core as mx
-
-    return mx.zeros((1,), mx.uint16)
+    return _placeholder("uint16")
 
 
 def reduce_threads(dim: int) -> int:
@@ -2233,24 +2232,10 @@ def decode_step_words(keys, values, q_rows, order, k_codes, k_norms, v_codes, v_
     (ka, va), n_a, s_a, (kb, vb), n_b, s_b = rows
     (out,) = plan.step_reduce(
         inputs=[parts[0], parts[1], parts[2], v_signs, parts[3], ka, va, kb, vb,
-                _no_mean() if v_mean is None else v_mean,
+                _placeholder("float32") if v_mean is None else v_mean,
                 plan.reduce_params(n_a, s_a, n_b, s_b, (int(bf16), int(v_mean is not None)))],
         **plan.step_launch)
     return out.view(q_rows.dtype)
-
-
-@functools.lru_cache(maxsize=None)
-def _no_order():
-    import mlx.core as mx
-
-    return mx.zeros((1,), mx.uint32)
-
-
-@functools.lru_cache(maxsize=None)
-def _no_mean():
-    import mlx.core as mx
-
-    return mx.zeros((1,), mx.float32)
 
 
 # --- The key split (split.metal) --------------------------------------------------------------
