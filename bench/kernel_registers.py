@@ -44,6 +44,9 @@ SHAPES = [
         128, 4, 3, 3, None, 48, True, 3)),
     ("attention_mma", 0, dict(TQ_NS=3, TQ_SPLIT=1, TQ_KB0=4, TQ_KB1=2),
      metal.mma_attention_scratch_floats(128, 4, 4, 3, 2, 49, True, 3)),
+    # its decode step's form (queries as fp16/bf16 words through a channel order)
+    ("attention_mma_step", 0, dict(TQ_NS=3, TQ_SPLIT=1, TQ_KB0=4, TQ_KB1=2),
+     metal.mma_attention_scratch_floats(128, 4, 4, 3, 2, 49, True, 3)),
 ]
 
 
@@ -140,7 +143,7 @@ def main(argv=None) -> int:
             f"constexpr int SCRATCH = {scratch};")
         for mb in bounds:
             pre = "" if mb is None else metal.launch_bounds_header(mb)
-            what = f"split={args['TQ_SPLIT']}" if key == "attention_mma" else f"C={c:2d}"
+            what = f"split={args['TQ_SPLIT']}" if key.startswith("attention_mma") else f"C={c:2d}"
             print(f"{key:17s} {what} min_blocks={mb or '-'}: "
                   + "; ".join(report(pre + src, a.sass)), flush=True)
     return 0
