@@ -9,9 +9,17 @@ the weights' values, so random weights of the right shape stand in for the real 
     python bench/gpu_e2e.py --smoke   # a tiny model at 256 tokens, any machine
 
 ``--isolate`` measures each (context, cache) in a fresh process, as a user runs one model with
-one kind of cache; without it all run in one process, one after another. A step's time is
-split into building its graph, handing it to the GPU and waiting, and the time Python's
-garbage collector took within it is reported too (``gc``).
+one kind of cache; without it all run in one process, one after another. ``--ab NAME=VALUE``
+(isolated) compares a setting: each (context, cache) is measured in alternating fresh
+processes without and with that environment variable, ``--repeat`` times each, and the
+medians of both are printed with their ratio (processes on one machine differ by several
+percent at 32K, so one process per setting does not tell two forms apart):
+
+    python bench/gpu_e2e.py --contexts 32768 --caches turboquant-3 \\
+        --ab TQ_GPU_STEP_WORDS=0 --repeat 3 --out bench/results/gpu_e2e_ab.json
+
+A step's time is split into building its graph, handing it to the GPU and waiting, and the
+time Python's garbage collector took within it is reported too (``gc``).
 """
 
 from __future__ import annotations
@@ -19,12 +27,14 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import os
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import mlx.core as mx
+import numpy as np
 from mlx_lm.models import cache as mlx_cache
 from mlx_lm.models import llama
 
@@ -169,11 +179,19 @@ def measure(model, kind: str, context: int, chunk: int, decode_steps: int,
                 gc_full_collections=collector.full)
 
 
-def measure_isolated(a, kind: str, context: int) -> dict:
-    """measure() in a fresh process (this script, one context and one cache)."""
+def measure_isolated(a, kind: str, context: int, setting: tuple[str, str] | None = None) -> dict:
+    """measure() in a fresh process (this script, one context and one cache); ``setting``:
+    (name, value) of an environment variable set in that process (--ab)."""
     cmd = [sys.executable, __file__, "--shape", a.shape, "--contexts", str(context), "--caches",
            kind, "--chunk", str(a.chunk), "--decode-steps", str(a.decode_steps), "--json-row"]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
+    env = dict(os.environ)
+    if a.ab:
+        name = a.ab[0]
+        env.pop(name, None)
+        if setting is not None:
+            env[name] = setting[1]
+        cmd += ["--record-env", name]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     lines = proc.stdout.strip().splitlines()
     if proc.returncode != 0 or not lines or not lines[-1].startswith("{"):
         raise RuntimeError(f"the measuring process failed (exit {proc.returncode}): "
@@ -182,6 +200,37 @@ def measure_isolated(a, kind: str, context: int) -> dict:
     if "error" in row:
         raise RuntimeError(row["error"])
     return row
+
+
+def main_ab(a) -> int:
+    """--ab: each (context, cache) in alternating fresh processes, without and with the
+    setting, --repeat times each; the medians of each setting and their ratio."""
+    name, value = a.ab
+    label = f"{name}={value}"
+    rows, summary = [], []
+    for context in (int(x) for x in a.contexts.split(",")):
+        for kind in a.caches.split(","):
+            runs: dict = {"default": [], label: []}
+            for i in range(a.repeat):
+                for variant, setting in (("default", None), (label, a.ab)):
+                    r = measure_isolated(a, kind, context, setting)
+                    r.update(variant=variant, run=i)
+                    rows.append(r)
+                    runs[variant].append(r["decode_tok_s"])
+                    print(f"{a.shape} T={context:7d} {kind:13s} {variant:24s} run {i}: decode "
+                          f"{r['decode_tok_s']:7.2f} tok/s (build {r['step_ms']['build']:.2f} "
+                          f"submit {r['step_ms']['submit']:.2f} ms a step)", flush=True)
+            med = {k: float(np.median(v)) for k, v in runs.items()}
+            summary.append(dict(context=context, cache=kind, median_decode_tok_s=med,
+                                ratio=med[label] / med["default"]))
+            print(f"{a.shape} T={context:7d} {kind:13s} median decode: default "
+                  f"{med['default']:.2f}, {label} {med[label]:.2f} tok/s "
+                  f"(x{med[label] / med['default']:.3f})", flush=True)
+    if a.out:
+        write_result(a.out, dict(machine=machine(), shape=a.shape, config=SHAPES[a.shape],
+                                 isolated=True, ab=label, repeat=a.repeat, rows=rows,
+                                 summary=summary))
+    return 0
 
 
 def main(argv=None) -> int:
@@ -197,11 +246,23 @@ def main(argv=None) -> int:
                          "where their host time went (not with --isolate)")
     ap.add_argument("--isolate", action="store_true",
                     help="each (context, cache) measured in a fresh process")
+    ap.add_argument("--ab", metavar="NAME=VALUE",
+                    help="compare an environment setting in alternating fresh processes")
+    ap.add_argument("--repeat", type=int, default=1,
+                    help="with --ab: processes per setting and (context, cache)")
     ap.add_argument("--json-row", action="store_true", help=argparse.SUPPRESS)  # --isolate's
+    ap.add_argument("--record-env", help=argparse.SUPPRESS)  # --ab's: the child's value
     ap.add_argument("--out", type=Path)
     a = ap.parse_args(argv)
+    if a.ab is not None:
+        name, eq, value = a.ab.partition("=")
+        if not eq or not name or "=" in name:
+            ap.error(f"--ab takes NAME=VALUE, got {a.ab!r}")
+        a.ab, a.isolate = (name, value), True
+    if a.repeat < 1 or (a.repeat > 1 and a.ab is None):
+        ap.error("--repeat takes a count of 1 or more, with --ab")
     if a.profile and a.isolate:
-        ap.error("--profile runs in this process: leave out --isolate")
+        ap.error("--profile runs in this process: leave out --isolate (and --ab)")
     if a.smoke:
         a.shape, a.contexts, a.chunk, a.decode_steps = "tiny", "256", 128, 4
     if a.json_row:  # one (context, cache) for --isolate: the row as the last line
@@ -211,8 +272,12 @@ def main(argv=None) -> int:
             row = measure(model, a.caches, int(a.contexts), a.chunk, a.decode_steps)
         except RuntimeError as e:
             row = dict(error=" ".join(str(e).split())[:300])
+        if a.record_env:
+            row["env"] = {a.record_env: os.environ.get(a.record_env)}
         print(json.dumps(row))
         return 0
+    if a.ab is not None:
+        return main_ab(a)
     model = None if a.isolate else random_model(a.shape)
     rows, warm = [], set()
     for context in (int(x) for x in a.contexts.split(",")):

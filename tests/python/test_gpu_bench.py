@@ -107,6 +107,28 @@ def test_gpu_e2e_isolated_smoke(tmp_path):
     assert rows["turboquant-3"]["kv_bytes"] < rows["fp16"]["kv_bytes"]
 
 
+def test_gpu_e2e_ab_alternates_fresh_processes(tmp_path):
+    """--ab NAME=VALUE: each cache measured in alternating fresh processes without and with
+    the setting (the child sees it, or not), --repeat times each, with the medians' ratio;
+    a malformed setting or a repeat without --ab is refused."""
+    res = run("gpu_e2e.py", tmp_path, "--caches", "turboquant-3", "--ab", "TQ_GPU_STEP_WORDS=0",
+              "--repeat", "2")
+    assert res["isolated"] is True and res["ab"] == "TQ_GPU_STEP_WORDS=0" and res["repeat"] == 2
+    rows = res["rows"]
+    assert [(r["variant"], r["run"]) for r in rows] == [
+        ("default", 0), ("TQ_GPU_STEP_WORDS=0", 0), ("default", 1), ("TQ_GPU_STEP_WORDS=0", 1)]
+    for r in rows:
+        want = "0" if r["variant"] != "default" else None
+        assert r["env"] == {"TQ_GPU_STEP_WORDS": want} and r["decode_tok_s"] > 0
+    (s,) = res["summary"]
+    med = s["median_decode_tok_s"]
+    assert s["ratio"] == med["TQ_GPU_STEP_WORDS=0"] / med["default"] > 0
+    for bad in (["--ab", "NOVALUE"], ["--repeat", "2"]):
+        r = subprocess.run([sys.executable, str(BENCH / "gpu_e2e.py"), "--smoke", *bad],
+                           cwd=BENCH, capture_output=True, text=True, timeout=60, env=_env())
+        assert r.returncode == 2 and ("--ab" in r.stderr or "--repeat" in r.stderr), bad
+
+
 def test_gpu_e2e_profile(tmp_path):
     """--profile prints where the host time of more decode steps went; it runs in the
     measuring process, so --isolate with it is refused."""
