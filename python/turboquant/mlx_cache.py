@@ -284,6 +284,7 @@ class TurboQuantKVCache(PlaceholderKeys, _mlx_cache._BaseCache):
         it does not apply. ``TQ_GPU_STEP_WORDS=0`` keeps the longer form (a benchmark's
         comparison)."""
         if (queries.dtype not in (mx.float16, mx.bfloat16) or queries.shape[1] != self._n_q_heads
+                or _mlx_metal.metal.attention_kernel() != "mma"  # (Metal's default: no)
                 or _mlx_metal.metal.getenv("TQ_GPU_STEP_WORDS", "") == "0"):
             return None
         Hq, d = queries.shape[1], queries.shape[3]
