@@ -2047,7 +2047,7 @@ class _DecodePlan:
     (decode_step_words)."""
 
     __slots__ = ("keys", "values", "block", "block_args", "tables", "reduce", "reduce_launch",
-                 "words", "params", "shape", "which", "rounds", "launch_words", "tokens",
+                 "words", "params", "shape", "which", "launch_words", "tokens",
                  "step_block", "step_reduce", "step_args", "step_launch", "step_params")
 
     def __init__(self, keys, values, kv_heads, group, dim, head_stride, k_code_bytes, fp16,
@@ -2067,7 +2067,7 @@ class _DecodePlan:
             block_tokens, blocks, True, attention_kernel(), fast_attention_unroll(),
             getenv("TQ_GPU_STAGE_TOKENS"), mma_stages())
         self.keys, self.values = keys, values
-        self.which, self.rounds, self.launch_words, self.tokens = which, keys.rounds, words, tokens
+        self.which, self.launch_words, self.tokens = which, words, tokens
         self.block = _block_kernel(which, keys.rounds)
         self.block_args = dict(template=template, **launch)
         # the block kernel's inputs besides the queries and the codes: signs, centroids, angles
@@ -2098,7 +2098,7 @@ class _DecodePlan:
         if self.step_block is None:
             import mlx.core as mx
 
-            self.step_block = _block_kernel("attention_mma_step", self.rounds)
+            self.step_block = _block_kernel("attention_mma_step", self.keys.rounds)
             self.step_reduce = _kernel("attention_reduce_rows_step", self.values.rounds)
             args = dict(self.block_args)
             args["output_shapes"] = [*args["output_shapes"], self.shape]
@@ -2205,7 +2205,8 @@ def decode_step_words(keys, values, q_rows, order, k_codes, k_norms, v_codes, v_
     has them: ``q_rows`` (kv_heads, group, dim) fp16 or bfloat16 queries in the model's
     channel order, taken in the key split's order ``order`` ((kv_heads, dim) uint32; None:
     as they are); the output (kv_heads * group, dim) in the queries' dtype, the value mean
-    ``v_mean`` ((kv_heads, dim) float32; None: none) added. The same bits as mlx's gather and
+    ``v_mean`` (float32 (kv_heads, dim), or (kv_heads, 1, dim) as the mlx cache keeps it;
+    None: none) added. The same bits as mlx's gather and
     float32 cast of the queries, decode_step_heads(), then ``(out + v_mean).astype(dtype)``,
     in the same two launches (the mma block kernel reads the queries' words through the
     order and keeps them as float32 for the reduce, which adds the mean and rounds): three

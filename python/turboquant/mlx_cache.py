@@ -289,13 +289,7 @@ class TurboQuantKVCache(PlaceholderKeys, _mlx_cache._BaseCache):
             return None
         Hq, d = queries.shape[1], queries.shape[3]
         order = None if self._perm is None else _perm_index(self._perm)[2]
-        mean = None
-        if self._v_mean is not None:
-            vm = getattr(self, "_v_mean_w", (None, None))
-            if vm[0] is not self._v_mean:  # (H, 1, d) -> (H, d), made once
-                vm = self._v_mean_w = (self._v_mean, self._v_mean.reshape(-1, d))
-            mean = vm[1]
-        out = self._core.decode_step_words(queries.reshape(Hq, 1, d), order, mean, scale)
+        out = self._core.decode_step_words(queries.reshape(Hq, 1, d), order, self._v_mean, scale)
         return None if out is None else out.reshape(1, Hq, 1, d)
 
     def _attend(self, queries, scale: float, causal: bool = True, window: int | None = None):

@@ -1178,7 +1178,7 @@ class MetalCodeStore:
         """decode_step() of queries as a model has them: q (n_q_heads, 1, d) fp16 or bfloat16
         in the model's channel order, read in ``order`` (the key split's (n_kv_heads, d)
         uint32 channel order; None: as they are); the output in q's dtype with the value mean
-        ``v_mean`` ((n_kv_heads, d) float32, or None) added. The kernel set's
+        ``v_mean`` ((n_kv_heads, d) or (n_kv_heads, 1, d) float32, or None) added. The kernel set's
         decode_step_words (the same bits as the gather, cast, decode_step(), mean and cast,
         in the same two launches); None where the layer's state or the kernels do not take
         that form (the caller takes the longer one)."""
